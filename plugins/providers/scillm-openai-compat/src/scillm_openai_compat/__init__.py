@@ -1,0 +1,52 @@
+"""Providers that speak OpenAI chat completions: OpenAI, Chutes, DeepSeek, GLM (Z.ai), Moonshot, OpenCode Go."""
+
+from __future__ import annotations
+
+from scillm_core import ProviderRegistry, Runtime, hookimpl
+from scillm_openai_compat.provider import CompatSpec, OpenAICompatProvider, parse_error_body
+
+__all__ = ["SPECS", "CompatSpec", "OpenAICompatProvider", "parse_error_body"]
+
+
+def _openai_name(model: str) -> bool:
+    return model.startswith(("gpt-", "o1", "o3", "o4", "chatgpt-"))
+
+
+def _reasoning_model(model: str) -> bool:
+    return model.startswith(("o1", "o3", "o4", "gpt-5"))
+
+
+SPECS: tuple[CompatSpec, ...] = (
+    CompatSpec(name="openai", family="openai", key_env=("OPENAI_API_KEY",), base_env="OPENAI_API_BASE",
+               default_base="https://api.openai.com/v1", prefixes=("openai/",), rule=_openai_name, rule_order=30,
+               models=("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-5", "gpt-5-mini", "o3", "o4-mini"),
+               completion_tokens_models=_reasoning_model,
+               capabilities=frozenset({"streaming", "tools", "images", "pdf", "json_mode", "json_schema"})),
+    CompatSpec(name="deepseek", family="openai", key_env=("DEEPSEEK_API_KEY", "DEEPSEEK_API"),
+               base_env="DEEPSEEK_API_BASE", default_base="https://api.deepseek.com/v1", prefixes=("deepseek/",),
+               aliases={"text-deepseek": "deepseek-chat"}, models=("deepseek/deepseek-chat", "deepseek/deepseek-reasoner"),
+               string_content=True, capabilities=frozenset({"streaming", "tools", "json_mode"})),
+    CompatSpec(name="glm", family="openai", key_env=("GLM_API_KEY", "GLM_API_Key"), base_env="GLM_API_BASE",
+               default_base="https://api.z.ai/api/paas/v4", prefixes=("glm/",), aliases={"text-glm": "glm-5.1"},
+               models=("glm/glm-5.1", "glm/glm-4.6", "glm/glm-4.5v")),
+    CompatSpec(name="moonshot", family="openai", key_env=("MOONSHOT_API_KEY",), base_env="MOONSHOT_API_BASE",
+               default_base="https://api.moonshot.ai/v1", prefixes=("moonshot/",),
+               aliases={"moonshot-text": "kimi-k2.6"}, models=("moonshot/kimi-k2.6", "moonshot/kimi-k2-0905-preview"),
+               max_temperature=1.0),
+    CompatSpec(name="opencode-go", family="openai", key_env=("OPENCODE_GO_API_KEY",),
+               base_env="OPENCODE_GO_API_BASE", default_base="https://opencode.ai/zen/go/v1",
+               prefixes=("opencode-go/",), session_header="x-opencode-session",
+               models=("opencode-go/glm-5.1", "opencode-go/kimi-k2.6", "opencode-go/qwen3.6-plus"),
+               capabilities=frozenset({"streaming", "tools"})),
+    # Chutes takes any Org/Model name no prefix claimed, so its rule runs last.
+    CompatSpec(name="chutes", family="openai", key_env=("CHUTES_API_KEY", "CHUTES_API_TOKEN"),
+               base_env="CHUTES_API_BASE", default_base="https://llm.chutes.ai/v1", prefixes=("chutes/",),
+               rule=lambda model: "/" in model, rule_order=900,
+               models=("deepseek-ai/DeepSeek-V3.2-TEE", "moonshotai/Kimi-K2.6-TEE", "zai-org/GLM-5.1-TEE")),
+)
+
+
+@hookimpl
+def scillm_register_providers(providers: ProviderRegistry, runtime: Runtime) -> None:
+    for spec in SPECS:
+        providers.add(OpenAICompatProvider(spec, runtime.env, runtime.config.provider_settings(spec.name)))

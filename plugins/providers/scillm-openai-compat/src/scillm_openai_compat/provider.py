@@ -1,0 +1,212 @@
+"""One provider class for every upstream that speaks OpenAI chat completions; a :class:`CompatSpec` per vendor
+holds what differs (env names, base URL, routes, small wire quirks)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import httpx
+import orjson
+from attrs import frozen
+
+from scillm_core import (CallContext, ChatChunk, ChatRequest, ChatResponse, Provider, Route, errors, structure,
+                         unstructure)
+from scillm_core.config import Env, ProviderSettings
+from scillm_core.upstream import error_for_status, iter_sse, translate_transport
+
+__all__ = ["CompatSpec", "OpenAICompatProvider", "parse_error_body"]
+
+
+@frozen(kw_only=True)
+class CompatSpec:
+    name: str
+    family: str
+    key_env: tuple[str, ...]
+    base_env: str
+    default_base: str
+    prefixes: tuple[str, ...] = ()
+    aliases: Mapping[str, str] = {}
+    rule: Callable[[str], bool] | None = None
+    rule_order: int = 100
+    models: tuple[str, ...] = ()
+    string_content: bool = False          # DeepSeek rejects content-part arrays
+    max_temperature: float | None = None  # Moonshot accepts [0, 1]
+    completion_tokens_models: Callable[[str], bool] | None = None  # models that reject max_tokens
+    session_header: str | None = None     # OpenCode Go needs a stable per-conversation id
+    capabilities: frozenset[str] = frozenset({"streaming", "tools", "images", "json_mode"})
+
+
+class OpenAICompatProvider(Provider):
+    def __init__(self, spec: CompatSpec, env: Env | Mapping[str, str], settings: ProviderSettings) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.family = spec.family
+        self.prefixes = spec.prefixes
+        self.aliases = spec.aliases
+        self.rule_order = spec.rule_order
+        self.capabilities = spec.capabilities
+        self._key = next((env[k] for k in spec.key_env if env.get(k)), None)
+        self.base_url = (settings.base_url or env.get(spec.base_env) or spec.default_base).rstrip("/")
+        self.timeout_s = settings.timeout_s
+
+    # -- routing ------------------------------------------------------------------------------------------------
+
+    def claims(self, model: str) -> bool:
+        return self.spec.rule is not None and self.spec.rule(model)
+
+    def missing_config(self) -> str | None:
+        if self._key:
+            return None
+        first, *others = self.spec.key_env
+        return f"set {first}" + (f" (or {', '.join(others)})" if others else "")
+
+    def known_models(self) -> Sequence[str]:
+        return self.spec.models
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "base_url": self.base_url, "key_env": list(self.spec.key_env),
+                "base_env": self.spec.base_env}
+
+    # -- wire ---------------------------------------------------------------------------------------------------
+
+    def body(self, request: ChatRequest, route: Route) -> dict[str, Any]:
+        body: dict[str, Any] = unstructure(request)
+        body["model"] = route.model
+        spec = self.spec
+        if spec.string_content:
+            body["messages"] = [_flatten(m) for m in body["messages"]]
+        if spec.max_temperature is not None and (request.temperature or 0) > spec.max_temperature:
+            body["temperature"] = spec.max_temperature
+        if spec.completion_tokens_models and spec.completion_tokens_models(route.model) and "max_tokens" in body:
+            body.setdefault("max_completion_tokens", body.pop("max_tokens"))
+        if not request.stream:
+            body.pop("stream_options", None)
+        return body
+
+    def headers(self, request: ChatRequest) -> dict[str, str]:
+        headers = {"authorization": f"Bearer {self._key}", "content-type": "application/json"}
+        if self.spec.session_header:
+            headers[self.spec.session_header] = _conversation_id(request)
+        return headers
+
+    def _timeout(self, route: Route) -> httpx.Timeout | None:
+        seconds = route.timeout_s or self.timeout_s
+        return httpx.Timeout(seconds, connect=min(seconds, 15.0)) if seconds else None
+
+    def _error(self, response: httpx.Response, raw: bytes, route: Route) -> errors.UpstreamError:
+        message, code, kind = parse_error_body(raw)
+        return error_for_status(response.status_code, message, provider=self.name, model=route.model, code=code,
+                                kind=kind, headers=response.headers, secrets=(self._key,))
+
+    async def complete(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatResponse:
+        client = ctx.runtime.client()
+        with translate_transport(self.name, route.model):
+            response = await client.post(f"{self.base_url}/chat/completions", headers=self.headers(request),
+                                         content=orjson.dumps(self.body(request, route)),
+                                         timeout=self._timeout(route) or httpx.USE_CLIENT_DEFAULT)
+        if response.status_code >= 400:
+            raise self._error(response, response.content, route)
+        try:
+            data = orjson.loads(response.content.strip() or b"null")  # DeepSeek pads queued answers with blanks
+            return structure(data, ChatResponse, what="upstream response")
+        except (orjson.JSONDecodeError, errors.InvalidRequest) as exc:
+            raise errors.UpstreamProtocolError(f"unexpected response body ({_short(exc)})", provider=self.name,
+                                               model=route.model) from None
+
+    async def stream(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
+        client = ctx.runtime.client()
+        upstream = client.build_request("POST", f"{self.base_url}/chat/completions", headers=self.headers(request),
+                                        content=orjson.dumps(self.body(request, route)),
+                                        timeout=self._timeout(route) or httpx.USE_CLIENT_DEFAULT)
+        with translate_transport(self.name, route.model):
+            response = await client.send(upstream, stream=True)
+        if response.status_code >= 400:
+            with translate_transport(self.name, route.model):
+                raw = await response.aread()
+            await response.aclose()
+            raise self._error(response, raw, route)
+        return self._chunks(response, request, route)
+
+    async def _chunks(self, response: httpx.Response, request: ChatRequest, route: Route) -> AsyncIterator[ChatChunk]:
+        finished = False
+        try:
+            with translate_transport(self.name, route.model):
+                async for event in iter_sse(response.aiter_bytes()):
+                    if event.data == "[DONE]":
+                        finished = True
+                        break
+                    try:
+                        data = orjson.loads(event.data)
+                    except orjson.JSONDecodeError:
+                        raise errors.UpstreamProtocolError(f"malformed stream event {event.data[:80]!r}",
+                                                           provider=self.name, model=route.model) from None
+                    if isinstance(data, dict) and "error" in data:
+                        message, code, kind = parse_error_body(event.data.encode())
+                        raise error_for_status(500 if not code or not str(code).isdigit() else int(code), message,
+                                               provider=self.name, model=route.model, code=code, kind=kind,
+                                               secrets=(self._key,))
+                    try:
+                        chunk = structure(data, ChatChunk, what="upstream stream chunk")
+                    except errors.InvalidRequest as exc:
+                        raise errors.UpstreamProtocolError(_short(exc), provider=self.name,
+                                                           model=route.model) from None
+                    for piece in _split_usage(chunk, request.include_usage):
+                        yield piece
+        finally:
+            await response.aclose()
+        if not finished:
+            raise errors.UpstreamProtocolError("stream ended before [DONE]", provider=self.name, model=route.model)
+
+
+def _split_usage(chunk: ChatChunk, include_usage: bool) -> tuple[ChatChunk, ...]:
+    """Usage inside a finish chunk (GLM, Groq) becomes the separate ``choices: []`` chunk OpenAI clients expect,
+    and is dropped when the client did not ask for it."""
+    if chunk.usage is None or not chunk.choices:
+        return (chunk,) if include_usage or chunk.usage is None else ()
+    without = attrs.evolve(chunk, usage=None)
+    if not include_usage:
+        return (without,)
+    return without, attrs.evolve(chunk, choices=())
+
+
+def parse_error_body(raw: bytes) -> tuple[str, str | None, str | None]:
+    """(message, code, type) from OpenAI ``{"error": {...}}``, ``{"error": "..."}``, FastAPI ``{"detail": ...}``
+    (Chutes) or Z.ai business-code bodies; falls back to the raw text."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw.decode("utf-8", "replace")[:500].strip(), None, None
+    if isinstance(data, list) and data:
+        data = data[0]
+    if not isinstance(data, dict):
+        return str(data)[:500], None, None
+    error = data.get("error", data)
+    if isinstance(error, str):
+        return error, None, None
+    if isinstance(error, dict):
+        message = error.get("message") or error.get("detail") or data.get("detail") or orjson.dumps(error).decode()
+        code = error.get("code")
+        return str(message)[:2000], None if code is None else str(code), error.get("type")
+    return str(data)[:500], None, None
+
+
+def _flatten(message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    if isinstance(content, list):
+        message = {**message, "content": "".join(p.get("text", "") for p in content if p.get("type") == "text")}
+    return message
+
+
+def _conversation_id(request: ChatRequest) -> str:
+    metadata = request.scillm.get("scillm_metadata") or {}
+    if isinstance(metadata, dict) and metadata.get("session_id"):
+        return str(metadata["session_id"])
+    first = next((m.text for m in request.messages if m.role == "user"), "")
+    return "scillm-" + hashlib.sha256(f"{request.model}\0{first}".encode()).hexdigest()[:24]
+
+
+def _short(exc: BaseException) -> str:
+    return str(getattr(exc, "message", exc))[:300]

@@ -1,0 +1,73 @@
+"""Ops surface: liveness, readiness, health, providers, plugins and Prometheus metrics. Never shows a secret."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from scillm_core import Runtime, SurfaceRegistry, __version__, hookimpl, json_response, runtime_of
+
+
+@hookimpl
+def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> None:
+    from prometheus_client import Gauge
+    from prometheus_client.process_collector import ProcessCollector
+
+    ProcessCollector(registry=runtime.metrics)
+    Gauge("scillm_build_info", "scillm version", ["version"], registry=runtime.metrics).labels(__version__).set(1)
+    for path, endpoint in (("/health/liveliness", liveliness), ("/health/readiness", readiness),
+                           ("/v1/scillm/health", health), ("/v1/scillm/providers", providers),
+                           ("/v1/scillm/plugins", plugins), ("/metrics", metrics)):
+        surfaces.route(path, endpoint, ["GET"], plugin="ops")
+
+
+async def liveliness(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readiness(request: Request) -> Response:
+    runtime = runtime_of(request)
+    if not runtime.ready:
+        return json_response({"status": "not_ready"}, 503)
+    configured = sum(1 for p in runtime.providers.values() if p.missing_config() is None)
+    return json_response({"status": "ready", "providers_configured": configured, "version": __version__})
+
+
+async def health(request: Request) -> Response:
+    runtime = runtime_of(request)
+    config = runtime.config
+    groups = {name: {"models": list(group.models), "primary": group.models[0], "fallbacks": list(group.models[1:])}
+              for name, group in config.groups.items()}
+    return json_response({
+        "status": "ok" if runtime.ready else "starting",
+        "version": __version__,
+        "uptime_seconds": round(time.time() - runtime.started_at, 3),
+        "pid": os.getpid(),
+        "groups": groups,
+        "aliases": dict(config.aliases),
+        "providers": {name: p.missing_config() is None for name, p in runtime.providers.items()},
+        "middleware": runtime.hooks.health(runtime),
+    })
+
+
+async def providers(request: Request) -> Response:
+    runtime = runtime_of(request)
+    rows: list[dict[str, Any]] = []
+    for provider in runtime.providers.by_rule_order():
+        rows.append(provider.describe())
+    return json_response({"providers": rows, "routing_order": ["alias", "group", "prefix", "name rule"]})
+
+
+async def plugins(request: Request) -> Response:
+    runtime = runtime_of(request)
+    return json_response({"plugins": [info.as_dict() for info in runtime.plugins]})
+
+
+async def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return Response(generate_latest(runtime_of(request).metrics), media_type=CONTENT_TYPE_LATEST)

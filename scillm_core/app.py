@@ -1,0 +1,125 @@
+"""The app factory: config -> plugin manager -> registries -> Starlette app, and errors rendered in one place."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from scillm_core.web import error_response
+
+from scillm_core import errors
+from scillm_core.config import Config, ConfigError, load_config
+from scillm_core.context import Runtime
+from scillm_core.hooks import Hooks
+from scillm_core.http import make_http_client
+from scillm_core.plugins import build_plugin_manager
+from scillm_core.registry import MiddlewareRegistry, ProviderRegistry, SurfaceRegistry
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("scillm")
+
+
+def create_app(config: Config | None = None, *, plugins: Sequence[tuple[str, object]] | None = None,
+               entry_points: bool = True, env: Mapping[str, str] | None = None,
+               config_path: str | Path | None = None) -> ASGIApp:
+    """Build a fresh app: its own plugin manager, registries and runtime (nothing module-global).
+
+    ``plugins`` adds ``(name, plugin)`` pairs after the entry points; ``entry_points=False`` loads only those
+    (the test harness uses this for isolation).
+    """
+    config = config or load_config(config_path, env=env)
+    disabled = list(config.env.get("SCILLM_DISABLE_PLUGINS", "").split(","))
+    disabled += list((config.tables.get("plugins") or {}).get("disable", []))
+    pm, infos = build_plugin_manager(plugins=plugins, entry_points=entry_points, disabled=disabled)
+
+    schema: dict[str, Any] = {}
+    for sections in pm.hook.scillm_config_sections():
+        for name, kind in (sections or {}).items():
+            if name in schema:
+                raise ConfigError(f"config table [{name}] is claimed by two plugins")
+            schema[name] = kind
+    config = config.with_sections(schema)
+
+    runtime = Runtime(config=config, hooks=Hooks(pm), providers=ProviderRegistry(), plugins=infos)
+    pm.hook.scillm_register_providers(providers=runtime.providers, runtime=runtime)
+    surfaces = SurfaceRegistry()
+    pm.hook.scillm_register_surfaces(surfaces=surfaces, runtime=runtime)
+    middleware = MiddlewareRegistry()
+    pm.hook.scillm_register_middleware(middleware=middleware, runtime=runtime)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        runtime.http = make_http_client(config.env)
+        try:
+            for start in surfaces.startup:
+                await start()
+            runtime.ready = True
+            yield
+        finally:
+            runtime.ready = False
+            for stop in reversed(surfaces.shutdown):
+                with contextlib.suppress(Exception):
+                    await stop()
+            await runtime.http.aclose()
+            if runtime._store is not None:  # noqa: SLF001 - only close what was opened
+                await runtime._store.close()  # noqa: SLF001
+
+    app = Starlette(routes=surfaces.routes, lifespan=lifespan, exception_handlers={
+        errors.ScillmError: _handle_error, HTTPException: _handle_http, Exception: _handle_error})
+    app.state.runtime = runtime
+    return RequestIdMiddleware(middleware.wrap(app), runtime)
+
+
+async def _handle_error(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, errors.ScillmError):
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(exc)
+
+
+async def _handle_http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(errors.NotFound(f"unknown endpoint: {request.method} {request.url.path}"))
+    if exc.status_code == 405:
+        return error_response(errors.RequestError(f"method {request.method} not allowed on {request.url.path}",
+                                                  status=405, code="method_not_allowed"))
+    return error_response(errors.RequestError(str(exc.detail), status=exc.status_code))
+
+
+class RequestIdMiddleware:
+    """Outermost layer: every HTTP response carries ``x-request-id`` (the client's, or a new one)."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")[:128]
+                break
+        request_id = request_id or uuid.uuid4().hex[:16]
+        scope["scillm.request_id"] = request_id
+        header = (b"x-request-id", request_id.encode("latin-1"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

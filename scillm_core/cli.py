@@ -1,0 +1,168 @@
+"""The ``scillm`` command: serve, plugins, models, doctor, plus whatever plugins register."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from scillm_core.config import ConfigError
+from scillm_core.plugins import PluginLoadError
+from scillm_core.version import __version__
+
+__all__ = ["main"]
+
+DEV_KEY = "sk-dev-proxy-123"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from scillm_core.plugins import build_plugin_manager
+    from scillm_core.registry import CommandRegistry
+
+    parser = argparse.ArgumentParser(prog="scillm", description="One endpoint for every LLM call.")
+    parser.add_argument("--version", action="version", version=f"scillm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 4001)")
+    serve.add_argument("--config", default=None, help="scillm.toml path (or SCILLM_CONFIG)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes")
+    serve.add_argument("--log-level", default="info")
+    for name, help_text in (("plugins", "list plugins, their hooks and load failures"),
+                            ("models", "list routable models"),
+                            ("doctor", "preflight: credentials, reachability, logins, agent CLIs")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", default=None)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    commands = CommandRegistry()
+    try:
+        disabled = os.environ.get("SCILLM_DISABLE_PLUGINS", "").split(",")
+        pm, _ = build_plugin_manager(disabled=disabled)
+        pm.hook.scillm_register_commands(commands=commands)
+    except PluginLoadError as exc:
+        print(f"scillm: {exc}", file=sys.stderr)
+        return 2
+    for command in commands.commands.values():
+        command.configure(sub.add_parser(command.name, help=command.help))
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command in ("plugins", "models", "doctor"):
+            return asyncio.run(_report(args.command, args))
+        return commands.commands[args.command].run(args)
+    except (ConfigError, PluginLoadError) as exc:
+        print(f"scillm: {exc}", file=sys.stderr)
+        return 2
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from scillm_core.config import load_config
+    from scillm_core.redact import RedactingFilter
+
+    config = load_config(args.config)
+    host = args.host or config.tables.get("server", {}).get("host", "127.0.0.1")
+    port = args.port or config.tables.get("server", {}).get("port", 4001)
+    if not config.env.get("SCILLM_MASTER_KEY") and not _is_loopback(host):
+        print(f"scillm: refusing to bind {host}: SCILLM_MASTER_KEY is not set, and the dev key "
+              f"({DEV_KEY}) is only allowed on loopback. Set SCILLM_MASTER_KEY or bind 127.0.0.1.", file=sys.stderr)
+        return 2
+    if args.config:
+        os.environ["SCILLM_CONFIG"] = args.config
+    # Build once in this process so a bad config or plugin fails here with a clear message, before binding.
+    from scillm_core.app import create_app
+
+    app = create_app(config)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
+    options: dict[str, Any] = {"host": host, "port": port, "log_level": args.log_level, "access_log": False,
+                               "http": "httptools", "loop": "uvloop", "timeout_keep_alive": 30,
+                               "timeout_graceful_shutdown": 10}
+    if args.workers > 1:
+        uvicorn.run("scillm_core.app:create_app", factory=True, workers=args.workers, **options)
+    else:
+        uvicorn.run(app, **options)
+    return 0
+
+
+async def _report(command: str, args: argparse.Namespace) -> int:
+    from scillm_core.app import create_app
+    from scillm_core.builtin.routing import known_model_names
+    from scillm_core.http import make_http_client
+
+    app = create_app(config_path=args.config)
+    runtime = app.runtime  # type: ignore[attr-defined]
+    if command == "plugins":
+        rows: Any = [info.as_dict() for info in runtime.plugins]
+        if not args.json:
+            for row in rows:
+                extra = f"  ({row['reason']})" if row["reason"] else ""
+                print(f"{row['name']:<28} {row['status']:<9} {row['distribution'] or '-'} "
+                      f"{row['version'] or ''}{extra}\n    hooks: {', '.join(row['hooks']) or '-'}")
+            return 0
+    elif command == "models":
+        rows = known_model_names(runtime)
+        if not args.json:
+            print("\n".join(rows))
+            print("\nAlso routable by pattern: " + ", ".join(
+                sorted({prefix + "<model>" for p in runtime.providers.values() for prefix in p.prefixes})))
+            return 0
+    else:
+        runtime.http = make_http_client(runtime.config.env)
+        try:
+            rows = await _doctor(runtime)
+        finally:
+            await runtime.http.aclose()
+        if not args.json:
+            for row in rows:
+                mark = "ok  " if row["ok"] else ("FAIL" if row.get("required") else "--  ")
+                print(f"[{mark}] {row['check']}: {row['detail']}")
+            return 0
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+async def _doctor(runtime: Any) -> list[dict[str, Any]]:
+    import httpx
+
+    checks: list[dict[str, Any]] = []
+    for provider in runtime.providers.values():
+        missing = provider.missing_config()
+        checks.append({"check": f"provider {provider.name}", "ok": missing is None,
+                       "detail": "configured" if missing is None else missing})
+        base = getattr(provider, "base_url", None)
+        if missing is None and base:
+            try:
+                response = await runtime.http.get(base, timeout=httpx.Timeout(3.0))
+                checks.append({"check": f"reach {provider.name}", "ok": True,
+                               "detail": f"{base} answered HTTP {response.status_code}"})
+            except httpx.HTTPError as exc:
+                checks.append({"check": f"reach {provider.name}", "ok": False,
+                               "detail": f"{base} unreachable ({type(exc).__name__})"})
+    checks.extend(runtime.hooks.doctor(runtime))
+    return checks
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""Configuration: ``scillm.toml`` (optional), the environment, and ``.env`` (never overriding the environment).
+
+Top-level tables are claimed by plugins through ``scillm_config_sections`` (core claims its own the same way);
+structuring is strict: an unknown table, key or a wrong type stops startup with the offending path.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+from attrs import field, frozen
+
+__all__ = ["Config", "ConfigError", "Env", "GroupConfig", "PluginsConfig", "ProviderSettings", "ServerConfig",
+           "load_config"]
+
+
+class ConfigError(Exception):
+    """The configuration is wrong; the message names the key and the file."""
+
+
+class Env(Mapping[str, str]):
+    """The process environment layered over a ``.env`` file; read-only so tests can pass their own."""
+
+    def __init__(self, values: Mapping[str, str] | None = None, *, dotenv: Path | None = None) -> None:
+        merged: dict[str, str] = {}
+        if dotenv is not None and dotenv.is_file():
+            from dotenv import dotenv_values
+
+            merged.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
+        merged.update(os.environ if values is None else values)
+        self._values = merged
+
+    def __getitem__(self, key: str) -> str:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def first(self, *names: str) -> str | None:
+        """The first non-empty value among ``names`` (accepting the usual alternative spellings)."""
+        for name in names:
+            value = self._values.get(name)
+            if value:
+                return value
+        return None
+
+
+@frozen(kw_only=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 4001
+    max_body_mb: float = 64.0
+    heartbeat_s: float = 10.0
+
+
+@frozen(kw_only=True)
+class GroupConfig:
+    """A named model group: ``models[0]`` serves, the rest are its fallbacks in order."""
+
+    models: tuple[str, ...]
+    timeout_s: float | None = None
+
+
+@frozen(kw_only=True)
+class ProviderSettings:
+    base_url: str | None = None
+    timeout_s: float | None = None
+
+
+@frozen(kw_only=True)
+class PluginsConfig:
+    disable: tuple[str, ...] = ()
+
+
+@frozen(kw_only=True)
+class Config:
+    """Raw tables plus their structured sections; ``env`` is where keys and base URLs come from."""
+
+    tables: Mapping[str, Any] = field(factory=dict)
+    sections: Mapping[str, Any] = field(factory=dict)
+    env: Env = field(factory=Env)
+    path: Path | None = None
+    data_dir: Path = field(factory=lambda: Path.cwd() / ".scillm-data")
+
+    def section(self, name: str) -> Any:
+        return self.sections[name]
+
+    @property
+    def server(self) -> ServerConfig:
+        return self.sections.get("server") or ServerConfig()  # type: ignore[no-any-return]
+
+    @property
+    def aliases(self) -> Mapping[str, str]:
+        return self.sections.get("aliases") or {}  # type: ignore[no-any-return]
+
+    @property
+    def groups(self) -> Mapping[str, GroupConfig]:
+        return self.sections.get("groups") or {}  # type: ignore[no-any-return]
+
+    def provider_settings(self, name: str) -> ProviderSettings:
+        return (self.sections.get("providers") or {}).get(name) or ProviderSettings()  # type: ignore[no-any-return]
+
+    def with_sections(self, schema: Mapping[str, Any]) -> Config:
+        """Structure every table by ``schema`` (table name -> type); unknown tables are an error."""
+        from scillm_core.models.convert import converter
+
+        sections: dict[str, Any] = {}
+        where = str(self.path) if self.path else "configuration"
+        for name, raw in self.tables.items():
+            if name not in schema:
+                known = ", ".join(sorted(schema)) or "none"
+                raise ConfigError(f"{where}: unknown table [{name}] (known tables: {known})")
+            try:
+                sections[name] = _strict_structure(converter, raw, schema[name])
+            except _UnknownKey as exc:
+                raise ConfigError(f"{where}: {exc} at [{name}]{exc.path[1:]}") from None
+            except Exception as exc:
+                from scillm_core.models.convert import _first_error
+
+                message, path = _first_error(exc)
+                raise ConfigError(f"{where}: {message} at [{name}]{path[1:]}") from None
+        return attrs.evolve(self, sections=sections)
+
+
+def _strict_structure(converter: Any, raw: Any, hint: Any) -> Any:
+    """Structure with unknown keys rejected (config is strict, wire data is not)."""
+    _reject_unknown_keys(raw, hint, "$")
+    return converter.structure(raw, hint)
+
+
+def _reject_unknown_keys(raw: Any, hint: Any, path: str) -> None:
+    origin = getattr(hint, "__origin__", None)
+    if attrs.has(hint):
+        if not isinstance(raw, dict):
+            return
+        fields = {a.name: a.type for a in attrs.fields(attrs.resolve_types(hint))}
+        for key, value in raw.items():
+            if key not in fields:
+                raise _UnknownKey(f"unknown key {key!r} (allowed: {', '.join(fields)})", f"{path}.{key}")
+            _reject_unknown_keys(value, fields[key], f"{path}.{key}")
+    elif origin in (Mapping, dict) and isinstance(raw, dict):
+        value_type = hint.__args__[1]
+        for key, value in raw.items():
+            _reject_unknown_keys(value, value_type, f"{path}.{key}")
+    elif origin in (tuple, list) and isinstance(raw, list) and hint.__args__:
+        for i, value in enumerate(raw):
+            _reject_unknown_keys(value, hint.__args__[0], f"{path}[{i}]")
+
+
+class _UnknownKey(Exception):
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None = None,
+                cwd: Path | None = None) -> Config:
+    """Read the TOML file (``path``, else ``$SCILLM_CONFIG``, else ``./scillm.toml`` if present) and the env."""
+    cwd = cwd or Path.cwd()
+    environment = Env(env, dotenv=cwd / ".env")
+    chosen = Path(path) if path else (Path(environment["SCILLM_CONFIG"]) if environment.get("SCILLM_CONFIG")
+                                      else None)
+    if chosen is None and (cwd / "scillm.toml").is_file():
+        chosen = cwd / "scillm.toml"
+    tables: dict[str, Any] = {}
+    if chosen is not None:
+        try:
+            tables = tomllib.loads(chosen.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {chosen} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
+    return Config(tables=tables, env=environment, path=chosen, data_dir=_data_dir(environment))
+
+
+def _data_dir(env: Env) -> Path:
+    if env.get("SCILLM_DATA_DIR"):
+        return Path(env["SCILLM_DATA_DIR"]).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("scillm"))

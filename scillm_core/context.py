@@ -1,0 +1,93 @@
+"""Runtime (one per app) and CallContext (one per request): what hooks receive besides the request."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from attrs import define, field
+
+if TYPE_CHECKING:
+    import httpx
+
+    from scillm_core.config import Config
+    from scillm_core.hooks import Hooks
+    from scillm_core.models import ChatRequest
+    from scillm_core.pipeline import ChatResult
+    from scillm_core.plugins import PluginInfo
+    from scillm_core.registry import ProviderRegistry, Route
+    from scillm_core.state import StateStore
+
+__all__ = ["CallContext", "Runtime"]
+
+
+def _metrics_registry() -> Any:
+    from prometheus_client import CollectorRegistry
+
+    return CollectorRegistry(auto_describe=True)
+
+
+@define(kw_only=True)
+class Runtime:
+    """App-wide services. ``http`` is the shared upstream client (scillm's User-Agent, tuned transport);
+    ``metrics`` is the app's Prometheus registry, served at ``/metrics``."""
+
+    config: Config
+    hooks: Hooks
+    providers: ProviderRegistry
+    plugins: list[PluginInfo]
+    http: httpx.AsyncClient | None = None
+    metrics: Any = field(factory=_metrics_registry)
+    started_at: float = field(factory=time.time)
+    ready: bool = False
+    _store: StateStore | None = None
+    _store_factory: Callable[[], StateStore] | None = None
+
+    @property
+    def env(self) -> Mapping[str, str]:
+        return self.config.env
+
+    @property
+    def store(self) -> StateStore:
+        """The state store, opened on first use (SQLite under the data dir unless a plugin set another)."""
+        if self._store is None:
+            if self._store_factory is not None:
+                self._store = self._store_factory()
+            else:
+                from scillm_core.state.sqlite import SQLiteStore
+
+                self._store = SQLiteStore(self.config.data_dir / "scillm.sqlite3")
+        return self._store
+
+    def use_store(self, factory: Callable[[], StateStore]) -> None:
+        self._store_factory = factory
+
+    def client(self) -> httpx.AsyncClient:
+        if self.http is None:
+            raise RuntimeError("the app is not started (the shared HTTP client opens in the lifespan)")
+        return self.http
+
+
+@define(kw_only=True)
+class CallContext:
+    """Per-request state. ``deadline`` is a ``time.monotonic()`` instant or ``None``; ``attempts`` counts
+    upstream calls; ``route`` is the route that served (set by core's dispatch)."""
+
+    runtime: Runtime
+    request_id: str = field(factory=lambda: uuid.uuid4().hex[:16])
+    caller: str | None = None
+    headers: Mapping[str, str] = field(factory=dict)
+    deadline: float | None = None
+    attempts: int = 0
+    route: Route | None = None
+    notes: dict[str, Any] = field(factory=dict)
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    async def complete(self, request: ChatRequest) -> ChatResult:
+        """Route ``request`` and call its provider through the ``call_provider`` chain (middleware included)."""
+        route = self.runtime.hooks.route_model(request, self.runtime)
+        return await self.runtime.hooks.call_provider(request, route, self)()

@@ -1,0 +1,225 @@
+"""The scillm exception tree and its one mapping to HTTP.
+
+Every error a client can see is one of these, rendered by :func:`to_response_parts` as the OpenAI envelope
+``{"error": {"message", "type", "code", "param"}}``. Nothing else in the code base builds error bodies.
+
+    ScillmError                      500 server_error
+    ├── RequestError                 400 invalid_request_error
+    │   ├── InvalidRequest           400 (param = JSON path such as ``$.messages[1].role``)
+    │   ├── PayloadTooLarge          413
+    │   ├── ModelNotFound            404 model_not_found (message lists close matches)
+    │   ├── ProviderNotConfigured    400 provider_not_configured (names the missing variable)
+    │   ├── CallerSkillRequired      400 caller_skill_required
+    │   ├── NotFound                 404 not_found
+    │   └── Conflict                 409 conflict
+    ├── AuthenticationError          401 invalid_api_key
+    ├── PermissionDenied             403 permission_denied
+    ├── DeadlineExceeded             504 timeout_error
+    └── UpstreamError                502 upstream_error (always names provider and model)
+        ├── UpstreamBadRequest       status of the upstream (400/404/413/422), its code kept
+        ├── UpstreamAuthError        401 upstream_auth_failed
+        ├── UpstreamRateLimited      429 rate_limit_exceeded (retry_after_s kept)
+        ├── UpstreamQuotaExceeded    429 insufficient_quota
+        ├── UpstreamUnavailable      503 upstream_unavailable (5xx, overloaded)
+        ├── UpstreamConnectError     502 connection_error
+        ├── UpstreamTimeout          504 upstream_timeout
+        ├── UpstreamProtocolError    502 upstream_bad_response
+        └── ThinkingBudgetExhausted  502 thinking_budget_exhausted
+
+``retryable`` says whether a retry or a fallback may help; middleware reads it instead of guessing from statuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+__all__ = [
+    "AuthenticationError",
+    "CallerSkillRequired",
+    "Conflict",
+    "DeadlineExceeded",
+    "InvalidRequest",
+    "ModelNotFound",
+    "NotFound",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "ProviderNotConfigured",
+    "RequestError",
+    "ScillmError",
+    "ThinkingBudgetExhausted",
+    "UpstreamAuthError",
+    "UpstreamBadRequest",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamQuotaExceeded",
+    "UpstreamRateLimited",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "to_response_parts",
+]
+
+
+class ScillmError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 status: int | None = None, headers: Mapping[str, str] | None = None,
+                 details: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = dict(headers or {})
+        self.details = dict(details or {})
+        if code is not None:
+            self.code = code  # type: ignore[misc]
+        if status is not None:
+            self.status = status  # type: ignore[misc]
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"message": self.message, "type": self.type, "code": self.code, "param": self.param}
+        if self.details:
+            error["details"] = self.details
+        return {"error": error}
+
+
+class RequestError(ScillmError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InvalidRequest(RequestError):
+    pass
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+    code = "payload_too_large"
+
+
+class ModelNotFound(RequestError):
+    status = 404
+    code = "model_not_found"
+
+
+class ProviderNotConfigured(RequestError):
+    code = "provider_not_configured"
+
+
+class CallerSkillRequired(RequestError):
+    code = "caller_skill_required"
+
+
+class NotFound(RequestError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(RequestError):
+    status = 409
+    code = "conflict"
+
+
+class AuthenticationError(ScillmError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(ScillmError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class DeadlineExceeded(ScillmError):
+    status = 504
+    type = "timeout_error"
+    code = "deadline_exceeded"
+
+
+class UpstreamError(ScillmError):
+    """A provider failed. ``provider`` and ``model`` are always in the message; secrets never are."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+    retryable = True
+
+    def __init__(self, message: str, *, provider: str, model: str, upstream_status: int | None = None,
+                 retry_after_s: float | None = None, **kw: Any) -> None:
+        prefix = f"{provider} ({model})"
+        super().__init__(message if message.startswith(prefix) else f"{prefix}: {message}", **kw)
+        self.provider = provider
+        self.model = model
+        self.upstream_status = upstream_status
+        self.retry_after_s = retry_after_s
+        if retry_after_s is not None and "retry-after" not in self.headers:
+            self.headers["retry-after"] = str(max(1, round(retry_after_s)))
+
+
+class UpstreamBadRequest(UpstreamError):
+    status = 400
+    type = "invalid_request_error"
+    code = "upstream_bad_request"
+    retryable = False
+
+
+class UpstreamAuthError(UpstreamError):
+    status = 401
+    type = "authentication_error"
+    code = "upstream_auth_failed"
+    retryable = False
+
+
+class UpstreamRateLimited(UpstreamError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class UpstreamQuotaExceeded(UpstreamError):
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+    retryable = False
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 503
+    type = "server_error"
+    code = "upstream_unavailable"
+
+
+class UpstreamConnectError(UpstreamError):
+    status = 502
+    type = "connection_error"
+    code = "connection_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "timeout_error"
+    code = "upstream_timeout"
+
+
+class UpstreamProtocolError(UpstreamError):
+    code = "upstream_bad_response"
+
+
+class ThinkingBudgetExhausted(UpstreamError):
+    code = "thinking_budget_exhausted"
+    retryable = False
+
+
+def to_response_parts(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, body, headers) for any exception; unknown exceptions become an opaque 500."""
+    if isinstance(exc, ScillmError):
+        return exc.status, exc.body(), exc.headers
+    body = {"error": {"message": "internal error", "type": "server_error", "code": "internal_error", "param": None}}
+    return 500, body, {}

@@ -1,0 +1,225 @@
+"""Provider-neutral chat models: what surfaces parse into and providers translate from.
+
+Frozen and keyword-only; change them with ``attrs.evolve``. ``extra`` keeps wire keys core does not model so
+OpenAI-compatible upstreams still receive them (and clients still see upstream extras such as
+``reasoning_content``). Wire (de)serialisation lives in :mod:`scillm_core.models.convert`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from attrs import field, frozen
+
+__all__ = [
+    "ChatChunk", "ChatRequest", "ChatResponse", "Choice", "ChunkChoice", "Delta", "FileData", "FilePart",
+    "FunctionCall", "FunctionCallDelta", "FunctionDef", "ImagePart", "ImageUrl", "Message", "OtherPart", "Part",
+    "Role", "TextPart", "Tool", "ToolCall", "ToolCallDelta", "Usage",
+]
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+_EMPTY: Mapping[str, Any] = {}
+
+
+@frozen(kw_only=True)
+class TextPart:
+    text: str
+    type: Literal["text"] = "text"
+
+
+@frozen(kw_only=True)
+class ImageUrl:
+    url: str
+    detail: str | None = None
+
+
+@frozen(kw_only=True)
+class ImagePart:
+    image_url: ImageUrl
+    type: Literal["image_url"] = "image_url"
+
+
+@frozen(kw_only=True)
+class FileData:
+    file_data: str | None = None
+    filename: str | None = None
+    file_id: str | None = None
+
+
+@frozen(kw_only=True)
+class FilePart:
+    file: FileData
+    type: Literal["file"] = "file"
+
+
+@frozen(kw_only=True)
+class OtherPart:
+    """A content part core does not model (``input_audio``, provider-specific parts); passed through as is."""
+
+    type: str
+    data: Mapping[str, Any] = _EMPTY
+
+
+Part = TextPart | ImagePart | FilePart | OtherPart
+
+
+@frozen(kw_only=True)
+class FunctionCall:
+    name: str
+    arguments: str = ""
+
+
+@frozen(kw_only=True)
+class ToolCall:
+    id: str
+    function: FunctionCall
+    type: str = "function"
+    extra: Mapping[str, Any] = _EMPTY
+
+
+@frozen(kw_only=True)
+class Message:
+    role: Role
+    content: str | tuple[Part, ...] | None = None
+    name: str | None = None
+    tool_calls: tuple[ToolCall, ...] | None = None
+    tool_call_id: str | None = None
+    extra: Mapping[str, Any] = _EMPTY
+
+    @property
+    def text(self) -> str:
+        """The message's text, parts joined; empty when it has none."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+
+@frozen(kw_only=True)
+class FunctionDef:
+    name: str
+    description: str | None = None
+    parameters: Mapping[str, Any] | None = None
+    strict: bool | None = None
+
+
+@frozen(kw_only=True)
+class Tool:
+    function: FunctionDef
+    type: str = "function"
+
+
+@frozen(kw_only=True)
+class ChatRequest:
+    """One chat call. ``scillm`` holds scillm's own request fields (never sent upstream)."""
+
+    model: str
+    messages: tuple[Message, ...]
+    stream: bool = False
+    stream_options: Mapping[str, Any] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stop: str | tuple[str, ...] | None = None
+    n: int | None = None
+    seed: int | None = None
+    tools: tuple[Tool, ...] | None = None
+    tool_choice: str | Mapping[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: Mapping[str, Any] | None = None
+    reasoning_effort: str | None = None
+    extra: Mapping[str, Any] = _EMPTY
+    scillm: Mapping[str, Any] = field(default=_EMPTY)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+    @property
+    def max_output_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else self.stop
+
+
+@frozen(kw_only=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    extra: Mapping[str, Any] = _EMPTY
+
+
+@frozen(kw_only=True)
+class Choice:
+    message: Message
+    index: int = 0
+    finish_reason: str | None = None
+    logprobs: Any = None
+    extra: Mapping[str, Any] = _EMPTY
+
+
+@frozen(kw_only=True)
+class ChatResponse:
+    id: str
+    model: str
+    choices: tuple[Choice, ...]
+    created: int = 0
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+    object: str = "chat.completion"
+    extra: Mapping[str, Any] = _EMPTY
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].message.text if self.choices else ""
+
+
+@frozen(kw_only=True)
+class FunctionCallDelta:
+    name: str | None = None
+    arguments: str | None = None
+
+
+@frozen(kw_only=True)
+class ToolCallDelta:
+    index: int = 0
+    id: str | None = None
+    type: str | None = None
+    function: FunctionCallDelta | None = None
+
+
+@frozen(kw_only=True)
+class Delta:
+    role: str | None = None
+    content: str | None = None
+    tool_calls: tuple[ToolCallDelta, ...] | None = None
+    extra: Mapping[str, Any] = _EMPTY
+
+
+@frozen(kw_only=True)
+class ChunkChoice:
+    delta: Delta
+    index: int = 0
+    finish_reason: str | None = None
+    logprobs: Any = None
+    extra: Mapping[str, Any] = _EMPTY
+
+
+@frozen(kw_only=True)
+class ChatChunk:
+    id: str
+    model: str
+    choices: tuple[ChunkChoice, ...] = ()
+    created: int = 0
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+    object: str = "chat.completion.chunk"
+    extra: Mapping[str, Any] = _EMPTY

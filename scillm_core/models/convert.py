@@ -1,0 +1,231 @@
+"""The one cattrs converter: wire dicts <-> core models.
+
+Rules: primitives are strict (``"5"`` is not an int, ``5`` is not a str); content parts are a tagged union on
+``type`` with unknown types kept as :class:`OtherPart`; keys a class does not model go to its ``extra`` mapping and
+come back out flat; ``None`` fields are omitted on the way out (the wire treats absent and null alike, and some
+upstreams reject explicit nulls) except where OpenAI clients expect an explicit ``null``.
+Errors become :class:`~scillm_core.errors.InvalidRequest` whose message and ``param`` carry the JSON path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn
+
+from scillm_core.errors import InvalidRequest
+from scillm_core.models import chat as m
+
+__all__ = ["converter", "structure", "unstructure"]
+
+T = TypeVar("T")
+converter = cattrs.Converter(detailed_validation=True)
+
+
+# -- strict primitives -------------------------------------------------------------------------------------------
+
+def _strict(kind: type, name: str) -> Any:
+    def hook(value: Any, _: Any) -> Any:
+        if type(value) is not kind and not (kind is float and type(value) is int):
+            raise TypeError(f"expected {name}, got {_json_type(value)}")
+        return value
+    return hook
+
+
+def _json_type(value: Any) -> str:
+    return {str: "string", int: "integer", float: "number", bool: "boolean", list: "array",
+            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+converter.register_structure_hook(str, _strict(str, "string"))
+converter.register_structure_hook(int, _strict(int, "integer"))
+converter.register_structure_hook(float, lambda v, _: float(_strict(float, "number")(v, _)))
+converter.register_structure_hook(bool, _strict(bool, "boolean"))
+
+
+def _mapping(value: Any, _: Any) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected object, got {_json_type(value)}")
+    return value
+
+
+def _exact(hint: Any, hook: Any) -> None:
+    converter.register_structure_hook_func(lambda t: t == hint, hook)
+
+
+_exact(Mapping[str, Any], _mapping)
+_exact(Mapping[str, Any] | None, lambda v, _: None if v is None else _mapping(v, _))
+_exact(Any, lambda v, _: v)
+
+
+def _is_homogeneous_tuple(hint: Any) -> bool:
+    args = getattr(hint, "__args__", ())
+    return getattr(hint, "__origin__", None) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
+def _tuple_factory(hint: Any) -> Any:
+    def hook(value: Any, _: Any) -> Any:
+        if not isinstance(value, list | tuple):
+            raise TypeError(f"expected array, got {_json_type(value)}")
+        return converter._structure_tuple(value, hint)  # noqa: SLF001
+
+    return hook
+
+
+converter.register_structure_hook_factory(_is_homogeneous_tuple, _tuple_factory)
+
+
+def _role(value: Any, _: Any) -> str:
+    if value not in _ROLES:
+        raise ValueError(f"expected one of {', '.join(_ROLES)}, got {value!r}")
+    return value  # type: ignore[no-any-return]
+
+
+_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+_exact(m.Role, _role)
+
+
+# -- unions the generic machinery cannot tell apart -----------------------------------------------------------
+
+_PARTS: dict[str, type] = {"text": m.TextPart, "image_url": m.ImagePart, "file": m.FilePart}
+
+
+def _part(value: Any, _: Any) -> m.Part:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected content part object, got {_json_type(value)}")
+    kind = value.get("type")
+    if not isinstance(kind, str):
+        raise ValueError("content part needs a string 'type'")
+    cls = _PARTS.get(kind)
+    if cls is None:
+        return m.OtherPart(type=kind, data={k: v for k, v in value.items() if k != "type"})
+    return converter.structure(value, cls)  # type: ignore[no-any-return]
+
+
+def _parts(value: Any) -> tuple[m.Part, ...]:
+    return converter.structure(value, tuple[m.Part, ...])  # type: ignore[no-any-return]
+
+
+def _content(value: Any, _: Any) -> str | tuple[m.Part, ...] | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _parts(value)
+    raise TypeError(f"expected string, array of parts or null, got {_json_type(value)}")
+
+
+def _stop(value: Any, _: Any) -> str | tuple[str, ...] | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return tuple(value)
+    raise TypeError("expected string or array of strings")
+
+
+def _tool_choice(value: Any, _: Any) -> str | Mapping[str, Any] | None:
+    if value is None or isinstance(value, str | dict):
+        return value
+    raise TypeError(f"expected string or object, got {_json_type(value)}")
+
+
+_exact(m.Part, _part)
+_exact(str | tuple[m.Part, ...] | None, _content)
+_exact(str | tuple[str, ...] | None, _stop)
+_exact(str | Mapping[str, Any] | None, _tool_choice)
+
+
+def _unstructure_part(part: m.Part) -> dict[str, Any]:
+    if isinstance(part, m.OtherPart):
+        return {"type": part.type, **part.data}
+    return converter.unstructure(part, type(part))  # type: ignore[no-any-return]
+
+
+converter.register_unstructure_hook_func(lambda t: t == m.Part, _unstructure_part)
+converter.register_unstructure_hook(m.OtherPart, _unstructure_part)
+
+
+# -- classes with an ``extra`` mapping -----------------------------------------------------------------------------
+
+# Fields that OpenAI clients expect to see as explicit nulls.
+_KEEP_NULL = {m.Message: {"content"}, m.Choice: {"finish_reason", "logprobs"},
+              m.ChunkChoice: {"finish_reason"}}
+# Fields that never go on the wire (scillm's own request options).
+_NOT_WIRE = {m.ChatRequest: {"scillm"}}
+
+
+def _register_model(cls: type) -> None:
+    names = [a.name for a in attrs.fields(cls)]
+    has_extra = "extra" in names
+    known = frozenset(n for n in names if n != "extra")
+    keep_null = _KEEP_NULL.get(cls, set())
+    not_wire = _NOT_WIRE.get(cls, set())
+    base_structure = make_dict_structure_fn(cls, converter)
+    base_unstructure = make_dict_unstructure_fn(cls, converter)
+
+    def structure(value: Any, _: Any) -> Any:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected object, got {_json_type(value)}")
+        if has_extra:
+            extra = {k: v for k, v in value.items() if k not in known}
+            if extra:
+                value = {k: v for k, v in value.items() if k in known}
+                value["extra"] = extra
+        return base_structure(value, cls)
+
+    def unstructure(obj: Any) -> dict[str, Any]:
+        raw = base_unstructure(obj)
+        out = {k: v for k, v in raw.items() if (v is not None or k in keep_null) and k not in not_wire}
+        if has_extra:
+            extra = out.pop("extra", None)
+            if extra:
+                out.update(extra)
+        return out
+
+    converter.register_structure_hook(cls, structure)
+    converter.register_unstructure_hook(cls, unstructure)
+
+
+for _cls in (m.TextPart, m.ImageUrl, m.ImagePart, m.FileData, m.FilePart, m.FunctionCall, m.ToolCall, m.Message,
+             m.FunctionDef, m.Tool, m.ChatRequest, m.Usage, m.Choice, m.ChatResponse, m.FunctionCallDelta,
+             m.ToolCallDelta, m.Delta, m.ChunkChoice, m.ChatChunk):
+    _register_model(_cls)
+
+
+# -- public helpers ---------------------------------------------------------------------------------------------
+
+def structure(data: Any, cls: type[T], *, what: str = "request body") -> T:
+    """Structure ``data`` or raise :class:`InvalidRequest` naming the first bad JSON path."""
+    try:
+        return converter.structure(data, cls)
+    except Exception as exc:  # cattrs raises ClassValidationError / IterableValidationError trees
+        message, path = _first_error(exc)
+        raise InvalidRequest(f"invalid {what}: {message} @ {path}", param=path) from None
+
+
+def unstructure(obj: Any) -> Any:
+    return converter.unstructure(obj)
+
+
+def _first_error(exc: BaseException, path: str = "$") -> tuple[str, str]:
+    """Walk a cattrs exception group to its first leaf, building ``$.a[1].b``."""
+    if isinstance(exc, cattrs.ClassValidationError | cattrs.IterableValidationError):
+        for sub in exc.exceptions:
+            note = next((n for n in getattr(sub, "__notes__", []) if hasattr(n, "name") or hasattr(n, "index")),
+                        None)
+            step = ""
+            if note is not None and hasattr(note, "name"):
+                step = f".{note.name}"
+            elif note is not None and hasattr(note, "index"):
+                step = f"[{note.index}]"
+            if isinstance(sub, KeyError) and note is not None and hasattr(note, "name"):
+                return "required field is missing", path + step
+            return _first_error(sub, path + step)
+    if isinstance(exc, KeyError):
+        return "required field is missing", path
+    text = str(exc)
+    if "not in literal" in text or "Literal" in text:
+        text = "value not allowed here"
+    return text or type(exc).__name__, path

@@ -1,0 +1,169 @@
+"""Typed registries that registration hooks fill: providers, surfaces (routes), ASGI middleware, CLI commands."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from attrs import define, field, frozen
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
+    from scillm_core.context import CallContext
+    from scillm_core.models import ChatChunk, ChatRequest, ChatResponse
+
+__all__ = ["Command", "CommandRegistry", "MiddlewareRegistry", "Provider", "ProviderRegistry", "Route",
+           "SurfaceRegistry"]
+
+
+@frozen(kw_only=True)
+class Route:
+    """Where one call goes. ``deployment`` identifies provider+model for breakers, limits and metrics."""
+
+    provider: str
+    model: str
+    requested: str
+    group: str | None = None
+    fallbacks: tuple[Route, ...] = ()
+    timeout_s: float | None = None
+
+    @property
+    def deployment(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+
+class Provider:
+    """Base class for providers. Subclasses set the class attributes and implement :meth:`complete` and
+    :meth:`stream`; everything else has a working default.
+
+    Routing uses, in order: ``aliases`` (name -> upstream model), ``prefixes`` (``"deepseek/"``), then
+    :meth:`claims` for bare names, tried across providers by ascending ``rule_order``.
+    """
+
+    name: str = ""
+    family: str = ""
+    prefixes: tuple[str, ...] = ()
+    aliases: Mapping[str, str] = {}
+    rule_order: int = 100
+    capabilities: frozenset[str] = frozenset({"streaming", "tools"})
+
+    def claims(self, model: str) -> bool:
+        """Whether this provider serves the bare ``model`` name by its name rules."""
+        return False
+
+    def missing_config(self) -> str | None:
+        """``None`` when usable; else what to set, e.g. ``"set DEEPSEEK_API_KEY (or DEEPSEEK_API)"``."""
+        return None
+
+    def upstream_model(self, model: str) -> str:
+        for prefix in self.prefixes:
+            if model.startswith(prefix):
+                return model[len(prefix):]
+        return model
+
+    def known_models(self) -> Sequence[str]:
+        """Model names to advertise in ``/v1/models`` and to suggest for typos."""
+        return ()
+
+    def describe(self) -> dict[str, Any]:
+        """Public facts for ops endpoints. Never include a secret."""
+        missing = self.missing_config()
+        return {"name": self.name, "family": self.family, "configured": missing is None, "missing": missing,
+                "prefixes": list(self.prefixes), "aliases": dict(self.aliases),
+                "capabilities": sorted(self.capabilities)}
+
+    async def complete(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatResponse:
+        raise NotImplementedError
+
+    async def stream(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
+        """Open the upstream stream (raising on HTTP errors) and return an iterator of chunks."""
+        raise NotImplementedError
+
+
+class ProviderRegistry(Mapping[str, Provider]):
+    def __init__(self) -> None:
+        self._providers: dict[str, Provider] = {}
+        self._owners: dict[str, str] = {}
+
+    def add(self, provider: Provider) -> None:
+        plugin = type(provider).__module__
+        if not provider.name:
+            raise ValueError(f"provider {provider!r} has no name")
+        if provider.name in self._providers:
+            raise ValueError(f"provider {provider.name!r} registered twice "
+                             f"(by {self._owners[provider.name]} and {plugin})")
+        self._providers[provider.name] = provider
+        self._owners[provider.name] = plugin
+
+    def __getitem__(self, name: str) -> Provider:
+        return self._providers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._providers)
+
+    def __len__(self) -> int:
+        return len(self._providers)
+
+    def by_rule_order(self) -> list[Provider]:
+        return sorted(self._providers.values(), key=lambda p: (p.rule_order, p.name))
+
+
+Endpoint = Callable[..., Awaitable[Any]]
+
+
+@define
+class SurfaceRegistry:
+    routes: list[Any] = field(factory=list)
+    paths: dict[tuple[str, str], str] = field(factory=dict)
+    startup: list[Callable[[], Awaitable[None]]] = field(factory=list)
+    shutdown: list[Callable[[], Awaitable[None]]] = field(factory=list)
+
+    def route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("GET",), *, plugin: str = "?") -> None:
+        from starlette.routing import Route as StarletteRoute
+
+        for method in methods:
+            if (method, path) in self.paths:
+                raise ValueError(f"{method} {path} registered twice (by {self.paths[(method, path)]} and {plugin})")
+            self.paths[(method, path)] = plugin
+        self.routes.append(StarletteRoute(path, endpoint, methods=list(methods)))
+
+    def on_startup(self, fn: Callable[[], Awaitable[None]]) -> None:
+        self.startup.append(fn)
+
+    def on_shutdown(self, fn: Callable[[], Awaitable[None]]) -> None:
+        self.shutdown.append(fn)
+
+
+@define
+class MiddlewareRegistry:
+    entries: list[tuple[int, str, Callable[[ASGIApp], ASGIApp]]] = field(factory=list)
+
+    def add(self, factory: Callable[[ASGIApp], ASGIApp], *, order: int = 100, name: str = "") -> None:
+        """``factory(app) -> app``. Lower ``order`` sits closer to the client (runs first)."""
+        self.entries.append((order, name or getattr(factory, "__name__", "middleware"), factory))
+
+    def wrap(self, app: ASGIApp) -> ASGIApp:
+        for _, _, factory in sorted(self.entries, key=lambda e: (e[0], e[1]), reverse=True):
+            app = factory(app)
+        return app
+
+
+@frozen
+class Command:
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+@define
+class CommandRegistry:
+    commands: dict[str, Command] = field(factory=dict)
+
+    def add(self, name: str, help: str, configure: Callable[[argparse.ArgumentParser], None],
+            run: Callable[[argparse.Namespace], int]) -> None:
+        if name in self.commands:
+            raise ValueError(f"command {name!r} registered twice")
+        self.commands[name] = Command(name, help, configure, run)

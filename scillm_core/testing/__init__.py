@@ -1,0 +1,41 @@
+"""The plugin test harness, shipped in core and opt-in for plugin authors.
+
+- :func:`make_app`: an isolated app (fresh plugin manager, only the environment you pass, a temp data dir);
+- :class:`ServerThread`: serve it on a real loopback port so official SDK clients can talk to it;
+- :class:`FakeOpenAI` (and the :class:`FakeUpstream` base): scripted upstreams speaking the real wire format;
+- :class:`Reply`: provider-neutral scripted answers (text, tool calls, errors, stream shapes, faults);
+- :class:`HookRecorder`: a plugin that records pipeline hook calls;
+- :class:`ProviderContract`: the test class every provider plugin runs (``scillm_core.testing.contract``).
+
+Enable the fixtures with ``pytest_plugins = ["scillm_core.testing.pytest_plugin"]``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from scillm_core.testing.fakes import FakeOpenAI, FakeUpstream, RecordedRequest
+from scillm_core.testing.recorder import HookRecorder
+from scillm_core.testing.replies import Reply, ToolCallSpec
+from scillm_core.testing.server import ServerThread
+
+__all__ = ["DEV_KEY", "FakeOpenAI", "FakeUpstream", "HookRecorder", "RecordedRequest", "Reply", "ServerThread",
+           "ToolCallSpec", "make_app"]
+
+DEV_KEY = "sk-dev-proxy-123"
+
+
+def make_app(*, env: Mapping[str, str] | None = None, config: Mapping[str, Any] | None = None,
+             plugins: Sequence[tuple[str, object]] = (), entry_points: bool = True,
+             data_dir: str | Path | None = None) -> Any:
+    """An app that sees only ``env`` (not the process environment) and ``config`` tables."""
+    from scillm_core.app import create_app
+    from scillm_core.config import Config, Env
+
+    values = dict(env or {})
+    values.setdefault("SCILLM_DATA_DIR", str(data_dir or tempfile.mkdtemp(prefix="scillm-test-")))
+    cfg = Config(tables=dict(config or {}), env=Env(values), data_dir=Path(values["SCILLM_DATA_DIR"]))
+    return create_app(cfg, plugins=plugins, entry_points=entry_points)

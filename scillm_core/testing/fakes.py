@@ -1,0 +1,251 @@
+"""Fake upstreams that speak real wire formats over loopback, scripted with :class:`Reply` objects.
+
+:class:`FakeUpstream` is the base (request log, script queue, thread server); :class:`FakeOpenAI` speaks OpenAI
+chat completions exactly as recorded in ``shared/fixtures/openai`` (role chunk first, fragmentary tool-call
+arguments, finish chunk, the ``choices: []`` usage chunk only with ``include_usage``, ``data: [DONE]``), plus the
+OpenAI-compatible variants (keep-alive comments, usage inside the finish chunk, whole tool calls, FastAPI
+``{"detail"}`` errors). Other provider plugins subclass :class:`FakeUpstream` for their own format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+import orjson
+from attrs import frozen
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from scillm_core.testing.replies import Reply
+from scillm_core.testing.server import ServerThread
+
+__all__ = ["FakeOpenAI", "FakeUpstream", "RecordedRequest"]
+
+
+@frozen
+class RecordedRequest:
+    method: str
+    path: str
+    query: str
+    headers: Mapping[str, str]
+    body: Any
+
+    @property
+    def json(self) -> Any:
+        return self.body
+
+
+class FakeUpstream:
+    """Base fake: records every request, answers from a script (then from ``default``), runs in a thread."""
+
+    default: Reply = Reply(text="Hello from the fake.")
+
+    def __init__(self) -> None:
+        self.requests: list[RecordedRequest] = []
+        self._script: list[Reply] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.server: ServerThread | None = None
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    # -- scripting ----------------------------------------------------------------------------------------------
+
+    def script(self, *replies: Reply) -> FakeUpstream:
+        with self._lock:
+            self._script.extend(replies)
+        return self
+
+    def next_reply(self) -> Reply:
+        with self._lock:
+            return self._script.pop(0) if self._script else self.default
+
+    @property
+    def last(self) -> RecordedRequest:
+        return self.requests[-1]
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    # -- serving ------------------------------------------------------------------------------------------------
+
+    def routes(self) -> list[Route]:
+        raise NotImplementedError
+
+    def app(self) -> Starlette:
+        return Starlette(routes=self.routes())
+
+    def start(self) -> FakeUpstream:
+        self.server = ServerThread(self.app()).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    def __enter__(self) -> FakeUpstream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None, "fake not started"
+        return self.server.url
+
+    async def record(self, request: Request) -> RecordedRequest:
+        raw = await request.body()
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = raw.decode("utf-8", "replace")
+        recorded = RecordedRequest(request.method, request.url.path, request.url.query,
+                                   {k.lower(): v for k, v in request.headers.items()}, body)
+        self.requests.append(recorded)
+        return recorded
+
+    async def pause(self, reply: Reply) -> None:
+        if reply.hang:
+            await asyncio.sleep(3600)
+        if reply.delay_s:
+            await asyncio.sleep(reply.delay_s)
+
+
+def sse(payload: Any) -> bytes:
+    return b"data: " + (payload if isinstance(payload, bytes) else orjson.dumps(payload)) + b"\n\n"
+
+
+class FakeOpenAI(FakeUpstream):
+    """OpenAI chat completions at ``{url}/v1``."""
+
+    base_path = "/v1"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + self.base_path
+
+    def routes(self) -> list[Route]:
+        return [Route(f"{self.base_path}/chat/completions", self.chat, methods=["POST"]),
+                Route(f"{self.base_path}/models", self.models, methods=["GET"])]
+
+    async def models(self, request: Request) -> Response:
+        return Response(orjson.dumps({"object": "list", "data": [
+            {"id": "fake-model", "object": "model", "created": 0, "owned_by": "fake"}]}),
+            media_type="application/json")
+
+    async def chat(self, request: Request) -> Response:
+        recorded = await self.record(request)
+        reply = self.next_reply()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self.pause(reply)
+        finally:
+            self.in_flight -= 1
+        body = recorded.body if isinstance(recorded.body, dict) else {}
+        model = reply.model or body.get("model") or "fake-model"
+        headers = {"x-request-id": f"req_fake{self.next_id()}", "openai-processing-ms": "12",
+                   "openai-version": "2020-10-01", **reply.headers}
+        if reply.status >= 400:
+            error = reply.error
+            payload = error if not isinstance(error, dict) or "message" not in error else {
+                "error": {"message": error["message"], "type": error.get("type"), "param": None,
+                          "code": error.get("code")}}
+            return Response(orjson.dumps(payload), status_code=reply.status, headers=headers,
+                            media_type="application/json")
+        completion_id = f"chatcmpl-fake{self.next_id()}"
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(self._events(reply, completion_id, model, include_usage), headers=headers,
+                                     media_type="text/event-stream; charset=utf-8")
+        return Response(orjson.dumps(self.completion(reply, completion_id, model)), headers=headers,
+                        media_type="application/json")
+
+    # -- rendering ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def usage(reply: Reply) -> dict[str, Any]:
+        return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                              "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+
+    def completion(self, reply: Reply, completion_id: str, model: str) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": reply.text or None, "refusal": None,
+                                   "annotations": []}
+        if reply.reasoning:
+            message["reasoning_content"] = reply.reasoning
+        if reply.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id or f"call_fake{i}", "type": "function",
+                 "function": {"name": call.name, "arguments": orjson.dumps(call.arguments).decode()}}
+                for i, call in enumerate(reply.tool_calls)]
+        return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reply.finish}],
+                "usage": self.usage(reply), "service_tier": "default", "system_fingerprint": "fp_fake"}
+
+    def chunks(self, reply: Reply, completion_id: str, model: str, include_usage: bool) -> Iterable[dict[str, Any]]:
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+            out: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                   "model": model, "service_tier": "default", "system_fingerprint": "fp_fake",
+                                   "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                "finish_reason": finish}]}
+            if include_usage:
+                out["usage"] = None
+            out.update(extra)
+            return out
+
+        if reply.tool_calls and not reply.text:
+            yield chunk({"role": "assistant", "content": None, "refusal": None})
+        else:
+            yield chunk({"role": "assistant", "content": "", "refusal": None})
+        if reply.reasoning:
+            for i in range(0, len(reply.reasoning), max(1, reply.chunk_size)):
+                yield chunk({"reasoning_content": reply.reasoning[i:i + reply.chunk_size]})
+        for piece in reply.text_pieces():
+            yield chunk({"content": piece})
+        for index, call in enumerate(reply.tool_calls):
+            call_id = call.id or f"call_fake{index}"
+            arguments = orjson.dumps(call.arguments).decode()
+            if reply.whole_tool_call:
+                yield chunk({"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                                             "function": {"name": call.name, "arguments": arguments}}]})
+                continue
+            yield chunk({"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                                         "function": {"name": call.name, "arguments": ""}}]})
+            for i in range(0, len(arguments), 6):
+                yield chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments[i:i + 6]}}]})
+        if reply.usage_in_finish:
+            yield chunk({}, reply.finish, usage=self.usage(reply))
+            return
+        yield chunk({}, reply.finish)
+        if include_usage:
+            yield {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "service_tier": "default", "system_fingerprint": "fp_fake", "choices": [],
+                   "usage": self.usage(reply)}
+
+    async def _events(self, reply: Reply, completion_id: str, model: str, include_usage: bool) -> AsyncIterator[bytes]:
+        if reply.keepalive:
+            yield b": keep-alive\n\n: keep-alive\n\n"
+        if reply.first_chunk_delay_s:
+            await asyncio.sleep(reply.first_chunk_delay_s)
+        for n, payload in enumerate(self.chunks(reply, completion_id, model, include_usage)):
+            if reply.cut_after is not None and n >= reply.cut_after:
+                raise ConnectionAbortedError("fake upstream cut the stream")  # uvicorn drops the connection
+            if reply.error_after is not None and n >= reply.error_after:
+                yield sse(reply.error_event or {"error": {"message": "upstream failed mid-stream",
+                                                          "type": "server_error", "code": None}})
+                return
+            yield sse(payload)
+        yield b"data: [DONE]\n\n"

@@ -1,0 +1,66 @@
+"""Provider-neutral scripted answers. Each fake upstream renders a :class:`Reply` in its own wire format,
+streaming or not as the request asked, so one script drives the contract tests of every provider."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from attrs import field, frozen
+
+__all__ = ["Reply", "ToolCallSpec"]
+
+
+@frozen
+class ToolCallSpec:
+    name: str
+    arguments: Mapping[str, Any]
+    id: str | None = None
+
+
+@frozen(kw_only=True)
+class Reply:
+    text: str = ""
+    reasoning: str | None = None
+    tool_calls: tuple[ToolCallSpec, ...] = ()
+    finish_reason: str | None = None       # default: "tool_calls" with tool calls, else "stop"
+    prompt_tokens: int = 11
+    completion_tokens: int = 7
+    model: str | None = None               # default: the requested model
+    # failures
+    status: int = 200
+    error: Any = None                       # body for an error status (dict, or str for the fake to wrap)
+    headers: Mapping[str, str] = field(factory=dict)
+    # timing and stream shape
+    delay_s: float = 0.0                    # before the response starts
+    first_chunk_delay_s: float = 0.0        # streams: after headers, before the first event
+    hang: bool = False                      # never answer (deadline tests)
+    chunk_size: int = 4                     # characters of text per content delta
+    keepalive: bool = False                 # ": keep-alive" comments before the first event (DeepSeek)
+    usage_in_finish: bool = False           # usage inside the finish chunk (GLM, Groq)
+    whole_tool_call: bool = False           # tool call in one delta with full arguments (GLM)
+    cut_after: int | None = None            # drop the connection after N events
+    error_after: int | None = None          # send an error event after N events
+    error_event: Any = None
+
+    @classmethod
+    def say(cls, text: str, **kw: Any) -> Reply:
+        return cls(text=text, **kw)
+
+    @classmethod
+    def call(cls, name: str, arguments: Mapping[str, Any], *, id: str | None = None, **kw: Any) -> Reply:
+        return cls(tool_calls=(ToolCallSpec(name, dict(arguments), id),), **kw)
+
+    @classmethod
+    def fail(cls, status: int, message: str = "upstream failure", *, type: str | None = None,
+             code: str | None = None, headers: Mapping[str, str] | None = None, body: Any = None) -> Reply:
+        error = body if body is not None else {"message": message, "type": type, "code": code}
+        return cls(status=status, error=error, headers=dict(headers or {}))
+
+    @property
+    def finish(self) -> str:
+        return self.finish_reason or ("tool_calls" if self.tool_calls else "stop")
+
+    def text_pieces(self) -> list[str]:
+        size = max(1, self.chunk_size)
+        return [self.text[i:i + size] for i in range(0, len(self.text), size)]

@@ -1,0 +1,142 @@
+"""Helpers every provider needs when talking to an upstream: SSE/NDJSON parsing, retry hints, error mapping.
+
+Wire *formats* stay in provider plugins; these are the protocol-neutral parts (HTTP statuses, SSE framing,
+transport failures), so every provider fails the same way for the same cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+
+import httpx
+import orjson
+from attrs import frozen
+
+from scillm_core import errors
+from scillm_core.redact import redact
+
+__all__ = ["SSEEvent", "error_for_status", "iter_ndjson", "iter_sse", "retry_after_seconds", "translate_transport"]
+
+
+@frozen
+class SSEEvent:
+    data: str
+    event: str | None = None
+    id: str | None = None
+
+    def json(self) -> Any:
+        return orjson.loads(self.data)
+
+
+async def iter_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
+    """Parse an SSE byte stream per the HTML spec: ``\\n``, ``\\r\\n`` or ``\\r`` line ends, repeated ``data:``
+    lines joined with ``\\n``, comment lines (``: keep-alive``) ignored, one leading space stripped."""
+    buffer = b""
+    data: list[str] = []
+    event: str | None = None
+    event_id: str | None = None
+    done = False
+    while not done:
+        chunk = await anext(chunks, None)
+        if chunk is None:
+            done, buffer = True, buffer + b"\n\n"  # flush a final line and event that lack their terminators
+        else:
+            buffer += chunk
+        lines = buffer.splitlines(keepends=True)
+        # A line not yet ended by '\n' may be partial, or a '\r' whose '\n' is in the next chunk: keep it.
+        buffer = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
+        for raw in lines:
+            line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+            if not line:
+                if data:
+                    yield SSEEvent("\n".join(data), event, event_id)
+                data, event = [], None
+            elif line[0] != ":":
+                name, _, value = line.partition(":")
+                value = value[1:] if value[:1] == " " else value
+                if name == "data":
+                    data.append(value)
+                elif name == "event":
+                    event = value
+                elif name == "id":
+                    event_id = value
+
+
+async def iter_ndjson(chunks: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+    """Parse newline-delimited JSON (Ollama); blank lines are skipped."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield orjson.loads(line)
+    if buffer.strip():
+        yield orjson.loads(buffer)
+
+
+def retry_after_seconds(headers: Mapping[str, str], *, cap_s: float = 300.0) -> float | None:
+    """``retry-after-ms`` (milliseconds), else ``retry-after`` (seconds or an HTTP date); ``None`` if absent."""
+    value = headers.get("retry-after-ms")
+    if value:
+        with contextlib.suppress(ValueError):
+            return min(max(float(value) / 1000.0, 0.0), cap_s)
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return min(max(float(value), 0.0), cap_s)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        if parsed is None:
+            return None
+        return min(max(parsed.timestamp() - time.time(), 0.0), cap_s)
+
+
+_QUOTA_MARKERS = ("insufficient_quota", "quota", "usage_limit", "billing", "balance", "arrears")
+_OVERLOAD_MARKERS = ("overloaded", "engine_overloaded")
+
+
+def error_for_status(status: int, message: str, *, provider: str, model: str, code: str | None = None,
+                     kind: str | None = None, headers: Mapping[str, str] | None = None,
+                     secrets: tuple[str | None, ...] = ()) -> errors.UpstreamError:
+    """Map an upstream HTTP failure to the error tree. ``kind``/``code`` are the upstream's own type and code."""
+    headers = headers or {}
+    text = redact(message or f"HTTP {status}", secrets)
+    hint = " ".join(x for x in (kind, code, text) if x).lower()
+    retry_after = retry_after_seconds(headers)
+    common: dict[str, Any] = {"provider": provider, "model": model, "upstream_status": status,
+                              "retry_after_s": retry_after}
+    if status == 429 or (status == 402 and provider):
+        if status == 402 or any(m in hint for m in _QUOTA_MARKERS):
+            return errors.UpstreamQuotaExceeded(text, code="insufficient_quota", **common)
+        return errors.UpstreamRateLimited(text, **common)
+    if status in (401, 403):
+        return errors.UpstreamAuthError(text, **common)
+    if status == 404:
+        return errors.UpstreamBadRequest(text, status=404, code=code or "model_not_found", **common)
+    if status in (408, 409):
+        return errors.UpstreamUnavailable(text, status=503, **common)
+    if 400 <= status < 500:
+        return errors.UpstreamBadRequest(text, status=status if status in (400, 413, 422) else 400,
+                                         code=code or "upstream_bad_request", **common)
+    if status == 529 or any(m in hint for m in _OVERLOAD_MARKERS):
+        return errors.UpstreamUnavailable(text, code="overloaded", **common)
+    return errors.UpstreamUnavailable(text, **common)
+
+
+@contextlib.contextmanager
+def translate_transport(provider: str, model: str) -> Iterator[None]:
+    """Turn httpx transport failures into :class:`UpstreamConnectError` / :class:`UpstreamTimeout`."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise errors.UpstreamTimeout(f"no answer in time ({type(exc).__name__})", provider=provider,
+                                     model=model) from None
+    except (httpx.TransportError, OSError) as exc:
+        raise errors.UpstreamConnectError(f"connection failed ({type(exc).__name__}: {exc})", provider=provider,
+                                          model=model) from None
