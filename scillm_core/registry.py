@@ -67,6 +67,11 @@ class Provider:
         """Model names to advertise in ``/v1/models`` and to suggest for typos."""
         return ()
 
+    def auth_status(self) -> dict[str, Any] | None:
+        """Login health for providers that use one (OAuth): ``{"status", "source", "expires_in_s", ...}``.
+        ``None`` for key-based providers. Shown at ``GET /v1/scillm/auth``; never include a token."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Public facts for ops endpoints. Never include a secret."""
         missing = self.missing_config()

@@ -135,6 +135,11 @@ def translate_transport(provider: str, model: str) -> Iterator[None]:
     try:
         yield
     except httpx.TimeoutException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
+            # the aiohttp transport reports a refused connection as ConnectTimeout; the cause tells the truth
+            raise errors.UpstreamConnectError(f"connection failed ({type(cause).__name__})", provider=provider,
+                                              model=model) from None
         raise errors.UpstreamTimeout(f"no answer in time ({type(exc).__name__})", provider=provider,
                                      model=model) from None
     except (httpx.TransportError, OSError) as exc:

@@ -21,7 +21,7 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
     Gauge("scillm_build_info", "scillm version", ["version"], registry=runtime.metrics).labels(__version__).set(1)
     for path, endpoint in (("/health/liveliness", liveliness), ("/health/readiness", readiness),
                            ("/v1/scillm/health", health), ("/v1/scillm/providers", providers),
-                           ("/v1/scillm/plugins", plugins), ("/metrics", metrics)):
+                           ("/v1/scillm/plugins", plugins), ("/v1/scillm/auth", auth), ("/metrics", metrics)):
         surfaces.route(path, endpoint, ["GET"], plugin="ops")
 
 
@@ -60,6 +60,12 @@ async def providers(request: Request) -> Response:
     for provider in runtime.providers.by_rule_order():
         rows.append(provider.describe())
     return json_response({"providers": rows, "routing_order": ["alias", "group", "prefix", "name rule"]})
+
+
+async def auth(request: Request) -> Response:
+    runtime = runtime_of(request)
+    logins = {name: status for name, p in runtime.providers.items() if (status := p.auth_status()) is not None}
+    return json_response({"timestamp": int(time.time()), "logins": logins})
 
 
 async def plugins(request: Request) -> Response:

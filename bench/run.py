@@ -1,0 +1,728 @@
+#!/usr/bin/env python3
+"""scillm gateway benchmark: scillm vs LiteLLM, Portkey and a bare Starlette pass-through.
+
+    bench/run                      # all proxies, all scenarios, 2 runs each
+    bench/run --transports         # bare pass-through with each HTTP client transport
+    bench/run --help               # everything else
+
+The first invocation (any python3 >= 3.10) installs what is missing, idempotently:
+bench/.venv-bench (harness, mock, pass-through), bench/.venv-nosniffio,
+bench/.venv-litellm, bench/node/node_modules (Portkey), and nodejs/npm via apt
+if absent. See bench/README.md for what every number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+VENV_BENCH = os.path.join(HERE, ".venv-bench")
+VENV_NOSNIFF = os.path.join(HERE, ".venv-nosniffio")
+VENV_LITELLM = os.path.join(HERE, ".venv-litellm")
+NODE_DIR = os.path.join(HERE, "node")
+SCILLM_BIN = os.path.join(ROOT, ".venv", "bin", "scillm")
+RESULTS_DIR = os.path.join(HERE, "results")
+
+MOCK_PORT = 18080
+PORTS = {"scillm": 14001, "litellm": 14002, "portkey": 14003, "bare": 14004}
+PROXY_CORE, LOAD_CORE = 0, 1
+CLIENT_KEY = "sk-dev-proxy-123"
+MODEL = "openai/gpt-4o-mini"
+ANCHORS = ["litellm", "portkey", "bare"]
+ANCHOR_ABBR = {"litellm": "LiteLLM", "portkey": "Portkey", "bare": "bare"}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- setup (stdlib only)
+
+def _sha(*paths: str) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _run(cmd: list[str], **kw) -> None:
+    log("$ " + " ".join(cmd))
+    subprocess.run(cmd, check=True, **kw)
+
+
+def _venv_with_requirements(venv: str, req: str, *, post: list[list[str]] | None = None,
+                            installer: str = "pip", override: str | None = None) -> None:
+    marker = os.path.join(venv, ".bench-installed")
+    files = [req] + ([override] if override else [])
+    want = _sha(*files) + ("-nosniffio" if post else "")
+    if os.path.exists(marker) and open(marker).read().strip() == want:
+        return
+    py = shutil.which("python3") or sys.executable
+    if not os.path.exists(os.path.join(venv, "bin", "python")):
+        _run([py, "-m", "venv", venv])
+    vpy = os.path.join(venv, "bin", "python")
+    if installer == "uv":
+        uv = os.path.join(VENV_BENCH, "bin", "uv")
+        cmd = [uv, "pip", "install", "--python", vpy, "-r", req]
+        if override:
+            cmd += ["--override", override]
+        _run(cmd)
+    else:
+        _run([vpy, "-m", "pip", "install", "-q", "-r", req])
+    for c in post or []:
+        _run([vpy, "-m"] + c)
+    with open(marker, "w") as f:
+        f.write(want)
+
+
+def _apt_install(*pkgs: str) -> None:
+    stamp = "/var/lib/apt/periodic/bench-updated"
+    if not os.path.exists(stamp):
+        _run(["apt-get", "update", "-qq"])
+        os.makedirs(os.path.dirname(stamp), exist_ok=True)
+        open(stamp, "w").close()
+    _run(["apt-get", "install", "-y", "-qq", *pkgs], env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def setup(need: set[str]) -> None:
+    """Install what the selected proxies need. Idempotent; cheap when nothing changed."""
+    _venv_with_requirements(VENV_BENCH, os.path.join(HERE, "requirements-bench.txt"))
+    if "nosniffio" in need:
+        _venv_with_requirements(VENV_NOSNIFF, os.path.join(HERE, "requirements-bench.txt"),
+                                post=[["pip", "uninstall", "-y", "-q", "sniffio"]])
+    if "litellm" in need:
+        _venv_with_requirements(VENV_LITELLM, os.path.join(HERE, "requirements-litellm.txt"), installer="uv",
+                                override=os.path.join(HERE, "overrides-litellm.txt"))
+    if "portkey" in need:
+        if not (shutil.which("node") and shutil.which("npm")):
+            _apt_install("nodejs", "npm")
+        marker = os.path.join(NODE_DIR, "node_modules", ".bench-installed")
+        want = _sha(os.path.join(NODE_DIR, "package-lock.json"))
+        if not (os.path.exists(marker) and open(marker).read().strip() == want):
+            _run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR)
+            with open(marker, "w") as f:
+                f.write(want)
+
+
+def bootstrap(argv: list[str]) -> None:
+    """Re-exec this script inside bench/.venv-bench (creating it first if needed)."""
+    if os.path.realpath(sys.prefix) == os.path.realpath(VENV_BENCH):
+        return
+    _venv_with_requirements(VENV_BENCH, os.path.join(HERE, "requirements-bench.txt"))
+    py = os.path.join(VENV_BENCH, "bin", "python")
+    os.execv(py, [py, os.path.abspath(__file__), *argv])
+
+
+# --------------------------------------------------------------------------- /proc accounting
+
+CLK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _stat_fields(pid: str) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 2:].split()
+
+
+def session_stats(sid: int) -> tuple[float, int, int]:
+    """(cpu seconds, rss bytes, nprocs) summed over every live process of session `sid`.
+
+    Proxies are started with start_new_session, so the session holds the proxy
+    and all its descendants (workers, node threads are in-process). CPU is
+    utime+stime plus cutime+cstime (children that already exited and were reaped).
+    """
+    cpu = 0
+    rss = 0
+    n = 0
+    sid_b = str(sid).encode()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        f = _stat_fields(d)
+        if f is None or f[3] != sid_b or f[0] == b"Z":
+            continue
+        n += 1
+        cpu += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+        rss += int(f[21]) * PAGE
+    return cpu / CLK, rss, n
+
+
+# --------------------------------------------------------------------------- proxies
+
+@dataclass
+class Proxy:
+    name: str
+    label: str
+    cmd: list[str]
+    port: int
+    ready_path: str
+    headers: dict[str, str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str = HERE
+    missing: str | None = None  # reason it cannot run
+    version: str = ""
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def _version(py: str, dist: str) -> str:
+    try:
+        return subprocess.run([py, "-c", f"import importlib.metadata as m; print(m.version('{dist}'))"],
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception:
+        return "?"
+
+
+def make_proxies(workdir: str, transports: list[str]) -> dict[str, Proxy]:
+    mock_v1 = f"http://127.0.0.1:{MOCK_PORT}/v1"
+    auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    out: dict[str, Proxy] = {}
+
+    data_dir = os.path.join(workdir, "scillm-data")
+    os.makedirs(data_dir, exist_ok=True)
+    sc = Proxy("scillm", "scillm", [SCILLM_BIN, "serve", "--host", "127.0.0.1", "--port", str(PORTS["scillm"])],
+               PORTS["scillm"], "/health/readiness", auth, cwd=ROOT,
+               env={"OPENAI_API_KEY": "sk-bench", "OPENAI_API_BASE": mock_v1, "SCILLM_DATA_DIR": data_dir})
+    if not os.access(SCILLM_BIN, os.X_OK):
+        sc.missing = f"{SCILLM_BIN} not found (the gateway is not installed in .venv yet)"
+    else:
+        sc.version = _version(os.path.join(ROOT, ".venv", "bin", "python"), "scillm") or "dev"
+    out["scillm"] = sc
+
+    cfg = os.path.join(workdir, "litellm.yaml")
+    with open(cfg, "w") as f:
+        f.write(
+            "model_list:\n"
+            f"  - model_name: {MODEL}\n"
+            "    litellm_params:\n"
+            f"      model: {MODEL}\n"
+            f"      api_base: {mock_v1}\n"
+            "      api_key: sk-bench\n"
+            "general_settings:\n"
+            f"  master_key: {CLIENT_KEY}\n"
+        )
+    ll = Proxy("litellm", "LiteLLM",
+               [os.path.join(VENV_LITELLM, "bin", "litellm"), "--config", cfg, "--host", "127.0.0.1",
+                "--port", str(PORTS["litellm"]), "--num_workers", "1"],
+               PORTS["litellm"], "/health/readiness", auth,
+               env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MODE": "PRODUCTION"}, cwd=workdir)
+    ll.version = _version(os.path.join(VENV_LITELLM, "bin", "python"), "litellm")
+    out["litellm"] = ll
+
+    pk = Proxy("portkey", "Portkey",
+               ["node", os.path.join(NODE_DIR, "node_modules", "@portkey-ai", "gateway", "build", "start-server.js"),
+                f"--port={PORTS['portkey']}", "--headless"],
+               PORTS["portkey"], "/",
+               {"x-portkey-provider": "openai", "x-portkey-custom-host": mock_v1, "Authorization": "Bearer sk-bench"},
+               env={"NODE_ENV": "production"}, cwd=NODE_DIR)
+    try:
+        with open(os.path.join(NODE_DIR, "node_modules", "@portkey-ai", "gateway", "package.json")) as f:
+            pk.version = json.load(f)["version"]
+    except OSError:
+        pk.version = "?"
+    out["portkey"] = pk
+
+    def bare(name: str, label: str, venv: str, transport: str) -> Proxy:
+        return Proxy(name, label,
+                     [os.path.join(venv, "bin", "python"), "-m", "uvicorn", "passthrough:app", "--host", "127.0.0.1",
+                      "--port", str(PORTS["bare"]), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+                      "--log-level", "warning"],
+                     PORTS["bare"], "/health", auth,
+                     env={"BENCH_UPSTREAM": mock_v1, "BENCH_TRANSPORT": transport}, cwd=HERE,
+                     version=f"starlette {_version(os.path.join(VENV_BENCH, 'bin', 'python'), 'starlette')}, "
+                             f"transport={transport}")
+
+    out["bare"] = bare("bare", "bare Starlette+httpx", VENV_BENCH, "httpx")
+    variants = {
+        "httpx+sniffio": (VENV_BENCH, "httpx"),
+        "httpx-no-sniffio": (VENV_NOSNIFF, "httpx"),
+        "httpx-aiohttp": (VENV_BENCH, "httpx-aiohttp"),
+        "httpx2": (VENV_BENCH, "httpx2"),
+    }
+    for t in transports:
+        venv, tr = variants[t]
+        out[f"bare[{t}]"] = bare(f"bare[{t}]", f"bare / {t}", venv, tr)
+    return out
+
+
+# --------------------------------------------------------------------------- scenarios
+
+@dataclass
+class Scenario:
+    name: str
+    title: str
+    stream: bool
+    concurrency: int
+    delay_ms: int
+
+
+SCENARIOS = [
+    Scenario("nonstream_c1", "non-streaming, c=1", False, 1, 0),
+    Scenario("nonstream_c64", "non-streaming, c=64", False, 64, 0),
+    Scenario("stream_c64", "streaming, c=64", True, 64, 0),
+    Scenario("inflight256", "256 in flight, upstream delay 100 ms", False, 256, 100),
+]
+TRANSPORT_SCENARIOS = ["nonstream_c64", "stream_c64", "inflight256"]
+
+
+# --------------------------------------------------------------------------- running
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except Exception:
+        return 0, b""
+
+
+def http_post(url: str) -> None:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(urllib.request.Request(url, data=b"", method="POST"), timeout=5) as r:
+        r.read()
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+           and not k.startswith(("VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH"))}
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env.update(extra)
+    return env
+
+
+def _pin(core: int):
+    def f():
+        os.sched_setaffinity(0, {core})
+    return f
+
+
+def start_mock(logdir: str) -> subprocess.Popen:
+    logf = open(os.path.join(logdir, "mock.log"), "wb")
+    p = subprocess.Popen([os.path.join(VENV_BENCH, "bin", "python"), os.path.join(HERE, "mock.py"),
+                          "--port", str(MOCK_PORT)], stdout=logf, stderr=subprocess.STDOUT,
+                         env=clean_env({}), preexec_fn=_pin(LOAD_CORE), start_new_session=True)
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        if http_get(f"http://127.0.0.1:{MOCK_PORT}/health")[0] == 200:
+            return p
+        if p.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise SystemExit(f"mock failed to start, see {logdir}/mock.log")
+
+
+def set_delay(ms: int) -> None:
+    http_post(f"http://127.0.0.1:{MOCK_PORT}/__mock/delay?ms={ms}")
+
+
+def stop_group(p: subprocess.Popen, grace: float = 10.0) -> None:
+    if p.poll() is not None:
+        return
+    try:
+        os.killpg(p.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(5)
+
+
+def tail(path: str, n: int = 25) -> str:
+    try:
+        with open(path, "rb") as f:
+            return b"\n".join(f.read().splitlines()[-n:]).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+async def load_with_sampling(proxy: Proxy, pid: int, stream: bool, concurrency: int, duration: float,
+                             max_requests: int | None = None, timeout: float = 30.0) -> dict:
+    import asyncio
+
+    from loadgen import chat_body, run_load
+
+    body = json.dumps(chat_body(MODEL, stream)).encode()
+    peak = [0]
+
+    async def sampler():
+        while True:
+            peak[0] = max(peak[0], session_stats(pid)[1])
+            await asyncio.sleep(0.25)
+
+    task = asyncio.ensure_future(sampler())
+    try:
+        res = await run_load(proxy.base + "/v1/chat/completions", proxy.headers, body, concurrency=concurrency,
+                             duration=duration, max_requests=max_requests, stream=stream, timeout=timeout)
+    finally:
+        task.cancel()
+    res["peak_rss"] = max(peak[0], session_stats(pid)[1])
+    return res
+
+
+def measured_run(proxy: Proxy, pid: int, mock_pid: int, sc: Scenario, duration: float) -> dict:
+    import uvloop
+
+    set_delay(sc.delay_ms)
+    c0, _, _ = session_stats(pid)
+    m0, _, _ = session_stats(mock_pid)
+    t0 = os.times()
+    res = uvloop.run(load_with_sampling(proxy, pid, sc.stream, sc.concurrency, duration))
+    t1 = os.times()
+    c1, _, _ = session_stats(pid)
+    m1, _, _ = session_stats(mock_pid)
+    set_delay(0)
+    done = max(res["ok"], 1)
+    res["proxy_cpu_s"] = round(c1 - c0, 3)
+    res["cpu_us_per_req"] = round((c1 - c0) / done * 1e6, 1) if res["ok"] else None
+    res["mock_cpu_us_per_req"] = round((m1 - m0) / done * 1e6, 1) if res["ok"] else None
+    lg = (t1.user - t0.user) + (t1.system - t0.system)
+    res["loadgen_cpu_us_per_req"] = round(lg / done * 1e6, 1) if res["ok"] else None
+    res["proxy_core_util"] = round((c1 - c0) / res["elapsed_s"], 3)
+    return res
+
+
+def bench_proxy(proxy: Proxy, scenarios: list[Scenario], runs: int, duration: float, logdir: str,
+                mock_pid: int, warmup: float) -> dict:
+    import uvloop
+
+    out: dict = {"name": proxy.name, "label": proxy.label, "version": proxy.version, "cmd": proxy.cmd}
+    if proxy.missing:
+        log(f"SKIP {proxy.label}: {proxy.missing}")
+        out["skipped"] = proxy.missing
+        return out
+    logpath = os.path.join(logdir, proxy.name.replace("/", "_") + ".log")
+    logf = open(logpath, "wb")
+    log(f"starting {proxy.label} on :{proxy.port} (core {PROXY_CORE}); log {logpath}")
+    set_delay(0)
+    t0 = time.perf_counter()
+    p = subprocess.Popen(proxy.cmd, cwd=proxy.cwd, env=clean_env(proxy.env), stdout=logf, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, preexec_fn=_pin(PROXY_CORE), start_new_session=True)
+    try:
+        ready = False
+        deadline = t0 + 120
+        while time.perf_counter() < deadline:
+            if p.poll() is not None:
+                break
+            if http_get(proxy.base + proxy.ready_path, timeout=1.0)[0] == 200:
+                ready = True
+                break
+            time.sleep(0.02)
+        startup = time.perf_counter() - t0
+        if not ready:
+            out["failed"] = f"not ready after {startup:.1f}s (exit={p.poll()}); log tail:\n{tail(logpath)}"
+            log(f"FAIL {proxy.label}: {out['failed']}")
+            return out
+        out["startup_s"] = round(startup, 3)
+        time.sleep(1.0)
+        _, idle_rss, nprocs = session_stats(p.pid)
+        out["idle_rss_mb"] = round(idle_rss / 2**20, 1)
+        out["nprocs"] = nprocs
+        log(f"{proxy.label} ready in {startup:.2f}s, idle RSS {idle_rss / 2**20:.0f} MB ({nprocs} procs)")
+
+        # correctness probe: one request of each kind must succeed
+        for stream in (False, True):
+            r = uvloop.run(load_with_sampling(proxy, p.pid, stream, 1, 30.0, max_requests=1))
+            if r["ok"] != 1:
+                out["failed"] = (f"probe ({'stream' if stream else 'non-stream'}) failed: {r['error_kinds']} "
+                                 f"timeouts={r['timeouts']}; log tail:\n{tail(logpath)}")
+                log(f"FAIL {proxy.label}: {out['failed']}")
+                return out
+        if warmup > 0:
+            uvloop.run(load_with_sampling(proxy, p.pid, False, 8, warmup))
+            uvloop.run(load_with_sampling(proxy, p.pid, True, 8, warmup / 2))
+        peak = idle_rss
+        out["scenarios"] = {}
+        for sc in scenarios:
+            rs = []
+            for i in range(runs):
+                r = measured_run(proxy, p.pid, mock_pid, sc, duration)
+                peak = max(peak, r["peak_rss"])
+                rs.append(r)
+                log(f"{proxy.label:>24} {sc.name:<14} run {i + 1}: {r['rps']:>8.1f} req/s  p50 {r['p50_ms']} ms  "
+                    f"p99 {r['p99_ms']} ms  ttfb50 {r['ttfb_p50_ms']}  cpu {r['cpu_us_per_req']} us/req  "
+                    f"err {r['errors']} to {r['timeouts']}  (mock {r['mock_cpu_us_per_req']} us/req, "
+                    f"loadgen {r['loadgen_cpu_us_per_req']} us/req)")
+                time.sleep(0.3)
+            out["scenarios"][sc.name] = rs
+        out["peak_rss_mb"] = round(peak / 2**20, 1)
+        if p.poll() is not None:
+            out["failed"] = f"proxy exited during the run (exit={p.returncode})"
+        return out
+    finally:
+        stop_group(p)
+        logf.close()
+
+
+# --------------------------------------------------------------------------- report
+
+def _mean(vals):
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _fmt(v, nd=1):
+    if v is None:
+        return "–"
+    if isinstance(v, int) or (isinstance(v, float) and v >= 1000):
+        return f"{v:,.0f}"
+    return f"{v:.{nd}f}"
+
+
+def render_markdown(meta: dict, results: dict[str, dict], scenarios: list[Scenario]) -> str:
+    L = []
+    L.append(f"### Results {meta['timestamp']}")
+    L.append("")
+    L.append(f"Machine: {meta['cpu']} ({meta['cores']} cores); proxy pinned to core {PROXY_CORE}, mock + load "
+             f"generator to core {LOAD_CORE}. {meta['runs']} runs × {meta['duration']} s per scenario, "
+             f"{meta['warmup']} s warm-up per proxy.")
+    L.append("")
+    L.append("Versions: " + "; ".join(f"{r['label']} {r.get('version') or ''}".strip() for r in results.values()))
+    L.append("")
+    for r in results.values():
+        if r.get("skipped"):
+            L.append(f"- **{r['label']}: not measured** — {r['skipped']}")
+        elif r.get("failed"):
+            L.append(f"- **{r['label']}: failed** — {r['failed'].splitlines()[0]}")
+    L.append("")
+    ok = {k: v for k, v in results.items() if v.get("scenarios")}
+
+    # startup / memory
+    L.append("#### Start-up and memory (all processes of the proxy summed)")
+    L.append("")
+    L.append("| proxy | startup s | idle RSS MB | peak RSS MB | startup vs anchors | peak RSS vs anchors |")
+    L.append("|---|---:|---:|---:|---|---|")
+
+    def k_start(r):
+        return r.get("startup_s")
+
+    def k_peak(r):
+        return r.get("peak_rss_mb")
+
+    for name, r in results.items():
+        if "startup_s" not in r:
+            continue
+        L.append(f"| {r['label']} | {_fmt(r.get('startup_s'), 2)} | {_fmt(r.get('idle_rss_mb'), 0)} | "
+                 f"{_fmt(r.get('peak_rss_mb'), 0)} | {_ratio(name, r.get('startup_s'), ok, k_start)} | "
+                 f"{_ratio(name, r.get('peak_rss_mb'), ok, k_peak)} |")
+    L.append("")
+
+    for sc in scenarios:
+        rows = [(n, r) for n, r in ok.items() if sc.name in r["scenarios"]]
+        if not rows:
+            continue
+        L.append(f"#### {sc.title}")
+        L.append("")
+        ttfb = sc.stream
+        hdr = "| proxy | run | req/s | p50 ms | p99 ms |" + (" TTFB p50 ms | TTFB p99 ms |" if ttfb else "") + \
+              " ok | errors | timeouts | CPU µs/req | proxy core use | mock µs/req |"
+        L.append(hdr)
+        L.append("|" + "---|" * 2 + "---:|" * (hdr.count("|") - 3))
+        for n, r in rows:
+            for i, x in enumerate(r["scenarios"][sc.name]):
+                cells = [r["label"], str(i + 1), _fmt(x["rps"]), _fmt(x["p50_ms"], 2), _fmt(x["p99_ms"], 2)]
+                if ttfb:
+                    cells += [_fmt(x["ttfb_p50_ms"], 2), _fmt(x["ttfb_p99_ms"], 2)]
+                errs = str(x["errors"]) + (f" {x['error_kinds']}" if x["errors"] else "")
+                cells += [str(x["ok"]), errs, str(x["timeouts"]), _fmt(x["cpu_us_per_req"], 0),
+                          f"{x['proxy_core_util'] * 100:.0f}%", _fmt(x["mock_cpu_us_per_req"], 0)]
+                L.append("| " + " | ".join(cells) + " |")
+        L.append("")
+        # ratios (mean of runs)
+        metrics = [("req/s", "rps"), ("p50", "p50_ms"), ("p99", "p99_ms")]
+        if ttfb:
+            metrics += [("TTFB p50", "ttfb_p50_ms"), ("TTFB p99", "ttfb_p99_ms")]
+        metrics += [("CPU µs/req", "cpu_us_per_req")]
+        L.append("Ratios to each anchor (mean of runs; for req/s higher is better, for the rest lower is better):")
+        L.append("")
+        L.append("| proxy | " + " | ".join(m for m, _ in metrics) + " |")
+        L.append("|---|" + "---|" * len(metrics))
+        for n, r in rows:
+            cells = [r["label"]]
+            for _, key in metrics:
+                def kf(rr, key=key):
+                    xs = rr.get("scenarios", {}).get(sc.name)
+                    return _mean([x[key] for x in xs]) if xs else None
+                cells.append(_ratio(n, kf(r), ok, kf))
+            L.append("| " + " | ".join(cells) + " |")
+        L.append("")
+    return "\n".join(L)
+
+
+def _ratio(name, val, ok, kf):
+    parts = []
+    for a in ANCHORS:
+        if a == name or a not in ok:
+            continue
+        av = kf(ok[a])
+        if val is None or not av:
+            continue
+        parts.append(f"{val / av:.2f}× {ANCHOR_ABBR[a]}")
+    return " · ".join(parts) if parts else "–"
+
+
+def render_transport_table(results: dict[str, dict], scenarios: list[Scenario]) -> str:
+    L = ["| transport | " + " | ".join(f"{s.name} CPU µs/req | {s.name} req/s | {s.name} p99 ms" for s in scenarios)
+         + " | errors+timeouts |",
+         "|---|" + "---:|" * (3 * len(scenarios) + 1)]
+    for n, r in results.items():
+        if not n.startswith("bare["):
+            continue
+        if not r.get("scenarios"):
+            L.append(f"| {n[5:-1]} | " + " | ".join(["–"] * (3 * len(scenarios))) +
+                     f" | {r.get('failed') or r.get('skipped')} |")
+            continue
+        cells = [n[5:-1]]
+        errs = 0
+        for s in scenarios:
+            xs = r["scenarios"].get(s.name, [])
+            cpu = " / ".join(_fmt(x["cpu_us_per_req"], 0) for x in xs)
+            rps = " / ".join(_fmt(x["rps"]) for x in xs)
+            p99 = " / ".join(_fmt(x["p99_ms"], 1) for x in xs)
+            errs += sum(x["errors"] + x["timeouts"] for x in xs)
+            cells += [cpu, rps, p99]
+        cells.append(str(errs))
+        L.append("| " + " | ".join(cells) + " |")
+    return "\n".join(L)
+
+
+def update_readme(block: str, text: str) -> None:
+    path = os.path.join(HERE, "README.md")
+    with open(path) as f:
+        doc = f.read()
+    start, end = f"<!-- {block}:start -->", f"<!-- {block}:end -->"
+    if start not in doc or end not in doc:
+        log(f"README has no {start} markers; not updated")
+        return
+    a = doc.index(start) + len(start)
+    b = doc.index(end)
+    doc = doc[:a] + "\n" + text.strip() + "\n" + doc[b:]
+    with open(path, "w") as f:
+        f.write(doc)
+    log(f"README.md block '{block}' updated")
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--proxies", default="scillm,litellm,portkey,bare",
+                    help="comma list of scillm,litellm,portkey,bare (default: all)")
+    ap.add_argument("--transports", action="store_true",
+                    help="instead: bare pass-through once per HTTP client transport "
+                         "(httpx+sniffio, httpx-no-sniffio, httpx-aiohttp, httpx2)")
+    ap.add_argument("--transport-list", default="httpx+sniffio,httpx-no-sniffio,httpx-aiohttp,httpx2")
+    ap.add_argument("--scenarios", default=None,
+                    help="comma list of " + ",".join(s.name for s in SCENARIOS) + " (default: all; "
+                         "with --transports: " + ",".join(TRANSPORT_SCENARIOS) + ")")
+    ap.add_argument("--runs", type=int, default=2, help="runs per scenario (default 2)")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per run (default 10)")
+    ap.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up load per proxy (default 3)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 1 run × 3 s, 1 s warm-up")
+    ap.add_argument("--setup-only", action="store_true", help="install everything and exit")
+    ap.add_argument("--no-setup", action="store_true", help="do not install anything")
+    ap.add_argument("--update-readme", action="store_true",
+                    help="write the results table into bench/README.md")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.runs, args.duration, args.warmup = 1, 3.0, 1.0
+
+    if args.transports:
+        transports = [t for t in args.transport_list.split(",") if t]
+        names = [f"bare[{t}]" for t in transports]
+        sc_names = (args.scenarios or ",".join(TRANSPORT_SCENARIOS)).split(",")
+    else:
+        transports = []
+        names = [n for n in args.proxies.split(",") if n]
+        sc_names = (args.scenarios or ",".join(s.name for s in SCENARIOS)).split(",")
+    scenarios = [s for s in SCENARIOS if s.name in sc_names]
+    if not scenarios:
+        ap.error("no known scenario selected")
+
+    if not args.no_setup:
+        need = set(names)
+        if "httpx-no-sniffio" in transports:
+            need.add("nosniffio")
+        setup(need)
+    if args.setup_only:
+        log("setup done")
+        return 0
+
+    os.sched_setaffinity(0, {LOAD_CORE})
+    sys.path.insert(0, HERE)
+    ts = time.strftime("%Y%m%d-%H%M%S")
+    workdir = tempfile.mkdtemp(prefix=f"scillm-bench-{ts}-")
+    logdir = os.path.join(workdir, "logs")
+    os.makedirs(logdir)
+    proxies = make_proxies(workdir, transports)
+    for n in names:
+        if n not in proxies:
+            ap.error(f"unknown proxy {n}")
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    meta = {"timestamp": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": args.runs, "duration": args.duration,
+            "warmup": args.warmup, "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "mode": "transports" if args.transports else "proxies", "workdir": workdir}
+    log(f"work dir {workdir}")
+    mock = start_mock(logdir)
+    results: dict[str, dict] = {}
+    try:
+        for n in names:
+            results[n] = bench_proxy(proxies[n], scenarios, args.runs, args.duration, logdir, mock.pid, args.warmup)
+    finally:
+        stop_group(mock)
+
+    md = render_markdown(meta, results, scenarios)
+    if args.transports:
+        md += "\n#### Transport summary (run 1 / run 2)\n\n" + render_transport_table(results, scenarios) + "\n"
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    stem = os.path.join(RESULTS_DIR, ts + ("-transports" if args.transports else ""))
+    with open(stem + ".md", "w") as f:
+        f.write(md + "\n")
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    print(md)
+    log(f"wrote {stem}.md and {stem}.json; proxy logs in {logdir}")
+    if args.update_readme:
+        update_readme("transports" if args.transports else "results", md)
+    return 0
+
+
+if __name__ == "__main__":
+    bootstrap(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

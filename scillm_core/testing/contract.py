@@ -1,0 +1,179 @@
+"""The provider contract: what every provider plugin must do, checked through the official ``openai`` client.
+
+Subclass :class:`ProviderContract` in your plugin's tests and set the class attributes; pytest collects the
+inherited tests (name the subclass ``Test...``). Override :meth:`base_url` when the base URL your provider expects
+differs from ``fake.url`` + its base path, and :meth:`check_upstream` to assert provider-specific request details
+(auth headers, translated body).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import httpx
+import pytest
+
+from scillm_core.testing import DEV_KEY, FakeOpenAI, FakeUpstream, RecordedRequest, Reply, ServerThread, make_app
+
+__all__ = ["ProviderContract"]
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+class ProviderContract:
+    provider: ClassVar[str]                 # registry name, e.g. "deepseek"
+    model: ClassVar[str]                    # what a client sends, e.g. "deepseek/deepseek-chat"
+    upstream_model: ClassVar[str]           # what the fake must receive, e.g. "deepseek-chat"
+    key_env: ClassVar[str | None]           # env var with the key (None for keyless providers)
+    base_env: ClassVar[str]                 # env var with the base URL
+    key: ClassVar[str] = "sk-contract-secret-0123456789abcdef"
+    fake_class: ClassVar[type[FakeUpstream]] = FakeOpenAI
+    extra_env: ClassVar[dict[str, str]] = {}
+
+    # -- hooks for subclasses ----------------------------------------------------------------------------------
+
+    def base_url(self, fake: Any) -> str:
+        return str(getattr(fake, "base_url", fake.url))
+
+    def env(self, fake: Any) -> dict[str, str]:
+        env = {self.base_env: self.base_url(fake), **self.extra_env}
+        if self.key_env:
+            env[self.key_env] = self.key
+        return env
+
+    def check_upstream(self, request: RecordedRequest, *, stream: bool) -> None:
+        """Provider-specific assertions on what reached the upstream; the default checks OpenAI bearer auth."""
+        assert request.headers.get("authorization") == f"Bearer {self.key}"
+        assert request.body["model"] == self.upstream_model
+
+    # -- fixtures -----------------------------------------------------------------------------------------------
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def fake(cls) -> Iterator[Any]:
+        with cls.fake_class() as fake:
+            yield fake
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def server(cls, fake: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+        app = make_app(env=cls().env(fake), data_dir=tmp_path_factory.mktemp("contract"))
+        with ServerThread(app) as server:
+            yield server
+
+    @pytest.fixture
+    def client(self, server: ServerThread) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=20)
+
+    def _last_upstream(self, fake: Any) -> RecordedRequest:
+        assert fake.requests, "the fake upstream received no request"
+        return fake.requests[-1]  # type: ignore[no-any-return]
+
+    # -- the contract -------------------------------------------------------------------------------------------
+
+    def test_non_streaming_chat(self, client: Any, fake: Any) -> None:
+        fake.script(Reply.say("Hello from upstream."))
+        raw = client.chat.completions.with_raw_response.create(
+            model=self.model, messages=[{"role": "user", "content": "Say hello"}],
+            extra_body={"scillm_metadata": {"item_id": "contract-1"}})
+        completion = raw.parse()
+        assert completion.choices[0].message.content == "Hello from upstream."
+        assert completion.choices[0].finish_reason == "stop"
+        assert completion.usage is not None and completion.usage.total_tokens > 0
+        assert raw.headers["x-scillm-provider"] == self.provider
+        assert raw.headers["x-request-id"]
+        assert raw.http_response.json()["scillm_metadata"] == {"item_id": "contract-1"}
+        upstream = self._last_upstream(fake)
+        self.check_upstream(upstream, stream=False)
+        assert upstream.headers["user-agent"].startswith("scillm/")
+        assert "scillm_metadata" not in str(upstream.body)
+
+    def test_streaming_chat(self, client: Any, fake: Any) -> None:
+        fake.script(Reply.say("Streaming works fine."))
+        stream = client.chat.completions.create(model=self.model, stream=True,
+                                                stream_options={"include_usage": True},
+                                                messages=[{"role": "user", "content": "Stream please"}])
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == "Streaming works fine."
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finishes == ["stop"]
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+        self.check_upstream(self._last_upstream(fake), stream=True)
+
+    def test_tool_call_round_trip(self, client: Any, fake: Any) -> None:
+        fake.script(Reply.call("get_weather", {"city": "Paris"}), Reply.say("It is sunny in Paris."))
+        first = client.chat.completions.create(model=self.model, tools=[WEATHER_TOOL],
+                                               messages=[{"role": "user", "content": "Weather in Paris?"}])
+        call = first.choices[0].message.tool_calls[0]
+        assert first.choices[0].finish_reason == "tool_calls"
+        assert call.function.name == "get_weather"
+        assert call.function.arguments.replace(" ", "") == '{"city":"Paris"}'
+        second = client.chat.completions.create(model=self.model, tools=[WEATHER_TOOL], messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "sunny"}'}])
+        assert second.choices[0].message.content == "It is sunny in Paris."
+        assert "sunny" in str(self._last_upstream(fake).body)
+
+    def test_streaming_tool_call(self, client: Any, fake: Any) -> None:
+        fake.script(Reply.call("get_weather", {"city": "Oslo"}))
+        chunks = list(client.chat.completions.create(model=self.model, tools=[WEATHER_TOOL], stream=True,
+                                                     messages=[{"role": "user", "content": "Oslo weather?"}]))
+        calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        assert calls and calls[0].function.name == "get_weather" and calls[0].id
+        arguments = "".join(tc.function.arguments or "" for tc in calls if tc.function)
+        assert arguments.replace(" ", "") == '{"city":"Oslo"}'
+
+    def test_upstream_rate_limit_is_429_with_retry_after(self, client: Any, fake: Any) -> None:
+        import openai
+
+        fake.script(Reply.fail(429, "Rate limit reached, slow down", type="rate_limit_error",
+                               code="rate_limit_exceeded", headers={"retry-after": "7"}))
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.response.headers.get("retry-after") == "7"
+        assert self.provider in caught.value.message
+
+    def test_upstream_server_error(self, client: Any, fake: Any) -> None:
+        import openai
+
+        fake.script(Reply.fail(500, "The server had an error"))
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code in (502, 503)
+        assert self.provider in caught.value.message
+
+    def test_upstream_auth_failure_never_leaks_the_key(self, client: Any, fake: Any) -> None:
+        import openai
+
+        fake.script(Reply.fail(401, f"Incorrect API key provided: {self.key}", code="invalid_api_key"))
+        with pytest.raises(openai.AuthenticationError) as caught:
+            client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "hi"}])
+        assert self.key not in caught.value.response.text
+        assert self.provider in caught.value.message
+
+    def test_unconfigured_provider_names_the_variable(self, fake: Any, tmp_path: Any) -> None:
+        if not self.key_env:
+            pytest.skip("keyless provider: nothing to configure")  # e.g. Ollama needs no key
+        env = {k: v for k, v in self.env(fake).items() if k != self.key_env}
+        with ServerThread(make_app(env=env, data_dir=tmp_path)) as server:
+            response = httpx.post(server.url + "/v1/chat/completions", headers={"authorization": f"Bearer {DEV_KEY}"},
+                                  json={"model": self.model, "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 400
+        assert self.key_env in response.json()["error"]["message"]
+
+    def test_unreachable_upstream_is_502(self, tmp_path: Any) -> None:
+        env = {**self.extra_env, self.base_env: "http://127.0.0.1:9/v1"}
+        if self.key_env:
+            env[self.key_env] = self.key
+        with ServerThread(make_app(env=env, data_dir=tmp_path)) as server:
+            response = httpx.post(server.url + "/v1/chat/completions", headers={"authorization": f"Bearer {DEV_KEY}"},
+                                  json={"model": self.model, "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 502
+        assert response.json()["error"]["code"] == "connection_error"
