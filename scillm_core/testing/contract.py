@@ -16,7 +16,11 @@ import pytest
 
 from scillm_core.testing import DEV_KEY, FakeOpenAI, FakeUpstream, RecordedRequest, Reply, ServerThread, make_app
 
-__all__ = ["ProviderContract"]
+__all__ = ["TINY_PNG_B64", "TINY_PNG_URL", "WEATHER_TOOL", "ProviderContract"]
+
+# A 1x1 PNG, as a data URL in the OpenAI image_url form.
+TINY_PNG_B64 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+TINY_PNG_URL = "data:image/png;base64," + TINY_PNG_B64
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
@@ -48,6 +52,10 @@ class ProviderContract:
         """Provider-specific assertions on what reached the upstream; the default checks OpenAI bearer auth."""
         assert request.headers.get("authorization") == f"Bearer {self.key}"
         assert request.body["model"] == self.upstream_model
+
+    def check_image(self, request: RecordedRequest) -> None:
+        """Assert the image reached the upstream in its wire form; default: OpenAI ``image_url`` passthrough."""
+        assert TINY_PNG_URL in str(request.body)
 
     # -- fixtures -----------------------------------------------------------------------------------------------
 
@@ -129,6 +137,14 @@ class ProviderContract:
         assert calls and calls[0].function.name == "get_weather" and calls[0].id
         arguments = "".join(tc.function.arguments or "" for tc in calls if tc.function)
         assert arguments.replace(" ", "") == '{"city":"Oslo"}'
+
+    def test_image_input(self, client: Any, fake: Any) -> None:
+        fake.script(Reply.say("A single pixel."))
+        completion = client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is in this image?"},
+            {"type": "image_url", "image_url": {"url": TINY_PNG_URL}}]}])
+        assert completion.choices[0].message.content == "A single pixel."
+        self.check_image(self._last_upstream(fake))
 
     def test_upstream_rate_limit_is_429_with_retry_after(self, client: Any, fake: Any) -> None:
         import openai

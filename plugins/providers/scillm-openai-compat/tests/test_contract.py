@@ -19,6 +19,19 @@ class TestDeepSeek(ProviderContract):
     provider, model, upstream_model = "deepseek", "deepseek/deepseek-chat", "deepseek-chat"
     key_env, base_env = "DEEPSEEK_API", "DEEPSEEK_API_BASE"
 
+    def test_image_input(self, client, fake):  # text-only upstream: refused with the part's path, not dropped
+        import openai
+        import pytest
+
+        from scillm_core.testing.contract import TINY_PNG_URL
+
+        sent = len(fake.requests)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": [
+                {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": TINY_PNG_URL}}]}])
+        assert "$.messages[0].content[1]" in caught.value.message
+        assert len(fake.requests) == sent
+
 
 class TestGLM(ProviderContract):
     provider, model, upstream_model = "glm", "text-glm", "glm-5.1"

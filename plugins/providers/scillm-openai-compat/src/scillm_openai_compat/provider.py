@@ -77,7 +77,7 @@ class OpenAICompatProvider(Provider):
         body["model"] = route.model
         spec = self.spec
         if spec.string_content:
-            body["messages"] = [_flatten(m) for m in body["messages"]]
+            body["messages"] = [_flatten(m, i, self.name) for i, m in enumerate(body["messages"])]
         if spec.max_temperature is not None and (request.temperature or 0) > spec.max_temperature:
             body["temperature"] = spec.max_temperature
         if spec.completion_tokens_models and spec.completion_tokens_models(route.model) and "max_tokens" in body:
@@ -193,11 +193,17 @@ def parse_error_body(raw: bytes) -> tuple[str, str | None, str | None]:
     return str(data)[:500], None, None
 
 
-def _flatten(message: dict[str, Any]) -> dict[str, Any]:
+def _flatten(message: dict[str, Any], index: int, provider: str) -> dict[str, Any]:
+    """Text-only upstreams take string content; a non-text part is refused rather than silently dropped."""
     content = message.get("content")
-    if isinstance(content, list):
-        message = {**message, "content": "".join(p.get("text", "") for p in content if p.get("type") == "text")}
-    return message
+    if not isinstance(content, list):
+        return message
+    for j, part in enumerate(content):
+        if part.get("type") != "text":
+            where = f"$.messages[{index}].content[{j}]"
+            raise errors.InvalidRequest(f"provider {provider} takes text only, not {part.get('type')!r} parts "
+                                        f"@ {where}; use a vision-capable model", param=where)
+    return {**message, "content": "".join(p["text"] for p in content)}
 
 
 def _conversation_id(request: ChatRequest) -> str:
