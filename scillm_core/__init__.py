@@ -7,18 +7,45 @@ from scillm_core.app import create_app
 from scillm_core.config import Config, ConfigError, Env, load_config
 from scillm_core.context import CallContext, Runtime
 from scillm_core.hookspecs import hookimpl, hookspec
-from scillm_core.models import (ChatChunk, ChatRequest, ChatResponse, Choice, ChunkChoice, Delta, FileData, FilePart,
-                                FunctionCall, FunctionCallDelta, FunctionDef, ImagePart, ImageUrl, Message, OtherPart,
-                                TextPart, Tool, ToolCall, ToolCallDelta, Usage)
+from scillm_core.models import (
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    Choice,
+    ChunkChoice,
+    Delta,
+    FileData,
+    FilePart,
+    FunctionCall,
+    FunctionCallDelta,
+    FunctionDef,
+    ImagePart,
+    ImageUrl,
+    Message,
+    OtherPart,
+    TextPart,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
 from scillm_core.models.convert import structure, unstructure
 from scillm_core.pipeline import ChatResult, run_chat, then
 from scillm_core.plugins import PluginLoadError
-from scillm_core.registry import (CommandRegistry, MiddlewareRegistry, Provider, ProviderRegistry, Route,
-                                  SurfaceRegistry)
+from scillm_core.registry import CommandRegistry, MiddlewareRegistry, Provider, ProviderRegistry, Route, SurfaceRegistry
 from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
 from scillm_core.version import __version__
-from scillm_core.web import (caller_of, error_response, json_response, read_json, request_id_of, runtime_of,
-                             send_error, sse_data, sse_error)
+from scillm_core.web import (
+    caller_of,
+    error_response,
+    json_response,
+    read_json,
+    request_id_of,
+    runtime_of,
+    send_error,
+    sse_data,
+    sse_error,
+)
 
 __all__ = [
     "CallContext", "ChatChunk", "ChatRequest", "ChatResponse", "ChatResult", "Choice", "ChunkChoice",

@@ -15,8 +15,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from scillm_core.web import error_response
-
 from scillm_core import errors
 from scillm_core.config import Config, ConfigError, load_config
 from scillm_core.context import Runtime
@@ -24,6 +22,7 @@ from scillm_core.hooks import Hooks
 from scillm_core.http import make_http_client
 from scillm_core.plugins import build_plugin_manager
 from scillm_core.registry import MiddlewareRegistry, ProviderRegistry, SurfaceRegistry
+from scillm_core.web import error_response
 
 __all__ = ["create_app"]
 
@@ -72,8 +71,8 @@ def create_app(config: Config | None = None, *, plugins: Sequence[tuple[str, obj
                 with contextlib.suppress(Exception):
                     await stop()
             await runtime.http.aclose()
-            if runtime._store is not None:  # noqa: SLF001 - only close what was opened
-                await runtime._store.close()  # noqa: SLF001
+            if runtime._store is not None:
+                await runtime._store.close()
 
     app = Starlette(routes=surfaces.routes, lifespan=lifespan, exception_handlers={
         errors.ScillmError: _handle_error, HTTPException: _handle_http, Exception: _handle_error})

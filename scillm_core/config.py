@@ -7,6 +7,7 @@ structuring is strict: an unknown table, key or a wrong type stops startup with 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -121,13 +122,18 @@ class Config:
             try:
                 sections[name] = _strict_structure(converter, raw, schema[name])
             except _UnknownKey as exc:
-                raise ConfigError(f"{where}: {exc} at [{name}]{exc.path[1:]}") from None
+                raise ConfigError(f"{where}: {exc} at {_dotted(name, exc.path)}") from None
             except Exception as exc:
                 from scillm_core.models.convert import _first_error
 
                 message, path = _first_error(exc)
-                raise ConfigError(f"{where}: {message} at [{name}]{path[1:]}") from None
+                raise ConfigError(f"{where}: {message} at {_dotted(name, path)}") from None
         return attrs.evolve(self, sections=sections)
+
+
+def _dotted(table: str, path: str) -> str:
+    """``$[g].models`` in table ``groups`` -> ``groups.g.models`` (TOML's own spelling)."""
+    return table + re.sub(r"\[([^\]0-9][^\]]*)\]", r".\1", path[1:])
 
 
 def _strict_structure(converter: Any, raw: Any, hint: Any) -> Any:

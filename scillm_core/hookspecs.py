@@ -30,8 +30,7 @@ if TYPE_CHECKING:
     from scillm_core.context import CallContext, Runtime
     from scillm_core.models import ChatRequest
     from scillm_core.pipeline import ChatThunk, RequestThunk, ResponseThunk
-    from scillm_core.registry import (CommandRegistry, MiddlewareRegistry, ProviderRegistry, Route,
-                                      SurfaceRegistry)
+    from scillm_core.registry import CommandRegistry, MiddlewareRegistry, ProviderRegistry, Route, SurfaceRegistry
     from scillm_core.sessions import SessionContext, SessionSpec, SessionThunk
 
 hookspec = pluggy.HookspecMarker("scillm")

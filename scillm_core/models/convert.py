@@ -62,15 +62,15 @@ _exact(Any, lambda v, _: v)
 
 
 def _is_homogeneous_tuple(hint: Any) -> bool:
-    args = getattr(hint, "__args__", ())
-    return getattr(hint, "__origin__", None) is tuple and len(args) == 2 and args[1] is Ellipsis
+    args: tuple[Any, ...] = getattr(hint, "__args__", ())
+    return getattr(hint, "__origin__", None) is tuple and len(args) == 2 and args[-1] is Ellipsis
 
 
 def _tuple_factory(hint: Any) -> Any:
     def hook(value: Any, _: Any) -> Any:
         if not isinstance(value, list | tuple):
             raise TypeError(f"expected array, got {_json_type(value)}")
-        return converter._structure_tuple(value, hint)  # noqa: SLF001
+        return converter._structure_tuple(value, hint)
 
     return hook
 
@@ -150,10 +150,10 @@ converter.register_unstructure_hook(m.OtherPart, _unstructure_part)
 # -- classes with an ``extra`` mapping -----------------------------------------------------------------------------
 
 # Fields that OpenAI clients expect to see as explicit nulls.
-_KEEP_NULL = {m.Message: {"content"}, m.Choice: {"finish_reason", "logprobs"},
+_KEEP_NULL: dict[type, set[str]] = {m.Message: {"content"}, m.Choice: {"finish_reason", "logprobs"},
               m.ChunkChoice: {"finish_reason"}}
 # Fields that never go on the wire (scillm's own request options).
-_NOT_WIRE = {m.ChatRequest: {"scillm"}}
+_NOT_WIRE: dict[type, set[str]] = {m.ChatRequest: {"scillm"}}
 
 
 def _register_model(cls: type) -> None:
@@ -162,8 +162,8 @@ def _register_model(cls: type) -> None:
     known = frozenset(n for n in names if n != "extra")
     keep_null = _KEEP_NULL.get(cls, set())
     not_wire = _NOT_WIRE.get(cls, set())
-    base_structure = make_dict_structure_fn(cls, converter)
-    base_unstructure = make_dict_unstructure_fn(cls, converter)
+    base_structure: Any = make_dict_structure_fn(cls, converter)
+    base_unstructure: Any = make_dict_unstructure_fn(cls, converter)
 
     def structure(value: Any, _: Any) -> Any:
         if not isinstance(value, dict):

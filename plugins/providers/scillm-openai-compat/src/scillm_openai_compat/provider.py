@@ -12,8 +12,17 @@ import httpx
 import orjson
 from attrs import frozen
 
-from scillm_core import (CallContext, ChatChunk, ChatRequest, ChatResponse, Provider, Route, errors, structure,
-                         unstructure)
+from scillm_core import (
+    CallContext,
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    Provider,
+    Route,
+    errors,
+    structure,
+    unstructure,
+)
 from scillm_core.config import Env, ProviderSettings
 from scillm_core.upstream import error_for_status, iter_sse, translate_transport
 

@@ -10,10 +10,26 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from scillm_core import (CallContext, ChatChunk, ChatRequest, ChatResponse, Runtime, SurfaceRegistry, caller_of,
-                         hookimpl, json_response, read_json, request_id_of, run_chat, runtime_of, sse_data,
-                         sse_error, structure, unstructure)
-from scillm_core import errors
+from scillm_core import (
+    CallContext,
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    Runtime,
+    SurfaceRegistry,
+    caller_of,
+    errors,
+    hookimpl,
+    json_response,
+    read_json,
+    request_id_of,
+    run_chat,
+    runtime_of,
+    sse_data,
+    sse_error,
+    structure,
+    unstructure,
+)
 
 __all__ = ["EXTENSION_FIELDS"]
 
@@ -55,10 +71,12 @@ def context_for(request: Request, chat: ChatRequest) -> CallContext:
 
 
 def served_headers(ctx: CallContext) -> dict[str, str]:
+    """Headers saying who served; middleware adds its own through ``ctx.notes["headers"]`` (a dict)."""
     route = ctx.route
+    extra = {str(k): str(v) for k, v in (ctx.notes.get("headers") or {}).items()}
     if route is None:
-        return {"x-scillm-attempts": str(ctx.attempts)}
-    return {"x-scillm-provider": route.provider, "x-scillm-served-model": route.model,
+        return {**extra, "x-scillm-attempts": str(ctx.attempts)}
+    return {**extra, "x-scillm-provider": route.provider, "x-scillm-served-model": route.model,
             "x-scillm-attempts": str(ctx.attempts)}
 
 
