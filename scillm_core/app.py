@@ -31,16 +31,16 @@ log = logging.getLogger("scillm")
 
 def create_app(config: Config | None = None, *, plugins: Sequence[tuple[str, object]] | None = None,
                entry_points: bool = True, env: Mapping[str, str] | None = None,
-               config_path: str | Path | None = None) -> ASGIApp:
+               config_path: str | Path | None = None, only: Sequence[str] | None = None) -> ASGIApp:
     """Build a fresh app: its own plugin manager, registries and runtime (nothing module-global).
 
-    ``plugins`` adds ``(name, plugin)`` pairs after the entry points; ``entry_points=False`` loads only those
-    (the test harness uses this for isolation).
+    ``plugins`` adds ``(name, plugin)`` pairs after the entry points; ``entry_points=False`` loads only those,
+    and ``only`` limits entry points to the names given (the test harness uses both for isolation).
     """
     config = config or load_config(config_path, env=env)
     disabled = list(config.env.get("SCILLM_DISABLE_PLUGINS", "").split(","))
     disabled += list((config.tables.get("plugins") or {}).get("disable", []))
-    pm, infos = build_plugin_manager(plugins=plugins, entry_points=entry_points, disabled=disabled)
+    pm, infos = build_plugin_manager(plugins=plugins, entry_points=entry_points, disabled=disabled, only=only)
 
     schema: dict[str, Any] = {}
     for sections in pm.hook.scillm_config_sections():

@@ -67,21 +67,27 @@ class ScillmPluginManager(pluggy.PluginManager):
 
 
 def build_plugin_manager(*, plugins: Sequence[tuple[str, object]] | None = None, entry_points: bool = True,
-                         disabled: Iterable[str] = ()) -> tuple[ScillmPluginManager, list[PluginInfo]]:
-    """A fresh manager with core's builtins, then entry points (unless ``entry_points=False``), then ``plugins``."""
+                         disabled: Iterable[str] = (), only: Iterable[str] | None = None,
+                         ) -> tuple[ScillmPluginManager, list[PluginInfo]]:
+    """A fresh manager with core's builtins, then entry points (unless ``entry_points=False``), then ``plugins``.
+
+    ``disabled`` blocks entry points by name; ``only`` (tests, isolation) loads no entry point outside it.
+    """
     from scillm_core.builtin import core_plugin
 
     pm = ScillmPluginManager()
     infos: list[PluginInfo] = []
     blocked = {name.strip() for name in disabled if name.strip()}
+    allowed = None if only is None else set(only)
 
     pm.register(core_plugin, name="scillm.core")
     infos.append(PluginInfo("scillm.core", "scillm", _version("scillm"), "builtin", hooks=pm.hooks_of(core_plugin)))
 
     if entry_points:
         for ep, dist in _entry_points():
-            if ep.name in blocked:
-                infos.append(PluginInfo(ep.name, dist, _version(dist), "disabled", "disabled by configuration"))
+            if ep.name in blocked or (allowed is not None and ep.name not in allowed):
+                reason = "disabled by configuration" if ep.name in blocked else "not selected"
+                infos.append(PluginInfo(ep.name, dist, _version(dist), "disabled", reason))
                 pm.set_blocked(ep.name)
                 continue
             module, skip_reason = _load(ep, dist)

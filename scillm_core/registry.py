@@ -111,6 +111,12 @@ class ProviderRegistry(Mapping[str, Provider]):
     def __len__(self) -> int:
         return len(self._providers)
 
+    def values(self) -> Any:  # the dict's own views: routing walks them on every request
+        return self._providers.values()
+
+    def items(self) -> Any:
+        return self._providers.items()
+
     def by_rule_order(self) -> list[Provider]:
         return sorted(self._providers.values(), key=lambda p: (p.rule_order, p.name))
 

@@ -23,7 +23,9 @@ def fake():
 @pytest.fixture(scope="module")
 def server(fake, tmp_path_factory):
     env = {"DEEPSEEK_API_KEY": "sk-secret-deepseek-abcdef123456", "DEEPSEEK_API_BASE": fake.base_url}
-    app = make_app(env=env, config={"server": {"heartbeat_s": 0.2}}, data_dir=tmp_path_factory.mktemp("d"))
+    # core + chat semantics without middleware (no retries, no cache): SPEC §2 as the surface itself provides it
+    app = make_app(env=env, config={"server": {"heartbeat_s": 0.2}}, data_dir=tmp_path_factory.mktemp("d"),
+                   only=("chat", "auth", "ops", "openai-compat"))
     with ServerThread(app) as server:
         yield server
 

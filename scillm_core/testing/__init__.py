@@ -30,12 +30,13 @@ DEV_KEY = "sk-dev-proxy-123"
 
 def make_app(*, env: Mapping[str, str] | None = None, config: Mapping[str, Any] | None = None,
              plugins: Sequence[tuple[str, object]] = (), entry_points: bool = True,
-             data_dir: str | Path | None = None) -> Any:
-    """An app that sees only ``env`` (not the process environment) and ``config`` tables."""
+             data_dir: str | Path | None = None, only: Sequence[str] | None = None) -> Any:
+    """An app that sees only ``env`` (not the process environment) and ``config`` tables; ``only`` limits the
+    installed plugins loaded to those entry-point names."""
     from scillm_core.app import create_app
     from scillm_core.config import Config, Env
 
     values = dict(env or {})
     values.setdefault("SCILLM_DATA_DIR", str(data_dir or tempfile.mkdtemp(prefix="scillm-test-")))
     cfg = Config(tables=dict(config or {}), env=Env(values), data_dir=Path(values["SCILLM_DATA_DIR"]))
-    return create_app(cfg, plugins=plugins, entry_points=entry_points)
+    return create_app(cfg, plugins=plugins, entry_points=entry_points, only=only)

@@ -28,6 +28,7 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 
 class ProviderContract:
+    plugin: ClassVar[str]                   # the provider plugin's entry-point name, e.g. "openai-compat"
     provider: ClassVar[str]                 # registry name, e.g. "deepseek"
     model: ClassVar[str]                    # what a client sends, e.g. "deepseek/deepseek-chat"
     upstream_model: ClassVar[str]           # what the fake must receive, e.g. "deepseek-chat"
@@ -47,6 +48,12 @@ class ProviderContract:
         if self.key_env:
             env[self.key_env] = self.key
         return env
+
+    SURFACES: ClassVar[tuple[str, ...]] = ("chat", "auth", "ops")
+
+    def app(self, env: dict[str, str], data_dir: Any) -> Any:
+        """The provider in isolation: the chat surface, auth and this plugin, no middleware (no retries)."""
+        return make_app(env=env, data_dir=data_dir, only=(*self.SURFACES, self.plugin))
 
     def check_upstream(self, request: RecordedRequest, *, stream: bool) -> None:
         """Provider-specific assertions on what reached the upstream; the default checks OpenAI bearer auth."""
@@ -68,7 +75,8 @@ class ProviderContract:
     @pytest.fixture(scope="class")
     @classmethod
     def server(cls, fake: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-        app = make_app(env=cls().env(fake), data_dir=tmp_path_factory.mktemp("contract"))
+        contract = cls()
+        app = contract.app(contract.env(fake), tmp_path_factory.mktemp("contract"))
         with ServerThread(app) as server:
             yield server
 
@@ -176,19 +184,38 @@ class ProviderContract:
 
     def test_unconfigured_provider_names_the_variable(self, fake: Any, tmp_path: Any) -> None:
         if not self.key_env:
-            pytest.skip("keyless provider: nothing to configure")  # e.g. Ollama needs no key
+            self.check_keyless(fake, tmp_path)
+            return
         env = {k: v for k, v in self.env(fake).items() if k != self.key_env}
-        with ServerThread(make_app(env=env, data_dir=tmp_path)) as server:
+        with ServerThread(self.app(env, tmp_path)) as server:
             response = httpx.post(server.url + "/v1/chat/completions", headers={"authorization": f"Bearer {DEV_KEY}"},
                                   json={"model": self.model, "messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 400
         assert self.key_env in response.json()["error"]["message"]
 
+    def check_keyless(self, fake: Any, tmp_path: Any) -> None:
+        """A keyless provider (``key_env = None``, e.g. Ollama) is configured with nothing but its base URL: it is
+        never reported as missing configuration, and a call with no key in the environment reaches the upstream."""
+        env = {k: v for k, v in self.env(fake).items() if k == self.base_env}
+        sent = len(fake.requests)
+        fake.script(Reply.say("No key needed."))
+        with ServerThread(self.app(env, tmp_path)) as server:
+            headers = {"authorization": f"Bearer {DEV_KEY}"}
+            providers = httpx.get(server.url + "/v1/scillm/providers", headers=headers)
+            response = httpx.post(server.url + "/v1/chat/completions", headers=headers,
+                                  json={"model": self.model, "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == "No key needed."
+        assert len(fake.requests) == sent + 1
+        assert providers.status_code == 200, providers.text  # "ops" is one of SURFACES
+        row = next(p for p in providers.json()["providers"] if p["name"] == self.provider)
+        assert row["configured"] is True and row["missing"] is None
+
     def test_unreachable_upstream_is_502(self, tmp_path: Any) -> None:
         env = {**self.extra_env, self.base_env: "http://127.0.0.1:9/v1"}
         if self.key_env:
             env[self.key_env] = self.key
-        with ServerThread(make_app(env=env, data_dir=tmp_path)) as server:
+        with ServerThread(self.app(env, tmp_path)) as server:
             response = httpx.post(server.url + "/v1/chat/completions", headers={"authorization": f"Bearer {DEV_KEY}"},
                                   json={"model": self.model, "messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 502

@@ -5,17 +5,21 @@ from __future__ import annotations
 from scillm_core.testing.contract import ProviderContract
 
 
-class TestOpenAI(ProviderContract):
+class OpenAICompatContract(ProviderContract):
+    plugin = "openai-compat"
+
+
+class TestOpenAI(OpenAICompatContract):
     provider, model, upstream_model = "openai", "gpt-4o-mini", "gpt-4o-mini"
     key_env, base_env = "OPENAI_API_KEY", "OPENAI_API_BASE"
 
 
-class TestChutes(ProviderContract):
+class TestChutes(OpenAICompatContract):
     provider, model, upstream_model = "chutes", "deepseek-ai/DeepSeek-V3.2-TEE", "deepseek-ai/DeepSeek-V3.2-TEE"
     key_env, base_env = "CHUTES_API_KEY", "CHUTES_API_BASE"
 
 
-class TestDeepSeek(ProviderContract):
+class TestDeepSeek(OpenAICompatContract):
     provider, model, upstream_model = "deepseek", "deepseek/deepseek-chat", "deepseek-chat"
     key_env, base_env = "DEEPSEEK_API", "DEEPSEEK_API_BASE"
 
@@ -33,17 +37,17 @@ class TestDeepSeek(ProviderContract):
         assert len(fake.requests) == sent
 
 
-class TestGLM(ProviderContract):
+class TestGLM(OpenAICompatContract):
     provider, model, upstream_model = "glm", "text-glm", "glm-5.1"
     key_env, base_env = "GLM_API_Key", "GLM_API_BASE"
 
 
-class TestMoonshot(ProviderContract):
+class TestMoonshot(OpenAICompatContract):
     provider, model, upstream_model = "moonshot", "moonshot/kimi-k2.6", "kimi-k2.6"
     key_env, base_env = "MOONSHOT_API_KEY", "MOONSHOT_API_BASE"
 
 
-class TestOpenCodeGoChat(ProviderContract):
+class TestOpenCodeGoChat(OpenAICompatContract):
     provider, model, upstream_model = "opencode-go", "opencode-go/kimi-k2.6", "kimi-k2.6"
     key_env, base_env = "OPENCODE_GO_API_KEY", "OPENCODE_GO_API_BASE"
 

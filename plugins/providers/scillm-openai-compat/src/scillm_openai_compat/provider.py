@@ -59,6 +59,7 @@ class OpenAICompatProvider(Provider):
         self.capabilities = spec.capabilities
         self._key = next((env[k] for k in spec.key_env if env.get(k)), None)
         self.base_url = (settings.base_url or env.get(spec.base_env) or spec.default_base).rstrip("/")
+        self._url = httpx.URL(f"{self.base_url}/chat/completions")  # parsed once, not per request
         self.timeout_s = settings.timeout_s
 
     # -- routing ------------------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ class OpenAICompatProvider(Provider):
     async def complete(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatResponse:
         client = ctx.runtime.client()
         with translate_transport(self.name, route.model):
-            response = await client.post(f"{self.base_url}/chat/completions", headers=self.headers(request),
+            response = await client.post(self._url, headers=self.headers(request),
                                          content=orjson.dumps(self.body(request, route)),
                                          timeout=self._timeout(route) or httpx.USE_CLIENT_DEFAULT)
         if response.status_code >= 400:
@@ -127,7 +128,7 @@ class OpenAICompatProvider(Provider):
 
     async def stream(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
         client = ctx.runtime.client()
-        upstream = client.build_request("POST", f"{self.base_url}/chat/completions", headers=self.headers(request),
+        upstream = client.build_request("POST", self._url, headers=self.headers(request),
                                         content=orjson.dumps(self.body(request, route)),
                                         timeout=self._timeout(route) or httpx.USE_CLIENT_DEFAULT)
         with translate_transport(self.name, route.model):
