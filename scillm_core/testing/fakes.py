@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -63,7 +63,14 @@ class FakeUpstream:
             self._script.extend(replies)
         return self
 
-    def next_reply(self) -> Reply:
+    #: Optional ``fn(recorded_request) -> Reply | None`` consulted before the script (answer by content).
+    responder: Callable[[RecordedRequest], Reply | None] | None = None
+
+    def next_reply(self, request: RecordedRequest | None = None) -> Reply:
+        if self.responder is not None and request is not None:
+            reply = self.responder(request)
+            if reply is not None:
+                return reply
         with self._lock:
             return self._script.pop(0) if self._script else self.default
 
@@ -143,7 +150,7 @@ class FakeOpenAI(FakeUpstream):
 
     async def chat(self, request: Request) -> Response:
         recorded = await self.record(request)
-        reply = self.next_reply()
+        reply = self.next_reply(recorded)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

@@ -1,0 +1,168 @@
+"""Batch surface: ``POST /v1/scillm/batch/completions`` (JSON or SSE), ``GET /v1/scillm/batch/{batch_id}``,
+the ``scillm batch`` command, and :func:`scillm_batch.client.complete_all` for callers who batch themselves."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import orjson
+from attrs import frozen
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from scillm_batch.engine import (
+    BATCH_NS,
+    ITEM_NS,
+    BatchSpec,
+    Lane,
+    PoolConfig,
+    build_items,
+    lanes_for,
+    progress_of,
+    run_batch,
+)
+from scillm_core import (
+    CommandRegistry,
+    Runtime,
+    SurfaceRegistry,
+    caller_of,
+    errors,
+    hookimpl,
+    json_response,
+    read_json,
+    runtime_of,
+)
+
+__all__ = ["BatchConfig", "Lane", "PoolConfig"]
+
+#: Top-level request keys that are the batch's own, not chat parameters shared by the items.
+BATCH_KEYS = frozenset({"model_pool", "model", "batch_id", "items", "stream", "timeout", "concurrency"})
+
+
+@frozen(kw_only=True)
+class BatchConfig:
+    """``[batch]``: limits for one batch request."""
+
+    max_items: int = 10_000
+    default_concurrency: int = 16
+    max_body_mb: float = 256.0
+
+
+@hookimpl
+def scillm_config_sections() -> Mapping[str, Any]:
+    return {"batch": BatchConfig, "pools": Mapping[str, PoolConfig]}
+
+
+@hookimpl
+def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> None:
+    surfaces.route("/v1/scillm/batch/completions", completions, ["POST"], plugin="batch")
+    surfaces.route("/v1/scillm/batch/completions/stream", completions_stream, ["POST"], plugin="batch")
+    surfaces.route("/v1/scillm/batch/{batch_id}", status, ["GET"], plugin="batch")
+
+
+@hookimpl
+def scillm_register_commands(commands: CommandRegistry) -> None:
+    from scillm_batch.cli import configure, run
+
+    commands.add("batch", "run a JSONL file of chat items through a scillm server, with resume", configure, run)
+
+
+@hookimpl
+def scillm_health(runtime: Runtime) -> dict[str, Any]:
+    pools = _pools(runtime)
+    return {"batch": {"enabled": True, "fails": "closed",
+                      "pools": {name: [lane.label for lane in pool.lanes] for name, pool in pools.items()}}}
+
+
+def _settings(runtime: Runtime) -> BatchConfig:
+    return runtime.config.sections.get("batch") or BatchConfig()  # type: ignore[no-any-return]
+
+
+def _pools(runtime: Runtime) -> Mapping[str, PoolConfig]:
+    return runtime.config.sections.get("pools") or {}  # type: ignore[no-any-return]
+
+
+async def _spec(request: Request) -> tuple[BatchSpec, bool]:
+    """The validated batch and whether the client asked for the SSE form (``"stream": true``)."""
+    runtime = runtime_of(request)
+    settings = _settings(runtime)
+    body = await read_json(request, limit_bytes=int(settings.max_body_mb * 1024 * 1024))
+    if not isinstance(body, dict):
+        raise errors.InvalidRequest("request body must be a JSON object", param="$")
+    concurrency = body.get("concurrency", settings.default_concurrency)
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise errors.InvalidRequest("concurrency must be a positive integer @ $.concurrency", param="$.concurrency")
+    timeout = body.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
+        raise errors.InvalidRequest("timeout must be a positive number of seconds @ $.timeout", param="$.timeout")
+    pool, lanes = lanes_for(body.get("model_pool"), body.get("model"), _pools(runtime), concurrency)
+    shared = {k: v for k, v in body.items() if k not in BATCH_KEYS}
+    items = build_items(body.get("items"), shared, settings.max_items)
+    batch_id = body.get("batch_id") or f"batch-{_short_hash(items)}"
+    if not isinstance(batch_id, str) or not batch_id or len(batch_id) > 200:
+        raise errors.InvalidRequest("batch_id must be a non-empty string @ $.batch_id", param="$.batch_id")
+    spec = BatchSpec(batch_id=batch_id, pool=pool, lanes=lanes, items=items, timeout_s=timeout,
+                     caller=caller_of(request))
+    return spec, body.get("stream") is True
+
+
+def _short_hash(items: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(orjson.dumps([[i.item_id, i.body] for i in items], option=orjson.OPT_SORT_KEYS)
+                          ).hexdigest()[:16]
+
+
+async def completions(request: Request) -> Response:
+    spec, stream = await _spec(request)
+    if stream:
+        return _stream(spec, runtime_of(request))
+
+    async def ignore(event: str, data: Mapping[str, Any]) -> None:
+        return None
+
+    return json_response(await run_batch(spec, runtime_of(request), ignore))
+
+
+async def completions_stream(request: Request) -> Response:
+    spec, _ = await _spec(request)
+    return _stream(spec, runtime_of(request))
+
+
+def _stream(spec: BatchSpec, runtime: Runtime) -> Response:
+    async def events() -> AsyncIterator[bytes]:
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def emit(event: str, data: Mapping[str, Any]) -> None:
+            await queue.put(f"event: {event}\ndata: ".encode() + orjson.dumps(data) + b"\n\n")
+
+        async def produce() -> None:
+            try:
+                await run_batch(spec, runtime, emit)
+            except errors.ScillmError as exc:
+                await queue.put(b"event: error\ndata: " + orjson.dumps(exc.body()) + b"\n\n")
+            finally:
+                await queue.put(None)
+
+        task = asyncio.ensure_future(produce())
+        try:
+            while (chunk := await queue.get()) is not None:
+                yield chunk
+        finally:
+            task.cancel()  # the client left: stop the batch; stored results make a resubmission resume
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
+async def status(request: Request) -> Response:
+    runtime = runtime_of(request)
+    batch_id = request.path_params["batch_id"]
+    batch = await runtime.store.get(BATCH_NS, batch_id)
+    if batch is None:
+        raise errors.NotFound(f"no batch {batch_id!r}")
+    results = await runtime.store.scan(ITEM_NS + batch_id, limit=1_000_000)
+    return json_response(progress_of(batch, results))
+

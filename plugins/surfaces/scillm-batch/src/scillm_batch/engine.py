@@ -1,0 +1,376 @@
+"""The batch engine: items spread over lanes, results in completion order, each stored as it finishes.
+
+Every item gets exactly one result. A lane that answers 429 pauses (for its ``retry-after``, else a backoff) and
+work shifts to the other lanes; an item fails only when its deadline passes, every lane refused it for a
+non-retryable reason, or it exhausted its attempts, and the result says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import orjson
+from attrs import define, field, frozen
+
+from scillm_core import CallContext, ChatRequest, ChatResponse, Runtime, errors, run_chat, structure, unstructure
+
+__all__ = ["BatchItem", "BatchSpec", "Lane", "PoolConfig", "run_batch"]
+
+ITEM_NS = "batch-items:"
+BATCH_NS = "batches"
+
+
+@frozen(kw_only=True)
+class Lane:
+    model: str
+    name: str = ""
+    weight: float = 1.0
+    max_concurrency: int = 8
+    timeout_s: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.model
+
+
+@frozen(kw_only=True)
+class PoolConfig:
+    lanes: tuple[Lane, ...]
+
+
+@frozen(kw_only=True)
+class BatchItem:
+    index: int
+    item_id: str
+    body: Mapping[str, Any]  # the chat body for this item (shared params merged, model left to the lane)
+    error: str | None = None  # set when the item itself is unusable; it fails without a call
+
+
+@frozen(kw_only=True)
+class BatchSpec:
+    batch_id: str
+    pool: str
+    lanes: tuple[Lane, ...]
+    items: tuple[BatchItem, ...]
+    timeout_s: float | None
+    caller: str | None
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for item in self.items:
+            digest.update(orjson.dumps([item.item_id, item.body], option=orjson.OPT_SORT_KEYS))
+        return digest.hexdigest()
+
+
+@define
+class LaneState:
+    lane: Lane
+    paused_until: float = 0.0
+    backoff_s: float = 1.0
+    in_flight: int = 0
+    served: int = 0
+    rate_limited: int = 0
+
+    def share(self) -> float:
+        """Work taken relative to the lane's weight; the dispatcher fills the lowest first."""
+        return (self.served + self.in_flight) / max(self.lane.weight, 1e-6)
+
+
+@define
+class Pending:
+    item: BatchItem
+    deadline: float
+    attempts: int = 0
+    refused: dict[str, str] = field(factory=dict)
+    last_error: BaseException | None = None
+
+
+@define
+class Progress:
+    total: int
+    completed: int = 0
+    failed: int = 0
+    results: list[dict[str, Any]] = field(factory=list)
+
+
+Emit = Callable[[str, Mapping[str, Any]], Awaitable[None]]
+#: Batches running in this process, by (data dir, batch id): one store, one run per batch at a time.
+RUNNING: set[tuple[str, str]] = set()
+
+
+async def run_batch(spec: BatchSpec, runtime: Runtime, emit: Emit) -> dict[str, Any]:
+    """Run (or resume) a batch; ``emit(event, data)`` is awaited for every event in order."""
+    key = (str(runtime.config.data_dir), spec.batch_id)
+    if key in RUNNING:
+        raise errors.Conflict(f"batch {spec.batch_id!r} is already running; wait for it or use another batch_id")
+    store = runtime.store
+    stored = await store.get(BATCH_NS, spec.batch_id)
+    if stored is not None and stored.get("fingerprint") != spec.fingerprint:
+        raise errors.Conflict(f"batch_id {spec.batch_id!r} is bound to a different item set; use a new batch_id",
+                              param="batch_id")
+    RUNNING.add(key)
+    try:
+        return await _run(spec, runtime, emit, resuming=stored is not None)
+    finally:
+        RUNNING.discard(key)
+
+
+async def _run(spec: BatchSpec, runtime: Runtime, emit: Emit, *, resuming: bool) -> dict[str, Any]:
+    store = runtime.store
+    started = time.monotonic()
+    await store.put(BATCH_NS, spec.batch_id, {"batch_id": spec.batch_id, "fingerprint": spec.fingerprint,
+                                              "pool": spec.pool, "total": len(spec.items),
+                                              "lanes": [lane.label for lane in spec.lanes],
+                                              "created": time.time()})
+    previous = dict(await store.scan(ITEM_NS + spec.batch_id, limit=1_000_000))
+    progress = Progress(total=len(spec.items))
+    lanes = [LaneState(lane) for lane in spec.lanes]
+    await emit("batch_started", {"batch_id": spec.batch_id, "model_pool": spec.pool, "total": progress.total,
+                                 "lanes": [lane.label for lane in spec.lanes], "resumed": resuming})
+
+    lock = asyncio.Lock()
+
+    async def finish(result: dict[str, Any], *, store_it: bool = True) -> None:
+        async with lock:  # stored, counted and emitted in one order: the completion order
+            if store_it:
+                await store.put(ITEM_NS + spec.batch_id, result["item_id"], result)
+            progress.results.append(result)
+            if result["ok"]:
+                progress.completed += 1
+            else:
+                progress.failed += 1
+            await emit("item_completed" if result["ok"] else "item_failed", result)
+
+    work: deque[Pending] = deque()
+    for item in spec.items:
+        done = previous.get(item.item_id)
+        if done is not None and done.get("ok"):
+            await finish({**done, "resumed": True}, store_it=False)
+        elif item.error:
+            await finish({"ok": False, "item_id": item.item_id, "index": item.index, "lane": None,
+                          "error": item.error, "error_code": "invalid_item", "status_code": 400})
+        else:
+            work.append(Pending(item, _deadline(item, spec, started)))
+    await _dispatch(work, lanes, spec, runtime, finish)
+    summary = {"batch_id": spec.batch_id, "model_pool": spec.pool, "total": progress.total,
+               "completed": progress.completed, "failed": progress.failed,
+               "elapsed_s": round(time.monotonic() - started, 3),
+               "lanes": {s.lane.label: {"served": s.served, "rate_limited": s.rate_limited} for s in lanes}}
+    if progress.completed + progress.failed != progress.total:  # cannot happen; refuse to report a silent loss
+        raise errors.ScillmError(f"batch {spec.batch_id}: {progress.total - len(progress.results)} items lost")
+    await emit("batch_done", summary)
+    return {**summary, "results": progress.results, "ordered": False, "completion_order": "as_completed"}
+
+
+def _deadline(item: BatchItem, spec: BatchSpec, started: float) -> float:
+    item_timeout = item.body.get("timeout")
+    candidates = [started + 3600.0]
+    if spec.timeout_s:
+        candidates.append(started + spec.timeout_s)
+    if isinstance(item_timeout, int | float) and not isinstance(item_timeout, bool) and item_timeout > 0:
+        candidates.append(started + item_timeout)
+    return min(candidates)
+
+
+async def _dispatch(work: deque[Pending], lanes: list[LaneState], spec: BatchSpec, runtime: Runtime,
+                    finish: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    """Assign an item to a lane only when that lane has a free slot and is not paused, choosing the lane that
+    is furthest below its weighted share; a rate-limited item goes back to the front of the queue."""
+    running: set[asyncio.Task[None]] = set()
+    changed = asyncio.Event()
+    active = 0  # attempts not yet fully handled (the task set lags: done callbacks run later)
+
+    async def attempt(pending: Pending, state: LaneState) -> None:
+        nonlocal active
+        try:
+            try:
+                outcome = await _try_once(pending, state, spec, runtime)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never lose an item, whatever happened
+                outcome = _failure(pending.item, exc, state.lane)
+            finally:
+                state.in_flight -= 1
+            if outcome is None:
+                work.appendleft(pending)
+            else:
+                await finish(outcome)
+        finally:
+            active -= 1
+            changed.set()
+
+    try:
+        while work or active:
+            now = time.monotonic()
+            free = [s for s in lanes if s.in_flight < s.lane.max_concurrency and s.paused_until <= now]
+            chosen: tuple[Pending, LaneState] | None = None
+            for _ in range(len(work)):
+                pending = work[0]
+                if pending.deadline <= now:
+                    work.popleft()
+                    await finish(_failure(pending.item, pending.last_error, None,
+                                          f"deadline reached after {pending.attempts} attempts"
+                                          + (f"; last error: {_message(pending.last_error)}"
+                                             if pending.last_error else "")))
+                    continue
+                if len(pending.refused) == len(lanes):
+                    work.popleft()
+                    reasons = "; ".join(f"{name}: {why}" for name, why in pending.refused.items())
+                    await finish(_failure(pending.item, pending.last_error, None,
+                                          f"every lane refused this item ({reasons})"))
+                    continue
+                usable = [s for s in free if s.lane.label not in pending.refused]
+                if usable:
+                    work.popleft()
+                    chosen = (pending, min(usable, key=lambda s: (s.share(), random.random())))
+                    break
+                work.rotate(-1)
+            if chosen is not None:
+                pending, state = chosen
+                state.in_flight += 1
+                active += 1
+                task = asyncio.ensure_future(attempt(pending, state))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                continue
+            if not work and not active:
+                break  # the last items were just finished above (expired or refused everywhere)
+            waits = [s.paused_until - now for s in lanes if s.paused_until > now]
+            waits += [p.deadline - now for p in work]
+            changed.clear()
+            try:
+                await asyncio.wait_for(changed.wait(), max(min(waits), 0.0) if waits else None)
+            except TimeoutError:
+                pass
+    finally:
+        for task in running:
+            task.cancel()
+
+
+async def _try_once(pending: Pending, state: LaneState, spec: BatchSpec,
+                    runtime: Runtime) -> dict[str, Any] | None:
+    """One call on one lane: a result, or ``None`` to put the item back in the queue."""
+    pending.attempts += 1
+    started = time.monotonic()
+    try:
+        served = await _call(pending.item, state.lane, spec, runtime, pending.deadline)
+    except errors.UpstreamRateLimited as exc:
+        pending.last_error = exc
+        state.rate_limited += 1
+        pause = exc.retry_after_s if exc.retry_after_s else state.backoff_s
+        state.backoff_s = min(state.backoff_s * 2, 30.0)
+        state.paused_until = max(state.paused_until, time.monotonic() + pause)
+        return None
+    except errors.ScillmError as exc:
+        pending.last_error = exc
+        if isinstance(exc, errors.RequestError | errors.UpstreamBadRequest):
+            return _failure(pending.item, exc, state.lane)  # the item itself is bad: no lane will take it
+        if not exc.retryable or pending.attempts >= 3 * len(spec.lanes):
+            pending.refused[state.lane.label] = _message(exc)
+        return None
+    state.served += 1
+    state.backoff_s = 1.0
+    return _success(pending.item, state.lane, served, time.monotonic() - started)
+
+
+async def _call(item: BatchItem, lane: Lane, spec: BatchSpec, runtime: Runtime,
+                deadline: float) -> tuple[ChatResponse, CallContext]:
+    body = dict(item.body)
+    body["model"] = lane.model
+    body["stream"] = False
+    metadata = dict(body.pop("scillm_metadata", None) or {})
+    metadata.update(batch_id=spec.batch_id, item_id=item.item_id, model_pool=spec.pool, lane=lane.label)
+    remaining = deadline - time.monotonic()
+    timeout = min(t for t in (remaining, lane.timeout_s, body.pop("timeout", None)) if t is not None)
+    body["scillm"] = {"scillm_metadata": metadata, "timeout": timeout}
+    request = structure(body, ChatRequest, what=f"batch item {item.item_id!r}")
+    ctx = CallContext(runtime=runtime, caller=spec.caller or "scillm-batch",
+                      deadline=time.monotonic() + max(timeout, 0.001))
+    ctx.notes["batch"] = metadata
+    result = await run_chat(request, ctx)
+    assert isinstance(result, ChatResponse)
+    return result, ctx
+
+
+def _success(item: BatchItem, lane: Lane, served: tuple[ChatResponse, CallContext],
+             latency_s: float) -> dict[str, Any]:
+    response, ctx = served
+    route = ctx.route
+    return {"ok": True, "item_id": item.item_id, "index": item.index, "lane": lane.label,
+            "provider": route.provider if route else None, "model": lane.model,
+            "served_model": response.model, "content": response.text, "response": unstructure(response),
+            "latency_s": round(latency_s, 3)}
+
+
+def _failure(item: BatchItem, exc: BaseException | None, lane: Lane | None, why: str | None = None) -> dict[str, Any]:
+    status = exc.status if isinstance(exc, errors.ScillmError) else 500
+    code = getattr(exc, "code", None) if isinstance(exc, errors.ScillmError) else "internal_error"
+    message = why or _message(exc)
+    return {"ok": False, "item_id": item.item_id, "index": item.index, "lane": lane.label if lane else None,
+            "error": message, "error_code": code, "status_code": status}
+
+
+def _message(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    return exc.message if isinstance(exc, errors.ScillmError) else f"internal error ({type(exc).__name__})"
+
+
+def lanes_for(pool: str | None, model: str | None, pools: Mapping[str, PoolConfig],
+              concurrency: int) -> tuple[str, tuple[Lane, ...]]:
+    if pool:
+        if pool not in pools:
+            known = ", ".join(sorted(pools)) or "none configured"
+            raise errors.InvalidRequest(f"unknown model_pool {pool!r} (known: {known})", param="$.model_pool")
+        return pool, pools[pool].lanes
+    if not model:
+        raise errors.InvalidRequest("give model_pool or model @ $.model_pool", param="$.model_pool")
+    return model, (Lane(model=model, name=model, max_concurrency=concurrency),)
+
+
+def build_items(raw_items: Any, shared: Mapping[str, Any], max_items: int) -> tuple[BatchItem, ...]:
+    if not isinstance(raw_items, list) or not raw_items:
+        raise errors.InvalidRequest("items must be a non-empty array @ $.items", param="$.items")
+    if len(raw_items) > max_items:
+        raise errors.InvalidRequest(f"{len(raw_items)} items; the limit is {max_items} @ $.items", param="$.items")
+    items: list[BatchItem] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(raw_items):
+        where = f"$.items[{index}]"
+        if not isinstance(raw, dict):
+            raise errors.InvalidRequest(f"each item must be an object @ {where}", param=where)
+        raw = dict(raw)
+        item_id = raw.pop("item_id", None) or raw.pop("id", None) or f"item-{index}"
+        if not isinstance(item_id, str | int) or isinstance(item_id, bool):
+            raise errors.InvalidRequest(f"item_id must be a string @ {where}.item_id", param=f"{where}.item_id")
+        item_id = str(item_id)
+        if item_id in seen:
+            raise errors.InvalidRequest(f"duplicate item_id {item_id!r} @ {where}.item_id", param=f"{where}.item_id")
+        seen.add(item_id)
+        body = {**shared, **raw}
+        body.pop("model", None)
+        prompt = body.pop("prompt", None)
+        error = None
+        if "messages" not in body:
+            if isinstance(prompt, str) and prompt:
+                body["messages"] = [{"role": "user", "content": prompt}]
+            else:
+                error = f"item has neither messages nor a prompt @ {where}"
+        items.append(BatchItem(index=index, item_id=item_id, body=body, error=error))
+    return tuple(items)
+
+
+def progress_of(batch: Mapping[str, Any] | None, results: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    total = int(batch["total"]) if batch else 0
+    completed = sum(1 for _, r in results if r.get("ok"))
+    failed = len(results) - completed
+    return {"batch_id": batch["batch_id"] if batch else None, "model_pool": batch.get("pool") if batch else None,
+            "total": total, "completed": completed, "failed": failed, "pending": max(total - len(results), 0),
+            "done": len(results) >= total, "results": [dict(r) for _, r in results]}

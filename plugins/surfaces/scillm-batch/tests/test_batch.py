@@ -1,0 +1,148 @@
+"""Batch: every item exactly once, 429s absorbed by lane shifting, durable resume, validation."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import urllib.parse
+
+import httpx
+import orjson
+import pytest
+
+from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread, make_app
+
+AUTH = {"authorization": f"Bearer {DEV_KEY}"}
+PLUGINS = ("chat", "auth", "ops", "openai-compat", "batch")  # the batch engine's own behaviour, no middleware
+
+
+class RateLimitedFor(FakeOpenAI):
+    """Answers 429 (retry-after-ms) to its first ``limit`` requests, fails items whose prompt says POISON."""
+
+    def __init__(self, limit: int, delay_s: float) -> None:
+        super().__init__()
+        self.limit, self.delay_s = limit, delay_s
+        self.counter = 0
+        self.lock = threading.Lock()
+
+    def responder(self, request):  # type: ignore[override]
+        if "POISON" in str(request.body):
+            return Reply.fail(400, "this input is rejected by the model", code="invalid_prompt")
+        with self.lock:
+            self.counter += 1
+            limited = self.counter <= self.limit
+        if limited:
+            return Reply.fail(429, "Rate limit reached", code="rate_limit_exceeded",
+                              headers={"retry-after-ms": "150"})
+        return Reply.say("fine", delay_s=self.delay_s)
+
+
+@pytest.fixture
+def two_lanes(tmp_path):
+    with RateLimitedFor(limit=60, delay_s=0.01) as flaky, RateLimitedFor(limit=0, delay_s=0.01) as steady:
+        env = {"DEEPSEEK_API_KEY": "k1", "DEEPSEEK_API_BASE": flaky.base_url,
+               "GLM_API_KEY": "k2", "GLM_API_BASE": steady.base_url}
+        config = {"pools": {"mixed": {"lanes": [
+            {"name": "flaky", "model": "deepseek/deepseek-chat", "weight": 1, "max_concurrency": 16},
+            {"name": "steady", "model": "glm/glm-5.1", "weight": 1, "max_concurrency": 16}]}}}
+        with ServerThread(make_app(env=env, config=config, data_dir=tmp_path, only=PLUGINS)) as server:
+            yield server, flaky, steady
+
+
+def test_500_items_two_lanes_429s_absorbed_every_item_exactly_once(two_lanes):
+    server, flaky, steady = two_lanes
+    items = [{"item_id": f"q{i}", "prompt": f"question {i}"} for i in range(499)]
+    items.append({"item_id": "poison", "prompt": "POISON pill"})
+    response = httpx.post(server.url + "/v1/scillm/batch/completions", headers=AUTH, timeout=120,
+                          json={"model_pool": "mixed", "batch_id": "five-hundred", "items": items,
+                                "temperature": 0.2, "scillm_metadata": {"run": "t"}})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    ids = [r["item_id"] for r in body["results"]]
+    assert sorted(ids) == sorted(i["item_id"] for i in items) and len(ids) == 500  # exactly once each
+    assert body["total"] == 500 and body["completed"] == 499 and body["failed"] == 1
+    assert body["completed"] + body["failed"] == body["total"]
+    poison = next(r for r in body["results"] if r["item_id"] == "poison")
+    assert poison["ok"] is False and "rejected by the model" in poison["error"] and poison["status_code"] == 400
+    lanes = body["lanes"]
+    assert lanes["flaky"]["rate_limited"] > 0
+    assert lanes["steady"]["served"] > lanes["flaky"]["served"]  # work shifted while the 429s lasted
+    assert lanes["flaky"]["served"] > 0  # and came back once they stopped
+    ok = next(r for r in body["results"] if r["ok"])
+    assert ok["content"] == "fine" and ok["provider"] in ("deepseek", "glm") and ok["latency_s"] >= 0
+    sent = (flaky.requests + steady.requests)[-1].body
+    assert sent["temperature"] == 0.2 and "scillm_metadata" not in sent  # shared params go to every item
+
+
+def test_streaming_form_sends_events_in_completion_order(two_lanes):
+    server, _, _ = two_lanes
+    items = [{"item_id": f"s{i}", "messages": [{"role": "user", "content": f"m{i}"}]} for i in range(5)]
+    with httpx.stream("POST", server.url + "/v1/scillm/batch/completions/stream", headers=AUTH, timeout=60,
+                      json={"model": "glm/glm-5.1", "items": items}) as response:
+        text = response.read().decode()
+    events = [line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("event: ")]
+    assert events[0] == "batch_started" and events[-1] == "batch_done"
+    assert collections.Counter(events)["item_completed"] == 5
+
+
+def test_resubmitting_returns_stored_successes_and_reruns_only_failures(tmp_path):
+    with FakeOpenAI() as fake:
+        fake.responder = lambda r: Reply.fail(503, "busy") if "flaky-once" in str(r.body) and not fake.flag \
+            else None
+        fake.flag = False
+        env = {"DEEPSEEK_API_KEY": "k", "DEEPSEEK_API_BASE": fake.base_url}
+        with ServerThread(make_app(env=env, data_dir=tmp_path, only=PLUGINS)) as server:
+            items = [{"item_id": "a", "prompt": "one"}, {"item_id": "b", "prompt": "flaky-once"}]
+            body = {"model": "deepseek/deepseek-chat", "batch_id": "resume-me", "items": items, "timeout": 3}
+            first = httpx.post(server.url + "/v1/scillm/batch/completions", json=body, headers=AUTH, timeout=30)
+            assert first.json()["completed"] == 1 and first.json()["failed"] == 1
+            calls = len(fake.requests)
+            fake.flag = True
+            second = httpx.post(server.url + "/v1/scillm/batch/completions", json=body, headers=AUTH, timeout=30)
+            assert second.json()["completed"] == 2 and second.json()["failed"] == 0
+            assert len(fake.requests) == calls + 1  # only the failed item went upstream again
+            reused = next(r for r in second.json()["results"] if r["item_id"] == "a")
+            assert reused["resumed"] is True
+            progress = httpx.get(server.url + "/v1/scillm/batch/resume-me", headers=AUTH).json()
+            assert progress["done"] is True and progress["completed"] == 2 and progress["pending"] == 0
+            changed = httpx.post(server.url + "/v1/scillm/batch/completions", headers=AUTH, timeout=30,
+                                 json={**body, "items": [{"item_id": "a", "prompt": "something else"}]})
+            assert changed.status_code == 409
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"model": "deepseek/deepseek-chat", "items": []}, "$.items"),
+    ({"model": "deepseek/deepseek-chat", "items": "x"}, "$.items"),
+    ({"model": "deepseek/deepseek-chat", "items": [1]}, "$.items[0]"),
+    ({"model": "deepseek/deepseek-chat", "items": [{"item_id": "a", "prompt": "x"}, {"item_id": "a", "prompt": "y"}]},
+     "$.items[1].item_id"),
+    ({"model_pool": "nope", "items": [{"prompt": "x"}]}, "$.model_pool"),
+    ({"items": [{"prompt": "x"}]}, "$.model_pool"),
+    ({"model": "deepseek/deepseek-chat", "items": [{"prompt": "x"}], "concurrency": 0}, "$.concurrency"),
+])
+def test_bad_batches_are_400_naming_the_path(tmp_path, body, param):
+    with ServerThread(make_app(env={"DEEPSEEK_API_KEY": "k"}, data_dir=tmp_path, only=PLUGINS)) as server:
+        response = httpx.post(server.url + "/v1/scillm/batch/completions", json=body, headers=AUTH)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_unknown_batch_is_404(tmp_path):
+    with ServerThread(make_app(data_dir=tmp_path, only=PLUGINS)) as server:
+        assert httpx.get(server.url + "/v1/scillm/batch/nothing", headers=AUTH).status_code == 404
+
+
+def test_batch_ids_are_parameters_not_query_text(tmp_path):
+    """A hostile batch_id is stored and found as data (the store binds parameters)."""
+    with FakeOpenAI() as fake:
+        env = {"DEEPSEEK_API_KEY": "k", "DEEPSEEK_API_BASE": fake.base_url}
+        with ServerThread(make_app(env=env, data_dir=tmp_path, only=PLUGINS)) as server:
+            hostile = "x'; DROP TABLE docs; --"
+            response = httpx.post(server.url + "/v1/scillm/batch/completions", headers=AUTH, timeout=30,
+                                  json={"model": "deepseek/deepseek-chat", "batch_id": hostile,
+                                        "items": [{"item_id": "1' OR '1'='1", "prompt": "x"}]})
+            assert response.json()["completed"] == 1
+            found = httpx.get(server.url + "/v1/scillm/batch/" + urllib.parse.quote(hostile, safe=""),
+                              headers=AUTH)
+            assert found.status_code == 200
+            assert found.json()["results"][0]["item_id"] == "1' OR '1'='1"
+            assert orjson.loads(httpx.get(server.url + "/health/readiness").content)["status"] == "ready"
