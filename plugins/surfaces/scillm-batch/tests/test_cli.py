@@ -89,6 +89,7 @@ def test_client_helper_as_completed(tmp_path):
     import asyncio
 
     from scillm_batch.client import complete_all
+
     from scillm_core.testing import ServerThread, make_app
 
     with FakeOpenAI() as fake:
