@@ -194,6 +194,81 @@ for _cls in (m.TextPart, m.ImageUrl, m.ImagePart, m.FileData, m.FilePart, m.Func
     _register_model(_cls)
 
 
+# -- the stream hot path --------------------------------------------------------------------------------------------
+# A stream is dozens of chunks per request, so chunks get hand-written hooks for their common shape (text and
+# reasoning deltas): about 5x cheaper than the generated ones, measured with bench/. Anything else (tool-call deltas,
+# usage, odd types) falls back to the generated hooks, so behaviour and error reporting are the same.
+
+_generic_chunk = converter.get_structure_hook(m.ChatChunk)
+_generic_chunk_wire = converter.get_unstructure_hook(m.ChatChunk)
+_CHUNK_FIELDS = frozenset({"id", "object", "created", "model", "choices", "usage", "system_fingerprint"})
+_CHOICE_FIELDS = frozenset({"delta", "index", "finish_reason", "logprobs"})
+_DELTA_FIELDS = frozenset({"role", "content"})
+_OPTIONAL_STR = (str, type(None))
+
+
+def _fast_chunk(value: Any, cls: Any) -> m.ChatChunk:
+    if type(value) is not dict or value.get("usage") is not None or type(value.get("choices")) is not list:
+        return _generic_chunk(value, cls)  # type: ignore[no-any-return]
+    choices = []
+    for choice in value["choices"]:
+        delta = choice.get("delta") if type(choice) is dict else None
+        if (type(delta) is not dict or "tool_calls" in delta or type(delta.get("role")) not in _OPTIONAL_STR
+                or type(delta.get("content")) not in _OPTIONAL_STR or type(choice.get("index", 0)) is not int
+                or type(choice.get("finish_reason")) not in _OPTIONAL_STR):
+            return _generic_chunk(value, cls)  # type: ignore[no-any-return]
+        extra = {k: v for k, v in delta.items() if k not in _DELTA_FIELDS}
+        choice_extra = {k: v for k, v in choice.items() if k not in _CHOICE_FIELDS}
+        choices.append(m.ChunkChoice(
+            delta=m.Delta(role=delta.get("role"), content=delta.get("content"), extra=extra or m._EMPTY),
+            index=choice.get("index", 0), finish_reason=choice.get("finish_reason"),
+            logprobs=choice.get("logprobs"), extra=choice_extra or m._EMPTY))
+    chunk_id, model, created = value.get("id"), value.get("model"), value.get("created", 0)
+    fingerprint = value.get("system_fingerprint")
+    if type(chunk_id) is not str or type(model) is not str or type(created) is not int \
+            or type(fingerprint) not in _OPTIONAL_STR:
+        return _generic_chunk(value, cls)  # type: ignore[no-any-return]
+    extra = {k: v for k, v in value.items() if k not in _CHUNK_FIELDS}
+    return m.ChatChunk(id=chunk_id, model=model, choices=tuple(choices), created=created,
+                       system_fingerprint=fingerprint, object=value.get("object", "chat.completion.chunk"),
+                       extra=extra or m._EMPTY)
+
+
+def _fast_chunk_wire(chunk: m.ChatChunk) -> dict[str, Any]:
+    if chunk.usage is not None:
+        return _generic_chunk_wire(chunk)  # type: ignore[no-any-return]
+    choices = []
+    for choice in chunk.choices:
+        delta = choice.delta
+        if delta.tool_calls is not None:
+            return _generic_chunk_wire(chunk)  # type: ignore[no-any-return]
+        wire_delta: dict[str, Any] = {}
+        if delta.role is not None:
+            wire_delta["role"] = delta.role
+        if delta.content is not None:
+            wire_delta["content"] = delta.content
+        if delta.extra:
+            wire_delta.update(delta.extra)
+        wire_choice: dict[str, Any] = {"delta": wire_delta, "index": choice.index,
+                                       "finish_reason": choice.finish_reason}
+        if choice.logprobs is not None:
+            wire_choice["logprobs"] = choice.logprobs
+        if choice.extra:
+            wire_choice.update(choice.extra)
+        choices.append(wire_choice)
+    out: dict[str, Any] = {"id": chunk.id, "model": chunk.model, "choices": choices, "created": chunk.created,
+                           "object": chunk.object}
+    if chunk.system_fingerprint is not None:
+        out["system_fingerprint"] = chunk.system_fingerprint
+    if chunk.extra:
+        out.update(chunk.extra)
+    return out
+
+
+converter.register_structure_hook(m.ChatChunk, _fast_chunk)
+converter.register_unstructure_hook(m.ChatChunk, _fast_chunk_wire)
+
+
 # -- public helpers ---------------------------------------------------------------------------------------------
 
 def structure(data: Any, cls: type[T], *, what: str = "request body") -> T:
