@@ -1,0 +1,387 @@
+"""Exact-match response cache for chat calls: a ``call_provider`` wrapper, outermost (``tryfirst``).
+
+- Key: SHA-256 over the canonical wire request minus ``stream``/``stream_options`` (model as requested, messages,
+  sampling params, tools, tool_choice, response_format, n, seed, reasoning_effort and every extra upstream
+  parameter) plus the routed deployment. ``scillm_metadata``, ``timeout`` and the request id never enter the key.
+- Non-streaming answers are stored (TTL; memory LRU bounded by ``max_entries`` by default, Redis when configured).
+- Streams: a hit is served as a synthesized stream of the cached answer; a miss passes through untouched and is
+  not stored (``x-scillm-cache: miss``).
+- Identical in-flight requests share one upstream call (single-flight, per process); an error is shared with the
+  waiters, never cached.
+- ``Cache-Control: no-cache`` skips the lookup (the fresh answer is stored); ``no-store`` or ``"cache": false`` in
+  the body bypass the cache entirely (both answer ``bypass``). Every answer says ``x-scillm-cache: hit|miss|bypass``.
+- Fails open: a broken backend (Redis down, corrupt entry) is a miss, never a failed request.
+
+Config: ``[cache] enabled = true`` (off by default), ``backend = "auto"|"memory"|"redis"``, ``redis_url``
+(else ``REDIS_URL``), ``ttl_s``, ``max_entries``, ``max_entry_kb``, ``key_prefix``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from attrs import define, field, frozen
+
+from scillm_core import (
+    ChatChunk,
+    ChatResponse,
+    ChunkChoice,
+    Delta,
+    FunctionCallDelta,
+    Route,
+    Runtime,
+    SurfaceRegistry,
+    ToolCallDelta,
+    hookimpl,
+    structure,
+    unstructure,
+)
+from scillm_core.config import ConfigError
+from scillm_core.redact import redact
+
+if TYPE_CHECKING:
+    from scillm_core import CallContext, ChatRequest
+    from scillm_core.pipeline import ChatResult, ChatThunk
+
+__all__ = ["CacheConfig", "cache_key"]
+
+log = logging.getLogger("scillm.cache")
+HEADER = "x-scillm-cache"
+KEY_VERSION = "v1"
+
+
+@frozen(kw_only=True)
+class CacheConfig:
+    enabled: bool = False
+    backend: str = "auto"           # auto: redis when a URL is configured, else memory
+    redis_url: str | None = None    # else $REDIS_URL
+    ttl_s: float = 3600.0
+    max_entries: int = 1000         # memory backend LRU bound
+    max_entry_kb: int = 1024        # larger answers are not stored
+    key_prefix: str = "scillm:cache:"
+
+
+# -- backends ------------------------------------------------------------------------------------------------------
+
+class MemoryBackend:
+    name = "memory"
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max(1, max_entries)
+        self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    async def get(self, key: str) -> bytes | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        expires, value = item
+        if expires <= time.monotonic():
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return value
+
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        self._data[key] = (time.monotonic() + ttl_s, value)
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+    async def close(self) -> None:
+        self._data.clear()
+
+    def describe(self) -> dict[str, Any]:
+        return {"entries": len(self._data), "max_entries": self.max_entries}
+
+
+class RedisBackend:
+    name = "redis"
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.url = url
+        self.prefix = prefix
+        self._client: Any = None
+
+    def _redis(self) -> Any:
+        if self._client is None:
+            import redis.asyncio as aioredis
+
+            self._client = aioredis.from_url(self.url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        return self._client
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._redis().get(self.prefix + key)  # type: ignore[no-any-return]
+
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        await self._redis().set(self.prefix + key, value, px=max(1, int(ttl_s * 1000)))
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    def describe(self) -> dict[str, Any]:
+        return {"url": _safe_url(self.url), "prefix": self.prefix}
+
+
+def _safe_url(url: str) -> str:
+    """The Redis URL without credentials (``redis://:secret@host`` -> ``redis://[redacted]@host``)."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "[redacted]@" + rest.rsplit("@", 1)[1]
+    return scheme + sep + rest
+
+
+# -- per-app state -------------------------------------------------------------------------------------------------
+
+@define
+class Flight:
+    task: asyncio.Future[Any] | None = None
+    waiters: int = 0
+    route: Route | None = None
+    attempts: int = 0
+
+
+@define
+class CacheState:
+    config: CacheConfig
+    backend: MemoryBackend | RedisBackend
+    flights: dict[str, Flight] = field(factory=dict)
+    counts: dict[str, int] = field(factory=lambda: {"hit": 0, "miss": 0, "bypass": 0, "shared": 0,
+                                                    "stored": 0, "backend_errors": 0})
+    last_error: str | None = None
+    counter: Any = None
+
+
+_STATES: dict[int, CacheState] = {}
+
+
+def _state(runtime: Runtime) -> CacheState | None:
+    return _STATES.get(id(runtime))
+
+
+def _config(runtime: Runtime) -> CacheConfig:
+    return runtime.config.sections.get("cache") or CacheConfig()  # type: ignore[no-any-return]
+
+
+@hookimpl
+def scillm_config_sections() -> Mapping[str, type]:
+    return {"cache": CacheConfig}
+
+
+@hookimpl
+def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> None:
+    config = _config(runtime)
+    if not config.enabled:
+        return
+    url = config.redis_url or runtime.env.get("REDIS_URL") or None
+    if config.backend not in ("auto", "memory", "redis"):
+        raise ConfigError(f"[cache] backend must be 'auto', 'memory' or 'redis', not {config.backend!r}")
+    if config.backend == "redis" and not url:
+        raise ConfigError("[cache] backend = 'redis' needs redis_url in [cache] or REDIS_URL in the environment")
+    if config.ttl_s <= 0 or config.max_entries < 1:
+        raise ConfigError("[cache] ttl_s must be > 0 and max_entries >= 1")
+    use_redis = config.backend == "redis" or (config.backend == "auto" and url is not None)
+    backend: MemoryBackend | RedisBackend = (RedisBackend(url, config.key_prefix) if use_redis and url
+                                             else MemoryBackend(config.max_entries))
+    state = CacheState(config=config, backend=backend)
+    from prometheus_client import Counter
+
+    state.counter = Counter("scillm_cache_requests", "Chat calls by cache outcome", ["result"],
+                            registry=runtime.metrics)
+    key = id(runtime)
+    _STATES[key] = state
+    weakref.finalize(runtime, _STATES.pop, key, None)
+    surfaces.on_shutdown(backend.close)
+
+
+@hookimpl
+def scillm_health(runtime: Runtime) -> Mapping[str, Any]:
+    state = _state(runtime)
+    if state is None:
+        return {"cache": {"enabled": False, "fails": "open"}}
+    return {"cache": {"enabled": True, "fails": "open", "backend": state.backend.name,
+                      **state.backend.describe(), "ttl_s": state.config.ttl_s, "in_flight": len(state.flights),
+                      "counts": dict(state.counts), "last_error": state.last_error}}
+
+
+# -- the key -------------------------------------------------------------------------------------------------------
+
+def cache_key(request: ChatRequest, route: Route) -> str:
+    """SHA-256 over everything that changes the answer (see the module docstring)."""
+    wire = unstructure(request)
+    wire.pop("stream", None)
+    wire.pop("stream_options", None)
+    material = {"v": KEY_VERSION, "deployment": route.deployment, "request": wire}
+    return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _mode(request: ChatRequest, ctx: CallContext) -> str:
+    """``use`` (look up and store), ``refresh`` (store only: no-cache) or ``bypass``."""
+    if request.scillm.get("cache") is False:
+        return "bypass"
+    directives = {d.strip().lower() for d in (ctx.headers.get("cache-control") or "").split(",")}
+    if "no-store" in directives:
+        return "bypass"
+    if "no-cache" in directives or "max-age=0" in directives:
+        return "refresh"
+    return "use"
+
+
+def _mark(state: CacheState, ctx: CallContext, result: str) -> None:
+    ctx.notes.setdefault("headers", {})[HEADER] = result
+    ctx.notes["cache"] = result
+    state.counts[result] = state.counts.get(result, 0) + 1
+    if state.counter is not None:
+        state.counter.labels(result).inc()
+
+
+def _backend_failed(state: CacheState, exc: BaseException) -> None:
+    state.counts["backend_errors"] += 1
+    state.last_error = redact(f"{type(exc).__name__}: {exc}")[:300]
+    log.warning("cache backend %s failed (serving without the cache): %s", state.backend.name, state.last_error)
+
+
+# -- the wrapper ---------------------------------------------------------------------------------------------------
+
+@hookimpl(wrapper=True, tryfirst=True)
+def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
+    call: ChatThunk = yield
+    state = _state(ctx.runtime)
+    if state is None:
+        return call
+    mode = _mode(request, ctx)
+    if mode == "bypass":
+        async def bypass() -> ChatResult:
+            _mark(state, ctx, "bypass")
+            return await call()
+
+        return bypass
+
+    async def cached() -> ChatResult:
+        key = cache_key(request, route)
+        if mode == "use":
+            hit = await _lookup(state, key)
+            if hit is not None:
+                response, served = hit
+                _mark(state, ctx, "hit")
+                ctx.route = served
+                return _as_stream(response, request) if request.stream else response
+        _mark(state, ctx, "miss" if mode == "use" else "bypass")
+        if request.stream:
+            return await call()
+        if mode == "use":
+            return await _single_flight(state, key, call, ctx, route)
+        fresh = await call()
+        await _store(state, key, fresh, ctx.route or route)
+        return fresh
+
+    return cached
+
+
+async def _lookup(state: CacheState, key: str) -> tuple[ChatResponse, Route] | None:
+    try:
+        raw = await state.backend.get(key)
+        if raw is None:
+            return None
+        doc = orjson.loads(raw)
+        served = Route(provider=doc["provider"], model=doc["model"], requested=doc["requested"])
+        return structure(doc["response"], ChatResponse, what="cached response"), served
+    except Exception as exc:
+        _backend_failed(state, exc)
+        return None
+
+
+async def _store(state: CacheState, key: str, response: Any, served: Route) -> None:
+    if not isinstance(response, ChatResponse) or not response.choices:
+        return
+    try:
+        doc = {"provider": served.provider, "model": served.model, "requested": served.requested,
+               "stored_at": time.time(), "response": unstructure(response)}
+        raw = orjson.dumps(doc)
+        if len(raw) > state.config.max_entry_kb * 1024:
+            return
+        await state.backend.set(key, raw, state.config.ttl_s)
+        state.counts["stored"] += 1
+    except Exception as exc:
+        _backend_failed(state, exc)
+
+
+async def _single_flight(state: CacheState, key: str, call: ChatThunk, ctx: CallContext,
+                         route: Route) -> ChatResult:
+    """The first caller of ``key`` runs the upstream call as a task; identical callers await the same task. The
+    task is cancelled only when every waiter has gone (client disconnects)."""
+    flight = state.flights.get(key)
+    leader = flight is None
+    if flight is None:
+        flight = Flight()
+
+        async def lead(this: Flight) -> ChatResult:
+            try:
+                response = await call()
+                this.route, this.attempts = ctx.route, ctx.attempts
+                await _store(state, key, response, ctx.route or route)
+                return response
+            finally:
+                if state.flights.get(key) is this:
+                    del state.flights[key]
+
+        flight.task = asyncio.ensure_future(lead(flight))
+        state.flights[key] = flight
+    else:
+        state.counts["shared"] += 1
+    task = flight.task
+    assert task is not None
+    flight.waiters += 1
+    try:
+        result = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        flight.waiters -= 1
+        if flight.waiters <= 0 and not task.done():
+            task.cancel()  # nobody waits any more: the upstream call goes too
+        raise
+    except BaseException:
+        flight.waiters -= 1
+        raise
+    flight.waiters -= 1
+    if not leader:
+        ctx.route = flight.route or route
+    return result  # type: ignore[no-any-return]
+
+
+# -- cached answer as a stream -------------------------------------------------------------------------------------
+
+def _as_stream(response: ChatResponse, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+    async def chunks() -> AsyncIterator[ChatChunk]:
+        base: dict[str, Any] = {"id": response.id, "model": response.model, "created": response.created,
+                "system_fingerprint": response.system_fingerprint}
+        for choice in response.choices:
+            message = choice.message
+            yield ChatChunk(**base, choices=(ChunkChoice(index=choice.index, delta=Delta(role="assistant",
+                                                                                         content="")),))
+            reasoning = message.extra.get("reasoning_content") if message.extra else None
+            if reasoning:
+                yield ChatChunk(**base, choices=(ChunkChoice(index=choice.index, delta=Delta(
+                    extra={"reasoning_content": reasoning})),))
+            if message.text:
+                yield ChatChunk(**base, choices=(ChunkChoice(index=choice.index, delta=Delta(
+                    content=message.text)),))
+            if message.tool_calls:
+                yield ChatChunk(**base, choices=(ChunkChoice(index=choice.index, delta=Delta(tool_calls=tuple(
+                    ToolCallDelta(index=i, id=call.id, type=call.type, function=FunctionCallDelta(
+                        name=call.function.name, arguments=call.function.arguments))
+                    for i, call in enumerate(message.tool_calls)))),))
+            yield ChatChunk(**base, choices=(ChunkChoice(index=choice.index, delta=Delta(),
+                                                         finish_reason=choice.finish_reason or "stop"),))
+        if request.include_usage and response.usage is not None:
+            yield ChatChunk(**base, choices=(), usage=response.usage)
+
+    return chunks()

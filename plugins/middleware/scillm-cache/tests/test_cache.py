@@ -1,0 +1,242 @@
+"""The cache through the official ``openai`` client against a real scillm server and the OpenAI-format fake."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread, make_app
+from scillm_core.testing.contract import WEATHER_TOOL
+
+MODEL = "gpt-4o-mini"
+KEY = "sk-cache-test-secret-0123456789"
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as fake:
+        yield fake  # type: ignore[misc]
+
+
+def env_for(fake: FakeOpenAI, **extra: str) -> dict[str, str]:
+    return {"OPENAI_API_KEY": KEY, "OPENAI_API_BASE": fake.base_url, **extra}
+
+
+@pytest.fixture
+def serve(fake: FakeOpenAI, tmp_path: Any) -> Iterator[Any]:
+    servers: list[ServerThread] = []
+
+    def start(cache: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> ServerThread:
+        config = {"cache": {"enabled": True, **(cache or {})}}
+        app = make_app(env=env or env_for(fake), config=config, data_dir=tmp_path / f"d{len(servers)}")
+        server = ServerThread(app).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def client(server: ServerThread) -> openai.OpenAI:
+    cached = getattr(server, "_openai", None)
+    if cached is None:
+        cached = server._openai = openai.OpenAI(  # type: ignore[attr-defined]
+            base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=20)
+    return cached
+
+
+def ask(server: ServerThread, **kw: Any) -> tuple[Any, Any]:
+    """(parsed completion, raw response headers)."""
+    kw.setdefault("model", MODEL)
+    kw.setdefault("messages", MESSAGES)
+    raw = client(server).chat.completions.with_raw_response.create(**kw)
+    return raw.parse(), raw.headers
+
+
+def test_hit_never_reaches_the_provider(fake: FakeOpenAI, serve: Any) -> None:
+    server = serve()
+    fake.script(Reply.say("Paris."), Reply.say("Lyon?"))
+    first, h1 = ask(server, temperature=0.2)
+    second, h2 = ask(server, temperature=0.2, extra_body={"scillm_metadata": {"run": 2}})  # metadata: not in key
+    assert len(fake.requests) == 1
+    assert first.choices[0].message.content == second.choices[0].message.content == "Paris."
+    assert (h1["x-scillm-cache"], h2["x-scillm-cache"]) == ("miss", "hit")
+    assert h2["x-scillm-provider"] == "openai" and h2["x-scillm-served-model"] == MODEL
+    assert second.usage is not None and second.usage.total_tokens == first.usage.total_tokens
+
+
+def test_anything_that_changes_the_answer_is_a_miss(fake: FakeOpenAI, serve: Any) -> None:
+    server = serve()
+    variants: list[dict[str, Any]] = [
+        {"temperature": 0.2}, {"temperature": 0.9}, {"temperature": 0.2, "tools": [WEATHER_TOOL]},
+        {"temperature": 0.2, "seed": 7}, {"temperature": 0.2, "response_format": {"type": "json_object"},
+                                          "messages": [{"role": "user", "content": "json please"}]},
+        {"temperature": 0.2, "messages": [{"role": "user", "content": "What is the capital of Italy?"}]},
+        {"temperature": 0.2, "extra_body": {"top_k": 3}},  # extra upstream params count too
+    ]
+    fake.default = Reply.say('{"ok": true}')
+    for kw in variants:
+        _, headers = ask(server, **kw)
+        assert headers["x-scillm-cache"] == "miss", kw
+    assert len(fake.requests) == len(variants)
+    for kw in variants:  # and each of them is now cached separately
+        _, headers = ask(server, **kw)
+        assert headers["x-scillm-cache"] == "hit", kw
+    assert len(fake.requests) == len(variants)
+
+
+def test_identical_concurrent_requests_share_one_upstream_call(fake: FakeOpenAI, serve: Any) -> None:
+    server = serve()
+    fake.default = Reply.say("shared answer", delay_s=0.5)
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(lambda _: ask(server, temperature=0.1), range(10)))
+    assert len(fake.requests) == 1
+    assert {r.choices[0].message.content for r, _ in results} == {"shared answer"}
+    assert all(h["x-scillm-provider"] == "openai" for _, h in results)
+
+
+def test_errors_are_shared_not_cached(fake: FakeOpenAI, serve: Any) -> None:
+    server = serve()
+    fake.script(Reply.fail(400, "bad things", type="invalid_request_error"), Reply.say("fine now"))
+    with pytest.raises(openai.BadRequestError):
+        ask(server)
+    answer, headers = ask(server)
+    assert answer.choices[0].message.content == "fine now"
+    assert headers["x-scillm-cache"] == "miss"
+    assert len(fake.requests) == 2
+
+
+def test_no_cache_header_and_body_opt_out_bypass(fake: FakeOpenAI, serve: Any) -> None:
+    server = serve()
+    fake.script(Reply.say("one"), Reply.say("two"), Reply.say("three"))
+    ask(server)
+    fresh, h = ask(server, extra_headers={"Cache-Control": "no-cache"})
+    assert (fresh.choices[0].message.content, h["x-scillm-cache"]) == ("two", "bypass")
+    opted, h = ask(server, extra_body={"cache": False})
+    assert (opted.choices[0].message.content, h["x-scillm-cache"]) == ("three", "bypass")
+    assert "cache" not in fake.last.body  # scillm's own field never goes upstream
+    cached, h = ask(server)  # no-cache refreshed the entry; cache:false did not store
+    assert (cached.choices[0].message.content, h["x-scillm-cache"]) == ("two", "hit")
+    assert len(fake.requests) == 3
+
+
+def test_stream_hit_is_replayed_and_stream_miss_passes_through(fake: FakeOpenAI, serve: Any) -> None:
+    server = serve()
+    fake.script(Reply.say("Paris is the capital."), Reply.say("streamed live"))
+    ask(server)
+    stream = client(server).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True,
+                                                    stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Paris is the capital."
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 18
+    assert len(fake.requests) == 1
+    other = [{"role": "user", "content": "stream me"}]
+    live = client(server).chat.completions.create(model=MODEL, messages=other, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in live if c.choices) == "streamed live"
+    assert len(fake.requests) == 2
+
+
+def test_ttl_and_health(fake: FakeOpenAI, serve: Any) -> None:
+    server = serve({"ttl_s": 0.3, "max_entries": 5})
+    ask(server)
+    assert ask(server)[1]["x-scillm-cache"] == "hit"
+    time.sleep(0.4)
+    assert ask(server)[1]["x-scillm-cache"] == "miss"
+    health = httpx.get(server.url + "/v1/scillm/health", headers={"authorization": f"Bearer {DEV_KEY}"}).json()
+    cache = health["middleware"]["cache"]
+    assert cache["enabled"] is True and cache["fails"] == "open" and cache["backend"] == "memory"
+    assert cache["counts"]["hit"] == 1 and cache["counts"]["miss"] == 2 and cache["max_entries"] == 5
+
+
+def test_memory_backend_is_a_bounded_lru() -> None:
+    import asyncio
+
+    from scillm_cache import MemoryBackend
+
+    async def scenario() -> list[bytes | None]:
+        backend = MemoryBackend(2)
+        await backend.set("a", b"1", 60)
+        await backend.set("b", b"2", 60)
+        await backend.get("a")            # a is now the most recent
+        await backend.set("c", b"3", 60)  # evicts b
+        return [await backend.get(k) for k in "abc"]
+
+    assert asyncio.run(scenario()) == [b"1", None, b"3"]
+
+
+def test_disabled_by_default(fake: FakeOpenAI, tmp_path: Any) -> None:
+    with ServerThread(make_app(env=env_for(fake), data_dir=tmp_path)) as server:
+        ask(server)
+        _, headers = ask(server)
+    assert "x-scillm-cache" not in headers
+    assert len(fake.requests) == 2
+
+
+# -- Redis -----------------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed: run ./scripts/install --test (apt-get install redis-server)"
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_redis_backend_shares_hits_between_instances(fake: FakeOpenAI, serve: Any, redis_url: str) -> None:
+    one = serve(env=env_for(fake, REDIS_URL=redis_url))  # backend "auto" picks Redis from REDIS_URL
+    two = serve({"backend": "redis", "redis_url": redis_url, "key_prefix": "scillm:cache:"})
+    fake.script(Reply.say("from instance one"))
+    messages = [{"role": "user", "content": f"shared across instances {time.time()}"}]
+    assert ask(one, messages=messages)[1]["x-scillm-cache"] == "miss"
+    answer, headers = ask(two, messages=messages)
+    assert (answer.choices[0].message.content, headers["x-scillm-cache"]) == ("from instance one", "hit")
+    assert len(fake.requests) == 1
+    health = httpx.get(two.url + "/v1/scillm/health", headers={"authorization": f"Bearer {DEV_KEY}"}).json()
+    assert health["middleware"]["cache"]["backend"] == "redis"
+
+
+def test_redis_down_fails_open(fake: FakeOpenAI, serve: Any) -> None:
+    server = serve({"backend": "redis", "redis_url": f"redis://:hunter2secret@127.0.0.1:{free_port()}/0"})
+    for _ in range(2):
+        answer, headers = ask(server)
+        assert answer.choices[0].message.content == "Hello from the fake."
+        assert headers["x-scillm-cache"] == "miss"
+    assert len(fake.requests) == 2
+    health = httpx.get(server.url + "/v1/scillm/health", headers={"authorization": f"Bearer {DEV_KEY}"}).text
+    assert "backend_errors" in health and "hunter2secret" not in health

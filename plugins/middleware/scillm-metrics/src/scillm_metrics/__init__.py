@@ -1,0 +1,378 @@
+"""Prometheus metrics per provider, model and caller, and a redacted call log in the state store.
+
+- ``call_provider`` wrapper (``trylast``: the innermost wrapper, so it sees every upstream attempt, retries and
+  fallbacks included): ``scillm_upstream_requests_total{provider,model,caller,status,code}``,
+  ``scillm_upstream_latency_seconds``, ``scillm_upstream_first_chunk_seconds`` (streams) and
+  ``scillm_upstream_tokens_total{kind}``.
+- ``postprocess_json`` wrapper (``tryfirst``: the whole request, JSON re-asks and cache hits included):
+  ``scillm_requests_total{model,caller,status,code}``, ``scillm_request_latency_seconds`` and one call-log record
+  per request (ts, request id, caller, requested model, provider, served model, status, error code, latency,
+  tokens, attempts, cache result, scillm_metadata), secrets redacted. Records go through a bounded queue to a
+  background writer (``store.append("calls", ...)``), never on the response path; a full queue drops records
+  (counted).
+- ``GET /v1/scillm/calls?limit=N`` returns the newest records (auth like every other route).
+- Label cardinality is bounded: at most ``max_callers`` callers and ``max_models`` models per label, the rest
+  count as ``other``. Fails open: a metrics or call-log failure never fails a request.
+
+Config: ``[metrics] enabled = true``, ``call_log = true``, ``max_callers``, ``max_models``, ``backlog``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import weakref
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from attrs import define, field, frozen
+from starlette.requests import Request
+from starlette.responses import Response
+
+from scillm_core import ChatResponse, Route, Runtime, SurfaceRegistry, errors, hookimpl, json_response, runtime_of
+from scillm_core.redact import redact
+
+if TYPE_CHECKING:
+    from scillm_core import CallContext, ChatChunk, ChatRequest, Usage
+    from scillm_core.pipeline import ChatResult, ChatThunk, ResponseThunk
+
+__all__ = ["MetricsConfig", "redact_record"]
+
+log = logging.getLogger("scillm.metrics")
+NAMESPACE = "calls"
+OTHER = "other"
+UNKNOWN = "unknown"
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)|_API$", re.IGNORECASE)
+_LABEL_JUNK = re.compile(r"[^A-Za-z0-9_.:/@+\-]")
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+@frozen(kw_only=True)
+class MetricsConfig:
+    enabled: bool = True
+    call_log: bool = True
+    max_callers: int = 100
+    max_models: int = 200
+    backlog: int = 1000
+
+
+# -- bounded labels ------------------------------------------------------------------------------------------------
+
+class BoundedLabel:
+    """At most ``limit`` distinct values; later newcomers become ``other``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str | None) -> str:
+        if not value:
+            return UNKNOWN
+        value = _LABEL_JUNK.sub("_", value)[:64]
+        if value in self.seen:
+            return value
+        if len(self.seen) >= self.limit:
+            return OTHER
+        self.seen.add(value)
+        return value
+
+
+# -- per-app state -------------------------------------------------------------------------------------------------
+
+@define
+class MetricsState:
+    config: MetricsConfig
+    runtime: Any
+    secrets: tuple[str, ...]
+    callers: BoundedLabel
+    models: BoundedLabel
+    attempts: Any = None
+    latency: Any = None
+    first_chunk: Any = None
+    tokens: Any = None
+    requests: Any = None
+    request_latency: Any = None
+    dropped_counter: Any = None
+    queue: asyncio.Queue[dict[str, Any]] | None = None
+    writer: asyncio.Task[None] | None = None
+    counts: dict[str, int] = field(factory=lambda: {"logged": 0, "dropped": 0, "write_errors": 0,
+                                                    "metric_errors": 0})
+
+    def labels(self, route: Route | None, ctx: CallContext) -> tuple[str, str, str]:
+        provider = route.provider if route else UNKNOWN
+        return provider, self.models(route.model if route else None), self.callers(ctx.caller)
+
+    def enqueue(self, record: dict[str, Any]) -> None:
+        if not self.config.call_log:
+            return
+        try:
+            if self.queue is None:
+                self.queue = asyncio.Queue(maxsize=max(1, self.config.backlog))
+            if self.writer is None or self.writer.done():
+                self.writer = asyncio.ensure_future(self._write())
+            self.queue.put_nowait(redact_record(record, self.secrets))
+        except asyncio.QueueFull:
+            self.counts["dropped"] += 1
+            self.dropped_counter.inc()
+        except Exception:
+            self.counts["write_errors"] += 1
+            log.warning("call log record could not be queued", exc_info=True)
+
+    async def _write(self) -> None:
+        assert self.queue is not None
+        while True:
+            record = await self.queue.get()
+            try:
+                await self.runtime.store.append(NAMESPACE, record)
+                self.counts["logged"] += 1
+            except Exception as exc:
+                self.counts["write_errors"] += 1
+                log.warning("call log write failed: %s", redact(str(exc), self.secrets))
+            finally:
+                self.queue.task_done()
+
+    async def flush(self, timeout_s: float = 2.0) -> None:
+        if self.queue is not None and self.writer is not None and not self.writer.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.queue.join(), timeout_s)
+
+    async def stop(self) -> None:
+        await self.flush()
+        if self.writer is not None:
+            self.writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.writer
+            self.writer = None
+
+
+_STATES: dict[int, MetricsState] = {}
+
+
+def _state(runtime: Runtime) -> MetricsState | None:
+    return _STATES.get(id(runtime))
+
+
+def _config(runtime: Runtime) -> MetricsConfig:
+    return runtime.config.sections.get("metrics") or MetricsConfig()  # type: ignore[no-any-return]
+
+
+def _secrets(env: Mapping[str, str]) -> tuple[str, ...]:
+    return tuple(sorted({v for k, v in env.items() if _SECRET_NAME.search(k) and v and len(v) >= 8},
+                        key=len, reverse=True))
+
+
+def redact_record(value: Any, secrets: Iterable[str] = ()) -> Any:
+    """Every string in ``value`` (recursively) with secrets and key-shaped tokens replaced by ``[redacted]``."""
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, Mapping):
+        return {redact(str(k), secrets): redact_record(v, secrets) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_record(v, secrets) for v in value]
+    return value
+
+
+@hookimpl
+def scillm_config_sections() -> Mapping[str, type]:
+    return {"metrics": MetricsConfig}
+
+
+@hookimpl
+def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> None:
+    surfaces.route("/v1/scillm/calls", calls, ["GET"], plugin="metrics")
+    config = _config(runtime)
+    if not config.enabled:
+        return
+    from prometheus_client import Counter, Histogram
+
+    registry = runtime.metrics
+    upstream = ["provider", "model", "caller"]
+    state = MetricsState(config=config, runtime=runtime, secrets=_secrets(runtime.env),
+                         callers=BoundedLabel(config.max_callers), models=BoundedLabel(config.max_models))
+    state.attempts = Counter("scillm_upstream_requests", "Upstream attempts by outcome",
+                             [*upstream, "status", "code"], registry=registry)
+    state.latency = Histogram("scillm_upstream_latency_seconds", "Upstream attempt duration (streams: to the end)",
+                              upstream, buckets=LATENCY_BUCKETS, registry=registry)
+    state.first_chunk = Histogram("scillm_upstream_first_chunk_seconds", "Time to the first streamed chunk",
+                                  upstream, buckets=LATENCY_BUCKETS, registry=registry)
+    state.tokens = Counter("scillm_upstream_tokens", "Tokens reported by upstreams", [*upstream, "kind"],
+                           registry=registry)
+    state.requests = Counter("scillm_requests", "Chat requests by result", ["model", "caller", "status", "code"],
+                             registry=registry)
+    state.request_latency = Histogram("scillm_request_latency_seconds", "Chat request duration",
+                                      ["model", "caller"], buckets=LATENCY_BUCKETS, registry=registry)
+    state.dropped_counter = Counter("scillm_call_log_dropped", "Call-log records dropped (backlog full)",
+                                    registry=registry)
+    key = id(runtime)
+    _STATES[key] = state
+    weakref.finalize(runtime, _STATES.pop, key, None)
+    surfaces.on_shutdown(state.stop)
+
+
+@hookimpl
+def scillm_health(runtime: Runtime) -> Mapping[str, Any]:
+    state = _state(runtime)
+    if state is None:
+        return {"metrics": {"enabled": False, "fails": "open"}}
+    return {"metrics": {"enabled": True, "fails": "open", "call_log": state.config.call_log,
+                        "backlog": state.queue.qsize() if state.queue else 0, "max_backlog": state.config.backlog,
+                        "callers_tracked": len(state.callers.seen), **state.counts}}
+
+
+# -- outcomes ------------------------------------------------------------------------------------------------------
+
+def _outcome(exc: BaseException | None) -> tuple[int | None, str, str]:
+    """``(status, status class, code)`` for a finished call."""
+    if exc is None:
+        return 200, "2xx", "ok"
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return None, "cancelled", "client_closed"
+    status, body, _ = errors.to_response_parts(exc)
+    return status, f"{status // 100}xx", str(body["error"].get("code") or body["error"].get("type"))
+
+
+def _tokens(usage: Usage | None) -> dict[str, int] | None:
+    if usage is None:
+        return None
+    return {"prompt": usage.prompt_tokens, "completion": usage.completion_tokens, "total": usage.total_tokens}
+
+
+def _safely(state: MetricsState, fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        state.counts["metric_errors"] += 1
+        log.warning("recording metrics failed", exc_info=True)
+
+
+# -- per upstream attempt ------------------------------------------------------------------------------------------
+
+@hookimpl(wrapper=True, trylast=True)
+def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
+    call: ChatThunk = yield
+    state = _state(ctx.runtime)
+    if state is None:
+        return call
+
+    def finish(started: float, exc: BaseException | None, usage: Usage | None) -> None:
+        labels = state.labels(route, ctx)
+        _, status_class, code = _outcome(exc)
+        state.attempts.labels(*labels, status_class, code).inc()
+        state.latency.labels(*labels).observe(time.perf_counter() - started)
+        if usage is not None:
+            state.tokens.labels(*labels, "prompt").inc(max(0, usage.prompt_tokens))
+            state.tokens.labels(*labels, "completion").inc(max(0, usage.completion_tokens))
+
+    async def measured() -> ChatResult:
+        started = time.perf_counter()
+        try:
+            result = await call()
+        except BaseException as exc:
+            _safely(state, finish, started, exc, None)
+            raise
+        if isinstance(result, ChatResponse):
+            _safely(state, finish, started, None, result.usage)
+            return result
+
+        def first(elapsed: float) -> None:
+            state.first_chunk.labels(*state.labels(route, ctx)).observe(elapsed)
+
+        return _observe_stream(result, started, lambda exc, usage: _safely(state, finish, started, exc, usage),
+                               lambda elapsed: _safely(state, first, elapsed))
+
+    return measured
+
+
+async def _observe_stream(chunks: AsyncIterator[ChatChunk], started: float, done: Any,
+                          first: Any = None) -> AsyncIterator[ChatChunk]:
+    usage = None
+    failure: BaseException | None = None
+    seen = False
+    try:
+        async for chunk in chunks:
+            if not seen:
+                seen = True
+                if first is not None:
+                    first(time.perf_counter() - started)
+            if chunk.usage is not None:
+                usage = chunk.usage
+            yield chunk
+    except BaseException as exc:
+        failure = exc
+        raise
+    finally:
+        done(failure, usage)
+        closer = getattr(chunks, "aclose", None)
+        if closer is not None:
+            with contextlib.suppress(Exception):
+                await closer()
+
+
+# -- per request ---------------------------------------------------------------------------------------------------
+
+@hookimpl(wrapper=True, tryfirst=True)
+def postprocess_json(request: ChatRequest, ctx: CallContext) -> Any:
+    state = _state(ctx.runtime)
+    started = time.perf_counter()
+    try:
+        call: ResponseThunk = yield
+    except Exception as exc:  # rejected while the chain was built (e.g. a bad json_schema)
+        if state is not None:
+            _safely(state, _finish_request, state, request, ctx, started, exc, None)
+        raise
+    if state is None:
+        return call
+
+    async def logged() -> ChatResult:
+        try:
+            result = await call()
+        except BaseException as exc:
+            _safely(state, _finish_request, state, request, ctx, started, exc, None)
+            raise
+        if isinstance(result, ChatResponse):
+            _safely(state, _finish_request, state, request, ctx, started, None, result.usage)
+            return result
+        return _observe_stream(result, started, lambda exc, usage: _safely(
+            state, _finish_request, state, request, ctx, started, exc, usage))
+
+    return logged
+
+
+def _finish_request(state: MetricsState, request: ChatRequest, ctx: CallContext, started: float,
+                    exc: BaseException | None, usage: Usage | None) -> None:
+    elapsed = time.perf_counter() - started
+    status, status_class, code = _outcome(exc)
+    model, caller = state.models(request.model), state.callers(ctx.caller)
+    state.requests.labels(model, caller, status_class, code).inc()
+    state.request_latency.labels(model, caller).observe(elapsed)
+    route = ctx.route
+    record: dict[str, Any] = {
+        "ts": time.time(), "request_id": ctx.request_id, "caller": ctx.caller, "model": request.model,
+        "provider": route.provider if route else None, "served_model": route.model if route else None,
+        "stream": request.stream, "status": status if exc is None or status is not None else 499,
+        "error_code": None if exc is None else code, "latency_ms": round(elapsed * 1000, 1),
+        "attempts": ctx.attempts, "tokens": _tokens(usage), "cache": ctx.notes.get("cache"),
+        "scillm_metadata": request.scillm.get("scillm_metadata"),
+    }
+    if exc is not None and isinstance(exc, errors.ScillmError):
+        record["error"] = exc.message[:500]
+    state.enqueue(record)
+
+
+# -- GET /v1/scillm/calls ------------------------------------------------------------------------------------------
+
+async def calls(request: Request) -> Response:
+    runtime = runtime_of(request)
+    raw = request.query_params.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise errors.InvalidRequest(f"limit must be an integer from 1 to 1000, got {raw[:20]!r} @ query.limit",
+                                    param="limit")
+    state = _state(runtime)
+    if state is not None:
+        await state.flush(1.0)  # records still queued are part of the tail
+    records = await runtime.store.tail(NAMESPACE, int(raw))
+    return json_response({"object": "list", "data": records, "count": len(records),
+                          "enabled": state is not None and state.config.call_log})

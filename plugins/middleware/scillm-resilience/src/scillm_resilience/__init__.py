@@ -1,0 +1,438 @@
+"""Resilience middleware around ``call_provider``: retries, fallbacks, circuit breakers, the overall deadline,
+per-provider concurrency limits with AIMD, and cancel-on-disconnect.
+
+Two wrappers (pluggy: among wrappers ``tryfirst`` is outermost, ``trylast`` innermost)::
+
+    cache (tryfirst)  ->  call_provider (this plugin: deadline, breaker, retries, fallback)
+                      ->  limit_concurrency (this plugin, trylast: one slot per upstream attempt)
+                      ->  core dispatch
+
+Fail-open/closed: retries, fallbacks and the deadline only ever add attempts or stop waiting (they cannot reject a
+request that would otherwise succeed); the circuit breaker and the concurrency limiter **fail closed** — an open
+circuit is skipped in favour of its fallbacks (503 ``circuit_open`` when every member is open), a full queue is a
+429 ``concurrency_queue_full`` and a wait past ``queue_wait_s`` or the request deadline a 503
+``concurrency_wait_timeout``. ``[resilience] enabled = false`` passes every call through untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import weakref
+from collections.abc import AsyncIterator, Generator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from scillm_core import MiddlewareRegistry, Route, Runtime, errors, hookimpl
+from scillm_resilience.breaker import Breaker, CircuitOpenSignal
+from scillm_resilience.config import LimitConfig, ResilienceConfig
+from scillm_resilience.disconnect import CancelOnDisconnect
+from scillm_resilience.limiter import Limiter, QueueFullSignal, QueueTimeoutSignal, SlotIterator
+
+if TYPE_CHECKING:
+    from scillm_core import CallContext, ChatRequest
+    from scillm_core.pipeline import ChatResult, ChatThunk
+
+__all__ = ["AllCircuitsOpen", "CircuitOpen", "ConcurrencyLimited", "LimitConfig", "ResilienceConfig", "state_of"]
+
+WAITING_NOTE = "resilience.waiting_for_slot"
+
+
+# -- errors --------------------------------------------------------------------------------------------------------
+
+class CircuitOpen(errors.UpstreamUnavailable):
+    """One deployment is cooling down; fallbacks are tried instead."""
+
+    code = "circuit_open"
+    retryable = False
+    local = True
+
+
+class AllCircuitsOpen(errors.ScillmError):
+    """Every deployment a request could use is cooling down."""
+
+    status = 503
+    type = "server_error"
+    code = "circuit_open"
+
+
+class ConcurrencyLimited(errors.UpstreamError):
+    """scillm's own per-provider limit refused the call (queue full: 429; no slot in time: 503)."""
+
+    status = 503
+    type = "server_error"
+    code = "concurrency_wait_timeout"
+    retryable = False
+    local = True
+
+
+def _is_local(exc: BaseException) -> bool:
+    return bool(getattr(exc, "local", False))
+
+
+# -- per-app state -------------------------------------------------------------------------------------------------
+
+class State:
+    def __init__(self, config: ResilienceConfig) -> None:
+        self.config = config
+        self.breaker = Breaker(config.breaker_threshold, config.breaker_cooldown_s)
+        self.limiters: dict[str, Limiter] = {}
+
+    def limiter(self, provider: str) -> Limiter:
+        limiter = self.limiters.get(provider)
+        if limiter is None:
+            limit = self.config.limit_for(provider)
+            limiter = self.limiters[provider] = Limiter(provider, limit.max_concurrency, limit.max_queue,
+                                                        aimd=self.config.aimd, recover_s=self.config.aimd_recover_s)
+        return limiter
+
+    def health(self, runtime: Runtime) -> dict[str, Any]:
+        cfg = self.config
+        for name in runtime.providers:  # show configured limits even before the first call
+            if name in cfg.limits:
+                self.limiter(name)
+        return {
+            "enabled": cfg.enabled,
+            "switches": cfg.switches(),
+            "fails": {"retries": "open", "fallbacks": "open", "deadline": "open", "breaker": "closed",
+                      "concurrency": "closed"},
+            "retries": {"max_retries": cfg.max_retries, "backoff_base_s": cfg.backoff_base_s,
+                        "backoff_max_s": cfg.backoff_max_s, "max_retry_after_s": cfg.max_retry_after_s},
+            "breaker": {"threshold": cfg.breaker_threshold, "cooldown_s": cfg.breaker_cooldown_s,
+                        "circuits": self.breaker.snapshot()},
+            "concurrency": {"default_limit": {"max_concurrency": cfg.default_limit.max_concurrency,
+                                              "max_queue": cfg.default_limit.max_queue},
+                            "queue_wait_s": cfg.queue_wait_s, "aimd_recover_s": cfg.aimd_recover_s,
+                            "providers": {name: lim.snapshot() for name, lim in sorted(self.limiters.items())}},
+        }
+
+
+_states: dict[int, State] = {}
+
+
+def state_of(runtime: Runtime) -> State:
+    """This plugin's state for one app (breakers, limiters); created on first use, dropped with the runtime."""
+    key = id(runtime)
+    state = _states.get(key)
+    if state is None:
+        config = runtime.config.sections.get("resilience") or ResilienceConfig()
+        state = _states[key] = State(config)
+        weakref.finalize(runtime, _states.pop, key, None)
+    return state
+
+
+# -- hooks ---------------------------------------------------------------------------------------------------------
+
+@hookimpl
+def scillm_config_sections() -> Mapping[str, type]:
+    return {"resilience": ResilienceConfig}
+
+
+@hookimpl
+def scillm_register_middleware(middleware: MiddlewareRegistry, runtime: Runtime) -> None:
+    cfg = state_of(runtime).config
+    if cfg.enabled and cfg.cancel_on_disconnect:
+        paths = cfg.disconnect_paths
+        middleware.add(lambda app: CancelOnDisconnect(app, paths), order=50, name="cancel_on_disconnect")
+
+
+@hookimpl
+def scillm_health(runtime: Runtime) -> dict[str, Any]:
+    return {"resilience": state_of(runtime).health(runtime)}
+
+
+@hookimpl
+def scillm_doctor(runtime: Runtime) -> list[dict[str, Any]]:
+    cfg = state_of(runtime).config
+    unknown = sorted(set(cfg.limits) - set(runtime.providers))
+    detail = (f"[resilience.limits] names unknown providers: {', '.join(unknown)} (known: "
+              f"{', '.join(sorted(runtime.providers))})" if unknown else
+              f"limits for {', '.join(sorted(cfg.limits)) or 'no provider'}; default "
+              f"{cfg.default_limit.max_concurrency} in flight, {cfg.default_limit.max_queue} queued")
+    return [{"check": "resilience limits", "ok": not unknown, "detail": detail}]
+
+
+@hookimpl(wrapper=True)
+def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Generator[None, Any, Any]:
+    """Deadline, circuit breaker, retries with backoff, fallback along ``route.fallbacks``."""
+    call = yield
+    state = state_of(ctx.runtime)
+    if not state.config.enabled:
+        return call
+
+    async def resilient() -> ChatResult:
+        return await Attempts(state, request, route, ctx, call).run()
+
+    return resilient
+
+
+@hookimpl(wrapper=True, trylast=True, specname="call_provider")
+def limit_concurrency(request: ChatRequest, route: Route, ctx: CallContext) -> Generator[None, Any, Any]:
+    """One slot of ``route.provider``'s limit per upstream attempt (held until a stream ends)."""
+    call = yield
+    state = state_of(ctx.runtime)
+    cfg = state.config
+    if not (cfg.enabled and cfg.concurrency):
+        return call
+    limiter = state.limiter(route.provider)
+
+    async def limited() -> ChatResult:
+        wait = cfg.queue_wait_s
+        remaining = ctx.remaining()
+        if remaining is not None:
+            wait = min(wait, remaining)
+        ctx.notes[WAITING_NOTE] = route.provider
+        try:
+            slot = await limiter.acquire(wait)
+        except QueueFullSignal:
+            raise _queue_full(limiter, route) from None
+        except QueueTimeoutSignal as signal:
+            raise _queue_timeout(limiter, route, signal.waited_s) from None
+        ctx.notes.pop(WAITING_NOTE, None)
+        try:
+            result: ChatResult = await call()
+        except BaseException as exc:
+            if isinstance(exc, errors.UpstreamRateLimited) and not _is_local(exc):
+                limiter.rate_limited(slot)
+            slot.release()
+            raise
+        if request.stream:
+            def on_error(exc: BaseException) -> None:
+                if isinstance(exc, errors.UpstreamRateLimited) and not _is_local(exc):
+                    limiter.rate_limited(slot)
+
+            return SlotIterator(result, slot, on_error=on_error)  # type: ignore[arg-type]
+        slot.release()
+        return result
+
+    return limited
+
+
+def _queue_full(limiter: Limiter, route: Route) -> ConcurrencyLimited:
+    return ConcurrencyLimited(
+        f"concurrency limit reached: {limiter.in_flight} calls in flight (limit {limiter.effective} of "
+        f"{limiter.limit}) and the wait queue is full ({limiter.max_queue} waiting); retry later or raise "
+        f"[resilience.limits.{route.provider}] max_concurrency / max_queue",
+        provider=route.provider, model=route.model, status=429, code="concurrency_queue_full",
+        headers={"retry-after": "1"})
+
+
+def _queue_timeout(limiter: Limiter, route: Route, waited_s: float) -> ConcurrencyLimited:
+    return ConcurrencyLimited(
+        f"no concurrency slot became free within {waited_s:.2f}s (limit {limiter.effective} of {limiter.limit}, "
+        f"{limiter.in_flight} in flight, {len(limiter.waiters)} waiting); the request timeout or "
+        f"[resilience] queue_wait_s ran out while queued",
+        provider=route.provider, model=route.model, headers={"retry-after": "1"})
+
+
+# -- the retry / fallback loop -------------------------------------------------------------------------------------
+
+class Attempts:
+    def __init__(self, state: State, request: ChatRequest, route: Route, ctx: CallContext, call: ChatThunk) -> None:
+        self.state = state
+        self.cfg = state.config
+        self.request = request
+        self.route = route
+        self.ctx = ctx
+        self.call = call
+
+    # -- deadline ---------------------------------------------------------------------------------------------
+
+    def remaining(self) -> float | None:
+        return self.ctx.remaining() if self.cfg.deadline else None
+
+    def deadline_error(self, route: Route, last: BaseException | None = None) -> errors.DeadlineExceeded:
+        timeout = self.request.scillm.get("timeout")
+        total = f"{timeout}s " if timeout else ""
+        last_text = f"; last error: {_short(last)}" if last is not None else ""
+        return errors.DeadlineExceeded(
+            f"request timeout {total}reached while calling {route.provider} ({route.model}) after "
+            f"{self.ctx.attempts} upstream attempt(s){last_text}",
+            details={"provider": route.provider, "model": route.model, "attempts": self.ctx.attempts})
+
+    # -- one deployment --------------------------------------------------------------------------------------
+
+    async def run(self) -> ChatResult:
+        route, cfg = self.route, self.cfg
+        try:
+            return await self.serve()
+        except Exception as exc:
+            if not (cfg.fallbacks and route.fallbacks and _fallback_worthy(exc)):
+                raise
+            tried: list[tuple[Route, BaseException]] = [(route, exc)]
+        hooks = self.ctx.runtime.hooks
+        for fallback in route.fallbacks:
+            remaining = self.remaining()
+            if remaining is not None and remaining <= 0:
+                last = tried[-1][1]
+                if isinstance(last, errors.DeadlineExceeded | ConcurrencyLimited):
+                    raise last
+                raise self.deadline_error(fallback, last)
+            try:
+                return await hooks.call_provider(self.request, fallback, self.ctx)()
+            except Exception as exc:
+                if not _fallback_worthy(exc):
+                    raise
+                tried.append((fallback, exc))
+        raise self.exhausted(tried)
+
+    def exhausted(self, tried: list[tuple[Route, BaseException]]) -> BaseException:
+        summary = [{"deployment": r.deployment, "error": getattr(e, "code", None) or type(e).__name__}
+                   for r, e in tried]
+        if all(isinstance(e, CircuitOpen | AllCircuitsOpen) for _, e in tried):
+            breaker = self.state.breaker
+            parts = [f"{r.deployment} (retry in {breaker.remaining(r.deployment):.1f}s; last error: "
+                     f"{breaker.circuits[r.deployment].last_error if r.deployment in breaker.circuits else '?'})"
+                     for r, _ in tried]
+            wait = min(breaker.remaining(r.deployment) for r, _ in tried)
+            what = f"group {self.route.group!r}" if self.route.group else f"model {self.route.requested!r}"
+            return AllCircuitsOpen(
+                f"every deployment for {what} is cooling down after repeated failures: {', '.join(parts)}",
+                headers={"retry-after": str(max(1, round(wait)))}, details={"tried": summary})
+        last = next((e for _, e in reversed(tried) if not isinstance(e, CircuitOpen)), tried[-1][1])
+        if isinstance(last, errors.ScillmError):
+            last.details.setdefault("tried", summary)
+        return last
+
+    async def serve(self) -> ChatResult:
+        """Call ``self.route`` with breaker admission and retries; the first chunk of a stream is part of it."""
+        route, cfg, breaker = self.route, self.cfg, self.state.breaker
+        deployment = route.deployment
+        probe = False
+        if cfg.breaker:
+            try:
+                probe = breaker.admit(deployment) == "probe"
+            except CircuitOpenSignal as signal:
+                raise CircuitOpen(
+                    f"deployment {deployment} is cooling down for {signal.remaining_s:.1f}s more after "
+                    f"{signal.circuit.consecutive_failures} consecutive failures (last error: "
+                    f"{signal.circuit.last_error})", provider=route.provider, model=route.model,
+                    headers={"retry-after": str(max(1, round(signal.remaining_s)))}) from None
+        retry = 0
+        while True:
+            try:
+                result = await self.attempt()
+            except BaseException as exc:
+                counted = cfg.breaker and self.record_failure(exc)
+                if cfg.breaker and probe and not counted:
+                    breaker.abandon_probe(deployment)
+                if not isinstance(exc, Exception):
+                    raise
+                if probe or (counted and breaker.remaining(deployment) > 0):
+                    raise  # the probe failed, or this failure opened the circuit: fall back now
+                delay = self.retry_delay(exc, retry)
+                if delay is None:
+                    raise
+                retry += 1
+                await asyncio.sleep(delay)
+                continue
+            if cfg.breaker:
+                breaker.success(deployment)
+            return result
+
+    def record_failure(self, exc: BaseException) -> bool:
+        """Count ``exc`` against the deployment when it says the deployment is unhealthy (5xx/overloaded, refused
+        or dropped connections, timeouts, garbled answers). Rate limits are left to retry-after and AIMD, and
+        request, auth and quota errors to fallbacks, so a breaker never hides a clear error behind a 503."""
+        if not isinstance(exc, _HEALTH_ERRORS) or _is_local(exc):
+            return False
+        self.state.breaker.failure(self.route.deployment, _short(exc))
+        return True
+
+    def retry_delay(self, exc: Exception, retry: int) -> float | None:
+        cfg = self.cfg
+        if not cfg.retries or retry >= cfg.max_retries:
+            return None
+        if not isinstance(exc, errors.UpstreamError) or not exc.retryable or _is_local(exc):
+            return None
+        if exc.retry_after_s is not None:
+            if exc.retry_after_s > cfg.max_retry_after_s:
+                return None  # the upstream asks for longer than we wait: fall back or report its 429 now
+            delay = exc.retry_after_s
+        else:
+            delay = random.uniform(0.0, min(cfg.backoff_max_s, cfg.backoff_base_s * (2 ** retry)))
+        remaining = self.remaining()
+        if remaining is not None and delay >= remaining:
+            return None  # never sleep past the deadline
+        return delay
+
+    async def attempt(self) -> ChatResult:
+        """One upstream call (through the inner chain), bounded by the deadline; for streams until the first
+        chunk, which is pulled here so that failures before it can still be retried or failed over."""
+        ctx, route = self.ctx, self.route
+        ctx.notes.pop(WAITING_NOTE, None)
+        remaining = self.remaining()
+        if remaining is None:
+            return await self.once()
+        if remaining <= 0:
+            raise self.deadline_error(route)
+        try:
+            async with asyncio.timeout(remaining):
+                return await self.once()
+        except TimeoutError:
+            if ctx.notes.pop(WAITING_NOTE, None):
+                limiter = self.state.limiter(route.provider)
+                limiter.rejected += 1
+                raise _queue_timeout(limiter, route, remaining) from None
+            raise self.deadline_error(route) from None
+        except errors.DeadlineExceeded:
+            raise self.deadline_error(route) from None
+
+    async def once(self) -> ChatResult:
+        result = await self.call()
+        if not self.request.stream:
+            return result
+        chunks: AsyncIterator[Any] = result  # type: ignore[assignment]
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            return _empty()
+        except BaseException:
+            await _aclose(chunks)
+            raise
+        return self.rest(first, chunks)
+
+    async def rest(self, first: Any, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The stream after the first chunk: failures now propagate (the chat surface sends an error event)."""
+        try:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        except Exception as exc:
+            if self.cfg.breaker:
+                self.record_failure(exc)
+            raise
+        finally:
+            await _aclose(chunks)
+
+
+_HEALTH_ERRORS = (errors.UpstreamUnavailable, errors.UpstreamConnectError, errors.UpstreamTimeout,
+                  errors.UpstreamProtocolError)
+
+
+def _fallback_worthy(exc: BaseException) -> bool:
+    """Whether another deployment may succeed where this one failed."""
+    if isinstance(exc, errors.UpstreamBadRequest):
+        return exc.upstream_status == 404  # the upstream does not know this model; others may
+    if isinstance(exc, errors.UpstreamError | AllCircuitsOpen | errors.ProviderNotConfigured):
+        return True
+    return False
+
+
+async def _empty() -> AsyncIterator[Any]:
+    return
+    yield  # pragma: no cover
+
+
+async def _aclose(chunks: Any) -> None:
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()
+
+
+def _short(exc: BaseException | None) -> str:
+    if exc is None:
+        return ""
+    text = str(getattr(exc, "message", None) or exc or type(exc).__name__)
+    return f"{getattr(exc, 'code', None) or type(exc).__name__}: {text[:300]}"

@@ -1,0 +1,180 @@
+"""Per-provider concurrency limiter: a FIFO bounded wait queue and an AIMD effective limit.
+
+On an upstream 429 the effective limit halves (never below 1) — once per "window": a 429 for a call that was
+admitted before the last decrease does not halve again. After ``recover_s`` without a 429 it grows by one per
+quiet period, back to the configured limit. Slots are released exactly once, on success, error, cancellation or
+when a stream ends or is closed (and, as a last resort, when an unconsumed stream is garbage collected).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+__all__ = ["Limiter", "QueueFullSignal", "QueueTimeoutSignal", "Slot", "SlotIterator"]
+
+
+class QueueFullSignal(Exception):
+    pass
+
+
+class QueueTimeoutSignal(Exception):
+    def __init__(self, waited_s: float) -> None:
+        super().__init__(waited_s)
+        self.waited_s = waited_s
+
+
+class Limiter:
+    def __init__(self, provider: str, limit: int, max_queue: int, *, aimd: bool, recover_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.provider = provider
+        self.limit = limit
+        self.max_queue = max_queue
+        self.aimd = aimd
+        self.recover_s = recover_s
+        self.clock = clock
+        self.effective = limit
+        self.in_flight = 0
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.last_change = clock()
+        self.last_decrease = float("-inf")
+        self.decreases = 0
+        self.rejected = 0
+        self.served = 0
+
+    # -- AIMD ---------------------------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        if self.effective >= self.limit:
+            return
+        now = self.clock()
+        steps = int((now - self.last_change) / self.recover_s)
+        if steps > 0:
+            self.effective = min(self.limit, self.effective + steps)
+            self.last_change = now if self.effective >= self.limit else self.last_change + steps * self.recover_s
+            self._wake()
+
+    def rate_limited(self, slot: Slot) -> None:
+        """An upstream 429 for a call admitted through ``slot``."""
+        if not self.aimd or slot.admitted_at < self.last_decrease:
+            return
+        self._recover()
+        now = self.clock()
+        self.effective = max(1, self.effective // 2)
+        self.last_change = self.last_decrease = now
+        self.decreases += 1
+
+    # -- slots --------------------------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        while self.waiters and self.in_flight < self.effective:
+            waiter = self.waiters.popleft()
+            if waiter.done():
+                continue
+            self.in_flight += 1
+            waiter.set_result(None)
+
+    def _release(self) -> None:
+        self.in_flight -= 1
+        self._recover()
+        self._wake()
+
+    async def acquire(self, wait_s: float) -> Slot:
+        """A slot, waiting at most ``wait_s`` in the FIFO queue. Raises :class:`QueueFullSignal` at once when the
+        queue is full, :class:`QueueTimeoutSignal` when no slot freed up in time."""
+        self._recover()
+        if self.in_flight < self.effective and not self.waiters:
+            self.in_flight += 1
+            return self._granted()
+        if len(self.waiters) >= self.max_queue:
+            self.rejected += 1
+            raise QueueFullSignal()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        started = self.clock()
+        try:
+            async with asyncio.timeout(max(wait_s, 0.0)):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # granted just as we gave up: hand the slot on
+            else:
+                waiter.cancel()
+                try:
+                    self.waiters.remove(waiter)
+                except ValueError:
+                    pass
+            if isinstance(exc, TimeoutError):
+                self.rejected += 1
+                raise QueueTimeoutSignal(self.clock() - started) from None
+            raise
+        return self._granted()
+
+    def _granted(self) -> Slot:
+        self.served += 1
+        return Slot(self, self.clock())
+
+    def snapshot(self) -> dict[str, Any]:
+        self._recover()
+        return {"limit": self.limit, "effective_limit": self.effective, "in_flight": self.in_flight,
+                "waiting": sum(1 for w in self.waiters if not w.done()), "max_queue": self.max_queue,
+                "aimd_decreases": self.decreases, "rejected": self.rejected, "served": self.served}
+
+
+class Slot:
+    __slots__ = ("__weakref__", "admitted_at", "limiter", "released")
+
+    def __init__(self, limiter: Limiter, admitted_at: float) -> None:
+        self.limiter = limiter
+        self.admitted_at = admitted_at
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.limiter._release()
+
+
+class SlotIterator:
+    """A stream holding a slot until it ends, fails or is closed."""
+
+    def __init__(self, inner: AsyncIterator[Any], slot: Slot, on_error: Callable[[BaseException], None]) -> None:
+        self._inner = inner
+        self._slot = slot
+        self._on_error = on_error
+        self._loop = asyncio.get_running_loop()
+
+    def __aiter__(self) -> SlotIterator:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._slot.released:
+            raise StopAsyncIteration
+        try:
+            return await self._inner.__anext__()
+        except StopAsyncIteration:
+            self._slot.release()
+            raise
+        except BaseException as exc:
+            self._on_error(exc)
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            close = getattr(self._inner, "aclose", None)
+            if close is not None:
+                await close()
+        finally:
+            self._slot.release()
+
+    def __del__(self) -> None:  # an opened stream nobody consumed or closed: never leak its slot
+        slot = getattr(self, "_slot", None)
+        if slot is not None and not slot.released:
+            try:
+                self._loop.call_soon_threadsafe(slot.release)
+            except RuntimeError:
+                pass  # loop closed: nothing left to release into

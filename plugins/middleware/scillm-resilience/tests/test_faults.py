@@ -1,0 +1,429 @@
+"""Fault tests through the official openai client against a real scillm and fake upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread, make_app
+
+OPENAI_KEY = "sk-resilience-openai-secret-0123456789"
+DEEPSEEK_KEY = "sk-resilience-deepseek-secret-9876543210"
+
+#: fast, deterministic-enough defaults for tests; each test overrides what it checks
+FAST = {"backoff_base_s": 0.01, "backoff_max_s": 0.02, "max_retries": 1}
+
+
+class StallingOpenAI(FakeOpenAI):
+    """An OpenAI-format upstream that never finishes: non-streaming calls wait for the client to drop the
+    connection; streams send the role chunk, then stall. ``dropped`` is set when scillm closes the connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = threading.Event()
+
+    def routes(self) -> list[Route]:
+        return [Route(f"{self.base_path}/chat/completions", self.stall, methods=["POST"])]
+
+    async def stall(self, request: Request) -> Response:
+        recorded = await self.record(request)
+        self.in_flight += 1
+        if recorded.body.get("stream"):
+            first = {"id": "chatcmpl-stall", "object": "chat.completion.chunk", "created": 0,
+                     "model": recorded.body["model"],
+                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"},
+                                  "finish_reason": None}]}
+
+            async def events() -> Any:
+                try:
+                    yield b"data: " + orjson.dumps(first) + b"\n\n"
+                    await asyncio.sleep(3600)
+                finally:
+                    self.in_flight -= 1
+                    self.dropped.set()
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        try:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        finally:
+            self.in_flight -= 1
+            self.dropped.set()
+        return Response(b"", status_code=499)
+
+
+def _reset(fake: FakeOpenAI) -> FakeOpenAI:
+    fake.requests.clear()
+    fake._script.clear()  # shared across the module, fresh per test
+    fake.default = FakeOpenAI.default
+    fake.max_in_flight = fake.in_flight
+    return fake
+
+
+@pytest.fixture(scope="module")
+def _fakes() -> Iterator[tuple[FakeOpenAI, FakeOpenAI]]:
+    with FakeOpenAI() as a, FakeOpenAI() as b:
+        yield a, b  # type: ignore[misc]
+
+
+@pytest.fixture
+def fake_a(_fakes: tuple[FakeOpenAI, FakeOpenAI]) -> FakeOpenAI:
+    return _reset(_fakes[0])
+
+
+@pytest.fixture
+def fake_b(_fakes: tuple[FakeOpenAI, FakeOpenAI]) -> FakeOpenAI:
+    return _reset(_fakes[1])
+
+
+@pytest.fixture
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])  # closed when the block ends: connections are refused
+
+
+@pytest.fixture
+def start(tmp_path: Any) -> Iterator[Callable[..., ServerThread]]:
+    """``start(openai_base, deepseek_base=None, resilience={...}, groups={...})`` -> a running scillm."""
+    servers: list[ServerThread] = []
+
+    def run(openai_base: str, deepseek_base: str | None = None, *, resilience: dict[str, Any] | None = None,
+            groups: dict[str, Any] | None = None, **tables: Any) -> ServerThread:
+        env = {"OPENAI_API_KEY": OPENAI_KEY, "OPENAI_API_BASE": openai_base}
+        if deepseek_base:
+            env |= {"DEEPSEEK_API_KEY": DEEPSEEK_KEY, "DEEPSEEK_API_BASE": deepseek_base}
+        config: dict[str, Any] = {"plugins": {"disable": ["cache"]}, "resilience": {**FAST, **(resilience or {})},
+                                  **tables}
+        if groups:
+            config["groups"] = groups
+        server = ServerThread(make_app(env=env, config=config, data_dir=tmp_path / f"data{len(servers)}")).start()
+        servers.append(server)
+        return server
+
+    yield run
+    for server in servers:
+        server.stop()
+
+
+def client_for(server: ServerThread, **kw: Any) -> openai.OpenAI:
+    kw.setdefault("timeout", 20)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, **kw)
+
+
+def health(server: ServerThread) -> dict[str, Any]:
+    import httpx
+
+    response = httpx.get(server.url + "/v1/scillm/health", headers={"authorization": f"Bearer {DEV_KEY}"})
+    assert response.status_code == 200
+    return response.json()["middleware"]["resilience"]  # type: ignore[no-any-return]
+
+
+HI = [{"role": "user", "content": "hi"}]
+GROUP = {"g": {"models": ["openai/gpt-a", "deepseek/deepseek-chat"]}}
+
+
+def test_429_retry_after_is_honoured_then_success(start, fake_a):
+    server = start(fake_a.base_url)
+    fake_a.script(Reply.fail(429, "Rate limit reached", type="requests", code="rate_limit_exceeded",
+                             headers={"retry-after-ms": "400"}), Reply.say("after the wait"))
+    began = time.monotonic()
+    raw = client_for(server).chat.completions.with_raw_response.create(model="openai/gpt-a", messages=HI)
+    elapsed = time.monotonic() - began
+    assert raw.parse().choices[0].message.content == "after the wait"
+    assert raw.headers["x-scillm-attempts"] == "2"
+    assert len(fake_a.requests) == 2
+    assert 0.38 <= elapsed < 3.0, elapsed  # the 400 ms the upstream asked for, not the 10 ms backoff
+
+
+def test_retry_after_beyond_the_maximum_is_not_slept(start, fake_a):
+    server = start(fake_a.base_url, resilience={"max_retry_after_s": 1.0})
+    fake_a.script(Reply.fail(429, "Rate limit reached", headers={"retry-after": "120"}))
+    began = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as caught:
+        client_for(server).chat.completions.create(model="openai/gpt-a", messages=HI)
+    assert time.monotonic() - began < 1.0
+    assert caught.value.response.headers["retry-after"] == "120"
+    assert len(fake_a.requests) == 1
+
+
+@pytest.mark.parametrize("reply", [Reply.fail(400, "bad param", code="invalid_value"),
+                                   Reply.fail(429, "You exceeded your current quota", code="insufficient_quota")])
+def test_request_and_quota_errors_are_not_retried(start, fake_a, reply):
+    server = start(fake_a.base_url, resilience={"max_retries": 3})
+    fake_a.script(reply)
+    with pytest.raises(openai.APIStatusError) as caught:
+        client_for(server).chat.completions.create(model="openai/gpt-a", messages=HI)
+    assert caught.value.status_code == reply.status
+    assert len(fake_a.requests) == 1
+
+
+def test_500_then_fallback_to_the_groups_second_model(start, fake_a, fake_b):
+    server = start(fake_a.base_url, fake_b.base_url, groups=GROUP)
+    fake_a.script(Reply.fail(500, "internal error"), Reply.fail(502, "bad gateway"))
+    fake_b.script(Reply.say("served by the fallback"))
+    raw = client_for(server).chat.completions.with_raw_response.create(model="g", messages=HI)
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "served by the fallback"
+    assert completion.model == "deepseek-chat"
+    assert raw.headers["x-scillm-provider"] == "deepseek"
+    assert raw.headers["x-scillm-served-model"] == "deepseek-chat"
+    assert raw.headers["x-scillm-attempts"] == "3"  # 1 try + 1 retry on the primary, then the fallback
+    assert len(fake_a.requests) == 2 and len(fake_b.requests) == 1
+    assert fake_b.last.headers["authorization"] == f"Bearer {DEEPSEEK_KEY}"
+
+
+def test_connection_refused_then_fallback(start, fake_b, closed_port):
+    server = start(f"http://127.0.0.1:{closed_port}/v1", fake_b.base_url, groups=GROUP)
+    fake_b.script(Reply.say("fallback after refused"))
+    raw = client_for(server).chat.completions.with_raw_response.create(model="g", messages=HI)
+    assert raw.parse().choices[0].message.content == "fallback after refused"
+    assert raw.headers["x-scillm-served-model"] == "deepseek-chat"
+    assert raw.headers["x-scillm-attempts"] == "3"
+
+
+def test_connection_refused_without_fallback_names_the_provider(start, closed_port):
+    server = start(f"http://127.0.0.1:{closed_port}/v1")
+    with pytest.raises(openai.APIStatusError) as caught:
+        client_for(server).chat.completions.create(model="openai/gpt-a", messages=HI)
+    assert caught.value.status_code == 502
+    assert "openai (gpt-a)" in caught.value.message
+    assert OPENAI_KEY not in caught.value.response.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_that_never_answers_hits_the_deadline(start, fake_a, stream):
+    server = start(fake_a.base_url)
+    fake_a.default = Reply(hang=True)
+    began = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as caught:
+        created = client_for(server).chat.completions.create(model="openai/gpt-a", messages=HI, stream=stream,
+                                                             extra_body={"timeout": 0.8})
+        list(created)
+    elapsed = time.monotonic() - began
+    assert caught.value.status_code == 504
+    body = caught.value.response.json()["error"]
+    assert body["code"] == "deadline_exceeded"
+    assert "openai (gpt-a)" in body["message"] and "1 upstream attempt" in body["message"]
+    assert 0.7 <= elapsed < 2.5, elapsed
+
+
+def test_deadline_spans_retries_and_fallbacks(start, fake_a, fake_b):
+    server = start(fake_a.base_url, fake_b.base_url, groups=GROUP,
+                   resilience={"max_retries": 5, "backoff_base_s": 0.2, "backoff_max_s": 0.2})
+    fake_a.default = Reply.fail(503, "overloaded", headers={"retry-after-ms": "300"})
+    fake_b.default = Reply(hang=True)
+    began = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as caught:
+        client_for(server).chat.completions.create(model="g", messages=HI, extra_body={"timeout": 1.0})
+    elapsed = time.monotonic() - began
+    assert caught.value.status_code == 504
+    assert "deepseek (deepseek-chat)" in caught.value.message
+    assert 0.9 <= elapsed < 2.5, elapsed
+    assert len(fake_b.requests) == 1
+
+
+def test_stream_cut_after_chunks_is_an_error_not_a_clean_end(start, fake_a):
+    server = start(fake_a.base_url, resilience={"max_retries": 3})
+    fake_a.script(Reply.say("This answer will be cut off in the middle.", cut_after=3))
+    stream = client_for(server).chat.completions.create(model="openai/gpt-a", messages=HI, stream=True)
+    received = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in stream:
+            received.append(chunk.choices[0].delta.content or "")
+    assert "".join(received) == "This ans"  # role chunk + two text chunks came through
+    assert "openai (gpt-a)" in str(caught.value.message)
+    assert len(fake_a.requests) == 1  # never retried after the first chunk was handed on
+
+
+@pytest.mark.parametrize("failure", [Reply(cut_after=0), Reply.fail(500, "boom")])
+def test_failure_before_the_first_chunk_fails_over_the_stream(start, fake_a, fake_b, failure):
+    server = start(fake_a.base_url, fake_b.base_url, groups=GROUP, resilience={"max_retries": 0})
+    fake_a.script(failure)
+    fake_b.script(Reply.say("the fallback streams this"))
+    raw = client_for(server).chat.completions.with_raw_response.create(model="g", messages=HI, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    assert text == "the fallback streams this"
+    assert raw.headers["x-scillm-served-model"] == "deepseek-chat"
+    assert raw.headers["x-scillm-attempts"] == "2"
+
+
+def test_200_concurrent_requests_respect_a_limit_of_4(start):
+    with FakeOpenAI() as fake_a:
+        _200_concurrent(start, fake_a)
+
+
+def _200_concurrent(start, fake_a):
+    server = start(fake_a.base_url, resilience={"limits": {"openai": {"max_concurrency": 4, "max_queue": 500}}})
+    fake_a.default = Reply.say("ok", delay_s=0.005)
+
+    async def burst() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="sk-dev-proxy-123", max_retries=0,
+                                    timeout=30)
+        async with client:
+            results = await asyncio.gather(*(client.chat.completions.create(
+                model="openai/gpt-a", messages=[{"role": "user", "content": f"n{i}"}]) for i in range(200)))
+        return [r.choices[0].message.content for r in results]
+
+    assert asyncio.run(burst()) == ["ok"] * 200
+    assert len(fake_a.requests) == 200
+    assert fake_a.max_in_flight == 4
+    state = health(server)["concurrency"]["providers"]["openai"]
+    assert state["in_flight"] == 0 and state["waiting"] == 0 and state["limit"] == 4
+
+
+def test_bounded_queue_full_is_429_at_once_and_a_wait_past_the_deadline_is_503(start, fake_a):
+    server = start(fake_a.base_url, resilience={"limits": {"openai": {"max_concurrency": 1, "max_queue": 1}}})
+    fake_a.script(Reply.say("slow", delay_s=1.2))
+
+    async def three() -> tuple[Any, Any, Any]:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0)
+        async with client:
+            first = asyncio.ensure_future(client.chat.completions.create(model="openai/gpt-a", messages=HI))
+            await asyncio.sleep(0.3)
+            queued = asyncio.ensure_future(client.chat.completions.create(
+                model="openai/gpt-a", messages=HI, extra_body={"timeout": 0.5}))
+            await asyncio.sleep(0.1)
+            began = time.monotonic()
+            with pytest.raises(openai.RateLimitError) as full:
+                await client.chat.completions.create(model="openai/gpt-a", messages=HI)
+            assert time.monotonic() - began < 0.3
+            with pytest.raises(openai.APIStatusError) as waited:
+                await queued
+            return await first, full.value, waited.value
+
+    first, full, waited = asyncio.run(three())
+    assert first.choices[0].message.content == "slow"
+    body = full.response.json()["error"]
+    assert body["code"] == "concurrency_queue_full" and "max_queue" in body["message"]
+    assert "openai (gpt-a)" in body["message"] and full.response.headers["retry-after"] == "1"
+    body = waited.response.json()["error"]
+    assert waited.status_code == 503 and body["code"] == "concurrency_wait_timeout", body
+    assert "no concurrency slot" in body["message"]
+    assert len(fake_a.requests) == 1
+    state = health(server)["concurrency"]["providers"]["openai"]
+    assert state["rejected"] == 2 and state["in_flight"] == 0 and state["waiting"] == 0
+
+
+def test_aimd_halves_the_limit_on_429_and_recovers(start, fake_a):
+    server = start(fake_a.base_url, resilience={"aimd_recover_s": 1.0,
+                                                "limits": {"openai": {"max_concurrency": 8, "max_queue": 10}}})
+    fake_a.script(Reply.fail(429, "Rate limit reached", headers={"retry-after-ms": "10"}), Reply.say("ok"))
+    assert client_for(server).chat.completions.create(model="openai/gpt-a", messages=HI).choices[0].message.content \
+        == "ok"
+    state = health(server)["concurrency"]["providers"]["openai"]
+    assert state["effective_limit"] == 4 and state["limit"] == 8 and state["aimd_decreases"] == 1
+    time.sleep(1.05)
+    assert 4 < health(server)["concurrency"]["providers"]["openai"]["effective_limit"] < 8  # +1 per quiet second
+
+
+def test_flapping_deployment_is_cooled_down_and_probed_back(start, fake_a, fake_b):
+    server = start(fake_a.base_url, fake_b.base_url, groups=GROUP,
+                   resilience={"max_retries": 0, "breaker_threshold": 2, "breaker_cooldown_s": 1.5})
+    fake_a.script(Reply.fail(500, "flap"), Reply.fail(503, "flap"))
+    fake_a.default = Reply.say("primary is back")
+    fake_b.default = Reply.say("fallback")
+    client = client_for(server)
+
+    def served() -> str:
+        raw = client.chat.completions.with_raw_response.create(model="g", messages=HI)
+        return raw.headers["x-scillm-served-model"]
+
+    assert [served(), served()] == ["deepseek-chat", "deepseek-chat"]
+    assert len(fake_a.requests) == 2
+    circuit = health(server)["breaker"]["circuits"]["openai/gpt-a"]
+    assert circuit["state"] == "open" and circuit["consecutive_failures"] == 2
+    assert 0 < circuit["cooldown_remaining_s"] <= 1.5
+    assert served() == "deepseek-chat"  # cooling down: skipped without an upstream call
+    assert len(fake_a.requests) == 2
+    time.sleep(circuit["cooldown_remaining_s"] + 0.1)
+    assert served() == "gpt-a"  # the half-open probe succeeded
+    assert len(fake_a.requests) == 3
+    circuit = health(server)["breaker"]["circuits"]["openai/gpt-a"]
+    assert circuit["state"] == "closed" and circuit["consecutive_failures"] == 0
+
+
+def test_failed_probe_reopens_and_all_open_is_a_clear_503(start, fake_a, fake_b):
+    server = start(fake_a.base_url, fake_b.base_url, groups=GROUP,
+                   resilience={"max_retries": 0, "breaker_threshold": 1, "breaker_cooldown_s": 30})
+    fake_a.default = Reply.fail(500, "primary down")
+    fake_b.default = Reply.fail(503, "fallback down")
+    client = client_for(server)
+    with pytest.raises(openai.APIStatusError) as first:
+        client.chat.completions.create(model="g", messages=HI)
+    assert first.value.status_code == 503 and "deepseek (deepseek-chat)" in first.value.message
+    with pytest.raises(openai.APIStatusError) as second:
+        client.chat.completions.create(model="g", messages=HI)
+    body = second.value.response.json()["error"]
+    assert second.value.status_code == 503 and body["code"] == "circuit_open"
+    assert "openai/gpt-a" in body["message"] and "deepseek/deepseek-chat" in body["message"]
+    assert "group 'g'" in body["message"]
+    assert int(second.value.response.headers["retry-after"]) >= 1
+    assert len(fake_a.requests) == 1 and len(fake_b.requests) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_cancels_the_upstream_call(start, stream):
+    with StallingOpenAI() as fake:
+        server = start(fake.base_url, **{"server": {"heartbeat_s": 0.2}})
+        client = client_for(server, timeout=0.6)
+        with pytest.raises(openai.APITimeoutError):
+            created = client.chat.completions.create(model="openai/gpt-a", messages=HI, stream=stream)
+            for _ in created:
+                pass
+        assert fake.dropped.wait(3.0), "scillm kept the upstream call open after the client left"
+        deadline = time.monotonic() + 3.0
+        while health(server)["concurrency"]["providers"]["openai"]["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert health(server)["concurrency"]["providers"]["openai"]["in_flight"] == 0
+        assert fake.in_flight == 0
+
+
+def test_health_reports_state_without_secrets(start, fake_a):
+    server = start(fake_a.base_url, resilience={"limits": {"openai": {"max_concurrency": 3, "max_queue": 7}}})
+    fake_a.script(Reply.fail(500, f"key {OPENAI_KEY} leaked upstream"), Reply.say("ok"))
+    client_for(server).chat.completions.create(model="openai/gpt-a", messages=HI)
+    response = httpx.get(server.url + "/v1/scillm/health", headers={"authorization": "Bearer sk-dev-proxy-123"})
+    assert OPENAI_KEY not in response.text
+    state = response.json()["middleware"]["resilience"]
+    assert state["switches"]["breaker"] is True and state["fails"]["concurrency"] == "closed"
+    assert state["concurrency"]["providers"]["openai"] == {
+        "limit": 3, "effective_limit": 3, "in_flight": 0, "waiting": 0, "max_queue": 7, "aimd_decreases": 0,
+        "rejected": 0, "served": 2}
+    circuit = state["breaker"]["circuits"]["openai/gpt-a"]
+    assert circuit["state"] == "closed" and circuit["total_failures"] == 1
+
+
+def test_switched_off_passes_calls_through(start, fake_a, fake_b):
+    server = start(fake_a.base_url, fake_b.base_url, groups=GROUP, resilience={"enabled": False})
+    fake_a.script(Reply.fail(500, "down"))
+    with pytest.raises(openai.InternalServerError):
+        client_for(server).chat.completions.create(model="g", messages=HI)
+    assert len(fake_a.requests) == 1 and not fake_b.requests
+    assert health(server)["enabled"] is False
+
+
+def test_retries_and_fallbacks_switch_off_separately(start, fake_a, fake_b):
+    server = start(fake_a.base_url, fake_b.base_url, groups=GROUP,
+                   resilience={"retries": False, "max_retries": 3})
+    fake_a.script(Reply.fail(500, "down"))
+    fake_b.script(Reply.say("fallback"))
+    raw = client_for(server).chat.completions.with_raw_response.create(model="g", messages=HI)
+    assert raw.headers["x-scillm-attempts"] == "2" and len(fake_a.requests) == 1
+    server2 = start(fake_a.base_url, fake_b.base_url, groups=GROUP, resilience={"fallbacks": False})
+    fake_a.script(Reply.fail(500, "down"), Reply.fail(500, "down"))
+    with pytest.raises(openai.InternalServerError):
+        client_for(server2).chat.completions.create(model="g", messages=HI)
+    assert len(fake_b.requests) == 1

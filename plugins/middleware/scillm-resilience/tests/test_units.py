@@ -1,0 +1,111 @@
+"""The breaker and the limiter on their own, with a controllable clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from scillm_resilience.breaker import Breaker, CircuitOpenSignal
+from scillm_resilience.limiter import Limiter, QueueFullSignal, QueueTimeoutSignal
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_after_threshold_then_allows_one_probe():
+    clock = Clock()
+    breaker = Breaker(threshold=3, cooldown_s=10, clock=clock)
+    for _ in range(2):
+        assert breaker.admit("p/m") is None
+        breaker.failure("p/m", "boom")
+    breaker.success("p/m")  # a success resets the count
+    for _ in range(3):
+        assert breaker.admit("p/m") is None
+        breaker.failure("p/m", "boom")
+    with pytest.raises(CircuitOpenSignal) as caught:
+        breaker.admit("p/m")
+    assert caught.value.remaining_s == 10
+    clock.now += 10
+    assert breaker.admit("p/m") == "probe"
+    with pytest.raises(CircuitOpenSignal):  # only one probe at a time
+        breaker.admit("p/m")
+    breaker.failure("p/m", "still down")  # failed probe: open for another cooldown
+    assert breaker.snapshot()["p/m"]["state"] == "open"
+    clock.now += 10
+    assert breaker.admit("p/m") == "probe"
+    breaker.abandon_probe("p/m")  # cancelled probe: the next request probes
+    assert breaker.admit("p/m") == "probe"
+    breaker.success("p/m")
+    assert breaker.admit("p/m") is None
+    assert breaker.snapshot()["p/m"]["state"] == "closed"
+
+
+def test_limiter_aimd_halves_once_per_window_and_recovers_one_per_quiet_period():
+    async def main() -> None:
+        clock = Clock()
+        limiter = Limiter("p", 8, 10, aimd=True, recover_s=2.0, clock=clock)
+        old = await limiter.acquire(1)
+        clock.now += 1
+        new = await limiter.acquire(1)
+        limiter.rate_limited(new)
+        assert limiter.effective == 4
+        limiter.rate_limited(old)  # admitted before the decrease: same window, no second halving
+        assert limiter.effective == 4
+        later = await limiter.acquire(1)
+        limiter.rate_limited(later)
+        assert limiter.effective == 2
+        for slot in (old, new, later):
+            slot.release()
+            slot.release()  # idempotent
+        assert limiter.in_flight == 0
+        clock.now += 3.9
+        assert limiter.snapshot()["effective_limit"] == 3
+        clock.now += 0.1
+        assert limiter.snapshot()["effective_limit"] == 4
+        clock.now += 100
+        assert limiter.snapshot()["effective_limit"] == 8
+        for _ in range(20):
+            slot = await limiter.acquire(1)
+            limiter.rate_limited(slot)
+            slot.release()
+            clock.now += 0.001
+        assert limiter.effective == 1  # never below one
+
+    asyncio.run(main())
+
+
+def test_limiter_queue_is_fifo_bounded_and_cancellation_frees_slots():
+    async def main() -> None:
+        limiter = Limiter("p", 1, 2, aimd=False, recover_s=1.0)
+        held = await limiter.acquire(1)
+        order: list[int] = []
+
+        async def wait(n: int) -> None:
+            slot = await limiter.acquire(5)
+            order.append(n)
+            slot.release()
+
+        first = asyncio.ensure_future(wait(1))
+        second = asyncio.ensure_future(wait(2))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullSignal):
+            await limiter.acquire(5)
+        first.cancel()  # a cancelled waiter leaves the queue without taking a slot
+        await asyncio.sleep(0)
+        assert limiter.snapshot()["waiting"] == 1
+        held.release()
+        await second
+        assert order == [2]
+        assert limiter.in_flight == 0
+        held = await limiter.acquire(1)
+        with pytest.raises(QueueTimeoutSignal):
+            await limiter.acquire(0.05)
+        held.release()
+        assert limiter.in_flight == 0 and not limiter.waiters
+
+    asyncio.run(main())
