@@ -1,0 +1,136 @@
+"""The Anthropic Messages provider (API key). :class:`ClaudeOAuthProvider` in :mod:`.oauth` reuses it with a
+Claude login instead of a key."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import httpx
+import orjson
+
+from scillm_anthropic.translate import StreamTranslator, error_from_status, from_messages_response, to_messages_body
+from scillm_core import CallContext, ChatChunk, ChatRequest, ChatResponse, Provider, Route, errors
+from scillm_core.config import ProviderSettings
+from scillm_core.upstream import iter_sse, translate_transport
+
+__all__ = ["ANTHROPIC_VERSION", "DEFAULT_BASE", "AnthropicProvider", "MODELS", "claude_name", "normalise_base"]
+
+ANTHROPIC_VERSION = "2023-06-01"
+DEFAULT_BASE = "https://api.anthropic.com"
+MODELS = ("claude-opus-4-5", "claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1", "claude-sonnet-4-0")
+
+
+def claude_name(model: str) -> bool:
+    return model.startswith("claude-")
+
+
+def normalise_base(base: str) -> str:
+    """``https://api.anthropic.com`` (the SDK form); a trailing ``/v1`` is tolerated and dropped."""
+    base = base.rstrip("/")
+    return base[:-3] if base.endswith("/v1") else base
+
+
+class AnthropicProvider(Provider):
+    name = "anthropic"
+    family = "anthropic"
+    prefixes = ("anthropic/",)
+    rule_order = 20
+    capabilities = frozenset({"streaming", "tools", "images", "pdf", "json_schema", "reasoning"})
+    key_env = "ANTHROPIC_API_KEY"
+    base_env = "ANTHROPIC_API_BASE"
+
+    def __init__(self, env: Mapping[str, str], settings: ProviderSettings | None = None) -> None:
+        settings = settings or ProviderSettings()
+        self._key = env.get(self.key_env) or None
+        self.base_url = normalise_base(settings.base_url or env.get(self.base_env) or DEFAULT_BASE)
+        self.timeout_s = settings.timeout_s
+
+    # -- routing ------------------------------------------------------------------------------------------------
+
+    def claims(self, model: str) -> bool:
+        return claude_name(model)
+
+    def missing_config(self) -> str | None:
+        return None if self._key else f"set {self.key_env}"
+
+    def known_models(self) -> Sequence[str]:
+        return MODELS
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "base_url": self.base_url, "key_env": [self.key_env],
+                "base_env": self.base_env}
+
+    # -- wire (overridden by the Claude login) ------------------------------------------------------------------
+
+    @property
+    def messages_url(self) -> str:
+        return f"{self.base_url}/v1/messages"
+
+    def secrets(self) -> tuple[str | None, ...]:
+        return (self._key,)
+
+    async def headers(self, route: Route, ctx: CallContext) -> dict[str, str]:
+        return {"x-api-key": self._key or "", "anthropic-version": ANTHROPIC_VERSION,
+                "content-type": "application/json"}
+
+    def body(self, request: ChatRequest, route: Route) -> dict[str, Any]:
+        return to_messages_body(request, route.model)
+
+    def _timeout(self, route: Route) -> httpx.Timeout | Any:
+        seconds = route.timeout_s or self.timeout_s
+        return httpx.Timeout(seconds, connect=min(seconds, 15.0)) if seconds else httpx.USE_CLIENT_DEFAULT
+
+    def _error(self, status: int, raw: bytes, headers: Mapping[str, str], route: Route) -> errors.UpstreamError:
+        return error_from_status(status, raw, headers, provider=self.name, model=route.model,
+                                 secrets=self.secrets())
+
+    async def _send(self, request: ChatRequest, route: Route, ctx: CallContext, *, stream: bool) -> httpx.Response:
+        body = orjson.dumps(self.body(request, route))  # bad input fails here, before any upstream call
+        client = ctx.runtime.client()
+        upstream = client.build_request("POST", self.messages_url, headers=await self.headers(route, ctx),
+                                        content=body, timeout=self._timeout(route))
+        with translate_transport(self.name, route.model):
+            response = await client.send(upstream, stream=stream)
+        if response.status_code >= 400:
+            with translate_transport(self.name, route.model):
+                raw = await response.aread()
+            await response.aclose()
+            raise self._error(response.status_code, raw, response.headers, route)
+        return response
+
+    # -- calls --------------------------------------------------------------------------------------------------
+
+    async def complete(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatResponse:
+        response = await self._send(request, route, ctx, stream=False)
+        try:
+            return from_messages_response(orjson.loads(response.content), model=route.model)
+        except (orjson.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise errors.UpstreamProtocolError(f"unexpected response body ({str(exc)[:200]})", provider=self.name,
+                                               model=route.model) from None
+
+    async def stream(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
+        response = await self._send(request, route, ctx, stream=True)
+        return self._chunks(response, request, route)
+
+    async def _chunks(self, response: httpx.Response, request: ChatRequest,
+                      route: Route) -> AsyncIterator[ChatChunk]:
+        translator = StreamTranslator(provider=self.name, model=route.model, include_usage=request.include_usage,
+                                      secrets=self.secrets())
+        try:
+            with translate_transport(self.name, route.model):
+                async for event in iter_sse(response.aiter_bytes()):
+                    try:
+                        data = orjson.loads(event.data)  # real streams pad the JSON with spaces: parse it whole
+                    except orjson.JSONDecodeError:
+                        raise errors.UpstreamProtocolError(f"malformed stream event {event.data[:80]!r}",
+                                                           provider=self.name, model=route.model) from None
+                    for chunk in translator.feed(event.event, data):
+                        yield chunk
+                    if translator.stopped:
+                        break
+        finally:
+            await response.aclose()
+        if not translator.stopped:
+            raise errors.UpstreamProtocolError("stream ended before message_stop", provider=self.name,
+                                               model=route.model)

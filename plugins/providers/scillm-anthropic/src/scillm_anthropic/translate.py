@@ -1,0 +1,570 @@
+"""OpenAI chat completions <-> Anthropic Messages, both ways, as pure functions (no I/O).
+
+* :func:`to_messages_body` — a :class:`ChatRequest` to a ``POST /v1/messages`` body;
+* :func:`from_messages_response` — a Messages response body to a :class:`ChatResponse`;
+* :class:`StreamTranslator` — Messages SSE events to OpenAI chunks;
+* :func:`parse_error_body` / :func:`error_from_event` — Anthropic error bodies and ``event: error`` to the error tree.
+
+Thinking blocks come back as ``reasoning_content`` (text) plus ``thinking_blocks`` (the blocks with their
+signatures) in the message ``extra``; an assistant message that carries ``thinking_blocks`` sends them back
+unchanged, which Anthropic requires in tool loops with thinking on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+
+from scillm_core import (
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    Choice,
+    ChunkChoice,
+    Delta,
+    FilePart,
+    FunctionCall,
+    FunctionCallDelta,
+    ImagePart,
+    Message,
+    OtherPart,
+    TextPart,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+    errors,
+)
+from scillm_core.upstream import error_for_status
+
+__all__ = ["DEFAULT_MAX_TOKENS", "FINISH_REASONS", "THINKING_BUDGETS", "StreamTranslator", "error_from_event",
+           "error_from_status",
+           "from_messages_response", "parse_error_body", "sanitize_tool_call_id", "to_messages_body",
+           "usage_from_anthropic"]
+
+#: ``max_tokens`` is required by the Messages API; used when the client sets neither ``max_tokens`` nor
+#: ``max_completion_tokens``. 8192 fits every current Claude model's output limit.
+DEFAULT_MAX_TOKENS = 8192
+#: ``reasoning_effort`` -> ``thinking.budget_tokens`` (LiteLLM's values; ``none`` turns thinking off).
+THINKING_BUDGETS: Mapping[str, int] = {"minimal": 1024, "low": 1024, "medium": 2048, "high": 4096, "xhigh": 8192,
+                                       "max": 16384}
+FINISH_REASONS: Mapping[str, str] = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop",
+                                     "max_tokens": "length", "model_context_window_exceeded": "length",
+                                     "tool_use": "tool_calls", "refusal": "content_filter"}
+IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
+#: Anthropic block types a client may send as-is inside OpenAI content arrays.
+NATIVE_BLOCKS = frozenset({"image", "document", "search_result"})
+#: Body keys a client may pass through in ``extra`` (everything else is OpenAI-only and would be rejected).
+PASSTHROUGH = ("top_k", "thinking", "metadata", "service_tier", "output_config", "context_management")
+#: Anthropic error ``type`` -> the HTTP status it comes with (for mid-stream ``event: error``).
+ERROR_STATUS: Mapping[str, int] = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
+                                   "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
+                                   "rate_limit_error": 429, "api_error": 500, "timeout_error": 504,
+                                   "overloaded_error": 529}
+
+_TOOL_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_DATA_URL = re.compile(r"^data:([^;,]+)((?:;[^;,]*)*?);base64,(.*)$", re.S)
+
+
+# -- request -------------------------------------------------------------------------------------------------------
+
+def sanitize_tool_call_id(call_id: str) -> str:
+    """A tool-call id Anthropic accepts (``^[a-zA-Z0-9_-]{1,64}$``). Valid ids are kept; others are cleaned and
+    suffixed with a short hash of the original, so the same id maps the same way in ``tool_calls`` and in the
+    ``tool`` message, and two ids that clean alike stay distinct."""
+    if _TOOL_ID.match(call_id):
+        return call_id
+    cleaned = re.sub(r"[^a-zA-Z0-9_-]", "_", call_id)[:55]
+    return f"{cleaned}_{hashlib.sha256(call_id.encode()).hexdigest()[:8]}"
+
+
+def _bad(message: str, path: str) -> errors.InvalidRequest:
+    return errors.InvalidRequest(f"{message} @ {path}", param=path)
+
+
+def _data_url(url: str, path: str) -> tuple[str, str]:
+    match = _DATA_URL.match(url)
+    if not match:
+        raise _bad("expected a base64 data URL (data:<type>;base64,<data>)", path)
+    return match.group(1).strip().lower(), match.group(3).strip()
+
+
+def _image_block(part: ImagePart, path: str) -> dict[str, Any]:
+    url = part.image_url.url
+    if url.startswith("data:"):
+        media_type, data = _data_url(url, f"{path}.image_url.url")
+        if media_type == "image/jpg":
+            media_type = "image/jpeg"
+        if media_type not in IMAGE_TYPES:
+            raise _bad(f"image type {media_type!r} is not supported by Anthropic (use jpeg, png, gif or webp)",
+                       f"{path}.image_url.url")
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+    if url.startswith(("https://", "http://")):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    raise _bad("image_url.url must be a data URL or an http(s) URL", f"{path}.image_url.url")
+
+
+def _document_block(part: FilePart, path: str) -> dict[str, Any]:
+    file = part.file
+    if file.file_data is None:
+        what = "file_id references" if file.file_id else "file parts without file_data"
+        raise _bad(f"{what} are not supported for Anthropic; send the file inline as file_data "
+                   "(data:application/pdf;base64,...)", f"{path}.file")
+    if file.file_data.startswith(("https://", "http://")):
+        block: dict[str, Any] = {"type": "document", "source": {"type": "url", "url": file.file_data}}
+    else:
+        media_type, data = _data_url(file.file_data, f"{path}.file.file_data")
+        if media_type == "application/pdf":
+            block = {"type": "document", "source": {"type": "base64", "media_type": media_type, "data": data}}
+        elif media_type.startswith("text/"):
+            try:
+                text = base64.b64decode(data, validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                raise _bad("file_data is not valid base64 UTF-8 text", f"{path}.file.file_data") from None
+            block = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": text}}
+        elif media_type in IMAGE_TYPES:
+            return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+        else:
+            raise _bad(f"file type {media_type!r} is not supported by Anthropic (PDF, plain text or images)",
+                       f"{path}.file.file_data")
+    if file.filename:
+        block["title"] = file.filename
+    return block
+
+
+def _content_blocks(content: str | tuple[Any, ...] | None, path: str) -> list[dict[str, Any]]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        where = f"{path}[{j}]"
+        if isinstance(part, TextPart):
+            if part.text:
+                blocks.append({"type": "text", "text": part.text})
+        elif isinstance(part, ImagePart):
+            blocks.append(_image_block(part, where))
+        elif isinstance(part, FilePart):
+            blocks.append(_document_block(part, where))
+        elif isinstance(part, OtherPart) and part.type in NATIVE_BLOCKS:
+            blocks.append({"type": part.type, **part.data})
+        else:
+            kind = part.type if isinstance(part, OtherPart) else type(part).__name__
+            raise _bad(f"content part type {kind!r} is not supported by Anthropic", where)
+    return blocks
+
+
+def _user_content(message: Message, path: str) -> str | list[dict[str, Any]]:
+    if isinstance(message.content, str):
+        return message.content
+    return _content_blocks(message.content, path)
+
+
+def _arguments(raw: str, path: str) -> Any:
+    if not raw.strip():
+        return {}
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise _bad("tool call arguments must be a JSON object string", path) from None
+    if not isinstance(value, dict):
+        raise _bad("tool call arguments must be a JSON object", path)
+    return value
+
+
+def _assistant_blocks(message: Message, path: str) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = []
+    thinking = message.extra.get("thinking_blocks")
+    if isinstance(thinking, list):
+        blocks.extend(dict(b) for b in thinking if isinstance(b, dict)
+                      and b.get("type") in ("thinking", "redacted_thinking"))
+    blocks.extend(_content_blocks(message.content, f"{path}.content"))
+    for j, call in enumerate(message.tool_calls or ()):
+        blocks.append({"type": "tool_use", "id": sanitize_tool_call_id(call.id), "name": call.function.name,
+                       "input": _arguments(call.function.arguments, f"{path}.tool_calls[{j}].function.arguments")})
+    return blocks
+
+
+def _tool_result(message: Message, path: str) -> dict[str, Any]:
+    if not message.tool_call_id:
+        raise _bad("tool messages need tool_call_id", f"{path}.tool_call_id")
+    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": sanitize_tool_call_id(message.tool_call_id)}
+    if isinstance(message.content, str) or message.content is None:
+        block["content"] = message.content or ""
+    else:
+        block["content"] = _content_blocks(message.content, f"{path}.content")
+    if message.extra.get("is_error") is True:
+        block["is_error"] = True
+    return block
+
+
+def _append(messages: list[dict[str, Any]], role: str, content: str | list[dict[str, Any]]) -> None:
+    """Add a turn, merging it into the previous one of the same role (Anthropic wants alternating roles);
+    tool results stay first in a merged user turn."""
+    if isinstance(content, list) and not content:
+        return
+    if messages and messages[-1]["role"] == role:
+        previous = messages[-1]["content"]
+        as_list = ([{"type": "text", "text": previous}] if previous else []) if isinstance(previous, str) \
+            else previous
+        new = ([{"type": "text", "text": content}] if content else []) if isinstance(content, str) else content
+        messages[-1]["content"] = as_list + new
+        return
+    messages.append({"role": role, "content": content})
+
+
+def _system_text(message: Message, path: str) -> str:
+    if isinstance(message.content, str) or message.content is None:
+        return message.content or ""
+    for j, part in enumerate(message.content):
+        if not isinstance(part, TextPart):
+            raise _bad("system messages may only contain text parts", f"{path}.content[{j}]")
+    return message.text
+
+
+def _tool_choice(request: ChatRequest) -> dict[str, Any] | None:
+    choice = request.tool_choice
+    out: dict[str, Any] | None
+    if choice is None:
+        out = {"type": "auto"} if request.parallel_tool_calls is False else None
+    elif choice == "auto":
+        out = {"type": "auto"}
+    elif choice == "none":
+        return {"type": "none"}
+    elif choice == "required":
+        out = {"type": "any"}
+    elif isinstance(choice, Mapping):
+        name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), Mapping) else None
+        if not isinstance(name, str) or not name:
+            raise _bad("tool_choice object needs function.name", "$.tool_choice")
+        out = {"type": "tool", "name": name}
+    else:
+        raise _bad(f"tool_choice {choice!r} is not one of auto, none, required or a function object",
+                   "$.tool_choice")
+    if out is not None and request.parallel_tool_calls is False:
+        out["disable_parallel_tool_use"] = True
+    return out
+
+
+def to_messages_body(request: ChatRequest, model: str, *,
+                     system_prefix: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The Messages API body for ``request`` sent to upstream ``model``.
+
+    ``system_prefix`` blocks go before the caller's system prompt (the Claude login needs one). Raises
+    :class:`~scillm_core.errors.InvalidRequest` naming the JSON path for input Anthropic cannot take.
+    """
+    system: list[dict[str, Any]] = [dict(b) for b in system_prefix]
+    messages: list[dict[str, Any]] = []
+    for i, message in enumerate(request.messages):
+        path = f"$.messages[{i}]"
+        if message.role in ("system", "developer"):
+            text = _system_text(message, path)
+            if text:
+                system.append({"type": "text", "text": text})
+        elif message.role == "user":
+            _append(messages, "user", _user_content(message, f"{path}.content"))
+        elif message.role == "assistant":
+            _append(messages, "assistant", _assistant_blocks(message, path))
+        elif message.role == "tool":
+            _append(messages, "user", [_tool_result(message, path)])
+        else:
+            raise _bad(f"role {message.role!r} is not supported by Anthropic; use tool messages", f"{path}.role")
+    if not messages:
+        raise _bad("at least one user or assistant message is required", "$.messages")
+
+    body: dict[str, Any] = {"model": model, "messages": messages,
+                            "max_tokens": request.max_output_tokens or DEFAULT_MAX_TOKENS}
+    if request.n not in (None, 1):
+        raise _bad("Anthropic returns one choice per call; n must be 1", "$.n")
+    if request.response_format:
+        kind = request.response_format.get("type")
+        if kind == "json_schema":
+            spec = request.response_format.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, Mapping) else None
+            if not isinstance(schema, Mapping):
+                raise _bad("json_schema.schema must be an object", "$.response_format.json_schema.schema")
+            body["output_config"] = {"format": {"type": "json_schema", "schema": dict(schema)}}
+        elif kind == "json_object":
+            system.append({"type": "text", "text": "Respond with a single valid JSON object and nothing else."})
+        elif kind not in ("text", None):
+            raise _bad(f"response_format type {kind!r} is not supported", "$.response_format.type")
+    if system:
+        body["system"] = system
+    if request.stop_sequences:
+        for j, stop in enumerate(request.stop_sequences):
+            if not stop.strip():
+                raise _bad("Anthropic rejects whitespace-only stop sequences", f"$.stop[{j}]"
+                           if not isinstance(request.stop, str) else "$.stop")
+        body["stop_sequences"] = list(request.stop_sequences)
+    if request.tools:
+        tools = []
+        for j, tool in enumerate(request.tools):
+            if tool.type != "function":
+                raise _bad(f"tool type {tool.type!r} is not supported; use function tools", f"$.tools[{j}].type")
+            fn = tool.function
+            entry: dict[str, Any] = {"name": fn.name,
+                                     "input_schema": dict(fn.parameters or {"type": "object", "properties": {}})}
+            if fn.description:
+                entry["description"] = fn.description
+            tools.append(entry)
+        body["tools"] = tools
+        choice = _tool_choice(request)
+        if choice is not None:
+            body["tool_choice"] = choice
+    thinking_on = False
+    effort = request.reasoning_effort
+    if effort and effort != "none":
+        budget = THINKING_BUDGETS.get(effort)
+        if budget is None:
+            raise _bad(f"reasoning_effort {effort!r} is not one of {', '.join(['none', *THINKING_BUDGETS])}",
+                       "$.reasoning_effort")
+        body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+        if body["max_tokens"] <= budget:  # the budget must be below max_tokens; keep the caller's answer room
+            body["max_tokens"] = budget + (request.max_output_tokens or DEFAULT_MAX_TOKENS)
+        thinking_on = True
+    for key in PASSTHROUGH:
+        if key in request.extra:
+            value = request.extra[key]
+            if key == "output_config" and isinstance(value, Mapping):
+                body["output_config"] = {**dict(value), **body.get("output_config", {})}
+            else:
+                body[key] = value
+    thinking_on = thinking_on or (isinstance(body.get("thinking"), Mapping)
+                                  and body["thinking"].get("type") in ("enabled", "adaptive"))
+    if request.temperature is not None and not thinking_on:  # thinking requires the default temperature
+        body["temperature"] = min(max(request.temperature, 0.0), 1.0)
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    user = request.extra.get("user")
+    if isinstance(user, str) and user and "metadata" not in body:
+        body["metadata"] = {"user_id": user[:256]}
+    if request.stream:
+        body["stream"] = True
+    return body
+
+
+# -- response ------------------------------------------------------------------------------------------------------
+
+def usage_from_anthropic(usage: Mapping[str, Any]) -> Usage:
+    """Prompt tokens include cache reads and writes; ``cached_tokens`` is the cache reads."""
+    read = int(usage.get("cache_read_input_tokens") or 0)
+    created = int(usage.get("cache_creation_input_tokens") or 0)
+    prompt = int(usage.get("input_tokens") or 0) + read + created
+    completion = int(usage.get("output_tokens") or 0)
+    extra: dict[str, Any] = {"prompt_tokens_details": {"cached_tokens": read},
+                             "cache_creation_input_tokens": created, "cache_read_input_tokens": read}
+    thinking = (usage.get("output_tokens_details") or {}).get("thinking_tokens") \
+        if isinstance(usage.get("output_tokens_details"), Mapping) else None
+    if thinking is not None:
+        extra["completion_tokens_details"] = {"reasoning_tokens": int(thinking)}
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, extra=extra)
+
+
+def _finish(stop_reason: Any) -> str | None:
+    if stop_reason is None:
+        return None
+    return FINISH_REASONS.get(str(stop_reason), "stop")
+
+
+def from_messages_response(data: Any, *, model: str = "") -> ChatResponse:
+    """A Messages response body to a chat completion; raises ``ValueError`` on a body that is not a message."""
+    if not isinstance(data, Mapping) or data.get("type") != "message" or not isinstance(data.get("content"), list):
+        raise ValueError("not a Messages API message")
+    texts: list[str] = []
+    reasoning: list[str] = []
+    thinking_blocks: list[dict[str, Any]] = []
+    calls: list[ToolCall] = []
+    for block in data["content"]:
+        kind = block.get("type") if isinstance(block, Mapping) else None
+        if kind == "text":
+            texts.append(str(block.get("text", "")))
+        elif kind == "tool_use":
+            calls.append(ToolCall(id=str(block["id"]), function=FunctionCall(
+                name=str(block["name"]), arguments=orjson.dumps(block.get("input") or {}).decode())))
+        elif kind == "thinking":
+            reasoning.append(str(block.get("thinking", "")))
+            thinking_blocks.append({"type": "thinking", "thinking": block.get("thinking", ""),
+                                    "signature": block.get("signature", "")})
+        elif kind == "redacted_thinking":
+            thinking_blocks.append({"type": "redacted_thinking", "data": block.get("data", "")})
+    extra: dict[str, Any] = {}
+    if reasoning:
+        extra["reasoning_content"] = "".join(reasoning)
+    if thinking_blocks:
+        extra["thinking_blocks"] = thinking_blocks
+    message = Message(role="assistant", content="".join(texts) if texts or not calls else None,
+                      tool_calls=tuple(calls) or None, extra=extra)
+    usage = data.get("usage")
+    return ChatResponse(id=str(data.get("id") or "msg"), model=str(data.get("model") or model),
+                        created=int(time.time()),
+                        choices=(Choice(message=message, finish_reason=_finish(data.get("stop_reason")) or "stop"),),
+                        usage=usage_from_anthropic(usage) if isinstance(usage, Mapping) else None)
+
+
+# -- errors --------------------------------------------------------------------------------------------------------
+
+def parse_error_body(raw: bytes) -> tuple[str, str | None]:
+    """(message, Anthropic error type) from ``{"type":"error","error":{"type","message"}}``; raw text otherwise."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw.decode("utf-8", "replace")[:500].strip(), None
+    if isinstance(data, Mapping):
+        error = data.get("error")
+        if isinstance(error, Mapping):
+            return str(error.get("message") or error.get("type") or "error")[:2000], \
+                (str(error["type"]) if error.get("type") else None)
+        if isinstance(error, str):
+            return error[:2000], None
+    return str(data)[:500], None
+
+
+def _error_code(kind: str | None, message: str) -> str | None:
+    if kind == "invalid_request_error" and "prompt is too long" in message.lower():
+        return "context_length_exceeded"
+    return None
+
+
+def error_from_status(status: int, raw: bytes, headers: Mapping[str, str], *, provider: str, model: str,
+                      secrets: tuple[str | None, ...] = ()) -> errors.UpstreamError:
+    message, kind = parse_error_body(raw)
+    exc = error_for_status(status, message, provider=provider, model=model, code=_error_code(kind, message),
+                           kind=kind, headers=headers, secrets=secrets)
+    should_retry = headers.get("x-should-retry")
+    if should_retry in ("true", "false"):
+        exc.retryable = should_retry == "true"  # type: ignore[misc]  # the upstream's own verdict wins
+    return exc
+
+
+def error_from_event(data: Any, *, provider: str, model: str,
+                     secrets: tuple[str | None, ...] = ()) -> errors.UpstreamError:
+    """A mid-stream ``event: error`` payload to the error its HTTP status would have given."""
+    error = data.get("error") if isinstance(data, Mapping) else None
+    kind = str(error.get("type")) if isinstance(error, Mapping) and error.get("type") else "api_error"
+    message = str(error.get("message") or kind) if isinstance(error, Mapping) else "stream error"
+    return error_for_status(ERROR_STATUS.get(kind, 500), f"mid-stream error: {message}", provider=provider,
+                            model=model, code=_error_code(kind, message), kind=kind, secrets=secrets)
+
+
+# -- streaming -----------------------------------------------------------------------------------------------------
+
+class StreamTranslator:
+    """Feed Messages SSE events (``feed(event_name, data)``) and get OpenAI chunks back.
+
+    The role chunk comes first (at ``message_start``); ``tool_calls[].index`` is the ordinal among tool calls,
+    not the content-block index; the finish chunk comes at ``message_delta``; the ``choices: []`` usage chunk
+    only with ``include_usage``. ``event: error`` raises the matching :class:`UpstreamError`.
+    """
+
+    def __init__(self, *, provider: str, model: str, include_usage: bool,
+                 secrets: tuple[str | None, ...] = ()) -> None:
+        self.provider = provider
+        self.route_model = model  # errors name the routed model; chunks carry the upstream's own model id
+        self.model = model
+        self.include_usage = include_usage
+        self.secrets = secrets
+        self.id = "msg"
+        self.created = int(time.time())
+        self.usage: dict[str, Any] = {}
+        self.finish: str | None = None
+        self.started = False
+        self.stopped = False
+        self._blocks: dict[int, dict[str, Any]] = {}
+        self._tools = 0
+
+    def _chunk(self, delta: Delta, finish: str | None = None) -> ChatChunk:
+        return ChatChunk(id=self.id, model=self.model, created=self.created,
+                         choices=(ChunkChoice(delta=delta, finish_reason=finish),))
+
+    def feed(self, event: str | None, data: Any) -> list[ChatChunk]:
+        kind = data.get("type") if isinstance(data, Mapping) else None
+        kind = kind or event
+        if kind == "error" or event == "error":
+            raise error_from_event(data, provider=self.provider, model=self.route_model, secrets=self.secrets)
+        if not isinstance(data, Mapping):
+            return []
+        if kind == "message_start":
+            message = data.get("message") or {}
+            self.id = str(message.get("id") or self.id)
+            self.model = str(message.get("model") or self.model)
+            self.usage.update(message.get("usage") or {})
+            self.started = True
+            return [self._chunk(Delta(role="assistant", content=""))]
+        if kind == "content_block_start":
+            return self._block_start(int(data.get("index", 0)), data.get("content_block") or {})
+        if kind == "content_block_delta":
+            return self._block_delta(int(data.get("index", 0)), data.get("delta") or {})
+        if kind == "message_delta":
+            usage = data.get("usage")
+            if isinstance(usage, Mapping):
+                self.usage.update({k: v for k, v in usage.items() if v is not None})  # cumulative counts
+            delta = data.get("delta") or {}
+            if delta.get("stop_reason") is not None:
+                self.finish = _finish(delta["stop_reason"])
+                return [self._chunk(Delta(), self.finish)]
+            return []
+        if kind == "message_stop":
+            self.stopped = True
+            out = []
+            if self.finish is None:
+                self.finish = "stop"
+                out.append(self._chunk(Delta(), self.finish))
+            if self.include_usage:
+                out.append(ChatChunk(id=self.id, model=self.model, created=self.created, choices=(),
+                                     usage=usage_from_anthropic(self.usage)))
+            return out
+        return []  # ping, content_block_stop and event types added later
+
+    def _block_start(self, index: int, block: Mapping[str, Any]) -> list[ChatChunk]:
+        kind = block.get("type")
+        state: dict[str, Any] = {"type": kind, "thinking": []}
+        self._blocks[index] = state
+        if kind == "tool_use":
+            state["tool"] = self._tools
+            self._tools += 1
+            initial = block.get("input")
+            args = orjson.dumps(initial).decode() if isinstance(initial, Mapping) and initial else ""
+            state["sent_args"] = bool(args)
+            return [self._chunk(Delta(tool_calls=(ToolCallDelta(
+                index=state["tool"], id=str(block.get("id")), type="function",
+                function=FunctionCallDelta(name=str(block.get("name")), arguments=args)),)))]
+        if kind == "text" and block.get("text"):
+            return [self._chunk(Delta(content=str(block["text"])))]
+        if kind == "thinking" and block.get("thinking"):
+            state["thinking"].append(str(block["thinking"]))
+            return [self._chunk(Delta(extra={"reasoning_content": str(block["thinking"])}))]
+        if kind == "redacted_thinking":
+            return [self._chunk(Delta(extra={"thinking_blocks": [{"type": "redacted_thinking",
+                                                                   "data": block.get("data", "")}]}))]
+        return []
+
+    def _block_delta(self, index: int, delta: Mapping[str, Any]) -> list[ChatChunk]:
+        kind = delta.get("type")
+        state = self._blocks.get(index) or {"type": None, "thinking": []}
+        if kind == "text_delta":
+            text = str(delta.get("text") or "")
+            return [self._chunk(Delta(content=text))] if text else []
+        if kind == "input_json_delta":
+            partial = str(delta.get("partial_json") or "")
+            if not partial or "tool" not in state or state.get("sent_args"):
+                return []
+            return [self._chunk(Delta(tool_calls=(ToolCallDelta(
+                index=state["tool"], function=FunctionCallDelta(arguments=partial)),)))]
+        if kind == "thinking_delta":
+            text = str(delta.get("thinking") or "")
+            if not text:
+                return []
+            state["thinking"].append(text)
+            return [self._chunk(Delta(extra={"reasoning_content": text}))]
+        if kind == "signature_delta":
+            block = {"type": "thinking", "thinking": "".join(state["thinking"]),
+                     "signature": str(delta.get("signature") or "")}
+            return [self._chunk(Delta(extra={"thinking_blocks": [block]}))]
+        return []

@@ -1,0 +1,434 @@
+"""OpenAI chat <-> Gemini ``generateContent`` translation (pure functions; the provider does the I/O).
+
+thoughtSignature round trip: Gemini puts an opaque ``thoughtSignature`` on a ``functionCall`` part and wants it back
+verbatim when that call is replayed in history (Gemini 3 rejects the turn otherwise). OpenAI clients only reliably
+echo a tool call's ``id``, so the signature travels *inside the id*: ``call_<8 hex>_<signature as unpadded
+base64url>``. :func:`decode_call_id` reverses it; ids without the encoding (calls made elsewhere, or unsigned
+parallel calls) are sent without a signature, or with Google's documented ``skip_thought_signature_validator``
+placeholder for Gemini 3 models, so a conversation that started on another provider still continues.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+
+from scillm_core import (
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    Choice,
+    ChunkChoice,
+    Delta,
+    FilePart,
+    FunctionCall,
+    FunctionCallDelta,
+    ImagePart,
+    Message,
+    OtherPart,
+    TextPart,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+    errors,
+)
+
+__all__ = ["SKIP_SIGNATURE", "StreamState", "build_body", "decode_call_id", "encode_call_id", "finish_reason",
+           "parse_data_url", "parse_response", "usage_from"]
+
+SKIP_SIGNATURE = "skip_thought_signature_validator"
+_CALL_ID = re.compile(r"^call_[0-9a-f]{8}_([A-Za-z0-9_-]+)$")
+_CONTENT_FILTER = frozenset({"SAFETY", "RECITATION", "LANGUAGE", "OTHER", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
+                             "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION", "IMAGE_OTHER", "NO_IMAGE"})
+_LEVELS = {"none": "MINIMAL", "minimal": "MINIMAL", "low": "LOW", "medium": "MEDIUM", "high": "HIGH",
+           "xhigh": "HIGH", "max": "HIGH"}
+_BUDGETS = {"none": 0, "minimal": 512, "low": 1024, "medium": 8192, "high": 24576, "xhigh": 32768, "max": 32768}
+_FILE_URI = re.compile(r"^(gs://|https://generativelanguage\.googleapis\.com/|https://(www\.)?youtube\.com/|"
+                       r"https://youtu\.be/)")
+
+#: ``fetch(url, where) -> (mime_type, base64 data)`` for http(s) image URLs (the provider supplies it).
+Fetch = Callable[[str, str], Awaitable[tuple[str, str]]]
+
+
+# -- tool-call ids ---------------------------------------------------------------------------------------------------
+
+def encode_call_id(signature: str | None) -> str:
+    stem = "call_" + secrets.token_hex(4)
+    if not signature:
+        return stem
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if not raw or raw[:1] == b"\0" or base64.b64encode(raw).decode() != signature:
+        raw = b"\0" + signature.encode()  # not canonical base64: carried verbatim behind a marker byte
+    return stem + "_" + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_call_id(call_id: str | None) -> str | None:
+    """The thoughtSignature carried by an id from :func:`encode_call_id`, else ``None``."""
+    match = _CALL_ID.match(call_id or "")
+    if not match:
+        return None
+    encoded = match.group(1)
+    try:
+        raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    if raw[:1] == b"\0":
+        return raw[1:].decode("utf-8", "replace")
+    return base64.b64encode(raw).decode()
+
+
+# -- request ---------------------------------------------------------------------------------------------------------
+
+def parse_data_url(url: str, where: str) -> tuple[str, str]:
+    """``data:<mime>;base64,<data>`` -> (mime, data); 400 naming ``where`` otherwise."""
+    head, sep, data = url.partition(",")
+    if not sep or not head.startswith("data:") or not head.endswith(";base64"):
+        raise errors.InvalidRequest(f"expected a base64 data URL (data:<mime>;base64,...) @ {where}", param=where)
+    mime = head[5:-7] or "application/octet-stream"
+    if not data:
+        raise errors.InvalidRequest(f"empty data URL @ {where}", param=where)
+    return mime, data
+
+
+def _is_gemini3(model: str) -> bool:
+    return model.removeprefix("models/").startswith("gemini-3")
+
+
+async def _parts(message: Message, index: int, fetch: Fetch) -> list[dict[str, Any]]:
+    content = message.content
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        where = f"$.messages[{index}].content[{j}]"
+        if isinstance(part, TextPart):
+            parts.append({"text": part.text})
+        elif isinstance(part, ImagePart):
+            url = part.image_url.url
+            if url.startswith("data:"):
+                mime, data = parse_data_url(url, where + ".image_url.url")
+                parts.append({"inlineData": {"mimeType": mime, "data": data}})
+            elif _FILE_URI.match(url):
+                parts.append({"fileData": {"fileUri": url}})
+            elif url.startswith(("http://", "https://")):
+                mime, data = await fetch(url, where + ".image_url.url")
+                parts.append({"inlineData": {"mimeType": mime, "data": data}})
+            else:
+                raise errors.InvalidRequest(f"image_url must be a data URL or an http(s) URL @ {where}.image_url.url",
+                                            param=where + ".image_url.url")
+        elif isinstance(part, FilePart):
+            if not part.file.file_data:
+                raise errors.InvalidRequest(f"gemini needs the file inline: send file.file_data as a data URL "
+                                            f"(file_id is not supported) @ {where}.file", param=where + ".file")
+            mime, data = parse_data_url(part.file.file_data, where + ".file.file_data")
+            parts.append({"inlineData": {"mimeType": mime, "data": data}})
+        elif isinstance(part, OtherPart) and part.type == "input_audio":
+            audio = part.data.get("input_audio") or {}
+            if not isinstance(audio, Mapping) or not audio.get("data"):
+                raise errors.InvalidRequest(f"input_audio needs data and format @ {where}", param=where)
+            parts.append({"inlineData": {"mimeType": f"audio/{audio.get('format') or 'wav'}", "data": audio["data"]}})
+        else:
+            kind = part.type if isinstance(part, OtherPart) else type(part).__name__
+            raise errors.InvalidRequest(f"gemini does not take {kind!r} content parts @ {where}", param=where)
+    return parts
+
+
+def _arguments(raw: str, where: str) -> Any:
+    if not raw.strip():
+        return {}
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise errors.InvalidRequest(f"tool call arguments are not valid JSON @ {where}", param=where) from None
+    if not isinstance(value, dict):
+        raise errors.InvalidRequest(f"tool call arguments must be a JSON object @ {where}", param=where)
+    return value
+
+
+def _tool_response(text: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {"result": text}
+    return value if isinstance(value, dict) else {"result": value}
+
+
+async def _contents(request: ChatRequest, model: str, fetch: Fetch) -> tuple[list[dict[str, Any]], list[str]]:
+    system: list[str] = []
+    contents: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # tool_call id -> function name, from earlier assistant turns
+    for i, message in enumerate(request.messages):
+        if message.role in ("system", "developer"):
+            if message.text:
+                system.append(message.text)
+            continue
+        if message.role == "assistant":
+            parts = []
+            if message.text:
+                parts.append({"text": message.text})
+            for k, call in enumerate(message.tool_calls or ()):
+                names[call.id] = call.function.name
+                part: dict[str, Any] = {"functionCall": {
+                    "name": call.function.name,
+                    "args": _arguments(call.function.arguments, f"$.messages[{i}].tool_calls[{k}].function.arguments")}}
+                signature = decode_call_id(call.id)
+                if signature is None and k == 0 and _is_gemini3(model):
+                    signature = SKIP_SIGNATURE
+                if signature:
+                    part["thoughtSignature"] = signature
+                parts.append(part)
+            if parts:
+                contents.append({"role": "model", "parts": parts})
+            continue
+        if message.role in ("tool", "function"):
+            name = names.get(message.tool_call_id or "") or message.name
+            if not name:
+                where = f"$.messages[{i}].tool_call_id"
+                raise errors.InvalidRequest(f"tool result {message.tool_call_id!r} matches no earlier assistant tool "
+                                            f"call (gemini needs the function name) @ {where}", param=where)
+            response = {"functionResponse": {"name": name, "response": _tool_response(message.text)}}
+            if contents and contents[-1]["role"] == "user" and contents[-1].get("_tool"):
+                contents[-1]["parts"].append(response)
+            else:
+                contents.append({"role": "user", "parts": [response], "_tool": True})
+            continue
+        parts = await _parts(message, i, fetch)
+        if parts:
+            contents.append({"role": "user", "parts": parts})
+    for content in contents:
+        content.pop("_tool", None)
+    return contents, system
+
+
+def _generation_config(request: ChatRequest, model: str) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    if request.max_output_tokens is not None:
+        config["maxOutputTokens"] = request.max_output_tokens
+    if request.temperature is not None:
+        config["temperature"] = request.temperature
+    if request.top_p is not None:
+        config["topP"] = request.top_p
+    if request.stop_sequences:
+        config["stopSequences"] = list(request.stop_sequences)
+    if request.seed is not None:
+        config["seed"] = request.seed
+    if request.n is not None and request.n != 1:
+        config["candidateCount"] = request.n
+    for wire, key in (("presence_penalty", "presencePenalty"), ("frequency_penalty", "frequencyPenalty"),
+                      ("top_k", "topK")):
+        if isinstance(request.extra.get(wire), int | float) and not isinstance(request.extra.get(wire), bool):
+            config[key] = request.extra[wire]
+    fmt = request.response_format or {}
+    kind = fmt.get("type")
+    if kind == "json_object":
+        config["responseMimeType"] = "application/json"
+    elif kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("schema"), Mapping):
+            raise errors.InvalidRequest("response_format json_schema needs json_schema.schema (an object) @ "
+                                        "$.response_format.json_schema.schema",
+                                        param="$.response_format.json_schema.schema")
+        config["responseMimeType"] = "application/json"
+        config["responseJsonSchema"] = dict(spec["schema"])
+    elif kind not in (None, "text"):
+        raise errors.InvalidRequest(f"unsupported response_format type {kind!r} @ $.response_format.type",
+                                    param="$.response_format.type")
+    effort = request.reasoning_effort
+    if effort is not None:
+        if effort not in _BUDGETS:
+            raise errors.InvalidRequest(f"reasoning_effort must be one of {', '.join(_BUDGETS)}, not {effort!r} "
+                                        "@ $.reasoning_effort", param="$.reasoning_effort")
+        if _is_gemini3(model):
+            thinking: dict[str, Any] = {"thinkingLevel": _LEVELS[effort]}
+        else:
+            budget = _BUDGETS[effort]
+            if "pro" in model and budget < 128:
+                budget = 128  # 2.5 Pro cannot turn thinking off
+            thinking = {"thinkingBudget": budget}
+        if effort != "none":
+            thinking["includeThoughts"] = True
+        config["thinkingConfig"] = thinking
+    return config
+
+
+def _tool_config(choice: Any) -> dict[str, Any] | None:
+    if choice is None:
+        return None
+    if isinstance(choice, str):
+        mode = {"auto": "AUTO", "none": "NONE", "required": "ANY"}.get(choice)
+        if mode is None:
+            raise errors.InvalidRequest(f"tool_choice must be auto, none, required or a function, not {choice!r} "
+                                        "@ $.tool_choice", param="$.tool_choice")
+        return {"functionCallingConfig": {"mode": mode}}
+    name = (choice.get("function") or {}).get("name") if isinstance(choice, Mapping) else None
+    if not name:
+        raise errors.InvalidRequest("tool_choice object needs function.name @ $.tool_choice.function.name",
+                                    param="$.tool_choice.function.name")
+    return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [name]}}
+
+
+async def build_body(request: ChatRequest, model: str, fetch: Fetch) -> dict[str, Any]:
+    """The ``generateContent`` body for ``request`` (the same body serves streaming)."""
+    contents, system = await _contents(request, model, fetch)
+    if not contents:
+        raise errors.InvalidRequest("gemini needs at least one user or assistant message @ $.messages",
+                                    param="$.messages")
+    body: dict[str, Any] = {"contents": contents}
+    if system:
+        body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
+    if request.tools:
+        declarations = []
+        for tool in request.tools:
+            fn = tool.function
+            declaration: dict[str, Any] = {"name": fn.name}
+            if fn.description:
+                declaration["description"] = fn.description
+            if fn.parameters:
+                # plain JSON Schema, no OpenAPI-subset conversion or key stripping needed
+                declaration["parametersJsonSchema"] = dict(fn.parameters)
+            declarations.append(declaration)
+        body["tools"] = [{"functionDeclarations": declarations}]
+        tool_config = _tool_config(request.tool_choice)
+        if tool_config:
+            body["toolConfig"] = tool_config
+    config = _generation_config(request, model)
+    if config:
+        body["generationConfig"] = config
+    return body
+
+
+# -- response --------------------------------------------------------------------------------------------------------
+
+def finish_reason(reason: str | None, saw_call: bool) -> str | None:
+    if reason is None:
+        return None
+    if reason == "MAX_TOKENS":
+        return "length"
+    if reason in _CONTENT_FILTER:
+        return "content_filter"
+    return "tool_calls" if saw_call else "stop"
+
+
+def usage_from(meta: Mapping[str, Any] | None) -> Usage | None:
+    if not meta:
+        return None
+    prompt = int(meta.get("promptTokenCount") or 0)
+    thoughts = int(meta.get("thoughtsTokenCount") or 0)
+    completion = int(meta.get("candidatesTokenCount") or 0) + thoughts
+    total = int(meta.get("totalTokenCount") or 0) or prompt + completion
+    extra: dict[str, Any] = {"completion_tokens_details": {"reasoning_tokens": thoughts},
+                             "prompt_tokens_details": {"cached_tokens": int(meta.get("cachedContentTokenCount") or 0)}}
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total, extra=extra)
+
+
+def _response_id(data: Mapping[str, Any]) -> str:
+    return "chatcmpl-" + str(data.get("responseId") or secrets.token_hex(12))
+
+
+def parse_response(data: Any, model: str) -> ChatResponse:
+    if not isinstance(data, Mapping):
+        raise TypeError("response is not a JSON object")
+    choices = []
+    candidates = data.get("candidates") or []
+    for position, candidate in enumerate(candidates):
+        texts: list[str] = []
+        thoughts: list[str] = []
+        calls: list[ToolCall] = []
+        for part in (candidate.get("content") or {}).get("parts") or []:
+            if "functionCall" in part:
+                call = part["functionCall"]
+                calls.append(ToolCall(id=encode_call_id(part.get("thoughtSignature")), function=FunctionCall(
+                    name=call.get("name", ""), arguments=orjson.dumps(call.get("args") or {}).decode())))
+            elif "text" in part:
+                (thoughts if part.get("thought") else texts).append(part["text"])
+        extra = {"reasoning_content": "".join(thoughts)} if thoughts else {}
+        message = Message(role="assistant", content="".join(texts) if texts or not calls else None,
+                          tool_calls=tuple(calls) or None, extra=extra)
+        choices.append(Choice(index=int(candidate.get("index", position)), message=message,
+                              finish_reason=finish_reason(candidate.get("finishReason") or "STOP", bool(calls))))
+    if not choices:
+        blocked = (data.get("promptFeedback") or {}).get("blockReason")
+        choices.append(Choice(message=Message(role="assistant", content=""),
+                              finish_reason="content_filter" if blocked else "stop",
+                              extra={"block_reason": blocked} if blocked else {}))
+    return ChatResponse(id=_response_id(data), model=str(data.get("modelVersion") or model), created=int(time.time()),
+                        choices=tuple(choices), usage=usage_from(data.get("usageMetadata")))
+
+
+class StreamState:
+    """Turns Gemini stream events (each a whole ``GenerateContentResponse`` holding only new parts) into chunks."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.model = model
+        self.include_usage = include_usage
+        self.id: str | None = None
+        self.created = int(time.time())
+        self.started: set[int] = set()
+        self.calls: dict[int, int] = {}
+        self.finished: set[int] = set()
+        self.usage: Usage | None = None
+        self.blocked: str | None = None
+
+    def _chunk(self, index: int, delta: Delta, finish: str | None = None) -> ChatChunk:
+        return ChatChunk(id=self.id or "chatcmpl-gemini", model=self.model, created=self.created,
+                         choices=(ChunkChoice(index=index, delta=delta, finish_reason=finish),))
+
+    def feed(self, data: Mapping[str, Any]) -> list[ChatChunk]:
+        if self.id is None:
+            self.id = _response_id(data)
+        self.model = str(data.get("modelVersion") or self.model)
+        if data.get("usageMetadata"):
+            self.usage = usage_from(data["usageMetadata"])
+        out: list[ChatChunk] = []
+        candidates = data.get("candidates") or []
+        if not candidates and (data.get("promptFeedback") or {}).get("blockReason"):
+            self.blocked = data["promptFeedback"]["blockReason"]
+            out.append(self._chunk(0, Delta(role="assistant", content="")))
+            out.append(self._chunk(0, Delta(), "content_filter"))
+            self.finished.add(0)
+        for position, candidate in enumerate(candidates):
+            index = int(candidate.get("index", position))
+            if index not in self.started:
+                self.started.add(index)
+                out.append(self._chunk(index, Delta(role="assistant", content="")))
+            for part in (candidate.get("content") or {}).get("parts") or []:
+                if "functionCall" in part:
+                    call = part["functionCall"]
+                    ordinal = self.calls.get(index, 0)
+                    self.calls[index] = ordinal + 1
+                    out.append(self._chunk(index, Delta(tool_calls=(ToolCallDelta(
+                        index=ordinal, id=encode_call_id(part.get("thoughtSignature")), type="function",
+                        function=FunctionCallDelta(name=call.get("name", ""),
+                                                   arguments=orjson.dumps(call.get("args") or {}).decode())),))))
+                elif part.get("text"):
+                    if part.get("thought"):
+                        out.append(self._chunk(index, Delta(extra={"reasoning_content": part["text"]})))
+                    else:
+                        out.append(self._chunk(index, Delta(content=part["text"])))
+            if candidate.get("finishReason"):
+                self.finished.add(index)
+                out.append(self._chunk(index, Delta(), finish_reason(candidate["finishReason"],
+                                                                     bool(self.calls.get(index)))))
+        return out
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.finished) and self.finished >= self.started
+
+    def usage_chunk(self) -> ChatChunk | None:
+        if not self.include_usage or self.usage is None:
+            return None
+        return ChatChunk(id=self.id or "chatcmpl-gemini", model=self.model, created=self.created, choices=(),
+                         usage=self.usage)

@@ -1,0 +1,594 @@
+"""Anthropic Messages <-> core chat models.
+
+Inbound: a Messages request body -> :class:`ChatRequest` (400 naming the JSON path on bad input).
+Outbound: a :class:`ChatResponse` -> a Messages response, and a :class:`ChatChunk` stream -> the Messages event
+sequence (``message_start``, ``content_block_start/delta/stop``, ``message_delta``, ``message_stop``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import attrs
+import orjson
+
+from scillm_core import (
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    FileData,
+    FilePart,
+    FunctionCall,
+    FunctionDef,
+    ImagePart,
+    ImageUrl,
+    Message,
+    TextPart,
+    Tool,
+    ToolCall,
+    Usage,
+    errors,
+)
+
+__all__ = ["STOP_REASONS", "StreamTranslator", "fit_thinking", "message_id", "parse_messages_request",
+           "to_messages_response"]
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
+                "content_filter": "refusal"}
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+#: Anthropic effort levels (``output_config.effort``) and thinking budgets -> OpenAI ``reasoning_effort``.
+EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+#: Anthropic request fields passed to Anthropic upstreams unchanged (see :func:`fit_thinking`).
+NATIVE_FIELDS = ("thinking", "top_k", "metadata", "output_config", "service_tier", "context_management")
+USER_BLOCKS = ("text", "image", "document", "tool_result")
+ASSISTANT_BLOCKS = ("text", "tool_use", "thinking", "redacted_thinking")
+
+
+def message_id() -> str:
+    return "msg_" + uuid.uuid4().hex[:24]
+
+
+# -- request -----------------------------------------------------------------------------------------------------
+
+def _bad(message: str, path: str) -> errors.InvalidRequest:
+    return errors.InvalidRequest(f"{message} @ {path}", param=path)
+
+
+def _kind(value: Any) -> str:
+    return {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], name: str, path: str) -> Any:
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple)
+                                                                                  else (kind,))):
+        raise _bad(f"expected {name}, got {_kind(value)}", path)
+    return value
+
+
+def _number(body: Mapping[str, Any], key: str, low: float, high: float | None = None) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    _expect(value, (int, float), "a number", f"$.{key}")
+    if value < low or (high is not None and value > high):
+        span = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise _bad(f"{key} must be {span}, got {value}", f"$.{key}")
+    return float(value)
+
+
+def parse_messages_request(body: Any) -> ChatRequest:
+    """Validate an Anthropic Messages body and translate it to a :class:`ChatRequest`.
+
+    Unknown top-level keys (new betas, ``service_tier``, ``container``, ``context_management``) are ignored;
+    ``top_k`` and ``metadata`` are not sent upstream; thinking blocks in the history are carried as the assistant
+    message's ``thinking_blocks`` (see :func:`fit_thinking`).
+    """
+    if not isinstance(body, dict):
+        raise _bad("request body must be a JSON object", "$")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise _bad("model is required (a non-empty string)" if model is None else
+                   f"model must be a non-empty string, got {_kind(model)}", "$.model")
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        raise _bad("max_tokens is required", "$.max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise _bad(f"max_tokens must be a positive integer, got {max_tokens!r}", "$.max_tokens")
+    stream = body.get("stream", False)
+    if stream is not None:
+        _expect(stream, bool, "a boolean", "$.stream")
+
+    messages: list[Message] = []
+    system = body.get("system")
+    if system is not None:
+        text = _system_text(system)
+        if text:
+            messages.append(Message(role="system", content=text))
+    raw_messages = body.get("messages")
+    if raw_messages is None:
+        raise _bad("messages is required", "$.messages")
+    _expect(raw_messages, list, "an array of messages", "$.messages")
+    if not raw_messages:
+        raise _bad("messages must not be empty", "$.messages")
+    for i, raw in enumerate(raw_messages):
+        messages.extend(_message(raw, f"$.messages[{i}]"))
+
+    tools = _tools(body.get("tools"))
+    tool_choice, parallel = _tool_choice(body.get("tool_choice"))
+    stop = body.get("stop_sequences")
+    if stop is not None:
+        _expect(stop, list, "an array of strings", "$.stop_sequences")
+        for j, s in enumerate(stop):
+            _expect(s, str, "a string", f"$.stop_sequences[{j}]")
+    metadata = body.get("metadata")
+    if metadata is not None:
+        _expect(metadata, dict, "an object", "$.metadata")
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    top_p = _number(body, "top_p", 0.0, 1.0)
+    _number(body, "top_k", 0)  # validated, then dropped: OpenAI-style upstreams have no top_k
+    native = {key: body[key] for key in NATIVE_FIELDS if body.get(key) is not None}
+    scillm: dict[str, Any] = {"dialect": "anthropic", "anthropic_native": native}
+    return ChatRequest(
+        model=model, messages=tuple(messages), stream=bool(stream),
+        stream_options={"include_usage": True} if stream else None,
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+        stop=tuple(stop) if stop else None,
+        tools=tuple(tools) or None, tool_choice=tool_choice if tools else None,
+        parallel_tool_calls=parallel if tools else None,
+        reasoning_effort=_reasoning_effort(body.get("thinking"), body.get("output_config"), max_tokens),
+        response_format=_response_format(body.get("output_config") or body.get("output_format")),
+        scillm=scillm)
+
+
+def _system_text(system: Any) -> str:
+    if isinstance(system, str):
+        return system
+    _expect(system, list, "a string or an array of text blocks", "$.system")
+    texts = []
+    for j, block in enumerate(system):
+        path = f"$.system[{j}]"
+        _expect(block, dict, "a text block object", path)
+        if block.get("type") != "text":
+            raise _bad(f"system blocks must have type 'text', got {block.get('type')!r}", f"{path}.type")
+        texts.append(_expect(block.get("text"), str, "a string", f"{path}.text"))
+    return "\n\n".join(t for t in texts if t)
+
+
+def _message(raw: Any, path: str) -> list[Message]:
+    _expect(raw, dict, "a message object", path)
+    role = raw.get("role")
+    if role not in ("user", "assistant"):
+        raise _bad(f"role must be 'user' or 'assistant' (system goes in the top-level 'system'), got {role!r}",
+                   f"{path}.role")
+    content = raw.get("content")
+    if isinstance(content, str):
+        return [Message(role=role, content=content)]
+    if content is None:
+        raise _bad("content is required (a string or an array of content blocks)", f"{path}.content")
+    _expect(content, list, "a string or an array of content blocks", f"{path}.content")
+    blocks = []
+    for j, block in enumerate(content):
+        bpath = f"{path}.content[{j}]"
+        _expect(block, dict, "a content block object", bpath)
+        kind = block.get("type")
+        allowed = USER_BLOCKS if role == "user" else ASSISTANT_BLOCKS
+        if kind not in allowed:
+            raise _bad(f"content block type {kind!r} is not supported in a {role} message here (supported: "
+                       f"{', '.join(allowed)})", f"{bpath}.type")
+        blocks.append((kind, block, bpath))
+    return _user(blocks) if role == "user" else _assistant(blocks)
+
+
+def _user(blocks: list[tuple[str, dict[str, Any], str]]) -> list[Message]:
+    """Tool results become ``role: tool`` messages (first, in order); the rest one user message after them.
+    Images inside tool results follow in a user message, since chat-completions tool messages carry text only."""
+    out: list[Message] = []
+    parts: list[Any] = []
+    for kind, block, path in blocks:
+        if kind == "tool_result":
+            text, images = _tool_result(block, path)
+            tool_id = _expect(block.get("tool_use_id"), str, "a string", f"{path}.tool_use_id")
+            out.append(Message(role="tool", tool_call_id=tool_id, content=text))
+            parts.extend(images)
+        else:
+            parts.append(_part(kind, block, path))
+    if parts:
+        if all(isinstance(p, TextPart) for p in parts):
+            out.append(Message(role="user", content="\n\n".join(p.text for p in parts) if len(parts) > 1
+                               else parts[0].text))
+        else:
+            out.append(Message(role="user", content=tuple(parts)))
+    return out
+
+
+def _part(kind: str, block: Mapping[str, Any], path: str) -> Any:
+    if kind == "text":
+        return TextPart(text=_expect(block.get("text"), str, "a string", f"{path}.text"))
+    source: dict[str, Any] = _expect(block.get("source"), dict, "a source object", f"{path}.source")
+    stype = source.get("type")
+    if kind == "image":
+        if stype == "base64":
+            media = source.get("media_type")
+            if media not in IMAGE_TYPES:
+                raise _bad(f"image media_type must be one of {', '.join(IMAGE_TYPES)}, got {media!r}",
+                           f"{path}.source.media_type")
+            data = _expect(source.get("data"), str, "a base64 string", f"{path}.source.data")
+            return ImagePart(image_url=ImageUrl(url=f"data:{media};base64,{data}"))
+        if stype == "url":
+            return ImagePart(image_url=ImageUrl(url=_expect(source.get("url"), str, "a string", f"{path}.source.url")))
+        raise _bad(f"image source type must be 'base64' or 'url', got {stype!r}", f"{path}.source.type")
+    # document
+    title = block.get("title") if isinstance(block.get("title"), str) else None
+    if stype == "base64":
+        media = source.get("media_type")
+        if media != "application/pdf":
+            raise _bad(f"base64 document media_type must be 'application/pdf', got {media!r}",
+                       f"{path}.source.media_type")
+        data = _expect(source.get("data"), str, "a base64 string", f"{path}.source.data")
+        return FilePart(file=FileData(file_data=f"data:application/pdf;base64,{data}",
+                                      filename=title or "document.pdf"))
+    if stype == "text":
+        data = _expect(source.get("data"), str, "a string", f"{path}.source.data")
+        return TextPart(text=f"{title}\n\n{data}" if title else data)
+    if stype == "content":
+        inner = _expect(source.get("content"), (list, str), "a string or an array of text blocks",
+                        f"{path}.source.content")
+        if isinstance(inner, str):
+            return TextPart(text=inner)
+        texts = [_expect(b.get("text") if isinstance(b, dict) else None, str, "a text block",
+                         f"{path}.source.content[{k}]") for k, b in enumerate(inner)]
+        return TextPart(text="\n\n".join(texts))
+    raise _bad(f"document source type {stype!r} is not supported (use 'base64' PDF or 'text')",
+               f"{path}.source.type")
+
+
+def _tool_result(block: Mapping[str, Any], path: str) -> tuple[str, list[Any]]:
+    content = block.get("content")
+    texts: list[str] = []
+    images: list[Any] = []
+    if isinstance(content, str):
+        texts.append(content)
+    elif isinstance(content, list):
+        for k, inner in enumerate(content):
+            ipath = f"{path}.content[{k}]"
+            _expect(inner, dict, "a content block object", ipath)
+            kind = inner.get("type")
+            if kind == "text":
+                texts.append(_expect(inner.get("text"), str, "a string", f"{ipath}.text"))
+            elif kind in ("image", "document"):
+                images.append(_part(kind, inner, ipath))
+            else:
+                raise _bad(f"tool_result content blocks must be text, image or document, got {kind!r}",
+                           f"{ipath}.type")
+    elif content is not None:
+        raise _bad(f"expected a string or an array of content blocks, got {_kind(content)}", f"{path}.content")
+    text = "\n\n".join(texts)
+    is_error = block.get("is_error")
+    if is_error is not None:
+        _expect(is_error, bool, "a boolean", f"{path}.is_error")
+    if is_error:
+        text = f"Error: {text}" if text else "Error"
+    return text, images
+
+
+def _assistant(blocks: list[tuple[str, dict[str, Any], str]]) -> list[Message]:
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    thinking: list[dict[str, Any]] = []
+    for kind, block, path in blocks:
+        if kind == "thinking":
+            thinking.append({"type": "thinking", "thinking": str(block.get("thinking") or ""),
+                             "signature": str(block.get("signature") or "")})
+        elif kind == "redacted_thinking":
+            thinking.append({"type": "redacted_thinking", "data": str(block.get("data") or "")})
+        elif kind == "text":
+            texts.append(_expect(block.get("text"), str, "a string", f"{path}.text"))
+        elif kind == "tool_use":
+            tool_id = _expect(block.get("id"), str, "a string", f"{path}.id")
+            name = _expect(block.get("name"), str, "a string", f"{path}.name")
+            arguments = block.get("input", {})
+            _expect(arguments, dict, "an object", f"{path}.input")
+            calls.append(ToolCall(id=tool_id, function=FunctionCall(name=name,
+                                                                   arguments=orjson.dumps(arguments).decode())))
+    text = "".join(texts)
+    if not text and not calls:
+        return []  # e.g. a thinking-only turn: nothing an upstream can take
+    # thinking blocks ride in ``thinking_blocks`` (the Anthropic provider sends them back, as tool loops with
+    # thinking require); :func:`fit_thinking` strips them for every other upstream
+    return [Message(role="assistant", content=text or None, tool_calls=tuple(calls) or None,
+                    extra={"thinking_blocks": thinking} if thinking else {})]
+
+
+def fit_thinking(request: ChatRequest, anthropic: bool) -> ChatRequest:
+    """Fit the request to the family of the provider it routes to.
+
+    Anthropic upstreams get the client's native fields (``thinking``, ``top_k``, ``metadata``, ``output_config``,
+    ``service_tier``, ``context_management``) in ``extra``, which the Anthropic provider passes through, and the
+    carried ``thinking_blocks`` (tool loops with thinking need them back, signatures intact). Every other upstream
+    loses the ``thinking_blocks``: their signatures mean nothing to another model, and OpenAI-style upstreams
+    reject unknown message keys.
+    """
+    if anthropic:
+        native = request.scillm.get("anthropic_native") or {}
+        if not native:
+            return request
+        return attrs.evolve(request, extra={**request.extra, **native},
+                            reasoning_effort=None if "thinking" in native else request.reasoning_effort)
+    if not any("thinking_blocks" in m.extra for m in request.messages):
+        return request
+    messages = tuple(attrs.evolve(m, extra={k: v for k, v in m.extra.items() if k != "thinking_blocks"})
+                     if "thinking_blocks" in m.extra else m for m in request.messages)
+    return attrs.evolve(request, messages=messages)
+
+
+def _tools(raw: Any) -> list[Tool]:
+    if raw is None:
+        return []
+    _expect(raw, list, "an array of tools", "$.tools")
+    tools = []
+    for j, tool in enumerate(raw):
+        path = f"$.tools[{j}]"
+        _expect(tool, dict, "a tool object", path)
+        kind = tool.get("type")
+        if kind not in (None, "custom"):
+            raise _bad(f"server tool {kind!r} is not supported through scillm; define a client tool with "
+                       "name, description and input_schema", f"{path}.type")
+        name = tool.get("name")
+        if not isinstance(name, str) or not name:
+            raise _bad("tool name is required (a non-empty string)", f"{path}.name")
+        schema = tool.get("input_schema")
+        if schema is None:
+            raise _bad("input_schema is required (a JSON Schema object)", f"{path}.input_schema")
+        _expect(schema, dict, "a JSON Schema object", f"{path}.input_schema")
+        description = tool.get("description")
+        if description is not None:
+            _expect(description, str, "a string", f"{path}.description")
+        tools.append(Tool(function=FunctionDef(name=name, description=description, parameters=schema)))
+    return tools
+
+
+def _tool_choice(raw: Any) -> tuple[str | dict[str, Any] | None, bool | None]:
+    if raw is None:
+        return None, None
+    _expect(raw, dict, "an object such as {\"type\": \"auto\"}", "$.tool_choice")
+    kind = raw.get("type")
+    parallel = False if raw.get("disable_parallel_tool_use") is True else None
+    if kind == "auto":
+        return "auto", parallel
+    if kind == "any":
+        return "required", parallel
+    if kind == "none":
+        return "none", None
+    if kind == "tool":
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise _bad("tool_choice of type 'tool' needs the tool's name", "$.tool_choice.name")
+        return {"type": "function", "function": {"name": name}}, parallel
+    raise _bad(f"tool_choice type must be auto, any, tool or none, got {kind!r}", "$.tool_choice.type")
+
+
+def _reasoning_effort(thinking: Any, output_config: Any, max_tokens: int) -> str | None:
+    """``output_config.effort`` wins; else ``thinking.budget_tokens`` by size (< 4096 low, < 16384 medium, else
+    high); adaptive thinking is medium; disabled or absent thinking leaves the upstream default."""
+    if isinstance(output_config, dict) and output_config.get("effort") is not None:
+        effort = output_config["effort"]
+        if effort not in EFFORTS:
+            raise _bad(f"effort must be one of {', '.join(EFFORTS)}, got {effort!r}", "$.output_config.effort")
+        return EFFORTS[effort]
+    if thinking is None:
+        return None
+    _expect(thinking, dict, "an object", "$.thinking")
+    kind = thinking.get("type")
+    if kind == "disabled":
+        return None
+    if kind == "adaptive":
+        return "medium"
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise _bad("budget_tokens must be a positive integer", "$.thinking.budget_tokens")
+        return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
+    raise _bad(f"thinking type must be enabled, adaptive or disabled, got {kind!r}", "$.thinking.type")
+
+
+def _response_format(output_config: Any) -> dict[str, Any] | None:
+    if not isinstance(output_config, dict):
+        return None
+    fmt = output_config.get("format", output_config if output_config.get("type") == "json_schema" else None)
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return None
+    schema = fmt.get("schema")
+    if not isinstance(schema, dict):
+        raise _bad("a json_schema output format needs a 'schema' object", "$.output_config.format.schema")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+
+
+# -- response ----------------------------------------------------------------------------------------------------
+
+def _usage(usage: Usage | None, *, estimate: int = 0) -> dict[str, int]:
+    """Anthropic's ``input_tokens`` excludes cache reads; OpenAI's ``prompt_tokens`` includes them."""
+    if usage is None:
+        return {"input_tokens": estimate, "output_tokens": 0, "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0}
+    details = usage.extra.get("prompt_tokens_details") if usage.extra else None
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    cached = cached if isinstance(cached, int) and not isinstance(cached, bool) else 0
+    cached = min(cached, usage.prompt_tokens)
+    return {"input_tokens": usage.prompt_tokens - cached, "output_tokens": usage.completion_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
+
+
+def _reasoning(extra: Mapping[str, Any]) -> str | None:
+    for key in ("reasoning_content", "reasoning"):
+        value = extra.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _tool_input(arguments: str) -> Any:
+    if not arguments.strip():
+        return {}
+    try:
+        value = orjson.loads(arguments)
+    except orjson.JSONDecodeError:
+        return {"_raw_arguments": arguments}  # the model wrote invalid JSON: keep it visible, do not crash
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def to_messages_response(result: ChatResponse, model: str) -> dict[str, Any]:
+    choice = result.choices[0] if result.choices else None
+    content: list[dict[str, Any]] = []
+    finish = None
+    if choice is not None:
+        message = choice.message
+        finish = choice.finish_reason
+        blocks = message.extra.get("thinking_blocks") if message.extra else None
+        if isinstance(blocks, list) and blocks:  # from an Anthropic upstream, signatures included
+            content.extend(b for b in (_thinking_block(x) for x in blocks) if b is not None)
+        else:
+            thinking = _reasoning(message.extra)
+            if thinking:
+                content.append({"type": "thinking", "thinking": thinking, "signature": ""})
+        refusal = message.extra.get("refusal") if message.extra else None
+        if message.text:
+            content.append({"type": "text", "text": message.text})
+        elif isinstance(refusal, str) and refusal:
+            content.append({"type": "text", "text": refusal})  # OpenAI's refusal field: still the model's words
+            finish = "content_filter"
+        for call in message.tool_calls or ():
+            content.append({"type": "tool_use", "id": call.id or _tool_id(), "name": call.function.name,
+                            "input": _tool_input(call.function.arguments)})
+    has_tools = any(block["type"] == "tool_use" for block in content)
+    return {"id": message_id(), "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": _stop_reason(finish, has_tools), "stop_sequence": None, "usage": _usage(result.usage)}
+
+
+def _thinking_block(block: Any) -> dict[str, Any] | None:
+    if not isinstance(block, dict):
+        return None
+    if block.get("type") == "thinking":
+        return {"type": "thinking", "thinking": str(block.get("thinking") or ""),
+                "signature": str(block.get("signature") or "")}
+    if block.get("type") == "redacted_thinking":
+        return {"type": "redacted_thinking", "data": str(block.get("data") or "")}
+    return None
+
+
+def _stop_reason(finish: str | None, has_tools: bool) -> str:
+    if has_tools and finish in (None, "stop"):
+        return "tool_use"  # some upstreams (Gemini, Ollama) finish a tool-call turn with "stop"
+    return STOP_REASONS.get(finish or "stop", "end_turn")
+
+
+def _tool_id() -> str:
+    return "toolu_" + uuid.uuid4().hex[:24]
+
+
+# -- streaming ---------------------------------------------------------------------------------------------------
+
+def event(kind: str, payload: Mapping[str, Any]) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+class StreamTranslator:
+    """Turns chat chunks into Messages events: one content block at a time (thinking, text, one per tool call),
+    each closed before the next opens; ``finish`` closes the last block and sends ``message_delta`` (stop reason,
+    cumulative usage) and ``message_stop``."""
+
+    def __init__(self, model: str, *, input_estimate: int = 0) -> None:
+        self.id = message_id()
+        self.model = model
+        self.input_estimate = input_estimate
+        self.index = -1
+        self.open: str | None = None          # "thinking" | "text" | "tool_use"
+        self.tool_calls: dict[int, tuple[str, int]] = {}  # OpenAI tool-call ordinal -> (id, block index)
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+
+    def start(self) -> bytes:
+        message: dict[str, Any] = {
+            "id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {**_usage(None, estimate=self.input_estimate), "output_tokens": 1}}
+        return event("message_start", {"type": "message_start", "message": message}) + ping()
+
+    def _close(self) -> Iterator[bytes]:
+        if self.open is not None:
+            yield event("content_block_stop", {"type": "content_block_stop", "index": self.index})
+            self.open = None
+
+    def _open(self, block: dict[str, Any]) -> Iterator[bytes]:
+        yield from self._close()
+        self.index += 1
+        self.open = block["type"]
+        yield event("content_block_start", {"type": "content_block_start", "index": self.index,
+                                            "content_block": block})
+
+    def _delta(self, delta: dict[str, Any], *, index: int | None = None) -> bytes:
+        return event("content_block_delta", {"type": "content_block_delta",
+                                             "index": self.index if index is None else index, "delta": delta})
+
+    def chunk(self, chunk: ChatChunk) -> Iterator[bytes]:
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        for choice in chunk.choices[:1]:
+            delta = choice.delta
+            thinking = _reasoning(delta.extra) if delta.extra else None
+            if thinking:
+                if self.open != "thinking":
+                    yield from self._open({"type": "thinking", "thinking": "", "signature": ""})
+                yield self._delta({"type": "thinking_delta", "thinking": thinking})
+            for block in (delta.extra.get("thinking_blocks") or ()) if delta.extra else ():
+                yield from self._thinking_block(block)
+            if delta.content:
+                if self.open != "text":
+                    yield from self._open({"type": "text", "text": ""})
+                yield self._delta({"type": "text_delta", "text": delta.content})
+            for call in delta.tool_calls or ():
+                function = call.function
+                known = self.tool_calls.get(call.index)
+                if known is None or (call.id is not None and call.id != known[0]):
+                    tool_id = call.id or _tool_id()
+                    yield from self._open({"type": "tool_use", "id": tool_id,
+                                           "name": (function.name if function else None) or "", "input": {}})
+                    self.tool_calls[call.index] = (tool_id, self.index)
+                    known = self.tool_calls[call.index]
+                if function is not None and function.arguments:
+                    # a late fragment of an earlier parallel call still goes to that call's block
+                    yield self._delta({"type": "input_json_delta", "partial_json": function.arguments},
+                                      index=known[1])
+            if choice.finish_reason is not None:
+                self.finish_reason = choice.finish_reason
+
+    def _thinking_block(self, block: Any) -> Iterator[bytes]:
+        """A finished block from an Anthropic upstream: its signature ends the open thinking block; a redacted
+        block is a block of its own."""
+        block = _thinking_block(block)
+        if block is None:
+            return
+        if block["type"] == "redacted_thinking":
+            yield from self._open(block)
+            return
+        if self.open != "thinking":
+            yield from self._open({"type": "thinking", "thinking": "", "signature": ""})
+            if block["thinking"]:
+                yield self._delta({"type": "thinking_delta", "thinking": block["thinking"]})
+        if block["signature"]:
+            yield self._delta({"type": "signature_delta", "signature": block["signature"]})
+
+    def finish(self) -> Iterator[bytes]:
+        yield from self._close()
+        usage = _usage(self.usage, estimate=self.input_estimate)
+        yield event("message_delta", {"type": "message_delta",
+                                      "delta": {"stop_reason": _stop_reason(self.finish_reason, bool(self.tool_calls)),
+                                                "stop_sequence": None},
+                                      "usage": usage})
+        yield event("message_stop", {"type": "message_stop"})
+
+
+def ping() -> bytes:
+    return event("ping", {"type": "ping"})

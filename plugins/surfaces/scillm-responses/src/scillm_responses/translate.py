@@ -1,0 +1,482 @@
+"""OpenAI Responses wire <-> core chat models (provider-protocols.md §7, §9).
+
+- :func:`parse_request`: a ``POST /v1/responses`` body -> a :class:`ChatRequest` (400 naming the JSON path of
+  anything wrong) plus the request fields a Response object echoes.
+- :func:`response_object`: a :class:`ChatResponse` -> a Response object.
+- :class:`EventStream`: chat chunks -> the Responses streaming events, ``sequence_number`` on every one.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from scillm_core import ChatChunk, ChatRequest, ChatResponse, Usage, errors, structure
+
+__all__ = ["EXTENSION_FIELDS", "EventStream", "new_id", "parse_request", "response_object", "usage_object"]
+
+#: scillm's own request fields (as on the chat surface): never sent upstream.
+EXTENSION_FIELDS = frozenset({"scillm_metadata", "timeout", "json_schema", "schema_retries", "source",
+                              "grounding_threshold", "grounding_retries", "cache"})
+#: Responses fields we accept and ignore (they ask for server-side behaviour that changes nothing here).
+IGNORED_FIELDS = frozenset({"store", "include", "prompt_cache_key", "prompt_cache_retention", "truncation",
+                            "safety_identifier", "user", "service_tier", "stream_options", "top_logprobs",
+                            "max_tool_calls", "prompt", "client_metadata"})
+STATEFUL_FIELDS = ("previous_response_id", "conversation")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(24)}"
+
+
+def _bad(message: str, path: str) -> errors.InvalidRequest:
+    return errors.InvalidRequest(f"{message} @ {path}", param=path)
+
+
+def _json_type(value: Any) -> str:
+    return {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _text_of(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise _bad(f"expected string, got {_json_type(value)}", path)
+    return value
+
+
+def _part(part: Any, path: str) -> dict[str, Any]:
+    if not isinstance(part, dict):
+        raise _bad(f"expected content part object, got {_json_type(part)}", path)
+    kind = part.get("type")
+    if kind in ("input_text", "output_text", "text", "refusal", "summary_text"):
+        key = "refusal" if kind == "refusal" else "text"
+        return {"type": "text", "text": _text_of(part.get(key), f"{path}.{key}")}
+    if kind == "input_image":
+        url = part.get("image_url")
+        if not isinstance(url, str) or not url:
+            raise _bad("input_image needs image_url (a data: or https: URL); file_id images are not supported",
+                       f"{path}.image_url")
+        image: dict[str, Any] = {"url": url}
+        if isinstance(part.get("detail"), str):
+            image["detail"] = part["detail"]
+        return {"type": "image_url", "image_url": image}
+    if kind == "input_file":
+        file: dict[str, Any] = {}
+        if isinstance(part.get("file_data"), str):
+            file["file_data"] = part["file_data"]
+        elif isinstance(part.get("file_id"), str):
+            file["file_id"] = part["file_id"]
+        else:
+            raise _bad("input_file needs file_data (a data: URL) or file_id", path)
+        if isinstance(part.get("filename"), str):
+            file["filename"] = part["filename"]
+        return {"type": "file", "file": file}
+    raise _bad(f"unsupported content part type {kind!r} (use input_text, input_image or input_file)",
+               f"{path}.type")
+
+
+def _content(content: Any, path: str, *, text_only: bool) -> str | list[dict[str, Any]]:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _bad(f"expected string or array of content parts, got {_json_type(content)}", path)
+    parts = [_part(p, f"{path}[{j}]") for j, p in enumerate(content)]
+    if text_only:
+        for j, part in enumerate(parts):
+            if part["type"] != "text":
+                raise _bad("only text parts are allowed in this message", f"{path}[{j}]")
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def _output_text(output: Any, path: str) -> str:
+    if isinstance(output, str):
+        return output
+    if isinstance(output, list):
+        parts = [_part(x, f"{path}[{j}]") for j, x in enumerate(output)]
+        return "".join(p["text"] for p in parts if p["type"] == "text")
+    raise _bad(f"expected string or array of parts, got {_json_type(output)}", path)
+
+
+def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    instructions = body.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise _bad(f"expected string, got {_json_type(instructions)}", "$.instructions")
+        if instructions:
+            messages.append({"role": "system", "content": instructions})
+    raw = body.get("input")
+    if raw is None:
+        raise _bad("input is required (a string or an array of input items)", "$.input")
+    if isinstance(raw, str):
+        messages.append({"role": "user", "content": raw})
+        return messages
+    if not isinstance(raw, list):
+        raise _bad(f"expected string or array of items, got {_json_type(raw)}", "$.input")
+    for i, item in enumerate(raw):
+        path = f"$.input[{i}]"
+        if not isinstance(item, dict):
+            raise _bad(f"expected input item object, got {_json_type(item)}", path)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise _bad(f"role must be user, assistant, system or developer, got {role!r}", f"{path}.role")
+            content = _content(item.get("content"), f"{path}.content", text_only=role != "user")
+            # developer is the Responses name for system; many chat upstreams know only system
+            messages.append({"role": "system" if role == "developer" else role, "content": content})
+        elif kind in ("function_call", "custom_tool_call"):
+            call_id = _text_of(item.get("call_id"), f"{path}.call_id")
+            name = _text_of(item.get("name"), f"{path}.name")
+            if kind == "function_call":
+                arguments = _text_of(item.get("arguments", "{}"), f"{path}.arguments")
+            else:
+                arguments = orjson.dumps({"input": _text_of(item.get("input", ""), f"{path}.input")}).decode()
+            call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+                if last.get("content") == "":
+                    last["content"] = None
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            call_id = _text_of(item.get("call_id"), f"{path}.call_id")
+            output = _output_text(item.get("output", ""), f"{path}.output")
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
+        elif kind == "reasoning":
+            continue  # reasoning items are the model's own state; chat upstreams cannot take them back
+        elif kind == "item_reference":
+            raise _bad("item_reference needs stored responses; scillm keeps no response state, so send the "
+                       "items themselves", path)
+        else:
+            raise _bad(f"unsupported input item type {kind!r} (supported: message, function_call, "
+                       f"function_call_output, reasoning)", f"{path}.type")
+    return messages
+
+
+def _tools(raw: Any) -> list[dict[str, Any]] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise _bad(f"expected array of tools, got {_json_type(raw)}", "$.tools")
+    tools: list[dict[str, Any]] = []
+    for i, tool in enumerate(raw):
+        path = f"$.tools[{i}]"
+        if not isinstance(tool, dict):
+            raise _bad(f"expected tool object, got {_json_type(tool)}", path)
+        if tool.get("type") != "function":
+            continue  # hosted tools (web_search, file_search, ...) have no chat-completions equivalent
+        if isinstance(tool.get("function"), dict):  # chat-style nesting: accept it too
+            tools.append({"type": "function", "function": tool["function"]})
+            continue
+        function: dict[str, Any] = {"name": _text_of(tool.get("name"), f"{path}.name")}
+        for key in ("description", "parameters", "strict"):
+            if tool.get(key) is not None:
+                function[key] = tool[key]
+        tools.append({"type": "function", "function": function})
+    return tools or None
+
+
+def _tool_choice(choice: Any) -> Any:
+    if choice is None or isinstance(choice, str):
+        return choice
+    if isinstance(choice, dict):
+        if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+            return {"type": "function", "function": {"name": choice["name"]}}
+        if isinstance(choice.get("function"), dict):
+            return choice
+        if choice.get("type") in ("auto", "none", "required"):
+            return choice["type"]
+        raise _bad("tool_choice must be auto, none, required or {\"type\": \"function\", \"name\": ...}",
+                   "$.tool_choice")
+    raise _bad(f"expected string or object, got {_json_type(choice)}", "$.tool_choice")
+
+
+def _response_format(text: Any) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    if not isinstance(text, dict):
+        raise _bad(f"expected object, got {_json_type(text)}", "$.text")
+    fmt = text.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise _bad(f"expected object, got {_json_type(fmt)}", "$.text.format")
+    kind = fmt.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        schema: dict[str, Any] = {"name": fmt.get("name") or "response", "schema": fmt.get("schema") or {}}
+        if fmt.get("strict") is not None:
+            schema["strict"] = fmt["strict"]
+        if fmt.get("description"):
+            schema["description"] = fmt["description"]
+        return {"type": "json_schema", "json_schema": schema}
+    raise _bad(f"unsupported text.format type {kind!r}", "$.text.format.type")
+
+
+def parse_request(body: Any) -> tuple[ChatRequest, dict[str, Any]]:
+    """``(chat request, echo)``; ``echo`` holds the request fields a Response object repeats."""
+    if not isinstance(body, dict):
+        raise _bad("request body must be a JSON object", "$")
+    for key in STATEFUL_FIELDS:
+        if body.get(key) is not None:
+            raise _bad(f"{key} is not supported: scillm keeps no response state; send the whole conversation "
+                       f"in input (with function_call and function_call_output items)", f"$.{key}")
+    if body.get("background"):
+        raise _bad("background responses are not supported; use stream or a plain request", "$.background")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("model is required (a string)", "$.model")
+    extensions = {key: body[key] for key in EXTENSION_FIELDS.intersection(body)}
+    timeout = extensions.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
+        raise _bad("timeout must be a positive number of seconds", "$.timeout")
+    metadata = extensions.get("scillm_metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise _bad("scillm_metadata must be an object", "$.scillm_metadata")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool | type(None)):
+        raise _bad(f"expected boolean, got {_json_type(stream)}", "$.stream")
+    chat: dict[str, Any] = {"model": model, "messages": _messages(body), "stream": bool(stream),
+                            "scillm": extensions}
+    if stream:
+        chat["stream_options"] = {"include_usage": True}
+    tools = _tools(body.get("tools"))
+    if tools:
+        chat["tools"] = tools
+        if body.get("tool_choice") is not None:
+            chat["tool_choice"] = _tool_choice(body.get("tool_choice"))
+        if body.get("parallel_tool_calls") is not None:
+            chat["parallel_tool_calls"] = body["parallel_tool_calls"]
+    for src, dst in (("temperature", "temperature"), ("top_p", "top_p"), ("max_output_tokens", "max_tokens")):
+        if body.get(src) is not None:
+            chat[dst] = body[src]
+    reasoning = body.get("reasoning")
+    if reasoning is not None:
+        if not isinstance(reasoning, dict):
+            raise _bad(f"expected object, got {_json_type(reasoning)}", "$.reasoning")
+        if isinstance(reasoning.get("effort"), str):
+            chat["reasoning_effort"] = reasoning["effort"]
+    response_format = _response_format(body.get("text"))
+    if response_format is not None:
+        chat["response_format"] = response_format
+    request = structure(chat, ChatRequest)
+    echo = {"instructions": body.get("instructions"), "tools": body.get("tools") or [],
+            "tool_choice": body.get("tool_choice") or "auto",
+            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "temperature": body.get("temperature"), "top_p": body.get("top_p"),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "reasoning": {"effort": (reasoning or {}).get("effort"), "summary": (reasoning or {}).get("summary")},
+            "text": body.get("text") or {"format": {"type": "text"}}, "metadata": body.get("metadata") or {},
+            "store": False, "truncation": body.get("truncation") or "disabled", "user": body.get("user"),
+            "previous_response_id": None, "background": False}
+    return request, echo
+
+
+# -- results ----------------------------------------------------------------------------------------------------
+
+def usage_object(usage: Usage | None) -> dict[str, Any] | None:
+    if usage is None:
+        return None
+    prompt_details = usage.extra.get("prompt_tokens_details") or {}
+    completion_details = usage.extra.get("completion_tokens_details") or {}
+    cached = prompt_details.get("cached_tokens") if isinstance(prompt_details, dict) else None
+    reasoning = completion_details.get("reasoning_tokens") if isinstance(completion_details, dict) else None
+    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": cached or 0},
+            "output_tokens": usage.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": reasoning or 0},
+            "total_tokens": usage.total_tokens or usage.prompt_tokens + usage.completion_tokens}
+
+
+def _status_of(finish: str | None) -> tuple[str, dict[str, Any] | None]:
+    if finish == "length":
+        return "incomplete", {"reason": "max_output_tokens"}
+    if finish == "content_filter":
+        return "incomplete", {"reason": "content_filter"}
+    return "completed", None
+
+
+def _base(response_id: str, created: int, model: str, echo: Mapping[str, Any]) -> dict[str, Any]:
+    return {"id": response_id, "object": "response", "created_at": created, "status": "in_progress",
+            "completed_at": None, "error": None, "incomplete_details": None, "model": model, "output": [],
+            "usage": None, **echo}
+
+
+def response_object(result: ChatResponse, echo: Mapping[str, Any], *, response_id: str | None = None
+                    ) -> dict[str, Any]:
+    response_id = response_id or new_id("resp")
+    created = result.created or int(time.time())
+    choice = result.choices[0] if result.choices else None
+    output: list[dict[str, Any]] = []
+    if choice is not None:
+        message = choice.message
+        reasoning = message.extra.get("reasoning_content") or message.extra.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            output.append({"id": new_id("rs"), "type": "reasoning",
+                           "summary": [{"type": "summary_text", "text": reasoning}]})
+        if message.text:
+            output.append({"id": new_id("msg"), "type": "message", "status": "completed", "role": "assistant",
+                           "content": [{"type": "output_text", "text": message.text, "annotations": [],
+                                        "logprobs": []}]})
+        for call in message.tool_calls or ():
+            output.append({"id": new_id("fc"), "type": "function_call", "status": "completed", "call_id": call.id,
+                           "name": call.function.name, "arguments": call.function.arguments})
+    status, incomplete = _status_of(choice.finish_reason if choice else None)
+    return {**_base(response_id, created, result.model, echo), "status": status, "completed_at": int(time.time()),
+            "incomplete_details": incomplete, "output": output, "usage": usage_object(result.usage)}
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    kind: str = payload["type"]
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+class EventStream:
+    """Chat chunks in, Responses SSE events out. Items are opened when their first delta arrives and closed when
+    another kind of output starts or the stream ends."""
+
+    def __init__(self, model: str, echo: Mapping[str, Any]) -> None:
+        self.id = new_id("resp")
+        self.created = int(time.time())
+        self.model = model
+        self.echo = echo
+        self.seq = 0
+        self.output: list[dict[str, Any] | None] = []   # by output_index; None while the item is open
+        self.open: dict[str, Any] | None = None          # the item being streamed
+        self.tools: dict[int, dict[str, Any]] = {}       # chat tool index -> its function_call item
+        self.usage: Usage | None = None
+        self.finish: str | None = None
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        payload = {"type": kind, **fields, "sequence_number": self.seq}
+        self.seq += 1
+        return _sse(payload)
+
+    def _snapshot(self, status: str) -> dict[str, Any]:
+        return {**_base(self.id, self.created, self.model, self.echo), "status": status,
+                "output": [item for item in self.output if item is not None]}
+
+    def start(self) -> list[bytes]:
+        return [self._event("response.created", response=self._snapshot("in_progress")),
+                self._event("response.in_progress", response=self._snapshot("in_progress"))]
+
+    # -- items ----------------------------------------------------------------------------------------------------
+
+    def _open(self, item: dict[str, Any]) -> list[bytes]:
+        out = self._close()
+        item["output_index"] = len(self.output)
+        self.output.append(None)
+        self.open = item
+        wire = {k: v for k, v in item.items() if not k.startswith("_") and k != "output_index"}
+        out.append(self._event("response.output_item.added", output_index=item["output_index"], item=wire))
+        if item["type"] == "message":
+            out.append(self._event("response.content_part.added", item_id=item["id"],
+                                   output_index=item["output_index"], content_index=0,
+                                   part={"type": "output_text", "annotations": [], "logprobs": [], "text": ""}))
+        elif item["type"] == "reasoning":
+            out.append(self._event("response.reasoning_summary_part.added", item_id=item["id"],
+                                   output_index=item["output_index"], summary_index=0,
+                                   part={"type": "summary_text", "text": ""}))
+        return out
+
+    def _close(self) -> list[bytes]:
+        item = self.open
+        if item is None:
+            return []
+        self.open = None
+        index = item["output_index"]
+        out: list[bytes] = []
+        if item["type"] == "message":
+            text = "".join(item["_text"])
+            part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+            out.append(self._event("response.output_text.done", item_id=item["id"], output_index=index,
+                                   content_index=0, text=text, logprobs=[]))
+            out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
+                                   content_index=0, part=part))
+            done = {"id": item["id"], "type": "message", "status": "completed", "role": "assistant",
+                    "content": [part]}
+        elif item["type"] == "reasoning":
+            text = "".join(item["_text"])
+            part = {"type": "summary_text", "text": text}
+            out.append(self._event("response.reasoning_summary_text.done", item_id=item["id"], output_index=index,
+                                   summary_index=0, text=text))
+            out.append(self._event("response.reasoning_summary_part.done", item_id=item["id"], output_index=index,
+                                   summary_index=0, part=part))
+            done = {"id": item["id"], "type": "reasoning", "summary": [part]}
+        else:
+            arguments = "".join(item["_text"])
+            out.append(self._event("response.function_call_arguments.done", item_id=item["id"],
+                                   output_index=index, arguments=arguments))
+            done = {"id": item["id"], "type": "function_call", "status": "completed", "call_id": item["call_id"],
+                    "name": item["name"], "arguments": arguments}
+        self.output[index] = done
+        out.append(self._event("response.output_item.done", output_index=index, item=done))
+        return out
+
+    def feed(self, chunk: ChatChunk) -> list[bytes]:
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        if chunk.model:
+            self.model = chunk.model
+        out: list[bytes] = []
+        for choice in chunk.choices[:1]:
+            delta = choice.delta
+            reasoning = delta.extra.get("reasoning_content") or delta.extra.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                if self.open is None or self.open["type"] != "reasoning":
+                    out += self._open({"id": new_id("rs"), "type": "reasoning", "summary": [], "_text": []})
+                assert self.open is not None
+                self.open["_text"].append(reasoning)
+                out.append(self._event("response.reasoning_summary_text.delta", item_id=self.open["id"],
+                                       output_index=self.open["output_index"], summary_index=0, delta=reasoning))
+            if delta.content:
+                if self.open is None or self.open["type"] != "message":
+                    out += self._open({"id": new_id("msg"), "type": "message", "status": "in_progress",
+                                       "role": "assistant", "content": [], "_text": []})
+                assert self.open is not None
+                self.open["_text"].append(delta.content)
+                out.append(self._event("response.output_text.delta", item_id=self.open["id"],
+                                       output_index=self.open["output_index"], content_index=0,
+                                       delta=delta.content, logprobs=[]))
+            for call in delta.tool_calls or ():
+                item = self.tools.get(call.index)
+                if item is None:
+                    name = (call.function.name if call.function else None) or ""
+                    item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress", "arguments": "",
+                            "call_id": call.id or new_id("call"), "name": name, "_text": []}
+                    self.tools[call.index] = item
+                    out += self._open(item)
+                arguments = call.function.arguments if call.function else None
+                if arguments:
+                    item["_text"].append(arguments)
+                    out.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
+                                           output_index=item["output_index"], delta=arguments))
+            if choice.finish_reason:
+                self.finish = choice.finish_reason
+        return out
+
+    def complete(self) -> list[bytes]:
+        out = self._close()
+        status, incomplete = _status_of(self.finish)
+        final = {**self._snapshot(status), "completed_at": int(time.time()), "incomplete_details": incomplete,
+                 "usage": usage_object(self.usage)}
+        out.append(self._event("response.completed" if status == "completed" else "response.incomplete",
+                               response=final))
+        return out
+
+    def fail(self, exc: BaseException) -> list[bytes]:
+        """A failure after the stream started: ``response.failed`` with the error's code and message."""
+        _, body, _ = errors.to_response_parts(exc)
+        error = body["error"]
+        failed = {**self._snapshot("failed"), "error": {"code": error.get("code") or "server_error",
+                                                        "message": error.get("message") or "the response failed"}}
+        return [self._event("response.failed", response=failed)]

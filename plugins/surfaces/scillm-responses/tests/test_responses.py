@@ -1,0 +1,215 @@
+"""``POST /v1/responses`` through the official openai client (``client.responses.create``, streaming and not,
+tool calls both ways), routed to OpenAI-compatible upstreams and to the Codex backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread, ToolCallSpec, make_app
+from scillm_core.testing.fake_codex import FakeCodex
+
+ONLY = ("chat", "auth", "ops", "responses", "openai-compat", "codex")
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as fake:
+        yield fake  # type: ignore[misc]
+
+
+@pytest.fixture(scope="module")
+def server(upstream: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    data = tmp_path_factory.mktemp("responses")
+    env = {"OPENAI_API_KEY": "sk-test-openai-0123456789abcdef", "OPENAI_API_BASE": upstream.base_url,
+           "DEEPSEEK_API": "sk-test-deepseek-0123456789abcdef", "DEEPSEEK_API_BASE": upstream.base_url,
+           "SCILLM_CODEX_AUTH": str(data / "no-codex-login.json")}
+    with ServerThread(make_app(env=env, data_dir=data, only=ONLY)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=20)
+
+
+def test_non_streaming_text(client: Any, upstream: FakeOpenAI) -> None:
+    upstream.script(Reply.say("Olá! Tudo bem?"))
+    raw = client.responses.with_raw_response.create(model="gpt-4o-mini", instructions="Answer in Portuguese.",
+                                                    input="Say hi", max_output_tokens=200, temperature=0.3,
+                                                    metadata={"run": "r1"})
+    response = raw.parse()
+    assert response.object == "response" and response.status == "completed" and response.id.startswith("resp_")
+    assert response.output_text == "Olá! Tudo bem?"
+    assert response.output[0].type == "message" and response.output[0].role == "assistant"
+    assert response.usage.input_tokens == 11 and response.usage.output_tokens == 7 and response.usage.total_tokens == 18
+    assert response.instructions == "Answer in Portuguese." and response.metadata == {"run": "r1"}
+    assert raw.headers["x-scillm-provider"] == "openai"
+    body = upstream.last.body
+    assert body["messages"] == [{"role": "system", "content": "Answer in Portuguese."},
+                                {"role": "user", "content": "Say hi"}]
+    assert body["temperature"] == 0.3 and body["max_tokens"] == 200 and body["stream"] is False
+
+
+def test_streaming_text_event_sequence(client: Any, upstream: FakeOpenAI) -> None:
+    upstream.script(Reply.say("Streaming through scillm.", chunk_size=5))
+    events = list(client.responses.create(model="gpt-4o-mini", input=[
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Stream please"}]}], stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:5] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added", "response.output_text.delta"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Streaming through scillm."
+    final = events[-1].response
+    assert final.status == "completed" and final.output_text == "Streaming through scillm."
+    assert final.usage is not None and final.usage.total_tokens == 18  # usage was asked upstream for the client
+    assert upstream.last.body["stream_options"] == {"include_usage": True}
+    assert upstream.last.body["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+def test_tool_call_round_trip(client: Any, upstream: FakeOpenAI) -> None:
+    upstream.script(Reply.call("get_weather", {"city": "Paris"}, id="call_paris"), Reply.say("Sunny in Paris."))
+    first = client.responses.create(model="gpt-4o-mini", input="Weather in Paris?", tools=[WEATHER],
+                                    tool_choice="auto")
+    call = first.output[0]
+    assert call.type == "function_call" and call.call_id == "call_paris" and call.name == "get_weather"
+    assert orjson.loads(call.arguments) == {"city": "Paris"}
+    assert upstream.last.body["tools"] == [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather for a city", "parameters": WEATHER["parameters"]}}]
+    second = client.responses.create(model="gpt-4o-mini", tools=[WEATHER], input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        *[item.model_dump(exclude_none=True) for item in first.output],
+        {"type": "function_call_output", "call_id": "call_paris", "output": '{"sky": "sunny"}'}])
+    assert second.output_text == "Sunny in Paris."
+    messages = upstream.last.body["messages"]
+    assert messages[1]["role"] == "assistant" and messages[1]["tool_calls"][0]["id"] == "call_paris"
+    assert messages[1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert messages[2] == {"role": "tool", "tool_call_id": "call_paris", "content": '{"sky": "sunny"}'}
+
+
+def test_streaming_tool_calls_with_the_sdk_stream_helper(client: Any, upstream: FakeOpenAI) -> None:
+    upstream.script(Reply(tool_calls=(ToolCallSpec("get_weather", {"city": "Oslo"}, "call_o"),
+                                      ToolCallSpec("get_weather", {"city": "Rome"}, "call_r"))))
+    with client.responses.stream(model="gpt-4o-mini", input="Oslo and Rome?", tools=[WEATHER]) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    assert kinds.count("response.output_item.added") == 2 and kinds.count("response.function_call_arguments.done") == 2
+    done = [e.arguments for e in events if e.type == "response.function_call_arguments.done"]
+    assert [orjson.loads(a) for a in done] == [{"city": "Oslo"}, {"city": "Rome"}]
+    assert [(o.type, o.call_id, o.name) for o in final.output] == [("function_call", "call_o", "get_weather"),
+                                                                    ("function_call", "call_r", "get_weather")]
+    added = [e.output_index for e in events if e.type == "response.output_item.added"]
+    assert added == [0, 1]
+
+
+def test_reasoning_from_deepseek_becomes_a_reasoning_item(client: Any, upstream: FakeOpenAI) -> None:
+    upstream.script(Reply(text="4", reasoning="2 plus 2 is 4."), Reply(text="4", reasoning="Simple sum."))
+    response = client.responses.create(model="deepseek/deepseek-reasoner", input="2+2?")
+    assert [o.type for o in response.output] == ["reasoning", "message"]
+    assert response.output[0].summary[0].text == "2 plus 2 is 4." and response.output_text == "4"
+    events = list(client.responses.create(model="deepseek/deepseek-reasoner", input="2+2?", stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_summary_text.delta") == "Simple sum."
+    assert [o.type for o in events[-1].response.output] == ["reasoning", "message"]
+
+
+def test_json_schema_and_reasoning_effort_are_translated(client: Any, upstream: FakeOpenAI) -> None:
+    upstream.script(Reply.say('{"ok": true}'))
+    client.responses.create(model="gpt-5", input="JSON please", reasoning={"effort": "low"},
+                            text={"format": {"type": "json_schema", "name": "ok", "strict": True,
+                                             "schema": {"type": "object", "properties": {"ok": {"type": "boolean"}}}}})
+    body = upstream.last.body
+    assert body["reasoning_effort"] == "low"
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "ok", "schema": {"type": "object", "properties": {"ok": {"type": "boolean"}}}, "strict": True}}
+
+
+def test_errors_are_clear_4xx_naming_the_path(client: Any, upstream: FakeOpenAI) -> None:
+    import openai
+
+    sent = len(upstream.requests)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="gpt-4o-mini", input="again", previous_response_id="resp_123")
+    assert caught.value.body["param"] == "$.previous_response_id" and "keeps no response state" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="gpt-4o-mini", input=[{"role": "robot", "content": "x"}])
+    assert caught.value.body["param"] == "$.input[0].role"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="gpt-4o-mini", input=[{"type": "function_call_output", "output": "x"}])
+    assert caught.value.body["param"] == "$.input[0].call_id"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="no-such-model-xyz", input="hi")
+    assert len(upstream.requests) == sent
+
+
+def test_upstream_failures(client: Any, upstream: FakeOpenAI) -> None:
+    import openai
+
+    upstream.script(Reply.fail(429, "Rate limit reached", type="rate_limit_error", code="rate_limit_exceeded",
+                               headers={"retry-after": "3"}))
+    with pytest.raises(openai.RateLimitError) as caught:
+        list(client.responses.create(model="gpt-4o-mini", input="hi", stream=True))
+    assert caught.value.response.headers["retry-after"] == "3" and "openai" in caught.value.message
+    upstream.script(Reply(text="This will break off midway", chunk_size=4, error_after=4))
+    events = list(client.responses.create(model="gpt-4o-mini", input="hi", stream=True))
+    assert events[-1].type == "response.failed" and events[-1].response.status == "failed"
+    assert events[-1].response.error.message and "openai" in events[-1].response.error.message
+    assert "response.completed" not in [e.type for e in events]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_raw_stream_wire_format(server: ServerThread, upstream: FakeOpenAI) -> None:
+    """``event:`` line matching the data's ``type`` on every event, no ``[DONE]`` (what Codex CLI parses)."""
+    upstream.script(Reply.say("Hi"))
+    raw = httpx.post(server.url + "/v1/responses", headers={"authorization": f"Bearer {DEV_KEY}"},
+                     json={"model": "gpt-4o-mini", "input": "hi", "stream": True}).text
+    blocks = [b for b in raw.split("\n\n") if b.strip()]
+    for block in blocks:
+        event, data = block.split("\n")
+        assert event == "event: " + orjson.loads(data.removeprefix("data: "))["type"]
+    assert "[DONE]" not in raw
+
+
+def test_codex_backend_serves_the_responses_surface(tmp_path: Path) -> None:
+    """The Codex CLI path: a Responses client -> scillm -> the ChatGPT/Codex backend, with a tool round."""
+    import openai
+
+    with FakeCodex() as codex:
+        auth = tmp_path / "auth.json"
+        login = codex.login()
+        auth.write_bytes(orjson.dumps(FakeCodex.auth_json(login)))
+        env = {"SCILLM_CODEX_AUTH": str(auth), "CODEX_API_BASE": codex.base_url,
+               "SCILLM_CODEX_TOKEN_URL": codex.token_url}
+        with ServerThread(make_app(env=env, data_dir=tmp_path / "data", only=ONLY)) as srv:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=20)
+            codex.script(Reply(reasoning="Need the shell.", tool_calls=(ToolCallSpec("shell", {"command": ["ls"]},
+                                                                                     "call_ls"),)),
+                         Reply.say("Two files."))
+            events = list(client.responses.create(model="gpt-5-codex", instructions="You are Codex.", stream=True,
+                                                  input="list files", tools=[{"type": "function", "name": "shell",
+                                                                              "parameters": {"type": "object"}}]))
+            final = events[-1].response
+            assert [o.type for o in final.output] == ["reasoning", "function_call"]
+            call = final.output[1]
+            assert call.call_id == "call_ls" and orjson.loads(call.arguments) == {"command": ["ls"]}
+            assert codex.last.body["instructions"] == "You are Codex."
+            answer = client.responses.create(model="gpt-5-codex", instructions="You are Codex.", input=[
+                {"role": "user", "content": "list files"}, call.model_dump(exclude_none=True),
+                {"type": "function_call_output", "call_id": "call_ls", "output": "a.txt\nb.txt"}])
+            assert answer.output_text == "Two files."
+            items = codex.last.body["input"]
+            assert items[1] == {"type": "function_call", "call_id": "call_ls", "name": "shell",
+                                "arguments": '{"command":["ls"]}'}
+            assert items[2] == {"type": "function_call_output", "call_id": "call_ls", "output": "a.txt\nb.txt"}

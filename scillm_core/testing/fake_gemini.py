@@ -1,0 +1,262 @@
+"""A fake Gemini API (``generativelanguage.googleapis.com``) rendering :class:`Reply` objects in the wire format
+recorded in ``shared/fixtures/gemini``.
+
+- ``POST /v1beta/models/{model}:generateContent`` -> one ``GenerateContentResponse``;
+- ``POST /v1beta/models/{model}:streamGenerateContent?alt=sse`` -> ``data: {json}\\r\\n\\r\\n`` events (CRLF, no
+  ``event:`` lines, no ``[DONE]``), each holding only new parts, ``usageMetadata`` cumulative on every event (the
+  first lacks ``candidatesTokenCount``), ``finishReason`` only on the last; thought parts first; each function call
+  whole in one event, without an id, the first carrying a ``thoughtSignature``;
+- the same path without ``alt=sse`` -> a pretty-printed JSON array streamed element by element, errors array-wrapped;
+- auth by ``x-goog-api-key`` or ``?key=``; errors as ``{"error": {"code", "message", "status", "details"}}``: a
+  401 reply renders as Gemini's real invalid-key answer (400 ``INVALID_ARGUMENT`` + ``ErrorInfo API_KEY_INVALID``), a
+  429 as ``RESOURCE_EXHAUSTED`` whose ``retry-after`` becomes ``RetryInfo.retryDelay`` (Gemini sends no header);
+- thought signatures are checked like the real API: an echoed signature it never issued is "Corrupted"; for
+  ``gemini-3*`` models (or ``strict_signatures = True``) the first replayed ``functionCall`` of a model turn must
+  carry one (or the documented ``skip_thought_signature_validator``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from scillm_core.testing.fakes import FakeUpstream
+from scillm_core.testing.replies import Reply
+
+__all__ = ["FakeGemini"]
+
+_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+           409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+_FINISH = {"stop": "STOP", "tool_calls": "STOP", "length": "MAX_TOKENS", "content_filter": "SAFETY"}
+SKIP = ("skip_thought_signature_validator", "context_engineering_is_the_way_to_go")
+
+
+def _dumps(payload: Any, *, indent: int | None = None) -> str:
+    # Google's JSON: ", " never, ": " after keys, non-ASCII kept (as recorded)
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ": "), indent=indent)
+
+
+def google_error(status: int, message: str, details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": status, "message": message, "status": _STATUS.get(status, "UNKNOWN")}
+    if details:
+        error["details"] = details
+    return {"error": error}
+
+
+class FakeGemini(FakeUpstream):
+    """Gemini API at ``{url}`` (the SDK's ``base_url``); versioned roots ``{url}/v1beta``, ``{url}/v1``."""
+
+    versions = ("v1beta", "v1", "v1alpha")  # the API versions served (google-genai 3.x defaults to v1)
+    strict_signatures: bool | None = None   # None: only for gemini-3* models
+    api_key: str | None = None              # when set, any other key gets 400 API_KEY_INVALID
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.issued_signatures: set[str] = set()
+
+    @property
+    def base_url(self) -> str:
+        return self.url
+
+    def routes(self) -> list[Route]:
+        return [Route("/{version}/models/{rest:path}", self.models_call, methods=["POST"]),
+                Route("/{version}/models", self.list_models, methods=["GET"])]
+
+    async def list_models(self, request: Request) -> Response:
+        if request.path_params["version"] not in self.versions:
+            return self._json(google_error(404, "Not Found"), 404)
+        return Response(_dumps({"models": [{
+            "name": "models/gemini-2.5-flash", "version": "001", "displayName": "Gemini 2.5 Flash",
+            "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
+            "supportedGenerationMethods": ["generateContent", "countTokens", "streamGenerateContent"]}]}),
+            media_type="application/json")
+
+    # -- request handling ---------------------------------------------------------------------------------------
+
+    def _json(self, payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        return Response(_dumps(payload, indent=2), status_code=status, headers=headers,
+                        media_type="application/json; charset=UTF-8")
+
+    def _check(self, request: Request, model: str, body: Any) -> tuple[int, dict[str, Any]] | None:
+        key = request.headers.get("x-goog-api-key") or request.query_params.get("key")
+        if not key:
+            return 403, google_error(403, "Method doesn't allow unregistered callers (callers without established "
+                                          "identity). Please use API Key or other form of API consumer identity "
+                                          "to call this API.")
+        if self.api_key is not None and key != self.api_key:
+            return 400, self._invalid_key()
+        if not isinstance(body, dict) or not isinstance(body.get("contents"), list) or not body["contents"]:
+            return 400, google_error(400, "* GenerateContentRequest.contents: contents is not specified")
+        strict = self.strict_signatures if self.strict_signatures is not None else model.startswith("gemini-3")
+        for c, content in enumerate(body["contents"]):
+            if content.get("role") not in ("user", "model"):
+                return 400, google_error(400, f"Please use a valid role: user, model. (contents[{c}])")
+            first_call = True
+            for part in content.get("parts") or []:
+                signature = part.get("thoughtSignature")
+                if signature and signature not in SKIP and signature not in self.issued_signatures:
+                    return 400, google_error(400, "Corrupted thought signature.")
+                if "functionCall" in part:
+                    if strict and first_call and not signature:
+                        return 400, google_error(
+                            400, f"Function call is missing a thought_signature in functionCall parts. This is "
+                                 f"required for tools to work correctly, and missing thought_signature may lead to "
+                                 f"degraded model performance. Additional data, function call `default_api:"
+                                 f"{part['functionCall'].get('name')}` , position {c + 1}. Please refer to "
+                                 f"https://ai.google.dev/gemini-api/docs/thought-signatures for more details.")
+                    first_call = False
+        return None
+
+    @staticmethod
+    def _invalid_key() -> dict[str, Any]:
+        return google_error(400, "API key not valid. Please pass a valid API key.", [
+            {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+             "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}},
+            {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US",
+             "message": "API key not valid. Please pass a valid API key."}])
+
+    def error_body(self, reply: Reply) -> tuple[int, Any]:
+        """(status, body) for an error reply, as Gemini would send it."""
+        error = reply.error
+        if not (isinstance(error, dict) and "message" in error):
+            return reply.status, error if error is not None else google_error(reply.status, "upstream failure")
+        message = str(error["message"])
+        if reply.status == 401:
+            body = self._invalid_key()
+            body["error"]["message"] = message
+            return 400, body
+        if reply.status == 429:
+            headers = {k.lower(): v for k, v in reply.headers.items()}
+            delay = headers.get("retry-after", "47")
+            return 429, google_error(429, message, [
+                {"@type": "type.googleapis.com/google.rpc.Help", "links": [
+                    {"description": "Learn more about Gemini API quotas",
+                     "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
+                {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [
+                    {"quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                     "quotaId": (error.get("code") == "per_day" and "GenerateRequestsPerDayPerProjectPerModel-FreeTier")
+                     or "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                     "quotaDimensions": {"location": "global", "model": "gemini-2.5-flash"}, "quotaValue": "10"}]},
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{delay}s"}])
+        return reply.status, google_error(reply.status, message)
+
+    async def models_call(self, request: Request) -> Response:
+        recorded = await self.record(request)
+        if request.path_params["version"] not in self.versions:
+            return self._json(google_error(404, "Not Found"), 404)
+        model, _, method = request.path_params["rest"].rpartition(":")
+        if method not in ("generateContent", "streamGenerateContent"):
+            return self._json(google_error(404, f"unknown method {method!r}"), 404)
+        sse = request.query_params.get("alt") == "sse"
+        stream = method == "streamGenerateContent"
+        wrap = stream and not sse
+        problem = self._check(request, model, recorded.body)
+        if problem is not None:
+            status, payload = problem
+            return self._json([payload] if wrap else payload, status)
+        reply = self.next_reply()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self.pause(reply)
+        finally:
+            self.in_flight -= 1
+        model = reply.model or model
+        if reply.status >= 400:
+            status, payload = self.error_body(reply)
+            headers = {k: v for k, v in reply.headers.items() if k.lower() != "retry-after"}
+            return self._json([payload] if wrap else payload, status, headers)
+        response_id = base64.urlsafe_b64encode(secrets.token_bytes(15)).decode()
+        events = list(self.events(reply, model, response_id))
+        if not stream:
+            return self._json(self.merge(events))
+        if sse:
+            return StreamingResponse(self._sse(reply, events), media_type="text/event-stream",
+                                     headers={"content-disposition": "attachment", **reply.headers})
+        return StreamingResponse(self._array(reply, events), media_type="application/json; charset=UTF-8",
+                                 headers=dict(reply.headers))
+
+    # -- rendering ----------------------------------------------------------------------------------------------
+
+    def signature(self) -> str:
+        value = base64.b64encode(b"\x0a\x24" + secrets.token_bytes(64)).decode()
+        self.issued_signatures.add(value)
+        return value
+
+    def events(self, reply: Reply, model: str, response_id: str) -> Iterable[dict[str, Any]]:
+        """The stream's events; a non-streaming answer is their merge."""
+        thoughts = max(3, len(reply.reasoning or "") // 4) if reply.reasoning else 0
+        pieces: list[dict[str, Any]] = []
+        if reply.reasoning:
+            pieces.append({"text": reply.reasoning, "thought": True})
+        pieces.extend({"text": piece} for piece in reply.text_pieces())
+        for n, call in enumerate(reply.tool_calls):
+            part: dict[str, Any] = {"functionCall": {"name": call.name, "args": dict(call.arguments)}}
+            if n == 0:
+                part["thoughtSignature"] = self.signature()
+            pieces.append(part)
+        if not pieces:
+            pieces.append({"text": ""})
+        answer = sum(1 for p in pieces if not p.get("thought"))
+        done = 0
+        for i, part in enumerate(pieces):
+            last = i == len(pieces) - 1
+            done += 0 if part.get("thought") else 1
+            usage: dict[str, Any] = {"promptTokenCount": reply.prompt_tokens}
+            candidates_tokens = round(reply.completion_tokens * done / answer) if answer else 0
+            if candidates_tokens:
+                usage["candidatesTokenCount"] = candidates_tokens
+            usage["totalTokenCount"] = reply.prompt_tokens + candidates_tokens + thoughts
+            usage["promptTokensDetails"] = [{"modality": "TEXT", "tokenCount": reply.prompt_tokens}]
+            if thoughts:
+                usage["thoughtsTokenCount"] = thoughts
+            candidate: dict[str, Any] = {"content": {"parts": [part], "role": "model"}}
+            if last:
+                candidate["finishReason"] = _FINISH.get(reply.finish, "STOP")
+            candidate["index"] = 0
+            if last and reply.tool_calls:
+                candidate["finishMessage"] = "Model generated function call(s)."
+            yield {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model,
+                   "responseId": response_id}
+
+    @staticmethod
+    def merge(events: list[dict[str, Any]]) -> dict[str, Any]:
+        parts: list[dict[str, Any]] = []
+        for event in events:
+            for part in event["candidates"][0]["content"]["parts"]:
+                if "text" in part and parts and "text" in parts[-1] and \
+                        bool(part.get("thought")) == bool(parts[-1].get("thought")):
+                    parts[-1] = {**parts[-1], "text": parts[-1]["text"] + part["text"]}
+                else:
+                    parts.append(part)
+        last = events[-1]
+        candidate = {**last["candidates"][0], "content": {"parts": parts, "role": "model"}}
+        return {**last, "candidates": [candidate]}
+
+    async def _sse(self, reply: Reply, events: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+        if reply.first_chunk_delay_s:
+            await asyncio.sleep(reply.first_chunk_delay_s)
+        for n, event in enumerate(events):
+            if reply.cut_after is not None and n >= reply.cut_after:
+                raise ConnectionAbortedError("fake upstream cut the stream")
+            if reply.error_after is not None and n >= reply.error_after:
+                payload = reply.error_event or google_error(500, "An internal error has occurred. Please retry or "
+                                                                 "report in https://developers.generativeai.google/guide/troubleshooting")
+                yield f"data: {_dumps(payload)}\r\n\r\n".encode()
+                return
+            yield f"data: {_dumps(event)}\r\n\r\n".encode()
+
+    async def _array(self, reply: Reply, events: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+        for n, event in enumerate(events):
+            if reply.cut_after is not None and n >= reply.cut_after:
+                raise ConnectionAbortedError("fake upstream cut the stream")
+            yield (("[" if n == 0 else "\n,\r\n") + _dumps(event, indent=2)).encode()
+        yield b"\n]"

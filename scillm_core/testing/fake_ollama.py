@@ -1,0 +1,165 @@
+"""A fake Ollama server rendering :class:`Reply` objects in the wire format recorded in ``shared/fixtures/ollama``.
+
+- ``POST /api/chat``: NDJSON (``application/x-ndjson``) by default, one object a line, ``done: false`` content lines,
+  tool calls complete in one ``done: false`` line with object ``arguments`` (with ``id`` and ``function.index`` as
+  newer servers send them, or without when ``tool_call_ids = False``), then the ``done: true`` line with
+  ``done_reason``, nanosecond durations, ``prompt_eval_count`` and ``eval_count``; ``"stream": false`` gives the
+  single final object;
+- errors as ``{"error": "..."}`` with the status; a mid-stream failure (``error_after``) is an extra
+  ``{"error": "..."}`` line on the HTTP 200 stream; ``models`` (when set) makes unknown models 404
+  ``model 'x' not found``;
+- ``GET /api/tags`` lists ``tags`` (``tags_delay_s`` slows it down); ``GET /`` and ``GET /api/version`` answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import string
+from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from scillm_core.testing.fakes import FakeUpstream
+from scillm_core.testing.replies import Reply
+
+__all__ = ["FakeOllama"]
+
+_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class FakeOllama(FakeUpstream):
+    """Ollama at ``{url}`` (``Client(host=fake.url)``)."""
+
+    tool_call_ids = True
+    models: tuple[str, ...] | None = None
+    tags: tuple[str, ...] = ("llama3.2:latest", "qwen3:8b")
+    tags_delay_s = 0.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags_requests = 0
+
+    @property
+    def base_url(self) -> str:
+        return self.url
+
+    def routes(self) -> list[Route]:
+        return [Route("/api/chat", self.chat, methods=["POST"]),
+                Route("/api/tags", self.list_tags, methods=["GET"]),
+                Route("/api/version", self.version, methods=["GET"]),
+                Route("/", self.root, methods=["GET", "HEAD"])]
+
+    async def root(self, request: Request) -> Response:
+        return PlainTextResponse("Ollama is running")
+
+    async def version(self, request: Request) -> Response:
+        return Response(orjson.dumps({"version": "0.12.6"}), media_type="application/json; charset=utf-8")
+
+    async def list_tags(self, request: Request) -> Response:
+        self.tags_requests += 1
+        if self.tags_delay_s:
+            await asyncio.sleep(self.tags_delay_s)
+        return Response(orjson.dumps({"models": [
+            {"name": name, "model": name, "modified_at": "2025-10-01T12:00:00.000000000Z", "size": 2019393189,
+             "digest": "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72",
+             "details": {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
+                         "parameter_size": "3.2B", "quantization_level": "Q4_K_M"}} for name in self.tags]}),
+            media_type="application/json; charset=utf-8")
+
+    @staticmethod
+    def _error(status: int, message: Any, headers: dict[str, str] | None = None) -> Response:
+        return Response(orjson.dumps(message if isinstance(message, dict) and "error" in message
+                                     else {"error": message}),
+                        status_code=status, headers=headers, media_type="application/json; charset=utf-8")
+
+    async def chat(self, request: Request) -> Response:
+        recorded = await self.record(request)
+        body = recorded.body if isinstance(recorded.body, dict) else {}
+        model = body.get("model")
+        if not model:
+            return self._error(400, "model is required")
+        if self.models is not None and model not in self.models:
+            return self._error(404, f"model '{model}' not found")
+        reply = self.next_reply()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self.pause(reply)
+        finally:
+            self.in_flight -= 1
+        model = reply.model or model
+        if reply.status >= 400:
+            error = reply.error
+            message = error["message"] if isinstance(error, dict) and "message" in error else error
+            return self._error(reply.status, message if message is not None else "upstream failure",
+                               dict(reply.headers))
+        lines = list(self.lines(reply, model))
+        if body.get("stream", True) is False:
+            return Response(orjson.dumps(self.merge(lines)), headers=dict(reply.headers),
+                            media_type="application/json; charset=utf-8")
+        return StreamingResponse(self._ndjson(reply, lines), headers=dict(reply.headers),
+                                 media_type="application/x-ndjson")
+
+    # -- rendering ----------------------------------------------------------------------------------------------
+
+    def lines(self, reply: Reply, model: str) -> Iterable[dict[str, Any]]:
+        def line(message: dict[str, Any]) -> dict[str, Any]:
+            return {"model": model, "created_at": _now(), "message": {"role": "assistant", **message}, "done": False}
+
+        if reply.reasoning:
+            for i in range(0, len(reply.reasoning), max(1, reply.chunk_size)):
+                yield line({"content": "", "thinking": reply.reasoning[i:i + reply.chunk_size]})
+        for piece in reply.text_pieces():
+            yield line({"content": piece})
+        if reply.tool_calls:
+            calls = []
+            for index, call in enumerate(reply.tool_calls):
+                function: dict[str, Any] = {"name": call.name, "arguments": dict(call.arguments)}
+                if self.tool_call_ids:
+                    calls.append({"id": call.id or "call_" + "".join(secrets.choice(_ALPHABET) for _ in range(8)),
+                                  "function": {"index": index, **function}})
+                else:
+                    calls.append({"function": function})
+            yield line({"content": "", "tool_calls": calls})
+        yield {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": ""}, "done": True,
+               "done_reason": "length" if reply.finish == "length" else "stop", "total_duration": 4883583458,
+               "load_duration": 1334875, "prompt_eval_count": reply.prompt_tokens, "prompt_eval_duration": 342546000,
+               "eval_count": reply.completion_tokens, "eval_duration": 4535599000}
+
+    @staticmethod
+    def merge(lines: list[dict[str, Any]]) -> dict[str, Any]:
+        """The ``stream: false`` body: the final line with the whole message (``done_reason`` before ``done``)."""
+        message: dict[str, Any] = {"role": "assistant", "content": ""}
+        for line in lines:
+            part = line["message"]
+            message["content"] += part.get("content", "")
+            if part.get("thinking"):
+                message["thinking"] = message.get("thinking", "") + part["thinking"]
+            if part.get("tool_calls"):
+                message.setdefault("tool_calls", []).extend(part["tool_calls"])
+        final = lines[-1]
+        head = {"model": final["model"], "created_at": final["created_at"], "message": message,
+                "done_reason": final["done_reason"], "done": True}
+        return {**head, **{k: v for k, v in final.items() if k not in head}}
+
+    async def _ndjson(self, reply: Reply, lines: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+        if reply.first_chunk_delay_s:
+            await asyncio.sleep(reply.first_chunk_delay_s)
+        for n, line in enumerate(lines):
+            if reply.cut_after is not None and n >= reply.cut_after:
+                raise ConnectionAbortedError("fake upstream cut the stream")
+            if reply.error_after is not None and n >= reply.error_after:
+                yield orjson.dumps(reply.error_event or {"error": "an error was encountered while running the model"}) \
+                    + b"\n"
+                return
+            yield orjson.dumps(line) + b"\n"
