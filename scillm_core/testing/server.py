@@ -17,6 +17,7 @@ class ServerThread:
     """``with ServerThread(app) as server: server.url`` — uvicorn on 127.0.0.1 with a free port, lifespan on."""
 
     def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app = app  # for scillm apps, ``server.app.runtime`` is the live runtime
         self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
                                      loop="asyncio", timeout_graceful_shutdown=1, access_log=False)
         self.server = uvicorn.Server(self.config)
