@@ -1,0 +1,330 @@
+"""Files middleware end to end: official openai client -> scillm -> FakeOpenAI, checking what the upstream got."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import struct
+import zipfile
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread, make_app
+from scillm_core.testing.contract import TINY_PNG_B64, TINY_PNG_URL
+
+KEY = "sk-files-secret-0123456789abcdef"
+PDF_MODEL = "gpt-4o-mini"                  # openai: declares "pdf" and "images"
+TEXT_MODEL = "deepseek/deepseek-chat"      # deepseek: text only (string content upstream)
+IMAGE_MODEL = "glm/glm-4.6"                # glm: images but no pdf
+
+
+# -- building test files ----------------------------------------------------------------------------------------
+
+def make_pdf(pages: list[str]) -> bytes:
+    """A minimal valid PDF with one line of Helvetica text per page (xref offsets computed)."""
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
+               b"<< /Type /Pages /Kids [%s] /Count %d >>" % (
+                   b" ".join(b"%d 0 R" % (4 + 2 * i) for i in range(len(pages))), len(pages)),
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    for i, text in enumerate(pages):
+        objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >>"
+                       b" /Contents %d 0 R >>" % (5 + 2 * i))
+        escaped = text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)").encode("latin-1")
+        stream = b"BT /F1 12 Tf 72 720 Td (" + escaped + b") Tj ET"
+        objects.append(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream))
+    out = io.BytesIO()
+    out.write(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(out.tell())
+        out.write(b"%d 0 obj\n%s\nendobj\n" % (number, body))
+    xref = out.tell()
+    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    out.writelines(b"%010d 00000 n \n" % offset for offset in offsets)
+    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref))
+    return out.getvalue()
+
+
+def encrypted_pdf() -> bytes:
+    import pypdf
+
+    writer = pypdf.PdfWriter(clone_from=pypdf.PdfReader(io.BytesIO(make_pdf(["top secret"]))))
+    writer.encrypt("hunter2", algorithm="RC4-128")
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def make_zip(entries: list[tuple[str, bytes]], *, compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression) as archive:
+        for name, data in entries:
+            archive.writestr(zipfile.ZipInfo(name), data, compress_type=compression)
+    return out.getvalue()
+
+
+def data_url(media: str, data: bytes) -> str:
+    return f"data:{media};base64,{base64.b64encode(data).decode()}"
+
+
+def file_part(media: str, data: bytes, filename: str | None = None) -> dict[str, Any]:
+    file: dict[str, Any] = {"file_data": data_url(media, data)}
+    if filename:
+        file["filename"] = filename
+    return {"type": "file", "file": file}
+
+
+def ask(*parts: dict[str, Any], text: str = "Summarise the attachment.") -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "text", "text": text}, *parts]}]
+
+
+PNG = base64.b64decode(TINY_PNG_B64)
+REPORT = make_pdf(["Quarterly revenue rose to 42 million.", "Costs fell (slightly).", "Outlook: stable."])
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as fake:
+        yield fake  # type: ignore[misc]
+
+
+def env_for(fake: FakeOpenAI) -> dict[str, str]:
+    return {"OPENAI_API_KEY": KEY, "OPENAI_API_BASE": fake.base_url, "DEEPSEEK_API_KEY": KEY,
+            "DEEPSEEK_API_BASE": fake.base_url, "GLM_API_KEY": KEY, "GLM_API_BASE": fake.base_url}
+
+
+@pytest.fixture(scope="module")
+def server(fake: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    app = make_app(env=env_for(fake), data_dir=tmp_path_factory.mktemp("files"),
+                   config={"files": {"max_zip_entries": 1000}})
+    with ServerThread(app) as server:
+        yield server
+
+
+@pytest.fixture
+def client(server: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=30)
+
+
+def upstream_content(fake: FakeOpenAI) -> Any:
+    return fake.last.body["messages"][0]["content"]
+
+
+def rejected(client: openai.OpenAI, fake: FakeOpenAI, messages: list[dict[str, Any]], *, model: str = PDF_MODEL,
+             status: int = 400) -> dict[str, Any]:
+    """Send, expect a 4xx without any upstream call, return the error object."""
+    sent = len(fake.requests)
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model=model, messages=messages)
+    assert caught.value.status_code == status, caught.value.response.text
+    assert len(fake.requests) == sent, "a refused file must not reach the upstream"
+    error: dict[str, Any] = caught.value.response.json()["error"]
+    assert KEY not in caught.value.response.text
+    return error
+
+
+def still_serving(client: openai.OpenAI, fake: FakeOpenAI, tag: str) -> None:
+    fake.script(Reply.say(f"still here {tag}"))
+    completion = client.chat.completions.create(model=PDF_MODEL, messages=[{"role": "user", "content": f"ping {tag}"}])
+    assert completion.choices[0].message.content == f"still here {tag}"
+
+
+# -- PDFs -------------------------------------------------------------------------------------------------------
+
+def test_pdf_reaches_a_pdf_reading_provider_as_the_file_part(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    fake.script(Reply.say("Revenue rose."))
+    part = file_part("application/pdf", REPORT, "report.pdf")
+    completion = client.chat.completions.create(model=PDF_MODEL, messages=ask(part))
+    assert completion.choices[0].message.content == "Revenue rose."
+    content = upstream_content(fake)
+    assert content[1] == part  # unchanged: same data URL and filename
+
+
+def test_pdf_to_a_text_only_provider_is_extracted_text_with_page_markers(client: openai.OpenAI,
+                                                                        fake: FakeOpenAI) -> None:
+    fake.script(Reply.say("Revenue rose to 42 million."))
+    client.chat.completions.create(model=TEXT_MODEL, messages=ask(file_part("application/pdf", REPORT, "q3.pdf")))
+    content = upstream_content(fake)  # deepseek takes string content: the text parts joined
+    assert isinstance(content, str)
+    assert "--- file: q3.pdf (PDF, 3 pages" in content
+    page1, page2, page3 = (content.index(f"--- page {n} ---") for n in (1, 2, 3))
+    assert page1 < content.index("Quarterly revenue rose to 42 million.") < page2
+    assert page2 < content.index("Costs fell (slightly).") < page3 < content.index("Outlook: stable.")
+    assert "application/pdf" not in content
+
+
+def test_malformed_pdf_is_400_naming_the_part(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    error = rejected(client, fake, ask(file_part("application/pdf", b"%PDF-1.4\nthis is not really a pdf")))
+    assert error["code"] == "malformed_pdf"
+    assert error["param"] == "$.messages[0].content[1]"
+    assert "PDF cannot be read" in error["message"] and "$.messages[0].content[1]" in error["message"]
+    still_serving(client, fake, "after-malformed")
+
+
+def test_encrypted_pdf_is_400_even_for_a_pdf_reading_provider(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    error = rejected(client, fake, ask(file_part("application/pdf", encrypted_pdf(), "secret.pdf")))
+    assert error["code"] == "encrypted_pdf"
+    assert "encrypted" in error["message"] and error["param"] == "$.messages[0].content[1]"
+    still_serving(client, fake, "after-encrypted")
+
+
+# -- ZIPs -------------------------------------------------------------------------------------------------------
+
+MIXED = make_zip([("docs/", b""), ("docs/notes.txt", b"Remember the milk."), ("img/pixel.png", PNG),
+                  ("docs/report.pdf", REPORT)])
+
+
+def test_zip_becomes_one_part_per_entry(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    fake.script(Reply.say("Three files."))
+    client.chat.completions.create(model=PDF_MODEL, messages=ask(file_part("application/zip", MIXED, "bundle.zip")))
+    content = upstream_content(fake)
+    assert [p["type"] for p in content] == ["text", "text", "image_url", "file"]
+    assert content[1]["text"] == "--- file: docs/notes.txt ---\nRemember the milk."
+    assert content[2]["image_url"]["url"] == TINY_PNG_URL
+    assert content[3]["file"]["filename"] == "report.pdf"
+    assert base64.b64decode(content[3]["file"]["file_data"].split(",", 1)[1]) == REPORT
+
+
+def test_zip_pdf_entry_for_a_model_without_pdf_is_extracted(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    fake.script(Reply.say("ok"))
+    client.chat.completions.create(model=IMAGE_MODEL, messages=ask(file_part("application/zip", MIXED)))
+    content = upstream_content(fake)
+    assert [p["type"] for p in content] == ["text", "text", "image_url", "text"]
+    assert content[3]["text"].startswith("--- file: report.pdf (PDF, 3 pages")
+    assert "--- page 2 ---\nCosts fell (slightly)." in content[3]["text"]
+
+
+def test_zip_bomb_is_refused_and_a_concurrent_request_is_served(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    bomb = make_zip([("zeros.bin", bytes(50 * 1024 * 1024))])
+    assert len(bomb) < 200_000
+
+    def send_bomb() -> httpx.Response:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=PDF_MODEL, messages=ask(file_part("application/zip", bomb, "b.zip")))
+        return caught.value.response
+
+    sent = len(fake.requests)
+    fake.script(Reply.say("concurrent answer"))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        hostile = pool.submit(send_bomb)
+        normal = pool.submit(client.chat.completions.create, model=PDF_MODEL,
+                             messages=[{"role": "user", "content": "concurrent ping"}])
+        assert normal.result(timeout=30).choices[0].message.content == "concurrent answer"
+        error = hostile.result(timeout=30).json()["error"]
+    assert [r.body["messages"][0]["content"] for r in fake.requests[sent:]] == ["concurrent ping"]
+    assert error["code"] == "zip_bomb"
+    assert "'zeros.bin'" in error["message"] and "zip bomb" in error["message"]
+    assert error["param"] == "$.messages[0].content[1]"
+    still_serving(client, fake, "after-bomb")
+
+
+def test_bomb_with_a_lying_size_header_is_refused(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    archive = bytearray(make_zip([("zeros.bin", bytes(20 * 1024 * 1024))]))
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # claim 1000 bytes uncompressed
+        struct.pack_into("<I", archive, archive.index(signature) + offset, 1000)
+    error = rejected(client, fake, ask(file_part("application/zip", bytes(archive))))
+    assert error["code"] == "malformed_zip" and "'zeros.bin'" in error["message"]
+
+
+@pytest.mark.parametrize("name, why", [("../../etc/passwd", "traversal"), ("/etc/passwd", "absolute path"),
+                                       ("C:\\Windows\\win.ini", "drive letter"), ("a\\..\\..\\b.txt", "traversal"),
+                                       ("evil\x00.txt", "NUL byte")])
+def test_unsafe_entry_names_are_refused(client: openai.OpenAI, fake: FakeOpenAI, name: str, why: str) -> None:
+    archive = make_zip([("ok.txt", b"fine"), (name.replace("\x00", "#"), b"root:x:0:0")])
+    archive = archive.replace(b"evil#.txt", b"evil\x00.txt")  # zipfile cuts names at NUL when writing; patch it in
+    error = rejected(client, fake, ask(file_part("application/zip", archive)))
+    assert error["code"] == "unsafe_zip_entry"
+    assert why in error["message"] and error["param"] == "$.messages[0].content[1]"
+
+
+def test_traversal_then_normal_request(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    error = rejected(client, fake, ask(file_part("application/zip", make_zip([("../../etc/passwd", b"x")]))))
+    assert "'../../etc/passwd'" in error["message"]
+    still_serving(client, fake, "after-traversal")
+
+
+def test_ten_thousand_entries_are_refused(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    archive = make_zip([(f"f{i}.txt", b"x") for i in range(10_000)], compression=zipfile.ZIP_STORED)
+    error = rejected(client, fake, ask(file_part("application/zip", archive)))
+    assert error["code"] == "zip_too_many_entries"
+    assert "10000 entries" in error["message"] and "1000" in error["message"]
+    still_serving(client, fake, "after-10k")
+
+
+def test_encrypted_zip_entry_is_refused(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    archive = bytearray(make_zip([("secret.txt", b"classified")]))
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # set the "encrypted" flag bit
+        at = archive.index(signature) + offset
+        archive[at] |= 0x1
+    error = rejected(client, fake, ask(file_part("application/zip", bytes(archive))))
+    assert error["code"] == "encrypted_zip" and "'secret.txt'" in error["message"]
+
+
+def test_nested_zip_and_corrupt_zip_are_refused(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    nested = make_zip([("inner.zip", make_zip([("a.txt", b"a")]))])
+    assert rejected(client, fake, ask(file_part("application/zip", nested)))["code"] == "nested_zip"
+    corrupt = rejected(client, fake, ask(file_part("application/zip", b"PK\x03\x04 not really a zip")))
+    assert corrupt["code"] == "malformed_zip"
+
+
+def test_pdf_inside_zip_that_is_encrypted_names_the_entry(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    archive = make_zip([("readme.txt", b"hi"), ("locked.pdf", encrypted_pdf())])
+    error = rejected(client, fake, ask(file_part("application/zip", archive)), model=TEXT_MODEL)
+    assert error["code"] == "encrypted_pdf" and "'locked.pdf'" in error["message"]
+
+
+# -- images and plain parts -------------------------------------------------------------------------------------
+
+def test_bad_image_data_urls_are_400(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    bad_base64 = {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@not-base64@@"}}
+    error = rejected(client, fake, ask(bad_base64))
+    assert error["code"] == "invalid_base64" and error["param"] == "$.messages[0].content[1]"
+    not_image = {"type": "image_url", "image_url": {"url": data_url("image/png", b"just some text")}}
+    assert rejected(client, fake, ask(not_image))["code"] == "invalid_image"
+
+
+def test_image_declared_with_the_wrong_type_is_corrected_and_urls_pass(client: openai.OpenAI,
+                                                                       fake: FakeOpenAI) -> None:
+    fake.script(Reply.say("a pixel"))
+    client.chat.completions.create(model=PDF_MODEL, messages=ask(
+        {"type": "image_url", "image_url": {"url": data_url("image/jpeg", PNG)}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}))
+    content = upstream_content(fake)
+    assert content[1]["image_url"]["url"] == TINY_PNG_URL
+    assert content[2]["image_url"]["url"] == "https://example.com/cat.png"
+
+
+def test_oversized_file_is_413(fake: FakeOpenAI, tmp_path: Any) -> None:
+    app = make_app(env=env_for(fake), data_dir=tmp_path, config={"files": {"max_file_mb": 0.01}})
+    with ServerThread(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=30)
+        error = rejected(client, fake, ask(file_part("application/pdf", REPORT + b"%" * 20_000)), status=413)
+    assert error["code"] == "file_too_large" and error["param"] == "$.messages[0].content[1]"
+
+
+# -- switch and health ------------------------------------------------------------------------------------------
+
+def test_health_reports_state_and_the_switch_turns_it_off(server: ServerThread, fake: FakeOpenAI,
+                                                          tmp_path: Any) -> None:
+    health = httpx.get(server.url + "/v1/scillm/health", headers={"authorization": f"Bearer {DEV_KEY}"}).json()
+    files = health["middleware"]["files"]
+    assert files["enabled"] is True and files["fails"] == "closed"
+    assert files["limits"]["max_zip_entries"] == 1000 and files["rejected"] >= 1
+    assert KEY not in str(health)
+
+    app = make_app(env=env_for(fake), data_dir=tmp_path, config={"files": {"enabled": False}})
+    with ServerThread(app) as off:
+        client = openai.OpenAI(base_url=off.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=30)
+        fake.script(Reply.say("raw"))
+        part = file_part("application/zip", MIXED)
+        client.chat.completions.create(model=PDF_MODEL, messages=ask(part))
+        assert upstream_content(fake)[1] == part  # passed through untouched
+        state = httpx.get(off.url + "/v1/scillm/health", headers={"authorization": f"Bearer {DEV_KEY}"}).json()
+        assert state["middleware"]["files"]["enabled"] is False
