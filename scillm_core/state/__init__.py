@@ -7,7 +7,7 @@ parameters, never as query text.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 __all__ = ["StateStore"]
@@ -33,6 +33,9 @@ class StateStore(Protocol):
 
     async def append(self, namespace: str, record: Mapping[str, Any]) -> None:
         """Add a record to an append-only log (call log, events)."""
+
+    async def append_many(self, namespace: str, records: Sequence[Mapping[str, Any]]) -> None:
+        """Add several records in one write (a background log writer drains its queue with this)."""
 
     async def tail(self, namespace: str, limit: int = 100) -> list[dict[str, Any]]:
         """The newest ``limit`` log records, oldest first."""

@@ -6,7 +6,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -101,6 +101,11 @@ class SQLiteStore:
         blob = orjson.dumps(record)
         await self._run(lambda db: db.execute("INSERT INTO logs (ns, ts, value) VALUES (?, ?, ?)",
                                               (namespace, time.time(), blob)))
+
+    async def append_many(self, namespace: str, records: Sequence[Mapping[str, Any]]) -> None:
+        now = time.time()
+        rows = [(namespace, now, orjson.dumps(record)) for record in records]
+        await self._run(lambda db: db.executemany("INSERT INTO logs (ns, ts, value) VALUES (?, ?, ?)", rows))
 
     async def tail(self, namespace: str, limit: int = 100) -> list[dict[str, Any]]:
         rows = await self._run(lambda db: db.execute(

@@ -159,6 +159,9 @@ class BrokenStore:
     async def append(self, namespace: str, record: Any) -> None:
         raise OSError("disk full")
 
+    async def append_many(self, namespace: str, records: Any) -> None:
+        raise OSError("disk full")
+
     async def tail(self, namespace: str, limit: int = 100) -> list[dict[str, Any]]:
         return []
 

@@ -122,17 +122,21 @@ class MetricsState:
             log.warning("call log record could not be queued", exc_info=True)
 
     async def _write(self) -> None:
+        """Drain the queue in batches: one store write (one thread hop, one transaction) per batch."""
         assert self.queue is not None
         while True:
-            record = await self.queue.get()
+            records = [await self.queue.get()]
+            while len(records) < 256 and not self.queue.empty():
+                records.append(self.queue.get_nowait())
             try:
-                await self.runtime.store.append(NAMESPACE, record)
-                self.counts["logged"] += 1
+                await self.runtime.store.append_many(NAMESPACE, records)
+                self.counts["logged"] += len(records)
             except Exception as exc:
-                self.counts["write_errors"] += 1
+                self.counts["write_errors"] += len(records)
                 log.warning("call log write failed: %s", redact(str(exc), self.secrets))
             finally:
-                self.queue.task_done()
+                for _ in records:
+                    self.queue.task_done()
 
     async def flush(self, timeout_s: float = 2.0) -> None:
         if self.queue is not None and self.writer is not None and not self.writer.done():

@@ -5,6 +5,9 @@ until it answers). After the body has been read, this layer owns ``receive``: a 
 ``http.disconnect`` and cancels the handler, so the upstream call is cancelled, its connection closed and its
 concurrency slot released. Later ``receive`` calls by the app (Starlette's disconnect listener) are answered from
 the watcher's state, so the two never compete for messages.
+
+The watcher starts ``watch_after_s`` after the request (a timer is far cheaper than a task, and most answers from a
+fast upstream are done by then); a disconnect in the meantime is still seen, as soon as the watcher starts.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ __all__ = ["CancelOnDisconnect"]
 
 
 class CancelOnDisconnect:
-    def __init__(self, app: ASGIApp, paths: Iterable[str]) -> None:
+    def __init__(self, app: ASGIApp, paths: Iterable[str], watch_after_s: float = 0.25) -> None:
         self.app = app
         self.paths = frozenset(paths)
+        self.watch_after_s = watch_after_s
         self.cancelled = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -64,7 +68,13 @@ class CancelOnDisconnect:
                 self.cancelled += 1
                 task.cancel()
 
-        watcher = asyncio.create_task(watch())
+        watchers: list[asyncio.Task[None]] = []
+
+        def start_watching() -> None:
+            if not finished:
+                watchers.append(asyncio.ensure_future(watch()))
+
+        timer = asyncio.get_running_loop().call_later(self.watch_after_s, start_watching)
         try:
             await self.app(scope, app_receive, app_send)
         except asyncio.CancelledError:
@@ -72,4 +82,6 @@ class CancelOnDisconnect:
                 return  # the client left; there is nobody to answer
             raise
         finally:
-            watcher.cancel()
+            timer.cancel()
+            for watcher in watchers:
+                watcher.cancel()
