@@ -45,12 +45,3 @@ class TestGLM(OpenAICompatContract):
 class TestMoonshot(OpenAICompatContract):
     provider, model, upstream_model = "moonshot", "moonshot/kimi-k2.6", "kimi-k2.6"
     key_env, base_env = "MOONSHOT_API_KEY", "MOONSHOT_API_BASE"
-
-
-class TestOpenCodeGoChat(OpenAICompatContract):
-    provider, model, upstream_model = "opencode-go", "opencode-go/kimi-k2.6", "kimi-k2.6"
-    key_env, base_env = "OPENCODE_GO_API_KEY", "OPENCODE_GO_API_BASE"
-
-    def check_upstream(self, request, *, stream):
-        super().check_upstream(request, stream=stream)
-        assert request.headers["x-opencode-session"].startswith("scillm-")

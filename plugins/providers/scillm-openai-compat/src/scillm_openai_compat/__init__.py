@@ -1,11 +1,13 @@
-"""Providers that speak OpenAI chat completions: OpenAI, Chutes, DeepSeek, GLM (Z.ai), Moonshot, OpenCode Go."""
+"""Providers that speak OpenAI chat completions: OpenAI, Chutes, DeepSeek, GLM (Z.ai), Moonshot.
+
+OpenCode Go's chat models use :class:`OpenAICompatProvider` too, from the ``scillm-opencode-go`` plugin."""
 
 from __future__ import annotations
 
 from scillm_core import ProviderRegistry, Runtime, hookimpl
-from scillm_openai_compat.provider import CompatSpec, OpenAICompatProvider, parse_error_body
+from scillm_openai_compat.provider import CompatSpec, OpenAICompatProvider, conversation_id, parse_error_body
 
-__all__ = ["SPECS", "CompatSpec", "OpenAICompatProvider", "parse_error_body"]
+__all__ = ["SPECS", "CompatSpec", "OpenAICompatProvider", "conversation_id", "parse_error_body"]
 
 
 def _openai_name(model: str) -> bool:
@@ -34,11 +36,6 @@ SPECS: tuple[CompatSpec, ...] = (
                default_base="https://api.moonshot.ai/v1", prefixes=("moonshot/",),
                aliases={"moonshot-text": "kimi-k2.6"}, models=("moonshot/kimi-k2.6", "moonshot/kimi-k2-0905-preview"),
                max_temperature=1.0),
-    CompatSpec(name="opencode-go", family="openai", key_env=("OPENCODE_GO_API_KEY",),
-               base_env="OPENCODE_GO_API_BASE", default_base="https://opencode.ai/zen/go/v1",
-               prefixes=("opencode-go/",), session_header="x-opencode-session",
-               models=("opencode-go/glm-5.1", "opencode-go/kimi-k2.6", "opencode-go/qwen3.6-plus"),
-               capabilities=frozenset({"streaming", "tools"})),
     # Chutes takes any Org/Model name no prefix claimed, so its rule runs last.
     CompatSpec(name="chutes", family="openai", key_env=("CHUTES_API_KEY", "CHUTES_API_TOKEN"),
                base_env="CHUTES_API_BASE", default_base="https://llm.chutes.ai/v1", prefixes=("chutes/",),

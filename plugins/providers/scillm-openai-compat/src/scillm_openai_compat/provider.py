@@ -26,7 +26,7 @@ from scillm_core import (
 from scillm_core.config import Env, ProviderSettings
 from scillm_core.upstream import error_for_status, iter_sse, translate_transport
 
-__all__ = ["CompatSpec", "OpenAICompatProvider", "parse_error_body"]
+__all__ = ["CompatSpec", "OpenAICompatProvider", "conversation_id", "parse_error_body"]
 
 
 @frozen(kw_only=True)
@@ -99,7 +99,7 @@ class OpenAICompatProvider(Provider):
     def headers(self, request: ChatRequest) -> dict[str, str]:
         headers = {"authorization": f"Bearer {self._key}", "content-type": "application/json"}
         if self.spec.session_header:
-            headers[self.spec.session_header] = _conversation_id(request)
+            headers[self.spec.session_header] = conversation_id(request)
         return headers
 
     def _timeout(self, route: Route) -> httpx.Timeout | None:
@@ -216,7 +216,8 @@ def _flatten(message: dict[str, Any], index: int, provider: str) -> dict[str, An
     return {**message, "content": "".join(p["text"] for p in content)}
 
 
-def _conversation_id(request: ChatRequest) -> str:
+def conversation_id(request: ChatRequest) -> str:
+    """A stable id per conversation: ``scillm_metadata.session_id``, else a hash of model and first user turn."""
     metadata = request.scillm.get("scillm_metadata") or {}
     if isinstance(metadata, dict) and metadata.get("session_id"):
         return str(metadata["session_id"])
