@@ -13,6 +13,7 @@ from scillm_core.testing.contract import TINY_PNG_B64, ProviderContract
 from scillm_core.testing.fake_anthropic import FakeAnthropic
 
 AUTH = {"authorization": f"Bearer {DEV_KEY}"}
+ISOLATED = ("chat", "auth", "ops", "openai-compat", "anthropic", "opencode-go")
 
 
 class GoContract(ProviderContract):
@@ -56,7 +57,7 @@ class TestMessagesModels(GoContract):
 def test_one_conversation_keeps_one_session_id(tmp_path):
     with FakeOpenAI() as fake:
         env = {"OPENCODE_GO_API_KEY": "k", "OPENCODE_GO_API_BASE": fake.base_url}
-        with ServerThread(make_app(env=env, data_dir=tmp_path, only=GoContract.SURFACES + ("opencode-go",))) as s:
+        with ServerThread(make_app(env=env, data_dir=tmp_path, only=ISOLATED)) as s:
             turn = {"model": "opencode-go/glm-5.1", "messages": [{"role": "user", "content": "plan the refactor"}]}
             httpx.post(s.url + "/v1/chat/completions", json=turn, headers=AUTH)
             later = {**turn, "messages": [*turn["messages"], {"role": "assistant", "content": "ok"},
@@ -83,7 +84,7 @@ def test_models_listing_names_each_endpoint(tmp_path):
     with Listing() as fake:
         env = {"OPENCODE_GO_API_KEY": "sk-go-secret-123456789", "OPENCODE_GO_API_BASE": fake.base_url}
         config = {"opencode_go": {"messages_models": ["minimax-*"]}}
-        app = make_app(env=env, config=config, data_dir=tmp_path, only=GoContract.SURFACES + ("opencode-go",))
+        app = make_app(env=env, config=config, data_dir=tmp_path, only=ISOLATED)
         with ServerThread(app) as server:
             first = httpx.get(server.url + "/v1/scillm/opencode-go/models", headers=AUTH).json()
             cached = httpx.get(server.url + "/v1/scillm/opencode-go/models", headers=AUTH).json()
@@ -97,7 +98,7 @@ def test_models_listing_names_each_endpoint(tmp_path):
 
 
 def test_models_listing_without_a_key_is_the_static_catalogue(tmp_path):
-    with ServerThread(make_app(data_dir=tmp_path, only=GoContract.SURFACES + ("opencode-go",))) as server:
+    with ServerThread(make_app(data_dir=tmp_path, only=ISOLATED)) as server:
         listing = httpx.get(server.url + "/v1/scillm/opencode-go/models", headers=AUTH).json()
     assert listing["source"] == "static" and listing["key_configured"] is False
     assert {"minimax-m2.7", "kimi-k2.6"} <= {m["id"] for m in listing["models"]}
