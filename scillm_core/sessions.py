@@ -49,6 +49,10 @@ class SessionContext:
     run_dir: Path
     caller: str | None = None
     emit: Callable[[Mapping[str, Any]], None] = lambda event: None
+    #: Where the CLI's own model calls go (this scillm, e.g. ``http://127.0.0.1:4001``) and the short-lived key it
+    #: sends there (never the master key or a provider key). ``None`` when the surface has no server to point at.
+    base_url: str | None = None
+    api_key: str | None = None
 
 
 SessionThunk: TypeAlias = Callable[[], Awaitable[SessionResult]]

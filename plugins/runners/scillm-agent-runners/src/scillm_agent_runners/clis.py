@@ -1,0 +1,193 @@
+"""One runner per CLI: argv, isolated config, sandbox mapping, opt-outs, final-answer extraction."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from scillm_exec import run_cli, schema_instructions
+
+from scillm_agent_runners.base import child_env, kill_grace, outcome_result, require, temp_home
+from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
+
+__all__ = ["run_claude", "run_codex", "run_opencode", "run_pi"]
+
+
+def _toml(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+# -- codex exec ----------------------------------------------------------------------------------------------------
+
+async def run_codex(spec: SessionSpec, ctx: SessionContext) -> SessionResult:
+    cli, model = require(spec, ctx, "codex")
+    with temp_home(ctx.run_id) as home:
+        codex_home = home / ".codex"
+        codex_home.mkdir()
+        (codex_home / "config.toml").write_text("\n".join([
+            f"model = {_toml(model)}",
+            'model_provider = "scillm"',
+            'approval_policy = "never"',
+            f"sandbox_mode = {_toml(spec.sandbox)}",
+            "check_for_update_on_startup = false",
+            'web_search = "disabled"',
+            "[analytics]",
+            "enabled = false",
+            "[feedback]",
+            "enabled = false",
+            "[history]",
+            'persistence = "none"',
+            "[model_providers.scillm]",
+            'name = "scillm"',
+            f"base_url = {_toml(ctx.base_url.rstrip('/') + '/v1')}",  # type: ignore[union-attr]
+            'env_key = "SCILLM_API_KEY"',
+            'wire_api = "responses"',
+            "request_max_retries = 0",
+            "stream_max_retries = 0",
+            "",
+        ]))
+        argv = [cli, "exec", "--json", "--skip-git-repo-check", "--ephemeral", "--ignore-rules",
+                "-s", spec.sandbox, "-C", str(spec.cwd), "-m", model,
+                "--disable", "plugins", "--disable", "apps", "--disable", "goals", "--disable", "multi_agent",
+                "-c", "skills.include_instructions=false", "-c", "skills.bundled.enabled=false"]
+        if spec.output_schema is not None:
+            schema_file = home / "output_schema.json"
+            schema_file.write_text(json.dumps(spec.output_schema))
+            argv += ["--output-schema", str(schema_file)]
+        argv.append("-")  # the prompt comes on stdin
+        env = child_env(cli, home, {"CODEX_HOME": str(codex_home), "SCILLM_API_KEY": ctx.api_key or "",
+                                    "CODEX_DISABLE_TELEMETRY": "1", "OTEL_SDK_DISABLED": "true"})
+        outcome = await run_cli(argv, spec=spec, ctx=ctx, env=env, cwd=spec.cwd, stdin=spec.prompt.encode(),
+                                kill_grace_s=kill_grace(ctx), redact=[ctx.api_key or ""])
+    text, failure = "", None
+    for event in outcome.events:
+        kind = event.get("type")
+        item = event.get("item") if isinstance(event.get("item"), dict) else {}
+        if kind == "item.completed" and item.get("type") == "agent_message":
+            text = str(item.get("text") or "")
+        elif kind == "turn.failed":
+            failure = str((event.get("error") or {}).get("message") or "turn failed")
+        elif kind == "error" and "Reconnecting" not in str(event.get("message")):
+            failure = str(event.get("message"))
+    if not any(e.get("type") == "turn.completed" for e in outcome.events) and failure is None:
+        failure = "codex ended without turn.completed"
+    return outcome_result(ctx, outcome, text, failed=failure)
+
+
+# -- claude -p -----------------------------------------------------------------------------------------------------
+
+async def run_claude(spec: SessionSpec, ctx: SessionContext) -> SessionResult:
+    cli, model = require(spec, ctx, "claude")
+    tools = "Read,Grep,Glob" if spec.sandbox == "read-only" else "Read,Grep,Glob,Edit,Write"
+    mode = "default" if spec.sandbox == "read-only" else "acceptEdits"
+    with temp_home(ctx.run_id) as home:
+        argv = [cli, "-p", "--bare", "--output-format", "stream-json", "--verbose", "--model", model,
+                "--tools", tools, "--permission-mode", mode, "--no-session-persistence",
+                "--disable-slash-commands", "--strict-mcp-config"]
+        env = child_env(cli, home, {
+            "ANTHROPIC_BASE_URL": ctx.base_url or "", "ANTHROPIC_API_KEY": ctx.api_key or "",
+            "CLAUDE_CONFIG_DIR": str(home / ".claude"), "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+            "DISABLE_AUTOUPDATER": "1", "DISABLE_TELEMETRY": "1", "DISABLE_ERROR_REPORTING": "1",
+            "DISABLE_BUG_COMMAND": "1", "CLAUDE_CODE_ENABLE_TELEMETRY": "0"})
+        prompt = spec.prompt + schema_instructions(spec.output_schema)
+        outcome = await run_cli(argv, spec=spec, ctx=ctx, env=env, cwd=spec.cwd, stdin=prompt.encode(),
+                                kill_grace_s=kill_grace(ctx), redact=[ctx.api_key or ""])
+    final = next((e for e in reversed(outcome.events) if e.get("type") == "result"), None)
+    if final is None:
+        return outcome_result(ctx, outcome, "", failed="claude ended without a result record")
+    failure = None
+    if final.get("is_error") or final.get("subtype") != "success":
+        failure = f"claude result {final.get('subtype')}: {str(final.get('result') or '')[:300]}"
+    return outcome_result(ctx, outcome, str(final.get("result") or ""), failed=failure)
+
+
+# -- opencode run --------------------------------------------------------------------------------------------------
+
+def opencode_config(base_url: str, model: str, sandbox: str) -> dict[str, Any]:
+    write = "allow" if sandbox == "workspace-write" else "deny"
+    return {
+        "$schema": "https://opencode.ai/config.json",
+        "autoupdate": False,
+        "share": "disabled",
+        "model": f"scillm/{model}",
+        "small_model": f"scillm/{model}",
+        "enabled_providers": ["scillm"],
+        "provider": {"scillm": {
+            "npm": "@ai-sdk/openai-compatible",
+            "name": "scillm",
+            "options": {"baseURL": base_url.rstrip("/") + "/v1", "apiKey": "{env:SCILLM_API_KEY}"},
+            "models": {model: {"name": model, "tool_call": True, "limit": {"context": 128000, "output": 8192}}},
+        }},
+        # never "ask" in a headless run; no shell, no web, nothing outside cwd
+        "permission": {"read": "allow", "glob": "allow", "grep": "allow", "list": "allow", "edit": write,
+                       "bash": "deny", "webfetch": "deny", "websearch": "deny", "external_directory": "deny",
+                       "task": "deny", "question": "deny", "skill": "deny", "todowrite": "allow",
+                       "doom_loop": "deny", "lsp": "deny"},
+    }
+
+
+async def run_opencode(spec: SessionSpec, ctx: SessionContext) -> SessionResult:
+    cli, model = require(spec, ctx, "opencode")
+    with temp_home(ctx.run_id) as home:
+        config = opencode_config(ctx.base_url or "", model, spec.sandbox)
+        env = child_env(cli, home, {
+            "SCILLM_API_KEY": ctx.api_key or "", "OPENCODE_CONFIG_CONTENT": json.dumps(config),
+            "OPENCODE_DISABLE_MODELS_FETCH": "1", "OPENCODE_DISABLE_AUTOUPDATE": "1",
+            "OPENCODE_DISABLE_DEFAULT_PLUGINS": "1", "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
+            "OPENCODE_DISABLE_EXTERNAL_SKILLS": "1", "OPENCODE_DISABLE_CLAUDE_CODE_SKILLS": "1",
+            "OPENCODE_DISABLE_PROJECT_CONFIG": "1", "OPENCODE_PURE": "1"})
+        prompt = spec.prompt + schema_instructions(spec.output_schema)
+        argv = [cli, "run", "--format", "json", "--pure", "--model", f"scillm/{model}", "--agent", "build",
+                "--title", f"scillm {ctx.run_id}", "--dir", str(spec.cwd)]
+        outcome = await run_cli(argv, spec=spec, ctx=ctx, env=env, cwd=spec.cwd, stdin=prompt.encode(),
+                                kill_grace_s=kill_grace(ctx), redact=[ctx.api_key or ""])
+    texts: list[str] = []
+    failure = None
+    for event in outcome.events:
+        part = event.get("part") if isinstance(event.get("part"), dict) else {}
+        if event.get("type") == "text":
+            texts.append(str(part.get("text") or ""))
+        elif event.get("type") == "tool_use":
+            texts.clear()  # the answer is the text after the last tool step
+        elif event.get("type") == "error":
+            failure = json.dumps(event.get("error") or event)[:500]
+    if not outcome.events and failure is None:
+        failure = "opencode printed no events"
+    return outcome_result(ctx, outcome, "".join(texts).strip(), failed=failure)
+
+
+# -- pi ------------------------------------------------------------------------------------------------------------
+
+async def run_pi(spec: SessionSpec, ctx: SessionContext) -> SessionResult:
+    cli, model = require(spec, ctx, "pi")
+    tools = "read,grep,find,ls" if spec.sandbox == "read-only" else "read,grep,find,ls,edit,write"
+    with temp_home(ctx.run_id) as home:
+        agent_dir = home / ".pi" / "agent"
+        agent_dir.mkdir(parents=True)
+        (agent_dir / "models.json").write_text(json.dumps({"providers": {"scillm": {
+            "baseUrl": (ctx.base_url or "").rstrip("/") + "/v1", "api": "openai-completions",
+            "apiKey": "SCILLM_API_KEY",
+            "compat": {"supportsDeveloperRole": False, "supportsReasoningEffort": False},
+            "models": [{"id": model, "name": model}]}}}))
+        (agent_dir / "settings.json").write_text(json.dumps({"enableInstallTelemetry": False}))
+        env = child_env(cli, home, {"PI_CODING_AGENT_DIR": str(agent_dir), "SCILLM_API_KEY": ctx.api_key or "",
+                                    "PI_OFFLINE": "1", "PI_TELEMETRY": "0", "PI_SKIP_VERSION_CHECK": "1"})
+        prompt = spec.prompt + schema_instructions(spec.output_schema)
+        argv = [cli, "--mode", "json", "--provider", "scillm", "--model", model, "--no-session", "--no-skills",
+                "--no-extensions", "--no-context-files", "--no-prompt-templates", "--tools", tools]
+        outcome = await run_cli(argv, spec=spec, ctx=ctx, env=env, cwd=spec.cwd, stdin=prompt.encode(),
+                                kill_grace_s=kill_grace(ctx), redact=[ctx.api_key or ""])
+    end = next((e for e in reversed(outcome.events) if e.get("type") == "agent_end"), None)
+    if end is None:
+        return outcome_result(ctx, outcome, "", failed="pi ended without agent_end")
+    text, failure = "", None
+    for message in reversed(end.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "assistant":
+            text = "".join(c.get("text", "") for c in message.get("content") or []
+                           if isinstance(c, dict) and c.get("type") == "text")
+            if message.get("stopReason") in ("error", "aborted"):
+                failure = f"pi stopped: {message.get('errorMessage') or message.get('stopReason')}"
+            break
+    return outcome_result(ctx, outcome, text, failed=failure)
+
+

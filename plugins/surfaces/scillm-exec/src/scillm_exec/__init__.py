@@ -1,0 +1,71 @@
+"""scillm-exec: bounded headless runs of agent CLIs (``POST /v1/scillm/exec``, ``scillm exec``) and graphs of
+runs. Runners (``run_session`` implementations) live in other plugins and use :func:`run_cli` from here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from scillm_core import CommandRegistry, MiddlewareRegistry, Runtime, SurfaceRegistry, hookimpl
+from scillm_exec.auth import RUN_KEY_PREFIX, RunKeyMiddleware
+from scillm_exec.config import ExecConfig, exec_config
+from scillm_exec.manager import ExecManager, parse_final_json
+from scillm_exec.process import CliOutcome, group_members, kill_group, run_cli
+from scillm_exec.routes import manager_for, routes
+
+__all__ = ["RUN_KEY_PREFIX", "CliOutcome", "ExecConfig", "ExecManager", "base_child_env", "group_members",
+           "kill_group", "manager_for", "parse_final_json", "run_cli", "schema_instructions"]
+
+
+def base_child_env(home: str, *, path: str | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a CLI child starts from: nothing inherited but a minimal PATH, locale and its own HOME."""
+    env = {"PATH": path or "/usr/local/bin:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+           "TERM": "dumb", "NO_COLOR": "1", "TMPDIR": home, "USER": "scillm", "LOGNAME": "scillm",
+           "XDG_CONFIG_HOME": f"{home}/.config", "XDG_DATA_HOME": f"{home}/.local/share",
+           "XDG_CACHE_HOME": f"{home}/.cache", "XDG_STATE_HOME": f"{home}/.local/state"}
+    env.update(extra or {})
+    return env
+
+
+def schema_instructions(schema: Mapping[str, Any] | None) -> str:
+    if schema is None:
+        return ""
+    import json
+
+    return ("\n\nAnswer with a single JSON value (no prose, no code fence) that matches this JSON Schema:\n"
+            + json.dumps(schema, indent=None))
+
+
+@hookimpl
+def scillm_config_sections() -> dict[str, type]:
+    return {"exec": ExecConfig}
+
+
+@hookimpl
+def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> None:
+    manager = manager_for(runtime)
+    for path, endpoint, methods in routes():
+        surfaces.route(path, endpoint, methods, plugin="exec")
+    surfaces.on_shutdown(manager.shutdown)
+
+
+@hookimpl
+def scillm_register_middleware(middleware: MiddlewareRegistry, runtime: Runtime) -> None:
+    manager = manager_for(runtime)
+    middleware.add(lambda app: RunKeyMiddleware(app, manager.keys, runtime.env), order=5, name="exec-run-keys")
+
+
+@hookimpl
+def scillm_register_commands(commands: CommandRegistry) -> None:
+    from scillm_exec.command import configure, run
+
+    commands.add("exec", "run one agent CLI profile headless and bounded (against a running scillm)",
+                 configure, run)
+
+
+@hookimpl
+def scillm_health(runtime: Runtime) -> dict[str, Any]:
+    manager = manager_for(runtime)
+    live = sum(1 for r in manager.runs.values() if r.status in ("queued", "running"))
+    return {"exec": {"live_runs": live, "max_concurrency": exec_config(runtime).max_concurrency,
+                     "profiles": runtime.hooks.session_profiles(runtime)}}

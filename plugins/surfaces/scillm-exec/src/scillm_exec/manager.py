@@ -1,0 +1,402 @@
+"""Run lifecycle: validate a spec, start it through ``run_session``, enforce the outer bounds, write artifacts
+(``status.json``, ``result.json``), cancel, and run graphs of runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+
+from scillm_core import Runtime, errors
+from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
+from scillm_exec.auth import RunKeys
+from scillm_exec.config import allowed_roots, exec_config
+
+__all__ = ["ExecManager", "RUN_ID", "parse_final_json", "spec_from_body"]
+
+RUN_ID = re.compile(r"^run_[0-9a-f]{32}$")
+TERMINAL = ("completed", "failed", "timeout", "cancelled", "skipped")
+SPEC_KEYS = {"profile", "prompt", "cwd", "sandbox", "model", "timeout_s", "idle_timeout_s", "output_schema",
+             "metadata"}
+STORE_NS = "exec.runs"
+
+
+def _bad(message: str, param: str) -> errors.InvalidRequest:
+    return errors.InvalidRequest(f"{message} @ {param}", param=param)
+
+
+def spec_from_body(body: Any, runtime: Runtime, *, where: str = "$", extra_keys: set[str] = frozenset()) -> SessionSpec:
+    """Validate a request body (or graph node) into a :class:`SessionSpec`; 400 naming the JSON path."""
+    cfg = exec_config(runtime)
+    if not isinstance(body, dict):
+        raise _bad(f"expected an object, got {type(body).__name__}", where)
+    unknown = sorted(set(body) - SPEC_KEYS - extra_keys)
+    if unknown:
+        raise _bad(f"unknown field {unknown[0]!r} (known: {', '.join(sorted(SPEC_KEYS | extra_keys))})",
+                   f"{where}.{unknown[0]}")
+    profile = body.get("profile")
+    profiles = runtime.hooks.session_profiles(runtime)
+    if not isinstance(profile, str) or not profile:
+        raise _bad("profile is required (one of: " + ", ".join(profiles) + ")", f"{where}.profile")
+    if profile not in profiles:
+        raise _bad(f"unknown profile {profile!r} (known: {', '.join(profiles) or 'none installed'})",
+                   f"{where}.profile")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise _bad("prompt must be a non-empty string", f"{where}.prompt")
+    sandbox = body.get("sandbox", "read-only")
+    if sandbox not in ("read-only", "workspace-write"):
+        raise _bad(f"sandbox must be 'read-only' or 'workspace-write', got {sandbox!r}", f"{where}.sandbox")
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise _bad("model must be a non-empty string", f"{where}.model")
+
+    def seconds(key: str, default: float | None) -> float | None:
+        value = body.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise _bad(f"{key} must be a positive number of seconds", f"{where}.{key}")
+        if value > cfg.max_timeout_s:
+            raise _bad(f"{key} is {value}; the limit is {cfg.max_timeout_s:g}", f"{where}.{key}")
+        return float(value)
+
+    timeout_s = seconds("timeout_s", cfg.default_timeout_s)
+    idle = seconds("idle_timeout_s", None)
+    schema = body.get("output_schema")
+    if schema is not None:
+        if not isinstance(schema, dict):
+            raise _bad("output_schema must be a JSON Schema object", f"{where}.output_schema")
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            raise _bad(f"output_schema is not a valid JSON Schema: {exc.message}", f"{where}.output_schema") from None
+    metadata = body.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise _bad("metadata must be an object", f"{where}.metadata")
+    cwd = body.get("cwd")
+    if cwd is not None:
+        if not isinstance(cwd, str) or not cwd:
+            raise _bad("cwd must be an absolute path string", f"{where}.cwd")
+        cwd = str(check_cwd(cwd, runtime, f"{where}.cwd"))
+    return SessionSpec(profile=profile, prompt=prompt, cwd=cwd, sandbox=sandbox, model=model,
+                       timeout_s=timeout_s or cfg.default_timeout_s, idle_timeout_s=idle, output_schema=schema,
+                       metadata=metadata)
+
+
+def check_cwd(cwd: str, runtime: Runtime, param: str) -> Path:
+    path = Path(cwd)
+    if not path.is_absolute():
+        raise _bad(f"cwd must be an absolute path, got {cwd!r}", param)
+    resolved = path.resolve()
+    roots = allowed_roots(runtime)
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        raise _bad(f"cwd {cwd!r} is outside the allowed roots (exec.allowed_roots: "
+                   f"{', '.join(map(str, roots))})", param)
+    if not resolved.is_dir():
+        raise _bad(f"cwd {cwd!r} is not a directory", param)
+    return resolved
+
+
+def parse_final_json(text: str) -> Any:
+    """The final answer as JSON: the whole text, a fenced block, or the outermost ``{…}``/``[…]``."""
+    candidates = [text.strip()]
+    fence = re.search(r"```(?:json)?\s*\n(.*?)```", text, re.S)
+    if fence:
+        candidates.append(fence.group(1).strip())
+    for open_, close in (("{", "}"), ("[", "]")):
+        i, j = text.find(open_), text.rfind(close)
+        if 0 <= i < j:
+            candidates.append(text[i:j + 1])
+    for candidate in candidates:
+        try:
+            return json.loads(candidate)
+        except (ValueError, TypeError):
+            continue
+    raise ValueError("the final answer is not JSON")
+
+
+def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    tmp.replace(path)
+
+
+@attrs.define
+class Run:
+    run_id: str
+    spec: SessionSpec
+    caller: str | None
+    run_dir: Path
+    status: str = "queued"
+    task: asyncio.Task[dict[str, Any]] | None = None
+    result: dict[str, Any] | None = None
+    done: asyncio.Event = attrs.field(factory=asyncio.Event)
+    created_at: float = attrs.field(factory=time.time)
+    started_at: float | None = None
+    key: str | None = None
+
+
+class ExecManager:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.keys = RunKeys()
+        self.runs: dict[str, Run] = {}
+        self._slots: asyncio.Semaphore | None = None
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.runtime.config.data_dir / "runs"
+
+    def slots(self) -> asyncio.Semaphore:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(max(1, exec_config(self.runtime).max_concurrency))
+        return self._slots
+
+    # -- one run ---------------------------------------------------------------------------------------------------
+
+    def start(self, spec: SessionSpec, *, caller: str | None, base_url: str | None,
+              slots: asyncio.Semaphore | None = None) -> Run:
+        run_id = "run_" + uuid.uuid4().hex
+        run_dir = self.runs_dir / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run = Run(run_id=run_id, spec=spec, caller=caller, run_dir=run_dir)
+        self.runs[run_id] = run
+        self._write_status(run)
+        run.task = asyncio.ensure_future(self._execute(run, base_url, slots))
+        return run
+
+    def artifacts(self, run: Run) -> dict[str, str]:
+        d = run.run_dir
+        return {"run_dir": str(d), "events_jsonl": str(d / "events.jsonl"), "stdout": str(d / "stdout.log"),
+                "stderr": str(d / "stderr.log"), "status": str(d / "status.json"), "result": str(d / "result.json")}
+
+    def _status_doc(self, run: Run) -> dict[str, Any]:
+        return {"run_id": run.run_id, "status": run.status, "profile": run.spec.profile, "caller": run.caller,
+                "cwd": run.spec.cwd, "sandbox": run.spec.sandbox, "model": run.spec.model,
+                "timeout_s": run.spec.timeout_s, "idle_timeout_s": run.spec.idle_timeout_s,
+                "created_at": run.created_at, "started_at": run.started_at, "updated_at": time.time()}
+
+    def _write_status(self, run: Run) -> None:
+        _write_json(run.run_dir / "status.json", self._status_doc(run))
+
+    async def _execute(self, run: Run, base_url: str | None, slots: asyncio.Semaphore | None) -> dict[str, Any]:
+        spec = run.spec
+        started = time.monotonic()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if slots is not None:
+                    await stack.enter_async_context(slots)
+                await stack.enter_async_context(self.slots())
+                run.status, run.started_at = "running", time.time()
+                self._write_status(run)
+                run.key = self.keys.mint(run.run_id, run.caller)
+                ctx = SessionContext(runtime=self.runtime, run_id=run.run_id, run_dir=run.run_dir,
+                                     caller=run.caller, base_url=base_url, api_key=run.key)
+                thunk = self.runtime.hooks.run_session(spec, ctx)
+                if thunk is None:
+                    outcome = SessionResult(run_id=run.run_id, status="failed",
+                                            error=f"no runner claimed profile {spec.profile!r}")
+                else:
+                    # outer bound for runners without their own (a CLI runner enforces timeout_s itself)
+                    bound = spec.timeout_s + exec_config(self.runtime).kill_grace_s + 15
+                    try:
+                        outcome = await asyncio.wait_for(thunk(), bound)
+                    except TimeoutError:
+                        outcome = SessionResult(run_id=run.run_id, status="timeout",
+                                                error=f"run exceeded timeout_s={spec.timeout_s:g}")
+        except asyncio.CancelledError:
+            outcome = SessionResult(run_id=run.run_id, status="cancelled", error="cancelled")
+        except errors.ScillmError as exc:
+            outcome = SessionResult(run_id=run.run_id, status="failed", error=str(exc))
+        except Exception as exc:  # a runner bug must not lose the run's record
+            outcome = SessionResult(run_id=run.run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.keys.revoke(run.key)
+        result = self._finalise(run, outcome, time.monotonic() - started)
+        await self.record(run)
+        return result
+
+    def _finalise(self, run: Run, outcome: SessionResult, duration_s: float) -> dict[str, Any]:
+        status, error, parsed = outcome.status, outcome.error, outcome.result
+        text = outcome.final_text or ""
+        if status == "completed" and run.spec.output_schema is not None:
+            import jsonschema
+
+            try:
+                parsed = parse_final_json(text) if parsed is None else parsed
+                jsonschema.validate(parsed, run.spec.output_schema)
+            except ValueError as exc:
+                status, error, parsed = "failed", f"output_schema: {exc}", None
+            except jsonschema.ValidationError as exc:
+                where = "$" + "".join(f"[{p!r}]" if isinstance(p, str) else f"[{p}]" for p in exc.absolute_path)
+                status, parsed = "failed", None
+                error = f"output_schema: final answer does not match at {where}: {exc.message}"
+        elif parsed is None and text:
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(text)
+        for name in ("events.jsonl", "stdout.log", "stderr.log"):
+            (run.run_dir / name).touch()
+        result = {"run_id": run.run_id, "status": status, "exit_code": outcome.exit_code, "final_text": text,
+                  "result": parsed, "error": error, "profile": run.spec.profile, "caller": run.caller,
+                  "duration_s": round(duration_s, 3), "artifacts": self.artifacts(run)}
+        run.status, run.result = status, result
+        _write_json(run.run_dir / "result.json", result)
+        self._write_status(run)
+        run.done.set()
+        return result
+
+    async def record(self, run: Run) -> None:
+        with contextlib.suppress(Exception):
+            await self.runtime.store.put(STORE_NS, run.run_id, self._status_doc(run) | (
+                {"result": {k: v for k, v in (run.result or {}).items() if k != "final_text"}} if run.result else {}))
+
+    async def wait(self, run: Run) -> dict[str, Any]:
+        await asyncio.shield(run.done.wait())
+        assert run.result is not None
+        return run.result
+
+    async def cancel(self, run_id: str) -> dict[str, Any]:
+        run = self.runs.get(run_id)
+        if run is None:
+            return self.load(run_id)
+        if run.task is not None and not run.task.done():
+            run.task.cancel()
+        return await self.wait(run)
+
+    def load(self, run_id: str) -> dict[str, Any]:
+        """A run's current document: live state, else result.json, else status.json; 404 when unknown."""
+        if not RUN_ID.match(run_id):
+            raise errors.NotFound(f"no run {run_id!r}")
+        run = self.runs.get(run_id)
+        if run is not None:
+            return run.result or self._status_doc(run) | {"artifacts": self.artifacts(run)}
+        run_dir = self.runs_dir / run_id
+        for name in ("result.json", "status.json"):
+            path = run_dir / name
+            if path.is_file():
+                return orjson.loads(path.read_bytes())  # type: ignore[no-any-return]
+        raise errors.NotFound(f"no run {run_id!r}")
+
+    async def shutdown(self) -> None:
+        live = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
+        for task in live:
+            task.cancel()
+        for task in live:
+            with contextlib.suppress(BaseException):
+                await task
+
+    # -- graphs ----------------------------------------------------------------------------------------------------
+
+    def parse_graph(self, body: Any) -> tuple[list[tuple[str, SessionSpec, list[str]]], int]:
+        if not isinstance(body, dict):
+            raise _bad("expected an object with nodes", "$")
+        unknown = sorted(set(body) - {"nodes", "max_concurrency", "wait"})
+        if unknown:
+            raise _bad(f"unknown field {unknown[0]!r}", f"$.{unknown[0]}")
+        nodes = body.get("nodes")
+        if not isinstance(nodes, list) or not nodes:
+            raise _bad("nodes must be a non-empty array", "$.nodes")
+        limit = body.get("max_concurrency", len(nodes))
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise _bad("max_concurrency must be a positive integer", "$.max_concurrency")
+        parsed: list[tuple[str, SessionSpec, list[str]]] = []
+        ids: set[str] = set()
+        for i, node in enumerate(nodes):
+            where = f"$.nodes[{i}]"
+            if not isinstance(node, dict):
+                raise _bad("expected a node object", where)
+            node_id = node.get("id")
+            if not isinstance(node_id, str) or not node_id:
+                raise _bad("id must be a non-empty string", f"{where}.id")
+            if node_id in ids:
+                raise _bad(f"duplicate node id {node_id!r}", f"{where}.id")
+            ids.add(node_id)
+            deps = node.get("depends_on", [])
+            if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+                raise _bad("depends_on must be an array of node ids", f"{where}.depends_on")
+            spec = spec_from_body({k: v for k, v in node.items() if k not in ("id", "depends_on")}, self.runtime,
+                                  where=where)
+            parsed.append((node_id, spec, list(deps)))
+        for i, (node_id, _, deps) in enumerate(parsed):
+            for j, dep in enumerate(deps):
+                if dep not in ids:
+                    raise _bad(f"node {node_id!r} depends on unknown node {dep!r}", f"$.nodes[{i}].depends_on[{j}]")
+        graph = {node_id: deps for node_id, _, deps in parsed}
+        cycle = _find_cycle(graph)
+        if cycle:
+            raise _bad("dependency cycle: " + " -> ".join(cycle), "$.nodes")
+        return parsed, limit
+
+    async def run_graph(self, nodes: list[tuple[str, SessionSpec, list[str]]], limit: int, *,
+                        caller: str | None, base_url: str | None) -> dict[str, Any]:
+        graph_id = "graph_" + uuid.uuid4().hex
+        slots = asyncio.Semaphore(limit)
+        results: dict[str, dict[str, Any]] = {}
+        finished: dict[str, asyncio.Event] = {node_id: asyncio.Event() for node_id, _, _ in nodes}
+
+        async def one(node_id: str, spec: SessionSpec, deps: list[str]) -> None:
+            try:
+                for dep in deps:
+                    await finished[dep].wait()
+                failed = [d for d in deps if results[d]["status"] != "completed"]
+                if failed:
+                    results[node_id] = {"id": node_id, "status": "skipped", "run_id": None,
+                                        "error": f"dependency {failed[0]!r} ended {results[failed[0]]['status']}"}
+                    return
+                run = self.start(spec, caller=caller, base_url=base_url, slots=slots)
+                results[node_id] = {"id": node_id, **(await self.wait(run))}
+            finally:
+                finished[node_id].set()
+
+        tasks = [asyncio.ensure_future(one(*node)) for node in nodes]
+        try:
+            await asyncio.gather(*tasks)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            raise
+        ordered = [results[node_id] for node_id, _, _ in nodes]
+        status = "completed" if all(r["status"] == "completed" for r in ordered) else "failed"
+        doc = {"graph_id": graph_id, "status": status, "max_concurrency": limit, "nodes": ordered}
+        graph_dir = self.runs_dir / graph_id
+        graph_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(graph_dir / "result.json", doc)
+        return doc
+
+
+def _find_cycle(graph: Mapping[str, list[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for dep in graph[node]:
+            if state.get(dep) == 1:
+                return [*stack[stack.index(dep):], dep]
+            if dep not in state:
+                found = visit(dep)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in graph:
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None

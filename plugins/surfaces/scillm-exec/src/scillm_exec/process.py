@@ -1,0 +1,254 @@
+"""Run one CLI child bounded: argv only, its own process group, chunked reads, wall-clock and byte-idle timeouts,
+process-group kill (SIGTERM, then SIGKILL) on timeout, cancel and exit. Artifacts go to the run directory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+from attrs import define, field
+
+from scillm_core.sessions import SessionContext, SessionSpec
+
+__all__ = ["CliOutcome", "group_members", "kill_group", "run_cli"]
+
+CHUNK = 64 * 1024
+MAX_EVENT_LINE = 32 * 1024 * 1024   # a line longer than this is split (stdout.log still keeps every byte)
+TEXT_PREVIEW = 4096                 # non-JSON lines are kept in events.jsonl up to this many characters
+
+
+@define(kw_only=True)
+class CliOutcome:
+    """What :func:`run_cli` saw. ``status`` is ``completed`` (exit 0), ``failed``, ``timeout`` (wall clock or idle)."""
+
+    status: str
+    exit_code: int | None
+    events: list[dict[str, Any]] = field(factory=list)   # the CLI's JSON events, as parsed
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    error: str | None = None
+    pgid: int | None = None
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group ``pgid``, from /proc (no psutil)."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        rest = stat[stat.rfind(b")") + 2:].split()
+        if len(rest) >= 3 and rest[0] != b"Z" and int(rest[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+async def kill_group(pgid: int, grace_s: float = 2.0) -> None:
+    """SIGTERM the whole group, wait up to ``grace_s`` for it to go, then SIGKILL and wait until it is gone."""
+    if not group_members(pgid):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not group_members(pgid):
+            return
+        await asyncio.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while group_members(pgid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+def _event_type(obj: Any) -> str:
+    if isinstance(obj, dict):
+        kind = obj.get("type")
+        if isinstance(kind, str):
+            sub = obj.get("subtype")
+            return f"{kind}.{sub}" if isinstance(sub, str) else kind
+    return "json"
+
+
+class _Lines:
+    """Split a byte stream into lines without a line-length limit (oversized lines are cut into pieces)."""
+
+    def __init__(self, handle: Callable[[bytes], None]) -> None:
+        self.buf = bytearray()
+        self.handle = handle
+
+    def feed(self, chunk: bytes) -> None:
+        self.buf += chunk
+        start = 0
+        while True:
+            i = self.buf.find(b"\n", start)
+            if i < 0:
+                break
+            self.handle(bytes(self.buf[start:i]))
+            start = i + 1
+        del self.buf[:start]
+        while len(self.buf) > MAX_EVENT_LINE:
+            self.handle(bytes(self.buf[:MAX_EVENT_LINE]))
+            del self.buf[:MAX_EVENT_LINE]
+
+    def close(self) -> None:
+        if self.buf:
+            self.handle(bytes(self.buf))
+            self.buf.clear()
+
+
+async def run_cli(argv: Sequence[str], *, spec: SessionSpec, ctx: SessionContext, env: Mapping[str, str],
+                  cwd: str | Path | None = None, stdin: bytes | None = None, kill_grace_s: float = 2.0,
+                  source: str | None = None, redact: Sequence[str] = ()) -> CliOutcome:
+    """Run ``argv`` (a list, never a shell string) with exactly ``env``; write ``stdout.log``, ``stderr.log`` and
+    ``events.jsonl`` (one normalised record per output line) under ``ctx.run_dir``; publish each record with
+    ``ctx.emit``. Enforces ``spec.timeout_s`` and ``spec.idle_timeout_s`` (no bytes on stdout or stderr). On
+    cancellation the process group is killed before ``CancelledError`` propagates."""
+    if isinstance(argv, (str, bytes)) or not argv:
+        raise TypeError("argv must be a non-empty list of arguments, never a shell string")
+    run_dir = ctx.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    source = source or spec.profile
+    secrets = [s.encode() for s in redact if s]
+    events: list[dict[str, Any]] = []
+    seq = 0
+    tails = {"stdout": bytearray(), "stderr": bytearray()}
+    last_activity = time.monotonic()
+
+    def scrub(data: bytes) -> bytes:
+        for secret in secrets:
+            data = data.replace(secret, b"[redacted]")
+        return data
+
+    with open(run_dir / "stdout.log", "wb") as out_f, open(run_dir / "stderr.log", "wb") as err_f, \
+            open(run_dir / "events.jsonl", "ab") as ev_f:
+
+        def record(kind: str, payload: dict[str, Any]) -> None:
+            nonlocal seq
+            seq += 1
+            rec = {"seq": seq, "ts": round(time.time(), 3), "source": source, "type": kind, **payload}
+            ev_f.write(scrub(orjson.dumps(rec)) + b"\n")
+            ev_f.flush()
+            with contextlib.suppress(Exception):
+                ctx.emit(rec)
+
+        def on_line(line: bytes) -> None:
+            line = line.rstrip(b"\r")
+            if not line.strip():
+                return
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict):
+                events.append(obj)
+                record(_event_type(obj), {"event": obj})
+            else:
+                text = line.decode("utf-8", "replace")
+                record("output", {"text": text[:TEXT_PREVIEW], "bytes": len(line),
+                                  "truncated": len(text) > TEXT_PREVIEW})
+
+        lines = _Lines(on_line)
+        record("process.start", {"argv0": os.path.basename(argv[0]), "cwd": str(cwd) if cwd else None})
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(cwd) if cwd else None,
+            env=dict(env), start_new_session=True, limit=CHUNK)
+        pgid = proc.pid
+
+        async def pump(stream: asyncio.StreamReader, sink: BinaryIO, name: str) -> None:
+            nonlocal last_activity
+            while True:
+                chunk = await stream.read(CHUNK)
+                if not chunk:
+                    break
+                last_activity = time.monotonic()
+                sink.write(scrub(chunk))
+                sink.flush()
+                tail = tails[name]
+                tail += chunk
+                if len(tail) > 8192:
+                    del tail[:-8192]
+                if name == "stdout":
+                    lines.feed(chunk)
+
+        async def feed() -> None:
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                proc.stdin.write(stdin or b"")
+                await proc.stdin.drain()
+            with contextlib.suppress(Exception):
+                proc.stdin.close()
+
+        assert proc.stdout is not None and proc.stderr is not None
+        pumps = [asyncio.ensure_future(pump(proc.stdout, out_f, "stdout")),
+                 asyncio.ensure_future(pump(proc.stderr, err_f, "stderr"))]
+        feeder = asyncio.ensure_future(feed()) if stdin is not None else None
+        waiter = asyncio.ensure_future(proc.wait())
+        started = time.monotonic()
+        deadline = started + spec.timeout_s
+        status: str | None = None
+        error: str | None = None
+
+        async def finish_pumps(wait_s: float) -> None:
+            _, pending = await asyncio.wait(pumps, timeout=wait_s)
+            for task in pending:
+                task.cancel()
+            for task in [*pumps, *([feeder] if feeder else [])]:
+                with contextlib.suppress(BaseException):
+                    await task
+
+        try:
+            while True:
+                now = time.monotonic()
+                left = deadline - now
+                idle_left = (last_activity + spec.idle_timeout_s - now) if spec.idle_timeout_s else float("inf")
+                if left <= 0:
+                    status, error = "timeout", f"run exceeded timeout_s={spec.timeout_s:g}"
+                    break
+                if idle_left <= 0:
+                    status, error = "timeout", f"no output for idle_timeout_s={spec.idle_timeout_s:g}"
+                    break
+                done, _ = await asyncio.wait({waiter}, timeout=min(left, idle_left, 0.25))
+                if waiter in done:
+                    break
+        except asyncio.CancelledError:
+            await kill_group(pgid, kill_grace_s)
+            waiter.cancel()
+            await finish_pumps(1.0)
+            lines.close()
+            record("process.end", {"status": "cancelled", "exit_code": proc.returncode})
+            raise
+        if status == "timeout":
+            record("process.timeout", {"error": error})
+            await kill_group(pgid, kill_grace_s)
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(waiter, 5)
+            await finish_pumps(1.0)
+        else:
+            # the main process exited: let buffered output drain, then end whatever it left in its group
+            await asyncio.wait(pumps, timeout=1.0)
+            await kill_group(pgid, kill_grace_s)
+            await finish_pumps(2.0)
+        lines.close()
+        exit_code = proc.returncode
+        if status is None:
+            status = "completed" if exit_code == 0 else "failed"
+            if exit_code != 0:
+                error = f"{os.path.basename(argv[0])} exited with code {exit_code}"
+        record("process.end", {"status": status, "exit_code": exit_code,
+                               "duration_s": round(time.monotonic() - started, 3)})
+    return CliOutcome(status=status, exit_code=exit_code, events=events, pgid=pgid, error=error,
+                      stdout_tail=scrub(bytes(tails["stdout"])).decode("utf-8", "replace"),
+                      stderr_tail=scrub(bytes(tails["stderr"])).decode("utf-8", "replace"))

@@ -1,0 +1,152 @@
+"""HTTP routes: POST /v1/scillm/exec, GET .../{run_id}, GET .../{run_id}/events (SSE), POST .../{run_id}/cancel,
+POST /v1/scillm/exec/graph."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from scillm_core import errors
+from scillm_core.web import caller_of, json_response, read_json, runtime_of
+from scillm_exec.config import exec_config
+from scillm_exec.manager import ExecManager, spec_from_body
+
+__all__ = ["routes"]
+
+BODY_LIMIT = 4 * 1024 * 1024
+
+
+_MANAGERS: dict[int, ExecManager] = {}
+
+
+def manager_for(runtime: Any) -> ExecManager:
+    """The app's run manager (one per runtime)."""
+    manager = _MANAGERS.get(id(runtime))
+    if manager is None or manager.runtime is not runtime:
+        manager = _MANAGERS[id(runtime)] = ExecManager(runtime)
+    return manager
+
+
+def manager_of(request: Request) -> ExecManager:
+    return manager_for(runtime_of(request))
+
+
+def base_url_of(request: Request) -> str:
+    configured = exec_config(runtime_of(request)).base_url
+    if configured:
+        return configured.rstrip("/")
+    server = request.scope.get("server")
+    if server and server[1]:
+        host = server[0]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{server[1]}"
+    return str(request.base_url).rstrip("/")
+
+
+def _wait_flag(body: dict[str, Any], default: bool) -> bool:
+    wait = body.pop("wait", default)
+    if not isinstance(wait, bool):
+        raise errors.InvalidRequest("wait must be true or false @ $.wait", param="$.wait")
+    return wait
+
+
+async def create(request: Request) -> Response:
+    caller = caller_of(request, required=True)
+    runtime = runtime_of(request)
+    body = await read_json(request, limit_bytes=BODY_LIMIT)
+    if not isinstance(body, dict):
+        raise errors.InvalidRequest("expected a JSON object @ $", param="$")
+    wait = _wait_flag(body, False)
+    spec = spec_from_body(body, runtime)
+    manager = manager_of(request)
+    run = manager.start(spec, caller=caller, base_url=base_url_of(request))
+    if wait:
+        return json_response(await manager.wait(run))
+    return json_response(manager.load(run.run_id) | {"status": run.status}, 202)
+
+
+async def show(request: Request) -> Response:
+    return json_response(manager_of(request).load(request.path_params["run_id"]))
+
+
+async def cancel(request: Request) -> Response:
+    caller_of(request, required=True)
+    manager = manager_of(request)
+    run_id = request.path_params["run_id"]
+    manager.load(run_id)  # 404 for unknown
+    return json_response(await manager.cancel(run_id))
+
+
+async def events(request: Request) -> Response:
+    manager = manager_of(request)
+    run_id = request.path_params["run_id"]
+    manager.load(run_id)
+    heartbeat = exec_config(runtime_of(request)).heartbeat_s or runtime_of(request).config.server.heartbeat_s
+    after = request.query_params.get("after", "0")
+    if not after.isdigit():
+        raise errors.InvalidRequest("after must be a non-negative integer (an event seq) @ query.after",
+                                    param="after")
+    return StreamingResponse(_tail(manager, run_id, int(after), heartbeat), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache"})
+
+
+async def _tail(manager: ExecManager, run_id: str, after: int, heartbeat_s: float) -> AsyncIterator[bytes]:
+    """Follow events.jsonl in chunks (no line-length limit) until the run is terminal and the file is drained."""
+    path = manager.runs_dir / run_id / "events.jsonl"
+    offset = 0
+    buf = bytearray()
+    loop = asyncio.get_running_loop()
+    last_sent = loop.time()
+    while True:
+        doc = manager.load(run_id)
+        terminal = doc.get("status") in ("completed", "failed", "timeout", "cancelled")
+        grew = False
+        if path.is_file():
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                while chunk := fh.read(1 << 16):
+                    offset += len(chunk)
+                    buf += chunk
+                    grew = True
+            while (i := buf.find(b"\n")) >= 0:
+                line = bytes(buf[:i])
+                del buf[:i + 1]
+                if not line.strip():
+                    continue
+                try:
+                    seq = orjson.loads(line).get("seq", 0)
+                except (orjson.JSONDecodeError, AttributeError):
+                    seq = 0
+                if seq > after:
+                    yield b"data: " + line + b"\n\n"
+                    last_sent = loop.time()
+        if terminal and not grew:
+            end = {"type": "run.end", "run_id": run_id, "status": doc.get("status"), "exit_code": doc.get("exit_code")}
+            yield b"event: end\ndata: " + orjson.dumps(end) + b"\n\n"
+            return
+        if loop.time() - last_sent >= heartbeat_s:
+            yield b": heartbeat\n\n"
+            last_sent = loop.time()
+        await asyncio.sleep(0.1)
+
+
+async def graph(request: Request) -> Response:
+    caller = caller_of(request, required=True)
+    body = await read_json(request, limit_bytes=BODY_LIMIT)
+    manager = manager_of(request)
+    nodes, limit = manager.parse_graph(body)
+    return json_response(await manager.run_graph(nodes, limit, caller=caller, base_url=base_url_of(request)))
+
+
+def routes() -> list[tuple[str, Any, list[str]]]:
+    return [("/v1/scillm/exec", create, ["POST"]),
+            ("/v1/scillm/exec/graph", graph, ["POST"]),
+            ("/v1/scillm/exec/{run_id}", show, ["GET"]),
+            ("/v1/scillm/exec/{run_id}/events", events, ["GET"]),
+            ("/v1/scillm/exec/{run_id}/cancel", cancel, ["POST"])]
+
