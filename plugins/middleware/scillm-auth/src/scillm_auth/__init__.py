@@ -71,6 +71,8 @@ def _loopback(scope: Scope) -> bool:
     client = scope.get("client")
     if not client:
         return True  # in-process transports (tests, internal calls) have no peer address
+    if client[0] in ("127.0.0.1", "::1"):
+        return True  # the common case, without parsing the address
     try:
         return ipaddress.ip_address(client[0]).is_loopback
     except ValueError:

@@ -100,6 +100,15 @@ class MetricsState:
     writer: asyncio.Task[None] | None = None
     counts: dict[str, int] = field(factory=lambda: {"logged": 0, "dropped": 0, "write_errors": 0,
                                                     "metric_errors": 0})
+    children: dict[tuple[int, tuple[str, ...]], Any] = field(factory=dict)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: prometheus_client's own lookup costs microseconds per call."""
+        key = (id(metric), labels)
+        found = self.children.get(key)
+        if found is None:
+            found = self.children[key] = metric.labels(*labels)
+        return found
 
     def labels(self, route: Route | None, ctx: CallContext) -> tuple[str, str, str]:
         provider = route.provider if route else UNKNOWN
@@ -122,11 +131,13 @@ class MetricsState:
             log.warning("call log record could not be queued", exc_info=True)
 
     async def _write(self) -> None:
-        """Drain the queue in batches: one store write (one thread hop, one transaction) per batch."""
+        """Drain the queue in batches: one store write (one thread hop, one transaction) per batch. After the first
+        record of a batch it waits ``WRITE_DELAY_S`` so that under load a batch holds many records, not one."""
         assert self.queue is not None
         while True:
             records = [await self.queue.get()]
-            while len(records) < 256 and not self.queue.empty():
+            await asyncio.sleep(WRITE_DELAY_S)
+            while len(records) < 512 and not self.queue.empty():
                 records.append(self.queue.get_nowait())
             try:
                 await self.runtime.store.append_many(NAMESPACE, records)
@@ -153,6 +164,7 @@ class MetricsState:
 
 
 _STATES: dict[int, MetricsState] = {}
+WRITE_DELAY_S = 0.05
 
 
 def _state(runtime: Runtime) -> MetricsState | None:
@@ -264,11 +276,11 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
     def finish(started: float, exc: BaseException | None, usage: Usage | None) -> None:
         labels = state.labels(route, ctx)
         _, status_class, code = _outcome(exc)
-        state.attempts.labels(*labels, status_class, code).inc()
-        state.latency.labels(*labels).observe(time.perf_counter() - started)
+        state.child(state.attempts, *labels, status_class, code).inc()
+        state.child(state.latency, *labels).observe(time.perf_counter() - started)
         if usage is not None:
-            state.tokens.labels(*labels, "prompt").inc(max(0, usage.prompt_tokens))
-            state.tokens.labels(*labels, "completion").inc(max(0, usage.completion_tokens))
+            state.child(state.tokens, *labels, "prompt").inc(max(0, usage.prompt_tokens))
+            state.child(state.tokens, *labels, "completion").inc(max(0, usage.completion_tokens))
 
     async def measured() -> ChatResult:
         started = time.perf_counter()
@@ -282,7 +294,7 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
             return result
 
         def first(elapsed: float) -> None:
-            state.first_chunk.labels(*state.labels(route, ctx)).observe(elapsed)
+            state.child(state.first_chunk, *state.labels(route, ctx)).observe(elapsed)
 
         return _observe_stream(result, started, lambda exc, usage: _safely(state, finish, started, exc, usage),
                                lambda elapsed: _safely(state, first, elapsed))
@@ -350,8 +362,8 @@ def _finish_request(state: MetricsState, request: ChatRequest, ctx: CallContext,
     elapsed = time.perf_counter() - started
     status, status_class, code = _outcome(exc)
     model, caller = state.models(request.model), state.callers(ctx.caller)
-    state.requests.labels(model, caller, status_class, code).inc()
-    state.request_latency.labels(model, caller).observe(elapsed)
+    state.child(state.requests, model, caller, status_class, code).inc()
+    state.child(state.request_latency, model, caller).observe(elapsed)
     route = ctx.route
     record: dict[str, Any] = {
         "ts": time.time(), "request_id": ctx.request_id, "caller": ctx.caller, "model": request.model,

@@ -138,9 +138,9 @@ async def _run(spec: BatchSpec, runtime: Runtime, emit: Emit, *, resuming: bool)
     lock = asyncio.Lock()
 
     async def finish(result: dict[str, Any], *, store_it: bool = True) -> None:
-        async with lock:  # stored, counted and emitted in one order: the completion order
-            if store_it:
-                await store.put(ITEM_NS + spec.batch_id, result["item_id"], result)
+        if store_it:  # stored before it is reported, so a reported result always survives a crash
+            await store.put(ITEM_NS + spec.batch_id, result["item_id"], result)
+        async with lock:  # counted and emitted in one order: the completion order
             progress.results.append(result)
             if result["ok"]:
                 progress.completed += 1
