@@ -36,12 +36,24 @@ SCILLM_BIN = os.path.join(ROOT, ".venv", "bin", "scillm")
 RESULTS_DIR = os.path.join(HERE, "results")
 
 MOCK_PORT = 18080
-PORTS = {"scillm": 14001, "litellm": 14002, "portkey": 14003, "bare": 14004}
+PORTS = {"scillm": 14001, "litellm": 14002, "portkey": 14003, "bare": 14004, "scillm-nomw": 14005,
+         "scillm-anthropic": 14006}
 PROXY_CORE, LOAD_CORE = 0, 1
 CLIENT_KEY = "sk-dev-proxy-123"
 MODEL = "openai/gpt-4o-mini"
 ANCHORS = ["litellm", "portkey", "bare"]
 ANCHOR_ABBR = {"litellm": "LiteLLM", "portkey": "Portkey", "bare": "bare"}
+ANTHROPIC_MODEL = "claude-sonnet-4-5"
+# middleware plugins switched off for the `scillm-nomw` row (entry-point names, see `scillm plugins`)
+NOMW_PLUGINS = "resilience,cache,json,files,grounding,metrics"
+# scillm-vs-scillm comparisons reported as ratios when both rows were measured: (subject, base, title, meaning)
+VARIANT_PAIRS = [
+    ("scillm", "scillm-nomw", "middleware on / off",
+     f"scillm with all middleware ÷ scillm with SCILLM_DISABLE_PLUGINS={NOMW_PLUGINS}"),
+    ("scillm-anthropic", "scillm", "Anthropic upstream / OpenAI upstream",
+     f"model {ANTHROPIC_MODEL} through the anthropic provider (chat → Messages → chat translation) ÷ "
+     f"{MODEL} through the OpenAI-compatible provider"),
+]
 
 
 def log(msg: str) -> None:
@@ -258,6 +270,7 @@ class Proxy:
     cwd: str = HERE
     missing: str | None = None  # reason it cannot run
     version: str = ""
+    model: str = MODEL  # the "model" the load generator asks for
 
     @property
     def base(self) -> str:
@@ -277,16 +290,29 @@ def make_proxies(workdir: str, transports: list[str]) -> dict[str, Proxy]:
     auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
     out: dict[str, Proxy] = {}
 
-    data_dir = os.path.join(workdir, "scillm-data")
-    os.makedirs(data_dir, exist_ok=True)
-    sc = Proxy("scillm", "scillm", [SCILLM_BIN, "serve", "--host", "127.0.0.1", "--port", str(PORTS["scillm"])],
-               PORTS["scillm"], "/health/readiness", auth, cwd=ROOT,
-               env={"OPENAI_API_KEY": "sk-bench", "OPENAI_API_BASE": mock_v1, "SCILLM_DATA_DIR": data_dir})
-    if not os.access(SCILLM_BIN, os.X_OK):
-        sc.missing = f"{SCILLM_BIN} not found (the gateway is not installed in .venv yet)"
-    else:
-        sc.version = _version(os.path.join(ROOT, ".venv", "bin", "python"), "scillm") or "dev"
-    out["scillm"] = sc
+    sc_version = None
+    if os.access(SCILLM_BIN, os.X_OK):
+        sc_version = _version(os.path.join(ROOT, ".venv", "bin", "python"), "scillm") or "dev"
+
+    def scillm(name: str, label: str, extra_env: dict[str, str], model: str = MODEL) -> Proxy:
+        data_dir = os.path.join(workdir, name + "-data")  # own state store per variant
+        os.makedirs(data_dir, exist_ok=True)
+        sc = Proxy(name, label, [SCILLM_BIN, "serve", "--host", "127.0.0.1", "--port", str(PORTS[name])],
+                   PORTS[name], "/health/readiness", auth, cwd=ROOT, model=model,
+                   env={"OPENAI_API_KEY": "sk-bench", "OPENAI_API_BASE": mock_v1, "SCILLM_DATA_DIR": data_dir,
+                        **extra_env})
+        if sc_version is None:
+            sc.missing = f"{SCILLM_BIN} not found (the gateway is not installed in .venv yet)"
+        else:
+            sc.version = sc_version
+        return sc
+
+    out["scillm"] = scillm("scillm", "scillm", {})
+    out["scillm-nomw"] = scillm("scillm-nomw", "scillm, no middleware", {"SCILLM_DISABLE_PLUGINS": NOMW_PLUGINS})
+    # the anthropic provider posts to {ANTHROPIC_API_BASE}/v1/messages (a trailing /v1 on the base is tolerated)
+    out["scillm-anthropic"] = scillm("scillm-anthropic", "scillm → Anthropic upstream",
+                                     {"ANTHROPIC_API_KEY": "sk-bench",
+                                      "ANTHROPIC_API_BASE": f"http://127.0.0.1:{MOCK_PORT}"}, model=ANTHROPIC_MODEL)
 
     cfg = os.path.join(workdir, "litellm.yaml")
     with open(cfg, "w") as f:
@@ -435,6 +461,11 @@ def start_mock(logdir: str) -> subprocess.Popen:
     raise SystemExit(f"mock failed to start, see {logdir}/mock.log")
 
 
+def mock_stats() -> dict:
+    st, raw = http_get(f"http://127.0.0.1:{MOCK_PORT}/__mock/stats")
+    return json.loads(raw) if st == 200 else {}
+
+
 def set_delay(ms: int) -> None:
     http_post(f"http://127.0.0.1:{MOCK_PORT}/__mock/delay?ms={ms}")
 
@@ -467,7 +498,7 @@ async def load_with_sampling(proxy: Proxy, pid: int, stream: bool, concurrency: 
 
     from loadgen import chat_body, run_load
 
-    body = json.dumps(chat_body(MODEL, stream)).encode()
+    body = json.dumps(chat_body(proxy.model, stream)).encode()
     peak = [0]
 
     async def sampler():
@@ -492,6 +523,7 @@ def measured_run(proxy: Proxy, pid: int, mock_pid: int, sc: Scenario, duration: 
     if quiet_wait > 0:
         wait_quiet(quiet_wait)
     set_delay(sc.delay_ms)
+    u0 = mock_stats()
     c0, _, _ = session_stats(pid)
     b0 = core_busy_s(PROXY_CORE)
     m0 = task_cpu_ns(mock_pid)
@@ -501,7 +533,11 @@ def measured_run(proxy: Proxy, pid: int, mock_pid: int, sc: Scenario, duration: 
     c1, _, _ = session_stats(pid)
     b1 = core_busy_s(PROXY_CORE)
     m1 = task_cpu_ns(mock_pid)
+    u1 = mock_stats()
     set_delay(0)
+    # what reached the mock: upstream calls, and of those POST /v1/messages (Anthropic wire format)
+    res["upstream_calls"] = u1.get("requests", 0) - u0.get("requests", 0)
+    res["upstream_messages_calls"] = u1.get("messages", 0) - u0.get("messages", 0)
     done = max(res["ok"], 1)
     res["proxy_cpu_s"] = round(c1 - c0, 3)
     res["cpu_us_per_req"] = round((c1 - c0) / done * 1e6, 1) if res["ok"] else None
@@ -516,6 +552,26 @@ def measured_run(proxy: Proxy, pid: int, mock_pid: int, sc: Scenario, duration: 
     return res
 
 
+def start_proxy(proxy: Proxy, logf, logpath: str) -> tuple[subprocess.Popen, bool, float]:
+    """Spawn the proxy pinned to PROXY_CORE in a session of its own; poll readiness every 20 ms (up to 120 s).
+
+    Returns (process, ready, seconds from spawn to the first 200 of the readiness URL)."""
+    log(f"starting {proxy.label} on :{proxy.port} (core {PROXY_CORE}); log {logpath}")
+    t0 = time.perf_counter()
+    p = subprocess.Popen(proxy.cmd, cwd=proxy.cwd, env=clean_env(proxy.env), stdout=logf, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, preexec_fn=_pin(PROXY_CORE), start_new_session=True)
+    ready = False
+    deadline = t0 + 120
+    while time.perf_counter() < deadline:
+        if p.poll() is not None:
+            break
+        if http_get(proxy.base + proxy.ready_path, timeout=1.0)[0] == 200:
+            ready = True
+            break
+        time.sleep(0.02)
+    return p, ready, time.perf_counter() - t0
+
+
 def bench_proxy(proxy: Proxy, scenarios: list[Scenario], runs: int, duration: float, logdir: str,
                 mock_pid: int, warmup: float, quiet_wait: float = 60.0) -> dict:
     import uvloop
@@ -527,22 +583,9 @@ def bench_proxy(proxy: Proxy, scenarios: list[Scenario], runs: int, duration: fl
         return out
     logpath = os.path.join(logdir, proxy.name.replace("/", "_") + ".log")
     logf = open(logpath, "wb")
-    log(f"starting {proxy.label} on :{proxy.port} (core {PROXY_CORE}); log {logpath}")
     set_delay(0)
-    t0 = time.perf_counter()
-    p = subprocess.Popen(proxy.cmd, cwd=proxy.cwd, env=clean_env(proxy.env), stdout=logf, stderr=subprocess.STDOUT,
-                         stdin=subprocess.DEVNULL, preexec_fn=_pin(PROXY_CORE), start_new_session=True)
+    p, ready, startup = start_proxy(proxy, logf, logpath)
     try:
-        ready = False
-        deadline = t0 + 120
-        while time.perf_counter() < deadline:
-            if p.poll() is not None:
-                break
-            if http_get(proxy.base + proxy.ready_path, timeout=1.0)[0] == 200:
-                ready = True
-                break
-            time.sleep(0.02)
-        startup = time.perf_counter() - t0
         if not ready:
             out["failed"] = f"not ready after {startup:.1f}s (exit={p.poll()}); log tail:\n{tail(logpath)}"
             log(f"FAIL {proxy.label}: {out['failed']}")
@@ -697,6 +740,8 @@ def render_markdown(meta: dict, results: dict[str, dict], scenarios: list[Scenar
         if ttfb:
             metrics += [("TTFB p50", "ttfb_p50_ms"), ("TTFB p99", "ttfb_p99_ms")]
         metrics += [("CPU µs/req", "cpu_us_per_req")]
+        if not any(a in ok for a in ANCHORS):
+            continue  # no anchor measured: nothing to divide by (scillm variants have their own table below)
         L.append("Ratios to each anchor (mean of runs; for req/s higher is better, for the rest lower is better):")
         L.append("")
         L.append("| proxy | " + " | ".join(m for m, _ in metrics) + " |")
@@ -709,6 +754,53 @@ def render_markdown(meta: dict, results: dict[str, dict], scenarios: list[Scenar
                     return _mean([x[key] for x in xs]) if xs else None
                 cells.append(_ratio(n, kf(r), ok, kf))
             L.append("| " + " | ".join(cells) + " |")
+        L.append("")
+    v = render_variants(ok, scenarios)
+    if v:
+        L.append(v)
+    return "\n".join(L)
+
+
+def render_variants(ok: dict[str, dict], scenarios: list[Scenario]) -> str:
+    """scillm-vs-scillm ratios (VARIANT_PAIRS) for every pair whose two rows were both measured."""
+    pairs = [vp for vp in VARIANT_PAIRS if vp[0] in ok and vp[1] in ok]
+    if not pairs:
+        return ""
+    L = ["#### scillm variants (ratios, mean of runs)", ""]
+    for subj, base, _, meaning in pairs:
+        L.append(f"- **{ok[subj]['label']} ÷ {ok[base]['label']}**: {meaning}")
+    L.append("")
+    L.append("| comparison | scenario | CPU µs/req | CPU µs/req per run (subject vs base) | req/s | p50 | p99 | TTFB p50 |")
+    L.append("|---|---|---:|---|---:|---:|---:|---:|")
+
+    def mean(r, sc, key):
+        return _mean([x[key] for x in r["scenarios"].get(sc, [])])
+
+    def q(a, b):
+        return f"{a / b:.2f}×" if a is not None and b else "–"
+
+    for subj, base, title, _ in pairs:
+        a, b = ok[subj], ok[base]
+        for sc in scenarios:
+            if sc.name not in a["scenarios"] or sc.name not in b["scenarios"]:
+                continue
+            noisy = any(x.get("core0_other_util", 0) > 0.10
+                        for r in (a, b) for x in r["scenarios"][sc.name])
+            runs = (" / ".join(_fmt(x["cpu_us_per_req"], 0) for x in a["scenarios"][sc.name]) + " vs "
+                    + " / ".join(_fmt(x["cpu_us_per_req"], 0) for x in b["scenarios"][sc.name]))
+            cells = [title, sc.title + (" ⚠" if noisy else ""),
+                     "**" + q(mean(a, sc.name, "cpu_us_per_req"), mean(b, sc.name, "cpu_us_per_req")) + "**", runs,
+                     q(mean(a, sc.name, "rps"), mean(b, sc.name, "rps")),
+                     q(mean(a, sc.name, "p50_ms"), mean(b, sc.name, "p50_ms")),
+                     q(mean(a, sc.name, "p99_ms"), mean(b, sc.name, "p99_ms")),
+                     q(mean(a, sc.name, "ttfb_p50_ms"), mean(b, sc.name, "ttfb_p50_ms")) if sc.stream else "–"]
+            L.append("| " + " | ".join(cells) + " |")
+        cells = [title, "startup s / peak RSS", q(a.get("startup_s"), b.get("startup_s")) + " / "
+                 + q(a.get("peak_rss_mb"), b.get("peak_rss_mb")), "", "", "", "", ""]
+        L.append("| " + " | ".join(cells) + " |")
+    L.append("")
+    if any("⚠" in line for line in L):
+        L.append("⚠ = a run of either row had more than 10% of the proxy's core busy with other work.")
         L.append("")
     return "\n".join(L)
 
@@ -770,8 +862,15 @@ def update_readme(block: str, text: str) -> None:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--proxies", default="scillm,litellm,portkey,bare",
-                    help="comma list of scillm,litellm,portkey,bare (default: all)")
+    ap.add_argument("--proxies", default=None,
+                    help="comma list of scillm,litellm,portkey,bare,scillm-nomw,scillm-anthropic "
+                         "(default: scillm,litellm,portkey,bare; with --batch: scillm)")
+    ap.add_argument("--batch", action="store_true",
+                    help="instead: batch throughput (bench/batch.py): one POST /v1/scillm/batch/completions "
+                         "per run against a mock answering after --batch-delay-ms; proxies: scillm variants")
+    ap.add_argument("--batch-items", type=int, default=640, help="items per batch (default 640)")
+    ap.add_argument("--batch-concurrency", type=int, default=64, help="batch \"concurrency\" (default 64)")
+    ap.add_argument("--batch-delay-ms", type=int, default=100, help="mock answer delay for --batch (default 100)")
     ap.add_argument("--transports", action="store_true",
                     help="instead: bare pass-through once per HTTP client transport "
                          "(httpx+sniffio, httpx-no-sniffio, httpx-aiohttp, httpx2)")
@@ -796,6 +895,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-setup", action="store_true", help="do not install anything")
     ap.add_argument("--update-readme", action="store_true",
                     help="write the results table into bench/README.md")
+    ap.add_argument("--readme-block", default=None,
+                    help="with --update-readme: the <!-- NAME:start/end --> block to replace (default: results; "
+                         "transports with --transports; batch with --batch; e.g. variants for the scillm variant rows)")
     args = ap.parse_args(argv)
     if args.quick:
         args.runs, args.duration, args.warmup = 1, 3.0, 1.0
@@ -807,7 +909,8 @@ def main(argv: list[str]) -> int:
         sc_names = (args.scenarios or ",".join(TRANSPORT_SCENARIOS)).split(",")
     else:
         transports = []
-        names = [n for n in args.proxies.split(",") if n]
+        names = [n for n in (args.proxies or ("scillm" if args.batch else "scillm,litellm,portkey,bare")).split(",")
+                 if n]
         sc_names = (args.scenarios or ",".join(s.name for s in SCENARIOS)).split(",")
     scenarios = [s for s in SCENARIOS if s.name in sc_names]
     if not scenarios:
@@ -853,6 +956,16 @@ def main(argv: list[str]) -> int:
             "calibration": calibrate()}
     log(f"work dir {workdir}")
     mock = start_mock(logdir)
+    if args.batch:
+        import batch
+
+        try:
+            for n in names:
+                if not n.startswith("scillm"):
+                    ap.error(f"--batch measures scillm variants only, not {n}")
+            return batch.main(sys.modules[__name__], args, meta, [proxies[n] for n in names], logdir, mock, ts)
+        finally:
+            stop_group(mock)
     results: dict[str, dict] = {}
     try:
         if args.interleave:
@@ -881,7 +994,7 @@ def main(argv: list[str]) -> int:
     print(md)
     log(f"wrote {stem}.md and {stem}.json; proxy logs in {logdir}")
     if args.update_readme:
-        update_readme("transports" if args.transports else "results", md)
+        update_readme(args.readme_block or ("transports" if args.transports else "results"), md)
     return 0
 
 
