@@ -96,7 +96,9 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
+    # log_config=None: uvicorn's loggers propagate to the root handler above, so its records are redacted too
     options: dict[str, Any] = {"host": host, "port": port, "log_level": args.log_level, "access_log": False,
+                               "log_config": None,
                                "http": "httptools", "loop": "uvloop", "timeout_keep_alive": 30,
                                "timeout_graceful_shutdown": 10}
     if args.workers > 1:
