@@ -5,7 +5,8 @@
 - :class:`FakeOpenAI` (and the :class:`FakeUpstream` base): scripted upstreams speaking the real wire format;
 - :class:`Reply`: provider-neutral scripted answers (text, tool calls, errors, stream shapes, faults);
 - :class:`HookRecorder`: a plugin that records pipeline hook calls;
-- :class:`ProviderContract`: the test class every provider plugin runs (``scillm_core.testing.contract``).
+- :class:`ProviderContract`: the test class every provider plugin runs (``scillm_core.testing.contract``);
+- ``fake_cli.py`` (next to this file): a scripted stand-in for an agent CLI, for ``run_session`` runner tests.
 
 Enable the fixtures with ``pytest_plugins = ["scillm_core.testing.pytest_plugin"]``.
 """

@@ -13,11 +13,12 @@ from typing import Any
 import httpx
 import pytest
 
+import scillm_core.testing
 from scillm_core.testing import FakeOpenAI, Reply, ServerThread, make_app
 
 PROVIDER_SECRET = "sk-provider-SECRET-runners-0123456789"
 MASTER_KEY = "sk-master-SECRET-runners-9876543210"
-FAKE = Path(__file__).with_name("fake_cli.py")
+FAKE = Path(scillm_core.testing.__file__).with_name("fake_cli.py")  # the harness's scripted fake CLI
 BINARIES = {"codex-exec": "codex", "claude-print": "claude", "opencode-run": "opencode", "pi": "pi"}
 
 

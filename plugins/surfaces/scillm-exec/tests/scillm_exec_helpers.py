@@ -10,11 +10,12 @@ import httpx
 import pytest
 from scillm_exec import base_child_env, run_cli
 
+import scillm_core.testing
 from scillm_core import hookimpl
 from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
 from scillm_core.testing import FakeOpenAI, ServerThread, make_app
 
-FAKE = Path(__file__).with_name("fake_cli.py")
+FAKE = Path(scillm_core.testing.__file__).with_name("fake_cli.py")  # the harness's scripted fake CLI
 PROVIDER_SECRET = "sk-provider-SECRET-unit-0123456789"
 MASTER_KEY = "sk-master-SECRET-unit-9876543210"
 
