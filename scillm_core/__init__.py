@@ -30,7 +30,7 @@ from scillm_core.models import (
     Usage,
 )
 from scillm_core.models.convert import structure, unstructure
-from scillm_core.pipeline import ChatResult, run_chat, then
+from scillm_core.pipeline import ChatResult, OpeningStream, open_stream, run_chat, then
 from scillm_core.plugins import PluginLoadError
 from scillm_core.registry import CommandRegistry, MiddlewareRegistry, Provider, ProviderRegistry, Route, SurfaceRegistry
 from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
@@ -54,6 +54,7 @@ __all__ = [
     "PluginLoadError", "Provider", "ProviderRegistry", "Route", "Runtime", "SessionContext", "SessionResult",
     "SessionSpec", "SurfaceRegistry", "TextPart", "Tool", "ToolCall", "ToolCallDelta", "Usage", "__version__",
     "create_app", "error_response", "hookimpl", "hookspec", "json_response", "load_config", "run_chat",
-    "runtime_of", "send_error", "structure", "then", "unstructure", "caller_of", "read_json", "request_id_of",
+    "runtime_of", "send_error", "structure", "then", "unstructure", "OpeningStream",
+    "open_stream", "caller_of", "read_json", "request_id_of",
     "sse_data", "sse_error",
 ]

@@ -15,12 +15,14 @@ from scillm_core import (
     ChatChunk,
     ChatRequest,
     ChatResponse,
+    OpeningStream,
     Runtime,
     SurfaceRegistry,
     caller_of,
     errors,
     hookimpl,
     json_response,
+    open_stream,
     read_json,
     request_id_of,
     run_chat,
@@ -108,24 +110,12 @@ async def _stream(chat: ChatRequest, ctx: CallContext, heartbeat_s: float) -> Re
     """Open the stream before answering so early failures get their real HTTP status; if the first chunk takes
     longer than ``heartbeat_s``, answer 200 and send ``: heartbeat`` comments until it comes."""
 
-    async def first_chunk() -> tuple[AsyncIterator[ChatChunk], ChatChunk | None]:
-        chunks = await run_chat(chat, ctx)
-        assert not isinstance(chunks, ChatResponse)
-        return chunks, await anext(chunks, None)
-
-    opening = asyncio.ensure_future(first_chunk())
-    try:
-        await asyncio.wait({opening}, timeout=heartbeat_s)
-    except asyncio.CancelledError:
-        opening.cancel()
-        raise
-    if opening.done() and opening.exception() is not None:
-        raise opening.exception()  # type: ignore[misc]  # nothing sent yet: the error keeps its own status
+    opening = await open_stream(chat, ctx, heartbeat_s)
     return StreamingResponse(_sse(opening, heartbeat_s), media_type="text/event-stream",
                              headers={**STREAM_HEADERS, **served_headers(ctx)})
 
 
-async def _sse(opening: asyncio.Future[tuple[AsyncIterator[ChatChunk], ChatChunk | None]],
+async def _sse(opening: OpeningStream,
                heartbeat_s: float) -> AsyncIterator[bytes]:
     chunks: AsyncIterator[ChatChunk] | None = None
     try:

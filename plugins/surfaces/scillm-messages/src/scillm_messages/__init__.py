@@ -20,12 +20,14 @@ from scillm_core import (
     ChatRequest,
     ChatResponse,
     MiddlewareRegistry,
+    OpeningStream,
     Runtime,
     SurfaceRegistry,
     caller_of,
     errors,
     hookimpl,
     json_response,
+    open_stream,
     read_json,
     request_id_of,
     run_chat,
@@ -123,26 +125,14 @@ async def _stream(chat: ChatRequest, ctx: CallContext, heartbeat_s: float) -> Re
     """Open the upstream stream before answering, so early failures (404, 429, 401) keep their HTTP status; if the
     first chunk takes longer than ``heartbeat_s``, answer 200 with ``message_start`` and send ``ping`` events."""
 
-    async def first_chunk() -> tuple[AsyncIterator[ChatChunk], ChatChunk | None]:
-        chunks = await run_chat(chat, ctx)
-        assert not isinstance(chunks, ChatResponse)
-        return chunks, await anext(chunks, None)
-
-    opening = asyncio.ensure_future(first_chunk())
-    try:
-        await asyncio.wait({opening}, timeout=heartbeat_s)
-    except asyncio.CancelledError:
-        opening.cancel()
-        raise
-    if opening.done() and opening.exception() is not None:
-        raise opening.exception()  # type: ignore[misc]  # nothing sent yet: the error keeps its own status
+    opening = await open_stream(chat, ctx, heartbeat_s)
     translator = StreamTranslator(chat.model, input_estimate=estimate_input_tokens(chat))
     return StreamingResponse(_events(opening, translator, heartbeat_s, ctx.request_id),
                              media_type="text/event-stream; charset=utf-8",
                              headers={**STREAM_HEADERS, **served_headers(ctx)})
 
 
-async def _events(opening: asyncio.Future[tuple[AsyncIterator[ChatChunk], ChatChunk | None]],
+async def _events(opening: OpeningStream,
                   translator: StreamTranslator, heartbeat_s: float, request_id: str) -> AsyncIterator[bytes]:
     chunks: AsyncIterator[ChatChunk] | None = None
     try:

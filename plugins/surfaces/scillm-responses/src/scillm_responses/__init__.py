@@ -22,12 +22,14 @@ from scillm_core import (
     ChatChunk,
     ChatRequest,
     ChatResponse,
+    OpeningStream,
     Runtime,
     SurfaceRegistry,
     caller_of,
     errors,
     hookimpl,
     json_response,
+    open_stream,
     read_json,
     request_id_of,
     run_chat,
@@ -86,24 +88,12 @@ async def create_response(request: Request) -> Response:
 async def _stream(chat: ChatRequest, echo: Mapping[str, Any], ctx: CallContext, heartbeat_s: float) -> Response:
     """Open the stream before answering, so early failures keep their HTTP status; heartbeats while waiting."""
 
-    async def first_chunk() -> tuple[AsyncIterator[ChatChunk], ChatChunk | None]:
-        chunks = await run_chat(chat, ctx)
-        assert not isinstance(chunks, ChatResponse)
-        return chunks, await anext(chunks, None)
-
-    opening = asyncio.ensure_future(first_chunk())
-    try:
-        await asyncio.wait({opening}, timeout=heartbeat_s)
-    except asyncio.CancelledError:
-        opening.cancel()
-        raise
-    if opening.done() and opening.exception() is not None:
-        raise opening.exception()  # type: ignore[misc]
+    opening = await open_stream(chat, ctx, heartbeat_s)
     return StreamingResponse(_events(opening, EventStream(chat.model, echo), heartbeat_s),
                              media_type="text/event-stream", headers={**STREAM_HEADERS, **served_headers(ctx)})
 
 
-async def _events(opening: asyncio.Future[tuple[AsyncIterator[ChatChunk], ChatChunk | None]], events: EventStream,
+async def _events(opening: OpeningStream, events: EventStream,
                   heartbeat_s: float) -> AsyncIterator[bytes]:
     chunks: AsyncIterator[ChatChunk] | None = None
     started = False
