@@ -96,6 +96,8 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
+    if args.log_level.lower() != "debug":  # one line per upstream request is debug detail, not an info event
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     # log_config=None: uvicorn's loggers propagate to the root handler above, so its records are redacted too
     options: dict[str, Any] = {"host": host, "port": port, "log_level": args.log_level, "access_log": False,
                                "log_config": None,

@@ -105,7 +105,17 @@ class SQLiteStore:
     async def append_many(self, namespace: str, records: Sequence[Mapping[str, Any]]) -> None:
         now = time.time()
         rows = [(namespace, now, orjson.dumps(record)) for record in records]
-        await self._run(lambda db: db.executemany("INSERT INTO logs (ns, ts, value) VALUES (?, ?, ?)", rows))
+
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN")  # one transaction: autocommit would commit (and write WAL pages) once per row
+            try:
+                db.executemany("INSERT INTO logs (ns, ts, value) VALUES (?, ?, ?)", rows)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+        await self._run(insert)
 
     async def tail(self, namespace: str, limit: int = 100) -> list[dict[str, Any]]:
         rows = await self._run(lambda db: db.execute(

@@ -183,3 +183,36 @@ def test_disabled_records_nothing(serve: Any) -> None:
     ask(server, "skill-a")
     assert "scillm_upstream_requests_total" not in httpx.get(server.url + "/metrics", headers=AUTH).text
     assert calls(server) == []
+
+
+@pytest.mark.parametrize("metadata", [
+    {"note": f"leaked {KEY}"},                      # a configured secret
+    {f"key {KEY}": 1},                              # ... in a key
+    {"auth": "Bearer\tabcdefghijklmnop"},           # a shape whose JSON form is escaped (\t)
+    {"quote": f'"{KEY}"', "nested": [{"x": "sk-live-0123456789"}]},
+])
+def test_redact_batch_finds_secrets_anywhere_in_a_batch(metadata: dict[str, Any]) -> None:
+    from scillm_metrics import redact_batch
+
+    clean = {"request_id": "r1", "model": MODEL, "scillm_metadata": {"run": 1}}
+    out = redact_batch([clean, {"request_id": "r2", "scillm_metadata": metadata}], [KEY])
+    text = repr(out)
+    assert KEY not in text and "abcdefghijklmnop" not in text and "0123456789" not in text
+    assert out[0] == clean and "[redacted]" in text
+
+
+def test_redact_batch_returns_clean_records_untouched() -> None:
+    from scillm_metrics import redact_batch
+
+    records = [{"request_id": "r1", "caller": "skill", "error": "upstream said \"no\"\n", "tokens": None}]
+    assert redact_batch(records, [KEY]) == records
+
+
+def test_bounded_label_caches_without_growing_past_its_limit() -> None:
+    from scillm_metrics import BoundedLabel
+
+    label = BoundedLabel(2)
+    assert [label(v) for v in ("a b", "a b", "c", "d", None, "a b")] == ["a_b", "a_b", "c", "other", "unknown", "a_b"]
+    for i in range(1000):
+        label(f"caller-{i}")
+    assert len(label.known) <= 2 and label.seen == {"a_b", "c"}

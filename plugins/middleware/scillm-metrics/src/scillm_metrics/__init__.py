@@ -28,6 +28,7 @@ import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from attrs import define, field, frozen
 from starlette.requests import Request
 from starlette.responses import Response
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from scillm_core import CallContext, ChatChunk, ChatRequest, Usage
     from scillm_core.pipeline import ChatResult, ChatThunk, ResponseThunk
 
-__all__ = ["MetricsConfig", "redact_record"]
+__all__ = ["BoundedLabel", "MetricsConfig", "redact_batch", "redact_record"]
 
 log = logging.getLogger("scillm.metrics")
 NAMESPACE = "calls"
@@ -62,22 +63,28 @@ class MetricsConfig:
 # -- bounded labels ------------------------------------------------------------------------------------------------
 
 class BoundedLabel:
-    """At most ``limit`` distinct values; later newcomers become ``other``."""
+    """At most ``limit`` distinct values; later newcomers become ``other``. Values already seen are looked up,
+    not re-sanitised (this runs several times per request)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = max(1, limit)
+        self.known: dict[str, str] = {}  # raw value -> label, at most ``limit`` entries
         self.seen: set[str] = set()
 
     def __call__(self, value: str | None) -> str:
         if not value:
             return UNKNOWN
-        value = _LABEL_JUNK.sub("_", value)[:64]
-        if value in self.seen:
-            return value
-        if len(self.seen) >= self.limit:
-            return OTHER
-        self.seen.add(value)
-        return value
+        label = self.known.get(value)
+        if label is not None:
+            return label
+        label = _LABEL_JUNK.sub("_", value)[:64]
+        if label not in self.seen:
+            if len(self.seen) >= self.limit:
+                return OTHER
+            self.seen.add(label)
+        if len(self.known) < self.limit:
+            self.known[value] = label
+        return label
 
 
 # -- per-app state -------------------------------------------------------------------------------------------------
@@ -122,7 +129,7 @@ class MetricsState:
                 self.queue = asyncio.Queue(maxsize=max(1, self.config.backlog))
             if self.writer is None or self.writer.done():
                 self.writer = asyncio.ensure_future(self._write())
-            self.queue.put_nowait(redact_record(record, self.secrets))
+            self.queue.put_nowait(record)  # redacted by the writer, a batch at a time
         except asyncio.QueueFull:
             self.counts["dropped"] += 1
             self.dropped_counter.inc()
@@ -140,7 +147,7 @@ class MetricsState:
             while len(records) < 512 and not self.queue.empty():
                 records.append(self.queue.get_nowait())
             try:
-                await self.runtime.store.append_many(NAMESPACE, records)
+                await self.runtime.store.append_many(NAMESPACE, redact_batch(records, self.secrets))
                 self.counts["logged"] += len(records)
             except Exception as exc:
                 self.counts["write_errors"] += len(records)
@@ -189,6 +196,15 @@ def redact_record(value: Any, secrets: Iterable[str] = ()) -> Any:
     if isinstance(value, list | tuple):
         return [redact_record(v, secrets) for v in value]
     return value
+
+
+def redact_batch(records: list[dict[str, Any]], secrets: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """``records`` redacted. One scan of the batch's JSON tells whether anything needs it (almost never): without
+    a backslash every string, key included, appears in it verbatim. Only then is each record walked."""
+    text = orjson.dumps(records, default=str).decode()
+    if "\\" not in text and redact(text, secrets) == text:
+        return records
+    return [redact_record(record, secrets) for record in records]
 
 
 @hookimpl

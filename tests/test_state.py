@@ -1,0 +1,77 @@
+"""The embedded SQLite state store: documents with TTL and compare-and-set, and the append-only logs."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from scillm_core.state.sqlite import SQLiteStore
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SQLiteStore:
+    return SQLiteStore(tmp_path / "state" / "scillm.sqlite3")
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_documents_put_get_scan_delete_and_expire(store: SQLiteStore) -> None:
+    async def go() -> None:
+        await store.put("batch", "b1/0", {"ok": True})
+        await store.put("batch", "b1/1", {"ok": False})
+        await store.put("batch", "b2/0", {"ok": True})
+        await store.put("batch", "gone", {"x": 1}, ttl_s=0.01)
+        assert await store.get("batch", "b1/0") == {"ok": True}
+        assert [key for key, _ in await store.scan("batch", "b1/")] == ["b1/0", "b1/1"]
+        await asyncio.sleep(0.05)
+        assert await store.get("batch", "gone") is None
+        assert await store.delete("batch", "b1/0") and not await store.delete("batch", "b1/0")
+        await store.close()
+
+    run(go())
+
+
+def test_compare_and_set_has_a_single_winner(store: SQLiteStore) -> None:
+    async def go() -> list[bool]:
+        wins = await asyncio.gather(*(store.compare_and_set("leases", "w", None, {"owner": f"o{i}"})
+                                      for i in range(10)))
+        await store.close()
+        return list(wins)
+
+    assert sum(run(go())) == 1
+
+
+def test_append_many_keeps_order_and_commits_once(store: SQLiteStore) -> None:
+    store._db.execute("PRAGMA wal_autocheckpoint=0")  # keep every WAL frame written, to count them
+
+    async def go() -> list[dict[str, int]]:
+        await store.append_many("calls", [{"i": i} for i in range(300)])
+        return await store.tail("calls", 1000)
+
+    assert run(go()) == [{"i": i} for i in range(300)]
+    _, wal_frames, _ = store._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert wal_frames < 50  # one commit; a commit per row writes 300+ frames
+    assert not store._db.in_transaction
+
+
+def test_a_failed_batch_leaves_the_store_usable(store: SQLiteStore) -> None:
+    async def go() -> None:
+        await store.append_many("calls", [{"i": 1}])
+        # another connection holding the write lock makes the batch fail
+        store._db.execute("PRAGMA busy_timeout=50")
+        other = sqlite3.connect(store.path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(sqlite3.OperationalError):
+            await store.append_many("calls", [{"i": 2}, {"i": 3}])
+        other.execute("ROLLBACK")
+        other.close()
+        assert not store._db.in_transaction
+        await store.append_many("calls", [{"i": 4}])
+        assert await store.tail("calls") == [{"i": 1}, {"i": 4}]
+
+    run(go())
