@@ -216,3 +216,30 @@ def test_bounded_label_caches_without_growing_past_its_limit() -> None:
     for i in range(1000):
         label(f"caller-{i}")
     assert len(label.known) <= 2 and label.seen == {"a_b", "c"}
+
+
+def test_series_render_as_prometheus_counters_and_cumulative_histograms() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from scillm_metrics.series import Counters, Histograms, SeriesCollector
+
+    counters = Counters("demo_requests", "Requests", ("caller",))
+    histograms = Histograms("demo_latency_seconds", "Latency", ("caller",), (0.1, 1.0))
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(SeriesCollector(counters, histograms))
+    for value in (0.05, 0.1, 0.5, 3.0):
+        counters.inc(("a",))
+        histograms.observe(("a",), value)
+    counters.inc(("b",), 2.5)
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in families["demo_requests"].samples}
+    assert samples == {("demo_requests_total", (("caller", "a"),)): 4.0,
+                       ("demo_requests_total", (("caller", "b"),)): 2.5}
+    buckets = {s.labels.get("le"): s.value for s in families["demo_latency_seconds"].samples
+               if s.name.endswith("_bucket")}
+    assert buckets == {"0.1": 2.0, "1.0": 3.0, "+Inf": 4.0}  # le is inclusive: 0.1 falls in the 0.1 bucket
+    totals = {s.name: s.value for s in families["demo_latency_seconds"].samples if not s.name.endswith("_bucket")}
+    assert totals == {"demo_latency_seconds_count": 4.0, "demo_latency_seconds_sum": 3.65}
+    with pytest.raises(ValueError):  # a second collector with the same names is refused, as with prometheus_client
+        registry.register(SeriesCollector(Counters("demo_requests", "Requests", ("caller",))))

@@ -35,6 +35,7 @@ from starlette.responses import Response
 
 from scillm_core import ChatResponse, Route, Runtime, SurfaceRegistry, errors, hookimpl, json_response, runtime_of
 from scillm_core.redact import redact
+from scillm_metrics.series import Counters, Histograms, SeriesCollector
 
 if TYPE_CHECKING:
     from scillm_core import CallContext, ChatChunk, ChatRequest, Usage
@@ -96,26 +97,17 @@ class MetricsState:
     secrets: tuple[str, ...]
     callers: BoundedLabel
     models: BoundedLabel
-    attempts: Any = None
-    latency: Any = None
-    first_chunk: Any = None
-    tokens: Any = None
-    requests: Any = None
-    request_latency: Any = None
-    dropped_counter: Any = None
+    attempts: Counters
+    latency: Histograms
+    first_chunk: Histograms
+    tokens: Counters
+    requests: Counters
+    request_latency: Histograms
+    dropped_counter: Counters
     queue: asyncio.Queue[dict[str, Any]] | None = None
     writer: asyncio.Task[None] | None = None
     counts: dict[str, int] = field(factory=lambda: {"logged": 0, "dropped": 0, "write_errors": 0,
                                                     "metric_errors": 0})
-    children: dict[tuple[int, tuple[str, ...]], Any] = field(factory=dict)
-
-    def child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, cached: prometheus_client's own lookup costs microseconds per call."""
-        key = (id(metric), labels)
-        found = self.children.get(key)
-        if found is None:
-            found = self.children[key] = metric.labels(*labels)
-        return found
 
     def labels(self, route: Route | None, ctx: CallContext) -> tuple[str, str, str]:
         provider = route.provider if route else UNKNOWN
@@ -132,7 +124,7 @@ class MetricsState:
             self.queue.put_nowait(record)  # redacted by the writer, a batch at a time
         except asyncio.QueueFull:
             self.counts["dropped"] += 1
-            self.dropped_counter.inc()
+            self.dropped_counter.inc(())
         except Exception:
             self.counts["write_errors"] += 1
             log.warning("call log record could not be queued", exc_info=True)
@@ -218,26 +210,22 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
     config = _config(runtime)
     if not config.enabled:
         return
-    from prometheus_client import Counter, Histogram
-
-    registry = runtime.metrics
-    upstream = ["provider", "model", "caller"]
-    state = MetricsState(config=config, runtime=runtime, secrets=_secrets(runtime.env),
-                         callers=BoundedLabel(config.max_callers), models=BoundedLabel(config.max_models))
-    state.attempts = Counter("scillm_upstream_requests", "Upstream attempts by outcome",
-                             [*upstream, "status", "code"], registry=registry)
-    state.latency = Histogram("scillm_upstream_latency_seconds", "Upstream attempt duration (streams: to the end)",
-                              upstream, buckets=LATENCY_BUCKETS, registry=registry)
-    state.first_chunk = Histogram("scillm_upstream_first_chunk_seconds", "Time to the first streamed chunk",
-                                  upstream, buckets=LATENCY_BUCKETS, registry=registry)
-    state.tokens = Counter("scillm_upstream_tokens", "Tokens reported by upstreams", [*upstream, "kind"],
-                           registry=registry)
-    state.requests = Counter("scillm_requests", "Chat requests by result", ["model", "caller", "status", "code"],
-                             registry=registry)
-    state.request_latency = Histogram("scillm_request_latency_seconds", "Chat request duration",
-                                      ["model", "caller"], buckets=LATENCY_BUCKETS, registry=registry)
-    state.dropped_counter = Counter("scillm_call_log_dropped", "Call-log records dropped (backlog full)",
-                                    registry=registry)
+    upstream = ("provider", "model", "caller")
+    state = MetricsState(
+        config=config, runtime=runtime, secrets=_secrets(runtime.env), callers=BoundedLabel(config.max_callers),
+        models=BoundedLabel(config.max_models),
+        attempts=Counters("scillm_upstream_requests", "Upstream attempts by outcome", (*upstream, "status", "code")),
+        latency=Histograms("scillm_upstream_latency_seconds", "Upstream attempt duration (streams: to the end)",
+                           upstream, LATENCY_BUCKETS),
+        first_chunk=Histograms("scillm_upstream_first_chunk_seconds", "Time to the first streamed chunk", upstream,
+                               LATENCY_BUCKETS),
+        tokens=Counters("scillm_upstream_tokens", "Tokens reported by upstreams", (*upstream, "kind")),
+        requests=Counters("scillm_requests", "Chat requests by result", ("model", "caller", "status", "code")),
+        request_latency=Histograms("scillm_request_latency_seconds", "Chat request duration", ("model", "caller"),
+                                   LATENCY_BUCKETS),
+        dropped_counter=Counters("scillm_call_log_dropped", "Call-log records dropped (backlog full)", ()))
+    runtime.metrics.register(SeriesCollector(state.attempts, state.latency, state.first_chunk, state.tokens,
+                                             state.requests, state.request_latency, state.dropped_counter))
     key = id(runtime)
     _STATES[key] = state
     weakref.finalize(runtime, _STATES.pop, key, None)
@@ -292,11 +280,11 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
     def finish(started: float, exc: BaseException | None, usage: Usage | None) -> None:
         labels = state.labels(route, ctx)
         _, status_class, code = _outcome(exc)
-        state.child(state.attempts, *labels, status_class, code).inc()
-        state.child(state.latency, *labels).observe(time.perf_counter() - started)
+        state.attempts.inc((*labels, status_class, code))
+        state.latency.observe(labels, time.perf_counter() - started)
         if usage is not None:
-            state.child(state.tokens, *labels, "prompt").inc(max(0, usage.prompt_tokens))
-            state.child(state.tokens, *labels, "completion").inc(max(0, usage.completion_tokens))
+            state.tokens.inc((*labels, "prompt"), max(0, usage.prompt_tokens))
+            state.tokens.inc((*labels, "completion"), max(0, usage.completion_tokens))
 
     async def measured() -> ChatResult:
         started = time.perf_counter()
@@ -310,7 +298,7 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
             return result
 
         def first(elapsed: float) -> None:
-            state.child(state.first_chunk, *state.labels(route, ctx)).observe(elapsed)
+            state.first_chunk.observe(state.labels(route, ctx), elapsed)
 
         return _observe_stream(result, started, lambda exc, usage: _safely(state, finish, started, exc, usage),
                                lambda elapsed: _safely(state, first, elapsed))
@@ -378,8 +366,8 @@ def _finish_request(state: MetricsState, request: ChatRequest, ctx: CallContext,
     elapsed = time.perf_counter() - started
     status, status_class, code = _outcome(exc)
     model, caller = state.models(request.model), state.callers(ctx.caller)
-    state.child(state.requests, model, caller, status_class, code).inc()
-    state.child(state.request_latency, model, caller).observe(elapsed)
+    state.requests.inc((model, caller, status_class, code))
+    state.request_latency.observe((model, caller), elapsed)
     route = ctx.route
     record: dict[str, Any] = {
         "ts": time.time(), "request_id": ctx.request_id, "caller": ctx.caller, "model": request.model,
