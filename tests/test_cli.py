@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from scillm_core.testing import DEV_KEY
 
@@ -29,9 +30,11 @@ def clean_env(tmp_path, **extra) -> dict[str, str]:
     return {**env, "SCILLM_DATA_DIR": str(tmp_path / "data"), **extra}
 
 
-def test_serve_starts_with_zero_configuration(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_starts_with_zero_configuration(tmp_path, workers):
     port = free_port()
-    process = subprocess.Popen([SCILLM, "serve", "--port", str(port)], cwd=tmp_path, env=clean_env(tmp_path),
+    process = subprocess.Popen([SCILLM, "serve", "--port", str(port), "--workers", str(workers)], cwd=tmp_path,
+                               env=clean_env(tmp_path),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20
@@ -82,3 +85,17 @@ def test_plugins_models_and_doctor(tmp_path):
     assert checks["reach deepseek"]["ok"] is False
     assert checks["provider glm"]["ok"] is False and "GLM_API_KEY" in checks["provider glm"]["detail"]
     assert "sk-doctor-secret" not in doctor
+
+
+def test_serve_tunes_the_garbage_collector_for_a_long_running_process():
+    import gc
+
+    from scillm_core.cli import tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_freeze_count() > 0 and gc.get_threshold()[0] >= 10_000
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -7,7 +7,8 @@ concurrency slot released. Later ``receive`` calls by the app (Starlette's disco
 the watcher's state, so the two never compete for messages.
 
 The watcher starts ``watch_after_s`` after the request (a timer is far cheaper than a task, and most answers from a
-fast upstream are done by then); a disconnect in the meantime is still seen, as soon as the watcher starts.
+fast upstream are done by then); a disconnect in the meantime is still seen, as soon as the watcher starts. This
+runs on every chat request, so the per-request state is one small object and the rest is made only when needed.
 """
 
 from __future__ import annotations
@@ -31,57 +32,79 @@ class CancelOnDisconnect:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        task = asyncio.current_task()
-        assert task is not None
-        body_read = asyncio.Event()
-        disconnected = asyncio.Event()
-        finished = False
-        cancelled_here = False
-
-        async def app_receive() -> Message:
-            if body_read.is_set():
-                await disconnected.wait()
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                disconnected.set()
-                body_read.set()
-            elif not message.get("more_body", False):
-                body_read.set()
-            return message
-
-        async def app_send(message: Message) -> None:
-            nonlocal finished
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                finished = True
-            await send(message)
-
-        async def watch() -> None:
-            nonlocal cancelled_here
-            await body_read.wait()
-            while not disconnected.is_set():
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    disconnected.set()
-            if not finished:
-                cancelled_here = True
-                self.cancelled += 1
-                task.cancel()
-
-        watchers: list[asyncio.Task[None]] = []
-
-        def start_watching() -> None:
-            if not finished:
-                watchers.append(asyncio.ensure_future(watch()))
-
-        timer = asyncio.get_running_loop().call_later(self.watch_after_s, start_watching)
+        guard = _Guard(receive, send, self.watch_after_s)
         try:
-            await self.app(scope, app_receive, app_send)
+            await self.app(scope, guard.receive, guard.send)
         except asyncio.CancelledError:
-            if cancelled_here and task.uncancel() == 0:
+            if guard.cancelled_here and guard.task.uncancel() == 0:
+                self.cancelled += 1
                 return  # the client left; there is nobody to answer
             raise
         finally:
-            timer.cancel()
-            for watcher in watchers:
-                watcher.cancel()
+            guard.close()
+
+
+class _Guard:
+    """One request's view: has its body been read, has its response finished, has its client gone."""
+
+    __slots__ = ("_disconnected", "_receive", "_send", "body_read", "cancelled_here", "finished", "task", "timer",
+                 "watch_after_s", "watcher")
+
+    def __init__(self, receive: Receive, send: Send, watch_after_s: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self._receive = receive
+        self._send = send
+        self.body_read = False
+        self.finished = False
+        self.cancelled_here = False
+        self.watcher: asyncio.Task[None] | None = None
+        self._disconnected: asyncio.Event | None = None
+        self.watch_after_s = watch_after_s
+        self.timer = asyncio.get_running_loop().call_later(watch_after_s, self.start_watching)
+
+    @property
+    def disconnected(self) -> asyncio.Event:
+        if self._disconnected is None:
+            self._disconnected = asyncio.Event()
+        return self._disconnected
+
+    async def receive(self) -> Message:
+        if self.body_read:
+            await self.disconnected.wait()
+            return {"type": "http.disconnect"}
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.disconnected.set()
+            self.body_read = True
+        elif not message.get("more_body", False):
+            self.body_read = True
+        return message
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.finished = True
+        await self._send(message)
+
+    def start_watching(self) -> None:
+        if self.finished:
+            return
+        if not self.body_read:  # the app is still reading its body (and sees a disconnect itself): look again later
+            self.timer = asyncio.get_running_loop().call_later(self.watch_after_s, self.start_watching)
+            return
+        self.watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        disconnected = self.disconnected
+        while not disconnected.is_set():
+            if (await self._receive())["type"] == "http.disconnect":
+                disconnected.set()
+        if not self.finished:
+            self.cancelled_here = True
+            self.task.cancel()
+
+    def close(self) -> None:
+        self.timer.cancel()
+        if self.watcher is not None:
+            self.watcher.cancel()
