@@ -6,6 +6,7 @@ structuring is strict: an unknown table, key or a wrong type stops startup with 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tomllib
@@ -128,6 +129,10 @@ class Config:
 
                 message, path = _first_error(exc)
                 raise ConfigError(f"{where}: {message} at {_dotted(name, path)}") from None
+        for name, hint in schema.items():  # absent tables get their defaults once, not a new object per request
+            if name not in sections:
+                with contextlib.suppress(Exception):  # a type with required fields stays absent
+                    sections[name] = converter.structure({}, hint)
         return attrs.evolve(self, sections=sections)
 
 

@@ -47,7 +47,16 @@ class PluginInfo:
 class ScillmPluginManager(pluggy.PluginManager):
     def __init__(self) -> None:
         super().__init__("scillm")
+        self.generation = 0  # bumped on every (un)registration: the Hooks facade recompiles its chains
         self.add_hookspecs(hookspecs)
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        self.generation += 1
+        return super().register(plugin, name)
+
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> Any | None:
+        self.generation += 1
+        return super().unregister(plugin, name)
 
     def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
         opts = super().parse_hookimpl_opts(plugin, name)

@@ -46,3 +46,12 @@ def test_bad_toml_names_the_file(tmp_path):
 
 def test_data_dir_from_env(tmp_path):
     assert load_config(env={"SCILLM_DATA_DIR": str(tmp_path)}, cwd=tmp_path).data_dir == tmp_path
+
+
+def test_absent_tables_get_their_defaults_once():
+    runtime = make_app(config={"server": {"heartbeat_s": 3}}).runtime
+    config = runtime.config
+    assert config.server.heartbeat_s == 3
+    files = config.sections["files"]  # a plugin's table that the file does not have
+    assert files.enabled is True and config.sections["files"] is files
+    assert config.sections["aliases"] == {}

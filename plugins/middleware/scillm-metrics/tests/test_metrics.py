@@ -221,7 +221,6 @@ def test_bounded_label_caches_without_growing_past_its_limit() -> None:
 def test_series_render_as_prometheus_counters_and_cumulative_histograms() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
-
     from scillm_metrics.series import Counters, Histograms, SeriesCollector
 
     counters = Counters("demo_requests", "Requests", ("caller",))
