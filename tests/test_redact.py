@@ -30,3 +30,23 @@ def test_log_records_are_redacted(caplog):
     finally:
         logger.removeFilter(handler_filter)
     assert "sk-live-0123456789abcdef" not in caplog.text and "[redacted]" in caplog.text
+
+
+@pytest.mark.parametrize("token", [
+    "sk-abcdef0123", "sk_abcdef0123", "pk-abcdef0123", "pk_abcdef0123", "rk-abcdef0123", "cpk_abcdef0123",
+    "eyJhbGciOiJI.eyJzdWIiOiIx.sig", "AIzaSyA0123456789abcdefghij", "BeArEr abcdefghijkl", "bearer\tabcdefghijkl"])
+def test_each_key_shape_is_redacted_on_its_own(token):
+    assert token not in redact(f"value: {token}.") and "[redacted]" in redact(f"value: {token}.")
+
+
+def test_the_quick_check_never_skips_what_the_full_scan_would_redact():
+    import random
+
+    from scillm_core.redact import _KEY_SHAPES
+
+    fragments = ["sk", "pk", "cpk", "rk", "-", "_", "eyJ", "AIza", "Bearer ", "BEARER\t", "abcdef", "0123456789",
+                 ".", " ", "deepseek-chat", "ek-", "AIz", "ey", "x" * 20, '"', "\\n"]
+    rng = random.Random(7)
+    for _ in range(5000):
+        text = "".join(rng.choice(fragments) for _ in range(rng.randint(1, 12)))
+        assert redact(text) == _KEY_SHAPES.sub("[redacted]", text), text
