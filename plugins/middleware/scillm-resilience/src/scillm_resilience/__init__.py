@@ -1,11 +1,11 @@
 """Resilience middleware around ``call_provider``: retries, fallbacks, circuit breakers, the overall deadline,
 per-provider concurrency limits with AIMD, and cancel-on-disconnect.
 
-Two wrappers (pluggy: among wrappers ``tryfirst`` is outermost, ``trylast`` innermost)::
+One wrapper (pluggy: among wrappers ``tryfirst`` is outermost, ``trylast`` innermost)::
 
-    cache (tryfirst)  ->  call_provider (this plugin: deadline, breaker, retries, fallback)
-                      ->  limit_concurrency (this plugin, trylast: one slot per upstream attempt)
-                      ->  core dispatch
+    cache (tryfirst)  ->  call_provider (this plugin: deadline, breaker, retries, fallback; each upstream attempt
+                          holds one slot of its provider's concurrency limit)
+                      ->  metrics (trylast: per attempt)  ->  core dispatch
 
 Fail-open/closed: retries, fallbacks and the deadline only ever add attempts or stop waiting (they cannot reject a
 request that would otherwise succeed); the circuit breaker and the concurrency limiter **fail closed** — an open
@@ -27,16 +27,13 @@ from scillm_core import MiddlewareRegistry, Route, Runtime, errors, hookimpl
 from scillm_resilience.breaker import Breaker, CircuitOpenSignal
 from scillm_resilience.config import LimitConfig, ResilienceConfig
 from scillm_resilience.disconnect import CancelOnDisconnect
-from scillm_resilience.limiter import Limiter, QueueFullSignal, QueueTimeoutSignal, SlotIterator
+from scillm_resilience.limiter import Limiter, QueueFullSignal, QueueTimeoutSignal, Slot, SlotIterator
 
 if TYPE_CHECKING:
     from scillm_core import CallContext, ChatRequest
     from scillm_core.pipeline import ChatResult, ChatThunk
 
 __all__ = ["AllCircuitsOpen", "CircuitOpen", "ConcurrencyLimited", "LimitConfig", "ResilienceConfig", "state_of"]
-
-WAITING_NOTE = "resilience.waiting_for_slot"
-
 
 # -- errors --------------------------------------------------------------------------------------------------------
 
@@ -166,46 +163,10 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Gener
     return resilient
 
 
-@hookimpl(wrapper=True, trylast=True, specname="call_provider")
-def limit_concurrency(request: ChatRequest, route: Route, ctx: CallContext) -> Generator[None, Any, Any]:
-    """One slot of ``route.provider``'s limit per upstream attempt (held until a stream ends)."""
-    call = yield
-    state = state_of(ctx.runtime)
-    cfg = state.config
-    if not (cfg.enabled and cfg.concurrency):
-        return call
-    limiter = state.limiter(route.provider)
-
-    async def limited() -> ChatResult:
-        wait = cfg.queue_wait_s
-        remaining = ctx.remaining()
-        if remaining is not None:
-            wait = min(wait, remaining)
-        ctx.notes[WAITING_NOTE] = route.provider
-        try:
-            slot = await limiter.acquire(wait)
-        except QueueFullSignal:
-            raise _queue_full(limiter, route) from None
-        except QueueTimeoutSignal as signal:
-            raise _queue_timeout(limiter, route, signal.waited_s) from None
-        ctx.notes.pop(WAITING_NOTE, None)
-        try:
-            result: ChatResult = await call()
-        except BaseException as exc:
-            if isinstance(exc, errors.UpstreamRateLimited) and not _is_local(exc):
-                limiter.rate_limited(slot)
-            slot.release()
-            raise
-        if request.stream:
-            def on_error(exc: BaseException) -> None:
-                if isinstance(exc, errors.UpstreamRateLimited) and not _is_local(exc):
-                    limiter.rate_limited(slot)
-
-            return SlotIterator(result, slot, on_error=on_error)  # type: ignore[arg-type]
-        slot.release()
-        return result
-
-    return limited
+def _rate_limited(slot: Slot, exc: BaseException) -> None:
+    """AIMD: an upstream 429 (not scillm's own) for a call admitted through ``slot`` halves its provider's limit."""
+    if isinstance(exc, errors.UpstreamRateLimited) and not _is_local(exc):
+        slot.limiter.rate_limited(slot)
 
 
 def _queue_full(limiter: Limiter, route: Route) -> ConcurrencyLimited:
@@ -235,6 +196,7 @@ class Attempts:
         self.route = route
         self.ctx = ctx
         self.call = call
+        self.waiting = False  # in the concurrency queue (a timeout then is the queue's, not the upstream's)
 
     # -- deadline ---------------------------------------------------------------------------------------------
 
@@ -359,8 +321,8 @@ class Attempts:
     async def attempt(self) -> ChatResult:
         """One upstream call (through the inner chain), bounded by the deadline; for streams until the first
         chunk, which is pulled here so that failures before it can still be retried or failed over."""
-        ctx, route = self.ctx, self.route
-        ctx.notes.pop(WAITING_NOTE, None)
+        route = self.route
+        self.waiting = False
         remaining = self.remaining()
         if remaining is None:
             return await self.once()
@@ -370,7 +332,7 @@ class Attempts:
             async with asyncio.timeout(remaining):
                 return await self.once()
         except TimeoutError:
-            if ctx.notes.pop(WAITING_NOTE, None):
+            if self.waiting:
                 limiter = self.state.limiter(route.provider)
                 limiter.rejected += 1
                 raise _queue_timeout(limiter, route, remaining) from None
@@ -378,11 +340,45 @@ class Attempts:
         except errors.DeadlineExceeded:
             raise self.deadline_error(route) from None
 
+    async def slot(self) -> Slot | None:
+        """A slot of the route's provider limit (``None`` when limits are off), waiting in its queue if full."""
+        cfg, route = self.cfg, self.route
+        if not cfg.concurrency:
+            return None
+        limiter = self.state.limiter(route.provider)
+        slot = limiter.try_acquire()
+        if slot is not None:
+            return slot
+        wait = cfg.queue_wait_s
+        remaining = self.ctx.remaining()
+        if remaining is not None:
+            wait = min(wait, remaining)
+        self.waiting = True
+        try:
+            slot = await limiter.acquire(wait)
+        except QueueFullSignal:
+            raise _queue_full(limiter, route) from None
+        except QueueTimeoutSignal as signal:
+            raise _queue_timeout(limiter, route, signal.waited_s) from None
+        self.waiting = False
+        return slot
+
     async def once(self) -> ChatResult:
-        result = await self.call()
+        slot = await self.slot()
+        try:
+            result = await self.call()
+        except BaseException as exc:
+            if slot is not None:
+                _rate_limited(slot, exc)
+                slot.release()
+            raise
         if not self.request.stream:
+            if slot is not None:
+                slot.release()
             return result
         chunks: AsyncIterator[Any] = result  # type: ignore[assignment]
+        if slot is not None:
+            chunks = SlotIterator(chunks, slot, on_error=lambda exc: _rate_limited(slot, exc))
         try:
             first = await anext(chunks)
         except StopAsyncIteration:

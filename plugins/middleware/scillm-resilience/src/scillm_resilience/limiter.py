@@ -82,13 +82,20 @@ class Limiter:
         self._recover()
         self._wake()
 
-    async def acquire(self, wait_s: float) -> Slot:
-        """A slot, waiting at most ``wait_s`` in the FIFO queue. Raises :class:`QueueFullSignal` at once when the
-        queue is full, :class:`QueueTimeoutSignal` when no slot freed up in time."""
+    def try_acquire(self) -> Slot | None:
+        """A slot at once, or ``None`` when the limit is reached or others are already waiting."""
         self._recover()
         if self.in_flight < self.effective and not self.waiters:
             self.in_flight += 1
             return self._granted()
+        return None
+
+    async def acquire(self, wait_s: float) -> Slot:
+        """A slot, waiting at most ``wait_s`` in the FIFO queue. Raises :class:`QueueFullSignal` at once when the
+        queue is full, :class:`QueueTimeoutSignal` when no slot freed up in time."""
+        slot = self.try_acquire()
+        if slot is not None:
+            return slot
         if len(self.waiters) >= self.max_queue:
             self.rejected += 1
             raise QueueFullSignal()
