@@ -75,3 +75,14 @@ def test_a_failed_batch_leaves_the_store_usable(store: SQLiteStore) -> None:
         assert await store.tail("calls") == [{"i": 1}, {"i": 4}]
 
     run(go())
+
+
+def test_trim_keeps_the_newest_records_of_one_log(store: SQLiteStore) -> None:
+    async def go() -> tuple[int, int, list[dict[str, int]], list[dict[str, int]]]:
+        await store.append_many("calls", [{"i": i} for i in range(10)])
+        await store.append_many("events", [{"e": 1}])
+        dropped = await store.trim("calls", 3)
+        again = await store.trim("calls", 3)
+        return dropped, again, await store.tail("calls", 100), await store.tail("events", 100)
+
+    assert run(go()) == (7, 0, [{"i": 7}, {"i": 8}, {"i": 9}], [{"e": 1}])

@@ -40,5 +40,8 @@ class StateStore(Protocol):
     async def tail(self, namespace: str, limit: int = 100) -> list[dict[str, Any]]:
         """The newest ``limit`` log records, oldest first."""
 
+    async def trim(self, namespace: str, keep: int) -> int:
+        """Drop all but the newest ``keep`` records of a log; how many were dropped."""
+
     async def close(self) -> None:
         """Release the backend."""

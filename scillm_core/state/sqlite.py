@@ -114,5 +114,10 @@ class SQLiteStore:
             "SELECT value FROM logs WHERE ns = ? ORDER BY id DESC LIMIT ?", (namespace, limit)).fetchall())
         return [orjson.loads(value) for (value,) in reversed(rows)]
 
+    async def trim(self, namespace: str, keep: int) -> int:
+        return await self._run(lambda db: db.execute(
+            "DELETE FROM logs WHERE ns = ? AND id <= (SELECT id FROM logs WHERE ns = ? ORDER BY id DESC LIMIT 1 "
+            "OFFSET ?)", (namespace, namespace, max(0, keep))).rowcount)
+
     async def close(self) -> None:
         await self._run(lambda db: db.close())

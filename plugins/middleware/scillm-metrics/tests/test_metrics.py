@@ -155,6 +155,16 @@ def test_calls_route_validates_limit_and_requires_auth(serve: Any) -> None:
     assert httpx.get(f"{server.url}/v1/scillm/calls").status_code == 401
 
 
+def test_the_call_log_keeps_only_its_newest_records(serve: Any) -> None:
+    server = serve({"metrics": {"call_log_max_rows": 10}})
+    for i in range(25):
+        ask(server, f"skill-{i}")
+    records = calls(server, limit=1000)
+    assert len(records) == 10 and records[-1]["caller"] == "skill-24"
+    health = httpx.get(server.url + "/v1/scillm/health", headers=AUTH).json()["middleware"]["metrics"]
+    assert health["pruned"] == 15 and health["call_log_max_rows"] == 10
+
+
 class BrokenStore:
     async def append(self, namespace: str, record: Any) -> None:
         raise OSError("disk full")

@@ -14,7 +14,8 @@
 - Label cardinality is bounded: at most ``max_callers`` callers and ``max_models`` models per label, the rest
   count as ``other``. Fails open: a metrics or call-log failure never fails a request.
 
-Config: ``[metrics] enabled = true``, ``call_log = true``, ``max_callers``, ``max_models``, ``backlog``.
+Config: ``[metrics] enabled = true``, ``call_log = true``, ``max_callers``, ``max_models``, ``backlog``,
+``call_log_max_rows`` (the log keeps the newest N records).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from attrs import define, field, frozen
+from attrs import define, field, frozen, validators
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -59,6 +60,7 @@ class MetricsConfig:
     max_callers: int = 100
     max_models: int = 200
     backlog: int = 1000
+    call_log_max_rows: int = field(default=100_000, validator=validators.ge(1))  # older records are dropped
 
 
 # -- bounded labels ------------------------------------------------------------------------------------------------
@@ -107,7 +109,12 @@ class MetricsState:
     queue: asyncio.Queue[dict[str, Any]] | None = None
     writer: asyncio.Task[None] | None = None
     counts: dict[str, int] = field(factory=lambda: {"logged": 0, "dropped": 0, "write_errors": 0,
-                                                    "metric_errors": 0})
+                                                    "metric_errors": 0, "pruned": 0})
+    unpruned: int = 0  # records written since the log was last trimmed to ``call_log_max_rows``
+
+    @property
+    def prune_every(self) -> int:
+        return max(1, min(1000, self.config.call_log_max_rows // 10))
 
     def labels(self, route: Route | None, ctx: CallContext) -> tuple[str, str, str]:
         provider = route.provider if route else UNKNOWN
@@ -141,6 +148,10 @@ class MetricsState:
             try:
                 await self.runtime.store.append_many(NAMESPACE, redact_batch(records, self.secrets))
                 self.counts["logged"] += len(records)
+                self.unpruned += len(records)
+                if self.unpruned >= self.prune_every:
+                    self.unpruned = 0
+                    self.counts["pruned"] += await self.runtime.store.trim(NAMESPACE, self.config.call_log_max_rows)
             except Exception as exc:
                 self.counts["write_errors"] += len(records)
                 log.warning("call log write failed: %s", redact(str(exc), self.secrets))
@@ -239,6 +250,7 @@ def scillm_health(runtime: Runtime) -> Mapping[str, Any]:
         return {"metrics": {"enabled": False, "fails": "open"}}
     return {"metrics": {"enabled": True, "fails": "open", "call_log": state.config.call_log,
                         "backlog": state.queue.qsize() if state.queue else 0, "max_backlog": state.config.backlog,
+                        "call_log_max_rows": state.config.call_log_max_rows,
                         "callers_tracked": len(state.callers.seen), **state.counts}}
 
 
