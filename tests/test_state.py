@@ -86,3 +86,17 @@ def test_trim_keeps_the_newest_records_of_one_log(store: SQLiteStore) -> None:
         return dropped, again, await store.tail("calls", 100), await store.tail("events", 100)
 
     assert run(go()) == (7, 0, [{"i": 7}, {"i": 8}, {"i": 9}], [{"e": 1}])
+
+
+def test_put_many_stores_all_documents_in_one_transaction(store: SQLiteStore) -> None:
+    store._db.execute("PRAGMA wal_autocheckpoint=0")
+
+    async def go() -> list[tuple[str, dict[str, int]]]:
+        await store.put("items", "b/000", {"v": -1})
+        await store.put_many("items", [(f"b/{i:03}", {"v": i}) for i in range(200)])
+        return await store.scan("items", "b/")
+
+    documents = run(go())
+    assert documents == [(f"b/{i:03}", {"v": i}) for i in range(200)]  # the first document was replaced
+    _, wal_frames, _ = store._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert wal_frames < 60  # two commits; a commit per document writes 200+ frames

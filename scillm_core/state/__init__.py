@@ -20,6 +20,10 @@ class StateStore(Protocol):
     async def put(self, namespace: str, key: str, value: Mapping[str, Any], *, ttl_s: float | None = None) -> None:
         """Store (replace) a document."""
 
+    async def put_many(self, namespace: str, documents: Sequence[tuple[str, Mapping[str, Any]]], *,
+                       ttl_s: float | None = None) -> None:
+        """Store (replace) several documents in one write: all or none."""
+
     async def compare_and_set(self, namespace: str, key: str, expected: Mapping[str, Any] | None,
                               value: Mapping[str, Any] | None, *, ttl_s: float | None = None) -> bool:
         """Replace the document only if the current one equals ``expected`` (``None``: absent or expired).

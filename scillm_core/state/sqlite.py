@@ -22,6 +22,8 @@ CREATE TABLE IF NOT EXISTS logs (id INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT N
                                  value BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS logs_ns ON logs (ns, id);
 """
+_UPSERT = ("INSERT INTO docs (ns, key, value, expires) VALUES (?, ?, ?, ?) "
+           "ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires = excluded.expires")
 
 
 class SQLiteStore:
@@ -53,12 +55,23 @@ class SQLiteStore:
             "SELECT value, expires FROM docs WHERE ns = ? AND key = ?", (namespace, key)).fetchone()))
 
     async def put(self, namespace: str, key: str, value: Mapping[str, Any], *, ttl_s: float | None = None) -> None:
+        await self.put_many(namespace, [(key, value)], ttl_s=ttl_s)
+
+    async def put_many(self, namespace: str, documents: Sequence[tuple[str, Mapping[str, Any]]], *,
+                       ttl_s: float | None = None) -> None:
         expires = time.time() + ttl_s if ttl_s else None
-        blob = orjson.dumps(value)
-        await self._run(lambda db: db.execute(
-            "INSERT INTO docs (ns, key, value, expires) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires = excluded.expires",
-            (namespace, key, blob, expires)))
+        rows = [(namespace, key, orjson.dumps(value), expires) for key, value in documents]
+
+        def upsert(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN")
+            try:
+                db.executemany(_UPSERT, rows)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+        await self._run(upsert)
 
     async def compare_and_set(self, namespace: str, key: str, expected: Mapping[str, Any] | None,
                               value: Mapping[str, Any] | None, *, ttl_s: float | None = None) -> bool:
@@ -73,9 +86,7 @@ class SQLiteStore:
                 if value is None:
                     db.execute("DELETE FROM docs WHERE ns = ? AND key = ?", (namespace, key))
                 else:
-                    db.execute("INSERT INTO docs (ns, key, value, expires) VALUES (?, ?, ?, ?) ON CONFLICT (ns, key) "
-                               "DO UPDATE SET value = excluded.value, expires = excluded.expires",
-                               (namespace, key, orjson.dumps(value), time.time() + ttl_s if ttl_s else None))
+                    db.execute(_UPSERT, (namespace, key, orjson.dumps(value), time.time() + ttl_s if ttl_s else None))
                 db.execute("COMMIT")
                 return True
             except BaseException:
