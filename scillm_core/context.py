@@ -32,7 +32,8 @@ def _metrics_registry() -> Any:
 @define(kw_only=True)
 class Runtime:
     """App-wide services. ``http`` is the shared upstream client (scillm's User-Agent, tuned transport);
-    ``metrics`` is the app's Prometheus registry, served at ``/metrics``."""
+    ``metrics`` is the app's Prometheus registry, served at ``/metrics``; ``plugin_state`` holds what a plugin
+    keeps for one app (breakers, limiters, queues), so it lives and dies with the app."""
 
     config: Config
     hooks: Hooks
@@ -42,6 +43,7 @@ class Runtime:
     metrics: Any = field(factory=_metrics_registry)
     started_at: float = field(factory=time.time)
     ready: bool = False
+    plugin_state: dict[str, Any] = field(factory=dict)  # each plugin's per-app state, by plugin name
     _store: StateStore | None = None
     _store_factory: Callable[[], StateStore] | None = None
 

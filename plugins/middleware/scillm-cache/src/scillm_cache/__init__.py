@@ -22,7 +22,6 @@ import asyncio
 import hashlib
 import logging
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -161,11 +160,10 @@ class CacheState:
     counter: Any = None
 
 
-_STATES: dict[int, CacheState] = {}
 
 
 def _state(runtime: Runtime) -> CacheState | None:
-    return _STATES.get(id(runtime))
+    return runtime.plugin_state.get("cache")  # type: ignore[no-any-return]
 
 
 def _config(runtime: Runtime) -> CacheConfig:
@@ -197,9 +195,7 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
 
     state.counter = Counter("scillm_cache_requests", "Chat calls by cache outcome", ["result"],
                             registry=runtime.metrics)
-    key = id(runtime)
-    _STATES[key] = state
-    weakref.finalize(runtime, _STATES.pop, key, None)
+    runtime.plugin_state["cache"] = state
     surfaces.on_shutdown(backend.close)
 
 

@@ -17,7 +17,6 @@ cannot vouch for never reaches a provider. Switch it off with ``[files] enabled 
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -64,20 +63,15 @@ class _State:
     by_code: dict[str, int] = field(factory=dict)
 
 
-_STATES: dict[int, _State] = {}
-
-
 def _config(runtime: Runtime) -> FilesConfig:
     return runtime.config.sections.get("files") or FilesConfig()  # type: ignore[no-any-return]
 
 
 def _state(runtime: Runtime) -> _State:
-    key = id(runtime)
-    state = _STATES.get(key)
+    state = runtime.plugin_state.get("files")
     if state is None:
-        state = _STATES[key] = _State(asyncio.Semaphore(max(1, _config(runtime).workers)))
-        weakref.finalize(runtime, _STATES.pop, key, None)
-    return state
+        state = runtime.plugin_state["files"] = _State(asyncio.Semaphore(max(1, _config(runtime).workers)))
+    return state  # type: ignore[no-any-return]
 
 
 @hookimpl
@@ -88,7 +82,7 @@ def scillm_config_sections() -> Mapping[str, type]:
 @hookimpl
 def scillm_health(runtime: Runtime) -> dict[str, Any]:
     cfg = _config(runtime)
-    state = _STATES.get(id(runtime))
+    state = runtime.plugin_state.get("files")
     return {"files": {
         "enabled": cfg.enabled, "fails": "closed",
         "limits": {k: v for k, v in attrs.asdict(cfg).items() if k not in ("enabled", "workers")},

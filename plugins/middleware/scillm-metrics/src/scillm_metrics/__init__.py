@@ -25,7 +25,6 @@ import contextlib
 import logging
 import re
 import time
-import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -173,12 +172,11 @@ class MetricsState:
             self.writer = None
 
 
-_STATES: dict[int, MetricsState] = {}
 WRITE_DELAY_S = 0.05
 
 
 def _state(runtime: Runtime) -> MetricsState | None:
-    return _STATES.get(id(runtime))
+    return runtime.plugin_state.get("metrics")  # type: ignore[no-any-return]
 
 
 def _config(runtime: Runtime) -> MetricsConfig:
@@ -237,9 +235,7 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
         dropped_counter=Counters("scillm_call_log_dropped", "Call-log records dropped (backlog full)", ()))
     runtime.metrics.register(SeriesCollector(state.attempts, state.latency, state.first_chunk, state.tokens,
                                              state.requests, state.request_latency, state.dropped_counter))
-    key = id(runtime)
-    _STATES[key] = state
-    weakref.finalize(runtime, _STATES.pop, key, None)
+    runtime.plugin_state["metrics"] = state
     surfaces.on_shutdown(state.stop)
 
 

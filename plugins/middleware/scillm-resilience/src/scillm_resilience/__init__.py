@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import weakref
 from collections.abc import AsyncIterator, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -104,18 +103,13 @@ class State:
         }
 
 
-_states: dict[int, State] = {}
-
-
 def state_of(runtime: Runtime) -> State:
     """This plugin's state for one app (breakers, limiters); created on first use, dropped with the runtime."""
-    key = id(runtime)
-    state = _states.get(key)
+    state = runtime.plugin_state.get("resilience")
     if state is None:
         config = runtime.config.sections.get("resilience") or ResilienceConfig()
-        state = _states[key] = State(config)
-        weakref.finalize(runtime, _states.pop, key, None)
-    return state
+        state = runtime.plugin_state["resilience"] = State(config)
+    return state  # type: ignore[no-any-return]
 
 
 # -- hooks ---------------------------------------------------------------------------------------------------------
