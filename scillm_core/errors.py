@@ -216,6 +216,17 @@ class ThinkingBudgetExhausted(UpstreamError):
     code = "thinking_budget_exhausted"
     retryable = False
 
+    @classmethod
+    def check(cls, response: Any, ctx: Any, model: str, detail: str, fix: str) -> None:
+        """Raise when ``response`` (a ``ChatResponse``) is an empty answer cut off by the output limit, which would
+        otherwise reach the client as a blank success. ``detail`` and ``fix`` speak the surface's dialect."""
+        choice = response.choices[0] if response.choices else None
+        if choice is None or choice.finish_reason != "length" or choice.message.text or choice.message.tool_calls:
+            return
+        route = ctx.route
+        raise cls(f"the model used its whole output budget before answering ({detail}); {fix}",
+                  provider=route.provider if route else "?", model=route.model if route else model)
+
 
 def to_response_parts(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(status, body, headers) for any exception; unknown exceptions become an opaque 500."""

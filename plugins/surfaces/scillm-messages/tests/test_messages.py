@@ -480,3 +480,11 @@ def test_installed_entry_point(tmp_path: Any) -> None:
             denied = httpx.post(server.url + "/v1/messages", headers={"x-api-key": "nope"}, timeout=10,
                                 json={"model": MODEL, "max_tokens": 5, "messages": user("x")})
             assert denied.status_code == 401 and denied.json()["error"]["type"] == "authentication_error"
+
+
+def test_an_empty_answer_cut_by_the_output_limit_is_a_502(client: anthropic.Anthropic, fake: FakeOpenAI) -> None:
+    fake.script(Reply(text="", finish_reason="length"))
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        client.messages.create(model=MODEL, max_tokens=16, messages=user("Hi"))
+    message = caught.value.body["error"]["message"]  # Anthropic's envelope carries no code
+    assert caught.value.status_code == 502 and "whole output budget" in message and "max_tokens" in message

@@ -213,3 +213,13 @@ def test_codex_backend_serves_the_responses_surface(tmp_path: Path) -> None:
             assert items[1] == {"type": "function_call", "call_id": "call_ls", "name": "shell",
                                 "arguments": '{"command":["ls"]}'}
             assert items[2] == {"type": "function_call_output", "call_id": "call_ls", "output": "a.txt\nb.txt"}
+
+
+def test_an_empty_answer_cut_by_the_output_limit_is_a_502(client: Any, upstream: FakeOpenAI) -> None:
+    import openai
+
+    upstream.script(Reply(text="", finish_reason="length"))
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.responses.create(model="gpt-4o-mini", input="Say hi", max_output_tokens=16)
+    assert caught.value.status_code == 502 and caught.value.body["code"] == "thinking_budget_exhausted"
+    assert "max_output_tokens" in caught.value.body["message"]

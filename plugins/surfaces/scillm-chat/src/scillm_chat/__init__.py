@@ -91,14 +91,8 @@ async def chat_completions(request: Request) -> Response:
         return await _stream(chat, ctx, runtime.config.server.heartbeat_s)
     result = await run_chat(chat, ctx)
     assert isinstance(result, ChatResponse)
-    choice = result.choices[0] if result.choices else None
-    if choice is not None and choice.finish_reason == "length" and not choice.message.text \
-            and not choice.message.tool_calls:
-        route = ctx.route
-        raise errors.ThinkingBudgetExhausted(
-            "the model used its whole output budget before answering (empty content, finish_reason=length); "
-            "raise max_tokens or lower reasoning_effort",
-            provider=route.provider if route else "?", model=route.model if route else chat.model)
+    errors.ThinkingBudgetExhausted.check(result, ctx, chat.model, "empty content, finish_reason=length",
+                                         "raise max_tokens or lower reasoning_effort")
     payload = unstructure(result)
     metadata = chat.scillm.get("scillm_metadata")
     if metadata is not None:

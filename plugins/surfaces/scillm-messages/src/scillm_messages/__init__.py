@@ -92,14 +92,8 @@ async def messages(request: Request) -> Response:
             return await _stream(chat, ctx, runtime_of(request).config.server.heartbeat_s)
         result = await run_chat(chat, ctx)
         assert isinstance(result, ChatResponse)
-        choice = result.choices[0] if result.choices else None
-        if choice is not None and choice.finish_reason == "length" and not choice.message.text \
-                and not choice.message.tool_calls:
-            route = ctx.route
-            raise errors.ThinkingBudgetExhausted(
-                "the model used its whole output budget before answering (empty content, stop_reason max_tokens); "
-                "raise max_tokens or lower the thinking budget",
-                provider=route.provider if route else "?", model=route.model if route else chat.model)
+        errors.ThinkingBudgetExhausted.check(result, ctx, chat.model, "empty content, stop_reason max_tokens",
+                                             "raise max_tokens or lower the thinking budget")
         return json_response(to_messages_response(result, chat.model), headers=served_headers(ctx))
     except Exception as exc:
         return error_response(request, exc)

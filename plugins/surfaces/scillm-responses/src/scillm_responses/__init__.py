@@ -70,14 +70,8 @@ async def create_response(request: Request) -> Response:
         return await _stream(chat, echo, ctx, runtime.config.server.heartbeat_s)
     result = await run_chat(chat, ctx)
     assert isinstance(result, ChatResponse)
-    choice = result.choices[0] if result.choices else None
-    if choice is not None and choice.finish_reason == "length" and not choice.message.text \
-            and not choice.message.tool_calls:
-        route = ctx.route
-        raise errors.ThinkingBudgetExhausted(
-            "the model used its whole output budget before answering (empty output, max_output_tokens reached); "
-            "raise max_output_tokens or lower reasoning.effort",
-            provider=route.provider if route else "?", model=route.model if route else chat.model)
+    errors.ThinkingBudgetExhausted.check(result, ctx, chat.model, "empty output, max_output_tokens reached",
+                                         "raise max_output_tokens or lower reasoning.effort")
     payload = response_object(result, echo)
     metadata = chat.scillm.get("scillm_metadata")
     if metadata is not None:
