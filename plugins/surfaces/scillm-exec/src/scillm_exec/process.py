@@ -108,6 +108,9 @@ class _Lines:
             self.buf.clear()
 
 
+LineSplitter = _Lines  # shared with service.py (long-lived children)
+
+
 async def run_cli(argv: Sequence[str], *, spec: SessionSpec, ctx: SessionContext, env: Mapping[str, str],
                   cwd: str | Path | None = None, stdin: bytes | None = None, kill_grace_s: float = 2.0,
                   source: str | None = None, redact: Sequence[str] = ()) -> CliOutcome:

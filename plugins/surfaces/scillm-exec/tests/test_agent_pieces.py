@@ -1,0 +1,136 @@
+"""The pieces every agent surface shares: git worktrees, the run event log and its SSE tail, long-lived children."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from scillm_exec import (
+    EventLog,
+    GitError,
+    ManagedProcess,
+    create_worktree,
+    group_members,
+    remove_worktree,
+    sse_tail,
+    worktree_diff,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def _repo(path: Path) -> Path:
+    path.mkdir()
+    run = lambda *a: subprocess.run(["git", *a], cwd=path, check=True, capture_output=True)  # noqa: E731
+    run("init", "-q", "-b", "main")
+    (path / "sub").mkdir()
+    (path / "sub" / "a.txt").write_text("one\n")
+    run("add", ".")
+    run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    # a hostile hook that must never run when scillm makes a worktree
+    (path / ".git" / "hooks" / "post-checkout").write_text("#!/bin/sh\ntouch \"$GIT_DIR/../HOOK_RAN\"\n")
+    (path / ".git" / "hooks" / "post-checkout").chmod(0o755)
+    return path
+
+
+async def test_worktree_isolates_the_callers_tree_and_diffs_against_base(tmp_path: Path) -> None:
+    repo = _repo(tmp_path / "repo")
+    (repo / "sub" / "a.txt").write_text("uncommitted\n")  # the caller's own edit stays theirs
+    status_before = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True).stdout
+    wt = await create_worktree(repo / "sub", tmp_path / "run" / "worktree")
+    assert wt.workdir == wt.path / "sub" and (wt.workdir / "a.txt").read_text() == "one\n"
+    (wt.workdir / "a.txt").write_text("two\n")
+    (wt.workdir / "new.bin").write_bytes(b"\x00\x01")
+    patch, paths = await worktree_diff(wt)
+    assert sorted(paths) == ["sub/a.txt", "sub/new.bin"]
+    assert "-one\n+two" in patch and "GIT binary patch" in patch
+    assert (repo / "sub" / "a.txt").read_text() == "uncommitted\n"
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True).stdout == status_before
+    assert not list(tmp_path.rglob("HOOK_RAN"))
+    await remove_worktree(wt)
+    assert not wt.path.exists()
+    listing = subprocess.run(["git", "worktree", "list", "--porcelain"], cwd=repo, capture_output=True).stdout
+    assert listing.count(b"worktree ") == 1  # only the caller's own
+
+
+async def test_worktree_refuses_what_is_not_a_repository_or_an_option(tmp_path: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(GitError, match="not inside a git repository"):
+        await create_worktree(tmp_path / "plain", tmp_path / "wt")
+    repo = _repo(tmp_path / "repo")
+    with pytest.raises(GitError, match="must not start with"):
+        await create_worktree(repo, tmp_path / "wt", ref="--upload-pack=x")
+    with pytest.raises(GitError):
+        await create_worktree(repo, tmp_path / "wt", ref="no-such-ref")
+
+
+async def test_event_log_follow_resumes_and_wakes_without_polling(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "events.jsonl", redact=["sk-secret-123456"])
+    log.append("a", node="n1")
+    log.append("b", text="key sk-secret-123456")
+    got: list[dict] = []
+
+    async def follower() -> None:
+        async for event in log.follow(after=1):
+            if event is not None:
+                got.append(event)
+
+    task = asyncio.ensure_future(follower())
+    await asyncio.sleep(0)
+    log.append("c")
+    log.close()
+    await asyncio.wait_for(task, 5)
+    assert [e["type"] for e in got] == ["b", "c"] and [e["seq"] for e in got] == [2, 3]
+    assert "sk-secret" not in (tmp_path / "events.jsonl").read_text()
+    # reopened after a restart: numbering continues, and a closed log replays and ends
+    again = EventLog(tmp_path / "events.jsonl")
+    assert again.seq == 3
+    again.close()
+    frames = [f async for f in sse_tail(again, 2, heartbeat_s=1.0)]
+    assert frames[0].startswith(b"id: 3\ndata: ") and frames[-1].startswith(b"event: end")
+
+
+async def test_event_log_heartbeats_while_quiet(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "events.jsonl")
+    stream = sse_tail(log, 0, heartbeat_s=0.01)
+    assert await anext(stream) == b": heartbeat\n\n"
+    log.append("x")
+    frame = await anext(stream)
+    assert orjson.loads(frame.split(b"data: ", 1)[1])["type"] == "x"
+    log.close()
+    assert (await anext(stream)).startswith(b"event: end")
+
+
+async def test_managed_process_lines_stdin_death_and_group_kill(tmp_path: Path) -> None:
+    script = ("import subprocess, sys\n"
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"  # a grandchild in the group
+              "print('ready', flush=True)\n"
+              "for line in sys.stdin:\n"
+              "    print('echo ' + line.strip(), flush=True)\n"
+              "    sys.stderr.write('token sk-live-secret-999\\n'); sys.stderr.flush()\n")
+    lines: list[bytes] = []
+    child = ManagedProcess("echo", [sys.executable, "-c", script], env={"PATH": os.environ["PATH"]}, cwd=tmp_path,
+                           log_path=tmp_path / "child.log", on_stdout=lines.append, stdin=True,
+                           redact=["sk-live-secret-999"], kill_grace_s=0.5)
+    await child.start()
+    await child.write(b"hi\n")
+    while b"echo hi" not in lines:
+        await asyncio.sleep(0.02)
+    assert lines[0] == b"ready" and child.alive
+    pgid = child.pid
+    assert pgid is not None and len(group_members(pgid)) == 2
+    await child.stop()
+    assert not child.alive and child.exited.is_set() and group_members(pgid) == []
+    log = (tmp_path / "child.log").read_text()
+    assert "sk-live-secret-999" not in log and "[redacted]" in log
+    # it can be started again after it died (the owner's restart)
+    await child.start()
+    assert child.alive and child.pid != pgid
+    os.killpg(child.pid, 9)
+    await asyncio.wait_for(child.exited.wait(), 10)
+    assert not child.alive
