@@ -198,7 +198,7 @@ class FakeCodex(FakeUpstream):
         for key in ("max_output_tokens", "max_completion_tokens", "temperature", "top_p"):
             if key in body:
                 return self._json({"detail": f"Unsupported parameter: {key}"}, 400)
-        reply = self.next_reply()
+        reply = self.next_reply(recorded)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

@@ -89,6 +89,9 @@ def test_child_env_config_and_sandbox(env: dict[str, Any], profile: str, sandbox
         config = next(v for k, v in files.items() if k.endswith("config.toml"))
         assert f'base_url = "{env["url"]}/v1"' in config and 'env_key = "SCILLM_API_KEY"' in config
         assert 'wire_api = "responses"' in config and "[analytics]\nenabled = false" in config
+        # the commands codex runs never see the run key, and it writes no snapshot of its environment
+        assert '[shell_environment_policy]\nexclude = ["SCILLM_API_KEY"]' in config
+        assert argv[argv.index("shell_snapshot") - 1] == "--disable"
         assert argv[argv.index("-s") + 1] == sandbox and argv[-1] == "-" and "plugins" in argv
         assert child["SCILLM_API_KEY"] == "[redacted]" and child["CODEX_HOME"].startswith(child["HOME"])
         assert dump["stdin"] == '{"mode": "env"}'  # the prompt came on stdin

@@ -17,6 +17,7 @@ from scillm_exec import (
     create_worktree,
     group_members,
     remove_worktree,
+    reset_worktree,
     sse_tail,
     worktree_diff,
 )
@@ -56,6 +57,19 @@ async def test_worktree_isolates_the_callers_tree_and_diffs_against_base(tmp_pat
     assert not wt.path.exists()
     listing = subprocess.run(["git", "worktree", "list", "--porcelain"], cwd=repo, capture_output=True).stdout
     assert listing.count(b"worktree ") == 1  # only the caller's own
+
+
+async def test_reset_worktree_returns_to_the_base_commit(tmp_path: Path) -> None:
+    repo = _repo(tmp_path / "repo")
+    wt = await create_worktree(repo, tmp_path / "run" / "worktree")
+    (wt.path / "sub" / "a.txt").write_text("changed\n")
+    (wt.path / "untracked.txt").write_text("x")
+    (wt.path / ".gitignore").write_text("ignored.log\n")
+    (wt.path / "ignored.log").write_text("y")
+    await reset_worktree(wt)
+    assert await worktree_diff(wt) == ("", [])
+    assert (wt.path / "sub" / "a.txt").read_text() == "one\n" and not (wt.path / "ignored.log").exists()
+    await remove_worktree(wt)
 
 
 async def test_worktree_refuses_what_is_not_a_repository_or_an_option(tmp_path: Path) -> None:

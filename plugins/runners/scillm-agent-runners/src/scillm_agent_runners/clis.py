@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from scillm_exec import run_cli, schema_instructions
@@ -10,7 +11,7 @@ from scillm_exec import run_cli, schema_instructions
 from scillm_agent_runners.base import child_env, kill_grace, outcome_result, require, temp_home
 from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
 
-__all__ = ["run_claude", "run_codex", "run_opencode", "run_pi"]
+__all__ = ["CODEX_OPT_OUTS", "codex_config", "codex_env", "run_claude", "run_codex", "run_opencode", "run_pi"]
 
 
 def _toml(value: str) -> str:
@@ -19,44 +20,61 @@ def _toml(value: str) -> str:
 
 # -- codex exec ----------------------------------------------------------------------------------------------------
 
+CODEX_OPT_OUTS = ("--disable", "plugins", "--disable", "apps", "--disable", "goals", "--disable", "multi_agent",
+                  "--disable", "shell_snapshot",  # it writes the shell's environment, run key included, to disk
+                  "-c", "skills.include_instructions=false", "-c", "skills.bundled.enabled=false")
+
+
+def codex_config(model: str, base_url: str, sandbox: str) -> str:
+    """``$CODEX_HOME/config.toml`` for a codex child (``codex exec``, ``codex app-server``) whose model provider is
+    this scillm: the run key comes in ``SCILLM_API_KEY`` (and is kept from the commands the agent runs), retries are
+    scillm's, telemetry, update checks, web search and the history file are off."""
+    return "\n".join([
+        f"model = {_toml(model)}",
+        'model_provider = "scillm"',
+        'approval_policy = "never"',
+        f"sandbox_mode = {_toml(sandbox)}",
+        "check_for_update_on_startup = false",
+        'web_search = "disabled"',
+        "[analytics]",
+        "enabled = false",
+        "[feedback]",
+        "enabled = false",
+        "[history]",
+        'persistence = "none"',
+        "[shell_environment_policy]",
+        'exclude = ["SCILLM_API_KEY"]',
+        "[model_providers.scillm]",
+        'name = "scillm"',
+        f"base_url = {_toml(base_url.rstrip('/') + '/v1')}",
+        'env_key = "SCILLM_API_KEY"',
+        'wire_api = "responses"',
+        "request_max_retries = 0",
+        "stream_max_retries = 0",
+        "",
+    ])
+
+
+def codex_env(cli: str, home: Path, codex_home: Path, api_key: str) -> dict[str, str]:
+    """The whole environment of a codex child: :func:`child_env` plus its CODEX_HOME and run key."""
+    return child_env(cli, home, {"CODEX_HOME": str(codex_home), "SCILLM_API_KEY": api_key,
+                                 "CODEX_DISABLE_TELEMETRY": "1", "OTEL_SDK_DISABLED": "true"})
+
+
 async def run_codex(spec: SessionSpec, ctx: SessionContext) -> SessionResult:
     cli, model = require(spec, ctx, "codex")
     with temp_home(ctx.run_id) as home:
         codex_home = home / ".codex"
         codex_home.mkdir()
-        (codex_home / "config.toml").write_text("\n".join([
-            f"model = {_toml(model)}",
-            'model_provider = "scillm"',
-            'approval_policy = "never"',
-            f"sandbox_mode = {_toml(spec.sandbox)}",
-            "check_for_update_on_startup = false",
-            'web_search = "disabled"',
-            "[analytics]",
-            "enabled = false",
-            "[feedback]",
-            "enabled = false",
-            "[history]",
-            'persistence = "none"',
-            "[model_providers.scillm]",
-            'name = "scillm"',
-            f"base_url = {_toml(ctx.base_url.rstrip('/') + '/v1')}",  # type: ignore[union-attr]
-            'env_key = "SCILLM_API_KEY"',
-            'wire_api = "responses"',
-            "request_max_retries = 0",
-            "stream_max_retries = 0",
-            "",
-        ]))
+        (codex_home / "config.toml").write_text(codex_config(model, ctx.base_url or "", spec.sandbox))
         argv = [cli, "exec", "--json", "--skip-git-repo-check", "--ephemeral", "--ignore-rules",
-                "-s", spec.sandbox, "-C", str(spec.cwd), "-m", model,
-                "--disable", "plugins", "--disable", "apps", "--disable", "goals", "--disable", "multi_agent",
-                "-c", "skills.include_instructions=false", "-c", "skills.bundled.enabled=false"]
+                "-s", spec.sandbox, "-C", str(spec.cwd), "-m", model, *CODEX_OPT_OUTS]
         if spec.output_schema is not None:
             schema_file = home / "output_schema.json"
             schema_file.write_text(json.dumps(spec.output_schema))
             argv += ["--output-schema", str(schema_file)]
         argv.append("-")  # the prompt comes on stdin
-        env = child_env(cli, home, {"CODEX_HOME": str(codex_home), "SCILLM_API_KEY": ctx.api_key or "",
-                                    "CODEX_DISABLE_TELEMETRY": "1", "OTEL_SDK_DISABLED": "true"})
+        env = codex_env(cli, home, codex_home, ctx.api_key or "")
         outcome = await run_cli(argv, spec=spec, ctx=ctx, env=env, cwd=spec.cwd, stdin=spec.prompt.encode(),
                                 kill_grace_s=kill_grace(ctx), redact=[ctx.api_key or ""])
     text, failure = "", None

@@ -7,18 +7,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from scillm_core import CommandRegistry, MiddlewareRegistry, Runtime, SurfaceRegistry, hookimpl
-from scillm_exec.auth import RUN_KEY_PREFIX, RunKeyMiddleware
+from scillm_exec.auth import RUN_KEY_PREFIX, RunKeyMiddleware, RunKeys, run_keys
 from scillm_exec.config import ExecConfig, exec_config
 from scillm_exec.events import EventLog, sse_tail
 from scillm_exec.manager import ExecManager, parse_final_json
 from scillm_exec.process import CliOutcome, group_members, kill_group, run_cli
 from scillm_exec.routes import manager_for, routes
 from scillm_exec.service import ManagedProcess
-from scillm_exec.worktree import GitError, Worktree, create_worktree, remove_worktree, worktree_diff
+from scillm_exec.worktree import GitError, Worktree, create_worktree, remove_worktree, reset_worktree, worktree_diff
 
 __all__ = ["RUN_KEY_PREFIX", "CliOutcome", "EventLog", "ExecConfig", "ExecManager", "GitError", "ManagedProcess",
-           "Worktree", "base_child_env", "create_worktree", "group_members", "kill_group", "manager_for",
-           "parse_final_json", "remove_worktree", "run_cli", "schema_instructions", "sse_tail", "worktree_diff"]
+           "RunKeys", "Worktree", "base_child_env", "create_worktree", "group_members", "kill_group", "manager_for",
+           "parse_final_json", "remove_worktree", "reset_worktree", "run_cli", "run_keys", "schema_instructions",
+           "sse_tail", "worktree_diff"]
 
 
 def base_child_env(home: str, *, path: str | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -55,8 +56,7 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
 
 @hookimpl
 def scillm_register_middleware(middleware: MiddlewareRegistry, runtime: Runtime) -> None:
-    manager = manager_for(runtime)
-    middleware.add(lambda app: RunKeyMiddleware(app, manager.keys, runtime.env), order=5, name="exec-run-keys")
+    middleware.add(lambda app: RunKeyMiddleware(app, run_keys(runtime), runtime.env), order=5, name="exec-run-keys")
 
 
 @hookimpl

@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from scillm_core import errors, send_error
 
-__all__ = ["RUN_KEY_PREFIX", "RunKeyMiddleware", "RunKeys"]
+__all__ = ["RUN_KEY_PREFIX", "RunKeyMiddleware", "RunKeys", "run_keys"]
 
 RUN_KEY_PREFIX = "sk-scillm-run-"
 DEV_KEY = "sk-dev-proxy-123"  # SPEC, Auth: the loopback-only key when SCILLM_MASTER_KEY is unset
@@ -35,6 +35,15 @@ class RunKeys:
 
     def lookup(self, key: str) -> tuple[str, str | None] | None:
         return self._live.get(key)
+
+
+def run_keys(runtime: Any) -> RunKeys:
+    """The app's live run keys, one set for every agent surface (exec runs, standing workers, ...): the single
+    :class:`RunKeyMiddleware` accepts exactly these."""
+    keys = runtime.plugin_state.get("run-keys")
+    if keys is None:
+        keys = runtime.plugin_state["run-keys"] = RunKeys()
+    return keys  # type: ignore[no-any-return]
 
 
 def _token(headers: list[tuple[bytes, bytes]]) -> str | None:

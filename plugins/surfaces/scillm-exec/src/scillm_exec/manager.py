@@ -18,7 +18,7 @@ import orjson
 
 from scillm_core import Runtime, errors
 from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
-from scillm_exec.auth import RunKeys
+from scillm_exec.auth import run_keys
 from scillm_exec.config import allowed_roots, exec_config
 
 __all__ = ["ExecManager", "RUN_ID", "parse_final_json", "spec_from_body"]
@@ -151,7 +151,7 @@ class Run:
 class ExecManager:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.keys = RunKeys()
+        self.keys = run_keys(runtime)
         self.runs: dict[str, Run] = {}
         self._slots: asyncio.Semaphore | None = None
 

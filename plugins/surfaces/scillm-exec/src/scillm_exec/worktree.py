@@ -15,7 +15,7 @@ from attrs import frozen
 
 from scillm_core import errors
 
-__all__ = ["GitError", "Worktree", "create_worktree", "git", "remove_worktree", "worktree_diff"]
+__all__ = ["GitError", "Worktree", "create_worktree", "git", "remove_worktree", "reset_worktree", "worktree_diff"]
 
 _GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1", "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
 _SAFE = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "safe.directory=*")
@@ -82,6 +82,12 @@ async def worktree_diff(worktree: Worktree) -> tuple[str, list[str]]:
     patch = await git("diff", "--cached", "--binary", "--no-color", "--no-ext-diff", worktree.base, cwd=worktree.path)
     names = await git("diff", "--cached", "--name-only", "-z", "--no-renames", worktree.base, cwd=worktree.path)
     return patch, [name for name in names.split("\0") if name]
+
+
+async def reset_worktree(worktree: Worktree) -> None:
+    """Put the checkout back to its base commit: changes, untracked and ignored files all go."""
+    await git("reset", "--hard", "--quiet", worktree.base, cwd=worktree.path)
+    await git("clean", "-fdxq", cwd=worktree.path)
 
 
 async def remove_worktree(worktree: Worktree) -> None:
