@@ -1,0 +1,357 @@
+"""HTTP routes under ``/v1/scillm/agents``: registry, status, handoffs, leases, turn, steer, interrupt, events
+stream, result, cleanup. Mutating routes need ``X-Caller-Skill``; bodies are strict (unknown fields are a 400)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from scillm_exec import exec_config, sse_tail
+from scillm_exec.routes import base_url_of
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from scillm_agents.config import settings
+from scillm_agents.service import Agents, agents_of
+from scillm_agents.worker import Worker
+from scillm_core import errors
+from scillm_core.web import caller_of, json_response, read_json, runtime_of
+
+__all__ = ["routes"]
+
+PREFIX = "/v1/scillm/agents"
+BODY_LIMIT = 1 << 20
+ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+TEXT_LIMIT = 256 << 10
+
+
+def _bad(message: str, param: str) -> errors.InvalidRequest:
+    return errors.InvalidRequest(f"{message} @ {param}", param=param)
+
+
+def _identity(request: Request) -> str:
+    """Who authenticated (the key's owner once virtual keys exist; today every key is the master key's)."""
+    identity = request.scope.get("scillm.identity")
+    return str(getattr(identity, "owner", None) or "master")
+
+
+def _who(request: Request, caller: str | None) -> dict[str, Any]:
+    return {"caller": caller, "identity": _identity(request)}
+
+
+async def _body(request: Request, allowed: set[str]) -> dict[str, Any]:
+    body = await read_json(request, limit_bytes=BODY_LIMIT)
+    if not isinstance(body, dict):
+        raise _bad(f"expected a JSON object, got {type(body).__name__}", "$")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise _bad(f"unknown field {unknown[0]!r} (known: {', '.join(sorted(allowed))})", f"$.{unknown[0]}")
+    return body
+
+
+def _id(body: Mapping[str, Any], key: str, *, required: bool = False) -> str | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise _bad(f"{key} is required", f"$.{key}")
+        return None
+    if not isinstance(value, str) or not ID.match(value):
+        raise _bad(f"{key} must be 1-128 letters, digits or ._:@- (starting with a letter or digit)", f"$.{key}")
+    return value
+
+
+def _text(body: Mapping[str, Any], key: str, *, required: bool = False) -> str | None:
+    value = body.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(f"{key} must be a non-empty string", f"$.{key}")
+    if len(value) > TEXT_LIMIT:
+        raise _bad(f"{key} is {len(value)} characters; the limit is {TEXT_LIMIT}", f"$.{key}")
+    return value
+
+
+def _flag(body: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise _bad(f"{key} must be true or false", f"$.{key}")
+    return value
+
+
+def _seconds(body: Mapping[str, Any], key: str, default: float, limit: float) -> float:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise _bad(f"{key} must be a positive number of seconds", f"$.{key}")
+    if value > limit:
+        raise _bad(f"{key} is {value}; the limit is {limit:g}", f"$.{key}")
+    return float(value)
+
+
+def _worker(request: Request) -> tuple[Agents, Worker]:
+    agents = agents_of(runtime_of(request))
+    return agents, agents.worker(request.path_params["worker"])
+
+
+# -- reading --------------------------------------------------------------------------------------------------------
+
+async def registry(request: Request) -> Response:
+    agents = agents_of(runtime_of(request))
+    return json_response({"status": "configured", "workers": [
+        {"name": w.name, "description": w.cfg.description, "model": w.cfg.model, "sandbox": w.cfg.sandbox,
+         "repository": w.cfg.repository, "base_ref": w.cfg.base_ref, "process": w.process_status()["status"],
+         "running_turn": w.busy.locked()} for w in agents.workers.values()]})
+
+
+def _public_lease(lease: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if lease is None:
+        return None
+    keys = ("lease_id", "owner", "handoff_id", "acquired_at", "renewed_at", "expires_at", "ttl_s", "caller", "identity")
+    return {k: lease.get(k) for k in keys}
+
+
+async def status(request: Request) -> Response:
+    agents, worker = _worker(request)
+    lease = await agents.lease(worker.name)
+    doc = await agents.worker_doc(worker.name)
+    last = await agents.turn(worker.name, doc["last_turn_id"]) if doc.get("last_turn_id") else None
+    thread_id = doc.get("thread_id")
+    note = doc.get("context_note")
+    if thread_id and not worker.alive and doc.get("context") != "lost":
+        note = f"thread {thread_id} is kept; the next turn resumes it in a new codex app-server"
+    running = worker.current
+    return json_response({
+        "worker": worker.name,
+        "state": "running" if worker.busy.locked() else ("leased" if lease else "idle"),
+        "description": worker.cfg.description, "model": worker.cfg.model, "sandbox": worker.cfg.sandbox,
+        "repository": worker.cfg.repository, "base_ref": worker.cfg.base_ref,
+        "turn_timeout_s": worker.cfg.turn_timeout_s, "idle_timeout_s": worker.cfg.idle_timeout_s,
+        "process": worker.process_status(),
+        "thread": {"id": thread_id, "context": doc.get("context"), "note": note,
+                   "lost_thread_id": doc.get("lost_thread_id")},
+        "lease": _public_lease(lease),
+        "turn": {"turn_id": running.turn_id, "status": "running"} if running is not None else None,
+        "last_turn": {k: last.get(k) for k in ("turn_id", "handoff_id", "status", "error", "started_at",
+                                               "completed_at")} if last else None,
+        "handoffs": await agents.handoff_ids(worker.name),
+        "worktree": doc.get("worktree"),
+        "events_seq": worker.events.seq,
+    })
+
+
+async def result(request: Request) -> Response:
+    agents, worker = _worker(request)
+    handoff_id = request.query_params.get("handoff_id")
+    if handoff_id is not None and not ID.match(handoff_id):
+        raise _bad("handoff_id must be 1-128 letters, digits or ._:@-", "query.handoff_id")
+    return json_response(await agents.result(worker.name, handoff_id))
+
+
+async def events(request: Request) -> Response:
+    _, worker = _worker(request)
+    after = request.query_params.get("after", "0")
+    if not after.isdigit():
+        raise _bad("after must be a non-negative integer (an event seq)", "query.after")
+    runtime = runtime_of(request)
+    heartbeat = exec_config(runtime).heartbeat_s or runtime.config.server.heartbeat_s
+    end = {"type": "end", "worker": worker.name}
+    return StreamingResponse(sse_tail(worker.events, int(after), heartbeat, end), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache"})
+
+
+# -- handoffs and leases --------------------------------------------------------------------------------------------
+
+HANDOFF_KEYS = {"handoff_id", "phase_id", "goal", "context", "memory_context", "validation_expectations", "metadata"}
+
+
+def _context(body: Mapping[str, Any]) -> Any:
+    """``context`` is text, or a list of ``{key, summary}`` notes (``memory_context``, as the old clients send)."""
+    if "context" in body and "memory_context" in body:
+        raise _bad("give context or memory_context, not both", "$.memory_context")
+    key = "memory_context" if "memory_context" in body else "context"
+    value = body.get(key)
+    if value is None or isinstance(value, str):
+        if isinstance(value, str) and len(value) > TEXT_LIMIT:
+            raise _bad(f"{key} is longer than {TEXT_LIMIT} characters", f"$.{key}")
+        return value
+    if not isinstance(value, list):
+        raise _bad("expected a string or an array of {key, summary} objects", f"$.{key}")
+    notes = []
+    for i, note in enumerate(value):
+        if not isinstance(note, dict) or not isinstance(note.get("summary"), str) or \
+                not isinstance(note.get("key", ""), str):
+            raise _bad("expected {key: string, summary: string}", f"$.{key}[{i}]")
+        notes.append({"key": note.get("key", ""), "summary": note["summary"]})
+    return notes
+
+
+async def handoffs(request: Request) -> Response:
+    caller = caller_of(request, required=True)
+    agents, worker = _worker(request)
+    body = await _body(request, HANDOFF_KEYS)
+    goal = _text(body, "goal", required=True)
+    expectations = body.get("validation_expectations", [])
+    if not isinstance(expectations, list) or not all(isinstance(e, str) for e in expectations):
+        raise _bad("validation_expectations must be an array of strings", "$.validation_expectations")
+    metadata = body.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise _bad("metadata must be an object", "$.metadata")
+    doc = {"worker": worker.name, "handoff_id": _id(body, "handoff_id") or f"handoff-{uuid.uuid4().hex[:16]}",
+           "phase_id": _id(body, "phase_id"), "goal": goal, "context": _context(body),
+           "validation_expectations": expectations, "metadata": metadata, "created_at": time.time(),
+           **_who(request, caller)}
+    stored, created = await agents.add_handoff(worker.name, doc)
+    return json_response(stored, 201 if created else 200)
+
+
+async def leases(request: Request) -> Response:
+    caller = caller_of(request, required=True)
+    agents, worker = _worker(request)
+    body = await _body(request, {"action", "lease_id", "owner", "handoff_id", "ttl_s"})
+    action = body.get("action", "acquire")
+    if action not in ("acquire", "renew", "release"):
+        raise _bad(f"action must be acquire, renew or release, got {action!r}", "$.action")
+    cfg = settings(runtime_of(request))
+    ttl_s = _seconds(body, "ttl_s", cfg.lease_ttl_s, cfg.max_lease_ttl_s)
+    owner = _id(body, "owner", required=action == "acquire")
+    handoff_id = _id(body, "handoff_id")
+    if action == "acquire":
+        assert owner is not None
+        if handoff_id is not None and await agents.handoff(worker.name, handoff_id) is None:
+            raise _bad(f"worker {worker.name!r} has no handoff {handoff_id!r} (POST it to .../handoffs first)",
+                       "$.handoff_id")
+        lease_id = _id(body, "lease_id") or (f"{handoff_id}-lease" if handoff_id else f"lease-{uuid.uuid4().hex[:16]}")
+        return json_response(await agents.acquire(worker.name, owner=owner, lease_id=lease_id, handoff_id=handoff_id,
+                                                  ttl_s=ttl_s, who=_who(request, caller)))
+    lease_id = _id(body, "lease_id", required=True)
+    assert lease_id is not None
+    if action == "renew":
+        return json_response(await agents.renew(worker.name, lease_id=lease_id, owner=owner, ttl_s=ttl_s))
+    return json_response(await agents.release(worker.name, lease_id=lease_id))
+
+
+# -- turns ----------------------------------------------------------------------------------------------------------
+
+def handoff_prompt(handoff: Mapping[str, Any]) -> str:
+    """The first message of a handoff's work when the turn brings no ``input`` of its own."""
+    parts = [f"Goal: {handoff['goal']}"]
+    context = handoff.get("context")
+    if isinstance(context, str) and context.strip():
+        parts.append(f"Context:\n{context}")
+    elif isinstance(context, list) and context:
+        parts.append("Context:\n" + "\n".join(f"- {n['key']}: {n['summary']}" if n.get("key") else f"- {n['summary']}"
+                                              for n in context))
+    if handoff.get("validation_expectations"):
+        parts.append("Validation expectations:\n" + "\n".join(f"- {e}" for e in handoff["validation_expectations"]))
+    return "\n\n".join(parts)
+
+
+async def turn(request: Request) -> Response:
+    caller = caller_of(request, required=True)
+    agents, worker = _worker(request)
+    body = await _body(request, {"lease_id", "handoff_id", "input", "wait", "timeout_s"})
+    lease_id = _id(body, "lease_id", required=True)
+    handoff_id = _id(body, "handoff_id")
+    text = _text(body, "input")
+    wait = _flag(body, "wait", False)
+    timeout_s = _seconds(body, "timeout_s", worker.cfg.turn_timeout_s, worker.cfg.turn_timeout_s)
+    lease = await agents.holder(worker.name, lease_id, "run a turn")
+    handoff_id = handoff_id or lease.get("handoff_id") or None
+    handoff = await agents.handoff(worker.name, handoff_id) if handoff_id else None
+    if handoff_id and handoff is None:
+        raise _bad(f"worker {worker.name!r} has no handoff {handoff_id!r} (POST it to .../handoffs first)",
+                   "$.handoff_id")
+    if text is None:
+        if handoff is None:
+            raise _bad("give input, or a handoff_id (here or on the lease) whose goal becomes the prompt", "$.input")
+        text = handoff_prompt(handoff)
+    record = {"handoff_id": handoff_id, "lease_id": lease_id, "owner": lease.get("owner"), "input": text,
+              **_who(request, caller)}
+    doc, task = await agents.begin_turn(worker, record, text, timeout_s, base_url_of(request))
+    if wait:
+        return json_response(await asyncio.shield(task))
+    return json_response(doc, 202)
+
+
+def _running(worker: Worker, action: str) -> Any:
+    live = worker.current
+    if live is None or live.done.is_set():
+        raise errors.Conflict(f"worker {worker.name!r} has no running turn to {action}", code="no_running_turn")
+    return live
+
+
+async def steer(request: Request) -> Response:
+    caller = caller_of(request, required=True)
+    agents, worker = _worker(request)
+    body = await _body(request, {"lease_id", "input", "handoff_id", "actor"})
+    lease_id = _id(body, "lease_id", required=True)
+    text = _text(body, "input", required=True)
+    actor = _id(body, "actor")
+    _id(body, "handoff_id")
+    lease = await agents.holder(worker.name, lease_id, "steer it")
+    live = _running(worker, "steer")
+    assert text is not None
+    turn_id = await worker.steer(live, text)
+    worker.emit("turn.steered", turn_id=turn_id, input=text, owner=lease.get("owner"), actor=actor,
+                **_who(request, caller))
+    return json_response({"worker": worker.name, "turn_id": turn_id, "steered": True})
+
+
+async def interrupt(request: Request) -> Response:
+    caller = caller_of(request, required=True)
+    agents, worker = _worker(request)
+    body = await _body(request, {"lease_id"})
+    lease_id = _id(body, "lease_id", required=True)
+    lease = await agents.holder(worker.name, lease_id, "interrupt it")
+    live = _running(worker, "interrupt")
+    task = worker.task
+    worker.emit("turn.interrupt", turn_id=live.turn_id, owner=lease.get("owner"), **_who(request, caller))
+    await worker.end_turn(live, "interrupted", f"interrupted by {lease.get('owner')}")
+    assert task is not None
+    return json_response(await asyncio.shield(task))
+
+
+async def cleanup(request: Request) -> Response:
+    caller = caller_of(request, required=True)
+    agents, worker = _worker(request)
+    body = await _body(request, {"lease_id", "remove_worktree"})
+    lease_id = _id(body, "lease_id")
+    remove = _flag(body, "remove_worktree", False)
+    lease = await agents.lease(worker.name)
+    if lease is not None and lease.get("lease_id") != lease_id:
+        await agents.holder(worker.name, lease_id, "clean it up")  # raises 409 naming the holder
+    live = worker.current
+    if live is not None and not live.done.is_set():
+        task = worker.task
+        await worker.end_turn(live, "cancelled", "cancelled by cleanup")
+        if task is not None:
+            await asyncio.shield(task)
+    async with worker.busy:
+        await worker.stop("cleanup")
+        removed = await worker.remove_worktree() if remove else False
+        if remove:
+            await agents.update_worker(worker.name, worktree=None, thread_id=None, context="reset",
+                                       context_note="cleanup removed the worktree; the next turn starts a new "
+                                                    "thread in a fresh worktree")
+        doc = await agents.worker_doc(worker.name)
+        outcome = "removed" if removed else ("none" if remove else "kept")
+        worker.emit("worker.cleanup", worktree=outcome, **_who(request, caller))
+        worker.events.close()  # followers get their end event
+    return json_response({"worker": worker.name, "process": worker.process_status(), "worktree": outcome,
+                          "thread_id": doc.get("thread_id")})
+
+
+def routes() -> list[tuple[str, Any, list[str]]]:
+    return [(f"{PREFIX}/registry", registry, ["GET"]),
+            (f"{PREFIX}/{{worker}}/status", status, ["GET"]),
+            (f"{PREFIX}/{{worker}}/handoffs", handoffs, ["POST"]),
+            (f"{PREFIX}/{{worker}}/leases", leases, ["POST"]),
+            (f"{PREFIX}/{{worker}}/turn", turn, ["POST"]),
+            (f"{PREFIX}/{{worker}}/steer", steer, ["POST"]),
+            (f"{PREFIX}/{{worker}}/interrupt", interrupt, ["POST"]),
+            (f"{PREFIX}/{{worker}}/events/stream", events, ["GET"]),
+            (f"{PREFIX}/{{worker}}/result", result, ["GET"]),
+            (f"{PREFIX}/{{worker}}/cleanup", cleanup, ["POST"])]

@@ -1,0 +1,304 @@
+"""The app's standing workers and their durable state.
+
+Everything that must outlive a process lives in the state store (so a restarted scillm, or a second scillm on the
+same store, sees it): ``agents.leases`` (one document per worker, written only by compare-and-set with the lease's
+TTL, so two processes can never both hold it), ``agents.handoffs``, ``agents.workers`` (thread id, worktree,
+context), ``agents.turns`` (each turn's result) and ``agents.results`` (the last turn per handoff). Processes,
+the running turn and the event followers are per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from scillm_exec import exec_config, run_keys
+
+from scillm_agents.config import settings, workers
+from scillm_agents.worker import DIFF_INLINE, LiveTurn, Worker
+from scillm_core import Runtime, errors
+from scillm_core.state import StateStore
+
+__all__ = ["Agents", "LEASES", "agents_of"]
+
+LEASES, HANDOFFS, WORKERS, TURNS, RESULTS = ("agents.leases", "agents.handoffs", "agents.workers", "agents.turns",
+                                             "agents.results")
+CAS_ATTEMPTS = 5
+
+
+def agents_of(runtime: Runtime) -> Agents:
+    agents = runtime.plugin_state.get("agents")
+    if agents is None:
+        agents = runtime.plugin_state["agents"] = Agents(runtime)
+    return agents  # type: ignore[no-any-return]
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+class Agents:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.keys = run_keys(runtime)
+        env = runtime.env
+        # values never written to an event, log or result (run keys are added as they are minted)
+        self.secrets = [v for k, v in env.items() if v and len(v) >= 8 and any(
+            part in k for part in ("KEY", "TOKEN", "SECRET", "PASSWORD"))]
+        self.kill_grace_s = exec_config(runtime).kill_grace_s
+        self.lifecycle = asyncio.Lock()   # starts and stops of every worker's process, one at a time
+        self.workers = {name: Worker(self, name, cfg) for name, cfg in workers(runtime).items()}
+        self.finishing: set[asyncio.Task[Any]] = set()
+        self.io = ThreadPoolExecutor(1, thread_name_prefix="scillm-agents-io")  # diff files (not the store's pool)
+
+    @property
+    def store(self) -> StateStore:
+        return self.runtime.store
+
+    def worker(self, name: str) -> Worker:
+        worker = self.workers.get(name)
+        if worker is None:
+            declared = ", ".join(sorted(self.workers)) or "none: declare them as [agents.<name>] in scillm.toml"
+            raise errors.NotFound(f"no standing worker {name!r} (declared: {declared})")
+        return worker
+
+    # -- worker documents ------------------------------------------------------------------------------------------
+
+    async def worker_doc(self, name: str) -> dict[str, Any]:
+        return await self.store.get(WORKERS, name) or {}
+
+    async def update_worker(self, name: str, **fields: Any) -> dict[str, Any]:
+        """Merge ``fields`` into the worker's document (compare-and-set, so concurrent writers do not lose fields)."""
+        for _ in range(CAS_ATTEMPTS):
+            current = await self.store.get(WORKERS, name)
+            new = {**(current or {}), **fields, "updated_at": time.time()}
+            if await self.store.compare_and_set(WORKERS, name, current, new):
+                return new
+        raise errors.Conflict(f"worker {name!r}: its state changed concurrently too often; try again")
+
+    # -- leases ----------------------------------------------------------------------------------------------------
+
+    async def lease(self, name: str) -> dict[str, Any] | None:
+        return await self.store.get(LEASES, name)  # an expired lease reads as absent
+
+    def _held_by(self, lease: Mapping[str, Any]) -> str:
+        return (f"worker {lease.get('worker')!r} is leased by {lease.get('owner')!r} (lease {lease.get('lease_id')!r}) "
+                f"until {_iso(float(lease.get('expires_at') or 0))}")
+
+    def _lease_conflict(self, lease: Mapping[str, Any], hint: str) -> errors.Conflict:
+        return errors.Conflict(f"{self._held_by(lease)}; {hint}", code="lease_held", details={
+            "holder": lease.get("owner"), "lease_id": lease.get("lease_id"), "expires_at": lease.get("expires_at")})
+
+    async def acquire(self, name: str, *, owner: str, lease_id: str, handoff_id: str | None, ttl_s: float,
+                      who: Mapping[str, Any]) -> dict[str, Any]:
+        """Take the worker's lease: one compare-and-set against "absent or expired". The same owner asking again
+        with the same lease id renews it."""
+        now = time.time()
+        doc = {"worker": name, "lease_id": lease_id, "owner": owner, "handoff_id": handoff_id, "ttl_s": ttl_s,
+               "acquired_at": now, "renewed_at": now, "expires_at": now + ttl_s, **who}
+        if await self.store.compare_and_set(LEASES, name, None, doc, ttl_s=ttl_s):
+            self.worker(name).emit("lease.acquired", lease_id=lease_id, owner=owner, handoff_id=handoff_id,
+                                   expires_at=doc["expires_at"])
+            return doc
+        current = await self.lease(name)
+        if current is None:  # it expired between the two calls: one more atomic attempt
+            if await self.store.compare_and_set(LEASES, name, None, doc, ttl_s=ttl_s):
+                return doc
+            current = await self.lease(name)
+        if current is not None and current.get("lease_id") == lease_id and current.get("owner") == owner:
+            return await self.renew(name, lease_id=lease_id, owner=owner, ttl_s=ttl_s)
+        raise self._lease_conflict(current or {}, "try again after it expires, or ask the holder to release it")
+
+    async def holder(self, name: str, lease_id: Any, action: str) -> dict[str, Any]:
+        """The live lease if ``lease_id`` is it, else 409 naming the holder (or saying there is none)."""
+        lease = await self.lease(name)
+        if lease is None:
+            raise errors.Conflict(f"worker {name!r} has no live lease; take one with POST /v1/scillm/agents/{name}"
+                                  f"/leases before you {action}", code="lease_required")
+        if lease.get("lease_id") != lease_id:
+            raise self._lease_conflict(lease, f"only the holder may {action}")
+        return lease
+
+    async def renew(self, name: str, *, lease_id: str, owner: str | None, ttl_s: float) -> dict[str, Any]:
+        current = await self.holder(name, lease_id, "renew it")
+        if owner is not None and current.get("owner") != owner:
+            raise self._lease_conflict(current, "only the holder may renew it")
+        now = time.time()
+        new = {**current, "renewed_at": now, "expires_at": now + ttl_s, "ttl_s": ttl_s}
+        if not await self.store.compare_and_set(LEASES, name, current, new, ttl_s=ttl_s):
+            raise errors.Conflict(f"the lease on worker {name!r} changed while renewing it; read its status and "
+                                  "try again", code="lease_changed")
+        self.worker(name).emit("lease.renewed", lease_id=lease_id, expires_at=new["expires_at"])
+        return new
+
+    async def release(self, name: str, *, lease_id: str) -> dict[str, Any]:
+        current = await self.holder(name, lease_id, "release it")
+        if not await self.store.compare_and_set(LEASES, name, current, None):
+            raise errors.Conflict(f"the lease on worker {name!r} changed while releasing it", code="lease_changed")
+        self.worker(name).emit("lease.released", lease_id=lease_id)
+        return {**current, "released": True}
+
+    # -- handoffs --------------------------------------------------------------------------------------------------
+
+    async def handoff(self, name: str, handoff_id: str) -> dict[str, Any] | None:
+        return await self.store.get(HANDOFFS, f"{name}/{handoff_id}")
+
+    async def add_handoff(self, name: str, doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Store a handoff once; the same handoff again is accepted as is (a retry), a different one with the same
+        id is a 409. Returns ``(document, created)``."""
+        key = f"{name}/{doc['handoff_id']}"
+        if await self.store.compare_and_set(HANDOFFS, key, None, doc):
+            self.worker(name).emit("handoff.created", handoff_id=doc["handoff_id"], goal=doc["goal"],
+                                   owner=doc.get("caller"))
+            return doc, True
+        existing = await self.store.get(HANDOFFS, key) or {}
+        content = ("goal", "context", "validation_expectations", "metadata", "phase_id")
+        if all(existing.get(k) == doc.get(k) for k in content):
+            return existing, False
+        raise errors.Conflict(f"worker {name!r} already has a different handoff {doc['handoff_id']!r}; use a new "
+                              "handoff_id", code="handoff_exists")
+
+    async def handoff_ids(self, name: str) -> list[str]:
+        return [key.split("/", 1)[1] for key, _ in await self.store.scan(HANDOFFS, f"{name}/", limit=1000)]
+
+    # -- turns -----------------------------------------------------------------------------------------------------
+
+    async def begin_turn(self, worker: Worker, record: dict[str, Any], text: str, timeout_s: float,
+                         base_url: str) -> tuple[dict[str, Any], asyncio.Task[dict[str, Any]]]:
+        """Start a turn (the worker must be free); returns its running record and the task that stores its result."""
+        if worker.busy.locked():
+            running = worker.current.turn_id if worker.current else "starting"
+            raise errors.Conflict(f"worker {worker.name!r} is running turn {running}; steer it, interrupt it, or "
+                                  "wait for its result", code="turn_running")
+        await worker.busy.acquire()
+        try:
+            await worker.ensure_running(base_url)
+            live = await worker.start_turn(text)
+        except BaseException:
+            worker.busy.release()
+            raise
+        doc = {**record, "worker": worker.name, "turn_id": live.turn_id, "thread_id": worker.thread_id,
+               "status": "running", "started_at": time.time(), "timeout_s": timeout_s}
+        worker.emit("turn.requested", turn_id=live.turn_id, handoff_id=doc.get("handoff_id"), owner=doc.get("owner"),
+                    input=text)
+        recorded = asyncio.Event()   # the result is stored only after the running record (which may fail)
+        task = worker.task = asyncio.ensure_future(self._finish(worker, live, doc, timeout_s, recorded))
+        self.finishing.add(task)
+        task.add_done_callback(self.finishing.discard)
+        try:
+            await self.store.put(TURNS, f"{worker.name}/{live.turn_id}", doc)
+            await self.update_worker(worker.name, last_turn_id=live.turn_id)
+            if doc.get("handoff_id"):
+                await self.store.put(RESULTS, f"{worker.name}/{doc['handoff_id']}", {"turn_id": live.turn_id})
+        finally:
+            recorded.set()
+        return doc, task
+
+    async def _finish(self, worker: Worker, live: LiveTurn, doc: dict[str, Any], timeout_s: float,
+                      recorded: asyncio.Event) -> dict[str, Any]:
+        try:
+            await worker.wait_turn(live, timeout_s)
+            await recorded.wait()
+            status = {"completed": "completed", "interrupted": "interrupted"}.get(live.status or "", "failed")
+            error = live.error
+            if live.ended_by is not None and status != "completed":
+                status, error = live.ended_by  # scillm ended it: timeout, interrupt, cleanup, shutdown
+            patch, paths = "", list[str]()
+            try:
+                patch, paths = await worker.evidence()
+            except errors.ScillmError as exc:
+                error = error or f"could not diff the worktree: {exc.message}"
+            if worker.cfg.sandbox == "read-only" and paths:
+                status = "failed"
+                error = (f"sandbox_violation: read-only worker {worker.name!r} changed {', '.join(paths[:20])}; "
+                         "its worktree was reset to the base commit (the diff is kept as evidence)")
+                with contextlib.suppress(errors.ScillmError):
+                    await worker.reset()
+            diff_path = worker.dir / "turns" / f"{live.turn_id}.diff"
+            await asyncio.get_running_loop().run_in_executor(self.io, _write, diff_path, patch)
+            now = time.time()
+            result = {**doc, "status": status, "error": error,
+                      "final_text": live.messages[-1] if live.messages else "",
+                      "turn_diff": live.diff, "diff": patch[:DIFF_INLINE], "diff_truncated": len(patch) > DIFF_INLINE,
+                      "changed_paths": paths, "usage": live.usage, "completed_at": now,
+                      "duration_s": round(now - doc["started_at"], 3),
+                      "artifacts": {"diff": str(diff_path), "events_jsonl": str(worker.events.path)}}
+            await self.store.put(TURNS, f"{worker.name}/{live.turn_id}", result)
+            worker.emit("turn.completed", turn_id=live.turn_id, handoff_id=doc.get("handoff_id"), status=status,
+                        error=error, final_text=result["final_text"], changed_paths=paths)
+            return result
+        finally:
+            worker.turns.pop(live.turn_id, None)
+            if worker.current is live:
+                worker.current = None
+            worker.last_active = time.monotonic()
+            worker.busy.release()
+
+    async def turn(self, name: str, turn_id: str) -> dict[str, Any] | None:
+        return await self.store.get(TURNS, f"{name}/{turn_id}")
+
+    async def result(self, name: str, handoff_id: str | None) -> dict[str, Any]:
+        if handoff_id is not None:
+            pointer = await self.store.get(RESULTS, f"{name}/{handoff_id}")
+            if pointer is None:
+                known = await self.handoff(name, handoff_id)
+                raise errors.NotFound(f"handoff {handoff_id!r} of worker {name!r} has no finished turn yet" if known
+                                      else f"worker {name!r} has no handoff {handoff_id!r}")
+            turn_id = pointer["turn_id"]
+        else:
+            turn_id = (await self.worker_doc(name)).get("last_turn_id")
+            if not turn_id:
+                raise errors.NotFound(f"worker {name!r} has run no turn yet")
+        doc = await self.turn(name, turn_id)
+        if doc is None:
+            raise errors.NotFound(f"turn {turn_id!r} of worker {name!r} is not stored")
+        return doc
+
+    # -- capacity and lifecycle ------------------------------------------------------------------------------------
+
+    async def make_room(self, starting: Worker) -> None:
+        """Called with ``lifecycle`` held before a process starts: at ``max_live`` live processes, stop the one idle
+        longest; when every live worker is running a turn, refuse (429)."""
+        limit = settings(self.runtime).max_live
+        live = [w for w in self.workers.values() if w is not starting and w.alive]
+        while len(live) >= limit:
+            idle = [w for w in live if not w.busy.locked()]
+            if not idle:
+                raise errors.ScillmError(
+                    f"all {limit} live standing workers are running turns (standing_agents.max_live); try again "
+                    "when one finishes", status=429, code="too_many_live_workers", headers={"retry-after": "5"})
+            victim = min(idle, key=lambda w: w.last_active)
+            await victim.stop_locked(f"stopped to make room for worker {starting.name!r} "
+                                      f"(standing_agents.max_live={limit}); the next turn resumes its thread")
+            live.remove(victim)
+
+    async def shutdown(self) -> None:
+        """scillm is stopping: end running turns, stop every process (whole process groups), store the results."""
+        for worker in self.workers.values():
+            if worker.current is not None and not worker.current.done.is_set():
+                worker.current.ended_by = ("failed", "scillm stopped during the turn; the thread resumes on the "
+                                                     "next turn")
+        async with self.lifecycle:
+            for worker in self.workers.values():
+                await worker.stop_locked("scillm stopped")
+        for task in list(self.finishing):
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(task, 10)
+        for worker in self.workers.values():
+            worker.events.close()
+        self.io.shutdown(wait=True)
+
+    def health(self) -> dict[str, Any]:
+        return {"workers": len(self.workers), "live": sum(1 for w in self.workers.values() if w.alive),
+                "running_turns": sum(1 for w in self.workers.values() if w.busy.locked()),
+                "max_live": settings(self.runtime).max_live}

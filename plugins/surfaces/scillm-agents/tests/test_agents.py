@@ -1,0 +1,301 @@
+"""The standing-agents surface without a codex process: config, bad input, leases on a shared store, the JSON-RPC
+client, and the answers a worker gives to codex's requests (checked against codex 0.169's own JSON Schemas)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import orjson
+import pytest
+from agents_helpers import MASTER_KEY, PLUGINS, make_repo, start_scillm
+from scillm_agents import agents_of
+from scillm_agents.rpc import RpcClient, RpcError
+from scillm_exec import Worktree
+
+from scillm_core.config import ConfigError
+from scillm_core.testing import ServerThread, make_app
+
+SCHEMAS = Path(__file__).parent / "fixtures" / "codex-app-server"
+
+
+def schema(name: str) -> dict[str, Any]:
+    return json.loads((SCHEMAS / f"{name}.json").read_text())  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_repo(tmp_path_factory.mktemp("agents-unit") / "repo")
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    data = tmp_path_factory.mktemp("agents-unit-data")
+    workers = {"alpha": {"repository": str(repo), "model": "gpt-5.5"},
+               "broken": {"repository": str(repo.parent), "model": "gpt-5.5"}}  # not a git repository
+    server = start_scillm(data, workers, {})
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def http(server: ServerThread) -> Any:
+    with httpx.Client(base_url=server.url + "/v1/scillm/agents", timeout=60, headers={
+            "authorization": f"Bearer {MASTER_KEY}", "x-caller-skill": "unit"}) as client:
+        yield client
+
+
+# -- config ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"w": {"repository": "/r", "model": "m", "sandox": "read-only"}}, "unknown key 'sandox'"),
+    ({"w": {"repository": "/r", "model": "m", "sandbox": "full"}}, "agents.w"),
+    ({"w": {"repository": "/r", "model": "m", "turn_timeout_s": 0}}, "agents.w"),
+    ({"w": {"model": "m"}}, "agents.w"),
+])
+def test_bad_worker_tables_stop_startup_naming_the_key(table: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_app(config={"agents": table}, only=PLUGINS)
+
+
+def test_bad_worker_names_stop_startup() -> None:
+    with pytest.raises(ValueError, match=r"\[agents.a b\]"):
+        make_app(config={"agents": {"a b": {"repository": "/r", "model": "m"}}}, only=PLUGINS)
+
+
+# -- routes ---------------------------------------------------------------------------------------------------------
+
+def test_registry_and_unknown_workers(http: httpx.Client) -> None:
+    registry = http.get("/registry").json()
+    assert registry["status"] == "configured"
+    assert [w["name"] for w in registry["workers"]] == ["alpha", "broken"]
+    assert registry["workers"][0]["process"] == "stopped" and registry["workers"][0]["sandbox"] == "read-only"
+    for method, path in (("GET", "/nope/status"), ("POST", "/nope/turn"), ("GET", "/nope/events/stream")):
+        response = http.request(method, path, json={})
+        assert response.status_code == 404
+        assert "no standing worker 'nope' (declared: alpha, broken)" in response.json()["error"]["message"]
+
+
+def test_mutating_routes_need_the_caller_header(http: httpx.Client) -> None:
+    for path in ("handoffs", "leases", "turn", "steer", "interrupt", "cleanup"):
+        response = http.post(f"/alpha/{path}", json={}, headers={"x-caller-skill": ""})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "caller_skill_required", path
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("handoffs", {}, "$.goal"),
+    ("handoffs", {"goal": "g", "handoff_id": "../x"}, "$.handoff_id"),
+    ("handoffs", {"goal": "g", "validation_expectations": "x"}, "$.validation_expectations"),
+    ("handoffs", {"goal": "g", "memory_context": [{"key": 1}]}, "$.memory_context[0]"),
+    ("handoffs", {"goal": "g", "extra": 1}, "$.extra"),
+    ("leases", {}, "$.owner"),
+    ("leases", {"owner": "o", "ttl_s": -1}, "$.ttl_s"),
+    ("leases", {"owner": "o", "ttl_s": 10 ** 9}, "$.ttl_s"),
+    ("leases", {"owner": "o", "action": "steal"}, "$.action"),
+    ("leases", {"action": "renew"}, "$.lease_id"),
+    ("leases", {"owner": "o", "handoff_id": "missing"}, "$.handoff_id"),
+    ("turn", {}, "$.lease_id"),
+    ("turn", {"lease_id": "l", "wait": "yes"}, "$.wait"),
+    ("turn", {"lease_id": "l", "input": ""}, "$.input"),
+    ("turn", {"lease_id": "l", "timeout_s": 10 ** 6}, "$.timeout_s"),
+    ("steer", {"lease_id": "l"}, "$.input"),
+    ("cleanup", {"remove_worktree": "yes"}, "$.remove_worktree"),
+    ("turn", [], "$"),
+])
+def test_bad_input_is_a_400_naming_the_field(http: httpx.Client, path: str, body: Any, param: str) -> None:
+    response = http.post(f"/alpha/{path}", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_bad_queries_are_400s(http: httpx.Client) -> None:
+    assert http.get("/alpha/events/stream", params={"after": "-1"}).json()["error"]["param"] == "query.after"
+    assert http.get("/alpha/result", params={"handoff_id": "a/b"}).json()["error"]["param"] == "query.handoff_id"
+    assert http.get("/alpha/result").status_code == 404
+
+
+def test_turns_steers_and_interrupts_need_the_lease(http: httpx.Client) -> None:
+    for path, body in (("turn", {"lease_id": "l", "input": "hi"}), ("steer", {"lease_id": "l", "input": "hi"}),
+                       ("interrupt", {"lease_id": "l"})):
+        response = http.post(f"/alpha/{path}", json=body)
+        assert response.status_code == 409 and response.json()["error"]["code"] == "lease_required", path
+    held = http.post("/alpha/leases", json={"owner": "me", "ttl_s": 60}).json()
+    try:
+        wrong = http.post("/alpha/turn", json={"lease_id": "other", "input": "hi"})
+        assert wrong.status_code == 409 and wrong.json()["error"]["details"]["holder"] == "me"
+        idle = http.post("/alpha/interrupt", json={"lease_id": held["lease_id"]})
+        assert idle.status_code == 409 and idle.json()["error"]["code"] == "no_running_turn"
+        unknown = http.post("/alpha/turn", json={"lease_id": held["lease_id"], "handoff_id": "nope"})
+        assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "$.handoff_id"
+        nothing = http.post("/alpha/turn", json={"lease_id": held["lease_id"]})
+        assert nothing.status_code == 400 and nothing.json()["error"]["param"] == "$.input"
+    finally:
+        http.post("/alpha/leases", json={"action": "release", "lease_id": held["lease_id"]})
+
+
+def test_lease_renew_release_and_idempotent_acquire(http: httpx.Client) -> None:
+    first = http.post("/alpha/leases", json={"owner": "me", "lease_id": "L1", "ttl_s": 30}).json()
+    again = http.post("/alpha/leases", json={"owner": "me", "lease_id": "L1", "ttl_s": 300}).json()
+    assert again["lease_id"] == "L1" and again["expires_at"] > first["expires_at"]
+    renewed = http.post("/alpha/leases", json={"action": "renew", "lease_id": "L1", "ttl_s": 600})
+    assert renewed.status_code == 200 and renewed.json()["ttl_s"] == 600
+    assert http.post("/alpha/leases", json={"action": "renew", "lease_id": "L2"}).status_code == 409
+    assert http.post("/alpha/leases", json={"action": "release", "lease_id": "L2"}).status_code == 409
+    status = http.get("/alpha/status").json()
+    assert status["state"] == "leased" and status["lease"]["owner"] == "me" and status["lease"]["caller"] == "unit"
+    released = http.post("/alpha/leases", json={"action": "release", "lease_id": "L1"})
+    assert released.status_code == 200 and released.json()["released"] is True
+    assert http.get("/alpha/status").json()["lease"] is None
+
+
+def test_handoffs_are_stored_once(http: httpx.Client) -> None:
+    body = {"handoff_id": "h1", "goal": "fix the bug", "memory_context": [{"key": "k", "summary": "s"}],
+            "validation_expectations": ["tests pass"], "metadata": {"phase": 1}}
+    created = http.post("/alpha/handoffs", json=body)
+    assert created.status_code == 201
+    assert created.json()["context"] == [{"key": "k", "summary": "s"}] and created.json()["caller"] == "unit"
+    retry = http.post("/alpha/handoffs", json=body)
+    assert retry.status_code == 200 and retry.json()["created_at"] == created.json()["created_at"]
+    clash = http.post("/alpha/handoffs", json={**body, "goal": "something else"})
+    assert clash.status_code == 409 and clash.json()["error"]["code"] == "handoff_exists"
+    assert "h1" in http.get("/alpha/status").json()["handoffs"]
+    generated = http.post("/alpha/handoffs", json={"goal": "another"}).json()
+    assert generated["handoff_id"].startswith("handoff-")
+
+
+def test_a_worker_that_cannot_start_says_why(http: httpx.Client) -> None:
+    held = http.post("/broken/leases", json={"owner": "me", "ttl_s": 60}).json()
+    response = http.post("/broken/turn", json={"lease_id": held["lease_id"], "input": "hi", "wait": True})
+    assert response.status_code == 503 and response.json()["error"]["code"] == "worker_unavailable"
+    assert "not inside a git repository" in response.json()["error"]["message"]
+    assert "agents.broken" in response.json()["error"]["message"]
+    # the worker is free again
+    assert http.get("/broken/status").json()["state"] == "leased"
+
+
+def test_two_scillm_processes_on_one_store_never_both_hold_a_lease(repo: Path, tmp_path: Path) -> None:
+    workers = {"shared": {"repository": str(repo), "model": "gpt-5.5"}}
+    servers = [start_scillm(tmp_path / "data", workers, {}) for _ in range(2)]
+    try:
+        def take(n: int) -> httpx.Response:
+            return httpx.post(f"{servers[n % 2].url}/v1/scillm/agents/shared/leases", json={"owner": f"agent-{n}"},
+                              headers={"authorization": f"Bearer {MASTER_KEY}", "x-caller-skill": "unit"}, timeout=60)
+
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(take, range(16)))
+        winners = [r.json()["owner"] for r in responses if r.status_code == 200]
+        assert len(winners) == 1
+        losers = [r.json()["error"] for r in responses if r.status_code != 200]
+        assert len(losers) == 15 and all(e["details"]["holder"] == winners[0] for e in losers)
+        # both processes see the one holder
+        for server in servers:
+            status = httpx.get(f"{server.url}/v1/scillm/agents/shared/status", timeout=60,
+                               headers={"authorization": f"Bearer {MASTER_KEY}"}).json()
+            assert status["lease"]["owner"] == winners[0]
+    finally:
+        for server in servers:
+            server.stop()
+
+
+# -- JSON-RPC -------------------------------------------------------------------------------------------------------
+
+class Wire:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.notes: list[tuple[str, Any]] = []
+
+    async def write(self, data: bytes) -> None:
+        assert data.endswith(b"\n") and data.count(b"\n") == 1
+        self.sent.append(orjson.loads(data))
+
+
+@pytest.mark.anyio
+async def test_rpc_matches_responses_and_answers_every_server_request() -> None:
+    wire = Wire()
+
+    async def handle(method: str, params: Any) -> Any:
+        if method == "boom":
+            raise KeyError("bug")
+        if method == "refuse":
+            raise RpcError(-32601, "not here")
+        return {"echo": params}
+
+    rpc = RpcClient(wire.write, on_notification=lambda m, p: wire.notes.append((m, p)), on_request=handle)
+    one = asyncio.ensure_future(rpc.request("a", {"x": 1}))
+    two = asyncio.ensure_future(rpc.request("b"))
+    await asyncio.sleep(0)
+    ids = [m["id"] for m in wire.sent]
+    rpc.feed(orjson.dumps({"jsonrpc": "2.0", "id": ids[1], "error": {"code": -1, "message": "nope"}}))
+    rpc.feed(orjson.dumps({"jsonrpc": "2.0", "id": ids[0], "result": {"ok": True}}))
+    assert await one == {"ok": True}
+    with pytest.raises(RpcError, match="nope"):
+        await two
+    rpc.feed(b'{"jsonrpc":"2.0","method":"turn/started","params":{"turnId":"t"}}')
+    rpc.feed(b"not json at all")
+    for n, method in enumerate(("ok", "boom", "refuse")):
+        rpc.feed(orjson.dumps({"jsonrpc": "2.0", "id": f"s{n}", "method": method, "params": {"n": n}}))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    answers = {m["id"]: m for m in wire.sent if isinstance(m.get("id"), str)}
+    assert answers["s0"]["result"] == {"echo": {"n": 0}}
+    assert answers["s1"]["error"]["code"] == -32603 and "boom" in answers["s1"]["error"]["message"]
+    assert answers["s2"]["error"] == {"code": -32601, "message": "not here"}
+    for answer in answers.values():
+        jsonschema.validate(answer, schema("JSONRPCResponse" if "result" in answer else "JSONRPCError"))
+    assert wire.notes == [("turn/started", {"turnId": "t"})]
+    pending = asyncio.ensure_future(rpc.request("c"))
+    await asyncio.sleep(0)
+    rpc.close("the child exited")
+    with pytest.raises(ConnectionResetError, match="exited"):
+        await pending
+    with pytest.raises(ConnectionResetError):
+        await rpc.request("d")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("sandbox", ["read-only", "workspace-write"])
+async def test_worker_answers_codex_requests_by_its_sandbox(repo: Path, tmp_path: Path, sandbox: str) -> None:
+    app = make_app(config={"agents": {"w": {"repository": str(repo), "model": "gpt-5.5", "sandbox": sandbox}}},
+                   data_dir=tmp_path / "data", only=PLUGINS)
+    worker = agents_of(app.runtime).worker("w")
+    root = tmp_path / "wt"
+    worker.worktree = Worktree(path=root, workdir=root, repo=repo, base="0" * 40)
+    writable = sandbox == "workspace-write"
+    cases = [
+        ("item/commandExecution/requestApproval", {"cwd": str(root / "src"), "command": "make"},
+         "CommandExecutionRequestApprovalResponse", "accept" if writable else "decline"),
+        ("item/commandExecution/requestApproval", {"cwd": "/etc", "command": "rm x"},
+         "CommandExecutionRequestApprovalResponse", "decline"),
+        ("item/commandExecution/requestApproval", {"cwd": str(root), "networkApprovalContext": {"host": "x"}},
+         "CommandExecutionRequestApprovalResponse", "decline"),
+        ("item/fileChange/requestApproval", {"grantRoot": None}, "FileChangeRequestApprovalResponse",
+         "accept" if writable else "decline"),
+        ("item/fileChange/requestApproval", {"grantRoot": "/"}, "FileChangeRequestApprovalResponse", "decline"),
+        ("applyPatchApproval", {"grantRoot": None, "fileChanges": {}}, "ApplyPatchApprovalResponse",
+         "approved" if writable else "denied"),
+        ("execCommandApproval", {"cwd": str(root), "command": ["ls"]}, "ExecCommandApprovalResponse",
+         "approved" if writable else "denied"),
+        ("execCommandApproval", {"cwd": "/", "command": ["ls"]}, "ExecCommandApprovalResponse", "denied"),
+    ]
+    for method, params, response_schema, decision in cases:
+        answer = await worker._on_request(method, params)
+        jsonschema.validate(answer, schema(response_schema))
+        got = answer["decision"]
+        assert (got if isinstance(got, str) else next(iter(got))) == decision, (method, params)
+    granted = await worker._on_request("item/permissions/requestApproval", {"permissions": {"network": {}}})
+    jsonschema.validate(granted, schema("PermissionsRequestApprovalResponse"))
+    assert granted["permissions"] == {}
+    elicitation = await worker._on_request("mcpServer/elicitation/request", {})
+    jsonschema.validate(elicitation, schema("McpServerElicitationRequestResponse"))
+    for method in ("item/tool/requestUserInput", "item/tool/call", "account/chatgptAuthTokens/refresh",
+                   "attestation/generate", "something/new"):
+        with pytest.raises(RpcError) as refused:
+            await worker._on_request(method, {})
+        assert refused.value.message
+    log = [json.loads(line) for line in worker.events.path.read_text().splitlines()]
+    assert [e["decision"] for e in log if e["type"] == "approval"][:1] == ["accept" if writable else "decline"]

@@ -1,0 +1,436 @@
+"""End to end: the real pinned ``codex app-server`` as standing workers, driven over scillm's HTTP routes, its model
+calls going back through scillm (run keys, /v1/responses, the codex provider) to a scripted fake Codex backend, all
+inside one loopback-only network namespace shared by the module (one fake model, one scillm)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from agents_helpers import (
+    CALLER,
+    MASTER_KEY,
+    client,
+    codex_processes,
+    events,
+    make_repo,
+    no_group_left,
+    responder,
+    run_key_of,
+    start_scillm,
+    wait_event,
+)
+from scillm_agent_runners.base import REPO_TOOLS
+
+from scillm_core.testing import ServerThread
+from scillm_core.testing.fake_codex import FakeCodex
+from scillm_core.testing.netns import links, loopback_only
+
+MODEL = "gpt-5.5"  # a bundled codex slug (codex's own tool set); scillm routes it to the codex provider
+
+
+class Env:
+    def __init__(self, tmp: Path, fake: FakeCodex, login: dict[str, str], repo: Path) -> None:
+        self.tmp, self.fake, self.login, self.repo = tmp, fake, login, repo
+        self.auth = tmp / "codex-auth.json"
+        self.auth.write_text(json.dumps(FakeCodex.auth_json(login)))
+        self.server_env = {"SCILLM_CODEX_AUTH": str(self.auth), "CODEX_API_BASE": fake.base_url,
+                           "SCILLM_CODEX_TOKEN_URL": fake.token_url}
+        self.data_dir = tmp / "data"
+        self.server: ServerThread | None = None
+        self.http: httpx.Client | None = None
+        self.pgids: set[int] = set()      # every app-server process group seen
+        self.run_keys: set[str] = set()   # every run key seen (read from the live process)
+        self.logs: list[str] = []
+
+    def worker(self, repo: Path | None = None, **cfg: Any) -> dict[str, Any]:
+        return {"repository": str(repo or self.repo), "model": MODEL, "sandbox": "read-only", **cfg}
+
+    def requests_with(self, text: str) -> list[dict[str, Any]]:
+        return [r.body for r in self.fake.requests if r.path.endswith("/responses") and text in json.dumps(r.body)]
+
+    def seen(self, http: httpx.Client, worker: str) -> dict[str, Any]:
+        """The worker's status; remembers its process group and run key for the cleanup and secret checks."""
+        status = http.get(f"/{worker}/status").json()
+        pid = status["process"].get("pid")
+        if pid:
+            self.pgids.add(pid)
+            self.run_keys.add(run_key_of(pid))
+        return status
+
+
+class _Collect(logging.Handler):
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(self.format(record))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    assert (REPO_TOOLS / "node_modules" / ".bin" / "codex").exists(), \
+        "codex missing: run scripts/install-agent-clis (scripts/install --test does)"
+    tmp = tmp_path_factory.mktemp("agents-e2e")
+    with loopback_only():
+        assert links() == ["lo"]
+        fake = FakeCodex()
+        fake.responder = responder
+        fake.start()
+        e = Env(tmp, fake, fake.login(), make_repo(tmp / "repo"))
+        handler = _Collect(e.logs)
+        logging.getLogger().addHandler(handler)
+        e.server = start_scillm(e.data_dir, {
+            "chat": e.worker(description="multi-turn talk"),
+            "editor": e.worker(sandbox="workspace-write"),
+            "steer": e.worker(),
+            "stop": e.worker(),
+            "lease": e.worker(),
+            "slow": e.worker(turn_timeout_s=2),
+            "guard": e.worker(),
+        }, e.server_env, max_live=3)
+        e.http = client(e.server)
+        try:
+            yield e
+        finally:
+            e.http.close()
+            e.server.stop()
+            logging.getLogger().removeHandler(handler)
+            fake.stop()
+
+
+def lease(http: httpx.Client, worker: str, owner: str = "project-agent", **body: Any) -> dict[str, Any]:
+    response = http.post(f"/{worker}/leases", json={"owner": owner, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_two_turns_on_one_thread_carry_the_context(env: Env) -> None:
+    http = env.http
+    assert http is not None
+    handoff = http.post("/chat/handoffs", json={"handoff_id": "h-chat", "goal": "REMEMBER PINEAPPLE-7",
+                                                "validation_expectations": ["say NOTED"]})
+    assert handoff.status_code == 201, handoff.text
+    held = lease(http, "chat", handoff_id="h-chat")
+    assert held["lease_id"] == "h-chat-lease"
+    first = http.post("/chat/turn", json={"lease_id": held["lease_id"], "wait": True})
+    assert first.status_code == 200, first.text
+    assert first.json()["status"] == "completed" and first.json()["final_text"] == "NOTED PINEAPPLE-7"
+    # the handoff became the prompt
+    assert "Goal: REMEMBER PINEAPPLE-7" in first.json()["input"] and "- say NOTED" in first.json()["input"]
+    status = env.seen(http, "chat")
+    assert status["process"]["status"] == "running" and status["thread"]["context"] == "new"
+    second = http.post("/chat/turn", json={"lease_id": held["lease_id"], "input": "RECALL", "wait": True}).json()
+    assert second["status"] == "completed", second
+    assert second["thread_id"] == first.json()["thread_id"]
+    assert second["final_text"] == "RECALLED: PINEAPPLE-7"
+    # the fake model's request for the second turn carried the first turn's prompt and answer
+    recall = env.requests_with("RECALL")[-1]
+    assert "REMEMBER PINEAPPLE-7" in json.dumps(recall["input"]) and "NOTED PINEAPPLE-7" in json.dumps(recall["input"])
+    # results per handoff and for the worker's last turn
+    assert http.get("/chat/result", params={"handoff_id": "h-chat"}).json()["turn_id"] == second["turn_id"]
+    assert http.get("/chat/result").json()["final_text"] == "RECALLED: PINEAPPLE-7"
+    # every model call went through scillm with a run key, attributed to the worker
+    calls = env.requests_with("PINEAPPLE-7")
+    assert calls and all(r.get("store") is False for r in calls)
+    assert env.fake.requests[-1].headers["authorization"] == f"Bearer {env.login['access_token']}"
+
+
+def test_edit_turn_result_holds_the_diff_and_the_callers_tree_is_unchanged(env: Env) -> None:
+    http = env.http
+    assert http is not None
+    held = lease(http, "editor")
+    result = http.post("/editor/turn", json={"lease_id": held["lease_id"], "input": "EDIT hello.txt",
+                                             "wait": True}).json()
+    assert result["status"] == "completed", result
+    assert result["final_text"] == "DONE: edited hello.txt"
+    assert result["changed_paths"] == ["hello.txt"]
+    assert "-hello world\n+goodbye world" in result["diff"]
+    assert Path(result["artifacts"]["diff"]).read_text() == result["diff"]
+    # the edit happened in the worker's worktree, never in the caller's repository
+    status = env.seen(http, "editor")
+    worktree = Path(status["worktree"]["path"])
+    assert (worktree / "hello.txt").read_text() == "goodbye world\n"
+    assert (env.repo / "hello.txt").read_text() == "hello world\n"
+    import subprocess
+
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=env.repo, capture_output=True).stdout == b""
+    # the edit was codex's own tool call, as the event stream shows
+    commands = [e for e in events(http, "editor", until=lambda e: e["type"] == "turn.completed")
+                if e["type"] == "item.completed" and e["item"]["type"] == "commandExecution"]
+    assert commands and "sed -i" in commands[-1]["item"]["command"] and commands[-1]["item"]["exit_code"] == 0
+
+
+def test_steer_reaches_the_models_next_request(env: Env) -> None:
+    http = env.http
+    assert http is not None
+    held = lease(http, "steer")
+    gate = env.tmp / "steer-gate"
+    start = http.post("/steer/turn", json={"lease_id": held["lease_id"], "input": f"WAIT {gate}"})
+    assert start.status_code == 202, start.text
+    turn_id = start.json()["turn_id"]
+    env.seen(http, "steer")
+    # once codex runs the blocking command, steer the turn, then let the command finish
+    wait_event(http, "steer", 0, lambda e: e["type"] == "item.started" and e["item"]["type"] == "commandExecution"
+               and e.get("turn_id") == turn_id)
+    steered = http.post("/steer/steer", json={"lease_id": held["lease_id"], "input": "STEER: answer in French"})
+    assert steered.status_code == 200, steered.text
+    assert steered.json()["turn_id"] == turn_id
+    gate.touch()
+    wait_event(http, "steer", 0, lambda e: e["type"] == "turn.completed" and e.get("turn_id") == turn_id)
+    result = http.get("/steer/result").json()
+    assert result["status"] == "completed" and result["turn_id"] == turn_id
+    assert result["final_text"] == "DONE after wait; later user input: STEER: answer in French"
+    # the model's request after the tool output carried the steer as user input
+    after = env.requests_with("STEER: answer in French")
+    assert after and "function_call_output" in json.dumps(after[0]["input"])
+    # steering without a running turn is a 409
+    late = http.post("/steer/steer", json={"lease_id": held["lease_id"], "input": "too late"})
+    assert late.status_code == 409 and "no running turn" in late.json()["error"]["message"]
+
+
+def test_interrupt_ends_a_turn_and_the_worker_goes_on(env: Env) -> None:
+    http = env.http
+    assert http is not None
+    held = lease(http, "stop")
+    start = http.post("/stop/turn", json={"lease_id": held["lease_id"], "input": "HANG please"})
+    assert start.status_code == 202, start.text
+    deadline = time.monotonic() + 120
+    while not env.requests_with("HANG please") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert env.requests_with("HANG please"), "the model call never reached the fake"
+    busy = http.post("/stop/turn", json={"lease_id": held["lease_id"], "input": "REMEMBER X"})
+    assert busy.status_code == 409 and busy.json()["error"]["code"] == "turn_running"
+    stopped = http.post("/stop/interrupt", json={"lease_id": held["lease_id"]})
+    assert stopped.status_code == 200, stopped.text
+    assert stopped.json()["status"] == "interrupted" and stopped.json()["turn_id"] == start.json()["turn_id"]
+    assert http.get("/stop/status").json()["state"] == "leased"
+    again = http.post("/stop/turn", json={"lease_id": held["lease_id"], "input": "REMEMBER KIWI", "wait": True})
+    assert again.json()["status"] == "completed" and again.json()["final_text"] == "NOTED KIWI"
+
+
+def test_turn_timeout_interrupts_the_turn(env: Env) -> None:
+    http = env.http
+    assert http is not None
+    held = lease(http, "slow")
+    result = http.post("/slow/turn", json={"lease_id": held["lease_id"], "input": "HANG slowly", "wait": True}).json()
+    assert result["status"] == "timeout" and "turn timeout 2s" in result["error"]
+    assert http.get("/slow/status").json()["state"] == "leased"
+
+
+def test_read_only_is_enforced_by_codex_and_by_scillm(env: Env) -> None:
+    http = env.http
+    assert http is not None
+    held = lease(http, "guard")
+    # codex's own sandbox refuses the write
+    tried = http.post("/guard/turn", json={"lease_id": held["lease_id"], "input": "RUN touch blocked.txt",
+                                           "wait": True}).json()
+    assert tried["status"] == "completed" and tried["changed_paths"] == [] and tried["diff"] == ""
+    assert "Read-only file system" in tried["final_text"]
+    worktree = Path(env.seen(http, "guard")["worktree"]["path"])
+    assert not (worktree / "blocked.txt").exists()
+    # a change that got past it anyway fails the turn, and the worktree goes back to its base
+    gate = env.tmp / "guard-gate"
+    start = http.post("/guard/turn", json={"lease_id": held["lease_id"], "input": f"WAIT {gate}"}).json()
+    wait_event(http, "guard", 0, lambda e: e["type"] == "item.started" and e.get("turn_id") == start["turn_id"]
+               and e["item"]["type"] == "commandExecution")
+    (worktree / "sneaky.txt").write_text("written behind the sandbox's back\n")
+    gate.touch()
+    wait_event(http, "guard", 0, lambda e: e["type"] == "turn.completed" and e.get("turn_id") == start["turn_id"])
+    result = http.get("/guard/result").json()
+    assert result["status"] == "failed" and result["error"].startswith("sandbox_violation")
+    assert result["changed_paths"] == ["sneaky.txt"] and "+written behind" in result["diff"]
+    assert not (worktree / "sneaky.txt").exists()
+    http.post("/guard/leases", json={"action": "release", "lease_id": held["lease_id"]})
+
+
+def test_second_lease_owner_gets_409_then_takes_over_after_the_ttl(env: Env) -> None:
+    http = env.http
+    assert http is not None
+    first = lease(http, "lease", owner="agent-a", ttl_s=1)
+    refused = http.post("/lease/leases", json={"owner": "agent-b"})
+    assert refused.status_code == 409
+    error = refused.json()["error"]
+    assert "agent-a" in error["message"] and error["details"]["holder"] == "agent-a"
+    assert error["details"]["expires_at"] == first["expires_at"]
+    # only the holder runs turns
+    stolen = http.post("/lease/turn", json={"lease_id": "not-the-lease", "input": "REMEMBER NOPE"})
+    assert stolen.status_code == 409 and "agent-a" in stolen.json()["error"]["message"]
+    time.sleep(max(0.0, first["expires_at"] - time.time()) + 0.2)
+    second = lease(http, "lease", owner="agent-b", ttl_s=60)
+    assert second["owner"] == "agent-b"
+    old = http.post("/lease/turn", json={"lease_id": first["lease_id"], "input": "REMEMBER OLD"})
+    assert old.status_code == 409 and "agent-b" in old.json()["error"]["message"]
+    ran = http.post("/lease/turn", json={"lease_id": second["lease_id"], "input": "REMEMBER NEW", "wait": True})
+    assert ran.json()["final_text"] == "NOTED NEW" and ran.json()["owner"] == "agent-b"
+    assert ran.json()["caller"] == CALLER and ran.json()["identity"] == "master"
+    env.seen(http, "lease")
+
+
+def test_live_worker_limit_stops_the_longest_idle_first(env: Env) -> None:
+    http = env.http
+    assert http is not None
+    order = ["chat", "editor", "lease", "stop"]
+    for worker in order:
+        held = http.get(f"/{worker}/status").json()["lease"]
+        response = http.post(f"/{worker}/turn", json={"lease_id": held["lease_id"], "input": "REMEMBER LIMIT",
+                                                       "wait": True})
+        assert response.json()["status"] == "completed", response.text
+        env.seen(http, worker)
+    health = httpx.get(env.server.url + "/v1/scillm/health", headers={  # type: ignore[union-attr]
+        "authorization": f"Bearer {MASTER_KEY}"}).json()
+    assert health["middleware"]["agents"]["live"] == 3 and health["middleware"]["agents"]["max_live"] == 3
+    chat = http.get("/chat/status").json()
+    assert chat["process"]["status"] == "stopped" and "max_live=3" in chat["process"]["reason"]
+    assert "the next turn resumes it" in chat["thread"]["note"]
+    # and the stopped worker resumes its thread with the conversation on its next turn
+    held = chat["lease"]
+    recall = http.post("/chat/turn", json={"lease_id": held["lease_id"], "input": "RECALL", "wait": True}).json()
+    assert recall["final_text"].startswith("RECALLED: PINEAPPLE-7") and recall["thread_id"] == chat["thread"]["id"]
+    assert http.get("/chat/status").json()["thread"]["context"] == "resumed"
+    env.seen(http, "chat")
+
+
+def test_a_dead_worker_is_resumed_and_a_lost_thread_is_reported(env: Env) -> None:
+    http = env.http
+    assert http is not None
+    import os
+    import signal
+
+    status = env.seen(http, "chat")
+    pid = status["process"]["pid"]
+    os.killpg(pid, signal.SIGKILL)
+    wait_event(http, "chat", status["events_seq"], lambda e: e["type"] == "worker.stopped")
+    dead = http.get("/chat/status").json()
+    assert dead["process"]["status"] == "stopped" and "exited" in dead["process"]["reason"]
+    held = dead["lease"]
+    recall = http.post("/chat/turn", json={"lease_id": held["lease_id"], "input": "RECALL", "wait": True}).json()
+    assert "PINEAPPLE-7" in recall["final_text"] and recall["thread_id"] == dead["thread"]["id"]
+    # now lose codex's own record of the thread: the next start says so plainly and starts afresh
+    http.post("/chat/cleanup", json={"lease_id": held["lease_id"]})
+    sessions = env.data_dir / "agents" / "chat" / "home" / ".codex" / "sessions"
+    assert sessions.is_dir()
+    import shutil
+
+    shutil.rmtree(sessions)
+    for path in sessions.parent.glob("*.sqlite*"):
+        path.unlink()
+    fresh = http.post("/chat/turn", json={"lease_id": held["lease_id"], "input": "RECALL", "wait": True}).json()
+    assert fresh["final_text"] == "RECALLED: " and fresh["thread_id"] != dead["thread"]["id"]
+    status = env.seen(http, "chat")
+    assert status["thread"]["context"] == "lost" and status["thread"]["lost_thread_id"] == dead["thread"]["id"]
+    assert "context lost" in status["thread"]["note"]
+
+
+def test_cleanup_stops_the_process_group_and_can_remove_the_worktree(env: Env) -> None:
+    http = env.http
+    assert http is not None
+    held = http.get("/editor/status").json()["lease"]
+    http.post("/editor/turn", json={"lease_id": held["lease_id"], "input": "REMEMBER CLEAN", "wait": True})
+    status = env.seen(http, "editor")
+    pgid = status["process"]["pid"]
+    key = run_key_of(pgid)
+    worktree = Path(status["worktree"]["path"])
+    refused = http.post("/editor/cleanup", json={"lease_id": "someone-else"})
+    assert refused.status_code == 409
+    done = http.post("/editor/cleanup", json={"lease_id": held["lease_id"], "remove_worktree": True})
+    assert done.status_code == 200, done.text
+    assert done.json()["worktree"] == "removed" and done.json()["process"]["status"] == "stopped"
+    assert no_group_left([pgid]) and not worktree.exists()
+    # the stopped process's run key is dead
+    assert env.server is not None
+    revoked = httpx.post(env.server.url + "/v1/responses", headers={"authorization": f"Bearer {key}"},
+                         json={"model": MODEL, "input": "hi"})
+    assert revoked.status_code == 401
+    # the caller's repository lists no leftover worktree
+    import subprocess
+
+    listing = subprocess.run(["git", "worktree", "list", "--porcelain"], cwd=env.repo, capture_output=True).stdout
+    assert str(worktree).encode() not in listing
+
+
+def test_the_agents_commands_do_not_see_the_run_key(env: Env) -> None:
+    http = env.http
+    assert http is not None
+    held = http.get("/lease/status").json()["lease"]
+    result = http.post("/lease/turn", json={"lease_id": held["lease_id"], "input": "RUN env", "wait": True}).json()
+    assert result["status"] == "completed" and "PATH=" in result["final_text"]
+    assert "SCILLM_API_KEY" not in result["final_text"] and "sk-scillm-run-" not in result["final_text"]
+    env.seen(http, "lease")
+
+
+def test_no_secret_in_events_results_artifacts_logs_or_ops(env: Env) -> None:
+    http = env.http
+    assert http is not None and env.server is not None
+    secrets = {MASTER_KEY, env.login["access_token"], env.login["refresh_token"], env.login["id_token"],
+               *env.run_keys}
+    assert len(env.run_keys) >= 3
+    seen: list[tuple[str, bytes]] = []
+    for path in env.data_dir.rglob("*"):
+        if path.is_file():
+            seen.append((str(path), path.read_bytes()))
+    ops = httpx.Client(base_url=env.server.url, headers={"authorization": f"Bearer {MASTER_KEY}"}, timeout=60)
+    for url in ("/v1/scillm/health", "/v1/scillm/calls", "/v1/scillm/plugins", "/v1/scillm/providers",
+                "/v1/scillm/auth", "/metrics", "/v1/scillm/agents/registry"):
+        seen.append((url, ops.get(url).content))
+    for worker in ("chat", "editor", "steer", "stop", "lease", "slow", "guard"):
+        seen.append((f"{worker}/status", http.get(f"/{worker}/status").content))
+        seen.append((f"{worker}/result", http.get(f"/{worker}/result").content))
+    for worker in ("steer", "stop", "lease", "slow", "guard"):  # end their logs so the streams finish
+        held = http.get(f"/{worker}/status").json()["lease"]
+        http.post(f"/{worker}/cleanup", json={"lease_id": held["lease_id"] if held else None})
+        seen.append((f"{worker}/events", b"".join(json.dumps(e).encode() for e in events(http, worker))))
+    seen.append(("logs", "\n".join(env.logs).encode()))
+    assert any(b"turn.completed" in data for name, data in seen if name.endswith("events.jsonl"))
+    for name, data in seen:
+        for secret in secrets:
+            assert secret.encode() not in data, f"a secret leaked into {name}"
+
+
+def test_no_codex_process_is_left_after_scillm_stops(env: Env) -> None:
+    assert env.server is not None
+    assert codex_processes(env.data_dir), "expected live workers before the stop"
+    env.server.stop()
+    assert codex_processes(env.data_dir) == []
+    assert env.pgids and no_group_left(sorted(env.pgids))
+
+
+def test_restart_on_the_same_data_dir_keeps_lease_handoff_and_thread(env: Env, tmp_path: Path) -> None:
+    """Two scillm processes one after the other on one data dir (inside the module's namespace)."""
+    data_dir = tmp_path / "restart-data"
+    workers = {"keeper": env.worker()}
+    first = start_scillm(data_dir, workers, env.server_env)
+    with client(first) as http:
+        http.post("/keeper/handoffs", json={"handoff_id": "h-keep", "goal": "REMEMBER MANGO-42"})
+        held = lease(http, "keeper", owner="durable-agent", handoff_id="h-keep", ttl_s=600)
+        turn = http.post("/keeper/turn", json={"lease_id": held["lease_id"], "wait": True}).json()
+        assert turn["final_text"] == "NOTED MANGO-42"
+        pgid = http.get("/keeper/status").json()["process"]["pid"]
+    first.stop()
+    assert no_group_left([pgid]) and codex_processes(data_dir) == []
+    second = start_scillm(data_dir, workers, env.server_env)
+    try:
+        with client(second) as http:
+            status = http.get("/keeper/status").json()
+            assert status["lease"]["owner"] == "durable-agent" and status["lease"]["lease_id"] == held["lease_id"]
+            assert status["handoffs"] == ["h-keep"] and status["thread"]["id"] == turn["thread_id"]
+            assert status["process"]["status"] == "stopped"
+            assert http.get("/keeper/result", params={"handoff_id": "h-keep"}).json()["final_text"] == \
+                "NOTED MANGO-42"
+            refused = http.post("/keeper/leases", json={"owner": "intruder"})
+            assert refused.status_code == 409 and "durable-agent" in refused.json()["error"]["message"]
+            recall = http.post("/keeper/turn", json={"lease_id": held["lease_id"], "input": "RECALL",
+                                                      "wait": True}).json()
+            assert recall["final_text"] == "RECALLED: MANGO-42" and recall["thread_id"] == turn["thread_id"]
+            assert http.get("/keeper/status").json()["thread"]["context"] == "resumed"
+            pgid = http.get("/keeper/status").json()["process"]["pid"]
+    finally:
+        second.stop()
+    assert no_group_left([pgid]) and codex_processes(data_dir) == []
