@@ -63,6 +63,20 @@ def test_bad_worker_tables_stop_startup_naming_the_key(table: dict[str, Any], me
         make_app(config={"agents": table}, only=PLUGINS)
 
 
+@pytest.mark.parametrize("doc", ["plugins/surfaces/scillm-agents/README.md", "docs/config.md"])
+def test_documented_examples_are_valid_config(doc: str) -> None:
+    import re
+    import tomllib
+
+    text = (Path(__file__).resolve().parents[4] / doc).read_text()
+    blocks = [tomllib.loads(b) for b in re.findall(r"```toml\n(.*?)```", text, re.S) if "[agents." in b]
+    assert blocks
+    for block in blocks:
+        app = make_app(config={k: v for k, v in block.items() if k in ("agents", "standing_agents", "exec")},
+                       only=PLUGINS)
+        assert list(agents_of(app.runtime).workers) == list(block["agents"])
+
+
 def test_bad_worker_names_stop_startup() -> None:
     with pytest.raises(ValueError, match=r"\[agents.a b\]"):
         make_app(config={"agents": {"a b": {"repository": "/r", "model": "m"}}}, only=PLUGINS)

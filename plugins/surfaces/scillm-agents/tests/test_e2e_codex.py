@@ -4,6 +4,7 @@ inside one loopback-only network namespace shared by the module (one fake model,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -61,7 +62,8 @@ class Env:
         pid = status["process"].get("pid")
         if pid:
             self.pgids.add(pid)
-            self.run_keys.add(run_key_of(pid))
+            with contextlib.suppress(OSError):  # it may have stopped since (idle workers do)
+                self.run_keys.add(run_key_of(pid))
         return status
 
 
@@ -95,6 +97,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             "lease": e.worker(),
             "slow": e.worker(turn_timeout_s=2),
             "guard": e.worker(),
+            "idle": e.worker(idle_timeout_s=1),
         }, e.server_env, max_live=3)
         e.http = client(e.server)
         try:
@@ -298,12 +301,46 @@ def test_live_worker_limit_stops_the_longest_idle_first(env: Env) -> None:
     env.seen(http, "chat")
 
 
+def test_when_every_live_worker_is_busy_another_start_is_refused(env: Env) -> None:
+    http = env.http
+    assert http is not None
+    busy = []
+    for worker in ("stop", "guard", "lease"):
+        held = http.get(f"/{worker}/status").json()["lease"] or lease(http, worker)
+        started = http.post(f"/{worker}/turn", json={"lease_id": held["lease_id"], "input": f"HANG {worker}"})
+        assert started.status_code == 202, started.text
+        busy.append((worker, held["lease_id"]))
+    held = lease(http, "idle")
+    refused = http.post("/idle/turn", json={"lease_id": held["lease_id"], "input": "REMEMBER FULL"})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_live_workers"
+    assert "max_live" in refused.json()["error"]["message"]
+    for worker, lease_id in busy:
+        assert http.post(f"/{worker}/interrupt", json={"lease_id": lease_id}).json()["status"] == "interrupted"
+
+
+def test_an_idle_worker_is_stopped_and_resumed(env: Env) -> None:
+    http = env.http
+    assert http is not None
+    held = http.get("/idle/status").json()["lease"]
+    first = http.post("/idle/turn", json={"lease_id": held["lease_id"], "input": "REMEMBER SLEEPY", "wait": True})
+    assert first.json()["status"] == "completed", first.text
+    env.seen(http, "idle")
+    stopped = wait_event(http, "idle", 0, lambda e: e["type"] == "worker.stopped")  # its first stop
+    assert stopped["reason"] == "idle for idle_timeout_s=1"
+    assert http.get("/idle/status").json()["process"]["reason"] == "idle for idle_timeout_s=1"
+    again = http.post("/idle/turn", json={"lease_id": held["lease_id"], "input": "RECALL", "wait": True}).json()
+    assert again["final_text"] == "RECALLED: SLEEPY" and again["thread_id"] == first.json()["thread_id"]
+    env.seen(http, "idle")
+
+
 def test_a_dead_worker_is_resumed_and_a_lost_thread_is_reported(env: Env) -> None:
     http = env.http
     assert http is not None
     import os
     import signal
 
+    held = http.get("/chat/status").json()["lease"]
+    http.post("/chat/turn", json={"lease_id": held["lease_id"], "input": "REMEMBER ALIVE", "wait": True})
     status = env.seen(http, "chat")
     pid = status["process"]["pid"]
     os.killpg(pid, signal.SIGKILL)
@@ -380,10 +417,10 @@ def test_no_secret_in_events_results_artifacts_logs_or_ops(env: Env) -> None:
     for url in ("/v1/scillm/health", "/v1/scillm/calls", "/v1/scillm/plugins", "/v1/scillm/providers",
                 "/v1/scillm/auth", "/metrics", "/v1/scillm/agents/registry"):
         seen.append((url, ops.get(url).content))
-    for worker in ("chat", "editor", "steer", "stop", "lease", "slow", "guard"):
+    for worker in ("chat", "editor", "steer", "stop", "lease", "slow", "guard", "idle"):
         seen.append((f"{worker}/status", http.get(f"/{worker}/status").content))
         seen.append((f"{worker}/result", http.get(f"/{worker}/result").content))
-    for worker in ("steer", "stop", "lease", "slow", "guard"):  # end their logs so the streams finish
+    for worker in ("steer", "stop", "lease", "slow", "guard", "idle"):  # end their logs so the streams finish
         held = http.get(f"/{worker}/status").json()["lease"]
         http.post(f"/{worker}/cleanup", json={"lease_id": held["lease_id"] if held else None})
         seen.append((f"{worker}/events", b"".join(json.dumps(e).encode() for e in events(http, worker))))
