@@ -77,6 +77,16 @@ def test_documented_examples_are_valid_config(doc: str) -> None:
         assert list(agents_of(app.runtime).workers) == list(block["agents"])
 
 
+def test_doctor_checks_the_codex_cli_and_each_repository(repo: Path) -> None:
+    app = make_app(config={"agents": {"good": {"repository": str(repo), "model": "m"},
+                                      "bad": {"repository": "relative/path", "model": "m"}}}, only=PLUGINS)
+    checks = {c["check"]: c for c in app.runtime.hooks.doctor(app.runtime)}
+    assert checks["standing agents: codex CLI"]["ok"] is True
+    assert checks["standing agent good"]["ok"] is True
+    bad = checks["standing agent bad"]
+    assert bad["ok"] is False and "agents.bad.repository" in bad["detail"]
+
+
 def test_bad_worker_names_stop_startup() -> None:
     with pytest.raises(ValueError, match=r"\[agents.a b\]"):
         make_app(config={"agents": {"a b": {"repository": "/r", "model": "m"}}}, only=PLUGINS)

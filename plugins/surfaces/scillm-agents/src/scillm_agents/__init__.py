@@ -5,6 +5,8 @@ state store."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from scillm_agent_runners.base import cli_path
@@ -19,8 +21,6 @@ __all__ = ["Agents", "StandingAgentsConfig", "WorkerConfig", "agents_of"]
 
 @hookimpl
 def scillm_config_sections() -> dict[str, Any]:
-    from collections.abc import Mapping
-
     return {"agents": Mapping[str, WorkerConfig], "standing_agents": StandingAgentsConfig}
 
 
@@ -46,11 +46,10 @@ def scillm_doctor(runtime: Runtime) -> list[dict[str, Any]]:
     declared = workers(runtime)
     if not declared:
         return []
-    checks = [{"check": "standing agents: codex CLI", "ok": cli_path(runtime, "codex") is not None,
-               "detail": "installed" if cli_path(runtime, "codex") else "missing: run scripts/install-agent-clis"}]
+    codex = cli_path(runtime, "codex")
+    checks = [{"check": "standing agents: codex CLI", "ok": codex is not None,
+               "detail": codex or "missing: run scripts/install-agent-clis"}]
     for name, cfg in declared.items():
-        from pathlib import Path
-
         repo = Path(cfg.repository).expanduser()
         ok = repo.is_absolute() and repo.is_dir()
         checks.append({"check": f"standing agent {name}", "ok": ok,

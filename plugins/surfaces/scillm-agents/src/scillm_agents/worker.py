@@ -154,15 +154,19 @@ class Worker:
         (codex_home / "config.toml").write_text(codex_config(self.cfg.model, base_url, self.cfg.sandbox))
         self.key = self.service.keys.mint(f"agent-{self.name}", "agents")
         self.events.secrets.append(self.key.encode())
-        rpc = RpcClient(self._write, on_notification=self._on_notification, on_request=self._on_request,
-                        on_noise=lambda line: None)
+        rpc = RpcClient(self._write, on_notification=self._on_notification, on_request=self._on_request)
         process = ManagedProcess(
             f"codex app-server ({self.name})", [cli, "app-server", *CODEX_OPT_OUTS],
             env=codex_env(cli, home, codex_home, self.key), cwd=self.worktree.workdir,
             log_path=self.dir / "app-server.log", on_stdout=rpc.feed, stdin=True,
             redact=[*self.service.secrets, self.key], kill_grace_s=self.service.kill_grace_s)
         self.process, self.rpc, self.thread_id = process, rpc, None
-        await process.start()
+        try:
+            await process.start()
+        except OSError as exc:
+            self.process = None
+            self.service.keys.revoke(self.key)
+            raise unavailable(f"worker {self.name!r}: could not start codex app-server: {exc}") from None
         self._watcher = asyncio.ensure_future(self._watch(process, rpc))
         try:
             await rpc.request("initialize", {"clientInfo": {"name": "scillm", "title": "scillm standing agents",
@@ -177,10 +181,9 @@ class Worker:
         self._idle = asyncio.ensure_future(self._idle_watch(process))
 
     async def _worktree(self, doc: Mapping[str, Any]) -> Worktree:
-        stored = doc.get("worktree")
-        if isinstance(stored, dict) and Path(stored.get("path", "")).is_dir():
-            return Worktree(path=Path(stored["path"]), workdir=Path(stored["workdir"]), repo=Path(stored["repo"]),
-                            base=stored["base"])
+        stored = _stored_worktree(doc)
+        if stored is not None and stored.path.is_dir():
+            return stored
         repository = Path(self.cfg.repository).expanduser()
         if not repository.is_absolute() or not repository.is_dir():
             raise unavailable(f"worker {self.name!r}: repository {self.cfg.repository!r} is not an existing absolute "
@@ -271,8 +274,8 @@ class Worker:
                 live.done.set()
         self.service.keys.revoke(self.key)
         self.key = None
-        self.emit("worker.stopped", reason=reason, exit_code=process.returncode,
-                  thread_id=self.thread_id, context="kept: the next turn resumes this thread")
+        self.emit("worker.stopped", reason=reason, exit_code=process.returncode, thread_id=self.thread_id,
+                  context="kept: the next turn resumes this thread" if self.thread_id else None)
 
     async def _idle_watch(self, process: ManagedProcess) -> None:
         idle_s = self.cfg.idle_timeout_s
@@ -357,21 +360,12 @@ class Worker:
             await reset_worktree(self.worktree)
 
     async def remove_worktree(self) -> bool:
-        doc = await self.service.worker_doc(self.name)
-        worktree = self.worktree or await self._stored_worktree(doc)
+        worktree = self.worktree or _stored_worktree(await self.service.worker_doc(self.name))
         if worktree is None:
             return False
         await remove_worktree(worktree)
         self.worktree = None
         return True
-
-    @staticmethod
-    async def _stored_worktree(doc: Mapping[str, Any]) -> Worktree | None:
-        stored = doc.get("worktree")
-        if not isinstance(stored, dict):
-            return None
-        return Worktree(path=Path(stored["path"]), workdir=Path(stored["workdir"]), repo=Path(stored["repo"]),
-                        base=stored["base"])
 
     # -- what codex says -------------------------------------------------------------------------------------------
 
@@ -448,6 +442,14 @@ class Worker:
             raise RpcError(METHOD_NOT_FOUND, f"scillm does not handle {method}")
         self.emit("approval", method=method, decision=decision, turn_id=params.get("turnId"))
         return {"decision": decision}
+
+
+def _stored_worktree(doc: Mapping[str, Any]) -> Worktree | None:
+    stored = doc.get("worktree")
+    if not isinstance(stored, dict):
+        return None
+    return Worktree(path=Path(stored["path"]), workdir=Path(stored["workdir"]), repo=Path(stored["repo"]),
+                    base=stored["base"])
 
 
 def _reason(exc: BaseException) -> str:
