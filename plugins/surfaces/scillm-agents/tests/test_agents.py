@@ -87,6 +87,11 @@ def test_doctor_checks_the_codex_cli_and_each_repository(repo: Path) -> None:
     assert bad["ok"] is False and "agents.bad.repository" in bad["detail"]
 
 
+def test_workers_need_the_exec_plugins_run_keys(repo: Path) -> None:
+    with pytest.raises(ValueError, match="need the exec plugin"):
+        make_app(config={"agents": {"w": {"repository": str(repo), "model": "m"}}}, only=["agents", "responses"])
+
+
 def test_bad_worker_names_stop_startup() -> None:
     with pytest.raises(ValueError, match=r"\[agents.a b\]"):
         make_app(config={"agents": {"a b": {"repository": "/r", "model": "m"}}}, only=PLUGINS)

@@ -30,6 +30,9 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
         if not NAME.match(name):
             raise ValueError(f"[agents.{name}]: a worker name is 1-64 letters, digits or ._- (it is a URL segment "
                              "and a directory name)")
+    if workers(runtime) and not any(p.name == "exec" and p.status == "loaded" for p in runtime.plugins):
+        raise ValueError("standing agents need the exec plugin (its run keys let a worker's codex call scillm); "
+                         "it is disabled or not installed")
     agents = agents_of(runtime)
     for path, endpoint, methods in routes():
         surfaces.route(path, endpoint, methods, plugin="agents")
