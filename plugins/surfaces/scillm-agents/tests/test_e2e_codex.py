@@ -7,6 +7,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import shutil
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,8 +166,6 @@ def test_edit_turn_result_holds_the_diff_and_the_callers_tree_is_unchanged(env: 
     worktree = Path(status["worktree"]["path"])
     assert (worktree / "hello.txt").read_text() == "goodbye world\n"
     assert (env.repo / "hello.txt").read_text() == "hello world\n"
-    import subprocess
-
     assert subprocess.run(["git", "status", "--porcelain"], cwd=env.repo, capture_output=True).stdout == b""
     # the edit was codex's own tool call, as the event stream shows
     commands = [e for e in events(http, "editor", until=lambda e: e["type"] == "turn.completed")
@@ -336,9 +338,6 @@ def test_an_idle_worker_is_stopped_and_resumed(env: Env) -> None:
 def test_a_dead_worker_is_resumed_and_a_lost_thread_is_reported(env: Env) -> None:
     http = env.http
     assert http is not None
-    import os
-    import signal
-
     held = http.get("/chat/status").json()["lease"]
     http.post("/chat/turn", json={"lease_id": held["lease_id"], "input": "REMEMBER ALIVE", "wait": True})
     status = env.seen(http, "chat")
@@ -354,8 +353,6 @@ def test_a_dead_worker_is_resumed_and_a_lost_thread_is_reported(env: Env) -> Non
     http.post("/chat/cleanup", json={"lease_id": held["lease_id"]})
     sessions = env.data_dir / "agents" / "chat" / "home" / ".codex" / "sessions"
     assert sessions.is_dir()
-    import shutil
-
     shutil.rmtree(sessions)
     for path in sessions.parent.glob("*.sqlite*"):
         path.unlink()
@@ -387,8 +384,6 @@ def test_cleanup_stops_the_process_group_and_can_remove_the_worktree(env: Env) -
                          json={"model": MODEL, "input": "hi"})
     assert revoked.status_code == 401
     # the caller's repository lists no leftover worktree
-    import subprocess
-
     listing = subprocess.run(["git", "worktree", "list", "--porcelain"], cwd=env.repo, capture_output=True).stdout
     assert str(worktree).encode() not in listing
 
