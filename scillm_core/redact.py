@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-__all__ = ["RedactingFilter", "redact"]
+__all__ = ["RedactingFilter", "env_secrets", "redact"]
+
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)|_API$", re.IGNORECASE)
+
+
+def env_secrets(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The values of secret-named variables (keys, tokens, passwords), longest first, for :func:`redact`."""
+    return tuple(sorted({v for k, v in env.items() if _SECRET_NAME.search(k) and v and len(v) >= 8},
+                        key=len, reverse=True))
 
 _KEY_SHAPES = re.compile(
     r"(?:sk|pk|cpk|rk)[-_][A-Za-z0-9_\-*.]{6,}"      # sk-..., cpk_..., sk-ant-...

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from scillm_core.redact import RedactingFilter, redact
+from scillm_core.redact import RedactingFilter, env_secrets, redact
 
 
 @pytest.mark.parametrize("secret", [
@@ -50,3 +50,9 @@ def test_the_quick_check_never_skips_what_the_full_scan_would_redact():
     for _ in range(5000):
         text = "".join(rng.choice(fragments) for _ in range(rng.randint(1, 12)))
         assert redact(text) == _KEY_SHAPES.sub("[redacted]", text), text
+
+
+def test_env_secrets_are_the_values_of_secret_named_variables():
+    env = {"DEEPSEEK_API_KEY": "sk-deep-0123456789", "CHUTES_API": "cpk_abcdefgh12", "GH_TOKEN": "short",
+           "SCILLM_MASTER_KEY": "sk-master-longer-than-the-rest-0123", "HOME": "/home/someone-long"}
+    assert env_secrets(env) == ("sk-master-longer-than-the-rest-0123", "sk-deep-0123456789", "cpk_abcdefgh12")

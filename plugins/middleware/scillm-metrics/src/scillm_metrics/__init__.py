@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from scillm_core import ChatResponse, Route, Runtime, SurfaceRegistry, errors, hookimpl, json_response, runtime_of
-from scillm_core.redact import redact
+from scillm_core.redact import env_secrets, redact
 from scillm_metrics.series import Counters, Histograms, SeriesCollector
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ log = logging.getLogger("scillm.metrics")
 NAMESPACE = "calls"
 OTHER = "other"
 UNKNOWN = "unknown"
-_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)|_API$", re.IGNORECASE)
 _LABEL_JUNK = re.compile(r"[^A-Za-z0-9_.:/@+\-]")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -183,11 +182,6 @@ def _config(runtime: Runtime) -> MetricsConfig:
     return runtime.config.sections.get("metrics") or MetricsConfig()  # type: ignore[no-any-return]
 
 
-def _secrets(env: Mapping[str, str]) -> tuple[str, ...]:
-    return tuple(sorted({v for k, v in env.items() if _SECRET_NAME.search(k) and v and len(v) >= 8},
-                        key=len, reverse=True))
-
-
 def redact_record(value: Any, secrets: Iterable[str] = ()) -> Any:
     """Every string in ``value`` (recursively) with secrets and key-shaped tokens replaced by ``[redacted]``."""
     if isinstance(value, str):
@@ -221,7 +215,7 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
         return
     upstream = ("provider", "model", "caller")
     state = MetricsState(
-        config=config, runtime=runtime, secrets=_secrets(runtime.env), callers=BoundedLabel(config.max_callers),
+        config=config, runtime=runtime, secrets=env_secrets(runtime.env), callers=BoundedLabel(config.max_callers),
         models=BoundedLabel(config.max_models),
         attempts=Counters("scillm_upstream_requests", "Upstream attempts by outcome", (*upstream, "status", "code")),
         latency=Histograms("scillm_upstream_latency_seconds", "Upstream attempt duration (streams: to the end)",

@@ -22,6 +22,7 @@ from scillm_exec import exec_config, run_keys
 from scillm_agents.config import settings, workers
 from scillm_agents.worker import DIFF_INLINE, LiveTurn, Worker
 from scillm_core import Runtime, errors
+from scillm_core.redact import env_secrets
 from scillm_core.state import StateStore
 
 __all__ = ["Agents", "LEASES", "agents_of"]
@@ -51,10 +52,8 @@ class Agents:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.keys = run_keys(runtime)
-        env = runtime.env
         # values never written to an event, log or result (run keys are added as they are minted)
-        self.secrets = [v for k, v in env.items() if v and len(v) >= 8 and any(
-            part in k for part in ("KEY", "TOKEN", "SECRET", "PASSWORD"))]
+        self.secrets = list(env_secrets(runtime.env))
         self.kill_grace_s = exec_config(runtime).kill_grace_s
         self.lifecycle = asyncio.Lock()   # starts and stops of every worker's process, one at a time
         self.workers = {name: Worker(self, name, cfg) for name, cfg in workers(runtime).items()}
