@@ -101,7 +101,8 @@ def start_scillm(data_dir: Path, workers: Mapping[str, Mapping[str, Any]], env: 
                  max_live: int = 8) -> ServerThread:
     app = make_app(env={"SCILLM_MASTER_KEY": MASTER_KEY, **env}, data_dir=data_dir, only=PLUGINS,
                    config={"agents": {name: dict(cfg) for name, cfg in workers.items()},
-                           "standing_agents": {"max_live": max_live}, "exec": {"kill_grace_s": 1.0}})
+                           "standing_agents": {"max_live": max_live},
+                           "exec": {"kill_grace_s": 1.0, "heartbeat_s": 0.5}})
     return ServerThread(app).start()
 
 

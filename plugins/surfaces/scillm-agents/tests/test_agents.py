@@ -182,6 +182,22 @@ def test_lease_renew_release_and_idempotent_acquire(http: httpx.Client) -> None:
     assert http.get("/alpha/status").json()["lease"] is None
 
 
+def test_event_stream_resumes_after_a_seq_and_sends_heartbeats(http: httpx.Client) -> None:
+    before = http.get("/alpha/status").json()["events_seq"]
+    held = http.post("/alpha/leases", json={"owner": "streamer", "ttl_s": 60}).json()
+    http.post("/alpha/leases", json={"action": "release", "lease_id": held["lease_id"]})
+    lines = []
+    with http.stream("GET", "/alpha/events/stream", params={"after": before}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            lines.append(line)
+            if line == ": heartbeat":
+                break
+    frames = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert [(f["seq"], f["type"]) for f in frames] == [(before + 1, "lease.acquired"), (before + 2, "lease.released")]
+    assert f"id: {before + 1}" in lines and frames[0]["owner"] == "streamer"
+
+
 def test_handoffs_are_stored_once(http: httpx.Client) -> None:
     body = {"handoff_id": "h1", "goal": "fix the bug", "memory_context": [{"key": "k", "summary": "s"}],
             "validation_expectations": ["tests pass"], "metadata": {"phase": 1}}
