@@ -31,6 +31,7 @@ Every error a client can see is one of these, rendered by :func:`to_response_par
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -158,6 +159,8 @@ class UpstreamError(ScillmError):
         self.provider = provider
         self.model = model
         self.upstream_status = upstream_status
+        if retry_after_s is not None and not 0.0 <= retry_after_s < math.inf:
+            retry_after_s = None  # NaN, infinite or negative: no usable hint (never a crash)
         self.retry_after_s = retry_after_s
         if retry_after_s is not None and "retry-after" not in self.headers:
             self.headers["retry-after"] = str(max(1, round(retry_after_s)))

@@ -7,7 +7,9 @@ transport failures), so every provider fails the same way for the same cause.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import email.utils
+import re
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
@@ -79,22 +81,36 @@ async def iter_ndjson(chunks: AsyncIterator[bytes]) -> AsyncIterator[Any]:
         yield orjson.loads(buffer)
 
 
+_DELTA = re.compile(r"\s*(\d{1,12})(\.\d{1,9})?\s*")
+MAX_HINT_S = 86400.0  # a retry hint beyond a day is nonsense, not a plan
+
+
 def retry_after_seconds(headers: Mapping[str, str], *, cap_s: float = 300.0) -> float | None:
-    """``retry-after-ms`` (milliseconds), else ``retry-after`` (seconds or an HTTP date); ``None`` if absent."""
-    value = headers.get("retry-after-ms")
-    if value:
-        with contextlib.suppress(ValueError):
-            return min(max(float(value) / 1000.0, 0.0), cap_s)
-    value = headers.get("retry-after")
+    """``retry-after-ms`` (milliseconds), else ``retry-after`` (seconds or an HTTP date), capped at ``cap_s``.
+    ``None`` when absent or unusable: not a plain non-negative number (``5s``, ``nan``, ``inf``, ``-1``,
+    ``garbage``), or more than a day; an unusable hint never fails a call, it only means normal backoff."""
+    hint = _hint(headers.get("retry-after-ms"), 1000.0)
+    if hint is None:
+        hint = _hint(headers.get("retry-after"), 1.0)
+    return None if hint is None else min(hint, cap_s)
+
+
+def _hint(value: str | None, unit: float) -> float | None:
     if not value:
         return None
-    try:
-        return min(max(float(value), 0.0), cap_s)
-    except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        if parsed is None:
+    if _DELTA.fullmatch(value):
+        seconds = float(value) / unit
+    elif unit == 1.0:
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
             return None
-        return min(max(parsed.timestamp() - time.time(), 0.0), cap_s)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+        seconds = max(parsed.timestamp() - time.time(), 0.0)
+    else:
+        return None
+    return seconds if 0.0 <= seconds <= MAX_HINT_S else None
 
 
 _QUOTA_MARKERS = ("insufficient_quota", "quota", "usage_limit", "billing", "balance", "arrears")

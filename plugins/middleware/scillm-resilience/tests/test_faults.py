@@ -159,6 +159,37 @@ def test_retry_after_beyond_the_maximum_is_not_slept(start, fake_a):
     assert len(fake_a.requests) == 1
 
 
+MALFORMED_HINTS = [{"retry-after": "5s"}, {"retry-after": "garbage"}, {"retry-after": "nan"},
+                   {"retry-after-ms": "nan"}, {"retry-after": "inf"}, {"retry-after-ms": "-Infinity"},
+                   {"retry-after": "-1"}, {"retry-after": "1e400"}, {"retry-after": "9" * 400},
+                   {"retry-after-ms": "12ms", "retry-after": "soon"}]
+
+
+@pytest.mark.parametrize("hint", MALFORMED_HINTS, ids=lambda h: ",".join(f"{k}={v[:12]}" for k, v in h.items()))
+def test_unusable_retry_hints_are_ignored_and_normal_backoff_retries(start, fake_a, hint):
+    server = start(fake_a.base_url)
+    fake_a.script(Reply.fail(429, "Rate limit reached", code="rate_limit_exceeded", headers=hint),
+                  Reply.say("after a normal backoff"))
+    raw = client_for(server).chat.completions.with_raw_response.create(model="openai/gpt-a", messages=HI)
+    assert raw.parse().choices[0].message.content == "after a normal backoff"
+    assert raw.headers["x-scillm-attempts"] == "2" and len(fake_a.requests) == 2
+
+
+@pytest.mark.parametrize("hint", MALFORMED_HINTS[:4], ids=lambda h: ",".join(f"{k}={v[:12]}" for k, v in h.items()))
+def test_unusable_retry_hints_still_fall_back_or_answer_429(start, fake_a, fake_b, hint):
+    limited = Reply.fail(429, "Rate limit reached", code="rate_limit_exceeded", headers=hint)
+    server = start(fake_a.base_url, fake_b.base_url, groups=GROUP)
+    fake_a.default = limited
+    fake_b.script(Reply.say("served by the fallback"))
+    raw = client_for(server).chat.completions.with_raw_response.create(model="g", messages=HI)
+    assert raw.parse().choices[0].message.content == "served by the fallback"
+    assert len(fake_a.requests) == 2 and len(fake_b.requests) == 1  # one retry on the primary, then fallback
+    with pytest.raises(openai.RateLimitError) as caught:  # no fallback: the upstream's 429, without a hint
+        client_for(server).chat.completions.create(model="openai/gpt-a", messages=HI)
+    assert caught.value.response.json()["error"]["code"] == "rate_limit_exceeded"
+    assert "retry-after" not in caught.value.response.headers
+
+
 @pytest.mark.parametrize("reply", [Reply.fail(400, "bad param", code="invalid_value"),
                                    Reply.fail(429, "You exceeded your current quota", code="insufficient_quota")])
 def test_request_and_quota_errors_are_not_retried(start, fake_a, reply):
