@@ -59,7 +59,7 @@ def create_app(config: Config | None = None, *, plugins: Sequence[tuple[str, obj
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        runtime.http = make_http_client(config.env)
+        runtime.http = make_http_client(config.env, limits=config.server.reply_limits())
         try:
             for start in surfaces.startup:
                 await start()

@@ -152,7 +152,7 @@ async def _report(command: str, args: argparse.Namespace) -> int:
                 sorted({prefix + "<model>" for p in runtime.providers.values() for prefix in p.prefixes})))
             return 0
     else:
-        runtime.http = make_http_client(runtime.config.env)
+        runtime.http = make_http_client(runtime.config.env, limits=runtime.config.server.reply_limits())
         try:
             rows = await _doctor(runtime)
         finally:

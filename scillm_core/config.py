@@ -12,10 +12,13 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from attrs import field, frozen
+
+if TYPE_CHECKING:
+    from scillm_core.http import ReplyLimits
 
 __all__ = ["Config", "ConfigError", "Env", "GroupConfig", "PluginsConfig", "ProviderSettings", "ServerConfig",
            "load_config"]
@@ -59,8 +62,19 @@ class Env(Mapping[str, str]):
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 4001
-    max_body_mb: float = 64.0
+    max_body_mb: float = 48.0              # chat-style request bodies (one 32 MiB file as base64, plus text)
     heartbeat_s: float = 10.0
+    max_upstream_reply_mb: float = 32.0    # an upstream body read whole (non-streaming answers, error bodies)
+    max_upstream_stream_mb: float = 256.0  # a streamed upstream reply, in total
+    max_upstream_line_mb: float = 8.0      # one line (SSE or NDJSON) of a streamed upstream reply
+
+    def reply_limits(self) -> ReplyLimits:
+        from scillm_core.http import ReplyLimits
+
+        mib = 1 << 20
+        return ReplyLimits(max_reply_bytes=int(self.max_upstream_reply_mb * mib),
+                           max_stream_bytes=int(self.max_upstream_stream_mb * mib),
+                           max_line_bytes=int(self.max_upstream_line_mb * mib))
 
 
 @frozen(kw_only=True)

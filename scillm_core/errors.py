@@ -24,6 +24,7 @@ Every error a client can see is one of these, rendered by :func:`to_response_par
         ├── UpstreamConnectError     502 connection_error
         ├── UpstreamTimeout          504 upstream_timeout
         ├── UpstreamProtocolError    502 upstream_bad_response
+        │   └── UpstreamReplyTooLarge 502 upstream_reply_too_large (past a [server] max_upstream_* cap)
         └── ThinkingBudgetExhausted  502 thinking_budget_exhausted
 
 ``retryable`` says whether a retry or a fallback may help; middleware reads it instead of guessing from statuses.
@@ -56,6 +57,7 @@ __all__ = [
     "UpstreamProtocolError",
     "UpstreamQuotaExceeded",
     "UpstreamRateLimited",
+    "UpstreamReplyTooLarge",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "to_response_parts",
@@ -213,6 +215,11 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     code = "upstream_bad_response"
+
+
+class UpstreamReplyTooLarge(UpstreamProtocolError):
+    code = "upstream_reply_too_large"
+    retryable = False  # the same question brings the same oversized answer; a fallback may answer smaller
 
 
 class ThinkingBudgetExhausted(UpstreamError):

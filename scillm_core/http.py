@@ -1,31 +1,115 @@
-"""The shared upstream HTTP client: httpx's API over the transport that measured fastest (see bench/README.md).
+"""The shared upstream client: httpx's API over the transport that measured fastest (see bench/README.md).
 
 ``SCILLM_HTTP_TRANSPORT=aiohttp`` (default) uses the aiohttp transport: its connection pool stays flat with
 hundreds of requests in flight, where httpcore 1.0's pool grows quadratically. ``httpx`` selects httpx's own.
 Every request carries scillm's own User-Agent; client headers are never forwarded.
+
+Every reply is size-capped while it is read (:class:`ReplyLimits`, ``[server] max_upstream_*``), never after
+buffering it: a body read whole (a non-streaming answer, any error body) by ``max_reply_bytes``, a 2xx reply read
+as a stream by ``max_stream_bytes`` in total and, unless it is binary media, ``max_line_bytes`` per line (an SSE
+or NDJSON line, whatever its content-type claims). Past a cap
+the read raises :class:`ReplyTooLarge`, which ``scillm_core.upstream.translate_transport`` turns into a 502
+naming provider and model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import httpx
+from attrs import frozen
 
 from scillm_core.version import __version__
 
-__all__ = ["USER_AGENT", "make_http_client"]
+__all__ = ["USER_AGENT", "ReplyLimits", "ReplyTooLarge", "make_http_client"]
 
 USER_AGENT = f"scillm/{__version__}"
 LIMITS = httpx.Limits(max_connections=2048, max_keepalive_connections=512, keepalive_expiry=30.0)
 TIMEOUT = httpx.Timeout(connect=15.0, read=900.0, write=60.0, pool=60.0)
+MIB = 1 << 20
+_BINARY = ("image/", "audio/", "video/", "application/pdf", "application/octet-stream")
 
 
-def make_http_client(env: Mapping[str, str] | None = None,
-                     transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+@frozen(kw_only=True)
+class ReplyLimits:
+    max_reply_bytes: int = 32 * MIB     # a body read whole: non-streaming answers and every error body
+    max_stream_bytes: int = 256 * MIB   # a streamed 2xx reply, in total
+    max_line_bytes: int = 8 * MIB       # one line of a streamed reply (an SSE or NDJSON line)
+
+
+class ReplyTooLarge(httpx.TransportError):
+    """An upstream reply went past a :class:`ReplyLimits` cap; ``what`` names the cap."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(f"{what} exceeded {limit / MIB:g} MiB")
+        self.what = what
+        self.limit = limit
+
+
+class _Client(httpx.AsyncClient):
+    async def send(self, request: httpx.Request, *, stream: bool = False, **kw: Any) -> httpx.Response:
+        request.extensions["scillm.stream"] = stream  # the transport caps a streamed read differently
+        return await super().send(request, stream=stream, **kw)
+
+
+class _CappedTransport(httpx.AsyncBaseTransport):
+    def __init__(self, inner: httpx.AsyncBaseTransport, limits: ReplyLimits) -> None:
+        self.inner = inner
+        self.limits = limits
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        limits = self.limits
+        streamed = bool(request.extensions.get("scillm.stream")) and response.status_code < 400
+        limit, what = ((limits.max_stream_bytes, "the streamed reply") if streamed else
+                       (limits.max_reply_bytes, "the reply body"))
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await response.aclose()
+            raise ReplyTooLarge(f"{what} (content-length {declared})", limit)
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        binary = response.headers.get("content-type", "").startswith(_BINARY)  # e.g. an image being fetched
+        response.stream = _CappedStream(response.stream, limit, what,
+                                        limits.max_line_bytes if streamed and not binary else None)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _CappedStream(httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.AsyncByteStream, limit: int, what: str, line_limit: int | None) -> None:
+        self.inner = inner
+        self.limit = limit
+        self.what = what
+        self.line_limit = line_limit
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        total = 0
+        line = 0  # bytes since the last line end
+        line_limit = self.line_limit
+        async for chunk in self.inner:
+            total += len(chunk)
+            if total > self.limit:
+                raise ReplyTooLarge(self.what, self.limit)
+            if line_limit is not None:
+                end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
+                line = line + len(chunk) if end < 0 else len(chunk) - end - 1
+                if line > line_limit:
+                    raise ReplyTooLarge("one line of the streamed reply", line_limit)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def make_http_client(env: Mapping[str, str] | None = None, transport: httpx.AsyncBaseTransport | None = None,
+                     limits: ReplyLimits | None = None) -> httpx.AsyncClient:
     if transport is None:
         transport = _transport((env or {}).get("SCILLM_HTTP_TRANSPORT", "aiohttp"))
-    return httpx.AsyncClient(transport=transport, timeout=TIMEOUT, headers={"user-agent": USER_AGENT},
-                             follow_redirects=False, trust_env=False)
+    return _Client(transport=_CappedTransport(transport, limits or ReplyLimits()), timeout=TIMEOUT,
+                   headers={"user-agent": USER_AGENT}, follow_redirects=False, trust_env=False)
 
 
 def _transport(name: str) -> httpx.AsyncBaseTransport:

@@ -19,6 +19,7 @@ import orjson
 from attrs import frozen
 
 from scillm_core import errors
+from scillm_core.http import ReplyTooLarge
 from scillm_core.redact import redact
 
 __all__ = ["SSEEvent", "error_for_status", "iter_ndjson", "iter_sse", "retry_after_seconds", "translate_transport"]
@@ -106,7 +107,7 @@ def _hint(value: str | None, unit: float) -> float | None:
         except (TypeError, ValueError, IndexError, OverflowError):
             return None
         if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+            parsed = parsed.replace(tzinfo=datetime.UTC)
         seconds = max(parsed.timestamp() - time.time(), 0.0)
     else:
         return None
@@ -147,9 +148,15 @@ def error_for_status(status: int, message: str, *, provider: str, model: str, co
 
 @contextlib.contextmanager
 def translate_transport(provider: str, model: str) -> Iterator[None]:
-    """Turn httpx transport failures into :class:`UpstreamConnectError` / :class:`UpstreamTimeout`."""
+    """Turn httpx transport failures into :class:`UpstreamConnectError` / :class:`UpstreamTimeout`, and a reply
+    past its size cap (``scillm_core.http``) into :class:`UpstreamReplyTooLarge`."""
     try:
         yield
+    except ReplyTooLarge as exc:
+        raise errors.UpstreamReplyTooLarge(
+            f"{exc.what} exceeded {exc.limit / (1 << 20):g} MiB; scillm stopped reading it (raise [server] "
+            f"max_upstream_reply_mb / max_upstream_stream_mb / max_upstream_line_mb if this answer is expected)",
+            provider=provider, model=model) from None
     except httpx.TimeoutException as exc:
         cause = exc.__cause__
         if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):

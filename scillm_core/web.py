@@ -64,14 +64,11 @@ async def read_json(request: Request, *, limit_bytes: int) -> Any:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit_bytes:
         raise errors.PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit_bytes}")
-    chunks: list[bytes] = []
-    size = 0
+    raw = bytearray()  # one growing buffer: a list of chunks joined at the end would hold the body twice
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit_bytes:
+        if len(raw) + len(chunk) > limit_bytes:
             raise errors.PayloadTooLarge(f"request body exceeds the limit of {limit_bytes} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+        raw += chunk
     if not raw:
         raise errors.InvalidRequest("request body is empty; expected a JSON object")
     try:

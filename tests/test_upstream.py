@@ -1,13 +1,21 @@
-"""The shared upstream helpers on their own: retry hints."""
+"""The shared upstream helpers: retry hints, and reply size caps enforced while reading."""
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import time
+from collections.abc import AsyncIterator, Iterator
 
+import openai
 import pytest
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
 
 from scillm_core import errors
+from scillm_core.testing import DEV_KEY, FakeOpenAI, ServerThread, make_app
+from scillm_core.testing.fakes import sse
 from scillm_core.upstream import retry_after_seconds
 
 
@@ -51,3 +59,94 @@ def test_errors_drop_an_unusable_hint_from_any_provider(value):
     exc = errors.UpstreamRateLimited("slow down", provider="p", model="m", retry_after_s=value)
     assert exc.retry_after_s is None and "retry-after" not in exc.headers
     assert errors.to_response_parts(exc)[0] == 429
+
+
+# -- reply size caps, enforced while reading --------------------------------------------------------------------
+
+class HugeReplies(FakeOpenAI):
+    """Answers with a reply far past the caps, produced lazily; ``sent`` counts the bytes it managed to send."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0
+        self.mode = "body"
+
+    def routes(self) -> list[Route]:
+        return [Route(f"{self.base_path}/chat/completions", self.huge, methods=["POST"])]
+
+    async def huge(self, request: Request) -> Response:
+        await self.record(request)
+        self.sent = 0
+        piece = b"x" * 65536
+
+        def count(data: bytes) -> bytes:
+            self.sent += len(data)
+            return data
+        # each piece is produced after the previous one was handed to the socket (flow control), and a pause
+        # lets the server notice a closed connection: ``sent`` is what scillm read, plus socket buffers
+
+        async def body() -> AsyncIterator[bytes]:  # a valid completion whose content is 64 MiB of "x"
+            yield count(b'{"id": "c1", "object": "chat.completion", "created": 0, "model": "m", "choices": [{'
+                        b'"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "')
+            for _ in range(1024):
+                yield count(piece)
+                await asyncio.sleep(0)
+            yield count(b'"}}]}')
+
+        async def endless_line() -> AsyncIterator[bytes]:  # one SSE line that never ends
+            yield count(b'data: {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, '
+                        b'"delta": {"content": "')
+            for _ in range(1024):
+                yield count(piece)
+                await asyncio.sleep(0)
+
+        async def many_events() -> AsyncIterator[bytes]:  # small valid events, without end
+            event = sse({"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                         "choices": [{"index": 0, "delta": {"content": "x" * 4000}, "finish_reason": None}]})
+            for _ in range(20000):
+                yield count(event)
+                await asyncio.sleep(0)
+
+        if self.mode == "error":
+            return StreamingResponse(body(), status_code=500, media_type="application/json")
+        source = {"body": body, "line": endless_line, "events": many_events}[self.mode]
+        media = "application/json" if self.mode == "body" else "text/event-stream"
+        return StreamingResponse(source(), media_type=media)
+
+
+@pytest.fixture(scope="module")
+def huge() -> Iterator[HugeReplies]:
+    with HugeReplies() as fake:
+        yield fake  # type: ignore[misc]
+
+
+@pytest.fixture(scope="module")
+def capped(huge: HugeReplies, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    config = {"server": {"max_upstream_reply_mb": 1, "max_upstream_stream_mb": 2, "max_upstream_line_mb": 0.5}}
+    app = make_app(env={"OPENAI_API_KEY": "sk-cap-test-0123456789", "OPENAI_API_BASE": huge.base_url},
+                   config=config, data_dir=tmp_path_factory.mktemp("caps"), only=("chat", "auth", "openai-compat"))
+    with ServerThread(app) as server:
+        yield server
+
+
+@pytest.mark.parametrize(("mode", "stream", "what", "cap_mib"), [
+    ("body", False, "the reply body", 1), ("error", False, "the reply body", 1), ("error", True, "the reply body", 1),
+    ("line", True, "one line of the streamed reply", 0.5), ("events", True, "the streamed reply", 2)])
+def test_oversized_upstream_replies_are_a_502_cut_off_while_reading(huge: HugeReplies, capped: ServerThread,
+                                                                    mode: str, stream: bool, what: str,
+                                                                    cap_mib: float) -> None:
+    huge.mode = mode
+    client = openai.OpenAI(base_url=capped.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=30)
+    with pytest.raises(openai.APIError) as caught:
+        list(client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                            stream=stream))
+    if mode == "events":  # chunks were already handed on: the stream ends with an error event
+        error = caught.value.body
+    else:
+        assert isinstance(caught.value, openai.APIStatusError) and caught.value.status_code == 502
+        error = caught.value.response.json()["error"]
+    assert error["code"] == "upstream_reply_too_large"
+    assert error["message"].startswith("openai (gpt-4o-mini): ") and what in error["message"]
+    assert "max_upstream_" in error["message"]
+    # scillm stopped reading near the cap: the fake could not push its 64 MiB through
+    assert huge.sent < (cap_mib + 8) * (1 << 20), huge.sent

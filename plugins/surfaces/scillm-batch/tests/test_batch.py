@@ -146,3 +146,14 @@ def test_batch_ids_are_parameters_not_query_text(tmp_path):
             assert found.status_code == 200
             assert found.json()["results"][0]["item_id"] == "1' OR '1'='1"
             assert orjson.loads(httpx.get(server.url + "/health/readiness").content)["status"] == "ready"
+
+
+def test_default_body_limit_refuses_a_huge_batch_before_parsing_it(tmp_path):
+    with ServerThread(make_app(env={"DEEPSEEK_API_KEY": "k"}, data_dir=tmp_path, only=PLUGINS)) as server:
+        item = {"prompt": "x" * 4000}
+        body = orjson.dumps({"model": "deepseek/deepseek-chat", "items": [item] * 8500})  # ~34 MB
+        response = httpx.post(server.url + "/v1/scillm/batch/completions", content=body, timeout=60,
+                              headers={**AUTH, "content-type": "application/json"})
+        assert response.status_code == 413, response.text[:200]
+        assert response.json()["error"]["code"] == "payload_too_large"
+        assert httpx.get(server.url + "/v1/scillm/batch/none", headers=AUTH).status_code == 404  # still serving

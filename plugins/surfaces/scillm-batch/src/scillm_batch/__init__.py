@@ -47,7 +47,7 @@ class BatchConfig:
 
     max_items: int = 10_000
     default_concurrency: int = 16
-    max_body_mb: float = 256.0
+    max_body_mb: float = 32.0  # ~3 KB for each of 10,000 items; split larger batches
 
 
 @hookimpl
