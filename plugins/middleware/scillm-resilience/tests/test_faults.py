@@ -68,6 +68,7 @@ def _reset(fake: FakeOpenAI) -> FakeOpenAI:
     fake.requests.clear()
     fake._script.clear()  # shared across the module, fresh per test
     fake.default = FakeOpenAI.default
+    fake.responder = None
     fake.max_in_flight = fake.in_flight
     return fake
 
@@ -458,3 +459,96 @@ def test_retries_and_fallbacks_switch_off_separately(start, fake_a, fake_b):
     with pytest.raises(openai.InternalServerError):
         client_for(server2).chat.completions.create(model="g", messages=HI)
     assert len(fake_b.requests) == 1
+
+
+# -- provider-wide pauses on upstream 429s --------------------------------------------------------------------------
+
+def _pauses(server: ServerThread) -> dict[str, Any]:
+    return health(server).get("pauses", {}).get("deployments", {})  # type: ignore[no-any-return]
+
+
+def _wait_paused(server: ServerThread, deployment: str) -> None:
+    deadline = time.monotonic() + 10
+    while deployment not in _pauses(server):
+        assert time.monotonic() < deadline, f"{deployment} was never paused"
+        time.sleep(0.01)
+
+
+def test_a_429_storm_pauses_the_provider_and_holds_callers_until_it_passes(start, fake_a):
+    server = start(fake_a.base_url, resilience={"max_retries": 2})
+    storm = threading.Event()
+    storm.set()
+    limited: list[int] = []
+
+    def answer(request: Any) -> Reply:
+        if storm.is_set():
+            limited.append(1)
+            return Reply.fail(429, "Rate limit reached", code="rate_limit_exceeded", headers={"retry-after": "1"})
+        return Reply.say("after the storm")
+
+    fake_a.responder = answer
+
+    async def storm_of_callers() -> list[Any]:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=60)
+        async with client:
+            def call(i: int) -> Any:
+                return asyncio.ensure_future(client.with_raw_response.chat.completions.create(
+                    model="openai/gpt-a", messages=[{"role": "user", "content": f"n{i}"}],
+                    extra_body={"timeout": 45}))
+
+            first = call(0)
+            await asyncio.to_thread(_wait_paused, server, "openai/gpt-a")  # the first 429 paused the provider
+            rest = [call(i) for i in range(1, 40)]
+            await asyncio.sleep(3.0)  # the storm lasts a few retry-after periods
+            during = len(limited)
+            storm.clear()
+            raws = await asyncio.gather(first, *rest)
+            return [during, raws]
+
+    during, raws = asyncio.run(storm_of_callers())
+    # while the storm lasted the upstream saw the first call and about one probe per retry-after second,
+    # not 40 callers retrying
+    assert 2 <= during <= 8, during
+    assert [raw.parse().choices[0].message.content for raw in raws] == ["after the storm"] * 40
+    assert len(fake_a.requests) == len(limited) + 40  # every caller succeeded with one call after the storm
+    state = health(server)["pauses"]
+    assert state["deployments"] == {} and state["held"] == 0 and state["lifted_by_probe"] == 1
+
+
+def test_a_pause_longer_than_the_deadline_is_a_429_at_once_without_an_upstream_call(start, fake_a):
+    server = start(fake_a.base_url)
+    fake_a.script(Reply.fail(429, "Rate limit reached", headers={"retry-after": "20"}))
+    client = client_for(server)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="openai/gpt-a", messages=HI, extra_body={"timeout": 5})
+    assert len(fake_a.requests) == 1
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="openai/gpt-a", messages=HI, extra_body={"timeout": 5})
+    assert len(fake_a.requests) == 1  # the paused provider was not called again
+    body = caught.value.response.json()["error"]
+    assert body["code"] == "provider_paused" and "openai/gpt-a is paused" in body["message"]
+    assert "openai (gpt-a)" in body["message"] and "retry-after 20s" in body["message"]
+    assert 15 <= int(caught.value.response.headers["retry-after"]) <= 20
+
+
+def test_a_paused_primary_falls_back_without_being_called(start, fake_a, fake_b):
+    server = start(fake_a.base_url, fake_b.base_url, groups=GROUP)
+    fake_a.script(Reply.fail(429, "Rate limit reached", headers={"retry-after": "60"}))
+    fake_b.default = Reply.say("fallback")
+    client = client_for(server)
+    for _ in range(3):
+        raw = client.chat.completions.with_raw_response.create(model="g", messages=HI)
+        assert raw.headers["x-scillm-served-model"] == "deepseek-chat"
+    assert len(fake_a.requests) == 1 and len(fake_b.requests) == 3
+    assert 50 < _pauses(server)["openai/gpt-a"]["remaining_s"] <= 60
+
+
+def test_pauses_switch_off(start, fake_a):
+    server = start(fake_a.base_url, resilience={"pause": False})
+    fake_a.script(Reply.fail(429, "Rate limit reached", headers={"retry-after": "20"}))
+    fake_a.default = Reply.say("no pause")
+    client = client_for(server)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="openai/gpt-a", messages=HI, extra_body={"timeout": 5})
+    assert client.chat.completions.create(model="openai/gpt-a", messages=HI).choices[0].message.content == "no pause"
+    assert _pauses(server) == {}

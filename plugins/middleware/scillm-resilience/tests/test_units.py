@@ -1,4 +1,4 @@
-"""The breaker and the limiter on their own, with a controllable clock."""
+"""The breaker, the limiter and pauses on their own (a controllable clock where they take one)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from scillm_resilience.breaker import Breaker, CircuitOpenSignal
 from scillm_resilience.limiter import Limiter, QueueFullSignal, QueueTimeoutSignal
+from scillm_resilience.pause import PausedSignal, Pauses
 
 
 class Clock:
@@ -107,5 +108,57 @@ def test_limiter_queue_is_fifo_bounded_and_cancellation_frees_slots():
             await limiter.acquire(0.05)
         held.release()
         assert limiter.in_flight == 0 and not limiter.waiters
+
+    asyncio.run(main())
+
+
+def test_pause_lets_one_probe_out_at_a_time_and_its_success_releases_everybody():
+    async def main() -> None:
+        pauses = Pauses()
+        calls: list[str] = []  # what reached the "upstream", in order
+        storm = {"left": 2}     # the probe gets 429 twice more, then the upstream answers
+
+        async def caller(n: int) -> str:
+            while True:
+                probe = await pauses.wait("p/m", budget_s=30, longest_s=30)
+                calls.append("probe" if probe else "call")
+                if probe and storm["left"]:
+                    storm["left"] -= 1
+                    pauses.pause("p/m", 0.01, probe=True)
+                    continue
+                if probe:
+                    pauses.success("p/m")
+                return f"ok {n}"
+
+        pauses.pause("p/m", 0.01)
+        results = await asyncio.gather(*(caller(n) for n in range(20)))
+        assert results == [f"ok {n}" for n in range(20)]
+        assert calls[:3] == ["probe"] * 3  # nobody else went upstream while the probes were out
+        assert calls[3:] == ["call"] * 19
+        assert pauses.snapshot() == {"held": 0, "times_paused": 3, "lifted_by_probe": 1, "deployments": {}}
+
+    asyncio.run(main())
+
+
+def test_pause_budget_and_an_abandoned_probe():
+    async def main() -> None:
+        pauses = Pauses()
+        assert await pauses.wait("p/m", budget_s=0, longest_s=0) is False  # not paused: go
+        pauses.pause("p/m", 5)
+        with pytest.raises(PausedSignal) as caught:  # longer than the caller may wait: refused at once
+            await pauses.wait("p/m", budget_s=1, longest_s=30)
+        assert 4 < caught.value.remaining_s <= 5
+        with pytest.raises(PausedSignal):
+            await pauses.wait("p/m", budget_s=30, longest_s=1)
+        pauses.pause("q/m", 0)
+        assert await pauses.wait("q/m", budget_s=1, longest_s=1) is True  # the probe
+        waiter = asyncio.ensure_future(pauses.wait("q/m", budget_s=30, longest_s=30))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()  # waits for the probe's verdict
+        pauses.abandon("q/m")     # the probe was cancelled: the next waiter probes
+        assert await waiter is True
+        with pytest.raises(PausedSignal) as caught:  # no verdict within the budget
+            await pauses.wait("q/m", budget_s=0.02, longest_s=30)
+        assert caught.value.remaining_s == 0
 
     asyncio.run(main())

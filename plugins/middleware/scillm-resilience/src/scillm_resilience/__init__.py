@@ -1,10 +1,10 @@
 """Resilience middleware around ``call_provider``: retries, fallbacks, circuit breakers, the overall deadline,
-per-provider concurrency limits with AIMD, and cancel-on-disconnect.
+provider-wide pauses on upstream 429s, per-provider concurrency limits with AIMD, and cancel-on-disconnect.
 
 One wrapper (pluggy: among wrappers ``tryfirst`` is outermost, ``trylast`` innermost)::
 
-    cache (tryfirst)  ->  call_provider (this plugin: deadline, breaker, retries, fallback; each upstream attempt
-                          holds one slot of its provider's concurrency limit)
+    cache (tryfirst)  ->  call_provider (this plugin: deadline, breaker, pauses, retries, fallback; each upstream
+                          attempt holds one slot of its provider's concurrency limit)
                       ->  metrics (trylast: per attempt)  ->  core dispatch
 
 Fail-open/closed: retries, fallbacks and the deadline only ever add attempts or stop waiting (they cannot reject a
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import AsyncIterator, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +28,14 @@ from scillm_resilience.breaker import Breaker, CircuitOpenSignal
 from scillm_resilience.config import LimitConfig, ResilienceConfig
 from scillm_resilience.disconnect import CancelOnDisconnect
 from scillm_resilience.limiter import Limiter, QueueFullSignal, QueueTimeoutSignal, Slot, SlotIterator
+from scillm_resilience.pause import PausedSignal, Pauses
 
 if TYPE_CHECKING:
     from scillm_core import CallContext, ChatRequest
     from scillm_core.pipeline import ChatResult, ChatThunk
 
-__all__ = ["AllCircuitsOpen", "CircuitOpen", "ConcurrencyLimited", "LimitConfig", "ResilienceConfig", "state_of"]
+__all__ = ["AllCircuitsOpen", "CircuitOpen", "ConcurrencyLimited", "LimitConfig", "ProviderPaused", "ResilienceConfig",
+           "state_of"]
 
 # -- errors --------------------------------------------------------------------------------------------------------
 
@@ -62,6 +65,15 @@ class ConcurrencyLimited(errors.UpstreamError):
     local = True
 
 
+class ProviderPaused(errors.UpstreamRateLimited):
+    """The deployment is paused after an upstream 429 for longer than this request can wait (429 with
+    ``retry-after``; fallbacks are tried first)."""
+
+    code = "provider_paused"
+    retryable = False
+    local = True
+
+
 def _is_local(exc: BaseException) -> bool:
     return bool(getattr(exc, "local", False))
 
@@ -73,6 +85,7 @@ class State:
         self.config = config
         self.breaker = Breaker(config.breaker_threshold, config.breaker_cooldown_s)
         self.limiters: dict[str, Limiter] = {}
+        self.pauses = Pauses()
 
     def limiter(self, provider: str) -> Limiter:
         limiter = self.limiters.get(provider)
@@ -91,9 +104,10 @@ class State:
             "enabled": cfg.enabled,
             "switches": cfg.switches(),
             "fails": {"retries": "open", "fallbacks": "open", "deadline": "open", "breaker": "closed",
-                      "concurrency": "closed"},
+                      "pause": "closed", "concurrency": "closed"},
             "retries": {"max_retries": cfg.max_retries, "backoff_base_s": cfg.backoff_base_s,
                         "backoff_max_s": cfg.backoff_max_s, "max_retry_after_s": cfg.max_retry_after_s},
+            "pauses": {"max_pause_wait_s": cfg.max_pause_wait_s, **self.pauses.snapshot()},
             "breaker": {"threshold": cfg.breaker_threshold, "cooldown_s": cfg.breaker_cooldown_s,
                         "circuits": self.breaker.snapshot()},
             "concurrency": {"default_limit": {"max_concurrency": cfg.default_limit.max_concurrency,
@@ -191,6 +205,9 @@ class Attempts:
         self.ctx = ctx
         self.call = call
         self.waiting = False  # in the concurrency queue (a timeout then is the queue's, not the upstream's)
+        self.holding = False  # waiting out a pause of the deployment (a timeout then is a 429, not a 504)
+        self.probing = False  # this attempt is the one that tests whether a paused deployment answers again
+        self.held_s = 0.0     # time spent waiting out pauses, bounded by max_pause_wait_s
 
     # -- deadline ---------------------------------------------------------------------------------------------
 
@@ -272,6 +289,8 @@ class Attempts:
                 counted = cfg.breaker and self.record_failure(exc)
                 if cfg.breaker and probe and not counted:
                     breaker.abandon_probe(deployment)
+                if self.pause_for(exc):
+                    continue  # held until the pause ends (bounded by the deadline and max_pause_wait_s)
                 if not isinstance(exc, Exception):
                     raise
                 if probe or (counted and breaker.remaining(deployment) > 0):
@@ -284,7 +303,24 @@ class Attempts:
                 continue
             if cfg.breaker:
                 breaker.success(deployment)
+            if self.probing:
+                self.probing = False
+                self.state.pauses.success(deployment)
             return result
+
+    def pause_for(self, exc: BaseException) -> bool:
+        """An upstream 429 with a usable hint pauses the deployment for everybody (and this attempt, if it was the
+        probe, reports it). Whether this caller should wait the pause out: the hint is one it may wait for."""
+        pauses, deployment, probing = self.state.pauses, self.route.deployment, self.probing
+        self.probing = False
+        hint = getattr(exc, "retry_after_s", None)
+        limited = (isinstance(exc, errors.UpstreamRateLimited) and not _is_local(exc) and hint is not None
+                   and self.cfg.pause)
+        if limited:
+            pauses.pause(deployment, hint, probe=probing)
+        elif probing:
+            pauses.abandon(deployment)
+        return limited and hint <= self.cfg.max_retry_after_s
 
     def record_failure(self, exc: BaseException) -> bool:
         """Count ``exc`` against the deployment when it says the deployment is unhealthy (5xx/overloaded, refused
@@ -326,6 +362,8 @@ class Attempts:
             async with asyncio.timeout(remaining):
                 return await self.once()
         except TimeoutError:
+            if self.holding:
+                raise self.paused(self.state.pauses.remaining(route.deployment)) from None
             if self.waiting:
                 limiter = self.state.limiter(route.provider)
                 limiter.rejected += 1
@@ -357,8 +395,42 @@ class Attempts:
         self.waiting = False
         return slot
 
+    async def hold(self) -> None:
+        """Wait while the deployment is paused (or its probe is out); become the probe when the pause ends."""
+        pauses, deployment, cfg = self.state.pauses, self.route.deployment, self.cfg
+        if not cfg.pause or not pauses.blocks(deployment):
+            return
+        budget = cfg.max_pause_wait_s - self.held_s
+        remaining = self.remaining()
+        if remaining is not None:
+            budget = min(budget, remaining)
+        started = time.monotonic()
+        self.holding = True
+        try:
+            self.probing = await pauses.wait(deployment, max(budget, 0.0), cfg.max_retry_after_s)
+        except PausedSignal as signal:
+            raise self.paused(signal.remaining_s) from None
+        finally:
+            self.holding = False
+            self.held_s += time.monotonic() - started
+
+    def paused(self, remaining_s: float) -> ProviderPaused:
+        route, pauses = self.route, self.state.pauses
+        pause = pauses.active.get(route.deployment)
+        hint = f" (retry-after {pause.hint_s:g}s)" if pause is not None else ""
+        wait = f"{remaining_s:.1f}s more" if remaining_s > 0 else "until a probe call gets through"
+        return ProviderPaused(
+            f"{route.deployment} is paused after the upstream answered 429{hint}: {wait}, longer than this request "
+            f"can wait (its timeout, [resilience] max_pause_wait_s or max_retry_after_s)",
+            provider=route.provider, model=route.model, retry_after_s=max(remaining_s, 1.0))
+
     async def once(self) -> ChatResult:
+        await self.hold()
         slot = await self.slot()
+        if slot is not None and not self.probing and self.cfg.pause and \
+                self.state.pauses.blocks(self.route.deployment):
+            slot.release()  # paused while this call queued for its slot: wait the pause out first
+            return await self.once()
         try:
             result = await self.call()
         except BaseException as exc:

@@ -32,6 +32,9 @@ class ResilienceConfig:
     backoff_base_s: float = field(default=0.5, validator=_seconds)
     backoff_max_s: float = field(default=8.0, validator=_seconds)
     max_retry_after_s: float = field(default=30.0, validator=_seconds)
+    # an upstream 429 with a retry hint pauses its deployment for everybody; callers wait it out
+    pause: bool = True
+    max_pause_wait_s: float = field(default=60.0, validator=_seconds)  # longest one request is held in total
     # fallback along the group's members
     fallbacks: bool = True
     # circuit breaker per deployment (provider/model)
@@ -56,5 +59,6 @@ class ResilienceConfig:
 
     def switches(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "retries": self.retries, "fallbacks": self.fallbacks,
-                "breaker": self.breaker, "deadline": self.deadline, "concurrency": self.concurrency,
+                "breaker": self.breaker, "pause": self.pause, "deadline": self.deadline,
+                "concurrency": self.concurrency,
                 "aimd": self.aimd, "cancel_on_disconnect": self.cancel_on_disconnect}
