@@ -100,3 +100,22 @@ def test_put_many_stores_all_documents_in_one_transaction(store: SQLiteStore) ->
     assert documents == [(f"b/{i:03}", {"v": i}) for i in range(200)]  # the first document was replaced
     _, wal_frames, _ = store._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     assert wal_frames < 60  # two commits; a commit per document writes 200+ frames
+
+
+def test_storage_has_its_own_thread_a_full_default_pool_cannot_starve_it(store: SQLiteStore) -> None:
+    import threading
+
+    async def go() -> dict[str, object] | None:
+        release = threading.Event()
+        # every thread of the default pool (what asyncio.to_thread uses) blocked, and more work queued behind them
+        blockers = [asyncio.ensure_future(asyncio.to_thread(release.wait)) for _ in range(64)]
+        await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(store.put("calls", "k", {"v": 1}), 10)
+            return await asyncio.wait_for(store.get("calls", "k"), 10)
+        finally:
+            release.set()
+            await asyncio.gather(*blockers)
+            await store.close()
+
+    assert run(go()) == {"v": 1}

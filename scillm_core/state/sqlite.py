@@ -1,4 +1,5 @@
-"""SQLite (WAL) state store. One connection guarded by a lock, used from a worker thread."""
+"""SQLite (WAL) state store. One connection guarded by a lock, used from the store's own thread: nothing else
+(file work, other plugins' ``asyncio.to_thread`` calls) can fill the pool storage waits in."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,13 +38,14 @@ class SQLiteStore:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scillm-store")
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def locked() -> T:
             with self._lock:
                 return fn(self._db)
 
-        return await asyncio.to_thread(locked)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, locked)
 
     @staticmethod
     def _live(row: tuple[bytes, float | None] | None) -> dict[str, Any] | None:
@@ -132,3 +135,4 @@ class SQLiteStore:
 
     async def close(self) -> None:
         await self._run(lambda db: db.close())
+        self._thread.shutdown(wait=False)

@@ -6,7 +6,9 @@ import base64
 import concurrent.futures
 import io
 import struct
+import time
 import zipfile
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,6 +70,41 @@ def make_zip(entries: list[tuple[str, bytes]], *, compression: int = zipfile.ZIP
     return out.getvalue()
 
 
+def pdf_bomb(pages: int = 20, content_mib: int = 2) -> bytes:
+    """A few KB of PDF whose pages all share one compressed content stream of ``content_mib`` MiB of text
+    operators: text extraction parses it once per page (about 5 s of CPU per page for pypdf)."""
+    operators = b"BT /F1 1 Tf 0 0 Td (a) Tj ET\n"
+    packed = zlib.compress(operators * (content_mib * (1 << 20) // len(operators)), 9)
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
+               b"<< /Type /Pages /Kids [%s] /Count %d >>" % (
+                   b" ".join(b"%d 0 R" % (5 + i) for i in range(pages)), pages),
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+               b"<< /Length %d /Filter /FlateDecode >>\nstream\n%s\nendstream" % (len(packed), packed)]
+    objects += [b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> "
+                b"/Contents 4 0 R >>"] * pages
+    out = io.BytesIO()
+    out.write(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(out.tell())
+        out.write(b"%d 0 obj\n%s\nendobj\n" % (number, body))
+    xref = out.tell()
+    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    out.writelines(b"%010d 00000 n \n" % offset for offset in offsets)
+    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref))
+    return out.getvalue()
+
+
+def overlapping_zip(entries: int = 64, size: int = 1 << 20) -> bytes:
+    """A ~4 KB zip whose ``entries`` directory records all point at one compressed block of ``size`` bytes."""
+    one = make_zip([("a.txt", b"a" * size)])
+    directory_at, end_at = one.index(b"PK\x01\x02"), one.index(b"PK\x05\x06")
+    directory = one[directory_at:end_at] * entries
+    end = bytearray(one[end_at:])
+    struct.pack_into("<HHII", end, 8, entries, entries, len(directory), directory_at)
+    return one[:directory_at] + directory + bytes(end)
+
+
 def data_url(media: str, data: bytes) -> str:
     return f"data:{media};base64,{base64.b64encode(data).decode()}"
 
@@ -118,11 +155,12 @@ def upstream_content(fake: FakeOpenAI) -> Any:
 
 
 def rejected(client: openai.OpenAI, fake: FakeOpenAI, messages: list[dict[str, Any]], *, model: str = PDF_MODEL,
-             status: int = 400) -> dict[str, Any]:
-    """Send, expect a 4xx without any upstream call, return the error object."""
+             status: int = 400, timeout: float | None = None) -> dict[str, Any]:
+    """Send, expect an error without any upstream call, return the error object."""
     sent = len(fake.requests)
     with pytest.raises(openai.APIStatusError) as caught:
-        client.chat.completions.create(model=model, messages=messages)
+        client.chat.completions.create(model=model, messages=messages,
+                                       extra_body={"timeout": timeout} if timeout else None)
     assert caught.value.status_code == status, caught.value.response.text
     assert len(fake.requests) == sent, "a refused file must not reach the upstream"
     error: dict[str, Any] = caught.value.response.json()["error"]
@@ -328,3 +366,98 @@ def test_health_reports_state_and_the_switch_turns_it_off(server: ServerThread, 
         assert upstream_content(fake)[1] == part  # passed through untouched
         state = httpx.get(off.url + "/v1/scillm/health", headers={"authorization": f"Bearer {DEV_KEY}"}).json()
         assert state["middleware"]["files"]["enabled"] is False
+
+
+# -- hostile payloads: budgets, overlaps, deadlines, callers that leave ------------------------------------------
+
+BOMB = pdf_bomb()
+OVERLAP = overlapping_zip()
+
+
+def health_of(server: ServerThread) -> dict[str, Any]:
+    response = httpx.get(server.url + "/v1/scillm/health", headers={"authorization": f"Bearer {DEV_KEY}"})
+    return response.json()["middleware"]["files"]  # type: ignore[no-any-return]
+
+
+def test_pdf_content_stream_bomb_is_refused_before_parsing(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    assert len(BOMB) < 12_000
+    began = time.process_time()
+    error = rejected(client, fake, ask(file_part("application/pdf", BOMB, "bomb.pdf")), model=TEXT_MODEL, status=413)
+    assert error["code"] == "pdf_too_complex" and error["param"] == "$.messages[0].content[1]"
+    assert "max_pdf_content_mb" in error["message"] and "$.messages[0].content[1]" in error["message"]
+    assert time.process_time() - began < 5  # not parsed in this process either (it would take ~100 s)
+    still_serving(client, fake, "after-pdf-bomb")
+
+
+def test_overlapping_zip_entries_are_refused(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    assert len(OVERLAP) < 6000
+    error = rejected(client, fake, ask(file_part("application/zip", OVERLAP, "overlap.zip")))
+    assert error["code"] == "zip_bomb" and "overlap" in error["message"]
+    assert error["param"] == "$.messages[0].content[1]"
+    still_serving(client, fake, "after-overlap")
+
+
+def test_the_archive_ratio_counts_every_entry_from_the_first_byte(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    archive = make_zip([(f"z{i}.txt", b" " * (200 << 10)) for i in range(40)])  # each entry below any floor
+    error = rejected(client, fake, ask(file_part("application/zip", archive)))
+    assert error["code"] == "zip_bomb" and "the archive inflates more than 100x" in error["message"]
+
+
+def test_extracted_text_is_bounded_per_request(fake: FakeOpenAI, tmp_path: Any) -> None:
+    app = make_app(env=env_for(fake), data_dir=tmp_path, config={"files": {"max_text_mb": 0.1}})
+    with ServerThread(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=30)
+        text = b"word " * 12_000  # 60 KB: one fits the 100 KiB budget, two do not
+        error = rejected(client, fake, ask(file_part("text/plain", text, "a.txt"), file_part("text/plain", text)),
+                         status=413)
+        assert error["code"] == "text_too_large" and error["param"] == "$.messages[0].content[2]"
+        zipped = make_zip([("a.txt", text), ("b.txt", text)])
+        error = rejected(client, fake, ask(file_part("application/zip", zipped)), status=413)
+        assert error["code"] == "text_too_large" and "'b.txt'" in error["message"]
+        fake.script(Reply.say("one is fine"))
+        client.chat.completions.create(model=PDF_MODEL, messages=ask(file_part("text/plain", text)))
+
+
+@pytest.fixture
+def costly(fake: FakeOpenAI, tmp_path: Any) -> Iterator[ServerThread]:
+    """The PDF bomb passes the size budget here, so only CPU, deadlines and disconnects can stop it."""
+    app = make_app(env=env_for(fake), data_dir=tmp_path,
+                   config={"files": {"max_pdf_content_mb": 64, "max_file_cpu_s": 600, "workers": 1}})
+    with ServerThread(app) as server:
+        yield server
+
+
+def test_cpu_budget_stops_a_costly_file_and_a_fresh_worker_takes_the_next(fake: FakeOpenAI, tmp_path: Any) -> None:
+    app = make_app(env=env_for(fake), data_dir=tmp_path,
+                   config={"files": {"max_pdf_content_mb": 64, "max_file_cpu_s": 0.5, "workers": 1}})
+    with ServerThread(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=60)
+        error = rejected(client, fake, ask(file_part("application/pdf", BOMB)), model=TEXT_MODEL, status=422)
+        assert error["code"] == "file_too_complex" and "max_file_cpu_s" in error["message"]
+        assert error["param"] == "$.messages[0].content[1]"
+        workers = health_of(server)["workers"]
+        assert workers["killed"] == 1 and workers["busy"] == 0 and workers["cpu_s"] < 5
+        fake.script(Reply.say("report read"))
+        client.chat.completions.create(model=TEXT_MODEL, messages=ask(file_part("application/pdf", REPORT)))
+        assert "Quarterly revenue" in upstream_content(fake)
+        assert health_of(server)["workers"]["started"] == 2
+
+
+def test_the_request_deadline_bounds_file_work(costly: ServerThread, fake: FakeOpenAI) -> None:
+    client = openai.OpenAI(base_url=costly.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=60)
+    error = rejected(client, fake, ask(file_part("application/pdf", BOMB)), model=TEXT_MODEL, status=504,
+                     timeout=1)
+    assert error["code"] == "deadline_exceeded" and error["param"] == "$.messages[0].content[1]"
+    workers = health_of(costly)["workers"]
+    assert workers["killed"] == 1 and workers["busy"] == 0
+
+
+def test_a_caller_that_leaves_stops_its_file_work(costly: ServerThread, fake: FakeOpenAI) -> None:
+    leaving = openai.OpenAI(base_url=costly.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        leaving.chat.completions.create(model=TEXT_MODEL, messages=ask(file_part("application/pdf", BOMB)))
+    deadline = time.monotonic() + 30  # the bomb alone would keep the worker busy for ~100 s
+    while health_of(costly)["workers"]["busy"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = health_of(costly)["workers"]
+    assert workers["busy"] == 0 and workers["killed"] == 1 and workers["live"] == 0

@@ -5,33 +5,50 @@
   others get the pypdf-extracted text as one text part with ``--- page N ---`` markers. Encrypted (password) and
   malformed PDFs are refused.
 - ZIP: one part per entry (text -> text part headed by the entry name, image -> image data URL part, PDF -> as
-  above); limits on entry count, per-entry and total uncompressed size and compression ratio, checked while
-  inflating in memory; entry names are never trusted and nothing touches the filesystem; nested archives and
-  encrypted entries are refused.
+  above); limits on entry count, per-entry and total uncompressed size and compression ratio (the entry's and the
+  whole archive's), checked while inflating in memory; entries that overlap are refused; entry names are never
+  trusted and nothing touches the filesystem; nested archives and encrypted entries are refused.
+- Budgets: the text extracted from one request's files (``max_text_mb``), a PDF's decompressed page content
+  (``max_pdf_content_mb``) and the CPU one file may take (``max_file_cpu_s``).
 
-Every refusal is a 400 (413 for sizes) whose ``code`` says why and whose ``param`` says where, e.g.
-``$.messages[0].content[1]``. CPU work runs in worker threads bounded by a semaphore. Fails closed: a file it
-cannot vouch for never reaches a provider. Switch it off with ``[files] enabled = false``.
+Every refusal is a 400 (413 for sizes, 422 for files too costly to process) whose ``code`` says why and whose
+``param`` says where, e.g. ``$.messages[0].content[1]``. The work runs in the plugin's own worker processes
+(:mod:`scillm_files.pool`) under the request's deadline; a worker is killed when its file runs past its budget or
+its caller leaves. Fails closed: a file it cannot vouch for never reaches a provider. Switch it off with
+``[files] enabled = false``.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 from attrs import define, field, frozen
+from scillm_fileparse.extract import FileRejected, Item, Limits, Target, handle_image
 
-from scillm_core import CallContext, ChatRequest, FilePart, ImagePart, Message, Runtime, errors, hookimpl
+from scillm_core import (
+    CallContext,
+    ChatRequest,
+    FileData,
+    FilePart,
+    ImagePart,
+    ImageUrl,
+    Message,
+    Runtime,
+    SurfaceRegistry,
+    TextPart,
+    errors,
+    hookimpl,
+)
 from scillm_core.models import Part
-from scillm_files.extract import FileRejected, Limits, Target, handle_file, handle_image
+from scillm_files.pool import CpuBudgetExceeded, FilePool, WorkerCrashed
 
 __all__ = ["FilesConfig"]
 
-T = TypeVar("T")
 MIB = 1 << 20
-INLINE_BYTES = 256 * 1024  # smaller image data URLs are checked on the event loop; larger ones in a thread
+INLINE_BYTES = 256 * 1024  # smaller image data URLs are checked on the event loop; larger ones in a worker
 
 
 @frozen(kw_only=True)
@@ -45,18 +62,23 @@ class FilesConfig:
     max_zip_entry_mb: float = 32.0     # uncompressed, one entry
     max_compression_ratio: float = 100.0
     max_pdf_pages: int = 500           # for text extraction
-    workers: int = 2                   # concurrent CPU-heavy jobs (pypdf, inflate) per app
+    max_pdf_content_mb: float = 16.0   # decompressed page content one PDF's text extraction may parse
+    max_text_mb: float = 8.0           # text extracted from one request's files, in total (MiB of characters)
+    max_file_cpu_s: float = 20.0       # CPU one file may take in its worker (413/422 past it, worker killed)
+    workers: int = 2                   # worker processes (started on first use); more files wait their turn
+    worker_memory_mb: float = 1024.0   # address space of one worker; a file that needs more is refused
 
     def limits(self) -> Limits:
         return Limits(file_bytes=int(self.max_file_mb * MIB), zip_entries=self.max_zip_entries,
                       zip_total_bytes=int(self.max_zip_total_mb * MIB),
                       zip_entry_bytes=int(self.max_zip_entry_mb * MIB), max_ratio=self.max_compression_ratio,
-                      pdf_pages=self.max_pdf_pages)
+                      pdf_pages=self.max_pdf_pages, pdf_content_bytes=int(self.max_pdf_content_mb * MIB),
+                      text_chars=int(self.max_text_mb * MIB))
 
 
 @define
 class _State:
-    semaphore: asyncio.Semaphore
+    pool: FilePool
     processed: int = 0
     rejected: int = 0
     in_flight: int = 0
@@ -70,7 +92,8 @@ def _config(runtime: Runtime) -> FilesConfig:
 def _state(runtime: Runtime) -> _State:
     state = runtime.plugin_state.get("files")
     if state is None:
-        state = runtime.plugin_state["files"] = _State(asyncio.Semaphore(max(1, _config(runtime).workers)))
+        cfg = _config(runtime)
+        state = runtime.plugin_state["files"] = _State(FilePool(max(1, cfg.workers), cfg.worker_memory_mb))
     return state  # type: ignore[no-any-return]
 
 
@@ -80,13 +103,23 @@ def scillm_config_sections() -> Mapping[str, type]:
 
 
 @hookimpl
+def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> None:
+    async def stop_workers() -> None:
+        state = runtime.plugin_state.get("files")
+        if state is not None:
+            await state.pool.close()
+
+    surfaces.on_shutdown(stop_workers)
+
+
+@hookimpl
 def scillm_health(runtime: Runtime) -> dict[str, Any]:
     cfg = _config(runtime)
     state = runtime.plugin_state.get("files")
     return {"files": {
         "enabled": cfg.enabled, "fails": "closed",
         "limits": {k: v for k, v in attrs.asdict(cfg).items() if k not in ("enabled", "workers")},
-        "workers": cfg.workers,
+        "workers": state.pool.snapshot() if state else {"size": cfg.workers, "live": 0},
         "processed": state.processed if state else 0, "rejected": state.rejected if state else 0,
         "rejected_by_code": dict(state.by_code) if state else {}, "in_flight": state.in_flight if state else 0}}
 
@@ -112,10 +145,11 @@ def _needs_work(part: Part) -> bool:
 
 async def _process(request: ChatRequest, ctx: CallContext, cfg: FilesConfig) -> ChatRequest:
     if not any(isinstance(m.content, tuple) and any(_needs_work(p) for p in m.content) for m in request.messages):
-        return request  # the common case: nothing to do, no routing, no thread
+        return request  # the common case: nothing to do, no routing, no worker
     runtime = ctx.runtime
     state = _state(runtime)
     limits = cfg.limits()
+    text_left = limits.text_chars
     target = _target_of(request, ctx)
     messages: list[Message] = []
     for i, message in enumerate(request.messages):
@@ -129,20 +163,24 @@ async def _process(request: ChatRequest, ctx: CallContext, cfg: FilesConfig) -> 
                 continue
             where = f"$.messages[{i}].content[{j}]"
             try:
-                if isinstance(part, ImagePart):
-                    if len(part.image_url.url) <= INLINE_BYTES:
-                        parts.append(handle_image(part, limits))
-                    else:
-                        parts.append(await _in_thread(state, handle_image, part, limits))
+                if isinstance(part, ImagePart) and len(part.image_url.url) <= INLINE_BYTES:
+                    items = [handle_image(part.image_url.url, limits)]
+                elif isinstance(part, ImagePart):
+                    items = await _in_worker(state, cfg, ctx, where, ("image", part.image_url.url, limits))
                 else:
                     assert isinstance(part, FilePart)
-                    # routing runs here on the event loop, never in the worker thread
-                    parts.extend(await _in_thread(state, handle_file, part, limits, target()))
+                    # routing runs here on the event loop, never in the worker
+                    task = ("file", part.file.file_data, part.file.filename,
+                            attrs.evolve(limits, text_chars=text_left), target())
+                    items = await _in_worker(state, cfg, ctx, where, task)
             except FileRejected as exc:
                 state.rejected += 1
                 state.by_code[exc.code] = state.by_code.get(exc.code, 0) + 1
                 kind = errors.PayloadTooLarge if exc.status == 413 else errors.InvalidRequest
-                raise kind(f"{exc.message} @ {where}", param=where, code=exc.code) from None
+                raise kind(f"{exc.message} @ {where}", param=where, code=exc.code,
+                           status=exc.status if exc.status not in (400, 413) else None) from None
+            text_left -= sum(len(item[1]) for item in items if item[0] == "text")
+            parts.extend(_part(item, part) for item in items)
             state.processed += 1
         messages.append(attrs.evolve(message, content=tuple(parts)))
     return attrs.evolve(request, messages=tuple(messages))
@@ -166,10 +204,36 @@ def _target_of(request: ChatRequest, ctx: CallContext) -> Callable[[], Target]:
     return target
 
 
-async def _in_thread(state: _State, fn: Callable[..., T], *args: Any) -> T:
-    async with state.semaphore:
-        state.in_flight += 1
-        try:
-            return await asyncio.to_thread(fn, *args)
-        finally:
-            state.in_flight -= 1
+async def _in_worker(state: _State, cfg: FilesConfig, ctx: CallContext, where: str,
+                     task: tuple[Any, ...]) -> list[Item]:
+    """Run ``task`` in a file worker within the request's deadline; the worker dies with a cancelled request."""
+    state.in_flight += 1
+    try:
+        async with asyncio.timeout(ctx.remaining()):
+            answer = await state.pool.run(task, cfg.max_file_cpu_s)
+    except TimeoutError:
+        raise errors.DeadlineExceeded(f"request timeout reached while processing the file @ {where}",
+                                      param=where) from None
+    except CpuBudgetExceeded:
+        raise FileRejected("file_too_complex", f"processing the file took more than {cfg.max_file_cpu_s:g}s of CPU "
+                                               f"([files] max_file_cpu_s); it was stopped", status=422) from None
+    except WorkerCrashed:
+        raise FileRejected("unprocessable_file", "the file crashed the worker processing it", status=422) from None
+    finally:
+        state.in_flight -= 1
+    if answer[0] == "rejected":
+        raise FileRejected(answer[1], answer[2], status=answer[3])
+    items: list[Item] = answer[1]
+    return items
+
+
+def _part(item: Item, original: Part) -> Part:
+    kind = item[0]
+    if kind == "keep":
+        return original
+    if kind == "text":
+        return TextPart(text=item[1])
+    if kind == "image":
+        detail = original.image_url.detail if isinstance(original, ImagePart) else None
+        return ImagePart(image_url=ImageUrl(url=item[1], detail=detail))
+    return FilePart(file=FileData(file_data=item[1], filename=item[2]))

@@ -1,12 +1,15 @@
-"""Pure, synchronous file handling (run in a worker thread): data URLs, images, PDF validation and text
-extraction, ZIP expansion. Nothing here touches the filesystem; every size is counted while reading, never taken
-from a header. Failures raise :class:`FileRejected` with a stable ``code``; the plugin adds the JSON path."""
+"""Pure, synchronous file handling (run in scillm-files' worker processes): data URLs, images, PDF validation and
+text extraction, ZIP expansion. Nothing here touches the filesystem or imports scillm_core (a worker stays small
+and starts fast); every size is counted while reading, never taken from a header. Results are plain tuples
+(:data:`Item`) the plugin turns into parts. Failures raise :class:`FileRejected` with a stable ``code``; the plugin
+adds the JSON path."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import io
+import itertools
 import logging
 import re
 import stat
@@ -15,10 +18,13 @@ from typing import Any
 
 from attrs import frozen
 
-from scillm_core import FileData, FilePart, ImagePart, ImageUrl, TextPart
-from scillm_core.models import Part
+__all__ = ["KEEP", "FileRejected", "Item", "Limits", "Target", "TextBudget", "decode_data_url", "expand_zip",
+           "handle_file", "handle_image", "pdf_parts"]
 
-__all__ = ["FileRejected", "Limits", "decode_data_url", "expand_zip", "handle_file", "handle_image", "pdf_parts"]
+#: One resulting part: ``("keep",)`` (the part as sent), ``("text", text)``, ``("image", data_url)`` or
+#: ``("file", data_url, filename)``.
+Item = tuple[Any, ...]
+KEEP: Item = ("keep",)
 
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF", "image/webp": "WebP"}
 ZIP_TYPES = {"application/zip", "application/x-zip-compressed", "application/x-zip", "multipart/x-zip"}
@@ -28,7 +34,7 @@ bat sql r jl lua ex exs erl hs ml clj dart vue svelte tex bib log env properties
 gitignore editorconfig svg""".split())
 SKIPPED_PREFIXES = ("__MACOSX/",)
 SKIPPED_NAMES = frozenset({".DS_Store", "Thumbs.db"})
-RATIO_FLOOR = 1 << 20          # compression ratio is judged once an entry has inflated past 1 MiB
+RATIO_FLOOR = 256 << 10        # ratios are judged once the archive (or an entry) has inflated past 256 KiB
 CHUNK = 1 << 16
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -54,6 +60,24 @@ class Limits:
     zip_entry_bytes: int
     max_ratio: float
     pdf_pages: int
+    pdf_content_bytes: int   # decompressed page content a PDF's text extraction may parse
+    text_chars: int          # extracted text the request may still take
+
+
+class TextBudget:
+    """Extracted text left for the request; taking more than is left is a 413."""
+
+    def __init__(self, chars: int) -> None:
+        self.left = chars
+        self.limit = chars
+
+    def take(self, text: str) -> str:
+        self.left -= len(text)
+        if self.left < 0:
+            raise FileRejected("text_too_large", "the text extracted from the request's files passes the limit of "
+                                                 f"{_mb(self.limit)} left for this request ([files] max_text_mb)",
+                               status=413)
+        return text
 
 
 @frozen(kw_only=True)
@@ -122,41 +146,42 @@ def _image_url(media: str, data: bytes) -> str:
 
 # -- images ---------------------------------------------------------------------------------------------------------
 
-def handle_image(part: ImagePart, limits: Limits) -> ImagePart:
+def handle_image(url: str, limits: Limits) -> Item:
     """Validate an ``image_url`` data URL: base64, size, a supported image type; a wrong declared type is
     corrected to what the bytes are (upstreams such as Anthropic refuse a mismatch)."""
-    media, data = decode_data_url(part.image_url.url, limits.file_bytes, "the image data URL")
+    media, data = decode_data_url(url, limits.file_bytes, "the image data URL")
     actual = sniff(data)
     if actual not in IMAGE_TYPES:
         declared = f" (declared {media})" if media else ""
         raise FileRejected("invalid_image", f"the image data{declared} is not a PNG, JPEG, GIF or WebP image")
     if media == actual:
-        return part
-    return ImagePart(image_url=ImageUrl(url=_image_url(actual, data), detail=part.image_url.detail))
+        return KEEP
+    return ("image", _image_url(actual, data))
 
 
 # -- file parts -----------------------------------------------------------------------------------------------------
 
-def handle_file(part: FilePart, limits: Limits, target: Target) -> list[Part]:
-    """A ``file`` part with ``file_data`` -> the parts the route can take."""
-    name = part.file.filename
-    media, data = decode_data_url(part.file.file_data or "", limits.file_bytes, "the file data")
+def handle_file(file_data: str, name: str | None, limits: Limits, target: Target) -> list[Item]:
+    """A ``file`` part's ``file_data`` (and ``filename``) -> the parts the route can take."""
+    media, data = decode_data_url(file_data, limits.file_bytes, "the file data")
+    del file_data  # the worker keeps one copy of a large file, not two
+    budget = TextBudget(limits.text_chars)
     kind = _kind(media, data, name)
     if kind == "pdf":
-        return pdf_parts(data, name, limits, target, original=part)
+        return pdf_parts(data, name, limits, target, budget, original=True)
     if kind == "zip":
-        return expand_zip(data, limits, target)
+        return expand_zip(data, limits, target, budget)
     if kind == "image":
         actual = sniff(data)
         if actual not in IMAGE_TYPES:
             raise FileRejected("invalid_image", f"the file {name or ''} is not a PNG, JPEG, GIF or WebP image".replace(
                 "  ", " "))
-        return [ImagePart(image_url=ImageUrl(url=_image_url(actual, data)))]
+        return [("image", _image_url(actual, data))]
     if kind == "text":
         text = _text(data)
         if text is None:
             raise FileRejected("invalid_text_file", "the text file is not valid UTF-8")
-        return [TextPart(text=f"--- file: {_show(name or 'document.txt')} ---\n{text}")]
+        return [("text", budget.take(f"--- file: {_show(name or 'document.txt')} ---\n{text}"))]
     raise FileRejected("unsupported_file_type",
                        f"unsupported file type {media or 'unknown'!r}: send PDF, ZIP, text or an image")
 
@@ -233,28 +258,44 @@ def _reason(exc: BaseException) -> str:
     return text[:160]
 
 
-def pdf_parts(data: bytes, name: str | None, limits: Limits, target: Target,
-              original: FilePart | None = None) -> list[Part]:
+def pdf_parts(data: bytes, name: str | None, limits: Limits, target: Target, budget: TextBudget, *,
+              original: bool = False) -> list[Item]:
     """Validate a PDF; providers that read PDFs get the document, others the text with page markers."""
     reader = open_pdf(data)
     pages = len(reader.pages)
     if target.pdf:
-        if original is not None:
-            return [original]
-        return [FilePart(file=FileData(file_data=_image_url("application/pdf", data), filename=name))]
+        return [KEEP] if original else [("file", _image_url("application/pdf", data), name)]
     if pages > limits.pdf_pages:
         raise FileRejected("pdf_too_many_pages", f"the PDF has {pages} pages; text extraction is limited to "
                                                  f"{limits.pdf_pages}", status=413)
-    lines = [f"--- file: {_show(name or 'document.pdf')} (PDF, {pages} page{'s' if pages != 1 else ''}, "
-             f"text extracted by scillm) ---"]
+    _check_content(reader, limits.pdf_content_bytes)
+    lines = [budget.take(f"--- file: {_show(name or 'document.pdf')} (PDF, {pages} page{'s' if pages != 1 else ''}, "
+                         f"text extracted by scillm) ---")]
     for number, page in enumerate(reader.pages, 1):
         try:
             text = page.extract_text() or ""
         except Exception as exc:
             raise FileRejected("malformed_pdf", f"page {number} of the PDF cannot be read ({_reason(exc)})") from None
         lines.append(f"--- page {number} ---")
-        lines.append(text.strip() or "(no extractable text on this page)")
-    return [TextPart(text="\n".join(lines))]
+        lines.append(budget.take(text.strip() or "(no extractable text on this page)"))
+    return [("text", "\n".join(lines))]
+
+
+def _check_content(reader: Any, limit: int) -> None:
+    """Text extraction parses every page's content stream, and a stream shared by many pages is parsed once per
+    page: a few KB of PDF can hold hundreds of MB of operators. Their decompressed size is cheap to learn first."""
+    total = 0
+    for number, page in enumerate(reader.pages, 1):
+        try:
+            contents = page.get_contents()
+            total += len(contents.get_data()) if contents is not None else 0
+        except Exception as exc:
+            raise FileRejected("malformed_pdf", f"page {number} of the PDF cannot be read ({_reason(exc)})") from None
+        if total > limit:
+            raise FileRejected("pdf_too_complex", f"the PDF's page content is more than {_mb(limit)} decompressed "
+                                                  f"by page {number} (pages can share one content stream); text "
+                                                  f"extraction is limited to {_mb(limit)} ([files] "
+                                                  f"max_pdf_content_mb)", status=413)
 
 
 # -- ZIP ------------------------------------------------------------------------------------------------------------
@@ -275,7 +316,7 @@ def check_entry_name(name: str) -> None:
         raise FileRejected("unsafe_zip_entry", f"ZIP entry name {_show(name)!r} is longer than 1024 characters")
 
 
-def expand_zip(data: bytes, limits: Limits, target: Target) -> list[Part]:
+def expand_zip(data: bytes, limits: Limits, target: Target, budget: TextBudget) -> list[Item]:
     """One part per entry: text files -> text parts headed by the entry name, images -> image data URL parts,
     PDFs -> as :func:`pdf_parts`. Nested archives are refused; other binaries become a one-line note."""
     try:
@@ -287,8 +328,9 @@ def expand_zip(data: bytes, limits: Limits, target: Target) -> list[Part]:
         if len(infos) > limits.zip_entries:
             raise FileRejected("zip_too_many_entries", f"the ZIP archive has {len(infos)} entries; the limit is "
                                                        f"{limits.zip_entries}")
-        parts: list[Part] = []
-        total = 0
+        _check_layout(data, infos, archive.start_dir)
+        parts: list[Item] = []
+        total = _Inflated(len(data), limits.max_ratio)
         for info in infos:
             name = info.orig_filename
             check_entry_name(name)
@@ -300,9 +342,8 @@ def expand_zip(data: bytes, limits: Limits, target: Target) -> list[Part]:
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise FileRejected("unsafe_zip_entry", f"{where} is a symbolic link")
             content = _read_entry(archive, info, limits, total, where)
-            total += len(content)
             try:
-                parts.extend(_entry_parts(name, content, limits, target))
+                parts.extend(_entry_parts(name, content, limits, target, budget))
             except FileRejected as exc:
                 raise FileRejected(exc.code, f"{where}: {exc.message}", status=exc.status) from None
         if not parts:
@@ -310,9 +351,50 @@ def expand_zip(data: bytes, limits: Limits, target: Target) -> list[Part]:
         return parts
 
 
-def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limits: Limits, total: int, where: str) -> bytes:
-    """Inflate one entry in bounded chunks, checking size, archive total and compression ratio as it grows."""
-    entry_limit = min(limits.zip_entry_bytes, limits.zip_total_bytes - total)
+def _check_layout(data: bytes, infos: list[zipfile.ZipInfo], directory_at: int) -> None:
+    """Every entry's bytes (local header and data) lie in their own range before the central directory: entries
+    that share or overlap data (one compressed block read many times over) are a zip bomb, not an archive."""
+    end_of = {}
+    for info in infos:
+        at = info.header_offset
+        header = data[at:at + 30]
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            raise FileRejected("malformed_zip", f"ZIP entry {_show(info.orig_filename)!r} has no local header "
+                                                f"where the directory says")
+        start = at + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+        end_of[info] = start + info.compress_size
+    ordered = sorted(infos, key=lambda i: i.header_offset)
+    for first, second in itertools.pairwise(ordered):
+        if second.header_offset < end_of[first]:
+            raise FileRejected("zip_bomb", f"ZIP entries {_show(first.orig_filename)!r} and "
+                                           f"{_show(second.orig_filename)!r} overlap (they share compressed data); "
+                                           f"refusing a likely zip bomb")
+    if ordered and end_of[ordered[-1]] > directory_at:
+        raise FileRejected("zip_bomb", f"ZIP entry {_show(ordered[-1].orig_filename)!r} overlaps the archive's "
+                                       f"directory; refusing a likely zip bomb")
+
+
+class _Inflated:
+    """What the whole archive has inflated to so far, against its own size: entries that each stay small can
+    still add up to a bomb."""
+
+    def __init__(self, archive_bytes: int, max_ratio: float) -> None:
+        self.bytes = 0
+        self.archive_bytes = max(archive_bytes, 1)
+        self.max_ratio = max_ratio
+
+    def add(self, size: int, where: str) -> None:
+        self.bytes += size
+        if self.bytes > RATIO_FLOOR and self.bytes / self.archive_bytes > self.max_ratio:
+            raise FileRejected("zip_bomb", f"the archive inflates more than {self.max_ratio:g}x its "
+                                           f"{_mb(self.archive_bytes)} by {where}; refusing a likely zip bomb")
+
+
+def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limits: Limits, total: _Inflated,
+                where: str) -> bytes:
+    """Inflate one entry in bounded chunks, checking size, archive total and compression ratios (the entry's and
+    the archive's) as it grows."""
+    entry_limit = min(limits.zip_entry_bytes, limits.zip_total_bytes - total.bytes)
     compressed = max(info.compress_size, 1)
     # header claims are only ever a reason to refuse early; the real sizes are counted below
     if info.file_size > RATIO_FLOOR and info.file_size / compressed > limits.max_ratio:
@@ -326,6 +408,7 @@ def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limits: Limits,
         with archive.open(info) as stream:
             while chunk := stream.read(CHUNK):
                 out += chunk
+                total.add(len(chunk), where)
                 if len(out) > RATIO_FLOOR and len(out) / compressed > limits.max_ratio:
                     raise FileRejected("zip_bomb", f"{where} inflates more than {limits.max_ratio:g}x "
                                                    f"({_mb(compressed)} compressed); refusing a likely zip bomb")
@@ -346,7 +429,7 @@ def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limits: Limits,
     return bytes(out)
 
 
-def _entry_parts(name: str, content: bytes, limits: Limits, target: Target) -> list[Part]:
+def _entry_parts(name: str, content: bytes, limits: Limits, target: Target, budget: TextBudget) -> list[Item]:
     base = name.rsplit("/", 1)[-1]
     extension = base.rsplit(".", 1)[-1].lower() if "." in base else base.lower()
     sniffed = sniff(content)
@@ -354,13 +437,13 @@ def _entry_parts(name: str, content: bytes, limits: Limits, target: Target) -> l
         raise FileRejected("nested_zip", "is itself a ZIP-based archive (zip, jar, docx, ...); nested archives are "
                                          "not expanded: add their files to the outer ZIP")
     if sniffed == "application/pdf" or extension == "pdf":
-        return pdf_parts(content, base, limits, target)
+        return pdf_parts(content, base, limits, target, budget)
     if sniffed in IMAGE_TYPES:
         if not target.images:
-            return [TextPart(text=f"--- file: {_show(name)} (image omitted: the serving model takes text only) ---")]
-        return [ImagePart(image_url=ImageUrl(url=_image_url(sniffed, content)))]
+            return [("text", f"--- file: {_show(name)} (image omitted: the serving model takes text only) ---")]
+        return [("image", _image_url(sniffed, content))]
     text = _text(content)
     if text is not None:
-        return [TextPart(text=f"--- file: {_show(name)} ---\n{text}")]
-    return [TextPart(text=f"--- file: {_show(name)} (binary file of {len(content)} bytes omitted: only text, "
-                          f"images and PDFs are read) ---")]
+        return [("text", budget.take(f"--- file: {_show(name)} ---\n{text}"))]
+    return [("text", f"--- file: {_show(name)} (binary file of {len(content)} bytes omitted: only text, "
+                     f"images and PDFs are read) ---")]
