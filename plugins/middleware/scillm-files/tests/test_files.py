@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import io
@@ -461,3 +462,75 @@ def test_a_caller_that_leaves_stops_its_file_work(costly: ServerThread, fake: Fa
         time.sleep(0.05)
     workers = health_of(costly)["workers"]
     assert workers["busy"] == 0 and workers["killed"] == 1 and workers["live"] == 0
+
+
+# -- noisy neighbours: 8 callers with hostile files, one with a small valid request --------------------------------
+
+AUTH = {"authorization": f"Bearer {DEV_KEY}"}
+
+
+def chat_body(model: str, messages: list[dict[str, Any]], timeout: float | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "messages": messages}
+    if timeout:
+        body["timeout"] = timeout
+    return body
+
+
+HOSTILE = [file_part("application/pdf", BOMB, "bomb.pdf")] * 4 + [file_part("application/zip", OVERLAP)] * 4
+
+
+def test_eight_hostile_callers_refused_while_a_small_request_and_the_call_log_answer(fake: FakeOpenAI,
+                                                                                      tmp_path: Any) -> None:
+    fake.default = Reply.say("small answer")
+    with ServerThread(make_app(env=env_for(fake), data_dir=tmp_path)) as server:
+        async def main() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as http:
+                hostile = [asyncio.ensure_future(http.post("/v1/chat/completions", json=chat_body(
+                    TEXT_MODEL, ask(part)))) for part in HOSTILE]
+                small = await http.post("/v1/chat/completions", json=chat_body(
+                    TEXT_MODEL, ask(file_part("application/pdf", REPORT, "q3.pdf")), timeout=20))
+                calls = await http.get("/v1/scillm/calls")
+                return list(await asyncio.gather(*hostile)), small, calls
+
+        refused, small, calls = asyncio.run(main())
+    fake.default = FakeOpenAI.default
+    assert small.status_code == 200 and small.json()["choices"][0]["message"]["content"] == "small answer"
+    assert calls.status_code == 200
+    assert [(r.status_code, r.json()["error"]["code"]) for r in refused] == \
+        [(413, "pdf_too_complex")] * 4 + [(400, "zip_bomb")] * 4
+    assert all(r.json()["error"]["param"] == "$.messages[0].content[1]" for r in refused)
+
+
+def test_costly_files_in_flight_never_hold_up_other_callers_and_leaving_stops_them(costly: ServerThread,
+                                                                                   fake: FakeOpenAI) -> None:
+    """The PDF bombs pass the size budget here (64 MiB) and get 600 s of CPU: only the pool and the callers bound
+    them. Everything else still answers while they run, and once their callers leave the workers are freed."""
+    async def main() -> None:
+        async with httpx.AsyncClient(base_url=costly.url, headers=AUTH, timeout=60) as http:
+            bombs = [asyncio.ensure_future(http.post("/v1/chat/completions", json=chat_body(
+                TEXT_MODEL, ask(file_part("application/pdf", BOMB))))) for _ in range(8)]
+            while (await asyncio.to_thread(health_of, costly))["workers"]["busy"] < 1:  # a bomb is being parsed
+                await asyncio.sleep(0.02)
+            fake.script(Reply.say("plain answer"))
+            plain = await http.post("/v1/chat/completions", json=chat_body(
+                TEXT_MODEL, [{"role": "user", "content": "no files"}], timeout=10))
+            calls = await http.get("/v1/scillm/calls")
+            late = await http.post("/v1/chat/completions", json=chat_body(  # queued behind the bombs
+                TEXT_MODEL, ask(file_part("application/pdf", REPORT)), timeout=1))
+            assert not any(bomb.done() for bomb in bombs)  # all of that happened while every bomb was in flight
+            assert plain.status_code == 200 and plain.json()["choices"][0]["message"]["content"] == "plain answer"
+            assert calls.status_code == 200
+            assert late.status_code == 504 and late.json()["error"]["param"] == "$.messages[0].content[1]"
+            for bomb in bombs:  # the callers leave
+                bomb.cancel()
+            await asyncio.gather(*bombs, return_exceptions=True)
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (health_of(costly)["workers"]["busy"] or health_of(costly)["in_flight"]):
+        time.sleep(0.05)
+    health = health_of(costly)
+    assert health["workers"]["busy"] == 0 and health["workers"]["queued"] == 0 and health["in_flight"] == 0
+    assert health["workers"]["killed"] >= 1
+    calls = httpx.get(costly.url + "/v1/scillm/calls", headers=AUTH, timeout=10)
+    assert calls.status_code == 200

@@ -115,13 +115,12 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
 @hookimpl
 def scillm_health(runtime: Runtime) -> dict[str, Any]:
     cfg = _config(runtime)
-    state = runtime.plugin_state.get("files")
+    state = _state(runtime)  # no worker starts before the first file
     return {"files": {
         "enabled": cfg.enabled, "fails": "closed",
         "limits": {k: v for k, v in attrs.asdict(cfg).items() if k not in ("enabled", "workers")},
-        "workers": state.pool.snapshot() if state else {"size": cfg.workers, "live": 0},
-        "processed": state.processed if state else 0, "rejected": state.rejected if state else 0,
-        "rejected_by_code": dict(state.by_code) if state else {}, "in_flight": state.in_flight if state else 0}}
+        "workers": state.pool.snapshot(), "processed": state.processed, "rejected": state.rejected,
+        "rejected_by_code": dict(state.by_code), "in_flight": state.in_flight}}
 
 
 @hookimpl(wrapper=True)
