@@ -89,6 +89,18 @@ elif mode == "huge":
     sys.stdout.flush()
     sys.stderr.write("e" * 200000 + "\n")
     final("after huge lines")
+elif mode == "write":  # a CLI that ignores its sandbox flag and writes wherever it likes
+    writes = {}
+    for path in spec["paths"]:
+        path = os.path.expandvars(path)
+        try:
+            with open(path, "w") as fh:
+                fh.write("written by a CLI that ignores its sandbox\n")
+            writes[path] = "written"
+        except OSError as exc:
+            writes[path] = exc.strerror
+    emit({"type": "writes", "writes": writes})
+    final("tried to write")
 elif mode == "fail":
     sys.stderr.write("fake failure\n")
     sys.exit(3)

@@ -6,6 +6,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from scillm_exec import group_members
@@ -52,7 +53,8 @@ def test_completed_run_and_artifacts(server: Server) -> None:
 def test_timeout_kills_the_whole_group(server: Server) -> None:
     cwd = fresh_cwd(server, "timeout")
     started = time.monotonic()
-    result = server.run('{"mode": "sleep"}', cwd=str(cwd), timeout_s=1.5).json()
+    result = server.run('{"mode": "sleep"}', cwd=str(cwd), timeout_s=1.5,
+                        sandbox="workspace-write").json()
     elapsed = time.monotonic() - started
     assert result["status"] == "timeout" and "timeout_s=1.5" in result["error"]
     assert elapsed < 6
@@ -61,7 +63,8 @@ def test_timeout_kills_the_whole_group(server: Server) -> None:
 
 def test_idle_timeout_and_sse_heartbeats(server: Server) -> None:
     cwd = fresh_cwd(server, "idle")
-    started = server.run('{"mode": "idle"}', cwd=str(cwd), timeout_s=30, idle_timeout_s=1.2, wait=False)
+    started = server.run('{"mode": "idle"}', cwd=str(cwd), timeout_s=30, idle_timeout_s=1.2, wait=False,
+                         sandbox="workspace-write")
     assert started.status_code == 202
     run_id = started.json()["run_id"]
     frames = []
@@ -80,7 +83,8 @@ def test_idle_timeout_and_sse_heartbeats(server: Server) -> None:
 
 def test_cancel_mid_run(server: Server) -> None:
     cwd = fresh_cwd(server, "cancel")
-    run_id = server.run('{"mode": "sleep"}', cwd=str(cwd), timeout_s=60, wait=False).json()["run_id"]
+    run_id = server.run('{"mode": "sleep"}', cwd=str(cwd), timeout_s=60, wait=False,
+                        sandbox="workspace-write").json()["run_id"]
     deadline = time.monotonic() + 15
     while not (cwd / "pids.json").exists():
         assert time.monotonic() < deadline
@@ -226,3 +230,45 @@ def test_scillm_exec_command(server: Server, tmp_path: Path) -> None:
     refused = cli("--prompt", "x", "--cwd", str(tmp_path))
     assert refused.returncode == 2 and "outside the allowed roots" in refused.stderr
     assert MASTER_KEY not in refused.stderr + ok.stdout
+
+
+def _writes(server: Server, name: str, sandbox: str) -> tuple[Path, Path, dict[str, Any], dict[str, str]]:
+    cwd = fresh_cwd(server, name)
+    outside = server.root / f"{name}-outside.txt"  # inside the allowed roots, outside this run's cwd
+    paths = [str(cwd / "inside.txt"), str(outside), "$HOME/home.txt", "$TMPDIR/tmp.txt", f"/tmp/{name}-stray.txt"]
+    result = server.run(json.dumps({"mode": "write", "paths": paths}), cwd=str(cwd), sandbox=sandbox).json()
+    events = [json.loads(line) for line in Path(result["artifacts"]["events_jsonl"]).read_text().splitlines()]
+    writes = next(e["event"]["writes"] for e in events if e["type"] == "writes")
+    return cwd, outside, result, {Path(k).name: v for k, v in writes.items()}
+
+
+def test_read_only_is_enforced_for_a_cli_that_ignores_its_flag(server: Server) -> None:
+    cwd, outside, result, writes = _writes(server, "ro", "read-only")
+    assert result["status"] == "completed"
+    assert not (cwd / "inside.txt").exists() and not outside.exists() and not Path("/tmp/ro-stray.txt").exists()
+    assert writes["inside.txt"] == writes["ro-outside.txt"] == writes["ro-stray.txt"] == "Read-only file system"
+    assert writes["home.txt"] == writes["tmp.txt"] == "written"  # the run's own HOME and TMPDIR stay writable
+    start = json.loads(Path(result["artifacts"]["events_jsonl"]).read_text().splitlines()[0])
+    assert start["sandbox"] == "read-only" and start["sandbox_enforced"] is True
+
+
+def test_workspace_write_cannot_write_outside_cwd(server: Server) -> None:
+    cwd, outside, result, writes = _writes(server, "ww", "workspace-write")
+    assert result["status"] == "completed"
+    assert (cwd / "inside.txt").read_text() == "written by a CLI that ignores its sandbox\n"
+    assert writes["inside.txt"] == writes["home.txt"] == "written"
+    assert not outside.exists() and not Path("/tmp/ww-stray.txt").exists()
+    assert writes["ww-outside.txt"] == writes["ww-stray.txt"] == "Read-only file system"
+
+
+def test_a_sandbox_that_cannot_be_set_up_never_starts_the_cli(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from scillm_exec import sandbox
+
+    marker = tmp_path / "ran"
+    proc = subprocess.run([sys.executable, "-I", sandbox.__file__, "--writable", str(tmp_path / "missing"), "--",
+                           "touch", str(marker)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == sandbox.SANDBOX_FAILED and not marker.exists()
+    assert proc.stderr.startswith("scillm sandbox: cannot make the file tree read-only")

@@ -42,6 +42,8 @@ def codex_config(model: str, base_url: str, sandbox: str) -> str:
         "enabled = false",
         "[history]",
         'persistence = "none"',
+        "[sandbox_workspace_write]",
+        "exclude_slash_tmp = true",  # scillm's exec sandbox keeps /tmp read-only; the run's TMPDIR is its own
         "[shell_environment_policy]",
         'exclude = ["SCILLM_API_KEY"]',
         "[model_providers.scillm]",

@@ -28,6 +28,9 @@ class ExecConfig:
     #: The URL a CLI child uses to reach this scillm; default: the address the request came in on.
     base_url: str | None = None
     heartbeat_s: float | None = None
+    #: Enforce ``sandbox`` with a read-only mount namespace around the CLI (Linux; root, or unprivileged user
+    #: namespaces). ``false`` leaves it to the CLI's own flag, for hosts where namespaces are unavailable.
+    enforce_sandbox: bool = True
 
 
 def exec_config(runtime: Runtime) -> ExecConfig:

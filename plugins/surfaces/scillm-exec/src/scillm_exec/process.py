@@ -1,5 +1,6 @@
-"""Run one CLI child bounded: argv only, its own process group, chunked reads, wall-clock and byte-idle timeouts,
-process-group kill (SIGTERM, then SIGKILL) on timeout, cancel and exit. Artifacts go to the run directory."""
+"""Run one CLI child bounded: argv only, its own process group, the run's sandbox enforced by a mount namespace
+(:mod:`scillm_exec.sandbox`), chunked reads, wall-clock and byte-idle timeouts, process-group kill (SIGTERM, then
+SIGKILL) on timeout, cancel and exit. Artifacts go to the run directory."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -16,8 +18,10 @@ import orjson
 from attrs import define, field
 
 from scillm_core.sessions import SessionContext, SessionSpec
+from scillm_exec import sandbox
+from scillm_exec.config import exec_config
 
-__all__ = ["CliOutcome", "group_members", "kill_group", "run_cli"]
+__all__ = ["CliOutcome", "group_members", "kill_group", "run_cli", "sandboxed"]
 
 CHUNK = 64 * 1024
 MAX_EVENT_LINE = 32 * 1024 * 1024   # a line longer than this is split (stdout.log still keeps every byte)
@@ -111,15 +115,28 @@ class _Lines:
 LineSplitter = _Lines  # shared with service.py (long-lived children)
 
 
+def sandboxed(argv: Sequence[str], sandbox_mode: str, env: Mapping[str, str], cwd: str | Path | None) -> list[str]:
+    """``argv`` started through the sandbox launcher: everything read-only but the run's HOME and TMPDIR, and
+    ``cwd`` for ``workspace-write``."""
+    writable = [p for p in dict.fromkeys((env.get("HOME"), env.get("TMPDIR"))) if p and os.path.isdir(p)]
+    if sandbox_mode == "workspace-write" and cwd is not None:
+        writable.append(str(cwd))
+    return [sys.executable, "-I", sandbox.__file__, *(x for path in writable for x in ("--writable", path)), "--",
+            *argv]
+
+
 async def run_cli(argv: Sequence[str], *, spec: SessionSpec, ctx: SessionContext, env: Mapping[str, str],
                   cwd: str | Path | None = None, stdin: bytes | None = None, kill_grace_s: float = 2.0,
                   source: str | None = None, redact: Sequence[str] = ()) -> CliOutcome:
     """Run ``argv`` (a list, never a shell string) with exactly ``env``; write ``stdout.log``, ``stderr.log`` and
     ``events.jsonl`` (one normalised record per output line) under ``ctx.run_dir``; publish each record with
-    ``ctx.emit``. Enforces ``spec.timeout_s`` and ``spec.idle_timeout_s`` (no bytes on stdout or stderr). On
-    cancellation the process group is killed before ``CancelledError`` propagates."""
+    ``ctx.emit``. Enforces ``spec.sandbox`` (unless ``[exec] enforce_sandbox = false``), ``spec.timeout_s`` and
+    ``spec.idle_timeout_s`` (no bytes on stdout or stderr). On cancellation the process group is killed before
+    ``CancelledError`` propagates."""
     if isinstance(argv, (str, bytes)) or not argv:
         raise TypeError("argv must be a non-empty list of arguments, never a shell string")
+    enforced = exec_config(ctx.runtime).enforce_sandbox
+    launch = sandboxed(argv, spec.sandbox, env, cwd) if enforced else list(argv)
     run_dir = ctx.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     source = source or spec.profile
@@ -163,9 +180,10 @@ async def run_cli(argv: Sequence[str], *, spec: SessionSpec, ctx: SessionContext
                                   "truncated": len(text) > TEXT_PREVIEW})
 
         lines = _Lines(on_line)
-        record("process.start", {"argv0": os.path.basename(argv[0]), "cwd": str(cwd) if cwd else None})
+        record("process.start", {"argv0": os.path.basename(argv[0]), "cwd": str(cwd) if cwd else None,
+                                 "sandbox": spec.sandbox, "sandbox_enforced": enforced})
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            *launch, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(cwd) if cwd else None,
             env=dict(env), start_new_session=True, limit=CHUNK)
         pgid = proc.pid
@@ -250,6 +268,10 @@ async def run_cli(argv: Sequence[str], *, spec: SessionSpec, ctx: SessionContext
             status = "completed" if exit_code == 0 else "failed"
             if exit_code != 0:
                 error = f"{os.path.basename(argv[0])} exited with code {exit_code}"
+            lines_of_err = bytes(tails["stderr"]).decode("utf-8", "replace").strip().splitlines()
+            if enforced and exit_code == sandbox.SANDBOX_FAILED and lines_of_err and \
+                    lines_of_err[-1].startswith("scillm sandbox:"):
+                error = lines_of_err[-1]
         record("process.end", {"status": status, "exit_code": exit_code,
                                "duration_s": round(time.monotonic() - started, 3)})
     return CliOutcome(status=status, exit_code=exit_code, events=events, pgid=pgid, error=error,
