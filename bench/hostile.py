@@ -210,7 +210,7 @@ def start_server(scillm: str, upstream: str, work: Path) -> tuple[subprocess.Pop
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(work), "SCILLM_DATA_DIR": str(work / "data"),
            "OPENAI_API_KEY": "sk-bench", "OPENAI_API_BASE": upstream, "DEEPSEEK_API_KEY": "sk-bench",
            "DEEPSEEK_API_BASE": upstream}
-    log = open(work / "server.log", "wb")  # noqa: SIM115
+    log = open(work / "server.log", "wb")
     proc = subprocess.Popen([scillm, "serve", "--port", str(port)], cwd=work, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
