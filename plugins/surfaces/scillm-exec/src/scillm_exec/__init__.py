@@ -11,15 +11,15 @@ from scillm_exec.auth import RUN_KEY_PREFIX, RunKeyMiddleware, RunKeys, run_keys
 from scillm_exec.config import ExecConfig, exec_config
 from scillm_exec.events import EventLog, sse_tail
 from scillm_exec.manager import ExecManager, parse_final_json
-from scillm_exec.process import CliOutcome, group_members, kill_group, run_cli
+from scillm_exec.process import CliOutcome, group_members, kill_group, run_cli, sandboxed
 from scillm_exec.routes import manager_for, routes
 from scillm_exec.service import ManagedProcess
 from scillm_exec.worktree import GitError, Worktree, create_worktree, remove_worktree, reset_worktree, worktree_diff
 
 __all__ = ["RUN_KEY_PREFIX", "CliOutcome", "EventLog", "ExecConfig", "ExecManager", "GitError", "ManagedProcess",
            "RunKeys", "Worktree", "base_child_env", "create_worktree", "group_members", "kill_group", "manager_for",
-           "parse_final_json", "remove_worktree", "reset_worktree", "run_cli", "run_keys", "schema_instructions",
-           "sse_tail", "worktree_diff"]
+           "parse_final_json", "remove_worktree", "reset_worktree", "run_cli", "run_keys", "sandboxed",
+           "schema_instructions", "sse_tail", "worktree_diff"]
 
 
 def base_child_env(home: str, *, path: str | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
