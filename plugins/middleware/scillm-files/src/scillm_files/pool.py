@@ -21,6 +21,7 @@ __all__ = ["CpuBudgetExceeded", "FilePool", "WorkerCrashed"]
 HEADER = 8
 POLL_S = 0.05  # how often a busy worker's CPU time is read
 _TICK = os.sysconf("SC_CLK_TCK")
+_PROC = os.path.exists("/proc/self/stat")
 
 
 class CpuBudgetExceeded(Exception):
@@ -48,7 +49,10 @@ class _Worker:
         return self.proc.returncode is None
 
     def cpu_s(self) -> float:
-        """User + system CPU seconds the worker has used (``inf`` once it is gone)."""
+        """User + system CPU seconds the worker has used (``inf`` once it is gone; 0 without /proc, where only
+        the deadline bounds a task)."""
+        if not _PROC:
+            return 0.0
         try:
             with open(f"/proc/{self.proc.pid}/stat", "rb") as fh:
                 fields = fh.read().rsplit(b")", 1)[1].split()
