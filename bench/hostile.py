@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import os
 import signal
 import statistics
@@ -33,8 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
-import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +40,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from scillm_core.testing import DEV_KEY, FakeOpenAI
+from scillm_core.testing.files import file_part, make_pdf, overlapping_zip, pdf_bomb
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTH = {"authorization": f"Bearer {DEV_KEY}"}
@@ -53,62 +50,12 @@ MIB = 1 << 20
 
 # -- payloads ---------------------------------------------------------------------------------------------------
 
-def _pdf(objects: list[bytes]) -> bytes:
-    out = io.BytesIO()
-    out.write(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, 1):
-        offsets.append(out.tell())
-        out.write(b"%d 0 obj\n%s\nendobj\n" % (number, body))
-    xref = out.tell()
-    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
-    out.writelines(b"%010d 00000 n \n" % o for o in offsets)
-    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref))
-    return out.getvalue()
-
-
-PAGE = (b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> "
-        b"/Contents %d 0 R >>")
-HEAD = [b"<< /Type /Catalog /Pages 2 0 R >>", b"", b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
-
-
-def pdf_bomb(pages: int = 20) -> bytes:
-    """9 KB: every page's content is one shared 2 MiB stream of text operators (~5 s of pypdf CPU per page)."""
-    operators = b"BT /F1 1 Tf 0 0 Td (a) Tj ET\n"
-    packed = zlib.compress(operators * (2 * MIB // len(operators)), 9)
-    objects = [*HEAD, b"<< /Length %d /Filter /FlateDecode >>\nstream\n%s\nendstream" % (len(packed), packed)]
-    objects += [PAGE % 4] * pages
-    objects[1] = b"<< /Type /Pages /Kids [%s] /Count %d >>" % (
-        b" ".join(b"%d 0 R" % (5 + i) for i in range(pages)), pages)
-    return _pdf(objects)
-
-
 def small_pdf() -> bytes:
-    objects = list(HEAD)
-    for text in (b"Quarterly revenue rose to 42 million.", b"Outlook: stable."):
-        stream = b"BT /F1 12 Tf 72 720 Td (" + text + b") Tj ET"
-        objects += [PAGE % (len(objects) + 2), b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream)]
-    objects[1] = b"<< /Type /Pages /Kids [4 0 R 6 0 R] /Count 2 >>"
-    return _pdf(objects)
-
-
-def overlapping_zip(entries: int = 64, size: int = MIB) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("a.txt", b"a" * size)
-    one = out.getvalue()
-    directory_at, end_at = one.index(b"PK\x01\x02"), one.index(b"PK\x05\x06")
-    directory = one[directory_at:end_at] * entries
-    end = bytearray(one[end_at:])
-    end[8:20] = (entries.to_bytes(2, "little") * 2 + len(directory).to_bytes(4, "little")
-                 + directory_at.to_bytes(4, "little"))
-    return one[:directory_at] + directory + bytes(end)
+    return make_pdf(["Quarterly revenue rose to 42 million.", "Outlook: stable."])
 
 
 def file_message(media: str, data: bytes) -> list[dict[str, Any]]:
-    url = f"data:{media};base64,{base64.b64encode(data).decode()}"
-    return [{"role": "user", "content": [{"type": "text", "text": "Summarise."},
-                                         {"type": "file", "file": {"file_data": url}}]}]
+    return [{"role": "user", "content": [{"type": "text", "text": "Summarise."}, file_part(media, data)]}]
 
 
 # -- the fake upstream: normal answers, or 300 MB produced lazily -------------------------------------------------

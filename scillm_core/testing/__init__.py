@@ -6,7 +6,9 @@
 - :class:`Reply`: provider-neutral scripted answers (text, tool calls, errors, stream shapes, faults);
 - :class:`HookRecorder`: a plugin that records pipeline hook calls;
 - :class:`ProviderContract`: the test class every provider plugin runs (``scillm_core.testing.contract``);
-- ``fake_cli.py`` (next to this file): a scripted stand-in for an agent CLI, for ``run_session`` runner tests.
+- ``fake_cli.py`` (next to this file): a scripted stand-in for an agent CLI, for ``run_session`` runner tests;
+- :mod:`scillm_core.testing.files`: PDFs and ZIPs built in memory, valid and hostile (content-stream bomb,
+  overlapping entries).
 
 Enable the fixtures with ``pytest_plugins = ["scillm_core.testing.pytest_plugin"]``.
 """

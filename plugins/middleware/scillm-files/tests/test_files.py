@@ -9,7 +9,6 @@ import io
 import struct
 import time
 import zipfile
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 
 from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread, make_app
 from scillm_core.testing.contract import TINY_PNG_B64, TINY_PNG_URL
+from scillm_core.testing.files import data_url, file_part, make_pdf, make_zip, overlapping_zip, pdf_bomb
 
 KEY = "sk-files-secret-0123456789abcdef"
 PDF_MODEL = "gpt-4o-mini"                  # openai: declares "pdf" and "images"
@@ -28,31 +28,6 @@ IMAGE_MODEL = "glm/glm-4.6"                # glm: images but no pdf
 
 # -- building test files ----------------------------------------------------------------------------------------
 
-def make_pdf(pages: list[str]) -> bytes:
-    """A minimal valid PDF with one line of Helvetica text per page (xref offsets computed)."""
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
-               b"<< /Type /Pages /Kids [%s] /Count %d >>" % (
-                   b" ".join(b"%d 0 R" % (4 + 2 * i) for i in range(len(pages))), len(pages)),
-               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
-    for i, text in enumerate(pages):
-        objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >>"
-                       b" /Contents %d 0 R >>" % (5 + 2 * i))
-        escaped = text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)").encode("latin-1")
-        stream = b"BT /F1 12 Tf 72 720 Td (" + escaped + b") Tj ET"
-        objects.append(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream))
-    out = io.BytesIO()
-    out.write(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, 1):
-        offsets.append(out.tell())
-        out.write(b"%d 0 obj\n%s\nendobj\n" % (number, body))
-    xref = out.tell()
-    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
-    out.writelines(b"%010d 00000 n \n" % offset for offset in offsets)
-    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref))
-    return out.getvalue()
-
-
 def encrypted_pdf() -> bytes:
     import pypdf
 
@@ -61,60 +36,6 @@ def encrypted_pdf() -> bytes:
     out = io.BytesIO()
     writer.write(out)
     return out.getvalue()
-
-
-def make_zip(entries: list[tuple[str, bytes]], *, compression: int = zipfile.ZIP_DEFLATED) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", compression) as archive:
-        for name, data in entries:
-            archive.writestr(zipfile.ZipInfo(name), data, compress_type=compression)
-    return out.getvalue()
-
-
-def pdf_bomb(pages: int = 20, content_mib: int = 2) -> bytes:
-    """A few KB of PDF whose pages all share one compressed content stream of ``content_mib`` MiB of text
-    operators: text extraction parses it once per page (about 5 s of CPU per page for pypdf)."""
-    operators = b"BT /F1 1 Tf 0 0 Td (a) Tj ET\n"
-    packed = zlib.compress(operators * (content_mib * (1 << 20) // len(operators)), 9)
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
-               b"<< /Type /Pages /Kids [%s] /Count %d >>" % (
-                   b" ".join(b"%d 0 R" % (5 + i) for i in range(pages)), pages),
-               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-               b"<< /Length %d /Filter /FlateDecode >>\nstream\n%s\nendstream" % (len(packed), packed)]
-    objects += [b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> "
-                b"/Contents 4 0 R >>"] * pages
-    out = io.BytesIO()
-    out.write(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, 1):
-        offsets.append(out.tell())
-        out.write(b"%d 0 obj\n%s\nendobj\n" % (number, body))
-    xref = out.tell()
-    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
-    out.writelines(b"%010d 00000 n \n" % offset for offset in offsets)
-    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref))
-    return out.getvalue()
-
-
-def overlapping_zip(entries: int = 64, size: int = 1 << 20) -> bytes:
-    """A ~4 KB zip whose ``entries`` directory records all point at one compressed block of ``size`` bytes."""
-    one = make_zip([("a.txt", b"a" * size)])
-    directory_at, end_at = one.index(b"PK\x01\x02"), one.index(b"PK\x05\x06")
-    directory = one[directory_at:end_at] * entries
-    end = bytearray(one[end_at:])
-    struct.pack_into("<HHII", end, 8, entries, entries, len(directory), directory_at)
-    return one[:directory_at] + directory + bytes(end)
-
-
-def data_url(media: str, data: bytes) -> str:
-    return f"data:{media};base64,{base64.b64encode(data).decode()}"
-
-
-def file_part(media: str, data: bytes, filename: str | None = None) -> dict[str, Any]:
-    file: dict[str, Any] = {"file_data": data_url(media, data)}
-    if filename:
-        file["filename"] = filename
-    return {"type": "file", "file": file}
 
 
 def ask(*parts: dict[str, Any], text: str = "Summarise the attachment.") -> list[dict[str, Any]]:
