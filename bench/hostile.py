@@ -1,6 +1,6 @@
 """Hostile load against a real `scillm serve`: peak memory and what a neighbour sees.
 
-    .venv/bin/python bench/hostile.py [--rounds 3] [--scillm .venv/bin/scillm] [--only small_pdf]
+    .venv/bin/python bench/hostile.py [--rounds 3] [--n 100] [--scillm .venv/bin/scillm] [--only small_pdf]
 
 Starts `scillm serve` (a subprocess, default config, data in a temp dir) against an in-process fake upstream and
 samples the resident memory of the server and of its file workers (its child processes) every 10 ms from /proc.
@@ -13,8 +13,10 @@ Scenarios, each reported with the peak RSS of the server alone and of server + w
 * big_bodies: 3 concurrent 45 MB chat bodies (just under the 48 MiB default), passed upstream.
 * huge_replies: 3 concurrent calls whose upstream answers 300 MB (cut at the 32 MiB default, 502).
 * huge_batches: 3 concurrent 240 MB batch bodies (refused: 413 past the 32 MiB default).
-* small_pdf: 40 sequential small-PDF requests to a text-only model (PDF text extraction), median latency and the
-  server's CPU per request (its file workers included): the request-path cost of the file workers.
+* small_pdf: `--n` (100) sequential small-PDF requests to a text-only model (PDF text extraction), median
+  latency and the server's CPU per request (its file workers included): the request-path cost of the file workers.
+* plain_chat, plain_stream: 20 x n / 10 x n chat requests without files, 16 at a time: server CPU per request
+  (run with ``--scillm`` of another tree for a ratio).
 
 Figures on a shared machine are noisy; compare medians and ratios.
 """
@@ -213,7 +215,7 @@ async def concurrent_posts(url: str, path: str, body: bytes, n: int = 3) -> dict
     return {"statuses": [r.status_code if isinstance(r, httpx.Response) else type(r).__name__ for r in replies]}
 
 
-async def small_pdf_cost(url: str, pid: int, n: int = 40) -> dict[str, Any]:
+async def small_pdf_cost(url: str, pid: int, n: int) -> dict[str, Any]:
     body = {"model": TEXT_MODEL, "messages": file_message("application/pdf", small_pdf())}
     latencies = []
     async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=60) as http:
@@ -228,6 +230,22 @@ async def small_pdf_cost(url: str, pid: int, n: int = 40) -> dict[str, Any]:
     return {"latency_s": _spread(latencies), "cpu_ms_per_request": round(used / n * 1000, 2)}
 
 
+async def plain_cost(url: str, pid: int, n: int, stream: bool) -> dict[str, Any]:
+    """Chat requests without files, 16 at a time: the server's CPU per request (no file workers involved)."""
+    body = {"model": TEXT_MODEL, "stream": stream, "messages": [{"role": "user", "content": "hello there"}]}
+    async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=60) as http:
+        async def one() -> None:
+            r = await http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+
+        await asyncio.gather(*(one() for _ in range(16)))
+        before = cpu_s(pid)
+        for _ in range(n // 16):
+            await asyncio.gather(*(one() for _ in range(16)))
+        used = cpu_s(pid) - before
+    return {"cpu_us_per_request": round(used / (n // 16 * 16) * 1e6)}
+
+
 def _spread(values: list[float]) -> str:
     if not values:
         return "-"
@@ -239,6 +257,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--scillm", default=str(ROOT / ".venv" / "bin" / "scillm"))
     parser.add_argument("--only", default="")
+    parser.add_argument("--n", type=int, default=100, help="small_pdf: sequential requests")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
     big_chat = (b'{"model": "' + TEXT_MODEL.encode() + b'", "messages": [{"role": "user", "content": "'
@@ -250,7 +269,9 @@ def main() -> int:
         "big_bodies": lambda url, pid: concurrent_posts(url, "/v1/chat/completions", big_chat),
         "huge_replies": lambda url, pid: concurrent_posts(url, "/v1/chat/completions", huge_reply),
         "huge_batches": lambda url, pid: concurrent_posts(url, "/v1/scillm/batch/completions", huge_batch),
-        "small_pdf": lambda url, pid: small_pdf_cost(url, pid),
+        "small_pdf": lambda url, pid: small_pdf_cost(url, pid, args.n),
+        "plain_chat": lambda url, pid: plain_cost(url, pid, 20 * args.n, False),
+        "plain_stream": lambda url, pid: plain_cost(url, pid, 10 * args.n, True),
     }
     with Upstream() as upstream:
         for name, run in scenarios.items():
