@@ -508,7 +508,7 @@ def test_a_429_storm_pauses_the_provider_and_holds_callers_until_it_passes(start
     during, raws = asyncio.run(storm_of_callers())
     # while the storm lasted the upstream saw the first call and about one probe per retry-after second,
     # not 40 callers retrying
-    assert 2 <= during <= 8, during
+    assert 1 <= during <= 8, during
     assert [raw.parse().choices[0].message.content for raw in raws] == ["after the storm"] * 40
     assert len(fake_a.requests) == len(limited) + 40  # every caller succeeded with one call after the storm
     state = health(server)["pauses"]
