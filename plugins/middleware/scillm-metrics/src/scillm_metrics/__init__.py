@@ -33,7 +33,7 @@ from attrs import define, field, frozen, validators
 from starlette.requests import Request
 from starlette.responses import Response
 
-from scillm_core import ChatResponse, Route, Runtime, SurfaceRegistry, errors, hookimpl, json_response, runtime_of
+from scillm_core import Route, Runtime, SurfaceRegistry, errors, hookimpl, json_response, runtime_of
 from scillm_core.redact import env_secrets, redact
 from scillm_metrics.series import Counters, Histograms, SeriesCollector
 
@@ -295,7 +295,7 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
         except BaseException as exc:
             _safely(state, finish, started, exc, None)
             raise
-        if isinstance(result, ChatResponse):
+        if not request.stream:  # a ChatResponse or an EmbeddingsResponse (a cache hit of a stream is a stream)
             _safely(state, finish, started, None, result.usage)
             return result
 
@@ -354,7 +354,7 @@ def postprocess_json(request: ChatRequest, ctx: CallContext) -> Any:
         except BaseException as exc:
             _safely(state, _finish_request, state, request, ctx, started, exc, None)
             raise
-        if isinstance(result, ChatResponse):
+        if not request.stream:
             _safely(state, _finish_request, state, request, ctx, started, None, result.usage)
             return result
         return _observe_stream(result, started, lambda exc, usage: _safely(

@@ -11,7 +11,7 @@ __all__ = ["SPECS", "CompatSpec", "OpenAICompatProvider", "conversation_id", "pa
 
 
 def _openai_name(model: str) -> bool:
-    return model.startswith(("gpt-", "o1", "o3", "o4", "chatgpt-"))
+    return model.startswith(("gpt-", "o1", "o3", "o4", "chatgpt-", "text-embedding-"))
 
 
 def _reasoning_model(model: str) -> bool:
@@ -21,9 +21,11 @@ def _reasoning_model(model: str) -> bool:
 SPECS: tuple[CompatSpec, ...] = (
     CompatSpec(name="openai", family="openai", key_env=("OPENAI_API_KEY",), base_env="OPENAI_API_BASE",
                default_base="https://api.openai.com/v1", prefixes=("openai/",), rule=_openai_name, rule_order=30,
-               models=("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-5", "gpt-5-mini", "o3", "o4-mini"),
+               models=("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-5", "gpt-5-mini", "o3", "o4-mini",
+                       "text-embedding-3-small", "text-embedding-3-large"),
                completion_tokens_models=_reasoning_model,
-               capabilities=frozenset({"streaming", "tools", "images", "pdf", "json_mode", "json_schema"})),
+               capabilities=frozenset({"streaming", "tools", "images", "pdf", "json_mode", "json_schema",
+                                       "embeddings"})),
     CompatSpec(name="deepseek", family="openai", key_env=("DEEPSEEK_API_KEY", "DEEPSEEK_API"),
                base_env="DEEPSEEK_API_BASE", default_base="https://api.deepseek.com/v1", prefixes=("deepseek/",),
                aliases={"text-deepseek": "deepseek-chat"},
@@ -31,7 +33,8 @@ SPECS: tuple[CompatSpec, ...] = (
                string_content=True, capabilities=frozenset({"streaming", "tools", "json_mode"})),
     CompatSpec(name="glm", family="openai", key_env=("GLM_API_KEY", "GLM_API_Key"), base_env="GLM_API_BASE",
                default_base="https://api.z.ai/api/paas/v4", prefixes=("glm/",), aliases={"text-glm": "glm-5.1"},
-               models=("glm/glm-5.1", "glm/glm-4.6", "glm/glm-4.5v")),
+               models=("glm/glm-5.1", "glm/glm-4.6", "glm/glm-4.5v", "glm/embedding-3"),
+               capabilities=frozenset({"streaming", "tools", "images", "json_mode", "embeddings"})),
     CompatSpec(name="moonshot", family="openai", key_env=("MOONSHOT_API_KEY",), base_env="MOONSHOT_API_BASE",
                default_base="https://api.moonshot.ai/v1", prefixes=("moonshot/",),
                aliases={"moonshot-text": "kimi-k2.6"}, models=("moonshot/kimi-k2.6", "moonshot/kimi-k2-0905-preview"),
