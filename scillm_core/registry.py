@@ -98,17 +98,24 @@ class Provider:
 
 
 class ProviderRegistry(Mapping[str, Provider]):
+    """The providers by name. ``kinds`` holds the ``kind`` values of ``[providers.NAME]`` tables that plugins
+    turn into providers of the user's own (a plugin adds its kind, e.g. ``"openai-compatible"``); a table of
+    another kind, or a table naming no provider, stops startup."""
+
     def __init__(self) -> None:
         self._providers: dict[str, Provider] = {}
         self._owners: dict[str, str] = {}
+        self.kinds: set[str] = set()
 
     def add(self, provider: Provider) -> None:
         plugin = type(provider).__module__
         if not provider.name:
             raise ValueError(f"provider {provider!r} has no name")
         if provider.name in self._providers:
-            raise ValueError(f"provider {provider.name!r} registered twice "
-                             f"(by {self._owners[provider.name]} and {plugin})")
+            from scillm_core.config import ConfigError
+
+            raise ConfigError(f"provider {provider.name!r} registered twice (by {self._owners[provider.name]} and "
+                              f"{plugin}); a [providers.NAME] table of your own must not reuse a provider's name")
         self._providers[provider.name] = provider
         self._owners[provider.name] = plugin
 

@@ -9,6 +9,7 @@ Errors become :class:`~scillm_core.errors.InvalidRequest` whose message and ``pa
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -24,6 +25,7 @@ __all__ = ["converter", "structure", "unstructure"]
 
 T = TypeVar("T")
 converter = cattrs.Converter(detailed_validation=True)
+_VALIDATED_FIELD = re.compile(r"'([A-Za-z_][A-Za-z0-9_]*)' must ")
 
 
 # -- strict primitives -------------------------------------------------------------------------------------------
@@ -337,6 +339,9 @@ def _first_error(exc: BaseException, path: str = "$") -> tuple[str, str]:
     if isinstance(exc, KeyError):
         return "required field is missing", path
     text = str(exc)
+    field = _VALIDATED_FIELD.match(text) if isinstance(exc, ValueError) else None
+    if field is not None:  # an attrs validator ("'max_queue' must be >= 0: -1") names its field: point at it
+        path = f"{path}.{field[1]}"
     if "not in literal" in text or "Literal" in text:
         text = "value not allowed here"
     return text or type(exc).__name__, path

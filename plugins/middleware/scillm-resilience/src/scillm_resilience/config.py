@@ -51,9 +51,6 @@ class ResilienceConfig:
     cancel_on_disconnect: bool = True
     disconnect_paths: tuple[str, ...] = ("/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/embeddings")
 
-    def limit_for(self, provider: str) -> LimitConfig:
-        return self.limits.get(provider) or self.default_limit
-
     def switches(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "retries": self.retries, "fallbacks": self.fallbacks,
                 "breaker": self.breaker, "deadline": self.deadline, "concurrency": self.concurrency,

@@ -1,13 +1,23 @@
-"""Providers that speak OpenAI chat completions: OpenAI, Chutes, DeepSeek, GLM (Z.ai), Moonshot.
+"""Providers that speak OpenAI chat completions: OpenAI, Chutes, DeepSeek, GLM (Z.ai), Moonshot, and servers of
+your own declared as ``[providers.NAME] kind = "openai-compatible"`` (vLLM, SGLang, llama.cpp, LM Studio,
+OpenRouter, a company proxy).
 
 OpenCode Go's chat models use :class:`OpenAICompatProvider` too, from the ``scillm-opencode-go`` plugin."""
 
 from __future__ import annotations
 
-from scillm_core import ProviderRegistry, Runtime, hookimpl
+from collections.abc import Mapping
+
+from scillm_core import ConfigError, ProviderRegistry, Runtime, hookimpl
+from scillm_core.config import ProviderSettings
 from scillm_openai_compat.provider import CompatSpec, OpenAICompatProvider, conversation_id, parse_error_body
 
-__all__ = ["SPECS", "CompatSpec", "OpenAICompatProvider", "conversation_id", "parse_error_body"]
+__all__ = ["KIND", "SPECS", "CompatSpec", "OpenAICompatProvider", "conversation_id", "declared_spec",
+           "parse_error_body"]
+
+#: The ``kind`` of a ``[providers.NAME]`` table this plugin turns into a provider.
+KIND = "openai-compatible"
+DECLARED_RULE_ORDER = 10  # an explicit model list is the most specific claim there is
 
 
 def _openai_name(model: str) -> bool:
@@ -47,7 +57,40 @@ SPECS: tuple[CompatSpec, ...] = (
 )
 
 
+def declared_spec(name: str, settings: ProviderSettings) -> CompatSpec:
+    """The spec of a server declared in ``[providers.NAME]`` (``kind = "openai-compatible"``)."""
+    where = f"[providers.{name}]"
+    if any(spec.name == name for spec in SPECS):
+        raise ConfigError(f"{where} declares a server under the name of the built-in provider {name!r}; give it a "
+                          f"name of its own (e.g. {name}-local) and route to it by that name's prefix")
+    if not settings.base_url:
+        raise ConfigError(f"{where}: base_url is required for a provider of your own (the URL before "
+                          f"/chat/completions, e.g. http://127.0.0.1:8000/v1) at providers.{name}.base_url")
+    if not settings.base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: base_url must start with http:// or https://, not {settings.base_url!r} at "
+                          f"providers.{name}.base_url")
+    prefix = f"{name}/" if settings.prefix is None else settings.prefix
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    if not prefix and not settings.models:
+        raise ConfigError(f"{where}: with prefix = \"\" give models = [...] (the names it serves), or nothing routes "
+                          f"to it")
+    served = frozenset(settings.models)
+    capabilities = {"streaming", "tools", "images", "json_mode", "json_schema"}
+    if settings.embeddings is not False:
+        capabilities.add("embeddings")
+    return CompatSpec(name=name, family="openai", key_env=(settings.key_env,) if settings.key_env else (),
+                      base_env="", default_base=settings.base_url, prefixes=(prefix,) if prefix else (),
+                      rule=served.__contains__ if served else None, rule_order=DECLARED_RULE_ORDER,
+                      models=settings.models, capabilities=frozenset(capabilities), declared=True)
+
+
 @hookimpl
 def scillm_register_providers(providers: ProviderRegistry, runtime: Runtime) -> None:
     for spec in SPECS:
         providers.add(OpenAICompatProvider(spec, runtime.env, runtime.config.provider_settings(spec.name)))
+    providers.kinds.add(KIND)
+    tables: Mapping[str, ProviderSettings] = runtime.config.sections.get("providers") or {}
+    for name, settings in tables.items():
+        if settings.kind == KIND:
+            providers.add(OpenAICompatProvider(declared_spec(name, settings), runtime.env, settings))

@@ -47,6 +47,7 @@ class CompatSpec:
     max_temperature: float | None = None  # Moonshot accepts [0, 1]
     completion_tokens_models: Callable[[str], bool] | None = None  # models that reject max_tokens
     session_header: str | None = None     # OpenCode Go needs a stable per-conversation id
+    declared: bool = False                # a server of the user's own ([providers.NAME] kind = ...)
     capabilities: frozenset[str] = frozenset({"streaming", "tools", "images", "json_mode"})
 
 
@@ -80,8 +81,11 @@ class OpenAICompatProvider(Provider):
         return self.spec.models
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "base_url": self.base_url, "key_env": list(self.spec.key_env),
-                "base_env": self.spec.base_env}
+        described = {**super().describe(), "base_url": self.base_url, "key_env": list(self.spec.key_env),
+                     "base_env": self.spec.base_env or None}
+        if self.spec.declared:
+            described.update(declared=True, models=list(self.spec.models))
+        return described
 
     # -- wire ---------------------------------------------------------------------------------------------------
 
