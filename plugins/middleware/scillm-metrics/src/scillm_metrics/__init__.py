@@ -109,6 +109,7 @@ class MetricsState:
     counts: dict[str, int] = field(factory=lambda: {"logged": 0, "dropped": 0, "write_errors": 0,
                                                     "metric_errors": 0, "pruned": 0})
     unpruned: int = 0  # records written since the log was last trimmed to ``call_log_max_rows``
+    stopped: bool = False
 
     @property
     def prune_every(self) -> int:
@@ -119,7 +120,7 @@ class MetricsState:
         return provider, self.models(route.model if route else None), self.callers(ctx.caller)
 
     def enqueue(self, record: dict[str, Any]) -> None:
-        if not self.config.call_log:
+        if not self.config.call_log or self.stopped:  # after shutdown (calls cancelled late): no new writer task
             return
         try:
             if self.queue is None:
@@ -163,6 +164,7 @@ class MetricsState:
                 await asyncio.wait_for(self.queue.join(), timeout_s)
 
     async def stop(self) -> None:
+        self.stopped = True
         await self.flush()
         if self.writer is not None:
             self.writer.cancel()
