@@ -305,6 +305,15 @@ def test_uploads_are_limited_in_size_and_purpose(server: ServerThread) -> None:
     answer = httpx.post(server.url + "/v1/files", headers=AUTH, data={"purpose": "batch"},
                         files={"file": ("huge.jsonl", huge)})
     assert answer.status_code == 413 and "max_file_mb" in answer.json()["error"]["message"]
+    boundary = "scillm-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--{boundary}\r\n"
+            f"Content-Disposition: form-data; name=\"file\"; filename=\"huge.jsonl\"\r\n\r\n").encode() + huge + \
+        f"\r\n--{boundary}--\r\n".encode()
+    pieces = [body[i:i + 65536] for i in range(0, len(body), 65536)]
+    chunked = httpx.post(server.url + "/v1/files", content=iter(pieces),
+                         headers={**AUTH, "content-type": f"multipart/form-data; boundary={boundary}"})
+    assert "content-length" not in chunked.request.headers  # no size up front: refused while it streams in
+    assert chunked.status_code == 413
     wrong = httpx.post(server.url + "/v1/files", headers=AUTH, data={"purpose": "fine-tune"},
                        files={"file": ("x.jsonl", jsonl([GOOD]))})
     assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "purpose"
