@@ -180,13 +180,7 @@ class FakeGemini(FakeUpstream):
         if problem is not None:
             status, payload = problem
             return self._json([payload] if wrap else payload, status)
-        reply = self.next_reply()
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await self.pause(reply)
-        finally:
-            self.in_flight -= 1
+        reply = await self.answer()
         model = reply.model or model
         if reply.status >= 400:
             status, payload = self.error_body(reply)
@@ -241,13 +235,7 @@ class FakeGemini(FakeUpstream):
             message = self._embed_problem(model, item, where)
             if message is not None:
                 return self._json(google_error(400, message), 400)
-        reply = self.next_reply()
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await self.pause(reply)
-        finally:
-            self.in_flight -= 1
+        reply = await self.answer()
         if reply.status >= 400:
             status, payload = self.error_body(reply)
             return self._json(payload, status, {k: v for k, v in reply.headers.items() if k.lower() != "retry-after"})

@@ -88,27 +88,30 @@ class FakeOllama(FakeUpstream):
                                      else {"error": message}),
                         status_code=status, headers=headers, media_type="application/json; charset=utf-8")
 
-    async def chat(self, request: Request) -> Response:
+    async def _model_call(self, request: Request, not_found: str) -> tuple[dict[str, Any], str, Reply] | Response:
+        """Record the request, check its model (400 missing, 404 unknown with ``not_found``), and wait for the
+        scripted reply: ``(body, model, reply)``, or the error response to send."""
         recorded = await self.record(request)
         body = recorded.body if isinstance(recorded.body, dict) else {}
         model = body.get("model")
         if not model:
             return self._error(400, "model is required")
         if self.models is not None and model not in self.models:
-            return self._error(404, f"model '{model}' not found")
-        reply = self.next_reply()
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await self.pause(reply)
-        finally:
-            self.in_flight -= 1
-        model = reply.model or model
+            return self._error(404, not_found.format(model=model))
+        reply = await self.answer()
         if reply.status >= 400:
             error = reply.error
             message = error["message"] if isinstance(error, dict) and "message" in error else error
             return self._error(reply.status, message if message is not None else "upstream failure",
                                dict(reply.headers))
+        return body, str(model), reply
+
+    async def chat(self, request: Request) -> Response:
+        call = await self._model_call(request, "model '{model}' not found")
+        if isinstance(call, Response):
+            return call
+        body, model, reply = call
+        model = reply.model or model
         lines = list(self.lines(reply, model))
         if body.get("stream", True) is False:
             return Response(orjson.dumps(self.merge(lines)), headers=dict(reply.headers),
@@ -117,29 +120,14 @@ class FakeOllama(FakeUpstream):
                                  media_type="application/x-ndjson")
 
     async def embed(self, request: Request) -> Response:
-        recorded = await self.record(request)
-        body = recorded.body if isinstance(recorded.body, dict) else {}
-        model = body.get("model")
-        if not model:
-            return self._error(400, "model is required")
-        if self.models is not None and model not in self.models:
-            return self._error(404, f"model \"{model}\" not found, try pulling it first")
+        call = await self._model_call(request, 'model "{model}" not found, try pulling it first')
+        if isinstance(call, Response):
+            return call
+        body, model, reply = call
         inputs = body.get("input")
         inputs = [inputs] if isinstance(inputs, str) else inputs
         if not isinstance(inputs, list) or not all(isinstance(item, str) for item in inputs):
             return self._error(400, "invalid input type")
-        reply = self.next_reply()
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await self.pause(reply)
-        finally:
-            self.in_flight -= 1
-        if reply.status >= 400:
-            error = reply.error
-            message = error["message"] if isinstance(error, dict) and "message" in error else error
-            return self._error(reply.status, message if message is not None else "upstream failure",
-                               dict(reply.headers))
         size = body.get("dimensions") or self.embedding_dimensions
         return Response(orjson.dumps({
             "model": reply.model or model, "embeddings": [fake_vector(text, size) for text in inputs],

@@ -122,6 +122,17 @@ class FakeUpstream:
         self.requests.append(recorded)
         return recorded
 
+    async def answer(self, request: RecordedRequest | None = None) -> Reply:
+        """The next reply (see :meth:`next_reply`) after its scripted wait, counted in ``in_flight`` meanwhile."""
+        reply = self.next_reply(request)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self.pause(reply)
+        finally:
+            self.in_flight -= 1
+        return reply
+
     async def pause(self, reply: Reply) -> None:
         if reply.hang:
             await asyncio.sleep(3600)
@@ -182,13 +193,7 @@ class FakeOpenAI(FakeUpstream):
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             return self._error(400, f"'{fmt}' is not one of ['float', 'base64'] - 'encoding_format'")
-        reply = self.next_reply(recorded)
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await self.pause(reply)
-        finally:
-            self.in_flight -= 1
+        reply = await self.answer(recorded)
         headers = {"x-request-id": f"req_fake{self.next_id()}", "openai-processing-ms": "21", **reply.headers}
         if reply.status >= 400:
             error = reply.error if isinstance(reply.error, dict) else {"message": str(reply.error)}
@@ -212,13 +217,7 @@ class FakeOpenAI(FakeUpstream):
 
     async def chat(self, request: Request) -> Response:
         recorded = await self.record(request)
-        reply = self.next_reply(recorded)
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await self.pause(reply)
-        finally:
-            self.in_flight -= 1
+        reply = await self.answer(recorded)
         body = recorded.body if isinstance(recorded.body, dict) else {}
         model = reply.model or body.get("model") or "fake-model"
         headers = {"x-request-id": f"req_fake{self.next_id()}", "openai-processing-ms": "12",

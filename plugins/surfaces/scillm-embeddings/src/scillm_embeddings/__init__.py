@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 from scillm_chat import EXTENSION_FIELDS as CHAT_FIELDS
-from scillm_chat import context_for, served_headers
+from scillm_chat import context_for, served_headers, take_extensions
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -52,14 +52,7 @@ def parse_embeddings_request(body: Any) -> EmbeddingsRequest:
         where = f"$.{chat_only[0]}"
         raise errors.InvalidRequest(f"{chat_only[0]} is a chat option; embeddings take "
                                     f"{', '.join(sorted(EXTENSION_FIELDS))} @ {where}", param=where)
-    extensions = {key: body.pop(key) for key in EXTENSION_FIELDS.intersection(body)}
-    timeout = extensions.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
-        raise errors.InvalidRequest("timeout must be a positive number of seconds @ $.timeout", param="$.timeout")
-    metadata = extensions.get("scillm_metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise errors.InvalidRequest("scillm_metadata must be an object @ $.scillm_metadata",
-                                    param="$.scillm_metadata")
+    extensions = take_extensions(body, EXTENSION_FIELDS)
     if body.get("stream"):
         raise errors.InvalidRequest("embeddings do not stream @ $.stream", param="$.stream")
     body.pop("stream", None)
