@@ -91,7 +91,7 @@ def test_a_transient_failure_is_retried(client: openai.OpenAI, upstreams: tuple[
 def test_the_provider_limit_holds_for_embeddings(server: Any, upstreams: tuple[FakeOpenAI, FakeGemini]) -> None:
     oai, _ = upstreams
     oai.max_in_flight = 0
-    oai.script(*[Reply(delay_s=0.05)] * 6)
+    oai.script(*[Reply(delay_s=0.3)] * 6)  # long enough that six callers would overlap without the limit
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda i: post(server, {"model": "text-embedding-3-small", "input": f"text {i}",
                                                         "cache": False}), range(6)))
