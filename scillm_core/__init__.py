@@ -14,6 +14,10 @@ from scillm_core.models import (
     Choice,
     ChunkChoice,
     Delta,
+    Embedding,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    EmbeddingsUsage,
     FileData,
     FilePart,
     FunctionCall,
@@ -30,7 +34,7 @@ from scillm_core.models import (
     Usage,
 )
 from scillm_core.models.convert import structure, unstructure
-from scillm_core.pipeline import ChatResult, OpeningStream, open_stream, run_chat, then
+from scillm_core.pipeline import ChatResult, OpeningStream, open_stream, run_chat, run_embeddings, then
 from scillm_core.plugins import PluginLoadError
 from scillm_core.registry import CommandRegistry, MiddlewareRegistry, Provider, ProviderRegistry, Route, SurfaceRegistry
 from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
@@ -49,11 +53,13 @@ from scillm_core.web import (
 
 __all__ = [
     "CallContext", "ChatChunk", "ChatRequest", "ChatResponse", "ChatResult", "Choice", "ChunkChoice",
-    "CommandRegistry", "Config", "ConfigError", "Delta", "Env", "FileData", "FilePart", "FunctionCall",
+    "CommandRegistry", "Config", "ConfigError", "Delta", "Embedding", "EmbeddingsRequest", "EmbeddingsResponse",
+    "EmbeddingsUsage", "Env", "FileData", "FilePart", "FunctionCall",
     "FunctionCallDelta", "FunctionDef", "ImagePart", "ImageUrl", "Message", "MiddlewareRegistry", "OtherPart",
     "PluginLoadError", "Provider", "ProviderRegistry", "Route", "Runtime", "SessionContext", "SessionResult",
     "SessionSpec", "SurfaceRegistry", "TextPart", "Tool", "ToolCall", "ToolCallDelta", "Usage", "__version__",
     "create_app", "error_response", "hookimpl", "hookspec", "json_response", "load_config", "run_chat",
+    "run_embeddings",
     "runtime_of", "send_error", "structure", "then", "unstructure", "OpeningStream",
     "open_stream", "caller_of", "read_json", "request_id_of",
     "sse_data", "sse_error",

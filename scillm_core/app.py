@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scillm_core import errors
-from scillm_core.config import Config, ConfigError, load_config
+from scillm_core.config import Config, ConfigError, check_provider_tables, load_config
 from scillm_core.context import Runtime
 from scillm_core.hooks import Hooks
 from scillm_core.http import make_http_client
@@ -52,6 +52,7 @@ def create_app(config: Config | None = None, *, plugins: Sequence[tuple[str, obj
 
     runtime = Runtime(config=config, hooks=Hooks(pm), providers=ProviderRegistry(), plugins=infos)
     pm.hook.scillm_register_providers(providers=runtime.providers, runtime=runtime)
+    check_provider_tables(config, runtime.providers, runtime.providers.kinds)
     surfaces = SurfaceRegistry()
     pm.hook.scillm_register_surfaces(surfaces=surfaces, runtime=runtime)
     middleware = MiddlewareRegistry()

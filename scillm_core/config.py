@@ -12,16 +12,16 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
-from attrs import field, frozen
+from attrs import field, frozen, validators
 
 if TYPE_CHECKING:
     from scillm_core.http import ReplyLimits
 
 __all__ = ["Config", "ConfigError", "Env", "GroupConfig", "PluginsConfig", "ProviderSettings", "ServerConfig",
-           "load_config"]
+           "check_provider_tables", "load_config"]
 
 
 class ConfigError(Exception):
@@ -85,10 +85,27 @@ class GroupConfig:
     timeout_s: float | None = None
 
 
+_optional_count = validators.optional(validators.ge(0))
+
+
 @frozen(kw_only=True)
 class ProviderSettings:
+    """``[providers.NAME]``: settings of a built-in provider, or, with ``kind``, a provider of your own (an
+    OpenAI-compatible server: vLLM, SGLang, llama.cpp, LM Studio, a company proxy) declared under its own name."""
+
     base_url: str | None = None
     timeout_s: float | None = None
+    max_concurrency: int | None = field(default=None, validator=validators.optional(validators.ge(1)))
+    max_queue: int | None = field(default=None, validator=_optional_count)
+    # declared providers only (a table with ``kind``):
+    kind: str | None = None
+    key_env: str | None = None            # the variable holding its key; absent: the server needs none
+    prefix: str | None = None             # model prefix; default "NAME/", "" for none
+    models: tuple[str, ...] = ()          # bare model names it serves (and /v1/models lists)
+    embeddings: bool | None = None        # whether it serves /embeddings (default: yes)
+
+    #: Keys that only a declared provider (a table with ``kind``) takes.
+    DECLARED_ONLY: ClassVar[tuple[str, ...]] = ("key_env", "prefix", "models", "embeddings")
 
 
 @frozen(kw_only=True)
@@ -148,6 +165,31 @@ class Config:
                 with contextlib.suppress(Exception):  # a type with required fields stays absent
                     sections[name] = converter.structure({}, hint)
         return attrs.evolve(self, sections=sections)
+
+
+def check_provider_tables(config: Config, registered: Mapping[str, Any], kinds: set[str]) -> None:
+    """Every ``[providers.NAME]`` names a registered provider (a declared one is registered by the plugin that
+    handles its ``kind``), and keys for declared providers are not set on built-in ones; else stop startup."""
+    import difflib
+
+    where = str(config.path) if config.path else "configuration"
+    for name, raw in (config.tables.get("providers") or {}).items():
+        settings = config.provider_settings(name)
+        if name not in registered:
+            if settings.kind is not None:
+                known = ", ".join(sorted(kinds)) or "none installed"
+                raise ConfigError(f"{where}: unknown provider kind {settings.kind!r} at providers.{name}.kind "
+                                  f"(known kinds: {known})")
+            close = difflib.get_close_matches(name, list(registered), n=3, cutoff=0.6)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ConfigError(f"{where}: unknown provider table [providers.{name}]: no provider is named {name!r}."
+                              f"{hint} Known providers: {', '.join(sorted(registered))}. To declare a server of your "
+                              f"own, give the table kind = \"openai-compatible\" and base_url.")
+        if settings.kind is None:
+            stray = [key for key in ProviderSettings.DECLARED_ONLY if isinstance(raw, dict) and key in raw]
+            if stray:
+                raise ConfigError(f"{where}: {stray[0]} at providers.{name}.{stray[0]} is only for a provider of "
+                                  f"your own (a table with kind); {name!r} is built in")
 
 
 def _dotted(table: str, path: str) -> str:

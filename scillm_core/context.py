@@ -14,8 +14,7 @@ if TYPE_CHECKING:
 
     from scillm_core.config import Config
     from scillm_core.hooks import Hooks
-    from scillm_core.models import ChatRequest
-    from scillm_core.pipeline import ChatResult
+    from scillm_core.pipeline import CallResult, ProviderRequest
     from scillm_core.plugins import PluginInfo
     from scillm_core.registry import ProviderRegistry, Route
     from scillm_core.state import StateStore
@@ -89,7 +88,7 @@ class CallContext:
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
-    async def complete(self, request: ChatRequest) -> ChatResult:
+    async def complete(self, request: ProviderRequest) -> CallResult:
         """Route ``request`` and call its provider through the ``call_provider`` chain (middleware included)."""
         route = self.runtime.hooks.route_model(request, self.runtime)
         return await self.runtime.hooks.call_provider(request, route, self)()

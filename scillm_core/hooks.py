@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from scillm_core.context import CallContext, Runtime
     from scillm_core.models import ChatRequest
-    from scillm_core.pipeline import ChatThunk, RequestThunk, ResponseThunk
+    from scillm_core.pipeline import ChatThunk, ProviderRequest, RequestThunk, ResponseThunk
     from scillm_core.registry import Route
     from scillm_core.sessions import SessionContext, SessionSpec, SessionThunk
 
@@ -40,13 +40,13 @@ class Hooks:
     def preprocess_files(self, request: ChatRequest, ctx: CallContext) -> RequestThunk:
         return self._call("preprocess_files", (request, ctx))  # type: ignore[no-any-return]
 
-    def route_model(self, request: ChatRequest, runtime: Runtime) -> Route:
+    def route_model(self, request: ProviderRequest, runtime: Runtime) -> Route:
         return self._call("route_model", (request, runtime))  # type: ignore[no-any-return]
 
-    def call_provider(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatThunk:
+    def call_provider(self, request: ProviderRequest, route: Route, ctx: CallContext) -> ChatThunk:
         return self._call("call_provider", (request, route, ctx))  # type: ignore[no-any-return]
 
-    def postprocess_json(self, request: ChatRequest, ctx: CallContext) -> ResponseThunk:
+    def postprocess_json(self, request: ProviderRequest, ctx: CallContext) -> ResponseThunk:
         return self._call("postprocess_json", (request, ctx))  # type: ignore[no-any-return]
 
     def run_session(self, spec: SessionSpec, ctx: SessionContext) -> SessionThunk | None:

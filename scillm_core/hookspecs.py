@@ -29,7 +29,7 @@ import pluggy
 if TYPE_CHECKING:
     from scillm_core.context import CallContext, Runtime
     from scillm_core.models import ChatRequest
-    from scillm_core.pipeline import ChatThunk, RequestThunk, ResponseThunk
+    from scillm_core.pipeline import ChatThunk, ProviderRequest, RequestThunk, ResponseThunk
     from scillm_core.registry import CommandRegistry, MiddlewareRegistry, ProviderRegistry, Route, SurfaceRegistry
     from scillm_core.sessions import SessionContext, SessionSpec, SessionThunk
 
@@ -73,7 +73,7 @@ def scillm_register_commands(commands: CommandRegistry) -> None:
     """Add ``scillm`` CLI subcommands: ``commands.add(name, help, configure_parser, run)``."""
 
 
-# -- the chat pipeline ---------------------------------------------------------------------------------------------
+# -- the pipeline: chat requests go through all four hooks, embeddings requests through the last three -------------
 
 @hookspec(firstresult=True)
 def preprocess_files(request: ChatRequest, ctx: CallContext) -> RequestThunk:
@@ -84,7 +84,7 @@ def preprocess_files(request: ChatRequest, ctx: CallContext) -> RequestThunk:
 
 
 @hookspec(firstresult=True)
-def route_model(request: ChatRequest, runtime: Runtime) -> Route | None:
+def route_model(request: ProviderRequest, runtime: Runtime) -> Route | None:
     """Decide which provider serves ``request.model``: return a :class:`~scillm_core.registry.Route` or ``None``.
 
     First non-``None`` result wins. Core's ``trylast`` default resolves alias -> configured group -> explicit
@@ -94,22 +94,24 @@ def route_model(request: ChatRequest, runtime: Runtime) -> Route | None:
 
 
 @hookspec(firstresult=True)
-def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> ChatThunk:
+def call_provider(request: ProviderRequest, route: Route, ctx: CallContext) -> ChatThunk:
     """Return a thunk that performs one upstream call for ``route``.
 
     The thunk returns a :class:`~scillm_core.models.ChatResponse`, or for ``request.stream`` an async iterator of
-    :class:`~scillm_core.models.ChatChunk` (errors before the first chunk raise from the ``await``). Core's
+    :class:`~scillm_core.models.ChatChunk` (errors before the first chunk raise from the ``await``), or for an
+    :class:`~scillm_core.models.EmbeddingsRequest` an :class:`~scillm_core.models.EmbeddingsResponse`. Core's
     ``trylast`` default dispatches to the registered provider. This is the seam for resilience, cache, limits and
     metrics middleware; retry or fail over only before the first chunk was handed on.
     """
 
 
 @hookspec(firstresult=True)
-def postprocess_json(request: ChatRequest, ctx: CallContext) -> ResponseThunk:
-    """Return a thunk giving the final response for ``request``.
+def postprocess_json(request: ProviderRequest, ctx: CallContext) -> ResponseThunk:
+    """Return a thunk giving the final response for ``request`` (any request kind: the request-level hook).
 
     Core's default routes and calls the provider (``ctx.complete(request)``); wrappers repair or validate JSON,
-    and may re-ask by calling ``ctx.complete(changed_request)``.
+    and may re-ask by calling ``ctx.complete(changed_request)``. Wrappers that read chat content pass other
+    request kinds (``EmbeddingsRequest``) through untouched.
     """
 
 

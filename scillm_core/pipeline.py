@@ -1,7 +1,11 @@
-"""Thunk types and the chat pipeline that calls the hooks in order.
+"""Thunk types and the pipelines that call the hooks in order.
 
-preprocess_files -> postprocess_json(default: route_model + call_provider). Each pipeline hook returns a
-zero-argument async callable; wrappers return a new one that awaits the inner (possibly several times).
+Chat: preprocess_files -> postprocess_json(default: route_model + call_provider). Embeddings: postprocess_json
+(default: route_model + call_provider); files have no place in them. Each pipeline hook returns a zero-argument
+async callable; wrappers return a new one that awaits the inner (possibly several times).
+
+The request-level hook (``postprocess_json``) and the transport hooks (``route_model``, ``call_provider``) take any
+:data:`ProviderRequest`; middleware that reads chat content checks ``isinstance(request, ChatRequest)``.
 """
 
 from __future__ import annotations
@@ -10,21 +14,25 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
-from scillm_core.models import ChatChunk, ChatRequest, ChatResponse
+from scillm_core import errors
+from scillm_core.models import ChatChunk, ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse
 
 if TYPE_CHECKING:
     from scillm_core.context import CallContext
 
-__all__ = ["ChatResult", "ChatThunk", "OpeningStream", "RequestThunk", "ResponseThunk", "Thunk", "open_stream",
-           "run_chat", "then"]
+__all__ = ["CallResult", "ChatResult", "ChatThunk", "OpeningStream", "ProviderRequest", "RequestThunk",
+           "ResponseThunk", "Thunk", "open_stream", "run_chat", "run_embeddings", "then"]
 
 T = TypeVar("T")
 U = TypeVar("U")
 Thunk: TypeAlias = Callable[[], Awaitable[T]]
+#: What the transport hooks carry: a chat request or an embeddings request (both have model, stream, scillm).
+ProviderRequest: TypeAlias = ChatRequest | EmbeddingsRequest
 ChatResult: TypeAlias = ChatResponse | AsyncIterator[ChatChunk]
-ChatThunk: TypeAlias = Callable[[], Awaitable[ChatResult]]
+CallResult: TypeAlias = ChatResult | EmbeddingsResponse
+ChatThunk: TypeAlias = Callable[[], Awaitable[CallResult]]
 RequestThunk: TypeAlias = Callable[[], Awaitable[ChatRequest]]
-ResponseThunk: TypeAlias = Callable[[], Awaitable[ChatResult]]
+ResponseThunk: TypeAlias = Callable[[], Awaitable[CallResult]]
 
 
 def then(call: Thunk[T], fn: Callable[[T], Awaitable[U]]) -> Thunk[U]:
@@ -39,7 +47,22 @@ def then(call: Thunk[T], fn: Callable[[T], Awaitable[U]]) -> Thunk[U]:
 async def run_chat(request: ChatRequest, ctx: CallContext) -> ChatResult:
     hooks = ctx.runtime.hooks
     request = await hooks.preprocess_files(request, ctx)()
-    return await hooks.postprocess_json(request, ctx)()
+    return await hooks.postprocess_json(request, ctx)()  # type: ignore[return-value]  # a chat request's result
+
+
+async def run_embeddings(request: EmbeddingsRequest, ctx: CallContext) -> EmbeddingsResponse:
+    """Route and call the provider through the request-level and transport hooks (cache, limits, retries,
+    fallbacks, metrics and the call log see it like a chat call); the vectors come back in the encoding the request
+    asked for (``float`` unless ``base64``), whatever the upstream sent."""
+    result = await ctx.runtime.hooks.postprocess_json(request, ctx)()
+    if not isinstance(result, EmbeddingsResponse):
+        raise TypeError(f"an embeddings request produced {type(result).__name__}")  # a plugin broke the contract
+    try:
+        return result.encoded(request.encoding_format or "float")
+    except ValueError as exc:
+        route = ctx.route
+        raise errors.UpstreamProtocolError(str(exc), provider=route.provider if route else "?",
+                                           model=route.model if route else request.model) from None
 
 
 OpeningStream: TypeAlias = "asyncio.Future[tuple[AsyncIterator[ChatChunk], ChatChunk | None]]"

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp
 
     from scillm_core.context import CallContext
-    from scillm_core.models import ChatChunk, ChatRequest, ChatResponse
+    from scillm_core.models import ChatChunk, ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse
 
 __all__ = ["Command", "CommandRegistry", "MiddlewareRegistry", "Provider", "ProviderRegistry", "Route",
            "SurfaceRegistry"]
@@ -36,7 +36,7 @@ class Route:
 
 class Provider:
     """Base class for providers. Subclasses set the class attributes and implement :meth:`complete` and
-    :meth:`stream`; everything else has a working default.
+    :meth:`stream` (and :meth:`embed` when the upstream has embeddings); everything else has a working default.
 
     Routing uses, in order: ``aliases`` (name -> upstream model), ``prefixes`` (``"deepseek/"``), then
     :meth:`claims` for bare names, tried across providers by ascending ``rule_order``.
@@ -86,19 +86,36 @@ class Provider:
         """Open the upstream stream (raising on HTTP errors) and return an iterator of chunks."""
         raise NotImplementedError
 
+    async def embed(self, request: EmbeddingsRequest, route: Route, ctx: CallContext) -> EmbeddingsResponse:
+        """Embeddings for ``request.inputs``, in order. Providers that have them override this and add
+        ``"embeddings"`` to ``capabilities``; the default refuses with a 400 naming the provider."""
+        from scillm_core import errors
+
+        raise errors.InvalidRequest(
+            f"model {route.requested!r} is served by provider {self.name!r}, which has no embeddings endpoint; use "
+            f"an embeddings model of a provider that has one (see GET /v1/scillm/providers, capability "
+            f"'embeddings')", param="model", code="embeddings_not_supported")
+
 
 class ProviderRegistry(Mapping[str, Provider]):
+    """The providers by name. ``kinds`` holds the ``kind`` values of ``[providers.NAME]`` tables that plugins
+    turn into providers of the user's own (a plugin adds its kind, e.g. ``"openai-compatible"``); a table of
+    another kind, or a table naming no provider, stops startup."""
+
     def __init__(self) -> None:
         self._providers: dict[str, Provider] = {}
         self._owners: dict[str, str] = {}
+        self.kinds: set[str] = set()
 
     def add(self, provider: Provider) -> None:
         plugin = type(provider).__module__
         if not provider.name:
             raise ValueError(f"provider {provider!r} has no name")
         if provider.name in self._providers:
-            raise ValueError(f"provider {provider.name!r} registered twice "
-                             f"(by {self._owners[provider.name]} and {plugin})")
+            from scillm_core.config import ConfigError
+
+            raise ConfigError(f"provider {provider.name!r} registered twice (by {self._owners[provider.name]} and "
+                              f"{plugin}); a [providers.NAME] table of your own must not reuse a provider's name")
         self._providers[provider.name] = provider
         self._owners[provider.name] = plugin
 

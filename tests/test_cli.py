@@ -70,6 +70,15 @@ def test_a_bad_config_stops_startup_naming_the_key(tmp_path):
     assert result.returncode == 2 and "unknown key 'prot'" in result.stderr
 
 
+def test_a_misspelled_provider_table_stops_startup_naming_it(tmp_path):
+    (tmp_path / "scillm.toml").write_text('[providers.moonshott]\nbase_url = "https://api.moonshot.ai/v1"\n')
+    result = subprocess.run([SCILLM, "serve", "--port", str(free_port())], cwd=tmp_path, env=clean_env(tmp_path),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "unknown provider table [providers.moonshott]" in result.stderr and "moonshot?" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_plugins_models_and_doctor(tmp_path):
     env = clean_env(tmp_path, DEEPSEEK_API_KEY="sk-doctor-secret-1234", DEEPSEEK_API_BASE="http://127.0.0.1:9/v1")
     plugins = json.loads(subprocess.run([SCILLM, "plugins", "--json"], cwd=tmp_path, env=env, capture_output=True,

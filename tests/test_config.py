@@ -37,6 +37,35 @@ def test_wrong_key_or_type_stops_startup_naming_it(tables, expected):
     assert expected in str(caught.value)
 
 
+@pytest.mark.parametrize(("tables", "expected"), [
+    ({"providers": {"deepsek": {"base_url": "https://api.deepseek.com/v1"}}},
+     "unknown provider table [providers.deepsek]: no provider is named 'deepsek'. Did you mean: deepseek?"),
+    ({"providers": {"mine": {"kind": "vllm", "base_url": "http://127.0.0.1:8000/v1"}}},
+     "unknown provider kind 'vllm' at providers.mine.kind (known kinds: openai-compatible)"),
+    ({"providers": {"deepseek": {"key_env": "MY_KEY"}}},
+     "key_env at providers.deepseek.key_env is only for a provider of your own"),
+    ({"providers": {"openai": {"kind": "openai-compatible", "base_url": "http://127.0.0.1:8000/v1"}}},
+     "under the name of the built-in provider 'openai'"),
+    ({"providers": {"gemini": {"kind": "openai-compatible", "base_url": "http://127.0.0.1:8000/v1"}}},
+     "provider 'gemini' registered twice"),
+    ({"providers": {"mine": {"kind": "openai-compatible"}}}, "base_url is required"),
+    ({"providers": {"mine": {"kind": "openai-compatible", "base_url": "localhost:8000"}}},
+     "base_url must start with http:// or https://"),
+    ({"providers": {"mine": {"kind": "openai-compatible", "base_url": "http://h/v1", "prefix": ""}}},
+     'with prefix = "" give models'),
+    ({"providers": {"mine": {"kind": "openai-compatible", "base_url": "http://h/v1", "max_concurrency": 0}}},
+     "at providers.mine.max_concurrency"),
+    ({"providers": {"mine": {"kind": "openai-compatible", "base_url": "http://h/v1", "api_key": "sk-x"}}},
+     "unknown key 'api_key'"),
+    ({"providers": {"deepseek": {"max_concurrency": 2}}, "resilience": {"limits": {"deepseek": {}}}},
+     "limits of provider 'deepseek' are set twice"),
+])
+def test_a_wrong_provider_table_stops_startup_naming_it(tables, expected):
+    with pytest.raises(ConfigError) as caught:
+        make_app(config=tables)
+    assert expected in str(caught.value)
+
+
 def test_bad_toml_names_the_file(tmp_path):
     path = tmp_path / "scillm.toml"
     path.write_text("[server\nport = 1")

@@ -27,3 +27,6 @@ def test_config_example_is_valid():
     config = app.runtime.config
     assert config.groups["reviewers"].models[0] == "glm/glm-5.1"
     assert config.provider_settings("deepseek").timeout_s == 300
+    declared = app.runtime.providers["local-vllm"].describe()
+    assert declared["declared"] is True and declared["prefixes"] == ["vllm/"]
+    assert declared["key_env"] == ["LOCAL_VLLM_KEY"]

@@ -9,6 +9,7 @@ Errors become :class:`~scillm_core.errors.InvalidRequest` whose message and ``pa
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -18,11 +19,13 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn
 
 from scillm_core.errors import InvalidRequest
 from scillm_core.models import chat as m
+from scillm_core.models import embeddings as e
 
 __all__ = ["converter", "structure", "unstructure"]
 
 T = TypeVar("T")
 converter = cattrs.Converter(detailed_validation=True)
+_VALIDATED_FIELD = re.compile(r"'([A-Za-z_][A-Za-z0-9_]*)' must ")
 
 
 # -- strict primitives -------------------------------------------------------------------------------------------
@@ -131,7 +134,41 @@ def _tool_choice(value: Any, _: Any) -> str | Mapping[str, Any] | None:
     raise TypeError(f"expected string or object, got {_json_type(value)}")
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
+
+
+def _embeddings_input(value: Any, _: Any) -> Any:
+    """A non-empty string, or a non-empty array of strings, of token ids, or of token arrays; the message names
+    the offending index (the path ends at ``$.input``)."""
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("must not be an empty string")
+        return value
+    if not isinstance(value, list):
+        raise TypeError(f"expected a string or an array, got {_json_type(value)}")
+    if not value:
+        raise ValueError("must not be an empty array")
+    if len(value) > MAX_EMBEDDING_INPUTS:
+        raise ValueError(f"{len(value)} inputs; at most {MAX_EMBEDDING_INPUTS} per request")
+    if type(value[0]) is int:  # one token array
+        bad = next((i for i, token in enumerate(value) if type(token) is not int), None)
+        if bad is not None:
+            raise TypeError(f"input[{bad}]: a token array holds integers only, got {_json_type(value[bad])}")
+        return value
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            if not item:
+                raise ValueError(f"input[{i}] must not be an empty string")
+        elif isinstance(item, list):
+            if not item or any(type(token) is not int for token in item):
+                raise TypeError(f"input[{i}] must be a non-empty array of integer token ids")
+        else:
+            raise TypeError(f"input[{i}]: expected a string or a token array, got {_json_type(item)}")
+    return value
+
+
 _exact(m.Part, _part)
+_exact(e.EmbeddingsInput, _embeddings_input)
 _exact(str | tuple[m.Part, ...] | None, _content)
 _exact(str | tuple[str, ...] | None, _stop)
 _exact(str | Mapping[str, Any] | None, _tool_choice)
@@ -153,7 +190,7 @@ converter.register_unstructure_hook(m.OtherPart, _unstructure_part)
 _KEEP_NULL: dict[type, set[str]] = {m.Message: {"content"}, m.Choice: {"finish_reason", "logprobs"},
               m.ChunkChoice: {"finish_reason"}}
 # Fields that never go on the wire (scillm's own request options).
-_NOT_WIRE: dict[type, set[str]] = {m.ChatRequest: {"scillm"}}
+_NOT_WIRE: dict[type, set[str]] = {m.ChatRequest: {"scillm"}, e.EmbeddingsRequest: {"scillm"}}
 
 
 def _register_model(cls: type) -> None:
@@ -190,7 +227,8 @@ def _register_model(cls: type) -> None:
 
 for _cls in (m.TextPart, m.ImageUrl, m.ImagePart, m.FileData, m.FilePart, m.FunctionCall, m.ToolCall, m.Message,
              m.FunctionDef, m.Tool, m.ChatRequest, m.Usage, m.Choice, m.ChatResponse, m.FunctionCallDelta,
-             m.ToolCallDelta, m.Delta, m.ChunkChoice, m.ChatChunk):
+             m.ToolCallDelta, m.Delta, m.ChunkChoice, m.ChatChunk, e.EmbeddingsRequest, e.Embedding,
+             e.EmbeddingsUsage, e.EmbeddingsResponse):
     _register_model(_cls)
 
 
@@ -301,6 +339,9 @@ def _first_error(exc: BaseException, path: str = "$") -> tuple[str, str]:
     if isinstance(exc, KeyError):
         return "required field is missing", path
     text = str(exc)
+    field = _VALIDATED_FIELD.match(text) if isinstance(exc, ValueError) else None
+    if field is not None:  # an attrs validator ("'max_queue' must be >= 0: -1") names its field: point at it
+        path = f"{path}.{field[1]}"
     if "not in literal" in text or "Literal" in text:
         text = "value not allowed here"
     return text or type(exc).__name__, path

@@ -22,11 +22,11 @@ from typing import Any
 
 from scillm_core.testing.fakes import FakeOpenAI, FakeUpstream, RecordedRequest
 from scillm_core.testing.recorder import HookRecorder
-from scillm_core.testing.replies import Reply, ToolCallSpec
+from scillm_core.testing.replies import Reply, ToolCallSpec, fake_vector
 from scillm_core.testing.server import ServerThread
 
 __all__ = ["DEV_KEY", "FakeOpenAI", "FakeUpstream", "HookRecorder", "RecordedRequest", "Reply", "ServerThread",
-           "ToolCallSpec", "make_app"]
+           "ToolCallSpec", "fake_vector", "make_app"]
 
 DEV_KEY = "sk-dev-proxy-123"
 

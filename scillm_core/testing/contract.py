@@ -3,7 +3,9 @@
 Subclass :class:`ProviderContract` in your plugin's tests and set the class attributes; pytest collects the
 inherited tests (name the subclass ``Test...``). Override :meth:`base_url` when the base URL your provider expects
 differs from ``fake.url`` + its base path, and :meth:`check_upstream` to assert provider-specific request details
-(auth headers, translated body).
+(auth headers, translated body). A provider with embeddings sets ``embeddings_model`` (and overrides
+:meth:`check_embeddings_upstream` for a non-OpenAI wire); without it the contract checks that embeddings are
+refused with a 400 that never reaches the upstream.
 """
 
 from __future__ import annotations
@@ -14,7 +16,16 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 
-from scillm_core.testing import DEV_KEY, FakeOpenAI, FakeUpstream, RecordedRequest, Reply, ServerThread, make_app
+from scillm_core.testing import (
+    DEV_KEY,
+    FakeOpenAI,
+    FakeUpstream,
+    RecordedRequest,
+    Reply,
+    ServerThread,
+    fake_vector,
+    make_app,
+)
 
 __all__ = ["TINY_PNG_B64", "TINY_PNG_URL", "WEATHER_TOOL", "ProviderContract"]
 
@@ -37,6 +48,8 @@ class ProviderContract:
     key: ClassVar[str] = "sk-contract-secret-0123456789abcdef"
     fake_class: ClassVar[type[FakeUpstream]] = FakeOpenAI
     extra_env: ClassVar[dict[str, str]] = {}
+    embeddings_model: ClassVar[str | None] = None           # what a client sends for embeddings (None: has none)
+    embeddings_upstream_model: ClassVar[str | None] = None  # what the fake must receive
 
     # -- hooks for subclasses ----------------------------------------------------------------------------------
 
@@ -49,7 +62,7 @@ class ProviderContract:
             env[self.key_env] = self.key
         return env
 
-    SURFACES: ClassVar[tuple[str, ...]] = ("chat", "auth", "ops")
+    SURFACES: ClassVar[tuple[str, ...]] = ("chat", "embeddings", "auth", "ops")
 
     def app(self, env: dict[str, str], data_dir: Any) -> Any:
         """The provider in isolation: the chat surface, auth and this plugin, no middleware (no retries)."""
@@ -59,6 +72,13 @@ class ProviderContract:
         """Provider-specific assertions on what reached the upstream; the default checks OpenAI bearer auth."""
         assert request.headers.get("authorization") == f"Bearer {self.key}"
         assert request.body["model"] == self.upstream_model
+
+    def check_embeddings_upstream(self, request: RecordedRequest, texts: list[str]) -> None:
+        """What reached the upstream for an embeddings call of ``texts``; default: OpenAI ``/embeddings``."""
+        assert request.path.endswith("/embeddings")
+        assert request.headers.get("authorization") == f"Bearer {self.key}"
+        assert request.body["model"] == self.embeddings_upstream_model
+        assert request.body["input"] in (texts, texts[0])
 
     def check_image(self, request: RecordedRequest) -> None:
         """Assert the image reached the upstream in its wire form; default: OpenAI ``image_url`` passthrough."""
@@ -210,6 +230,53 @@ class ProviderContract:
         assert providers.status_code == 200, providers.text  # "ops" is one of SURFACES
         row = next(p for p in providers.json()["providers"] if p["name"] == self.provider)
         assert row["configured"] is True and row["missing"] is None
+
+    # -- embeddings -----------------------------------------------------------------------------------------------
+
+    def test_embeddings_single_input(self, client: Any, fake: Any) -> None:
+        if self.embeddings_model is None:
+            return self.check_no_embeddings(client, fake)
+        text = "The quick brown fox"
+        raw = client.embeddings.with_raw_response.create(model=self.embeddings_model, input=text)
+        result = raw.parse()  # the SDK asked for base64 (its default) and decoded it
+        assert isinstance(raw.http_response.json()["data"][0]["embedding"], str)  # base64 on the wire
+        assert [item.embedding for item in result.data] == [fake_vector(text)]
+        assert raw.headers["x-scillm-provider"] == self.provider
+        assert result.usage.prompt_tokens > 0
+        self.check_embeddings_upstream(self._last_upstream(fake), [text])
+
+    def test_embeddings_list_input(self, client: Any, fake: Any) -> None:
+        if self.embeddings_model is None:
+            return
+        texts = ["first document", "second document, longer", "third"]
+        result = client.embeddings.create(model=self.embeddings_model, input=texts, encoding_format="float")
+        assert [item.index for item in result.data] == [0, 1, 2]
+        assert [item.embedding for item in result.data] == [fake_vector(t) for t in texts]
+        assert result.usage.total_tokens >= result.usage.prompt_tokens > 0
+        self.check_embeddings_upstream(self._last_upstream(fake), texts)
+
+    def test_embeddings_upstream_rate_limit_is_429(self, client: Any, fake: Any) -> None:
+        if self.embeddings_model is None:
+            return
+        import openai
+
+        fake.script(Reply.fail(429, "Rate limit reached, slow down", type="rate_limit_error",
+                               code="rate_limit_exceeded", headers={"retry-after": "7"}))
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.embeddings.create(model=self.embeddings_model, input="hi")
+        assert caught.value.response.headers.get("retry-after") == "7"
+        assert self.provider in caught.value.message
+
+    def check_no_embeddings(self, client: Any, fake: Any) -> None:
+        """A provider without embeddings refuses them with a 400 naming it, and sends nothing upstream."""
+        import openai
+
+        sent = len(fake.requests)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.embeddings.create(model=self.model, input="hi")
+        assert caught.value.code == "embeddings_not_supported"
+        assert self.provider in caught.value.message
+        assert len(fake.requests) == sent
 
     def test_unreachable_upstream_is_502(self, tmp_path: Any) -> None:
         env = {**self.extra_env, self.base_env: "http://127.0.0.1:9/v1"}

@@ -12,7 +12,13 @@ recorded in ``shared/fixtures/gemini``.
   429 as ``RESOURCE_EXHAUSTED`` whose ``retry-after`` becomes ``RetryInfo.retryDelay`` (Gemini sends no header);
 - thought signatures are checked like the real API: an echoed signature it never issued is "Corrupted"; for
   ``gemini-3*`` models (or ``strict_signatures = True``) the first replayed ``functionCall`` of a model turn must
-  carry one (or the documented ``skip_thought_signature_validator``).
+  carry one (or the documented ``skip_thought_signature_validator``);
+- ``POST .../models/{model}:batchEmbedContents`` (what ``google-genai``'s ``embed_content`` calls): ``{"requests":
+  [{"model": "models/{model}", "content": {"parts": [{"text"}]}, "taskType"?, "title"?, "outputDimensionality"?}]}``
+  (at most 100, each naming the URL's model) -> ``{"embeddings": [{"values": [...]}]}`` plus top-level
+  ``usageMetadata`` (``promptTokenCount`` and ``promptTokenDetails``, no total) as the current API sends;
+  ``:embedContent`` takes one ``content`` and answers ``{"embedding": {"values": [...]}}``. Vectors are
+  :func:`~scillm_core.testing.replies.fake_vector` of the text.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from scillm_core.testing.fakes import FakeUpstream
-from scillm_core.testing.replies import Reply
+from scillm_core.testing.replies import Reply, fake_vector
 
 __all__ = ["FakeGemini"]
 
@@ -37,6 +43,9 @@ _STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DEN
            409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 _FINISH = {"stop": "STOP", "tool_calls": "STOP", "length": "MAX_TOKENS", "content_filter": "SAFETY"}
 SKIP = ("skip_thought_signature_validator", "context_engineering_is_the_way_to_go")
+TASK_TYPES = ("TASK_TYPE_UNSPECIFIED", "RETRIEVAL_QUERY", "RETRIEVAL_DOCUMENT", "SEMANTIC_SIMILARITY",
+              "CLASSIFICATION", "CLUSTERING", "QUESTION_ANSWERING", "FACT_VERIFICATION", "CODE_RETRIEVAL_QUERY")
+MAX_EMBED_REQUESTS = 100
 
 
 def _dumps(payload: Any, *, indent: int | None = None) -> str:
@@ -57,6 +66,7 @@ class FakeGemini(FakeUpstream):
     versions = ("v1beta", "v1", "v1alpha")  # the API versions served (google-genai 3.x defaults to v1)
     strict_signatures: bool | None = None   # None: only for gemini-3* models
     api_key: str | None = None              # when set, any other key gets 400 API_KEY_INVALID
+    embedding_dimensions = 8                # vector length when no outputDimensionality is asked for
 
     def __init__(self) -> None:
         super().__init__()
@@ -85,7 +95,7 @@ class FakeGemini(FakeUpstream):
         return Response(_dumps(payload, indent=2), status_code=status, headers=headers,
                         media_type="application/json; charset=UTF-8")
 
-    def _check(self, request: Request, model: str, body: Any) -> tuple[int, dict[str, Any]] | None:
+    def _key_problem(self, request: Request) -> tuple[int, dict[str, Any]] | None:
         key = request.headers.get("x-goog-api-key") or request.query_params.get("key")
         if not key:
             return 403, google_error(403, "Method doesn't allow unregistered callers (callers without established "
@@ -93,6 +103,12 @@ class FakeGemini(FakeUpstream):
                                           "to call this API.")
         if self.api_key is not None and key != self.api_key:
             return 400, self._invalid_key()
+        return None
+
+    def _check(self, request: Request, model: str, body: Any) -> tuple[int, dict[str, Any]] | None:
+        problem = self._key_problem(request)
+        if problem is not None:
+            return problem
         if not isinstance(body, dict) or not isinstance(body.get("contents"), list) or not body["contents"]:
             return 400, google_error(400, "* GenerateContentRequest.contents: contents is not specified")
         strict = self.strict_signatures if self.strict_signatures is not None else model.startswith("gemini-3")
@@ -153,6 +169,8 @@ class FakeGemini(FakeUpstream):
         if request.path_params["version"] not in self.versions:
             return self._json(google_error(404, "Not Found"), 404)
         model, _, method = request.path_params["rest"].rpartition(":")
+        if method in ("batchEmbedContents", "embedContent"):
+            return await self.embed(request, recorded.body, model, method)
         if method not in ("generateContent", "streamGenerateContent"):
             return self._json(google_error(404, f"unknown method {method!r}"), 404)
         sse = request.query_params.get("alt") == "sse"
@@ -162,13 +180,7 @@ class FakeGemini(FakeUpstream):
         if problem is not None:
             status, payload = problem
             return self._json([payload] if wrap else payload, status)
-        reply = self.next_reply()
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await self.pause(reply)
-        finally:
-            self.in_flight -= 1
+        reply = await self.answer()
         model = reply.model or model
         if reply.status >= 400:
             status, payload = self.error_body(reply)
@@ -183,6 +195,60 @@ class FakeGemini(FakeUpstream):
                                      headers={"content-disposition": "attachment", **reply.headers})
         return StreamingResponse(self._array(reply, events), media_type="application/json; charset=UTF-8",
                                  headers=dict(reply.headers))
+
+    # -- embeddings -----------------------------------------------------------------------------------------------
+
+    def _embed_problem(self, model: str, item: Any, where: str) -> str | None:
+        if not isinstance(item, dict):
+            return f"* {where}: value must be an object"
+        if where.startswith("BatchEmbedContentsRequest") and item.get("model") != f"models/{model}":
+            return (f"* {where}.model: model in the request ({item.get('model')}) does not match the model in the "
+                    f"URL (models/{model})")
+        parts = (item.get("content") or {}).get("parts") if isinstance(item.get("content"), dict) else None
+        if not parts or not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in parts):
+            return f"* {where}.content: contents is not specified"
+        task = item.get("taskType")
+        if task is not None and task not in TASK_TYPES:
+            return f"Invalid value at '{where}.task_type' ({task!r})"
+        size = item.get("outputDimensionality")
+        if size is not None and (type(size) is not int or size < 1):
+            return f"* {where}.output_dimensionality: must be a positive integer"
+        return None
+
+    async def embed(self, request: Request, body: Any, model: str, method: str) -> Response:
+        problem = self._key_problem(request)
+        if problem is not None:
+            return self._json(problem[1], problem[0])
+        batch = method == "batchEmbedContents"
+        if batch:
+            items = body.get("requests") if isinstance(body, dict) else None
+            if not isinstance(items, list) or not items:
+                return self._json(google_error(400, "* BatchEmbedContentsRequest.requests: requests is not "
+                                                    "specified"), 400)
+            if len(items) > MAX_EMBED_REQUESTS:
+                return self._json(google_error(400, f"* BatchEmbedContentsRequest.requests: at most "
+                                                    f"{MAX_EMBED_REQUESTS} requests can be in one batch"), 400)
+            wheres = [f"BatchEmbedContentsRequest.requests[{i}]" for i in range(len(items))]
+        else:
+            items, wheres = [body], ["EmbedContentRequest"]
+        for item, where in zip(items, wheres, strict=True):
+            message = self._embed_problem(model, item, where)
+            if message is not None:
+                return self._json(google_error(400, message), 400)
+        reply = await self.answer()
+        if reply.status >= 400:
+            status, payload = self.error_body(reply)
+            return self._json(payload, status, {k: v for k, v in reply.headers.items() if k.lower() != "retry-after"})
+        vectors = []
+        tokens = 0
+        for item in items:
+            text = "".join(part["text"] for part in item["content"]["parts"])
+            tokens += max(1, len(text.split()))
+            vectors.append({"values": fake_vector(text, item.get("outputDimensionality") or self.embedding_dimensions)})
+        if not batch:
+            return self._json({"embedding": vectors[0]})
+        return self._json({"embeddings": vectors, "usageMetadata": {
+            "promptTokenCount": tokens, "promptTokenDetails": [{"modality": "TEXT", "tokenCount": tokens}]}})
 
     # -- rendering ----------------------------------------------------------------------------------------------
 

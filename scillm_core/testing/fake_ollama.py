@@ -8,7 +8,11 @@
 - errors as ``{"error": "..."}`` with the status; a mid-stream failure (``error_after``) is an extra
   ``{"error": "..."}`` line on the HTTP 200 stream; ``models`` (when set) makes unknown models 404
   ``model 'x' not found``;
-- ``GET /api/tags`` lists ``tags`` (``tags_delay_s`` slows it down); ``GET /`` and ``GET /api/version`` answer.
+- ``GET /api/tags`` lists ``tags`` (``tags_delay_s`` slows it down); ``GET /`` and ``GET /api/version`` answer;
+- ``POST /api/embed`` with ``{"model", "input": str | [str], "truncate"?, "dimensions"?, "options"?,
+  "keep_alive"?}`` -> ``{"model", "embeddings": [[...]], "total_duration", "load_duration", "prompt_eval_count"}``
+  (a single string still gets a list of one vector), vectors :func:`~scillm_core.testing.replies.fake_vector` of
+  each text; a missing model is 400 ``model is required``, an unknown one (with ``models`` set) 404.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from scillm_core.testing.fakes import FakeUpstream
-from scillm_core.testing.replies import Reply
+from scillm_core.testing.replies import Reply, fake_vector
 
 __all__ = ["FakeOllama"]
 
@@ -44,6 +48,7 @@ class FakeOllama(FakeUpstream):
     models: tuple[str, ...] | None = None
     tags: tuple[str, ...] = ("llama3.2:latest", "qwen3:8b")
     tags_delay_s = 0.0
+    embedding_dimensions = 8
 
     def __init__(self) -> None:
         super().__init__()
@@ -55,6 +60,7 @@ class FakeOllama(FakeUpstream):
 
     def routes(self) -> list[Route]:
         return [Route("/api/chat", self.chat, methods=["POST"]),
+                Route("/api/embed", self.embed, methods=["POST"]),
                 Route("/api/tags", self.list_tags, methods=["GET"]),
                 Route("/api/version", self.version, methods=["GET"]),
                 Route("/", self.root, methods=["GET", "HEAD"])]
@@ -82,33 +88,52 @@ class FakeOllama(FakeUpstream):
                                      else {"error": message}),
                         status_code=status, headers=headers, media_type="application/json; charset=utf-8")
 
-    async def chat(self, request: Request) -> Response:
+    async def _model_call(self, request: Request, not_found: str) -> tuple[dict[str, Any], str, Reply] | Response:
+        """Record the request, check its model (400 missing, 404 unknown with ``not_found``), and wait for the
+        scripted reply: ``(body, model, reply)``, or the error response to send."""
         recorded = await self.record(request)
         body = recorded.body if isinstance(recorded.body, dict) else {}
         model = body.get("model")
         if not model:
             return self._error(400, "model is required")
         if self.models is not None and model not in self.models:
-            return self._error(404, f"model '{model}' not found")
-        reply = self.next_reply()
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await self.pause(reply)
-        finally:
-            self.in_flight -= 1
-        model = reply.model or model
+            return self._error(404, not_found.format(model=model))
+        reply = await self.answer()
         if reply.status >= 400:
             error = reply.error
             message = error["message"] if isinstance(error, dict) and "message" in error else error
             return self._error(reply.status, message if message is not None else "upstream failure",
                                dict(reply.headers))
+        return body, str(model), reply
+
+    async def chat(self, request: Request) -> Response:
+        call = await self._model_call(request, "model '{model}' not found")
+        if isinstance(call, Response):
+            return call
+        body, model, reply = call
+        model = reply.model or model
         lines = list(self.lines(reply, model))
         if body.get("stream", True) is False:
             return Response(orjson.dumps(self.merge(lines)), headers=dict(reply.headers),
                             media_type="application/json; charset=utf-8")
         return StreamingResponse(self._ndjson(reply, lines), headers=dict(reply.headers),
                                  media_type="application/x-ndjson")
+
+    async def embed(self, request: Request) -> Response:
+        call = await self._model_call(request, 'model "{model}" not found, try pulling it first')
+        if isinstance(call, Response):
+            return call
+        body, model, reply = call
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(inputs, list) or not all(isinstance(item, str) for item in inputs):
+            return self._error(400, "invalid input type")
+        size = body.get("dimensions") or self.embedding_dimensions
+        return Response(orjson.dumps({
+            "model": reply.model or model, "embeddings": [fake_vector(text, size) for text in inputs],
+            "total_duration": 14143917, "load_duration": 1019500,
+            "prompt_eval_count": sum(max(1, len(text.split())) for text in inputs)}),
+            media_type="application/json; charset=utf-8")
 
     # -- rendering ----------------------------------------------------------------------------------------------
 

@@ -9,8 +9,11 @@ OpenAI-compatible variants (keep-alive comments, usage inside the finish chunk, 
 
 from __future__ import annotations
 
+import array
 import asyncio
+import base64
 import itertools
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -23,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from scillm_core.testing.replies import Reply
+from scillm_core.testing.replies import Reply, fake_vector
 from scillm_core.testing.server import ServerThread
 
 __all__ = ["FakeOpenAI", "FakeUpstream", "RecordedRequest"]
@@ -119,6 +122,17 @@ class FakeUpstream:
         self.requests.append(recorded)
         return recorded
 
+    async def answer(self, request: RecordedRequest | None = None) -> Reply:
+        """The next reply (see :meth:`next_reply`) after its scripted wait, counted in ``in_flight`` meanwhile."""
+        reply = self.next_reply(request)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self.pause(reply)
+        finally:
+            self.in_flight -= 1
+        return reply
+
     async def pause(self, reply: Reply) -> None:
         if reply.hang:
             await asyncio.sleep(3600)
@@ -130,10 +144,25 @@ def sse(payload: Any) -> bytes:
     return b"data: " + (payload if isinstance(payload, bytes) else orjson.dumps(payload)) + b"\n\n"
 
 
+def float32_base64(vector: list[float]) -> str:
+    """OpenAI's ``encoding_format: "base64"``: the vector as little-endian float32 bytes, base64-encoded."""
+    values = array.array("f", vector)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return base64.b64encode(values.tobytes()).decode()
+
+
 class FakeOpenAI(FakeUpstream):
-    """OpenAI chat completions at ``{url}/v1``."""
+    """OpenAI chat completions and embeddings at ``{url}/v1``.
+
+    ``POST /v1/embeddings`` answers like OpenAI: ``{"object": "list", "data": [{"object": "embedding", "index",
+    "embedding"}], "model", "usage": {"prompt_tokens", "total_tokens"}}``, each vector :func:`fake_vector` of its
+    input (``dimensions`` long when asked, else :attr:`embedding_dimensions`), base64 float32 when
+    ``encoding_format`` is ``"base64"``; a malformed ``input`` is OpenAI's 400.
+    """
 
     base_path = "/v1"
+    embedding_dimensions = 8
 
     @property
     def base_url(self) -> str:
@@ -141,7 +170,45 @@ class FakeOpenAI(FakeUpstream):
 
     def routes(self) -> list[Route]:
         return [Route(f"{self.base_path}/chat/completions", self.chat, methods=["POST"]),
+                Route(f"{self.base_path}/embeddings", self.embeddings, methods=["POST"]),
                 Route(f"{self.base_path}/models", self.models, methods=["GET"])]
+
+    @staticmethod
+    def _error(status: int, message: str, *, type: str | None = "invalid_request_error", param: str | None = None,
+               code: str | None = None, headers: Mapping[str, str] | None = None) -> Response:
+        return Response(orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}}),
+                        status_code=status, headers=dict(headers or {}), media_type="application/json")
+
+    async def embeddings(self, request: Request) -> Response:
+        recorded = await self.record(request)
+        body = recorded.body if isinstance(recorded.body, dict) else {}
+        if not isinstance(body.get("model"), str):
+            return self._error(400, "you must provide a model parameter")
+        inputs = body.get("input")
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or any(item in ("", []) for item in inputs):
+            return self._error(400, "'$.input' is invalid. Please check the API reference: "
+                                    "https://platform.openai.com/docs/api-reference.")
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            return self._error(400, f"'{fmt}' is not one of ['float', 'base64'] - 'encoding_format'")
+        reply = await self.answer(recorded)
+        headers = {"x-request-id": f"req_fake{self.next_id()}", "openai-processing-ms": "21", **reply.headers}
+        if reply.status >= 400:
+            error = reply.error if isinstance(reply.error, dict) else {"message": str(reply.error)}
+            return self._error(reply.status, error.get("message", "upstream failure"), type=error.get("type"),
+                               code=error.get("code"), headers=headers)
+        size = body.get("dimensions") or self.embedding_dimensions
+        data = []
+        for index, item in enumerate(inputs):
+            vector = fake_vector(item, size)
+            data.append({"object": "embedding", "index": index,
+                         "embedding": float32_base64(vector) if fmt == "base64" else vector})
+        tokens = sum(len(item) if isinstance(item, list) else len(item.split()) for item in inputs)
+        return Response(orjson.dumps({"object": "list", "data": data, "model": reply.model or body["model"],
+                                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}),
+                        headers=headers, media_type="application/json")
 
     async def models(self, request: Request) -> Response:
         return Response(orjson.dumps({"object": "list", "data": [
@@ -150,13 +217,7 @@ class FakeOpenAI(FakeUpstream):
 
     async def chat(self, request: Request) -> Response:
         recorded = await self.record(request)
-        reply = self.next_reply(recorded)
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            await self.pause(reply)
-        finally:
-            self.in_flight -= 1
+        reply = await self.answer(recorded)
         body = recorded.body if isinstance(recorded.body, dict) else {}
         model = reply.model or body.get("model") or "fake-model"
         headers = {"x-request-id": f"req_fake{self.next_id()}", "openai-processing-ms": "12",

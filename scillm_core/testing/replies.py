@@ -3,12 +3,23 @@ streaming or not as the request asked, so one script drives the contract tests o
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
 from attrs import field, frozen
 
-__all__ = ["Reply", "ToolCallSpec"]
+__all__ = ["Reply", "ToolCallSpec", "fake_vector"]
+
+
+def fake_vector(value: Any, dimensions: int = 8) -> list[float]:
+    """The deterministic embedding every fake upstream returns for ``value`` (a text or a token array), so tests can
+    check that each vector reached the client in its input's place. Values are multiples of 1/128 in [-1, 1), exact
+    in float32, so a base64 round trip compares equal."""
+    digest = hashlib.sha256(repr(value).encode()).digest()
+    while len(digest) < dimensions:
+        digest += hashlib.sha256(digest).digest()
+    return [(byte - 128) / 128 for byte in digest[:dimensions]]
 
 
 @frozen

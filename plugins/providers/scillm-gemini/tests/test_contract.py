@@ -15,6 +15,7 @@ class TestGemini(ProviderContract):
     key_env, base_env = "GEMINI_API_KEY", "GEMINI_API_BASE"
     key = "AIzaContractSecret0123456789abcdefghij"
     fake_class = FakeGemini
+    embeddings_model = embeddings_upstream_model = "gemini-embedding-001"
 
     def check_upstream(self, request: RecordedRequest, *, stream: bool) -> None:
         assert request.headers.get("x-goog-api-key") == self.key
@@ -24,6 +25,12 @@ class TestGemini(ProviderContract):
         assert request.query == ("alt=sse" if stream else "")
         assert request.body["contents"][0]["role"] == "user"
         assert "model" not in request.body and "messages" not in request.body
+
+    def check_embeddings_upstream(self, request: RecordedRequest, texts: list[str]) -> None:
+        assert request.headers.get("x-goog-api-key") == self.key
+        assert request.path == f"/v1beta/models/{self.embeddings_upstream_model}:batchEmbedContents"
+        assert request.body == {"requests": [{"model": f"models/{self.embeddings_upstream_model}",
+                                              "content": {"parts": [{"text": text}]}} for text in texts]}
 
     def check_image(self, request: RecordedRequest) -> None:
         parts = request.body["contents"][0]["parts"]
@@ -36,6 +43,7 @@ class TestGeminiPrefixAndVersionedBase(TestGemini):
 
     model = "gemini/gemini-3-flash-preview"
     upstream_model = "gemini-3-flash-preview"
+    embeddings_model = "gemini/gemini-embedding-001"
 
     def base_url(self, fake: Any) -> str:
         return fake.url + "/v1beta"

@@ -207,3 +207,33 @@ def test_sdk_sees_errors(fake: FakeGemini, genai_client: Any) -> None:
     with pytest.raises(errors.ServerError) as server:
         genai_client.models.generate_content(model="gemini-2.5-flash", contents="hi")
     assert server.value.code == 500 and server.value.status == "INTERNAL"
+
+
+# -- embeddings: the request google-genai builds is what the fake checks, and the SDK parses the answer -------------
+
+def test_sdk_embed_content(fake: FakeGemini, genai_client: Any) -> None:
+    from google.genai import types
+
+    from scillm_core.testing import fake_vector
+
+    result = genai_client.models.embed_content(
+        model="gemini-embedding-001", contents=["first text", "second text"],
+        config=types.EmbedContentConfig(task_type="RETRIEVAL_DOCUMENT", output_dimensionality=4))
+    assert [e.values for e in result.embeddings] == [fake_vector("first text", 4), fake_vector("second text", 4)]
+    assert result.usage_metadata.prompt_token_count == 4
+    sent = fake.last
+    assert sent.path.endswith("/models/gemini-embedding-001:batchEmbedContents")  # the SDK's API version
+    assert sent.body["requests"][1] == {"model": "models/gemini-embedding-001", "taskType": "RETRIEVAL_DOCUMENT",
+                                         "outputDimensionality": 4,
+                                         "content": {"parts": [{"text": "second text"}], "role": "user"}}
+
+
+def test_embed_content_validation_is_the_apis(fake: FakeGemini) -> None:
+    url = "/v1beta/models/gemini-embedding-001:batchEmbedContents"
+    mismatch = post(fake, url, {"requests": [{"model": "models/other", "content": {"parts": [{"text": "x"}]}}]})
+    assert mismatch.status_code == 400 and "does not match" in mismatch.json()["error"]["message"]
+    too_many = post(fake, url, {"requests": [{"model": "models/gemini-embedding-001",
+                                              "content": {"parts": [{"text": "x"}]}}] * 101})
+    assert too_many.status_code == 400 and "at most 100" in too_many.json()["error"]["message"]
+    single = post(fake, "/v1beta/models/gemini-embedding-001:embedContent", {"content": {"parts": [{"text": "x"}]}})
+    assert set(single.json()) == {"embedding"}

@@ -12,6 +12,7 @@ class TestOllama(ProviderContract):
     provider, model, upstream_model = "ollama", "llama3.2:latest", "llama3.2:latest"
     key_env, base_env = None, "OLLAMA_API_BASE"
     fake_class = FakeOllama
+    embeddings_model, embeddings_upstream_model = "ollama/nomic-embed-text", "nomic-embed-text"
 
     def check_upstream(self, request: RecordedRequest, *, stream: bool) -> None:
         assert request.method == "POST" and request.path == "/api/chat"
@@ -19,6 +20,11 @@ class TestOllama(ProviderContract):
         assert request.body["model"] == self.upstream_model
         assert request.body["stream"] is stream  # always explicit: Ollama streams by default
         assert all(isinstance(m["content"], str) for m in request.body["messages"])
+
+    def check_embeddings_upstream(self, request: RecordedRequest, texts: list[str]) -> None:
+        assert request.method == "POST" and request.path == "/api/embed"
+        assert request.body == {"model": self.embeddings_upstream_model,
+                                "input": texts[0] if len(texts) == 1 else texts}
 
     def check_image(self, request: RecordedRequest) -> None:
         assert request.body["messages"][0] == {"role": "user", "content": "What is in this image?",

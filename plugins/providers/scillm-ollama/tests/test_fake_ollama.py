@@ -159,3 +159,18 @@ def test_sdk_sees_errors(fake: FakeOllama) -> None:
     with pytest.raises(ollama.ResponseError) as midstream:
         list(client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}], stream=True))
     assert midstream.value.error == "an error was encountered while running the model"
+
+
+def test_sdk_embed(fake: FakeOllama) -> None:
+    import ollama
+
+    from scillm_core.testing import fake_vector
+
+    client = ollama.Client(host=fake.url)
+    single = client.embed(model="nomic-embed-text", input="why is the sky blue?")
+    assert single.embeddings == [fake_vector("why is the sky blue?")]
+    assert single.prompt_eval_count == 5
+    several = client.embed(model="nomic-embed-text", input=["a", "b"], dimensions=4, truncate=False)
+    assert several.embeddings == [fake_vector("a", 4), fake_vector("b", 4)]
+    assert fake.last.path == "/api/embed"
+    assert fake.last.body == {"model": "nomic-embed-text", "input": ["a", "b"], "truncate": False, "dimensions": 4}

@@ -12,6 +12,7 @@ class OpenAICompatContract(ProviderContract):
 class TestOpenAI(OpenAICompatContract):
     provider, model, upstream_model = "openai", "gpt-4o-mini", "gpt-4o-mini"
     key_env, base_env = "OPENAI_API_KEY", "OPENAI_API_BASE"
+    embeddings_model = embeddings_upstream_model = "text-embedding-3-small"
 
 
 class TestChutes(OpenAICompatContract):
@@ -40,6 +41,7 @@ class TestDeepSeek(OpenAICompatContract):
 class TestGLM(OpenAICompatContract):
     provider, model, upstream_model = "glm", "text-glm", "glm-5.1"
     key_env, base_env = "GLM_API_Key", "GLM_API_BASE"
+    embeddings_model, embeddings_upstream_model = "glm/embedding-3", "embedding-3"
 
 
 class TestMoonshot(OpenAICompatContract):

@@ -20,7 +20,7 @@ class GoContract(ProviderContract):
     plugin = "opencode-go"
     provider = "opencode-go"
     key_env, base_env = "OPENCODE_GO_API_KEY", "OPENCODE_GO_API_BASE"
-    SURFACES = ("chat", "auth", "ops", "openai-compat", "anthropic")
+    SURFACES = ("chat", "embeddings", "auth", "ops", "openai-compat", "anthropic")
 
 
 class TestChatModels(GoContract):

@@ -1,8 +1,9 @@
-"""Exact-match response cache for chat calls: a ``call_provider`` wrapper, outermost (``tryfirst``).
+"""Exact-match response cache for chat and embeddings calls: a ``call_provider`` wrapper, outermost (``tryfirst``).
 
 - Key: SHA-256 over the canonical wire request minus ``stream``/``stream_options`` (model as requested, messages,
   sampling params, tools, tool_choice, response_format, n, seed, reasoning_effort and every extra upstream
-  parameter) plus the routed deployment. ``scillm_metadata``, ``timeout`` and the request id never enter the key.
+  parameter; for embeddings the input, encoding_format and dimensions) plus the routed deployment.
+  ``scillm_metadata``, ``timeout`` and the request id never enter the key.
 - Non-streaming answers are stored (TTL; memory LRU bounded by ``max_entries`` by default, Redis when configured).
 - Streams: a hit is served as a synthesized stream of the cached answer; a miss passes through untouched and is
   not stored (``x-scillm-cache: miss``).
@@ -34,6 +35,8 @@ from scillm_core import (
     ChatResponse,
     ChunkChoice,
     Delta,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
     FunctionCallDelta,
     Route,
     Runtime,
@@ -265,7 +268,8 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
     async def cached() -> ChatResult:
         key = cache_key(request, route)
         if mode == "use":
-            hit = await _lookup(state, key)
+            hit = await _lookup(state, key, EmbeddingsResponse if isinstance(request, EmbeddingsRequest)
+                                else ChatResponse)
             if hit is not None:
                 response, served = hit
                 _mark(state, ctx, "hit")
@@ -283,21 +287,23 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
     return cached
 
 
-async def _lookup(state: CacheState, key: str) -> tuple[ChatResponse, Route] | None:
+async def _lookup(state: CacheState, key: str, kind: type[Any]) -> tuple[Any, Route] | None:
+    """The stored answer as ``kind`` (``ChatResponse`` or ``EmbeddingsResponse``) and the route that served it."""
     try:
         raw = await state.backend.get(key)
         if raw is None:
             return None
         doc = orjson.loads(raw)
         served = Route(provider=doc["provider"], model=doc["model"], requested=doc["requested"])
-        return structure(doc["response"], ChatResponse, what="cached response"), served
+        return structure(doc["response"], kind, what="cached response"), served
     except Exception as exc:
         _backend_failed(state, exc)
         return None
 
 
 async def _store(state: CacheState, key: str, response: Any, served: Route) -> None:
-    if not isinstance(response, ChatResponse) or not response.choices:
+    if not ((isinstance(response, ChatResponse) and response.choices)
+            or (isinstance(response, EmbeddingsResponse) and response.data)):
         return
     try:
         doc = {"provider": served.provider, "model": served.model, "requested": served.requested,

@@ -66,7 +66,7 @@ def scillm_health(runtime: Runtime) -> dict[str, Any]:
 def postprocess_json(request: ChatRequest, ctx: CallContext) -> Any:
     call = yield
     cfg = _config(ctx.runtime)
-    if not cfg.enabled or "source" not in request.scillm:
+    if not cfg.enabled or not isinstance(request, ChatRequest) or "source" not in request.scillm:
         return call
 
     async def grounded() -> Any:

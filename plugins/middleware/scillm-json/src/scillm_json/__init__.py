@@ -25,10 +25,10 @@ import attrs
 import orjson
 from attrs import frozen
 
-from scillm_core import ChatResponse, Message, Runtime, errors, hookimpl
+from scillm_core import ChatRequest, ChatResponse, Message, Runtime, errors, hookimpl
 
 if TYPE_CHECKING:
-    from scillm_core import CallContext, ChatRequest
+    from scillm_core import CallContext
     from scillm_core.pipeline import ChatResult, ResponseThunk
 
 __all__ = ["JSONConfig", "JSONValidationError", "SchemaValidationFailed", "extract_json"]
@@ -166,8 +166,8 @@ def _path(parts: Any) -> str:
 def postprocess_json(request: ChatRequest, ctx: CallContext) -> Any:
     call: ResponseThunk = yield
     config = _config(ctx.runtime)
-    if not config.enabled or not _wants_json(request, ctx):
-        return call
+    if not config.enabled or not isinstance(request, ChatRequest) or not _wants_json(request, ctx):
+        return call  # embeddings requests pass through: there is no answer text to repair
     schema = _schema_of(request)  # 400s surface before any upstream call
     retries = _retries_of(request, config)
     if request.stream:

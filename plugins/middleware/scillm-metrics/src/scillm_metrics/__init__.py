@@ -33,7 +33,7 @@ from attrs import define, field, frozen, validators
 from starlette.requests import Request
 from starlette.responses import Response
 
-from scillm_core import ChatResponse, Route, Runtime, SurfaceRegistry, errors, hookimpl, json_response, runtime_of
+from scillm_core import Route, Runtime, SurfaceRegistry, errors, hookimpl, json_response, runtime_of
 from scillm_core.redact import env_secrets, redact
 from scillm_metrics.series import Counters, Histograms, SeriesCollector
 
@@ -109,6 +109,7 @@ class MetricsState:
     counts: dict[str, int] = field(factory=lambda: {"logged": 0, "dropped": 0, "write_errors": 0,
                                                     "metric_errors": 0, "pruned": 0})
     unpruned: int = 0  # records written since the log was last trimmed to ``call_log_max_rows``
+    stopped: bool = False
 
     @property
     def prune_every(self) -> int:
@@ -119,7 +120,7 @@ class MetricsState:
         return provider, self.models(route.model if route else None), self.callers(ctx.caller)
 
     def enqueue(self, record: dict[str, Any]) -> None:
-        if not self.config.call_log:
+        if not self.config.call_log or self.stopped:  # after shutdown (calls cancelled late): no new writer task
             return
         try:
             if self.queue is None:
@@ -163,6 +164,7 @@ class MetricsState:
                 await asyncio.wait_for(self.queue.join(), timeout_s)
 
     async def stop(self) -> None:
+        self.stopped = True
         await self.flush()
         if self.writer is not None:
             self.writer.cancel()
@@ -295,7 +297,7 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
         except BaseException as exc:
             _safely(state, finish, started, exc, None)
             raise
-        if isinstance(result, ChatResponse):
+        if not request.stream:  # a ChatResponse or an EmbeddingsResponse (a cache hit of a stream is a stream)
             _safely(state, finish, started, None, result.usage)
             return result
 
@@ -354,7 +356,7 @@ def postprocess_json(request: ChatRequest, ctx: CallContext) -> Any:
         except BaseException as exc:
             _safely(state, _finish_request, state, request, ctx, started, exc, None)
             raise
-        if isinstance(result, ChatResponse):
+        if not request.stream:
             _safely(state, _finish_request, state, request, ctx, started, None, result.usage)
             return result
         return _observe_stream(result, started, lambda exc, usage: _safely(

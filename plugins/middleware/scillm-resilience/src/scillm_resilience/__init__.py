@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from scillm_core import MiddlewareRegistry, Route, Runtime, errors, hookimpl
+from scillm_core import ConfigError, MiddlewareRegistry, Route, Runtime, errors, hookimpl
 from scillm_resilience.breaker import Breaker, CircuitOpenSignal
 from scillm_resilience.config import LimitConfig, ResilienceConfig
 from scillm_resilience.disconnect import CancelOnDisconnect
@@ -81,16 +81,25 @@ def _is_local(exc: BaseException) -> bool:
 # -- per-app state -------------------------------------------------------------------------------------------------
 
 class State:
-    def __init__(self, config: ResilienceConfig) -> None:
+    def __init__(self, config: ResilienceConfig, provider_limits: Mapping[str, LimitConfig] | None = None) -> None:
         self.config = config
         self.breaker = Breaker(config.breaker_threshold, config.breaker_cooldown_s)
         self.limiters: dict[str, Limiter] = {}
         self.pauses = Pauses()
+        self.provider_limits = dict(provider_limits or {})  # from [providers.NAME] max_concurrency / max_queue
+
+    def limit_for(self, provider: str) -> LimitConfig:
+        return self.config.limits.get(provider) or self.provider_limits.get(provider) or self.config.default_limit
+
+    @property
+    def limited(self) -> set[str]:
+        """Providers with a limit of their own (in either place)."""
+        return set(self.config.limits) | set(self.provider_limits)
 
     def limiter(self, provider: str) -> Limiter:
         limiter = self.limiters.get(provider)
         if limiter is None:
-            limit = self.config.limit_for(provider)
+            limit = self.limit_for(provider)
             limiter = self.limiters[provider] = Limiter(provider, limit.max_concurrency, limit.max_queue,
                                                         aimd=self.config.aimd, recover_s=self.config.aimd_recover_s)
         return limiter
@@ -98,7 +107,7 @@ class State:
     def health(self, runtime: Runtime) -> dict[str, Any]:
         cfg = self.config
         for name in runtime.providers:  # show configured limits even before the first call
-            if name in cfg.limits:
+            if name in self.limited:
                 self.limiter(name)
         return {
             "enabled": cfg.enabled,
@@ -122,8 +131,25 @@ def state_of(runtime: Runtime) -> State:
     state = runtime.plugin_state.get("resilience")
     if state is None:
         config = runtime.config.sections.get("resilience") or ResilienceConfig()
-        state = runtime.plugin_state["resilience"] = State(config)
+        state = runtime.plugin_state["resilience"] = State(config, provider_limits(runtime, config))
     return state  # type: ignore[no-any-return]
+
+
+def provider_limits(runtime: Runtime, config: ResilienceConfig) -> dict[str, LimitConfig]:
+    """Limits set in ``[providers.NAME]`` (``max_concurrency``, ``max_queue``); a provider limited there and in
+    ``[resilience.limits.NAME]`` too stops startup (one place per provider)."""
+    limits: dict[str, LimitConfig] = {}
+    for name, settings in (runtime.config.sections.get("providers") or {}).items():
+        if settings.max_concurrency is None and settings.max_queue is None:
+            continue
+        if name in config.limits:
+            raise ConfigError(f"the limits of provider {name!r} are set twice, in [providers.{name}] and in "
+                              f"[resilience.limits.{name}]; keep one")
+        default = config.default_limit
+        limits[name] = LimitConfig(
+            max_concurrency=default.max_concurrency if settings.max_concurrency is None else settings.max_concurrency,
+            max_queue=default.max_queue if settings.max_queue is None else settings.max_queue)
+    return limits
 
 
 # -- hooks ---------------------------------------------------------------------------------------------------------
@@ -148,11 +174,12 @@ def scillm_health(runtime: Runtime) -> dict[str, Any]:
 
 @hookimpl
 def scillm_doctor(runtime: Runtime) -> list[dict[str, Any]]:
-    cfg = state_of(runtime).config
+    state = state_of(runtime)
+    cfg = state.config
     unknown = sorted(set(cfg.limits) - set(runtime.providers))
     detail = (f"[resilience.limits] names unknown providers: {', '.join(unknown)} (known: "
               f"{', '.join(sorted(runtime.providers))})" if unknown else
-              f"limits for {', '.join(sorted(cfg.limits)) or 'no provider'}; default "
+              f"limits for {', '.join(sorted(state.limited)) or 'no provider'}; default "
               f"{cfg.default_limit.max_concurrency} in flight, {cfg.default_limit.max_queue} queued")
     return [{"check": "resilience limits", "ok": not unknown, "detail": detail}]
 

@@ -52,10 +52,7 @@ class ResilienceConfig:
     aimd_recover_s: float = field(default=5.0, validator=_positive_seconds)
     # a client that disconnects cancels its upstream call (chat-style routes only)
     cancel_on_disconnect: bool = True
-    disconnect_paths: tuple[str, ...] = ("/v1/chat/completions", "/v1/messages", "/v1/responses")
-
-    def limit_for(self, provider: str) -> LimitConfig:
-        return self.limits.get(provider) or self.default_limit
+    disconnect_paths: tuple[str, ...] = ("/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/embeddings")
 
     def switches(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "retries": self.retries, "fallbacks": self.fallbacks,

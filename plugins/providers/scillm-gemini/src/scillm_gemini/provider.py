@@ -16,7 +16,19 @@ from typing import Any
 import httpx
 import orjson
 
-from scillm_core import CallContext, ChatChunk, ChatRequest, ChatResponse, Provider, Route, errors
+from scillm_core import (
+    CallContext,
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    Embedding,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    EmbeddingsUsage,
+    Provider,
+    Route,
+    errors,
+)
 from scillm_core.config import Env, ProviderSettings
 from scillm_core.redact import redact
 from scillm_core.upstream import error_for_status, iter_sse, retry_after_seconds, translate_transport
@@ -26,6 +38,7 @@ __all__ = ["DEFAULT_BASE", "GeminiProvider", "api_root", "error_from_body", "par
 
 DEFAULT_BASE = "https://generativelanguage.googleapis.com"
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
+EMBED_BATCH = 100  # batchEmbedContents takes at most 100 requests
 _VERSION = re.compile(r"/v\d+(?:alpha|beta)?\d*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
 
@@ -95,9 +108,9 @@ class GeminiProvider(Provider):
     aliases = {"text-gemini": "gemini-2.5-flash"}
     rule_order = 40
     capabilities = frozenset({"streaming", "tools", "images", "pdf", "audio", "json_mode", "json_schema",
-                              "reasoning"})
+                              "reasoning", "embeddings"})
     models = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.5-flash-lite", "gemini-3-flash-preview",
-              "gemini-3-pro-preview")
+              "gemini-3-pro-preview", "gemini-embedding-001")
 
     def __init__(self, env: Env | Mapping[str, str], settings: ProviderSettings) -> None:
         self._key = env.get("GEMINI_API_KEY") or env.get("GOOGLE_API_KEY") or None
@@ -155,6 +168,43 @@ class GeminiProvider(Provider):
         except (orjson.JSONDecodeError, TypeError, AttributeError, ValueError) as exc:
             raise errors.UpstreamProtocolError(f"unexpected response body ({str(exc)[:200]})", provider=self.name,
                                                model=route.model) from None
+
+    async def embed(self, request: EmbeddingsRequest, route: Route, ctx: CallContext) -> EmbeddingsResponse:
+        """``batchEmbedContents`` (what google-genai's ``embed_content`` calls), 100 inputs per upstream call:
+        ``dimensions`` becomes ``outputDimensionality``, ``task_type`` and ``title`` (extra body fields) become
+        ``taskType`` and ``title``; usage is ``usageMetadata.promptTokenCount`` summed."""
+        texts = request.texts(self.name)
+        options: dict[str, Any] = {}
+        if request.dimensions is not None:
+            options["outputDimensionality"] = request.dimensions
+        for field, wire in (("task_type", "taskType"), ("title", "title")):
+            if request.extra.get(field) is not None:
+                options[wire] = request.extra[field]
+        vectors: list[Any] = []
+        tokens = 0
+        for start in range(0, len(texts), EMBED_BATCH):
+            chunk = texts[start:start + EMBED_BATCH]
+            body = {"requests": [{"model": f"models/{route.model}", "content": {"parts": [{"text": text}]},
+                                  **options} for text in chunk]}
+            with translate_transport(self.name, route.model):
+                response = await ctx.runtime.client().post(self._url(route, "batchEmbedContents"),
+                                                           headers=self._headers(), content=orjson.dumps(body),
+                                                           timeout=self._timeout(route))
+            if response.status_code >= 400:
+                raise self._error(response.status_code, response.content, response.headers, route)
+            try:
+                data = orjson.loads(response.content)
+                values = [item["values"] for item in data["embeddings"]]
+                tokens += int((data.get("usageMetadata") or {}).get("promptTokenCount") or 0)
+            except (orjson.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError) as exc:
+                raise errors.UpstreamProtocolError(f"unexpected embeddings body ({str(exc)[:200]})",
+                                                   provider=self.name, model=route.model) from None
+            if len(values) != len(chunk) or not all(isinstance(v, list) for v in values):
+                raise errors.UpstreamProtocolError(f"{len(values)} embeddings for {len(chunk)} inputs",
+                                                   provider=self.name, model=route.model)
+            vectors.extend(values)
+        return EmbeddingsResponse(data=tuple(Embedding(embedding=v, index=i) for i, v in enumerate(vectors)),
+                                  model=route.model, usage=EmbeddingsUsage(prompt_tokens=tokens, total_tokens=tokens))
 
     async def stream(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
         body = await self._body(request, route, ctx)

@@ -32,6 +32,10 @@ from scillm_core import (
     Choice,
     ChunkChoice,
     Delta,
+    Embedding,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    EmbeddingsUsage,
     FilePart,
     FunctionCall,
     FunctionCallDelta,
@@ -257,7 +261,7 @@ class OllamaProvider(Provider):
     family = "ollama"
     prefixes = ("ollama/",)
     rule_order = 80
-    capabilities = frozenset({"streaming", "tools", "images", "json_mode", "json_schema", "reasoning"})
+    capabilities = frozenset({"streaming", "tools", "images", "json_mode", "json_schema", "reasoning", "embeddings"})
     tags_ttl_s = 60.0
     tags_timeout_s = 2.0
 
@@ -355,6 +359,35 @@ class OllamaProvider(Provider):
         except (TypeError, AttributeError, ValueError) as exc:
             raise errors.UpstreamProtocolError(f"unexpected response body ({str(exc)[:200]})", provider=self.name,
                                                model=route.model) from None
+
+    async def embed(self, request: EmbeddingsRequest, route: Route, ctx: CallContext) -> EmbeddingsResponse:
+        """Native ``POST /api/embed``: ``input`` as sent (text only), ``dimensions``, and the extra body fields
+        ``truncate``, ``keep_alive`` and ``options`` passed on; usage is ``prompt_eval_count``."""
+        texts = request.texts(self.name)
+        body: dict[str, Any] = {"model": route.model, "input": request.input}
+        if request.dimensions is not None:
+            body["dimensions"] = request.dimensions
+        for field in ("truncate", "keep_alive", "options"):
+            if field in request.extra:
+                body[field] = request.extra[field]
+        with translate_transport(self.name, route.model):
+            response = await ctx.runtime.client().post(self.base_url + "/api/embed", headers=self._headers(),
+                                                       content=orjson.dumps(body), timeout=self._timeout(route))
+        if response.status_code >= 400:
+            raise self._error(response.status_code, response.content, response.headers, route)
+        try:
+            data = orjson.loads(response.content)
+            vectors = data["embeddings"]
+            tokens = int(data.get("prompt_eval_count") or 0)
+        except (orjson.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise errors.UpstreamProtocolError(f"unexpected embeddings body ({str(exc)[:200]})", provider=self.name,
+                                               model=route.model) from None
+        if not isinstance(vectors, list) or len(vectors) != len(texts) or not all(isinstance(v, list) for v in vectors):
+            raise errors.UpstreamProtocolError(f"{len(vectors) if isinstance(vectors, list) else 0} embeddings for "
+                                               f"{len(texts)} inputs", provider=self.name, model=route.model)
+        return EmbeddingsResponse(data=tuple(Embedding(embedding=v, index=i) for i, v in enumerate(vectors)),
+                                  model=str(data.get("model") or route.model),
+                                  usage=EmbeddingsUsage(prompt_tokens=tokens, total_tokens=tokens))
 
     async def stream(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
         body = await self._body(request, route, ctx)

@@ -17,6 +17,8 @@ from scillm_core import (
     ChatChunk,
     ChatRequest,
     ChatResponse,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
     Provider,
     Route,
     errors,
@@ -45,6 +47,7 @@ class CompatSpec:
     max_temperature: float | None = None  # Moonshot accepts [0, 1]
     completion_tokens_models: Callable[[str], bool] | None = None  # models that reject max_tokens
     session_header: str | None = None     # OpenCode Go needs a stable per-conversation id
+    declared: bool = False                # a server of the user's own ([providers.NAME] kind = ...)
     capabilities: frozenset[str] = frozenset({"streaming", "tools", "images", "json_mode"})
 
 
@@ -60,6 +63,7 @@ class OpenAICompatProvider(Provider):
         self._key = next((env[k] for k in spec.key_env if env.get(k)), None)
         self.base_url = (settings.base_url or env.get(spec.base_env) or spec.default_base).rstrip("/")
         self._url = httpx.URL(f"{self.base_url}/chat/completions")  # parsed once, not per request
+        self._embeddings_url = httpx.URL(f"{self.base_url}/embeddings")
         self.timeout_s = settings.timeout_s
 
     # -- routing ------------------------------------------------------------------------------------------------
@@ -68,7 +72,7 @@ class OpenAICompatProvider(Provider):
         return self.spec.rule is not None and self.spec.rule(model)
 
     def missing_config(self) -> str | None:
-        if self._key:
+        if self._key or not self.spec.key_env:  # a declared server without key_env needs none
             return None
         first, *others = self.spec.key_env
         return f"set {first}" + (f" (or {', '.join(others)})" if others else "")
@@ -77,8 +81,11 @@ class OpenAICompatProvider(Provider):
         return self.spec.models
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "base_url": self.base_url, "key_env": list(self.spec.key_env),
-                "base_env": self.spec.base_env}
+        described = {**super().describe(), "base_url": self.base_url, "key_env": list(self.spec.key_env),
+                     "base_env": self.spec.base_env or None}
+        if self.spec.declared:
+            described.update(declared=True, models=list(self.spec.models))
+        return described
 
     # -- wire ---------------------------------------------------------------------------------------------------
 
@@ -96,9 +103,11 @@ class OpenAICompatProvider(Provider):
             body.pop("stream_options", None)
         return body
 
-    def headers(self, request: ChatRequest) -> dict[str, str]:
-        headers = {"authorization": f"Bearer {self._key}", "content-type": "application/json"}
-        if self.spec.session_header:
+    def headers(self, request: ChatRequest | None = None) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        if self._key:
+            headers["authorization"] = f"Bearer {self._key}"
+        if self.spec.session_header and request is not None:
             headers[self.spec.session_header] = conversation_id(request)
         return headers
 
@@ -125,6 +134,28 @@ class OpenAICompatProvider(Provider):
         except (orjson.JSONDecodeError, errors.InvalidRequest) as exc:
             raise errors.UpstreamProtocolError(f"unexpected response body ({_short(exc)})", provider=self.name,
                                                model=route.model) from None
+
+    async def embed(self, request: EmbeddingsRequest, route: Route, ctx: CallContext) -> EmbeddingsResponse:
+        """``POST {base}/embeddings`` with the client's body (model rewritten); vectors come back as sent."""
+        if "embeddings" not in self.capabilities:
+            return await super().embed(request, route, ctx)
+        body = unstructure(request)
+        body["model"] = route.model
+        with translate_transport(self.name, route.model):
+            response = await ctx.runtime.client().post(self._embeddings_url, headers=self.headers(),
+                                                       content=orjson.dumps(body),
+                                                       timeout=self._timeout(route) or httpx.USE_CLIENT_DEFAULT)
+        if response.status_code >= 400:
+            raise self._error(response, response.content, route)
+        try:
+            result = structure(orjson.loads(response.content), EmbeddingsResponse, what="upstream response")
+        except (orjson.JSONDecodeError, errors.InvalidRequest) as exc:
+            raise errors.UpstreamProtocolError(f"unexpected embeddings body ({_short(exc)})", provider=self.name,
+                                               model=route.model) from None
+        if len(result.data) != len(request.inputs):
+            raise errors.UpstreamProtocolError(f"{len(result.data)} embeddings for {len(request.inputs)} inputs",
+                                               provider=self.name, model=route.model)
+        return attrs.evolve(result, data=tuple(sorted(result.data, key=lambda item: item.index)))
 
     async def stream(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
         client = ctx.runtime.client()

@@ -18,9 +18,21 @@ from typing import Any
 import orjson
 from attrs import define, field, frozen
 
-from scillm_core import CallContext, ChatRequest, ChatResponse, Runtime, errors, run_chat, structure, unstructure
+from scillm_core import (
+    CallContext,
+    ChatRequest,
+    ChatResponse,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    Runtime,
+    errors,
+    run_chat,
+    run_embeddings,
+    structure,
+    unstructure,
+)
 
-__all__ = ["BatchItem", "BatchSpec", "Lane", "PoolConfig", "run_batch"]
+__all__ = ["BatchItem", "BatchSpec", "Lane", "PoolConfig", "run_batch", "stored_results"]
 
 ITEM_NS = "batch-items:"
 BATCH_NS = "batches"
@@ -54,12 +66,16 @@ class BatchItem:
 
 @frozen(kw_only=True)
 class BatchSpec:
+    """One batch. ``kind`` says what each item's body is: a chat request (``"chat"``) or an embeddings request
+    (``"embeddings"``). ``timeout_s`` bounds the whole batch (default: an hour)."""
+
     batch_id: str
     pool: str
     lanes: tuple[Lane, ...]
     items: tuple[BatchItem, ...]
     timeout_s: float | None
     caller: str | None
+    kind: str = "chat"
 
     @property
     def fingerprint(self) -> str:
@@ -105,6 +121,11 @@ Emit = Callable[[str, Mapping[str, Any]], Awaitable[None]]
 RUNNING: set[tuple[str, str]] = set()
 
 
+async def stored_results(runtime: Runtime, batch_id: str) -> dict[str, dict[str, Any]]:
+    """The results stored so far for ``batch_id``, by item id (what a resume reuses)."""
+    return dict(await runtime.store.scan(ITEM_NS + batch_id, limit=1_000_000))
+
+
 async def run_batch(spec: BatchSpec, runtime: Runtime, emit: Emit) -> dict[str, Any]:
     """Run (or resume) a batch; ``emit(event, data)`` is awaited for every event in order."""
     key = (str(runtime.config.data_dir), spec.batch_id)
@@ -129,7 +150,7 @@ async def _run(spec: BatchSpec, runtime: Runtime, emit: Emit, *, resuming: bool)
                                               "pool": spec.pool, "total": len(spec.items),
                                               "lanes": [lane.label for lane in spec.lanes],
                                               "created": time.time()})
-    previous = dict(await store.scan(ITEM_NS + spec.batch_id, limit=1_000_000))
+    previous = await stored_results(runtime, spec.batch_id)
     progress = Progress(total=len(spec.items))
     lanes = [LaneState(lane) for lane in spec.lanes]
     await emit("batch_started", {"batch_id": spec.batch_id, "model_pool": spec.pool, "total": progress.total,
@@ -205,9 +226,7 @@ class ResultWriter:
 
 def _deadline(item: BatchItem, spec: BatchSpec, started: float) -> float:
     item_timeout = item.body.get("timeout")
-    candidates = [started + 3600.0]
-    if spec.timeout_s:
-        candidates.append(started + spec.timeout_s)
+    candidates = [started + (spec.timeout_s or 3600.0)]
     if isinstance(item_timeout, int | float) and not isinstance(item_timeout, bool) and item_timeout > 0:
         candidates.append(started + item_timeout)
     return min(candidates)
@@ -286,6 +305,8 @@ async def _dispatch(work: deque[Pending], lanes: list[LaneState], spec: BatchSpe
     finally:
         for task in running:
             task.cancel()
+        if running:  # let the cancelled calls unwind (release limits, log) before the batch counts as stopped
+            await asyncio.gather(*running, return_exceptions=True)
 
 
 async def _try_once(pending: Pending, state: LaneState, spec: BatchSpec,
@@ -315,32 +336,36 @@ async def _try_once(pending: Pending, state: LaneState, spec: BatchSpec,
 
 
 async def _call(item: BatchItem, lane: Lane, spec: BatchSpec, runtime: Runtime,
-                deadline: float) -> tuple[ChatResponse, CallContext]:
+                deadline: float) -> tuple[ChatResponse | EmbeddingsResponse, CallContext]:
     body = dict(item.body)
     body["model"] = lane.model
-    body["stream"] = False
     metadata = dict(body.pop("scillm_metadata", None) or {})
     metadata.update(batch_id=spec.batch_id, item_id=item.item_id, model_pool=spec.pool, lane=lane.label)
     remaining = deadline - time.monotonic()
     timeout = min(t for t in (remaining, lane.timeout_s, body.pop("timeout", None)) if t is not None)
     body["scillm"] = {"scillm_metadata": metadata, "timeout": timeout}
-    request = structure(body, ChatRequest, what=f"batch item {item.item_id!r}")
     ctx = CallContext(runtime=runtime, caller=spec.caller or "scillm-batch",
                       deadline=time.monotonic() + max(timeout, 0.001))
     ctx.notes["batch"] = metadata
-    result = await run_chat(request, ctx)
+    what = f"batch item {item.item_id!r}"
+    if spec.kind == "embeddings":
+        body.pop("stream", None)
+        return await run_embeddings(structure(body, EmbeddingsRequest, what=what), ctx), ctx
+    body["stream"] = False
+    result = await run_chat(structure(body, ChatRequest, what=what), ctx)
     assert isinstance(result, ChatResponse)
     return result, ctx
 
 
-def _success(item: BatchItem, lane: Lane, served: tuple[ChatResponse, CallContext],
+def _success(item: BatchItem, lane: Lane, served: tuple[ChatResponse | EmbeddingsResponse, CallContext],
              latency_s: float) -> dict[str, Any]:
     response, ctx = served
     route = ctx.route
-    return {"ok": True, "item_id": item.item_id, "index": item.index, "lane": lane.label,
-            "provider": route.provider if route else None, "model": lane.model,
-            "served_model": response.model, "content": response.text, "response": unstructure(response),
-            "latency_s": round(latency_s, 3)}
+    result = {"ok": True, "item_id": item.item_id, "index": item.index, "lane": lane.label,
+              "provider": route.provider if route else None, "model": lane.model, "served_model": response.model}
+    if isinstance(response, ChatResponse):
+        result["content"] = response.text
+    return {**result, "response": unstructure(response), "latency_s": round(latency_s, 3)}
 
 
 def _failure(item: BatchItem, exc: BaseException | None, lane: Lane | None, why: str | None = None) -> dict[str, Any]:

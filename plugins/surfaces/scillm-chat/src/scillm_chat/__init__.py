@@ -33,7 +33,7 @@ from scillm_core import (
     unstructure,
 )
 
-__all__ = ["EXTENSION_FIELDS"]
+__all__ = ["EXTENSION_FIELDS", "take_extensions"]
 
 #: scillm's own request fields: taken out of the body before it is modelled, never sent upstream.
 EXTENSION_FIELDS = frozenset({"scillm_metadata", "timeout", "json_schema", "schema_retries", "source",
@@ -47,11 +47,9 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
     surfaces.route("/v1/models", list_models, ["GET"], plugin="chat")
 
 
-def parse_chat_request(body: Any) -> ChatRequest:
-    """Validate a wire body into a :class:`ChatRequest` (400 naming the JSON path on bad input)."""
-    if not isinstance(body, dict):
-        raise errors.InvalidRequest("request body must be a JSON object", param="$")
-    extensions = {key: body.pop(key) for key in EXTENSION_FIELDS.intersection(body)}
+def take_extensions(body: dict[str, Any], fields: frozenset[str] = EXTENSION_FIELDS) -> dict[str, Any]:
+    """Take scillm's own ``fields`` out of a wire body (they never go upstream), checking the shared ones."""
+    extensions = {key: body.pop(key) for key in fields.intersection(body)}
     timeout = extensions.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
         raise errors.InvalidRequest("timeout must be a positive number of seconds @ $.timeout", param="$.timeout")
@@ -59,7 +57,14 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if metadata is not None and not isinstance(metadata, dict):
         raise errors.InvalidRequest("scillm_metadata must be an object @ $.scillm_metadata",
                                     param="$.scillm_metadata")
-    body["scillm"] = extensions
+    return extensions
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """Validate a wire body into a :class:`ChatRequest` (400 naming the JSON path on bad input)."""
+    if not isinstance(body, dict):
+        raise errors.InvalidRequest("request body must be a JSON object", param="$")
+    body["scillm"] = take_extensions(body)
     request = structure(body, ChatRequest)
     if not request.messages:
         raise errors.InvalidRequest("messages must not be empty @ $.messages", param="$.messages")

@@ -1,0 +1,222 @@
+"""The OpenAI Files and Batch API on scillm's durable batch engine, so an unchanged ``openai`` SDK batch script runs
+against scillm: ``POST /v1/files`` (``purpose=batch``), ``GET /v1/files[/{id}[/content]]``, ``DELETE /v1/files/{id}``,
+``POST /v1/batches``, ``GET /v1/batches[/{id}]`` and ``POST /v1/batches/{id}/cancel``.
+
+Each batch runs on :mod:`scillm_batch.engine` (stored results, resume after a restart, exactly one result per
+request) through the whole pipeline (routing, pools, limits, retries, cache, metrics); see :mod:`.runner`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.types import Message
+
+from scillm_core import (
+    ChatRequest,
+    Runtime,
+    SurfaceRegistry,
+    caller_of,
+    errors,
+    hookimpl,
+    json_response,
+    read_json,
+    runtime_of,
+)
+from scillm_openai_batch.files import ENDPOINTS, FileStore, public
+from scillm_openai_batch.runner import BatchRunner, OpenAIBatchConfig
+
+__all__ = ["OpenAIBatchConfig"]
+
+MAX_METADATA = 16
+
+
+@hookimpl
+def scillm_config_sections() -> Mapping[str, type]:
+    return {"openai_batch": OpenAIBatchConfig}
+
+
+@hookimpl
+def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> None:
+    config = runtime.config.sections.get("openai_batch") or OpenAIBatchConfig()
+    runner = BatchRunner(runtime=runtime, config=config, files=FileStore(runtime),
+                         pools=runtime.config.sections.get("pools") or {})
+    runtime.plugin_state["openai-batch"] = runner
+    for path, endpoint, methods in (
+            ("/v1/files", upload, ["POST"]), ("/v1/files", list_files, ["GET"]),
+            ("/v1/files/{file_id}", get_file, ["GET"]), ("/v1/files/{file_id}", delete_file, ["DELETE"]),
+            ("/v1/files/{file_id}/content", file_content, ["GET"]),
+            ("/v1/batches", create_batch, ["POST"]), ("/v1/batches", list_batches, ["GET"]),
+            ("/v1/batches/{batch_id}", get_batch, ["GET"]),
+            ("/v1/batches/{batch_id}/cancel", cancel_batch, ["POST"])):
+        surfaces.route(path, endpoint, methods, plugin="openai-batch")
+    surfaces.on_startup(runner.start)
+    surfaces.on_shutdown(runner.stop)
+
+
+@hookimpl
+def scillm_health(runtime: Runtime) -> Mapping[str, Any]:
+    runner: BatchRunner | None = runtime.plugin_state.get("openai-batch")
+    running = sorted(runner.live) if runner else []
+    return {"openai_batch": {"enabled": True, "fails": "closed", "running_here": running,
+                             "lease_s": runner.config.lease_s if runner else None}}
+
+
+def runner_of(request: Request) -> BatchRunner:
+    return runtime_of(request).plugin_state["openai-batch"]  # type: ignore[no-any-return]
+
+
+# -- files ---------------------------------------------------------------------------------------------------------
+
+async def upload(request: Request) -> Response:
+    runner = runner_of(request)
+    limit = int(runner.config.max_file_mb * 1024 * 1024)
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
+        raise errors.PayloadTooLarge(f"upload is {declared} bytes; files are limited to {runner.config.max_file_mb:g} "
+                                     f"MB ([openai_batch] max_file_mb)")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise errors.InvalidRequest("upload a file as multipart/form-data with fields file and purpose", param="file")
+    form = await Request(request.scope, _bounded(request, limit + 64 * 1024)).form(max_files=1, max_fields=8)
+    try:
+        purpose = form.get("purpose")
+        if purpose != "batch":
+            raise errors.InvalidRequest(f"purpose must be 'batch' (the only file purpose scillm serves), not "
+                                        f"{purpose!r} @ purpose", param="purpose")
+        upload_file = form.get("file")
+        if not isinstance(upload_file, UploadFile):
+            raise errors.InvalidRequest("the form has no file field @ file", param="file")
+        if upload_file.size is not None and upload_file.size > limit:
+            raise errors.PayloadTooLarge(f"file is {upload_file.size} bytes; files are limited to "
+                                         f"{runner.config.max_file_mb:g} MB ([openai_batch] max_file_mb)")
+        doc = await runner.files.save_upload(upload_file.file, upload_file.filename or "batch.jsonl",
+                                             runner.config.max_lines)
+    finally:
+        await form.close()
+    return json_response(public(doc))
+
+
+def _bounded(request: Request, limit: int) -> Any:
+    """The request's ``receive``, refusing (413) a body that grows past ``limit`` bytes while it streams in."""
+    received = 0
+
+    async def receive() -> Message:
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise errors.PayloadTooLarge(f"upload exceeds {limit} bytes ([openai_batch] max_file_mb)")
+        return message
+
+    return receive
+
+
+async def list_files(request: Request) -> Response:
+    purpose = request.query_params.get("purpose")
+    docs = [public(d) for d in await runner_of(request).files.list() if purpose in (None, d["purpose"])]
+    docs.sort(key=lambda d: (d["created_at"], d["id"]), reverse=request.query_params.get("order", "desc") == "desc")
+    return json_response({"object": "list", "data": docs, "has_more": False,
+                          "first_id": docs[0]["id"] if docs else None, "last_id": docs[-1]["id"] if docs else None})
+
+
+async def get_file(request: Request) -> Response:
+    return json_response(public(await runner_of(request).files.get(request.path_params["file_id"])))
+
+
+async def file_content(request: Request) -> Response:
+    files = runner_of(request).files
+    doc = await files.get(request.path_params["file_id"])
+    return FileResponse(files.path(doc["id"]), media_type="application/octet-stream", filename=doc["filename"])
+
+
+async def delete_file(request: Request) -> Response:
+    runner = runner_of(request)
+    file_id = request.path_params["file_id"]
+    await runner.files.get(file_id)
+    active = [batch_id for batch_id, live in runner.live.items() if live.task is not None]
+    for batch_id in active:
+        if (await runner.get(batch_id))["input_file_id"] == file_id:
+            raise errors.Conflict(f"file {file_id!r} is the input of batch {batch_id!r}, which is still running",
+                                  param="file_id")
+    await runner.files.delete(file_id)
+    return json_response({"id": file_id, "object": "file", "deleted": True})
+
+
+# -- batches -------------------------------------------------------------------------------------------------------
+
+async def create_batch(request: Request) -> Response:
+    runtime = runtime_of(request)
+    runner = runner_of(request)
+    body = await read_json(request, limit_bytes=1024 * 1024)
+    if not isinstance(body, dict):
+        raise errors.InvalidRequest("request body must be a JSON object", param="$")
+    endpoint = body.get("endpoint")
+    if endpoint not in ENDPOINTS:
+        raise errors.InvalidRequest(f"endpoint {endpoint!r} is not served; use one of {', '.join(ENDPOINTS)} "
+                                    f"@ $.endpoint", param="$.endpoint")
+    if body.get("completion_window") != "24h":
+        raise errors.InvalidRequest("completion_window must be '24h' @ $.completion_window",
+                                    param="$.completion_window")
+    metadata = _metadata(body.get("metadata"))
+    file_id = body.get("input_file_id")
+    if not isinstance(file_id, str):
+        raise errors.InvalidRequest("input_file_id must be a file id @ $.input_file_id", param="$.input_file_id")
+    input_file = await runner.files.get(file_id)
+    checked = input_file.get("_batch")
+    if input_file["purpose"] != "batch" or not checked:
+        raise errors.InvalidRequest(f"file {file_id!r} was not uploaded with purpose 'batch' @ $.input_file_id",
+                                    param="$.input_file_id")
+    if checked["url"] != endpoint:
+        raise errors.InvalidRequest(f"the file's requests go to {checked['url']}, not to the batch's endpoint "
+                                    f"{endpoint} @ $.endpoint", param="$.endpoint", code="url_mismatch")
+    if checked["model"] not in runner.pools:  # a pool's lanes were checked at startup; a model must route now
+        try:
+            runtime.hooks.route_model(ChatRequest(model=checked["model"], messages=()), runtime)
+        except errors.ModelNotFound as exc:
+            raise errors.InvalidRequest(f"the file's requests name model {checked['model']!r}, which is not "
+                                        f"routable: {exc.message} @ $.input_file_id", param="$.input_file_id",
+                                        code="model_not_found") from None
+    doc = await runner.create(input_file, endpoint, metadata, caller_of(request))
+    return json_response(runner.view(doc))
+
+
+def _metadata(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_METADATA or not all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512 for k, v in value.items()):
+        raise errors.InvalidRequest(f"metadata must be an object of at most {MAX_METADATA} string values (keys up "
+                                    f"to 64 characters, values up to 512) @ $.metadata", param="$.metadata")
+    return dict(value)
+
+
+async def get_batch(request: Request) -> Response:
+    runner = runner_of(request)
+    return json_response(runner.view(await runner.get(request.path_params["batch_id"])))
+
+
+async def cancel_batch(request: Request) -> Response:
+    runner = runner_of(request)
+    return json_response(runner.view(await runner.cancel(request.path_params["batch_id"])))
+
+
+async def list_batches(request: Request) -> Response:
+    runner = runner_of(request)
+    raw = request.query_params.get("limit", "20")
+    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+        raise errors.InvalidRequest(f"limit must be an integer from 1 to 100, got {raw[:20]!r} @ query.limit",
+                                    param="limit")
+    docs = sorted((doc for _, doc in await runner.runtime.store.scan("openai-batches", limit=1_000_000)),
+                  key=lambda d: (d["created_at"], d["id"]), reverse=True)
+    after = request.query_params.get("after")
+    if after:
+        ids = [d["id"] for d in docs]
+        docs = docs[ids.index(after) + 1:] if after in ids else []
+    page = docs[:int(raw)]
+    return json_response({"object": "list", "data": [runner.view(d) for d in page],
+                          "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None,
+                          "has_more": len(docs) > len(page)})
