@@ -21,6 +21,7 @@ from scillm_core.context import Runtime
 from scillm_core.hooks import Hooks
 from scillm_core.http import make_http_client
 from scillm_core.plugins import build_plugin_manager
+from scillm_core.redact import env_secrets, remember
 from scillm_core.registry import MiddlewareRegistry, ProviderRegistry, SurfaceRegistry
 from scillm_core.web import error_response
 
@@ -38,6 +39,7 @@ def create_app(config: Config | None = None, *, plugins: Sequence[tuple[str, obj
     and ``only`` limits entry points to the names given (the test harness uses both for isolation).
     """
     config = config or load_config(config_path, env=env)
+    remember(env_secrets(config.env))  # every error and log line of this process redacts them
     disabled = list(config.env.get("SCILLM_DISABLE_PLUGINS", "").split(","))
     disabled += list((config.tables.get("plugins") or {}).get("disable", []))
     pm, infos = build_plugin_manager(plugins=plugins, entry_points=entry_points, disabled=disabled, only=only)
@@ -84,6 +86,9 @@ def create_app(config: Config | None = None, *, plugins: Sequence[tuple[str, obj
 async def _handle_error(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, errors.ScillmError):
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        logged = request.scope.get("scillm.errors_logged")
+        if logged is not None:
+            logged.append(exc)  # Starlette re-raises it after this response: RequestIdMiddleware lets it end there
     return error_response(exc)
 
 
@@ -98,7 +103,9 @@ async def _handle_http(request: Request, exc: Exception) -> Response:
 
 
 class RequestIdMiddleware:
-    """Outermost layer: every HTTP response carries ``x-request-id`` (the client's, or a new one)."""
+    """Outermost layer: every HTTP response carries ``x-request-id`` (the client's, or a new one), and an
+    unexpected exception is logged once (Starlette re-raises it after rendering the 500, for the server to log
+    a second time)."""
 
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
@@ -115,6 +122,8 @@ class RequestIdMiddleware:
                 break
         request_id = request_id or uuid.uuid4().hex[:16]
         scope["scillm.request_id"] = request_id
+        logged: list[BaseException] = []
+        scope["scillm.errors_logged"] = logged
         header = (b"x-request-id", request_id.encode("latin-1"))
 
         async def send_with_id(message: Message) -> None:
@@ -122,4 +131,9 @@ class RequestIdMiddleware:
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if any(exc is seen for seen in logged):
+                return  # answered with a 500 and logged once, by _handle_error; the server would log it again
+            raise

@@ -131,7 +131,7 @@ def worker_app() -> Any:
 
 async def _report(command: str, args: argparse.Namespace) -> int:
     from scillm_core.app import create_app
-    from scillm_core.builtin.routing import known_model_names
+    from scillm_core.builtin.routing import model_catalog
     from scillm_core.http import make_http_client
 
     app = create_app(config_path=args.config)
@@ -145,9 +145,18 @@ async def _report(command: str, args: argparse.Namespace) -> int:
                       f"{row['version'] or ''}{extra}\n    hooks: {', '.join(row['hooks']) or '-'}")
             return 0
     elif command == "models":
-        rows = known_model_names(runtime)
+        rows = model_catalog(runtime)  # the same list as GET /v1/models (usable) + "unavailable"
         if not args.json:
-            print("\n".join(rows))
+            usable = [m["id"] for m in rows if m["usable"]]
+            print("Usable now:\n  " + ("\n  ".join(usable) if usable else "none (no provider has a key or login)"))
+            waiting: dict[str, list[str]] = {}
+            for m in rows:
+                if not m["usable"]:
+                    waiting.setdefault(m["missing"], []).append(m["id"])
+            if waiting:
+                print("\nNot usable until configured (GET /v1/models lists them under \"unavailable\"):")
+                for missing, names in waiting.items():
+                    print(f"  {missing}:\n    {', '.join(names)}")
             print("\nAlso routable by pattern: " + ", ".join(
                 sorted({prefix + "<model>" for p in runtime.providers.values() for prefix in p.prefixes})))
             return 0
@@ -157,32 +166,80 @@ async def _report(command: str, args: argparse.Namespace) -> int:
             rows = await _doctor(runtime)
         finally:
             await runtime.http.aclose()
+        status = doctor_status(rows)
         if not args.json:
             for row in rows:
-                mark = "ok  " if row["ok"] else ("FAIL" if row.get("required") else "--  ")
-                print(f"[{mark}] {row['check']}: {row['detail']}")
-            return 0
+                print(f"[{_MARKS[_mark(row)]}] {row['check']}: {row['detail']}")
+            print(status["summary"])
+        else:
+            print(json.dumps(rows, indent=2))
+        return int(status["exit_code"])
     print(json.dumps(rows, indent=2))
     return 0
 
 
+_MARKS = {"ok": "ok  ", "fail": "FAIL", "info": "--  "}
+
+
+def _mark(row: dict[str, Any]) -> str:
+    """``ok`` only when the check passed; ``fail`` when it failed and matters (``required``, or a configured
+    provider that cannot be used); ``info`` for what is merely not set up (an optional login, an unset key)."""
+    if row.get("ok") is True:
+        return "ok"
+    return "fail" if row.get("required") else "info"
+
+
+def doctor_status(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Exit code 0 only when at least one provider is usable and no required check failed."""
+    usable = sorted(row["provider"] for row in rows if row.get("usable"))
+    failed = [row["check"] for row in rows if _mark(row) == "fail"]
+    if not usable:
+        summary = ("FAIL: no provider is usable: set a key (e.g. DEEPSEEK_API_KEY) or log in (claude, codex), "
+                   "then run scillm doctor again")
+    elif failed:
+        summary = f"FAIL: {', '.join(failed)}; usable providers: {', '.join(usable)}"
+    else:
+        summary = f"ok: usable providers: {', '.join(usable)}"
+    return {"exit_code": 0 if usable and not failed else 1, "summary": summary}
+
+
 async def _doctor(runtime: Any) -> list[dict[str, Any]]:
+    """A row per provider (configured? its probe answered?), then the plugins' checks. A provider row carries
+    ``usable``: configured, and its probe (when it has one) answered 2xx with the credentials."""
     import httpx
+
+    from scillm_core.builtin.routing import shadowed_groups
 
     checks: list[dict[str, Any]] = []
     for provider in runtime.providers.values():
         missing = provider.missing_config()
-        checks.append({"check": f"provider {provider.name}", "ok": missing is None,
-                       "detail": "configured" if missing is None else missing})
-        base = getattr(provider, "base_url", None)
-        if missing is None and base:
-            try:
-                response = await runtime.http.get(base, timeout=httpx.Timeout(3.0))
-                checks.append({"check": f"reach {provider.name}", "ok": True,
-                               "detail": f"{base} answered HTTP {response.status_code}"})
-            except httpx.HTTPError as exc:
-                checks.append({"check": f"reach {provider.name}", "ok": False,
-                               "detail": f"{base} unreachable ({type(exc).__name__})"})
+        row: dict[str, Any] = {"check": f"provider {provider.name}", "provider": provider.name,
+                               "ok": missing is None, "usable": missing is None,
+                               "detail": "configured" if missing is None else f"not configured: {missing}"}
+        checks.append(row)
+        probe = provider.probe() if missing is None else None
+        if probe is None:
+            continue
+        url, headers = probe
+        reach: dict[str, Any] = {"check": f"reach {provider.name}", "ok": False}
+        try:
+            response = await runtime.http.get(url, headers=headers, timeout=httpx.Timeout(5.0))
+        except httpx.HTTPError as exc:
+            reach.update(detail=f"{url} unreachable ({type(exc).__name__})", required=provider.probe_required)
+        else:
+            code = response.status_code
+            if 200 <= code < 300:
+                reach.update(ok=True, detail=f"{url} answered HTTP {code}: credentials accepted")
+            elif code in (401, 403):
+                reach.update(detail=f"{url} answered HTTP {code}: the credentials were refused", required=True)
+            else:
+                reach.update(detail=f"{url} answered HTTP {code}: reachable, credentials not confirmed")
+        row["usable"] = reach["ok"]
+        checks.append(reach)
+    for group, alias in shadowed_groups(runtime).items():
+        checks.append({"check": f"group {group}", "ok": False, "required": True,
+                       "detail": f"never used: the alias of the same name wins ({alias}); rename the group or "
+                                 f"point an alias at it"})
     checks.extend(runtime.hooks.doctor(runtime))
     return checks
 

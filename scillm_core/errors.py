@@ -28,6 +28,9 @@ Every error a client can see is one of these, rendered by :func:`to_response_par
         └── ThinkingBudgetExhausted  502 thinking_budget_exhausted
 
 ``retryable`` says whether a retry or a fallback may help; middleware reads it instead of guessing from statuses.
+Every message (and ``details``) is redacted when the error is made (:func:`scillm_core.redact.redact`): error text
+often quotes an upstream, so this is the one place that keeps keys out of responses, SSE error events, the
+breaker's ``last_error``, the call log and the server log.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
+
+from scillm_core.redact import redact
 
 __all__ = [
     "AuthenticationError",
@@ -73,11 +78,12 @@ class ScillmError(Exception):
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  status: int | None = None, headers: Mapping[str, str] | None = None,
                  details: Mapping[str, Any] | None = None) -> None:
+        message = redact(message)  # the one redaction point for error text (much of it quotes upstreams)
         super().__init__(message)
         self.message = message
         self.param = param
         self.headers = dict(headers or {})
-        self.details = dict(details or {})
+        self.details = _redacted(dict(details or {}))
         if code is not None:
             self.code = code  # type: ignore[misc]
         if status is not None:
@@ -236,6 +242,16 @@ class ThinkingBudgetExhausted(UpstreamError):
         route = ctx.route
         raise cls(f"the model used its whole output budget before answering ({detail}); {fix}",
                   provider=route.provider if route else "?", model=route.model if route else model)
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v) for v in value]
+    return value
 
 
 def to_response_parts(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:

@@ -46,15 +46,23 @@ def then(call: Thunk[T], fn: Callable[[T], Awaitable[U]]) -> Thunk[U]:
 
 async def run_chat(request: ChatRequest, ctx: CallContext) -> ChatResult:
     hooks = ctx.runtime.hooks
-    request = await hooks.preprocess_files(request, ctx)()
-    return await hooks.postprocess_json(request, ctx)()  # type: ignore[return-value]  # a chat request's result
+    try:
+        request = await hooks.preprocess_files(request, ctx)()
+        return await hooks.postprocess_json(request, ctx)()  # type: ignore[return-value]  # a chat request's result
+    except errors.ScillmError as exc:
+        _say_attempts(exc, ctx)
+        raise
 
 
 async def run_embeddings(request: EmbeddingsRequest, ctx: CallContext) -> EmbeddingsResponse:
     """Route and call the provider through the request-level and transport hooks (cache, limits, retries,
     fallbacks, metrics and the call log see it like a chat call); the vectors come back in the encoding the request
     asked for (``float`` unless ``base64``), whatever the upstream sent."""
-    result = await ctx.runtime.hooks.postprocess_json(request, ctx)()
+    try:
+        result = await ctx.runtime.hooks.postprocess_json(request, ctx)()
+    except errors.ScillmError as exc:
+        _say_attempts(exc, ctx)
+        raise
     if not isinstance(result, EmbeddingsResponse):
         raise TypeError(f"an embeddings request produced {type(result).__name__}")  # a plugin broke the contract
     try:
@@ -63,6 +71,11 @@ async def run_embeddings(request: EmbeddingsRequest, ctx: CallContext) -> Embedd
         route = ctx.route
         raise errors.UpstreamProtocolError(str(exc), provider=route.provider if route else "?",
                                            model=route.model if route else request.model) from None
+
+
+def _say_attempts(exc: errors.ScillmError, ctx: CallContext) -> None:
+    """Error responses carry ``x-scillm-attempts`` like successes do."""
+    exc.headers.setdefault("x-scillm-attempts", str(ctx.attempts))
 
 
 OpeningStream: TypeAlias = "asyncio.Future[tuple[AsyncIterator[ChatChunk], ChatChunk | None]]"

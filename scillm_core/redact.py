@@ -1,4 +1,12 @@
-"""Keep secrets out of logs, errors, artifacts and ops output."""
+"""Keep secrets out of logs, errors, artifacts and ops output.
+
+:func:`redact` replaces known secret values and anything shaped like a key or token. Known values are the ones
+given to the call plus every secret this process was handed (:func:`remember`: ``create_app`` registers the
+secret-named variables of its environment, the master key included), so text built anywhere from upstream data
+can be cleaned without knowing which provider it came from. Every :class:`~scillm_core.errors.ScillmError`
+message passes through it when the error is made (the one redaction point for error text), log records through
+:class:`RedactingFilter`, streamed output (agent CLI logs) through :class:`StreamRedactor`.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +14,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 
-__all__ = ["RedactingFilter", "env_secrets", "redact"]
-
-_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)|_API$", re.IGNORECASE)
-
-
-def env_secrets(env: Mapping[str, str]) -> tuple[str, ...]:
-    """The values of secret-named variables (keys, tokens, passwords), longest first, for :func:`redact`."""
-    return tuple(sorted({v for k, v in env.items() if _SECRET_NAME.search(k) and v and len(v) >= 8},
-                        key=len, reverse=True))
+__all__ = ["RedactingFilter", "StreamRedactor", "env_secrets", "known_secrets", "redact", "remember"]
 
 _KEY_SHAPES = re.compile(
     r"(?:sk|pk|cpk|rk)[-_][A-Za-z0-9_\-*.]{6,}"      # sk-..., cpk_..., sk-ant-...
@@ -23,10 +23,35 @@ _KEY_SHAPES = re.compile(
     r"|AIza[0-9A-Za-z_\-]{20,}"                        # Google API keys
 )
 
-
 # Substrings every match of _KEY_SHAPES contains (plus "bearer" in any case): when none is there, which is almost
 # always, the text is returned without the regex scan (substring checks are ~50x faster than the scan).
 _KEY_HINTS = ("sk-", "sk_", "pk-", "pk_", "rk-", "rk_", "eyJ", "AIza")
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)|_API$", re.IGNORECASE)
+_WHERE_NAME = re.compile(r"_(URL|BASE|PATH|FILE|DIR|HOST|CREDENTIALS)$", re.IGNORECASE)  # where a secret is, not it
+MIN_SECRET = 8  # shorter values are not remembered (they would redact ordinary words)
+
+_known: tuple[str, ...] = ()  # longest first, so a secret that contains another is replaced whole
+
+
+def env_secrets(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The values of variables whose names say they hold a secret (``*_KEY``, ``*TOKEN*``, ``DEEPSEEK_API`` ...),
+    not of those that say where one is (``SCILLM_CLAUDE_CREDENTIALS``, ``SCILLM_CLAUDE_TOKEN_URL``), longest
+    first, for :func:`redact`."""
+    return tuple(sorted({v for k, v in env.items()
+                         if _SECRET_NAME.search(k) and not _WHERE_NAME.search(k) and v and len(v) >= MIN_SECRET},
+                        key=len, reverse=True))
+
+
+def remember(values: Iterable[str | None]) -> None:
+    """Add secret values that every later :func:`redact` call in this process replaces."""
+    global _known
+    fresh = {v for v in values if v and len(v) >= MIN_SECRET} - set(_known)
+    if fresh:
+        _known = tuple(sorted({*_known, *fresh}, key=len, reverse=True))
+
+
+def known_secrets() -> tuple[str, ...]:
+    return _known
 
 
 def _may_hold_key_shape(text: str) -> bool:
@@ -34,9 +59,10 @@ def _may_hold_key_shape(text: str) -> bool:
 
 
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
-    """Replace the given secret values and anything shaped like a key or token with ``[redacted]``."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
+    """Replace the given and the remembered secret values and anything shaped like a key or token with
+    ``[redacted]``."""
+    for secret in (*secrets, *_known):
+        if secret and len(secret) >= 4 and secret in text:
             text = text.replace(secret, "[redacted]")
     if not _may_hold_key_shape(text):
         return text
@@ -44,11 +70,51 @@ def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
 
 
 class RedactingFilter(logging.Filter):
-    """A logging filter that redacts every record's rendered message."""
+    """A logging filter that redacts every record's rendered message, traceback and stack."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         cleaned = redact(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        if record.exc_info:
+            if not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None  # no formatter renders the raw exception again
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
+
+
+class StreamRedactor:
+    """Redacts secret values from a byte stream read in chunks: the last ``len(longest secret) - 1`` bytes are held
+    back until the next chunk (or :meth:`flush`), so a secret split across two reads is still found."""
+
+    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
+        values = {s for s in (*secrets, *_known) if s and len(s) >= 4}
+        self.secrets = sorted((s.encode() for s in values), key=len, reverse=True)
+        self.keep = max((len(s) for s in self.secrets), default=1) - 1
+        self.held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes of ``held + chunk`` that are safe to write now."""
+        data = self.held + chunk
+        for secret in self.secrets:
+            data = data.replace(secret, b"[redacted]")
+        if self.keep <= 0 or len(data) <= self.keep:
+            self.held = data if self.keep > 0 else b""
+            return b"" if self.keep > 0 else data
+        self.held = data[-self.keep:]
+        return data[:-self.keep]
+
+    def flush(self) -> bytes:
+        data, self.held = self.held, b""
+        return data
+
+    def scrub(self, data: bytes) -> bytes:
+        """Redact a whole buffer at once (no state)."""
+        for secret in self.secrets:
+            data = data.replace(secret, b"[redacted]")
+        return data

@@ -67,6 +67,15 @@ class Provider:
         """Model names to advertise in ``/v1/models`` and to suggest for typos."""
         return ()
 
+    #: whether ``scillm doctor`` calls an unreachable probe a failure (not for a local server you may not run)
+    probe_required: bool = True
+
+    def probe(self) -> tuple[str, Mapping[str, str]] | None:
+        """``(url, headers)`` of a cheap GET that shows whether the upstream takes this provider's credentials,
+        for ``scillm doctor`` (2xx: usable; 401/403: refused). ``None``: nothing to probe (logins have their own
+        checks). The headers never leave the process."""
+        return None
+
     def auth_status(self) -> dict[str, Any] | None:
         """Login health for providers that use one (OAuth): ``{"status", "source", "expires_in_s", ...}``.
         ``None`` for key-based providers. Shown at ``GET /v1/scillm/auth``; never include a token."""

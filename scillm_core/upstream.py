@@ -15,14 +15,15 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import httpx
-import orjson
 from attrs import frozen
 
 from scillm_core import errors
 from scillm_core.http import ReplyTooLarge
+from scillm_core.jsonio import loads
 from scillm_core.redact import redact
 
-__all__ = ["SSEEvent", "error_for_status", "iter_ndjson", "iter_sse", "retry_after_seconds", "translate_transport"]
+__all__ = ["SSEEvent", "error_for_status", "excerpt", "iter_ndjson", "iter_sse", "retry_after_seconds",
+           "translate_transport"]
 
 
 @frozen
@@ -32,7 +33,7 @@ class SSEEvent:
     id: str | None = None
 
     def json(self) -> Any:
-        return orjson.loads(self.data)
+        return loads(self.data)
 
 
 async def iter_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
@@ -77,9 +78,9 @@ async def iter_ndjson(chunks: AsyncIterator[bytes]) -> AsyncIterator[Any]:
         *lines, buffer = buffer.split(b"\n")
         for line in lines:
             if line.strip():
-                yield orjson.loads(line)
+                yield loads(line)
     if buffer.strip():
-        yield orjson.loads(buffer)
+        yield loads(buffer)
 
 
 _DELTA = re.compile(r"\s*(\d{1,12})(\.\d{1,9})?\s*")
@@ -112,6 +113,12 @@ def _hint(value: str | None, unit: float) -> float | None:
     else:
         return None
     return seconds if 0.0 <= seconds <= MAX_HINT_S else None
+
+
+def excerpt(text: str, limit: int = 500) -> str:
+    """At most ``limit`` characters of upstream text for an error message, redacted *before* it is cut (a cut
+    through a secret would leave a prefix that no longer matches it)."""
+    return redact(text)[:limit]
 
 
 _QUOTA_MARKERS = ("insufficient_quota", "quota", "usage_limit", "billing", "balance", "arrears")

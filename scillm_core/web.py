@@ -10,12 +10,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Send
 
-from scillm_core import errors
+from scillm_core import errors, jsonio
 
 if TYPE_CHECKING:
     from scillm_core.context import Runtime
 
-__all__ = ["JSONResponse", "caller_of", "error_response", "json_response", "read_json", "request_id_of",
+__all__ = ["JSONResponse", "caller_of", "error_response", "json_response", "query_int", "read_json", "request_id_of",
            "runtime_of", "send_error", "sse_data", "sse_error"]
 
 
@@ -60,7 +60,8 @@ def caller_of(request: Request, *, required: bool = False) -> str | None:
 
 
 async def read_json(request: Request, *, limit_bytes: int) -> Any:
-    """The request body as JSON; 413 past ``limit_bytes``, 400 naming the position of malformed JSON."""
+    """The request body as JSON; 413 past ``limit_bytes``, 400 naming the position of malformed JSON or the path
+    where it nests deeper than ``jsonio.MAX_DEPTH``."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit_bytes:
         raise errors.PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit_bytes}")
@@ -72,9 +73,23 @@ async def read_json(request: Request, *, limit_bytes: int) -> Any:
     if not raw:
         raise errors.InvalidRequest("request body is empty; expected a JSON object")
     try:
-        return orjson.loads(raw)
+        return jsonio.loads(raw)
+    except jsonio.JSONTooDeep as exc:
+        raise errors.InvalidRequest(f"request body is nested deeper than {exc.limit} levels @ {exc.path}",
+                                    param=exc.path) from None
     except orjson.JSONDecodeError as exc:
         raise errors.InvalidRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def query_int(request: Request, name: str, *, default: int, minimum: int = 0, maximum: int = 2**53) -> int:
+    """An integer query parameter (ASCII digits only: ``²`` and 5,000-digit numbers are 400s naming it)."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(maximum)) or not minimum <= int(raw) <= maximum:
+        raise errors.InvalidRequest(f"{name} must be an integer from {minimum} to {maximum}, got {raw[:20]!r} "
+                                    f"@ query.{name}", param=name)
+    return int(raw)
 
 
 def sse_data(payload: Any) -> bytes:

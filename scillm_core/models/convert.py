@@ -191,6 +191,16 @@ _KEEP_NULL: dict[type, set[str]] = {m.Message: {"content"}, m.Choice: {"finish_r
               m.ChunkChoice: {"finish_reason"}}
 # Fields that never go on the wire (scillm's own request options).
 _NOT_WIRE: dict[type, set[str]] = {m.ChatRequest: {"scillm"}, e.EmbeddingsRequest: {"scillm"}}
+# URL fields whose scheme is case-insensitive: ``DATA:image/png;...`` becomes ``data:...`` here, once, so every
+# middleware and provider that looks for ``data:`` (size and type checks, inlining) sees it.
+_DATA_URLS: dict[type, str] = {m.ImageUrl: "url", m.FileData: "file_data"}
+
+
+def _lower_data_scheme(obj: Any, name: str) -> Any:
+    url = getattr(obj, name)
+    if isinstance(url, str) and url[:5].lower() == "data:" and not url.startswith("data:"):
+        return attrs.evolve(obj, **{name: "data:" + url[5:]})
+    return obj
 
 
 def _register_model(cls: type) -> None:
@@ -199,6 +209,7 @@ def _register_model(cls: type) -> None:
     known = frozenset(n for n in names if n != "extra")
     keep_null = _KEEP_NULL.get(cls, set())
     not_wire = _NOT_WIRE.get(cls, set())
+    data_url = _DATA_URLS.get(cls)
     base_structure: Any = make_dict_structure_fn(cls, converter)
     base_unstructure: Any = make_dict_unstructure_fn(cls, converter)
 
@@ -210,7 +221,8 @@ def _register_model(cls: type) -> None:
             if extra:
                 value = {k: v for k, v in value.items() if k in known}
                 value["extra"] = extra
-        return base_structure(value, cls)
+        obj = base_structure(value, cls)
+        return obj if data_url is None else _lower_data_scheme(obj, data_url)
 
     def unstructure(obj: Any) -> dict[str, Any]:
         raw = base_unstructure(obj)
@@ -230,6 +242,7 @@ for _cls in (m.TextPart, m.ImageUrl, m.ImagePart, m.FileData, m.FilePart, m.Func
              m.ToolCallDelta, m.Delta, m.ChunkChoice, m.ChatChunk, e.EmbeddingsRequest, e.Embedding,
              e.EmbeddingsUsage, e.EmbeddingsResponse):
     _register_model(_cls)
+
 
 
 # -- the stream hot path --------------------------------------------------------------------------------------------
