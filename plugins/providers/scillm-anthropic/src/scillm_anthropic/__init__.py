@@ -39,10 +39,11 @@ def scillm_doctor(runtime: Runtime) -> list[dict[str, object]]:
     if not isinstance(provider, ClaudeOAuthProvider):
         return []
     status = provider.login.status()
-    ok = status["status"] in ("valid", "expired", "not_configured")
+    ok = status["status"] in ("valid", "expired")  # expired: refreshed on the next request
     detail = f"{status['status']} ({status['source'] or 'HOME not set'})"
     if status.get("expires_in_s") is not None:
         detail += f", access token expires in {status['expires_in_s']}s"
     if status["status"] == "needs_login":
         detail += f"; {status.get('fix', 'run `claude`, then `/login`')}"
-    return [{"check": "claude login", "ok": ok, "detail": detail}]
+    # no login is fine (optional next to ANTHROPIC_API_KEY): not ok, not a failure; a broken one is a failure
+    return [{"check": "claude login", "ok": ok, "required": status["status"] == "needs_login", "detail": detail}]

@@ -12,7 +12,8 @@ import orjson
 from scillm_anthropic.translate import StreamTranslator, error_from_status, from_messages_response, to_messages_body
 from scillm_core import CallContext, ChatChunk, ChatRequest, ChatResponse, Provider, Route, errors
 from scillm_core.config import ProviderSettings
-from scillm_core.upstream import iter_sse, translate_transport
+from scillm_core.jsonio import loads
+from scillm_core.upstream import excerpt, iter_sse, translate_transport
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_BASE", "AnthropicProvider", "MODELS", "claude_name", "normalise_base"]
 
@@ -70,6 +71,9 @@ class AnthropicProvider(Provider):
     def secrets(self) -> tuple[str | None, ...]:
         return (self._key,)
 
+    def probe(self) -> tuple[str, Mapping[str, str]] | None:
+        return f"{self.base_url}/v1/models", {"x-api-key": self._key or "", "anthropic-version": ANTHROPIC_VERSION}
+
     async def headers(self, route: Route, ctx: CallContext) -> dict[str, str]:
         return {"x-api-key": self._key or "", "anthropic-version": ANTHROPIC_VERSION,
                 "content-type": "application/json"}
@@ -104,10 +108,10 @@ class AnthropicProvider(Provider):
     async def complete(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatResponse:
         response = await self._send(request, route, ctx, stream=False)
         try:
-            return from_messages_response(orjson.loads(response.content), model=route.model)
+            return from_messages_response(loads(response.content), model=route.model)
         except (orjson.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
-            raise errors.UpstreamProtocolError(f"unexpected response body ({str(exc)[:200]})", provider=self.name,
-                                               model=route.model) from None
+            raise errors.UpstreamProtocolError(f"unexpected response body ({excerpt(str(exc), 200)})",
+                                               provider=self.name, model=route.model) from None
 
     async def stream(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
         response = await self._send(request, route, ctx, stream=True)
@@ -121,9 +125,9 @@ class AnthropicProvider(Provider):
             with translate_transport(self.name, route.model):
                 async for event in iter_sse(response.aiter_bytes()):
                     try:
-                        data = orjson.loads(event.data)  # real streams pad the JSON with spaces: parse it whole
+                        data = loads(event.data)  # real streams pad the JSON with spaces: parse it whole
                     except orjson.JSONDecodeError:
-                        raise errors.UpstreamProtocolError(f"malformed stream event {event.data[:80]!r}",
+                        raise errors.UpstreamProtocolError(f"malformed stream event {excerpt(event.data, 120)!r}",
                                                            provider=self.name, model=route.model) from None
                     for chunk in translator.feed(event.event, data):
                         yield chunk

@@ -41,7 +41,8 @@ from scillm_core import (
     Usage,
     errors,
 )
-from scillm_core.upstream import error_for_status
+from scillm_core.jsonio import loads
+from scillm_core.upstream import error_for_status, excerpt
 
 __all__ = ["DEFAULT_MAX_TOKENS", "FINISH_REASONS", "THINKING_BUDGETS", "StreamTranslator", "error_from_event",
            "error_from_status",
@@ -171,7 +172,7 @@ def _arguments(raw: str, path: str) -> Any:
     if not raw.strip():
         return {}
     try:
-        value = orjson.loads(raw)
+        value = loads(raw)
     except orjson.JSONDecodeError:
         raise _bad("tool call arguments must be a JSON object string", path) from None
     if not isinstance(value, dict):
@@ -413,17 +414,17 @@ def from_messages_response(data: Any, *, model: str = "") -> ChatResponse:
 def parse_error_body(raw: bytes) -> tuple[str, str | None]:
     """(message, Anthropic error type) from ``{"type":"error","error":{"type","message"}}``; raw text otherwise."""
     try:
-        data = orjson.loads(raw)
+        data = loads(raw)
     except orjson.JSONDecodeError:
-        return raw.decode("utf-8", "replace")[:500].strip(), None
+        return excerpt(raw.decode("utf-8", "replace")).strip(), None
     if isinstance(data, Mapping):
         error = data.get("error")
         if isinstance(error, Mapping):
-            return str(error.get("message") or error.get("type") or "error")[:2000], \
+            return excerpt(str(error.get("message") or error.get("type") or "error"), 2000), \
                 (str(error["type"]) if error.get("type") else None)
         if isinstance(error, str):
-            return error[:2000], None
-    return str(data)[:500], None
+            return excerpt(error, 2000), None
+    return excerpt(str(data)), None
 
 
 def _error_code(kind: str | None, message: str) -> str | None:

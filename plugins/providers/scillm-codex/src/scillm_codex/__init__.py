@@ -31,4 +31,4 @@ def scillm_doctor(runtime: Runtime) -> list[dict[str, object]]:
         detail += f", access token expires in {status['expires_in_s']}s"
     if not ok:
         detail += "; run `codex login`"
-    return [{"check": "codex login", "ok": ok, "detail": detail}]
+    return [{"check": "codex login", "ok": ok, "required": status["status"] == "login_required", "detail": detail}]

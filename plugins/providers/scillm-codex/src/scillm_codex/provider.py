@@ -27,7 +27,8 @@ from scillm_core import (
     errors,
 )
 from scillm_core.config import Env, ProviderSettings
-from scillm_core.upstream import iter_sse, translate_transport
+from scillm_core.jsonio import loads
+from scillm_core.upstream import excerpt, iter_sse, translate_transport
 
 __all__ = ["DEFAULT_BASE", "CodexProvider", "auth_path"]
 
@@ -132,9 +133,9 @@ class CodexProvider(Provider):
                     if event.data.strip() == "[DONE]":
                         break
                     try:
-                        data = orjson.loads(event.data)
+                        data = loads(event.data)
                     except orjson.JSONDecodeError:
-                        raise errors.UpstreamProtocolError(f"malformed stream event {event.data[:80]!r}",
+                        raise errors.UpstreamProtocolError(f"malformed stream event {excerpt(event.data, 120)!r}",
                                                            provider=self.name, model=route.model) from None
                     if not isinstance(data, dict):
                         continue

@@ -36,6 +36,7 @@ from scillm_core import (
     Usage,
     errors,
 )
+from scillm_core.jsonio import loads
 
 __all__ = ["DEFAULT_INSTRUCTIONS", "StreamState", "conversation_id", "error_from_body", "failure_error",
            "to_codex_body", "usage_of"]
@@ -218,12 +219,12 @@ def error_from_body(status: int, raw: bytes, headers: Mapping[str, str], *, prov
     """An HTTP error answer of the backend: ``{"detail": ...}``, ``{"error": {...}}`` (usage limits with
     ``resets_at``), or text."""
     from scillm_core.redact import redact
-    from scillm_core.upstream import error_for_status
+    from scillm_core.upstream import error_for_status, excerpt
 
     try:
-        data = orjson.loads(raw)
+        data = loads(raw)
     except orjson.JSONDecodeError:
-        data = raw.decode("utf-8", "replace")[:500]
+        data = excerpt(raw.decode("utf-8", "replace"))
     message, code, kind = f"HTTP {status}", None, None
     error: Any = None
     if isinstance(data, dict):

@@ -30,8 +30,9 @@ from scillm_core import (
     errors,
 )
 from scillm_core.config import Env, ProviderSettings
+from scillm_core.jsonio import loads
 from scillm_core.redact import redact
-from scillm_core.upstream import error_for_status, iter_sse, retry_after_seconds, translate_transport
+from scillm_core.upstream import error_for_status, excerpt, iter_sse, retry_after_seconds, translate_transport
 from scillm_gemini.translate import StreamState, build_body, parse_response
 
 __all__ = ["DEFAULT_BASE", "GeminiProvider", "api_root", "error_from_body", "parse_error_body"]
@@ -54,16 +55,16 @@ def api_root(base: str) -> str:
 def parse_error_body(raw: bytes) -> tuple[str, str | None, list[Mapping[str, Any]]]:
     """(message, status such as ``RESOURCE_EXHAUSTED``, details) from a Google error body, bare or array-wrapped."""
     try:
-        data = orjson.loads(raw)
+        data = loads(raw)
     except orjson.JSONDecodeError:
-        return raw.decode("utf-8", "replace").strip()[:500], None, []
+        return excerpt(raw.decode("utf-8", "replace").strip()), None, []
     if isinstance(data, list) and data:
         data = data[0]
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, str):
         return error, None, []
     if not isinstance(error, dict):
-        return str(data)[:500], None, []
+        return excerpt(str(data)), None, []
     details: list[Mapping[str, Any]] = [d for d in error.get("details") or [] if isinstance(d, dict)]
     status = error.get("status")
     return str(error.get("message") or status or "error"), None if status is None else str(status), details
@@ -127,6 +128,9 @@ class GeminiProvider(Provider):
     def known_models(self) -> Sequence[str]:
         return self.models
 
+    def probe(self) -> tuple[str, Mapping[str, str]] | None:
+        return f"{self.root}/models", {"x-goog-api-key": self._key or ""}
+
     def upstream_model(self, model: str) -> str:
         return super().upstream_model(model).removeprefix("models/")
 
@@ -164,10 +168,10 @@ class GeminiProvider(Provider):
         if response.status_code >= 400:
             raise self._error(response.status_code, response.content, response.headers, route)
         try:
-            return parse_response(orjson.loads(response.content), route.model)
+            return parse_response(loads(response.content), route.model)
         except (orjson.JSONDecodeError, TypeError, AttributeError, ValueError) as exc:
-            raise errors.UpstreamProtocolError(f"unexpected response body ({str(exc)[:200]})", provider=self.name,
-                                               model=route.model) from None
+            raise errors.UpstreamProtocolError(f"unexpected response body ({excerpt(str(exc), 200)})",
+                                               provider=self.name, model=route.model) from None
 
     async def embed(self, request: EmbeddingsRequest, route: Route, ctx: CallContext) -> EmbeddingsResponse:
         """``batchEmbedContents`` (what google-genai's ``embed_content`` calls), 100 inputs per upstream call:
@@ -226,14 +230,14 @@ class GeminiProvider(Provider):
             with translate_transport(self.name, route.model):
                 async for event in iter_sse(response.aiter_bytes()):
                     try:
-                        data = orjson.loads(event.data)
+                        data = loads(event.data)
                     except orjson.JSONDecodeError:
-                        raise errors.UpstreamProtocolError(f"malformed stream event {event.data[:80]!r}",
+                        raise errors.UpstreamProtocolError(f"malformed stream event {excerpt(event.data, 120)!r}",
                                                            provider=self.name, model=route.model) from None
                     if isinstance(data, list) and data:
                         data = data[0]
                     if not isinstance(data, dict):
-                        raise errors.UpstreamProtocolError(f"unexpected stream event {event.data[:80]!r}",
+                        raise errors.UpstreamProtocolError(f"unexpected stream event {excerpt(event.data, 120)!r}",
                                                            provider=self.name, model=route.model)
                     if "error" in data:
                         error = data["error"] if isinstance(data["error"], dict) else {}

@@ -39,6 +39,7 @@ from scillm_core import (
     Usage,
     errors,
 )
+from scillm_core.jsonio import loads
 
 __all__ = ["SKIP_SIGNATURE", "StreamState", "build_body", "decode_call_id", "encode_call_id", "finish_reason",
            "parse_data_url", "parse_response", "usage_from"]
@@ -149,7 +150,7 @@ def _arguments(raw: str, where: str) -> Any:
     if not raw.strip():
         return {}
     try:
-        value = orjson.loads(raw)
+        value = loads(raw)
     except orjson.JSONDecodeError:
         raise errors.InvalidRequest(f"tool call arguments are not valid JSON @ {where}", param=where) from None
     if not isinstance(value, dict):
@@ -159,7 +160,7 @@ def _arguments(raw: str, where: str) -> Any:
 
 def _tool_response(text: str) -> dict[str, Any]:
     try:
-        value = orjson.loads(text)
+        value = loads(text)
     except orjson.JSONDecodeError:
         return {"result": text}
     return value if isinstance(value, dict) else {"result": value}

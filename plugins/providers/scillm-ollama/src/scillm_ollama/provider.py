@@ -51,7 +51,8 @@ from scillm_core import (
     errors,
 )
 from scillm_core.config import Env, ProviderSettings
-from scillm_core.upstream import error_for_status, iter_ndjson, translate_transport
+from scillm_core.jsonio import loads
+from scillm_core.upstream import error_for_status, excerpt, iter_ndjson, translate_transport
 
 __all__ = ["DEFAULT_BASE", "OllamaProvider", "base_from_env", "build_body", "parse_error_body"]
 
@@ -85,15 +86,15 @@ def base_from_env(env: Mapping[str, str], configured: str | None = None) -> str:
 def parse_error_body(raw: bytes) -> str:
     """The message of an Ollama ``{"error": "..."}`` body (or an OpenAI-style object, or the raw text)."""
     try:
-        data = orjson.loads(raw)
+        data = loads(raw)
     except orjson.JSONDecodeError:
-        return raw.decode("utf-8", "replace").strip()[:500] or "empty error body"
+        return excerpt(raw.decode("utf-8", "replace").strip()) or "empty error body"
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, str):
         return error
     if isinstance(error, dict) and error.get("message"):
         return str(error["message"])
-    return str(data)[:500]
+    return excerpt(str(data))
 
 
 # -- request ---------------------------------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ async def _user_content(message: Message, index: int, fetch: Any) -> tuple[str, 
 
 def _arguments(raw: str, where: str) -> dict[str, Any]:
     try:
-        value = orjson.loads(raw) if raw.strip() else {}
+        value = loads(raw) if raw.strip() else {}
     except orjson.JSONDecodeError:
         raise errors.InvalidRequest(f"tool call arguments are not valid JSON @ {where}", param=where) from None
     if not isinstance(value, dict):
@@ -280,6 +281,11 @@ class OllamaProvider(Provider):
     def missing_config(self) -> str | None:
         return None
 
+    probe_required = False  # a local server: not running it is not a fault
+
+    def probe(self) -> tuple[str, Mapping[str, str]] | None:
+        return self.base_url + "/api/tags", self._headers()
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "base_url": self.base_url, "key_env": [], "models": list(self._tags),
                 "base_env": "OLLAMA_API_BASE"}
@@ -310,7 +316,7 @@ class OllamaProvider(Provider):
             response = await self.client.get(self.base_url + "/api/tags", headers=self._headers(),
                                              timeout=httpx.Timeout(self.tags_timeout_s))
             if response.status_code == 200:
-                models = orjson.loads(response.content).get("models") or []
+                models = loads(response.content).get("models") or []
                 self._tags = tuple(str(m.get("name") or m.get("model")) for m in models
                                    if isinstance(m, dict) and (m.get("name") or m.get("model")))
         self._tags_at = time.monotonic()
@@ -348,7 +354,7 @@ class OllamaProvider(Provider):
         if response.status_code >= 400:
             raise self._error(response.status_code, response.content, response.headers, route)
         try:
-            data = orjson.loads(response.content)
+            data = loads(response.content)
         except orjson.JSONDecodeError as exc:
             raise errors.UpstreamProtocolError(f"unexpected response body ({exc})", provider=self.name,
                                                model=route.model) from None
@@ -357,8 +363,8 @@ class OllamaProvider(Provider):
         try:
             return parse_response(data, route.model)
         except (TypeError, AttributeError, ValueError) as exc:
-            raise errors.UpstreamProtocolError(f"unexpected response body ({str(exc)[:200]})", provider=self.name,
-                                               model=route.model) from None
+            raise errors.UpstreamProtocolError(f"unexpected response body ({excerpt(str(exc), 200)})",
+                                               provider=self.name, model=route.model) from None
 
     async def embed(self, request: EmbeddingsRequest, route: Route, ctx: CallContext) -> EmbeddingsResponse:
         """Native ``POST /api/embed``: ``input`` as sent (text only), ``dimensions``, and the extra body fields

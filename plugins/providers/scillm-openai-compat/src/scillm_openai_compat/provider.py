@@ -26,7 +26,8 @@ from scillm_core import (
     unstructure,
 )
 from scillm_core.config import Env, ProviderSettings
-from scillm_core.upstream import error_for_status, iter_sse, translate_transport
+from scillm_core.jsonio import loads
+from scillm_core.upstream import error_for_status, excerpt, iter_sse, translate_transport
 
 __all__ = ["CompatSpec", "OpenAICompatProvider", "conversation_id", "parse_error_body"]
 
@@ -80,6 +81,9 @@ class OpenAICompatProvider(Provider):
     def known_models(self) -> Sequence[str]:
         return self.spec.models
 
+    def probe(self) -> tuple[str, Mapping[str, str]] | None:
+        return f"{self.base_url}/models", {"authorization": f"Bearer {self._key}"}
+
     def describe(self) -> dict[str, Any]:
         described = {**super().describe(), "base_url": self.base_url, "key_env": list(self.spec.key_env),
                      "base_env": self.spec.base_env or None}
@@ -129,7 +133,7 @@ class OpenAICompatProvider(Provider):
         if response.status_code >= 400:
             raise self._error(response, response.content, route)
         try:
-            data = orjson.loads(response.content.strip() or b"null")  # DeepSeek pads queued answers with blanks
+            data = loads(response.content.strip() or b"null")  # DeepSeek pads queued answers with blanks
             return structure(data, ChatResponse, what="upstream response")
         except (orjson.JSONDecodeError, errors.InvalidRequest) as exc:
             raise errors.UpstreamProtocolError(f"unexpected response body ({_short(exc)})", provider=self.name,
@@ -180,9 +184,9 @@ class OpenAICompatProvider(Provider):
                         finished = True
                         break
                     try:
-                        data = orjson.loads(event.data)
+                        data = loads(event.data)
                     except orjson.JSONDecodeError:
-                        raise errors.UpstreamProtocolError(f"malformed stream event {event.data[:80]!r}",
+                        raise errors.UpstreamProtocolError(f"malformed stream event {excerpt(event.data, 120)!r}",
                                                            provider=self.name, model=route.model) from None
                     if isinstance(data, dict) and "error" in data:
                         message, code, kind = parse_error_body(event.data.encode())
@@ -217,21 +221,21 @@ def parse_error_body(raw: bytes) -> tuple[str, str | None, str | None]:
     """(message, code, type) from OpenAI ``{"error": {...}}``, ``{"error": "..."}``, FastAPI ``{"detail": ...}``
     (Chutes) or Z.ai business-code bodies; falls back to the raw text."""
     try:
-        data = orjson.loads(raw)
+        data = loads(raw)
     except orjson.JSONDecodeError:
-        return raw.decode("utf-8", "replace")[:500].strip(), None, None
+        return excerpt(raw.decode("utf-8", "replace")).strip(), None, None
     if isinstance(data, list) and data:
         data = data[0]
     if not isinstance(data, dict):
-        return str(data)[:500], None, None
+        return excerpt(str(data)), None, None
     error = data.get("error", data)
     if isinstance(error, str):
         return error, None, None
     if isinstance(error, dict):
         message = error.get("message") or error.get("detail") or data.get("detail") or orjson.dumps(error).decode()
         code = error.get("code")
-        return str(message)[:2000], None if code is None else str(code), error.get("type")
-    return str(data)[:500], None, None
+        return excerpt(str(message), 2000), None if code is None else str(code), error.get("type")
+    return excerpt(str(data)), None, None
 
 
 def _flatten(message: dict[str, Any], index: int, provider: str) -> dict[str, Any]:
@@ -257,4 +261,4 @@ def conversation_id(request: ChatRequest) -> str:
 
 
 def _short(exc: BaseException) -> str:
-    return str(getattr(exc, "message", exc))[:300]
+    return excerpt(str(getattr(exc, "message", exc)), 300)

@@ -109,6 +109,9 @@ class OpenCodeGoProvider(Provider):
     def missing_config(self) -> str | None:
         return self.chat.missing_config()
 
+    def probe(self) -> tuple[str, Mapping[str, str]] | None:
+        return self.chat.probe()
+
     def known_models(self) -> Sequence[str]:
         return [f"opencode-go/{m}" for m in STATIC_MODELS]
 
