@@ -5,6 +5,7 @@
 - :class:`FakeOpenAI` (and the :class:`FakeUpstream` base): scripted upstreams speaking the real wire format;
 - :class:`Reply`: provider-neutral scripted answers (text, tool calls, errors, stream shapes, faults);
 - :class:`HookRecorder`: a plugin that records pipeline hook calls;
+- :class:`SilentListener`: a loopback port that accepts and never answers (for "never fetched" tests);
 - :class:`ProviderContract`: the test class every provider plugin runs (``scillm_core.testing.contract``);
 - ``fake_cli.py`` (next to this file): a scripted stand-in for an agent CLI, for ``run_session`` runner tests;
 - :mod:`scillm_core.testing.files`: PDFs and ZIPs built in memory, valid and hostile (content-stream bomb,
@@ -21,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from scillm_core.testing.fakes import FakeOpenAI, FakeUpstream, RecordedRequest
+from scillm_core.testing.listener import SilentListener
 from scillm_core.testing.recorder import HookRecorder
 from scillm_core.testing.replies import Reply, ToolCallSpec, fake_vector
-from scillm_core.testing.server import ServerThread
+from scillm_core.testing.server import ServerThread, free_port
 
 __all__ = ["DEV_KEY", "FakeOpenAI", "FakeUpstream", "HookRecorder", "RecordedRequest", "Reply", "ServerThread",
-           "ToolCallSpec", "fake_vector", "make_app"]
+           "SilentListener", "ToolCallSpec", "fake_vector", "free_port", "make_app"]
 
 DEV_KEY = "sk-dev-proxy-123"
 

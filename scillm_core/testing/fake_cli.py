@@ -61,8 +61,11 @@ elif mode == "call":
     key = os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("SCILLM_API_KEY")
     out = {}
     chat = {"model": spec["model"], "messages": [{"role": "user", "content": "hi"}]}
-    for path, body in (("/v1/chat/completions", chat), ("/v1/scillm/exec", {"profile": "llm-call", "prompt": "x"})):
-        req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST", headers={
+    calls = [("/v1/chat/completions", chat), ("/v1/scillm/exec", {"profile": "llm-call", "prompt": "x"})]
+    calls += [(path, None) for path in spec.get("get", [])]  # GET routes to try with the run key
+    for path, body in calls:
+        req = urllib.request.Request(base + path, data=None if body is None else json.dumps(body).encode(),
+                                     method="GET" if body is None else "POST", headers={
             "authorization": f"Bearer {key}", "content-type": "application/json", "x-caller-skill": "child"})
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
@@ -101,6 +104,21 @@ elif mode == "write":  # a CLI that ignores its sandbox flag and writes wherever
             writes[path] = exc.strerror
     emit({"type": "writes", "writes": writes})
     final("tried to write")
+elif mode == "leak":
+    # prints the run key across a read boundary: the first 64 KiB read ends in the middle of it
+    key = os.environ.get("SCILLM_API_KEY") or os.environ.get("ANTHROPIC_API_KEY") or ""
+    if spec.get("key_file"):  # where a secret-scanning test learns the key it must not find
+        with open(spec["key_file"], "w") as fh:
+            fh.write(key)
+    half = len(key) // 2
+    for stream in (sys.stdout, sys.stderr):
+        stream.write("x" * (65536 - half) + key[:half])
+        stream.flush()
+    time.sleep(0.3)
+    for stream in (sys.stdout, sys.stderr):
+        stream.write(key[half:] + " <- the run key\n")
+        stream.flush()
+    final("leaked " + key)
 elif mode == "fail":
     sys.stderr.write("fake failure\n")
     sys.exit(3)

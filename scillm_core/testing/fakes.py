@@ -222,6 +222,8 @@ class FakeOpenAI(FakeUpstream):
         model = reply.model or body.get("model") or "fake-model"
         headers = {"x-request-id": f"req_fake{self.next_id()}", "openai-processing-ms": "12",
                    "openai-version": "2020-10-01", **reply.headers}
+        if reply.raw is not None and not body.get("stream"):
+            return Response(reply.raw, status_code=reply.status, headers=headers, media_type="application/json")
         if reply.status >= 400:
             error = reply.error
             payload = error if not isinstance(error, dict) or "message" not in error else {

@@ -52,7 +52,8 @@ class Reply:
     whole_tool_call: bool = False           # tool call in one delta with full arguments (GLM)
     cut_after: int | None = None            # drop the connection after N events
     error_after: int | None = None          # send an error event after N events
-    error_event: Any = None
+    error_event: Any = None                 # its payload: a dict (JSON), or bytes sent as the event data verbatim
+    raw: bytes | None = None                # a non-streamed body sent verbatim with ``status`` (malformed answers)
 
     @classmethod
     def say(cls, text: str, **kw: Any) -> Reply:
