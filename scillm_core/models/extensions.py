@@ -24,10 +24,11 @@ def check_timeout(value: Any, where: str) -> float | None:
     return float(value)
 
 
-def take_extensions(body: dict[str, Any], where: str = "$") -> dict[str, Any]:
-    """Remove scillm's fields from ``body`` and return them; the ones core defines are checked (400 naming the
+def take_extensions(body: dict[str, Any], fields: frozenset[str] = EXTENSION_FIELDS, *,
+                    where: str = "$") -> dict[str, Any]:
+    """Remove scillm's ``fields`` from ``body`` and return them; the ones core defines are checked (400 naming the
     path under ``where``). Middleware checks its own (``json_schema``, ``schema_retries``, ...)."""
-    extensions = {key: body.pop(key) for key in EXTENSION_FIELDS.intersection(body)}
+    extensions = {key: body.pop(key) for key in fields.intersection(body)}
     check_timeout(extensions.get("timeout"), f"{where}.timeout")
     metadata = extensions.get("scillm_metadata")
     if metadata is not None and not isinstance(metadata, dict):

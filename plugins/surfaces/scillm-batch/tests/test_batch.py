@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import urllib.parse
 
 import httpx
 import orjson
@@ -119,6 +118,20 @@ def test_resubmitting_returns_stored_successes_and_reruns_only_failures(tmp_path
     ({"model_pool": "nope", "items": [{"prompt": "x"}]}, "$.model_pool"),
     ({"items": [{"prompt": "x"}]}, "$.model_pool"),
     ({"model": "deepseek/deepseek-chat", "items": [{"prompt": "x"}], "concurrency": 0}, "$.concurrency"),
+    # scillm's own item fields are checked at submission, naming the item
+    ({"model": "deepseek/deepseek-chat", "items": [{"prompt": "x"}, {"prompt": "y", "timeout": "5"}]},
+     "$.items[1].timeout"),
+    ({"model": "deepseek/deepseek-chat", "items": [{"prompt": "x", "timeout": -1}]}, "$.items[0].timeout"),
+    ({"model": "deepseek/deepseek-chat", "items": [{"prompt": "x", "scillm_metadata": [1]}]},
+     "$.items[0].scillm_metadata"),
+    ({"model": "deepseek/deepseek-chat", "items": [{"prompt": "x"}], "timeout": "5"}, "$.timeout"),
+    # ids name stored records and appear in URLs: a clear charset, bounded, no "/"
+    ({"model": "deepseek/deepseek-chat", "batch_id": "a/b", "items": [{"prompt": "x"}]}, "$.batch_id"),
+    ({"model": "deepseek/deepseek-chat", "batch_id": "x'; DROP TABLE docs; --", "items": [{"prompt": "x"}]},
+     "$.batch_id"),
+    ({"model": "deepseek/deepseek-chat", "batch_id": "b" * 129, "items": [{"prompt": "x"}]}, "$.batch_id"),
+    ({"model": "deepseek/deepseek-chat", "items": [{"item_id": "../x", "prompt": "x"}]}, "$.items[0].item_id"),
+    ({"model": "deepseek/deepseek-chat", "items": [{"id": "", "prompt": "x"}]}, "$.items[0].id"),
 ])
 def test_bad_batches_are_400_naming_the_path(tmp_path, body, param):
     with ServerThread(make_app(env={"DEEPSEEK_API_KEY": "k"}, data_dir=tmp_path, only=PLUGINS)) as server:
@@ -131,21 +144,21 @@ def test_unknown_batch_is_404(tmp_path):
         assert httpx.get(server.url + "/v1/scillm/batch/nothing", headers=AUTH).status_code == 404
 
 
-def test_batch_ids_are_parameters_not_query_text(tmp_path):
-    """A hostile batch_id is stored and found as data (the store binds parameters)."""
-    with FakeOpenAI() as fake:
-        env = {"DEEPSEEK_API_KEY": "k", "DEEPSEEK_API_BASE": fake.base_url}
-        with ServerThread(make_app(env=env, data_dir=tmp_path, only=PLUGINS)) as server:
-            hostile = "x'; DROP TABLE docs; --"
-            response = httpx.post(server.url + "/v1/scillm/batch/completions", headers=AUTH, timeout=30,
-                                  json={"model": "deepseek/deepseek-chat", "batch_id": hostile,
-                                        "items": [{"item_id": "1' OR '1'='1", "prompt": "x"}]})
-            assert response.json()["completed"] == 1
-            found = httpx.get(server.url + "/v1/scillm/batch/" + urllib.parse.quote(hostile, safe=""),
-                              headers=AUTH)
-            assert found.status_code == 200
-            assert found.json()["results"][0]["item_id"] == "1' OR '1'='1"
-            assert orjson.loads(httpx.get(server.url + "/health/readiness").content)["status"] == "ready"
+def test_store_keys_are_parameters_not_query_text(tmp_path):
+    """A hostile key is stored and found as data (the store binds parameters)."""
+    import asyncio
+
+    from scillm_core.state.sqlite import SQLiteStore
+
+    async def roundtrip():
+        store = SQLiteStore(tmp_path / "s.sqlite3")
+        hostile = "x'; DROP TABLE docs; --"
+        await store.put("batch-items:" + hostile, "1' OR '1'='1", {"ok": True})
+        found = await store.scan("batch-items:" + hostile)
+        await store.close()
+        return found
+
+    assert asyncio.run(roundtrip()) == [("1' OR '1'='1", {"ok": True})]
 
 
 def test_default_body_limit_refuses_a_huge_batch_before_parsing_it(tmp_path):
@@ -157,3 +170,86 @@ def test_default_body_limit_refuses_a_huge_batch_before_parsing_it(tmp_path):
         assert response.status_code == 413, response.text[:200]
         assert response.json()["error"]["code"] == "payload_too_large"
         assert httpx.get(server.url + "/v1/scillm/batch/none", headers=AUTH).status_code == 404  # still serving
+
+
+def test_item_ids_are_kept_as_given_including_zero(tmp_path):
+    with FakeOpenAI() as fake:
+        env = {"DEEPSEEK_API_KEY": "k", "DEEPSEEK_API_BASE": fake.base_url}
+        with ServerThread(make_app(env=env, data_dir=tmp_path, only=PLUGINS)) as server:
+            items = [{"prompt": "a"}, {"item_id": 0, "prompt": "b"}, {"id": "q-7", "prompt": "c"}]
+            body = httpx.post(server.url + "/v1/scillm/batch/completions", headers=AUTH, timeout=30,
+                              json={"model": "deepseek/deepseek-chat", "items": items}).json()
+    assert sorted(r["item_id"] for r in body["results"]) == ["0", "item-0", "q-7"]
+
+
+def deep(levels: int) -> dict:
+    value: dict = {"bottom": True}
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+def test_an_answer_nested_300_deep_is_stored_as_a_failure_not_lost(tmp_path):
+    import json
+
+    with FakeOpenAI() as fake:
+        answer = fake.completion(Reply.say("fine"), "chatcmpl-deep", "deepseek-chat")
+        answer["choices"][0]["message"]["detail"] = deep(300)
+        fake.responder = lambda r: Reply(raw=json.dumps(answer).encode()) if "DEEP" in str(r.body) else None
+        env = {"DEEPSEEK_API_KEY": "k", "DEEPSEEK_API_BASE": fake.base_url}
+        with ServerThread(make_app(env=env, data_dir=tmp_path, only=PLUGINS)) as server:
+            body = {"model": "deepseek/deepseek-chat", "batch_id": "deep-one",
+                    "items": [{"item_id": "ok", "prompt": "x"}, {"item_id": "deep", "prompt": "DEEP"}]}
+            response = httpx.post(server.url + "/v1/scillm/batch/completions", json=body, headers=AUTH, timeout=60)
+            assert response.status_code == 200, response.text
+            assert response.json()["completed"] == 1 and response.json()["failed"] == 1
+            stored = httpx.get(server.url + "/v1/scillm/batch/deep-one", headers=AUTH).json()
+    assert stored["done"] is True and stored["pending"] == 0
+    failed = next(r for r in stored["results"] if r["item_id"] == "deep")
+    assert failed["ok"] is False and "nested deeper" in failed["error"]
+
+
+def test_a_result_that_cannot_be_stored_fails_alone(tmp_path):
+    import asyncio
+
+    from scillm_batch.engine import ResultWriter
+
+    from scillm_core.state.sqlite import SQLiteStore
+
+    async def write():
+        store = SQLiteStore(tmp_path / "s.sqlite3")
+        writer = ResultWriter(store, "batch-items:b")
+        results = [{"ok": True, "item_id": f"i{n}", "index": n, "content": "fine"} for n in range(5)]
+        results.insert(2, {"ok": True, "item_id": "bad", "index": 9, "response": deep(300)})
+        returned = await asyncio.gather(*(writer.put(r["item_id"], r) for r in results))
+        stored = dict(await store.scan("batch-items:b"))
+        await store.close()
+        return returned, stored
+
+    returned, stored = asyncio.run(write())
+    assert len(stored) == 6 and all(stored[f"i{n}"]["ok"] for n in range(5))
+    assert stored["bad"]["ok"] is False and stored["bad"]["error_code"] == "unstorable_result"
+    assert returned[2] == stored["bad"]  # what is reported is what was stored
+
+
+def test_batch_schemas_go_through_the_schema_gate_before_any_call(tmp_path):
+    from scillm_core.testing import SilentListener
+
+    with FakeOpenAI() as fake, SilentListener() as listener:
+        env = {"DEEPSEEK_API_KEY": "k", "DEEPSEEK_API_BASE": fake.base_url}
+        with ServerThread(make_app(env=env, data_dir=tmp_path, only=(*PLUGINS, "json"))) as server:
+            remote = {"properties": {"a": {"$ref": listener.url + "/x"}}}
+            for body, param in (
+                    ({"items": [{"prompt": "x"}, {"prompt": "y", "json_schema": remote}]},
+                     "$.items[1].json_schema.properties.a.$ref"),
+                    ({"items": [{"prompt": "x"}], "json_schema": {"$ref": "#"}}, "$.json_schema")):
+                response = httpx.post(server.url + "/v1/scillm/batch/completions", headers=AUTH, timeout=30,
+                                      json={"model": "deepseek/deepseek-chat", **body})
+                assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+            assert fake.requests == [] and listener.connections == 0
+            fake.script(Reply.say('{"n": "not a number"}'), Reply.say('{"n": 3}'))
+            schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+            done = httpx.post(server.url + "/v1/scillm/batch/completions", headers=AUTH, timeout=30, json={
+                "model": "deepseek/deepseek-chat", "items": [{"prompt": "x", "json_schema": schema}]}).json()
+    assert done["completed"] == 1 and done["results"][0]["content"] == '{"n": 3}'  # the item's schema applied
+    assert "json_schema" not in fake.requests[0].body  # scillm's own field, never sent upstream

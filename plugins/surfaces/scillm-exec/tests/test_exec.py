@@ -117,11 +117,11 @@ def test_output_schema_parsed_and_checked(server: Server) -> None:
                     output_schema=schema).json()
     assert ok["status"] == "completed" and ok["result"] == {"answer": 42}
     bad = server.run(json.dumps({"mode": "ok", "text": '{"answer": "many"}'}), output_schema=schema).json()
-    assert bad["status"] == "failed" and "$['answer']" in bad["error"] and bad["result"] is None
+    assert bad["status"] == "failed" and "at $.answer:" in bad["error"] and bad["result"] is None
     prose = server.run(json.dumps({"mode": "ok", "text": "no json here"}), output_schema=schema).json()
     assert prose["status"] == "failed" and "not JSON" in prose["error"]
     invalid = server.run("{}", output_schema={"type": 12})
-    assert invalid.status_code == 400 and invalid.json()["error"]["param"] == "$.output_schema"
+    assert invalid.status_code == 400 and invalid.json()["error"]["param"] == "$.output_schema.type"
 
 
 def test_failed_cli(server: Server) -> None:
@@ -272,3 +272,69 @@ def test_a_sandbox_that_cannot_be_set_up_never_starts_the_cli(tmp_path: Path) ->
                            "touch", str(marker)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == sandbox.SANDBOX_FAILED and not marker.exists()
     assert proc.stderr.startswith("scillm sandbox: cannot make the file tree read-only")
+
+
+def test_run_key_straddling_a_read_boundary_is_redacted_everywhere(server: Server) -> None:
+    result = server.run('{"mode": "leak"}').json()
+    key = server.runner.keys[-1]
+    assert result["status"] == "completed"
+    stdout = Path(result["artifacts"]["stdout"]).read_bytes()
+    assert b"[redacted] <- the run key" in stdout and len(stdout) > 65536  # the key was split across two reads
+    for path in Path(result["artifacts"]["run_dir"]).iterdir():
+        assert key.encode() not in path.read_bytes(), path.name
+    assert key not in json.dumps(result)
+
+
+def test_run_key_opens_exactly_the_model_routes(server: Server) -> None:
+    server.fake.script(Reply.say("ok"))
+    prompt = json.dumps({"mode": "call", "base": server.url, "model": "openai/fake-model",
+                         "get": ["/v1/models", "/v1/scillm/opencode-go/models", "/v1/scillm/calls"]})
+    result = server.run(prompt).json()
+    events = [json.loads(line) for line in Path(result["artifacts"]["events_jsonl"]).read_text().splitlines()]
+    calls = next(e for e in events if e["type"] == "calls")["event"]["calls"]
+    assert calls["/v1/models"][0] == 200
+    assert calls["/v1/scillm/opencode-go/models"][0] == 403  # ends like a model route, is not one
+    assert calls["/v1/scillm/calls"][0] == 403
+
+
+def test_cwd_with_nul_is_400_in_runs_and_graph_nodes(server: Server) -> None:
+    run = server.run("{}", cwd=str(server.root) + "/a\x00b")
+    assert run.status_code == 400 and run.json()["error"]["param"] == "$.cwd"
+    node = {"id": "a", "profile": "fake", "prompt": "{}", "cwd": str(server.root) + "\x00"}
+    graph = server.client.post("/v1/scillm/exec/graph", json={"nodes": [node]})
+    assert graph.status_code == 400 and graph.json()["error"]["param"] == "$.nodes[0].cwd"
+
+
+def test_a_thousand_node_graph_listed_leaf_first_is_checked_without_recursion(server: Server) -> None:
+    node = {"profile": "fake", "prompt": "{}", "cwd": str(server.root)}
+    nodes = [{"id": f"n{i}", **node, "depends_on": [f"n{i + 1}"]} for i in range(1000)]
+    nodes.append({"id": "n1000", **node, "depends_on": ["n0"]})  # closes the cycle at the far end
+    response = server.client.post("/v1/scillm/exec/graph", json={"nodes": nodes})
+    assert response.status_code == 400 and "dependency cycle: n0 -> n1 -> n2" in response.json()["error"]["message"]
+
+
+def test_a_long_acyclic_chain_has_no_cycle() -> None:
+    from scillm_exec.manager import _find_cycle
+
+    chain = {f"n{i}": [f"n{i + 1}"] for i in range(5000)} | {"n5000": []}
+    assert _find_cycle(chain) is None
+    assert _find_cycle({**chain, "n5000": ["n4990"]})[:2] == ["n4990", "n4991"]
+
+
+def test_events_after_that_is_not_a_plain_integer_is_400(server: Server) -> None:
+    run_id = server.run('{"mode": "ok"}').json()["run_id"]
+    for value in ("²", "9" * 5000, "-1"):
+        response = server.client.get(f"/v1/scillm/exec/{run_id}/events", params={"after": value})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "after"
+
+
+def test_output_schema_never_fetches_and_never_loops(server: Server) -> None:
+    from scillm_core.testing import SilentListener
+
+    with SilentListener() as listener:
+        remote = server.run("{}", output_schema={"properties": {"a": {"$ref": listener.url + "/s.json"}}})
+        assert remote.status_code == 400
+        assert remote.json()["error"]["param"] == "$.output_schema.properties.a.$ref"
+        assert listener.connections == 0
+    looping = server.run("{}", output_schema={"$ref": "#"})
+    assert looping.status_code == 400 and looping.json()["error"]["param"] == "$.output_schema"

@@ -19,6 +19,8 @@ from scillm_batch.engine import (
     Lane,
     PoolConfig,
     build_items,
+    check_id,
+    check_schemas,
     lanes_for,
     progress_of,
     run_batch,
@@ -34,6 +36,7 @@ from scillm_core import (
     read_json,
     runtime_of,
 )
+from scillm_core.models.extensions import check_timeout, take_extensions
 
 __all__ = ["BatchConfig", "Lane", "PoolConfig"]
 
@@ -94,15 +97,16 @@ async def _spec(request: Request) -> tuple[BatchSpec, bool]:
     concurrency = body.get("concurrency", settings.default_concurrency)
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise errors.InvalidRequest("concurrency must be a positive integer @ $.concurrency", param="$.concurrency")
-    timeout = body.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
-        raise errors.InvalidRequest("timeout must be a positive number of seconds @ $.timeout", param="$.timeout")
+    timeout = check_timeout(body.get("timeout"), "$.timeout")
+    batch_id = body.get("batch_id")
+    if batch_id is not None:
+        batch_id = check_id(batch_id, "batch_id", "$.batch_id")
     pool, lanes = lanes_for(body.get("model_pool"), body.get("model"), _pools(runtime), concurrency)
     shared = {k: v for k, v in body.items() if k not in BATCH_KEYS}
+    take_extensions(dict(shared), where="$")  # shared scillm fields (scillm_metadata ...) are checked once
     items = build_items(body.get("items"), shared, settings.max_items)
-    batch_id = body.get("batch_id") or f"batch-{_short_hash(items)}"
-    if not isinstance(batch_id, str) or not batch_id or len(batch_id) > 200:
-        raise errors.InvalidRequest("batch_id must be a non-empty string @ $.batch_id", param="$.batch_id")
+    await check_schemas(items, shared)
+    batch_id = batch_id or f"batch-{_short_hash(items)}"
     spec = BatchSpec(batch_id=batch_id, pool=pool, lanes=lanes, items=items, timeout_s=timeout,
                      caller=caller_of(request))
     return spec, body.get("stream") is True

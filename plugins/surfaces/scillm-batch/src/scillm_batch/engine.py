@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,9 +29,11 @@ from scillm_core import (
     errors,
     run_chat,
     run_embeddings,
+    schemas,
     structure,
     unstructure,
 )
+from scillm_core.models.extensions import take_extensions
 
 __all__ = ["BatchItem", "BatchSpec", "Lane", "PoolConfig", "run_batch", "stored_results"]
 
@@ -161,7 +164,10 @@ async def _run(spec: BatchSpec, runtime: Runtime, emit: Emit, *, resuming: bool)
 
     async def finish(result: dict[str, Any], *, store_it: bool = True) -> None:
         if store_it:  # stored before it is reported, so a reported result always survives a crash
-            await results.put(result["item_id"], result)
+            try:
+                result = await results.put(result["item_id"], result)
+            except Exception as exc:  # the store refused it: reported as failed (a resubmission retries it)
+                result = {**_unstored(result, exc), "stored": False}
         async with lock:  # counted and emitted in one order: the completion order
             progress.results.append(result)
             if result["ok"]:
@@ -194,7 +200,9 @@ async def _run(spec: BatchSpec, runtime: Runtime, emit: Emit, *, resuming: bool)
 class ResultWriter:
     """Stores finished items' results, many per write. Each caller waits until its own result is stored; results
     that finish while a write is under way share the next one (one transaction instead of one per item, which
-    under load kept the lanes waiting on the store)."""
+    under load kept the lanes waiting on the store). A result that cannot be stored never takes the others with
+    it: one that cannot be serialised is stored as a failure saying why, and a failed shared write is retried
+    item by item."""
 
     def __init__(self, store: Any, namespace: str) -> None:
         self.store = store
@@ -202,26 +210,49 @@ class ResultWriter:
         self.pending: list[tuple[str, dict[str, Any], asyncio.Future[None]]] = []
         self.writer: asyncio.Task[None] | None = None
 
-    async def put(self, key: str, value: dict[str, Any]) -> None:
+    async def put(self, key: str, value: dict[str, Any]) -> dict[str, Any]:
+        """Store ``value`` (or the failure that replaces it) and return what was stored."""
+        value = _storable(value)
         stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pending.append((key, value, stored))
         if self.writer is None or self.writer.done():
             self.writer = asyncio.ensure_future(self._drain())
         await stored
+        return value
 
     async def _drain(self) -> None:
         while self.pending:
             batch, self.pending = self.pending, []
             try:
                 await self.store.put_many(self.namespace, [(key, value) for key, value, _ in batch])
-            except Exception as exc:
-                for *_, stored in batch:
-                    if not stored.done():
-                        stored.set_exception(exc)
+            except Exception:
+                for key, value, stored in batch:  # alone, so one bad record fails only itself
+                    try:
+                        await self.store.put_many(self.namespace, [(key, value)])
+                    except Exception as exc:
+                        if not stored.done():
+                            stored.set_exception(exc)
+                    else:
+                        if not stored.done():
+                            stored.set_result(None)
             else:
                 for *_, stored in batch:
                     if not stored.done():
                         stored.set_result(None)
+
+
+def _storable(result: dict[str, Any]) -> dict[str, Any]:
+    try:
+        orjson.dumps(result)
+        return result
+    except orjson.JSONEncodeError as exc:
+        return _unstored(result, exc)
+
+
+def _unstored(result: Mapping[str, Any], exc: BaseException) -> dict[str, Any]:
+    return {"ok": False, "item_id": result.get("item_id"), "index": result.get("index"), "lane": result.get("lane"),
+            "error": f"the result could not be stored ({type(exc).__name__}: {str(exc)[:200]})",
+            "error_code": "unstorable_result", "status_code": 502}
 
 
 def _deadline(item: BatchItem, spec: BatchSpec, started: float) -> float:
@@ -339,11 +370,12 @@ async def _call(item: BatchItem, lane: Lane, spec: BatchSpec, runtime: Runtime,
                 deadline: float) -> tuple[ChatResponse | EmbeddingsResponse, CallContext]:
     body = dict(item.body)
     body["model"] = lane.model
-    metadata = dict(body.pop("scillm_metadata", None) or {})
+    extensions = take_extensions(body)  # checked at submission
+    metadata = dict(extensions.get("scillm_metadata") or {})
     metadata.update(batch_id=spec.batch_id, item_id=item.item_id, model_pool=spec.pool, lane=lane.label)
     remaining = deadline - time.monotonic()
-    timeout = min(t for t in (remaining, lane.timeout_s, body.pop("timeout", None)) if t is not None)
-    body["scillm"] = {"scillm_metadata": metadata, "timeout": timeout}
+    timeout = min(t for t in (remaining, lane.timeout_s, extensions.get("timeout")) if t is not None)
+    body["scillm"] = {**extensions, "scillm_metadata": metadata, "timeout": timeout}
     ctx = CallContext(runtime=runtime, caller=spec.caller or "scillm-batch",
                       deadline=time.monotonic() + max(timeout, 0.001))
     ctx.notes["batch"] = metadata
@@ -394,7 +426,25 @@ def lanes_for(pool: str | None, model: str | None, pools: Mapping[str, PoolConfi
     return model, (Lane(model=model, name=model, max_concurrency=concurrency),)
 
 
+#: batch and item ids: they name stored records and appear in URLs (``GET /v1/scillm/batch/{batch_id}``)
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}")
+
+
+def check_id(value: Any, what: str, where: str) -> str:
+    """``value`` as an id, or a 400 naming ``where``: 1-128 characters, letters, digits and ``._:@+=-``, starting
+    with a letter or digit (no ``/``, spaces or control characters). Integers are taken as their decimal text."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise errors.InvalidRequest(f"{what} must be 1-128 characters of letters, digits and ._:@+=- starting with a "
+                                    f"letter or digit, got {value!r:.60} @ {where}", param=where)
+    return value
+
+
 def build_items(raw_items: Any, shared: Mapping[str, Any], max_items: int) -> tuple[BatchItem, ...]:
+    """Validate the items at submission: ids, and scillm's own fields (``timeout``, ``scillm_metadata``,
+    ``json_schema`` through the shared schema gate) are 400s naming ``$.items[i]...``; an item without messages
+    or a prompt fails on its own without a call."""
     if not isinstance(raw_items, list) or not raw_items:
         raise errors.InvalidRequest("items must be a non-empty array @ $.items", param="$.items")
     if len(raw_items) > max_items:
@@ -406,13 +456,14 @@ def build_items(raw_items: Any, shared: Mapping[str, Any], max_items: int) -> tu
         if not isinstance(raw, dict):
             raise errors.InvalidRequest(f"each item must be an object @ {where}", param=where)
         raw = dict(raw)
-        item_id = raw.pop("item_id", None) or raw.pop("id", None) or f"item-{index}"
-        if not isinstance(item_id, str | int) or isinstance(item_id, bool):
-            raise errors.InvalidRequest(f"item_id must be a string @ {where}.item_id", param=f"{where}.item_id")
-        item_id = str(item_id)
+        given, alias = raw.pop("item_id", None), raw.pop("id", None)
+        key = "item_id" if given is not None else "id"
+        given = given if given is not None else alias
+        item_id = f"item-{index}" if given is None else check_id(given, "item_id", f"{where}.{key}")
         if item_id in seen:
-            raise errors.InvalidRequest(f"duplicate item_id {item_id!r} @ {where}.item_id", param=f"{where}.item_id")
+            raise errors.InvalidRequest(f"duplicate item_id {item_id!r} @ {where}.{key}", param=f"{where}.{key}")
         seen.add(item_id)
+        take_extensions(dict(raw), where=where)  # raises for a bad timeout / scillm_metadata of this item
         body = {**shared, **raw}
         body.pop("model", None)
         prompt = body.pop("prompt", None)
@@ -424,6 +475,29 @@ def build_items(raw_items: Any, shared: Mapping[str, Any], max_items: int) -> tu
                 error = f"item has neither messages nor a prompt @ {where}"
         items.append(BatchItem(index=index, item_id=item_id, body=body, error=error))
     return tuple(items)
+
+
+async def check_schemas(items: Sequence[BatchItem], shared: Mapping[str, Any]) -> None:
+    """Every ``json_schema`` (shared or per item) through the one schema gate before any call: a bad one is a 400
+    naming where it was given."""
+    checked: set[int] = set()
+    shared_schema = shared.get("json_schema")
+    if shared_schema is not None:
+        await _check_schema(shared_schema, "$")
+        checked.add(id(shared_schema))
+    for item in items:
+        schema = item.body.get("json_schema")
+        if schema is not None and id(schema) not in checked:
+            await _check_schema(schema, f"$.items[{item.index}]")
+            checked.add(id(schema))
+
+
+async def _check_schema(raw: Any, where: str) -> None:
+    if not isinstance(raw, dict):
+        raise errors.InvalidRequest(f"json_schema must be a JSON Schema object @ {where}.json_schema",
+                                    param=f"{where}.json_schema")
+    schema, suffix = schemas.unwrap(raw)
+    await schemas.check_schema_async(schema, f"{where}.json_schema{suffix}")
 
 
 def progress_of(batch: Mapping[str, Any] | None, results: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:

@@ -32,12 +32,11 @@ from scillm_core import (
     structure,
     unstructure,
 )
+from scillm_core.builtin.routing import model_catalog
+from scillm_core.models.extensions import EXTENSION_FIELDS, take_extensions
 
-__all__ = ["EXTENSION_FIELDS", "take_extensions"]
+__all__ = ["EXTENSION_FIELDS", "take_extensions"]  # defined in core (scillm_core.models.extensions), re-exported
 
-#: scillm's own request fields: taken out of the body before it is modelled, never sent upstream.
-EXTENSION_FIELDS = frozenset({"scillm_metadata", "timeout", "json_schema", "schema_retries", "source",
-                              "grounding_threshold", "grounding_retries", "cache"})
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
@@ -47,24 +46,11 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
     surfaces.route("/v1/models", list_models, ["GET"], plugin="chat")
 
 
-def take_extensions(body: dict[str, Any], fields: frozenset[str] = EXTENSION_FIELDS) -> dict[str, Any]:
-    """Take scillm's own ``fields`` out of a wire body (they never go upstream), checking the shared ones."""
-    extensions = {key: body.pop(key) for key in fields.intersection(body)}
-    timeout = extensions.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
-        raise errors.InvalidRequest("timeout must be a positive number of seconds @ $.timeout", param="$.timeout")
-    metadata = extensions.get("scillm_metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise errors.InvalidRequest("scillm_metadata must be an object @ $.scillm_metadata",
-                                    param="$.scillm_metadata")
-    return extensions
-
-
 def parse_chat_request(body: Any) -> ChatRequest:
     """Validate a wire body into a :class:`ChatRequest` (400 naming the JSON path on bad input)."""
     if not isinstance(body, dict):
         raise errors.InvalidRequest("request body must be a JSON object", param="$")
-    body["scillm"] = take_extensions(body)
+    body["scillm"] = take_extensions(body)  # scillm's own fields: checked here, never sent upstream
     request = structure(body, ChatRequest)
     if not request.messages:
         raise errors.InvalidRequest("messages must not be empty @ $.messages", param="$.messages")
@@ -140,15 +126,10 @@ async def _sse(opening: OpeningStream,
 
 
 async def list_models(request: Request) -> Response:
-    runtime = runtime_of(request)
-    data: dict[str, dict[str, Any]] = {}
-    for provider in runtime.providers.values():
-        if provider.missing_config() is not None:
-            continue
-        for name in (*provider.known_models(), *provider.aliases):
-            data.setdefault(name, {"id": name, "object": "model", "created": 0, "owned_by": provider.name})
-    for name, target in runtime.config.aliases.items():
-        data.setdefault(name, {"id": name, "object": "model", "created": 0, "owned_by": f"alias:{target}"})
-    for name in runtime.config.groups:
-        data.setdefault(name, {"id": name, "object": "model", "created": 0, "owned_by": "group"})
-    return json_response({"object": "list", "data": sorted(data.values(), key=lambda m: m["id"])})
+    """The names that can be called now (OpenAI's list shape), and under ``unavailable`` the ones that need a key
+    or login first, each saying what to set: the same catalog ``scillm models`` prints."""
+    catalog = model_catalog(runtime_of(request))
+    data = [{"id": m["id"], "object": "model", "created": 0, "owned_by": m["owned_by"]} for m in catalog if m["usable"]]
+    unavailable = [{"id": m["id"], "owned_by": m["owned_by"], "missing": m["missing"]}
+                   for m in catalog if not m["usable"]]
+    return json_response({"object": "list", "data": data, "unavailable": unavailable})

@@ -16,8 +16,9 @@ __all__ = ["RUN_KEY_PREFIX", "RunKeyMiddleware", "RunKeys", "run_keys"]
 
 RUN_KEY_PREFIX = "sk-scillm-run-"
 DEV_KEY = "sk-dev-proxy-123"  # SPEC, Auth: the loopback-only key when SCILLM_MASTER_KEY is unset
-MODEL_ROUTES = ("/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
-                "/v1/models", "/chat/completions", "/responses", "/messages", "/models")
+#: the only routes a run key opens (exact paths: a suffix match let it reach /v1/scillm/opencode-go/models)
+MODEL_ROUTES = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
+                          "/v1/models"})
 
 
 class RunKeys:
@@ -75,8 +76,7 @@ class RunKeyMiddleware:
         if found is None:
             await send_error(send, errors.AuthenticationError("run key is unknown or its run has ended"))
             return
-        path = scope["path"].rstrip("/")
-        if not any(path == r or path.endswith(r) for r in MODEL_ROUTES):
+        if scope["path"].rstrip("/") not in MODEL_ROUTES:
             await send_error(send, errors.PermissionDenied("a run key may call model routes only"))
             return
         run_id, caller = found

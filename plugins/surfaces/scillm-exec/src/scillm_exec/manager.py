@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import time
 import uuid
@@ -16,7 +15,9 @@ from typing import Any
 import attrs
 import orjson
 
-from scillm_core import Runtime, errors
+from scillm_core import Runtime, errors, schemas
+from scillm_core.jsonio import loads
+from scillm_core.redact import redact
 from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
 from scillm_exec.auth import run_keys
 from scillm_exec.config import allowed_roots, exec_config
@@ -34,7 +35,8 @@ def _bad(message: str, param: str) -> errors.InvalidRequest:
     return errors.InvalidRequest(f"{message} @ {param}", param=param)
 
 
-def spec_from_body(body: Any, runtime: Runtime, *, where: str = "$", extra_keys: set[str] = frozenset()) -> SessionSpec:
+async def spec_from_body(body: Any, runtime: Runtime, *, where: str = "$",
+                         extra_keys: set[str] = frozenset()) -> SessionSpec:
     """Validate a request body (or graph node) into a :class:`SessionSpec`; 400 naming the JSON path."""
     cfg = exec_config(runtime)
     if not isinstance(body, dict):
@@ -73,22 +75,15 @@ def spec_from_body(body: Any, runtime: Runtime, *, where: str = "$", extra_keys:
     timeout_s = seconds("timeout_s", cfg.default_timeout_s)
     idle = seconds("idle_timeout_s", None)
     schema = body.get("output_schema")
-    if schema is not None:
-        if not isinstance(schema, dict):
-            raise _bad("output_schema must be a JSON Schema object", f"{where}.output_schema")
-        import jsonschema
-
-        try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
-        except jsonschema.SchemaError as exc:
-            raise _bad(f"output_schema is not a valid JSON Schema: {exc.message}", f"{where}.output_schema") from None
+    if schema is not None:  # metaschema, references resolvable inside it, nothing fetched: else a 400 naming where
+        await schemas.check_schema_async(schema, f"{where}.output_schema")
     metadata = body.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise _bad("metadata must be an object", f"{where}.metadata")
     cwd = body.get("cwd")
     if cwd is not None:
-        if not isinstance(cwd, str) or not cwd:
-            raise _bad("cwd must be an absolute path string", f"{where}.cwd")
+        if not isinstance(cwd, str) or not cwd or "\0" in cwd:
+            raise _bad("cwd must be an absolute path string (without NUL characters)", f"{where}.cwd")
         cwd = str(check_cwd(cwd, runtime, f"{where}.cwd"))
     return SessionSpec(profile=profile, prompt=prompt, cwd=cwd, sandbox=sandbox, model=model,
                        timeout_s=timeout_s or cfg.default_timeout_s, idle_timeout_s=idle, output_schema=schema,
@@ -121,7 +116,7 @@ def parse_final_json(text: str) -> Any:
             candidates.append(text[i:j + 1])
     for candidate in candidates:
         try:
-            return json.loads(candidate)
+            return loads(candidate)
         except (ValueError, TypeError):
             continue
     raise ValueError("the final answer is not JSON")
@@ -221,31 +216,30 @@ class ExecManager:
         except errors.ScillmError as exc:
             outcome = SessionResult(run_id=run.run_id, status="failed", error=str(exc))
         except Exception as exc:  # a runner bug must not lose the run's record
-            outcome = SessionResult(run_id=run.run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+            outcome = SessionResult(run_id=run.run_id, status="failed", error=redact(f"{type(exc).__name__}: {exc}"))
         finally:
             self.keys.revoke(run.key)
-        result = self._finalise(run, outcome, time.monotonic() - started)
+        result = await self._finalise(run, outcome, time.monotonic() - started)
         await self.record(run)
         return result
 
-    def _finalise(self, run: Run, outcome: SessionResult, duration_s: float) -> dict[str, Any]:
+    async def _finalise(self, run: Run, outcome: SessionResult, duration_s: float) -> dict[str, Any]:
         status, error, parsed = outcome.status, outcome.error, outcome.result
         text = outcome.final_text or ""
         if status == "completed" and run.spec.output_schema is not None:
-            import jsonschema
-
             try:
                 parsed = parse_final_json(text) if parsed is None else parsed
-                jsonschema.validate(parsed, run.spec.output_schema)
+                validator = await schemas.check_schema_async(run.spec.output_schema, "$.output_schema")
+                problems = await schemas.errors_async(validator, parsed, 1)
             except ValueError as exc:
                 status, error, parsed = "failed", f"output_schema: {exc}", None
-            except jsonschema.ValidationError as exc:
-                where = "$" + "".join(f"[{p!r}]" if isinstance(p, str) else f"[{p}]" for p in exc.absolute_path)
-                status, parsed = "failed", None
-                error = f"output_schema: final answer does not match at {where}: {exc.message}"
+            else:
+                if problems:
+                    status, parsed = "failed", None
+                    error = f"output_schema: final answer does not match at {problems[0]}"
         elif parsed is None and text:
             with contextlib.suppress(ValueError):
-                parsed = json.loads(text)
+                parsed = loads(text)
         for name in ("events.jsonl", "stdout.log", "stderr.log"):
             (run.run_dir / name).touch()
         result = {"run_id": run.run_id, "status": status, "exit_code": outcome.exit_code, "final_text": text,
@@ -299,7 +293,7 @@ class ExecManager:
 
     # -- graphs ----------------------------------------------------------------------------------------------------
 
-    def parse_graph(self, body: Any) -> tuple[list[tuple[str, SessionSpec, list[str]]], int]:
+    async def parse_graph(self, body: Any) -> tuple[list[tuple[str, SessionSpec, list[str]]], int]:
         if not isinstance(body, dict):
             raise _bad("expected an object with nodes", "$")
         unknown = sorted(set(body) - {"nodes", "max_concurrency", "wait"})
@@ -326,7 +320,7 @@ class ExecManager:
             deps = node.get("depends_on", [])
             if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
                 raise _bad("depends_on must be an array of node ids", f"{where}.depends_on")
-            spec = spec_from_body({k: v for k, v in node.items() if k not in ("id", "depends_on")}, self.runtime,
+            spec = await spec_from_body({k: v for k, v in node.items() if k not in ("id", "depends_on")}, self.runtime,
                                   where=where)
             parsed.append((node_id, spec, list(deps)))
         for i, (node_id, _, deps) in enumerate(parsed):
@@ -377,26 +371,23 @@ class ExecManager:
 
 
 def _find_cycle(graph: Mapping[str, list[str]]) -> list[str] | None:
-    state: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for dep in graph[node]:
-            if state.get(dep) == 1:
-                return [*stack[stack.index(dep):], dep]
-            if dep not in state:
-                found = visit(dep)
-                if found:
-                    return found
-        stack.pop()
-        state[node] = 2
-        return None
-
-    for node in graph:
-        if node not in state:
-            found = visit(node)
-            if found:
-                return found
+    """A dependency cycle as ``[a, b, ..., a]``, else ``None``. Iterative: a long chain cannot exhaust the stack."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in graph:
+        if start in state:
+            continue
+        state[start] = 1
+        path = [start]
+        pending = [iter(graph[start])]
+        while pending:
+            dep = next(pending[-1], None)
+            if dep is None:
+                state[path.pop()] = 2
+                pending.pop()
+            elif state.get(dep) == 1:
+                return [*path[path.index(dep):], dep]
+            elif dep not in state:
+                state[dep] = 1
+                path.append(dep)
+                pending.append(iter(graph[dep]))
     return None

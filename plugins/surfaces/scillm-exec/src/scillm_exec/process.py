@@ -17,6 +17,8 @@ from typing import Any, BinaryIO
 import orjson
 from attrs import define, field
 
+from scillm_core.jsonio import loads
+from scillm_core.redact import StreamRedactor
 from scillm_core.sessions import SessionContext, SessionSpec
 from scillm_exec import sandbox
 from scillm_exec.config import exec_config
@@ -140,16 +142,13 @@ async def run_cli(argv: Sequence[str], *, spec: SessionSpec, ctx: SessionContext
     run_dir = ctx.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     source = source or spec.profile
-    secrets = [s.encode() for s in redact if s]
+    # one redactor per stream: each holds back a tail, so a secret split across two reads is still redacted
+    redactors = {"stdout": StreamRedactor(redact), "stderr": StreamRedactor(redact)}
+    scrub = redactors["stdout"].scrub
     events: list[dict[str, Any]] = []
     seq = 0
     tails = {"stdout": bytearray(), "stderr": bytearray()}
     last_activity = time.monotonic()
-
-    def scrub(data: bytes) -> bytes:
-        for secret in secrets:
-            data = data.replace(secret, b"[redacted]")
-        return data
 
     with open(run_dir / "stdout.log", "wb") as out_f, open(run_dir / "stderr.log", "wb") as err_f, \
             open(run_dir / "events.jsonl", "ab") as ev_f:
@@ -168,7 +167,7 @@ async def run_cli(argv: Sequence[str], *, spec: SessionSpec, ctx: SessionContext
             if not line.strip():
                 return
             try:
-                obj = orjson.loads(line)
+                obj = loads(line)
             except orjson.JSONDecodeError:
                 obj = None
             if isinstance(obj, dict):
@@ -188,21 +187,30 @@ async def run_cli(argv: Sequence[str], *, spec: SessionSpec, ctx: SessionContext
             env=dict(env), start_new_session=True, limit=CHUNK)
         pgid = proc.pid
 
+        def write(name: str, sink: BinaryIO, data: bytes) -> None:
+            """Already redacted ``data`` to the log, the tail and (stdout) the event lines."""
+            if not data:
+                return
+            sink.write(data)
+            sink.flush()
+            tail = tails[name]
+            tail += data
+            if len(tail) > 8192:
+                del tail[:-8192]
+            if name == "stdout":
+                lines.feed(data)
+
         async def pump(stream: asyncio.StreamReader, sink: BinaryIO, name: str) -> None:
             nonlocal last_activity
-            while True:
-                chunk = await stream.read(CHUNK)
-                if not chunk:
-                    break
-                last_activity = time.monotonic()
-                sink.write(scrub(chunk))
-                sink.flush()
-                tail = tails[name]
-                tail += chunk
-                if len(tail) > 8192:
-                    del tail[:-8192]
-                if name == "stdout":
-                    lines.feed(chunk)
+            try:
+                while True:
+                    chunk = await stream.read(CHUNK)
+                    if not chunk:
+                        break
+                    last_activity = time.monotonic()
+                    write(name, sink, redactors[name].feed(chunk))
+            finally:
+                write(name, sink, redactors[name].flush())
 
         async def feed() -> None:
             assert proc.stdin is not None
@@ -275,5 +283,5 @@ async def run_cli(argv: Sequence[str], *, spec: SessionSpec, ctx: SessionContext
         record("process.end", {"status": status, "exit_code": exit_code,
                                "duration_s": round(time.monotonic() - started, 3)})
     return CliOutcome(status=status, exit_code=exit_code, events=events, pgid=pgid, error=error,
-                      stdout_tail=scrub(bytes(tails["stdout"])).decode("utf-8", "replace"),
-                      stderr_tail=scrub(bytes(tails["stderr"])).decode("utf-8", "replace"))
+                      stdout_tail=bytes(tails["stdout"]).decode("utf-8", "replace"),
+                      stderr_tail=bytes(tails["stderr"]).decode("utf-8", "replace"))

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from scillm_core import errors
-from scillm_core.web import caller_of, json_response, read_json, runtime_of
+from scillm_core.web import caller_of, json_response, query_int, read_json, runtime_of
 from scillm_exec.config import exec_config
 from scillm_exec.manager import ExecManager, spec_from_body
 
@@ -62,7 +62,7 @@ async def create(request: Request) -> Response:
     if not isinstance(body, dict):
         raise errors.InvalidRequest("expected a JSON object @ $", param="$")
     wait = _wait_flag(body, False)
-    spec = spec_from_body(body, runtime)
+    spec = await spec_from_body(body, runtime)
     manager = manager_of(request)
     run = manager.start(spec, caller=caller, base_url=base_url_of(request))
     if wait:
@@ -87,11 +87,8 @@ async def events(request: Request) -> Response:
     run_id = request.path_params["run_id"]
     manager.load(run_id)
     heartbeat = exec_config(runtime_of(request)).heartbeat_s or runtime_of(request).config.server.heartbeat_s
-    after = request.query_params.get("after", "0")
-    if not after.isdigit():
-        raise errors.InvalidRequest("after must be a non-negative integer (an event seq) @ query.after",
-                                    param="after")
-    return StreamingResponse(_tail(manager, run_id, int(after), heartbeat), media_type="text/event-stream",
+    after = query_int(request, "after", default=0)  # the last event seq the client has
+    return StreamingResponse(_tail(manager, run_id, after, heartbeat), media_type="text/event-stream",
                              headers={"cache-control": "no-cache"})
 
 
@@ -139,7 +136,7 @@ async def graph(request: Request) -> Response:
     caller = caller_of(request, required=True)
     body = await read_json(request, limit_bytes=BODY_LIMIT)
     manager = manager_of(request)
-    nodes, limit = manager.parse_graph(body)
+    nodes, limit = await manager.parse_graph(body)
     return json_response(await manager.run_graph(nodes, limit, caller=caller, base_url=base_url_of(request)))
 
 

@@ -31,6 +31,7 @@ from scillm_core import (
     Usage,
     errors,
 )
+from scillm_core.jsonio import loads
 
 __all__ = ["STOP_REASONS", "StreamTranslator", "fit_thinking", "message_id", "parse_messages_request",
            "to_messages_response"]
@@ -433,7 +434,7 @@ def _tool_input(arguments: str) -> Any:
     if not arguments.strip():
         return {}
     try:
-        value = orjson.loads(arguments)
+        value = loads(arguments)
     except orjson.JSONDecodeError:
         return {"_raw_arguments": arguments}  # the model wrote invalid JSON: keep it visible, do not crash
     return value if isinstance(value, dict) else {"value": value}

@@ -14,6 +14,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scillm_core import errors
+from scillm_core.jsonio import loads
 
 __all__ = ["MESSAGES_PATHS", "AnthropicErrorMiddleware", "anthropic_error_parts", "anthropic_type_for",
            "error_event"]
@@ -103,7 +104,7 @@ class AnthropicErrorMiddleware:
 
 def _rewrite(raw: bytes, status: int, request_id: str) -> bytes:
     try:
-        data = orjson.loads(raw)
+        data = loads(raw)
     except orjson.JSONDecodeError:
         return orjson.dumps(_body(anthropic_type_for(status), raw.decode("utf-8", "replace")[:500] or
                                   f"HTTP {status}", request_id))

@@ -16,12 +16,10 @@ from typing import Any
 import orjson
 
 from scillm_core import ChatChunk, ChatRequest, ChatResponse, Usage, errors, structure
+from scillm_core.models.extensions import EXTENSION_FIELDS, take_extensions
 
 __all__ = ["EXTENSION_FIELDS", "EventStream", "new_id", "parse_request", "response_object", "usage_object"]
 
-#: scillm's own request fields (as on the chat surface): never sent upstream.
-EXTENSION_FIELDS = frozenset({"scillm_metadata", "timeout", "json_schema", "schema_retries", "source",
-                              "grounding_threshold", "grounding_retries", "cache"})
 #: Responses fields we accept and ignore (they ask for server-side behaviour that changes nothing here).
 IGNORED_FIELDS = frozenset({"store", "include", "prompt_cache_key", "prompt_cache_retention", "truncation",
                             "safety_identifier", "user", "service_tier", "stream_options", "top_logprobs",
@@ -236,13 +234,7 @@ def parse_request(body: Any) -> tuple[ChatRequest, dict[str, Any]]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad("model is required (a string)", "$.model")
-    extensions = {key: body[key] for key in EXTENSION_FIELDS.intersection(body)}
-    timeout = extensions.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
-        raise _bad("timeout must be a positive number of seconds", "$.timeout")
-    metadata = extensions.get("scillm_metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise _bad("scillm_metadata must be an object", "$.scillm_metadata")
+    extensions = take_extensions(dict(body))
     stream = body.get("stream", False)
     if not isinstance(stream, bool | type(None)):
         raise _bad(f"expected boolean, got {_json_type(stream)}", "$.stream")
