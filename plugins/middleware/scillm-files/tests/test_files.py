@@ -204,6 +204,20 @@ def test_unsafe_entry_names_are_refused(client: openai.OpenAI, fake: FakeOpenAI,
     assert why in error["message"] and error["param"] == "$.messages[0].content[1]"
 
 
+def test_symlink_entries_are_refused(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    import stat
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("ok.txt", b"fine")
+        link = zipfile.ZipInfo("passwd")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16  # a symbolic link to /etc/passwd, as `zip -y` stores it
+        archive.writestr(link, b"/etc/passwd")
+    error = rejected(client, fake, ask(file_part("application/zip", buffer.getvalue())))
+    assert error["code"] == "unsafe_zip_entry" and "symbolic link" in error["message"]
+    assert error["param"] == "$.messages[0].content[1]"
+
+
 def test_traversal_then_normal_request(client: openai.OpenAI, fake: FakeOpenAI) -> None:
     error = rejected(client, fake, ask(file_part("application/zip", make_zip([("../../etc/passwd", b"x")]))))
     assert "'../../etc/passwd'" in error["message"]
@@ -248,6 +262,16 @@ def test_bad_image_data_urls_are_400(client: openai.OpenAI, fake: FakeOpenAI) ->
     assert error["code"] == "invalid_base64" and error["param"] == "$.messages[0].content[1]"
     not_image = {"type": "image_url", "image_url": {"url": data_url("image/png", b"just some text")}}
     assert rejected(client, fake, ask(not_image))["code"] == "invalid_image"
+
+
+def test_data_url_scheme_is_case_insensitive(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    shouting = {"type": "image_url", "image_url": {"url": "DATA:image/png;base64,@@not-base64@@"}}
+    error = rejected(client, fake, ask(shouting))  # validated like data:, not passed on as a URL
+    assert error["code"] == "invalid_base64" and error["param"] == "$.messages[0].content[1]"
+    fake.script(Reply.say("a pixel"))
+    client.chat.completions.create(model=PDF_MODEL, messages=ask(
+        {"type": "image_url", "image_url": {"url": "Data:image/jpeg;base64," + TINY_PNG_B64}}))
+    assert upstream_content(fake)[1]["image_url"]["url"] == TINY_PNG_URL  # checked and its type corrected
 
 
 def test_image_declared_with_the_wrong_type_is_corrected_and_urls_pass(client: openai.OpenAI,

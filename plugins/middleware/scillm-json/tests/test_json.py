@@ -104,7 +104,7 @@ def test_schema_still_invalid_is_422_with_the_errors(client: openai.OpenAI, fake
 def test_bad_schema_or_retries_is_400_before_any_upstream_call(client: openai.OpenAI, fake: FakeOpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         ask(client, extra_body={"json_schema": {"type": "objekt"}})
-    assert caught.value.body["param"] == "$.json_schema"
+    assert caught.value.body["param"] == "$.json_schema.type"  # the path inside the schema
     with pytest.raises(openai.BadRequestError) as caught:
         ask(client, extra_body={"json_schema": PERSON, "schema_retries": 99})
     assert caught.value.body["param"] == "$.schema_retries"

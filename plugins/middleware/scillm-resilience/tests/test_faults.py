@@ -217,6 +217,19 @@ def test_500_then_fallback_to_the_groups_second_model(start, fake_a, fake_b):
     assert fake_b.last.headers["authorization"] == f"Bearer {DEEPSEEK_KEY}"
 
 
+@pytest.mark.parametrize("reply", [Reply.fail(400, "messages[0].content is too long", code="invalid_value"),
+                                   Reply.fail(422, "unprocessable")])
+def test_an_ordinary_400_inside_a_group_is_never_replayed_against_the_fallbacks(start, fake_a, fake_b, reply):
+    server = start(fake_a.base_url, fake_b.base_url, groups=GROUP, resilience={"max_retries": 3})
+    fake_a.script(reply)
+    fake_b.script(Reply.say("must not be asked"))
+    with pytest.raises(openai.APIStatusError) as caught:
+        client_for(server).chat.completions.create(model="g", messages=HI)
+    assert caught.value.status_code == reply.status
+    assert caught.value.response.headers["x-scillm-attempts"] == "1"
+    assert len(fake_a.requests) == 1 and fake_b.requests == []  # the request is bad everywhere: no replay
+
+
 def test_connection_refused_then_fallback(start, fake_b, closed_port):
     server = start(f"http://127.0.0.1:{closed_port}/v1", fake_b.base_url, groups=GROUP)
     fake_b.script(Reply.say("fallback after refused"))

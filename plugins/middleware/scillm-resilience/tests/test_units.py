@@ -80,6 +80,21 @@ def test_limiter_aimd_halves_once_per_window_and_recovers_one_per_quiet_period()
     asyncio.run(main())
 
 
+def test_aimd_decreases_count_only_halvings_that_change_the_limit():
+    async def main() -> None:
+        clock = Clock()
+        limiter = Limiter("p", 2, 10, aimd=True, recover_s=60.0, clock=clock)
+        for expected_effective, expected_decreases in ((1, 1), (1, 1), (1, 1)):
+            clock.now += 1
+            slot = await limiter.acquire(1)
+            limiter.rate_limited(slot)
+            slot.release()
+            assert (limiter.effective, limiter.snapshot()["aimd_decreases"]) == (expected_effective,
+                                                                                  expected_decreases)
+
+    asyncio.run(main())
+
+
 def test_limiter_queue_is_fifo_bounded_and_cancellation_frees_slots():
     async def main() -> None:
         limiter = Limiter("p", 1, 2, aimd=False, recover_s=1.0)

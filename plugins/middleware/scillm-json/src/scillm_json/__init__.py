@@ -25,7 +25,8 @@ import attrs
 import orjson
 from attrs import frozen
 
-from scillm_core import ChatRequest, ChatResponse, Message, Runtime, errors, hookimpl
+from scillm_core import ChatRequest, ChatResponse, Message, Runtime, errors, hookimpl, schemas
+from scillm_core.jsonio import MAX_DEPTH, JSONTooDeep, depth_problem, loads
 
 if TYPE_CHECKING:
     from scillm_core import CallContext
@@ -96,16 +97,24 @@ def extract_json(text: str) -> tuple[Any, str, bool]:
     """``(value, json_text, repaired)`` for an answer; raises ``ValueError`` when it holds no JSON object/array."""
     body = strip_fences(text)
     try:
-        value = orjson.loads(body)
+        value = loads(body)
         return value, body, body != text.strip()
+    except JSONTooDeep as exc:
+        raise ValueError(f"the answer is {exc.msg}") from None
     except orjson.JSONDecodeError:
         pass
     import json_repair
 
-    value = json_repair.repair_json(body, return_objects=True)
+    try:
+        value = json_repair.repair_json(body, return_objects=True)
+        repaired = orjson.dumps(value).decode()
+        if depth_problem(value) is not None:
+            raise ValueError
+    except (RecursionError, ValueError, TypeError):  # orjson.JSONEncodeError is a TypeError
+        raise ValueError(f"the answer is nested deeper than {MAX_DEPTH} levels or cannot be repaired") from None
     if not isinstance(value, dict | list) or (not value and not re.search(r"[\[{]", body)):
         raise ValueError("the answer holds no JSON object or array")
-    return value, orjson.dumps(value).decode(), True
+    return value, repaired, True
 
 
 def _wants_json(request: ChatRequest, ctx: CallContext) -> bool:
@@ -117,25 +126,15 @@ def _wants_json(request: ChatRequest, ctx: CallContext) -> bool:
     return request.scillm.get("json_schema") is not None
 
 
-def _schema_of(request: ChatRequest) -> dict[str, Any] | None:
+def _raw_schema(request: ChatRequest) -> tuple[Any, str] | None:
+    """The caller's ``json_schema`` (unwrapped from ``{"name", "schema"}``) and its path, or ``None``."""
     raw = request.scillm.get("json_schema")
     if raw is None:
         return None
     if not isinstance(raw, dict):
         raise errors.InvalidRequest("json_schema must be a JSON Schema object @ $.json_schema", param="$.json_schema")
-    schema = raw
-    if isinstance(raw.get("schema"), dict) and not ({"type", "properties", "$schema"} & raw.keys()):
-        schema = raw["schema"]  # the response_format wrapper {"name", "schema", "strict"}
-    from jsonschema import SchemaError  # type: ignore[import-untyped]
-    from jsonschema.validators import validator_for  # type: ignore[import-untyped]
-
-    try:
-        validator_for(schema).check_schema(schema)
-    except SchemaError as exc:
-        where = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in exc.path)
-        raise errors.InvalidRequest(f"json_schema is not a valid JSON Schema: {exc.message} @ $.json_schema{where}",
-                                    param="$.json_schema") from None
-    return schema
+    schema, suffix = schemas.unwrap(raw)
+    return schema, "$.json_schema" + suffix
 
 
 def _retries_of(request: ChatRequest, config: JSONConfig) -> int:
@@ -148,18 +147,6 @@ def _retries_of(request: ChatRequest, config: JSONConfig) -> int:
     return raw
 
 
-def schema_errors(schema: Mapping[str, Any], value: Any) -> list[str]:
-    from jsonschema.validators import validator_for  # type: ignore[import-untyped]
-
-    validator = validator_for(schema)(schema)
-    found = sorted(validator.iter_errors(value), key=lambda e: [str(p) for p in e.absolute_path])
-    return [f"{_path(e.absolute_path)}: {e.message}" for e in found[:MAX_ERRORS]]
-
-
-def _path(parts: Any) -> str:
-    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
-
-
 # -- the wrapper ---------------------------------------------------------------------------------------------------
 
 @hookimpl(wrapper=True)
@@ -168,15 +155,17 @@ def postprocess_json(request: ChatRequest, ctx: CallContext) -> Any:
     config = _config(ctx.runtime)
     if not config.enabled or not isinstance(request, ChatRequest) or not _wants_json(request, ctx):
         return call  # embeddings requests pass through: there is no answer text to repair
-    schema = _schema_of(request)  # 400s surface before any upstream call
+    raw_schema = _raw_schema(request)
     retries = _retries_of(request, config)
     if request.stream:
-        if schema is not None:
+        if raw_schema is not None:
             raise errors.InvalidRequest("json_schema cannot be validated on a streamed answer; send stream: false "
                                         "@ $.json_schema", param="$.json_schema")
         return call
 
     async def checked() -> ChatResult:
+        # the schema is checked (metaschema, references, no fetching) before any upstream call: a bad one is a 400
+        schema = None if raw_schema is None else await schemas.check_schema_async(*raw_schema)
         result = await call()
         if not isinstance(result, ChatResponse):
             return result
@@ -186,7 +175,7 @@ def postprocess_json(request: ChatRequest, ctx: CallContext) -> Any:
         attempts = 1
         current_request = request
         while True:
-            problems = _validate(response, schema)
+            problems = await _validate(response, schema)
             if not problems:
                 return attrs.evolve(response, extra={**response.extra, "schema_validated": True,
                                                      "schema_attempts": attempts})
@@ -215,11 +204,11 @@ def _repaired(response: ChatResponse, ctx: CallContext, request: ChatRequest) ->
             continue
         try:
             _, text, repaired = extract_json(message.text)
-        except ValueError:
+        except ValueError as exc:
             route = ctx.route
             preview = message.text[:120].replace("\n", " ")
             raise JSONValidationError(
-                f"JSON was asked for but choice {choice.index} is not JSON and cannot be repaired "
+                f"JSON was asked for but choice {choice.index} is not JSON and cannot be repaired: {exc} "
                 f"(starts with {preview!r})", provider=route.provider if route else "?",
                 model=route.model if route else request.model) from None
         repaired_any = repaired_any or repaired
@@ -229,11 +218,11 @@ def _repaired(response: ChatResponse, ctx: CallContext, request: ChatRequest) ->
     return attrs.evolve(response, choices=tuple(choices), extra={**response.extra, "json_repaired": True})
 
 
-def _validate(response: ChatResponse, schema: Mapping[str, Any]) -> list[str]:
+async def _validate(response: ChatResponse, validator: Any) -> list[str]:
     problems: list[str] = []
     for choice in response.choices:
-        value = orjson.loads(choice.message.text) if choice.message.text else None
-        found = schema_errors(schema, value)
+        value = loads(choice.message.text) if choice.message.text else None
+        found = await schemas.errors_async(validator, value, MAX_ERRORS)
         prefix = f"choice {choice.index}: " if len(response.choices) > 1 else ""
         problems.extend(prefix + p for p in found)
     return problems

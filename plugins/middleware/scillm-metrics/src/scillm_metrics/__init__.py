@@ -35,6 +35,7 @@ from starlette.responses import Response
 
 from scillm_core import Route, Runtime, SurfaceRegistry, errors, hookimpl, json_response, runtime_of
 from scillm_core.redact import env_secrets, redact
+from scillm_core.web import query_int
 from scillm_metrics.series import Counters, Histograms, SeriesCollector
 
 if TYPE_CHECKING:
@@ -196,12 +197,27 @@ def redact_record(value: Any, secrets: Iterable[str] = ()) -> Any:
 
 
 def redact_batch(records: list[dict[str, Any]], secrets: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """``records`` redacted. One scan of the batch's JSON tells whether anything needs it (almost never): without
-    a backslash every string, key included, appears in it verbatim. Only then is each record walked."""
-    text = orjson.dumps(records, default=str).decode()
+    """``records`` redacted and writable. One scan of the batch's JSON tells whether anything needs redaction
+    (almost never): without a backslash every string, key included, appears in it verbatim. Only then is each
+    record walked. A record that cannot be serialised is replaced by its plain fields and the reason, alone: the
+    rest of the batch is written as usual."""
+    try:
+        text = orjson.dumps(records).decode()
+    except orjson.JSONEncodeError:
+        records = [_writable(record) for record in records]
+        text = orjson.dumps(records).decode()
     if "\\" not in text and redact(text, secrets) == text:
         return records
     return [redact_record(record, secrets) for record in records]
+
+
+def _writable(record: dict[str, Any]) -> dict[str, Any]:
+    try:
+        orjson.dumps(record)
+        return record
+    except orjson.JSONEncodeError as exc:
+        plain = {k: v for k, v in record.items() if v is None or isinstance(v, str | int | float | bool)}
+        return {**plain, "log_error": f"record could not be serialised ({exc}); its structured fields are left out"}
 
 
 @hookimpl
@@ -390,13 +406,10 @@ def _finish_request(state: MetricsState, request: ChatRequest, ctx: CallContext,
 
 async def calls(request: Request) -> Response:
     runtime = runtime_of(request)
-    raw = request.query_params.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
-        raise errors.InvalidRequest(f"limit must be an integer from 1 to 1000, got {raw[:20]!r} @ query.limit",
-                                    param="limit")
+    limit = query_int(request, "limit", default=100, minimum=1, maximum=1000)
     state = _state(runtime)
     if state is not None:
         await state.flush(1.0)  # records still queued are part of the tail
-    records = await runtime.store.tail(NAMESPACE, int(raw))
+    records = await runtime.store.tail(NAMESPACE, limit)
     return json_response({"object": "list", "data": records, "count": len(records),
                           "enabled": state is not None and state.config.call_log})

@@ -181,7 +181,7 @@ def scillm_doctor(runtime: Runtime) -> list[dict[str, Any]]:
               f"{', '.join(sorted(runtime.providers))})" if unknown else
               f"limits for {', '.join(sorted(state.limited)) or 'no provider'}; default "
               f"{cfg.default_limit.max_concurrency} in flight, {cfg.default_limit.max_queue} queued")
-    return [{"check": "resilience limits", "ok": not unknown, "detail": detail}]
+    return [{"check": "resilience limits", "ok": not unknown, "required": bool(unknown), "detail": detail}]
 
 
 @hookimpl(wrapper=True)

@@ -63,9 +63,11 @@ class Limiter:
             return
         self._recover()
         now = self.clock()
-        self.effective = max(1, self.effective // 2)
+        halved = max(1, self.effective // 2)
+        if halved < self.effective:  # at 1 there is nothing left to halve: not a decrease
+            self.decreases += 1
+        self.effective = halved
         self.last_change = self.last_decrease = now
-        self.decreases += 1
 
     # -- slots --------------------------------------------------------------------------------------------------
 
