@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from scillm_core.testing import DEV_KEY
+from scillm_core.testing import DEV_KEY, free_port
 
 SCILLM = str(Path(sys.executable).with_name("scillm"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(tmp_path, **extra) -> dict[str, str]:
@@ -79,21 +72,72 @@ def test_a_misspelled_provider_table_stops_startup_naming_it(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_plugins_models_and_doctor(tmp_path):
-    env = clean_env(tmp_path, DEEPSEEK_API_KEY="sk-doctor-secret-1234", DEEPSEEK_API_BASE="http://127.0.0.1:9/v1")
-    plugins = json.loads(subprocess.run([SCILLM, "plugins", "--json"], cwd=tmp_path, env=env, capture_output=True,
-                                        text=True, timeout=30, check=True).stdout)
+def scillm(tmp_path, env, *args, **kw):
+    return subprocess.run([SCILLM, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, **kw)
+
+
+def hermetic(tmp_path, **extra):
+    """No keys and no logins from this machine (HOME, Claude and Codex credentials point into tmp_path); the agent
+    CLI checks (seconds each) are tested with the runners."""
+    return clean_env(tmp_path, HOME=str(tmp_path), SCILLM_CLAUDE_CREDENTIALS=str(tmp_path / "none.json"),
+                     SCILLM_CODEX_AUTH=str(tmp_path / "none-auth.json"), OLLAMA_API_BASE="http://127.0.0.1:9",
+                     SCILLM_DISABLE_PLUGINS="agent-runners", **extra)
+
+
+def test_plugins_and_models(tmp_path):
+    env = hermetic(tmp_path, DEEPSEEK_API_KEY="sk-doctor-secret-1234")
+    plugins = json.loads(scillm(tmp_path, env, "plugins", "--json", check=True).stdout)
     assert {"chat", "ops", "auth", "openai-compat"} <= {p["name"] for p in plugins}
-    models = subprocess.run([SCILLM, "models"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30,
-                            check=True).stdout
-    assert "text-deepseek" in models and "opencode-go/<model>" in models
-    doctor = subprocess.run([SCILLM, "doctor", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=60, check=True).stdout
-    checks = {c["check"]: c for c in json.loads(doctor)}
-    assert checks["provider deepseek"]["ok"] is True
-    assert checks["reach deepseek"]["ok"] is False
-    assert checks["provider glm"]["ok"] is False and "GLM_API_KEY" in checks["provider glm"]["detail"]
-    assert "sk-doctor-secret" not in doctor
+    models = scillm(tmp_path, env, "models", check=True).stdout
+    usable, _, waiting = models.partition("Not usable until configured")
+    assert "text-deepseek" in usable and "gpt-4o" not in usable
+    assert "set OPENAI_API_KEY" in waiting and "gpt-4o" in waiting and "opencode-go/<model>" in models
+
+
+def test_models_command_and_the_models_endpoint_agree(tmp_path):
+    from scillm_core.testing import ServerThread, make_app
+
+    keys = {"DEEPSEEK_API_KEY": "sk-agree-1234567890"}
+    listed = json.loads(scillm(tmp_path, hermetic(tmp_path, **keys), "models", "--json", check=True).stdout)
+    config_env = {k: v for k, v in hermetic(tmp_path, **keys).items() if k.startswith(("SCILLM_", "OLLAMA_"))}
+    with ServerThread(make_app(env={**keys, **config_env}, data_dir=tmp_path / "d")) as server:
+        served = httpx.get(server.url + "/v1/models", headers={"authorization": f"Bearer {DEV_KEY}"}).json()
+        missing = httpx.post(server.url + "/v1/chat/completions", headers={"authorization": f"Bearer {DEV_KEY}"},
+                             json={"model": "text-deepsek", "messages": [{"role": "user", "content": "x"}]}).json()
+    assert {m["id"] for m in served["data"]} == {m["id"] for m in listed if m["usable"]}
+    assert {m["id"]: m["missing"] for m in served["unavailable"]} == \
+        {m["id"]: m["missing"] for m in listed if not m["usable"]}
+    assert "text-deepseek" in {m["id"] for m in served["data"]}
+    assert "`scillm models`" in missing["error"]["message"]  # the 404 points at both
+
+
+def test_doctor_fails_when_no_provider_is_usable_and_marks_nothing_unconfigured_ok(tmp_path):
+    result = scillm(tmp_path, hermetic(tmp_path), "doctor")
+    assert result.returncode == 1, result.stdout
+    assert "no provider is usable" in result.stdout
+    for line in result.stdout.splitlines():
+        if line.startswith("[ok"):
+            assert "not configured" not in line and "not_configured" not in line and "HTTP 404" not in line, line
+    assert "[--  ] claude login: not_configured" in result.stdout
+
+
+def test_doctor_probes_credentials_and_says_what_answered(tmp_path):
+    from scillm_core.testing import FakeOpenAI
+
+    with FakeOpenAI() as fake:
+        ok = scillm(tmp_path, hermetic(tmp_path, DEEPSEEK_API_KEY="sk-doctor-secret-1234",
+                                       DEEPSEEK_API_BASE=fake.base_url), "doctor")
+        assert ok.returncode == 0, ok.stdout
+        assert "[ok  ] reach deepseek:" in ok.stdout and "credentials accepted" in ok.stdout
+        wrong_path = scillm(tmp_path, hermetic(tmp_path, DEEPSEEK_API_KEY="sk-doctor-secret-1234",
+                                               DEEPSEEK_API_BASE=fake.url + "/nothing-here"), "doctor", "--json")
+    checks = {c["check"]: c for c in json.loads(wrong_path.stdout)}
+    assert checks["reach deepseek"]["ok"] is False and "HTTP 404" in checks["reach deepseek"]["detail"]
+    assert wrong_path.returncode == 1  # reachable, but nothing shows the key works: not usable
+    refused = scillm(tmp_path, hermetic(tmp_path, DEEPSEEK_API_KEY="sk-doctor-secret-1234",
+                                        DEEPSEEK_API_BASE="http://127.0.0.1:9/v1"), "doctor")
+    assert refused.returncode == 1 and "[FAIL] reach deepseek" in refused.stdout
+    assert "sk-doctor-secret" not in ok.stdout + wrong_path.stdout + refused.stdout
 
 
 def test_serve_tunes_the_garbage_collector_for_a_long_running_process():

@@ -56,3 +56,54 @@ def test_env_secrets_are_the_values_of_secret_named_variables():
     env = {"DEEPSEEK_API_KEY": "sk-deep-0123456789", "CHUTES_API": "cpk_abcdefgh12", "GH_TOKEN": "short",
            "SCILLM_MASTER_KEY": "sk-master-longer-than-the-rest-0123", "HOME": "/home/someone-long"}
     assert env_secrets(env) == ("sk-master-longer-than-the-rest-0123", "sk-deep-0123456789", "cpk_abcdefgh12")
+
+
+def test_secrets_of_the_environment_are_redacted_in_every_error_once_remembered():
+    from scillm_core import errors
+    from scillm_core.redact import remember, env_secrets
+
+    env = {"GLM_API_KEY": "0f3c9a7e5b1d4c2a.Zt4Qw9Lx", "SCILLM_CLAUDE_CREDENTIALS": "/home/u/.claude/c.json",
+           "SCILLM_CLAUDE_TOKEN_URL": "http://127.0.0.1:1/token", "LANG": "C.UTF-8"}
+    assert env_secrets(env) == ("0f3c9a7e5b1d4c2a.Zt4Qw9Lx",)  # values, not where values are
+    remember(env_secrets(env))
+    error = errors.UpstreamProtocolError("unexpected role 'Bearer 0f3c9a7e5b1d4c2a.Zt4Qw9Lx'", provider="glm",
+                                         model="m", details={"seen": ["0f3c9a7e5b1d4c2a.Zt4Qw9Lx"]})
+    assert "0f3c9a7e5b1d4c2a" not in error.message + str(error) + str(error.details)
+    unknown = errors.UpstreamAuthError("Incorrect API key provided: sk-proj-9a8b7c6d5e4f3a2b1c0d", provider="p",
+                                       model="m")
+    assert "9a8b7c6d5e4f" not in unknown.message  # a key nobody gave scillm: by its shape
+
+
+def test_excerpt_redacts_before_it_cuts():
+    from scillm_core.redact import remember
+    from scillm_core.upstream import excerpt
+
+    remember(["plain-secret-value-0123456789"])
+    text = "x" * 30 + "plain-secret-value-0123456789"
+    assert "plain-secret" not in excerpt(text, 45)  # cut through the secret: no prefix of it survives
+
+
+def test_tracebacks_in_log_records_are_redacted(caplog):
+    logger = logging.getLogger("scillm.test-redact-traceback")
+    handler_filter = RedactingFilter()
+    caplog.handler.addFilter(handler_filter)
+    try:
+        try:
+            raise RuntimeError("upstream said Bearer sk-live-traceback-0123456789")
+        except RuntimeError:
+            logger.exception("failed")
+    finally:
+        caplog.handler.removeFilter(handler_filter)
+    assert "sk-live-traceback" not in caplog.text and "RuntimeError" in caplog.text
+
+
+@pytest.mark.parametrize("cut", [1, 7, 14, 20, 27])
+def test_stream_redactor_finds_a_secret_split_across_reads(cut):
+    from scillm_core.redact import StreamRedactor
+
+    secret = "sk-scillm-run-abcdef0123456789"
+    data = b"a" * 100 + secret.encode() + b" tail\n"
+    at = 100 + cut
+    redactor = StreamRedactor([secret])
+    out = redactor.feed(data[:at]) + redactor.feed(data[at:]) + redactor.flush()
+    assert out == b"a" * 100 + b"[redacted] tail\n"

@@ -1,4 +1,5 @@
-"""Routing order: alias -> group -> explicit prefix -> name rules; unknown names get close matches."""
+"""Routing order (SPEC.md): alias (scillm.toml's, then built-in) -> configured group -> explicit prefix -> name
+rules; unknown names get close matches."""
 
 from __future__ import annotations
 
@@ -43,6 +44,26 @@ def test_alias_wins_over_everything_then_group_then_prefix():
     team = route("team", config)
     assert (team.provider, team.model, team.group, team.requested) == ("glm", "glm-5.1", "smart", "team")
     assert [(f.provider, f.model) for f in team.fallbacks] == [("glm", "glm-4.6")]
+
+
+def test_a_name_that_is_both_an_alias_and_a_group_routes_as_the_alias():
+    config = {"aliases": {"team": "moonshot/kimi-k2.6"},
+              "groups": {"team": {"models": ["glm/glm-5.1"]}, "text-deepseek": {"models": ["glm/glm-5.1"]}}}
+    team = route("team", config)  # a configured alias beats a configured group of the same name
+    assert (team.provider, team.model, team.group) == ("moonshot", "kimi-k2.6", None)
+    builtin = route("text-deepseek", config)  # so does a provider's built-in alias
+    assert (builtin.provider, builtin.model, builtin.group) == ("deepseek", "deepseek-chat", None)
+    aimed = route("text-deepseek", {**config, "aliases": {"text-deepseek": "mine"},
+                                     "groups": {"mine": {"models": ["glm/glm-5.1"]}}})
+    assert (aimed.provider, aimed.group) == ("glm", "mine")  # the way to put a group behind that name
+
+
+def test_doctor_names_a_group_that_an_alias_hides():
+    from scillm_core.builtin.routing import shadowed_groups
+
+    app = make_app(env=ENV, config={"groups": {"text-glm": {"models": ["deepseek/deepseek-chat"]},
+                                               "fine": {"models": ["glm/glm-5.1"]}}})
+    assert shadowed_groups(app.runtime) == {"text-glm": "built-in alias of glm -> glm-5.1"}
 
 
 def test_group_fallbacks_keep_order():

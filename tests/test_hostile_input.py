@@ -1,0 +1,216 @@
+"""Hostile input on the request path, with every bundled plugin loaded: schemas that point off the machine or at
+themselves, JSON nested 300 deep in every carrier, malformed query integers, and what an error response carries.
+Each is a 4xx naming where, before any upstream call, while the server keeps answering everyone else."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from scillm_core import hookimpl
+from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread, SilentListener, make_app
+
+AUTH = {"authorization": f"Bearer {DEV_KEY}"}
+MODEL = "deepseek/deepseek-chat"
+USER = [{"role": "user", "content": "x"}]
+
+
+def deep(levels: int) -> Any:
+    value: Any = "bottom"
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+def deep_answer() -> Reply:
+    """A well-formed completion whose message carries an extra field nested 300 deep."""
+    body = FakeOpenAI().completion(Reply.say("fine"), "chatcmpl-deep", MODEL)
+    body["choices"][0]["message"]["extra_detail"] = deep(300)
+    return Reply(raw=json.dumps(body).encode())
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def server(fake, tmp_path_factory):
+    env = {"DEEPSEEK_API_KEY": "sk-hostile-deepseek-0123456789", "DEEPSEEK_API_BASE": fake.base_url}
+    app = make_app(env=env, data_dir=tmp_path_factory.mktemp("d"), config={"resilience": {"max_retries": 0}})
+    with ServerThread(app) as server:
+        yield server
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=30)
+
+
+def post(server, path: str, body: Any, **kw: Any) -> httpx.Response:
+    return httpx.post(server.url + path, content=json.dumps(body), timeout=30,  # orjson stops at 254 levels
+                      headers={**AUTH, "content-type": "application/json", "x-caller-skill": "hostile"}, **kw)
+
+
+# -- schemas never fetch, never loop -------------------------------------------------------------------------------
+
+def test_remote_ref_is_a_400_and_never_fetched_while_the_server_keeps_answering(server, fake, client):
+    sent = len(fake.requests)
+    with SilentListener() as listener, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        schema = {"type": "object", "properties": {"a": {"$ref": listener.url + "/anything"}}}
+        call = pool.submit(post, server, "/v1/chat/completions",
+                           {"model": MODEL, "messages": USER, "json_schema": schema})
+        for _ in range(3):  # the event loop is never blocked by the schema
+            assert httpx.get(server.url + "/health/liveliness", timeout=5).status_code == 200
+        response = call.result(timeout=30)
+        assert listener.connections == 0
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "$.json_schema.properties.a.$ref"
+    assert "never fetched" in error["message"]
+    assert len(fake.requests) == sent  # rejected before any upstream call
+
+
+@pytest.mark.parametrize(("schema", "param"), [
+    ({"$ref": "#"}, "$.json_schema"),
+    ({"$ref": "#/$defs/a", "$defs": {"a": {"allOf": [{"$ref": "#/$defs/b"}]}, "b": {"$ref": "#/$defs/a"}}},
+     "$.json_schema.$defs.a"),
+    ({"properties": {"a": {"$ref": "#/$defs/missing"}}}, "$.json_schema.properties.a.$ref"),
+    ({"properties": {"a": {"$ref": "file:///etc/passwd"}}}, "$.json_schema.properties.a.$ref"),
+    ({"name": "wrapped", "schema": {"$ref": "other.json"}}, "$.json_schema.schema.$ref"),
+])
+def test_self_referencing_or_unresolvable_schemas_are_400_before_the_upstream_call(server, fake, schema, param):
+    sent = len(fake.requests)
+    response = post(server, "/v1/chat/completions", {"model": MODEL, "messages": USER, "json_schema": schema})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert len(fake.requests) == sent
+
+
+def test_a_recursive_schema_that_descends_still_validates(client, fake):
+    tree = {"type": "object", "properties": {"child": {"$ref": "#"}, "n": {"type": "integer"}}, "required": ["n"]}
+    fake.script(Reply.say('{"n": 1, "child": {"n": 2}}'))
+    completion = client.chat.completions.create(model=MODEL, messages=USER, extra_body={"json_schema": tree})
+    assert completion.model_extra["schema_validated"] is True
+
+
+# -- 300-deep JSON in every carrier --------------------------------------------------------------------------------
+
+CHAT = {"model": MODEL, "messages": USER}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(("path", "body", "carrier"), [
+    ("/v1/chat/completions", {**CHAT, "scillm_metadata": deep(300)}, "$.scillm_metadata"),
+    ("/v1/chat/completions", {**CHAT, "vendor_option": deep(300)}, "$.vendor_option"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{**TOOL, "function": {"name": "f", "parameters": deep(300)}}]},
+     "$.tools[0].function.parameters"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x", "meta": deep(300)}]},
+     "$.messages[0].meta"),
+    ("/v1/chat/completions", {**CHAT, "json_schema": deep(300)}, "$.json_schema"),
+    ("/v1/chat/completions", {**CHAT, "json_schema": {"properties": {"a": deep(100)}}}, "$.json_schema"),
+    ("/v1/messages", {"model": MODEL, "max_tokens": 5, "messages": USER, "metadata": deep(300)}, "$.metadata"),
+    ("/v1/responses", {"model": MODEL, "input": "x", "metadata": deep(300)}, "$.metadata"),
+    ("/v1/scillm/batch/completions", {"model": MODEL, "items": [{"prompt": "x"}], "vendor_option": deep(300)},
+     "$.vendor_option"),
+    ("/v1/scillm/batch/completions", {"model": MODEL, "items": [{"prompt": "x", "scillm_metadata": deep(300)}]},
+     "$.items[0].scillm_metadata"),
+    ("/v1/scillm/batch/completions", {"model": MODEL, "items": [{"prompt": "x", "json_schema": deep(70)}]},
+     "$.items[0].json_schema"),
+])
+def test_deep_json_is_a_400_naming_the_carrier(server, fake, path, body, carrier):
+    sent = len(fake.requests)
+    response = post(server, path, body)
+    assert response.status_code == 400, response.text[:300]
+    error = response.json().get("error") or {}
+    param = error.get("param") or error.get("message", "")  # the Anthropic envelope has no param: in the message
+    assert carrier in param, response.text[:300]
+    assert "nested" in error["message"]
+    assert len(fake.requests) == sent
+    assert httpx.get(server.url + "/health/liveliness").status_code == 200
+
+
+def test_an_upstream_answer_nested_300_deep_is_a_502_not_a_500(client, fake):
+    fake.script(deep_answer())
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model=MODEL, messages=USER)
+    assert caught.value.status_code == 502
+    assert caught.value.body["code"] == "upstream_bad_response" and "nested deeper" in caught.value.body["message"]
+
+
+def test_one_unwritable_call_log_record_never_loses_the_others(server):
+    runtime = server.app.runtime
+    state = runtime.plugin_state["metrics"]
+
+    async def write() -> list[dict[str, Any]]:
+        good = [{"request_id": f"good-{i}", "caller": "c", "scillm_metadata": {"i": i}} for i in range(20)]
+        bad = {"request_id": "bad", "caller": "c", "scillm_metadata": deep(300)}
+        for record in [*good[:10], bad, *good[10:]]:
+            state.enqueue(record)
+        await state.flush(10)
+        return await runtime.store.tail("calls", 1000)
+
+    records = server_loop_run(server, write())
+    ids = {r["request_id"] for r in records}
+    assert {f"good-{i}" for i in range(20)} <= ids
+    bad = next(r for r in records if r["request_id"] == "bad")
+    assert "log_error" in bad and "scillm_metadata" not in bad
+    assert state.counts["write_errors"] == 0
+
+
+def server_loop_run(server: ServerThread, coro: Any) -> Any:
+    import asyncio
+
+    return asyncio.run_coroutine_threadsafe(coro, server.loop).result(timeout=30)
+
+
+# -- query integers ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["²", "9" * 5000, "-1", "0", "1001", "1e3", " 5"])
+def test_calls_limit_that_is_not_a_plain_integer_in_range_is_400(server, value):
+    response = httpx.get(server.url + "/v1/scillm/calls", params={"limit": value}, headers=AUTH)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "limit", response.text[:200]
+
+
+# -- what errors carry ---------------------------------------------------------------------------------------------
+
+def test_error_responses_say_how_many_upstream_attempts_were_made(server, fake):
+    fake.script(Reply.fail(400, "the model refuses this input"))
+    response = post(server, "/v1/chat/completions", {"model": MODEL, "messages": USER})
+    assert response.status_code == 400 and response.headers["x-scillm-attempts"] == "1"
+    not_configured = post(server, "/v1/chat/completions", {"model": "glm/glm-5.1", "messages": USER})
+    assert not_configured.status_code == 400 and not_configured.headers["x-scillm-attempts"] == "0"
+
+
+class Boom:
+    """A plugin whose route fails with an unexpected exception (a bug)."""
+
+    @hookimpl
+    def scillm_register_surfaces(self, surfaces, runtime):
+        async def boom(request):
+            raise RuntimeError("a plugin bug")
+
+        surfaces.route("/v1/boom", boom, ["GET"], plugin="boom")
+
+
+def test_an_unexpected_error_is_one_500_and_one_traceback(tmp_path, caplog):
+    app = make_app(data_dir=tmp_path, plugins=[("boom", Boom())], only=("auth", "ops"))
+    server = ServerThread(app)
+    uvicorn_log = logging.getLogger("uvicorn")  # `scillm serve` sends uvicorn's records to the root handler too
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.ERROR), server:
+            response = httpx.get(server.url + "/v1/boom", headers=AUTH)
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+    tracebacks = [r for r in caplog.records if r.exc_info or r.exc_text]
+    assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
+    assert "a plugin bug" in caplog.text
