@@ -1,0 +1,73 @@
+"""Cost of the hostile-input guards on the request path, against what they replaced (medians of interleaved runs):
+
+- ``jsonio.loads`` (nesting bounded at 128) vs ``orjson.loads``, on a stream chunk, a chat body and a body with
+  many brackets;
+- ``schemas.check_schema`` (metaschema + every ``$ref`` resolved locally + loop check) vs the metaschema check
+  alone that it replaced, on a typical structured-output schema: the first time (it now runs on the schema pool,
+  off the event loop), and again (a remembered schema).
+
+    .venv/bin/python bench/guards.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import timeit
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from scillm_core import jsonio, schemas
+
+
+def median_us(fn: Callable[[], Any], number: int, runs: int = 7) -> float:
+    return statistics.median(min(timeit.repeat(fn, number=number, repeat=3)) / number * 1e6 for _ in range(runs))
+
+
+def pair(name: str, old: Callable[[], Any], new: Callable[[], Any], number: int) -> None:
+    ratios, olds, news = [], [], []
+    for _ in range(7):  # interleaved, so a change in the machine's load hits both sides
+        a, b = median_us(old, number, 1), median_us(new, number, 1)
+        olds.append(a)
+        news.append(b)
+        ratios.append(b / a)
+    print(f"| {name} | {statistics.median(olds):.1f} | {statistics.median(news):.1f} | "
+          f"{statistics.median(ratios):.2f}x |")
+
+
+def main() -> None:
+    chunk = orjson.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                          "choices": [{"index": 0, "delta": {"content": "abcd"}, "logprobs": None,
+                                       "finish_reason": None}]})
+    body = orjson.dumps({"model": "deepseek/deepseek-chat", "temperature": 0.2,
+                         "messages": [{"role": "user" if i % 2 == 0 else "assistant",
+                                       "content": f"question number {i} " * 20} for i in range(20)]})
+    part = {"type": "text", "text": "x" * 50}
+    brackets = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": [part]} for _ in range(300)]})
+    print("| what | before µs | after µs | after / before |\n|---|---:|---:|---:|")
+    for name, raw, number in ((f"parse a stream chunk ({len(chunk)} B)", chunk, 20000),
+                              (f"parse a chat body ({len(body) // 1024} KB)", body, 5000),
+                              (f"parse a body with {brackets.count(b'{') + brackets.count(b'[')} brackets "
+                               f"({len(brackets) // 1024} KB)", brackets, 500)):
+        pair(name, lambda raw=raw: orjson.loads(raw), lambda raw=raw: jsonio.loads(raw), number)
+
+    from jsonschema.validators import validator_for
+
+    schema = {"type": "object", "required": ["name", "items"], "$defs": {"item": {
+        "type": "object", "properties": {"sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1}}}},
+        "properties": {"name": {"type": "string"}, "items": {"type": "array", "items": {"$ref": "#/$defs/item"}},
+                       "note": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
+    schemas.check_schema(schema, "$")  # imports
+    pair("check a 12-keyword schema with a $ref (first time)", lambda: validator_for(schema).check_schema(schema),
+         lambda: schemas.check_schema(schema, "$.json_schema"), 100)
+    loop = asyncio.new_event_loop()
+    pair("check it again (remembered; batches and agents repeat theirs)",
+         lambda: validator_for(schema).check_schema(schema),
+         lambda: loop.run_until_complete(schemas.check_schema_async(schema, "$.json_schema")), 100)
+    loop.close()
+
+
+if __name__ == "__main__":
+    main()
