@@ -82,13 +82,14 @@ async def read_json(request: Request, *, limit_bytes: int) -> Any:
 
 
 def query_int(request: Request, name: str, *, default: int, minimum: int = 0, maximum: int = 2**53) -> int:
-    """An integer query parameter (ASCII digits only: ``²`` and 5,000-digit numbers are 400s naming it)."""
+    """An integer query parameter (ASCII digits only: ``²`` and 5,000-digit numbers are 400s naming it as
+    ``query.<name>``, as body fields are named ``$.path``)."""
     raw = request.query_params.get(name)
     if raw is None:
         return default
     if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(maximum)) or not minimum <= int(raw) <= maximum:
         raise errors.InvalidRequest(f"{name} must be an integer from {minimum} to {maximum}, got {raw[:20]!r} "
-                                    f"@ query.{name}", param=name)
+                                    f"@ query.{name}", param=f"query.{name}")
     return int(raw)
 
 

@@ -176,7 +176,7 @@ def server_loop_run(server: ServerThread, coro: Any) -> Any:
 @pytest.mark.parametrize("value", ["²", "9" * 5000, "-1", "0", "1001", "1e3", " 5"])
 def test_calls_limit_that_is_not_a_plain_integer_in_range_is_400(server, value):
     response = httpx.get(server.url + "/v1/scillm/calls", params={"limit": value}, headers=AUTH)
-    assert response.status_code == 400 and response.json()["error"]["param"] == "limit", response.text[:200]
+    assert response.status_code == 400 and response.json()["error"]["param"] == "query.limit", response.text[:200]
 
 
 # -- what errors carry ---------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def test_env_secrets_are_the_values_of_secret_named_variables():
 
 def test_secrets_of_the_environment_are_redacted_in_every_error_once_remembered():
     from scillm_core import errors
-    from scillm_core.redact import remember, env_secrets
+    from scillm_core.redact import env_secrets, remember
 
     env = {"GLM_API_KEY": "0f3c9a7e5b1d4c2a.Zt4Qw9Lx", "SCILLM_CLAUDE_CREDENTIALS": "/home/u/.claude/c.json",
            "SCILLM_CLAUDE_TOKEN_URL": "http://127.0.0.1:1/token", "LANG": "C.UTF-8"}

@@ -151,7 +151,7 @@ def test_calls_route_validates_limit_and_requires_auth(serve: Any) -> None:
         ask(server)
     assert len(calls(server, limit=2)) == 2
     bad = httpx.get(f"{server.url}/v1/scillm/calls", params={"limit": "0"}, headers=AUTH)
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "limit"
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "query.limit"
     assert httpx.get(f"{server.url}/v1/scillm/calls").status_code == 401
 
 

@@ -325,7 +325,7 @@ def test_events_after_that_is_not_a_plain_integer_is_400(server: Server) -> None
     run_id = server.run('{"mode": "ok"}').json()["run_id"]
     for value in ("²", "9" * 5000, "-1"):
         response = server.client.get(f"/v1/scillm/exec/{run_id}/events", params={"after": value})
-        assert response.status_code == 400 and response.json()["error"]["param"] == "after"
+        assert response.status_code == 400 and response.json()["error"]["param"] == "query.after"
 
 
 def test_output_schema_never_fetches_and_never_loops(server: Server) -> None:

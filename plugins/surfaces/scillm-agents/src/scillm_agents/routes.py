@@ -19,7 +19,7 @@ from scillm_agents.config import settings
 from scillm_agents.service import Agents, agents_of
 from scillm_agents.worker import Worker
 from scillm_core import errors
-from scillm_core.web import caller_of, json_response, read_json, runtime_of
+from scillm_core.web import caller_of, json_response, query_int, read_json, runtime_of
 
 __all__ = ["routes"]
 
@@ -152,13 +152,11 @@ async def result(request: Request) -> Response:
 
 async def events(request: Request) -> Response:
     _, worker = _worker(request)
-    after = request.query_params.get("after", "0")
-    if not after.isdigit():
-        raise _bad("after must be a non-negative integer (an event seq)", "query.after")
+    after = query_int(request, "after", default=0)  # the last event seq the client has
     runtime = runtime_of(request)
     heartbeat = exec_config(runtime).heartbeat_s or runtime.config.server.heartbeat_s
     end = {"type": "end", "worker": worker.name}
-    return StreamingResponse(sse_tail(worker.events, int(after), heartbeat, end), media_type="text/event-stream",
+    return StreamingResponse(sse_tail(worker.events, after, heartbeat, end), media_type="text/event-stream",
                              headers={"cache-control": "no-cache"})
 
 

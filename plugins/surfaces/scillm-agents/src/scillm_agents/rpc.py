@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from scillm_core.jsonio import loads
+
 __all__ = ["METHOD_NOT_FOUND", "RpcClient", "RpcError"]
 
 METHOD_NOT_FOUND = -32601
@@ -70,7 +72,7 @@ class RpcClient:
         if not line.strip():
             return
         try:
-            message = orjson.loads(line)
+            message = loads(line)  # nesting bounded: a hostile line is noise, not a crash later
         except orjson.JSONDecodeError:
             message = None
         if not isinstance(message, dict):
