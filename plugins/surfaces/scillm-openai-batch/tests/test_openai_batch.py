@@ -288,6 +288,8 @@ GOOD = chat_line("a", "hello")
     (b"\n  \n", "empty_file", "file"),
     (jsonl([chat_line(f"id{i}", "x") for i in range(51)]), "too_many_tasks", "line 51"),
     (jsonl([GOOD]) + b'{"custom_id": "\xff\xfe"}\n', "invalid_json_line", "line 2"),
+    (jsonl([GOOD]) + b'{"custom_id": "d", "body": ' + b'{"a":' * 300 + b"1" + b"}" * 301 + b"\n",
+     "invalid_json_line", "line 2"),  # nested 300 deep: refused at upload, not when the batch writes results
 ])
 def test_a_bad_batch_file_is_refused_naming_the_line(server: ServerThread, content: bytes, code: str,
                                                       where: str) -> None:
@@ -350,3 +352,6 @@ def test_bad_batch_requests_are_refused_naming_the_field(server: ServerThread, c
     for path in ("/v1/files/..%2F..%2Fscillm.sqlite3/content", "/v1/files/file-../content", "/v1/batches/..",
                  "/v1/batches/batch_nope"):
         assert httpx.get(server.url + path, headers=AUTH).status_code == 404, path
+    for value in ("²", "9" * 5000, "0"):
+        listing = httpx.get(server.url + "/v1/batches", headers=AUTH, params={"limit": value})
+        assert listing.status_code == 400 and listing.json()["error"]["param"] == "query.limit", value

@@ -27,6 +27,7 @@ from scillm_core import (
     read_json,
     runtime_of,
 )
+from scillm_core.web import query_int
 from scillm_openai_batch.files import ENDPOINTS, FileStore, public
 from scillm_openai_batch.runner import BatchRunner, OpenAIBatchConfig
 
@@ -206,17 +207,14 @@ async def cancel_batch(request: Request) -> Response:
 
 async def list_batches(request: Request) -> Response:
     runner = runner_of(request)
-    raw = request.query_params.get("limit", "20")
-    if not raw.isdigit() or not 1 <= int(raw) <= 100:
-        raise errors.InvalidRequest(f"limit must be an integer from 1 to 100, got {raw[:20]!r} @ query.limit",
-                                    param="limit")
+    limit = query_int(request, "limit", default=20, minimum=1, maximum=100)
     docs = sorted((doc for _, doc in await runner.runtime.store.scan("openai-batches", limit=1_000_000)),
                   key=lambda d: (d["created_at"], d["id"]), reverse=True)
     after = request.query_params.get("after")
     if after:
         ids = [d["id"] for d in docs]
         docs = docs[ids.index(after) + 1:] if after in ids else []
-    page = docs[:int(raw)]
+    page = docs[:limit]
     return json_response({"object": "list", "data": [runner.view(d) for d in page],
                           "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None,
                           "has_more": len(docs) > len(page)})

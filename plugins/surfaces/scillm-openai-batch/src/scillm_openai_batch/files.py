@@ -22,6 +22,7 @@ import orjson
 from attrs import frozen
 
 from scillm_core import Runtime, errors
+from scillm_core.jsonio import JSONTooDeep, loads
 
 __all__ = ["ENDPOINTS", "BatchLine", "FileStore", "InputFile", "check_batch_file"]
 
@@ -67,7 +68,9 @@ def check_batch_file(source: IO[bytes], max_lines: int) -> InputFile:
         if count > max_lines:
             raise _refuse(number, f"more than {max_lines} requests in one batch file", "too_many_tasks")
         try:
-            request = orjson.loads(line)
+            request = loads(line)
+        except JSONTooDeep as exc:
+            raise _refuse(number, f"this line is {exc.msg}", "invalid_json_line") from None
         except orjson.JSONDecodeError:
             raise _refuse(number, "this line is not valid JSON", "invalid_json_line") from None
         if not isinstance(request, dict):
