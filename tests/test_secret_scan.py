@@ -27,6 +27,7 @@ import pytest
 
 import scillm_core.testing
 from scillm_core.testing import FakeOpenAI, Reply, free_port
+from scillm_core.testing.files import file_part, overlapping_zip, pdf_bomb
 
 SCILLM = str(Path(sys.executable).with_name("scillm"))
 FAKE_CLI = Path(scillm_core.testing.__file__).with_name("fake_cli.py")
@@ -108,6 +109,8 @@ def scan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scan]:
     shim.chmod(0o755)
     config = base / "scillm.toml"
     config.write_text(f"""
+[server]
+max_upstream_reply_mb = 1
 [resilience]
 max_retries = 0
 breaker_threshold = 1000
@@ -244,6 +247,48 @@ def exec_runs(scan: Scan) -> None:
                                          "prompt": json.dumps({"mode": "call", "base": scan.url, "model": MODEL})})
     assert call.status_code == 200
     scan.get(f"/v1/scillm/exec/{call.json()['run_id']}/events")
+
+
+@error_path
+def oversized_upstream_replies(scan: Scan) -> None:
+    """Replies past ``max_upstream_reply_mb`` that are full of keys: a 502, read no further than the cap."""
+    filler = (f"{DEEPSEEK_KEY} {UNKNOWN_KEY} " * 40000).encode()
+    scan.deepseek.script(Reply(raw=b'{"error": {"message": "' + filler + b'"}}', status=500))
+    assert scan.post("/v1/chat/completions", {"model": MODEL, "messages": USER}).status_code == 502
+    scan.glm.script(Reply.say(f"{GLM_KEY} " * 80000))
+    assert scan.post("/v1/chat/completions", {"model": GLM_MODEL, "messages": USER}).status_code == 502
+
+
+@error_path
+def rate_limit_pauses(scan: Scan) -> None:
+    """A 429 whose body quotes the key pauses the provider; callers that cannot wait get a 429 (and health shows
+    the pause, built from upstream data)."""
+    scan.glm.script(Reply.fail(429, f"slow down, {GLM_KEY} / {UNKNOWN_KEY}", headers={"retry-after": "30"}))
+    response = scan.post("/v1/chat/completions", {"model": GLM_MODEL, "messages": USER, "timeout": 2})
+    assert response.status_code == 429
+    assert scan.post("/v1/chat/completions", {"model": GLM_MODEL, "messages": USER, "timeout": 1}
+                     ).status_code == 429  # paused: never reaches the upstream
+    scan.get("/v1/scillm/health")
+
+
+@error_path
+def hostile_files(scan: Scan) -> None:
+    """File bombs whose names carry keys: 4xx naming the part, nothing sent upstream."""
+    for media, data in (("application/pdf", pdf_bomb()), ("application/zip", overlapping_zip())):
+        part = file_part(media, data, filename=f"{GLM_KEY}-{UNKNOWN_KEY}.bin")
+        body = {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, part]}]}
+        assert 400 <= scan.post("/v1/chat/completions", body).status_code < 500
+
+
+@error_path
+def sandbox_violations(scan: Scan) -> None:
+    """A CLI that ignores read-only and writes into cwd and outside it: refused by scillm's own sandbox."""
+    run = scan.post("/v1/scillm/exec", {"profile": "claude-print", "cwd": str(scan.root), "wait": True,
+                                        "sandbox": "read-only", "prompt": json.dumps(
+                                            {"mode": "write", "paths": [str(scan.root / "inside.txt"),
+                                                                        str(scan.data_dir / "outside.txt")]})}).json()
+    assert run["status"] == "completed" and not (scan.root / "inside.txt").exists()
+    scan.get(f"/v1/scillm/exec/{run['run_id']}/events")
 
 
 @pytest.mark.parametrize("path", ERROR_PATHS, ids=[fn.__name__ for fn in ERROR_PATHS])
