@@ -57,6 +57,7 @@ def create_app(config: Config | None = None, *, plugins: Sequence[tuple[str, obj
     check_provider_tables(config, runtime.providers, runtime.providers.kinds)
     surfaces = SurfaceRegistry()
     pm.hook.scillm_register_surfaces(surfaces=surfaces, runtime=runtime)
+    runtime.public_paths = frozenset(surfaces.public)
     middleware = MiddlewareRegistry()
     pm.hook.scillm_register_middleware(middleware=middleware, runtime=runtime)
 

@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
 
+from scillm_core.events import Events
+from scillm_core.pipeline import observed_stage
+
 if TYPE_CHECKING:
     import httpx
 
@@ -32,7 +35,9 @@ def _metrics_registry() -> Any:
 class Runtime:
     """App-wide services. ``http`` is the shared upstream client (scillm's User-Agent, tuned transport);
     ``metrics`` is the app's Prometheus registry, served at ``/metrics``; ``plugin_state`` holds what a plugin
-    keeps for one app (breakers, limiters, queues), so it lives and dies with the app."""
+    keeps for one app (breakers, limiters, queues), so it lives and dies with the app; ``events`` is where the
+    pipeline and plugins report what happens (``scillm_core.events``); ``public_paths`` are the routes surfaces
+    declared public (no key)."""
 
     config: Config
     hooks: Hooks
@@ -43,6 +48,8 @@ class Runtime:
     started_at: float = field(factory=time.time)
     ready: bool = False
     plugin_state: dict[str, Any] = field(factory=dict)  # each plugin's per-app state, by plugin name
+    events: Events = field(factory=Events)
+    public_paths: frozenset[str] = frozenset()
     _store: StateStore | None = None
     _store_factory: Callable[[], StateStore] | None = None
 
@@ -74,7 +81,8 @@ class Runtime:
 @define(kw_only=True)
 class CallContext:
     """Per-request state. ``deadline`` is a ``time.monotonic()`` instant or ``None``; ``attempts`` counts
-    upstream calls; ``route`` is the route that served (set by core's dispatch)."""
+    upstream calls; ``route`` is the route that served (set by core's dispatch); ``parent`` names the unit of work
+    the call is made for (``"batch.item:..."``, ``"run:..."``; see ``scillm_core.events``), if any."""
 
     runtime: Runtime
     request_id: str = field(factory=lambda: uuid.uuid4().hex[:16])
@@ -84,11 +92,21 @@ class CallContext:
     attempts: int = 0
     route: Route | None = None
     notes: dict[str, Any] = field(factory=dict)
+    parent: str | None = None
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
+    def emit(self, kind: str, /, **data: Any) -> None:
+        """Report an event of this call to the app's observers (``scillm_core.events``)."""
+        self.runtime.events.emit(kind, self, **data)
+
     async def complete(self, request: ProviderRequest) -> CallResult:
         """Route ``request`` and call its provider through the ``call_provider`` chain (middleware included)."""
+        if self.runtime.events.listening:
+            return await observed_stage(self, "call_provider", lambda: self._complete(request))
+        return await self._complete(request)
+
+    async def _complete(self, request: ProviderRequest) -> CallResult:
         route = self.runtime.hooks.route_model(request, self.runtime)
         return await self.runtime.hooks.call_provider(request, route, self)()

@@ -2,7 +2,9 @@
 
 ``SCILLM_HTTP_TRANSPORT=aiohttp`` (default) uses the aiohttp transport: its connection pool stays flat with
 hundreds of requests in flight, where httpcore 1.0's pool grows quadratically. ``httpx`` selects httpx's own.
-Every request carries scillm's own User-Agent; client headers are never forwarded.
+Every request carries scillm's own User-Agent; client headers are never forwarded. The one exception is headers an
+observer asked for on ``attempt.start`` (trace context): core then installs :func:`send_context_headers` on the
+client and sets :data:`UPSTREAM_HEADERS` around that attempt's provider call.
 
 Every reply is size-capped while it is read (:class:`ReplyLimits`, ``[server] max_upstream_*``), never after
 buffering it: a body read whole (a non-streaming answer, any error body) by ``max_reply_bytes``, a 2xx reply read
@@ -15,6 +17,7 @@ naming provider and model.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import httpx
@@ -22,7 +25,11 @@ from attrs import frozen
 
 from scillm_core.version import __version__
 
-__all__ = ["USER_AGENT", "ReplyLimits", "ReplyTooLarge", "make_http_client"]
+__all__ = ["UPSTREAM_HEADERS", "USER_AGENT", "ReplyLimits", "ReplyTooLarge", "make_http_client",
+           "send_context_headers"]
+
+#: Headers for the upstream requests of the current attempt (set by core's dispatch around the provider call).
+UPSTREAM_HEADERS: ContextVar[Mapping[str, str] | None] = ContextVar("scillm_upstream_headers", default=None)
 
 USER_AGENT = f"scillm/{__version__}"
 LIMITS = httpx.Limits(max_connections=2048, max_keepalive_connections=512, keepalive_expiry=30.0)
@@ -120,3 +127,18 @@ def _transport(name: str) -> httpx.AsyncBaseTransport:
     from httpx_aiohttp import AiohttpTransport
 
     return AiohttpTransport(limits=LIMITS, trust_env=False)
+
+
+async def _context_headers(request: httpx.Request) -> None:
+    headers = UPSTREAM_HEADERS.get()
+    if headers:
+        request.headers.update(headers)
+
+
+def send_context_headers(client: httpx.AsyncClient) -> None:
+    """Make ``client`` send :data:`UPSTREAM_HEADERS` with every request (idempotent). Installed on first need, so
+    that without observers asking for headers the client runs no hook per request."""
+    hooks = client.event_hooks
+    if _context_headers not in hooks["request"]:
+        hooks["request"].append(_context_headers)
+        client.event_hooks = hooks

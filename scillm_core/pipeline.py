@@ -2,7 +2,8 @@
 
 Chat: preprocess_files -> postprocess_json(default: route_model + call_provider). Embeddings: postprocess_json
 (default: route_model + call_provider); files have no place in them. Each pipeline hook returns a zero-argument
-async callable; wrappers return a new one that awaits the inner (possibly several times).
+async callable; wrappers return a new one that awaits the inner (possibly several times). When observers listen
+(``runtime.events``), the same steps run between ``request.*`` and ``stage.*`` events.
 
 The request-level hook (``postprocess_json``) and the transport hooks (``route_model``, ``call_provider``) take any
 :data:`ProviderRequest`; middleware that reads chat content checks ``isinstance(request, ChatRequest)``.
@@ -11,8 +12,9 @@ The request-level hook (``postprocess_json``) and the transport hooks (``route_m
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from scillm_core import errors
 from scillm_core.models import ChatChunk, ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse
@@ -21,7 +23,8 @@ if TYPE_CHECKING:
     from scillm_core.context import CallContext
 
 __all__ = ["CallResult", "ChatResult", "ChatThunk", "OpeningStream", "ProviderRequest", "RequestThunk",
-           "ResponseThunk", "Thunk", "open_stream", "run_chat", "run_embeddings", "then"]
+           "ResponseThunk", "Thunk", "observe_stream", "observed_stage", "open_stream", "run_chat", "run_embeddings",
+           "then"]
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -47,6 +50,8 @@ def then(call: Thunk[T], fn: Callable[[T], Awaitable[U]]) -> Thunk[U]:
 async def run_chat(request: ChatRequest, ctx: CallContext) -> ChatResult:
     hooks = ctx.runtime.hooks
     try:
+        if ctx.runtime.events.listening:
+            return await _observed_chat(request, ctx)
         request = await hooks.preprocess_files(request, ctx)()
         return await hooks.postprocess_json(request, ctx)()  # type: ignore[return-value]  # a chat request's result
     except errors.ScillmError as exc:
@@ -76,6 +81,75 @@ async def run_embeddings(request: EmbeddingsRequest, ctx: CallContext) -> Embedd
 def _say_attempts(exc: errors.ScillmError, ctx: CallContext) -> None:
     """Error responses carry ``x-scillm-attempts`` like successes do."""
     exc.headers.setdefault("x-scillm-attempts", str(ctx.attempts))
+
+
+async def _observed_chat(request: ChatRequest, ctx: CallContext) -> ChatResult:
+    """``run_chat`` between ``request.start`` and ``request.end`` (for a stream: when it ends), each hook stage
+    between ``stage.start`` and ``stage.end``."""
+    hooks, events = ctx.runtime.hooks, ctx.runtime.events
+    started = time.perf_counter()
+    events.emit("request.start", ctx, request=request)
+    prepared = request
+    try:
+        prepared = await observed_stage(ctx, "preprocess_files", lambda: hooks.preprocess_files(request, ctx)())
+        result = await observed_stage(ctx, "postprocess_json", lambda: hooks.postprocess_json(prepared, ctx)())
+    except BaseException as exc:
+        events.emit("request.end", ctx, request=prepared, response=None, error=exc, usage=None,
+                    duration_s=time.perf_counter() - started, first_chunk_s=None)
+        raise
+    if isinstance(result, ChatResponse):
+        events.emit("request.end", ctx, request=prepared, response=result, error=None, usage=result.usage,
+                    duration_s=time.perf_counter() - started, first_chunk_s=None)
+        return result
+
+    def ended(error: BaseException | None, usage: Any, first_chunk_s: float | None) -> None:
+        events.emit("request.end", ctx, request=prepared, response=None, error=error, usage=usage,
+                    duration_s=time.perf_counter() - started, first_chunk_s=first_chunk_s)
+
+    return observe_stream(result, started, ended)
+
+
+async def observed_stage(ctx: CallContext, stage: str, thunk: Thunk[T]) -> T:
+    """``await thunk()`` between ``stage.start`` and ``stage.end`` events."""
+    events = ctx.runtime.events
+    events.emit("stage.start", ctx, stage=stage)
+    error: BaseException | None = None
+    try:
+        return await thunk()
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        events.emit("stage.end", ctx, stage=stage, error=error)
+
+
+async def observe_stream(chunks: AsyncIterator[ChatChunk], started: float,
+                         ended: Callable[[BaseException | None, Any, float | None], None]) -> AsyncIterator[ChatChunk]:
+    """``chunks`` passed through; ``ended(error, usage, first_chunk_s)`` once when the stream ends, fails or is
+    closed (``GeneratorExit`` / ``CancelledError`` as the error), measured from ``started`` (perf_counter)."""
+    usage = None
+    first: float | None = None
+    error: BaseException | None = None
+    try:
+        async for chunk in chunks:
+            if first is None:
+                first = time.perf_counter() - started
+            if chunk.usage is not None:
+                usage = chunk.usage
+            yield chunk
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        try:
+            ended(error, usage, first)
+        finally:
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:
+                    pass
 
 
 OpeningStream: TypeAlias = "asyncio.Future[tuple[AsyncIterator[ChatChunk], ChatChunk | None]]"

@@ -154,16 +154,24 @@ Endpoint = Callable[..., Awaitable[Any]]
 class SurfaceRegistry:
     routes: list[Any] = field(factory=list)
     paths: dict[tuple[str, str], str] = field(factory=dict)
+    public: set[str] = field(factory=set)
     startup: list[Callable[[], Awaitable[None]]] = field(factory=list)
     shutdown: list[Callable[[], Awaitable[None]]] = field(factory=list)
 
-    def route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("GET",), *, plugin: str = "?") -> None:
+    def route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("GET",), *, plugin: str = "?",
+              public: bool = False) -> None:
+        """Add a route. ``public=True`` (exact path, no parameters) is served without a key: only for what holds
+        no data, such as a page that then asks for a key (auth plugins read ``runtime.public_paths``)."""
         from starlette.routing import Route as StarletteRoute
 
         for method in methods:
             if (method, path) in self.paths:
                 raise ValueError(f"{method} {path} registered twice (by {self.paths[(method, path)]} and {plugin})")
             self.paths[(method, path)] = plugin
+        if public:
+            if "{" in path:
+                raise ValueError(f"public route {path} must be an exact path (no parameters)")
+            self.public.add(path)
         self.routes.append(StarletteRoute(path, endpoint, methods=list(methods)))
 
     def on_startup(self, fn: Callable[[], Awaitable[None]]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -10,13 +11,16 @@ from scillm_core import errors
 from scillm_core.builtin.routing import resolve
 from scillm_core.config import GroupConfig, PluginsConfig, ProviderSettings, ServerConfig
 from scillm_core.hookspecs import hookimpl
-from scillm_core.models import EmbeddingsRequest
+from scillm_core.http import UPSTREAM_HEADERS, send_context_headers
+from scillm_core.models import ChatResponse, EmbeddingsRequest, EmbeddingsResponse
+from scillm_core.pipeline import observe_stream
 
 if TYPE_CHECKING:
     from scillm_core.context import CallContext, Runtime
+    from scillm_core.events import Events
     from scillm_core.models import ChatRequest
     from scillm_core.pipeline import CallResult, ChatThunk, ProviderRequest, RequestThunk, ResponseThunk
-    from scillm_core.registry import Route
+    from scillm_core.registry import Provider, Route
 
 
 @hookimpl
@@ -49,7 +53,8 @@ def postprocess_json(request: ProviderRequest, ctx: CallContext) -> ResponseThun
 @hookimpl(trylast=True)
 def call_provider(request: ProviderRequest, route: Route, ctx: CallContext) -> ChatThunk:
     """Dispatch to the registered provider (``embed`` for an embeddings request); the request ``timeout`` bounds a
-    non-streaming call."""
+    non-streaming call. Each dispatch is one upstream attempt (``attempt.start`` / ``attempt.end`` when observers
+    listen)."""
     provider = ctx.runtime.providers[route.provider]
 
     async def dispatch() -> CallResult:
@@ -60,17 +65,57 @@ def call_provider(request: ProviderRequest, route: Route, ctx: CallContext) -> C
                 f"{missing}", param="model")
         ctx.attempts += 1
         ctx.route = route
-        if request.stream:
-            return await provider.stream(request, route, ctx)  # type: ignore[arg-type]  # only chat streams
-        call = provider.embed if isinstance(request, EmbeddingsRequest) else provider.complete
-        remaining = ctx.remaining()
-        if remaining is None:
-            return await call(request, route, ctx)  # type: ignore[arg-type]  # the method matches the request
-        try:
-            async with asyncio.timeout(max(remaining, 0.0)):
-                return await call(request, route, ctx)  # type: ignore[arg-type]
-        except TimeoutError:
-            raise errors.DeadlineExceeded(
-                f"request timeout reached while waiting for {route.provider} ({route.model})") from None
+        events = ctx.runtime.events
+        if events.listening:
+            return await _observed_attempt(provider, request, route, ctx, events)
+        return await _attempt(provider, request, route, ctx)
 
     return dispatch
+
+
+async def _attempt(provider: Provider, request: ProviderRequest, route: Route, ctx: CallContext) -> CallResult:
+    if request.stream:
+        return await provider.stream(request, route, ctx)  # type: ignore[arg-type]  # only chat streams
+    call = provider.embed if isinstance(request, EmbeddingsRequest) else provider.complete
+    remaining = ctx.remaining()
+    if remaining is None:
+        return await call(request, route, ctx)  # type: ignore[arg-type]  # the method matches the request
+    try:
+        async with asyncio.timeout(max(remaining, 0.0)):
+            return await call(request, route, ctx)  # type: ignore[arg-type]
+    except TimeoutError:
+        raise errors.DeadlineExceeded(
+            f"request timeout reached while waiting for {route.provider} ({route.model})") from None
+
+
+async def _observed_attempt(provider: Provider, request: ProviderRequest, route: Route, ctx: CallContext,
+                            events: Events) -> CallResult:
+    """One attempt between ``attempt.start`` and ``attempt.end`` (a stream's when it ends). Headers observers put
+    in ``upstream_headers`` go with this upstream request (``scillm_core.http.UPSTREAM_HEADERS``)."""
+    attempt = ctx.attempts
+    headers: dict[str, str] = {}
+    events.emit("attempt.start", ctx, request=request, route=route, attempt=attempt, upstream_headers=headers)
+    started = time.perf_counter()
+    token = None
+    if headers:
+        send_context_headers(ctx.runtime.client())
+        token = UPSTREAM_HEADERS.set(headers)
+    try:
+        result = await _attempt(provider, request, route, ctx)
+    except BaseException as exc:
+        events.emit("attempt.end", ctx, request=request, route=route, attempt=attempt, response=None, error=exc,
+                    usage=None, duration_s=time.perf_counter() - started, first_chunk_s=None)
+        raise
+    finally:
+        if token is not None:
+            UPSTREAM_HEADERS.reset(token)
+    if isinstance(result, ChatResponse | EmbeddingsResponse):
+        events.emit("attempt.end", ctx, request=request, route=route, attempt=attempt, response=result, error=None,
+                    usage=result.usage, duration_s=time.perf_counter() - started, first_chunk_s=None)
+        return result
+
+    def ended(error: BaseException | None, usage: Any, first_chunk_s: float | None) -> None:
+        events.emit("attempt.end", ctx, request=request, route=route, attempt=attempt, response=None, error=error,
+                    usage=usage, duration_s=time.perf_counter() - started, first_chunk_s=first_chunk_s)
+
+    return observe_stream(result, started, ended)

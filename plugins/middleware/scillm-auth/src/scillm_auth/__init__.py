@@ -1,4 +1,5 @@
-"""Client authentication: ``Authorization: Bearer <key>`` (or ``x-api-key``) on every route but health.
+"""Client authentication: ``Authorization: Bearer <key>`` (or ``x-api-key``) on every route but health and the
+routes surfaces declared public (``runtime.public_paths``: pages that hold no data, such as the dashboard's).
 
 The key is ``SCILLM_MASTER_KEY``. Without it the dev key ``sk-dev-proxy-123`` works, from loopback clients only
 (``scillm serve`` also refuses to bind a non-loopback address without a master key). Fails closed.
@@ -21,7 +22,8 @@ PUBLIC_PREFIXES = ("/health/",)
 @hookimpl
 def scillm_register_middleware(middleware: MiddlewareRegistry, runtime: Runtime) -> None:
     master_key = runtime.env.get("SCILLM_MASTER_KEY") or None
-    middleware.add(lambda app: AuthMiddleware(app, master_key), order=10, name="auth")
+    public = runtime.public_paths
+    middleware.add(lambda app: AuthMiddleware(app, master_key, public), order=10, name="auth")
 
 
 @hookimpl
@@ -31,13 +33,14 @@ def scillm_health(runtime: Runtime) -> dict[str, Any]:
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, master_key: str | None) -> None:
+    def __init__(self, app: ASGIApp, master_key: str | None, public: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.key = (master_key or DEV_KEY).encode()
         self.dev = master_key is None
+        self.public = public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(PUBLIC_PREFIXES):
+        if scope["type"] != "http" or scope["path"].startswith(PUBLIC_PREFIXES) or scope["path"] in self.public:
             await self.app(scope, receive, send)
             return
         token = _token(scope)

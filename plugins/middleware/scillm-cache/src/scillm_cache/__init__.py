@@ -235,12 +235,13 @@ def _mode(request: ChatRequest, ctx: CallContext) -> str:
     return "use"
 
 
-def _mark(state: CacheState, ctx: CallContext, result: str) -> None:
+def _mark(state: CacheState, ctx: CallContext, result: str, route: Route) -> None:
     ctx.notes.setdefault("headers", {})[HEADER] = result
     ctx.notes["cache"] = result
     state.counts[result] = state.counts.get(result, 0) + 1
     if state.counter is not None:
         state.counter.labels(result).inc()
+    ctx.emit("cache", result=result, route=route)
 
 
 def _backend_failed(state: CacheState, exc: BaseException) -> None:
@@ -260,7 +261,7 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
     mode = _mode(request, ctx)
     if mode == "bypass":
         async def bypass() -> ChatResult:
-            _mark(state, ctx, "bypass")
+            _mark(state, ctx, "bypass", route)
             return await call()
 
         return bypass
@@ -272,10 +273,10 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
                                 else ChatResponse)
             if hit is not None:
                 response, served = hit
-                _mark(state, ctx, "hit")
                 ctx.route = served
+                _mark(state, ctx, "hit", served)
                 return _as_stream(response, request) if request.stream else response
-        _mark(state, ctx, "miss" if mode == "use" else "bypass")
+        _mark(state, ctx, "miss" if mode == "use" else "bypass", route)
         if request.stream:
             return await call()
         if mode == "use":

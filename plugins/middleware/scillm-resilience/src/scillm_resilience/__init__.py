@@ -81,9 +81,17 @@ def _is_local(exc: BaseException) -> bool:
 # -- per-app state -------------------------------------------------------------------------------------------------
 
 class State:
-    def __init__(self, config: ResilienceConfig, provider_limits: Mapping[str, LimitConfig] | None = None) -> None:
+    def __init__(self, config: ResilienceConfig, provider_limits: Mapping[str, LimitConfig] | None = None,
+                 runtime: Runtime | None = None) -> None:
         self.config = config
-        self.breaker = Breaker(config.breaker_threshold, config.breaker_cooldown_s)
+        on_change = None
+        if runtime is not None:
+            events = runtime.events
+
+            def on_change(deployment: str, old: str, new: str, error: str | None) -> None:
+                events.emit("breaker.transition", None, deployment=deployment, old=old, new=new, error=error)
+
+        self.breaker = Breaker(config.breaker_threshold, config.breaker_cooldown_s, on_change=on_change)
         self.limiters: dict[str, Limiter] = {}
         self.pauses = Pauses()
         self.provider_limits = dict(provider_limits or {})  # from [providers.NAME] max_concurrency / max_queue
@@ -131,7 +139,7 @@ def state_of(runtime: Runtime) -> State:
     state = runtime.plugin_state.get("resilience")
     if state is None:
         config = runtime.config.sections.get("resilience") or ResilienceConfig()
-        state = runtime.plugin_state["resilience"] = State(config, provider_limits(runtime, config))
+        state = runtime.plugin_state["resilience"] = State(config, provider_limits(runtime, config), runtime)
     return state  # type: ignore[no-any-return]
 
 
@@ -268,6 +276,7 @@ class Attempts:
                 if isinstance(last, errors.DeadlineExceeded | ConcurrencyLimited):
                     raise last
                 raise self.deadline_error(fallback, last)
+            self.ctx.emit("fallback", route=tried[-1][0], to=fallback, error=tried[-1][1])
             try:
                 return await hooks.call_provider(self.request, fallback, self.ctx)()
             except Exception as exc:
@@ -303,6 +312,7 @@ class Attempts:
             try:
                 probe = breaker.admit(deployment) == "probe"
             except CircuitOpenSignal as signal:
+                self.ctx.emit("circuit.skip", route=route, remaining_s=signal.remaining_s)
                 raise CircuitOpen(
                     f"deployment {deployment} is cooling down for {signal.remaining_s:.1f}s more after "
                     f"{signal.circuit.consecutive_failures} consecutive failures (last error: "
@@ -326,6 +336,7 @@ class Attempts:
                 if delay is None:
                     raise
                 retry += 1
+                self.ctx.emit("retry", route=route, retry=retry, delay_s=delay, error=exc)
                 await asyncio.sleep(delay)
                 continue
             if cfg.breaker:
@@ -413,13 +424,16 @@ class Attempts:
         if remaining is not None:
             wait = min(wait, remaining)
         self.waiting = True
+        started = time.monotonic()
         try:
             slot = await limiter.acquire(wait)
         except QueueFullSignal:
             raise _queue_full(limiter, route) from None
         except QueueTimeoutSignal as signal:
+            self.ctx.emit("queue.wait", provider=route.provider, waited_s=signal.waited_s, outcome="timeout")
             raise _queue_timeout(limiter, route, signal.waited_s) from None
         self.waiting = False
+        self.ctx.emit("queue.wait", provider=route.provider, waited_s=time.monotonic() - started, outcome="granted")
         return slot
 
     async def hold(self) -> None:

@@ -34,11 +34,18 @@ class Circuit:
 
 
 class Breaker:
-    def __init__(self, threshold: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, threshold: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[str, str, str, str | None], None] | None = None) -> None:
         self.threshold = threshold
         self.cooldown_s = cooldown_s
         self.clock = clock
         self.circuits: dict[str, Circuit] = {}
+        #: ``on_change(deployment, old, new, last_error)`` on every state transition (events for observers)
+        self.on_change = on_change
+
+    def _moved(self, deployment: str, circuit: Circuit, old: str) -> None:
+        if self.on_change is not None and circuit.state != old:
+            self.on_change(deployment, old, circuit.state, circuit.last_error)
 
     def _circuit(self, deployment: str) -> Circuit:
         circuit = self.circuits.get(deployment)
@@ -46,10 +53,11 @@ class Breaker:
             circuit = self.circuits[deployment] = Circuit()
         return circuit
 
-    def _refresh(self, circuit: Circuit) -> None:
+    def _refresh(self, deployment: str, circuit: Circuit) -> None:
         if circuit.state == OPEN and self.clock() - circuit.opened_at >= self.cooldown_s:
             circuit.state = HALF_OPEN
             circuit.probing = False
+            self._moved(deployment, circuit, OPEN)
 
     def admit(self, deployment: str) -> str | None:
         """Admit one call: ``None`` when closed, ``"probe"`` when this call is the half-open probe. Raises
@@ -57,7 +65,7 @@ class Breaker:
         circuit = self.circuits.get(deployment)
         if circuit is None:
             return None
-        self._refresh(circuit)
+        self._refresh(deployment, circuit)
         if circuit.state == CLOSED:
             return None
         if circuit.state == HALF_OPEN and not circuit.probing:
@@ -75,9 +83,11 @@ class Breaker:
         circuit = self.circuits.get(deployment)
         if circuit is None:
             return
+        old = circuit.state
         circuit.state = CLOSED
         circuit.consecutive_failures = 0
         circuit.probing = False
+        self._moved(deployment, circuit, old)
 
     def failure(self, deployment: str, error: str) -> None:
         circuit = self._circuit(deployment)
@@ -85,11 +95,13 @@ class Breaker:
         circuit.total_failures += 1
         circuit.last_error = error
         if circuit.state == HALF_OPEN or circuit.consecutive_failures >= self.threshold:
+            old = circuit.state
             if circuit.state != OPEN:
                 circuit.times_opened += 1
             circuit.state = OPEN
             circuit.opened_at = self.clock()
             circuit.probing = False
+            self._moved(deployment, circuit, old)
 
     def abandon_probe(self, deployment: str) -> None:
         """The probe ended without a verdict (cancelled, a request error): let the next request probe."""
@@ -100,7 +112,7 @@ class Breaker:
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for deployment, circuit in sorted(self.circuits.items()):
-            self._refresh(circuit)
+            self._refresh(deployment, circuit)
             out[deployment] = {"state": circuit.state, "consecutive_failures": circuit.consecutive_failures,
                                "total_failures": circuit.total_failures, "times_opened": circuit.times_opened,
                                "cooldown_remaining_s": round(self.remaining(deployment), 3)

@@ -70,7 +70,7 @@ async def run_llm_call(spec: SessionSpec, ctx: SessionContext) -> SessionResult:
     request = structure(body, ChatRequest)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     call = CallContext(runtime=ctx.runtime, caller=ctx.caller, deadline=time.monotonic() + spec.timeout_s,
-                       headers={"x-scillm-exec-run": ctx.run_id})
+                       headers={"x-scillm-exec-run": ctx.run_id}, parent=f"run:{ctx.run_id}")
     events = ctx.run_dir / "events.jsonl"
 
     def record(seq: int, kind: str, payload: dict[str, Any]) -> None:

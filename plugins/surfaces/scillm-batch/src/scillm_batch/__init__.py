@@ -36,6 +36,7 @@ from scillm_core import (
     read_json,
     runtime_of,
 )
+from scillm_core.events import trace_headers
 from scillm_core.models.extensions import check_timeout, take_extensions
 
 __all__ = ["BatchConfig", "Lane", "PoolConfig"]
@@ -108,7 +109,7 @@ async def _spec(request: Request) -> tuple[BatchSpec, bool]:
     await check_schemas(items, shared)
     batch_id = batch_id or f"batch-{_short_hash(items)}"
     spec = BatchSpec(batch_id=batch_id, pool=pool, lanes=lanes, items=items, timeout_s=timeout,
-                     caller=caller_of(request))
+                     caller=caller_of(request), trace=trace_headers(request.headers))
     return spec, body.get("stream") is True
 
 

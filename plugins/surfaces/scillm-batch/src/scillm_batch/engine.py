@@ -79,6 +79,15 @@ class BatchSpec:
     timeout_s: float | None
     caller: str | None
     kind: str = "chat"
+    trace: Mapping[str, str] = field(factory=dict)  # the client's trace context (scillm_core.events.trace_headers)
+
+    @property
+    def unit(self) -> str:
+        """This batch as a unit of work in events (``batch.*``, ``batch.item.*``)."""
+        return f"batch:{self.batch_id}"
+
+    def item_unit(self, item: BatchItem) -> str:
+        return f"batch.item:{self.batch_id}/{item.item_id}"
 
     @property
     def fingerprint(self) -> str:
@@ -140,10 +149,23 @@ async def run_batch(spec: BatchSpec, runtime: Runtime, emit: Emit) -> dict[str, 
         raise errors.Conflict(f"batch_id {spec.batch_id!r} is bound to a different item set; use a new batch_id",
                               param="batch_id")
     RUNNING.add(key)
+    events = runtime.events
+    events.emit("batch.start", None, unit=spec.unit, parent=None, name=f"batch {spec.pool}", trace=spec.trace,
+                attrs={"batch_id": spec.batch_id, "pool": spec.pool, "total": len(spec.items),
+                       "caller": spec.caller, "lanes": ",".join(lane.label for lane in spec.lanes)})
+    summary: dict[str, Any] | None = None
+    error: BaseException | None = None
     try:
-        return await _run(spec, runtime, emit, resuming=stored is not None)
+        summary = await _run(spec, runtime, emit, resuming=stored is not None)
+        return summary
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
         RUNNING.discard(key)
+        events.emit("batch.end", None, unit=spec.unit, status="ok" if error is None else "error",
+                    error=None if error is None else _message(error) if isinstance(error, Exception) else "cancelled",
+                    attrs={k: summary[k] for k in ("completed", "failed", "elapsed_s")} if summary else {})
 
 
 async def _run(spec: BatchSpec, runtime: Runtime, emit: Emit, *, resuming: bool) -> dict[str, Any]:
@@ -174,6 +196,12 @@ async def _run(spec: BatchSpec, runtime: Runtime, emit: Emit, *, resuming: bool)
                 progress.completed += 1
             else:
                 progress.failed += 1
+            runtime.events.emit(
+                "batch.item.end", None, unit=f"batch.item:{spec.batch_id}/{result['item_id']}", status="ok"
+                if result["ok"] else "error", error=result.get("error"), attrs={
+                    "item_id": result["item_id"], "index": result["index"], "lane": result.get("lane"),
+                    "resumed": bool(result.get("resumed")), "error_code": result.get("error_code"),
+                    "completed": progress.completed, "failed": progress.failed, "total": progress.total})
             await emit("item_completed" if result["ok"] else "item_failed", result)
 
     work: deque[Pending] = deque()
@@ -318,6 +346,11 @@ async def _dispatch(work: deque[Pending], lanes: list[LaneState], spec: BatchSpe
                 work.rotate(-1)
             if chosen is not None:
                 pending, state = chosen
+                if pending.attempts == 0 and runtime.events.listening:
+                    item = pending.item
+                    runtime.events.emit("batch.item.start", None, unit=spec.item_unit(item), parent=spec.unit,
+                                        name=f"batch item {item.item_id}",
+                                        attrs={"item_id": item.item_id, "index": item.index})
                 state.in_flight += 1
                 active += 1
                 task = asyncio.ensure_future(attempt(pending, state))
@@ -377,7 +410,7 @@ async def _call(item: BatchItem, lane: Lane, spec: BatchSpec, runtime: Runtime,
     timeout = min(t for t in (remaining, lane.timeout_s, extensions.get("timeout")) if t is not None)
     body["scillm"] = {**extensions, "scillm_metadata": metadata, "timeout": timeout}
     ctx = CallContext(runtime=runtime, caller=spec.caller or "scillm-batch",
-                      deadline=time.monotonic() + max(timeout, 0.001))
+                      deadline=time.monotonic() + max(timeout, 0.001), parent=spec.item_unit(item))
     ctx.notes["batch"] = metadata
     what = f"batch item {item.item_id!r}"
     if spec.kind == "embeddings":

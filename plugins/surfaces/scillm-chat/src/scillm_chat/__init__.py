@@ -33,6 +33,7 @@ from scillm_core import (
     unstructure,
 )
 from scillm_core.builtin.routing import model_catalog
+from scillm_core.events import PARENT_SCOPE_KEY
 from scillm_core.models.extensions import EXTENSION_FIELDS, take_extensions
 
 __all__ = ["EXTENSION_FIELDS", "take_extensions"]  # defined in core (scillm_core.models.extensions), re-exported
@@ -60,7 +61,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
 def context_for(request: Request, chat: ChatRequest) -> CallContext:
     timeout = chat.scillm.get("timeout")
     return CallContext(runtime=runtime_of(request), request_id=request_id_of(request), caller=caller_of(request),
-                       headers=request.headers, deadline=time.monotonic() + timeout if timeout else None)
+                       headers=request.headers, deadline=time.monotonic() + timeout if timeout else None,
+                       parent=request.scope.get(PARENT_SCOPE_KEY))
 
 
 def served_headers(ctx: CallContext) -> dict[str, str]:

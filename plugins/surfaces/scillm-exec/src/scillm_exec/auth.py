@@ -11,6 +11,7 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from scillm_core import errors, send_error
+from scillm_core.events import PARENT_SCOPE_KEY
 
 __all__ = ["RUN_KEY_PREFIX", "RunKeyMiddleware", "RunKeys", "run_keys"]
 
@@ -88,4 +89,5 @@ class RunKeyMiddleware:
             headers.append((b"x-caller-skill", f"{caller or 'exec'}/{run_id}".encode()))
         inner: dict[str, Any] = dict(scope)
         inner["headers"] = headers
+        inner[PARENT_SCOPE_KEY] = f"run:{run_id}"  # the call is made for this run (events, traces)
         await self.app(inner, receive, send)

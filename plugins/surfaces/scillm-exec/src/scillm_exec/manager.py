@@ -141,6 +141,12 @@ class Run:
     created_at: float = attrs.field(factory=time.time)
     started_at: float | None = None
     key: str | None = None
+    parent: str | None = None  # the enclosing unit of work (a graph), for events
+    trace: Mapping[str, str] = attrs.field(factory=dict)  # the client's trace context, for events
+
+    @property
+    def unit(self) -> str:
+        return f"run:{self.run_id}"
 
 
 class ExecManager:
@@ -162,11 +168,12 @@ class ExecManager:
     # -- one run ---------------------------------------------------------------------------------------------------
 
     def start(self, spec: SessionSpec, *, caller: str | None, base_url: str | None,
-              slots: asyncio.Semaphore | None = None) -> Run:
+              slots: asyncio.Semaphore | None = None, parent: str | None = None,
+              trace: Mapping[str, str] | None = None) -> Run:
         run_id = "run_" + uuid.uuid4().hex
         run_dir = self.runs_dir / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
-        run = Run(run_id=run_id, spec=spec, caller=caller, run_dir=run_dir)
+        run = Run(run_id=run_id, spec=spec, caller=caller, run_dir=run_dir, parent=parent, trace=dict(trace or {}))
         self.runs[run_id] = run
         self._write_status(run)
         run.task = asyncio.ensure_future(self._execute(run, base_url, slots))
@@ -189,6 +196,11 @@ class ExecManager:
     async def _execute(self, run: Run, base_url: str | None, slots: asyncio.Semaphore | None) -> dict[str, Any]:
         spec = run.spec
         started = time.monotonic()
+        events = self.runtime.events
+        events.emit("run.start", None, unit=run.unit, parent=run.parent, name=f"exec {spec.profile}",
+                    trace=run.trace, attrs={"run_id": run.run_id, "profile": spec.profile, "caller": run.caller,
+                                            "sandbox": spec.sandbox, "model": spec.model, "surface": "exec",
+                                            "events_url": f"/v1/scillm/exec/{run.run_id}/events"})
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if slots is not None:
@@ -199,6 +211,8 @@ class ExecManager:
                 run.key = self.keys.mint(run.run_id, run.caller)
                 ctx = SessionContext(runtime=self.runtime, run_id=run.run_id, run_dir=run.run_dir,
                                      caller=run.caller, base_url=base_url, api_key=run.key)
+                if events.wants("run.event"):
+                    ctx.emit = lambda event: events.emit("run.event", None, unit=run.unit, event=event)
                 thunk = self.runtime.hooks.run_session(spec, ctx)
                 if thunk is None:
                     outcome = SessionResult(run_id=run.run_id, status="failed",
@@ -220,6 +234,8 @@ class ExecManager:
         finally:
             self.keys.revoke(run.key)
         result = await self._finalise(run, outcome, time.monotonic() - started)
+        events.emit("run.end", None, unit=run.unit, status=result["status"], error=result["error"],
+                    attrs={"exit_code": result["exit_code"], "duration_s": result["duration_s"]})
         await self.record(run)
         return result
 
@@ -334,8 +350,23 @@ class ExecManager:
         return parsed, limit
 
     async def run_graph(self, nodes: list[tuple[str, SessionSpec, list[str]]], limit: int, *,
-                        caller: str | None, base_url: str | None) -> dict[str, Any]:
+                        caller: str | None, base_url: str | None,
+                        trace: Mapping[str, str] | None = None) -> dict[str, Any]:
         graph_id = "graph_" + uuid.uuid4().hex
+        unit, events = f"graph:{graph_id}", self.runtime.events
+        events.emit("graph.start", None, unit=unit, parent=None, name="exec graph", trace=dict(trace or {}),
+                    attrs={"graph_id": graph_id, "nodes": len(nodes), "caller": caller, "max_concurrency": limit})
+        try:
+            doc = await self._run_graph(graph_id, unit, nodes, limit, caller=caller, base_url=base_url)
+        except BaseException:
+            events.emit("graph.end", None, unit=unit, status="cancelled", error="cancelled", attrs={})
+            raise
+        events.emit("graph.end", None, unit=unit, status=doc["status"], error=None,
+                    attrs={"skipped": sum(1 for n in doc["nodes"] if n["status"] == "skipped")})
+        return doc
+
+    async def _run_graph(self, graph_id: str, unit: str, nodes: list[tuple[str, SessionSpec, list[str]]],
+                         limit: int, *, caller: str | None, base_url: str | None) -> dict[str, Any]:
         slots = asyncio.Semaphore(limit)
         results: dict[str, dict[str, Any]] = {}
         finished: dict[str, asyncio.Event] = {node_id: asyncio.Event() for node_id, _, _ in nodes}
@@ -349,7 +380,7 @@ class ExecManager:
                     results[node_id] = {"id": node_id, "status": "skipped", "run_id": None,
                                         "error": f"dependency {failed[0]!r} ended {results[failed[0]]['status']}"}
                     return
-                run = self.start(spec, caller=caller, base_url=base_url, slots=slots)
+                run = self.start(spec, caller=caller, base_url=base_url, slots=slots, parent=unit)
                 results[node_id] = {"id": node_id, **(await self.wait(run))}
             finally:
                 finished[node_id].set()

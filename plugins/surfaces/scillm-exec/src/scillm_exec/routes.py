@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from scillm_core import errors
+from scillm_core.events import trace_headers
 from scillm_core.web import caller_of, json_response, query_int, read_json, runtime_of
 from scillm_exec.config import exec_config
 from scillm_exec.manager import ExecManager, spec_from_body
@@ -64,7 +65,7 @@ async def create(request: Request) -> Response:
     wait = _wait_flag(body, False)
     spec = await spec_from_body(body, runtime)
     manager = manager_of(request)
-    run = manager.start(spec, caller=caller, base_url=base_url_of(request))
+    run = manager.start(spec, caller=caller, base_url=base_url_of(request), trace=trace_headers(request.headers))
     if wait:
         return json_response(await manager.wait(run))
     return json_response(manager.load(run.run_id) | {"status": run.status}, 202)
@@ -137,7 +138,8 @@ async def graph(request: Request) -> Response:
     body = await read_json(request, limit_bytes=BODY_LIMIT)
     manager = manager_of(request)
     nodes, limit = await manager.parse_graph(body)
-    return json_response(await manager.run_graph(nodes, limit, caller=caller, base_url=base_url_of(request)))
+    return json_response(await manager.run_graph(nodes, limit, caller=caller, base_url=base_url_of(request),
+                                                 trace=trace_headers(request.headers)))
 
 
 def routes() -> list[tuple[str, Any, list[str]]]:

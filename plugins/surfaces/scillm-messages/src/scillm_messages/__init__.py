@@ -33,6 +33,7 @@ from scillm_core import (
     run_chat,
     runtime_of,
 )
+from scillm_core.events import PARENT_SCOPE_KEY
 from scillm_messages.tokens import estimate_input_tokens
 from scillm_messages.translate import StreamTranslator, fit_thinking, parse_messages_request, ping, to_messages_response
 from scillm_messages.wire_errors import AnthropicErrorMiddleware, anthropic_error_parts, error_event
@@ -57,7 +58,8 @@ def scillm_register_middleware(middleware: MiddlewareRegistry, runtime: Runtime)
 
 def context_for(request: Request) -> CallContext:
     return CallContext(runtime=runtime_of(request), request_id=request_id_of(request), caller=caller_of(request),
-                       headers=request.headers)
+                       headers=request.headers,
+                       parent=request.scope.get(PARENT_SCOPE_KEY))
 
 
 def served_headers(ctx: CallContext) -> dict[str, str]:

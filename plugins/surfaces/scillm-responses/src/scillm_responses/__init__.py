@@ -35,6 +35,7 @@ from scillm_core import (
     run_chat,
     runtime_of,
 )
+from scillm_core.events import PARENT_SCOPE_KEY
 from scillm_responses.translate import EventStream, parse_request, response_object
 
 __all__ = ["EventStream", "parse_request", "response_object"]
@@ -50,7 +51,8 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
 def context_for(request: Request, chat: ChatRequest) -> CallContext:
     timeout = chat.scillm.get("timeout")
     return CallContext(runtime=runtime_of(request), request_id=request_id_of(request), caller=caller_of(request),
-                       headers=request.headers, deadline=time.monotonic() + timeout if timeout else None)
+                       headers=request.headers, deadline=time.monotonic() + timeout if timeout else None,
+                       parent=request.scope.get(PARENT_SCOPE_KEY))
 
 
 def served_headers(ctx: CallContext) -> dict[str, str]:

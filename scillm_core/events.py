@@ -1,0 +1,136 @@
+"""What happens, reported: the pipeline and plugins emit events, observers (tracing, the dashboard) listen.
+
+``runtime.events`` is the one seam. Emitters call ``events.emit(kind, ctx, **data)``; with nobody listening to
+that kind it returns at once, and the per-request paths check ``events.listening`` first, so an app without
+observers does no observation work at all. Observers are plain functions ``observer(event)``, run synchronously
+in the emitter's task: they must be quick (anything slow goes to a queue or a background thread) and treat the
+data as read-only, with one exception: ``attempt.start`` carries ``upstream_headers``, a dict an observer may add
+headers to (trace propagation) that core sends with that upstream request. An observer that raises is logged and
+counted; it never fails the call that emitted.
+
+Kinds (``ctx`` is the :class:`CallContext` for events of one call, else ``None``):
+
+===================================  ===========================================================================
+``request.start`` / ``request.end``  one request through ``run_chat`` (every surface, batch items, llm runs);
+                                     end: ``response`` or ``error``, ``usage``, ``duration_s``, ``first_chunk_s``
+                                     (streams end when the stream ends, fails or is closed)
+``stage.start`` / ``stage.end``      a hook stage: ``stage`` is ``preprocess_files``, ``postprocess_json`` or
+                                     ``call_provider`` (routing + the call_provider chain); end: ``error``
+``attempt.start`` / ``attempt.end``  one upstream call (core dispatch): ``route``, ``attempt`` (1, 2, ...),
+                                     ``request``; start: ``upstream_headers``; end as ``request.end``
+``cache``                            ``result`` (hit, miss, bypass), ``route``                 (scillm-cache)
+``retry``                            ``route``, ``retry`` (1, 2, ...), ``delay_s``, ``error``   (scillm-resilience)
+``fallback``                         ``route`` (the one that failed), ``to``, ``error``
+``circuit.skip``                     ``route``, ``remaining_s``: an open circuit skipped this deployment
+``queue.wait``                       ``provider``, ``waited_s``, ``outcome`` (granted, timeout): waited for a slot
+``breaker.transition``               ``deployment``, ``old``, ``new`` (closed, open, half_open), ``error``
+===================================  ===========================================================================
+
+Units of work that calls belong to (batches and their items, exec runs and graphs, and whatever agent surfaces
+add) follow one convention, so observers handle new ones without change: ``<thing>.start`` and ``<thing>.end``
+with ``unit`` (a unique id such as ``"run:run_ab12"``), ``parent`` (the enclosing unit or ``None``), ``name``
+(human readable), ``attrs`` (flat, non-secret values) and, on start, ``trace`` (the ``traceparent`` /
+``tracestate`` of the HTTP request that started it, see :func:`trace_headers`); end adds ``status`` (``ok``,
+``error``, or the unit's own word such as ``timeout``) and ``error`` (a message or ``None``). In between,
+``<thing>.event`` reports progress (``unit``, ``event``: the run's own event record). A call made for a unit
+names it in ``CallContext.parent``. Bundled units: ``batch`` and ``batch.item`` (scillm-batch), ``run`` and
+``graph`` (scillm-exec; a graph node's run has the graph as parent).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scillm_core.context import CallContext
+
+__all__ = ["PARENT_SCOPE_KEY", "Event", "Events", "Observer", "trace_headers"]
+
+log = logging.getLogger("scillm.events")
+
+TRACE_HEADERS = ("traceparent", "tracestate")
+#: ASGI scope key naming the unit an HTTP request is made for (set by middleware, e.g. exec's run keys: a CLI's
+#: model call belongs to its run); surfaces pass it on as ``CallContext.parent``.
+PARENT_SCOPE_KEY = "scillm.parent"
+
+
+class Event:
+    """One thing that happened: ``kind``, ``ctx`` (the call, or ``None``), ``data`` and ``time_ns`` (epoch)."""
+
+    __slots__ = ("ctx", "data", "kind", "time_ns")
+
+    def __init__(self, kind: str, ctx: CallContext | None, data: dict[str, Any]) -> None:
+        self.kind = kind
+        self.ctx = ctx
+        self.data = data
+        self.time_ns = time.time_ns()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def __repr__(self) -> str:
+        return f"Event({self.kind!r}, {sorted(self.data)})"
+
+
+Observer = Callable[[Event], None]
+
+
+class Events:
+    """The observers of one app, by kind. ``listening`` is false while there are none."""
+
+    def __init__(self) -> None:
+        self.listening = False
+        self.failures = 0
+        self._subscriptions: list[tuple[Observer, frozenset[str] | None]] = []
+        self._by_kind: dict[str, tuple[Observer, ...]] = {}
+        self._any: tuple[Observer, ...] = ()
+
+    def subscribe(self, observer: Observer, kinds: Iterable[str] | None = None) -> Callable[[], None]:
+        """Call ``observer`` for every event of ``kinds`` (all kinds when ``None``); returns an unsubscribe."""
+        entry = (observer, None if kinds is None else frozenset(kinds))
+        self._subscriptions.append(entry)
+        self._rebuild()
+
+        def unsubscribe() -> None:
+            if entry in self._subscriptions:
+                self._subscriptions.remove(entry)
+                self._rebuild()
+
+        return unsubscribe
+
+    def wants(self, kind: str) -> bool:
+        return bool(self._by_kind.get(kind, self._any))
+
+    def emit(self, kind: str, ctx: CallContext | None = None, /, **data: Any) -> None:
+        observers = self._by_kind.get(kind, self._any)
+        if not observers:
+            return
+        event = Event(kind, ctx, data)
+        for observer in observers:
+            try:
+                observer(event)
+            except Exception:
+                self.failures += 1
+                log.warning("observer %s failed on %s", getattr(observer, "__qualname__", observer), kind,
+                            exc_info=True)
+
+    def _rebuild(self) -> None:
+        self._any = tuple(obs for obs, kinds in self._subscriptions if kinds is None)
+        named = {kind for _, kinds in self._subscriptions if kinds for kind in kinds}
+        self._by_kind = {kind: tuple(obs for obs, kinds in self._subscriptions if kinds is None or kind in kinds)
+                         for kind in named}
+        self.listening = bool(self._subscriptions)
+
+
+def trace_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The W3C trace context of incoming ``headers`` (``traceparent``, ``tracestate``), nothing else: what a unit's
+    start event carries so that a tracer can continue the caller's trace."""
+    if not headers:
+        return {}
+    return {name: value[:512] for name in TRACE_HEADERS if (value := headers.get(name))}
