@@ -31,7 +31,8 @@ add) follow one convention, so observers handle new ones without change: ``<thin
 with ``unit`` (a unique id such as ``"run:run_ab12"``), ``parent`` (the enclosing unit or ``None``), ``name``
 (human readable), ``attrs`` (flat, non-secret values) and, on start, ``trace`` (the ``traceparent`` /
 ``tracestate`` of the HTTP request that started it, see :func:`trace_headers`); end adds ``status`` (``ok``,
-``error``, or the unit's own word such as ``timeout``) and ``error`` (a message or ``None``). In between,
+``error``, or the unit's own word such as ``timeout``) and ``error`` (a message or ``None``), and may repeat
+``parent`` and ``name`` (an end without a start, such as a batch item resumed from storage). In between,
 ``<thing>.event`` reports progress (``unit``, ``event``: the run's own event record). A call made for a unit
 names it in ``CallContext.parent``. Bundled units: ``batch`` and ``batch.item`` (scillm-batch), ``run`` and
 ``graph`` (scillm-exec; a graph node's run has the graph as parent).

@@ -26,7 +26,8 @@ _KEY_SHAPES = re.compile(
 # Substrings every match of _KEY_SHAPES contains (plus "bearer" in any case): when none is there, which is almost
 # always, the text is returned without the regex scan (substring checks are ~50x faster than the scan).
 _KEY_HINTS = ("sk-", "sk_", "pk-", "pk_", "rk-", "rk_", "eyJ", "AIza")
-_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)|_API$", re.IGNORECASE)
+# *_HEADERS: OTEL_EXPORTER_OTLP_HEADERS and the like carry collector credentials
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|HEADERS)|_API$", re.IGNORECASE)
 _WHERE_NAME = re.compile(r"_(URL|BASE|PATH|FILE|DIR|HOST|CREDENTIALS)$", re.IGNORECASE)  # where a secret is, not it
 MIN_SECRET = 8  # shorter values are not remembered (they would redact ordinary words)
 

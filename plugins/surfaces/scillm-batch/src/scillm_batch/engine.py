@@ -197,8 +197,9 @@ async def _run(spec: BatchSpec, runtime: Runtime, emit: Emit, *, resuming: bool)
             else:
                 progress.failed += 1
             runtime.events.emit(
-                "batch.item.end", None, unit=f"batch.item:{spec.batch_id}/{result['item_id']}", status="ok"
-                if result["ok"] else "error", error=result.get("error"), attrs={
+                "batch.item.end", None, unit=f"batch.item:{spec.batch_id}/{result['item_id']}", parent=spec.unit,
+                name=f"batch item {result['item_id']}", status="ok" if result["ok"] else "error",
+                error=result.get("error"), attrs={
                     "item_id": result["item_id"], "index": result["index"], "lane": result.get("lane"),
                     "resumed": bool(result.get("resumed")), "error_code": result.get("error_code"),
                     "completed": progress.completed, "failed": progress.failed, "total": progress.total})

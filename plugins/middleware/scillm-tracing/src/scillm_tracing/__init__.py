@@ -1,0 +1,176 @@
+"""OpenTelemetry traces over OTLP/HTTP (protobuf), built from the events the pipeline and the surfaces emit.
+
+Off by default (``[tracing] enabled = true`` turns it on); off, it subscribes to nothing, so requests do no
+tracing work at all. On, one observer (``spans.SpanMaker``) turns events into spans with the OpenTelemetry SDK
+and a ``BatchSpanProcessor`` exports them from a background thread with the OTLP/HTTP exporter; each upstream
+attempt carries a W3C ``traceparent`` to the provider, and a client's ``traceparent`` is continued. Fails open:
+an unreachable collector drops spans (counted in ``/v1/scillm/health``), never a request.
+
+Config: ``[tracing]`` (see ``config.TracingConfig``) and the standard ``OTEL_*`` variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from attrs import define, field
+
+from scillm_core import Runtime, SurfaceRegistry, hookimpl
+from scillm_core.redact import env_secrets
+from scillm_tracing.config import Settings, TracingConfig, resolve
+
+__all__ = ["TracingConfig", "public_endpoint"]
+
+log = logging.getLogger("scillm.tracing")
+
+
+@define
+class TracingState:
+    config: TracingConfig
+    settings: Settings | None = None
+    provider: Any = None  # the SDK TracerProvider, while running
+    maker: Any = None
+    unsubscribe: Any = None
+    counts: dict[str, int] = field(factory=lambda: {"exported_spans": 0, "failed_spans": 0, "failed_exports": 0})
+    last_error: str | None = None
+
+
+def _config(runtime: Runtime) -> TracingConfig:
+    return runtime.config.sections.get("tracing") or TracingConfig()  # type: ignore[no-any-return]
+
+
+def _state(runtime: Runtime) -> TracingState:
+    state = runtime.plugin_state.get("tracing")
+    if state is None:
+        state = runtime.plugin_state["tracing"] = TracingState(config=_config(runtime))
+    return state  # type: ignore[no-any-return]
+
+
+def _enabled(runtime: Runtime) -> bool:
+    return _config(runtime).enabled and runtime.env.get("OTEL_SDK_DISABLED", "").strip().lower() != "true"
+
+
+def public_endpoint(url: str) -> str:
+    """``url`` without credentials in it (``https://user:pw@host`` -> ``https://[redacted]@host``)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="[redacted]@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+@hookimpl
+def scillm_config_sections() -> Mapping[str, type]:
+    return {"tracing": TracingConfig}
+
+
+@hookimpl
+def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> None:
+    state = _state(runtime)
+    if not _enabled(runtime):
+        return
+    state.settings = resolve(state.config, runtime.env)  # a wrong setting stops start-up, naming it
+
+    async def start() -> None:
+        _start(state, runtime)
+
+    async def stop() -> None:
+        _stop(state)
+
+    surfaces.on_startup(start)
+    surfaces.on_shutdown(stop)
+
+
+def _start(state: TracingState, runtime: Runtime) -> None:
+    from opentelemetry.exporter.otlp.proto.http import Compression
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
+
+    from scillm_core import __version__
+    from scillm_tracing.spans import SpanMaker
+
+    settings = state.settings
+    assert settings is not None
+
+    class CountingExporter(OTLPSpanExporter):
+        def export(self, spans: Sequence[Any]) -> SpanExportResult:
+            result = super().export(spans)
+            if result == SpanExportResult.SUCCESS:
+                state.counts["exported_spans"] += len(spans)
+            else:
+                state.counts["failed_spans"] += len(spans)
+                state.counts["failed_exports"] += 1
+                state.last_error = f"export to {public_endpoint(settings.endpoint)} failed"
+            return result
+
+    ratio = settings.sample_ratio
+    root = ALWAYS_ON if ratio >= 1.0 else ALWAYS_OFF if ratio <= 0.0 else TraceIdRatioBased(ratio)
+    provider = TracerProvider(resource=Resource.create(dict(settings.resource)),
+                              sampler=ParentBased(root) if settings.parent_based else root)
+    exporter = CountingExporter(endpoint=settings.endpoint, headers=dict(settings.headers),
+                                timeout=settings.timeout_s,
+                                compression=Compression(settings.compression) if settings.compression
+                                else Compression.NoCompression)
+    provider.add_span_processor(BatchSpanProcessor(exporter, **settings.batch))
+    maker = SpanMaker(provider.get_tracer("scillm", __version__), secrets=env_secrets(runtime.env),
+                      record_content=settings.record_content, max_content_chars=settings.max_content_chars)
+    state.provider, state.maker = provider, maker
+    state.unsubscribe = runtime.events.subscribe(maker)
+
+
+def _stop(state: TracingState) -> None:
+    if state.unsubscribe is not None:
+        state.unsubscribe()
+        state.unsubscribe = None
+    if state.maker is not None:
+        state.maker.close()
+    if state.provider is not None:
+        provider, state.provider = state.provider, None
+        provider.shutdown()  # flushes what is queued
+
+
+@hookimpl
+def scillm_health(runtime: Runtime) -> Mapping[str, Any]:
+    state = _state(runtime)
+    settings = state.settings
+    if settings is None:
+        return {"tracing": {"enabled": False, "fails": "open"}}
+    return {"tracing": {"enabled": True, "fails": "open", "endpoint": public_endpoint(settings.endpoint),
+                        "protocol": "http/protobuf", "service_name": settings.service_name,
+                        "sample_ratio": settings.sample_ratio, "record_content": settings.record_content,
+                        "running": state.provider is not None, **state.counts, "last_error": state.last_error}}
+
+
+@hookimpl
+def scillm_doctor(runtime: Runtime) -> list[dict[str, Any]]:
+    if not _enabled(runtime):
+        return [{"check": "tracing", "ok": True, "detail": "off ([tracing] enabled = false)"}]
+    settings = resolve(_config(runtime), runtime.env)
+    return [check_endpoint(settings)]
+
+
+def check_endpoint(settings: Settings, timeout_s: float = 3.0) -> dict[str, Any]:
+    """POST an empty OTLP export request (no spans) to the endpoint: a collector answers 2xx."""
+    import httpx
+
+    shown = public_endpoint(settings.endpoint)
+    started = time.perf_counter()
+    try:
+        response = httpx.post(settings.endpoint, content=b"", timeout=timeout_s, trust_env=False,
+                              headers={"content-type": "application/x-protobuf", **settings.headers})
+    except httpx.HTTPError as exc:
+        return {"check": "tracing endpoint", "ok": False, "required": True,
+                "detail": f"{shown} unreachable ({type(exc).__name__}); start an OTLP collector there (Jaeger, "
+                          f"Tempo, an OpenTelemetry Collector: OTLP/HTTP, port 4318) or set [tracing] endpoint"}
+    took = (time.perf_counter() - started) * 1000
+    ok = 200 <= response.status_code < 300
+    detail = f"{shown} answered HTTP {response.status_code} in {took:.0f} ms"
+    if not ok:
+        detail += " (expected 2xx from an OTLP/HTTP traces endpoint; check the URL and the collector's auth)"
+    return {"check": "tracing endpoint", "ok": ok, "required": True, "detail": detail}
