@@ -21,6 +21,8 @@ Control endpoints (used by the harness, never by proxies):
                             (pending_max: most delayed answers waiting at once = upstream calls in flight;
                             `?reset=1` restarts it after answering)
   GET  /health              200
+  POST /v1/traces           200, an empty OTLP ExportTraceServiceResponse (a local trace collector for the
+                            scillm-tracing row; counts exports and bytes, decodes nothing)
 
 Usage: python mock.py --port 18080 [--delay-ms 0] [--anthropic-stream matched|recorded]
 """
@@ -129,6 +131,8 @@ class State:
     messages = 0  # of `requests`, how many were POST /v1/messages
     pending = 0  # delayed answers not yet sent
     pending_max = 0  # most delayed answers pending at once since the last GET /__mock/stats?reset=1
+    otlp_exports = 0  # POST /v1/traces received
+    otlp_bytes = 0
 
 
 class MockProtocol(asyncio.Protocol):
@@ -185,6 +189,11 @@ class MockProtocol(asyncio.Protocol):
             else:
                 self.transport.write(resp)
             return
+        if method == b"POST" and path == b"/v1/traces":
+            State.otlp_exports += 1
+            State.otlp_bytes += len(self.body)
+            self.transport.write(_simple("200 OK", b"", b"application/x-protobuf"))
+            return
         if path == b"/__mock/delay":
             m = re.search(rb"ms=(\d+)", url)
             State.delay_s = int(m.group(1)) / 1000.0 if m else 0.0
@@ -192,7 +201,8 @@ class MockProtocol(asyncio.Protocol):
         elif path == b"/__mock/stats":
             body = json.dumps(
                 {"requests": State.requests, "streams": State.streams, "messages": State.messages,
-                 "delay_ms": int(State.delay_s * 1000), "pending_max": State.pending_max}
+                 "delay_ms": int(State.delay_s * 1000), "pending_max": State.pending_max,
+                 "otlp_exports": State.otlp_exports, "otlp_bytes": State.otlp_bytes}
             ).encode()
             if b"reset=1" in url:
                 State.pending_max = State.pending

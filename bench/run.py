@@ -37,7 +37,7 @@ RESULTS_DIR = os.path.join(HERE, "results")
 
 MOCK_PORT = 18080
 PORTS = {"scillm": 14001, "litellm": 14002, "portkey": 14003, "bare": 14004, "scillm-nomw": 14005,
-         "scillm-anthropic": 14006}
+         "scillm-anthropic": 14006, "scillm-tracing": 14007, "scillm-before": 14008}
 PROXY_CORE, LOAD_CORE = 0, 1
 CLIENT_KEY = "sk-dev-proxy-123"
 MODEL = "openai/gpt-4o-mini"
@@ -53,6 +53,11 @@ VARIANT_PAIRS = [
     ("scillm-anthropic", "scillm", "Anthropic upstream / OpenAI upstream",
      f"model {ANTHROPIC_MODEL} through the anthropic provider (chat → Messages → chat translation) ÷ "
      f"{MODEL} through the OpenAI-compatible provider"),
+    ("scillm-tracing", "scillm", "tracing on / off",
+     "[tracing] on, sample_ratio 1.0, exporting OTLP/HTTP to the mock's /v1/traces ÷ the same tree as shipped "
+     "(tracing off)"),
+    ("scillm", "scillm-before", "this tree / before",
+     "this tree as shipped (tracing off, dashboard on) ÷ the tree given with --base-tree (e.g. main before it)"),
 ]
 
 
@@ -285,7 +290,7 @@ def _version(py: str, dist: str) -> str:
         return "?"
 
 
-def make_proxies(workdir: str, transports: list[str]) -> dict[str, Proxy]:
+def make_proxies(workdir: str, transports: list[str], base_tree: str | None = None) -> dict[str, Proxy]:
     mock_v1 = f"http://127.0.0.1:{MOCK_PORT}/v1"
     auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
     out: dict[str, Proxy] = {}
@@ -294,17 +299,19 @@ def make_proxies(workdir: str, transports: list[str]) -> dict[str, Proxy]:
     if os.access(SCILLM_BIN, os.X_OK):
         sc_version = _version(os.path.join(ROOT, ".venv", "bin", "python"), "scillm") or "dev"
 
-    def scillm(name: str, label: str, extra_env: dict[str, str], model: str = MODEL) -> Proxy:
+    def scillm(name: str, label: str, extra_env: dict[str, str], model: str = MODEL, tree: str = ROOT) -> Proxy:
         data_dir = os.path.join(workdir, name + "-data")  # own state store per variant
         os.makedirs(data_dir, exist_ok=True)
-        sc = Proxy(name, label, [SCILLM_BIN, "serve", "--host", "127.0.0.1", "--port", str(PORTS[name])],
-                   PORTS[name], "/health/readiness", auth, cwd=ROOT, model=model,
+        binary = os.path.join(tree, ".venv", "bin", "scillm")
+        sc = Proxy(name, label, [binary, "serve", "--host", "127.0.0.1", "--port", str(PORTS[name])],
+                   PORTS[name], "/health/readiness", auth, cwd=tree, model=model,
                    env={"OPENAI_API_KEY": "sk-bench", "OPENAI_API_BASE": mock_v1, "SCILLM_DATA_DIR": data_dir,
                         **extra_env})
-        if sc_version is None:
-            sc.missing = f"{SCILLM_BIN} not found (the gateway is not installed in .venv yet)"
+        if not os.access(binary, os.X_OK):
+            sc.missing = f"{binary} not found (the gateway is not installed in that tree's .venv)"
         else:
-            sc.version = sc_version
+            sc.version = sc_version if tree == ROOT else (
+                _version(os.path.join(tree, ".venv", "bin", "python"), "scillm") or "dev")
         return sc
 
     out["scillm"] = scillm("scillm", "scillm", {})
@@ -313,6 +320,14 @@ def make_proxies(workdir: str, transports: list[str]) -> dict[str, Proxy]:
     out["scillm-anthropic"] = scillm("scillm-anthropic", "scillm → Anthropic upstream",
                                      {"ANTHROPIC_API_KEY": "sk-bench",
                                       "ANTHROPIC_API_BASE": f"http://127.0.0.1:{MOCK_PORT}"}, model=ANTHROPIC_MODEL)
+    # tracing on at sample ratio 1.0, exporting to the mock (which accepts OTLP/HTTP on /v1/traces, on the load core)
+    tracing_toml = os.path.join(workdir, "tracing.toml")
+    with open(tracing_toml, "w") as f:
+        f.write(f'[tracing]\nenabled = true\nendpoint = "http://127.0.0.1:{MOCK_PORT}"\nsample_ratio = 1.0\n')
+    out["scillm-tracing"] = scillm("scillm-tracing", "scillm, tracing on", {"SCILLM_CONFIG": tracing_toml})
+    if base_tree:
+        out["scillm-before"] = scillm("scillm-before", f"scillm before ({os.path.basename(base_tree)})", {},
+                                      tree=os.path.abspath(base_tree))
 
     cfg = os.path.join(workdir, "litellm.yaml")
     with open(cfg, "w") as f:
@@ -863,8 +878,10 @@ def update_readme(block: str, text: str) -> None:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--proxies", default=None,
-                    help="comma list of scillm,litellm,portkey,bare,scillm-nomw,scillm-anthropic "
-                         "(default: scillm,litellm,portkey,bare; with --batch: scillm)")
+                    help="comma list of scillm,litellm,portkey,bare,scillm-nomw,scillm-anthropic,scillm-tracing,"
+                         "scillm-before (default: scillm,litellm,portkey,bare; with --batch: scillm)")
+    ap.add_argument("--base-tree", default=None,
+                    help="a checkout with its own .venv (e.g. a worktree of main) run as the scillm-before row")
     ap.add_argument("--batch", action="store_true",
                     help="instead: batch throughput (bench/batch.py): one POST /v1/scillm/batch/completions "
                          "per run against a mock answering after --batch-delay-ms; proxies: scillm variants")
@@ -937,7 +954,7 @@ def main(argv: list[str]) -> int:
     workdir = tempfile.mkdtemp(prefix=f"scillm-bench-{ts}-")
     logdir = os.path.join(workdir, "logs")
     os.makedirs(logdir)
-    proxies = make_proxies(workdir, transports)
+    proxies = make_proxies(workdir, transports, args.base_tree)
     for n in names:
         if n not in proxies:
             ap.error(f"unknown proxy {n}")
