@@ -109,9 +109,24 @@ def _start(state: TracingState, runtime: Runtime) -> None:
                 state.last_error = f"export to {public_endpoint(settings.endpoint)} failed"
             return result
 
+    class HashedResource(Resource):
+        """The exporter's encoder groups spans by resource and hashes it for every span; the SDK's hash is a JSON
+        dump of its attributes each time. A resource never changes, so it is hashed once."""
+
+        def __hash__(self) -> int:
+            cached = self.__dict__.get("_scillm_hash")
+            if cached is None:
+                cached = self.__dict__["_scillm_hash"] = super().__hash__()
+            return cached  # type: ignore[no-any-return]
+
+        def __eq__(self, other: object) -> bool:
+            return self is other or super().__eq__(other)
+
+    created = Resource.create(dict(settings.resource))
+    resource = HashedResource(created.attributes, created.schema_url)
     ratio = settings.sample_ratio
     root = ALWAYS_ON if ratio >= 1.0 else ALWAYS_OFF if ratio <= 0.0 else TraceIdRatioBased(ratio)
-    provider = TracerProvider(resource=Resource.create(dict(settings.resource)),
+    provider = TracerProvider(resource=resource,
                               sampler=ParentBased(root) if settings.parent_based else root)
     exporter = CountingExporter(endpoint=settings.endpoint, headers=dict(settings.headers),
                                 timeout=settings.timeout_s,

@@ -137,7 +137,6 @@ class SpanMaker:
                                  "scillm.request_id": ctx.request_id, "scillm.stream": request.stream}
         if ctx.caller:
             attrs["scillm.caller"] = ctx.caller
-        _request_params(request, attrs)
         if self.record_content:
             attrs["gen_ai.input.messages"] = self._content(
                 [{"role": m.role, "content": m.text} for m in request.messages])
@@ -157,8 +156,7 @@ class SpanMaker:
             attrs: dict[str, Any] = {"scillm.attempts": ctx.attempts}
             route = ctx.route
             if route is not None:
-                attrs.update({"gen_ai.provider.name": PROVIDER_NAMES.get(route.provider, route.provider),
-                              "scillm.provider": route.provider, "scillm.deployment": route.deployment})
+                _provider(route, attrs)
             response = event["response"]
             if response is not None:
                 attrs["gen_ai.response.model"] = response.model
@@ -213,11 +211,9 @@ class SpanMaker:
         route: Route = event["route"]
         kind, after = calls.next_attempt
         calls.next_attempt = ("retry", None)  # unless a fallback event says otherwise
-        attrs: dict[str, Any] = {"gen_ai.operation.name": "chat",
-                                 "gen_ai.provider.name": PROVIDER_NAMES.get(route.provider, route.provider),
-                                 "gen_ai.request.model": route.model, "scillm.provider": route.provider,
-                                 "scillm.deployment": route.deployment, "scillm.attempt": event["attempt"],
-                                 "scillm.attempt.kind": kind}
+        attrs: dict[str, Any] = {"gen_ai.operation.name": "chat", "gen_ai.request.model": route.model,
+                                 "scillm.attempt": event["attempt"], "scillm.attempt.kind": kind}
+        _provider(route, attrs)
         if after is not None:
             attrs["scillm.fallback.from"] = after
         _request_params(event["request"], attrs)
@@ -356,6 +352,14 @@ class SpanMaker:
         while self.units:
             _, span = self.units.popitem()
             span.end()
+
+
+def _provider(route: Route, attrs: dict[str, Any]) -> None:
+    """``gen_ai.provider.name``, and scillm's own provider name when the conventions call it otherwise."""
+    name = PROVIDER_NAMES.get(route.provider, route.provider)
+    attrs["gen_ai.provider.name"] = name
+    if name != route.provider:
+        attrs["scillm.provider"] = route.provider
 
 
 def _request_params(request: ChatRequest, attrs: dict[str, Any]) -> None:
