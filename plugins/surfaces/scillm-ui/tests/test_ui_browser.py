@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import ElementNotInteractableException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -96,6 +96,19 @@ def _until(driver: WebDriver, css: str, wanted: str) -> str:
     return _text(driver, css)
 
 
+def _click(driver: WebDriver, css: str) -> None:
+    """Click what ``css`` finds; the page re-renders its tables on every poll, so a found row may go stale."""
+
+    def clicked(d: WebDriver) -> bool:
+        try:
+            d.find_element(By.CSS_SELECTOR, css).click()
+            return True
+        except (StaleElementReferenceException, ElementNotInteractableException):
+            return False
+
+    WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(clicked, f"could not click {css}")
+
+
 def _login(driver: WebDriver, server: ServerThread, key: str) -> None:
     driver.get(server.url + "/ui")
     WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.ID, "login-form").is_displayed())
@@ -106,7 +119,7 @@ def _login(driver: WebDriver, server: ServerThread, key: str) -> None:
 
 
 def _tab(driver: WebDriver, name: str) -> None:
-    driver.find_element(By.CSS_SELECTOR, f"#tabs button[data-tab={name}]").click()
+    _click(driver, f"#tabs button[data-tab={name}]")
 
 
 def _client(server: ServerThread) -> openai.OpenAI:
@@ -139,7 +152,7 @@ def test_a_provider_goes_from_closed_to_open_when_its_upstream_fails(world: dict
     _login(driver, server, MASTER_KEY)
     row = "#providers tr[data-provider=deepseek]"
     _until(driver, f"{row} .circuit", "closed")
-    assert "healthy" in _text(driver, f"{row} .status")
+    _until(driver, f"{row} .status", "healthy")
     assert driver.execute_script("return document.body.innerHTML.includes(arguments[0])", MASTER_KEY) is False
     flaky.default = Reply.fail(503, "upstream overloaded")
     try:
@@ -148,9 +161,9 @@ def test_a_provider_goes_from_closed_to_open_when_its_upstream_fails(world: dict
                 _client(server).chat.completions.create(model="deepseek/deepseek-chat",
                                                         messages=[{"role": "user", "content": "x"}])
         _until(driver, f"{row} .circuit", "open")
-        assert "down" in _text(driver, f"{row} .status")
+        _until(driver, f"{row} .status", "down")
         assert "deepseek/deepseek-chat" in _until(driver, "#transitions", "deepseek/deepseek-chat")
-        assert "open" in _text(driver, f"{row} .deployments")
+        _until(driver, f"{row} .deployments", "open")
     finally:
         flaky.default = FakeOpenAI.default
     _shot(driver, "providers")
@@ -165,12 +178,12 @@ def test_a_prompt_with_script_is_rendered_as_text(world: dict[str, Any]) -> None
     _until(driver, "#calls tbody", "<b>bold-caller</b>")
     driver.find_element(By.CSS_SELECTOR, "#filter-caller").send_keys("bold-caller")
     WebDriverWait(driver, WAIT_S).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#calls tbody tr")) == 1)
-    driver.find_element(By.CSS_SELECTOR, "#calls tbody tr").click()
+    _click(driver, "#calls tbody tr")
     prompt = _until(driver, "#call-detail .prompt", "<script>")
     assert HOSTILE in prompt
     assert driver.execute_script("return window.__pwned") is None
     assert driver.find_elements(By.CSS_SELECTOR, "#call-detail script, #call-detail img, #calls b") == []
-    assert "Hello from the fake" in _text(driver, "#call-detail .answer")
+    _until(driver, "#call-detail .answer", "Hello from the fake")
     _shot(driver, "calls")
 
 
@@ -192,7 +205,7 @@ def test_a_batch_shows_its_progress_until_done(world: dict[str, Any]) -> None:
     try:
         row = "#batches tr[data-batch=ui-batch]"
         _until(driver, f"{row} .progress-text", "1 / 4")
-        assert "running" in _text(driver, f"{row} .batch-status")
+        _until(driver, f"{row} .batch-status", "running")
         _shot(driver, "batches-running")
     finally:
         main.gate.set()
@@ -214,8 +227,8 @@ def test_runs_show_their_live_events_and_charts_draw(world: dict[str, Any]) -> N
     _tab(driver, "runs")
     row = f"#runs tr[data-run='run:{run_id}']"
     _until(driver, f"{row} .run-status", "completed")
-    assert "exec graph" in _text(driver, "#runs tbody")
-    driver.find_element(By.CSS_SELECTOR, row).click()
+    _until(driver, "#runs tbody", "exec graph")
+    _click(driver, row)
     events = _until(driver, "#run-events", "response")
     assert "request" in events
     _shot(driver, "runs")

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -34,12 +34,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from scillm_core import Route, Runtime, SurfaceRegistry, errors, hookimpl, json_response, runtime_of
+from scillm_core.pipeline import observe_stream
 from scillm_core.redact import env_secrets, redact
 from scillm_core.web import query_int
 from scillm_metrics.series import Counters, Histograms, SeriesCollector
 
 if TYPE_CHECKING:
-    from scillm_core import CallContext, ChatChunk, ChatRequest, Usage
+    from scillm_core import CallContext, ChatRequest, Usage
     from scillm_core.pipeline import ChatResult, ChatThunk, ResponseThunk
 
 __all__ = ["BoundedLabel", "MetricsConfig", "redact_batch", "redact_record"]
@@ -297,11 +298,14 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
     if state is None:
         return call
 
-    def finish(started: float, exc: BaseException | None, usage: Usage | None) -> None:
+    def finish(started: float, exc: BaseException | None, usage: Usage | None,
+               first_chunk_s: float | None = None) -> None:
         labels = state.labels(route, ctx)
         _, status_class, code = _outcome(exc)
         state.attempts.inc((*labels, status_class, code))
         state.latency.observe(labels, time.perf_counter() - started)
+        if first_chunk_s is not None:
+            state.first_chunk.observe(labels, first_chunk_s)
         if usage is not None:
             state.tokens.inc((*labels, "prompt"), max(0, usage.prompt_tokens))
             state.tokens.inc((*labels, "completion"), max(0, usage.completion_tokens))
@@ -316,39 +320,10 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
         if not request.stream:  # a ChatResponse or an EmbeddingsResponse (a cache hit of a stream is a stream)
             _safely(state, finish, started, None, result.usage)
             return result
-
-        def first(elapsed: float) -> None:
-            state.first_chunk.observe(state.labels(route, ctx), elapsed)
-
-        return _observe_stream(result, started, lambda exc, usage: _safely(state, finish, started, exc, usage),
-                               lambda elapsed: _safely(state, first, elapsed))
+        return observe_stream(result, started, lambda exc, usage, first_chunk_s: _safely(
+            state, finish, started, exc, usage, first_chunk_s))
 
     return measured
-
-
-async def _observe_stream(chunks: AsyncIterator[ChatChunk], started: float, done: Any,
-                          first: Any = None) -> AsyncIterator[ChatChunk]:
-    usage = None
-    failure: BaseException | None = None
-    seen = False
-    try:
-        async for chunk in chunks:
-            if not seen:
-                seen = True
-                if first is not None:
-                    first(time.perf_counter() - started)
-            if chunk.usage is not None:
-                usage = chunk.usage
-            yield chunk
-    except BaseException as exc:
-        failure = exc
-        raise
-    finally:
-        done(failure, usage)
-        closer = getattr(chunks, "aclose", None)
-        if closer is not None:
-            with contextlib.suppress(Exception):
-                await closer()
 
 
 # -- per request ---------------------------------------------------------------------------------------------------
@@ -375,7 +350,7 @@ def postprocess_json(request: ChatRequest, ctx: CallContext) -> Any:
         if not request.stream:
             _safely(state, _finish_request, state, request, ctx, started, None, result.usage)
             return result
-        return _observe_stream(result, started, lambda exc, usage: _safely(
+        return observe_stream(result, started, lambda exc, usage, _first_chunk_s: _safely(
             state, _finish_request, state, request, ctx, started, exc, usage))
 
     return logged
