@@ -282,7 +282,11 @@ def test_settings_honour_otel_variables_and_refuse_what_is_not_supported(receive
     with pytest.raises(ConfigError, match="protocol"):
         make_app(env={"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, config={"tracing": {"enabled": True}})
     # doctor: a reachable collector answers 2xx; a closed port is a failure naming what to do
-    assert check_endpoint(resolve(TracingConfig(endpoint=receiver.url), {}))["ok"]
+    runtime = make_app(config={"tracing": {"enabled": True, "endpoint": receiver.url}}).runtime
+    assert [c for c in runtime.hooks.doctor(runtime) if c["check"] == "tracing endpoint"][0]["ok"]
+    off = make_app().runtime
+    assert [c["detail"] for c in off.hooks.doctor(off) if c["check"] == "tracing"] == [
+        "off ([tracing] enabled = false)"]
     down = check_endpoint(resolve(TracingConfig(endpoint="http://127.0.0.1:9"), {}), timeout_s=2)
     assert not down["ok"] and "unreachable" in down["detail"] and "collector" in down["detail"]
 
