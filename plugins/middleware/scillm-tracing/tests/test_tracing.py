@@ -163,7 +163,7 @@ def test_a_streamed_request_span_ends_when_the_stream_ends(receiver: OTLPReceive
             chunks = iter(stream)
             assert next(chunks).choices[0].delta.content == "Hel"
             tracing = server.app.runtime.plugin_state["tracing"]
-            assert tracing.provider.force_flush()
+            assert tracing.processor.force_flush()
             assert not any(s["name"] == "chat openai/gpt-4o-mini" for s in receiver.spans)  # still streaming
             released = time.time_ns()
             pausing.release.set()
@@ -190,7 +190,7 @@ def test_a_client_traceparent_is_continued_and_passed_upstream(server: ServerThr
                                             extra_headers={"traceparent": f"00-{unsampled}-{parent}-00"})
     assert upstreams[0].last.headers["traceparent"].startswith(f"00-{unsampled}-")
     assert not int(upstreams[0].last.headers["traceparent"].rsplit("-", 1)[1], 16) & 1  # not sampled
-    server.app.runtime.plugin_state["tracing"].provider.force_flush()
+    server.app.runtime.plugin_state["tracing"].processor.force_flush()
     assert not any(s["trace_id"] == unsampled for s in receiver.spans)
 
 
@@ -242,7 +242,7 @@ def test_no_prompt_or_secret_in_any_exported_span(server: ServerThread, receiver
         _client(server).chat.completions.create(model="openai/gpt-4o-mini", messages=messages)
     _client(server).chat.completions.create(model="duo", messages=messages)
     receiver.wait_for(_request_span("duo"))
-    server.app.runtime.plugin_state["tracing"].provider.force_flush()
+    server.app.runtime.plugin_state["tracing"].processor.force_flush()
     exported = b"".join(receiver.bodies)
     assert exported and receiver.content_types == {"application/x-protobuf"}
     for secret in (PROMPT, "PROMPT-MARKER", OPENAI_KEY, DEEPSEEK_KEY, MASTER_KEY, "Hello from the fake"):
@@ -283,7 +283,7 @@ def test_settings_honour_otel_variables_and_refuse_what_is_not_supported(receive
         make_app(env={"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, config={"tracing": {"enabled": True}})
     # doctor: a reachable collector answers 2xx; a closed port is a failure naming what to do
     runtime = make_app(config={"tracing": {"enabled": True, "endpoint": receiver.url}}).runtime
-    assert [c for c in runtime.hooks.doctor(runtime) if c["check"] == "tracing endpoint"][0]["ok"]
+    assert next(c for c in runtime.hooks.doctor(runtime) if c["check"] == "tracing endpoint")["ok"]
     off = make_app().runtime
     assert [c["detail"] for c in off.hooks.doctor(off) if c["check"] == "tracing"] == [
         "off ([tracing] enabled = false)"]

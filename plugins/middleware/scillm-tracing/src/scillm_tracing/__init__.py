@@ -1,8 +1,8 @@
 """OpenTelemetry traces over OTLP/HTTP (protobuf), built from the events the pipeline and the surfaces emit.
 
 Off by default (``[tracing] enabled = true`` turns it on); off, it subscribes to nothing, so requests do no
-tracing work at all. On, one observer (``spans.SpanMaker``) turns events into spans with the OpenTelemetry SDK
-and a ``BatchSpanProcessor`` exports them from a background thread with the OTLP/HTTP exporter; each upstream
+tracing work at all. On, one observer (``spans.SpanMaker``) turns events into the SDK's spans and its
+``BatchSpanProcessor`` exports them from a background thread with the OTLP/HTTP exporter (``otlp.py``); each upstream
 attempt carries a W3C ``traceparent`` to the provider, and a client's ``traceparent`` is continued. Fails open:
 an unreachable collector drops spans (counted in ``/v1/scillm/health``), never a request.
 
@@ -32,7 +32,7 @@ log = logging.getLogger("scillm.tracing")
 class TracingState:
     config: TracingConfig
     settings: Settings | None = None
-    provider: Any = None  # the SDK TracerProvider, while running
+    processor: Any = None  # the SDK BatchSpanProcessor, while running
     maker: Any = None
     unsubscribe: Any = None
     counts: dict[str, int] = field(factory=lambda: {"exported_spans": 0, "failed_spans": 0, "failed_exports": 0})
@@ -86,19 +86,19 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
 
 def _start(state: TracingState, runtime: Runtime) -> None:
     from opentelemetry.exporter.otlp.proto.http import Compression
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     from scillm_core import __version__
-    from scillm_tracing.spans import SpanMaker
+    from scillm_tracing.otlp import Exporter
+    from scillm_tracing.spans import Recorder, SpanMaker
 
     settings = state.settings
     assert settings is not None
 
-    class CountingExporter(OTLPSpanExporter):
+    class CountingExporter(Exporter):
         def export(self, spans: Sequence[Any]) -> SpanExportResult:
             result = super().export(spans)
             if result == SpanExportResult.SUCCESS:
@@ -109,33 +109,19 @@ def _start(state: TracingState, runtime: Runtime) -> None:
                 state.last_error = f"export to {public_endpoint(settings.endpoint)} failed"
             return result
 
-    class HashedResource(Resource):
-        """The exporter's encoder groups spans by resource and hashes it for every span; the SDK's hash is a JSON
-        dump of its attributes each time. A resource never changes, so it is hashed once."""
-
-        def __hash__(self) -> int:
-            cached = self.__dict__.get("_scillm_hash")
-            if cached is None:
-                cached = self.__dict__["_scillm_hash"] = super().__hash__()
-            return cached  # type: ignore[no-any-return]
-
-        def __eq__(self, other: object) -> bool:
-            return self is other or super().__eq__(other)
-
-    created = Resource.create(dict(settings.resource))
-    resource = HashedResource(created.attributes, created.schema_url)
     ratio = settings.sample_ratio
     root = ALWAYS_ON if ratio >= 1.0 else ALWAYS_OFF if ratio <= 0.0 else TraceIdRatioBased(ratio)
-    provider = TracerProvider(resource=resource,
-                              sampler=ParentBased(root) if settings.parent_based else root)
     exporter = CountingExporter(endpoint=settings.endpoint, headers=dict(settings.headers),
                                 timeout=settings.timeout_s,
                                 compression=Compression(settings.compression) if settings.compression
                                 else Compression.NoCompression)
-    provider.add_span_processor(BatchSpanProcessor(exporter, **settings.batch))
-    maker = SpanMaker(provider.get_tracer("scillm", __version__), secrets=env_secrets(runtime.env),
-                      record_content=settings.record_content, max_content_chars=settings.max_content_chars)
-    state.provider, state.maker = provider, maker
+    processor = BatchSpanProcessor(exporter, **settings.batch)
+    recorder = Recorder(processor, Resource.create(dict(settings.resource)),
+                        ParentBased(root) if settings.parent_based else root,
+                        InstrumentationScope("scillm", __version__))
+    maker = SpanMaker(recorder, secrets=env_secrets(runtime.env), record_content=settings.record_content,
+                      max_content_chars=settings.max_content_chars)
+    state.processor, state.maker = processor, maker
     state.unsubscribe = runtime.events.subscribe(maker)
 
 
@@ -145,9 +131,9 @@ def _stop(state: TracingState) -> None:
         state.unsubscribe = None
     if state.maker is not None:
         state.maker.close()
-    if state.provider is not None:
-        provider, state.provider = state.provider, None
-        provider.shutdown()  # flushes what is queued
+    if state.processor is not None:
+        processor, state.processor = state.processor, None
+        processor.shutdown()  # exports what is queued
 
 
 @hookimpl
@@ -159,7 +145,7 @@ def scillm_health(runtime: Runtime) -> Mapping[str, Any]:
     return {"tracing": {"enabled": True, "fails": "open", "endpoint": public_endpoint(settings.endpoint),
                         "protocol": "http/protobuf", "service_name": settings.service_name,
                         "sample_ratio": settings.sample_ratio, "record_content": settings.record_content,
-                        "running": state.provider is not None, **state.counts, "last_error": state.last_error}}
+                        "running": state.processor is not None, **state.counts, "last_error": state.last_error}}
 
 
 @hookimpl

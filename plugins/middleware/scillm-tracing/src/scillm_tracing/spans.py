@@ -15,29 +15,41 @@ conventions.
     batch <pool> / exec <profile> / exec graph     units of work; their items, runs and calls nest under them
 
 Nothing is recorded from message text unless ``record_content`` is on, and then redacted; headers never are.
+
+Spans are the SDK's ``ReadableSpan``, made by :class:`Recorder` when they end (events say when they started), with
+the SDK's sampler, ids and resource, and handed to its ``BatchSpanProcessor``: the SDK's live ``Span`` (locks,
+attribute validation on every set, a context object per parent) cost more per span than the whole request's
+budget for tracing.
 """
 
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, set_span_in_context
+from opentelemetry.sdk.trace import Event as SpanEvent
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from scillm_core import ChatResponse, errors
 from scillm_core.redact import redact
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Tracer
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import SpanProcessor
+    from opentelemetry.sdk.trace.sampling import Sampler
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     from scillm_core import CallContext, ChatRequest, Route
     from scillm_core.events import Event
 
-__all__ = ["SpanMaker"]
+__all__ = ["OpenSpan", "Recorder", "SpanMaker"]
 
 NOTE = "tracing"
 MAX_UNITS = 10_000       # open unit spans kept (a unit that never ends is dropped past this)
@@ -47,32 +59,91 @@ PROVIDER_NAMES = {"anthropic": "anthropic", "claude-oauth": "anthropic", "gemini
                   "codex": "openai", "deepseek": "deepseek", "ollama": "ollama"}
 
 
+class OpenSpan:
+    """A span between its start and end events: what it will be exported as, if ``sampled``."""
+
+    __slots__ = ("attributes", "context", "events", "kind", "name", "parent", "sampled", "start", "status")
+
+    def __init__(self, name: str, context: SpanContext, parent: SpanContext | None, kind: SpanKind,
+                 attributes: dict[str, Any], start: int, sampled: bool) -> None:
+        self.name, self.context, self.parent, self.kind = name, context, parent, kind
+        self.attributes, self.start, self.sampled = attributes, start, sampled
+        self.events: list[SpanEvent] = []
+        self.status = Status(StatusCode.UNSET)
+
+    def fail(self, error_type: str, description: str) -> None:
+        self.attributes["error.type"] = error_type
+        self.status = Status(StatusCode.ERROR, description)
+
+    def add_event(self, name: str, attributes: dict[str, Any], timestamp: int) -> None:
+        self.events.append(SpanEvent(name, attributes, timestamp))
+
+    @property
+    def traceparent(self) -> str:
+        context = self.context
+        return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+
+
+class Recorder:
+    """Starts and ends spans: the sampler decides for a new trace (or one continued from a caller), children follow
+    their parent; an ended sampled span goes to the processor."""
+
+    def __init__(self, processor: SpanProcessor, resource: Resource, sampler: Sampler,
+                 scope: InstrumentationScope) -> None:
+        self.processor, self.resource, self.sampler, self.scope = processor, resource, sampler, scope
+        self.ids = RandomIdGenerator()
+
+    def start(self, name: str, parent: OpenSpan | Context | None, kind: SpanKind, attributes: dict[str, Any],
+              start: int) -> OpenSpan:
+        if isinstance(parent, OpenSpan):
+            context = parent.context
+            return OpenSpan(name, SpanContext(context.trace_id, self.ids.generate_span_id(), False,
+                                              context.trace_flags, context.trace_state),
+                            context, kind, attributes, start, parent.sampled)
+        remote = get_current_span(parent).get_span_context() if parent is not None else None
+        if remote is not None and not remote.is_valid:
+            remote, parent = None, None
+        trace_id = remote.trace_id if remote is not None else self.ids.generate_trace_id()
+        result = self.sampler.should_sample(parent, trace_id, name, kind, attributes)
+        sampled = result.decision.is_sampled()
+        context = SpanContext(trace_id, self.ids.generate_span_id(), False,
+                              TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT), result.trace_state)
+        return OpenSpan(name, context, remote, kind, attributes, start, sampled)
+
+    def end(self, span: OpenSpan, end: int | None = None) -> None:
+        if span.sampled:
+            self.processor.on_end(ReadableSpan(
+                name=span.name, context=span.context, parent=span.parent, resource=self.resource,
+                attributes=span.attributes, events=tuple(span.events), kind=span.kind, status=span.status,
+                start_time=span.start, end_time=end or time.time_ns(), instrumentation_scope=self.scope))
+
+
 class CallSpans:
     """The open spans of one call (kept in ``ctx.notes["tracing"]``)."""
 
     __slots__ = ("attempts", "next_attempt", "request", "stages")
 
-    def __init__(self, request: Span) -> None:
+    def __init__(self, request: OpenSpan) -> None:
         self.request = request
-        self.stages: list[Span] = []
-        self.attempts: dict[int, Span] = {}
+        self.stages: list[OpenSpan] = []
+        self.attempts: dict[int, OpenSpan] = {}
         self.next_attempt: tuple[str, str | None] = ("first", None)  # kind, the deployment it falls back from
 
-    def parent(self) -> Context:
-        return set_span_in_context(self.stages[-1] if self.stages else self.request)
+    def parent(self) -> OpenSpan:
+        return self.stages[-1] if self.stages else self.request
 
 
 class SpanMaker:
     """The observer: subscribed to every event kind while tracing is on."""
 
-    def __init__(self, tracer: Tracer, *, secrets: tuple[str, ...] = (), record_content: bool = False,
+    def __init__(self, recorder: Recorder, *, secrets: tuple[str, ...] = (), record_content: bool = False,
                  max_content_chars: int = 4096) -> None:
-        self.tracer = tracer
+        self.rec = recorder
         self.secrets = secrets
         self.record_content = record_content
         self.max_content_chars = max_content_chars
         self.propagator = TraceContextTextMapPropagator()
-        self.units: collections.OrderedDict[str, Span] = collections.OrderedDict()
+        self.units: collections.OrderedDict[str, OpenSpan] = collections.OrderedDict()
         self.unit_events: dict[str, int] = {}
         self.handlers = {
             "request.start": self.request_start, "request.end": self.request_end,
@@ -99,12 +170,12 @@ class SpanMaker:
 
     # -- helpers --------------------------------------------------------------------------------------------------
 
-    def _context(self, unit: str | None, headers: Mapping[str, str] | None) -> Context | None:
+    def _context(self, unit: str | None, headers: Mapping[str, str] | None) -> OpenSpan | Context | None:
         """The parent of a new span: an open unit, else the caller's trace context, else none (a new trace)."""
         if unit is not None:
             span = self.units.get(unit)
             if span is not None:
-                return set_span_in_context(span)
+                return span
         if headers and headers.get("traceparent"):
             return self.propagator.extract(headers, context=Context())
         return None
@@ -112,14 +183,12 @@ class SpanMaker:
     def _text(self, value: Any, limit: int = 300) -> str:
         return redact(str(value), self.secrets)[:limit]
 
-    def _fail(self, span: Span, error: BaseException) -> None:
+    def _fail(self, span: OpenSpan, error: BaseException) -> None:
         if isinstance(error, GeneratorExit | KeyboardInterrupt) or type(error).__name__ == "CancelledError":
-            span.set_attribute("error.type", "cancelled")
-            span.set_status(Status(StatusCode.ERROR, "cancelled (the client went away)"))
+            span.fail("cancelled", "cancelled (the client went away)")
             return
         code = getattr(error, "code", None) or type(error).__name__
-        span.set_attribute("error.type", str(code))
-        span.set_status(Status(StatusCode.ERROR, self._text(getattr(error, "message", None) or error)))
+        span.fail(str(code), self._text(getattr(error, "message", None) or error))
 
     def _calls(self, ctx: CallContext) -> CallSpans | None:
         return ctx.notes.get(NOTE)  # type: ignore[no-any-return]
@@ -140,10 +209,8 @@ class SpanMaker:
         if self.record_content:
             attrs["gen_ai.input.messages"] = self._content(
                 [{"role": m.role, "content": m.text} for m in request.messages])
-        parent = self._context(ctx.parent, ctx.headers)
-        span = self.tracer.start_span(f"chat {request.model}", context=parent, attributes=attrs,
-                                      kind=SpanKind.INTERNAL if ctx.parent else SpanKind.SERVER,
-                                      start_time=event.time_ns)
+        span = self.rec.start(f"chat {request.model}", self._context(ctx.parent, ctx.headers),
+                              SpanKind.INTERNAL if ctx.parent else SpanKind.SERVER, attrs, event.time_ns)
         ctx.notes[NOTE] = CallSpans(span)
 
     def request_end(self, event: Event) -> None:
@@ -152,7 +219,7 @@ class SpanMaker:
         if calls is None:
             return
         span = calls.request
-        if span.is_recording():
+        if span.sampled:
             attrs: dict[str, Any] = {"scillm.attempts": ctx.attempts}
             route = ctx.route
             if route is not None:
@@ -180,29 +247,28 @@ class SpanMaker:
                 attrs["http.response.status_code"] = 200
             elif isinstance(error, Exception):
                 attrs["http.response.status_code"] = errors.to_response_parts(error)[0]
-            span.set_attributes(attrs)
+            span.attributes.update(attrs)
             if error is not None:
                 self._fail(span, error)
         for stage in reversed(calls.stages):  # left open by a failure that skipped their end
-            stage.end(end_time=event.time_ns)
-        span.end(end_time=event.time_ns)
+            self.rec.end(stage, event.time_ns)
+        self.rec.end(span, event.time_ns)
         del ctx.notes[NOTE]
 
     def stage_start(self, event: Event) -> None:
         calls = self._calls(event.ctx)  # type: ignore[arg-type]
         if calls is None:
             return
-        calls.stages.append(self.tracer.start_span(event["stage"], context=calls.parent(),
-                                                   start_time=event.time_ns))
+        calls.stages.append(self.rec.start(event["stage"], calls.parent(), SpanKind.INTERNAL, {}, event.time_ns))
 
     def stage_end(self, event: Event) -> None:
         calls = self._calls(event.ctx)  # type: ignore[arg-type]
         if calls is None or not calls.stages:
             return
         span = calls.stages.pop()
-        if event["error"] is not None and span.is_recording():
+        if event["error"] is not None and span.sampled:
             self._fail(span, event["error"])
-        span.end(end_time=event.time_ns)
+        self.rec.end(span, event.time_ns)
 
     def attempt_start(self, event: Event) -> None:
         calls = self._calls(event.ctx)  # type: ignore[arg-type]
@@ -217,10 +283,12 @@ class SpanMaker:
         if after is not None:
             attrs["scillm.fallback.from"] = after
         _request_params(event["request"], attrs)
-        span = self.tracer.start_span(f"chat {route.model}", context=calls.parent(), kind=SpanKind.CLIENT,
-                                      attributes=attrs, start_time=event.time_ns)
+        span = self.rec.start(f"chat {route.model}", calls.parent(), SpanKind.CLIENT, attrs, event.time_ns)
         calls.attempts[event["attempt"]] = span
-        self.propagator.inject(event["upstream_headers"], context=set_span_in_context(span))
+        headers = event["upstream_headers"]
+        headers["traceparent"] = span.traceparent
+        if span.context.trace_state:
+            headers["tracestate"] = span.context.trace_state.to_header()
 
     def attempt_end(self, event: Event) -> None:
         calls = self._calls(event.ctx)  # type: ignore[arg-type]
@@ -229,7 +297,7 @@ class SpanMaker:
         span = calls.attempts.pop(event["attempt"], None)
         if span is None:
             return
-        if span.is_recording():
+        if span.sampled:
             attrs: dict[str, Any] = {}
             response: ChatResponse | None = event["response"]
             if response is not None:
@@ -244,18 +312,17 @@ class SpanMaker:
             error = event["error"]
             if error is not None and isinstance(error, errors.UpstreamError) and error.upstream_status:
                 attrs["http.response.status_code"] = error.upstream_status
-            span.set_attributes(attrs)
+            span.attributes.update(attrs)
             if error is not None:
                 self._fail(span, error)
-        span.end(end_time=event.time_ns)
+        self.rec.end(span, event.time_ns)
 
     def retry(self, event: Event) -> None:
         calls = self._calls(event.ctx)  # type: ignore[arg-type]
         if calls is not None and calls.stages:
             calls.stages[-1].add_event("retry", {"scillm.retry": event["retry"], "scillm.delay_s": event["delay_s"],
                                                  "error.type": str(getattr(event["error"], "code", None) or
-                                                                   type(event["error"]).__name__)},
-                                       timestamp=event.time_ns)
+                                                                   type(event["error"]).__name__)}, event.time_ns)
         if calls is not None:
             calls.next_attempt = ("retry", None)
 
@@ -270,8 +337,8 @@ class SpanMaker:
                           {"scillm.deployment": route.deployment, "scillm.provider": route.provider,
                            "scillm.circuit.remaining_s": round(event["remaining_s"], 3)})
         if span is not None:
-            span.set_status(Status(StatusCode.ERROR, "circuit open: deployment skipped"))
-            span.end(end_time=event.time_ns)
+            span.status = Status(StatusCode.ERROR, "circuit open: deployment skipped")
+            self.rec.end(span, event.time_ns)
         calls = self._calls(event.ctx)  # type: ignore[arg-type]
         if calls is not None:
             calls.next_attempt = ("fallback", route.deployment)
@@ -282,7 +349,7 @@ class SpanMaker:
         route: Route = event["route"]
         span = self._mark(event, "cache hit", {"scillm.cache": "hit", "scillm.deployment": route.deployment})
         if span is not None:
-            span.end(end_time=event.time_ns)
+            self.rec.end(span, event.time_ns)
 
     def queue_wait(self, event: Event) -> None:
         waited_ns = int(event["waited_s"] * 1e9)
@@ -291,15 +358,15 @@ class SpanMaker:
                            "scillm.queue.waited_s": round(event["waited_s"], 6)}, start=event.time_ns - waited_ns)
         if span is not None:
             if event["outcome"] != "granted":
-                span.set_status(Status(StatusCode.ERROR, f"no concurrency slot ({event['outcome']})"))
-            span.end(end_time=event.time_ns)
+                span.status = Status(StatusCode.ERROR, f"no concurrency slot ({event['outcome']})")
+            self.rec.end(span, event.time_ns)
 
-    def _mark(self, event: Event, name: str, attrs: dict[str, Any], start: int | None = None) -> Span | None:
+    def _mark(self, event: Event, name: str, attrs: dict[str, Any], start: int | None = None) -> OpenSpan | None:
         calls = self._calls(event.ctx)  # type: ignore[arg-type]
         if calls is None:
             return None
-        return self.tracer.start_span(name, context=calls.parent(), attributes=attrs,
-                                      start_time=event.time_ns if start is None else start)
+        return self.rec.start(name, calls.parent(), SpanKind.INTERNAL, attrs,
+                              event.time_ns if start is None else start)
 
     # -- units of work (batches, items, runs, graphs, and whatever agent surfaces add) --------------------------
 
@@ -308,34 +375,33 @@ class SpanMaker:
         parent = self._context(event.get("parent"), event.get("trace"))
         attrs = _flat(event.get("attrs") or {}, prefix="scillm.")
         attrs["scillm.unit"] = unit
-        span = self.tracer.start_span(event.get("name") or unit, context=parent, attributes=attrs,
-                                      kind=SpanKind.SERVER if parent is None or event.get("trace") else
-                                      SpanKind.INTERNAL, start_time=event.time_ns)
+        span = self.rec.start(event.get("name") or unit, parent, SpanKind.INTERNAL if isinstance(parent, OpenSpan)
+                              else SpanKind.SERVER, attrs, event.time_ns)
         self.units[unit] = span
         while len(self.units) > MAX_UNITS:
             old, dropped = self.units.popitem(last=False)
             self.unit_events.pop(old, None)
-            dropped.end()
+            self.rec.end(dropped)
 
     def unit_end(self, event: Event) -> None:
         unit = event["unit"]
         span = self.units.pop(unit, None)
         self.unit_events.pop(unit, None)
         if span is None:  # ended without a start (an item resumed from an earlier run): a point in the trace
-            span = self.tracer.start_span(event.get("name") or unit, context=self._context(event.get("parent"), None),
-                                          start_time=event.time_ns, attributes={"scillm.unit": unit})
-        if span.is_recording():
-            span.set_attributes(_flat(event.get("attrs") or {}, prefix="scillm."))
+            span = self.rec.start(event.get("name") or unit, self._context(event.get("parent"), None),
+                                  SpanKind.INTERNAL, {"scillm.unit": unit}, event.time_ns)
+        if span.sampled:
+            span.attributes.update(_flat(event.get("attrs") or {}, prefix="scillm."))
             status = event.get("status") or "ok"
-            span.set_attribute("scillm.status", status)
+            span.attributes["scillm.status"] = status
             if status not in ("ok", "completed"):
-                span.set_status(Status(StatusCode.ERROR, self._text(event.get("error") or status)))
-        span.end(end_time=event.time_ns)
+                span.status = Status(StatusCode.ERROR, self._text(event.get("error") or status))
+        self.rec.end(span, event.time_ns)
 
     def unit_event(self, event: Event) -> None:
         unit = event["unit"]
         span = self.units.get(unit)
-        if span is None or not span.is_recording():
+        if span is None or not span.sampled:
             return
         count = self.unit_events.get(unit, 0)
         if count >= MAX_UNIT_EVENTS:
@@ -345,13 +411,13 @@ class SpanMaker:
         attrs = {"scillm.event.type": str(record.get("type") or record.get("kind") or "event")[:100]}
         if isinstance(record.get("seq"), int):
             attrs["scillm.event.seq"] = record["seq"]
-        span.add_event(attrs["scillm.event.type"], attrs, timestamp=event.time_ns)
+        span.add_event(attrs["scillm.event.type"], attrs, event.time_ns)
 
     def close(self) -> None:
         """End every open unit span (shutdown)."""
         while self.units:
             _, span = self.units.popitem()
-            span.end()
+            self.rec.end(span)
 
 
 def _provider(route: Route, attrs: dict[str, Any]) -> None:
