@@ -35,9 +35,12 @@ NODE_DIR = os.path.join(HERE, "node")
 SCILLM_BIN = os.path.join(ROOT, ".venv", "bin", "scillm")
 RESULTS_DIR = os.path.join(HERE, "results")
 
-MOCK_PORT = 18080
-PORTS = {"scillm": 14001, "litellm": 14002, "portkey": 14003, "bare": 14004, "scillm-nomw": 14005,
-         "scillm-anthropic": 14006, "scillm-tracing": 14007, "scillm-before": 14008}
+# BENCH_PORT_OFFSET moves every port (two benches on one shared box must not answer each other's requests)
+PORT_OFFSET = int(os.environ.get("BENCH_PORT_OFFSET", "0"))
+MOCK_PORT = 18080 + PORT_OFFSET
+PORTS = {name: port + PORT_OFFSET for name, port in {
+    "scillm": 14001, "litellm": 14002, "portkey": 14003, "bare": 14004, "scillm-nomw": 14005,
+    "scillm-anthropic": 14006, "scillm-tracing": 14007, "scillm-before": 14008}.items()}
 PROXY_CORE, LOAD_CORE = 0, 1
 CLIENT_KEY = "sk-dev-proxy-123"
 MODEL = "openai/gpt-4o-mini"
@@ -469,7 +472,9 @@ def start_mock(logdir: str) -> subprocess.Popen:
     deadline = time.time() + 15
     while time.time() < deadline:
         if http_get(f"http://127.0.0.1:{MOCK_PORT}/health")[0] == 200:
-            return p
+            time.sleep(0.2)
+            if p.poll() is None:  # ours answered, not another bench's mock on the same port
+                return p
         if p.poll() is not None:
             break
         time.sleep(0.05)

@@ -86,31 +86,61 @@ def _key_value(key: str, value: Any) -> bytes:
     return _ld(T1, key.encode()) + _ld(T2, _value(value))
 
 
+#: encoded attributes of scalar values, by (tag, key, type, value): most repeat from span to span (operation,
+#: provider, model, caller, kind), and a dict lookup is a fraction of encoding them again
+_SEEN: dict[tuple[bytes, str, type, Any], bytes] = {}
+_SEEN_MAX = 8192
+
+
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
     if not attributes:
         return b""
-    return b"".join(_ld(tag, _key_value(key, value)) for key, value in attributes.items())
+    out = []
+    for key, value in attributes.items():
+        kind = type(value)
+        if kind is str or kind is int or kind is bool or kind is float:
+            cache_key = (tag, key, kind, value)
+            encoded = _SEEN.get(cache_key)
+            if encoded is None:
+                encoded = _ld(tag, _key_value(key, value))
+                if len(_SEEN) >= _SEEN_MAX:
+                    _SEEN.clear()
+                _SEEN[cache_key] = encoded
+            out.append(encoded)
+        else:
+            out.append(_ld(tag, _key_value(key, value)))
+    return b"".join(out)
 
 
 def _uint(tag: bytes, n: int) -> bytes:
     return tag + _varint(n) if n else b""
 
 
+_TRACE_ID, _SPAN_ID, _PARENT_ID = T1 + b"\x10", T2 + b"\x08", T4 + b"\x08"  # tags and fixed lengths
+_KIND_FIELD = {kind: V6 + _varint(value) for kind, value in _KIND.items()}
+_FLAGS = {False: F32_16 + _pack_i(_HAS_IS_REMOTE), True: F32_16 + _pack_i(_HAS_IS_REMOTE | _IS_REMOTE)}
+_UNSET_STATUS = _ld(T15, b"")
+_NAMES: dict[str, bytes] = {}
+
+
 def _span(span: ReadableSpan) -> bytes:
     context = span.get_span_context()
     assert context is not None
     parent = span.parent
-    out = [_ld(T1, context.trace_id.to_bytes(16, "big")), _ld(T2, context.span_id.to_bytes(8, "big"))]
+    name = _NAMES.get(span.name)
+    if name is None:
+        name = _ld(T5, span.name.encode())
+        if len(_NAMES) < _SEEN_MAX:
+            _NAMES[span.name] = name
+    out = [_TRACE_ID, context.trace_id.to_bytes(16, "big"), _SPAN_ID, context.span_id.to_bytes(8, "big")]
     if context.trace_state:
         out.append(_ld(T3, ",".join(f"{k}={v}" for k, v in context.trace_state.items()).encode()))
     if parent is not None:
-        out.append(_ld(T4, parent.span_id.to_bytes(8, "big")))
-    out.append(_ld(T5, span.name.encode()))
-    out.append(V6 + _varint(_KIND[span.kind]))
-    out.append(F64_7 + _pack_q(span.start_time or 0))
-    out.append(F64_8 + _pack_q(span.end_time or 0))
-    out.append(_attributes(T9, span.attributes))
-    out.append(_uint(V10, span.dropped_attributes))
+        out += (_PARENT_ID, parent.span_id.to_bytes(8, "big"))
+    out += (name, _KIND_FIELD[span.kind], F64_7, _pack_q(span.start_time or 0), F64_8, _pack_q(span.end_time or 0),
+            _attributes(T9, span.attributes))
+    if span.dropped_attributes:
+        out.append(V10 + _varint(span.dropped_attributes))
     for event in span.events:
         body = F64_1 + _pack_q(event.timestamp) + _ld(T2, event.name.encode()) + _attributes(T3, event.attributes)
         out.append(_ld(T11, body + _uint(V4, event.dropped_attributes)))
@@ -122,9 +152,12 @@ def _span(span: ReadableSpan) -> bytes:
         out.append(_ld(T13, body))
     out.append(_uint(V14, span.dropped_links))
     status = span.status
-    description = status.description
-    out.append(_ld(T15, (_ld(T2, description.encode()) if description else b"") + _uint(V3, status.status_code.value)))
-    out.append(F32_16 + _pack_i(_HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)))
+    if status.description or status.status_code.value:
+        out.append(_ld(T15, (_ld(T2, status.description.encode()) if status.description else b"")
+                       + _uint(V3, status.status_code.value)))
+    else:
+        out.append(_UNSET_STATUS)
+    out.append(_FLAGS[parent is not None and parent.is_remote])
     return b"".join(out)
 
 
