@@ -103,7 +103,7 @@ class CallContext:
 
     async def complete(self, request: ProviderRequest) -> CallResult:
         """Route ``request`` and call its provider through the ``call_provider`` chain (middleware included)."""
-        if self.runtime.events.listening:
+        if self.runtime.events.wants("stage.start"):
             return await observed_stage(self, "call_provider", lambda: self._complete(request))
         return await self._complete(request)
 

@@ -1,12 +1,12 @@
 """What happens, reported: the pipeline and plugins emit events, observers (tracing, the dashboard) listen.
 
 ``runtime.events`` is the one seam. Emitters call ``events.emit(kind, ctx, **data)``; with nobody listening to
-that kind it returns at once, and the per-request paths check ``events.listening`` first, so an app without
-observers does no observation work at all. Observers are plain functions ``observer(event)``, run synchronously
-in the emitter's task: they must be quick (anything slow goes to a queue or a background thread) and treat the
-data as read-only, with one exception: ``attempt.start`` carries ``upstream_headers``, a dict an observer may add
-headers to (trace propagation) that core sends with that upstream request. An observer that raises is logged and
-counted; it never fails the call that emitted.
+that kind it returns at once, and the per-request paths check ``events.listening`` (and ``wants(kind)`` for the
+stages) first, so an app without observers does no observation work at all. Observers are plain functions
+``observer(event)``, run synchronously in the emitter's task: they must be quick (anything slow goes to a queue
+or a background thread) and treat the data as read-only, with one exception: ``attempt.start`` carries
+``upstream_headers``, a dict an observer may add headers to (trace propagation) that core sends with that
+upstream request. An observer that raises is logged and counted; it never fails the call that emitted.
 
 Kinds (``ctx`` is the :class:`CallContext` for events of one call, else ``None``):
 

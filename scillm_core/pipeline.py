@@ -91,8 +91,12 @@ async def _observed_chat(request: ChatRequest, ctx: CallContext) -> ChatResult:
     events.emit("request.start", ctx, request=request)
     prepared = request
     try:
-        prepared = await observed_stage(ctx, "preprocess_files", lambda: hooks.preprocess_files(request, ctx)())
-        result = await observed_stage(ctx, "postprocess_json", lambda: hooks.postprocess_json(prepared, ctx)())
+        if events.wants("stage.start"):
+            prepared = await observed_stage(ctx, "preprocess_files", lambda: hooks.preprocess_files(request, ctx)())
+            result = await observed_stage(ctx, "postprocess_json", lambda: hooks.postprocess_json(prepared, ctx)())
+        else:
+            prepared = await hooks.preprocess_files(request, ctx)()
+            result = await hooks.postprocess_json(prepared, ctx)()
     except BaseException as exc:
         events.emit("request.end", ctx, request=prepared, response=None, error=exc, usage=None,
                     duration_s=time.perf_counter() - started, first_chunk_s=None)
