@@ -62,12 +62,34 @@ async def run_chat(request: ChatRequest, ctx: CallContext) -> ChatResult:
 async def run_embeddings(request: EmbeddingsRequest, ctx: CallContext) -> EmbeddingsResponse:
     """Route and call the provider through the request-level and transport hooks (cache, limits, retries,
     fallbacks, metrics and the call log see it like a chat call); the vectors come back in the encoding the request
-    asked for (``float`` unless ``base64``), whatever the upstream sent."""
+    asked for (``float`` unless ``base64``), whatever the upstream sent. Observed like ``run_chat``."""
+    events = ctx.runtime.events
     try:
-        result = await ctx.runtime.hooks.postprocess_json(request, ctx)()
+        if not events.listening:
+            return await _embed(request, ctx)
     except errors.ScillmError as exc:
         _say_attempts(exc, ctx)
         raise
+    started = time.perf_counter()
+    events.emit("request.start", ctx, request=request)
+    try:
+        if events.wants("stage.start"):
+            response = await observed_stage(ctx, "postprocess_json", lambda: _embed(request, ctx))
+        else:
+            response = await _embed(request, ctx)
+    except BaseException as exc:
+        events.emit("request.end", ctx, request=request, response=None, error=exc, usage=None,
+                    duration_s=time.perf_counter() - started, first_chunk_s=None)
+        if isinstance(exc, errors.ScillmError):
+            _say_attempts(exc, ctx)
+        raise
+    events.emit("request.end", ctx, request=request, response=response, error=None, usage=response.usage,
+                duration_s=time.perf_counter() - started, first_chunk_s=None)
+    return response
+
+
+async def _embed(request: EmbeddingsRequest, ctx: CallContext) -> EmbeddingsResponse:
+    result = await ctx.runtime.hooks.postprocess_json(request, ctx)()
     if not isinstance(result, EmbeddingsResponse):
         raise TypeError(f"an embeddings request produced {type(result).__name__}")  # a plugin broke the contract
     try:
@@ -110,7 +132,7 @@ async def _observed_chat(request: ChatRequest, ctx: CallContext) -> ChatResult:
         events.emit("request.end", ctx, request=prepared, response=None, error=error, usage=usage,
                     duration_s=time.perf_counter() - started, first_chunk_s=first_chunk_s)
 
-    return observe_stream(result, started, ended)
+    return observe_stream(result, started, ended)  # type: ignore[arg-type]  # a chat request's stream
 
 
 async def observed_stage(ctx: CallContext, stage: str, thunk: Thunk[T]) -> T:

@@ -37,7 +37,7 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from scillm_core import ChatResponse, errors
+from scillm_core import ChatRequest, ChatResponse, errors
 from scillm_core.redact import redact
 
 if TYPE_CHECKING:
@@ -46,8 +46,9 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.sampling import Sampler
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-    from scillm_core import CallContext, ChatRequest, Route
+    from scillm_core import CallContext, Route
     from scillm_core.events import Event
+    from scillm_core.pipeline import ProviderRequest
 
 __all__ = ["OpenSpan", "Recorder", "SpanMaker"]
 
@@ -201,15 +202,16 @@ class SpanMaker:
 
     def request_start(self, event: Event) -> None:
         ctx: CallContext = event.ctx  # type: ignore[assignment]
-        request: ChatRequest = event["request"]
-        attrs: dict[str, Any] = {"gen_ai.operation.name": "chat", "gen_ai.request.model": request.model,
+        request: ProviderRequest = event["request"]
+        operation = _operation(request)
+        attrs: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.request.model": request.model,
                                  "scillm.request_id": ctx.request_id, "scillm.stream": request.stream}
         if ctx.caller:
             attrs["scillm.caller"] = ctx.caller
-        if self.record_content:
+        if self.record_content and isinstance(request, ChatRequest):
             attrs["gen_ai.input.messages"] = self._content(
                 [{"role": m.role, "content": m.text} for m in request.messages])
-        span = self.rec.start(f"chat {request.model}", self._context(ctx.parent, ctx.headers),
+        span = self.rec.start(f"{operation} {request.model}", self._context(ctx.parent, ctx.headers),
                               SpanKind.INTERNAL if ctx.parent else SpanKind.SERVER, attrs, event.time_ns)
         ctx.notes[NOTE] = CallSpans(span)
 
@@ -227,7 +229,7 @@ class SpanMaker:
             response = event["response"]
             if response is not None:
                 attrs["gen_ai.response.model"] = response.model
-                if self.record_content:
+                if self.record_content and isinstance(response, ChatResponse):
                     attrs["gen_ai.output.messages"] = self._content(
                         [{"role": c.message.role, "content": c.message.text, "finish_reason": c.finish_reason}
                          for c in response.choices])
@@ -277,13 +279,14 @@ class SpanMaker:
         route: Route = event["route"]
         kind, after = calls.next_attempt
         calls.next_attempt = ("retry", None)  # unless a fallback event says otherwise
-        attrs: dict[str, Any] = {"gen_ai.operation.name": "chat", "gen_ai.request.model": route.model,
+        operation = _operation(event["request"])
+        attrs: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.request.model": route.model,
                                  "scillm.attempt": event["attempt"], "scillm.attempt.kind": kind}
         _provider(route, attrs)
         if after is not None:
             attrs["scillm.fallback.from"] = after
         _request_params(event["request"], attrs)
-        span = self.rec.start(f"chat {route.model}", calls.parent(), SpanKind.CLIENT, attrs, event.time_ns)
+        span = self.rec.start(f"{operation} {route.model}", calls.parent(), SpanKind.CLIENT, attrs, event.time_ns)
         calls.attempts[event["attempt"]] = span
         headers = event["upstream_headers"]
         headers["traceparent"] = span.traceparent
@@ -299,9 +302,10 @@ class SpanMaker:
             return
         if span.sampled:
             attrs: dict[str, Any] = {}
-            response: ChatResponse | None = event["response"]
+            response = event["response"]
             if response is not None:
                 attrs["gen_ai.response.model"] = response.model
+            if isinstance(response, ChatResponse):
                 attrs["gen_ai.response.id"] = response.id
                 reasons = [c.finish_reason for c in response.choices if c.finish_reason]
                 if reasons:
@@ -428,7 +432,13 @@ def _provider(route: Route, attrs: dict[str, Any]) -> None:
         attrs["scillm.provider"] = route.provider
 
 
-def _request_params(request: ChatRequest, attrs: dict[str, Any]) -> None:
+def _operation(request: ProviderRequest) -> str:
+    return "chat" if isinstance(request, ChatRequest) else "embeddings"
+
+
+def _request_params(request: ProviderRequest, attrs: dict[str, Any]) -> None:
+    if not isinstance(request, ChatRequest):
+        return
     if request.temperature is not None:
         attrs["gen_ai.request.temperature"] = request.temperature
     if request.top_p is not None:

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from scillm_core import Runtime, SurfaceRegistry, __version__, errors, hookimpl, json_response, runtime_of
-from scillm_core.redact import secret_values
+from scillm_core.redact import env_secrets
 from scillm_ui.state import DIMENSIONS, KINDS, UiConfig, UiState, provider_rows
 
 __all__ = ["UiConfig", "UiState"]
@@ -55,7 +55,7 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
     config = _config(runtime)
     if not config.enabled:
         return
-    state = runtime.plugin_state["ui"] = UiState(config, secret_values(runtime.env))
+    state = runtime.plugin_state["ui"] = UiState(config, env_secrets(runtime.env))
     runtime.events.subscribe(state, KINDS)
     files = resources.files("scillm_ui") / "static"
     for path, (name, media_type) in ASSETS.items():

@@ -101,7 +101,8 @@ class UiState:
             return
         request = event["request"]
         call_id = f"c{next(self.ids)}"
-        prompt = next((m.text for m in reversed(request.messages) if m.role == "user"), None)
+        messages = getattr(request, "messages", None)  # an embeddings request has none
+        prompt = next((m.text for m in reversed(messages) if m.role == "user"), None) if messages else None
         metadata = request.scillm.get("scillm_metadata")
         record: dict[str, Any] = {
             "id": call_id, "request_id": ctx.request_id, "started": event.time_ns / 1e9, "ended": None,
