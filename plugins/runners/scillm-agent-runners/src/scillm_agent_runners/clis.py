@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ from scillm_exec import run_cli, schema_instructions
 from scillm_agent_runners.base import child_env, kill_grace, outcome_result, require, temp_home
 from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
 
-__all__ = ["CODEX_OPT_OUTS", "codex_config", "codex_env", "run_claude", "run_codex", "run_opencode", "run_pi"]
+__all__ = ["CODEX_OPT_OUTS", "OPENCODE_ENV", "codex_config", "codex_env", "opencode_config", "opencode_env",
+           "opencode_permission", "run_claude", "run_codex", "run_opencode", "run_pi"]
 
 
 def _toml(value: str) -> str:
@@ -123,9 +125,30 @@ async def run_claude(spec: SessionSpec, ctx: SessionContext) -> SessionResult:
 
 # -- opencode run --------------------------------------------------------------------------------------------------
 
-def opencode_config(base_url: str, model: str, sandbox: str) -> dict[str, Any]:
-    write = "allow" if sandbox == "workspace-write" else "deny"
-    return {
+#: opt-outs every opencode child gets (``opencode run`` and ``opencode serve``): nothing fetched or updated from the
+#: internet, no default or external plugins, skills only from its own config dir, and no project config (a
+#: repository's opencode.json must not widen permissions or repoint the provider)
+OPENCODE_ENV = {"OPENCODE_DISABLE_MODELS_FETCH": "1", "OPENCODE_DISABLE_AUTOUPDATE": "1",
+                "OPENCODE_DISABLE_DEFAULT_PLUGINS": "1", "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
+                "OPENCODE_DISABLE_EXTERNAL_SKILLS": "1", "OPENCODE_DISABLE_CLAUDE_CODE_SKILLS": "1",
+                "OPENCODE_DISABLE_PROJECT_CONFIG": "1", "OPENCODE_PURE": "1"}
+
+
+def opencode_permission(*, edit: bool, skill: bool = False) -> dict[str, str]:
+    """A permission table that never says "ask" (a headless run would block): no shell, no web, nothing outside
+    the session directory, no questions or subagents; edits and skills as asked."""
+    return {"read": "allow", "glob": "allow", "grep": "allow", "list": "allow", "edit": "allow" if edit else "deny",
+            "bash": "deny", "webfetch": "deny", "websearch": "deny", "external_directory": "deny", "task": "deny",
+            "question": "deny", "skill": "allow" if skill else "deny", "todowrite": "allow", "doom_loop": "deny",
+            "lsp": "deny"}
+
+
+def opencode_config(base_url: str, model: str, *, permission: Mapping[str, Any], models: Sequence[str] = (),
+                    agents: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """OpenCode config whose only provider, ``scillm``, is this scillm (``{base_url}/v1``, key from the child's
+    ``SCILLM_API_KEY``): ``model`` is the default, ``models`` the others a session may pick."""
+    names = list(dict.fromkeys([model, *models]))
+    config: dict[str, Any] = {
         "$schema": "https://opencode.ai/config.json",
         "autoupdate": False,
         "share": "disabled",
@@ -136,26 +159,29 @@ def opencode_config(base_url: str, model: str, sandbox: str) -> dict[str, Any]:
             "npm": "@ai-sdk/openai-compatible",
             "name": "scillm",
             "options": {"baseURL": base_url.rstrip("/") + "/v1", "apiKey": "{env:SCILLM_API_KEY}"},
-            "models": {model: {"name": model, "tool_call": True, "limit": {"context": 128000, "output": 8192}}},
+            "models": {name: {"name": name, "tool_call": True, "limit": {"context": 128000, "output": 8192}}
+                       for name in names},
         }},
-        # never "ask" in a headless run; no shell, no web, nothing outside cwd
-        "permission": {"read": "allow", "glob": "allow", "grep": "allow", "list": "allow", "edit": write,
-                       "bash": "deny", "webfetch": "deny", "websearch": "deny", "external_directory": "deny",
-                       "task": "deny", "question": "deny", "skill": "deny", "todowrite": "allow",
-                       "doom_loop": "deny", "lsp": "deny"},
+        "permission": dict(permission),
     }
+    if agents:
+        config["agent"] = dict(agents)
+    return config
+
+
+def opencode_env(cli: str, home: Path, api_key: str, config: Mapping[str, Any],
+                 extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of an opencode child: the base child env, the opt-outs, its config and its scillm key."""
+    return child_env(cli, home, {**OPENCODE_ENV, "SCILLM_API_KEY": api_key,
+                                 "OPENCODE_CONFIG_CONTENT": json.dumps(config), **(extra or {})})
 
 
 async def run_opencode(spec: SessionSpec, ctx: SessionContext) -> SessionResult:
     cli, model = require(spec, ctx, "opencode")
     with temp_home(ctx.run_id) as home:
-        config = opencode_config(ctx.base_url or "", model, spec.sandbox)
-        env = child_env(cli, home, {
-            "SCILLM_API_KEY": ctx.api_key or "", "OPENCODE_CONFIG_CONTENT": json.dumps(config),
-            "OPENCODE_DISABLE_MODELS_FETCH": "1", "OPENCODE_DISABLE_AUTOUPDATE": "1",
-            "OPENCODE_DISABLE_DEFAULT_PLUGINS": "1", "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
-            "OPENCODE_DISABLE_EXTERNAL_SKILLS": "1", "OPENCODE_DISABLE_CLAUDE_CODE_SKILLS": "1",
-            "OPENCODE_DISABLE_PROJECT_CONFIG": "1", "OPENCODE_PURE": "1"})
+        config = opencode_config(ctx.base_url or "", model,
+                                 permission=opencode_permission(edit=spec.sandbox == "workspace-write"))
+        env = opencode_env(cli, home, ctx.api_key or "", config)
         prompt = spec.prompt + schema_instructions(spec.output_schema)
         argv = [cli, "run", "--format", "json", "--pure", "--model", f"scillm/{model}", "--agent", "build",
                 "--title", f"scillm {ctx.run_id}", "--dir", str(spec.cwd)]

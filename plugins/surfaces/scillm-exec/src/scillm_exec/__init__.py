@@ -7,17 +7,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from scillm_core import CommandRegistry, MiddlewareRegistry, Runtime, SurfaceRegistry, hookimpl
-from scillm_exec.auth import RUN_KEY_PREFIX, RunKeyMiddleware, RunKeys, run_keys
+from scillm_exec.auth import RUN_KEY_PREFIX, VIEW_KEY_PREFIX, RunKeys, add_run_key_middleware, run_keys
 from scillm_exec.config import ExecConfig, exec_config
 from scillm_exec.events import EventLog, sse_tail
-from scillm_exec.manager import ExecManager, parse_final_json
+from scillm_exec.manager import ExecManager, check_cwd, parse_final_json
 from scillm_exec.process import CliOutcome, group_members, kill_group, run_cli, sandboxed
-from scillm_exec.routes import manager_for, routes
+from scillm_exec.routes import base_url_of, manager_for, routes
 from scillm_exec.service import ManagedProcess
 from scillm_exec.worktree import GitError, Worktree, create_worktree, remove_worktree, reset_worktree, worktree_diff
 
-__all__ = ["RUN_KEY_PREFIX", "CliOutcome", "EventLog", "ExecConfig", "ExecManager", "GitError", "ManagedProcess",
-           "RunKeys", "Worktree", "base_child_env", "create_worktree", "group_members", "kill_group", "manager_for",
+__all__ = ["RUN_KEY_PREFIX", "VIEW_KEY_PREFIX", "CliOutcome", "EventLog", "ExecConfig", "ExecManager", "GitError",
+           "ManagedProcess", "RunKeys", "Worktree", "add_run_key_middleware", "base_child_env", "base_url_of",
+           "check_cwd", "create_worktree", "exec_config", "group_members", "kill_group", "manager_for",
            "parse_final_json", "remove_worktree", "reset_worktree", "run_cli", "run_keys", "sandboxed",
            "schema_instructions", "sse_tail", "worktree_diff"]
 
@@ -56,7 +57,7 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
 
 @hookimpl
 def scillm_register_middleware(middleware: MiddlewareRegistry, runtime: Runtime) -> None:
-    middleware.add(lambda app: RunKeyMiddleware(app, run_keys(runtime), runtime.env), order=5, name="exec-run-keys")
+    add_run_key_middleware(middleware, runtime)
 
 
 @hookimpl

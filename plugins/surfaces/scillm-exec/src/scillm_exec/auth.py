@@ -1,51 +1,153 @@
-"""Per-run keys: a CLI child talks back to scillm with a short-lived ``sk-scillm-run-…`` key that is valid only
-while its run is live and only on model routes. This middleware (ahead of the auth plugin) swaps it for the
-server's own key inside the request scope, so the master key never leaves the server process."""
+"""Short-lived keys that stand in for the server's key: a CLI child talks back to scillm with a ``sk-scillm-run-…``
+key that is valid only while its run is live and only on model routes; a person's browser reads one run with a
+``sk-scillm-view-…`` key valid only on that run's read routes. This middleware (ahead of the auth plugin) checks
+the key's grant and swaps it for the server's own key inside the request scope, so the master key never leaves
+the server process.
+
+A long-lived child that serves many runs (``opencode serve``) gets one key whose calls are attributed per
+session: each run binds its session id, and a call is accepted only when its ``x-session-id`` (or
+``x-parent-session-id``, for a subagent) belongs to a live run; the call is then attributed to that run and its
+caller.
+
+Keys and grants live in ``runtime.plugin_state["run-keys"]`` (one table per app, shared by every agent surface);
+:func:`add_run_key_middleware` installs the middleware once whichever surfaces ask for it.
+"""
 
 from __future__ import annotations
 
+import re
 import secrets
-from collections.abc import Mapping
-from typing import Any
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
+from attrs import define, field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from scillm_core import errors, send_error
 from scillm_core.events import PARENT_SCOPE_KEY
 
-__all__ = ["RUN_KEY_PREFIX", "RunKeyMiddleware", "RunKeys", "run_keys"]
+if TYPE_CHECKING:
+    from scillm_core import MiddlewareRegistry, Runtime
 
-RUN_KEY_PREFIX = "sk-scillm-run-"
+__all__ = ["Grant", "KEY_PREFIXES", "MODEL_ROUTES", "RUN_KEY_PREFIX", "RunKeyMiddleware", "RunKeys", "VIEW_KEY_PREFIX",
+           "add_run_key_middleware", "model_routes_only", "run_keys"]
+
+RUN_KEY_PREFIX = "sk-scillm-run-"     # model calls of a run's child
+VIEW_KEY_PREFIX = "sk-scillm-view-"   # read-only access to one run (the monitor page)
+KEY_PREFIXES = (RUN_KEY_PREFIX, VIEW_KEY_PREFIX)  # what this table mints (other sk-scillm- keys pass through)
 DEV_KEY = "sk-dev-proxy-123"  # SPEC, Auth: the loopback-only key when SCILLM_MASTER_KEY is unset
 #: the only routes a run key opens (exact paths: a suffix match let it reach /v1/scillm/opencode-go/models)
 MODEL_ROUTES = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
                           "/v1/models"})
+SESSION_HEADERS = (b"x-session-id", b"x-parent-session-id")  # what opencode sends with every model call
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def model_routes_only(method: str, path: str) -> bool:
+    return path.rstrip("/") in MODEL_ROUTES
+
+
+@define
+class Grant:
+    """What one key may do and to whom its calls are attributed."""
+
+    run_id: str
+    caller: str | None
+    #: ``allow(method, path)``: may this key call that route
+    allow: Callable[[str, str], bool] = model_routes_only
+    #: what a refused route is told
+    refusal: str = "a run key may call model routes only"
+    expires_at: float | None = None
+    #: the authenticated identity that started the run (for per-key isolation and spend)
+    owner: str | None = None
+    #: ``None``: every call is the grant's run. A dict: calls are attributed by session id to ``(run_id, caller)``
+    sessions: dict[str, tuple[str, str | None]] | None = None
+    children: dict[str, str] = field(factory=dict)  # subagent session -> the bound session it belongs to
 
 
 class RunKeys:
-    def __init__(self) -> None:
-        self._live: dict[str, tuple[str, str | None]] = {}
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._live: dict[str, Grant] = {}
+        self.clock = clock
 
-    def mint(self, run_id: str, caller: str | None) -> str:
-        key = RUN_KEY_PREFIX + secrets.token_urlsafe(24)
-        self._live[key] = (run_id, caller)
+    def mint(self, run_id: str, caller: str | None, *, prefix: str = RUN_KEY_PREFIX,
+             allow: Callable[[str, str], bool] = model_routes_only, refusal: str | None = None,
+             ttl_s: float | None = None, owner: str | None = None, per_session: bool = False) -> str:
+        """A new key for ``run_id``; valid until :meth:`revoke` (or ``ttl_s`` seconds)."""
+        if prefix not in KEY_PREFIXES:
+            raise ValueError(f"key prefix must be one of {KEY_PREFIXES}")
+        key = prefix + secrets.token_urlsafe(24)
+        grant = Grant(run_id=run_id, caller=caller, allow=allow, owner=owner,
+                      expires_at=None if ttl_s is None else self.clock() + ttl_s,
+                      sessions={} if per_session else None)
+        if refusal:
+            grant.refusal = refusal
+        self._live[key] = grant
         return key
 
     def revoke(self, key: str | None) -> None:
         if key:
             self._live.pop(key, None)
 
-    def lookup(self, key: str) -> tuple[str, str | None] | None:
-        return self._live.get(key)
+    def lookup(self, key: str) -> Grant | None:
+        grant = self._live.get(key)
+        if grant is not None and grant.expires_at is not None and self.clock() >= grant.expires_at:
+            self._live.pop(key, None)
+            return None
+        return grant
+
+    def bind_session(self, key: str, session_id: str, run_id: str, caller: str | None) -> None:
+        """Attribute the calls a per-session key makes for ``session_id`` to ``run_id`` (until unbound)."""
+        grant = self._live.get(key)
+        if grant is None or grant.sessions is None:
+            raise KeyError("not a live per-session key")
+        grant.sessions[session_id] = (run_id, caller)
+
+    def bind_child(self, key: str, child_id: str, parent_id: str) -> None:
+        """A subagent session (``child_id``) belongs to the run of its bound parent session."""
+        grant = self._live.get(key)
+        if grant is not None and grant.sessions is not None:
+            grant.children[child_id] = parent_id
+
+    def unbind_session(self, key: str, session_id: str) -> None:
+        grant = self._live.get(key)
+        if grant is not None and grant.sessions is not None:
+            grant.sessions.pop(session_id, None)
+            for child in [c for c, p in grant.children.items() if p == session_id or c == session_id]:
+                grant.children.pop(child, None)
+
+    def attribute(self, grant: Grant, headers: list[tuple[bytes, bytes]]) -> tuple[str, str | None] | None:
+        """The run a call made with ``grant`` belongs to; ``None`` when a per-session key names no live session."""
+        if grant.sessions is None:
+            return grant.run_id, grant.caller
+        for name in SESSION_HEADERS:
+            for key, value in headers:
+                if key != name:
+                    continue
+                session = value.decode("latin-1")
+                session = grant.children.get(session, session)
+                if _SESSION_ID.match(session) and session in grant.sessions:
+                    return grant.sessions[session]
+        return None
 
 
-def run_keys(runtime: Any) -> RunKeys:
-    """The app's live run keys, one set for every agent surface (exec runs, standing workers, ...): the single
-    :class:`RunKeyMiddleware` accepts exactly these."""
+def run_keys(runtime: Runtime) -> RunKeys:
+    """The app's live keys, one table for every agent surface (exec runs, standing workers, OpenCode runs, ...): the
+    single :class:`RunKeyMiddleware` accepts exactly these."""
     keys = runtime.plugin_state.get("run-keys")
     if keys is None:
         keys = runtime.plugin_state["run-keys"] = RunKeys()
     return keys  # type: ignore[no-any-return]
+
+
+def add_run_key_middleware(middleware: MiddlewareRegistry, runtime: Runtime) -> None:
+    """Install :class:`RunKeyMiddleware` for this app, once, whichever agent surfaces call it."""
+    if runtime.plugin_state.get("run-keys-middleware"):
+        return
+    runtime.plugin_state["run-keys-middleware"] = True
+    keys = run_keys(runtime)
+    middleware.add(lambda app: RunKeyMiddleware(app, keys, runtime.env), order=5, name="run-keys")
 
 
 def _token(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -70,15 +172,19 @@ class RunKeyMiddleware:
             await self.app(scope, receive, send)
             return
         token = _token(scope["headers"])
-        if token is None or not token.startswith(RUN_KEY_PREFIX):
+        if token is None or not token.startswith(KEY_PREFIXES):
             await self.app(scope, receive, send)
             return
-        found = self.keys.lookup(token)
-        if found is None:
-            await send_error(send, errors.AuthenticationError("run key is unknown or its run has ended"))
+        grant = self.keys.lookup(token)
+        if grant is None:
+            await send_error(send, errors.AuthenticationError("this key is unknown, expired, or its run has ended"))
             return
-        if scope["path"].rstrip("/") not in MODEL_ROUTES:
-            await send_error(send, errors.PermissionDenied("a run key may call model routes only"))
+        if not grant.allow(scope["method"], scope["path"]):
+            await send_error(send, errors.PermissionDenied(grant.refusal))
+            return
+        found = self.keys.attribute(grant, scope["headers"])
+        if found is None:
+            await send_error(send, errors.PermissionDenied("no live run owns this session (x-session-id)"))
             return
         run_id, caller = found
         headers: list[tuple[bytes, bytes]] = [
@@ -90,4 +196,6 @@ class RunKeyMiddleware:
         inner: dict[str, Any] = dict(scope)
         inner["headers"] = headers
         inner[PARENT_SCOPE_KEY] = f"run:{run_id}"  # the call is made for this run (events, traces)
+        if grant.owner is not None:
+            inner["scillm.run_owner"] = grant.owner
         await self.app(inner, receive, send)
