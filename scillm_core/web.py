@@ -15,8 +15,8 @@ from scillm_core import errors, jsonio
 if TYPE_CHECKING:
     from scillm_core.context import Runtime
 
-__all__ = ["JSONResponse", "caller_of", "error_response", "json_response", "query_int", "read_json", "request_id_of",
-           "runtime_of", "send_error", "sse_data", "sse_error"]
+__all__ = ["JSONResponse", "caller_of", "error_response", "identity_of", "json_response", "query_int", "read_json",
+           "request_id_of", "runtime_of", "send_error", "sse_data", "sse_error"]
 
 
 class JSONResponse(Response):
@@ -49,6 +49,12 @@ def runtime_of(request: Request) -> Runtime:
 
 def request_id_of(request: Request) -> str:
     return str(request.scope.get("scillm.request_id", ""))
+
+
+def identity_of(request: Request) -> str:
+    """Who authenticated this request: what the auth plugin put in ``scope["scillm.identity"]`` (a virtual key's
+    id), else ``"master"`` (the master or loopback dev key). Runs record it as their owner."""
+    return str(request.scope.get("scillm.identity") or "master")
 
 
 def caller_of(request: Request, *, required: bool = False) -> str | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,12 +115,13 @@ def _last_seq(path: Path) -> int:
 
 
 async def sse_tail(log: EventLog, after: int, heartbeat_s: float,
-                   end: Mapping[str, Any] | None = None) -> AsyncIterator[bytes]:
+                   end: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None) -> AsyncIterator[bytes]:
     """The log as SSE: ``id: <seq>`` + ``data: <event>`` frames, ``: heartbeat`` comments while quiet, and an
-    ``event: end`` frame (``end`` as its data) after the last event of a closed log."""
+    ``event: end`` frame after the last event of a closed log (its data: ``end``, or what ``end()`` returns then)."""
     async for event in log.follow(after, heartbeat_s=heartbeat_s):
         if event is None:
             yield b": heartbeat\n\n"
             continue
         yield b"id: %d\ndata: %s\n\n" % (event.get("seq", 0), orjson.dumps(event))  # scrubbed when stored
-    yield b"event: end\ndata: " + orjson.dumps(dict(end or {"type": "end", "seq": log.seq})) + b"\n\n"
+    final = end() if callable(end) else end
+    yield b"event: end\ndata: " + orjson.dumps(dict(final or {"type": "end", "seq": log.seq})) + b"\n\n"

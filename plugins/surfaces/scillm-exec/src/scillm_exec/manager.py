@@ -22,7 +22,7 @@ from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
 from scillm_exec.auth import run_keys
 from scillm_exec.config import allowed_roots, exec_config
 
-__all__ = ["ExecManager", "RUN_ID", "parse_final_json", "spec_from_body"]
+__all__ = ["ExecManager", "RUN_ID", "check_cwd", "find_cycle", "parse_final_json", "spec_from_body"]
 
 RUN_ID = re.compile(r"^run_[0-9a-f]{32}$")
 TERMINAL = ("completed", "failed", "timeout", "cancelled", "skipped")
@@ -344,7 +344,7 @@ class ExecManager:
                 if dep not in ids:
                     raise _bad(f"node {node_id!r} depends on unknown node {dep!r}", f"$.nodes[{i}].depends_on[{j}]")
         graph = {node_id: deps for node_id, _, deps in parsed}
-        cycle = _find_cycle(graph)
+        cycle = find_cycle(graph)
         if cycle:
             raise _bad("dependency cycle: " + " -> ".join(cycle), "$.nodes")
         return parsed, limit
@@ -401,7 +401,7 @@ class ExecManager:
         return doc
 
 
-def _find_cycle(graph: Mapping[str, list[str]]) -> list[str] | None:
+def find_cycle(graph: Mapping[str, list[str]]) -> list[str] | None:
     """A dependency cycle as ``[a, b, ..., a]``, else ``None``. Iterative: a long chain cannot exhaust the stack."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     for start in graph:

@@ -38,7 +38,19 @@ class Worktree:
 
 
 async def git(*args: str, cwd: Path, stdin: bytes | None = None, limit: int = 64 << 20) -> str:
-    """Run ``git args`` in ``cwd``; its stdout (at most ``limit`` bytes, else :class:`GitError`)."""
+    """Run ``git args`` in ``cwd``; its stdout (at most ``limit`` bytes, else :class:`GitError`). A command that
+    found the index locked (an agent's own git call holds it for a moment) is tried again a few times."""
+    for attempt in range(6):
+        try:
+            return await _git(*args, cwd=cwd, stdin=stdin, limit=limit)
+        except GitError as exc:
+            if "index.lock" not in str(exc) or attempt == 5:
+                raise
+            await asyncio.sleep(0.1 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+async def _git(*args: str, cwd: Path, stdin: bytes | None, limit: int) -> str:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/"), **_GIT_ENV}
     proc = await asyncio.create_subprocess_exec(
         "git", *_SAFE, *args, cwd=str(cwd), env=env, stdin=asyncio.subprocess.PIPE if stdin is not None else
@@ -50,8 +62,9 @@ async def git(*args: str, cwd: Path, stdin: bytes | None = None, limit: int = 64
             proc.kill()
         raise
     if proc.returncode != 0:
-        reason = err.decode("utf-8", "replace").strip().splitlines()
-        raise GitError(f"git {args[0]} failed in {cwd}: {reason[-1] if reason else f'exit {proc.returncode}'}")
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        reason = next((line for line in lines if line.startswith(("fatal:", "error:"))), lines[-1] if lines else "")
+        raise GitError(f"git {args[0]} failed in {cwd}: {reason or f'exit {proc.returncode}'}")
     if len(out) > limit:
         raise GitError(f"git {args[0]} output exceeds {limit} bytes")
     return out.decode("utf-8", "replace")

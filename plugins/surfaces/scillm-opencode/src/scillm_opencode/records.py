@@ -1,0 +1,159 @@
+"""Run records: a document per run in the state store (so the index and status survive a restart and are shared
+by every instance) plus the run directory (``events.jsonl``, ``diff.patch``, ``result.json``).
+
+A record names the process that drives the run (host, pid, and an id per manager). When a scillm restarts, the
+runs its previous process left in flight are finalised ``error`` (``interrupted``) instead of staying ``running``
+forever: at start-up for this host's dead processes, and on read for any record whose driver is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from scillm_exec import EventLog
+
+from scillm_core import errors
+
+if TYPE_CHECKING:
+    from scillm_core import Runtime
+
+__all__ = ["LIVE_DRIVERS", "RUN_ID", "Records", "TERMINAL", "write_json"]
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+TERMINAL = ("completed", "failed", "timeout", "error", "aborted")
+STORE_TEXT_LIMIT = 1 << 20   # the store keeps at most this much of a run's diff / text; the run dir keeps all
+LIVE_DRIVERS: set[str] = set()  # manager ids alive in this process (a restarted app in one process is a new id)
+HOST = socket.gethostname()
+
+
+def write_json(path: Path, doc: Any) -> None:
+    tmp = path.with_suffix(f".{uuid.uuid4().hex[:6]}.tmp")
+    tmp.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2, default=str))
+    tmp.replace(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Records:
+    def __init__(self, runtime: Runtime, namespace: str, dirname: str, redact: Any) -> None:
+        self.runtime = runtime
+        self.namespace = namespace
+        self.root = runtime.config.data_dir / "opencode" / dirname
+        self.driver = uuid.uuid4().hex
+        self.redact = redact  # () -> secrets to scrub from what is stored
+        LIVE_DRIVERS.add(self.driver)
+
+    def close(self) -> None:
+        LIVE_DRIVERS.discard(self.driver)
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / run_id
+
+    def stamp(self) -> dict[str, Any]:
+        return {"driver": {"host": HOST, "pid": os.getpid(), "id": self.driver}}
+
+    def _scrub(self, doc: dict[str, Any]) -> dict[str, Any]:
+        raw = orjson.dumps(doc, default=str)
+        for secret in self.redact():
+            raw = raw.replace(secret.encode(), b"[redacted]")
+        return orjson.loads(raw)  # type: ignore[no-any-return]
+
+    async def save(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """Store the document (secrets scrubbed; long text cut for the store, kept whole in result.json)."""
+        doc = self._scrub(doc)
+        stored = dict(doc)
+        for key in ("diff", "assistant_text"):
+            value = stored.get(key)
+            if isinstance(value, str) and len(value) > STORE_TEXT_LIMIT:
+                stored[key] = value[:STORE_TEXT_LIMIT]
+                stored[f"{key}_truncated"] = True
+        with contextlib.suppress(Exception):  # the run dir still has it; a store outage must not lose the run
+            await self.runtime.store.put(self.namespace, doc["run_id"], stored)
+        return doc
+
+    async def write_result(self, doc: dict[str, Any]) -> None:
+        run_dir = self.run_dir(doc["run_id"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(write_json, run_dir / "result.json", doc)
+
+    async def load(self, run_id: str) -> dict[str, Any]:
+        """A run's stored document (result.json when this host has it); 404 when unknown. A record whose driver is
+        gone is finalised ``error: interrupted`` first."""
+        if not RUN_ID.match(run_id):
+            raise errors.NotFound(f"no run {run_id!r}")
+        path = self.run_dir(run_id) / "result.json"
+        if path.is_file():
+            return orjson.loads(await asyncio.to_thread(path.read_bytes))  # type: ignore[no-any-return]
+        doc = await self.runtime.store.get(self.namespace, run_id)
+        if doc is None:
+            raise errors.NotFound(f"no run {run_id!r}")
+        if self.orphaned(doc):
+            doc = await self.interrupt(doc)
+        return doc
+
+    async def exists(self, run_id: str) -> bool:
+        return self.run_dir(run_id).exists() or await self.runtime.store.get(self.namespace, run_id) is not None
+
+    async def index(self, limit: int) -> list[dict[str, Any]]:
+        rows = await self.runtime.store.scan(self.namespace, "", limit=100_000)
+        docs = [doc for _, doc in rows]
+        docs.sort(key=lambda d: d.get("created_at") or 0, reverse=True)
+        out = []
+        for doc in docs[:limit]:
+            if self.orphaned(doc):
+                doc = await self.interrupt(doc)
+            out.append({k: doc.get(k) for k in ("run_id", "status", "agent", "caller", "owner", "workspace",
+                                                 "cwd", "created_at", "finished_at", "error") if k in doc})
+        return out
+
+    def orphaned(self, doc: dict[str, Any]) -> bool:
+        if doc.get("status") in TERMINAL:
+            return False
+        driver = doc.get("driver") or {}
+        if driver.get("host") != HOST:
+            return False  # another machine's run: only it can tell
+        if driver.get("pid") == os.getpid():
+            return driver.get("id") not in LIVE_DRIVERS
+        return not isinstance(driver.get("pid"), int) or not _pid_alive(driver["pid"])
+
+    async def interrupt(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """Finalise a run whose driver died: ``error`` (interrupted), a terminal event, result.json, the store."""
+        doc = dict(doc)
+        doc.update(status="error", error="interrupted: scillm stopped while the run was in flight",
+                   finished_at=time.time())
+        run_dir = self.run_dir(doc["run_id"])
+        if run_dir.is_dir():
+            log = EventLog(run_dir / "events.jsonl")
+            log.append("run_completed", node=None, status="error", error=doc["error"])
+            log.close()
+        doc = await self.save(doc)
+        if run_dir.is_dir():
+            await self.write_result(doc)
+        return doc
+
+    async def recover(self) -> int:
+        """At start-up: finalise this host's runs whose process is gone. How many were."""
+        count = 0
+        with contextlib.suppress(Exception):
+            for _, doc in await self.runtime.store.scan(self.namespace, "", limit=100_000):
+                if self.orphaned(doc):
+                    await self.interrupt(doc)
+                    count += 1
+        return count

@@ -1,0 +1,299 @@
+"""HTTP routes of the OpenCode surfaces (serve runs, the debugger flow, the transport, monitor links)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from scillm_exec import VIEW_KEY_PREFIX, base_url_of, sse_tail
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from scillm_core import Runtime, errors
+from scillm_core.web import caller_of, identity_of, json_response, read_json, runtime_of
+from scillm_opencode.config import enabled, opencode_config
+from scillm_opencode.monitor import view_routes
+from scillm_opencode.records import RUN_ID
+from scillm_opencode.runs import ServeRuns, Sessions
+from scillm_opencode.serve import ServeManager
+from scillm_opencode.transport import EVENT_TYPES, MODES, Transport
+
+__all__ = ["OpenCode", "opencode_of", "routes"]
+
+BODY_LIMIT = 4 * 1024 * 1024
+RUNS = "/v1/scillm/opencode/runs"
+TRANSPORT = "/v1/scillm/opencode/transport"
+
+
+class OpenCode:
+    """The app's OpenCode state: the server, the session slots, serve runs and transport runs."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.serve = ServeManager(runtime)
+        self.sessions = Sessions(runtime, self.serve)
+        self.runs = ServeRuns(runtime, self.sessions)
+        self.transport = Transport(runtime, self.sessions)
+
+    async def startup(self) -> None:
+        await self.runs.records.recover()
+        await self.transport.records.recover()
+
+    async def shutdown(self) -> None:
+        await self.runs.shutdown()
+        await self.transport.shutdown()
+        await self.serve.stop()
+
+    def monitor_link(self, request: Request, base: str, run_id: str, caller: str | None, owner: str, *,
+                     transport: bool) -> dict[str, Any]:
+        ttl = opencode_config(self.runtime).monitor_ttl_s
+        key = self.serve.keys.mint(run_id, caller, prefix=VIEW_KEY_PREFIX, allow=view_routes(base, transport=transport),
+                                   ttl_s=ttl, owner=owner, refusal="a monitor key may read its own run only")
+        origin = str(request.base_url).rstrip("/")
+        return {"monitor_url": f"{origin}{base}/monitor#token={key}", "monitor_expires_in_s": ttl}
+
+
+def opencode_of(runtime: Runtime) -> OpenCode:
+    state = runtime.plugin_state.get("opencode")
+    if state is None:
+        state = runtime.plugin_state["opencode"] = OpenCode(runtime)
+    return state  # type: ignore[no-any-return]
+
+
+def _surface(request: Request) -> OpenCode:
+    runtime = runtime_of(request)
+    if not enabled(runtime):
+        raise errors.NotFound("OpenCode serve is disabled: set SCILLM_OPENCODE_SERVE_ENABLED=1 (or "
+                              "[opencode] enabled = true) on the server", code="opencode_serve_disabled")
+    return opencode_of(runtime)
+
+
+def _run_id(request: Request) -> str:
+    run_id = request.path_params["run_id"]
+    if not RUN_ID.match(run_id):
+        raise errors.NotFound(f"no run {run_id!r}")
+    return str(run_id)
+
+
+def _after(request: Request) -> int:
+    raw = request.query_params.get("after") or request.headers.get("last-event-id") or "0"
+    if not raw.isdigit():
+        raise errors.InvalidRequest("after must be a non-negative integer (an event seq) @ query.after",
+                                    param="after")
+    return int(raw)
+
+
+def _heartbeat(runtime: Runtime) -> float:
+    return opencode_config(runtime).heartbeat_s or runtime.config.server.heartbeat_s
+
+
+def _limit(request: Request) -> int:
+    raw = request.query_params.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise errors.InvalidRequest("limit must be an integer from 1 to 1000 @ query.limit", param="limit")
+    return int(raw)
+
+
+async def _reason(request: Request) -> str:
+    body = await request.body()
+    if not body:
+        return "aborted by the caller"
+    doc = await read_json(request, limit_bytes=64 << 10)
+    if not isinstance(doc, dict) or set(doc) - {"reason"} or not isinstance(doc.get("reason", ""), str):
+        raise errors.InvalidRequest("the abort body is optional: {\"reason\": \"...\"} @ $", param="$")
+    return str(doc.get("reason") or "aborted by the caller")[:500]
+
+
+# -- serve runs ------------------------------------------------------------------------------------------------
+
+async def _create(request: Request, *, debugger: bool) -> Response:
+    caller = caller_of(request, required=True)
+    oc = _surface(request)
+    body = await read_json(request, limit_bytes=BODY_LIMIT)
+    cfg = opencode_config(oc.runtime)
+    if debugger:
+        parsed = oc.runs.parse(body, agent_default=cfg.debugger_agent, skills_default=cfg.debugger_skills)
+        server = await oc.serve.ensure(base_url_of(request))
+        if parsed["agent"] == cfg.debugger_agent and cfg.debugger_agent not in await server.profiles():
+            from scillm_opencode.serve import DEBUGGER_PROMPT  # an external server without the profile
+
+            parsed["agent"] = "build"
+            parsed["system"] = DEBUGGER_PROMPT + ("\n\n" + parsed["system"] if parsed["system"] else "")
+    else:
+        parsed = oc.runs.parse(body)
+    owner = identity_of(request)
+    run = await oc.runs.start(parsed, caller=caller, owner=owner, base_url=base_url_of(request))
+    link = oc.monitor_link(request, f"{RUNS}/{run.run_id}", run.run_id, caller, owner, transport=False)
+    if parsed["wait"]:
+        return json_response(await oc.runs.wait(run) | link)
+    return json_response(oc.runs.doc(run) | {"receipt": True, "wait": False} | link)
+
+
+async def create_run(request: Request) -> Response:
+    return await _create(request, debugger=False)
+
+
+async def debugger_run(request: Request) -> Response:
+    return await _create(request, debugger=True)
+
+
+async def list_runs(request: Request) -> Response:
+    oc = _surface(request)
+    return json_response({"runs": await oc.runs.records.index(_limit(request))})
+
+
+async def show_run(request: Request) -> Response:
+    return json_response(await _surface(request).runs.load(_run_id(request)))
+
+
+async def run_diff(request: Request) -> Response:
+    return json_response(await _surface(request).runs.live_diff(_run_id(request)))
+
+
+async def run_events(request: Request) -> Response:
+    oc = _surface(request)
+    run_id = _run_id(request)
+    after = _after(request)
+    await oc.runs.load(run_id)  # 404 (and an orphan is finalised) before streaming
+    log = oc.runs.log(run_id)
+    if log is None:
+        raise errors.NotFound(f"run {run_id!r} has no events on this instance")
+
+    def end() -> dict[str, Any]:
+        run = oc.runs.runs.get(run_id)
+        return {"type": "end", "run_id": run_id, "status": run.status if run else None, "seq": log.seq}
+
+    return StreamingResponse(sse_tail(log, after, _heartbeat(oc.runtime), end), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache"})
+
+
+async def abort_run(request: Request) -> Response:
+    caller_of(request, required=True)
+    oc = _surface(request)
+    run_id = _run_id(request)
+    reason = await _reason(request)
+    await oc.runs.load(run_id)
+    return json_response(await oc.runs.abort(run_id, reason))
+
+
+async def run_monitor_link(request: Request) -> Response:
+    caller = caller_of(request, required=True)
+    oc = _surface(request)
+    run_id = _run_id(request)
+    await oc.runs.load(run_id)
+    return json_response({"run_id": run_id} | oc.monitor_link(request, f"{RUNS}/{run_id}", run_id, caller,
+                                                               identity_of(request), transport=False))
+
+
+async def serve_status(request: Request) -> Response:
+    oc = _surface(request)
+    return json_response({"serve": oc.serve.describe(), "live_runs": oc.runs.live(),
+                          "live_transport_runs": oc.transport.live()})
+
+
+# -- transport -------------------------------------------------------------------------------------------------
+
+async def capabilities(request: Request) -> Response:
+    oc = _surface(request)
+    server = oc.serve.server
+    agents = await server.profiles() if server is not None and not server.died.is_set() else None
+    return json_response({
+        "transport_api": True, "opencode": oc.serve.describe(), "agents": agents, "node_modes": list(MODES),
+        "event_types": list(EVENT_TYPES), "event_stream": "sse", "resumable": "after=<seq> or Last-Event-ID",
+        "heartbeat_s": _heartbeat(oc.runtime), "steer": True, "permission_reply": ["once", "always", "reject"],
+        "abort": True, "max_concurrency": opencode_config(oc.runtime).max_concurrency})
+
+
+async def create_transport(request: Request) -> Response:
+    caller = caller_of(request, required=True)
+    oc = _surface(request)
+    body = await read_json(request, limit_bytes=BODY_LIMIT)
+    parsed = oc.transport.parse(body)
+    owner = identity_of(request)
+    run = await oc.transport.start(parsed, caller=caller, owner=owner, base_url=base_url_of(request))
+    base = f"{TRANSPORT}/runs/{run.run_id}"
+    link = oc.monitor_link(request, base, run.run_id, caller, owner, transport=True)
+    return json_response(oc.transport.doc(run) | {"events_stream": f"{base}/events/stream"} | link, 202)
+
+
+async def list_transport(request: Request) -> Response:
+    oc = _surface(request)
+    return json_response({"runs": await oc.transport.records.index(_limit(request))})
+
+
+async def show_transport(request: Request) -> Response:
+    return json_response(await _surface(request).transport.load(_run_id(request)))
+
+
+async def transport_diff(request: Request) -> Response:
+    return json_response(await _surface(request).transport.live_diff(_run_id(request)))
+
+
+async def transport_stream(request: Request) -> Response:
+    oc = _surface(request)
+    run_id = _run_id(request)
+    after = _after(request)
+    await oc.transport.load(run_id)
+    log = oc.transport.log(run_id)
+    if log is None:
+        raise errors.NotFound(f"run {run_id!r} has no events on this instance")
+
+    def end() -> dict[str, Any]:
+        run = oc.transport.runs.get(run_id)
+        return {"type": "end", "run_id": run_id, "status": run.status if run else None, "seq": log.seq}
+
+    return StreamingResponse(sse_tail(log, after, _heartbeat(oc.runtime), end), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache"})
+
+
+def _mutating(handler: Callable[[Transport, str, Any], Awaitable[dict[str, Any]]]
+              ) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        caller_of(request, required=True)
+        oc = _surface(request)
+        body = await read_json(request, limit_bytes=256 << 10)
+        return json_response(await handler(oc.transport, _run_id(request), body))
+
+    return endpoint
+
+
+async def abort_transport(request: Request) -> Response:
+    caller_of(request, required=True)
+    oc = _surface(request)
+    run_id = _run_id(request)
+    reason = await _reason(request)
+    await oc.transport.load(run_id)
+    return json_response(await oc.transport.abort(run_id, reason))
+
+
+async def transport_monitor_link(request: Request) -> Response:
+    caller = caller_of(request, required=True)
+    oc = _surface(request)
+    run_id = _run_id(request)
+    await oc.transport.load(run_id)
+    return json_response({"run_id": run_id} | oc.monitor_link(request, f"{TRANSPORT}/runs/{run_id}", run_id, caller,
+                                                               identity_of(request), transport=True))
+
+
+def routes() -> list[tuple[str, Any, list[str]]]:
+    return [
+        (RUNS, create_run, ["POST"]),
+        (RUNS, list_runs, ["GET"]),
+        (RUNS + "/{run_id}", show_run, ["GET"]),
+        (RUNS + "/{run_id}/events", run_events, ["GET"]),
+        (RUNS + "/{run_id}/diff", run_diff, ["GET"]),
+        (RUNS + "/{run_id}/abort", abort_run, ["POST"]),
+        (RUNS + "/{run_id}/monitor", run_monitor_link, ["POST"]),
+        ("/v1/scillm/opencode/serve", serve_status, ["GET"]),
+        ("/v1/scillm/opencode/serve/debugger/run", debugger_run, ["POST"]),
+        (TRANSPORT + "/capabilities", capabilities, ["GET"]),
+        (TRANSPORT + "/runs", create_transport, ["POST"]),
+        (TRANSPORT + "/runs", list_transport, ["GET"]),
+        (TRANSPORT + "/runs/{run_id}", show_transport, ["GET"]),
+        (TRANSPORT + "/runs/{run_id}/events/stream", transport_stream, ["GET"]),
+        (TRANSPORT + "/runs/{run_id}/diff", transport_diff, ["GET"]),
+        (TRANSPORT + "/runs/{run_id}/steer", _mutating(Transport.steer), ["POST"]),
+        (TRANSPORT + "/runs/{run_id}/permission", _mutating(Transport.permission), ["POST"]),
+        (TRANSPORT + "/runs/{run_id}/abort", abort_transport, ["POST"]),
+        (TRANSPORT + "/runs/{run_id}/monitor", transport_monitor_link, ["POST"]),
+    ]

@@ -1,0 +1,543 @@
+"""The OpenCode transport (``/v1/scillm/opencode/transport/*``): a DAG of OpenCode sessions in one worktree of a
+workspace, with one normalised event stream for the whole run that a client tails (resumable with ``after``) and
+steers (a user message into a running node), answers permission requests on, and aborts.
+
+Every event carries ``seq``, ``node`` and ``ts``. A node whose dependency did not complete is skipped; a
+``propose-only`` node may not change the workspace (its session cannot edit, and a write it made anyway, e.g.
+after an approved ``ask``, fails it). Terminal states, of nodes and of the run, are decided once: events that
+arrive after (an aborted session's own idle or error) change nothing and are not streamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from attrs import define, field
+from scillm_exec import EventLog, Worktree, check_cwd, create_worktree, find_cycle, remove_worktree, worktree_diff
+
+from scillm_core import errors
+from scillm_opencode.client import ServeError
+from scillm_opencode.profiles import (
+    bad,
+    check_agent_shape,
+    check_rules,
+    resolve_agent,
+    resolve_model,
+    seconds,
+    text,
+)
+from scillm_opencode.records import RUN_ID, Records
+from scillm_opencode.runs import ABORT_GRACE_S, Sessions
+from scillm_opencode.session import Bus, Ended, SessionDriver, assistant_text
+from scillm_opencode.skills import check_skill_names, skill_rules
+
+if TYPE_CHECKING:
+    from scillm_core import Runtime
+    from scillm_opencode.serve import Server
+
+__all__ = ["EVENT_TYPES", "MODES", "Transport"]
+
+MODES = ("propose-only", "workspace-write")
+RUN_FIELDS = {"workspace", "nodes", "timeout_s", "run_id", "scillm_metadata", "title", "max_concurrency"}
+NODE_FIELDS = {"id", "prompt", "agent", "depends_on", "model", "skills", "mode", "permission", "timeout_s",
+               "system"}
+NODE_ID = RUN_ID
+EVENT_TYPES = ("run_started", "node_started", "user_message", "transcript_delta", "reasoning_delta", "tool_call",
+               "permission_requested", "permission_replied", "steer", "retry", "node_completed", "node_failed",
+               "node_skipped", "run_completed")
+WRITE_TOOLS = ("edit", "write", "patch", "multiedit", "apply_patch")
+
+
+@define
+class Node:
+    id: str
+    prompt: str
+    agent: str
+    depends_on: list[str]
+    mode: str
+    skills: list[str]
+    rules: list[dict[str, str]]
+    timeout_s: float
+    model: str | None = None
+    system: str | None = None
+    resolved_model: dict[str, str] | None = None
+    status: str = "pending"
+    error: str | None = None
+    session_id: str | None = None
+    driver: SessionDriver | None = None
+    assistant_text: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+    finished: asyncio.Event = field(factory=asyncio.Event)
+
+    def decide(self, status: str, error: str | None = None) -> bool:
+        if self.finished.is_set() or self.status not in ("pending", "running"):
+            return False
+        self.status, self.error = status, error
+        return True
+
+    def view(self) -> dict[str, Any]:
+        return {"id": self.id, "status": self.status, "error": self.error, "agent": self.agent, "mode": self.mode,
+                "depends_on": self.depends_on, "session_id": self.session_id, "skills": self.skills,
+                "assistant_text": self.assistant_text, "started_at": self.started_at,
+                "finished_at": self.finished_at,
+                "pending_permissions": sorted(self.driver.pending) if self.driver is not None else []}
+
+
+@define
+class TransportRun:
+    run_id: str
+    caller: str | None
+    owner: str
+    workspace: str
+    nodes: dict[str, Node]
+    run_dir: Path
+    log: EventLog
+    server: Server
+    worktree: Worktree
+    timeout_s: float
+    max_concurrency: int
+    metadata: dict[str, Any]
+    title: str | None
+    created_at: float = field(factory=time.time)
+    status: str = "running"
+    error: str | None = None
+    decided: bool = False
+    finished_at: float | None = None
+    stop: asyncio.Event = field(factory=asyncio.Event)
+    done: asyncio.Event = field(factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    bus: Bus | None = None
+    result: dict[str, Any] | None = None
+    writers: int = 0                      # workspace-write nodes running now
+    writer_epoch: int = 0                 # bumped when one starts (a propose-only node checks its window)
+    skills_materialized: list[str] = field(factory=list)
+    skills_missing: dict[str, str] = field(factory=dict)
+    diff_lock: asyncio.Lock = field(factory=asyncio.Lock)
+
+    def decide(self, status: str, error: str | None = None) -> bool:
+        if self.decided:
+            return False
+        self.decided, self.status, self.error = True, status, error
+        return True
+
+
+class Transport:
+    def __init__(self, runtime: Runtime, sessions: Sessions) -> None:
+        self.runtime = runtime
+        self.sessions = sessions
+        self.serve = sessions.serve
+        self.cfg = sessions.cfg
+        self.records = Records(runtime, "opencode.transport", "transport", self.serve.secrets)
+        self.runs: dict[str, TransportRun] = {}
+
+    # -- request -> run -------------------------------------------------------------------------------------------
+
+    def parse(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise bad("expected a JSON object", "$")
+        unknown = sorted(set(body) - RUN_FIELDS)
+        if unknown:
+            raise bad(f"unknown field {unknown[0]!r} (known: {', '.join(sorted(RUN_FIELDS))})", f"$.{unknown[0]}")
+        workspace = body.get("workspace")
+        if not isinstance(workspace, str) or not workspace:
+            raise bad("workspace is required: the absolute path of a git checkout", "$.workspace")
+        timeout_s = seconds(body.get("timeout_s"), "$.timeout_s", default=self.cfg.default_timeout_s,
+                            limit=self.cfg.max_timeout_s)
+        raw = body.get("nodes")
+        if not isinstance(raw, list) or not raw or len(raw) > 64:
+            raise bad("nodes must be a non-empty array (at most 64)", "$.nodes")
+        nodes: dict[str, Node] = {}
+        for i, item in enumerate(raw):
+            where = f"$.nodes[{i}]"
+            if not isinstance(item, dict):
+                raise bad("expected a node object", where)
+            extra = sorted(set(item) - NODE_FIELDS)
+            if extra:
+                raise bad(f"unknown field {extra[0]!r} (known: {', '.join(sorted(NODE_FIELDS))})",
+                          f"{where}.{extra[0]}")
+            node_id = item.get("id")
+            if not isinstance(node_id, str) or not NODE_ID.match(node_id):
+                raise bad(f"id must match {NODE_ID.pattern}", f"{where}.id")
+            if node_id in nodes:
+                raise bad(f"duplicate node id {node_id!r}", f"{where}.id")
+            deps = item.get("depends_on", [])
+            if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+                raise bad("depends_on must be an array of node ids", f"{where}.depends_on")
+            mode = item.get("mode", "workspace-write")
+            if mode not in MODES:
+                raise bad(f"mode must be one of {', '.join(MODES)}, got {mode!r}", f"{where}.mode")
+            model = item.get("model")
+            if model is not None and (not isinstance(model, str) or not model):
+                raise bad("model must be a non-empty string", f"{where}.model")
+            nodes[node_id] = Node(
+                id=node_id, prompt=text(item.get("prompt"), f"{where}.prompt", required=True) or "",
+                agent=check_agent_shape(item.get("agent", "build"), f"{where}.agent"), depends_on=list(deps),
+                mode=mode, skills=check_skill_names(item.get("skills"), f"{where}.skills"),
+                rules=check_rules(item.get("permission"), f"{where}.permission"), model=model,
+                system=text(item.get("system"), f"{where}.system", limit=64 << 10),
+                timeout_s=seconds(item.get("timeout_s"), f"{where}.timeout_s", default=timeout_s,
+                                  limit=self.cfg.max_timeout_s))
+        ids = list(nodes)
+        for i, node in enumerate(nodes.values()):
+            for j, dep in enumerate(node.depends_on):
+                if dep not in nodes:
+                    raise bad(f"node {node.id!r} depends on unknown node {dep!r}", f"$.nodes[{i}].depends_on[{j}]")
+        cycle = find_cycle({n.id: n.depends_on for n in nodes.values()})
+        if cycle:
+            raise bad("dependency cycle: " + " -> ".join(cycle), "$.nodes")
+        limit = body.get("max_concurrency", len(ids))
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise bad("max_concurrency must be a positive integer", "$.max_concurrency")
+        run_id = body.get("run_id")
+        if run_id is not None and (not isinstance(run_id, str) or not RUN_ID.match(run_id)):
+            raise bad(f"run_id must match {RUN_ID.pattern}", "$.run_id")
+        metadata = body.get("scillm_metadata", {})
+        if not isinstance(metadata, dict):
+            raise bad("scillm_metadata must be an object", "$.scillm_metadata")
+        return {"workspace": str(check_cwd(workspace, self.runtime, "$.workspace")), "nodes": nodes,
+                "timeout_s": timeout_s, "max_concurrency": limit, "run_id": run_id, "scillm_metadata": metadata,
+                "title": text(body.get("title"), "$.title", limit=200)}
+
+    async def start(self, request: dict[str, Any], *, caller: str | None, owner: str, base_url: str
+                    ) -> TransportRun:
+        run_id = request["run_id"] or "otr-" + uuid.uuid4().hex[:16]
+        if run_id in self.runs or await self.records.exists(run_id):
+            raise errors.Conflict(f"run {run_id!r} already exists", param="$.run_id")
+        server = await self.serve.ensure(base_url)
+        nodes: dict[str, Node] = request["nodes"]
+        for i, node in enumerate(nodes.values()):
+            node.agent = await resolve_agent(server, node.agent, self.runtime, f"$.nodes[{i}].agent")
+            wanted = node.model or (self.serve.default_model() if server.managed else None)
+            node.resolved_model = await resolve_model(server, wanted, f"$.nodes[{i}].model")
+        run_dir = self.records.run_dir(run_id)
+        run_dir.mkdir(parents=True, exist_ok=False)
+        try:
+            worktree = await create_worktree(Path(request["workspace"]), run_dir / "worktree")
+        except errors.ScillmError as exc:
+            import shutil
+
+            await asyncio.to_thread(shutil.rmtree, run_dir, True)
+            raise bad(exc.message, "$.workspace") from None
+        run = TransportRun(run_id=run_id, caller=caller, owner=owner, workspace=request["workspace"], nodes=nodes,
+                           run_dir=run_dir, log=EventLog(run_dir / "events.jsonl", redact=self.serve.secrets()),
+                           server=server, worktree=worktree, timeout_s=request["timeout_s"],
+                           max_concurrency=request["max_concurrency"], metadata=request["scillm_metadata"],
+                           title=request["title"])
+        self.runs[run_id] = run
+        await self.records.save(self.doc(run))
+        run.task = asyncio.ensure_future(self._execute(run))
+        return run
+
+    # -- the run ------------------------------------------------------------------------------------------------
+
+    def emit(self, run: TransportRun, node: Node | None, name: str, fields: dict[str, Any]) -> None:
+        """Append a normalised event, unless the run (or, for a node's own events, the node) is already over."""
+        if run.log.closed or run.decided:
+            return
+        if node is not None and name not in ("node_completed", "node_failed") and node.finished.is_set():
+            return
+        run.log.append(name, node=node.id if node is not None else None, **fields)
+
+    async def _execute(self, run: TransportRun) -> None:
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            self.emit(run, None, "run_started", {"nodes": [{"id": n.id, "agent": n.agent, "mode": n.mode,
+                                                            "depends_on": n.depends_on} for n in run.nodes.values()],
+                                                 "worktree": str(run.worktree.workdir)})
+            wanted = list(dict.fromkeys(s for n in run.nodes.values() for s in n.skills))
+            run.skills_materialized, run.skills_missing = await self.sessions.skills(run.server, wanted)
+            run.bus = Bus(run.server, str(run.worktree.workdir))
+            await run.bus.open()
+            limit = asyncio.Semaphore(run.max_concurrency)
+            tasks = [asyncio.ensure_future(self._node(run, node, limit)) for node in run.nodes.values()]
+            waiter = asyncio.ensure_future(asyncio.wait(tasks))
+            timer = asyncio.ensure_future(asyncio.sleep(run.timeout_s))
+            try:
+                done, _ = await asyncio.wait({waiter, timer}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                timer.cancel()
+            if waiter not in done:
+                if run.decide("timeout", f"the run passed timeout_s={run.timeout_s:g}; running nodes were aborted"):
+                    run.stop.set()
+                await waiter
+        except asyncio.CancelledError:
+            if run.decide("error", "scillm shut down while the run was in flight"):
+                run.stop.set()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), ABORT_GRACE_S + 5)
+        except errors.ScillmError as exc:
+            if run.decide("error", exc.message):
+                run.stop.set()
+        except Exception as exc:
+            if run.decide("error", f"{type(exc).__name__}: {exc}"):
+                run.stop.set()
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+            await self._finish(run)
+
+    async def _node(self, run: TransportRun, node: Node, limit: asyncio.Semaphore) -> None:
+        try:
+            for dep in node.depends_on:
+                await run.nodes[dep].finished.wait()
+            failed = [d for d in node.depends_on if run.nodes[d].status != "completed"]
+            if run.stop.is_set():
+                node.decide("skipped", f"the run ended {run.status} before it started")
+                return
+            if failed:
+                node.decide("skipped", f"dependency {failed[0]!r} ended {run.nodes[failed[0]].status}")
+                self.emit(run, node, "node_skipped", {"reason": node.error})
+                return
+            async with limit, self.sessions.slot(run.stop) as got:
+                if not got:
+                    node.decide("skipped", f"the run ended {run.status} before it started")
+                    return
+                await self._session(run, node)
+        except asyncio.CancelledError:
+            node.decide("aborted", "the run was stopped")
+            raise
+        except errors.ScillmError as exc:
+            if node.decide("failed", exc.message):
+                self.emit(run, node, "node_failed", {"error": node.error})
+        except Exception as exc:
+            if node.decide("failed", f"{type(exc).__name__}: {exc}"):
+                self.emit(run, node, "node_failed", {"error": node.error})
+        finally:
+            node.finished_at = node.finished_at or time.time()
+            node.finished.set()
+
+    async def _session(self, run: TransportRun, node: Node) -> None:
+        assert run.bus is not None
+        node.status, node.started_at = "running", time.time()
+        writer = node.mode == "workspace-write"
+        if writer:
+            run.writers += 1
+            run.writer_epoch += 1
+        epoch, before = run.writer_epoch, None
+        if not writer:
+            async with run.diff_lock:
+                before = await worktree_diff(run.worktree)
+        driver = node.driver = SessionDriver(run.bus, lambda name, fields: self.emit(run, node, name, fields),
+                                             on_child=lambda child: self.sessions.bind_child(child,
+                                                                                             node.session_id or ""))
+        try:
+            allowed = [s for s in node.skills if s in run.skills_materialized]
+            rules = skill_rules(allowed)
+            if not writer:
+                rules.append({"permission": "edit", "pattern": "*", "action": "deny"})
+            node.session_id = await driver.create({"title": f"scillm {run.run_id} {node.id}", "agent": node.agent,
+                                                   "permission": [*rules, *node.rules]})
+            self.sessions.bind(node.session_id, run.run_id, run.caller)
+            self.emit(run, node, "node_started", {
+                "session_id": node.session_id, "agent": node.agent, "mode": node.mode, "model": node.resolved_model,
+                "skills_materialized": allowed,
+                "skills_missing": [s for s in node.skills if s not in run.skills_materialized]})
+            await driver.prompt(self._prompt(node, node.prompt))
+            deadline = time.monotonic() + node.timeout_s
+            ended = await self._follow(run, node, driver, deadline)
+            if ended in (Ended.TIMEOUT, Ended.STOPPED):
+                await driver.abort(ABORT_GRACE_S)
+            if not run.server.died.is_set():
+                with contextlib.suppress(ServeError):
+                    node.assistant_text, _ = assistant_text(await driver.messages())
+            if ended == Ended.IDLE and not writer:
+                wrote = [t for t in driver.wrote if t in WRITE_TOOLS]
+                if not wrote and run.writers == 0 and run.writer_epoch == epoch:  # nobody else could have written
+                    async with run.diff_lock:
+                        after = await worktree_diff(run.worktree)
+                    if after != before:
+                        wrote = [p for p in after[1] if p not in (before or ("", []))[1]] or after[1]
+                if wrote:
+                    ended = Ended.ERROR
+                    driver.error = ("propose-only node changed the workspace (" + ", ".join(wrote) + "); it may "
+                                    "only propose changes in its answer")
+            self._end_node(run, node, ended, driver, await run.bus.why_lost() if ended == Ended.LOST else None)
+        finally:
+            if writer:
+                run.writers -= 1
+            await driver.close()
+            self.sessions.unbind(node.session_id)
+
+    def _prompt(self, node: Node, message: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"parts": [{"type": "text", "text": message}], "agent": node.agent}
+        if node.resolved_model:
+            body["model"] = node.resolved_model
+        if node.system:
+            body["system"] = node.system
+        return body
+
+    async def _follow(self, run: TransportRun, node: Node, driver: SessionDriver, deadline: float) -> str:
+        while True:
+            ended = await driver.wait(timeout_s=max(0.0, deadline - time.monotonic()), stop=run.stop)
+            if ended != Ended.IDLE:
+                return ended
+            try:
+                _, pending = assistant_text(await driver.messages())
+            except ServeError:
+                return Ended.LOST
+            if not pending:
+                return ended
+            driver.idle.clear()
+
+    def _end_node(self, run: TransportRun, node: Node, ended: str, driver: SessionDriver, lost: str | None) -> None:
+        node.finished_at = time.time()
+        if ended == Ended.IDLE:
+            if node.decide("completed"):
+                self.emit(run, node, "node_completed", {"assistant_text": node.assistant_text})
+            return
+        if ended == Ended.STOPPED:
+            node.decide("aborted", f"the run was {run.status}")
+            return
+        reason = {Ended.ERROR: driver.error or "session error",
+                  Ended.TIMEOUT: f"no result within timeout_s={node.timeout_s:g}; the session was aborted",
+                  Ended.LOST: lost or "lost the OpenCode server"}.get(ended, ended)
+        if node.decide("timeout" if ended == Ended.TIMEOUT else "failed", reason):
+            self.emit(run, node, "node_failed", {"error": reason, "status": node.status})
+
+    async def _finish(self, run: TransportRun) -> None:
+        statuses = [n.status for n in run.nodes.values()]
+        run.decide("completed" if all(s == "completed" for s in statuses) else "failed",
+                   None if all(s == "completed" for s in statuses) else "not every node completed")
+        for node in run.nodes.values():
+            if node.status in ("pending", "running"):
+                node.status = "aborted" if run.status == "aborted" else "skipped"
+                node.error = node.error or f"the run ended {run.status}"
+        diff, paths = "", []
+        with contextlib.suppress(Exception):
+            async with run.diff_lock:
+                diff, paths = await worktree_diff(run.worktree)
+        await self.sessions.release(run.bus, str(run.worktree.workdir) if run.bus is not None else None)
+        if not self.cfg.keep_worktrees:
+            with contextlib.suppress(Exception):
+                await remove_worktree(run.worktree)
+        run.finished_at = time.time()
+        await asyncio.to_thread((run.run_dir / "diff.patch").write_text, diff)
+        run.result = self.doc(run) | {"diff": diff, "changed_paths": paths}
+        run.log.append("run_completed", node=None, status=run.status, error=run.error,
+                       nodes={n.id: n.status for n in run.nodes.values()}, changed_paths=paths)
+        run.log.close()
+        stored = await self.records.save(run.result)
+        await self.records.write_result(stored)
+        run.done.set()
+
+    def doc(self, run: TransportRun) -> dict[str, Any]:
+        return {"run_id": run.run_id, "status": run.status, "error": run.error, "workspace": run.workspace,
+                "caller": run.caller, "owner": run.owner, "title": run.title, "timeout_s": run.timeout_s,
+                "nodes": [n.view() for n in run.nodes.values()], "scillm_metadata": run.metadata,
+                "skills_materialized": run.skills_materialized, "skills_missing": sorted(run.skills_missing),
+                "created_at": run.created_at, "finished_at": run.finished_at,
+                "worktree": str(run.worktree.path) if self.cfg.keep_worktrees or not run.decided else None,
+                "base_commit": run.worktree.base,
+                "artifacts": {"run_dir": str(run.run_dir), "events_jsonl": str(run.run_dir / "events.jsonl"),
+                              "diff_patch": str(run.run_dir / "diff.patch"),
+                              "result_json": str(run.run_dir / "result.json")},
+                **self.records.stamp()}
+
+    # -- reading and steering -----------------------------------------------------------------------------------
+
+    async def load(self, run_id: str) -> dict[str, Any]:
+        run = self.runs.get(run_id)
+        if run is not None:
+            return run.result or self.doc(run)
+        return await self.records.load(run_id)
+
+    def live_run(self, run_id: str) -> TransportRun:
+        run = self.runs.get(run_id)
+        if run is None or run.done.is_set() or run.decided:
+            raise errors.Conflict(f"run {run_id!r} is not running")
+        return run
+
+    async def steer(self, run_id: str, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise bad("expected a JSON object", "$")
+        unknown = sorted(set(body) - {"node", "message"})
+        if unknown:
+            raise bad(f"unknown field {unknown[0]!r} (known: message, node)", f"$.{unknown[0]}")
+        message = text(body.get("message"), "$.message", required=True, limit=64 << 10) or ""
+        await self.load(run_id)  # 404 for an unknown run
+        run = self.live_run(run_id)
+        node = self._pick(run, body.get("node"))
+        if node.status != "running" or node.driver is None or node.driver.session_id is None:
+            raise errors.Conflict(f"node {node.id!r} is {node.status}; only a running node can be steered",
+                                  param="$.node")
+        await node.driver.prompt(self._prompt(node, message))
+        self.emit(run, node, "steer", {"text": message[:2000]})
+        return {"run_id": run_id, "node": node.id, "session_id": node.session_id, "delivered": True}
+
+    def _pick(self, run: TransportRun, name: Any) -> Node:
+        if name is None:
+            running = [n for n in run.nodes.values() if n.status == "running"]
+            if len(running) != 1:
+                raise bad(f"node is required when {len(running)} nodes are running", "$.node")
+            return running[0]
+        if not isinstance(name, str) or name not in run.nodes:
+            raise bad(f"unknown node {name!r} (nodes: {', '.join(run.nodes)})", "$.node")
+        return run.nodes[name]
+
+    async def permission(self, run_id: str, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise bad("expected a JSON object", "$")
+        unknown = sorted(set(body) - {"permission_id", "reply", "message", "node"})
+        if unknown:
+            raise bad(f"unknown field {unknown[0]!r} (known: message, node, permission_id, reply)", f"$.{unknown[0]}")
+        permission_id = body.get("permission_id")
+        if not isinstance(permission_id, str) or not permission_id:
+            raise bad("permission_id is required (from a permission_requested event)", "$.permission_id")
+        reply = body.get("reply")
+        if reply not in ("once", "always", "reject"):
+            raise bad(f"reply must be once, always or reject, got {reply!r}", "$.reply")
+        message = text(body.get("message"), "$.message", limit=4000)
+        await self.load(run_id)
+        run = self.live_run(run_id)
+        for node in run.nodes.values():
+            if node.driver is not None and permission_id in node.driver.pending:
+                await node.driver.reply(permission_id, reply, message)
+                return {"run_id": run_id, "node": node.id, "permission_id": permission_id, "reply": reply}
+        raise errors.NotFound(f"no pending permission request {permission_id!r} in run {run_id!r}",
+                              param="$.permission_id")
+
+    async def abort(self, run_id: str, reason: str) -> dict[str, Any]:
+        run = self.runs.get(run_id)
+        if run is None or run.done.is_set():
+            return await self.load(run_id)
+        if run.decide("aborted", reason):
+            run.stop.set()
+        await asyncio.shield(run.done.wait())
+        return run.result or self.doc(run)
+
+    def log(self, run_id: str) -> EventLog | None:
+        run = self.runs.get(run_id)
+        if run is not None:
+            return run.log
+        path = self.records.run_dir(run_id) / "events.jsonl"
+        return EventLog(path, closed=True) if path.is_file() and RUN_ID.match(run_id) else None
+
+    async def live_diff(self, run_id: str) -> dict[str, Any]:
+        run = self.runs.get(run_id)
+        if run is not None and not run.done.is_set():
+            async with run.diff_lock:
+                patch, paths = await worktree_diff(run.worktree)
+            return {"run_id": run_id, "status": run.status, "diff": patch, "changed_paths": paths, "live": True}
+        doc = await self.load(run_id)
+        return {"run_id": run_id, "status": doc.get("status"), "diff": doc.get("diff", ""),
+                "changed_paths": doc.get("changed_paths", []), "live": False}
+
+    def live(self) -> int:
+        return sum(1 for r in self.runs.values() if not r.done.is_set())
+
+    async def shutdown(self) -> None:
+        live = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
+        for task in live:
+            task.cancel()
+        for task in live:
+            with contextlib.suppress(BaseException):
+                await task
+        self.records.close()
+

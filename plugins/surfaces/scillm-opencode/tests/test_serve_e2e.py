@@ -1,0 +1,200 @@
+"""OpenCode serve runs end to end: the real pinned opencode serve, started by scillm, against a scripted fake model
+inside a loopback-only network namespace (one fake, one scillm, one opencode serve for the whole module)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from opencode_helpers import FINAL, MASTER_KEY, PROVIDER_SECRET, Stack, scan_for_secrets
+
+RUNS = "/v1/scillm/opencode/runs"
+
+
+def test_run_edits_its_worktree_and_returns_the_diff(stack: Stack) -> None:
+    repo = stack.repo()
+    status_before = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True).stdout
+    response = stack.client.post(RUNS, json={"prompt": "[edit] change hello to goodbye", "agent": "build",
+                                             "cwd": str(repo), "scillm_metadata": {"ticket": "T-1"}})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["status"] == "completed", result
+    assert result["assistant_text"] == FINAL
+    assert result["changed_paths"] == ["hello.txt"]
+    assert "-hello world\n+goodbye world" in result["diff"]
+    assert result["session_id"].startswith("ses_") and result["scillm_metadata"] == {"ticket": "T-1"}
+    # the caller's tree, index and branch are untouched
+    assert (repo / "hello.txt").read_text() == "hello world\n"
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True).stdout == status_before
+    listing = subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout
+    assert len(listing.splitlines()) == 1  # the run's worktree is gone again
+    # artifacts
+    artifacts = result["artifacts"]
+    assert Path(artifacts["diff_patch"]).read_text() == result["diff"]
+    events = [json.loads(line) for line in Path(artifacts["events_jsonl"]).read_text().splitlines()]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    types = [e["type"] for e in events]
+    assert types[0] == "run_started" and types[-1] == "run_completed" and events[-1]["status"] == "completed"
+    assert "user_message" in types and "transcript_delta" in types
+    tools = [(e["tool"], e["status"]) for e in events if e["type"] == "tool_call"]
+    assert ("read", "completed") in tools and ("edit", "completed") in tools
+    # every model call came through scillm, attributed to the run, with scillm's provider key upstream
+    calls = stack.fake.chat_requests()
+    assert calls and all(c.headers["authorization"] == f"Bearer {PROVIDER_SECRET}" for c in calls)
+    # the stored record reads back the same
+    again = stack.client.get(f"{RUNS}/{result['run_id']}").json()
+    assert again["status"] == "completed" and again["diff"] == result["diff"]
+    assert scan_for_secrets(stack) == []
+    # the call log attributes each model call to the caller and the run
+    calls_logged = stack.client.get("/v1/scillm/calls").json()["data"]
+    assert {c["caller"] for c in calls_logged} >= {f"opencode-tests/{result['run_id']}"}
+
+
+def test_bad_requests_are_400s_naming_the_field(stack: Stack) -> None:
+    repo = stack.repo()
+    post = lambda body, **kw: stack.client.post(RUNS, json=body, **kw)  # noqa: E731
+    chat_model = post({"prompt": "x", "agent": "opencode-go/kimi-k2.6", "cwd": str(repo)})
+    assert chat_model.status_code == 400
+    error = chat_model.json()["error"]
+    assert error["param"] == "$.agent" and "chat model" in error["message"] and "model" in error["message"]
+    routable = post({"prompt": "x", "agent": "gpt-5.5", "cwd": str(repo)})  # a model name without a slash
+    assert routable.status_code == 400 and "chat model" in routable.json()["error"]["message"]
+    unknown = post({"prompt": "x", "agent": "no-such-agent", "cwd": str(repo)})
+    assert unknown.status_code == 400 and "build" in unknown.json()["error"]["message"]
+    cases = {"$.prompt": {"agent": "build", "cwd": str(repo)},
+             "$.cwd": {"prompt": "x", "cwd": "/etc"},
+             "$.timeout_s": {"prompt": "x", "cwd": str(repo), "timeout_s": -1},
+             "$.skills[0]": {"prompt": "x", "cwd": str(repo), "skills": ["Bad Name"]},
+             "$.model": {"prompt": "x", "cwd": str(repo), "model": "nope/never"},
+             "$.wait": {"prompt": "x", "cwd": str(repo), "wait": "yes"},
+             "$.bogus": {"prompt": "x", "cwd": str(repo), "bogus": 1}}
+    for param, body in cases.items():
+        response = post(body)
+        assert response.status_code == 400, (param, response.text)
+        assert response.json()["error"]["param"] == param, response.text
+    plain = stack.root / "not-a-repo"
+    plain.mkdir()
+    not_git = post({"prompt": "x", "cwd": str(plain)})
+    assert not_git.status_code == 400 and "git" in not_git.json()["error"]["message"]
+    no_caller = stack.client.post(RUNS, json={"prompt": "x", "cwd": str(repo)}, headers={"x-caller-skill": ""})
+    assert no_caller.status_code == 400 and no_caller.json()["error"]["code"] == "caller_skill_required"
+    assert stack.client.get(f"{RUNS}/oc-nope").status_code == 404
+
+
+def test_requested_skill_reaches_the_session_and_a_missing_one_is_reported(stack: Stack) -> None:
+    skill = stack.skills / "notes"
+    skill.mkdir()
+    (skill / "SKILL.md").write_text("---\nname: notes\ndescription: how to take notes\n---\nSKILL-BODY-7731\n")
+    other = stack.skills / "other"
+    other.mkdir()
+    (other / "SKILL.md").write_text("---\nname: other\ndescription: not requested\n---\nOTHER-BODY\n")
+    before = len(stack.fake.chat_requests())
+    result = stack.client.post(RUNS, json={"prompt": "[skill:notes] use it", "cwd": str(stack.repo()),
+                                           "skills": ["notes", "absent-skill"]}).json()
+    assert result["status"] == "completed", result
+    assert result["skills_materialized"] == ["notes"] and result["skills_missing"] == ["absent-skill"]
+    assert "SKILL-BODY-7731" in result["assistant_text"]
+    requests = stack.fake.chat_requests()[before:]
+    system = requests[0].body["messages"][0]["content"]
+    assert "<name>notes</name>" in system and "<name>other</name>" not in system  # only what the run asked for
+    tool_results = [m for r in requests for m in r.body["messages"] if m["role"] == "tool"]
+    assert any("SKILL-BODY-7731" in json.dumps(m) for m in tool_results)
+
+
+def test_stalled_model_times_out_and_leaves_no_busy_session(stack: Stack) -> None:
+    result = stack.client.post(RUNS, json={"prompt": "[hang]", "cwd": str(stack.repo()), "timeout_s": 3}).json()
+    assert result["status"] == "timeout", result
+    assert "timeout_s=3" in result["error"]
+    assert result["finished_at"] - result["started_at"] < 3 + 15  # the abort grace is bounded
+    server = stack.opencode.serve.server
+
+    async def busy() -> dict:
+        return await server.client.status(None)
+
+    import asyncio
+
+    status = asyncio.run_coroutine_threadsafe(server.client.call("GET", "/session/status"),
+                                              stack.server.loop).result(30)
+    assert result["session_id"] not in (status or {})
+    events, _ = stack.events(f"{RUNS}/{result['run_id']}/events")
+    assert events[-1]["type"] == "run_completed" and events[-1]["status"] == "timeout"
+
+
+def test_abort_ends_the_run_and_is_final(stack: Stack) -> None:
+    gate, arrived = stack.fake.gate("abort"), stack.fake.arrival("abort")
+    receipt = stack.client.post(RUNS, json={"prompt": "[gate:abort]", "cwd": str(stack.repo()), "wait": False})
+    assert receipt.status_code == 200 and receipt.json()["status"] == "running"
+    run_id = receipt.json()["run_id"]
+    assert arrived.wait(60)
+    aborted = stack.client.post(f"{RUNS}/{run_id}/abort", json={"reason": "operator said stop"}).json()
+    assert aborted["status"] == "aborted" and aborted["error"] == "operator said stop"
+    gate.set()  # the model's late answer and OpenCode's own abort events arrive now
+    events, frames = stack.events(f"{RUNS}/{run_id}/events")
+    assert frames[-1].startswith("event: end")
+    assert [e["type"] for e in events if e["type"] == "run_completed"] == ["run_completed"]
+    assert events[-1]["type"] == "run_completed" and events[-1]["status"] == "aborted"
+    assert stack.client.get(f"{RUNS}/{run_id}").json()["status"] == "aborted"
+    again = stack.client.post(f"{RUNS}/{run_id}/abort")
+    assert again.status_code == 200 and again.json()["status"] == "aborted"
+
+
+def test_events_stream_heartbeats_and_ends_after_the_terminal_event(stack: Stack) -> None:
+    gate, arrived = stack.fake.gate("sse"), stack.fake.arrival("sse")
+    run_id = stack.client.post(RUNS, json={"prompt": "[gate:sse]", "cwd": str(stack.repo()),
+                                           "wait": False}).json()["run_id"]
+    assert arrived.wait(60)
+    frames: list[str] = []
+    with stack.client.stream("GET", f"{RUNS}/{run_id}/events", params={"after": 0}) as response:
+        buf = ""
+        for chunk in response.iter_text():
+            buf += chunk
+            while "\n\n" in buf:
+                frame, buf = buf.split("\n\n", 1)
+                frames.append(frame)
+                if frame == ": heartbeat":
+                    gate.set()  # quiet while the model is held: heartbeats came, now let it finish
+    kinds = [json.loads(f.split("data: ", 1)[1])["type"] for f in frames if f.startswith("id: ")]
+    assert ": heartbeat" in frames
+    assert kinds[-1] == "run_completed" and frames[-1].startswith("event: end")
+    ids = [int(f.split("\n", 1)[0][4:]) for f in frames if f.startswith("id: ")]
+    later, _ = stack.events(f"{RUNS}/{run_id}/events", after=ids[2])
+    assert [e["seq"] for e in later] == ids[3:]  # resumed after a seq: only later events
+
+
+def test_killing_the_server_mid_run_ends_it_error_and_the_next_run_works(stack: Stack) -> None:
+    import os
+    import signal
+
+    arrived = stack.fake.arrival("kill")
+    run_id = stack.client.post(RUNS, json={"prompt": "[gate:kill]", "cwd": str(stack.repo()),
+                                           "wait": False}).json()["run_id"]
+    assert arrived.wait(60)
+    serve = stack.opencode.serve
+    old_pid, generation = serve.process.pid, serve.server.generation
+    os.killpg(old_pid, signal.SIGKILL)
+    doc = stack.wait_status(f"{RUNS}/{run_id}", ("error", "completed", "timeout", "aborted"))
+    assert doc["status"] == "error" and "opencode serve exited" in doc["error"], doc
+    stack.fake.gate("kill").set()
+    result = stack.client.post(RUNS, json={"prompt": "[edit]", "cwd": str(stack.repo())}).json()
+    assert result["status"] == "completed", result
+    assert serve.server.generation > generation and serve.process.pid != old_pid
+
+
+def test_receipt_index_and_debugger_flow(stack: Stack) -> None:
+    skill = stack.skills / "debugger"
+    skill.mkdir(exist_ok=True)
+    (skill / "SKILL.md").write_text("---\nname: debugger\ndescription: debug with evidence\n---\nDEBUG-SKILL\n")
+    before = len(stack.fake.chat_requests())
+    result = stack.client.post("/v1/scillm/opencode/serve/debugger/run",
+                               json={"prompt": "[read] why does hello say hello?", "cwd": str(stack.repo())}).json()
+    assert result["status"] == "completed", result
+    assert result["agent"] == "scillm-debugger"
+    assert result["skills_requested"] == ["debugger", "memory", "scillm"]
+    assert result["skills_materialized"] == ["debugger"] and result["skills_missing"] == ["memory", "scillm"]
+    system = stack.fake.chat_requests()[before].body["messages"][0]["content"]
+    assert "You are the scillm debugger" in system and "<name>debugger</name>" in system
+    index = stack.client.get(RUNS).json()["runs"]
+    assert index[0]["run_id"] == result["run_id"] and index[0]["status"] == "completed"
+    assert scan_for_secrets(stack) == []
+    assert MASTER_KEY not in json.dumps(index)
