@@ -148,3 +148,63 @@ async def test_managed_process_lines_stdin_death_and_group_kill(tmp_path: Path) 
     os.killpg(child.pid, 9)
     await asyncio.wait_for(child.exited.wait(), 10)
     assert not child.alive
+
+
+async def test_run_keys_per_session_attribution_view_keys_and_expiry() -> None:
+    """One key for a long-lived child (opencode serve): a call counts only for a session a live run bound, and is
+    attributed to that run; a view key reads one run's GET routes only, until it expires."""
+    import httpx
+    from scillm_exec import VIEW_KEY_PREFIX, RunKeys
+    from scillm_exec.auth import RunKeyMiddleware
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def echo(request):  # what the app behind the middleware sees
+        return JSONResponse({"auth": request.headers.get("authorization"), "run": request.headers.get(
+            "x-scillm-exec-run"), "caller": request.headers.get("x-caller-skill")})
+
+    now = [1000.0]
+    keys = RunKeys(clock=lambda: now[0])
+    app = RunKeyMiddleware(Starlette(routes=[Route("/{p:path}", echo, methods=["GET", "POST"])]), keys,
+                           {"SCILLM_MASTER_KEY": "sk-master-xyz"})
+    serve = keys.mint("opencode-serve", None, per_session=True)
+    keys.bind_session(serve, "ses_a", "oc-1", "proj")
+    keys.bind_child(serve, "ses_child", "ses_a")
+    view = keys.mint("oc-1", "proj", prefix=VIEW_KEY_PREFIX, ttl_s=60,
+                     allow=lambda method, path: method == "GET" and path == "/v1/runs/oc-1")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        auth = {"authorization": f"Bearer {serve}"}
+        ok = (await c.post("/v1/chat/completions", headers={**auth, "x-session-id": "ses_a"})).json()
+        assert ok == {"auth": "Bearer sk-master-xyz", "run": "oc-1", "caller": "proj/oc-1"}
+        child = await c.post("/v1/chat/completions", headers={**auth, "x-session-id": "ses_child"})
+        assert child.json()["run"] == "oc-1"  # a subagent's calls belong to its parent's run
+        for headers in ({**auth}, {**auth, "x-session-id": "ses_other"}):
+            assert (await c.post("/v1/chat/completions", headers=headers)).status_code == 403
+        assert (await c.get("/v1/scillm/opencode/runs", headers={**auth, "x-session-id": "ses_a"})).status_code \
+            == 403  # model routes only
+        keys.unbind_session(serve, "ses_a")
+        assert (await c.post("/v1/chat/completions", headers={**auth, "x-session-id": "ses_a"})).status_code == 403
+        assert (await c.post("/v1/chat/completions", headers={**auth, "x-session-id": "ses_child"})).status_code \
+            == 403
+        v = {"authorization": f"Bearer {view}"}
+        assert (await c.get("/v1/runs/oc-1", headers=v)).json()["auth"] == "Bearer sk-master-xyz"
+        assert (await c.get("/v1/runs/oc-2", headers=v)).status_code == 403
+        assert (await c.post("/v1/runs/oc-1", headers=v)).status_code == 403
+        now[0] += 61
+        assert (await c.get("/v1/runs/oc-1", headers=v)).status_code == 401
+        # keys of other schemes that merely share the sk-scillm- prefix are not this table's business
+        other = (await c.get("/v1/runs/oc-1", headers={"authorization": "Bearer sk-scillm-vk-abc"})).json()
+        assert other["auth"] == "Bearer sk-scillm-vk-abc"
+
+
+async def test_worktree_diff_waits_out_a_briefly_held_index_lock(tmp_path: Path) -> None:
+    repo = _repo(tmp_path / "repo")
+    wt = await create_worktree(repo, tmp_path / "wt")
+    (wt.path / "new.txt").write_text("x\n")
+    gitdir = Path((wt.path / ".git").read_text().split(":", 1)[1].strip())
+    lock = gitdir / "index.lock"
+    lock.write_text("")  # an agent's own git command holds the index
+    asyncio.get_running_loop().call_later(0.3, lock.unlink)
+    _, paths = await worktree_diff(wt)
+    assert paths == ["new.txt"]

@@ -298,16 +298,19 @@ class ServeRuns:
         run.decide("error", "the run ended without a result")
         run.finished_at = time.time()
         await asyncio.to_thread((run.run_dir / "diff.patch").write_text, diff)
-        run.result = self.doc(run) | {"assistant_text": assistant, "diff": diff, "changed_paths": paths}
+        run.result = self.doc(run, final=True) | {"assistant_text": assistant, "diff": diff, "changed_paths": paths}
         run.log.append("run_completed", node=None, status=run.status, error=run.error, changed_paths=paths)
         run.log.close()
         stored = await self.records.save(run.result)
         await self.records.write_result(stored)
         run.done.set()
 
-    def doc(self, run: Run) -> dict[str, Any]:
+    def doc(self, run: Run, *, final: bool = False) -> dict[str, Any]:
+        """The run's document; its status is terminal only once the result (diff, text) is complete."""
         request = run.request
-        return {"run_id": run.run_id, "status": run.status, "error": run.error, "session_id": run.session_id,
+        done = final or run.result is not None
+        return {"run_id": run.run_id, "status": run.status if done else "running",
+                "error": run.error if done else None, "session_id": run.session_id,
                 "agent": run.agent, "model": run.model, "cwd": request["cwd"], "caller": run.caller,
                 "owner": run.owner, "timeout_s": request["timeout_s"], "skills_requested": request["skills"],
                 "skills_materialized": run.skills_materialized, "skills_missing": sorted(run.skills_missing),

@@ -419,7 +419,7 @@ class Transport:
                 await remove_worktree(run.worktree)
         run.finished_at = time.time()
         await asyncio.to_thread((run.run_dir / "diff.patch").write_text, diff)
-        run.result = self.doc(run) | {"diff": diff, "changed_paths": paths}
+        run.result = self.doc(run, final=True) | {"diff": diff, "changed_paths": paths}
         run.log.append("run_completed", node=None, status=run.status, error=run.error,
                        nodes={n.id: n.status for n in run.nodes.values()}, changed_paths=paths)
         run.log.close()
@@ -427,8 +427,11 @@ class Transport:
         await self.records.write_result(stored)
         run.done.set()
 
-    def doc(self, run: TransportRun) -> dict[str, Any]:
-        return {"run_id": run.run_id, "status": run.status, "error": run.error, "workspace": run.workspace,
+    def doc(self, run: TransportRun, *, final: bool = False) -> dict[str, Any]:
+        """The run's document; its status is terminal only once the result (diff) is complete."""
+        done = final or run.result is not None
+        return {"run_id": run.run_id, "status": run.status if done else "running",
+                "error": run.error if done else None, "workspace": run.workspace,
                 "caller": run.caller, "owner": run.owner, "title": run.title, "timeout_s": run.timeout_s,
                 "nodes": [n.view() for n in run.nodes.values()], "scillm_metadata": run.metadata,
                 "skills_materialized": run.skills_materialized, "skills_missing": sorted(run.skills_missing),
