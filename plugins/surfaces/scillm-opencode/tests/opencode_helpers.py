@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import threading
 import time
@@ -25,6 +26,7 @@ PROVIDER_SECRET = "sk-provider-SECRET-opencode-0123456789"
 MASTER_KEY = "sk-master-SECRET-opencode-9876543210"
 MODEL = "openai/fake-model"
 FINAL = "DONE: edited the file"
+ONLY = ["opencode", "exec", "agent-runners", "auth", "chat", "openai-compat", "ops", "metrics"]
 
 
 class ScriptedModel(FakeOpenAI):
@@ -113,9 +115,22 @@ class ScriptedModel(FakeOpenAI):
         return [r for r in self.requests if r.path == "/v1/chat/completions"]
 
 
+class Records(logging.Handler):
+    """Every log record of the module that reaches the root logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 class Stack:
-    def __init__(self, server: ServerThread, fake: ScriptedModel, root: Path, data_dir: Path, skills: Path) -> None:
+    def __init__(self, server: ServerThread, fake: ScriptedModel, root: Path, data_dir: Path, skills: Path,
+                 logs: Records) -> None:
         self.server, self.fake, self.root, self.data_dir, self.skills = server, fake, root, data_dir, skills
+        self.logs = logs
         self.url = server.url
         self.client = httpx.Client(base_url=self.url, timeout=180, headers={
             "authorization": f"Bearer {MASTER_KEY}", "x-caller-skill": "opencode-tests"})
@@ -167,16 +182,17 @@ def secrets_of(stack: Stack) -> list[str]:
 
 
 def scan_for_secrets(stack: Stack, extra: list[str] = ()) -> list[str]:  # type: ignore[assignment]
-    """Every file under the data dir except OpenCode's own private home, and the ops endpoints: which secrets
-    appear where."""
+    """Every file under the data dir, every log record of the module, and the ops endpoints: which secrets appear
+    where."""
     found = []
     wanted = [s for s in [*secrets_of(stack), *extra] if s]
-    home = stack.opencode.serve.home
-    for path in stack.data_dir.rglob("*"):
-        if not path.is_file() or home in path.parents:
-            continue
-        data = path.read_bytes()
-        found += [f"{path}: {s[:12]}..." for s in wanted if s.encode() in data]
+    for path in stack.data_dir.rglob("*"):  # run dirs, the store, serve.log, and OpenCode's own home
+        if path.is_file():
+            data = path.read_bytes()
+            found += [f"{path}: {s[:12]}..." for s in wanted if s.encode() in data]
+    for record in stack.logs.records:
+        message = record.getMessage()
+        found += [f"log {record.name}: {s[:12]}..." for s in wanted if s in message]
     for route in ("/v1/scillm/health", "/metrics", "/v1/scillm/opencode/serve", "/v1/scillm/opencode/runs",
                   "/v1/scillm/opencode/transport/capabilities", "/v1/scillm/opencode/transport/runs",
                   "/v1/scillm/calls"):
@@ -192,6 +208,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("work")
     data_dir = tmp_path_factory.mktemp("data")
     skills = tmp_path_factory.mktemp("skills")
+    logs = Records()
+    root_logger, scillm_logger = logging.getLogger(), logging.getLogger("scillm")
+    level = scillm_logger.level
+    root_logger.addHandler(logs)
+    scillm_logger.setLevel(logging.DEBUG)  # everything scillm logs, at every level, is scanned
     with loopback_only():
         assert links() == ["lo"]
         fake = ScriptedModel()
@@ -202,11 +223,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                        config={"exec": {"allowed_roots": [str(root)]},
                                "opencode": {"model": MODEL, "skill_roots": [str(skills)], "heartbeat_s": 0.5,
                                             "default_timeout_s": 120}},
-                       only=["opencode", "exec", "agent-runners", "auth", "chat", "openai-compat", "ops", "metrics"])
+                       only=ONLY)
         try:
             with ServerThread(app) as server:
-                yield Stack(server, fake, root, data_dir, skills)
+                yield Stack(server, fake, root, data_dir, skills, logs)
                 fake.release_all()
         finally:
             fake.release_all()
             fake.stop()
+            root_logger.removeHandler(logs)
+            scillm_logger.setLevel(level)

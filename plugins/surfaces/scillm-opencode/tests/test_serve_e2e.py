@@ -198,3 +198,56 @@ def test_receipt_index_and_debugger_flow(stack: Stack) -> None:
     assert index[0]["run_id"] == result["run_id"] and index[0]["status"] == "completed"
     assert scan_for_secrets(stack) == []
     assert MASTER_KEY not in json.dumps(index)
+
+
+def test_an_existing_server_at_opencode_server_url(stack: Stack, tmp_path: Path) -> None:
+    """With OPENCODE_SERVER_URL scillm starts nothing: it uses that server (Basic auth with
+    OPENCODE_SERVER_PASSWORD), its agents, models and skills, and leaves it running when scillm stops."""
+    import os
+    import re
+    import signal
+
+    from opencode_helpers import ONLY
+    from scillm_agent_runners.base import REPO_TOOLS
+    from scillm_agent_runners.clis import opencode_env
+
+    from scillm_core.testing import ServerThread, make_app
+
+    password = "sk-ext-password-SECRET-31337"
+    config = {"autoupdate": False, "share": "disabled", "model": "theirs/fake-model", "enabled_providers": ["theirs"],
+              "provider": {"theirs": {"npm": "@ai-sdk/openai-compatible", "name": "theirs",
+                                      "options": {"baseURL": stack.fake.url + "/v1", "apiKey": "sk-theirs"},
+                                      "models": {"fake-model": {"name": "fake-model", "tool_call": True}}}},
+              "permission": {"edit": "allow", "bash": "deny", "question": "deny", "webfetch": "deny"}}
+    cli = str(REPO_TOOLS / "node_modules" / ".bin" / "opencode")
+    (tmp_path / "home").mkdir()
+    env = opencode_env(cli, tmp_path / "home", "unused", config, extra={"OPENCODE_SERVER_PASSWORD": password})
+    theirs = subprocess.Popen([cli, "serve", "--hostname", "127.0.0.1", "--port", "0"], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert theirs.stdout is not None
+        line = b""
+        while b"listening on" not in line:
+            line = theirs.stdout.readline()
+            assert line, "their opencode serve did not start"
+        url = re.search(rb"(http://\S+)", line).group(1).decode()  # type: ignore[union-attr]
+        app = make_app(env={"SCILLM_MASTER_KEY": MASTER_KEY, "SCILLM_OPENCODE_SERVE_ENABLED": "1",
+                            "OPENCODE_SERVER_URL": url, "OPENCODE_SERVER_PASSWORD": password},
+                       data_dir=tmp_path / "data", config={"exec": {"allowed_roots": [str(stack.root)]}}, only=ONLY)
+        with ServerThread(app) as server:
+            client = stack.client.__class__(base_url=server.url, timeout=120, headers=dict(stack.client.headers))
+            result = client.post(RUNS, json={"prompt": "[edit]", "cwd": str(stack.repo()),
+                                             "model": "theirs/fake-model", "skills": ["notes"]}).json()
+            assert result["status"] == "completed", result
+            assert result["changed_paths"] == ["hello.txt"] and result["model"] == {"providerID": "theirs",
+                                                                                   "modelID": "fake-model"}
+            assert result["skills_missing"] == ["notes"]  # its own skills only; scillm copies none into it
+            status = client.get("/v1/scillm/opencode/serve").json()["serve"]
+            assert status["mode"] == "external" and status["pid"] is None
+            wrong_model = client.post(RUNS, json={"prompt": "x", "cwd": str(stack.repo()), "model": "scillm/x"})
+            assert wrong_model.status_code == 400 and "theirs/fake-model" in wrong_model.json()["error"]["message"]
+        assert theirs.poll() is None  # scillm stopped; their server did not
+        assert password not in (tmp_path / "data" / "opencode" / "runs" / result["run_id"] / "events.jsonl").read_text()
+    finally:
+        os.killpg(theirs.pid, signal.SIGKILL)
+        theirs.wait(timeout=10)

@@ -152,3 +152,16 @@ def test_doctor_reports_whether_opencode_serve_can_start(tmp_path: Path) -> None
     assert checks["ripgrep for OpenCode skills"]["ok"] is True  # scripts/install --test installs ripgrep
     assert checks["opencode serve surface"]["detail"] == "enabled"
     assert "sk-not-used-password-42" not in proc.stdout
+
+
+def test_readme_config_example_is_valid() -> None:
+    import re
+    import tomllib
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    example = tomllib.loads(re.search(r"```toml\n(\[opencode\].*?)```", readme, re.S)[1])  # type: ignore[index]
+    app = make_app(config=example, only=ONLY)
+    cfg = app.runtime.config.section("opencode")
+    assert cfg.enabled is True and cfg.models == ("glm/glm-5.1",) and cfg.permission == {"bash": "deny"}
+    with pytest.raises(Exception, match="opencode.bogus"):
+        make_app(config={"opencode": {"bogus": 1}}, only=ONLY)

@@ -364,6 +364,9 @@ class Transport:
                 run.writers -= 1
             await driver.close()
             self.sessions.unbind(node.session_id)
+            if node.session_id and not run.server.died.is_set():
+                with contextlib.suppress(ServeError):
+                    await run.server.client.delete_session(str(run.worktree.workdir), node.session_id)
 
     def _prompt(self, node: Node, message: str) -> dict[str, Any]:
         body: dict[str, Any] = {"parts": [{"type": "text", "text": message}], "agent": node.agent}
