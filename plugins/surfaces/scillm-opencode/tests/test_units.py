@@ -163,5 +163,5 @@ def test_readme_config_example_is_valid() -> None:
     app = make_app(config=example, only=ONLY)
     cfg = app.runtime.config.section("opencode")
     assert cfg.enabled is True and cfg.models == ("glm/glm-5.1",) and cfg.permission == {"bash": "deny"}
-    with pytest.raises(Exception, match="opencode.bogus"):
+    with pytest.raises(Exception, match=r"opencode\.bogus"):
         make_app(config={"opencode": {"bogus": 1}}, only=ONLY)
