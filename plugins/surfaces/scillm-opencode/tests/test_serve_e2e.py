@@ -137,6 +137,19 @@ def test_abort_ends_the_run_and_is_final(stack: Stack) -> None:
     assert stack.client.get(f"{RUNS}/{run_id}").json()["status"] == "aborted"
     again = stack.client.post(f"{RUNS}/{run_id}/abort")
     assert again.status_code == 200 and again.json()["status"] == "aborted"
+    # the receipt's monitor link: a read-only key for this run's GET routes, in the URL fragment only
+    url = receipt.json()["monitor_url"]
+    assert url.startswith(stack.url + f"{RUNS}/{run_id}/monitor#token=sk-scillm-view-")
+    view = {"authorization": "Bearer " + url.split("#token=", 1)[1]}
+    page = stack.client.get(url.split("#", 1)[0], headers={"authorization": ""})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert stack.client.get(f"{RUNS}/{run_id}", headers=view).json()["status"] == "aborted"
+    assert "run_completed" in stack.client.get(f"{RUNS}/{run_id}/events", headers=view).text
+    assert stack.client.post(f"{RUNS}/{run_id}/abort", headers=view).status_code == 403
+    assert stack.client.get(RUNS, headers=view).status_code == 403
+    fresh = stack.client.post(f"{RUNS}/{run_id}/monitor")
+    assert fresh.status_code == 200 and fresh.json()["monitor_url"] != url
 
 
 def test_events_stream_heartbeats_and_ends_after_the_terminal_event(stack: Stack) -> None:

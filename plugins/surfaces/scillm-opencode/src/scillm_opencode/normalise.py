@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["EXCERPT", "SessionEvents"]
+__all__ = ["EXCERPT", "SessionEvents", "obj"]
 
 EXCERPT = 2000        # characters of a tool's input/output kept in an event
 DIFF_EXCERPT = 8000   # characters of a permission request's diff kept in an event
@@ -16,6 +16,11 @@ def _cut(value: Any, limit: int = EXCERPT) -> Any:
     if isinstance(value, str) and len(value) > limit:
         return value[:limit] + f"... [{len(value) - limit} more characters]"
     return value
+
+
+def obj(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one (bus payloads are not trusted to have a shape)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _small(value: Any) -> Any:
@@ -41,18 +46,18 @@ class SessionEvents:
 
     def feed(self, event: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         kind = event.get("type")
-        props = event.get("properties") if isinstance(event.get("properties"), dict) else {}
+        props = obj(event.get("properties"))
         if kind == "message.updated":
-            info = props.get("info") or {}
+            info = obj(props.get("info"))
             if info.get("id") and info.get("role"):
                 self.roles[str(info["id"])] = str(info["role"])
             return []
         if kind == "message.part.updated":
-            return self._part(props.get("part") or {})
+            return self._part(obj(props.get("part")))
         if kind == "message.part.delta":
             return self._delta(props)
         if kind == "permission.asked":
-            meta = props.get("metadata") if isinstance(props.get("metadata"), dict) else {}
+            meta = obj(props.get("metadata"))
             return [("permission_requested", {
                 "permission_id": props.get("id"), "permission": props.get("permission"),
                 "patterns": _small(props.get("patterns") or []), "filepath": meta.get("filepath"),
@@ -60,7 +65,7 @@ class SessionEvents:
         if kind == "permission.replied":
             return [("permission_replied", {"permission_id": props.get("requestID"), "reply": props.get("reply")})]
         if kind == "session.status":
-            status = props.get("status") or {}
+            status = obj(props.get("status"))
             if status.get("type") == "retry":
                 return [("retry", {"attempt": status.get("attempt"), "message": _cut(status.get("message"))})]
         return []
@@ -70,7 +75,7 @@ class SessionEvents:
         if part_id:
             self.parts[part_id] = kind
         if kind == "tool":
-            state = part.get("state") or {}
+            state = obj(part.get("state"))
             status = str(state.get("status") or "")
             call_id = str(part.get("callID") or part_id)
             if not status or self.tools.get(call_id) == status:

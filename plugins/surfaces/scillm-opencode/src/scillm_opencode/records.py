@@ -115,7 +115,7 @@ class Records:
         rows = await self.runtime.store.scan(self.namespace, "", limit=100_000)
         docs = [doc for _, doc in rows]
         docs.sort(key=lambda d: d.get("created_at") or 0, reverse=True)
-        out = []
+        out: list[dict[str, Any]] = []
         for doc in docs[:limit]:
             if self.orphaned(doc):
                 doc = await self.interrupt(doc)

@@ -57,7 +57,7 @@ def opencode_of(runtime: Runtime) -> OpenCode:
     state = runtime.plugin_state.get("opencode")
     if state is None:
         state = runtime.plugin_state["opencode"] = OpenCode(runtime)
-    return state  # type: ignore[no-any-return]
+    return state
 
 
 def _surface(request: Request) -> OpenCode:

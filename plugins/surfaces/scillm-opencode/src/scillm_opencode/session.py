@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from scillm_opencode.client import ServeError
-from scillm_opencode.normalise import SessionEvents
+from scillm_opencode.normalise import SessionEvents, obj
 from scillm_opencode.serve import Server
 
 __all__ = ["Bus", "SessionDriver", "Ended"]
@@ -61,10 +61,10 @@ class Bus:
                 if event.get("type") == "server.connected":
                     self.connected.set()
                     continue
-                props = event.get("properties") if isinstance(event.get("properties"), dict) else {}
+                props = obj(event.get("properties"))
                 session = props.get("sessionID")
-                info = props.get("info") if isinstance(props.get("info"), dict) else {}
-                if event.get("type") == "session.created" and info.get("parentID") in self.watchers:
+                info = obj(props.get("info"))
+                if event.get("type") == "session.created" and str(info.get("parentID")) in self.watchers:
                     self.watchers[str(info["parentID"])].adopt(str(info.get("id")))
                 driver = self.watchers.get(str(session)) if session else None
                 if driver is not None:
@@ -134,7 +134,7 @@ class SessionDriver:
         if self.muted or self.events is None:
             return
         kind = event.get("type")
-        props = event.get("properties") or {}
+        props = obj(event.get("properties"))
         for name, fields in self.events.feed(event):
             if name == "permission_requested":
                 self.pending[str(fields.get("permission_id"))] = fields
@@ -145,13 +145,13 @@ class SessionDriver:
                 self.wrote.append(str(fields.get("tool")))
             self.emit(name, fields)
         if kind == "session.status":
-            self.busy = (props.get("status") or {}).get("type") != "idle"
+            self.busy = obj(props.get("status")).get("type") != "idle"
         elif kind == "session.idle":
             self.busy = False
             self.idle.set()
         elif kind == "session.error":
-            error = props.get("error") or {}
-            message = (error.get("data") or {}).get("message") or error.get("name") or "session error"
+            error = obj(props.get("error"))
+            message = obj(error.get("data")).get("message") or error.get("name") or "session error"
             if self.error is None:  # the first error is the cause; later ones repeat it with a stack
                 self.error = f"{error.get('name') or 'Error'}: {str(message)[:500]}"
             self.idle.set()
