@@ -52,9 +52,12 @@ async def git(*args: str, cwd: Path, stdin: bytes | None = None, limit: int = 64
 
 async def _git(*args: str, cwd: Path, stdin: bytes | None, limit: int) -> str:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/"), **_GIT_ENV}
-    proc = await asyncio.create_subprocess_exec(
-        "git", *_SAFE, *args, cwd=str(cwd), env=env, stdin=asyncio.subprocess.PIPE if stdin is not None else
-        asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "git", *_SAFE, *args, cwd=str(cwd), env=env, stdin=asyncio.subprocess.PIPE if stdin is not None else
+            asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    except (FileNotFoundError, NotADirectoryError):
+        raise GitError(f"git {args[0]}: {cwd} is not a directory (any more)") from None
     try:
         out, err = await proc.communicate(stdin)
     except asyncio.CancelledError:

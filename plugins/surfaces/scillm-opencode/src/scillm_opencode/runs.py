@@ -123,6 +123,7 @@ class Run:
     task: asyncio.Task[None] | None = None
     skills_materialized: list[str] = field(factory=list)
     skills_missing: dict[str, str] = field(factory=dict)
+    diff_lock: asyncio.Lock = field(factory=asyncio.Lock)  # a live diff never races the worktree's removal
 
     def decide(self, status: str, error: str | None = None) -> bool:
         """Set the terminal status once; later calls (a late completion after an abort) change nothing."""
@@ -235,6 +236,8 @@ class ServeRuns:
                 self.sessions.bind(run.session_id, run.run_id, run.caller)
                 self.emit(run, "session_created", {"session_id": run.session_id})
                 await self.records.save(self.doc(run))
+                if run.stop.is_set():  # aborted while the session was being set up: never prompt it
+                    return
                 prompt: dict[str, Any] = {"parts": [{"type": "text", "text": request["prompt"]}],
                                           "agent": run.agent}
                 if run.model:
@@ -270,15 +273,17 @@ class ServeRuns:
             if driver is not None:
                 await driver.close()
             self.sessions.unbind(run.session_id)
-            with contextlib.suppress(Exception):
-                diff, paths = await worktree_diff(run.worktree)
-            if driver is not None and driver.session_id and not run.server.died.is_set():
-                with contextlib.suppress(ServeError):
-                    await run.server.client.delete_session(str(run.worktree.workdir), driver.session_id)
-            await self.sessions.release(bus, str(run.worktree.workdir) if bus is not None else None)
-            if not self.cfg.keep_worktrees:
+            run.decide("error", "the run ended without a result")
+            async with run.diff_lock:
                 with contextlib.suppress(Exception):
-                    await remove_worktree(run.worktree)
+                    diff, paths = await worktree_diff(run.worktree)
+                if driver is not None and driver.session_id and not run.server.died.is_set():
+                    with contextlib.suppress(ServeError):
+                        await run.server.client.delete_session(str(run.worktree.workdir), driver.session_id)
+                await self.sessions.release(bus, str(run.worktree.workdir) if bus is not None else None)
+                if not self.cfg.keep_worktrees:
+                    with contextlib.suppress(Exception):
+                        await remove_worktree(run.worktree)
             await self._finish(run, text_out, diff, paths)
 
     async def _follow(self, run: Run, driver: SessionDriver, deadline: float) -> str:
@@ -295,7 +300,6 @@ class ServeRuns:
             driver.idle.clear()
 
     async def _finish(self, run: Run, assistant: str, diff: str, paths: list[str]) -> None:
-        run.decide("error", "the run ended without a result")
         run.finished_at = time.time()
         await asyncio.to_thread((run.run_dir / "diff.patch").write_text, diff)
         run.result = self.doc(run, final=True) | {"assistant_text": assistant, "diff": diff, "changed_paths": paths}
@@ -354,8 +358,12 @@ class ServeRuns:
     async def live_diff(self, run_id: str) -> dict[str, Any]:
         run = self.runs.get(run_id)
         if run is not None and not run.done.is_set():
-            patch, paths = await worktree_diff(run.worktree)
-            return {"run_id": run_id, "status": run.status, "diff": patch, "changed_paths": paths, "live": True}
+            async with run.diff_lock:
+                if not run.decided:  # still working, so its worktree is there
+                    patch, paths = await worktree_diff(run.worktree)
+                    return {"run_id": run_id, "status": "running", "diff": patch, "changed_paths": paths,
+                            "live": True}
+            await asyncio.shield(run.done.wait())  # finishing: the final diff is moments away
         doc = await self.load(run_id)
         return {"run_id": run_id, "status": doc.get("status"), "diff": doc.get("diff", ""),
                 "changed_paths": doc.get("changed_paths", []), "live": False}

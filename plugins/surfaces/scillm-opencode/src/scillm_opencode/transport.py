@@ -413,13 +413,13 @@ class Transport:
                 node.status = "aborted" if run.status == "aborted" else "skipped"
                 node.error = node.error or f"the run ended {run.status}"
         diff, paths = "", []
-        with contextlib.suppress(Exception):
-            async with run.diff_lock:
-                diff, paths = await worktree_diff(run.worktree)
-        await self.sessions.release(run.bus, str(run.worktree.workdir) if run.bus is not None else None)
-        if not self.cfg.keep_worktrees:
+        async with run.diff_lock:
             with contextlib.suppress(Exception):
-                await remove_worktree(run.worktree)
+                diff, paths = await worktree_diff(run.worktree)
+            await self.sessions.release(run.bus, str(run.worktree.workdir) if run.bus is not None else None)
+            if not self.cfg.keep_worktrees:
+                with contextlib.suppress(Exception):
+                    await remove_worktree(run.worktree)
         run.finished_at = time.time()
         await asyncio.to_thread((run.run_dir / "diff.patch").write_text, diff)
         run.result = self.doc(run, final=True) | {"diff": diff, "changed_paths": paths}
@@ -529,8 +529,11 @@ class Transport:
         run = self.runs.get(run_id)
         if run is not None and not run.done.is_set():
             async with run.diff_lock:
-                patch, paths = await worktree_diff(run.worktree)
-            return {"run_id": run_id, "status": run.status, "diff": patch, "changed_paths": paths, "live": True}
+                if not run.decided:  # still working, so its worktree is there
+                    patch, paths = await worktree_diff(run.worktree)
+                    return {"run_id": run_id, "status": "running", "diff": patch, "changed_paths": paths,
+                            "live": True}
+            await asyncio.shield(run.done.wait())  # finishing: the final diff is moments away
         doc = await self.load(run_id)
         return {"run_id": run_id, "status": doc.get("status"), "diff": doc.get("diff", ""),
                 "changed_paths": doc.get("changed_paths", []), "live": False}
