@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,8 +152,9 @@ class Stack:
         git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
         return path
 
-    def events(self, path: str, after: int = 0, *, token: str | None = None) -> tuple[list[dict[str, Any]], list[str]]:
-        """Read an SSE stream to its end: (data events, raw frames)."""
+    def events(self, path: str, after: int = 0, *, token: str | None = None,
+               on_frame: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+        """Read an SSE stream to its end: (data events, raw frames); ``on_frame`` sees each frame as it comes."""
         headers = {"authorization": f"Bearer {token}"} if token else {}
         frames: list[str] = []
         with self.client.stream("GET", path, params={"after": after}, headers=headers, timeout=180) as response:
@@ -164,6 +165,8 @@ class Stack:
                 while "\n\n" in buf:
                     frame, buf = buf.split("\n\n", 1)
                     frames.append(frame)
+                    if on_frame is not None:
+                        on_frame(frame)
         data = [json.loads(f.split("data: ", 1)[1]) for f in frames if f.startswith("id: ")]
         return data, frames
 

@@ -157,16 +157,12 @@ def test_events_stream_heartbeats_and_ends_after_the_terminal_event(stack: Stack
     run_id = stack.client.post(RUNS, json={"prompt": "[gate:sse]", "cwd": str(stack.repo()),
                                            "wait": False}).json()["run_id"]
     assert arrived.wait(60)
-    frames: list[str] = []
-    with stack.client.stream("GET", f"{RUNS}/{run_id}/events", params={"after": 0}) as response:
-        buf = ""
-        for chunk in response.iter_text():
-            buf += chunk
-            while "\n\n" in buf:
-                frame, buf = buf.split("\n\n", 1)
-                frames.append(frame)
-                if frame == ": heartbeat":
-                    gate.set()  # quiet while the model is held: heartbeats came, now let it finish
+
+    def on_frame(frame: str) -> None:
+        if frame == ": heartbeat":
+            gate.set()  # quiet while the model is held: heartbeats came, now let it finish
+
+    _, frames = stack.events(f"{RUNS}/{run_id}/events", on_frame=on_frame)
     kinds = [json.loads(f.split("data: ", 1)[1])["type"] for f in frames if f.startswith("id: ")]
     assert ": heartbeat" in frames
     assert kinds[-1] == "run_completed" and frames[-1].startswith("event: end")

@@ -24,6 +24,17 @@ def finish(stack: Stack, run_id: str) -> dict[str, Any]:
     return stack.wait_status(f"{T}/runs/{run_id}", TERMINAL)
 
 
+def pending_permissions(stack: Stack, run_id: str) -> list[str]:
+    """Until the run's first node has a permission request waiting for an answer."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        pending = stack.client.get(f"{T}/runs/{run_id}").json()["nodes"][0]["pending_permissions"]
+        if pending:
+            return pending  # type: ignore[no-any-return]
+        time.sleep(0.1)
+    raise AssertionError("no permission request arrived")
+
+
 def test_two_node_dag_streams_both_nodes_in_order_and_resumes(stack: Stack) -> None:
     run = start(stack, [{"id": "a", "prompt": "[edit] change hello", "agent": "build"},
                         {"id": "b", "prompt": "[read] what does hello.txt say now?", "depends_on": ["a"],
@@ -75,12 +86,7 @@ def test_steer_reaches_the_next_model_request_and_the_node_completes(stack: Stac
 def test_permission_request_is_answered_through_the_endpoint(stack: Stack) -> None:
     run_id = start(stack, [{"id": "a", "prompt": "[edit]",
                             "permission": [{"permission": "edit", "pattern": "*", "action": "ask"}]}])["run_id"]
-    deadline = time.monotonic() + 90
-    pending: list[str] = []
-    while not pending and time.monotonic() < deadline:
-        pending = stack.client.get(f"{T}/runs/{run_id}").json()["nodes"][0]["pending_permissions"]
-        time.sleep(0.1)
-    assert pending, "no permission request arrived"
+    pending = pending_permissions(stack, run_id)
     wrong = stack.client.post(f"{T}/runs/{run_id}/permission", json={"permission_id": "per_nope", "reply": "once"})
     assert wrong.status_code == 404
     bad = stack.client.post(f"{T}/runs/{run_id}/permission", json={"permission_id": pending[0], "reply": "maybe"})
@@ -130,12 +136,7 @@ def test_failed_node_skips_its_dependant(stack: Stack) -> None:
 def test_a_propose_only_node_that_wrote_fails(stack: Stack) -> None:
     run_id = start(stack, [{"id": "p", "prompt": "[edit]", "mode": "propose-only",
                             "permission": [{"permission": "edit", "pattern": "*", "action": "ask"}]}])["run_id"]
-    deadline = time.monotonic() + 90
-    pending: list[str] = []
-    while not pending and time.monotonic() < deadline:
-        pending = stack.client.get(f"{T}/runs/{run_id}").json()["nodes"][0]["pending_permissions"]
-        time.sleep(0.1)
-    assert pending
+    pending = pending_permissions(stack, run_id)
     stack.client.post(f"{T}/runs/{run_id}/permission", json={"permission_id": pending[0], "reply": "once"})
     doc = finish(stack, run_id)
     assert doc["status"] == "failed" and doc["nodes"][0]["status"] == "failed"

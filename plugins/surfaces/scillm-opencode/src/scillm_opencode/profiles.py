@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from scillm_core import Runtime
     from scillm_opencode.serve import Server
 
-__all__ = ["bad", "check_agent_shape", "check_rules", "resolve_agent", "resolve_model", "seconds", "text"]
+__all__ = ["bad", "check_agent_shape", "check_object", "check_rules", "resolve_agent", "resolve_model", "run_fields",
+           "seconds", "text"]
 
 AGENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ACTIONS = ("allow", "ask", "deny")
@@ -21,6 +22,29 @@ ACTIONS = ("allow", "ask", "deny")
 
 def bad(message: str, where: str) -> errors.InvalidRequest:
     return errors.InvalidRequest(f"{message} @ {where}", param=where)
+
+
+def check_object(body: Any, known: set[str], where: str = "$") -> dict[str, Any]:
+    """A JSON object with no field outside ``known``."""
+    if not isinstance(body, dict):
+        raise bad("expected a JSON object", where)
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise bad(f"unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})", f"{where}.{unknown[0]}")
+    return body
+
+
+def run_fields(body: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """A request's optional ``run_id`` and ``scillm_metadata`` (echoed, never sent to a model)."""
+    from scillm_opencode.records import RUN_ID
+
+    run_id = body.get("run_id")
+    if run_id is not None and (not isinstance(run_id, str) or not RUN_ID.match(run_id)):
+        raise bad(f"run_id must match {RUN_ID.pattern}", "$.run_id")
+    metadata = body.get("scillm_metadata", {})
+    if not isinstance(metadata, dict):
+        raise bad("scillm_metadata must be an object", "$.scillm_metadata")
+    return run_id, metadata
 
 
 def _chat_model(agent: str, where: str) -> errors.InvalidRequest:

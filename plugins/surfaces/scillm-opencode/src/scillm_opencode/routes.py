@@ -11,10 +11,11 @@ from starlette.responses import Response, StreamingResponse
 
 from scillm_core import Runtime, errors
 from scillm_core.web import caller_of, identity_of, json_response, read_json, runtime_of
+from scillm_opencode.book import RunBook, Sessions
 from scillm_opencode.config import enabled, opencode_config
 from scillm_opencode.monitor import view_routes
 from scillm_opencode.records import RUN_ID
-from scillm_opencode.runs import ServeRuns, Sessions
+from scillm_opencode.runs import ServeRuns
 from scillm_opencode.serve import ServeManager
 from scillm_opencode.transport import EVENT_TYPES, MODES, Transport
 
@@ -104,11 +105,63 @@ async def _reason(request: Request) -> str:
     return str(doc.get("reason") or "aborted by the caller")[:500]
 
 
+# -- what both kinds of run have ------------------------------------------------------------------------------
+
+def run_routes(base: str, *, transport: bool) -> list[tuple[str, Any, list[str]]]:
+    """Index, show, live diff, event stream, abort and monitor links of serve runs (``transport=False``) or transport
+    runs, under ``base``."""
+    book: Callable[[OpenCode], RunBook[Any]] = (lambda oc: oc.transport) if transport else (lambda oc: oc.runs)
+
+    async def index(request: Request) -> Response:
+        return json_response({"runs": await book(_surface(request)).records.index(_limit(request))})
+
+    async def show(request: Request) -> Response:
+        return json_response(await book(_surface(request)).load(_run_id(request)))
+
+    async def diff(request: Request) -> Response:
+        return json_response(await book(_surface(request)).live_diff(_run_id(request)))
+
+    async def events(request: Request) -> Response:
+        oc = _surface(request)
+        run_id, after = _run_id(request), _after(request)
+        await book(oc).load(run_id)  # 404 (and an orphan is finalised) before streaming
+        log = book(oc).log(run_id)
+        if log is None:
+            raise errors.NotFound(f"run {run_id!r} has no events on this instance")
+
+        def end() -> dict[str, Any]:
+            run = book(oc).runs.get(run_id)
+            return {"type": "end", "run_id": run_id, "status": run.status if run else None, "seq": log.seq}
+
+        return StreamingResponse(sse_tail(log, after, _heartbeat(oc.runtime), end), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache"})
+
+    async def abort(request: Request) -> Response:
+        oc = _surface(request)
+        caller_of(request, required=True)
+        run_id = _run_id(request)
+        reason = await _reason(request)
+        await book(oc).load(run_id)
+        return json_response(await book(oc).abort(run_id, reason))
+
+    async def monitor(request: Request) -> Response:
+        oc = _surface(request)
+        caller = caller_of(request, required=True)
+        run_id = _run_id(request)
+        await book(oc).load(run_id)
+        return json_response({"run_id": run_id} | oc.monitor_link(request, f"{base}/{run_id}", run_id, caller,
+                                                                   identity_of(request), transport=transport))
+
+    return [(base, index, ["GET"]), (base + "/{run_id}", show, ["GET"]), (base + "/{run_id}/diff", diff, ["GET"]),
+            (base + ("/{run_id}/events/stream" if transport else "/{run_id}/events"), events, ["GET"]),
+            (base + "/{run_id}/abort", abort, ["POST"]), (base + "/{run_id}/monitor", monitor, ["POST"])]
+
+
 # -- serve runs ------------------------------------------------------------------------------------------------
 
 async def _create(request: Request, *, debugger: bool) -> Response:
-    caller = caller_of(request, required=True)
     oc = _surface(request)
+    caller = caller_of(request, required=True)
     body = await read_json(request, limit_bytes=BODY_LIMIT)
     cfg = opencode_config(oc.runtime)
     if debugger:
@@ -137,54 +190,6 @@ async def debugger_run(request: Request) -> Response:
     return await _create(request, debugger=True)
 
 
-async def list_runs(request: Request) -> Response:
-    oc = _surface(request)
-    return json_response({"runs": await oc.runs.records.index(_limit(request))})
-
-
-async def show_run(request: Request) -> Response:
-    return json_response(await _surface(request).runs.load(_run_id(request)))
-
-
-async def run_diff(request: Request) -> Response:
-    return json_response(await _surface(request).runs.live_diff(_run_id(request)))
-
-
-async def run_events(request: Request) -> Response:
-    oc = _surface(request)
-    run_id = _run_id(request)
-    after = _after(request)
-    await oc.runs.load(run_id)  # 404 (and an orphan is finalised) before streaming
-    log = oc.runs.log(run_id)
-    if log is None:
-        raise errors.NotFound(f"run {run_id!r} has no events on this instance")
-
-    def end() -> dict[str, Any]:
-        run = oc.runs.runs.get(run_id)
-        return {"type": "end", "run_id": run_id, "status": run.status if run else None, "seq": log.seq}
-
-    return StreamingResponse(sse_tail(log, after, _heartbeat(oc.runtime), end), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache"})
-
-
-async def abort_run(request: Request) -> Response:
-    caller_of(request, required=True)
-    oc = _surface(request)
-    run_id = _run_id(request)
-    reason = await _reason(request)
-    await oc.runs.load(run_id)
-    return json_response(await oc.runs.abort(run_id, reason))
-
-
-async def run_monitor_link(request: Request) -> Response:
-    caller = caller_of(request, required=True)
-    oc = _surface(request)
-    run_id = _run_id(request)
-    await oc.runs.load(run_id)
-    return json_response({"run_id": run_id} | oc.monitor_link(request, f"{RUNS}/{run_id}", run_id, caller,
-                                                               identity_of(request), transport=False))
-
-
 async def serve_status(request: Request) -> Response:
     oc = _surface(request)
     return json_response({"serve": oc.serve.describe(), "live_runs": oc.runs.live(),
@@ -205,8 +210,8 @@ async def capabilities(request: Request) -> Response:
 
 
 async def create_transport(request: Request) -> Response:
-    caller = caller_of(request, required=True)
     oc = _surface(request)
+    caller = caller_of(request, required=True)
     body = await read_json(request, limit_bytes=BODY_LIMIT)
     parsed = oc.transport.parse(body)
     owner = identity_of(request)
@@ -216,84 +221,26 @@ async def create_transport(request: Request) -> Response:
     return json_response(oc.transport.doc(run) | {"events_stream": f"{base}/events/stream"} | link, 202)
 
 
-async def list_transport(request: Request) -> Response:
-    oc = _surface(request)
-    return json_response({"runs": await oc.transport.records.index(_limit(request))})
-
-
-async def show_transport(request: Request) -> Response:
-    return json_response(await _surface(request).transport.load(_run_id(request)))
-
-
-async def transport_diff(request: Request) -> Response:
-    return json_response(await _surface(request).transport.live_diff(_run_id(request)))
-
-
-async def transport_stream(request: Request) -> Response:
-    oc = _surface(request)
-    run_id = _run_id(request)
-    after = _after(request)
-    await oc.transport.load(run_id)
-    log = oc.transport.log(run_id)
-    if log is None:
-        raise errors.NotFound(f"run {run_id!r} has no events on this instance")
-
-    def end() -> dict[str, Any]:
-        run = oc.transport.runs.get(run_id)
-        return {"type": "end", "run_id": run_id, "status": run.status if run else None, "seq": log.seq}
-
-    return StreamingResponse(sse_tail(log, after, _heartbeat(oc.runtime), end), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache"})
-
-
 def _mutating(handler: Callable[[Transport, str, Any], Awaitable[dict[str, Any]]]
               ) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
-        caller_of(request, required=True)
         oc = _surface(request)
+        caller_of(request, required=True)
         body = await read_json(request, limit_bytes=256 << 10)
         return json_response(await handler(oc.transport, _run_id(request), body))
 
     return endpoint
 
 
-async def abort_transport(request: Request) -> Response:
-    caller_of(request, required=True)
-    oc = _surface(request)
-    run_id = _run_id(request)
-    reason = await _reason(request)
-    await oc.transport.load(run_id)
-    return json_response(await oc.transport.abort(run_id, reason))
-
-
-async def transport_monitor_link(request: Request) -> Response:
-    caller = caller_of(request, required=True)
-    oc = _surface(request)
-    run_id = _run_id(request)
-    await oc.transport.load(run_id)
-    return json_response({"run_id": run_id} | oc.monitor_link(request, f"{TRANSPORT}/runs/{run_id}", run_id, caller,
-                                                               identity_of(request), transport=True))
-
-
 def routes() -> list[tuple[str, Any, list[str]]]:
     return [
         (RUNS, create_run, ["POST"]),
-        (RUNS, list_runs, ["GET"]),
-        (RUNS + "/{run_id}", show_run, ["GET"]),
-        (RUNS + "/{run_id}/events", run_events, ["GET"]),
-        (RUNS + "/{run_id}/diff", run_diff, ["GET"]),
-        (RUNS + "/{run_id}/abort", abort_run, ["POST"]),
-        (RUNS + "/{run_id}/monitor", run_monitor_link, ["POST"]),
+        *run_routes(RUNS, transport=False),
         ("/v1/scillm/opencode/serve", serve_status, ["GET"]),
         ("/v1/scillm/opencode/serve/debugger/run", debugger_run, ["POST"]),
         (TRANSPORT + "/capabilities", capabilities, ["GET"]),
         (TRANSPORT + "/runs", create_transport, ["POST"]),
-        (TRANSPORT + "/runs", list_transport, ["GET"]),
-        (TRANSPORT + "/runs/{run_id}", show_transport, ["GET"]),
-        (TRANSPORT + "/runs/{run_id}/events/stream", transport_stream, ["GET"]),
-        (TRANSPORT + "/runs/{run_id}/diff", transport_diff, ["GET"]),
+        *run_routes(TRANSPORT + "/runs", transport=True),
         (TRANSPORT + "/runs/{run_id}/steer", _mutating(Transport.steer), ["POST"]),
         (TRANSPORT + "/runs/{run_id}/permission", _mutating(Transport.permission), ["POST"]),
-        (TRANSPORT + "/runs/{run_id}/abort", abort_transport, ["POST"]),
-        (TRANSPORT + "/runs/{run_id}/monitor", transport_monitor_link, ["POST"]),
     ]

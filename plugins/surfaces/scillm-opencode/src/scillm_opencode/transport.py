@@ -14,31 +14,31 @@ import asyncio
 import contextlib
 import time
 import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
-from scillm_exec import EventLog, Worktree, check_cwd, create_worktree, find_cycle, remove_worktree, worktree_diff
+from scillm_exec import EventLog, check_cwd, find_cycle, remove_worktree, worktree_diff
 
 from scillm_core import errors
+from scillm_opencode.book import ABORT_GRACE_S, LiveRun, RunBook, Sessions
 from scillm_opencode.client import ServeError
 from scillm_opencode.profiles import (
     bad,
     check_agent_shape,
+    check_object,
     check_rules,
     resolve_agent,
     resolve_model,
+    run_fields,
     seconds,
     text,
 )
-from scillm_opencode.records import RUN_ID, Records
-from scillm_opencode.runs import ABORT_GRACE_S, Sessions
+from scillm_opencode.records import RUN_ID
 from scillm_opencode.session import Bus, Ended, SessionDriver, assistant_text
 from scillm_opencode.skills import check_skill_names, skill_rules
 
 if TYPE_CHECKING:
     from scillm_core import Runtime
-    from scillm_opencode.serve import Server
 
 __all__ = ["EVENT_TYPES", "MODES", "Transport"]
 
@@ -89,61 +89,27 @@ class Node:
                 "pending_permissions": sorted(self.driver.pending) if self.driver is not None else []}
 
 
-@define
-class TransportRun:
-    run_id: str
-    caller: str | None
-    owner: str
+@define(kw_only=True)
+class TransportRun(LiveRun):
     workspace: str
     nodes: dict[str, Node]
-    run_dir: Path
-    log: EventLog
-    server: Server
-    worktree: Worktree
     timeout_s: float
     max_concurrency: int
     metadata: dict[str, Any]
     title: str | None
-    created_at: float = field(factory=time.time)
-    status: str = "running"
-    error: str | None = None
-    decided: bool = False
-    finished_at: float | None = None
-    stop: asyncio.Event = field(factory=asyncio.Event)
-    done: asyncio.Event = field(factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
     bus: Bus | None = None
-    result: dict[str, Any] | None = None
     writers: int = 0                      # workspace-write nodes running now
     writer_epoch: int = 0                 # bumped when one starts (a propose-only node checks its window)
-    skills_materialized: list[str] = field(factory=list)
-    skills_missing: dict[str, str] = field(factory=dict)
-    diff_lock: asyncio.Lock = field(factory=asyncio.Lock)
-
-    def decide(self, status: str, error: str | None = None) -> bool:
-        if self.decided:
-            return False
-        self.decided, self.status, self.error = True, status, error
-        return True
 
 
-class Transport:
+class Transport(RunBook[TransportRun]):
     def __init__(self, runtime: Runtime, sessions: Sessions) -> None:
-        self.runtime = runtime
-        self.sessions = sessions
-        self.serve = sessions.serve
-        self.cfg = sessions.cfg
-        self.records = Records(runtime, "opencode.transport", "transport", self.serve.secrets)
-        self.runs: dict[str, TransportRun] = {}
+        super().__init__(runtime, sessions, "opencode.transport", "transport")
 
     # -- request -> run -------------------------------------------------------------------------------------------
 
     def parse(self, body: Any) -> dict[str, Any]:
-        if not isinstance(body, dict):
-            raise bad("expected a JSON object", "$")
-        unknown = sorted(set(body) - RUN_FIELDS)
-        if unknown:
-            raise bad(f"unknown field {unknown[0]!r} (known: {', '.join(sorted(RUN_FIELDS))})", f"$.{unknown[0]}")
+        body = check_object(body, RUN_FIELDS)
         workspace = body.get("workspace")
         if not isinstance(workspace, str) or not workspace:
             raise bad("workspace is required: the absolute path of a git checkout", "$.workspace")
@@ -155,12 +121,7 @@ class Transport:
         nodes: dict[str, Node] = {}
         for i, item in enumerate(raw):
             where = f"$.nodes[{i}]"
-            if not isinstance(item, dict):
-                raise bad("expected a node object", where)
-            extra = sorted(set(item) - NODE_FIELDS)
-            if extra:
-                raise bad(f"unknown field {extra[0]!r} (known: {', '.join(sorted(NODE_FIELDS))})",
-                          f"{where}.{extra[0]}")
+            item = check_object(item, NODE_FIELDS, where)
             node_id = item.get("id")
             if not isinstance(node_id, str) or not NODE_ID.match(node_id):
                 raise bad(f"id must match {NODE_ID.pattern}", f"{where}.id")
@@ -194,12 +155,7 @@ class Transport:
         limit = body.get("max_concurrency", len(ids))
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise bad("max_concurrency must be a positive integer", "$.max_concurrency")
-        run_id = body.get("run_id")
-        if run_id is not None and (not isinstance(run_id, str) or not RUN_ID.match(run_id)):
-            raise bad(f"run_id must match {RUN_ID.pattern}", "$.run_id")
-        metadata = body.get("scillm_metadata", {})
-        if not isinstance(metadata, dict):
-            raise bad("scillm_metadata must be an object", "$.scillm_metadata")
+        run_id, metadata = run_fields(body)
         return {"workspace": str(check_cwd(workspace, self.runtime, "$.workspace")), "nodes": nodes,
                 "timeout_s": timeout_s, "max_concurrency": limit, "run_id": run_id, "scillm_metadata": metadata,
                 "title": text(body.get("title"), "$.title", limit=200)}
@@ -207,32 +163,18 @@ class Transport:
     async def start(self, request: dict[str, Any], *, caller: str | None, owner: str, base_url: str
                     ) -> TransportRun:
         run_id = request["run_id"] or "otr-" + uuid.uuid4().hex[:16]
-        if run_id in self.runs or await self.records.exists(run_id):
-            raise errors.Conflict(f"run {run_id!r} already exists", param="$.run_id")
         server = await self.serve.ensure(base_url)
         nodes: dict[str, Node] = request["nodes"]
         for i, node in enumerate(nodes.values()):
             node.agent = await resolve_agent(server, node.agent, self.runtime, f"$.nodes[{i}].agent")
             wanted = node.model or (self.serve.default_model() if server.managed else None)
             node.resolved_model = await resolve_model(server, wanted, f"$.nodes[{i}].model")
-        run_dir = self.records.run_dir(run_id)
-        run_dir.mkdir(parents=True, exist_ok=False)
-        try:
-            worktree = await create_worktree(Path(request["workspace"]), run_dir / "worktree")
-        except errors.ScillmError as exc:
-            import shutil
-
-            await asyncio.to_thread(shutil.rmtree, run_dir, True)
-            raise bad(exc.message, "$.workspace") from None
-        run = TransportRun(run_id=run_id, caller=caller, owner=owner, workspace=request["workspace"], nodes=nodes,
-                           run_dir=run_dir, log=EventLog(run_dir / "events.jsonl", redact=self.serve.secrets()),
-                           server=server, worktree=worktree, timeout_s=request["timeout_s"],
-                           max_concurrency=request["max_concurrency"], metadata=request["scillm_metadata"],
-                           title=request["title"])
-        self.runs[run_id] = run
-        await self.records.save(self.doc(run))
-        run.task = asyncio.ensure_future(self._execute(run))
-        return run
+        run_dir, worktree = await self.claim(run_id, request["workspace"], "$.workspace")
+        return await self.begin(TransportRun(
+            run_id=run_id, caller=caller, owner=owner, workspace=request["workspace"], nodes=nodes, run_dir=run_dir,
+            log=EventLog(run_dir / "events.jsonl", redact=self.serve.secrets()), server=server, worktree=worktree,
+            timeout_s=request["timeout_s"], max_concurrency=request["max_concurrency"],
+            metadata=request["scillm_metadata"], title=request["title"]), self._execute)
 
     # -- the run ------------------------------------------------------------------------------------------------
 
@@ -341,7 +283,7 @@ class Transport:
                 "skills_missing": [s for s in node.skills if s not in run.skills_materialized]})
             await driver.prompt(self._prompt(node, node.prompt))
             deadline = time.monotonic() + node.timeout_s
-            ended = await self._follow(run, node, driver, deadline)
+            ended = await self.follow(driver, run.stop, deadline)
             if ended in (Ended.TIMEOUT, Ended.STOPPED):
                 await driver.abort(ABORT_GRACE_S)
             if not run.server.died.is_set():
@@ -376,19 +318,6 @@ class Transport:
             body["system"] = node.system
         return body
 
-    async def _follow(self, run: TransportRun, node: Node, driver: SessionDriver, deadline: float) -> str:
-        while True:
-            ended = await driver.wait(timeout_s=max(0.0, deadline - time.monotonic()), stop=run.stop)
-            if ended != Ended.IDLE:
-                return ended
-            try:
-                _, pending = assistant_text(await driver.messages())
-            except ServeError:
-                return Ended.LOST
-            if not pending:
-                return ended
-            driver.idle.clear()
-
     def _end_node(self, run: TransportRun, node: Node, ended: str, driver: SessionDriver, lost: str | None) -> None:
         node.finished_at = time.time()
         if ended == Ended.IDLE:
@@ -420,15 +349,8 @@ class Transport:
             if not self.cfg.keep_worktrees:
                 with contextlib.suppress(Exception):
                     await remove_worktree(run.worktree)
-        run.finished_at = time.time()
-        await asyncio.to_thread((run.run_dir / "diff.patch").write_text, diff)
-        run.result = self.doc(run, final=True) | {"diff": diff, "changed_paths": paths}
-        run.log.append("run_completed", node=None, status=run.status, error=run.error,
-                       nodes={n.id: n.status for n in run.nodes.values()}, changed_paths=paths)
-        run.log.close()
-        stored = await self.records.save(run.result)
-        await self.records.write_result(stored)
-        run.done.set()
+        await self.finish(run, {"diff": diff, "changed_paths": paths},
+                          nodes={n.id: n.status for n in run.nodes.values()})
 
     def doc(self, run: TransportRun, *, final: bool = False) -> dict[str, Any]:
         """The run's document; its status is terminal only once the result (diff) is complete."""
@@ -448,12 +370,6 @@ class Transport:
 
     # -- reading and steering -----------------------------------------------------------------------------------
 
-    async def load(self, run_id: str) -> dict[str, Any]:
-        run = self.runs.get(run_id)
-        if run is not None:
-            return run.result or self.doc(run)
-        return await self.records.load(run_id)
-
     def live_run(self, run_id: str) -> TransportRun:
         run = self.runs.get(run_id)
         if run is None or run.done.is_set() or run.decided:
@@ -461,11 +377,7 @@ class Transport:
         return run
 
     async def steer(self, run_id: str, body: Any) -> dict[str, Any]:
-        if not isinstance(body, dict):
-            raise bad("expected a JSON object", "$")
-        unknown = sorted(set(body) - {"node", "message"})
-        if unknown:
-            raise bad(f"unknown field {unknown[0]!r} (known: message, node)", f"$.{unknown[0]}")
+        body = check_object(body, {"node", "message"})
         message = text(body.get("message"), "$.message", required=True, limit=64 << 10) or ""
         await self.load(run_id)  # 404 for an unknown run
         run = self.live_run(run_id)
@@ -488,11 +400,7 @@ class Transport:
         return run.nodes[name]
 
     async def permission(self, run_id: str, body: Any) -> dict[str, Any]:
-        if not isinstance(body, dict):
-            raise bad("expected a JSON object", "$")
-        unknown = sorted(set(body) - {"permission_id", "reply", "message", "node"})
-        if unknown:
-            raise bad(f"unknown field {unknown[0]!r} (known: message, node, permission_id, reply)", f"$.{unknown[0]}")
+        body = check_object(body, {"permission_id", "reply", "message", "node"})
         permission_id = body.get("permission_id")
         if not isinstance(permission_id, str) or not permission_id:
             raise bad("permission_id is required (from a permission_requested event)", "$.permission_id")
@@ -508,45 +416,3 @@ class Transport:
                 return {"run_id": run_id, "node": node.id, "permission_id": permission_id, "reply": reply}
         raise errors.NotFound(f"no pending permission request {permission_id!r} in run {run_id!r}",
                               param="$.permission_id")
-
-    async def abort(self, run_id: str, reason: str) -> dict[str, Any]:
-        run = self.runs.get(run_id)
-        if run is None or run.done.is_set():
-            return await self.load(run_id)
-        if run.decide("aborted", reason):
-            run.stop.set()
-        await asyncio.shield(run.done.wait())
-        return run.result or self.doc(run)
-
-    def log(self, run_id: str) -> EventLog | None:
-        run = self.runs.get(run_id)
-        if run is not None:
-            return run.log
-        path = self.records.run_dir(run_id) / "events.jsonl"
-        return EventLog(path, closed=True) if path.is_file() and RUN_ID.match(run_id) else None
-
-    async def live_diff(self, run_id: str) -> dict[str, Any]:
-        run = self.runs.get(run_id)
-        if run is not None and not run.done.is_set():
-            async with run.diff_lock:
-                if not run.decided:  # still working, so its worktree is there
-                    patch, paths = await worktree_diff(run.worktree)
-                    return {"run_id": run_id, "status": "running", "diff": patch, "changed_paths": paths,
-                            "live": True}
-            await asyncio.shield(run.done.wait())  # finishing: the final diff is moments away
-        doc = await self.load(run_id)
-        return {"run_id": run_id, "status": doc.get("status"), "diff": doc.get("diff", ""),
-                "changed_paths": doc.get("changed_paths", []), "live": False}
-
-    def live(self) -> int:
-        return sum(1 for r in self.runs.values() if not r.done.is_set())
-
-    async def shutdown(self) -> None:
-        live = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
-        for task in live:
-            task.cancel()
-        for task in live:
-            with contextlib.suppress(BaseException):
-                await task
-        self.records.close()
-

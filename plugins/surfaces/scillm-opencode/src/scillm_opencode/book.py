@@ -1,0 +1,237 @@
+"""What serve runs and transport runs share: the server, session slots, keys and skills (:class:`Sessions`), the
+live state every run has (:class:`LiveRun`: one worktree, one event log, a terminal status decided once), and the
+book that keeps them (:class:`RunBook`: create, read, follow, diff, abort, shut down)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from attrs import define, field
+from scillm_exec import EventLog, Worktree, create_worktree, worktree_diff
+
+from scillm_core import errors
+from scillm_opencode.client import ServeError
+from scillm_opencode.config import opencode_config, skill_roots
+from scillm_opencode.profiles import bad
+from scillm_opencode.records import RUN_ID, Records
+from scillm_opencode.session import Bus, Ended, SessionDriver, assistant_text
+from scillm_opencode.skills import materialise
+
+if TYPE_CHECKING:
+    from scillm_core import Runtime
+    from scillm_opencode.serve import ServeManager, Server
+
+__all__ = ["ABORT_GRACE_S", "LiveRun", "RunBook", "Sessions"]
+
+ABORT_GRACE_S = 10.0   # how long an aborted session gets to report itself idle
+
+
+class Sessions:
+    """The server, the concurrency slots (serve runs and transport nodes together), keys and skills."""
+
+    def __init__(self, runtime: Runtime, serve: ServeManager) -> None:
+        self.runtime = runtime
+        self.serve = serve
+        self.cfg = opencode_config(runtime)
+        self.slots = asyncio.Semaphore(max(1, self.cfg.max_concurrency))
+
+    def bind(self, session_id: str, run_id: str, caller: str | None) -> None:
+        """The session's model calls (through the managed server's key) are this run's."""
+        if self.serve.key is not None:
+            self.serve.keys.bind_session(self.serve.key, session_id, run_id, caller)
+
+    def bind_child(self, child: str, parent: str) -> None:
+        if self.serve.key is not None:
+            self.serve.keys.bind_child(self.serve.key, child, parent)
+
+    def unbind(self, session_id: str | None) -> None:
+        if session_id and self.serve.key is not None:
+            self.serve.keys.unbind_session(self.serve.key, session_id)
+
+    async def skills(self, server: Server, names: list[str]) -> tuple[list[str], dict[str, str]]:
+        available: list[str] = []
+        if self.serve.skills_dir is None and names:
+            with contextlib.suppress(ServeError):
+                listed = await server.client.call("GET", "/skill")
+                available = [str(s.get("name")) for s in listed or [] if isinstance(s, dict)]
+        return await asyncio.to_thread(materialise, names, skill_roots(self.runtime), self.serve.skills_dir,
+                                       available)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, stop: asyncio.Event) -> AsyncIterator[bool]:
+        """A session slot, or ``False`` at once when ``stop`` is set while waiting for one."""
+        acquire = asyncio.ensure_future(self.slots.acquire())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not acquire.done():
+                acquire.cancel()
+        got = acquire.done() and not acquire.cancelled()
+        if got and stop.is_set():
+            self.slots.release()
+            got = False
+        try:
+            yield got
+        finally:
+            if got:
+                self.slots.release()
+
+    async def release(self, bus: Bus | None, directory: str | None) -> None:
+        """Let the server drop the directory's instance (its watcher and caches) once no session needs it."""
+        if bus is not None:
+            await bus.close()
+        if directory and not self.serve.stopping:
+            with contextlib.suppress(ServeError):
+                server = self.serve.server
+                if server is not None and not server.died.is_set():
+                    await server.client.dispose(directory)
+
+
+@define(kw_only=True)
+class LiveRun:
+    run_id: str
+    caller: str | None
+    owner: str
+    run_dir: Path
+    log: EventLog
+    server: Server
+    worktree: Worktree
+    created_at: float = field(factory=time.time)
+    status: str = "running"
+    error: str | None = None
+    decided: bool = False
+    finished_at: float | None = None
+    result: dict[str, Any] | None = None
+    stop: asyncio.Event = field(factory=asyncio.Event)
+    done: asyncio.Event = field(factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    skills_materialized: list[str] = field(factory=list)
+    skills_missing: dict[str, str] = field(factory=dict)
+    diff_lock: asyncio.Lock = field(factory=asyncio.Lock)  # a live diff never races the worktree's removal
+
+    def decide(self, status: str, error: str | None = None) -> bool:
+        """Set the terminal status once; later calls (a late completion after an abort) change nothing."""
+        if self.decided:
+            return False
+        self.decided, self.status, self.error = True, status, error
+        return True
+
+
+R = TypeVar("R", bound=LiveRun)
+
+
+class RunBook(Generic[R]):
+    """The runs of one kind: live ones in memory, all of them in :class:`Records`."""
+
+    def __init__(self, runtime: Runtime, sessions: Sessions, namespace: str, dirname: str) -> None:
+        self.runtime = runtime
+        self.sessions = sessions
+        self.serve = sessions.serve
+        self.cfg = sessions.cfg
+        self.records = Records(runtime, namespace, dirname, self.serve.secrets)
+        self.runs: dict[str, R] = {}
+
+    def doc(self, run: R, *, final: bool = False) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def claim(self, run_id: str, source: str, where: str) -> tuple[Path, Worktree]:
+        """A new run directory holding a worktree of ``source``; 409 for a taken id, 400 for an unusable source."""
+        if run_id in self.runs or await self.records.exists(run_id):
+            raise errors.Conflict(f"run {run_id!r} already exists", param="$.run_id")
+        run_dir = self.records.run_dir(run_id)
+        run_dir.mkdir(parents=True, exist_ok=False)
+        try:
+            return run_dir, await create_worktree(Path(source), run_dir / "worktree")
+        except errors.ScillmError as exc:
+            await asyncio.to_thread(shutil.rmtree, run_dir, True)
+            raise bad(exc.message, where) from None
+
+    async def begin(self, run: R, execute: Any) -> R:
+        self.runs[run.run_id] = run
+        await self.records.save(self.doc(run))
+        run.task = asyncio.ensure_future(execute(run))
+        return run
+
+    async def follow(self, driver: SessionDriver, stop: asyncio.Event, deadline: float) -> str:
+        """Until the session ended (see :class:`Ended`); an idle session that still has a user message to answer (a
+        steer that came after its last model call) is waited for again."""
+        while True:
+            ended = await driver.wait(timeout_s=max(0.0, deadline - time.monotonic()), stop=stop)
+            if ended != Ended.IDLE:
+                return ended
+            try:
+                _, pending = assistant_text(await driver.messages())
+            except ServeError:
+                return Ended.LOST
+            if not pending:
+                return ended
+            driver.idle.clear()
+
+    async def finish(self, run: R, extra: dict[str, Any], **event: Any) -> None:
+        """The result: ``diff.patch``, the terminal event (always the last), result.json and the store."""
+        run.finished_at = time.time()
+        await asyncio.to_thread((run.run_dir / "diff.patch").write_text, extra.get("diff", ""))
+        run.result = self.doc(run, final=True) | extra
+        run.log.append("run_completed", node=None, status=run.status, error=run.error,
+                       changed_paths=extra.get("changed_paths", []), **event)
+        run.log.close()
+        stored = await self.records.save(run.result)
+        await self.records.write_result(stored)
+        run.done.set()
+
+    async def load(self, run_id: str) -> dict[str, Any]:
+        run = self.runs.get(run_id)
+        if run is not None:
+            return run.result or self.doc(run)
+        return await self.records.load(run_id)
+
+    async def wait(self, run: R) -> dict[str, Any]:
+        await asyncio.shield(run.done.wait())
+        assert run.result is not None
+        return run.result
+
+    async def abort(self, run_id: str, reason: str) -> dict[str, Any]:
+        run = self.runs.get(run_id)
+        if run is None or run.done.is_set():
+            return await self.load(run_id)  # finished (or unknown: 404): abort changes nothing
+        if run.decide("aborted", reason):
+            run.stop.set()
+        return await self.wait(run)
+
+    def log(self, run_id: str) -> EventLog | None:
+        run = self.runs.get(run_id)
+        if run is not None:
+            return run.log
+        path = self.records.run_dir(run_id) / "events.jsonl"
+        return EventLog(path, closed=True) if path.is_file() and RUN_ID.match(run_id) else None
+
+    async def live_diff(self, run_id: str) -> dict[str, Any]:
+        run = self.runs.get(run_id)
+        if run is not None and not run.done.is_set():
+            async with run.diff_lock:
+                if not run.decided:  # still working, so its worktree is there
+                    patch, paths = await worktree_diff(run.worktree)
+                    return {"run_id": run_id, "status": "running", "diff": patch, "changed_paths": paths,
+                            "live": True}
+            await asyncio.shield(run.done.wait())  # finishing: the final diff is moments away
+        doc = await self.load(run_id)
+        return {"run_id": run_id, "status": doc.get("status"), "diff": doc.get("diff", ""),
+                "changed_paths": doc.get("changed_paths", []), "live": False}
+
+    def live(self) -> int:
+        return sum(1 for r in self.runs.values() if not r.done.is_set())
+
+    async def shutdown(self) -> None:
+        live = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
+        for task in live:
+            task.cancel()
+        await asyncio.gather(*live, return_exceptions=True)
+        self.records.close()
