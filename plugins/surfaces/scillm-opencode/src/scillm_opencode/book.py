@@ -19,7 +19,7 @@ from scillm_core import errors
 from scillm_opencode.client import ServeError
 from scillm_opencode.config import opencode_config, skill_roots
 from scillm_opencode.profiles import bad
-from scillm_opencode.records import RUN_ID, Records
+from scillm_opencode.records import RUN_ID, Records, blocking
 from scillm_opencode.session import Bus, Ended, SessionDriver, assistant_text
 from scillm_opencode.skills import materialise
 
@@ -60,8 +60,7 @@ class Sessions:
             with contextlib.suppress(ServeError):
                 listed = await server.client.call("GET", "/skill")
                 available = [str(s.get("name")) for s in listed or [] if isinstance(s, dict)]
-        return await asyncio.to_thread(materialise, names, skill_roots(self.runtime), self.serve.skills_dir,
-                                       available)
+        return await blocking(materialise, names, skill_roots(self.runtime), self.serve.skills_dir, available)
 
     @contextlib.asynccontextmanager
     async def slot(self, stop: asyncio.Event) -> AsyncIterator[bool]:
@@ -151,7 +150,7 @@ class RunBook(Generic[R]):
         try:
             return run_dir, await create_worktree(Path(source), run_dir / "worktree")
         except errors.ScillmError as exc:
-            await asyncio.to_thread(shutil.rmtree, run_dir, True)
+            await blocking(shutil.rmtree, run_dir, True)
             raise bad(exc.message, where) from None
 
     async def begin(self, run: R, execute: Any) -> R:
@@ -178,7 +177,7 @@ class RunBook(Generic[R]):
     async def finish(self, run: R, extra: dict[str, Any], **event: Any) -> None:
         """The result: ``diff.patch``, the terminal event (always the last), result.json and the store."""
         run.finished_at = time.time()
-        await asyncio.to_thread((run.run_dir / "diff.patch").write_text, extra.get("diff", ""))
+        await blocking((run.run_dir / "diff.patch").write_text, extra.get("diff", ""))
         run.result = self.doc(run, final=True) | extra
         run.log.append("run_completed", node=None, status=run.status, error=run.error,
                        changed_paths=extra.get("changed_paths", []), **event)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import socket
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from scillm_exec import EventLog
@@ -26,13 +29,21 @@ from scillm_core import errors
 if TYPE_CHECKING:
     from scillm_core import Runtime
 
-__all__ = ["LIVE_DRIVERS", "RUN_ID", "Records", "TERMINAL", "write_json"]
+__all__ = ["LIVE_DRIVERS", "RUN_ID", "Records", "TERMINAL", "blocking", "write_json"]
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 TERMINAL = ("completed", "failed", "timeout", "error", "aborted")
 STORE_TEXT_LIMIT = 1 << 20   # the store keeps at most this much of a run's diff / text; the run dir keeps all
 LIVE_DRIVERS: set[str] = set()  # manager ids alive in this process (a restarted app in one process is a new id)
 HOST = socket.gethostname()
+_FILES = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scillm-opencode-files")
+T = TypeVar("T")
+
+
+async def blocking(fn: Callable[..., T], *args: Any) -> T:
+    """Run file work (result documents, diffs, skill copies) off the event loop, in this plugin's own small pool:
+    never in the default one the state store uses."""
+    return await asyncio.get_running_loop().run_in_executor(_FILES, functools.partial(fn, *args))
 
 
 def write_json(path: Path, doc: Any) -> None:
@@ -91,7 +102,7 @@ class Records:
     async def write_result(self, doc: dict[str, Any]) -> None:
         run_dir = self.run_dir(doc["run_id"])
         run_dir.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(write_json, run_dir / "result.json", doc)
+        await blocking(write_json, run_dir / "result.json", doc)
 
     async def load(self, run_id: str) -> dict[str, Any]:
         """A run's stored document (result.json when this host has it); 404 when unknown. A record whose driver is
@@ -100,7 +111,7 @@ class Records:
             raise errors.NotFound(f"no run {run_id!r}")
         path = self.run_dir(run_id) / "result.json"
         if path.is_file():
-            return orjson.loads(await asyncio.to_thread(path.read_bytes))  # type: ignore[no-any-return]
+            return orjson.loads(await blocking(path.read_bytes))  # type: ignore[no-any-return]
         doc = await self.runtime.store.get(self.namespace, run_id)
         if doc is None:
             raise errors.NotFound(f"no run {run_id!r}")
