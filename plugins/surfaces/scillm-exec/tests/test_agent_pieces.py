@@ -162,21 +162,22 @@ async def test_run_keys_per_session_attribution_view_keys_and_expiry() -> None:
 
     async def echo(request):  # what the app behind the middleware sees
         return JSONResponse({"auth": request.headers.get("authorization"), "run": request.headers.get(
-            "x-scillm-exec-run"), "caller": request.headers.get("x-caller-skill")})
+            "x-scillm-exec-run"), "caller": request.headers.get("x-caller-skill"),
+            "owner": request.scope.get("scillm.run_owner")})
 
     now = [1000.0]
     keys = RunKeys(clock=lambda: now[0])
     app = RunKeyMiddleware(Starlette(routes=[Route("/{p:path}", echo, methods=["GET", "POST"])]), keys,
                            {"SCILLM_MASTER_KEY": "sk-master-xyz"})
     serve = keys.mint("opencode-serve", None, per_session=True)
-    keys.bind_session(serve, "ses_a", "oc-1", "proj")
+    keys.bind_session(serve, "ses_a", "oc-1", "proj", "key-alice")
     keys.bind_child(serve, "ses_child", "ses_a")
     view = keys.mint("oc-1", "proj", prefix=VIEW_KEY_PREFIX, ttl_s=60,
                      allow=lambda method, path: method == "GET" and path == "/v1/runs/oc-1")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         auth = {"authorization": f"Bearer {serve}"}
         ok = (await c.post("/v1/chat/completions", headers={**auth, "x-session-id": "ses_a"})).json()
-        assert ok == {"auth": "Bearer sk-master-xyz", "run": "oc-1", "caller": "proj/oc-1"}
+        assert ok == {"auth": "Bearer sk-master-xyz", "run": "oc-1", "caller": "proj/oc-1", "owner": "key-alice"}
         child = await c.post("/v1/chat/completions", headers={**auth, "x-session-id": "ses_child"})
         assert child.json()["run"] == "oc-1"  # a subagent's calls belong to its parent's run
         for headers in ({**auth}, {**auth, "x-session-id": "ses_other"}):

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from scillm_agent_runners.base import REPO_TOOLS
+from scillm_exec import group_members
 
 from scillm_core.testing import FakeOpenAI, Reply, ServerThread, make_app
 from scillm_core.testing.fakes import RecordedRequest
@@ -229,8 +230,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                        only=ONLY)
         try:
             with ServerThread(app) as server:
-                yield Stack(server, fake, root, data_dir, skills, logs)
+                built = Stack(server, fake, root, data_dir, skills, logs)
+                yield built
                 fake.release_all()
+                process = built.opencode.serve.process
+            # opencode serve stops with scillm: nothing of its process group is left
+            assert process is None or group_members(process.pid) == []
         finally:
             fake.release_all()
             fake.stop()

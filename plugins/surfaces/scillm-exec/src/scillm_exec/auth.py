@@ -61,8 +61,9 @@ class Grant:
     expires_at: float | None = None
     #: the authenticated identity that started the run (for per-key isolation and spend)
     owner: str | None = None
-    #: ``None``: every call is the grant's run. A dict: calls are attributed by session id to ``(run_id, caller)``
-    sessions: dict[str, tuple[str, str | None]] | None = None
+    #: ``None``: every call is the grant's run. A dict: calls are attributed by session id to
+    #: ``(run_id, caller, owner)``
+    sessions: dict[str, tuple[str, str | None, str | None]] | None = None
     children: dict[str, str] = field(factory=dict)  # subagent session -> the bound session it belongs to
 
 
@@ -97,12 +98,14 @@ class RunKeys:
             return None
         return grant
 
-    def bind_session(self, key: str, session_id: str, run_id: str, caller: str | None) -> None:
-        """Attribute the calls a per-session key makes for ``session_id`` to ``run_id`` (until unbound)."""
+    def bind_session(self, key: str, session_id: str, run_id: str, caller: str | None,
+                     owner: str | None = None) -> None:
+        """Attribute the calls a per-session key makes for ``session_id`` to ``run_id``, its caller and the identity
+        that started it (until unbound)."""
         grant = self._live.get(key)
         if grant is None or grant.sessions is None:
             raise KeyError("not a live per-session key")
-        grant.sessions[session_id] = (run_id, caller)
+        grant.sessions[session_id] = (run_id, caller, owner)
 
     def bind_child(self, key: str, child_id: str, parent_id: str) -> None:
         """A subagent session (``child_id``) belongs to the run of its bound parent session."""
@@ -117,10 +120,12 @@ class RunKeys:
             for child in [c for c, p in grant.children.items() if p == session_id or c == session_id]:
                 grant.children.pop(child, None)
 
-    def attribute(self, grant: Grant, headers: list[tuple[bytes, bytes]]) -> tuple[str, str | None] | None:
-        """The run a call made with ``grant`` belongs to; ``None`` when a per-session key names no live session."""
+    def attribute(self, grant: Grant, headers: list[tuple[bytes, bytes]]
+                  ) -> tuple[str, str | None, str | None] | None:
+        """``(run_id, caller, owner)`` of the run a call made with ``grant`` belongs to; ``None`` when a per-session
+        key names no live session."""
         if grant.sessions is None:
-            return grant.run_id, grant.caller
+            return grant.run_id, grant.caller, grant.owner
         for name in SESSION_HEADERS:
             for key, value in headers:
                 if key != name:
@@ -186,7 +191,7 @@ class RunKeyMiddleware:
         if found is None:
             await send_error(send, errors.PermissionDenied("no live run owns this session (x-session-id)"))
             return
-        run_id, caller = found
+        run_id, caller, owner = found
         headers: list[tuple[bytes, bytes]] = [
             (k, v) for k, v in scope["headers"] if k not in (b"authorization", b"x-api-key", b"x-scillm-exec-run")]
         headers.append((b"authorization", b"Bearer " + self.server_key))
@@ -196,6 +201,6 @@ class RunKeyMiddleware:
         inner: dict[str, Any] = dict(scope)
         inner["headers"] = headers
         inner[PARENT_SCOPE_KEY] = f"run:{run_id}"  # the call is made for this run (events, traces)
-        if grant.owner is not None:
-            inner["scillm.run_owner"] = grant.owner
+        if owner is not None:
+            inner["scillm.run_owner"] = owner  # who started the run (for per-key limits and spend)
         await self.app(inner, receive, send)

@@ -41,10 +41,10 @@ class Sessions:
         self.cfg = opencode_config(runtime)
         self.slots = asyncio.Semaphore(max(1, self.cfg.max_concurrency))
 
-    def bind(self, session_id: str, run_id: str, caller: str | None) -> None:
-        """The session's model calls (through the managed server's key) are this run's."""
+    def bind(self, session_id: str, run: LiveRun) -> None:
+        """The session's model calls (through the managed server's key) are this run's: its caller, its owner."""
         if self.serve.key is not None:
-            self.serve.keys.bind_session(self.serve.key, session_id, run_id, caller)
+            self.serve.keys.bind_session(self.serve.key, session_id, run.run_id, run.caller, run.owner)
 
     def bind_child(self, child: str, parent: str) -> None:
         if self.serve.key is not None:

@@ -122,7 +122,7 @@ class ServeRuns(RunBook[Run]):
                                                 "agent": run.agent,
                                                 "permission": skill_rules(run.skills_materialized)}
                 run.session_id = await driver.create(session_body)
-                self.sessions.bind(run.session_id, run.run_id, run.caller)
+                self.sessions.bind(run.session_id, run)
                 self.emit(run, "session_created", {"session_id": run.session_id})
                 await self.records.save(self.doc(run))
                 if run.stop.is_set():  # aborted while the session was being set up: never prompt it

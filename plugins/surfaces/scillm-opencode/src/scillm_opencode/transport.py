@@ -276,7 +276,7 @@ class Transport(RunBook[TransportRun]):
                 rules.append({"permission": "edit", "pattern": "*", "action": "deny"})
             node.session_id = await driver.create({"title": f"scillm {run.run_id} {node.id}", "agent": node.agent,
                                                    "permission": [*rules, *node.rules]})
-            self.sessions.bind(node.session_id, run.run_id, run.caller)
+            self.sessions.bind(node.session_id, run)
             self.emit(run, node, "node_started", {
                 "session_id": node.session_id, "agent": node.agent, "mode": node.mode, "model": node.resolved_model,
                 "skills_materialized": allowed,
