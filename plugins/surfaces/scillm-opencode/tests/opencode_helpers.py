@@ -49,7 +49,7 @@ class ScriptedModel(FakeOpenAI):
         self.arrived: dict[str, threading.Event] = {}
         self.hang = threading.Event()
         self._held: dict[int, threading.Event] = {}
-        self.responder = self.answer
+        self.responder = self.respond
 
     def gate(self, name: str) -> threading.Event:
         return self.gates.setdefault(name, threading.Event())
@@ -72,7 +72,7 @@ class ScriptedModel(FakeOpenAI):
         self._held[id(reply)] = gate
         return reply
 
-    def answer(self, request: RecordedRequest) -> Reply | None:
+    def respond(self, request: RecordedRequest) -> Reply | None:
         body = request.body if isinstance(request.body, dict) else {}
         tools = {t.get("function", {}).get("name") for t in body.get("tools") or []}
         messages = body.get("messages") or []

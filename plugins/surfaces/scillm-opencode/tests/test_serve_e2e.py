@@ -46,6 +46,12 @@ def test_run_edits_its_worktree_and_returns_the_diff(stack: Stack) -> None:
     again = stack.client.get(f"{RUNS}/{result['run_id']}").json()
     assert again["status"] == "completed" and again["diff"] == result["diff"]
     assert scan_for_secrets(stack) == []
+    # the managed server is sandboxed like exec's CLIs: the whole tree read-only but its home and the worktrees
+    serve = stack.opencode.serve
+    mounts = {line.split()[4]: line.split()[5] for line in Path(f"/proc/{serve.process.pid}/mountinfo").open()}
+    assert mounts["/"].startswith("ro,")
+    assert mounts[str(serve.home)].startswith("rw,") and mounts[str(serve.worktrees)].startswith("rw,")
+    assert str(repo) not in mounts  # the caller's repository stays read-only to it
     # the call log attributes each model call to the caller and the run
     calls_logged = stack.client.get("/v1/scillm/calls").json()["data"]
     assert {c["caller"] for c in calls_logged} >= {f"opencode-tests/{result['run_id']}"}

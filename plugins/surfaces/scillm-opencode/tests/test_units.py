@@ -45,6 +45,7 @@ def test_runs_in_flight_when_scillm_stopped_are_finalised_as_interrupted(tmp_pat
     """A record left ``running`` by a process that is gone (here: a pid that cannot be alive) is finalised
     ``error: interrupted`` at start-up, with a terminal event, instead of staying ``running`` forever."""
     import asyncio
+    import subprocess
 
     from scillm_core.state.sqlite import SQLiteStore
 
@@ -53,7 +54,15 @@ def test_runs_in_flight_when_scillm_stopped_are_finalised_as_interrupted(tmp_pat
     run_dir.mkdir(parents=True)
     (run_dir / "events.jsonl").write_text(json.dumps({"seq": 1, "ts": 1.0, "type": "run_started", "node": None})
                                           + "\n")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True, text=True)  # noqa
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init")
+    worktree = tmp_path / "opencode" / "worktrees" / run_id
+    git("worktree", "add", "-q", "--detach", str(worktree))
     doc = {"run_id": run_id, "status": "running", "created_at": time.time(), "caller": "t", "owner": "master",
+           "worktree": str(worktree), "repo": str(repo),
            "driver": {"host": HOST, "pid": 2 ** 22 + 12345, "id": "gone"}}
     live = dict(doc, run_id="oc-live-elsewhere", driver={"host": "another-host", "pid": 1, "id": "x"})
 
@@ -74,6 +83,8 @@ def test_runs_in_flight_when_scillm_stopped_are_finalised_as_interrupted(tmp_pat
         index = {r["run_id"]: r["status"] for r in c.get(route).json()["runs"]}
         assert index == {run_id: "error", "oc-live-elsewhere": "running"}  # another host's run is left alone
         assert json.loads((run_dir / "result.json").read_text())["status"] == "error"
+        # its worktree is gone too, from disk and from the caller's repository
+        assert not worktree.exists() and len(git("worktree", "list").stdout.splitlines()) == 1
 
 
 def test_normaliser_turns_bus_events_into_run_events() -> None:

@@ -148,7 +148,7 @@ class RunBook(Generic[R]):
         run_dir = self.records.run_dir(run_id)
         run_dir.mkdir(parents=True, exist_ok=False)
         try:
-            return run_dir, await create_worktree(Path(source), run_dir / "worktree")
+            return run_dir, await create_worktree(Path(source), self.serve.worktrees / run_id)
         except errors.ScillmError as exc:
             await blocking(shutil.rmtree, run_dir, True)
             raise bad(exc.message, where) from None

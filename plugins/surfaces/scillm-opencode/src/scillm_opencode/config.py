@@ -32,7 +32,8 @@ class OpenCodeConfig:
     max_timeout_s: float = 3600.0
     #: OpenCode sessions running at once (serve runs and transport nodes together); more wait for a slot.
     max_concurrency: int = 4
-    #: Keep each run's git worktree under its run directory for inspection (default: removed; diff.patch stays).
+    #: Keep each run's git worktree (``<data_dir>/opencode/worktrees/<run_id>``) for inspection (default: removed;
+    #: diff.patch stays).
     keep_worktrees: bool = False
     #: Where requested skills are looked up (``<root>/<name>/SKILL.md``). Empty: ``SCILLM_OPENCODE_SKILL_ROOTS``
     #: (os.pathsep-separated), else ``~/.config/opencode/skills``, ``~/.claude/skills``, ``~/.agents/skills``.

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
-from scillm_exec import EventLog
+from scillm_exec import EventLog, Worktree, remove_worktree
 
 from scillm_core import errors
 
@@ -149,6 +149,7 @@ class Records:
         doc = dict(doc)
         doc.update(status="error", error="interrupted: scillm stopped while the run was in flight",
                    finished_at=time.time())
+        await self._drop_worktree(doc)
         run_dir = self.run_dir(doc["run_id"])
         if run_dir.is_dir():
             log = EventLog(run_dir / "events.jsonl")
@@ -158,6 +159,19 @@ class Records:
         if run_dir.is_dir():
             await self.write_result(doc)
         return doc
+
+    async def _drop_worktree(self, doc: dict[str, Any]) -> None:
+        """The interrupted run's worktree goes too (unless worktrees are kept): its checkout and its entry in the
+        caller's repository."""
+        from scillm_opencode.config import opencode_config
+
+        path, repo = doc.get("worktree"), doc.get("repo")
+        if not path or not repo or opencode_config(self.runtime).keep_worktrees:
+            return
+        with contextlib.suppress(Exception):
+            await remove_worktree(Worktree(path=Path(path), workdir=Path(path), repo=Path(repo),
+                                           base=str(doc.get("base_commit") or "")))
+        doc["worktree"] = None
 
     async def recover(self) -> int:
         """At start-up: finalise this host's runs whose process is gone. How many were."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from scillm_agent_runners.base import cli_path, runner_config
 from scillm_agent_runners.clis import opencode_config as opencode_file_config
 from scillm_agent_runners.clis import opencode_env, opencode_permission
-from scillm_exec import ManagedProcess, run_keys
+from scillm_exec import ManagedProcess, exec_config, run_keys, sandboxed
 
 from scillm_core import errors
 from scillm_opencode.client import OpenCodeClient, ServeError
@@ -123,6 +123,11 @@ class ServeManager:
         return self.root / "home"
 
     @property
+    def worktrees(self) -> Path:
+        """Where every run's worktree is made: with the home, the only place the managed server may write."""
+        return self.runtime.config.data_dir / "opencode" / "worktrees"
+
+    @property
     def skills_dir(self) -> Path | None:
         """Where skills are materialised for the server to discover (its global skills directory); ``None`` for an
         external server (whose own skills are used as they are)."""
@@ -186,9 +191,11 @@ class ServeManager:
         loop = asyncio.get_running_loop()
         self._url_seen = loop.create_future()
         self._stdout.clear()
-        self.process = ManagedProcess("opencode serve", [cli, "serve", "--hostname", "127.0.0.1", "--port", "0",
-                                                         "--pure"],
-                                      env=env, cwd=self.home, log_path=self.root / "serve.log",
+        argv = [cli, "serve", "--hostname", "127.0.0.1", "--port", "0", "--pure"]
+        if exec_config(self.runtime).enforce_sandbox:  # it may write its home and the runs' worktrees, nothing else
+            self.worktrees.mkdir(parents=True, exist_ok=True)
+            argv = sandboxed(argv, "workspace-write", env, self.worktrees)
+        self.process = ManagedProcess("opencode serve", argv, env=env, cwd=self.home, log_path=self.root / "serve.log",
                                       on_stdout=self._on_stdout, redact=self.secrets())
         await self.process.start()
         exited = asyncio.ensure_future(self.process.exited.wait())

@@ -362,7 +362,7 @@ class Transport(RunBook[TransportRun]):
                 "skills_materialized": run.skills_materialized, "skills_missing": sorted(run.skills_missing),
                 "created_at": run.created_at, "finished_at": run.finished_at,
                 "worktree": str(run.worktree.path) if self.cfg.keep_worktrees or not run.decided else None,
-                "base_commit": run.worktree.base,
+                "base_commit": run.worktree.base, "repo": str(run.worktree.repo),
                 "artifacts": {"run_dir": str(run.run_dir), "events_jsonl": str(run.run_dir / "events.jsonl"),
                               "diff_patch": str(run.run_dir / "diff.patch"),
                               "result_json": str(run.run_dir / "result.json")},
