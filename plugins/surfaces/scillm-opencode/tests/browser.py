@@ -92,6 +92,8 @@ class Browser:
         self.send("Log.enable")
         self.send("Network.enable")
         self.send("Page.navigate", {"url": url})
+        path = url.split("#", 1)[0].split("//", 1)[-1].split("/", 1)[-1]
+        self.wait_for(f"document.readyState === 'complete' && location.pathname === '/{path}'")
 
     def js(self, expression: str) -> Any:
         result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True})
@@ -103,12 +105,15 @@ class Browser:
         """Until ``expression`` is truthy in the page (the page updates itself; this only looks)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            value = self.js(expression)
+            try:
+                value = self.js(expression)
+            except RuntimeError:  # evaluated while the navigation was still on about:blank
+                value = None
             if value:
                 return value
             if time.monotonic() > deadline:
                 raise AssertionError(f"page never satisfied {expression!r}; page text: "
-                                     f"{self.js('document.body.innerText')[:3000]}")
+                                     f"{self.js('document.body && document.body.innerText')}"[:3000])
             time.sleep(0.1)
 
     def problems(self) -> list[str]:
