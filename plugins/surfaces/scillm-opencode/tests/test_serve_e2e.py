@@ -86,6 +86,12 @@ def test_bad_requests_are_400s_naming_the_field(stack: Stack) -> None:
     no_caller = stack.client.post(RUNS, json={"prompt": "x", "cwd": str(repo)}, headers={"x-caller-skill": ""})
     assert no_caller.status_code == 400 and no_caller.json()["error"]["code"] == "caller_skill_required"
     assert stack.client.get(f"{RUNS}/oc-nope").status_code == 404
+    for path, param in ((f"{RUNS}/oc-nope/events?after=x", "query.after"), (f"{RUNS}?limit=0", "query.limit"),
+                        (f"{RUNS}?limit=99999", "query.limit")):
+        response = stack.client.get(path)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    bad_resume = stack.client.get(f"{RUNS}/oc-nope/events", headers={"last-event-id": "abc"})
+    assert bad_resume.status_code == 400 and bad_resume.json()["error"]["param"] == "Last-Event-ID"
 
 
 def test_requested_skill_reaches_the_session_and_a_missing_one_is_reported(stack: Stack) -> None:

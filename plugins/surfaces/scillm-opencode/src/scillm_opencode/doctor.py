@@ -30,21 +30,22 @@ __all__ = ["serve_check"]
 
 
 def serve_check(runtime: Runtime) -> list[dict[str, Any]]:
+    """While the surfaces are off these rows are information (``[--]``); switched on, a failure is ``[FAIL]``."""
     on = enabled(runtime)
     rows: list[dict[str, Any]] = [{
-        "check": "opencode serve surface", "ok": True,
+        "check": "opencode serve surface", "ok": on,
         "detail": "enabled" if on else "disabled (set SCILLM_OPENCODE_SERVE_ENABLED=1 to enable it)"}]
     rg = shutil.which("rg")
-    rows.append({"check": "ripgrep for OpenCode skills", "ok": rg is not None,
+    rows.append({"check": "ripgrep for OpenCode skills", "ok": rg is not None, "required": on,
                  "detail": rg or "rg not on PATH: OpenCode's skill tool fails without it (apt-get install ripgrep)"})
     external = opencode_config(runtime).server_url or runtime.env.get("OPENCODE_SERVER_URL")
     if external:
-        rows.append(_reach(external, runtime))
+        rows.append(_reach(external, runtime) | {"required": on})
     elif on:
-        rows.append(_start(runtime))
+        rows.append(_start(runtime) | {"required": True})
     else:
         cli = cli_path(runtime, "opencode")
-        rows.append({"check": "opencode serve can start", "ok": cli is not None,
+        rows.append({"check": "opencode serve can start", "ok": False,
                      "detail": f"not tried while the surface is disabled ({cli or 'opencode not installed'})"})
     return rows
 

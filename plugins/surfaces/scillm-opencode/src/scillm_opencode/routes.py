@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from scillm_core import Runtime, errors
-from scillm_core.web import caller_of, identity_of, json_response, read_json, runtime_of
+from scillm_core.web import caller_of, identity_of, json_response, query_int, read_json, runtime_of
 from scillm_opencode.book import RunBook, Sessions
 from scillm_opencode.config import enabled, opencode_config
 from scillm_opencode.monitor import view_routes
@@ -77,11 +77,13 @@ def _run_id(request: Request) -> str:
 
 
 def _after(request: Request) -> int:
-    raw = request.query_params.get("after") or request.headers.get("last-event-id") or "0"
-    if not raw.isdigit():
-        raise errors.InvalidRequest("after must be a non-negative integer (an event seq) @ query.after",
-                                    param="after")
-    return int(raw)
+    """The seq to resume after: ``?after=``, else the ``Last-Event-ID`` an EventSource sends when it reconnects."""
+    header = request.headers.get("last-event-id")
+    if "after" in request.query_params or header is None:
+        return query_int(request, "after", default=0)
+    if not (header.isascii() and header.isdigit()) or len(header) > 16:
+        raise errors.InvalidRequest("Last-Event-ID must be an event seq @ Last-Event-ID", param="Last-Event-ID")
+    return int(header)
 
 
 def _heartbeat(runtime: Runtime) -> float:
@@ -89,10 +91,7 @@ def _heartbeat(runtime: Runtime) -> float:
 
 
 def _limit(request: Request) -> int:
-    raw = request.query_params.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
-        raise errors.InvalidRequest("limit must be an integer from 1 to 1000 @ query.limit", param="limit")
-    return int(raw)
+    return query_int(request, "limit", default=100, minimum=1, maximum=1000)
 
 
 async def _reason(request: Request) -> str:
