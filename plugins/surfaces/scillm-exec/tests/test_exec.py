@@ -314,11 +314,11 @@ def test_a_thousand_node_graph_listed_leaf_first_is_checked_without_recursion(se
 
 
 def test_a_long_acyclic_chain_has_no_cycle() -> None:
-    from scillm_exec.manager import _find_cycle
+    from scillm_exec import find_cycle
 
     chain = {f"n{i}": [f"n{i + 1}"] for i in range(5000)} | {"n5000": []}
-    assert _find_cycle(chain) is None
-    assert _find_cycle({**chain, "n5000": ["n4990"]})[:2] == ["n4990", "n4991"]
+    assert find_cycle(chain) is None
+    assert find_cycle({**chain, "n5000": ["n4990"]})[:2] == ["n4990", "n4991"]
 
 
 def test_events_after_that_is_not_a_plain_integer_is_400(server: Server) -> None:
