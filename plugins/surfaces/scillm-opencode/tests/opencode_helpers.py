@@ -4,9 +4,12 @@ model, one scillm (with the OpenCode surfaces on) and the one ``opencode serve``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -178,6 +181,30 @@ class Stack:
             if doc.get("status") in statuses or time.monotonic() > deadline:
                 return doc  # type: ignore[no-any-return]
             time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def browser() -> Iterator[Any]:
+    """Debian's headless Chromium through Selenium and chromedriver (``scripts/install --test``), a fresh profile,
+    the browser console kept (CSP violations and script errors land there)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="scillm-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=shutil.which("chromedriver")
+                                                               or "/usr/bin/chromedriver"))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 def secrets_of(stack: Stack) -> list[str]:

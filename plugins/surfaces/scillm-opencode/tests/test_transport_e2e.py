@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from opencode_helpers import FINAL, Stack, scan_for_secrets
+from selenium.webdriver.support.ui import WebDriverWait
 
 T = "/v1/scillm/opencode/transport"
 TERMINAL = ("completed", "failed", "aborted", "timeout", "error")
@@ -176,9 +177,10 @@ def test_transport_bad_requests_and_capabilities(stack: Stack) -> None:
 
 
 def test_monitor_page_in_a_real_browser(stack: Stack) -> None:
-    """Headless Chromium (inside the same loopback-only namespace) opens the monitor link: it shows the live
-    transcript, tool calls, a pending permission and the diff, renders hostile text as text, and leaks nothing."""
-    from browser import Browser
+    """Debian's headless Chromium (Selenium over chromedriver, inside the same loopback-only namespace) opens the
+    monitor link: it shows the live transcript, tool calls, a pending permission and the diff, renders hostile text
+    as text, and leaks nothing."""
+    from opencode_helpers import browser, secrets_of
 
     hostile = '<img src=x onerror="document.title=1"><b>bold</b>'
     created = start(stack, [{"id": "a", "prompt": f"[edit] {hostile}",
@@ -186,32 +188,30 @@ def test_monitor_page_in_a_real_browser(stack: Stack) -> None:
     run_id, url = created["run_id"], created["monitor_url"]
     token = url.split("#token=", 1)[1]
     assert token.startswith("sk-scillm-view-") and "?" not in url  # the key rides in the fragment only
-    browser = Browser()
-    try:
-        browser.open(url)
+    with browser() as page:
+        page.get(url)
+        text = lambda element: page.execute_script(f"return document.getElementById('{element}').textContent")  # noqa
+        until = lambda check: WebDriverWait(page, 90, 0.1).until(lambda _: check())  # noqa: E731
         # live: the prompt and the pending permission show while the node waits for the answer
-        browser.wait_for("document.getElementById('transcript').textContent.includes('bold</b>')")
-        browser.wait_for("document.getElementById('permissions').textContent.includes('edit hello.txt')")
-        assert browser.js("document.querySelectorAll('#transcript img, #transcript b').length") == 0
-        assert browser.js("location.href").endswith(f"/runs/{run_id}/monitor")  # the token left the address bar
-        permission_id = browser.js("document.getElementById('permissions').textContent").split("(")[1].split(")")[0]
+        until(lambda: "bold</b>" in text("transcript"))
+        until(lambda: "edit hello.txt" in text("permissions"))
+        assert page.execute_script("return document.querySelectorAll('#transcript img, #transcript b').length") == 0
+        assert page.current_url.endswith(f"/runs/{run_id}/monitor")  # the token left the address bar
+        permission_id = text("permissions").split("(")[1].split(")")[0]
         assert stack.client.post(f"{T}/runs/{run_id}/permission",
                                  json={"permission_id": permission_id, "reply": "once"}).status_code == 200
-        browser.wait_for("document.getElementById('status').textContent === 'completed'")
-        browser.wait_for("document.getElementById('diff-text').textContent.includes('+goodbye world')")
-        assert FINAL in browser.js("document.getElementById('transcript').textContent")
-        tools = browser.js("document.getElementById('tools').textContent")
+        until(lambda: text("status") == "completed")
+        until(lambda: "+goodbye world" in text("diff-text"))
+        assert FINAL in text("transcript")
+        tools = text("tools")
         assert "read" in tools and "edit" in tools and "completed" in tools
-        assert browser.js("document.getElementById('permissions').textContent") == "none"
-        assert browser.js("document.getElementById('node-rows').textContent").startswith("acompleted")
-        assert browser.js("document.title") == "scillm run monitor"  # the hostile onerror never ran
-        assert browser.problems() == []  # no script error, no CSP violation
-        assert all(u.startswith(stack.url) or u == "about:blank" for u in browser.requested_urls())
-        page = browser.js("document.documentElement.outerHTML")
-        for secret in [*__import__("opencode_helpers").secrets_of(stack), token]:
-            assert secret not in page
-    finally:
-        browser.close()
+        assert text("permissions") == "none"
+        assert text("node-rows").startswith("acompleted")
+        assert page.title == "scillm run monitor"  # the hostile onerror never ran
+        assert [e for e in page.get_log("browser") if e["level"] == "SEVERE"] == []  # no script error, no CSP block
+        html = page.page_source
+        for secret in [*secrets_of(stack), token]:
+            assert secret not in html
     # the page itself is public and static, with a strict policy; its key reads this run only, and only reads
     page = stack.client.get(f"{T}/runs/{run_id}/monitor", headers={"authorization": ""})
     assert page.status_code == 200 and "script-src 'sha256-" in page.headers["content-security-policy"]
