@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from scillm_core.http import ReplyLimits
 
 __all__ = ["Config", "ConfigError", "Env", "GroupConfig", "PluginsConfig", "ProviderSettings", "ServerConfig",
-           "check_provider_tables", "load_config"]
+           "StateConfig", "check_provider_tables", "load_config"]
 
 
 class ConfigError(Exception):
@@ -109,6 +109,28 @@ class ProviderSettings:
 
 
 @frozen(kw_only=True)
+class StateConfig:
+    """``[state]``: where what must survive a restart or be shared between processes lives. ``sqlite`` (the
+    embedded default, under the data dir) or ``redis`` (``redis_url``, else ``$REDIS_URL``): every process and
+    instance pointed at one Redis shares limits, breakers, cache, leases, runs and batch work."""
+
+    backend: str = "sqlite"
+    redis_url: str | None = None
+    key_prefix: str = "scillm:"
+    timeout_s: float = 2.0           # per Redis command: a server that does not answer is a 503, never a hang
+    claim_timeout_s: float = 30.0    # queued work untouched this long (its process died) is taken over
+
+    def __attrs_post_init__(self) -> None:
+        if self.backend not in ("sqlite", "redis"):
+            raise ValueError(f"backend must be 'sqlite' or 'redis', not {self.backend!r}")
+        if self.timeout_s <= 0 or self.claim_timeout_s <= 0:
+            raise ValueError("timeout_s and claim_timeout_s must be > 0")
+
+    def url(self, env: Mapping[str, str]) -> str | None:
+        return self.redis_url or env.get("REDIS_URL") or None
+
+
+@frozen(kw_only=True)
 class PluginsConfig:
     disable: tuple[str, ...] = ()
 
@@ -129,6 +151,10 @@ class Config:
     @property
     def server(self) -> ServerConfig:
         return self.sections.get("server") or ServerConfig()  # type: ignore[no-any-return]
+
+    @property
+    def state(self) -> StateConfig:
+        return self.sections.get("state") or StateConfig()  # type: ignore[no-any-return]
 
     @property
     def aliases(self) -> Mapping[str, str]:

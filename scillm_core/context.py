@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -50,6 +52,7 @@ class Runtime:
     plugin_state: dict[str, Any] = field(factory=dict)  # each plugin's per-app state, by plugin name
     events: Events = field(factory=Events)
     public_paths: frozenset[str] = frozenset()
+    instance_id: str = field(factory=lambda: f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     _store: StateStore | None = None
     _store_factory: Callable[[], StateStore] | None = None
 
@@ -59,15 +62,22 @@ class Runtime:
 
     @property
     def store(self) -> StateStore:
-        """The state store, opened on first use (SQLite under the data dir unless a plugin set another)."""
+        """The state store, opened on first use: the ``[state]`` backend (SQLite under the data dir by default)
+        unless a plugin set another."""
         if self._store is None:
             if self._store_factory is not None:
                 self._store = self._store_factory()
             else:
-                from scillm_core.state.sqlite import SQLiteStore
+                from scillm_core.state import open_store
 
-                self._store = SQLiteStore(self.config.data_dir / "scillm.sqlite3")
+                self._store = open_store(self.config)
         return self._store
+
+    @property
+    def shared(self) -> bool:
+        """Whether the state store is shared beyond this machine (Redis): limits, breakers, pauses and the cache
+        then live in it too instead of in this process."""
+        return self.config.state.backend == "redis"
 
     def use_store(self, factory: Callable[[], StateStore]) -> None:
         self._store_factory = factory

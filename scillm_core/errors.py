@@ -15,6 +15,7 @@ Every error a client can see is one of these, rendered by :func:`to_response_par
     ├── AuthenticationError          401 invalid_api_key
     ├── PermissionDenied             403 permission_denied
     ├── DeadlineExceeded             504 timeout_error
+    ├── StateUnavailable             503 state_unavailable (the shared state store cannot be reached)
     └── UpstreamError                502 upstream_error (always names provider and model)
         ├── UpstreamBadRequest       status of the upstream (400/404/413/422), its code kept
         ├── UpstreamAuthError        401 upstream_auth_failed
@@ -54,6 +55,7 @@ __all__ = [
     "ProviderNotConfigured",
     "RequestError",
     "ScillmError",
+    "StateUnavailable",
     "ThinkingBudgetExhausted",
     "UpstreamAuthError",
     "UpstreamBadRequest",
@@ -150,6 +152,19 @@ class DeadlineExceeded(ScillmError):
     status = 504
     type = "timeout_error"
     code = "deadline_exceeded"
+
+
+class StateUnavailable(ScillmError):
+    """The state store (Redis) did not answer in time; what needs it fails closed with this 503."""
+
+    status = 503
+    type = "server_error"
+    code = "state_unavailable"
+    retryable = True
+
+    def __init__(self, message: str, **kw: Any) -> None:
+        kw.setdefault("headers", {"retry-after": "1"})
+        super().__init__(message, **kw)
 
 
 class UpstreamError(ScillmError):

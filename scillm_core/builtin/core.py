@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from scillm_core import errors
 from scillm_core.builtin.routing import resolve
-from scillm_core.config import GroupConfig, PluginsConfig, ProviderSettings, ServerConfig
+from scillm_core.config import GroupConfig, PluginsConfig, ProviderSettings, ServerConfig, StateConfig
 from scillm_core.hookspecs import hookimpl
 from scillm_core.http import UPSTREAM_HEADERS, send_context_headers
 from scillm_core.models import ChatResponse, EmbeddingsRequest, EmbeddingsResponse
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 @hookimpl
 def scillm_config_sections() -> Mapping[str, Any]:
     return {"server": ServerConfig, "aliases": Mapping[str, str], "groups": Mapping[str, GroupConfig],
-            "providers": Mapping[str, ProviderSettings], "plugins": PluginsConfig}
+            "providers": Mapping[str, ProviderSettings], "plugins": PluginsConfig, "state": StateConfig}
 
 
 @hookimpl(trylast=True)

@@ -1,8 +1,10 @@
-"""The state-store interface: namespaced JSON documents, compare-and-set for leases, append-only logs.
+"""The state-store interface: namespaced JSON documents, compare-and-set for leases, append-only logs that can be
+followed, and work queues with acknowledgement.
 
-SQLite (WAL) under the data dir is the default (:mod:`scillm_core.state.sqlite`); a plugin can install another
-backend (Redis for several instances) with ``runtime.use_store(factory)``. Every backend takes values as
-parameters, never as query text.
+Two backends, chosen by ``[state] backend``: SQLite (WAL) under the data dir, the embedded default
+(:mod:`scillm_core.state.sqlite`; shared by the processes of one machine), and Redis (:mod:`scillm_core.state.redis`;
+shared by every process and instance pointed at it). Every backend takes values as parameters, never as query text.
+Callers never read then write: what must be atomic is one call (``compare_and_set``, ``take``, ``ack``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-__all__ = ["StateStore"]
+__all__ = ["StateStore", "open_store"]
 
 
 class StateStore(Protocol):
@@ -47,5 +49,53 @@ class StateStore(Protocol):
     async def trim(self, namespace: str, keep: int) -> int:
         """Drop all but the newest ``keep`` records of a log; how many were dropped."""
 
+    async def follow(self, namespace: str, after: str = "", limit: int = 100,
+                     block_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
+        """Log records appended after the cursor ``after`` (``""``: from the start), oldest first, each with its own
+        cursor; waits up to ``block_s`` for the first one when there is none yet."""
+
+    async def enqueue(self, queue: str, entries: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Add work entries to a queue (all or none); their ids, in order."""
+
+    async def take(self, queue: str, consumer: str, count: int, *,
+                   block_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
+        """Claim up to ``count`` entries nobody holds for ``consumer``, waiting up to ``block_s`` for the first.
+        An entry stays claimed until :meth:`ack`; every entry goes to exactly one consumer at a time."""
+
+    async def reclaim(self, queue: str, consumer: str, idle_s: float,
+                      count: int) -> list[tuple[str, dict[str, Any]]]:
+        """Claim for ``consumer`` up to ``count`` entries whose holder has not touched them for ``idle_s`` (it
+        died, or hung): how work held by a dead process goes on elsewhere."""
+
+    async def touch(self, queue: str, consumer: str, ids: Sequence[str]) -> int:
+        """Mark entries ``consumer`` still holds as alive (not reclaimable); how many it still held."""
+
+    async def ack(self, queue: str, ids: Sequence[str]) -> None:
+        """Done with these entries: they leave the queue."""
+
+    async def queue_depth(self, queue: str) -> dict[str, int]:
+        """``{"waiting": entries nobody holds, "claimed": entries held}``."""
+
+    async def health(self) -> dict[str, Any]:
+        """``{"backend", "reachable", ...}`` for ``GET /v1/scillm/health``, answered within the backend's timeout;
+        never a secret."""
+
     async def close(self) -> None:
         """Release the backend."""
+
+
+def open_store(config: Any) -> StateStore:
+    """The backend ``config.state`` names (``config`` is a :class:`scillm_core.config.Config`)."""
+    state = config.state
+    if state.backend == "redis":
+        from scillm_core.state.redis import RedisStore
+
+        url = state.url(config.env)
+        if not url:
+            from scillm_core.config import ConfigError
+
+            raise ConfigError("[state] backend = \"redis\" needs redis_url in [state] or REDIS_URL in the environment")
+        return RedisStore(url, prefix=state.key_prefix, timeout_s=state.timeout_s)
+    from scillm_core.state.sqlite import SQLiteStore
+
+    return SQLiteStore(config.data_dir / "scillm.sqlite3")

@@ -23,7 +23,11 @@ CREATE TABLE IF NOT EXISTS docs (ns TEXT NOT NULL, key TEXT NOT NULL, value BLOB
 CREATE TABLE IF NOT EXISTS logs (id INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL, ts REAL NOT NULL,
                                  value BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS logs_ns ON logs (ns, id);
+CREATE TABLE IF NOT EXISTS queue (id INTEGER PRIMARY KEY AUTOINCREMENT, q TEXT NOT NULL, value BLOB NOT NULL,
+                                  owner TEXT, touched REAL);
+CREATE INDEX IF NOT EXISTS queue_q ON queue (q, owner, id);
 """
+POLL_S = (0.02, 0.25)  # waits for other processes' writes: first poll, longest poll
 _UPSERT = ("INSERT INTO docs (ns, key, value, expires) VALUES (?, ?, ?, ?) "
            "ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires = excluded.expires")
 
@@ -39,6 +43,7 @@ class SQLiteStore:
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scillm-store")
+        self._wakers: dict[str, asyncio.Event] = {}  # this process's appends/enqueues wake its followers at once
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def locked() -> T:
@@ -115,6 +120,7 @@ class SQLiteStore:
         blob = orjson.dumps(record)
         await self._run(lambda db: db.execute("INSERT INTO logs (ns, ts, value) VALUES (?, ?, ?)",
                                               (namespace, time.time(), blob)))
+        self._wake("log:" + namespace)
 
     async def append_many(self, namespace: str, records: Sequence[Mapping[str, Any]]) -> None:
         """All of ``records`` in one statement (one transaction, one release of the GIL): a row-by-row insert would
@@ -122,6 +128,7 @@ class SQLiteStore:
         batch = orjson.dumps(list(records)).decode()  # text: SQLite 3.45+ reads a BLOB argument as JSONB
         await self._run(lambda db: db.execute(
             "INSERT INTO logs (ns, ts, value) SELECT ?, ?, value FROM json_each(?)", (namespace, time.time(), batch)))
+        self._wake("log:" + namespace)
 
     async def tail(self, namespace: str, limit: int = 100) -> list[dict[str, Any]]:
         rows = await self._run(lambda db: db.execute(
@@ -132,6 +139,117 @@ class SQLiteStore:
         return await self._run(lambda db: db.execute(
             "DELETE FROM logs WHERE ns = ? AND id <= (SELECT id FROM logs WHERE ns = ? ORDER BY id DESC LIMIT 1 "
             "OFFSET ?)", (namespace, namespace, max(0, keep))).rowcount)
+
+    # -- following a log, work queues ------------------------------------------------------------------------------
+
+    def _wake(self, name: str) -> None:
+        event = self._wakers.pop(name, None)
+        if event is not None:
+            event.set()
+
+    async def _poll(self, name: str, block_s: float, fetch: Callable[[], Any]) -> Any:
+        """``fetch()`` until it returns something or ``block_s`` passed; woken at once by this process's writes,
+        polling (with backoff) for other processes'."""
+        deadline = time.monotonic() + block_s
+        pause = POLL_S[0]
+        while True:
+            found = await fetch()
+            left = deadline - time.monotonic()
+            if found or left <= 0:
+                return found
+            event = self._wakers.setdefault(name, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), min(pause, left))
+            except TimeoutError:
+                pause = min(pause * 2, POLL_S[1])
+
+    async def follow(self, namespace: str, after: str = "", limit: int = 100,
+                     block_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
+        start = int(after) if after else 0
+
+        async def fetch() -> list[tuple[str, dict[str, Any]]]:
+            rows = await self._run(lambda db: db.execute(
+                "SELECT id, value FROM logs WHERE ns = ? AND id > ? ORDER BY id LIMIT ?",
+                (namespace, start, limit)).fetchall())
+            return [(str(i), orjson.loads(value)) for i, value in rows]
+
+        return await self._poll("log:" + namespace, block_s, fetch)  # type: ignore[no-any-return]
+
+    async def enqueue(self, queue: str, entries: Sequence[Mapping[str, Any]]) -> list[str]:
+        rows = [(queue, orjson.dumps(entry)) for entry in entries]
+
+        def insert(db: sqlite3.Connection) -> list[str]:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                ids = [str(db.execute("INSERT INTO queue (q, value) VALUES (?, ?)", row).lastrowid) for row in rows]
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return ids
+
+        ids = await self._run(insert)
+        self._wake("queue:" + queue)
+        return ids
+
+    async def _claim(self, queue: str, consumer: str, count: int,
+                     idle_s: float | None) -> list[tuple[str, dict[str, Any]]]:
+        """Claim unheld entries (``idle_s`` None) or entries held but untouched for ``idle_s``, in one
+        ``BEGIN IMMEDIATE`` transaction (no other connection or process can interleave)."""
+        def claim(db: sqlite3.Connection) -> list[tuple[str, dict[str, Any]]]:
+            now = time.time()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if idle_s is None:
+                    rows = db.execute("SELECT id, value FROM queue WHERE q = ? AND owner IS NULL ORDER BY id LIMIT ?",
+                                      (queue, count)).fetchall()
+                else:
+                    rows = db.execute("SELECT id, value FROM queue WHERE q = ? AND owner IS NOT NULL AND touched <= ? "
+                                      "ORDER BY id LIMIT ?", (queue, now - idle_s, count)).fetchall()
+                db.executemany("UPDATE queue SET owner = ?, touched = ? WHERE id = ?",
+                               [(consumer, now, i) for i, _ in rows])
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return [(str(i), orjson.loads(value)) for i, value in rows]
+
+        return await self._run(claim)
+
+    async def take(self, queue: str, consumer: str, count: int, *,
+                   block_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
+        return await self._poll("queue:" + queue, block_s,  # type: ignore[no-any-return]
+                                lambda: self._claim(queue, consumer, count, None))
+
+    async def reclaim(self, queue: str, consumer: str, idle_s: float,
+                      count: int) -> list[tuple[str, dict[str, Any]]]:
+        return await self._claim(queue, consumer, count, idle_s)
+
+    async def touch(self, queue: str, consumer: str, ids: Sequence[str]) -> int:
+        rows = [(time.time(), queue, consumer, int(i)) for i in ids]
+
+        def update(db: sqlite3.Connection) -> int:
+            before = db.total_changes
+            db.executemany("UPDATE queue SET touched = ? WHERE q = ? AND owner = ? AND id = ?", rows)
+            return db.total_changes - before
+
+        return await self._run(update)
+
+    async def ack(self, queue: str, ids: Sequence[str]) -> None:
+        rows = [(queue, int(i)) for i in ids]
+        await self._run(lambda db: db.executemany("DELETE FROM queue WHERE q = ? AND id = ?", rows))
+
+    async def queue_depth(self, queue: str) -> dict[str, int]:
+        waiting, claimed = await self._run(lambda db: db.execute(
+            "SELECT count(*) - count(owner), count(owner) FROM queue WHERE q = ?", (queue,)).fetchone())
+        return {"waiting": int(waiting or 0), "claimed": int(claimed or 0)}
+
+    async def health(self) -> dict[str, Any]:
+        try:
+            await self._run(lambda db: db.execute("SELECT 1").fetchone())
+            return {"backend": "sqlite", "reachable": True, "path": str(self.path)}
+        except Exception as exc:
+            return {"backend": "sqlite", "reachable": False, "path": str(self.path), "error": type(exc).__name__}
 
     async def close(self) -> None:
         await self._run(lambda db: db.close())

@@ -1,0 +1,346 @@
+"""Redis (or Valkey) state store: one store for every process and instance pointed at the same server.
+
+Layout under ``prefix`` (a namespace or queue name ``n`` is written as ``len(n):n``, so no name can collide with
+another's keys):
+
+- documents: ``{p}d:{ns}:{key}`` strings (canonical JSON, ``PX`` for a TTL), indexed per namespace by the sorted set
+  ``{p}i:{ns}`` (score 0, members ordered by bytes, so a prefix scan is one ``ZRANGEBYLEX``);
+- logs: the stream ``{p}l:{ns}`` (``XADD``/``XREVRANGE``/``XTRIM``; followed with ``XREAD``);
+- queues: the stream ``{p}q:{name}`` with the consumer group ``work`` (``XREADGROUP``, ``XAUTOCLAIM``, ``XACK``).
+
+Everything that must be atomic is one command, a ``MULTI`` block or a Lua script, never a read then a write.
+Every command is bounded by ``timeout_s`` (one retry on a fresh connection, for a server that restarted); a server
+that does not answer raises :class:`scillm_core.errors.StateUnavailable` (503), never a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import orjson
+
+from scillm_core.errors import StateUnavailable
+
+__all__ = ["RedisStore", "safe_url"]
+
+GROUP = "work"
+MAX_BLOCK_S = 5.0  # one blocking read waits at most this long; callers loop
+
+_CAS = """
+local cur = redis.call('GET', KEYS[1])
+if ARGV[1] == '' then
+  if cur then return 0 end
+elseif cur ~= ARGV[1] then
+  return 0
+end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[4])
+else
+  if ARGV[3] ~= '0' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) else redis.call('SET', KEYS[1], ARGV[2]) end
+  redis.call('ZADD', KEYS[2], 0, ARGV[4])
+end
+return 1
+"""
+
+# Only entries the consumer still holds are touched: one reclaimed by another process stays with it.
+_TOUCH = """
+local n = 0
+for i = 2, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], 'work', ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[1] then
+    redis.call('XCLAIM', KEYS[1], 'work', ARGV[1], 0, ARGV[i], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+def safe_url(url: str) -> str:
+    """The URL without credentials (``redis://:secret@host`` -> ``redis://[redacted]@host``)."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "[redacted]@" + rest.rsplit("@", 1)[1]
+    return scheme + sep + rest
+
+
+def _name(kind: str, prefix: str, name: str) -> str:
+    return f"{prefix}{kind}:{len(name)}:{name}"
+
+
+def _dump(value: Mapping[str, Any]) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)  # canonical: compare-and-set compares bytes
+
+
+class RedisStore:
+    def __init__(self, url: str, *, prefix: str = "scillm:", timeout_s: float = 2.0) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        self._client: Any = None
+        self._blocking: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._groups: set[str] = set()
+        self._cursors: dict[str, str] = {}
+
+    # -- connection ------------------------------------------------------------------------------------------------
+
+    def _connect(self, socket_timeout: float) -> Any:
+        import redis.asyncio as aioredis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        return aioredis.from_url(self.url, socket_timeout=socket_timeout, socket_connect_timeout=self.timeout_s,
+                                 retry=Retry(NoBackoff(), 1), decode_responses=False)
+
+    @property
+    def redis(self) -> Any:
+        if self._client is None:
+            self._client = self._connect(self.timeout_s)
+        return self._client
+
+    @property
+    def blocking(self) -> Any:
+        """A second client for blocking reads, whose socket timeout outlasts the longest block."""
+        if self._blocking is None:
+            self._blocking = self._connect(self.timeout_s + MAX_BLOCK_S)
+        return self._blocking
+
+    def script(self, source: str) -> Any:
+        found = self._scripts.get(source)
+        if found is None:
+            found = self._scripts[source] = self.redis.register_script(source)
+        return found
+
+    @contextlib.contextmanager
+    def unavailable(self) -> Iterator[None]:
+        """Redis errors as one clear 503 naming the server (never its password)."""
+        from redis.exceptions import ConnectionError, ResponseError, TimeoutError
+
+        try:
+            yield
+        except ResponseError:
+            raise
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            raise StateUnavailable(f"the state store (Redis at {safe_url(self.url)}) did not answer: "
+                                   f"{type(exc).__name__}") from None
+
+    # -- documents -------------------------------------------------------------------------------------------------
+
+    def _doc(self, namespace: str, key: str) -> str:
+        return _name("d", self.prefix, namespace) + ":" + key
+
+    def _index(self, namespace: str) -> str:
+        return _name("i", self.prefix, namespace)
+
+    async def get(self, namespace: str, key: str) -> dict[str, Any] | None:
+        with self.unavailable():
+            raw = await self.redis.get(self._doc(namespace, key))
+        return orjson.loads(raw) if raw is not None else None  # type: ignore[no-any-return]
+
+    async def put(self, namespace: str, key: str, value: Mapping[str, Any], *, ttl_s: float | None = None) -> None:
+        await self.put_many(namespace, [(key, value)], ttl_s=ttl_s)
+
+    async def put_many(self, namespace: str, documents: Sequence[tuple[str, Mapping[str, Any]]], *,
+                       ttl_s: float | None = None) -> None:
+        if not documents:
+            return
+        ttl_ms = max(1, int(ttl_s * 1000)) if ttl_s else None
+        with self.unavailable():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for key, value in documents:
+                    pipe.set(self._doc(namespace, key), _dump(value), px=ttl_ms)
+                pipe.zadd(self._index(namespace), {key: 0 for key, _ in documents})
+                await pipe.execute()
+
+    async def compare_and_set(self, namespace: str, key: str, expected: Mapping[str, Any] | None,
+                              value: Mapping[str, Any] | None, *, ttl_s: float | None = None) -> bool:
+        args = [_dump(expected) if expected is not None else b"", _dump(value) if value is not None else b"",
+                max(1, int(ttl_s * 1000)) if ttl_s else 0, key]
+        with self.unavailable():
+            done = await self.script(_CAS)(keys=[self._doc(namespace, key), self._index(namespace)], args=args)
+        return bool(done)
+
+    async def delete(self, namespace: str, key: str) -> bool:
+        with self.unavailable():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._doc(namespace, key))
+                pipe.zrem(self._index(namespace), key)
+                deleted, _ = await pipe.execute()
+        return bool(deleted)
+
+    async def scan(self, namespace: str, prefix: str = "", limit: int = 1000) -> list[tuple[str, dict[str, Any]]]:
+        """Keys from the namespace's index in byte order, values in one ``MGET`` per page; index members whose
+        document expired are dropped from the index as they are met."""
+        index = self._index(namespace)
+        low, high = (b"[" + prefix.encode(), b"[" + prefix.encode() + b"\xff") if prefix else (b"-", b"+")
+        found: list[tuple[str, dict[str, Any]]] = []
+        offset = 0
+        with self.unavailable():
+            while len(found) < limit:
+                page = min(max(limit - len(found), 100), 10_000)
+                keys = await self.redis.zrangebylex(index, low, high, start=offset, num=page)
+                if not keys:
+                    break
+                offset += len(keys)
+                values = await self.redis.mget([self._doc(namespace, k.decode()) for k in keys])
+                gone = [k for k, v in zip(keys, values, strict=True) if v is None]
+                found += [(k.decode(), orjson.loads(v)) for k, v in zip(keys, values, strict=True) if v is not None]
+                if gone:
+                    await self.redis.zrem(index, *gone)
+                    offset -= len(gone)
+                if len(keys) < page:
+                    break
+        return found[:limit]
+
+    # -- logs ------------------------------------------------------------------------------------------------------
+
+    def _log(self, namespace: str) -> str:
+        return _name("l", self.prefix, namespace)
+
+    async def append(self, namespace: str, record: Mapping[str, Any]) -> None:
+        with self.unavailable():
+            await self.redis.xadd(self._log(namespace), {b"v": orjson.dumps(record)})
+
+    async def append_many(self, namespace: str, records: Sequence[Mapping[str, Any]]) -> None:
+        if not records:
+            return
+        key = self._log(namespace)
+        with self.unavailable():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for record in records:
+                    pipe.xadd(key, {b"v": orjson.dumps(record)})
+                await pipe.execute()
+
+    async def tail(self, namespace: str, limit: int = 100) -> list[dict[str, Any]]:
+        with self.unavailable():
+            entries = await self.redis.xrevrange(self._log(namespace), count=limit)
+        return [orjson.loads(fields[b"v"]) for _, fields in reversed(entries)]
+
+    async def trim(self, namespace: str, keep: int) -> int:
+        with self.unavailable():
+            return int(await self.redis.xtrim(self._log(namespace), maxlen=max(0, keep), approximate=False))
+
+    async def follow(self, namespace: str, after: str = "", limit: int = 100,
+                     block_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
+        block = int(min(block_s, MAX_BLOCK_S) * 1000)
+        with self.unavailable():
+            client = self.blocking if block else self.redis
+            answer = await client.xread({self._log(namespace): after or "0-0"}, count=limit, block=block or None)
+        return [(entry_id.decode(), orjson.loads(fields[b"v"])) for _, entries in answer or ()
+                for entry_id, fields in entries]
+
+    # -- queues ----------------------------------------------------------------------------------------------------
+
+    async def _queue(self, queue: str) -> str:
+        key = _name("q", self.prefix, queue)
+        if key not in self._groups:
+            from redis.exceptions import ResponseError
+
+            try:
+                await self.redis.xgroup_create(key, GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            self._groups.add(key)
+        return key
+
+    async def _grouped(self, queue: str, command: Any) -> Any:
+        """Run ``command(key)``; when the group is gone (Redis restarted without its data) make it again, once."""
+        from redis.exceptions import ResponseError
+
+        with self.unavailable():
+            key = await self._queue(queue)
+            try:
+                return await command(key)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self._groups.discard(key)
+                return await command(await self._queue(queue))
+
+    async def enqueue(self, queue: str, entries: Sequence[Mapping[str, Any]]) -> list[str]:
+        async def add(key: str) -> list[Any]:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for entry in entries:
+                    pipe.xadd(key, {b"v": orjson.dumps(entry)})
+                return await pipe.execute()  # type: ignore[no-any-return]
+
+        return [entry_id.decode() for entry_id in await self._grouped(queue, add)] if entries else []
+
+    async def take(self, queue: str, consumer: str, count: int, *,
+                   block_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
+        block = int(min(block_s, MAX_BLOCK_S) * 1000)
+
+        async def read(key: str) -> Any:
+            client = self.blocking if block else self.redis
+            return await client.xreadgroup(GROUP, consumer, {key: ">"}, count=count, block=block or None)
+
+        answer = await self._grouped(queue, read)
+        return [(entry_id.decode(), orjson.loads(fields[b"v"])) for _, entries in answer or ()
+                for entry_id, fields in entries if fields]
+
+    async def reclaim(self, queue: str, consumer: str, idle_s: float,
+                      count: int) -> list[tuple[str, dict[str, Any]]]:
+        async def claim(key: str) -> Any:
+            start = self._cursors.get(key, "0-0")
+            answer = await self.redis.xautoclaim(key, GROUP, consumer, int(idle_s * 1000), start_id=start,
+                                                 count=count)
+            cursor = answer[0].decode() if isinstance(answer[0], bytes) else str(answer[0])
+            self._cursors[key] = cursor
+            return answer[1]
+
+        entries = await self._grouped(queue, claim)
+        return [(entry_id.decode(), orjson.loads(fields[b"v"])) for entry_id, fields in entries if fields]
+
+    async def touch(self, queue: str, consumer: str, ids: Sequence[str]) -> int:
+        if not ids:
+            return 0
+        return int(await self._grouped(queue, lambda key: self.script(_TOUCH)(keys=[key], args=[consumer, *ids])))
+
+    async def ack(self, queue: str, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+
+        async def done(key: str) -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xack(key, GROUP, *ids)
+                pipe.xdel(key, *ids)
+                await pipe.execute()
+
+        await self._grouped(queue, done)
+
+    async def queue_depth(self, queue: str) -> dict[str, int]:
+        async def depth(key: str) -> tuple[int, int]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xlen(key)
+                pipe.xpending(key, GROUP)
+                length, pending = await pipe.execute()
+            return int(length), int(pending["pending"])
+
+        length, claimed = await self._grouped(queue, depth)
+        return {"waiting": max(length - claimed, 0), "claimed": claimed}
+
+    # -- health ----------------------------------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"backend": "redis", "url": safe_url(self.url), "key_prefix": self.prefix}
+        started = time.perf_counter()
+        try:
+            with self.unavailable():
+                await self.redis.ping()
+            out.update(reachable=True, latency_ms=round((time.perf_counter() - started) * 1000, 2))
+        except StateUnavailable as exc:
+            out.update(reachable=False, error=exc.message)
+        return out
+
+    async def close(self) -> None:
+        for client in (self._client, self._blocking):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+        self._client = self._blocking = None

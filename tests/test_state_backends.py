@@ -1,0 +1,193 @@
+"""The state-store contract, run against both backends: SQLite (two connections to one file stand for two processes
+on one machine) and a real redis-server (two clients stand for two instances)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scillm_core.config import Config, ConfigError, Env, StateConfig
+from scillm_core.errors import StateUnavailable
+from scillm_core.state import StateStore, open_store
+from scillm_core.state.redis import RedisStore
+from scillm_core.state.sqlite import SQLiteStore
+from scillm_core.testing.services import RedisServer, free_port
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Callable[[], StateStore]]:
+    """A factory of stores on one backend; each store is a separate connection (another process)."""
+    made: list[StateStore] = []
+    if request.param == "sqlite":
+        def make() -> StateStore:
+            made.append(SQLiteStore(tmp_path / "state.sqlite3"))
+            return made[-1]
+    else:
+        server = request.getfixturevalue("redis_server")
+        prefix = f"contract:{uuid.uuid4().hex[:8]}:"
+
+        def make() -> StateStore:
+            made.append(RedisStore(server.url, prefix=prefix))
+            return made[-1]
+    yield make
+    for store in made:
+        await store.close()
+
+
+async def test_documents_scan_in_key_order_by_prefix_and_expire(stores: Callable[[], StateStore]) -> None:
+    store = stores()
+    await store.put_many("batch-items:b'1", [("k2", {"n": 2}), ("k1", {"n": 1}), ("x", {"n": 0})])
+    await store.put("batch-items:b'1", "k3", {"n": 3}, ttl_s=0.05)
+    await store.put("batch-items:b", "k1", {"other": True})  # a namespace that is a prefix of another
+    assert [k for k, _ in await store.scan("batch-items:b'1", "k")] == ["k1", "k2", "k3"]
+    assert await store.get("batch-items:b'1", "k2") == {"n": 2}
+    await asyncio.sleep(0.1)
+    assert await store.get("batch-items:b'1", "k3") is None
+    assert await store.scan("batch-items:b'1", "k", limit=10) == [("k1", {"n": 1}), ("k2", {"n": 2})]
+    assert await store.scan("batch-items:b") == [("k1", {"other": True})]
+    assert await store.delete("batch-items:b'1", "x") and not await store.delete("batch-items:b'1", "x")
+    hostile = "1' OR '1'='1\x00;DROP"
+    await store.put("ns", hostile, {"v": hostile})
+    assert await store.get("ns", hostile) == {"v": hostile}
+
+
+async def test_compare_and_set_has_one_winner_across_processes(stores: Callable[[], StateStore]) -> None:
+    one, two = stores(), stores()
+    wins = await asyncio.gather(*(s.compare_and_set("leases", "w", None, {"owner": f"o{i}"}, ttl_s=5)
+                                  for i, s in enumerate([one, two] * 10)))
+    assert sum(wins) == 1
+    holder = await two.get("leases", "w")
+    assert holder is not None
+    assert not await one.compare_and_set("leases", "w", {"owner": "someone else"}, None)
+    assert await one.compare_and_set("leases", "w", holder, {**holder, "renewed": 1}, ttl_s=5)
+    assert await two.compare_and_set("leases", "w", {**holder, "renewed": 1}, None)
+    assert await one.get("leases", "w") is None
+    await one.put("leases", "short", {"x": 1}, ttl_s=0.05)
+    await asyncio.sleep(0.1)
+    assert await two.compare_and_set("leases", "short", None, {"x": 2})  # expired reads as absent
+
+
+async def test_logs_tail_trim_and_follow_across_processes(stores: Callable[[], StateStore]) -> None:
+    writer, reader = stores(), stores()
+    await writer.append_many("events", [{"i": i} for i in range(5)])
+    assert await reader.tail("events", 3) == [{"i": 2}, {"i": 3}, {"i": 4}]
+    first = await reader.follow("events", "", limit=2)
+    assert [r for _, r in first] == [{"i": 0}, {"i": 1}]
+    rest = await reader.follow("events", first[-1][0], limit=100)
+    assert [r for _, r in rest] == [{"i": 2}, {"i": 3}, {"i": 4}]
+    assert await reader.follow("events", rest[-1][0]) == []
+
+    async def later() -> None:
+        await asyncio.sleep(0.2)
+        await writer.append("events", {"i": 5})
+
+    task = asyncio.ensure_future(later())
+    woken = await reader.follow("events", rest[-1][0], block_s=4.0)  # waits for the other process's write
+    await task
+    assert [r for _, r in woken] == [{"i": 5}]
+    assert await writer.trim("events", 2) == 4
+    assert await reader.tail("events") == [{"i": 4}, {"i": 5}]
+
+
+async def test_queue_every_entry_to_one_consumer_until_acknowledged(stores: Callable[[], StateStore]) -> None:
+    a, b = stores(), stores()
+    ids = await a.enqueue("work", [{"n": n} for n in range(50)])
+    assert len(set(ids)) == 50
+    taken_a, taken_b = await asyncio.gather(a.take("work", "A", 30), b.take("work", "B", 30))
+    got = [e["n"] for _, e in taken_a] + [e["n"] for _, e in taken_b]
+    assert sorted(got) == list(range(50))  # every entry once, to one consumer
+    assert await a.queue_depth("work") == {"waiting": 0, "claimed": 50}
+    await a.ack("work", [i for i, _ in taken_a])
+    await b.ack("work", [i for i, _ in taken_b])
+    assert await b.queue_depth("work") == {"waiting": 0, "claimed": 0}
+    assert await a.take("work", "A", 10) == []
+
+    async def later() -> None:
+        await asyncio.sleep(0.2)
+        await a.enqueue("work", [{"n": "late"}])
+
+    task = asyncio.ensure_future(later())
+    late = await b.take("work", "B", 10, block_s=4.0)
+    await task
+    assert [e for _, e in late] == [{"n": "late"}]
+
+
+async def test_work_of_a_dead_consumer_is_reclaimed_and_a_live_one_keeps_its_own(
+        stores: Callable[[], StateStore]) -> None:
+    a, b = stores(), stores()
+    await a.enqueue("jobs", [{"n": n} for n in range(4)])
+    held = await a.take("jobs", "A", 4)
+    assert await b.reclaim("jobs", "B", idle_s=0.3, count=10) == []  # too fresh
+    await asyncio.sleep(0.4)
+    assert await a.touch("jobs", "A", [held[0][0], held[1][0]]) == 2  # A is alive for two of them
+    reclaimed = await b.reclaim("jobs", "B", idle_s=0.3, count=10)
+    assert sorted(e["n"] for _, e in reclaimed) == [2, 3]
+    assert await a.touch("jobs", "A", [held[2][0]]) == 0  # B holds it now: A's touch does not take it back
+    await b.ack("jobs", [i for i, _ in reclaimed])
+    await a.ack("jobs", [held[0][0], held[1][0]])
+    assert await a.queue_depth("jobs") == {"waiting": 0, "claimed": 0}
+
+
+async def test_health_names_the_backend(stores: Callable[[], StateStore]) -> None:
+    health = await stores().health()
+    assert health["reachable"] is True and health["backend"] in ("sqlite", "redis")
+
+
+async def test_redis_down_is_a_quick_503_never_a_hang(tmp_path: Path) -> None:
+    store = RedisStore(f"redis://:hunter2secret@127.0.0.1:{free_port()}/0", timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(StateUnavailable) as caught:
+        await store.get("ns", "k")
+    assert time.monotonic() - started < 5
+    assert caught.value.status == 503 and "hunter2secret" not in caught.value.message
+    assert "127.0.0.1" in caught.value.message
+    health = await store.health()
+    assert health["reachable"] is False and "hunter2secret" not in str(health)
+    await store.close()
+
+
+async def test_a_redis_restart_loses_no_committed_connection(tmp_path: Path) -> None:
+    """After redis-server restarts, the store reconnects by itself (and remakes a queue's consumer group)."""
+    with RedisServer(tmp_path / "r") as server:
+        store = RedisStore(server.url)
+        await store.put("ns", "k", {"v": 1})
+        await store.enqueue("q", [{"n": 1}])
+        server.kill()
+        with pytest.raises(StateUnavailable):
+            await store.get("ns", "k")
+        server.start()
+        await store.put("ns", "k", {"v": 2})
+        assert await store.get("ns", "k") == {"v": 2}
+        await store.enqueue("q", [{"n": 2}])  # the group went with the data; it is made again
+        assert [e for _, e in await store.take("q", "A", 10)] == [{"n": 2}]
+        await store.close()
+
+
+def test_state_table_chooses_the_backend(tmp_path: Path) -> None:
+    from scillm_core.builtin.core import scillm_config_sections
+
+    def config(table: dict[str, Any], env: dict[str, str] | None = None) -> Config:
+        return Config(tables={"state": table}, env=Env(env or {}), data_dir=tmp_path).with_sections(
+            scillm_config_sections())
+
+    assert isinstance(open_store(Config(data_dir=tmp_path)), SQLiteStore)
+    store = open_store(config({"backend": "redis"}, {"REDIS_URL": "redis://127.0.0.1:1/0"}))
+    assert isinstance(store, RedisStore) and store.url == "redis://127.0.0.1:1/0"
+    with pytest.raises(ConfigError, match="redis_url"):
+        open_store(config({"backend": "redis"}))
+    with pytest.raises(ConfigError, match=r"backend must be .sqlite. or .redis., not .mongo. at state"):
+        config({"backend": "mongo"})
+    assert StateConfig().backend == "sqlite"
