@@ -63,8 +63,12 @@ def create_app(config: Config | None = None, *, plugins: Sequence[tuple[str, obj
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        from scillm_core.state.presence import Presence
+
         runtime.http = make_http_client(config.env, limits=config.server.reply_limits())
+        runtime.presence = Presence(runtime)
         try:
+            runtime.presence.start()
             for start in surfaces.startup:
                 await start()
             runtime.ready = True
@@ -74,6 +78,7 @@ def create_app(config: Config | None = None, *, plugins: Sequence[tuple[str, obj
             for stop in reversed(surfaces.shutdown):
                 with contextlib.suppress(Exception):
                     await stop()
+            await runtime.presence.stop()
             await runtime.http.aclose()
             if runtime._store is not None:
                 await runtime._store.close()

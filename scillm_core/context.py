@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from scillm_core.plugins import PluginInfo
     from scillm_core.registry import ProviderRegistry, Route
     from scillm_core.state import StateStore
+    from scillm_core.state.presence import Presence
 
 __all__ = ["CallContext", "Runtime"]
 
@@ -53,6 +54,7 @@ class Runtime:
     events: Events = field(factory=Events)
     public_paths: frozenset[str] = frozenset()
     instance_id: str = field(factory=lambda: f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    presence: Presence | None = None  # this process in the store's list of live instances (while the app runs)
     _store: StateStore | None = None
     _store_factory: Callable[[], StateStore] | None = None
 

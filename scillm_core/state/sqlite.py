@@ -206,8 +206,10 @@ class SQLiteStore:
                 else:
                     rows = db.execute("SELECT id, value FROM queue WHERE q = ? AND owner IS NOT NULL AND touched <= ? "
                                       "ORDER BY id LIMIT ?", (queue, now - idle_s, count)).fetchall()
-                db.executemany("UPDATE queue SET owner = ?, touched = ? WHERE id = ?",
-                               [(consumer, now, i) for i, _ in rows])
+                if rows:
+                    marks = ",".join("?" * len(rows))
+                    db.execute(f"UPDATE queue SET owner = ?, touched = ? WHERE id IN ({marks})",
+                               (consumer, now, *(i for i, _ in rows)))
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -226,18 +228,18 @@ class SQLiteStore:
         return await self._claim(queue, consumer, count, idle_s)
 
     async def touch(self, queue: str, consumer: str, ids: Sequence[str]) -> int:
-        rows = [(time.time(), queue, consumer, int(i)) for i in ids]
-
-        def update(db: sqlite3.Connection) -> int:
-            before = db.total_changes
-            db.executemany("UPDATE queue SET touched = ? WHERE q = ? AND owner = ? AND id = ?", rows)
-            return db.total_changes - before
-
-        return await self._run(update)
+        numbers = [int(i) for i in ids]
+        marks = ",".join("?" * len(numbers))
+        return await self._run(lambda db: db.execute(  # type: ignore[no-any-return]
+            f"UPDATE queue SET touched = ? WHERE q = ? AND owner = ? AND id IN ({marks})",
+            (time.time(), queue, consumer, *numbers)).rowcount) if numbers else 0
 
     async def ack(self, queue: str, ids: Sequence[str]) -> None:
-        rows = [(queue, int(i)) for i in ids]
-        await self._run(lambda db: db.executemany("DELETE FROM queue WHERE q = ? AND id = ?", rows))
+        numbers = [int(i) for i in ids]
+        marks = ",".join("?" * len(numbers))
+        if numbers:
+            await self._run(lambda db: db.execute(f"DELETE FROM queue WHERE q = ? AND id IN ({marks})",
+                                                  (queue, *numbers)))
 
     async def queue_depth(self, queue: str) -> dict[str, int]:
         waiting, claimed = await self._run(lambda db: db.execute(

@@ -25,6 +25,7 @@ from scillm_batch.engine import (
     progress_of,
     run_batch,
 )
+from scillm_batch.worker import Worker, events_ns
 from scillm_core import (
     CommandRegistry,
     Runtime,
@@ -52,6 +53,7 @@ class BatchConfig:
     max_items: int = 10_000
     default_concurrency: int = 16
     max_body_mb: float = 32.0  # ~3 KB for each of 10,000 items; split larger batches
+    worker_capacity: int = 256     # queued items this process holds at once (running or waiting for a lane)
 
 
 @hookimpl
@@ -64,6 +66,10 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
     surfaces.route("/v1/scillm/batch/completions", completions, ["POST"], plugin="batch")
     surfaces.route("/v1/scillm/batch/completions/stream", completions_stream, ["POST"], plugin="batch")
     surfaces.route("/v1/scillm/batch/{batch_id}", status, ["GET"], plugin="batch")
+    surfaces.route("/v1/scillm/batch/{batch_id}/events", events, ["GET"], plugin="batch")
+    worker = runtime.plugin_state["batch"] = Worker(runtime, _settings(runtime).worker_capacity)
+    surfaces.on_startup(worker.start)
+    surfaces.on_shutdown(worker.stop)
 
 
 @hookimpl
@@ -76,8 +82,10 @@ def scillm_register_commands(commands: CommandRegistry) -> None:
 @hookimpl
 def scillm_health(runtime: Runtime) -> dict[str, Any]:
     pools = _pools(runtime)
+    worker = runtime.plugin_state.get("batch")
     return {"batch": {"enabled": True, "fails": "closed",
-                      "pools": {name: [lane.label for lane in pool.lanes] for name, pool in pools.items()}}}
+                      "pools": {name: [lane.label for lane in pool.lanes] for name, pool in pools.items()},
+                      "worker": worker.describe() if worker is not None else None}}
 
 
 def _settings(runtime: Runtime) -> BatchConfig:
@@ -171,3 +179,35 @@ async def status(request: Request) -> Response:
     results = await runtime.store.scan(ITEM_NS + batch_id, limit=1_000_000)
     return json_response(progress_of(batch, results))
 
+
+
+async def events(request: Request) -> Response:
+    """SSE of a batch's stored results as they land, from any process on the state store: ``item_completed`` /
+    ``item_failed`` (each with ``cursor``; resume with ``?after=<cursor>``), then ``batch_done`` once every item has a
+    result, with ``: heartbeat`` comments while waiting."""
+    runtime = runtime_of(request)
+    batch_id = request.path_params["batch_id"]
+    batch = await runtime.store.get(BATCH_NS, batch_id)
+    if batch is None:
+        raise errors.NotFound(f"no batch {batch_id!r}")
+    after = request.query_params.get("after", "")
+
+    async def stream() -> AsyncIterator[bytes]:
+        cursor = after
+        while True:
+            found = await runtime.store.follow(events_ns(batch_id), cursor, limit=1000, block_s=5.0)
+            for cursor, result in found:  # noqa: B007 (the last cursor is where the next read starts)
+                data = {k: v for k, v in result.items() if k not in ("lane_counts", "instance")}
+                kind = "item_completed" if data.get("ok") else "item_failed"
+                yield f"event: {kind}\ndata: ".encode() + orjson.dumps({**data, "cursor": cursor}) + b"\n\n"
+            if found:
+                continue
+            progress = progress_of(batch, await runtime.store.scan(ITEM_NS + batch_id, limit=1_000_000))
+            if progress["done"]:  # caught up with the log and every item has a result
+                summary = {k: v for k, v in progress.items() if k != "results"}
+                yield b"event: batch_done\ndata: " + orjson.dumps(summary) + b"\n\n"
+                return
+            yield b": heartbeat\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})

@@ -8,6 +8,7 @@ non-retryable reason, or it exhausted its attempts, and the result says why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import re
@@ -118,19 +119,10 @@ class Pending:
     attempts: int = 0
     refused: dict[str, str] = field(factory=dict)
     last_error: BaseException | None = None
-
-
-@define
-class Progress:
-    total: int
-    completed: int = 0
-    failed: int = 0
-    results: list[dict[str, Any]] = field(factory=list)
+    ticket: Any = None  # the worker's handle on the queue entry this item came from
 
 
 Emit = Callable[[str, Mapping[str, Any]], Awaitable[None]]
-#: Batches running in this process, by (data dir, batch id): one store, one run per batch at a time.
-RUNNING: set[tuple[str, str]] = set()
 
 
 async def stored_results(runtime: Runtime, batch_id: str) -> dict[str, dict[str, Any]]:
@@ -139,135 +131,146 @@ async def stored_results(runtime: Runtime, batch_id: str) -> dict[str, dict[str,
 
 
 async def run_batch(spec: BatchSpec, runtime: Runtime, emit: Emit) -> dict[str, Any]:
-    """Run (or resume) a batch; ``emit(event, data)`` is awaited for every event in order."""
-    key = (str(runtime.config.data_dir), spec.batch_id)
-    if key in RUNNING:
-        raise errors.Conflict(f"batch {spec.batch_id!r} is already running; wait for it or use another batch_id")
-    store = runtime.store
-    stored = await store.get(BATCH_NS, spec.batch_id)
-    if stored is not None and stored.get("fingerprint") != spec.fingerprint:
-        raise errors.Conflict(f"batch_id {spec.batch_id!r} is bound to a different item set; use a new batch_id",
-                              param="batch_id")
-    RUNNING.add(key)
+    """Run (or resume) a batch and follow it to the end; ``emit(event, data)`` is awaited for every event in order.
+
+    The items go on the shared work queue, where the batch workers of every process and instance on this state
+    store take them (:mod:`scillm_batch.worker`); this call follows the batch's stored results, from whichever
+    process stores them, so it ends even when the process that ran an item is not this one. A resubmitted
+    ``batch_id`` starts a new run: stored successes are reported as ``resumed`` and only the rest is queued again.
+    If the caller leaves before the end, the run is cancelled: no process starts another of its items."""
+    started = time.time()
+    run = await _new_run(spec, runtime, started)
     events = runtime.events
     events.emit("batch.start", None, unit=spec.unit, parent=None, name=f"batch {spec.pool}", trace=spec.trace,
                 attrs={"batch_id": spec.batch_id, "pool": spec.pool, "total": len(spec.items),
-                       "caller": spec.caller, "lanes": ",".join(lane.label for lane in spec.lanes)})
-    summary: dict[str, Any] | None = None
-    error: BaseException | None = None
+                       "caller": spec.caller, "lanes": ",".join(lane.label for lane in spec.lanes), "run": run})
     try:
-        summary = await _run(spec, runtime, emit, resuming=stored is not None)
-        return summary
+        summary = await _follow(spec, runtime, emit, run, started)
     except BaseException as exc:
-        error = exc
+        events.emit("batch.end", None, unit=spec.unit, status="error",
+                    error=_message(exc) if isinstance(exc, Exception) else "cancelled")
         raise
-    finally:
-        RUNNING.discard(key)
-        events.emit("batch.end", None, unit=spec.unit, status="ok" if error is None else "error",
-                    error=None if error is None else _message(error) if isinstance(error, Exception) else "cancelled",
-                    attrs={k: summary[k] for k in ("completed", "failed", "elapsed_s")} if summary else {})
+    events.emit("batch.end", None, unit=spec.unit, status="ok",
+                attrs={k: summary[k] for k in ("completed", "failed", "elapsed_s")})
+    return summary
 
 
-async def _run(spec: BatchSpec, runtime: Runtime, emit: Emit, *, resuming: bool) -> dict[str, Any]:
+async def _follow(spec: BatchSpec, runtime: Runtime, emit: Emit, run: int, started: float) -> dict[str, Any]:
+    from scillm_batch.worker import QUEUE, events_ns
+
     store = runtime.store
-    started = time.monotonic()
-    await store.put(BATCH_NS, spec.batch_id, {"batch_id": spec.batch_id, "fingerprint": spec.fingerprint,
-                                              "pool": spec.pool, "total": len(spec.items),
-                                              "lanes": [lane.label for lane in spec.lanes],
-                                              "created": time.time()})
     previous = await stored_results(runtime, spec.batch_id)
-    progress = Progress(total=len(spec.items))
-    lanes = [LaneState(lane) for lane in spec.lanes]
-    await emit("batch_started", {"batch_id": spec.batch_id, "model_pool": spec.pool, "total": progress.total,
-                                 "lanes": [lane.label for lane in spec.lanes], "resumed": resuming})
-
-    lock = asyncio.Lock()
-    results = ResultWriter(store, ITEM_NS + spec.batch_id)
-
-    async def finish(result: dict[str, Any], *, store_it: bool = True) -> None:
-        if store_it:  # stored before it is reported, so a reported result always survives a crash
-            try:
-                result = await results.put(result["item_id"], result)
-            except Exception as exc:  # the store refused it: reported as failed (a resubmission retries it)
-                result = {**_unstored(result, exc), "stored": False}
-        async with lock:  # counted and emitted in one order: the completion order
-            progress.results.append(result)
-            if result["ok"]:
-                progress.completed += 1
-            else:
-                progress.failed += 1
-            runtime.events.emit(
-                "batch.item.end", None, unit=f"batch.item:{spec.batch_id}/{result['item_id']}", parent=spec.unit,
-                name=f"batch item {result['item_id']}", status="ok" if result["ok"] else "error",
-                error=result.get("error"), attrs={
-                    "item_id": result["item_id"], "index": result["index"], "lane": result.get("lane"),
-                    "resumed": bool(result.get("resumed")), "error_code": result.get("error_code"),
-                    "completed": progress.completed, "failed": progress.failed, "total": progress.total})
-            await emit("item_completed" if result["ok"] else "item_failed", result)
-
-    work: deque[Pending] = deque()
+    await emit("batch_started", {"batch_id": spec.batch_id, "model_pool": spec.pool, "total": len(spec.items),
+                                 "lanes": [lane.label for lane in spec.lanes], "resumed": run > 1})
+    follower = Follower(spec, run, emit, runtime)
+    queued: list[dict[str, Any]] = []
     for item in spec.items:
         done = previous.get(item.item_id)
         if done is not None and done.get("ok"):
-            await finish({**done, "resumed": True}, store_it=False)
+            await follower.report({**done, "resumed": True})
         elif item.error:
-            await finish({"ok": False, "item_id": item.item_id, "index": item.index, "lane": None,
-                          "error": item.error, "error_code": "invalid_item", "status_code": 400})
+            result = {"ok": False, "item_id": item.item_id, "index": item.index, "lane": None, "error": item.error,
+                      "error_code": "invalid_item", "status_code": 400, "run": run}
+            if await store.compare_and_set(ITEM_NS + spec.batch_id, item.item_id, done, result):
+                await follower.report(result)
         else:
-            work.append(Pending(item, _deadline(item, spec, started)))
-    await _dispatch(work, lanes, spec, runtime, finish)
-    summary = {"batch_id": spec.batch_id, "model_pool": spec.pool, "total": progress.total,
-               "completed": progress.completed, "failed": progress.failed,
-               "elapsed_s": round(time.monotonic() - started, 3),
-               "lanes": {s.lane.label: {"served": s.served, "rate_limited": s.rate_limited} for s in lanes}}
-    if progress.completed + progress.failed != progress.total:  # cannot happen; refuse to report a silent loss
-        raise errors.ScillmError(f"batch {spec.batch_id}: {progress.total - len(progress.results)} items lost")
+            queued.append({"batch_id": spec.batch_id, "run": run, "item_id": item.item_id, "index": item.index,
+                           "body": item.body})
+    try:
+        cursor = ""
+        if queued:
+            for start in range(0, len(queued), 1000):
+                await store.enqueue(QUEUE, queued[start:start + 1000])
+        while not follower.complete:
+            events = await store.follow(events_ns(spec.batch_id), cursor, limit=1000, block_s=5.0)
+            for cursor, result in events:  # noqa: B007 (the last cursor is where the next read starts)
+                await follower.report(result)
+    except BaseException:
+        if not follower.complete:  # the caller left (or the store failed): no process starts more of this run
+            with contextlib.suppress(Exception):
+                await _cancel(runtime, spec.batch_id, run)
+        raise
+    summary = {"batch_id": spec.batch_id, "model_pool": spec.pool, "total": follower.total,
+               "completed": follower.completed, "failed": follower.failed,
+               "elapsed_s": round(time.time() - started, 3), "lanes": follower.lane_totals()}
     await emit("batch_done", summary)
-    return {**summary, "results": progress.results, "ordered": False, "completion_order": "as_completed"}
+    return {**summary, "results": follower.results, "ordered": False, "completion_order": "as_completed"}
 
 
-class ResultWriter:
-    """Stores finished items' results, many per write. Each caller waits until its own result is stored; results
-    that finish while a write is under way share the next one (one transaction instead of one per item, which
-    under load kept the lanes waiting on the store). A result that cannot be stored never takes the others with
-    it: one that cannot be serialised is stored as a failure saying why, and a failed shared write is retried
-    item by item."""
+async def _new_run(spec: BatchSpec, runtime: Runtime, started: float) -> int:
+    """Bind ``batch_id`` to this item set (409 when it is bound to another) and start its next run, atomically:
+    two submissions at once get two run numbers."""
+    store = runtime.store
+    while True:
+        stored = await store.get(BATCH_NS, spec.batch_id)
+        if stored is not None and stored.get("fingerprint") != spec.fingerprint:
+            raise errors.Conflict(f"batch_id {spec.batch_id!r} is bound to a different item set; use a new batch_id",
+                                  param="batch_id")
+        run = int((stored or {}).get("run", 0)) + 1
+        doc = {"batch_id": spec.batch_id, "fingerprint": spec.fingerprint, "pool": spec.pool,
+               "total": len(spec.items), "lanes": [lane.label for lane in spec.lanes],
+               "lane_specs": [unstructure(lane) for lane in spec.lanes], "timeout_s": spec.timeout_s,
+               "caller": spec.caller, "kind": spec.kind, "trace": dict(spec.trace),
+               "created": (stored or {}).get("created", started), "run": run, "run_started": started, "cancelled_run": (stored or {}).get("cancelled_run", 0)}
+        if await store.compare_and_set(BATCH_NS, spec.batch_id, stored, doc):
+            return run
 
-    def __init__(self, store: Any, namespace: str) -> None:
-        self.store = store
-        self.namespace = namespace
-        self.pending: list[tuple[str, dict[str, Any], asyncio.Future[None]]] = []
-        self.writer: asyncio.Task[None] | None = None
 
-    async def put(self, key: str, value: dict[str, Any]) -> dict[str, Any]:
-        """Store ``value`` (or the failure that replaces it) and return what was stored."""
-        value = _storable(value)
-        stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.pending.append((key, value, stored))
-        if self.writer is None or self.writer.done():
-            self.writer = asyncio.ensure_future(self._drain())
-        await stored
-        return value
+async def _cancel(runtime: Runtime, batch_id: str, run: int) -> None:
+    store = runtime.store
+    while (stored := await store.get(BATCH_NS, batch_id)) is not None and stored.get("cancelled_run", 0) < run:
+        if await store.compare_and_set(BATCH_NS, batch_id, stored, {**stored, "cancelled_run": run}):
+            return
 
-    async def _drain(self) -> None:
-        while self.pending:
-            batch, self.pending = self.pending, []
-            try:
-                await self.store.put_many(self.namespace, [(key, value) for key, value, _ in batch])
-            except Exception:
-                for key, value, stored in batch:  # alone, so one bad record fails only itself
-                    try:
-                        await self.store.put_many(self.namespace, [(key, value)])
-                    except Exception as exc:
-                        if not stored.done():
-                            stored.set_exception(exc)
-                    else:
-                        if not stored.done():
-                            stored.set_result(None)
-            else:
-                for *_, stored in batch:
-                    if not stored.done():
-                        stored.set_result(None)
+
+class Follower:
+    """One run's view of the batch: each item reported once, when it has a result of this run (or a success)."""
+
+    def __init__(self, spec: BatchSpec, run: int, emit: Emit, runtime: Runtime) -> None:
+        self.spec = spec
+        self.runtime = runtime
+        self.run = run
+        self.emit = emit
+        self.waiting = {item.item_id for item in spec.items}
+        self.total = len(self.waiting)
+        self.completed = self.failed = 0
+        self.results: list[dict[str, Any]] = []
+        self.lanes: dict[str, dict[str, dict[str, int]]] = {}  # instance -> lane -> counts, the latest seen
+
+    @property
+    def complete(self) -> bool:
+        return not self.waiting
+
+    async def report(self, result: dict[str, Any]) -> None:
+        item_id = result.get("item_id")
+        if item_id not in self.waiting or not (result.get("ok") or result.get("run", 0) >= self.run):
+            return
+        if result.get("run") == self.run and isinstance(result.get("lane_counts"), dict):
+            self.lanes[str(result.get("instance"))] = result["lane_counts"]
+        result = {k: v for k, v in result.items() if k not in ("lane_counts", "instance")}
+        self.waiting.discard(item_id)
+        self.results.append(result)
+        if result["ok"]:
+            self.completed += 1
+        else:
+            self.failed += 1
+        spec = self.spec
+        self.runtime.events.emit(
+            "batch.item.end", None, unit=f"batch.item:{spec.batch_id}/{item_id}", parent=spec.unit,
+            name=f"batch item {item_id}", status="ok" if result["ok"] else "error", error=result.get("error"),
+            attrs={"item_id": item_id, "index": result.get("index"), "lane": result.get("lane"),
+                   "resumed": bool(result.get("resumed")), "error_code": result.get("error_code"),
+                   "completed": self.completed, "failed": self.failed, "total": self.total})
+        await self.emit("item_completed" if result["ok"] else "item_failed", result)
+
+    def lane_totals(self) -> dict[str, dict[str, int]]:
+        totals: dict[str, dict[str, int]] = {}
+        for counts in self.lanes.values():
+            for label, numbers in counts.items():
+                into = totals.setdefault(label, {"served": 0, "rate_limited": 0})
+                for name in into:
+                    into[name] += int(numbers.get(name, 0))
+        return totals
 
 
 def _storable(result: dict[str, Any]) -> dict[str, Any]:
@@ -293,11 +296,13 @@ def _deadline(item: BatchItem, spec: BatchSpec, started: float) -> float:
 
 
 async def _dispatch(work: deque[Pending], lanes: list[LaneState], spec: BatchSpec, runtime: Runtime,
-                    finish: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+                    finish: Callable[[Pending, dict[str, Any]], Awaitable[None]],
+                    changed: asyncio.Event | None = None) -> None:
     """Assign an item to a lane only when that lane has a free slot and is not paused, choosing the lane that
-    is furthest below its weighted share; a rate-limited item goes back to the front of the queue."""
+    is furthest below its weighted share; a rate-limited item goes back to the front of the queue. Items added
+    to ``work`` while it runs are taken too (set ``changed`` after adding)."""
     running: set[asyncio.Task[None]] = set()
-    changed = asyncio.Event()
+    changed = changed or asyncio.Event()
     active = 0  # attempts not yet fully handled (the task set lags: done callbacks run later)
 
     async def attempt(pending: Pending, state: LaneState) -> None:
@@ -314,7 +319,7 @@ async def _dispatch(work: deque[Pending], lanes: list[LaneState], spec: BatchSpe
             if outcome is None:
                 work.appendleft(pending)
             else:
-                await finish(outcome)
+                await finish(pending, outcome)
         finally:
             active -= 1
             changed.set()
@@ -328,16 +333,16 @@ async def _dispatch(work: deque[Pending], lanes: list[LaneState], spec: BatchSpe
                 pending = work[0]
                 if pending.deadline <= now:
                     work.popleft()
-                    await finish(_failure(pending.item, pending.last_error, None,
-                                          f"deadline reached after {pending.attempts} attempts"
+                    await finish(pending, _failure(pending.item, pending.last_error, None,
+                                                   f"deadline reached after {pending.attempts} attempts"
                                           + (f"; last error: {_message(pending.last_error)}"
                                              if pending.last_error else "")))
                     continue
                 if len(pending.refused) == len(lanes):
                     work.popleft()
                     reasons = "; ".join(f"{name}: {why}" for name, why in pending.refused.items())
-                    await finish(_failure(pending.item, pending.last_error, None,
-                                          f"every lane refused this item ({reasons})"))
+                    await finish(pending, _failure(pending.item, pending.last_error, None,
+                                                   f"every lane refused this item ({reasons})"))
                     continue
                 usable = [s for s in free if s.lane.label not in pending.refused]
                 if usable:

@@ -37,16 +37,33 @@ async def readiness(request: Request) -> Response:
     return json_response({"status": "ready", "providers_configured": configured, "version": __version__})
 
 
+async def state_health(runtime: Runtime) -> dict[str, Any]:
+    """The state backend, whether it answers (within its timeout), this instance's id and the live instances."""
+    store = runtime.store
+    out: dict[str, Any] = {**await store.health(), "instance_id": runtime.instance_id,
+                           "shared_across_instances": runtime.shared}
+    if out["reachable"]:
+        try:
+            out["instances"] = sorted(doc["instance_id"] for doc in await runtime.presence.instances()) \
+                if runtime.presence is not None else [runtime.instance_id]
+        except Exception as exc:
+            out.update(reachable=False, error=type(exc).__name__)
+    return out
+
+
 async def health(request: Request) -> Response:
     runtime = runtime_of(request)
     config = runtime.config
     groups = {name: {"models": list(group.models), "primary": group.models[0], "fallbacks": list(group.models[1:])}
               for name, group in config.groups.items()}
+    state = await state_health(runtime)
     return json_response({
-        "status": "ok" if runtime.ready else "starting",
+        "status": ("ok" if state["reachable"] else "degraded") if runtime.ready else "starting",
         "version": __version__,
         "uptime_seconds": round(time.time() - runtime.started_at, 3),
         "pid": os.getpid(),
+        "instance_id": runtime.instance_id,
+        "state": state,
         "groups": groups,
         "aliases": dict(config.aliases),
         "providers": {name: p.missing_config() is None for name, p in runtime.providers.items()},

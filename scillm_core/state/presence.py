@@ -1,0 +1,58 @@
+"""Which scillm processes share this state store: each one keeps a document with a TTL under ``instances`` alive
+while it runs, so ``GET /v1/scillm/health`` lists the live ones and shared limits know how many share them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from scillm_core.version import __version__
+
+if TYPE_CHECKING:
+    from scillm_core.context import Runtime
+
+__all__ = ["INSTANCES", "Presence"]
+
+INSTANCES = "instances"
+log = logging.getLogger("scillm.state")
+
+
+class Presence:
+    def __init__(self, runtime: Runtime, every_s: float = 5.0) -> None:
+        self.runtime = runtime
+        self.every_s = every_s
+        self.task: asyncio.Task[None] | None = None
+        self.live = 1  # processes seen at the last beat (this one included)
+
+    def start(self) -> None:
+        self.task = asyncio.ensure_future(self._beat())
+
+    async def _beat(self) -> None:
+        runtime = self.runtime
+        doc = {"instance_id": runtime.instance_id, "pid": os.getpid(), "version": __version__,
+               "started_at": runtime.started_at}
+        while True:
+            try:
+                await runtime.store.put(INSTANCES, runtime.instance_id, {**doc, "seen_at": time.time()},
+                                        ttl_s=3 * self.every_s)
+                self.live = max(1, len(await runtime.store.scan(INSTANCES, limit=10_000)))
+            except Exception as exc:  # the store is down: keep the last count, try again next beat
+                log.debug("presence beat failed: %s", type(exc).__name__)
+            await asyncio.sleep(self.every_s)
+
+    async def instances(self) -> list[dict[str, Any]]:
+        return [doc for _, doc in await self.runtime.store.scan(INSTANCES, limit=10_000)]
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+            self.task = None
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.runtime.config.state.timeout_s):
+                await self.runtime.store.delete(INSTANCES, self.runtime.instance_id)
