@@ -196,7 +196,7 @@ async def events(request: Request) -> Response:
         cursor = after
         while True:
             found = await runtime.store.follow(events_ns(batch_id), cursor, limit=1000, block_s=5.0)
-            for cursor, result in found:  # noqa: B007 (the last cursor is where the next read starts)
+            for cursor, result in found:
                 data = {k: v for k, v in result.items() if k not in ("lane_counts", "instance")}
                 kind = "item_completed" if data.get("ok") else "item_failed"
                 yield f"event: {kind}\ndata: ".encode() + orjson.dumps({**data, "cursor": cursor}) + b"\n\n"
