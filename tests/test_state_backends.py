@@ -191,3 +191,20 @@ def test_state_table_chooses_the_backend(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"backend must be .sqlite. or .redis., not .mongo. at state"):
         config({"backend": "mongo"})
     assert StateConfig().backend == "sqlite"
+
+
+async def test_slots_hold_a_limit_across_processes_and_lapse_when_not_renewed(
+        stores: Callable[[], StateStore]) -> None:
+    a, b = stores(), stores()
+    taken = await asyncio.gather(*(s.acquire_slot("openai", f"h{i}", 4, ttl_s=0.5)
+                                   for i, s in enumerate([a, b] * 10)))
+    assert sum(taken) == 4 and await b.slots_held("openai") == 4
+    holders = [f"h{i}" for i, ok in enumerate(taken) if ok]
+    await a.release_slots("openai", holders[:1])
+    assert await b.acquire_slot("openai", "late", 4, ttl_s=0.5)
+    assert not await a.acquire_slot("openai", "later", 4, ttl_s=0.5)
+    await asyncio.sleep(0.3)
+    assert await a.renew_slots("openai", ["late"], ttl_s=5) == 1
+    await asyncio.sleep(0.4)  # the others were not renewed: their holder is as good as dead
+    assert await b.slots_held("openai") == 1
+    assert await b.acquire_slot("openai", "new", 4, ttl_s=5)

@@ -76,6 +76,19 @@ class StateStore(Protocol):
     async def queue_depth(self, queue: str) -> dict[str, int]:
         """``{"waiting": entries nobody holds, "claimed": entries held}``."""
 
+    async def acquire_slot(self, pool: str, holder: str, limit: int, ttl_s: float) -> bool:
+        """A counting semaphore with leases: take a slot of ``pool`` for ``holder`` when fewer than ``limit`` live
+        leases are held (leases not renewed within ``ttl_s`` lapse: their process died). Whether it was taken."""
+
+    async def renew_slots(self, pool: str, holders: Sequence[str], ttl_s: float) -> int:
+        """Extend the leases ``holders`` still have by ``ttl_s``; how many they still had."""
+
+    async def release_slots(self, pool: str, holders: Sequence[str]) -> None:
+        """Give slots back."""
+
+    async def slots_held(self, pool: str) -> int:
+        """Live leases of ``pool``."""
+
     async def health(self) -> dict[str, Any]:
         """``{"backend", "reachable", ...}`` for ``GET /v1/scillm/health``, answered within the backend's timeout;
         never a secret."""

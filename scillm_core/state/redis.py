@@ -60,6 +60,31 @@ return n
 """
 
 
+# A counting semaphore with leases: members are holders, scores their expiry (server time, ms).
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
+  return 1
+end
+return 0
+"""
+
+_RENEW = """
+local t = redis.call('TIME')
+local expiry = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
+local n = 0
+for i = 2, #ARGV do
+  n = n + redis.call('ZADD', KEYS[1], 'XX', 'CH', expiry, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
+return n
+"""
+
+
 def safe_url(url: str) -> str:
     """The URL without credentials (``redis://:secret@host`` -> ``redis://[redacted]@host``)."""
     scheme, sep, rest = url.partition("://")
@@ -324,6 +349,34 @@ class RedisStore:
 
         length, claimed = await self._grouped(queue, depth)
         return {"waiting": max(length - claimed, 0), "claimed": claimed}
+
+    # -- slots -------------------------------------------------------------------------------------------------------
+
+    async def acquire_slot(self, pool: str, holder: str, limit: int, ttl_s: float) -> bool:
+        with self.unavailable():
+            return bool(await self.script(_ACQUIRE)(keys=[_name("s", self.prefix, pool)],
+                                                    args=[holder, limit, max(1, int(ttl_s * 1000))]))
+
+    async def renew_slots(self, pool: str, holders: Sequence[str], ttl_s: float) -> int:
+        if not holders:
+            return 0
+        with self.unavailable():
+            return int(await self.script(_RENEW)(keys=[_name("s", self.prefix, pool)],
+                                                 args=[max(1, int(ttl_s * 1000)), *holders]))
+
+    async def release_slots(self, pool: str, holders: Sequence[str]) -> None:
+        if holders:
+            with self.unavailable():
+                await self.redis.zrem(_name("s", self.prefix, pool), *holders)
+
+    async def slots_held(self, pool: str) -> int:
+        key = _name("s", self.prefix, pool)
+        with self.unavailable():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zremrangebyscore(key, "-inf", int(time.time() * 1000))
+                pipe.zcard(key)
+                _, held = await pipe.execute()
+        return int(held)
 
     # -- health ----------------------------------------------------------------------------------------------------
 

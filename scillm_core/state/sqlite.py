@@ -26,6 +26,8 @@ CREATE INDEX IF NOT EXISTS logs_ns ON logs (ns, id);
 CREATE TABLE IF NOT EXISTS queue (id INTEGER PRIMARY KEY AUTOINCREMENT, q TEXT NOT NULL, value BLOB NOT NULL,
                                   owner TEXT, touched REAL);
 CREATE INDEX IF NOT EXISTS queue_q ON queue (q, owner, id);
+CREATE TABLE IF NOT EXISTS slots (pool TEXT NOT NULL, holder TEXT NOT NULL, expires REAL NOT NULL,
+                                  PRIMARY KEY (pool, holder));
 """
 POLL_S = (0.02, 0.25)  # waits for other processes' writes: first poll, longest poll
 _UPSERT = ("INSERT INTO docs (ns, key, value, expires) VALUES (?, ?, ?, ?) "
@@ -245,6 +247,40 @@ class SQLiteStore:
         waiting, claimed = await self._run(lambda db: db.execute(
             "SELECT count(*) - count(owner), count(owner) FROM queue WHERE q = ?", (queue,)).fetchone())
         return {"waiting": int(waiting or 0), "claimed": int(claimed or 0)}
+
+    async def acquire_slot(self, pool: str, holder: str, limit: int, ttl_s: float) -> bool:
+        def acquire(db: sqlite3.Connection) -> bool:
+            now = time.time()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM slots WHERE pool = ? AND expires <= ?", (pool, now))
+                (held,) = db.execute("SELECT count(*) FROM slots WHERE pool = ?", (pool,)).fetchone()
+                if held < limit:
+                    db.execute("INSERT OR REPLACE INTO slots (pool, holder, expires) VALUES (?, ?, ?)",
+                               (pool, holder, now + ttl_s))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return bool(held < limit)
+
+        return await self._run(acquire)
+
+    async def renew_slots(self, pool: str, holders: Sequence[str], ttl_s: float) -> int:
+        marks = ",".join("?" * len(holders))
+        return await self._run(lambda db: db.execute(  # type: ignore[no-any-return]
+            f"UPDATE slots SET expires = ? WHERE pool = ? AND expires > ? AND holder IN ({marks})",
+            (time.time() + ttl_s, pool, time.time(), *holders)).rowcount) if holders else 0
+
+    async def release_slots(self, pool: str, holders: Sequence[str]) -> None:
+        marks = ",".join("?" * len(holders))
+        if holders:
+            await self._run(lambda db: db.execute(f"DELETE FROM slots WHERE pool = ? AND holder IN ({marks})",
+                                                  (pool, *holders)))
+
+    async def slots_held(self, pool: str) -> int:
+        return await self._run(lambda db: int(db.execute(
+            "SELECT count(*) FROM slots WHERE pool = ? AND expires > ?", (pool, time.time())).fetchone()[0]))
 
     async def health(self) -> dict[str, Any]:
         try:

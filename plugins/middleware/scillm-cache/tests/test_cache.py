@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,8 +11,10 @@ import httpx
 import openai
 import pytest
 
+from scillm_core.config import ConfigError
 from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread, make_app
 from scillm_core.testing.contract import WEATHER_TOOL
+from scillm_core.testing.services import free_port
 
 MODEL = "gpt-4o-mini"
 KEY = "sk-cache-test-secret-0123456789"
@@ -36,8 +35,9 @@ def env_for(fake: FakeOpenAI, **extra: str) -> dict[str, str]:
 def serve(fake: FakeOpenAI, tmp_path: Any) -> Iterator[Any]:
     servers: list[ServerThread] = []
 
-    def start(cache: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> ServerThread:
-        config = {"cache": {"enabled": True, **(cache or {})}}
+    def start(cache: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+              config: dict[str, Any] | None = None) -> ServerThread:
+        config = {**(config or {}), "cache": {"enabled": True, **(cache or {})}}
         app = make_app(env=env or env_for(fake), config=config, data_dir=tmp_path / f"d{len(servers)}")
         server = ServerThread(app).start()
         servers.append(server)
@@ -184,43 +184,12 @@ def test_disabled_by_default(fake: FakeOpenAI, tmp_path: Any) -> None:
     assert len(fake.requests) == 2
 
 
-# -- Redis -----------------------------------------------------------------------------------------------------------
+# -- the state store (Redis) ---------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed: run ./scripts/install --test (apt-get install redis-server)"
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def test_redis_backend_shares_hits_between_instances(fake: FakeOpenAI, serve: Any, redis_url: str) -> None:
-    one = serve(env=env_for(fake, REDIS_URL=redis_url))  # backend "auto" picks Redis from REDIS_URL
-    two = serve({"backend": "redis", "redis_url": redis_url, "key_prefix": "scillm:cache:"})
+def test_redis_state_shares_hits_and_in_flight_calls_between_instances(fake: FakeOpenAI, serve: Any,
+                                                                       redis_state: dict[str, Any]) -> None:
+    one = serve(config={"state": redis_state})  # backend "auto": the state store, since it is Redis
+    two = serve({"backend": "store"}, config={"state": redis_state})
     fake.script(Reply.say("from instance one"))
     messages = [{"role": "user", "content": f"shared across instances {time.time()}"}]
     assert ask(one, messages=messages)[1]["x-scillm-cache"] == "miss"
@@ -228,11 +197,20 @@ def test_redis_backend_shares_hits_between_instances(fake: FakeOpenAI, serve: An
     assert (answer.choices[0].message.content, headers["x-scillm-cache"]) == ("from instance one", "hit")
     assert len(fake.requests) == 1
     health = httpx.get(two.url + "/v1/scillm/health", headers={"authorization": f"Bearer {DEV_KEY}"}).json()
-    assert health["middleware"]["cache"]["backend"] == "redis"
+    assert health["middleware"]["cache"]["backend"] == "store"
+
+    fake.default = Reply.say("slow and shared", delay_s=0.5)
+    messages = [{"role": "user", "content": f"asked at once {time.time()}"}]
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda server: ask(server, messages=messages)[0].choices[0].message.content,
+                                [one, two] * 3))
+    assert answers == ["slow and shared"] * 6
+    assert len(fake.requests) == 2  # one upstream call for six identical requests on two instances
 
 
 def test_redis_down_fails_open(fake: FakeOpenAI, serve: Any) -> None:
-    server = serve({"backend": "redis", "redis_url": f"redis://:hunter2secret@127.0.0.1:{free_port()}/0"})
+    state = {"backend": "redis", "redis_url": f"redis://:hunter2secret@127.0.0.1:{free_port()}/0"}
+    server = serve(config={"state": state})
     for _ in range(2):
         answer, headers = ask(server)
         assert answer.choices[0].message.content == "Hello from the fake."
@@ -240,3 +218,8 @@ def test_redis_down_fails_open(fake: FakeOpenAI, serve: Any) -> None:
     assert len(fake.requests) == 2
     health = httpx.get(server.url + "/v1/scillm/health", headers={"authorization": f"Bearer {DEV_KEY}"}).text
     assert "backend_errors" in health and "hunter2secret" not in health
+
+
+def test_a_redis_url_in_the_cache_table_says_where_it_moved(fake: FakeOpenAI, serve: Any) -> None:
+    with pytest.raises(ConfigError, match=r"\[state\]"):
+        serve({"redis_url": "redis://127.0.0.1:6379/0"})

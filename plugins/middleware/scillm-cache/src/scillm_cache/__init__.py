@@ -4,17 +4,19 @@
   sampling params, tools, tool_choice, response_format, n, seed, reasoning_effort and every extra upstream
   parameter; for embeddings the input, encoding_format and dimensions) plus the routed deployment.
   ``scillm_metadata``, ``timeout`` and the request id never enter the key.
-- Non-streaming answers are stored (TTL; memory LRU bounded by ``max_entries`` by default, Redis when configured).
+- Non-streaming answers are stored (TTL): in a memory LRU bounded by ``max_entries``, or in the state store
+  (``[state]``: Redis shares hits between every process and instance, SQLite between the processes of a machine).
 - Streams: a hit is served as a synthesized stream of the cached answer; a miss passes through untouched and is
   not stored (``x-scillm-cache: miss``).
-- Identical in-flight requests share one upstream call (single-flight, per process); an error is shared with the
-  waiters, never cached.
+- Identical in-flight requests share one upstream call (single-flight); an error is shared with the waiters, never
+  cached. With the state store, identical requests in other processes wait for the first one's stored answer
+  (a flight document with a TTL), and call the upstream themselves only if it does not come.
 - ``Cache-Control: no-cache`` skips the lookup (the fresh answer is stored); ``no-store`` or ``"cache": false`` in
   the body bypass the cache entirely (both answer ``bypass``). Every answer says ``x-scillm-cache: hit|miss|bypass``.
 - Fails open: a broken backend (Redis down, corrupt entry) is a miss, never a failed request.
 
-Config: ``[cache] enabled = true`` (off by default), ``backend = "auto"|"memory"|"redis"``, ``redis_url``
-(else ``REDIS_URL``), ``ttl_s``, ``max_entries``, ``max_entry_kb``, ``key_prefix``.
+Config: ``[cache] enabled = true`` (off by default), ``backend = "auto"|"memory"|"store"`` (auto: the state store
+when it is Redis, else memory), ``ttl_s``, ``max_entries``, ``max_entry_kb``.
 """
 
 from __future__ import annotations
@@ -63,12 +65,11 @@ KEY_VERSION = "v1"
 @frozen(kw_only=True)
 class CacheConfig:
     enabled: bool = False
-    backend: str = "auto"           # auto: redis when a URL is configured, else memory
-    redis_url: str | None = None    # else $REDIS_URL
+    backend: str = "auto"           # auto: the state store when it is Redis ([state]), else memory
     ttl_s: float = 3600.0
     max_entries: int = 1000         # memory backend LRU bound
     max_entry_kb: int = 1024        # larger answers are not stored
-    key_prefix: str = "scillm:cache:"
+    redis_url: str | None = None    # moved to [state]; set here it stops startup saying so
 
 
 # -- backends ------------------------------------------------------------------------------------------------------
@@ -104,42 +105,27 @@ class MemoryBackend:
         return {"entries": len(self._data), "max_entries": self.max_entries}
 
 
-class RedisBackend:
-    name = "redis"
+class StoreBackend:
+    """The state store (``[state]``): one cache for every process on it. Entries are documents with a TTL."""
 
-    def __init__(self, url: str, prefix: str) -> None:
-        self.url = url
-        self.prefix = prefix
-        self._client: Any = None
+    name = "store"
+    NAMESPACE = "cache"
 
-    def _redis(self) -> Any:
-        if self._client is None:
-            import redis.asyncio as aioredis
-
-            self._client = aioredis.from_url(self.url, socket_timeout=2.0, socket_connect_timeout=2.0)
-        return self._client
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
 
     async def get(self, key: str) -> bytes | None:
-        return await self._redis().get(self.prefix + key)  # type: ignore[no-any-return]
+        doc = await self.runtime.store.get(self.NAMESPACE, key)
+        return orjson.dumps(doc) if doc is not None else None
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        await self._redis().set(self.prefix + key, value, px=max(1, int(ttl_s * 1000)))
+        await self.runtime.store.put(self.NAMESPACE, key, orjson.loads(value), ttl_s=ttl_s)
 
     async def close(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
+        return None
 
     def describe(self) -> dict[str, Any]:
-        return {"url": _safe_url(self.url), "prefix": self.prefix}
-
-
-def _safe_url(url: str) -> str:
-    """The Redis URL without credentials (``redis://:secret@host`` -> ``redis://[redacted]@host``)."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "[redacted]@" + rest.rsplit("@", 1)[1]
-    return scheme + sep + rest
+        return {"state_backend": self.runtime.config.state.backend}
 
 
 # -- per-app state -------------------------------------------------------------------------------------------------
@@ -155,7 +141,7 @@ class Flight:
 @define
 class CacheState:
     config: CacheConfig
-    backend: MemoryBackend | RedisBackend
+    backend: MemoryBackend | StoreBackend
     flights: dict[str, Flight] = field(factory=dict)
     counts: dict[str, int] = field(factory=lambda: {"hit": 0, "miss": 0, "bypass": 0, "shared": 0,
                                                     "stored": 0, "backend_errors": 0})
@@ -183,16 +169,15 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
     config = _config(runtime)
     if not config.enabled:
         return
-    url = config.redis_url or runtime.env.get("REDIS_URL") or None
-    if config.backend not in ("auto", "memory", "redis"):
-        raise ConfigError(f"[cache] backend must be 'auto', 'memory' or 'redis', not {config.backend!r}")
-    if config.backend == "redis" and not url:
-        raise ConfigError("[cache] backend = 'redis' needs redis_url in [cache] or REDIS_URL in the environment")
+    if config.redis_url:
+        raise ConfigError("[cache] redis_url moved: set [state] backend = \"redis\" and redis_url there (the cache, "
+                          "limits, breakers, batches and leases then share that Redis)")
+    if config.backend not in ("auto", "memory", "store"):
+        raise ConfigError(f"[cache] backend must be 'auto', 'memory' or 'store', not {config.backend!r}")
     if config.ttl_s <= 0 or config.max_entries < 1:
         raise ConfigError("[cache] ttl_s must be > 0 and max_entries >= 1")
-    use_redis = config.backend == "redis" or (config.backend == "auto" and url is not None)
-    backend: MemoryBackend | RedisBackend = (RedisBackend(url, config.key_prefix) if use_redis and url
-                                             else MemoryBackend(config.max_entries))
+    use_store = config.backend == "store" or (config.backend == "auto" and runtime.shared)
+    backend: MemoryBackend | StoreBackend = StoreBackend(runtime) if use_store else MemoryBackend(config.max_entries)
     state = CacheState(config=config, backend=backend)
     from prometheus_client import Counter
 
@@ -329,9 +314,17 @@ async def _single_flight(state: CacheState, key: str, call: ChatThunk, ctx: Call
 
         async def lead(this: Flight) -> ChatResult:
             try:
-                response = await call()
-                this.route, this.attempts = ctx.route, ctx.attempts
-                await _store(state, key, response, ctx.route or route)
+                elsewhere = await _other_flight(state, key)
+                if elsewhere is not None:  # another process is asking the same: its stored answer is ours
+                    response, this.route = elsewhere
+                    state.counts["shared"] += 1
+                    return response
+                try:
+                    response = await call()
+                    this.route, this.attempts = ctx.route, ctx.attempts
+                    await _store(state, key, response, ctx.route or route)
+                finally:
+                    await _land(state, key)
                 return response
             finally:
                 if state.flights.get(key) is this:
@@ -358,6 +351,42 @@ async def _single_flight(state: CacheState, key: str, call: ChatThunk, ctx: Call
     if not leader:
         ctx.route = flight.route or route
     return result  # type: ignore[no-any-return]
+
+
+FLIGHTS = "cache-flights"
+FLIGHT_WAIT_S = 60.0  # the longest another process's identical call is waited for (its flight lapses then)
+FLIGHT_POLL_S = (0.01, 0.2)
+
+
+async def _other_flight(state: CacheState, key: str) -> tuple[ChatResponse, Route] | None:
+    """With the state store: take the flight of ``key`` for this process (a document with a TTL), or, when another
+    process has it, wait for the answer it stores. ``None``: this process calls the upstream."""
+    if not isinstance(state.backend, StoreBackend):
+        return None
+    store = state.backend.runtime.store
+    mine = {"owner": state.backend.runtime.instance_id, "at": time.time()}
+    deadline = time.monotonic() + FLIGHT_WAIT_S
+    pause = FLIGHT_POLL_S[0]
+    try:
+        while time.monotonic() < deadline:
+            if await store.compare_and_set(FLIGHTS, key, None, mine, ttl_s=FLIGHT_WAIT_S):
+                return None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, FLIGHT_POLL_S[1])
+            hit = await _lookup(state, key)
+            if hit is not None:
+                return hit
+    except Exception as exc:
+        _backend_failed(state, exc)
+    return None
+
+
+async def _land(state: CacheState, key: str) -> None:
+    if isinstance(state.backend, StoreBackend):
+        try:
+            await state.backend.runtime.store.delete(FLIGHTS, key)
+        except Exception as exc:
+            _backend_failed(state, exc)
 
 
 # -- cached answer as a stream -------------------------------------------------------------------------------------

@@ -23,12 +23,13 @@ import time
 from collections.abc import AsyncIterator, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from scillm_core import ConfigError, MiddlewareRegistry, Route, Runtime, errors, hookimpl
+from scillm_core import ConfigError, MiddlewareRegistry, Route, Runtime, SurfaceRegistry, errors, hookimpl
 from scillm_resilience.breaker import Breaker, CircuitOpenSignal
 from scillm_resilience.config import LimitConfig, ResilienceConfig
 from scillm_resilience.disconnect import CancelOnDisconnect
 from scillm_resilience.limiter import Limiter, QueueFullSignal, QueueTimeoutSignal, Slot, SlotIterator
 from scillm_resilience.pause import PausedSignal, Pauses
+from scillm_resilience.shared import Shared
 
 if TYPE_CHECKING:
     from scillm_core import CallContext, ChatRequest
@@ -82,7 +83,7 @@ def _is_local(exc: BaseException) -> bool:
 
 class State:
     def __init__(self, config: ResilienceConfig, provider_limits: Mapping[str, LimitConfig] | None = None,
-                 runtime: Runtime | None = None) -> None:
+                 runtime: Runtime | None = None, shared: Shared | None = None) -> None:
         self.config = config
         on_change = None
         if runtime is not None:
@@ -103,13 +104,16 @@ class State:
     def limited(self) -> set[str]:
         """Providers with a limit of their own (in either place)."""
         return set(self.config.limits) | set(self.provider_limits)
+        self.shared = shared  # with a Redis state store: limits, AIMD and breakers across instances
 
     def limiter(self, provider: str) -> Limiter:
         limiter = self.limiters.get(provider)
         if limiter is None:
             limit = self.limit_for(provider)
-            limiter = self.limiters[provider] = Limiter(provider, limit.max_concurrency, limit.max_queue,
-                                                        aimd=self.config.aimd, recover_s=self.config.aimd_recover_s)
+            limiter = self.limiters[provider] = Limiter(
+                provider, limit.max_concurrency, limit.max_queue, aimd=self.config.aimd and self.shared is None,
+                recover_s=self.config.aimd_recover_s)
+            limiter.shared = self.shared
         return limiter
 
     def health(self, runtime: Runtime) -> dict[str, Any]:
@@ -130,7 +134,10 @@ class State:
             "concurrency": {"default_limit": {"max_concurrency": cfg.default_limit.max_concurrency,
                                               "max_queue": cfg.default_limit.max_queue},
                             "queue_wait_s": cfg.queue_wait_s, "aimd_recover_s": cfg.aimd_recover_s,
-                            "providers": {name: lim.snapshot() for name, lim in sorted(self.limiters.items())}},
+                            "providers": {name: {**lim.snapshot(), **(self.shared.snapshot(lim) if self.shared
+                                                                         else {})}
+                                          for name, lim in sorted(self.limiters.items())}},
+            "shared_across_instances": self.shared.describe() if self.shared is not None else False,
         }
 
 
@@ -139,7 +146,8 @@ def state_of(runtime: Runtime) -> State:
     state = runtime.plugin_state.get("resilience")
     if state is None:
         config = runtime.config.sections.get("resilience") or ResilienceConfig()
-        state = runtime.plugin_state["resilience"] = State(config, provider_limits(runtime, config), runtime)
+        shared = Shared(runtime, aimd=config.aimd, recover_s=config.aimd_recover_s) if runtime.shared else None
+        state = runtime.plugin_state["resilience"] = State(config, provider_limits(runtime, config), runtime, shared)
     return state  # type: ignore[no-any-return]
 
 
@@ -173,6 +181,13 @@ def scillm_register_middleware(middleware: MiddlewareRegistry, runtime: Runtime)
     if cfg.enabled and cfg.cancel_on_disconnect:
         paths = cfg.disconnect_paths
         middleware.add(lambda app: CancelOnDisconnect(app, paths), order=50, name="cancel_on_disconnect")
+
+
+@hookimpl
+def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> None:
+    shared = state_of(runtime).shared
+    if shared is not None:
+        surfaces.on_shutdown(shared.close)
 
 
 @hookimpl
@@ -210,6 +225,10 @@ def _rate_limited(slot: Slot, exc: BaseException) -> None:
     """AIMD: an upstream 429 (not scillm's own) for a call admitted through ``slot`` halves its provider's limit."""
     if isinstance(exc, errors.UpstreamRateLimited) and not _is_local(exc):
         slot.limiter.rate_limited(slot)
+        shared = slot.limiter.shared
+        if shared is not None:
+            admitted = time.time() - (time.monotonic() - slot.admitted_at)
+            shared.spawn(shared.rate_limited(slot.limiter, admitted))
 
 
 def _queue_full(limiter: Limiter, route: Route) -> ConcurrencyLimited:
@@ -309,6 +328,8 @@ class Attempts:
         deployment = route.deployment
         probe = False
         if cfg.breaker:
+            if self.state.shared is not None:
+                await self.state.shared.sync_circuit(breaker, deployment)
             try:
                 probe = breaker.admit(deployment) == "probe"
             except CircuitOpenSignal as signal:
@@ -340,6 +361,10 @@ class Attempts:
                 await asyncio.sleep(delay)
                 continue
             if cfg.breaker:
+                circuit = breaker.circuits.get(deployment)
+                if self.state.shared is not None and circuit is not None and (
+                        circuit.consecutive_failures or circuit.state != "closed"):
+                    self.state.shared.spawn(self.state.shared.circuit_success(deployment))
                 breaker.success(deployment)
             if self.probing:
                 self.probing = False
@@ -367,6 +392,9 @@ class Attempts:
         if not isinstance(exc, _HEALTH_ERRORS) or _is_local(exc):
             return False
         self.state.breaker.failure(self.route.deployment, _short(exc))
+        if self.state.shared is not None:
+            self.state.shared.spawn(self.state.shared.circuit_failure(self.state.breaker, self.route.deployment,
+                                                                      _short(exc)))
         return True
 
     def retry_delay(self, exc: Exception, retry: int) -> float | None:
@@ -411,29 +439,46 @@ class Attempts:
             raise self.deadline_error(route) from None
 
     async def slot(self) -> Slot | None:
-        """A slot of the route's provider limit (``None`` when limits are off), waiting in its queue if full."""
+        """A slot of the route's provider limit (``None`` when limits are off), waiting in its queue if full; with
+        shared state also a lease on the provider's global slots (held and released with the local slot)."""
         cfg, route = self.cfg, self.route
         if not cfg.concurrency:
             return None
         limiter = self.state.limiter(route.provider)
-        slot = limiter.try_acquire()
-        if slot is not None:
-            return slot
         wait = cfg.queue_wait_s
         remaining = self.ctx.remaining()
         if remaining is not None:
             wait = min(wait, remaining)
-        self.waiting = True
         started = time.monotonic()
-        try:
-            slot = await limiter.acquire(wait)
-        except QueueFullSignal:
-            raise _queue_full(limiter, route) from None
-        except QueueTimeoutSignal as signal:
-            self.ctx.emit("queue.wait", provider=route.provider, waited_s=signal.waited_s, outcome="timeout")
-            raise _queue_timeout(limiter, route, signal.waited_s) from None
-        self.waiting = False
-        self.ctx.emit("queue.wait", provider=route.provider, waited_s=time.monotonic() - started, outcome="granted")
+        slot = limiter.try_acquire()
+        if slot is None:
+            self.waiting = True
+            try:
+                slot = await limiter.acquire(wait)
+            except QueueFullSignal:
+                raise _queue_full(limiter, route) from None
+            except QueueTimeoutSignal as signal:
+                self.ctx.emit("queue.wait", provider=route.provider, waited_s=signal.waited_s, outcome="timeout")
+                raise _queue_timeout(limiter, route, signal.waited_s) from None
+        shared = self.state.shared
+        if shared is not None:
+            self.waiting = True
+            try:
+                lease = await shared.acquire(limiter, wait - (time.monotonic() - started))
+            except BaseException as exc:
+                slot.release()
+                if isinstance(exc, QueueTimeoutSignal):
+                    limiter.rejected += 1
+                    waited = time.monotonic() - started
+                    self.ctx.emit("queue.wait", provider=route.provider, waited_s=waited, outcome="timeout")
+                    raise _queue_timeout(limiter, route, waited) from None
+                raise
+            if lease is not None:
+                slot.also_release = lambda: shared.release(lease)
+        if self.waiting:  # only calls that queued report their wait
+            self.waiting = False
+            self.ctx.emit("queue.wait", provider=route.provider, waited_s=time.monotonic() - started,
+                          outcome="granted")
         return slot
 
     async def hold(self) -> None:

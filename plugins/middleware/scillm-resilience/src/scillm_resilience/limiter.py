@@ -44,6 +44,7 @@ class Limiter:
         self.decreases = 0
         self.rejected = 0
         self.served = 0
+        self.shared: Any = None  # scillm_resilience.shared.Shared when the limit holds across instances
 
     # -- AIMD ---------------------------------------------------------------------------------------------------
 
@@ -134,17 +135,20 @@ class Limiter:
 
 
 class Slot:
-    __slots__ = ("__weakref__", "admitted_at", "limiter", "released")
+    __slots__ = ("__weakref__", "admitted_at", "also_release", "limiter", "released")
 
     def __init__(self, limiter: Limiter, admitted_at: float) -> None:
         self.limiter = limiter
         self.admitted_at = admitted_at
         self.released = False
+        self.also_release: Callable[[], None] | None = None  # e.g. the global lease held with this slot
 
     def release(self) -> None:
         if not self.released:
             self.released = True
             self.limiter._release()
+            if self.also_release is not None:
+                self.also_release()
 
 
 class SlotIterator:

@@ -1,0 +1,237 @@
+"""Resilience state shared by every process and instance on a Redis state store (``[state] backend = "redis"``).
+
+- **Concurrency limits**: each upstream call holds, besides its slot of this process's limiter (which keeps the
+  FIFO wait queue), a lease on the provider's global slot pool (``StateStore.acquire_slot``): at most
+  ``max_concurrency`` calls are in flight across all instances. Leases are renewed while calls run and lapse after
+  ``[state] claim_timeout_s`` when their process dies, so a dead instance never keeps slots.
+- **AIMD**: the effective limit is one document per provider; an upstream 429 halves it by compare-and-set (once
+  per window, as locally), and every process computes the recovery from it (one step per ``aimd_recover_s``).
+- **Circuit breakers**: failures are counted in one document per deployment (compare-and-set); a circuit opened by
+  one instance is mirrored into every other's local breaker within ``MIRROR_S``.
+
+Redis down: limits fall back to this process's limiter at ``max_concurrency / live instances`` (so the total still
+holds roughly), breakers and AIMD to this process's own state; everything goes back to shared when Redis answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from scillm_resilience.breaker import CLOSED, OPEN, Breaker
+from scillm_resilience.limiter import Limiter, QueueTimeoutSignal
+
+if TYPE_CHECKING:
+    from scillm_core import Runtime
+
+__all__ = ["Shared"]
+
+log = logging.getLogger("scillm.resilience")
+MIRROR_S = 0.2          # how stale this process's view of shared breakers and AIMD may be
+POLL_S = (0.01, 0.2)    # waiting for a global slot: first and longest pause between tries
+AIMD_NS, BREAKER_NS = "resilience-aimd", "resilience-breaker"
+
+
+class Shared:
+    def __init__(self, runtime: Runtime, *, aimd: bool, recover_s: float) -> None:
+        self.runtime = runtime
+        self.aimd = aimd
+        self.recover_s = recover_s
+        self.ttl_s = runtime.config.state.claim_timeout_s
+        self.held: dict[str, str] = {}                 # lease -> provider
+        self.freed: dict[str, asyncio.Event] = {}      # provider -> woken when this process frees a slot
+        self.mirrors: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
+        self.degraded: str | None = None               # why the shared state is not in use right now
+        self.counts = {"global_waits": 0, "store_errors": 0}
+        self.renewer: asyncio.Task[None] | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, work: Any) -> None:
+        """Run ``work`` (a coroutine that handles its own errors) without making the caller wait for the store."""
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    @property
+    def store(self) -> Any:
+        return self.runtime.store
+
+    def _failed(self, exc: BaseException) -> None:
+        self.counts["store_errors"] += 1
+        if self.degraded is None:
+            log.warning("shared resilience state unavailable, using this process's own: %s", exc)
+        self.degraded = getattr(exc, "message", None) or type(exc).__name__
+
+    async def _doc(self, namespace: str, key: str) -> dict[str, Any] | None:
+        """A shared document, read at most every ``MIRROR_S``."""
+        seen = self.mirrors.get((namespace, key))
+        now = time.monotonic()
+        if seen is not None and now - seen[0] < MIRROR_S:
+            return seen[1]
+        doc = await self.store.get(namespace, key)
+        self.mirrors[(namespace, key)] = (now, doc)
+        return doc
+
+    # -- limits -------------------------------------------------------------------------------------------------
+
+    def effective(self, doc: dict[str, Any] | None, limit: int) -> int:
+        if not self.aimd or doc is None:
+            return limit
+        steps = int((time.time() - float(doc["changed"])) / self.recover_s)
+        return min(limit, int(doc["effective"]) + max(steps, 0))
+
+    async def acquire(self, limiter: Limiter, wait_s: float) -> str | None:
+        """A global slot of ``limiter``'s provider (its lease), waiting up to ``wait_s``. ``None``: Redis is down
+        and this process's limiter, narrowed to its share, stands in."""
+        provider = limiter.provider
+        deadline = time.monotonic() + wait_s
+        pause = POLL_S[0]
+        lease = uuid.uuid4().hex
+        while True:
+            try:
+                limit = self.effective(await self._doc(AIMD_NS, provider), limiter.limit)
+                if await self.store.acquire_slot("limits:" + provider, lease, limit, self.ttl_s):
+                    self.recovered(limiter)
+                    self.held[lease] = provider
+                    self._start_renewer()
+                    return lease
+            except Exception as exc:
+                self._failed(exc)
+                self.narrow(limiter)
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise QueueTimeoutSignal(wait_s)
+            self.counts["global_waits"] += 1
+            event = self.freed.setdefault(provider, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), min(pause, left))
+            pause = min(pause * 2, POLL_S[1])
+
+    def narrow(self, limiter: Limiter) -> None:
+        presence = self.runtime.presence
+        live = presence.live if presence is not None else 1
+        limiter.effective = max(1, limiter.limit // max(live, 1))
+
+    def recovered(self, limiter: Limiter) -> None:
+        if self.degraded is not None:
+            log.warning("shared resilience state reachable again")
+            self.degraded = None
+        limiter.effective = limiter.limit
+
+    def release(self, lease: str) -> None:
+        provider = self.held.pop(lease, None)
+        if provider is None:
+            return
+        event = self.freed.pop(provider, None)
+        if event is not None:
+            event.set()
+        self.spawn(self._release(provider, lease))
+
+    async def _release(self, provider: str, lease: str) -> None:
+        try:
+            await self.store.release_slots("limits:" + provider, [lease])
+        except Exception as exc:  # it lapses after claim_timeout_s
+            self._failed(exc)
+
+    def _start_renewer(self) -> None:
+        if self.renewer is None or self.renewer.done():
+            self.renewer = asyncio.ensure_future(self._renew())
+
+    async def _renew(self) -> None:
+        while self.held:
+            await asyncio.sleep(self.ttl_s / 3)
+            by_provider: dict[str, list[str]] = {}
+            for lease, provider in list(self.held.items()):
+                by_provider.setdefault(provider, []).append(lease)
+            for provider, leases in by_provider.items():
+                try:
+                    await self.store.renew_slots("limits:" + provider, leases, self.ttl_s)
+                except Exception as exc:
+                    self._failed(exc)
+
+    async def rate_limited(self, limiter: Limiter, admitted_wall: float) -> None:
+        """AIMD across instances: halve the shared effective limit, once per window."""
+        if not self.aimd:
+            return
+        provider = limiter.provider
+        try:
+            for _ in range(8):
+                doc = await self.store.get(AIMD_NS, provider)
+                if doc is not None and admitted_wall < float(doc.get("decreased", 0)):
+                    return
+                now = time.time()
+                new = {"effective": max(1, self.effective(doc, limiter.limit) // 2), "changed": now, "decreased": now}
+                if await self.store.compare_and_set(AIMD_NS, provider, doc, new,
+                                                    ttl_s=self.recover_s * limiter.limit + 60):
+                    self.mirrors[(AIMD_NS, provider)] = (time.monotonic(), new)
+                    return
+        except Exception as exc:
+            self._failed(exc)
+
+    def snapshot(self, limiter: Limiter) -> dict[str, Any]:
+        seen = self.mirrors.get((AIMD_NS, limiter.provider))
+        return {"shared": self.degraded is None, "global_effective_limit": self.effective(
+            seen[1] if seen else None, limiter.limit), "leases_held_here": sum(
+            1 for p in self.held.values() if p == limiter.provider)}
+
+    # -- breakers ------------------------------------------------------------------------------------------------
+
+    async def sync_circuit(self, breaker: Breaker, deployment: str) -> None:
+        """Bring the shared state of ``deployment`` into this process's breaker (at most every ``MIRROR_S``)."""
+        try:
+            doc = await self._doc(BREAKER_NS, deployment)
+        except Exception as exc:
+            self._failed(exc)
+            return
+        circuit = breaker.circuits.get(deployment)
+        if doc is None or doc.get("state") != OPEN:
+            return
+        age = time.time() - float(doc["opened_at"])
+        if age >= breaker.cooldown_s:
+            return  # cooling down is over: the local breaker lets one call probe
+        circuit = breaker._circuit(deployment)
+        if circuit.state == CLOSED or circuit.opened_at < breaker.clock() - age - 0.5:
+            circuit.state = OPEN
+            circuit.opened_at = breaker.clock() - age
+            circuit.consecutive_failures = max(circuit.consecutive_failures, int(doc.get("failures", 0)))
+            circuit.last_error = doc.get("last_error")
+            circuit.probing = False
+
+    async def circuit_failure(self, breaker: Breaker, deployment: str, error: str) -> None:
+        try:
+            for _ in range(8):
+                doc = await self.store.get(BREAKER_NS, deployment)
+                failures = int((doc or {}).get("failures", 0)) + 1
+                now = time.time()
+                opening = failures >= breaker.threshold or (doc or {}).get("state") == OPEN
+                new = {"failures": failures, "state": OPEN if opening else CLOSED, "last_error": error[:300],
+                       "opened_at": now if opening else (doc or {}).get("opened_at", 0)}
+                if await self.store.compare_and_set(BREAKER_NS, deployment, doc, new,
+                                                    ttl_s=max(breaker.cooldown_s * 4, 60)):
+                    self.mirrors[(BREAKER_NS, deployment)] = (time.monotonic(), new)
+                    return
+        except Exception as exc:
+            self._failed(exc)
+
+    async def circuit_success(self, deployment: str) -> None:
+        try:
+            await self.store.delete(BREAKER_NS, deployment)
+            self.mirrors[(BREAKER_NS, deployment)] = (time.monotonic(), None)
+        except Exception as exc:
+            self._failed(exc)
+
+    async def close(self) -> None:
+        for task in [*self.tasks, *([self.renewer] if self.renewer else [])]:
+            task.cancel()
+        for task in [*self.tasks, *([self.renewer] if self.renewer else [])]:
+            with contextlib.suppress(BaseException):
+                await task
+
+    def describe(self) -> dict[str, Any]:
+        return {"shared": self.degraded is None, "degraded": self.degraded, "lease_ttl_s": self.ttl_s,
+                "leases_held_here": len(self.held), **self.counts}
