@@ -67,11 +67,13 @@ class _Service:
 
 
 class RedisServer(_Service):
-    """``redis-server`` on a loopback port, without persistence (a kill loses its data, like a cache node would)."""
+    """``redis-server`` on a loopback port; ``persist``: an append-only file synced on every write, so a kill loses
+    nothing (as production should run it), else no persistence at all."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, persist: bool = False) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        self.persist = persist
 
     @property
     def url(self) -> str:
@@ -89,7 +91,8 @@ class RedisServer(_Service):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait(self.ping, self.process, "redis-server")
         return self
 

@@ -197,7 +197,7 @@ async def events(request: Request) -> Response:
         while True:
             found = await runtime.store.follow(events_ns(batch_id), cursor, limit=1000, block_s=5.0)
             for cursor, result in found:
-                data = {k: v for k, v in result.items() if k not in ("lane_counts", "instance")}
+                data = {k: v for k, v in result.items() if k != "lane_counts"}  # "instance": which one ran it
                 kind = "item_completed" if data.get("ok") else "item_failed"
                 yield f"event: {kind}\ndata: ".encode() + orjson.dumps({**data, "cursor": cursor}) + b"\n\n"
             if found:

@@ -1,0 +1,220 @@
+"""Scale out for real: a redis-server, two `scillm serve` instances on it and nginx in front (the example config of
+docs/deployment.md), all on loopback and started here. Shared limits, breakers, cache, batches and leases; an instance
+killed mid-batch; Redis killed mid-run."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply
+from scillm_core.testing.services import Nginx, RedisServer, ScillmProcess, free_port
+
+AUTH = {"authorization": f"Bearer {DEV_KEY}", "x-caller-skill": "scale-test"}
+DOC = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
+
+
+def nginx_block(ports: list[int], listen: int) -> str:
+    """The documented nginx example with its servers and port replaced by ours."""
+    block = re.search(r"```nginx\n(.*?)```", DOC.read_text(), re.S).group(1)  # type: ignore[union-attr]
+    servers = "".join(f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=5s;\n" for port in ports)
+    block = re.sub(r"(    server [0-9.]+:4001 [^\n]*\n)+", servers, block)
+    return block.replace("listen 4000;", f"listen 127.0.0.1:{listen};")
+
+
+class Cluster:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.upstream = FakeOpenAI().start()
+        self.failing = FakeOpenAI().start()
+        self.failing.default = Reply.fail(503, "overloaded")
+        self.redis = RedisServer(tmp / "redis", persist=True).start()
+        repo = tmp / "repo"
+        repo.mkdir()
+        subprocess.run(["git", "init", "-q", str(repo)], check=True)
+        subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q",
+                        "--allow-empty", "-m", "init"], check=True)
+        self.config = {
+            "state": {"backend": "redis", "redis_url": self.redis.url, "key_prefix": f"scale-{uuid.uuid4().hex[:6]}:",
+                      "claim_timeout_s": 2},
+            "resilience": {"breaker_threshold": 2, "breaker_cooldown_s": 120, "backoff_max_s": 0.1,
+                           "limits": {"openai": {"max_concurrency": 4}}},
+            "cache": {"enabled": True},
+            "agents": {"fixer": {"repository": str(repo), "model": "gpt-4o-mini"}},
+        }
+        self.env = {"OPENAI_API_KEY": "sk-scale-test-0123456789", "OPENAI_API_BASE": self.upstream.base_url,
+                    "DEEPSEEK_API_KEY": "sk-scale-test-9876543210", "DEEPSEEK_API_BASE": self.failing.base_url,
+                    "HOME": str(tmp)}
+        self.a = self.instance("a")
+        self.b = self.instance("b")
+        self.nginx = Nginx(tmp / "nginx", nginx_block([self.a.port, self.b.port], listen := free_port()),
+                           listen).start()
+
+    def instance(self, name: str) -> ScillmProcess:
+        return ScillmProcess(self.tmp / name, env=self.env, config=self.config).start()
+
+    def stop(self) -> None:
+        for service in (self.nginx, self.a, self.b, self.redis):
+            service.stop()
+        self.upstream.stop()
+        self.failing.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path_factory.mktemp("scale"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def chat(url: str, text: str, model: str = "gpt-4o-mini", timeout: float = 60) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=timeout,
+                      json={"model": model, "messages": [{"role": "user", "content": text}]})
+
+
+def health(url: str) -> dict[str, Any]:
+    return httpx.get(url + "/v1/scillm/health", headers=AUTH, timeout=10).json()  # type: ignore[no-any-return]
+
+
+def test_both_instances_report_the_shared_backend(cluster: Cluster) -> None:
+    a, b = health(cluster.a.url), health(cluster.b.url)
+    assert a["state"]["backend"] == "redis" and a["state"]["reachable"] is True
+    assert a["instance_id"] != b["instance_id"]
+    deadline = time.monotonic() + 15
+    while set(health(cluster.a.url)["state"]["instances"]) != {a["instance_id"], b["instance_id"]}:
+        assert time.monotonic() < deadline, "the instances never saw each other"
+        time.sleep(0.2)
+    assert "sk-scale-test" not in str(a) + str(b)
+
+
+def test_a_provider_limit_of_4_holds_across_instances_under_200_concurrent_requests(cluster: Cluster) -> None:
+    cluster.upstream.default = Reply.say("limited", delay_s=0.05)
+    cluster.upstream.max_in_flight = 0
+    before = len(cluster.upstream.requests)
+
+    async def storm() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            return list(await asyncio.gather(*(client.post(
+                cluster.nginx.url + "/v1/chat/completions", headers=AUTH,
+                json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"limit {i} {uuid.uuid4()}"}]})
+                for i in range(200))))
+
+    answers = asyncio.run(storm())
+    assert [r.status_code for r in answers] == [200] * 200, [r.text for r in answers if r.status_code != 200][:3]
+    assert len(cluster.upstream.requests) - before == 200
+    assert cluster.upstream.max_in_flight == 4  # the fake's own count: never more than 4 at once, across both
+    served = [health(s.url)["middleware"]["resilience"]["concurrency"]["providers"]["openai"]["served"]
+              for s in (cluster.a, cluster.b)]
+    assert all(n > 0 for n in served)  # nginx spread the load over both instances
+
+
+def test_a_breaker_opened_through_one_instance_short_circuits_the_other(cluster: Cluster) -> None:
+    assert chat(cluster.a.url, f"fails {uuid.uuid4()}", model="deepseek/deepseek-chat").status_code == 503
+    circuits = health(cluster.a.url)["middleware"]["resilience"]["breaker"]["circuits"]
+    assert circuits["deepseek/deepseek-chat"]["state"] == "open"  # two failed attempts opened it on A
+    calls = len(cluster.failing.requests)
+    time.sleep(0.5)  # the other instance's view of shared breakers is at most 0.2 s old
+    refused = chat(cluster.b.url, f"fails {uuid.uuid4()}", model="deepseek/deepseek-chat")
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "circuit_open"
+    assert len(cluster.failing.requests) == calls  # instance B never called the upstream
+
+
+def test_a_cached_answer_fetched_through_one_instance_is_a_hit_on_the_other(cluster: Cluster) -> None:
+    cluster.upstream.default = Reply.say("cached once")
+    text = f"cache me {uuid.uuid4()}"
+    before = len(cluster.upstream.requests)
+    first = chat(cluster.a.url, text)
+    second = chat(cluster.b.url, text)
+    assert first.headers["x-scillm-cache"] == "miss" and second.headers["x-scillm-cache"] == "hit"
+    assert second.json()["choices"][0]["message"]["content"] == "cached once"
+    assert len(cluster.upstream.requests) - before == 1
+
+
+def test_a_lease_held_through_one_instance_is_refused_through_the_other(cluster: Cluster) -> None:
+    url = "/v1/scillm/agents/fixer/leases"
+    held = httpx.post(cluster.a.url + url, headers=AUTH, json={"owner": "agent-one", "ttl_s": 60})
+    assert held.status_code == 200, held.text
+    refused = httpx.post(cluster.b.url + url, headers=AUTH, json={"owner": "agent-two", "ttl_s": 60})
+    assert refused.status_code == 409, refused.text
+
+
+def test_a_batch_on_an_instance_killed_half_way_finishes_on_the_other_exactly_once(cluster: Cluster) -> None:
+    cluster.upstream.default = Reply.say("batched", delay_s=0.05)
+    before = len(cluster.upstream.requests)
+    a_id = health(cluster.a.url)["instance_id"]
+    items = [{"item_id": f"i{n}", "prompt": f"batch item {n} {uuid.uuid4()}"} for n in range(200)]
+    seen = 0
+    with httpx.stream("POST", cluster.a.url + "/v1/scillm/batch/completions", headers=AUTH, timeout=60,
+                      json={"model": "gpt-4o-mini", "batch_id": "killed-half-way", "items": items,
+                            "stream": True}) as response:
+        for line in response.iter_lines():
+            seen += line.startswith("event: item_completed")
+            if seen >= 100:
+                break
+        cluster.a.kill()  # SIGKILL, half-way
+
+    deadline = time.monotonic() + 90
+    while not (progress := httpx.get(cluster.nginx.url + "/v1/scillm/batch/killed-half-way", headers=AUTH,
+                                     timeout=10).json())["done"]:
+        assert time.monotonic() < deadline, f"the batch did not finish on B: {progress['pending']} pending"
+        time.sleep(0.3)
+    results = progress["results"]
+    assert sorted(r["item_id"] for r in results) == sorted(i["item_id"] for i in items)  # one result per item
+    assert all(r["ok"] for r in results) and progress["completed"] == 200
+
+    with httpx.stream("GET", cluster.nginx.url + "/v1/scillm/batch/killed-half-way/events", headers=AUTH,
+                      timeout=30) as response:
+        text = response.read().decode()
+    events = [orjson.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    stored_by = {e["item_id"]: e["instance"] for e in events if "item_id" in e}
+    assert len(stored_by) == 200 and sum(1 for e in events if "item_id" in e) == 200  # stored once each
+    by_a = {item for item, instance in stored_by.items() if instance == a_id}
+    assert 0 < len(by_a) < 200  # both instances' workers ran items; B finished what A held when it died
+    assert health(cluster.b.url)["middleware"]["batch"]["worker"]["reclaimed"] > 0
+    sent = collections.Counter(r.body["messages"][-1]["content"] for r in cluster.upstream.requests[before:])
+    prompts = {i["item_id"]: i["prompt"] for i in items}
+    for item in by_a:
+        assert sent[prompts[item]] == 1, f"{item} was sent upstream again after A had stored its result"
+    cluster.a = cluster.instance("a")  # back for the next test
+
+
+def test_redis_killed_mid_run_degrades_clearly_and_recovers_with_nothing_lost(cluster: Cluster) -> None:
+    cluster.upstream.default = Reply.say("still served")
+    cluster.redis.kill()
+    started = time.monotonic()
+    answer = chat(cluster.nginx.url, f"no redis {uuid.uuid4()}", timeout=30)
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "still served"
+    state = health(cluster.nginx.url)
+    assert state["status"] == "degraded" and state["state"]["reachable"] is False
+    refused = httpx.post(cluster.nginx.url + "/v1/scillm/batch/completions", headers=AUTH, timeout=30,
+                         json={"model": "gpt-4o-mini", "items": [{"prompt": "x"}]})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "state_unavailable"
+    lease = httpx.post(cluster.nginx.url + "/v1/scillm/agents/fixer/leases", headers=AUTH, timeout=30,
+                       json={"owner": "agent-three", "ttl_s": 60})
+    assert lease.status_code == 503  # a lease that cannot be checked is never granted
+    assert time.monotonic() - started < 60  # every answer came within Redis's command timeout: no hang
+
+    cluster.redis.start()  # the same port and append-only file
+    deadline = time.monotonic() + 30
+    while health(cluster.nginx.url)["status"] != "ok":
+        assert time.monotonic() < deadline, "scillm did not see Redis come back"
+        time.sleep(0.2)
+    stored = httpx.get(cluster.nginx.url + "/v1/scillm/batch/killed-half-way", headers=AUTH, timeout=10).json()
+    assert stored["completed"] == 200  # nothing already stored was lost
+    again = httpx.post(cluster.nginx.url + "/v1/scillm/batch/completions", headers=AUTH, timeout=60,
+                       json={"model": "gpt-4o-mini", "items": [{"prompt": f"after {uuid.uuid4()}"}]})
+    assert again.status_code == 200 and again.json()["completed"] == 1
