@@ -105,11 +105,26 @@ def _serve(args: argparse.Namespace) -> int:
                                "http": "httptools", "loop": "uvloop", "timeout_keep_alive": 30,
                                "timeout_graceful_shutdown": 10}
     if args.workers > 1:
+        print(workers_notice(app.runtime, args.workers), file=sys.stderr, flush=True)  # type: ignore[attr-defined]
         uvicorn.run("scillm_core.cli:worker_app", factory=True, workers=args.workers, **options)
     else:
         tune_gc()
         uvicorn.run(app, **options)
     return 0
+
+
+def workers_notice(runtime: Any, workers: int) -> str:
+    """What ``--workers N`` shares between its processes and what each keeps for itself (said at start-up)."""
+    state = runtime.config.state
+    if state.backend == "redis":
+        from scillm_core.state.redis import safe_url
+
+        return (f"scillm: {workers} workers share everything through Redis at {safe_url(state.url(runtime.env) or '')}"
+                f": limits and their queue, AIMD, circuit breakers, the cache, batches, runs, leases and the call log")
+    return (f"scillm: {workers} workers on the embedded SQLite store share batches (every worker takes their items), "
+            "runs, leases, handoffs, keys, spend and the call log. Per worker (each applies the full configured "
+            "value): concurrency limits and their queue, AIMD, circuit breakers, 429 pauses, the memory cache and "
+            "in-flight de-duplication. Set [state] backend = \"redis\" to share these too (docs/deployment.md).")
 
 
 def tune_gc() -> None:

@@ -219,3 +219,27 @@ def test_redis_killed_mid_run_degrades_clearly_and_recovers_with_nothing_lost(cl
     again = httpx.post(cluster.nginx.url + "/v1/scillm/batch/completions", headers=AUTH, timeout=60,
                        json={"model": "gpt-4o-mini", "items": [{"prompt": f"after {uuid.uuid4()}"}]})
     assert again.status_code == 200 and again.json()["completed"] == 1
+
+
+def test_workers_on_sqlite_share_batches_and_say_which_limits_are_per_process(tmp_path: Path) -> None:
+    with FakeOpenAI() as upstream:
+        upstream.default = Reply.say("worked", delay_s=0.02)
+        server = ScillmProcess(tmp_path / "w", workers=2, env={
+            "OPENAI_API_KEY": "sk-workers-test-0123456789", "OPENAI_API_BASE": upstream.base_url}).start()
+        try:
+            notice = server.log.read_text()
+            assert "2 workers on the embedded SQLite store share batches" in notice
+            assert "Per worker" in notice and "concurrency limits" in notice and "circuit breakers" in notice
+            seen: set[str] = set()
+            deadline = time.monotonic() + 30
+            while len(seen) < 2:  # both worker processes answer on the one port
+                assert time.monotonic() < deadline, f"only {seen} answered"
+                with httpx.Client() as fresh:  # a new connection each time, so the kernel may pick either worker
+                    seen.add(fresh.get(server.url + "/v1/scillm/health", headers=AUTH).json()["instance_id"])
+            items = [{"item_id": f"w{n}", "prompt": f"worker item {n}"} for n in range(40)]
+            done = httpx.post(server.url + "/v1/scillm/batch/completions", headers=AUTH, timeout=60,
+                              json={"model": "gpt-4o-mini", "batch_id": "two-workers", "items": items}).json()
+            assert done["completed"] == 40 and len({r["item_id"] for r in done["results"]}) == 40
+            assert len(upstream.requests) == 40
+        finally:
+            server.stop()
