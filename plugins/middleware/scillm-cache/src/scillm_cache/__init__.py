@@ -251,11 +251,12 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
 
         return bypass
 
+    kind = EmbeddingsResponse if isinstance(request, EmbeddingsRequest) else ChatResponse
+
     async def cached() -> ChatResult:
         key = cache_key(request, route)
         if mode == "use":
-            hit = await _lookup(state, key, EmbeddingsResponse if isinstance(request, EmbeddingsRequest)
-                                else ChatResponse)
+            hit = await _lookup(state, key, kind)
             if hit is not None:
                 response, served = hit
                 ctx.route = served
@@ -265,7 +266,7 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
         if request.stream:
             return await call()
         if mode == "use":
-            return await _single_flight(state, key, call, ctx, route)
+            return await _single_flight(state, key, call, ctx, route, kind)
         fresh = await call()
         await _store(state, key, fresh, ctx.route or route)
         return fresh
@@ -304,7 +305,7 @@ async def _store(state: CacheState, key: str, response: Any, served: Route) -> N
 
 
 async def _single_flight(state: CacheState, key: str, call: ChatThunk, ctx: CallContext,
-                         route: Route) -> ChatResult:
+                         route: Route, kind: type[Any] = ChatResponse) -> ChatResult:
     """The first caller of ``key`` runs the upstream call as a task; identical callers await the same task. The
     task is cancelled only when every waiter has gone (client disconnects)."""
     flight = state.flights.get(key)
@@ -314,7 +315,7 @@ async def _single_flight(state: CacheState, key: str, call: ChatThunk, ctx: Call
 
         async def lead(this: Flight) -> ChatResult:
             try:
-                elsewhere = await _other_flight(state, key)
+                elsewhere = await _other_flight(state, key, kind)
                 if elsewhere is not None:  # another process is asking the same: its stored answer is ours
                     response, this.route = elsewhere
                     state.counts["shared"] += 1
@@ -358,7 +359,7 @@ FLIGHT_WAIT_S = 60.0  # the longest another process's identical call is waited f
 FLIGHT_POLL_S = (0.01, 0.2)
 
 
-async def _other_flight(state: CacheState, key: str) -> tuple[ChatResponse, Route] | None:
+async def _other_flight(state: CacheState, key: str, kind: type[Any]) -> tuple[Any, Route] | None:
     """With the state store: take the flight of ``key`` for this process (a document with a TTL), or, when another
     process has it, wait for the answer it stores. ``None``: this process calls the upstream."""
     if not isinstance(state.backend, StoreBackend):
@@ -373,7 +374,7 @@ async def _other_flight(state: CacheState, key: str) -> tuple[ChatResponse, Rout
                 return None
             await asyncio.sleep(pause)
             pause = min(pause * 2, FLIGHT_POLL_S[1])
-            hit = await _lookup(state, key)
+            hit = await _lookup(state, key, kind)
             if hit is not None:
                 return hit
     except Exception as exc:

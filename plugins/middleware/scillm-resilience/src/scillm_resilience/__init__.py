@@ -96,6 +96,7 @@ class State:
         self.limiters: dict[str, Limiter] = {}
         self.pauses = Pauses()
         self.provider_limits = dict(provider_limits or {})  # from [providers.NAME] max_concurrency / max_queue
+        self.shared = shared  # with a Redis state store: limits, AIMD and breakers across instances
 
     def limit_for(self, provider: str) -> LimitConfig:
         return self.config.limits.get(provider) or self.provider_limits.get(provider) or self.config.default_limit
@@ -104,7 +105,6 @@ class State:
     def limited(self) -> set[str]:
         """Providers with a limit of their own (in either place)."""
         return set(self.config.limits) | set(self.provider_limits)
-        self.shared = shared  # with a Redis state store: limits, AIMD and breakers across instances
 
     def limiter(self, provider: str) -> Limiter:
         limiter = self.limiters.get(provider)
