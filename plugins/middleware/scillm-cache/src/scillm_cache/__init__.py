@@ -111,15 +111,28 @@ class StoreBackend:
     name = "store"
     NAMESPACE = "cache"
 
+    RETRY_S = 1.0  # after a failure the store is left alone this long: a Redis that hangs slows one request
+
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.retry_at = 0.0
+
+    async def _guard(self, work: Any) -> Any:
+        if time.monotonic() < self.retry_at:
+            work.close()
+            raise ConnectionError("the state store failed a moment ago; not asking it again yet")
+        try:
+            return await work
+        except Exception:
+            self.retry_at = time.monotonic() + self.RETRY_S
+            raise
 
     async def get(self, key: str) -> bytes | None:
-        doc = await self.runtime.store.get(self.NAMESPACE, key)
+        doc = await self._guard(self.runtime.store.get(self.NAMESPACE, key))
         return orjson.dumps(doc) if doc is not None else None
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        await self.runtime.store.put(self.NAMESPACE, key, orjson.loads(value), ttl_s=ttl_s)
+        await self._guard(self.runtime.store.put(self.NAMESPACE, key, orjson.loads(value), ttl_s=ttl_s))
 
     async def close(self) -> None:
         return None
@@ -362,7 +375,7 @@ FLIGHT_POLL_S = (0.01, 0.2)
 async def _other_flight(state: CacheState, key: str, kind: type[Any]) -> tuple[Any, Route] | None:
     """With the state store: take the flight of ``key`` for this process (a document with a TTL), or, when another
     process has it, wait for the answer it stores. ``None``: this process calls the upstream."""
-    if not isinstance(state.backend, StoreBackend):
+    if not isinstance(state.backend, StoreBackend) or time.monotonic() < state.backend.retry_at:
         return None
     store = state.backend.runtime.store
     mine = {"owner": state.backend.runtime.instance_id, "at": time.time()}
@@ -378,6 +391,7 @@ async def _other_flight(state: CacheState, key: str, kind: type[Any]) -> tuple[A
             if hit is not None:
                 return hit
     except Exception as exc:
+        state.backend.retry_at = time.monotonic() + StoreBackend.RETRY_S
         _backend_failed(state, exc)
     return None
 

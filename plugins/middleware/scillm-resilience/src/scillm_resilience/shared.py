@@ -32,6 +32,7 @@ __all__ = ["Shared"]
 
 log = logging.getLogger("scillm.resilience")
 MIRROR_S = 0.2          # how stale this process's view of shared breakers and AIMD may be
+RETRY_S = 1.0           # after the store failed, requests use local state this long before asking it again
 POLL_S = (0.01, 0.2)    # waiting for a global slot: first and longest pause between tries
 AIMD_NS, BREAKER_NS = "resilience-aimd", "resilience-breaker"
 
@@ -46,6 +47,7 @@ class Shared:
         self.freed: dict[str, asyncio.Event] = {}      # provider -> woken when this process frees a slot
         self.mirrors: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
         self.degraded: str | None = None               # why the shared state is not in use right now
+        self.retry_at = 0.0                            # monotonic time before which the store is not asked
         self.counts = {"global_waits": 0, "store_errors": 0}
         self.renewer: asyncio.Task[None] | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -60,7 +62,13 @@ class Shared:
     def store(self) -> Any:
         return self.runtime.store
 
+    @property
+    def skipping(self) -> bool:
+        """The store failed a moment ago: a Redis that hangs costs one request its timeout, not every request."""
+        return self.degraded is not None and time.monotonic() < self.retry_at
+
     def _failed(self, exc: BaseException) -> None:
+        self.retry_at = time.monotonic() + RETRY_S
         self.counts["store_errors"] += 1
         if self.degraded is None:
             log.warning("shared resilience state unavailable, using this process's own: %s", exc)
@@ -88,6 +96,9 @@ class Shared:
         """A global slot of ``limiter``'s provider (its lease), waiting up to ``wait_s``. ``None``: Redis is down
         and this process's limiter, narrowed to its share, stands in."""
         provider = limiter.provider
+        if self.skipping:
+            self.narrow(limiter)
+            return None
         deadline = time.monotonic() + wait_s
         pause = POLL_S[0]
         lease = uuid.uuid4().hex
@@ -183,6 +194,8 @@ class Shared:
 
     async def sync_circuit(self, breaker: Breaker, deployment: str) -> None:
         """Bring the shared state of ``deployment`` into this process's breaker (at most every ``MIRROR_S``)."""
+        if self.skipping:
+            return
         try:
             doc = await self._doc(BREAKER_NS, deployment)
         except Exception as exc:

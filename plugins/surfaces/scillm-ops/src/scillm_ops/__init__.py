@@ -39,9 +39,12 @@ async def readiness(request: Request) -> Response:
 
 async def state_health(runtime: Runtime) -> dict[str, Any]:
     """The state backend, whether it answers (within its timeout), this instance's id and the live instances."""
-    store = runtime.store
-    out: dict[str, Any] = {**await store.health(), "instance_id": runtime.instance_id,
+    out: dict[str, Any] = {"backend": runtime.config.state.backend, "instance_id": runtime.instance_id,
                            "shared_across_instances": runtime.shared}
+    try:
+        out.update(await runtime.store.health())
+    except Exception as exc:  # a store that cannot say: health still answers, saying so
+        out.update(reachable=False, error=type(exc).__name__)
     if out["reachable"]:
         try:
             out["instances"] = sorted(doc["instance_id"] for doc in await runtime.presence.instances()) \
