@@ -208,3 +208,10 @@ async def test_slots_hold_a_limit_across_processes_and_lapse_when_not_renewed(
     await asyncio.sleep(0.4)  # the others were not renewed: their holder is as good as dead
     assert await b.slots_held("openai") == 1
     assert await b.acquire_slot("openai", "new", 4, ttl_s=5)
+
+
+async def test_exchanging_slots_releases_first_then_takes_in_order(stores: Callable[[], StateStore]) -> None:
+    store = stores()
+    assert await store.exchange_slots("p", [], ["a", "b", "c"], 2, ttl_s=5) == [True, True, False]
+    assert await store.exchange_slots("p", ["a"], ["c", "d"], 2, ttl_s=5) == [True, False]
+    assert await store.slots_held("p") == 2

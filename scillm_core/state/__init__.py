@@ -86,6 +86,11 @@ class StateStore(Protocol):
     async def release_slots(self, pool: str, holders: Sequence[str]) -> None:
         """Give slots back."""
 
+    async def exchange_slots(self, pool: str, release: Sequence[str], acquire: Sequence[str], limit: int,
+                             ttl_s: float) -> list[bool]:
+        """In one atomic step: give back ``release``, then take a slot for each of ``acquire`` in order while fewer
+        than ``limit`` leases are held (what concurrent callers share as one round trip). Whether each was taken."""
+
     async def slots_held(self, pool: str) -> int:
         """Live leases of ``pool``."""
 

@@ -73,6 +73,32 @@ end
 return 0
 """
 
+_EXCHANGE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ttl, limit, released = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+for i = 4, 3 + released do redis.call('ZREM', KEYS[1], ARGV[i]) end
+local held = redis.call('ZCARD', KEYS[1])
+local taken = {}
+for i = 4 + released, #ARGV do
+  if held < limit then
+    redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+    held = held + 1
+    taken[#taken + 1] = 1
+  else
+    taken[#taken + 1] = 0
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return taken
+"""
+
+_APPEND = """
+for i = 1, #ARGV do redis.call('XADD', KEYS[1], '*', 'v', ARGV[i]) end
+return #ARGV
+"""
+
 _RENEW = """
 local t = redis.call('TIME')
 local expiry = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
@@ -234,12 +260,8 @@ class RedisStore:
     async def append_many(self, namespace: str, records: Sequence[Mapping[str, Any]]) -> None:
         if not records:
             return
-        key = self._log(namespace)
-        with self.unavailable():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for record in records:
-                    pipe.xadd(key, {b"v": orjson.dumps(record)})
-                await pipe.execute()
+        with self.unavailable():  # one script call for the batch: one command to encode, atomic
+            await self.script(_APPEND)(keys=[self._log(namespace)], args=[orjson.dumps(r) for r in records])
 
     async def tail(self, namespace: str, limit: int = 100) -> list[dict[str, Any]]:
         with self.unavailable():
@@ -368,6 +390,13 @@ class RedisStore:
         if holders:
             with self.unavailable():
                 await self.redis.zrem(_name("s", self.prefix, pool), *holders)
+
+    async def exchange_slots(self, pool: str, release: Sequence[str], acquire: Sequence[str], limit: int,
+                             ttl_s: float) -> list[bool]:
+        with self.unavailable():
+            taken = await self.script(_EXCHANGE)(keys=[_name("s", self.prefix, pool)], args=[
+                max(1, int(ttl_s * 1000)), limit, len(release), *release, *acquire])
+        return [bool(x) for x in taken]
 
     async def slots_held(self, pool: str) -> int:
         key = _name("s", self.prefix, pool)

@@ -249,22 +249,31 @@ class SQLiteStore:
         return {"waiting": int(waiting or 0), "claimed": int(claimed or 0)}
 
     async def acquire_slot(self, pool: str, holder: str, limit: int, ttl_s: float) -> bool:
-        def acquire(db: sqlite3.Connection) -> bool:
+        return (await self.exchange_slots(pool, (), (holder,), limit, ttl_s))[0]
+
+    async def exchange_slots(self, pool: str, release: Sequence[str], acquire: Sequence[str], limit: int,
+                             ttl_s: float) -> list[bool]:
+        def exchange(db: sqlite3.Connection) -> list[bool]:
             now = time.time()
+            taken: list[bool] = []
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute("DELETE FROM slots WHERE pool = ? AND expires <= ?", (pool, now))
+                db.executemany("DELETE FROM slots WHERE pool = ? AND holder = ?", [(pool, h) for h in release])
                 (held,) = db.execute("SELECT count(*) FROM slots WHERE pool = ?", (pool,)).fetchone()
-                if held < limit:
-                    db.execute("INSERT OR REPLACE INTO slots (pool, holder, expires) VALUES (?, ?, ?)",
-                               (pool, holder, now + ttl_s))
+                for holder in acquire:
+                    taken.append(held < limit)
+                    if held < limit:
+                        db.execute("INSERT OR REPLACE INTO slots (pool, holder, expires) VALUES (?, ?, ?)",
+                                   (pool, holder, now + ttl_s))
+                        held += 1
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
-            return bool(held < limit)
+            return taken
 
-        return await self._run(acquire)
+        return await self._run(exchange)
 
     async def renew_slots(self, pool: str, holders: Sequence[str], ttl_s: float) -> int:
         marks = ",".join("?" * len(holders))

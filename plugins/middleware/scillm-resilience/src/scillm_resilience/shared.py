@@ -37,6 +37,51 @@ POLL_S = (0.01, 0.2)    # waiting for a global slot: first and longest pause bet
 AIMD_NS, BREAKER_NS = "resilience-aimd", "resilience-breaker"
 
 
+class SlotBatch:
+    """Group commit for one provider's global slots: acquires and releases queued while a round trip is under way
+    go together in the next one (``StateStore.exchange_slots``), so under load one Redis call serves many
+    requests. Releases nobody waits for ride along with the next acquire, or go on their own at once."""
+
+    def __init__(self, shared: Shared, provider: str) -> None:
+        self.shared = shared
+        self.pool = "limits:" + provider
+        self.acquires: list[tuple[str, int, asyncio.Future[bool]]] = []
+        self.releases: list[str] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def acquire(self, lease: str, limit: int) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.acquires.append((lease, limit, future))
+        self._wake()
+        return await future
+
+    def release(self, lease: str) -> None:
+        self.releases.append(lease)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        while self.acquires or self.releases:
+            acquires, self.acquires = self.acquires, []
+            releases, self.releases = self.releases, []
+            limit = min((limit for _, limit, _ in acquires), default=1)
+            try:
+                taken = await self.shared.store.exchange_slots(self.pool, releases, [lease for lease, _, _ in acquires],
+                                                               limit, self.shared.ttl_s)
+            except Exception as exc:  # released leases lapse after the TTL; waiting acquires hear why
+                self.shared._failed(exc)
+                for _, _, future in acquires:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, _, future), ok in zip(acquires, taken, strict=True):
+                if not future.done():
+                    future.set_result(ok)
+
+
 class Shared:
     def __init__(self, runtime: Runtime, *, aimd: bool, recover_s: float) -> None:
         self.runtime = runtime
@@ -44,6 +89,7 @@ class Shared:
         self.recover_s = recover_s
         self.ttl_s = runtime.config.state.claim_timeout_s
         self.held: dict[str, str] = {}                 # lease -> provider
+        self.batches: dict[str, SlotBatch] = {}        # provider -> its group commit of slot changes
         self.freed: dict[str, asyncio.Event] = {}      # provider -> woken when this process frees a slot
         self.mirrors: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
         self.degraded: str | None = None               # why the shared state is not in use right now
@@ -105,7 +151,7 @@ class Shared:
         while True:
             try:
                 limit = self.effective(await self._doc(AIMD_NS, provider), limiter.limit)
-                if await self.store.acquire_slot("limits:" + provider, lease, limit, self.ttl_s):
+                if await self.batch(provider).acquire(lease, limit):
                     self.recovered(limiter)
                     self.held[lease] = provider
                     self._start_renewer()
@@ -138,16 +184,16 @@ class Shared:
         provider = self.held.pop(lease, None)
         if provider is None:
             return
+        self.batch(provider).release(lease)
         event = self.freed.pop(provider, None)
         if event is not None:
             event.set()
-        self.spawn(self._release(provider, lease))
 
-    async def _release(self, provider: str, lease: str) -> None:
-        try:
-            await self.store.release_slots("limits:" + provider, [lease])
-        except Exception as exc:  # it lapses after claim_timeout_s
-            self._failed(exc)
+    def batch(self, provider: str) -> SlotBatch:
+        found = self.batches.get(provider)
+        if found is None:
+            found = self.batches[provider] = SlotBatch(self, provider)
+        return found
 
     def _start_renewer(self) -> None:
         if self.renewer is None or self.renewer.done():
@@ -239,6 +285,9 @@ class Shared:
             self._failed(exc)
 
     async def close(self) -> None:
+        for batch in self.batches.values():
+            if batch.task is not None:
+                self.tasks.add(batch.task)
         for task in [*self.tasks, *([self.renewer] if self.renewer else [])]:
             task.cancel()
         for task in [*self.tasks, *([self.renewer] if self.renewer else [])]:
