@@ -209,29 +209,6 @@ def test_an_answer_nested_300_deep_is_stored_as_a_failure_not_lost(tmp_path):
     assert failed["ok"] is False and "nested deeper" in failed["error"]
 
 
-def test_a_result_that_cannot_be_stored_fails_alone(tmp_path):
-    import asyncio
-
-    from scillm_batch.engine import ResultWriter
-
-    from scillm_core.state.sqlite import SQLiteStore
-
-    async def write():
-        store = SQLiteStore(tmp_path / "s.sqlite3")
-        writer = ResultWriter(store, "batch-items:b")
-        results = [{"ok": True, "item_id": f"i{n}", "index": n, "content": "fine"} for n in range(5)]
-        results.insert(2, {"ok": True, "item_id": "bad", "index": 9, "response": deep(300)})
-        returned = await asyncio.gather(*(writer.put(r["item_id"], r) for r in results))
-        stored = dict(await store.scan("batch-items:b"))
-        await store.close()
-        return returned, stored
-
-    returned, stored = asyncio.run(write())
-    assert len(stored) == 6 and all(stored[f"i{n}"]["ok"] for n in range(5))
-    assert stored["bad"]["ok"] is False and stored["bad"]["error_code"] == "unstorable_result"
-    assert returned[2] == stored["bad"]  # what is reported is what was stored
-
-
 def test_batch_schemas_go_through_the_schema_gate_before_any_call(tmp_path):
     from scillm_core.testing import SilentListener
 

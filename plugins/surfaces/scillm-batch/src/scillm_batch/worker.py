@@ -38,8 +38,11 @@ from scillm_batch.engine import (
     Pending,
     _deadline,
     _dispatch,
+    _storable,
+    _unstored,
 )
 from scillm_core import Runtime, structure
+from scillm_core.errors import StateUnavailable
 
 __all__ = ["QUEUE", "Worker", "events_ns"]
 
@@ -216,8 +219,9 @@ class Worker:
 
     async def _finish(self, run: LocalRun, ticket: Ticket, result: dict[str, Any]) -> None:
         """Store the result once (compare-and-set against what was there), report it, release and acknowledge.
-        A store that is down is waited for: the result is kept until it can be written."""
-        result = {**result, "run": ticket.run}
+        A store that is down is waited for: the result is kept until it can be written. A result the store refuses
+        (or that cannot be serialised) is stored as a failure saying why, never lost."""
+        result = _storable({**result, "run": ticket.run})
         event = {**result, "instance": self.me, "lane_counts": {
             s.lane.label: {"served": s.served, "rate_limited": s.rate_limited} for s in run.lanes}}
         while True:
@@ -232,7 +236,11 @@ class Worker:
                 raise
             except Exception as exc:
                 self.counts["store_errors"] += 1
-                log.warning("batch worker cannot store a result yet (retrying): %s", exc, exc_info=True)
+                if not isinstance(exc, StateUnavailable | OSError) and result.get("error_code") != "unstorable_result":
+                    result = {**_unstored(result, exc), "run": ticket.run}  # this record, not the store, is the problem
+                    event = {**result, "instance": self.me, "lane_counts": event["lane_counts"]}
+                    continue
+                log.warning("batch worker cannot store a result yet (retrying): %s", exc)
                 await asyncio.sleep(0.5)
 
     async def _done(self, entry_id: str) -> None:
