@@ -211,7 +211,8 @@ async def _new_run(spec: BatchSpec, runtime: Runtime, started: float) -> int:
                "total": len(spec.items), "lanes": [lane.label for lane in spec.lanes],
                "lane_specs": [unstructure(lane) for lane in spec.lanes], "timeout_s": spec.timeout_s,
                "caller": spec.caller, "kind": spec.kind, "trace": dict(spec.trace),
-               "created": (stored or {}).get("created", started), "run": run, "run_started": started, "cancelled_run": (stored or {}).get("cancelled_run", 0)}
+               "created": (stored or {}).get("created", started), "run": run, "run_started": started,
+               "cancelled_run": (stored or {}).get("cancelled_run", 0)}
         if await store.compare_and_set(BATCH_NS, spec.batch_id, stored, doc):
             return run
 
