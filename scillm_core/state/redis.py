@@ -28,6 +28,7 @@ __all__ = ["RedisStore", "safe_url"]
 
 GROUP = "work"
 MAX_BLOCK_S = 5.0  # one blocking read waits at most this long; callers loop
+MAX_CONNECTIONS = 256  # per client of one process
 
 _CAS = """
 local cur = redis.call('GET', KEYS[1])
@@ -145,8 +146,12 @@ class RedisStore:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        return aioredis.from_url(self.url, socket_timeout=socket_timeout, socket_connect_timeout=self.timeout_s,
-                                 retry=Retry(NoBackoff(), 1), decode_responses=False)
+        # A bounded pool that waits (up to the command timeout) for a free connection under a burst, instead of
+        # redis-py's default of failing at once past 100 connections.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url, max_connections=MAX_CONNECTIONS, timeout=self.timeout_s, socket_timeout=socket_timeout,
+            socket_connect_timeout=self.timeout_s, retry=Retry(NoBackoff(), 1), decode_responses=False)
+        return aioredis.Redis(connection_pool=pool)
 
     @property
     def redis(self) -> Any:
@@ -425,4 +430,5 @@ class RedisStore:
             if client is not None:
                 with contextlib.suppress(Exception):
                     await client.aclose()
+                    await client.connection_pool.disconnect()  # a pool passed in is not closed with its client
         self._client = self._blocking = None
