@@ -34,6 +34,7 @@ from scillm_core.models import (
     Usage,
 )
 from scillm_core.models.convert import structure, unstructure
+from scillm_core.models.native import NativeRequest, with_native
 from scillm_core.pipeline import ChatResult, OpeningStream, open_stream, run_chat, run_embeddings, then
 from scillm_core.plugins import PluginLoadError
 from scillm_core.registry import CommandRegistry, MiddlewareRegistry, Provider, ProviderRegistry, Route, SurfaceRegistry
@@ -43,10 +44,14 @@ from scillm_core.web import (
     caller_of,
     error_response,
     json_response,
+    parse_json,
+    read_body,
     read_json,
     request_id_of,
     runtime_of,
     send_error,
+    served_headers,
+    session_of,
     sse_data,
     sse_error,
 )
@@ -62,5 +67,6 @@ __all__ = [
     "run_embeddings",
     "runtime_of", "send_error", "structure", "then", "unstructure", "OpeningStream",
     "open_stream", "caller_of", "read_json", "request_id_of",
-    "sse_data", "sse_error",
+    "sse_data", "sse_error", "NativeRequest", "with_native", "parse_json", "read_body", "served_headers",
+    "session_of",
 ]

@@ -67,6 +67,7 @@ class ServerConfig:
     max_upstream_reply_mb: float = 32.0    # an upstream body read whole (non-streaming answers, error bodies)
     max_upstream_stream_mb: float = 256.0  # a streamed upstream reply, in total
     max_upstream_line_mb: float = 8.0      # one line (SSE or NDJSON) of a streamed upstream reply
+    passthrough: bool = True  # same-dialect requests go upstream as sent; false: every request is translated
 
     def reply_limits(self) -> ReplyLimits:
         from scillm_core.http import ReplyLimits

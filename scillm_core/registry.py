@@ -48,6 +48,9 @@ class Provider:
     aliases: Mapping[str, str] = {}
     rule_order: int = 100
     capabilities: frozenset[str] = frozenset({"streaming", "tools"})
+    #: Client dialects whose body this provider sends upstream unchanged (``"openai-chat"``,
+    #: ``"anthropic-messages"``, ``"openai-responses"``): see :meth:`speaks` and :meth:`complete_native`.
+    dialects: frozenset[str] = frozenset()
 
     def claims(self, model: str) -> bool:
         """Whether this provider serves the bare ``model`` name by its name rules."""
@@ -104,6 +107,24 @@ class Provider:
             f"model {route.requested!r} is served by provider {self.name!r}, which has no embeddings endpoint; use "
             f"an embeddings model of a provider that has one (see GET /v1/scillm/providers, capability "
             f"'embeddings')", param="model", code="embeddings_not_supported")
+
+    # -- same-dialect pass-through ------------------------------------------------------------------------------
+
+    def speaks(self, request: ChatRequest, route: Route) -> bool:
+        """Whether ``request.native`` (the client's own body) goes upstream as sent for ``route``. The default:
+        its dialect is one of :attr:`dialects`. Override to refuse bodies the upstream would reject as sent."""
+        native = request.native
+        return native is not None and native.dialect in self.dialects
+
+    async def complete_native(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatResponse:
+        """Send ``request.native`` upstream (``model`` rewritten) and return the answer translated for the
+        middleware, with the upstream's body on its ``native`` field (:func:`scillm_core.with_native`)."""
+        raise NotImplementedError
+
+    async def stream_native(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
+        """As :meth:`stream` for ``request.native``; every upstream byte rides, in order, on some chunk's
+        ``native`` field (an event that yields no chunk goes with the next one)."""
+        raise NotImplementedError
 
 
 class ProviderRegistry(Mapping[str, Provider]):

@@ -22,7 +22,7 @@ from scillm_core.http import ReplyTooLarge
 from scillm_core.jsonio import loads
 from scillm_core.redact import redact
 
-__all__ = ["SSEEvent", "error_for_status", "excerpt", "iter_ndjson", "iter_sse", "retry_after_seconds",
+__all__ = ["PendingBytes", "SSEEvent", "error_for_status", "excerpt", "iter_ndjson", "iter_sse", "retry_after_seconds",
            "translate_transport"]
 
 
@@ -31,18 +31,21 @@ class SSEEvent:
     data: str
     event: str | None = None
     id: str | None = None
+    raw: bytes = b""  # the event's bytes as they came (comments before it included), with ``iter_sse(raw=True)``
 
     def json(self) -> Any:
         return loads(self.data)
 
 
-async def iter_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
+async def iter_sse(chunks: AsyncIterator[bytes], *, raw: bool = False) -> AsyncIterator[SSEEvent]:
     """Parse an SSE byte stream per the HTML spec: ``\\n``, ``\\r\\n`` or ``\\r`` line ends, repeated ``data:``
-    lines joined with ``\\n``, comment lines (``: keep-alive``) ignored, one leading space stripped."""
+    lines joined with ``\\n``, comment lines (``: keep-alive``) ignored, one leading space stripped. With ``raw``
+    each event also carries its bytes as sent (for same-dialect pass-through)."""
     buffer = b""
     data: list[str] = []
     event: str | None = None
     event_id: str | None = None
+    seen: list[bytes] = []
     done = False
     while not done:
         chunk = await anext(chunks, None)
@@ -53,11 +56,14 @@ async def iter_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
         lines = buffer.splitlines(keepends=True)
         # A line not yet ended by '\n' may be partial, or a '\r' whose '\n' is in the next chunk: keep it.
         buffer = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
-        for raw in lines:
-            line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+        for piece in lines:
+            if raw:
+                seen.append(piece)
+            line = piece.rstrip(b"\r\n").decode("utf-8", "replace")
             if not line:
                 if data:
-                    yield SSEEvent("\n".join(data), event, event_id)
+                    yield SSEEvent("\n".join(data), event, event_id, b"".join(seen) if raw else b"")
+                    seen = []
                 data, event = [], None
             elif line[0] != ":":
                 name, _, value = line.partition(":")
@@ -68,6 +74,28 @@ async def iter_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[SSEEvent]:
                     event = value
                 elif name == "id":
                     event_id = value
+
+
+class PendingBytes:
+    """Same-dialect streams: puts each upstream event's bytes on the first chunk translated from it, or, when it
+    makes none (``ping``, ``content_block_stop``), on the next chunk that comes; :meth:`rest` holds what is left at
+    the end. So every byte the upstream sent rides, in order, on the chunks the middleware sees."""
+
+    def __init__(self) -> None:
+        self.pending: list[bytes] = []
+
+    def carry(self, raw: bytes, chunks: list[Any]) -> list[Any]:
+        self.pending.append(raw)
+        if chunks:
+            from scillm_core.models.native import with_native
+
+            with_native(chunks[0], b"".join(self.pending))
+            self.pending.clear()
+        return chunks
+
+    def rest(self) -> bytes:
+        rest, self.pending = b"".join(self.pending), []
+        return rest
 
 
 async def iter_ndjson(chunks: AsyncIterator[bytes]) -> AsyncIterator[Any]:

@@ -13,10 +13,16 @@ from starlette.types import Send
 from scillm_core import errors, jsonio
 
 if TYPE_CHECKING:
-    from scillm_core.context import Runtime
+    from scillm_core.context import CallContext, Runtime
 
-__all__ = ["JSONResponse", "caller_of", "error_response", "identity_of", "json_response", "query_int", "read_json",
-           "request_id_of", "runtime_of", "send_error", "sse_data", "sse_error"]
+__all__ = ["SESSION_HEADERS", "JSONResponse", "caller_of", "error_response", "identity_of", "json_response",
+           "parse_json", "query_int", "read_body", "read_json", "request_id_of", "runtime_of", "send_error",
+           "served_headers", "session_of", "sse_data", "sse_error"]
+
+#: Headers that name an agent session, in order of precedence: scillm's own, then what Claude Code, Codex and
+#: OpenCode send. Without one, the body's ``prompt_cache_key`` names it.
+SESSION_HEADERS = ("x-scillm-session", "x-claude-code-session-id", "session-id", "session_id",
+                   "x-session-affinity", "x-session-id")
 
 
 class JSONResponse(Response):
@@ -68,6 +74,12 @@ def caller_of(request: Request, *, required: bool = False) -> str | None:
 async def read_json(request: Request, *, limit_bytes: int) -> Any:
     """The request body as JSON; 413 past ``limit_bytes``, 400 naming the position of malformed JSON or the path
     where it nests deeper than ``jsonio.MAX_DEPTH``."""
+    return parse_json(await read_body(request, limit_bytes=limit_bytes))
+
+
+async def read_body(request: Request, *, limit_bytes: int) -> bytearray:
+    """The request body's bytes (a bytearray: read into one growing buffer); 413 past ``limit_bytes``, 400 when
+    empty."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit_bytes:
         raise errors.PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit_bytes}")
@@ -78,6 +90,10 @@ async def read_json(request: Request, *, limit_bytes: int) -> Any:
         raw += chunk
     if not raw:
         raise errors.InvalidRequest("request body is empty; expected a JSON object")
+    return raw
+
+
+def parse_json(raw: bytes | bytearray) -> Any:
     try:
         return jsonio.loads(raw)
     except jsonio.JSONTooDeep as exc:
@@ -97,6 +113,36 @@ def query_int(request: Request, name: str, *, default: int, minimum: int = 0, ma
         raise errors.InvalidRequest(f"{name} must be an integer from {minimum} to {maximum}, got {raw[:20]!r} "
                                     f"@ query.{name}", param=f"query.{name}")
     return int(raw)
+
+
+_SESSION_RANK = {name.encode(): rank for rank, name in enumerate(SESSION_HEADERS)}
+
+
+def session_of(headers: Mapping[str, str], body: Any) -> str | None:
+    """The agent session a request belongs to (:data:`SESSION_HEADERS`, else ``prompt_cache_key``), if any."""
+    raw = getattr(headers, "raw", None)  # Starlette's headers: one pass over the list, not one scan per name
+    if raw is not None:
+        found: tuple[int, bytes] | None = min(((_SESSION_RANK[k], v) for k, v in raw if k in _SESSION_RANK and v),
+                                              default=None)
+        if found is not None:
+            return found[1].decode("latin-1")[:256]
+    else:
+        for name in SESSION_HEADERS:
+            value = headers.get(name)
+            if value:
+                return value[:256]
+    key = body.get("prompt_cache_key") if isinstance(body, dict) else None
+    return key[:256] if isinstance(key, str) and key else None
+
+
+def served_headers(ctx: CallContext) -> dict[str, str]:
+    """Headers saying who served and how; middleware adds its own through ``ctx.notes["headers"]`` (a dict)."""
+    route = ctx.route
+    extra = {str(k): str(v) for k, v in (ctx.notes.get("headers") or {}).items()}
+    if route is None:
+        return {**extra, "x-scillm-attempts": str(ctx.attempts)}
+    return {**extra, "x-scillm-provider": route.provider, "x-scillm-served-model": route.model,
+            "x-scillm-attempts": str(ctx.attempts)}
 
 
 def sse_data(payload: Any) -> bytes:

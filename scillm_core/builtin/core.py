@@ -15,6 +15,11 @@ from scillm_core.http import UPSTREAM_HEADERS, send_context_headers
 from scillm_core.models import ChatResponse, EmbeddingsRequest, EmbeddingsResponse
 from scillm_core.pipeline import observe_stream
 
+#: Response header naming the dialect a request went upstream in: ``anthropic-messages`` when its body went as
+#: sent, ``anthropic-messages -> gemini`` when it was translated for that provider (also when a middleware changed
+#: the request, which drops its native body). Surfaces name their dialect in ``request.scillm["dialect"]``.
+DIALECT_HEADER = "x-scillm-dialect"
+
 if TYPE_CHECKING:
     from scillm_core.context import CallContext, Runtime
     from scillm_core.events import Events
@@ -65,31 +70,45 @@ def call_provider(request: ProviderRequest, route: Route, ctx: CallContext) -> C
                 f"{missing}", param="model")
         ctx.attempts += 1
         ctx.route = route
+        native = None if isinstance(request, EmbeddingsRequest) else request.native
+        passthrough = native is not None and provider.speaks(request, route)  # type: ignore[arg-type]
+        dialect = native.dialect if native is not None else request.scillm.get("dialect")
+        if dialect:  # say which way the request went: as sent, or translated for this provider
+            ctx.notes.setdefault("headers", {})[DIALECT_HEADER] = (
+                dialect if passthrough else f"{dialect} -> {provider.name}")
         events = ctx.runtime.events
         if events.listening:
-            return await _observed_attempt(provider, request, route, ctx, events)
-        return await _attempt(provider, request, route, ctx)
+            return await _observed_attempt(provider, request, route, ctx, events, passthrough)
+        return await _attempt(provider, request, route, ctx, passthrough)
 
     return dispatch
 
 
-async def _attempt(provider: Provider, request: ProviderRequest, route: Route, ctx: CallContext) -> CallResult:
+async def _attempt(provider: Provider, request: ProviderRequest, route: Route, ctx: CallContext,
+                   passthrough: bool = False) -> CallResult:
+    """One upstream call: the client's own body when ``passthrough`` (the provider speaks its dialect)."""
     if request.stream:
+        if passthrough:
+            return await provider.stream_native(request, route, ctx)  # type: ignore[arg-type]
         return await provider.stream(request, route, ctx)  # type: ignore[arg-type]  # only chat streams
-    call = provider.embed if isinstance(request, EmbeddingsRequest) else provider.complete
+    call: Any
+    if isinstance(request, EmbeddingsRequest):
+        call = provider.embed
+    else:
+        call = provider.complete_native if passthrough else provider.complete
     remaining = ctx.remaining()
     if remaining is None:
-        return await call(request, route, ctx)  # type: ignore[arg-type]  # the method matches the request
+        return await call(request, route, ctx)  # type: ignore[no-any-return]  # the method matches the request
     try:
         async with asyncio.timeout(max(remaining, 0.0)):
-            return await call(request, route, ctx)  # type: ignore[arg-type]
+            return await call(request, route, ctx)  # type: ignore[no-any-return]
     except TimeoutError:
         raise errors.DeadlineExceeded(
             f"request timeout reached while waiting for {route.provider} ({route.model})") from None
 
 
 async def _observed_attempt(provider: Provider, request: ProviderRequest, route: Route, ctx: CallContext,
-                            events: Events) -> CallResult:
+                            events: Events, passthrough: bool = False) -> CallResult:
     """One attempt between ``attempt.start`` and ``attempt.end`` (a stream's when it ends). Headers observers put
     in ``upstream_headers`` go with this upstream request (``scillm_core.http.UPSTREAM_HEADERS``)."""
     attempt = ctx.attempts
@@ -101,7 +120,7 @@ async def _observed_attempt(provider: Provider, request: ProviderRequest, route:
         send_context_headers(ctx.runtime.client())
         token = UPSTREAM_HEADERS.set(headers)
     try:
-        result = await _attempt(provider, request, route, ctx)
+        result = await _attempt(provider, request, route, ctx, passthrough)
     except BaseException as exc:
         events.emit("attempt.end", ctx, request=request, route=route, attempt=attempt, response=None, error=exc,
                     usage=None, duration_s=time.perf_counter() - started, first_chunk_s=None)

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from attrs import field, frozen
 
+from scillm_core.models.native import NativeRequest
+
 __all__ = [
     "ChatChunk", "ChatRequest", "ChatResponse", "Choice", "ChunkChoice", "Delta", "FileData", "FilePart",
     "FunctionCall", "FunctionCallDelta", "FunctionDef", "ImagePart", "ImageUrl", "Message", "OtherPart", "Part",
@@ -21,11 +23,15 @@ __all__ = [
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 _EMPTY: Mapping[str, Any] = {}
 
+# ``native`` fields hold the same-dialect form of a request or answer (see :mod:`scillm_core.models.native`):
+# never on the wire, not compared, and dropped by ``attrs.evolve`` (a changed object is translated, with its change)
+
 
 @frozen(kw_only=True)
 class TextPart:
     text: str
     type: Literal["text"] = "text"
+    cache_control: Mapping[str, Any] | None = None  # a prompt-cache breakpoint (Anthropic's marker)
 
 
 @frozen(kw_only=True)
@@ -38,6 +44,7 @@ class ImageUrl:
 class ImagePart:
     image_url: ImageUrl
     type: Literal["image_url"] = "image_url"
+    cache_control: Mapping[str, Any] | None = None
 
 
 @frozen(kw_only=True)
@@ -51,6 +58,7 @@ class FileData:
 class FilePart:
     file: FileData
     type: Literal["file"] = "file"
+    cache_control: Mapping[str, Any] | None = None
 
 
 @frozen(kw_only=True)
@@ -109,11 +117,13 @@ class FunctionDef:
 class Tool:
     function: FunctionDef
     type: str = "function"
+    cache_control: Mapping[str, Any] | None = None
 
 
 @frozen(kw_only=True)
 class ChatRequest:
-    """One chat call. ``scillm`` holds scillm's own request fields (never sent upstream)."""
+    """One chat call. ``scillm`` holds scillm's own request fields (never sent upstream); ``native`` the client's
+    own body when a dialect surface built the request (:class:`~scillm_core.models.native.NativeRequest`)."""
 
     model: str
     messages: tuple[Message, ...]
@@ -133,6 +143,7 @@ class ChatRequest:
     reasoning_effort: str | None = None
     extra: Mapping[str, Any] = _EMPTY
     scillm: Mapping[str, Any] = field(default=_EMPTY)
+    native: NativeRequest | None = field(default=None, init=False, eq=False, repr=False)
 
     @property
     def include_usage(self) -> bool:
@@ -176,6 +187,8 @@ class ChatResponse:
     system_fingerprint: str | None = None
     object: str = "chat.completion"
     extra: Mapping[str, Any] = _EMPTY
+    # the upstream's body as it came, in the client's dialect
+    native: bytes | None = field(default=None, init=False, eq=False, repr=False)
 
     @property
     def text(self) -> str:
@@ -223,3 +236,5 @@ class ChatChunk:
     system_fingerprint: str | None = None
     object: str = "chat.completion.chunk"
     extra: Mapping[str, Any] = _EMPTY
+    # the upstream's own event bytes behind this chunk (same dialect)
+    native: bytes | None = field(default=None, init=False, eq=False, repr=False)

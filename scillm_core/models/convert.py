@@ -204,7 +204,7 @@ def _lower_data_scheme(obj: Any, name: str) -> Any:
 
 
 def _register_model(cls: type) -> None:
-    names = [a.name for a in attrs.fields(cls)]
+    names = [a.name for a in attrs.fields(cls) if a.init]  # init=False fields (``native``) are never wire keys
     has_extra = "extra" in names
     known = frozenset(n for n in names if n != "extra")
     keep_null = _KEEP_NULL.get(cls, set())

@@ -1,0 +1,91 @@
+"""Same-dialect pass-through: the client's own request body beside the neutral model, and the upstream's own bytes
+beside the neutral answer.
+
+A dialect surface (chat completions, Messages, Responses) attaches a :class:`NativeRequest` to the
+:class:`~scillm_core.models.ChatRequest` it built. Middleware keeps reading the neutral request; a provider that
+speaks the same dialect sends the native body instead of translating (``model`` rewritten, nothing else), and
+hands back the upstream's body or event bytes on the answer's ``native`` field, which the surface writes as they
+came.
+
+The ``native`` fields are ``init=False``: :func:`attrs.evolve` does not carry them, so a request or answer that a
+middleware changed (a re-ask, a converted file, a repaired JSON answer) loses its native form and is translated,
+carrying the change. Set them only on a freshly built object, with :func:`with_native`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import orjson
+from attrs import frozen
+
+__all__ = ["NativeRequest", "native_request", "with_native"]
+
+T = TypeVar("T")
+_EMPTY: Mapping[str, str] = {}
+# a "model" key and its string value (group 1), wherever it occurs; candidates are checked before use
+_MODEL = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+def with_native(obj: T, native: Any) -> T:
+    """Set ``obj.native`` (an ``init=False`` field of a frozen model) on a freshly built object; returns it."""
+    object.__setattr__(obj, "native", native)
+    return obj
+
+
+@frozen(kw_only=True)
+class NativeRequest:
+    """The client's request in its own dialect (``openai-chat``, ``anthropic-messages``, ``openai-responses``: the
+    names ``x-scillm-dialect`` uses). ``body`` is its JSON with scillm's extension fields taken out;
+    ``raw`` the bytes exactly as received when nothing was taken out (else ``None``); ``headers`` the client's
+    dialect headers that go upstream with it (``anthropic-beta``, ``anthropic-version``, ``openai-beta``)."""
+
+    dialect: str
+    body: Mapping[str, Any]
+    raw: bytes | bytearray | None = None
+    headers: Mapping[str, str] = _EMPTY
+
+    def upstream_body(self, model: str, **changes: Any) -> bytes:
+        """The bytes to send upstream: the client's own bytes with only the ``model`` value rewritten (key order,
+        spacing and escapes as the client wrote them). ``changes`` (fields a backend insists on) and bodies that
+        had scillm fields taken out are serialised again from ``body``."""
+        raw = self.raw
+        if raw is not None and not changes:
+            if self.body.get("model") == model:
+                return raw if type(raw) is bytes else bytes(raw)  # surfaces read bodies into a bytearray
+            spliced = _splice_model(raw, model, self.body)
+            if spliced is not None:
+                return bytes(spliced)
+        return orjson.dumps({**self.body, "model": model, **changes})
+
+
+def native_request(dialect: str, body: Mapping[str, Any], raw: bytes | bytearray, headers: Mapping[str, str], *,
+                   taken: frozenset[str] = frozenset(), forward: tuple[str, ...] = ()) -> NativeRequest:
+    """The native form of a request a surface received: ``taken`` are scillm's own body fields (left out, which
+    means the body is serialised again), ``forward`` the client headers that go upstream with it."""
+    removed = taken.intersection(body)
+    kept = {name: value for name in forward if (value := headers.get(name))}
+    return NativeRequest(dialect=dialect, body={k: v for k, v in body.items() if k not in removed} if removed else body,
+                         raw=None if removed else raw, headers=kept or _EMPTY)
+
+
+def _splice_model(raw: bytes | bytearray, model: str, body: Mapping[str, Any]) -> bytes | bytearray | None:
+    """``raw`` with the top-level ``model`` value replaced, or ``None`` when it cannot be found for sure."""
+    matches = list(_MODEL.finditer(raw))
+    value = orjson.dumps(model)
+    if len(matches) == 1 and raw.count(b'"model"') == 1 \
+            and orjson.loads(matches[0].group(1)) == body.get("model"):  # the only "model" anywhere: the top key
+        start, end = matches[0].span(1)
+        return raw[:start] + value + raw[end:]
+    expected = {**body, "model": model}
+    for match in matches:  # a nested "model" key or a "model" string value too: take the one that parses right
+        start, end = match.span(1)
+        candidate = raw[:start] + value + raw[end:]
+        try:
+            if orjson.loads(candidate) == expected:
+                return candidate
+        except orjson.JSONDecodeError:
+            continue
+    return None
