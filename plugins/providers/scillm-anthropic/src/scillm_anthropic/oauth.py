@@ -308,9 +308,23 @@ class ClaudeOAuthProvider(AnthropicProvider):
             del system[1]
         return body
 
-    async def _send(self, request: ChatRequest, route: Route, ctx: CallContext, *, stream: bool) -> httpx.Response:
+    def native_body(self, request: ChatRequest, route: Route) -> bytes:
+        """The client's body, with Claude Code's identity block put first in ``system`` when the client did not
+        send it there (the login is only accepted with it)."""
+        assert request.native is not None
+        system = request.native.body.get("system")
+        blocks = [{"type": "text", "text": system}] if isinstance(system, str) and system else \
+            list(system) if isinstance(system, list) else []
+        first = blocks[0] if blocks else None
+        if isinstance(first, dict) and first.get("text") == CLAUDE_CODE_SYSTEM:
+            return request.native.upstream_body(route.model)
+        return request.native.upstream_body(route.model,
+                                            system=[{"type": "text", "text": CLAUDE_CODE_SYSTEM}, *blocks])
+
+    async def _send(self, request: ChatRequest, route: Route, ctx: CallContext, *, stream: bool,
+                    native: bool = False) -> httpx.Response:
         try:
-            return await super()._send(request, route, ctx, stream=stream)
+            return await super()._send(request, route, ctx, stream=stream, native=native)
         except errors.UpstreamAuthError:
             token = ctx.notes.get("claude-oauth.token")
             if isinstance(token, str):

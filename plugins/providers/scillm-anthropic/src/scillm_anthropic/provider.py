@@ -1,5 +1,9 @@
 """The Anthropic Messages provider (API key). :class:`ClaudeOAuthProvider` in :mod:`.oauth` reuses it with a
-Claude login instead of a key."""
+Claude login instead of a key.
+
+A request that came in on ``/v1/messages`` goes upstream as the client sent it (``model`` rewritten, its
+``anthropic-version`` and ``anthropic-beta`` forwarded) and its answer or stream goes back as Anthropic sent it;
+chat and Responses requests are translated (:mod:`.translate`)."""
 
 from __future__ import annotations
 
@@ -10,12 +14,13 @@ import httpx
 import orjson
 
 from scillm_anthropic.translate import StreamTranslator, error_from_status, from_messages_response, to_messages_body
-from scillm_core import CallContext, ChatChunk, ChatRequest, ChatResponse, Provider, Route, errors
+from scillm_core import CallContext, ChatChunk, ChatRequest, ChatResponse, Provider, Route, errors, with_native
 from scillm_core.config import ProviderSettings
 from scillm_core.jsonio import loads
-from scillm_core.upstream import excerpt, iter_sse, translate_transport
+from scillm_core.upstream import PendingBytes, excerpt, iter_sse, translate_transport
 
-__all__ = ["ANTHROPIC_VERSION", "DEFAULT_BASE", "AnthropicProvider", "MODELS", "claude_name", "normalise_base"]
+__all__ = ["ANTHROPIC_VERSION", "DEFAULT_BASE", "AnthropicProvider", "MODELS", "claude_name", "merge_betas",
+           "normalise_base"]
 
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_BASE = "https://api.anthropic.com"
@@ -24,6 +29,16 @@ MODELS = ("claude-opus-4-5", "claude-sonnet-4-5", "claude-haiku-4-5", "claude-op
 
 def claude_name(model: str) -> bool:
     return model.startswith("claude-")
+
+
+def merge_betas(*values: str | None) -> str:
+    """``anthropic-beta`` values joined, each beta once, in first-seen order."""
+    seen: dict[str, None] = {}
+    for value in values:
+        for beta in (value or "").split(","):
+            if beta.strip():
+                seen.setdefault(beta.strip(), None)
+    return ",".join(seen)
 
 
 def normalise_base(base: str) -> str:
@@ -37,7 +52,8 @@ class AnthropicProvider(Provider):
     family = "anthropic"
     prefixes = ("anthropic/",)
     rule_order = 20
-    capabilities = frozenset({"streaming", "tools", "images", "pdf", "json_schema", "reasoning"})
+    capabilities = frozenset({"streaming", "tools", "images", "pdf", "json_schema", "reasoning", "cache_control"})
+    dialects = frozenset({"anthropic-messages"})
     key_env = "ANTHROPIC_API_KEY"
     base_env = "ANTHROPIC_API_BASE"
 
@@ -81,6 +97,23 @@ class AnthropicProvider(Provider):
     def body(self, request: ChatRequest, route: Route) -> dict[str, Any]:
         return to_messages_body(request, route.model)
 
+    def native_body(self, request: ChatRequest, route: Route) -> bytes:
+        """The client's own Messages body for ``route``."""
+        assert request.native is not None
+        return request.native.upstream_body(route.model)
+
+    async def native_headers(self, request: ChatRequest, route: Route, ctx: CallContext) -> dict[str, str]:
+        """This provider's headers with the client's ``anthropic-version`` and ``anthropic-beta`` (betas merged)."""
+        assert request.native is not None
+        headers = await self.headers(route, ctx)
+        forwarded = request.native.headers
+        if forwarded.get("anthropic-version"):
+            headers["anthropic-version"] = forwarded["anthropic-version"]
+        betas = merge_betas(headers.get("anthropic-beta"), forwarded.get("anthropic-beta"))
+        if betas:
+            headers["anthropic-beta"] = betas
+        return headers
+
     def _timeout(self, route: Route) -> httpx.Timeout | Any:
         seconds = route.timeout_s or self.timeout_s
         return httpx.Timeout(seconds, connect=min(seconds, 15.0)) if seconds else httpx.USE_CLIENT_DEFAULT
@@ -89,11 +122,17 @@ class AnthropicProvider(Provider):
         return error_from_status(status, raw, headers, provider=self.name, model=route.model,
                                  secrets=self.secrets())
 
-    async def _send(self, request: ChatRequest, route: Route, ctx: CallContext, *, stream: bool) -> httpx.Response:
-        body = orjson.dumps(self.body(request, route))  # bad input fails here, before any upstream call
+    async def _send(self, request: ChatRequest, route: Route, ctx: CallContext, *, stream: bool,
+                    native: bool = False) -> httpx.Response:
+        if native:
+            body = self.native_body(request, route)
+            headers = await self.native_headers(request, route, ctx)
+        else:
+            body = orjson.dumps(self.body(request, route))  # bad input fails here, before any upstream call
+            headers = await self.headers(route, ctx)
         client = ctx.runtime.client()
-        upstream = client.build_request("POST", self.messages_url, headers=await self.headers(route, ctx),
-                                        content=body, timeout=self._timeout(route))
+        upstream = client.build_request("POST", self.messages_url, headers=headers, content=body,
+                                        timeout=self._timeout(route))
         with translate_transport(self.name, route.model):
             response = await client.send(upstream, stream=stream)
         if response.status_code >= 400:
@@ -107,8 +146,15 @@ class AnthropicProvider(Provider):
 
     async def complete(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatResponse:
         response = await self._send(request, route, ctx, stream=False)
+        return self._answer(response.content, route)
+
+    async def complete_native(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatResponse:
+        response = await self._send(request, route, ctx, stream=False, native=True)
+        return with_native(self._answer(response.content, route), response.content)
+
+    def _answer(self, raw: bytes, route: Route) -> ChatResponse:
         try:
-            return from_messages_response(loads(response.content), model=route.model)
+            return from_messages_response(loads(raw), model=route.model)
         except (orjson.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
             raise errors.UpstreamProtocolError(f"unexpected response body ({excerpt(str(exc), 200)})",
                                                provider=self.name, model=route.model) from None
@@ -117,22 +163,32 @@ class AnthropicProvider(Provider):
         response = await self._send(request, route, ctx, stream=True)
         return self._chunks(response, request, route)
 
-    async def _chunks(self, response: httpx.Response, request: ChatRequest,
-                      route: Route) -> AsyncIterator[ChatChunk]:
-        translator = StreamTranslator(provider=self.name, model=route.model, include_usage=request.include_usage,
-                                      secrets=self.secrets())
+    async def stream_native(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
+        response = await self._send(request, route, ctx, stream=True, native=True)
+        return self._chunks(response, request, route, native=True)
+
+    async def _chunks(self, response: httpx.Response, request: ChatRequest, route: Route, *,
+                      native: bool = False) -> AsyncIterator[ChatChunk]:
+        """Chat chunks of the Messages stream; ``native``: with the events' own bytes on them, in order (events
+        that make no chunk go with the next one), and always the usage chunk, for the middleware."""
+        translator = StreamTranslator(provider=self.name, model=route.model,
+                                      include_usage=native or request.include_usage, secrets=self.secrets())
+        carried = PendingBytes()
         try:
             with translate_transport(self.name, route.model):
-                async for event in iter_sse(response.aiter_bytes()):
+                async for event in iter_sse(response.aiter_bytes(), raw=native):
                     try:
                         data = loads(event.data)  # real streams pad the JSON with spaces: parse it whole
                     except orjson.JSONDecodeError:
                         raise errors.UpstreamProtocolError(f"malformed stream event {excerpt(event.data, 120)!r}",
                                                            provider=self.name, model=route.model) from None
-                    for chunk in translator.feed(event.event, data):
+                    chunks = translator.feed(event.event, data)
+                    for chunk in carried.carry(event.raw, chunks) if native else chunks:
                         yield chunk
                     if translator.stopped:
                         break
+            if carried.pending:
+                yield with_native(ChatChunk(id=translator.id, model=translator.model, choices=()), carried.rest())
         finally:
             await response.aclose()
         if not translator.stopped:

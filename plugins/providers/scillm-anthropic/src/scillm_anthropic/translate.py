@@ -156,16 +156,30 @@ def _content_blocks(content: str | tuple[Any, ...] | None, path: str) -> list[di
             blocks.append(_document_block(part, where))
         elif isinstance(part, OtherPart) and part.type in NATIVE_BLOCKS:
             blocks.append({"type": part.type, **part.data})
+            continue  # its own cache_control, if any, is in its data
         else:
             kind = part.type if isinstance(part, OtherPart) else type(part).__name__
             raise _bad(f"content part type {kind!r} is not supported by Anthropic", where)
+        marker = getattr(part, "cache_control", None)
+        if marker and blocks:
+            blocks[-1]["cache_control"] = dict(marker)
+    return blocks
+
+
+def _marked(message: Message, blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A message-level ``cache_control`` (chat clients put it on the message) goes on its last block."""
+    marker = message.extra.get("cache_control")
+    if isinstance(marker, Mapping) and blocks:
+        blocks[-1]["cache_control"] = dict(marker)
     return blocks
 
 
 def _user_content(message: Message, path: str) -> str | list[dict[str, Any]]:
-    if isinstance(message.content, str):
+    if isinstance(message.content, str) and "cache_control" not in message.extra:
         return message.content
-    return _content_blocks(message.content, path)
+    if isinstance(message.content, str):
+        return _marked(message, [{"type": "text", "text": message.content}] if message.content else [])
+    return _marked(message, _content_blocks(message.content, path))
 
 
 def _arguments(raw: str, path: str) -> Any:
@@ -190,7 +204,7 @@ def _assistant_blocks(message: Message, path: str) -> list[dict[str, Any]]:
     for j, call in enumerate(message.tool_calls or ()):
         blocks.append({"type": "tool_use", "id": sanitize_tool_call_id(call.id), "name": call.function.name,
                        "input": _arguments(call.function.arguments, f"{path}.tool_calls[{j}].function.arguments")})
-    return blocks
+    return _marked(message, blocks)
 
 
 def _tool_result(message: Message, path: str) -> dict[str, Any]:
@@ -203,7 +217,7 @@ def _tool_result(message: Message, path: str) -> dict[str, Any]:
         block["content"] = _content_blocks(message.content, f"{path}.content")
     if message.extra.get("is_error") is True:
         block["is_error"] = True
-    return block
+    return _marked(message, [block])[0]
 
 
 def _append(messages: list[dict[str, Any]], role: str, content: str | list[dict[str, Any]]) -> None:
@@ -221,13 +235,17 @@ def _append(messages: list[dict[str, Any]], role: str, content: str | list[dict[
     messages.append({"role": role, "content": content})
 
 
-def _system_text(message: Message, path: str) -> str:
+def _system_blocks(message: Message, path: str) -> list[dict[str, Any]]:
+    """One block for the message's text, or one per part when a part carries a ``cache_control`` marker."""
     if isinstance(message.content, str) or message.content is None:
-        return message.content or ""
+        text = message.content or ""
+        return _marked(message, [{"type": "text", "text": text}] if text else [])
     for j, part in enumerate(message.content):
         if not isinstance(part, TextPart):
             raise _bad("system messages may only contain text parts", f"{path}.content[{j}]")
-    return message.text
+    if any(part.cache_control for part in message.content):  # type: ignore[union-attr]
+        return _marked(message, _content_blocks(message.content, path))
+    return _marked(message, [{"type": "text", "text": message.text}] if message.text else [])
 
 
 def _tool_choice(request: ChatRequest) -> dict[str, Any] | None:
@@ -266,9 +284,7 @@ def to_messages_body(request: ChatRequest, model: str, *,
     for i, message in enumerate(request.messages):
         path = f"$.messages[{i}]"
         if message.role in ("system", "developer"):
-            text = _system_text(message, path)
-            if text:
-                system.append({"type": "text", "text": text})
+            system.extend(_system_blocks(message, path))
         elif message.role == "user":
             _append(messages, "user", _user_content(message, f"{path}.content"))
         elif message.role == "assistant":
@@ -314,6 +330,8 @@ def to_messages_body(request: ChatRequest, model: str, *,
                                      "input_schema": dict(fn.parameters or {"type": "object", "properties": {}})}
             if fn.description:
                 entry["description"] = fn.description
+            if tool.cache_control:
+                entry["cache_control"] = dict(tool.cache_control)
             tools.append(entry)
         body["tools"] = tools
         choice = _tool_choice(request)

@@ -1,5 +1,11 @@
 """The ``codex`` provider: GPT models through a ChatGPT subscription (the Codex backend), chat completions in and
-out, streaming or not (the backend only streams; non-streaming clients get the collected stream)."""
+out, streaming or not (the backend only streams; non-streaming clients get the collected stream).
+
+A request that came in on ``/v1/responses`` goes to the backend as the client sent it (``model`` rewritten),
+except what the backend insists on: ``stream: true``, ``store: false``, instructions (a default when there are
+neither ``instructions`` nor a developer message, which is how Codex itself sends them), and no
+``max_output_tokens``, ``temperature`` or ``top_p``; its events (or, for a non-streaming client, the final Response
+object) come back as the backend sent them."""
 
 from __future__ import annotations
 
@@ -11,28 +17,33 @@ import httpx
 import orjson
 
 from scillm_codex.auth import DEFAULT_TOKEN_URL, CodexAuth, Login
-from scillm_codex.wire import StreamState, conversation_id, error_from_body, to_codex_body
+from scillm_codex.wire import (
+    DEFAULT_INSTRUCTIONS,
+    StreamState,
+    chat_response,
+    conversation_id,
+    error_from_body,
+    responses_chunks,
+    to_codex_body,
+)
 from scillm_core import (
     CallContext,
     ChatChunk,
     ChatRequest,
     ChatResponse,
-    Choice,
-    FunctionCall,
-    Message,
     Provider,
     Route,
-    ToolCall,
-    Usage,
     errors,
+    with_native,
 )
 from scillm_core.config import Env, ProviderSettings
-from scillm_core.jsonio import loads
-from scillm_core.upstream import excerpt, iter_sse, translate_transport
+from scillm_core.upstream import translate_transport
 
 __all__ = ["DEFAULT_BASE", "CodexProvider", "auth_path"]
 
 DEFAULT_BASE = "https://chatgpt.com/backend-api/codex"
+#: Body fields the backend refuses (a client's own body loses them; the chat translation never sends them).
+REJECTED = ("max_output_tokens", "max_completion_tokens", "temperature", "top_p")
 MODELS = ("codex/gpt-5-codex", "codex/gpt-5.1-codex", "codex/gpt-5.1-codex-mini", "codex/gpt-5", "codex/gpt-5.1")
 
 
@@ -55,6 +66,7 @@ class CodexProvider(Provider):
     prefixes = ("codex/",)
     rule_order = 25  # before the openai provider (30): a ChatGPT login serves gpt-* / o-series first
     capabilities = frozenset({"streaming", "tools", "images", "pdf", "json_mode", "json_schema", "reasoning"})
+    dialects = frozenset({"openai-responses"})
 
     def __init__(self, env: Env | Mapping[str, str], settings: ProviderSettings) -> None:
         token_url = env.get("SCILLM_CODEX_TOKEN_URL") or env.get("CODEX_REFRESH_TOKEN_URL_OVERRIDE") \
@@ -88,7 +100,7 @@ class CodexProvider(Provider):
     def _headers(self, login: Login, request: ChatRequest) -> dict[str, str]:
         headers = {"authorization": f"Bearer {login.access_token}", "content-type": "application/json",
                    "accept": "text/event-stream", "openai-beta": "responses=experimental", "originator": "scillm",
-                   "session_id": conversation_id(request)}
+                   "session_id": request.scillm.get("session") or conversation_id(request)}
         if login.account_id:
             headers["chatgpt-account-id"] = login.account_id
         return headers
@@ -97,11 +109,28 @@ class CodexProvider(Provider):
         seconds = route.timeout_s or self.timeout_s
         return httpx.Timeout(seconds, connect=min(seconds, 15.0)) if seconds else None
 
-    async def _open(self, request: ChatRequest, route: Route, ctx: CallContext) -> tuple[httpx.Response, Login]:
+    def native_body(self, request: ChatRequest, route: Route) -> bytes:
+        """The client's Responses body as the backend takes it (see the module docstring)."""
+        assert request.native is not None
+        body = request.native.body
+        changes: dict[str, Any] = {}
+        if body.get("stream") is not True:
+            changes["stream"] = True
+        if body.get("store") is not False:
+            changes["store"] = False
+        if not _has_instructions(body):
+            changes["instructions"] = DEFAULT_INSTRUCTIONS
+        if not changes and not any(key in body for key in REJECTED):
+            return request.native.upstream_body(route.model)
+        kept = {key: value for key, value in body.items() if key not in REJECTED}
+        return orjson.dumps({**kept, "model": route.model, **changes})
+
+    async def _open(self, request: ChatRequest, route: Route, ctx: CallContext, *,
+                    native: bool = False) -> tuple[httpx.Response, Login]:
         """POST ``/responses`` and return the streaming response (status < 400); on 401 refresh once and retry."""
         client = ctx.runtime.client()
         login = await self.auth.token(client, route.model)
-        content = orjson.dumps(to_codex_body(request, route.model))
+        content = self.native_body(request, route) if native else orjson.dumps(to_codex_body(request, route.model))
         for attempt in range(2):
             upstream = client.build_request("POST", f"{self.base_url}/responses",
                                             headers=self._headers(login, request), content=content,
@@ -126,34 +155,18 @@ class CodexProvider(Provider):
             raise error
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _chunks(self, response: httpx.Response, state: StreamState, route: Route) -> AsyncIterator[ChatChunk]:
-        try:
-            with translate_transport(self.name, route.model):
-                async for event in iter_sse(response.aiter_bytes()):
-                    if event.data.strip() == "[DONE]":
-                        break
-                    try:
-                        data = loads(event.data)
-                    except orjson.JSONDecodeError:
-                        raise errors.UpstreamProtocolError(f"malformed stream event {excerpt(event.data, 120)!r}",
-                                                           provider=self.name, model=route.model) from None
-                    if not isinstance(data, dict):
-                        continue
-                    for chunk in state.feed(data):
-                        yield chunk
-                    if state.finished:
-                        break
-        finally:
-            await response.aclose()
-        if not state.finished:
-            raise errors.UpstreamProtocolError("stream closed before response.completed", provider=self.name,
-                                               model=route.model)
-
     async def stream(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
-        response, login = await self._open(request, route, ctx)
-        state = StreamState(provider=self.name, model=route.model, include_usage=request.include_usage,
+        return await self._stream(request, route, ctx, native=False)
+
+    async def stream_native(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
+        return await self._stream(request, route, ctx, native=True)
+
+    async def _stream(self, request: ChatRequest, route: Route, ctx: CallContext, *,
+                      native: bool) -> AsyncIterator[ChatChunk]:
+        response, login = await self._open(request, route, ctx, native=native)
+        state = StreamState(provider=self.name, model=route.model, include_usage=native or request.include_usage,
                             secrets=(login.access_token, login.refresh_token))
-        chunks = self._chunks(response, state, route)
+        chunks = responses_chunks(response, state, native=native)
         # Read up to the first chunk here, so a response.failed that comes before any output raises from the
         # await (with its real status, still retryable) instead of after the client got a 200.
         try:
@@ -165,20 +178,32 @@ class CodexProvider(Provider):
             raise
         return _prepend(first, chunks)
 
+    async def complete_native(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatResponse:
+        """The backend only streams: a non-streaming client gets the final Response object it sent."""
+        result, state = await self._collect(request, route, ctx, native=True)
+        return with_native(result, orjson.dumps(state.response))
+
     async def complete(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatResponse:
-        response, login = await self._open(request, route, ctx)
+        return (await self._collect(request, route, ctx, native=False))[0]
+
+    async def _collect(self, request: ChatRequest, route: Route, ctx: CallContext, *,
+                       native: bool) -> tuple[ChatResponse, StreamState]:
+        response, login = await self._open(request, route, ctx, native=native)
         state = StreamState(provider=self.name, model=route.model, include_usage=False,
                             secrets=(login.access_token, login.refresh_token))
-        async for _ in self._chunks(response, state, route):
+        async for _ in responses_chunks(response, state):
             pass
-        calls = tuple(ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments=c["arguments"] or "{}"))
-                      for _, c in sorted(state.tool_calls.items()))
-        extra = {"reasoning_content": "".join(state.reasoning)} if state.reasoning else {}
-        message = Message(role="assistant", content="".join(state.text) or None, tool_calls=calls or None,
-                          extra=extra)
-        return ChatResponse(id=state.id, model=state.served_model, created=state.created,
-                            choices=(Choice(message=message, finish_reason=state.finish_reason),),
-                            usage=state.usage or Usage())
+        return chat_response(state), state
+
+
+def _has_instructions(body: Mapping[str, Any]) -> bool:
+    """Instructions, or (as Codex itself sends them) a developer or system message in ``input``."""
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions.strip():
+        return True
+    items = body.get("input")
+    return isinstance(items, list) and any(isinstance(item, dict) and item.get("role") in ("developer", "system")
+                                           for item in items)
 
 
 async def _prepend(first: ChatChunk | None, rest: AsyncIterator[ChatChunk]) -> AsyncIterator[ChatChunk]:

@@ -16,30 +16,39 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from scillm_core import (
     ChatChunk,
     ChatRequest,
+    ChatResponse,
+    Choice,
     ChunkChoice,
     Delta,
     FilePart,
+    FunctionCall,
     FunctionCallDelta,
     ImagePart,
     Message,
     OtherPart,
     TextPart,
+    ToolCall,
     ToolCallDelta,
     Usage,
     errors,
+    with_native,
 )
 from scillm_core.jsonio import loads
+from scillm_core.upstream import PendingBytes, excerpt, iter_sse, translate_transport
 
-__all__ = ["DEFAULT_INSTRUCTIONS", "StreamState", "conversation_id", "error_from_body", "failure_error",
-           "to_codex_body", "usage_of"]
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = ["DEFAULT_INSTRUCTIONS", "StreamState", "chat_response", "conversation_id", "error_from_body",
+           "failure_error", "response_from_object", "responses_chunks", "to_codex_body", "usage_of"]
 
 DEFAULT_INSTRUCTIONS = "You are a helpful assistant."
 
@@ -287,12 +296,16 @@ class StreamState:
         self.reasoning: list[str] = []
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
+        self.response: dict[str, Any] = {}      # the final Response object (response.completed / .incomplete)
         self._text_seen: set[str] = set()
 
     def _chunk(self, delta: Delta | None = None, *, finish: str | None = None, usage: Usage | None = None,
                choices: bool = True) -> ChatChunk:
         chosen = (ChunkChoice(delta=delta or Delta(), finish_reason=finish),) if choices else ()
         return ChatChunk(id=self.id, model=self.served_model, created=self.created, choices=chosen, usage=usage)
+
+    def empty_chunk(self) -> ChatChunk:
+        return self._chunk(choices=False)
 
     def _emit(self, delta: Delta) -> list[ChatChunk]:
         out: list[ChatChunk] = []
@@ -409,6 +422,7 @@ class StreamState:
         if not isinstance(response, dict):
             response = {}
         self.finished = True
+        self.response = response
         self.usage = usage_of(response.get("usage"))
         if response.get("model"):
             self.served_model = str(response["model"])
@@ -428,3 +442,61 @@ class StreamState:
         if self.include_usage and self.usage is not None:
             out.append(self._chunk(usage=self.usage, choices=False))
         return out
+
+
+# -- reading a Responses answer (the Codex backend and the OpenAI Responses API speak the same events) ----------------
+
+async def responses_chunks(response: httpx.Response, state: StreamState, *,
+                           native: bool = False) -> AsyncIterator[ChatChunk]:
+    """Chat chunks of a Responses event stream; ``native``: with the events' own bytes on them, in order (see
+    :class:`scillm_core.upstream.PendingBytes`). Raises when it ends before ``response.completed``."""
+    provider, model = state.provider, state.model
+    carried = PendingBytes()
+    try:
+        with translate_transport(provider, model):
+            async for event in iter_sse(response.aiter_bytes(), raw=native):
+                if event.data.strip() == "[DONE]":
+                    break
+                try:
+                    data = loads(event.data)
+                except orjson.JSONDecodeError:
+                    raise errors.UpstreamProtocolError(f"malformed stream event {excerpt(event.data, 120)!r}",
+                                                       provider=provider, model=model) from None
+                chunks = state.feed(data) if isinstance(data, dict) else []
+                for chunk in carried.carry(event.raw, chunks) if native else chunks:
+                    yield chunk
+                if state.finished:
+                    break
+        if carried.pending:
+            yield with_native(state.empty_chunk(), carried.rest())
+    finally:
+        await response.aclose()
+    if not state.finished:
+        raise errors.UpstreamProtocolError("stream closed before response.completed", provider=provider, model=model)
+
+
+def chat_response(state: StreamState) -> ChatResponse:
+    """The chat completion a finished :class:`StreamState` collected."""
+    calls = tuple(ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments=c["arguments"] or "{}"))
+                  for _, c in sorted(state.tool_calls.items()))
+    extra = {"reasoning_content": "".join(state.reasoning)} if state.reasoning else {}
+    message = Message(role="assistant", content="".join(state.text) or None, tool_calls=calls or None, extra=extra)
+    return ChatResponse(id=state.id, model=state.served_model, created=state.created,
+                        choices=(Choice(message=message, finish_reason=state.finish_reason),),
+                        usage=state.usage or Usage())
+
+
+def response_from_object(data: Any, *, provider: str, model: str) -> ChatResponse:
+    """A Response object (a non-streaming Responses answer) as a chat completion: its output items go through
+    :class:`StreamState` as the stream would have delivered them. Raises ``ValueError`` on a body that is not one."""
+    if not isinstance(data, dict) or not isinstance(data.get("output"), list):
+        raise ValueError("not a Response object")
+    state = StreamState(provider=provider, model=model, include_usage=False)
+    state.feed({"type": "response.created", "response": data})
+    for index, item in enumerate(data["output"]):
+        state.feed({"type": "response.output_item.done", "item": item, "output_index": index})
+    if data.get("status") == "failed":
+        state.feed({"type": "response.failed", "response": data})
+    state.feed({"type": "response.incomplete" if data.get("status") == "incomplete" else "response.completed",
+                "response": data})
+    return chat_response(state)

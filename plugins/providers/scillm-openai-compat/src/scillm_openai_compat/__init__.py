@@ -33,7 +33,7 @@ SPECS: tuple[CompatSpec, ...] = (
                default_base="https://api.openai.com/v1", prefixes=("openai/",), rule=_openai_name, rule_order=30,
                models=("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-5", "gpt-5-mini", "o3", "o4-mini",
                        "text-embedding-3-small", "text-embedding-3-large"),
-               completion_tokens_models=_reasoning_model,
+               completion_tokens_models=_reasoning_model, responses_env="OPENAI_API_RESPONSES",
                capabilities=frozenset({"streaming", "tools", "images", "pdf", "json_mode", "json_schema",
                                        "embeddings"})),
     CompatSpec(name="deepseek", family="openai", key_env=("DEEPSEEK_API_KEY", "DEEPSEEK_API"),

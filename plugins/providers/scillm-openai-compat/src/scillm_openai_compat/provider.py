@@ -1,5 +1,12 @@
 """One provider class for every upstream that speaks OpenAI chat completions; a :class:`CompatSpec` per vendor
-holds what differs (env names, base URL, routes, small wire quirks)."""
+holds what differs (env names, base URL, routes, small wire quirks).
+
+A chat-completions client's own body goes upstream as sent (``model`` rewritten) unless a vendor fix has to change
+it, and the answer or stream comes back as the upstream sent it. A vendor with the Responses API
+(``CompatSpec.responses_env``: OpenAI) also takes a ``/v1/responses`` client's body as sent, at
+``{base}/responses``, when it talks to its own default base or the variable says so (``OPENAI_API_RESPONSES=1``;
+``0`` turns it off): an OpenAI-compatible server behind ``OPENAI_API_BASE`` may have no ``/responses``, and gets
+those requests translated to chat completions. Its events are read with the Codex plugin's Responses reader."""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import attrs
 import httpx
 import orjson
 from attrs import frozen
+from scillm_codex.wire import StreamState, response_from_object, responses_chunks
 
 from scillm_core import (
     CallContext,
@@ -24,6 +32,7 @@ from scillm_core import (
     errors,
     structure,
     unstructure,
+    with_native,
 )
 from scillm_core.config import Env, ProviderSettings
 from scillm_core.jsonio import loads
@@ -49,6 +58,7 @@ class CompatSpec:
     completion_tokens_models: Callable[[str], bool] | None = None  # models that reject max_tokens
     session_header: str | None = None     # OpenCode Go needs a stable per-conversation id
     declared: bool = False                # a server of the user's own ([providers.NAME] kind = ...)
+    responses_env: str | None = None      # has the Responses API at {base}/responses: the variable that says so
     capabilities: frozenset[str] = frozenset({"streaming", "tools", "images", "json_mode"})
 
 
@@ -63,8 +73,13 @@ class OpenAICompatProvider(Provider):
         self.capabilities = spec.capabilities
         self._key = next((env[k] for k in spec.key_env if env.get(k)), None)
         self.base_url = (settings.base_url or env.get(spec.base_env) or spec.default_base).rstrip("/")
+        flag = env.get(spec.responses_env) if spec.responses_env else None
+        responses = spec.responses_env is not None and (
+            flag == "1" if flag in ("0", "1") else self.base_url == spec.default_base.rstrip("/"))
+        self.dialects = frozenset({"openai-chat", "openai-responses"} if responses else {"openai-chat"})
         self._url = httpx.URL(f"{self.base_url}/chat/completions")  # parsed once, not per request
         self._embeddings_url = httpx.URL(f"{self.base_url}/embeddings")
+        self._responses_url = httpx.URL(f"{self.base_url}/responses")
         self.timeout_s = settings.timeout_s
 
     # -- routing ------------------------------------------------------------------------------------------------
@@ -105,7 +120,24 @@ class OpenAICompatProvider(Provider):
             body.setdefault("max_completion_tokens", body.pop("max_tokens"))
         if not request.stream:
             body.pop("stream_options", None)
+        if "cache_control" not in self.capabilities:
+            _drop_cache_markers(body)
         return body
+
+    def speaks(self, request: ChatRequest, route: Route) -> bool:
+        """The client's chat body goes as sent unless this vendor needs one of its fixes applied to it."""
+        if not super().speaks(request, route):
+            return False
+        assert request.native is not None
+        if request.native.dialect == "openai-responses":
+            return True
+        spec = self.spec
+        if spec.string_content and any(isinstance(m.content, tuple) for m in request.messages):
+            return False
+        if spec.max_temperature is not None and (request.temperature or 0) > spec.max_temperature:
+            return False
+        return not (spec.completion_tokens_models and spec.completion_tokens_models(route.model)
+                    and request.max_tokens is not None)
 
     def headers(self, request: ChatRequest | None = None) -> dict[str, str]:
         headers = {"content-type": "application/json"}
@@ -125,15 +157,36 @@ class OpenAICompatProvider(Provider):
                                 kind=kind, headers=response.headers, secrets=(self._key,))
 
     async def complete(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatResponse:
-        client = ctx.runtime.client()
+        raw = await self._post(orjson.dumps(self.body(request, route)), request, route, ctx)
+        return self._answer(raw, route)
+
+    async def complete_native(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatResponse:
+        assert request.native is not None
+        if request.native.dialect == "openai-responses":
+            raw = await self._post(request.native.upstream_body(route.model), request, route, ctx,
+                                   url=self._responses_url)
+            try:
+                answer = response_from_object(loads(raw), provider=self.name, model=route.model)
+            except (orjson.JSONDecodeError, ValueError) as exc:
+                raise errors.UpstreamProtocolError(f"unexpected response body ({_short(exc)})", provider=self.name,
+                                                   model=route.model) from None
+            return with_native(answer, raw)
+        raw = await self._post(request.native.upstream_body(route.model), request, route, ctx)
+        return with_native(self._answer(raw, route), raw)
+
+    async def _post(self, content: bytes, request: ChatRequest, route: Route, ctx: CallContext, *,
+                    url: httpx.URL | None = None) -> bytes:
         with translate_transport(self.name, route.model):
-            response = await client.post(self._url, headers=self.headers(request),
-                                         content=orjson.dumps(self.body(request, route)),
-                                         timeout=self._timeout(route) or httpx.USE_CLIENT_DEFAULT)
+            response = await ctx.runtime.client().post(url or self._url, headers=self.headers(request),
+                                                       content=content,
+                                                       timeout=self._timeout(route) or httpx.USE_CLIENT_DEFAULT)
         if response.status_code >= 400:
             raise self._error(response, response.content, route)
+        return response.content
+
+    def _answer(self, raw: bytes, route: Route) -> ChatResponse:
         try:
-            data = loads(response.content.strip() or b"null")  # DeepSeek pads queued answers with blanks
+            data = loads(raw.strip() or b"null")  # DeepSeek pads queued answers with blanks
             return structure(data, ChatResponse, what="upstream response")
         except (orjson.JSONDecodeError, errors.InvalidRequest) as exc:
             raise errors.UpstreamProtocolError(f"unexpected response body ({_short(exc)})", provider=self.name,
@@ -162,9 +215,23 @@ class OpenAICompatProvider(Provider):
         return attrs.evolve(result, data=tuple(sorted(result.data, key=lambda item: item.index)))
 
     async def stream(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
+        response = await self._open(orjson.dumps(self.body(request, route)), request, route, ctx)
+        return self._chunks(response, request, route)
+
+    async def stream_native(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
+        assert request.native is not None
+        if request.native.dialect == "openai-responses":
+            response = await self._open(request.native.upstream_body(route.model), request, route, ctx,
+                                        url=self._responses_url)
+            state = StreamState(provider=self.name, model=route.model, include_usage=True, secrets=(self._key,))
+            return responses_chunks(response, state, native=True)
+        response = await self._open(request.native.upstream_body(route.model), request, route, ctx)
+        return self._chunks(response, request, route, native=True)
+
+    async def _open(self, content: bytes, request: ChatRequest, route: Route, ctx: CallContext, *,
+                    url: httpx.URL | None = None) -> httpx.Response:
         client = ctx.runtime.client()
-        upstream = client.build_request("POST", self._url, headers=self.headers(request),
-                                        content=orjson.dumps(self.body(request, route)),
+        upstream = client.build_request("POST", url or self._url, headers=self.headers(request), content=content,
                                         timeout=self._timeout(route) or httpx.USE_CLIENT_DEFAULT)
         with translate_transport(self.name, route.model):
             response = await client.send(upstream, stream=True)
@@ -173,13 +240,15 @@ class OpenAICompatProvider(Provider):
                 raw = await response.aread()
             await response.aclose()
             raise self._error(response, raw, route)
-        return self._chunks(response, request, route)
+        return response
 
-    async def _chunks(self, response: httpx.Response, request: ChatRequest, route: Route) -> AsyncIterator[ChatChunk]:
+    async def _chunks(self, response: httpx.Response, request: ChatRequest, route: Route, *,
+                      native: bool = False) -> AsyncIterator[ChatChunk]:
+        """Chunks of the upstream stream; ``native``: each as the upstream sent it, its bytes on ``native``."""
         finished = False
         try:
             with translate_transport(self.name, route.model):
-                async for event in iter_sse(response.aiter_bytes()):
+                async for event in iter_sse(response.aiter_bytes(), raw=native):
                     if event.data == "[DONE]":
                         finished = True
                         break
@@ -198,6 +267,9 @@ class OpenAICompatProvider(Provider):
                     except errors.InvalidRequest as exc:
                         raise errors.UpstreamProtocolError(_short(exc), provider=self.name,
                                                            model=route.model) from None
+                    if native:
+                        yield with_native(chunk, event.raw)
+                        continue
                     for piece in _split_usage(chunk, request.include_usage):
                         yield piece
         finally:
@@ -215,6 +287,19 @@ def _split_usage(chunk: ChatChunk, include_usage: bool) -> tuple[ChatChunk, ...]
     if not include_usage:
         return (without,)
     return without, attrs.evolve(chunk, choices=())
+
+
+def _drop_cache_markers(body: dict[str, Any]) -> None:
+    """Prompt-cache markers are an Anthropic notion: an upstream without the ``cache_control`` capability does not
+    get them on a translated body (a client's own body, sent as is, keeps whatever the client put in it)."""
+    for message in body["messages"]:
+        message.pop("cache_control", None)
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                part.pop("cache_control", None)
+    for tool in body.get("tools") or ():
+        tool.pop("cache_control", None)
 
 
 def parse_error_body(raw: bytes) -> tuple[str, str | None, str | None]:

@@ -127,6 +127,17 @@ class OpenCodeGoProvider(Provider):
         ctx.notes["opencode_go_request"] = request
         return await self._backend(route).stream(request, route, ctx)
 
+    # chat completions in, a chat model: the client's body as sent (the /messages models are translated)
+
+    def speaks(self, request: ChatRequest, route: Route) -> bool:
+        return self.endpoint_type(route.model) == "chat" and self.chat.speaks(request, route)
+
+    async def complete_native(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatResponse:
+        return await self.chat.complete_native(request, route, ctx)
+
+    async def stream_native(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
+        return await self.chat.stream_native(request, route, ctx)
+
     async def models(self, runtime: Runtime, *, refresh: bool) -> dict[str, Any]:
         """The upstream's model list (cached; ``refresh`` refetches), else the static one, with endpoint types."""
         if self._listing is not None and not refresh:
