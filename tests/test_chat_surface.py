@@ -150,15 +150,31 @@ def test_empty_answer_with_finish_length_is_thinking_budget_exhausted(client, fa
     assert caught.value.body["code"] == "thinking_budget_exhausted"
 
 
-def test_usage_chunk_only_when_asked_and_usage_in_finish_chunk_normalised(client, fake):
+def test_translated_stream_usage_chunk_only_when_asked_and_usage_in_finish_chunk_normalised(client, fake):
+    # content parts: DeepSeek takes string content only, so the body is translated (flattened), not sent as is
+    parts = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
     fake.script(Reply.say("abc", usage_in_finish=True))
-    chunks = list(client.chat.completions.create(model=MODEL, stream=True, messages=[{"role": "user", "content": "x"}]))
+    chunks = list(client.chat.completions.create(model=MODEL, stream=True, messages=parts))
     assert all(c.usage is None for c in chunks)
+    assert fake.last.json["messages"] == [{"role": "user", "content": "x"}]
     fake.script(Reply.say("abc", usage_in_finish=True, keepalive=True, whole_tool_call=True))
     chunks = list(client.chat.completions.create(model=MODEL, stream=True, stream_options={"include_usage": True},
-                                                 messages=[{"role": "user", "content": "x"}]))
+                                                 messages=parts))
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 18
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_same_dialect_stream_comes_back_as_the_upstream_sent_it(server, fake):
+    fake.script(Reply.say("abc", usage_in_finish=True, keepalive=True))
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers=AUTH, timeout=20, json={
+            "model": MODEL, "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
+        assert r.headers["x-scillm-dialect"] == "openai-chat"
+        body = r.read()
+    events = [e for e in body.split(b"\n\n") if e.strip()]
+    assert events[0].startswith(b": keep-alive")  # the upstream's comments too, before its first event
+    finish = [e for e in events if b'"finish_reason":"stop"' in e]
+    assert len(finish) == 1 and b'"usage":{' in finish[0]  # usage where the upstream put it
+    assert events[-1] == b"data: [DONE]"
 
 
 def test_reasoning_content_passes_through(client, fake):

@@ -209,9 +209,8 @@ def test_codex_backend_serves_the_responses_surface(tmp_path: Path) -> None:
                 {"role": "user", "content": "list files"}, call.model_dump(exclude_none=True),
                 {"type": "function_call_output", "call_id": "call_ls", "output": "a.txt\nb.txt"}])
             assert answer.output_text == "Two files."
-            items = codex.last.body["input"]
-            assert items[1] == {"type": "function_call", "call_id": "call_ls", "name": "shell",
-                                "arguments": '{"command":["ls"]}'}
+            items = codex.last.body["input"]  # same dialect: the client's own items, as it sent them
+            assert items[1] == call.model_dump(exclude_none=True)
             assert items[2] == {"type": "function_call_output", "call_id": "call_ls", "output": "a.txt\nb.txt"}
 
 

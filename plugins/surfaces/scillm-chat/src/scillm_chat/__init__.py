@@ -1,12 +1,18 @@
-"""The OpenAI-compatible chat surface: ``POST /v1/chat/completions`` and ``GET /v1/models``."""
+"""The OpenAI-compatible chat surface: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+The body is modelled for the middleware and kept as sent beside it: an OpenAI-compatible upstream gets the
+client's own bytes (``model`` rewritten, scillm's extension fields taken out) and its answer or stream comes back
+as it sent it; other upstreams get a translation (``x-scillm-dialect`` says which).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -23,18 +29,23 @@ from scillm_core import (
     hookimpl,
     json_response,
     open_stream,
-    read_json,
+    parse_json,
+    read_body,
     request_id_of,
     run_chat,
     runtime_of,
+    served_headers,
+    session_of,
     sse_data,
     sse_error,
     structure,
     unstructure,
+    with_native,
 )
 from scillm_core.builtin.routing import model_catalog
 from scillm_core.events import PARENT_SCOPE_KEY
 from scillm_core.models.extensions import EXTENSION_FIELDS, take_extensions
+from scillm_core.models.native import native_request
 
 __all__ = ["EXTENSION_FIELDS", "take_extensions"]  # defined in core (scillm_core.models.extensions), re-exported
 
@@ -47,14 +58,23 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
     surfaces.route("/v1/models", list_models, ["GET"], plugin="chat")
 
 
-def parse_chat_request(body: Any) -> ChatRequest:
-    """Validate a wire body into a :class:`ChatRequest` (400 naming the JSON path on bad input)."""
+def parse_chat_request(body: Any, raw: bytes | None = None, headers: Mapping[str, str] | None = None) -> ChatRequest:
+    """Validate a wire body into a :class:`ChatRequest` (400 naming the JSON path on bad input). With the body's
+    ``raw`` bytes the request carries its native form (same-dialect pass-through); ``headers`` name the session."""
     if not isinstance(body, dict):
         raise errors.InvalidRequest("request body must be a JSON object", param="$")
-    body["scillm"] = take_extensions(body)  # scillm's own fields: checked here, never sent upstream
-    request = structure(body, ChatRequest)
+    modelled = dict(body)
+    extensions = take_extensions(modelled)  # scillm's own fields: checked here, never sent upstream
+    session = session_of(headers or {}, body)
+    if session:
+        extensions["session"] = session
+    extensions["dialect"] = "openai-chat"
+    modelled["scillm"] = extensions
+    request = structure(modelled, ChatRequest)
     if not request.messages:
         raise errors.InvalidRequest("messages must not be empty @ $.messages", param="$.messages")
+    if raw is not None:
+        with_native(request, native_request("openai-chat", body, raw, headers or {}, taken=EXTENSION_FIELDS))
     return request
 
 
@@ -65,20 +85,10 @@ def context_for(request: Request, chat: ChatRequest) -> CallContext:
                        parent=request.scope.get(PARENT_SCOPE_KEY))
 
 
-def served_headers(ctx: CallContext) -> dict[str, str]:
-    """Headers saying who served; middleware adds its own through ``ctx.notes["headers"]`` (a dict)."""
-    route = ctx.route
-    extra = {str(k): str(v) for k, v in (ctx.notes.get("headers") or {}).items()}
-    if route is None:
-        return {**extra, "x-scillm-attempts": str(ctx.attempts)}
-    return {**extra, "x-scillm-provider": route.provider, "x-scillm-served-model": route.model,
-            "x-scillm-attempts": str(ctx.attempts)}
-
-
 async def chat_completions(request: Request) -> Response:
     runtime = runtime_of(request)
-    body = await read_json(request, limit_bytes=int(runtime.config.server.max_body_mb * 1024 * 1024))
-    chat = parse_chat_request(body)
+    raw = await read_body(request, limit_bytes=int(runtime.config.server.max_body_mb * 1024 * 1024))
+    chat = parse_chat_request(parse_json(raw), raw if runtime.config.server.passthrough else None, request.headers)
     ctx = context_for(request, chat)
     if chat.stream:
         return await _stream(chat, ctx, runtime.config.server.heartbeat_s)
@@ -86,8 +96,10 @@ async def chat_completions(request: Request) -> Response:
     assert isinstance(result, ChatResponse)
     errors.ThinkingBudgetExhausted.check(result, ctx, chat.model, "empty content, finish_reason=length",
                                          "raise max_tokens or lower reasoning_effort")
-    payload = unstructure(result)
     metadata = chat.scillm.get("scillm_metadata")
+    if result.native is not None and metadata is None:  # the upstream's own answer, as it sent it
+        return Response(result.native, media_type="application/json", headers=served_headers(ctx))
+    payload = orjson.loads(result.native) if result.native is not None else unstructure(result)
     if metadata is not None:
         payload["scillm_metadata"] = metadata
     return json_response(payload, headers=served_headers(ctx))
@@ -111,7 +123,12 @@ async def _sse(opening: OpeningStream,
             if not done:
                 yield b": heartbeat\n\n"
         chunks, first = opening.result()
-        if first is not None:
+        if first is not None and first.native is not None:  # same dialect: the upstream's own events
+            yield first.native
+            async for chunk in chunks:
+                if chunk.native is not None:
+                    yield chunk.native
+        elif first is not None:
             yield sse_data(unstructure(first))
             async for chunk in chunks:
                 yield sse_data(unstructure(chunk))

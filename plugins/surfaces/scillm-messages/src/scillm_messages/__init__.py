@@ -1,8 +1,11 @@
 """The inbound Anthropic dialect: ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``.
 
-The official ``anthropic`` SDK and Claude Code can use any routed model through scillm: the request is translated
-to a core :class:`ChatRequest`, run through the normal pipeline (routing, middleware, the provider), and the
-result translated back to a Messages response or event stream. Errors on these routes use the Anthropic envelope.
+The official ``anthropic`` SDK and Claude Code can use any routed model through scillm: the request is modelled as
+a core :class:`ChatRequest` and run through the normal pipeline (routing, middleware, the provider). An Anthropic
+upstream (API key or Claude login) gets the client's own body (``model`` rewritten; ``anthropic-version`` and
+``anthropic-beta`` forwarded) and its answer or event stream comes back as sent; any other upstream gets a
+translation, and its result is translated back to a Messages response or event stream (``x-scillm-dialect`` says
+which). Errors on these routes use the Anthropic envelope.
 """
 
 from __future__ import annotations
@@ -28,20 +31,29 @@ from scillm_core import (
     hookimpl,
     json_response,
     open_stream,
+    parse_json,
+    read_body,
     read_json,
     request_id_of,
     run_chat,
     runtime_of,
+    served_headers,
+    session_of,
+    with_native,
 )
 from scillm_core.events import PARENT_SCOPE_KEY
+from scillm_core.models.native import native_request
 from scillm_messages.tokens import estimate_input_tokens
-from scillm_messages.translate import StreamTranslator, fit_thinking, parse_messages_request, ping, to_messages_response
+from scillm_messages.translate import StreamTranslator, fit_upstream, parse_messages_request, ping, to_messages_response
 from scillm_messages.wire_errors import AnthropicErrorMiddleware, anthropic_error_parts, error_event
 
 __all__ = ["estimate_input_tokens", "parse_messages_request", "to_messages_response"]
 
 log = logging.getLogger("scillm")
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+#: Client headers that go upstream with a same-dialect request.
+FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
+KEEP_ALIVE = b": keep-alive\n\n"
 
 
 @hookimpl
@@ -62,14 +74,6 @@ def context_for(request: Request) -> CallContext:
                        parent=request.scope.get(PARENT_SCOPE_KEY))
 
 
-def served_headers(ctx: CallContext) -> dict[str, str]:
-    route = ctx.route
-    if route is None:
-        return {"x-scillm-attempts": str(ctx.attempts)}
-    return {"x-scillm-provider": route.provider, "x-scillm-served-model": route.model,
-            "x-scillm-attempts": str(ctx.attempts)}
-
-
 def error_response(request: Request, exc: BaseException) -> Response:
     if not isinstance(exc, errors.ScillmError):
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -77,25 +81,43 @@ def error_response(request: Request, exc: BaseException) -> Response:
     return json_response(body, status, headers)
 
 
-async def _parse(request: Request) -> ChatRequest:
+async def _parse(request: Request) -> tuple[ChatRequest, bool]:
+    """The modelled request with its native form attached, and whether its first route takes it as sent (then
+    what the chat model cannot carry is left out of the model instead of refused: the upstream judges the body)."""
     runtime = runtime_of(request)
-    body = await read_json(request, limit_bytes=int(runtime.config.server.max_body_mb * 1024 * 1024))
-    chat = parse_messages_request(body)
-    route = runtime.hooks.route_model(chat, runtime)  # raises for an unknown model, as the pipeline would
+    raw = await read_body(request, limit_bytes=int(runtime.config.server.max_body_mb * 1024 * 1024))
+    body = parse_json(raw)
+    model = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(model, str) or not model.strip():
+        parse_messages_request(body)  # raises: not an object, or no model
+    session = session_of(request.headers, body)
+    native = native_request("anthropic-messages", body, raw, request.headers, forward=FORWARDED_HEADERS) \
+        if runtime.config.server.passthrough else None
+    probe = ChatRequest(model=model, messages=(), scillm={"session": session})
+    try:
+        route = runtime.hooks.route_model(with_native(probe, native), runtime)
+    except errors.ScillmError:
+        parse_messages_request(body)  # a bad body is the clearer answer than an unknown model
+        raise
     provider = runtime.providers.get(route.provider)
-    return fit_thinking(chat, anthropic=provider is not None and provider.family == "anthropic")
+    as_sent = provider is not None and provider.speaks(probe, route)
+    anthropic = provider is not None and provider.family == "anthropic"
+    chat = fit_upstream(parse_messages_request(body, session=session, lenient=as_sent), anthropic=anthropic)
+    return with_native(chat, native), as_sent
 
 
 async def messages(request: Request) -> Response:
     try:
-        chat = await _parse(request)
+        chat, as_sent = await _parse(request)
         ctx = context_for(request)
         if chat.stream:
-            return await _stream(chat, ctx, runtime_of(request).config.server.heartbeat_s)
+            return await _stream(chat, ctx, runtime_of(request).config.server.heartbeat_s, as_sent)
         result = await run_chat(chat, ctx)
         assert isinstance(result, ChatResponse)
         errors.ThinkingBudgetExhausted.check(result, ctx, chat.model, "empty content, stop_reason max_tokens",
                                              "raise max_tokens or lower the thinking budget")
+        if result.native is not None:  # the upstream's own answer, as it sent it
+            return Response(result.native, media_type="application/json", headers=served_headers(ctx))
         return json_response(to_messages_response(result, chat.model), headers=served_headers(ctx))
     except Exception as exc:
         return error_response(request, exc)
@@ -117,27 +139,39 @@ async def count_tokens(request: Request) -> Response:
         return error_response(request, exc)
 
 
-async def _stream(chat: ChatRequest, ctx: CallContext, heartbeat_s: float) -> Response:
+async def _stream(chat: ChatRequest, ctx: CallContext, heartbeat_s: float, as_sent: bool) -> Response:
     """Open the upstream stream before answering, so early failures (404, 429, 401) keep their HTTP status; if the
-    first chunk takes longer than ``heartbeat_s``, answer 200 with ``message_start`` and send ``ping`` events."""
+    first chunk takes longer than ``heartbeat_s``, answer 200 and keep the stream alive: with ``message_start`` and
+    ``ping`` events when translating, with SSE comments while an upstream's own stream (``as_sent``) is awaited."""
 
     opening = await open_stream(chat, ctx, heartbeat_s)
     translator = StreamTranslator(chat.model, input_estimate=estimate_input_tokens(chat))
-    return StreamingResponse(_events(opening, translator, heartbeat_s, ctx.request_id),
+    return StreamingResponse(_events(opening, translator, heartbeat_s, ctx.request_id, as_sent),
                              media_type="text/event-stream; charset=utf-8",
                              headers={**STREAM_HEADERS, **served_headers(ctx)})
 
 
-async def _events(opening: OpeningStream,
-                  translator: StreamTranslator, heartbeat_s: float, request_id: str) -> AsyncIterator[bytes]:
+async def _events(opening: OpeningStream, translator: StreamTranslator, heartbeat_s: float, request_id: str,
+                  as_sent: bool) -> AsyncIterator[bytes]:
     chunks: AsyncIterator[ChatChunk] | None = None
+    started = False
     try:
-        yield translator.start()
+        if not as_sent:
+            yield translator.start()
+            started = True
         while not opening.done():
             done, _ = await asyncio.wait({opening}, timeout=heartbeat_s)
             if not done:
-                yield ping()
+                yield ping() if started else KEEP_ALIVE
         chunks, first = opening.result()
+        if first is not None and first.native is not None:  # the upstream's own events, as it sent them
+            yield first.native
+            async for chunk in chunks:
+                if chunk.native is not None:
+                    yield chunk.native
+            return
+        if not started:
+            yield translator.start()
         if first is not None:
             yield b"".join(translator.chunk(first))
             async for chunk in chunks:

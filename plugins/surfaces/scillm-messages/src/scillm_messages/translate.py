@@ -25,6 +25,7 @@ from scillm_core import (
     ImagePart,
     ImageUrl,
     Message,
+    OtherPart,
     TextPart,
     Tool,
     ToolCall,
@@ -33,7 +34,7 @@ from scillm_core import (
 )
 from scillm_core.jsonio import loads
 
-__all__ = ["STOP_REASONS", "StreamTranslator", "fit_thinking", "message_id", "parse_messages_request",
+__all__ = ["STOP_REASONS", "StreamTranslator", "fit_upstream", "message_id", "parse_messages_request",
            "to_messages_response"]
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
@@ -41,7 +42,7 @@ STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 #: Anthropic effort levels (``output_config.effort``) and thinking budgets -> OpenAI ``reasoning_effort``.
 EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
-#: Anthropic request fields passed to Anthropic upstreams unchanged (see :func:`fit_thinking`).
+#: Anthropic request fields passed to Anthropic upstreams unchanged (see :func:`fit_upstream`).
 NATIVE_FIELDS = ("thinking", "top_k", "metadata", "output_config", "service_tier", "context_management")
 USER_BLOCKS = ("text", "image", "document", "tool_result")
 ASSISTANT_BLOCKS = ("text", "tool_use", "thinking", "redacted_thinking")
@@ -80,12 +81,15 @@ def _number(body: Mapping[str, Any], key: str, low: float, high: float | None = 
     return float(value)
 
 
-def parse_messages_request(body: Any) -> ChatRequest:
+def parse_messages_request(body: Any, *, session: str | None = None, lenient: bool = False) -> ChatRequest:
     """Validate an Anthropic Messages body and translate it to a :class:`ChatRequest`.
 
     Unknown top-level keys (new betas, ``service_tier``, ``container``, ``context_management``) are ignored;
     ``top_k`` and ``metadata`` are not sent upstream; thinking blocks in the history are carried as the assistant
-    message's ``thinking_blocks`` (see :func:`fit_thinking`).
+    message's ``thinking_blocks`` (see :func:`fit_upstream`); ``cache_control`` markers ride on the parts, tools
+    and messages they mark. ``lenient`` (the body goes to an Anthropic upstream as sent): what the chat model
+    cannot carry (server tools, block types it does not know) is left out of the model instead of refused, since
+    the upstream judges the body itself. ``session`` names the agent session (``scillm["session"]``).
     """
     if not isinstance(body, dict):
         raise _bad("request body must be a JSON object", "$")
@@ -105,9 +109,9 @@ def parse_messages_request(body: Any) -> ChatRequest:
     messages: list[Message] = []
     system = body.get("system")
     if system is not None:
-        text = _system_text(system)
-        if text:
-            messages.append(Message(role="system", content=text))
+        content = _system(system)
+        if content:
+            messages.append(Message(role="system", content=content))
     raw_messages = body.get("messages")
     if raw_messages is None:
         raise _bad("messages is required", "$.messages")
@@ -115,10 +119,10 @@ def parse_messages_request(body: Any) -> ChatRequest:
     if not raw_messages:
         raise _bad("messages must not be empty", "$.messages")
     for i, raw in enumerate(raw_messages):
-        messages.extend(_message(raw, f"$.messages[{i}]"))
+        messages.extend(_message(raw, f"$.messages[{i}]", lenient))
 
-    tools = _tools(body.get("tools"))
-    tool_choice, parallel = _tool_choice(body.get("tool_choice"))
+    tools = _tools(body.get("tools"), lenient)
+    tool_choice, parallel = _tool_choice(body.get("tool_choice"), lenient)
     stop = body.get("stop_sequences")
     if stop is not None:
         _expect(stop, list, "an array of strings", "$.stop_sequences")
@@ -131,7 +135,9 @@ def parse_messages_request(body: Any) -> ChatRequest:
     top_p = _number(body, "top_p", 0.0, 1.0)
     _number(body, "top_k", 0)  # validated, then dropped: OpenAI-style upstreams have no top_k
     native = {key: body[key] for key in NATIVE_FIELDS if body.get(key) is not None}
-    scillm: dict[str, Any] = {"dialect": "anthropic", "anthropic_native": native}
+    scillm: dict[str, Any] = {"dialect": "anthropic-messages", "anthropic_native": native}
+    if session:
+        scillm["session"] = session
     return ChatRequest(
         model=model, messages=tuple(messages), stream=bool(stream),
         stream_options={"include_usage": True} if stream else None,
@@ -139,26 +145,35 @@ def parse_messages_request(body: Any) -> ChatRequest:
         stop=tuple(stop) if stop else None,
         tools=tuple(tools) or None, tool_choice=tool_choice if tools else None,
         parallel_tool_calls=parallel if tools else None,
-        reasoning_effort=_reasoning_effort(body.get("thinking"), body.get("output_config"), max_tokens),
+        reasoning_effort=_reasoning_effort(body.get("thinking"), body.get("output_config"), max_tokens, lenient),
         response_format=_response_format(body.get("output_config") or body.get("output_format")),
         scillm=scillm)
 
 
-def _system_text(system: Any) -> str:
+def _cache_control(block: Mapping[str, Any], path: str) -> Mapping[str, Any] | None:
+    marker = block.get("cache_control")
+    return None if marker is None else _expect(marker, dict, "an object", f"{path}.cache_control")
+
+
+def _system(system: Any) -> str | tuple[TextPart, ...]:
+    """The system prompt: one string, or its blocks as parts when any carries a ``cache_control`` marker."""
     if isinstance(system, str):
         return system
     _expect(system, list, "a string or an array of text blocks", "$.system")
-    texts = []
+    parts = []
     for j, block in enumerate(system):
         path = f"$.system[{j}]"
         _expect(block, dict, "a text block object", path)
         if block.get("type") != "text":
             raise _bad(f"system blocks must have type 'text', got {block.get('type')!r}", f"{path}.type")
-        texts.append(_expect(block.get("text"), str, "a string", f"{path}.text"))
-    return "\n\n".join(t for t in texts if t)
+        parts.append(TextPart(text=_expect(block.get("text"), str, "a string", f"{path}.text"),
+                              cache_control=_cache_control(block, path)))
+    if any(p.cache_control for p in parts):
+        return tuple(p for p in parts if p.text)
+    return "\n\n".join(p.text for p in parts if p.text)
 
 
-def _message(raw: Any, path: str) -> list[Message]:
+def _message(raw: Any, path: str, lenient: bool = False) -> list[Message]:
     _expect(raw, dict, "a message object", path)
     role = raw.get("role")
     if role not in ("user", "assistant"):
@@ -177,27 +192,35 @@ def _message(raw: Any, path: str) -> list[Message]:
         kind = block.get("type")
         allowed = USER_BLOCKS if role == "user" else ASSISTANT_BLOCKS
         if kind not in allowed:
+            if lenient and isinstance(kind, str):
+                if role == "user":  # a block type the chat model does not know: carried as it is
+                    blocks.append(("other", block, bpath))
+                continue
             raise _bad(f"content block type {kind!r} is not supported in a {role} message here (supported: "
                        f"{', '.join(allowed)})", f"{bpath}.type")
         blocks.append((kind, block, bpath))
-    return _user(blocks) if role == "user" else _assistant(blocks)
+    return _user(blocks, lenient) if role == "user" else _assistant(blocks)
 
 
-def _user(blocks: list[tuple[str, dict[str, Any], str]]) -> list[Message]:
+def _user(blocks: list[tuple[str, dict[str, Any], str]], lenient: bool = False) -> list[Message]:
     """Tool results become ``role: tool`` messages (first, in order); the rest one user message after them.
     Images inside tool results follow in a user message, since chat-completions tool messages carry text only."""
     out: list[Message] = []
     parts: list[Any] = []
     for kind, block, path in blocks:
         if kind == "tool_result":
-            text, images = _tool_result(block, path)
+            text, images = _tool_result(block, path, lenient)
             tool_id = _expect(block.get("tool_use_id"), str, "a string", f"{path}.tool_use_id")
-            out.append(Message(role="tool", tool_call_id=tool_id, content=text))
+            marker = _cache_control(block, path)
+            out.append(Message(role="tool", tool_call_id=tool_id, content=text,
+                               extra={"cache_control": marker} if marker else {}))
             parts.extend(images)
+        elif kind == "other":
+            parts.append(OtherPart(type=block["type"], data={k: v for k, v in block.items() if k != "type"}))
         else:
             parts.append(_part(kind, block, path))
     if parts:
-        if all(isinstance(p, TextPart) for p in parts):
+        if all(isinstance(p, TextPart) and p.cache_control is None for p in parts):
             out.append(Message(role="user", content="\n\n".join(p.text for p in parts) if len(parts) > 1
                                else parts[0].text))
         else:
@@ -206,6 +229,13 @@ def _user(blocks: list[tuple[str, dict[str, Any], str]]) -> list[Message]:
 
 
 def _part(kind: str, block: Mapping[str, Any], path: str) -> Any:
+    """A user content block as a part, its ``cache_control`` marker with it."""
+    part = _bare_part(kind, block, path)
+    marker = _cache_control(block, path)
+    return attrs.evolve(part, cache_control=marker) if marker else part
+
+
+def _bare_part(kind: str, block: Mapping[str, Any], path: str) -> Any:
     if kind == "text":
         return TextPart(text=_expect(block.get("text"), str, "a string", f"{path}.text"))
     source: dict[str, Any] = _expect(block.get("source"), dict, "a source object", f"{path}.source")
@@ -246,7 +276,7 @@ def _part(kind: str, block: Mapping[str, Any], path: str) -> Any:
                f"{path}.source.type")
 
 
-def _tool_result(block: Mapping[str, Any], path: str) -> tuple[str, list[Any]]:
+def _tool_result(block: Mapping[str, Any], path: str, lenient: bool = False) -> tuple[str, list[Any]]:
     content = block.get("content")
     texts: list[str] = []
     images: list[Any] = []
@@ -261,7 +291,7 @@ def _tool_result(block: Mapping[str, Any], path: str) -> tuple[str, list[Any]]:
                 texts.append(_expect(inner.get("text"), str, "a string", f"{ipath}.text"))
             elif kind in ("image", "document"):
                 images.append(_part(kind, inner, ipath))
-            else:
+            elif not lenient:
                 raise _bad(f"tool_result content blocks must be text, image or document, got {kind!r}",
                            f"{ipath}.type")
     elif content is not None:
@@ -279,7 +309,9 @@ def _assistant(blocks: list[tuple[str, dict[str, Any], str]]) -> list[Message]:
     texts: list[str] = []
     calls: list[ToolCall] = []
     thinking: list[dict[str, Any]] = []
+    marker: Mapping[str, Any] | None = None
     for kind, block, path in blocks:
+        marker = _cache_control(block, path) or marker
         if kind == "thinking":
             thinking.append({"type": "thinking", "thinking": str(block.get("thinking") or ""),
                              "signature": str(block.get("signature") or "")})
@@ -298,19 +330,22 @@ def _assistant(blocks: list[tuple[str, dict[str, Any], str]]) -> list[Message]:
     if not text and not calls:
         return []  # e.g. a thinking-only turn: nothing an upstream can take
     # thinking blocks ride in ``thinking_blocks`` (the Anthropic provider sends them back, as tool loops with
-    # thinking require); :func:`fit_thinking` strips them for every other upstream
-    return [Message(role="assistant", content=text or None, tool_calls=tuple(calls) or None,
-                    extra={"thinking_blocks": thinking} if thinking else {})]
+    # thinking require); :func:`fit_upstream` strips them for every other upstream
+    extra: dict[str, Any] = {"thinking_blocks": thinking} if thinking else {}
+    if marker:
+        extra["cache_control"] = marker  # the turn's marker: it goes on the turn's last block again
+    return [Message(role="assistant", content=text or None, tool_calls=tuple(calls) or None, extra=extra)]
 
 
-def fit_thinking(request: ChatRequest, anthropic: bool) -> ChatRequest:
+def fit_upstream(request: ChatRequest, anthropic: bool) -> ChatRequest:
     """Fit the request to the family of the provider it routes to.
 
     Anthropic upstreams get the client's native fields (``thinking``, ``top_k``, ``metadata``, ``output_config``,
     ``service_tier``, ``context_management``) in ``extra``, which the Anthropic provider passes through, and the
-    carried ``thinking_blocks`` (tool loops with thinking need them back, signatures intact). Every other upstream
-    loses the ``thinking_blocks``: their signatures mean nothing to another model, and OpenAI-style upstreams
-    reject unknown message keys.
+    carried ``thinking_blocks`` (tool loops with thinking need them back, signatures intact) and ``cache_control``
+    markers. Every other upstream loses them: thinking signatures mean nothing to another model, cache markers are
+    an Anthropic notion (the system prompt becomes one string again), and OpenAI-style upstreams reject unknown
+    message keys.
     """
     if anthropic:
         native = request.scillm.get("anthropic_native") or {}
@@ -318,14 +353,31 @@ def fit_thinking(request: ChatRequest, anthropic: bool) -> ChatRequest:
             return request
         return attrs.evolve(request, extra={**request.extra, **native},
                             reasoning_effort=None if "thinking" in native else request.reasoning_effort)
-    if not any("thinking_blocks" in m.extra for m in request.messages):
+    if not any(_anthropic_only(m) for m in request.messages) and not any(t.cache_control for t in request.tools
+                                                                         or ()):
         return request
-    messages = tuple(attrs.evolve(m, extra={k: v for k, v in m.extra.items() if k != "thinking_blocks"})
-                     if "thinking_blocks" in m.extra else m for m in request.messages)
-    return attrs.evolve(request, messages=messages)
+    messages = tuple(_plain(m) if _anthropic_only(m) else m for m in request.messages)
+    tools = tuple(attrs.evolve(t, cache_control=None) for t in request.tools) if request.tools else None
+    return attrs.evolve(request, messages=messages, tools=tools)
 
 
-def _tools(raw: Any) -> list[Tool]:
+def _anthropic_only(message: Message) -> bool:
+    return "thinking_blocks" in message.extra or "cache_control" in message.extra or (
+        isinstance(message.content, tuple) and any(getattr(p, "cache_control", None) for p in message.content))
+
+
+def _plain(message: Message) -> Message:
+    """``message`` without thinking blocks and cache markers (text-only content joined as before)."""
+    extra = {k: v for k, v in message.extra.items() if k not in ("thinking_blocks", "cache_control")}
+    content = message.content
+    if isinstance(content, tuple):
+        parts = tuple(attrs.evolve(p, cache_control=None) if getattr(p, "cache_control", None) else p
+                      for p in content)
+        content = "\n\n".join(p.text for p in parts) if all(isinstance(p, TextPart) for p in parts) else parts
+    return attrs.evolve(message, content=content, extra=extra)
+
+
+def _tools(raw: Any, lenient: bool = False) -> list[Tool]:
     if raw is None:
         return []
     _expect(raw, list, "an array of tools", "$.tools")
@@ -335,6 +387,8 @@ def _tools(raw: Any) -> list[Tool]:
         _expect(tool, dict, "a tool object", path)
         kind = tool.get("type")
         if kind not in (None, "custom"):
+            if lenient:
+                continue  # a server tool: the Anthropic upstream runs it; the chat model has no such thing
             raise _bad(f"server tool {kind!r} is not supported through scillm; define a client tool with "
                        "name, description and input_schema", f"{path}.type")
         name = tool.get("name")
@@ -347,11 +401,12 @@ def _tools(raw: Any) -> list[Tool]:
         description = tool.get("description")
         if description is not None:
             _expect(description, str, "a string", f"{path}.description")
-        tools.append(Tool(function=FunctionDef(name=name, description=description, parameters=schema)))
+        tools.append(Tool(function=FunctionDef(name=name, description=description, parameters=schema),
+                          cache_control=_cache_control(tool, path)))
     return tools
 
 
-def _tool_choice(raw: Any) -> tuple[str | dict[str, Any] | None, bool | None]:
+def _tool_choice(raw: Any, lenient: bool = False) -> tuple[str | dict[str, Any] | None, bool | None]:
     if raw is None:
         return None, None
     _expect(raw, dict, "an object such as {\"type\": \"auto\"}", "$.tool_choice")
@@ -368,15 +423,19 @@ def _tool_choice(raw: Any) -> tuple[str | dict[str, Any] | None, bool | None]:
         if not isinstance(name, str) or not name:
             raise _bad("tool_choice of type 'tool' needs the tool's name", "$.tool_choice.name")
         return {"type": "function", "function": {"name": name}}, parallel
+    if lenient:
+        return None, None
     raise _bad(f"tool_choice type must be auto, any, tool or none, got {kind!r}", "$.tool_choice.type")
 
 
-def _reasoning_effort(thinking: Any, output_config: Any, max_tokens: int) -> str | None:
+def _reasoning_effort(thinking: Any, output_config: Any, max_tokens: int, lenient: bool = False) -> str | None:
     """``output_config.effort`` wins; else ``thinking.budget_tokens`` by size (< 4096 low, < 16384 medium, else
     high); adaptive thinking is medium; disabled or absent thinking leaves the upstream default."""
     if isinstance(output_config, dict) and output_config.get("effort") is not None:
         effort = output_config["effort"]
         if effort not in EFFORTS:
+            if lenient:
+                return None
             raise _bad(f"effort must be one of {', '.join(EFFORTS)}, got {effort!r}", "$.output_config.effort")
         return EFFORTS[effort]
     if thinking is None:
@@ -392,6 +451,8 @@ def _reasoning_effort(thinking: Any, output_config: Any, max_tokens: int) -> str
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise _bad("budget_tokens must be a positive integer", "$.thinking.budget_tokens")
         return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
+    if lenient:
+        return None
     raise _bad(f"thinking type must be enabled, adaptive or disabled, got {kind!r}", "$.thinking.type")
 
 
@@ -409,17 +470,23 @@ def _response_format(output_config: Any) -> dict[str, Any] | None:
 
 # -- response ----------------------------------------------------------------------------------------------------
 
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def _usage(usage: Usage | None, *, estimate: int = 0) -> dict[str, int]:
-    """Anthropic's ``input_tokens`` excludes cache reads; OpenAI's ``prompt_tokens`` includes them."""
+    """Anthropic's ``input_tokens`` excludes cache reads and writes; OpenAI's ``prompt_tokens`` includes them.
+    Reads come from ``prompt_tokens_details.cached_tokens``, writes from ``cache_creation_input_tokens`` (which
+    the Anthropic-style upstreams report)."""
     if usage is None:
         return {"input_tokens": estimate, "output_tokens": 0, "cache_creation_input_tokens": 0,
                 "cache_read_input_tokens": 0}
-    details = usage.extra.get("prompt_tokens_details") if usage.extra else None
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    cached = cached if isinstance(cached, int) and not isinstance(cached, bool) else 0
-    cached = min(cached, usage.prompt_tokens)
-    return {"input_tokens": usage.prompt_tokens - cached, "output_tokens": usage.completion_tokens,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
+    extra = usage.extra or {}
+    details = extra.get("prompt_tokens_details")
+    cached = min(_count(details.get("cached_tokens") if isinstance(details, dict) else None), usage.prompt_tokens)
+    created = min(_count(extra.get("cache_creation_input_tokens")), usage.prompt_tokens - cached)
+    return {"input_tokens": usage.prompt_tokens - cached - created, "output_tokens": usage.completion_tokens,
+            "cache_creation_input_tokens": created, "cache_read_input_tokens": cached}
 
 
 def _reasoning(extra: Mapping[str, Any]) -> str | None:

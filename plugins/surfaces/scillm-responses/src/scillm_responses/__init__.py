@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -30,13 +31,18 @@ from scillm_core import (
     hookimpl,
     json_response,
     open_stream,
-    read_json,
+    parse_json,
+    read_body,
     request_id_of,
     run_chat,
     runtime_of,
+    served_headers,
+    session_of,
+    with_native,
 )
 from scillm_core.events import PARENT_SCOPE_KEY
-from scillm_responses.translate import EventStream, parse_request, response_object
+from scillm_core.models.native import native_request
+from scillm_responses.translate import EXTENSION_FIELDS, EventStream, parse_request, response_object
 
 __all__ = ["EventStream", "parse_request", "response_object"]
 
@@ -55,18 +61,13 @@ def context_for(request: Request, chat: ChatRequest) -> CallContext:
                        parent=request.scope.get(PARENT_SCOPE_KEY))
 
 
-def served_headers(ctx: CallContext) -> dict[str, str]:
-    route = ctx.route
-    if route is None:
-        return {"x-scillm-attempts": str(ctx.attempts)}
-    return {"x-scillm-provider": route.provider, "x-scillm-served-model": route.model,
-            "x-scillm-attempts": str(ctx.attempts)}
-
-
 async def create_response(request: Request) -> Response:
     runtime = runtime_of(request)
-    body = await read_json(request, limit_bytes=int(runtime.config.server.max_body_mb * 1024 * 1024))
-    chat, echo = parse_request(body)
+    raw = await read_body(request, limit_bytes=int(runtime.config.server.max_body_mb * 1024 * 1024))
+    body = parse_json(raw)
+    chat, echo = parse_request(body, session=session_of(request.headers, body))
+    if runtime.config.server.passthrough:
+        with_native(chat, native_request("openai-responses", body, raw, request.headers, taken=EXTENSION_FIELDS))
     ctx = context_for(request, chat)
     if chat.stream:
         return await _stream(chat, echo, ctx, runtime.config.server.heartbeat_s)
@@ -74,8 +75,10 @@ async def create_response(request: Request) -> Response:
     assert isinstance(result, ChatResponse)
     errors.ThinkingBudgetExhausted.check(result, ctx, chat.model, "empty output, max_output_tokens reached",
                                          "raise max_output_tokens or lower reasoning.effort")
-    payload = response_object(result, echo)
     metadata = chat.scillm.get("scillm_metadata")
+    if result.native is not None and metadata is None:  # the upstream's own Response object, as it sent it
+        return Response(result.native, media_type="application/json", headers=served_headers(ctx))
+    payload = orjson.loads(result.native) if result.native is not None else response_object(result, echo)
     if metadata is not None:
         payload["scillm_metadata"] = metadata
     return json_response(payload, headers=served_headers(ctx))
@@ -99,6 +102,13 @@ async def _events(opening: OpeningStream, events: EventStream,
             if not done:
                 yield b": heartbeat\n\n"
         chunks, first = opening.result()
+        if first is not None and first.native is not None:  # the upstream's own events, as it sent them
+            started = True
+            yield first.native
+            async for chunk in chunks:
+                if chunk.native is not None:
+                    yield chunk.native
+            return
         for event in events.start():
             yield event
         started = True

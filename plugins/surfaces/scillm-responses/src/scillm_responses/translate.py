@@ -221,8 +221,9 @@ def _response_format(text: Any) -> dict[str, Any] | None:
     raise _bad(f"unsupported text.format type {kind!r}", "$.text.format.type")
 
 
-def parse_request(body: Any) -> tuple[ChatRequest, dict[str, Any]]:
-    """``(chat request, echo)``; ``echo`` holds the request fields a Response object repeats."""
+def parse_request(body: Any, *, session: str | None = None) -> tuple[ChatRequest, dict[str, Any]]:
+    """``(chat request, echo)``; ``echo`` holds the request fields a Response object repeats. ``session`` names
+    the agent session (``scillm["session"]``)."""
     if not isinstance(body, dict):
         raise _bad("request body must be a JSON object", "$")
     for key in STATEFUL_FIELDS:
@@ -235,6 +236,9 @@ def parse_request(body: Any) -> tuple[ChatRequest, dict[str, Any]]:
     if not isinstance(model, str) or not model:
         raise _bad("model is required (a string)", "$.model")
     extensions = take_extensions(dict(body))
+    extensions["dialect"] = "openai-responses"
+    if session:
+        extensions["session"] = session
     stream = body.get("stream", False)
     if not isinstance(stream, bool | type(None)):
         raise _bad(f"expected boolean, got {_json_type(stream)}", "$.stream")
