@@ -2,10 +2,12 @@
 
 - Key: SHA-256 over the canonical wire request minus ``stream``/``stream_options`` (model as requested, messages,
   sampling params, tools, tool_choice, response_format, n, seed, reasoning_effort and every extra upstream
-  parameter; for embeddings the input, encoding_format and dimensions) plus the routed deployment.
-  ``scillm_metadata``, ``timeout`` and the request id never enter the key.
+  parameter; for embeddings the input, encoding_format and dimensions) plus the routed deployment, and the
+  client's own body and dialect headers when it carries them (same-dialect pass-through sends fields the chat model
+  does not hold). ``scillm_metadata``, ``timeout``, the session and the request id never enter the key.
 - Non-streaming answers are stored (TTL): in a memory LRU bounded by ``max_entries``, or in the state store
-  (``[state]``: Redis shares hits between every process and instance, SQLite between the processes of a machine).
+  (``[state]``: Redis shares hits between every process and instance, SQLite between the processes of a machine),
+  with the upstream's own body when it came in the client's dialect, so a hit answers as the upstream did.
 - Streams: a hit is served as a synthesized stream of the cached answer; a miss passes through untouched and is
   not stored (``x-scillm-cache: miss``).
 - Identical in-flight requests share one upstream call (single-flight); an error is shared with the waiters, never
@@ -47,6 +49,7 @@ from scillm_core import (
     hookimpl,
     structure,
     unstructure,
+    with_native,
 )
 from scillm_core.config import ConfigError
 from scillm_core.redact import redact
@@ -59,7 +62,7 @@ __all__ = ["CacheConfig", "cache_key"]
 
 log = logging.getLogger("scillm.cache")
 HEADER = "x-scillm-cache"
-KEY_VERSION = "v1"
+KEY_VERSION = "v2"
 
 
 @frozen(kw_only=True)
@@ -217,7 +220,11 @@ def cache_key(request: ChatRequest, route: Route) -> str:
     wire = unstructure(request)
     wire.pop("stream", None)
     wire.pop("stream_options", None)
-    material = {"v": KEY_VERSION, "deployment": route.deployment, "request": wire}
+    material: dict[str, Any] = {"v": KEY_VERSION, "deployment": route.deployment, "request": wire}
+    native = getattr(request, "native", None)  # embeddings requests have none
+    if native is not None:
+        body = {k: v for k, v in native.body.items() if k not in ("stream", "stream_options")}
+        material["native"] = {"dialect": native.dialect, "body": body, "headers": dict(native.headers)}
     return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
@@ -288,14 +295,18 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
 
 
 async def _lookup(state: CacheState, key: str, kind: type[Any]) -> tuple[Any, Route] | None:
-    """The stored answer as ``kind`` (``ChatResponse`` or ``EmbeddingsResponse``) and the route that served it."""
+    """The stored answer as ``kind`` (``ChatResponse`` or ``EmbeddingsResponse``) and the route that served it,
+    with the upstream's own body when one was stored."""
     try:
         raw = await state.backend.get(key)
         if raw is None:
             return None
         doc = orjson.loads(raw)
         served = Route(provider=doc["provider"], model=doc["model"], requested=doc["requested"])
-        return structure(doc["response"], kind, what="cached response"), served
+        response = structure(doc["response"], kind, what="cached response")
+        if isinstance(doc.get("native"), str):  # the upstream's own body (the key holds the client's: same dialect)
+            with_native(response, doc["native"].encode())
+        return response, served
     except Exception as exc:
         _backend_failed(state, exc)
         return None
@@ -308,6 +319,9 @@ async def _store(state: CacheState, key: str, response: Any, served: Route) -> N
     try:
         doc = {"provider": served.provider, "model": served.model, "requested": served.requested,
                "stored_at": time.time(), "response": unstructure(response)}
+        native = getattr(response, "native", None)
+        if native is not None:
+            doc["native"] = native.decode()
         raw = orjson.dumps(doc)
         if len(raw) > state.config.max_entry_kb * 1024:
             return

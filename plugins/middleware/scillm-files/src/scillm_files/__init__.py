@@ -179,9 +179,15 @@ async def _process(request: ChatRequest, ctx: CallContext, cfg: FilesConfig) -> 
                 raise kind(f"{exc.message} @ {where}", param=where, code=exc.code,
                            status=exc.status if exc.status not in (400, 413) else None) from None
             text_left -= sum(len(item[1]) for item in items if item[0] == "text")
-            parts.extend(_part(item, part) for item in items)
+            derived = [_part(item, part) for item in items]
+            marker = getattr(part, "cache_control", None)
+            if marker and derived and derived[-1] is not part:  # a cache breakpoint stays where it was: last
+                derived[-1] = attrs.evolve(derived[-1], cache_control=marker)
+            parts.extend(derived)
             state.processed += 1
-        messages.append(attrs.evolve(message, content=tuple(parts)))
+        messages.append(message if tuple(parts) == message.content else attrs.evolve(message, content=tuple(parts)))
+    if all(new is old for new, old in zip(messages, request.messages, strict=True)):
+        return request  # checked and left as they were: the request (and its native body) goes on unchanged
     return attrs.evolve(request, messages=tuple(messages))
 
 

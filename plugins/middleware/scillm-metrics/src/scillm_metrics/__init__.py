@@ -370,7 +370,8 @@ def _finish_request(state: MetricsState, request: ChatRequest, ctx: CallContext,
         "stream": request.stream, "status": status if exc is None or status is not None else 499,
         "error_code": None if exc is None else code, "latency_ms": round(elapsed * 1000, 1),
         "attempts": ctx.attempts, "tokens": _tokens(usage), "cache": ctx.notes.get("cache"),
-        "scillm_metadata": request.scillm.get("scillm_metadata"),
+        "scillm_metadata": request.scillm.get("scillm_metadata"), "session": request.scillm.get("session"),
+        "dialect": (ctx.notes.get("headers") or {}).get("x-scillm-dialect"),
     }
     if exc is not None and isinstance(exc, errors.ScillmError):
         record["error"] = exc.message[:500]
