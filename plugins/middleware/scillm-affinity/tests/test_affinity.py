@@ -1,0 +1,127 @@
+"""Session affinity through real clients: the turns of one session stay on one deployment of a group while it is
+healthy; when it fails the session moves, and stays where it moved."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+from scillm_affinity import AffinityConfig, Sessions
+
+from scillm_core import session_of
+from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread, make_app
+
+GROUP = {"pair": {"models": ["openai/model-a", "deepseek/model-b"]}}
+ONLY = ("chat", "messages", "auth", "ops", "openai-compat", "anthropic", "resilience", "affinity", "metrics")
+
+
+@pytest.fixture(scope="module")
+def fakes() -> Iterator[tuple[FakeOpenAI, FakeOpenAI]]:
+    with FakeOpenAI() as a, FakeOpenAI() as b:
+        yield a, b
+
+
+@pytest.fixture
+def app(fakes: tuple[FakeOpenAI, FakeOpenAI], tmp_path: Any) -> Iterator[Any]:
+    a, b = fakes
+    a.requests.clear()
+    b.requests.clear()
+    env = {"OPENAI_API_KEY": "sk-a", "OPENAI_API_BASE": a.base_url, "DEEPSEEK_API_KEY": "sk-b",
+           "DEEPSEEK_API_BASE": b.base_url}
+    # no retries of the failing member: one failure means a fallback; the breaker stays closed (threshold 5)
+    config = {"groups": GROUP, "resilience": {"max_retries": 0}}
+    yield make_app(env=env, config=config, data_dir=tmp_path, only=ONLY)
+
+
+def turns(client: openai.OpenAI, n: int, session: str | None) -> list[str]:
+    """``n`` turns of one conversation; the deployment that served each (``x-scillm-provider``)."""
+    served = []
+    headers = {"x-scillm-session": session} if session else {}
+    messages: list[dict[str, str]] = [{"role": "user", "content": "start"}]
+    for _ in range(n):
+        raw = client.chat.completions.with_raw_response.create(model="pair", messages=messages,
+                                                               extra_headers=headers)
+        served.append(raw.headers["x-scillm-provider"])
+        messages += [{"role": "assistant", "content": raw.parse().choices[0].message.content},
+                     {"role": "user", "content": "go on"}]
+    return served
+
+
+def test_a_session_stays_on_one_deployment_and_after_a_failover_stays_on_the_other(
+        app: Any, fakes: tuple[FakeOpenAI, FakeOpenAI]) -> None:
+    a, b = fakes
+    with ServerThread(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=20)
+        assert turns(client, 20, "s-1") == ["openai"] * 20  # healthy: every turn on one deployment
+        assert (len(a.requests), len(b.requests)) == (20, 0)
+
+        a.script(Reply.fail(503, "overloaded"))  # the deployment fails once: the session moves
+        assert turns(client, 1, "s-1") == ["deepseek"]
+        assert turns(client, 20, "s-1") == ["deepseek"] * 20  # ... and stays, though the first is healthy again
+        assert len(a.requests) == 21  # the failed call, nothing since
+
+        assert turns(client, 3, "s-2") == ["openai"] * 3  # a new session starts at the group's first model
+        assert turns(client, 3, None) == ["openai"] * 3  # no session: the group's order, as always
+
+        b.script(Reply.fail(503, "overloaded"))  # now its deployment fails: it moves back, and stays
+        assert turns(client, 5, "s-1") == ["openai"] * 5
+        health = httpx.get(server.url + "/v1/scillm/health", headers={"authorization": f"Bearer {DEV_KEY}"}).json()
+        affinity = health["middleware"]["affinity"]
+        assert affinity["enabled"] is True and affinity["sessions"] == 2 and affinity["moves"] == 2
+
+
+def test_without_the_plugin_the_session_goes_back_to_the_first_model(fakes: tuple[FakeOpenAI, FakeOpenAI],
+                                                                     tmp_path: Any) -> None:
+    """What affinity changes: the same script with ``[affinity] enabled = false`` flaps back to the first model."""
+    a, b = fakes
+    a.requests.clear()
+    env = {"OPENAI_API_KEY": "sk-a", "OPENAI_API_BASE": a.base_url, "DEEPSEEK_API_KEY": "sk-b",
+           "DEEPSEEK_API_BASE": b.base_url}
+    app = make_app(env=env, config={"groups": GROUP, "resilience": {"max_retries": 0},
+                                    "affinity": {"enabled": False}}, data_dir=tmp_path, only=ONLY)
+    with ServerThread(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=20)
+        a.script(Reply.fail(503, "overloaded"))
+        assert turns(client, 3, "s-1") == ["deepseek", "openai", "openai"]
+
+
+def test_claude_code_session_header_on_the_messages_surface(app: Any, fakes: tuple[FakeOpenAI, FakeOpenAI]) -> None:
+    """The header Claude Code sends names the session on /v1/messages too; the call log records it."""
+    a, _ = fakes
+    with ServerThread(app) as server:
+        client = anthropic.Anthropic(base_url=server.url, api_key=DEV_KEY, max_retries=0, timeout=20,
+                                     default_headers={"x-claude-code-session-id": "cc-42"})
+        a.script(Reply.fail(503, "overloaded"))
+        served = [client.messages.with_raw_response.create(model="pair", max_tokens=50, messages=[
+            {"role": "user", "content": f"turn {i}"}]).headers["x-scillm-provider"] for i in range(4)]
+        assert served == ["deepseek"] * 4
+        calls = httpx.get(server.url + "/v1/scillm/calls", headers={"authorization": f"Bearer {DEV_KEY}"}).json()
+        assert [c["session"] for c in calls["data"]][-4:] == ["cc-42"] * 4
+
+
+def test_session_names_in_order_of_precedence() -> None:
+    body = {"prompt_cache_key": "pck"}
+    assert session_of({}, body) == "pck"
+    assert session_of({"x-session-id": "oc"}, body) == "oc"
+    assert session_of({"x-session-id": "oc", "x-session-affinity": "oc-aff"}, body) == "oc-aff"
+    assert session_of({"session-id": "codex", "x-session-id": "oc"}, body) == "codex"
+    assert session_of({"x-claude-code-session-id": "cc", "session-id": "codex"}, body) == "cc"
+    assert session_of({"x-scillm-session": "mine", "x-claude-code-session-id": "cc"}, body) == "mine"
+    assert session_of({}, {"prompt_cache_key": 5}) is None and session_of({}, [1]) is None
+
+
+def test_sessions_are_bounded_and_forgotten_when_idle() -> None:
+    now = [0.0]
+    sessions = Sessions(AffinityConfig(max_sessions=2, ttl_s=10.0), clock=lambda: now[0])
+    sessions.remember("g", "s1", "p/a")
+    sessions.remember("g", "s2", "p/b")
+    sessions.remember("g", "s3", "p/a")  # over the bound: the least recently used (s1) goes
+    assert sessions.get("g", "s1") is None and sessions.get("g", "s3") == "p/a"
+    now[0] = 10.5
+    assert sessions.get("g", "s2") is None  # idle past ttl_s
+    sessions.remember("g", "s3", "p/b")
+    assert sessions.moves == 1 and sessions.get("g", "s3") == "p/b"
