@@ -277,8 +277,10 @@ class FakeAnthropic(FakeUpstream):
 
     @staticmethod
     def usage(reply: Reply, *, output: int | None = None) -> dict[str, Any]:
-        return {"input_tokens": reply.prompt_tokens, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-                "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+        return {"input_tokens": reply.prompt_tokens, "cache_creation_input_tokens": reply.cache_write_tokens,
+                "cache_read_input_tokens": reply.cached_tokens,
+                "cache_creation": {"ephemeral_5m_input_tokens": reply.cache_write_tokens,
+                                   "ephemeral_1h_input_tokens": 0},
                 "output_tokens": reply.completion_tokens if output is None else output, "service_tier": "standard",
                 "inference_geo": "not_available"}
 
@@ -349,8 +351,8 @@ class FakeAnthropic(FakeUpstream):
                                               "delta": {"type": "input_json_delta", "partial_json": piece}}
             yield "content_block_stop", {"type": "content_block_stop", "index": index}
             index += 1
-        usage = {"input_tokens": reply.prompt_tokens, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-                 "output_tokens": reply.completion_tokens}
+        usage = {"input_tokens": reply.prompt_tokens, "cache_creation_input_tokens": reply.cache_write_tokens,
+                 "cache_read_input_tokens": reply.cached_tokens, "output_tokens": reply.completion_tokens}
         yield "message_delta", {"type": "message_delta", "delta": {
             "stop_reason": anthropic_stop_reason(reply.finish), "stop_sequence": None, "stop_details": None},
             "usage": usage}

@@ -3,7 +3,8 @@
 It speaks the OpenAI Responses streaming dialect exactly as recorded in ``shared/fixtures/responses_codex``
 (``event:`` + ``data:`` lines, ``sequence_number`` on every event, full item lifecycle, reasoning summary events,
 function-call argument deltas, terminal ``response.completed`` with no ``[DONE]``) and enforces what the real
-backend enforces: ``store: false``, ``stream: true``, non-empty ``instructions`` (else a ``{"detail": ...}`` 400),
+backend enforces: ``store: false``, ``stream: true``, non-empty ``instructions`` or a developer message in ``input``
+(else a ``{"detail": ...}`` 400),
 a Bearer access token it issued and that has not expired (else 401), and the ``chatgpt-account-id`` header that
 matches the token's claim.
 
@@ -31,7 +32,7 @@ from starlette.routing import Route
 from scillm_core.testing.fakes import FakeUpstream
 from scillm_core.testing.replies import Reply
 
-__all__ = ["CODEX_CLIENT_ID", "FakeCodex", "jwt_claims", "mint_jwt"]
+__all__ = ["CODEX_CLIENT_ID", "FakeCodex", "FakeOpenAIResponses", "has_instructions", "jwt_claims", "mint_jwt"]
 
 CODEX_CLIENT_ID = "app_EMoamEEZ73f0CkXaXp7hrann"
 AUTH_CLAIM = "https://api.openai.com/auth"
@@ -53,6 +54,17 @@ def jwt_claims(token: str) -> dict[str, Any]:
         return orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))  # type: ignore[no-any-return]
     except (IndexError, ValueError, orjson.JSONDecodeError):
         return {}
+
+
+def has_instructions(body: dict[str, Any]) -> bool:
+    """Non-empty ``instructions``, or a developer/system message in ``input`` (Codex 0.169 sends its prompt so,
+    with no ``instructions`` field, to this backend too)."""
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions.strip():
+        return True
+    items = body.get("input")
+    return isinstance(items, list) and any(isinstance(item, dict) and item.get("role") in ("developer", "system")
+                                           for item in items)
 
 
 def _event(payload: dict[str, Any]) -> bytes:
@@ -181,23 +193,27 @@ class FakeCodex(FakeUpstream):
             return self._json({"detail": "chatgpt-account-id header missing or not matching the token"}, 403)
         return None
 
+    def _check_body(self, body: dict[str, Any]) -> Response | None:
+        """What the backend refuses that the public Responses API takes."""
+        if body.get("store") is not False:
+            return self._json({"detail": "Store must be set to false"}, 400)
+        if body.get("stream") is not True:
+            return self._json({"detail": "Stream must be set to true"}, 400)
+        if not has_instructions(body):
+            return self._json({"detail": "Instructions are required"}, 400)
+        for key in ("max_output_tokens", "max_completion_tokens", "temperature", "top_p"):
+            if key in body:
+                return self._json({"detail": f"Unsupported parameter: {key}"}, 400)
+        return None
+
     async def responses(self, request: Request) -> Response:
         recorded = await self.record(request)
         body = recorded.body if isinstance(recorded.body, dict) else None
         if body is None:
             return self._json({"detail": "Invalid JSON body"}, 400)
-        denied = self._check_auth(recorded)
+        denied = self._check_auth(recorded) or self._check_body(body)
         if denied is not None:
             return denied
-        if body.get("store") is not False:
-            return self._json({"detail": "Store must be set to false"}, 400)
-        if body.get("stream") is not True:
-            return self._json({"detail": "Stream must be set to true"}, 400)
-        if not isinstance(body.get("instructions"), str) or not body["instructions"].strip():
-            return self._json({"detail": "Instructions are required"}, 400)
-        for key in ("max_output_tokens", "max_completion_tokens", "temperature", "top_p"):
-            if key in body:
-                return self._json({"detail": f"Unsupported parameter: {key}"}, 400)
         reply = self.next_reply(recorded)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -215,6 +231,9 @@ class FakeCodex(FakeUpstream):
                           "code": error.get("code")}}
             return self._json(payload, reply.status, headers)
         model = reply.model or body.get("model") or "gpt-5-codex"
+        if body.get("stream") is not True:  # the public API's non-streaming answer: the final Response object
+            final = list(self.events(reply, body, model))[-1]["response"]
+            return self._json(final, headers=headers)
         return StreamingResponse(self._stream(reply, body, model), headers=headers,
                                  media_type="text/event-stream; charset=utf-8")
 
@@ -315,7 +334,7 @@ class FakeCodex(FakeUpstream):
             item = {**item, "status": "completed", "arguments": arguments}
             yield ev("response.output_item.done", item=item, output_index=index)
             output.append(item)
-        usage = {"input_tokens": reply.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+        usage = {"input_tokens": reply.prompt_tokens, "input_tokens_details": {"cached_tokens": reply.cached_tokens},
                  "output_tokens": reply.completion_tokens,
                  "output_tokens_details": {"reasoning_tokens": len(reply.reasoning or "") // 4},
                  "total_tokens": reply.prompt_tokens + reply.completion_tokens}
@@ -325,3 +344,19 @@ class FakeCodex(FakeUpstream):
                                                       "incomplete_details": {"reason": "max_output_tokens"}})
             return
         yield ev("response.completed", response={**final, "status": "completed"})
+
+
+class FakeOpenAIResponses(FakeCodex):
+    """The OpenAI Responses API at ``{url}/v1/responses`` (``base_url`` is ``{url}/v1``): the same events as the
+    Codex backend, any ``Bearer`` key, streaming or not, and none of the backend's extra rules."""
+
+    base_path = "/v1"
+
+    def _check_auth(self, recorded: Any) -> Response | None:
+        if not recorded.headers.get("authorization", "").startswith("Bearer "):
+            return self._json({"error": {"message": "You didn't provide an API key.", "type": "invalid_request_error",
+                                         "param": None, "code": None}}, 401)
+        return None
+
+    def _check_body(self, body: dict[str, Any]) -> Response | None:
+        return None

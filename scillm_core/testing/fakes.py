@@ -39,6 +39,7 @@ class RecordedRequest:
     query: str
     headers: Mapping[str, str]
     body: Any
+    raw: bytes = b""  # the body's bytes as they arrived
 
     @property
     def json(self) -> Any:
@@ -118,7 +119,7 @@ class FakeUpstream:
         except orjson.JSONDecodeError:
             body = raw.decode("utf-8", "replace")
         recorded = RecordedRequest(request.method, request.url.path, request.url.query,
-                                   {k.lower(): v for k, v in request.headers.items()}, body)
+                                   {k.lower(): v for k, v in request.headers.items()}, body, raw)
         self.requests.append(recorded)
         return recorded
 
@@ -245,7 +246,7 @@ class FakeOpenAI(FakeUpstream):
     def usage(reply: Reply) -> dict[str, Any]:
         return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                 "total_tokens": reply.prompt_tokens + reply.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                "prompt_tokens_details": {"cached_tokens": reply.cached_tokens, "audio_tokens": 0},
                 "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
                                               "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
 

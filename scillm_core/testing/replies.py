@@ -37,6 +37,8 @@ class Reply:
     finish_reason: str | None = None       # default: "tool_calls" with tool calls, else "stop"
     prompt_tokens: int = 11
     completion_tokens: int = 7
+    cached_tokens: int = 0                  # prompt-cache reads (Anthropic: besides input; OpenAI: part of prompt)
+    cache_write_tokens: int = 0             # prompt-cache writes (Anthropic's cache_creation_input_tokens)
     model: str | None = None               # default: the requested model
     # failures
     status: int = 200
