@@ -104,14 +104,20 @@ def build_request(url: str, headers: dict[str, str], body: bytes) -> tuple[str, 
 
 
 async def run_load(url: str, headers: dict[str, str], body: bytes, *, concurrency: int, duration: float,
-                   max_requests: int | None = None, stream: bool = False, timeout: float = 30.0) -> dict:
+                   max_requests: int | None = None, stream: bool = False, timeout: float = 30.0,
+                   messages: bool = False) -> dict:
+    """``messages``: the body is an Anthropic Messages request, and a right answer ends with ``message_stop``
+    (stream) or holds ``"content"``."""
     loop = asyncio.get_running_loop()
     host, port, raw = build_request(url, headers, body)
     lat: list[float] = []
     ttfb: list[float] = []
     errors: Counter = Counter()
     state = {"started": 0, "timeouts": 0}
-    expect = b"[DONE]" if stream else b'"choices"'
+    if messages:
+        expect = b"message_stop" if stream else b'"content"'
+    else:
+        expect = b"[DONE]" if stream else b'"choices"'
     t_start = perf()
     deadline = t_start + duration
 
@@ -205,6 +211,18 @@ def main() -> None:
     res = uvloop.run(run_load(args.url, headers, body, concurrency=args.concurrency, duration=args.duration,
                               max_requests=args.max_requests, stream=args.stream))
     print(json.dumps(res, indent=2))
+
+
+def messages_body(model: str, stream: bool) -> dict:
+    """An Anthropic Messages request as Claude Code sends its turns: a system prompt and the last user turn marked
+    for the prompt cache."""
+    body = {"model": model, "max_tokens": 1024,
+            "system": [{"type": "text", "text": "You are a helpful assistant.", "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "What's the weather in San Francisco?",
+                                                       "cache_control": {"type": "ephemeral"}}]}]}
+    if stream:
+        body["stream"] = True
+    return body
 
 
 def chat_body(model: str, stream: bool) -> dict:

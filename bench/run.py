@@ -40,7 +40,8 @@ PORT_OFFSET = int(os.environ.get("BENCH_PORT_OFFSET", "0"))
 MOCK_PORT = 18080 + PORT_OFFSET
 PORTS = {name: port + PORT_OFFSET for name, port in {
     "scillm": 14001, "litellm": 14002, "portkey": 14003, "bare": 14004, "scillm-nomw": 14005,
-    "scillm-anthropic": 14006, "scillm-tracing": 14007, "scillm-before": 14008}.items()}
+    "scillm-anthropic": 14006, "scillm-tracing": 14007, "scillm-before": 14008, "scillm-messages": 14009,
+    "scillm-messages-translated": 14010}.items()}
 PROXY_CORE, LOAD_CORE = 0, 1
 CLIENT_KEY = "sk-dev-proxy-123"
 MODEL = "openai/gpt-4o-mini"
@@ -61,6 +62,10 @@ VARIANT_PAIRS = [
      "(tracing off)"),
     ("scillm", "scillm-before", "this tree / before",
      "this tree as shipped (tracing off, dashboard on) ÷ the tree given with --base-tree (e.g. main before it)"),
+    ("scillm-messages", "scillm-messages-translated", "Anthropic in → out: as sent / translated",
+     f"POST /v1/messages for {ANTHROPIC_MODEL}, the body sent upstream as the client sent it and the answer "
+     "returned as the upstream sent it ÷ the same with [server] passthrough = false (Messages → chat model → "
+     "Messages and back, the path every request took before)"),
 ]
 
 
@@ -279,6 +284,7 @@ class Proxy:
     missing: str | None = None  # reason it cannot run
     version: str = ""
     model: str = MODEL  # the "model" the load generator asks for
+    messages: bool = False  # the load generator speaks Anthropic Messages to /v1/messages instead of chat
 
     @property
     def base(self) -> str:
@@ -302,12 +308,13 @@ def make_proxies(workdir: str, transports: list[str], base_tree: str | None = No
     if os.access(SCILLM_BIN, os.X_OK):
         sc_version = _version(os.path.join(ROOT, ".venv", "bin", "python"), "scillm") or "dev"
 
-    def scillm(name: str, label: str, extra_env: dict[str, str], model: str = MODEL, tree: str = ROOT) -> Proxy:
+    def scillm(name: str, label: str, extra_env: dict[str, str], model: str = MODEL, tree: str = ROOT,
+               messages: bool = False) -> Proxy:
         data_dir = os.path.join(workdir, name + "-data")  # own state store per variant
         os.makedirs(data_dir, exist_ok=True)
         binary = os.path.join(tree, ".venv", "bin", "scillm")
         sc = Proxy(name, label, [binary, "serve", "--host", "127.0.0.1", "--port", str(PORTS[name])],
-                   PORTS[name], "/health/readiness", auth, cwd=tree, model=model,
+                   PORTS[name], "/health/readiness", auth, cwd=tree, model=model, messages=messages,
                    env={"OPENAI_API_KEY": "sk-bench", "OPENAI_API_BASE": mock_v1, "SCILLM_DATA_DIR": data_dir,
                         **extra_env})
         if not os.access(binary, os.X_OK):
@@ -331,6 +338,17 @@ def make_proxies(workdir: str, transports: list[str], base_tree: str | None = No
     if base_tree:
         out["scillm-before"] = scillm("scillm-before", f"scillm before ({os.path.basename(base_tree)})", {},
                                       tree=os.path.abspath(base_tree))
+    # Anthropic Messages in and out: the same-dialect pass-through, and the translated path (switched off)
+    anthropic = {"ANTHROPIC_API_KEY": "sk-bench", "ANTHROPIC_API_BASE": f"http://127.0.0.1:{MOCK_PORT}"}
+    translated = os.path.join(workdir, "scillm-translated.toml")
+    with open(translated, "w") as f:
+        f.write("[server]\npassthrough = false\n")
+    out["scillm-messages"] = scillm("scillm-messages", "scillm, Messages in → Anthropic, as sent", anthropic,
+                                    model=ANTHROPIC_MODEL, messages=True)
+    out["scillm-messages-translated"] = scillm("scillm-messages-translated",
+                                               "scillm, Messages in → Anthropic, translated",
+                                               {**anthropic, "SCILLM_CONFIG": translated}, model=ANTHROPIC_MODEL,
+                                               messages=True)
 
     cfg = os.path.join(workdir, "litellm.yaml")
     with open(cfg, "w") as f:
@@ -516,9 +534,9 @@ async def load_with_sampling(proxy: Proxy, pid: int, stream: bool, concurrency: 
                              max_requests: int | None = None, timeout: float = 30.0) -> dict:
     import asyncio
 
-    from loadgen import chat_body, run_load
+    from loadgen import chat_body, messages_body, run_load
 
-    body = json.dumps(chat_body(proxy.model, stream)).encode()
+    body = json.dumps((messages_body if proxy.messages else chat_body)(proxy.model, stream)).encode()
     peak = [0]
 
     async def sampler():
@@ -528,8 +546,9 @@ async def load_with_sampling(proxy: Proxy, pid: int, stream: bool, concurrency: 
 
     task = asyncio.ensure_future(sampler())
     try:
-        res = await run_load(proxy.base + "/v1/chat/completions", proxy.headers, body, concurrency=concurrency,
-                             duration=duration, max_requests=max_requests, stream=stream, timeout=timeout)
+        path = "/v1/messages" if proxy.messages else "/v1/chat/completions"
+        res = await run_load(proxy.base + path, proxy.headers, body, concurrency=concurrency, duration=duration,
+                             max_requests=max_requests, stream=stream, timeout=timeout, messages=proxy.messages)
     finally:
         task.cancel()
     res["peak_rss"] = max(peak[0], session_stats(pid)[1])
@@ -884,7 +903,8 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--proxies", default=None,
                     help="comma list of scillm,litellm,portkey,bare,scillm-nomw,scillm-anthropic,scillm-tracing,"
-                         "scillm-before (default: scillm,litellm,portkey,bare; with --batch: scillm)")
+                         "scillm-before,scillm-messages,scillm-messages-translated "
+                         "(default: scillm,litellm,portkey,bare; with --batch: scillm)")
     ap.add_argument("--base-tree", default=None,
                     help="a checkout with its own .venv (e.g. a worktree of main) run as the scillm-before row")
     ap.add_argument("--batch", action="store_true",
