@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
 
@@ -16,11 +17,18 @@ PLUGINS = ("chat", "auth", "ops", "openai-compat", "batch")  # the batch engine'
 
 
 class RateLimitedFor(FakeOpenAI):
-    """Answers 429 (retry-after-ms) to its first ``limit`` requests, fails items whose prompt says POISON."""
+    """Answers 429 (retry-after-ms) to its first ``limit`` requests, fails items whose prompt says POISON.
 
-    def __init__(self, limit: int, delay_s: float) -> None:
+    ``recovered`` is set once it has served a success. With ``hold_after`` and ``gate``, requests past the first
+    ``hold_after`` wait for ``gate`` before answering: the test orders events instead of racing the clock.
+    """
+
+    def __init__(self, limit: int, delay_s: float, *, hold_after: int | None = None,
+                 gate: threading.Event | None = None) -> None:
         super().__init__()
         self.limit, self.delay_s = limit, delay_s
+        self.hold_after, self.gate = hold_after, gate
+        self.recovered = threading.Event()
         self.counter = 0
         self.lock = threading.Lock()
 
@@ -33,12 +41,24 @@ class RateLimitedFor(FakeOpenAI):
         if limited:
             return Reply.fail(429, "Rate limit reached", code="rate_limit_exceeded",
                               headers={"retry-after-ms": "150"})
+        self.recovered.set()
         return Reply.say("fine", delay_s=self.delay_s)
+
+    async def pause(self, reply: Reply) -> None:
+        await super().pause(reply)
+        if self.gate is not None and self.hold_after is not None and self.counter > self.hold_after:
+            for _ in range(6000):  # up to a minute; the gate opens as soon as the other lane serves again
+                if self.gate.is_set():
+                    break
+                await asyncio.sleep(0.01)
 
 
 @pytest.fixture
 def two_lanes(tmp_path):
-    with RateLimitedFor(limit=60, delay_s=0.01) as flaky, RateLimitedFor(limit=0, delay_s=0.01) as steady:
+    # steady serves 200 items, then holds its answers until flaky serves again: whatever the machine's speed,
+    # items are left for flaky once its 429s stop
+    with RateLimitedFor(limit=40, delay_s=0.01) as flaky, \
+            RateLimitedFor(limit=0, delay_s=0.01, hold_after=200, gate=flaky.recovered) as steady:
         env = {"DEEPSEEK_API_KEY": "k1", "DEEPSEEK_API_BASE": flaky.base_url,
                "GLM_API_KEY": "k2", "GLM_API_BASE": steady.base_url}
         config = {"pools": {"mixed": {"lanes": [
