@@ -376,7 +376,7 @@ def test_aimd_halves_the_limit_on_429_and_recovers(start, fake_a):
 
 def test_flapping_deployment_is_cooled_down_and_probed_back(start, fake_a, fake_b):
     server = start(fake_a.base_url, fake_b.base_url, groups=GROUP,
-                   resilience={"max_retries": 0, "breaker_threshold": 2, "breaker_cooldown_s": 1.5})
+                   resilience={"max_retries": 0, "breaker_threshold": 2, "breaker_cooldown_s": 4})
     fake_a.script(Reply.fail(500, "flap"), Reply.fail(503, "flap"))
     fake_a.default = Reply.say("primary is back")
     fake_b.default = Reply.say("fallback")
@@ -390,7 +390,7 @@ def test_flapping_deployment_is_cooled_down_and_probed_back(start, fake_a, fake_
     assert len(fake_a.requests) == 2
     circuit = health(server)["breaker"]["circuits"]["openai/gpt-a"]
     assert circuit["state"] == "open" and circuit["consecutive_failures"] == 2
-    assert 0 < circuit["cooldown_remaining_s"] <= 1.5
+    assert 0 < circuit["cooldown_remaining_s"] <= 4
     assert served() == "deepseek-chat"  # cooling down: skipped without an upstream call
     assert len(fake_a.requests) == 2
     time.sleep(circuit["cooldown_remaining_s"] + 0.1)
