@@ -39,6 +39,7 @@ from scillm_core.pipeline import ChatResult, OpeningStream, open_stream, run_cha
 from scillm_core.plugins import PluginLoadError
 from scillm_core.registry import CommandRegistry, MiddlewareRegistry, Provider, ProviderRegistry, Route, SurfaceRegistry
 from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
+from scillm_core.timeouts import Timeouts
 from scillm_core.version import __version__
 from scillm_core.web import (
     caller_of,
@@ -69,4 +70,5 @@ __all__ = [
     "open_stream", "caller_of", "read_json", "request_id_of",
     "sse_data", "sse_error", "NativeRequest", "with_native", "parse_json", "read_body", "served_headers",
     "session_of",
+    "Timeouts",
 ]

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from scillm_core.http import ReplyLimits
 
 __all__ = ["Config", "ConfigError", "Env", "GroupConfig", "PluginsConfig", "ProviderSettings", "ServerConfig",
-           "StateConfig", "check_provider_tables", "load_config"]
+           "StateConfig", "TimeoutSettings", "check_provider_tables", "load_config"]
 
 
 class ConfigError(Exception):
@@ -78,24 +78,37 @@ class ServerConfig:
                            max_line_bytes=int(self.max_upstream_line_mb * mib))
 
 
+_optional_seconds = validators.optional(validators.gt(0))
+
+
 @frozen(kw_only=True)
-class GroupConfig:
-    """A named model group: ``models[0]`` serves, the rest are its fallbacks in order."""
+class TimeoutSettings:
+    """Upstream timeouts in seconds (:mod:`scillm_core.timeouts`); ``None`` keeps what is set below this table."""
+
+    timeout_s: float | None = field(default=None, validator=_optional_seconds)
+    connect_timeout_s: float | None = field(default=None, validator=_optional_seconds)
+    headers_timeout_s: float | None = field(default=None, validator=_optional_seconds)
+    first_token_timeout_s: float | None = field(default=None, validator=_optional_seconds)
+    idle_timeout_s: float | None = field(default=None, validator=_optional_seconds)
+
+
+@frozen(kw_only=True)
+class GroupConfig(TimeoutSettings):
+    """A named model group: ``models[0]`` serves, the rest are its fallbacks in order. Its timeouts apply to every
+    member's attempts, over the providers' own."""
 
     models: tuple[str, ...]
-    timeout_s: float | None = None
 
 
 _optional_count = validators.optional(validators.ge(0))
 
 
 @frozen(kw_only=True)
-class ProviderSettings:
+class ProviderSettings(TimeoutSettings):
     """``[providers.NAME]``: settings of a built-in provider, or, with ``kind``, a provider of your own (an
     OpenAI-compatible server: vLLM, SGLang, llama.cpp, LM Studio, a company proxy) declared under its own name."""
 
     base_url: str | None = None
-    timeout_s: float | None = None
     max_concurrency: int | None = field(default=None, validator=validators.optional(validators.ge(1)))
     max_queue: int | None = field(default=None, validator=_optional_count)
     # declared providers only (a table with ``kind``):

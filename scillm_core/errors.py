@@ -18,6 +18,7 @@ Every error a client can see is one of these, rendered by :func:`to_response_par
     ├── StateUnavailable             503 state_unavailable (the shared state store cannot be reached)
     └── UpstreamError                502 upstream_error (always names provider and model)
         ├── UpstreamBadRequest       status of the upstream (400/404/413/422), its code kept
+        │   └── ContextLengthExceeded 400 context_length_exceeded (falls back to the group's next model)
         ├── UpstreamAuthError        401 upstream_auth_failed
         ├── UpstreamRateLimited      429 rate_limit_exceeded (retry_after_s kept)
         ├── UpstreamQuotaExceeded    429 insufficient_quota
@@ -46,6 +47,7 @@ __all__ = [
     "AuthenticationError",
     "CallerSkillRequired",
     "Conflict",
+    "ContextLengthExceeded",
     "DeadlineExceeded",
     "InvalidRequest",
     "ModelNotFound",
@@ -196,6 +198,13 @@ class UpstreamBadRequest(UpstreamError):
     retryable = False
 
 
+class ContextLengthExceeded(UpstreamBadRequest):
+    """The prompt does not fit this model's context window (each provider's wire form of it): never retried on the
+    same model, but a group's next model, perhaps with a larger window, is tried."""
+
+    code = "context_length_exceeded"
+
+
 class UpstreamAuthError(UpstreamError):
     status = 401
     type = "authentication_error"
@@ -229,9 +238,15 @@ class UpstreamConnectError(UpstreamError):
 
 
 class UpstreamTimeout(UpstreamError):
+    """The upstream stayed silent past a limit (``scillm_core.timeouts``): ``limit`` names it (``connect``,
+    ``headers``, ``first_token``, ``idle``, ``total``; ``read`` for the client's own read limit). Not retried on the
+    same deployment: resilience fails over instead."""
+
     status = 504
     type = "timeout_error"
     code = "upstream_timeout"
+    limit: str | None = None
+    reported = False  # logged and emitted (core's dispatch does it once)
 
 
 class UpstreamProtocolError(UpstreamError):

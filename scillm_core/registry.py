@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from attrs import define, field, frozen
 
+from scillm_core.timeouts import Timeouts
+
 if TYPE_CHECKING:
+    import httpx
     from starlette.types import ASGIApp
 
     from scillm_core.context import CallContext
@@ -20,14 +23,16 @@ __all__ = ["Command", "CommandRegistry", "MiddlewareRegistry", "Provider", "Prov
 
 @frozen(kw_only=True)
 class Route:
-    """Where one call goes. ``deployment`` identifies provider+model for breakers, limits and metrics."""
+    """Where one call goes. ``deployment`` identifies provider+model for breakers, limits and metrics.
+    ``timeouts``: the limits of its upstream attempts (the provider's defaults, ``[providers.NAME]``, then the
+    group's); ``None`` on a route built elsewhere, which core's dispatch fills in from the provider."""
 
     provider: str
     model: str
     requested: str
     group: str | None = None
     fallbacks: tuple[Route, ...] = ()
-    timeout_s: float | None = None
+    timeouts: Timeouts | None = None
 
     @property
     def deployment(self) -> str:
@@ -51,10 +56,17 @@ class Provider:
     #: Client dialects whose body this provider sends upstream unchanged (``"openai-chat"``,
     #: ``"anthropic-messages"``, ``"openai-responses"``): see :meth:`speaks` and :meth:`complete_native`.
     dialects: frozenset[str] = frozenset()
+    #: upstream timeouts of this provider's attempts before ``[providers.NAME]`` and groups change them
+    timeouts: Timeouts = Timeouts()
 
     def claims(self, model: str) -> bool:
         """Whether this provider serves the bare ``model`` name by its name rules."""
         return False
+
+    def http_timeout(self, route: Route, *, stream: bool) -> httpx.Timeout:
+        """What to pass as ``timeout=`` to the shared client for one upstream request of ``route`` (connect, and a
+        read limit behind the ones core's dispatch enforces)."""
+        return (route.timeouts or self.timeouts).http(stream=stream)
 
     def missing_config(self) -> str | None:
         """``None`` when usable; else what to set, e.g. ``"set DEEPSEEK_API_KEY (or DEEPSEEK_API)"``."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import email.utils
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from attrs import frozen
@@ -22,8 +23,14 @@ from scillm_core.http import ReplyTooLarge
 from scillm_core.jsonio import loads
 from scillm_core.redact import redact
 
-__all__ = ["PendingBytes", "SSEEvent", "error_for_status", "excerpt", "iter_ndjson", "iter_sse", "retry_after_seconds",
-           "translate_transport"]
+if TYPE_CHECKING:
+    from scillm_core.context import CallContext
+    from scillm_core.registry import Route
+
+__all__ = ["Malformed", "PendingBytes", "SSEEvent", "error_for_status", "excerpt", "iter_ndjson", "iter_sse",
+           "retry_after_seconds", "translate_transport"]
+
+log = logging.getLogger("scillm.upstream")
 
 
 @frozen
@@ -98,17 +105,64 @@ class PendingBytes:
         return rest
 
 
-async def iter_ndjson(chunks: AsyncIterator[bytes]) -> AsyncIterator[Any]:
-    """Parse newline-delimited JSON (Ollama); blank lines are skipped."""
+async def iter_ndjson(chunks: AsyncIterator[bytes], malformed: Malformed | None = None) -> AsyncIterator[Any]:
+    """Parse newline-delimited JSON (Ollama); blank lines are skipped, and so are lines that are not JSON when
+    ``malformed`` takes them (else they raise)."""
     buffer = b""
     async for chunk in chunks:
         buffer += chunk
         *lines, buffer = buffer.split(b"\n")
         for line in lines:
             if line.strip():
-                yield loads(line)
+                parsed = _ndjson_line(line, malformed)
+                if parsed is not _SKIPPED:
+                    yield parsed
     if buffer.strip():
-        yield loads(buffer)
+        parsed = _ndjson_line(buffer, malformed)
+        if parsed is not _SKIPPED:
+            yield parsed
+
+
+_SKIPPED = object()
+
+
+def _ndjson_line(line: bytes, malformed: Malformed | None) -> Any:
+    if malformed is None:
+        return loads(line)
+    try:
+        return loads(line)
+    except ValueError:  # orjson.JSONDecodeError, jsonio.JSONTooDeep
+        malformed.skip("malformed JSON", line)
+        return _SKIPPED
+
+
+class Malformed:
+    """Stream events of one upstream stream that could not be parsed: each is skipped (logged, counted in
+    ``ctx.notes["chunks_skipped"]``, which the metrics read, and reported as a ``chunk.skipped`` event) and the
+    stream carries on. Past ``limit`` of them the stream is not recovering and :meth:`skip` raises
+    :class:`~scillm_core.errors.UpstreamProtocolError`."""
+
+    limit = 16
+
+    def __init__(self, ctx: CallContext, route: Route) -> None:
+        self.ctx = ctx
+        self.route = route
+        self.count = 0
+
+    def skip(self, what: str, data: str | bytes) -> None:
+        """Skip one event: ``what`` says why (``malformed JSON``), ``data`` is the event (quoted redacted)."""
+        route = self.route
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        self.count += 1
+        if self.count > self.limit:
+            raise errors.UpstreamProtocolError(
+                f"{self.count} unparseable stream events, the last {excerpt(text, 120)!r} ({what}): the stream is "
+                f"not recovering", provider=route.provider, model=route.model)
+        notes = self.ctx.notes
+        notes["chunks_skipped"] = notes.get("chunks_skipped", 0) + 1
+        log.warning("skipped a stream event request_id=%s provider=%s model=%s reason=%s event=%r",
+                    self.ctx.request_id, route.provider, route.model, what, excerpt(text, 120))
+        self.ctx.emit("chunk.skipped", route=route, reason=what)
 
 
 _DELTA = re.compile(r"\s*(\d{1,12})(\.\d{1,9})?\s*")
@@ -151,6 +205,14 @@ def excerpt(text: str, limit: int = 500) -> str:
 
 _QUOTA_MARKERS = ("insufficient_quota", "quota", "usage_limit", "billing", "balance", "arrears")
 _OVERLOAD_MARKERS = ("overloaded", "engine_overloaded")
+#: how each provider says the prompt does not fit: OpenAI and Codex (code), OpenAI-compatible servers (vLLM,
+#: DeepSeek, OpenRouter: "maximum context length"), Anthropic ("prompt is too long", "exceed context limit"),
+#: Gemini ("exceeds the maximum number of tokens"), Moonshot ("exceeded model token limit"), GLM ("Prompt exceeds
+#: max length"), llama.cpp (exceed_context_size_error), Ollama ("exceeds the context length")
+_CONTEXT_MARKERS = ("context_length_exceeded", "maximum context length", "context length", "context window",
+                    "prompt is too long", "exceed context limit", "exceeds the maximum number of tokens",
+                    "exceeded model token limit", "prompt exceeds max length", "exceed_context_size",
+                    "exceeds the available context size", "longer than the maximum model length")
 
 
 def error_for_status(status: int, message: str, *, provider: str, model: str, code: str | None = None,
@@ -174,8 +236,10 @@ def error_for_status(status: int, message: str, *, provider: str, model: str, co
     if status in (408, 409):
         return errors.UpstreamUnavailable(text, status=503, **common)
     if 400 <= status < 500:
-        return errors.UpstreamBadRequest(text, status=status if status in (400, 413, 422) else 400,
-                                         code=code or "upstream_bad_request", **common)
+        status = status if status in (400, 413, 422) else 400
+        if any(m in hint for m in _CONTEXT_MARKERS):
+            return errors.ContextLengthExceeded(text, status=status, **common)
+        return errors.UpstreamBadRequest(text, status=status, code=code or "upstream_bad_request", **common)
     if status == 529 or any(m in hint for m in _OVERLOAD_MARKERS):
         return errors.UpstreamUnavailable(text, code="overloaded", **common)
     return errors.UpstreamUnavailable(text, **common)
@@ -198,8 +262,30 @@ def translate_transport(provider: str, model: str) -> Iterator[None]:
             # the aiohttp transport reports a refused connection as ConnectTimeout; the cause tells the truth
             raise errors.UpstreamConnectError(f"connection failed ({type(cause).__name__})", provider=provider,
                                               model=model) from None
-        raise errors.UpstreamTimeout(f"no answer in time ({type(exc).__name__})", provider=provider,
-                                     model=model) from None
+        raise _transport_timeout(exc, provider, model) from None
     except (httpx.TransportError, OSError) as exc:
         raise errors.UpstreamConnectError(f"connection failed ({type(exc).__name__}: {exc})", provider=provider,
                                           model=model) from None
+
+
+def _transport_timeout(exc: httpx.TimeoutException, provider: str, model: str) -> errors.UpstreamTimeout:
+    """The shared client's own limits: connecting (``connect_timeout_s``) and reading (a backstop behind the limits
+    core's dispatch enforces)."""
+    try:
+        limits = exc.request.extensions.get("timeout") or {}
+    except RuntimeError:  # no request attached
+        limits = {}
+
+    def seconds(name: str) -> str:
+        value = limits.get(name)
+        return f"{value:g}s" if isinstance(value, int | float) else "the limit"
+
+    if isinstance(exc, httpx.ConnectTimeout):
+        limit, what = "connect", f"could not connect within {seconds('connect')} (connect_timeout_s)"
+    elif isinstance(exc, httpx.PoolTimeout):
+        limit, what = "pool", f"no connection of scillm's pool was free within {seconds('pool')}"
+    else:
+        limit, what = "read", f"the upstream sent nothing for {seconds('read')} ({type(exc).__name__})"
+    error = errors.UpstreamTimeout(what, provider=provider, model=model, details={"timeout": limit})
+    error.limit = limit
+    return error

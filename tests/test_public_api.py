@@ -52,6 +52,7 @@ PUBLIC_API = [
     'SessionSpec',
     'SurfaceRegistry',
     'TextPart',
+    'Timeouts',
     'Tool',
     'ToolCall',
     'ToolCallDelta',

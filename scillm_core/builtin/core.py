@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from scillm_core import errors
-from scillm_core.builtin.routing import resolve
+from scillm_core.builtin.routing import provider_timeouts, resolve
 from scillm_core.config import GroupConfig, PluginsConfig, ProviderSettings, ServerConfig, StateConfig
 from scillm_core.hookspecs import hookimpl
 from scillm_core.http import UPSTREAM_HEADERS, send_context_headers
 from scillm_core.models import ChatResponse, EmbeddingsRequest, EmbeddingsResponse
 from scillm_core.pipeline import observe_stream
+from scillm_core.timeouts import open_within, within_limits
 
 #: Response header naming the dialect a request went upstream in: ``anthropic-messages`` when its body went as
 #: sent, ``anthropic-messages -> gemini`` when it was translated for that provider (also when a middleware changed
@@ -26,6 +30,9 @@ if TYPE_CHECKING:
     from scillm_core.models import ChatRequest
     from scillm_core.pipeline import CallResult, ChatThunk, ProviderRequest, RequestThunk, ResponseThunk
     from scillm_core.registry import Provider, Route
+
+#: one info line per retry, fallback, continuation, timeout and breaker transition (core logs the timeouts)
+failover_log = logging.getLogger("scillm.failover")
 
 
 @hookimpl
@@ -57,10 +64,12 @@ def postprocess_json(request: ProviderRequest, ctx: CallContext) -> ResponseThun
 
 @hookimpl(trylast=True)
 def call_provider(request: ProviderRequest, route: Route, ctx: CallContext) -> ChatThunk:
-    """Dispatch to the registered provider (``embed`` for an embeddings request); the request ``timeout`` bounds a
-    non-streaming call. Each dispatch is one upstream attempt (``attempt.start`` / ``attempt.end`` when observers
-    listen)."""
+    """Dispatch to the registered provider (``embed`` for an embeddings request) within the route's upstream
+    timeouts (``scillm_core.timeouts``); the request ``timeout`` bounds a non-streaming call too. Each dispatch is
+    one upstream attempt (``attempt.start`` / ``attempt.end`` when observers listen)."""
     provider = ctx.runtime.providers[route.provider]
+    if route.timeouts is None:  # a route some other routing plugin built
+        route = attrs.evolve(route, timeouts=provider_timeouts(ctx.runtime, route.provider))
 
     async def dispatch() -> CallResult:
         missing = provider.missing_config()
@@ -86,25 +95,63 @@ def call_provider(request: ProviderRequest, route: Route, ctx: CallContext) -> C
 
 async def _attempt(provider: Provider, request: ProviderRequest, route: Route, ctx: CallContext,
                    passthrough: bool = False) -> CallResult:
-    """One upstream call: the client's own body when ``passthrough`` (the provider speaks its dialect)."""
-    if request.stream:
-        if passthrough:
-            return await provider.stream_native(request, route, ctx)  # type: ignore[arg-type]
-        return await provider.stream(request, route, ctx)  # type: ignore[arg-type]  # only chat streams
-    call: Any
-    if isinstance(request, EmbeddingsRequest):
-        call = provider.embed
-    else:
-        call = provider.complete_native if passthrough else provider.complete
-    remaining = ctx.remaining()
-    if remaining is None:
-        return await call(request, route, ctx)  # type: ignore[no-any-return]  # the method matches the request
+    """One upstream call within the route's timeouts: the client's own body when ``passthrough`` (the provider
+    speaks its dialect)."""
+    timeouts = route.timeouts
+    assert timeouts is not None
+
+    def timed_out(limit: str) -> errors.UpstreamTimeout:
+        return _timeout(ctx, route, limit)
+
     try:
-        async with asyncio.timeout(max(remaining, 0.0)):
-            return await call(request, route, ctx)  # type: ignore[no-any-return]
-    except TimeoutError:
-        raise errors.DeadlineExceeded(
-            f"request timeout reached while waiting for {route.provider} ({route.model})") from None
+        if request.stream:
+            started = asyncio.get_running_loop().time()
+            open_stream = provider.stream_native if passthrough else provider.stream
+            opening = open_stream(request, route, ctx)  # type: ignore[arg-type]  # only chat streams
+            chunks = await open_within(opening, timeouts, timed_out)
+            return within_limits(chunks, started, timeouts, timed_out)  # type: ignore[arg-type]
+        call: Any
+        if isinstance(request, EmbeddingsRequest):
+            call = provider.embed
+        else:
+            call = provider.complete_native if passthrough else provider.complete
+        remaining = ctx.remaining()
+        limit = timeouts.total_s if remaining is None else min(timeouts.total_s, max(remaining, 0.0))
+        try:
+            async with asyncio.timeout(limit):
+                return await call(request, route, ctx)  # type: ignore[arg-type]  # the method matches the request
+        except TimeoutError:
+            if limit < timeouts.total_s:
+                raise errors.DeadlineExceeded(
+                    f"request timeout reached while waiting for {route.provider} ({route.model})") from None
+            raise timed_out("total") from None
+    except errors.UpstreamTimeout as exc:
+        if not getattr(exc, "reported", False):
+            _report_timeout(ctx, route, exc)
+        raise
+
+
+def _timeout(ctx: CallContext, route: Route, limit: str) -> errors.UpstreamTimeout:
+    """The error for ``limit`` (``headers``, ``first_token``, ``idle``, ``total``), logged and reported once."""
+    timeouts = route.timeouts
+    assert timeouts is not None
+    seconds = timeouts.seconds(limit)
+    what = {"headers": f"sent no response headers within {seconds:g}s",
+            "first_token": f"sent no first token within {seconds:g}s",
+            "idle": f"sent nothing for {seconds:g}s after its last chunk",
+            "total": f"did not answer within {seconds:g}s"}[limit]
+    exc = errors.UpstreamTimeout(f"the upstream {what} ({timeouts.setting(limit)})", provider=route.provider,
+                                 model=route.model, details={"timeout": limit, "seconds": seconds})
+    exc.limit = limit
+    _report_timeout(ctx, route, exc)
+    return exc
+
+
+def _report_timeout(ctx: CallContext, route: Route, exc: errors.UpstreamTimeout) -> None:
+    exc.reported = True
+    failover_log.info("timeout request_id=%s provider=%s model=%s limit=%s reason=%s", ctx.request_id,
+                      route.provider, route.model, exc.limit, exc.message)
+    ctx.emit("timeout", route=route, limit=exc.limit, error=exc)
 
 
 async def _observed_attempt(provider: Provider, request: ProviderRequest, route: Route, ctx: CallContext,

@@ -8,13 +8,16 @@ from __future__ import annotations
 import difflib
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from scillm_core import errors
 from scillm_core.registry import Route
+from scillm_core.timeouts import Timeouts
 
 if TYPE_CHECKING:
     from scillm_core.context import Runtime
 
-__all__ = ["known_model_names", "model_catalog", "resolve", "shadowed_groups"]
+__all__ = ["known_model_names", "model_catalog", "provider_timeouts", "resolve", "shadowed_groups", "timeouts_of"]
 
 
 def resolve(model: str, runtime: Runtime, *, requested: str | None = None, depth: int = 0) -> Route:
@@ -30,10 +33,10 @@ def resolve(model: str, runtime: Runtime, *, requested: str | None = None, depth
             return _route(provider.name, provider.aliases[model], requested, runtime)
     group = config.groups.get(model)  # 2. configured groups
     if group is not None:
-        routes = [resolve(m, runtime, requested=requested, depth=depth + 1) for m in group.models]
-        first = routes[0]
-        return Route(provider=first.provider, model=first.model, requested=requested, group=model,
-                     fallbacks=tuple(r for r in routes[1:]), timeout_s=group.timeout_s or first.timeout_s)
+        where = f"[groups.{model}]"
+        routes = [attrs.evolve(r, timeouts=timeouts_of(r, runtime).over(group, where))
+                  for m in group.models for r in (resolve(m, runtime, requested=requested, depth=depth + 1),)]
+        return attrs.evolve(routes[0], requested=requested, group=model, fallbacks=tuple(routes[1:]))
     prefixed = [(prefix, p) for p in providers.values() for prefix in p.prefixes if model.startswith(prefix)]
     if prefixed:
         _, provider = max(prefixed, key=lambda item: len(item[0]))
@@ -59,8 +62,18 @@ def shadowed_groups(runtime: Runtime) -> dict[str, str]:
 
 
 def _route(provider: str, model: str, requested: str, runtime: Runtime) -> Route:
-    timeout = runtime.config.provider_settings(provider).timeout_s
-    return Route(provider=provider, model=model, requested=requested, timeout_s=timeout)
+    return Route(provider=provider, model=model, requested=requested,
+                 timeouts=provider_timeouts(runtime, provider))
+
+
+def provider_timeouts(runtime: Runtime, name: str) -> Timeouts:
+    """The provider's own timeouts with what ``[providers.NAME]`` sets."""
+    return runtime.providers[name].timeouts.over(runtime.config.provider_settings(name), f"[providers.{name}]")
+
+
+def timeouts_of(route: Route, runtime: Runtime) -> Timeouts:
+    """``route.timeouts``, or the provider's when a route was built without them."""
+    return route.timeouts if route.timeouts is not None else provider_timeouts(runtime, route.provider)
 
 
 def known_model_names(runtime: Runtime) -> list[str]:

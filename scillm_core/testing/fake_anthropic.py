@@ -368,13 +368,11 @@ class FakeAnthropic(FakeUpstream):
         return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
 
     async def _events(self, reply: Reply, message_id: str, model: str) -> AsyncIterator[bytes]:
-        if reply.first_chunk_delay_s:
-            await asyncio.sleep(reply.first_chunk_delay_s)
-        for n, (name, payload) in enumerate(self.events(reply, message_id, model)):
-            if reply.cut_after is not None and n >= reply.cut_after:
-                raise ConnectionAbortedError("fake upstream cut the stream")  # uvicorn drops the connection
-            if reply.error_after is not None and n >= reply.error_after:
-                yield self.encode("error", reply.error_event or {
-                    "type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
-                return
-            yield self.encode(name, payload)
+        events = (self.encode(name, payload) for name, payload in self.events(reply, message_id, model)
+                  if name != "message_stop")
+        failure = self.encode("error", reply.error_event or {
+            "type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+        garbage = b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "delta": {\n\n'
+        async for event in self.faulty(reply, events, failure=lambda n: failure, garbage=garbage,
+                                       terminal=self.encode("message_stop", {"type": "message_stop"})):
+            yield event

@@ -238,15 +238,11 @@ class FakeCodex(FakeUpstream):
                                  media_type="text/event-stream; charset=utf-8")
 
     async def _stream(self, reply: Reply, body: dict[str, Any], model: str) -> AsyncIterator[bytes]:
-        if reply.first_chunk_delay_s:
-            await asyncio.sleep(reply.first_chunk_delay_s)
-        for n, payload in enumerate(self.events(reply, body, model)):
-            if reply.cut_after is not None and n >= reply.cut_after:
-                raise ConnectionAbortedError("fake upstream cut the stream")
-            if reply.error_after is not None and n >= reply.error_after:
-                yield _event(self.failure_event(reply, body, model, n))
-                return
-            yield _event(payload)
+        events = (_event(payload) for payload in self.events(reply, body, model))
+        async for event in self.faulty(reply, events,
+                                       failure=lambda n: _event(self.failure_event(reply, body, model, n)),
+                                       garbage=b'event: response.output_text.delta\ndata: {"type": "resp\n\n'):
+            yield event
 
     @staticmethod
     def failure_event(reply: Reply, body: dict[str, Any], model: str, seq: int) -> dict[str, Any]:

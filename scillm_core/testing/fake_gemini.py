@@ -23,7 +23,6 @@ recorded in ``shared/fixtures/gemini``.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import secrets
@@ -308,17 +307,12 @@ class FakeGemini(FakeUpstream):
         return {**last, "candidates": [candidate]}
 
     async def _sse(self, reply: Reply, events: list[dict[str, Any]]) -> AsyncIterator[bytes]:
-        if reply.first_chunk_delay_s:
-            await asyncio.sleep(reply.first_chunk_delay_s)
-        for n, event in enumerate(events):
-            if reply.cut_after is not None and n >= reply.cut_after:
-                raise ConnectionAbortedError("fake upstream cut the stream")
-            if reply.error_after is not None and n >= reply.error_after:
-                payload = reply.error_event or google_error(500, "An internal error has occurred. Please retry or "
-                                                                 "report in https://developers.generativeai.google/guide/troubleshooting")
-                yield f"data: {_dumps(payload)}\r\n\r\n".encode()
-                return
-            yield f"data: {_dumps(event)}\r\n\r\n".encode()
+        failure = reply.error_event or google_error(500, "An internal error has occurred. Please retry or report in "
+                                                         "https://developers.generativeai.google/guide/troubleshooting")
+        encoded = (f"data: {_dumps(event)}\r\n\r\n".encode() for event in events)
+        async for event in self.faulty(reply, encoded, failure=lambda n: f"data: {_dumps(failure)}\r\n\r\n".encode(),
+                                       garbage=b'data: {"candidates": [{"content": \r\n\r\n'):
+            yield event
 
     async def _array(self, reply: Reply, events: list[dict[str, Any]]) -> AsyncIterator[bytes]:
         for n, event in enumerate(events):

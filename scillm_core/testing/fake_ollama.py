@@ -178,13 +178,8 @@ class FakeOllama(FakeUpstream):
         return {**head, **{k: v for k, v in final.items() if k not in head}}
 
     async def _ndjson(self, reply: Reply, lines: list[dict[str, Any]]) -> AsyncIterator[bytes]:
-        if reply.first_chunk_delay_s:
-            await asyncio.sleep(reply.first_chunk_delay_s)
-        for n, line in enumerate(lines):
-            if reply.cut_after is not None and n >= reply.cut_after:
-                raise ConnectionAbortedError("fake upstream cut the stream")
-            if reply.error_after is not None and n >= reply.error_after:
-                yield orjson.dumps(reply.error_event or {"error": "an error was encountered while running the model"}) \
-                    + b"\n"
-                return
-            yield orjson.dumps(line) + b"\n"
+        failure = orjson.dumps(reply.error_event or {"error": "an error was encountered while running the model"}) + \
+            b"\n"
+        async for line in self.faulty(reply, (orjson.dumps(line) + b"\n" for line in lines),
+                                      failure=lambda n: failure, garbage=b'{"model": "broken", "message": \n'):
+            yield line

@@ -140,6 +140,29 @@ class FakeUpstream:
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
 
+    @staticmethod
+    async def faulty(reply: Reply, events: Iterable[bytes], *, failure: Callable[[int], bytes], garbage: bytes,
+                     terminal: bytes = b"") -> AsyncIterator[bytes]:
+        """A stream body: the encoded ``events``, then ``terminal`` (the dialect's end marker), with the faults
+        ``reply`` scripts: ``first_chunk_delay_s`` before the first event; before event ``n`` the connection drops
+        (``cut_after``), goes silent (``stall_after``), an error event ``failure(n)`` ends the stream
+        (``error_after``) or ``garbage`` comes first (``malformed_at``); ``no_terminal`` leaves the marker out."""
+        if reply.first_chunk_delay_s:
+            await asyncio.sleep(reply.first_chunk_delay_s)
+        for n, event in enumerate(events):
+            if reply.cut_after is not None and n >= reply.cut_after:
+                raise ConnectionAbortedError("fake upstream cut the stream")  # uvicorn drops the connection
+            if reply.stall_after is not None and n >= reply.stall_after:
+                await asyncio.sleep(3600)  # until the client goes away
+            if reply.error_after is not None and n >= reply.error_after:
+                yield failure(n)
+                return
+            if n in reply.malformed_at:
+                yield garbage
+            yield event
+        if terminal and not reply.no_terminal:
+            yield terminal
+
 
 def sse(payload: Any) -> bytes:
     return b"data: " + (payload if isinstance(payload, bytes) else orjson.dumps(payload)) + b"\n\n"
@@ -309,14 +332,9 @@ class FakeOpenAI(FakeUpstream):
     async def _events(self, reply: Reply, completion_id: str, model: str, include_usage: bool) -> AsyncIterator[bytes]:
         if reply.keepalive:
             yield b": keep-alive\n\n: keep-alive\n\n"
-        if reply.first_chunk_delay_s:
-            await asyncio.sleep(reply.first_chunk_delay_s)
-        for n, payload in enumerate(self.chunks(reply, completion_id, model, include_usage)):
-            if reply.cut_after is not None and n >= reply.cut_after:
-                raise ConnectionAbortedError("fake upstream cut the stream")  # uvicorn drops the connection
-            if reply.error_after is not None and n >= reply.error_after:
-                yield sse(reply.error_event or {"error": {"message": "upstream failed mid-stream",
-                                                          "type": "server_error", "code": None}})
-                return
-            yield sse(payload)
-        yield b"data: [DONE]\n\n"
+        events = (sse(payload) for payload in self.chunks(reply, completion_id, model, include_usage))
+        failure = sse(reply.error_event or {"error": {"message": "upstream failed mid-stream", "type": "server_error",
+                                                      "code": None}})
+        async for event in self.faulty(reply, events, failure=lambda n: failure, terminal=b"data: [DONE]\n\n",
+                                       garbage=b'data: {"id": "chatcmpl-broken", "choices": [{"delta": {\n\n'):
+            yield event

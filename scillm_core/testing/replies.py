@@ -53,7 +53,10 @@ class Reply:
     usage_in_finish: bool = False           # usage inside the finish chunk (GLM, Groq)
     whole_tool_call: bool = False           # tool call in one delta with full arguments (GLM)
     cut_after: int | None = None            # drop the connection after N events
+    stall_after: int | None = None          # after N events send nothing more, keeping the connection open
     error_after: int | None = None          # send an error event after N events
+    malformed_at: tuple[int, ...] = ()      # an unparseable event before each of these events (0-based)
+    no_terminal: bool = False               # leave out the end marker (OpenAI ``[DONE]``, Anthropic message_stop)
     error_event: Any = None                 # its payload: a dict (JSON), or bytes sent as the event data verbatim
     raw: bytes | None = None                # a non-streamed body sent verbatim with ``status`` (malformed answers)
 

@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import openai
 import orjson
 import pytest
+from resilience_helpers import DEEPSEEK_KEY, GROUP, HI, OPENAI_KEY, client_for, health
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread, make_app
-
-OPENAI_KEY = "sk-resilience-openai-secret-0123456789"
-DEEPSEEK_KEY = "sk-resilience-deepseek-secret-9876543210"
-
-#: fast, deterministic-enough defaults for tests; each test overrides what it checks
-FAST = {"backoff_base_s": 0.01, "backoff_max_s": 0.02, "max_retries": 1}
+from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread
 
 
 class StallingOpenAI(FakeOpenAI):
@@ -62,78 +55,6 @@ class StallingOpenAI(FakeOpenAI):
             self.in_flight -= 1
             self.dropped.set()
         return Response(b"", status_code=499)
-
-
-def _reset(fake: FakeOpenAI) -> FakeOpenAI:
-    fake.requests.clear()
-    fake._script.clear()  # shared across the module, fresh per test
-    fake.default = FakeOpenAI.default
-    fake.responder = None
-    fake.max_in_flight = fake.in_flight
-    return fake
-
-
-@pytest.fixture(scope="module")
-def _fakes() -> Iterator[tuple[FakeOpenAI, FakeOpenAI]]:
-    with FakeOpenAI() as a, FakeOpenAI() as b:
-        yield a, b  # type: ignore[misc]
-
-
-@pytest.fixture
-def fake_a(_fakes: tuple[FakeOpenAI, FakeOpenAI]) -> FakeOpenAI:
-    return _reset(_fakes[0])
-
-
-@pytest.fixture
-def fake_b(_fakes: tuple[FakeOpenAI, FakeOpenAI]) -> FakeOpenAI:
-    return _reset(_fakes[1])
-
-
-@pytest.fixture
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])  # closed when the block ends: connections are refused
-
-
-@pytest.fixture
-def start(tmp_path: Any) -> Iterator[Callable[..., ServerThread]]:
-    """``start(openai_base, deepseek_base=None, resilience={...}, groups={...})`` -> a running scillm."""
-    servers: list[ServerThread] = []
-
-    def run(openai_base: str, deepseek_base: str | None = None, *, resilience: dict[str, Any] | None = None,
-            groups: dict[str, Any] | None = None, **tables: Any) -> ServerThread:
-        env = {"OPENAI_API_KEY": OPENAI_KEY, "OPENAI_API_BASE": openai_base}
-        if deepseek_base:
-            env |= {"DEEPSEEK_API_KEY": DEEPSEEK_KEY, "DEEPSEEK_API_BASE": deepseek_base}
-        config: dict[str, Any] = {"plugins": {"disable": ["cache"]}, "resilience": {**FAST, **(resilience or {})},
-                                  **tables}
-        if groups:
-            config["groups"] = groups
-        server = ServerThread(make_app(env=env, config=config, data_dir=tmp_path / f"data{len(servers)}")).start()
-        servers.append(server)
-        return server
-
-    yield run
-    for server in servers:
-        server.stop()
-
-
-def client_for(server: ServerThread, **kw: Any) -> openai.OpenAI:
-    kw.setdefault("timeout", 20)
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, **kw)
-
-
-def health(server: ServerThread) -> dict[str, Any]:
-    import httpx
-
-    response = httpx.get(server.url + "/v1/scillm/health", headers={"authorization": f"Bearer {DEV_KEY}"})
-    assert response.status_code == 200
-    return response.json()["middleware"]["resilience"]  # type: ignore[no-any-return]
-
-
-HI = [{"role": "user", "content": "hi"}]
-GROUP = {"g": {"models": ["openai/gpt-a", "deepseek/deepseek-chat"]}}
 
 
 def test_429_retry_after_is_honoured_then_success(start, fake_a):

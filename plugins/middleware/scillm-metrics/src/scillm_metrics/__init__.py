@@ -2,8 +2,9 @@
 
 - ``call_provider`` wrapper (``trylast``: the innermost wrapper, so it sees every upstream attempt, retries and
   fallbacks included): ``scillm_upstream_requests_total{provider,model,caller,status,code}``,
-  ``scillm_upstream_latency_seconds``, ``scillm_upstream_first_chunk_seconds`` (streams) and
-  ``scillm_upstream_tokens_total{kind}``.
+  ``scillm_upstream_latency_seconds``, ``scillm_upstream_first_chunk_seconds`` (streams),
+  ``scillm_upstream_tokens_total{kind}`` and ``scillm_upstream_chunks_skipped_total`` (stream events that could not
+  be parsed and were skipped).
 - ``postprocess_json`` wrapper (``tryfirst``: the whole request, JSON re-asks and cache hits included):
   ``scillm_requests_total{model,caller,status,code}``, ``scillm_request_latency_seconds`` and one call-log record
   per request (ts, request id, caller, requested model, provider, served model, status, error code, latency,
@@ -103,6 +104,7 @@ class MetricsState:
     latency: Histograms
     first_chunk: Histograms
     tokens: Counters
+    skipped: Counters
     requests: Counters
     request_latency: Histograms
     dropped_counter: Counters
@@ -242,12 +244,14 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
         first_chunk=Histograms("scillm_upstream_first_chunk_seconds", "Time to the first streamed chunk", upstream,
                                LATENCY_BUCKETS),
         tokens=Counters("scillm_upstream_tokens", "Tokens reported by upstreams", (*upstream, "kind")),
+        skipped=Counters("scillm_upstream_chunks_skipped", "Upstream stream events skipped as unparseable", upstream),
         requests=Counters("scillm_requests", "Chat requests by result", ("model", "caller", "status", "code")),
         request_latency=Histograms("scillm_request_latency_seconds", "Chat request duration", ("model", "caller"),
                                    LATENCY_BUCKETS),
         dropped_counter=Counters("scillm_call_log_dropped", "Call-log records dropped (backlog full)", ()))
     runtime.metrics.register(SeriesCollector(state.attempts, state.latency, state.first_chunk, state.tokens,
-                                             state.requests, state.request_latency, state.dropped_counter))
+                                             state.skipped, state.requests, state.request_latency,
+                                             state.dropped_counter))
     runtime.plugin_state["metrics"] = state
     surfaces.on_shutdown(state.stop)
 
@@ -309,6 +313,10 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
         if usage is not None:
             state.tokens.inc((*labels, "prompt"), max(0, usage.prompt_tokens))
             state.tokens.inc((*labels, "completion"), max(0, usage.completion_tokens))
+        skipped = ctx.notes.pop("chunks_skipped", 0)  # this attempt's (scillm_core.upstream.Malformed)
+        if skipped:
+            state.skipped.inc(labels, skipped)
+            ctx.notes["chunks_skipped_total"] = ctx.notes.get("chunks_skipped_total", 0) + skipped
 
     async def measured() -> ChatResult:
         started = time.perf_counter()
@@ -372,6 +380,8 @@ def _finish_request(state: MetricsState, request: ChatRequest, ctx: CallContext,
         "attempts": ctx.attempts, "tokens": _tokens(usage), "cache": ctx.notes.get("cache"),
         "scillm_metadata": request.scillm.get("scillm_metadata"), "session": request.scillm.get("session"),
         "dialect": (ctx.notes.get("headers") or {}).get("x-scillm-dialect"),
+        "chunks_skipped": ctx.notes.get("chunks_skipped_total", 0) + ctx.notes.get("chunks_skipped", 0),
+        "continuation": ctx.notes.get("continuation"),
     }
     if exc is not None and isinstance(exc, errors.ScillmError):
         record["error"] = exc.message[:500]

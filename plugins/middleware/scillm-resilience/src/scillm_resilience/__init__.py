@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Generator, Mapping
@@ -37,6 +38,24 @@ if TYPE_CHECKING:
 
 __all__ = ["AllCircuitsOpen", "CircuitOpen", "ConcurrencyLimited", "LimitConfig", "ProviderPaused", "ResilienceConfig",
            "state_of"]
+
+#: one info line per retry, fallback, continuation and breaker transition (core's dispatch logs the timeouts)
+log = logging.getLogger("scillm.failover")
+
+
+def report(ctx: CallContext, kind: str, route: Route, error: BaseException | None, **data: Any) -> None:
+    """Emit ``kind`` (an event of ``ctx``'s call) and log it as one line naming the request, provider, model and
+    reason."""
+    ctx.emit(kind, route=route, error=error, **data)
+    extra = "".join(f" {key}={_value(value)}" for key, value in data.items())
+    log.info("%s request_id=%s provider=%s model=%s%s reason=%s", kind, ctx.request_id, route.provider,
+             route.model, extra, _short(error) or "-")
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, Route):
+        return value.deployment
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 # -- errors --------------------------------------------------------------------------------------------------------
 
@@ -89,8 +108,12 @@ class State:
         if runtime is not None:
             events = runtime.events
 
-            def on_change(deployment: str, old: str, new: str, error: str | None) -> None:
-                events.emit("breaker.transition", None, deployment=deployment, old=old, new=new, error=error)
+            def on_change(deployment: str, old: str, new: str, error: str | None, request_id: str | None) -> None:
+                events.emit("breaker.transition", None, deployment=deployment, old=old, new=new, error=error,
+                            request_id=request_id)
+                provider, _, model = deployment.partition("/")
+                log.info("breaker request_id=%s provider=%s model=%s old=%s new=%s reason=%s", request_id or "-",
+                         provider, model, old, new, error or "-")
 
         self.breaker = Breaker(config.breaker_threshold, config.breaker_cooldown_s, on_change=on_change)
         self.limiters: dict[str, Limiter] = {}
@@ -295,7 +318,7 @@ class Attempts:
                 if isinstance(last, errors.DeadlineExceeded | ConcurrencyLimited):
                     raise last
                 raise self.deadline_error(fallback, last)
-            self.ctx.emit("fallback", route=tried[-1][0], to=fallback, error=tried[-1][1])
+            report(self.ctx, "fallback", tried[-1][0], tried[-1][1], to=fallback)
             try:
                 return await hooks.call_provider(self.request, fallback, self.ctx)()
             except Exception as exc:
@@ -331,7 +354,7 @@ class Attempts:
             if self.state.shared is not None:
                 await self.state.shared.sync_circuit(breaker, deployment)
             try:
-                probe = breaker.admit(deployment) == "probe"
+                probe = breaker.admit(deployment, self.ctx.request_id) == "probe"
             except CircuitOpenSignal as signal:
                 self.ctx.emit("circuit.skip", route=route, remaining_s=signal.remaining_s)
                 raise CircuitOpen(
@@ -357,7 +380,7 @@ class Attempts:
                 if delay is None:
                     raise
                 retry += 1
-                self.ctx.emit("retry", route=route, retry=retry, delay_s=delay, error=exc)
+                report(self.ctx, "retry", route, exc, retry=retry, delay_s=delay)
                 await asyncio.sleep(delay)
                 continue
             if cfg.breaker:
@@ -365,7 +388,7 @@ class Attempts:
                 if self.state.shared is not None and circuit is not None and (
                         circuit.consecutive_failures or circuit.state != "closed"):
                     self.state.shared.spawn(self.state.shared.circuit_success(deployment))
-                breaker.success(deployment)
+                breaker.success(deployment, self.ctx.request_id)
             if self.probing:
                 self.probing = False
                 self.state.pauses.success(deployment)
@@ -391,7 +414,7 @@ class Attempts:
         request, auth and quota errors to fallbacks, so a breaker never hides a clear error behind a 503."""
         if not isinstance(exc, _HEALTH_ERRORS) or _is_local(exc):
             return False
-        self.state.breaker.failure(self.route.deployment, _short(exc))
+        self.state.breaker.failure(self.route.deployment, _short(exc), self.ctx.request_id)
         if self.state.shared is not None:
             self.state.shared.spawn(self.state.shared.circuit_failure(self.state.breaker, self.route.deployment,
                                                                       _short(exc)))
@@ -403,6 +426,8 @@ class Attempts:
             return None
         if not isinstance(exc, errors.UpstreamError) or not exc.retryable or _is_local(exc):
             return None
+        if isinstance(exc, errors.UpstreamTimeout):
+            return None  # a deployment that stayed silent for a whole limit is not asked again: fall back
         if exc.retry_after_s is not None:
             if exc.retry_after_s > cfg.max_retry_after_s:
                 return None  # the upstream asks for longer than we wait: fall back or report its 429 now
@@ -560,6 +585,8 @@ _HEALTH_ERRORS = (errors.UpstreamUnavailable, errors.UpstreamConnectError, error
 
 def _fallback_worthy(exc: BaseException) -> bool:
     """Whether another deployment may succeed where this one failed."""
+    if isinstance(exc, errors.ContextLengthExceeded):
+        return True  # the prompt does not fit this model; the next one may have a larger window
     if isinstance(exc, errors.UpstreamBadRequest):
         return exc.upstream_status == 404  # the upstream does not know this model; others may
     if isinstance(exc, errors.UpstreamError | AllCircuitsOpen | errors.ProviderNotConfigured):

@@ -35,17 +35,18 @@ class Circuit:
 
 class Breaker:
     def __init__(self, threshold: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[str, str, str, str | None], None] | None = None) -> None:
+                 on_change: Callable[[str, str, str, str | None, str | None], None] | None = None) -> None:
         self.threshold = threshold
         self.cooldown_s = cooldown_s
         self.clock = clock
         self.circuits: dict[str, Circuit] = {}
-        #: ``on_change(deployment, old, new, last_error)`` on every state transition (events for observers)
+        #: ``on_change(deployment, old, new, last_error, request_id)`` on every state transition (events, the log);
+        #: ``request_id`` names the call that moved it (``None`` when the health endpoint saw a cooldown end)
         self.on_change = on_change
 
-    def _moved(self, deployment: str, circuit: Circuit, old: str) -> None:
+    def _moved(self, deployment: str, circuit: Circuit, old: str, request_id: str | None) -> None:
         if self.on_change is not None and circuit.state != old:
-            self.on_change(deployment, old, circuit.state, circuit.last_error)
+            self.on_change(deployment, old, circuit.state, circuit.last_error, request_id)
 
     def _circuit(self, deployment: str) -> Circuit:
         circuit = self.circuits.get(deployment)
@@ -53,19 +54,19 @@ class Breaker:
             circuit = self.circuits[deployment] = Circuit()
         return circuit
 
-    def _refresh(self, deployment: str, circuit: Circuit) -> None:
+    def _refresh(self, deployment: str, circuit: Circuit, request_id: str | None = None) -> None:
         if circuit.state == OPEN and self.clock() - circuit.opened_at >= self.cooldown_s:
             circuit.state = HALF_OPEN
             circuit.probing = False
-            self._moved(deployment, circuit, OPEN)
+            self._moved(deployment, circuit, OPEN, request_id)
 
-    def admit(self, deployment: str) -> str | None:
+    def admit(self, deployment: str, request_id: str | None = None) -> str | None:
         """Admit one call: ``None`` when closed, ``"probe"`` when this call is the half-open probe. Raises
         :class:`CircuitOpenSignal` when the deployment must be skipped."""
         circuit = self.circuits.get(deployment)
         if circuit is None:
             return None
-        self._refresh(deployment, circuit)
+        self._refresh(deployment, circuit, request_id)
         if circuit.state == CLOSED:
             return None
         if circuit.state == HALF_OPEN and not circuit.probing:
@@ -79,7 +80,7 @@ class Breaker:
             return 0.0
         return max(0.0, self.cooldown_s - (self.clock() - circuit.opened_at))
 
-    def success(self, deployment: str) -> None:
+    def success(self, deployment: str, request_id: str | None = None) -> None:
         circuit = self.circuits.get(deployment)
         if circuit is None:
             return
@@ -87,9 +88,9 @@ class Breaker:
         circuit.state = CLOSED
         circuit.consecutive_failures = 0
         circuit.probing = False
-        self._moved(deployment, circuit, old)
+        self._moved(deployment, circuit, old, request_id)
 
-    def failure(self, deployment: str, error: str) -> None:
+    def failure(self, deployment: str, error: str, request_id: str | None = None) -> None:
         circuit = self._circuit(deployment)
         circuit.consecutive_failures += 1
         circuit.total_failures += 1
@@ -101,7 +102,7 @@ class Breaker:
             circuit.state = OPEN
             circuit.opened_at = self.clock()
             circuit.probing = False
-            self._moved(deployment, circuit, old)
+            self._moved(deployment, circuit, old, request_id)
 
     def abandon_probe(self, deployment: str) -> None:
         """The probe ended without a verdict (cancelled, a request error): let the next request probe."""

@@ -266,7 +266,6 @@ class ClaudeOAuthProvider(AnthropicProvider):
         self._key = None
         self.base_url = normalise_base(settings.base_url or env.get(self.base_env) or env.get("ANTHROPIC_API_BASE")
                                        or DEFAULT_BASE)
-        self.timeout_s = settings.timeout_s
         self.user_agent = env.get("SCILLM_CLAUDE_USER_AGENT") or None
 
     def missing_config(self) -> str | None:

@@ -17,13 +17,15 @@ from scillm_anthropic.translate import StreamTranslator, error_from_status, from
 from scillm_core import CallContext, ChatChunk, ChatRequest, ChatResponse, Provider, Route, errors, with_native
 from scillm_core.config import ProviderSettings
 from scillm_core.jsonio import loads
-from scillm_core.upstream import PendingBytes, excerpt, iter_sse, translate_transport
+from scillm_core.upstream import Malformed, PendingBytes, excerpt, iter_sse, translate_transport
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_BASE", "AnthropicProvider", "MODELS", "claude_name", "merge_betas",
            "normalise_base"]
 
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_BASE = "https://api.anthropic.com"
+#: the event a stream that ended without it gets on a same-dialect route, so the client sees a whole stream
+MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 MODELS = ("claude-opus-4-5", "claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1", "claude-sonnet-4-0")
 
 
@@ -61,7 +63,6 @@ class AnthropicProvider(Provider):
         settings = settings or ProviderSettings()
         self._key = env.get(self.key_env) or None
         self.base_url = normalise_base(settings.base_url or env.get(self.base_env) or DEFAULT_BASE)
-        self.timeout_s = settings.timeout_s
 
     # -- routing ------------------------------------------------------------------------------------------------
 
@@ -114,10 +115,6 @@ class AnthropicProvider(Provider):
             headers["anthropic-beta"] = betas
         return headers
 
-    def _timeout(self, route: Route) -> httpx.Timeout | Any:
-        seconds = route.timeout_s or self.timeout_s
-        return httpx.Timeout(seconds, connect=min(seconds, 15.0)) if seconds else httpx.USE_CLIENT_DEFAULT
-
     def _error(self, status: int, raw: bytes, headers: Mapping[str, str], route: Route) -> errors.UpstreamError:
         return error_from_status(status, raw, headers, provider=self.name, model=route.model,
                                  secrets=self.secrets())
@@ -132,7 +129,7 @@ class AnthropicProvider(Provider):
             headers = await self.headers(route, ctx)
         client = ctx.runtime.client()
         upstream = client.build_request("POST", self.messages_url, headers=headers, content=body,
-                                        timeout=self._timeout(route))
+                                        timeout=self.http_timeout(route, stream=stream))
         with translate_transport(self.name, route.model):
             response = await client.send(upstream, stream=stream)
         if response.status_code >= 400:
@@ -161,36 +158,43 @@ class AnthropicProvider(Provider):
 
     async def stream(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
         response = await self._send(request, route, ctx, stream=True)
-        return self._chunks(response, request, route)
+        return self._chunks(response, request, route, ctx)
 
     async def stream_native(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
         response = await self._send(request, route, ctx, stream=True, native=True)
-        return self._chunks(response, request, route, native=True)
+        return self._chunks(response, request, route, ctx, native=True)
 
-    async def _chunks(self, response: httpx.Response, request: ChatRequest, route: Route, *,
+    async def _chunks(self, response: httpx.Response, request: ChatRequest, route: Route, ctx: CallContext, *,
                       native: bool = False) -> AsyncIterator[ChatChunk]:
         """Chat chunks of the Messages stream; ``native``: with the events' own bytes on them, in order (events
-        that make no chunk go with the next one), and always the usage chunk, for the middleware."""
+        that make no chunk go with the next one), and always the usage chunk, for the middleware. An event that
+        cannot be parsed is skipped, its bytes too (``Malformed``); a stream that ends without ``message_stop``
+        after the ``message_delta`` with its stop reason finished all the same (natively: with that event added)."""
         translator = StreamTranslator(provider=self.name, model=route.model,
                                       include_usage=native or request.include_usage, secrets=self.secrets())
         carried = PendingBytes()
+        malformed = Malformed(ctx, route)
         try:
             with translate_transport(self.name, route.model):
                 async for event in iter_sse(response.aiter_bytes(), raw=native):
                     try:
                         data = loads(event.data)  # real streams pad the JSON with spaces: parse it whole
                     except orjson.JSONDecodeError:
-                        raise errors.UpstreamProtocolError(f"malformed stream event {excerpt(event.data, 120)!r}",
-                                                           provider=self.name, model=route.model) from None
+                        malformed.skip("malformed JSON", event.data)
+                        continue
                     chunks = translator.feed(event.event, data)
                     for chunk in carried.carry(event.raw, chunks) if native else chunks:
                         yield chunk
                     if translator.stopped:
                         break
-            if carried.pending:
-                yield with_native(ChatChunk(id=translator.id, model=translator.model, choices=()), carried.rest())
         finally:
             await response.aclose()
         if not translator.stopped:
-            raise errors.UpstreamProtocolError("stream ended before message_stop", provider=self.name,
-                                               model=route.model)
+            if translator.finish is None:
+                raise errors.UpstreamProtocolError("stream ended before message_stop", provider=self.name,
+                                                   model=route.model)
+            chunks = translator.feed("message_stop", {"type": "message_stop"})  # what message_stop would give
+            for chunk in carried.carry(MESSAGE_STOP, chunks) if native else chunks:
+                yield chunk
+        if carried.pending:
+            yield with_native(ChatChunk(id=translator.id, model=translator.model, choices=()), carried.rest())

@@ -37,7 +37,7 @@ from scillm_core import (
     with_native,
 )
 from scillm_core.config import Env, ProviderSettings
-from scillm_core.upstream import translate_transport
+from scillm_core.upstream import Malformed, translate_transport
 
 __all__ = ["DEFAULT_BASE", "CodexProvider", "auth_path"]
 
@@ -73,7 +73,6 @@ class CodexProvider(Provider):
             or DEFAULT_TOKEN_URL
         self.auth = CodexAuth(auth_path(env), token_url, provider=self.name)
         self.base_url = (settings.base_url or env.get("CODEX_API_BASE") or DEFAULT_BASE).rstrip("/")
-        self.timeout_s = settings.timeout_s
 
     # -- routing ------------------------------------------------------------------------------------------------
 
@@ -105,10 +104,6 @@ class CodexProvider(Provider):
             headers["chatgpt-account-id"] = login.account_id
         return headers
 
-    def _timeout(self, route: Route) -> httpx.Timeout | None:
-        seconds = route.timeout_s or self.timeout_s
-        return httpx.Timeout(seconds, connect=min(seconds, 15.0)) if seconds else None
-
     def native_body(self, request: ChatRequest, route: Route) -> bytes:
         """The client's Responses body as the backend takes it (see the module docstring)."""
         assert request.native is not None
@@ -134,7 +129,7 @@ class CodexProvider(Provider):
         for attempt in range(2):
             upstream = client.build_request("POST", f"{self.base_url}/responses",
                                             headers=self._headers(login, request), content=content,
-                                            timeout=self._timeout(route) or httpx.USE_CLIENT_DEFAULT)
+                                            timeout=self.http_timeout(route, stream=request.stream))
             with translate_transport(self.name, route.model):
                 response = await client.send(upstream, stream=True)
             if response.status_code < 400:
@@ -166,7 +161,7 @@ class CodexProvider(Provider):
         response, login = await self._open(request, route, ctx, native=native)
         state = StreamState(provider=self.name, model=route.model, include_usage=native or request.include_usage,
                             secrets=(login.access_token, login.refresh_token))
-        chunks = responses_chunks(response, state, native=native)
+        chunks = responses_chunks(response, state, Malformed(ctx, route), native=native)
         # Read up to the first chunk here, so a response.failed that comes before any output raises from the
         # await (with its real status, still retryable) instead of after the client got a 200.
         try:
@@ -191,7 +186,7 @@ class CodexProvider(Provider):
         response, login = await self._open(request, route, ctx, native=native)
         state = StreamState(provider=self.name, model=route.model, include_usage=False,
                             secrets=(login.access_token, login.refresh_token))
-        async for _ in responses_chunks(response, state):
+        async for _ in responses_chunks(response, state, Malformed(ctx, route)):
             pass
         return chat_response(state), state
 

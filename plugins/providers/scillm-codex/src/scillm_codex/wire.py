@@ -42,7 +42,7 @@ from scillm_core import (
     with_native,
 )
 from scillm_core.jsonio import loads
-from scillm_core.upstream import PendingBytes, excerpt, iter_sse, translate_transport
+from scillm_core.upstream import Malformed, PendingBytes, excerpt, iter_sse, translate_transport
 
 if TYPE_CHECKING:
     import httpx
@@ -215,7 +215,7 @@ def failure_error(error: Any, *, provider: str, model: str, secrets: tuple[str |
     if code in ("insufficient_quota", "usage_not_included", "usage_limit_reached"):
         return errors.UpstreamQuotaExceeded(message, code="insufficient_quota", upstream_status=429, **common)
     if code == "context_length_exceeded":
-        return errors.UpstreamBadRequest(message, code="context_length_exceeded", upstream_status=400, **common)
+        return errors.ContextLengthExceeded(message, upstream_status=400, **common)
     if code in ("invalid_prompt", "invalid_request_error"):
         return errors.UpstreamBadRequest(message, code=code, upstream_status=400, **common)
     if code in ("server_is_overloaded", "slow_down"):
@@ -228,7 +228,7 @@ def error_from_body(status: int, raw: bytes, headers: Mapping[str, str], *, prov
     """An HTTP error answer of the backend: ``{"detail": ...}``, ``{"error": {...}}`` (usage limits with
     ``resets_at``), or text."""
     from scillm_core.redact import redact
-    from scillm_core.upstream import error_for_status, excerpt
+    from scillm_core.upstream import error_for_status
 
     try:
         data = loads(raw)
@@ -446,10 +446,11 @@ class StreamState:
 
 # -- reading a Responses answer (the Codex backend and the OpenAI Responses API speak the same events) ----------------
 
-async def responses_chunks(response: httpx.Response, state: StreamState, *,
+async def responses_chunks(response: httpx.Response, state: StreamState, malformed: Malformed, *,
                            native: bool = False) -> AsyncIterator[ChatChunk]:
     """Chat chunks of a Responses event stream; ``native``: with the events' own bytes on them, in order (see
-    :class:`scillm_core.upstream.PendingBytes`). Raises when it ends before ``response.completed``."""
+    :class:`scillm_core.upstream.PendingBytes`). An event that cannot be parsed is skipped, its bytes too
+    (``malformed``). Raises when it ends before ``response.completed``."""
     provider, model = state.provider, state.model
     carried = PendingBytes()
     try:
@@ -460,8 +461,8 @@ async def responses_chunks(response: httpx.Response, state: StreamState, *,
                 try:
                     data = loads(event.data)
                 except orjson.JSONDecodeError:
-                    raise errors.UpstreamProtocolError(f"malformed stream event {excerpt(event.data, 120)!r}",
-                                                       provider=provider, model=model) from None
+                    malformed.skip("malformed JSON", event.data)
+                    continue
                 chunks = state.feed(data) if isinstance(data, dict) else []
                 for chunk in carried.carry(event.raw, chunks) if native else chunks:
                     yield chunk

@@ -32,7 +32,14 @@ from scillm_core import (
 from scillm_core.config import Env, ProviderSettings
 from scillm_core.jsonio import loads
 from scillm_core.redact import redact
-from scillm_core.upstream import error_for_status, excerpt, iter_sse, retry_after_seconds, translate_transport
+from scillm_core.upstream import (
+    Malformed,
+    error_for_status,
+    excerpt,
+    iter_sse,
+    retry_after_seconds,
+    translate_transport,
+)
 from scillm_gemini.translate import StreamState, build_body, parse_response
 
 __all__ = ["DEFAULT_BASE", "GeminiProvider", "api_root", "error_from_body", "parse_error_body"]
@@ -117,7 +124,6 @@ class GeminiProvider(Provider):
         self._key = env.get("GEMINI_API_KEY") or env.get("GOOGLE_API_KEY") or None
         self.base_url = (settings.base_url or env.get("GEMINI_API_BASE") or DEFAULT_BASE).rstrip("/")
         self.root = api_root(self.base_url)
-        self.timeout_s = settings.timeout_s
 
     def claims(self, model: str) -> bool:
         return model.startswith("gemini-")
@@ -143,10 +149,6 @@ class GeminiProvider(Provider):
     def _headers(self) -> dict[str, str]:
         return {"x-goog-api-key": self._key or "", "content-type": "application/json"}
 
-    def _timeout(self, route: Route) -> httpx.Timeout | Any:
-        seconds = route.timeout_s or self.timeout_s
-        return httpx.Timeout(seconds, connect=min(seconds, 15.0)) if seconds else httpx.USE_CLIENT_DEFAULT
-
     def _url(self, route: Route, method: str) -> str:
         return f"{self.root}/models/{route.model}:{method}"
 
@@ -164,7 +166,7 @@ class GeminiProvider(Provider):
         body = await self._body(request, route, ctx)
         with translate_transport(self.name, route.model):
             response = await ctx.runtime.client().post(self._url(route, "generateContent"), headers=self._headers(),
-                                                       content=body, timeout=self._timeout(route))
+                                                       content=body, timeout=self.http_timeout(route, stream=False))
         if response.status_code >= 400:
             raise self._error(response.status_code, response.content, response.headers, route)
         try:
@@ -193,7 +195,7 @@ class GeminiProvider(Provider):
             with translate_transport(self.name, route.model):
                 response = await ctx.runtime.client().post(self._url(route, "batchEmbedContents"),
                                                            headers=self._headers(), content=orjson.dumps(body),
-                                                           timeout=self._timeout(route))
+                                                           timeout=self.http_timeout(route, stream=False))
             if response.status_code >= 400:
                 raise self._error(response.status_code, response.content, response.headers, route)
             try:
@@ -214,7 +216,8 @@ class GeminiProvider(Provider):
         body = await self._body(request, route, ctx)
         client = ctx.runtime.client()
         upstream = client.build_request("POST", self._url(route, "streamGenerateContent") + "?alt=sse",
-                                        headers=self._headers(), content=body, timeout=self._timeout(route))
+                                        headers=self._headers(), content=body,
+                                        timeout=self.http_timeout(route, stream=True))
         with translate_transport(self.name, route.model):
             response = await client.send(upstream, stream=True)
         if response.status_code >= 400:
@@ -222,23 +225,26 @@ class GeminiProvider(Provider):
                 raw = await response.aread()
             await response.aclose()
             raise self._error(response.status_code, raw, response.headers, route)
-        return self._chunks(response, request, route)
+        return self._chunks(response, request, route, ctx)
 
-    async def _chunks(self, response: httpx.Response, request: ChatRequest, route: Route) -> AsyncIterator[ChatChunk]:
+    async def _chunks(self, response: httpx.Response, request: ChatRequest, route: Route,
+                      ctx: CallContext) -> AsyncIterator[ChatChunk]:
+        """Chat chunks of the stream; an event that cannot be parsed is skipped (``Malformed``)."""
         state = StreamState(route.model, request.include_usage)
+        malformed = Malformed(ctx, route)
         try:
             with translate_transport(self.name, route.model):
                 async for event in iter_sse(response.aiter_bytes()):
                     try:
                         data = loads(event.data)
                     except orjson.JSONDecodeError:
-                        raise errors.UpstreamProtocolError(f"malformed stream event {excerpt(event.data, 120)!r}",
-                                                           provider=self.name, model=route.model) from None
+                        malformed.skip("malformed JSON", event.data)
+                        continue
                     if isinstance(data, list) and data:
                         data = data[0]
                     if not isinstance(data, dict):
-                        raise errors.UpstreamProtocolError(f"unexpected stream event {excerpt(event.data, 120)!r}",
-                                                           provider=self.name, model=route.model)
+                        malformed.skip("not a JSON object", event.data)
+                        continue
                     if "error" in data:
                         error = data["error"] if isinstance(data["error"], dict) else {}
                         code = error.get("code")

@@ -45,6 +45,7 @@ from scillm_core import (
     Provider,
     Route,
     TextPart,
+    Timeouts,
     ToolCall,
     ToolCallDelta,
     Usage,
@@ -52,7 +53,7 @@ from scillm_core import (
 )
 from scillm_core.config import Env, ProviderSettings
 from scillm_core.jsonio import loads
-from scillm_core.upstream import error_for_status, excerpt, iter_ndjson, translate_transport
+from scillm_core.upstream import Malformed, error_for_status, excerpt, iter_ndjson, translate_transport
 
 __all__ = ["DEFAULT_BASE", "OllamaProvider", "base_from_env", "build_body", "parse_error_body"]
 
@@ -263,12 +264,13 @@ class OllamaProvider(Provider):
     prefixes = ("ollama/",)
     rule_order = 80
     capabilities = frozenset({"streaming", "tools", "images", "json_mode", "json_schema", "reasoning", "embeddings"})
+    #: Ollama loads the model before it answers a stream with headers: that can take minutes on a cold start
+    timeouts = Timeouts(headers_s=300.0)
     tags_ttl_s = 60.0
     tags_timeout_s = 2.0
 
     def __init__(self, env: Env | Mapping[str, str], settings: ProviderSettings) -> None:
         self.base_url = base_from_env(env, settings.base_url)
-        self.timeout_s = settings.timeout_s
         self._key = env.get("OLLAMA_API_KEY") or None
         self._tags: tuple[str, ...] = ()
         self._tags_at = float("-inf")
@@ -329,10 +331,6 @@ class OllamaProvider(Provider):
             headers["authorization"] = f"Bearer {self._key}"
         return headers
 
-    def _timeout(self, route: Route) -> Any:
-        seconds = route.timeout_s or self.timeout_s
-        return httpx.Timeout(seconds, connect=min(seconds, 15.0)) if seconds else httpx.USE_CLIENT_DEFAULT
-
     def _error(self, status: int, raw: bytes, headers: Mapping[str, str], route: Route) -> errors.UpstreamError:
         message = parse_error_body(raw)
         if status == 404 and "not found" in message:
@@ -350,7 +348,7 @@ class OllamaProvider(Provider):
         body = await self._body(request, route, ctx)
         with translate_transport(self.name, route.model):
             response = await ctx.runtime.client().post(self.base_url + "/api/chat", headers=self._headers(),
-                                                       content=body, timeout=self._timeout(route))
+                                                       content=body, timeout=self.http_timeout(route, stream=False))
         if response.status_code >= 400:
             raise self._error(response.status_code, response.content, response.headers, route)
         try:
@@ -378,7 +376,8 @@ class OllamaProvider(Provider):
                 body[field] = request.extra[field]
         with translate_transport(self.name, route.model):
             response = await ctx.runtime.client().post(self.base_url + "/api/embed", headers=self._headers(),
-                                                       content=orjson.dumps(body), timeout=self._timeout(route))
+                                                       content=orjson.dumps(body),
+                                                       timeout=self.http_timeout(route, stream=False))
         if response.status_code >= 400:
             raise self._error(response.status_code, response.content, response.headers, route)
         try:
@@ -399,7 +398,7 @@ class OllamaProvider(Provider):
         body = await self._body(request, route, ctx)
         client = ctx.runtime.client()
         upstream = client.build_request("POST", self.base_url + "/api/chat", headers=self._headers(), content=body,
-                                        timeout=self._timeout(route))
+                                        timeout=self.http_timeout(route, stream=True))
         with translate_transport(self.name, route.model):
             response = await client.send(upstream, stream=True)
         if response.status_code >= 400:
@@ -407,9 +406,12 @@ class OllamaProvider(Provider):
                 raw = await response.aread()
             await response.aclose()
             raise self._error(response.status_code, raw, response.headers, route)
-        return self._chunks(response, request, route)
+        return self._chunks(response, request, route, ctx)
 
-    async def _chunks(self, response: httpx.Response, request: ChatRequest, route: Route) -> AsyncIterator[ChatChunk]:
+    async def _chunks(self, response: httpx.Response, request: ChatRequest, route: Route,
+                      ctx: CallContext) -> AsyncIterator[ChatChunk]:
+        """Chat chunks of the NDJSON stream; a line that cannot be parsed is skipped (``Malformed``)."""
+        malformed = Malformed(ctx, route)
         chunk_id = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
         model = route.model
@@ -422,19 +424,11 @@ class OllamaProvider(Provider):
 
         try:
             with translate_transport(self.name, route.model):
-                lines = iter_ndjson(response.aiter_bytes())
                 first = True
-                while True:
-                    try:
-                        data = await anext(lines, None)
-                    except orjson.JSONDecodeError:
-                        raise errors.UpstreamProtocolError("malformed NDJSON line in the stream", provider=self.name,
-                                                           model=route.model) from None
-                    if data is None:
-                        break
+                async for data in iter_ndjson(response.aiter_bytes(), malformed):
                     if not isinstance(data, dict):
-                        raise errors.UpstreamProtocolError("unexpected stream line", provider=self.name,
-                                                           model=route.model)
+                        malformed.skip("not a JSON object", orjson.dumps(data))
+                        continue
                     if "error" in data:
                         raise self._error(500, orjson.dumps(data), {}, route)
                     model = str(data.get("model") or model)

@@ -36,7 +36,7 @@ from scillm_core import (
 )
 from scillm_core.config import Env, ProviderSettings
 from scillm_core.jsonio import loads
-from scillm_core.upstream import error_for_status, excerpt, iter_sse, translate_transport
+from scillm_core.upstream import Malformed, error_for_status, excerpt, iter_sse, translate_transport
 
 __all__ = ["CompatSpec", "OpenAICompatProvider", "conversation_id", "parse_error_body"]
 
@@ -80,7 +80,6 @@ class OpenAICompatProvider(Provider):
         self._url = httpx.URL(f"{self.base_url}/chat/completions")  # parsed once, not per request
         self._embeddings_url = httpx.URL(f"{self.base_url}/embeddings")
         self._responses_url = httpx.URL(f"{self.base_url}/responses")
-        self.timeout_s = settings.timeout_s
 
     # -- routing ------------------------------------------------------------------------------------------------
 
@@ -147,10 +146,6 @@ class OpenAICompatProvider(Provider):
             headers[self.spec.session_header] = conversation_id(request)
         return headers
 
-    def _timeout(self, route: Route) -> httpx.Timeout | None:
-        seconds = route.timeout_s or self.timeout_s
-        return httpx.Timeout(seconds, connect=min(seconds, 15.0)) if seconds else None
-
     def _error(self, response: httpx.Response, raw: bytes, route: Route) -> errors.UpstreamError:
         message, code, kind = parse_error_body(raw)
         return error_for_status(response.status_code, message, provider=self.name, model=route.model, code=code,
@@ -178,8 +173,7 @@ class OpenAICompatProvider(Provider):
                     url: httpx.URL | None = None) -> bytes:
         with translate_transport(self.name, route.model):
             response = await ctx.runtime.client().post(url or self._url, headers=self.headers(request),
-                                                       content=content,
-                                                       timeout=self._timeout(route) or httpx.USE_CLIENT_DEFAULT)
+                                                       content=content, timeout=self.http_timeout(route, stream=False))
         if response.status_code >= 400:
             raise self._error(response, response.content, route)
         return response.content
@@ -201,7 +195,7 @@ class OpenAICompatProvider(Provider):
         with translate_transport(self.name, route.model):
             response = await ctx.runtime.client().post(self._embeddings_url, headers=self.headers(),
                                                        content=orjson.dumps(body),
-                                                       timeout=self._timeout(route) or httpx.USE_CLIENT_DEFAULT)
+                                                       timeout=self.http_timeout(route, stream=False))
         if response.status_code >= 400:
             raise self._error(response, response.content, route)
         try:
@@ -216,7 +210,7 @@ class OpenAICompatProvider(Provider):
 
     async def stream(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
         response = await self._open(orjson.dumps(self.body(request, route)), request, route, ctx)
-        return self._chunks(response, request, route)
+        return self._chunks(response, request, route, ctx)
 
     async def stream_native(self, request: ChatRequest, route: Route, ctx: CallContext) -> AsyncIterator[ChatChunk]:
         assert request.native is not None
@@ -224,15 +218,15 @@ class OpenAICompatProvider(Provider):
             response = await self._open(request.native.upstream_body(route.model), request, route, ctx,
                                         url=self._responses_url)
             state = StreamState(provider=self.name, model=route.model, include_usage=True, secrets=(self._key,))
-            return responses_chunks(response, state, native=True)
+            return responses_chunks(response, state, Malformed(ctx, route), native=True)
         response = await self._open(request.native.upstream_body(route.model), request, route, ctx)
-        return self._chunks(response, request, route, native=True)
+        return self._chunks(response, request, route, ctx, native=True)
 
     async def _open(self, content: bytes, request: ChatRequest, route: Route, ctx: CallContext, *,
                     url: httpx.URL | None = None) -> httpx.Response:
         client = ctx.runtime.client()
         upstream = client.build_request("POST", url or self._url, headers=self.headers(request), content=content,
-                                        timeout=self._timeout(route) or httpx.USE_CLIENT_DEFAULT)
+                                        timeout=self.http_timeout(route, stream=True))
         with translate_transport(self.name, route.model):
             response = await client.send(upstream, stream=True)
         if response.status_code >= 400:
@@ -242,21 +236,25 @@ class OpenAICompatProvider(Provider):
             raise self._error(response, raw, route)
         return response
 
-    async def _chunks(self, response: httpx.Response, request: ChatRequest, route: Route, *,
+    async def _chunks(self, response: httpx.Response, request: ChatRequest, route: Route, ctx: CallContext, *,
                       native: bool = False) -> AsyncIterator[ChatChunk]:
-        """Chunks of the upstream stream; ``native``: each as the upstream sent it, its bytes on ``native``."""
-        finished = False
+        """Chunks of the upstream stream; ``native``: each as the upstream sent it, its bytes on ``native``. An
+        event that cannot be parsed is skipped, its bytes too (``Malformed``); a stream that ends without
+        ``[DONE]`` after its finish chunk finished all the same (some servers never send it)."""
+        done = False
+        ended: set[int] = set()  # choices that sent their finish_reason
+        malformed = Malformed(ctx, route)
         try:
             with translate_transport(self.name, route.model):
                 async for event in iter_sse(response.aiter_bytes(), raw=native):
                     if event.data == "[DONE]":
-                        finished = True
+                        done = True
                         break
                     try:
                         data = loads(event.data)
                     except orjson.JSONDecodeError:
-                        raise errors.UpstreamProtocolError(f"malformed stream event {excerpt(event.data, 120)!r}",
-                                                           provider=self.name, model=route.model) from None
+                        malformed.skip("malformed JSON", event.data)
+                        continue
                     if isinstance(data, dict) and "error" in data:
                         message, code, kind = parse_error_body(event.data.encode())
                         raise error_for_status(500 if not code or not str(code).isdigit() else int(code), message,
@@ -265,8 +263,11 @@ class OpenAICompatProvider(Provider):
                     try:
                         chunk = structure(data, ChatChunk, what="upstream stream chunk")
                     except errors.InvalidRequest as exc:
-                        raise errors.UpstreamProtocolError(_short(exc), provider=self.name,
-                                                           model=route.model) from None
+                        malformed.skip(_short(exc), event.data)
+                        continue
+                    for choice in chunk.choices:
+                        if choice.finish_reason is not None:
+                            ended.add(choice.index)
                     if native:
                         yield with_native(chunk, event.raw)
                         continue
@@ -274,7 +275,7 @@ class OpenAICompatProvider(Provider):
                         yield piece
         finally:
             await response.aclose()
-        if not finished:
+        if not done and len(ended) < (request.n or 1):
             raise errors.UpstreamProtocolError("stream ended before [DONE]", provider=self.name, model=route.model)
 
 
