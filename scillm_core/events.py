@@ -19,11 +19,18 @@ Kinds (``ctx`` is the :class:`CallContext` for events of one call, else ``None``
 ``attempt.start`` / ``attempt.end``  one upstream call (core dispatch): ``route``, ``attempt`` (1, 2, ...),
                                      ``request``; start: ``upstream_headers``; end as ``request.end``
 ``cache``                            ``result`` (hit, miss, bypass), ``route``                 (scillm-cache)
+``timeout``                          ``route``, ``limit`` (connect, headers, first_token, idle, total, read),
+                                     ``error``: an upstream stayed silent past a limit (core dispatch)
+``chunk.skipped``                    ``route``, ``reason``: a stream event that could not be parsed was skipped
+                                     (``scillm_core.upstream.Malformed``, in the provider)
 ``retry``                            ``route``, ``retry`` (1, 2, ...), ``delay_s``, ``error``   (scillm-resilience)
 ``fallback``                         ``route`` (the one that failed), ``to``, ``error``
+``continuation``                     ``route`` (the stream that broke), ``to``, ``error``, ``mode`` (prefill,
+                                     instruction), ``sent_chars``; then ``continuation.end`` with ``outcome``
 ``circuit.skip``                     ``route``, ``remaining_s``: an open circuit skipped this deployment
 ``queue.wait``                       ``provider``, ``waited_s``, ``outcome`` (granted, timeout): waited for a slot
-``breaker.transition``               ``deployment``, ``old``, ``new`` (closed, open, half_open), ``error``
+``breaker.transition``               ``deployment``, ``old``, ``new`` (closed, open, half_open), ``error``,
+                                     ``request_id`` (the call that moved it, if any)
 ===================================  ===========================================================================
 
 Units of work that calls belong to (batches and their items, exec runs and graphs, and whatever agent surfaces

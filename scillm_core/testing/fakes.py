@@ -145,13 +145,16 @@ class FakeUpstream:
                      terminal: bytes = b"") -> AsyncIterator[bytes]:
         """A stream body: the encoded ``events``, then ``terminal`` (the dialect's end marker), with the faults
         ``reply`` scripts: ``first_chunk_delay_s`` before the first event; before event ``n`` the connection drops
-        (``cut_after``), goes silent (``stall_after``), an error event ``failure(n)`` ends the stream
+        (``cut_after``: what the client had not read yet may be lost with it, as with a real reset), the body ends
+        cleanly (``end_after``), goes silent (``stall_after``), an error event ``failure(n)`` ends the stream
         (``error_after``) or ``garbage`` comes first (``malformed_at``); ``no_terminal`` leaves the marker out."""
         if reply.first_chunk_delay_s:
             await asyncio.sleep(reply.first_chunk_delay_s)
         for n, event in enumerate(events):
             if reply.cut_after is not None and n >= reply.cut_after:
                 raise ConnectionAbortedError("fake upstream cut the stream")  # uvicorn drops the connection
+            if reply.end_after is not None and n >= reply.end_after:
+                return
             if reply.stall_after is not None and n >= reply.stall_after:
                 await asyncio.sleep(3600)  # until the client goes away
             if reply.error_after is not None and n >= reply.error_after:

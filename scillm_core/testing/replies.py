@@ -54,6 +54,7 @@ class Reply:
     whole_tool_call: bool = False           # tool call in one delta with full arguments (GLM)
     cut_after: int | None = None            # drop the connection after N events
     stall_after: int | None = None          # after N events send nothing more, keeping the connection open
+    end_after: int | None = None            # after N events end the body cleanly, mid-answer
     error_after: int | None = None          # send an error event after N events
     malformed_at: tuple[int, ...] = ()      # an unparseable event before each of these events (0-based)
     no_terminal: bool = False               # leave out the end marker (OpenAI ``[DONE]``, Anthropic message_stop)

@@ -24,16 +24,36 @@ import time
 from collections.abc import AsyncIterator, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from scillm_core import ConfigError, MiddlewareRegistry, Route, Runtime, SurfaceRegistry, errors, hookimpl
+from scillm_core import (
+    ChatChunk,
+    ChatRequest,
+    ConfigError,
+    MiddlewareRegistry,
+    Route,
+    Runtime,
+    SurfaceRegistry,
+    errors,
+    hookimpl,
+)
 from scillm_resilience.breaker import Breaker, CircuitOpenSignal
 from scillm_resilience.config import LimitConfig, ResilienceConfig
+from scillm_resilience.continuation import (
+    Overlap,
+    Sent,
+    aclose,
+    continuation_request,
+    continued,
+    marked,
+    text_chunk,
+    with_note,
+)
 from scillm_resilience.disconnect import CancelOnDisconnect
 from scillm_resilience.limiter import Limiter, QueueFullSignal, QueueTimeoutSignal, Slot, SlotIterator
 from scillm_resilience.pause import PausedSignal, Pauses
 from scillm_resilience.shared import Shared
 
 if TYPE_CHECKING:
-    from scillm_core import CallContext, ChatRequest
+    from scillm_core import CallContext
     from scillm_core.pipeline import ChatResult, ChatThunk
 
 __all__ = ["AllCircuitsOpen", "CircuitOpen", "ConcurrencyLimited", "LimitConfig", "ProviderPaused", "ResilienceConfig",
@@ -303,15 +323,25 @@ class Attempts:
     # -- one deployment --------------------------------------------------------------------------------------
 
     async def run(self) -> ChatResult:
+        result, served = await self.first()
+        route, request = self.route, self.request
+        if (request.stream and self.cfg.continuation and served < len(route.fallbacks)
+                and isinstance(request, ChatRequest) and (request.n or 1) == 1):
+            return self.continuing(result, served)  # type: ignore[arg-type]  # a stream
+        return result
+
+    async def first(self) -> tuple[ChatResult, int]:
+        """The answer of the first member that gives one (for a stream: its first chunk), and that member's place
+        in the group (0: the route itself, ``i + 1``: ``route.fallbacks[i]``)."""
         route, cfg = self.route, self.cfg
         try:
-            return await self.serve()
+            return await self.serve(), 0
         except Exception as exc:
             if not (cfg.fallbacks and route.fallbacks and _fallback_worthy(exc)):
                 raise
             tried: list[tuple[Route, BaseException]] = [(route, exc)]
         hooks = self.ctx.runtime.hooks
-        for fallback in route.fallbacks:
+        for index, fallback in enumerate(route.fallbacks, 1):
             remaining = self.remaining()
             if remaining is not None and remaining <= 0:
                 last = tried[-1][1]
@@ -320,12 +350,96 @@ class Attempts:
                 raise self.deadline_error(fallback, last)
             report(self.ctx, "fallback", tried[-1][0], tried[-1][1], to=fallback)
             try:
-                return await hooks.call_provider(self.request, fallback, self.ctx)()
+                return await hooks.call_provider(self.request, fallback, self.ctx)(), index
             except Exception as exc:
                 if not _fallback_worthy(exc):
                     raise
                 tried.append((fallback, exc))
         raise self.exhausted(tried)
+
+    # -- continuation ----------------------------------------------------------------------------------------
+
+    async def continuing(self, chunks: AsyncIterator[ChatChunk], served: int) -> AsyncIterator[ChatChunk]:
+        """The stream of group member ``served``; when it breaks after its first chunk, the rest of the answer from
+        the members after it (:mod:`scillm_resilience.continuation`)."""
+        sent = Sent()
+        failure: Exception | None = None
+        try:
+            async for chunk in chunks:
+                sent.add(chunk)
+                yield chunk
+        except Exception as exc:
+            failure = exc
+        finally:
+            await aclose(chunks)
+        if failure is None:
+            return
+        members = (self.route, *self.route.fallbacks)
+        async for chunk in self.continue_after(sent, failure, members[served], members[served + 1:]):
+            yield chunk
+
+    async def continue_after(self, sent: Sent, failure: Exception, broken: Route,
+                             members: tuple[Route, ...]) -> AsyncIterator[ChatChunk]:
+        ctx, hooks, original = self.ctx, self.ctx.runtime.hooks, failure
+        if sent.finished:  # every token and the finish reason went out: the answer is whole
+            log.info("stream-end request_id=%s provider=%s model=%s reason=the stream broke after its finish "
+                     "chunk (%s); the answer is complete", ctx.request_id, broken.provider, broken.model,
+                     _short(failure))
+            return
+        attempts: list[str] = []
+        pending: ChatChunk | None = None  # held back one chunk, so the last one can say what happened
+        for member in members:
+            if not _fallback_worthy(failure):
+                break
+            if sent.tool is not None:
+                raise with_note(original, f"the stream broke inside tool call {sent.tool!r}; scillm does not "
+                                          f"continue a tool call, ask again") from None
+            remaining = self.remaining()
+            if remaining is not None and remaining <= 0:
+                break
+            partial = sent.answer
+            prefill = "prefill" in ctx.runtime.providers[member.provider].capabilities
+            mode = "prefill" if prefill else "instruction"
+            report(ctx, "continuation", broken, failure, to=member, mode=mode, sent_chars=len(partial))
+            asked = continuation_request(self.request, partial, prefill=prefill)  # type: ignore[arg-type]
+            try:
+                stream = await hooks.call_provider(asked, member, ctx)()
+            except Exception as exc:
+                attempts.append(f"{member.deployment} refused to continue: {getattr(exc, 'code', None) or exc}")
+                report(ctx, "continuation.end", member, exc, outcome="refused")
+                continue
+            note = {"by": member.deployment, "after": broken.deployment, "reason": _short(failure), "mode": mode,
+                    "at_char": len(partial), "count": len(attempts) + 1}
+            ctx.notes["continuation"] = note
+            overlap = Overlap(partial)
+            try:
+                async for chunk in stream:  # type: ignore[union-attr]
+                    for piece in continued(chunk, sent, overlap):
+                        if pending is not None:
+                            yield pending
+                        sent.add(piece)
+                        pending = piece
+            except Exception as exc:
+                attempts.append(f"{member.deployment} continued and broke too: {getattr(exc, 'code', None) or exc}")
+                report(ctx, "continuation.end", member, exc, outcome="broke")
+                failure, broken = exc, member
+                continue
+            finally:
+                await aclose(stream)
+            held = overlap.flush()
+            if held:
+                if pending is not None:
+                    yield pending
+                pending = text_chunk(sent, held)
+                sent.add(pending)
+            ctx.emit("continuation.end", route=member, error=None, outcome="completed")
+            if pending is not None:
+                yield marked(pending, note)
+            return
+        if pending is not None:
+            yield pending
+        tried = "; ".join(attempts) or "no group member after it could take over"
+        raise with_note(original, f"the stream broke after {len(sent.answer)} characters; {tried}") from None
 
     def exhausted(self, tried: list[tuple[Route, BaseException]]) -> BaseException:
         summary = [{"deployment": r.deployment, "error": getattr(e, "code", None) or type(e).__name__}

@@ -37,6 +37,8 @@ class ResilienceConfig:
     max_pause_wait_s: float = field(default=60.0, validator=_seconds)  # longest one request is held in total
     # fallback along the group's members
     fallbacks: bool = True
+    # a group's stream that breaks after its first chunk is finished by the next member (docs/failover.md)
+    continuation: bool = True
     # circuit breaker per deployment (provider/model)
     breaker: bool = True
     breaker_threshold: int = field(default=5, validator=validators.ge(1))
@@ -56,6 +58,7 @@ class ResilienceConfig:
 
     def switches(self) -> dict[str, Any]:
         return {"enabled": self.enabled, "retries": self.retries, "fallbacks": self.fallbacks,
+                "continuation": self.continuation,
                 "breaker": self.breaker, "pause": self.pause, "deadline": self.deadline,
                 "concurrency": self.concurrency,
                 "aimd": self.aimd, "cancel_on_disconnect": self.cancel_on_disconnect}

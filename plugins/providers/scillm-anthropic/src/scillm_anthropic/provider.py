@@ -54,7 +54,8 @@ class AnthropicProvider(Provider):
     family = "anthropic"
     prefixes = ("anthropic/",)
     rule_order = 20
-    capabilities = frozenset({"streaming", "tools", "images", "pdf", "json_schema", "reasoning", "cache_control"})
+    capabilities = frozenset({"streaming", "tools", "images", "pdf", "json_schema", "reasoning", "cache_control",
+                              "prefill"})
     dialects = frozenset({"anthropic-messages"})
     key_env = "ANTHROPIC_API_KEY"
     base_env = "ANTHROPIC_API_BASE"

@@ -576,6 +576,7 @@ class StreamTranslator:
         self.tool_calls: dict[int, tuple[str, int]] = {}  # OpenAI tool-call ordinal -> (id, block index)
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
+        self.continuation: Any = None  # scillm-resilience finished the answer with another model: said at the end
 
     def start(self) -> bytes:
         message: dict[str, Any] = {
@@ -603,6 +604,8 @@ class StreamTranslator:
     def chunk(self, chunk: ChatChunk) -> Iterator[bytes]:
         if chunk.usage is not None:
             self.usage = chunk.usage
+        if chunk.extra and "scillm_continuation" in chunk.extra:
+            self.continuation = chunk.extra["scillm_continuation"]
         for choice in chunk.choices[:1]:
             delta = choice.delta
             thinking = _reasoning(delta.extra) if delta.extra else None
@@ -651,10 +654,13 @@ class StreamTranslator:
     def finish(self) -> Iterator[bytes]:
         yield from self._close()
         usage = _usage(self.usage, estimate=self.input_estimate)
-        yield event("message_delta", {"type": "message_delta",
-                                      "delta": {"stop_reason": _stop_reason(self.finish_reason, bool(self.tool_calls)),
-                                                "stop_sequence": None},
-                                      "usage": usage})
+        delta: dict[str, Any] = {"type": "message_delta",
+                                 "delta": {"stop_reason": _stop_reason(self.finish_reason, bool(self.tool_calls)),
+                                           "stop_sequence": None},
+                                 "usage": usage}
+        if self.continuation is not None:
+            delta["scillm_continuation"] = self.continuation
+        yield event("message_delta", delta)
         yield event("message_stop", {"type": "message_stop"})
 
 

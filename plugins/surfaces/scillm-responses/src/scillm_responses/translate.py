@@ -351,6 +351,7 @@ class EventStream:
         self.tools: dict[int, dict[str, Any]] = {}       # chat tool index -> its function_call item
         self.usage: Usage | None = None
         self.finish: str | None = None
+        self.continuation: Any = None  # scillm-resilience finished the answer with another model: said at the end
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         payload = {"type": kind, **fields, "sequence_number": self.seq}
@@ -421,6 +422,8 @@ class EventStream:
     def feed(self, chunk: ChatChunk) -> list[bytes]:
         if chunk.usage is not None:
             self.usage = chunk.usage
+        if chunk.extra and "scillm_continuation" in chunk.extra:
+            self.continuation = chunk.extra["scillm_continuation"]
         if chunk.model:
             self.model = chunk.model
         out: list[bytes] = []
@@ -465,6 +468,8 @@ class EventStream:
         status, incomplete = _status_of(self.finish)
         final = {**self._snapshot(status), "completed_at": int(time.time()), "incomplete_details": incomplete,
                  "usage": usage_object(self.usage)}
+        if self.continuation is not None:
+            final["scillm_continuation"] = self.continuation
         out.append(self._event("response.completed" if status == "completed" else "response.incomplete",
                                response=final))
         return out

@@ -23,7 +23,7 @@ __all__ = ["DIMENSIONS", "KINDS", "UiConfig", "UiState"]
 #: non-secret name or id) and it shows up here with nothing else to change
 DIMENSIONS = ("model", "caller", "key")
 KINDS = ("request.start", "request.end", "attempt.end", "cache", "retry", "fallback", "circuit.skip", "queue.wait",
-         "breaker.transition", "batch.start", "batch.item.end", "batch.end", "run.start", "run.end",
+         "timeout", "chunk.skipped", "continuation", "continuation.end", "breaker.transition", "batch.start", "batch.item.end", "batch.end", "run.start", "run.end",
          "graph.start", "graph.end")
 
 
@@ -74,7 +74,8 @@ class UiState:
         self.handlers = {
             "request.start": self.request_start, "request.end": self.request_end, "attempt.end": self.attempt_end,
             "cache": self.mark, "retry": self.mark, "fallback": self.mark, "circuit.skip": self.mark,
-            "queue.wait": self.mark, "breaker.transition": self.transition,
+            "queue.wait": self.mark, "timeout": self.mark, "chunk.skipped": self.mark, "continuation": self.mark,
+            "continuation.end": self.mark, "breaker.transition": self.transition,
         }
 
     # -- the observer --------------------------------------------------------------------------------------------
@@ -167,7 +168,8 @@ class UiState:
             mark["deployment"] = data["route"].deployment
         if "to" in data:
             mark["to"] = data["to"].deployment
-        for key in ("result", "retry", "delay_s", "remaining_s", "provider", "waited_s", "outcome"):
+        for key in ("result", "retry", "delay_s", "remaining_s", "provider", "waited_s", "outcome", "limit", "mode",
+                    "sent_chars", "reason"):
             if key in data:
                 value = data[key]
                 mark[key] = round(value, 3) if isinstance(value, float) else value
