@@ -106,7 +106,7 @@ async def within_limits(chunks: AsyncIterator[T], started: float, timeouts: Time
     """``chunks`` passed through while the first one comes by ``started + first_token_s`` (``loop.time()``) and
     each later one within ``idle_s`` of being asked for (a consumer that is slow to ask is not an idle upstream).
 
-    One timer per stream checks both, rearmed only when it fires: a chunk costs two attribute writes, not a timer.
+    One timer per stream checks both, rearmed only when it fires: a chunk costs a clock read, not a timer.
     When a limit passes while the consumer waits, the wait is cancelled and ``fail(limit)`` raised instead."""
     loop = asyncio.get_running_loop()
     watch = _Watch(loop, started + timeouts.first_token_s, timeouts.idle_s)

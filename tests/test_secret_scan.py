@@ -114,6 +114,9 @@ max_upstream_reply_mb = 1
 [resilience]
 max_retries = 0
 breaker_threshold = 1000
+[groups.scan-group]
+models = ["{GLM_MODEL}", "{MODEL}"]
+timeout_s = 1
 [json]
 schema_retries = 0
 [exec]
@@ -194,6 +197,30 @@ def stream_error_after_the_first_chunk(scan: Scan) -> None:
         scan.deepseek.script(Reply.say("a long enough answer", error_after=2,
                                        error_event={"error": {"message": f"revoked: {DEEPSEEK_KEY}"}}))
         assert "error" in scan.stream(path, {"model": MODEL, "stream": True, **body})
+
+
+@error_path
+def failover_steps(scan: Scan) -> None:
+    """A malformed stream event full of keys (skipped, logged), a silent member (a timeout, failed over), a stream
+    broken by an error event quoting keys and continued (its reason on the last chunk), and one whose continuation
+    is refused with a body quoting keys (an error event naming the break)."""
+    garbage = f"data: {{\"key\": \"{DEEPSEEK_KEY} {UNKNOWN_KEY}\", \"choices\": [\n\n".encode()
+    scan.deepseek.script(Reply.say("a long enough answer", malformed_at=(2,), garbage=garbage))
+    text = scan.stream("/v1/chat/completions", {"model": MODEL, "messages": USER, "stream": True})
+    assert "[DONE]" in text and '"error"' not in text  # the event was skipped, the stream went on
+    scan.glm.script(Reply(hang=True))
+    scan.deepseek.script(Reply.say("after the silence"))
+    assert scan.post("/v1/chat/completions", {"model": "scan-group", "messages": USER}).status_code == 200
+    for path, body in (("/v1/chat/completions", {"messages": USER}),
+                       ("/v1/messages", {"messages": USER, "max_tokens": 50}),
+                       ("/v1/responses", {"input": "hello"})):
+        scan.glm.script(Reply.say("a long enough answer", error_after=3,
+                                  error_event={"error": {"message": f"revoked: {GLM_KEY} {UNKNOWN_KEY}"}}))
+        scan.deepseek.script(Reply.say("enough answer, and the rest"))
+        assert "scillm_continuation" in scan.stream(path, {"model": "scan-group", "stream": True, **body})
+        scan.glm.script(Reply.say("a long enough answer", end_after=3))
+        scan.deepseek.script(Reply.fail(400, f"no prefill for {DEEPSEEK_KEY} / {UNKNOWN_KEY}"))
+        assert "refused to continue" in scan.stream(path, {"model": "scan-group", "stream": True, **body})
 
 
 @error_path

@@ -161,7 +161,7 @@ class FakeUpstream:
                 yield failure(n)
                 return
             if n in reply.malformed_at:
-                yield garbage
+                yield reply.garbage or garbage
             yield event
         if terminal and not reply.no_terminal:
             yield terminal

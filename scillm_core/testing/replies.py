@@ -57,6 +57,7 @@ class Reply:
     end_after: int | None = None            # after N events end the body cleanly, mid-answer
     error_after: int | None = None          # send an error event after N events
     malformed_at: tuple[int, ...] = ()      # an unparseable event before each of these events (0-based)
+    garbage: bytes | None = None            # that event's bytes (default: the fake's own broken event)
     no_terminal: bool = False               # leave out the end marker (OpenAI ``[DONE]``, Anthropic message_stop)
     error_event: Any = None                 # its payload: a dict (JSON), or bytes sent as the event data verbatim
     raw: bytes | None = None                # a non-streamed body sent verbatim with ``status`` (malformed answers)
