@@ -23,8 +23,8 @@ __all__ = ["DIMENSIONS", "KINDS", "UiConfig", "UiState"]
 #: non-secret name or id) and it shows up here with nothing else to change
 DIMENSIONS = ("model", "caller", "key")
 KINDS = ("request.start", "request.end", "attempt.end", "cache", "retry", "fallback", "circuit.skip", "queue.wait",
-         "timeout", "chunk.skipped", "continuation", "continuation.end", "breaker.transition", "batch.start", "batch.item.end", "batch.end", "run.start", "run.end",
-         "graph.start", "graph.end")
+         "timeout", "chunk.skipped", "continuation", "continuation.end", "breaker.transition", "batch.start",
+         "batch.item.end", "batch.end", "run.start", "run.end", "graph.start", "graph.end")
 
 
 @frozen(kw_only=True)
