@@ -12,10 +12,10 @@ import anthropic
 import httpx
 import openai
 import pytest
+from scillm_resilience.continuation import INSTRUCTION
 
 from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread, make_app
 from scillm_core.testing.fake_anthropic import FakeAnthropic
-from scillm_resilience.continuation import INSTRUCTION
 
 TOKENS = [f"w{i:02d} " for i in range(60)]  # four characters each: one text chunk each (chunk_size 4)
 FULL = "".join(TOKENS)
