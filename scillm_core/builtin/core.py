@@ -119,7 +119,7 @@ async def _attempt(provider: Provider, request: ProviderRequest, route: Route, c
         limit = timeouts.total_s if remaining is None else min(timeouts.total_s, max(remaining, 0.0))
         try:
             async with asyncio.timeout(limit):
-                return await call(request, route, ctx)  # type: ignore[arg-type]  # the method matches the request
+                return await call(request, route, ctx)  # type: ignore[no-any-return]  # the method matches the request
         except TimeoutError:
             if limit < timeouts.total_s:
                 raise errors.DeadlineExceeded(

@@ -110,12 +110,13 @@ async def _stream(chat: ChatRequest, ctx: CallContext, heartbeat_s: float) -> Re
     longer than ``heartbeat_s``, answer 200 and send ``: heartbeat`` comments until it comes."""
 
     opening = await open_stream(chat, ctx, heartbeat_s)
-    return StreamingResponse(_sse(opening, heartbeat_s), media_type="text/event-stream",
+    return StreamingResponse(_sse(opening, heartbeat_s, ctx.notes), media_type="text/event-stream",
                              headers={**STREAM_HEADERS, **served_headers(ctx)})
 
 
-async def _sse(opening: OpeningStream,
-               heartbeat_s: float) -> AsyncIterator[bytes]:
+async def _sse(opening: OpeningStream, heartbeat_s: float, notes: dict[str, Any]) -> AsyncIterator[bytes]:
+    """The stream's events; on a same-dialect route the upstream's own, then (when scillm-resilience continued the
+    answer with another model, ``notes["continuation"]``) the continuation's chunks as ours."""
     chunks: AsyncIterator[ChatChunk] | None = None
     try:
         while not opening.done():
@@ -128,6 +129,8 @@ async def _sse(opening: OpeningStream,
             async for chunk in chunks:
                 if chunk.native is not None:
                     yield chunk.native
+                elif "continuation" in notes:
+                    yield sse_data(unstructure(chunk))
         elif first is not None:
             yield sse_data(unstructure(first))
             async for chunk in chunks:

@@ -146,13 +146,17 @@ async def _stream(chat: ChatRequest, ctx: CallContext, heartbeat_s: float, as_se
 
     opening = await open_stream(chat, ctx, heartbeat_s)
     translator = StreamTranslator(chat.model, input_estimate=estimate_input_tokens(chat))
-    return StreamingResponse(_events(opening, translator, heartbeat_s, ctx.request_id, as_sent),
+    return StreamingResponse(_events(opening, translator, heartbeat_s, ctx, as_sent),
                              media_type="text/event-stream; charset=utf-8",
                              headers={**STREAM_HEADERS, **served_headers(ctx)})
 
 
-async def _events(opening: OpeningStream, translator: StreamTranslator, heartbeat_s: float, request_id: str,
+async def _events(opening: OpeningStream, translator: StreamTranslator, heartbeat_s: float, ctx: CallContext,
                   as_sent: bool) -> AsyncIterator[bytes]:
+    """The stream's events; on a same-dialect route the upstream's own (the translator follows them), then (when
+    scillm-resilience continued the answer with another model, ``ctx.notes["continuation"]``) the continuation's
+    chunks translated, going on in the same message."""
+    request_id = ctx.request_id
     chunks: AsyncIterator[ChatChunk] | None = None
     started = False
     try:
@@ -165,10 +169,19 @@ async def _events(opening: OpeningStream, translator: StreamTranslator, heartbea
                 yield ping() if started else KEEP_ALIVE
         chunks, first = opening.result()
         if first is not None and first.native is not None:  # the upstream's own events, as it sent them
+            translator.follow(first)
             yield first.native
             async for chunk in chunks:
-                if chunk.native is not None:
-                    yield chunk.native
+                if chunk.native is not None or "continuation" not in ctx.notes:
+                    translator.follow(chunk)  # (a chunk without bytes: another from the same event had them)
+                    if chunk.native is not None:
+                        yield chunk.native
+                    continue
+                events = b"".join(translator.chunk(chunk))
+                if events:
+                    yield events
+            if "continuation" in ctx.notes:
+                yield b"".join(translator.finish())
             return
         if not started:
             yield translator.start()

@@ -635,6 +635,12 @@ class StreamTranslator:
             if choice.finish_reason is not None:
                 self.finish_reason = choice.finish_reason
 
+    def follow(self, chunk: ChatChunk) -> None:
+        """Take in a chunk whose own events went to the client (same dialect), so that chunks translated after it
+        (a continuation from another model) go on in the same content block, and :meth:`finish` closes it."""
+        for _ in self.chunk(chunk):
+            pass
+
     def _thinking_block(self, block: Any) -> Iterator[bytes]:
         """A finished block from an Anthropic upstream: its signature ends the open thinking block; a redacted
         block is a block of its own."""

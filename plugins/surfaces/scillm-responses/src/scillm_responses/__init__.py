@@ -88,12 +88,15 @@ async def _stream(chat: ChatRequest, echo: Mapping[str, Any], ctx: CallContext, 
     """Open the stream before answering, so early failures keep their HTTP status; heartbeats while waiting."""
 
     opening = await open_stream(chat, ctx, heartbeat_s)
-    return StreamingResponse(_events(opening, EventStream(chat.model, echo), heartbeat_s),
+    return StreamingResponse(_events(opening, EventStream(chat.model, echo), heartbeat_s, ctx.notes),
                              media_type="text/event-stream", headers={**STREAM_HEADERS, **served_headers(ctx)})
 
 
-async def _events(opening: OpeningStream, events: EventStream,
-                  heartbeat_s: float) -> AsyncIterator[bytes]:
+async def _events(opening: OpeningStream, events: EventStream, heartbeat_s: float,
+                  notes: dict[str, Any]) -> AsyncIterator[bytes]:
+    """The stream's events; on a same-dialect route the upstream's own (``events`` follows them), then (when
+    scillm-resilience continued the answer with another model, ``notes["continuation"]``) the continuation's
+    chunks translated, going on in the same response."""
     chunks: AsyncIterator[ChatChunk] | None = None
     started = False
     try:
@@ -104,10 +107,19 @@ async def _events(opening: OpeningStream, events: EventStream,
         chunks, first = opening.result()
         if first is not None and first.native is not None:  # the upstream's own events, as it sent them
             started = True
+            events.follow(first)
             yield first.native
             async for chunk in chunks:
-                if chunk.native is not None:
-                    yield chunk.native
+                if chunk.native is not None or "continuation" not in notes:
+                    events.follow(chunk)  # (a chunk without bytes: another from the same event had them)
+                    if chunk.native is not None:
+                        yield chunk.native
+                    continue
+                for event in events.feed(chunk):
+                    yield event
+            if "continuation" in notes:
+                for event in events.complete():
+                    yield event
             return
         for event in events.start():
             yield event

@@ -463,6 +463,17 @@ class EventStream:
                 self.finish = choice.finish_reason
         return out
 
+    def follow(self, chunk: ChatChunk) -> None:
+        """Take in a chunk whose own events went to the client (same dialect), so that chunks translated after it
+        (a continuation from another model) go on in the same item and :meth:`complete` carries the whole answer
+        under the upstream's response id."""
+        if self.seq == 0:
+            self.start()
+            upstream_id = chunk.id.removeprefix("chatcmpl-")  # the chat id the Responses reader gave it
+            if upstream_id.startswith("resp"):
+                self.id = upstream_id
+        self.feed(chunk)
+
     def complete(self) -> list[bytes]:
         out = self._close()
         status, incomplete = _status_of(self.finish)
