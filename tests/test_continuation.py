@@ -246,11 +246,43 @@ def test_a_messages_stream_from_claude_is_continued_by_another_dialect(server, u
     _, b, claude = upstreams
     claude.script(counting(end_after=43))  # message_start, content_block_start, ping, 40 deltas
     continues(b)
+    with anthropic_client(server).messages.with_streaming_response.create(
+            model="from-claude", max_tokens=500, messages=[{"role": "user", "content": "count"}], stream=True) as raw:
+        assert raw.headers["x-scillm-dialect"] == "anthropic-messages"  # Claude's own events, as it sent them
+        events = list(raw.parse())
+    # one message: Claude's events, then the continuation's in the same text block, closed once
+    assert [e.type for e in events].count("message_start") == 1
+    assert {e.index for e in events if e.type == "content_block_delta"} == {0}
+    assert [e.type for e in events][-4:] == ["content_block_delta", "content_block_stop", "message_delta",
+                                             "message_stop"]
+    assert "".join(e.delta.text for e in events if e.type == "content_block_delta") == FULL
+    delta = events[-2]
+    assert delta.delta.stop_reason == "end_turn"
+    assert delta.model_extra["scillm_continuation"]["after"] == CLAUDE
+    assert delta.model_extra["scillm_continuation"]["by"] == "deepseek/deepseek-chat"
+    assert content_of(asked(b)[1]) == SENT
+    claude.script(counting(end_after=43))  # and the SDK's own reader makes one message of it
     with anthropic_client(server).messages.stream(model="from-claude", max_tokens=500,
                                                   messages=[{"role": "user", "content": "count"}]) as stream:
         message = stream.get_final_message()
-    assert message.content[0].text == FULL
-    assert content_of(asked(b)[1]) == SENT
+    assert [block.type for block in message.content] == ["text"] and message.content[0].text == FULL
+    assert message.stop_reason == "end_turn"
+
+
+def test_a_continuation_refused_on_a_messages_route_ends_with_the_cut(server, upstreams):
+    _, b, claude = upstreams
+    claude.script(counting(end_after=43))
+    b.script(Reply.fail(400, "continuation not accepted", type="invalid_request_error"))
+    received = []
+    with pytest.raises(anthropic.APIError) as caught:
+        with anthropic_client(server).messages.stream(model="from-claude", max_tokens=500,
+                                                      messages=[{"role": "user", "content": "count"}]) as stream:
+            for text in stream.text_stream:
+                received.append(text)
+    assert "".join(received) == SENT
+    message = str(caught.value.message)
+    assert "stream ended before message_stop" in message and "after 160 characters" in message, message
+    assert "refused to continue" in message and "continuation not accepted" not in message.split(";")[0]
 
 
 def test_the_openai_sdk_reads_a_continued_responses_stream_as_one_response(server, upstreams):

@@ -10,18 +10,22 @@ came.
 The ``native`` fields are ``init=False``: :func:`attrs.evolve` does not carry them, so a request or answer that a
 middleware changed (a re-ask, a converted file, a repaired JSON answer) loses its native form and is translated,
 carrying the change. Set them only on a freshly built object, with :func:`with_native`.
+
+A stream's chunks after the upstream's own may come without bytes: a continuation by another model (see
+scillm-resilience; ``ctx.notes["continuation"]`` is set before its first chunk). The surface translates those,
+going on from the state its translator took in from the native events (:func:`native_events`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TypeVar
 
 import orjson
 from attrs import frozen
 
-__all__ = ["NativeRequest", "native_request", "with_native"]
+__all__ = ["NativeRequest", "native_events", "native_request", "with_native"]
 
 T = TypeVar("T")
 _EMPTY: Mapping[str, str] = {}
@@ -33,6 +37,17 @@ def with_native(obj: T, native: Any) -> T:
     """Set ``obj.native`` (an ``init=False`` field of a frozen model) on a freshly built object; returns it."""
     object.__setattr__(obj, "native", native)
     return obj
+
+
+def native_events(raw: bytes) -> Iterator[Any]:
+    """The JSON payloads of the SSE events in ``raw`` (a chunk's ``native`` bytes: whole events); other lines and
+    payloads that are not JSON are passed over."""
+    for line in raw.split(b"\n"):
+        if line.startswith(b"data:"):
+            try:
+                yield orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                continue
 
 
 @frozen(kw_only=True)

@@ -33,6 +33,7 @@ from scillm_core import (
     errors,
 )
 from scillm_core.jsonio import loads
+from scillm_core.models.native import native_events
 
 __all__ = ["STOP_REASONS", "StreamTranslator", "fit_upstream", "message_id", "parse_messages_request",
            "to_messages_response"]
@@ -636,10 +637,23 @@ class StreamTranslator:
                 self.finish_reason = choice.finish_reason
 
     def follow(self, chunk: ChatChunk) -> None:
-        """Take in a chunk whose own events went to the client (same dialect), so that chunks translated after it
-        (a continuation from another model) go on in the same content block, and :meth:`finish` closes it."""
-        for _ in self.chunk(chunk):
-            pass
+        """Take in a chunk whose upstream events went to the client as sent (same dialect), so that chunks
+        translated after it (a continuation from another model) go on in the open content block, or after the
+        last one, and :meth:`finish` ends the message. Only block starts and stops are parsed."""
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        native = chunk.native
+        if native is None or b"content_block_st" not in native:
+            return
+        for data in native_events(native):
+            kind = data.get("type") if isinstance(data, dict) else None
+            if kind == "content_block_start":
+                self.index = int(data.get("index", self.index + 1))
+                self.open = (data.get("content_block") or {}).get("type") or "text"
+                if self.open == "tool_use":
+                    self.tool_calls[len(self.tool_calls)] = (data["content_block"].get("id", ""), self.index)
+            elif kind == "content_block_stop":
+                self.open = None
 
     def _thinking_block(self, block: Any) -> Iterator[bytes]:
         """A finished block from an Anthropic upstream: its signature ends the open thinking block; a redacted

@@ -17,6 +17,7 @@ import orjson
 
 from scillm_core import ChatChunk, ChatRequest, ChatResponse, Usage, errors, structure
 from scillm_core.models.extensions import EXTENSION_FIELDS, take_extensions
+from scillm_core.models.native import native_events
 
 __all__ = ["EXTENSION_FIELDS", "EventStream", "new_id", "parse_request", "response_object", "usage_object"]
 
@@ -464,15 +465,48 @@ class EventStream:
         return out
 
     def follow(self, chunk: ChatChunk) -> None:
-        """Take in a chunk whose own events went to the client (same dialect), so that chunks translated after it
-        (a continuation from another model) go on in the same item and :meth:`complete` carries the whole answer
-        under the upstream's response id."""
-        if self.seq == 0:
-            self.start()
-            upstream_id = chunk.id.removeprefix("chatcmpl-")  # the chat id the Responses reader gave it
-            if upstream_id.startswith("resp"):
-                self.id = upstream_id
-        self.feed(chunk)
+        """Take in a chunk whose upstream events went to the client as sent (same dialect), so that chunks
+        translated after it (a continuation from another model) go on in the same response, in the item being
+        written (its id and output index), and :meth:`complete` carries the whole answer. Only the response's
+        creation and its items' starts and ends are parsed; text is taken from the chunk."""
+        native = chunk.native
+        if native is not None and (b"response.created" in native or b"output_item." in native):
+            self._adopt(native)
+        else:
+            self.seq += 1
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        item = self.open
+        for choice in chunk.choices[:1]:
+            delta = choice.delta
+            reasoning = delta.extra.get("reasoning_content") or delta.extra.get("reasoning") if delta.extra else None
+            if item is not None and item["type"] == "message" and delta.content:
+                item["_text"].append(delta.content)
+            elif item is not None and item["type"] == "reasoning" and isinstance(reasoning, str):
+                item["_text"].append(reasoning)
+            if choice.finish_reason:
+                self.finish = choice.finish_reason
+
+    def _adopt(self, native: bytes) -> None:
+        for data in native_events(native):
+            if not isinstance(data, dict):
+                continue
+            kind = data.get("type")
+            if isinstance(data.get("sequence_number"), int):
+                self.seq = data["sequence_number"] + 1
+            if kind == "response.created" and isinstance(data.get("response"), dict):
+                self.id = data["response"].get("id") or self.id
+                self.created = data["response"].get("created_at") or self.created
+            elif kind == "response.output_item.added" and isinstance(data.get("item"), dict):
+                index = int(data.get("output_index", len(self.output)))
+                self.output.extend([None] * (index + 1 - len(self.output)))
+                self.open = {**data["item"], "output_index": index, "_text": []}
+            elif kind == "response.output_item.done" and isinstance(data.get("item"), dict):
+                index = int(data.get("output_index", len(self.output) - 1))
+                self.output.extend([None] * (index + 1 - len(self.output)))
+                self.output[index] = data["item"]
+                if self.open is not None and self.open["output_index"] == index:
+                    self.open = None
 
     def complete(self) -> list[bytes]:
         out = self._close()
