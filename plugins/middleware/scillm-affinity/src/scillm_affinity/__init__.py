@@ -119,9 +119,8 @@ def route_model(request: ChatRequest, runtime: Runtime) -> Generator[None, Any, 
     chosen = next((m for m in members if m.deployment == sticky), None)
     if chosen is None:  # no longer a member (the group changed): the group's order
         return route
-    group = runtime.config.groups.get(key[0])
-    timeout = (group.timeout_s if group is not None else None) or chosen.timeout_s
-    return evolve(chosen, requested=route.requested, group=route.group, timeout_s=timeout,
+    # each member's route already has its timeouts with the group's applied (core's routing)
+    return evolve(chosen, requested=route.requested, group=route.group,
                   fallbacks=tuple(m for m in members if m is not chosen))
 
 
