@@ -110,13 +110,13 @@ async def within_limits(chunks: AsyncIterator[T], started: float, timeouts: Time
     When a limit passes while the consumer waits, the wait is cancelled and ``fail(limit)`` raised instead."""
     loop = asyncio.get_running_loop()
     watch = _Watch(loop, started + timeouts.first_token_s, timeouts.idle_s)
-    nxt = chunks.__anext__
+    nxt, now, current_task = chunks.__anext__, loop.time, asyncio.current_task
     try:
         while True:
             if watch.expired is not None:
                 raise fail(watch.expired)
-            task = watch.task = asyncio.current_task()
-            watch.since = loop.time()
+            task = watch.task = current_task(loop)
+            watch.since = now()
             try:
                 chunk = await nxt()
             except StopAsyncIteration:

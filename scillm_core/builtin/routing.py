@@ -31,12 +31,17 @@ def resolve(model: str, runtime: Runtime, *, requested: str | None = None, depth
     for provider in providers.values():
         if model in provider.aliases:
             return _route(provider.name, provider.aliases[model], requested, runtime)
-    group = config.groups.get(model)  # 2. configured groups
+    group = config.groups.get(model)  # 2. configured groups: the config fixes their routes, made once
     if group is not None:
-        where = f"[groups.{model}]"
-        routes = [attrs.evolve(r, timeouts=timeouts_of(r, runtime).over(group, where))
-                  for m in group.models for r in (resolve(m, runtime, requested=requested, depth=depth + 1),)]
-        return attrs.evolve(routes[0], requested=requested, group=model, fallbacks=tuple(routes[1:]))
+        made = runtime.plugin_state.setdefault("core.group_routes", {})
+        route = made.get((model, requested, depth))
+        if route is None:
+            where = f"[groups.{model}]"
+            routes = [attrs.evolve(r, timeouts=timeouts_of(r, runtime).over(group, where))
+                      for m in group.models for r in (resolve(m, runtime, requested=requested, depth=depth + 1),)]
+            route = made[(model, requested, depth)] = attrs.evolve(routes[0], requested=requested, group=model,
+                                                                   fallbacks=tuple(routes[1:]))
+        return route
     prefixed = [(prefix, p) for p in providers.values() for prefix in p.prefixes if model.startswith(prefix)]
     if prefixed:
         _, provider = max(prefixed, key=lambda item: len(item[0]))
