@@ -33,7 +33,7 @@ def resolve(model: str, runtime: Runtime, *, requested: str | None = None, depth
             return _route(provider.name, provider.aliases[model], requested, runtime)
     group = config.groups.get(model)  # 2. configured groups: the config fixes their routes, made once
     if group is not None:
-        made = runtime.plugin_state.setdefault("core.group_routes", {})
+        made: dict[tuple[str, str, int], Route] = runtime.plugin_state.setdefault("core.group_routes", {})
         route = made.get((model, requested, depth))
         if route is None:
             where = f"[groups.{model}]"
