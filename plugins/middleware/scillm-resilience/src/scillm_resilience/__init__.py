@@ -17,7 +17,6 @@ circuit is skipped in favour of its fallbacks (503 ``circuit_open`` when every m
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -675,7 +674,7 @@ class Attempts:
         except StopAsyncIteration:
             return _empty()
         except BaseException:
-            await _aclose(chunks)
+            await aclose(chunks)
             raise
         return self.rest(first, chunks)
 
@@ -690,7 +689,7 @@ class Attempts:
                 self.record_failure(exc)
             raise
         finally:
-            await _aclose(chunks)
+            await aclose(chunks)
 
 
 _HEALTH_ERRORS = (errors.UpstreamUnavailable, errors.UpstreamConnectError, errors.UpstreamTimeout,
@@ -711,13 +710,6 @@ def _fallback_worthy(exc: BaseException) -> bool:
 async def _empty() -> AsyncIterator[Any]:
     return
     yield  # pragma: no cover
-
-
-async def _aclose(chunks: Any) -> None:
-    close = getattr(chunks, "aclose", None)
-    if close is not None:
-        with contextlib.suppress(Exception):
-            await close()
 
 
 def _short(exc: BaseException | None) -> str:
