@@ -133,7 +133,9 @@ def test_a_malformed_chunk_in_the_middle_is_skipped_counted_and_logged(start, fa
     fake, model = upstream(kind, fake_a, fake_claude)
     fake.script(Reply.say("one two three four", malformed_at=(3,)))
     raw = client_for(server).chat.completions.with_raw_response.create(model=model, messages=HI, stream=True)
-    assert text_of(raw.parse()) == "one two three four"
+    assert text_of(raw.parse()) == "one two three four"  # the garbage never reached the client
+    # OpenAI: the upstream's own events (as sent); Anthropic: translated
+    assert raw.headers["x-scillm-dialect"] == {"openai": "openai-chat", "anthropic": "openai-chat -> anthropic"}[kind]
     provider = model.split("/")[0]
     assert metric(server, "scillm_upstream_chunks_skipped_total", provider=provider) == 1.0
     request_id = raw.headers["x-request-id"]
