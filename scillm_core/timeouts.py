@@ -19,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 import httpx
 from attrs import evolve, frozen
 
-__all__ = ["LIMITS", "Timeouts", "open_within", "within_limits"]
+__all__ = ["LIMITS", "Timeouts", "carries_token", "open_within", "within_limits"]
 
 T = TypeVar("T")
 
@@ -32,8 +32,9 @@ LIMITS = {"connect": ("connect_s", "connect_timeout_s"), "headers": ("headers_s"
 @frozen(kw_only=True, cache_hash=True)
 class Timeouts:
     """Seconds. Streams: ``headers_s`` until the response status and headers, ``first_token_s`` until the first
-    chunk (counted from the request), ``idle_s`` at most between two chunks. A non-streaming answer comes with its
-    headers, so ``total_s`` bounds it whole. ``connect_s`` bounds connecting (TCP and TLS) in both."""
+    token (counted from the request; :func:`carries_token`), ``idle_s`` at most between two chunks. A non-streaming
+    answer comes with its headers, so ``total_s`` bounds it whole. ``connect_s`` bounds connecting (TCP and TLS) in
+    both."""
 
     connect_s: float = 10.0
     headers_s: float = 60.0
@@ -103,8 +104,9 @@ async def open_within(opening: Awaitable[T], timeouts: Timeouts, fail: Callable[
 
 async def within_limits(chunks: AsyncIterator[T], started: float, timeouts: Timeouts,
                         fail: Callable[[str], BaseException]) -> AsyncIterator[T]:
-    """``chunks`` passed through while the first one comes by ``started + first_token_s`` (``loop.time()``) and
-    each later one within ``idle_s`` of being asked for (a consumer that is slow to ask is not an idle upstream).
+    """``chunks`` passed through while the first token (:func:`carries_token`) comes by ``started + first_token_s``
+    (``loop.time()``) and each later chunk within ``idle_s`` of being asked for (a consumer that is slow to ask is not
+    an idle upstream).
 
     One timer per stream checks both, rearmed only when it fires: a chunk costs a clock read, not a timer.
     When a limit passes while the consumer waits, the wait is cancelled and ``fail(limit)`` raised instead."""
@@ -127,7 +129,7 @@ async def within_limits(chunks: AsyncIterator[T], started: float, timeouts: Time
                 raise
             finally:
                 watch.task = None
-            if watch.first:
+            if watch.first and carries_token(chunk):
                 watch.got_first()
             yield chunk
     finally:
@@ -136,6 +138,20 @@ async def within_limits(chunks: AsyncIterator[T], started: float, timeouts: Time
         if close is not None:
             with contextlib.suppress(Exception):
                 await close()
+
+
+def carries_token(chunk: Any) -> bool:
+    """Whether a stream chunk carries some of the answer (text, reasoning, a tool call, a finish, usage): the first
+    token. A chunk that only starts the message (OpenAI's role chunk, Anthropic's ``message_start``, which comes
+    before the model wrote anything) does not, and keeps the first-token limit running."""
+    choices = getattr(chunk, "choices", None)
+    if choices is None or getattr(chunk, "usage", None) is not None:  # (not a chat chunk: any counts)
+        return True
+    for choice in choices:
+        delta = choice.delta
+        if delta.content or delta.tool_calls or delta.extra or choice.finish_reason is not None:
+            return True
+    return False
 
 
 class _Watch:

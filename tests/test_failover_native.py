@@ -20,6 +20,7 @@ from scillm_core.testing.fake_codex import FakeOpenAIResponses
 
 CLAUDE = "anthropic/claude-sonnet-4-5"
 GROUPS = {"claude-first": {"models": [CLAUDE, "deepseek/deepseek-chat"]},
+          "claude-soon": {"models": [CLAUDE, "deepseek/deepseek-chat"], "first_token_timeout_s": 1.0},
           "responses-first": {"models": ["openai/gpt-r", "deepseek/deepseek-chat"]}}
 LIMITS = {"headers_timeout_s": 1.0, "timeout_s": 1.0, "idle_timeout_s": 1.0}  # silent fakes would hold an hour
 HI = [{"role": "user", "content": "hi"}]
@@ -101,6 +102,20 @@ def test_a_silent_anthropic_upstream_fails_over_within_its_timeout(server, upstr
         text = client.messages.create(model="claude-first", max_tokens=100, messages=HI).content[0].text
     assert text == "the fallback answered"
     assert len(claude.requests) == 1  # not asked again (max_retries = 2)
+
+
+def test_a_first_token_later_than_the_groups_limit_fails_over_though_message_start_came(server, upstreams):
+    claude, _, deepseek = upstreams
+    claude.script(Reply.say("far too late", stall_after=3))  # message_start, content_block_start, ping: no token
+    deepseek.script(Reply.say("in time"))
+    with claude_client(server).messages.with_streaming_response.create(
+            model="claude-soon", max_tokens=100, messages=HI, stream=True) as raw:
+        events = list(raw.parse())
+    assert "".join(e.delta.text for e in events if e.type == "content_block_delta") == "in time"
+    assert [e.type for e in events].count("message_start") == 1 and events[-1].type == "message_stop"
+    assert len(claude.requests) == 1 and len(deepseek.requests) == 1
+    delta = next(e for e in events if e.type == "message_delta")
+    assert "first_token_timeout_s = 1 ([groups.claude-soon])" in delta.model_extra["scillm_continuation"]["reason"]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
