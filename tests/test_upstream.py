@@ -148,5 +148,6 @@ def test_oversized_upstream_replies_are_a_502_cut_off_while_reading(huge: HugeRe
     assert error["code"] == "upstream_reply_too_large"
     assert error["message"].startswith("openai (gpt-4o-mini): ") and what in error["message"]
     assert "max_upstream_" in error["message"]
-    # scillm stopped reading near the cap: the fake could not push its 64 MiB through
-    assert huge.sent < (cap_mib + 8) * (1 << 20), huge.sent
+    # scillm stopped reading near the cap: the fake could not push its 64 MiB through (the margin covers loopback
+    # socket buffers and what the fake writes before it notices the closed connection on a busy machine)
+    assert huge.sent < (cap_mib + 24) * (1 << 20), huge.sent
