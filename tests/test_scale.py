@@ -1,6 +1,6 @@
 """Scale out for real: a redis-server, two `scillm serve` instances on it and nginx in front (the example config of
-docs/deployment.md), all on loopback and started here. Shared limits, breakers, cache, batches and leases; an instance
-killed mid-batch; Redis killed mid-run."""
+docs/deployment.md), all on loopback and started here. Shared limits, breakers, 429 pauses, cache, batches and
+leases; an instance killed mid-batch; Redis killed mid-run."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from scillm_resilience.shared import PAUSE_NS
 
+from scillm_core.state.redis import RedisStore
 from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply
+from scillm_core.testing.fakes import RecordedRequest
 from scillm_core.testing.services import Nginx, RedisServer, ScillmProcess, free_port
 
 AUTH = {"authorization": f"Bearer {DEV_KEY}", "x-caller-skill": "scale-test"}
@@ -142,6 +145,49 @@ def test_a_cached_answer_fetched_through_one_instance_is_a_hit_on_the_other(clus
     assert first.headers["x-scillm-cache"] == "miss" and second.headers["x-scillm-cache"] == "hit"
     assert second.json()["choices"][0]["message"]["content"] == "cached once"
     assert len(cluster.upstream.requests) - before == 1
+
+
+def test_a_429_pause_started_through_one_instance_holds_callers_on_both_and_one_probe_goes(cluster: Cluster) -> None:
+    arrivals: list[tuple[str, int]] = []  # each upstream call's text, and how many calls were in flight when it came
+    first = [True]
+
+    def answer(request: RecordedRequest) -> Reply:
+        arrivals.append((request.body["messages"][-1]["content"], cluster.upstream.in_flight))
+        if first.pop() if first else False:
+            return Reply.fail(429, "Rate limit reached", code="rate_limit_exceeded", headers={"retry-after": "3"})
+        return Reply.say("after the pause", delay_s=0.3)
+
+    async def callers() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            def call(url: str, n: int) -> asyncio.Future[httpx.Response]:
+                return asyncio.ensure_future(client.post(url + "/v1/chat/completions", headers=AUTH, json={
+                    "model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"pause {n} {uuid.uuid4()}"}]}))
+
+            trigger = call(cluster.a.url, 0)
+            store = RedisStore(cluster.redis.url, prefix=cluster.config["state"]["key_prefix"])
+            try:
+                deadline = time.monotonic() + 15
+                while await store.get(PAUSE_NS, "openai/gpt-4o-mini") is None:  # A's 429 paused it for everybody
+                    assert time.monotonic() < deadline, "the pause never reached the shared store"
+                    await asyncio.sleep(0.02)
+            finally:
+                await store.close()
+            await asyncio.sleep(0.5)  # each instance's view of shared pauses is at most 0.2 s old
+            rest = [call((cluster.a, cluster.b)[n % 2].url, n) for n in range(1, 13)]  # 6 through each
+            return list(await asyncio.gather(trigger, *rest))
+
+    before = len(cluster.upstream.requests)
+    cluster.upstream.responder = answer
+    try:
+        answers = asyncio.run(callers())
+    finally:
+        cluster.upstream.responder = None
+    assert [r.status_code for r in answers] == [200] * 13, [r.text for r in answers if r.status_code != 200][:3]
+    assert {r.json()["choices"][0]["message"]["content"] for r in answers} == {"after the pause"}
+    assert len(cluster.upstream.requests) - before == 1 + 13  # the 429, then one call per caller: nobody got a 429
+    assert arrivals[1][1] == 0 and arrivals[2][1] == 0  # one probe went alone, the rest only after its answer
+    adopted = health(cluster.b.url)["middleware"]["resilience"]["pauses"]
+    assert adopted["adopted_from_other_instances"] >= 1 and adopted["held"] == 0 and adopted["deployments"] == {}
 
 
 def test_a_lease_held_through_one_instance_is_refused_through_the_other(cluster: Cluster) -> None:

@@ -177,3 +177,50 @@ def test_pause_budget_and_an_abandoned_probe():
         assert caught.value.remaining_s == 0
 
     asyncio.run(main())
+
+
+def test_a_shared_pause_asks_the_arbiter_once_per_process_and_follows_its_verdict():
+    class Arbiter:
+        def __init__(self) -> None:
+            self.turns: list[asyncio.Future[bool | float | None]] = []
+            self.reports: list[tuple[str, ...]] = []
+
+        def paused(self, deployment: str, seconds: float, probe: bool) -> None:
+            self.reports.append(("paused", deployment))
+
+        def lifted(self, deployment: str) -> None:
+            self.reports.append(("lifted", deployment))
+
+        def abandoned(self, deployment: str) -> None:
+            self.reports.append(("abandoned", deployment))
+
+        async def turn(self, deployment: str) -> bool | float | None:
+            self.turns.append(asyncio.get_running_loop().create_future())
+            return await self.turns[-1]
+
+    async def main() -> None:
+        arbiter = Arbiter()
+        pauses = Pauses(arbiter)
+        pauses.adopt("p/m", 0.0, 1.0)  # another instance paused it; it has just ended
+        waiters = [asyncio.ensure_future(pauses.wait("p/m", budget_s=30, longest_s=30)) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        assert len(arbiter.turns) == 1  # one caller of this process asks; the others wait for the answer
+        arbiter.turns[0].set_result(0.02)  # another instance's probe got a 429 again: 20 ms more
+        await asyncio.sleep(0.05)
+        assert len(arbiter.turns) == 2 and not any(w.done() for w in waiters)
+        arbiter.turns[1].set_result(None)  # another instance's probe was answered: everybody goes
+        assert await asyncio.gather(*waiters) == [False] * 5
+        assert pauses.snapshot()["deployments"] == {} and pauses.adopted == 1
+        pauses.pause("p/m", 0.0)
+        probe = asyncio.ensure_future(pauses.wait("p/m", budget_s=30, longest_s=30))
+        await asyncio.sleep(0.01)
+        arbiter.turns[2].set_result(True)  # this process won the probe
+        assert await probe is True
+        pauses.success("p/m")
+        assert arbiter.reports == [("paused", "p/m"), ("lifted", "p/m")]
+        with pytest.raises(PausedSignal):  # no verdict within the caller's budget
+            pauses.adopt("q/m", 0.0, 1.0)
+            await pauses.wait("q/m", budget_s=0.02, longest_s=30)
+        assert not pauses.active["q/m"].probing  # the next caller asks in its turn
+
+    asyncio.run(main())

@@ -136,9 +136,9 @@ class State:
 
         self.breaker = Breaker(config.breaker_threshold, config.breaker_cooldown_s, on_change=on_change)
         self.limiters: dict[str, Limiter] = {}
-        self.pauses = Pauses()
+        self.pauses = Pauses(shared.pauses if shared is not None else None)
         self.provider_limits = dict(provider_limits or {})  # from [providers.NAME] max_concurrency / max_queue
-        self.shared = shared  # with a Redis state store: limits, AIMD and breakers across instances
+        self.shared = shared  # with a Redis state store: limits, AIMD, breakers and pauses across instances
 
     def limit_for(self, provider: str) -> LimitConfig:
         return self.config.limits.get(provider) or self.provider_limits.get(provider) or self.config.default_limit
@@ -622,7 +622,11 @@ class Attempts:
     async def hold(self) -> None:
         """Wait while the deployment is paused (or its probe is out); become the probe when the pause ends."""
         pauses, deployment, cfg = self.state.pauses, self.route.deployment, self.cfg
-        if not cfg.pause or not pauses.blocks(deployment):
+        if not cfg.pause:
+            return
+        if self.state.shared is not None:
+            await self.state.shared.pauses.sync(pauses, deployment)
+        if not pauses.blocks(deployment):
             return
         budget = cfg.max_pause_wait_s - self.held_s
         remaining = self.remaining()

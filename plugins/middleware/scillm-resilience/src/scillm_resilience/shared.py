@@ -8,9 +8,13 @@
   per window, as locally), and every process computes the recovery from it (one step per ``aimd_recover_s``).
 - **Circuit breakers**: failures are counted in one document per deployment (compare-and-set); a circuit opened by
   one instance is mirrored into every other's local breaker within ``MIRROR_S``.
+- **429 pauses** (:class:`SharedPauses`): one document per paused deployment (compare-and-set); every instance adopts
+  it within ``MIRROR_S`` and holds its callers; when it ends, one caller per instance asks for the probe and exactly
+  one wins it (the document names the instance holding it, with a TTL); the others wait for its verdict.
 
 Redis down: limits fall back to this process's limiter at ``max_concurrency / live instances`` (so the total still
-holds roughly), breakers and AIMD to this process's own state; everything goes back to shared when Redis answers.
+holds roughly), breakers, AIMD and pauses to this process's own state; everything goes back to shared when Redis
+answers.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from scillm_resilience.breaker import CLOSED, OPEN, Breaker
@@ -27,14 +32,16 @@ from scillm_resilience.limiter import Limiter, QueueTimeoutSignal
 
 if TYPE_CHECKING:
     from scillm_core import Runtime
+    from scillm_resilience.pause import Pauses
 
-__all__ = ["Shared"]
+__all__ = ["Shared", "SharedPauses"]
 
 log = logging.getLogger("scillm.resilience")
 MIRROR_S = 0.2          # how stale this process's view of shared breakers and AIMD may be
 RETRY_S = 1.0           # after the store failed, requests use local state this long before asking it again
 POLL_S = (0.01, 0.2)    # waiting for a global slot: first and longest pause between tries
-AIMD_NS, BREAKER_NS = "resilience-aimd", "resilience-breaker"
+TURN_POLL_S = (0.02, 0.2)  # waiting for another instance's probe: first and longest pause between reads
+AIMD_NS, BREAKER_NS, PAUSE_NS = "resilience-aimd", "resilience-breaker", "resilience-pause"
 
 
 class SlotBatch:
@@ -97,6 +104,7 @@ class Shared:
         self.counts = {"global_waits": 0, "store_errors": 0}
         self.renewer: asyncio.Task[None] | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.pauses = SharedPauses(self)
 
     def spawn(self, work: Any) -> None:
         """Run ``work`` (a coroutine that handles its own errors) without making the caller wait for the store."""
@@ -297,3 +305,99 @@ class Shared:
     def describe(self) -> dict[str, Any]:
         return {"shared": self.degraded is None, "degraded": self.degraded, "lease_ttl_s": self.ttl_s,
                 "leases_held_here": len(self.held), **self.counts}
+
+
+class SharedPauses:
+    """The arbiter of :class:`scillm_resilience.pause.Pauses` across instances. One document per paused deployment,
+    changed only by compare-and-set: ``{"until": wall time the pause ends, "hint_s", "probe": the instance holding
+    the probe ("" when nobody does), "probe_until": when that claim lapses}``. A probe success deletes it."""
+
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self.me = shared.runtime.instance_id
+
+    def _seen(self, deployment: str, doc: dict[str, Any] | None) -> None:
+        self.shared.mirrors[(PAUSE_NS, deployment)] = (time.monotonic(), doc)
+
+    async def sync(self, pauses: Pauses, deployment: str) -> None:
+        """Adopt a pause another process started (this view of the shared ones is at most ``MIRROR_S`` old)."""
+        shared = self.shared
+        if shared.skipping:
+            return
+        try:
+            doc = await shared._doc(PAUSE_NS, deployment)
+        except Exception as exc:
+            shared._failed(exc)
+            return
+        if doc is not None:
+            pauses.adopt(deployment, max(0.0, float(doc["until"]) - time.time()), float(doc.get("hint_s", 0)))
+
+    def paused(self, deployment: str, seconds: float, probe: bool) -> None:
+        until = time.time() + seconds
+
+        def change(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+            doc = doc or {"until": 0.0, "probe": "", "probe_until": 0.0}
+            mine = doc["probe"] == self.me
+            return {"until": max(float(doc["until"]), until), "hint_s": seconds,
+                    "probe": "" if probe and mine else doc["probe"],
+                    "probe_until": 0.0 if probe and mine else doc["probe_until"]}
+
+        self._seen(deployment, change(None))  # this process's next callers wait without asking the store
+        self.shared.spawn(self._change(deployment, change))
+
+    def lifted(self, deployment: str) -> None:
+        self._seen(deployment, None)
+        self.shared.spawn(self._change(deployment, lambda doc: None if doc and doc["probe"] == self.me else doc))
+
+    def abandoned(self, deployment: str) -> None:
+        self.shared.spawn(self._change(deployment, lambda doc: {**doc, "probe": "", "probe_until": 0.0}
+                                       if doc and doc["probe"] == self.me else doc))
+
+    async def _change(self, deployment: str,
+                      change: Callable[[dict[str, Any] | None], dict[str, Any] | None]) -> None:
+        """Apply ``change(doc)`` (a new document, ``None`` to delete, the same object for no change) by
+        compare-and-set, read again on a race."""
+        store = self.shared.store
+        try:
+            for _ in range(16):
+                doc = await store.get(PAUSE_NS, deployment)
+                new = change(doc)
+                if new is doc:
+                    return
+                if await store.compare_and_set(PAUSE_NS, deployment, doc, new, ttl_s=self._ttl(new)):
+                    self._seen(deployment, new)
+                    return
+        except Exception as exc:
+            self.shared._failed(exc)
+
+    def _ttl(self, doc: dict[str, Any] | None) -> float | None:
+        """A pause nobody probes any more (traffic stopped) is forgotten a while after it ended."""
+        return max(float(doc["until"]) - time.time(), 0.0) + max(60.0, 2 * self.shared.ttl_s) if doc else None
+
+    async def turn(self, deployment: str) -> bool | float | None:
+        """Claim the probe for this process once the pause ended and nobody else holds it (or their claim lapsed:
+        their process died); otherwise wait for the verdict. The store down: this process's own caller probes."""
+        shared, store = self.shared, self.shared.store
+        pause = TURN_POLL_S[0]
+        while True:
+            if shared.skipping:
+                return True
+            try:
+                doc = await store.get(PAUSE_NS, deployment)
+                self._seen(deployment, doc)
+                now = time.time()
+                if doc is None:
+                    return None
+                if float(doc["until"]) > now:
+                    return float(doc["until"]) - now
+                if doc["probe"] in ("", self.me) or float(doc["probe_until"]) <= now:
+                    claimed = {**doc, "probe": self.me, "probe_until": now + shared.ttl_s}
+                    if await store.compare_and_set(PAUSE_NS, deployment, doc, claimed, ttl_s=self._ttl(claimed)):
+                        self._seen(deployment, claimed)
+                        return True
+                    continue  # changed meanwhile: look again at once
+            except Exception as exc:
+                shared._failed(exc)
+                return True
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, TURN_POLL_S[1])
