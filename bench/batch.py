@@ -13,9 +13,11 @@ whole session (same /proc accounting as CPU µs/req); upstream calls the mock sa
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
+import statistics
 import threading
 import time
 
@@ -189,25 +191,43 @@ def render(h, meta: dict, args, results: dict[str, dict]) -> str:
     if any(x.get("core0_other_util", 0) > 0.10 for r in results.values() for x in r.get("runs", [])):
         L.append("⚠ = more than 10% of the proxy's core was busy with other work during the run: noisy figure.")
         L.append("")
-    means = []
+    medians = {}
     for r in results.values():
         xs = [x for x in r.get("runs", []) if not x.get("error")]
         if xs:
-            means.append(f"{r['label']}: wall ÷ ideal **{h._mean([x['wall_over_ideal'] for x in xs]):.2f}×**, "
-                         f"wall ÷ max(ideal, CPU) {h._mean([x['wall_over_floor'] for x in xs]):.2f}×, "
-                         f"CPU **{h._fmt(h._mean([x['cpu_us_per_item'] for x in xs]), 0)} µs/item** "
-                         f"(mean of {len(xs)})")
-    if means:
-        L += ["Summary: " + "; ".join(means) + ".", ""]
+            medians[r["name"]] = {k: statistics.median(x[k] for x in xs)
+                                  for k in ("wall_s", "wall_over_ideal", "wall_over_floor", "cpu_us_per_item")}
+            medians[r["name"]]["label"], medians[r["name"]]["n"] = r["label"], len(xs)
+    if medians:
+        L += ["Summary (medians): " + "; ".join(
+            f"{m['label']}: wall ÷ ideal **{m['wall_over_ideal']:.2f}×**, wall ÷ max(ideal, CPU) "
+            f"{m['wall_over_floor']:.2f}×, CPU **{h._fmt(m['cpu_us_per_item'], 0)} µs/item** (median of {m['n']})"
+            for m in medians.values()) + ".", ""]
+    if "scillm" in medians and "scillm-before" in medians:
+        now, before = medians["scillm"], medians["scillm-before"]
+        L += [f"This tree ÷ before: wall **{now['wall_s'] / before['wall_s']:.2f}×**, CPU per item "
+              f"**{now['cpu_us_per_item'] / before['cpu_us_per_item']:.2f}×** (medians).", ""]
     return "\n".join(L)
 
 
 def main(h, args, meta: dict, proxies: list, logdir: str, mock, ts: str) -> int:
     meta = {**meta, "mode": "batch", "batch_items": args.batch_items, "batch_concurrency": args.batch_concurrency,
             "batch_delay_ms": args.batch_delay_ms}
-    results = {}
-    for proxy in proxies:
-        results[proxy.name] = bench_batch_proxy(h, proxy, args, logdir, mock.pid, ts)
+    results: dict[str, dict] = {}
+    if args.interleave:  # round r: every proxy once (fresh start), so drift in the machine's load hits all alike
+        one = argparse.Namespace(**{**vars(args), "runs": 1})
+        for rnd in range(args.runs):
+            for proxy in proxies:
+                r = bench_batch_proxy(h, proxy, one, logdir, mock.pid, f"{ts}-r{rnd + 1}")
+                if proxy.name in results:
+                    results[proxy.name]["runs"] = results[proxy.name].get("runs", []) + r.get("runs", [])
+                    if r.get("failed"):
+                        results[proxy.name]["failed"] = r["failed"]
+                else:
+                    results[proxy.name] = r
+    else:
+        for proxy in proxies:
+            results[proxy.name] = bench_batch_proxy(h, proxy, args, logdir, mock.pid, ts)
     md = render(h, meta, args, results)
     os.makedirs(h.RESULTS_DIR, exist_ok=True)
     stem = os.path.join(h.RESULTS_DIR, ts + "-batch")

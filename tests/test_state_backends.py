@@ -215,3 +215,36 @@ async def test_exchanging_slots_releases_first_then_takes_in_order(stores: Calla
     assert await store.exchange_slots("p", [], ["a", "b", "c"], 2, ttl_s=5) == [True, True, False]
     assert await store.exchange_slots("p", ["a"], ["c", "d"], 2, ttl_s=5) == [True, False]
     assert await store.slots_held("p") == 2
+
+
+async def test_a_commit_applies_each_change_on_its_own_announces_it_and_acknowledges_in_one_step(
+        stores: Callable[[], StateStore]) -> None:
+    from scillm_core.state import Change
+
+    one, two = stores(), stores()
+    await one.put("results", "held", {"by": "someone else"})
+    ids = await one.enqueue("work", [{"n": n} for n in range(3)])
+    taken = await two.take("work", "B", 3)
+    done = await two.commit([
+        Change("results", "a", None, {"v": 1}, log="announced", record={"item": "a"}),
+        Change("results", "held", None, {"v": 2}, log="announced", record={"item": "held"}),  # not absent: refused
+        Change("leases", "a", None, {"owner": "B"}, ttl_s=0.05),
+    ], ack=("work", [i for i, _ in taken[:2]]))
+    assert done == [True, False, True]
+    assert await one.get_many("results", ["a", "held", "missing"]) == [{"v": 1}, {"by": "someone else"}, None]
+    assert [r for _, r in await one.follow("announced")] == [{"item": "a"}]  # only what happened is announced
+    assert await one.queue_depth("work") == {"waiting": 0, "claimed": 1}
+    assert [i for i, _ in await one.reclaim("work", "A", 0, 10)] == [ids[2]]
+    await asyncio.sleep(0.1)
+    assert await two.commit([Change("leases", "a", None, {"owner": "A"}),  # the short lease expired: absent
+                             Change("results", "a", {"v": 1}, None)]) == [True, True]
+    assert await one.get_many("results", ["a"]) == [None] and await one.scan("results") == [
+        ("held", {"by": "someone else"})]
+    assert await one.commit([], ack=("work", [ids[2]])) == []
+    assert await one.queue_depth("work") == {"waiting": 0, "claimed": 0}
+
+    follower = await one.follow("announced")
+    later = asyncio.ensure_future(one.follow("announced", follower[-1][0], block_s=4.0))
+    await asyncio.sleep(0.1)
+    await two.commit([Change("results", "b", None, {"v": 3}, log="announced", record={"item": "b"})])
+    assert [r for _, r in await later] == [{"item": "b"}]  # a follower is woken by a commit's record

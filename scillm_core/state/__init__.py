@@ -4,7 +4,7 @@ followed, and work queues with acknowledgement.
 Two backends, chosen by ``[state] backend``: SQLite (WAL) under the data dir, the embedded default
 (:mod:`scillm_core.state.sqlite`; shared by the processes of one machine), and Redis (:mod:`scillm_core.state.redis`;
 shared by every process and instance pointed at it). Every backend takes values as parameters, never as query text.
-Callers never read then write: what must be atomic is one call (``compare_and_set``, ``take``, ``ack``).
+Callers never read then write: what must be atomic is one call (``compare_and_set``, ``commit``, ``take``, ``ack``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,24 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-__all__ = ["StateStore", "open_store"]
+from attrs import frozen
+
+__all__ = ["Change", "StateStore", "open_store"]
+
+
+@frozen
+class Change:
+    """One compare-and-set of a :meth:`StateStore.commit`: replace the document ``namespace``/``key`` with ``value``
+    (``None``: delete) if it equals ``expected`` (``None``: absent or expired); when it does, also append ``record``
+    to the log ``log`` (a change and its announcement land together or not at all)."""
+
+    namespace: str
+    key: str
+    expected: Mapping[str, Any] | None
+    value: Mapping[str, Any] | None
+    ttl_s: float | None = None
+    log: str | None = None
+    record: Mapping[str, Any] | None = None
 
 
 class StateStore(Protocol):
@@ -30,6 +47,14 @@ class StateStore(Protocol):
                               value: Mapping[str, Any] | None, *, ttl_s: float | None = None) -> bool:
         """Replace the document only if the current one equals ``expected`` (``None``: absent or expired).
         ``value=None`` deletes. Returns whether it happened."""
+
+    async def get_many(self, namespace: str, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+        """The documents under ``keys`` (``None`` where absent), in one read."""
+
+    async def commit(self, changes: Sequence[Change], ack: tuple[str, Sequence[str]] | None = None) -> list[bool]:
+        """Several compare-and-sets (each succeeds or fails on its own; a successful one appends its record) and,
+        with ``ack=(queue, ids)``, those queue entries acknowledged: one atomic step, one round trip. Whether each
+        change happened. What many concurrent finishers share as one write (group commit)."""
 
     async def delete(self, namespace: str, key: str) -> bool:
         """Remove a document; whether it existed."""

@@ -18,11 +18,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from scillm_core.errors import StateUnavailable
+
+if TYPE_CHECKING:
+    from scillm_core.state import Change
 
 __all__ = ["RedisStore", "safe_url"]
 
@@ -93,6 +96,43 @@ for i = 4 + released, #ARGV do
 end
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
 return taken
+"""
+
+# A commit: per change three keys (document, its namespace's index, its log) and five arguments (expected, value,
+# TTL in ms, index member, log record); then the queue whose entries (the arguments after the changes) are
+# acknowledged. Each change is a compare-and-set of its own, as _CAS.
+_COMMIT = """
+local n = tonumber(ARGV[1])
+local done = {}
+for i = 1, n do
+  local doc, index, log = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local a = 1 + 5 * (i - 1)
+  local expected, value, ttl, member, record = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  local cur = redis.call('GET', doc)
+  local same
+  if expected == '' then same = not cur else same = (cur == expected) end
+  if same then
+    if value == '' then
+      redis.call('DEL', doc)
+      redis.call('ZREM', index, member)
+    else
+      if ttl ~= '0' then redis.call('SET', doc, value, 'PX', ttl) else redis.call('SET', doc, value) end
+      redis.call('ZADD', index, 0, member)
+    end
+    if record ~= '' then redis.call('XADD', log, '*', 'v', record) end
+    done[i] = 1
+  else
+    done[i] = 0
+  end
+end
+for first = 2 + 5 * n, #ARGV, 1000 do
+  local ids = {}
+  for i = first, math.min(first + 999, #ARGV) do ids[#ids + 1] = ARGV[i] end
+  -- a queue whose group went with Redis's data has nothing left to acknowledge
+  pcall(redis.call, 'XACK', KEYS[3 * n + 1], 'work', unpack(ids))
+  redis.call('XDEL', KEYS[3 * n + 1], unpack(ids))
+end
+return done
 """
 
 _APPEND = """
@@ -220,6 +260,32 @@ class RedisStore:
         with self.unavailable():
             done = await self.script(_CAS)(keys=[self._doc(namespace, key), self._index(namespace)], args=args)
         return bool(done)
+
+    async def get_many(self, namespace: str, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+        if not keys:
+            return []
+        with self.unavailable():
+            raws = await self.redis.mget([self._doc(namespace, key) for key in keys])
+        return [orjson.loads(raw) if raw is not None else None for raw in raws]
+
+    async def commit(self, changes: Sequence[Change], ack: tuple[str, Sequence[str]] | None = None) -> list[bool]:
+        keys: list[str] = []
+        args: list[Any] = [len(changes)]
+        for change in changes:
+            doc = self._doc(change.namespace, change.key)
+            keys += [doc, self._index(change.namespace), self._log(change.log) if change.log else doc]
+            args += [_dump(change.expected) if change.expected is not None else b"",
+                     _dump(change.value) if change.value is not None else b"",
+                     max(1, int(change.ttl_s * 1000)) if change.ttl_s else 0, change.key,
+                     orjson.dumps(change.record) if change.log and change.record is not None else b""]
+        if ack and ack[1]:
+            keys.append(_name("q", self.prefix, ack[0]))
+            args += list(ack[1])
+        if len(args) == 1:
+            return []
+        with self.unavailable():
+            done = await self.script(_COMMIT)(keys=keys, args=args)
+        return [bool(x) for x in done]
 
     async def delete(self, namespace: str, key: str) -> bool:
         with self.unavailable():

@@ -10,9 +10,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
+
+if TYPE_CHECKING:
+    from scillm_core.state import Change
 
 __all__ = ["SQLiteStore"]
 
@@ -104,6 +107,57 @@ class SQLiteStore:
                 raise
 
         return await self._run(cas)
+
+    async def get_many(self, namespace: str, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+        def read(db: sqlite3.Connection) -> list[dict[str, Any] | None]:
+            found: dict[str, dict[str, Any] | None] = {}
+            for start in range(0, len(keys), 500):
+                part = keys[start:start + 500]
+                rows = db.execute(f"SELECT key, value, expires FROM docs WHERE ns = ? AND key IN "
+                                  f"({','.join('?' * len(part))})", (namespace, *part)).fetchall()
+                found.update((key, self._live((value, expires))) for key, value, expires in rows)
+            return [found.get(key) for key in keys]
+
+        return await self._run(read) if keys else []
+
+    async def commit(self, changes: Sequence[Change], ack: tuple[str, Sequence[str]] | None = None) -> list[bool]:
+        rows = [(change, orjson.dumps(change.value) if change.value is not None else None,
+                 orjson.dumps(change.record) if change.log and change.record is not None else None)
+                for change in changes]
+        acked = [int(i) for i in ack[1]] if ack else []
+
+        def commit(db: sqlite3.Connection) -> list[bool]:
+            now = time.time()
+            done: list[bool] = []
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for change, blob, record in rows:
+                    current = self._live(db.execute("SELECT value, expires FROM docs WHERE ns = ? AND key = ?",
+                                                    (change.namespace, change.key)).fetchone())
+                    if current != (dict(change.expected) if change.expected is not None else None):
+                        done.append(False)
+                        continue
+                    if blob is None:
+                        db.execute("DELETE FROM docs WHERE ns = ? AND key = ?", (change.namespace, change.key))
+                    else:
+                        db.execute(_UPSERT, (change.namespace, change.key, blob,
+                                             now + change.ttl_s if change.ttl_s else None))
+                    if record is not None:
+                        db.execute("INSERT INTO logs (ns, ts, value) VALUES (?, ?, ?)", (change.log, now, record))
+                    done.append(True)
+                if acked:
+                    db.execute(f"DELETE FROM queue WHERE q = ? AND id IN ({','.join('?' * len(acked))})",
+                               (ack[0] if ack else "", *acked))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return done
+
+        done = await self._run(commit)
+        for log in {c.log for c, ok in zip(changes, done, strict=True) if ok and c.log and c.record is not None}:
+            self._wake("log:" + log)
+        return done
 
     async def delete(self, namespace: str, key: str) -> bool:
         return await self._run(lambda db: db.execute(

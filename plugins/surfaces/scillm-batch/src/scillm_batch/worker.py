@@ -12,9 +12,14 @@ Exactly one stored result per item, across kills:
   it ran);
 - under the lease, a stored success (or a result of this run or a later one) means there is nothing to do: the
   entry is acknowledged without a call, so nothing stored is ever sent upstream again;
-- the result is written by compare-and-set against what was there before, then reported on the batch's event log,
-  then the entry is acknowledged; a process that dies anywhere in between leaves an entry that another process
-  reclaims (``reclaim``: untouched for ``claim_timeout_s``) and finishes from where the store says it is.
+- the result is written by compare-and-set against what was there before and, in the same atomic step
+  (``StateStore.commit``), reported on the batch's event log, its lease released and its entry acknowledged: a
+  process that dies before leaves an entry that another process reclaims (``reclaim``: untouched for
+  ``claim_timeout_s``) and runs; after, nothing is left to do.
+
+Store writes are group commits (:class:`GroupCommit`): the leases of the items taken together are one write, and the
+results of items that finish while a write is under way go together in the next one, so under load a handful of
+transactions serve a wave of items instead of several each.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from typing import Any
+from typing import Any, NamedTuple
 
 from attrs import define, field
 
@@ -43,8 +48,9 @@ from scillm_batch.engine import (
 )
 from scillm_core import Runtime, structure
 from scillm_core.errors import StateUnavailable
+from scillm_core.state import Change
 
-__all__ = ["QUEUE", "Worker", "events_ns"]
+__all__ = ["QUEUE", "GroupCommit", "Worker", "events_ns"]
 
 log = logging.getLogger("scillm.batch")
 QUEUE = "batch-work"
@@ -54,6 +60,14 @@ IDLE_S = 120.0  # a batch with no work here for this long is forgotten (its lane
 
 def events_ns(batch_id: str) -> str:
     return "batch-events:" + batch_id
+
+
+class Taken(NamedTuple):
+    entry_id: str
+    entry: dict[str, Any]
+    batch_id: str
+    run: int
+    item_id: str
 
 
 @define
@@ -79,6 +93,65 @@ class LocalRun:
     checked: float = 0.0  # when the doc was read or the dispatcher last went idle
 
 
+class GroupCommit:
+    """``await commit(changes, ack)``: the changes and acknowledgements of every caller that arrives while a write is
+    under way go together in the next ``StateStore.commit``; each caller gets whether each of its changes happened.
+    When a group fails for a reason other than the store being unreachable (a record the store refuses), each
+    caller's part is written on its own, so one bad record never takes the others with it."""
+
+    def __init__(self, runtime: Runtime, queue: str) -> None:
+        self.runtime = runtime
+        self.queue = queue
+        self.waiting: list[tuple[list[Change], list[str], asyncio.Future[list[bool]]]] = []
+        self.task: asyncio.Task[None] | None = None
+        self.commits = 0
+
+    async def __call__(self, changes: list[Change], ack: list[str] = []) -> list[bool]:  # noqa: B006 (not mutated)
+        future: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+        self.waiting.append((changes, ack, future))
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self.waiting:
+            group, self.waiting = self.waiting, []
+            try:
+                done = await self._write(group)
+            except Exception as exc:
+                if len(group) == 1 or isinstance(exc, StateUnavailable | OSError):
+                    for _, _, future in group:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for part in group:  # find the one the store refuses: each on its own
+                    try:
+                        answer = await self._write([part])
+                    except Exception as own:
+                        if not part[2].done():
+                            part[2].set_exception(own)
+                        continue
+                    if not part[2].done():
+                        part[2].set_result(answer)
+                continue
+            at = 0
+            for changes, _, future in group:
+                if not future.done():
+                    future.set_result(done[at:at + len(changes)])
+                at += len(changes)
+
+    async def _write(self, group: list[tuple[list[Change], list[str], asyncio.Future[list[bool]]]]) -> list[bool]:
+        self.commits += 1
+        return await self.runtime.store.commit([c for changes, _, _ in group for c in changes],
+                                               ack=(self.queue, [i for _, ids, _ in group for i in ids]))
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+
+
 class Worker:
     def __init__(self, runtime: Runtime, capacity: int) -> None:
         self.runtime = runtime
@@ -91,6 +164,7 @@ class Worker:
         self.deferred: list[tuple[str, dict[str, Any]]] = []  # entries whose lease another process holds
         self.room = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
+        self.commit = GroupCommit(runtime, QUEUE)
         self.counts = {"taken": 0, "reclaimed": 0, "stored": 0, "skipped": 0, "store_errors": 0}
 
     @property
@@ -109,10 +183,12 @@ class Worker:
         for task in [*self.tasks, *(r.task for r in self.runs.values() if r.task is not None)]:
             with contextlib.suppress(BaseException):
                 await task
+        await self.commit.close()
 
     def describe(self) -> dict[str, Any]:
         return {"instance_id": self.me, "capacity": self.capacity, "held": len(self.held),
-                "batches": sorted(self.runs), "claim_timeout_s": self.claim_s, **self.counts}
+                "batches": sorted(self.runs), "claim_timeout_s": self.claim_s, "commits": self.commit.commits,
+                **self.counts}
 
     # -- taking work -----------------------------------------------------------------------------------------------
 
@@ -143,41 +219,78 @@ class Worker:
             self.counts["taken"] += len(entries)
             for entry_id, _ in entries:
                 self.held[entry_id] = None
-            await asyncio.gather(*(self._accept(entry_id, entry) for entry_id, entry in entries))
+            if entries:
+                await self._accept(entries)
 
-    async def _accept(self, entry_id: str, entry: dict[str, Any]) -> None:
-        """Lease the item, check what is stored, and hand it to its batch's dispatcher (or acknowledge it)."""
+    async def _accept(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
+        """Lease the items (one write), check what is stored (one read per batch), and hand them to their batches'
+        dispatchers (or acknowledge them: nothing to do)."""
         try:
-            batch_id, run_no, item_id = str(entry["batch_id"]), int(entry["run"]), str(entry["item_id"])
-            run = await self._run_for(batch_id, run_no)
-            if run is None or run.doc.get("cancelled_run", 0) >= run_no:
-                await self._done(entry_id)  # the batch is gone or this run was cancelled: nothing to start
-                return
-            lease = {"owner": self.me, "entry": entry_id, "run": run_no, "at": time.time()}
-            if not await self.store.compare_and_set(LEASES + batch_id, item_id, None, lease, ttl_s=self.claim_s):
-                self.deferred.append((entry_id, entry))  # another process runs it; look again later
-                return
-            stored = await self.store.get(ITEM_NS + batch_id, item_id)
-            if stored is not None and (stored.get("ok") or int(stored.get("run", 0)) >= run_no):
-                self.counts["skipped"] += 1
-                await self.store.compare_and_set(LEASES + batch_id, item_id, lease, None)
-                await self._done(entry_id)
-                return
-            ticket = Ticket(entry_id, batch_id, run_no, item_id, lease, stored)
-            self.held[entry_id] = ticket
-            item = BatchItem(index=int(entry.get("index", 0)), item_id=item_id, body=entry.get("body") or {})
+            taken = [Taken(entry_id, entry, str(entry["batch_id"]), int(entry["run"]), str(entry["item_id"]))
+                     for entry_id, entry in entries]
+            batches = sorted({t.batch_id for t in taken})
+            loaded = await asyncio.gather(*(self._run_for(b, max(t.run for t in taken if t.batch_id == b))
+                                            for b in batches))
+            runs = dict(zip(batches, loaded, strict=True))
+            live = [t for t in taken if (run := runs[t.batch_id]) is not None
+                    and run.doc.get("cancelled_run", 0) < t.run]
+            kept = {t.entry_id for t in live}
+            gone = [t.entry_id for t in taken if t.entry_id not in kept]  # the batch is gone or the run cancelled
+            leases = {t.entry_id: {"owner": self.me, "entry": t.entry_id, "run": t.run, "at": time.time()}
+                      for t in live}
+            won = await self.commit([Change(LEASES + t.batch_id, t.item_id, None, leases[t.entry_id],
+                                            ttl_s=self.claim_s) for t in live], gone)
+            self._release(gone)
+            self.deferred += [(t.entry_id, t.entry) for t, ok in zip(live, won, strict=True) if not ok]
+            leased = [t for t, ok in zip(live, won, strict=True) if ok]  # the others: another process runs them
+            stored: dict[str, dict[str, Any] | None] = {}
+            for batch_id in {t.batch_id for t in leased}:
+                mine = [t for t in leased if t.batch_id == batch_id]
+                found = await self.store.get_many(ITEM_NS + batch_id, [t.item_id for t in mine])
+                stored.update(zip((t.entry_id for t in mine), found, strict=True))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the store failed: the entries stay claimed and are taken up again later
+            self.counts["store_errors"] += 1
+            log.warning("batch worker could not start items: %s", exc)
+            self._release([entry_id for entry_id, _ in entries])
+            return
+        done = {t.entry_id for t in leased if (prior := stored[t.entry_id]) is not None
+                and (prior.get("ok") or int(prior.get("run", 0)) >= t.run)}
+        if done:  # under the lease, a stored success (or a newer result): nothing to do
+            self.counts["skipped"] += len(done)
+            await self._finished([Change(LEASES + t.batch_id, t.item_id, leases[t.entry_id], None)
+                                  for t in leased if t.entry_id in done], list(done))
+        for t in leased:
+            run = runs[t.batch_id]
+            if t.entry_id in done or run is None:
+                continue
+            ticket = Ticket(t.entry_id, t.batch_id, t.run, t.item_id, leases[t.entry_id], stored[t.entry_id])
+            self.held[t.entry_id] = ticket
+            item = BatchItem(index=int(t.entry.get("index", 0)), item_id=t.item_id, body=t.entry.get("body") or {})
             started = time.monotonic() - (time.time() - float(run.doc.get("run_started", time.time())))
             run.work.append(Pending(item, _deadline(item, run.spec, started), ticket=ticket))
             run.changed.set()
             if run.task is None or run.task.done():
                 run.task = asyncio.ensure_future(self._drive(run))
+
+    def _release(self, entry_ids: list[str]) -> None:
+        """These entries are no longer this worker's to run: room for more."""
+        for entry_id in entry_ids:
+            self.held.pop(entry_id, None)
+        if entry_ids:
+            self.room.set()
+
+    async def _finished(self, changes: list[Change], entry_ids: list[str]) -> None:
+        """Release leases and acknowledge entries that need no result; a store that fails leaves them to reclaim."""
+        try:
+            await self.commit(changes, entry_ids)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the store failed: the entry stays claimed and is taken up again later
+        except Exception as exc:
             self.counts["store_errors"] += 1
-            log.warning("batch worker could not start an item: %s", exc)
-            self.held.pop(entry_id, None)
-            self.room.set()
+            log.warning("batch worker could not acknowledge items: %s", exc)
+        self._release(entry_ids)
 
     async def _run_for(self, batch_id: str, run_no: int) -> LocalRun | None:
         """The batch's local run, its doc read once however many of its entries arrive together."""
@@ -218,19 +331,21 @@ class Worker:
     # -- finishing ---------------------------------------------------------------------------------------------
 
     async def _finish(self, run: LocalRun, ticket: Ticket, result: dict[str, Any]) -> None:
-        """Store the result once (compare-and-set against what was there), report it, release and acknowledge.
-        A store that is down is waited for: the result is kept until it can be written. A result the store refuses
-        (or that cannot be serialised) is stored as a failure saying why, never lost."""
+        """Store the result once (compare-and-set against what was there) and, in the same step, report it, release
+        the lease and acknowledge the entry. A store that is down is waited for: the result is kept until it can be
+        written. A result the store refuses (or that cannot be serialised) is stored as a failure saying why, never
+        lost."""
         result = _storable({**result, "run": ticket.run})
-        event = {**result, "instance": self.me, "lane_counts": {
-            s.lane.label: {"served": s.served, "rate_limited": s.rate_limited} for s in run.lanes}}
+        counts = {s.lane.label: {"served": s.served, "rate_limited": s.rate_limited} for s in run.lanes}
         while True:
+            event = {**result, "instance": self.me, "lane_counts": counts}
             try:
-                if await self.store.compare_and_set(ITEM_NS + ticket.batch_id, ticket.item_id, ticket.prior, result):
-                    self.counts["stored"] += 1
-                    await self.store.append(events_ns(ticket.batch_id), event)
-                await self.store.compare_and_set(LEASES + ticket.batch_id, ticket.item_id, ticket.lease, None)
-                await self._done(ticket.entry_id)
+                stored, _ = await self.commit([
+                    Change(ITEM_NS + ticket.batch_id, ticket.item_id, ticket.prior, result,
+                           log=events_ns(ticket.batch_id), record=event),
+                    Change(LEASES + ticket.batch_id, ticket.item_id, ticket.lease, None)], [ticket.entry_id])
+                self.counts["stored"] += stored
+                self._release([ticket.entry_id])
                 return
             except asyncio.CancelledError:
                 raise
@@ -238,15 +353,9 @@ class Worker:
                 self.counts["store_errors"] += 1
                 if not isinstance(exc, StateUnavailable | OSError) and result.get("error_code") != "unstorable_result":
                     result = {**_unstored(result, exc), "run": ticket.run}  # this record, not the store, is the problem
-                    event = {**result, "instance": self.me, "lane_counts": event["lane_counts"]}
                     continue
                 log.warning("batch worker cannot store a result yet (retrying): %s", exc)
                 await asyncio.sleep(0.5)
-
-    async def _done(self, entry_id: str) -> None:
-        await self.store.ack(QUEUE, [entry_id])
-        self.held.pop(entry_id, None)
-        self.room.set()
 
     # -- keeping claims alive ------------------------------------------------------------------------------------
 
@@ -266,11 +375,10 @@ class Worker:
     async def _tend(self) -> None:
         if self.held:
             await self.store.touch(QUEUE, self.me, list(self.held))
-        for ticket in [t for t in self.held.values() if t is not None]:
-            renewed = {**ticket.lease, "at": time.time()}
-            if await self.store.compare_and_set(LEASES + ticket.batch_id, ticket.item_id, ticket.lease, renewed,
-                                                ttl_s=self.claim_s):
-                ticket.lease = renewed
+        tickets = [t for t in self.held.values() if t is not None]
+        if tickets:  # a renewal keeps the lease as it is and extends its TTL (one write for all of them)
+            await self.commit([Change(LEASES + t.batch_id, t.item_id, t.lease, t.lease, ttl_s=self.claim_s)
+                               for t in tickets])
         for batch_id, run in list(self.runs.items()):
             if (run.task is None or run.task.done()) and not run.work and time.monotonic() - run.checked > IDLE_S:
                 del self.runs[batch_id]  # idle for a while: forget its lane states
@@ -279,10 +387,12 @@ class Worker:
             if doc is not None:
                 run.doc = doc
             cancelled = int(run.doc.get("cancelled_run", 0))
-            for pending in [p for p in run.work if p.ticket.run <= cancelled]:
+            dropped = [p for p in run.work if p.ticket.run <= cancelled]
+            for pending in dropped:
                 run.work.remove(pending)
-                await self.store.compare_and_set(LEASES + batch_id, pending.ticket.item_id, pending.ticket.lease,
-                                                 None)
-                await self._done(pending.ticket.entry_id)
+            if dropped:
+                await self._finished([Change(LEASES + batch_id, p.ticket.item_id, p.ticket.lease, None)
+                                      for p in dropped], [p.ticket.entry_id for p in dropped])
         deferred, self.deferred = self.deferred, []
-        await asyncio.gather(*(self._accept(entry_id, entry) for entry_id, entry in deferred))
+        if deferred:
+            await self._accept(deferred)
