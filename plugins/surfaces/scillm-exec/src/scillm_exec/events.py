@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["EventLog", "sse_tail"]
+__all__ = ["EventLog", "read_new", "sse_tail"]
 
 _READ = 1 << 16
 
@@ -47,6 +47,15 @@ class EventLog:
         self.closed = True
         self._wake()
 
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set at the next append (or close, or :meth:`notify`): what a reader waits for after reading."""
+        return self._changed
+
+    def notify(self) -> None:
+        """Wake followers: someone else (a runner writing the file itself) appended to it."""
+        self._wake()
+
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
@@ -59,7 +68,7 @@ class EventLog:
         while True:
             changed = self._changed  # taken before reading, so an append during the read is not missed
             closed = self.closed
-            offset, events = _read_new(self.path, offset, buf)
+            offset, events = read_new(self.path, offset, buf)
             for event in events:
                 if event.get("seq", 0) > after:
                     yield event
@@ -71,7 +80,8 @@ class EventLog:
                 yield None
 
 
-def _read_new(path: Path, offset: int, buf: bytearray) -> tuple[int, list[dict[str, Any]]]:
+def read_new(path: Path, offset: int, buf: bytearray) -> tuple[int, list[dict[str, Any]]]:
+    """The events written to ``path`` after ``offset`` (a partial last line stays in ``buf``); the new offset."""
     events: list[dict[str, Any]] = []
     try:
         with open(path, "rb") as fh:

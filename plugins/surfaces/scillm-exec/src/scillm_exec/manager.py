@@ -21,6 +21,8 @@ from scillm_core.redact import redact
 from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
 from scillm_exec.auth import run_keys
 from scillm_exec.config import allowed_roots, exec_config
+from scillm_exec.events import EventLog
+from scillm_exec.shared import SharedRuns
 
 __all__ = ["ExecManager", "RUN_ID", "check_cwd", "find_cycle", "parse_final_json", "spec_from_body"]
 
@@ -143,6 +145,8 @@ class Run:
     key: str | None = None
     parent: str | None = None  # the enclosing unit of work (a graph), for events
     trace: Mapping[str, str] = attrs.field(factory=dict)  # the client's trace context, for events
+    events: EventLog | None = None  # events.jsonl (the runner writes it): wakes the copy into the state store
+    mirror: asyncio.Task[None] | None = None
 
     @property
     def unit(self) -> str:
@@ -154,6 +158,7 @@ class ExecManager:
         self.runtime = runtime
         self.keys = run_keys(runtime)
         self.runs: dict[str, Run] = {}
+        self.shared = SharedRuns(runtime, "exec")
         self._slots: asyncio.Semaphore | None = None
 
     @property
@@ -167,17 +172,35 @@ class ExecManager:
 
     # -- one run ---------------------------------------------------------------------------------------------------
 
-    def start(self, spec: SessionSpec, *, caller: str | None, base_url: str | None,
-              slots: asyncio.Semaphore | None = None, parent: str | None = None,
-              trace: Mapping[str, str] | None = None) -> Run:
+    async def start(self, spec: SessionSpec, *, caller: str | None, base_url: str | None,
+                    slots: asyncio.Semaphore | None = None, parent: str | None = None,
+                    trace: Mapping[str, str] | None = None) -> Run:
+        """Start a run; its record is in the state store when this returns (so any instance can read it), its
+        events are copied there as they come and a cancel request from any instance reaches it."""
         run_id = "run_" + uuid.uuid4().hex
         run_dir = self.runs_dir / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
-        run = Run(run_id=run_id, spec=spec, caller=caller, run_dir=run_dir, parent=parent, trace=dict(trace or {}))
+        events = EventLog(run_dir / "events.jsonl")
+        run = Run(run_id=run_id, spec=spec, caller=caller, run_dir=run_dir, parent=parent, trace=dict(trace or {}),
+                  events=events)
         self.runs[run_id] = run
         self._write_status(run)
+        await self.record(run)
         run.task = asyncio.ensure_future(self._execute(run, base_url, slots))
+        run.mirror = asyncio.ensure_future(self.shared.mirror(run_id, events, lambda: self._end(run)))
+
+        def cancel(reason: str) -> None:
+            if run.task is not None:
+                run.task.cancel()
+
+        self.shared.drive(run_id, cancel)
         return run
+
+    @staticmethod
+    def _end(run: Run) -> dict[str, Any]:
+        result = run.result or {}
+        return {"type": "run.end", "run_id": run.run_id, "status": result.get("status", run.status),
+                "exit_code": result.get("exit_code")}
 
     def artifacts(self, run: Run) -> dict[str, str]:
         d = run.run_dir
@@ -188,7 +211,8 @@ class ExecManager:
         return {"run_id": run.run_id, "status": run.status, "profile": run.spec.profile, "caller": run.caller,
                 "cwd": run.spec.cwd, "sandbox": run.spec.sandbox, "model": run.spec.model,
                 "timeout_s": run.spec.timeout_s, "idle_timeout_s": run.spec.idle_timeout_s,
-                "created_at": run.created_at, "started_at": run.started_at, "updated_at": time.time()}
+                "created_at": run.created_at, "started_at": run.started_at, "updated_at": time.time(),
+                "instance": self.runtime.instance_id}
 
     def _write_status(self, run: Run) -> None:
         _write_json(run.run_dir / "status.json", self._status_doc(run))
@@ -208,11 +232,11 @@ class ExecManager:
                 await stack.enter_async_context(self.slots())
                 run.status, run.started_at = "running", time.time()
                 self._write_status(run)
+                await self.record(run)
                 run.key = self.keys.mint(run.run_id, run.caller)
                 ctx = SessionContext(runtime=self.runtime, run_id=run.run_id, run_dir=run.run_dir,
                                      caller=run.caller, base_url=base_url, api_key=run.key)
-                if events.wants("run.event"):
-                    ctx.emit = lambda event: events.emit("run.event", None, unit=run.unit, event=event)
+                ctx.emit = self._emitter(run)
                 thunk = self.runtime.hooks.run_session(spec, ctx)
                 if thunk is None:
                     outcome = SessionResult(run_id=run.run_id, status="failed",
@@ -237,7 +261,24 @@ class ExecManager:
         events.emit("run.end", None, unit=run.unit, status=result["status"], error=result["error"],
                     attrs={"exit_code": result["exit_code"], "duration_s": result["duration_s"]})
         await self.record(run)
+        self.shared.release(run.run_id)
+        if run.events is not None:
+            run.events.close()  # the copy into the store ends with the run's end record
         return result
+
+    def _emitter(self, run: Run) -> Any:
+        """``ctx.emit`` for a run: a runner wrote an event to events.jsonl (copy it on) and, when someone listens,
+        the ``run.event`` observability event."""
+        events, log = self.runtime.events, run.events
+        listen = events.wants("run.event")
+
+        def emit(event: Mapping[str, Any]) -> None:
+            if log is not None:
+                log.notify()
+            if listen:
+                events.emit("run.event", None, unit=run.unit, event=event)
+
+        return emit
 
     async def _finalise(self, run: Run, outcome: SessionResult, duration_s: float) -> dict[str, Any]:
         status, error, parsed = outcome.status, outcome.error, outcome.result
@@ -268,6 +309,8 @@ class ExecManager:
         return result
 
     async def record(self, run: Run) -> None:
+        """The run's record in the state store (its status; the result without the final text at the end). A store
+        that is down never stops a run: the run dir has it all."""
         with contextlib.suppress(Exception):
             await self.runtime.store.put(STORE_NS, run.run_id, self._status_doc(run) | (
                 {"result": {k: v for k, v in (run.result or {}).items() if k != "final_text"}} if run.result else {}))
@@ -278,15 +321,27 @@ class ExecManager:
         return run.result
 
     async def cancel(self, run_id: str) -> dict[str, Any]:
+        """Cancel a run (this process's, or through the state store whichever process drives it) and answer its
+        final document; a run that does not end within the kill grace (and some) is answered as it stands."""
         run = self.runs.get(run_id)
-        if run is None:
-            return self.load(run_id)
-        if run.task is not None and not run.task.done():
-            run.task.cancel()
-        return await self.wait(run)
+        if run is not None:
+            if run.task is not None and not run.task.done():
+                run.task.cancel()
+            return await self.wait(run)
+        doc = await self.load(run_id)
+        if doc.get("status") in TERMINAL:
+            return doc
+        await self.shared.request_cancel(run_id, "cancelled")
+        deadline = time.monotonic() + exec_config(self.runtime).kill_grace_s + 15
+        while doc.get("status") not in TERMINAL and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            doc = await self.load(run_id)
+        return doc
 
-    def load(self, run_id: str) -> dict[str, Any]:
-        """A run's current document: live state, else result.json, else status.json; 404 when unknown."""
+    async def load(self, run_id: str) -> dict[str, Any]:
+        """A run's current document: live state, else result.json, else status.json (this machine's run dir),
+        else the state store's record (a run another instance drives); 404 when unknown. A stored run whose
+        instance died is finalised ``failed`` (interrupted) first."""
         if not RUN_ID.match(run_id):
             raise errors.NotFound(f"no run {run_id!r}")
         run = self.runs.get(run_id)
@@ -296,8 +351,24 @@ class ExecManager:
         for name in ("result.json", "status.json"):
             path = run_dir / name
             if path.is_file():
-                return orjson.loads(path.read_bytes())  # type: ignore[no-any-return]
-        raise errors.NotFound(f"no run {run_id!r}")
+                return orjson.loads(await asyncio.to_thread(path.read_bytes))  # type: ignore[no-any-return]
+        doc = await self.runtime.store.get(STORE_NS, run_id)
+        if doc is None:
+            raise errors.NotFound(f"no run {run_id!r}")
+        return await self._settle(doc)
+
+    async def _settle(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """A stored record as it stands, or finalised when the instance driving it is gone (compare-and-set: one
+        reader finalises it, the others read what it wrote)."""
+        if doc.get("status") in TERMINAL or not await self.shared.owner_gone(doc):
+            return {**doc.get("result", {}), **{k: v for k, v in doc.items() if k != "result"}} \
+                if doc.get("result") else doc
+        error = f"interrupted: the instance driving the run ({doc.get('instance')}) is gone"
+        final = {**doc, "status": "failed", "updated_at": time.time(),
+                 "result": {"run_id": doc["run_id"], "status": "failed", "exit_code": None, "error": error}}
+        if not await self.runtime.store.compare_and_set(STORE_NS, doc["run_id"], doc, final):
+            final = await self.runtime.store.get(STORE_NS, doc["run_id"]) or final
+        return await self._settle(final)
 
     async def shutdown(self) -> None:
         live = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
@@ -306,6 +377,12 @@ class ExecManager:
         for task in live:
             with contextlib.suppress(BaseException):
                 await task
+        mirrors = [r.mirror for r in self.runs.values() if r.mirror is not None and not r.mirror.done()]
+        if mirrors:  # the last events and end records, while the store answers
+            _, late = await asyncio.wait(mirrors, timeout=self.runtime.config.state.timeout_s + 1)
+            for mirror in late:
+                mirror.cancel()
+        await self.shared.stop()
 
     # -- graphs ----------------------------------------------------------------------------------------------------
 
@@ -380,7 +457,7 @@ class ExecManager:
                     results[node_id] = {"id": node_id, "status": "skipped", "run_id": None,
                                         "error": f"dependency {failed[0]!r} ended {results[failed[0]]['status']}"}
                     return
-                run = self.start(spec, caller=caller, base_url=base_url, slots=slots, parent=unit)
+                run = await self.start(spec, caller=caller, base_url=base_url, slots=slots, parent=unit)
                 results[node_id] = {"id": node_id, **(await self.wait(run))}
             finally:
                 finished[node_id].set()

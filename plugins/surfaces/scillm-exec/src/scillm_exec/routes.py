@@ -15,7 +15,7 @@ from scillm_core import errors
 from scillm_core.events import trace_headers
 from scillm_core.web import caller_of, json_response, query_int, read_json, runtime_of
 from scillm_exec.config import exec_config
-from scillm_exec.manager import ExecManager, spec_from_body
+from scillm_exec.manager import TERMINAL, ExecManager, spec_from_body
 
 __all__ = ["routes"]
 
@@ -65,32 +65,52 @@ async def create(request: Request) -> Response:
     wait = _wait_flag(body, False)
     spec = await spec_from_body(body, runtime)
     manager = manager_of(request)
-    run = manager.start(spec, caller=caller, base_url=base_url_of(request), trace=trace_headers(request.headers))
+    run = await manager.start(spec, caller=caller, base_url=base_url_of(request),
+                              trace=trace_headers(request.headers))
     if wait:
         return json_response(await manager.wait(run))
-    return json_response(manager.load(run.run_id) | {"status": run.status}, 202)
+    return json_response(await manager.load(run.run_id) | {"status": run.status}, 202)
 
 
 async def show(request: Request) -> Response:
-    return json_response(manager_of(request).load(request.path_params["run_id"]))
+    return json_response(await manager_of(request).load(request.path_params["run_id"]))
 
 
 async def cancel(request: Request) -> Response:
     caller_of(request, required=True)
     manager = manager_of(request)
     run_id = request.path_params["run_id"]
-    manager.load(run_id)  # 404 for unknown
+    await manager.load(run_id)  # 404 for unknown
     return json_response(await manager.cancel(run_id))
 
 
 async def events(request: Request) -> Response:
     manager = manager_of(request)
     run_id = request.path_params["run_id"]
-    manager.load(run_id)
+    await manager.load(run_id)
     heartbeat = exec_config(runtime_of(request)).heartbeat_s or runtime_of(request).config.server.heartbeat_s
     after = query_int(request, "after", default=0)  # the last event seq the client has
-    return StreamingResponse(_tail(manager, run_id, after, heartbeat), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache"})
+    here = run_id in manager.runs or (manager.runs_dir / run_id / "events.jsonl").is_file()
+    tail = _tail(manager, run_id, after, heartbeat) if here else _tail_shared(manager, run_id, after, heartbeat)
+    return StreamingResponse(tail, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+async def _tail_shared(manager: ExecManager, run_id: str, after: int, heartbeat_s: float) -> AsyncIterator[bytes]:
+    """A run another machine drives: its events as copied into the state store, same frames as :func:`_tail`."""
+    async def settled() -> dict[str, Any] | None:
+        doc = await manager.load(run_id)
+        if doc.get("status") not in TERMINAL:
+            return None
+        return {"type": "run.end", "run_id": run_id, "status": doc.get("status"), "exit_code": doc.get("exit_code")}
+
+    async for event in manager.shared.follow(run_id, after, heartbeat_s, settled):
+        if event is None:
+            yield b": heartbeat\n\n"
+        elif event.get("end"):
+            end = {k: v for k, v in event.items() if k != "end"}
+            yield b"event: end\ndata: " + orjson.dumps(end) + b"\n\n"
+        else:
+            yield b"data: " + orjson.dumps(event) + b"\n\n"
 
 
 async def _tail(manager: ExecManager, run_id: str, after: int, heartbeat_s: float) -> AsyncIterator[bytes]:
@@ -101,8 +121,8 @@ async def _tail(manager: ExecManager, run_id: str, after: int, heartbeat_s: floa
     loop = asyncio.get_running_loop()
     last_sent = loop.time()
     while True:
-        doc = manager.load(run_id)
-        terminal = doc.get("status") in ("completed", "failed", "timeout", "cancelled")
+        doc = await manager.load(run_id)
+        terminal = doc.get("status") in TERMINAL
         grew = False
         if path.is_file():
             with open(path, "rb") as fh:

@@ -1,0 +1,153 @@
+"""Runs shared across processes and instances through the state store, for every agent surface (exec runs, OpenCode
+runs): a run is driven by the process that started it, and any other process pointed at the same store can read its
+record, tail its events and cancel it.
+
+- **events**: the driving process copies the run's event log (``events.jsonl``, secrets already scrubbed) into the
+  store's log ``run-events:<kind>:<run_id>`` as it grows, then one end record; :meth:`SharedRuns.follow` tails that
+  log from anywhere (resumable by event ``seq``);
+- **cancel**: :meth:`SharedRuns.request_cancel` leaves a document under ``run-cancels:<kind>``; the driving process
+  looks for requests naming its live runs every :data:`CANCEL_POLL_S` and cancels them as if asked directly;
+- **a driver that died**: a record names its process (``instance``); a run still ``running`` whose instance is no
+  longer live (``scillm_core.state.presence``) is over, and :meth:`SharedRuns.owner_gone` says so.
+
+A store that is down delays copies and cancel requests (retried), never a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from scillm_core.state.presence import INSTANCES
+from scillm_exec.events import EventLog, read_new
+
+if TYPE_CHECKING:
+    from scillm_core import Runtime
+
+__all__ = ["CANCEL_POLL_S", "SharedRuns"]
+
+log = logging.getLogger("scillm.exec")
+CANCEL_POLL_S = 0.25   # how often a process with live runs looks for cancel requests naming them
+MIRROR_POLL_S = 1.0    # the event log is re-read at least this often (runners that write without notifying)
+CANCEL_TTL_S = 3600.0  # a cancel request nobody took (its run had ended) goes away after this long
+
+
+class SharedRuns:
+    """The shared side of one kind of run (``"exec"``, ``"opencode.runs"``, ...) in this process."""
+
+    def __init__(self, runtime: Runtime, kind: str) -> None:
+        self.runtime = runtime
+        self.kind = kind
+        self.driving: dict[str, Callable[[str], None]] = {}  # run id -> cancel(reason), runs this process drives
+        self.watcher: asyncio.Task[None] | None = None
+
+    def events_ns(self, run_id: str) -> str:
+        return f"run-events:{self.kind}:{run_id}"
+
+    @property
+    def cancels_ns(self) -> str:
+        return f"run-cancels:{self.kind}"
+
+    # -- the driving process ---------------------------------------------------------------------------------------
+
+    async def mirror(self, run_id: str, events: EventLog, end: Callable[[], Mapping[str, Any]]) -> None:
+        """Copy ``events`` into the store as it grows until it is closed, then ``{"end": true, **end()}``. Runs for
+        the life of the run; a store that fails is retried with what is pending, nothing is dropped while this
+        process lives."""
+        ns, offset, buf = self.events_ns(run_id), 0, bytearray()
+        pending: list[dict[str, Any]] = []
+        ended = False
+        while not ended:
+            changed, closed = events.changed, events.closed  # taken before reading: an append during it is not missed
+            offset, new = await asyncio.to_thread(read_new, events.path, offset, buf)
+            pending += new
+            if closed:
+                pending.append({"end": True, **end()})
+            if pending:
+                try:
+                    await self.runtime.store.append_many(ns, pending)
+                    pending, ended = [], closed
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("run %s: events not copied to the state store yet: %s", run_id, type(exc).__name__)
+                    if closed:
+                        pending.pop()  # the end record goes again, last, next time
+                    await asyncio.sleep(1.0)
+                    continue
+            if not closed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), MIRROR_POLL_S)
+
+    def drive(self, run_id: str, cancel: Callable[[str], None]) -> None:
+        """This process drives ``run_id``: cancel requests for it (from any instance) call ``cancel(reason)``."""
+        self.driving[run_id] = cancel
+        if self.watcher is None or self.watcher.done():
+            self.watcher = asyncio.ensure_future(self._watch())
+
+    def release(self, run_id: str) -> None:
+        self.driving.pop(run_id, None)
+
+    async def _watch(self) -> None:
+        while self.driving:
+            await asyncio.sleep(CANCEL_POLL_S)
+            ids = list(self.driving)
+            try:
+                found = await self.runtime.store.get_many(self.cancels_ns, ids)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the store is down: a cancel request waits for it
+                continue
+            for run_id, request in zip(ids, found, strict=True):
+                cancel = self.driving.pop(run_id, None) if request is not None else None
+                if cancel is not None:
+                    cancel(str(request.get("reason") or "cancelled") if request else "cancelled")
+
+    async def stop(self) -> None:
+        self.driving.clear()
+        if self.watcher is not None:
+            self.watcher.cancel()
+            with contextlib.suppress(BaseException):
+                await self.watcher
+
+    # -- any process -----------------------------------------------------------------------------------------------
+
+    async def request_cancel(self, run_id: str, reason: str) -> None:
+        """Ask whichever process drives ``run_id`` to cancel it (503 when the store is down)."""
+        await self.runtime.store.put(self.cancels_ns, run_id, {"reason": reason, "at": time.time(),
+                                                                "by": self.runtime.instance_id}, ttl_s=CANCEL_TTL_S)
+
+    async def owner_gone(self, doc: Mapping[str, Any]) -> bool:
+        """Whether the process named by a run record's ``instance`` is no longer live (it died while driving)."""
+        instance = doc.get("instance")
+        if not isinstance(instance, str) or instance == self.runtime.instance_id:
+            return False
+        return await self.runtime.store.get(INSTANCES, instance) is None
+
+    async def follow(self, run_id: str, after: int, heartbeat_s: float,
+                     settled: Callable[[], Any]) -> AsyncIterator[dict[str, Any] | None]:
+        """The run's events with ``seq > after`` from the store, then live ones as they are copied, ending with its
+        end record (``{"end": true, ...}``). Yields ``None`` after ``heartbeat_s`` without one; then awaits
+        ``settled()`` (a run record that is over, or ``None``) and ends with it when the driver can no longer
+        write the end (it died)."""
+        ns, cursor, over = self.events_ns(run_id), "", None
+        while True:
+            records = await self.runtime.store.follow(ns, cursor, limit=500, block_s=0.0 if over else heartbeat_s)
+            for entry_id, record in records:
+                cursor = entry_id
+                if record.get("end"):
+                    yield record
+                    return
+                if int(record.get("seq") or 0) > after:
+                    yield record
+            if records:
+                continue
+            if over is not None:  # drained what the driver copied before it died
+                yield {"end": True, **over}
+                return
+            yield None
+            over = await settled()
