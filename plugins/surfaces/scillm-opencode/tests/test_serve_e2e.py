@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+import time
 from pathlib import Path
 
+import httpx
 from opencode_helpers import FINAL, MASTER_KEY, PROVIDER_SECRET, Stack, scan_for_secrets
 
 RUNS = "/v1/scillm/opencode/runs"
@@ -272,3 +275,51 @@ def test_an_existing_server_at_opencode_server_url(stack: Stack, tmp_path: Path)
     finally:
         os.killpg(theirs.pid, signal.SIGKILL)
         theirs.wait(timeout=10)
+
+
+def test_a_run_driven_by_one_instance_is_read_tailed_and_aborted_through_another(stack: Stack) -> None:
+    """A second scillm on the same state store (the SQLite of this machine, as ``--workers`` share it) that never
+    started the run: it reads the record, tails the events as the driving instance copies them into the store, and
+    its abort reaches the run."""
+    from opencode_helpers import MODEL, ONLY
+
+    from scillm_core.testing import ServerThread, make_app
+
+    other = make_app(env={"OPENAI_API_KEY": PROVIDER_SECRET, "OPENAI_API_BASE": stack.fake.url + "/v1",
+                          "SCILLM_MASTER_KEY": MASTER_KEY, "SCILLM_OPENCODE_SERVE_ENABLED": "1"},
+                     data_dir=stack.data_dir, config={"exec": {"allowed_roots": [str(stack.root)]},
+                                                      "opencode": {"model": MODEL, "heartbeat_s": 0.5}}, only=ONLY)
+    gate, arrived = stack.fake.gate("elsewhere"), stack.fake.arrival("elsewhere")
+    run_id = stack.client.post(RUNS, json={"prompt": "[gate:elsewhere]", "cwd": str(stack.repo()),
+                                           "wait": False}).json()["run_id"]
+    with ServerThread(other) as thread:
+        b = httpx.Client(base_url=thread.url, timeout=180, headers={
+            "authorization": f"Bearer {MASTER_KEY}", "x-caller-skill": "opencode-tests"})
+        assert arrived.wait(60)
+        assert b.get(f"{RUNS}/{run_id}").json()["status"] == "running"
+        frames: list[str] = []
+
+        def tail() -> None:  # B follows the run while it is live (through the store: B does not drive it)
+            with b.stream("GET", f"{RUNS}/{run_id}/events") as response:
+                buf = ""
+                for chunk in response.iter_text():
+                    buf += chunk
+                    while "\n\n" in buf:
+                        frame, buf = buf.split("\n\n", 1)
+                        frames.append(frame)
+
+        follower = threading.Thread(target=tail)
+        follower.start()
+        deadline = time.monotonic() + 60
+        while not any(f.startswith("id: ") for f in frames):  # the first events reached B
+            assert time.monotonic() < deadline, frames
+            time.sleep(0.05)
+        assert b.post(f"{RUNS}/{run_id}/abort", json={"reason": "stopped elsewhere"}).json()["status"] == "aborted"
+        assert stack.client.get(f"{RUNS}/{run_id}").json()["error"] == "stopped elsewhere"
+        gate.set()
+        follower.join(120)
+        mine, _ = stack.events(f"{RUNS}/{run_id}/events")
+        theirs = [json.loads(f.split("data: ", 1)[1]) for f in frames if f.startswith("id: ")]
+        assert theirs == mine and theirs[-1]["type"] == "run_completed" and theirs[-1]["status"] == "aborted"
+        end = json.loads(frames[-1].split("data: ", 1)[1])
+        assert frames[-1].startswith("event: end") and end["status"] == "aborted" and end["seq"] == mine[-1]["seq"]

@@ -14,13 +14,14 @@ from scillm_exec.manager import ExecManager, check_cwd, find_cycle, parse_final_
 from scillm_exec.process import CliOutcome, group_members, kill_group, run_cli, sandboxed
 from scillm_exec.routes import base_url_of, manager_for, routes
 from scillm_exec.service import ManagedProcess
+from scillm_exec.shared import SharedRuns, sse_follow
 from scillm_exec.worktree import GitError, Worktree, create_worktree, remove_worktree, reset_worktree, worktree_diff
 
 __all__ = ["RUN_KEY_PREFIX", "VIEW_KEY_PREFIX", "CliOutcome", "EventLog", "ExecConfig", "ExecManager", "GitError",
            "ManagedProcess", "RunKeys", "Worktree", "add_run_key_middleware", "base_child_env", "base_url_of",
            "check_cwd", "create_worktree", "exec_config", "find_cycle", "group_members", "kill_group", "manager_for",
            "parse_final_json", "remove_worktree", "reset_worktree", "run_cli", "run_keys", "sandboxed",
-           "schema_instructions", "sse_tail", "worktree_diff"]
+           "schema_instructions", "SharedRuns", "sse_follow", "sse_tail", "worktree_diff"]
 
 
 def base_child_env(home: str, *, path: str | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:

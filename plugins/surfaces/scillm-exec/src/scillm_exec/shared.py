@@ -22,13 +22,15 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from scillm_core.state.presence import INSTANCES
 from scillm_exec.events import EventLog, read_new
 
 if TYPE_CHECKING:
     from scillm_core import Runtime
 
-__all__ = ["CANCEL_POLL_S", "SharedRuns"]
+__all__ = ["CANCEL_POLL_S", "SharedRuns", "sse_follow"]
 
 log = logging.getLogger("scillm.exec")
 CANCEL_POLL_S = 0.25   # how often a process with live runs looks for cancel requests naming them
@@ -151,3 +153,16 @@ class SharedRuns:
                 return
             yield None
             over = await settled()
+
+
+async def sse_follow(shared: SharedRuns, run_id: str, after: int, heartbeat_s: float,
+                     settled: Callable[[], Any]) -> AsyncIterator[bytes]:
+    """:meth:`SharedRuns.follow` as the frames of :func:`scillm_exec.events.sse_tail`: ``id: <seq>`` + ``data:``
+    per event, ``: heartbeat`` while quiet, and ``event: end`` with the run's end record."""
+    async for event in shared.follow(run_id, after, heartbeat_s, settled):
+        if event is None:
+            yield b": heartbeat\n\n"
+        elif event.get("end"):
+            yield b"event: end\ndata: " + orjson.dumps({k: v for k, v in event.items() if k != "end"}) + b"\n\n"
+        else:
+            yield b"id: %d\ndata: %s\n\n" % (event.get("seq", 0), orjson.dumps(event))

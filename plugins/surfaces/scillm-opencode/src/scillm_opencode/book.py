@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from attrs import define, field
-from scillm_exec import EventLog, Worktree, create_worktree, worktree_diff
+from scillm_exec import EventLog, SharedRuns, Worktree, create_worktree, worktree_diff
 
 from scillm_core import errors
 from scillm_opencode.client import ServeError
 from scillm_opencode.config import opencode_config, skill_roots
 from scillm_opencode.profiles import bad
-from scillm_opencode.records import RUN_ID, Records, blocking
+from scillm_opencode.records import RUN_ID, TERMINAL, Records, blocking
 from scillm_opencode.session import Bus, Ended, SessionDriver, assistant_text
 from scillm_opencode.skills import materialise
 
@@ -112,6 +112,7 @@ class LiveRun:
     stop: asyncio.Event = field(factory=asyncio.Event)
     done: asyncio.Event = field(factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    mirror: asyncio.Task[None] | None = None  # the copy of its events into the state store
     skills_materialized: list[str] = field(factory=list)
     skills_missing: dict[str, str] = field(factory=dict)
     diff_lock: asyncio.Lock = field(factory=asyncio.Lock)  # a live diff never races the worktree's removal
@@ -123,19 +124,29 @@ class LiveRun:
         self.decided, self.status, self.error = True, status, error
         return True
 
+    def abort(self, reason: str) -> None:
+        if self.decide("aborted", reason):
+            self.stop.set()
+
+    def end(self) -> dict[str, Any]:
+        """The end frame of its event stream."""
+        return {"type": "end", "run_id": self.run_id, "status": self.status, "seq": self.log.seq}
+
 
 R = TypeVar("R", bound=LiveRun)
 
 
 class RunBook(Generic[R]):
-    """The runs of one kind: live ones in memory, all of them in :class:`Records`."""
+    """The runs of one kind: live ones in memory, all of them in :class:`Records`; events and aborts reach any
+    instance through :class:`scillm_exec.SharedRuns`."""
 
     def __init__(self, runtime: Runtime, sessions: Sessions, namespace: str, dirname: str) -> None:
         self.runtime = runtime
         self.sessions = sessions
         self.serve = sessions.serve
         self.cfg = sessions.cfg
-        self.records = Records(runtime, namespace, dirname, self.serve.secrets)
+        self.shared = SharedRuns(runtime, namespace)
+        self.records = Records(runtime, namespace, dirname, self.serve.secrets, self.shared)
         self.runs: dict[str, R] = {}
 
     def doc(self, run: R, *, final: bool = False) -> dict[str, Any]:
@@ -157,6 +168,8 @@ class RunBook(Generic[R]):
         self.runs[run.run_id] = run
         await self.records.save(self.doc(run))
         run.task = asyncio.ensure_future(execute(run))
+        run.mirror = asyncio.ensure_future(self.shared.mirror(run.run_id, run.log, run.end))
+        self.shared.drive(run.run_id, run.abort)
         return run
 
     async def follow(self, driver: SessionDriver, stop: asyncio.Event, deadline: float) -> str:
@@ -182,6 +195,7 @@ class RunBook(Generic[R]):
         run.log.append("run_completed", node=None, status=run.status, error=run.error,
                        changed_paths=extra.get("changed_paths", []), **event)
         run.log.close()
+        self.shared.release(run.run_id)
         stored = await self.records.save(run.result)
         await self.records.write_result(stored)
         run.done.set()
@@ -198,19 +212,38 @@ class RunBook(Generic[R]):
         return run.result
 
     async def abort(self, run_id: str, reason: str) -> dict[str, Any]:
+        """Abort a run: this process's at once; another instance's through the state store (it looks for abort
+        requests every quarter second), answering its final record once that instance stored it."""
         run = self.runs.get(run_id)
-        if run is None or run.done.is_set():
-            return await self.load(run_id)  # finished (or unknown: 404): abort changes nothing
-        if run.decide("aborted", reason):
-            run.stop.set()
-        return await self.wait(run)
+        if run is not None:
+            if not run.done.is_set():
+                run.abort(reason)
+                return await self.wait(run)
+            return await self.load(run_id)
+        doc = await self.load(run_id)  # unknown: 404
+        if doc.get("status") in TERMINAL:
+            return doc  # finished: abort changes nothing
+        await self.shared.request_cancel(run_id, reason)
+        deadline = time.monotonic() + ABORT_GRACE_S + 20
+        while doc.get("status") not in TERMINAL and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            doc = await self.load(run_id)
+        return doc
 
     def log(self, run_id: str) -> EventLog | None:
+        """The run's event log when this process drives it, or (a finished run) this machine has its file."""
         run = self.runs.get(run_id)
         if run is not None:
             return run.log
         path = self.records.run_dir(run_id) / "events.jsonl"
         return EventLog(path, closed=True) if path.is_file() and RUN_ID.match(run_id) else None
+
+    async def settled(self, run_id: str) -> dict[str, Any] | None:
+        """The end frame of a run that is over by its record (for a stream that follows it through the store)."""
+        doc = await self.load(run_id)
+        if doc.get("status") not in TERMINAL:
+            return None
+        return {"type": "end", "run_id": run_id, "status": doc.get("status"), "seq": None}
 
     async def live_diff(self, run_id: str) -> dict[str, Any]:
         run = self.runs.get(run_id)
@@ -233,4 +266,10 @@ class RunBook(Generic[R]):
         for task in live:
             task.cancel()
         await asyncio.gather(*live, return_exceptions=True)
+        mirrors = [r.mirror for r in self.runs.values() if r.mirror is not None and not r.mirror.done()]
+        if mirrors:  # the last events and end records, while the store answers
+            _, late = await asyncio.wait(mirrors, timeout=self.runtime.config.state.timeout_s + 1)
+            for mirror in late:
+                mirror.cancel()
+        await self.shared.stop()
         self.records.close()

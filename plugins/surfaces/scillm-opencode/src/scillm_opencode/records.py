@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
-from scillm_exec import EventLog, Worktree, remove_worktree
+from scillm_exec import EventLog, SharedRuns, Worktree, remove_worktree
 
 from scillm_core import errors
 
@@ -63,9 +63,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Records:
-    def __init__(self, runtime: Runtime, namespace: str, dirname: str, redact: Any) -> None:
+    def __init__(self, runtime: Runtime, namespace: str, dirname: str, redact: Any,
+                 shared: SharedRuns | None = None) -> None:
         self.runtime = runtime
         self.namespace = namespace
+        self.shared = shared
         self.root = runtime.config.data_dir / "opencode" / dirname
         self.driver = uuid.uuid4().hex
         self.redact = redact  # () -> secrets to scrub from what is stored
@@ -78,7 +80,7 @@ class Records:
         return self.root / run_id
 
     def stamp(self) -> dict[str, Any]:
-        return {"driver": {"host": HOST, "pid": os.getpid(), "id": self.driver}}
+        return {"driver": {"host": HOST, "pid": os.getpid(), "id": self.driver}, "instance": self.runtime.instance_id}
 
     def _scrub(self, doc: dict[str, Any]) -> dict[str, Any]:
         raw = orjson.dumps(doc, default=str)
@@ -115,7 +117,7 @@ class Records:
         doc = await self.runtime.store.get(self.namespace, run_id)
         if doc is None:
             raise errors.NotFound(f"no run {run_id!r}")
-        if self.orphaned(doc):
+        if await self.gone(doc):
             doc = await self.interrupt(doc)
         return doc
 
@@ -128,11 +130,17 @@ class Records:
         docs.sort(key=lambda d: d.get("created_at") or 0, reverse=True)
         out: list[dict[str, Any]] = []
         for doc in docs[:limit]:
-            if self.orphaned(doc):
+            if await self.gone(doc):
                 doc = await self.interrupt(doc)
             out.append({k: doc.get(k) for k in ("run_id", "status", "agent", "caller", "owner", "workspace",
                                                  "cwd", "created_at", "finished_at", "error") if k in doc})
         return out
+
+    async def gone(self, doc: dict[str, Any]) -> bool:
+        """Whether the run's driver is gone: a dead process of this host, or an instance no longer live."""
+        if self.orphaned(doc):
+            return True
+        return doc.get("status") not in TERMINAL and self.shared is not None and await self.shared.owner_gone(doc)
 
     def orphaned(self, doc: dict[str, Any]) -> bool:
         if doc.get("status") in TERMINAL:

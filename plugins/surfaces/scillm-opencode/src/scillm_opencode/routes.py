@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from scillm_exec import VIEW_KEY_PREFIX, base_url_of, sse_tail
+from scillm_exec import VIEW_KEY_PREFIX, base_url_of, sse_follow, sse_tail
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -14,7 +14,7 @@ from scillm_core.web import caller_of, identity_of, json_response, query_int, re
 from scillm_opencode.book import RunBook, Sessions
 from scillm_opencode.config import enabled, opencode_config
 from scillm_opencode.monitor import view_routes
-from scillm_opencode.records import RUN_ID
+from scillm_opencode.records import RUN_ID, TERMINAL
 from scillm_opencode.runs import ServeRuns
 from scillm_opencode.serve import ServeManager
 from scillm_opencode.transport import EVENT_TYPES, MODES, Transport
@@ -123,16 +123,19 @@ def run_routes(base: str, *, transport: bool) -> list[tuple[str, Any, list[str]]
     async def events(request: Request) -> Response:
         oc = _surface(request)
         run_id, after = _run_id(request), _after(request)
-        await book(oc).load(run_id)  # 404 (and an orphan is finalised) before streaming
+        doc = await book(oc).load(run_id)  # 404 (and an orphan is finalised) before streaming
         log = book(oc).log(run_id)
-        if log is None:
-            raise errors.NotFound(f"run {run_id!r} has no events on this instance")
+        heartbeat = _heartbeat(oc.runtime)
+        if log is None or (run_id not in book(oc).runs and doc.get("status") not in TERMINAL):
+            # another process drives it (or drove it elsewhere): its events as copied into the state store
+            stream = sse_follow(book(oc).shared, run_id, after, heartbeat, lambda: book(oc).settled(run_id))
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
         def end() -> dict[str, Any]:
             run = book(oc).runs.get(run_id)
             return {"type": "end", "run_id": run_id, "status": run.status if run else None, "seq": log.seq}
 
-        return StreamingResponse(sse_tail(log, after, _heartbeat(oc.runtime), end), media_type="text/event-stream",
+        return StreamingResponse(sse_tail(log, after, heartbeat, end), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
 
     async def abort(request: Request) -> Response:

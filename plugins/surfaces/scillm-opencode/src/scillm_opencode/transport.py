@@ -33,7 +33,7 @@ from scillm_opencode.profiles import (
     seconds,
     text,
 )
-from scillm_opencode.records import RUN_ID
+from scillm_opencode.records import RUN_ID, TERMINAL
 from scillm_opencode.session import Bus, Ended, SessionDriver, assistant_text
 from scillm_opencode.skills import check_skill_names, skill_rules
 
@@ -370,8 +370,12 @@ class Transport(RunBook[TransportRun]):
 
     # -- reading and steering -----------------------------------------------------------------------------------
 
-    def live_run(self, run_id: str) -> TransportRun:
+    def live_run(self, run_id: str, doc: dict[str, Any]) -> TransportRun:
+        """The run this process drives, to steer or answer; 409 when it is over or another instance drives it."""
         run = self.runs.get(run_id)
+        if run is None and doc.get("status") not in TERMINAL:
+            raise errors.Conflict(f"run {run_id!r} is driven by another scillm instance ({doc.get('instance')}); "
+                                  "steer it and answer its permission requests through that instance")
         if run is None or run.done.is_set() or run.decided:
             raise errors.Conflict(f"run {run_id!r} is not running")
         return run
@@ -379,8 +383,7 @@ class Transport(RunBook[TransportRun]):
     async def steer(self, run_id: str, body: Any) -> dict[str, Any]:
         body = check_object(body, {"node", "message"})
         message = text(body.get("message"), "$.message", required=True, limit=64 << 10) or ""
-        await self.load(run_id)  # 404 for an unknown run
-        run = self.live_run(run_id)
+        run = self.live_run(run_id, await self.load(run_id))  # 404 for an unknown run
         node = self._pick(run, body.get("node"))
         if node.status != "running" or node.driver is None or node.driver.session_id is None:
             raise errors.Conflict(f"node {node.id!r} is {node.status}; only a running node can be steered",
@@ -408,8 +411,7 @@ class Transport(RunBook[TransportRun]):
         if reply not in ("once", "always", "reject"):
             raise bad(f"reply must be once, always or reject, got {reply!r}", "$.reply")
         message = text(body.get("message"), "$.message", limit=4000)
-        await self.load(run_id)
-        run = self.live_run(run_id)
+        run = self.live_run(run_id, await self.load(run_id))
         for node in run.nodes.values():
             if node.driver is not None and permission_id in node.driver.pending:
                 await node.driver.reply(permission_id, reply, message)
