@@ -1,13 +1,15 @@
 """Scale-out figures, as ratios: throughput of `--workers 2` and of two instances behind nginx against one process,
 and CPU per request with the Redis state backend against the embedded one.
 
-    .venv/bin/python bench/scale.py [--duration 8] [--runs 3]
+    .venv/bin/python bench/scale.py [--duration 8] [--runs 3] [--load wrk|python] [--mock nginx|python]
 
-Every setup is `scillm serve` against `bench/mock.py` (no answer delay), driven by `bench/loadgen.py` at c=64,
-non-streaming. CPU per request is the user+system time of every process of the setup's scillm process groups
-(`/proc/<pid>/stat`, children included) divided by OK requests. Nothing is pinned: on a 2-core machine the load
-generator, the mock and nginx share the cores with the workers, which caps what two workers can gain here; the
-printed figures say how busy the machine was. Medians of `--runs`.
+Every setup is `scillm serve`, non-streaming, at c=64. By default the load is `wrk` (C, one thread; Debian's `wrk`)
+and the upstream is nginx answering a fixed chat completion (`--mock nginx`): the side that is not scillm costs as
+little CPU as it can, so on a small machine the cores go to scillm. `--load python --mock python` is the first
+round's setup (`bench/loadgen.py` against `bench/mock.py`), which spends about as much CPU as one scillm process.
+CPU per request is the user+system time of every process of the setup's scillm process groups (`/proc/<pid>/stat`,
+children included) divided by OK requests; "machine busy" is the share of all cores busy during the run (every
+process, other sessions' too). Nothing is pinned. Medians of `--runs`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -22,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -48,28 +53,90 @@ def group_cpu_s(pgid: int) -> float:
     return total / TICKS
 
 
-def measure(url: str, groups: list[int], duration: float) -> dict[str, float]:
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def wrk(url: str, body: bytes, headers: dict[str, str], concurrency: int, duration: float, work: Path
+        ) -> dict[str, float]:
+    script = work / "post.lua"
+    script.write_text('wrk.method = "POST"\nwrk.body = ' + _lua(body.decode()) + "\n" + "".join(
+        f"wrk.headers[{_lua(k)}] = {_lua(v)}\n" for k, v in headers.items()))
+    out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{duration:g}s", "-s", str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+    total = int(re.search(r"(\d+) requests in ([\d.]+)s", out).group(1))  # type: ignore[union-attr]
+    seconds = float(re.search(r"requests in ([\d.]+)s", out).group(1))  # type: ignore[union-attr]
+    bad = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    bad += sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    return {"ok": total - bad, "rps": (total - bad) / seconds, "errors": bad}
+
+
+def _lua(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def measure(url: str, groups: list[int], duration: float, load: str, work: Path) -> dict[str, float]:
     import orjson
 
     body = orjson.dumps(chat_body("openai/gpt-4o-mini", False))
     headers = {"Authorization": "Bearer sk-dev-proxy-123", "Content-Type": "application/json"}
-    asyncio.run(run_load(url + "/v1/chat/completions", headers, body, concurrency=16, duration=1.0))  # warm-up
-    before = sum(group_cpu_s(g) for g in groups)
-    result = asyncio.run(run_load(url + "/v1/chat/completions", headers, body, concurrency=64, duration=duration))
+    target = url + "/v1/chat/completions"
+
+    def drive(concurrency: int, seconds: float) -> dict[str, float]:
+        if load == "wrk":
+            return wrk(target, body, headers, concurrency, seconds, work)
+        return asyncio.run(run_load(target, headers, body, concurrency=concurrency, duration=seconds))
+
+    drive(16, 1.0)  # warm-up
+    before, (busy0, total0) = sum(group_cpu_s(g) for g in groups), machine_ticks()
+    result = drive(64, duration)
     cpu = sum(group_cpu_s(g) for g in groups) - before
-    return {"rps": result["rps"], "cpu_us": cpu / max(result["ok"], 1) * 1e6, "errors": result["errors"]}
+    busy1, total1 = machine_ticks()
+    return {"rps": result["rps"], "cpu_us": cpu / max(result["ok"], 1) * 1e6, "errors": result["errors"],
+            "scillm_cores": cpu / duration, "machine_busy": (busy1 - busy0) / max(total1 - total0, 1)}
+
+
+MOCK_REPLY = ('{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini",'
+              '"choices":[{"index":0,"message":{"role":"assistant","content":"It is sunny in San Francisco."},'
+              '"finish_reason":"stop"}],"usage":{"prompt_tokens":14,"completion_tokens":8,"total_tokens":22}}')
+
+
+def start_mock(kind: str, work: Path) -> tuple[int, Any]:
+    port = free_port()
+    if kind == "nginx":
+        block = (f"server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000; location / {{ "
+                 f"default_type application/json; return 200 '{MOCK_REPLY}'; }} }}")
+        return port, Nginx(work / "mock-nginx", block, port).start()
+    mock = subprocess.Popen([sys.executable, str(HERE / "mock.py"), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    return port, mock
+
+
+def stop_mock(mock: Any) -> None:
+    if isinstance(mock, Nginx):
+        mock.stop()
+    else:
+        mock.send_signal(signal.SIGTERM)
+        mock.wait()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--load", choices=("wrk", "python"), default="wrk" if shutil.which("wrk") else "python")
+    ap.add_argument("--mock", choices=("nginx", "python"), default="nginx")
+    ap.add_argument("--setups", default="one process,one process, Redis,--workers 2,2 instances + nginx (Redis)",
+                    help="comma list (names as printed); 'one process' is the base and always runs")
     args = ap.parse_args()
+    known = ("one process", "one process, Redis", "--workers 2", "2 instances + nginx (Redis)", "--workers 2, Redis")
+    chosen = ["one process", *(n for n in known[1:] if n in args.setups)]
     work = Path(tempfile.mkdtemp(prefix="scillm-scale-bench-"))
-    mock_port = free_port()
-    mock = subprocess.Popen([sys.executable, str(HERE / "mock.py"), "--port", str(mock_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.0)
+    mock_port, mock = start_mock(args.mock, work)
     env = {"OPENAI_API_KEY": "sk-bench", "OPENAI_API_BASE": f"http://127.0.0.1:{mock_port}/v1",
            "SCILLM_DISABLE_PLUGINS": ""}
     redis = RedisServer(work / "redis").start()
@@ -77,7 +144,7 @@ def main() -> None:
     rows: dict[str, list[dict[str, float]]] = {}
     try:
         for _ in range(args.runs):
-            for name in ("one process", "one process, Redis", "--workers 2", "2 instances + nginx (Redis)"):
+            for name in chosen:
                 config = {"state": state} if "Redis" in name else {}
                 servers = []
                 nginx = None
@@ -96,7 +163,7 @@ def main() -> None:
                         servers = [ScillmProcess(work / name, env=env, config=config, workers=workers).start()]
                         url = servers[0].url
                     groups = [s.process.pid for s in servers if s.process is not None]
-                    rows.setdefault(name, []).append(measure(url, groups, args.duration))
+                    rows.setdefault(name, []).append(measure(url, groups, args.duration, args.load, work))
                 finally:
                     if nginx is not None:
                         nginx.stop()
@@ -104,17 +171,21 @@ def main() -> None:
                         server.stop()
     finally:
         redis.stop()
-        mock.send_signal(signal.SIGTERM)
-        mock.wait()
+        stop_mock(mock)
     base = statistics.median(r["rps"] for r in rows["one process"])
     base_cpu = statistics.median(r["cpu_us"] for r in rows["one process"])
-    print(f"| setup | req/s (median of {args.runs}) | vs one process | scillm CPU µs/req | vs one process | errors |")
-    print("|---|---|---|---|---|---|")
+    print(f"load {args.load}, mock {args.mock}, c=64, {args.duration:g} s per run, medians of {args.runs}")
+    print("| setup | req/s | vs one process | scillm CPU µs/req | vs one process | cores used by scillm | "
+          "machine busy | errors |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, runs in rows.items():
         rps = statistics.median(r["rps"] for r in runs)
         cpu = statistics.median(r["cpu_us"] for r in runs)
-        print(f"| {name} | {rps:.0f} | {rps / base:.2f}x | {cpu:.0f} | {cpu / base_cpu:.2f}x | "
-              f"{sum(r['errors'] for r in runs)} |")
+        cores = statistics.median(r["scillm_cores"] for r in runs)
+        busy = statistics.median(r["machine_busy"] for r in runs)
+        print(f"| {name} | {rps:.0f} | {rps / base:.2f}x | {cpu:.0f} | {cpu / base_cpu:.2f}x | {cores:.2f} | "
+              f"{busy:.0%} | {sum(r['errors'] for r in runs)} |")
+        print("  per run req/s: " + ", ".join(f"{r['rps']:.0f}" for r in runs), file=sys.stderr)
 
 
 if __name__ == "__main__":
