@@ -175,16 +175,21 @@ def main() -> None:
     base = statistics.median(r["rps"] for r in rows["one process"])
     base_cpu = statistics.median(r["cpu_us"] for r in rows["one process"])
     print(f"load {args.load}, mock {args.mock}, c=64, {args.duration:g} s per run, medians of {args.runs}")
-    print("| setup | req/s | vs one process | scillm CPU µs/req | vs one process | cores used by scillm | "
-          "machine busy | errors |")
-    print("|---|---|---|---|---|---|---|---|")
+    best = max(r["rps"] for r in rows["one process"])
+    per_core = statistics.median(r["rps"] / max(r["scillm_cores"], 1e-9) for r in rows["one process"])
+    print("| setup | req/s | vs one process | best run req/s | vs one process's best | scillm CPU µs/req | "
+          "vs one process | cores used by scillm | req/s per scillm core | vs one process | machine busy | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, runs in rows.items():
         rps = statistics.median(r["rps"] for r in runs)
+        top = max(r["rps"] for r in runs)
         cpu = statistics.median(r["cpu_us"] for r in runs)
         cores = statistics.median(r["scillm_cores"] for r in runs)
+        core_rps = statistics.median(r["rps"] / max(r["scillm_cores"], 1e-9) for r in runs)
         busy = statistics.median(r["machine_busy"] for r in runs)
-        print(f"| {name} | {rps:.0f} | {rps / base:.2f}x | {cpu:.0f} | {cpu / base_cpu:.2f}x | {cores:.2f} | "
-              f"{busy:.0%} | {sum(r['errors'] for r in runs)} |")
+        print(f"| {name} | {rps:.0f} | {rps / base:.2f}x | {top:.0f} | {top / best:.2f}x | {cpu:.0f} | "
+              f"{cpu / base_cpu:.2f}x | {cores:.2f} | {core_rps:.0f} | {core_rps / per_core:.2f}x | {busy:.0%} | "
+              f"{sum(r['errors'] for r in runs)} |")
         print("  per run req/s: " + ", ".join(f"{r['rps']:.0f}" for r in runs), file=sys.stderr)
 
 
