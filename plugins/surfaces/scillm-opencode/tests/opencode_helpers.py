@@ -157,11 +157,14 @@ class Stack:
         return path
 
     def events(self, path: str, after: int = 0, *, token: str | None = None,
-               on_frame: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
-        """Read an SSE stream to its end: (data events, raw frames); ``on_frame`` sees each frame as it comes."""
+               on_frame: Callable[[str], None] | None = None, client: httpx.Client | None = None
+               ) -> tuple[list[dict[str, Any]], list[str]]:
+        """Read an SSE stream to its end (through ``client``, default this stack's): (data events, raw frames);
+        ``on_frame`` sees each frame as it comes."""
         headers = {"authorization": f"Bearer {token}"} if token else {}
         frames: list[str] = []
-        with self.client.stream("GET", path, params={"after": after}, headers=headers, timeout=180) as response:
+        with (client or self.client).stream("GET", path, params={"after": after}, headers=headers,
+                                            timeout=180) as response:
             assert response.status_code == 200, response.read()
             buf = ""
             for chunk in response.iter_text():

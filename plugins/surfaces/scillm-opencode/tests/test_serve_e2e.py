@@ -300,13 +300,7 @@ def test_a_run_driven_by_one_instance_is_read_tailed_and_aborted_through_another
         frames: list[str] = []
 
         def tail() -> None:  # B follows the run while it is live (through the store: B does not drive it)
-            with b.stream("GET", f"{RUNS}/{run_id}/events") as response:
-                buf = ""
-                for chunk in response.iter_text():
-                    buf += chunk
-                    while "\n\n" in buf:
-                        frame, buf = buf.split("\n\n", 1)
-                        frames.append(frame)
+            stack.events(f"{RUNS}/{run_id}/events", client=b, on_frame=frames.append)
 
         follower = threading.Thread(target=tail)
         follower.start()

@@ -146,7 +146,6 @@ class Run:
     parent: str | None = None  # the enclosing unit of work (a graph), for events
     trace: Mapping[str, str] = attrs.field(factory=dict)  # the client's trace context, for events
     events: EventLog | None = None  # events.jsonl (the runner writes it): wakes the copy into the state store
-    mirror: asyncio.Task[None] | None = None
 
     @property
     def unit(self) -> str:
@@ -187,13 +186,12 @@ class ExecManager:
         self._write_status(run)
         await self.record(run)
         run.task = asyncio.ensure_future(self._execute(run, base_url, slots))
-        run.mirror = asyncio.ensure_future(self.shared.mirror(run_id, events, lambda: self._end(run)))
 
         def cancel(reason: str) -> None:
             if run.task is not None:
                 run.task.cancel()
 
-        self.shared.drive(run_id, cancel)
+        self.shared.drive(run_id, events, lambda: self._end(run), cancel)
         return run
 
     @staticmethod
@@ -377,11 +375,6 @@ class ExecManager:
         for task in live:
             with contextlib.suppress(BaseException):
                 await task
-        mirrors = [r.mirror for r in self.runs.values() if r.mirror is not None and not r.mirror.done()]
-        if mirrors:  # the last events and end records, while the store answers
-            _, late = await asyncio.wait(mirrors, timeout=self.runtime.config.state.timeout_s + 1)
-            for mirror in late:
-                mirror.cancel()
         await self.shared.stop()
 
     # -- graphs ----------------------------------------------------------------------------------------------------

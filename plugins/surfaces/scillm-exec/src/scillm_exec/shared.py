@@ -45,6 +45,7 @@ class SharedRuns:
         self.runtime = runtime
         self.kind = kind
         self.driving: dict[str, Callable[[str], None]] = {}  # run id -> cancel(reason), runs this process drives
+        self.mirrors: set[asyncio.Task[None]] = set()
         self.watcher: asyncio.Task[None] | None = None
 
     def events_ns(self, run_id: str) -> str:
@@ -56,10 +57,23 @@ class SharedRuns:
 
     # -- the driving process ---------------------------------------------------------------------------------------
 
-    async def mirror(self, run_id: str, events: EventLog, end: Callable[[], Mapping[str, Any]]) -> None:
-        """Copy ``events`` into the store as it grows until it is closed, then ``{"end": true, **end()}``. Runs for
-        the life of the run; a store that fails is retried with what is pending, nothing is dropped while this
-        process lives."""
+    def drive(self, run_id: str, events: EventLog, end: Callable[[], Mapping[str, Any]],
+              cancel: Callable[[str], None]) -> None:
+        """This process drives ``run_id``: copy ``events`` into the store as it grows (until the log is closed, then
+        ``{"end": true, **end()}``), and call ``cancel(reason)`` for a cancel request from any instance."""
+        task = asyncio.ensure_future(self._mirror(run_id, events, end))
+        self.mirrors.add(task)
+        task.add_done_callback(self.mirrors.discard)
+        self.driving[run_id] = cancel
+        if self.watcher is None or self.watcher.done():
+            self.watcher = asyncio.ensure_future(self._watch())
+
+    def release(self, run_id: str) -> None:
+        """The run is over: no more cancel requests for it (its copy ends when its log is closed)."""
+        self.driving.pop(run_id, None)
+
+    async def _mirror(self, run_id: str, events: EventLog, end: Callable[[], Mapping[str, Any]]) -> None:
+        """A store that fails is retried with what is pending: nothing is dropped while this process lives."""
         ns, offset, buf = self.events_ns(run_id), 0, bytearray()
         pending: list[dict[str, Any]] = []
         ended = False
@@ -85,15 +99,6 @@ class SharedRuns:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), MIRROR_POLL_S)
 
-    def drive(self, run_id: str, cancel: Callable[[str], None]) -> None:
-        """This process drives ``run_id``: cancel requests for it (from any instance) call ``cancel(reason)``."""
-        self.driving[run_id] = cancel
-        if self.watcher is None or self.watcher.done():
-            self.watcher = asyncio.ensure_future(self._watch())
-
-    def release(self, run_id: str) -> None:
-        self.driving.pop(run_id, None)
-
     async def _watch(self) -> None:
         while self.driving:
             await asyncio.sleep(CANCEL_POLL_S)
@@ -110,7 +115,12 @@ class SharedRuns:
                     cancel(str(request.get("reason") or "cancelled") if request else "cancelled")
 
     async def stop(self) -> None:
+        """At shutdown, after the runs ended: their last events and end records while the store answers."""
         self.driving.clear()
+        if self.mirrors:
+            _, late = await asyncio.wait(set(self.mirrors), timeout=self.runtime.config.state.timeout_s + 1)
+            for task in late:
+                task.cancel()
         if self.watcher is not None:
             self.watcher.cancel()
             with contextlib.suppress(BaseException):

@@ -112,7 +112,6 @@ class LiveRun:
     stop: asyncio.Event = field(factory=asyncio.Event)
     done: asyncio.Event = field(factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
-    mirror: asyncio.Task[None] | None = None  # the copy of its events into the state store
     skills_materialized: list[str] = field(factory=list)
     skills_missing: dict[str, str] = field(factory=dict)
     diff_lock: asyncio.Lock = field(factory=asyncio.Lock)  # a live diff never races the worktree's removal
@@ -168,8 +167,7 @@ class RunBook(Generic[R]):
         self.runs[run.run_id] = run
         await self.records.save(self.doc(run))
         run.task = asyncio.ensure_future(execute(run))
-        run.mirror = asyncio.ensure_future(self.shared.mirror(run.run_id, run.log, run.end))
-        self.shared.drive(run.run_id, run.abort)
+        self.shared.drive(run.run_id, run.log, run.end, run.abort)
         return run
 
     async def follow(self, driver: SessionDriver, stop: asyncio.Event, deadline: float) -> str:
@@ -266,10 +264,5 @@ class RunBook(Generic[R]):
         for task in live:
             task.cancel()
         await asyncio.gather(*live, return_exceptions=True)
-        mirrors = [r.mirror for r in self.runs.values() if r.mirror is not None and not r.mirror.done()]
-        if mirrors:  # the last events and end records, while the store answers
-            _, late = await asyncio.wait(mirrors, timeout=self.runtime.config.state.timeout_s + 1)
-            for mirror in late:
-                mirror.cancel()
         await self.shared.stop()
         self.records.close()
