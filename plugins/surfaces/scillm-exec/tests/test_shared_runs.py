@@ -104,3 +104,18 @@ def test_a_stored_run_whose_instance_died_is_reported_interrupted_from_anywhere(
     with httpx.stream("GET", f"{pair['a']}/v1/scillm/exec/{run_id}/events", headers=HEADERS, timeout=30) as tail:
         assert list(sse(tail)) == [("end", {"type": "run.end", "run_id": run_id, "status": "failed",
                                             "exit_code": None})]
+
+
+def test_an_event_too_big_for_the_store_reaches_the_other_instance_as_a_stub_naming_its_size(pair: dict[str, Any]
+                                                                                           ) -> None:
+    done = httpx.post(pair["a"] + "/v1/scillm/exec", headers=HEADERS, timeout=60, json={
+        "profile": "fake", "prompt": '{"mode": "huge", "mb": 2}', "cwd": str(pair["root"]), "wait": True})
+    assert done.status_code == 200 and done.json()["status"] == "completed", done.text
+    with httpx.stream("GET", f"{pair['b']}/v1/scillm/exec/{done.json()['run_id']}/events", headers=HEADERS,
+                      timeout=30) as tail:
+        frames = list(sse(tail))
+    events = [data for kind, data in frames if kind == "message"]
+    blob = next(e for e in events if e["type"] == "blob")
+    assert blob["bytes"] > 2 * 1024 * 1024 and "event" not in blob and blob["stored"].startswith("run dir only")
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1)) and events[-1]["type"] == "process.end"
+    assert frames[-1][0] == "end" and frames[-1][1]["status"] == "completed"

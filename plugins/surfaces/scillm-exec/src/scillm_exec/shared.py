@@ -3,7 +3,8 @@ runs): a run is driven by the process that started it, and any other process poi
 record, tail its events and cancel it.
 
 - **events**: the driving process copies the run's event log (``events.jsonl``, secrets already scrubbed) into the
-  store's log ``run-events:<kind>:<run_id>`` as it grows, then one end record; :meth:`SharedRuns.follow` tails that
+  store's log ``run-events:<kind>:<run_id>`` as it grows (an event over :data:`STORE_EVENT_LIMIT` as a stub naming
+  its size), then one end record; :meth:`SharedRuns.follow` tails that
   log from anywhere (resumable by event ``seq``);
 - **cancel**: :meth:`SharedRuns.request_cancel` leaves a document under ``run-cancels:<kind>``; the driving process
   looks for requests naming its live runs every :data:`CANCEL_POLL_S` and cancels them as if asked directly;
@@ -36,6 +37,8 @@ log = logging.getLogger("scillm.exec")
 CANCEL_POLL_S = 0.25   # how often a process with live runs looks for cancel requests naming them
 MIRROR_POLL_S = 1.0    # the event log is re-read at least this often (runners that write without notifying)
 CANCEL_TTL_S = 3600.0  # a cancel request nobody took (its run had ended) goes away after this long
+STORE_EVENT_LIMIT = 1 << 20  # an event bigger than this is copied as a stub (the run dir keeps it whole)
+KEPT = ("seq", "ts", "type", "source", "node")
 
 
 class SharedRuns:
@@ -80,7 +83,7 @@ class SharedRuns:
         while not ended:
             changed, closed = events.changed, events.closed  # taken before reading: an append during it is not missed
             offset, new = await asyncio.to_thread(read_new, events.path, offset, buf)
-            pending += new
+            pending += [_storable(event) for event in new]
             if closed:
                 pending.append({"end": True, **end()})
             if pending:
@@ -163,6 +166,14 @@ class SharedRuns:
                 return
             yield None
             over = await settled()
+
+
+def _storable(event: dict[str, Any]) -> dict[str, Any]:
+    """The event as copied into the store: whole, or a stub naming its size when it is over the limit."""
+    size = len(orjson.dumps(event))
+    if size <= STORE_EVENT_LIMIT:
+        return event
+    return {**{k: event[k] for k in KEPT if k in event}, "bytes": size, "stored": "run dir only (too big to copy)"}
 
 
 async def sse_follow(shared: SharedRuns, run_id: str, after: int, heartbeat_s: float,
