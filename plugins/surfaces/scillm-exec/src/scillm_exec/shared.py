@@ -137,11 +137,14 @@ class SharedRuns:
                                                                 "by": self.runtime.instance_id}, ttl_s=CANCEL_TTL_S)
 
     async def owner_gone(self, doc: Mapping[str, Any]) -> bool:
-        """Whether the process named by a run record's ``instance`` is no longer live (it died while driving)."""
+        """Whether the process named by a run record's ``instance`` is no longer live (it died while driving). Only
+        when this process's own presence is there: after the store lost its data or was down longer than the
+        presence TTL, nobody's presence says anything until this one's next beat."""
         instance = doc.get("instance")
         if not isinstance(instance, str) or instance == self.runtime.instance_id:
             return False
-        return await self.runtime.store.get(INSTANCES, instance) is None
+        theirs, mine = await self.runtime.store.get_many(INSTANCES, [instance, self.runtime.instance_id])
+        return theirs is None and mine is not None
 
     async def follow(self, run_id: str, after: int, heartbeat_s: float,
                      settled: Callable[[], Any]) -> AsyncIterator[dict[str, Any] | None]:
