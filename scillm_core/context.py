@@ -105,6 +105,8 @@ class CallContext:
     route: Route | None = None
     notes: dict[str, Any] = field(factory=dict)
     parent: str | None = None
+    #: who is told when the stream being handed on ends (``scillm_core.pipeline.tap_stream``), while it is open
+    stream_ended: list[Any] | None = None
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from scillm_core.context import CallContext
 
 __all__ = ["CallResult", "ChatResult", "ChatThunk", "OpeningStream", "ProviderRequest", "RequestThunk",
-           "ResponseThunk", "Thunk", "observe_stream", "observed_stage", "open_stream", "run_chat", "run_embeddings",
-           "then"]
+           "ResponseThunk", "StreamEnded", "Thunk", "end_with_stream", "observed_stage", "open_stream",
+           "run_chat", "run_embeddings", "tap_stream", "then"]
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -128,11 +128,12 @@ async def _observed_chat(request: ChatRequest, ctx: CallContext) -> ChatResult:
                     duration_s=time.perf_counter() - started, first_chunk_s=None)
         return result
 
-    def ended(error: BaseException | None, usage: Any, first_chunk_s: float | None) -> None:
+    def ended(error: BaseException | None, usage: Any, first_at: float | None) -> None:
+        now = time.perf_counter()
         events.emit("request.end", ctx, request=prepared, response=None, error=error, usage=usage,
-                    duration_s=time.perf_counter() - started, first_chunk_s=first_chunk_s)
+                    duration_s=now - started, first_chunk_s=None if first_at is None else first_at - started)
 
-    return observe_stream(result, started, ended)  # type: ignore[arg-type]  # a chat request's stream
+    return end_with_stream(result, ctx, ended)  # type: ignore[arg-type]  # a chat request's stream
 
 
 async def observed_stage(ctx: CallContext, stage: str, thunk: Thunk[T]) -> T:
@@ -149,17 +150,40 @@ async def observed_stage(ctx: CallContext, stage: str, thunk: Thunk[T]) -> T:
         events.emit("stage.end", ctx, stage=stage, error=error)
 
 
-async def observe_stream(chunks: AsyncIterator[ChatChunk], started: float,
-                         ended: Callable[[BaseException | None, Any, float | None], None]) -> AsyncIterator[ChatChunk]:
-    """``chunks`` passed through; ``ended(error, usage, first_chunk_s)`` once when the stream ends, fails or is
-    closed (``GeneratorExit`` / ``CancelledError`` as the error), measured from ``started`` (perf_counter)."""
+#: ``ended(error, usage, first_at)``: a stream ended (``first_at`` is the ``perf_counter`` of its first chunk)
+StreamEnded: TypeAlias = Callable[[BaseException | None, Any, float | None], None]
+
+
+def tap_stream(chunks: AsyncIterator[ChatChunk], ctx: CallContext, ended: StreamEnded) -> AsyncIterator[ChatChunk]:
+    """The one pass-through layer that observes a stream: ``ended`` and whatever else joins ``ctx.stream_ended``
+    (see :func:`end_with_stream`) are called once when it ends, fails or is closed (``GeneratorExit`` /
+    ``CancelledError`` as the error). Core's dispatch taps each streamed attempt while observers listen."""
+    callbacks = [ended]
+    ctx.stream_ended = callbacks
+    return _tapped(chunks, ctx, callbacks)
+
+
+def end_with_stream(chunks: AsyncIterator[ChatChunk], ctx: CallContext, ended: StreamEnded) -> AsyncIterator[ChatChunk]:
+    """Call ``ended`` when ``chunks`` ends, without another layer per chunk when it can: the stream a call returns
+    is, unless a middleware made a stream of its own, its last upstream attempt's, which core's dispatch already
+    taps (``ctx.stream_ended``, still open); ``ended`` then joins that tap's callbacks. Otherwise (a cached
+    answer replayed as a stream, say) ``chunks`` gets a tap of its own."""
+    callbacks = ctx.stream_ended
+    if callbacks is not None:
+        callbacks.append(ended)
+        return chunks
+    return tap_stream(chunks, ctx, ended)
+
+
+async def _tapped(chunks: AsyncIterator[ChatChunk], ctx: CallContext,
+                  callbacks: list[StreamEnded]) -> AsyncIterator[ChatChunk]:
     usage = None
     first: float | None = None
     error: BaseException | None = None
     try:
         async for chunk in chunks:
             if first is None:
-                first = time.perf_counter() - started
+                first = time.perf_counter()
             if chunk.usage is not None:
                 usage = chunk.usage
             yield chunk
@@ -167,8 +191,11 @@ async def observe_stream(chunks: AsyncIterator[ChatChunk], started: float,
         error = exc
         raise
     finally:
+        if ctx.stream_ended is callbacks:
+            ctx.stream_ended = None
         try:
-            ended(error, usage, first)
+            for ended in callbacks:
+                ended(error, usage, first)
         finally:
             close = getattr(chunks, "aclose", None)
             if close is not None:

@@ -133,7 +133,8 @@ def test_nobody_listening_means_no_event_work(upstreams: tuple[FakeOpenAI, FakeO
     calls: list[str] = []
     monkeypatch.setattr(Events, "emit", lambda self, kind, *a, **k: calls.append(kind))
     env = {"OPENAI_API_KEY": OPENAI_KEY, "OPENAI_API_BASE": upstreams[0].url + "/v1"}
-    with ServerThread(make_app(env=env, data_dir=tmp_path, config={"ui": {"enabled": False}})) as server:
+    off = {"ui": {"enabled": False}, "metrics": {"enabled": False}}  # the bundled observers
+    with ServerThread(make_app(env=env, data_dir=tmp_path, config=off)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0)
         client.chat.completions.create(model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
         assert not server.app.runtime.events.listening

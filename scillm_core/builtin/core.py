@@ -16,7 +16,7 @@ from scillm_core.config import GroupConfig, PluginsConfig, ProviderSettings, Ser
 from scillm_core.hookspecs import hookimpl
 from scillm_core.http import UPSTREAM_HEADERS, send_context_headers
 from scillm_core.models import ChatResponse, EmbeddingsRequest, EmbeddingsResponse
-from scillm_core.pipeline import observe_stream
+from scillm_core.pipeline import tap_stream
 from scillm_core.timeouts import open_within, within_limits
 
 #: Response header naming the dialect a request went upstream in: ``anthropic-messages`` when its body went as
@@ -180,8 +180,9 @@ async def _observed_attempt(provider: Provider, request: ProviderRequest, route:
                     usage=result.usage, duration_s=time.perf_counter() - started, first_chunk_s=None)
         return result
 
-    def ended(error: BaseException | None, usage: Any, first_chunk_s: float | None) -> None:
+    def ended(error: BaseException | None, usage: Any, first_at: float | None) -> None:
         events.emit("attempt.end", ctx, request=request, route=route, attempt=attempt, response=None, error=error,
-                    usage=usage, duration_s=time.perf_counter() - started, first_chunk_s=first_chunk_s)
+                    usage=usage, duration_s=time.perf_counter() - started,
+                    first_chunk_s=None if first_at is None else first_at - started)
 
-    return observe_stream(result, started, ended)
+    return tap_stream(result, ctx, ended)  # type: ignore[arg-type]  # only chat streams

@@ -1,16 +1,16 @@
-"""The hand-written OTLP encoder says exactly what the SDK's encoder says: both outputs decoded with the
-OpenTelemetry proto package are equal messages, for spans using every field and value type."""
+"""The hand-written OTLP encoder says exactly what the SDK's encoder says: the same spans, made with the SDK and
+copied into scillm's plain spans, encoded by both and decoded with the OpenTelemetry proto package, are equal
+messages, for spans using every field and value type scillm records."""
 
 from __future__ import annotations
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import (
-    Link,
     NonRecordingSpan,
     SpanContext,
     SpanKind,
@@ -20,45 +20,82 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 from opentelemetry.trace.span import TraceState
-from scillm_tracing.otlp import encode
+from scillm_tracing.otlp import BatchExporter, Encoder
+from scillm_tracing.spans import Span, Trace
+
+KINDS = {SpanKind.INTERNAL: 1, SpanKind.SERVER: 2, SpanKind.CLIENT: 3}
 
 
-def _spans() -> list:
+def _sdk_spans() -> tuple[list[ReadableSpan], Resource]:
     memory = InMemorySpanExporter()
-    spans = []
-    for service, limits in (("a", SpanLimits(max_span_attributes=6, max_events=2, max_links=1)), ("b", None)):
-        provider = TracerProvider(resource=Resource.create({"service.name": service, "n": 3}), span_limits=limits)
-        provider.add_span_processor(SimpleSpanProcessor(memory))
-        tracer = provider.get_tracer("scillm" if service == "a" else "other", "1.2" if service == "a" else None,
-                                     schema_url="https://opentelemetry.io/schemas/1.30.0" if service == "b" else None)
-        remote = SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, True, TraceFlags(1),
-                             TraceState([("vendor", "x1"), ("other", "y")]))
-        root = tracer.start_span("chat gpt-4o-mini", context=set_span_in_context(NonRecordingSpan(remote)),
-                                 kind=SpanKind.SERVER, attributes={
-                                     "s": "text ü", "empty": "", "t": True, "f": False, "i": -42, "big": 2**62,
-                                     "x": 0.25, "strs": ["a", "b"], "ints": [1, -2], "floats": [1.5],
-                                     "bools": [True, False], "none_yet": []})
-        root.add_event("retry", {"scillm.retry": 1, "error.type": "upstream_unavailable"}, timestamp=123)
-        root.add_event("plain")
-        root.add_event("third", {"k": "v"})
-        child = tracer.start_span("call_provider", context=set_span_in_context(root), kind=SpanKind.CLIENT,
-                                  links=[Link(remote, {"why": "batch"}), Link(remote)])
-        child.set_status(Status(StatusCode.ERROR, "upstream said no"))
-        child.end(end_time=2_000_000_123)
-        other = tracer.start_span("ok", kind=SpanKind.PRODUCER)
-        other.set_status(Status(StatusCode.OK))
-        other.end()
-        tracer.start_span("bare", kind=SpanKind.CONSUMER).end()
-        root.end()
-        spans = memory.get_finished_spans()
-    return list(spans)
+    resource = Resource.create({"service.name": "scillm", "n": 3})
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("scillm", "1.2")
+    remote = SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, True, TraceFlags(1),
+                         TraceState([("vendor", "x1"), ("other", "y")]))
+    root = tracer.start_span("chat gpt-4o-mini", context=set_span_in_context(NonRecordingSpan(remote)),
+                             kind=SpanKind.SERVER, attributes={
+                                 "s": "text ü", "empty": "", "t": True, "f": False, "i": -42, "big": 2**62,
+                                 "x": 0.25, "strs": ["a", "b"], "ints": [1, -2], "floats": [1.5],
+                                 "bools": [True, False]})
+    root.add_event("retry", {"scillm.retry": 1, "error.type": "upstream_unavailable"}, timestamp=123)
+    root.add_event("plain", timestamp=456)
+    child = tracer.start_span("call_provider", context=set_span_in_context(root), kind=SpanKind.CLIENT,
+                              attributes={"s": "text ü", "i": 7})
+    child.set_status(Status(StatusCode.ERROR, "upstream said no"))
+    child.end(end_time=2_000_000_123)
+    other = tracer.start_span("ok", kind=SpanKind.INTERNAL)
+    other.set_status(Status(StatusCode.OK))
+    other.end()
+    tracer.start_span("bare", kind=SpanKind.INTERNAL).end()
+    root.end()
+    return list(memory.get_finished_spans()), resource
+
+
+def _ours(sdk: ReadableSpan, traces: dict[int, Trace]) -> Span:
+    context = sdk.get_span_context()
+    assert context is not None
+    state = ",".join(f"{k}={v}" for k, v in context.trace_state.items()) or None
+    trace = traces.setdefault(context.trace_id, Trace(context.trace_id, True, state))
+    span = Span(trace, sdk.parent.span_id if sdk.parent else None, sdk.name, KINDS[sdk.kind], sdk.start_time or 0,
+                dict(sdk.attributes or {}))
+    span.span_id, span.end = context.span_id, sdk.end_time or 0
+    span.status, span.message = sdk.status.status_code.value, sdk.status.description or ""
+    span.events = [(e.name, dict(e.attributes or {}), e.timestamp) for e in sdk.events] or None
+    span.remote_parent = bool(sdk.parent and sdk.parent.is_remote)
+    return span
 
 
 def test_the_encoder_matches_the_sdk_encoder() -> None:
-    spans = _spans()
-    assert len(spans) == 8 and any(s.dropped_attributes for s in spans) and any(s.dropped_events for s in spans)
-    assert any(s.dropped_links for s in spans)
-    ours = ExportTraceServiceRequest.FromString(encode(spans))
-    theirs = ExportTraceServiceRequest.FromString(encode_spans(spans).SerializeToString())
+    sdk, resource = _sdk_spans()
+    assert len(sdk) == 4
+    traces: dict[int, Trace] = {}
+    ours = ExportTraceServiceRequest.FromString(
+        Encoder(resource.attributes, "scillm", "1.2").encode(_ours(s, traces) for s in sdk))
+    theirs = ExportTraceServiceRequest.FromString(encode_spans(sdk).SerializeToString())
     assert ours == theirs
-    assert len(ours.resource_spans) == 2 and ours.resource_spans[1].scope_spans[0].schema_url
+    assert ours.resource_spans[0].scope_spans[0].spans[3].trace_state == "vendor=x1,other=y"
+
+
+def test_the_exporter_sends_full_batches_and_the_rest_on_flush() -> None:
+    sent: list[int] = []
+    results: list[tuple[int, bool]] = []
+
+    def send(data: bytes) -> bool:
+        sent.append(len(ExportTraceServiceRequest.FromString(data).resource_spans[0].scope_spans[0].spans))
+        return len(sent) != 2  # the second export fails: counted, not retried here
+
+    exporter = BatchExporter(Encoder({"service.name": "t"}, "scillm", None), send, max_queue_size=10,
+                             max_export_batch_size=4, on_result=lambda n, ok: results.append((n, ok)),
+                             background=False)
+    trace = Trace(1, True)
+    calls = [[Span(trace, None, f"s{i}.{j}", 1, 1, {}) for j in range(3)] for i in range(4)]
+    for spans in calls:
+        exporter.add(spans)  # 12 spans: the last call does not fit in a queue of 10
+    assert exporter.dropped == 3
+    exporter.force_flush()
+    assert sent == [4, 4, 1] and results == [(4, True), (4, False), (1, True)]
+    exporter.shutdown()
+    exporter.add(calls[0])
+    assert exporter.dropped == 6 and sent == [4, 4, 1]

@@ -108,7 +108,8 @@ def test_no_secret_reaches_any_dashboard_endpoint(server: ServerThread, upstream
 
 
 def test_off_means_no_routes_and_no_observer(upstream: FakeOpenAI, tmp_path: Any) -> None:
-    app = make_app(env={"SCILLM_MASTER_KEY": MASTER_KEY}, data_dir=tmp_path, config={"ui": {"enabled": False}})
+    app = make_app(env={"SCILLM_MASTER_KEY": MASTER_KEY}, data_dir=tmp_path,
+                   config={"ui": {"enabled": False}, "metrics": {"enabled": False}})  # metrics observes too
     with ServerThread(app) as server:
         assert httpx.get(server.url + "/ui").status_code == 401  # not a public route when off
         assert httpx.get(server.url + "/v1/scillm/ui/summary", headers=AUTH).status_code == 404

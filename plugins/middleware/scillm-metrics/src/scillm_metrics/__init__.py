@@ -1,11 +1,13 @@
 """Prometheus metrics per provider, model and caller, and a redacted call log in the state store.
 
-- ``call_provider`` wrapper (``trylast``: the innermost wrapper, so it sees every upstream attempt, retries and
-  fallbacks included): ``scillm_upstream_requests_total{provider,model,caller,status,code}``,
-  ``scillm_upstream_latency_seconds``, ``scillm_upstream_first_chunk_seconds`` (streams),
-  ``scillm_upstream_tokens_total{kind}`` and ``scillm_upstream_chunks_skipped_total`` (stream events that could not
-  be parsed and were skipped).
-- ``postprocess_json`` wrapper (``tryfirst``: the whole request, JSON re-asks and cache hits included):
+Both are built from the pipeline's events (``runtime.events``; the observer is a function, no hook wrapper, and a
+stream's end is observed by the one tap core already has on it):
+
+- ``attempt.end`` (every upstream attempt, retries and fallbacks included):
+  ``scillm_upstream_requests_total{provider,model,caller,status,code}``, ``scillm_upstream_latency_seconds``,
+  ``scillm_upstream_first_chunk_seconds`` (streams), ``scillm_upstream_tokens_total{kind}`` and
+  ``scillm_upstream_chunks_skipped_total`` (stream events that could not be parsed and were skipped).
+- ``request.end`` (the whole request, JSON re-asks and cache hits included, rejected requests too):
   ``scillm_requests_total{model,caller,status,code}``, ``scillm_request_latency_seconds`` and one call-log record
   per request (ts, request id, caller, requested model, provider, served model, status, error code, latency,
   tokens, attempts, cache result, scillm_metadata), secrets redacted. Records go through a bounded queue to a
@@ -34,15 +36,14 @@ from attrs import define, field, frozen, validators
 from starlette.requests import Request
 from starlette.responses import Response
 
-from scillm_core import Route, Runtime, SurfaceRegistry, errors, hookimpl, json_response, runtime_of
-from scillm_core.pipeline import observe_stream
+from scillm_core import Runtime, SurfaceRegistry, errors, hookimpl, json_response, runtime_of
 from scillm_core.redact import env_secrets, redact
 from scillm_core.web import query_int
 from scillm_metrics.series import Counters, Histograms, SeriesCollector
 
 if TYPE_CHECKING:
-    from scillm_core import CallContext, ChatRequest, Usage
-    from scillm_core.pipeline import ChatResult, ChatThunk, ResponseThunk
+    from scillm_core import Usage
+    from scillm_core.events import Event
 
 __all__ = ["BoundedLabel", "MetricsConfig", "redact_batch", "redact_record"]
 
@@ -118,10 +119,6 @@ class MetricsState:
     @property
     def prune_every(self) -> int:
         return max(1, min(1000, self.config.call_log_max_rows // 10))
-
-    def labels(self, route: Route | None, ctx: CallContext) -> tuple[str, str, str]:
-        provider = route.provider if route else UNKNOWN
-        return provider, self.models(route.model if route else None), self.callers(ctx.caller)
 
     def enqueue(self, record: dict[str, Any]) -> None:
         if not self.config.call_log or self.stopped:  # after shutdown (calls cancelled late): no new writer task
@@ -253,6 +250,7 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
                                              state.skipped, state.requests, state.request_latency,
                                              state.dropped_counter))
     runtime.plugin_state["metrics"] = state
+    runtime.events.subscribe(observer(state), ["attempt.end", "request.end"])
     surfaces.on_shutdown(state.stop)
 
 
@@ -285,92 +283,44 @@ def _tokens(usage: Usage | None) -> dict[str, int] | None:
     return {"prompt": usage.prompt_tokens, "completion": usage.completion_tokens, "total": usage.total_tokens}
 
 
-def _safely(state: MetricsState, fn: Any, *args: Any) -> None:
-    try:
-        fn(*args)
-    except Exception:
-        state.counts["metric_errors"] += 1
-        log.warning("recording metrics failed", exc_info=True)
+# -- per upstream attempt and per request: observed through runtime.events -----------------------------------------
+
+def _attempt_end(state: MetricsState, event: Event) -> None:
+    ctx = event.ctx
+    if ctx is None:
+        return
+    data = event.data
+    route = data["route"]
+    labels = (route.provider, state.models(route.model), state.callers(ctx.caller))
+    _, status_class, code = _outcome(data["error"])
+    state.attempts.inc((*labels, status_class, code))
+    state.latency.observe(labels, data["duration_s"])
+    first_chunk_s = data["first_chunk_s"]
+    if first_chunk_s is not None:
+        state.first_chunk.observe(labels, first_chunk_s)
+    usage = data["usage"]
+    if usage is not None:
+        state.tokens.inc((*labels, "prompt"), max(0, usage.prompt_tokens))
+        state.tokens.inc((*labels, "completion"), max(0, usage.completion_tokens))
+    notes = ctx.notes
+    skipped = notes.pop("chunks_skipped", 0)  # this attempt's (scillm_core.upstream.Malformed)
+    if skipped:
+        state.skipped.inc(labels, skipped)
+        notes["chunks_skipped_total"] = notes.get("chunks_skipped_total", 0) + skipped
 
 
-# -- per upstream attempt ------------------------------------------------------------------------------------------
-
-@hookimpl(wrapper=True, trylast=True)
-def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
-    call: ChatThunk = yield
-    state = _state(ctx.runtime)
-    if state is None:
-        return call
-
-    def finish(started: float, exc: BaseException | None, usage: Usage | None,
-               first_chunk_s: float | None = None) -> None:
-        labels = state.labels(route, ctx)
-        _, status_class, code = _outcome(exc)
-        state.attempts.inc((*labels, status_class, code))
-        state.latency.observe(labels, time.perf_counter() - started)
-        if first_chunk_s is not None:
-            state.first_chunk.observe(labels, first_chunk_s)
-        if usage is not None:
-            state.tokens.inc((*labels, "prompt"), max(0, usage.prompt_tokens))
-            state.tokens.inc((*labels, "completion"), max(0, usage.completion_tokens))
-        skipped = ctx.notes.pop("chunks_skipped", 0)  # this attempt's (scillm_core.upstream.Malformed)
-        if skipped:
-            state.skipped.inc(labels, skipped)
-            ctx.notes["chunks_skipped_total"] = ctx.notes.get("chunks_skipped_total", 0) + skipped
-
-    async def measured() -> ChatResult:
-        started = time.perf_counter()
-        try:
-            result = await call()
-        except BaseException as exc:
-            _safely(state, finish, started, exc, None)
-            raise
-        if not request.stream:  # a ChatResponse or an EmbeddingsResponse (a cache hit of a stream is a stream)
-            _safely(state, finish, started, None, result.usage)
-            return result
-        return observe_stream(result, started, lambda exc, usage, first_chunk_s: _safely(
-            state, finish, started, exc, usage, first_chunk_s))
-
-    return measured
-
-
-# -- per request ---------------------------------------------------------------------------------------------------
-
-@hookimpl(wrapper=True, tryfirst=True)
-def postprocess_json(request: ChatRequest, ctx: CallContext) -> Any:
-    state = _state(ctx.runtime)
-    started = time.perf_counter()
-    try:
-        call: ResponseThunk = yield
-    except Exception as exc:  # rejected while the chain was built (e.g. a bad json_schema)
-        if state is not None:
-            _safely(state, _finish_request, state, request, ctx, started, exc, None)
-        raise
-    if state is None:
-        return call
-
-    async def logged() -> ChatResult:
-        try:
-            result = await call()
-        except BaseException as exc:
-            _safely(state, _finish_request, state, request, ctx, started, exc, None)
-            raise
-        if not request.stream:
-            _safely(state, _finish_request, state, request, ctx, started, None, result.usage)
-            return result
-        return observe_stream(result, started, lambda exc, usage, _first_chunk_s: _safely(
-            state, _finish_request, state, request, ctx, started, exc, usage))
-
-    return logged
-
-
-def _finish_request(state: MetricsState, request: ChatRequest, ctx: CallContext, started: float,
-                    exc: BaseException | None, usage: Usage | None) -> None:
-    elapsed = time.perf_counter() - started
+def _request_end(state: MetricsState, event: Event) -> None:
+    ctx = event.ctx
+    if ctx is None:
+        return
+    data = event.data
+    request, exc, usage, elapsed = data["request"], data["error"], data["usage"], data["duration_s"]
     status, status_class, code = _outcome(exc)
     model, caller = state.models(request.model), state.callers(ctx.caller)
     state.requests.inc((model, caller, status_class, code))
     state.request_latency.observe((model, caller), elapsed)
+    if not state.config.call_log:
+        return
     route = ctx.route
     record: dict[str, Any] = {
         "ts": time.time(), "request_id": ctx.request_id, "caller": ctx.caller, "model": request.model,
@@ -386,6 +336,20 @@ def _finish_request(state: MetricsState, request: ChatRequest, ctx: CallContext,
     if exc is not None and isinstance(exc, errors.ScillmError):
         record["error"] = exc.message[:500]
     state.enqueue(record)
+
+
+def observer(state: MetricsState) -> Any:
+    """The observer of ``attempt.end`` (upstream series) and ``request.end`` (request series, call log)."""
+    handlers = {"attempt.end": _attempt_end, "request.end": _request_end}
+
+    def observe(event: Event) -> None:
+        try:
+            handlers[event.kind](state, event)
+        except Exception:
+            state.counts["metric_errors"] += 1
+            log.warning("recording metrics failed", exc_info=True)
+
+    return observe
 
 
 # -- GET /v1/scillm/calls ------------------------------------------------------------------------------------------

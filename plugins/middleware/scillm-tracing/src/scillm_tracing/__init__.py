@@ -1,10 +1,11 @@
 """OpenTelemetry traces over OTLP/HTTP (protobuf), built from the events the pipeline and the surfaces emit.
 
 Off by default (``[tracing] enabled = true`` turns it on); off, it subscribes to nothing, so requests do no
-tracing work at all. On, one observer (``spans.SpanMaker``) turns events into the SDK's spans and its
-``BatchSpanProcessor`` exports them from a background thread with the OTLP/HTTP exporter (``otlp.py``); each upstream
-attempt carries a W3C ``traceparent`` to the provider, and a client's ``traceparent`` is continued. Fails open:
-an unreachable collector drops spans (counted in ``/v1/scillm/health``), never a request.
+tracing work at all. On, one observer (``spans.SpanMaker``) turns events into plain spans and hands each finished
+call's spans to ``otlp.BatchExporter``, whose thread encodes them as OTLP protobuf and sends them with the SDK's
+OTLP/HTTP client; each upstream attempt carries a W3C ``traceparent`` to the provider, and a client's
+``traceparent`` is continued. Fails open: an unreachable collector drops spans (counted in ``/v1/scillm/health``),
+never a request.
 
 Config: ``[tracing]`` (see ``config.TracingConfig``) and the standard ``OTEL_*`` variables.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -32,7 +33,7 @@ log = logging.getLogger("scillm.tracing")
 class TracingState:
     config: TracingConfig
     settings: Settings | None = None
-    processor: Any = None  # the SDK BatchSpanProcessor, while running
+    processor: Any = None  # the BatchExporter (its thread sends the spans), while running
     maker: Any = None
     unsubscribe: Any = None
     counts: dict[str, int] = field(factory=lambda: {"exported_spans": 0, "failed_spans": 0, "failed_exports": 0})
@@ -85,43 +86,30 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
 
 
 def _start(state: TracingState, runtime: Runtime) -> None:
-    from opentelemetry.exporter.otlp.proto.http import Compression
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
-    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
-    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     from scillm_core import __version__
-    from scillm_tracing.otlp import Exporter
-    from scillm_tracing.spans import Recorder, SpanMaker
+    from scillm_tracing.otlp import BatchExporter, Encoder, http_sender
+    from scillm_tracing.spans import Sampler, SpanMaker
 
     settings = state.settings
     assert settings is not None
 
-    class CountingExporter(Exporter):
-        def export(self, spans: Sequence[Any]) -> SpanExportResult:
-            result = super().export(spans)
-            if result == SpanExportResult.SUCCESS:
-                state.counts["exported_spans"] += len(spans)
-            else:
-                state.counts["failed_spans"] += len(spans)
-                state.counts["failed_exports"] += 1
-                state.last_error = f"export to {public_endpoint(settings.endpoint)} failed"
-            return result
+    def counted(spans: int, ok: bool) -> None:
+        if ok:
+            state.counts["exported_spans"] += spans
+        else:
+            state.counts["failed_spans"] += spans
+            state.counts["failed_exports"] += 1
+            state.last_error = f"export to {public_endpoint(settings.endpoint)} failed"
 
-    ratio = settings.sample_ratio
-    root = ALWAYS_ON if ratio >= 1.0 else ALWAYS_OFF if ratio <= 0.0 else TraceIdRatioBased(ratio)
-    exporter = CountingExporter(endpoint=settings.endpoint, headers=dict(settings.headers),
-                                timeout=settings.timeout_s,
-                                compression=Compression(settings.compression) if settings.compression
-                                else Compression.NoCompression)
-    processor = BatchSpanProcessor(exporter, **settings.batch)
-    recorder = Recorder(processor, Resource.create(dict(settings.resource)),
-                        ParentBased(root) if settings.parent_based else root,
-                        InstrumentationScope("scillm", __version__))
-    maker = SpanMaker(recorder, secrets=env_secrets(runtime.env), record_content=settings.record_content,
+    resource = Resource.create(dict(settings.resource)).attributes  # with the SDK's telemetry.sdk.* attributes
+    exporter = BatchExporter(Encoder(resource, "scillm", __version__),
+                             http_sender(settings), on_result=counted, **settings.batch)
+    maker = SpanMaker(exporter.add, Sampler(settings.sample_ratio, settings.parent_based),
+                      secrets=env_secrets(runtime.env), record_content=settings.record_content,
                       max_content_chars=settings.max_content_chars)
-    state.processor, state.maker = processor, maker
+    state.processor, state.maker = exporter, maker
     state.unsubscribe = runtime.events.subscribe(maker)
 
 
@@ -130,7 +118,7 @@ def _stop(state: TracingState) -> None:
         state.unsubscribe()
         state.unsubscribe = None
     if state.maker is not None:
-        state.maker.close()
+        state.maker.close(time.time_ns())
     if state.processor is not None:
         processor, state.processor = state.processor, None
         processor.shutdown()  # exports what is queued
@@ -145,7 +133,9 @@ def scillm_health(runtime: Runtime) -> Mapping[str, Any]:
     return {"tracing": {"enabled": True, "fails": "open", "endpoint": public_endpoint(settings.endpoint),
                         "protocol": "http/protobuf", "service_name": settings.service_name,
                         "sample_ratio": settings.sample_ratio, "record_content": settings.record_content,
-                        "running": state.processor is not None, **state.counts, "last_error": state.last_error}}
+                        "running": state.processor is not None, **state.counts,
+                        "dropped_spans": state.processor.dropped if state.processor is not None else 0,
+                        "last_error": state.last_error}}
 
 
 @hookimpl

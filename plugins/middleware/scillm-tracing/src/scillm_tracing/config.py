@@ -50,6 +50,9 @@ class Settings:
     batch: Mapping[str, int]  # BatchSpanProcessor settings from OTEL_BSP_*
     record_content: bool
     max_content_chars: int
+    certificate: str | None = None         # CA bundle to verify the collector (OTEL_EXPORTER_OTLP_CERTIFICATE)
+    client_certificate: str | None = None  # mTLS (OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE / _CLIENT_KEY)
+    client_key: str | None = None
 
 
 def _env(env: Mapping[str, str], *names: str) -> str | None:
@@ -155,4 +158,8 @@ def resolve(cfg: TracingConfig, env: Mapping[str, str]) -> Settings:
     return Settings(endpoint=endpoint, sample_ratio=ratio, parent_based=parent_based, service_name=service,
                     resource={**resource, "service.name": service}, headers=headers, timeout_s=timeout_s,
                     compression=None if compression == "none" else compression, batch=batch,
-                    record_content=cfg.record_content, max_content_chars=cfg.max_content_chars)
+                    record_content=cfg.record_content, max_content_chars=cfg.max_content_chars,
+                    certificate=_env(env, "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"),
+                    client_certificate=_env(env, "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+                                            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"),
+                    client_key=_env(env, "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"))

@@ -12,139 +12,160 @@ conventions.
           cache hit               answered from the cache
           chat <upstream model>   each upstream attempt (CLIENT): first, retry or fallback, siblings
 
-    batch <pool> / exec <profile> / exec graph     units of work; their items, runs and calls nest under them
+    batch <pool> / exec <profile> / agent <worker> / exec graph    units of work; their items, runs, turns and
+                                                                    calls nest under them
 
 Nothing is recorded from message text unless ``record_content`` is on, and then redacted; headers never are.
 
-Spans are the SDK's ``ReadableSpan``, made by :class:`Recorder` when they end (events say when they started), with
-the SDK's sampler, ids and resource, and handed to its ``BatchSpanProcessor``: the SDK's live ``Span`` (locks,
-attribute validation on every set, a context object per parent) cost more per span than the whole request's
-budget for tracing.
+A span here is a plain :class:`Span` (ids are integers, attributes a dict), made when its start event comes and
+finished when its end event does; a call's spans go to the exporter together when the call ends, a unit's span when
+the unit ends. Turning them into OTLP protobuf, and sending it, happens on the exporter's thread (``otlp.py``).
+No OpenTelemetry SDK object is made on the request path: the SDK's live spans (locks, attribute validation on
+every set, a context object per parent) and its batch processor (a lock and a notify per span) cost more than the
+whole budget of tracing (1.15x the CPU of a request).
 """
 
 from __future__ import annotations
 
 import collections
-import time
-from collections.abc import Mapping
+import random
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from opentelemetry.context import Context
-from opentelemetry.sdk.trace import Event as SpanEvent
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, get_current_span
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from scillm_core import ChatRequest, ChatResponse, errors
 from scillm_core.redact import redact
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import SpanProcessor
-    from opentelemetry.sdk.trace.sampling import Sampler
-    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-
     from scillm_core import CallContext, Route
     from scillm_core.events import Event
     from scillm_core.pipeline import ProviderRequest
 
-__all__ = ["OpenSpan", "Recorder", "SpanMaker"]
+__all__ = ["CLIENT", "INTERNAL", "SERVER", "Sampler", "Span", "SpanMaker", "Trace", "parse_traceparent"]
 
 NOTE = "tracing"
 MAX_UNITS = 10_000       # open unit spans kept (a unit that never ends is dropped past this)
 MAX_UNIT_EVENTS = 200    # span events per unit (a run's progress)
+INTERNAL, SERVER, CLIENT = 1, 2, 3  # OTLP span kinds
+UNSET, OK, ERROR = 0, 1, 2          # OTLP status codes
 #: gen_ai.provider.name for scillm provider names the conventions know under another name
 PROVIDER_NAMES = {"anthropic": "anthropic", "claude-oauth": "anthropic", "gemini": "gcp.gemini", "openai": "openai",
                   "codex": "openai", "deepseek": "deepseek", "ollama": "ollama"}
+_random_bits = random.getrandbits  # W3C asks for random ids, not secret ones
+_HEX = "0123456789abcdef"
 
 
-class OpenSpan:
-    """A span between its start and end events: what it will be exported as, if ``sampled``."""
+class Trace:
+    """What the spans of one trace share: its id, the caller's ``tracestate`` and whether it is sampled."""
 
-    __slots__ = ("attributes", "context", "events", "kind", "name", "parent", "sampled", "start", "status")
+    __slots__ = ("sampled", "state", "trace_id")
 
-    def __init__(self, name: str, context: SpanContext, parent: SpanContext | None, kind: SpanKind,
-                 attributes: dict[str, Any], start: int, sampled: bool) -> None:
-        self.name, self.context, self.parent, self.kind = name, context, parent, kind
-        self.attributes, self.start, self.sampled = attributes, start, sampled
-        self.events: list[SpanEvent] = []
-        self.status = Status(StatusCode.UNSET)
+    def __init__(self, trace_id: int, sampled: bool, state: str | None = None) -> None:
+        self.trace_id, self.sampled, self.state = trace_id, sampled, state
 
-    def fail(self, error_type: str, description: str) -> None:
-        self.attributes["error.type"] = error_type
-        self.status = Status(StatusCode.ERROR, description)
 
-    def add_event(self, name: str, attributes: dict[str, Any], timestamp: int) -> None:
-        self.events.append(SpanEvent(name, attributes, timestamp))
+class Span:
+    """One span: ``start`` / ``end`` in epoch ns, ``status`` an OTLP status code, ``events`` as
+    ``(name, attributes, time_ns)``; ``remote_parent`` when the parent is a caller's span."""
+
+    __slots__ = ("attrs", "end", "events", "kind", "message", "name", "parent_id", "remote_parent", "span_id",
+                 "start", "status", "trace")
+
+    def __init__(self, trace: Trace, parent_id: int | None, name: str, kind: int, start: int,
+                 attrs: dict[str, Any]) -> None:
+        self.trace, self.parent_id, self.name, self.kind, self.start, self.attrs = \
+            trace, parent_id, name, kind, start, attrs
+        self.span_id = _random_bits(64) or 1
+        self.end = 0
+        self.status = UNSET
+        self.message = ""
+        self.events: list[tuple[str, dict[str, Any], int]] | None = None
+        self.remote_parent = False
+
+    def fail(self, error_type: str | None, message: str) -> None:
+        if error_type is not None:
+            self.attrs["error.type"] = error_type
+        self.status, self.message = ERROR, message
+
+    def add_event(self, name: str, attrs: dict[str, Any], time_ns: int) -> None:
+        if self.events is None:
+            self.events = []
+        self.events.append((name, attrs, time_ns))
+
+    def child(self, name: str, kind: int, start: int, attrs: dict[str, Any]) -> Span:
+        return Span(self.trace, self.span_id, name, kind, start, attrs)
 
     @property
     def traceparent(self) -> str:
-        context = self.context
-        return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+        return f"00-{self.trace.trace_id:032x}-{self.span_id:016x}-{'01' if self.trace.sampled else '00'}"
 
 
-class Recorder:
-    """Starts and ends spans: the sampler decides for a new trace (or one continued from a caller), children follow
-    their parent; an ended sampled span goes to the processor."""
+class Sampler:
+    """The SDK's samplers as numbers: a new trace is kept when its id's low 64 bits fall under ``ratio`` of the
+    range (``TraceIdRatioBased``); a continued trace follows the caller's sampled flag when ``parent_based``."""
 
-    def __init__(self, processor: SpanProcessor, resource: Resource, sampler: Sampler,
-                 scope: InstrumentationScope) -> None:
-        self.processor, self.resource, self.sampler, self.scope = processor, resource, sampler, scope
-        self.ids = RandomIdGenerator()
+    def __init__(self, ratio: float, parent_based: bool) -> None:
+        self.bound = round(ratio * (1 << 64))
+        self.parent_based = parent_based
 
-    def start(self, name: str, parent: OpenSpan | Context | None, kind: SpanKind, attributes: dict[str, Any],
-              start: int) -> OpenSpan:
-        if isinstance(parent, OpenSpan):
-            context = parent.context
-            return OpenSpan(name, SpanContext(context.trace_id, self.ids.generate_span_id(), False,
-                                              context.trace_flags, context.trace_state),
-                            context, kind, attributes, start, parent.sampled)
-        remote = get_current_span(parent).get_span_context() if parent is not None else None
-        if remote is not None and not remote.is_valid:
-            remote, parent = None, None
-        trace_id = remote.trace_id if remote is not None else self.ids.generate_trace_id()
-        result = self.sampler.should_sample(parent, trace_id, name, kind, attributes)
-        sampled = result.decision.is_sampled()
-        context = SpanContext(trace_id, self.ids.generate_span_id(), False,
-                              TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT), result.trace_state)
-        return OpenSpan(name, context, remote, kind, attributes, start, sampled)
+    def __call__(self, trace_id: int, parent_sampled: bool | None) -> bool:
+        if parent_sampled is not None and self.parent_based:
+            return parent_sampled
+        return (trace_id & 0xFFFFFFFFFFFFFFFF) < self.bound
 
-    def end(self, span: OpenSpan, end: int | None = None) -> None:
-        if span.sampled:
-            self.processor.on_end(ReadableSpan(
-                name=span.name, context=span.context, parent=span.parent, resource=self.resource,
-                attributes=span.attributes, events=tuple(span.events), kind=span.kind, status=span.status,
-                start_time=span.start, end_time=end or time.time_ns(), instrumentation_scope=self.scope))
+
+def parse_traceparent(headers: Mapping[str, str] | None) -> tuple[int, int, bool, str | None] | None:
+    """``(trace_id, parent span id, sampled, tracestate)`` of a valid W3C ``traceparent``, else ``None``."""
+    if not headers:
+        return None
+    value = headers.get("traceparent")
+    if not value:
+        return None
+    parts = value.strip().lower().split("-")
+    if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == "ff" or (parts[0] == "00" and len(parts) != 4):
+        return None
+    version, trace_hex, span_hex, flags = parts[:4]
+    if len(trace_hex) != 32 or len(span_hex) != 16 or len(flags) != 2 or \
+            not all(c in _HEX for c in version + trace_hex + span_hex + flags):
+        return None
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+    if not trace_id or not span_id:
+        return None
+    state = headers.get("tracestate")
+    if state:
+        state = ",".join(member.strip() for member in state.split(",") if member.strip())[:512] or None
+    return trace_id, span_id, bool(int(flags, 16) & 1), state or None
 
 
 class CallSpans:
-    """The open spans of one call (kept in ``ctx.notes["tracing"]``)."""
+    """The open spans of one call (kept in ``ctx.notes["tracing"]``) and those it finished."""
 
-    __slots__ = ("attempts", "next_attempt", "request", "stages")
+    __slots__ = ("attempts", "done", "next_attempt", "request", "stages")
 
-    def __init__(self, request: OpenSpan) -> None:
+    def __init__(self, request: Span) -> None:
         self.request = request
-        self.stages: list[OpenSpan] = []
-        self.attempts: dict[int, OpenSpan] = {}
+        self.stages: list[Span] = []
+        self.attempts: dict[int, Span] = {}
+        self.done: list[Span] = []
         self.next_attempt: tuple[str, str | None] = ("first", None)  # kind, the deployment it falls back from
 
-    def parent(self) -> OpenSpan:
+    def parent(self) -> Span:
         return self.stages[-1] if self.stages else self.request
 
 
 class SpanMaker:
-    """The observer: subscribed to every event kind while tracing is on."""
+    """The observer (subscribed to every event kind while tracing is on): ``export(spans)`` receives a finished
+    call's sampled spans, or a finished unit's span."""
 
-    def __init__(self, recorder: Recorder, *, secrets: tuple[str, ...] = (), record_content: bool = False,
-                 max_content_chars: int = 4096) -> None:
-        self.rec = recorder
+    def __init__(self, export: Callable[[list[Span]], None], sampler: Sampler, *, secrets: tuple[str, ...] = (),
+                 record_content: bool = False, max_content_chars: int = 4096) -> None:
+        self.export = export
+        self.sampler = sampler
         self.secrets = secrets
         self.record_content = record_content
         self.max_content_chars = max_content_chars
-        self.propagator = TraceContextTextMapPropagator()
-        self.units: collections.OrderedDict[str, OpenSpan] = collections.OrderedDict()
+        self.units: collections.OrderedDict[str, Span] = collections.OrderedDict()
         self.unit_events: dict[str, int] = {}
         self.handlers = {
             "request.start": self.request_start, "request.end": self.request_end,
@@ -171,28 +192,32 @@ class SpanMaker:
 
     # -- helpers --------------------------------------------------------------------------------------------------
 
-    def _context(self, unit: str | None, headers: Mapping[str, str] | None) -> OpenSpan | Context | None:
-        """The parent of a new span: an open unit, else the caller's trace context, else none (a new trace)."""
+    def _root(self, unit: str | None, headers: Mapping[str, str] | None, name: str, start: int,
+              attrs: dict[str, Any]) -> Span:
+        """A span under an open unit, else continuing the caller's trace context, else a new trace."""
         if unit is not None:
-            span = self.units.get(unit)
-            if span is not None:
-                return span
-        if headers and headers.get("traceparent"):
-            return self.propagator.extract(headers, context=Context())
-        return None
+            parent = self.units.get(unit)
+            if parent is not None:
+                return parent.child(name, INTERNAL, start, attrs)
+        remote = parse_traceparent(headers)
+        if remote is None:
+            trace_id = _random_bits(128) or 1
+            return Span(Trace(trace_id, self.sampler(trace_id, None)), None, name, SERVER, start, attrs)
+        trace_id, parent_id, parent_sampled, state = remote
+        span = Span(Trace(trace_id, self.sampler(trace_id, parent_sampled), state), parent_id, name, SERVER, start,
+                    attrs)
+        span.remote_parent = True
+        return span
 
     def _text(self, value: Any, limit: int = 300) -> str:
         return redact(str(value), self.secrets)[:limit]
 
-    def _fail(self, span: OpenSpan, error: BaseException) -> None:
+    def _fail(self, span: Span, error: BaseException) -> None:
         if isinstance(error, GeneratorExit | KeyboardInterrupt) or type(error).__name__ == "CancelledError":
             span.fail("cancelled", "cancelled (the client went away)")
             return
         code = getattr(error, "code", None) or type(error).__name__
         span.fail(str(code), self._text(getattr(error, "message", None) or error))
-
-    def _calls(self, ctx: CallContext) -> CallSpans | None:
-        return ctx.notes.get(NOTE)  # type: ignore[no-any-return]
 
     def _content(self, payload: Any) -> str:
         text = orjson.dumps(payload, default=str).decode()
@@ -202,8 +227,8 @@ class SpanMaker:
 
     def request_start(self, event: Event) -> None:
         ctx: CallContext = event.ctx  # type: ignore[assignment]
-        request: ProviderRequest = event["request"]
-        operation = _operation(request)
+        request: ProviderRequest = event.data["request"]
+        operation = "chat" if isinstance(request, ChatRequest) else "embeddings"
         attrs: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.request.model": request.model,
                                  "scillm.request_id": ctx.request_id, "scillm.stream": request.stream}
         if ctx.caller:
@@ -211,127 +236,149 @@ class SpanMaker:
         if self.record_content and isinstance(request, ChatRequest):
             attrs["gen_ai.input.messages"] = self._content(
                 [{"role": m.role, "content": m.text} for m in request.messages])
-        span = self.rec.start(f"{operation} {request.model}", self._context(ctx.parent, ctx.headers),
-                              SpanKind.INTERNAL if ctx.parent else SpanKind.SERVER, attrs, event.time_ns)
-        ctx.notes[NOTE] = CallSpans(span)
+        ctx.notes[NOTE] = CallSpans(self._root(ctx.parent, ctx.headers, f"{operation} {request.model}",
+                                               event.time_ns, attrs))
 
     def request_end(self, event: Event) -> None:
         ctx: CallContext = event.ctx  # type: ignore[assignment]
-        calls = self._calls(ctx)
+        calls: CallSpans | None = ctx.notes.pop(NOTE, None)
         if calls is None:
             return
         span = calls.request
-        if span.sampled:
-            attrs: dict[str, Any] = {"scillm.attempts": ctx.attempts}
-            route = ctx.route
-            if route is not None:
-                _provider(route, attrs)
-            response = event["response"]
-            if response is not None:
-                attrs["gen_ai.response.model"] = response.model
-                if self.record_content and isinstance(response, ChatResponse):
-                    attrs["gen_ai.output.messages"] = self._content(
-                        [{"role": c.message.role, "content": c.message.text, "finish_reason": c.finish_reason}
-                         for c in response.choices])
-            elif route is not None:
-                attrs["gen_ai.response.model"] = route.model
-            _usage(event["usage"], attrs)
-            cost = ctx.notes.get("cost_usd")
+        if not span.trace.sampled:
+            return
+        data = event.data
+        attrs = span.attrs
+        attrs["scillm.attempts"] = ctx.attempts
+        route = ctx.route
+        if route is not None:
+            _provider(route, attrs)
+        response = data["response"]
+        if response is not None:
+            attrs["gen_ai.response.model"] = response.model
+            if self.record_content and isinstance(response, ChatResponse):
+                attrs["gen_ai.output.messages"] = self._content(
+                    [{"role": c.message.role, "content": c.message.text, "finish_reason": c.finish_reason}
+                     for c in response.choices])
+        elif route is not None:
+            attrs["gen_ai.response.model"] = route.model
+        usage = data["usage"]
+        if usage is not None:
+            attrs["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+            attrs["gen_ai.usage.output_tokens"] = usage.completion_tokens
+        notes = ctx.notes
+        if notes:
+            cost = notes.get("cost_usd")
             if cost is not None:
                 attrs["scillm.cost_usd"] = cost
-            cache = ctx.notes.get("cache")
+            cache = notes.get("cache")
             if cache:
                 attrs["scillm.cache"] = cache
-            if event["first_chunk_s"] is not None:
-                attrs["scillm.first_chunk_s"] = round(event["first_chunk_s"], 6)
-            error = event["error"]
-            if error is None:
-                attrs["http.response.status_code"] = 200
-            elif isinstance(error, Exception):
+        if data["first_chunk_s"] is not None:
+            attrs["scillm.first_chunk_s"] = round(data["first_chunk_s"], 6)
+        error = data["error"]
+        if error is None:
+            attrs["http.response.status_code"] = 200
+        else:
+            if isinstance(error, Exception):
                 attrs["http.response.status_code"] = errors.to_response_parts(error)[0]
-            span.attributes.update(attrs)
-            if error is not None:
-                self._fail(span, error)
+            self._fail(span, error)
+        end = event.time_ns
+        done = calls.done
         for stage in reversed(calls.stages):  # left open by a failure that skipped their end
-            self.rec.end(stage, event.time_ns)
-        self.rec.end(span, event.time_ns)
-        del ctx.notes[NOTE]
+            stage.end = end
+            done.append(stage)
+        for attempt in calls.attempts.values():  # an attempt whose end never came (a stream nobody finished)
+            attempt.end = end
+            done.append(attempt)
+        span.end = end
+        done.append(span)
+        self.export(done)
 
     def stage_start(self, event: Event) -> None:
-        calls = self._calls(event.ctx)  # type: ignore[arg-type]
-        if calls is None:
-            return
-        calls.stages.append(self.rec.start(event["stage"], calls.parent(), SpanKind.INTERNAL, {}, event.time_ns))
+        calls: CallSpans | None = event.ctx.notes.get(NOTE)  # type: ignore[union-attr]
+        if calls is not None and calls.request.trace.sampled:
+            calls.stages.append(calls.parent().child(event.data["stage"], INTERNAL, event.time_ns, {}))
 
     def stage_end(self, event: Event) -> None:
-        calls = self._calls(event.ctx)  # type: ignore[arg-type]
+        calls: CallSpans | None = event.ctx.notes.get(NOTE)  # type: ignore[union-attr]
         if calls is None or not calls.stages:
             return
         span = calls.stages.pop()
-        if event["error"] is not None and span.sampled:
-            self._fail(span, event["error"])
-        self.rec.end(span, event.time_ns)
+        error = event.data["error"]
+        if error is not None:
+            self._fail(span, error)
+        span.end = event.time_ns
+        calls.done.append(span)
 
     def attempt_start(self, event: Event) -> None:
-        calls = self._calls(event.ctx)  # type: ignore[arg-type]
+        calls: CallSpans | None = event.ctx.notes.get(NOTE)  # type: ignore[union-attr]
         if calls is None:
             return
-        route: Route = event["route"]
+        data = event.data
+        route: Route = data["route"]
+        request = data["request"]
         kind, after = calls.next_attempt
         calls.next_attempt = ("retry", None)  # unless a fallback event says otherwise
-        operation = _operation(event["request"])
+        operation = "chat" if isinstance(request, ChatRequest) else "embeddings"
         attrs: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.request.model": route.model,
-                                 "scillm.attempt": event["attempt"], "scillm.attempt.kind": kind}
+                                 "scillm.attempt": data["attempt"], "scillm.attempt.kind": kind}
         _provider(route, attrs)
         if after is not None:
             attrs["scillm.fallback.from"] = after
-        _request_params(event["request"], attrs)
-        span = self.rec.start(f"{operation} {route.model}", calls.parent(), SpanKind.CLIENT, attrs, event.time_ns)
-        calls.attempts[event["attempt"]] = span
-        headers = event["upstream_headers"]
+        if isinstance(request, ChatRequest):
+            _request_params(request, attrs)
+        span = calls.parent().child(f"{operation} {route.model}", CLIENT, event.time_ns, attrs)
+        calls.attempts[data["attempt"]] = span
+        headers = data["upstream_headers"]
         headers["traceparent"] = span.traceparent
-        if span.context.trace_state:
-            headers["tracestate"] = span.context.trace_state.to_header()
+        if span.trace.state:
+            headers["tracestate"] = span.trace.state
 
     def attempt_end(self, event: Event) -> None:
-        calls = self._calls(event.ctx)  # type: ignore[arg-type]
+        calls: CallSpans | None = event.ctx.notes.get(NOTE)  # type: ignore[union-attr]
         if calls is None:
             return
-        span = calls.attempts.pop(event["attempt"], None)
-        if span is None:
+        data = event.data
+        span = calls.attempts.pop(data["attempt"], None)
+        if span is None or not span.trace.sampled:
             return
-        if span.sampled:
-            attrs: dict[str, Any] = {}
-            response = event["response"]
-            if response is not None:
-                attrs["gen_ai.response.model"] = response.model
+        attrs = span.attrs
+        response = data["response"]
+        if response is not None:
+            attrs["gen_ai.response.model"] = response.model
             if isinstance(response, ChatResponse):
                 attrs["gen_ai.response.id"] = response.id
                 reasons = [c.finish_reason for c in response.choices if c.finish_reason]
                 if reasons:
                     attrs["gen_ai.response.finish_reasons"] = reasons
-            _usage(event["usage"], attrs)
-            if event["first_chunk_s"] is not None:
-                attrs["scillm.first_chunk_s"] = round(event["first_chunk_s"], 6)
-            error = event["error"]
-            if error is not None and isinstance(error, errors.UpstreamError) and error.upstream_status:
+        usage = data["usage"]
+        if usage is not None:
+            attrs["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+            attrs["gen_ai.usage.output_tokens"] = usage.completion_tokens
+        if data["first_chunk_s"] is not None:
+            attrs["scillm.first_chunk_s"] = round(data["first_chunk_s"], 6)
+        error = data["error"]
+        if error is not None:
+            if isinstance(error, errors.UpstreamError) and error.upstream_status:
                 attrs["http.response.status_code"] = error.upstream_status
-            span.attributes.update(attrs)
-            if error is not None:
-                self._fail(span, error)
-        self.rec.end(span, event.time_ns)
+            self._fail(span, error)
+        span.end = event.time_ns
+        calls.done.append(span)
 
     def retry(self, event: Event) -> None:
-        calls = self._calls(event.ctx)  # type: ignore[arg-type]
-        if calls is not None and calls.stages:
+        calls: CallSpans | None = event.ctx.notes.get(NOTE)  # type: ignore[union-attr]
+        if calls is None:
+            return
+        if calls.stages:
+            error = event["error"]
             calls.stages[-1].add_event("retry", {"scillm.retry": event["retry"], "scillm.delay_s": event["delay_s"],
-                                                 "error.type": str(getattr(event["error"], "code", None) or
-                                                                   type(event["error"]).__name__)}, event.time_ns)
-        if calls is not None:
-            calls.next_attempt = ("retry", None)
+                                                 "error.type": str(getattr(error, "code", None) or
+                                                                   type(error).__name__)}, event.time_ns)
+        calls.next_attempt = ("retry", None)
 
     def fallback(self, event: Event) -> None:
-        calls = self._calls(event.ctx)  # type: ignore[arg-type]
+        calls: CallSpans | None = event.ctx.notes.get(NOTE)  # type: ignore[union-attr]
         if calls is not None:
             calls.next_attempt = ("fallback", event["route"].deployment)
 
@@ -341,71 +388,71 @@ class SpanMaker:
                           {"scillm.deployment": route.deployment, "scillm.provider": route.provider,
                            "scillm.circuit.remaining_s": round(event["remaining_s"], 3)})
         if span is not None:
-            span.status = Status(StatusCode.ERROR, "circuit open: deployment skipped")
-            self.rec.end(span, event.time_ns)
-        calls = self._calls(event.ctx)  # type: ignore[arg-type]
+            span.fail(None, "circuit open: deployment skipped")
+        calls: CallSpans | None = event.ctx.notes.get(NOTE)  # type: ignore[union-attr]
         if calls is not None:
             calls.next_attempt = ("fallback", route.deployment)
 
     def cache(self, event: Event) -> None:
-        if event["result"] != "hit":
-            return
-        route: Route = event["route"]
-        span = self._mark(event, "cache hit", {"scillm.cache": "hit", "scillm.deployment": route.deployment})
-        if span is not None:
-            self.rec.end(span, event.time_ns)
+        if event["result"] == "hit":
+            self._mark(event, "cache hit", {"scillm.cache": "hit", "scillm.deployment": event["route"].deployment})
 
     def queue_wait(self, event: Event) -> None:
         waited_ns = int(event["waited_s"] * 1e9)
         span = self._mark(event, f"queue wait {event['provider']}",
                           {"scillm.provider": event["provider"], "scillm.queue.outcome": event["outcome"],
                            "scillm.queue.waited_s": round(event["waited_s"], 6)}, start=event.time_ns - waited_ns)
-        if span is not None:
-            if event["outcome"] != "granted":
-                span.status = Status(StatusCode.ERROR, f"no concurrency slot ({event['outcome']})")
-            self.rec.end(span, event.time_ns)
+        if span is not None and event["outcome"] != "granted":
+            span.fail(None, f"no concurrency slot ({event['outcome']})")
 
-    def _mark(self, event: Event, name: str, attrs: dict[str, Any], start: int | None = None) -> OpenSpan | None:
-        calls = self._calls(event.ctx)  # type: ignore[arg-type]
-        if calls is None:
+    def _mark(self, event: Event, name: str, attrs: dict[str, Any], start: int | None = None) -> Span | None:
+        """A span that has ended by the time its event comes (a cache hit, a wait, a skipped deployment)."""
+        calls: CallSpans | None = event.ctx.notes.get(NOTE)  # type: ignore[union-attr]
+        if calls is None or not calls.request.trace.sampled:
             return None
-        return self.rec.start(name, calls.parent(), SpanKind.INTERNAL, attrs,
-                              event.time_ns if start is None else start)
+        span = calls.parent().child(name, INTERNAL, event.time_ns if start is None else start, attrs)
+        span.end = event.time_ns
+        calls.done.append(span)
+        return span
 
     # -- units of work (batches, items, runs, graphs, and whatever agent surfaces add) --------------------------
 
     def unit_start(self, event: Event) -> None:
         unit = event["unit"]
-        parent = self._context(event.get("parent"), event.get("trace"))
         attrs = _flat(event.get("attrs") or {}, prefix="scillm.")
         attrs["scillm.unit"] = unit
-        span = self.rec.start(event.get("name") or unit, parent, SpanKind.INTERNAL if isinstance(parent, OpenSpan)
-                              else SpanKind.SERVER, attrs, event.time_ns)
+        span = self._root(event.get("parent"), event.get("trace"), event.get("name") or unit, event.time_ns, attrs)
         self.units[unit] = span
         while len(self.units) > MAX_UNITS:
             old, dropped = self.units.popitem(last=False)
             self.unit_events.pop(old, None)
-            self.rec.end(dropped)
+            self._end_unit(dropped, event.time_ns)
 
     def unit_end(self, event: Event) -> None:
         unit = event["unit"]
         span = self.units.pop(unit, None)
         self.unit_events.pop(unit, None)
         if span is None:  # ended without a start (an item resumed from an earlier run): a point in the trace
-            span = self.rec.start(event.get("name") or unit, self._context(event.get("parent"), None),
-                                  SpanKind.INTERNAL, {"scillm.unit": unit}, event.time_ns)
-        if span.sampled:
-            span.attributes.update(_flat(event.get("attrs") or {}, prefix="scillm."))
+            span = self._root(event.get("parent"), None, event.get("name") or unit, event.time_ns,
+                              {"scillm.unit": unit})
+            span.kind = INTERNAL
+        if span.trace.sampled:
+            span.attrs.update(_flat(event.get("attrs") or {}, prefix="scillm."))
             status = event.get("status") or "ok"
-            span.attributes["scillm.status"] = status
+            span.attrs["scillm.status"] = status
             if status not in ("ok", "completed"):
-                span.status = Status(StatusCode.ERROR, self._text(event.get("error") or status))
-        self.rec.end(span, event.time_ns)
+                span.fail(None, self._text(event.get("error") or status))
+        self._end_unit(span, event.time_ns)
+
+    def _end_unit(self, span: Span, end: int) -> None:
+        if span.trace.sampled:
+            span.end = end
+            self.export([span])
 
     def unit_event(self, event: Event) -> None:
         unit = event["unit"]
         span = self.units.get(unit)
-        if span is None or not span.sampled:
+        if span is None or not span.trace.sampled:
             return
         count = self.unit_events.get(unit, 0)
         if count >= MAX_UNIT_EVENTS:
@@ -417,11 +464,11 @@ class SpanMaker:
             attrs["scillm.event.seq"] = record["seq"]
         span.add_event(attrs["scillm.event.type"], attrs, event.time_ns)
 
-    def close(self) -> None:
+    def close(self, end: int) -> None:
         """End every open unit span (shutdown)."""
         while self.units:
             _, span = self.units.popitem()
-            self.rec.end(span)
+            self._end_unit(span, end)
 
 
 def _provider(route: Route, attrs: dict[str, Any]) -> None:
@@ -432,13 +479,7 @@ def _provider(route: Route, attrs: dict[str, Any]) -> None:
         attrs["scillm.provider"] = route.provider
 
 
-def _operation(request: ProviderRequest) -> str:
-    return "chat" if isinstance(request, ChatRequest) else "embeddings"
-
-
-def _request_params(request: ProviderRequest, attrs: dict[str, Any]) -> None:
-    if not isinstance(request, ChatRequest):
-        return
+def _request_params(request: ChatRequest, attrs: dict[str, Any]) -> None:
     if request.temperature is not None:
         attrs["gen_ai.request.temperature"] = request.temperature
     if request.top_p is not None:
@@ -448,12 +489,6 @@ def _request_params(request: ProviderRequest, attrs: dict[str, Any]) -> None:
         attrs["gen_ai.request.max_tokens"] = max_tokens
     if request.seed is not None:
         attrs["gen_ai.request.seed"] = request.seed
-
-
-def _usage(usage: Any, attrs: dict[str, Any]) -> None:
-    if usage is not None:
-        attrs["gen_ai.usage.input_tokens"] = usage.prompt_tokens
-        attrs["gen_ai.usage.output_tokens"] = usage.completion_tokens
 
 
 def _flat(values: Mapping[str, Any], *, prefix: str) -> dict[str, Any]:

@@ -127,7 +127,7 @@ async def call(request: Request) -> Response:
     if record is None:
         raise errors.NotFound(f"no call {call_id[:40]!r} among the {len(state.calls)} kept (the dashboard keeps the "
                               f"newest [ui] max_calls; older ones are in GET /v1/scillm/calls)")
-    return _data(record)
+    return _data(state.detail(record))
 
 
 async def batches(request: Request) -> Response:

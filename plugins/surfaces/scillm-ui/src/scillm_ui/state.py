@@ -1,6 +1,11 @@
 """What the dashboard knows, built from events only: live and recent calls (with their attempts), per-minute
 series, batches, runs and graphs, and circuit transitions. Bounded in memory; nothing here is persisted (the call
-log and the batch store keep the history). Everything kept from requests is redacted when it is recorded."""
+log and the batch store keep the history).
+
+The observer runs on every request, so it only stores: a call's prompt and answer previews and its metadata are
+kept as they came (cut) and redacted when a page asks for them (:meth:`UiState.detail`), error texts are redacted
+when recorded (they are rare), and a minute's series count per (model, caller, key) and are summed by dimension
+when read."""
 
 from __future__ import annotations
 
@@ -59,6 +64,14 @@ class Bucket:
         self.tokens_out = 0
         self.cost = 0.0
 
+    def add(self, other: Bucket) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.latencies += other.latencies
+        self.tokens_in += other.tokens_in
+        self.tokens_out += other.tokens_out
+        self.cost += other.cost
+
 
 class UiState:
     def __init__(self, config: UiConfig, secrets: tuple[str, ...] = (), clock: Any = _now) -> None:
@@ -69,7 +82,7 @@ class UiState:
         self.units: dict[str, collections.OrderedDict[str, dict[str, Any]]] = {
             "batch": collections.OrderedDict(), "run": collections.OrderedDict()}
         self.transitions: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
-        self.minutes: collections.OrderedDict[int, dict[tuple[str, str], Bucket]] = collections.OrderedDict()
+        self.minutes: collections.OrderedDict[int, dict[tuple[str, str, str], Bucket]] = collections.OrderedDict()
         self.ids = itertools.count(1)
         self.handlers = {
             "request.start": self.request_start, "request.end": self.request_end, "attempt.end": self.attempt_end,
@@ -100,44 +113,57 @@ class UiState:
         ctx = event.ctx
         if ctx is None:
             return
-        request = event["request"]
+        request = event.data["request"]
         call_id = f"c{next(self.ids)}"
+        prompt = None
+        keep = self.config.preview_chars * 2  # cut now, redacted (and cut to preview_chars) when shown
         messages = getattr(request, "messages", None)  # an embeddings request has none
-        prompt = next((m.text for m in reversed(messages) if m.role == "user"), None) if messages else None
-        metadata = request.scillm.get("scillm_metadata")
+        if keep and messages:
+            for message in reversed(messages):
+                if message.role == "user":
+                    prompt = message.text[:keep]
+                    break
         record: dict[str, Any] = {
             "id": call_id, "request_id": ctx.request_id, "started": event.time_ns / 1e9, "ended": None,
             "status": "live", "http_status": None, "error_code": None, "error": None, "model": request.model,
             "provider": None, "served_model": None, "caller": ctx.caller, "key": ctx.notes.get("key"),
             "stream": request.stream, "duration_ms": None, "first_chunk_ms": None, "tokens_in": None,
             "tokens_out": None, "cost_usd": None, "cache": None, "parent": ctx.parent, "attempts": [],
-            "marks": [], "prompt": self._preview(prompt), "answer": None,
-            "metadata": self._text(orjson.dumps(metadata, default=str).decode(), 500) if metadata else None}
+            "marks": [], "prompt": prompt, "answer": None, "metadata": request.scillm.get("scillm_metadata")}
         ctx.notes["ui"] = record
-        self.calls[call_id] = record
-        while len(self.calls) > self.config.max_calls:
-            self.calls.popitem(last=False)
+        calls = self.calls
+        calls[call_id] = record
+        if len(calls) > self.config.max_calls:
+            calls.popitem(last=False)
 
     def request_end(self, event: Event) -> None:
         ctx = event.ctx
         record = ctx.notes.get("ui") if ctx is not None else None
         if record is None:
             return
-        error = event["error"]
+        data = event.data
+        error = data["error"]
         route = ctx.route
-        usage = event["usage"]
-        record.update(ended=event.time_ns / 1e9, duration_ms=round(event["duration_s"] * 1000, 1),
-                      provider=route.provider if route else None, served_model=route.model if route else None,
-                      cache=ctx.notes.get("cache"), cost_usd=ctx.notes.get("cost_usd"),
-                      key=ctx.notes.get("key") or record["key"])
-        if event["first_chunk_s"] is not None:
-            record["first_chunk_ms"] = round(event["first_chunk_s"] * 1000, 1)
+        notes = ctx.notes
+        record["ended"] = event.time_ns / 1e9
+        record["duration_ms"] = round(data["duration_s"] * 1000, 1)
+        if route is not None:
+            record["provider"], record["served_model"] = route.provider, route.model
+        record["cache"], record["cost_usd"] = notes.get("cache"), notes.get("cost_usd")
+        key = notes.get("key")
+        if key is not None:
+            record["key"] = key
+        if data["first_chunk_s"] is not None:
+            record["first_chunk_ms"] = round(data["first_chunk_s"] * 1000, 1)
+        usage = data["usage"]
         if usage is not None:
             record["tokens_in"], record["tokens_out"] = usage.prompt_tokens, usage.completion_tokens
-        response = event["response"]
+        response = data["response"]
         if isinstance(response, ChatResponse):
             record["served_model"] = response.model
-            record["answer"] = self._preview(response.text)
+            keep = self.config.preview_chars * 2
+            if keep:
+                record["answer"] = response.text[:keep] or None
         if error is None:
             record["status"], record["http_status"] = "ok", 200
         else:
@@ -145,6 +171,12 @@ class UiState:
             record.update(status="error", http_status=status, error_code=code,
                           error=self._text(getattr(error, "message", None) or error, 300))
         self._count(record)
+
+    def detail(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """One call as a page shows it: previews and metadata redacted and cut."""
+        metadata = record["metadata"]
+        return {**record, "prompt": self._preview(record["prompt"]), "answer": self._preview(record["answer"]),
+                "metadata": self._text(orjson.dumps(metadata, default=str).decode(), 500) if metadata else None}
 
     def attempt_end(self, event: Event) -> None:
         record = event.ctx.notes.get("ui") if event.ctx is not None else None
@@ -221,35 +253,41 @@ class UiState:
             oldest = minute - self.config.series_minutes
             while self.minutes and next(iter(self.minutes)) <= oldest:
                 self.minutes.popitem(last=False)
-        for dimension in DIMENSIONS:
-            value = record.get(dimension)
-            bucket = buckets.get((dimension, value or "-"))
-            if bucket is None:
-                bucket = buckets[(dimension, value or "-")] = Bucket()
-            bucket.requests += 1
-            if record["status"] != "ok":
-                bucket.errors += 1
-            if len(bucket.latencies) < 500 and record["duration_ms"] is not None:
-                bucket.latencies.append(record["duration_ms"])
-            bucket.tokens_in += record["tokens_in"] or 0
-            bucket.tokens_out += record["tokens_out"] or 0
-            bucket.cost += record["cost_usd"] or 0.0
+        group = (record["model"] or "-", record["caller"] or "-", record["key"] or "-")  # DIMENSIONS, in order
+        bucket = buckets.get(group)
+        if bucket is None:
+            bucket = buckets[group] = Bucket()
+        bucket.requests += 1
+        if record["status"] != "ok":
+            bucket.errors += 1
+        if len(bucket.latencies) < 500 and record["duration_ms"] is not None:
+            bucket.latencies.append(record["duration_ms"])
+        bucket.tokens_in += record["tokens_in"] or 0
+        bucket.tokens_out += record["tokens_out"] or 0
+        bucket.cost += record["cost_usd"] or 0.0
 
     def series(self, by: str, top: int = 8) -> dict[str, Any]:
         now_minute = int(self.clock() // 60)
         minutes = list(range(now_minute - self.config.series_minutes + 1, now_minute + 1))
+        index = DIMENSIONS.index(by)
+        per_minute: dict[int, dict[str, Bucket]] = {}  # the minute's buckets summed by the dimension's value
         totals: collections.Counter[str] = collections.Counter()
-        for buckets in self.minutes.values():
-            for (dimension, value), bucket in buckets.items():
-                if dimension == by:
-                    totals[value] += bucket.requests
+        for minute, buckets in self.minutes.items():
+            summed = per_minute[minute] = {}
+            for group, bucket in buckets.items():
+                name = group[index]
+                total = summed.get(name)
+                if total is None:
+                    total = summed[name] = Bucket()
+                total.add(bucket)
+                totals[name] += bucket.requests
         names = [name for name, _ in totals.most_common(top)]
         out: dict[str, dict[str, list[Any]]] = {}
         for name in names:
             rows: dict[str, list[Any]] = {k: [] for k in ("requests", "errors", "p50_ms", "p95_ms", "tokens",
                                                           "cost_usd")}
             for minute in minutes:
-                bucket = self.minutes.get(minute, {}).get((by, name)) or Bucket()
+                bucket = per_minute.get(minute, {}).get(name) or Bucket()
                 latencies = sorted(bucket.latencies)
                 rows["requests"].append(bucket.requests)
                 rows["errors"].append(bucket.errors)
