@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from scillm_core.context import CallContext
 
-__all__ = ["PARENT_SCOPE_KEY", "Event", "Events", "Observer", "trace_headers"]
+__all__ = ["PARENT_SCOPE_KEY", "Event", "Events", "Observer", "Unit", "trace_headers"]
 
 log = logging.getLogger("scillm.events")
 
@@ -134,6 +134,31 @@ class Events:
         self._by_kind = {kind: tuple(obs for obs, kinds in self._subscriptions if kinds is None or kind in kinds)
                          for kind in named}
         self.listening = bool(self._subscriptions)
+
+
+class Unit:
+    """A unit of work as events report it (see the module doc): ``<kind>.start`` when made, then ``<kind>.event``
+    for progress (only while someone listens) and ``<kind>.end`` once. ``unit`` is its id (``"run:..."``), what its
+    calls name in ``CallContext.parent`` or, for a child's HTTP calls, ``PARENT_SCOPE_KEY``."""
+
+    __slots__ = ("ended", "events", "kind", "unit")
+
+    def __init__(self, events: Events, kind: str, unit: str, *, name: str, parent: str | None = None,
+                 trace: Mapping[str, str] | None = None, attrs: Mapping[str, Any] | None = None) -> None:
+        self.events, self.kind, self.unit, self.ended = events, kind, unit, False
+        events.emit(f"{kind}.start", None, unit=unit, parent=parent, name=name, trace=dict(trace or {}),
+                    attrs=dict(attrs or {}))
+
+    def event(self, record: Mapping[str, Any]) -> None:
+        kind = f"{self.kind}.event"
+        if not self.ended and self.events.wants(kind):
+            self.events.emit(kind, None, unit=self.unit, event=record)
+
+    def end(self, status: str, error: str | None = None, **attrs: Any) -> None:
+        """``status``: ``ok`` / ``completed``, or the unit's own word (``failed``, ``timeout``, ...)."""
+        if not self.ended:
+            self.ended = True
+            self.events.emit(f"{self.kind}.end", None, unit=self.unit, status=status, error=error, attrs=attrs)
 
 
 def trace_headers(headers: Mapping[str, str] | None) -> dict[str, str]:

@@ -33,6 +33,7 @@ from agents_helpers import (
 )
 from scillm_agent_runners.base import REPO_TOOLS
 
+from scillm_core.events import Event
 from scillm_core.testing import ServerThread
 from scillm_core.testing.fake_codex import FakeCodex
 from scillm_core.testing.netns import links, loopback_only
@@ -53,6 +54,10 @@ class Env:
         self.pgids: set[int] = set()      # every app-server process group seen
         self.run_keys: set[str] = set()   # every run key seen (read from the live process)
         self.logs: list[str] = []
+        self.reported: list[Event] = []   # units of work and model calls, as runtime.events reports them
+
+    def runs(self, kind: str, worker: str) -> list[Event]:
+        return [e for e in self.reported if e.kind == kind and e["unit"].startswith(f"run:agents/{worker}/")]
 
     def worker(self, repo: Path | None = None, **cfg: Any) -> dict[str, Any]:
         return {"repository": str(repo or self.repo), "model": MODEL, "sandbox": "read-only", **cfg}
@@ -103,6 +108,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             "guard": e.worker(),
             "idle": e.worker(idle_timeout_s=1),
         }, e.server_env, max_live=3)
+        e.server.app.runtime.events.subscribe(e.reported.append, kinds=["run.start", "run.end", "request.start"])
         e.http = client(e.server)
         try:
             yield e
@@ -127,7 +133,9 @@ def test_two_turns_on_one_thread_carry_the_context(env: Env) -> None:
     assert handoff.status_code == 201, handoff.text
     held = lease(http, "chat", handoff_id="h-chat")
     assert held["lease_id"] == "h-chat-lease"
-    first = http.post("/chat/turn", json={"lease_id": held["lease_id"], "wait": True})
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    first = http.post("/chat/turn", json={"lease_id": held["lease_id"], "wait": True},
+                      headers={"traceparent": traceparent})
     assert first.status_code == 200, first.text
     assert first.json()["status"] == "completed" and first.json()["final_text"] == "NOTED PINEAPPLE-7"
     # the handoff became the prompt
@@ -148,6 +156,20 @@ def test_two_turns_on_one_thread_carry_the_context(env: Env) -> None:
     calls = env.requests_with("PINEAPPLE-7")
     assert calls and all(r.get("store") is False for r in calls)
     assert env.fake.requests[-1].headers["authorization"] == f"Bearer {env.login['access_token']}"
+    # reported as units of work: the process is a run (continuing the first turn's trace), each turn a run in it
+    # with the worker's event stream, and every model call was made for its turn
+    [process] = [e for e in env.runs("run.start", "chat") if e["parent"] is None]
+    assert process["name"] == "agent chat"
+    assert process["trace"] == {"traceparent": traceparent}
+    assert process["attrs"]["events_url"].startswith("/v1/scillm/agents/chat/events/stream?after=")
+    turns = [e for e in env.runs("run.start", "chat") if e["parent"] == process["unit"]]
+    assert [t["name"] for t in turns] == ["agent turn chat"] * 2
+    assert all(t["attrs"]["caller"] == CALLER and t["attrs"]["events_url"] for t in turns)
+    ended = {e["unit"]: e for e in env.runs("run.end", "chat")}
+    assert [(ended[t["unit"]]["status"], ended[t["unit"]]["attrs"]["turn_id"]) for t in turns] == [
+        ("completed", first.json()["turn_id"]), ("completed", second["turn_id"])]
+    parents = [e.ctx.parent for e in env.reported if e.kind == "request.start"]
+    assert parents and set(parents) == {t["unit"] for t in turns}
 
 
 def test_edit_turn_result_holds_the_diff_and_the_callers_tree_is_unchanged(env: Env) -> None:
@@ -329,6 +351,8 @@ def test_an_idle_worker_is_stopped_and_resumed(env: Env) -> None:
     env.seen(http, "idle")
     stopped = wait_event(http, "idle", 0, lambda e: e["type"] == "worker.stopped")  # its first stop
     assert stopped["reason"] == "idle for idle_timeout_s=1"
+    [process] = [e for e in env.runs("run.end", "idle") if "stopped" in e["attrs"]]  # the process's run ended
+    assert process["status"] == "completed" and process["attrs"]["stopped"] == "idle for idle_timeout_s=1"
     assert http.get("/idle/status").json()["process"]["reason"] == "idle for idle_timeout_s=1"
     again = http.post("/idle/turn", json={"lease_id": held["lease_id"], "input": "RECALL", "wait": True}).json()
     assert again["final_text"] == "RECALLED: SLEEPY" and again["thread_id"] == first.json()["thread_id"]
@@ -346,6 +370,8 @@ def test_a_dead_worker_is_resumed_and_a_lost_thread_is_reported(env: Env) -> Non
     wait_event(http, "chat", status["events_seq"], lambda e: e["type"] == "worker.stopped")
     dead = http.get("/chat/status").json()
     assert dead["process"]["status"] == "stopped" and "exited" in dead["process"]["reason"]
+    died = [e for e in env.runs("run.end", "chat") if "stopped" in e["attrs"]][-1]  # its run failed, saying why
+    assert died["status"] == "failed" and "exited" in died["error"]
     held = dead["lease"]
     recall = http.post("/chat/turn", json={"lease_id": held["lease_id"], "input": "RECALL", "wait": True}).json()
     assert "PINEAPPLE-7" in recall["final_text"] and recall["thread_id"] == dead["thread"]["id"]

@@ -152,7 +152,8 @@ async def test_managed_process_lines_stdin_death_and_group_kill(tmp_path: Path) 
 
 async def test_run_keys_per_session_attribution_view_keys_and_expiry() -> None:
     """One key for a long-lived child (opencode serve): a call counts only for a session a live run bound, and is
-    attributed to that run; a view key reads one run's GET routes only, until it expires."""
+    attributed to that run and the unit of work it is for; a view key reads one run's GET routes only, until it
+    expires."""
     import httpx
     from scillm_exec import VIEW_KEY_PREFIX, RunKeys
     from scillm_exec.auth import RunKeyMiddleware
@@ -160,26 +161,39 @@ async def test_run_keys_per_session_attribution_view_keys_and_expiry() -> None:
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
+    from scillm_core.events import PARENT_SCOPE_KEY
+
     async def echo(request):  # what the app behind the middleware sees
         return JSONResponse({"auth": request.headers.get("authorization"), "run": request.headers.get(
             "x-scillm-exec-run"), "caller": request.headers.get("x-caller-skill"),
-            "owner": request.scope.get("scillm.run_owner")})
+            "owner": request.scope.get("scillm.run_owner"), "unit": request.scope.get(PARENT_SCOPE_KEY)})
 
     now = [1000.0]
     keys = RunKeys(clock=lambda: now[0])
     app = RunKeyMiddleware(Starlette(routes=[Route("/{p:path}", echo, methods=["GET", "POST"])]), keys,
                            {"SCILLM_MASTER_KEY": "sk-master-xyz"})
     serve = keys.mint("opencode-serve", None, per_session=True)
-    keys.bind_session(serve, "ses_a", "oc-1", "proj", "key-alice")
+    keys.bind_session(serve, "ses_a", "oc-1", "proj", "key-alice", unit="run:opencode/oc-1")
     keys.bind_child(serve, "ses_child", "ses_a")
+    worker = keys.mint("agent-w", "agents", unit="run:agents/w/s1")
     view = keys.mint("oc-1", "proj", prefix=VIEW_KEY_PREFIX, ttl_s=60,
                      allow=lambda method, path: method == "GET" and path == "/v1/runs/oc-1")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         auth = {"authorization": f"Bearer {serve}"}
         ok = (await c.post("/v1/chat/completions", headers={**auth, "x-session-id": "ses_a"})).json()
-        assert ok == {"auth": "Bearer sk-master-xyz", "run": "oc-1", "caller": "proj/oc-1", "owner": "key-alice"}
+        assert ok == {"auth": "Bearer sk-master-xyz", "run": "oc-1", "caller": "proj/oc-1", "owner": "key-alice",
+                      "unit": "run:opencode/oc-1"}
         child = await c.post("/v1/chat/completions", headers={**auth, "x-session-id": "ses_child"})
         assert child.json()["run"] == "oc-1"  # a subagent's calls belong to its parent's run
+        assert child.json()["unit"] == "run:opencode/oc-1"
+        # a key's calls are for its unit, which may change while it lives (a standing worker's turns)
+        w = {"authorization": f"Bearer {worker}"}
+        assert (await c.post("/v1/responses", headers=w)).json()["unit"] == "run:agents/w/s1"
+        keys.set_unit(worker, "run:agents/w/t1")
+        assert (await c.post("/v1/responses", headers=w)).json()["unit"] == "run:agents/w/t1"
+        plain = keys.mint("run_x", "proj")
+        assert (await c.post("/v1/responses", headers={"authorization": f"Bearer {plain}"})).json()["unit"] == \
+            "run:run_x"
         for headers in ({**auth}, {**auth, "x-session-id": "ses_other"}):
             assert (await c.post("/v1/chat/completions", headers=headers)).status_code == 403
         assert (await c.get("/v1/scillm/opencode/runs", headers={**auth, "x-session-id": "ses_a"})).status_code \

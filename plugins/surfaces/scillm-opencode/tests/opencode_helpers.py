@@ -138,6 +138,16 @@ class Stack:
         self.url = server.url
         self.client = httpx.Client(base_url=self.url, timeout=180, headers={
             "authorization": f"Bearer {MASTER_KEY}", "x-caller-skill": "opencode-tests"})
+        self.reported: list[Any] = []  # units of work and model calls, as runtime.events reports them
+        server.app.runtime.events.subscribe(self.reported.append, kinds=[
+            "run.start", "run.end", "graph.start", "graph.end", "request.start"])
+
+    def reported_for(self, unit: str) -> dict[str, Any]:
+        """The start and end events of ``unit``, and the parents of the model calls made for it."""
+        events = [e for e in self.reported if e.kind != "request.start" and e["unit"] == unit]
+        return {"start": next((e for e in events if e.kind.endswith(".start")), None),
+                "end": next((e for e in events if e.kind.endswith(".end")), None),
+                "calls": [e for e in self.reported if e.kind == "request.start" and e.ctx.parent == unit]}
 
     @property
     def opencode(self) -> Any:

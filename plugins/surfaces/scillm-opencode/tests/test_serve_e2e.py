@@ -18,8 +18,10 @@ RUNS = "/v1/scillm/opencode/runs"
 def test_run_edits_its_worktree_and_returns_the_diff(stack: Stack) -> None:
     repo = stack.repo()
     status_before = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True).stdout
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     response = stack.client.post(RUNS, json={"prompt": "[edit] change hello to goodbye", "agent": "build",
-                                             "cwd": str(repo), "scillm_metadata": {"ticket": "T-1"}})
+                                             "cwd": str(repo), "scillm_metadata": {"ticket": "T-1"}},
+                                 headers={"traceparent": traceparent})
     assert response.status_code == 200, response.text
     result = response.json()
     assert result["status"] == "completed", result
@@ -58,6 +60,13 @@ def test_run_edits_its_worktree_and_returns_the_diff(stack: Stack) -> None:
     # the call log attributes each model call to the caller and the run
     calls_logged = stack.client.get("/v1/scillm/calls").json()["data"]
     assert {c["caller"] for c in calls_logged} >= {f"opencode-tests/{result['run_id']}"}
+    # reported as a unit of work (the dashboard's Runs tab, a span continuing the caller's trace) with its event
+    # stream, and every model call of its session was made for it
+    unit = stack.reported_for(f"run:opencode/{result['run_id']}")
+    assert unit["start"]["trace"] == {"traceparent": traceparent} and unit["start"]["name"] == "opencode run"
+    assert unit["start"]["attrs"]["events_url"] == f"{RUNS}/{result['run_id']}/events"
+    assert unit["start"]["attrs"]["caller"] == "opencode-tests" and unit["end"]["status"] == "completed"
+    assert len(unit["calls"]) == len(calls)
 
 
 def test_bad_requests_are_400s_naming_the_field(stack: Stack) -> None:

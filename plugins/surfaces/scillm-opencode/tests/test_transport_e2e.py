@@ -64,6 +64,15 @@ def test_two_node_dag_streams_both_nodes_in_order_and_resumes(stack: Stack) -> N
     assert [e["seq"] for e in later] == [e["seq"] for e in events if e["seq"] > cut]
     resumed = stack.client.get(f"{T}/runs/{run_id}/events/stream", headers={"last-event-id": str(cut)})
     assert f"id: {cut + 1}\n" in resumed.text and f"id: {cut}\n" not in resumed.text
+    # reported as a graph of units (the dashboard's Runs tab, traces): the run, its nodes inside it, and each
+    # node's model calls made for that node
+    graph = stack.reported_for(f"graph:opencode/{run_id}")
+    assert graph["start"]["attrs"]["events_url"] == f"{T}/runs/{run_id}/events/stream"
+    assert graph["end"]["status"] == "completed"
+    for node in ("a", "b"):
+        unit = stack.reported_for(f"run:opencode/{run_id}/{node}")
+        assert unit["start"]["parent"] == f"graph:opencode/{run_id}" and unit["end"]["status"] == "completed"
+        assert unit["calls"] and unit["start"]["attrs"]["events_url"].startswith(f"{T}/runs/{run_id}/events/")
 
 
 def test_steer_reaches_the_next_model_request_and_the_node_completes(stack: Stack) -> None:

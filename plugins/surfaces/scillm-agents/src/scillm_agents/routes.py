@@ -19,6 +19,7 @@ from scillm_agents.config import settings
 from scillm_agents.service import Agents, agents_of
 from scillm_agents.worker import Worker
 from scillm_core import errors
+from scillm_core.events import trace_headers
 from scillm_core.web import caller_of, json_response, query_int, read_json, runtime_of
 
 __all__ = ["routes"]
@@ -268,7 +269,8 @@ async def turn(request: Request) -> Response:
         text = handoff_prompt(handoff)
     record = {"handoff_id": handoff_id, "lease_id": lease_id, "owner": lease.get("owner"), "input": text,
               **_who(request, caller)}
-    doc, task = await agents.begin_turn(worker, record, text, timeout_s, base_url_of(request))
+    doc, task = await agents.begin_turn(worker, record, text, timeout_s, base_url_of(request),
+                                        trace_headers(request.headers))
     if wait:
         return json_response(await asyncio.shield(task))
     return json_response(doc, 202)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -173,17 +174,25 @@ class Agents:
     # -- turns -----------------------------------------------------------------------------------------------------
 
     async def begin_turn(self, worker: Worker, record: dict[str, Any], text: str, timeout_s: float,
-                         base_url: str) -> tuple[dict[str, Any], asyncio.Task[dict[str, Any]]]:
-        """Start a turn (the worker must be free); returns its running record and the task that stores its result."""
+                         base_url: str, trace: Mapping[str, str] | None = None
+                         ) -> tuple[dict[str, Any], asyncio.Task[dict[str, Any]]]:
+        """Start a turn (the worker must be free); returns its running record and the task that stores its result.
+        The turn is a unit of work inside the worker's run from before ``turn/start`` (so its first model call is
+        already made for it) until its result is stored."""
         if worker.busy.locked():
             running = worker.current.turn_id if worker.current else "starting"
             raise errors.Conflict(f"worker {worker.name!r} is running turn {running}; steer it, interrupt it, or "
                                   "wait for its result", code="turn_running")
         await worker.busy.acquire()
         try:
-            await worker.ensure_running(base_url)
+            await worker.ensure_running(base_url, trace)
+            worker.turn_run = worker.unit(
+                f"agent turn {worker.name}", uuid.uuid4().hex[:12], trace, worker.run.unit if worker.run else None,
+                caller=record.get("caller"), owner=record.get("owner"), handoff_id=record.get("handoff_id"))
+            self.keys.set_unit(worker.key, worker.turn_run.unit)
             live = await worker.start_turn(text)
-        except BaseException:
+        except BaseException as exc:
+            self._end_turn_run(worker, "failed", getattr(exc, "message", None) or type(exc).__name__)
             worker.busy.release()
             raise
         doc = {**record, "worker": worker.name, "turn_id": live.turn_id, "thread_id": worker.thread_id,
@@ -203,8 +212,16 @@ class Agents:
             recorded.set()
         return doc, task
 
+    def _end_turn_run(self, worker: Worker, status: str, error: str | None, **attrs: Any) -> None:
+        """The turn's unit ends; the worker's model calls are its run's again."""
+        if worker.turn_run is not None:
+            worker.turn_run.end(status, error, **attrs)
+            worker.turn_run = None
+            self.keys.set_unit(worker.key, worker.run.unit if worker.run else None)
+
     async def _finish(self, worker: Worker, live: LiveTurn, doc: dict[str, Any], timeout_s: float,
                       recorded: asyncio.Event) -> dict[str, Any]:
+        ended: tuple[str, str | None] = ("failed", "the turn's result could not be stored")
         try:
             await worker.wait_turn(live, timeout_s)
             await recorded.wait()
@@ -235,8 +252,10 @@ class Agents:
             await self.store.put(TURNS, f"{worker.name}/{live.turn_id}", result)
             worker.emit("turn.completed", turn_id=live.turn_id, handoff_id=doc.get("handoff_id"), status=status,
                         error=error, final_text=result["final_text"], changed_paths=paths)
+            ended = (status, error)
             return result
         finally:
+            self._end_turn_run(worker, *ended, turn_id=live.turn_id, thread_id=doc.get("thread_id"))
             worker.turns.pop(live.turn_id, None)
             if worker.current is live:
                 worker.current = None

@@ -5,6 +5,10 @@ The process starts on demand (the first turn), in the worker's worktree, with a 
 model provider is this scillm (a run key in ``SCILLM_API_KEY``). Its thread id is kept in the state store, so a
 process that died, was stopped for being idle, or belonged to a scillm that restarted is resumed with
 ``thread/resume``; when codex cannot resume it, the worker starts a new thread and says so (``context: lost``).
+
+Each process's life is a unit of work on ``runtime.events`` (a ``run``, ``run:agents/<worker>/<id>``) and each
+turn a ``run`` inside it; the run key names the running turn (else the process's run) as the unit its model calls
+are made for, so the dashboard lists both with the worker's event stream and traces nest the calls under the turn.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +39,7 @@ from scillm_exec import (
 from scillm_agents.config import WorkerConfig
 from scillm_agents.rpc import METHOD_NOT_FOUND, RpcClient, RpcError
 from scillm_core import errors
+from scillm_core.events import Unit
 
 if TYPE_CHECKING:
     from scillm_agents.service import Agents
@@ -111,6 +117,8 @@ class Worker:
         self._idle: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.task: asyncio.Task[dict[str, Any]] | None = None   # stores the running turn's result
+        self.run: Unit | None = None          # the live process, as a unit of work (events, traces)
+        self.turn_run: Unit | None = None     # the running turn, a unit inside it
 
     # -- state -----------------------------------------------------------------------------------------------------
 
@@ -121,7 +129,20 @@ class Worker:
     def emit(self, type: str, **fields: Any) -> None:
         if self.events.closed:  # cleanup ended the followers of the last log; the numbering goes on
             self.events = EventLog(self.events.path, redact=[s.decode() for s in self.events.secrets])
-        self.events.append(type, worker=self.name, **fields)
+        event = self.events.append(type, worker=self.name, **fields)
+        unit = self.turn_run or self.run
+        if unit is not None:
+            unit.event({"seq": event["seq"], "type": type})  # what observers use; the record stays in the log
+
+    def unit(self, name: str, key: str, trace: Mapping[str, str] | None, parent: str | None,
+             **attrs: Any) -> Unit:
+        """A unit of work of this worker (its process's run, or a turn in it): listed with the worker's event
+        stream from now on."""
+        unit_id = f"run:agents/{self.name}/{key}"
+        return Unit(self.service.runtime.events, "run", unit_id, name=name, parent=parent, trace=trace, attrs={
+            "run_id": unit_id.removeprefix("run:"), "worker": self.name, "model": self.cfg.model,
+            "profile": "standing agent", "sandbox": self.cfg.sandbox, "surface": "agents",
+            "events_url": f"/v1/scillm/agents/{self.name}/events/stream?after={self.events.seq}", **attrs})
 
     def process_status(self) -> dict[str, Any]:
         if self.alive:
@@ -131,20 +152,30 @@ class Worker:
 
     # -- start -----------------------------------------------------------------------------------------------------
 
-    async def ensure_running(self, base_url: str) -> None:
-        """Start the app-server (and resume or start the thread) unless it runs; ``service.lifecycle`` held."""
+    async def ensure_running(self, base_url: str, trace: Mapping[str, str] | None = None) -> None:
+        """Start the app-server (and resume or start the thread) unless it runs; ``service.lifecycle`` held.
+        ``trace``: the trace context of the request that needs it (its run continues that trace)."""
         if self.alive and self.thread_id:
             return
         async with self.service.lifecycle:
             if self.alive and self.thread_id:
                 return
             await self.service.make_room(self)
-            await self._start(base_url)
+            await self._start(base_url, trace)
 
-    async def _start(self, base_url: str) -> None:
+    async def _start(self, base_url: str, trace: Mapping[str, str] | None = None) -> None:
         cli = cli_path(self.service.runtime, "codex")
         if cli is None:
             raise unavailable("the codex CLI is not installed (scripts/install-agent-clis; see `scillm doctor`)")
+        run = self.run = self.unit(f"agent {self.name}", uuid.uuid4().hex[:12], trace, None)
+        try:
+            await self._launch(cli, base_url)
+        except BaseException as exc:
+            run.end("failed", getattr(exc, "message", None) or str(exc) or type(exc).__name__)
+            raise
+
+    async def _launch(self, cli: str, base_url: str) -> None:
+        assert self.run is not None
         doc = await self.service.worker_doc(self.name)
         self.worktree = await self._worktree(doc)
         home = self.dir / "home"
@@ -152,7 +183,7 @@ class Worker:
         codex_home.mkdir(parents=True, exist_ok=True)
         home.chmod(0o700)
         (codex_home / "config.toml").write_text(codex_config(self.cfg.model, base_url, self.cfg.sandbox))
-        self.key = self.service.keys.mint(f"agent-{self.name}", "agents")
+        self.key = self.service.keys.mint(f"agent-{self.name}", "agents", unit=self.run.unit)
         self.events.secrets.append(self.key.encode())
         rpc = RpcClient(self._write, on_notification=self._on_notification, on_request=self._on_request)
         process = ManagedProcess(
@@ -174,6 +205,7 @@ class Worker:
             await rpc.notify("initialized")
             await self._open_thread(doc, rpc)
         except (RpcError, ConnectionError, TimeoutError) as exc:
+            self.run.end("failed", f"codex app-server failed to start: {_reason(exc)}")
             await self.stop_locked(f"codex app-server failed to start: {_reason(exc)}")
             raise unavailable(f"worker {self.name!r}: codex app-server failed to start: {_reason(exc)}") from None
         self.stopped = None
@@ -276,6 +308,11 @@ class Worker:
         self.key = None
         self.emit("worker.stopped", reason=reason, exit_code=process.returncode, thread_id=self.thread_id,
                   context="kept: the next turn resumes this thread" if self.thread_id else None)
+        if self.run is not None:
+            died = "exit_code" in (self.stopped or {})  # it ended on its own; else scillm stopped it
+            self.run.end("failed" if died else "completed", reason if died else None, exit_code=process.returncode,
+                         stopped=reason)
+            self.run = None
 
     async def _idle_watch(self, process: ManagedProcess) -> None:
         idle_s = self.cfg.idle_timeout_s

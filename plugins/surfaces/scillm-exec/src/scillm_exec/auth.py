@@ -9,6 +9,10 @@ session: each run binds its session id, and a call is accepted only when its ``x
 ``x-parent-session-id``, for a subagent) belongs to a live run; the call is then attributed to that run and its
 caller.
 
+Every call made with a key names the unit of work it is made for (``scillm_core.events.PARENT_SCOPE_KEY``), so that
+events, the dashboard and traces put it under that unit: ``run:<run_id>`` unless the grant (or the session binding)
+names another unit, and a key's unit can change while it lives (a standing worker's current turn, :meth:`set_unit`).
+
 Keys and grants live in ``runtime.plugin_state["run-keys"]`` (one table per app, shared by every agent surface);
 :func:`add_run_key_middleware` installs the middleware once whichever surfaces ask for it.
 """
@@ -62,8 +66,10 @@ class Grant:
     #: the authenticated identity that started the run (for per-key isolation and spend)
     owner: str | None = None
     #: ``None``: every call is the grant's run. A dict: calls are attributed by session id to
-    #: ``(run_id, caller, owner)``
-    sessions: dict[str, tuple[str, str | None, str | None]] | None = None
+    #: ``(run_id, caller, owner, unit)``
+    sessions: dict[str, tuple[str, str | None, str | None, str | None]] | None = None
+    #: the unit of work the key's calls are made for (events, traces); ``None``: ``run:<run_id>``
+    unit: str | None = None
     children: dict[str, str] = field(factory=dict)  # subagent session -> the bound session it belongs to
 
 
@@ -74,14 +80,15 @@ class RunKeys:
 
     def mint(self, run_id: str, caller: str | None, *, prefix: str = RUN_KEY_PREFIX,
              allow: Callable[[str, str], bool] = model_routes_only, refusal: str | None = None,
-             ttl_s: float | None = None, owner: str | None = None, per_session: bool = False) -> str:
+             ttl_s: float | None = None, owner: str | None = None, per_session: bool = False,
+             unit: str | None = None) -> str:
         """A new key for ``run_id``; valid until :meth:`revoke` (or ``ttl_s`` seconds)."""
         if prefix not in KEY_PREFIXES:
             raise ValueError(f"key prefix must be one of {KEY_PREFIXES}")
         key = prefix + secrets.token_urlsafe(24)
         grant = Grant(run_id=run_id, caller=caller, allow=allow, owner=owner,
                       expires_at=None if ttl_s is None else self.clock() + ttl_s,
-                      sessions={} if per_session else None)
+                      sessions={} if per_session else None, unit=unit)
         if refusal:
             grant.refusal = refusal
         self._live[key] = grant
@@ -98,14 +105,20 @@ class RunKeys:
             return None
         return grant
 
+    def set_unit(self, key: str | None, unit: str | None) -> None:
+        """From now on, the calls made with ``key`` are made for ``unit`` (a standing worker's current turn)."""
+        grant = self._live.get(key) if key else None
+        if grant is not None:
+            grant.unit = unit
+
     def bind_session(self, key: str, session_id: str, run_id: str, caller: str | None,
-                     owner: str | None = None) -> None:
-        """Attribute the calls a per-session key makes for ``session_id`` to ``run_id``, its caller and the identity
-        that started it (until unbound)."""
+                     owner: str | None = None, unit: str | None = None) -> None:
+        """Attribute the calls a per-session key makes for ``session_id`` to ``run_id``, its caller, the identity
+        that started it and the unit of work they are made for (until unbound)."""
         grant = self._live.get(key)
         if grant is None or grant.sessions is None:
             raise KeyError("not a live per-session key")
-        grant.sessions[session_id] = (run_id, caller, owner)
+        grant.sessions[session_id] = (run_id, caller, owner, unit)
 
     def bind_child(self, key: str, child_id: str, parent_id: str) -> None:
         """A subagent session (``child_id``) belongs to the run of its bound parent session."""
@@ -121,11 +134,11 @@ class RunKeys:
                 grant.children.pop(child, None)
 
     def attribute(self, grant: Grant, headers: list[tuple[bytes, bytes]]
-                  ) -> tuple[str, str | None, str | None] | None:
-        """``(run_id, caller, owner)`` of the run a call made with ``grant`` belongs to; ``None`` when a per-session
-        key names no live session."""
+                  ) -> tuple[str, str | None, str | None, str | None] | None:
+        """``(run_id, caller, owner, unit)`` of the run a call made with ``grant`` belongs to; ``None`` when a
+        per-session key names no live session."""
         if grant.sessions is None:
-            return grant.run_id, grant.caller, grant.owner
+            return grant.run_id, grant.caller, grant.owner, grant.unit
         for name in SESSION_HEADERS:
             for key, value in headers:
                 if key != name:
@@ -191,7 +204,7 @@ class RunKeyMiddleware:
         if found is None:
             await send_error(send, errors.PermissionDenied("no live run owns this session (x-session-id)"))
             return
-        run_id, caller, owner = found
+        run_id, caller, owner, unit = found
         headers: list[tuple[bytes, bytes]] = [
             (k, v) for k, v in scope["headers"] if k not in (b"authorization", b"x-api-key", b"x-scillm-exec-run")]
         headers.append((b"authorization", b"Bearer " + self.server_key))
@@ -200,7 +213,7 @@ class RunKeyMiddleware:
             headers.append((b"x-caller-skill", f"{caller or 'exec'}/{run_id}".encode()))
         inner: dict[str, Any] = dict(scope)
         inner["headers"] = headers
-        inner[PARENT_SCOPE_KEY] = f"run:{run_id}"  # the call is made for this run (events, traces)
+        inner[PARENT_SCOPE_KEY] = unit or f"run:{run_id}"  # the unit the call is made for (events, traces)
         if owner is not None:
             inner["scillm.run_owner"] = owner  # who started the run (for per-key limits and spend)
         await self.app(inner, receive, send)

@@ -1,6 +1,11 @@
 """What serve runs and transport runs share: the server, session slots, keys and skills (:class:`Sessions`), the
 live state every run has (:class:`LiveRun`: one worktree, one event log, a terminal status decided once), and the
-book that keeps them (:class:`RunBook`: create, read, follow, diff, abort, shut down)."""
+book that keeps them (:class:`RunBook`: create, read, follow, diff, abort, shut down).
+
+Every run is a unit of work on ``runtime.events`` from :meth:`RunBook.begin` to :meth:`RunBook.finish` (a serve
+run a ``run``, a transport run a ``graph`` whose nodes are ``run`` units in it), with its SSE tail as
+``attrs.events_url``; a session's model calls are made for its run's (or node's) unit, so the dashboard lists the
+runs with their event streams and traces nest the calls under them."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from attrs import define, field
 from scillm_exec import EventLog, SharedRuns, Worktree, create_worktree, worktree_diff
 
 from scillm_core import errors
+from scillm_core.events import Unit
 from scillm_opencode.client import ServeError
 from scillm_opencode.config import opencode_config, skill_roots
 from scillm_opencode.profiles import bad
@@ -41,10 +47,13 @@ class Sessions:
         self.cfg = opencode_config(runtime)
         self.slots = asyncio.Semaphore(max(1, self.cfg.max_concurrency))
 
-    def bind(self, session_id: str, run: LiveRun) -> None:
-        """The session's model calls (through the managed server's key) are this run's: its caller, its owner."""
+    def bind(self, session_id: str, run: LiveRun, unit: Unit | None = None) -> None:
+        """The session's model calls (through the managed server's key) are this run's: its caller, its owner, and
+        made for ``unit`` (a transport node) or the run's own."""
         if self.serve.key is not None:
-            self.serve.keys.bind_session(self.serve.key, session_id, run.run_id, run.caller, run.owner)
+            unit = unit or run.unit
+            self.serve.keys.bind_session(self.serve.key, session_id, run.run_id, run.caller, run.owner,
+                                         unit.unit if unit is not None else None)
 
     def bind_child(self, child: str, parent: str) -> None:
         if self.serve.key is not None:
@@ -115,6 +124,8 @@ class LiveRun:
     skills_materialized: list[str] = field(factory=list)
     skills_missing: dict[str, str] = field(factory=dict)
     diff_lock: asyncio.Lock = field(factory=asyncio.Lock)  # a live diff never races the worktree's removal
+    trace: dict[str, str] = field(factory=dict)  # the trace context of the request that started it
+    unit: Unit | None = None                     # the run as a unit of work (events, traces), while it runs
 
     def decide(self, status: str, error: str | None = None) -> bool:
         """Set the terminal status once; later calls (a late completion after an abort) change nothing."""
@@ -138,6 +149,10 @@ R = TypeVar("R", bound=LiveRun)
 class RunBook(Generic[R]):
     """The runs of one kind: live ones in memory, all of them in :class:`Records`; events and aborts reach any
     instance through :class:`scillm_exec.SharedRuns`."""
+
+    unit_kind = "run"            # what a run of this book is on runtime.events
+    unit_name = "opencode run"
+    events_path = "/v1/scillm/opencode/runs/{run_id}/events"   # its SSE tail
 
     def __init__(self, runtime: Runtime, sessions: Sessions, namespace: str, dirname: str) -> None:
         self.runtime = runtime
@@ -166,9 +181,16 @@ class RunBook(Generic[R]):
     async def begin(self, run: R, execute: Any) -> R:
         self.runs[run.run_id] = run
         await self.records.save(self.doc(run))
+        run.unit = Unit(self.runtime.events, self.unit_kind, f"{self.unit_kind}:opencode/{run.run_id}",
+                        name=self.unit_name, trace=run.trace, attrs={
+                            "run_id": run.run_id, "caller": run.caller, "surface": "opencode",
+                            "events_url": self.events_path.format(run_id=run.run_id), **self.unit_attrs(run)})
         run.task = asyncio.ensure_future(execute(run))
         self.shared.drive(run.run_id, run.log, run.end, run.abort)
         return run
+
+    def unit_attrs(self, run: R) -> dict[str, Any]:
+        return {}
 
     async def follow(self, driver: SessionDriver, stop: asyncio.Event, deadline: float) -> str:
         """Until the session ended (see :class:`Ended`); an idle session that still has a user message to answer (a
@@ -194,6 +216,8 @@ class RunBook(Generic[R]):
                        changed_paths=extra.get("changed_paths", []), **event)
         run.log.close()
         self.shared.release(run.run_id)
+        if run.unit is not None:
+            run.unit.end(run.status, run.error, changed_paths=len(extra.get("changed_paths", [])))
         stored = await self.records.save(run.result)
         await self.records.write_result(stored)
         run.done.set()

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from scillm_core import Runtime, errors
+from scillm_core.events import trace_headers
 from scillm_core.web import caller_of, identity_of, json_response, query_int, read_json, runtime_of
 from scillm_opencode.book import RunBook, Sessions
 from scillm_opencode.config import enabled, opencode_config
@@ -177,7 +178,8 @@ async def _create(request: Request, *, debugger: bool) -> Response:
     else:
         parsed = oc.runs.parse(body)
     owner = identity_of(request)
-    run = await oc.runs.start(parsed, caller=caller, owner=owner, base_url=base_url_of(request))
+    run = await oc.runs.start(parsed, caller=caller, owner=owner, base_url=base_url_of(request),
+                              trace=trace_headers(request.headers))
     link = oc.monitor_link(request, f"{RUNS}/{run.run_id}", run.run_id, caller, owner, transport=False)
     if parsed["wait"]:
         return json_response(await oc.runs.wait(run) | link)
@@ -217,7 +219,8 @@ async def create_transport(request: Request) -> Response:
     body = await read_json(request, limit_bytes=BODY_LIMIT)
     parsed = oc.transport.parse(body)
     owner = identity_of(request)
-    run = await oc.transport.start(parsed, caller=caller, owner=owner, base_url=base_url_of(request))
+    run = await oc.transport.start(parsed, caller=caller, owner=owner, base_url=base_url_of(request),
+                                   trace=trace_headers(request.headers))
     base = f"{TRANSPORT}/runs/{run.run_id}"
     link = oc.monitor_link(request, base, run.run_id, caller, owner, transport=True)
     return json_response(oc.transport.doc(run) | {"events_stream": f"{base}/events/stream"} | link, 202)

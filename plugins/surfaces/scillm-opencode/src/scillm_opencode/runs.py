@@ -76,7 +76,11 @@ class ServeRuns(RunBook[Run]):
                 "title": text(body.get("title"), "$.title", limit=200),
                 "system": text(body.get("system"), "$.system", limit=64 << 10)}
 
-    async def start(self, request: dict[str, Any], *, caller: str | None, owner: str, base_url: str) -> Run:
+    def unit_attrs(self, run: Run) -> dict[str, Any]:
+        return {"profile": run.agent, "model": "/".join(run.model.values()) if run.model else None}
+
+    async def start(self, request: dict[str, Any], *, caller: str | None, owner: str, base_url: str,
+                    trace: dict[str, str] | None = None) -> Run:
         run_id = request["run_id"] or "oc-" + uuid.uuid4().hex[:16]
         server = await self.serve.ensure(base_url)
         agent = await resolve_agent(server, request["agent"], self.runtime, "$.agent")
@@ -87,13 +91,16 @@ class ServeRuns(RunBook[Run]):
         run_dir, worktree = await self.claim(run_id, request["cwd"], "$.cwd")
         return await self.begin(Run(run_id=run_id, caller=caller, owner=owner, request=request, run_dir=run_dir,
                                     log=EventLog(run_dir / "events.jsonl", redact=self.serve.secrets()),
-                                    server=server, worktree=worktree, agent=agent, model=model), self._execute)
+                                    server=server, worktree=worktree, agent=agent, model=model, trace=trace or {}),
+                                self._execute)
 
     # -- the run ------------------------------------------------------------------------------------------------
 
     def emit(self, run: Run, name: str, fields: dict[str, Any]) -> None:
         if not run.log.closed and not run.decided:
-            run.log.append(name, node=None, **fields)
+            event = run.log.append(name, node=None, **fields)
+            if run.unit is not None:
+                run.unit.event({"seq": event["seq"], "type": name})
 
     async def _execute(self, run: Run) -> None:
         request = run.request

@@ -20,6 +20,7 @@ from attrs import define, field
 from scillm_exec import EventLog, check_cwd, find_cycle, remove_worktree, worktree_diff
 
 from scillm_core import errors
+from scillm_core.events import Unit
 from scillm_opencode.book import ABORT_GRACE_S, LiveRun, RunBook, Sessions
 from scillm_opencode.client import ServeError
 from scillm_opencode.profiles import (
@@ -74,6 +75,7 @@ class Node:
     started_at: float | None = None
     finished_at: float | None = None
     finished: asyncio.Event = field(factory=asyncio.Event)
+    unit: Unit | None = None  # the node as a unit of work inside its transport run, while its session runs
 
     def decide(self, status: str, error: str | None = None) -> bool:
         if self.finished.is_set() or self.status not in ("pending", "running"):
@@ -103,8 +105,15 @@ class TransportRun(LiveRun):
 
 
 class Transport(RunBook[TransportRun]):
+    unit_kind = "graph"  # its nodes are runs in it
+    unit_name = "opencode transport"
+    events_path = "/v1/scillm/opencode/transport/runs/{run_id}/events/stream"
+
     def __init__(self, runtime: Runtime, sessions: Sessions) -> None:
         super().__init__(runtime, sessions, "opencode.transport", "transport")
+
+    def unit_attrs(self, run: TransportRun) -> dict[str, Any]:
+        return {"graph_id": run.run_id, "nodes": len(run.nodes), "profile": "transport"}
 
     # -- request -> run -------------------------------------------------------------------------------------------
 
@@ -160,8 +169,8 @@ class Transport(RunBook[TransportRun]):
                 "timeout_s": timeout_s, "max_concurrency": limit, "run_id": run_id, "scillm_metadata": metadata,
                 "title": text(body.get("title"), "$.title", limit=200)}
 
-    async def start(self, request: dict[str, Any], *, caller: str | None, owner: str, base_url: str
-                    ) -> TransportRun:
+    async def start(self, request: dict[str, Any], *, caller: str | None, owner: str, base_url: str,
+                    trace: dict[str, str] | None = None) -> TransportRun:
         run_id = request["run_id"] or "otr-" + uuid.uuid4().hex[:16]
         server = await self.serve.ensure(base_url)
         nodes: dict[str, Node] = request["nodes"]
@@ -174,7 +183,7 @@ class Transport(RunBook[TransportRun]):
             run_id=run_id, caller=caller, owner=owner, workspace=request["workspace"], nodes=nodes, run_dir=run_dir,
             log=EventLog(run_dir / "events.jsonl", redact=self.serve.secrets()), server=server, worktree=worktree,
             timeout_s=request["timeout_s"], max_concurrency=request["max_concurrency"],
-            metadata=request["scillm_metadata"], title=request["title"]), self._execute)
+            metadata=request["scillm_metadata"], title=request["title"], trace=trace or {}), self._execute)
 
     # -- the run ------------------------------------------------------------------------------------------------
 
@@ -184,7 +193,10 @@ class Transport(RunBook[TransportRun]):
             return
         if node is not None and name not in ("node_completed", "node_failed") and node.finished.is_set():
             return
-        run.log.append(name, node=node.id if node is not None else None, **fields)
+        event = run.log.append(name, node=node.id if node is not None else None, **fields)
+        unit = node.unit if node is not None and node.unit is not None else run.unit
+        if unit is not None:
+            unit.event({"seq": event["seq"], "type": name})
 
     async def _execute(self, run: TransportRun) -> None:
         tasks: list[asyncio.Task[None]] = []
@@ -253,6 +265,8 @@ class Transport(RunBook[TransportRun]):
                 self.emit(run, node, "node_failed", {"error": node.error})
         finally:
             node.finished_at = node.finished_at or time.time()
+            if node.unit is not None:
+                node.unit.end(node.status if node.status not in ("pending", "running") else "failed", node.error)
             node.finished.set()
 
     async def _session(self, run: TransportRun, node: Node) -> None:
@@ -266,6 +280,11 @@ class Transport(RunBook[TransportRun]):
         if not writer:
             async with run.diff_lock:
                 before = await worktree_diff(run.worktree)
+        node.unit = Unit(self.runtime.events, "run", f"run:opencode/{run.run_id}/{node.id}",
+                         name=f"opencode node {node.id}", parent=run.unit.unit if run.unit else None, attrs={
+                             "run_id": f"{run.run_id}/{node.id}", "caller": run.caller, "profile": node.agent,
+                             "mode": node.mode, "surface": "opencode",
+                             "events_url": f"{self.events_path.format(run_id=run.run_id)}?after={run.log.seq}"})
         driver = node.driver = SessionDriver(run.bus, lambda name, fields: self.emit(run, node, name, fields),
                                              on_child=lambda child: self.sessions.bind_child(child,
                                                                                              node.session_id or ""))
@@ -276,7 +295,7 @@ class Transport(RunBook[TransportRun]):
                 rules.append({"permission": "edit", "pattern": "*", "action": "deny"})
             node.session_id = await driver.create({"title": f"scillm {run.run_id} {node.id}", "agent": node.agent,
                                                    "permission": [*rules, *node.rules]})
-            self.sessions.bind(node.session_id, run)
+            self.sessions.bind(node.session_id, run, node.unit)
             self.emit(run, node, "node_started", {
                 "session_id": node.session_id, "agent": node.agent, "mode": node.mode, "model": node.resolved_model,
                 "skills_materialized": allowed,
