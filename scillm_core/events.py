@@ -41,8 +41,10 @@ with ``unit`` (a unique id such as ``"run:run_ab12"``), ``parent`` (the enclosin
 ``error``, or the unit's own word such as ``timeout``) and ``error`` (a message or ``None``), and may repeat
 ``parent`` and ``name`` (an end without a start, such as a batch item resumed from storage). In between,
 ``<thing>.event`` reports progress (``unit``, ``event``: the run's own event record). A call made for a unit
-names it in ``CallContext.parent``. Bundled units: ``batch`` and ``batch.item`` (scillm-batch), ``run`` and
-``graph`` (scillm-exec; a graph node's run has the graph as parent).
+names it in ``CallContext.parent``. :class:`Unit` emits a unit's events. Bundled units: ``batch`` and
+``batch.item`` (scillm-batch), ``run`` and ``graph`` (scillm-exec; a graph node's run has the graph as parent),
+``run`` (scillm-agents: a worker's process, and each turn inside it) and ``run`` / ``graph`` (scillm-opencode: a
+serve run; a transport run and its nodes).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200
 _pack_d = struct.Struct("<d").pack
 _pack_q = struct.Struct("<Q").pack
 _pack_i = struct.Struct("<I").pack
+_times = struct.Struct("<BQBQ").pack  # start (fixed64, field 7) and end (field 8), tags included
 
 
 def _varint(n: int) -> bytes:
@@ -134,27 +135,35 @@ class Encoder:
                 self.names[(name, kind)] = encoded
         return encoded
 
-    def span(self, span: Span) -> bytes:
+    def span(self, span: Span, out: list[bytes]) -> None:
+        """Append the pieces of one ``ScopeSpans.spans`` field to ``out``."""
         trace = span.trace
-        parent = b"" if span.parent_id is None else _PARENT + span.parent_id.to_bytes(8, "big")
-        state = _ld(T3, trace.state.encode()) if trace.state else b""
+        head = trace.encoded
+        if head is None:  # the trace's id and state, the same for each of its spans
+            head = trace.encoded = _TRACE + trace.trace_id.to_bytes(16, "big") + (
+                _ld(T3, trace.state.encode()) if trace.state else b"")
         if span.status or span.message:
             status = (_ld(T2, span.message.encode()) if span.message else b"") + (
                 V3 + _varint(span.status) if span.status else b"")
             tail = T15 + _varint(len(status)) + status + (_REMOTE if span.remote_parent else _LOCAL)
         else:
             tail = _UNSET_REMOTE if span.remote_parent else _UNSET_LOCAL
-        events = b"".join(
-            _ld(T11, F64_1 + _pack_q(time_ns) + _ld(T2, name.encode())
-                + b"".join(_ld(T3, _key_value(k, v)) for k, v in attrs.items()))
-            for name, attrs, time_ns in span.events) if span.events else b""
-        body = b"".join((_TRACE, trace.trace_id.to_bytes(16, "big"), _SPAN, span.span_id.to_bytes(8, "big"), state,
-                         parent, self._name(span.name, span.kind), F64_7, _pack_q(span.start), F64_8,
-                         _pack_q(span.end), self._attributes(span.attrs) if span.attrs else b"", events, tail))
-        return T2 + _varint(len(body)) + body
+        body = b"".join((
+            head, _SPAN, span.span_id.to_bytes(8, "big"),
+            b"" if span.parent_id is None else _PARENT + span.parent_id.to_bytes(8, "big"),
+            self._name(span.name, span.kind), _times(0x39, span.start, 0x41, span.end),
+            self._attributes(span.attrs) if span.attrs else b"",
+            b"".join(_ld(T11, F64_1 + _pack_q(time_ns) + _ld(T2, name.encode())
+                         + b"".join(_ld(T3, _key_value(k, v)) for k, v in attrs.items()))
+                     for name, attrs, time_ns in span.events) if span.events else b"",
+            tail))
+        out += (T2, _varint(len(body)), body)
 
     def encode(self, spans: Iterable[Span]) -> bytes:
-        scope_spans = self.scope + b"".join([self.span(span) for span in spans])
+        out = [self.scope]
+        for span in spans:
+            self.span(span, out)
+        scope_spans = b"".join(out)
         return _ld(T1, self.resource + _ld(T2, scope_spans))
 
 
