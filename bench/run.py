@@ -41,7 +41,7 @@ MOCK_PORT = 18080 + PORT_OFFSET
 PORTS = {name: port + PORT_OFFSET for name, port in {
     "scillm": 14001, "litellm": 14002, "portkey": 14003, "bare": 14004, "scillm-nomw": 14005,
     "scillm-anthropic": 14006, "scillm-tracing": 14007, "scillm-before": 14008, "scillm-messages": 14009,
-    "scillm-messages-translated": 14010}.items()}
+    "scillm-messages-translated": 14010, "scillm-noui": 14011}.items()}
 PROXY_CORE, LOAD_CORE = 0, 1
 CLIENT_KEY = "sk-dev-proxy-123"
 MODEL = "openai/gpt-4o-mini"
@@ -60,6 +60,8 @@ VARIANT_PAIRS = [
     ("scillm-tracing", "scillm", "tracing on / off",
      "[tracing] on, sample_ratio 1.0, exporting OTLP/HTTP to the mock's /v1/traces ÷ the same tree as shipped "
      "(tracing off)"),
+    ("scillm", "scillm-noui", "dashboard on / off",
+     "this tree as shipped (tracing off, the dashboard's observer on) ÷ the same with SCILLM_DISABLE_PLUGINS=ui"),
     ("scillm", "scillm-before", "this tree / before",
      "this tree as shipped (tracing off, dashboard on) ÷ the tree given with --base-tree (e.g. main before it)"),
     ("scillm-messages", "scillm-messages-translated", "Anthropic in → out: as sent / translated",
@@ -335,6 +337,7 @@ def make_proxies(workdir: str, transports: list[str], base_tree: str | None = No
     with open(tracing_toml, "w") as f:
         f.write(f'[tracing]\nenabled = true\nendpoint = "http://127.0.0.1:{MOCK_PORT}"\nsample_ratio = 1.0\n')
     out["scillm-tracing"] = scillm("scillm-tracing", "scillm, tracing on", {"SCILLM_CONFIG": tracing_toml})
+    out["scillm-noui"] = scillm("scillm-noui", "scillm, no dashboard", {"SCILLM_DISABLE_PLUGINS": "ui"})
     if base_tree:
         out["scillm-before"] = scillm("scillm-before", f"scillm before ({os.path.basename(base_tree)})", {},
                                       tree=os.path.abspath(base_tree))
@@ -698,6 +701,14 @@ def _mean(vals):
     return sum(vals) / len(vals) if vals else None
 
 
+def _median(vals):
+    vals = sorted(v for v in vals if v is not None)
+    if not vals:
+        return None
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+
+
 def _fmt(v, nd=1):
     if v is None:
         return "–"
@@ -805,15 +816,16 @@ def render_variants(ok: dict[str, dict], scenarios: list[Scenario]) -> str:
     pairs = [vp for vp in VARIANT_PAIRS if vp[0] in ok and vp[1] in ok]
     if not pairs:
         return ""
-    L = ["#### scillm variants (ratios, mean of runs)", ""]
+    L = ["#### scillm variants (ratios of the medians of runs; per round: run k of one row ÷ run k of the other)", ""]
     for subj, base, _, meaning in pairs:
         L.append(f"- **{ok[subj]['label']} ÷ {ok[base]['label']}**: {meaning}")
     L.append("")
-    L.append("| comparison | scenario | CPU µs/req | CPU µs/req per run (subject vs base) | req/s | p50 | p99 | TTFB p50 |")
-    L.append("|---|---|---:|---|---:|---:|---:|---:|")
+    L.append("| comparison | scenario | CPU µs/req | CPU µs/req per run (subject vs base) | CPU per round | req/s | p50 "
+             "| p99 | TTFB p50 |")
+    L.append("|---|---|---:|---|---|---:|---:|---:|---:|")
 
-    def mean(r, sc, key):
-        return _mean([x[key] for x in r["scenarios"].get(sc, [])])
+    def mean(r, sc, key):  # the median of the runs
+        return _median([x[key] for x in r["scenarios"].get(sc, [])])
 
     def q(a, b):
         return f"{a / b:.2f}×" if a is not None and b else "–"
@@ -827,15 +839,18 @@ def render_variants(ok: dict[str, dict], scenarios: list[Scenario]) -> str:
                         for r in (a, b) for x in r["scenarios"][sc.name])
             runs = (" / ".join(_fmt(x["cpu_us_per_req"], 0) for x in a["scenarios"][sc.name]) + " vs "
                     + " / ".join(_fmt(x["cpu_us_per_req"], 0) for x in b["scenarios"][sc.name]))
+            rounds = " / ".join(q(x["cpu_us_per_req"], y["cpu_us_per_req"])
+                                for x, y in zip(a["scenarios"][sc.name], b["scenarios"][sc.name]))
             cells = [title, sc.title + (" ⚠" if noisy else ""),
                      "**" + q(mean(a, sc.name, "cpu_us_per_req"), mean(b, sc.name, "cpu_us_per_req")) + "**", runs,
+                     rounds,
                      q(mean(a, sc.name, "rps"), mean(b, sc.name, "rps")),
                      q(mean(a, sc.name, "p50_ms"), mean(b, sc.name, "p50_ms")),
                      q(mean(a, sc.name, "p99_ms"), mean(b, sc.name, "p99_ms")),
                      q(mean(a, sc.name, "ttfb_p50_ms"), mean(b, sc.name, "ttfb_p50_ms")) if sc.stream else "–"]
             L.append("| " + " | ".join(cells) + " |")
         cells = [title, "startup s / peak RSS", q(a.get("startup_s"), b.get("startup_s")) + " / "
-                 + q(a.get("peak_rss_mb"), b.get("peak_rss_mb")), "", "", "", "", ""]
+                 + q(a.get("peak_rss_mb"), b.get("peak_rss_mb")), "", "", "", "", "", ""]
         L.append("| " + " | ".join(cells) + " |")
     L.append("")
     if any("⚠" in line for line in L):
@@ -903,7 +918,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--proxies", default=None,
                     help="comma list of scillm,litellm,portkey,bare,scillm-nomw,scillm-anthropic,scillm-tracing,"
-                         "scillm-before,scillm-messages,scillm-messages-translated "
+                         "scillm-before,scillm-messages,scillm-messages-translated,scillm-noui "
                          "(default: scillm,litellm,portkey,bare; with --batch: scillm)")
     ap.add_argument("--base-tree", default=None,
                     help="a checkout with its own .venv (e.g. a worktree of main) run as the scillm-before row")
