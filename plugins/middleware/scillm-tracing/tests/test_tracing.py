@@ -160,6 +160,7 @@ def test_a_streamed_request_span_ends_when_the_stream_ends(receiver: OTLPReceive
             stream = _client(server).chat.completions.create(
                 model="openai/gpt-4o-mini", stream=True, stream_options={"include_usage": True},
                 messages=[{"role": "user", "content": "hi"}])
+            assert stream.response.headers["x-scillm-dialect"] == "openai-chat"  # the pass-through path: as sent
             chunks = iter(stream)
             assert next(chunks).choices[0].delta.content == "Hel"
             tracing = server.app.runtime.plugin_state["tracing"]

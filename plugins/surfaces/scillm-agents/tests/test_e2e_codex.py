@@ -170,6 +170,21 @@ def test_two_turns_on_one_thread_carry_the_context(env: Env) -> None:
         ("completed", first.json()["turn_id"]), ("completed", second["turn_id"])]
     parents = [e.ctx.parent for e in env.reported if e.kind == "request.start"]
     assert parents and set(parents) == {t["unit"] for t in turns}
+    # the dashboard lists the process and its turns, and a turn's event stream (what the page follows, with the
+    # same key) replays that turn's events
+    listed = {r["unit"]: r for r in httpx.get(f"{env.server.url}/v1/scillm/ui/runs", headers=http.headers).json()[
+        "data"]}
+    assert listed[process["unit"]]["name"] == "agent chat" and listed[process["unit"]]["status"] == "running"
+    assert [(listed[t["unit"]]["parent"], listed[t["unit"]]["status"]) for t in turns] == [
+        (process["unit"], "completed")] * 2
+    seen = ""
+    with httpx.stream("GET", env.server.url + listed[turns[1]["unit"]]["attrs"]["events_url"], headers=http.headers,
+                      timeout=60) as stream:
+        for line in stream.iter_lines():
+            seen += line + "\n"
+            if '"turn.completed"' in line:
+                break
+    assert f'"turn_id":"{second["turn_id"]}"' in seen.replace(" ", "") and first.json()["turn_id"] not in seen
 
 
 def test_edit_turn_result_holds_the_diff_and_the_callers_tree_is_unchanged(env: Env) -> None:

@@ -30,7 +30,7 @@ PROVIDER_SECRET = "sk-provider-SECRET-opencode-0123456789"
 MASTER_KEY = "sk-master-SECRET-opencode-9876543210"
 MODEL = "openai/fake-model"
 FINAL = "DONE: edited the file"
-ONLY = ["opencode", "exec", "agent-runners", "auth", "chat", "openai-compat", "ops", "metrics"]
+ONLY = ["opencode", "exec", "agent-runners", "auth", "chat", "openai-compat", "ops", "metrics", "ui"]
 
 
 class ScriptedModel(FakeOpenAI):

@@ -67,6 +67,12 @@ def test_run_edits_its_worktree_and_returns_the_diff(stack: Stack) -> None:
     assert unit["start"]["attrs"]["events_url"] == f"{RUNS}/{result['run_id']}/events"
     assert unit["start"]["attrs"]["caller"] == "opencode-tests" and unit["end"]["status"] == "completed"
     assert len(unit["calls"]) == len(calls)
+    # the dashboard lists it, and its event stream (what the page follows, with the same key) is the run's log
+    listed = {r["unit"]: r for r in stack.client.get("/v1/scillm/ui/runs").json()["data"]}
+    row = listed[f"run:opencode/{result['run_id']}"]
+    assert (row["name"], row["status"], row["attrs"]["caller"]) == ("opencode run", "completed", "opencode-tests")
+    tail = stack.client.get(row["attrs"]["events_url"])
+    assert tail.status_code == 200 and '"run_completed"' in tail.text
 
 
 def test_bad_requests_are_400s_naming_the_field(stack: Stack) -> None:
