@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from scillm_core.context import CallContext
 
 __all__ = ["CallResult", "ChatResult", "ChatThunk", "OpeningStream", "ProviderRequest", "RequestThunk",
-           "ResponseThunk", "StreamEnded", "Thunk", "end_with_stream", "observed_stage", "open_stream",
+           "ResponseThunk", "StreamEnded", "Thunk", "carries_on", "end_with_stream", "observed_stage", "open_stream",
            "run_chat", "run_embeddings", "tap_stream", "then"]
 
 T = TypeVar("T")
@@ -173,6 +173,13 @@ def end_with_stream(chunks: AsyncIterator[ChatChunk], ctx: CallContext, ended: S
         callbacks.append(ended)
         return chunks
     return tap_stream(chunks, ctx, ended)
+
+
+def carries_on(ctx: CallContext) -> None:
+    """Said by a middleware that returns a stream which may go on after its attempt's stream ended (a continuation
+    by another model): the request's end then gets a tap around that whole stream instead of joining the
+    attempt's (which would report the request ended, failed, when its first attempt broke)."""
+    ctx.stream_ended = None
 
 
 async def _tapped(chunks: AsyncIterator[ChatChunk], ctx: CallContext,

@@ -155,6 +155,13 @@ def test_a_stream_broken_after_40_of_60_tokens_reaches_the_client_whole_through_
     assert marks["continuation"]["to"] == "deepseek/deepseek-chat"
     assert marks["continuation.end"]["outcome"] == "completed"
     assert ("timeout" in marks) == (fault == "stall_after")
+    # the request ended once, when the continued stream did: a success with the whole answer's usage, after both
+    # attempts (the first broke, the second finished it)
+    call = last_call(server)
+    assert (call["status"], call["http_status"], call["error"]) == ("ok", 200, None)
+    assert call["tokens_out"] == chunks[-1].usage.completion_tokens
+    assert [a["model"] for a in call["attempts"]] == ["gpt-a", "deepseek-chat"]
+    assert call["attempts"][1]["outcome"] == "ok"
 
 
 def test_a_fallback_that_takes_a_prefill_gets_the_partial_answer_as_its_own(server, upstreams):

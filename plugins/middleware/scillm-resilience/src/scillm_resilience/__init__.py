@@ -34,6 +34,7 @@ from scillm_core import (
     errors,
     hookimpl,
 )
+from scillm_core.pipeline import carries_on
 from scillm_resilience.breaker import Breaker, CircuitOpenSignal
 from scillm_resilience.config import LimitConfig, ResilienceConfig
 from scillm_resilience.continuation import (
@@ -326,6 +327,7 @@ class Attempts:
         route, request = self.route, self.request
         if (request.stream and self.cfg.continuation and served < len(route.fallbacks)
                 and isinstance(request, ChatRequest) and (request.n or 1) == 1):
+            carries_on(self.ctx)  # the request goes on past this attempt's stream: its end is the whole stream's
             return self.continuing(result, served)  # type: ignore[arg-type]  # a stream
         return result
 
