@@ -263,9 +263,10 @@ def test_redis_killed_mid_run_degrades_clearly_and_recovers_with_nothing_lost(cl
 
     cluster.redis.start()  # the same port and append-only file
     deadline = time.monotonic() + 30
-    while health(cluster.nginx.url)["status"] != "ok":
-        assert time.monotonic() < deadline, "scillm did not see Redis come back"
-        time.sleep(0.2)
+    for instance in (cluster.a, cluster.b):  # each one, not whichever nginx picks: the next posts may reach either
+        while health(instance.url)["status"] != "ok":
+            assert time.monotonic() < deadline, f"{instance.url} did not see Redis come back"
+            time.sleep(0.2)
     stored = httpx.get(cluster.nginx.url + "/v1/scillm/batch/killed-half-way", headers=AUTH, timeout=10).json()
     after = {r["item_id"]: r for r in stored["results"]}
     assert all(after.get(r["item_id"]) == r for r in stored_before)  # nothing already stored was lost
