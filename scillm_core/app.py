@@ -32,11 +32,14 @@ log = logging.getLogger("scillm")
 
 def create_app(config: Config | None = None, *, plugins: Sequence[tuple[str, object]] | None = None,
                entry_points: bool = True, env: Mapping[str, str] | None = None,
-               config_path: str | Path | None = None, only: Sequence[str] | None = None) -> ASGIApp:
+               config_path: str | Path | None = None, only: Sequence[str] | None = None,
+               own_listener: bool = False) -> ASGIApp:
     """Build a fresh app: its own plugin manager, registries and runtime (nothing module-global).
 
     ``plugins`` adds ``(name, plugin)`` pairs after the entry points; ``entry_points=False`` loads only those,
     and ``only`` limits entry points to the names given (the test harness uses both for isolation).
+    ``own_listener`` (each ``--workers`` process) also serves the app on a loopback port of this process's own
+    (``Runtime.own_url``), so the children it starts reach it and not another worker.
     """
     config = config or load_config(config_path, env=env)
     remember(env_secrets(config.env))  # every error and log line of this process redacts them
@@ -63,18 +66,24 @@ def create_app(config: Config | None = None, *, plugins: Sequence[tuple[str, obj
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        from scillm_core.own_listener import OwnListener
         from scillm_core.state.presence import Presence
 
         runtime.http = make_http_client(config.env, limits=config.server.reply_limits())
         runtime.presence = Presence(runtime)
+        listener = OwnListener(outer) if own_listener else None
         try:
             runtime.presence.start()
+            if listener is not None:
+                runtime.own_url = await listener.start()
             for start in surfaces.startup:
                 await start()
             runtime.ready = True
             yield
         finally:
             runtime.ready = False
+            if listener is not None:
+                await listener.stop()
             for stop in reversed(surfaces.shutdown):
                 with contextlib.suppress(Exception):
                     await stop()
@@ -86,7 +95,8 @@ def create_app(config: Config | None = None, *, plugins: Sequence[tuple[str, obj
     app = Starlette(routes=surfaces.routes, lifespan=lifespan, exception_handlers={
         errors.ScillmError: _handle_error, HTTPException: _handle_http, Exception: _handle_error})
     app.state.runtime = runtime
-    return RequestIdMiddleware(middleware.wrap(app), runtime)
+    outer = RequestIdMiddleware(middleware.wrap(app), runtime)
+    return outer
 
 
 async def _handle_error(request: Request, exc: Exception) -> Response:

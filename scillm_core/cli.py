@@ -140,7 +140,7 @@ def worker_app() -> Any:
     """The app factory of each ``--workers`` process."""
     from scillm_core.app import create_app
 
-    app = create_app()
+    app = create_app(own_listener=True)  # its children call back to this process, not whichever worker accepts
     tune_gc()
     return app
 

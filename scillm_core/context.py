@@ -55,6 +55,8 @@ class Runtime:
     public_paths: frozenset[str] = frozenset()
     instance_id: str = field(factory=lambda: f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     presence: Presence | None = None  # this process in the store's list of live instances (while the app runs)
+    #: this process's own loopback URL under ``--workers`` (``scillm_core.own_listener``), for children it starts
+    own_url: str | None = None
     _store: StateStore | None = None
     _store_factory: Callable[[], StateStore] | None = None
 

@@ -297,3 +297,45 @@ def test_workers_on_sqlite_share_batches_and_say_which_limits_are_per_process(tm
             assert len(upstream.requests) == 40
         finally:
             server.stop()
+
+
+def test_workers_give_agent_children_their_own_address(tmp_path: Path) -> None:
+    """Under --workers every process accepts on the shared port, but a CLI's run key lives in the process that
+    started the run: the CLI is given that process's own loopback address, so none of its calls reach a worker that
+    does not know its key (before, some runs failed: their CLI's model call got a 401 from the other worker)."""
+    import json
+    import sys
+
+    import scillm_core.testing
+
+    bin_dir, root = tmp_path / "bin", tmp_path / "root"
+    bin_dir.mkdir()
+    root.mkdir()
+    shim = bin_dir / "claude"
+    shim.write_text(f"#!{sys.executable}\n" + Path(scillm_core.testing.__file__).with_name("fake_cli.py").read_text())
+    shim.chmod(0o755)
+    with FakeOpenAI() as upstream:
+        upstream.default = Reply.say("called back")
+        server = ScillmProcess(tmp_path / "w", workers=2, env={
+            "OPENAI_API_KEY": "sk-workers-test-0123456789", "OPENAI_API_BASE": upstream.base_url},
+            config={"exec": {"allowed_roots": [str(root)]},
+                    "agent_runners": {"bin_dir": str(bin_dir), "default_model": "openai/fake-model"}}).start()
+        try:
+            def run(prompt: dict[str, Any]) -> dict[str, Any]:
+                with httpx.Client() as fresh:  # a new connection each time: either worker may start the run
+                    answer = fresh.post(server.url + "/v1/scillm/exec", headers=AUTH, timeout=60, json={
+                        "profile": "claude-print", "prompt": json.dumps(prompt), "cwd": str(root), "wait": True})
+                assert answer.status_code == 200, answer.text
+                return answer.json()  # type: ignore[no-any-return]
+
+            dumped = run({"mode": "env"})
+            events = [json.loads(line) for line in Path(dumped["artifacts"]["events_jsonl"]).read_text().splitlines()]
+            child_env = next(e for e in events if e["type"] == "env")["event"]["env"]
+            own = child_env["ANTHROPIC_BASE_URL"]
+            assert own.startswith("http://127.0.0.1:") and own != server.url  # a worker's own port, not the shared one
+            assert httpx.get(own + "/health/readiness", timeout=10).status_code == 200
+            results = [run({"mode": "call", "base": server.url, "model": "openai/fake-model"}) for _ in range(8)]
+            assert [r["status"] for r in results] == ["completed"] * 8, [r.get("error") for r in results]
+            assert {r["final_text"] for r in results} == {"called back"}
+        finally:
+            server.stop()

@@ -38,9 +38,15 @@ def manager_of(request: Request) -> ExecManager:
 
 
 def base_url_of(request: Request) -> str:
-    configured = exec_config(runtime_of(request)).base_url
+    """Where the children of this process (agent CLIs, ``opencode serve``) reach scillm: the configured
+    ``[exec] base_url``, else this worker's own loopback address under ``--workers`` (their run keys live in this
+    process), else the address the request came in on."""
+    runtime = runtime_of(request)
+    configured = exec_config(runtime).base_url
     if configured:
         return configured.rstrip("/")
+    if runtime.own_url:
+        return runtime.own_url
     server = request.scope.get("server")
     if server and server[1]:
         host = server[0]
