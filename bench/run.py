@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -41,7 +42,8 @@ MOCK_PORT = 18080 + PORT_OFFSET
 PORTS = {name: port + PORT_OFFSET for name, port in {
     "scillm": 14001, "litellm": 14002, "portkey": 14003, "bare": 14004, "scillm-nomw": 14005,
     "scillm-anthropic": 14006, "scillm-tracing": 14007, "scillm-before": 14008, "scillm-messages": 14009,
-    "scillm-messages-translated": 14010, "scillm-noui": 14011}.items()}
+    "scillm-messages-translated": 14010, "scillm-noui": 14011, "scillm-keys": 14012, "scillm-nokeys": 14013,
+    "scillm-key": 14014}.items()}
 PROXY_CORE, LOAD_CORE = 0, 1
 CLIENT_KEY = "sk-dev-proxy-123"
 MODEL = "openai/gpt-4o-mini"
@@ -49,11 +51,25 @@ ANCHORS = ["litellm", "portkey", "bare"]
 ANCHOR_ABBR = {"litellm": "LiteLLM", "portkey": "Portkey", "bare": "bare"}
 ANTHROPIC_MODEL = "claude-sonnet-4-5"
 # middleware plugins switched off for the `scillm-nomw` row (entry-point names, see `scillm plugins`)
-NOMW_PLUGINS = "resilience,cache,json,files,grounding,metrics"
+NOMW_PLUGINS = "resilience,cache,json,files,grounding,metrics,keys,budgets"
+# the `scillm-keys` row calls with a virtual key that has every limit (so each request is admitted against a daily
+# and a monthly budget, a team budget, rpm, tpm and a concurrency cap, and settled), set high enough never to refuse
+KEY_LIMITS = {"daily_usd": 1e6, "monthly_usd": 1e7, "rpm": 10**9, "tpm": 10**12, "max_concurrency": 100_000}
+# the `scillm-key` row: a typical key, a daily budget and a concurrency cap, no team
+TYPICAL_KEY_LIMITS = {"daily_usd": 1e6, "max_concurrency": 100_000}
 # scillm-vs-scillm comparisons reported as ratios when both rows were measured: (subject, base, title, meaning)
 VARIANT_PAIRS = [
     ("scillm", "scillm-nomw", "middleware on / off",
      f"scillm with all middleware ÷ scillm with SCILLM_DISABLE_PLUGINS={NOMW_PLUGINS}"),
+    ("scillm-keys", "scillm-nokeys", "keys and budgets on / off",
+     "scillm called with a virtual key that has every budget and limit (daily, monthly and team dollars, rpm, tpm, "
+     "concurrency) ÷ scillm with SCILLM_DISABLE_PLUGINS=keys,budgets called with the master key"),
+    ("scillm-key", "scillm-nokeys", "typical key on / off",
+     "scillm called with a virtual key that has a daily budget and a concurrency cap ÷ scillm with keys and "
+     "budgets disabled"),
+    ("scillm", "scillm-nokeys", "budgets plugin for the master key / off",
+     "scillm as shipped, called with the master key (no limits to admit against: costs priced, ledger written) ÷ "
+     "the same with keys and budgets disabled"),
     ("scillm-anthropic", "scillm", "Anthropic upstream / OpenAI upstream",
      f"model {ANTHROPIC_MODEL} through the anthropic provider (chat → Messages → chat translation) ÷ "
      f"{MODEL} through the OpenAI-compatible provider"),
@@ -287,6 +303,7 @@ class Proxy:
     version: str = ""
     model: str = MODEL  # the "model" the load generator asks for
     messages: bool = False  # the load generator speaks Anthropic Messages to /v1/messages instead of chat
+    setup: Any = None  # called with the proxy once it is ready (e.g. to create the key it is called with)
 
     @property
     def base(self) -> str:
@@ -328,6 +345,15 @@ def make_proxies(workdir: str, transports: list[str], base_tree: str | None = No
 
     out["scillm"] = scillm("scillm", "scillm", {})
     out["scillm-nomw"] = scillm("scillm-nomw", "scillm, no middleware", {"SCILLM_DISABLE_PLUGINS": NOMW_PLUGINS})
+    out["scillm-nokeys"] = scillm("scillm-nokeys", "scillm, keys and budgets off",
+                                  {"SCILLM_DISABLE_PLUGINS": "keys,budgets"})
+    keyed = out["scillm-keys"] = scillm("scillm-keys", "scillm, virtual key with budgets", {
+        "SCILLM_CONFIG": os.path.join(workdir, "scillm-keys.toml")})
+    with open(os.path.join(workdir, "scillm-keys.toml"), "w") as f:
+        f.write("[budgets.teams.bench]\ndaily_usd = 1000000.0\nrpm = 1000000000\n")
+    keyed.setup = _virtual_key
+    typical = out["scillm-key"] = scillm("scillm-key", "scillm, virtual key with a daily budget", {})
+    typical.setup = lambda proxy: _virtual_key(proxy, TYPICAL_KEY_LIMITS, team=None)
     # the anthropic provider posts to {ANTHROPIC_API_BASE}/v1/messages (a trailing /v1 on the base is tolerated)
     out["scillm-anthropic"] = scillm("scillm-anthropic", "scillm → Anthropic upstream",
                                      {"ANTHROPIC_API_KEY": "sk-bench",
@@ -430,6 +456,17 @@ TRANSPORT_SCENARIOS = ["nonstream_c64", "stream_c64", "inflight256"]
 
 
 # --------------------------------------------------------------------------- running
+
+
+def _virtual_key(proxy: Proxy, limits: dict | None = None, team: str | None = "bench") -> None:
+    """Create a virtual key (by default: team "bench", every limit) with the admin key and call with it from now on."""
+    import urllib.request
+
+    body = json.dumps({"name": "bench", "team": team, "limits": limits or KEY_LIMITS}).encode()
+    req = urllib.request.Request(proxy.base + "/v1/scillm/keys", data=body, method="POST", headers={
+        "authorization": f"Bearer {CLIENT_KEY}", "content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        proxy.headers = {"Authorization": f"Bearer {json.loads(resp.read())['key']}"}
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -633,6 +670,8 @@ def bench_proxy(proxy: Proxy, scenarios: list[Scenario], runs: int, duration: fl
             log(f"FAIL {proxy.label}: {out['failed']}")
             return out
         out["startup_s"] = round(startup, 3)
+        if proxy.setup is not None:
+            proxy.setup(proxy)
         time.sleep(1.0)
         _, idle_rss, nprocs = session_stats(p.pid)
         out["idle_rss_mb"] = round(idle_rss / 2**20, 1)
@@ -918,7 +957,8 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--proxies", default=None,
                     help="comma list of scillm,litellm,portkey,bare,scillm-nomw,scillm-anthropic,scillm-tracing,"
-                         "scillm-before,scillm-messages,scillm-messages-translated,scillm-noui "
+                         "scillm-before,scillm-messages,scillm-messages-translated,scillm-noui,scillm-keys,scillm-key,"
+                         "scillm-nokeys "
                          "(default: scillm,litellm,portkey,bare; with --batch: scillm)")
     ap.add_argument("--base-tree", default=None,
                     help="a checkout with its own .venv (e.g. a worktree of main) run as the scillm-before row")

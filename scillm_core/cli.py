@@ -182,6 +182,8 @@ async def _report(command: str, args: argparse.Namespace) -> int:
             rows = await _doctor(runtime)
         finally:
             await runtime.http.aclose()
+            if runtime._store is not None:  # a check that read the state store opened it
+                await runtime._store.close()
         status = doctor_status(rows)
         if not args.json:
             for row in rows:
@@ -256,7 +258,7 @@ async def _doctor(runtime: Any) -> list[dict[str, Any]]:
         checks.append({"check": f"group {group}", "ok": False, "required": True,
                        "detail": f"never used: the alias of the same name wins ({alias}); rename the group or "
                                  f"point an alias at it"})
-    checks.extend(runtime.hooks.doctor(runtime))
+    checks.extend(await runtime.hooks.doctor_checks(runtime))
     return checks
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from attrs import define, field
 
 from scillm_core.events import Events
+from scillm_core.identity import MASTER, Identity, Job
 from scillm_core.pipeline import observed_stage
 
 if TYPE_CHECKING:
@@ -96,11 +97,15 @@ class Runtime:
 class CallContext:
     """Per-request state. ``deadline`` is a ``time.monotonic()`` instant or ``None``; ``attempts`` counts
     upstream calls; ``route`` is the route that served (set by core's dispatch); ``parent`` names the unit of work
-    the call is made for (``"batch.item:..."``, ``"run:..."``; see ``scillm_core.events``), if any."""
+    the call is made for (``"batch.item:..."``, ``"run:..."``; see ``scillm_core.events``), if any. ``identity`` is
+    who is calling (the key authentication resolved) and ``job`` the batch or agent run the call is made for, if
+    any."""
 
     runtime: Runtime
     request_id: str = field(factory=lambda: uuid.uuid4().hex[:16])
     caller: str | None = None
+    identity: Identity = MASTER
+    job: Job | None = None
     headers: Mapping[str, str] = field(factory=dict)
     deadline: float | None = None
     attempts: int = 0

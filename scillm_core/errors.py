@@ -14,6 +14,9 @@ Every error a client can see is one of these, rendered by :func:`to_response_par
     │   └── Conflict                 409 conflict
     ├── AuthenticationError          401 invalid_api_key
     ├── PermissionDenied             403 permission_denied
+    ├── LimitExceeded                429, scillm's own limits (never reached the provider; retry_after_s kept)
+    │   ├── BudgetExceeded           429 budget_exceeded (a key's, team's, batch's or run's dollars)
+    │   └── RateLimited              429 rate_limited (requests or tokens per minute, concurrent requests)
     ├── DeadlineExceeded             504 timeout_error
     ├── StateUnavailable             503 state_unavailable (the shared state store cannot be reached)
     └── UpstreamError                502 upstream_error (always names provider and model)
@@ -45,16 +48,19 @@ from scillm_core.redact import redact
 
 __all__ = [
     "AuthenticationError",
+    "BudgetExceeded",
     "CallerSkillRequired",
     "Conflict",
     "ContextLengthExceeded",
     "DeadlineExceeded",
     "InvalidRequest",
+    "LimitExceeded",
     "ModelNotFound",
     "NotFound",
     "PayloadTooLarge",
     "PermissionDenied",
     "ProviderNotConfigured",
+    "RateLimited",
     "RequestError",
     "ScillmError",
     "StateUnavailable",
@@ -148,6 +154,29 @@ class PermissionDenied(ScillmError):
     status = 403
     type = "permission_error"
     code = "permission_denied"
+
+
+class LimitExceeded(ScillmError):
+    """A limit of scillm's own refused the call before it reached any provider. ``retry_after_s`` (also the
+    ``retry-after`` header) says when trying again can succeed; ``None`` when it cannot (a ceiling was spent)."""
+
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after_s = retry_after_s
+        if retry_after_s is not None and "retry-after" not in self.headers:
+            self.headers["retry-after"] = str(max(1, math.ceil(retry_after_s)))
+
+
+class BudgetExceeded(LimitExceeded):
+    type = "budget_exceeded"
+    code = "budget_exceeded"
+
+
+class RateLimited(LimitExceeded):
+    code = "rate_limited"
 
 
 class DeadlineExceeded(ScillmError):

@@ -62,7 +62,18 @@ class Hooks:
         return merged
 
     def doctor(self, runtime: Runtime) -> list[dict[str, Any]]:
-        return [dict(check) for checks in self._hook.scillm_doctor(runtime=runtime) if checks for check in checks]
+        """The checks plugins return directly (those that need I/O come from :meth:`doctor_checks`)."""
+        return [dict(check) for checks in self._hook.scillm_doctor(runtime=runtime)
+                if checks and not callable(checks) for check in checks]
+
+    async def doctor_checks(self, runtime: Runtime) -> list[dict[str, Any]]:
+        """Every plugin's checks, awaiting the thunks of those that need I/O."""
+        out: list[dict[str, Any]] = []
+        for checks in self._hook.scillm_doctor(runtime=runtime):
+            if callable(checks):
+                checks = await checks()
+            out.extend(dict(check) for check in checks or ())
+        return out
 
     # -- the compiled chains --------------------------------------------------------------------------------------
 

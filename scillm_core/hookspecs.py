@@ -21,7 +21,7 @@ core's own ``trylast`` implementation is the default at the end of every chain.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -135,5 +135,6 @@ def scillm_health(runtime: Runtime) -> Mapping[str, Any] | None:
 
 
 @hookspec
-def scillm_doctor(runtime: Runtime) -> list[Mapping[str, Any]] | None:
-    """Return preflight checks for ``scillm doctor``: ``[{"check", "ok", "detail"}]``. Never include secrets."""
+def scillm_doctor(runtime: Runtime) -> list[Mapping[str, Any]] | Callable[[], Awaitable[list[Any]]] | None:
+    """Return preflight checks for ``scillm doctor``: ``[{"check", "ok", "detail"}]``, or a thunk returning them
+    when the checks need I/O (the state store). Never include secrets."""

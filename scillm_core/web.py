@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -11,11 +12,12 @@ from starlette.responses import Response
 from starlette.types import Send
 
 from scillm_core import errors, jsonio
+from scillm_core.identity import identity_of, job_of
 
 if TYPE_CHECKING:
     from scillm_core.context import CallContext, Runtime
 
-__all__ = ["SESSION_HEADERS", "JSONResponse", "caller_of", "error_response", "identity_of", "json_response",
+__all__ = ["SESSION_HEADERS", "JSONResponse", "call_context", "caller_of", "error_response", "json_response",
            "parse_json", "query_int", "read_body", "read_json", "request_id_of", "runtime_of", "send_error",
            "served_headers", "session_of", "sse_data", "sse_error"]
 
@@ -57,18 +59,24 @@ def request_id_of(request: Request) -> str:
     return str(request.scope.get("scillm.request_id", ""))
 
 
-def identity_of(request: Request) -> str:
-    """Who authenticated this request: what the auth plugin put in ``scope["scillm.identity"]`` (a virtual key's
-    id), else ``"master"`` (the master or loopback dev key). Runs record it as their owner."""
-    return str(request.scope.get("scillm.identity") or "master")
-
-
 def caller_of(request: Request, *, required: bool = False) -> str | None:
     caller = request.headers.get("x-caller-skill") or None
     if required and not caller:
         raise errors.CallerSkillRequired("header X-Caller-Skill is required on this route (name the calling "
                                          "project or skill)", param="X-Caller-Skill")
     return caller
+
+
+def call_context(request: Request, *, timeout_s: float | None = None) -> CallContext:
+    """The context of one model call a surface makes for ``request``: runtime, request id, caller, headers, the
+    caller's identity and job (from authentication), and a deadline ``timeout_s`` from now."""
+    from scillm_core.context import CallContext
+    from scillm_core.events import PARENT_SCOPE_KEY
+
+    return CallContext(runtime=runtime_of(request), request_id=request_id_of(request), caller=caller_of(request),
+                       headers=request.headers, identity=identity_of(request), job=job_of(request),
+                       deadline=time.monotonic() + timeout_s if timeout_s else None,
+                       parent=request.scope.get(PARENT_SCOPE_KEY))
 
 
 async def read_json(request: Request, *, limit_bytes: int) -> Any:

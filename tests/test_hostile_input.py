@@ -154,7 +154,7 @@ def test_one_unwritable_call_log_record_never_loses_the_others(server):
         bad = {"request_id": "bad", "caller": "c", "scillm_metadata": deep(300)}
         for record in [*good[:10], bad, *good[10:]]:
             state.enqueue(record)
-        await state.flush(10)
+        await state.log.flush(10)
         return await runtime.store.tail("calls", 1000)
 
     records = server_loop_run(server, write())
@@ -162,7 +162,7 @@ def test_one_unwritable_call_log_record_never_loses_the_others(server):
     assert {f"good-{i}" for i in range(20)} <= ids
     bad = next(r for r in records if r["request_id"] == "bad")
     assert "log_error" in bad and "scillm_metadata" not in bad
-    assert state.counts["write_errors"] == 0
+    assert state.log.counts["write_errors"] == 0
 
 
 def server_loop_run(server: ServerThread, coro: Any) -> Any:

@@ -125,6 +125,39 @@ def test_a_provider_limit_of_4_holds_across_instances_under_200_concurrent_reque
     assert all(n > 0 for n in served)  # nginx spread the load over both instances
 
 
+def test_a_keys_concurrency_cap_and_daily_budget_hold_across_instances(cluster: Cluster) -> None:
+    """One virtual key, two instances behind nginx: its cap of 2 concurrent calls and its dollar budget are counters
+    in Redis, so both instances together admit 2 at once and spend one budget (per-instance counters would admit 4
+    and spend two); the fake's own count proves that no refused request reached it."""
+    made = httpx.post(cluster.a.url + "/v1/scillm/keys", headers=AUTH, timeout=30, json={
+        "name": "scale", "limits": {"max_concurrency": 2, "daily_usd": 0.0005}}).json()
+    key = {"authorization": f"Bearer {made['key']}", "x-caller-skill": "scale-test"}
+    cluster.upstream.default = Reply.say("capped", delay_s=0.2)  # 11 in, 7 out: $0.0000059 a call (gpt-4o-mini)
+    cluster.upstream.max_in_flight = 0
+    before = len(cluster.upstream.requests)
+
+    async def storm(n: int) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return list(await asyncio.gather(*(client.post(
+                cluster.nginx.url + "/v1/chat/completions", headers=key,
+                json={"model": "gpt-4o-mini", "max_tokens": 5,
+                      "messages": [{"role": "user", "content": f"cap {i} {uuid.uuid4()}"}]}) for i in range(n))))
+
+    answers = asyncio.run(storm(40))
+    ok = [r for r in answers if r.status_code == 200]
+    refused = [r for r in answers if r.status_code != 200]
+    assert cluster.upstream.max_in_flight <= 2  # across both instances
+    assert len(cluster.upstream.requests) - before == len(ok) >= 2
+    assert refused and {r.json()["error"]["code"] for r in refused} == {"rate_limited"}
+    # one budget: what both instances spent, read through one of them (settlements land within a linger)
+    expected = sum(float(r.headers["x-scillm-cost-usd"]) for r in ok)
+    deadline = time.monotonic() + 10
+    while (spent := httpx.get(cluster.b.url + "/v1/budget", headers=key, timeout=30).json()["spent"]) \
+            != pytest.approx(expected, abs=1e-9) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert spent == pytest.approx(expected, abs=1e-9) and expected > 0
+
+
 def test_a_breaker_opened_through_one_instance_short_circuits_the_other(cluster: Cluster) -> None:
     assert chat(cluster.a.url, f"fails {uuid.uuid4()}", model="deepseek/deepseek-chat").status_code == 503
     circuits = health(cluster.a.url)["middleware"]["resilience"]["breaker"]["circuits"]

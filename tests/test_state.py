@@ -119,3 +119,79 @@ def test_storage_has_its_own_thread_a_full_default_pool_cannot_starve_it(store: 
             await store.close()
 
     assert run(go()) == {"v": 1}
+
+
+# -- counters ---------------------------------------------------------------------------------------------------
+
+
+
+
+
+
+
+
+
+def test_count_batcher_shares_round_trips_and_applies_deferred_changes_first(store: SQLiteStore) -> None:
+    from scillm_core.state import Count
+    from scillm_core.state.counters import CountBatcher
+
+    async def go() -> tuple[list[bool], int, float]:
+        batcher = CountBatcher(lambda: store, "b", linger_s=10)
+        outcomes = await asyncio.gather(*(batcher.count([Count("slot", 1, limit=3)]) for _ in range(10)))
+        batcher.later([Count("slot", -3)])  # releases nobody awaits ...
+        after = await batcher.count([Count("slot", 1, limit=3)])  # ... are applied before a later admission
+        return [o.applied for o in outcomes] + [after.applied], batcher.stats["round_trips"], after.values[0]
+
+    applied, round_trips, value = run(go())
+    assert applied == [True] * 3 + [False] * 7 + [True] and value == 1
+    assert round_trips <= 3  # ten admissions did not take ten round trips
+
+
+# -- log filters ------------------------------------------------------------------------------------------------
+
+
+
+
+def test_deferred_counter_changes_survive_a_failed_round_trip(store: SQLiteStore) -> None:
+    from scillm_core.state import Count
+    from scillm_core.state.counters import CountBatcher
+
+    failures = [sqlite3.OperationalError("database is locked")]
+    original = store.count
+
+    async def flaky(namespace: str, groups: object) -> object:
+        if failures:
+            raise failures.pop()
+        return await original(namespace, groups)  # type: ignore[arg-type]
+
+    store.count = flaky  # type: ignore[method-assign]
+
+    async def go() -> tuple[float, int]:
+        batcher = CountBatcher(lambda: store, "b", linger_s=0.01)
+        batcher.later([Count("held", -5)])
+        with pytest.raises(sqlite3.OperationalError):  # the awaited group in the failed round trip fails
+            await batcher.count([Count("slot", 1, limit=3)])
+        await asyncio.sleep(0.05)
+        await batcher.flush()
+        return (await original("b", [[Count("held")]]))[0].values[0], batcher.stats["errors"]
+
+    assert run(go()) == (-5, 1)  # the deferred release was applied on the next round trip
+
+
+def test_deferred_counter_changes_alone_are_written_after_the_linger(store: SQLiteStore) -> None:
+    """A settlement nobody awaits reaches the store by itself (another process or instance reads it there), not only
+    with this process's next admission."""
+    from scillm_core.state import Count
+    from scillm_core.state.counters import CountBatcher
+
+    async def go() -> tuple[float, float]:
+        batcher = CountBatcher(lambda: store, "b", linger_s=0.05)
+        batcher.later([Count("spent", 7)])
+        queued = (await store.count("b", [[Count("spent")]]))[0].values[0]  # read past the batcher
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if not batcher.queue and not batcher.busy:
+                break
+        return queued, (await store.count("b", [[Count("spent")]]))[0].values[0]
+
+    assert run(go()) == (0, 7)

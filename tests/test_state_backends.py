@@ -14,7 +14,7 @@ import pytest
 
 from scillm_core.config import Config, ConfigError, Env, StateConfig
 from scillm_core.errors import StateUnavailable
-from scillm_core.state import StateStore, open_store
+from scillm_core.state import Count, Counted, StateStore, open_store
 from scillm_core.state.redis import RedisStore
 from scillm_core.state.sqlite import SQLiteStore
 from scillm_core.testing.services import RedisServer, free_port
@@ -248,3 +248,77 @@ async def test_a_commit_applies_each_change_on_its_own_announces_it_and_acknowle
     await asyncio.sleep(0.1)
     await two.commit([Change("results", "b", None, {"v": 3}, log="announced", record={"item": "b"})])
     assert [r for _, r in await later] == [{"item": "b"}]  # a follower is woken by a commit's record
+
+
+# -- counters (budgets, rate windows, concurrency caps) and log filters ---------------------------------------------
+
+async def test_counter_groups_are_all_or_nothing_and_say_what_stood_in_the_way(
+        stores: Callable[[], StateStore]) -> None:
+    store = stores()
+    first = await store.count("b", [[Count("usd", 6, limit=10), Count("rpm", 1, limit=2)]])
+    refused = await store.count("b", [[Count("usd", 5, limit=10), Count("rpm", 1, limit=2)]])  # usd: 11 > 10
+    read = await store.count("b", [[Count("usd"), Count("rpm")]])
+    release = await store.count("b", [[Count("usd", -6), Count("rpm", -1, limit=2)]])  # no limit on the way down
+    fractions = await store.count("b", [[Count("nano", 0.1 + 0.2), Count("nano", 1e15)]])  # one key twice
+    assert [*first, *refused, *read, *release] == [
+        Counted(True, (6, 1)), Counted(False, (6, 1)), Counted(True, (6, 1)), Counted(True, (0, 0))]
+    assert fractions == [Counted(True, (0.1 + 0.2 + 1e15, 0.1 + 0.2 + 1e15))]  # both: the value after the group
+
+
+async def test_many_groups_in_one_call_each_see_the_ones_before(stores: Callable[[], StateStore]) -> None:
+    outcomes = await stores().count("b", [[Count("x", 1, limit=2)] for _ in range(5)])
+    assert [o.applied for o in outcomes] == [True, True, False, False, False]
+    assert [o.values for o in outcomes] == [(1,), (2,), (2,), (2,), (2,)]
+
+
+async def test_counters_expire_and_a_change_without_ttl_keeps_the_expiry(stores: Callable[[], StateStore]) -> None:
+    store = stores()
+    await store.count("b", [[Count("w", 3, ttl_s=0.3), Count("keep", 1)]])
+    await store.count("b", [[Count("w", 1)]])  # no ttl: the window still ends 0.3 s after its last ttl
+    before = (await store.count("b", [[Count("w"), Count("keep")]]))[0].values
+    await asyncio.sleep(0.5)
+    after = (await store.count("b", [[Count("w"), Count("keep")]]))[0].values
+    assert [*before, *after] == [4, 1, 0, 1]
+
+
+async def test_concurrent_admissions_never_pass_a_limit_across_processes(stores: Callable[[], StateStore]) -> None:
+    """Two connections stand for two processes (or instances): 200 reservations of 1 against a limit of 37."""
+    pair = [stores(), stores()]
+    outcomes = await asyncio.gather(*(pair[i % 2].count("b", [[Count("slot", 1, limit=37)]]) for i in range(200)))
+    assert sum(o[0].applied for o in outcomes) == 37
+    assert (await pair[1].count("b", [[Count("slot")]]))[0].values == (37,)
+
+
+async def test_counter_keys_and_namespaces_are_data(stores: Callable[[], StateStore]) -> None:
+    store = stores()
+    hostile = "k'); DROP TABLE counters; --\x00*?[]"
+    await store.count("ns:a", [[Count(hostile, 2)]])
+    assert (await store.count("ns:a", [[Count(hostile)], [Count("other")]])) == [Counted(True, (2,)),
+                                                                                 Counted(True, (0,))]
+    assert (await store.count("ns", [[Count(":a:" + hostile)]]))[0].values == (0,)  # no collision
+
+
+async def test_tail_filters_by_time_and_fields_without_building_queries_from_values(
+        stores: Callable[[], StateStore]) -> None:
+    store = stores()
+    await store.append_many("spend", [{"owner": "a", "n": 1}, {"owner": "b", "n": 2}])
+    await store.append("spend", {"owner": "a", "n": 3, "run": None})
+    await asyncio.sleep(0.01)
+    middle = time.time()
+    await asyncio.sleep(0.01)
+    await store.append("spend", {"owner": "a'; DROP TABLE logs;--", "n": 4})
+    await store.append_many("spend", [{"owner": "c", "n": n} for n in range(5, 1200)])
+    a = await store.tail("spend", 10, match={"owner": "a"})
+    late = await store.tail("spend", 2, since=middle)
+    b = await store.tail("spend", 10, until=middle, match={"owner": "b"})
+    hostile = await store.tail("spend", 10, match={"owner": "a'; DROP TABLE logs;--"})
+    no_run = await store.tail("spend", 10, match={"run": None, "owner": "a"})
+    assert [r["n"] for r in a] == [1, 3] and [r["n"] for r in late] == [1198, 1199] and [r["n"] for r in b] == [2]
+    assert [r["n"] for r in hostile] == [4] and [r["n"] for r in no_run] == [1, 3]
+    assert [r["n"] for r in await store.tail("spend", 3, until=middle)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("field", ["owner') OR 1=1 --", "a.b", "", "1x", "x" * 65])
+async def test_tail_refuses_field_names_that_are_not_identifiers(stores: Callable[[], StateStore], field: str) -> None:
+    with pytest.raises(ValueError, match="plain identifiers"):
+        await stores().tail("spend", 10, match={field: "x"})

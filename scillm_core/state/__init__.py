@@ -1,20 +1,25 @@
-"""The state-store interface: namespaced JSON documents, compare-and-set for leases, append-only logs that can be
-followed, and work queues with acknowledgement.
+"""The state-store interface: namespaced JSON documents, compare-and-set for leases, atomic counters with expiry,
+append-only logs that can be followed, and work queues with acknowledgement.
 
 Two backends, chosen by ``[state] backend``: SQLite (WAL) under the data dir, the embedded default
 (:mod:`scillm_core.state.sqlite`; shared by the processes of one machine), and Redis (:mod:`scillm_core.state.redis`;
 shared by every process and instance pointed at it). Every backend takes values as parameters, never as query text.
-Callers never read then write: what must be atomic is one call (``compare_and_set``, ``commit``, ``take``, ``ack``).
+Callers never read then write: what must be atomic (leases, budgets, rate windows, concurrency slots) is one call
+(``compare_and_set``, ``commit``, ``count``, ``take``, ``ack``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from attrs import frozen
 
-__all__ = ["Change", "StateStore", "open_store"]
+__all__ = ["LOG_FIELD", "Change", "Count", "Counted", "StateStore", "open_store"]
+
+#: what a field name in ``tail(match=...)`` must look like (a plain identifier; anything else is a ValueError)
+LOG_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
 @frozen
@@ -30,6 +35,28 @@ class Change:
     ttl_s: float | None = None
     log: str | None = None
     record: Mapping[str, Any] | None = None
+
+
+class Count(NamedTuple):
+    """One change to one counter, for :meth:`StateStore.count`.
+
+    ``delta`` is added (``0`` reads). With a ``limit``, a positive ``delta`` that would take the counter above it
+    refuses the change's whole group. ``ttl_s`` (re)sets the counter's expiry to now + ``ttl_s`` (a counter
+    nobody changes for that long disappears, i.e. reads 0 again); ``None`` leaves its expiry as it is (a new
+    counter then never expires)."""
+
+    key: str
+    delta: float = 0.0
+    limit: float | None = None
+    ttl_s: float | None = None
+
+
+class Counted(NamedTuple):
+    """The outcome of one group of :class:`Count` changes: whether it was applied, and each change's counter value
+    after the group (when refused: the unchanged values, so the caller can tell which limit stood in the way)."""
+
+    applied: bool
+    values: tuple[float, ...]
 
 
 class StateStore(Protocol):
@@ -62,14 +89,26 @@ class StateStore(Protocol):
     async def scan(self, namespace: str, prefix: str = "", limit: int = 1000) -> list[tuple[str, dict[str, Any]]]:
         """Documents whose key starts with ``prefix``, in key order."""
 
+    async def count(self, namespace: str, groups: Sequence[Sequence[Count]]) -> list[Counted]:
+        """Atomic counters with expiry (budgets, rate windows, concurrency slots), one result per group.
+
+        Groups are applied in order, each all-or-nothing and atomically with respect to every other caller (other
+        processes and instances included): a group is refused, changing nothing, when one of its changes has a
+        ``limit`` and a positive ``delta`` that would take its counter above the limit. An absent or expired
+        counter is 0. Several groups in one call share one round trip (what :class:`scillm_core.state.counters.
+        CountBatcher` uses for group commit); each group stays independent of the others."""
+
     async def append(self, namespace: str, record: Mapping[str, Any]) -> None:
         """Add a record to an append-only log (call log, events)."""
 
     async def append_many(self, namespace: str, records: Sequence[Mapping[str, Any]]) -> None:
         """Add several records in one write (a background log writer drains its queue with this)."""
 
-    async def tail(self, namespace: str, limit: int = 100) -> list[dict[str, Any]]:
-        """The newest ``limit`` log records, oldest first."""
+    async def tail(self, namespace: str, limit: int = 100, *, since: float | None = None, until: float | None = None,
+                   match: Mapping[str, str | int | float | bool | None] | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` log records, oldest first: only those appended at or after ``since`` and before
+        ``until`` (Unix seconds), and whose top-level fields equal every value in ``match`` (field names are
+        plain identifiers; a ``None`` value matches an absent or null field)."""
 
     async def trim(self, namespace: str, keep: int) -> int:
         """Drop all but the newest ``keep`` records of a log; how many were dropped."""

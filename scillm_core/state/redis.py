@@ -6,7 +6,9 @@ another's keys):
 - documents: ``{p}d:{ns}:{key}`` strings (canonical JSON, ``PX`` for a TTL), indexed per namespace by the sorted set
   ``{p}i:{ns}`` (score 0, members ordered by bytes, so a prefix scan is one ``ZRANGEBYLEX``);
 - logs: the stream ``{p}l:{ns}`` (``XADD``/``XREVRANGE``/``XTRIM``; followed with ``XREAD``);
-- queues: the stream ``{p}q:{name}`` with the consumer group ``work`` (``XREADGROUP``, ``XAUTOCLAIM``, ``XACK``).
+- queues: the stream ``{p}q:{name}`` with the consumer group ``work`` (``XREADGROUP``, ``XAUTOCLAIM``, ``XACK``);
+- counters: ``{p}c:{ns}:{key}`` strings holding a number (``PEXPIRE`` for their window), changed only by one Lua
+  script per :meth:`RedisStore.count` call.
 
 Everything that must be atomic is one command, a ``MULTI`` block or a Lua script, never a read then a write.
 Every command is bounded by ``timeout_s`` (one retry on a fresh connection, for a server that restarted); a server
@@ -16,6 +18,7 @@ that does not answer raises :class:`scillm_core.errors.StateUnavailable` (503), 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from scillm_core.errors import StateUnavailable
+from scillm_core.state import LOG_FIELD, Count, Counted
 
 if TYPE_CHECKING:
     from scillm_core.state import Change
@@ -149,6 +153,44 @@ for i = 2, #ARGV do
 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
 return n
+"""
+
+
+# StateStore.count: ARGV[1] is the groups as JSON, [[[key index, delta, limit or -1 (none), ttl ms or 0], ...],
+# ...]; KEYS are the counters. Each group is checked against the values after the groups before it and applied
+# all or nothing; the reply is, per group, 1 or 0 then each change's value (as text: a Lua number would come back
+# as an integer).
+_COUNT = """
+local groups = cjson.decode(ARGV[1])
+local values, ttls, dirty = {}, {}, {}
+for i = 1, #KEYS do values[i] = tonumber(redis.call('GET', KEYS[i]) or '0') or 0 end
+local out = {}
+for _, group in ipairs(groups) do
+  local after = {}
+  local fits = true
+  for _, c in ipairs(group) do
+    local k = c[1]
+    after[k] = (after[k] or values[k]) + c[2]
+    if c[3] >= 0 and c[2] > 0 and after[k] > c[3] then fits = false end
+  end
+  out[#out + 1] = fits and 1 or 0
+  for _, c in ipairs(group) do
+    out[#out + 1] = string.format('%.17g', fits and after[c[1]] or values[c[1]])
+  end
+  if fits then
+    for _, c in ipairs(group) do
+      local k = c[1]
+      if c[2] ~= 0 or c[4] > 0 then dirty[k] = true end
+      if c[4] > 0 then ttls[k] = c[4] end
+    end
+    for k, v in pairs(after) do values[k] = v end
+  end
+end
+for k in pairs(dirty) do
+  redis.call('SET', KEYS[k], string.format('%.17g', values[k]), 'KEEPTTL')
+  if ttls[k] then redis.call('PEXPIRE', KEYS[k], ttls[k]) end
+end
+return out
 """
 
 
@@ -334,10 +376,50 @@ class RedisStore:
         with self.unavailable():  # one script call for the batch: one command to encode, atomic
             await self.script(_APPEND)(keys=[self._log(namespace)], args=[orjson.dumps(r) for r in records])
 
-    async def tail(self, namespace: str, limit: int = 100) -> list[dict[str, Any]]:
+    async def tail(self, namespace: str, limit: int = 100, *, since: float | None = None, until: float | None = None,
+                   match: Mapping[str, str | int | float | bool | None] | None = None) -> list[dict[str, Any]]:
+        """The time window is the entries' ids (the server's clock, to the millisecond); ``match`` is checked here,
+        reading the window newest first a page at a time until ``limit`` records matched."""
+        for name in match or ():
+            if not LOG_FIELD.match(name):
+                raise ValueError(f"log field names are plain identifiers, not {name[:80]!r}")
+        high = f"({math.ceil(until * 1000)}-0" if until is not None else "+"
+        low = f"{math.ceil(since * 1000)}-0" if since is not None else "-"
+        found: list[dict[str, Any]] = []
         with self.unavailable():
-            entries = await self.redis.xrevrange(self._log(namespace), count=limit)
-        return [orjson.loads(fields[b"v"]) for _, fields in reversed(entries)]
+            while len(found) < limit:
+                page = limit if not match else max(limit, 500)
+                entries = await self.redis.xrevrange(self._log(namespace), max=high, min=low, count=page)
+                for _, fields in entries:
+                    record = orjson.loads(fields[b"v"])
+                    if all(record.get(k) == v and (v is not None or record.get(k) is None)
+                           for k, v in (match or {}).items()):
+                        found.append(record)
+                        if len(found) == limit:
+                            break
+                if len(entries) < page:
+                    break
+                high = "(" + entries[-1][0].decode()
+        return found[::-1]
+
+    # -- counters --------------------------------------------------------------------------------------------------
+
+    async def count(self, namespace: str, groups: Sequence[Sequence[Count]]) -> list[Counted]:
+        """Every group in one script call: atomic with respect to every other client, one round trip."""
+        keys: dict[str, int] = {}
+        encoded = [[[keys.setdefault(c.key, len(keys) + 1), c.delta, -1 if c.limit is None else c.limit,
+                     max(1, int(c.ttl_s * 1000)) if c.ttl_s else 0] for c in group] for group in groups]
+        if not keys:
+            return [Counted(True, ()) for _ in groups]
+        stem = _name("c", self.prefix, namespace) + ":"
+        with self.unavailable():
+            reply = await self.script(_COUNT)(keys=[stem + key for key in keys], args=[orjson.dumps(encoded)])
+        out: list[Counted] = []
+        at = 0
+        for group in groups:
+            out.append(Counted(bool(reply[at]), tuple(float(v) for v in reply[at + 1:at + 1 + len(group)])))
+            at += 1 + len(group)
+        return out
 
     async def trim(self, namespace: str, keep: int) -> int:
         with self.unavailable():

@@ -20,7 +20,7 @@ from scillm_core.testing.fakes import RecordedRequest
 
 MASTER_KEY = "sk-master-SECRET-agents-9876543210"
 CALLER = "agents-tests"
-PLUGINS = ["agents", "exec", "responses", "codex", "auth", "ops", "metrics", "ui"]
+PLUGINS = ["agents", "exec", "responses", "codex", "auth", "keys", "budgets", "ops", "metrics", "ui"]
 
 
 def make_repo(path: Path) -> Path:

@@ -107,6 +107,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             "slow": e.worker(turn_timeout_s=2),
             "guard": e.worker(),
             "idle": e.worker(idle_timeout_s=1),
+            "teams": e.worker(),
         }, e.server_env, max_live=3)
         e.server.app.runtime.events.subscribe(e.reported.append, kinds=["run.start", "run.end", "request.start"])
         e.http = client(e.server)
@@ -185,6 +186,38 @@ def test_two_turns_on_one_thread_carry_the_context(env: Env) -> None:
             if '"turn.completed"' in line:
                 break
     assert f'"turn_id":"{second["turn_id"]}"' in seen.replace(" ", "") and first.json()["turn_id"] not in seen
+
+
+def test_a_virtual_keys_turn_is_its_own_and_its_model_calls_are_charged_to_it(env: Env) -> None:
+    """A worker leased with one virtual key: the turn's model calls (codex, through the worker's run key) are that
+    key's (call log, spend by run); another key gets 404 for the lease's turns, steers, interrupts, the result and
+    the events; the master key sees them."""
+    assert env.server is not None and env.http is not None
+    admin = httpx.Client(base_url=env.server.url, timeout=60, headers={"authorization": f"Bearer {MASTER_KEY}"})
+    made = [admin.post("/v1/scillm/keys", json={"name": name, "limits": {"rpm": 100}}).json() for name in "ab"]
+    alice, bob = (httpx.Client(base_url=env.server.url + "/v1/scillm/agents", timeout=180, headers={
+        "authorization": f"Bearer {m['key']}", "x-caller-skill": CALLER}) for m in made)
+    held = lease(alice, "teams", owner="alice-agent")
+    assert held["identity"] == made[0]["id"]
+    turn = alice.post("/teams/turn", json={"lease_id": held["lease_id"], "input": "REMEMBER MANGO", "wait": True})
+    assert turn.status_code == 200 and turn.json()["final_text"] == "NOTED MANGO", turn.text
+    run = f"agent-teams/{turn.json()['turn_id']}"
+    for method, path, body in (("POST", "/teams/turn", {"lease_id": held["lease_id"], "input": "REMEMBER X"}),
+                               ("POST", "/teams/steer", {"lease_id": held["lease_id"], "input": "X"}),
+                               ("POST", "/teams/interrupt", {"lease_id": held["lease_id"]}),
+                               ("GET", "/teams/result", None), ("GET", "/teams/events/stream", None)):
+        refused = bob.request(method, path, json=body)
+        assert refused.status_code == 404, (path, refused.text)
+    assert alice.get("/teams/result").json()["turn_id"] == turn.json()["turn_id"]
+    assert env.http.get("/teams/result").json()["identity"] == made[0]["id"]  # the master key sees it
+    calls = [c for c in admin.get("/v1/scillm/calls").json()["data"] if c.get("run") == run]
+    assert calls and {c["owner"] for c in calls} == {made[0]["id"]}
+    spend = admin.get("/v1/scillm/spend", params={"group_by": "run", "key": made[0]["id"]}).json()
+    assert run in [g["run"] for g in spend["groups"]]
+    assert bob.get(env.server.url + "/v1/scillm/spend", params={"group_by": "run"}).json()["calls"] == 0
+    assert env.http.post("/teams/cleanup", json={"lease_id": held["lease_id"]}).status_code == 200
+    for each in (admin, alice, bob):
+        each.close()
 
 
 def test_edit_turn_result_holds_the_diff_and_the_callers_tree_is_unchanged(env: Env) -> None:

@@ -161,27 +161,31 @@ async def test_run_keys_per_session_attribution_view_keys_and_expiry() -> None:
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
+    from scillm_core import Identity, Job, identity_of
     from scillm_core.events import PARENT_SCOPE_KEY
 
     async def echo(request):  # what the app behind the middleware sees
         return JSONResponse({"auth": request.headers.get("authorization"), "run": request.headers.get(
             "x-scillm-exec-run"), "caller": request.headers.get("x-caller-skill"),
-            "owner": request.scope.get("scillm.run_owner"), "unit": request.scope.get(PARENT_SCOPE_KEY)})
+            "owner": identity_of(request.scope).owner, "job": getattr(request.scope.get("scillm.job"), "id", None),
+            "unit": request.scope.get(PARENT_SCOPE_KEY)})
 
     now = [1000.0]
     keys = RunKeys(clock=lambda: now[0])
-    app = RunKeyMiddleware(Starlette(routes=[Route("/{p:path}", echo, methods=["GET", "POST"])]), keys,
-                           {"SCILLM_MASTER_KEY": "sk-master-xyz"})
+    app = RunKeyMiddleware(Starlette(routes=[Route("/{p:path}", echo, methods=["GET", "POST"])]), keys)
     serve = keys.mint("opencode-serve", None, per_session=True)
-    keys.bind_session(serve, "ses_a", "oc-1", "proj", "key-alice", unit="run:opencode/oc-1")
+    alice = Identity(owner="key-alice", name="alice")
+    keys.bind_session(serve, "ses_a", "oc-1", "proj", identity=alice, job=Job(kind="run", id="oc-1", owner=alice.owner),
+                      unit="run:opencode/oc-1")
     keys.bind_child(serve, "ses_child", "ses_a")
     worker = keys.mint("agent-w", "agents", unit="run:agents/w/s1")
     view = keys.mint("oc-1", "proj", prefix=VIEW_KEY_PREFIX, ttl_s=60,
-                     allow=lambda method, path: method == "GET" and path == "/v1/runs/oc-1")
+                     allow=lambda method, path: method == "GET" and path == "/v1/runs/oc-1", identity=alice)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         auth = {"authorization": f"Bearer {serve}"}
         ok = (await c.post("/v1/chat/completions", headers={**auth, "x-session-id": "ses_a"})).json()
-        assert ok == {"auth": "Bearer sk-master-xyz", "run": "oc-1", "caller": "proj/oc-1", "owner": "key-alice",
+        # authenticated as the key that started the run (its budgets, its isolation); no key goes further in
+        assert ok == {"auth": None, "run": "oc-1", "caller": "proj/oc-1", "owner": "key-alice", "job": "oc-1",
                       "unit": "run:opencode/oc-1"}
         child = await c.post("/v1/chat/completions", headers={**auth, "x-session-id": "ses_child"})
         assert child.json()["run"] == "oc-1"  # a subagent's calls belong to its parent's run
@@ -203,7 +207,7 @@ async def test_run_keys_per_session_attribution_view_keys_and_expiry() -> None:
         assert (await c.post("/v1/chat/completions", headers={**auth, "x-session-id": "ses_child"})).status_code \
             == 403
         v = {"authorization": f"Bearer {view}"}
-        assert (await c.get("/v1/runs/oc-1", headers=v)).json()["auth"] == "Bearer sk-master-xyz"
+        assert (await c.get("/v1/runs/oc-1", headers=v)).json()["owner"] == "key-alice"  # reads as alice
         assert (await c.get("/v1/runs/oc-2", headers=v)).status_code == 403
         assert (await c.post("/v1/runs/oc-1", headers=v)).status_code == 403
         now[0] += 61

@@ -30,7 +30,9 @@ PROVIDER_SECRET = "sk-provider-SECRET-opencode-0123456789"
 MASTER_KEY = "sk-master-SECRET-opencode-9876543210"
 MODEL = "openai/fake-model"
 FINAL = "DONE: edited the file"
-ONLY = ["opencode", "exec", "agent-runners", "auth", "chat", "openai-compat", "ops", "metrics", "ui"]
+ONLY = ["opencode", "exec", "agent-runners", "auth", "keys", "budgets", "chat", "openai-compat", "ops", "metrics",
+        "ui"]
+PRICING = {MODEL: {"input": 1.0, "output": 2.0}}  # dollars per million tokens, so runs have a cost
 
 
 class ScriptedModel(FakeOpenAI):
@@ -264,7 +266,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         app = make_app(env={"OPENAI_API_KEY": PROVIDER_SECRET, "OPENAI_API_BASE": fake.url + "/v1",
                             "SCILLM_MASTER_KEY": MASTER_KEY, "SCILLM_OPENCODE_SERVE_ENABLED": "1"},
                        data_dir=data_dir,
-                       config={"exec": {"allowed_roots": [str(root)]},
+                       config={"exec": {"allowed_roots": [str(root)]}, "pricing": PRICING,
                                "opencode": {"model": MODEL, "skill_roots": [str(skills)], "heartbeat_s": 0.5,
                                             "default_timeout_s": 120}},
                        only=ONLY)

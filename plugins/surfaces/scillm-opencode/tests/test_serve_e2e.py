@@ -332,3 +332,39 @@ def test_a_run_driven_by_one_instance_is_read_tailed_and_aborted_through_another
         assert theirs == mine and theirs[-1]["type"] == "run_completed" and theirs[-1]["status"] == "aborted"
         end = json.loads(frames[-1].split("data: ", 1)[1])
         assert frames[-1].startswith("event: end") and end["status"] == "aborted" and end["seq"] == mine[-1]["seq"]
+
+
+def test_a_virtual_keys_run_is_its_own_and_its_model_calls_are_charged_to_it(stack: Stack) -> None:
+    """Two virtual keys: a run started with one is invisible to the other (404 on every run route, absent from its
+    index) and its model calls (made by opencode serve with its per-session key) are charged to the key that
+    started it, in its spend and its budget; the master key sees everything."""
+    made = [stack.client.post("/v1/scillm/keys", json={"name": name, "limits": {"daily_usd": 5}}).json()
+            for name in ("a", "b")]
+    alice, bob = (httpx.Client(base_url=stack.url, timeout=180, headers={
+        "authorization": f"Bearer {m['key']}", "x-caller-skill": "teams"}) for m in made)
+    result = alice.post(RUNS, json={"prompt": "[read] what does hello say?", "agent": "build",
+                                    "cwd": str(stack.repo())}).json()
+    assert result["status"] == "completed", result
+    run_id = result["run_id"]
+    assert result["owner"] == made[0]["id"] and result["cost_usd"] > 0
+    for method, path in (("GET", f"{RUNS}/{run_id}"), ("GET", f"{RUNS}/{run_id}/events"),
+                         ("GET", f"{RUNS}/{run_id}/diff"), ("POST", f"{RUNS}/{run_id}/abort"),
+                         ("POST", f"{RUNS}/{run_id}/monitor")):
+        refused = bob.request(method, path)
+        assert refused.status_code == 404, (method, path, refused.text)
+        assert refused.json()["error"]["message"] == f"no run {run_id!r}"
+    assert run_id not in [r["run_id"] for r in bob.get(RUNS).json()["runs"]]
+    assert run_id in [r["run_id"] for r in alice.get(RUNS).json()["runs"]]
+    assert alice.get(f"{RUNS}/{run_id}/diff").status_code == 200
+    assert stack.client.get(f"{RUNS}/{run_id}").json()["owner"] == made[0]["id"]  # the master key sees it
+    # the session's model calls were alice's: her spend by run, her budget; nothing of it is bob's or the master's
+    spend = alice.get("/v1/scillm/spend", params={"group_by": "run"}).json()
+    mine = next(g for g in spend["groups"] if g["run"] == run_id)
+    assert mine["calls"] >= 2 and mine["cost_usd"] == result["cost_usd"]
+    assert alice.get("/v1/budget").json()["spent"] >= mine["cost_usd"] > 0
+    assert bob.get("/v1/scillm/spend", params={"group_by": "run"}).json()["calls"] == 0
+    master = stack.client.get("/v1/scillm/spend", params={"group_by": "run", "key": "master"}).json()
+    assert run_id not in [g["run"] for g in master["groups"]]
+    calls = [c for c in stack.client.get("/v1/scillm/calls").json()["data"] if c.get("run") == run_id]
+    assert calls and {c["owner"] for c in calls} == {made[0]["id"]}
+    assert scan_for_secrets(stack, [m["key"] for m in made]) == []

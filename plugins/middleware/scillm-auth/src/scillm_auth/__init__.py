@@ -2,7 +2,9 @@
 routes surfaces declared public (``runtime.public_paths``: pages that hold no data, such as the dashboard's).
 
 The key is ``SCILLM_MASTER_KEY``. Without it the dev key ``sk-dev-proxy-123`` works, from loopback clients only
-(``scillm serve`` also refuses to bind a non-loopback address without a master key). Fails closed.
+(``scillm serve`` also refuses to bind a non-loopback address without a master key). Either resolves to the master
+identity (``scope["scillm.identity"]``). A request an earlier layer already authenticated with a credential of its
+own (a virtual key, an agent run's key) carries that layer's identity and passes. Fails closed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from scillm_core import MiddlewareRegistry, Runtime, errors, hookimpl, send_error
+from scillm_core import MASTER, Identity, MiddlewareRegistry, Runtime, errors, hookimpl, send_error
 
 DEV_KEY = "sk-dev-proxy-123"
 PUBLIC_PREFIXES = ("/health/",)
@@ -40,7 +42,8 @@ class AuthMiddleware:
         self.public = public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(PUBLIC_PREFIXES) or scope["path"] in self.public:
+        if scope["type"] != "http" or scope["path"].startswith(PUBLIC_PREFIXES) or scope["path"] in self.public \
+                or isinstance(scope.get("scillm.identity"), Identity):
             await self.app(scope, receive, send)
             return
         token = _token(scope)
@@ -55,6 +58,7 @@ class AuthMiddleware:
             await send_error(send, errors.PermissionDenied(
                 "the dev key is accepted from loopback clients only; set SCILLM_MASTER_KEY on the server"))
             return
+        scope["scillm.identity"] = MASTER
         await self.app(scope, receive, send)
 
 

@@ -9,11 +9,11 @@ stream's end is observed by the one tap core already has on it):
   ``scillm_upstream_chunks_skipped_total`` (stream events that could not be parsed and were skipped).
 - ``request.end`` (the whole request, JSON re-asks and cache hits included, rejected requests too):
   ``scillm_requests_total{model,caller,status,code}``, ``scillm_request_latency_seconds`` and one call-log record
-  per request (ts, request id, caller, requested model, provider, served model, status, error code, latency,
-  tokens, attempts, cache result, scillm_metadata), secrets redacted. Records go through a bounded queue to a
-  background writer (``store.append("calls", ...)``), never on the response path; a full queue drops records
-  (counted).
-- ``GET /v1/scillm/calls?limit=N`` returns the newest records (auth like every other route).
+  per request (ts, request id, caller, owner key, requested model, provider, served model, status, error code,
+  latency, tokens, attempts, cache result, cost, batch or run, scillm_metadata), secrets redacted. Records go
+  through a bounded queue to a background writer (``store.append_many("calls", ...)``), never on the response
+  path; a full queue drops records (counted).
+- ``GET /v1/scillm/calls?limit=N`` returns the newest records: a virtual key's own, or everyone's for the master.
 - Label cardinality is bounded: at most ``max_callers`` callers and ``max_models`` models per label, the rest
   count as ``other``. Fails open: a metrics or call-log failure never fails a request.
 
@@ -24,7 +24,6 @@ Config: ``[metrics] enabled = true``, ``call_log = true``, ``max_callers``, ``ma
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -36,8 +35,9 @@ from attrs import define, field, frozen, validators
 from starlette.requests import Request
 from starlette.responses import Response
 
-from scillm_core import Runtime, SurfaceRegistry, errors, hookimpl, json_response, runtime_of
+from scillm_core import Runtime, SurfaceRegistry, errors, hookimpl, identity_of, json_response, runtime_of
 from scillm_core.redact import env_secrets, redact
+from scillm_core.state.writer import LogWriter
 from scillm_core.web import query_int
 from scillm_metrics.series import Counters, Histograms, SeriesCollector
 
@@ -109,72 +109,12 @@ class MetricsState:
     requests: Counters
     request_latency: Histograms
     dropped_counter: Counters
-    queue: asyncio.Queue[dict[str, Any]] | None = None
-    writer: asyncio.Task[None] | None = None
-    counts: dict[str, int] = field(factory=lambda: {"logged": 0, "dropped": 0, "write_errors": 0,
-                                                    "metric_errors": 0, "pruned": 0})
-    unpruned: int = 0  # records written since the log was last trimmed to ``call_log_max_rows``
-    stopped: bool = False
-
-    @property
-    def prune_every(self) -> int:
-        return max(1, min(1000, self.config.call_log_max_rows // 10))
+    log: LogWriter
+    counts: dict[str, int] = field(factory=lambda: {"metric_errors": 0})
 
     def enqueue(self, record: dict[str, Any]) -> None:
-        if not self.config.call_log or self.stopped:  # after shutdown (calls cancelled late): no new writer task
-            return
-        try:
-            if self.queue is None:
-                self.queue = asyncio.Queue(maxsize=max(1, self.config.backlog))
-            if self.writer is None or self.writer.done():
-                self.writer = asyncio.ensure_future(self._write())
-            self.queue.put_nowait(record)  # redacted by the writer, a batch at a time
-        except asyncio.QueueFull:
-            self.counts["dropped"] += 1
+        if self.config.call_log and not self.log.add(record):  # redacted by the writer, a batch at a time
             self.dropped_counter.inc(())
-        except Exception:
-            self.counts["write_errors"] += 1
-            log.warning("call log record could not be queued", exc_info=True)
-
-    async def _write(self) -> None:
-        """Drain the queue in batches: one store write (one thread hop, one transaction) per batch. After the first
-        record of a batch it waits ``WRITE_DELAY_S`` so that under load a batch holds many records, not one."""
-        assert self.queue is not None
-        while True:
-            records = [await self.queue.get()]
-            await asyncio.sleep(WRITE_DELAY_S)
-            while len(records) < 512 and not self.queue.empty():
-                records.append(self.queue.get_nowait())
-            try:
-                await self.runtime.store.append_many(NAMESPACE, redact_batch(records, self.secrets))
-                self.counts["logged"] += len(records)
-                self.unpruned += len(records)
-                if self.unpruned >= self.prune_every:
-                    self.unpruned = 0
-                    self.counts["pruned"] += await self.runtime.store.trim(NAMESPACE, self.config.call_log_max_rows)
-            except Exception as exc:
-                self.counts["write_errors"] += len(records)
-                log.warning("call log write failed: %s", redact(str(exc), self.secrets))
-            finally:
-                for _ in records:
-                    self.queue.task_done()
-
-    async def flush(self, timeout_s: float = 2.0) -> None:
-        if self.queue is not None and self.writer is not None and not self.writer.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.queue.join(), timeout_s)
-
-    async def stop(self) -> None:
-        self.stopped = True
-        await self.flush()
-        if self.writer is not None:
-            self.writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.writer
-            self.writer = None
-
-
-WRITE_DELAY_S = 0.05
 
 
 def _state(runtime: Runtime) -> MetricsState | None:
@@ -232,8 +172,9 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
     if not config.enabled:
         return
     upstream = ("provider", "model", "caller")
+    secrets = env_secrets(runtime.env)
     state = MetricsState(
-        config=config, runtime=runtime, secrets=env_secrets(runtime.env), callers=BoundedLabel(config.max_callers),
+        config=config, runtime=runtime, secrets=secrets, callers=BoundedLabel(config.max_callers),
         models=BoundedLabel(config.max_models),
         attempts=Counters("scillm_upstream_requests", "Upstream attempts by outcome", (*upstream, "status", "code")),
         latency=Histograms("scillm_upstream_latency_seconds", "Upstream attempt duration (streams: to the end)",
@@ -245,13 +186,16 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
         requests=Counters("scillm_requests", "Chat requests by result", ("model", "caller", "status", "code")),
         request_latency=Histograms("scillm_request_latency_seconds", "Chat request duration", ("model", "caller"),
                                    LATENCY_BUCKETS),
-        dropped_counter=Counters("scillm_call_log_dropped", "Call-log records dropped (backlog full)", ()))
+        dropped_counter=Counters("scillm_call_log_dropped", "Call-log records dropped (backlog full)", ()),
+        log=LogWriter(lambda: runtime.store, NAMESPACE, backlog=config.backlog, max_rows=config.call_log_max_rows,
+                      prepare=lambda records: redact_batch(records, secrets),
+                      describe_error=lambda exc: redact(str(exc), secrets)))
     runtime.metrics.register(SeriesCollector(state.attempts, state.latency, state.first_chunk, state.tokens,
                                              state.skipped, state.requests, state.request_latency,
                                              state.dropped_counter))
     runtime.plugin_state["metrics"] = state
     runtime.events.subscribe(observer(state), ["attempt.end", "request.end"])
-    surfaces.on_shutdown(state.stop)
+    surfaces.on_shutdown(state.log.stop)
 
 
 @hookimpl
@@ -260,9 +204,9 @@ def scillm_health(runtime: Runtime) -> Mapping[str, Any]:
     if state is None:
         return {"metrics": {"enabled": False, "fails": "open"}}
     return {"metrics": {"enabled": True, "fails": "open", "call_log": state.config.call_log,
-                        "backlog": state.queue.qsize() if state.queue else 0, "max_backlog": state.config.backlog,
+                        "backlog": state.log.pending, "max_backlog": state.config.backlog,
                         "call_log_max_rows": state.config.call_log_max_rows,
-                        "callers_tracked": len(state.callers.seen), **state.counts}}
+                        "callers_tracked": len(state.callers.seen), **state.log.counts, **state.counts}}
 
 
 # -- outcomes ------------------------------------------------------------------------------------------------------
@@ -322,17 +266,22 @@ def _request_end(state: MetricsState, event: Event) -> None:
     if not state.config.call_log:
         return
     route = ctx.route
+    identity = ctx.identity
     record: dict[str, Any] = {
-        "ts": time.time(), "request_id": ctx.request_id, "caller": ctx.caller, "model": request.model,
+        "ts": time.time(), "request_id": ctx.request_id, "caller": ctx.caller, "owner": identity.owner,
+        "key_name": identity.name, "team": identity.team, "model": request.model,
         "provider": route.provider if route else None, "served_model": route.model if route else None,
         "stream": request.stream, "status": status if exc is None or status is not None else 499,
         "error_code": None if exc is None else code, "latency_ms": round(elapsed * 1000, 1),
         "attempts": ctx.attempts, "tokens": _tokens(usage), "cache": ctx.notes.get("cache"),
+        "cost_usd": ctx.notes.get("cost_usd", 0.0 if ctx.notes.get("cache") == "hit" else None),
         "scillm_metadata": request.scillm.get("scillm_metadata"), "session": request.scillm.get("session"),
         "dialect": (ctx.notes.get("headers") or {}).get("x-scillm-dialect"),
         "chunks_skipped": ctx.notes.get("chunks_skipped_total", 0) + ctx.notes.get("chunks_skipped", 0),
         "continuation": ctx.notes.get("continuation"),
     }
+    if ctx.job is not None:
+        record[ctx.job.kind] = ctx.job.id
     if exc is not None and isinstance(exc, errors.ScillmError):
         record["error"] = exc.message[:500]
     state.enqueue(record)
@@ -359,7 +308,11 @@ async def calls(request: Request) -> Response:
     limit = query_int(request, "limit", default=100, minimum=1, maximum=1000)
     state = _state(runtime)
     if state is not None:
-        await state.flush(1.0)  # records still queued are part of the tail
-    records = await runtime.store.tail(NAMESPACE, limit)
+        await state.log.flush(1.0)  # records still queued are part of the tail
+    identity = identity_of(request)  # a virtual key sees its own calls only
+    if identity.master:
+        records = await runtime.store.tail(NAMESPACE, limit)
+    else:
+        records = await runtime.store.tail(NAMESPACE, limit, match={"owner": identity.owner})
     return json_response({"object": "list", "data": records, "count": len(records),
                           "enabled": state is not None and state.config.call_log})

@@ -11,7 +11,7 @@ import orjson
 
 from scillm_agent_runners.base import AgentRunnersConfig, cli_path, cli_version, runner_config
 from scillm_agent_runners.clis import run_claude, run_codex, run_opencode, run_pi
-from scillm_core import CallContext, Runtime, hookimpl, run_chat, structure
+from scillm_core import Runtime, hookimpl, run_chat, structure
 from scillm_core.models import ChatRequest
 from scillm_core.sessions import SessionContext, SessionResult, SessionSpec, SessionThunk
 
@@ -69,8 +69,7 @@ async def run_llm_call(spec: SessionSpec, ctx: SessionContext) -> SessionResult:
                                    "json_schema": {"name": "output", "schema": dict(spec.output_schema)}}
     request = structure(body, ChatRequest)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    call = CallContext(runtime=ctx.runtime, caller=ctx.caller, deadline=time.monotonic() + spec.timeout_s,
-                       headers={"x-scillm-exec-run": ctx.run_id}, parent=f"run:{ctx.run_id}")
+    call = ctx.call_context(timeout_s=spec.timeout_s, headers={"x-scillm-exec-run": ctx.run_id})
     events = ctx.run_dir / "events.jsonl"
 
     def record(seq: int, kind: str, payload: dict[str, Any]) -> None:

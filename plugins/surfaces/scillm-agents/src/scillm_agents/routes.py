@@ -18,7 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from scillm_agents.config import settings
 from scillm_agents.service import Agents, agents_of
 from scillm_agents.worker import Worker
-from scillm_core import errors
+from scillm_core import errors, identity_of, require_visible
 from scillm_core.events import trace_headers
 from scillm_core.web import caller_of, json_response, query_int, read_json, runtime_of
 
@@ -35,9 +35,16 @@ def _bad(message: str, param: str) -> errors.InvalidRequest:
 
 
 def _identity(request: Request) -> str:
-    """Who authenticated (the key's owner once virtual keys exist; today every key is the master key's)."""
-    identity = request.scope.get("scillm.identity")
-    return str(getattr(identity, "owner", None) or "master")
+    """Who authenticated: the key's owner (``master`` for the master key)."""
+    return identity_of(request).owner
+
+
+async def _held(agents: Agents, request: Request, worker: Worker, lease_id: Any, action: str) -> dict[str, Any]:
+    """The live lease ``lease_id`` (409 otherwise), and 404 when another key took it: a key controls only the
+    turns of its own leases (the master key controls every one)."""
+    lease = await agents.holder(worker.name, lease_id, action)
+    require_visible(identity_of(request), lease.get("identity"), f"lease {lease_id!r}")
+    return lease
 
 
 def _who(request: Request, caller: str | None) -> dict[str, Any]:
@@ -148,11 +155,20 @@ async def result(request: Request) -> Response:
     handoff_id = request.query_params.get("handoff_id")
     if handoff_id is not None and not ID.match(handoff_id):
         raise _bad("handoff_id must be 1-128 letters, digits or ._:@-", "query.handoff_id")
-    return json_response(await agents.result(worker.name, handoff_id))
+    doc = await agents.result(worker.name, handoff_id)
+    require_visible(identity_of(request), doc.get("identity"), f"result of worker {worker.name!r}")
+    return json_response(doc)
 
 
 async def events(request: Request) -> Response:
-    _, worker = _worker(request)
+    agents, worker = _worker(request)
+    identity = identity_of(request)
+    if not identity.master:  # a key tails a worker it holds the lease of, or whose last turn was its own
+        lease = await agents.lease(worker.name) or {}
+        last_turn = (await agents.worker_doc(worker.name)).get("last_turn_id")
+        last = await agents.turn(worker.name, last_turn) if last_turn else None
+        if identity.owner not in (lease.get("identity"), (last or {}).get("identity")):
+            raise errors.NotFound(f"no events of worker {worker.name!r} for this key")
     after = query_int(request, "after", default=0)  # the last event seq the client has
     runtime = runtime_of(request)
     heartbeat = exec_config(runtime).heartbeat_s or runtime.config.server.heartbeat_s
@@ -257,7 +273,7 @@ async def turn(request: Request) -> Response:
     text = _text(body, "input")
     wait = _flag(body, "wait", False)
     timeout_s = _seconds(body, "timeout_s", worker.cfg.turn_timeout_s, worker.cfg.turn_timeout_s)
-    lease = await agents.holder(worker.name, lease_id, "run a turn")
+    lease = await _held(agents, request, worker, lease_id, "run a turn")
     handoff_id = handoff_id or lease.get("handoff_id") or None
     handoff = await agents.handoff(worker.name, handoff_id) if handoff_id else None
     if handoff_id and handoff is None:
@@ -270,7 +286,7 @@ async def turn(request: Request) -> Response:
     record = {"handoff_id": handoff_id, "lease_id": lease_id, "owner": lease.get("owner"), "input": text,
               **_who(request, caller)}
     doc, task = await agents.begin_turn(worker, record, text, timeout_s, base_url_of(request),
-                                        trace_headers(request.headers))
+                                        trace_headers(request.headers), identity_of(request))
     if wait:
         return json_response(await asyncio.shield(task))
     return json_response(doc, 202)
@@ -291,7 +307,7 @@ async def steer(request: Request) -> Response:
     text = _text(body, "input", required=True)
     actor = _id(body, "actor")
     _id(body, "handoff_id")
-    lease = await agents.holder(worker.name, lease_id, "steer it")
+    lease = await _held(agents, request, worker, lease_id, "steer it")
     live = _running(worker, "steer")
     assert text is not None
     turn_id = await worker.steer(live, text)
@@ -305,7 +321,7 @@ async def interrupt(request: Request) -> Response:
     agents, worker = _worker(request)
     body = await _body(request, {"lease_id"})
     lease_id = _id(body, "lease_id", required=True)
-    lease = await agents.holder(worker.name, lease_id, "interrupt it")
+    lease = await _held(agents, request, worker, lease_id, "interrupt it")
     live = _running(worker, "interrupt")
     task = worker.task
     worker.emit("turn.interrupt", turn_id=live.turn_id, owner=lease.get("owner"), **_who(request, caller))

@@ -22,7 +22,7 @@ from scillm_exec import exec_config, run_keys
 
 from scillm_agents.config import settings, workers
 from scillm_agents.worker import DIFF_INLINE, LiveTurn, Worker
-from scillm_core import Runtime, errors
+from scillm_core import MASTER, Identity, Job, Runtime, errors
 from scillm_core.redact import env_secrets
 from scillm_core.state import StateStore
 
@@ -174,11 +174,12 @@ class Agents:
     # -- turns -----------------------------------------------------------------------------------------------------
 
     async def begin_turn(self, worker: Worker, record: dict[str, Any], text: str, timeout_s: float,
-                         base_url: str, trace: Mapping[str, str] | None = None
+                         base_url: str, trace: Mapping[str, str] | None = None, identity: Identity = MASTER
                          ) -> tuple[dict[str, Any], asyncio.Task[dict[str, Any]]]:
         """Start a turn (the worker must be free); returns its running record and the task that stores its result.
         The turn is a unit of work inside the worker's run from before ``turn/start`` (so its first model call is
-        already made for it) until its result is stored."""
+        already made for it) until its result is stored; its model calls (the worker's key) are charged to, limited
+        as and logged under ``identity``."""
         if worker.busy.locked():
             running = worker.current.turn_id if worker.current else "starting"
             raise errors.Conflict(f"worker {worker.name!r} is running turn {running}; steer it, interrupt it, or "
@@ -189,8 +190,11 @@ class Agents:
             worker.turn_run = worker.unit(
                 f"agent turn {worker.name}", uuid.uuid4().hex[:12], trace, worker.run.unit if worker.run else None,
                 caller=record.get("caller"), owner=record.get("owner"), handoff_id=record.get("handoff_id"))
+            job = Job(kind="run", id=f"agent-{worker.name}", owner=identity.owner)  # named by its turn once known
+            self.keys.assign(worker.key, run_id=f"agent-{worker.name}", caller="agents", identity=identity, job=job)
             self.keys.set_unit(worker.key, worker.turn_run.unit)
             live = await worker.start_turn(text)
+            job.id = f"agent-{worker.name}/{live.turn_id}"
         except BaseException as exc:
             self._end_turn_run(worker, "failed", getattr(exc, "message", None) or type(exc).__name__)
             worker.busy.release()
@@ -200,7 +204,7 @@ class Agents:
         worker.emit("turn.requested", turn_id=live.turn_id, handoff_id=doc.get("handoff_id"), owner=doc.get("owner"),
                     input=text)
         recorded = asyncio.Event()   # the result is stored only after the running record (which may fail)
-        task = worker.task = asyncio.ensure_future(self._finish(worker, live, doc, timeout_s, recorded))
+        task = worker.task = asyncio.ensure_future(self._finish(worker, live, doc, timeout_s, recorded, job))
         self.finishing.add(task)
         task.add_done_callback(self.finishing.discard)
         try:
@@ -213,14 +217,15 @@ class Agents:
         return doc, task
 
     def _end_turn_run(self, worker: Worker, status: str, error: str | None, **attrs: Any) -> None:
-        """The turn's unit ends; the worker's model calls are its run's again."""
+        """The turn's unit ends; the worker's model calls are its run's (and the master's) again."""
+        self.keys.assign(worker.key, run_id=f"agent-{worker.name}", caller="agents")
         if worker.turn_run is not None:
             worker.turn_run.end(status, error, **attrs)
             worker.turn_run = None
             self.keys.set_unit(worker.key, worker.run.unit if worker.run else None)
 
     async def _finish(self, worker: Worker, live: LiveTurn, doc: dict[str, Any], timeout_s: float,
-                      recorded: asyncio.Event) -> dict[str, Any]:
+                      recorded: asyncio.Event, job: Job) -> dict[str, Any]:
         ended: tuple[str, str | None] = ("failed", "the turn's result could not be stored")
         try:
             await worker.wait_turn(live, timeout_s)
@@ -243,7 +248,7 @@ class Agents:
             diff_path = worker.dir / "turns" / f"{live.turn_id}.diff"
             await asyncio.get_running_loop().run_in_executor(self.io, _write, diff_path, patch)
             now = time.time()
-            result = {**doc, "status": status, "error": error,
+            result = {**doc, "status": status, "error": error, "cost_usd": job.cost_usd,
                       "final_text": live.messages[-1] if live.messages else "",
                       "turn_diff": live.diff, "diff": patch[:DIFF_INLINE], "diff_truncated": len(patch) > DIFF_INLINE,
                       "changed_paths": paths, "usage": live.usage, "completed_at": now,

@@ -33,8 +33,10 @@ from scillm_core import (
     caller_of,
     errors,
     hookimpl,
+    identity_of,
     json_response,
     read_json,
+    require_visible,
     runtime_of,
 )
 from scillm_core.events import trace_headers
@@ -43,7 +45,8 @@ from scillm_core.models.extensions import check_timeout, take_extensions
 __all__ = ["BatchConfig", "Lane", "PoolConfig"]
 
 #: Top-level request keys that are the batch's own, not chat parameters shared by the items.
-BATCH_KEYS = frozenset({"model_pool", "model", "batch_id", "items", "stream", "timeout", "concurrency"})
+BATCH_KEYS = frozenset({"model_pool", "model", "batch_id", "items", "stream", "timeout", "concurrency",
+                        "max_cost_usd"})
 
 
 @frozen(kw_only=True)
@@ -107,6 +110,11 @@ async def _spec(request: Request) -> tuple[BatchSpec, bool]:
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise errors.InvalidRequest("concurrency must be a positive integer @ $.concurrency", param="$.concurrency")
     timeout = check_timeout(body.get("timeout"), "$.timeout")
+    max_cost = body.get("max_cost_usd")
+    if max_cost is not None and (isinstance(max_cost, bool) or not isinstance(max_cost, int | float)
+                                 or not 0 < max_cost < 1e9):
+        raise errors.InvalidRequest("max_cost_usd must be a positive number of dollars @ $.max_cost_usd",
+                                    param="$.max_cost_usd")
     batch_id = body.get("batch_id")
     if batch_id is not None:
         batch_id = check_id(batch_id, "batch_id", "$.batch_id")
@@ -115,16 +123,19 @@ async def _spec(request: Request) -> tuple[BatchSpec, bool]:
     take_extensions(dict(shared), where="$")  # shared scillm fields (scillm_metadata ...) are checked once
     items = build_items(body.get("items"), shared, settings.max_items)
     await check_schemas(items, shared)
-    batch_id = batch_id or f"batch-{_short_hash(items)}"
+    identity = identity_of(request)
+    batch_id = batch_id or f"batch-{_short_hash(items, identity.owner)}"
     spec = BatchSpec(batch_id=batch_id, pool=pool, lanes=lanes, items=items, timeout_s=timeout,
-                     caller=caller_of(request), trace=trace_headers(request.headers))
+                     caller=caller_of(request), trace=trace_headers(request.headers), identity=identity,
+                     max_cost_usd=float(max_cost) if max_cost is not None else None)
     return spec, body.get("stream") is True
 
 
-def _short_hash(items: Any) -> str:
+def _short_hash(items: Any, owner: str) -> str:
+    """The default batch id: the items' hash, per owner (two keys submitting the same items get two batches)."""
     import hashlib
 
-    return hashlib.sha256(orjson.dumps([[i.item_id, i.body] for i in items], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(orjson.dumps([owner, [[i.item_id, i.body] for i in items]], option=orjson.OPT_SORT_KEYS)
                           ).hexdigest()[:16]
 
 
@@ -174,6 +185,7 @@ async def status(request: Request) -> Response:
     runtime = runtime_of(request)
     batch_id = request.path_params["batch_id"]
     batch = await runtime.store.get(BATCH_NS, batch_id)
+    require_visible(identity_of(request), batch.get("owner") if batch else None, f"batch {batch_id!r}")
     if batch is None:
         raise errors.NotFound(f"no batch {batch_id!r}")
     results = await runtime.store.scan(ITEM_NS + batch_id, limit=1_000_000)
@@ -188,6 +200,7 @@ async def events(request: Request) -> Response:
     runtime = runtime_of(request)
     batch_id = request.path_params["batch_id"]
     batch = await runtime.store.get(BATCH_NS, batch_id)
+    require_visible(identity_of(request), batch.get("owner") if batch else None, f"batch {batch_id!r}")
     if batch is None:
         raise errors.NotFound(f"no batch {batch_id!r}")
     after = request.query_params.get("after", "")

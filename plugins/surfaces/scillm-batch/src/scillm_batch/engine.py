@@ -21,11 +21,14 @@ import orjson
 from attrs import define, field, frozen
 
 from scillm_core import (
+    MASTER,
     CallContext,
     ChatRequest,
     ChatResponse,
     EmbeddingsRequest,
     EmbeddingsResponse,
+    Identity,
+    Job,
     Runtime,
     errors,
     run_chat,
@@ -81,6 +84,12 @@ class BatchSpec:
     caller: str | None
     kind: str = "chat"
     trace: Mapping[str, str] = field(factory=dict)  # the client's trace context (scillm_core.events.trace_headers)
+    identity: Identity = MASTER  # who submitted it: its calls are charged to and limited as that key
+    max_cost_usd: float | None = None  # what its calls may cost in total
+
+    def job(self) -> Job:
+        """The batch as the job its calls are made for (spend, ``max_cost_usd``)."""
+        return Job(kind="batch", id=self.batch_id, owner=self.identity.owner, max_cost_usd=self.max_cost_usd)
 
     @property
     def unit(self) -> str:
@@ -120,6 +129,11 @@ class Pending:
     refused: dict[str, str] = field(factory=dict)
     last_error: BaseException | None = None
     ticket: Any = None  # the worker's handle on the queue entry this item came from
+    cost_usd: float | None = 0.0  # what its attempts cost; None once one of them had no known price
+
+    def add_cost(self, ctx: CallContext) -> None:
+        cost = ctx.notes.get("cost_usd", 0.0 if "cost_usd" in ctx.notes else None)
+        self.cost_usd = None if cost is None or self.cost_usd is None else self.cost_usd + cost
 
 
 Emit = Callable[[str, Mapping[str, Any]], Awaitable[None]]
@@ -190,9 +204,13 @@ async def _follow(spec: BatchSpec, runtime: Runtime, emit: Emit, run: int, start
             with contextlib.suppress(Exception):
                 await _cancel(runtime, spec.batch_id, run)
         raise
+    costs = [r.get("cost_usd") for r in follower.results]
     summary = {"batch_id": spec.batch_id, "model_pool": spec.pool, "total": follower.total,
                "completed": follower.completed, "failed": follower.failed,
-               "elapsed_s": round(time.time() - started, 3), "lanes": follower.lane_totals()}
+               "not_run": sum(1 for r in follower.results if r.get("not_run")),
+               "cost_usd": None if None in costs else round(sum(c for c in costs if c is not None), 9),
+               "max_cost_usd": spec.max_cost_usd, "elapsed_s": round(time.time() - started, 3),
+               "lanes": follower.lane_totals()}
     await emit("batch_done", summary)
     return {**summary, "results": follower.results, "ordered": False, "completion_order": "as_completed"}
 
@@ -203,6 +221,8 @@ async def _new_run(spec: BatchSpec, runtime: Runtime, started: float) -> int:
     store = runtime.store
     while True:
         stored = await store.get(BATCH_NS, spec.batch_id)
+        if stored is not None and not spec.identity.can_see(stored.get("owner")):
+            raise errors.Conflict(f"batch_id {spec.batch_id!r} is taken; use another batch_id", param="batch_id")
         if stored is not None and stored.get("fingerprint") != spec.fingerprint:
             raise errors.Conflict(f"batch_id {spec.batch_id!r} is bound to a different item set; use a new batch_id",
                                   param="batch_id")
@@ -212,7 +232,9 @@ async def _new_run(spec: BatchSpec, runtime: Runtime, started: float) -> int:
                "lane_specs": [unstructure(lane) for lane in spec.lanes], "timeout_s": spec.timeout_s,
                "caller": spec.caller, "kind": spec.kind, "trace": dict(spec.trace),
                "created": (stored or {}).get("created", started), "run": run, "run_started": started,
-               "cancelled_run": (stored or {}).get("cancelled_run", 0)}
+               "cancelled_run": (stored or {}).get("cancelled_run", 0),
+               # the master key resuming a key's batch leaves it (and its spend) that key's
+               "owner": (stored or {}).get("owner", spec.identity.owner), "max_cost_usd": spec.max_cost_usd}
         if await store.compare_and_set(BATCH_NS, spec.batch_id, stored, doc):
             return run
 
@@ -298,11 +320,15 @@ def _deadline(item: BatchItem, spec: BatchSpec, started: float) -> float:
 
 async def _dispatch(work: deque[Pending], lanes: list[LaneState], spec: BatchSpec, runtime: Runtime,
                     finish: Callable[[Pending, dict[str, Any]], Awaitable[None]],
-                    changed: asyncio.Event | None = None) -> None:
+                    changed: asyncio.Event | None = None, job: Job | None = None) -> None:
     """Assign an item to a lane only when that lane has a free slot and is not paused, choosing the lane that
     is furthest below its weighted share; a rate-limited item goes back to the front of the queue. Items added
-    to ``work`` while it runs are taken too (set ``changed`` after adding)."""
+    to ``work`` while it runs are taken too (set ``changed`` after adding). Once a budget that will not come back
+    in time (the batch's ``max_cost_usd``, a key's or team's dollars) refuses an item, no further item is started:
+    each one left gets a ``not_run`` result saying why."""
+    job = job or spec.job()
     running: set[asyncio.Task[None]] = set()
+    halted: list[errors.BudgetExceeded] = []
     changed = changed or asyncio.Event()
     active = 0  # attempts not yet fully handled (the task set lags: done callbacks run later)
 
@@ -310,11 +336,14 @@ async def _dispatch(work: deque[Pending], lanes: list[LaneState], spec: BatchSpe
         nonlocal active
         try:
             try:
-                outcome = await _try_once(pending, state, spec, runtime)
+                outcome = await _try_once(pending, state, spec, runtime, job)
             except asyncio.CancelledError:
                 raise
+            except errors.BudgetExceeded as exc:
+                outcome = _not_run(pending, exc)
+                halted.append(exc)
             except Exception as exc:  # never lose an item, whatever happened
-                outcome = _failure(pending.item, exc, state.lane)
+                outcome = _failure(pending.item, exc, state.lane, cost_usd=pending.cost_usd)
             finally:
                 state.in_flight -= 1
             if outcome is None:
@@ -327,6 +356,12 @@ async def _dispatch(work: deque[Pending], lanes: list[LaneState], spec: BatchSpe
 
     try:
         while work or active:
+            if halted:
+                while work:
+                    pending = work.popleft()
+                    await finish(pending, _not_run(pending, halted[0]))
+                if not active:
+                    break
             now = time.monotonic()
             free = [s for s in lanes if s.in_flight < s.lane.max_concurrency and s.paused_until <= now]
             chosen: tuple[Pending, LaneState] | None = None
@@ -337,13 +372,14 @@ async def _dispatch(work: deque[Pending], lanes: list[LaneState], spec: BatchSpe
                     await finish(pending, _failure(pending.item, pending.last_error, None,
                                                    f"deadline reached after {pending.attempts} attempts"
                                           + (f"; last error: {_message(pending.last_error)}"
-                                             if pending.last_error else "")))
+                                             if pending.last_error else ""), cost_usd=pending.cost_usd))
                     continue
                 if len(pending.refused) == len(lanes):
                     work.popleft()
                     reasons = "; ".join(f"{name}: {why}" for name, why in pending.refused.items())
                     await finish(pending, _failure(pending.item, pending.last_error, None,
-                                                   f"every lane refused this item ({reasons})"))
+                                                   f"every lane refused this item ({reasons})",
+                                                   cost_usd=pending.cost_usd))
                     continue
                 usable = [s for s in free if s.lane.label not in pending.refused]
                 if usable:
@@ -380,34 +416,39 @@ async def _dispatch(work: deque[Pending], lanes: list[LaneState], spec: BatchSpe
             await asyncio.gather(*running, return_exceptions=True)
 
 
-async def _try_once(pending: Pending, state: LaneState, spec: BatchSpec,
-                    runtime: Runtime) -> dict[str, Any] | None:
-    """One call on one lane: a result, or ``None`` to put the item back in the queue."""
+async def _try_once(pending: Pending, state: LaneState, spec: BatchSpec, runtime: Runtime,
+                    job: Job) -> dict[str, Any] | None:
+    """One call on one lane: a result, or ``None`` to put the item back in the queue. Raises
+    :class:`~scillm_core.errors.BudgetExceeded` when a budget refused the item for longer than it can wait."""
     pending.attempts += 1
     started = time.monotonic()
     try:
-        served = await _call(pending.item, state.lane, spec, runtime, pending.deadline)
-    except errors.UpstreamRateLimited as exc:
+        served = await _call(pending, state.lane, spec, runtime, job)
+    except (errors.UpstreamRateLimited, errors.LimitExceeded) as exc:
+        wait = exc.retry_after_s
+        if isinstance(exc, errors.BudgetExceeded) and (wait is None or time.monotonic() + wait >= pending.deadline):
+            raise  # this budget will not come back before the deadline: stop admitting items
         pending.last_error = exc
         state.rate_limited += 1
-        pause = exc.retry_after_s if exc.retry_after_s else state.backoff_s
+        pause = wait if wait else state.backoff_s
         state.backoff_s = min(state.backoff_s * 2, 30.0)
         state.paused_until = max(state.paused_until, time.monotonic() + pause)
         return None
     except errors.ScillmError as exc:
         pending.last_error = exc
         if isinstance(exc, errors.RequestError | errors.UpstreamBadRequest):
-            return _failure(pending.item, exc, state.lane)  # the item itself is bad: no lane will take it
+            return _failure(pending.item, exc, state.lane, cost_usd=pending.cost_usd)  # a bad item: no lane takes it
         if not exc.retryable or pending.attempts >= 3 * len(spec.lanes):
             pending.refused[state.lane.label] = _message(exc)
         return None
     state.served += 1
     state.backoff_s = 1.0
-    return _success(pending.item, state.lane, served, time.monotonic() - started)
+    return _success(pending, state.lane, served, time.monotonic() - started)
 
 
-async def _call(item: BatchItem, lane: Lane, spec: BatchSpec, runtime: Runtime,
-                deadline: float) -> tuple[ChatResponse | EmbeddingsResponse, CallContext]:
+async def _call(pending: Pending, lane: Lane, spec: BatchSpec, runtime: Runtime,
+                job: Job) -> tuple[ChatResponse | EmbeddingsResponse, CallContext]:
+    item, deadline = pending.item, pending.deadline
     body = dict(item.body)
     body["model"] = lane.model
     extensions = take_extensions(body)  # checked at submission
@@ -416,36 +457,47 @@ async def _call(item: BatchItem, lane: Lane, spec: BatchSpec, runtime: Runtime,
     remaining = deadline - time.monotonic()
     timeout = min(t for t in (remaining, lane.timeout_s, extensions.get("timeout")) if t is not None)
     body["scillm"] = {**extensions, "scillm_metadata": metadata, "timeout": timeout}
-    ctx = CallContext(runtime=runtime, caller=spec.caller or "scillm-batch",
+    ctx = CallContext(runtime=runtime, caller=spec.caller or "scillm-batch", identity=spec.identity, job=job,
                       deadline=time.monotonic() + max(timeout, 0.001), parent=spec.item_unit(item))
     ctx.notes["batch"] = metadata
     what = f"batch item {item.item_id!r}"
-    if spec.kind == "embeddings":
-        body.pop("stream", None)
-        return await run_embeddings(structure(body, EmbeddingsRequest, what=what), ctx), ctx
-    body["stream"] = False
-    result = await run_chat(structure(body, ChatRequest, what=what), ctx)
+    try:
+        if spec.kind == "embeddings":
+            body.pop("stream", None)
+            return await run_embeddings(structure(body, EmbeddingsRequest, what=what), ctx), ctx
+        body["stream"] = False
+        result = await run_chat(structure(body, ChatRequest, what=what), ctx)
+    finally:
+        pending.add_cost(ctx)
     assert isinstance(result, ChatResponse)
     return result, ctx
 
 
-def _success(item: BatchItem, lane: Lane, served: tuple[ChatResponse | EmbeddingsResponse, CallContext],
+def _success(pending: Pending, lane: Lane, served: tuple[ChatResponse | EmbeddingsResponse, CallContext],
              latency_s: float) -> dict[str, Any]:
     response, ctx = served
-    route = ctx.route
+    route, item = ctx.route, pending.item
     result = {"ok": True, "item_id": item.item_id, "index": item.index, "lane": lane.label,
               "provider": route.provider if route else None, "model": lane.model, "served_model": response.model}
     if isinstance(response, ChatResponse):
         result["content"] = response.text
-    return {**result, "response": unstructure(response), "latency_s": round(latency_s, 3)}
+    return {**result, "response": unstructure(response), "cost_usd": pending.cost_usd,
+            "latency_s": round(latency_s, 3)}
 
 
-def _failure(item: BatchItem, exc: BaseException | None, lane: Lane | None, why: str | None = None) -> dict[str, Any]:
+def _not_run(pending: Pending, exc: errors.BudgetExceeded) -> dict[str, Any]:
+    """An item no provider was asked about because a budget ran out: says which, and that it was never run."""
+    return {**_failure(pending.item, exc, None, f"not run: {exc.message}", cost_usd=pending.cost_usd),
+            "not_run": True}
+
+
+def _failure(item: BatchItem, exc: BaseException | None, lane: Lane | None, why: str | None = None,
+             cost_usd: float | None = 0.0) -> dict[str, Any]:
     status = exc.status if isinstance(exc, errors.ScillmError) else 500
     code = getattr(exc, "code", None) if isinstance(exc, errors.ScillmError) else "internal_error"
     message = why or _message(exc)
     return {"ok": False, "item_id": item.item_id, "index": item.index, "lane": lane.label if lane else None,
-            "error": message, "error_code": code, "status_code": status}
+            "error": message, "error_code": code, "status_code": status, "cost_usd": cost_usd}
 
 
 def _message(exc: BaseException | None) -> str:

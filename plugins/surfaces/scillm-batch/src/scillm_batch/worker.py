@@ -43,11 +43,13 @@ from scillm_batch.engine import (
     Pending,
     _deadline,
     _dispatch,
+    _failure,
     _storable,
     _unstored,
 )
-from scillm_core import Runtime, structure
+from scillm_core import Identity, Job, Runtime, errors, structure
 from scillm_core.errors import StateUnavailable
+from scillm_core.identity import owner_identity
 from scillm_core.state import Change
 
 __all__ = ["QUEUE", "GroupCommit", "Worker", "events_ns"]
@@ -87,10 +89,12 @@ class LocalRun:
     spec: BatchSpec
     doc: dict[str, Any]
     lanes: list[LaneState]
+    job: Job
     work: deque[Pending] = field(factory=deque)
     changed: asyncio.Event = field(factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     checked: float = 0.0  # when the doc was read or the dispatcher last went idle
+    refusal: errors.ScillmError | None = None  # why none of its items may run (its key was revoked or expired)
 
 
 class GroupCommit:
@@ -268,6 +272,9 @@ class Worker:
             ticket = Ticket(t.entry_id, t.batch_id, t.run, t.item_id, leases[t.entry_id], stored[t.entry_id])
             self.held[t.entry_id] = ticket
             item = BatchItem(index=int(t.entry.get("index", 0)), item_id=t.item_id, body=t.entry.get("body") or {})
+            if run.refusal is not None:  # never sent: the key that submitted it may no longer call anything
+                await self._finish(run, ticket, _failure(item, run.refusal, None, f"not run: {run.refusal.message}"))
+                continue
             started = time.monotonic() - (time.time() - float(run.doc.get("run_started", time.time())))
             run.work.append(Pending(item, _deadline(item, run.spec, started), ticket=ticket))
             run.changed.set()
@@ -309,13 +316,22 @@ class Worker:
         if doc is None:
             return None
         lanes = tuple(structure(lane, Lane, what="stored lane") for lane in doc.get("lane_specs") or ())
+        refusal = None
+        try:  # who the items are charged to and limited as: the key that submitted the batch, as it is now
+            identity = await owner_identity(self.runtime, doc.get("owner"))
+        except errors.ScillmError as exc:
+            identity, refusal = Identity(owner=str(doc.get("owner"))), exc
         spec = BatchSpec(batch_id=batch_id, pool=doc.get("pool", ""), lanes=lanes, items=(),
                          timeout_s=doc.get("timeout_s"), caller=doc.get("caller"), kind=doc.get("kind", "chat"),
-                         trace=doc.get("trace") or {})
+                         trace=doc.get("trace") or {}, identity=identity, max_cost_usd=doc.get("max_cost_usd"))
         if run is None:
-            run = self.runs[batch_id] = LocalRun(spec=spec, doc=doc, lanes=[LaneState(lane) for lane in lanes])
+            run = self.runs[batch_id] = LocalRun(spec=spec, doc=doc, lanes=[LaneState(lane) for lane in lanes],
+                                                 job=spec.job())
         else:
             run.spec, run.doc = spec, doc
+            if (run.job.owner, run.job.max_cost_usd) != (spec.identity.owner, spec.max_cost_usd):
+                run.job = spec.job()
+        run.refusal = refusal
         run.checked = time.monotonic()
         return run
 
@@ -324,7 +340,7 @@ class Worker:
             await self._finish(run, pending.ticket, result)
 
         try:
-            await _dispatch(run.work, run.lanes, run.spec, self.runtime, finish, run.changed)
+            await _dispatch(run.work, run.lanes, run.spec, self.runtime, finish, run.changed, run.job)
         finally:
             run.checked = time.monotonic()
 

@@ -8,7 +8,6 @@ as it sent it; other upstreams get a translation (``x-scillm-dialect`` says whic
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -24,14 +23,13 @@ from scillm_core import (
     OpeningStream,
     Runtime,
     SurfaceRegistry,
-    caller_of,
+    call_context,
     errors,
     hookimpl,
     json_response,
     open_stream,
     parse_json,
     read_body,
-    request_id_of,
     run_chat,
     runtime_of,
     served_headers,
@@ -43,7 +41,6 @@ from scillm_core import (
     with_native,
 )
 from scillm_core.builtin.routing import model_catalog
-from scillm_core.events import PARENT_SCOPE_KEY
 from scillm_core.models.extensions import EXTENSION_FIELDS, take_extensions
 from scillm_core.models.native import native_request
 
@@ -78,18 +75,11 @@ def parse_chat_request(body: Any, raw: bytes | None = None, headers: Mapping[str
     return request
 
 
-def context_for(request: Request, chat: ChatRequest) -> CallContext:
-    timeout = chat.scillm.get("timeout")
-    return CallContext(runtime=runtime_of(request), request_id=request_id_of(request), caller=caller_of(request),
-                       headers=request.headers, deadline=time.monotonic() + timeout if timeout else None,
-                       parent=request.scope.get(PARENT_SCOPE_KEY))
-
-
 async def chat_completions(request: Request) -> Response:
     runtime = runtime_of(request)
     raw = await read_body(request, limit_bytes=int(runtime.config.server.max_body_mb * 1024 * 1024))
     chat = parse_chat_request(parse_json(raw), raw if runtime.config.server.passthrough else None, request.headers)
-    ctx = context_for(request, chat)
+    ctx = call_context(request, timeout_s=chat.scillm.get("timeout"))
     if chat.stream:
         return await _stream(chat, ctx, runtime.config.server.heartbeat_s)
     result = await run_chat(chat, ctx)

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 from scillm_chat import EXTENSION_FIELDS as CHAT_FIELDS
-from scillm_chat import context_for, served_headers, take_extensions
+from scillm_chat import take_extensions
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -22,12 +22,14 @@ from scillm_core import (
     EmbeddingsUsage,
     Runtime,
     SurfaceRegistry,
+    call_context,
     errors,
     hookimpl,
     json_response,
     read_json,
     run_embeddings,
     runtime_of,
+    served_headers,
     structure,
     unstructure,
 )
@@ -64,7 +66,7 @@ async def embeddings(request: Request) -> Response:
     runtime = runtime_of(request)
     body = await read_json(request, limit_bytes=int(runtime.config.server.max_body_mb * 1024 * 1024))
     embed = parse_embeddings_request(body)
-    ctx = context_for(request, embed)  # type: ignore[arg-type]  # reads only .scillm
+    ctx = call_context(request, timeout_s=embed.scillm.get("timeout"))
     result = await run_embeddings(embed, ctx)
     if result.usage is None:  # the OpenAI shape always has usage; some upstreams report none
         result = attrs.evolve(result, usage=EmbeddingsUsage())

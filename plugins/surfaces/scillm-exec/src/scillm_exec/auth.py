@@ -1,13 +1,15 @@
 """Short-lived keys that stand in for the server's key: a CLI child talks back to scillm with a ``sk-scillm-run-…``
 key that is valid only while its run is live and only on model routes; a person's browser reads one run with a
-``sk-scillm-view-…`` key valid only on that run's read routes. This middleware (ahead of the auth plugin) checks
-the key's grant and swaps it for the server's own key inside the request scope, so the master key never leaves
+``sk-scillm-view-…`` key valid only on that run's read routes. This middleware (ahead of the key and auth layers)
+checks the key's grant and authenticates the request as the identity of the key that started the run
+(``scope["scillm.identity"]``) with the run as the calls' job (``scope["scillm.job"]``): a run's model calls are
+charged to, limited as and logged under that key, it sees only what that key sees, and the master key never leaves
 the server process.
 
 A long-lived child that serves many runs (``opencode serve``) gets one key whose calls are attributed per
 session: each run binds its session id, and a call is accepted only when its ``x-session-id`` (or
-``x-parent-session-id``, for a subagent) belongs to a live run; the call is then attributed to that run and its
-caller.
+``x-parent-session-id``, for a subagent) belongs to a live run; the call is then attributed to that run, its
+caller and the identity that started it.
 
 Every call made with a key names the unit of work it is made for (``scillm_core.events.PARENT_SCOPE_KEY``), so that
 events, the dashboard and traces put it under that unit: ``run:<run_id>`` unless the grant (or the session binding)
@@ -22,13 +24,13 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from scillm_core import errors, send_error
+from scillm_core import MASTER, Identity, Job, errors, send_error
 from scillm_core.events import PARENT_SCOPE_KEY
 
 if TYPE_CHECKING:
@@ -40,7 +42,6 @@ __all__ = ["Grant", "KEY_PREFIXES", "MODEL_ROUTES", "RUN_KEY_PREFIX", "RunKeyMid
 RUN_KEY_PREFIX = "sk-scillm-run-"     # model calls of a run's child
 VIEW_KEY_PREFIX = "sk-scillm-view-"   # read-only access to one run (the monitor page)
 KEY_PREFIXES = (RUN_KEY_PREFIX, VIEW_KEY_PREFIX)  # what this table mints (other sk-scillm- keys pass through)
-DEV_KEY = "sk-dev-proxy-123"  # SPEC, Auth: the loopback-only key when SCILLM_MASTER_KEY is unset
 #: the only routes a run key opens (exact paths: a suffix match let it reach /v1/scillm/opencode-go/models)
 MODEL_ROUTES = frozenset({"/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens",
                           "/v1/models"})
@@ -50,6 +51,10 @@ _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 def model_routes_only(method: str, path: str) -> bool:
     return path.rstrip("/") in MODEL_ROUTES
+
+
+#: what a call made with a key is attributed to: ``(run_id, caller, identity, job, unit)``
+Attribution = tuple[str, str | None, Identity, Job | None, str | None]
 
 
 @define
@@ -63,11 +68,13 @@ class Grant:
     #: what a refused route is told
     refusal: str = "a run key may call model routes only"
     expires_at: float | None = None
-    #: the authenticated identity that started the run (for per-key isolation and spend)
-    owner: str | None = None
+    #: the identity that started the run: its calls are authenticated, isolated, limited and charged as that key
+    identity: Identity = MASTER
+    #: the run as the job its calls are made for (spend, ``max_cost_usd``), if the surface tracks one
+    job: Job | None = None
     #: ``None``: every call is the grant's run. A dict: calls are attributed by session id to
-    #: ``(run_id, caller, owner, unit)``
-    sessions: dict[str, tuple[str, str | None, str | None, str | None]] | None = None
+    #: ``(run_id, caller, identity, job, unit)``
+    sessions: dict[str, Attribution] | None = None
     #: the unit of work the key's calls are made for (events, traces); ``None``: ``run:<run_id>``
     unit: str | None = None
     children: dict[str, str] = field(factory=dict)  # subagent session -> the bound session it belongs to
@@ -80,19 +87,27 @@ class RunKeys:
 
     def mint(self, run_id: str, caller: str | None, *, prefix: str = RUN_KEY_PREFIX,
              allow: Callable[[str, str], bool] = model_routes_only, refusal: str | None = None,
-             ttl_s: float | None = None, owner: str | None = None, per_session: bool = False,
-             unit: str | None = None) -> str:
+             ttl_s: float | None = None, identity: Identity = MASTER, job: Job | None = None,
+             per_session: bool = False, unit: str | None = None) -> str:
         """A new key for ``run_id``; valid until :meth:`revoke` (or ``ttl_s`` seconds)."""
         if prefix not in KEY_PREFIXES:
             raise ValueError(f"key prefix must be one of {KEY_PREFIXES}")
         key = prefix + secrets.token_urlsafe(24)
-        grant = Grant(run_id=run_id, caller=caller, allow=allow, owner=owner,
+        grant = Grant(run_id=run_id, caller=caller, allow=allow, identity=identity, job=job,
                       expires_at=None if ttl_s is None else self.clock() + ttl_s,
                       sessions={} if per_session else None, unit=unit)
         if refusal:
             grant.refusal = refusal
         self._live[key] = grant
         return key
+
+    def assign(self, key: str | None, *, run_id: str, caller: str | None, identity: Identity = MASTER,
+               job: Job | None = None) -> None:
+        """Attribute a live key's calls from now on to another run (a standing worker's process serves one turn at
+        a time, each for the key that asked for it)."""
+        grant = self._live.get(key) if key else None
+        if grant is not None:
+            grant.run_id, grant.caller, grant.identity, grant.job = run_id, caller, identity, job
 
     def revoke(self, key: str | None) -> None:
         if key:
@@ -112,13 +127,13 @@ class RunKeys:
             grant.unit = unit
 
     def bind_session(self, key: str, session_id: str, run_id: str, caller: str | None,
-                     owner: str | None = None, unit: str | None = None) -> None:
+                     identity: Identity = MASTER, job: Job | None = None, unit: str | None = None) -> None:
         """Attribute the calls a per-session key makes for ``session_id`` to ``run_id``, its caller, the identity
-        that started it and the unit of work they are made for (until unbound)."""
+        that started it, the run as their job and the unit of work they are made for (until unbound)."""
         grant = self._live.get(key)
         if grant is None or grant.sessions is None:
             raise KeyError("not a live per-session key")
-        grant.sessions[session_id] = (run_id, caller, owner, unit)
+        grant.sessions[session_id] = (run_id, caller, identity, job, unit)
 
     def bind_child(self, key: str, child_id: str, parent_id: str) -> None:
         """A subagent session (``child_id``) belongs to the run of its bound parent session."""
@@ -133,12 +148,11 @@ class RunKeys:
             for child in [c for c, p in grant.children.items() if p == session_id or c == session_id]:
                 grant.children.pop(child, None)
 
-    def attribute(self, grant: Grant, headers: list[tuple[bytes, bytes]]
-                  ) -> tuple[str, str | None, str | None, str | None] | None:
-        """``(run_id, caller, owner, unit)`` of the run a call made with ``grant`` belongs to; ``None`` when a
-        per-session key names no live session."""
+    def attribute(self, grant: Grant, headers: list[tuple[bytes, bytes]]) -> Attribution | None:
+        """``(run_id, caller, identity, job, unit)`` of the run a call made with ``grant`` belongs to; ``None`` when
+        a per-session key names no live session."""
         if grant.sessions is None:
-            return grant.run_id, grant.caller, grant.owner, grant.unit
+            return grant.run_id, grant.caller, grant.identity, grant.job, grant.unit
         for name in SESSION_HEADERS:
             for key, value in headers:
                 if key != name:
@@ -165,7 +179,7 @@ def add_run_key_middleware(middleware: MiddlewareRegistry, runtime: Runtime) -> 
         return
     runtime.plugin_state["run-keys-middleware"] = True
     keys = run_keys(runtime)
-    middleware.add(lambda app: RunKeyMiddleware(app, keys, runtime.env), order=5, name="run-keys")
+    middleware.add(lambda app: RunKeyMiddleware(app, keys), order=5, name="run-keys")
 
 
 def _token(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -180,10 +194,9 @@ def _token(headers: list[tuple[bytes, bytes]]) -> str | None:
 
 
 class RunKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: RunKeys, env: Mapping[str, str]) -> None:
+    def __init__(self, app: ASGIApp, keys: RunKeys) -> None:
         self.app = app
         self.keys = keys
-        self.server_key = (env.get("SCILLM_MASTER_KEY") or DEV_KEY).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -204,16 +217,16 @@ class RunKeyMiddleware:
         if found is None:
             await send_error(send, errors.PermissionDenied("no live run owns this session (x-session-id)"))
             return
-        run_id, caller, owner, unit = found
+        run_id, caller, identity, job, unit = found
         headers: list[tuple[bytes, bytes]] = [
             (k, v) for k, v in scope["headers"] if k not in (b"authorization", b"x-api-key", b"x-scillm-exec-run")]
-        headers.append((b"authorization", b"Bearer " + self.server_key))
         headers.append((b"x-scillm-exec-run", run_id.encode()))
         if not any(k == b"x-caller-skill" for k, _ in headers):
             headers.append((b"x-caller-skill", f"{caller or 'exec'}/{run_id}".encode()))
         inner: dict[str, Any] = dict(scope)
         inner["headers"] = headers
         inner[PARENT_SCOPE_KEY] = unit or f"run:{run_id}"  # the unit the call is made for (events, traces)
-        if owner is not None:
-            inner["scillm.run_owner"] = owner  # who started the run (for per-key limits and spend)
+        inner["scillm.identity"] = identity
+        if job is not None:
+            inner["scillm.job"] = job
         await self.app(inner, receive, send)

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import orjson
 
-from scillm_core import Runtime, errors, schemas
+from scillm_core import MASTER, Identity, Job, Runtime, errors, require_visible, schemas
 from scillm_core.jsonio import loads
 from scillm_core.redact import redact
 from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
@@ -29,7 +29,7 @@ __all__ = ["ExecManager", "RUN_ID", "check_cwd", "find_cycle", "parse_final_json
 RUN_ID = re.compile(r"^run_[0-9a-f]{32}$")
 TERMINAL = ("completed", "failed", "timeout", "cancelled", "skipped")
 SPEC_KEYS = {"profile", "prompt", "cwd", "sandbox", "model", "timeout_s", "idle_timeout_s", "output_schema",
-             "metadata"}
+             "metadata", "max_cost_usd"}
 STORE_NS = "exec.runs"
 
 
@@ -79,6 +79,10 @@ async def spec_from_body(body: Any, runtime: Runtime, *, where: str = "$",
     schema = body.get("output_schema")
     if schema is not None:  # metaschema, references resolvable inside it, nothing fetched: else a 400 naming where
         await schemas.check_schema_async(schema, f"{where}.output_schema")
+    max_cost = body.get("max_cost_usd")
+    if max_cost is not None and (isinstance(max_cost, bool) or not isinstance(max_cost, (int, float))
+                                 or not 0 < max_cost < 1e9):
+        raise _bad("max_cost_usd must be a positive number of dollars", f"{where}.max_cost_usd")
     metadata = body.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise _bad("metadata must be an object", f"{where}.metadata")
@@ -89,7 +93,7 @@ async def spec_from_body(body: Any, runtime: Runtime, *, where: str = "$",
         cwd = str(check_cwd(cwd, runtime, f"{where}.cwd"))
     return SessionSpec(profile=profile, prompt=prompt, cwd=cwd, sandbox=sandbox, model=model,
                        timeout_s=timeout_s or cfg.default_timeout_s, idle_timeout_s=idle, output_schema=schema,
-                       metadata=metadata)
+                       metadata=metadata, max_cost_usd=float(max_cost) if max_cost is not None else None)
 
 
 def check_cwd(cwd: str, runtime: Runtime, param: str) -> Path:
@@ -150,6 +154,8 @@ class Run:
     @property
     def unit(self) -> str:
         return f"run:{self.run_id}"
+    identity: Identity = MASTER  # who started the run: its calls are charged to and limited as that key
+    job: Job | None = None
 
 
 class ExecManager:
@@ -173,15 +179,18 @@ class ExecManager:
 
     async def start(self, spec: SessionSpec, *, caller: str | None, base_url: str | None,
                     slots: asyncio.Semaphore | None = None, parent: str | None = None,
-                    trace: Mapping[str, str] | None = None) -> Run:
-        """Start a run; its record is in the state store when this returns (so any instance can read it), its
-        events are copied there as they come and a cancel request from any instance reaches it."""
+                    trace: Mapping[str, str] | None = None, identity: Identity = MASTER) -> Run:
+        """Start a run owned by ``identity`` (its model calls are charged to that key, as the run's job); its record
+        is in the state store when this returns (so any instance can read it), its events are copied there as they
+        come and a cancel request from any instance reaches it."""
         run_id = "run_" + uuid.uuid4().hex
         run_dir = self.runs_dir / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         events = EventLog(run_dir / "events.jsonl")
         run = Run(run_id=run_id, spec=spec, caller=caller, run_dir=run_dir, parent=parent, trace=dict(trace or {}),
-                  events=events)
+                  events=events, identity=identity)
+        run.job = Job(kind="run", id=run_id, owner=identity.owner, max_cost_usd=spec.max_cost_usd,
+                      on_exceeded=lambda reason: run.task.cancel() if run.task is not None else None)
         self.runs[run_id] = run
         self._write_status(run)
         await self.record(run)
@@ -206,9 +215,12 @@ class ExecManager:
                 "stderr": str(d / "stderr.log"), "status": str(d / "status.json"), "result": str(d / "result.json")}
 
     def _status_doc(self, run: Run) -> dict[str, Any]:
+        job = run.job
         return {"run_id": run.run_id, "status": run.status, "profile": run.spec.profile, "caller": run.caller,
-                "cwd": run.spec.cwd, "sandbox": run.spec.sandbox, "model": run.spec.model,
+                "owner": run.identity.owner, "cwd": run.spec.cwd, "sandbox": run.spec.sandbox, "model": run.spec.model,
                 "timeout_s": run.spec.timeout_s, "idle_timeout_s": run.spec.idle_timeout_s,
+                "max_cost_usd": run.spec.max_cost_usd, "cost_usd": job.cost_usd if job else None,
+                "unpriced_calls": job.unpriced_calls if job else 0,
                 "created_at": run.created_at, "started_at": run.started_at, "updated_at": time.time(),
                 "instance": self.runtime.instance_id}
 
@@ -231,9 +243,10 @@ class ExecManager:
                 run.status, run.started_at = "running", time.time()
                 self._write_status(run)
                 await self.record(run)
-                run.key = self.keys.mint(run.run_id, run.caller)
+                run.key = self.keys.mint(run.run_id, run.caller, identity=run.identity, job=run.job)
                 ctx = SessionContext(runtime=self.runtime, run_id=run.run_id, run_dir=run.run_dir,
-                                     caller=run.caller, base_url=base_url, api_key=run.key)
+                                     caller=run.caller, base_url=base_url, api_key=run.key, identity=run.identity,
+                                     job=run.job)
                 ctx.emit = self._emitter(run)
                 thunk = self.runtime.hooks.run_session(spec, ctx)
                 if thunk is None:
@@ -248,7 +261,9 @@ class ExecManager:
                         outcome = SessionResult(run_id=run.run_id, status="timeout",
                                                 error=f"run exceeded timeout_s={spec.timeout_s:g}")
         except asyncio.CancelledError:
-            outcome = SessionResult(run_id=run.run_id, status="cancelled", error="cancelled")
+            stopped = run.job.exceeded if run.job is not None else None
+            outcome = (SessionResult(run_id=run.run_id, status="failed", error=f"stopped: {stopped}") if stopped
+                       else SessionResult(run_id=run.run_id, status="cancelled", error="cancelled"))
         except errors.ScillmError as exc:
             outcome = SessionResult(run_id=run.run_id, status="failed", error=str(exc))
         except Exception as exc:  # a runner bug must not lose the run's record
@@ -297,8 +312,11 @@ class ExecManager:
                 parsed = loads(text)
         for name in ("events.jsonl", "stdout.log", "stderr.log"):
             (run.run_dir / name).touch()
+        job = run.job
         result = {"run_id": run.run_id, "status": status, "exit_code": outcome.exit_code, "final_text": text,
                   "result": parsed, "error": error, "profile": run.spec.profile, "caller": run.caller,
+                  "owner": run.identity.owner, "cost_usd": job.cost_usd if job else None,
+                  "unpriced_calls": job.unpriced_calls if job else 0, "max_cost_usd": run.spec.max_cost_usd,
                   "duration_s": round(duration_s, 3), "artifacts": self.artifacts(run)}
         run.status, run.result = status, result
         _write_json(run.run_dir / "result.json", result)
@@ -334,6 +352,12 @@ class ExecManager:
         while doc.get("status") not in TERMINAL and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
             doc = await self.load(run_id)
+        return doc
+
+    async def load_for(self, run_id: str, identity: Identity) -> dict[str, Any]:
+        """:meth:`load` for a caller: 404 as well when the run belongs to another key."""
+        doc = await self.load(run_id)
+        require_visible(identity, doc.get("owner"), f"run {run_id!r}")
         return doc
 
     async def load(self, run_id: str) -> dict[str, Any]:
@@ -421,13 +445,14 @@ class ExecManager:
 
     async def run_graph(self, nodes: list[tuple[str, SessionSpec, list[str]]], limit: int, *,
                         caller: str | None, base_url: str | None,
-                        trace: Mapping[str, str] | None = None) -> dict[str, Any]:
+                        trace: Mapping[str, str] | None = None, identity: Identity = MASTER) -> dict[str, Any]:
         graph_id = "graph_" + uuid.uuid4().hex
         unit, events = f"graph:{graph_id}", self.runtime.events
         events.emit("graph.start", None, unit=unit, parent=None, name="exec graph", trace=dict(trace or {}),
                     attrs={"graph_id": graph_id, "nodes": len(nodes), "caller": caller, "max_concurrency": limit})
         try:
-            doc = await self._run_graph(graph_id, unit, nodes, limit, caller=caller, base_url=base_url)
+            doc = await self._run_graph(graph_id, unit, nodes, limit, caller=caller, base_url=base_url,
+                                        identity=identity)
         except BaseException:
             events.emit("graph.end", None, unit=unit, status="cancelled", error="cancelled", attrs={})
             raise
@@ -436,7 +461,8 @@ class ExecManager:
         return doc
 
     async def _run_graph(self, graph_id: str, unit: str, nodes: list[tuple[str, SessionSpec, list[str]]],
-                         limit: int, *, caller: str | None, base_url: str | None) -> dict[str, Any]:
+                         limit: int, *, caller: str | None, base_url: str | None,
+                         identity: Identity) -> dict[str, Any]:
         slots = asyncio.Semaphore(limit)
         results: dict[str, dict[str, Any]] = {}
         finished: dict[str, asyncio.Event] = {node_id: asyncio.Event() for node_id, _, _ in nodes}
@@ -450,7 +476,8 @@ class ExecManager:
                     results[node_id] = {"id": node_id, "status": "skipped", "run_id": None,
                                         "error": f"dependency {failed[0]!r} ended {results[failed[0]]['status']}"}
                     return
-                run = await self.start(spec, caller=caller, base_url=base_url, slots=slots, parent=unit)
+                run = await self.start(spec, caller=caller, base_url=base_url, slots=slots, parent=unit,
+                                       identity=identity)
                 results[node_id] = {"id": node_id, **(await self.wait(run))}
             finally:
                 finished[node_id].set()
@@ -464,7 +491,8 @@ class ExecManager:
             raise
         ordered = [results[node_id] for node_id, _, _ in nodes]
         status = "completed" if all(r["status"] == "completed" for r in ordered) else "failed"
-        doc = {"graph_id": graph_id, "status": status, "max_concurrency": limit, "nodes": ordered}
+        doc = {"graph_id": graph_id, "status": status, "max_concurrency": limit, "owner": identity.owner,
+               "nodes": ordered}
         graph_dir = self.runs_dir / graph_id
         graph_dir.mkdir(parents=True, exist_ok=True)
         _write_json(graph_dir / "result.json", doc)

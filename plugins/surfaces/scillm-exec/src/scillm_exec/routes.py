@@ -11,7 +11,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from scillm_core import errors
+from scillm_core import errors, identity_of
 from scillm_core.events import trace_headers
 from scillm_core.web import caller_of, json_response, query_int, read_json, runtime_of
 from scillm_exec.config import exec_config
@@ -72,28 +72,28 @@ async def create(request: Request) -> Response:
     spec = await spec_from_body(body, runtime)
     manager = manager_of(request)
     run = await manager.start(spec, caller=caller, base_url=base_url_of(request),
-                              trace=trace_headers(request.headers))
+                              trace=trace_headers(request.headers), identity=identity_of(request))
     if wait:
         return json_response(await manager.wait(run))
     return json_response(await manager.load(run.run_id) | {"status": run.status}, 202)
 
 
 async def show(request: Request) -> Response:
-    return json_response(await manager_of(request).load(request.path_params["run_id"]))
+    return json_response(await manager_of(request).load_for(request.path_params["run_id"], identity_of(request)))
 
 
 async def cancel(request: Request) -> Response:
     caller_of(request, required=True)
     manager = manager_of(request)
     run_id = request.path_params["run_id"]
-    await manager.load(run_id)  # 404 for unknown
+    await manager.load_for(run_id, identity_of(request))  # 404 for unknown, or another key's
     return json_response(await manager.cancel(run_id))
 
 
 async def events(request: Request) -> Response:
     manager = manager_of(request)
     run_id = request.path_params["run_id"]
-    await manager.load(run_id)
+    await manager.load_for(run_id, identity_of(request))
     heartbeat = exec_config(runtime_of(request)).heartbeat_s or runtime_of(request).config.server.heartbeat_s
     after = query_int(request, "after", default=0)  # the last event seq the client has
     here = run_id in manager.runs or (manager.runs_dir / run_id / "events.jsonl").is_file()
@@ -165,7 +165,7 @@ async def graph(request: Request) -> Response:
     manager = manager_of(request)
     nodes, limit = await manager.parse_graph(body)
     return json_response(await manager.run_graph(nodes, limit, caller=caller, base_url=base_url_of(request),
-                                                 trace=trace_headers(request.headers)))
+                                                 trace=trace_headers(request.headers), identity=identity_of(request)))
 
 
 def routes() -> list[tuple[str, Any, list[str]]]:

@@ -26,7 +26,7 @@ from scillm_core import (
     OpeningStream,
     Runtime,
     SurfaceRegistry,
-    caller_of,
+    call_context,
     errors,
     hookimpl,
     json_response,
@@ -41,7 +41,6 @@ from scillm_core import (
     session_of,
     with_native,
 )
-from scillm_core.events import PARENT_SCOPE_KEY
 from scillm_core.models.native import native_request
 from scillm_messages.tokens import estimate_input_tokens
 from scillm_messages.translate import StreamTranslator, fit_upstream, parse_messages_request, ping, to_messages_response
@@ -66,12 +65,6 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
 def scillm_register_middleware(middleware: MiddlewareRegistry, runtime: Runtime) -> None:
     # outside auth (order 10): its 401/403 on these routes are re-rendered in the Anthropic envelope
     middleware.add(AnthropicErrorMiddleware, order=5, name="anthropic-errors")
-
-
-def context_for(request: Request) -> CallContext:
-    return CallContext(runtime=runtime_of(request), request_id=request_id_of(request), caller=caller_of(request),
-                       headers=request.headers,
-                       parent=request.scope.get(PARENT_SCOPE_KEY))
 
 
 def error_response(request: Request, exc: BaseException) -> Response:
@@ -109,7 +102,7 @@ async def _parse(request: Request) -> tuple[ChatRequest, bool]:
 async def messages(request: Request) -> Response:
     try:
         chat, as_sent = await _parse(request)
-        ctx = context_for(request)
+        ctx = call_context(request)
         if chat.stream:
             return await _stream(chat, ctx, runtime_of(request).config.server.heartbeat_s, as_sent)
         result = await run_chat(chat, ctx)

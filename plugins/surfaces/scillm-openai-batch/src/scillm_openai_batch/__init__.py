@@ -23,6 +23,7 @@ from scillm_core import (
     caller_of,
     errors,
     hookimpl,
+    identity_of,
     json_response,
     read_json,
     runtime_of,
@@ -95,7 +96,7 @@ async def upload(request: Request) -> Response:
             raise errors.PayloadTooLarge(f"file is {upload_file.size} bytes; files are limited to "
                                          f"{runner.config.max_file_mb:g} MB ([openai_batch] max_file_mb)")
         doc = await runner.files.save_upload(upload_file.file, upload_file.filename or "batch.jsonl",
-                                             runner.config.max_lines)
+                                             runner.config.max_lines, identity_of(request).owner)
     finally:
         await form.close()
     return json_response(public(doc))
@@ -118,26 +119,29 @@ def _bounded(request: Request, limit: int) -> Any:
 
 async def list_files(request: Request) -> Response:
     purpose = request.query_params.get("purpose")
-    docs = [public(d) for d in await runner_of(request).files.list() if purpose in (None, d["purpose"])]
+    identity = identity_of(request)  # a key lists its own files
+    docs = [public(d) for d in await runner_of(request).files.list()
+            if purpose in (None, d["purpose"]) and identity.can_see(d.get("_owner"))]
     docs.sort(key=lambda d: (d["created_at"], d["id"]), reverse=request.query_params.get("order", "desc") == "desc")
     return json_response({"object": "list", "data": docs, "has_more": False,
                           "first_id": docs[0]["id"] if docs else None, "last_id": docs[-1]["id"] if docs else None})
 
 
 async def get_file(request: Request) -> Response:
-    return json_response(public(await runner_of(request).files.get(request.path_params["file_id"])))
+    return json_response(public(await runner_of(request).files.get_for(request.path_params["file_id"],
+                                                                       identity_of(request))))
 
 
 async def file_content(request: Request) -> Response:
     files = runner_of(request).files
-    doc = await files.get(request.path_params["file_id"])
+    doc = await files.get_for(request.path_params["file_id"], identity_of(request))
     return FileResponse(files.path(doc["id"]), media_type="application/octet-stream", filename=doc["filename"])
 
 
 async def delete_file(request: Request) -> Response:
     runner = runner_of(request)
     file_id = request.path_params["file_id"]
-    await runner.files.get(file_id)
+    await runner.files.get_for(file_id, identity_of(request))
     active = [batch_id for batch_id, live in runner.live.items() if live.task is not None]
     for batch_id in active:
         if (await runner.get(batch_id))["input_file_id"] == file_id:
@@ -166,7 +170,8 @@ async def create_batch(request: Request) -> Response:
     file_id = body.get("input_file_id")
     if not isinstance(file_id, str):
         raise errors.InvalidRequest("input_file_id must be a file id @ $.input_file_id", param="$.input_file_id")
-    input_file = await runner.files.get(file_id)
+    identity = identity_of(request)
+    input_file = await runner.files.get_for(file_id, identity)  # another key's file is as if it did not exist
     checked = input_file.get("_batch")
     if input_file["purpose"] != "batch" or not checked:
         raise errors.InvalidRequest(f"file {file_id!r} was not uploaded with purpose 'batch' @ $.input_file_id",
@@ -181,7 +186,7 @@ async def create_batch(request: Request) -> Response:
             raise errors.InvalidRequest(f"the file's requests name model {checked['model']!r}, which is not "
                                         f"routable: {exc.message} @ $.input_file_id", param="$.input_file_id",
                                         code="model_not_found") from None
-    doc = await runner.create(input_file, endpoint, metadata, caller_of(request))
+    doc = await runner.create(input_file, endpoint, metadata, caller_of(request), identity)
     return json_response(runner.view(doc))
 
 
@@ -197,19 +202,22 @@ def _metadata(value: Any) -> dict[str, str] | None:
 
 async def get_batch(request: Request) -> Response:
     runner = runner_of(request)
-    return json_response(runner.view(await runner.get(request.path_params["batch_id"])))
+    return json_response(runner.view(await runner.get_for(request.path_params["batch_id"], identity_of(request))))
 
 
 async def cancel_batch(request: Request) -> Response:
     runner = runner_of(request)
-    return json_response(runner.view(await runner.cancel(request.path_params["batch_id"])))
+    batch_id = request.path_params["batch_id"]
+    await runner.get_for(batch_id, identity_of(request))
+    return json_response(runner.view(await runner.cancel(batch_id)))
 
 
 async def list_batches(request: Request) -> Response:
     runner = runner_of(request)
     limit = query_int(request, "limit", default=20, minimum=1, maximum=100)
-    docs = sorted((doc for _, doc in await runner.runtime.store.scan("openai-batches", limit=1_000_000)),
-                  key=lambda d: (d["created_at"], d["id"]), reverse=True)
+    identity = identity_of(request)  # a key lists its own batches
+    docs = sorted((doc for _, doc in await runner.runtime.store.scan("openai-batches", limit=1_000_000)
+                   if identity.can_see(doc.get("_owner"))), key=lambda d: (d["created_at"], d["id"]), reverse=True)
     after = request.query_params.get("after")
     if after:
         ids = [d["id"] for d in docs]

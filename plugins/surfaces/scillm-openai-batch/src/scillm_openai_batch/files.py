@@ -21,7 +21,8 @@ from typing import IO, Any
 import orjson
 from attrs import frozen
 
-from scillm_core import Runtime, errors
+from scillm_core import Identity, Runtime, errors, require_visible
+from scillm_core.identity import MASTER_OWNER
 from scillm_core.jsonio import JSONTooDeep, loads
 
 __all__ = ["ENDPOINTS", "BatchLine", "FileStore", "InputFile", "check_batch_file"]
@@ -148,7 +149,14 @@ class FileStore:
             raise errors.NotFound(f"no file {file_id!r}", param="file_id")
         return doc
 
-    async def save_upload(self, source: IO[bytes], filename: str, max_lines: int) -> dict[str, Any]:
+    async def get_for(self, file_id: str, identity: Identity) -> dict[str, Any]:
+        """:meth:`get` for a caller: 404 as well when the file belongs to another key."""
+        doc = await self.get(file_id)
+        require_visible(identity, doc.get("_owner"), f"file {file_id!r}")
+        return doc
+
+    async def save_upload(self, source: IO[bytes], filename: str, max_lines: int,
+                          owner: str = MASTER_OWNER) -> dict[str, Any]:
         """Check and store an uploaded batch input file; returns its file object."""
         file_id = self.new_id()
         path = self.path(file_id)
@@ -162,17 +170,17 @@ class FileStore:
         checked, size = await asyncio.to_thread(check_and_copy)
         doc = {"id": file_id, "object": "file", "bytes": size, "created_at": int(time.time()), "filename": filename,
                "purpose": "batch", "status": "processed", "status_details": None, "expires_at": None,
-               "_batch": {"url": checked.url, "model": checked.model, "lines": checked.lines}}
+               "_batch": {"url": checked.url, "model": checked.model, "lines": checked.lines}, "_owner": owner}
         await self.runtime.store.put(FILES_NS, file_id, doc)
         return doc
 
-    async def save_output(self, lines: list[bytes], filename: str) -> dict[str, Any]:
+    async def save_output(self, lines: list[bytes], filename: str, owner: str = MASTER_OWNER) -> dict[str, Any]:
         """Store a batch's output or error file (one JSON document per line)."""
         file_id = self.new_id()
         size = await asyncio.to_thread(_write_atomically, self.path(file_id), iter(lines))
         doc = {"id": file_id, "object": "file", "bytes": size, "created_at": int(time.time()),
                "filename": filename, "purpose": "batch_output", "status": "processed", "status_details": None,
-               "expires_at": None}
+               "expires_at": None, "_owner": owner}
         await self.runtime.store.put(FILES_NS, file_id, doc)
         return doc
 

@@ -27,7 +27,8 @@ import orjson
 from attrs import define, field
 from scillm_batch.engine import BatchItem, BatchSpec, Lane, PoolConfig, run_batch, stored_results
 
-from scillm_core import Runtime, errors
+from scillm_core import MASTER, Identity, Runtime, errors, require_visible
+from scillm_core.identity import MASTER_OWNER, owner_identity
 from scillm_openai_batch.files import ENDPOINTS, FileStore, read_batch_lines
 
 __all__ = ["ACTIVE", "BatchRunner", "OpenAIBatchConfig"]
@@ -70,6 +71,7 @@ class BatchRunner:
     clock: Callable[[], float] = time.time
     live: dict[str, Live] = field(factory=dict)
     scanner: asyncio.Task[None] | None = None
+    identities: dict[str, Identity] = field(factory=dict)  # who created the batches this process started
 
     # -- the document ---------------------------------------------------------------------------------------------
 
@@ -94,6 +96,21 @@ class BatchRunner:
             if await store.compare_and_set(BATCHES_NS, batch_id, current, new):
                 return new
 
+    async def get_for(self, batch_id: str, identity: Identity) -> dict[str, Any]:
+        """:meth:`get` for a caller: 404 as well when the batch belongs to another key."""
+        doc = await self.get(batch_id)
+        require_visible(identity, doc.get("_owner"), f"batch {batch_id!r}")
+        return doc
+
+    async def owner_identity(self, doc: Mapping[str, Any]) -> Identity:
+        """Who the batch's calls are charged to and limited as: the key that created it, as it is now (a batch
+        taken over after a restart asks the key store; a revoked key's batch fails)."""
+        owner = str(doc.get("_owner") or MASTER_OWNER)
+        known = self.identities.get(str(doc["id"]))
+        if known is not None or owner == MASTER_OWNER:
+            return known or MASTER
+        return await owner_identity(self.runtime, owner)
+
     def view(self, doc: Mapping[str, Any]) -> dict[str, Any]:
         """The batch object as clients see it, with this process's live counts while it runs the batch."""
         out = {k: v for k, v in doc.items() if not k.startswith("_")}
@@ -105,7 +122,7 @@ class BatchRunner:
     # -- create / cancel ------------------------------------------------------------------------------------------
 
     async def create(self, input_file: Mapping[str, Any], endpoint: str, metadata: Mapping[str, str] | None,
-                     caller: str | None) -> dict[str, Any]:
+                     caller: str | None, identity: Identity = MASTER) -> dict[str, Any]:
         now = int(self.clock())
         batch_id = "batch_" + secrets.token_hex(12)
         checked = input_file["_batch"]
@@ -116,7 +133,8 @@ class BatchRunner:
                "expired_at": None, "cancelling_at": None, "cancelled_at": None,
                "request_counts": {"total": checked["lines"], "completed": 0, "failed": 0},
                "metadata": dict(metadata) if metadata is not None else None, "model": checked["model"],
-               "_caller": caller, "_lease": None}
+               "_caller": caller, "_lease": None, "_owner": identity.owner}
+        self.identities[batch_id] = identity
         await self.runtime.store.put(ACTIVE_NS, batch_id, {"created_at": now})
         await self.runtime.store.put(BATCHES_NS, batch_id, doc)
         await self.adopt(batch_id)
@@ -260,7 +278,8 @@ class BatchRunner:
                       for i, line in enumerate(lines))
         spec = BatchSpec(batch_id=str(doc["id"]), pool=pool, lanes=lanes, items=items,
                          timeout_s=max(float(doc["expires_at"]) - self.clock(), 0.001),
-                         caller=doc.get("_caller") or "openai-batch", kind=ENDPOINTS[str(doc["endpoint"])])
+                         caller=doc.get("_caller") or "openai-batch", kind=ENDPOINTS[str(doc["endpoint"])],
+                         identity=await self.owner_identity(doc))
 
         async def count(event: str, data: Mapping[str, Any]) -> None:
             if event == "item_completed":
@@ -305,8 +324,9 @@ class BatchRunner:
             else:
                 code, message = never_ran
                 failed_lines.append({**entry, "response": None, "error": {"code": code, "message": message}})
-        out_file = await self._save(output, f"{batch_id}_output.jsonl")
-        err_file = await self._save(failed_lines, f"{batch_id}_error.jsonl")
+        owner = str(doc.get("_owner") or MASTER_OWNER)
+        out_file = await self._save(output, f"{batch_id}_output.jsonl", owner)
+        err_file = await self._save(failed_lines, f"{batch_id}_error.jsonl", owner)
         done = int(self.clock())
         stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[status]
 
@@ -322,10 +342,10 @@ class BatchRunner:
         await self.update(batch_id, close)
         await self.runtime.store.delete(ACTIVE_NS, batch_id)
 
-    async def _save(self, entries: list[dict[str, Any]], filename: str) -> str | None:
+    async def _save(self, entries: list[dict[str, Any]], filename: str, owner: str) -> str | None:
         if not entries:
             return None
-        doc = await self.files.save_output([orjson.dumps(e) + b"\n" for e in entries], filename)
+        doc = await self.files.save_output([orjson.dumps(e) + b"\n" for e in entries], filename, owner)
         return str(doc["id"])
 
     async def _fail(self, batch_id: str, exc: BaseException) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from attrs import define, field
 from scillm_exec import EventLog, SharedRuns, Worktree, create_worktree, worktree_diff
 
-from scillm_core import errors
+from scillm_core import MASTER, Identity, Job, errors, require_visible
 from scillm_core.events import Unit
 from scillm_opencode.client import ServeError
 from scillm_opencode.config import opencode_config, skill_roots
@@ -48,12 +48,13 @@ class Sessions:
         self.slots = asyncio.Semaphore(max(1, self.cfg.max_concurrency))
 
     def bind(self, session_id: str, run: LiveRun, unit: Unit | None = None) -> None:
-        """The session's model calls (through the managed server's key) are this run's: its caller, its owner, and
-        made for ``unit`` (a transport node) or the run's own."""
+        """The session's model calls (through the managed server's key) are this run's: its caller, and the key
+        that started it (charged to, limited as and logged under that key, with the run as their job), made for
+        ``unit`` (a transport node) or the run's own."""
         if self.serve.key is not None:
             unit = unit or run.unit
-            self.serve.keys.bind_session(self.serve.key, session_id, run.run_id, run.caller, run.owner,
-                                         unit.unit if unit is not None else None)
+            self.serve.keys.bind_session(self.serve.key, session_id, run.run_id, run.caller, identity=run.identity,
+                                         job=run.job, unit=unit.unit if unit is not None else None)
 
     def bind_child(self, child: str, parent: str) -> None:
         if self.serve.key is not None:
@@ -107,7 +108,8 @@ class Sessions:
 class LiveRun:
     run_id: str
     caller: str | None
-    owner: str
+    identity: Identity = MASTER  # the key that started it: its sessions' calls are that key's, others get 404
+    job: Job | None = None
     run_dir: Path
     log: EventLog
     server: Server
@@ -126,6 +128,10 @@ class LiveRun:
     diff_lock: asyncio.Lock = field(factory=asyncio.Lock)  # a live diff never races the worktree's removal
     trace: dict[str, str] = field(factory=dict)  # the trace context of the request that started it
     unit: Unit | None = None                     # the run as a unit of work (events, traces), while it runs
+
+    @property
+    def owner(self) -> str:
+        return self.identity.owner
 
     def decide(self, status: str, error: str | None = None) -> bool:
         """Set the terminal status once; later calls (a late completion after an abort) change nothing."""
@@ -227,6 +233,12 @@ class RunBook(Generic[R]):
         if run is not None:
             return run.result or self.doc(run)
         return await self.records.load(run_id)
+
+    async def load_for(self, run_id: str, identity: Identity) -> dict[str, Any]:
+        """:meth:`load` for a caller: the same 404 when the run belongs to another key."""
+        doc = await self.load(run_id)
+        require_visible(identity, doc.get("owner"), f"run {run_id!r}")
+        return doc
 
     async def wait(self, run: R) -> dict[str, Any]:
         await asyncio.shield(run.done.wait())

@@ -124,9 +124,10 @@ class Records:
     async def exists(self, run_id: str) -> bool:
         return self.run_dir(run_id).exists() or await self.runtime.store.get(self.namespace, run_id) is not None
 
-    async def index(self, limit: int) -> list[dict[str, Any]]:
+    async def index(self, limit: int, *, owner: str | None = None) -> list[dict[str, Any]]:
+        """The newest runs (only ``owner``'s, when given)."""
         rows = await self.runtime.store.scan(self.namespace, "", limit=100_000)
-        docs = [doc for _, doc in rows]
+        docs = [doc for _, doc in rows if owner is None or doc.get("owner") == owner]
         docs.sort(key=lambda d: d.get("created_at") or 0, reverse=True)
         out: list[dict[str, Any]] = []
         for doc in docs[:limit]:

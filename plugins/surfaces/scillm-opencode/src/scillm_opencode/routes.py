@@ -9,9 +9,9 @@ from scillm_exec import VIEW_KEY_PREFIX, base_url_of, sse_follow, sse_tail
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from scillm_core import Runtime, errors
+from scillm_core import Identity, Runtime, errors, identity_of
 from scillm_core.events import trace_headers
-from scillm_core.web import caller_of, identity_of, json_response, query_int, read_json, runtime_of
+from scillm_core.web import caller_of, json_response, query_int, read_json, runtime_of
 from scillm_opencode.book import RunBook, Sessions
 from scillm_opencode.config import enabled, opencode_config
 from scillm_opencode.monitor import view_routes
@@ -46,11 +46,11 @@ class OpenCode:
         await self.transport.shutdown()
         await self.serve.stop()
 
-    def monitor_link(self, request: Request, base: str, run_id: str, caller: str | None, owner: str, *,
+    def monitor_link(self, request: Request, base: str, run_id: str, caller: str | None, identity: Identity, *,
                      transport: bool) -> dict[str, Any]:
         ttl = opencode_config(self.runtime).monitor_ttl_s
         key = self.serve.keys.mint(run_id, caller, prefix=VIEW_KEY_PREFIX, allow=view_routes(base, transport=transport),
-                                   ttl_s=ttl, owner=owner, refusal="a monitor key may read its own run only")
+                                   ttl_s=ttl, identity=identity, refusal="a monitor key may read its own run only")
         origin = str(request.base_url).rstrip("/")
         return {"monitor_url": f"{origin}{base}/monitor#token={key}", "monitor_expires_in_s": ttl}
 
@@ -113,18 +113,22 @@ def run_routes(base: str, *, transport: bool) -> list[tuple[str, Any, list[str]]
     book: Callable[[OpenCode], RunBook[Any]] = (lambda oc: oc.transport) if transport else (lambda oc: oc.runs)
 
     async def index(request: Request) -> Response:
-        return json_response({"runs": await book(_surface(request)).records.index(_limit(request))})
+        identity = identity_of(request)  # a key lists its own runs
+        return json_response({"runs": await book(_surface(request)).records.index(
+            _limit(request), owner=None if identity.master else identity.owner)})
 
     async def show(request: Request) -> Response:
-        return json_response(await book(_surface(request)).load(_run_id(request)))
+        return json_response(await book(_surface(request)).load_for(_run_id(request), identity_of(request)))
 
     async def diff(request: Request) -> Response:
-        return json_response(await book(_surface(request)).live_diff(_run_id(request)))
+        oc, run_id = _surface(request), _run_id(request)
+        await book(oc).load_for(run_id, identity_of(request))
+        return json_response(await book(oc).live_diff(run_id))
 
     async def events(request: Request) -> Response:
         oc = _surface(request)
         run_id, after = _run_id(request), _after(request)
-        doc = await book(oc).load(run_id)  # 404 (and an orphan is finalised) before streaming
+        doc = await book(oc).load_for(run_id, identity_of(request))  # 404 (and an orphan is finalised) before streaming
         log = book(oc).log(run_id)
         heartbeat = _heartbeat(oc.runtime)
         if log is None or (run_id not in book(oc).runs and doc.get("status") not in TERMINAL):
@@ -144,16 +148,16 @@ def run_routes(base: str, *, transport: bool) -> list[tuple[str, Any, list[str]]
         caller_of(request, required=True)
         run_id = _run_id(request)
         reason = await _reason(request)
-        await book(oc).load(run_id)
+        await book(oc).load_for(run_id, identity_of(request))
         return json_response(await book(oc).abort(run_id, reason))
 
     async def monitor(request: Request) -> Response:
         oc = _surface(request)
         caller = caller_of(request, required=True)
-        run_id = _run_id(request)
-        await book(oc).load(run_id)
+        run_id, identity = _run_id(request), identity_of(request)
+        await book(oc).load_for(run_id, identity)
         return json_response({"run_id": run_id} | oc.monitor_link(request, f"{base}/{run_id}", run_id, caller,
-                                                                   identity_of(request), transport=transport))
+                                                                   identity, transport=transport))
 
     return [(base, index, ["GET"]), (base + "/{run_id}", show, ["GET"]), (base + "/{run_id}/diff", diff, ["GET"]),
             (base + ("/{run_id}/events/stream" if transport else "/{run_id}/events"), events, ["GET"]),
@@ -177,10 +181,10 @@ async def _create(request: Request, *, debugger: bool) -> Response:
             parsed["system"] = DEBUGGER_PROMPT + ("\n\n" + parsed["system"] if parsed["system"] else "")
     else:
         parsed = oc.runs.parse(body)
-    owner = identity_of(request)
-    run = await oc.runs.start(parsed, caller=caller, owner=owner, base_url=base_url_of(request),
+    identity = identity_of(request)
+    run = await oc.runs.start(parsed, caller=caller, identity=identity, base_url=base_url_of(request),
                               trace=trace_headers(request.headers))
-    link = oc.monitor_link(request, f"{RUNS}/{run.run_id}", run.run_id, caller, owner, transport=False)
+    link = oc.monitor_link(request, f"{RUNS}/{run.run_id}", run.run_id, caller, identity, transport=False)
     if parsed["wait"]:
         return json_response(await oc.runs.wait(run) | link)
     return json_response(oc.runs.doc(run) | {"receipt": True, "wait": False} | link)
@@ -218,11 +222,11 @@ async def create_transport(request: Request) -> Response:
     caller = caller_of(request, required=True)
     body = await read_json(request, limit_bytes=BODY_LIMIT)
     parsed = oc.transport.parse(body)
-    owner = identity_of(request)
-    run = await oc.transport.start(parsed, caller=caller, owner=owner, base_url=base_url_of(request),
+    identity = identity_of(request)
+    run = await oc.transport.start(parsed, caller=caller, identity=identity, base_url=base_url_of(request),
                                    trace=trace_headers(request.headers))
     base = f"{TRANSPORT}/runs/{run.run_id}"
-    link = oc.monitor_link(request, base, run.run_id, caller, owner, transport=True)
+    link = oc.monitor_link(request, base, run.run_id, caller, identity, transport=True)
     return json_response(oc.transport.doc(run) | {"events_stream": f"{base}/events/stream"} | link, 202)
 
 
@@ -232,7 +236,9 @@ def _mutating(handler: Callable[[Transport, str, Any], Awaitable[dict[str, Any]]
         oc = _surface(request)
         caller_of(request, required=True)
         body = await read_json(request, limit_bytes=256 << 10)
-        return json_response(await handler(oc.transport, _run_id(request), body))
+        run_id = _run_id(request)
+        await oc.transport.load_for(run_id, identity_of(request))
+        return json_response(await handler(oc.transport, run_id, body))
 
     return endpoint
 

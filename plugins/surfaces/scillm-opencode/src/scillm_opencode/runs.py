@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from attrs import define
 from scillm_exec import EventLog, check_cwd, remove_worktree, worktree_diff
 
-from scillm_core import errors
+from scillm_core import Identity, Job, errors
 from scillm_opencode.book import ABORT_GRACE_S, LiveRun, RunBook, Sessions
 from scillm_opencode.client import ServeError
 from scillm_opencode.profiles import (
@@ -79,7 +79,7 @@ class ServeRuns(RunBook[Run]):
     def unit_attrs(self, run: Run) -> dict[str, Any]:
         return {"profile": run.agent, "model": "/".join(run.model.values()) if run.model else None}
 
-    async def start(self, request: dict[str, Any], *, caller: str | None, owner: str, base_url: str,
+    async def start(self, request: dict[str, Any], *, caller: str | None, identity: Identity, base_url: str,
                     trace: dict[str, str] | None = None) -> Run:
         run_id = request["run_id"] or "oc-" + uuid.uuid4().hex[:16]
         server = await self.serve.ensure(base_url)
@@ -89,9 +89,11 @@ class ServeRuns(RunBook[Run]):
         else:
             model = await resolve_model(server, request["model"] or self.serve.default_model(), "$.model")
         run_dir, worktree = await self.claim(run_id, request["cwd"], "$.cwd")
-        return await self.begin(Run(run_id=run_id, caller=caller, owner=owner, request=request, run_dir=run_dir,
+        job = Job(kind="run", id=run_id, owner=identity.owner)  # its sessions' calls: spend by run
+        return await self.begin(Run(run_id=run_id, caller=caller, identity=identity, job=job, request=request,
+                                    run_dir=run_dir, server=server,
                                     log=EventLog(run_dir / "events.jsonl", redact=self.serve.secrets()),
-                                    server=server, worktree=worktree, agent=agent, model=model, trace=trace or {}),
+                                    worktree=worktree, agent=agent, model=model, trace=trace or {}),
                                 self._execute)
 
     # -- the run ------------------------------------------------------------------------------------------------
@@ -189,7 +191,8 @@ class ServeRuns(RunBook[Run]):
         return {"run_id": run.run_id, "status": run.status if done else "running",
                 "error": run.error if done else None, "session_id": run.session_id,
                 "agent": run.agent, "model": run.model, "cwd": request["cwd"], "caller": run.caller,
-                "owner": run.owner, "timeout_s": request["timeout_s"], "skills_requested": request["skills"],
+                "owner": run.owner, "cost_usd": run.job.cost_usd if run.job else None,
+                "timeout_s": request["timeout_s"], "skills_requested": request["skills"],
                 "skills_materialized": run.skills_materialized, "skills_missing": sorted(run.skills_missing),
                 "skills_missing_reasons": run.skills_missing, "scillm_metadata": request["scillm_metadata"],
                 "created_at": run.created_at, "started_at": run.started_at, "finished_at": run.finished_at,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from attrs import define, field
 from scillm_exec import EventLog, check_cwd, find_cycle, remove_worktree, worktree_diff
 
-from scillm_core import errors
+from scillm_core import Identity, Job, errors
 from scillm_core.events import Unit
 from scillm_opencode.book import ABORT_GRACE_S, LiveRun, RunBook, Sessions
 from scillm_opencode.client import ServeError
@@ -169,7 +169,7 @@ class Transport(RunBook[TransportRun]):
                 "timeout_s": timeout_s, "max_concurrency": limit, "run_id": run_id, "scillm_metadata": metadata,
                 "title": text(body.get("title"), "$.title", limit=200)}
 
-    async def start(self, request: dict[str, Any], *, caller: str | None, owner: str, base_url: str,
+    async def start(self, request: dict[str, Any], *, caller: str | None, identity: Identity, base_url: str,
                     trace: dict[str, str] | None = None) -> TransportRun:
         run_id = request["run_id"] or "otr-" + uuid.uuid4().hex[:16]
         server = await self.serve.ensure(base_url)
@@ -180,7 +180,8 @@ class Transport(RunBook[TransportRun]):
             node.resolved_model = await resolve_model(server, wanted, f"$.nodes[{i}].model")
         run_dir, worktree = await self.claim(run_id, request["workspace"], "$.workspace")
         return await self.begin(TransportRun(
-            run_id=run_id, caller=caller, owner=owner, workspace=request["workspace"], nodes=nodes, run_dir=run_dir,
+            run_id=run_id, caller=caller, identity=identity, job=Job(kind="run", id=run_id, owner=identity.owner),
+            workspace=request["workspace"], nodes=nodes, run_dir=run_dir,
             log=EventLog(run_dir / "events.jsonl", redact=self.serve.secrets()), server=server, worktree=worktree,
             timeout_s=request["timeout_s"], max_concurrency=request["max_concurrency"],
             metadata=request["scillm_metadata"], title=request["title"], trace=trace or {}), self._execute)
@@ -376,7 +377,8 @@ class Transport(RunBook[TransportRun]):
         done = final or run.result is not None
         return {"run_id": run.run_id, "status": run.status if done else "running",
                 "error": run.error if done else None, "workspace": run.workspace,
-                "caller": run.caller, "owner": run.owner, "title": run.title, "timeout_s": run.timeout_s,
+                "caller": run.caller, "owner": run.owner, "cost_usd": run.job.cost_usd if run.job else None,
+                "title": run.title, "timeout_s": run.timeout_s,
                 "nodes": [n.view() for n in run.nodes.values()], "scillm_metadata": run.metadata,
                 "skills_materialized": run.skills_materialized, "skills_missing": sorted(run.skills_missing),
                 "created_at": run.created_at, "finished_at": run.finished_at,

@@ -10,7 +10,6 @@ is refused with a 400 that says to send the whole conversation.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -26,21 +25,19 @@ from scillm_core import (
     OpeningStream,
     Runtime,
     SurfaceRegistry,
-    caller_of,
+    call_context,
     errors,
     hookimpl,
     json_response,
     open_stream,
     parse_json,
     read_body,
-    request_id_of,
     run_chat,
     runtime_of,
     served_headers,
     session_of,
     with_native,
 )
-from scillm_core.events import PARENT_SCOPE_KEY
 from scillm_core.models.native import native_request
 from scillm_responses.translate import EXTENSION_FIELDS, EventStream, parse_request, response_object
 
@@ -54,13 +51,6 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
     surfaces.route("/v1/responses", create_response, ["POST"], plugin="responses")
 
 
-def context_for(request: Request, chat: ChatRequest) -> CallContext:
-    timeout = chat.scillm.get("timeout")
-    return CallContext(runtime=runtime_of(request), request_id=request_id_of(request), caller=caller_of(request),
-                       headers=request.headers, deadline=time.monotonic() + timeout if timeout else None,
-                       parent=request.scope.get(PARENT_SCOPE_KEY))
-
-
 async def create_response(request: Request) -> Response:
     runtime = runtime_of(request)
     raw = await read_body(request, limit_bytes=int(runtime.config.server.max_body_mb * 1024 * 1024))
@@ -68,7 +58,7 @@ async def create_response(request: Request) -> Response:
     chat, echo = parse_request(body, session=session_of(request.headers, body))
     if runtime.config.server.passthrough:
         with_native(chat, native_request("openai-responses", body, raw, request.headers, taken=EXTENSION_FIELDS))
-    ctx = context_for(request, chat)
+    ctx = call_context(request, timeout_s=chat.scillm.get("timeout"))
     if chat.stream:
         return await _stream(chat, echo, ctx, runtime.config.server.heartbeat_s)
     result = await run_chat(chat, ctx)

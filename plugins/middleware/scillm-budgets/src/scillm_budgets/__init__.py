@@ -1,0 +1,351 @@
+"""Spend in dollars, budgets and per-key limits, around every provider call.
+
+- ``call_provider`` wrapper (``tryfirst``: outside resilience, so one reservation covers a call's retries and
+  fallbacks; the cache, also ``tryfirst``, stays outside it so a hit costs nothing and needs no admission): before
+  the call, one atomic group of counter changes in the state store reserves the call's most expensive outcome in
+  every dollar budget that applies (the key's daily/monthly, its team's, the batch's or run's ``max_cost_usd``)
+  and takes a request, tokens and a concurrency slot from the key's and team's per-minute windows and caps. A
+  refused group is a 429 ``budget_exceeded`` / ``rate_limited`` with ``retry-after`` and the provider is never
+  called. After the call the reservation is replaced by the actual cost, priced from ``prices.toml`` and
+  ``[pricing]`` (cache reads and writes at their own rates).
+- Every answered call costs something known or ``null`` (no price: never a guess): it is added to the response
+  (``x-scillm-cost-usd``), the call log (``cost_usd``), the batch item or run (its :class:`~scillm_core.Job`) and
+  the spend ledger (log ``spend``), which ``GET /v1/scillm/spend`` sums by key, team, caller, model, provider,
+  batch or run over a window. ``GET /v1/budget`` is the calling key's limits, spend, room and reset times.
+- ``preprocess_files`` wrapper: streams that count against a dollar budget ask the upstream for usage
+  (``stream_options.include_usage``) so they can be priced; the usage chunk is taken out again for clients that
+  did not ask for it. Other streams the client sent in the upstream's own dialect go as sent (a changed request
+  would be translated): priced when the upstream reports usage anyway, else their cost is ``null``.
+
+Config ``[budgets]`` (limits of teams under ``[budgets.teams.NAME]``) and ``[pricing."provider/model"]``; see the
+plugin README. Fails closed: a store that cannot admit a call refuses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Generator, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+import attrs
+from attrs import define, field, frozen, validators
+from scillm_keys import Limits
+from scillm_metrics import BoundedLabel
+from scillm_metrics.series import Counters, SeriesCollector
+
+from scillm_budgets.limiter import (
+    Admission,
+    Layout,
+    estimate_input_tokens,
+    explain,
+    layout,
+    needs_dollars,
+    reservation,
+    windows,
+)
+from scillm_budgets.pricing import NANO, Price, PriceTable, tokens_of
+from scillm_budgets.routes import LEDGER, routes
+from scillm_core import ChatChunk, ChatRequest, Route, Runtime, SurfaceRegistry, errors, hookimpl
+from scillm_core.state import Count
+from scillm_core.state.counters import CountBatcher
+from scillm_core.state.writer import LogWriter
+
+if TYPE_CHECKING:
+    from scillm_core import CallContext, Identity, Job, Usage
+    from scillm_core.pipeline import ChatResult, ChatThunk, ProviderRequest, RequestThunk
+
+__all__ = ["BudgetsConfig", "BudgetsState", "Price", "PriceTable"]
+
+ACTIVE = "budgets.active"        # ctx.notes: a call of this request is admitted (fallbacks inside it pass through)
+HIDE_USAGE = "budgets.hide_usage"  # ctx.notes: usage was asked for on the client's behalf; keep it from the client
+COUNTERS = "budgets"
+
+
+@frozen(kw_only=True)
+class BudgetsConfig:
+    enabled: bool = True
+    #: A key, team or job with a dollar budget calling a model that has no price: "refuse" (403) or "allow"
+    #: (the call is made and costs null; the budget cannot count it).
+    unpriced: Literal["refuse", "allow"] = "refuse"
+    #: Output tokens reserved when neither the request (max_tokens) nor the price table names a limit.
+    default_max_output_tokens: int = field(default=8192, validator=validators.gt(0))
+    #: Ask upstreams for usage on streams (hidden again from clients that did not ask), so streams are priced.
+    stream_usage: bool = True
+    #: The spend ledger (log "spend"): on, and how many records it keeps.
+    ledger: bool = True
+    ledger_max_rows: int = field(default=5_000_000, validator=validators.ge(1000))
+    #: ``scillm doctor`` warns about budgets used beyond this fraction.
+    near_limit: float = field(default=0.8, validator=[validators.gt(0), validators.le(1)])
+    #: Budgets and limits of teams (keys carry a team tag), by team name.
+    teams: Mapping[str, Limits] = field(factory=dict)
+
+
+@define
+class BudgetsState:
+    config: BudgetsConfig
+    prices: PriceTable
+    counters: CountBatcher
+    ledger: LogWriter
+    keys: BoundedLabel
+    spend: Counters
+    refusals: Counters
+    stats: dict[str, int] = field(factory=lambda: {"admitted": 0, "refused": 0, "unpriced_calls": 0})
+    clock: Callable[[], float] = time.time  # what "now" is for windows (tests pin it)
+    layouts: dict[tuple[Any, ...], Layout] = field(factory=dict)  # per identity and minute
+
+    def admission(self, identity: Identity, team_limits: Limits | None, job: Job | None, reserve_nano: int,
+                  reserve_tokens: int, now: float) -> Admission:
+        """The admission group of one call, from the identity's layout for this minute (computed once)."""
+        key = (identity.owner, identity.version, identity.team, id(identity.limits), id(team_limits), int(now // 60))
+        found = self.layouts.get(key)
+        if found is None:
+            if len(self.layouts) >= 10_000:
+                self.layouts.clear()
+            found = self.layouts[key] = layout(identity, team_limits, now)
+        return found.admission(reserve_nano, reserve_tokens, job)
+
+
+def state_of(runtime: Runtime) -> BudgetsState | None:
+    return runtime.plugin_state.get("budgets")  # type: ignore[no-any-return]
+
+
+@hookimpl
+def scillm_config_sections() -> Mapping[str, Any]:
+    return {"budgets": BudgetsConfig, "pricing": Mapping[str, Price]}
+
+
+@hookimpl
+def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> None:
+    config: BudgetsConfig = runtime.config.sections.get("budgets") or BudgetsConfig()
+    if not config.enabled:
+        return
+    state = BudgetsState(
+        config=config, prices=PriceTable(runtime.config.sections.get("pricing") or {}),
+        counters=CountBatcher(lambda: runtime.store, COUNTERS),
+        ledger=LogWriter(lambda: runtime.store, LEDGER, backlog=10_000, max_rows=config.ledger_max_rows),
+        keys=BoundedLabel(100),
+        spend=Counters("scillm_spend_usd", "Dollars spent on provider calls, by key (owner) and team",
+                       ("key", "team")),
+        refusals=Counters("scillm_budget_refusals", "Calls refused by a budget or limit before any provider",
+                          ("key", "code", "scope")))
+    runtime.plugin_state["budgets"] = state
+    runtime.metrics.register(SeriesCollector(state.spend, state.refusals))
+    for path, endpoint, methods in routes():
+        surfaces.route(path, endpoint, methods, plugin="budgets")
+
+    async def stop() -> None:
+        await state.counters.flush()
+        await state.ledger.stop()
+
+    surfaces.on_shutdown(stop)
+
+
+@hookimpl
+def scillm_health(runtime: Runtime) -> dict[str, Any]:
+    state = state_of(runtime)
+    if state is None:
+        return {"budgets": {"enabled": False, "fails": "closed"}}
+    store = type(runtime.store).__name__
+    return {"budgets": {
+        "enabled": True, "fails": "closed", "backend": store.removesuffix("Store").lower() or store,
+        "priced_models": len(state.prices.prices), "teams": sorted(state.config.teams),
+        "unpriced": state.config.unpriced, **state.stats, "counter_round_trips": state.counters.stats["round_trips"],
+        "counter_errors": state.counters.stats["errors"],
+        "ledger": {"enabled": state.config.ledger, "backlog": state.ledger.pending, **state.ledger.counts}}}
+
+
+@hookimpl
+def scillm_doctor(runtime: Runtime) -> Any:
+    from scillm_budgets.doctor import checks
+
+    state = state_of(runtime)
+    if state is None:
+        return None
+    return lambda: checks(runtime, state)
+
+
+# -- the pipeline ---------------------------------------------------------------------------------------------------
+
+@hookimpl(wrapper=True)
+def preprocess_files(request: ChatRequest, ctx: CallContext) -> Generator[None, Any, Any]:
+    """Streams ask for usage so they can be priced (taken out again below for clients that did not ask)."""
+    call: RequestThunk = yield
+    state = state_of(ctx.runtime)
+    if state is None or not state.config.stream_usage or not request.stream or request.include_usage:
+        return call
+    identity = ctx.identity
+    team_limits = state.config.teams.get(identity.team) if identity.team else None
+    if not needs_dollars(identity, team_limits, ctx.job) and getattr(request, "native", None) is not None:
+        return call  # no dollar budget to count against: the client's own body goes upstream as sent, unchanged
+
+    async def with_usage() -> ChatRequest:
+        prepared = await call()
+        if not prepared.stream or prepared.include_usage:
+            return prepared
+        ctx.notes[HIDE_USAGE] = True
+        return attrs.evolve(prepared, stream_options={**(prepared.stream_options or {}), "include_usage": True})
+
+    return with_usage
+
+
+@hookimpl(wrapper=True, tryfirst=True)
+def call_provider(request: ProviderRequest, route: Route, ctx: CallContext) -> Generator[None, Any, Any]:
+    call: ChatThunk = yield
+    state = state_of(ctx.runtime)
+    if state is None:
+        return call
+
+    async def charged() -> ChatResult:
+        if ctx.notes.get(ACTIVE):  # a fallback inside an admitted call: its reservation covers this one
+            return await call()
+        return await Charge(state, request, route, ctx).run(call)
+
+    return charged
+
+
+class Charge:
+    """One admitted provider call: reserve, call, settle."""
+
+    def __init__(self, state: BudgetsState, request: ProviderRequest, route: Route, ctx: CallContext) -> None:
+        self.state, self.request, self.route, self.ctx = state, request, route, ctx
+        self.admission: Admission | None = None
+
+    async def admit(self) -> None:
+        state, request, route, ctx = self.state, self.request, self.route, self.ctx
+        config = state.config
+        identity, job = ctx.identity, ctx.job
+        team_limits = config.teams.get(identity.team) if identity.team else None
+        dollars = needs_dollars(identity, team_limits, job)
+        if identity.limits is None and team_limits is None and not dollars:
+            self.admission = state.admission(identity, None, None, 0, 0, state.clock())
+            return
+        prices = [state.prices.lookup(r.provider, r.model) for r in (route, *route.fallbacks)] if dollars else []
+        price = prices[0] if prices else None
+        if dollars and price is None and config.unpriced == "refuse":
+            self._refused("price_unknown", "key")
+            raise errors.PermissionDenied(
+                f"model {route.deployment} has no price, and this call counts against a dollar budget; set "
+                f'[pricing."{route.deployment}"] in scillm.toml (or [budgets] unpriced = "allow")',
+                code="price_unknown", param="model")
+        input_tokens = output_tokens = 0
+        if dollars or getattr(identity.limits, "tpm", None) or getattr(team_limits, "tpm", None):
+            input_tokens = estimate_input_tokens(request)
+            if isinstance(request, ChatRequest):  # embeddings have no output tokens
+                if price is None and not prices:
+                    price = state.prices.lookup(route.provider, route.model)
+                output_tokens = request.max_output_tokens or (price.max_output_tokens if price else None) \
+                    or config.default_max_output_tokens
+        reserve = max((reservation(p, input_tokens, output_tokens) for p in prices if p is not None), default=0) \
+            if dollars else 0
+        now = state.clock()
+        admission = state.admission(identity, team_limits, job, reserve, input_tokens + output_tokens, now)
+        if admission.limited:
+            try:
+                outcome = await state.counters.count(admission.group)
+            except Exception as exc:  # fails closed: a call that cannot be counted is not made
+                raise errors.ScillmError(f"budgets could not be checked (state store: {type(exc).__name__}); the "
+                                         "call was not made", status=503, code="state_store_unavailable") from None
+            if not outcome.applied:
+                refused = admission.refused(outcome)
+                spent_key = refused.check.spent_key
+                spent = (await state.counters.count((Count(spent_key),))).values[0] if spent_key else 0.0
+                refusal = explain(refused, spent, now)
+                self._refused(str(refusal.code), refused.check.scope)
+                ctx.notes.setdefault("cost_usd", 0.0)
+                if job is not None and isinstance(refusal, errors.BudgetExceeded) and (
+                        refusal.retry_after_s is None or refusal.retry_after_s >= 60):
+                    job.exceed(refusal.message)
+                raise refusal
+        state.stats["admitted"] += 1
+        self.admission = admission
+
+    def _refused(self, code: str, scope: str) -> None:
+        self.state.stats["refused"] += 1
+        self.state.refusals.inc((self.state.keys(self.ctx.identity.owner), code, scope))
+
+    async def run(self, call: ChatThunk) -> ChatResult:
+        await self.admit()
+        ctx = self.ctx
+        ctx.notes[ACTIVE] = True
+        try:
+            result = await call()
+        except BaseException:
+            self.settle(None, answered=False)
+            raise
+        finally:
+            ctx.notes.pop(ACTIVE, None)
+        if not self.request.stream:  # a ChatResponse or an EmbeddingsResponse
+            self.settle(result.usage, answered=True)
+            return result
+        return self.observe(result)
+
+    async def observe(self, chunks: AsyncIterator[ChatChunk]) -> AsyncIterator[ChatChunk]:
+        """The stream going on to the client: its usage is read (and hidden if the client did not ask for it),
+        and the call is settled when it ends, however it ends."""
+        hide = bool(self.ctx.notes.get(HIDE_USAGE))
+        usage: Usage | None = None
+        try:
+            async for chunk in chunks:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                    if hide:
+                        if not chunk.choices:
+                            continue
+                        chunk = attrs.evolve(chunk, usage=None)
+                yield chunk
+        finally:
+            self.settle(usage, answered=True)
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+
+    def settle(self, usage: Usage | None, *, answered: bool) -> None:
+        """Replace the reservation with the actual cost (priced by the route that served), and record it.
+        Unanswered calls cost nothing; an answer without usage (or without a price) costs ``None`` and keeps its
+        whole reservation, the most it can have cost."""
+        admission, state, ctx = self.admission, self.state, self.ctx
+        if admission is None:
+            return
+        self.admission = None
+        served = ctx.route or self.route
+        price = state.prices.lookup(served.provider, served.model)
+        tokens = tokens_of(usage) if usage is not None else None
+        cost: float | None = 0.0
+        charged = 0
+        if answered:
+            cost = price.usd(tokens) if price is not None and tokens is not None else None
+            charged = round(cost * NANO) if cost is not None else admission.reserve_nano
+        state.counters.later(admission.settle(charged, tokens.total if tokens is not None else None))
+        if not answered:
+            ctx.notes.setdefault("cost_usd", 0.0)
+            return
+        total = ctx.notes.get("cost_usd", 0.0)
+        ctx.notes["cost_usd"] = None if cost is None or total is None else round(total + cost, 9)
+        if ctx.notes["cost_usd"] is not None and not self.request.stream:
+            ctx.notes.setdefault("headers", {})["x-scillm-cost-usd"] = _usd(ctx.notes["cost_usd"])
+        identity, job = ctx.identity, ctx.job
+        if job is not None:
+            job.add_cost(cost)
+        if cost is None:
+            state.stats["unpriced_calls"] += 1
+        else:
+            state.spend.inc((state.keys(identity.owner), identity.team or ""), cost)
+        if state.config.ledger:
+            state.ledger.add({
+                "ts": time.time(), "request_id": ctx.request_id, "owner": identity.owner, "key_name": identity.name,
+                "team": identity.team, "caller": ctx.caller[:200] if ctx.caller else None,
+                "model": self.request.model[:200],
+                "provider": served.provider, "served_model": served.model,
+                "batch": job.id if job is not None and job.kind == "batch" else None,
+                "run": job.id if job is not None and job.kind == "run" else None,
+                "cost_usd": cost, "charged_usd": round(charged / NANO, 9),
+                "tokens": tokens.as_dict() if tokens is not None else None, "stream": self.request.stream})
+
+
+def _usd(value: float) -> str:
+    return f"{value:.9f}".rstrip("0").rstrip(".") or "0"
+
+
+__all__ += ["windows"]

@@ -1,0 +1,281 @@
+"""Admission and settlement of one provider call against every budget and limit that applies to it.
+
+Before the call, one group of counter changes reserves what the call may cost at most (its input estimated from
+the request, its output from ``max_tokens`` or the model's limit) in each dollar budget of the key, of its team and
+of the batch or run, and takes a request, its tokens and a concurrency slot from the per-minute windows and caps.
+The store applies the group all-or-nothing: refused, nothing is held and the call never reaches the provider.
+After the call a second group replaces the reservation with the actual cost and returns the slot; it is queued
+(not awaited) and rides with the next round trip, so a request pays one store round trip, shared under load.
+
+Counters (namespace ``budgets``), dollars in nano-dollars:
+``<scope>:<id>:d:<YYYYMMDD>:held`` (settled + reserved) and ``…:spent`` (settled), the same with ``m:<YYYYMM>``,
+``<scope>:<id>:rpm:<minute>``, ``…:tpm:<minute>``, ``<scope>:<id>:conc``; scope is ``key`` (the owner: a key id or
+``master``), ``team`` or ``batch``/``run`` (``<owner>/<id>``, with no window).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from scillm_budgets.pricing import NANO, Price, Tokens
+from scillm_core import EmbeddingsRequest, FilePart, ImagePart, Job, OtherPart, TextPart, errors
+from scillm_core.state import Count, Counted
+
+if TYPE_CHECKING:
+    from scillm_keys import Limits
+
+    from scillm_core import Identity
+    from scillm_core.pipeline import ProviderRequest
+
+__all__ = ["Admission", "Layout", "Refused", "Window", "estimate_input_tokens", "explain", "layout", "windows"]
+
+DAY_TTL_S = 3 * 86400
+MONTH_TTL_S = 63 * 86400
+MINUTE_TTL_S = 120
+SLOT_TTL_S = 3600  # a slot nobody touches for an hour is dropped (a crashed process cannot hold one forever)
+JOB_TTL_S = 90 * 86400
+IMAGE_TOKENS = 1600
+PDF_TOKENS = 1500 * 50  # a PDF part of unknown length: reserve for a long one
+MESSAGE_OVERHEAD = 8
+
+
+def estimate_input_tokens(request: ProviderRequest) -> int:
+    """An upper estimate of the prompt, for reservations: a token per 3 bytes of UTF-8 text (tokenizers average
+    about 4 for English and code and about 3 per CJK character), images and PDFs at a generous flat rate; an
+    embeddings request's texts the same way, its token arrays as they are."""
+    size = 0
+    tokens = 0
+    if isinstance(request, EmbeddingsRequest):
+        for item in request.inputs:
+            if isinstance(item, str):
+                size += len(item.encode())
+            else:
+                tokens += len(item)
+        return tokens + math.ceil(size / 3)
+    for message in request.messages:
+        tokens += MESSAGE_OVERHEAD
+        content = message.content
+        if isinstance(content, str):
+            size += len(content.encode())
+        elif content:
+            for part in content:
+                if isinstance(part, TextPart):
+                    size += len(part.text.encode())
+                elif isinstance(part, ImagePart):
+                    tokens += IMAGE_TOKENS
+                elif isinstance(part, FilePart):
+                    tokens += PDF_TOKENS
+                elif isinstance(part, OtherPart):
+                    size += len(repr(part.data))
+        for call in message.tool_calls or ():
+            size += len(call.function.name) + len(call.function.arguments.encode())
+    for tool in request.tools or ():
+        size += len(repr(tool))
+    return tokens + math.ceil(size / 3)
+
+
+class Window(NamedTuple):
+    """One dollar window: ``label`` ("daily"), its counter stem and when it resets."""
+
+    label: str
+    stem: str
+    ttl_s: float
+    resets_at: float
+
+
+def windows(now: float) -> tuple[Window, Window]:
+    """Today's and this month's window (UTC); computed once a minute (a pure function of the minute)."""
+    global _last
+    minute = int(now // 60)
+    last = _last
+    if last is None or last[0] != minute:
+        last = _last = (minute, _compute_windows(now))
+    return last[1]
+
+
+_last: tuple[int, tuple[Window, Window]] | None = None
+
+
+def _compute_windows(now: float) -> tuple[Window, Window]:
+    day = datetime.fromtimestamp(now, UTC)
+    next_day = datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() + 86400
+    next_month = datetime(day.year + day.month // 12, day.month % 12 + 1, 1, tzinfo=UTC).timestamp()
+    return (Window("daily", f"d:{day:%Y%m%d}", DAY_TTL_S, next_day),
+            Window("monthly", f"m:{day:%Y%m}", MONTH_TTL_S, next_month))
+
+
+class Check(NamedTuple):
+    """What one reserving change in the admission group stands for, to explain a refusal."""
+
+    kind: str          # "usd", "rpm", "tpm", "concurrency"
+    scope: str         # "key", "team", "batch", "run"
+    who: str           # the key's name, the team, the batch or run id
+    limit: float       # in the counter's unit
+    window: Window | None = None
+    spent_key: str | None = None  # the counter of this budget's settled spend (read to explain a refusal)
+
+
+class Refused(NamedTuple):
+    """The first limit a refused group would pass: the check, this call's change and the counter's value."""
+
+    check: Check
+    delta: float
+    current: float
+
+
+class Admission:
+    """A call's place in its limits: the changes to make now, and to undo or settle after the call."""
+
+    __slots__ = ("checks", "group", "held", "reserve_nano", "reserve_tokens", "slots", "spent", "tpm")
+
+    def __init__(self, group: list[Count], layout: Layout, reserve_nano: int, reserve_tokens: int) -> None:
+        self.group = group
+        self.checks = layout.checks                # group index -> what it checks
+        self.held = layout.held                    # dollar counters holding the reservation
+        self.spent = layout.spent                  # dollar counters of settled spend, with their ttl
+        self.tpm = layout.tpm
+        self.slots = layout.slots
+        self.reserve_nano = reserve_nano
+        self.reserve_tokens = reserve_tokens
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.checks)
+
+    def settle(self, charged_nano: int, tokens: int | None) -> list[Count]:
+        """The changes that replace the reservation with ``charged_nano`` and release the call's slots."""
+        out = [Count(key, charged_nano - self.reserve_nano) for key in self.held]
+        out += [Count(key, charged_nano, ttl_s=ttl) for key, ttl in self.spent if charged_nano]
+        if tokens is not None:
+            out += [Count(key, tokens - self.reserve_tokens) for key in self.tpm]
+        out += [Count(key, -1) for key in self.slots]
+        return [c for c in out if c.delta]
+
+    def refused(self, outcome: Counted) -> Refused:
+        """The first limit the refused group would pass."""
+        for index, check in self.checks.items():
+            change, current = self.group[index], outcome.values[index]
+            if current + change.delta > check.limit:
+                return Refused(check, change.delta, current)
+        raise AssertionError("a refused group passes one of its limits")
+
+
+def explain(refused: Refused, spent: float, now: float) -> errors.LimitExceeded:
+    """The 429 for a refusal, with when trying again can succeed; ``spent`` is the budget's settled spend."""
+    check, delta, current = refused
+    if check.kind == "concurrency":
+        return errors.RateLimited(f"rate limited: {check.scope} {check.who!r} allows {int(check.limit)} "
+                                  "concurrent calls and has that many in flight", retry_after_s=1)
+    if check.kind in ("rpm", "tpm"):
+        unit = "requests" if check.kind == "rpm" else "tokens"
+        return errors.RateLimited(
+            f"rate limited: {check.scope} {check.who!r} allows {int(check.limit)} {unit} per minute "
+            f"(this call needs {int(delta)}; {int(current)} used this minute)",
+            retry_after_s=max(1.0, 60 - now % 60))
+    window = check.window
+    what = f"{window.label} budget" if window else "max_cost_usd"
+    message = (f"budget exceeded: {check.scope} {check.who!r} has spent ${spent / NANO:.6f} of its "
+               f"${check.limit / NANO:.6f} {what} (${max(0, current - spent) / NANO:.6f} more reserved by "
+               f"calls in flight); this call may cost up to ${delta / NANO:.6f}")
+    if spent + delta <= check.limit:  # calls in flight hold the room: it may free up in a moment
+        return errors.BudgetExceeded(message + "; retry when calls in flight finish", retry_after_s=1)
+    if delta > check.limit:
+        return errors.BudgetExceeded(message + "; lower max_tokens or raise the budget")
+    if window is None:
+        return errors.BudgetExceeded(message)
+    return errors.BudgetExceeded(f"{message}; it resets at {_iso(window.resets_at)}",
+                                 retry_after_s=window.resets_at - now)
+
+
+class Layout(NamedTuple):
+    """The counters an identity's calls change in one minute: per change its key, what amount it takes
+    (``usd``: the reservation, ``tokens``: the reserved tokens, ``one``), its limit and ttl; and what settles."""
+
+    changes: tuple[tuple[str, str, float | None, float | None], ...]
+    checks: dict[int, Check]
+    held: tuple[str, ...]
+    spent: tuple[tuple[str, float], ...]
+    tpm: tuple[str, ...]
+    slots: tuple[str, ...]
+
+    def admission(self, reserve_nano: int, reserve_tokens: int, job: Job | None) -> Admission:
+        amounts = {"usd": reserve_nano, "tokens": reserve_tokens, "one": 1}
+        group = [Count(key, amounts[unit], limit, ttl) for key, unit, limit, ttl in self.changes]
+        layout = self
+        if job is not None and job.max_cost_usd is not None:  # the batch's or run's ceiling, per call
+            stem = f"{job.kind}:{job.owner}/{job.id}"
+            group.append(Count(f"{stem}:held", reserve_nano, job.max_cost_usd * NANO, JOB_TTL_S))
+            layout = self._replace(
+                checks={**self.checks, len(group) - 1: Check("usd", job.kind, job.id, job.max_cost_usd * NANO, None,
+                                                             f"{stem}:spent")},
+                held=(*self.held, f"{stem}:held"), spent=(*self.spent, (f"{stem}:spent", JOB_TTL_S)))
+        return Admission(group, layout, reserve_nano, reserve_tokens)
+
+
+def layout(identity: Identity, team_limits: Limits | None, now: float) -> Layout:
+    """The counters for calls of ``identity`` (and its team) in the minute of ``now``; the same all minute long, so
+    callers cache it. A virtual key's spend is counted per day and month even without a budget (``GET
+    /v1/budget``); the master key's only in the ledger."""
+    track_spend = not identity.master
+    changes: list[tuple[str, str, float | None, float | None]] = []
+    checks: dict[int, Check] = {}
+    held: list[str] = []
+    spent: list[tuple[str, float]] = []
+    tpm: list[str] = []
+    slots: list[str] = []
+    minute = int(now // 60)
+    day, month = windows(now)
+    scopes: list[tuple[str, str, str, Limits | None]] = [("key", identity.owner, identity.name, identity.limits)]
+    if identity.team and team_limits is not None:
+        scopes.append(("team", identity.team, identity.team, team_limits))
+
+    def add(key: str, unit: str, limit: float | None, ttl: float | None, check: Check | None) -> None:
+        if check is not None:
+            checks[len(changes)] = check
+        changes.append((key, unit, limit, ttl))
+
+    for scope, ident, who, limits in scopes:
+        base = f"{scope}:{ident}"
+        for window, limit_usd in ((day, getattr(limits, "daily_usd", None)),
+                                  (month, getattr(limits, "monthly_usd", None))):
+            stem = f"{base}:{window.stem}"
+            if limit_usd is not None:
+                add(f"{stem}:held", "usd", limit_usd * NANO, window.ttl_s,
+                    Check("usd", scope, who, limit_usd * NANO, window, f"{stem}:spent"))
+                held.append(f"{stem}:held")
+                spent.append((f"{stem}:spent", window.ttl_s))
+            elif scope == "key" and track_spend:
+                spent.append((f"{stem}:spent", window.ttl_s))  # kept per key even without a budget
+        if limits is None:
+            continue
+        if limits.rpm is not None:
+            add(f"{base}:rpm:{minute}", "one", limits.rpm, MINUTE_TTL_S, Check("rpm", scope, who, limits.rpm))
+        if limits.tpm is not None:
+            add(f"{base}:tpm:{minute}", "tokens", limits.tpm, MINUTE_TTL_S, Check("tpm", scope, who, limits.tpm))
+            tpm.append(f"{base}:tpm:{minute}")
+        if limits.max_concurrency is not None:
+            add(f"{base}:conc", "one", limits.max_concurrency, SLOT_TTL_S,
+                Check("concurrency", scope, who, limits.max_concurrency))
+            slots.append(f"{base}:conc")
+    return Layout(tuple(changes), checks, tuple(held), tuple(spent), tuple(tpm), tuple(slots))
+
+
+def needs_dollars(identity: Identity, team_limits: Limits | None, job: Job | None) -> bool:
+    limits: Sequence[Any] = (identity.limits, team_limits if identity.team else None)
+    return any(getattr(lim, "daily_usd", None) is not None or getattr(lim, "monthly_usd", None) is not None
+               for lim in limits) or (job is not None and job.max_cost_usd is not None)
+
+
+def reservation(price: Price | None, input_tokens: int, output_tokens: int) -> int:
+    """The most a call may cost, in nano-dollars: every prompt token at the full input rate, the whole output."""
+    if price is None:
+        return 0
+    return price.nano(Tokens(input=input_tokens, output=output_tokens))
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
