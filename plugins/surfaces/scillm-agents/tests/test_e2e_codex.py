@@ -108,6 +108,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             "guard": e.worker(),
             "idle": e.worker(idle_timeout_s=1),
             "teams": e.worker(),
+            "shared": e.worker(),
         }, e.server_env, max_live=3)
         e.server.app.runtime.events.subscribe(e.reported.append, kinds=["run.start", "run.end", "request.start"])
         e.http = client(e.server)
@@ -216,6 +217,66 @@ def test_a_virtual_keys_turn_is_its_own_and_its_model_calls_are_charged_to_it(en
     assert run in [g["run"] for g in spend["groups"]]
     assert bob.get(env.server.url + "/v1/scillm/spend", params={"group_by": "run"}).json()["calls"] == 0
     assert env.http.post("/teams/cleanup", json={"lease_id": held["lease_id"]}).status_code == 200
+    for each in (admin, alice, bob):
+        each.close()
+
+
+def test_a_worker_shows_each_key_only_its_own_handoffs_lease_turns_thread_and_events(env: Env) -> None:
+    """One worker used by two virtual keys in turn: another key's handoff is as if absent (its id is taken, its
+    goal never shown), its lease shows only that the worker is taken and until when (renew, release and cleanup:
+    404), status lists only the caller's own turn and handoffs, the next key's turn starts a thread of its own (the
+    model never sees the first key's conversation), and each key's event stream carries its own events only; the
+    master key sees everything."""
+    assert env.server is not None and env.http is not None
+    admin = httpx.Client(base_url=env.server.url, timeout=60, headers={"authorization": f"Bearer {MASTER_KEY}"})
+    made = [admin.post("/v1/scillm/keys", json={"name": name}).json() for name in ("shared-a", "shared-b")]
+    alice, bob = (httpx.Client(base_url=env.server.url + "/v1/scillm/agents", timeout=180, headers={
+        "authorization": f"Bearer {m['key']}", "x-caller-skill": CALLER}) for m in made)
+    handoff = {"handoff_id": "h-private", "goal": "REMEMBER PAPAYA"}
+    assert alice.post("/shared/handoffs", json=handoff).status_code == 201
+    taken = bob.post("/shared/handoffs", json=handoff)
+    assert taken.status_code == 409 and "PAPAYA" not in taken.text
+    absent = [bob.post("/shared/leases", json={"owner": "bob-agent", "handoff_id": h}) for h in ("h-private", "h-no")]
+    assert [r.status_code for r in absent] == [400, 400]
+    assert absent[0].json()["error"]["message"].replace("h-private", "?") == \
+        absent[1].json()["error"]["message"].replace("h-no", "?")  # the same answer as for no handoff at all
+    held = lease(alice, "shared", owner="alice-agent", handoff_id="h-private")
+    first = alice.post("/shared/turn", json={"lease_id": held["lease_id"], "wait": True})
+    assert first.status_code == 200 and first.json()["final_text"] == "NOTED PAPAYA", first.text
+
+    refused = bob.post("/shared/leases", json={"owner": "bob-agent"})
+    assert refused.status_code == 409 and "alice-agent" not in refused.text and held["lease_id"] not in refused.text
+    for path, body in (("/shared/leases", {"action": "renew", "lease_id": held["lease_id"]}),
+                       ("/shared/leases", {"action": "release", "lease_id": held["lease_id"]}),
+                       ("/shared/cleanup", {"lease_id": held["lease_id"]})):
+        assert bob.post(path, json=body).status_code == 404, path
+    theirs = bob.get("/shared/status").json()
+    assert theirs["state"] == "leased" and theirs["lease"] == {"held_by_another_key": True,
+                                                               "expires_at": held["expires_at"]}
+    assert theirs["last_turn"] is None and theirs["handoffs"] == [] and theirs["thread"]["id"] is None
+    for reader in (alice, env.http):
+        own = reader.get("/shared/status").json()
+        assert own["lease"]["lease_id"] == held["lease_id"] and own["handoffs"] == ["h-private"]
+        assert own["last_turn"]["turn_id"] == first.json()["turn_id"] and own["thread"]["id"]
+
+    assert alice.post("/shared/leases", json={"action": "release", "lease_id": held["lease_id"]}).status_code == 200
+    held_b = lease(bob, "shared", owner="bob-agent")
+    second = bob.post("/shared/turn", json={"lease_id": held_b["lease_id"], "input": "RECALL", "wait": True})
+    assert second.status_code == 200, second.text
+    assert second.json()["final_text"].startswith("RECALLED") and "PAPAYA" not in second.json()["final_text"]
+    assert bob.get("/shared/status").json()["thread"]["id"] != own["thread"]["id"]  # a thread of its own
+
+    def done(turn: httpx.Response) -> Any:
+        return lambda e: e["type"] == "turn.completed" and e["turn_id"] == turn.json()["turn_id"]
+
+    mine = list(events(bob, "shared", 0, until=done(second)))
+    assert mine[-1]["turn_id"] == second.json()["turn_id"]
+    assert {e["identity"] for e in mine} == {made[1]["id"]} and "PAPAYA" not in json.dumps(mine)
+    assert alice.get("/shared/events/stream").status_code == 404  # neither its lease nor its last turn now
+    everything = list(events(env.http, "shared", 0, until=done(second)))
+    assert {made[0]["id"], made[1]["id"]} <= {e.get("identity") for e in everything}
+    assert "PAPAYA" in json.dumps(everything)
+    assert env.http.post("/shared/cleanup", json={"lease_id": held_b["lease_id"]}).status_code == 200
     for each in (admin, alice, bob):
         each.close()
 

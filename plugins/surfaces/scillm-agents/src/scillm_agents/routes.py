@@ -42,9 +42,7 @@ def _identity(request: Request) -> str:
 async def _held(agents: Agents, request: Request, worker: Worker, lease_id: Any, action: str) -> dict[str, Any]:
     """The live lease ``lease_id`` (409 otherwise), and 404 when another key took it: a key controls only the
     turns of its own leases (the master key controls every one)."""
-    lease = await agents.holder(worker.name, lease_id, action)
-    require_visible(identity_of(request), lease.get("identity"), f"lease {lease_id!r}")
-    return lease
+    return await agents.holder(worker.name, lease_id, action, identity_of(request))
 
 
 def _who(request: Request, caller: str | None) -> dict[str, Any]:
@@ -122,15 +120,23 @@ def _public_lease(lease: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 
 async def status(request: Request) -> Response:
+    """The worker's state; its lease, turns and handoffs as far as they are the calling key's (another key's lease
+    shows only that the worker is taken and until when; the master key sees everything)."""
     agents, worker = _worker(request)
+    identity = identity_of(request)
     lease = await agents.lease(worker.name)
     doc = await agents.worker_doc(worker.name)
     last = await agents.turn(worker.name, doc["last_turn_id"]) if doc.get("last_turn_id") else None
+    if last is not None and not identity.can_see(last.get("identity")):
+        last = None
+    public_lease = _public_lease(lease)
+    if lease is not None and not identity.can_see(lease.get("identity")):
+        public_lease = {"held_by_another_key": True, "expires_at": lease.get("expires_at")}
     thread_id = doc.get("thread_id")
     note = doc.get("context_note")
     if thread_id and not worker.alive and doc.get("context") != "lost":
         note = f"thread {thread_id} is kept; the next turn resumes it in a new codex app-server"
-    running = worker.current
+    running = worker.current if identity.can_see(worker.holder) else None
     return json_response({
         "worker": worker.name,
         "state": "running" if worker.busy.locked() else ("leased" if lease else "idle"),
@@ -139,12 +145,13 @@ async def status(request: Request) -> Response:
         "turn_timeout_s": worker.cfg.turn_timeout_s, "idle_timeout_s": worker.cfg.idle_timeout_s,
         "process": worker.process_status(),
         "thread": {"id": thread_id, "context": doc.get("context"), "note": note,
-                   "lost_thread_id": doc.get("lost_thread_id")},
-        "lease": _public_lease(lease),
+                   "lost_thread_id": doc.get("lost_thread_id")} if identity.can_see(doc.get("thread_owner")) else
+                  {"id": None, "note": "the current thread is another key's; your next turn starts one of its own"},
+        "lease": public_lease,
         "turn": {"turn_id": running.turn_id, "status": "running"} if running is not None else None,
         "last_turn": {k: last.get(k) for k in ("turn_id", "handoff_id", "status", "error", "started_at",
                                                "completed_at")} if last else None,
-        "handoffs": await agents.handoff_ids(worker.name),
+        "handoffs": await agents.handoff_ids(worker.name, identity),
         "worktree": doc.get("worktree"),
         "events_seq": worker.events.seq,
     })
@@ -173,7 +180,8 @@ async def events(request: Request) -> Response:
     runtime = runtime_of(request)
     heartbeat = exec_config(runtime).heartbeat_s or runtime.config.server.heartbeat_s
     end = {"type": "end", "worker": worker.name}
-    return StreamingResponse(sse_tail(worker.events, after, heartbeat, end), media_type="text/event-stream",
+    keep = None if identity.master else lambda event: event.get("identity") == identity.owner  # its own work only
+    return StreamingResponse(sse_tail(worker.events, after, heartbeat, end, keep), media_type="text/event-stream",
                              headers={"cache-control": "no-cache"})
 
 
@@ -235,17 +243,19 @@ async def leases(request: Request) -> Response:
     handoff_id = _id(body, "handoff_id")
     if action == "acquire":
         assert owner is not None
-        if handoff_id is not None and await agents.handoff(worker.name, handoff_id) is None:
+        if handoff_id is not None and await agents.handoff(worker.name, handoff_id, identity_of(request)) is None:
             raise _bad(f"worker {worker.name!r} has no handoff {handoff_id!r} (POST it to .../handoffs first)",
                        "$.handoff_id")
         lease_id = _id(body, "lease_id") or (f"{handoff_id}-lease" if handoff_id else f"lease-{uuid.uuid4().hex[:16]}")
         return json_response(await agents.acquire(worker.name, owner=owner, lease_id=lease_id, handoff_id=handoff_id,
-                                                  ttl_s=ttl_s, who=_who(request, caller)))
+                                                  ttl_s=ttl_s, who=_who(request, caller),
+                                                  viewer=identity_of(request)))
     lease_id = _id(body, "lease_id", required=True)
     assert lease_id is not None
     if action == "renew":
-        return json_response(await agents.renew(worker.name, lease_id=lease_id, owner=owner, ttl_s=ttl_s))
-    return json_response(await agents.release(worker.name, lease_id=lease_id))
+        return json_response(await agents.renew(worker.name, lease_id=lease_id, owner=owner, ttl_s=ttl_s,
+                                                viewer=identity_of(request)))
+    return json_response(await agents.release(worker.name, lease_id=lease_id, viewer=identity_of(request)))
 
 
 # -- turns ----------------------------------------------------------------------------------------------------------
@@ -275,7 +285,7 @@ async def turn(request: Request) -> Response:
     timeout_s = _seconds(body, "timeout_s", worker.cfg.turn_timeout_s, worker.cfg.turn_timeout_s)
     lease = await _held(agents, request, worker, lease_id, "run a turn")
     handoff_id = handoff_id or lease.get("handoff_id") or None
-    handoff = await agents.handoff(worker.name, handoff_id) if handoff_id else None
+    handoff = await agents.handoff(worker.name, handoff_id, identity_of(request)) if handoff_id else None
     if handoff_id and handoff is None:
         raise _bad(f"worker {worker.name!r} has no handoff {handoff_id!r} (POST it to .../handoffs first)",
                    "$.handoff_id")
@@ -336,10 +346,13 @@ async def cleanup(request: Request) -> Response:
     body = await _body(request, {"lease_id", "remove_worktree"})
     lease_id = _id(body, "lease_id")
     remove = _flag(body, "remove_worktree", False)
-    lease = await agents.lease(worker.name)
-    if lease is not None and lease.get("lease_id") != lease_id:
-        await agents.holder(worker.name, lease_id, "clean it up")  # raises 409 naming the holder
+    identity = identity_of(request)
+    if await agents.lease(worker.name) is not None:  # only its holder (or the master) cleans up a leased worker
+        await agents.holder(worker.name, lease_id, "clean it up", identity)
     live = worker.current
+    if live is not None and not live.done.is_set() and not identity.can_see(worker.holder):
+        raise errors.Conflict(f"worker {worker.name!r} is running another key's turn; clean it up after that turn "
+                              "ends", code="turn_running")
     if live is not None and not live.done.is_set():
         task = worker.task
         await worker.end_turn(live, "cancelled", "cancelled by cleanup")

@@ -22,7 +22,7 @@ from scillm_exec import exec_config, run_keys
 
 from scillm_agents.config import settings, workers
 from scillm_agents.worker import DIFF_INLINE, LiveTurn, Worker
-from scillm_core import MASTER, Identity, Job, Runtime, errors
+from scillm_core import MASTER, Identity, Job, Runtime, errors, require_visible
 from scillm_core.redact import env_secrets
 from scillm_core.state import StateStore
 
@@ -95,12 +95,17 @@ class Agents:
         return (f"worker {lease.get('worker')!r} is leased by {lease.get('owner')!r} (lease {lease.get('lease_id')!r}) "
                 f"until {_iso(float(lease.get('expires_at') or 0))}")
 
-    def _lease_conflict(self, lease: Mapping[str, Any], hint: str) -> errors.Conflict:
+    def _lease_conflict(self, lease: Mapping[str, Any], hint: str, viewer: Identity = MASTER) -> errors.Conflict:
+        """409: the worker is taken; who took it (owner, lease id) only for the key that holds it or the master."""
+        if not viewer.can_see(lease.get("identity")):
+            return errors.Conflict(f"worker {lease.get('worker')!r} is leased by another key until "
+                                   f"{_iso(float(lease.get('expires_at') or 0))}; {hint}", code="lease_held",
+                                   details={"expires_at": lease.get("expires_at")})
         return errors.Conflict(f"{self._held_by(lease)}; {hint}", code="lease_held", details={
             "holder": lease.get("owner"), "lease_id": lease.get("lease_id"), "expires_at": lease.get("expires_at")})
 
     async def acquire(self, name: str, *, owner: str, lease_id: str, handoff_id: str | None, ttl_s: float,
-                      who: Mapping[str, Any]) -> dict[str, Any]:
+                      who: Mapping[str, Any], viewer: Identity = MASTER) -> dict[str, Any]:
         """Take the worker's lease: one compare-and-set against "absent or expired". The same owner asking again
         with the same lease id renews it."""
         now = time.time()
@@ -108,68 +113,78 @@ class Agents:
                "acquired_at": now, "renewed_at": now, "expires_at": now + ttl_s, **who}
         if await self.store.compare_and_set(LEASES, name, None, doc, ttl_s=ttl_s):
             self.worker(name).emit("lease.acquired", lease_id=lease_id, owner=owner, handoff_id=handoff_id,
-                                   expires_at=doc["expires_at"])
+                                   expires_at=doc["expires_at"], identity=who.get("identity"))
             return doc
         current = await self.lease(name)
         if current is None:  # it expired between the two calls: one more atomic attempt
             if await self.store.compare_and_set(LEASES, name, None, doc, ttl_s=ttl_s):
                 return doc
             current = await self.lease(name)
-        if current is not None and current.get("lease_id") == lease_id and current.get("owner") == owner:
-            return await self.renew(name, lease_id=lease_id, owner=owner, ttl_s=ttl_s)
-        raise self._lease_conflict(current or {}, "try again after it expires, or ask the holder to release it")
+        if current is not None and current.get("lease_id") == lease_id and current.get("owner") == owner and \
+                viewer.can_see(current.get("identity")):
+            return await self.renew(name, lease_id=lease_id, owner=owner, ttl_s=ttl_s, viewer=viewer)
+        raise self._lease_conflict(current or {}, "try again after it expires, or ask the holder to release it",
+                                   viewer)
 
-    async def holder(self, name: str, lease_id: Any, action: str) -> dict[str, Any]:
-        """The live lease if ``lease_id`` is it, else 409 naming the holder (or saying there is none)."""
+    async def holder(self, name: str, lease_id: Any, action: str, viewer: Identity = MASTER) -> dict[str, Any]:
+        """The live lease if ``lease_id`` is it, else 409 (naming the holder to the key that holds it); 404 when
+        ``viewer`` is another key than the one that took it: a key controls only its own leases."""
         lease = await self.lease(name)
         if lease is None:
             raise errors.Conflict(f"worker {name!r} has no live lease; take one with POST /v1/scillm/agents/{name}"
                                   f"/leases before you {action}", code="lease_required")
         if lease.get("lease_id") != lease_id:
-            raise self._lease_conflict(lease, f"only the holder may {action}")
+            raise self._lease_conflict(lease, f"only the holder may {action}", viewer)
+        require_visible(viewer, lease.get("identity"), f"lease {lease_id!r}")
         return lease
 
-    async def renew(self, name: str, *, lease_id: str, owner: str | None, ttl_s: float) -> dict[str, Any]:
-        current = await self.holder(name, lease_id, "renew it")
+    async def renew(self, name: str, *, lease_id: str, owner: str | None, ttl_s: float,
+                    viewer: Identity = MASTER) -> dict[str, Any]:
+        current = await self.holder(name, lease_id, "renew it", viewer)
         if owner is not None and current.get("owner") != owner:
-            raise self._lease_conflict(current, "only the holder may renew it")
+            raise self._lease_conflict(current, "only the holder may renew it", viewer)
         now = time.time()
         new = {**current, "renewed_at": now, "expires_at": now + ttl_s, "ttl_s": ttl_s}
         if not await self.store.compare_and_set(LEASES, name, current, new, ttl_s=ttl_s):
             raise errors.Conflict(f"the lease on worker {name!r} changed while renewing it; read its status and "
                                   "try again", code="lease_changed")
-        self.worker(name).emit("lease.renewed", lease_id=lease_id, expires_at=new["expires_at"])
+        self.worker(name).emit("lease.renewed", lease_id=lease_id, expires_at=new["expires_at"],
+                               identity=current.get("identity"))
         return new
 
-    async def release(self, name: str, *, lease_id: str) -> dict[str, Any]:
-        current = await self.holder(name, lease_id, "release it")
+    async def release(self, name: str, *, lease_id: str, viewer: Identity = MASTER) -> dict[str, Any]:
+        current = await self.holder(name, lease_id, "release it", viewer)
         if not await self.store.compare_and_set(LEASES, name, current, None):
             raise errors.Conflict(f"the lease on worker {name!r} changed while releasing it", code="lease_changed")
-        self.worker(name).emit("lease.released", lease_id=lease_id)
+        self.worker(name).emit("lease.released", lease_id=lease_id, identity=current.get("identity"))
         return {**current, "released": True}
 
     # -- handoffs --------------------------------------------------------------------------------------------------
 
-    async def handoff(self, name: str, handoff_id: str) -> dict[str, Any] | None:
-        return await self.store.get(HANDOFFS, f"{name}/{handoff_id}")
+    async def handoff(self, name: str, handoff_id: str, viewer: Identity = MASTER) -> dict[str, Any] | None:
+        """The handoff, or ``None`` when there is none that ``viewer`` may see (another key's is not there)."""
+        doc = await self.store.get(HANDOFFS, f"{name}/{handoff_id}")
+        return doc if doc is not None and viewer.can_see(doc.get("identity")) else None
 
     async def add_handoff(self, name: str, doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """Store a handoff once; the same handoff again is accepted as is (a retry), a different one with the same
-        id is a 409. Returns ``(document, created)``."""
+        """Store a handoff once; the same handoff again from the same key is accepted as is (a retry), a different
+        one with the same id (or another key's) is a 409 that shows nothing of it. Returns ``(document, created)``."""
         key = f"{name}/{doc['handoff_id']}"
         if await self.store.compare_and_set(HANDOFFS, key, None, doc):
             self.worker(name).emit("handoff.created", handoff_id=doc["handoff_id"], goal=doc["goal"],
-                                   owner=doc.get("caller"))
+                                   owner=doc.get("caller"), identity=doc.get("identity"))
             return doc, True
         existing = await self.store.get(HANDOFFS, key) or {}
-        content = ("goal", "context", "validation_expectations", "metadata", "phase_id")
+        content = ("goal", "context", "validation_expectations", "metadata", "phase_id", "identity")
         if all(existing.get(k) == doc.get(k) for k in content):
             return existing, False
         raise errors.Conflict(f"worker {name!r} already has a different handoff {doc['handoff_id']!r}; use a new "
                               "handoff_id", code="handoff_exists")
 
-    async def handoff_ids(self, name: str) -> list[str]:
-        return [key.split("/", 1)[1] for key, _ in await self.store.scan(HANDOFFS, f"{name}/", limit=1000)]
+    async def handoff_ids(self, name: str, viewer: Identity = MASTER) -> list[str]:
+        """The worker's handoffs that ``viewer`` may see."""
+        return [key.split("/", 1)[1] for key, doc in await self.store.scan(HANDOFFS, f"{name}/", limit=1000)
+                if viewer.can_see(doc.get("identity"))]
 
     # -- turns -----------------------------------------------------------------------------------------------------
 
@@ -186,7 +201,10 @@ class Agents:
                                   "wait for its result", code="turn_running")
         await worker.busy.acquire()
         try:
+            worker.holder = identity.owner
             await worker.ensure_running(base_url, trace)
+            if not identity.master:
+                await worker.own_thread(identity.owner)
             worker.turn_run = worker.unit(
                 f"agent turn {worker.name}", uuid.uuid4().hex[:12], trace, worker.run.unit if worker.run else None,
                 caller=record.get("caller"), owner=record.get("owner"), handoff_id=record.get("handoff_id"))
@@ -219,6 +237,7 @@ class Agents:
     def _end_turn_run(self, worker: Worker, status: str, error: str | None, **attrs: Any) -> None:
         """The turn's unit ends; the worker's model calls are its run's (and the master's) again."""
         self.keys.assign(worker.key, run_id=f"agent-{worker.name}", caller="agents")
+        worker.holder = None
         if worker.turn_run is not None:
             worker.turn_run.end(status, error, **attrs)
             worker.turn_run = None

@@ -119,6 +119,8 @@ class Worker:
         self.task: asyncio.Task[dict[str, Any]] | None = None   # stores the running turn's result
         self.run: Unit | None = None          # the live process, as a unit of work (events, traces)
         self.turn_run: Unit | None = None     # the running turn, a unit inside it
+        #: the key (its owner id) whose turn the worker is running: what it emits meanwhile is that key's
+        self.holder: str | None = None
 
     # -- state -----------------------------------------------------------------------------------------------------
 
@@ -129,6 +131,7 @@ class Worker:
     def emit(self, type: str, **fields: Any) -> None:
         if self.events.closed:  # cleanup ended the followers of the last log; the numbering goes on
             self.events = EventLog(self.events.path, redact=[s.decode() for s in self.events.secrets])
+        fields.setdefault("identity", self.holder)  # who may read it: that key (and the master); None: the master
         event = self.events.append(type, worker=self.name, **fields)
         unit = self.turn_run or self.run
         if unit is not None:
@@ -250,7 +253,8 @@ class Worker:
                 note = (f"context lost: codex could not resume thread {previous} ({exc.message}); thread "
                         f"{self.thread_id} started without the earlier conversation")
                 await self.service.update_worker(self.name, thread_id=self.thread_id, context="lost", context_note=note,
-                                                 lost_thread_id=previous, context_at=time.time())
+                                                 lost_thread_id=previous, context_at=time.time(),
+                                                 thread_owner=self.holder)
                 self.emit("worker.context_lost", thread_id=self.thread_id, previous_thread_id=previous,
                           reason=exc.message)
                 return
@@ -262,8 +266,28 @@ class Worker:
         result = await rpc.request("thread/start", self._thread_params(), timeout=RPC_TIMEOUT_S)
         self.thread_id = result["thread"]["id"]
         await self.service.update_worker(self.name, thread_id=self.thread_id, context="new", context_at=time.time(),
-                                         context_note=f"thread {self.thread_id} started", lost_thread_id=None)
+                                         context_note=f"thread {self.thread_id} started", lost_thread_id=None,
+                                         thread_owner=self.holder)
         self.emit("worker.started", thread_id=self.thread_id, pid=self.process.pid if self.process else None)
+
+    async def own_thread(self, owner: str) -> None:
+        """A virtual key's turn continues only a thread of its own: when another key's turns (or the master's) wrote
+        the current one, it gets a new thread, so no key reads another's conversation through the model (the
+        master key's turns continue any thread)."""
+        doc = await self.service.worker_doc(self.name)
+        if doc.get("thread_owner") == owner and doc.get("thread_id") == self.thread_id:
+            return
+        assert self.rpc is not None
+        previous = self.thread_id
+        try:
+            result = await self.rpc.request("thread/start", self._thread_params(), timeout=RPC_TIMEOUT_S)
+        except (RpcError, ConnectionError, TimeoutError) as exc:
+            raise unavailable(f"worker {self.name!r}: codex could not start a thread: {_reason(exc)}") from None
+        self.thread_id = result["thread"]["id"]
+        await self.service.update_worker(self.name, thread_id=self.thread_id, context="new", context_at=time.time(),
+                                         context_note=f"thread {self.thread_id} started: thread {previous} was "
+                                                      "another key's", lost_thread_id=None, thread_owner=owner)
+        self.emit("worker.thread_started", thread_id=self.thread_id, reason="the previous thread was another key's")
 
     async def _write(self, data: bytes) -> None:
         if self.process is None:

@@ -125,12 +125,16 @@ def _last_seq(path: Path) -> int:
 
 
 async def sse_tail(log: EventLog, after: int, heartbeat_s: float,
-                   end: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None) -> AsyncIterator[bytes]:
+                   end: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+                   keep: Callable[[Mapping[str, Any]], bool] | None = None) -> AsyncIterator[bytes]:
     """The log as SSE: ``id: <seq>`` + ``data: <event>`` frames, ``: heartbeat`` comments while quiet, and an
-    ``event: end`` frame after the last event of a closed log (its data: ``end``, or what ``end()`` returns then)."""
+    ``event: end`` frame after the last event of a closed log (its data: ``end``, or what ``end()`` returns then).
+    With ``keep``, only the events it accepts (a log several keys' work shares)."""
     async for event in log.follow(after, heartbeat_s=heartbeat_s):
         if event is None:
             yield b": heartbeat\n\n"
+            continue
+        if keep is not None and not keep(event):
             continue
         yield b"id: %d\ndata: %s\n\n" % (event.get("seq", 0), orjson.dumps(event))  # scrubbed when stored
     final = end() if callable(end) else end
