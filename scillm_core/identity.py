@@ -117,14 +117,17 @@ def require_visible(identity: Identity, owner: str | None, what: str) -> None:
         raise errors.NotFound(f"no {what}")
 
 
-async def owner_identity(runtime: Runtime, owner: str | None) -> Identity:
+async def owner_identity(runtime: Runtime, owner: str | None, known: Identity | None = None) -> Identity:
     """The identity of ``owner`` as it is now, for work a key started that runs later or in another process (a
     batch item another instance takes, a run recovered after a restart): the key plugin's current view of that key
     (``runtime.plugin_state["keys"]``; a 401 :class:`~scillm_core.errors.ScillmError` once it was revoked or
-    expired), the master identity for the master key's work."""
+    expired), the master identity for the master key's work. With ``known`` (the identity the work started with),
+    an unchanged key costs one version read instead of a document read."""
     if not owner or owner == MASTER_OWNER:
         return MASTER
     keys = runtime.plugin_state.get("keys")
     if keys is None:
         return Identity(owner=owner, name=owner)
+    if known is not None and known.owner == owner:
+        return await keys.verify(known)  # type: ignore[no-any-return]
     return await keys.identity(owner)  # type: ignore[no-any-return]

@@ -401,6 +401,38 @@ def test_a_batch_with_max_cost_usd_stops_at_its_ceiling_and_says_which_items_wer
     assert spend["calls"] == len(ran)
 
 
+def test_a_revoked_keys_batch_items_are_reported_as_not_run(server: Server) -> None:
+    """The key that submitted a batch is revoked while its third item is at the upstream: that item finishes, no
+    later item reaches the provider, and each of them has a result saying it was not run and why."""
+    key_id, token = server.key(name="revoked-mid-batch")
+    marker = "REVOKE-MID-BATCH"
+    seen: list[int] = []
+
+    def revoke_at_the_third(request: Any) -> None:
+        if marker in json.dumps(request.body):
+            seen.append(1)
+            if len(seen) == 3:
+                assert server.admin.delete(f"/v1/scillm/keys/{key_id}").status_code == 200
+        return None  # the fake's usual answer
+
+    server.fake.responder = revoke_at_the_third
+    try:
+        body = {"model": PRICEY, "batch_id": "revoked-batch", "concurrency": 1, "max_tokens": 10,
+                "items": [{"item_id": f"r{i}", "prompt": f"{marker} {i}"} for i in range(10)]}
+        response = server.as_key(token).post("/v1/scillm/batch/completions", json=body)
+    finally:
+        server.fake.responder = None
+    assert response.status_code == 200, response.text
+    done = response.json()
+    results = {r["item_id"]: r for r in done["results"]}
+    assert len(seen) == 3 and [i for i in sorted(results) if results[i]["ok"]] == ["r0", "r1", "r2"]
+    not_run = [results[f"r{i}"] for i in range(3, 10)]
+    assert all(r["not_run"] and r["status_code"] == 401 and r["error"] == "not run: this API key was revoked"
+               for r in not_run), not_run
+    assert done["not_run"] == 7
+    assert server.admin.get("/v1/scillm/spend", params={"batch": "revoked-batch"}).json()["calls"] == 3
+
+
 def test_an_exec_runs_model_calls_are_charged_to_the_key_that_started_it(server: Server) -> None:
     key_id, token = server.key(name="agent-owner", limits={"daily_usd": 1})
     master_before = server.admin.get("/v1/scillm/spend", params={"key": "master"}).json()["calls"]

@@ -37,6 +37,7 @@ from scillm_core import (
     structure,
     unstructure,
 )
+from scillm_core.identity import owner_identity
 from scillm_core.models.extensions import take_extensions
 
 __all__ = ["BatchItem", "BatchSpec", "Lane", "PoolConfig", "run_batch", "stored_results"]
@@ -324,11 +325,11 @@ async def _dispatch(work: deque[Pending], lanes: list[LaneState], spec: BatchSpe
     """Assign an item to a lane only when that lane has a free slot and is not paused, choosing the lane that
     is furthest below its weighted share; a rate-limited item goes back to the front of the queue. Items added
     to ``work`` while it runs are taken too (set ``changed`` after adding). Once a budget that will not come back
-    in time (the batch's ``max_cost_usd``, a key's or team's dollars) refuses an item, no further item is started:
-    each one left gets a ``not_run`` result saying why."""
+    in time (the batch's ``max_cost_usd``, a key's or team's dollars) refuses an item, or the key that submitted the
+    batch was revoked or expired, no further item is started: each one left gets a ``not_run`` result saying why."""
     job = job or spec.job()
     running: set[asyncio.Task[None]] = set()
-    halted: list[errors.BudgetExceeded] = []
+    halted: list[errors.ScillmError] = []
     changed = changed or asyncio.Event()
     active = 0  # attempts not yet fully handled (the task set lags: done callbacks run later)
 
@@ -339,8 +340,8 @@ async def _dispatch(work: deque[Pending], lanes: list[LaneState], spec: BatchSpe
                 outcome = await _try_once(pending, state, spec, runtime, job)
             except asyncio.CancelledError:
                 raise
-            except errors.BudgetExceeded as exc:
-                outcome = _not_run(pending, exc)
+            except (errors.BudgetExceeded, errors.AuthenticationError) as exc:
+                outcome = _not_run(pending.item, exc, pending.cost_usd)
                 halted.append(exc)
             except Exception as exc:  # never lose an item, whatever happened
                 outcome = _failure(pending.item, exc, state.lane, cost_usd=pending.cost_usd)
@@ -359,7 +360,7 @@ async def _dispatch(work: deque[Pending], lanes: list[LaneState], spec: BatchSpe
             if halted:
                 while work:
                     pending = work.popleft()
-                    await finish(pending, _not_run(pending, halted[0]))
+                    await finish(pending, _not_run(pending.item, halted[0], pending.cost_usd))
                 if not active:
                     break
             now = time.monotonic()
@@ -419,7 +420,11 @@ async def _dispatch(work: deque[Pending], lanes: list[LaneState], spec: BatchSpe
 async def _try_once(pending: Pending, state: LaneState, spec: BatchSpec, runtime: Runtime,
                     job: Job) -> dict[str, Any] | None:
     """One call on one lane: a result, or ``None`` to put the item back in the queue. Raises
-    :class:`~scillm_core.errors.BudgetExceeded` when a budget refused the item for longer than it can wait."""
+    :class:`~scillm_core.errors.BudgetExceeded` when a budget refused the item for longer than it can wait, and
+    :class:`~scillm_core.errors.AuthenticationError` once the key that submitted the batch was revoked or expired
+    (checked before every item: one version read while the key is unchanged)."""
+    if not spec.identity.master:
+        await owner_identity(runtime, spec.identity.owner, spec.identity)
     pending.attempts += 1
     started = time.monotonic()
     try:
@@ -485,10 +490,10 @@ def _success(pending: Pending, lane: Lane, served: tuple[ChatResponse | Embeddin
             "latency_s": round(latency_s, 3)}
 
 
-def _not_run(pending: Pending, exc: errors.BudgetExceeded) -> dict[str, Any]:
-    """An item no provider was asked about because a budget ran out: says which, and that it was never run."""
-    return {**_failure(pending.item, exc, None, f"not run: {exc.message}", cost_usd=pending.cost_usd),
-            "not_run": True}
+def _not_run(item: BatchItem, exc: errors.ScillmError, cost_usd: float | None = 0.0) -> dict[str, Any]:
+    """An item no provider was asked about because a budget ran out or its key was revoked: says why, and that it
+    was never run."""
+    return {**_failure(item, exc, None, f"not run: {exc.message}", cost_usd=cost_usd), "not_run": True}
 
 
 def _failure(item: BatchItem, exc: BaseException | None, lane: Lane | None, why: str | None = None,

@@ -43,7 +43,7 @@ from scillm_batch.engine import (
     Pending,
     _deadline,
     _dispatch,
-    _failure,
+    _not_run,
     _storable,
     _unstored,
 )
@@ -273,7 +273,7 @@ class Worker:
             self.held[t.entry_id] = ticket
             item = BatchItem(index=int(t.entry.get("index", 0)), item_id=t.item_id, body=t.entry.get("body") or {})
             if run.refusal is not None:  # never sent: the key that submitted it may no longer call anything
-                await self._finish(run, ticket, _failure(item, run.refusal, None, f"not run: {run.refusal.message}"))
+                await self._finish(run, ticket, _not_run(item, run.refusal))
                 continue
             started = time.monotonic() - (time.time() - float(run.doc.get("run_started", time.time())))
             run.work.append(Pending(item, _deadline(item, run.spec, started), ticket=ticket))
