@@ -49,6 +49,11 @@ def _who(request: Request, caller: str | None) -> dict[str, Any]:
     return {"caller": caller, "identity": _identity(request)}
 
 
+def _for_turn(worker: Worker, request: Request, caller: str | None) -> dict[str, Any]:
+    """An event about the running turn: the turn's key's (``identity``), whoever acted on it (``by``)."""
+    return {"caller": caller, "by": _identity(request), "identity": worker.holder}
+
+
 async def _body(request: Request, allowed: set[str]) -> dict[str, Any]:
     body = await read_json(request, limit_bytes=BODY_LIMIT)
     if not isinstance(body, dict):
@@ -322,7 +327,7 @@ async def steer(request: Request) -> Response:
     assert text is not None
     turn_id = await worker.steer(live, text)
     worker.emit("turn.steered", turn_id=turn_id, input=text, owner=lease.get("owner"), actor=actor,
-                **_who(request, caller))
+                **_for_turn(worker, request, caller))
     return json_response({"worker": worker.name, "turn_id": turn_id, "steered": True})
 
 
@@ -334,7 +339,7 @@ async def interrupt(request: Request) -> Response:
     lease = await _held(agents, request, worker, lease_id, "interrupt it")
     live = _running(worker, "interrupt")
     task = worker.task
-    worker.emit("turn.interrupt", turn_id=live.turn_id, owner=lease.get("owner"), **_who(request, caller))
+    worker.emit("turn.interrupt", turn_id=live.turn_id, owner=lease.get("owner"), **_for_turn(worker, request, caller))
     await worker.end_turn(live, "interrupted", f"interrupted by {lease.get('owner')}")
     assert task is not None
     return json_response(await asyncio.shield(task))
