@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -507,8 +508,17 @@ def test_a_hostile_caller_is_stored_as_text_bounded_and_found_literally(server: 
 def test_a_store_that_cannot_count_fails_closed_with_503(server: Server) -> None:
     import sqlite3
 
+    from scillm_budgets import state_of
+
     _, token = server.key(name="store-down", limits={"daily_usd": 1})
     hi(server.client(token))
+    state = state_of(server.runtime)
+    assert state is not None
+    leases = state.leases
+    deadline = time.monotonic() + 10
+    while leases.free and time.monotonic() < deadline:  # room this process took ahead goes back after its linger;
+        time.sleep(0.02)                                  # from then on every call must be counted in the store
+    assert not leases.free
     store = server.runtime.store
     original = store.count
     broken: set[str] = set()

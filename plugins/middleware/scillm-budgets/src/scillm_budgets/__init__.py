@@ -34,6 +34,7 @@ from scillm_keys import Limits
 from scillm_metrics import BoundedLabel
 from scillm_metrics.series import Counters, SeriesCollector
 
+from scillm_budgets.leases import Leases
 from scillm_budgets.limiter import (
     Admission,
     Layout,
@@ -86,6 +87,7 @@ class BudgetsState:
     config: BudgetsConfig
     prices: PriceTable
     counters: CountBatcher
+    leases: Leases
     ledger: LogWriter
     keys: BoundedLabel
     spend: Counters
@@ -120,9 +122,10 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
     config: BudgetsConfig = runtime.config.sections.get("budgets") or BudgetsConfig()
     if not config.enabled:
         return
+    counters = CountBatcher(lambda: runtime.store, COUNTERS)
     state = BudgetsState(
         config=config, prices=PriceTable(runtime.config.sections.get("pricing") or {}),
-        counters=CountBatcher(lambda: runtime.store, COUNTERS),
+        counters=counters, leases=Leases(counters),
         ledger=LogWriter(lambda: runtime.store, LEDGER, backlog=10_000, max_rows=config.ledger_max_rows),
         keys=BoundedLabel(100),
         spend=Counters("scillm_spend_usd", "Dollars spent on provider calls, by key (owner) and team",
@@ -135,6 +138,7 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
         surfaces.route(path, endpoint, methods, plugin="budgets")
 
     async def stop() -> None:
+        state.leases.give_back_all()
         await state.counters.flush()
         await state.ledger.stop()
 
@@ -242,12 +246,12 @@ class Charge:
         admission = state.admission(identity, team_limits, job, reserve, input_tokens + output_tokens, now)
         if admission.limited:
             try:
-                outcome = await state.counters.count(admission.group)
+                refusal_of = await state.leases.admit(admission.group, frozenset(admission.slots))
             except Exception as exc:  # fails closed: a call that cannot be counted is not made
                 raise errors.ScillmError(f"budgets could not be checked (state store: {type(exc).__name__}); the "
                                          "call was not made", status=503, code="state_store_unavailable") from None
-            if not outcome.applied:
-                refused = admission.refused(outcome)
+            if refusal_of is not None:
+                refused = admission.refused(*refusal_of)
                 spent_key = refused.check.spent_key
                 spent = (await state.counters.count((Count(spent_key),))).values[0] if spent_key else 0.0
                 refusal = explain(refused, spent, now)
@@ -317,7 +321,9 @@ class Charge:
         if answered:
             cost = price.usd(tokens) if price is not None and tokens is not None else None
             charged = round(cost * NANO) if cost is not None else admission.reserve_nano
-        state.counters.later(admission.settle(charged, tokens.total if tokens is not None else None))
+        for key, amount, ttl in admission.releases(charged, tokens.total if tokens is not None else None):
+            state.leases.release(key, amount, ttl)
+        state.counters.later(admission.spends(charged))
         if not answered:
             ctx.notes.setdefault("cost_usd", 0.0)
             return

@@ -58,7 +58,8 @@ async def _budgets(runtime: Runtime, state: BudgetsState) -> dict[str, Any]:
                 looked.append((scope, who, window.label, limit))
     if not reads:
         return {"check": "budgets", "ok": True, "detail": "no key or team has a dollar budget"}
-    values = (await state.counters.count(reads)).values  # after the settlements still queued
+    state.leases.give_back_all()
+    values = (await state.counters.count(reads)).values  # after the settlements and returns still queued
     near = [f"{scope} {who}: ${spent / NANO:.2f} of ${limit:.2f} {label} ({spent / NANO / limit:.0%})"
             for (scope, who, label, limit), spent in zip(looked, values, strict=True)
             if spent / NANO >= state.config.near_limit * limit]

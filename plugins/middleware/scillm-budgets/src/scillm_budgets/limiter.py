@@ -134,7 +134,7 @@ class Admission:
 
     def __init__(self, group: list[Count], layout: Layout, reserve_nano: int, reserve_tokens: int) -> None:
         self.group = group
-        self.checks = layout.checks                # group index -> what it checks
+        self.checks = layout.checks                # counter key -> what it checks
         self.held = layout.held                    # dollar counters holding the reservation
         self.spent = layout.spent                  # dollar counters of settled spend, with their ttl
         self.tpm = layout.tpm
@@ -146,21 +146,27 @@ class Admission:
     def limited(self) -> bool:
         return bool(self.checks)
 
-    def settle(self, charged_nano: int, tokens: int | None) -> list[Count]:
-        """The changes that replace the reservation with ``charged_nano`` and release the call's slots."""
-        out = [Count(key, charged_nano - self.reserve_nano) for key in self.held]
-        out += [Count(key, charged_nano, ttl_s=ttl) for key, ttl in self.spent if charged_nano]
+    def releases(self, charged_nano: int, tokens: int | None) -> list[tuple[str, float, float | None]]:
+        """What the call gives back to its limits when it settles, with each counter's ttl: the part of its
+        reservation it did not spend, the tokens it did not use, its concurrency slots."""
+        ttl = {change.key: change.ttl_s for change in self.group}
+        out = [(key, float(self.reserve_nano - charged_nano), ttl.get(key)) for key in self.held]
         if tokens is not None:
-            out += [Count(key, tokens - self.reserve_tokens) for key in self.tpm]
-        out += [Count(key, -1) for key in self.slots]
-        return [c for c in out if c.delta]
+            out += [(key, float(self.reserve_tokens - tokens), ttl.get(key)) for key in self.tpm]
+        out += [(key, 1.0, ttl.get(key)) for key in self.slots]
+        return out
 
-    def refused(self, outcome: Counted) -> Refused:
-        """The first limit the refused group would pass."""
-        for index, check in self.checks.items():
-            change, current = self.group[index], outcome.values[index]
-            if current + change.delta > check.limit:
-                return Refused(check, change.delta, current)
+    def spends(self, charged_nano: int) -> list[Count]:
+        """The settled-spend counters' changes (they have no limit; written in the background)."""
+        return [Count(key, charged_nano, ttl_s=ttl) for key, ttl in self.spent] if charged_nano else []
+
+    def refused(self, group: list[Count], outcome: Counted) -> Refused:
+        """The first limit the refused ``group`` would pass, with the call's whole amount for it."""
+        amounts = {change.key: change.delta for change in self.group}
+        for change, current in zip(group, outcome.values, strict=True):
+            check = self.checks.get(change.key)
+            if check is not None and current + change.delta > check.limit:
+                return Refused(check, amounts.get(change.key, change.delta), current)
         raise AssertionError("a refused group passes one of its limits")
 
 
@@ -196,7 +202,7 @@ class Layout(NamedTuple):
     (``usd``: the reservation, ``tokens``: the reserved tokens, ``one``), its limit and ttl; and what settles."""
 
     changes: tuple[tuple[str, str, float | None, float | None], ...]
-    checks: dict[int, Check]
+    checks: dict[str, Check]
     held: tuple[str, ...]
     spent: tuple[tuple[str, float], ...]
     tpm: tuple[str, ...]
@@ -210,8 +216,8 @@ class Layout(NamedTuple):
             stem = f"{job.kind}:{job.owner}/{job.id}"
             group.append(Count(f"{stem}:held", reserve_nano, job.max_cost_usd * NANO, JOB_TTL_S))
             layout = self._replace(
-                checks={**self.checks, len(group) - 1: Check("usd", job.kind, job.id, job.max_cost_usd * NANO, None,
-                                                             f"{stem}:spent")},
+                checks={**self.checks, f"{stem}:held": Check("usd", job.kind, job.id, job.max_cost_usd * NANO, None,
+                                                              f"{stem}:spent")},
                 held=(*self.held, f"{stem}:held"), spent=(*self.spent, (f"{stem}:spent", JOB_TTL_S)))
         return Admission(group, layout, reserve_nano, reserve_tokens)
 
@@ -222,7 +228,7 @@ def layout(identity: Identity, team_limits: Limits | None, now: float) -> Layout
     /v1/budget``); the master key's only in the ledger."""
     track_spend = not identity.master
     changes: list[tuple[str, str, float | None, float | None]] = []
-    checks: dict[int, Check] = {}
+    checks: dict[str, Check] = {}
     held: list[str] = []
     spent: list[tuple[str, float]] = []
     tpm: list[str] = []
@@ -235,7 +241,7 @@ def layout(identity: Identity, team_limits: Limits | None, now: float) -> Layout
 
     def add(key: str, unit: str, limit: float | None, ttl: float | None, check: Check | None) -> None:
         if check is not None:
-            checks[len(changes)] = check
+            checks[key] = check
         changes.append((key, unit, limit, ttl))
 
     for scope, ident, who, limits in scopes:

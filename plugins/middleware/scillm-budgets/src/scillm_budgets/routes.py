@@ -151,6 +151,7 @@ async def budget(request: Request) -> Response:
         for window in windows(now):
             reads += [Count(f"{base}:{window.stem}:held"), Count(f"{base}:{window.stem}:spent")]
         reads += [Count(f"{base}:rpm:{minute}"), Count(f"{base}:tpm:{minute}"), Count(f"{base}:conc")]
+    state.leases.give_back_all()  # room this process holds ahead is not the key's: returned before the read
     values = iter((await state.counters.count(reads)).values)
     budgets: list[dict[str, Any]] = []
     spent_now: dict[str, float] = {}

@@ -1,0 +1,101 @@
+"""Leases: a process admits calls against room it took from the store's counters, a little ahead of need.
+
+Every limited counter (a budget's dollars held, a minute's requests or tokens, concurrency slots) lives in the
+state store and only ever grows through ``StateStore.count`` with its limit, so everything all processes hold
+together never passes a limit. Taking room one call at a time would cost a store write per call; instead, when a
+call does not fit in what this process already holds for a counter (its ``free`` room), the process takes the call's
+amount plus a little more (``chunk``: a few calls' worth, at most a tenth of the limit, never a concurrency slot
+more than needed) in the same atomic group. Calls that fit in the free room are admitted without the store. What a
+call did not use (a reservation above its actual cost, its tokens, its slot) goes back to the free room when it
+settles. Every ``linger_s`` the free room goes back to the store (with the counter's ttl, so a returned window
+counter still expires), so another process never waits longer than that for room this one is not using; at
+shutdown it goes back too.
+
+The bound of the reservations holds: the store's counter is settled spend + reservations of calls in flight + free
+room, and the store refuses any growth past the limit, so calls are admitted only against room the limit allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from scillm_core.state import Count, Counted
+
+if TYPE_CHECKING:
+    from scillm_core.state.counters import CountBatcher
+
+__all__ = ["Leases"]
+
+CHUNK_CALLS = 8        # take room for this many calls like the one at hand ...
+CHUNK_SHARE = 0.1      # ... but never more than this share of the limit
+
+
+class Leases:
+    def __init__(self, counters: CountBatcher, *, linger_s: float = 0.05) -> None:
+        self.counters = counters
+        self.linger_s = linger_s
+        self.free: dict[str, tuple[float, float | None]] = {}  # counter key -> (room no call uses, its ttl)
+        self.timer: asyncio.TimerHandle | None = None
+
+    async def admit(self, changes: Sequence[Count], slots: frozenset[str]) -> tuple[list[Count], Counted] | None:
+        """Admit one call: each change's amount from the free room, the rest from the store (with a chunk ahead).
+        ``None`` when admitted; else the refused group of exact needs and the store's answer to it."""
+        taken: list[tuple[str, float, float | None]] = []
+        needs: list[Count] = []
+        for change in changes:
+            room, ttl = self.free.get(change.key, (0.0, change.ttl_s))
+            local = min(max(room, 0.0), change.delta)
+            if local:
+                self.free[change.key] = (room - local, ttl)
+                taken.append((change.key, local, ttl))
+            if change.delta - local > 0:
+                needs.append(change._replace(delta=change.delta - local))
+        if not needs:
+            return None
+        ahead = [self._ahead(need, need.key in slots) for need in needs]
+        for group in ([n._replace(delta=n.delta + a) for n, a in zip(needs, ahead, strict=True)], needs):
+            try:
+                outcome = await self.counters.count(group)
+            except BaseException:
+                self._give_back(taken)
+                raise
+            if outcome.applied:
+                for change, extra in zip(needs, ahead, strict=True):
+                    if extra and group is not needs:
+                        self._add(change.key, extra, change.ttl_s)
+                return None
+            if not any(ahead):
+                break  # the exact needs were refused already
+        self._give_back(taken)
+        return needs, outcome
+
+    def release(self, key: str, amount: float, ttl_s: float | None) -> None:
+        """Room a settled call gives back (an unused reservation, tokens, a slot); negative when it cost more than
+        it reserved (the store learns it at the next return)."""
+        if amount:
+            self._add(key, amount, ttl_s)
+
+    def _ahead(self, need: Count, slot: bool) -> float:
+        if slot or need.limit is None:
+            return 0.0
+        chunk = min(need.delta * CHUNK_CALLS, need.limit * CHUNK_SHARE)
+        return max(0.0, chunk - need.delta)
+
+    def _add(self, key: str, amount: float, ttl_s: float | None) -> None:
+        room, ttl = self.free.get(key, (0.0, ttl_s))
+        self.free[key] = (room + amount, ttl if ttl is not None else ttl_s)
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self.linger_s, self.give_back_all)
+
+    def _give_back(self, taken: list[tuple[str, float, float | None]]) -> None:
+        for key, amount, ttl in taken:
+            self._add(key, amount, ttl)
+
+    def give_back_all(self) -> None:
+        """Return every free room to the store (queued behind earlier changes, in order)."""
+        self.timer = None
+        returns = [Count(key, -room, ttl_s=ttl) for key, (room, ttl) in self.free.items() if room]
+        self.free.clear()
+        self.counters.later(returns)
