@@ -4,7 +4,7 @@ Every limited counter (a budget's dollars held, a minute's requests or tokens, c
 state store and only ever grows through ``StateStore.count`` with its limit, so everything all processes hold
 together never passes a limit. Taking room one call at a time would cost a store write per call; instead, when a
 call does not fit in what this process already holds for a counter (its ``free`` room), the process takes the call's
-amount plus a little more (``chunk``: a few calls' worth, at most a tenth of the limit, never a concurrency slot
+amount plus a little more (``chunk``: 32 calls' worth, at most a tenth of the limit, never a concurrency slot
 more than needed) in the same atomic group. Calls that fit in the free room are admitted without the store. What a
 call did not use (a reservation above its actual cost, its tokens, its slot) goes back to the free room when it
 settles. Every ``linger_s`` the free room goes back to the store (with the counter's ttl, so a returned window
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Leases"]
 
-CHUNK_CALLS = 8        # take room for this many calls like the one at hand ...
+CHUNK_CALLS = 32       # take room for this many calls like the one at hand (a busy process's calls in a linger) ...
 CHUNK_SHARE = 0.1      # ... but never more than this share of the limit
 
 
