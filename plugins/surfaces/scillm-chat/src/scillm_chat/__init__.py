@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from scillm_core import (
     CallContext,
@@ -43,6 +43,7 @@ from scillm_core import (
 from scillm_core.builtin.routing import model_catalog
 from scillm_core.models.extensions import EXTENSION_FIELDS, take_extensions
 from scillm_core.models.native import native_request
+from scillm_core.streaming import EventStreamResponse
 
 __all__ = ["EXTENSION_FIELDS", "take_extensions"]  # defined in core (scillm_core.models.extensions), re-exported
 
@@ -100,7 +101,7 @@ async def _stream(chat: ChatRequest, ctx: CallContext, heartbeat_s: float) -> Re
     longer than ``heartbeat_s``, answer 200 and send ``: heartbeat`` comments until it comes."""
 
     opening = await open_stream(chat, ctx, heartbeat_s)
-    return StreamingResponse(_sse(opening, heartbeat_s, ctx.notes), media_type="text/event-stream",
+    return EventStreamResponse(_sse(opening, heartbeat_s, ctx.notes), media_type="text/event-stream",
                              headers={**STREAM_HEADERS, **served_headers(ctx)})
 
 

@@ -15,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from scillm_core import (
     CallContext,
@@ -42,6 +42,7 @@ from scillm_core import (
     with_native,
 )
 from scillm_core.models.native import native_request
+from scillm_core.streaming import EventStreamResponse
 from scillm_messages.tokens import estimate_input_tokens
 from scillm_messages.translate import StreamTranslator, fit_upstream, parse_messages_request, ping, to_messages_response
 from scillm_messages.wire_errors import AnthropicErrorMiddleware, anthropic_error_parts, error_event
@@ -139,7 +140,7 @@ async def _stream(chat: ChatRequest, ctx: CallContext, heartbeat_s: float, as_se
 
     opening = await open_stream(chat, ctx, heartbeat_s)
     translator = StreamTranslator(chat.model, input_estimate=estimate_input_tokens(chat))
-    return StreamingResponse(_events(opening, translator, heartbeat_s, ctx, as_sent),
+    return EventStreamResponse(_events(opening, translator, heartbeat_s, ctx, as_sent),
                              media_type="text/event-stream; charset=utf-8",
                              headers={**STREAM_HEADERS, **served_headers(ctx)})
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from scillm_core import (
     CallContext,
@@ -39,6 +39,7 @@ from scillm_core import (
     with_native,
 )
 from scillm_core.models.native import native_request
+from scillm_core.streaming import EventStreamResponse
 from scillm_responses.translate import EXTENSION_FIELDS, EventStream, parse_request, response_object
 
 __all__ = ["EventStream", "parse_request", "response_object"]
@@ -78,7 +79,7 @@ async def _stream(chat: ChatRequest, echo: Mapping[str, Any], ctx: CallContext, 
     """Open the stream before answering, so early failures keep their HTTP status; heartbeats while waiting."""
 
     opening = await open_stream(chat, ctx, heartbeat_s)
-    return StreamingResponse(_events(opening, EventStream(chat.model, echo), heartbeat_s, ctx.notes),
+    return EventStreamResponse(_events(opening, EventStream(chat.model, echo), heartbeat_s, ctx.notes),
                              media_type="text/event-stream", headers={**STREAM_HEADERS, **served_headers(ctx)})
 
 
