@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from scillm_core.context import CallContext
     from scillm_core.registry import Route
 
-__all__ = ["Malformed", "PendingBytes", "SSEEvent", "error_for_status", "excerpt", "iter_ndjson", "iter_sse",
-           "retry_after_seconds", "translate_transport"]
+__all__ = ["Malformed", "PendingBytes", "SSEEvent", "SSEParser", "error_for_status", "excerpt", "iter_ndjson",
+           "iter_sse", "iter_sse_batches", "retry_after_seconds", "translate_transport"]
 
 log = logging.getLogger("scillm.upstream")
 
@@ -48,39 +48,72 @@ async def iter_sse(chunks: AsyncIterator[bytes], *, raw: bool = False) -> AsyncI
     """Parse an SSE byte stream per the HTML spec: ``\\n``, ``\\r\\n`` or ``\\r`` line ends, repeated ``data:``
     lines joined with ``\\n``, comment lines (``: keep-alive``) ignored, one leading space stripped. With ``raw``
     each event also carries its bytes as sent (for same-dialect pass-through)."""
-    buffer = b""
-    data: list[str] = []
-    event: str | None = None
-    event_id: str | None = None
-    seen: list[bytes] = []
-    done = False
-    while not done:
-        chunk = await anext(chunks, None)
-        if chunk is None:
-            done, buffer = True, buffer + b"\n\n"  # flush a final line and event that lack their terminators
-        else:
-            buffer += chunk
+    async for events in iter_sse_batches(chunks, raw=raw):
+        for event in events:
+            yield event
+
+
+async def iter_sse_batches(chunks: AsyncIterator[bytes], *, raw: bool = False) -> AsyncIterator[list[SSEEvent]]:
+    """:func:`iter_sse`, the events of each read together: a stream's hot loop takes one step per read, not one
+    per event (an upstream read often holds dozens)."""
+    parser = SSEParser(raw=raw)
+    async for chunk in chunks:
+        events = parser.feed(chunk)
+        if events:
+            yield events
+    events = parser.end()
+    if events:
+        yield events
+
+
+class SSEParser:
+    """The incremental parser behind :func:`iter_sse`: :meth:`feed` bytes as they come, :meth:`end` at the end
+    (a final line and event that lack their terminators are flushed)."""
+
+    __slots__ = ("buffer", "data", "event", "id", "raw", "seen")
+
+    def __init__(self, *, raw: bool = False) -> None:
+        self.raw = raw
+        self.buffer = b""
+        self.data: list[str] = []
+        self.event: str | None = None
+        self.id: str | None = None
+        self.seen: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        buffer = self.buffer + chunk if self.buffer else chunk
         lines = buffer.splitlines(keepends=True)
         # A line not yet ended by '\n' may be partial, or a '\r' whose '\n' is in the next chunk: keep it.
-        buffer = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
+        self.buffer = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
+        return self._lines(lines)
+
+    def end(self) -> list[SSEEvent]:
+        buffer, self.buffer = self.buffer + b"\n\n", b""
+        return self._lines(buffer.splitlines(keepends=True))
+
+    def _lines(self, lines: list[bytes]) -> list[SSEEvent]:
+        events: list[SSEEvent] = []
+        raw, data, seen = self.raw, self.data, self.seen
         for piece in lines:
             if raw:
                 seen.append(piece)
-            line = piece.rstrip(b"\r\n").decode("utf-8", "replace")
+            line = piece.rstrip(b"\r\n")
             if not line:
                 if data:
-                    yield SSEEvent("\n".join(data), event, event_id, b"".join(seen) if raw else b"")
-                    seen = []
-                data, event = [], None
-            elif line[0] != ":":
-                name, _, value = line.partition(":")
-                value = value[1:] if value[:1] == " " else value
-                if name == "data":
-                    data.append(value)
-                elif name == "event":
-                    event = value
-                elif name == "id":
-                    event_id = value
+                    events.append(SSEEvent("\n".join(data), self.event, self.id, b"".join(seen) if raw else b""))
+                    seen.clear()
+                    data.clear()
+                self.event = None
+            elif line[0] != 0x3A:  # not a ':' comment; field names are ASCII, so the value is decoded alone
+                name, _, value = line.partition(b":")
+                text = (value[1:] if value[:1] == b" " else value).decode("utf-8", "replace")
+                if name == b"data":
+                    data.append(text)
+                elif name == b"event":
+                    self.event = text
+                elif name == b"id":
+                    self.id = text
+        return events
 
 
 class PendingBytes:

@@ -259,30 +259,38 @@ _OPTIONAL_STR = (str, type(None))
 
 
 def _fast_chunk(value: Any, cls: Any) -> m.ChatChunk:
-    if type(value) is not dict or value.get("usage") is not None or type(value.get("choices")) is not list:
+    if type(value) is not dict or value.get("usage") is not None:
+        return _generic_chunk(value, cls)  # type: ignore[no-any-return]
+    wire_choices = value.get("choices")
+    if type(wire_choices) is not list:
         return _generic_chunk(value, cls)  # type: ignore[no-any-return]
     choices = []
-    for choice in value["choices"]:
+    for choice in wire_choices:
         delta = choice.get("delta") if type(choice) is dict else None
-        if (type(delta) is not dict or "tool_calls" in delta or type(delta.get("role")) not in _OPTIONAL_STR
-                or type(delta.get("content")) not in _OPTIONAL_STR or type(choice.get("index", 0)) is not int
-                or type(choice.get("finish_reason")) not in _OPTIONAL_STR):
+        if type(delta) is not dict or "tool_calls" in delta:
             return _generic_chunk(value, cls)  # type: ignore[no-any-return]
-        extra = {k: v for k, v in delta.items() if k not in _DELTA_FIELDS}
-        choice_extra = {k: v for k, v in choice.items() if k not in _CHOICE_FIELDS}
-        choices.append(m.ChunkChoice(
-            delta=m.Delta(role=delta.get("role"), content=delta.get("content"), extra=extra or m._EMPTY),
-            index=choice.get("index", 0), finish_reason=choice.get("finish_reason"),
-            logprobs=choice.get("logprobs"), extra=choice_extra or m._EMPTY))
+        role, content = delta.get("role"), delta.get("content")
+        index, finish = choice.get("index", 0), choice.get("finish_reason")
+        if (type(role) not in _OPTIONAL_STR or type(content) not in _OPTIONAL_STR or type(index) is not int
+                or type(finish) not in _OPTIONAL_STR):
+            return _generic_chunk(value, cls)  # type: ignore[no-any-return]
+        # (extras are rare: a key-set comparison, in C, decides whether to build them)
+        extra = m._EMPTY if delta.keys() <= _DELTA_FIELDS else _without(delta, _DELTA_FIELDS)
+        choice_extra = m._EMPTY if choice.keys() <= _CHOICE_FIELDS else _without(choice, _CHOICE_FIELDS)
+        choices.append(m.ChunkChoice(delta=m.Delta(role=role, content=content, extra=extra), index=index,
+                                     finish_reason=finish, logprobs=choice.get("logprobs"), extra=choice_extra))
     chunk_id, model, created = value.get("id"), value.get("model"), value.get("created", 0)
     fingerprint = value.get("system_fingerprint")
     if type(chunk_id) is not str or type(model) is not str or type(created) is not int \
             or type(fingerprint) not in _OPTIONAL_STR:
         return _generic_chunk(value, cls)  # type: ignore[no-any-return]
-    extra = {k: v for k, v in value.items() if k not in _CHUNK_FIELDS}
     return m.ChatChunk(id=chunk_id, model=model, choices=tuple(choices), created=created,
                        system_fingerprint=fingerprint, object=value.get("object", "chat.completion.chunk"),
-                       extra=extra or m._EMPTY)
+                       extra=m._EMPTY if value.keys() <= _CHUNK_FIELDS else _without(value, _CHUNK_FIELDS))
+
+
+def _without(wire: dict[str, Any], fields: frozenset[str]) -> dict[str, Any]:
+    return {k: v for k, v in wire.items() if k not in fields}
 
 
 def _fast_chunk_wire(chunk: m.ChatChunk) -> dict[str, Any]:

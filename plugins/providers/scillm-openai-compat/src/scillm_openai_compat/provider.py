@@ -36,7 +36,7 @@ from scillm_core import (
 )
 from scillm_core.config import Env, ProviderSettings
 from scillm_core.jsonio import loads
-from scillm_core.upstream import Malformed, error_for_status, excerpt, iter_sse, translate_transport
+from scillm_core.upstream import Malformed, error_for_status, excerpt, iter_sse_batches, translate_transport
 
 __all__ = ["CompatSpec", "OpenAICompatProvider", "conversation_id", "parse_error_body"]
 
@@ -246,33 +246,36 @@ class OpenAICompatProvider(Provider):
         malformed = Malformed(ctx, route)
         try:
             with translate_transport(self.name, route.model):
-                async for event in iter_sse(response.aiter_bytes(), raw=native):
-                    if event.data == "[DONE]":
-                        done = True
+                async for events in iter_sse_batches(response.aiter_bytes(), raw=native):
+                    for event in events:
+                        if event.data == "[DONE]":
+                            done = True
+                            break
+                        try:
+                            data = loads(event.data)
+                        except orjson.JSONDecodeError:
+                            malformed.skip("malformed JSON", event.data)
+                            continue
+                        if isinstance(data, dict) and "error" in data:
+                            message, code, kind = parse_error_body(event.data.encode())
+                            raise error_for_status(500 if not code or not str(code).isdigit() else int(code),
+                                                   message, provider=self.name, model=route.model, code=code,
+                                                   kind=kind, secrets=(self._key,))
+                        try:
+                            chunk = structure(data, ChatChunk, what="upstream stream chunk")
+                        except errors.InvalidRequest as exc:
+                            malformed.skip(_short(exc), event.data)
+                            continue
+                        for choice in chunk.choices:
+                            if choice.finish_reason is not None:
+                                ended.add(choice.index)
+                        if native:
+                            yield with_native(chunk, event.raw)
+                            continue
+                        for piece in _split_usage(chunk, request.include_usage):
+                            yield piece
+                    if done:
                         break
-                    try:
-                        data = loads(event.data)
-                    except orjson.JSONDecodeError:
-                        malformed.skip("malformed JSON", event.data)
-                        continue
-                    if isinstance(data, dict) and "error" in data:
-                        message, code, kind = parse_error_body(event.data.encode())
-                        raise error_for_status(500 if not code or not str(code).isdigit() else int(code), message,
-                                               provider=self.name, model=route.model, code=code, kind=kind,
-                                               secrets=(self._key,))
-                    try:
-                        chunk = structure(data, ChatChunk, what="upstream stream chunk")
-                    except errors.InvalidRequest as exc:
-                        malformed.skip(_short(exc), event.data)
-                        continue
-                    for choice in chunk.choices:
-                        if choice.finish_reason is not None:
-                            ended.add(choice.index)
-                    if native:
-                        yield with_native(chunk, event.raw)
-                        continue
-                    for piece in _split_usage(chunk, request.include_usage):
-                        yield piece
         finally:
             await response.aclose()
         if not done and len(ended) < (request.n or 1):
