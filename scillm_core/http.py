@@ -2,9 +2,9 @@
 
 ``SCILLM_HTTP_TRANSPORT=aiohttp`` (default) uses the aiohttp transport: its connection pool stays flat with
 hundreds of requests in flight, where httpcore 1.0's pool grows quadratically. ``httpx`` selects httpx's own.
-Every request carries scillm's own User-Agent; client headers are never forwarded. The one exception is headers an
-observer asked for on ``attempt.start`` (trace context): core then installs :func:`send_context_headers` on the
-client and sets :data:`UPSTREAM_HEADERS` around that attempt's provider call.
+Every request carries scillm's own User-Agent; client headers are never forwarded, and no upstream cookie is kept.
+The one exception is headers an observer asked for on ``attempt.start`` (trace context): core then installs
+:func:`send_context_headers` on the client and sets :data:`UPSTREAM_HEADERS` around that attempt's provider call.
 
 Every reply is size-capped while it is read (:class:`ReplyLimits`, ``[server] max_upstream_*``), never after
 buffering it: a body read whole (a non-streaming answer, any error body) by ``max_reply_bytes``, a 2xx reply read
@@ -54,7 +54,20 @@ class ReplyTooLarge(httpx.TransportError):
         self.limit = limit
 
 
+class _NoCookies(httpx.Cookies):
+    """The shared client keeps no cookies: a ``Set-Cookie`` from one upstream reply must not ride along on every
+    later request to that host, whoever makes it (and reading each reply's headers into a cookie jar cost ~3% of a
+    streamed request's CPU)."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
 class _Client(httpx.AsyncClient):
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._cookies = _NoCookies()  # (httpx's ``cookies`` setter would copy it into a plain Cookies)
+
     async def send(self, request: httpx.Request, *, stream: bool = False, **kw: Any) -> httpx.Response:
         request.extensions["scillm.stream"] = stream  # the transport caps a streamed read differently
         return await super().send(request, stream=stream, **kw)

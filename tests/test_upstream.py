@@ -151,3 +151,55 @@ def test_oversized_upstream_replies_are_a_502_cut_off_while_reading(huge: HugeRe
     # scillm stopped reading near the cap: the fake could not push its 64 MiB through (the margin covers loopback
     # socket buffers and what the fake writes before it notices the closed connection on a busy machine)
     assert huge.sent < (cap_mib + 24) * (1 << 20), huge.sent
+
+
+# -- SSE parsing and the shared client ---------------------------------------------------------------------------
+
+SSE_WIRE = (b": keep-alive\r\n\r\n"              # a comment block: no event, its bytes ride on the next one
+            b"event: delta\r\nid: 7\r\ndata: {\"a\":1}\r\n\r\n"
+            b"data:no-space\rdata:  two spaces\r\r"  # bare CR line ends; one leading space stripped, not two
+            b"data\n\n"                           # a field without a colon: an empty data line
+            b"data: caf\xc3\xa9 \xff\n\n"          # UTF-8 kept, an invalid byte replaced
+            b"data: [DONE]")                      # the last event lacks its terminator
+SSE_EVENTS = [
+    ("{\"a\":1}", "delta", "7", b": keep-alive\r\n\r\nevent: delta\r\nid: 7\r\ndata: {\"a\":1}\r\n\r\n"),
+    ("no-space\n two spaces", None, "7", b"data:no-space\rdata:  two spaces\r\r"),
+    ("", None, "7", b"data\n\n"),
+    ("caf\u00e9 \ufffd", None, "7", b"data: caf\xc3\xa9 \xff\n\n"),
+    ("[DONE]", None, "7", b"data: [DONE]\n\n"),
+]
+
+
+@pytest.mark.parametrize("split", range(1, len(SSE_WIRE)))
+def test_sse_events_do_not_depend_on_where_the_reads_split(split):
+    from scillm_core.upstream import iter_sse
+
+    async def reads() -> AsyncIterator[bytes]:
+        yield SSE_WIRE[:split]
+        yield SSE_WIRE[split:]
+
+    async def events() -> list[tuple[str, str | None, str | None, bytes]]:
+        return [(e.data, e.event, e.id, e.raw) async for e in iter_sse(reads(), raw=True)]
+
+    assert asyncio.run(events()) == SSE_EVENTS
+
+
+def test_the_shared_client_keeps_no_upstream_cookie():
+    import httpx
+
+    from scillm_core.http import make_http_client
+
+    sent: list[str | None] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("cookie"))
+        return httpx.Response(200, headers={"set-cookie": "session=tenant-a; Path=/"}, content=b"{}")
+
+    async def two_calls() -> None:
+        client = make_http_client(transport=httpx.MockTransport(upstream))
+        for _ in range(2):
+            await client.post("http://127.0.0.1:9/v1/chat/completions", content=b"{}")
+        await client.aclose()
+
+    asyncio.run(two_calls())
+    assert sent == [None, None]
