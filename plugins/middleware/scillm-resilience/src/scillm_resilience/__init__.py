@@ -673,29 +673,30 @@ class Attempts:
                 slot.release()
             return result
         chunks: AsyncIterator[Any] = result  # type: ignore[assignment]
-        if slot is not None:
-            chunks = SlotIterator(chunks, slot, on_error=lambda exc: _rate_limited(slot, exc))
         try:
             first = await anext(chunks)
         except StopAsyncIteration:
+            if slot is not None:
+                slot.release()
             return _empty()
-        except BaseException:
-            await aclose(chunks)
+        except BaseException as exc:
+            try:
+                if slot is not None:
+                    _rate_limited(slot, exc)
+                await aclose(chunks)
+            finally:
+                if slot is not None:
+                    slot.release()
             raise
-        return self.rest(first, chunks)
+        return SlotIterator(chunks, slot, lambda exc: self.stream_failed(exc, slot), first=first)
 
-    async def rest(self, first: Any, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        """The stream after the first chunk: failures now propagate (the chat surface sends an error event)."""
-        try:
-            yield first
-            async for chunk in chunks:
-                yield chunk
-        except Exception as exc:
-            if self.cfg.breaker:
-                self.record_failure(exc)
-            raise
-        finally:
-            await aclose(chunks)
+    def stream_failed(self, exc: BaseException, slot: Slot | None) -> None:
+        """The stream broke after its first chunk; the failure propagates (the chat surface sends an error event).
+        An upstream 429 counts for the concurrency limit, any error for the breaker."""
+        if slot is not None:
+            _rate_limited(slot, exc)
+        if isinstance(exc, Exception) and self.cfg.breaker:
+            self.record_failure(exc)
 
 
 _HEALTH_ERRORS = (errors.UpstreamUnavailable, errors.UpstreamConnectError, errors.UpstreamTimeout,

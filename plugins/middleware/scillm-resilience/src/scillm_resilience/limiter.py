@@ -16,6 +16,8 @@ from typing import Any
 
 __all__ = ["Limiter", "QueueFullSignal", "QueueTimeoutSignal", "Slot", "SlotIterator"]
 
+_NOTHING: Any = object()  # no first chunk held
+
 
 class QueueFullSignal(Exception):
     pass
@@ -152,28 +154,42 @@ class Slot:
 
 
 class SlotIterator:
-    """A stream holding a slot until it ends, fails or is closed."""
+    """A stream holding a slot (if any) until it ends, fails or is closed; ``first``, a chunk already taken from
+    it, comes first, and ``on_error`` hears of a failure before it propagates. One layer per chunk for all three
+    (the stream hot path has dozens of chunks per request)."""
 
-    def __init__(self, inner: AsyncIterator[Any], slot: Slot, on_error: Callable[[BaseException], None]) -> None:
+    __slots__ = ("_first", "_inner", "_loop", "_on_error", "_slot")
+
+    def __init__(self, inner: AsyncIterator[Any], slot: Slot | None, on_error: Callable[[BaseException], None],
+                 first: Any = _NOTHING) -> None:
         self._inner = inner
         self._slot = slot
         self._on_error = on_error
+        self._first = first
         self._loop = asyncio.get_running_loop()
 
     def __aiter__(self) -> SlotIterator:
         return self
 
     async def __anext__(self) -> Any:
-        if self._slot.released:
+        first = self._first
+        if first is not _NOTHING:
+            self._first = _NOTHING
+            return first
+        slot = self._slot
+        if slot is not None and slot.released:
             raise StopAsyncIteration
         try:
             return await self._inner.__anext__()
         except StopAsyncIteration:
-            self._slot.release()
+            if slot is not None:
+                slot.release()
             raise
         except BaseException as exc:
-            self._on_error(exc)
-            await self.aclose()
+            try:
+                self._on_error(exc)
+            finally:
+                await self.aclose()
             raise
 
     async def aclose(self) -> None:
@@ -182,7 +198,8 @@ class SlotIterator:
             if close is not None:
                 await close()
         finally:
-            self._slot.release()
+            if self._slot is not None:
+                self._slot.release()
 
     def __del__(self) -> None:  # an opened stream nobody consumed or closed: never leak its slot
         slot = getattr(self, "_slot", None)
