@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from scillm_core.context import CallContext
 
 __all__ = ["CallResult", "ChatResult", "ChatThunk", "OpeningStream", "ProviderRequest", "RequestThunk",
-           "ResponseThunk", "StreamEnded", "Thunk", "carries_on", "end_with_stream", "observed_stage", "open_stream",
-           "run_chat", "run_embeddings", "tap_stream", "then"]
+           "ResponseThunk", "StreamEnded", "StreamTap", "Thunk", "carries_on", "end_with_stream", "observed_stage",
+           "open_stream", "run_chat", "run_embeddings", "tap_stream", "then"]
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -154,13 +154,44 @@ async def observed_stage(ctx: CallContext, stage: str, thunk: Thunk[T]) -> T:
 StreamEnded: TypeAlias = Callable[[BaseException | None, Any, float | None], None]
 
 
+class StreamTap:
+    """Observes one stream: ``ended`` and whatever else joins ``ctx.stream_ended`` (see :func:`end_with_stream`)
+    are called once, by :meth:`end`, when it ends, fails or is closed (``GeneratorExit`` / ``CancelledError`` as
+    the error), with the last usage seen and when the first chunk came. The layer that runs the stream calls
+    :meth:`seen` for each chunk: :func:`tap_stream`'s own, or core's dispatch's time limits
+    (``scillm_core.timeouts.within_limits``), so an attempt is watched and observed in one layer."""
+
+    __slots__ = ("callbacks", "ctx", "first", "usage")
+
+    def __init__(self, ctx: CallContext, ended: StreamEnded) -> None:
+        self.ctx = ctx
+        self.callbacks = [ended]
+        self.first: float | None = None
+        self.usage: Any = None
+
+    def open(self) -> None:
+        """The stream is handed on: from now on :func:`end_with_stream` joins this tap."""
+        self.ctx.stream_ended = self.callbacks
+
+    def seen(self, chunk: Any) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+
+    def end(self, error: BaseException | None) -> None:
+        ctx, callbacks = self.ctx, self.callbacks
+        if ctx.stream_ended is callbacks:
+            ctx.stream_ended = None
+        for ended in callbacks:
+            ended(error, self.usage, self.first)
+
+
 def tap_stream(chunks: AsyncIterator[ChatChunk], ctx: CallContext, ended: StreamEnded) -> AsyncIterator[ChatChunk]:
-    """The one pass-through layer that observes a stream: ``ended`` and whatever else joins ``ctx.stream_ended``
-    (see :func:`end_with_stream`) are called once when it ends, fails or is closed (``GeneratorExit`` /
-    ``CancelledError`` as the error). Core's dispatch taps each streamed attempt while observers listen."""
-    callbacks = [ended]
-    ctx.stream_ended = callbacks
-    return _tapped(chunks, ctx, callbacks)
+    """``chunks`` in a layer of their own that observes them (a :class:`StreamTap`)."""
+    tap = StreamTap(ctx, ended)
+    tap.open()
+    return _tapped(chunks, tap)
 
 
 def end_with_stream(chunks: AsyncIterator[ChatChunk], ctx: CallContext, ended: StreamEnded) -> AsyncIterator[ChatChunk]:
@@ -182,27 +213,18 @@ def carries_on(ctx: CallContext) -> None:
     ctx.stream_ended = None
 
 
-async def _tapped(chunks: AsyncIterator[ChatChunk], ctx: CallContext,
-                  callbacks: list[StreamEnded]) -> AsyncIterator[ChatChunk]:
-    usage = None
-    first: float | None = None
+async def _tapped(chunks: AsyncIterator[ChatChunk], tap: StreamTap) -> AsyncIterator[ChatChunk]:
     error: BaseException | None = None
     try:
         async for chunk in chunks:
-            if first is None:
-                first = time.perf_counter()
-            if chunk.usage is not None:
-                usage = chunk.usage
+            tap.seen(chunk)
             yield chunk
     except BaseException as exc:
         error = exc
         raise
     finally:
-        if ctx.stream_ended is callbacks:
-            ctx.stream_ended = None
         try:
-            for ended in callbacks:
-                ended(error, usage, first)
+            tap.end(error)
         finally:
             close = getattr(chunks, "aclose", None)
             if close is not None:

@@ -14,10 +14,13 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import httpx
 from attrs import evolve, frozen
+
+if TYPE_CHECKING:
+    from scillm_core.pipeline import StreamTap
 
 __all__ = ["LIMITS", "Timeouts", "carries_token", "open_within", "within_limits"]
 
@@ -103,16 +106,17 @@ async def open_within(opening: Awaitable[T], timeouts: Timeouts, fail: Callable[
 
 
 async def within_limits(chunks: AsyncIterator[T], started: float, timeouts: Timeouts,
-                        fail: Callable[[str], BaseException]) -> AsyncIterator[T]:
+                        fail: Callable[[str], BaseException], tap: StreamTap | None = None) -> AsyncIterator[T]:
     """``chunks`` passed through while the first token (:func:`carries_token`) comes by ``started + first_token_s``
     (``loop.time()``) and each later chunk within ``idle_s`` of being asked for (a consumer that is slow to ask is not
-    an idle upstream).
+    an idle upstream). ``tap`` (when observers listen) sees each chunk and the end, in this same layer.
 
     One timer per stream checks both, rearmed only when it fires: a chunk costs a clock read, not a timer.
     When a limit passes while the consumer waits, the wait is cancelled and ``fail(limit)`` raised instead."""
     loop = asyncio.get_running_loop()
     watch = _Watch(loop, started + timeouts.first_token_s, timeouts.idle_s)
     nxt, now, current_task = chunks.__anext__, loop.time, asyncio.current_task
+    error: BaseException | None = None
     try:
         while True:
             if watch.expired is not None:
@@ -131,13 +135,22 @@ async def within_limits(chunks: AsyncIterator[T], started: float, timeouts: Time
                 watch.task = None
             if watch.first and carries_token(chunk):
                 watch.got_first()
+            if tap is not None:
+                tap.seen(chunk)
             yield chunk
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
         watch.handle.cancel()
-        close = getattr(chunks, "aclose", None)
-        if close is not None:
-            with contextlib.suppress(Exception):
-                await close()
+        try:
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+        finally:
+            if tap is not None:
+                tap.end(error)
 
 
 def carries_token(chunk: Any) -> bool:

@@ -16,7 +16,7 @@ from scillm_core.config import GroupConfig, PluginsConfig, ProviderSettings, Ser
 from scillm_core.hookspecs import hookimpl
 from scillm_core.http import UPSTREAM_HEADERS, send_context_headers
 from scillm_core.models import ChatResponse, EmbeddingsRequest, EmbeddingsResponse
-from scillm_core.pipeline import tap_stream
+from scillm_core.pipeline import StreamTap
 from scillm_core.timeouts import open_within, within_limits
 
 #: Response header naming the dialect a request went upstream in: ``anthropic-messages`` when its body went as
@@ -94,9 +94,9 @@ def call_provider(request: ProviderRequest, route: Route, ctx: CallContext) -> C
 
 
 async def _attempt(provider: Provider, request: ProviderRequest, route: Route, ctx: CallContext,
-                   passthrough: bool = False) -> CallResult:
+                   passthrough: bool = False, tap: StreamTap | None = None) -> CallResult:
     """One upstream call within the route's timeouts: the client's own body when ``passthrough`` (the provider
-    speaks its dialect)."""
+    speaks its dialect); a stream's chunks go through ``tap`` when one is given (in the same layer)."""
     timeouts = route.timeouts
     assert timeouts is not None
 
@@ -109,7 +109,7 @@ async def _attempt(provider: Provider, request: ProviderRequest, route: Route, c
             open_stream = provider.stream_native if passthrough else provider.stream
             opening = open_stream(request, route, ctx)  # type: ignore[arg-type]  # only chat streams
             chunks = await open_within(opening, timeouts, timed_out)
-            return within_limits(chunks, started, timeouts, timed_out)  # type: ignore[arg-type]
+            return within_limits(chunks, started, timeouts, timed_out, tap)  # type: ignore[arg-type]
         call: Any
         if isinstance(request, EmbeddingsRequest):
             call = provider.embed
@@ -162,15 +162,21 @@ async def _observed_attempt(provider: Provider, request: ProviderRequest, route:
     headers: dict[str, str] = {}
     events.emit("attempt.start", ctx, request=request, route=route, attempt=attempt, upstream_headers=headers)
     started = time.perf_counter()
+
+    def ended(error: BaseException | None, usage: Any, first_at: float | None) -> None:
+        events.emit("attempt.end", ctx, request=request, route=route, attempt=attempt, response=None, error=error,
+                    usage=usage, duration_s=time.perf_counter() - started,
+                    first_chunk_s=None if first_at is None else first_at - started)
+
+    tap = StreamTap(ctx, ended) if request.stream else None
     token = None
     if headers:
         send_context_headers(ctx.runtime.client())
         token = UPSTREAM_HEADERS.set(headers)
     try:
-        result = await _attempt(provider, request, route, ctx, passthrough)
+        result = await _attempt(provider, request, route, ctx, passthrough, tap)
     except BaseException as exc:
-        events.emit("attempt.end", ctx, request=request, route=route, attempt=attempt, response=None, error=exc,
-                    usage=None, duration_s=time.perf_counter() - started, first_chunk_s=None)
+        ended(exc, None, None)
         raise
     finally:
         if token is not None:
@@ -179,10 +185,6 @@ async def _observed_attempt(provider: Provider, request: ProviderRequest, route:
         events.emit("attempt.end", ctx, request=request, route=route, attempt=attempt, response=result, error=None,
                     usage=result.usage, duration_s=time.perf_counter() - started, first_chunk_s=None)
         return result
-
-    def ended(error: BaseException | None, usage: Any, first_at: float | None) -> None:
-        events.emit("attempt.end", ctx, request=request, route=route, attempt=attempt, response=None, error=error,
-                    usage=usage, duration_s=time.perf_counter() - started,
-                    first_chunk_s=None if first_at is None else first_at - started)
-
-    return tap_stream(result, ctx, ended)  # type: ignore[arg-type]  # only chat streams
+    assert tap is not None  # a stream, tapped where its time limits are watched
+    tap.open()
+    return result
