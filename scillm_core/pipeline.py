@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from scillm_core.context import CallContext
 
 __all__ = ["CallResult", "ChatResult", "ChatThunk", "OpeningStream", "ProviderRequest", "RequestThunk",
-           "ResponseThunk", "StreamEnded", "StreamTap", "Thunk", "carries_on", "end_with_stream", "observed_stage",
-           "open_stream", "run_chat", "run_embeddings", "tap_stream", "then"]
+           "ResponseThunk", "StreamEnded", "StreamTap", "Thunk", "aclose_quietly", "carries_on", "end_with_stream",
+           "observed_stage", "open_stream", "run_chat", "run_embeddings", "tap_stream", "then"]
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -226,12 +226,17 @@ async def _tapped(chunks: AsyncIterator[ChatChunk], tap: StreamTap) -> AsyncIter
         try:
             tap.end(error)
         finally:
-            close = getattr(chunks, "aclose", None)
-            if close is not None:
-                try:
-                    await close()
-                except Exception:
-                    pass
+            await aclose_quietly(chunks)
+
+
+async def aclose_quietly(chunks: AsyncIterator[Any] | None) -> None:
+    """Close a stream the caller is done with (if it can be closed); an error while closing is not the caller's."""
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:
+            pass
 
 
 OpeningStream: TypeAlias = "asyncio.Future[tuple[AsyncIterator[ChatChunk], ChatChunk | None]]"

@@ -11,13 +11,14 @@ model of the group instead of retrying the deployment that stayed silent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import httpx
 from attrs import evolve, frozen
+
+from scillm_core.pipeline import aclose_quietly
 
 if TYPE_CHECKING:
     from scillm_core.pipeline import StreamTap
@@ -144,10 +145,7 @@ async def within_limits(chunks: AsyncIterator[T], started: float, timeouts: Time
     finally:
         watch.handle.cancel()
         try:
-            close = getattr(chunks, "aclose", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    await close()
+            await aclose_quietly(chunks)
         finally:
             if tap is not None:
                 tap.end(error)

@@ -23,7 +23,6 @@ plugin README. Fails closed: a store that cannot admit a call refuses it.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
@@ -48,6 +47,7 @@ from scillm_budgets.limiter import (
 from scillm_budgets.pricing import NANO, Price, PriceTable, tokens_of
 from scillm_budgets.routes import LEDGER, routes
 from scillm_core import ChatChunk, ChatRequest, Route, Runtime, SurfaceRegistry, errors, hookimpl
+from scillm_core.pipeline import aclose_quietly
 from scillm_core.state import Count
 from scillm_core.state.counters import CountBatcher
 from scillm_core.state.writer import LogWriter
@@ -300,10 +300,7 @@ class Charge:
                 yield chunk
         finally:
             self.settle(usage, answered=True)
-            close = getattr(chunks, "aclose", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    await close()
+            await aclose_quietly(chunks)
 
     def settle(self, usage: Usage | None, *, answered: bool) -> None:
         """Replace the reservation with the actual cost (priced by the route that served), and record it.

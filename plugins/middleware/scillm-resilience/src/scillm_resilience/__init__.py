@@ -34,13 +34,12 @@ from scillm_core import (
     errors,
     hookimpl,
 )
-from scillm_core.pipeline import carries_on
+from scillm_core.pipeline import aclose_quietly, carries_on
 from scillm_resilience.breaker import Breaker, CircuitOpenSignal
 from scillm_resilience.config import LimitConfig, ResilienceConfig
 from scillm_resilience.continuation import (
     Overlap,
     Sent,
-    aclose,
     continuation_request,
     continued,
     marked,
@@ -372,7 +371,7 @@ class Attempts:
         except Exception as exc:
             failure = exc
         finally:
-            await aclose(chunks)
+            await aclose_quietly(chunks)
         if failure is None:
             return
         members = (self.route, *self.route.fallbacks)
@@ -426,7 +425,7 @@ class Attempts:
                 failure, broken = exc, member
                 continue
             finally:
-                await aclose(stream)
+                await aclose_quietly(stream)
             held = overlap.flush()
             if held:
                 if pending is not None:
@@ -683,7 +682,7 @@ class Attempts:
             try:
                 if slot is not None:
                     _rate_limited(slot, exc)
-                await aclose(chunks)
+                await aclose_quietly(chunks)
             finally:
                 if slot is not None:
                     slot.release()

@@ -13,14 +13,13 @@ continuation that cannot start (the model refuses the prefill, every member fail
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
 
 from scillm_core import ChatChunk, ChatRequest, ChunkChoice, Delta, Message, errors
 
-__all__ = ["INSTRUCTION", "Overlap", "Sent", "aclose", "continuation_request", "continued", "marked", "text_chunk",
+__all__ = ["INSTRUCTION", "Overlap", "Sent", "continuation_request", "continued", "marked", "text_chunk",
            "with_note"]
 
 #: the user turn that asks a model without prefill to continue the partial answer above it
@@ -185,11 +184,3 @@ def with_note(exc: BaseException, note: str) -> BaseException:
     clone.args = (clone.message,)
     return clone
 
-
-async def aclose(chunks: AsyncIterator[Any] | None) -> None:
-    close = getattr(chunks, "aclose", None)
-    if close is not None:
-        try:
-            await close()
-        except Exception:
-            pass
