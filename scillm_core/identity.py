@@ -14,6 +14,7 @@ through their run keys, so the model calls a CLI child makes are charged to the 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Literal
 
 from attrs import define, field, frozen
@@ -47,6 +48,13 @@ class Identity:
     @property
     def master(self) -> bool:
         return self.owner == MASTER_OWNER
+
+    def may_call(self, *names: str | None) -> bool:
+        """Whether one of ``names`` (a requested model, or the group or model it routes to) is among the models
+        this key may call (``fnmatch`` patterns; any name when the key is not restricted)."""
+        if self.models is None:
+            return True
+        return any(fnmatchcase(name, pattern) for name in names if name for pattern in self.models)
 
     def can_see(self, owner: str | None) -> bool:
         """Whether this caller may read or control something recorded with ``owner`` (records from before

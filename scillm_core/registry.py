@@ -38,6 +38,12 @@ class Route:
     def deployment(self) -> str:
         return f"{self.provider}/{self.model}"
 
+    @property
+    def reaches(self) -> tuple[str, ...]:
+        """The names a key's model list is matched against: the group (which brings its fallbacks), else the
+        model, as ``model`` and as ``provider/model``."""
+        return (self.group,) if self.group else (self.model, self.deployment)
+
 
 class Provider:
     """Base class for providers. Subclasses set the class attributes and implement :meth:`complete` and

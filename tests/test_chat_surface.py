@@ -206,3 +206,14 @@ def test_models_lists_configured_providers_only(server):
     ids = {m["id"] for m in httpx.get(server.url + "/v1/models", headers=AUTH).json()["data"]}
     assert {"deepseek/deepseek-chat", "text-deepseek"} <= ids
     assert not any(i.startswith("gpt-") for i in ids)
+
+
+def test_models_retrieve_one_with_the_sdk(client):
+    model = client.models.retrieve("deepseek/deepseek-chat")  # the SDK escapes the slash; the route takes it back
+    assert (model.id, model.object) == ("deepseek/deepseek-chat", "model")
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.models.retrieve("no-such-model")
+    assert unknown.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as unconfigured:  # known, but its provider has no key here
+        client.models.retrieve("gpt-4o")
+    assert "OPENAI_API_KEY" in unconfigured.value.message

@@ -89,8 +89,9 @@ def known_model_names(runtime: Runtime) -> list[str]:
 
 
 def model_catalog(runtime: Runtime) -> list[dict[str, Any]]:
-    """Every name scillm knows, as ``{"id", "owned_by", "usable", "missing"}``: ``usable`` when it routes to a
-    configured provider (for a group: any member), else ``missing`` says what to set. ``GET /v1/models`` and
+    """Every name scillm knows, as ``{"id", "owned_by", "usable", "missing", "reaches"}``: ``usable`` when it
+    routes to a configured provider (for a group: any member), else ``missing`` says what to set; ``reaches`` is
+    what a key's model list is matched against (:attr:`Route.reaches`). ``GET /v1/models`` and
     ``scillm models`` both show this list, so they agree."""
     providers = runtime.providers
     owners = {name: f"alias:{target}" for name, target in runtime.config.aliases.items()}
@@ -104,12 +105,13 @@ def model_catalog(runtime: Runtime) -> list[dict[str, Any]]:
         try:
             route = resolve(name, runtime)
         except errors.ScillmError as exc:
-            catalog.append({"id": name, "owned_by": owners[name], "usable": False, "missing": exc.message})
+            catalog.append({"id": name, "owned_by": owners[name], "usable": False, "missing": exc.message,
+                            "reaches": ()})
             continue
         missing = [providers[r.provider].missing_config() for r in (route, *route.fallbacks)]
         usable = any(m is None for m in missing)
         catalog.append({"id": name, "owned_by": owners[name], "usable": usable,
-                        "missing": None if usable else next(m for m in missing if m)})
+                        "missing": None if usable else next(m for m in missing if m), "reaches": route.reaches})
     return catalog
 
 

@@ -100,6 +100,18 @@ def test_a_key_restricted_to_one_model_gets_403_naming_any_other(server: Server)
     assert len(server.fake.requests) == before + 1  # refused calls never went upstream
 
 
+def test_a_restricted_key_lists_and_retrieves_only_its_models(server: Server) -> None:
+    _, token = server.key(name="lister", models=["gpt-4o-mini"])
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0)
+    assert [m.id for m in client.models.list()] == ["gpt-4o-mini"]
+    assert client.models.retrieve("gpt-4o-mini").owned_by == "openai"
+    with pytest.raises(openai.NotFoundError):  # callable with the master key, not with this one
+        client.models.retrieve("gpt-4o")
+    master = openai.OpenAI(base_url=server.url + "/v1", api_key=MASTER, max_retries=0)
+    assert {"gpt-4o", "gpt-4o-mini"} <= {m.id for m in master.models.list()}
+    assert master.models.retrieve("gpt-4o").id == "gpt-4o"
+
+
 def test_a_revoked_key_gets_401_on_its_next_request(server: Server) -> None:
     key_id, token = server.key(name="short-lived")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0)

@@ -16,7 +16,6 @@ Config ``[keys]``: ``enabled = true``. Fails closed: an unknown, revoked or expi
 from __future__ import annotations
 
 from collections.abc import Generator, Mapping
-from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
@@ -89,17 +88,16 @@ def postprocess_json(request: ChatRequest, ctx: CallContext) -> Generator[None, 
     """A key restricted to some models or groups may call nothing else (403 naming the model)."""
     call = yield
     allowed = ctx.identity.models
-    if allowed is not None and not _allowed(request, ctx, allowed):
+    if allowed is not None and not _allowed(request, ctx):
         raise errors.PermissionDenied(f"this key may not use model {request.model!r} (allowed: "
                                       f"{', '.join(allowed)})", param="model")
     return call
 
 
-def _allowed(request: ChatRequest, ctx: CallContext, allowed: tuple[str, ...]) -> bool:
+def _allowed(request: ChatRequest, ctx: CallContext) -> bool:
     """Whether the requested name is allowed, or what it routes to: its group (which brings its fallbacks), else
     the one model it reaches (as ``model`` or ``provider/model``)."""
-    if any(fnmatchcase(request.model, pattern) for pattern in allowed):
+    if ctx.identity.may_call(request.model):
         return True
     route = ctx.runtime.hooks.route_model(request, ctx.runtime)
-    names = [route.group] if route.group else [route.model, route.deployment]
-    return any(fnmatchcase(name, pattern) for name in names for pattern in allowed)
+    return ctx.identity.may_call(*route.reaches)

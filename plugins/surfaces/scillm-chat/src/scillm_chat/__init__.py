@@ -26,6 +26,7 @@ from scillm_core import (
     call_context,
     errors,
     hookimpl,
+    identity_of,
     json_response,
     open_stream,
     parse_json,
@@ -54,6 +55,7 @@ STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> None:
     surfaces.route("/v1/chat/completions", chat_completions, ["POST"], plugin="chat")
     surfaces.route("/v1/models", list_models, ["GET"], plugin="chat")
+    surfaces.route("/v1/models/{model:path}", retrieve_model, ["GET"], plugin="chat")
 
 
 def parse_chat_request(body: Any, raw: bytes | None = None, headers: Mapping[str, str] | None = None) -> ChatRequest:
@@ -140,9 +142,31 @@ async def _sse(opening: OpeningStream, heartbeat_s: float, notes: dict[str, Any]
 
 async def list_models(request: Request) -> Response:
     """The names that can be called now (OpenAI's list shape), and under ``unavailable`` the ones that need a key
-    or login first, each saying what to set: the same catalog ``scillm models`` prints."""
-    catalog = model_catalog(runtime_of(request))
-    data = [{"id": m["id"], "object": "model", "created": 0, "owned_by": m["owned_by"]} for m in catalog if m["usable"]]
+    or login first, each saying what to set: the same catalog ``scillm models`` prints. A key restricted to some
+    models sees only those."""
+    catalog = _visible_catalog(request)
+    data = [_model_object(m) for m in catalog if m["usable"]]
     unavailable = [{"id": m["id"], "owned_by": m["owned_by"], "missing": m["missing"]}
                    for m in catalog if not m["usable"]]
     return json_response({"object": "list", "data": data, "unavailable": unavailable})
+
+
+async def retrieve_model(request: Request) -> Response:
+    """One model in OpenAI's shape (``client.models.retrieve``); 404 ``model_not_found`` for a name that is not
+    callable now, saying what it needs when it is known but unconfigured."""
+    name = request.path_params["model"]
+    for entry in _visible_catalog(request):
+        if entry["id"] == name:
+            if not entry["usable"]:
+                raise errors.ModelNotFound(f"model {name!r} is not usable yet: {entry['missing']}", param="model")
+            return json_response(_model_object(entry))
+    raise errors.ModelNotFound(f"model {name!r} is not in the catalog (GET /v1/models lists it)", param="model")
+
+
+def _visible_catalog(request: Request) -> list[dict[str, Any]]:
+    identity = identity_of(request)
+    return [m for m in model_catalog(runtime_of(request)) if identity.may_call(m["id"], *m["reaches"])]
+
+
+def _model_object(entry: Mapping[str, Any]) -> dict[str, Any]:
+    return {"id": entry["id"], "object": "model", "created": 0, "owned_by": entry["owned_by"]}
