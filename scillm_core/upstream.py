@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from scillm_core.registry import Route
 
 __all__ = ["Malformed", "PendingBytes", "SSEEvent", "SSEParser", "error_for_status", "excerpt", "iter_ndjson",
-           "iter_sse", "iter_sse_batches", "retry_after_seconds", "translate_transport"]
+           "iter_sse", "iter_sse_batches", "retry_after_seconds", "send_upstream", "translate_transport"]
 
 log = logging.getLogger("scillm.upstream")
 
@@ -276,6 +276,21 @@ def error_for_status(status: int, message: str, *, provider: str, model: str, co
     if status == 529 or any(m in hint for m in _OVERLOAD_MARKERS):
         return errors.UpstreamUnavailable(text, code="overloaded", **common)
     return errors.UpstreamUnavailable(text, **common)
+
+
+async def send_upstream(client: httpx.AsyncClient, upstream: httpx.Request, *, provider: str, model: str,
+                        stream: bool = True) -> httpx.Response:
+    """Send ``upstream`` with transport failures translated (:func:`translate_transport`). A failed answer (status
+    400 or more) is read whole and closed even when streamed, so the caller makes its error from
+    ``response.content``; a good streamed one is left open for the caller to read."""
+    with translate_transport(provider, model):
+        response = await client.send(upstream, stream=stream)
+        if stream and response.status_code >= 400:
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+    return response
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from scillm_anthropic.translate import StreamTranslator, error_from_status, from
 from scillm_core import CallContext, ChatChunk, ChatRequest, ChatResponse, Provider, Route, errors, with_native
 from scillm_core.config import ProviderSettings
 from scillm_core.jsonio import loads
-from scillm_core.upstream import Malformed, PendingBytes, excerpt, iter_sse, translate_transport
+from scillm_core.upstream import Malformed, PendingBytes, excerpt, iter_sse, send_upstream, translate_transport
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_BASE", "AnthropicProvider", "MODELS", "claude_name", "merge_betas",
            "normalise_base"]
@@ -131,13 +131,9 @@ class AnthropicProvider(Provider):
         client = ctx.runtime.client()
         upstream = client.build_request("POST", self.messages_url, headers=headers, content=body,
                                         timeout=self.http_timeout(route, stream=stream))
-        with translate_transport(self.name, route.model):
-            response = await client.send(upstream, stream=stream)
+        response = await send_upstream(client, upstream, provider=self.name, model=route.model, stream=stream)
         if response.status_code >= 400:
-            with translate_transport(self.name, route.model):
-                raw = await response.aread()
-            await response.aclose()
-            raise self._error(response.status_code, raw, response.headers, route)
+            raise self._error(response.status_code, response.content, response.headers, route)
         return response
 
     # -- calls --------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from scillm_core import (
     with_native,
 )
 from scillm_core.config import Env, ProviderSettings
-from scillm_core.upstream import Malformed, translate_transport
+from scillm_core.upstream import Malformed, send_upstream
 
 __all__ = ["DEFAULT_BASE", "CodexProvider", "auth_path"]
 
@@ -130,13 +130,10 @@ class CodexProvider(Provider):
             upstream = client.build_request("POST", f"{self.base_url}/responses",
                                             headers=self._headers(login, request), content=content,
                                             timeout=self.http_timeout(route, stream=request.stream))
-            with translate_transport(self.name, route.model):
-                response = await client.send(upstream, stream=True)
+            response = await send_upstream(client, upstream, provider=self.name, model=route.model)
             if response.status_code < 400:
                 return response, login
-            with translate_transport(self.name, route.model):
-                raw = await response.aread()
-            await response.aclose()
+            raw = response.content
             secrets = (login.access_token, login.refresh_token)
             if response.status_code == 401 and attempt == 0:
                 login = await self.auth.refresh(client, route.model, stale=login.access_token)

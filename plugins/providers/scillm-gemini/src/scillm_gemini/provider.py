@@ -38,6 +38,7 @@ from scillm_core.upstream import (
     excerpt,
     iter_sse,
     retry_after_seconds,
+    send_upstream,
     translate_transport,
 )
 from scillm_gemini.translate import StreamState, build_body, parse_response
@@ -218,13 +219,9 @@ class GeminiProvider(Provider):
         upstream = client.build_request("POST", self._url(route, "streamGenerateContent") + "?alt=sse",
                                         headers=self._headers(), content=body,
                                         timeout=self.http_timeout(route, stream=True))
-        with translate_transport(self.name, route.model):
-            response = await client.send(upstream, stream=True)
+        response = await send_upstream(client, upstream, provider=self.name, model=route.model)
         if response.status_code >= 400:
-            with translate_transport(self.name, route.model):
-                raw = await response.aread()
-            await response.aclose()
-            raise self._error(response.status_code, raw, response.headers, route)
+            raise self._error(response.status_code, response.content, response.headers, route)
         return self._chunks(response, request, route, ctx)
 
     async def _chunks(self, response: httpx.Response, request: ChatRequest, route: Route,

@@ -53,7 +53,7 @@ from scillm_core import (
 )
 from scillm_core.config import Env, ProviderSettings
 from scillm_core.jsonio import loads
-from scillm_core.upstream import Malformed, error_for_status, excerpt, iter_ndjson, translate_transport
+from scillm_core.upstream import Malformed, error_for_status, excerpt, iter_ndjson, send_upstream, translate_transport
 
 __all__ = ["DEFAULT_BASE", "OllamaProvider", "base_from_env", "build_body", "parse_error_body"]
 
@@ -399,13 +399,9 @@ class OllamaProvider(Provider):
         client = ctx.runtime.client()
         upstream = client.build_request("POST", self.base_url + "/api/chat", headers=self._headers(), content=body,
                                         timeout=self.http_timeout(route, stream=True))
-        with translate_transport(self.name, route.model):
-            response = await client.send(upstream, stream=True)
+        response = await send_upstream(client, upstream, provider=self.name, model=route.model)
         if response.status_code >= 400:
-            with translate_transport(self.name, route.model):
-                raw = await response.aread()
-            await response.aclose()
-            raise self._error(response.status_code, raw, response.headers, route)
+            raise self._error(response.status_code, response.content, response.headers, route)
         return self._chunks(response, request, route, ctx)
 
     async def _chunks(self, response: httpx.Response, request: ChatRequest, route: Route,

@@ -36,7 +36,14 @@ from scillm_core import (
 )
 from scillm_core.config import Env, ProviderSettings
 from scillm_core.jsonio import loads
-from scillm_core.upstream import Malformed, error_for_status, excerpt, iter_sse_batches, translate_transport
+from scillm_core.upstream import (
+    Malformed,
+    error_for_status,
+    excerpt,
+    iter_sse_batches,
+    send_upstream,
+    translate_transport,
+)
 
 __all__ = ["CompatSpec", "OpenAICompatProvider", "conversation_id", "parse_error_body"]
 
@@ -227,13 +234,9 @@ class OpenAICompatProvider(Provider):
         client = ctx.runtime.client()
         upstream = client.build_request("POST", url or self._url, headers=self.headers(request), content=content,
                                         timeout=self.http_timeout(route, stream=True))
-        with translate_transport(self.name, route.model):
-            response = await client.send(upstream, stream=True)
+        response = await send_upstream(client, upstream, provider=self.name, model=route.model)
         if response.status_code >= 400:
-            with translate_transport(self.name, route.model):
-                raw = await response.aread()
-            await response.aclose()
-            raise self._error(response, raw, route)
+            raise self._error(response, response.content, route)
         return response
 
     async def _chunks(self, response: httpx.Response, request: ChatRequest, route: Route, ctx: CallContext, *,
