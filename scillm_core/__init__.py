@@ -7,7 +7,7 @@ from scillm_core.app import create_app
 from scillm_core.config import Config, ConfigError, Env, load_config
 from scillm_core.context import CallContext, Runtime
 from scillm_core.hookspecs import hookimpl, hookspec
-from scillm_core.identity import MASTER, Identity, Job, identity_of, job_of, require_visible
+from scillm_core.identity import MASTER, Identity, Job, identity_of, job_of, max_cost_of, require_visible
 from scillm_core.models import (
     ChatChunk,
     ChatRequest,
@@ -73,5 +73,5 @@ __all__ = [
     "sse_data", "sse_error", "NativeRequest", "with_native", "parse_json", "read_body", "served_headers",
     "session_of",
     "Timeouts",
-    "Identity", "Job", "MASTER", "identity_of", "job_of", "require_visible", "call_context",
+    "Identity", "Job", "MASTER", "identity_of", "job_of", "max_cost_of", "require_visible", "call_context",
 ]

@@ -146,10 +146,11 @@ class Unit:
     __slots__ = ("ended", "events", "kind", "unit")
 
     def __init__(self, events: Events, kind: str, unit: str, *, name: str, parent: str | None = None,
-                 trace: Mapping[str, str] | None = None, attrs: Mapping[str, Any] | None = None) -> None:
+                 trace: Mapping[str, str] | None = None, attrs: Mapping[str, Any] | None = None,
+                 owner: str | None = None) -> None:
         self.events, self.kind, self.unit, self.ended = events, kind, unit, False
         events.emit(f"{kind}.start", None, unit=unit, parent=parent, name=name, trace=dict(trace or {}),
-                    attrs=dict(attrs or {}))
+                    attrs=dict(attrs or {}), owner=owner)
 
     def event(self, record: Mapping[str, Any]) -> None:
         kind = f"{self.kind}.event"

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
     from scillm_core.context import Runtime
 
-__all__ = ["MASTER", "MASTER_OWNER", "Identity", "Job", "identity_of", "job_of", "owner_identity", "require_visible"]
+__all__ = ["MASTER", "MASTER_OWNER", "Identity", "Job", "identity_of", "job_of", "max_cost_of", "owner_identity",
+           "require_visible"]
 
 MASTER_OWNER = "master"
 
@@ -101,6 +102,16 @@ class Job:
             self.exceeded = reason
             if self.on_exceeded is not None:
                 self.on_exceeded(reason)
+
+
+def max_cost_of(value: Any, param: str) -> float | None:
+    """A request's ``max_cost_usd`` (a batch's or agent run's ceiling): ``None`` when absent, else a positive number
+    of dollars; a 400 naming ``param`` otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+        raise errors.InvalidRequest(f"max_cost_usd must be a positive number of dollars @ {param}", param=param)
+    return float(value)
 
 
 def identity_of(request: Request | Mapping[str, Any]) -> Identity:

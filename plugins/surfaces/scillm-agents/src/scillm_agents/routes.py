@@ -18,7 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from scillm_agents.config import settings
 from scillm_agents.service import Agents, agents_of
 from scillm_agents.worker import Worker
-from scillm_core import errors, identity_of, require_visible
+from scillm_core import Identity, errors, identity_of, max_cost_of
 from scillm_core.events import trace_headers
 from scillm_core.web import caller_of, json_response, query_int, read_json, runtime_of
 
@@ -103,62 +103,86 @@ def _seconds(body: Mapping[str, Any], key: str, default: float, limit: float) ->
 
 
 def _worker(request: Request) -> tuple[Agents, Worker]:
+    """The worker named in the path, if the caller may use it (404 otherwise, listing the ones it may)."""
     agents = agents_of(runtime_of(request))
-    return agents, agents.worker(request.path_params["worker"])
+    return agents, agents.worker(request.path_params["worker"], identity_of(request))
 
 
 # -- reading --------------------------------------------------------------------------------------------------------
 
+class View:
+    """What ``viewer`` may know about a worker's use right now. The master key sees everything; a virtual key sees
+    its own lease and turn, and of another key's only that the worker is ``taken`` (and until when)."""
+
+    def __init__(self, worker: Worker, viewer: Identity, lease: Mapping[str, Any] | None) -> None:
+        self.lease = lease
+        self.own_lease = lease is not None and viewer.can_see(lease.get("identity"))
+        self.own_turn = worker.busy.locked() and viewer.can_see(worker.holder)
+        self.mine = viewer.master or self.own_lease or self.own_turn   # the caller is using the worker now
+        if self.own_turn or (viewer.master and worker.busy.locked()):
+            self.state = "running"
+        elif self.own_lease or (viewer.master and lease is not None):
+            self.state = "leased"
+        elif lease is not None or worker.busy.locked():
+            self.state = "taken"
+        else:
+            self.state = "idle"
+
+    def public_lease(self) -> dict[str, Any] | None:
+        if self.lease is None:
+            return None
+        if not self.own_lease:
+            return {"held_by_another_key": True, "expires_at": self.lease.get("expires_at")}
+        keys = ("lease_id", "owner", "handoff_id", "acquired_at", "renewed_at", "expires_at", "ttl_s", "caller",
+                "identity")
+        return {k: self.lease.get(k) for k in keys}
+
+
 async def registry(request: Request) -> Response:
-    agents = agents_of(runtime_of(request))
-    return json_response({"status": "configured", "workers": [
-        {"name": w.name, "description": w.cfg.description, "model": w.cfg.model, "sandbox": w.cfg.sandbox,
-         "repository": w.cfg.repository, "base_ref": w.cfg.base_ref, "process": w.process_status()["status"],
-         "running_turn": w.busy.locked()} for w in agents.workers.values()]})
-
-
-def _public_lease(lease: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if lease is None:
-        return None
-    keys = ("lease_id", "owner", "handoff_id", "acquired_at", "renewed_at", "expires_at", "ttl_s", "caller", "identity")
-    return {k: lease.get(k) for k in keys}
+    """The workers the caller may use (a key restricted to some models: those whose model it may call)."""
+    agents, identity = agents_of(runtime_of(request)), identity_of(request)
+    rows = []
+    for w in agents.visible(identity):
+        view = View(w, identity, await agents.lease(w.name))
+        rows.append({"name": w.name, "description": w.cfg.description, "model": w.cfg.model, "sandbox": w.cfg.sandbox,
+                     "repository": w.cfg.repository, "base_ref": w.cfg.base_ref, "state": view.state,
+                     "process": w.process_status()["status"] if view.mine else None, "running_turn": view.own_turn
+                     or (identity.master and w.busy.locked())})
+    return json_response({"status": "configured", "workers": rows})
 
 
 async def status(request: Request) -> Response:
-    """The worker's state; its lease, turns and handoffs as far as they are the calling key's (another key's lease
-    shows only that the worker is taken and until when; the master key sees everything)."""
+    """The worker's state; its lease, turns, thread, worktree and handoffs as far as they are the calling key's
+    (another key's lease or turn shows only that the worker is ``taken`` and until when; the master key sees
+    everything)."""
     agents, worker = _worker(request)
     identity = identity_of(request)
-    lease = await agents.lease(worker.name)
+    view = View(worker, identity, await agents.lease(worker.name))
     doc = await agents.worker_doc(worker.name)
-    last = await agents.turn(worker.name, doc["last_turn_id"]) if doc.get("last_turn_id") else None
-    if last is not None and not identity.can_see(last.get("identity")):
-        last = None
-    public_lease = _public_lease(lease)
-    if lease is not None and not identity.can_see(lease.get("identity")):
-        public_lease = {"held_by_another_key": True, "expires_at": lease.get("expires_at")}
+    last = await agents.last_turn(worker.name, identity)
     thread_id = doc.get("thread_id")
     note = doc.get("context_note")
     if thread_id and not worker.alive and doc.get("context") != "lost":
         note = f"thread {thread_id} is kept; the next turn resumes it in a new codex app-server"
-    running = worker.current if identity.can_see(worker.holder) else None
+    running = worker.current if view.own_turn or (identity.master and worker.busy.locked()) else None
+    own_thread = identity.can_see(doc.get("thread_owner"))
+    own_worktree = identity.master or doc.get("worktree_owner") == identity.owner
     return json_response({
-        "worker": worker.name,
-        "state": "running" if worker.busy.locked() else ("leased" if lease else "idle"),
+        "worker": worker.name, "state": view.state,
         "description": worker.cfg.description, "model": worker.cfg.model, "sandbox": worker.cfg.sandbox,
         "repository": worker.cfg.repository, "base_ref": worker.cfg.base_ref,
         "turn_timeout_s": worker.cfg.turn_timeout_s, "idle_timeout_s": worker.cfg.idle_timeout_s,
-        "process": worker.process_status(),
+        "process": worker.process_status() if view.mine else None,
         "thread": {"id": thread_id, "context": doc.get("context"), "note": note,
-                   "lost_thread_id": doc.get("lost_thread_id")} if identity.can_see(doc.get("thread_owner")) else
-                  {"id": None, "note": "the current thread is another key's; your next turn starts one of its own"},
-        "lease": public_lease,
+                   "lost_thread_id": doc.get("lost_thread_id")} if own_thread else
+                  {"id": None, "note": "your next turn on this worker starts a thread of its own"},
+        "lease": view.public_lease(),
         "turn": {"turn_id": running.turn_id, "status": "running"} if running is not None else None,
         "last_turn": {k: last.get(k) for k in ("turn_id", "handoff_id", "status", "error", "started_at",
-                                               "completed_at")} if last else None,
+                                               "completed_at", "cost_usd", "max_cost_usd")} if last else None,
         "handoffs": await agents.handoff_ids(worker.name, identity),
-        "worktree": doc.get("worktree"),
-        "events_seq": worker.events.seq,
+        "worktree": doc.get("worktree") if own_worktree else None,
+        "events_seq": worker.events.seq if identity.master else worker.seqs.get(identity.owner, 0),
     })
 
 
@@ -167,19 +191,15 @@ async def result(request: Request) -> Response:
     handoff_id = request.query_params.get("handoff_id")
     if handoff_id is not None and not ID.match(handoff_id):
         raise _bad("handoff_id must be 1-128 letters, digits or ._:@-", "query.handoff_id")
-    doc = await agents.result(worker.name, handoff_id)
-    require_visible(identity_of(request), doc.get("identity"), f"result of worker {worker.name!r}")
-    return json_response(doc)
+    return json_response(await agents.result(worker.name, handoff_id, identity_of(request)))
 
 
 async def events(request: Request) -> Response:
     agents, worker = _worker(request)
     identity = identity_of(request)
-    if not identity.master:  # a key tails a worker it holds the lease of, or whose last turn was its own
+    if not identity.master:  # a key tails a worker whose lease it holds or where it ran a turn
         lease = await agents.lease(worker.name) or {}
-        last_turn = (await agents.worker_doc(worker.name)).get("last_turn_id")
-        last = await agents.turn(worker.name, last_turn) if last_turn else None
-        if identity.owner not in (lease.get("identity"), (last or {}).get("identity")):
+        if lease.get("identity") != identity.owner and await agents.last_turn(worker.name, identity) is None:
             raise errors.NotFound(f"no events of worker {worker.name!r} for this key")
     after = query_int(request, "after", default=0)  # the last event seq the client has
     runtime = runtime_of(request)
@@ -282,12 +302,13 @@ def handoff_prompt(handoff: Mapping[str, Any]) -> str:
 async def turn(request: Request) -> Response:
     caller = caller_of(request, required=True)
     agents, worker = _worker(request)
-    body = await _body(request, {"lease_id", "handoff_id", "input", "wait", "timeout_s"})
+    body = await _body(request, {"lease_id", "handoff_id", "input", "wait", "timeout_s", "max_cost_usd"})
     lease_id = _id(body, "lease_id", required=True)
     handoff_id = _id(body, "handoff_id")
     text = _text(body, "input")
     wait = _flag(body, "wait", False)
     timeout_s = _seconds(body, "timeout_s", worker.cfg.turn_timeout_s, worker.cfg.turn_timeout_s)
+    max_cost = max_cost_of(body.get("max_cost_usd"), "$.max_cost_usd")
     lease = await _held(agents, request, worker, lease_id, "run a turn")
     handoff_id = handoff_id or lease.get("handoff_id") or None
     handoff = await agents.handoff(worker.name, handoff_id, identity_of(request)) if handoff_id else None
@@ -299,7 +320,7 @@ async def turn(request: Request) -> Response:
             raise _bad("give input, or a handoff_id (here or on the lease) whose goal becomes the prompt", "$.input")
         text = handoff_prompt(handoff)
     record = {"handoff_id": handoff_id, "lease_id": lease_id, "owner": lease.get("owner"), "input": text,
-              **_who(request, caller)}
+              "max_cost_usd": max_cost, **_who(request, caller)}
     doc, task = await agents.begin_turn(worker, record, text, timeout_s, base_url_of(request),
                                         trace_headers(request.headers), identity_of(request))
     if wait:
@@ -354,6 +375,10 @@ async def cleanup(request: Request) -> Response:
     identity = identity_of(request)
     if await agents.lease(worker.name) is not None:  # only its holder (or the master) cleans up a leased worker
         await agents.holder(worker.name, lease_id, "clean it up", identity)
+    elif not identity.master:  # unleased: a key cleans up only a worker whose thread or worktree is its own
+        doc = await agents.worker_doc(worker.name)
+        if identity.owner not in (doc.get("thread_owner"), doc.get("worktree_owner")):
+            raise errors.NotFound(f"nothing of this key's on worker {worker.name!r} to clean up")
     live = worker.current
     if live is not None and not live.done.is_set() and not identity.can_see(worker.holder):
         raise errors.Conflict(f"worker {worker.name!r} is running another key's turn; clean it up after that turn "
@@ -367,7 +392,7 @@ async def cleanup(request: Request) -> Response:
         await worker.stop("cleanup")
         removed = await worker.remove_worktree() if remove else False
         if remove:
-            await agents.update_worker(worker.name, worktree=None, thread_id=None, context="reset",
+            await agents.update_worker(worker.name, worktree=None, worktree_owner=None, thread_id=None, context="reset",
                                        context_note="cleanup removed the worktree; the next turn starts a new "
                                                     "thread in a fresh worktree")
         doc = await agents.worker_doc(worker.name)

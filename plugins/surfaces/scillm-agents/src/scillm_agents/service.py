@@ -30,6 +30,7 @@ __all__ = ["Agents", "LEASES", "agents_of"]
 
 LEASES, HANDOFFS, WORKERS, TURNS, RESULTS = ("agents.leases", "agents.handoffs", "agents.workers", "agents.turns",
                                              "agents.results")
+LAST_TURNS = "agents.last_turns"   # ``<worker>/<owner>``: each key's last turn on a worker
 CAS_ATTEMPTS = 5
 
 
@@ -65,12 +66,22 @@ class Agents:
     def store(self) -> StateStore:
         return self.runtime.store
 
-    def worker(self, name: str) -> Worker:
+    def worker(self, name: str, viewer: Identity = MASTER) -> Worker:
+        """The worker ``viewer`` may use, else 404 listing the ones it may (a key restricted to some models sees
+        only the workers whose model it may call)."""
         worker = self.workers.get(name)
-        if worker is None:
-            declared = ", ".join(sorted(self.workers)) or "none: declare them as [agents.<name>] in scillm.toml"
+        if worker is None or not self.usable(worker, viewer):
+            declared = ", ".join(w.name for w in self.visible(viewer)) or \
+                "none: declare them as [agents.<name>] in scillm.toml"
             raise errors.NotFound(f"no standing worker {name!r} (declared: {declared})")
         return worker
+
+    @staticmethod
+    def usable(worker: Worker, viewer: Identity) -> bool:
+        return viewer.may_call(worker.cfg.model)
+
+    def visible(self, viewer: Identity) -> list[Worker]:
+        return [w for w in self.workers.values() if self.usable(w, viewer)]
 
     # -- worker documents ------------------------------------------------------------------------------------------
 
@@ -196,23 +207,30 @@ class Agents:
         already made for it) until its result is stored; its model calls (the worker's key) are charged to, limited
         as and logged under ``identity``."""
         if worker.busy.locked():
-            running = worker.current.turn_id if worker.current else "starting"
-            raise errors.Conflict(f"worker {worker.name!r} is running turn {running}; steer it, interrupt it, or "
-                                  "wait for its result", code="turn_running")
+            running = worker.current.turn_id if worker.current and identity.can_see(worker.holder) else None
+            raise errors.Conflict(f"worker {worker.name!r} is running " + (
+                f"turn {running}; steer it, interrupt it, or wait for its result" if running else
+                "a turn; try again when it ends"), code="turn_running")
         await worker.busy.acquire()
         try:
             worker.holder = identity.owner
             await worker.ensure_running(base_url, trace)
             if not identity.master:
                 await worker.own_thread(identity.owner)
+            await worker.own_worktree(identity)
             worker.turn_run = worker.unit(
                 f"agent turn {worker.name}", uuid.uuid4().hex[:12], trace, worker.run.unit if worker.run else None,
-                caller=record.get("caller"), owner=record.get("owner"), handoff_id=record.get("handoff_id"))
-            job = Job(kind="run", id=f"agent-{worker.name}", owner=identity.owner)  # named by its turn once known
+                key_owner=identity.owner, caller=record.get("caller"), owner=record.get("owner"),
+                handoff_id=record.get("handoff_id"))
+            job = Job(kind="run", id=f"agent-{worker.name}", owner=identity.owner,  # named by its turn once known
+                      max_cost_usd=record.get("max_cost_usd"),
+                      on_exceeded=lambda reason: self._stop_turn(worker, reason))
             self.keys.assign(worker.key, run_id=f"agent-{worker.name}", caller="agents", identity=identity, job=job)
             self.keys.set_unit(worker.key, worker.turn_run.unit)
             live = await worker.start_turn(text)
             job.id = f"agent-{worker.name}/{live.turn_id}"
+            if job.exceeded is not None:  # refused before codex told us the turn
+                self._stop_turn(worker, job.exceeded)
         except BaseException as exc:
             self._end_turn_run(worker, "failed", getattr(exc, "message", None) or type(exc).__name__)
             worker.busy.release()
@@ -228,11 +246,21 @@ class Agents:
         try:
             await self.store.put(TURNS, f"{worker.name}/{live.turn_id}", doc)
             await self.update_worker(worker.name, last_turn_id=live.turn_id)
+            await self.store.put(LAST_TURNS, f"{worker.name}/{identity.owner}", {"turn_id": live.turn_id})
             if doc.get("handoff_id"):
                 await self.store.put(RESULTS, f"{worker.name}/{doc['handoff_id']}", {"turn_id": live.turn_id})
         finally:
             recorded.set()
         return doc, task
+
+    def _stop_turn(self, worker: Worker, reason: str) -> None:
+        """A model call of the running turn was refused for its ``max_cost_usd`` (or its key's budget): the turn
+        ends ``failed`` saying so (``turn/interrupt``, then the process if codex does not end it)."""
+        live = worker.current
+        if live is not None and not live.done.is_set():
+            task = asyncio.ensure_future(worker.end_turn(live, "failed", f"stopped: {reason}"))
+            self.finishing.add(task)
+            task.add_done_callback(self.finishing.discard)
 
     def _end_turn_run(self, worker: Worker, status: str, error: str | None, **attrs: Any) -> None:
         """The turn's unit ends; the worker's model calls are its run's (and the master's) again."""
@@ -253,6 +281,8 @@ class Agents:
             error = live.error
             if live.ended_by is not None and status != "completed":
                 status, error = live.ended_by  # scillm ended it: timeout, interrupt, cleanup, shutdown
+            if job.exceeded is not None:  # a model call was refused for the turn's max_cost_usd or the key's budget
+                status, error = "failed", f"stopped: {job.exceeded}"
             patch, paths = "", list[str]()
             try:
                 patch, paths = await worker.evidence()
@@ -289,21 +319,33 @@ class Agents:
     async def turn(self, name: str, turn_id: str) -> dict[str, Any] | None:
         return await self.store.get(TURNS, f"{name}/{turn_id}")
 
-    async def result(self, name: str, handoff_id: str | None) -> dict[str, Any]:
+    async def last_turn(self, name: str, viewer: Identity) -> dict[str, Any] | None:
+        """The worker's last turn as ``viewer`` sees it: the last of all for the master key, else that key's own."""
+        if viewer.master:
+            turn_id = (await self.worker_doc(name)).get("last_turn_id")
+        else:
+            turn_id = (await self.store.get(LAST_TURNS, f"{name}/{viewer.owner}") or {}).get("turn_id")
+        return await self.turn(name, turn_id) if turn_id else None
+
+    async def result(self, name: str, handoff_id: str | None, viewer: Identity = MASTER) -> dict[str, Any]:
+        """The last turn of a handoff, or of the worker (``viewer``'s own last turn for a virtual key); 404 for
+        another key's, as for one that does not exist."""
         if handoff_id is not None:
             pointer = await self.store.get(RESULTS, f"{name}/{handoff_id}")
             if pointer is None:
-                known = await self.handoff(name, handoff_id)
+                known = await self.handoff(name, handoff_id, viewer)
                 raise errors.NotFound(f"handoff {handoff_id!r} of worker {name!r} has no finished turn yet" if known
                                       else f"worker {name!r} has no handoff {handoff_id!r}")
-            turn_id = pointer["turn_id"]
+            doc = await self.turn(name, pointer["turn_id"])
         else:
-            turn_id = (await self.worker_doc(name)).get("last_turn_id")
-            if not turn_id:
-                raise errors.NotFound(f"worker {name!r} has run no turn yet")
-        doc = await self.turn(name, turn_id)
+            doc = await self.last_turn(name, viewer)
+            if doc is None:
+                raise errors.NotFound(f"worker {name!r} has run no turn yet" + ("" if viewer.master else
+                                                                               " for this key"))
         if doc is None:
-            raise errors.NotFound(f"turn {turn_id!r} of worker {name!r} is not stored")
+            raise errors.NotFound(f"the turn of worker {name!r} is not stored")
+        require_visible(viewer, doc.get("identity"), f"worker {name!r} has no handoff {handoff_id!r}"
+                        if handoff_id is not None else f"turn of worker {name!r} for this key")
         return doc
 
     # -- capacity and lifecycle ------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from scillm_exec import (
 
 from scillm_agents.config import WorkerConfig
 from scillm_agents.rpc import METHOD_NOT_FOUND, RpcClient, RpcError
-from scillm_core import errors
+from scillm_core import Identity, errors
 from scillm_core.events import Unit
 
 if TYPE_CHECKING:
@@ -121,6 +121,8 @@ class Worker:
         self.turn_run: Unit | None = None     # the running turn, a unit inside it
         #: the key (its owner id) whose turn the worker is running: what it emits meanwhile is that key's
         self.holder: str | None = None
+        #: the seq of each key's last event (what ``status`` tells a key to resume its event stream after)
+        self.seqs: dict[str | None, int] = {}
 
     # -- state -----------------------------------------------------------------------------------------------------
 
@@ -133,16 +135,18 @@ class Worker:
             self.events = EventLog(self.events.path, redact=[s.decode() for s in self.events.secrets])
         fields.setdefault("identity", self.holder)  # who may read it: that key (and the master); None: the master
         event = self.events.append(type, worker=self.name, **fields)
+        self.seqs[fields["identity"]] = event["seq"]
         unit = self.turn_run or self.run
         if unit is not None:
             unit.event({"seq": event["seq"], "type": type})  # what observers use; the record stays in the log
 
     def unit(self, name: str, key: str, trace: Mapping[str, str] | None, parent: str | None,
-             **attrs: Any) -> Unit:
-        """A unit of work of this worker (its process's run, or a turn in it): listed with the worker's event
-        stream from now on."""
+             key_owner: str | None = None, **attrs: Any) -> Unit:
+        """A unit of work of this worker (its process's run, or a turn in it, owned by ``key_owner``, the key whose
+        turn it is): listed with the worker's event stream from now on."""
         unit_id = f"run:agents/{self.name}/{key}"
-        return Unit(self.service.runtime.events, "run", unit_id, name=name, parent=parent, trace=trace, attrs={
+        return Unit(self.service.runtime.events, "run", unit_id, name=name, parent=parent, trace=trace,
+                    owner=key_owner, attrs={
             "run_id": unit_id.removeprefix("run:"), "worker": self.name, "model": self.cfg.model,
             "profile": "standing agent", "sandbox": self.cfg.sandbox, "surface": "agents",
             "events_url": f"/v1/scillm/agents/{self.name}/events/stream?after={self.events.seq}", **attrs})
@@ -288,6 +292,23 @@ class Worker:
                                          context_note=f"thread {self.thread_id} started: thread {previous} was "
                                                       "another key's", lost_thread_id=None, thread_owner=owner)
         self.emit("worker.thread_started", thread_id=self.thread_id, reason="the previous thread was another key's")
+
+    async def own_worktree(self, identity: Identity) -> None:
+        """A turn works only on what its own key's turns left: when the worktree holds another key's work (or the
+        master's), it is reset to its base commit first (changes, untracked and ignored files all go), so no key
+        reads another's files. The master key's turns continue any worktree."""
+        doc = await self.service.worker_doc(self.name)
+        holder = doc.get("worktree_owner")
+        if holder == identity.owner or (identity.master and holder is not None):
+            return
+        if holder is not None:
+            try:
+                await self.reset()
+            except errors.ScillmError as exc:
+                raise unavailable(f"worker {self.name!r}: could not reset its worktree: {exc.message}") from None
+            self.emit("worktree.reset", reason="the worktree held another key's work; it is back at its base commit",
+                      base=self.worktree.base if self.worktree else None)
+        await self.service.update_worker(self.name, worktree_owner=identity.owner)
 
     async def _write(self, data: bytes) -> None:
         if self.process is None:

@@ -35,6 +35,7 @@ from scillm_core import (
     hookimpl,
     identity_of,
     json_response,
+    max_cost_of,
     read_json,
     require_visible,
     runtime_of,
@@ -110,11 +111,7 @@ async def _spec(request: Request) -> tuple[BatchSpec, bool]:
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise errors.InvalidRequest("concurrency must be a positive integer @ $.concurrency", param="$.concurrency")
     timeout = check_timeout(body.get("timeout"), "$.timeout")
-    max_cost = body.get("max_cost_usd")
-    if max_cost is not None and (isinstance(max_cost, bool) or not isinstance(max_cost, int | float)
-                                 or not 0 < max_cost < 1e9):
-        raise errors.InvalidRequest("max_cost_usd must be a positive number of dollars @ $.max_cost_usd",
-                                    param="$.max_cost_usd")
+    max_cost = max_cost_of(body.get("max_cost_usd"), "$.max_cost_usd")
     batch_id = body.get("batch_id")
     if batch_id is not None:
         batch_id = check_id(batch_id, "batch_id", "$.batch_id")
@@ -127,7 +124,7 @@ async def _spec(request: Request) -> tuple[BatchSpec, bool]:
     batch_id = batch_id or f"batch-{_short_hash(items, identity.owner)}"
     spec = BatchSpec(batch_id=batch_id, pool=pool, lanes=lanes, items=items, timeout_s=timeout,
                      caller=caller_of(request), trace=trace_headers(request.headers), identity=identity,
-                     max_cost_usd=float(max_cost) if max_cost is not None else None)
+                     max_cost_usd=max_cost)
     return spec, body.get("stream") is True
 
 

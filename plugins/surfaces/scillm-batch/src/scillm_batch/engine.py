@@ -158,7 +158,8 @@ async def run_batch(spec: BatchSpec, runtime: Runtime, emit: Emit) -> dict[str, 
     events = runtime.events
     events.emit("batch.start", None, unit=spec.unit, parent=None, name=f"batch {spec.pool}", trace=spec.trace,
                 attrs={"batch_id": spec.batch_id, "pool": spec.pool, "total": len(spec.items),
-                       "caller": spec.caller, "lanes": ",".join(lane.label for lane in spec.lanes), "run": run})
+                       "caller": spec.caller, "lanes": ",".join(lane.label for lane in spec.lanes), "run": run},
+                owner=spec.identity.owner)
     try:
         summary = await _follow(spec, runtime, emit, run, started)
     except BaseException as exc:

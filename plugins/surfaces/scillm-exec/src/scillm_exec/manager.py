@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import orjson
 
-from scillm_core import MASTER, Identity, Job, Runtime, errors, require_visible, schemas
+from scillm_core import MASTER, Identity, Job, Runtime, errors, max_cost_of, require_visible, schemas
 from scillm_core.jsonio import loads
 from scillm_core.redact import redact
 from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
@@ -79,10 +79,7 @@ async def spec_from_body(body: Any, runtime: Runtime, *, where: str = "$",
     schema = body.get("output_schema")
     if schema is not None:  # metaschema, references resolvable inside it, nothing fetched: else a 400 naming where
         await schemas.check_schema_async(schema, f"{where}.output_schema")
-    max_cost = body.get("max_cost_usd")
-    if max_cost is not None and (isinstance(max_cost, bool) or not isinstance(max_cost, (int, float))
-                                 or not 0 < max_cost < 1e9):
-        raise _bad("max_cost_usd must be a positive number of dollars", f"{where}.max_cost_usd")
+    max_cost = max_cost_of(body.get("max_cost_usd"), f"{where}.max_cost_usd")
     metadata = body.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise _bad("metadata must be an object", f"{where}.metadata")
@@ -93,7 +90,7 @@ async def spec_from_body(body: Any, runtime: Runtime, *, where: str = "$",
         cwd = str(check_cwd(cwd, runtime, f"{where}.cwd"))
     return SessionSpec(profile=profile, prompt=prompt, cwd=cwd, sandbox=sandbox, model=model,
                        timeout_s=timeout_s or cfg.default_timeout_s, idle_timeout_s=idle, output_schema=schema,
-                       metadata=metadata, max_cost_usd=float(max_cost) if max_cost is not None else None)
+                       metadata=metadata, max_cost_usd=max_cost)
 
 
 def check_cwd(cwd: str, runtime: Runtime, param: str) -> Path:
@@ -234,7 +231,8 @@ class ExecManager:
         events.emit("run.start", None, unit=run.unit, parent=run.parent, name=f"exec {spec.profile}",
                     trace=run.trace, attrs={"run_id": run.run_id, "profile": spec.profile, "caller": run.caller,
                                             "sandbox": spec.sandbox, "model": spec.model, "surface": "exec",
-                                            "events_url": f"/v1/scillm/exec/{run.run_id}/events"})
+                                            "events_url": f"/v1/scillm/exec/{run.run_id}/events"},
+                    owner=run.identity.owner)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if slots is not None:
@@ -449,7 +447,8 @@ class ExecManager:
         graph_id = "graph_" + uuid.uuid4().hex
         unit, events = f"graph:{graph_id}", self.runtime.events
         events.emit("graph.start", None, unit=unit, parent=None, name="exec graph", trace=dict(trace or {}),
-                    attrs={"graph_id": graph_id, "nodes": len(nodes), "caller": caller, "max_concurrency": limit})
+                    attrs={"graph_id": graph_id, "nodes": len(nodes), "caller": caller, "max_concurrency": limit},
+                    owner=identity.owner)
         try:
             doc = await self._run_graph(graph_id, unit, nodes, limit, caller=caller, base_url=base_url,
                                         identity=identity)

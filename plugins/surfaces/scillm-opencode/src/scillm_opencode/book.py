@@ -140,9 +140,16 @@ class LiveRun:
         self.decided, self.status, self.error = True, status, error
         return True
 
-    def abort(self, reason: str) -> None:
-        if self.decide("aborted", reason):
+    def abort(self, reason: str, status: str = "aborted") -> None:
+        if self.decide(status, reason):
             self.stop.set()
+
+    def job_for(self, max_cost_usd: float | None) -> Job:
+        """The run as the job its sessions' calls are made for (spend by run); a call refused for its
+        ``max_cost_usd`` (or the key's budget) stops the run as ``failed``, saying why."""
+        self.job = Job(kind="run", id=self.run_id, owner=self.identity.owner, max_cost_usd=max_cost_usd,
+                       on_exceeded=lambda reason: self.abort(f"stopped: {reason}", "failed"))
+        return self.job
 
     def end(self) -> dict[str, Any]:
         """The end frame of its event stream."""
@@ -188,7 +195,7 @@ class RunBook(Generic[R]):
         self.runs[run.run_id] = run
         await self.records.save(self.doc(run))
         run.unit = Unit(self.runtime.events, self.unit_kind, f"{self.unit_kind}:opencode/{run.run_id}",
-                        name=self.unit_name, trace=run.trace, attrs={
+                        name=self.unit_name, trace=run.trace, owner=run.owner, attrs={
                             "run_id": run.run_id, "caller": run.caller, "surface": "opencode",
                             "events_url": self.events_path.format(run_id=run.run_id), **self.unit_attrs(run)})
         run.task = asyncio.ensure_future(execute(run))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from attrs import define
 from scillm_exec import EventLog, check_cwd, remove_worktree, worktree_diff
 
-from scillm_core import Identity, Job, errors
+from scillm_core import Identity, errors, max_cost_of
 from scillm_opencode.book import ABORT_GRACE_S, LiveRun, RunBook, Sessions
 from scillm_opencode.client import ServeError
 from scillm_opencode.profiles import (
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["Run", "ServeRuns"]
 
 FIELDS = {"prompt", "agent", "model", "cwd", "skills", "timeout_s", "wait", "run_id", "scillm_metadata", "title",
-          "system"}
+          "system", "max_cost_usd"}
 
 
 @define(kw_only=True)
@@ -74,7 +74,8 @@ class ServeRuns(RunBook[Run]):
                                      limit=self.cfg.max_timeout_s),
                 "wait": wait, "run_id": run_id, "scillm_metadata": metadata,
                 "title": text(body.get("title"), "$.title", limit=200),
-                "system": text(body.get("system"), "$.system", limit=64 << 10)}
+                "system": text(body.get("system"), "$.system", limit=64 << 10),
+                "max_cost_usd": max_cost_of(body.get("max_cost_usd"), "$.max_cost_usd")}
 
     def unit_attrs(self, run: Run) -> dict[str, Any]:
         return {"profile": run.agent, "model": "/".join(run.model.values()) if run.model else None}
@@ -89,12 +90,11 @@ class ServeRuns(RunBook[Run]):
         else:
             model = await resolve_model(server, request["model"] or self.serve.default_model(), "$.model")
         run_dir, worktree = await self.claim(run_id, request["cwd"], "$.cwd")
-        job = Job(kind="run", id=run_id, owner=identity.owner)  # its sessions' calls: spend by run
-        return await self.begin(Run(run_id=run_id, caller=caller, identity=identity, job=job, request=request,
-                                    run_dir=run_dir, server=server,
-                                    log=EventLog(run_dir / "events.jsonl", redact=self.serve.secrets()),
-                                    worktree=worktree, agent=agent, model=model, trace=trace or {}),
-                                self._execute)
+        run = Run(run_id=run_id, caller=caller, identity=identity, request=request, run_dir=run_dir, server=server,
+                  log=EventLog(run_dir / "events.jsonl", redact=self.serve.secrets()), worktree=worktree,
+                  agent=agent, model=model, trace=trace or {})
+        run.job_for(request["max_cost_usd"])
+        return await self.begin(run, self._execute)
 
     # -- the run ------------------------------------------------------------------------------------------------
 
@@ -192,7 +192,8 @@ class ServeRuns(RunBook[Run]):
                 "error": run.error if done else None, "session_id": run.session_id,
                 "agent": run.agent, "model": run.model, "cwd": request["cwd"], "caller": run.caller,
                 "owner": run.owner, "cost_usd": run.job.cost_usd if run.job else None,
-                "timeout_s": request["timeout_s"], "skills_requested": request["skills"],
+                "max_cost_usd": request["max_cost_usd"], "timeout_s": request["timeout_s"],
+                "skills_requested": request["skills"],
                 "skills_materialized": run.skills_materialized, "skills_missing": sorted(run.skills_missing),
                 "skills_missing_reasons": run.skills_missing, "scillm_metadata": request["scillm_metadata"],
                 "created_at": run.created_at, "started_at": run.started_at, "finished_at": run.finished_at,

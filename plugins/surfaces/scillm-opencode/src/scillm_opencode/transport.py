@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from attrs import define, field
 from scillm_exec import EventLog, check_cwd, find_cycle, remove_worktree, worktree_diff
 
-from scillm_core import Identity, Job, errors
+from scillm_core import Identity, errors, max_cost_of
 from scillm_core.events import Unit
 from scillm_opencode.book import ABORT_GRACE_S, LiveRun, RunBook, Sessions
 from scillm_opencode.client import ServeError
@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 __all__ = ["EVENT_TYPES", "MODES", "Transport"]
 
 MODES = ("propose-only", "workspace-write")
-RUN_FIELDS = {"workspace", "nodes", "timeout_s", "run_id", "scillm_metadata", "title", "max_concurrency"}
+RUN_FIELDS = {"workspace", "nodes", "timeout_s", "run_id", "scillm_metadata", "title", "max_concurrency",
+              "max_cost_usd"}
 NODE_FIELDS = {"id", "prompt", "agent", "depends_on", "model", "skills", "mode", "permission", "timeout_s",
                "system"}
 NODE_ID = RUN_ID
@@ -167,7 +168,8 @@ class Transport(RunBook[TransportRun]):
         run_id, metadata = run_fields(body)
         return {"workspace": str(check_cwd(workspace, self.runtime, "$.workspace")), "nodes": nodes,
                 "timeout_s": timeout_s, "max_concurrency": limit, "run_id": run_id, "scillm_metadata": metadata,
-                "title": text(body.get("title"), "$.title", limit=200)}
+                "title": text(body.get("title"), "$.title", limit=200),
+                "max_cost_usd": max_cost_of(body.get("max_cost_usd"), "$.max_cost_usd")}
 
     async def start(self, request: dict[str, Any], *, caller: str | None, identity: Identity, base_url: str,
                     trace: dict[str, str] | None = None) -> TransportRun:
@@ -179,12 +181,13 @@ class Transport(RunBook[TransportRun]):
             wanted = node.model or (self.serve.default_model() if server.managed else None)
             node.resolved_model = await resolve_model(server, wanted, f"$.nodes[{i}].model")
         run_dir, worktree = await self.claim(run_id, request["workspace"], "$.workspace")
-        return await self.begin(TransportRun(
-            run_id=run_id, caller=caller, identity=identity, job=Job(kind="run", id=run_id, owner=identity.owner),
-            workspace=request["workspace"], nodes=nodes, run_dir=run_dir,
-            log=EventLog(run_dir / "events.jsonl", redact=self.serve.secrets()), server=server, worktree=worktree,
-            timeout_s=request["timeout_s"], max_concurrency=request["max_concurrency"],
-            metadata=request["scillm_metadata"], title=request["title"], trace=trace or {}), self._execute)
+        run = TransportRun(
+            run_id=run_id, caller=caller, identity=identity, workspace=request["workspace"], nodes=nodes,
+            run_dir=run_dir, log=EventLog(run_dir / "events.jsonl", redact=self.serve.secrets()), server=server,
+            worktree=worktree, timeout_s=request["timeout_s"], max_concurrency=request["max_concurrency"],
+            metadata=request["scillm_metadata"], title=request["title"], trace=trace or {})
+        run.job_for(request["max_cost_usd"])
+        return await self.begin(run, self._execute)
 
     # -- the run ------------------------------------------------------------------------------------------------
 
@@ -282,7 +285,8 @@ class Transport(RunBook[TransportRun]):
             async with run.diff_lock:
                 before = await worktree_diff(run.worktree)
         node.unit = Unit(self.runtime.events, "run", f"run:opencode/{run.run_id}/{node.id}",
-                         name=f"opencode node {node.id}", parent=run.unit.unit if run.unit else None, attrs={
+                         name=f"opencode node {node.id}", parent=run.unit.unit if run.unit else None,
+                         owner=run.owner, attrs={
                              "run_id": f"{run.run_id}/{node.id}", "caller": run.caller, "profile": node.agent,
                              "mode": node.mode, "surface": "opencode",
                              "events_url": f"{self.events_path.format(run_id=run.run_id)}?after={run.log.seq}"})
@@ -378,7 +382,8 @@ class Transport(RunBook[TransportRun]):
         return {"run_id": run.run_id, "status": run.status if done else "running",
                 "error": run.error if done else None, "workspace": run.workspace,
                 "caller": run.caller, "owner": run.owner, "cost_usd": run.job.cost_usd if run.job else None,
-                "title": run.title, "timeout_s": run.timeout_s,
+                "max_cost_usd": run.job.max_cost_usd if run.job else None, "title": run.title,
+                "timeout_s": run.timeout_s,
                 "nodes": [n.view() for n in run.nodes.values()], "scillm_metadata": run.metadata,
                 "skills_materialized": run.skills_materialized, "skills_missing": sorted(run.skills_missing),
                 "created_at": run.created_at, "finished_at": run.finished_at,

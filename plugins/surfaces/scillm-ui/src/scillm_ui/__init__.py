@@ -20,7 +20,16 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from scillm_core import Runtime, SurfaceRegistry, __version__, errors, hookimpl, json_response, runtime_of
+from scillm_core import (
+    Runtime,
+    SurfaceRegistry,
+    __version__,
+    errors,
+    hookimpl,
+    identity_of,
+    json_response,
+    runtime_of,
+)
 from scillm_core.redact import env_secrets
 from scillm_ui.state import DIMENSIONS, KINDS, UiConfig, UiState, provider_rows
 
@@ -93,18 +102,24 @@ def _param(request: Request, name: str, limit: int = 200) -> str:
 
 
 async def summary(request: Request) -> Response:
+    """The overview; a virtual key's counts are of its own calls, batches and runs (provider health is shared)."""
     runtime = runtime_of(request)
     state = state_of(runtime)
+    viewer = identity_of(request)
     health = runtime.hooks.health(runtime)
     now = time.time()
-    live = sum(1 for c in state.calls.values() if c["status"] == "live")
+    calls = [c for c in state.calls.values() if viewer.can_see(c["owner"])]
     tracing = health.get("tracing") or {}
+    transitions = list(state.transitions)[:30]
+    if not viewer.master:  # an upstream's error text may quote another key's request
+        transitions = [{**t, "error": None} for t in transitions]
     return _data({
         "version": __version__, "uptime_s": round(now - runtime.started_at, 1), "refresh_s": state.config.refresh_s,
-        "providers": provider_rows(runtime, health, state.calls.values(), since=now - 300),
-        "transitions": list(state.transitions)[:30], "live_calls": live, "calls_kept": len(state.calls),
-        "batches_running": sum(1 for b in state.units["batch"].values() if b["status"] == "running"),
-        "runs_running": sum(1 for r in state.units["run"].values() if r["status"] == "running"),
+        "providers": provider_rows(runtime, health, calls, since=now - 300),
+        "transitions": transitions, "live_calls": sum(1 for c in calls if c["status"] == "live"),
+        "calls_kept": len(calls),
+        "batches_running": sum(1 for b in state.units_of("batch", viewer) if b["status"] == "running"),
+        "runs_running": sum(1 for r in state.units_of("run", viewer) if r["status"] == "running"),
         "tracing": {"enabled": bool(tracing.get("enabled")), "endpoint": tracing.get("endpoint")},
         "dimensions": list(DIMENSIONS)})
 
@@ -116,26 +131,28 @@ async def calls(request: Request) -> Response:
         raise errors.InvalidRequest(f"limit must be an integer from 1 to 1000, got {raw[:20]!r} @ query.limit",
                                     param="limit")
     filters = {name: _param(request, name) for name in (*DIMENSIONS, "status")}
-    rows = state.find_calls(filters, int(raw))
-    return _data({"object": "list", "data": rows, "count": len(rows), "kept": len(state.calls)})
+    viewer = identity_of(request)
+    rows = state.find_calls(filters, int(raw), viewer)
+    kept = len(state.calls) if viewer.master else sum(1 for c in state.calls.values() if viewer.can_see(c["owner"]))
+    return _data({"object": "list", "data": rows, "count": len(rows), "kept": kept})
 
 
 async def call(request: Request) -> Response:
     state = state_of(runtime_of(request))
     call_id = request.path_params["call_id"]
     record = state.calls.get(call_id)
-    if record is None:
-        raise errors.NotFound(f"no call {call_id[:40]!r} among the {len(state.calls)} kept (the dashboard keeps the "
-                              f"newest [ui] max_calls; older ones are in GET /v1/scillm/calls)")
+    if record is None or not identity_of(request).can_see(record["owner"]):  # another key's: as if not kept
+        raise errors.NotFound(f"no call {call_id[:40]!r} among those kept (the dashboard keeps the newest [ui] "
+                              "max_calls; older ones are in GET /v1/scillm/calls)")
     return _data(state.detail(record))
 
 
 async def batches(request: Request) -> Response:
-    return _data({"object": "list", "data": state_of(runtime_of(request)).units_of("batch")})
+    return _data({"object": "list", "data": state_of(runtime_of(request)).units_of("batch", identity_of(request))})
 
 
 async def runs(request: Request) -> Response:
-    return _data({"object": "list", "data": state_of(runtime_of(request)).units_of("run")})
+    return _data({"object": "list", "data": state_of(runtime_of(request)).units_of("run", identity_of(request))})
 
 
 async def series(request: Request) -> Response:
@@ -143,4 +160,5 @@ async def series(request: Request) -> Response:
     if by not in DIMENSIONS:
         raise errors.InvalidRequest(f"by must be one of {', '.join(DIMENSIONS)}, got {by[:40]!r} @ query.by",
                                     param="by")
-    return _data(state_of(runtime_of(request)).series(by))
+    viewer = identity_of(request)
+    return _data(state_of(runtime_of(request)).series(by, owner=None if viewer.master else viewer.owner))

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from attrs import frozen
 
-from scillm_core import ChatResponse, errors
+from scillm_core import MASTER, ChatResponse, Identity, errors
 from scillm_core.events import Event
 from scillm_core.redact import redact
 
@@ -82,7 +82,8 @@ class UiState:
         self.units: dict[str, collections.OrderedDict[str, dict[str, Any]]] = {
             "batch": collections.OrderedDict(), "run": collections.OrderedDict()}
         self.transitions: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
-        self.minutes: collections.OrderedDict[int, dict[tuple[str, str, str], Bucket]] = collections.OrderedDict()
+        self.minutes: collections.OrderedDict[int, dict[tuple[str, str, str, str], Bucket]] = \
+            collections.OrderedDict()
         self.ids = itertools.count(1)
         self.handlers = {
             "request.start": self.request_start, "request.end": self.request_end, "attempt.end": self.attempt_end,
@@ -127,6 +128,7 @@ class UiState:
             "id": call_id, "request_id": ctx.request_id, "started": event.time_ns / 1e9, "ended": None,
             "status": "live", "http_status": None, "error_code": None, "error": None, "model": request.model,
             "provider": None, "served_model": None, "caller": ctx.caller, "key": ctx.notes.get("key"),
+            "owner": ctx.identity.owner,
             "stream": request.stream, "duration_ms": None, "first_chunk_ms": None, "tokens_in": None,
             "tokens_out": None, "cost_usd": None, "cache": None, "parent": ctx.parent, "attempts": [],
             "marks": [], "prompt": prompt, "answer": None, "metadata": request.scillm.get("scillm_metadata")}
@@ -227,7 +229,8 @@ class UiState:
         if phase == "start":
             attrs = {k: self._text(v, 300) if isinstance(v, str) else v
                      for k, v in (event.get("attrs") or {}).items()}
-            table[unit] = {"unit": unit, "kind": family, "name": self._text(event.get("name") or unit, 200),
+            table[unit] = {"unit": unit, "kind": family, "owner": event.get("owner"),
+                           "name": self._text(event.get("name") or unit, 200),
                            "parent": event.get("parent"), "status": "running", "error": None,
                            "started": event.time_ns / 1e9, "ended": None, "attrs": attrs,
                            "completed": 0, "failed": 0, "total": attrs.get("total")}
@@ -253,7 +256,8 @@ class UiState:
             oldest = minute - self.config.series_minutes
             while self.minutes and next(iter(self.minutes)) <= oldest:
                 self.minutes.popitem(last=False)
-        group = (record["model"] or "-", record["caller"] or "-", record["key"] or "-")  # DIMENSIONS, in order
+        # DIMENSIONS, in order, then whose calls they were (a key's series are its own calls')
+        group = (record["model"] or "-", record["caller"] or "-", record["key"] or "-", record["owner"])
         bucket = buckets.get(group)
         if bucket is None:
             bucket = buckets[group] = Bucket()
@@ -266,7 +270,8 @@ class UiState:
         bucket.tokens_out += record["tokens_out"] or 0
         bucket.cost += record["cost_usd"] or 0.0
 
-    def series(self, by: str, top: int = 8) -> dict[str, Any]:
+    def series(self, by: str, top: int = 8, owner: str | None = None) -> dict[str, Any]:
+        """Per-minute figures summed by ``by``; only the calls of ``owner`` when given (a virtual key's view)."""
         now_minute = int(self.clock() // 60)
         minutes = list(range(now_minute - self.config.series_minutes + 1, now_minute + 1))
         index = DIMENSIONS.index(by)
@@ -275,6 +280,8 @@ class UiState:
         for minute, buckets in self.minutes.items():
             summed = per_minute[minute] = {}
             for group, bucket in buckets.items():
+                if owner is not None and group[3] != owner:
+                    continue
                 name = group[index]
                 total = summed.get(name)
                 if total is None:
@@ -300,17 +307,18 @@ class UiState:
 
     # -- queries -------------------------------------------------------------------------------------------------
 
-    def find_calls(self, filters: Mapping[str, str], limit: int) -> list[dict[str, Any]]:
+    def find_calls(self, filters: Mapping[str, str], limit: int, viewer: Identity = MASTER) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         for record in reversed(self.calls.values()):
-            if _matches(record, filters):
+            if viewer.can_see(record["owner"]) and _matches(record, filters):
                 rows.append(_summary(record))
                 if len(rows) >= limit:
                     break
         return rows
 
-    def units_of(self, family: str) -> list[dict[str, Any]]:
-        rows = list(reversed(self.units[family].values()))
+    def units_of(self, family: str, viewer: Identity = MASTER) -> list[dict[str, Any]]:
+        """The batches (or runs and graphs) ``viewer`` may see: a virtual key its own, the master key all."""
+        rows = [r for r in reversed(self.units[family].values()) if viewer.can_see(r["owner"])]
         return sorted(rows, key=lambda r: r["status"] != "running")  # live first, then newest
 
 
