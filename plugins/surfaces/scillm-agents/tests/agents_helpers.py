@@ -20,6 +20,7 @@ from scillm_core.testing.fakes import RecordedRequest
 
 MASTER_KEY = "sk-master-SECRET-agents-9876543210"
 CALLER = "agents-tests"
+PRICING = {"codex/gpt-5.5": {"input": 1.0, "output": 2.0}}  # dollars per million tokens: turns have a cost
 PLUGINS = ["agents", "exec", "responses", "codex", "auth", "keys", "budgets", "ops", "metrics", "ui"]
 
 
@@ -101,7 +102,7 @@ def start_scillm(data_dir: Path, workers: Mapping[str, Mapping[str, Any]], env: 
                  max_live: int = 8) -> ServerThread:
     app = make_app(env={"SCILLM_MASTER_KEY": MASTER_KEY, **env}, data_dir=data_dir, only=PLUGINS,
                    config={"agents": {name: dict(cfg) for name, cfg in workers.items()},
-                           "standing_agents": {"max_live": max_live},
+                           "standing_agents": {"max_live": max_live}, "pricing": PRICING,
                            "exec": {"kill_grace_s": 1.0, "heartbeat_s": 0.5}})
     return ServerThread(app).start()
 

@@ -109,6 +109,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             "idle": e.worker(idle_timeout_s=1),
             "teams": e.worker(),
             "shared": e.worker(),
+            "handover": e.worker(sandbox="workspace-write"),
+            "capped": e.worker(),
         }, e.server_env, max_live=3)
         e.server.app.runtime.events.subscribe(e.reported.append, kinds=["run.start", "run.end", "request.start"])
         e.http = client(e.server)
@@ -251,13 +253,28 @@ def test_a_worker_shows_each_key_only_its_own_handoffs_lease_turns_thread_and_ev
                        ("/shared/cleanup", {"lease_id": held["lease_id"]})):
         assert bob.post(path, json=body).status_code == 404, path
     theirs = bob.get("/shared/status").json()
-    assert theirs["state"] == "leased" and theirs["lease"] == {"held_by_another_key": True,
-                                                               "expires_at": held["expires_at"]}
+    assert theirs["state"] == "taken" and theirs["lease"] == {"held_by_another_key": True,
+                                                              "expires_at": held["expires_at"]}
     assert theirs["last_turn"] is None and theirs["handoffs"] == [] and theirs["thread"]["id"] is None
+    # nothing else of alice's use shows: not the process she started, her worktree, nor how far the events went
+    assert theirs["process"] is None and theirs["worktree"] is None and theirs["events_seq"] == 0
+    listed = {w["name"]: w for w in bob.get("/registry").json()["workers"]}
+    assert (listed["shared"]["state"], listed["shared"]["process"], listed["shared"]["running_turn"]) == (
+        "taken", None, False)
     for reader in (alice, env.http):
         own = reader.get("/shared/status").json()
+        assert own["state"] == "leased" and own["process"]["status"] == "running"
         assert own["lease"]["lease_id"] == held["lease_id"] and own["handoffs"] == ["h-private"]
         assert own["last_turn"]["turn_id"] == first.json()["turn_id"] and own["thread"]["id"]
+        assert own["events_seq"] > 0 and own["last_turn"]["cost_usd"] > 0
+    master_view = {w["name"]: w for w in env.http.get("/registry").json()["workers"]}["shared"]
+    assert (master_view["state"], master_view["process"]) == ("leased", "running")
+    # the dashboard lists alice's turn to her and to the master key, not to bob
+    turn_unit = next(e["unit"] for e in env.runs("run.start", "shared") if e["name"] == "agent turn shared")
+    ui = {who: [r["unit"] for r in httpx.get(f"{env.server.url}/v1/scillm/ui/runs", headers=c.headers).json()["data"]]
+          for who, c in (("alice", alice), ("bob", bob), ("master", env.http))}
+    assert turn_unit in ui["alice"] and turn_unit in ui["master"] and turn_unit not in ui["bob"]
+    assert not [u for u in ui["bob"] if u.startswith("run:agents/shared/")]
 
     assert alice.post("/shared/leases", json={"action": "release", "lease_id": held["lease_id"]}).status_code == 200
     held_b = lease(bob, "shared", owner="bob-agent")
@@ -265,6 +282,11 @@ def test_a_worker_shows_each_key_only_its_own_handoffs_lease_turns_thread_and_ev
     assert second.status_code == 200, second.text
     assert second.json()["final_text"].startswith("RECALLED") and "PAPAYA" not in second.json()["final_text"]
     assert bob.get("/shared/status").json()["thread"]["id"] != own["thread"]["id"]  # a thread of its own
+    # each key's last turn and result are its own; the master key's are the worker's last
+    assert alice.get("/shared/result").json()["turn_id"] == first.json()["turn_id"]
+    assert bob.get("/shared/result").json()["turn_id"] == second.json()["turn_id"]
+    assert alice.get("/shared/status").json()["last_turn"]["turn_id"] == first.json()["turn_id"]
+    assert env.http.get("/shared/result").json()["turn_id"] == second.json()["turn_id"]
 
     def done(turn: httpx.Response) -> Any:
         return lambda e: e["type"] == "turn.completed" and e["turn_id"] == turn.json()["turn_id"]
@@ -272,12 +294,108 @@ def test_a_worker_shows_each_key_only_its_own_handoffs_lease_turns_thread_and_ev
     mine = list(events(bob, "shared", 0, until=done(second)))
     assert mine[-1]["turn_id"] == second.json()["turn_id"]
     assert {e["identity"] for e in mine} == {made[1]["id"]} and "PAPAYA" not in json.dumps(mine)
-    assert alice.get("/shared/events/stream").status_code == 404  # neither its lease nor its last turn now
+    hers = list(events(alice, "shared", 0, until=done(first)))  # she ran a turn here: her own events, still
+    assert {e["identity"] for e in hers} == {made[0]["id"]} and "RECALL" not in json.dumps(hers)
+    stranger = admin.post("/v1/scillm/keys", json={"name": "shared-c"}).json()["key"]
+    assert httpx.get(f"{env.server.url}/v1/scillm/agents/shared/events/stream", headers={
+        "authorization": f"Bearer {stranger}"}).status_code == 404  # neither a lease nor a turn here
     everything = list(events(env.http, "shared", 0, until=done(second)))
     assert {made[0]["id"], made[1]["id"]} <= {e.get("identity") for e in everything}
     assert "PAPAYA" in json.dumps(everything)
     assert env.http.post("/shared/cleanup", json={"lease_id": held_b["lease_id"]}).status_code == 200
     for each in (admin, alice, bob):
+        each.close()
+
+
+def test_a_key_sees_only_the_workers_whose_model_it_may_call(env: Env) -> None:
+    """A key restricted to other models: no worker in the registry, 404 for every worker route, and the 404 names
+    none of the declared workers."""
+    assert env.server is not None and env.http is not None
+    admin = httpx.Client(base_url=env.server.url, timeout=60, headers={"authorization": f"Bearer {MASTER_KEY}"})
+    made = admin.post("/v1/scillm/keys", json={"name": "other-models", "models": ["gpt-4.1"]}).json()
+    other = httpx.Client(base_url=env.server.url + "/v1/scillm/agents", timeout=60, headers={
+        "authorization": f"Bearer {made['key']}", "x-caller-skill": CALLER})
+    assert other.get("/registry").json()["workers"] == []
+    for method, path, body in (("GET", "/chat/status", None), ("GET", "/chat/result", None),
+                               ("POST", "/chat/leases", {"owner": "x"}), ("POST", "/chat/handoffs", {"goal": "x"}),
+                               ("GET", "/chat/events/stream", None)):
+        refused = other.request(method, path, json=body)
+        assert refused.status_code == 404, (path, refused.text)
+        assert "editor" not in refused.text and "shared" not in refused.text
+    assert len(env.http.get("/registry").json()["workers"]) >= 10  # the master key sees every worker
+    for each in (admin, other):
+        each.close()
+
+
+def test_a_keys_turn_never_sees_the_files_another_keys_turns_left(env: Env) -> None:
+    """One workspace-write worker used by two keys in turn: the first key's next turn still sees its own files, the
+    second key's turn finds the worktree at its base commit (the first key's new and changed files gone), and its
+    result's diff holds only its own change."""
+    assert env.server is not None and env.http is not None
+    admin = httpx.Client(base_url=env.server.url, timeout=60, headers={"authorization": f"Bearer {MASTER_KEY}"})
+    made = [admin.post("/v1/scillm/keys", json={"name": name}).json() for name in ("handover-a", "handover-b")]
+    carol, dave = (httpx.Client(base_url=env.server.url + "/v1/scillm/agents", timeout=180, headers={
+        "authorization": f"Bearer {m['key']}", "x-caller-skill": CALLER}) for m in made)
+    held = lease(carol, "handover", owner="carol-agent")
+    wrote = carol.post("/handover/turn", json={"lease_id": held["lease_id"], "wait": True, "input":
+                       "RUN echo CAROL-SECRET-41 > carol-notes.txt && sed -i 's/hello world/carol was here/' "
+                       "hello.txt && echo written"}).json()
+    assert wrote["status"] == "completed" and "written" in wrote["final_text"], wrote
+    assert sorted(wrote["changed_paths"]) == ["carol-notes.txt", "hello.txt"]
+    again = carol.post("/handover/turn", json={"lease_id": held["lease_id"], "wait": True,
+                                               "input": "RUN cat carol-notes.txt hello.txt"}).json()
+    assert "CAROL-SECRET-41" in again["final_text"] and "carol was here" in again["final_text"], again
+    assert carol.post("/handover/leases", json={"action": "release", "lease_id": held["lease_id"]}).status_code == 200
+
+    held_d = lease(dave, "handover", owner="dave-agent")
+    looked = dave.post("/handover/turn", json={"lease_id": held_d["lease_id"], "wait": True, "input":
+                       "RUN ls -a; cat hello.txt; cat carol-notes.txt; git status --porcelain; echo mine > d.txt"
+                       }).json()
+    assert looked["status"] == "completed", looked
+    assert "CAROL-SECRET-41" not in json.dumps(looked) and "carol was here" not in json.dumps(looked)
+    assert "hello world" in looked["final_text"] and "No such file" in looked["final_text"]
+    assert looked["changed_paths"] == ["d.txt"] and "carol" not in looked["diff"]
+    assert not [r for r in env.requests_with("cat carol-notes.txt; git status") if "CAROL-SECRET" in json.dumps(r)]
+    resets = [e for e in events(dave, "handover", 0, until=lambda e: e["type"] == "worktree.reset")
+              if e["type"] == "worktree.reset"]
+    assert resets and resets[0]["identity"] == made[1]["id"]
+    status = env.seen(env.http, "handover")
+    worktree = Path(status["worktree"]["path"])
+    assert not (worktree / "carol-notes.txt").exists() and (worktree / "d.txt").read_text() == "mine\n"
+    assert env.http.post("/handover/cleanup", json={"lease_id": held_d["lease_id"]}).status_code == 200
+    for each in (admin, carol, dave):
+        each.close()
+
+
+def test_a_turn_with_max_cost_usd_is_stopped_at_its_ceiling(env: Env) -> None:
+    """``max_cost_usd`` on a turn caps what its model calls may cost (the budgets middleware's job ceiling, as for
+    exec runs): a ceiling too low for the first call is a 429 budget_exceeded that never reaches the model, and the
+    turn ends failed saying why with its cost; a turn within its ceiling completes with its cost."""
+    assert env.server is not None and env.http is not None
+    admin = httpx.Client(base_url=env.server.url, timeout=60, headers={"authorization": f"Bearer {MASTER_KEY}"})
+    made = admin.post("/v1/scillm/keys", json={"name": "capped"}).json()
+    erin = httpx.Client(base_url=env.server.url + "/v1/scillm/agents", timeout=180, headers={
+        "authorization": f"Bearer {made['key']}", "x-caller-skill": CALLER})
+    held = lease(erin, "capped", owner="erin-agent")
+    bad = erin.post("/capped/turn", json={"lease_id": held["lease_id"], "input": "x", "max_cost_usd": -1})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "$.max_cost_usd"
+    stopped = erin.post("/capped/turn", json={"lease_id": held["lease_id"], "wait": True, "max_cost_usd": 1e-9,
+                                              "input": "REMEMBER CEILING-TURN-77"})
+    assert stopped.status_code == 200, stopped.text
+    result = stopped.json()
+    assert result["status"] == "failed" and "max_cost_usd" in result["error"], result
+    assert result["error"].startswith("stopped: budget exceeded") and result["max_cost_usd"] == 1e-9
+    assert result["cost_usd"] == 0
+    assert env.requests_with("CEILING-TURN-77") == []  # no refused call reached the model
+    refused = [c for c in admin.get("/v1/scillm/calls").json()["data"] if c["owner"] == made["id"]]
+    assert refused and all(c["status"] == 429 and c["error_code"] == "budget_exceeded" for c in refused)
+    fits = erin.post("/capped/turn", json={"lease_id": held["lease_id"], "wait": True, "max_cost_usd": 5,
+                                           "input": "REMEMBER ROOMY"}).json()
+    assert fits["status"] == "completed" and fits["final_text"] == "NOTED ROOMY", fits
+    assert 0 < fits["cost_usd"] <= 5 and fits["max_cost_usd"] == 5
+    assert erin.get("/capped/status").json()["last_turn"]["cost_usd"] == fits["cost_usd"]
+    assert env.http.post("/capped/cleanup", json={"lease_id": held["lease_id"]}).status_code == 200
+    for each in (admin, erin):
         each.close()
 
 

@@ -114,3 +114,52 @@ def test_off_means_no_routes_and_no_observer(upstream: FakeOpenAI, tmp_path: Any
         assert httpx.get(server.url + "/ui").status_code == 401  # not a public route when off
         assert httpx.get(server.url + "/v1/scillm/ui/summary", headers=AUTH).status_code == 404
         assert not server.app.runtime.events.wants("request.end")
+
+
+def test_a_virtual_key_sees_only_its_own_calls_batches_and_series(upstream: FakeOpenAI, tmp_path: Any) -> None:
+    """With the keys plugin: every dashboard endpoint answers a virtual key about its own work only (another key's
+    call is a 404 like one that was never kept; counts, series and batches are its own), the master key all."""
+    env = {"SCILLM_MASTER_KEY": MASTER_KEY, "OPENAI_API_KEY": OPENAI_KEY, "OPENAI_API_BASE": upstream.url + "/v1"}
+    with ServerThread(make_app(env=env, data_dir=tmp_path)) as server:
+        made = [httpx.post(f"{server.url}/v1/scillm/keys", json={"name": name}, headers=AUTH).json()
+                for name in ("alice", "bob")]
+        keys = {m["name"]: m["key"] for m in made}
+
+        def chat(who: str, content: str) -> None:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key=keys[who], max_retries=0)
+            client.chat.completions.create(model="openai/gpt-4o-mini", messages=[{"role": "user", "content": content}],
+                                           extra_headers={"x-caller-skill": f"svc-{who}"})
+
+        def get(who: str, path: str, **params: str) -> httpx.Response:
+            return httpx.get(f"{server.url}/v1/scillm/ui/{path}", params=params,
+                             headers={"authorization": f"Bearer {keys[who]}"})
+
+        chat("alice", "ALICE-PRIVATE-PROMPT")
+        chat("bob", "bob's question")
+        batch = httpx.post(f"{server.url}/v1/scillm/batch/completions", headers={
+            "authorization": f"Bearer {keys['alice']}"}, json={
+            "model": "openai/gpt-4o-mini", "batch_id": "alice-nightly", "items": [{"item_id": "q0", "prompt": "hi"}]})
+        assert batch.status_code == 200, batch.text
+        every = _get(server, "/v1/scillm/ui/calls")["data"]
+        alices = [c for c in every if c["caller"] == "svc-alice"]
+        bobs = [c for c in every if c["caller"] == "svc-bob"]
+        assert len(alices) == 1 and len(bobs) == 1 and len(every) == 3  # and the batch item's call, alice's
+        assert len(get("alice", "calls").json()["data"]) == 2
+        assert [c["id"] for c in get("bob", "calls").json()["data"]] == [bobs[0]["id"]]
+        assert get("bob", "calls").json()["kept"] == 1
+        hidden, unknown = get("bob", f"calls/{alices[0]['id']}"), get("bob", "calls/c999999")
+        assert hidden.status_code == unknown.status_code == 404
+        assert hidden.json()["error"]["message"].replace(alices[0]["id"], "?") == \
+            unknown.json()["error"]["message"].replace("c999999", "?")
+        assert get("alice", f"calls/{alices[0]['id']}").json()["prompt"] == "ALICE-PRIVATE-PROMPT"
+        series = get("bob", "series", by="caller").json()["series"]
+        assert list(series) == ["svc-bob"] and sum(series["svc-bob"]["requests"]) == 1
+        assert {"svc-alice", "svc-bob"} <= set(_get(server, "/v1/scillm/ui/series", by="caller")["series"])
+        assert [b["attrs"]["batch_id"] for b in get("alice", "batches").json()["data"]] == ["alice-nightly"]
+        assert get("bob", "batches").json()["data"] == []
+        assert [b["attrs"]["batch_id"] for b in _get(server, "/v1/scillm/ui/batches")["data"]] == ["alice-nightly"]
+        summary = get("bob", "summary").json()
+        assert summary["calls_kept"] == 1 and summary["live_calls"] == 0
+        assert sum(p["recent_calls"] for p in summary["providers"]) == 1
+        for path in ("summary", "calls", "batches", "runs", "series?by=caller", "series?by=key"):
+            assert "ALICE-PRIVATE-PROMPT" not in get("bob", path).text and "svc-alice" not in get("bob", path).text
