@@ -368,3 +368,24 @@ def test_a_virtual_keys_run_is_its_own_and_its_model_calls_are_charged_to_it(sta
     calls = [c for c in stack.client.get("/v1/scillm/calls").json()["data"] if c.get("run") == run_id]
     assert calls and {c["owner"] for c in calls} == {made[0]["id"]}
     assert scan_for_secrets(stack, [m["key"] for m in made]) == []
+
+
+def test_a_run_with_max_cost_usd_is_stopped_at_its_ceiling(stack: Stack) -> None:
+    """``max_cost_usd`` caps what a run's session may spend (the budgets middleware's job ceiling, as for exec runs):
+    a ceiling too low for the first call refuses it with 429 budget_exceeded before it reaches the model, and the
+    run ends failed saying why; a run within its ceiling completes with its cost."""
+    repo = stack.repo()
+    bad = stack.client.post(RUNS, json={"prompt": "x", "cwd": str(repo), "max_cost_usd": "a lot"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "$.max_cost_usd"
+    before = len(stack.fake.chat_requests())
+    stopped = stack.client.post(RUNS, json={"prompt": "[read] CEILING-RUN-5 what does hello say?", "cwd": str(repo),
+                                            "max_cost_usd": 1e-9}).json()
+    assert stopped["status"] == "failed" and stopped["error"].startswith("stopped: budget exceeded"), stopped
+    assert "max_cost_usd" in stopped["error"] and stopped["max_cost_usd"] == 1e-9 and stopped["cost_usd"] == 0
+    assert not [r for r in stack.fake.chat_requests()[before:] if "CEILING-RUN-5" in json.dumps(r.body)]
+    refused = [c for c in stack.client.get("/v1/scillm/calls").json()["data"] if c.get("run") == stopped["run_id"]]
+    assert refused and all((c["status"], c["error_code"]) == (429, "budget_exceeded") for c in refused)
+    assert stack.client.get(f"{RUNS}/{stopped['run_id']}").json()["status"] == "failed"
+    roomy = stack.client.post(RUNS, json={"prompt": "[read] what does hello say?", "cwd": str(repo),
+                                          "max_cost_usd": 5}).json()
+    assert roomy["status"] == "completed" and roomy["max_cost_usd"] == 5 and 0 < roomy["cost_usd"] <= 5, roomy

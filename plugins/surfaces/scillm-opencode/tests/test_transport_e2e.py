@@ -233,3 +233,20 @@ def test_monitor_page_in_a_real_browser(stack: Stack) -> None:
     assert other == run_id or stack.client.get(f"{T}/runs/{other}", headers=view).status_code == 403
     assert stack.client.post("/v1/chat/completions", headers=view, json={}).status_code == 403
     assert scan_for_secrets(stack, [token]) == []
+
+
+def test_a_run_with_max_cost_usd_is_stopped_at_its_ceiling(stack: Stack) -> None:
+    """A transport run's ``max_cost_usd`` covers every node's session: a refused call stops the run (failed, saying
+    why), its running node is aborted and the next one never starts."""
+    before = len(stack.fake.chat_requests())
+    run_id = start(stack, [{"id": "a", "prompt": "[read] CEILING-DAG-9 hello"},
+                           {"id": "b", "prompt": "[read] after", "depends_on": ["a"]}], max_cost_usd=1e-9)["run_id"]
+    doc = finish(stack, run_id)
+    assert doc["status"] == "failed" and doc["error"].startswith("stopped: budget exceeded"), doc
+    assert "max_cost_usd" in doc["error"] and doc["max_cost_usd"] == 1e-9 and doc["cost_usd"] == 0
+    nodes = {n["id"]: n["status"] for n in doc["nodes"]}
+    assert nodes == {"a": "aborted", "b": "skipped"}, doc["nodes"]
+    assert not [r for r in stack.fake.chat_requests()[before:] if "CEILING-DAG-9" in json.dumps(r.body)]
+    bad = stack.client.post(f"{T}/runs", json={"workspace": str(stack.repo()), "nodes": [{"id": "a", "prompt": "x"}],
+                                               "max_cost_usd": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "$.max_cost_usd"
