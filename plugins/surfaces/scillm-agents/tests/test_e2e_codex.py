@@ -111,6 +111,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             "shared": e.worker(),
             "handover": e.worker(sandbox="workspace-write"),
             "capped": e.worker(),
+            "cross": e.worker(),
         }, e.server_env, max_live=3)
         e.server.app.runtime.events.subscribe(e.reported.append, kinds=["run.start", "run.end", "request.start"])
         e.http = client(e.server)
@@ -396,6 +397,42 @@ def test_a_turn_with_max_cost_usd_is_stopped_at_its_ceiling(env: Env) -> None:
     assert erin.get("/capped/status").json()["last_turn"]["cost_usd"] == fits["cost_usd"]
     assert env.http.post("/capped/cleanup", json={"lease_id": held["lease_id"]}).status_code == 200
     for each in (admin, erin):
+        each.close()
+
+
+def test_a_key_that_takes_a_worker_cannot_steer_or_interrupt_another_keys_turn_still_running(env: Env) -> None:
+    """Frank's turn outlives his lease; Grace takes the worker: his running turn is not hers to steer, interrupt or
+    see (409 as if no turn ran, 409 turn_running without its id, status ``taken``), and nothing she sends reaches
+    his conversation; the master key still can end it."""
+    assert env.server is not None and env.http is not None
+    admin = httpx.Client(base_url=env.server.url, timeout=60, headers={"authorization": f"Bearer {MASTER_KEY}"})
+    made = [admin.post("/v1/scillm/keys", json={"name": name}).json() for name in ("cross-f", "cross-g")]
+    frank, grace = (httpx.Client(base_url=env.server.url + "/v1/scillm/agents", timeout=180, headers={
+        "authorization": f"Bearer {m['key']}", "x-caller-skill": CALLER}) for m in made)
+    short = lease(frank, "cross", owner="frank-agent", ttl_s=1)
+    start = frank.post("/cross/turn", json={"lease_id": short["lease_id"], "input": "HANG for frank"})
+    assert start.status_code == 202, start.text
+    while not env.requests_with("HANG for frank"):
+        time.sleep(0.05)
+    while (taken := grace.post("/cross/leases", json={"owner": "grace-agent"})).status_code == 409:
+        time.sleep(0.1)  # until frank's lease expired
+    assert taken.status_code == 200, taken.text
+    held = taken.json()["lease_id"]
+    for path, body in (("/cross/steer", {"lease_id": held, "input": "GRACE-STEER"}),
+                       ("/cross/interrupt", {"lease_id": held})):
+        refused = grace.post(path, json=body)
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "no_running_turn", refused.text
+    busy = grace.post("/cross/turn", json={"lease_id": held, "input": "REMEMBER G"})
+    assert busy.status_code == 409 and busy.json()["error"]["code"] == "turn_running"
+    assert start.json()["turn_id"] not in busy.text
+    status = grace.get("/cross/status").json()
+    assert (status["state"], status["turn"], status["process"]) == ("taken", None, None)
+    assert env.requests_with("GRACE-STEER") == []
+    ended = env.http.post("/cross/interrupt", json={"lease_id": held})
+    assert ended.status_code == 200 and ended.json()["turn_id"] == start.json()["turn_id"]
+    assert ended.json()["identity"] == made[0]["id"]
+    assert env.http.post("/cross/cleanup", json={"lease_id": held}).status_code == 200
+    for each in (admin, frank, grace):
         each.close()
 
 

@@ -367,6 +367,9 @@ def test_a_virtual_keys_run_is_its_own_and_its_model_calls_are_charged_to_it(sta
     assert run_id not in [g["run"] for g in master["groups"]]
     calls = [c for c in stack.client.get("/v1/scillm/calls").json()["data"] if c.get("run") == run_id]
     assert calls and {c["owner"] for c in calls} == {made[0]["id"]}
+    # the server's address and process are the master key's to see; live runs are each key's own
+    assert set(bob.get("/v1/scillm/opencode/serve").json()["serve"]) == {"mode", "state", "version"}
+    assert stack.client.get("/v1/scillm/opencode/serve").json()["serve"]["url"]
     assert scan_for_secrets(stack, [m["key"] for m in made]) == []
 
 

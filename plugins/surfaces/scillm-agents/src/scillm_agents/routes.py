@@ -118,15 +118,15 @@ class View:
         self.lease = lease
         self.own_lease = lease is not None and viewer.can_see(lease.get("identity"))
         self.own_turn = worker.busy.locked() and viewer.can_see(worker.holder)
-        self.mine = viewer.master or self.own_lease or self.own_turn   # the caller is using the worker now
         if self.own_turn or (viewer.master and worker.busy.locked()):
             self.state = "running"
-        elif self.own_lease or (viewer.master and lease is not None):
+        elif worker.busy.locked() or (lease is not None and not self.own_lease):
+            self.state = "taken"   # another key's turn runs (its lease may have expired meanwhile), or its lease
+        elif lease is not None:
             self.state = "leased"
-        elif lease is not None or worker.busy.locked():
-            self.state = "taken"
         else:
             self.state = "idle"
+        self.mine = viewer.master or self.state in ("leased", "running")   # the caller is using the worker now
 
     def public_lease(self) -> dict[str, Any] | None:
         if self.lease is None:
@@ -328,9 +328,11 @@ async def turn(request: Request) -> Response:
     return json_response(doc, 202)
 
 
-def _running(worker: Worker, action: str) -> Any:
+def _running(worker: Worker, action: str, viewer: Identity) -> Any:
+    """The running turn, if it is ``viewer``'s to act on: another key's turn (still running after its lease
+    expired and the caller took the worker) is as if there were none."""
     live = worker.current
-    if live is None or live.done.is_set():
+    if live is None or live.done.is_set() or not viewer.can_see(worker.holder):
         raise errors.Conflict(f"worker {worker.name!r} has no running turn to {action}", code="no_running_turn")
     return live
 
@@ -344,7 +346,7 @@ async def steer(request: Request) -> Response:
     actor = _id(body, "actor")
     _id(body, "handoff_id")
     lease = await _held(agents, request, worker, lease_id, "steer it")
-    live = _running(worker, "steer")
+    live = _running(worker, "steer", identity_of(request))
     assert text is not None
     turn_id = await worker.steer(live, text)
     worker.emit("turn.steered", turn_id=turn_id, input=text, owner=lease.get("owner"), actor=actor,
@@ -358,7 +360,7 @@ async def interrupt(request: Request) -> Response:
     body = await _body(request, {"lease_id"})
     lease_id = _id(body, "lease_id", required=True)
     lease = await _held(agents, request, worker, lease_id, "interrupt it")
-    live = _running(worker, "interrupt")
+    live = _running(worker, "interrupt", identity_of(request))
     task = worker.task
     worker.emit("turn.interrupt", turn_id=live.turn_id, owner=lease.get("owner"), **_for_turn(worker, request, caller))
     await worker.end_turn(live, "interrupted", f"interrupted by {lease.get('owner')}")

@@ -299,8 +299,9 @@ class RunBook(Generic[R]):
         return {"run_id": run_id, "status": doc.get("status"), "diff": doc.get("diff", ""),
                 "changed_paths": doc.get("changed_paths", []), "live": False}
 
-    def live(self) -> int:
-        return sum(1 for r in self.runs.values() if not r.done.is_set())
+    def live(self, viewer: Identity = MASTER) -> int:
+        """Runs still going in this process that ``viewer`` may see."""
+        return sum(1 for r in self.runs.values() if not r.done.is_set() and viewer.can_see(r.owner))
 
     async def shutdown(self) -> None:
         live = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]

@@ -199,9 +199,14 @@ async def debugger_run(request: Request) -> Response:
 
 
 async def serve_status(request: Request) -> Response:
-    oc = _surface(request)
-    return json_response({"serve": oc.serve.describe(), "live_runs": oc.runs.live(),
-                          "live_transport_runs": oc.transport.live()})
+    """The server, and the live runs: all of them for the master key, a virtual key's own for it (the server's
+    address and process only for the master key)."""
+    oc, identity = _surface(request), identity_of(request)
+    serve = oc.serve.describe()
+    if not identity.master:
+        serve = {k: serve[k] for k in ("mode", "state", "version")}
+    return json_response({"serve": serve, "live_runs": oc.runs.live(identity),
+                          "live_transport_runs": oc.transport.live(identity)})
 
 
 # -- transport -------------------------------------------------------------------------------------------------
