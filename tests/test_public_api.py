@@ -71,6 +71,7 @@ PUBLIC_API = [
     'job_of',
     'json_response',
     'load_config',
+    'max_cost_of',
     'open_stream',
     'parse_json',
     'read_body',

@@ -331,11 +331,11 @@ class Agents:
         """The last turn of a handoff, or of the worker (``viewer``'s own last turn for a virtual key); 404 for
         another key's, as for one that does not exist."""
         if handoff_id is not None:
+            if await self.handoff(name, handoff_id, viewer) is None:  # none, or another key's: the same answer
+                raise errors.NotFound(f"worker {name!r} has no handoff {handoff_id!r}")
             pointer = await self.store.get(RESULTS, f"{name}/{handoff_id}")
             if pointer is None:
-                known = await self.handoff(name, handoff_id, viewer)
-                raise errors.NotFound(f"handoff {handoff_id!r} of worker {name!r} has no finished turn yet" if known
-                                      else f"worker {name!r} has no handoff {handoff_id!r}")
+                raise errors.NotFound(f"handoff {handoff_id!r} of worker {name!r} has no finished turn yet")
             doc = await self.turn(name, pointer["turn_id"])
         else:
             doc = await self.last_turn(name, viewer)
@@ -344,8 +344,7 @@ class Agents:
                                                                                " for this key"))
         if doc is None:
             raise errors.NotFound(f"the turn of worker {name!r} is not stored")
-        require_visible(viewer, doc.get("identity"), f"worker {name!r} has no handoff {handoff_id!r}"
-                        if handoff_id is not None else f"turn of worker {name!r} for this key")
+        require_visible(viewer, doc.get("identity"), f"turn of worker {name!r} for this key")
         return doc
 
     # -- capacity and lifecycle ------------------------------------------------------------------------------------
