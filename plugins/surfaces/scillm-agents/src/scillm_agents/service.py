@@ -222,7 +222,9 @@ class Agents:
                 f"agent turn {worker.name}", uuid.uuid4().hex[:12], trace, worker.run.unit if worker.run else None,
                 key_owner=identity.owner, caller=record.get("caller"), owner=record.get("owner"),
                 handoff_id=record.get("handoff_id"))
-            job = Job(kind="run", id=f"agent-{worker.name}", owner=identity.owner,  # named by its turn once known
+            # named by its turn once codex tells it; until then by an id of this turn alone, so the ceiling of a
+            # call made before that never counts another turn's spend
+            job = Job(kind="run", id=f"agent-{worker.name}/starting-{uuid.uuid4().hex[:12]}", owner=identity.owner,
                       max_cost_usd=record.get("max_cost_usd"),
                       on_exceeded=lambda reason: self._stop_turn(worker, reason))
             self.keys.assign(worker.key, run_id=f"agent-{worker.name}", caller="agents", identity=identity, job=job)

@@ -233,7 +233,7 @@ class Worker:
             raise unavailable(f"worker {self.name!r}: {exc.message} (agents.{self.name})") from None
         await self.service.update_worker(self.name, worktree={
             "path": str(worktree.path), "workdir": str(worktree.workdir), "repo": str(worktree.repo),
-            "base": worktree.base})
+            "base": worktree.base}, worktree_owner=None)
         self.emit("worktree.created", path=str(worktree.path), base=worktree.base)
         return worktree
 
