@@ -324,6 +324,10 @@ def test_a_key_sees_only_the_workers_whose_model_it_may_call(env: Env) -> None:
         assert refused.status_code == 404, (path, refused.text)
         assert "editor" not in refused.text and "shared" not in refused.text
     assert len(env.http.get("/registry").json()["workers"]) >= 10  # the master key sees every worker
+    routed = admin.post("/v1/scillm/keys", json={"name": "codex-models", "models": ["codex/*"]}).json()
+    listed = httpx.get(f"{env.server.url}/v1/scillm/agents/registry", headers={
+        "authorization": f"Bearer {routed['key']}"}).json()["workers"]
+    assert "chat" in [w["name"] for w in listed]  # allowed by what the worker's model routes to
     for each in (admin, other):
         each.close()
 

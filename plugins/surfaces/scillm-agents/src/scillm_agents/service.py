@@ -23,6 +23,7 @@ from scillm_exec import exec_config, run_keys
 from scillm_agents.config import settings, workers
 from scillm_agents.worker import DIFF_INLINE, LiveTurn, Worker
 from scillm_core import MASTER, Identity, Job, Runtime, errors, require_visible
+from scillm_core.builtin.routing import resolve
 from scillm_core.redact import env_secrets
 from scillm_core.state import StateStore
 
@@ -76,9 +77,16 @@ class Agents:
             raise errors.NotFound(f"no standing worker {name!r} (declared: {declared})")
         return worker
 
-    @staticmethod
-    def usable(worker: Worker, viewer: Identity) -> bool:
-        return viewer.may_call(worker.cfg.model)
+    def usable(self, worker: Worker, viewer: Identity) -> bool:
+        """Whether ``viewer`` may call the worker's model (by name, or the group or model it routes to: the match
+        the keys middleware applies to the worker's model calls)."""
+        if viewer.may_call(worker.cfg.model):
+            return True
+        try:
+            route = resolve(worker.cfg.model, self.runtime)
+        except errors.ScillmError:
+            return False
+        return viewer.may_call(*route.reaches)
 
     def visible(self, viewer: Identity) -> list[Worker]:
         return [w for w in self.workers.values() if self.usable(w, viewer)]
