@@ -369,6 +369,8 @@ def test_a_virtual_keys_run_is_its_own_and_its_model_calls_are_charged_to_it(sta
     assert calls and {c["owner"] for c in calls} == {made[0]["id"]}
     # the server's address and process are the master key's to see; live runs are each key's own
     assert set(bob.get("/v1/scillm/opencode/serve").json()["serve"]) == {"mode", "state", "version"}
+    assert set(bob.get("/v1/scillm/opencode/transport/capabilities").json()["opencode"]) == {"mode", "state",
+                                                                                            "version"}
     assert stack.client.get("/v1/scillm/opencode/serve").json()["serve"]["url"]
     assert scan_for_secrets(stack, [m["key"] for m in made]) == []
 

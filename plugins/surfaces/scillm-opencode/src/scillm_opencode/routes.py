@@ -198,14 +198,16 @@ async def debugger_run(request: Request) -> Response:
     return await _create(request, debugger=True)
 
 
-async def serve_status(request: Request) -> Response:
-    """The server, and the live runs: all of them for the master key, a virtual key's own for it (the server's
-    address and process only for the master key)."""
-    oc, identity = _surface(request), identity_of(request)
+def _server(oc: OpenCode, identity: Identity) -> dict[str, Any]:
+    """The server's state; its address, process and restarts only for the master key."""
     serve = oc.serve.describe()
-    if not identity.master:
-        serve = {k: serve[k] for k in ("mode", "state", "version")}
-    return json_response({"serve": serve, "live_runs": oc.runs.live(identity),
+    return serve if identity.master else {k: serve[k] for k in ("mode", "state", "version")}
+
+
+async def serve_status(request: Request) -> Response:
+    """The server, and the live runs: all of them for the master key, a virtual key's own for it."""
+    oc, identity = _surface(request), identity_of(request)
+    return json_response({"serve": _server(oc, identity), "live_runs": oc.runs.live(identity),
                           "live_transport_runs": oc.transport.live(identity)})
 
 
@@ -216,7 +218,8 @@ async def capabilities(request: Request) -> Response:
     server = oc.serve.server
     agents = await server.profiles() if server is not None and not server.died.is_set() else None
     return json_response({
-        "transport_api": True, "opencode": oc.serve.describe(), "agents": agents, "node_modes": list(MODES),
+        "transport_api": True, "opencode": _server(oc, identity_of(request)), "agents": agents,
+        "node_modes": list(MODES),
         "event_types": list(EVENT_TYPES), "event_stream": "sse", "resumable": "after=<seq> or Last-Event-ID",
         "heartbeat_s": _heartbeat(oc.runtime), "steer": True, "permission_reply": ["once", "always", "reject"],
         "abort": True, "max_concurrency": opencode_config(oc.runtime).max_concurrency})
