@@ -176,14 +176,18 @@ def test_an_expired_key_is_refused(server: Server) -> None:
     assert listed[key_id]["status"] == "expired"
 
 
-def test_key_administration_and_metrics_need_the_master_key(server: Server) -> None:
+def test_key_administration_and_ops_views_need_the_master_key(server: Server) -> None:
     key_id, token = server.key(name="not-an-admin")
     client = server.as_key(token)
     for method, path in (("GET", "/v1/scillm/keys"), ("POST", "/v1/scillm/keys"), ("GET", f"/v1/scillm/keys/{key_id}"),
                          ("DELETE", f"/v1/scillm/keys/{key_id}"), ("POST", f"/v1/scillm/keys/{key_id}/rotate"),
-                         ("GET", "/metrics")):
+                         ("GET", "/metrics"), ("GET", "/v1/scillm/health"), ("GET", "/v1/scillm/providers"),
+                         ("GET", "/v1/scillm/plugins"), ("GET", "/v1/scillm/auth")):
         response = client.request(method, path, json={"name": "x"} if method == "POST" else None)
         assert response.status_code == 403, (method, path, response.text)
+    for path in ("/v1/scillm/health", "/v1/scillm/providers", "/v1/scillm/plugins", "/v1/scillm/auth"):
+        assert server.admin.get(path).status_code == 200, path
+    assert client.get("/health/readiness").status_code == 200 and client.get("/v1/budget").status_code == 200
     assert server.admin.get(f"/v1/scillm/keys/{key_id}").json()["status"] == "active"
     assert httpx.get(server.url + "/v1/scillm/keys").status_code == 401
 

@@ -18,7 +18,10 @@ from scillm_keys.store import KEY_PREFIX, KeyStore
 __all__ = ["KeysMiddleware", "MASTER_ONLY"]
 
 PUBLIC_PREFIXES = ("/health/",)
-MASTER_ONLY = ("/v1/scillm/keys", "/metrics")
+# the operator's views: key administration, and what the whole gateway is doing (other keys' batches, teams,
+# logins, the state store's path, breaker errors); a virtual key reads its own through /v1/budget, spend, calls
+MASTER_ONLY = ("/v1/scillm/keys", "/metrics", "/v1/scillm/health", "/v1/scillm/providers", "/v1/scillm/plugins",
+               "/v1/scillm/auth")
 _PREFIX = KEY_PREFIX.encode() + b"key_"
 
 
