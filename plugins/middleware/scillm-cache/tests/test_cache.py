@@ -223,3 +223,29 @@ def test_redis_down_fails_open(fake: FakeOpenAI, serve: Any) -> None:
 def test_a_redis_url_in_the_cache_table_says_where_it_moved(fake: FakeOpenAI, serve: Any) -> None:
     with pytest.raises(ConfigError, match=r"\[state\]"):
         serve({"redis_url": "redis://127.0.0.1:6379/0"})
+
+
+@pytest.mark.parametrize("scope", ["key", "team", "shared"])
+def test_a_hit_is_only_ever_an_answer_the_scope_may_see(fake: FakeOpenAI, serve: Any, scope: str) -> None:
+    master = "sk-master-cache-0123456789"
+    server = serve(cache={"scope": scope}, env=env_for(fake, SCILLM_MASTER_KEY=master))
+    admin = httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {master}"})
+    alice, bob, carol = (admin.post("/v1/scillm/keys", json={"name": n, **t}).json()["key"]
+                         for n, t in (("alice", {"team": "ml"}), ("bob", {"team": "ml"}), ("carol", {})))
+
+    def ask_as(token: str) -> str:
+        raw = openai.OpenAI(base_url=server.url + "/v1", api_key=token, max_retries=0).chat.completions \
+            .with_raw_response.create(model=MODEL, messages=MESSAGES)
+        return raw.headers["x-scillm-cache"]
+
+    seen = [ask_as(t) for t in (alice, alice, bob, carol, master)]
+    expected = {"key": ["miss", "hit", "miss", "miss", "miss"],
+                "team": ["miss", "hit", "hit", "miss", "miss"],
+                "shared": ["miss", "hit", "hit", "hit", "hit"]}[scope]
+    assert seen == expected
+    assert len(fake.requests) == expected.count("miss")
+
+
+def test_an_unknown_scope_stops_startup(fake: FakeOpenAI, serve: Any) -> None:
+    with pytest.raises(ConfigError, match="scope must be one of key, team, shared"):
+        serve(cache={"scope": "global"})

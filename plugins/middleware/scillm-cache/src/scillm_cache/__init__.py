@@ -17,8 +17,12 @@
   the body bypass the cache entirely (both answer ``bypass``). Every answer says ``x-scillm-cache: hit|miss|bypass``.
 - Fails open: a broken backend (Redis down, corrupt entry) is a miss, never a failed request.
 
+- Scoped (``scope``): by default a hit is only ever the caller's own key's answer (the master and dev key share
+  one partition), so a virtual key can neither read another key's answers nor learn from a hit that another key
+  asked the same; ``"team"`` shares within a key's team, ``"shared"`` between everyone (the most hits).
+
 Config: ``[cache] enabled = true`` (off by default), ``backend = "auto"|"memory"|"store"`` (auto: the state store
-when it is Redis, else memory), ``ttl_s``, ``max_entries``, ``max_entry_kb``.
+when it is Redis, else memory), ``ttl_s``, ``max_entries``, ``max_entry_kb``, ``scope = "key"|"team"|"shared"``.
 """
 
 from __future__ import annotations
@@ -55,10 +59,10 @@ from scillm_core.config import ConfigError
 from scillm_core.redact import redact
 
 if TYPE_CHECKING:
-    from scillm_core import CallContext, ChatRequest
+    from scillm_core import CallContext, ChatRequest, Identity
     from scillm_core.pipeline import ChatResult, ChatThunk
 
-__all__ = ["CacheConfig", "cache_key"]
+__all__ = ["CacheConfig", "cache_key", "partition"]
 
 log = logging.getLogger("scillm.cache")
 HEADER = "x-scillm-cache"
@@ -72,6 +76,7 @@ class CacheConfig:
     ttl_s: float = 3600.0
     max_entries: int = 1000         # memory backend LRU bound
     max_entry_kb: int = 1024        # larger answers are not stored
+    scope: str = "key"              # whose answers a hit may be: "key" (each caller's own), "team", "shared"
     redis_url: str | None = None    # moved to [state]; set here it stops startup saying so
 
 
@@ -190,6 +195,8 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
                           "limits, breakers, batches and leases then share that Redis)")
     if config.backend not in ("auto", "memory", "store"):
         raise ConfigError(f"[cache] backend must be 'auto', 'memory' or 'store', not {config.backend!r}")
+    if config.scope not in SCOPES:
+        raise ConfigError(f"[cache] scope must be one of {', '.join(SCOPES)}, not {config.scope!r}")
     if config.ttl_s <= 0 or config.max_entries < 1:
         raise ConfigError("[cache] ttl_s must be > 0 and max_entries >= 1")
     use_store = config.backend == "store" or (config.backend == "auto" and runtime.shared)
@@ -215,12 +222,27 @@ def scillm_health(runtime: Runtime) -> Mapping[str, Any]:
 
 # -- the key -------------------------------------------------------------------------------------------------------
 
-def cache_key(request: ChatRequest, route: Route) -> str:
-    """SHA-256 over everything that changes the answer (see the module docstring)."""
+SCOPES = ("key", "team", "shared")
+
+
+def partition(identity: Identity, scope: str) -> str | None:
+    """Whose entries a caller reads and writes: its key's own (the master and dev key share one), its team's (a
+    key without a team: its own), or everyone's (``None``)."""
+    if scope == "shared":
+        return None
+    if scope == "team" and identity.team:
+        return f"team:{identity.team}"
+    return f"key:{identity.owner}"
+
+
+def cache_key(request: ChatRequest, route: Route, within: str | None = None) -> str:
+    """SHA-256 over everything that changes the answer (see the module docstring), in the partition ``within``."""
     wire = unstructure(request)
     wire.pop("stream", None)
     wire.pop("stream_options", None)
     material: dict[str, Any] = {"v": KEY_VERSION, "deployment": route.deployment, "request": wire}
+    if within is not None:
+        material["partition"] = within
     native = getattr(request, "native", None)  # embeddings requests have none
     if native is not None:
         body = {k: v for k, v in native.body.items() if k not in ("stream", "stream_options")}
@@ -274,7 +296,7 @@ def call_provider(request: ChatRequest, route: Route, ctx: CallContext) -> Any:
     kind = EmbeddingsResponse if isinstance(request, EmbeddingsRequest) else ChatResponse
 
     async def cached() -> ChatResult:
-        key = cache_key(request, route)
+        key = cache_key(request, route, partition(ctx.identity, state.config.scope))
         if mode == "use":
             hit = await _lookup(state, key, kind)
             if hit is not None:
