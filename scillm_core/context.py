@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
 
-from scillm_core.events import Events
+from scillm_core.events import Events, Stage
 from scillm_core.identity import MASTER, Identity, Job
-from scillm_core.pipeline import observed_stage
 
 if TYPE_CHECKING:
     import httpx
@@ -112,6 +111,8 @@ class CallContext:
     route: Route | None = None
     notes: dict[str, Any] = field(factory=dict)
     parent: str | None = None
+    #: the hook stages this call went through, recorded while an observer wants them (``scillm_core.events``)
+    stages: list[Stage] | None = None
     #: who is told when the stream being handed on ends (``scillm_core.pipeline.tap_stream``), while it is open
     stream_ended: list[Any] | None = None
 
@@ -124,8 +125,10 @@ class CallContext:
 
     async def complete(self, request: ProviderRequest) -> CallResult:
         """Route ``request`` and call its provider through the ``call_provider`` chain (middleware included)."""
-        if self.runtime.events.wants("stage.start"):
-            return await observed_stage(self, "call_provider", lambda: self._complete(request))
+        stages = self.stages
+        if stages is not None:
+            with Stage(stages, "call_provider"):
+                return await self._complete(request)
         return await self._complete(request)
 
     async def _complete(self, request: ProviderRequest) -> CallResult:

@@ -14,8 +14,6 @@ Kinds (``ctx`` is the :class:`CallContext` for events of one call, else ``None``
 ``request.start`` / ``request.end``  one request through ``run_chat`` (every surface, batch items, llm runs);
                                      end: ``response`` or ``error``, ``usage``, ``duration_s``, ``first_chunk_s``
                                      (streams end when the stream ends, fails or is closed)
-``stage.start`` / ``stage.end``      a hook stage: ``stage`` is ``preprocess_files``, ``postprocess_json`` or
-                                     ``call_provider`` (routing + the call_provider chain); end: ``error``
 ``attempt.start`` / ``attempt.end``  one upstream call (core dispatch): ``route``, ``attempt`` (1, 2, ...),
                                      ``request``; start: ``upstream_headers``; end as ``request.end``
 ``cache``                            ``result`` (hit, miss, bypass), ``route``                 (scillm-cache)
@@ -32,6 +30,12 @@ Kinds (``ctx`` is the :class:`CallContext` for events of one call, else ``None``
 ``breaker.transition``               ``deployment``, ``old``, ``new`` (closed, open, half_open), ``error``,
                                      ``request_id`` (the call that moved it, if any)
 ===================================  ===========================================================================
+
+The hook stages a call goes through (``preprocess_files``, ``postprocess_json`` and ``call_provider``: routing and
+the call_provider chain, again for a JSON re-ask) are not events: while an observer wants ``stage`` (tracing),
+core records them on ``ctx.stages`` as :class:`Stage` records, which observers read on the call's events
+(:func:`open_stage` is the innermost one running, e.g. on ``attempt.start``; all of them on ``request.end``). A
+stage costs a small object and two clock reads, not two events and a wrapper around the step.
 
 Units of work that calls belong to (batches and their items, exec runs and graphs, and whatever agent surfaces
 add) follow one convention, so observers handle new ones without change: ``<thing>.start`` and ``<thing>.end``
@@ -57,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from scillm_core.context import CallContext
 
-__all__ = ["PARENT_SCOPE_KEY", "Event", "Events", "Observer", "Unit", "trace_headers"]
+__all__ = ["PARENT_SCOPE_KEY", "Event", "Events", "Observer", "Stage", "Unit", "open_stage", "trace_headers"]
 
 log = logging.getLogger("scillm.events")
 
@@ -136,6 +140,41 @@ class Events:
         self._by_kind = {kind: tuple(obs for obs, kinds in self._subscriptions if kinds is None or kind in kinds)
                          for kind in named}
         self.listening = bool(self._subscriptions)
+
+
+class Stage:
+    """One hook stage of a call, appended to ``stages`` (the call's ``ctx.stages``) when made: ``name``,
+    ``parent`` (the stage it runs in, or ``None``), ``start_ns`` and ``end_ns`` (epoch; ``end_ns`` is 0 while it
+    runs) and ``error`` (what it raised). ``with Stage(stages, name): ...`` around the step."""
+
+    __slots__ = ("end_ns", "error", "name", "parent", "start_ns")
+
+    def __init__(self, stages: list[Stage], name: str) -> None:
+        self.name = name
+        self.parent = open_stage(stages)
+        self.error: BaseException | None = None
+        self.end_ns = 0
+        stages.append(self)
+        self.start_ns = time.time_ns()
+
+    def __enter__(self) -> Stage:
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        self.end_ns = time.time_ns()
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"Stage({self.name!r}, {'running' if not self.end_ns else 'ended'})"
+
+
+def open_stage(stages: list[Stage] | None) -> Stage | None:
+    """The innermost stage of ``stages`` still running, if any."""
+    if stages:
+        for stage in reversed(stages):
+            if not stage.end_ns:
+                return stage
+    return None
 
 
 class Unit:

@@ -3,7 +3,8 @@
 Chat: preprocess_files -> postprocess_json(default: route_model + call_provider). Embeddings: postprocess_json
 (default: route_model + call_provider); files have no place in them. Each pipeline hook returns a zero-argument
 async callable; wrappers return a new one that awaits the inner (possibly several times). When observers listen
-(``runtime.events``), the same steps run between ``request.*`` and ``stage.*`` events.
+(``runtime.events``), the same steps run between ``request.*`` events, each recorded as a ``Stage`` on
+``ctx.stages`` while an observer wants them (``scillm_core.events``).
 
 The request-level hook (``postprocess_json``) and the transport hooks (``route_model``, ``call_provider``) take any
 :data:`ProviderRequest`; middleware that reads chat content checks ``isinstance(request, ChatRequest)``.
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from scillm_core import errors
+from scillm_core.events import Stage
 from scillm_core.models import ChatChunk, ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse
 
 if TYPE_CHECKING:
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CallResult", "ChatResult", "ChatThunk", "OpeningStream", "ProviderRequest", "RequestThunk",
            "ResponseThunk", "StreamEnded", "StreamTap", "Thunk", "aclose_quietly", "carries_on", "end_with_stream",
-           "observed_stage", "open_stream", "run_chat", "run_embeddings", "tap_stream", "then"]
+           "open_stream", "run_chat", "run_embeddings", "tap_stream", "then"]
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -71,10 +73,12 @@ async def run_embeddings(request: EmbeddingsRequest, ctx: CallContext) -> Embedd
         _say_attempts(exc, ctx)
         raise
     started = time.perf_counter()
+    stages = ctx.stages = [] if events.wants("stage") else None
     events.emit("request.start", ctx, request=request)
     try:
-        if events.wants("stage.start"):
-            response = await observed_stage(ctx, "postprocess_json", lambda: _embed(request, ctx))
+        if stages is not None:
+            with Stage(stages, "postprocess_json"):
+                response = await _embed(request, ctx)
         else:
             response = await _embed(request, ctx)
     except BaseException as exc:
@@ -107,15 +111,18 @@ def _say_attempts(exc: errors.ScillmError, ctx: CallContext) -> None:
 
 async def _observed_chat(request: ChatRequest, ctx: CallContext) -> ChatResult:
     """``run_chat`` between ``request.start`` and ``request.end`` (for a stream: when it ends), each hook stage
-    between ``stage.start`` and ``stage.end``."""
+    recorded on ``ctx.stages`` while an observer wants them."""
     hooks, events = ctx.runtime.hooks, ctx.runtime.events
     started = time.perf_counter()
+    stages = ctx.stages = [] if events.wants("stage") else None
     events.emit("request.start", ctx, request=request)
     prepared = request
     try:
-        if events.wants("stage.start"):
-            prepared = await observed_stage(ctx, "preprocess_files", lambda: hooks.preprocess_files(request, ctx)())
-            result = await observed_stage(ctx, "postprocess_json", lambda: hooks.postprocess_json(prepared, ctx)())
+        if stages is not None:
+            with Stage(stages, "preprocess_files"):
+                prepared = await hooks.preprocess_files(request, ctx)()
+            with Stage(stages, "postprocess_json"):
+                result = await hooks.postprocess_json(prepared, ctx)()
         else:
             prepared = await hooks.preprocess_files(request, ctx)()
             result = await hooks.postprocess_json(prepared, ctx)()
@@ -135,19 +142,6 @@ async def _observed_chat(request: ChatRequest, ctx: CallContext) -> ChatResult:
 
     return end_with_stream(result, ctx, ended)  # type: ignore[arg-type]  # a chat request's stream
 
-
-async def observed_stage(ctx: CallContext, stage: str, thunk: Thunk[T]) -> T:
-    """``await thunk()`` between ``stage.start`` and ``stage.end`` events."""
-    events = ctx.runtime.events
-    events.emit("stage.start", ctx, stage=stage)
-    error: BaseException | None = None
-    try:
-        return await thunk()
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        events.emit("stage.end", ctx, stage=stage, error=error)
 
 
 #: ``ended(error, usage, first_at)``: a stream ended (``first_at`` is the ``perf_counter`` of its first chunk)

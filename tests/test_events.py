@@ -1,5 +1,5 @@
-"""The event seam: what the pipeline and the bundled plugins report, in order, and that nobody listening costs
-nothing but one attribute check."""
+"""The event seam: what the pipeline and the bundled plugins report, in order (and the hook stages it records on
+``ctx.stages``), and that nobody listening costs nothing but one attribute check."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from scillm_core import Runtime, SurfaceRegistry, hookimpl
-from scillm_core.events import Event, Events, trace_headers
+from scillm_core.events import Event, Events, Stage, open_stage, trace_headers
 from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread, make_app
 
 OPENAI_KEY = "sk-events-openai-secret-0123456789"
@@ -22,6 +22,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        self.open_at_attempt: list[str | None] = []  # the stage running when each attempt started
 
     @hookimpl
     def scillm_register_surfaces(self, surfaces: SurfaceRegistry, runtime: Runtime) -> None:
@@ -31,10 +32,15 @@ class Recorder:
         self.events.append(event)
         if event.kind == "attempt.start":
             event["upstream_headers"]["x-test-attempt"] = str(event["attempt"])
+            stage = open_stage(event.ctx.stages)
+            self.open_at_attempt.append(stage.name if stage else None)
 
     def kinds(self, *, skip: tuple[str, ...] = ()) -> list[str]:
-        return [e.kind if e.kind != "stage.start" and e.kind != "stage.end" else f"{e.kind}:{e['stage']}"
-                for e in self.events if e.kind not in skip]
+        return [e.kind for e in self.events if e.kind not in skip]
+
+
+def _stages(stages: list[Stage] | None) -> list[tuple[str, str | None]]:
+    return [(s.name, s.parent.name if s.parent else None) for s in stages or ()]
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +77,13 @@ def test_events_unit() -> None:
     stop_all = events.subscribe(lambda e: seen.append(f"all:{e.kind}"))
     events.subscribe(broken, kinds=["cache"])
     events.subscribe(lambda e: seen.append(f"cache:{e['result']}"), kinds=["cache"])
-    assert events.listening and events.wants("cache") and events.wants("retry")
+    assert events.listening and events.wants("cache") and events.wants("retry") and events.wants("stage")
     events.emit("cache", None, result="hit")
     events.emit("retry", None, retry=1)
     assert seen == ["all:cache", "cache:hit", "all:retry"]
     assert events.failures == 1  # the broken observer was counted, the others still ran
     stop_all()
-    assert not events.wants("retry") and events.wants("cache")
+    assert not events.wants("retry") and events.wants("cache") and not events.wants("stage")
     assert trace_headers({"traceparent": "00-a-b-01", "authorization": "Bearer sk-x"}) == {"traceparent": "00-a-b-01"}
 
 
@@ -87,11 +93,18 @@ def test_a_request_reports_its_stages_and_attempts_in_order(served: tuple[Record
     reply = client.chat.completions.create(model="openai/gpt-4o-mini",
                                            messages=[{"role": "user", "content": "hi"}])
     assert reply.choices[0].message.content
-    assert recorder.kinds() == [
-        "request.start", "stage.start:preprocess_files", "stage.end:preprocess_files",
-        "stage.start:postprocess_json", "stage.start:call_provider", "attempt.start", "attempt.end",
-        "stage.end:call_provider", "stage.end:postprocess_json", "request.end"]
+    assert recorder.kinds() == ["request.start", "attempt.start", "attempt.end", "request.end"]
     end = recorder.events[-1]
+    # the hook stages, recorded on the call (an observer that gets every kind wants them), nested and timed
+    stages = end.ctx.stages
+    assert _stages(stages) == [("preprocess_files", None), ("postprocess_json", None),
+                               ("call_provider", "postprocess_json")]
+    assert recorder.open_at_attempt == ["call_provider"]
+    preprocess, postprocess, call = stages
+    attempt_start = recorder.events[1].time_ns
+    assert preprocess.start_ns <= preprocess.end_ns <= postprocess.start_ns <= call.start_ns <= attempt_start
+    assert attempt_start <= call.end_ns <= postprocess.end_ns <= end.time_ns
+    assert all(s.error is None for s in stages)
     assert end["error"] is None and end["usage"].prompt_tokens == 11 and end.ctx.route.provider == "openai"
     attempt = next(e for e in recorder.events if e.kind == "attempt.end")
     assert attempt["route"].model == "gpt-4o-mini" and attempt["attempt"] == 1 and attempt["duration_s"] >= 0
@@ -123,7 +136,7 @@ def test_a_stream_ends_its_request_when_the_stream_ends(served: tuple[Recorder, 
     end = next(e for e in recorder.events if e.kind == "request.end")
     # the usage chunk is the stream's last: the request ended when the stream did, not when it opened
     assert end["error"] is None and end["usage"].completion_tokens == 7
-    assert recorder.kinds().index("stage.end:postprocess_json") < recorder.kinds().index("request.end")
+    assert 0 < end.ctx.stages[1].end_ns <= end.time_ns and end.ctx.stages[1].name == "postprocess_json"
     assert end["first_chunk_s"] is not None and end["first_chunk_s"] <= end["duration_s"]
     assert recorder.kinds().index("attempt.end") < recorder.kinds().index("request.end")
 

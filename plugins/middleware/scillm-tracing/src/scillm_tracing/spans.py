@@ -18,7 +18,8 @@ conventions.
 Nothing is recorded from message text unless ``record_content`` is on, and then redacted; headers never are.
 
 A span here is a plain :class:`Span` (ids are integers, attributes a dict), made when its start event comes and
-finished when its end event does; a call's spans go to the exporter together when the call ends, a unit's span when
+finished when its end event does (a hook stage's from the call's ``ctx.stages`` records, when a span under it
+starts or else when the call ends); a call's spans go to the exporter together when the call ends, a unit's span when
 the unit ends. Turning them into OTLP protobuf, and sending it, happens on the exporter's thread (``otlp.py``).
 No OpenTelemetry SDK object is made on the request path: the SDK's live spans (locks, attribute validation on
 every set, a context object per parent) and its batch processor (a lock and a notify per span) cost more than the
@@ -35,11 +36,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from scillm_core import ChatRequest, ChatResponse, errors
+from scillm_core.events import open_stage
 from scillm_core.redact import redact
 
 if TYPE_CHECKING:
     from scillm_core import CallContext, Route
-    from scillm_core.events import Event
+    from scillm_core.events import Event, Stage
     from scillm_core.pipeline import ProviderRequest
 
 __all__ = ["CLIENT", "INTERNAL", "SERVER", "Sampler", "Span", "SpanMaker", "Trace", "parse_traceparent"]
@@ -143,19 +145,32 @@ def parse_traceparent(headers: Mapping[str, str] | None) -> tuple[int, int, bool
 
 
 class CallSpans:
-    """The open spans of one call (kept in ``ctx.notes["tracing"]``) and those it finished."""
+    """The open spans of one call (kept in ``ctx.notes["tracing"]``) and those it finished; ``stages`` is the
+    call's ``ctx.stages`` (core records the hook stages there), ``stage_spans`` their spans made so far."""
 
-    __slots__ = ("attempts", "done", "next_attempt", "request", "stages")
+    __slots__ = ("attempts", "done", "next_attempt", "request", "stage_spans", "stages")
 
-    def __init__(self, request: Span) -> None:
+    def __init__(self, request: Span, stages: list[Stage] | None) -> None:
         self.request = request
-        self.stages: list[Span] = []
+        self.stages = stages
+        self.stage_spans: dict[Stage, Span] = {}
         self.attempts: dict[int, Span] = {}
         self.done: list[Span] = []
         self.next_attempt: tuple[str, str | None] = ("first", None)  # kind, the deployment it falls back from
 
     def parent(self) -> Span:
-        return self.stages[-1] if self.stages else self.request
+        """The span of the innermost stage running (of the request when none is, or when not sampled)."""
+        stage = open_stage(self.stages)
+        if stage is None or not self.request.trace.sampled:
+            return self.request
+        return self.stage_span(stage)
+
+    def stage_span(self, stage: Stage) -> Span:
+        span = self.stage_spans.get(stage)
+        if span is None:
+            parent = self.request if stage.parent is None else self.stage_span(stage.parent)
+            span = self.stage_spans[stage] = parent.child(stage.name, INTERNAL, stage.start_ns, {})
+        return span
 
 
 class SpanMaker:
@@ -173,7 +188,6 @@ class SpanMaker:
         self.unit_events: dict[str, int] = {}
         self.handlers = {
             "request.start": self.request_start, "request.end": self.request_end,
-            "stage.start": self.stage_start, "stage.end": self.stage_end,
             "attempt.start": self.attempt_start, "attempt.end": self.attempt_end,
             "retry": self.retry, "fallback": self.fallback, "circuit.skip": self.circuit_skip,
             "cache": self.cache, "queue.wait": self.queue_wait,
@@ -241,7 +255,7 @@ class SpanMaker:
             attrs["gen_ai.input.messages"] = self._content(
                 [{"role": m.role, "content": m.text} for m in request.messages])
         ctx.notes[NOTE] = CallSpans(self._root(ctx.parent, ctx.headers, f"{operation} {request.model}",
-                                               event.time_ns, attrs))
+                                               event.time_ns, attrs), ctx.stages)
 
     def request_end(self, event: Event) -> None:
         ctx: CallContext = event.ctx  # type: ignore[assignment]
@@ -289,31 +303,18 @@ class SpanMaker:
             self._fail(span, error)
         end = event.time_ns
         done = calls.done
-        for stage in reversed(calls.stages):  # left open by a failure that skipped their end
-            stage.end = end
-            done.append(stage)
+        for stage in calls.stages or ():
+            stage_span = calls.stage_span(stage)
+            stage_span.end = stage.end_ns or end  # (0: still running when the call ended)
+            if stage.error is not None:
+                self._fail(stage_span, stage.error)
+            done.append(stage_span)
         for attempt in calls.attempts.values():  # an attempt whose end never came (a stream nobody finished)
             attempt.end = end
             done.append(attempt)
         span.end = end
         done.append(span)
         self.export(done)
-
-    def stage_start(self, event: Event) -> None:
-        calls: CallSpans | None = event.ctx.notes.get(NOTE)  # type: ignore[union-attr]
-        if calls is not None and calls.request.trace.sampled:
-            calls.stages.append(calls.parent().child(event.data["stage"], INTERNAL, event.time_ns, {}))
-
-    def stage_end(self, event: Event) -> None:
-        calls: CallSpans | None = event.ctx.notes.get(NOTE)  # type: ignore[union-attr]
-        if calls is None or not calls.stages:
-            return
-        span = calls.stages.pop()
-        error = event.data["error"]
-        if error is not None:
-            self._fail(span, error)
-        span.end = event.time_ns
-        calls.done.append(span)
 
     def attempt_start(self, event: Event) -> None:
         calls: CallSpans | None = event.ctx.notes.get(NOTE)  # type: ignore[union-attr]
@@ -374,9 +375,9 @@ class SpanMaker:
         calls: CallSpans | None = event.ctx.notes.get(NOTE)  # type: ignore[union-attr]
         if calls is None:
             return
-        if calls.stages:
+        if open_stage(calls.stages) is not None and calls.request.trace.sampled:
             error = event["error"]
-            calls.stages[-1].add_event("retry", {"scillm.retry": event["retry"], "scillm.delay_s": event["delay_s"],
+            calls.parent().add_event("retry", {"scillm.retry": event["retry"], "scillm.delay_s": event["delay_s"],
                                                  "error.type": str(getattr(error, "code", None) or
                                                                    type(error).__name__)}, event.time_ns)
         calls.next_attempt = ("retry", None)

@@ -1,0 +1,96 @@
+"""CPU per request of tracing, in process: ``run_chat`` through the pipeline as shipped (every bundled middleware,
+the dashboard's observer) on an in-process provider, in two apps side by side, one with ``[tracing]`` on
+(sample ratio 1.0) and one without, measured in alternating runs. The tracing app's exporter thread encodes every
+span as it would for a collector; only the HTTP post is left out (``send`` is a no-op), so that nothing else
+shares the process. ``process_time`` counts both threads.
+
+    .venv/bin/python bench/tracing.py [--n 4000] [--runs 9]
+
+Prints the medians of the CPU µs per request (whole answer and a 40-chunk stream) for each app, their ratio and
+difference, and a JSON line at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+
+from scillm_core import ChatRequest, run_chat, structure
+from scillm_core.context import CallContext
+from scillm_core.testing import make_app
+
+from failover import BenchProvider, Plugin  # noqa: F401  (the same in-process provider)
+
+
+def _app(tracing: bool) -> Starlette:
+    config: dict[str, Any] = {"plugins": {"disable": ["cache"]}}
+    if tracing:
+        config["tracing"] = {"enabled": True, "endpoint": "http://127.0.0.1:9", "sample_ratio": 1.0}
+    app = make_app(config=config, plugins=[("bench", Plugin())], data_dir=tempfile.mkdtemp(prefix="scillm-bench-"))
+    while not isinstance(app, Starlette):  # under the ASGI middleware
+        app = app.app
+    return app
+
+
+async def measure(n: int, runs: int) -> dict[str, float]:
+    whole = structure({"model": "bench/a", "messages": [{"role": "user", "content": "hi"}]}, ChatRequest)
+    streamed = structure({"model": "bench/a", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+                         ChatRequest)
+    off, on = _app(False), _app(True)
+    async with off.router.lifespan_context(off), on.router.lifespan_context(on):
+        exporter = on.state.runtime.plugin_state["tracing"].processor
+        exporter.send = lambda data: True  # encoded on the export thread as always, not posted
+
+        def calls(runtime: Any) -> dict[str, Callable[[], Awaitable[None]]]:
+            async def one_whole() -> None:
+                await run_chat(whole, CallContext(runtime=runtime))
+
+            async def one_stream() -> None:
+                chunks = await run_chat(streamed, CallContext(runtime=runtime))
+                async for _ in chunks:  # type: ignore[union-attr]
+                    pass
+
+            return {"whole": one_whole, "stream": one_stream}
+
+        variants = {"off": calls(off.state.runtime), "on": calls(on.state.runtime)}
+        out: dict[str, list[float]] = {f"{shape} {name}": [] for shape in ("whole", "stream") for name in variants}
+        for name, shapes in variants.items():  # warm-up
+            for call in shapes.values():
+                for _ in range(300):
+                    await call()
+        for round_ in range(runs):  # alternating, each round in the other order
+            order = list(variants.items()) if round_ % 2 == 0 else list(reversed(variants.items()))
+            for shape in ("whole", "stream"):
+                for name, shapes in order:
+                    exporter.force_flush()  # what the thread owes from before is not this run's
+                    started = time.process_time()
+                    for _ in range(n):
+                        await shapes[shape]()
+                    if name == "on":
+                        exporter.force_flush()
+                    out[f"{shape} {name}"].append((time.process_time() - started) / n * 1e6)
+        return {key: statistics.median(values) for key, values in out.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=4000)
+    parser.add_argument("--runs", type=int, default=9)
+    args = parser.parse_args()
+    result = asyncio.run(measure(args.n, args.runs))
+    for shape in ("whole", "stream"):
+        off, on = result[f"{shape} off"], result[f"{shape} on"]
+        print(f"{shape:6}: off {off:6.1f} µs, on {on:6.1f} µs CPU/request: {on / off:.3f}x (+{on - off:.1f} µs)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
