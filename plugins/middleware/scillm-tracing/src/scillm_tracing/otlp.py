@@ -4,8 +4,10 @@
 :class:`~scillm_tracing.spans.Span` objects (a test decodes it with ``opentelemetry-proto`` and compares it with
 what the SDK's own encoder makes of the same spans): the SDK's encoder builds a protobuf object per span,
 attribute and value, ~40-65 µs a span here, more than a whole request's budget for tracing. :class:`BatchExporter`
-queues finished spans (one deque append per call) and its thread encodes and sends them in batches, the way the
-SDK's ``BatchSpanProcessor`` does (``OTEL_BSP_*``), through the SDK's ``OTLPSpanExporter`` HTTP client (its
+encodes a finished call's spans when they come (a few µs each: cheaper than keeping them, because span objects
+held until an export outlive the garbage collector's young generation and make every later collection walk them,
+where bytes are never walked) and queues the bytes; its thread sends them in batches, the way the SDK's
+``BatchSpanProcessor`` does (``OTEL_BSP_*``), through the SDK's ``OTLPSpanExporter`` HTTP client (its
 retries, headers and compression) on the SDK's urllib3 transport (``_client`` and ``_transport`` are those of the
 pinned version, see ``pyproject.toml``).
 """
@@ -89,6 +91,7 @@ def _key_value(key: str, value: Any) -> bytes:
 
 
 _CACHE_MAX = 8192
+_PER_KEY = 256
 
 
 class Encoder:
@@ -96,34 +99,32 @@ class Encoder:
     and names are remembered: most repeat from span to span (operation, provider, model, caller, stage names)."""
 
     def __init__(self, resource: Mapping[str, Any], scope_name: str, scope_version: str | None) -> None:
-        self.attrs: dict[str, dict[Any, tuple[type, bytes]]] = {}  # key -> value -> (its type, encoded attribute)
-        self.cached = 0
+        self.attrs: dict[tuple[str, type], dict[Any, bytes]] = {}  # (key, value type) -> value -> encoded
         self.names: dict[tuple[str, int], bytes] = {}  # (name, kind) -> encoded
         scope = _ld(T1, scope_name.encode()) + (_ld(T2, scope_version.encode()) if scope_version else b"")
         self.resource = _ld(T1, b"".join(_ld(T1, _key_value(k, v)) for k, v in resource.items()))
         self.scope = _ld(T1, scope)
 
     def _attributes(self, attributes: Mapping[str, Any]) -> bytes:
-        """A span's attributes (field 9). Scalar values are remembered per key (True and 1 are one dict key, so
-        the value's type is checked)."""
+        """A span's attributes (field 9). Scalar values are remembered per key and type (True and 1 are one dict
+        key), up to ``_PER_KEY`` of them: a key whose values do not repeat (a request id) is encoded each time."""
         cache = self.attrs
         out = []
         for key, value in attributes.items():
-            by_value = cache.get(key)
-            if by_value is None:
-                by_value = cache[key] = {}
-            hit = by_value.get(value) if type(value) in _SCALARS else None
-            if hit is not None and hit[0] is type(value):
-                out.append(hit[1])
+            kind = type(value)
+            if kind not in _SCALARS:
+                out.append(_ld(T9, _key_value(key, value)))
                 continue
-            encoded = _ld(T9, _key_value(key, value))
-            if type(value) in _SCALARS:
-                if self.cached >= _CACHE_MAX:
+            by_value = cache.get((key, kind))
+            if by_value is None:
+                if len(cache) >= _CACHE_MAX:
                     cache.clear()
-                    self.cached = 0
-                    cache[key] = by_value = {}
-                by_value[value] = (type(value), encoded)
-                self.cached += 1
+                by_value = cache[(key, kind)] = {}
+            encoded = by_value.get(value)
+            if encoded is None:
+                encoded = _ld(T9, _key_value(key, value))
+                if len(by_value) < _PER_KEY:
+                    by_value[value] = encoded
             out.append(encoded)
         return b"".join(out)
 
@@ -135,8 +136,8 @@ class Encoder:
                 self.names[(name, kind)] = encoded
         return encoded
 
-    def span(self, span: Span, out: list[bytes]) -> None:
-        """Append the pieces of one ``ScopeSpans.spans`` field to ``out``."""
+    def span(self, span: Span) -> bytes:
+        """One ``ScopeSpans.spans`` field."""
         trace = span.trace
         head = trace.encoded
         if head is None:  # the trace's id and state, the same for each of its spans
@@ -157,17 +158,17 @@ class Encoder:
                          + b"".join(_ld(T3, _key_value(k, v)) for k, v in attrs.items()))
                      for name, attrs, time_ns in span.events) if span.events else b"",
             tail))
-        out += (T2, _varint(len(body)), body)
+        return T2 + _varint(len(body)) + body
+
+    def request(self, spans: Iterable[bytes]) -> bytes:
+        """The ``ExportTraceServiceRequest`` of spans encoded by :meth:`span`."""
+        return _ld(T1, self.resource + _ld(T2, self.scope + b"".join(spans)))
 
     def encode(self, spans: Iterable[Span]) -> bytes:
-        out = [self.scope]
-        for span in spans:
-            self.span(span, out)
-        scope_spans = b"".join(out)
-        return _ld(T1, self.resource + _ld(T2, scope_spans))
+        return self.request(self.span(span) for span in spans)
 
 
-_SCALARS = (str, int, bool, float)
+_SCALARS = frozenset((str, int, bool, float))
 _TRACE, _SPAN, _PARENT = T1 + b"\x10", T2 + b"\x08", T4 + b"\x08"  # tags and fixed lengths of the ids
 _LOCAL, _REMOTE = F32_16 + _pack_i(_HAS_IS_REMOTE), F32_16 + _pack_i(_HAS_IS_REMOTE | _IS_REMOTE)  # flags
 _UNSET_LOCAL, _UNSET_REMOTE = T15 + b"\x00" + _LOCAL, T15 + b"\x00" + _REMOTE  # an empty status, then flags
@@ -203,10 +204,10 @@ def http_sender(settings: Settings) -> Any:
 
 
 class BatchExporter:
-    """Finished spans in, OTLP exports out, from one daemon thread. ``add`` (the event loop's side) is a deque
-    append and two counters; the thread wakes when ``max_export_batch_size`` spans are queued, or every
-    ``schedule_delay_millis``, and sends batches of at most that many spans. Past ``max_queue_size`` queued spans,
-    new ones are dropped (counted)."""
+    """Finished spans in, OTLP exports out, from one daemon thread. ``add`` (the event loop's side) encodes the
+    spans and puts their bytes on a deque; the thread wakes when ``max_export_batch_size`` spans are queued, or
+    every ``schedule_delay_millis``, and sends batches of at most that many spans. Past ``max_queue_size`` queued
+    spans, new ones are dropped (counted)."""
 
     def __init__(self, encoder: Encoder, send: Sender, *, schedule_delay_millis: int = 5000,
                  max_queue_size: int = 2048, max_export_batch_size: int = 512, export_timeout_millis: int = 30000,
@@ -217,9 +218,7 @@ class BatchExporter:
         self.batch = min(max_export_batch_size, max_queue_size)
         self.timeout_s = export_timeout_millis / 1000
         self.on_result = on_result or (lambda n, ok: None)
-        self.queue: collections.deque[list[Span]] = collections.deque()
-        self.added = 0     # spans queued, counted by the producers' thread only
-        self.taken = 0     # spans taken off the queue, counted by whoever exports (under the lock)
+        self.queue: collections.deque[bytes] = collections.deque()  # encoded spans
         self.dropped = 0
         self.stopped = False
         self.wake = threading.Event()
@@ -229,13 +228,12 @@ class BatchExporter:
             self.thread.start()
 
     def add(self, spans: list[Span]) -> None:
-        queued = self.added - self.taken
-        if queued + len(spans) > self.max_queue or self.stopped:
+        queued = len(self.queue) + len(spans)
+        if queued > self.max_queue or self.stopped:
             self.dropped += len(spans)
             return
-        self.queue.append(spans)
-        self.added += len(spans)
-        if queued + len(spans) >= self.batch and not self.wake.is_set():
+        self.queue.extend(map(self.encoder.span, spans))
+        if queued >= self.batch and not self.wake.is_set():
             self.wake.set()
 
     def _run(self) -> None:
@@ -249,18 +247,10 @@ class BatchExporter:
         """Send queued spans in batches: while a full batch is queued, or all of them."""
         with self.lock:
             queue = self.queue
-            while queue and (everything or self.added - self.taken >= self.batch):
-                batch: list[Span] = []
-                while queue and len(batch) < self.batch:
-                    spans = queue.popleft()
-                    room = self.batch - len(batch)
-                    if len(spans) > room:
-                        queue.appendleft(spans[room:])
-                        spans = spans[:room]
-                    batch += spans
-                self.taken += len(batch)
+            while queue and (everything or len(queue) >= self.batch):
+                batch = [queue.popleft() for _ in range(min(self.batch, len(queue)))]
                 try:
-                    ok = self.send(self.encoder.encode(batch))
+                    ok = self.send(self.encoder.request(batch))
                 except Exception as exc:
                     log.warning("exporting %d spans failed: %s", len(batch), type(exc).__name__)
                     ok = False
