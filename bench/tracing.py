@@ -21,13 +21,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from failover import Plugin  # the same in-process provider as bench/failover.py
 from starlette.applications import Starlette
 
 from scillm_core import ChatRequest, run_chat, structure
 from scillm_core.context import CallContext
 from scillm_core.testing import make_app
-
-from failover import BenchProvider, Plugin  # noqa: F401  (the same in-process provider)
 
 
 def _app(tracing: bool) -> Starlette:
@@ -62,7 +61,7 @@ async def measure(n: int, runs: int) -> dict[str, float]:
 
         variants = {"off": calls(off.state.runtime), "on": calls(on.state.runtime)}
         out: dict[str, list[float]] = {f"{shape} {name}": [] for shape in ("whole", "stream") for name in variants}
-        for name, shapes in variants.items():  # warm-up
+        for shapes in variants.values():  # warm-up
             for call in shapes.values():
                 for _ in range(300):
                     await call()

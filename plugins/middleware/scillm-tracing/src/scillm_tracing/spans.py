@@ -20,7 +20,7 @@ Nothing is recorded from message text unless ``record_content`` is on, and then 
 A span here is a plain :class:`Span` (ids are integers, attributes a dict), made when its start event comes and
 finished when its end event does (a hook stage's from the call's ``ctx.stages`` records, when a span under it
 starts or else when the call ends); a call's spans go to the exporter together when the call ends, a unit's span when
-the unit ends. Turning them into OTLP protobuf, and sending it, happens on the exporter's thread (``otlp.py``).
+the unit ends, and are encoded as OTLP protobuf there (``otlp.py``); its thread sends them.
 No OpenTelemetry SDK object is made on the request path: the SDK's live spans (locks, attribute validation on
 every set, a context object per parent) and its batch processor (a lock and a notify per span) cost more than the
 whole budget of tracing (1.15x the CPU of a request).
