@@ -1,10 +1,11 @@
 """CPU per request of tracing, in process: ``run_chat`` through the pipeline as shipped (every bundled middleware,
 the dashboard's observer) on an in-process provider, in two apps side by side, one with ``[tracing]`` on
-(sample ratio 1.0) and one without, measured in alternating runs. The tracing app's exporter thread encodes every
-span as it would for a collector; only the HTTP post is left out (``send`` is a no-op), so that nothing else
-shares the process. ``process_time`` counts both threads.
+(sample ratio 1.0) and one without, measured in alternating runs, ``--concurrency`` requests at a time (64, as in
+the harness's rows: how many calls' objects are alive at once matters to the garbage collector). Every span is
+encoded as it would be for a collector; only the HTTP post is left out (``send`` is a no-op), so that nothing else
+shares the process. ``process_time`` counts every thread.
 
-    .venv/bin/python bench/tracing.py [--n 4000] [--runs 9]
+    .venv/bin/python bench/tracing.py [--n 4000] [--runs 9] [--concurrency 64]
 
 Prints the medians (and the minimums, steadier on a busy machine) of the CPU µs per request (whole answer and a
 40-chunk stream) for each app, their ratio and difference, and a JSON line at the end.
@@ -39,7 +40,7 @@ def _app(tracing: bool) -> Starlette:
     return app
 
 
-async def measure(n: int, runs: int) -> dict[str, float]:
+async def measure(n: int, runs: int, concurrency: int) -> dict[str, float]:
     whole = structure({"model": "bench/a", "messages": [{"role": "user", "content": "hi"}]}, ChatRequest)
     streamed = structure({"model": "bench/a", "messages": [{"role": "user", "content": "hi"}], "stream": True},
                          ChatRequest)
@@ -57,25 +58,34 @@ async def measure(n: int, runs: int) -> dict[str, float]:
                 async for _ in chunks:  # type: ignore[union-attr]
                     pass
 
-            return {"whole": one_whole, "stream": one_stream}
+            def many(one: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+                async def run() -> None:  # n requests, concurrency at a time
+                    async def worker(k: int) -> None:
+                        for _ in range(k):
+                            await one()
+
+                    await asyncio.gather(*(worker(n // concurrency) for _ in range(concurrency)))
+
+                return run
+
+            return {"whole": many(one_whole), "stream": many(one_stream)}
 
         variants = {"off": calls(off.state.runtime), "on": calls(on.state.runtime)}
         out: dict[str, list[float]] = {f"{shape} {name}": [] for shape in ("whole", "stream") for name in variants}
         for shapes in variants.values():  # warm-up
             for call in shapes.values():
-                for _ in range(300):
-                    await call()
+                await call()
         for round_ in range(runs):  # alternating, each round in the other order
             order = list(variants.items()) if round_ % 2 == 0 else list(reversed(variants.items()))
             for shape in ("whole", "stream"):
                 for name, shapes in order:
                     exporter.force_flush()  # what the thread owes from before is not this run's
                     started = time.process_time()
-                    for _ in range(n):
-                        await shapes[shape]()
+                    await shapes[shape]()
                     if name == "on":
                         exporter.force_flush()
-                    out[f"{shape} {name}"].append((time.process_time() - started) / n * 1e6)
+                    done = n // concurrency * concurrency
+                    out[f"{shape} {name}"].append((time.process_time() - started) / done * 1e6)
         return {**{key: statistics.median(values) for key, values in out.items()},
                 **{f"{key} min": min(values) for key, values in out.items()}}
 
@@ -84,8 +94,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
-    result = asyncio.run(measure(args.n, args.runs))
+    result = asyncio.run(measure(args.n, args.runs, args.concurrency))
     for shape in ("whole", "stream"):
         for of in ("median", "min"):
             off, on = (result[f"{shape} {name}" + ("" if of == "median" else " min")] for name in ("off", "on"))
