@@ -151,6 +151,29 @@ def test_retried_then_fallen_back_request_is_one_trace_with_sibling_attempts(
     assert all(by_id[s["parent_id"]] for s in spans if s["parent_id"])  # no dangling parent in the trace
 
 
+def test_a_failed_request_marks_the_stages_it_failed_in(server: ServerThread, receiver: OTLPReceiver,
+                                                         upstreams: tuple[FakeOpenAI, FakeOpenAI]) -> None:
+    upstreams[0].script(Reply.fail(400, "context too long", type="invalid_request_error"))
+    with pytest.raises(openai.BadRequestError):
+        _client(server).chat.completions.create(model="openai/gpt-4o-mini",
+                                                messages=[{"role": "user", "content": "hi"}])
+    root = receiver.wait_for(_request_span("openai/gpt-4o-mini"))
+    spans = _trace(receiver.spans, root["trace_id"])
+    assert root["status"] == 2 and root["attrs"]["http.response.status_code"] == 400
+    stages = {s["name"]: s for s in spans if s["kind"] == INTERNAL}
+    assert set(stages) == {"preprocess_files", "postprocess_json", "call_provider"}
+    # the stages the error went through failed with it, the one before it did not; each within its parent
+    assert stages["preprocess_files"]["status"] != 2
+    for name in ("postprocess_json", "call_provider"):
+        assert stages[name]["status"] == 2 and stages[name]["attrs"]["error.type"] and stages[name]["status_message"]
+    assert root["start"] <= stages["preprocess_files"]["start"] <= stages["preprocess_files"]["end"] \
+        <= stages["postprocess_json"]["start"] <= stages["call_provider"]["start"]
+    attempt = next(s for s in spans if s["kind"] == CLIENT)
+    assert attempt["parent_id"] == stages["call_provider"]["span_id"] and attempt["status"] == 2
+    assert stages["call_provider"]["start"] <= attempt["start"] <= attempt["end"] <= stages["call_provider"]["end"]
+    assert stages["call_provider"]["end"] <= stages["postprocess_json"]["end"] <= root["end"]
+
+
 def test_a_streamed_request_span_ends_when_the_stream_ends(receiver: OTLPReceiver, tmp_path: Any,
                                                            upstreams: tuple[FakeOpenAI, FakeOpenAI]) -> None:
     receiver.clear()
