@@ -43,7 +43,7 @@ PORTS = {name: port + PORT_OFFSET for name, port in {
     "scillm": 14001, "litellm": 14002, "portkey": 14003, "bare": 14004, "scillm-nomw": 14005,
     "scillm-anthropic": 14006, "scillm-tracing": 14007, "scillm-before": 14008, "scillm-messages": 14009,
     "scillm-messages-translated": 14010, "scillm-noui": 14011, "scillm-keys": 14012, "scillm-nokeys": 14013,
-    "scillm-key": 14014}.items()}
+    "scillm-key": 14014, "scillm-before-tracing": 14015}.items()}
 PROXY_CORE, LOAD_CORE = 0, 1
 CLIENT_KEY = "sk-dev-proxy-123"
 MODEL = "openai/gpt-4o-mini"
@@ -78,6 +78,10 @@ VARIANT_PAIRS = [
      "(tracing off)"),
     ("scillm", "scillm-noui", "dashboard on / off",
      "this tree as shipped (tracing off, the dashboard's observer on) ÷ the same with SCILLM_DISABLE_PLUGINS=ui"),
+    ("scillm-before-tracing", "scillm-before", "before: tracing on / off",
+     "the --base-tree checkout with [tracing] on as in the scillm-tracing row ÷ the same checkout as shipped"),
+    ("scillm-tracing", "scillm-before-tracing", "tracing on: this tree / before",
+     "the scillm-tracing row ÷ the --base-tree checkout with the same [tracing] on"),
     ("scillm", "scillm-before", "this tree / before",
      "this tree as shipped (tracing off, dashboard on) ÷ the tree given with --base-tree (e.g. main before it)"),
     ("scillm-messages", "scillm-messages-translated", "Anthropic in → out: as sent / translated",
@@ -367,6 +371,9 @@ def make_proxies(workdir: str, transports: list[str], base_tree: str | None = No
     if base_tree:
         out["scillm-before"] = scillm("scillm-before", f"scillm before ({os.path.basename(base_tree)})", {},
                                       tree=os.path.abspath(base_tree))
+        out["scillm-before-tracing"] = scillm("scillm-before-tracing",
+                                              f"scillm before ({os.path.basename(base_tree)}), tracing on",
+                                              {"SCILLM_CONFIG": tracing_toml}, tree=os.path.abspath(base_tree))
     # Anthropic Messages in and out: the same-dialect pass-through, and the translated path (switched off)
     anthropic = {"ANTHROPIC_API_KEY": "sk-bench", "ANTHROPIC_API_BASE": f"http://127.0.0.1:{MOCK_PORT}"}
     translated = os.path.join(workdir, "scillm-translated.toml")
@@ -957,7 +964,8 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--proxies", default=None,
                     help="comma list of scillm,litellm,portkey,bare,scillm-nomw,scillm-anthropic,scillm-tracing,"
-                         "scillm-before,scillm-messages,scillm-messages-translated,scillm-noui,scillm-keys,scillm-key,"
+                         "scillm-before,scillm-before-tracing,scillm-messages,scillm-messages-translated,scillm-noui,"
+                         "scillm-keys,scillm-key,"
                          "scillm-nokeys "
                          "(default: scillm,litellm,portkey,bare; with --batch: scillm)")
     ap.add_argument("--base-tree", default=None,
