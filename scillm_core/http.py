@@ -3,8 +3,8 @@
 ``SCILLM_HTTP_TRANSPORT=aiohttp`` (default) uses the aiohttp transport: its connection pool stays flat with
 hundreds of requests in flight, where httpcore 1.0's pool grows quadratically. ``httpx`` selects httpx's own.
 Every request carries scillm's own User-Agent; client headers are never forwarded, and no upstream cookie is kept.
-The one exception is headers an observer asked for on ``attempt.start`` (trace context): core then installs
-:func:`send_context_headers` on the client and sets :data:`UPSTREAM_HEADERS` around that attempt's provider call.
+The one exception is headers an observer asked for on ``attempt.start`` (trace context): core sets
+:data:`UPSTREAM_HEADERS` around that attempt's provider call, and the client adds them to each request it sends.
 
 Every reply is size-capped while it is read (:class:`ReplyLimits`, ``[server] max_upstream_*``), never after
 buffering it: a body read whole (a non-streaming answer, any error body) by ``max_reply_bytes``, a 2xx reply read
@@ -25,8 +25,7 @@ from attrs import frozen
 
 from scillm_core.version import __version__
 
-__all__ = ["UPSTREAM_HEADERS", "USER_AGENT", "ReplyLimits", "ReplyTooLarge", "make_http_client",
-           "send_context_headers"]
+__all__ = ["UPSTREAM_HEADERS", "USER_AGENT", "ReplyLimits", "ReplyTooLarge", "make_http_client"]
 
 #: Headers for the upstream requests of the current attempt (set by core's dispatch around the provider call).
 UPSTREAM_HEADERS: ContextVar[Mapping[str, str] | None] = ContextVar("scillm_upstream_headers", default=None)
@@ -70,6 +69,11 @@ class _Client(httpx.AsyncClient):
 
     async def send(self, request: httpx.Request, *, stream: bool = False, **kw: Any) -> httpx.Response:
         request.extensions["scillm.stream"] = stream  # the transport caps a streamed read differently
+        extra = UPSTREAM_HEADERS.get()
+        if extra:  # the attempt's trace context (one context variable read otherwise, no event hook)
+            headers = request.headers
+            for name, value in extra.items():  # one by one: httpx's Headers.update costs 5x more per request
+                headers[name] = value
         return await super().send(request, stream=stream, **kw)
 
 
@@ -140,20 +144,3 @@ def _transport(name: str) -> httpx.AsyncBaseTransport:
     from httpx_aiohttp import AiohttpTransport
 
     return AiohttpTransport(limits=LIMITS, trust_env=False)
-
-
-async def _context_headers(request: httpx.Request) -> None:
-    headers = UPSTREAM_HEADERS.get()
-    if headers:
-        target = request.headers
-        for name, value in headers.items():  # one by one: httpx's Headers.update costs 5x more per request
-            target[name] = value
-
-
-def send_context_headers(client: httpx.AsyncClient) -> None:
-    """Make ``client`` send :data:`UPSTREAM_HEADERS` with every request (idempotent). Installed on first need, so
-    that without observers asking for headers the client runs no hook per request."""
-    hooks = client.event_hooks
-    if _context_headers not in hooks["request"]:
-        hooks["request"].append(_context_headers)
-        client.event_hooks = hooks

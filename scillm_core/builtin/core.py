@@ -14,7 +14,7 @@ from scillm_core import errors
 from scillm_core.builtin.routing import provider_timeouts, resolve
 from scillm_core.config import GroupConfig, PluginsConfig, ProviderSettings, ServerConfig, StateConfig
 from scillm_core.hookspecs import hookimpl
-from scillm_core.http import UPSTREAM_HEADERS, send_context_headers
+from scillm_core.http import UPSTREAM_HEADERS
 from scillm_core.models import ChatResponse, EmbeddingsRequest, EmbeddingsResponse
 from scillm_core.pipeline import StreamTap
 from scillm_core.timeouts import open_within, within_limits
@@ -171,7 +171,6 @@ async def _observed_attempt(provider: Provider, request: ProviderRequest, route:
     tap = StreamTap(ctx, ended) if request.stream else None
     token = None
     if headers:
-        send_context_headers(ctx.runtime.client())
         token = UPSTREAM_HEADERS.set(headers)
     try:
         result = await _attempt(provider, request, route, ctx, passthrough, tap)

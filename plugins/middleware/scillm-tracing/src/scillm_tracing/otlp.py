@@ -99,34 +99,50 @@ class Encoder:
     and names are remembered: most repeat from span to span (operation, provider, model, caller, stage names)."""
 
     def __init__(self, resource: Mapping[str, Any], scope_name: str, scope_version: str | None) -> None:
-        self.attrs: dict[tuple[str, type], dict[Any, bytes]] = {}  # (key, value type) -> value -> encoded
+        #: encoded attributes by ``(key, value)`` for a string (or a tuple of strings), ``(key, value, type)`` for a
+        #: number (``True == 1 == 1.0``: the type tells them apart)
+        self.attrs: dict[tuple[Any, ...], bytes] = {}
+        self.values: dict[str, int] = {}  # key -> how many of its values are remembered
         self.names: dict[tuple[str, int], bytes] = {}  # (name, kind) -> encoded
         scope = _ld(T1, scope_name.encode()) + (_ld(T2, scope_version.encode()) if scope_version else b"")
         self.resource = _ld(T1, b"".join(_ld(T1, _key_value(k, v)) for k, v in resource.items()))
         self.scope = _ld(T1, scope)
 
     def _attributes(self, attributes: Mapping[str, Any]) -> bytes:
-        """A span's attributes (field 9). Scalar values are remembered per key and type (True and 1 are one dict
-        key), up to ``_PER_KEY`` of them: a key whose values do not repeat (a request id) is encoded each time."""
+        """A span's attributes (field 9). Values are remembered up to ``_PER_KEY`` per key: a key whose values do
+        not repeat (a request id) is encoded each time once it has had that many."""
         cache = self.attrs
         out = []
-        for key, value in attributes.items():
-            kind = type(value)
-            if kind not in _SCALARS:
-                out.append(_ld(T9, _key_value(key, value)))
+        for item in attributes.items():
+            value = item[1]
+            kind = value.__class__
+            if kind is str:
+                encoded = cache.get(item)
+            elif kind is int or kind is float or kind is bool:
+                item = (item[0], value, kind)
+                encoded = cache.get(item)
+            elif kind is tuple and all(v.__class__ is str for v in value):
+                encoded = cache.get(item)
+            else:  # not remembered
+                out.append(_ld(T9, _key_value(item[0], value)))
                 continue
-            by_value = cache.get((key, kind))
-            if by_value is None:
-                if len(cache) >= _CACHE_MAX:
-                    cache.clear()
-                by_value = cache[(key, kind)] = {}
-            encoded = by_value.get(value)
             if encoded is None:
-                encoded = _ld(T9, _key_value(key, value))
-                if len(by_value) < _PER_KEY:
-                    by_value[value] = encoded
+                encoded = self._remember(item, value)
             out.append(encoded)
         return b"".join(out)
+
+    def _remember(self, item: tuple[Any, ...], value: Any) -> bytes:
+        key = item[0]
+        encoded = _ld(T9, _key_value(key, value))
+        remembered = self.values.get(key, 0)
+        if remembered < _PER_KEY:
+            if len(self.attrs) >= _CACHE_MAX:
+                self.attrs.clear()
+                self.values.clear()
+                remembered = 0
+            self.attrs[item] = encoded
+            self.values[key] = remembered + 1
+        return encoded
 
     def _name(self, name: str, kind: int) -> bytes:
         encoded = self.names.get((name, kind))
@@ -168,7 +184,6 @@ class Encoder:
         return self.request(self.span(span) for span in spans)
 
 
-_SCALARS = frozenset((str, int, bool, float))
 _TRACE, _SPAN, _PARENT = T1 + b"\x10", T2 + b"\x08", T4 + b"\x08"  # tags and fixed lengths of the ids
 _LOCAL, _REMOTE = F32_16 + _pack_i(_HAS_IS_REMOTE), F32_16 + _pack_i(_HAS_IS_REMOTE | _IS_REMOTE)  # flags
 _UNSET_LOCAL, _UNSET_REMOTE = T15 + b"\x00" + _LOCAL, T15 + b"\x00" + _REMOTE  # an empty status, then flags

@@ -123,9 +123,9 @@ class Sampler:
 
 def parse_traceparent(headers: Mapping[str, str] | None) -> tuple[int, int, bool, str | None] | None:
     """``(trace_id, parent span id, sampled, tracestate)`` of a valid W3C ``traceparent``, else ``None``."""
-    if not headers:
+    if not headers or "traceparent" not in headers:  # (no KeyError raised and caught inside Starlette's get)
         return None
-    value = headers.get("traceparent")
+    value = headers["traceparent"]
     if not value:
         return None
     parts = value.strip().lower().split("-")
@@ -354,7 +354,7 @@ class SpanMaker:
             attrs["gen_ai.response.model"] = response.model
             if isinstance(response, ChatResponse):
                 attrs["gen_ai.response.id"] = response.id
-                reasons = [c.finish_reason for c in response.choices if c.finish_reason]
+                reasons = tuple(c.finish_reason for c in response.choices if c.finish_reason)
                 if reasons:
                     attrs["gen_ai.response.finish_reasons"] = reasons
         usage = data["usage"]
