@@ -45,7 +45,9 @@ def _sdk_spans() -> tuple[list[ReadableSpan], Resource]:
                               attributes={"s": "text ü", "i": 7})
     child.set_status(Status(StatusCode.ERROR, "upstream said no"))
     child.end(end_time=2_000_000_123)
-    other = tracer.start_span("ok", kind=SpanKind.INTERNAL)
+    # the same keys and equal values of other types (True == 1 == 1.0) after the encoder has remembered the first
+    other = tracer.start_span("ok", kind=SpanKind.INTERNAL, attributes={
+        "t": 1, "f": 0.0, "i": True, "x": 0.25, "s": "text ü", "strs": ["a", "b"], "ints": [True, False]})
     other.set_status(Status(StatusCode.OK))
     other.end()
     tracer.start_span("bare", kind=SpanKind.INTERNAL).end()

@@ -34,11 +34,15 @@ _pack_d = struct.Struct("<d").pack
 _pack_q = struct.Struct("<Q").pack
 _pack_i = struct.Struct("<I").pack
 _times = struct.Struct("<BQBQ").pack  # start (fixed64, field 7) and end (field 8), tags included
+_id = struct.Struct(">HQ").pack  # the span id (field 2), its tag and length included
+_ids = struct.Struct(">HQHQ").pack  # the span id and the parent's (field 4)
 
 
 def _varint(n: int) -> bytes:
     if n < 0x80:
         return bytes((n,))
+    if n < 0x4000:  # (most lengths)
+        return bytes((n & 0x7F | 0x80, n >> 7))
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -165,10 +169,11 @@ class Encoder:
             tail = T15 + _varint(len(status)) + status + (_REMOTE if span.remote_parent else _LOCAL)
         else:
             tail = _UNSET_REMOTE if span.remote_parent else _UNSET_LOCAL
+        parent = span.parent_id
         body = b"".join((
-            head, _SPAN, span.span_id.to_bytes(8, "big"),
-            b"" if span.parent_id is None else _PARENT + span.parent_id.to_bytes(8, "big"),
-            self._name(span.name, span.kind), _times(0x39, span.start, 0x41, span.end),
+            head, _id(_SPAN, span.span_id) if parent is None else _ids(_SPAN, span.span_id, _PARENT, parent),
+            self.names.get((span.name, span.kind)) or self._name(span.name, span.kind),
+            _times(0x39, span.start, 0x41, span.end),
             self._attributes(span.attrs) if span.attrs else b"",
             b"".join(_ld(T11, F64_1 + _pack_q(time_ns) + _ld(T2, name.encode())
                          + b"".join(_ld(T3, _key_value(k, v)) for k, v in attrs.items()))
@@ -184,7 +189,8 @@ class Encoder:
         return self.request(self.span(span) for span in spans)
 
 
-_TRACE, _SPAN, _PARENT = T1 + b"\x10", T2 + b"\x08", T4 + b"\x08"  # tags and fixed lengths of the ids
+_TRACE = T1 + b"\x10"  # the trace id's tag and fixed length
+_SPAN, _PARENT = int.from_bytes(T2 + b"\x08", "big"), int.from_bytes(T4 + b"\x08", "big")  # ids' tags and lengths
 _LOCAL, _REMOTE = F32_16 + _pack_i(_HAS_IS_REMOTE), F32_16 + _pack_i(_HAS_IS_REMOTE | _IS_REMOTE)  # flags
 _UNSET_LOCAL, _UNSET_REMOTE = T15 + b"\x00" + _LOCAL, T15 + b"\x00" + _REMOTE  # an empty status, then flags
 
