@@ -80,6 +80,17 @@ def test_the_encoder_matches_the_sdk_encoder() -> None:
     assert ours.resource_spans[0].scope_spans[0].spans[3].trace_state == "vendor=x1,other=y"
 
 
+def test_values_past_what_the_encoder_remembers_decode_the_same() -> None:
+    encoder = Encoder({"service.name": "t"}, "scillm", None)
+    trace = Trace(7, True)
+    spans = [Span(trace, None, "chat", 2, 1, {"scillm.request_id": f"req-{i:04d}", "note": "ü" * (i % 200),
+                                              "n": i}) for i in range(600)]
+    decoded = ExportTraceServiceRequest.FromString(encoder.request(encoder.span(s) for s in spans))
+    got = [{a.key: a.value.string_value or a.value.int_value for a in span.attributes}
+           for span in decoded.resource_spans[0].scope_spans[0].spans]
+    assert got == [{"scillm.request_id": f"req-{i:04d}", "note": "ü" * (i % 200) or 0, "n": i} for i in range(600)]
+
+
 def test_the_exporter_sends_full_batches_and_the_rest_on_flush() -> None:
     sent: list[int] = []
     results: list[tuple[int, bool]] = []

@@ -107,6 +107,7 @@ class Encoder:
         #: number (``True == 1 == 1.0``: the type tells them apart)
         self.attrs: dict[tuple[Any, ...], bytes] = {}
         self.values: dict[str, int] = {}  # key -> how many of its values are remembered
+        self.keys: dict[str, bytes] = {}  # key -> its encoded key field and the value's tag (for unremembered ones)
         self.names: dict[tuple[str, int], bytes] = {}  # (name, kind) -> encoded
         scope = _ld(T1, scope_name.encode()) + (_ld(T2, scope_version.encode()) if scope_version else b"")
         self.resource = _ld(T1, b"".join(_ld(T1, _key_value(k, v)) for k, v in resource.items()))
@@ -137,12 +138,20 @@ class Encoder:
 
     def _remember(self, item: tuple[Any, ...], value: Any) -> bytes:
         key = item[0]
-        encoded = _ld(T9, _key_value(key, value))
         remembered = self.values.get(key, 0)
+        if remembered >= _PER_KEY and value.__class__ is str:  # a string that does not repeat (an id)
+            key_field = self.keys.get(key)
+            if key_field is None:
+                key_field = self.keys[key] = _ld(T1, key.encode()) + T2
+            text = value.encode()
+            field = key_field + _varint(len(text) + 1 + len(_varint(len(text)))) + T1 + _varint(len(text)) + text
+            return T9 + _varint(len(field)) + field
+        encoded = _ld(T9, _key_value(key, value))
         if remembered < _PER_KEY:
             if len(self.attrs) >= _CACHE_MAX:
                 self.attrs.clear()
                 self.values.clear()
+                self.keys.clear()
                 remembered = 0
             self.attrs[item] = encoded
             self.values[key] = remembered + 1
