@@ -17,7 +17,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -66,6 +66,17 @@ class Plugin:
         providers.add(BenchProvider())
 
 
+def one_call(runtime: Any, request: ChatRequest) -> Callable[[], Awaitable[None]]:
+    """``await one()`` is one ``run_chat`` of ``request`` on ``runtime`` (a stream read to its end)."""
+    async def one() -> None:
+        result = await run_chat(request, CallContext(runtime=runtime))
+        if request.stream:
+            async for _ in result:  # type: ignore[union-attr]
+                pass
+
+    return one
+
+
 async def measure(n: int, runs: int) -> dict[str, float]:
     app = make_app(config={"groups": {"g": {"models": ["bench/a", "bench/b"]}}, "plugins": {"disable": ["cache"]}},
                    plugins=[("bench", Plugin())], data_dir=tempfile.mkdtemp(prefix="scillm-bench-"))
@@ -78,14 +89,7 @@ async def measure(n: int, runs: int) -> dict[str, float]:
         inner = inner.app
     async with inner.router.lifespan_context(inner):
         runtime = inner.state.runtime
-
-        async def one_whole() -> None:
-            await run_chat(whole, CallContext(runtime=runtime))
-
-        async def one_stream() -> None:
-            chunks = await run_chat(streamed, CallContext(runtime=runtime))
-            async for _ in chunks:  # type: ignore[union-attr]
-                pass
+        one_whole, one_stream = one_call(runtime, whole), one_call(runtime, streamed)
 
         for _ in range(200):  # warm-up
             await one_whole()

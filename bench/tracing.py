@@ -22,11 +22,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from failover import Plugin  # the same in-process provider as bench/failover.py
+from failover import Plugin, one_call  # the same in-process provider as bench/failover.py
 from starlette.applications import Starlette
 
-from scillm_core import ChatRequest, run_chat, structure
-from scillm_core.context import CallContext
+from scillm_core import ChatRequest, structure
 from scillm_core.testing import make_app
 
 
@@ -47,16 +46,10 @@ async def measure(n: int, runs: int, concurrency: int) -> dict[str, float]:
     off, on = _app(False), _app(True)
     async with off.router.lifespan_context(off), on.router.lifespan_context(on):
         exporter = on.state.runtime.plugin_state["tracing"].processor
-        exporter.send = lambda data: True  # encoded on the export thread as always, not posted
+        exporter.send = lambda data: True  # encoded when each call ends as always, not posted
 
         def calls(runtime: Any) -> dict[str, Callable[[], Awaitable[None]]]:
-            async def one_whole() -> None:
-                await run_chat(whole, CallContext(runtime=runtime))
-
-            async def one_stream() -> None:
-                chunks = await run_chat(streamed, CallContext(runtime=runtime))
-                async for _ in chunks:  # type: ignore[union-attr]
-                    pass
+            one_whole, one_stream = one_call(runtime, whole), one_call(runtime, streamed)
 
             def many(one: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
                 async def run() -> None:  # n requests, concurrency at a time
