@@ -289,6 +289,26 @@ async def test_concurrent_admissions_never_pass_a_limit_across_processes(stores:
     assert (await pair[1].count("b", [[Count("slot")]]))[0].values == (37,)
 
 
+async def test_a_peek_sees_every_change_committed_before_it_or_says_to_count(
+        stores: Callable[[], StateStore]) -> None:
+    """SQLite reads a counter on the caller's thread, as fresh as count()'s read (another process's change
+    committed just before is seen; absent or expired is 0); Redis has no such read and says so (None)."""
+    reader, writer = stores(), stores()
+    if isinstance(reader, RedisStore):
+        await writer.count("v", [[Count("k", 1)]])
+        assert reader.peek("v", "k") is None
+        return
+    assert reader.peek("v", "k") == 0.0
+    for expected in (1, 2, 3):
+        await writer.count("v", [[Count("k", 1), Count("other", 5)]])
+        assert reader.peek("v", "k") == expected
+    await writer.count("v", [[Count("gone", 4, ttl_s=0.05)]])
+    assert reader.peek("v", "gone") == 4
+    await asyncio.sleep(0.1)
+    assert reader.peek("v", "gone") == 0.0
+    assert reader.peek("w", "k") == 0.0 and reader.peek("v", "k'; DROP TABLE counters; --") == 0.0
+
+
 async def test_counter_keys_and_namespaces_are_data(stores: Callable[[], StateStore]) -> None:
     store = stores()
     hostile = "k'); DROP TABLE counters; --\x00*?[]"

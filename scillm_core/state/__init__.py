@@ -98,6 +98,12 @@ class StateStore(Protocol):
         counter is 0. Several groups in one call share one round trip (what :class:`scillm_core.state.counters.
         CountBatcher` uses for group commit); each group stays independent of the others."""
 
+    def peek(self, namespace: str, key: str) -> float | None:
+        """A counter's current value read at once, on the caller's thread, when the backend can do that without a
+        round trip (SQLite: a read-only connection; an absent or expired counter is 0.0), as fresh as :meth:`count`'s
+        read: every change committed before the call is seen. ``None`` when it cannot (Redis, or the reader is in
+        use): then read with :meth:`count`."""
+
     async def append(self, namespace: str, record: Mapping[str, Any]) -> None:
         """Add a record to an append-only log (call log, events)."""
 

@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS counters (ns TEXT NOT NULL, key TEXT NOT NULL, value 
 POLL_S = (0.02, 0.25)  # waits for other processes' writes: first poll, longest poll
 _COUNTER_UPSERT = ("INSERT INTO counters (ns, key, value, expires) VALUES (?, ?, ?, ?) "
                    "ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires = excluded.expires")
+_PEEK = "SELECT value, expires FROM counters WHERE ns = ? AND key = ?"
 PURGE_EVERY = 2000  # count() calls between sweeps of expired counters
 _UPSERT = ("INSERT INTO docs (ns, key, value, expires) VALUES (?, ?, ?, ?) "
            "ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires = excluded.expires")
@@ -266,15 +267,32 @@ class SQLiteStore:
         if not self._reader_lock.acquire(blocking=False):
             return None
         try:
-            if self._reader is None:
-                self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-                self._reader.execute("PRAGMA query_only=1")
-                self._reader.execute("PRAGMA busy_timeout=0")
-            return self._read_counters(self._reader, namespace, keys, time.time())[0]
+            return self._read_counters(self._reader or self._open_reader(), namespace, keys, time.time())[0]
         except sqlite3.OperationalError:
             return None
         finally:
             self._reader_lock.release()
+
+    def peek(self, namespace: str, key: str) -> float | None:
+        """One counter read inline (see :meth:`_read_inline`): each statement is its own read transaction, so it
+        sees every commit made before it, by any connection or process."""
+        if not self._reader_lock.acquire(blocking=False):
+            return None
+        try:
+            row = (self._reader or self._open_reader()).execute(_PEEK, (namespace, key)).fetchone()
+        except sqlite3.OperationalError:
+            return None
+        finally:
+            self._reader_lock.release()
+        if row is None or (row[1] is not None and row[1] <= time.time()):
+            return 0.0
+        return float(row[0])
+
+    def _open_reader(self) -> sqlite3.Connection:
+        self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._reader.execute("PRAGMA query_only=1")
+        self._reader.execute("PRAGMA busy_timeout=0")
+        return self._reader
 
     @staticmethod
     def _read_counters(db: sqlite3.Connection, namespace: str, keys: Mapping[str, None],

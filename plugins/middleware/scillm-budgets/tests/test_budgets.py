@@ -528,7 +528,12 @@ def test_a_store_that_cannot_count_fails_closed_with_503(server: Server) -> None
             raise sqlite3.OperationalError("database is locked")
         return await original(namespace, groups)
 
+    def peek(namespace: str, key: str) -> float | None:  # a busy reader: the read goes to count(), which fails
+        return None if namespace in broken else original_peek(namespace, key)
+
+    original_peek = store.peek
     store.count = count
+    store.peek = peek
     before = server.fake.calls("pricey")
     errors_before = server.admin.get("/v1/scillm/health").json()["middleware"]["budgets"]["counter_errors"]
     try:
@@ -541,6 +546,7 @@ def test_a_store_that_cannot_count_fails_closed_with_503(server: Server) -> None
             broken.clear()
     finally:
         store.count = original
+        store.peek = original_peek
     assert server.fake.calls("pricey") == before
     health = server.admin.get("/v1/scillm/health").json()["middleware"]["budgets"]
     assert health["counter_errors"] > errors_before  # the failed round trips are counted where operators look

@@ -6,8 +6,9 @@ its prefix, recorded as the owner of what the key creates), the rest is a 256-bi
 secret is random, one SHA-256 is the right hash (a slow password hash protects guessable secrets only).
 
 Every change to a key (revoke, rotate) first increments the counter ``v:<id>`` and then writes the document with
-that version. A request with a cached key reads the counter (a read, batched with concurrent requests'; SQLite
-answers it without a thread hop) and uses the cache only if the counter still equals the cached version;
+that version. A request with a cached key reads the counter (SQLite: one primary-key read on the request's own
+thread, :meth:`StateStore.peek`; Redis: a read batched with concurrent requests') and uses the cache only if the
+counter still equals the cached version;
 otherwise it reloads the document. So a revoked or rotated key is refused on its next request in every process
 sharing the store, without a store read of the document per request.
 """
@@ -137,8 +138,12 @@ class KeyStore:
         return identity
 
     async def _version(self, key_id: str) -> int:
-        outcome = await self.versions.count((Count(f"v:{key_id}"),))
-        return int(outcome.values[0])
+        """The key's version as the store has it now: read inline where the store can (SQLite), else in a round
+        trip shared with concurrent requests (Redis). Either read sees every change committed before it."""
+        version = self.runtime.store.peek(NAMESPACE, f"v:{key_id}")
+        if version is None:
+            version = (await self.versions.count((Count(f"v:{key_id}"),))).values[0]
+        return int(version)
 
     # -- administration -------------------------------------------------------------------------------------------
 
