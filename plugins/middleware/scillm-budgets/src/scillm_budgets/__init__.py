@@ -35,6 +35,7 @@ from scillm_metrics.series import Counters, SeriesCollector
 
 from scillm_budgets.leases import Leases
 from scillm_budgets.limiter import (
+    SLOT_TTL_S,
     Admission,
     Layout,
     estimate_input_tokens,
@@ -53,7 +54,7 @@ from scillm_core.state.counters import CountBatcher
 from scillm_core.state.writer import LogWriter
 
 if TYPE_CHECKING:
-    from scillm_core import CallContext, Identity, Job, Usage
+    from scillm_core import CallContext, Identity, Usage
     from scillm_core.pipeline import ChatResult, ChatThunk, ProviderRequest, RequestThunk
 
 __all__ = ["BudgetsConfig", "BudgetsState", "Price", "PriceTable"]
@@ -94,18 +95,21 @@ class BudgetsState:
     refusals: Counters
     stats: dict[str, int] = field(factory=lambda: {"admitted": 0, "refused": 0, "unpriced_calls": 0})
     clock: Callable[[], float] = time.time  # what "now" is for windows (tests pin it)
-    layouts: dict[tuple[Any, ...], Layout] = field(factory=dict)  # per identity and minute
+    layouts: dict[int, tuple[Identity, int, Layout]] = field(factory=dict)  # by id(identity): (it, minute, layout)
 
-    def admission(self, identity: Identity, team_limits: Limits | None, job: Job | None, reserve_nano: int,
-                  reserve_tokens: int, now: float) -> Admission:
-        """The admission group of one call, from the identity's layout for this minute (computed once)."""
-        key = (identity.owner, identity.version, identity.team, id(identity.limits), id(team_limits), int(now // 60))
-        found = self.layouts.get(key)
-        if found is None:
-            if len(self.layouts) >= 10_000:
-                self.layouts.clear()
-            found = self.layouts[key] = layout(identity, team_limits, now)
-        return found.admission(reserve_nano, reserve_tokens, job)
+    def layout(self, identity: Identity, now: float) -> Layout:
+        """The layout of ``identity``'s calls in the minute of ``now``: computed once per identity and minute (a
+        cached key's identity is one object until the key changes)."""
+        minute = int(now // 60)
+        found = self.layouts.get(id(identity))
+        if found is not None and found[0] is identity and found[1] == minute:
+            return found[2]
+        if len(self.layouts) >= 10_000:
+            self.layouts.clear()
+        team_limits = self.config.teams.get(identity.team) if identity.team else None
+        made = layout(identity, team_limits, now)
+        self.layouts[id(identity)] = (identity, minute, made)
+        return made
 
 
 def state_of(runtime: Runtime) -> BudgetsState | None:
@@ -214,45 +218,29 @@ class Charge:
     def __init__(self, state: BudgetsState, request: ProviderRequest, route: Route, ctx: CallContext) -> None:
         self.state, self.request, self.route, self.ctx = state, request, route, ctx
         self.admission: Admission | None = None
+        self.price: Price | None = None  # the route's price, when admission looked it up
 
     async def admit(self) -> None:
-        state, request, route, ctx = self.state, self.request, self.route, self.ctx
-        config = state.config
+        state, ctx = self.state, self.ctx
         identity, job = ctx.identity, ctx.job
-        team_limits = config.teams.get(identity.team) if identity.team else None
-        dollars = needs_dollars(identity, team_limits, job)
-        if identity.limits is None and team_limits is None and not dollars:
-            self.admission = state.admission(identity, None, None, 0, 0, state.clock())
-            return
-        prices = [state.prices.lookup(r.provider, r.model) for r in (route, *route.fallbacks)] if dollars else []
-        price = prices[0] if prices else None
-        if dollars and price is None and config.unpriced == "refuse":
-            self._refused("price_unknown", "key")
-            raise errors.PermissionDenied(
-                f"model {route.deployment} has no price, and this call counts against a dollar budget; set "
-                f'[pricing."{route.deployment}"] in scillm.toml (or [budgets] unpriced = "allow")',
-                code="price_unknown", param="model")
-        input_tokens = output_tokens = 0
-        if dollars or getattr(identity.limits, "tpm", None) or getattr(team_limits, "tpm", None):
-            input_tokens = estimate_input_tokens(request)
-            if isinstance(request, ChatRequest):  # embeddings have no output tokens
-                if price is None and not prices:
-                    price = state.prices.lookup(route.provider, route.model)
-                output_tokens = request.max_output_tokens or (price.max_output_tokens if price else None) \
-                    or config.default_max_output_tokens
-        reserve = max((reservation(p, input_tokens, output_tokens) for p in prices if p is not None), default=0) \
-            if dollars else 0
         now = state.clock()
-        admission = state.admission(identity, team_limits, job, reserve, input_tokens + output_tokens, now)
-        if admission.limited:
+        plan = state.layout(identity, now)
+        if job is not None and job.max_cost_usd is not None:
+            plan = plan.with_job(job)
+        if not plan.dollars and not plan.tokens:  # nothing to reserve: at most a request and a slot to take
+            admission = Admission(plan, 0, 0)
+        else:
+            admission = Admission(plan, *self.reservation(plan))
+        if admission.limited and not state.leases.take(plan.keys, admission.amounts):
             try:
-                refusal_of = await state.leases.admit(admission.group, frozenset(admission.slots))
+                refusal_of = await state.leases.admit(admission.group, plan.slots)
             except Exception as exc:  # fails closed: a call that cannot be counted is not made
                 raise errors.ScillmError(f"budgets could not be checked (state store: {type(exc).__name__}); the "
                                          "call was not made", status=503, code="state_store_unavailable") from None
             if refusal_of is not None:
                 refused = admission.refused(*refusal_of)
                 spent_key = refused.check.spent_key
+                state.leases.flush_spent()  # the spend settled so far is written before it is read
                 spent = (await state.counters.count((Count(spent_key),))).values[0] if spent_key else 0.0
                 refusal = explain(refused, spent, now)
                 self._refused(str(refusal.code), refused.check.scope)
@@ -261,8 +249,32 @@ class Charge:
                         refusal.retry_after_s is None or refusal.retry_after_s >= 60):
                     job.exceed(refusal.message)
                 raise refusal
-        state.stats["admitted"] += 1
+        if admission.limited:
+            state.stats["admitted"] += 1
         self.admission = admission
+
+    def reservation(self, plan: Layout) -> tuple[int, int]:
+        """The most this call may cost (nano-dollars, every route it may take; 0 without a dollar budget) and the
+        tokens it may use. 403 when a dollar budget applies and the model has no price (unless allowed)."""
+        state, request, route = self.state, self.request, self.route
+        config = state.config
+        prices = [state.prices.lookup(r.provider, r.model) for r in (route, *route.fallbacks)] if plan.dollars else []
+        price = self.price = prices[0] if prices else None
+        if plan.dollars and price is None and config.unpriced == "refuse":
+            self._refused("price_unknown", "key")
+            raise errors.PermissionDenied(
+                f"model {route.deployment} has no price, and this call counts against a dollar budget; set "
+                f'[pricing."{route.deployment}"] in scillm.toml (or [budgets] unpriced = "allow")',
+                code="price_unknown", param="model")
+        input_tokens = estimate_input_tokens(request)
+        output_tokens = 0
+        if isinstance(request, ChatRequest):  # embeddings have no output tokens
+            if price is None and not prices:
+                price = self.price = state.prices.lookup(route.provider, route.model)
+            output_tokens = request.max_output_tokens or (price.max_output_tokens if price else None) \
+                or config.default_max_output_tokens
+        reserve = max((reservation(p, input_tokens, output_tokens) for p in prices if p is not None), default=0)
+        return reserve, input_tokens + output_tokens
 
     def _refused(self, code: str, scope: str) -> None:
         self.state.stats["refused"] += 1
@@ -311,16 +323,26 @@ class Charge:
             return
         self.admission = None
         served = ctx.route or self.route
-        price = state.prices.lookup(served.provider, served.model)
+        price = self.price if served is self.route and self.price is not None else \
+            state.prices.lookup(served.provider, served.model)
         tokens = tokens_of(usage) if usage is not None else None
         cost: float | None = 0.0
         charged = 0
         if answered:
             cost = price.usd(tokens) if price is not None and tokens is not None else None
             charged = round(cost * NANO) if cost is not None else admission.reserve_nano
-        for key, amount, ttl in admission.releases(charged, tokens.total if tokens is not None else None):
-            state.leases.release(key, amount, ttl)
-        state.counters.later(admission.spends(charged))
+        # what the call gives back to its limits: the reservation it did not spend, the tokens it did not use, its
+        # slots; and its cost to the settled spend
+        plan, leases = admission.layout, state.leases
+        if plan.checks:
+            for key, ttl in plan.held:
+                leases.release(key, admission.reserve_nano - charged, ttl)
+            if tokens is not None:
+                for key, ttl in plan.tpm:
+                    leases.release(key, admission.reserve_tokens - tokens.total, ttl)
+            for key in plan.slots:
+                leases.release(key, 1, SLOT_TTL_S)
+        leases.spend(plan.spent, charged)
         if not answered:
             ctx.notes.setdefault("cost_usd", 0.0)
             return

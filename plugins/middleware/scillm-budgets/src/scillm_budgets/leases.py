@@ -30,6 +30,7 @@ __all__ = ["Leases"]
 
 CHUNK_CALLS = 32       # take room for this many calls like the one at hand (a busy process's calls in a linger) ...
 CHUNK_SHARE = 0.1      # ... but never more than this share of the limit
+_NONE = (0.0, None)
 
 
 class Leases:
@@ -37,7 +38,21 @@ class Leases:
         self.counters = counters
         self.linger_s = linger_s
         self.free: dict[str, tuple[float, float | None]] = {}  # counter key -> (room no call uses, its ttl)
+        self.spent: dict[str, tuple[float, float | None]] = {}  # settled-spend counter -> (not yet written, ttl)
         self.timer: asyncio.TimerHandle | None = None
+
+    def take(self, keys: Sequence[str], amounts: Sequence[float]) -> bool:
+        """Admit a call wholly from the free room if every amount fits there (no store, no ``Count``); else change
+        nothing and say so (:meth:`admit` then takes what is missing from the store)."""
+        free = self.free
+        for key, amount in zip(keys, amounts, strict=True):
+            if amount > 0 and free.get(key, _NONE)[0] < amount:
+                return False
+        for key, amount in zip(keys, amounts, strict=True):
+            if amount > 0:
+                room, ttl = free[key]
+                free[key] = (room - amount, ttl)
+        return True
 
     async def admit(self, changes: Sequence[Count], slots: frozenset[str]) -> tuple[list[Count], Counted] | None:
         """Admit one call: each change's amount from the free room, the rest from the store (with a chunk ahead).
@@ -77,6 +92,24 @@ class Leases:
         if amount:
             self._add(key, amount, ttl_s)
 
+    def spend(self, counters: Sequence[tuple[str, float | None]], amount: float) -> None:
+        """Add a settled call's cost to settled-spend counters (they have no limit): summed in memory and written with
+        the next return of free room, as one change per counter (:meth:`flush_spent` writes them at once)."""
+        if not amount:
+            return
+        spent = self.spent
+        for key, ttl in counters:
+            total, _ = spent.get(key, _NONE)
+            spent[key] = (total + amount, ttl)
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self.linger_s, self.give_back_all)
+
+    def flush_spent(self) -> None:
+        """Queue the settled spend not yet written (ahead of any change queued after this)."""
+        if self.spent:
+            self.counters.later([Count(key, total, ttl_s=ttl) for key, (total, ttl) in self.spent.items()])
+            self.spent.clear()
+
     def _ahead(self, need: Count, slot: bool) -> float:
         if slot or need.limit is None:
             return 0.0
@@ -94,8 +127,12 @@ class Leases:
             self._add(key, amount, ttl)
 
     def give_back_all(self) -> None:
-        """Return every free room to the store (queued behind earlier changes, in order)."""
-        self.timer = None
+        """Return every free room to the store and write the settled spend (queued behind earlier changes, in
+        order)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.flush_spent()
         returns = [Count(key, -room, ttl_s=ttl) for key, (room, ttl) in self.free.items() if room]
         self.free.clear()
         self.counters.later(returns)

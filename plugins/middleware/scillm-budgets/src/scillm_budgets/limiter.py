@@ -129,43 +129,33 @@ class Refused(NamedTuple):
 
 
 class Admission:
-    """A call's place in its limits: the changes to make now, and to undo or settle after the call."""
+    """A call's place in its limits: the amount it takes from each counter of its layout now, and what it gives back
+    or settles after the call. The :class:`Count` group is built only when the store has to be asked."""
 
-    __slots__ = ("checks", "group", "held", "reserve_nano", "reserve_tokens", "slots", "spent", "tpm")
+    __slots__ = ("amounts", "layout", "reserve_nano", "reserve_tokens")
 
-    def __init__(self, group: list[Count], layout: Layout, reserve_nano: int, reserve_tokens: int) -> None:
-        self.group = group
-        self.checks = layout.checks                # counter key -> what it checks
-        self.held = layout.held                    # dollar counters holding the reservation
-        self.spent = layout.spent                  # dollar counters of settled spend, with their ttl
-        self.tpm = layout.tpm
-        self.slots = layout.slots
+    def __init__(self, layout: Layout, reserve_nano: int, reserve_tokens: int) -> None:
+        self.layout = layout
         self.reserve_nano = reserve_nano
         self.reserve_tokens = reserve_tokens
+        by_unit = (reserve_nano, reserve_tokens, 1)
+        self.amounts = [by_unit[unit] for unit in layout.units]
 
     @property
     def limited(self) -> bool:
-        return bool(self.checks)
+        return bool(self.layout.checks)
 
-    def releases(self, charged_nano: int, tokens: int | None) -> list[tuple[str, float, float | None]]:
-        """What the call gives back to its limits when it settles, with each counter's ttl: the part of its
-        reservation it did not spend, the tokens it did not use, its concurrency slots."""
-        ttl = {change.key: change.ttl_s for change in self.group}
-        out = [(key, float(self.reserve_nano - charged_nano), ttl.get(key)) for key in self.held]
-        if tokens is not None:
-            out += [(key, float(self.reserve_tokens - tokens), ttl.get(key)) for key in self.tpm]
-        out += [(key, 1.0, ttl.get(key)) for key in self.slots]
-        return out
-
-    def spends(self, charged_nano: int) -> list[Count]:
-        """The settled-spend counters' changes (they have no limit; written in the background)."""
-        return [Count(key, charged_nano, ttl_s=ttl) for key, ttl in self.spent] if charged_nano else []
+    @property
+    def group(self) -> list[Count]:
+        layout = self.layout
+        return [Count(key, amount, limit, ttl) for key, amount, limit, ttl
+                in zip(layout.keys, self.amounts, layout.limits, layout.ttls, strict=True)]
 
     def refused(self, group: list[Count], outcome: Counted) -> Refused:
         """The first limit the refused ``group`` would pass, with the call's whole amount for it."""
-        amounts = {change.key: change.delta for change in self.group}
+        amounts = dict(zip(self.layout.keys, self.amounts, strict=True))
         for change, current in zip(group, outcome.values, strict=True):
-            check = self.checks.get(change.key)
+            check = self.layout.checks.get(change.key)
             if check is not None and current + change.delta > check.limit:
                 return Refused(check, amounts.get(change.key, change.delta), current)
         raise AssertionError("a refused group passes one of its limits")
@@ -198,29 +188,37 @@ def explain(refused: Refused, spent: float, now: float) -> errors.LimitExceeded:
                                  retry_after_s=window.resets_at - now)
 
 
+USD, TOKENS, ONE = 0, 1, 2  # what a change takes: the reservation, the reserved tokens, one (a request, a slot)
+
+
 class Layout(NamedTuple):
-    """The counters an identity's calls change in one minute: per change its key, what amount it takes
-    (``usd``: the reservation, ``tokens``: the reserved tokens, ``one``), its limit and ttl; and what settles."""
+    """The counters an identity's calls change in one minute, computed once (callers cache it): per change its key,
+    unit, limit and ttl (parallel tuples, so an admission is one list of amounts); what each limited change checks;
+    and what settles, each counter with its ttl: dollars held, tokens taken, slots, settled spend."""
 
-    changes: tuple[tuple[str, str, float | None, float | None], ...]
+    keys: tuple[str, ...]
+    units: tuple[int, ...]
+    limits: tuple[float | None, ...]
+    ttls: tuple[float | None, ...]
     checks: dict[str, Check]
-    held: tuple[str, ...]
-    spent: tuple[tuple[str, float], ...]
-    tpm: tuple[str, ...]
-    slots: tuple[str, ...]
+    held: tuple[tuple[str, float | None], ...]
+    spent: tuple[tuple[str, float | None], ...]
+    tpm: tuple[tuple[str, float | None], ...]
+    slots: frozenset[str]
+    dollars: bool      # the key or its team has a dollar budget: calls need a price and a reservation
+    tokens: bool       # a tokens-per-minute limit applies: calls need a token estimate
 
-    def admission(self, reserve_nano: int, reserve_tokens: int, job: Job | None) -> Admission:
-        amounts = {"usd": reserve_nano, "tokens": reserve_tokens, "one": 1}
-        group = [Count(key, amounts[unit], limit, ttl) for key, unit, limit, ttl in self.changes]
-        layout = self
-        if job is not None and job.max_cost_usd is not None:  # the batch's or run's ceiling, per call
-            stem = f"{job.kind}:{job.owner}/{job.id}"
-            group.append(Count(f"{stem}:held", reserve_nano, job.max_cost_usd * NANO, JOB_TTL_S))
-            layout = self._replace(
-                checks={**self.checks, f"{stem}:held": Check("usd", job.kind, job.id, job.max_cost_usd * NANO, None,
-                                                              f"{stem}:spent")},
-                held=(*self.held, f"{stem}:held"), spent=(*self.spent, (f"{stem}:spent", JOB_TTL_S)))
-        return Admission(group, layout, reserve_nano, reserve_tokens)
+    def with_job(self, job: Job) -> Layout:
+        """This layout plus the batch's or run's ``max_cost_usd`` ceiling (per call: the job's own counters)."""
+        assert job.max_cost_usd is not None
+        stem = f"{job.kind}:{job.owner}/{job.id}"
+        limit = job.max_cost_usd * NANO
+        return self._replace(
+            keys=(*self.keys, f"{stem}:held"), units=(*self.units, USD), limits=(*self.limits, limit),
+            ttls=(*self.ttls, JOB_TTL_S),
+            checks={**self.checks, f"{stem}:held": Check("usd", job.kind, job.id, limit, None, f"{stem}:spent")},
+            held=(*self.held, (f"{stem}:held", JOB_TTL_S)), spent=(*self.spent, (f"{stem}:spent", JOB_TTL_S)),
+            dollars=True)
 
 
 def layout(identity: Identity, team_limits: Limits | None, now: float) -> Layout:
@@ -228,11 +226,11 @@ def layout(identity: Identity, team_limits: Limits | None, now: float) -> Layout
     callers cache it. A virtual key's spend is counted per day and month even without a budget (``GET
     /v1/budget``); the master key's only in the ledger."""
     track_spend = not identity.master
-    changes: list[tuple[str, str, float | None, float | None]] = []
+    changes: list[tuple[str, int, float | None, float | None]] = []
     checks: dict[str, Check] = {}
-    held: list[str] = []
-    spent: list[tuple[str, float]] = []
-    tpm: list[str] = []
+    held: list[tuple[str, float | None]] = []
+    spent: list[tuple[str, float | None]] = []
+    tpm: list[tuple[str, float | None]] = []
     slots: list[str] = []
     minute = int(now // 60)
     day, month = windows(now)
@@ -240,9 +238,8 @@ def layout(identity: Identity, team_limits: Limits | None, now: float) -> Layout
     if identity.team and team_limits is not None:
         scopes.append(("team", identity.team, identity.team, team_limits))
 
-    def add(key: str, unit: str, limit: float | None, ttl: float | None, check: Check | None) -> None:
-        if check is not None:
-            checks[key] = check
+    def add(key: str, unit: int, limit: float | None, ttl: float | None, check: Check) -> None:
+        checks[key] = check
         changes.append((key, unit, limit, ttl))
 
     for scope, ident, who, limits in scopes:
@@ -251,24 +248,26 @@ def layout(identity: Identity, team_limits: Limits | None, now: float) -> Layout
                                   (month, getattr(limits, "monthly_usd", None))):
             stem = f"{base}:{window.stem}"
             if limit_usd is not None:
-                add(f"{stem}:held", "usd", limit_usd * NANO, window.ttl_s,
+                add(f"{stem}:held", USD, limit_usd * NANO, window.ttl_s,
                     Check("usd", scope, who, limit_usd * NANO, window, f"{stem}:spent"))
-                held.append(f"{stem}:held")
+                held.append((f"{stem}:held", window.ttl_s))
                 spent.append((f"{stem}:spent", window.ttl_s))
             elif scope == "key" and track_spend:
                 spent.append((f"{stem}:spent", window.ttl_s))  # kept per key even without a budget
         if limits is None:
             continue
         if limits.rpm is not None:
-            add(f"{base}:rpm:{minute}", "one", limits.rpm, MINUTE_TTL_S, Check("rpm", scope, who, limits.rpm))
+            add(f"{base}:rpm:{minute}", ONE, limits.rpm, MINUTE_TTL_S, Check("rpm", scope, who, limits.rpm))
         if limits.tpm is not None:
-            add(f"{base}:tpm:{minute}", "tokens", limits.tpm, MINUTE_TTL_S, Check("tpm", scope, who, limits.tpm))
-            tpm.append(f"{base}:tpm:{minute}")
+            add(f"{base}:tpm:{minute}", TOKENS, limits.tpm, MINUTE_TTL_S, Check("tpm", scope, who, limits.tpm))
+            tpm.append((f"{base}:tpm:{minute}", MINUTE_TTL_S))
         if limits.max_concurrency is not None:
-            add(f"{base}:conc", "one", limits.max_concurrency, SLOT_TTL_S,
+            add(f"{base}:conc", ONE, limits.max_concurrency, SLOT_TTL_S,
                 Check("concurrency", scope, who, limits.max_concurrency))
             slots.append(f"{base}:conc")
-    return Layout(tuple(changes), checks, tuple(held), tuple(spent), tuple(tpm), tuple(slots))
+    keys, units, limit_of, ttls = (tuple(column) for column in zip(*changes, strict=True)) if changes else ((),) * 4
+    return Layout(keys, units, limit_of, ttls, checks, tuple(held), tuple(spent), tuple(tpm), frozenset(slots),
+                  dollars=bool(held), tokens=bool(tpm))
 
 
 def needs_dollars(identity: Identity, team_limits: Limits | None, job: Job | None) -> bool:
