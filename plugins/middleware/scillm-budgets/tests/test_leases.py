@@ -88,3 +88,32 @@ def test_a_released_slot_is_reused_in_process_and_the_cap_holds_across_processes
         await store.close()
 
     asyncio.run(go())
+
+
+def test_room_a_busy_process_draws_from_stays_and_idle_room_and_debts_go_back(tmp_path: Path) -> None:
+    async def go() -> None:
+        store = SQLiteStore(tmp_path / "s.sqlite3")
+        batcher, leases = process(store)
+        assert await leases.admit([Count("usd", 10, limit=1000)], frozenset()) is None  # 10 + 90 ahead
+        assert await leases.admit([Count("conc", 1, limit=2)], frozenset({"conc"})) is None
+        leases.release("conc", 1, None)  # its call settled
+        for _ in range(3):  # a call in each of three lingers: from the room held, no round trip
+            assert leases.take(["usd", "conc"], [10, 1])
+            leases.release("conc", 1, None)  # the slot is reused in process
+            leases.linger()
+        await batcher.flush()
+        assert batcher.stats["round_trips"] == 2
+        # 40 reserved by the calls, 60 still held by the busy process; the slot its calls keep reusing, too
+        assert [await value(store, key) for key in ("usd", "conc")] == [100, 1]
+        leases.release("usd", -5, None)  # a call that cost 5 more than it reserved
+        leases.spend([("spent", None)], 7)
+        leases.spend([("spent", None)], 8)
+        trips = batcher.stats["round_trips"]
+        leases.linger()  # a linger in which no call drew from them: the room, the slot, the debt and the spend go
+        await batcher.flush()
+        assert batcher.stats["round_trips"] == trips + 1
+        assert [await value(store, key) for key in ("usd", "conc", "spent")] == [45, 0, 15]
+        assert not leases.free and not leases.spent
+        await store.close()
+
+    asyncio.run(go())

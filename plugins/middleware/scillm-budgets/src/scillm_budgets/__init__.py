@@ -159,6 +159,7 @@ def scillm_health(runtime: Runtime) -> dict[str, Any]:
         "enabled": True, "fails": "closed", "backend": store.removesuffix("Store").lower() or store,
         "priced_models": len(state.prices.prices), "teams": sorted(state.config.teams),
         "unpriced": state.config.unpriced, **state.stats, "counter_round_trips": state.counters.stats["round_trips"],
+        "admitted_from_room_ahead": state.leases.stats["from_room"],
         "counter_errors": state.counters.stats["errors"],
         "ledger": {"enabled": state.config.ledger, "backlog": state.ledger.pending, **state.ledger.counts}}}
 

@@ -5,11 +5,17 @@ state store and only ever grows through ``StateStore.count`` with its limit, so 
 together never passes a limit. Taking room one call at a time would cost a store write per call; instead, when a
 call does not fit in what this process already holds for a counter (its ``free`` room), the process takes the call's
 amount plus a little more (``chunk``: 32 calls' worth, at most a tenth of the limit, never a concurrency slot
-more than needed) in the same atomic group. Calls that fit in the free room are admitted without the store. What a
-call did not use (a reservation above its actual cost, its tokens, its slot) goes back to the free room when it
-settles. Every ``linger_s`` the free room goes back to the store (with the counter's ttl, so a returned window
-counter still expires), so another process never waits longer than that for room this one is not using; at
-shutdown it goes back too.
+more than needed) in the same atomic group. Calls that fit in the free room are admitted without the store (and
+without building a ``Count``: :meth:`Leases.take`). What a call did not use (a reservation above its actual cost,
+its tokens, its slot) goes back to the free room when it settles.
+
+Every ``linger_s`` (:meth:`Leases.linger`) the room no call drew from since the previous linger goes back to the
+store (with the counter's ttl, so a returned window counter still expires), and so does every debt (a call that
+cost more than it reserved): another process never waits longer than two lingers for room (or a concurrency slot)
+this one is not using, while room a busy process keeps drawing from (a slot its calls keep reusing) stays with it
+instead of going back and forth every linger. The settled spend of calls (counters without a limit) is summed in memory and written at each
+linger as one change per counter. At shutdown, and before ``/v1/budget`` or ``doctor`` read, everything goes back
+(:meth:`Leases.give_back_all`).
 
 The bound of the reservations holds: the store's counter is settled spend + reservations of calls in flight + free
 room, and the store refuses any growth past the limit, so calls are admitted only against room the limit allows.
@@ -30,16 +36,20 @@ __all__ = ["Leases"]
 
 CHUNK_CALLS = 32       # take room for this many calls like the one at hand (a busy process's calls in a linger) ...
 CHUNK_SHARE = 0.1      # ... but never more than this share of the limit
-_NONE = (0.0, None)
+NEVER = -1             # the linger mark of room no call drew from yet
+_NONE = (0.0, None, NEVER)
 
 
 class Leases:
     def __init__(self, counters: CountBatcher, *, linger_s: float = 0.05) -> None:
         self.counters = counters
         self.linger_s = linger_s
-        self.free: dict[str, tuple[float, float | None]] = {}  # counter key -> (room no call uses, its ttl)
+        # counter key -> (room no call uses, its ttl, the linger in which a call last drew from it)
+        self.free: dict[str, tuple[float, float | None, int]] = {}
         self.spent: dict[str, tuple[float, float | None]] = {}  # settled-spend counter -> (not yet written, ttl)
+        self.lingers = 0  # lingers so far: the current one's number
         self.timer: asyncio.TimerHandle | None = None
+        self.stats = {"from_room": 0, "from_store": 0}  # calls admitted from room held ahead / with a round trip
 
     def take(self, keys: Sequence[str], amounts: Sequence[float]) -> bool:
         """Admit a call wholly from the free room if every amount fits there (no store, no ``Count``); else change
@@ -47,11 +57,14 @@ class Leases:
         free = self.free
         for key, amount in zip(keys, amounts, strict=True):
             if amount > 0 and free.get(key, _NONE)[0] < amount:
+                self.stats["from_store"] += 1
                 return False
+        now = self.lingers
         for key, amount in zip(keys, amounts, strict=True):
             if amount > 0:
-                room, ttl = free[key]
-                free[key] = (room - amount, ttl)
+                room, ttl, _ = free[key]
+                free[key] = (room - amount, ttl, now)
+        self.stats["from_room"] += 1
         return True
 
     async def admit(self, changes: Sequence[Count], slots: frozenset[str]) -> tuple[list[Count], Counted] | None:
@@ -60,10 +73,10 @@ class Leases:
         taken: list[tuple[str, float, float | None]] = []
         needs: list[Count] = []
         for change in changes:
-            room, ttl = self.free.get(change.key, (0.0, change.ttl_s))
+            room, ttl, _ = self.free.get(change.key, (0.0, change.ttl_s, NEVER))
             local = min(max(room, 0.0), change.delta)
             if local:
-                self.free[change.key] = (room - local, ttl)
+                self.free[change.key] = (room - local, ttl, self.lingers)
                 taken.append((change.key, local, ttl))
             if change.delta - local > 0:
                 needs.append(change._replace(delta=change.delta - local))
@@ -79,7 +92,7 @@ class Leases:
             if outcome.applied:
                 for change, extra in zip(needs, ahead, strict=True):
                     if extra and group is not needs:
-                        self._add(change.key, extra, change.ttl_s)
+                        self._add(change.key, extra, change.ttl_s, drawn=True)
                 return None
             if not any(ahead):
                 break  # the exact needs were refused already
@@ -88,21 +101,20 @@ class Leases:
 
     def release(self, key: str, amount: float, ttl_s: float | None) -> None:
         """Room a settled call gives back (an unused reservation, tokens, a slot); negative when it cost more than
-        it reserved (the store learns it at the next return)."""
+        it reserved (a debt: the store learns it at the next linger)."""
         if amount:
             self._add(key, amount, ttl_s)
 
     def spend(self, counters: Sequence[tuple[str, float | None]], amount: float) -> None:
-        """Add a settled call's cost to settled-spend counters (they have no limit): summed in memory and written with
-        the next return of free room, as one change per counter (:meth:`flush_spent` writes them at once)."""
+        """Add a settled call's cost to settled-spend counters (they have no limit): summed in memory and written at
+        the next linger, one change per counter (:meth:`flush_spent` queues them at once)."""
         if not amount:
             return
         spent = self.spent
         for key, ttl in counters:
-            total, _ = spent.get(key, _NONE)
+            total = spent.get(key, _NONE)[0]
             spent[key] = (total + amount, ttl)
-        if self.timer is None:
-            self.timer = asyncio.get_running_loop().call_later(self.linger_s, self.give_back_all)
+        self._wait()
 
     def flush_spent(self) -> None:
         """Queue the settled spend not yet written (ahead of any change queued after this)."""
@@ -116,23 +128,43 @@ class Leases:
         chunk = min(need.delta * CHUNK_CALLS, need.limit * CHUNK_SHARE)
         return max(0.0, chunk - need.delta)
 
-    def _add(self, key: str, amount: float, ttl_s: float | None) -> None:
-        room, ttl = self.free.get(key, (0.0, ttl_s))
-        self.free[key] = (room + amount, ttl if ttl is not None else ttl_s)
-        if self.timer is None:
-            self.timer = asyncio.get_running_loop().call_later(self.linger_s, self.give_back_all)
+    def _add(self, key: str, amount: float, ttl_s: float | None, *, drawn: bool = False) -> None:
+        room, ttl, mark = self.free.get(key, (0.0, ttl_s, NEVER))
+        self.free[key] = (room + amount, ttl if ttl is not None else ttl_s, self.lingers if drawn else mark)
+        self._wait()
 
     def _give_back(self, taken: list[tuple[str, float, float | None]]) -> None:
         for key, amount, ttl in taken:
             self._add(key, amount, ttl)
 
+    def _wait(self) -> None:
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self.linger_s, self.linger)
+
+    def linger(self) -> None:
+        """One linger is over: write the settled spend, and give back the room no call drew from during it and every
+        debt; room calls drew from stays (until a linger passes without any)."""
+        self.timer = None
+        self.flush_spent()
+        current = self.lingers
+        self.lingers += 1
+        returns: list[Count] = []
+        for key, (room, ttl, mark) in list(self.free.items()):
+            if mark < current or room < 0:
+                del self.free[key]
+                if room:
+                    returns.append(Count(key, -room, ttl_s=ttl))
+        self.counters.later(returns)
+        if self.free:
+            self._wait()
+
     def give_back_all(self) -> None:
         """Return every free room to the store and write the settled spend (queued behind earlier changes, in
-        order)."""
+        order): at shutdown, and before a read of what a key has left."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         self.flush_spent()
-        returns = [Count(key, -room, ttl_s=ttl) for key, (room, ttl) in self.free.items() if room]
+        returns = [Count(key, -room, ttl_s=ttl) for key, (room, ttl, _) in self.free.items() if room]
         self.free.clear()
         self.counters.later(returns)

@@ -22,6 +22,7 @@ PUBLIC_PREFIXES = ("/health/",)
 # logins, the state store's path, breaker errors); a virtual key reads its own through /v1/budget, spend, calls
 MASTER_ONLY = ("/v1/scillm/keys", "/metrics", "/v1/scillm/health", "/v1/scillm/providers", "/v1/scillm/plugins",
                "/v1/scillm/auth")
+_MASTER_ONLY_TREES = tuple(p + "/" for p in MASTER_ONLY)
 _PREFIX = KEY_PREFIX.encode() + b"key_"
 
 
@@ -57,7 +58,7 @@ class KeysMiddleware:
                 code="state_store_unavailable"))
             return
         path = scope["path"]
-        if any(path == p or path.startswith(p + "/") for p in MASTER_ONLY):
+        if path.startswith(MASTER_ONLY) and (path in MASTER_ONLY or path.startswith(_MASTER_ONLY_TREES)):
             await send_error(send, errors.PermissionDenied(f"{path} needs the master key"))
             return
         scope["scillm.identity"] = identity
