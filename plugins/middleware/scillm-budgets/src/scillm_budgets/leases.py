@@ -13,9 +13,9 @@ Every ``linger_s`` (:meth:`Leases.linger`) the room no call drew from since the 
 store (with the counter's ttl, so a returned window counter still expires), and so does every debt (a call that
 cost more than it reserved): another process never waits longer than two lingers for room (or a concurrency slot)
 this one is not using, while room a busy process keeps drawing from (a slot its calls keep reusing) stays with it
-instead of going back and forth every linger. The settled spend of calls (counters without a limit) is summed in memory and written at each
-linger as one change per counter. At shutdown, and before ``/v1/budget`` or ``doctor`` read, everything goes back
-(:meth:`Leases.give_back_all`).
+instead of going back and forth every linger. The settled spend of calls (counters without a limit) is summed in
+memory and written at each linger as one change per counter. At shutdown, and before ``/v1/budget`` or ``doctor``
+read, everything goes back (:meth:`Leases.give_back_all`).
 
 The bound of the reservations holds: the store's counter is settled spend + reservations of calls in flight + free
 room, and the store refuses any growth past the limit, so calls are admitted only against room the limit allows.

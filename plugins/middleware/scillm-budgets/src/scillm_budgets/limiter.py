@@ -4,9 +4,10 @@ Before the call, one group of counter changes reserves what the call may cost at
 the request, its output from ``max_tokens`` or the model's limit) in each dollar budget of the key, of its team and
 of the batch or run, and takes a request, its tokens and a concurrency slot from the per-minute windows and caps.
 The store applies the group all-or-nothing: refused, nothing is held and the call never reaches the provider.
-After the call a second group replaces the reservation with the actual cost and returns the slot; it is queued
-(not awaited) and rides with the next round trip. Both go through :mod:`scillm_budgets.leases`, so most calls
-take their room from what the process holds ahead, without a store round trip.
+After the call the reservation is replaced by the actual cost and the slot returned. Both go through
+:mod:`scillm_budgets.leases`, so most calls take their room from what the process holds ahead, without a store
+round trip; what a call changes is laid out once per identity and minute (:class:`Layout`), so a call that fits
+in that room is a few dictionary updates.
 
 Counters (namespace ``budgets``), dollars in nano-dollars:
 ``<scope>:<id>:d:<YYYYMMDD>:held`` (settled + reserved) and ``…:spent`` (settled), the same with ``m:<YYYYMM>``,
