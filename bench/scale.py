@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 
 from loadgen import chat_body, run_load  # noqa: E402
 
-from scillm_core.testing.services import Nginx, RedisServer, ScillmProcess, free_port  # noqa: E402
+from scillm_core.testing.services import Nginx, RedisServer, ScillmProcess, free_port, nginx_example  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -51,6 +53,14 @@ def group_cpu_s(pgid: int) -> float:
         if int(fields[2]) == pgid:  # field 5 (pgrp) after the comm
             total += sum(int(x) for x in fields[11:15])
     return total / TICKS
+
+
+def pid_cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / TICKS
 
 
 def machine_ticks() -> tuple[int, int]:
@@ -78,7 +88,26 @@ def _lua(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def measure(url: str, groups: list[int], duration: float, load: str, work: Path) -> dict[str, float]:
+def redis_counts(url: str | None) -> tuple[dict[str, int], float]:
+    """Redis's calls per command so far and its CPU seconds (``INFO commandstats``, ``INFO cpu``)."""
+    if url is None:
+        return {}, 0.0
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+        cpu = client.info("cpu")
+    finally:
+        client.close()
+    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+def measure(url: str, groups: list[int], duration: float, load: str, work: Path,
+            redis_url: str | None = None, others: dict[str, Callable[[], float]] | None = None) -> dict[str, Any]:
+    """``others``: the CPU seconds so far of the processes around scillm (the load balancer, the upstream, Redis),
+    reported per request next to the load generator's."""
     import orjson
 
     body = orjson.dumps(chat_body("openai/gpt-4o-mini", False))
@@ -91,12 +120,22 @@ def measure(url: str, groups: list[int], duration: float, load: str, work: Path)
         return asyncio.run(run_load(target, headers, body, concurrency=concurrency, duration=seconds))
 
     drive(16, 1.0)  # warm-up
+    calls0, redis_cpu0 = redis_counts(redis_url)
+    others = {**(others or {}), "load generator": lambda: sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])}
+    others0 = {name: cpu_s() for name, cpu_s in others.items()}
     before, (busy0, total0) = sum(group_cpu_s(g) for g in groups), machine_ticks()
     result = drive(64, duration)
     cpu = sum(group_cpu_s(g) for g in groups) - before
     busy1, total1 = machine_ticks()
-    return {"rps": result["rps"], "cpu_us": cpu / max(result["ok"], 1) * 1e6, "errors": result["errors"],
-            "scillm_cores": cpu / duration, "machine_busy": (busy1 - busy0) / max(total1 - total0, 1)}
+    others1 = {name: cpu_s() for name, cpu_s in others.items()}
+    calls1, redis_cpu1 = redis_counts(redis_url)
+    ok = max(result["ok"], 1)
+    per_request = {name: (n - calls0.get(name, 0)) / ok for name, n in calls1.items()
+                   if name not in ("info",) and n > calls0.get(name, 0)}
+    return {"rps": result["rps"], "cpu_us": cpu / ok * 1e6, "errors": result["errors"],
+            "scillm_cores": cpu / duration, "machine_busy": (busy1 - busy0) / max(total1 - total0, 1),
+            "redis_calls": per_request, "redis_cpu_us": (redis_cpu1 - redis_cpu0) / ok * 1e6,
+            "others_us": {name: (others1[name] - others0[name]) / ok * 1e6 for name in others}}
 
 
 MOCK_REPLY = ('{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini",'
@@ -114,6 +153,14 @@ def start_mock(kind: str, work: Path) -> tuple[int, Any]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)
     return port, mock
+
+
+def service_cpu(service: Any) -> Callable[[], float]:
+    """CPU seconds so far of a started service (an nginx's whole process group, a plain process otherwise)."""
+    process = getattr(service, "process", service)
+    if getattr(service, "group", False):
+        return lambda: group_cpu_s(process.pid)
+    return lambda: pid_cpu_s(process.pid)
 
 
 def stop_mock(mock: Any) -> None:
@@ -141,7 +188,7 @@ def main() -> None:
            "SCILLM_DISABLE_PLUGINS": ""}
     redis = RedisServer(work / "redis").start()
     state = {"backend": "redis", "redis_url": redis.url}
-    rows: dict[str, list[dict[str, float]]] = {}
+    rows: dict[str, list[dict[str, Any]]] = {}
     try:
         for _ in range(args.runs):
             for name in chosen:
@@ -151,11 +198,9 @@ def main() -> None:
                 try:
                     if name.startswith("2 instances"):
                         servers = [ScillmProcess(work / f"{name}-{i}", env=env, config=config).start() for i in (0, 1)]
-                        listen = free_port()
-                        block = (f"upstream s {{ least_conn; {''.join(f'server 127.0.0.1:{s.port}; ' for s in servers)}"
-                                 f"keepalive 64; }}\nserver {{ listen 127.0.0.1:{listen}; location / {{ proxy_pass "
-                                 f"http://s; proxy_http_version 1.1; proxy_set_header Connection \"\"; "
-                                 f"proxy_buffering off; }} }}")
+                        listen = free_port()  # the load balancer of docs/deployment.md, as documented
+                        block = nginx_example((ROOT / "docs" / "deployment.md").read_text(),
+                                              [s.port for s in servers], listen)
                         nginx = Nginx(work / "nginx", block, listen).start()
                         url = nginx.url
                     else:
@@ -163,7 +208,13 @@ def main() -> None:
                         servers = [ScillmProcess(work / name, env=env, config=config, workers=workers).start()]
                         url = servers[0].url
                     groups = [s.process.pid for s in servers if s.process is not None]
-                    rows.setdefault(name, []).append(measure(url, groups, args.duration, args.load, work))
+                    others = {"upstream": service_cpu(mock)}
+                    if nginx is not None:
+                        others["load balancer"] = service_cpu(nginx)
+                    if "Redis" in name:
+                        others["Redis"] = service_cpu(redis)
+                    rows.setdefault(name, []).append(measure(url, groups, args.duration, args.load, work,
+                                                             redis.url if "Redis" in name else None, others))
                 finally:
                     if nginx is not None:
                         nginx.stop()
@@ -190,7 +241,17 @@ def main() -> None:
         print(f"| {name} | {rps:.0f} | {rps / base:.2f}x | {top:.0f} | {top / best:.2f}x | {cpu:.0f} | "
               f"{cpu / base_cpu:.2f}x | {cores:.2f} | {core_rps:.0f} | {core_rps / per_core:.2f}x | {busy:.0%} | "
               f"{sum(r['errors'] for r in runs)} |")
-        print("  per run req/s: " + ", ".join(f"{r['rps']:.0f}" for r in runs), file=sys.stderr)
+        print("  per run req/s: " + ", ".join(f"{r['rps']:.0f}" for r in runs) + "; machine busy: "
+              + ", ".join(f"{r['machine_busy']:.0%}" for r in runs), file=sys.stderr)
+        around = {n: statistics.median(r["others_us"][n] for r in runs) for n in runs[0]["others_us"]}
+        print("  CPU µs/req around scillm (median): " + ", ".join(f"{n} {v:.0f}" for n, v in around.items())
+              + f"; total {sum(around.values()):.0f}", file=sys.stderr)
+        if runs[0]["redis_calls"]:
+            calls = {c: statistics.median(r["redis_calls"].get(c, 0.0) for r in runs)
+                     for c in sorted({c for r in runs for c in r["redis_calls"]})}
+            print(f"  Redis commands per request (median): {sum(calls.values()):.3f} ("
+                  + ", ".join(f"{c} {n:.3f}" for c, n in calls.items() if n >= 0.001)
+                  + f"); Redis CPU {statistics.median(r['redis_cpu_us'] for r in runs):.0f} µs/req", file=sys.stderr)
 
 
 if __name__ == "__main__":

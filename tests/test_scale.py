@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import re
+import contextlib
+import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 import orjson
@@ -20,9 +23,9 @@ import pytest
 from scillm_resilience.shared import PAUSE_NS
 
 from scillm_core.state.redis import RedisStore
-from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply
+from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, services
 from scillm_core.testing.fakes import RecordedRequest
-from scillm_core.testing.services import Nginx, RedisServer, ScillmProcess, free_port
+from scillm_core.testing.services import Nginx, RedisServer, ScillmProcess, free_port, nginx_example
 
 AUTH = {"authorization": f"Bearer {DEV_KEY}", "x-caller-skill": "scale-test"}
 DOC = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
@@ -30,10 +33,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
 
 def nginx_block(ports: list[int], listen: int) -> str:
     """The documented nginx example with its servers and port replaced by ours."""
-    block = re.search(r"```nginx\n(.*?)```", DOC.read_text(), re.S).group(1)  # type: ignore[union-attr]
-    servers = "".join(f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=5s;\n" for port in ports)
-    block = re.sub(r"(    server [0-9.]+:4001 [^\n]*\n)+", servers, block)
-    return block.replace("listen 4000;", f"listen 127.0.0.1:{listen};")
+    return nginx_example(DOC.read_text(), ports, listen)
 
 
 class Cluster:
@@ -59,19 +59,25 @@ class Cluster:
         self.env = {"OPENAI_API_KEY": "sk-scale-test-0123456789", "OPENAI_API_BASE": self.upstream.base_url,
                     "DEEPSEEK_API_KEY": "sk-scale-test-9876543210", "DEEPSEEK_API_BASE": self.failing.base_url,
                     "HOME": str(tmp)}
-        self.a = self.instance("a")
-        self.b = self.instance("b")
-        self.nginx = Nginx(tmp / "nginx", nginx_block([self.a.port, self.b.port], listen := free_port()),
-                           listen).start()
+        try:
+            self.a = self.instance("a")
+            self.b = self.instance("b")
+            self.nginx = Nginx(tmp / "nginx", nginx_block([self.a.port, self.b.port], listen := free_port()),
+                               listen).start()
+        except BaseException:
+            self.stop()  # what did start
+            raise
 
     def instance(self, name: str) -> ScillmProcess:
         return ScillmProcess(self.tmp / name, env=self.env, config=self.config).start()
 
     def stop(self) -> None:
-        for service in (self.nginx, self.a, self.b, self.redis):
-            service.stop()
-        self.upstream.stop()
-        self.failing.stop()
+        """Every service, also when one of them fails to stop (each is killed after a grace period)."""
+        with contextlib.ExitStack() as stack:
+            for name in ("failing", "upstream", "redis", "b", "a", "nginx"):  # stopped in the reverse order
+                service = getattr(self, name, None)
+                if service is not None:
+                    stack.callback(service.stop)
 
 
 @pytest.fixture(scope="module")
@@ -372,3 +378,58 @@ def test_workers_give_agent_children_their_own_address(tmp_path: Path) -> None:
             assert {r["final_text"] for r in results} == {"called back"}
         finally:
             server.stop()
+
+
+class Stubborn(services._Service):
+    """A server that ignores SIGTERM and has a child in its process group (like a scillm worker or an agent CLI)."""
+
+    group = True
+
+    def __init__(self, workdir: Path) -> None:
+        self.ready_file = workdir / "ready"
+        self.child_pid = workdir / "child"
+
+    def start(self) -> Stubborn:
+        code = ("import signal, subprocess, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                "child = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'])\n"
+                f"open({str(self.child_pid)!r}, 'w').write(str(child.pid))\nopen({str(self.ready_file)!r}, 'w')\n"
+                "time.sleep(600)\n")
+        self._launch(subprocess.Popen([sys.executable, "-c", code], start_new_session=True), self.ready_file.exists,
+                     "stubborn")
+        return self
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_server_that_ignores_sigterm_is_killed_with_its_children_after_the_grace_period(tmp_path: Path) -> None:
+    server = Stubborn(tmp_path).start()
+    assert server.process is not None
+    pid, child = server.process.pid, int(server.child_pid.read_text())
+    server.kill(signal.SIGTERM, grace_s=0.5)  # what stop() does, with a short grace
+    assert not alive(pid) and not alive(child) and server.process is None
+
+
+def test_services_a_failed_test_left_running_are_reaped(tmp_path: Path) -> None:
+    left = Stubborn(tmp_path).start()  # as if the test failed before stopping it
+    assert left.process is not None
+    pid, child = left.process.pid, int(left.child_pid.read_text())
+    services.reap_all()  # what the pytest plugin runs at the end of the session (and atexit)
+    assert not alive(pid) and not alive(child)
+
+
+def test_a_service_that_never_becomes_ready_is_killed_before_start_fails(tmp_path: Path) -> None:
+    started: list[int] = []
+
+    def times_out(ready: Any, process: subprocess.Popen[bytes], what: str) -> None:
+        started.append(process.pid)
+        raise AssertionError(f"{what} did not become ready in 30s")  # what _wait says when its time is up
+
+    with mock.patch.object(services, "_wait", times_out), pytest.raises(AssertionError, match="did not become ready"):
+        Stubborn(tmp_path).start()
+    assert started and not alive(started[0])

@@ -11,7 +11,12 @@ from typing import Any
 import pytest
 
 from scillm_core.testing import FakeOpenAI, ServerThread, make_app
-from scillm_core.testing.services import RedisServer
+from scillm_core.testing.services import RedisServer, reap_all
+
+
+def pytest_sessionfinish() -> None:
+    """Kill whatever real service (redis, nginx, ``scillm serve``) a failed test or fixture left running."""
+    reap_all()
 
 
 @pytest.fixture

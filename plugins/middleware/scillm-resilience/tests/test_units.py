@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from scillm_resilience.breaker import Breaker, CircuitOpenSignal
@@ -222,5 +223,53 @@ def test_a_shared_pause_asks_the_arbiter_once_per_process_and_follows_its_verdic
             pauses.adopt("q/m", 0.0, 1.0)
             await pauses.wait("q/m", budget_s=0.02, longest_s=30)
         assert not pauses.active["q/m"].probing  # the next caller asks in its turn
+
+    asyncio.run(main())
+
+
+def test_shared_documents_are_read_once_for_all_the_callers_that_find_the_copy_stale():
+    """Under load dozens of calls find the 0.2 s old copy of a shared breaker or pause stale at once: one store read
+    answers all of them (each used to make its own), a cancelled caller leaves it to the others, a failure reaches
+    every caller and the next call reads again."""
+    from types import SimpleNamespace
+
+    from scillm_resilience.shared import BREAKER_NS, MIRROR_S, Shared
+
+    class Store:
+        def __init__(self) -> None:
+            self.reads = 0
+            self.answer: asyncio.Future[dict[str, str] | None] | None = None
+
+        async def get(self, namespace: str, key: str) -> dict[str, str] | None:
+            self.reads += 1
+            self.answer = asyncio.get_running_loop().create_future()
+            return await self.answer
+
+    async def main() -> None:
+        store = Store()
+        runtime = SimpleNamespace(store=store, instance_id="me", config=SimpleNamespace(
+            state=SimpleNamespace(claim_timeout_s=30)))
+        shared = Shared(runtime, aimd=False, recover_s=1.0)  # type: ignore[arg-type]
+        callers = [asyncio.ensure_future(shared._doc(BREAKER_NS, "p/m")) for _ in range(50)]
+        await asyncio.sleep(0)
+        callers[0].cancel()  # the caller that started the read goes away: the read goes on for the others
+        await asyncio.sleep(0)
+        assert store.reads == 1 and store.answer is not None
+        store.answer.set_result({"state": "open"})
+        assert await asyncio.gather(*callers[1:]) == [{"state": "open"}] * 49
+        assert await shared._doc(BREAKER_NS, "p/m") == {"state": "open"} and store.reads == 1  # fresh: no read
+        shared.mirrors[(BREAKER_NS, "p/m")] = (time.monotonic() - MIRROR_S, {"state": "open"})  # stale again
+        failing = [asyncio.ensure_future(shared._doc(BREAKER_NS, "p/m")) for _ in range(3)]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert store.reads == 2 and store.answer is not None
+        store.answer.set_exception(ConnectionError("redis down"))
+        assert [type(r) for r in await asyncio.gather(*failing, return_exceptions=True)] == [ConnectionError] * 3
+        again = asyncio.ensure_future(shared._doc(BREAKER_NS, "p/m"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert store.reads == 3 and store.answer is not None  # the failed read is not reused
+        store.answer.set_result(None)
+        assert await again is None
 
     asyncio.run(main())

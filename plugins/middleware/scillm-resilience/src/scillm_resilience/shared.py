@@ -99,6 +99,7 @@ class Shared:
         self.batches: dict[str, SlotBatch] = {}        # provider -> its group commit of slot changes
         self.freed: dict[str, asyncio.Event] = {}      # provider -> woken when this process frees a slot
         self.mirrors: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
+        self.reading: dict[tuple[str, str], asyncio.Future[dict[str, Any] | None]] = {}  # reads under way
         self.degraded: str | None = None               # why the shared state is not in use right now
         self.retry_at = 0.0                            # monotonic time before which the store is not asked
         self.counts = {"global_waits": 0, "store_errors": 0}
@@ -129,14 +130,26 @@ class Shared:
         self.degraded = getattr(exc, "message", None) or type(exc).__name__
 
     async def _doc(self, namespace: str, key: str) -> dict[str, Any] | None:
-        """A shared document, read at most every ``MIRROR_S``."""
+        """A shared document, read at most every ``MIRROR_S``: when the copy here is older, one read goes to the
+        store and every caller that needs the document meanwhile waits for that read (under load, dozens of calls
+        find the copy stale at once; one round trip serves them all)."""
         seen = self.mirrors.get((namespace, key))
-        now = time.monotonic()
-        if seen is not None and now - seen[0] < MIRROR_S:
+        if seen is not None and time.monotonic() - seen[0] < MIRROR_S:
             return seen[1]
-        doc = await self.store.get(namespace, key)
-        self.mirrors[(namespace, key)] = (now, doc)
-        return doc
+        reading = self.reading.get((namespace, key))
+        if reading is None:
+            reading = self.reading[(namespace, key)] = asyncio.ensure_future(self._read(namespace, key))
+            reading.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved, never logged
+        return await asyncio.shield(reading)  # a caller that is cancelled leaves the read to the others
+
+    async def _read(self, namespace: str, key: str) -> dict[str, Any] | None:
+        try:
+            now = time.monotonic()
+            doc = await self.store.get(namespace, key)
+            self.mirrors[(namespace, key)] = (now, doc)
+            return doc
+        finally:
+            self.reading.pop((namespace, key), None)
 
     # -- limits -------------------------------------------------------------------------------------------------
 
