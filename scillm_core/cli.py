@@ -120,10 +120,10 @@ def workers_notice(runtime: Any, workers: int) -> str:
         from scillm_core.state.redis import safe_url
 
         return (f"scillm: {workers} workers share everything through Redis at {safe_url(state.url(runtime.env) or '')}"
-                ": limits and their queue, AIMD, circuit breakers, 429 pauses, the cache, batches, runs, leases and "
-                "the call log")
+                ": limits and their queue, AIMD, circuit breakers, 429 pauses, the cache, session affinity, batches, "
+                "runs, leases and the call log")
     return (f"scillm: {workers} workers on the embedded SQLite store share batches (every worker takes their items), "
-            "runs, leases, handoffs, keys, spend and the call log. Per worker (each applies the full configured "
+            "runs, leases, handoffs, keys, spend, session affinity and the call log. Per worker (each applies the full configured "
             "value): concurrency limits and their queue, AIMD, circuit breakers, 429 pauses, the memory cache and "
             "in-flight de-duplication. Set [state] backend = \"redis\" to share these too (docs/deployment.md).")
 

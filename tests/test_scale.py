@@ -54,6 +54,8 @@ class Cluster:
             "resilience": {"breaker_threshold": 2, "breaker_cooldown_s": 120, "backoff_max_s": 0.1,
                            "limits": {"openai": {"max_concurrency": 4}}},
             "cache": {"enabled": True},
+            "groups": {"duo": {"models": ["openai/duo-first", "deepseek/duo-second"]}},
+            "affinity": {"shared_cache_s": 0.2},
             "agents": {"fixer": {"repository": str(repo), "model": "gpt-4o-mini"}},
         }
         self.env = {"OPENAI_API_KEY": "sk-scale-test-0123456789", "OPENAI_API_BASE": self.upstream.base_url,
@@ -235,6 +237,44 @@ def test_a_lease_held_through_one_instance_is_refused_through_the_other(cluster:
     assert held.status_code == 200, held.text
     refused = httpx.post(cluster.b.url + url, headers=AUTH, json={"owner": "agent-two", "ttl_s": 60})
     assert refused.status_code == 409, refused.text
+
+
+def test_a_session_sticks_to_its_deployment_whichever_instance_serves_it(cluster: Cluster) -> None:
+    """Session affinity on the shared store: a session that failed over to the group's second member through A
+    stays there through B (B's own copy knows nothing of it; without the store B would route it to the first member,
+    as it does a new session); a move made through B is followed by A."""
+    broken = {"duo-first"}  # models the fakes refuse with a 401 (a fallback, never a breaker count or a retry)
+
+    def answer(request: RecordedRequest) -> Reply:
+        model = request.body["model"]
+        if model in broken:
+            return Reply.fail(401, "Incorrect API key provided", type="invalid_request_error", code="invalid_api_key")
+        return Reply.say(f"from {model}")
+
+    def turn(url: str, session: str) -> str:
+        served = httpx.post(url + "/v1/chat/completions", timeout=30, headers={**AUTH, "x-scillm-session": session},
+                            json={"model": "duo", "messages": [{"role": "user", "content": f"turn {uuid.uuid4()}"}]})
+        assert served.status_code == 200, served.text
+        assert served.json()["choices"][0]["message"]["content"] == f"from {served.headers['x-scillm-served-model']}"
+        return served.headers["x-scillm-served-model"]
+
+    session = f"agent-{uuid.uuid4()}"
+    cluster.upstream.responder = cluster.failing.responder = answer
+    try:
+        assert turn(cluster.a.url, session) == "duo-second"  # A: the first member refused, the second answered
+        broken.clear()  # the first member is fine again
+        assert turn(cluster.b.url, f"new-{uuid.uuid4()}") == "duo-first"  # B routes a new session by group order
+        assert [turn(cluster.b.url, session) for _ in range(3)] == ["duo-second"] * 3  # but this one sticks
+        assert turn(cluster.a.url, session) == "duo-second"
+        broken.add("duo-second")  # through B the session moves to the first member
+        assert turn(cluster.b.url, session) == "duo-first"
+        broken.clear()
+        time.sleep(0.3)  # A's copy of the session is trusted for shared_cache_s (0.2 s here), then read again
+        assert [turn(cluster.a.url, session) for _ in range(2)] == ["duo-first"] * 2  # A follows the move
+    finally:
+        cluster.upstream.responder = cluster.failing.responder = None
+    affinity = health(cluster.b.url)["middleware"]["affinity"]
+    assert affinity["shared"] is True and affinity["store_reads"] >= 1 and affinity["store_errors"] == 0
 
 
 def test_a_batch_on_an_instance_killed_half_way_finishes_on_the_other_exactly_once(cluster: Cluster) -> None:

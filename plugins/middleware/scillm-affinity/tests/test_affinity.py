@@ -125,3 +125,63 @@ def test_sessions_are_bounded_and_forgotten_when_idle() -> None:
     assert sessions.get("g", "s2") is None  # idle past ttl_s
     sessions.remember("g", "s3", "p/b")
     assert sessions.moves == 1 and sessions.get("g", "s3") == "p/b"
+
+
+def test_sessions_on_a_shared_store_stick_whichever_process_serves_them(tmp_path: Any) -> None:
+    """Two processes' sessions on one store (SQLite here; Redis in tests/test_scale.py): a deployment remembered by
+    one is what the other routes to; each trusts its copy for shared_cache_s (no store read), then reads once (one
+    read for concurrent callers); a move made by one reaches the other; a failing store leaves each its own copy."""
+    import asyncio
+
+    from scillm_core.state.sqlite import SQLiteStore
+
+    class Counting:
+        def __init__(self, store: SQLiteStore) -> None:
+            self.inner, self.reads, self.fail = store, 0, False
+
+        async def get(self, namespace: str, key: str) -> Any:
+            self.reads += 1
+            if self.fail:
+                raise ConnectionError("store down")
+            return await self.inner.get(namespace, key)
+
+        async def put(self, namespace: str, key: str, value: Any, *, ttl_s: float | None = None) -> None:
+            if self.fail:
+                raise ConnectionError("store down")
+            await self.inner.put(namespace, key, value, ttl_s=ttl_s)
+
+    async def main() -> None:
+        store = Counting(SQLiteStore(tmp_path / "state.sqlite3"))
+        now, wall = [100.0], [1_000_000.0]
+        config = AffinityConfig(ttl_s=3600.0, shared_cache_s=2.0)
+        a, b = (Sessions(config, clock=lambda: now[0], wall=lambda: wall[0], store=lambda: store) for _ in "ab")
+        assert not b.fresh("g", "s")
+        await b.load("g", "s")
+        assert b.get("g", "s") is None and b.fresh("g", "s")  # nothing known yet: remembered for shared_cache_s
+        assert a.remember("g", "s", "p/second")  # a new session: the store is told
+        await a.publish("g", "s", "p/second")
+        assert b.get("g", "s") is None  # b's copy is still trusted
+        now[0] += 2.0
+        assert not b.fresh("g", "s")
+        reads = store.reads
+        await asyncio.gather(*(b.load("g", "s") for _ in range(20)))  # concurrent requests of the session
+        assert store.reads == reads + 1 and b.get("g", "s") == "p/second" and b.fresh("g", "s")
+        assert not b.remember("g", "s", "p/second")  # the same deployment, written a moment ago: no write
+        wall[0] += 901.0  # a quarter of ttl_s later the document's expiry is renewed by whoever serves next
+        now[0] += 901.0
+        assert b.remember("g", "s", "p/second")
+        assert b.remember("g", "s", "p/first") and b.moves == 1  # b moved it
+        await b.publish("g", "s", "p/first")
+        await a.load("g", "s")
+        assert a.get("g", "s") == "p/first"  # a follows the move
+        store.fail = True
+        now[0] += 2.0
+        await a.load("g", "s")
+        assert a.get("g", "s") == "p/first" and a.counts["store_errors"] == 1  # fails open: its own copy
+        assert a.fresh("g", "s")  # and for RETRY_S the store is not asked again (a hung Redis costs one timeout)
+        assert a.remember("g", "t", "p/second")
+        await a.publish("g", "t", "p/second")  # not written while skipping: the next call of the session tries
+        assert a.remember("g", "t", "p/second")
+        await store.inner.close()
+
+    asyncio.run(main())
