@@ -123,9 +123,10 @@ def workers_notice(runtime: Any, workers: int) -> str:
                 ": limits and their queue, AIMD, circuit breakers, 429 pauses, the cache, session affinity, batches, "
                 "runs, leases and the call log")
     return (f"scillm: {workers} workers on the embedded SQLite store share batches (every worker takes their items), "
-            "runs, leases, handoffs, keys, spend, session affinity and the call log. Per worker (each applies the full configured "
-            "value): concurrency limits and their queue, AIMD, circuit breakers, 429 pauses, the memory cache and "
-            "in-flight de-duplication. Set [state] backend = \"redis\" to share these too (docs/deployment.md).")
+            "runs, leases, handoffs, keys, spend, session affinity and the call log. Per worker (each applies the "
+            "full configured value): concurrency limits and their queue, AIMD, circuit breakers, 429 pauses, the "
+            "memory cache and in-flight de-duplication. Set [state] backend = \"redis\" to share these too "
+            "(docs/deployment.md).")
 
 
 def tune_gc() -> None:

@@ -133,12 +133,20 @@ class StateConfig:
     key_prefix: str = "scillm:"
     timeout_s: float = 2.0           # per Redis command: a server that does not answer is a 503, never a hang
     claim_timeout_s: float = 30.0    # queued work untouched this long (its process died) is taken over
+    finished_logs_days: float = 7.0  # event logs of finished runs and batches go this long after they end (0: kept)
 
     def __attrs_post_init__(self) -> None:
         if self.backend not in ("sqlite", "redis"):
             raise ValueError(f"backend must be 'sqlite' or 'redis', not {self.backend!r}")
         if self.timeout_s <= 0 or self.claim_timeout_s <= 0:
             raise ValueError("timeout_s and claim_timeout_s must be > 0")
+        if self.finished_logs_days < 0:
+            raise ValueError("finished_logs_days must be >= 0 (0 keeps them)")
+
+    @property
+    def finished_logs_ttl_s(self) -> float | None:
+        """How long the event log of a finished run or batch stays (``StateStore.expire_log``); ``None``: kept."""
+        return self.finished_logs_days * 86400.0 or None
 
     def url(self, env: Mapping[str, str]) -> str | None:
         return self.redis_url or env.get("REDIS_URL") or None

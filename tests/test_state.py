@@ -195,3 +195,33 @@ def test_deferred_counter_changes_alone_are_written_after_the_linger(store: SQLi
         return queued, (await store.count("b", [[Count("spent")]]))[0].values[0]
 
     assert run(go()) == (0, 7)
+
+
+def test_a_log_writer_keeps_no_record_older_than_its_max_age(tmp_path: Path) -> None:
+    """Retention of the call log: as records are written, those appended longer than ``max_age_s`` ago (on the
+    writer's clock, moved here a day on) are deleted, with the newest ``max_rows`` bound as before."""
+    import time
+
+    from scillm_core.state.writer import LogWriter
+
+    async def main() -> None:
+        store = SQLiteStore(tmp_path / "state.sqlite3")
+        writer = LogWriter(lambda: store, "calls", max_rows=10, max_age_s=86400.0, delay_s=0.0)
+        try:
+            for i in range(3):
+                writer.add({"i": i})
+            await writer.flush()
+            start = time.time()
+            await asyncio.sleep(0.05)
+            writer.add({"i": 3})
+            await writer.flush()
+            assert len(await store.tail("calls")) == 4  # nothing is a day old yet
+            writer.clock = lambda: start + 86400.0  # a day after the first three were written
+            writer.add({"i": 4})
+            await writer.flush()
+            assert await store.tail("calls") == [{"i": 3}, {"i": 4}] and writer.counts["pruned"] == 3
+        finally:
+            await writer.stop()
+            await store.close()
+
+    asyncio.run(main())

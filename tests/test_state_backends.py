@@ -102,6 +102,74 @@ async def test_logs_tail_trim_and_follow_across_processes(stores: Callable[[], S
     assert await reader.tail("events") == [{"i": 4}, {"i": 5}]
 
 
+async def test_logs_are_trimmed_by_age_and_a_finished_log_expires_whole(stores: Callable[[], StateStore]) -> None:
+    """Retention: ``trim(before=)`` drops what was appended before an instant (Redis ``XTRIM MINID``), with ``keep``
+    too; ``expire_log`` makes a finished run's log go whole (Redis ``PEXPIRE``), other logs untouched; ``None``
+    keeps a log that is written to again."""
+    writer, reader = stores(), stores()
+    await writer.append_many("calls", [{"i": 0}, {"i": 1}])
+    await asyncio.sleep(0.02)
+    cut = time.time()
+    await asyncio.sleep(0.02)
+    await writer.append_many("calls", [{"i": 2}, {"i": 3}, {"i": 4}])
+    assert await writer.trim("calls", before=cut) == 2
+    assert await reader.tail("calls") == [{"i": 2}, {"i": 3}, {"i": 4}]
+    assert await writer.trim("calls", 5, before=cut) == 0 and await writer.trim("calls", 1, before=cut) == 2
+    assert await reader.tail("calls") == [{"i": 4}]
+
+    for run in ("run-events:exec:r1", "run-events:exec:r2", "batch-events:b1"):
+        await writer.append_many(run, [{"seq": 1}, {"end": True}])
+    await writer.expire_log("run-events:exec:r1", 0.05)
+    await writer.expire_log("batch-events:b1", 0.05)
+    await writer.expire_log("batch-events:b1", None)  # the batch runs again: its log stays
+    assert [r for _, r in await reader.follow("run-events:exec:r1")] == [{"seq": 1}, {"end": True}]
+    await asyncio.sleep(0.15)
+    assert await reader.follow("run-events:exec:r1") == [] and await reader.tail("run-events:exec:r1") == []
+    assert len(await reader.follow("run-events:exec:r2")) == 2 and len(await reader.tail("batch-events:b1")) == 2
+
+
+async def test_sqlite_sweeps_expired_logs_in_steps_in_the_background(tmp_path: Path) -> None:
+    """The embedded store deletes expired logs itself: a write that finds the last sweep SWEEP_S old (on the
+    store's clock, moved here) starts one in the background, which deletes SWEEP_ROWS rows per step on the store's
+    thread; a log whose expiry was lifted meanwhile, and logs that never expire, are left alone."""
+    from scillm_core.state import sqlite
+
+    now = [1_000_000.0]
+    store = SQLiteStore(tmp_path / "state.sqlite3", clock=lambda: now[0])
+    other = SQLiteStore(tmp_path / "state.sqlite3", clock=lambda: now[0])  # another process on the same file
+
+    def rows(namespace: str) -> int:
+        return int(store._db.execute("SELECT count(*) FROM logs WHERE ns = ?", (namespace,)).fetchone()[0])
+
+    try:
+        await store.append_many("run-events:exec:old", [{"seq": i} for i in range(12)])
+        await store.append_many("run-events:exec:kept", [{"seq": 1}])
+        await store.append_many("calls", [{"i": 1}])
+        await store.expire_log("run-events:exec:old", 7 * 86400.0)
+        await other.expire_log("run-events:exec:kept", 7 * 86400.0)
+        await other.expire_log("run-events:exec:kept", None)
+        now[0] += 7 * 86400.0 - 1
+        assert len(await other.tail("run-events:exec:old")) == 12  # a second before its expiry
+        now[0] += 1
+        assert await other.tail("run-events:exec:old") == []  # expired: not readable, deleted by the next sweep
+        assert rows("run-events:exec:old") == 12
+        sqlite.SWEEP_ROWS, before = 5, sqlite.SWEEP_ROWS
+        try:
+            await store.append("calls", {"i": 2})  # a write, a week after the last sweep: one starts
+            assert store.sweeper is not None
+            assert await store.sweeper == 12
+        finally:
+            sqlite.SWEEP_ROWS = before
+        assert rows("run-events:exec:old") == 0 and rows("run-events:exec:kept") == 1 and rows("calls") == 2
+        assert store._db.execute("SELECT count(*) FROM log_expiry").fetchone()[0] == 0
+        sweeper = store.sweeper
+        await store.append("calls", {"i": 3})
+        assert store.sweeper is sweeper  # the next one only SWEEP_S later
+    finally:
+        await store.close()
+        await other.close()
+
+
 async def test_queue_every_entry_to_one_consumer_until_acknowledged(stores: Callable[[], StateStore]) -> None:
     a, b = stores(), stores()
     ids = await a.enqueue("work", [{"n": n} for n in range(50)])

@@ -116,8 +116,14 @@ class StateStore(Protocol):
         ``until`` (Unix seconds), and whose top-level fields equal every value in ``match`` (field names are
         plain identifiers; a ``None`` value matches an absent or null field)."""
 
-    async def trim(self, namespace: str, keep: int) -> int:
-        """Drop all but the newest ``keep`` records of a log; how many were dropped."""
+    async def trim(self, namespace: str, keep: int | None = None, *, before: float | None = None) -> int:
+        """Drop all but the newest ``keep`` records of a log and (``before``, Unix seconds) every record appended
+        before that instant; how many were dropped (Redis: ``XTRIM MAXLEN`` / ``MINID``)."""
+
+    async def expire_log(self, namespace: str, ttl_s: float | None) -> None:
+        """The whole log goes ``ttl_s`` from now (a finished run's or batch's events); ``None``: it stays (a log
+        that is written to again). Redis: ``PEXPIRE`` / ``PERSIST`` on its stream; SQLite: deleted by the store's
+        sweep (on its own thread, a chunk at a time, at most every ``SWEEP_S``), not readable once expired."""
 
     async def follow(self, namespace: str, after: str = "", limit: int = 100,
                      block_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:

@@ -424,9 +424,22 @@ class RedisStore:
     def peek(self, namespace: str, key: str) -> float | None:
         return None  # every read is a round trip: callers use count()
 
-    async def trim(self, namespace: str, keep: int) -> int:
+    async def trim(self, namespace: str, keep: int | None = None, *, before: float | None = None) -> int:
+        key = self._log(namespace)
         with self.unavailable():
-            return int(await self.redis.xtrim(self._log(namespace), maxlen=max(0, keep), approximate=False))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if before is not None:  # entry ids are the server's milliseconds
+                    pipe.xtrim(key, minid=f"{max(0, math.floor(before * 1000))}-0", approximate=False)
+                if keep is not None:
+                    pipe.xtrim(key, maxlen=max(0, keep), approximate=False)
+                return sum(int(n) for n in await pipe.execute())
+
+    async def expire_log(self, namespace: str, ttl_s: float | None) -> None:
+        with self.unavailable():
+            if ttl_s is None:
+                await self.redis.persist(self._log(namespace))
+            else:
+                await self.redis.pexpire(self._log(namespace), max(1, int(ttl_s * 1000)))
 
     async def follow(self, namespace: str, after: str = "", limit: int = 100,
                      block_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:

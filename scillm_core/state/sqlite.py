@@ -42,20 +42,28 @@ CREATE TABLE IF NOT EXISTS slots (pool TEXT NOT NULL, holder TEXT NOT NULL, expi
                                   PRIMARY KEY (pool, holder));
 CREATE TABLE IF NOT EXISTS counters (ns TEXT NOT NULL, key TEXT NOT NULL, value REAL NOT NULL, expires REAL,
                                      PRIMARY KEY (ns, key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS log_expiry (ns TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS log_expiry_at ON log_expiry (expires);
 """
 POLL_S = (0.02, 0.25)  # waits for other processes' writes: first poll, longest poll
 _COUNTER_UPSERT = ("INSERT INTO counters (ns, key, value, expires) VALUES (?, ?, ?, ?) "
                    "ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires = excluded.expires")
 _PEEK = "SELECT value, expires FROM counters WHERE ns = ? AND key = ?"
 PURGE_EVERY = 2000  # count() calls between sweeps of expired counters
+SWEEP_S = 600.0  # expired logs are deleted at most this often (after a write that finds the last sweep this old)
+SWEEP_ROWS = 5000  # rows one step of the sweep deletes: other writers (other processes too) wait at most for one
+_GONE = "SELECT 1 FROM log_expiry WHERE ns = ? AND expires <= ?"
 _UPSERT = ("INSERT INTO docs (ns, key, value, expires) VALUES (?, ?, ?, ?) "
            "ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires = excluded.expires")
 
 
 class SQLiteStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.clock = clock  # log expiry and its sweep (tests move it)
+        self.next_sweep = clock() + SWEEP_S
+        self.sweeper: asyncio.Task[int] | None = None
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -315,6 +323,7 @@ class SQLiteStore:
         await self._run(lambda db: db.execute("INSERT INTO logs (ns, ts, value) VALUES (?, ?, ?)",
                                               (namespace, time.time(), text)))
         self._wake("log:" + namespace)
+        self._sweep_when_due()
 
     async def append_many(self, namespace: str, records: Sequence[Mapping[str, Any]]) -> None:
         """All of ``records`` in one statement (one transaction, one release of the GIL): a row-by-row insert would
@@ -323,6 +332,7 @@ class SQLiteStore:
         await self._run(lambda db: db.execute(
             "INSERT INTO logs (ns, ts, value) SELECT ?, ?, value FROM json_each(?)", (namespace, time.time(), batch)))
         self._wake("log:" + namespace)
+        self._sweep_when_due()
 
     async def tail(self, namespace: str, limit: int = 100, *, since: float | None = None, until: float | None = None,
                    match: Mapping[str, str | int | float | bool | None] | None = None) -> list[dict[str, Any]]:
@@ -341,13 +351,61 @@ class SQLiteStore:
             where.append(f"json_extract(CAST(value AS TEXT), '$.{name}') IS ?")
             params.append(value)
         query = f"SELECT value FROM logs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
-        rows = await self._run(lambda db: db.execute(query, (*params, limit)).fetchall())
+        now = self.clock()
+        rows = await self._run(lambda db: [] if db.execute(_GONE, (namespace, now)).fetchone() else db.execute(
+            query, (*params, limit)).fetchall())
         return [orjson.loads(value) for (value,) in reversed(rows)]
 
-    async def trim(self, namespace: str, keep: int) -> int:
-        return await self._run(lambda db: db.execute(
-            "DELETE FROM logs WHERE ns = ? AND id <= (SELECT id FROM logs WHERE ns = ? ORDER BY id DESC LIMIT 1 "
-            "OFFSET ?)", (namespace, namespace, max(0, keep))).rowcount)
+    async def trim(self, namespace: str, keep: int | None = None, *, before: float | None = None) -> int:
+        def delete(db: sqlite3.Connection) -> int:
+            dropped = 0
+            if before is not None:
+                dropped += db.execute("DELETE FROM logs WHERE ns = ? AND ts < ?", (namespace, before)).rowcount
+            if keep is not None:
+                dropped += db.execute(
+                    "DELETE FROM logs WHERE ns = ? AND id <= (SELECT id FROM logs WHERE ns = ? ORDER BY id DESC "
+                    "LIMIT 1 OFFSET ?)", (namespace, namespace, max(0, keep))).rowcount
+            return dropped
+
+        return await self._run(delete)
+
+    async def expire_log(self, namespace: str, ttl_s: float | None) -> None:
+        if ttl_s is None:
+            await self._run(lambda db: db.execute("DELETE FROM log_expiry WHERE ns = ?", (namespace,)))
+            return
+        expires = self.clock() + ttl_s
+        await self._run(lambda db: db.execute(
+            "INSERT INTO log_expiry (ns, expires) VALUES (?, ?) ON CONFLICT (ns) DO UPDATE SET expires = "
+            "excluded.expires", (namespace, expires)))
+        self._sweep_when_due()
+
+    def _sweep_when_due(self) -> None:
+        """Start a sweep in the background when the last one is ``SWEEP_S`` old (no caller waits for it)."""
+        if self.clock() >= self.next_sweep and (self.sweeper is None or self.sweeper.done()):
+            self.next_sweep = self.clock() + SWEEP_S
+            self.sweeper = asyncio.ensure_future(self.sweep())
+            self.sweeper.add_done_callback(lambda task: task.cancelled() or task.exception())
+
+    async def sweep(self) -> int:
+        """Delete the logs whose expiry passed, ``SWEEP_ROWS`` rows per step on the store's thread (the event loop
+        never waits for it; other operations run between its steps); how many records went."""
+        now = self.clock()
+        gone = await self._run(lambda db: [ns for (ns,) in db.execute(
+            "SELECT ns FROM log_expiry WHERE expires <= ? LIMIT 1000", (now,))])
+        dropped = 0
+        for namespace in gone:
+            def step(db: sqlite3.Connection, ns: str = namespace) -> int:  # unless kept (expiry lifted) meanwhile
+                return int(db.execute(f"DELETE FROM logs WHERE id IN (SELECT id FROM logs WHERE ns = ? ORDER BY id "
+                                      f"LIMIT ?) AND EXISTS ({_GONE})", (ns, SWEEP_ROWS, ns, now)).rowcount)
+
+            def forget(db: sqlite3.Connection, ns: str = namespace) -> None:  # the log is gone, so is its expiry
+                db.execute("DELETE FROM log_expiry WHERE ns = ? AND expires <= ?", (ns, now))
+
+            while (n := await self._run(step)) == SWEEP_ROWS:
+                dropped += n
+            dropped += n
+            await self._run(forget)
+        return dropped
 
     # -- following a log, work queues ------------------------------------------------------------------------------
 
@@ -377,7 +435,8 @@ class SQLiteStore:
         start = int(after) if after else 0
 
         async def fetch() -> list[tuple[str, dict[str, Any]]]:
-            rows = await self._run(lambda db: db.execute(
+            now = self.clock()
+            rows = await self._run(lambda db: [] if db.execute(_GONE, (namespace, now)).fetchone() else db.execute(
                 "SELECT id, value FROM logs WHERE ns = ? AND id > ? ORDER BY id LIMIT ?",
                 (namespace, start, limit)).fetchall())
             return [(str(i), orjson.loads(value)) for i, value in rows]
@@ -506,6 +565,8 @@ class SQLiteStore:
             return {"backend": "sqlite", "reachable": False, "path": str(self.path), "error": type(exc).__name__}
 
     async def close(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
         with self._reader_lock:
             if self._reader is not None:
                 self._reader.close()

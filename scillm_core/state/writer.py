@@ -2,8 +2,8 @@
 
 The call log and the spend ledger use it. ``add`` never waits and never raises: a full backlog drops the record
 (counted in ``counts["dropped"]``). The writer waits ``delay_s`` after the first record of a batch so that under
-load one store write (one thread hop, one transaction) carries many records, and trims the log to ``max_rows``
-as it goes.
+load one store write (one thread hop, one transaction) carries many records, and trims the log as it goes: to its
+newest ``max_rows`` records and to none older than ``max_age_s`` (``StateStore.trim``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,13 +25,15 @@ log = logging.getLogger("scillm.state")
 
 class LogWriter:
     def __init__(self, store: Callable[[], StateStore], namespace: str, *, backlog: int = 1000,
-                 max_rows: int | None = None, delay_s: float = 0.05,
+                 max_rows: int | None = None, max_age_s: float | None = None, delay_s: float = 0.05,
                  prepare: Callable[[list[dict[str, Any]]], Sequence[dict[str, Any]]] | None = None,
                  describe_error: Callable[[BaseException], str] = str) -> None:
         self.store = store  # called at write time: the runtime's store opens on first use
         self.namespace = namespace
         self.backlog = max(1, backlog)
         self.max_rows = max_rows
+        self.max_age_s = max_age_s
+        self.clock = time.time  # what max_age_s is measured against (tests move it)
         self.delay_s = delay_s
         self.prepare = prepare  # e.g. redaction, once per batch
         self.describe_error = describe_error
@@ -42,7 +45,7 @@ class LogWriter:
 
     @property
     def prune_every(self) -> int:
-        return max(1, min(1000, (self.max_rows or 0) // 10))
+        return max(1, min(1000, self.max_rows // 10)) if self.max_rows else 1000
 
     @property
     def pending(self) -> int:
@@ -75,9 +78,10 @@ class LogWriter:
                 await store.append_many(self.namespace, self.prepare(records) if self.prepare else records)
                 self.counts["logged"] += len(records)
                 self.unpruned += len(records)
-                if self.max_rows is not None and self.unpruned >= self.prune_every:
+                if (self.max_rows is not None or self.max_age_s) and self.unpruned >= self.prune_every:
                     self.unpruned = 0
-                    self.counts["pruned"] += await store.trim(self.namespace, self.max_rows)
+                    before = self.clock() - self.max_age_s if self.max_age_s else None
+                    self.counts["pruned"] += await store.trim(self.namespace, self.max_rows, before=before)
             except Exception as exc:
                 self.counts["write_errors"] += len(records)
                 log.warning("%s log write failed: %s", self.namespace, self.describe_error(exc))

@@ -104,10 +104,29 @@ def test_streaming_form_sends_events_in_completion_order(two_lanes):
     assert collections.Counter(events)["item_completed"] == 5
 
 
+def expiry(tmp_path):
+    """The batch's event log's expiry in the embedded store (None: kept)."""
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "scillm.sqlite3") as db:
+        row = db.execute("SELECT expires FROM log_expiry WHERE ns = 'batch-events:resume-me'").fetchone()
+    return row[0] if row else None
+
+
 def test_resubmitting_returns_stored_successes_and_reruns_only_failures(tmp_path):
+    import time
+
+    seen_while_running = []
+
+    def answer(request):
+        if "flaky-once" in str(request.body) and not fake.flag:
+            return Reply.fail(503, "busy")
+        if fake.flag:
+            seen_while_running.append(expiry(tmp_path))
+        return None
+
     with FakeOpenAI() as fake:
-        fake.responder = lambda r: Reply.fail(503, "busy") if "flaky-once" in str(r.body) and not fake.flag \
-            else None
+        fake.responder = answer
         fake.flag = False
         env = {"DEEPSEEK_API_KEY": "k", "DEEPSEEK_API_BASE": fake.base_url}
         with ServerThread(make_app(env=env, data_dir=tmp_path, only=PLUGINS)) as server:
@@ -115,11 +134,15 @@ def test_resubmitting_returns_stored_successes_and_reruns_only_failures(tmp_path
             body = {"model": "deepseek/deepseek-chat", "batch_id": "resume-me", "items": items, "timeout": 3}
             first = httpx.post(server.url + "/v1/scillm/batch/completions", json=body, headers=AUTH, timeout=30)
             assert first.json()["completed"] == 1 and first.json()["failed"] == 1
+            # retention: the finished run's event log goes [state] finished_logs_days (7) after it ended
+            assert time.time() + 7 * 86400 - 60 < expiry(tmp_path) <= time.time() + 7 * 86400
             calls = len(fake.requests)
             fake.flag = True
             second = httpx.post(server.url + "/v1/scillm/batch/completions", json=body, headers=AUTH, timeout=30)
             assert second.json()["completed"] == 2 and second.json()["failed"] == 0
             assert len(fake.requests) == calls + 1  # only the failed item went upstream again
+            assert seen_while_running == [None]  # running again: its log was kept, and expires again after
+            assert time.time() + 7 * 86400 - 60 < expiry(tmp_path) <= time.time() + 7 * 86400
             reused = next(r for r in second.json()["results"] if r["item_id"] == "a")
             assert reused["resumed"] is True
             progress = httpx.get(server.url + "/v1/scillm/batch/resume-me", headers=AUTH).json()

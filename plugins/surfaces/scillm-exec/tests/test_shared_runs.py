@@ -119,3 +119,29 @@ def test_an_event_too_big_for_the_store_reaches_the_other_instance_as_a_stub_nam
     assert blob["bytes"] > 2 * 1024 * 1024 and "event" not in blob and blob["stored"].startswith("run dir only")
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1)) and events[-1]["type"] == "process.end"
     assert frames[-1][0] == "end" and frames[-1][1]["status"] == "completed"
+
+
+def test_a_finished_runs_event_log_in_the_store_expires_after_the_retention(pair: dict[str, Any]) -> None:
+    """Retention: once the run's end record is copied, its stream in Redis expires [state] finished_logs_days
+    (7 by default) later; until then it is readable from the other instance."""
+    import asyncio
+
+    done = httpx.post(pair["a"] + "/v1/scillm/exec", headers=HEADERS, timeout=60, json={
+        "profile": "fake", "prompt": '{"mode": "ok", "text": "done"}', "cwd": str(pair["root"]), "wait": True})
+    assert done.status_code == 200 and done.json()["status"] == "completed", done.text
+    run_id = done.json()["run_id"]
+
+    async def ttl_ms() -> int:
+        store = RedisStore(pair["state"]["redis_url"], prefix=pair["state"]["key_prefix"])
+        try:
+            return int(await store.redis.pttl(store._log(f"run-events:exec:{run_id}")))
+        finally:
+            await store.close()
+
+    deadline = time.monotonic() + 30
+    while (left := asyncio.run(ttl_ms())) < 0:  # -1 while the copy is still under way (no expiry yet)
+        assert left == -1 and time.monotonic() < deadline, f"no expiry on the run's log: {left}"
+        time.sleep(0.05)
+    assert 6.9 * 86400 * 1000 < left <= 7 * 86400 * 1000
+    with httpx.stream("GET", f"{pair['b']}/v1/scillm/exec/{run_id}/events", headers=HEADERS, timeout=30) as tail:
+        assert list(sse(tail))[-1][0] == "end"  # still there for a week

@@ -18,7 +18,7 @@ stream's end is observed by the one tap core already has on it):
   count as ``other``. Fails open: a metrics or call-log failure never fails a request.
 
 Config: ``[metrics] enabled = true``, ``call_log = true``, ``max_callers``, ``max_models``, ``backlog``,
-``call_log_max_rows`` (the log keeps the newest N records).
+``call_log_max_rows`` (the log keeps the newest N records), ``call_log_max_days`` (and none older).
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class MetricsConfig:
     max_models: int = 200
     backlog: int = 1000
     call_log_max_rows: int = field(default=100_000, validator=validators.ge(1))  # older records are dropped
+    call_log_max_days: float = field(default=30.0, validator=validators.ge(0))  # and older ones (0: no age limit)
 
 
 # -- bounded labels ------------------------------------------------------------------------------------------------
@@ -188,6 +189,7 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
                                    LATENCY_BUCKETS),
         dropped_counter=Counters("scillm_call_log_dropped", "Call-log records dropped (backlog full)", ()),
         log=LogWriter(lambda: runtime.store, NAMESPACE, backlog=config.backlog, max_rows=config.call_log_max_rows,
+                      max_age_s=config.call_log_max_days * 86400.0 or None,
                       prepare=lambda records: redact_batch(records, secrets),
                       describe_error=lambda exc: redact(str(exc), secrets)))
     runtime.metrics.register(SeriesCollector(state.attempts, state.latency, state.first_chunk, state.tokens,
@@ -206,6 +208,7 @@ def scillm_health(runtime: Runtime) -> Mapping[str, Any]:
     return {"metrics": {"enabled": True, "fails": "open", "call_log": state.config.call_log,
                         "backlog": state.log.pending, "max_backlog": state.config.backlog,
                         "call_log_max_rows": state.config.call_log_max_rows,
+                        "call_log_max_days": state.config.call_log_max_days,
                         "callers_tracked": len(state.callers.seen), **state.log.counts, **state.counts}}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import random
 import re
 import time
@@ -44,6 +45,7 @@ __all__ = ["BatchItem", "BatchSpec", "Lane", "PoolConfig", "run_batch", "stored_
 
 ITEM_NS = "batch-items:"
 BATCH_NS = "batches"
+log = logging.getLogger("scillm.batch")
 
 
 @frozen(kw_only=True)
@@ -155,20 +157,43 @@ async def run_batch(spec: BatchSpec, runtime: Runtime, emit: Emit) -> dict[str, 
     If the caller leaves before the end, the run is cancelled: no process starts another of its items."""
     started = time.time()
     run = await _new_run(spec, runtime, started)
+    if run > 1:
+        await _retain(runtime, spec.batch_id, None)  # running again: its event log stays while it runs
     events = runtime.events
     events.emit("batch.start", None, unit=spec.unit, parent=None, name=f"batch {spec.pool}", trace=spec.trace,
                 attrs={"batch_id": spec.batch_id, "pool": spec.pool, "total": len(spec.items),
                        "caller": spec.caller, "lanes": ",".join(lane.label for lane in spec.lanes), "run": run},
                 owner=spec.identity.owner)
+    ttl_s = runtime.config.state.finished_logs_ttl_s
     try:
         summary = await _follow(spec, runtime, emit, run, started)
     except BaseException as exc:
         events.emit("batch.end", None, unit=spec.unit, status="error",
                     error=_message(exc) if isinstance(exc, Exception) else "cancelled")
+        if ttl_s is not None:  # the caller may be gone: nobody waits for it
+            task = asyncio.ensure_future(_retain(runtime, spec.batch_id, ttl_s))
+            _RETAINING.add(task)
+            task.add_done_callback(_RETAINING.discard)
         raise
     events.emit("batch.end", None, unit=spec.unit, status="ok",
                 attrs={k: summary[k] for k in ("completed", "failed", "elapsed_s")})
+    if ttl_s is not None:
+        await _retain(runtime, spec.batch_id, ttl_s)
     return summary
+
+
+_RETAINING: set[asyncio.Task[None]] = set()
+
+
+async def _retain(runtime: Runtime, batch_id: str, ttl_s: float | None) -> None:
+    """Retention of the batch's event log: it goes ``ttl_s`` after the run ended (``[state] finished_logs_days``);
+    ``None`` while a run is under way. A store that fails leaves it as it was (logged)."""
+    from scillm_batch.worker import events_ns
+
+    try:
+        await runtime.store.expire_log(events_ns(batch_id), ttl_s)
+    except Exception as exc:
+        log.warning("batch %s: its event log's retention not set: %s", batch_id, type(exc).__name__)
 
 
 async def _follow(spec: BatchSpec, runtime: Runtime, emit: Emit, run: int, started: float) -> dict[str, Any]:

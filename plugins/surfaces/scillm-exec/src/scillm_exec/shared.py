@@ -101,6 +101,12 @@ class SharedRuns:
             if not closed:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), MIRROR_POLL_S)
+        ttl_s = self.runtime.config.state.finished_logs_ttl_s
+        if ttl_s is not None:  # retention: the finished run's log goes [state] finished_logs_days after its end
+            try:
+                await self.runtime.store.expire_log(ns, ttl_s)
+            except Exception as exc:
+                log.warning("run %s: its event log's retention not set: %s", run_id, type(exc).__name__)
 
     async def _watch(self) -> None:
         while self.driving:
