@@ -1,4 +1,5 @@
-"""The streamed answer of the model surfaces (chat completions, Messages, Responses): SSE written as it comes.
+"""Every SSE stream scillm answers with: the model surfaces' streamed answers (chat completions, Messages,
+Responses) and the tails of runs, agents' workers and batches, written as they come.
 
 :class:`EventStreamResponse` sends the pieces of an async iterator of bytes, and sends the ones that are ready
 together: while the iterator yields without waiting (every event of one upstream read), its pieces are gathered,

@@ -273,3 +273,33 @@ def test_batch_schemas_go_through_the_schema_gate_before_any_call(tmp_path):
                 "model": "deepseek/deepseek-chat", "items": [{"prompt": "x", "json_schema": schema}]}).json()
     assert done["completed"] == 1 and done["results"][0]["content"] == '{"n": 3}'  # the item's schema applied
     assert "json_schema" not in fake.requests[0].body  # scillm's own field, never sent upstream
+
+
+def test_a_streaming_client_that_leaves_cancels_the_run(tmp_path):
+    """The SSE form runs the batch for its caller: when the client goes away the response's disconnect watcher
+    closes the stream, and the run is marked cancelled (batch workers drop its queued items when they next look)."""
+    import sqlite3
+    import time
+
+    with FakeOpenAI() as fake:
+        fake.default = Reply.say("slow", delay_s=0.3)
+        env = {"DEEPSEEK_API_KEY": "k", "DEEPSEEK_API_BASE": fake.base_url}
+        with ServerThread(make_app(env=env, data_dir=tmp_path, only=PLUGINS)) as server:
+            body = {"model": "deepseek/deepseek-chat", "batch_id": "left", "concurrency": 2, "stream": True,
+                    "items": [{"item_id": f"i{n}", "prompt": f"item {n}"} for n in range(40)]}
+            with httpx.stream("POST", server.url + "/v1/scillm/batch/completions", json=body, headers=AUTH,
+                              timeout=30) as response:
+                for line in response.iter_lines():
+                    if line.startswith("event: item_completed"):
+                        break  # and the client leaves
+
+            def cancelled_run():
+                with sqlite3.connect(tmp_path / "scillm.sqlite3") as db:
+                    row = db.execute("SELECT value FROM docs WHERE ns = 'batches' AND key = 'left'").fetchone()
+                return orjson.loads(row[0]).get("cancelled_run", 0)
+
+            deadline = time.monotonic() + 30
+            while cancelled_run() != 1:
+                assert time.monotonic() < deadline, "the run was not cancelled when its client left"
+                time.sleep(0.05)
+            assert len(fake.requests) < 40

@@ -13,13 +13,14 @@ from typing import Any
 from scillm_exec import exec_config, sse_tail
 from scillm_exec.routes import base_url_of
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from scillm_agents.config import settings
 from scillm_agents.service import Agents, agents_of
 from scillm_agents.worker import Worker
 from scillm_core import Identity, errors, identity_of, max_cost_of
 from scillm_core.events import trace_headers
+from scillm_core.streaming import EventStreamResponse
 from scillm_core.web import caller_of, json_response, query_int, read_json, runtime_of
 
 __all__ = ["routes"]
@@ -206,8 +207,8 @@ async def events(request: Request) -> Response:
     heartbeat = exec_config(runtime).heartbeat_s or runtime.config.server.heartbeat_s
     end = {"type": "end", "worker": worker.name}
     keep = None if identity.master else lambda event: event.get("identity") == identity.owner  # its own work only
-    return StreamingResponse(sse_tail(worker.events, after, heartbeat, end, keep), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache"})
+    return EventStreamResponse(sse_tail(worker.events, after, heartbeat, end, keep),
+                               headers={"cache-control": "no-cache"})
 
 
 # -- handoffs and leases --------------------------------------------------------------------------------------------

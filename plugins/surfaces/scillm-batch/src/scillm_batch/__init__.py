@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from attrs import frozen
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from scillm_batch.engine import (
     BATCH_NS,
@@ -42,6 +42,7 @@ from scillm_core import (
 )
 from scillm_core.events import trace_headers
 from scillm_core.models.extensions import check_timeout, take_extensions
+from scillm_core.streaming import EventStreamResponse
 
 __all__ = ["BatchConfig", "Lane", "PoolConfig"]
 
@@ -174,8 +175,7 @@ def _stream(spec: BatchSpec, runtime: Runtime) -> Response:
         finally:
             task.cancel()  # the client left: stop the batch; stored results make a resubmission resume
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    return EventStreamResponse(events(), headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
 async def status(request: Request) -> Response:
@@ -219,5 +219,4 @@ async def events(request: Request) -> Response:
                 return
             yield b": heartbeat\n\n"
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    return EventStreamResponse(stream(), headers={"cache-control": "no-cache", "x-accel-buffering": "no"})

@@ -9,10 +9,11 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from scillm_core import errors, identity_of
 from scillm_core.events import trace_headers
+from scillm_core.streaming import EventStreamResponse
 from scillm_core.web import caller_of, json_response, query_int, read_json, runtime_of
 from scillm_exec.config import exec_config
 from scillm_exec.manager import TERMINAL, ExecManager, spec_from_body
@@ -98,7 +99,7 @@ async def events(request: Request) -> Response:
     after = query_int(request, "after", default=0)  # the last event seq the client has
     here = run_id in manager.runs or (manager.runs_dir / run_id / "events.jsonl").is_file()
     tail = _tail(manager, run_id, after, heartbeat) if here else _tail_shared(manager, run_id, after, heartbeat)
-    return StreamingResponse(tail, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    return EventStreamResponse(tail, headers={"cache-control": "no-cache"})
 
 
 async def _tail_shared(manager: ExecManager, run_id: str, after: int, heartbeat_s: float) -> AsyncIterator[bytes]:

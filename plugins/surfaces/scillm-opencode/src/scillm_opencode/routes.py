@@ -7,10 +7,11 @@ from typing import Any
 
 from scillm_exec import VIEW_KEY_PREFIX, base_url_of, sse_follow, sse_tail
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from scillm_core import Identity, Runtime, errors, identity_of
 from scillm_core.events import trace_headers
+from scillm_core.streaming import EventStreamResponse
 from scillm_core.web import caller_of, json_response, query_int, read_json, runtime_of
 from scillm_opencode.book import RunBook, Sessions
 from scillm_opencode.config import enabled, opencode_config
@@ -134,14 +135,13 @@ def run_routes(base: str, *, transport: bool) -> list[tuple[str, Any, list[str]]
         if log is None or (run_id not in book(oc).runs and doc.get("status") not in TERMINAL):
             # another process drives it (or drove it elsewhere): its events as copied into the state store
             stream = sse_follow(book(oc).shared, run_id, after, heartbeat, lambda: book(oc).settled(run_id))
-            return StreamingResponse(stream, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+            return EventStreamResponse(stream, headers={"cache-control": "no-cache"})
 
         def end() -> dict[str, Any]:
             run = book(oc).runs.get(run_id)
             return {"type": "end", "run_id": run_id, "status": run.status if run else None, "seq": log.seq}
 
-        return StreamingResponse(sse_tail(log, after, heartbeat, end), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache"})
+        return EventStreamResponse(sse_tail(log, after, heartbeat, end), headers={"cache-control": "no-cache"})
 
     async def abort(request: Request) -> Response:
         oc = _surface(request)
