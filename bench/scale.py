@@ -155,6 +155,16 @@ def start_mock(kind: str, work: Path) -> tuple[int, Any]:
     return port, mock
 
 
+def global_waits(url: str) -> int:
+    """How often this instance's callers found every global slot of a provider taken (Redis backend; under
+    ``--workers`` whichever worker answers)."""
+    import httpx
+
+    health = httpx.get(url + "/v1/scillm/health", headers={"Authorization": "Bearer sk-dev-proxy-123"}, timeout=10)
+    shared = health.json().get("middleware", {}).get("resilience", {}).get("shared_across_instances") or {}
+    return int(shared.get("global_waits", 0))
+
+
 def service_cpu(service: Any) -> Callable[[], float]:
     """CPU seconds so far of a started service (an nginx's whole process group, a plain process otherwise)."""
     process = getattr(service, "process", service)
@@ -213,8 +223,10 @@ def main() -> None:
                         others["load balancer"] = service_cpu(nginx)
                     if "Redis" in name:
                         others["Redis"] = service_cpu(redis)
-                    rows.setdefault(name, []).append(measure(url, groups, args.duration, args.load, work,
-                                                             redis.url if "Redis" in name else None, others))
+                    row = measure(url, groups, args.duration, args.load, work, redis.url if "Redis" in name else None,
+                                  others)
+                    row["global_waits"] = sum(global_waits(s.url) for s in servers)
+                    rows.setdefault(name, []).append(row)
                 finally:
                     if nginx is not None:
                         nginx.stop()
@@ -251,7 +263,8 @@ def main() -> None:
                      for c in sorted({c for r in runs for c in r["redis_calls"]})}
             print(f"  Redis commands per request (median): {sum(calls.values()):.3f} ("
                   + ", ".join(f"{c} {n:.3f}" for c, n in calls.items() if n >= 0.001)
-                  + f"); Redis CPU {statistics.median(r['redis_cpu_us'] for r in runs):.0f} µs/req", file=sys.stderr)
+                  + f"); Redis CPU {statistics.median(r['redis_cpu_us'] for r in runs):.0f} µs/req; waits for a global "
+                  + "slot per run: " + ", ".join(str(r["global_waits"]) for r in runs), file=sys.stderr)
 
 
 if __name__ == "__main__":
