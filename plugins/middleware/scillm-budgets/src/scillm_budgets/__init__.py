@@ -41,7 +41,6 @@ from scillm_budgets.limiter import (
     estimate_input_tokens,
     explain,
     layout,
-    needs_dollars,
     reservation,
     windows,
 )
@@ -183,9 +182,9 @@ def preprocess_files(request: ChatRequest, ctx: CallContext) -> Generator[None, 
     state = state_of(ctx.runtime)
     if state is None or not state.config.stream_usage or not request.stream or request.include_usage:
         return call
-    identity = ctx.identity
-    team_limits = state.config.teams.get(identity.team) if identity.team else None
-    if not needs_dollars(identity, team_limits, ctx.job) and getattr(request, "native", None) is not None:
+    job = ctx.job
+    dollars = state.layout(ctx.identity, state.clock()).dollars or (job is not None and job.max_cost_usd is not None)
+    if not dollars and getattr(request, "native", None) is not None:
         return call  # no dollar budget to count against: the client's own body goes upstream as sent, unchanged
 
     async def with_usage() -> ChatRequest:

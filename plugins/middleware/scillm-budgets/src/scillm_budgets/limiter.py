@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from scillm_budgets.pricing import NANO, Price, Tokens
 from scillm_core import EmbeddingsRequest, FilePart, ImagePart, Job, OtherPart, TextPart, errors
@@ -269,12 +268,6 @@ def layout(identity: Identity, team_limits: Limits | None, now: float) -> Layout
     keys, units, limit_of, ttls = (tuple(column) for column in zip(*changes, strict=True)) if changes else ((),) * 4
     return Layout(keys, units, limit_of, ttls, checks, tuple(held), tuple(spent), tuple(tpm), frozenset(slots),
                   dollars=bool(held), tokens=bool(tpm))
-
-
-def needs_dollars(identity: Identity, team_limits: Limits | None, job: Job | None) -> bool:
-    limits: Sequence[Any] = (identity.limits, team_limits if identity.team else None)
-    return any(getattr(lim, "daily_usd", None) is not None or getattr(lim, "monthly_usd", None) is not None
-               for lim in limits) or (job is not None and job.max_cost_usd is not None)
 
 
 def reservation(price: Price | None, input_tokens: int, output_tokens: int) -> int:
