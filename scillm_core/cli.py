@@ -105,28 +105,20 @@ def _serve(args: argparse.Namespace) -> int:
                                "http": "httptools", "loop": "uvloop", "timeout_keep_alive": 30,
                                "timeout_graceful_shutdown": 10}
     if args.workers > 1:
-        print(workers_notice(app.runtime, args.workers), file=sys.stderr, flush=True)  # type: ignore[attr-defined]
-        uvicorn.run("scillm_core.cli:worker_app", factory=True, workers=args.workers, **options)
+        from scillm_core import workers
+
+        runtime = app.runtime  # type: ignore[attr-defined]
+        print(workers.workers_notice(runtime, args.workers), file=sys.stderr, flush=True)
+        share = workers.create_share()  # the workers split connections evenly through it (scillm_core/workers.py)
+        try:
+            uvicorn.run("scillm_core.workers:worker_app", factory=True, workers=args.workers,
+                        **{**options, "loop": "scillm_core.workers:BalancedLoop"})
+        finally:
+            os.unlink(share)
     else:
         tune_gc()
         uvicorn.run(app, **options)
     return 0
-
-
-def workers_notice(runtime: Any, workers: int) -> str:
-    """What ``--workers N`` shares between its processes and what each keeps for itself (said at start-up)."""
-    state = runtime.config.state
-    if state.backend == "redis":
-        from scillm_core.state.redis import safe_url
-
-        return (f"scillm: {workers} workers share everything through Redis at {safe_url(state.url(runtime.env) or '')}"
-                ": limits and their queue, AIMD, circuit breakers, 429 pauses, the cache, session affinity, batches, "
-                "runs, leases and the call log")
-    return (f"scillm: {workers} workers on the embedded SQLite store share batches (every worker takes their items), "
-            "runs, leases, handoffs, keys, spend, session affinity and the call log. Per worker (each applies the "
-            "full configured value): concurrency limits and their queue, AIMD, circuit breakers, 429 pauses, the "
-            "memory cache and in-flight de-duplication. Set [state] backend = \"redis\" to share these too "
-            "(docs/deployment.md).")
 
 
 def tune_gc() -> None:
@@ -135,15 +127,6 @@ def tune_gc() -> None:
     collector (bench/README.md), most of it re-scanning live objects of the requests in flight."""
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
-
-
-def worker_app() -> Any:
-    """The app factory of each ``--workers`` process."""
-    from scillm_core.app import create_app
-
-    app = create_app(own_listener=True)  # its children call back to this process, not whichever worker accepts
-    tune_gc()
-    return app
 
 
 async def _report(command: str, args: argparse.Namespace) -> int:
