@@ -68,7 +68,7 @@ class EventLog:
         while True:
             changed = self._changed  # taken before reading, so an append during the read is not missed
             closed = self.closed
-            offset, events = read_new(self.path, offset, buf)
+            offset, events = await asyncio.to_thread(read_new, self.path, offset, buf)  # off the event loop
             for event in events:
                 if event.get("seq", 0) > after:
                     yield event

@@ -16,6 +16,7 @@ from scillm_core.events import trace_headers
 from scillm_core.streaming import EventStreamResponse
 from scillm_core.web import caller_of, json_response, query_int, read_json, runtime_of
 from scillm_exec.config import exec_config
+from scillm_exec.events import read_new
 from scillm_exec.manager import TERMINAL, ExecManager, spec_from_body
 
 __all__ = ["routes"]
@@ -121,36 +122,22 @@ async def _tail_shared(manager: ExecManager, run_id: str, after: int, heartbeat_
 
 
 async def _tail(manager: ExecManager, run_id: str, after: int, heartbeat_s: float) -> AsyncIterator[bytes]:
-    """Follow events.jsonl in chunks (no line-length limit) until the run is terminal and the file is drained."""
+    """Follow events.jsonl (read off the event loop, no line-length limit) until the run is terminal and the file is
+    drained."""
     path = manager.runs_dir / run_id / "events.jsonl"
-    offset = 0
-    buf = bytearray()
+    offset, buf = 0, bytearray()
     loop = asyncio.get_running_loop()
     last_sent = loop.time()
     while True:
         doc = await manager.load(run_id)
         terminal = doc.get("status") in TERMINAL
-        grew = False
-        if path.is_file():
-            with open(path, "rb") as fh:
-                fh.seek(offset)
-                while chunk := fh.read(1 << 16):
-                    offset += len(chunk)
-                    buf += chunk
-                    grew = True
-            while (i := buf.find(b"\n")) >= 0:
-                line = bytes(buf[:i])
-                del buf[:i + 1]
-                if not line.strip():
-                    continue
-                try:
-                    seq = orjson.loads(line).get("seq", 0)
-                except (orjson.JSONDecodeError, AttributeError):
-                    seq = 0
-                if seq > after:
-                    yield b"data: " + line + b"\n\n"
-                    last_sent = loop.time()
-        if terminal and not grew:
+        read_from = offset
+        offset, events = await asyncio.to_thread(read_new, path, offset, buf)
+        for event in events:
+            if isinstance(seq := event.get("seq"), int) and seq > after:
+                yield b"data: " + orjson.dumps(event) + b"\n\n"
+                last_sent = loop.time()
+        if terminal and offset == read_from:
             end = {"type": "run.end", "run_id": run_id, "status": doc.get("status"), "exit_code": doc.get("exit_code")}
             yield b"event: end\ndata: " + orjson.dumps(end) + b"\n\n"
             return
