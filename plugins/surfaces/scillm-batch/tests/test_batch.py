@@ -277,7 +277,8 @@ def test_batch_schemas_go_through_the_schema_gate_before_any_call(tmp_path):
 
 def test_a_streaming_client_that_leaves_cancels_the_run(tmp_path):
     """The SSE form runs the batch for its caller: when the client goes away the response's disconnect watcher
-    closes the stream, and the run is marked cancelled (batch workers drop its queued items when they next look)."""
+    closes the stream, the run is marked cancelled, and this process starts none of its queued items (other
+    processes let them go within a second: ``CANCEL_CHECK_S``)."""
     import sqlite3
     import time
 
@@ -302,4 +303,7 @@ def test_a_streaming_client_that_leaves_cancels_the_run(tmp_path):
             while cancelled_run() != 1:
                 assert time.monotonic() < deadline, "the run was not cancelled when its client left"
                 time.sleep(0.05)
+            sent = len(fake.requests)
+            time.sleep(1.5)  # five items' time at concurrency 2: before, queued items kept starting for ~7.5 s
+            assert len(fake.requests) <= sent + 2  # at most what was being started as the cancel landed
             assert len(fake.requests) < 40

@@ -230,6 +230,8 @@ async def _follow(spec: BatchSpec, runtime: Runtime, emit: Emit, run: int, start
         if not follower.complete:  # the caller left (or the store failed): no process starts more of this run
             with contextlib.suppress(Exception):
                 await _cancel(runtime, spec.batch_id, run)
+                if (worker := runtime.plugin_state.get("batch")) is not None:  # this process: at once
+                    await worker.drop_cancelled(spec.batch_id, run)
         raise
     costs = [r.get("cost_usd") for r in follower.results]
     summary = {"batch_id": spec.batch_id, "model_pool": spec.pool, "total": follower.total,

@@ -57,6 +57,7 @@ __all__ = ["QUEUE", "GroupCommit", "Worker", "events_ns"]
 log = logging.getLogger("scillm.batch")
 QUEUE = "batch-work"
 LEASES = "batch-leases:"
+CANCEL_CHECK_S = 1.0  # how soon a run cancelled elsewhere starts nothing more here
 IDLE_S = 120.0  # a batch with no work here for this long is forgotten (its lanes' pauses and counts)
 
 
@@ -176,7 +177,8 @@ class Worker:
         return self.runtime.store
 
     async def start(self) -> None:
-        self.tasks = [asyncio.ensure_future(self._consume()), asyncio.ensure_future(self._keepalive())]
+        self.tasks = [asyncio.ensure_future(self._consume()), asyncio.ensure_future(self._keepalive()),
+                      asyncio.ensure_future(self._watch_cancels())]
 
     async def stop(self) -> None:
         for run in self.runs.values():
@@ -377,7 +379,7 @@ class Worker:
 
     async def _keepalive(self) -> None:
         """Every quarter of the claim timeout: touch held entries and renew their leases (so no other process takes
-        them over while they run), drop cancelled runs' waiting items, and look again at deferred entries."""
+        them over while they run), forget idle runs, and look again at deferred entries."""
         while True:
             await asyncio.sleep(self.claim_s / 4)
             try:
@@ -387,6 +389,42 @@ class Worker:
             except Exception as exc:
                 self.counts["store_errors"] += 1
                 log.warning("batch worker cannot renew its claims: %s", exc)
+
+    async def _watch_cancels(self) -> None:
+        """Every ``CANCEL_CHECK_S``: a run cancelled anywhere (its caller left) starts none of the items waiting
+        here, and entries of it taken later are let go. One read per batch active here; none when nothing is."""
+        while True:
+            await asyncio.sleep(CANCEL_CHECK_S)
+            for batch_id, run in list(self.runs.items()):
+                if not run.work and (run.task is None or run.task.done()):
+                    continue
+                try:
+                    doc = await self.store.get(BATCH_NS, batch_id)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.counts["store_errors"] += 1
+                    log.warning("batch worker cannot read batch %s: %s", batch_id, exc)
+                    continue
+                if doc is not None:
+                    await self.drop_cancelled(batch_id, int(doc.get("cancelled_run", 0)), doc)
+
+    async def drop_cancelled(self, batch_id: str, cancelled: int, doc: dict[str, Any] | None = None) -> None:
+        """Runs up to ``cancelled`` of this batch start nothing more here: their waiting items are let go (their
+        leases released, their entries acknowledged; the caller that left gets no result for them)."""
+        run = self.runs.get(batch_id)
+        if run is None:
+            return
+        if doc is not None:
+            run.doc = doc
+        elif int(run.doc.get("cancelled_run", 0)) < cancelled:
+            run.doc = {**run.doc, "cancelled_run": cancelled}
+        dropped = [p for p in run.work if p.ticket.run <= cancelled]
+        for pending in dropped:
+            run.work.remove(pending)
+        if dropped:
+            await self._finished([Change(LEASES + batch_id, p.ticket.item_id, p.ticket.lease, None)
+                                  for p in dropped], [p.ticket.entry_id for p in dropped])
 
     async def _tend(self) -> None:
         if self.held:
@@ -398,17 +436,6 @@ class Worker:
         for batch_id, run in list(self.runs.items()):
             if (run.task is None or run.task.done()) and not run.work and time.monotonic() - run.checked > IDLE_S:
                 del self.runs[batch_id]  # idle for a while: forget its lane states
-                continue
-            doc = await self.store.get(BATCH_NS, batch_id)
-            if doc is not None:
-                run.doc = doc
-            cancelled = int(run.doc.get("cancelled_run", 0))
-            dropped = [p for p in run.work if p.ticket.run <= cancelled]
-            for pending in dropped:
-                run.work.remove(pending)
-            if dropped:
-                await self._finished([Change(LEASES + batch_id, p.ticket.item_id, p.ticket.lease, None)
-                                      for p in dropped], [p.ticket.entry_id for p in dropped])
         deferred, self.deferred = self.deferred, []
         if deferred:
             await self._accept(deferred)
