@@ -88,10 +88,11 @@ def _lua(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def redis_counts(url: str | None) -> tuple[dict[str, int], float]:
-    """Redis's calls per command so far and its CPU seconds (``INFO commandstats``, ``INFO cpu``)."""
+def redis_counts(url: str | None) -> tuple[dict[str, int], dict[str, int], float]:
+    """Redis's calls and µs per command so far and its CPU seconds (``INFO commandstats``, ``INFO cpu``; commands a
+    script runs count on their own and in the script's time)."""
     if url is None:
-        return {}, 0.0
+        return {}, {}, 0.0
     import redis
 
     client = redis.Redis.from_url(url)
@@ -101,7 +102,8 @@ def redis_counts(url: str | None) -> tuple[dict[str, int], float]:
     finally:
         client.close()
     calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
-    return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    usec = {name.removeprefix("cmdstat_"): int(v["usec"]) for name, v in stats.items()}
+    return calls, usec, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 def measure(url: str, groups: list[int], duration: float, load: str, work: Path,
@@ -120,7 +122,7 @@ def measure(url: str, groups: list[int], duration: float, load: str, work: Path,
         return asyncio.run(run_load(target, headers, body, concurrency=concurrency, duration=seconds))
 
     drive(16, 1.0)  # warm-up
-    calls0, redis_cpu0 = redis_counts(redis_url)
+    calls0, usec0, redis_cpu0 = redis_counts(redis_url)
     others = {**(others or {}), "load generator": lambda: sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])}
     others0 = {name: cpu_s() for name, cpu_s in others.items()}
     before, (busy0, total0) = sum(group_cpu_s(g) for g in groups), machine_ticks()
@@ -128,13 +130,14 @@ def measure(url: str, groups: list[int], duration: float, load: str, work: Path,
     cpu = sum(group_cpu_s(g) for g in groups) - before
     busy1, total1 = machine_ticks()
     others1 = {name: cpu_s() for name, cpu_s in others.items()}
-    calls1, redis_cpu1 = redis_counts(redis_url)
+    calls1, usec1, redis_cpu1 = redis_counts(redis_url)
     ok = max(result["ok"], 1)
     per_request = {name: (n - calls0.get(name, 0)) / ok for name, n in calls1.items()
                    if name not in ("info",) and n > calls0.get(name, 0)}
+    usec = {name: (n - usec0.get(name, 0)) / ok for name, n in usec1.items() if name in per_request}
     return {"rps": result["rps"], "cpu_us": cpu / ok * 1e6, "errors": result["errors"],
             "scillm_cores": cpu / duration, "machine_busy": (busy1 - busy0) / max(total1 - total0, 1),
-            "redis_calls": per_request, "redis_cpu_us": (redis_cpu1 - redis_cpu0) / ok * 1e6,
+            "redis_calls": per_request, "redis_usec": usec, "redis_cpu_us": (redis_cpu1 - redis_cpu0) / ok * 1e6,
             "others_us": {name: (others1[name] - others0[name]) / ok * 1e6 for name in others}}
 
 
@@ -263,7 +266,10 @@ def main() -> None:
                      for c in sorted({c for r in runs for c in r["redis_calls"]})}
             print(f"  Redis commands per request (median): {sum(calls.values()):.3f} ("
                   + ", ".join(f"{c} {n:.3f}" for c, n in calls.items() if n >= 0.001)
-                  + f"); Redis CPU {statistics.median(r['redis_cpu_us'] for r in runs):.0f} µs/req; waits for a global "
+                  + f"); Redis CPU {statistics.median(r['redis_cpu_us'] for r in runs):.0f} µs/req, of which in "
+                  + "commands: " + ", ".join(f"{c} {u:.1f}" for c in calls if (u := statistics.median(
+                      r["redis_usec"].get(c, 0.0) for r in runs)) >= 0.05)
+                  + " µs; waits for a global "
                   + "slot per run: " + ", ".join(str(r["global_waits"]) for r in runs), file=sys.stderr)
 
 

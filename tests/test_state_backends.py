@@ -264,24 +264,43 @@ def test_state_table_chooses_the_backend(tmp_path: Path) -> None:
 async def test_slots_hold_a_limit_across_processes_and_lapse_when_not_renewed(
         stores: Callable[[], StateStore]) -> None:
     a, b = stores(), stores()
-    taken = await asyncio.gather(*(s.acquire_slot("openai", f"h{i}", 4, ttl_s=0.5)
-                                   for i, s in enumerate([a, b] * 10)))
-    assert sum(taken) == 4 and await b.slots_held("openai") == 4
-    holders = [f"h{i}" for i, ok in enumerate(taken) if ok]
-    await a.release_slots("openai", holders[:1])
-    assert await b.acquire_slot("openai", "late", 4, ttl_s=0.5)
-    assert not await a.acquire_slot("openai", "later", 4, ttl_s=0.5)
+    held = {"h0": 0, "h1": 0, "h2": 0}
+
+    async def take(store: StateStore, holder: str, want: int, ttl_s: float = 0.5) -> int:
+        taken = await store.hold_slots("openai", holder, held[holder], want, 4, ttl_s)
+        held[holder] += taken
+        return taken
+
+    racing = await asyncio.gather(*(s.hold_slots("openai", f"r{i}", 0, 1, 4, 0.5) for i, s in enumerate([a, b] * 10)))
+    assert sum(racing) == 4  # twenty holders at once, two connections: four slots
+    await asyncio.gather(*(s.hold_slots("openai", f"r{i}", 0, 0, 4, 0.5) for i, s in enumerate([a, b] * 10)))
+    assert await a.slots_held("openai") == 0
+    assert await take(a, "h0", 3) == 3 and await take(b, "h1", 3) == 1  # a holder's own calls come one at a time
+    assert await b.slots_held("openai") == 4
+    held["h0"] -= 1  # one given back: the holder's next call says so
+    assert await take(b, "h2", 3) == 0 and await take(a, "h0", 0) == 0
+    assert await take(b, "h2", 3) == 1 and await take(a, "h0", 1) == 0
     await asyncio.sleep(0.3)
-    assert await a.renew_slots("openai", ["late"], ttl_s=5) == 1
-    await asyncio.sleep(0.4)  # the others were not renewed: their holder is as good as dead
+    assert await take(a, "h2", 0, ttl_s=5) == 0  # h2 renews its one slot; h0 and h1 fall silent
+    await asyncio.sleep(0.4)  # their processes are as good as dead: their slots lapsed
     assert await b.slots_held("openai") == 1
-    assert await b.acquire_slot("openai", "new", 4, ttl_s=5)
+    assert await take(b, "h2", 5, ttl_s=5) == 3
 
 
-async def test_exchanging_slots_releases_first_then_takes_in_order(stores: Callable[[], StateStore]) -> None:
+async def test_a_holders_count_is_what_it_says_and_zero_leaves(stores: Callable[[], StateStore]) -> None:
     store = stores()
-    assert await store.exchange_slots("p", [], ["a", "b", "c"], 2, ttl_s=5) == [True, True, False]
-    assert await store.exchange_slots("p", ["a"], ["c", "d"], 2, ttl_s=5) == [True, False]
+    assert await store.hold_slots("p", "a", 0, 3, 2, ttl_s=5) == 2
+    # a reply that never arrived: "a" took 2 but counts 0; its next call sets the store's count right
+    assert await store.hold_slots("p", "a", 0, 0, 2, ttl_s=5) == 0
+    assert await store.slots_held("p") == 0
+    assert await store.hold_slots("p", "b", 0, 2, 2, ttl_s=5) == 2
+    assert await store.hold_slots("p", "a", 0, 1, 2, ttl_s=5) == 0
+    # a holder back from a stall keeps the slots it still has in flight counted, above the limit if need be
+    assert await store.hold_slots("p", "a", 1, 0, 2, ttl_s=5) == 0
+    assert await store.slots_held("p") == 3
+    assert await store.hold_slots("p", "b", 1, 1, 2, ttl_s=5) == 0
+    assert await store.hold_slots("p", "a", 0, 0, 2, ttl_s=5) == 0
+    assert await store.hold_slots("p", "b", 1, 1, 2, ttl_s=5) == 1
     assert await store.slots_held("p") == 2
 
 

@@ -152,23 +152,15 @@ class StateStore(Protocol):
     async def queue_depth(self, queue: str) -> dict[str, int]:
         """``{"waiting": entries nobody holds, "claimed": entries held}``."""
 
-    async def acquire_slot(self, pool: str, holder: str, limit: int, ttl_s: float) -> bool:
-        """A counting semaphore with leases: take a slot of ``pool`` for ``holder`` when fewer than ``limit`` live
-        leases are held (leases not renewed within ``ttl_s`` lapse: their process died). Whether it was taken."""
-
-    async def renew_slots(self, pool: str, holders: Sequence[str], ttl_s: float) -> int:
-        """Extend the leases ``holders`` still have by ``ttl_s``; how many they still had."""
-
-    async def release_slots(self, pool: str, holders: Sequence[str]) -> None:
-        """Give slots back."""
-
-    async def exchange_slots(self, pool: str, release: Sequence[str], acquire: Sequence[str], limit: int,
-                             ttl_s: float) -> list[bool]:
-        """In one atomic step: give back ``release``, then take a slot for each of ``acquire`` in order while fewer
-        than ``limit`` leases are held (what concurrent callers share as one round trip). Whether each was taken."""
+    async def hold_slots(self, pool: str, holder: str, held: int, want: int, limit: int, ttl_s: float) -> int:
+        """A counting semaphore shared by processes, counted per holder (one process): in one atomic step, record
+        that ``holder`` holds ``held`` slots of ``pool`` (its own count of what it took and has not given back:
+        a reply it never got cannot leave a slot taken) and take up to ``want`` more while fewer than ``limit``
+        are held by all live holders; how many were taken. A holder that does not call again within ``ttl_s``
+        lapses with all its slots (its process died); ``held`` and ``want`` 0 removes it."""
 
     async def slots_held(self, pool: str) -> int:
-        """Live leases of ``pool``."""
+        """Slots of ``pool`` held by live holders."""
 
     async def health(self) -> dict[str, Any]:
         """``{"backend", "reachable", ...}`` for ``GET /v1/scillm/health``, answered within the backend's timeout;

@@ -8,7 +8,8 @@ another's keys):
 - logs: the stream ``{p}l:{ns}`` (``XADD``/``XREVRANGE``/``XTRIM``; followed with ``XREAD``);
 - queues: the stream ``{p}q:{name}`` with the consumer group ``work`` (``XREADGROUP``, ``XAUTOCLAIM``, ``XACK``);
 - counters: ``{p}c:{ns}:{key}`` strings holding a number (``PEXPIRE`` for their window), changed only by one Lua
-  script per :meth:`RedisStore.count` call.
+  script per :meth:`RedisStore.count` call;
+- slots: the hash ``{p}s:{pool}``, one field per holder (process): its slots held and when it lapses.
 
 Everything that must be atomic is one command, a ``MULTI`` block or a Lua script, never a read then a write.
 Every command is bounded by ``timeout_s`` (one retry on a fresh connection, for a server that restarted); a server
@@ -68,38 +69,42 @@ return n
 """
 
 
-# A counting semaphore with leases: members are holders, scores their expiry (server time, ms).
-_ACQUIRE = """
+# A counting semaphore counted per holder (a process): the hash field of each holder is "<slots held> <expiry in
+# server ms>". ARGV: holder, held, want, limit, TTL ms; returns how many were taken.
+_HOLD = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
-  return 1
-end
-return 0
-"""
-
-_EXCHANGE = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local ttl, limit, released = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-for i = 4, 3 + released do redis.call('ZREM', KEYS[1], ARGV[i]) end
-local held = redis.call('ZCARD', KEYS[1])
-local taken = {}
-for i = 4 + released, #ARGV do
-  if held < limit then
-    redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
-    held = held + 1
-    taken[#taken + 1] = 1
-  else
-    taken[#taken + 1] = 0
+local held, want, limit, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local others = 0
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local n, expiry = string.match(fields[i + 1], '^(%d+) (%d+)$')
+  if tonumber(expiry) <= now then
+    redis.call('HDEL', KEYS[1], fields[i])
+  elseif fields[i] ~= ARGV[1] then
+    others = others + tonumber(n)
   end
 end
-redis.call('PEXPIRE', KEYS[1], ttl * 2)
+local taken = math.max(0, math.min(want, limit - others - held))
+if held + taken > 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], (held + taken) .. ' ' .. (now + ttl))
+  redis.call('PEXPIRE', KEYS[1], ttl * 2)
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
 return taken
+"""
+
+_HELD = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local held = 0
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 2, #fields, 2 do
+  local n, expiry = string.match(fields[i], '^(%d+) (%d+)$')
+  if tonumber(expiry) > now then held = held + tonumber(n) end
+end
+return held
 """
 
 # A commit: per change three keys (document, its namespace's index, its log) and five arguments (expected, value,
@@ -143,18 +148,6 @@ _APPEND = """
 for i = 1, #ARGV do redis.call('XADD', KEYS[1], '*', 'v', ARGV[i]) end
 return #ARGV
 """
-
-_RENEW = """
-local t = redis.call('TIME')
-local expiry = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
-local n = 0
-for i = 2, #ARGV do
-  n = n + redis.call('ZADD', KEYS[1], 'XX', 'CH', expiry, ARGV[i])
-end
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
-return n
-"""
-
 
 # StateStore.count: ARGV[1] is the groups as JSON, [[[key index, delta, limit or -1 (none), ttl ms or 0], ...],
 # ...]; KEYS are the counters. Each group is checked against the values after the groups before it and applied
@@ -543,38 +536,14 @@ class RedisStore:
 
     # -- slots -------------------------------------------------------------------------------------------------------
 
-    async def acquire_slot(self, pool: str, holder: str, limit: int, ttl_s: float) -> bool:
+    async def hold_slots(self, pool: str, holder: str, held: int, want: int, limit: int, ttl_s: float) -> int:
         with self.unavailable():
-            return bool(await self.script(_ACQUIRE)(keys=[_name("s", self.prefix, pool)],
-                                                    args=[holder, limit, max(1, int(ttl_s * 1000))]))
-
-    async def renew_slots(self, pool: str, holders: Sequence[str], ttl_s: float) -> int:
-        if not holders:
-            return 0
-        with self.unavailable():
-            return int(await self.script(_RENEW)(keys=[_name("s", self.prefix, pool)],
-                                                 args=[max(1, int(ttl_s * 1000)), *holders]))
-
-    async def release_slots(self, pool: str, holders: Sequence[str]) -> None:
-        if holders:
-            with self.unavailable():
-                await self.redis.zrem(_name("s", self.prefix, pool), *holders)
-
-    async def exchange_slots(self, pool: str, release: Sequence[str], acquire: Sequence[str], limit: int,
-                             ttl_s: float) -> list[bool]:
-        with self.unavailable():
-            taken = await self.script(_EXCHANGE)(keys=[_name("s", self.prefix, pool)], args=[
-                max(1, int(ttl_s * 1000)), limit, len(release), *release, *acquire])
-        return [bool(x) for x in taken]
+            return int(await self.script(_HOLD)(keys=[_name("s", self.prefix, pool)],
+                                                args=[holder, held, want, limit, max(1, int(ttl_s * 1000))]))
 
     async def slots_held(self, pool: str) -> int:
-        key = _name("s", self.prefix, pool)
         with self.unavailable():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.zremrangebyscore(key, "-inf", int(time.time() * 1000))
-                pipe.zcard(key)
-                _, held = await pipe.execute()
-        return int(held)
+            return int(await self.script(_HELD)(keys=[_name("s", self.prefix, pool)]))
 
     # -- health ----------------------------------------------------------------------------------------------------
 

@@ -38,8 +38,9 @@ CREATE INDEX IF NOT EXISTS logs_ts ON logs (ns, ts);
 CREATE TABLE IF NOT EXISTS queue (id INTEGER PRIMARY KEY AUTOINCREMENT, q TEXT NOT NULL, value BLOB NOT NULL,
                                   owner TEXT, touched REAL);
 CREATE INDEX IF NOT EXISTS queue_q ON queue (q, owner, id);
-CREATE TABLE IF NOT EXISTS slots (pool TEXT NOT NULL, holder TEXT NOT NULL, expires REAL NOT NULL,
-                                  PRIMARY KEY (pool, holder));
+DROP TABLE IF EXISTS slots;
+CREATE TABLE IF NOT EXISTS slot_holders (pool TEXT NOT NULL, holder TEXT NOT NULL, held INTEGER NOT NULL,
+                                         expires REAL NOT NULL, PRIMARY KEY (pool, holder)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (ns TEXT NOT NULL, key TEXT NOT NULL, value REAL NOT NULL, expires REAL,
                                      PRIMARY KEY (ns, key)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS log_expiry (ns TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
@@ -514,48 +515,32 @@ class SQLiteStore:
             "SELECT count(*) - count(owner), count(owner) FROM queue WHERE q = ?", (queue,)).fetchone())
         return {"waiting": int(waiting or 0), "claimed": int(claimed or 0)}
 
-    async def acquire_slot(self, pool: str, holder: str, limit: int, ttl_s: float) -> bool:
-        return (await self.exchange_slots(pool, (), (holder,), limit, ttl_s))[0]
-
-    async def exchange_slots(self, pool: str, release: Sequence[str], acquire: Sequence[str], limit: int,
-                             ttl_s: float) -> list[bool]:
-        def exchange(db: sqlite3.Connection) -> list[bool]:
+    async def hold_slots(self, pool: str, holder: str, held: int, want: int, limit: int, ttl_s: float) -> int:
+        def hold(db: sqlite3.Connection) -> int:
             now = time.time()
-            taken: list[bool] = []
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.execute("DELETE FROM slots WHERE pool = ? AND expires <= ?", (pool, now))
-                db.executemany("DELETE FROM slots WHERE pool = ? AND holder = ?", [(pool, h) for h in release])
-                (held,) = db.execute("SELECT count(*) FROM slots WHERE pool = ?", (pool,)).fetchone()
-                for holder in acquire:
-                    taken.append(held < limit)
-                    if held < limit:
-                        db.execute("INSERT OR REPLACE INTO slots (pool, holder, expires) VALUES (?, ?, ?)",
-                                   (pool, holder, now + ttl_s))
-                        held += 1
+                db.execute("DELETE FROM slot_holders WHERE pool = ? AND expires <= ?", (pool, now))
+                (others,) = db.execute("SELECT coalesce(sum(held), 0) FROM slot_holders WHERE pool = ? AND holder != ?",
+                                       (pool, holder)).fetchone()
+                taken = max(0, min(want, limit - others - held))
+                if held + taken > 0:
+                    db.execute("INSERT OR REPLACE INTO slot_holders (pool, holder, held, expires) VALUES (?, ?, ?, ?)",
+                               (pool, holder, held + taken, now + ttl_s))
+                else:
+                    db.execute("DELETE FROM slot_holders WHERE pool = ? AND holder = ?", (pool, holder))
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
-            return taken
+            return int(taken)
 
-        return await self._run(exchange)
-
-    async def renew_slots(self, pool: str, holders: Sequence[str], ttl_s: float) -> int:
-        marks = ",".join("?" * len(holders))
-        return await self._run(lambda db: db.execute(  # type: ignore[no-any-return]
-            f"UPDATE slots SET expires = ? WHERE pool = ? AND expires > ? AND holder IN ({marks})",
-            (time.time() + ttl_s, pool, time.time(), *holders)).rowcount) if holders else 0
-
-    async def release_slots(self, pool: str, holders: Sequence[str]) -> None:
-        marks = ",".join("?" * len(holders))
-        if holders:
-            await self._run(lambda db: db.execute(f"DELETE FROM slots WHERE pool = ? AND holder IN ({marks})",
-                                                  (pool, *holders)))
+        return await self._run(hold)
 
     async def slots_held(self, pool: str) -> int:
         return await self._run(lambda db: int(db.execute(
-            "SELECT count(*) FROM slots WHERE pool = ? AND expires > ?", (pool, time.time())).fetchone()[0]))
+            "SELECT coalesce(sum(held), 0) FROM slot_holders WHERE pool = ? AND expires > ?",
+            (pool, time.time())).fetchone()[0]))
 
     async def health(self) -> dict[str, Any]:
         try:

@@ -1,9 +1,9 @@
 """Resilience state shared by every process and instance on a Redis state store (``[state] backend = "redis"``).
 
 - **Concurrency limits**: each upstream call holds, besides its slot of this process's limiter (which keeps the
-  FIFO wait queue), a lease on the provider's global slot pool (``StateStore.acquire_slot``): at most
-  ``max_concurrency`` calls are in flight across all instances. Leases are renewed while calls run and lapse after
-  ``[state] claim_timeout_s`` when their process dies, so a dead instance never keeps slots.
+  FIFO wait queue), one of the provider's global slots (``StateStore.hold_slots``, counted per process): at most
+  ``max_concurrency`` calls are in flight across all instances. A process's count is renewed while it holds slots
+  and lapses after ``[state] claim_timeout_s`` when the process dies, so a dead instance never keeps slots.
 - **AIMD**: the effective limit is one document per provider; an upstream 429 halves it by compare-and-set (once
   per window, as locally), and every process computes the recovery from it (one step per ``aimd_recover_s``).
 - **Circuit breakers**: failures are counted in one document per deployment (compare-and-set); a circuit opened by
@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -45,25 +45,38 @@ AIMD_NS, BREAKER_NS, PAUSE_NS = "resilience-aimd", "resilience-breaker", "resili
 
 
 class SlotBatch:
-    """Group commit for one provider's global slots: acquires and releases queued while a round trip is under way
-    go together in the next one (``StateStore.exchange_slots``), so under load one Redis call serves many
-    requests. Releases nobody waits for ride along with the next acquire, or go on their own at once."""
+    """Group commit for one provider's global slots, counted for this process: acquires queued while a round trip
+    is under way go together in the next one (``StateStore.hold_slots``), so under load one Redis call serves many
+    requests. Each call tells the store how many slots this process holds now (its own count: a release is a
+    smaller count, a reply that never arrived cannot leave a slot taken); a release nobody waits for rides along
+    with the next acquire, or goes on its own at once, and so does a renewal."""
 
     def __init__(self, shared: Shared, provider: str) -> None:
         self.shared = shared
         self.pool = "limits:" + provider
-        self.acquires: list[tuple[str, int, asyncio.Future[bool]]] = []
-        self.releases: list[str] = []
+        self.held = 0  # slots this process holds (granted, not given back)
+        self.acquires: list[tuple[int, asyncio.Future[bool]]] = []
+        self.stale = False  # the store's count for this process is not this one (a release, a renewal is due)
         self.task: asyncio.Task[None] | None = None
 
-    async def acquire(self, lease: str, limit: int) -> bool:
+    async def acquire(self, limit: int) -> bool:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.acquires.append((lease, limit, future))
+        self.acquires.append((limit, future))
         self._wake()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.result():
+                self.release()  # taken just as its caller left
+            raise
 
-    def release(self, lease: str) -> None:
-        self.releases.append(lease)
+    def release(self) -> None:
+        self.held -= 1
+        self.stale = True
+        self._wake()
+
+    def renew(self) -> None:
+        self.stale = True
         self._wake()
 
     def _wake(self) -> None:
@@ -71,22 +84,26 @@ class SlotBatch:
             self.task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
-        while self.acquires or self.releases:
+        while self.acquires or self.stale:
             acquires, self.acquires = self.acquires, []
-            releases, self.releases = self.releases, []
-            limit = min((limit for _, limit, _ in acquires), default=1)
+            self.stale = False
+            limit = min((limit for limit, _ in acquires), default=1)
             try:
-                taken = await self.shared.store.exchange_slots(self.pool, releases, [lease for lease, _, _ in acquires],
-                                                               limit, self.shared.ttl_s)
-            except Exception as exc:  # released leases lapse after the TTL; waiting acquires hear why
+                taken = await self.shared.store.hold_slots(self.pool, self.shared.holder, self.held, len(acquires),
+                                                           limit, self.shared.ttl_s)
+            except Exception as exc:  # a count the store missed lapses after the TTL; waiting acquires hear why
                 self.shared._failed(exc)
-                for _, _, future in acquires:
+                for _, future in acquires:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, _, future), ok in zip(acquires, taken, strict=True):
-                if not future.done():
-                    future.set_result(ok)
+            for i, (_, future) in enumerate(acquires):
+                if future.done():  # its caller left: a slot taken for it goes back with the next call
+                    self.stale = self.stale or i < taken
+                    continue
+                future.set_result(i < taken)
+                if i < taken:
+                    self.held += 1
 
 
 class Shared:
@@ -95,7 +112,9 @@ class Shared:
         self.aimd = aimd
         self.recover_s = recover_s
         self.ttl_s = runtime.config.state.claim_timeout_s
-        self.held: dict[str, str] = {}                 # lease -> provider
+        self.holder = runtime.instance_id              # whose slots these are in the store
+        self.held: dict[int, str] = {}                 # lease -> provider
+        self.leases = itertools.count(1)
         self.batches: dict[str, SlotBatch] = {}        # provider -> its group commit of slot changes
         self.freed: dict[str, asyncio.Event] = {}      # provider -> woken when this process frees a slot
         self.mirrors: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
@@ -159,21 +178,21 @@ class Shared:
         steps = int((time.time() - float(doc["changed"])) / self.recover_s)
         return min(limit, int(doc["effective"]) + max(steps, 0))
 
-    async def acquire(self, limiter: Limiter, wait_s: float) -> str | None:
-        """A global slot of ``limiter``'s provider (its lease), waiting up to ``wait_s``. ``None``: Redis is down
-        and this process's limiter, narrowed to its share, stands in."""
+    async def acquire(self, limiter: Limiter, wait_s: float) -> int | None:
+        """A global slot of ``limiter``'s provider (a lease number), waiting up to ``wait_s``. ``None``: Redis is
+        down and this process's limiter, narrowed to its share, stands in."""
         provider = limiter.provider
         if self.skipping:
             self.narrow(limiter)
             return None
         deadline = time.monotonic() + wait_s
         pause = POLL_S[0]
-        lease = uuid.uuid4().hex
         while True:
             try:
                 limit = self.effective(await self._doc(AIMD_NS, provider), limiter.limit)
-                if await self.batch(provider).acquire(lease, limit):
+                if await self.batch(provider).acquire(limit):
                     self.recovered(limiter)
+                    lease = next(self.leases)
                     self.held[lease] = provider
                     self._start_renewer()
                     return lease
@@ -201,11 +220,11 @@ class Shared:
             self.degraded = None
         limiter.effective = limiter.limit
 
-    def release(self, lease: str) -> None:
+    def release(self, lease: int) -> None:
         provider = self.held.pop(lease, None)
         if provider is None:
             return
-        self.batch(provider).release(lease)
+        self.batch(provider).release()
         event = self.freed.pop(provider, None)
         if event is not None:
             event.set()
@@ -221,16 +240,13 @@ class Shared:
             self.renewer = asyncio.ensure_future(self._renew())
 
     async def _renew(self) -> None:
+        """While this process holds slots, its count is renewed every third of the TTL (through the same group
+        commit as acquires and releases, so counts reach the store in order)."""
         while self.held:
             await asyncio.sleep(self.ttl_s / 3)
-            by_provider: dict[str, list[str]] = {}
-            for lease, provider in list(self.held.items()):
-                by_provider.setdefault(provider, []).append(lease)
-            for provider, leases in by_provider.items():
-                try:
-                    await self.store.renew_slots("limits:" + provider, leases, self.ttl_s)
-                except Exception as exc:
-                    self._failed(exc)
+            for batch in list(self.batches.values()):
+                if batch.held:
+                    batch.renew()
 
     async def rate_limited(self, limiter: Limiter, admitted_wall: float) -> None:
         """AIMD across instances: halve the shared effective limit, once per window."""
