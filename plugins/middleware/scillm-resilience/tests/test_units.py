@@ -273,3 +273,53 @@ def test_shared_documents_are_read_once_for_all_the_callers_that_find_the_copy_s
         assert await again is None
 
     asyncio.run(main())
+
+
+def test_global_slots_are_one_count_per_process_and_a_slot_taken_for_a_caller_that_left_goes_back(tmp_path):
+    """Two processes on one store (the per-process count of ``StateStore.hold_slots``): the limit holds across
+    them, a release reaches the store so the other process gets the slot, and a caller that leaves while its slot
+    is being taken does not keep it taken (it goes back with the next call)."""
+    from types import SimpleNamespace
+
+    from scillm_resilience.shared import Shared
+
+    from scillm_core.state.sqlite import SQLiteStore
+
+    class Gated(SQLiteStore):
+        gate: asyncio.Event | None = None
+
+        async def hold_slots(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if self.gate is not None:
+                await self.gate.wait()
+            return await super().hold_slots(*args, **kwargs)
+
+    async def main() -> None:
+        stores = [Gated(tmp_path / "state.sqlite3"), Gated(tmp_path / "state.sqlite3")]
+        a, b = (Shared(SimpleNamespace(store=store, instance_id=f"process-{i}", presence=None, config=SimpleNamespace(
+            state=SimpleNamespace(claim_timeout_s=30))), aimd=False, recover_s=1.0)  # type: ignore[arg-type]
+            for i, store in enumerate(stores))
+        limiter = SimpleNamespace(provider="p", limit=3, effective=3)
+        first = [await a.acquire(limiter, 5.0) for _ in range(2)]  # type: ignore[arg-type]
+        assert None not in first and await stores[1].slots_held("limits:p") == 2
+
+        stores[0].gate = asyncio.Event()
+        leaving = asyncio.ensure_future(a.acquire(limiter, 5.0))  # type: ignore[arg-type]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        leaving.cancel()
+        stores[0].gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        await a.batch("p").task
+        assert a.batch("p").held == 2 and await stores[1].slots_held("limits:p") == 2
+
+        assert await b.acquire(limiter, 5.0) is not None  # type: ignore[arg-type]
+        with pytest.raises(QueueTimeoutSignal):
+            await b.acquire(limiter, 0.05)  # type: ignore[arg-type]
+        a.release(first[0])
+        assert await b.acquire(limiter, 5.0) is not None  # type: ignore[arg-type]
+        assert await stores[0].slots_held("limits:p") == 3 and b.batch("p").held == 2 and a.batch("p").held == 1
+        for store in stores:
+            await store.close()
+
+    asyncio.run(main())
