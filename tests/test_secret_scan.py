@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -43,7 +44,9 @@ USER = [{"role": "user", "content": "hello"}]
 
 
 def secret_fragments(value: str, width: int = 12) -> set[str]:
-    tail = value.split("-")[-1] if value.startswith("sk-") else value
+    # the part after a key's lowercase prefix words ("sk-proj-", "sk-scillm-run-"); a run key's random part may
+    # itself hold a "-" (token_urlsafe), so not whatever follows the last "-" (a short tail matches any text)
+    tail = re.sub(r"^sk-(?:[a-z]+-)*", "", value) if value.startswith("sk-") else value
     return {tail[i:i + width] for i in range(max(1, len(tail) - width + 1))}
 
 
