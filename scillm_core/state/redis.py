@@ -9,7 +9,8 @@ another's keys):
 - queues: the stream ``{p}q:{name}`` with the consumer group ``work`` (``XREADGROUP``, ``XAUTOCLAIM``, ``XACK``);
 - counters: ``{p}c:{ns}:{key}`` strings holding a number (``PEXPIRE`` for their window), changed only by one Lua
   script per :meth:`RedisStore.count` call;
-- slots: the hash ``{p}s:{pool}``, one field per holder (process): its slots held and when it lapses.
+- slots: the hash ``{p}h:{pool}``, one field per holder (process): its slots held and when it lapses (a new key
+  name: the sorted set ``{p}s:{pool}`` of one lease per call that came before it is left to expire).
 
 Everything that must be atomic is one command, a ``MULTI`` block or a Lua script, never a read then a write.
 Every command is bounded by ``timeout_s`` (one retry on a fresh connection, for a server that restarted); a server
@@ -538,12 +539,12 @@ class RedisStore:
 
     async def hold_slots(self, pool: str, holder: str, held: int, want: int, limit: int, ttl_s: float) -> int:
         with self.unavailable():
-            return int(await self.script(_HOLD)(keys=[_name("s", self.prefix, pool)],
+            return int(await self.script(_HOLD)(keys=[_name("h", self.prefix, pool)],
                                                 args=[holder, held, want, limit, max(1, int(ttl_s * 1000))]))
 
     async def slots_held(self, pool: str) -> int:
         with self.unavailable():
-            return int(await self.script(_HELD)(keys=[_name("s", self.prefix, pool)]))
+            return int(await self.script(_HELD)(keys=[_name("h", self.prefix, pool)]))
 
     # -- health ----------------------------------------------------------------------------------------------------
 
