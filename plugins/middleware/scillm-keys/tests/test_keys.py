@@ -144,6 +144,51 @@ def test_revocation_reaches_another_process_sharing_the_store(server: Server, tm
             chat(client)
 
 
+def test_one_version_read_serves_a_pass_of_the_event_loop_and_sees_revocations_between_passes(
+        server: Server, tmp_path: Path) -> None:
+    """Requests the loop resumes in one pass share one read of a key's version (each arrived before it); a request
+    resumed in a later pass reads again and is refused once another process revoked the key in between."""
+    key_id, token = server.key(name="one-read-per-pass")
+    runtime = server.thread.app.runtime
+    keys, store = runtime.plugin_state["keys"], runtime.store
+    reads: list[str] = []
+    original = store.peek
+
+    def peek(namespace: str, key: str) -> float | None:
+        reads.append(key)
+        return original(namespace, key)
+
+    async def passes() -> tuple[int, int]:
+        await keys.resolve(token)  # cached from here on
+        await asyncio.sleep(0)
+        reads.clear()
+        await asyncio.gather(*(keys.resolve(token) for _ in range(20)))  # one pass: one read
+        first = len(reads)
+        await asyncio.sleep(0)
+        await keys.resolve(token)  # the next pass: read again
+        return first, len(reads)
+
+    store.peek = peek
+    try:
+        first, second = asyncio.run_coroutine_threadsafe(passes(), server.thread.loop).result(30)  # type: ignore[arg-type]
+        assert (first, second) == (1, 2) and reads == [f"v:{key_id}"] * 2
+        other = make_app(env={"SCILLM_MASTER_KEY": MASTER}, data_dir=server.data_dir)  # another process, same store
+        with ServerThread(other) as elsewhere:
+            assert httpx.delete(f"{elsewhere.url}/v1/scillm/keys/{key_id}",
+                                headers={"authorization": f"Bearer {MASTER}"}).status_code == 200
+
+        async def after() -> str:
+            try:
+                await keys.resolve(token)
+            except Exception as exc:
+                return str(exc)
+            return "accepted"
+
+        assert "revoked" in asyncio.run_coroutine_threadsafe(after(), server.thread.loop).result(30)  # type: ignore[arg-type]
+    finally:
+        store.peek = original
+
+
 def test_rotation_replaces_the_secret_and_keeps_what_the_key_owns(server: Server) -> None:
     key_id, old = server.key(name="rotating")
     chat(openai.OpenAI(base_url=server.url + "/v1", api_key=old, max_retries=0), user="before-rotation")

@@ -11,6 +11,10 @@ thread, :meth:`StateStore.peek`; Redis: a read batched with concurrent requests'
 counter still equals the cached version;
 otherwise it reloads the document. So a revoked or rotated key is refused on its next request in every process
 sharing the store, without a store read of the document per request.
+
+An inline read is shared by the requests the event loop runs before it next looks for I/O (a callback queued with
+the read forgets it): each of them was received before the read was made, so the read sees every change committed
+before any of them arrived. Under load one read then serves every request of a pass of the loop.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class KeyStore:
         self.current: dict[str, tuple[Identity, float | None]] = {}
         self.lock = asyncio.Lock()
         self.stats = {"hits": 0, "misses": 0, "refused": 0}
+        self.peeked: dict[str, float] = {}  # versions read inline in this pass of the event loop (module doc)
 
     # -- requests -------------------------------------------------------------------------------------------------
 
@@ -138,11 +143,19 @@ class KeyStore:
         return identity
 
     async def _version(self, key_id: str) -> int:
-        """The key's version as the store has it now: read inline where the store can (SQLite), else in a round
-        trip shared with concurrent requests (Redis). Either read sees every change committed before it."""
+        """The key's version as the store has it now: read inline where the store can (SQLite; one read per key
+        and pass of the event loop, see the module doc), else in a round trip shared with concurrent requests
+        (Redis). Either read sees every change committed before the request arrived."""
+        peeked = self.peeked
+        version = peeked.get(key_id)
+        if version is not None:
+            return int(version)
         version = self.runtime.store.peek(NAMESPACE, f"v:{key_id}")
         if version is None:
-            version = (await self.versions.count((Count(f"v:{key_id}"),))).values[0]
+            return int((await self.versions.count((Count(f"v:{key_id}"),))).values[0])
+        if not peeked:
+            asyncio.get_running_loop().call_soon(peeked.clear)
+        peeked[key_id] = version
         return int(version)
 
     # -- administration -------------------------------------------------------------------------------------------
@@ -206,6 +219,7 @@ class KeyStore:
 
     async def _bump(self, key_id: str) -> int:
         outcome = await self.versions.count((Count(f"v:{key_id}", 1),))
+        self.peeked.pop(key_id, None)
         return int(outcome.values[0])
 
     def health(self) -> dict[str, Any]:
