@@ -35,7 +35,6 @@ from scillm_metrics.series import Counters, SeriesCollector
 
 from scillm_budgets.leases import Leases
 from scillm_budgets.limiter import (
-    SLOT_TTL_S,
     Admission,
     Layout,
     estimate_input_tokens,
@@ -258,8 +257,8 @@ class Charge:
         tokens it may use. 403 when a dollar budget applies and the model has no price (unless allowed)."""
         state, request, route = self.state, self.request, self.route
         config = state.config
-        prices = [state.prices.lookup(r.provider, r.model) for r in (route, *route.fallbacks)] if plan.dollars else []
-        price = self.price = prices[0] if prices else None
+        chat = isinstance(request, ChatRequest)  # embeddings have no output tokens
+        price = self.price = state.prices.lookup(route.provider, route.model) if plan.dollars or chat else None
         if plan.dollars and price is None and config.unpriced == "refuse":
             self._refused("price_unknown", "key")
             raise errors.PermissionDenied(
@@ -268,12 +267,15 @@ class Charge:
                 code="price_unknown", param="model")
         input_tokens = estimate_input_tokens(request)
         output_tokens = 0
-        if isinstance(request, ChatRequest):  # embeddings have no output tokens
-            if price is None and not prices:
-                price = self.price = state.prices.lookup(route.provider, route.model)
+        if chat:
             output_tokens = request.max_output_tokens or (price.max_output_tokens if price else None) \
                 or config.default_max_output_tokens
-        reserve = max((reservation(p, input_tokens, output_tokens) for p in prices if p is not None), default=0)
+        if not plan.dollars:
+            return 0, input_tokens + output_tokens
+        reserve = reservation(price, input_tokens, output_tokens)
+        for other in route.fallbacks:  # the most expensive route the call may take
+            reserve = max(reserve, reservation(state.prices.lookup(other.provider, other.model), input_tokens,
+                                               output_tokens))
         return reserve, input_tokens + output_tokens
 
     def _refused(self, code: str, scope: str) -> None:
@@ -335,13 +337,10 @@ class Charge:
         # slots; and its cost to the settled spend
         plan, leases = admission.layout, state.leases
         if plan.checks:
-            for key, ttl in plan.held:
-                leases.release(key, admission.reserve_nano - charged, ttl)
-            if tokens is not None:
-                for key, ttl in plan.tpm:
-                    leases.release(key, admission.reserve_tokens - tokens.total, ttl)
-            for key in plan.slots:
-                leases.release(key, 1, SLOT_TTL_S)
+            leases.release_each(plan.held, admission.reserve_nano - charged)
+            if tokens is not None and plan.tpm:
+                leases.release_each(plan.tpm, admission.reserve_tokens - tokens.total)
+            leases.release_each(plan.freed, 1)
         leases.spend(plan.spent, charged)
         if not answered:
             ctx.notes.setdefault("cost_usd", 0.0)

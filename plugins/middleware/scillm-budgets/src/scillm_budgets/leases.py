@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from scillm_core.state import Count, Counted
 
@@ -37,16 +37,16 @@ __all__ = ["Leases"]
 CHUNK_CALLS = 32       # take room for this many calls like the one at hand (a busy process's calls in a linger) ...
 CHUNK_SHARE = 0.1      # ... but never more than this share of the limit
 NEVER = -1             # the linger mark of room no call drew from yet
-_NONE = (0.0, None, NEVER)
+ROOM, TTL, MARK = 0, 1, 2  # a free room entry: [room no call uses, its ttl, the linger in which a call last drew]
 
 
 class Leases:
     def __init__(self, counters: CountBatcher, *, linger_s: float = 0.05) -> None:
         self.counters = counters
         self.linger_s = linger_s
-        # counter key -> (room no call uses, its ttl, the linger in which a call last drew from it)
-        self.free: dict[str, tuple[float, float | None, int]] = {}
-        self.spent: dict[str, tuple[float, float | None]] = {}  # settled-spend counter -> (not yet written, ttl)
+        # counter key -> [room no call uses, its ttl, the linger in which a call last drew from it] (changed in place)
+        self.free: dict[str, list[Any]] = {}
+        self.spent: dict[str, list[Any]] = {}  # settled-spend counter -> [not yet written, ttl]
         self.lingers = 0  # lingers so far: the current one's number
         self.timer: asyncio.TimerHandle | None = None
         self.stats = {"from_room": 0, "from_store": 0}  # calls admitted from room held ahead / with a round trip
@@ -55,15 +55,18 @@ class Leases:
         """Admit a call wholly from the free room if every amount fits there (no store, no ``Count``); else change
         nothing and say so (:meth:`admit` then takes what is missing from the store)."""
         free = self.free
-        for key, amount in zip(keys, amounts, strict=True):
-            if amount > 0 and free.get(key, _NONE)[0] < amount:
-                self.stats["from_store"] += 1
-                return False
-        now = self.lingers
+        entries = []
         for key, amount in zip(keys, amounts, strict=True):
             if amount > 0:
-                room, ttl, _ = free[key]
-                free[key] = (room - amount, ttl, now)
+                entry = free.get(key)
+                if entry is None or entry[ROOM] < amount:
+                    self.stats["from_store"] += 1
+                    return False
+                entries.append((entry, amount))
+        now = self.lingers
+        for entry, amount in entries:
+            entry[ROOM] -= amount
+            entry[MARK] = now
         self.stats["from_room"] += 1
         return True
 
@@ -73,11 +76,12 @@ class Leases:
         taken: list[tuple[str, float, float | None]] = []
         needs: list[Count] = []
         for change in changes:
-            room, ttl, _ = self.free.get(change.key, (0.0, change.ttl_s, NEVER))
-            local = min(max(room, 0.0), change.delta)
-            if local:
-                self.free[change.key] = (room - local, ttl, self.lingers)
-                taken.append((change.key, local, ttl))
+            entry = self.free.get(change.key)
+            local = min(max(entry[ROOM], 0.0), change.delta) if entry is not None else 0.0
+            if entry is not None and local:
+                entry[ROOM] -= local
+                entry[MARK] = self.lingers
+                taken.append((change.key, local, entry[TTL]))
             if change.delta - local > 0:
                 needs.append(change._replace(delta=change.delta - local))
         if not needs:
@@ -105,15 +109,34 @@ class Leases:
         if amount:
             self._add(key, amount, ttl_s)
 
+    def release_each(self, counters: Sequence[tuple[str, float | None]], amount: float) -> None:
+        """:meth:`release` of the same ``amount`` to each of ``counters`` (key, ttl)."""
+        if not amount:
+            return
+        free = self.free
+        for key, ttl in counters:
+            entry = free.get(key)
+            if entry is None:
+                free[key] = [amount, ttl, NEVER]
+            else:
+                entry[ROOM] += amount
+                if entry[TTL] is None:
+                    entry[TTL] = ttl
+        self._wait()
+
     def spend(self, counters: Sequence[tuple[str, float | None]], amount: float) -> None:
         """Add a settled call's cost to settled-spend counters (they have no limit): summed in memory and written at
         the next linger, one change per counter (:meth:`flush_spent` queues them at once)."""
-        if not amount:
+        if not amount or not counters:
             return
         spent = self.spent
         for key, ttl in counters:
-            total = spent.get(key, _NONE)[0]
-            spent[key] = (total + amount, ttl)
+            entry = spent.get(key)
+            if entry is None:
+                spent[key] = [amount, ttl]
+            else:
+                entry[0] += amount
+                entry[1] = ttl
         self._wait()
 
     def flush_spent(self) -> None:
@@ -129,8 +152,15 @@ class Leases:
         return max(0.0, chunk - need.delta)
 
     def _add(self, key: str, amount: float, ttl_s: float | None, *, drawn: bool = False) -> None:
-        room, ttl, mark = self.free.get(key, (0.0, ttl_s, NEVER))
-        self.free[key] = (room + amount, ttl if ttl is not None else ttl_s, self.lingers if drawn else mark)
+        entry = self.free.get(key)
+        if entry is None:
+            self.free[key] = [amount, ttl_s, self.lingers if drawn else NEVER]
+        else:
+            entry[ROOM] += amount
+            if entry[TTL] is None:
+                entry[TTL] = ttl_s
+            if drawn:
+                entry[MARK] = self.lingers
         self._wait()
 
     def _give_back(self, taken: list[tuple[str, float, float | None]]) -> None:

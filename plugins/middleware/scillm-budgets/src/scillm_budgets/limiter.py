@@ -205,6 +205,7 @@ class Layout(NamedTuple):
     spent: tuple[tuple[str, float | None], ...]
     tpm: tuple[tuple[str, float | None], ...]
     slots: frozenset[str]
+    freed: tuple[tuple[str, float | None], ...]  # the slots with their ttl, as a settled call gives them back
     dollars: bool      # the key or its team has a dollar budget: calls need a price and a reservation
     tokens: bool       # a tokens-per-minute limit applies: calls need a token estimate
 
@@ -267,7 +268,7 @@ def layout(identity: Identity, team_limits: Limits | None, now: float) -> Layout
             slots.append(f"{base}:conc")
     keys, units, limit_of, ttls = (tuple(column) for column in zip(*changes, strict=True)) if changes else ((),) * 4
     return Layout(keys, units, limit_of, ttls, checks, tuple(held), tuple(spent), tuple(tpm), frozenset(slots),
-                  dollars=bool(held), tokens=bool(tpm))
+                  tuple((slot, SLOT_TTL_S) for slot in slots), dollars=bool(held), tokens=bool(tpm))
 
 
 def reservation(price: Price | None, input_tokens: int, output_tokens: int) -> int:

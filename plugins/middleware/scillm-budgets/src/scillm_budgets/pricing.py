@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from attrs import field, frozen, validators
 
@@ -47,8 +47,7 @@ class Price:
         return math.ceil(self.usd(tokens) * NANO - 1e-6)
 
 
-@frozen
-class Tokens:
+class Tokens(NamedTuple):
     input: int  # prompt tokens neither read from nor written to a cache
     output: int
     cache_read: int = 0
@@ -71,12 +70,14 @@ def tokens_of(usage: Usage) -> Tokens:
     """Split normalised usage: ``prompt_tokens`` counts every prompt token, cache reads and writes included
     (``prompt_tokens_details.cached_tokens``, DeepSeek's ``prompt_cache_hit_tokens``; Anthropic's
     ``cache_read_input_tokens`` / ``cache_creation_input_tokens``)."""
-    extra = usage.extra or {}
+    extra = usage.extra
+    prompt = max(0, usage.prompt_tokens)
+    if not extra:  # nothing about caches: the whole prompt at the input rate
+        return Tokens(prompt, max(0, usage.completion_tokens))
     details = extra.get("prompt_tokens_details")
     read = _int(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
     read = read or _int(extra.get("prompt_cache_hit_tokens")) or _int(extra.get("cache_read_input_tokens"))
     write = _int(extra.get("cache_creation_input_tokens"))
-    prompt = max(0, usage.prompt_tokens)
     return Tokens(input=max(0, prompt - read - write), output=max(0, usage.completion_tokens),
                   cache_read=min(read, prompt), cache_write=min(write, max(0, prompt - read)))
 
