@@ -342,13 +342,17 @@ class Charge:
                 leases.release_each(plan.tpm, admission.reserve_tokens - tokens.total)
             leases.release_each(plan.freed, 1)
         leases.spend(plan.spent, charged)
+        notes = ctx.notes
         if not answered:
-            ctx.notes.setdefault("cost_usd", 0.0)
+            notes.setdefault("cost_usd", 0.0)
             return
-        total = ctx.notes.get("cost_usd", 0.0)
-        ctx.notes["cost_usd"] = None if cost is None or total is None else round(total + cost, 9)
-        if ctx.notes["cost_usd"] is not None and not self.request.stream:
-            ctx.notes.setdefault("headers", {})["x-scillm-cost-usd"] = _usd(ctx.notes["cost_usd"])
+        total = notes.get("cost_usd", 0.0)
+        total = notes["cost_usd"] = None if cost is None or total is None else round(total + cost, 9)
+        if total is not None and not self.request.stream:
+            headers = notes.get("headers")
+            if headers is None:
+                headers = notes["headers"] = {}
+            headers["x-scillm-cost-usd"] = _usd(total)
         identity, job = ctx.identity, ctx.job
         if job is not None:
             job.add_cost(cost)

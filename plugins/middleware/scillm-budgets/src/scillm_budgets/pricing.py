@@ -66,13 +66,17 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+_CACHE_FIELDS = frozenset(("prompt_tokens_details", "prompt_cache_hit_tokens", "cache_read_input_tokens",
+                           "cache_creation_input_tokens"))
+
+
 def tokens_of(usage: Usage) -> Tokens:
     """Split normalised usage: ``prompt_tokens`` counts every prompt token, cache reads and writes included
     (``prompt_tokens_details.cached_tokens``, DeepSeek's ``prompt_cache_hit_tokens``; Anthropic's
     ``cache_read_input_tokens`` / ``cache_creation_input_tokens``)."""
     extra = usage.extra
     prompt = max(0, usage.prompt_tokens)
-    if not extra:  # nothing about caches: the whole prompt at the input rate
+    if not extra or extra.keys().isdisjoint(_CACHE_FIELDS):  # nothing about caches: the prompt at the input rate
         return Tokens(prompt, max(0, usage.completion_tokens))
     details = extra.get("prompt_tokens_details")
     read = _int(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
