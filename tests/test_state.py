@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -225,3 +226,31 @@ def test_a_log_writer_keeps_no_record_older_than_its_max_age(tmp_path: Path) -> 
             await store.close()
 
     asyncio.run(main())
+
+
+def test_a_long_log_is_trimmed_every_hundredth_of_its_length() -> None:
+    """A trim to ``max_rows`` reads through up to that many rows (SQLite's OFFSET), so a 5M-row ledger trimmed every
+    1,000 records would read 5,000 rows per record written: it is trimmed every 50,000; short logs as before."""
+    from scillm_core.state.writer import LogWriter
+
+    trims: list[int | None] = []
+
+    class Store:
+        async def append_many(self, namespace: str, records: Any) -> None:
+            pass
+
+        async def trim(self, namespace: str, keep: int | None = None, *, before: float | None = None) -> int:
+            trims.append(keep)
+            return 0
+
+    async def main(max_rows: int, records: int) -> int:
+        trims.clear()
+        writer = LogWriter(lambda: Store(), "spend", backlog=records, max_rows=max_rows, delay_s=0.0)  # type: ignore[arg-type, return-value]
+        for i in range(records):
+            writer.add({"i": i})
+        await writer.flush()
+        await writer.stop()
+        return len(trims)
+
+    assert run(main(5_000_000, 60_000)) == 1  # was 58: once per 1,000 (batches of up to 512)
+    assert run(main(100_000, 3_000)) == 2  # every 1,000 as before
