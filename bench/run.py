@@ -43,7 +43,7 @@ PORTS = {name: port + PORT_OFFSET for name, port in {
     "scillm": 14001, "litellm": 14002, "portkey": 14003, "bare": 14004, "scillm-nomw": 14005,
     "scillm-anthropic": 14006, "scillm-tracing": 14007, "scillm-before": 14008, "scillm-messages": 14009,
     "scillm-messages-translated": 14010, "scillm-noui": 14011, "scillm-keys": 14012, "scillm-nokeys": 14013,
-    "scillm-key": 14014, "scillm-before-tracing": 14015}.items()}
+    "scillm-key": 14014, "scillm-before-tracing": 14015, "scillm-before-keys": 14016}.items()}
 PROXY_CORE, LOAD_CORE = 0, 1
 CLIENT_KEY = "sk-dev-proxy-123"
 MODEL = "openai/gpt-4o-mini"
@@ -82,6 +82,8 @@ VARIANT_PAIRS = [
      "the --base-tree checkout with [tracing] on as in the scillm-tracing row ÷ the same checkout as shipped"),
     ("scillm-tracing", "scillm-before-tracing", "tracing on: this tree / before",
      "the scillm-tracing row ÷ the --base-tree checkout with the same [tracing] on"),
+    ("scillm-keys", "scillm-before-keys", "every limit: this tree / before",
+     "the scillm-keys row ÷ the --base-tree checkout called with the same virtual key and team budget"),
     ("scillm", "scillm-before", "this tree / before",
      "this tree as shipped (tracing off, dashboard on) ÷ the tree given with --base-tree (e.g. main before it)"),
     ("scillm-messages", "scillm-messages-translated", "Anthropic in → out: as sent / translated",
@@ -374,6 +376,10 @@ def make_proxies(workdir: str, transports: list[str], base_tree: str | None = No
         out["scillm-before-tracing"] = scillm("scillm-before-tracing",
                                               f"scillm before ({os.path.basename(base_tree)}), tracing on",
                                               {"SCILLM_CONFIG": tracing_toml}, tree=os.path.abspath(base_tree))
+        before_keys = out["scillm-before-keys"] = scillm(
+            "scillm-before-keys", f"scillm before ({os.path.basename(base_tree)}), virtual key with budgets",
+            {"SCILLM_CONFIG": os.path.join(workdir, "scillm-keys.toml")}, tree=os.path.abspath(base_tree))
+        before_keys.setup = _virtual_key
     # Anthropic Messages in and out: the same-dialect pass-through, and the translated path (switched off)
     anthropic = {"ANTHROPIC_API_KEY": "sk-bench", "ANTHROPIC_API_BASE": f"http://127.0.0.1:{MOCK_PORT}"}
     translated = os.path.join(workdir, "scillm-translated.toml")
@@ -966,7 +972,7 @@ def main(argv: list[str]) -> int:
                     help="comma list of scillm,litellm,portkey,bare,scillm-nomw,scillm-anthropic,scillm-tracing,"
                          "scillm-before,scillm-before-tracing,scillm-messages,scillm-messages-translated,scillm-noui,"
                          "scillm-keys,scillm-key,"
-                         "scillm-nokeys "
+                         "scillm-nokeys,scillm-before-keys "
                          "(default: scillm,litellm,portkey,bare; with --batch: scillm)")
     ap.add_argument("--base-tree", default=None,
                     help="a checkout with its own .venv (e.g. a worktree of main) run as the scillm-before row")
