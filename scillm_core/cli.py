@@ -109,7 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         runtime = app.runtime  # type: ignore[attr-defined]
         print(workers.workers_notice(runtime, args.workers), file=sys.stderr, flush=True)
-        share = workers.create_share()  # the workers split connections evenly through it (scillm_core/workers.py)
+        share = workers.create_share(config.data_dir, port)  # the workers split connections evenly through it
         try:
             uvicorn.run("scillm_core.workers:worker_app", factory=True, workers=args.workers,
                         **{**options, "loop": "scillm_core.workers:BalancedLoop"})

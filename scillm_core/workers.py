@@ -17,9 +17,9 @@ import logging
 import mmap
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -60,19 +60,24 @@ def worker_app() -> Any:
     return app
 
 
-def create_share() -> str:
-    """The supervisor's side: a zeroed file of worker slots, named to the workers through the environment."""
-    fd, path = tempfile.mkstemp(prefix="scillm-workers-")
-    os.ftruncate(fd, SLOTS * 16)
-    os.close(fd)
-    os.environ[SHARE_ENV] = path
+def create_share(directory: Path, port: int) -> Path:
+    """The supervisor's side: a zeroed file of worker slots, named to the workers through the environment. One name
+    per port in the data directory, so a supervisor that was killed leaves nothing that piles up."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"workers-{port}.slots"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, SLOTS * 16)
+    finally:
+        os.close(fd)
+    os.environ[SHARE_ENV] = str(path)
     return path
 
 
 class WorkerShare:
     """This worker's slot (its pid and open connections) among its peers' in the supervisor's file."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str | Path) -> None:
         self.fd = os.open(path, os.O_RDWR)
         self.view = memoryview(mmap.mmap(self.fd, SLOTS * 16)).cast("q")  # [pid, open connections] per slot
         self.slot = self._claim()  # None when every slot is taken: the worker then accepts as the loop does

@@ -32,11 +32,9 @@ time.sleep(600)
 
 
 @pytest.fixture
-def share(monkeypatch: pytest.MonkeyPatch) -> str:
+def share(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     monkeypatch.setenv(workers.SHARE_ENV, "")
-    path = workers.create_share()
-    yield path
-    Path(path).unlink()
+    return str(workers.create_share(tmp_path, 4001))
 
 
 def start_peer(path: str, open_connections: int) -> subprocess.Popen[str]:
