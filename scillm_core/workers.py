@@ -141,6 +141,7 @@ class BalancedServer:
         self.loop, self.sock, self.protocol_factory, self.share = loop, sock, protocol_factory, share
         self.open = 0
         self.held_since: float | None = None
+        self.starting: set[asyncio.Task[None]] = set()  # connections being handed to the protocol
         self.serving = True
         sock.listen(backlog)  # the supervisor only binds it
         sock.setblocking(False)
@@ -166,7 +167,9 @@ class BalancedServer:
                 return
             self.held_since = None
             self._count(+1)
-            self.loop.create_task(self._serve(conn))
+            task = self.loop.create_task(self._serve(conn))
+            self.starting.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(self.starting.discard)
 
     def _hold(self, seconds: float = HOLD_S) -> None:
         self.loop.remove_reader(self.sock.fileno())
@@ -207,15 +210,8 @@ class BalancedServer:
             self.loop.remove_reader(self.sock.fileno())
             self.share.leave()
 
-    async def wait_closed(self) -> None:
+    async def wait_closed(self) -> None:  # for a uvicorn that awaits it after close()
         return None
-
-    def is_serving(self) -> bool:
-        return self.serving
-
-    @property
-    def sockets(self) -> tuple[socket.socket, ...]:
-        return (self.sock,)
 
 
 class BalancedLoop(uvloop.Loop):  # type: ignore[misc]

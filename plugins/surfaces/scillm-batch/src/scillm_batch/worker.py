@@ -407,17 +407,16 @@ class Worker:
                     log.warning("batch worker cannot read batch %s: %s", batch_id, exc)
                     continue
                 if doc is not None:
-                    await self.drop_cancelled(batch_id, int(doc.get("cancelled_run", 0)), doc)
+                    run.doc = doc
+                    await self.drop_cancelled(batch_id, int(doc.get("cancelled_run", 0)))
 
-    async def drop_cancelled(self, batch_id: str, cancelled: int, doc: dict[str, Any] | None = None) -> None:
+    async def drop_cancelled(self, batch_id: str, cancelled: int) -> None:
         """Runs up to ``cancelled`` of this batch start nothing more here: their waiting items are let go (their
         leases released, their entries acknowledged; the caller that left gets no result for them)."""
         run = self.runs.get(batch_id)
         if run is None:
             return
-        if doc is not None:
-            run.doc = doc
-        elif int(run.doc.get("cancelled_run", 0)) < cancelled:
+        if int(run.doc.get("cancelled_run", 0)) < cancelled:  # entries of it taken later are let go too
             run.doc = {**run.doc, "cancelled_run": cancelled}
         dropped = [p for p in run.work if p.ticket.run <= cancelled]
         for pending in dropped:
