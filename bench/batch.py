@@ -94,7 +94,8 @@ def one_run(h, proxy, pid: int, mock_pid: int, batch_id: str, items: int, concur
            "proxy_core_util": round((c1 - c0) / wall, 3),
            "core0_other_util": round(max(0.0, (b1 - b0) - (c1 - c0)) / wall, 3),
            "mock_cpu_us_per_item": round((m1 - m0) / items / 1e3, 1),
-           "upstream_calls": up1 - up0, "upstream_inflight_max": st1.get("pending_max"), "peak_rss_mb": round(max(peak[0], h.session_stats(pid)[1]) / 2**20, 1)}
+           "upstream_calls": up1 - up0, "upstream_inflight_max": st1.get("pending_max"),
+           "peak_rss_mb": round(max(peak[0], h.session_stats(pid)[1]) / 2**20, 1)}
     if res is None or status != 200:
         out["error"] = f"HTTP {status}: {err or json.dumps(res)[:300]}"
         return out
@@ -166,7 +167,8 @@ def render(h, meta: dict, args, results: dict[str, dict]) -> str:
         elif r.get("failed"):
             L.append(f"- **{r['label']}: failed** — {r['failed'].splitlines()[0]}")
     L += ["", "| proxy | model | run | wall s | wall ÷ ideal | server elapsed_s | elapsed ÷ ideal | completed | failed "
-          "| upstream calls | max upstream in flight | CPU µs/item | proxy CPU s | wall ÷ max(ideal, CPU s) | proxy core use | other use of proxy core "
+          "| upstream calls | max upstream in flight | CPU µs/item | proxy CPU s | wall ÷ max(ideal, CPU s) "
+          "| proxy core use | other use of proxy core "
           "| mock µs/item | peak RSS MB |",
           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results.values():

@@ -88,7 +88,7 @@ class _Conn(asyncio.Protocol):
 def _pct(sorted_vals, p):
     if not sorted_vals:
         return None
-    k = min(len(sorted_vals) - 1, max(0, int(round(p / 100.0 * (len(sorted_vals) - 1)))))
+    k = min(len(sorted_vals) - 1, max(0, round(p / 100.0 * (len(sorted_vals) - 1))))
     return sorted_vals[k]
 
 
@@ -217,7 +217,8 @@ def messages_body(model: str, stream: bool) -> dict:
     """An Anthropic Messages request as Claude Code sends its turns: a system prompt and the last user turn marked
     for the prompt cache."""
     body = {"model": model, "max_tokens": 1024,
-            "system": [{"type": "text", "text": "You are a helpful assistant.", "cache_control": {"type": "ephemeral"}}],
+            "system": [{"type": "text", "text": "You are a helpful assistant.",
+                        "cache_control": {"type": "ephemeral"}}],
             "messages": [{"role": "user", "content": [{"type": "text", "text": "What's the weather in San Francisco?",
                                                        "cache_control": {"type": "ephemeral"}}]}]}
     if stream:

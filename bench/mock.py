@@ -136,7 +136,7 @@ class State:
 
 
 class MockProtocol(asyncio.Protocol):
-    __slots__ = ("transport", "parser", "url", "method", "body", "loop")
+    __slots__ = ("body", "loop", "method", "parser", "transport", "url")
 
     def __init__(self) -> None:
         self.transport = None

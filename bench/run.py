@@ -132,7 +132,7 @@ def _venv_with_requirements(venv: str, req: str, *, post: list[list[str]] | None
     else:
         _run([vpy, "-m", "pip", "install", "-q", "-r", req])
     for c in post or []:
-        _run([vpy, "-m"] + c)
+        _run([vpy, "-m", *c])
     with open(marker, "w") as f:
         f.write(want)
 
@@ -820,7 +820,7 @@ def render_markdown(meta: dict, results: dict[str, dict], scenarios: list[Scenar
                + " | load core use | mock µs/req |")
         L.append(hdr)
         L.append("|" + "---|" * 2 + "---:|" * (hdr.count("|") - 3))
-        for n, r in rows:
+        for _, r in rows:
             for i, x in enumerate(r["scenarios"][sc.name]):
                 cells = [r["label"], str(i + 1), _fmt(x["rps"]), _fmt(x["p50_ms"], 2), _fmt(x["p99_ms"], 2)]
                 if ttfb:
@@ -851,7 +851,7 @@ def render_markdown(meta: dict, results: dict[str, dict], scenarios: list[Scenar
         for n, r in rows:
             cells = [r["label"]]
             for _, key in metrics:
-                def kf(rr, key=key):
+                def kf(rr, key=key, sc=sc):
                     xs = rr.get("scenarios", {}).get(sc.name)
                     return _mean([x[key] for x in xs]) if xs else None
                 cells.append(_ratio(n, kf(r), ok, kf))
@@ -872,8 +872,8 @@ def render_variants(ok: dict[str, dict], scenarios: list[Scenario]) -> str:
     for subj, base, _, meaning in pairs:
         L.append(f"- **{ok[subj]['label']} ÷ {ok[base]['label']}**: {meaning}")
     L.append("")
-    L.append("| comparison | scenario | CPU µs/req | CPU µs/req per run (subject vs base) | CPU per round | req/s | p50 "
-             "| p99 | TTFB p50 |")
+    L.append("| comparison | scenario | CPU µs/req | CPU µs/req per run (subject vs base) | CPU per round | req/s "
+             "| p50 | p99 | TTFB p50 |")
     L.append("|---|---|---:|---|---|---:|---:|---:|---:|")
 
     def mean(r, sc, key):  # the median of the runs
@@ -892,7 +892,7 @@ def render_variants(ok: dict[str, dict], scenarios: list[Scenario]) -> str:
             runs = (" / ".join(_fmt(x["cpu_us_per_req"], 0) for x in a["scenarios"][sc.name]) + " vs "
                     + " / ".join(_fmt(x["cpu_us_per_req"], 0) for x in b["scenarios"][sc.name]))
             rounds = " / ".join(q(x["cpu_us_per_req"], y["cpu_us_per_req"])
-                                for x, y in zip(a["scenarios"][sc.name], b["scenarios"][sc.name]))
+                                for x, y in zip(a["scenarios"][sc.name], b["scenarios"][sc.name], strict=False))
             cells = [title, sc.title + (" ⚠" if noisy else ""),
                      "**" + q(mean(a, sc.name, "cpu_us_per_req"), mean(b, sc.name, "cpu_us_per_req")) + "**", runs,
                      rounds,
@@ -1081,7 +1081,7 @@ def main(argv: list[str]) -> int:
     try:
         if args.interleave:
             # round r: every proxy once (fresh start), so drift in machine load hits all alike
-            for rnd in range(args.runs):
+            for _ in range(args.runs):
                 for n in names:
                     r = bench_proxy(proxies[n], scenarios, 1, args.duration, logdir, mock.pid, args.warmup,
                                     args.quiet_wait)

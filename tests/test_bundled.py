@@ -35,7 +35,8 @@ def test_every_bundled_plugin_is_installed_and_loaded():
 
 @pytest.mark.parametrize("tool", ["ruff", "mypy"])
 def test_lint_and_types(tool):
-    command = {"ruff": [sys.executable, "-m", "ruff", "check", "scillm_core", "plugins", "contrib", "tests"],
+    command = {"ruff": [sys.executable, "-m", "ruff", "check", "scillm_core", "plugins", "contrib", "tests",
+                     "bench"],
                "mypy": [sys.executable, "-m", "mypy"]}[tool]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
