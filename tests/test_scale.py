@@ -164,6 +164,13 @@ def test_a_keys_concurrency_cap_and_daily_budget_hold_across_instances(cluster: 
             != pytest.approx(expected, abs=1e-9) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert spent == pytest.approx(expected, abs=1e-9) and expected > 0
+    # the spend ledger in Redis: both instances' calls, summed per second by each, read through one of them
+    query = {"key": made["id"], "window": "1h"}
+    while (spend := httpx.get(cluster.b.url + "/v1/scillm/spend", headers=AUTH, params=query,
+                              timeout=30).json())["calls"] != len(ok) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert spend["calls"] == len(ok) and spend["cost_usd"] == pytest.approx(expected, abs=1e-9)
+    assert spend["tokens"]["output"] == 7 * len(ok) and not spend["truncated"]
 
 
 def test_a_breaker_opened_through_one_instance_short_circuits_the_other(cluster: Cluster) -> None:

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import scillm_core.testing
+from scillm_core.state.sqlite import SQLiteStore
 from scillm_core.testing import FakeOpenAI, Reply, ServerThread, make_app
 from scillm_core.testing.fake_anthropic import FakeAnthropic
 
@@ -267,6 +268,42 @@ def test_spend_survives_a_restart(fakes: tuple[CountingFake, FakeAnthropic], bin
         assert spend["calls"] == 3 and spend["cost_usd"] == pytest.approx(3 * CALL_USD)
     finally:
         thread.stop()
+
+
+def test_spend_sums_the_ledgers_per_second_records_and_records_of_one_call_from_before(server: Server) -> None:
+    """The ledger holds one record per second and group; records written one per call before that (a store from an
+    earlier version) still count, each as one call, and a window selects records by the second they are about."""
+    key_id, token = server.key(name="upgraded")
+    client = server.client(token)
+    for _ in range(5):
+        hi(client)
+    now = time.time()
+    one_call = {"request_id": "req-old", "owner": key_id, "key_name": "upgraded", "team": None,
+                "caller": "budget-tests", "model": PRICEY, "provider": "openai", "served_model": "pricey",
+                "batch": None, "run": None, "charged_usd": 0.5, "stream": False}
+
+    async def written_before() -> list[dict[str, Any]]:  # another process on the same store: the old version
+        store = SQLiteStore(server.data_dir / "scillm.sqlite3")
+        await store.append_many("spend", [
+            {**one_call, "ts": now - 2 * 86400, "cost_usd": 0.5, "tokens": {"input": 1000, "output": 10}},
+            {**one_call, "ts": now - 60, "cost_usd": None, "tokens": None}])
+        server.admin.get("/v1/scillm/spend", params={"key": key_id})  # flushes the server's sums
+        records = await store.tail("spend", 100, match={"owner": key_id})
+        await store.close()
+        return records
+
+    records = asyncio.run(written_before())
+    summed = [r for r in records if "calls" in r]
+    assert sum(r["calls"] for r in summed) == 5 and len(summed) < 5  # five calls, summed per second
+    assert {r["cost_nano"] for r in summed} <= {n * round(CALL_USD * 1e9) for n in range(1, 6)}
+    day = server.as_key(token).get("/v1/scillm/spend", params={"window": "24h"}).json()
+    assert (day["calls"], day["unpriced_calls"]) == (6, 1) and day["cost_usd"] == pytest.approx(5 * CALL_USD)
+    assert day["tokens"] == {"input": 5 * 11, "output": 5 * 7, "cache_read": 0, "cache_write": 0}
+    days = server.as_key(token).get("/v1/scillm/spend", params={"window": "3d", "group_by": "day"}).json()
+    assert days["calls"] == 7 and days["cost_usd"] == pytest.approx(0.5 + 5 * CALL_USD)
+    assert days["tokens"]["input"] == 1000 + 5 * 11
+    by_day = {g["day"]: g["calls"] for g in days["groups"]}
+    assert by_day.pop(time.strftime("%Y-%m-%d", time.gmtime(now - 2 * 86400))) == 1 and sum(by_day.values()) == 6
 
 
 def test_cache_reads_and_writes_are_priced_at_their_own_rates(server: Server) -> None:

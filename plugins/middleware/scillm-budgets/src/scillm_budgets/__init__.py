@@ -10,8 +10,9 @@
   ``[pricing]`` (cache reads and writes at their own rates).
 - Every answered call costs something known or ``null`` (no price: never a guess): it is added to the response
   (``x-scillm-cost-usd``), the call log (``cost_usd``), the batch item or run (its :class:`~scillm_core.Job`) and
-  the spend ledger (log ``spend``), which ``GET /v1/scillm/spend`` sums by key, team, caller, model, provider,
-  batch or run over a window. ``GET /v1/budget`` is the calling key's limits, spend, room and reset times.
+  the spend ledger (log ``spend``, summed per second and group: :mod:`scillm_budgets.ledger`), which
+  ``GET /v1/scillm/spend`` sums by key, team, caller, model, provider, batch or run over a window.
+  ``GET /v1/budget`` is the calling key's limits, spend, room and reset times.
 - ``preprocess_files`` wrapper: streams that count against a dollar budget ask the upstream for usage
   (``stream_options.include_usage``) so they can be priced; the usage chunk is taken out again for clients that
   did not ask for it. Other streams the client sent in the upstream's own dialect go as sent (a changed request
@@ -34,6 +35,7 @@ from scillm_metrics import BoundedLabel
 from scillm_metrics.series import Counters, SeriesCollector
 
 from scillm_budgets.leases import Leases
+from scillm_budgets.ledger import Ledger
 from scillm_budgets.limiter import (
     Admission,
     Layout,
@@ -87,7 +89,7 @@ class BudgetsState:
     prices: PriceTable
     counters: CountBatcher
     leases: Leases
-    ledger: LogWriter
+    ledger: Ledger
     keys: BoundedLabel
     spend: Counters
     refusals: Counters
@@ -128,7 +130,7 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
     state = BudgetsState(
         config=config, prices=PriceTable(runtime.config.sections.get("pricing") or {}),
         counters=counters, leases=Leases(counters),
-        ledger=LogWriter(lambda: runtime.store, LEDGER, backlog=10_000, max_rows=config.ledger_max_rows),
+        ledger=Ledger(LogWriter(lambda: runtime.store, LEDGER, backlog=10_000, max_rows=config.ledger_max_rows)),
         keys=BoundedLabel(100),
         spend=Counters("scillm_spend_usd", "Dollars spent on provider calls, by key (owner) and team",
                        ("key", "team")),
@@ -159,7 +161,8 @@ def scillm_health(runtime: Runtime) -> dict[str, Any]:
         "unpriced": state.config.unpriced, **state.stats, "counter_round_trips": state.counters.stats["round_trips"],
         "admitted_from_room_ahead": state.leases.stats["from_room"],
         "counter_errors": state.counters.stats["errors"],
-        "ledger": {"enabled": state.config.ledger, "backlog": state.ledger.pending, **state.ledger.counts}}}
+        "ledger": {"enabled": state.config.ledger, "groups_summing": len(state.ledger.sums),
+                   "backlog": state.ledger.writer.pending, **state.ledger.writer.counts}}}
 
 
 @hookimpl
@@ -361,16 +364,12 @@ class Charge:
         else:
             state.spend.inc((state.keys(identity.owner), identity.team or ""), cost)
         if state.config.ledger:
-            state.ledger.add({
-                "ts": time.time(), "request_id": ctx.request_id, "owner": identity.owner, "key_name": identity.name,
-                "team": identity.team, "caller": ctx.caller[:200] if ctx.caller else None,
-                "model": self.request.model[:200],
-                "provider": served.provider, "served_model": served.model,
-                "batch": job.id if job is not None and job.kind == "batch" else None,
-                "run": job.id if job is not None and job.kind == "run" else None,
-                "cost_usd": cost, "charged_usd": round(charged / NANO, 9),
-                "tokens": tokens.as_dict() if tokens is not None else None, "stream": self.request.stream})
-
+            batch = job.id if job is not None and job.kind == "batch" else None
+            run = job.id if job is not None and job.kind == "run" else None
+            state.ledger.add(time.time(), (
+                identity.owner, identity.name, identity.team, ctx.caller[:200] if ctx.caller else None,
+                self.request.model[:200], served.provider, served.model, batch, run),
+                None if cost is None else round(cost * NANO), charged, tokens)
 
 def _usd(value: float) -> str:
     return f"{value:.9f}".rstrip("0").rstrip(".") or "0"

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from scillm_budgets.ledger import Sum
 from scillm_budgets.limiter import windows
 from scillm_budgets.pricing import NANO
 from scillm_core import errors, identity_of, json_response, runtime_of
@@ -28,6 +29,7 @@ LEDGER = "spend"
 FIELDS = {"key": "owner", "team": "team", "caller": "caller", "model": "model", "provider": "provider",
           "served_model": "served_model", "batch": "batch", "run": "run"}
 MAX_ROWS = 200_000
+SLACK_S = 60.0
 _WINDOW = re.compile(r"^(\d{1,6})([mhd])$")
 _UNITS = {"m": 60, "h": 3600, "d": 86400}
 
@@ -74,7 +76,7 @@ async def spend(request: Request) -> Response:
     if group_by not in FIELDS and group_by != "day":
         raise errors.InvalidRequest(f"group_by must be one of {', '.join([*FIELDS, 'day'])} @ query.group_by",
                                     param="group_by")
-    await state.ledger.flush(1.0)  # records still queued are part of the answer (and get their time as written)
+    await state.ledger.written()  # the calls summed in memory and queued so far are part of the answer
     since, until = _window(query)
     match: dict[str, str] = {}
     for name, field in FIELDS.items():
@@ -87,19 +89,25 @@ async def spend(request: Request) -> Response:
     if not identity.master:  # a key sees its own spend only: another key's id finds nothing, as if unknown
         if match.setdefault("owner", identity.owner) != identity.owner:
             match["owner"] = "\0none"
-    records = await runtime_of(request).store.tail(LEDGER, MAX_ROWS + 1, since=since, until=until, match=match)
+    # a record is written up to a second or so after its calls (the store's append time), and says their second
+    # ("ts"): read with some slack on both sides (another host's clock, a slow writer) and select by "ts"
+    records = await runtime_of(request).store.tail(LEDGER, MAX_ROWS + 1, since=since - SLACK_S,
+                                                   until=until + SLACK_S, match=match)
     truncated = len(records) > MAX_ROWS
     records = records[-MAX_ROWS:]
     groups: dict[Any, dict[str, Any]] = {}
-    total = _Sum()
+    total = Sum()
     for record in records:
+        ts = record.get("ts")
+        if not isinstance(ts, int | float) or not since <= ts < until:
+            continue
         if group_by == "day":
-            value: Any = time.strftime("%Y-%m-%d", time.gmtime(record.get("ts") or 0))
+            value: Any = time.strftime("%Y-%m-%d", time.gmtime(ts))
         else:
             value = record.get(FIELDS[group_by])
         entry = groups.get(value)
         if entry is None:
-            entry = groups[value] = {group_by: value, "sum": _Sum()}
+            entry = groups[value] = {group_by: value, "sum": Sum()}
             if group_by == "key":
                 entry["key_name"] = record.get("key_name")
         entry["sum"].add(record)
@@ -109,29 +117,6 @@ async def spend(request: Request) -> Response:
     return json_response({"object": "spend", "since": since, "until": until, "group_by": group_by,
                           "filters": {name: query[name] for name in FIELDS if name in query},
                           **total.as_dict(), "truncated": truncated, "groups": rows})
-
-
-class _Sum:
-    def __init__(self) -> None:
-        self.nano = 0
-        self.calls = 0
-        self.unpriced = 0
-        self.tokens = {"input": 0, "output": 0, "cache_read": 0, "cache_write": 0}
-
-    def add(self, record: Mapping[str, Any]) -> None:
-        self.calls += 1
-        cost = record.get("cost_usd")
-        if cost is None:
-            self.unpriced += 1
-        else:
-            self.nano += round(cost * NANO)
-        for name, value in (record.get("tokens") or {}).items():
-            if name in self.tokens and isinstance(value, int):
-                self.tokens[name] += value
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"cost_usd": round(self.nano / NANO, 9), "calls": self.calls, "unpriced_calls": self.unpriced,
-                "tokens": dict(self.tokens)}
 
 
 async def budget(request: Request) -> Response:
