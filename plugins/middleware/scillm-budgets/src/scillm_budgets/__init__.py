@@ -95,21 +95,27 @@ class BudgetsState:
     refusals: Counters
     stats: dict[str, int] = field(factory=lambda: {"admitted": 0, "refused": 0, "unpriced_calls": 0})
     clock: Callable[[], float] = time.time  # what "now" is for windows (tests pin it)
-    layouts: dict[int, tuple[Identity, int, Layout]] = field(factory=dict)  # by id(identity): (it, minute, layout)
+    #: by id(identity): (it, minute, its layout, the admission its calls share when they take nothing)
+    layouts: dict[int, tuple[Identity, int, Layout, Admission | None]] = field(factory=dict)
 
-    def layout(self, identity: Identity, now: float) -> Layout:
-        """The layout of ``identity``'s calls in the minute of ``now``: computed once per identity and minute (a
-        cached key's identity is one object until the key changes)."""
+    def plan(self, identity: Identity, now: float) -> tuple[Layout, Admission | None]:
+        """The layout of ``identity``'s calls in the minute of ``now`` (computed once per identity and minute: a
+        cached key's identity is one object until the key changes), and, when they reserve and take nothing (the
+        master key), the one admission all of them share."""
         minute = int(now // 60)
         found = self.layouts.get(id(identity))
         if found is not None and found[0] is identity and found[1] == minute:
-            return found[2]
+            return found[2], found[3]
         if len(self.layouts) >= 10_000:
             self.layouts.clear()
         team_limits = self.config.teams.get(identity.team) if identity.team else None
         made = layout(identity, team_limits, now)
-        self.layouts[id(identity)] = (identity, minute, made)
-        return made
+        idle = None if made.checks or made.dollars or made.tokens else Admission(made, 0, 0)
+        self.layouts[id(identity)] = (identity, minute, made, idle)
+        return made, idle
+
+    def layout(self, identity: Identity, now: float) -> Layout:
+        return self.plan(identity, now)[0]
 
 
 def state_of(runtime: Runtime) -> BudgetsState | None:
@@ -202,57 +208,89 @@ def preprocess_files(request: ChatRequest, ctx: CallContext) -> Generator[None, 
 @hookimpl(wrapper=True, tryfirst=True)
 def call_provider(request: ProviderRequest, route: Route, ctx: CallContext) -> Generator[None, Any, Any]:
     call: ChatThunk = yield
-    state = state_of(ctx.runtime)
+    state = ctx.runtime.plugin_state.get("budgets")
     if state is None:
         return call
-
-    async def charged() -> ChatResult:
-        if ctx.notes.get(ACTIVE):  # a fallback inside an admitted call: its reservation covers this one
-            return await call()
-        return await Charge(state, request, route, ctx).run(call)
-
-    return charged
+    return Charge(state, request, route, ctx, call)
 
 
 class Charge:
-    """One admitted provider call: reserve, call, settle."""
+    """One provider call's thunk: admit (reserve), call, settle. A fallback inside an admitted call passes through:
+    the admitted call's reservation covers it."""
 
-    def __init__(self, state: BudgetsState, request: ProviderRequest, route: Route, ctx: CallContext) -> None:
-        self.state, self.request, self.route, self.ctx = state, request, route, ctx
-        self.admission: Admission | None = None
+    __slots__ = ("admission", "call", "ctx", "pending", "price", "request", "route", "state")
+
+    def __init__(self, state: BudgetsState, request: ProviderRequest, route: Route, ctx: CallContext,
+                 call: ChatThunk) -> None:
+        self.state, self.request, self.route, self.ctx, self.call = state, request, route, ctx, call
+        self.admission: Admission | None = None  # admitted: what settles
+        self.pending: Admission | None = None  # what the store is asked for
         self.price: Price | None = None  # the route's price, when admission looked it up
 
-    async def admit(self) -> None:
+    async def __call__(self) -> ChatResult:
+        notes = self.ctx.notes
+        if notes.get(ACTIVE):
+            return await self.call()
+        if not self.admit():  # not admitted from room this process holds: ask the store
+            await self.admit_from_store()
+        notes[ACTIVE] = True
+        try:
+            result = await self.call()
+        except BaseException:
+            self.settle(None, answered=False)
+            raise
+        finally:
+            notes.pop(ACTIVE, None)
+        if not self.request.stream:  # a ChatResponse or an EmbeddingsResponse
+            self.settle(result.usage, answered=True)
+            return result
+        return self.observe(result)
+
+    def admit(self) -> bool:
+        """Admit the call without the store when it can (nothing to take, or it fits in the room this process holds
+        ahead); ``False`` when :meth:`admit_from_store` must take it (``self.pending``)."""
         state, ctx = self.state, self.ctx
-        identity, job = ctx.identity, ctx.job
-        now = state.clock()
-        plan = state.layout(identity, now)
+        job = ctx.job
+        plan, idle = state.plan(ctx.identity, state.clock())
         if job is not None and job.max_cost_usd is not None:
-            plan = plan.with_job(job)
+            plan, idle = plan.with_job(job), None
+        if idle is not None:  # no reservation and no limit (the master key): nothing to take
+            self.admission = idle
+            return True
         if not plan.dollars and not plan.tokens:  # nothing to reserve: at most a request and a slot to take
             admission = Admission(plan, 0, 0)
         else:
             admission = Admission(plan, *self.reservation(plan))
-        if admission.limited and not state.leases.take(plan.keys, admission.amounts):
-            try:
-                refusal_of = await state.leases.admit(admission.group, plan.slots)
-            except Exception as exc:  # fails closed: a call that cannot be counted is not made
-                raise errors.ScillmError(f"budgets could not be checked (state store: {type(exc).__name__}); the "
-                                         "call was not made", status=503, code="state_store_unavailable") from None
-            if refusal_of is not None:
-                refused = admission.refused(*refusal_of)
-                spent_key = refused.check.spent_key
-                state.leases.flush_spent()  # the spend settled so far is written before it is read
-                spent = (await state.counters.count((Count(spent_key),))).values[0] if spent_key else 0.0
-                refusal = explain(refused, spent, now)
-                self._refused(str(refusal.code), refused.check.scope)
-                ctx.notes.setdefault("cost_usd", 0.0)
-                if job is not None and isinstance(refusal, errors.BudgetExceeded) and (
-                        refusal.retry_after_s is None or refusal.retry_after_s >= 60):
-                    job.exceed(refusal.message)
-                raise refusal
         if admission.limited:
+            if not state.leases.take(plan.keys, admission.amounts):
+                self.pending = admission
+                return False
             state.stats["admitted"] += 1
+        self.admission = admission
+        return True
+
+    async def admit_from_store(self) -> None:
+        state, ctx, admission = self.state, self.ctx, self.pending
+        assert admission is not None
+        plan, job = admission.layout, ctx.job
+        try:
+            refusal_of = await state.leases.admit(admission.group, plan.slots)
+        except Exception as exc:  # fails closed: a call that cannot be counted is not made
+            raise errors.ScillmError(f"budgets could not be checked (state store: {type(exc).__name__}); the "
+                                     "call was not made", status=503, code="state_store_unavailable") from None
+        if refusal_of is not None:
+            refused = admission.refused(*refusal_of)
+            spent_key = refused.check.spent_key
+            state.leases.flush_spent()  # the spend settled so far is written before it is read
+            spent = (await state.counters.count((Count(spent_key),))).values[0] if spent_key else 0.0
+            refusal = explain(refused, spent, state.clock())
+            self._refused(str(refusal.code), refused.check.scope)
+            ctx.notes.setdefault("cost_usd", 0.0)
+            if job is not None and isinstance(refusal, errors.BudgetExceeded) and (
+                    refusal.retry_after_s is None or refusal.retry_after_s >= 60):
+                job.exceed(refusal.message)
+            raise refusal
+        state.stats["admitted"] += 1
         self.admission = admission
 
     def reservation(self, plan: Layout) -> tuple[int, int]:
@@ -284,22 +322,6 @@ class Charge:
     def _refused(self, code: str, scope: str) -> None:
         self.state.stats["refused"] += 1
         self.state.refusals.inc((self.state.keys(self.ctx.identity.owner), code, scope))
-
-    async def run(self, call: ChatThunk) -> ChatResult:
-        await self.admit()
-        ctx = self.ctx
-        ctx.notes[ACTIVE] = True
-        try:
-            result = await call()
-        except BaseException:
-            self.settle(None, answered=False)
-            raise
-        finally:
-            ctx.notes.pop(ACTIVE, None)
-        if not self.request.stream:  # a ChatResponse or an EmbeddingsResponse
-            self.settle(result.usage, answered=True)
-            return result
-        return self.observe(result)
 
     async def observe(self, chunks: AsyncIterator[ChatChunk]) -> AsyncIterator[ChatChunk]:
         """The stream going on to the client: its usage is read (and hidden if the client did not ask for it),
@@ -344,7 +366,8 @@ class Charge:
             if tokens is not None and plan.tpm:
                 leases.release_each(plan.tpm, admission.reserve_tokens - tokens.total)
             leases.release_each(plan.freed, 1)
-        leases.spend(plan.spent, charged)
+        if plan.spent:
+            leases.spend(plan.spent, charged)
         notes = ctx.notes
         if not answered:
             notes.setdefault("cost_usd", 0.0)
@@ -369,7 +392,8 @@ class Charge:
             state.ledger.add(time.time(), (
                 identity.owner, identity.name, identity.team, ctx.caller[:200] if ctx.caller else None,
                 self.request.model[:200], served.provider, served.model, batch, run),
-                None if cost is None else round(cost * NANO), charged, tokens)
+                None if cost is None else charged, charged, tokens)
+
 
 def _usd(value: float) -> str:
     return f"{value:.9f}".rstrip("0").rstrip(".") or "0"
