@@ -5,6 +5,7 @@ counted."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from scillm_budgets.ledger import Ledger, Sum
@@ -20,13 +21,13 @@ BOB = ("key_b", "bob", None, None, "gpt-4o", "openai", "gpt-4o", None, None)
 def test_calls_are_summed_per_second_and_group_exactly(tmp_path: Path) -> None:
     async def go() -> None:
         store = SQLiteStore(tmp_path / "s.sqlite3")
-        ledger = Ledger(LogWriter(lambda: store, "spend", backlog=100, delay_s=0.0), interval_s=3600)
+        ledger = Ledger(LogWriter(lambda: store, "spend", backlog=100, delay_s=0.0), clock=lambda: 1_000_001.5)
         for i in range(3000):  # 3,000 calls of $0.000000123 in two seconds, two keys; one in ten unpriced
             unpriced = (i // 2) % 10 == 0
             ledger.add(1_000_000 + (i % 2), ALICE if i < 2000 else BOB, None if unpriced else 123, 150,
                        None if unpriced else Tokens(input=10, output=5, cache_read=2))
-        assert ledger.sums and await store.tail("spend", 10) == []  # nothing written before the interval ends
-        await ledger.written()
+        assert len(ledger.sums) == 4
+        await ledger.written()  # as before a spend query: the current interval's sums too
         records = await store.tail("spend", 100)
         assert len(records) == 4  # (second, group): 2 x 2
         first = next(r for r in records if r["ts"] == 1_000_000 and r["owner"] == "key_a")
@@ -46,21 +47,41 @@ def test_calls_are_summed_per_second_and_group_exactly(tmp_path: Path) -> None:
     asyncio.run(go())
 
 
-def test_sums_are_written_at_the_interval_and_at_stop(tmp_path: Path) -> None:
+def test_an_intervals_sums_are_written_when_it_ends_and_the_rest_at_stop(tmp_path: Path) -> None:
     async def go() -> None:
         store = SQLiteStore(tmp_path / "s.sqlite3")
         writer = LogWriter(lambda: store, "spend", backlog=100, delay_s=0.0)
-        ledger = Ledger(writer, interval_s=0.01)
-        ledger.add(5.5, BOB, 7, 7, Tokens(1, 1))
-        while ledger.sums:  # the interval's timer writes them
-            await asyncio.sleep(0.01)
+        now = [10.2]
+        ledger = Ledger(writer, interval_s=5, clock=lambda: now[0])
+        ledger.add(10.2, BOB, 7, 7, Tokens(1, 1))
+        ledger.add(14.9, BOB, 7, 7, Tokens(1, 1))
+        assert ledger.timer is not None  # set for the end of the interval [10, 15)
+        now[0] = 15.1
+        ledger.add(15.1, BOB, 7, 7, Tokens(1, 1))
+        ledger.ended()  # the timer's call: [10, 15) is over, [15, 20) is not
+        await writer.flush()
+        assert [(r["ts"], r["calls"]) for r in await store.tail("spend", 10)] == [(10, 2)]
+        assert ledger.timer is not None  # and waits for the end of [15, 20)
+        await ledger.stop()  # at shutdown: what is summed is written
+        assert [(r["ts"], r["calls"]) for r in await store.tail("spend", 10)] == [(10, 2), (15, 1)]
+        ledger.add(16.0, BOB, 7, 7, Tokens(1, 1))  # a call settled after shutdown is not summed for nobody to write
+        assert not ledger.sums
+        await store.close()
+
+    asyncio.run(go())
+
+
+def test_the_timer_writes_an_ended_interval(tmp_path: Path) -> None:
+    async def go() -> None:
+        store = SQLiteStore(tmp_path / "s.sqlite3")
+        writer = LogWriter(lambda: store, "spend", backlog=100, delay_s=0.0)
+        ledger = Ledger(writer)  # one second, the real clock
+        ledger.add(time.time(), BOB, 7, 7, None)
+        while ledger.sums:
+            await asyncio.sleep(0.05)
         await writer.flush()
         assert [r["calls"] for r in await store.tail("spend", 10)] == [1]
-        ledger.add(6.0, BOB, 7, 7, Tokens(1, 1))
-        await ledger.stop()  # at shutdown: what is summed is written
-        assert [(r["ts"], r["calls"]) for r in await store.tail("spend", 10)] == [(5, 1), (6, 1)]
-        ledger.add(7.0, BOB, 7, 7, Tokens(1, 1))  # a call settled after shutdown is not summed for nobody to write
-        assert not ledger.sums
+        await ledger.stop()
         await store.close()
 
     asyncio.run(go())

@@ -74,8 +74,10 @@ class BudgetsConfig:
     default_max_output_tokens: int = field(default=8192, validator=validators.gt(0))
     #: Ask upstreams for usage on streams (hidden again from clients that did not ask), so streams are priced.
     stream_usage: bool = True
-    #: The spend ledger (log "spend"): on, and how many records it keeps.
+    #: The spend ledger (log "spend"): on; its resolution (calls are summed per interval and group: one record each);
+    #: and how many records it keeps.
     ledger: bool = True
+    ledger_interval_s: int = field(default=1, validator=[validators.ge(1), validators.le(3600)])
     ledger_max_rows: int = field(default=5_000_000, validator=validators.ge(1000))
     #: ``scillm doctor`` warns about budgets used beyond this fraction.
     near_limit: float = field(default=0.8, validator=[validators.gt(0), validators.le(1)])
@@ -136,7 +138,8 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
     state = BudgetsState(
         config=config, prices=PriceTable(runtime.config.sections.get("pricing") or {}),
         counters=counters, leases=Leases(counters),
-        ledger=Ledger(LogWriter(lambda: runtime.store, LEDGER, backlog=10_000, max_rows=config.ledger_max_rows)),
+        ledger=Ledger(LogWriter(lambda: runtime.store, LEDGER, backlog=10_000, max_rows=config.ledger_max_rows),
+                      interval_s=config.ledger_interval_s),
         keys=BoundedLabel(100),
         spend=Counters("scillm_spend_usd", "Dollars spent on provider calls, by key (owner) and team",
                        ("key", "team")),

@@ -1,22 +1,24 @@
-"""The spend ledger (log ``spend``): answered provider calls summed per second and group, not one record per call.
+"""The spend ledger (log ``spend``): answered provider calls summed per interval and group, not one record per call.
 
-A call adds its cost to an in-memory sum keyed by the second it settled in and what ``GET /v1/scillm/spend`` groups
-and filters by (owner, key name, team, caller, model, provider, served model, batch, run); each ``interval_s``
-(and before a spend query reads, and at shutdown) every sum becomes one record through the :class:`LogWriter`:
+A call adds its cost to an in-memory sum keyed by the interval it settled in (``interval_s``, one second by default:
+the ledger's resolution) and what ``GET /v1/scillm/spend`` groups and filters by (owner, key name, team, caller,
+model, provider, served model, batch, run). When an interval ends, each of its sums becomes one record through the
+:class:`LogWriter`; so do the sums of the current interval before a spend query reads and at shutdown:
 
-``{"ts": <the second>, "owner", "key_name", "team", "caller", "model", "provider", "served_model", "batch", "run",
-"calls", "unpriced_calls", "cost_nano", "cost_usd", "charged_nano", "tokens": {"input", "output", "cache_read",
-"cache_write"}}``
+``{"ts": <the interval's start>, "owner", "key_name", "team", "caller", "model", "provider", "served_model",
+"batch", "run", "calls", "unpriced_calls", "cost_nano", "cost_usd", "charged_nano", "tokens": {"input", "output",
+"cache_read", "cache_write"}}``
 
 Costs are summed in nano-dollars (integers: exact). Per-call detail (request id, each call's cost) is in the call
 log. Records written before this (one per call, no ``calls`` field) are read as one call each
-(:func:`add_record`), so a store keeps its history across the upgrade.
+(:class:`Sum`), so a store keeps its history across the upgrade.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from scillm_budgets.pricing import NANO, Tokens
@@ -24,16 +26,17 @@ from scillm_core.state.writer import LogWriter
 
 __all__ = ["GROUP_FIELDS", "Ledger", "Sum"]
 
-#: What a record is summed by, after its second (the spend route groups and filters by these).
+#: What a record is summed by, after its interval (the spend route groups and filters by these).
 GROUP_FIELDS = ("owner", "key_name", "team", "caller", "model", "provider", "served_model", "batch", "run")
 CALLS, UNPRICED, COST, CHARGED, INPUT, OUTPUT, CACHE_READ, CACHE_WRITE = range(8)
 
 
 class Ledger:
-    def __init__(self, writer: LogWriter, *, interval_s: float = 1.0) -> None:
+    def __init__(self, writer: LogWriter, *, interval_s: int = 1, clock: Callable[[], float] = time.time) -> None:
         self.writer = writer
         self.interval_s = interval_s
-        self.sums: dict[tuple[Any, ...], list[int]] = {}  # (second, *GROUP_FIELDS values) -> the sums above
+        self.clock = clock
+        self.sums: dict[tuple[Any, ...], list[int]] = {}  # (interval's start, *GROUP_FIELDS values) -> the sums above
         self.timer: asyncio.TimerHandle | None = None
 
     def add(self, ts: float, group: tuple[Any, ...], cost_nano: int | None, charged_nano: int,
@@ -42,14 +45,15 @@ class Ledger:
         the call has no price."""
         if self.writer.stopped:
             return
-        key = (int(ts), *group)
+        interval = self.interval_s
+        key = (int(ts) // interval * interval, *group)
         sums = self.sums.get(key)
         if sums is None:
             if len(self.sums) >= self.writer.backlog:  # many distinct groups at once: write them now
                 self.flush()
             sums = self.sums[key] = [0] * 8
             if self.timer is None:
-                self.timer = asyncio.get_running_loop().call_later(self.interval_s, self.flush)
+                self._wait()
         sums[CALLS] += 1
         if cost_nano is None:
             sums[UNPRICED] += 1
@@ -62,14 +66,33 @@ class Ledger:
             sums[CACHE_READ] += tokens.cache_read
             sums[CACHE_WRITE] += tokens.cache_write
 
-    def flush(self) -> None:
-        """Queue one record per group summed so far (the writer writes them in one batch)."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        sums, self.sums = self.sums, {}
-        for (second, *group), s in sums.items():
-            record: dict[str, Any] = {"ts": second, **dict(zip(GROUP_FIELDS, group, strict=True)),
+    def _wait(self) -> None:
+        """Wake up when the current interval has ended (a moment after: calls settling at its end are in)."""
+        now = self.clock()
+        self.timer = asyncio.get_running_loop().call_later(self.interval_s - now % self.interval_s + 0.05, self.ended)
+
+    def ended(self) -> None:
+        """An interval ended: write the sums of every interval before the current one."""
+        self.timer = None
+        current = int(self.clock()) // self.interval_s * self.interval_s
+        self.flush(before=current)
+        if self.sums:
+            self._wait()
+
+    def flush(self, before: float | None = None) -> None:
+        """Queue one record per group summed so far (of the intervals that start ``before``, if given); the writer
+        writes them in one batch."""
+        if before is None:
+            sums, self.sums = self.sums, {}
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+        else:
+            sums = {key: s for key, s in self.sums.items() if key[0] < before}
+            for key in sums:
+                del self.sums[key]
+        for (start, *group), s in sums.items():
+            record: dict[str, Any] = {"ts": start, **dict(zip(GROUP_FIELDS, group, strict=True)),
                                       "calls": s[CALLS], "unpriced_calls": s[UNPRICED], "cost_nano": s[COST],
                                       "cost_usd": round(s[COST] / NANO, 9), "charged_nano": s[CHARGED],
                                       "tokens": {"input": s[INPUT], "output": s[OUTPUT], "cache_read": s[CACHE_READ],
@@ -97,7 +120,7 @@ class Sum:
 
     def add(self, record: Mapping[str, Any]) -> None:
         calls = record.get("calls")
-        if isinstance(calls, int):  # a second's calls of one group
+        if isinstance(calls, int):  # an interval's calls of one group
             self.calls += calls
             self.unpriced += _int(record.get("unpriced_calls"))
             self.nano += _int(record.get("cost_nano"))

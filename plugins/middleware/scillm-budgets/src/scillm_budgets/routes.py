@@ -89,10 +89,11 @@ async def spend(request: Request) -> Response:
     if not identity.master:  # a key sees its own spend only: another key's id finds nothing, as if unknown
         if match.setdefault("owner", identity.owner) != identity.owner:
             match["owner"] = "\0none"
-    # a record is written up to a second or so after its calls (the store's append time), and says their second
-    # ("ts"): read with some slack on both sides (another host's clock, a slow writer) and select by "ts"
-    records = await runtime_of(request).store.tail(LEDGER, MAX_ROWS + 1, since=since - SLACK_S,
-                                                   until=until + SLACK_S, match=match)
+    # a record is written up to an interval after its calls (the store's append time) and says when their interval
+    # started ("ts"): read with slack on both sides (a slow writer, another host's clock) and select by "ts"
+    slack = SLACK_S + state.config.ledger_interval_s
+    records = await runtime_of(request).store.tail(LEDGER, MAX_ROWS + 1, since=since - slack, until=until + slack,
+                                                   match=match)
     truncated = len(records) > MAX_ROWS
     records = records[-MAX_ROWS:]
     groups: dict[Any, dict[str, Any]] = {}
