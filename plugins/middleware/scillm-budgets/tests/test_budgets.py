@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import scillm_core.testing
+from scillm_core import CallContext, ChatRequest, structure
 from scillm_core.state.sqlite import SQLiteStore
 from scillm_core.testing import FakeOpenAI, Reply, ServerThread, make_app
 from scillm_core.testing.fake_anthropic import FakeAnthropic
@@ -304,6 +305,30 @@ def test_spend_sums_the_ledgers_per_second_records_and_records_of_one_call_from_
     assert days["tokens"]["input"] == 1000 + 5 * 11
     by_day = {g["day"]: g["calls"] for g in days["groups"]}
     assert by_day.pop(time.strftime("%Y-%m-%d", time.gmtime(now - 2 * 86400))) == 1 and sum(by_day.values()) == 6
+
+
+def test_a_calls_thunk_called_again_while_its_stream_is_open_charges_each_call(server: Server) -> None:
+    """A provider call's thunk (the budgets plugin's admission, call and settlement) may be called again before the
+    stream of its first call ended: each call is charged and settled on its own."""
+    runtime = server.runtime
+    request = structure({"model": PRICEY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10,
+                         "stream": True, "stream_options": {"include_usage": True}}, ChatRequest)
+
+    async def go() -> Any:  # on the server's event loop, as a surface's call would run
+        ctx = CallContext(runtime=runtime, caller="thunk-twice")
+        thunk = runtime.hooks.call_provider(request, runtime.hooks.route_model(request, runtime), ctx)
+        first = await thunk()
+        second = await thunk()  # the first stream is still open
+        for stream in (first, second):
+            async for _ in stream:
+                pass
+        return ctx.notes["cost_usd"]
+
+    assert server.thread.loop is not None
+    cost = asyncio.run_coroutine_threadsafe(go(), server.thread.loop).result(timeout=60)
+    assert cost == pytest.approx(2 * CALL_USD)
+    spend = server.admin.get("/v1/scillm/spend", params={"caller": "thunk-twice"}).json()
+    assert spend["calls"] == 2 and spend["cost_usd"] == pytest.approx(2 * CALL_USD)
 
 
 def test_cache_reads_and_writes_are_priced_at_their_own_rates(server: Server) -> None:

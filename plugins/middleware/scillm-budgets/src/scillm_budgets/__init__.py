@@ -234,8 +234,13 @@ class Charge:
         notes = self.ctx.notes
         if notes.get(ACTIVE):
             return await self.call()
+        if self.admission is not None or self.pending is not None:  # called again while a call is in flight
+            return await Charge(self.state, self.request, self.route, self.ctx, self.call)()
         if not self.admit():  # not admitted from room this process holds: ask the store
-            await self.admit_from_store()
+            try:
+                await self.admit_from_store()
+            finally:
+                self.pending = None
         notes[ACTIVE] = True
         try:
             result = await self.call()
