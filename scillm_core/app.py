@@ -20,6 +20,7 @@ from scillm_core.config import Config, ConfigError, check_provider_tables, load_
 from scillm_core.context import Runtime
 from scillm_core.hooks import Hooks
 from scillm_core.http import make_http_client
+from scillm_core.paths import IndexedRouter
 from scillm_core.plugins import build_plugin_manager
 from scillm_core.redact import env_secrets, remember
 from scillm_core.registry import MiddlewareRegistry, ProviderRegistry, SurfaceRegistry
@@ -94,6 +95,7 @@ def create_app(config: Config | None = None, *, plugins: Sequence[tuple[str, obj
 
     app = Starlette(routes=surfaces.routes, lifespan=lifespan, exception_handlers={
         errors.ScillmError: _handle_error, HTTPException: _handle_http, Exception: _handle_error})
+    app.router = IndexedRouter(surfaces.routes, lifespan=lifespan)  # fixed paths found without a scan
     app.state.runtime = runtime
     outer = RequestIdMiddleware(middleware.wrap(app), runtime)
     return outer
