@@ -92,9 +92,8 @@ class _CappedTransport(httpx.AsyncBaseTransport):
         if declared.isdigit() and int(declared) > limit:
             await response.aclose()
             raise ReplyTooLarge(f"{what} (content-length {declared})", limit)
-        assert isinstance(response.stream, httpx.AsyncByteStream)
         binary = response.headers.get("content-type", "").startswith(_BINARY)  # e.g. an image being fetched
-        response.stream = _CappedStream(response.stream, limit, what,
+        response.stream = _CappedStream(response, limit, what,
                                         limits.max_line_bytes if streamed and not binary else None)
         return response
 
@@ -103,8 +102,14 @@ class _CappedTransport(httpx.AsyncBaseTransport):
 
 
 class _CappedStream(httpx.AsyncByteStream):
-    def __init__(self, inner: httpx.AsyncByteStream, limit: int, what: str, line_limit: int | None) -> None:
-        self.inner = inner
+    """``response``'s body, capped. Closed, it takes itself out of the response: httpx's response and the stream
+    wrapping this one point at each other, a cycle that only the garbage collector would free, together with the
+    transport's whole reply (its headers, its connection's reader) behind it, for every upstream call."""
+
+    def __init__(self, response: httpx.Response, limit: int, what: str, line_limit: int | None) -> None:
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        self.inner: httpx.AsyncByteStream = response.stream
+        self.response: httpx.Response | None = response
         self.limit = limit
         self.what = what
         self.line_limit = line_limit
@@ -125,7 +130,15 @@ class _CappedStream(httpx.AsyncByteStream):
             yield chunk
 
     async def aclose(self) -> None:
-        await self.inner.aclose()
+        try:
+            await self.inner.aclose()
+        finally:
+            if self.response is not None:  # read or closed: what is left to read of it is nothing
+                self.response.stream, self.response = _CLOSED, None
+            self.inner = _CLOSED
+
+
+_CLOSED = httpx.ByteStream(b"")
 
 
 def make_http_client(env: Mapping[str, str] | None = None, transport: httpx.AsyncBaseTransport | None = None,
