@@ -106,8 +106,7 @@ class Leases:
     def release(self, key: str, amount: float, ttl_s: float | None) -> None:
         """Room a settled call gives back (an unused reservation, tokens, a slot); negative when it cost more than
         it reserved (a debt: the store learns it at the next linger)."""
-        if amount:
-            self._add(key, amount, ttl_s)
+        self.release_each(((key, ttl_s),), amount)
 
     def release_each(self, counters: Sequence[tuple[str, float | None]], amount: float) -> None:
         """:meth:`release` of the same ``amount`` to each of ``counters`` (key, ttl)."""
