@@ -16,6 +16,8 @@ from typing import Any
 
 import uvicorn
 
+from scillm_core.protocol import HttpProtocol
+
 __all__ = ["OwnListener"]
 
 
@@ -37,7 +39,7 @@ class OwnListener:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False, http="httptools",
+        config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False, http=HttpProtocol,
                                 timeout_keep_alive=30, timeout_graceful_shutdown=5)
         self.server = _Server(config)
         self.task = asyncio.ensure_future(self.server.serve(sockets=[sock]))

@@ -1,0 +1,226 @@
+"""The server protocol sends a response's head with the start of its body (scillm_core/protocol.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import uvicorn
+
+from scillm_core import cli
+from scillm_core.protocol import HeadWithBody, HttpProtocol
+
+pytestmark = pytest.mark.anyio
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Recorder:
+    """A transport that records each send: ``write`` and ``writelines`` are one send each."""
+
+    def __init__(self) -> None:
+        self.sends: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.sends.append(bytes(data))
+
+    def writelines(self, chunks: Any) -> None:
+        self.sends.append(b"".join(chunks))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 5)}.get(name, default)
+
+
+async def next_pass() -> None:
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+def held(sent: Recorder) -> tuple[SimpleNamespace, HeadWithBody]:
+    """A response (uvicorn's cycle writes through its ``transport``) whose head is held by a ``HeadWithBody``."""
+    cycle = SimpleNamespace()
+    cycle.transport = HeadWithBody(cycle, sent, asyncio.get_running_loop())  # type: ignore[arg-type]
+    return cycle, cycle.transport
+
+
+async def test_a_head_and_its_body_are_one_send_then_the_response_writes_to_its_socket() -> None:
+    sent = Recorder()
+    cycle, transport = held(sent)
+    transport.write(HEAD)
+    assert sent.sends == []
+    transport.write(b"ok")
+    assert sent.sends == [HEAD + b"ok"]
+    assert cycle.transport is sent and transport.cycle is None  # no reference cycle left for the collector
+    await next_pass()
+    assert sent.sends == [HEAD + b"ok"]  # the pass that follows sends nothing more
+
+
+async def test_a_head_whose_body_is_not_ready_goes_out_at_the_next_pass() -> None:
+    sent = Recorder()
+    cycle, transport = held(sent)
+    transport.write(HEAD)
+    await next_pass()
+    assert sent.sends == [HEAD] and cycle.transport is sent
+    cycle.transport.write(b"ok")
+    assert sent.sends == [HEAD, b"ok"]
+
+
+async def test_closing_sends_a_held_head_first() -> None:
+    sent = Recorder()
+    _, transport = held(sent)
+    transport.write(HEAD)
+    transport.close()
+    assert sent.sends == [HEAD] and sent.closed
+    await next_pass()
+    assert sent.sends == [HEAD]
+
+
+async def test_a_body_that_looks_like_a_head_is_still_sent_in_order() -> None:
+    sent = Recorder()
+    _, transport = held(sent)
+    transport.write(HEAD)
+    transport.write(b"HTTP/1.1 is a protocol")
+    transport.write(b"HTTP/1.0 too")  # a caller that kept the holder: written straight through
+    await next_pass()
+    assert b"".join(sent.sends) == HEAD + b"HTTP/1.1 is a protocol" + b"HTTP/1.0 too"
+
+
+async def test_a_client_that_left_is_not_written_to() -> None:
+    sent = Recorder()
+    cycle, transport = held(sent)
+    transport.write(HEAD)
+    sent.closed = True  # the connection was lost meanwhile
+    await next_pass()
+    assert sent.sends == [] and cycle.transport is sent
+
+
+# The protocol in a real uvicorn server, with what it sends on the socket recorded underneath.
+
+SENDS: list[bytes] = []
+
+
+class RecordedProtocol(HttpProtocol):
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        recorder = Recorder()
+        recorder.get_extra_info = transport.get_extra_info  # type: ignore[method-assign]
+        recorder.is_closing = transport.is_closing  # type: ignore[method-assign]
+
+        def write(data: bytes) -> None:
+            SENDS.append(bytes(data))
+            transport.write(data)
+
+        def writelines(chunks: Any) -> None:
+            chunks = list(chunks)
+            SENDS.append(b"".join(chunks))
+            transport.writelines(chunks)
+
+        recorder.write, recorder.writelines = write, writelines  # type: ignore[method-assign]
+        recorder.close, recorder.abort = transport.close, transport.abort  # type: ignore[method-assign]
+        for name in ("pause_reading", "resume_reading", "set_protocol", "get_protocol"):
+            setattr(recorder, name, getattr(transport, name))
+        super().connection_made(recorder)  # type: ignore[arg-type]
+
+
+ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def serving(app: ASGIApp) -> AsyncIterator[int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, http=RecordedProtocol)
+    server = uvicorn.Server(config)
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    SENDS.clear()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    return head, await reader.readexactly(length)
+
+
+async def answer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await receive()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"11")]})
+    await send({"type": "http.response.body", "body": b'{"ok":true}'})
+
+
+async def test_each_answer_is_one_send_on_a_kept_alive_connection() -> None:
+    async with serving(answer) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(3):
+            writer.write(b"POST /v1/x HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\n{}")
+            head, body = await read_response(reader)
+            assert head.startswith(b"HTTP/1.1 200 OK") and body == b'{"ok":true}'
+        writer.close()
+    assert len(SENDS) == 3 and all(s.startswith(b"HTTP/1.1 200 OK") and s.endswith(b'{"ok":true}') for s in SENDS)
+
+
+async def test_a_stream_sends_its_head_before_its_first_chunk_is_ready() -> None:
+    head_seen = asyncio.Event()
+
+    async def stream(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await head_seen.wait()  # the first chunk waits for the client to have the head
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async with serving(stream) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /s HTTP/1.1\r\nhost: a\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        head_seen.set()
+        assert b"transfer-encoding: chunked" in head
+        assert await reader.readuntil(b"0\r\n\r\n") == b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"
+        writer.close()
+
+
+async def test_an_app_that_fails_after_its_head_closes_the_connection() -> None:
+    async def fails(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        raise RuntimeError("boom")
+
+    async with serving(fails) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /f HTTP/1.1\r\nhost: a\r\n\r\n")
+        received = await asyncio.wait_for(reader.read(), 30)  # the head, then the end of the connection
+        assert received.startswith(b"HTTP/1.1 200 OK") and received.endswith(b"\r\n\r\n")
+        writer.close()
+
+
+def test_scillm_serves_with_this_protocol(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: seen.update(options))
+    monkeypatch.setattr(cli, "tune_gc", lambda: None)
+    monkeypatch.setenv("SCILLM_DATA_DIR", str(tmp_path))
+    assert cli.main(["serve", "--port", "4999"]) == 0
+    assert seen["http"] is HttpProtocol
