@@ -204,6 +204,41 @@ async def test_a_stream_sends_its_head_before_its_first_chunk_is_ready() -> None
         writer.close()
 
 
+async def test_pipelined_requests_are_answered_in_order_one_send_each() -> None:
+    async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = (await receive())["body"]
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async with serving(echo) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"".join(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\n\r\n" + bytes([c]) for c in b"abc"))
+        assert [(await read_response(reader))[1] for _ in range(3)] == [b"a", b"b", b"c"]
+        writer.close()
+    assert len(SENDS) == 3
+
+
+async def test_a_client_expecting_100_continue_gets_it_then_the_answer() -> None:
+    async with serving(answer) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nhost: a\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\n")
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"{}")
+        head, body = await read_response(reader)
+        assert head.startswith(b"HTTP/1.1 200 OK") and body == b'{"ok":true}'
+        writer.close()
+
+
+async def test_a_head_request_gets_a_head_alone() -> None:
+    async with serving(answer) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"HEAD / HTTP/1.1\r\nhost: a\r\n\r\nHEAD / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        received = await asyncio.wait_for(reader.read(), 30)  # both heads, no body, then the end of the connection
+        assert received.count(b"HTTP/1.1 200 OK") == 2 and b'{"ok"' not in received
+        writer.close()
+
+
 async def test_an_app_that_fails_after_its_head_closes_the_connection() -> None:
     async def fails(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
