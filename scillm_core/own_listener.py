@@ -40,7 +40,7 @@ class OwnListener:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False, http=HttpProtocol,
-                                timeout_keep_alive=30, timeout_graceful_shutdown=5)
+                                server_header=False, timeout_keep_alive=30, timeout_graceful_shutdown=5)
         self.server = _Server(config)
         self.task = asyncio.ensure_future(self.server.serve(sockets=[sock]))
         while not self.server.started:

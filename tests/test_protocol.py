@@ -258,4 +258,4 @@ def test_scillm_serves_with_this_protocol(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setattr(cli, "tune_gc", lambda: None)
     monkeypatch.setenv("SCILLM_DATA_DIR", str(tmp_path))
     assert cli.main(["serve", "--port", "4999"]) == 0
-    assert seen["http"] is HttpProtocol
+    assert seen["http"] is HttpProtocol and seen["server_header"] is False

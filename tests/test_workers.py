@@ -120,7 +120,9 @@ def test_two_workers_split_a_burst_of_connections_evenly(tmp_path: Path) -> None
             served = collections.Counter()
             for conn in connections:
                 conn.request("GET", "/v1/scillm/health", headers=AUTH)
-                served[json.loads(conn.getresponse().read())["instance_id"]] += 1
+                response = conn.getresponse()
+                assert response.getheader("server") is None  # what serves it is not advertised
+                served[json.loads(response.read())["instance_id"]] += 1
             assert len(served) == 2, served
             low, high = sorted(served.values())
             assert high - low <= 8, served
