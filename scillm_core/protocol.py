@@ -60,12 +60,14 @@ class HeadWithBody:
         return self.transport.is_closing()
 
     def __getattr__(self, name: str) -> Any:
+        if name in HeadWithBody.__slots__:  # not set yet (a copy, a half-built object): no recursion
+            raise AttributeError(name)
         return getattr(self.transport, name)
 
 
 class HttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
-        started = self.cycle
+        previous = self.cycle
         super().on_headers_complete()
-        if self.cycle is not started:  # a new request (not an upgrade); its task runs from the next pass on
+        if self.cycle is not previous:  # a new request (not an upgrade); its task runs from the next pass on
             self.cycle.transport = HeadWithBody(self.cycle, self.transport, self.loop)  # type: ignore[assignment]
