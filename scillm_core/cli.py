@@ -79,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from scillm_core.config import load_config
-    from scillm_core.protocol import HttpProtocol
+    from scillm_core.protocol import LISTENER
     from scillm_core.redact import RedactingFilter
 
     config = load_config(args.config)
@@ -102,8 +102,8 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("httpx").setLevel(logging.WARNING)
     # log_config=None: uvicorn's loggers propagate to the root handler above, so its records are redacted too
     options: dict[str, Any] = {"host": host, "port": port, "log_level": args.log_level, "access_log": False,
-                               "log_config": None, "http": HttpProtocol, "server_header": False, "loop": "uvloop",
-                               "timeout_keep_alive": 30, "timeout_graceful_shutdown": 10}
+                               "log_config": None, **LISTENER, "loop": "uvloop", "timeout_keep_alive": 30,
+                               "timeout_graceful_shutdown": 10}
     if args.workers > 1:
         from scillm_core import workers
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import uvicorn
 
-from scillm_core.protocol import HttpProtocol
+from scillm_core.protocol import LISTENER
 
 __all__ = ["OwnListener"]
 
@@ -39,8 +39,8 @@ class OwnListener:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False, http=HttpProtocol,
-                                server_header=False, timeout_keep_alive=30, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(self.app, lifespan="off", log_config=None, access_log=False, **LISTENER,
+                                timeout_keep_alive=30, timeout_graceful_shutdown=5)
         self.server = _Server(config)
         self.task = asyncio.ensure_future(self.server.serve(sockets=[sock]))
         while not self.server.started:

@@ -16,7 +16,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["HeadWithBody", "HttpProtocol"]
+__all__ = ["LISTENER", "HeadWithBody", "HttpProtocol"]
 
 
 class HeadWithBody:
@@ -71,3 +71,6 @@ class HttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self.cycle is not previous:  # a new request (not an upgrade); its task runs from the next pass on
             self.cycle.transport = HeadWithBody(self.cycle, self.transport, self.loop)  # type: ignore[assignment]
+
+
+LISTENER: dict[str, Any] = {"http": HttpProtocol, "server_header": False}  # how every scillm listener serves HTTP

@@ -44,12 +44,6 @@ class Recorder:
     def close(self) -> None:
         self.closed = True
 
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 5)}.get(name, default)
-
 
 async def next_pass() -> None:
     await asyncio.sleep(0)
@@ -119,26 +113,28 @@ async def test_a_client_that_left_is_not_written_to() -> None:
 SENDS: list[bytes] = []
 
 
+class Recording:
+    """The socket's transport, with each send recorded in ``SENDS``."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+
+    def write(self, data: bytes) -> None:
+        SENDS.append(bytes(data))
+        self.transport.write(data)
+
+    def writelines(self, chunks: Any) -> None:
+        chunks = list(chunks)
+        SENDS.append(b"".join(chunks))
+        self.transport.writelines(chunks)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 class RecordedProtocol(HttpProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        recorder = Recorder()
-        recorder.get_extra_info = transport.get_extra_info  # type: ignore[method-assign]
-        recorder.is_closing = transport.is_closing  # type: ignore[method-assign]
-
-        def write(data: bytes) -> None:
-            SENDS.append(bytes(data))
-            transport.write(data)
-
-        def writelines(chunks: Any) -> None:
-            chunks = list(chunks)
-            SENDS.append(b"".join(chunks))
-            transport.writelines(chunks)
-
-        recorder.write, recorder.writelines = write, writelines  # type: ignore[method-assign]
-        recorder.close, recorder.abort = transport.close, transport.abort  # type: ignore[method-assign]
-        for name in ("pause_reading", "resume_reading", "set_protocol", "get_protocol"):
-            setattr(recorder, name, getattr(transport, name))
-        super().connection_made(recorder)  # type: ignore[arg-type]
+        super().connection_made(Recording(transport))  # type: ignore[arg-type]
 
 
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
