@@ -244,6 +244,43 @@ async def test_a_redis_restart_loses_no_committed_connection(tmp_path: Path) -> 
         await store.close()
 
 
+async def test_slot_and_counter_calls_come_back_after_a_redis_restart(tmp_path: Path) -> None:
+    """Their own connections are replaced, and their scripts loaded again into the fresh server."""
+    with RedisServer(tmp_path / "r") as server:
+        store = RedisStore(server.url)
+        assert await store.hold_slots("p", "a", 0, 1, 4, ttl_s=5) == 1
+        assert (await store.count("n", [[Count("k", 1.0, limit=2)]]))[0].applied
+        server.kill()
+        with pytest.raises(StateUnavailable):
+            await store.hold_slots("p", "a", 1, 1, 4, ttl_s=5)
+        with pytest.raises(StateUnavailable):
+            await store.count("n", [[Count("k", 1.0, limit=2)]])
+        server.start()  # no data kept, no script cached
+        assert await store.hold_slots("p", "a", 0, 3, 4, ttl_s=5) == 3
+        assert await store.count("n", [[Count("k", 1.0, limit=2)]]) == [Counted(True, (1.0,))]
+        await store.close()
+
+
+async def test_a_slot_call_abandoned_halfway_never_hands_its_reply_to_the_next(redis_server: RedisServer) -> None:
+    """A caller that leaves while its reply is on the way (cancelled, timed out) must not leave that reply for the
+    next call on the same connection to read as its own."""
+    import redis.asyncio as aioredis
+
+    store = RedisStore(redis_server.url, prefix=f"abandon:{uuid.uuid4().hex[:8]}:")
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await store.hold_slots("p", "warm", 0, 0, 4, ttl_s=5) == 0  # its connection is open
+        await admin.execute_command("CLIENT", "PAUSE", 300, "ALL")  # the server holds every reply back for 0.3 s
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(store.hold_slots("p", "a", 0, 3, 4, ttl_s=5), 0.05)
+        # whether or not a's call ran once the pause ended, b's answer is b's own: the one slot it asked for
+        assert await store.hold_slots("p", "b", 0, 1, 4, ttl_s=5) == 1
+        assert await store.slots_held("p") in (1, 4)
+    finally:
+        await admin.aclose()
+        await store.close()
+
+
 def test_state_table_chooses_the_backend(tmp_path: Path) -> None:
     from scillm_core.builtin.core import scillm_config_sections
 

@@ -19,6 +19,7 @@ that does not answer raises :class:`scillm_core.errors.StateUnavailable` (503), 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import time
@@ -204,6 +205,58 @@ def _dump(value: Mapping[str, Any]) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)  # canonical: compare-and-set compares bytes
 
 
+class _Lane:
+    """A connection of its own for calls that come one at a time by design and sit on every request's path (a
+    provider's slot group commit, the counters' group commit). Each call is sent and read directly, without the
+    pool's per-call checks, which cost the client about as much CPU again as the round trip itself (bench/README.md,
+    Scale out). As with the pool, a broken connection is replaced and the call tried once more (slot and counter
+    calls say the whole truth each time, so a repeat is safe); a call abandoned halfway (cancelled, timed out) drops
+    the connection, so its reply can never be read as the next call's."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.conn: Any = None
+        self.lock = asyncio.Lock()
+
+    async def call(self, *args: Any) -> Any:
+        from redis.exceptions import ConnectionError, ResponseError, TimeoutError
+
+        async with self.lock:
+            for attempt in (1, 2):
+                if self.conn is None:
+                    self.conn = self.store.redis.connection_pool.make_connection()
+                conn = self.conn
+                try:
+                    await conn.send_command(*args)  # connects (and authenticates) first when it must
+                    return await conn.read_response()
+                except ResponseError:
+                    raise  # an error reply: the connection is still in step
+                except (ConnectionError, TimeoutError, OSError):
+                    await self.drop()
+                    if attempt == 2:
+                        raise
+                except BaseException:
+                    await self.drop()
+                    raise
+
+    async def script(self, source: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """``EVALSHA``, loading the script first when the server does not have it (a restarted Redis)."""
+        from redis.exceptions import NoScriptError
+
+        sha = self.store.script(source).sha
+        try:
+            return await self.call("EVALSHA", sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.call("SCRIPT", "LOAD", source)
+            return await self.call("EVALSHA", sha, len(keys), *keys, *args)
+
+    async def drop(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+
+
 class RedisStore:
     def __init__(self, url: str, *, prefix: str = "scillm:", timeout_s: float = 2.0) -> None:
         self.url = url
@@ -214,6 +267,8 @@ class RedisStore:
         self._scripts: dict[str, Any] = {}
         self._groups: set[str] = set()
         self._cursors: dict[str, str] = {}
+        self._slots = _Lane(self)  # hold_slots' calls (each provider's group commit)
+        self._counts = _Lane(self)  # count()'s calls (each CountBatcher's group commit)
 
     # -- connection ------------------------------------------------------------------------------------------------
 
@@ -407,7 +462,7 @@ class RedisStore:
             return [Counted(True, ()) for _ in groups]
         stem = _name("c", self.prefix, namespace) + ":"
         with self.unavailable():
-            reply = await self.script(_COUNT)(keys=[stem + key for key in keys], args=[orjson.dumps(encoded)])
+            reply = await self._counts.script(_COUNT, [stem + key for key in keys], [orjson.dumps(encoded)])
         out: list[Counted] = []
         at = 0
         for group in groups:
@@ -539,8 +594,8 @@ class RedisStore:
 
     async def hold_slots(self, pool: str, holder: str, held: int, want: int, limit: int, ttl_s: float) -> int:
         with self.unavailable():
-            return int(await self.script(_HOLD)(keys=[_name("h", self.prefix, pool)],
-                                                args=[holder, held, want, limit, max(1, int(ttl_s * 1000))]))
+            return int(await self._slots.script(_HOLD, [_name("h", self.prefix, pool)],
+                                                [holder, held, want, limit, max(1, int(ttl_s * 1000))]))
 
     async def slots_held(self, pool: str) -> int:
         with self.unavailable():
@@ -560,6 +615,8 @@ class RedisStore:
         return out
 
     async def close(self) -> None:
+        for lane in (self._slots, self._counts):
+            await lane.drop()
         for client in (self._client, self._blocking):
             if client is not None:
                 with contextlib.suppress(Exception):
