@@ -245,7 +245,8 @@ async def test_a_redis_restart_loses_no_committed_connection(tmp_path: Path) -> 
 
 
 async def test_slot_and_counter_calls_come_back_after_a_redis_restart(tmp_path: Path) -> None:
-    """Their own connections are replaced, and their scripts loaded again into the fresh server."""
+    """The slot calls' own connection is replaced and their script loaded again into the fresh server; the counters
+    (on the pool) come back too."""
     with RedisServer(tmp_path / "r") as server:
         store = RedisStore(server.url)
         assert await store.hold_slots("p", "a", 0, 1, 4, ttl_s=5) == 1

@@ -206,12 +206,13 @@ def _dump(value: Mapping[str, Any]) -> bytes:
 
 
 class _Lane:
-    """A connection of its own for calls that come one at a time by design and sit on every request's path (a
-    provider's slot group commit, the counters' group commit). Each call is sent and read directly, without the
-    pool's per-call checks, which cost the client about as much CPU again as the round trip itself (bench/README.md,
-    Scale out). As with the pool, a broken connection is replaced and the call tried once more (slot and counter
-    calls say the whole truth each time, so a repeat is safe); a call abandoned halfway (cancelled, timed out) drops
-    the connection, so its reply can never be read as the next call's."""
+    """A connection of its own for calls that come one at a time by design, sit on every request's path and are safe
+    to repeat: a provider's slot group commit (each call states the holder's whole count, so a call whose reply was
+    lost and is sent again leaves the same state). Each call is sent and read directly, without the pool's per-call
+    checks, which cost the client about as much CPU again as the round trip itself (bench/README.md, Scale out). A
+    broken connection (a restarted server) is replaced and the call sent once more; a call abandoned halfway
+    (cancelled, timed out) drops the connection, so its reply can never be read as the next call's. Counter calls
+    add deltas, so they are not repeatable and stay on the pool."""
 
     def __init__(self, store: RedisStore) -> None:
         self.store = store
@@ -268,7 +269,6 @@ class RedisStore:
         self._groups: set[str] = set()
         self._cursors: dict[str, str] = {}
         self._slots = _Lane(self)  # hold_slots' calls (each provider's group commit)
-        self._counts = _Lane(self)  # count()'s calls (each CountBatcher's group commit)
 
     # -- connection ------------------------------------------------------------------------------------------------
 
@@ -462,7 +462,7 @@ class RedisStore:
             return [Counted(True, ()) for _ in groups]
         stem = _name("c", self.prefix, namespace) + ":"
         with self.unavailable():
-            reply = await self._counts.script(_COUNT, [stem + key for key in keys], [orjson.dumps(encoded)])
+            reply = await self.script(_COUNT)(keys=[stem + key for key in keys], args=[orjson.dumps(encoded)])
         out: list[Counted] = []
         at = 0
         for group in groups:
@@ -615,8 +615,7 @@ class RedisStore:
         return out
 
     async def close(self) -> None:
-        for lane in (self._slots, self._counts):
-            await lane.drop()
+        await self._slots.drop()
         for client in (self._client, self._blocking):
             if client is not None:
                 with contextlib.suppress(Exception):
