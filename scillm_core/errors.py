@@ -75,6 +75,7 @@ __all__ = [
     "UpstreamReplyTooLarge",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "client_headers",
     "to_response_parts",
 ]
 
@@ -313,9 +314,19 @@ def _redacted(value: Any) -> Any:
     return value
 
 
+def client_headers(exc: ScillmError) -> dict[str, str]:
+    """The headers a client gets with ``exc``: its own, plus ``x-should-retry: false`` on an upstream failure that
+    retrying cannot help (a spent quota, an unrepairable or empty answer). The openai and anthropic SDKs retry 429
+    and 5xx by themselves (twice by default) unless told so, and each retry would be another paid upstream call."""
+    headers = dict(exc.headers)
+    if isinstance(exc, UpstreamError) and not exc.retryable:
+        headers.setdefault("x-should-retry", "false")
+    return headers
+
+
 def to_response_parts(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(status, body, headers) for any exception; unknown exceptions become an opaque 500."""
     if isinstance(exc, ScillmError):
-        return exc.status, exc.body(), exc.headers
+        return exc.status, exc.body(), client_headers(exc)
     body = {"error": {"message": "internal error", "type": "server_error", "code": "internal_error", "param": None}}
     return 500, body, {}

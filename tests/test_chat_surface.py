@@ -150,6 +150,31 @@ def test_empty_answer_with_finish_length_is_thinking_budget_exhausted(client, fa
     assert caught.value.body["code"] == "thinking_budget_exhausted"
 
 
+@pytest.mark.parametrize(("reply", "status", "code"), [
+    (Reply(text="", finish_reason="length"), 502, "thinking_budget_exhausted"),
+    (Reply.fail(429, "You exceeded your current quota", type="insufficient_quota", code="insufficient_quota"), 429,
+     "insufficient_quota"),
+])
+def test_the_sdk_does_not_retry_what_retrying_cannot_help(server, fake, reply, status, code):
+    # the openai SDK retries 429 and 5xx twice by default: each retry would be another paid upstream call
+    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, timeout=20)
+    before = len(fake.requests)
+    fake.script(reply, Reply.say("a retry reached the upstream"))
+    with pytest.raises(openai.APIStatusError) as caught:
+        sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    assert (caught.value.status_code, caught.value.body["code"]) == (status, code)
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert len(fake.requests) - before == 1
+    fake.next_reply()  # drop the unused retry answer
+
+
+def test_the_sdk_still_retries_what_may_pass(server, fake):
+    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, timeout=20)
+    fake.script(Reply.fail(503, "overloaded, try again"), Reply.say("second time lucky"))
+    answer = sdk.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    assert answer.parse().choices[0].message.content == "second time lucky" and answer.retries_taken == 1
+
+
 def test_translated_stream_usage_chunk_only_when_asked_and_usage_in_finish_chunk_normalised(client, fake):
     # content parts: DeepSeek takes string content only, so the body is translated (flattened), not sent as is
     parts = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]

@@ -38,12 +38,9 @@ def anthropic_error_parts(exc: BaseException, request_id: str = "") -> tuple[int
     if not isinstance(exc, errors.ScillmError):
         return 500, _body("api_error", "internal error", request_id), {}
     status = exc.status
-    headers = dict(exc.headers)
-    if isinstance(exc, errors.UpstreamError):
-        if exc.code == "overloaded" or exc.upstream_status == 529:
-            status = 529  # what Anthropic clients know as "overloaded" (retried, OverloadedError)
-        if not exc.retryable:
-            headers.setdefault("x-should-retry", "false")  # e.g. a spent quota: retrying cannot help
+    headers = errors.client_headers(exc)
+    if isinstance(exc, errors.UpstreamError) and (exc.code == "overloaded" or exc.upstream_status == 529):
+        status = 529  # what Anthropic clients know as "overloaded" (retried, OverloadedError)
     return status, _body(anthropic_type_for(status), exc.message, request_id), headers
 
 
