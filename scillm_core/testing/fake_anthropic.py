@@ -192,6 +192,13 @@ class FakeAnthropic(FakeUpstream):
         temperature = body.get("temperature")
         if temperature is not None and not 0 <= temperature <= 1:
             return "temperature: Input should be less than or equal to 1"
+        metadata = body.get("metadata")
+        if metadata is not None:
+            if not isinstance(metadata, dict):
+                return "metadata: Input should be a valid dictionary"
+            extra = next((key for key in metadata if key != "user_id"), None)
+            if extra is not None:  # user_id is Anthropic's only metadata field
+                return f"metadata.{extra}: Extra inputs are not permitted"
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return "messages: Field required"

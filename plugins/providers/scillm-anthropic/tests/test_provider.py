@@ -90,6 +90,18 @@ def test_system_pdf_and_structured_output_reach_anthropic(client: openai.OpenAI,
     assert body["max_tokens"] == 200 and body["stop_sequences"] == ["END"]
 
 
+def test_openai_metadata_tags_do_not_reach_anthropic(client: openai.OpenAI, fake: ApiKeyFake) -> None:
+    # the openai SDK's metadata is free-form tags; Anthropic's metadata holds user_id only and rejects anything else
+    fake.script(Reply.say("tagged"), Reply.say("tagged too"))
+    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                            metadata={"purpose": "eval", "run": "7"}, user="alice")
+    assert answer.choices[0].message.content == "tagged"
+    assert fake.last.body["metadata"] == {"user_id": "alice"}
+    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                            metadata={"user_id": "bob", "purpose": "eval"})
+    assert answer.choices[0].message.content == "tagged too" and fake.last.body["metadata"] == {"user_id": "bob"}
+
+
 def test_thinking_round_trip_through_the_openai_client(client: openai.OpenAI, fake: ApiKeyFake) -> None:
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}

@@ -353,6 +353,10 @@ def to_messages_body(request: ChatRequest, model: str, *,
             value = request.extra[key]
             if key == "output_config" and isinstance(value, Mapping):
                 body["output_config"] = {**dict(value), **body.get("output_config", {})}
+            elif key == "metadata":  # OpenAI's metadata is free-form tags; Anthropic's holds user_id only
+                user_id = value.get("user_id") if isinstance(value, Mapping) else None
+                if isinstance(user_id, str):
+                    body["metadata"] = {"user_id": user_id}
             else:
                 body[key] = value
     thinking_on = thinking_on or (isinstance(body.get("thinking"), Mapping)
