@@ -192,6 +192,8 @@ class FakeAnthropic(FakeUpstream):
         temperature = body.get("temperature")
         if temperature is not None and not 0 <= temperature <= 1:
             return "temperature: Input should be less than or equal to 1"
+        if body.get("service_tier") not in (None, "auto", "standard_only"):
+            return "service_tier: Input should be 'auto' or 'standard_only'"
         metadata = body.get("metadata")
         if metadata is not None:
             if not isinstance(metadata, dict):

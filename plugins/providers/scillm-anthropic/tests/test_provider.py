@@ -90,16 +90,20 @@ def test_system_pdf_and_structured_output_reach_anthropic(client: openai.OpenAI,
     assert body["max_tokens"] == 200 and body["stop_sequences"] == ["END"]
 
 
-def test_openai_metadata_tags_do_not_reach_anthropic(client: openai.OpenAI, fake: ApiKeyFake) -> None:
-    # the openai SDK's metadata is free-form tags; Anthropic's metadata holds user_id only and rejects anything else
+def test_openai_metadata_and_service_tier_do_not_reach_anthropic_as_sent(client: openai.OpenAI,
+                                                                          fake: ApiKeyFake) -> None:
+    # the openai SDK's metadata is free-form tags and its service_tier OpenAI's tiers; Anthropic's metadata holds
+    # user_id only and its service_tier is auto | standard_only: anything else is a 400 there
     fake.script(Reply.say("tagged"), Reply.say("tagged too"))
     answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                            metadata={"purpose": "eval", "run": "7"}, user="alice")
+                                            metadata={"purpose": "eval", "run": "7"}, user="alice",
+                                            service_tier="flex")
     assert answer.choices[0].message.content == "tagged"
-    assert fake.last.body["metadata"] == {"user_id": "alice"}
+    assert fake.last.body["metadata"] == {"user_id": "alice"} and "service_tier" not in fake.last.body
     answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                            metadata={"user_id": "bob", "purpose": "eval"})
-    assert answer.choices[0].message.content == "tagged too" and fake.last.body["metadata"] == {"user_id": "bob"}
+                                            metadata={"user_id": "bob", "purpose": "eval"}, service_tier="auto")
+    assert answer.choices[0].message.content == "tagged too"
+    assert fake.last.body["metadata"] == {"user_id": "bob"} and fake.last.body["service_tier"] == "auto"
 
 
 def test_thinking_round_trip_through_the_openai_client(client: openai.OpenAI, fake: ApiKeyFake) -> None:

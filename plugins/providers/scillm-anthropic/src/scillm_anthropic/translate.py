@@ -357,6 +357,9 @@ def to_messages_body(request: ChatRequest, model: str, *,
                 user_id = value.get("user_id") if isinstance(value, Mapping) else None
                 if isinstance(user_id, str):
                     body["metadata"] = {"user_id": user_id}
+            elif key == "service_tier":  # OpenAI's default/flex/scale/priority have no Anthropic counterpart
+                if value in ("auto", "standard_only"):
+                    body["service_tier"] = value
             else:
                 body[key] = value
     thinking_on = thinking_on or (isinstance(body.get("thinking"), Mapping)
