@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -231,6 +232,15 @@ def test_models_lists_configured_providers_only(server):
     ids = {m["id"] for m in httpx.get(server.url + "/v1/models", headers=AUTH).json()["data"]}
     assert {"deepseek/deepseek-chat", "text-deepseek"} <= ids
     assert not any(i.startswith("gpt-") for i in ids)
+
+
+def test_models_read_by_the_anthropic_sdk(server):
+    client = anthropic.Anthropic(base_url=server.url, api_key=DEV_KEY, max_retries=0, timeout=20)
+    models = list(client.models.list())
+    assert "deepseek/deepseek-chat" in [m.id for m in models]
+    one = client.models.retrieve("deepseek/deepseek-chat")
+    for model in (*models, one):  # ModelInfo's required fields, typed
+        assert model.type == "model" and model.display_name == model.id and model.created_at.year == 1970
 
 
 def test_models_retrieve_one_with_the_sdk(client):

@@ -148,7 +148,10 @@ async def list_models(request: Request) -> Response:
     data = [_model_object(m) for m in catalog if m["usable"]]
     unavailable = [{"id": m["id"], "owned_by": m["owned_by"], "missing": m["missing"]}
                    for m in catalog if not m["usable"]]
-    return json_response({"object": "list", "data": data, "unavailable": unavailable})
+    return json_response({"object": "list", "data": data, "unavailable": unavailable,
+                          # Anthropic's page fields, so ``anthropic.Anthropic().models.list()`` reads it too
+                          "has_more": False, "first_id": data[0]["id"] if data else None,
+                          "last_id": data[-1]["id"] if data else None})
 
 
 async def retrieve_model(request: Request) -> Response:
@@ -169,4 +172,6 @@ def _visible_catalog(request: Request) -> list[dict[str, Any]]:
 
 
 def _model_object(entry: Mapping[str, Any]) -> dict[str, Any]:
-    return {"id": entry["id"], "object": "model", "created": 0, "owned_by": entry["owned_by"]}
+    """OpenAI's model object plus Anthropic's fields (``type``, ``display_name``, ``created_at``)."""
+    return {"id": entry["id"], "object": "model", "created": 0, "owned_by": entry["owned_by"],
+            "type": "model", "display_name": entry["id"], "created_at": "1970-01-01T00:00:00Z"}
