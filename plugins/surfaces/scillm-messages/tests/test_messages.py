@@ -188,6 +188,34 @@ def test_tool_use_round_trip(client: anthropic.Anthropic, fake: FakeOpenAI) -> N
     assert messages[3] == {"role": "user", "content": "Thanks!"}
 
 
+@anthropic.beta_tool
+def get_weather(city: str) -> str:
+    """Weather for a city.
+
+    Args:
+        city: the city
+    """
+    return f"Sunny in {city}"
+
+
+def test_the_sdk_tool_runner_sends_the_whole_conversation(client: anthropic.Anthropic, fake: FakeOpenAI) -> None:
+    # the runner asks for a message thread (the server keeps the history, later turns send only what is new);
+    # scillm cannot keep one for a non-Anthropic upstream, so it refuses the way Anthropic does and the runner
+    # falls back to sending everything
+    fake.script(Reply.call("get_weather", {"city": "Paris"}, id="call_weather_1"), Reply.say("It is sunny."))
+    final = client.beta.messages.tool_runner(model=MODEL, max_tokens=200, tools=[get_weather],
+                                             messages=user("Weather in Paris?")).until_done()
+    assert final.content[0].text == "It is sunny."
+    assert [m["role"] for m in fake.last.body["messages"]] == ["user", "assistant", "tool"]
+    assert fake.last.body["messages"][2] == {"role": "tool", "tool_call_id": "call_weather_1",
+                                             "content": "Sunny in Paris"}
+    assert fake.last.body["tools"][0]["function"]["name"] == "get_weather"
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.beta.messages.create(model=MODEL, max_tokens=200, messages=user("hi"), thread={"type": "create"})
+    assert type(refused.value).__name__ == "ThreadUnsupportedRequestError"  # the SDK's typed form, by error_code
+    assert "$.thread" in refused.value.message
+
+
 def test_tool_result_blocks_and_error(client: anthropic.Anthropic, fake: FakeOpenAI) -> None:
     fake.script(Reply.say("ok"))
     client.messages.create(model=MODEL, max_tokens=50, tools=[WEATHER], messages=[

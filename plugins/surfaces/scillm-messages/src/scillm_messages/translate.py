@@ -59,6 +59,16 @@ def _bad(message: str, path: str) -> errors.InvalidRequest:
     return errors.InvalidRequest(f"{message} @ {path}", param=path)
 
 
+def _thread_unsupported() -> errors.InvalidRequest:
+    """A message thread (the server keeps the conversation, the client sends only what is new) is Anthropic's own
+    state: only a body that goes to Anthropic as sent can carry one. Anywhere else the history would be lost, so it
+    is refused the way Anthropic refuses a request it cannot thread, on which the SDK's tool runner resends the whole
+    conversation without ``thread``."""
+    return errors.InvalidRequest("this model's upstream cannot hold a message thread: send the whole conversation "
+                                 "without `thread` @ $.thread", param="$.thread", code="thread_unsupported_request",
+                                 details={"error_code": "thread_unsupported_request"})
+
+
 def _kind(value: Any) -> str:
     return {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object",
             type(None): "null"}.get(type(value), type(value).__name__)
@@ -106,6 +116,8 @@ def parse_messages_request(body: Any, *, session: str | None = None, lenient: bo
     stream = body.get("stream", False)
     if stream is not None:
         _expect(stream, bool, "a boolean", "$.stream")
+    if body.get("thread") is not None and not lenient:
+        raise _thread_unsupported()
 
     messages: list[Message] = []
     system = body.get("system")

@@ -41,7 +41,10 @@ def anthropic_error_parts(exc: BaseException, request_id: str = "") -> tuple[int
     headers = errors.client_headers(exc)
     if isinstance(exc, errors.UpstreamError) and (exc.code == "overloaded" or exc.upstream_status == 529):
         status = 529  # what Anthropic clients know as "overloaded" (retried, OverloadedError)
-    return status, _body(anthropic_type_for(status), exc.message, request_id), headers
+    body = _body(anthropic_type_for(status), exc.message, request_id)
+    if exc.details:
+        body["error"]["details"] = exc.details  # where the SDKs read ``error_code`` (their typed exceptions)
+    return status, body, headers
 
 
 def error_event(exc: BaseException, request_id: str = "") -> bytes:
