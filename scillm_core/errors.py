@@ -314,12 +314,18 @@ def _redacted(value: Any) -> Any:
     return value
 
 
+SDK_RETRY_WAIT_S = 60.0  # the longest retry-after the openai and anthropic SDKs wait out before retrying
+
+
 def client_headers(exc: ScillmError) -> dict[str, str]:
-    """The headers a client gets with ``exc``: its own, plus ``x-should-retry: false`` on an upstream failure that
-    retrying cannot help (a spent quota, an unrepairable or empty answer). The openai and anthropic SDKs retry 429
-    and 5xx by themselves (twice by default) unless told so, and each retry would be another paid upstream call."""
+    """The headers a client gets with ``exc``: its own, plus ``x-should-retry: false`` where the SDKs' own retries
+    cannot help: an upstream failure that retrying cannot fix (a spent quota, an unrepairable or empty answer), and
+    a limit of scillm's that will not let the call through within ``SDK_RETRY_WAIT_S`` (a spent budget, a call
+    larger than the budget). The openai and anthropic SDKs retry 429 and 5xx by themselves (twice by default)
+    unless told so: each retry would be another paid upstream call, or the caller waiting to be refused again."""
     headers = dict(exc.headers)
-    if isinstance(exc, UpstreamError) and not exc.retryable:
+    if (isinstance(exc, UpstreamError) and not exc.retryable) or (
+            isinstance(exc, LimitExceeded) and (exc.retry_after_s is None or exc.retry_after_s > SDK_RETRY_WAIT_S)):
         headers.setdefault("x-should-retry", "false")
     return headers
 

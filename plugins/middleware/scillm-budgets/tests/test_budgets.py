@@ -77,7 +77,7 @@ class Server:
         return response.json()["id"], response.json()["key"]
 
     def client(self, token: str, **kw: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=token, max_retries=0, **kw)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=token, **{"max_retries": 0, **kw})
 
     def as_key(self, token: str) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, headers={"authorization": f"Bearer {token}",
@@ -613,6 +613,35 @@ def test_a_store_that_cannot_count_fails_closed_with_503(server: Server) -> None
     health = server.admin.get("/v1/scillm/health").json()["middleware"]["budgets"]
     assert health["counter_errors"] > errors_before  # the failed round trips are counted where operators look
     hi(server.client(token))
+
+
+def test_the_sdk_does_not_retry_a_refusal_that_waiting_cannot_lift(server: Server) -> None:
+    """The openai SDK retries a 429 twice by default unless told not to: a spent budget (resets in hours) and a call
+    larger than the budget are refused once, not three times; a refusal that lifts within a minute is still retried."""
+    def refusals() -> int:
+        return int(server.admin.get("/v1/scillm/health").json()["middleware"]["budgets"]["refused"])
+
+    state = server.runtime.plugin_state["budgets"]
+    state.clock = lambda: 1_800_000_030.0  # pinned: 08:00:30 UTC, hours before the day ends
+    try:
+        _, too_small = server.key(name="never-fits", limits={"daily_usd": 0.0001})
+        _, daily = server.key(name="spends-today", limits={"daily_usd": 0.002})
+        hi(server.client(daily))  # $0.00081 each; a third call's reservation no longer fits today
+        hi(server.client(daily))
+        for token in (too_small, daily):
+            before = refusals()
+            with pytest.raises(openai.RateLimitError) as refused:
+                hi(server.client(token, max_retries=2))
+            assert refused.value.response.headers["x-should-retry"] == "false"
+            assert refusals() - before == 1
+        _, per_minute = server.key(name="rpm-1", limits={"rpm": 1})
+        hi(server.client(per_minute))
+        with pytest.raises(openai.RateLimitError) as refused:
+            hi(server.client(per_minute))  # 30 s to the next minute: the SDK may wait it out
+        assert refused.value.response.headers["retry-after"] == "30"
+        assert "x-should-retry" not in refused.value.response.headers
+    finally:
+        state.clock = __import__("time").time
 
 
 def test_health_reports_the_budget_backend(server: Server) -> None:
