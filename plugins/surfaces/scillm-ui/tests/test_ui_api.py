@@ -87,9 +87,11 @@ def test_calls_filters_detail_and_series_by_key(server: ServerThread, upstream: 
 
 def test_bad_parameters_are_4xx_naming_them(server: ServerThread) -> None:
     for path, params, name in (("calls", {"limit": "0"}, "limit"), ("calls", {"limit": "x"}, "limit"),
+                               ("calls", {"limit": "²"}, "limit"), ("calls", {"limit": "9" * 5000}, "limit"),
                                ("series", {"by": "team"}, "by"), ("calls", {"model": "m" * 300}, "model")):
         answer = httpx.get(f"{server.url}/v1/scillm/ui/{path}", params=params, headers=AUTH)
-        assert answer.status_code == 400 and answer.json()["error"]["param"] == name
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["param"] == f"query.{name}"
 
 
 def test_no_secret_reaches_any_dashboard_endpoint(server: ServerThread, upstream: FakeOpenAI) -> None:

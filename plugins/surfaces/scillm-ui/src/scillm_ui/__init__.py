@@ -30,6 +30,7 @@ from scillm_core import (
     json_response,
     runtime_of,
 )
+from scillm_core.web import query_int
 from scillm_core.redact import env_secrets
 from scillm_ui.state import DIMENSIONS, KINDS, UiConfig, UiState, provider_rows
 
@@ -97,7 +98,7 @@ def _data(payload: Any) -> Response:
 def _param(request: Request, name: str, limit: int = 200) -> str:
     value = request.query_params.get(name, "")
     if len(value) > limit:
-        raise errors.InvalidRequest(f"{name} is longer than {limit} characters @ query.{name}", param=name)
+        raise errors.InvalidRequest(f"{name} is longer than {limit} characters @ query.{name}", param=f"query.{name}")
     return value
 
 
@@ -126,13 +127,10 @@ async def summary(request: Request) -> Response:
 
 async def calls(request: Request) -> Response:
     state = state_of(runtime_of(request))
-    raw = request.query_params.get("limit", "200")
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
-        raise errors.InvalidRequest(f"limit must be an integer from 1 to 1000, got {raw[:20]!r} @ query.limit",
-                                    param="limit")
+    limit = query_int(request, "limit", default=200, minimum=1, maximum=1000)
     filters = {name: _param(request, name) for name in (*DIMENSIONS, "status")}
     viewer = identity_of(request)
-    rows = state.find_calls(filters, int(raw), viewer)
+    rows = state.find_calls(filters, limit, viewer)
     kept = len(state.calls) if viewer.master else sum(1 for c in state.calls.values() if viewer.can_see(c["owner"]))
     return _data({"object": "list", "data": rows, "count": len(rows), "kept": kept})
 
@@ -159,6 +157,6 @@ async def series(request: Request) -> Response:
     by = request.query_params.get("by", "model")
     if by not in DIMENSIONS:
         raise errors.InvalidRequest(f"by must be one of {', '.join(DIMENSIONS)}, got {by[:40]!r} @ query.by",
-                                    param="by")
+                                    param="query.by")
     viewer = identity_of(request)
     return _data(state_of(runtime_of(request)).series(by, owner=None if viewer.master else viewer.owner))
