@@ -98,6 +98,9 @@ async def test_logs_tail_trim_and_follow_across_processes(stores: Callable[[], S
     woken = await reader.follow("events", rest[-1][0], block_s=4.0)  # waits for the other process's write
     await task
     assert [r for _, r in woken] == [{"i": 5}]
+    for hostile in ("abc", "-1", "1e3", "²", "../x", "9" * 25, "1-2-3"):  # what a client may send to resume
+        with pytest.raises(ValueError, match="not a log cursor"):
+            await reader.follow("events", hostile)
     assert await writer.trim("events", 2) == 4
     assert await reader.tail("events") == [{"i": 4}, {"i": 5}]
 

@@ -128,7 +128,8 @@ class StateStore(Protocol):
     async def follow(self, namespace: str, after: str = "", limit: int = 100,
                      block_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
         """Log records appended after the cursor ``after`` (``""``: from the start), oldest first, each with its own
-        cursor; waits up to ``block_s`` for the first one when there is none yet."""
+        cursor; waits up to ``block_s`` for the first one when there is none yet. ``ValueError`` when ``after`` is
+        not a cursor's form (a client's resume cursor is checked by the store that gave it out)."""
 
     async def enqueue(self, queue: str, entries: Sequence[Mapping[str, Any]]) -> list[str]:
         """Add work entries to a queue (all or none); their ids, in order."""

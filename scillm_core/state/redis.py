@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,8 @@ __all__ = ["RedisStore", "safe_url"]
 GROUP = "work"
 MAX_BLOCK_S = 5.0  # one blocking read waits at most this long; callers loop
 MAX_CONNECTIONS = 256  # per client of one process
+
+_STREAM_ID = re.compile(r"[0-9]{1,19}(-[0-9]{1,19})?", re.ASCII)  # a stream entry id (64-bit parts): a log cursor
 
 _CAS = """
 local cur = redis.call('GET', KEYS[1])
@@ -492,6 +495,8 @@ class RedisStore:
 
     async def follow(self, namespace: str, after: str = "", limit: int = 100,
                      block_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
+        if after and not _STREAM_ID.fullmatch(after):
+            raise ValueError(f"not a log cursor: {after[:40]!r}")
         block = int(min(block_s, MAX_BLOCK_S) * 1000)
         with self.unavailable():
             client = self.blocking if block else self.redis

@@ -433,6 +433,8 @@ class SQLiteStore:
 
     async def follow(self, namespace: str, after: str = "", limit: int = 100,
                      block_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
+        if after and not (after.isascii() and after.isdigit() and len(after) <= 18):  # a row id SQLite can hold
+            raise ValueError(f"not a log cursor: {after[:40]!r}")
         start = int(after) if after else 0
 
         async def fetch() -> list[tuple[str, dict[str, Any]]]:

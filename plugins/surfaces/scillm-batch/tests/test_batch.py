@@ -187,6 +187,30 @@ def test_unknown_batch_is_404(tmp_path):
         assert httpx.get(server.url + "/v1/scillm/batch/nothing", headers=AUTH).status_code == 404
 
 
+def sse_events(server, path: str, **params: str) -> httpx.Response:
+    with httpx.stream("GET", server.url + path, params=params, headers=AUTH, timeout=30) as response:
+        response.read()
+    return response
+
+
+def test_a_resume_cursor_the_store_never_gave_out_is_a_400_not_a_cut_stream(tmp_path):
+    with FakeOpenAI() as fake:
+        env = {"DEEPSEEK_API_KEY": "k", "DEEPSEEK_API_BASE": fake.base_url}
+        with ServerThread(make_app(env=env, data_dir=tmp_path, only=PLUGINS)) as server:
+            body = {"model": "deepseek/deepseek-chat", "batch_id": "cursors", "items": [{"prompt": "x"}] * 2}
+            assert httpx.post(server.url + "/v1/scillm/batch/completions", json=body, headers=AUTH,
+                              timeout=30).status_code == 200
+            for after in ("abc", "99999999999999999999999", "../x", "²", "-5", "1e400", "7" * 10_000):
+                bad = sse_events(server, "/v1/scillm/batch/cursors/events", after=after)
+                assert bad.status_code == 400, (after[:30], bad.text[:300])
+                assert bad.json()["error"]["param"] == "query.after"
+            whole = sse_events(server, "/v1/scillm/batch/cursors/events").text  # a good cursor still resumes
+            cursor = orjson.loads(whole.split("data: ", 1)[1].split("\n", 1)[0])["cursor"]
+            resumed = sse_events(server, "/v1/scillm/batch/cursors/events", after=cursor).text
+    assert whole.count("event: item_completed") == 2 and resumed.count("event: item_completed") == 1
+    assert resumed.rstrip().splitlines()[-2] == "event: batch_done"
+
+
 def test_store_keys_are_parameters_not_query_text(tmp_path):
     """A hostile key is stored and found as data (the store binds parameters)."""
     import asyncio

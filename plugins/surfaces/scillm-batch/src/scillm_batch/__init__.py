@@ -201,22 +201,26 @@ async def events(request: Request) -> Response:
     if batch is None:
         raise errors.NotFound(f"no batch {batch_id!r}")
     after = request.query_params.get("after", "")
+    try:  # read before the stream starts: a cursor the store never gave out is a 400, not a stream cut after its head
+        first = await runtime.store.follow(events_ns(batch_id), after, limit=1000)
+    except ValueError:
+        raise errors.InvalidRequest(f"after must be a cursor from this batch's events, got {after[:40]!r} "
+                                    "@ query.after", param="query.after") from None
 
     async def stream() -> AsyncIterator[bytes]:
-        cursor = after
+        cursor, found = after, first
         while True:
-            found = await runtime.store.follow(events_ns(batch_id), cursor, limit=1000, block_s=5.0)
             for cursor, result in found:
                 data = {k: v for k, v in result.items() if k != "lane_counts"}  # "instance": which one ran it
                 kind = "item_completed" if data.get("ok") else "item_failed"
                 yield f"event: {kind}\ndata: ".encode() + orjson.dumps({**data, "cursor": cursor}) + b"\n\n"
-            if found:
-                continue
-            progress = progress_of(batch, await runtime.store.scan(ITEM_NS + batch_id, limit=1_000_000))
-            if progress["done"]:  # caught up with the log and every item has a result
-                summary = {k: v for k, v in progress.items() if k != "results"}
-                yield b"event: batch_done\ndata: " + orjson.dumps(summary) + b"\n\n"
-                return
-            yield b": heartbeat\n\n"
+            if not found:
+                progress = progress_of(batch, await runtime.store.scan(ITEM_NS + batch_id, limit=1_000_000))
+                if progress["done"]:  # caught up with the log and every item has a result
+                    summary = {k: v for k, v in progress.items() if k != "results"}
+                    yield b"event: batch_done\ndata: " + orjson.dumps(summary) + b"\n\n"
+                    return
+                yield b": heartbeat\n\n"
+            found = await runtime.store.follow(events_ns(batch_id), cursor, limit=1000, block_s=5.0)
 
     return EventStreamResponse(stream(), headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
