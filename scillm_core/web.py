@@ -87,7 +87,12 @@ async def read_json(request: Request, *, limit_bytes: int) -> Any:
 
 async def read_body(request: Request, *, limit_bytes: int) -> bytearray:
     """The request body's bytes (a bytearray: read into one growing buffer); 413 past ``limit_bytes``, 400 when
-    empty."""
+    empty, 415 when compressed (nothing is decompressed: no compression bomb, no mistaking it for bad JSON)."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise errors.RequestError(f"Content-Encoding {encoding[:40]!r} is not supported: send the body uncompressed "
+                                  "@ Content-Encoding", param="Content-Encoding", status=415,
+                                  code="unsupported_content_encoding")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit_bytes:
         raise errors.PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit_bytes}")
@@ -108,6 +113,11 @@ def parse_json(raw: bytes | bytearray) -> Any:
         raise errors.InvalidRequest(f"request body is nested deeper than {exc.limit} levels @ {exc.path}",
                                     param=exc.path) from None
     except orjson.JSONDecodeError as exc:
+        try:  # orjson's words for bytes that are not UTF-8 ("surrogates not allowed") and its position mislead
+            bytes(raw).decode()
+        except UnicodeDecodeError as bad:
+            raise errors.InvalidRequest(f"request body is not valid UTF-8: byte {bad.start} is "
+                                        f"{raw[bad.start]:#04x}; JSON is UTF-8 text") from None
         raise errors.InvalidRequest(f"request body is not valid JSON: {exc}") from None
 
 

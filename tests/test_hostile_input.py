@@ -171,6 +171,41 @@ def server_loop_run(server: ServerThread, coro: Any) -> Any:
     return asyncio.run_coroutine_threadsafe(coro, server.loop).result(timeout=30)
 
 
+# -- bodies that are not JSON text ---------------------------------------------------------------------------------
+
+BODIES = [("/v1/chat/completions", CHAT), ("/v1/messages", {**CHAT, "max_tokens": 5}),
+          ("/v1/responses", {"model": MODEL, "input": "x"}), ("/v1/embeddings", {"model": MODEL, "input": "x"}),
+          ("/v1/scillm/batch/completions", {"model": MODEL, "items": [{"prompt": "x"}]})]
+
+
+@pytest.mark.parametrize(("path", "body"), BODIES)
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+def test_a_compressed_body_is_a_415_naming_content_encoding_and_is_never_inflated(server, fake, path, body, encoding):
+    import gzip
+
+    sent = len(fake.requests)
+    bomb = gzip.compress(b"[" + b" " * 20_000_000 + b"]")  # 20 MB of JSON in 20 KB: never inflated
+    response = httpx.post(server.url + path, content=bomb, timeout=30,
+                          headers={**AUTH, "content-type": "application/json", "content-encoding": encoding})
+    assert response.status_code == 415, response.text[:300]
+    error = response.json()["error"]
+    assert "Content-Encoding" in (error.get("param") or error["message"]) and encoding in error["message"]
+    assert len(fake.requests) == sent
+
+
+@pytest.mark.parametrize(("path", "body"), BODIES)
+def test_a_body_that_is_not_utf8_is_a_400_naming_the_byte(server, fake, path, body):
+    sent = len(fake.requests)
+    raw = json.dumps(body).encode().replace(b'"x"', b'"x\xff"', 1)  # a Latin-1 byte inside a string
+    at = raw.index(b"\xff")
+    response = httpx.post(server.url + path, content=raw, timeout=30,
+                          headers={**AUTH, "content-type": "application/json"})
+    assert response.status_code == 400, response.text[:300]
+    message = response.json()["error"]["message"]
+    assert f"not valid UTF-8: byte {at} is 0xff" in message and "surrogates" not in message
+    assert len(fake.requests) == sent
+
+
 # -- query integers ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", ["²", "9" * 5000, "-1", "0", "1001", "1e3", " 5"])

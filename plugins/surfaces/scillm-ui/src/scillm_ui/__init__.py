@@ -30,8 +30,8 @@ from scillm_core import (
     json_response,
     runtime_of,
 )
-from scillm_core.web import query_int
 from scillm_core.redact import env_secrets
+from scillm_core.web import query_int
 from scillm_ui.state import DIMENSIONS, KINDS, UiConfig, UiState, provider_rows
 
 __all__ = ["UiConfig", "UiState"]
