@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from scillm_core.context import CallContext
 
 __all__ = ["CallResult", "ChatResult", "ChatThunk", "OpeningStream", "ProviderRequest", "RequestThunk",
-           "ResponseThunk", "StreamEnded", "StreamTap", "Thunk", "aclose_quietly", "carries_on", "end_with_stream",
-           "open_stream", "run_chat", "run_embeddings", "tap_stream", "then"]
+           "ResponseThunk", "StreamEnded", "StreamTap", "Thunk", "aclose_quietly", "carries_on", "check_model",
+           "end_with_stream", "open_stream", "run_chat", "run_embeddings", "tap_stream", "then"]
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -38,6 +38,9 @@ CallResult: TypeAlias = ChatResult | EmbeddingsResponse
 ChatThunk: TypeAlias = Callable[[], Awaitable[CallResult]]
 RequestThunk: TypeAlias = Callable[[], Awaitable[ChatRequest]]
 ResponseThunk: TypeAlias = Callable[[], Awaitable[CallResult]]
+#: The longest model name a call may carry (real ones are under 200 characters): a longer one is a 400 before any
+#: hook, so it is never echoed in an error nor kept in a call record, a trace or the dashboard.
+MAX_MODEL_CHARS = 512
 
 
 def then(call: Thunk[T], fn: Callable[[T], Awaitable[U]]) -> Thunk[U]:
@@ -52,6 +55,7 @@ def then(call: Thunk[T], fn: Callable[[T], Awaitable[U]]) -> Thunk[U]:
 async def run_chat(request: ChatRequest, ctx: CallContext) -> ChatResult:
     hooks = ctx.runtime.hooks
     try:
+        check_model(request.model)
         if ctx.runtime.events.listening:
             return await _observed_chat(request, ctx)
         request = await hooks.preprocess_files(request, ctx)()
@@ -67,6 +71,7 @@ async def run_embeddings(request: EmbeddingsRequest, ctx: CallContext) -> Embedd
     asked for (``float`` unless ``base64``), whatever the upstream sent. Observed like ``run_chat``."""
     events = ctx.runtime.events
     try:
+        check_model(request.model)
         if not events.listening:
             return await _embed(request, ctx)
     except errors.ScillmError as exc:
@@ -102,6 +107,14 @@ async def _embed(request: EmbeddingsRequest, ctx: CallContext) -> EmbeddingsResp
         route = ctx.route
         raise errors.UpstreamProtocolError(str(exc), provider=route.provider if route else "?",
                                            model=route.model if route else request.model) from None
+
+
+def check_model(model: str, where: str = "$.model") -> None:
+    """A 400 naming ``where`` for a model name past :data:`MAX_MODEL_CHARS` (also for surfaces that keep a name
+    before any call, such as a batch's)."""
+    if len(model) > MAX_MODEL_CHARS:
+        raise errors.InvalidRequest(f"model is {len(model)} characters long; a model name has at most "
+                                    f"{MAX_MODEL_CHARS} @ {where}", param=where)
 
 
 def _say_attempts(exc: errors.ScillmError, ctx: CallContext) -> None:

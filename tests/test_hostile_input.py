@@ -206,6 +206,17 @@ def test_a_body_that_is_not_utf8_is_a_400_naming_the_byte(server, fake, path, bo
     assert len(fake.requests) == sent
 
 
+@pytest.mark.parametrize(("path", "body"), BODIES)
+def test_a_model_name_of_a_megabyte_is_a_400_never_echoed_nor_kept(server, fake, path, body):
+    name = "deepseek/" + "m" * 1_000_000  # routable by its prefix: only the bound stops it going upstream
+    sent = len(fake.requests)
+    response = post(server, path, {**body, "model": name})
+    assert len(response.content) < 2000, response.content[:300]
+    assert response.status_code == 400 and "a model name has at most 512" in response.text
+    assert len(fake.requests) == sent
+    assert name not in httpx.get(server.url + "/v1/scillm/calls", params={"limit": 1000}, headers=AUTH).text
+
+
 # -- query integers ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value", ["²", "9" * 5000, "-1", "0", "1001", "1e3", " 5"])

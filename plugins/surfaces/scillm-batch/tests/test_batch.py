@@ -175,6 +175,11 @@ def test_resubmitting_returns_stored_successes_and_reruns_only_failures(tmp_path
     ({"model": "deepseek/deepseek-chat", "batch_id": "b" * 129, "items": [{"prompt": "x"}]}, "$.batch_id"),
     ({"model": "deepseek/deepseek-chat", "items": [{"item_id": "../x", "prompt": "x"}]}, "$.items[0].item_id"),
     ({"model": "deepseek/deepseek-chat", "items": [{"id": "", "prompt": "x"}]}, "$.items[0].id"),
+    # wrong types were 500s (a dict is not hashable, a number has no length)
+    ({"model_pool": {"a": 1}, "items": [{"prompt": "x"}]}, "$.model_pool"),
+    ({"model_pool": ["a"], "items": [{"prompt": "x"}]}, "$.model_pool"),
+    ({"model": 5, "items": [{"prompt": "x"}]}, "$.model"),
+    ({"model": ["deepseek/deepseek-chat"], "items": [{"prompt": "x"}]}, "$.model"),
 ])
 def test_bad_batches_are_400_naming_the_path(tmp_path, body, param):
     with ServerThread(make_app(env={"DEEPSEEK_API_KEY": "k"}, data_dir=tmp_path, only=PLUGINS)) as server:

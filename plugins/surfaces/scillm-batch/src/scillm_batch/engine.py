@@ -40,6 +40,7 @@ from scillm_core import (
 )
 from scillm_core.identity import owner_identity
 from scillm_core.models.extensions import take_extensions
+from scillm_core.pipeline import check_model
 
 __all__ = ["BatchItem", "BatchSpec", "Lane", "PoolConfig", "run_batch", "stored_results"]
 
@@ -541,13 +542,17 @@ def _message(exc: BaseException | None) -> str:
 
 def lanes_for(pool: str | None, model: str | None, pools: Mapping[str, PoolConfig],
               concurrency: int) -> tuple[str, tuple[Lane, ...]]:
+    for value, where in ((pool, "$.model_pool"), (model, "$.model")):
+        if value is not None and not isinstance(value, str):
+            raise errors.InvalidRequest(f"{where[2:]} must be a string @ {where}", param=where)
     if pool:
         if pool not in pools:
             known = ", ".join(sorted(pools)) or "none configured"
-            raise errors.InvalidRequest(f"unknown model_pool {pool!r} (known: {known})", param="$.model_pool")
+            raise errors.InvalidRequest(f"unknown model_pool {pool!r:.60} (known: {known})", param="$.model_pool")
         return pool, pools[pool].lanes
     if not model:
         raise errors.InvalidRequest("give model_pool or model @ $.model_pool", param="$.model_pool")
+    check_model(model)  # the batch keeps it (lanes, progress) before any call would refuse it
     return model, (Lane(model=model, name=model, max_concurrency=concurrency),)
 
 
