@@ -151,6 +151,20 @@ def test_stalled_model_times_out_and_leaves_no_busy_session(stack: Stack) -> Non
     assert events[-1]["type"] == "run_completed" and events[-1]["status"] == "timeout"
 
 
+def test_an_abort_body_is_read_bounded(stack: Stack) -> None:
+    """A body that says 10 GB is a 413 before any of it is read (it was read whole, then bounded)."""
+    import socket
+
+    host, port = stack.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.settimeout(60)  # the failure was a wait for the rest of the body: this only bounds that wait
+        sock.sendall(f"POST {RUNS}/run-none/abort HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {MASTER_KEY}\r\n"
+                     "x-caller-skill: t\r\ncontent-type: application/json\r\ncontent-length: 10000000000\r\n\r\n"
+                     '{"reason": "'.encode())
+        head = sock.recv(65536).split(b"\r\n", 1)[0]
+    assert head == b"HTTP/1.1 413 Request Entity Too Large", head
+
+
 def test_abort_ends_the_run_and_is_final(stack: Stack) -> None:
     gate, arrived = stack.fake.gate("abort"), stack.fake.arrival("abort")
     receipt = stack.client.post(RUNS, json={"prompt": "[gate:abort]", "cwd": str(stack.repo()), "wait": False})
