@@ -145,6 +145,16 @@ def test_an_upstream_answer_nested_300_deep_is_a_502_not_a_500(client, fake):
     assert caught.value.body["code"] == "upstream_bad_response" and "nested deeper" in caught.value.body["message"]
 
 
+@pytest.mark.parametrize("code", ["²", "9" * 5000, "99999999999"])
+def test_an_upstream_error_event_with_an_odd_code_is_an_upstream_error_not_an_internal_one(server, fake, code):
+    fake.script(Reply.say("a long answer", error_after=1, error_event={"error": {"message": "it broke", "code": code}}))
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers=AUTH, timeout=30,
+                      json={"model": MODEL, "stream": True, "messages": USER}) as response:
+        body = response.read().decode()
+    error = json.loads(body.split("data: ")[-1])["error"]
+    assert error["code"] != "internal_error" and "it broke" in error["message"], error
+
+
 def test_one_unwritable_call_log_record_never_loses_the_others(server):
     runtime = server.app.runtime
     state = runtime.plugin_state["metrics"]

@@ -261,7 +261,9 @@ class OpenAICompatProvider(Provider):
                             continue
                         if isinstance(data, dict) and "error" in data:
                             message, code, kind = parse_error_body(event.data.encode())
-                            raise error_for_status(500 if not code or not str(code).isdigit() else int(code),
+                            digits = str(code or "")  # an HTTP status ("429"), else a word, "²" or 5,000 digits
+                            status = int(digits) if len(digits) == 3 and digits.isascii() and digits.isdigit() else 500
+                            raise error_for_status(status,
                                                    message, provider=self.name, model=route.model, code=code,
                                                    kind=kind, secrets=(self._key,))
                         try:
