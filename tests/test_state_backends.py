@@ -196,6 +196,28 @@ async def test_queue_every_entry_to_one_consumer_until_acknowledged(stores: Call
     assert [e for _, e in late] == [{"n": "late"}]
 
 
+async def test_polling_an_empty_sqlite_queue_takes_no_write_lock(tmp_path: Path) -> None:
+    """An idle process polls its work queue about four times a second; it must not queue up behind (or hold up)
+    the other processes' writes: the poll finds nothing while another process holds the write lock."""
+    import sqlite3
+
+    store = SQLiteStore(tmp_path / "state.sqlite3")
+    try:
+        await store.enqueue("work", [{"n": 1}])
+        assert len(await store.take("work", "A", 10)) == 1
+        writer = sqlite3.connect(tmp_path / "state.sqlite3", isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
+        try:
+            assert await store.take("work", "A", 10) == []  # before: waited out busy_timeout, then "locked"
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
+        await store.enqueue("work", [{"n": 2}])
+        assert [e for _, e in await store.take("work", "A", 10)] == [{"n": 2}]
+    finally:
+        await store.close()
+
+
 async def test_work_of_a_dead_consumer_is_reclaimed_and_a_live_one_keeps_its_own(
         stores: Callable[[], StateStore]) -> None:
     a, b = stores(), stores()

@@ -469,6 +469,9 @@ class SQLiteStore:
         ``BEGIN IMMEDIATE`` transaction (no other connection or process can interleave)."""
         def claim(db: sqlite3.Connection) -> list[tuple[str, dict[str, Any]]]:
             now = time.time()
+            if idle_s is None and db.execute("SELECT 1 FROM queue WHERE q = ? AND owner IS NULL LIMIT 1",
+                                             (queue,)).fetchone() is None:
+                return []  # an idle queue's poll reads without the write lock every process's writes wait for
             db.execute("BEGIN IMMEDIATE")
             try:
                 if idle_s is None:
