@@ -65,6 +65,7 @@ __all__ = [
     "ScillmError",
     "StateUnavailable",
     "ThinkingBudgetExhausted",
+    "UnsupportedParameter",
     "UpstreamAuthError",
     "UpstreamBadRequest",
     "UpstreamConnectError",
@@ -115,6 +116,13 @@ class RequestError(ScillmError):
 
 class InvalidRequest(RequestError):
     pass
+
+
+class UnsupportedParameter(RequestError):
+    """A request parameter asks for something in the answer that the deployment called cannot deliver
+    (``scillm_core.models.params``): refused before anything is sent, naming ``$.<param>``, provider and model."""
+
+    code = "unsupported_parameter"
 
 
 class PayloadTooLarge(RequestError):

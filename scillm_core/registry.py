@@ -69,6 +69,11 @@ class Provider:
         """Whether this provider serves the bare ``model`` name by its name rules."""
         return False
 
+    def capabilities_for(self, route: Route) -> frozenset[str]:
+        """What ``route`` can deliver: :attr:`capabilities`, unless a provider serves models of different kinds.
+        A translated request is checked against it before each attempt (``scillm_core.models.params``)."""
+        return self.capabilities
+
     def http_timeout(self, route: Route, *, stream: bool) -> httpx.Timeout:
         """What to pass as ``timeout=`` to the shared client for one upstream request of ``route`` (connect, and a
         read limit behind the ones core's dispatch enforces)."""

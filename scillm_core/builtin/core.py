@@ -16,6 +16,7 @@ from scillm_core.config import GroupConfig, PluginsConfig, ProviderSettings, Ser
 from scillm_core.hookspecs import hookimpl
 from scillm_core.http import UPSTREAM_HEADERS
 from scillm_core.models import ChatResponse, EmbeddingsRequest, EmbeddingsResponse
+from scillm_core.models.params import check_asks
 from scillm_core.pipeline import StreamTap
 from scillm_core.timeouts import open_within, within_limits
 
@@ -77,10 +78,16 @@ def call_provider(request: ProviderRequest, route: Route, ctx: CallContext) -> C
             raise errors.ProviderNotConfigured(
                 f"model {route.requested!r} is served by provider {provider.name!r}, which is not configured: "
                 f"{missing}", param="model")
+        if isinstance(request, EmbeddingsRequest):
+            native = None
+            passthrough = False
+        else:
+            native = request.native
+            passthrough = native is not None and provider.speaks(request, route)
+            if not passthrough:  # a translation: what the client asks for must be deliverable (else a 400 now)
+                check_asks(request, provider.capabilities_for(route), provider.name, route.model)
         ctx.attempts += 1
         ctx.route = route
-        native = None if isinstance(request, EmbeddingsRequest) else request.native
-        passthrough = native is not None and provider.speaks(request, route)  # type: ignore[arg-type]
         dialect = native.dialect if native is not None else request.scillm.get("dialect")
         if dialect:  # say which way the request went: as sent, or translated for this provider
             ctx.notes.setdefault("headers", {})[DIALECT_HEADER] = (

@@ -454,7 +454,11 @@ class Attempts:
             return AllCircuitsOpen(
                 f"every deployment for {what} is cooling down after repeated failures: {', '.join(parts)}",
                 headers={"retry-after": str(max(1, round(wait)))}, details={"tried": summary})
-        last = next((e for _, e in reversed(tried) if not isinstance(e, CircuitOpen)), tried[-1][1])
+        # a member that could not deliver what was asked was never called: the failure of one that was is the
+        # answer (a 503 to retry, not a 400); when none could, the first member's refusal
+        called = [e for _, e in tried if not isinstance(e, errors.UnsupportedParameter)]
+        last = next((e for e in reversed(called) if not isinstance(e, CircuitOpen)),
+                    called[-1] if called else tried[0][1])
         if isinstance(last, errors.ScillmError):
             last.details.setdefault("tried", summary)
         return last
@@ -706,6 +710,8 @@ def _fallback_worthy(exc: BaseException) -> bool:
     """Whether another deployment may succeed where this one failed."""
     if isinstance(exc, errors.ContextLengthExceeded):
         return True  # the prompt does not fit this model; the next one may have a larger window
+    if isinstance(exc, errors.UnsupportedParameter):
+        return True  # refused before sending: this member cannot deliver what the client asked for; another may
     if isinstance(exc, errors.UpstreamBadRequest):
         return exc.upstream_status == 404  # the upstream does not know this model; others may
     if isinstance(exc, errors.UpstreamError | AllCircuitsOpen | errors.ProviderNotConfigured):

@@ -54,8 +54,10 @@ class AnthropicProvider(Provider):
     family = "anthropic"
     prefixes = ("anthropic/",)
     rule_order = 20
+    #: server_tools, mcp_servers: the Messages API runs them (asked for on ``/v1/messages``, see
+    #: ``scillm_core.models.params``)
     capabilities = frozenset({"streaming", "tools", "images", "pdf", "json_schema", "reasoning", "cache_control",
-                              "prefill"})
+                              "prefill", "server_tools", "mcp_servers"})
     dialects = frozenset({"anthropic-messages"})
     key_env = "ANTHROPIC_API_KEY"
     base_env = "ANTHROPIC_API_BASE"

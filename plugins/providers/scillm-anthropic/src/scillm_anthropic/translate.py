@@ -61,8 +61,10 @@ FINISH_REASONS: Mapping[str, str] = {"end_turn": "stop", "stop_sequence": "stop"
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 #: Anthropic block types a client may send as-is inside OpenAI content arrays.
 NATIVE_BLOCKS = frozenset({"image", "document", "search_result"})
-#: Body keys a client may pass through in ``extra`` (everything else is OpenAI-only and would be rejected).
-PASSTHROUGH = ("top_k", "thinking", "metadata", "service_tier", "output_config", "context_management")
+#: Body keys a client may pass through in ``extra`` (everything else is OpenAI-only and would be rejected);
+#: ``server_tools``: tools of Anthropic's own types a ``/v1/messages`` client sent, added to ``tools`` as they came.
+PASSTHROUGH = ("top_k", "thinking", "metadata", "service_tier", "output_config", "context_management",
+               "mcp_servers", "container", "server_tools")
 #: Anthropic error ``type`` -> the HTTP status it comes with (for mid-stream ``event: error``).
 ERROR_STATUS: Mapping[str, int] = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
                                    "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
@@ -360,6 +362,9 @@ def to_messages_body(request: ChatRequest, model: str, *,
             elif key == "service_tier":  # OpenAI's default/flex/scale/priority have no Anthropic counterpart
                 if value in ("auto", "standard_only"):
                     body["service_tier"] = value
+            elif key == "server_tools":
+                if isinstance(value, Sequence):
+                    body["tools"] = [*body.get("tools", ()), *value]
             else:
                 body[key] = value
     thinking_on = thinking_on or (isinstance(body.get("thinking"), Mapping)
@@ -368,7 +373,8 @@ def to_messages_body(request: ChatRequest, model: str, *,
         body["temperature"] = min(max(request.temperature, 0.0), 1.0)
     if request.top_p is not None:
         body["top_p"] = request.top_p
-    user = request.extra.get("user")
+    # OpenAI's end-user ids (safety_identifier replaces user) are Anthropic's metadata.user_id
+    user = request.extra.get("safety_identifier") or request.extra.get("user")
     if isinstance(user, str) and user and "metadata" not in body:
         body["metadata"] = {"user_id": user[:256]}
     if request.stream:

@@ -63,6 +63,12 @@ def conversation_id(request: ChatRequest) -> str:
     return f"{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
 
 
+def _cache_key(request: ChatRequest) -> str:
+    """The client's own ``prompt_cache_key`` (chat and Responses clients name their cache), else the conversation's."""
+    key = request.extra.get("prompt_cache_key")
+    return key if isinstance(key, str) and key else conversation_id(request)
+
+
 def _parts(message: Message, index: int, *, assistant: bool) -> list[dict[str, Any]]:
     content = message.content
     if content is None:
@@ -124,7 +130,7 @@ def to_codex_body(request: ChatRequest, model: str) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "instructions": "\n\n".join(instructions) or DEFAULT_INSTRUCTIONS,
                             "input": items, "store": False, "stream": True,
                             "include": ["reasoning.encrypted_content"],
-                            "prompt_cache_key": conversation_id(request)}
+                            "prompt_cache_key": _cache_key(request)}
     if request.tools:
         body["tools"] = [_flat_tool(t.function) for t in request.tools if t.type == "function"]
         body["tool_choice"] = _tool_choice(request.tool_choice)

@@ -36,6 +36,7 @@ from scillm_core import (
 )
 from scillm_core.config import Env, ProviderSettings
 from scillm_core.jsonio import loads
+from scillm_core.models.params import AS_SENT
 from scillm_core.upstream import (
     Malformed,
     error_for_status,
@@ -77,7 +78,7 @@ class OpenAICompatProvider(Provider):
         self.prefixes = spec.prefixes
         self.aliases = spec.aliases
         self.rule_order = spec.rule_order
-        self.capabilities = spec.capabilities
+        self.capabilities = spec.capabilities | AS_SENT  # chat parameters go as sent: the upstream judges
         self._key = next((env[k] for k in spec.key_env if env.get(k)), None)
         self.base_url = (settings.base_url or env.get(spec.base_env) or spec.default_base).rstrip("/")
         flag = env.get(spec.responses_env) if spec.responses_env else None

@@ -65,6 +65,7 @@ class _Messages(AnthropicProvider):
     name = NAME
     prefixes = ()
     key_env = KEY_ENV
+    capabilities = frozenset({"streaming", "tools"})  # Anthropic's wire, none of its server-side features
     base_env = "OPENCODE_GO_API_BASE"
 
     def __init__(self, env: Mapping[str, str], settings: ProviderSettings, base_url: str) -> None:
@@ -105,6 +106,9 @@ class OpenCodeGoProvider(Provider):
 
     def _backend(self, route: Route) -> Provider:
         return self.messages if self.endpoint_type(route.model) == "messages" else self.chat
+
+    def capabilities_for(self, route: Route) -> frozenset[str]:
+        return self._backend(route).capabilities
 
     def missing_config(self) -> str | None:
         return self.chat.missing_config()

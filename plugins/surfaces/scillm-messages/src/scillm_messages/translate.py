@@ -44,7 +44,12 @@ IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 #: Anthropic effort levels (``output_config.effort``) and thinking budgets -> OpenAI ``reasoning_effort``.
 EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
 #: Anthropic request fields passed to Anthropic upstreams unchanged (see :func:`fit_upstream`).
-NATIVE_FIELDS = ("thinking", "top_k", "metadata", "output_config", "service_tier", "context_management")
+NATIVE_FIELDS = ("thinking", "top_k", "metadata", "output_config", "service_tier", "context_management",
+                 "mcp_servers", "container")
+#: Fields that ask the upstream for something only Anthropic's Messages API delivers -> the capability (a
+#: translation to another provider is refused naming them: ``scillm_core.models.params``). The others are hints
+#: (``top_k``, ``service_tier``, ``metadata``, ``context_management``) or mapped (``thinking``, ``output_config``).
+ASKS = {"mcp_servers": "mcp_servers", "container": "server_tools"}
 USER_BLOCKS = ("text", "image", "document", "tool_result")
 ASSISTANT_BLOCKS = ("text", "tool_use", "thinking", "redacted_thinking")
 
@@ -95,12 +100,14 @@ def _number(body: Mapping[str, Any], key: str, low: float, high: float | None = 
 def parse_messages_request(body: Any, *, session: str | None = None, lenient: bool = False) -> ChatRequest:
     """Validate an Anthropic Messages body and translate it to a :class:`ChatRequest`.
 
-    Unknown top-level keys (new betas, ``service_tier``, ``container``, ``context_management``) are ignored;
-    ``top_k`` and ``metadata`` are not sent upstream; thinking blocks in the history are carried as the assistant
-    message's ``thinking_blocks`` (see :func:`fit_upstream`); ``cache_control`` markers ride on the parts, tools
-    and messages they mark. ``lenient`` (the body goes to an Anthropic upstream as sent): what the chat model
-    cannot carry (server tools, block types it does not know) is left out of the model instead of refused, since
-    the upstream judges the body itself. ``session`` names the agent session (``scillm["session"]``).
+    Unknown top-level keys (new betas) are ignored; Anthropic's own fields (:data:`NATIVE_FIELDS`) reach
+    Anthropic upstreams only (see :func:`fit_upstream`); those that ask for something only Anthropic delivers
+    (``mcp_servers``, ``container``, server tools) are listed in ``scillm["asks"]``, so a translation to another
+    provider is a 400 naming them (``scillm_core.models.params``) instead of dropping them. Thinking blocks in the
+    history are carried as the assistant message's ``thinking_blocks``; ``cache_control`` markers ride on the
+    parts, tools and messages they mark. ``lenient`` (the body goes to an Anthropic upstream as sent): what the
+    chat model cannot carry (block types it does not know) is left out of the model instead of refused, since the
+    upstream judges the body itself. ``session`` names the agent session (``scillm["session"]``).
     """
     if not isinstance(body, dict):
         raise _bad("request body must be a JSON object", "$")
@@ -134,7 +141,8 @@ def parse_messages_request(body: Any, *, session: str | None = None, lenient: bo
     for i, raw in enumerate(raw_messages):
         messages.extend(_message(raw, f"$.messages[{i}]", lenient))
 
-    tools = _tools(body.get("tools"), lenient)
+    asks = {f"$.{key}": capability for key, capability in ASKS.items() if body.get(key)}
+    tools, server_tools = _tools(body.get("tools"), asks)
     tool_choice, parallel = _tool_choice(body.get("tool_choice"), lenient)
     stop = body.get("stop_sequences")
     if stop is not None:
@@ -148,7 +156,11 @@ def parse_messages_request(body: Any, *, session: str | None = None, lenient: bo
     top_p = _number(body, "top_p", 0.0, 1.0)
     _number(body, "top_k", 0)  # validated, then dropped: OpenAI-style upstreams have no top_k
     native = {key: body[key] for key in NATIVE_FIELDS if body.get(key) is not None}
+    if server_tools:
+        native["server_tools"] = server_tools
     scillm: dict[str, Any] = {"dialect": "anthropic-messages", "anthropic_native": native}
+    if asks:
+        scillm["asks"] = asks
     if session:
         scillm["session"] = session
     return ChatRequest(
@@ -390,20 +402,23 @@ def _plain(message: Message) -> Message:
     return attrs.evolve(message, content=content, extra=extra)
 
 
-def _tools(raw: Any, lenient: bool = False) -> list[Tool]:
+def _tools(raw: Any, asks: dict[str, str]) -> tuple[list[Tool], list[dict[str, Any]]]:
+    """The client tools, and the tools of Anthropic's own types (server tools such as ``web_search_20250305``,
+    and the tools it defines, such as ``bash_20250124``), which only Anthropic delivers: each is added to ``asks``
+    and goes to Anthropic upstreams as it came (``anthropic_native["server_tools"]``)."""
     if raw is None:
-        return []
+        return [], []
     _expect(raw, list, "an array of tools", "$.tools")
     tools = []
+    server_tools: list[dict[str, Any]] = []
     for j, tool in enumerate(raw):
         path = f"$.tools[{j}]"
         _expect(tool, dict, "a tool object", path)
         kind = tool.get("type")
         if kind not in (None, "custom"):
-            if lenient:
-                continue  # a server tool: the Anthropic upstream runs it; the chat model has no such thing
-            raise _bad(f"server tool {kind!r} is not supported through scillm; define a client tool with "
-                       "name, description and input_schema", f"{path}.type")
+            asks[path] = "server_tools"
+            server_tools.append(tool)
+            continue
         name = tool.get("name")
         if not isinstance(name, str) or not name:
             raise _bad("tool name is required (a non-empty string)", f"{path}.name")
@@ -416,7 +431,7 @@ def _tools(raw: Any, lenient: bool = False) -> list[Tool]:
             _expect(description, str, "a string", f"{path}.description")
         tools.append(Tool(function=FunctionDef(name=name, description=description, parameters=schema),
                           cache_control=_cache_control(tool, path)))
-    return tools
+    return tools, server_tools
 
 
 def _tool_choice(raw: Any, lenient: bool = False) -> tuple[str | dict[str, Any] | None, bool | None]:

@@ -22,9 +22,15 @@ from scillm_core.models.native import native_events
 __all__ = ["EXTENSION_FIELDS", "EventStream", "new_id", "parse_request", "response_object", "usage_object"]
 
 #: Responses fields we accept and ignore (they ask for server-side behaviour that changes nothing here).
-IGNORED_FIELDS = frozenset({"store", "include", "prompt_cache_key", "prompt_cache_retention", "truncation",
-                            "safety_identifier", "user", "service_tier", "stream_options", "top_logprobs",
-                            "max_tool_calls", "prompt", "client_metadata"})
+IGNORED_FIELDS = frozenset({"store", "include", "prompt_cache_retention", "truncation", "service_tier",
+                            "stream_options", "max_tool_calls", "prompt", "client_metadata"})
+#: ``include`` value (or ``top_logprobs`` > 0) asking for token log probabilities: chat's ``logprobs``, delivered
+#: where the route has them (``scillm_core.models.params``) and carried back onto ``output_text``
+LOGPROBS = "message.output_text.logprobs"
+#: Responses fields that chat completions has too, under the same name: carried to the chat request, so an
+#: OpenAI-compatible upstream gets them and other providers map them (Anthropic: ``metadata.user_id``; Codex:
+#: its ``prompt_cache_key``). ``prompt_cache_key`` also names the session for affinity (``session_of``).
+CHAT_FIELDS = ("prompt_cache_key", "safety_identifier", "user")
 STATEFUL_FIELDS = ("previous_response_id", "conversation")
 
 
@@ -222,6 +228,20 @@ def _response_format(text: Any) -> dict[str, Any] | None:
     raise _bad(f"unsupported text.format type {kind!r}", "$.text.format.type")
 
 
+def _logprobs_asked(body: Mapping[str, Any], chat: dict[str, Any], extensions: dict[str, Any]) -> None:
+    top = body.get("top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+        raise _bad(f"top_logprobs must be an integer from 0 to 20, got {top!r:.40}", "$.top_logprobs")
+    include = body.get("include")
+    if not (top or (isinstance(include, list) and LOGPROBS in include)):
+        return
+    chat["logprobs"] = True
+    if top:
+        chat["top_logprobs"] = top
+    path = "$.top_logprobs" if top else f"$.include[{include.index(LOGPROBS)}]"  # type: ignore[union-attr]
+    extensions["asks"] = {path: "logprobs"}
+
+
 def parse_request(body: Any, *, session: str | None = None) -> tuple[ChatRequest, dict[str, Any]]:
     """``(chat request, echo)``; ``echo`` holds the request fields a Response object repeats. ``session`` names
     the agent session (``scillm["session"]``)."""
@@ -257,6 +277,11 @@ def parse_request(body: Any, *, session: str | None = None) -> tuple[ChatRequest
     for src, dst in (("temperature", "temperature"), ("top_p", "top_p"), ("max_output_tokens", "max_tokens")):
         if body.get(src) is not None:
             chat[dst] = body[src]
+    for key in CHAT_FIELDS:
+        value = body.get(key)
+        if value is not None:
+            chat[key] = _text_of(value, f"$.{key}")
+    _logprobs_asked(body, chat, extensions)
     reasoning = body.get("reasoning")
     if reasoning is not None:
         if not isinstance(reasoning, dict):
@@ -275,6 +300,7 @@ def parse_request(body: Any, *, session: str | None = None) -> tuple[ChatRequest
             "reasoning": {"effort": (reasoning or {}).get("effort"), "summary": (reasoning or {}).get("summary")},
             "text": body.get("text") or {"format": {"type": "text"}}, "metadata": body.get("metadata") or {},
             "store": False, "truncation": body.get("truncation") or "disabled", "user": body.get("user"),
+            "prompt_cache_key": body.get("prompt_cache_key"), "safety_identifier": body.get("safety_identifier"),
             "previous_response_id": None, "background": False}
     return request, echo
 
@@ -323,13 +349,19 @@ def response_object(result: ChatResponse, echo: Mapping[str, Any], *, response_i
         if message.text:
             output.append({"id": new_id("msg"), "type": "message", "status": "completed", "role": "assistant",
                            "content": [{"type": "output_text", "text": message.text, "annotations": [],
-                                        "logprobs": []}]})
+                                        "logprobs": logprobs_of(choice.logprobs)}]})
         for call in message.tool_calls or ():
             output.append({"id": new_id("fc"), "type": "function_call", "status": "completed", "call_id": call.id,
                            "name": call.function.name, "arguments": call.function.arguments})
     status, incomplete = _status_of(choice.finish_reason if choice else None)
     return {**_base(response_id, created, result.model, echo), "status": status, "completed_at": int(time.time()),
             "incomplete_details": incomplete, "output": output, "usage": usage_object(result.usage)}
+
+
+def logprobs_of(chat: Any) -> list[Any]:
+    """Chat's ``logprobs.content`` (token, logprob, bytes, top_logprobs) is the Responses ``logprobs`` list."""
+    content = chat.get("content") if isinstance(chat, Mapping) else None
+    return list(content) if isinstance(content, list) else []
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -395,9 +427,10 @@ class EventStream:
         out: list[bytes] = []
         if item["type"] == "message":
             text = "".join(item["_text"])
-            part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+            logprobs = item.get("_logprobs", [])
+            part = {"type": "output_text", "annotations": [], "logprobs": logprobs, "text": text}
             out.append(self._event("response.output_text.done", item_id=item["id"], output_index=index,
-                                   content_index=0, text=text, logprobs=[]))
+                                   content_index=0, text=text, logprobs=logprobs))
             out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
                                    content_index=0, part=part))
             done = {"id": item["id"], "type": "message", "status": "completed", "role": "assistant",
@@ -441,12 +474,14 @@ class EventStream:
             if delta.content:
                 if self.open is None or self.open["type"] != "message":
                     out += self._open({"id": new_id("msg"), "type": "message", "status": "in_progress",
-                                       "role": "assistant", "content": [], "_text": []})
+                                       "role": "assistant", "content": [], "_text": [], "_logprobs": []})
                 assert self.open is not None
                 self.open["_text"].append(delta.content)
+                logprobs = logprobs_of(choice.logprobs)
+                self.open["_logprobs"] += logprobs
                 out.append(self._event("response.output_text.delta", item_id=self.open["id"],
                                        output_index=self.open["output_index"], content_index=0,
-                                       delta=delta.content, logprobs=[]))
+                                       delta=delta.content, logprobs=logprobs))
             for call in delta.tool_calls or ():
                 item = self.tools.get(call.index)
                 if item is None:

@@ -1,0 +1,304 @@
+"""Request parameters on translated routes (``scillm_core.models.params``): what a client asks for in the answer
+is delivered or refused with a 400 ``unsupported_parameter`` before any upstream call, never silently dropped;
+hints are accepted; OpenAI-compatible upstreams get every parameter as sent. Through the official ``openai`` and
+``anthropic`` SDKs against the fake upstreams, in every dialect, across fallbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import orjson
+import pytest
+
+from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread, make_app
+from scillm_core.testing.fake_anthropic import FakeAnthropic
+from scillm_core.testing.fake_codex import FakeCodex
+from scillm_core.testing.fake_gemini import FakeGemini
+from scillm_core.testing.fake_ollama import FakeOllama
+
+CLAUDE = "anthropic/claude-sonnet-4-5"
+GPT = "openai/gpt-4o-mini"
+GROUPS = {"claude-then-gpt": {"models": [CLAUDE, GPT]},
+          "gpt-then-claude": {"models": [GPT, CLAUDE]},
+          "claude-then-gemini": {"models": [CLAUDE, "gemini/gemini-2.5-flash"]},
+          "claude-then-deepseek": {"models": [CLAUDE, "deepseek/deepseek-chat"]}}
+HI = [{"role": "user", "content": "hi"}]
+#: a model of each translated provider (none of them delivers logprobs, audio or a web search)
+TRANSLATED = [CLAUDE, "gemini/gemini-2.5-flash", "qwen3:8b", "opencode-go/minimax-m2.7", "codex/gpt-5.1"]
+#: parameter -> value that asks for something in the answer
+ASKING: dict[str, Any] = {"logprobs": True, "top_logprobs": 2, "modalities": ["text", "audio"],
+                          "audio": {"voice": "alloy", "format": "wav"}, "web_search_options": {},
+                          "functions": [{"name": "f", "parameters": {"type": "object"}}], "n": 2}
+#: hints and values that ask for nothing: accepted, and dropped by translations that have no counterpart
+HINTS: dict[str, Any] = {"prediction": {"type": "content", "content": "hi"}, "logprobs": False, "top_logprobs": 0,
+                         "modalities": ["text"], "n": 1}
+
+
+class Fakes:
+    def __init__(self, claude: FakeAnthropic, openai_: FakeOpenAI, gemini: FakeGemini, ollama: FakeOllama,
+                 codex: FakeCodex) -> None:
+        self.claude, self.openai, self.gemini, self.ollama, self.codex = claude, openai_, gemini, ollama, codex
+        self.all = (claude, openai_, gemini, ollama, codex)
+
+    def reset(self) -> None:
+        for fake in self.all:
+            fake.requests.clear()
+            fake._script.clear()
+
+    def received(self) -> int:
+        return sum(len([r for r in fake.requests if r.method == "POST"]) for fake in self.all)
+
+
+@pytest.fixture(scope="module")
+def fakes_() -> Iterator[Fakes]:
+    with FakeAnthropic() as claude, FakeOpenAI() as openai_, FakeGemini() as gemini, FakeOllama() as ollama, \
+            FakeCodex() as codex:
+        yield Fakes(claude, openai_, gemini, ollama, codex)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def fakes(fakes_: Fakes) -> Fakes:
+    fakes_.reset()
+    return fakes_
+
+
+@pytest.fixture(scope="module")
+def server(fakes_: Fakes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    data: Path = tmp_path_factory.mktemp("params")
+    auth = data / "codex-auth.json"
+    auth.write_bytes(orjson.dumps(FakeCodex.auth_json(fakes_.codex.login(expires_in=3600))))
+    env = {"ANTHROPIC_API_KEY": "sk-ant-params-0123456789abcdef", "ANTHROPIC_API_BASE": fakes_.claude.base_url,
+           "OPENAI_API_KEY": "sk-params-openai-0123456789", "OPENAI_API_BASE": fakes_.openai.base_url,
+           "DEEPSEEK_API_KEY": "sk-params-deepseek-0123456789", "DEEPSEEK_API_BASE": fakes_.openai.base_url,
+           "GEMINI_API_KEY": "AIzaParamsSecret0123456789abcdefghijkl", "GEMINI_API_BASE": fakes_.gemini.base_url,
+           "OLLAMA_API_BASE": fakes_.ollama.base_url,
+           "OPENCODE_GO_API_KEY": "sk-params-go-0123456789", "OPENCODE_GO_API_BASE": fakes_.openai.base_url,
+           "SCILLM_CODEX_AUTH": str(auth), "CODEX_API_BASE": fakes_.codex.base_url,
+           "SCILLM_CODEX_TOKEN_URL": fakes_.codex.token_url}
+    config = {"groups": GROUPS, "plugins": {"disable": ["cache"]},
+              "resilience": {"backoff_base_s": 0.01, "backoff_max_s": 0.02, "max_retries": 0}}
+    with ServerThread(make_app(env=env, config=config, data_dir=data)) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=20)
+
+
+@pytest.fixture
+def claude_client(server: ServerThread) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key=DEV_KEY, max_retries=0, timeout=20)
+
+
+def _refused(exc: openai.BadRequestError, param: str, provider: str) -> None:
+    error = exc.body if isinstance(exc.body, dict) and "code" in exc.body else (exc.body or {}).get("error", {})
+    assert exc.status_code == 400
+    assert error["code"] == "unsupported_parameter" and error["param"] == f"$.{param}", error
+    assert f"provider {provider!r}" in error["message"] and error["details"]["provider"] == provider
+
+
+# -- chat completions ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("model", "param"), [(model, param) for model in TRANSLATED for param in sorted(ASKING)
+                                               if not (param == "n" and model.startswith("gemini/"))])  # it has n
+def test_asking_for_what_a_translated_route_cannot_deliver_is_a_400_before_any_upstream_call(
+        client: openai.OpenAI, fakes: Fakes, model: str, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=model, messages=HI, extra_body={param: ASKING[param]})
+    _refused(caught.value, param, model.split("/")[0] if "/" in model else "ollama")
+    assert fakes.received() == 0
+
+
+def test_a_stream_is_refused_before_it_starts(client: openai.OpenAI, fakes: Fakes) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=CLAUDE, messages=HI, stream=True, logprobs=True, top_logprobs=3)
+    _refused(caught.value, "logprobs", "anthropic")
+    assert fakes.received() == 0
+
+
+@pytest.mark.parametrize("model", [CLAUDE, "gemini/gemini-2.5-flash", "qwen3:8b"])
+def test_hints_are_accepted(client: openai.OpenAI, fakes: Fakes, model: str) -> None:
+    reply = client.chat.completions.create(model=model, messages=HI, extra_body=HINTS)
+    assert reply.choices[0].message.content
+    sent = [r for fake in fakes.all for r in fake.requests if r.method == "POST"]
+    assert len(sent) == 1
+    assert not set(HINTS) & set(sent[0].body), sent[0].body  # a translation has no counterpart: dropped
+
+
+def test_gemini_delivers_n(client: openai.OpenAI, fakes: Fakes) -> None:
+    reply = client.chat.completions.create(model="gemini/gemini-2.5-flash", messages=HI, n=2)
+    assert reply.choices
+    assert fakes.gemini.last.body["generationConfig"]["candidateCount"] == 2
+
+
+@pytest.mark.parametrize("model", ["deepseek/deepseek-chat", GPT, "opencode-go/glm-5.1"])
+def test_openai_compatible_upstreams_get_every_parameter_as_sent(client: openai.OpenAI, fakes: Fakes,
+                                                                 model: str) -> None:
+    client.chat.completions.create(model=model, messages=HI, logprobs=True, top_logprobs=3, n=2,
+                                   extra_body={"web_search_options": {}, "prediction": HINTS["prediction"]})
+    body = fakes.openai.last.body
+    assert body["logprobs"] is True and body["top_logprobs"] == 3 and body["n"] == 2
+    assert body["web_search_options"] == {} and body["prediction"] == HINTS["prediction"]
+
+
+def test_openai_compatible_translation_forwards_them_too(server: ServerThread, fakes: Fakes) -> None:
+    """A request a middleware changed is translated, not sent as sent: the parameters still go."""
+    from scillm_core.models import ChatRequest
+    from scillm_core.models.params import check_asks
+
+    request = ChatRequest(model="deepseek/deepseek-chat", messages=(), n=2,
+                          extra={"logprobs": True, "top_logprobs": 3, "modalities": ["audio"]})
+    runtime = server.app.runtime
+    for name in ("deepseek", "openai", "glm", "moonshot", "chutes"):
+        check_asks(request, runtime.providers[name].capabilities, name, "m")  # raises if it would refuse
+
+
+# -- fallbacks: the check applies to the deployment each attempt calls -----------------------------------------------
+
+def test_a_group_skips_a_member_that_cannot_deliver(client: openai.OpenAI, fakes: Fakes) -> None:
+    raw = client.chat.completions.with_raw_response.create(model="claude-then-gpt", messages=HI, logprobs=True)
+    assert raw.headers["x-scillm-provider"] == "openai"
+    assert fakes.claude.requests == [] and fakes.openai.last.body["logprobs"] is True
+
+
+def test_a_fallback_that_cannot_deliver_is_not_called_and_the_real_failure_is_answered(
+        client: openai.OpenAI, fakes: Fakes) -> None:
+    fakes.openai.script(Reply.fail(503, "overloaded"))
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model="gpt-then-claude", messages=HI, logprobs=True)
+    assert caught.value.status_code == 503
+    tried = caught.value.body["details"]["tried"] if "details" in (caught.value.body or {}) else \
+        caught.value.body["error"]["details"]["tried"]
+    assert [t["error"] for t in tried] == [tried[0]["error"], "unsupported_parameter"]
+    assert fakes.claude.requests == []
+    fakes.openai.script(Reply.fail(503, "overloaded"))  # without the parameter the same group falls back
+    raw = client.chat.completions.with_raw_response.create(model="gpt-then-claude", messages=HI)
+    assert raw.headers["x-scillm-provider"] == "anthropic"
+
+
+def test_a_group_where_no_member_can_deliver_names_the_first(client: openai.OpenAI, fakes: Fakes) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="claude-then-gemini", messages=HI,
+                                       extra_body={"audio": ASKING["audio"], "modalities": ["text", "audio"]})
+    _refused(caught.value, "audio", "anthropic")
+    assert fakes.received() == 0
+
+
+# -- /v1/responses -> chat upstreams ---------------------------------------------------------------------------------
+
+IDS = {"prompt_cache_key": "pck-session-7", "safety_identifier": "hashed-user-42", "user": "legacy-user-9"}
+
+
+def test_responses_carries_cache_key_and_user_ids_to_a_chat_upstream(client: openai.OpenAI, fakes: Fakes) -> None:
+    response = client.responses.create(model="deepseek/deepseek-chat", input="hi", **IDS)
+    body = fakes.openai.last.body
+    assert fakes.openai.last.path.endswith("/chat/completions")
+    assert {key: body.get(key) for key in IDS} == IDS
+    assert response.prompt_cache_key == IDS["prompt_cache_key"]
+    assert response.safety_identifier == IDS["safety_identifier"]
+
+
+def test_responses_maps_the_user_id_for_anthropic(client: openai.OpenAI, fakes: Fakes) -> None:
+    client.responses.create(model=CLAUDE, input="hi", **IDS)
+    body = fakes.claude.last.body
+    assert body["metadata"] == {"user_id": IDS["safety_identifier"]}  # the newer id, meant for abuse detection
+    assert not set(IDS) & set(body)
+    client.responses.create(model=CLAUDE, input="hi", user="legacy-user-9")
+    assert fakes.claude.last.body["metadata"] == {"user_id": "legacy-user-9"}
+
+
+def test_responses_cache_key_is_codex_s_cache_key(client: openai.OpenAI, fakes: Fakes) -> None:
+    with client.responses.stream(model="codex/gpt-5.1", input="hi", prompt_cache_key="pck-codex-1") as stream:
+        stream.get_final_response()
+    sent = [r for r in fakes.codex.requests if r.method == "POST" and r.path.endswith("/responses")][-1]
+    assert sent.body["prompt_cache_key"] == "pck-codex-1"
+    assert sent.headers["session_id"] == "pck-codex-1"  # the session it names, as for affinity
+
+
+TOKENS = [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105],
+           "top_logprobs": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105]},
+                            {"token": "Hello", "logprob": -2.5, "bytes": [72, 101, 108, 108, 111]}]}]
+
+
+def test_responses_logprobs_are_delivered_by_a_chat_upstream(client: openai.OpenAI, fakes: Fakes) -> None:
+    completion = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "deepseek-chat",
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop",
+                               "logprobs": {"content": TOKENS, "refusal": None}}],
+                  "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+    fakes.openai.script(Reply(raw=orjson.dumps(completion)))
+    response = client.responses.create(model="deepseek/deepseek-chat", input="hi", top_logprobs=2,
+                                       include=["message.output_text.logprobs"])
+    assert fakes.openai.last.body["logprobs"] is True and fakes.openai.last.body["top_logprobs"] == 2
+    logprobs = response.output[0].content[0].logprobs
+    assert [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in logprobs] == [("Hi", -0.1,
+                                                                                             ["Hi", "Hello"])]
+
+
+@pytest.mark.parametrize(("ask", "param"), [({"top_logprobs": 3}, "top_logprobs"),
+                                            ({"include": ["reasoning.encrypted_content",
+                                                          "message.output_text.logprobs"]}, "include[1]")])
+def test_responses_logprobs_are_refused_where_the_route_has_none(client: openai.OpenAI, fakes: Fakes,
+                                                                 ask: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="claude-then-gemini", input="hi", **ask)
+    _refused(caught.value, param, "anthropic")
+    assert fakes.received() == 0
+    client.responses.create(model=CLAUDE, input="hi", top_logprobs=0, include=["reasoning.encrypted_content"])
+    assert "logprobs" not in fakes.claude.last.body  # asks for nothing: accepted
+
+
+# -- /v1/messages -> other providers -------------------------------------------------------------------------------
+
+MESSAGES_ASKS: dict[str, dict[str, Any]] = {
+    "mcp_servers": {"mcp_servers": [{"type": "url", "url": "https://mcp.example.com/sse", "name": "ex"}]},
+    "container": {"container": "container_011CQ"},
+    "tools[0]": {"tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]},
+}
+
+
+@pytest.mark.parametrize("param", sorted(MESSAGES_ASKS))
+@pytest.mark.parametrize("model", ["deepseek/deepseek-chat", "gemini/gemini-2.5-flash"])
+def test_messages_fields_only_anthropic_delivers_are_refused_elsewhere(
+        claude_client: anthropic.Anthropic, fakes: Fakes, param: str, model: str) -> None:
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        claude_client.messages.create(model=model, max_tokens=64, messages=HI,
+                                      extra_body=MESSAGES_ASKS[param])
+    body = caught.value.body
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    assert f"@ $.{param}" in body["error"]["message"]
+    assert body["error"]["details"]["error_code"] == "unsupported_parameter"
+    assert body["error"]["details"]["provider"] == model.split("/")[0]
+    assert fakes.received() == 0
+
+
+def test_messages_hints_are_accepted_elsewhere(claude_client: anthropic.Anthropic, fakes: Fakes) -> None:
+    message = claude_client.messages.create(
+        model="deepseek/deepseek-chat", max_tokens=64, messages=HI, metadata={"user_id": "u-1"},
+        stop_sequences=["END"], extra_body={"top_k": 5, "service_tier": "auto",
+                                            "context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}})
+    assert message.content[0].text
+    body = fakes.openai.last.body
+    assert body["stop"] == ["END"]
+    assert not {"top_k", "metadata", "service_tier", "context_management"} & set(body)
+
+
+def test_messages_to_anthropic_keep_them(claude_client: anthropic.Anthropic, fakes: Fakes) -> None:
+    asks = {key: value for extra in MESSAGES_ASKS.values() for key, value in extra.items()}
+    claude_client.messages.create(model=CLAUDE, max_tokens=64, messages=HI, extra_body=asks)
+    body = fakes.claude.last.body
+    assert {key: body[key] for key in asks} == asks
+
+
+def test_messages_fallback_that_cannot_deliver_is_not_called(claude_client: anthropic.Anthropic,
+                                                             fakes: Fakes) -> None:
+    fakes.claude.script(Reply.fail(529, "Overloaded", type="overloaded_error"))
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        claude_client.messages.create(model="claude-then-deepseek", max_tokens=64, messages=HI,
+                                      extra_body=MESSAGES_ASKS["mcp_servers"])
+    assert caught.value.status_code == 529  # Anthropic's own failure, not a 400 about the fallback
+    assert fakes.openai.requests == []
