@@ -239,6 +239,21 @@ def test_responses_logprobs_are_delivered_by_a_chat_upstream(client: openai.Open
                                                                                              ["Hi", "Hello"])]
 
 
+def test_responses_stream_carries_logprobs_onto_its_events() -> None:
+    from scillm_responses import EventStream
+
+    from scillm_core.models import ChatChunk, ChunkChoice, Delta
+
+    stream = EventStream("deepseek-chat", {})
+    chunk = ChatChunk(id="c1", model="deepseek-chat",
+                      choices=(ChunkChoice(delta=Delta(content="Hi"), logprobs={"content": TOKENS}),))
+    raw = b"".join([*stream.start(), *stream.feed(chunk), *stream.complete()])
+    events = {e["type"]: e for e in (orjson.loads(line[6:]) for line in raw.split(b"\n") if line.startswith(b"data: "))}
+    assert events["response.output_text.delta"]["logprobs"] == TOKENS
+    assert events["response.output_text.done"]["logprobs"] == TOKENS
+    assert events["response.completed"]["response"]["output"][0]["content"][0]["logprobs"] == TOKENS
+
+
 @pytest.mark.parametrize(("ask", "param"), [({"top_logprobs": 3}, "top_logprobs"),
                                             ({"include": ["reasoning.encrypted_content",
                                                           "message.output_text.logprobs"]}, "include[1]")])

@@ -427,7 +427,7 @@ class EventStream:
         out: list[bytes] = []
         if item["type"] == "message":
             text = "".join(item["_text"])
-            logprobs = item.get("_logprobs", [])
+            logprobs = item["_logprobs"]
             part = {"type": "output_text", "annotations": [], "logprobs": logprobs, "text": text}
             out.append(self._event("response.output_text.done", item_id=item["id"], output_index=index,
                                    content_index=0, text=text, logprobs=logprobs))
@@ -535,7 +535,7 @@ class EventStream:
             elif kind == "response.output_item.added" and isinstance(data.get("item"), dict):
                 index = int(data.get("output_index", len(self.output)))
                 self.output.extend([None] * (index + 1 - len(self.output)))
-                self.open = {**data["item"], "output_index": index, "_text": []}
+                self.open = {**data["item"], "output_index": index, "_text": [], "_logprobs": []}
             elif kind == "response.output_item.done" and isinstance(data.get("item"), dict):
                 index = int(data.get("output_index", len(self.output) - 1))
                 self.output.extend([None] * (index + 1 - len(self.output)))
