@@ -25,7 +25,8 @@ GPT = "openai/gpt-4o-mini"
 GROUPS = {"claude-then-gpt": {"models": [CLAUDE, GPT]},
           "gpt-then-claude": {"models": [GPT, CLAUDE]},
           "claude-then-gemini": {"models": [CLAUDE, "gemini/gemini-2.5-flash"]},
-          "claude-then-deepseek": {"models": [CLAUDE, "deepseek/deepseek-chat"]}}
+          "claude-then-deepseek": {"models": [CLAUDE, "deepseek/deepseek-chat"]},
+          "deepseek-then-claude": {"models": ["deepseek/deepseek-chat", CLAUDE]}}
 HI = [{"role": "user", "content": "hi"}]
 #: a model of each translated provider (none of them delivers logprobs, audio or a web search)
 TRANSLATED = [CLAUDE, "gemini/gemini-2.5-flash", "qwen3:8b", "opencode-go/minimax-m2.7", "codex/gpt-5.1"]
@@ -317,3 +318,51 @@ def test_messages_fallback_that_cannot_deliver_is_not_called(claude_client: anth
                                       extra_body=MESSAGES_ASKS["mcp_servers"])
     assert caught.value.status_code == 529  # Anthropic's own failure, not a 400 about the fallback
     assert fakes.openai.requests == []
+
+
+THINKING = {"top_k": 5, "thinking": {"type": "enabled", "budget_tokens": 1024}}
+
+
+def test_messages_fields_of_anthropic_never_reach_a_fallback_of_another_family(
+        claude_client: anthropic.Anthropic, fakes: Fakes) -> None:
+    fakes.claude.script(Reply.fail(529, "Overloaded", type="overloaded_error"))
+    raw = claude_client.messages.with_raw_response.create(model="claude-then-deepseek", max_tokens=2048,
+                                                          messages=HI, extra_body=THINKING)
+    assert raw.headers["x-scillm-dialect"] == "anthropic-messages -> deepseek"
+    body = fakes.openai.last.body
+    assert not {"thinking", "top_k"} & set(body), body  # an OpenAI-style upstream would refuse them
+    assert body["reasoning_effort"] == "low"  # the thinking budget, as a first-route DeepSeek gets it
+
+
+def test_messages_fields_reach_an_anthropic_fallback_translated(claude_client: anthropic.Anthropic,
+                                                                fakes: Fakes) -> None:
+    """DeepSeek cannot deliver the MCP servers and the server tool: skipped, never called; Claude gets the
+    client's body as sent."""
+    tools = MESSAGES_ASKS["tools[0]"]["tools"] + [{"name": "get_time", "input_schema": {"type": "object"}}]
+    raw = claude_client.messages.with_raw_response.create(
+        model="deepseek-then-claude", max_tokens=2048, messages=HI, metadata={"user_id": "u-1"},
+        extra_body={**THINKING, **MESSAGES_ASKS["mcp_servers"], "tools": tools})
+    assert raw.headers["x-scillm-dialect"] == "anthropic-messages"
+    assert fakes.openai.requests == []
+    body = fakes.claude.last.body
+    assert body["thinking"] == THINKING["thinking"] and body["top_k"] == 5
+    assert body["metadata"] == {"user_id": "u-1"} and body["mcp_servers"] == MESSAGES_ASKS["mcp_servers"]["mcp_servers"]
+    assert sorted(t["name"] for t in body["tools"]) == ["get_time", "web_search"]
+
+
+def test_messages_translated_for_anthropic_keep_the_client_s_fields(fakes: Fakes, tmp_path: Path) -> None:
+    """``[server] passthrough = false``: translated through the chat model, and still nothing lost."""
+    env = {"ANTHROPIC_API_KEY": "sk-ant-params-0123456789abcdef", "ANTHROPIC_API_BASE": fakes.claude.base_url}
+    app = make_app(env=env, config={"server": {"passthrough": False}}, data_dir=tmp_path,
+                   only=("auth", "messages", "anthropic"))
+    tools = MESSAGES_ASKS["tools[0]"]["tools"] + [{"name": "get_time", "input_schema": {"type": "object"}}]
+    with ServerThread(app) as server:
+        client = anthropic.Anthropic(base_url=server.url, api_key=DEV_KEY, max_retries=0, timeout=20)
+        raw = client.messages.with_raw_response.create(
+            model=CLAUDE, max_tokens=2048, messages=HI, metadata={"user_id": "u-1"},
+            extra_body={**THINKING, **MESSAGES_ASKS["mcp_servers"], **MESSAGES_ASKS["container"], "tools": tools})
+    assert raw.headers["x-scillm-dialect"] == "anthropic-messages -> anthropic"
+    body = fakes.claude.last.body
+    assert body["thinking"] == THINKING["thinking"] and body["top_k"] == 5 and body["metadata"] == {"user_id": "u-1"}
+    assert body["mcp_servers"] == MESSAGES_ASKS["mcp_servers"]["mcp_servers"] and body["container"] == "container_011CQ"
+    assert sorted(t["name"] for t in body["tools"]) == ["get_time", "web_search"]

@@ -301,7 +301,8 @@ class ClaudeOAuthProvider(AnthropicProvider):
         return headers
 
     def body(self, request: ChatRequest, route: Route) -> dict[str, Any]:
-        body = to_messages_body(request, route.model, system_prefix=[{"type": "text", "text": CLAUDE_CODE_SYSTEM}])
+        body = to_messages_body(request, route.model, system_prefix=[{"type": "text", "text": CLAUDE_CODE_SYSTEM}],
+                                native_fields=self.native_fields)
         system = body["system"]
         if len(system) > 1 and system[1].get("text") == CLAUDE_CODE_SYSTEM:  # the caller already sent it
             del system[1]

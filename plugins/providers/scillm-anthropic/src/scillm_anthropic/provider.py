@@ -59,6 +59,9 @@ class AnthropicProvider(Provider):
     capabilities = frozenset({"streaming", "tools", "images", "pdf", "json_schema", "reasoning", "cache_control",
                               "prefill", "server_tools", "mcp_servers"})
     dialects = frozenset({"anthropic-messages"})
+    #: whether a translated ``/v1/messages`` request keeps the client's own Anthropic fields (``thinking``,
+    #: ``top_k``, ``mcp_servers``, ...; see :func:`to_messages_body`)
+    native_fields = True
     key_env = "ANTHROPIC_API_KEY"
     base_env = "ANTHROPIC_API_BASE"
 
@@ -99,7 +102,7 @@ class AnthropicProvider(Provider):
                 "content-type": "application/json"}
 
     def body(self, request: ChatRequest, route: Route) -> dict[str, Any]:
-        return to_messages_body(request, route.model)
+        return to_messages_body(request, route.model, native_fields=self.native_fields)
 
     def native_body(self, request: ChatRequest, route: Route) -> bytes:
         """The client's own Messages body for ``route``."""

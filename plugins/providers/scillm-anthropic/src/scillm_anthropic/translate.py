@@ -274,13 +274,18 @@ def _tool_choice(request: ChatRequest) -> dict[str, Any] | None:
     return out
 
 
-def to_messages_body(request: ChatRequest, model: str, *,
-                     system_prefix: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequence[Mapping[str, Any]] = (),
+                     native_fields: bool = True) -> dict[str, Any]:
     """The Messages API body for ``request`` sent to upstream ``model``.
 
-    ``system_prefix`` blocks go before the caller's system prompt (the Claude login needs one). Raises
-    :class:`~scillm_core.errors.InvalidRequest` naming the JSON path for input Anthropic cannot take.
+    ``system_prefix`` blocks go before the caller's system prompt (the Claude login needs one). ``native_fields``:
+    a ``/v1/messages`` client's own Anthropic fields (``scillm["anthropic_native"]``: ``thinking``, ``top_k``,
+    ``mcp_servers``, ...) go in as it sent them; they ride there, not in ``extra``, so a fallback to another
+    provider never gets them. Raises :class:`~scillm_core.errors.InvalidRequest` naming the JSON path for input
+    Anthropic cannot take.
     """
+    native = request.scillm.get("anthropic_native") if native_fields else None
+    fields = {**native, **request.extra} if native else request.extra
     system: list[dict[str, Any]] = [dict(b) for b in system_prefix]
     messages: list[dict[str, Any]] = []
     for i, message in enumerate(request.messages):
@@ -340,7 +345,7 @@ def to_messages_body(request: ChatRequest, model: str, *,
         if choice is not None:
             body["tool_choice"] = choice
     thinking_on = False
-    effort = request.reasoning_effort
+    effort = None if native and "thinking" in native else request.reasoning_effort  # the client's own thinking
     if effort and effort != "none":
         budget = THINKING_BUDGETS.get(effort)
         if budget is None:
@@ -351,8 +356,8 @@ def to_messages_body(request: ChatRequest, model: str, *,
             body["max_tokens"] = budget + (request.max_output_tokens or DEFAULT_MAX_TOKENS)
         thinking_on = True
     for key in PASSTHROUGH:
-        if key in request.extra:
-            value = request.extra[key]
+        if key in fields:
+            value = fields[key]
             if key == "output_config" and isinstance(value, Mapping):
                 body["output_config"] = {**dict(value), **body.get("output_config", {})}
             elif key == "metadata":  # OpenAI's metadata is free-form tags; Anthropic's holds user_id only

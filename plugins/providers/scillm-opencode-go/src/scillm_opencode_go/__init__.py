@@ -66,6 +66,7 @@ class _Messages(AnthropicProvider):
     prefixes = ()
     key_env = KEY_ENV
     capabilities = frozenset({"streaming", "tools"})  # Anthropic's wire, none of its server-side features
+    native_fields = False  # a /v1/messages client's Anthropic fields are Anthropic's, not MiniMax's or Qwen's
     base_env = "OPENCODE_GO_API_BASE"
 
     def __init__(self, env: Mapping[str, str], settings: ProviderSettings, base_url: str) -> None:

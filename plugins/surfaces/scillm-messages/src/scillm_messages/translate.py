@@ -365,19 +365,15 @@ def _assistant(blocks: list[tuple[str, dict[str, Any], str]]) -> list[Message]:
 def fit_upstream(request: ChatRequest, anthropic: bool) -> ChatRequest:
     """Fit the request to the family of the provider it routes to.
 
-    Anthropic upstreams get the client's native fields (``thinking``, ``top_k``, ``metadata``, ``output_config``,
-    ``service_tier``, ``context_management``) in ``extra``, which the Anthropic provider passes through, and the
-    carried ``thinking_blocks`` (tool loops with thinking need them back, signatures intact) and ``cache_control``
-    markers. Every other upstream loses them: thinking signatures mean nothing to another model, cache markers are
-    an Anthropic notion (the system prompt becomes one string again), and OpenAI-style upstreams reject unknown
-    message keys.
+    Anthropic upstreams get the carried ``thinking_blocks`` (tool loops with thinking need them back, signatures
+    intact) and ``cache_control`` markers; the client's native fields (``thinking``, ``top_k``, ``metadata``,
+    ``mcp_servers``, ...) ride in ``scillm["anthropic_native"]``, which the Anthropic provider reads when it
+    translates (and only it: a fallback to another provider never gets them). Every other upstream loses the
+    blocks and markers: thinking signatures mean nothing to another model, cache markers are an Anthropic notion
+    (the system prompt becomes one string again), and OpenAI-style upstreams reject unknown message keys.
     """
     if anthropic:
-        native = request.scillm.get("anthropic_native") or {}
-        if not native:
-            return request
-        return attrs.evolve(request, extra={**request.extra, **native},
-                            reasoning_effort=None if "thinking" in native else request.reasoning_effort)
+        return request
     if not any(_anthropic_only(m) for m in request.messages) and not any(t.cache_control for t in request.tools
                                                                          or ()):
         return request
