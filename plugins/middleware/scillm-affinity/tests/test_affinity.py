@@ -16,7 +16,8 @@ from scillm_core import session_of
 from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread, make_app
 
 GROUP = {"pair": {"models": ["openai/model-a", "deepseek/model-b"]}}
-ONLY = ("chat", "messages", "auth", "ops", "openai-compat", "anthropic", "resilience", "affinity", "metrics")
+ONLY = ("chat", "messages", "responses", "auth", "ops", "openai-compat", "anthropic", "resilience", "affinity",
+        "metrics")
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,23 @@ def test_claude_code_session_header_on_the_messages_surface(app: Any, fakes: tup
         assert served == ["deepseek"] * 4
         calls = httpx.get(server.url + "/v1/scillm/calls", headers={"authorization": f"Bearer {DEV_KEY}"}).json()
         assert [c["session"] for c in calls["data"]][-4:] == ["cc-42"] * 4
+
+
+def test_prompt_cache_key_names_the_session_on_the_responses_surface(app: Any,
+                                                                      fakes: tuple[FakeOpenAI, FakeOpenAI]) -> None:
+    """A Responses client's ``prompt_cache_key`` keeps its session where it moved, as on chat, and still reaches the
+    chat upstream that serves it."""
+    a, b = fakes
+    with ServerThread(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=20)
+        a.script(Reply.fail(503, "overloaded"))
+        served = [client.responses.with_raw_response.create(model="pair", input=f"turn {i}",
+                                                             prompt_cache_key="pck-r").headers["x-scillm-provider"]
+                  for i in range(4)]
+        assert served == ["deepseek"] * 4
+        assert [r.body["prompt_cache_key"] for r in b.requests[-4:]] == ["pck-r"] * 4
+        fresh = client.responses.with_raw_response.create(model="pair", input="turn 0", prompt_cache_key="pck-s")
+        assert fresh.headers["x-scillm-provider"] == "openai"  # another session starts at the first model
 
 
 def test_session_names_in_order_of_precedence() -> None:
