@@ -61,10 +61,9 @@ FINISH_REASONS: Mapping[str, str] = {"end_turn": "stop", "stop_sequence": "stop"
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 #: Anthropic block types a client may send as-is inside OpenAI content arrays.
 NATIVE_BLOCKS = frozenset({"image", "document", "search_result"})
-#: Body keys a client may pass through in ``extra`` (everything else is OpenAI-only and would be rejected);
-#: ``server_tools``: tools of Anthropic's own types a ``/v1/messages`` client sent, added to ``tools`` as they came.
+#: Body keys a client may pass through in ``extra`` (everything else is OpenAI-only and would be rejected).
 PASSTHROUGH = ("top_k", "thinking", "metadata", "service_tier", "output_config", "context_management",
-               "mcp_servers", "container", "server_tools")
+               "mcp_servers", "container")
 #: Anthropic error ``type`` -> the HTTP status it comes with (for mid-stream ``event: error``).
 ERROR_STATUS: Mapping[str, int] = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
                                    "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
@@ -367,11 +366,10 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
             elif key == "service_tier":  # OpenAI's default/flex/scale/priority have no Anthropic counterpart
                 if value in ("auto", "standard_only"):
                     body["service_tier"] = value
-            elif key == "server_tools":
-                if isinstance(value, Sequence):
-                    body["tools"] = [*body.get("tools", ()), *value]
             else:
                 body[key] = value
+    if native and native.get("server_tools"):  # tools of Anthropic's own types a /v1/messages client sent
+        body["tools"] = [*body.get("tools", ()), *native["server_tools"]]
     thinking_on = thinking_on or (isinstance(body.get("thinking"), Mapping)
                                   and body["thinking"].get("type") in ("enabled", "adaptive"))
     if request.temperature is not None and not thinking_on:  # thinking requires the default temperature
