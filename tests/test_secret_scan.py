@@ -311,6 +311,18 @@ def hostile_files(scan: Scan) -> None:
 
 
 @error_path
+def unsupported_parameters(scan: Scan) -> None:
+    """Parameters a route cannot deliver, their values carrying keys: a 400 naming the parameter, the provider and
+    the model (never the value), in each dialect, nothing sent upstream."""
+    model = "llama3:8b"  # an Ollama name (model:tag): no logprobs, no audio, no MCP servers
+    assert scan.post("/v1/chat/completions", {"model": model, "messages": USER, "audio": {
+        "voice": f"{GLM_KEY}-{UNKNOWN_KEY}", "format": "wav"}}).status_code == 400
+    assert scan.post("/v1/messages", {"model": model, "messages": USER, "max_tokens": 5, "mcp_servers": [
+        {"type": "url", "url": f"https://mcp.example.com/?key={DEEPSEEK_KEY}", "name": "x"}]}).status_code == 400
+    assert scan.post("/v1/responses", {"model": model, "input": "hello", "top_logprobs": 2}).status_code == 400
+
+
+@error_path
 def sandbox_violations(scan: Scan) -> None:
     """A CLI that ignores read-only and writes into cwd and outside it: refused by scillm's own sandbox."""
     run = scan.post("/v1/scillm/exec", {"profile": "claude-print", "cwd": str(scan.root), "wait": True,
