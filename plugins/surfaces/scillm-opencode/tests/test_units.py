@@ -177,3 +177,20 @@ def test_readme_config_example_is_valid() -> None:
     assert cfg.enabled is True and cfg.models == ("glm/glm-5.1",) and cfg.permission == {"bash": "deny"}
     with pytest.raises(Exception, match=r"opencode\.bogus"):
         make_app(config={"opencode": {"bogus": 1}}, only=ONLY)
+
+
+def test_a_directory_the_file_system_cannot_take_is_400_naming_it(tmp_path: Path) -> None:
+    """``cwd`` / ``workspace`` with a NUL, a name too long for the file system or a symlink loop: a 400 naming the
+    field (it was a 500), before any server is started."""
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    app = make_app(env={"SCILLM_MASTER_KEY": KEY, "SCILLM_OPENCODE_SERVE_ENABLED": "1"}, data_dir=tmp_path,
+                   only=ONLY, config={"exec": {"allowed_roots": [str(tmp_path)]}})
+    with ServerThread(app) as server:
+        c = client(server.url)
+        for bad in (f"{tmp_path}/x\x00y", str(tmp_path / "a"), str(tmp_path / ("n" * 300))):
+            run = c.post("/v1/scillm/opencode/runs", json={"prompt": "x", "cwd": bad})
+            assert run.status_code == 400 and run.json()["error"]["param"] == "$.cwd", run.text
+            transport = c.post("/v1/scillm/opencode/transport/runs",
+                               json={"workspace": bad, "nodes": [{"id": "n", "prompt": "x"}]})
+            assert transport.status_code == 400 and transport.json()["error"]["param"] == "$.workspace", transport.text

@@ -85,25 +85,37 @@ async def spec_from_body(body: Any, runtime: Runtime, *, where: str = "$",
         raise _bad("metadata must be an object", f"{where}.metadata")
     cwd = body.get("cwd")
     if cwd is not None:
-        if not isinstance(cwd, str) or not cwd or "\0" in cwd:
-            raise _bad("cwd must be an absolute path string (without NUL characters)", f"{where}.cwd")
         cwd = str(check_cwd(cwd, runtime, f"{where}.cwd"))
     return SessionSpec(profile=profile, prompt=prompt, cwd=cwd, sandbox=sandbox, model=model,
                        timeout_s=timeout_s or cfg.default_timeout_s, idle_timeout_s=idle, output_schema=schema,
                        metadata=metadata, max_cost_usd=max_cost)
 
 
-def check_cwd(cwd: str, runtime: Runtime, param: str) -> Path:
+def shown(value: str, limit: int = 200) -> str:
+    """``value`` for an error message: quoted, and cut at ``limit`` characters (a 1 MB name is not echoed whole)."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def check_cwd(cwd: Any, runtime: Runtime, param: str) -> Path:
+    """``cwd`` as an existing directory inside ``exec.allowed_roots`` (symlinks resolved); a 400 naming ``param``
+    for anything else, including a NUL, a name too long for the file system and a symlink loop."""
+    if not isinstance(cwd, str) or not cwd or "\0" in cwd:
+        raise _bad(f"{param.rsplit('.', 1)[-1]} must be an absolute path string (without NUL characters)", param)
     path = Path(cwd)
     if not path.is_absolute():
-        raise _bad(f"cwd must be an absolute path, got {cwd!r}", param)
-    resolved = path.resolve()
-    roots = allowed_roots(runtime)
-    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
-        raise _bad(f"cwd {cwd!r} is outside the allowed roots (exec.allowed_roots: "
-                   f"{', '.join(map(str, roots))})", param)
-    if not resolved.is_dir():
-        raise _bad(f"cwd {cwd!r} is not a directory", param)
+        raise _bad(f"cwd must be an absolute path, got {shown(cwd)}", param)
+    try:
+        resolved = path.resolve()
+        roots = allowed_roots(runtime)
+        if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+            raise _bad(f"cwd {shown(cwd)} is outside the allowed roots (exec.allowed_roots: "
+                       f"{', '.join(map(str, roots))})", param)
+        is_dir = resolved.is_dir()
+    except (OSError, RuntimeError) as exc:  # ENAMETOOLONG, ELOOP, a symlink loop (RuntimeError before 3.13)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "symlink loop"
+        raise _bad(f"cwd {shown(cwd)} cannot be resolved: {reason}", param) from None
+    if not is_dir:
+        raise _bad(f"cwd {shown(cwd)} is not a directory", param)
     return resolved
 
 
