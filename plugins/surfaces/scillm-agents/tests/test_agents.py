@@ -196,6 +196,16 @@ def test_event_stream_resumes_after_a_seq_and_sends_heartbeats(http: httpx.Clien
     frames = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
     assert [(f["seq"], f["type"]) for f in frames] == [(before + 1, "lease.acquired"), (before + 2, "lease.released")]
     assert f"id: {before + 1}" in lines and frames[0]["owner"] == "streamer"
+    # an EventSource that reconnects sends the id of the last frame it got: it gets only what came after
+    lines = []
+    with http.stream("GET", "/alpha/events/stream", headers={"last-event-id": str(before + 1)}) as response:
+        for line in response.iter_lines():
+            lines.append(line)
+            if line == ": heartbeat":
+                break
+    assert [json.loads(line[6:])["seq"] for line in lines if line.startswith("data: ")] == [before + 2]
+    bad = http.get("/alpha/events/stream", headers={"last-event-id": "1e9"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID"
 
 
 def test_handoffs_are_stored_once(http: httpx.Client) -> None:

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from scillm_exec import exec_config, sse_tail
+from scillm_exec import exec_config, resume_after, sse_tail
 from scillm_exec.routes import base_url_of
 from starlette.requests import Request
 from starlette.responses import Response
@@ -21,7 +21,7 @@ from scillm_agents.worker import Worker
 from scillm_core import Identity, errors, identity_of, max_cost_of
 from scillm_core.events import trace_headers
 from scillm_core.streaming import EventStreamResponse
-from scillm_core.web import caller_of, json_response, query_int, read_json, runtime_of
+from scillm_core.web import caller_of, json_response, read_json, runtime_of
 
 __all__ = ["routes"]
 
@@ -202,7 +202,7 @@ async def events(request: Request) -> Response:
         lease = await agents.lease(worker.name) or {}
         if lease.get("identity") != identity.owner and await agents.last_turn(worker.name, identity) is None:
             raise errors.NotFound(f"no events of worker {worker.name!r} for this key")
-    after = query_int(request, "after", default=0)  # the last event seq the client has
+    after = resume_after(request)  # the last event seq the client has (after=, or an EventSource's Last-Event-ID)
     runtime = runtime_of(request)
     heartbeat = exec_config(runtime).heartbeat_s or runtime.config.server.heartbeat_s
     end = {"type": "end", "worker": worker.name}

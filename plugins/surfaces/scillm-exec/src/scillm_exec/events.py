@@ -11,8 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from starlette.requests import Request
 
-__all__ = ["EventLog", "read_new", "sse_tail"]
+from scillm_core import errors
+from scillm_core.web import query_int
+
+__all__ = ["EventLog", "read_new", "resume_after", "sse_tail"]
 
 _READ = 1 << 16
 
@@ -78,6 +82,18 @@ class EventLog:
                 await asyncio.wait_for(changed.wait(), heartbeat_s)
             except TimeoutError:
                 yield None
+
+
+def resume_after(request: Request) -> int:
+    """The event seq an SSE client has already seen: ``?after=``, else the ``Last-Event-ID`` header an EventSource
+    sends when it reconnects (the ``id:`` of the last frame it got), else 0. Anything but a plain integer is a 400
+    naming where it came from."""
+    header = request.headers.get("last-event-id")
+    if "after" in request.query_params or header is None:
+        return query_int(request, "after", default=0)
+    if not (header.isascii() and header.isdigit()) or len(header) > 16:
+        raise errors.InvalidRequest("Last-Event-ID must be an event seq @ Last-Event-ID", param="Last-Event-ID")
+    return int(header)
 
 
 def read_new(path: Path, offset: int, buf: bytearray) -> tuple[int, list[dict[str, Any]]]:

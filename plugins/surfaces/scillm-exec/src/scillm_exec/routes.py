@@ -14,10 +14,11 @@ from starlette.responses import Response
 from scillm_core import errors, identity_of
 from scillm_core.events import trace_headers
 from scillm_core.streaming import EventStreamResponse
-from scillm_core.web import caller_of, json_response, query_int, read_json, runtime_of
+from scillm_core.web import caller_of, json_response, read_json, runtime_of
 from scillm_exec.config import exec_config
-from scillm_exec.events import read_new
+from scillm_exec.events import read_new, resume_after
 from scillm_exec.manager import TERMINAL, ExecManager, spec_from_body
+from scillm_exec.shared import sse_follow
 
 __all__ = ["routes"]
 
@@ -97,28 +98,20 @@ async def events(request: Request) -> Response:
     run_id = request.path_params["run_id"]
     await manager.load_for(run_id, identity_of(request))
     heartbeat = exec_config(runtime_of(request)).heartbeat_s or runtime_of(request).config.server.heartbeat_s
-    after = query_int(request, "after", default=0)  # the last event seq the client has
+    after = resume_after(request)  # the last event seq the client has (after=, or an EventSource's Last-Event-ID)
     here = run_id in manager.runs or (manager.runs_dir / run_id / "events.jsonl").is_file()
-    tail = _tail(manager, run_id, after, heartbeat) if here else _tail_shared(manager, run_id, after, heartbeat)
+    if here:
+        tail = _tail(manager, run_id, after, heartbeat)
+    else:  # a run another machine drives: its events as copied into the state store, the same frames
+        tail = sse_follow(manager.shared, run_id, after, heartbeat, lambda: _settled(manager, run_id))
     return EventStreamResponse(tail, headers={"cache-control": "no-cache"})
 
 
-async def _tail_shared(manager: ExecManager, run_id: str, after: int, heartbeat_s: float) -> AsyncIterator[bytes]:
-    """A run another machine drives: its events as copied into the state store, same frames as :func:`_tail`."""
-    async def settled() -> dict[str, Any] | None:
-        doc = await manager.load(run_id)
-        if doc.get("status") not in TERMINAL:
-            return None
-        return {"type": "run.end", "run_id": run_id, "status": doc.get("status"), "exit_code": doc.get("exit_code")}
-
-    async for event in manager.shared.follow(run_id, after, heartbeat_s, settled):
-        if event is None:
-            yield b": heartbeat\n\n"
-        elif event.get("end"):
-            end = {k: v for k, v in event.items() if k != "end"}
-            yield b"event: end\ndata: " + orjson.dumps(end) + b"\n\n"
-        else:
-            yield b"data: " + orjson.dumps(event) + b"\n\n"
+async def _settled(manager: ExecManager, run_id: str) -> dict[str, Any] | None:
+    doc = await manager.load(run_id)
+    if doc.get("status") not in TERMINAL:
+        return None
+    return {"type": "run.end", "run_id": run_id, "status": doc.get("status"), "exit_code": doc.get("exit_code")}
 
 
 async def _tail(manager: ExecManager, run_id: str, after: int, heartbeat_s: float) -> AsyncIterator[bytes]:
@@ -135,7 +128,7 @@ async def _tail(manager: ExecManager, run_id: str, after: int, heartbeat_s: floa
         offset, events = await asyncio.to_thread(read_new, path, offset, buf)
         for event in events:
             if isinstance(seq := event.get("seq"), int) and seq > after:
-                yield b"data: " + orjson.dumps(event) + b"\n\n"
+                yield b"id: %d\ndata: %s\n\n" % (seq, orjson.dumps(event))  # id: what an EventSource resumes from
                 last_sent = loop.time()
         if terminal and offset == read_from:
             end = {"type": "run.end", "run_id": run_id, "status": doc.get("status"), "exit_code": doc.get("exit_code")}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from scillm_exec import VIEW_KEY_PREFIX, base_url_of, sse_follow, sse_tail
+from scillm_exec import VIEW_KEY_PREFIX, base_url_of, resume_after, sse_follow, sse_tail
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -78,16 +78,6 @@ def _run_id(request: Request) -> str:
     return str(run_id)
 
 
-def _after(request: Request) -> int:
-    """The seq to resume after: ``?after=``, else the ``Last-Event-ID`` an EventSource sends when it reconnects."""
-    header = request.headers.get("last-event-id")
-    if "after" in request.query_params or header is None:
-        return query_int(request, "after", default=0)
-    if not (header.isascii() and header.isdigit()) or len(header) > 16:
-        raise errors.InvalidRequest("Last-Event-ID must be an event seq @ Last-Event-ID", param="Last-Event-ID")
-    return int(header)
-
-
 def _heartbeat(runtime: Runtime) -> float:
     return opencode_config(runtime).heartbeat_s or runtime.config.server.heartbeat_s
 
@@ -127,7 +117,7 @@ def run_routes(base: str, *, transport: bool) -> list[tuple[str, Any, list[str]]
 
     async def events(request: Request) -> Response:
         oc = _surface(request)
-        run_id, after = _run_id(request), _after(request)
+        run_id, after = _run_id(request), resume_after(request)
         doc = await book(oc).load_for(run_id, identity_of(request))  # 404 (and an orphan is finalised) before streaming
         log = book(oc).log(run_id)
         heartbeat = _heartbeat(oc.runtime)
