@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+from typing import Any
 
 from scillm_exec_helpers import Server
 
@@ -39,3 +42,36 @@ def test_event_stream_resumes_from_last_event_id(server: Server) -> None:
     for hostile in (b"-1", b"1e3", b"9" * 40, "\u00b2".encode(), b"1; drop"):
         bad = server.client.get(f"/v1/scillm/exec/{run_id}/events", headers={"last-event-id": hostile})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "Last-Event-ID", hostile
+
+
+def test_a_cancel_while_the_result_is_written_neither_hangs_nor_loses_it(server: Server, monkeypatch: Any) -> None:
+    """The CLI has ended and the result is being checked against output_schema when a cancel arrives: the cancel
+    used to interrupt the writing, so the run never finished (the cancel and every waiter hung, its record stayed
+    ``running``, its event stream never ended). Now the result is written whatever arrives, and the cancel answers
+    it."""
+    import scillm_exec.manager as manager
+    from scillm_exec.routes import _MANAGERS
+
+    real = manager.schemas.errors_async
+    cancels: list[asyncio.Future[Any]] = []
+
+    async def check_meanwhile_cancelled(validator: Any, instance: Any, limit: int) -> Any:
+        if instance == {"cancel": "meanwhile"}:  # this run: a cancel comes in while its result is checked
+            owner = next(m for m in _MANAGERS.values() if any(r.status == "running" for r in m.runs.values()))
+            run_id = next(r.run_id for r in owner.runs.values() if r.status == "running")
+            cancels.append(asyncio.ensure_future(owner.cancel(run_id)))
+            await asyncio.sleep(0)  # the cancel has reached the run (exactly what POST .../cancel does)
+        return await real(validator, instance, limit)
+
+    monkeypatch.setattr(manager.schemas, "errors_async", check_meanwhile_cancelled)
+    response = server.run('{"mode": "ok", "text": "{\\"cancel\\": \\"meanwhile\\"}"}',
+                          output_schema={"type": "object"})  # wait: true (hung until the client's timeout before)
+    assert response.status_code == 200 and response.json()["status"] == "completed", response.text
+    assert len(cancels) == 1 and cancels[0].done() and cancels[0].result()["status"] == "completed"
+    run_id = response.json()["run_id"]
+    cancelled = server.client.post(f"/v1/scillm/exec/{run_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "completed", cancelled.text
+    shown = server.client.get(f"/v1/scillm/exec/{run_id}").json()
+    assert shown["status"] == "completed" and shown["result"] == {"cancel": "meanwhile"}
+    end = server.client.get(f"/v1/scillm/exec/{run_id}/events").text.rstrip().splitlines()[-1]
+    assert end.startswith("data: ") and json.loads(end[6:])["status"] == "completed"

@@ -165,6 +165,7 @@ class Run:
         return f"run:{self.run_id}"
     identity: Identity = MASTER  # who started the run: its calls are charged to and limited as that key
     job: Job | None = None
+    concluding: asyncio.Task[dict[str, Any]] | None = None  # writing the result (shielded from a late cancel)
 
 
 class ExecManager:
@@ -280,13 +281,21 @@ class ExecManager:
             outcome = SessionResult(run_id=run.run_id, status="failed", error=redact(f"{type(exc).__name__}: {exc}"))
         finally:
             self.keys.revoke(run.key)
-        result = await self._finalise(run, outcome, time.monotonic() - started)
-        events.emit("run.end", None, unit=run.unit, status=result["status"], error=result["error"],
-                    attrs={"exit_code": result["exit_code"], "duration_s": result["duration_s"]})
-        await self.record(run)
-        self.shared.release(run.run_id)
-        if run.events is not None:
-            run.events.close()  # the copy into the store ends with the run's end record
+        # a cancel that arrives now (the CLI has ended) must not stop the run's result being written: shielded
+        run.concluding = asyncio.ensure_future(self._conclude(run, outcome, time.monotonic() - started))
+        return await asyncio.shield(run.concluding)
+
+    async def _conclude(self, run: Run, outcome: SessionResult, duration_s: float) -> dict[str, Any]:
+        """Write the result, say ``run.end``, store the final record and end the event log (followers finish)."""
+        try:
+            result = await self._finalise(run, outcome, duration_s)
+            self.runtime.events.emit("run.end", None, unit=run.unit, status=result["status"], error=result["error"],
+                                     attrs={"exit_code": result["exit_code"], "duration_s": result["duration_s"]})
+            await self.record(run)
+        finally:
+            self.shared.release(run.run_id)
+            if run.events is not None:
+                run.events.close()  # the copy into the store ends with the run's end record
         return result
 
     def _emitter(self, run: Run) -> Any:
@@ -409,6 +418,10 @@ class ExecManager:
         for task in live:
             with contextlib.suppress(BaseException):
                 await task
+        for run in self.runs.values():  # results still being written (shielded from the cancel above)
+            if run.concluding is not None:
+                with contextlib.suppress(BaseException):
+                    await run.concluding
         await self.shared.stop()
 
     # -- graphs ----------------------------------------------------------------------------------------------------
