@@ -142,6 +142,12 @@ def test_bad_input_is_a_400_naming_the_field(http: httpx.Client, path: str, body
     assert response.json()["error"]["param"] == param
 
 
+def test_a_huge_unknown_field_name_is_not_echoed_whole(http: httpx.Client) -> None:
+    response = http.post("/alpha/handoffs", json={"goal": "g", "x" * 500_000: 1})
+    assert response.status_code == 400 and len(response.content) < 2000
+    assert response.json()["error"]["param"] == "$." + "x" * 64
+
+
 def test_bad_queries_are_400s(http: httpx.Client) -> None:
     assert http.get("/alpha/events/stream", params={"after": "-1"}).json()["error"]["param"] == "query.after"
     assert http.get("/alpha/result", params={"handoff_id": "a/b"}).json()["error"]["param"] == "query.handoff_id"

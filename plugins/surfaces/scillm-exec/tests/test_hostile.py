@@ -75,3 +75,30 @@ def test_a_cancel_while_the_result_is_written_neither_hangs_nor_loses_it(server:
     assert shown["status"] == "completed" and shown["result"] == {"cancel": "meanwhile"}
     end = server.client.get(f"/v1/scillm/exec/{run_id}/events").text.rstrip().splitlines()[-1]
     assert end.startswith("data: ") and json.loads(end[6:])["status"] == "completed"
+
+
+def test_huge_names_are_400s_that_do_not_echo_them(server: Server) -> None:
+    """A 1 MB field name was echoed three times in its 400 (3 MB); a 1 MB model was taken (kept in every record,
+    put on the CLI's argv); a 100 KB node id was taken and echoed in the graph's result."""
+    name = "x" * 1_000_000
+    unknown = server.client.post("/v1/scillm/exec", json={"profile": "fake", "prompt": "{}", name: 1})
+    assert unknown.status_code == 400 and len(unknown.content) < 2000
+    assert unknown.json()["error"]["param"] == "$." + "x" * 64
+    model = server.run("{}", model="m" * 1_000_000)
+    assert model.status_code == 400 and model.json()["error"]["param"] == "$.model" and len(model.content) < 2000
+    node = {"profile": "fake", "prompt": "{}", "cwd": str(server.root)}
+    for bad_id in ("a" * 129, "../x", "a\nb", ""):
+        graph = server.client.post("/v1/scillm/exec/graph", json={"nodes": [{"id": bad_id, **node}]})
+        assert graph.status_code == 400 and graph.json()["error"]["param"] == "$.nodes[0].id", bad_id
+    unknown_node_field = server.client.post("/v1/scillm/exec/graph", json={"nodes": [{"id": "a", name: 1, **node}]})
+    assert unknown_node_field.status_code == 400 and len(unknown_node_field.content) < 2000
+    assert unknown_node_field.json()["error"]["param"] == "$.nodes[0]." + "x" * 64
+
+
+def test_graph_wait_is_checked(server: Server) -> None:
+    """A graph always answers with its result; ``wait`` used to take any value (``"x"``, ``false``) silently."""
+    node = {"id": "a", "profile": "fake", "prompt": "{}", "cwd": str(server.root)}
+    for wait in ("x", False, None, 1):
+        graph = server.client.post("/v1/scillm/exec/graph", json={"nodes": [node], "wait": wait})
+        assert graph.status_code == 400 and graph.json()["error"]["param"] == "$.wait", wait
+    assert server.client.post("/v1/scillm/exec/graph", json={"nodes": [node], "wait": True}).status_code == 200

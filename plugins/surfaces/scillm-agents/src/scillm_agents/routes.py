@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from scillm_exec import exec_config, resume_after, sse_tail
+from scillm_exec import check_fields, exec_config, resume_after, sse_tail
 from scillm_exec.routes import base_url_of
 from starlette.requests import Request
 from starlette.responses import Response
@@ -59,9 +59,7 @@ async def _body(request: Request, allowed: set[str]) -> dict[str, Any]:
     body = await read_json(request, limit_bytes=BODY_LIMIT)
     if not isinstance(body, dict):
         raise _bad(f"expected a JSON object, got {type(body).__name__}", "$")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise _bad(f"unknown field {unknown[0]!r} (known: {', '.join(sorted(allowed))})", f"$.{unknown[0]}")
+    check_fields(body, allowed)
     return body
 
 

@@ -17,6 +17,7 @@ import orjson
 
 from scillm_core import MASTER, Identity, Job, Runtime, errors, max_cost_of, require_visible, schemas
 from scillm_core.jsonio import loads
+from scillm_core.pipeline import check_model
 from scillm_core.redact import redact
 from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
 from scillm_exec.auth import run_keys
@@ -24,9 +25,10 @@ from scillm_exec.config import allowed_roots, exec_config
 from scillm_exec.events import EventLog
 from scillm_exec.shared import SharedRuns
 
-__all__ = ["ExecManager", "RUN_ID", "check_cwd", "find_cycle", "parse_final_json", "spec_from_body"]
+__all__ = ["ExecManager", "RUN_ID", "check_cwd", "check_fields", "find_cycle", "parse_final_json", "spec_from_body"]
 
 RUN_ID = re.compile(r"^run_[0-9a-f]{32}$")
+NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 TERMINAL = ("completed", "failed", "timeout", "cancelled", "skipped")
 SPEC_KEYS = {"profile", "prompt", "cwd", "sandbox", "model", "timeout_s", "idle_timeout_s", "output_schema",
              "metadata", "max_cost_usd"}
@@ -43,10 +45,7 @@ async def spec_from_body(body: Any, runtime: Runtime, *, where: str = "$",
     cfg = exec_config(runtime)
     if not isinstance(body, dict):
         raise _bad(f"expected an object, got {type(body).__name__}", where)
-    unknown = sorted(set(body) - SPEC_KEYS - extra_keys)
-    if unknown:
-        raise _bad(f"unknown field {unknown[0]!r} (known: {', '.join(sorted(SPEC_KEYS | extra_keys))})",
-                   f"{where}.{unknown[0]}")
+    check_fields(body, SPEC_KEYS | extra_keys, where)
     profile = body.get("profile")
     profiles = runtime.hooks.session_profiles(runtime)
     if not isinstance(profile, str) or not profile:
@@ -63,6 +62,8 @@ async def spec_from_body(body: Any, runtime: Runtime, *, where: str = "$",
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or not model):
         raise _bad("model must be a non-empty string", f"{where}.model")
+    if model is not None:
+        check_model(model, f"{where}.model")  # the run keeps it (status, records, the CLI's argv)
 
     def seconds(key: str, default: float | None) -> float | None:
         value = body.get(key, default)
@@ -89,6 +90,14 @@ async def spec_from_body(body: Any, runtime: Runtime, *, where: str = "$",
     return SessionSpec(profile=profile, prompt=prompt, cwd=cwd, sandbox=sandbox, model=model,
                        timeout_s=timeout_s or cfg.default_timeout_s, idle_timeout_s=idle, output_schema=schema,
                        metadata=metadata, max_cost_usd=max_cost)
+
+
+def check_fields(body: dict[str, Any], known: set[str] | frozenset[str], where: str = "$") -> None:
+    """A 400 naming the first field of ``body`` outside ``known`` (a 1 MB field name is not echoed whole)."""
+    unknown = sorted(set(body) - known)
+    if unknown:
+        name = unknown[0]
+        raise _bad(f"unknown field {shown(name, 64)} (known: {', '.join(sorted(known))})", f"{where}.{name[:64]}")
 
 
 def shown(value: str, limit: int = 200) -> str:
@@ -429,9 +438,9 @@ class ExecManager:
     async def parse_graph(self, body: Any) -> tuple[list[tuple[str, SessionSpec, list[str]]], int]:
         if not isinstance(body, dict):
             raise _bad("expected an object with nodes", "$")
-        unknown = sorted(set(body) - {"nodes", "max_concurrency", "wait"})
-        if unknown:
-            raise _bad(f"unknown field {unknown[0]!r}", f"$.{unknown[0]}")
+        check_fields(body, {"nodes", "max_concurrency", "wait"})
+        if body.get("wait", True) is not True:  # a graph's answer is always its result
+            raise _bad("a graph always answers with its result: wait may only be true", "$.wait")
         nodes = body.get("nodes")
         if not isinstance(nodes, list) or not nodes:
             raise _bad("nodes must be a non-empty array", "$.nodes")
@@ -445,8 +454,8 @@ class ExecManager:
             if not isinstance(node, dict):
                 raise _bad("expected a node object", where)
             node_id = node.get("id")
-            if not isinstance(node_id, str) or not node_id:
-                raise _bad("id must be a non-empty string", f"{where}.id")
+            if not isinstance(node_id, str) or not NODE_ID.match(node_id):
+                raise _bad("id must be 1-128 letters, digits or ._:@- (starting with a letter or digit)", f"{where}.id")
             if node_id in ids:
                 raise _bad(f"duplicate node id {node_id!r}", f"{where}.id")
             ids.add(node_id)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from scillm_exec import check_fields
+
 from scillm_core import errors
 from scillm_core.builtin.routing import resolve
+from scillm_core.pipeline import check_model
 
 if TYPE_CHECKING:
     from scillm_core import Runtime
@@ -28,9 +31,7 @@ def check_object(body: Any, known: set[str], where: str = "$") -> dict[str, Any]
     """A JSON object with no field outside ``known``."""
     if not isinstance(body, dict):
         raise bad("expected a JSON object", where)
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise bad(f"unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})", f"{where}.{unknown[0]}")
+    check_fields(body, known, where)
     return body
 
 
@@ -84,6 +85,7 @@ async def resolve_model(server: Server, model: str | None, where: str) -> dict[s
         return None
     if not isinstance(model, str) or not model:
         raise bad("model must be a non-empty string", where)
+    check_model(model, where)  # named in the answer and the run's record: a 1 MB name is a 400, not echoed
     models = await server.models()
     if model in models.get("scillm", []):
         return {"providerID": "scillm", "modelID": model}
