@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from attrs import frozen
+from attrs import field, frozen, validators
 
 if TYPE_CHECKING:
     from scillm_core import Runtime
@@ -21,6 +21,9 @@ class ExecConfig:
     allowed_roots: tuple[str, ...] = ()
     #: Runs at once (further runs queue); graph nodes also obey the graph's own ``max_concurrency``.
     max_concurrency: int = 4
+    #: Runs one key may have queued or running at once (a graph counts its own ``max_concurrency``, capped by
+    #: this); more is a 429. ``None``: no limit. Slots go round-robin between keys whatever this is.
+    max_runs_per_key: int | None = field(default=32, validator=validators.optional(validators.ge(1)))
     max_timeout_s: float = 3600.0
     default_timeout_s: float = 600.0
     #: SIGTERM -> SIGKILL grace when a run's process group is killed.

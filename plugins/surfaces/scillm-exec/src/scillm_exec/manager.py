@@ -24,6 +24,7 @@ from scillm_exec.auth import run_keys
 from scillm_exec.config import allowed_roots, exec_config
 from scillm_exec.events import EventLog
 from scillm_exec.shared import SharedRuns
+from scillm_exec.slots import FairSlots
 
 __all__ = ["ExecManager", "RUN_ID", "check_cwd", "check_fields", "find_cycle", "parse_final_json", "spec_from_body"]
 
@@ -175,6 +176,7 @@ class Run:
     identity: Identity = MASTER  # who started the run: its calls are charged to and limited as that key
     job: Job | None = None
     concluding: asyncio.Task[dict[str, Any]] | None = None  # writing the result (shielded from a late cancel)
+    counted: bool = True  # in ExecManager.live on its own (a graph's node is counted with its graph)
 
 
 class ExecManager:
@@ -183,37 +185,65 @@ class ExecManager:
         self.keys = run_keys(runtime)
         self.runs: dict[str, Run] = {}
         self.shared = SharedRuns(runtime, "exec")
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: FairSlots | None = None
+        self.live: dict[str, int] = {}  # owner -> its runs queued or running (a graph: its max_concurrency)
 
     @property
     def runs_dir(self) -> Path:
         return self.runtime.config.data_dir / "runs"
 
-    def slots(self) -> asyncio.Semaphore:
+    def slots(self) -> FairSlots:
         if self._slots is None:
-            self._slots = asyncio.Semaphore(max(1, exec_config(self.runtime).max_concurrency))
+            self._slots = FairSlots(exec_config(self.runtime).max_concurrency)
         return self._slots
+
+    def admit(self, identity: Identity, runs: int) -> None:
+        """Count ``runs`` more runs of ``identity``'s (checked and counted with no await between: a burst cannot
+        slip past), or a 429 when that is past ``[exec] max_runs_per_key``."""
+        cap = exec_config(self.runtime).max_runs_per_key
+        live = self.live.get(identity.owner, 0)
+        if cap is not None and live + runs > cap:
+            raise errors.RateLimited(f"this key has {live} exec runs queued or running and may have {cap} "
+                                     f"(exec.max_runs_per_key); {runs} more do not fit: wait for some to end",
+                                     retry_after_s=1)
+        self.live[identity.owner] = live + runs
+
+    def leave(self, identity: Identity, runs: int) -> None:
+        left = self.live.get(identity.owner, 0) - runs
+        if left > 0:
+            self.live[identity.owner] = left
+        else:
+            self.live.pop(identity.owner, None)
 
     # -- one run ---------------------------------------------------------------------------------------------------
 
     async def start(self, spec: SessionSpec, *, caller: str | None, base_url: str | None,
-                    slots: asyncio.Semaphore | None = None, parent: str | None = None,
-                    trace: Mapping[str, str] | None = None, identity: Identity = MASTER) -> Run:
+                    parent: str | None = None, trace: Mapping[str, str] | None = None,
+                    identity: Identity = MASTER, admitted: bool = False) -> Run:
         """Start a run owned by ``identity`` (its model calls are charged to that key, as the run's job); its record
         is in the state store when this returns (so any instance can read it), its events are copied there as they
-        come and a cancel request from any instance reaches it."""
+        come and a cancel request from any instance reaches it. A 429 when the key has ``max_runs_per_key`` runs
+        already (unless ``admitted``: a graph's node, counted with its graph)."""
+        if not admitted:
+            self.admit(identity, 1)
         run_id = "run_" + uuid.uuid4().hex
         run_dir = self.runs_dir / run_id
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except BaseException:
+            if not admitted:
+                self.leave(identity, 1)
+            raise
         events = EventLog(run_dir / "events.jsonl")
         run = Run(run_id=run_id, spec=spec, caller=caller, run_dir=run_dir, parent=parent, trace=dict(trace or {}),
-                  events=events, identity=identity)
+                  events=events, identity=identity, counted=not admitted)
         run.job = Job(kind="run", id=run_id, owner=identity.owner, max_cost_usd=spec.max_cost_usd,
                       on_exceeded=lambda reason: run.task.cancel() if run.task is not None else None)
         self.runs[run_id] = run
         self._write_status(run)
         await self.record(run)
-        run.task = asyncio.ensure_future(self._execute(run, base_url, slots))
+        run.task = asyncio.ensure_future(self._execute(run, base_url))
+        run.task.add_done_callback(lambda _: self._unconcluded(run))
 
         def cancel(reason: str) -> None:
             if run.task is not None:
@@ -246,7 +276,7 @@ class ExecManager:
     def _write_status(self, run: Run) -> None:
         _write_json(run.run_dir / "status.json", self._status_doc(run))
 
-    async def _execute(self, run: Run, base_url: str | None, slots: asyncio.Semaphore | None) -> dict[str, Any]:
+    async def _execute(self, run: Run, base_url: str | None) -> dict[str, Any]:
         spec = run.spec
         started = time.monotonic()
         events = self.runtime.events
@@ -256,10 +286,7 @@ class ExecManager:
                                             "events_url": f"/v1/scillm/exec/{run.run_id}/events"},
                     owner=run.identity.owner)
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                if slots is not None:
-                    await stack.enter_async_context(slots)
-                await stack.enter_async_context(self.slots())
+            async with self.slots().slot(run.identity.owner):
                 run.status, run.started_at = "running", time.time()
                 self._write_status(run)
                 await self.record(run)
@@ -294,6 +321,13 @@ class ExecManager:
         run.concluding = asyncio.ensure_future(self._conclude(run, outcome, time.monotonic() - started))
         return await asyncio.shield(run.concluding)
 
+    def _unconcluded(self, run: Run) -> None:
+        """A run whose task ended without concluding (cancelled before it ever ran): conclude it cancelled, so its
+        waiters, its record and its key's count of runs are not left behind."""
+        if run.concluding is None:
+            outcome = SessionResult(run_id=run.run_id, status="cancelled", error="cancelled")
+            run.concluding = asyncio.ensure_future(self._conclude(run, outcome, 0.0))
+
     async def _conclude(self, run: Run, outcome: SessionResult, duration_s: float) -> dict[str, Any]:
         """Write the result, say ``run.end``, store the final record and end the event log (followers finish)."""
         try:
@@ -302,6 +336,8 @@ class ExecManager:
                                      attrs={"exit_code": result["exit_code"], "duration_s": result["duration_s"]})
             await self.record(run)
         finally:
+            if run.counted:
+                self.leave(run.identity, 1)
             self.shared.release(run.run_id)
             if run.events is not None:
                 run.events.close()  # the copy into the store ends with the run's end record
@@ -479,6 +515,11 @@ class ExecManager:
                         caller: str | None, base_url: str | None,
                         trace: Mapping[str, str] | None = None, identity: Identity = MASTER) -> dict[str, Any]:
         graph_id = "graph_" + uuid.uuid4().hex
+        cap = exec_config(self.runtime).max_runs_per_key
+        limit = min(limit, len(nodes))  # nodes live at once: counted for the key as that many runs,
+        if cap is not None:             # as many as the key has left (a 429 when it has none)
+            limit = min(limit, max(1, cap - self.live.get(identity.owner, 0)))
+        self.admit(identity, limit)
         unit, events = f"graph:{graph_id}", self.runtime.events
         events.emit("graph.start", None, unit=unit, parent=None, name="exec graph", trace=dict(trace or {}),
                     attrs={"graph_id": graph_id, "nodes": len(nodes), "caller": caller, "max_concurrency": limit},
@@ -489,6 +530,8 @@ class ExecManager:
         except BaseException:
             events.emit("graph.end", None, unit=unit, status="cancelled", error="cancelled", attrs={})
             raise
+        finally:
+            self.leave(identity, limit)
         events.emit("graph.end", None, unit=unit, status=doc["status"], error=None,
                     attrs={"skipped": sum(1 for n in doc["nodes"] if n["status"] == "skipped")})
         return doc
@@ -509,9 +552,10 @@ class ExecManager:
                     results[node_id] = {"id": node_id, "status": "skipped", "run_id": None,
                                         "error": f"dependency {failed[0]!r} ended {results[failed[0]]['status']}"}
                     return
-                run = await self.start(spec, caller=caller, base_url=base_url, slots=slots, parent=unit,
-                                       identity=identity)
-                results[node_id] = {"id": node_id, **(await self.wait(run))}
+                async with slots:  # the graph's max_concurrency: a node's run exists only once it may go
+                    run = await self.start(spec, caller=caller, base_url=base_url, parent=unit, identity=identity,
+                                           admitted=True)
+                    results[node_id] = {"id": node_id, **(await self.wait(run))}
             finally:
                 finished[node_id].set()
 
