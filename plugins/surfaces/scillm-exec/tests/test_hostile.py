@@ -102,3 +102,20 @@ def test_graph_wait_is_checked(server: Server) -> None:
         graph = server.client.post("/v1/scillm/exec/graph", json={"nodes": [node], "wait": wait})
         assert graph.status_code == 400 and graph.json()["error"]["param"] == "$.wait", wait
     assert server.client.post("/v1/scillm/exec/graph", json={"nodes": [node], "wait": True}).status_code == 200
+
+
+def test_a_finished_run_is_not_kept_in_memory(server: Server) -> None:
+    """Every run (its prompt, up to 4 MiB, and its result) stayed in the manager's memory for the life of the
+    server; a finished one is read back from its run dir, whatever route asks."""
+    from scillm_exec.routes import _MANAGERS
+
+    prompt = '{"mode": "ok", "text": "kept on disk"}\n' + "p" * (3 << 20)
+    done = server.run(prompt)
+    assert done.status_code == 200 and done.json()["status"] == "completed"
+    run_id = done.json()["run_id"]
+    assert not any(run_id in m.runs for m in _MANAGERS.values())
+    shown = server.client.get(f"/v1/scillm/exec/{run_id}").json()
+    assert shown["final_text"] == "kept on disk" and shown["status"] == "completed"
+    assert server.client.post(f"/v1/scillm/exec/{run_id}/cancel").json()["status"] == "completed"
+    events = server.client.get(f"/v1/scillm/exec/{run_id}/events").text
+    assert '"text":"kept on disk"' in events and "event: end" in events

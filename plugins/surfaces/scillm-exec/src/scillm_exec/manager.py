@@ -341,6 +341,8 @@ class ExecManager:
             self.shared.release(run.run_id)
             if run.events is not None:
                 run.events.close()  # the copy into the store ends with the run's end record
+            if run.result is not None:  # from now on it is read from its run dir (result.json): not kept in memory
+                self.runs.pop(run.run_id, None)
         return result
 
     def _emitter(self, run: Run) -> Any:
