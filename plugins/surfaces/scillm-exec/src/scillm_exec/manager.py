@@ -186,6 +186,7 @@ class ExecManager:
         self.runs: dict[str, Run] = {}
         self.shared = SharedRuns(runtime, "exec")
         self._slots: FairSlots | None = None
+        self.concluding: set[asyncio.Task[dict[str, Any]]] = set()  # runs whose result is being written
         self.live: dict[str, int] = {}  # owner -> its runs queued or running (a graph: its max_concurrency)
 
     @property
@@ -318,7 +319,7 @@ class ExecManager:
         finally:
             self.keys.revoke(run.key)
         # a cancel that arrives now (the CLI has ended) must not stop the run's result being written: shielded
-        run.concluding = asyncio.ensure_future(self._conclude(run, outcome, time.monotonic() - started))
+        run.concluding = self._concluding(run, outcome, time.monotonic() - started)
         return await asyncio.shield(run.concluding)
 
     def _unconcluded(self, run: Run) -> None:
@@ -326,7 +327,13 @@ class ExecManager:
         waiters, its record and its key's count of runs are not left behind."""
         if run.concluding is None:
             outcome = SessionResult(run_id=run.run_id, status="cancelled", error="cancelled")
-            run.concluding = asyncio.ensure_future(self._conclude(run, outcome, 0.0))
+            run.concluding = self._concluding(run, outcome, 0.0)
+
+    def _concluding(self, run: Run, outcome: SessionResult, duration_s: float) -> asyncio.Task[dict[str, Any]]:
+        task = asyncio.ensure_future(self._conclude(run, outcome, duration_s))
+        self.concluding.add(task)  # shutdown waits for it (the run itself has left self.runs by then)
+        task.add_done_callback(self.concluding.discard)
+        return task
 
     async def _conclude(self, run: Run, outcome: SessionResult, duration_s: float) -> dict[str, Any]:
         """Write the result, say ``run.end``, store the final record and end the event log (followers finish)."""
@@ -341,8 +348,6 @@ class ExecManager:
             self.shared.release(run.run_id)
             if run.events is not None:
                 run.events.close()  # the copy into the store ends with the run's end record
-            if run.result is not None:  # from now on it is read from its run dir (result.json): not kept in memory
-                self.runs.pop(run.run_id, None)
         return result
 
     def _emitter(self, run: Run) -> Any:
@@ -387,6 +392,7 @@ class ExecManager:
         run.status, run.result = status, result
         _write_json(run.run_dir / "result.json", result)
         self._write_status(run)
+        self.runs.pop(run.run_id, None)  # from now on it is read from its run dir: not kept in memory
         run.done.set()
         return result
 
@@ -465,10 +471,9 @@ class ExecManager:
         for task in live:
             with contextlib.suppress(BaseException):
                 await task
-        for run in self.runs.values():  # results still being written (shielded from the cancel above)
-            if run.concluding is not None:
-                with contextlib.suppress(BaseException):
-                    await run.concluding
+        for task in list(self.concluding):  # results still being written (shielded from the cancel above)
+            with contextlib.suppress(BaseException):
+                await task
         await self.shared.stop()
 
     # -- graphs ----------------------------------------------------------------------------------------------------
