@@ -253,6 +253,20 @@ def test_receipt_index_and_debugger_flow(stack: Stack) -> None:
     assert MASTER_KEY not in json.dumps(index)
 
 
+def test_requests_racing_for_one_run_id_get_one_run_and_409s(stack: Stack) -> None:
+    """A client retrying with its own run_id while the first request is still making the worktree: the id was
+    checked before the claim (an await apart), so the loser's mkdir raised FileExistsError, a 500."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"prompt": "say hi", "cwd": str(stack.repo()), "wait": False, "run_id": "oc-raced-1"}
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: stack.client.post(RUNS, json=body), range(4)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes[0] == 200 and codes[1:] == [409, 409, 409], [a.text for a in answers]
+    assert all(a.json()["error"]["param"] == "$.run_id" for a in answers if a.status_code == 409)
+    stack.wait_status(f"{RUNS}/oc-raced-1", ("completed", "error", "timeout", "aborted"))
+
+
 def test_an_existing_server_at_opencode_server_url(stack: Stack, tmp_path: Path) -> None:
     """With OPENCODE_SERVER_URL scillm starts nothing: it uses that server (Basic auth with
     OPENCODE_SERVER_PASSWORD), its agents, models and skills, and leaves it running when scillm stops."""

@@ -184,7 +184,10 @@ class RunBook(Generic[R]):
         if run_id in self.runs or await self.records.exists(run_id):
             raise errors.Conflict(f"run {run_id!r} already exists", param="$.run_id")
         run_dir = self.records.run_dir(run_id)
-        run_dir.mkdir(parents=True, exist_ok=False)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)  # the claim itself: of two requests with one id, one gets it
+        except FileExistsError:
+            raise errors.Conflict(f"run {run_id!r} already exists", param="$.run_id") from None
         try:
             return run_dir, await create_worktree(Path(source), self.serve.worktrees / run_id)
         except errors.ScillmError as exc:
