@@ -30,6 +30,7 @@ __all__ = ["ExecManager", "RUN_ID", "check_cwd", "check_fields", "find_cycle", "
 
 RUN_ID = re.compile(r"^run_[0-9a-f]{32}$")
 NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+PARSE_STEP = 64  # graph nodes checked per event-loop step (each resolves its cwd on the file system)
 TERMINAL = ("completed", "failed", "timeout", "cancelled", "skipped")
 SPEC_KEYS = {"profile", "prompt", "cwd", "sandbox", "model", "timeout_s", "idle_timeout_s", "output_schema",
              "metadata", "max_cost_usd"}
@@ -493,6 +494,8 @@ class ExecManager:
         parsed: list[tuple[str, SessionSpec, list[str]]] = []
         ids: set[str] = set()
         for i, node in enumerate(nodes):
+            if i % PARSE_STEP == PARSE_STEP - 1:
+                await asyncio.sleep(0)  # a 10,000-node graph is seconds of checks: other callers go on between steps
             where = f"$.nodes[{i}]"
             if not isinstance(node, dict):
                 raise _bad("expected a node object", where)
