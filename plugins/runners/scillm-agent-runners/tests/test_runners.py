@@ -150,3 +150,16 @@ def test_doctor_reports_clis(env: dict[str, Any]) -> None:
     assert codex["ok"] is True and str(env["bin"] / "codex") in codex["detail"]
     assert {"agent CLI opencode (opencode-run)", "agent CLI pi (pi)", "agent CLI claude (claude-print)"} <= set(checks)
     assert PROVIDER_SECRET not in json.dumps(list(checks.values()))
+
+
+def test_codex_config_is_valid_toml_for_any_model_name() -> None:
+    """The model name went into config.toml as a JSON string: an emoji became a surrogate-pair escape TOML refuses,
+    and DEL stayed bare (TOML forbids it), so codex could not read its config and the run failed."""
+    import tomllib
+
+    from scillm_agent_runners.clis import codex_config
+
+    for model in ("gpt-5", "emoji-\U0001f600", "del\x7fname", 'quote"back\\slash', "tab\tnew\nline"):
+        text = codex_config(model, "http://127.0.0.1:4001", "read-only")
+        assert "\x7f" not in text
+        assert tomllib.loads(text)["model"] == model

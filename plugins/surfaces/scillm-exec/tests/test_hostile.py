@@ -86,6 +86,9 @@ def test_huge_names_are_400s_that_do_not_echo_them(server: Server) -> None:
     assert unknown.json()["error"]["param"] == "$." + "x" * 64
     model = server.run("{}", model="m" * 1_000_000)
     assert model.status_code == 400 and model.json()["error"]["param"] == "$.model" and len(model.content) < 2000
+    for flag_like in ("-c", "--model", "a\x7fb", "a\nb"):  # on the CLI's argv and in its config.toml
+        bad = server.run("{}", model=flag_like)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "$.model", flag_like
     node = {"profile": "fake", "prompt": "{}", "cwd": str(server.root)}
     for bad_id in ("a" * 129, "../x", "a\nb", ""):
         graph = server.client.post("/v1/scillm/exec/graph", json={"nodes": [{"id": bad_id, **node}]})

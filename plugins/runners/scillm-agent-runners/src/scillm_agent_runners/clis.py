@@ -17,7 +17,9 @@ __all__ = ["CODEX_OPT_OUTS", "OPENCODE_ENV", "codex_config", "codex_env", "openc
 
 
 def _toml(value: str) -> str:
-    return json.dumps(value)  # a JSON string is a valid TOML basic string
+    # A JSON string is a TOML basic string once it keeps non-ASCII as UTF-8 (TOML has no surrogate-pair escapes)
+    # and escapes DEL (JSON leaves it bare; TOML forbids it bare).
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 # -- codex exec ----------------------------------------------------------------------------------------------------

@@ -66,6 +66,9 @@ async def spec_from_body(body: Any, runtime: Runtime, *, where: str = "$",
         raise _bad("model must be a non-empty string", f"{where}.model")
     if model is not None:
         check_model(model, f"{where}.model")  # the run keeps it (status, records, the CLI's argv)
+        if model.startswith("-") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in model):
+            raise _bad("model must not start with '-' or contain control characters (it goes on the CLI's command "
+                       "line and into its config)", f"{where}.model")
 
     def seconds(key: str, default: float | None) -> float | None:
         value = body.get(key, default)
