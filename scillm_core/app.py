@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scillm_core import errors
+from scillm_core.body_deadline import BodyDeadline
 from scillm_core.config import Config, ConfigError, check_provider_tables, load_config
 from scillm_core.context import Runtime
 from scillm_core.hooks import Hooks
@@ -121,13 +122,14 @@ async def _handle_http(request: Request, exc: Exception) -> Response:
 
 
 class RequestIdMiddleware:
-    """Outermost layer: every HTTP response carries ``x-request-id`` (the client's, or a new one), and an
-    unexpected exception is logged once (Starlette re-raises it after rendering the 500, for the server to log
-    a second time)."""
+    """Outermost layer: every HTTP response carries ``x-request-id`` (the client's, or a new one), an unexpected
+    exception is logged once (Starlette re-raises it after rendering the 500, for the server to log a second time),
+    and the body must arrive in time (:mod:`scillm_core.body_deadline`)."""
 
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
         self.runtime = runtime
+        self.body_timeout_s = runtime.config.server.body_read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -149,9 +151,13 @@ class RequestIdMiddleware:
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
+        body = BodyDeadline(receive, self.body_timeout_s) if self.body_timeout_s else None
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, body or receive, send_with_id)
         except Exception as exc:
             if any(exc is seen for seen in logged):
                 return  # answered with a 500 and logged once, by _handle_error; the server would log it again
             raise
+        finally:
+            if body is not None:
+                body.close()

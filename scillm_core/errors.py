@@ -7,6 +7,7 @@ Every error a client can see is one of these, rendered by :func:`to_response_par
     ├── RequestError                 400 invalid_request_error
     │   ├── InvalidRequest           400 (param = JSON path such as ``$.messages[1].role``)
     │   ├── PayloadTooLarge          413
+    │   ├── RequestTimeout           408 request_timeout (the body did not arrive in time; the connection is closed)
     │   ├── ModelNotFound            404 model_not_found (message lists close matches)
     │   ├── ProviderNotConfigured    400 provider_not_configured (names the missing variable)
     │   ├── CallerSkillRequired      400 caller_skill_required
@@ -62,6 +63,7 @@ __all__ = [
     "ProviderNotConfigured",
     "RateLimited",
     "RequestError",
+    "RequestTimeout",
     "ScillmError",
     "StateUnavailable",
     "ThinkingBudgetExhausted",
@@ -128,6 +130,18 @@ class UnsupportedParameter(RequestError):
 class PayloadTooLarge(RequestError):
     status = 413
     code = "payload_too_large"
+
+
+class RequestTimeout(RequestError):
+    """The request's body had not arrived by its deadline (``[server] body_read_timeout_s``). The connection is
+    closed with the answer: what the client still sends would otherwise be read as the rest of that body."""
+
+    status = 408
+    code = "request_timeout"
+
+    def __init__(self, message: str, **kw: Any) -> None:
+        kw.setdefault("headers", {"connection": "close"})
+        super().__init__(message, **kw)
 
 
 class ModelNotFound(RequestError):

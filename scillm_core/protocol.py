@@ -7,6 +7,12 @@ a core with scillm each wake-up can preempt the process serving it. Here the hea
 the same pass of the event loop and goes out with it in one send; a head whose body is not ready in that pass (a
 stream waiting for its first chunk) goes out alone at the next pass. After that, the response writes straight to the
 socket: nothing is added per stream chunk.
+
+uvicorn bounds the wait between requests (``timeout_keep_alive``) but not the time a request's head takes: a client
+that connects and sends nothing, or trickles a header byte now and then, held its connection forever (slowloris).
+Here a head must be complete within ``timeout_keep_alive`` of the connection or of its first byte; past that the
+client gets a 408 and the connection is closed. The timer is armed only when a head is still incomplete after a
+read (a head nearly always arrives in one). The body has its own deadline (:mod:`scillm_core.body_deadline`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 __all__ = ["LISTENER", "HeadWithBody", "HttpProtocol"]
@@ -65,8 +72,51 @@ class HeadWithBody:
         return getattr(self.transport, name)
 
 
+_HEAD_TIMEOUT_BODY = orjson.dumps({"error": {
+    "message": "the request head did not arrive in time; send the request line and headers at once",
+    "type": "invalid_request_error", "code": "request_timeout", "param": None}})
+HEAD_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(_HEAD_TIMEOUT_BODY), _HEAD_TIMEOUT_BODY))
+
+
 class HttpProtocol(HttpToolsProtocol):
+    head_pending = True  # a request's head has begun (or the connection is new) and is not complete
+    head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.head_timer = self.loop.call_later(self.timeout_keep_alive, self.head_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.head_pending and self.head_timer is None:
+            self.head_timer = self.loop.call_later(self.timeout_keep_alive, self.head_timeout)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.head_pending = True
+
+    def head_timeout(self) -> None:
+        self.head_timer = None
+        if not self.head_pending or self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.write(HEAD_TIMEOUT_RESPONSE)
+            self.transport.close()
+        else:  # a pipelined head behind a response being written: the connection ends after that response
+            self.cycle.keep_alive = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+        super().connection_lost(exc)
+
     def on_headers_complete(self) -> None:
+        self.head_pending = False
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
         previous = self.cycle
         super().on_headers_complete()
         if self.cycle is not previous:  # a new request (not an upgrade); its task runs from the next pass on

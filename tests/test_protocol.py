@@ -141,10 +141,11 @@ ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any]
 
 
 @contextlib.asynccontextmanager
-async def serving(app: ASGIApp) -> AsyncIterator[int]:
+async def serving(app: ASGIApp, timeout_keep_alive: float = 5) -> AsyncIterator[int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, http=RecordedProtocol)
+    config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, http=RecordedProtocol,
+                            timeout_keep_alive=timeout_keep_alive)  # type: ignore[arg-type]
     server = uvicorn.Server(config)
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
     while not server.started:
@@ -255,3 +256,45 @@ def test_scillm_serves_with_this_protocol(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setenv("SCILLM_DATA_DIR", str(tmp_path))
     assert cli.main(["serve", "--port", "4999"]) == 0
     assert seen["http"] is HttpProtocol and seen["server_header"] is False
+
+
+# A request's head must arrive within timeout_keep_alive (made small here; nothing asserts how long anything took).
+
+async def test_a_connection_that_sends_nothing_gets_a_408_and_is_closed() -> None:
+    async with serving(answer, timeout_keep_alive=0.2) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        received = await asyncio.wait_for(reader.read(), 30)  # the 408, then the end of the connection
+        writer.close()
+    assert received.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in received
+
+
+async def test_a_head_trickled_byte_by_byte_is_cut_off_while_whole_requests_are_answered() -> None:
+    async with serving(answer, timeout_keep_alive=0.2) as port:
+        slow_reader, slow = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        slow.write(b"POST /v1/x HTTP/1.1\r\n")
+        received = b""
+        for byte in b"x-header-that-never-ends: " * 100:
+            writer.write(b"POST /v1/x HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\n{}")
+            head, body = await read_response(reader)
+            assert head.startswith(b"HTTP/1.1 200 OK") and body == b'{"ok":true}'
+            slow.write(bytes([byte]))
+            try:
+                received = await asyncio.wait_for(slow_reader.read(), 0.02)
+                break
+            except TimeoutError:
+                continue
+        slow.close()
+        writer.close()
+    assert received.startswith(b"HTTP/1.1 408")
+
+
+async def test_a_kept_alive_connection_whose_next_head_stalls_is_closed() -> None:
+    async with serving(answer, timeout_keep_alive=0.2) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/x HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\n{}")
+        assert (await read_response(reader))[0].startswith(b"HTTP/1.1 200 OK")
+        writer.write(b"POST /v1/x HTTP/1.1\r\nhost: a\r\n")  # the next head begins, and stops
+        received = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+    assert received.startswith(b"HTTP/1.1 408")

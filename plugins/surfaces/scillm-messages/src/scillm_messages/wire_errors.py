@@ -22,7 +22,7 @@ __all__ = ["MESSAGES_PATHS", "AnthropicErrorMiddleware", "anthropic_error_parts"
 MESSAGES_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 409: "invalid_request_error",
+          404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 409: "invalid_request_error",
           413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error", 504: "timeout_error",
           529: "overloaded_error"}
 
