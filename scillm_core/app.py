@@ -113,11 +113,12 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
 
 async def _handle_http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    path = errors.shorten(request.url.path)
     if exc.status_code == 404:
-        return error_response(errors.NotFound(f"unknown endpoint: {request.method} {request.url.path}"))
+        return error_response(errors.NotFound(f"unknown endpoint: {request.method} {path}"))
     if exc.status_code == 405:
-        return error_response(errors.RequestError(f"method {request.method} not allowed on {request.url.path}",
-                                                  status=405, code="method_not_allowed"))
+        return error_response(errors.RequestError(f"method {request.method} not allowed on {path}", status=405,
+                                                  code="method_not_allowed"))
     return error_response(errors.RequestError(str(exc.detail), status=exc.status_code))
 
 

@@ -79,6 +79,8 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "client_headers",
+    "quote",
+    "shorten",
     "to_response_parts",
 ]
 
@@ -324,6 +326,21 @@ class ThinkingBudgetExhausted(UpstreamError):
         route = ctx.route
         raise cls(f"the model used its whole output budget before answering ({detail}); {fix}",
                   provider=route.provider if route else "?", model=route.model if route else model)
+
+
+QUOTE_LIMIT = 64
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """An id or name a client sent, quoted for an error message: ``repr`` of at most ``limit`` characters of it, then
+    ``…``. A path or form field can carry an id of thousands of characters; an error never echoes one whole."""
+    text = value if isinstance(value, str) else str(value)
+    return repr(text[:limit]) + ("…" if len(text) > limit else "")
+
+
+def shorten(text: str, limit: int = 2 * QUOTE_LIMIT) -> str:
+    """``text`` a client sent (a path), cut to ``limit`` characters and ``…`` for an error message."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _redacted(value: Any) -> Any:

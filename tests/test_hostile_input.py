@@ -270,3 +270,27 @@ def test_an_unexpected_error_is_one_500_and_one_traceback(tmp_path, caplog):
     tracebacks = [r for r in caplog.records if r.exc_info or r.exc_text]
     assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
     assert "a plugin bug" in caplog.text
+
+
+LONG_ID = "z" * 5000
+ID_ROUTES = [("GET", "/v1/files/{}"), ("DELETE", "/v1/files/{}"), ("GET", "/v1/files/{}/content"),
+             ("GET", "/v1/batches/{}"), ("POST", "/v1/batches/{}/cancel"), ("GET", "/v1/scillm/batch/{}"),
+             ("GET", "/v1/scillm/keys/{}"), ("DELETE", "/v1/scillm/keys/{}"), ("GET", "/v1/scillm/exec/{}"),
+             ("POST", "/v1/scillm/exec/{}/cancel"), ("GET", "/v1/scillm/opencode/runs/{}"),
+             ("GET", "/v1/scillm/opencode/transport/runs/{}"), ("GET", "/v1/scillm/agents/{}/status"),
+             ("GET", "/v1/scillm/ui/calls/{}"), ("GET", "/v1/models/{}"), ("GET", "/v1/no-such-route/{}"),
+             ("PUT", "/v1/chat/completions/{}")]
+
+
+@pytest.mark.parametrize(("method", "path"), ID_ROUTES)
+def test_a_5000_character_id_is_never_echoed_whole(server, method, path):
+    response = httpx.request(method, server.url + path.format(LONG_ID), headers={**AUTH, "x-caller-skill": "t"},
+                             timeout=30)
+    assert 400 <= response.status_code < 500, response.text[:300]
+    assert "z" * 129 not in response.text and len(response.content) < 2000, response.text[:300]
+
+
+def test_a_5000_character_input_file_id_is_not_echoed_whole(server):
+    response = post(server, "/v1/batches", {"input_file_id": LONG_ID, "endpoint": "/v1/chat/completions",
+                                            "completion_window": "24h"})
+    assert response.status_code == 404 and "z" * 65 not in response.text

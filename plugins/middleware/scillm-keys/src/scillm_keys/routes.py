@@ -74,7 +74,8 @@ def parse_create(body: Any) -> dict[str, Any]:
     unknown = [k for k in body if k not in CREATE_FIELDS]
     if unknown:
         name = str(unknown[0])[:60]
-        raise errors.InvalidRequest(f"unknown field {name!r} (known: {', '.join(CREATE_FIELDS)}) @ $.{name}",
+        raise errors.InvalidRequest(f"unknown field {errors.quote(name)} (known: {', '.join(CREATE_FIELDS)}) @ "
+                                    f"$.{name}",
                                     param=f"$.{name}")
     models = body.get("models")
     if models is not None:

@@ -182,7 +182,7 @@ class KeyStore:
     async def get(self, key_id: str) -> dict[str, Any]:
         doc = await self.runtime.store.get(NAMESPACE, key_id) if KEY_ID.match(key_id) else None
         if doc is None:
-            raise errors.NotFound(f"no key {key_id[:40]!r}")
+            raise errors.NotFound(f"no key {errors.quote(key_id)}")
         return doc
 
     async def list(self) -> list[dict[str, Any]]:

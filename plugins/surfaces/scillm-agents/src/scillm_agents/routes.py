@@ -199,7 +199,7 @@ async def events(request: Request) -> Response:
     if not identity.master:  # a key tails a worker whose lease it holds or where it ran a turn
         lease = await agents.lease(worker.name) or {}
         if lease.get("identity") != identity.owner and await agents.last_turn(worker.name, identity) is None:
-            raise errors.NotFound(f"no events of worker {worker.name!r} for this key")
+            raise errors.NotFound(f"no events of worker {errors.quote(worker.name)} for this key")
     after = resume_after(request)  # the last event seq the client has (after=, or an EventSource's Last-Event-ID)
     runtime = runtime_of(request)
     heartbeat = exec_config(runtime).heartbeat_s or runtime.config.server.heartbeat_s
@@ -268,8 +268,8 @@ async def leases(request: Request) -> Response:
     if action == "acquire":
         assert owner is not None
         if handoff_id is not None and await agents.handoff(worker.name, handoff_id, identity_of(request)) is None:
-            raise _bad(f"worker {worker.name!r} has no handoff {handoff_id!r} (POST it to .../handoffs first)",
-                       "$.handoff_id")
+            raise _bad(f"worker {errors.quote(worker.name)} has no handoff {errors.quote(handoff_id)} "
+                       "(POST it to .../handoffs first)", "$.handoff_id")
         lease_id = _id(body, "lease_id") or (f"{handoff_id}-lease" if handoff_id else f"lease-{uuid.uuid4().hex[:16]}")
         return json_response(await agents.acquire(worker.name, owner=owner, lease_id=lease_id, handoff_id=handoff_id,
                                                   ttl_s=ttl_s, who=_who(request, caller),
@@ -312,7 +312,8 @@ async def turn(request: Request) -> Response:
     handoff_id = handoff_id or lease.get("handoff_id") or None
     handoff = await agents.handoff(worker.name, handoff_id, identity_of(request)) if handoff_id else None
     if handoff_id and handoff is None:
-        raise _bad(f"worker {worker.name!r} has no handoff {handoff_id!r} (POST it to .../handoffs first)",
+        raise _bad(f"worker {errors.quote(worker.name)} has no handoff {errors.quote(handoff_id)} "
+                   "(POST it to .../handoffs first)",
                    "$.handoff_id")
     if text is None:
         if handoff is None:
@@ -332,7 +333,8 @@ def _running(worker: Worker, action: str, viewer: Identity) -> Any:
     expired and the caller took the worker) is as if there were none."""
     live = worker.current
     if live is None or live.done.is_set() or not viewer.can_see(worker.holder):
-        raise errors.Conflict(f"worker {worker.name!r} has no running turn to {action}", code="no_running_turn")
+        raise errors.Conflict(f"worker {errors.quote(worker.name)} has no running turn to {action}",
+                              code="no_running_turn")
     return live
 
 
@@ -379,11 +381,11 @@ async def cleanup(request: Request) -> Response:
     elif not identity.master:  # unleased: a key cleans up only a worker whose thread or worktree is its own
         doc = await agents.worker_doc(worker.name)
         if identity.owner not in (doc.get("thread_owner"), doc.get("worktree_owner")):
-            raise errors.NotFound(f"nothing of this key's on worker {worker.name!r} to clean up")
+            raise errors.NotFound(f"nothing of this key's on worker {errors.quote(worker.name)} to clean up")
     live = worker.current
     if live is not None and not live.done.is_set() and not identity.can_see(worker.holder):
-        raise errors.Conflict(f"worker {worker.name!r} is running another key's turn; clean it up after that turn "
-                              "ends", code="turn_running")
+        raise errors.Conflict(f"worker {errors.quote(worker.name)} is running another key's turn; clean it up "
+                              "after that turn ends", code="turn_running")
     if live is not None and not live.done.is_set():
         task = worker.task
         await worker.end_turn(live, "cancelled", "cancelled by cleanup")

@@ -74,7 +74,7 @@ class Agents:
         if worker is None or not self.usable(worker, viewer):
             declared = ", ".join(w.name for w in self.visible(viewer)) or \
                 "none: declare them as [agents.<name>] in scillm.toml"
-            raise errors.NotFound(f"no standing worker {name!r} (declared: {declared})")
+            raise errors.NotFound(f"no standing worker {errors.quote(name)} (declared: {declared})")
         return worker
 
     def usable(self, worker: Worker, viewer: Identity) -> bool:
@@ -103,7 +103,7 @@ class Agents:
             new = {**(current or {}), **fields, "updated_at": time.time()}
             if await self.store.compare_and_set(WORKERS, name, current, new):
                 return new
-        raise errors.Conflict(f"worker {name!r}: its state changed concurrently too often; try again")
+        raise errors.Conflict(f"worker {errors.quote(name)}: its state changed concurrently too often; try again")
 
     # -- leases ----------------------------------------------------------------------------------------------------
 
@@ -150,11 +150,12 @@ class Agents:
         ``viewer`` is another key than the one that took it: a key controls only its own leases."""
         lease = await self.lease(name)
         if lease is None:
-            raise errors.Conflict(f"worker {name!r} has no live lease; take one with POST /v1/scillm/agents/{name}"
+            raise errors.Conflict(f"worker {errors.quote(name)} has no live lease; take one with POST "
+                                  f"/v1/scillm/agents/{name}"
                                   f"/leases before you {action}", code="lease_required")
         if lease.get("lease_id") != lease_id:
             raise self._lease_conflict(lease, f"only the holder may {action}", viewer)
-        require_visible(viewer, lease.get("identity"), f"lease {lease_id!r}")
+        require_visible(viewer, lease.get("identity"), f"lease {errors.quote(lease_id)}")
         return lease
 
     async def renew(self, name: str, *, lease_id: str, owner: str | None, ttl_s: float,
@@ -165,8 +166,8 @@ class Agents:
         now = time.time()
         new = {**current, "renewed_at": now, "expires_at": now + ttl_s, "ttl_s": ttl_s}
         if not await self.store.compare_and_set(LEASES, name, current, new, ttl_s=ttl_s):
-            raise errors.Conflict(f"the lease on worker {name!r} changed while renewing it; read its status and "
-                                  "try again", code="lease_changed")
+            raise errors.Conflict(f"the lease on worker {errors.quote(name)} changed while renewing it; read "
+                                  "its status and try again", code="lease_changed")
         self.worker(name).emit("lease.renewed", lease_id=lease_id, expires_at=new["expires_at"],
                                identity=current.get("identity"))
         return new
@@ -174,7 +175,8 @@ class Agents:
     async def release(self, name: str, *, lease_id: str, viewer: Identity = MASTER) -> dict[str, Any]:
         current = await self.holder(name, lease_id, "release it", viewer)
         if not await self.store.compare_and_set(LEASES, name, current, None):
-            raise errors.Conflict(f"the lease on worker {name!r} changed while releasing it", code="lease_changed")
+            raise errors.Conflict(f"the lease on worker {errors.quote(name)} changed while releasing it",
+                                  code="lease_changed")
         self.worker(name).emit("lease.released", lease_id=lease_id, identity=current.get("identity"))
         return {**current, "released": True}
 
@@ -197,8 +199,8 @@ class Agents:
         content = ("goal", "context", "validation_expectations", "metadata", "phase_id", "identity")
         if all(existing.get(k) == doc.get(k) for k in content):
             return existing, False
-        raise errors.Conflict(f"worker {name!r} already has a different handoff {doc['handoff_id']!r}; use a new "
-                              "handoff_id", code="handoff_exists")
+        raise errors.Conflict(f"worker {errors.quote(name)} already has a different handoff "
+                              f"{doc['handoff_id']!r}; use a new handoff_id", code="handoff_exists")
 
     async def handoff_ids(self, name: str, viewer: Identity = MASTER) -> list[str]:
         """The worker's handoffs that ``viewer`` may see."""
@@ -216,7 +218,7 @@ class Agents:
         as and logged under ``identity``."""
         if worker.busy.locked():
             running = worker.current.turn_id if worker.current and identity.can_see(worker.holder) else None
-            raise errors.Conflict(f"worker {worker.name!r} is running " + (
+            raise errors.Conflict(f"worker {errors.quote(worker.name)} is running " + (
                 f"turn {running}; steer it, interrupt it, or wait for its result" if running else
                 "a turn; try again when it ends"), code="turn_running")
         await worker.busy.acquire()
@@ -342,19 +344,20 @@ class Agents:
         another key's, as for one that does not exist."""
         if handoff_id is not None:
             if await self.handoff(name, handoff_id, viewer) is None:  # none, or another key's: the same answer
-                raise errors.NotFound(f"worker {name!r} has no handoff {handoff_id!r}")
+                raise errors.NotFound(f"worker {errors.quote(name)} has no handoff {errors.quote(handoff_id)}")
             pointer = await self.store.get(RESULTS, f"{name}/{handoff_id}")
             if pointer is None:
-                raise errors.NotFound(f"handoff {handoff_id!r} of worker {name!r} has no finished turn yet")
+                raise errors.NotFound(f"handoff {errors.quote(handoff_id)} of worker {errors.quote(name)} has "
+                                      f"no finished turn yet")
             doc = await self.turn(name, pointer["turn_id"])
         else:
             doc = await self.last_turn(name, viewer)
             if doc is None:
-                raise errors.NotFound(f"worker {name!r} has run no turn yet" + ("" if viewer.master else
+                raise errors.NotFound(f"worker {errors.quote(name)} has run no turn yet" + ("" if viewer.master else
                                                                                " for this key"))
         if doc is None:
-            raise errors.NotFound(f"the turn of worker {name!r} is not stored")
-        require_visible(viewer, doc.get("identity"), f"turn of worker {name!r} for this key")
+            raise errors.NotFound(f"the turn of worker {errors.quote(name)} is not stored")
+        require_visible(viewer, doc.get("identity"), f"turn of worker {errors.quote(name)} for this key")
         return doc
 
     # -- capacity and lifecycle ------------------------------------------------------------------------------------

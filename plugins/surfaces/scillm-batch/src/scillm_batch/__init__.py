@@ -182,9 +182,9 @@ async def status(request: Request) -> Response:
     runtime = runtime_of(request)
     batch_id = request.path_params["batch_id"]
     batch = await runtime.store.get(BATCH_NS, batch_id)
-    require_visible(identity_of(request), batch.get("owner") if batch else None, f"batch {batch_id!r}")
+    require_visible(identity_of(request), batch.get("owner") if batch else None, f"batch {errors.quote(batch_id)}")
     if batch is None:
-        raise errors.NotFound(f"no batch {batch_id!r}")
+        raise errors.NotFound(f"no batch {errors.quote(batch_id)}")
     results = await runtime.store.scan(ITEM_NS + batch_id, limit=1_000_000)
     return json_response(progress_of(batch, results))
 
@@ -197,9 +197,9 @@ async def events(request: Request) -> Response:
     runtime = runtime_of(request)
     batch_id = request.path_params["batch_id"]
     batch = await runtime.store.get(BATCH_NS, batch_id)
-    require_visible(identity_of(request), batch.get("owner") if batch else None, f"batch {batch_id!r}")
+    require_visible(identity_of(request), batch.get("owner") if batch else None, f"batch {errors.quote(batch_id)}")
     if batch is None:
-        raise errors.NotFound(f"no batch {batch_id!r}")
+        raise errors.NotFound(f"no batch {errors.quote(batch_id)}")
     after = request.query_params.get("after", "")
     try:  # read before the stream starts: a cursor the store never gave out is a 400, not a stream cut after its head
         first = await runtime.store.follow(events_ns(batch_id), after, limit=1000)

@@ -591,7 +591,8 @@ def build_items(raw_items: Any, shared: Mapping[str, Any], max_items: int) -> tu
         given = given if given is not None else alias
         item_id = f"item-{index}" if given is None else check_id(given, "item_id", f"{where}.{key}")
         if item_id in seen:
-            raise errors.InvalidRequest(f"duplicate item_id {item_id!r} @ {where}.{key}", param=f"{where}.{key}")
+            raise errors.InvalidRequest(f"duplicate item_id {errors.quote(item_id)} @ {where}.{key}",
+                                        param=f"{where}.{key}")
         seen.add(item_id)
         take_extensions(dict(raw), where=where)  # raises for a bad timeout / scillm_metadata of this item
         body = {**shared, **raw}

@@ -161,9 +161,11 @@ async def retrieve_model(request: Request) -> Response:
     for entry in _visible_catalog(request):
         if entry["id"] == name:
             if not entry["usable"]:
-                raise errors.ModelNotFound(f"model {name!r} is not usable yet: {entry['missing']}", param="model")
+                raise errors.ModelNotFound(f"model {errors.quote(name)} is not usable yet: {entry['missing']}",
+                                           param="model")
             return json_response(_model_object(entry))
-    raise errors.ModelNotFound(f"model {name!r} is not in the catalog (GET /v1/models lists it)", param="model")
+    raise errors.ModelNotFound(f"model {errors.quote(name)} is not in the catalog (GET /v1/models lists it)",
+                               param="model")
 
 
 def _visible_catalog(request: Request) -> list[dict[str, Any]]:

@@ -433,7 +433,7 @@ class ExecManager:
     async def load_for(self, run_id: str, identity: Identity) -> dict[str, Any]:
         """:meth:`load` for a caller: 404 as well when the run belongs to another key."""
         doc = await self.load(run_id)
-        require_visible(identity, doc.get("owner"), f"run {run_id!r}")
+        require_visible(identity, doc.get("owner"), f"run {errors.quote(run_id)}")
         return doc
 
     async def load(self, run_id: str) -> dict[str, Any]:
@@ -441,7 +441,7 @@ class ExecManager:
         else the state store's record (a run another instance drives); 404 when unknown. A stored run whose
         instance died is finalised ``failed`` (interrupted) first."""
         if not RUN_ID.match(run_id):
-            raise errors.NotFound(f"no run {run_id!r}")
+            raise errors.NotFound(f"no run {errors.quote(run_id)}")
         run = self.runs.get(run_id)
         if run is not None:
             return run.result or self._status_doc(run) | {"artifacts": self.artifacts(run)}
@@ -452,7 +452,7 @@ class ExecManager:
                 return orjson.loads(await asyncio.to_thread(path.read_bytes))  # type: ignore[no-any-return]
         doc = await self.runtime.store.get(STORE_NS, run_id)
         if doc is None:
-            raise errors.NotFound(f"no run {run_id!r}")
+            raise errors.NotFound(f"no run {errors.quote(run_id)}")
         return await self._settle(doc)
 
     async def _settle(self, doc: dict[str, Any]) -> dict[str, Any]:

@@ -145,7 +145,8 @@ async def delete_file(request: Request) -> Response:
     active = [batch_id for batch_id, live in runner.live.items() if live.task is not None]
     for batch_id in active:
         if (await runner.get(batch_id))["input_file_id"] == file_id:
-            raise errors.Conflict(f"file {file_id!r} is the input of batch {batch_id!r}, which is still running",
+            raise errors.Conflict(f"file {errors.quote(file_id)} is the input of batch "
+                                  f"{errors.quote(batch_id)}, which is still running",
                                   param="file_id")
     await runner.files.delete(file_id)
     return json_response({"id": file_id, "object": "file", "deleted": True})
@@ -174,7 +175,8 @@ async def create_batch(request: Request) -> Response:
     input_file = await runner.files.get_for(file_id, identity)  # another key's file is as if it did not exist
     checked = input_file.get("_batch")
     if input_file["purpose"] != "batch" or not checked:
-        raise errors.InvalidRequest(f"file {file_id!r} was not uploaded with purpose 'batch' @ $.input_file_id",
+        raise errors.InvalidRequest(f"file {errors.quote(file_id)} was not uploaded with purpose 'batch' @ "
+                                    f"$.input_file_id",
                                     param="$.input_file_id")
     if checked["url"] != endpoint:
         raise errors.InvalidRequest(f"the file's requests go to {checked['url']}, not to the batch's endpoint "

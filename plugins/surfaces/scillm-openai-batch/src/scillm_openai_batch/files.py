@@ -146,13 +146,13 @@ class FileStore:
         """The file's metadata (the OpenAI file object); 404 naming it when there is none."""
         doc = await self.runtime.store.get(FILES_NS, file_id) if _FILE_ID.match(file_id) else None
         if doc is None:
-            raise errors.NotFound(f"no file {file_id!r}", param="file_id")
+            raise errors.NotFound(f"no file {errors.quote(file_id)}", param="file_id")
         return doc
 
     async def get_for(self, file_id: str, identity: Identity) -> dict[str, Any]:
         """:meth:`get` for a caller: 404 as well when the file belongs to another key."""
         doc = await self.get(file_id)
-        require_visible(identity, doc.get("_owner"), f"file {file_id!r}")
+        require_visible(identity, doc.get("_owner"), f"file {errors.quote(file_id)}")
         return doc
 
     async def save_upload(self, source: IO[bytes], filename: str, max_lines: int,

@@ -78,7 +78,7 @@ class BatchRunner:
     async def get(self, batch_id: str) -> dict[str, Any]:
         doc = await self.runtime.store.get(BATCHES_NS, batch_id) if batch_id.startswith("batch_") else None
         if doc is None:
-            raise errors.NotFound(f"no batch {batch_id!r}", param="batch_id")
+            raise errors.NotFound(f"no batch {errors.quote(batch_id)}", param="batch_id")
         return doc
 
     async def update(self, batch_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]) \
@@ -99,7 +99,7 @@ class BatchRunner:
     async def get_for(self, batch_id: str, identity: Identity) -> dict[str, Any]:
         """:meth:`get` for a caller: 404 as well when the batch belongs to another key."""
         doc = await self.get(batch_id)
-        require_visible(identity, doc.get("_owner"), f"batch {batch_id!r}")
+        require_visible(identity, doc.get("_owner"), f"batch {errors.quote(batch_id)}")
         return doc
 
     async def owner_identity(self, doc: Mapping[str, Any]) -> Identity:
@@ -147,7 +147,8 @@ class BatchRunner:
             if doc["status"] in ("cancelling", "cancelled"):
                 return None
             if doc["status"] not in ACTIVE or doc["status"] == "finalizing":
-                raise errors.Conflict(f"batch {batch_id!r} is {doc['status']}; there is nothing left to cancel",
+                raise errors.Conflict(f"batch {errors.quote(batch_id)} is {doc['status']}; there is nothing "
+                                      f"left to cancel",
                                       param="batch_id")
             return {**doc, "status": "cancelling", "cancelling_at": now}
 

@@ -182,7 +182,7 @@ class RunBook(Generic[R]):
     async def claim(self, run_id: str, source: str, where: str) -> tuple[Path, Worktree]:
         """A new run directory holding a worktree of ``source``; 409 for a taken id, 400 for an unusable source."""
         if run_id in self.runs or await self.records.exists(run_id):
-            raise errors.Conflict(f"run {run_id!r} already exists", param="$.run_id")
+            raise errors.Conflict(f"run {errors.quote(run_id)} already exists", param="$.run_id")
         run_dir = self.records.run_dir(run_id)
         try:
             run_dir.mkdir(parents=True, exist_ok=False)  # the claim itself: of two requests with one id, one gets it
@@ -247,7 +247,7 @@ class RunBook(Generic[R]):
     async def load_for(self, run_id: str, identity: Identity) -> dict[str, Any]:
         """:meth:`load` for a caller: the same 404 when the run belongs to another key."""
         doc = await self.load(run_id)
-        require_visible(identity, doc.get("owner"), f"run {run_id!r}")
+        require_visible(identity, doc.get("owner"), f"run {errors.quote(run_id)}")
         return doc
 
     async def wait(self, run: R) -> dict[str, Any]:

@@ -110,13 +110,13 @@ class Records:
         """A run's stored document (result.json when this host has it); 404 when unknown. A record whose driver is
         gone is finalised ``error: interrupted`` first."""
         if not RUN_ID.match(run_id):
-            raise errors.NotFound(f"no run {run_id!r}")
+            raise errors.NotFound(f"no run {errors.quote(run_id)}")
         path = self.run_dir(run_id) / "result.json"
         if path.is_file():
             return orjson.loads(await blocking(path.read_bytes))  # type: ignore[no-any-return]
         doc = await self.runtime.store.get(self.namespace, run_id)
         if doc is None:
-            raise errors.NotFound(f"no run {run_id!r}")
+            raise errors.NotFound(f"no run {errors.quote(run_id)}")
         if await self.gone(doc):
             doc = await self.interrupt(doc)
         return doc

@@ -74,7 +74,7 @@ def _surface(request: Request) -> OpenCode:
 def _run_id(request: Request) -> str:
     run_id = request.path_params["run_id"]
     if not RUN_ID.match(run_id):
-        raise errors.NotFound(f"no run {run_id!r}")
+        raise errors.NotFound(f"no run {errors.quote(run_id)}")
     return str(run_id)
 
 

@@ -400,10 +400,11 @@ class Transport(RunBook[TransportRun]):
         """The run this process drives, to steer or answer; 409 when it is over or another instance drives it."""
         run = self.runs.get(run_id)
         if run is None and doc.get("status") not in TERMINAL:
-            raise errors.Conflict(f"run {run_id!r} is driven by another scillm instance ({doc.get('instance')}); "
+            raise errors.Conflict(f"run {errors.quote(run_id)} is driven by another scillm instance "
+                                  f"({doc.get('instance')}); "
                                   "steer it and answer its permission requests through that instance")
         if run is None or run.done.is_set() or run.decided:
-            raise errors.Conflict(f"run {run_id!r} is not running")
+            raise errors.Conflict(f"run {errors.quote(run_id)} is not running")
         return run
 
     async def steer(self, run_id: str, body: Any) -> dict[str, Any]:
@@ -425,7 +426,7 @@ class Transport(RunBook[TransportRun]):
                 raise bad(f"node is required when {len(running)} nodes are running", "$.node")
             return running[0]
         if not isinstance(name, str) or name not in run.nodes:
-            raise bad(f"unknown node {name!r} (nodes: {', '.join(run.nodes)})", "$.node")
+            raise bad(f"unknown node {errors.quote(name)} (nodes: {', '.join(run.nodes)})", "$.node")
         return run.nodes[name]
 
     async def permission(self, run_id: str, body: Any) -> dict[str, Any]:
@@ -442,5 +443,6 @@ class Transport(RunBook[TransportRun]):
             if node.driver is not None and permission_id in node.driver.pending:
                 await node.driver.reply(permission_id, reply, message)
                 return {"run_id": run_id, "node": node.id, "permission_id": permission_id, "reply": reply}
-        raise errors.NotFound(f"no pending permission request {permission_id!r} in run {run_id!r}",
+        raise errors.NotFound(f"no pending permission request {errors.quote(permission_id)} in run "
+                              f"{errors.quote(run_id)}",
                               param="$.permission_id")

@@ -140,7 +140,7 @@ async def call(request: Request) -> Response:
     call_id = request.path_params["call_id"]
     record = state.calls.get(call_id)
     if record is None or not identity_of(request).can_see(record["owner"]):  # another key's: as if not kept
-        raise errors.NotFound(f"no call {call_id[:40]!r} among those kept (the dashboard keeps the newest [ui] "
+        raise errors.NotFound(f"no call {errors.quote(call_id)} among those kept (the dashboard keeps the newest [ui] "
                               "max_calls; older ones are in GET /v1/scillm/calls)")
     return _data(state.detail(record))
 
