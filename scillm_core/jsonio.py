@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["MAX_DEPTH", "JSONTooDeep", "depth_problem", "format_path", "loads"]
+__all__ = ["json_type", "MAX_DEPTH", "JSONTooDeep", "depth_problem", "format_path", "loads"]
 
 MAX_DEPTH = 128  # levels of objects/arrays; the top-level value is level 1
 
@@ -94,3 +94,9 @@ def format_path(keys: Any, root: str = "$", *, head: int = 6, tail: int = 2) -> 
     if len(steps) > head + tail + 1:
         steps = [*steps[:head], f"[...{len(steps) - head - tail} more...]", *steps[-tail:]]
     return root + "".join(steps)
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of ``value``'s type, for error messages (``expected object, got array``)."""
+    return {str: "string", int: "integer", float: "number", bool: "boolean", list: "array",
+            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)

@@ -294,3 +294,64 @@ def test_a_5000_character_input_file_id_is_not_echoed_whole(server):
     response = post(server, "/v1/batches", {"input_file_id": LONG_ID, "endpoint": "/v1/chat/completions",
                                             "completion_window": "24h"})
     assert response.status_code == 404 and "z" * 65 not in response.text
+
+
+@pytest.fixture(scope="module")
+def every_provider(fake, tmp_path_factory):
+    """Every bundled provider configured (all pointing at the fake: each must refuse before calling it)."""
+    env = {name: "sk-hostile-provider-0123456789" for name in ("DEEPSEEK_API_KEY", "OPENAI_API_KEY",
+                                                                 "ANTHROPIC_API_KEY", "GEMINI_API_KEY")}
+    env.update({f"{name}_API_BASE": fake.base_url for name in ("DEEPSEEK", "OPENAI", "GEMINI", "OLLAMA")})
+    env["ANTHROPIC_API_BASE"] = fake.url
+    app = make_app(env=env, data_dir=tmp_path_factory.mktemp("p"), config={"resilience": {"max_retries": 0}})
+    with ServerThread(app) as server:
+        yield server
+
+
+BAD_FORMATS = [({"type": "json_schema", "json_schema": 5}, "$.response_format.json_schema"),
+               ({"type": "json_schema", "json_schema": None}, "$.response_format.json_schema"),
+               ({"type": "json_schema", "json_schema": [{"name": "x"}]}, "$.response_format.json_schema"),
+               ({"type": "json_schema", "json_schema": "schema"}, "$.response_format.json_schema"),
+               ({"type": "json_schema"}, "$.response_format.json_schema"),
+               ({"type": "json_schema", "json_schema": {"schema": {"type": "object"}}},
+                "$.response_format.json_schema.name"),
+               ({"type": "json_schema", "json_schema": {"name": "x", "schema": 5}},
+                "$.response_format.json_schema.schema"),
+               ({"type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}},
+                "$.response_format.json_schema.schema"),
+               ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": "yes"}},
+                "$.response_format.json_schema.strict"),
+               ({"json_schema": {"name": "x", "schema": {}}}, "$.response_format.type"),
+               (5, "$.response_format")]
+PROVIDER_MODELS = ["deepseek/deepseek-chat", "openai/gpt-4o-mini", "anthropic/claude-haiku-4-5",
+                   "gemini/gemini-2.5-flash", "ollama/llama3"]
+
+
+@pytest.mark.parametrize("model", PROVIDER_MODELS)
+@pytest.mark.parametrize(("response_format", "param"), BAD_FORMATS)
+def test_a_malformed_response_format_is_a_400_naming_it_before_any_upstream_call(every_provider, fake, model,
+                                                                                  response_format, param):
+    calls = len(fake.requests)
+    client = openai.OpenAI(base_url=every_provider.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=30)
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=model, messages=USER, response_format=response_format)
+    assert raised.value.status_code == 400 and raised.value.body["param"] == param, raised.value.body
+    assert param in raised.value.body["message"]
+    assert len(fake.requests) == calls
+
+
+def test_a_malformed_text_format_on_responses_is_a_400_naming_it(server, fake):
+    calls = len(fake.requests)
+    for fmt, param in (({"type": "json_schema", "name": "x", "schema": 5}, "$.text.format.schema"),
+                       ({"type": "json_schema", "name": 5, "schema": {}}, "$.text.format.name")):
+        response = post(server, "/v1/responses", {"model": MODEL, "input": "x", "text": {"format": fmt}})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    assert len(fake.requests) == calls
+
+
+def test_a_well_formed_json_schema_still_reaches_the_upstream_as_sent(every_provider, fake):
+    fake.script(Reply.say('{"a": 1}'))
+    client = openai.OpenAI(base_url=every_provider.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=30)
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": True}}
+    answer = client.chat.completions.create(model=MODEL, messages=USER, response_format=fmt)
+    assert answer.choices[0].message.content == '{"a": 1}' and fake.last.json["response_format"] == fmt

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from attrs import field, frozen
 
+from scillm_core.errors import InvalidRequest
+from scillm_core.jsonio import json_type
 from scillm_core.models.native import NativeRequest
 
 __all__ = [
@@ -120,6 +122,33 @@ class Tool:
     cache_control: Mapping[str, Any] | None = None
 
 
+def _check_response_format(_: Any, __: Any, value: Mapping[str, Any] | None) -> None:
+    """The shape of ``response_format``, checked for every surface and provider before any upstream call (a
+    ``json_schema`` of ``5`` otherwise went upstream and came back as an answer that is not JSON, a 502)."""
+    if value is None:
+        return
+    where = "$.response_format"
+    if not isinstance(value.get("type"), str):
+        raise InvalidRequest(f"response_format needs a type (text, json_object or json_schema) @ {where}.type",
+                             param=f"{where}.type")
+    if value["type"] != "json_schema":
+        return
+    spec = value.get("json_schema")
+    if not isinstance(spec, Mapping):
+        raise InvalidRequest(f"response_format of type json_schema needs json_schema, an object with name and "
+                             f"schema; got {json_type(spec)} @ {where}.json_schema", param=f"{where}.json_schema")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest(f"json_schema needs a name (a non-empty string) @ {where}.json_schema.name",
+                             param=f"{where}.json_schema.name")
+    if "schema" in spec and not isinstance(spec["schema"], Mapping):
+        raise InvalidRequest(f"json_schema.schema must be a JSON Schema object, got {json_type(spec['schema'])} "
+                             f"@ {where}.json_schema.schema", param=f"{where}.json_schema.schema")
+    if "strict" in spec and not isinstance(spec["strict"], bool | None):
+        raise InvalidRequest(f"json_schema.strict must be true or false @ {where}.json_schema.strict",
+                             param=f"{where}.json_schema.strict")
+
+
 @frozen(kw_only=True)
 class ChatRequest:
     """One chat call. ``scillm`` holds scillm's own request fields (never sent upstream); ``native`` the client's
@@ -139,7 +168,7 @@ class ChatRequest:
     tools: tuple[Tool, ...] | None = None
     tool_choice: str | Mapping[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: Mapping[str, Any] | None = None
+    response_format: Mapping[str, Any] | None = field(default=None, validator=_check_response_format)
     reasoning_effort: str | None = None
     extra: Mapping[str, Any] = _EMPTY
     scillm: Mapping[str, Any] = field(default=_EMPTY)

@@ -18,6 +18,7 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn
 
 from scillm_core.errors import InvalidRequest
+from scillm_core.jsonio import json_type as _json_type
 from scillm_core.models import chat as m
 from scillm_core.models import embeddings as e
 
@@ -36,11 +37,6 @@ def _strict(kind: type, name: str) -> Any:
             raise TypeError(f"expected {name}, got {_json_type(value)}")
         return value
     return hook
-
-
-def _json_type(value: Any) -> str:
-    return {str: "string", int: "integer", float: "number", bool: "boolean", list: "array",
-            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 converter.register_structure_hook(str, _strict(str, "string"))
@@ -336,6 +332,8 @@ def structure(data: Any, cls: type[T], *, what: str = "request body") -> T:
         return converter.structure(data, cls)
     except Exception as exc:  # cattrs raises ClassValidationError / IterableValidationError trees
         message, path = _first_error(exc)
+        if isinstance(message, InvalidRequest):
+            raise message from None  # a model's own check (``ChatRequest.response_format``) names its path
         raise InvalidRequest(f"invalid {what}: {message} @ {path}", param=path) from None
 
 
@@ -343,8 +341,9 @@ def unstructure(obj: Any) -> Any:
     return converter.unstructure(obj)
 
 
-def _first_error(exc: BaseException, path: str = "$") -> tuple[str, str]:
-    """Walk a cattrs exception group to its first leaf, building ``$.a[1].b``."""
+def _first_error(exc: BaseException, path: str = "$") -> tuple[str | InvalidRequest, str]:
+    """Walk a cattrs exception group to its first leaf, building ``$.a[1].b`` (a leaf that is an
+    ``InvalidRequest`` already says where: it is returned as it is)."""
     if isinstance(exc, cattrs.ClassValidationError | cattrs.IterableValidationError):
         for sub in exc.exceptions:
             note = next((n for n in getattr(sub, "__notes__", []) if hasattr(n, "name") or hasattr(n, "index")),
@@ -359,6 +358,8 @@ def _first_error(exc: BaseException, path: str = "$") -> tuple[str, str]:
             return _first_error(sub, path + step)
     if isinstance(exc, KeyError):
         return "required field is missing", path
+    if isinstance(exc, InvalidRequest):
+        return exc, path
     text = str(exc)
     field = _VALIDATED_FIELD.match(text) if isinstance(exc, ValueError) else None
     if field is not None:  # an attrs validator ("'max_queue' must be >= 0: -1") names its field: point at it

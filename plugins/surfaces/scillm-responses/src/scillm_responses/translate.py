@@ -219,6 +219,10 @@ def _response_format(text: Any) -> dict[str, Any] | None:
     if kind == "json_object":
         return {"type": "json_object"}
     if kind == "json_schema":
+        if not isinstance(fmt.get("schema", {}), dict):
+            raise _bad(f"expected object, got {_json_type(fmt['schema'])}", "$.text.format.schema")
+        if not isinstance(fmt.get("name", ""), str):
+            raise _bad(f"expected string, got {_json_type(fmt['name'])}", "$.text.format.name")
         schema: dict[str, Any] = {"name": fmt.get("name") or "response", "schema": fmt.get("schema") or {}}
         if fmt.get("strict") is not None:
             schema["strict"] = fmt["strict"]
