@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     from scillm_core.context import CallContext, Runtime
 
 __all__ = ["SESSION_HEADERS", "JSONResponse", "call_context", "caller_of", "error_response", "json_response",
-           "parse_json", "query_int", "read_body", "read_json", "request_id_of", "runtime_of", "send_error",
-           "served_headers", "session_of", "sse_data", "sse_error"]
+           "list_page", "parse_json", "query_int", "read_body", "read_json", "request_id_of", "runtime_of",
+           "send_error", "served_headers", "session_of", "sse_data", "sse_error"]
 
 #: Headers that name an agent session, in order of precedence: scillm's own, then what Claude Code, Codex and
 #: OpenCode send. Without one, the body's ``prompt_cache_key`` names it.
@@ -131,6 +131,31 @@ def query_int(request: Request, name: str, *, default: int, minimum: int = 0, ma
         raise errors.InvalidRequest(f"{name} must be an integer from {minimum} to {maximum}, got {raw[:20]!r} "
                                     f"@ query.{name}", param=f"query.{name}")
     return int(raw)
+
+
+def list_page(request: Request, items: Iterable[Mapping[str, Any]], *, default_limit: int, max_limit: int,
+              default_order: str = "desc") -> dict[str, Any]:
+    """One page of a list in OpenAI's cursor shape (``/v1/files``, ``/v1/batches``): ``items`` (each with ``id`` and
+    ``created_at``, already only those the caller may see) sorted by ``query.order`` (``asc`` or ``desc``), those
+    after the one named by ``query.after``, at most ``query.limit`` of them; ``has_more``, ``first_id`` and
+    ``last_id`` let the SDKs' auto-pagination walk the rest. Bad values are 400s naming ``query.<name>``; an
+    ``after`` that is not in the list (deleted, or another key's) is one too, never a silently empty page."""
+    limit = query_int(request, "limit", default=default_limit, minimum=1, maximum=max_limit)
+    order = request.query_params.get("order", default_order)
+    if order not in ("asc", "desc"):
+        raise errors.InvalidRequest(f"order must be 'asc' or 'desc', not {errors.quote(order)} @ query.order",
+                                    param="query.order")
+    ordered = sorted(items, key=lambda d: (d.get("created_at") or 0, d["id"]), reverse=order == "desc")
+    start = 0
+    after = request.query_params.get("after")
+    if after is not None:
+        start = next((i + 1 for i, item in enumerate(ordered) if item["id"] == after), -1)
+        if start < 0:
+            raise errors.InvalidRequest(f"after {errors.quote(after)} is not in this list @ query.after",
+                                        param="query.after")
+    page = ordered[start:start + limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > start + limit}
 
 
 _SESSION_RANK = {name.encode(): rank for rank, name in enumerate(SESSION_HEADERS)}

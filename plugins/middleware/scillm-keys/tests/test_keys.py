@@ -450,3 +450,57 @@ def test_health_reports_keys_and_no_secret_appears_anywhere(server: Server, logs
             assert secret not in text and token not in text
     for text in texts:
         assert MASTER not in text and PROVIDER not in text
+
+
+def test_files_list_pages_through_the_sdks_auto_pagination_and_never_into_another_keys_files(server: Server) -> None:
+    import io
+
+    _, a = server.key(name="alice-pages")
+    _, b = server.key(name="bob-pages")
+    alice = openai.OpenAI(base_url=server.url + "/v1", api_key=a, max_retries=0)
+    bob = openai.OpenAI(base_url=server.url + "/v1", api_key=b, max_retries=0)
+    line = {"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}}
+    made = [alice.files.create(file=(f"in{i}.jsonl", io.BytesIO(json.dumps(line).encode() + b"\n")),
+                               purpose="batch").id for i in range(5)]
+    theirs = bob.files.create(file=("b.jsonl", io.BytesIO(json.dumps(line).encode() + b"\n")), purpose="batch").id
+    made.sort(key=lambda i: (alice.files.retrieve(i).created_at, i))  # created_at is in seconds: ties go by id
+    first = alice.files.list(limit=2, order="asc")
+    assert len(first.data) == 2 and first.has_more is True
+    walked = [f.id for f in alice.files.list(limit=2, order="asc")]  # the SDK follows `after` page by page
+    assert walked == made  # every file once, oldest first, none of bob's
+    assert [f.id for f in alice.files.list(limit=3)] == made[::-1]  # default order: newest first
+    raw = server.as_key(a).get("/v1/files", params={"limit": 2, "after": made[1], "order": "asc"}).json()
+    assert [d["id"] for d in raw["data"]] == made[2:4] and raw["has_more"] is True
+    assert (raw["object"], raw["first_id"], raw["last_id"]) == ("list", made[2], made[3])
+    last = server.as_key(a).get("/v1/files", params={"after": made[3], "order": "asc"}).json()
+    assert [d["id"] for d in last["data"]] == [made[4]] and last["has_more"] is False
+    other = server.as_key(a).get("/v1/files", params={"after": theirs})  # another key's file is not in the list
+    assert other.status_code == 400 and other.json()["error"]["param"] == "query.after"
+
+
+BAD_LIST_PARAMS = [({"limit": "0"}, "query.limit"), ({"limit": "10001"}, "query.limit"),
+                   ({"limit": "-1"}, "query.limit"), ({"limit": "²"}, "query.limit"),
+                   ({"limit": "9" * 5000}, "query.limit"), ({"order": "up"}, "query.order"),
+                   ({"after": "file-" + "z" * 5000}, "query.after")]
+
+
+@pytest.mark.parametrize(("params", "param"), BAD_LIST_PARAMS)
+@pytest.mark.parametrize("path", ["/v1/files", "/v1/scillm/keys"])
+def test_bad_list_parameters_are_400s_naming_them(server: Server, path: str, params: dict[str, str],
+                                                  param: str) -> None:
+    response = server.admin.get(path, params=params)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    assert "z" * 65 not in response.text and "9" * 65 not in response.text
+
+
+def test_the_keys_list_pages_by_limit_and_after(server: Server) -> None:
+    made = [server.key(name=f"page-{i}")[0] for i in range(3)]
+    everything = [k["id"] for k in server.admin.get("/v1/scillm/keys").json()["data"]]
+    assert everything[-3:] == made  # oldest first, as before
+    page = server.admin.get("/v1/scillm/keys", params={"limit": 2, "after": made[0]}).json()
+    assert [k["id"] for k in page["data"]] == made[1:] and page["has_more"] is False
+    assert (page["first_id"], page["last_id"]) == (made[1], made[2])
+    newest = server.admin.get("/v1/scillm/keys", params={"limit": 1, "order": "desc"}).json()
+    assert [k["id"] for k in newest["data"]] == [made[2]] and newest["has_more"] is True
+    assert all("key" not in k and "secret" not in json.dumps(k).lower() for k in page["data"])

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from scillm_core import errors, identity_of, json_response, read_json, runtime_of
+from scillm_core.web import list_page
 from scillm_keys.limits import parse_limits
 from scillm_keys.store import KeyStore, public
 
@@ -95,8 +96,9 @@ async def create(request: Request) -> Response:
 
 
 async def listing(request: Request) -> Response:
-    docs = sorted(await keys_of(request).list(), key=lambda d: (d.get("created_at") or 0, d["id"]))
-    return json_response({"object": "list", "data": [public(doc) for doc in docs]})
+    page = list_page(request, await keys_of(request).list(), default_limit=10_000, max_limit=10_000,
+                     default_order="asc")
+    return json_response({**page, "data": [public(doc) for doc in page["data"]]})
 
 
 async def show(request: Request) -> Response:

@@ -28,7 +28,7 @@ from scillm_core import (
     read_json,
     runtime_of,
 )
-from scillm_core.web import query_int
+from scillm_core.web import list_page
 from scillm_openai_batch.files import ENDPOINTS, FileStore, public
 from scillm_openai_batch.runner import BatchRunner, OpenAIBatchConfig
 
@@ -122,9 +122,7 @@ async def list_files(request: Request) -> Response:
     identity = identity_of(request)  # a key lists its own files
     docs = [public(d) for d in await runner_of(request).files.list()
             if purpose in (None, d["purpose"]) and identity.can_see(d.get("_owner"))]
-    docs.sort(key=lambda d: (d["created_at"], d["id"]), reverse=request.query_params.get("order", "desc") == "desc")
-    return json_response({"object": "list", "data": docs, "has_more": False,
-                          "first_id": docs[0]["id"] if docs else None, "last_id": docs[-1]["id"] if docs else None})
+    return json_response(list_page(request, docs, default_limit=10_000, max_limit=10_000))
 
 
 async def get_file(request: Request) -> Response:
@@ -216,15 +214,8 @@ async def cancel_batch(request: Request) -> Response:
 
 async def list_batches(request: Request) -> Response:
     runner = runner_of(request)
-    limit = query_int(request, "limit", default=20, minimum=1, maximum=100)
     identity = identity_of(request)  # a key lists its own batches
-    docs = sorted((doc for _, doc in await runner.runtime.store.scan("openai-batches", limit=1_000_000)
-                   if identity.can_see(doc.get("_owner"))), key=lambda d: (d["created_at"], d["id"]), reverse=True)
-    after = request.query_params.get("after")
-    if after:
-        ids = [d["id"] for d in docs]
-        docs = docs[ids.index(after) + 1:] if after in ids else []
-    page = docs[:limit]
-    return json_response({"object": "list", "data": [runner.view(d) for d in page],
-                          "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None,
-                          "has_more": len(docs) > len(page)})
+    docs = [doc for _, doc in await runner.runtime.store.scan("openai-batches", limit=1_000_000)
+            if identity.can_see(doc.get("_owner"))]
+    page = list_page(request, docs, default_limit=20, max_limit=100)
+    return json_response({**page, "data": [runner.view(d) for d in page["data"]]})
