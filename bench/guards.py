@@ -4,7 +4,10 @@
   many brackets;
 - ``schemas.check_schema`` (metaschema + every ``$ref`` resolved locally + loop check) vs the metaschema check
   alone that it replaced, on a typical structured-output schema: the first time (it now runs on the schema pool,
-  off the event loop), and again (a remembered schema).
+  off the event loop), and again (a remembered schema);
+- the body deadline (``body_deadline.BodyDeadline``, on every request's ``receive``) vs the bare ``receive``: a body
+  that is there when the app asks for it (nearly every request), and one that arrives in two parts (the timer is
+  armed once), on uvloop as served.
 
     .venv/bin/python bench/guards.py
 """
@@ -66,6 +69,50 @@ def main() -> None:
     pair("check it again (remembered; batches and agents repeat theirs)",
          lambda: validator_for(schema).check_schema(schema),
          lambda: loop.run_until_complete(schemas.check_schema_async(schema, "$.json_schema")), 100)
+    loop.close()
+    body_deadline()
+
+
+def body_deadline() -> None:
+    import uvloop
+
+    from scillm_core.body_deadline import BodyDeadline
+
+    loop = uvloop.new_event_loop()
+    whole = {"type": "http.request", "body": b"{}", "more_body": False}
+    head = {"type": "http.request", "body": b"{", "more_body": True}
+
+    def requests(n: int, wrap: bool, parts: int) -> Callable[[], Any]:
+        async def one_request() -> None:
+            queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+            receive = BodyDeadline(queue.get, 60.0) if wrap else queue.get
+            if parts == 1:
+                queue.put_nowait(whole)
+                await receive()
+            else:  # the second part arrives while the reader waits for it
+                queue.put_nowait(head)
+                await receive()
+                loop.call_soon(queue.put_nowait, whole)
+                await receive()
+            if wrap:
+                receive.close()  # type: ignore[union-attr]
+
+        async def many() -> None:
+            for _ in range(n):
+                await one_request()
+
+        return lambda: loop.run_until_complete(many())
+
+    for name, parts in (("read a body that is there (per request)", 1), ("read a body in two parts, waiting once", 2)):
+        ratios, olds, news = [], [], []
+        for _ in range(7):
+            a = median_us(requests(1000, False, parts), 1, 1) / 1000
+            b = median_us(requests(1000, True, parts), 1, 1) / 1000
+            olds.append(a)
+            news.append(b)
+            ratios.append(b / a)
+        print(f"| {name}: body deadline off / on | {statistics.median(olds):.2f} | {statistics.median(news):.2f} | "
+              f"{statistics.median(ratios):.2f}x (+{statistics.median(news) - statistics.median(olds):.2f} µs) |")
     loop.close()
 
 

@@ -355,3 +355,40 @@ def test_bad_batch_requests_are_refused_naming_the_field(server: ServerThread, c
     for value in ("²", "9" * 5000, "0"):
         listing = httpx.get(server.url + "/v1/batches", headers=AUTH, params={"limit": value})
         assert listing.status_code == 400 and listing.json()["error"]["param"] == "query.limit", value
+
+
+def upload_named(server: ServerThread, filename: bytes, *, parts: bytes = b"") -> httpx.Response:
+    body = (parts + b"--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--b\r\n"
+            b"Content-Disposition: form-data; name=\"file\"; filename=\"" + filename + b"\"\r\n\r\n" + jsonl([GOOD])
+            + b"\r\n--b--\r\n")
+    return httpx.post(server.url + "/v1/files", content=body, timeout=30,
+                      headers={**AUTH, "content-type": "multipart/form-data; boundary=b"})
+
+
+def test_a_file_is_listed_and_downloaded_under_its_last_name_component(server: ServerThread) -> None:
+    for given, kept in ((b"../../etc/passwd", "passwd"), (b"..\\\\..\\\\evil.jsonl", "evil.jsonl"),
+                        ("é😀.jsonl".encode(), "é😀.jsonl"), (b"", "batch.jsonl")):
+        answer = upload_named(server, given)
+        assert answer.status_code == 200 and answer.json()["filename"] == kept, (given, answer.text)
+        download = httpx.get(server.url + f"/v1/files/{answer.json()['id']}/content", headers=AUTH)
+        assert download.status_code == 200 and "/" not in download.headers["content-disposition"].split("=", 1)[1]
+
+
+@pytest.mark.parametrize("filename", [b"a\x00b.jsonl", b"a\x1b[31mred.jsonl", b"x" * 300 + b".jsonl"])
+def test_a_file_name_with_control_characters_or_of_300_characters_is_a_400(server: ServerThread,
+                                                                            filename: bytes) -> None:
+    before = len(httpx.get(server.url + "/v1/files", headers=AUTH).json()["data"])
+    answer = upload_named(server, filename)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "file.filename", answer.text[:300]
+    assert "x" * 65 not in answer.text
+    assert len(httpx.get(server.url + "/v1/files", headers=AUTH).json()["data"]) == before
+
+
+def test_thousands_of_form_parts_are_a_400_not_parsed_on(server: ServerThread) -> None:
+    fields = b"".join(b"--b\r\nContent-Disposition: form-data; name=\"f%d\"\r\n\r\nv\r\n" % i for i in range(5000))
+    answer = upload_named(server, b"x.jsonl", parts=fields)
+    assert answer.status_code == 400 and "fields" in answer.json()["error"]["message"].lower()
+    assert upload_named(server, b"x" * 100_000).status_code == 400  # a part head past the parser's bound
+    files = b"".join(b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f.jsonl\"\r\n\r\n{}\r\n"
+                     for _ in range(3000))
+    assert upload_named(server, b"x.jsonl", parts=files).status_code == 400

@@ -95,11 +95,22 @@ async def upload(request: Request) -> Response:
         if upload_file.size is not None and upload_file.size > limit:
             raise errors.PayloadTooLarge(f"file is {upload_file.size} bytes; files are limited to "
                                          f"{runner.config.max_file_mb:g} MB ([openai_batch] max_file_mb)")
-        doc = await runner.files.save_upload(upload_file.file, upload_file.filename or "batch.jsonl",
+        doc = await runner.files.save_upload(upload_file.file, _filename(upload_file.filename),
                                              runner.config.max_lines, identity_of(request).owner)
     finally:
         await form.close()
     return json_response(public(doc))
+
+
+def _filename(raw: str | None) -> str:
+    """The name a file is listed and downloaded under: the last component of the name the client gave (it is never
+    a path here, but a download would offer ``../../x`` as one); 400 for control characters (NUL, CR, LF) or more
+    than 255 characters, which every list and download would repeat."""
+    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
+    if len(name) > 255 or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise errors.InvalidRequest(f"the file's name {errors.quote(name)} must be at most 255 characters, without "
+                                    "control characters @ file.filename", param="file.filename")
+    return name or "batch.jsonl"
 
 
 def _bounded(request: Request, limit: int) -> Any:
