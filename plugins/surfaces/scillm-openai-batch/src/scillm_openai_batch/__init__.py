@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.types import Message
@@ -83,7 +84,11 @@ async def upload(request: Request) -> Response:
                                      f"MB ([openai_batch] max_file_mb)")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise errors.InvalidRequest("upload a file as multipart/form-data with fields file and purpose", param="file")
-    form = await Request(request.scope, _bounded(request, limit + 64 * 1024)).form(max_files=1, max_fields=8)
+    try:
+        form = await Request(request.scope, _bounded(request, limit + 64 * 1024)).form(max_files=1, max_fields=8)
+    except HTTPException as exc:  # Starlette's words for a malformed form, too many parts, a part too large
+        raise errors.InvalidRequest(f"the upload is not a form scillm takes: {exc.detail} @ file",
+                                    param="file") from None
     try:
         purpose = form.get("purpose")
         if purpose != "batch":
