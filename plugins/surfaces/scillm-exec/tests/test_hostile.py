@@ -129,7 +129,7 @@ def test_a_huge_graph_is_checked_without_holding_the_event_loop(server: Server) 
     10,000 nodes, and every other caller of the process waited; now other work runs between steps of the check."""
     from scillm_exec.routes import _MANAGERS
 
-    manager = next(iter(_MANAGERS.values()))
+    manager = next(m for m in _MANAGERS.values() if m.runtime.config.data_dir == server.data_dir)  # this server's
     nodes = [{"id": f"n{i}", "profile": "fake", "prompt": "{}", "cwd": str(server.root)} for i in range(1000)]
     order: list[str] = []
 
