@@ -12,7 +12,9 @@ uvicorn bounds the wait between requests (``timeout_keep_alive``) but not the ti
 that connects and sends nothing, or trickles a header byte now and then, held its connection forever (slowloris).
 Here a head must be complete within ``timeout_keep_alive`` of the connection or of its first byte; past that the
 client gets a 408 and the connection is closed. The timer is armed only when a head is still incomplete after a
-read (a head nearly always arrives in one). The body has its own deadline (:mod:`scillm_core.body_deadline`).
+read (a head nearly always arrives in one). Nor did anything bound a head's size (httptools keeps a header's value
+until it ends: a 50 MB header was read into memory and answered): past ``MAX_HEAD_BYTES`` the client gets a 431 and
+the connection is closed. The body has its own deadline (:mod:`scillm_core.body_deadline`).
 """
 
 from __future__ import annotations
@@ -72,15 +74,24 @@ class HeadWithBody:
         return getattr(self.transport, name)
 
 
-_HEAD_TIMEOUT_BODY = orjson.dumps({"error": {
-    "message": "the request head did not arrive in time; send the request line and headers at once",
-    "type": "invalid_request_error", "code": "request_timeout", "param": None}})
-HEAD_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                         b"content-length: %d\r\n\r\n%s" % (len(_HEAD_TIMEOUT_BODY), _HEAD_TIMEOUT_BODY))
+MAX_HEAD_BYTES = 1 << 20  # a request line and headers (counted by reads: a read may hold the previous body's end)
+
+
+def _refusal(status: bytes, code: str, message: str) -> bytes:
+    body = orjson.dumps({"error": {"message": message, "type": "invalid_request_error", "code": code, "param": None}})
+    return (b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+            % (status, len(body), body))
+
+
+HEAD_TIMEOUT_RESPONSE = _refusal(b"408 Request Timeout", "request_timeout",
+                                 "the request head did not arrive in time; send the request line and headers at once")
+HEAD_TOO_LARGE_RESPONSE = _refusal(b"431 Request Header Fields Too Large", "request_header_fields_too_large",
+                                   f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
 
 
 class HttpProtocol(HttpToolsProtocol):
     head_pending = True  # a request's head has begun (or the connection is new) and is not complete
+    head_bytes = 0
     head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -89,22 +100,35 @@ class HttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.head_pending and self.head_timer is None:
-            self.head_timer = self.loop.call_later(self.timeout_keep_alive, self.head_timeout)
+        if self.head_pending:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self.refuse(HEAD_TOO_LARGE_RESPONSE, wait_for_response=False)
+            elif self.head_timer is None:
+                self.head_timer = self.loop.call_later(self.timeout_keep_alive, self.head_timeout)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.head_pending = True
+        self.head_bytes = 0
 
     def head_timeout(self) -> None:
         self.head_timer = None
-        if not self.head_pending or self.transport.is_closing():
+        if self.head_pending:
+            self.refuse(HEAD_TIMEOUT_RESPONSE, wait_for_response=True)
+
+    def refuse(self, response: bytes, *, wait_for_response: bool) -> None:
+        """Answer a head that cannot be served and close the connection; behind a response still being written
+        (pipelining), end the connection after that response, or at once unless ``wait_for_response``."""
+        if self.transport.is_closing():
             return
         if self.cycle is None or self.cycle.response_complete:
-            self.transport.write(HEAD_TIMEOUT_RESPONSE)
+            self.transport.write(response)
             self.transport.close()
-        else:  # a pipelined head behind a response being written: the connection ends after that response
+        elif wait_for_response:
             self.cycle.keep_alive = False
+        else:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.head_timer is not None:

@@ -298,3 +298,41 @@ async def test_a_kept_alive_connection_whose_next_head_stalls_is_closed() -> Non
         received = await asyncio.wait_for(reader.read(), 30)
         writer.close()
     assert received.startswith(b"HTTP/1.1 408")
+
+
+async def test_a_head_past_max_head_bytes_is_a_431_and_the_connection_is_closed() -> None:
+    from scillm_core.protocol import MAX_HEAD_BYTES
+
+    async with serving(answer) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nhost: a\r\nx-big: " + b"a" * (MAX_HEAD_BYTES + 65536))  # never ends
+        received = await asyncio.wait_for(reader.read(), 30)  # the 431, then the end of the connection
+        writer.close()
+    assert received.startswith(b"HTTP/1.1 431") and b"request_header_fields_too_large" in received
+
+
+async def test_a_head_that_keeps_coming_is_cut_off_near_max_head_bytes() -> None:
+    from scillm_core.protocol import MAX_HEAD_BYTES
+
+    async with serving(answer) as port:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nhost: a\r\nx-big: ")
+        sent = 0
+        with contextlib.suppress(ConnectionError):  # the server closes (a reset: it leaves the rest unread)
+            while sent <= 64 * MAX_HEAD_BYTES:
+                writer.write(b"a" * 65536)
+                sent += 65536
+                await writer.drain()
+        writer.close()
+    assert sent < 64 * MAX_HEAD_BYTES  # it stopped reading, where a 50 MB header used to be read whole
+
+
+async def test_a_large_but_bounded_head_is_served() -> None:
+    async with serving(answer) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(2):  # kept alive: the count starts again with each request
+            writer.write(b"POST / HTTP/1.1\r\nhost: a\r\ncookie: " + b"c" * 200_000
+                         + b"\r\ncontent-length: 2\r\n\r\n{}")
+            head, body = await read_response(reader)
+            assert head.startswith(b"HTTP/1.1 200 OK") and body == b'{"ok":true}'
+        writer.close()
