@@ -63,7 +63,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 4001
     max_body_mb: float = 48.0              # chat-style request bodies (one 32 MiB file as base64, plus text)
-    body_read_timeout_s: float = field(default=60.0, validator=validators.ge(0))  # whole body, from the head; 0: off
+    body_read_timeout_s: float = field(default=300.0, validator=validators.ge(0))  # whole body, from the head; 0: off
     heartbeat_s: float = 10.0
     max_upstream_reply_mb: float = 32.0    # an upstream body read whole (non-streaming answers, error bodies)
     max_upstream_stream_mb: float = 256.0  # a streamed upstream reply, in total
