@@ -504,3 +504,20 @@ def test_the_keys_list_pages_by_limit_and_after(server: Server) -> None:
     newest = server.admin.get("/v1/scillm/keys", params={"limit": 1, "order": "desc"}).json()
     assert [k["id"] for k in newest["data"]] == [made[2]] and newest["has_more"] is True
     assert all("key" not in k and "secret" not in json.dumps(k).lower() for k in page["data"])
+
+
+def test_the_keys_command_lists_every_page(server: Server, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`scillm keys list` printed the first page only (it read one answer and ignored has_more)."""
+    from scillm_keys import cli
+
+    from scillm_core.cli import main
+
+    everything = [k["id"] for k in server.admin.get("/v1/scillm/keys").json()["data"]]
+    assert len(everything) > 4
+    monkeypatch.setattr(cli, "LIST_PAGE", 2)
+    base = ["keys", "--url", server.url, "--key", MASTER]
+    assert main([*base, "list"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == everything
+    assert main(["keys", "--url", server.url, "--key", MASTER, "--json", "list"]) == 0
+    assert [k["id"] for k in json.loads(capsys.readouterr().out)["data"]] == everything

@@ -16,6 +16,7 @@ from typing import Any
 DEFAULT_URL = "http://127.0.0.1:4001"
 DEV_KEY = "sk-dev-proxy-123"
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+LIST_PAGE = 1000  # keys per request of `list`, which follows has_more to the end
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -69,17 +70,27 @@ def run(args: argparse.Namespace) -> int:
         method, url = "DELETE", f"{base}/{args.key_id}"
     else:
         method, url = "POST", f"{base}/{args.key_id}/rotate"
-    try:
-        response = httpx.request(method, url, json=body, headers={"authorization": f"Bearer {key}"}, timeout=30)
-    except httpx.HTTPError as exc:
-        print(f"scillm keys: cannot reach {args.url} ({type(exc).__name__}); is `scillm serve` running?",
-              file=sys.stderr)
-        return 2
-    data = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
-    if response.status_code >= 400:
-        message = (data.get("error") or {}).get("message") if isinstance(data, dict) else None
-        print(f"scillm keys: HTTP {response.status_code}: {message or response.text[:300]}", file=sys.stderr)
-        return 1
+    pages: list[dict[str, Any]] = []
+    params: dict[str, Any] = {"limit": LIST_PAGE} if command == "list" else {}
+    while True:
+        try:
+            response = httpx.request(method, url, json=body, params=params,
+                                     headers={"authorization": f"Bearer {key}"}, timeout=30)
+        except httpx.HTTPError as exc:
+            print(f"scillm keys: cannot reach {args.url} ({type(exc).__name__}); is `scillm serve` running?",
+                  file=sys.stderr)
+            return 2
+        data = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+        if response.status_code >= 400:
+            message = (data.get("error") or {}).get("message") if isinstance(data, dict) else None
+            print(f"scillm keys: HTTP {response.status_code}: {message or response.text[:300]}", file=sys.stderr)
+            return 1
+        pages.append(data)
+        if command != "list" or not data.get("has_more"):
+            break
+        params = {"limit": LIST_PAGE, "after": data["last_id"]}
+    if command == "list":  # every page as one list
+        data = {"object": "list", "data": [doc for page in pages for doc in page["data"]], "has_more": False}
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
