@@ -360,3 +360,36 @@ async def test_worker_answers_codex_requests_by_its_sandbox(repo: Path, tmp_path
         assert refused.value.message
     log = [json.loads(line) for line in worker.events.path.read_text().splitlines()]
     assert [e["decision"] for e in log if e["type"] == "approval"][:1] == ["accept" if writable else "decline"]
+
+
+def test_a_keys_handoffs_are_capped_listed_on_their_own_and_deletable(repo: Path, tmp_path: Path) -> None:
+    """Any key could store any number of handoffs (a few hundred KiB each, kept for good), and status listed the
+    worker's first 1,000 before keeping the caller's, so one key's flood pushed another's out of its list. Now a
+    key keeps at most ``max_handoffs_per_key`` per worker (409 past it), lists its own from an index of its own, and
+    can delete one to make room; another key's is as if absent."""
+    app = make_app(env={"SCILLM_MASTER_KEY": MASTER_KEY}, data_dir=tmp_path, only=PLUGINS,
+                   config={"agents": {"alpha": {"repository": str(repo), "model": "gpt-5.5"}},
+                           "standing_agents": {"max_handoffs_per_key": 3}})
+    with ServerThread(app) as server:
+        def as_key(key: str) -> httpx.Client:
+            return httpx.Client(base_url=server.url + "/v1/scillm/agents", timeout=60, headers={
+                "authorization": f"Bearer {key}", "x-caller-skill": "unit"})
+
+        with as_key(MASTER_KEY) as master:
+            keys = [master.post(server.url + "/v1/scillm/keys", json={"name": n}).json()["key"] for n in "fq"]
+        with as_key(keys[0]) as flood, as_key(keys[1]) as quiet:
+            assert quiet.post("/alpha/handoffs", json={"handoff_id": "zz-mine", "goal": "g"}).status_code == 201
+            for i in range(3):
+                assert flood.post("/alpha/handoffs", json={"handoff_id": f"aa-{i}", "goal": "g"}).status_code == 201
+            over = flood.post("/alpha/handoffs", json={"handoff_id": "aa-3", "goal": "g"})
+            assert over.status_code == 409 and over.json()["error"]["code"] == "too_many_handoffs"
+            assert flood.post("/alpha/handoffs", json={"handoff_id": "aa-0", "goal": "g"}).status_code == 200  # retry
+            assert quiet.get("/alpha/status").json()["handoffs"] == ["zz-mine"]
+            assert flood.get("/alpha/status").json()["handoffs"] == ["aa-0", "aa-1", "aa-2"]
+            assert quiet.delete("/alpha/handoffs/aa-0").status_code == 404  # another key's: as if absent
+            assert flood.delete("/alpha/handoffs/aa-0").json() == {"worker": "alpha", "handoff_id": "aa-0",
+                                                                   "deleted": True}
+            assert flood.delete("/alpha/handoffs/aa-0").status_code == 404
+            assert flood.post("/alpha/handoffs", json={"handoff_id": "aa-3", "goal": "g"}).status_code == 201
+            assert flood.get("/alpha/status").json()["handoffs"] == ["aa-1", "aa-2", "aa-3"]
+            assert quiet.post("/alpha/handoffs", json={"handoff_id": "aa-1", "goal": "g"}).status_code == 409

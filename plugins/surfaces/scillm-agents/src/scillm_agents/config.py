@@ -42,6 +42,8 @@ class StandingAgentsConfig:
     #: Lease TTL when a lease request names none, and the most a lease may ask for.
     lease_ttl_s: float = field(default=600.0, validator=_positive)
     max_lease_ttl_s: float = field(default=86400.0, validator=_positive)
+    #: Handoffs one key may keep on one worker (each up to a few hundred KiB); past it a new one is a 409.
+    max_handoffs_per_key: int = field(default=1000, validator=validators.ge(1))
 
 
 def workers(runtime: Runtime) -> Mapping[str, WorkerConfig]:

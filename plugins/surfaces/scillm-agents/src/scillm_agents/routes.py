@@ -254,6 +254,16 @@ async def handoffs(request: Request) -> Response:
     return json_response(stored, 201 if created else 200)
 
 
+async def delete_handoff(request: Request) -> Response:
+    caller = caller_of(request, required=True)
+    agents, worker = _worker(request)
+    handoff_id = request.path_params["handoff_id"]
+    if not ID.match(handoff_id) or not await agents.delete_handoff(worker.name, handoff_id, identity_of(request)):
+        raise errors.NotFound(f"worker {errors.quote(worker.name)} has no handoff {errors.quote(handoff_id)}")
+    worker.emit("handoff.deleted", handoff_id=handoff_id, **_who(request, caller))
+    return json_response({"worker": worker.name, "handoff_id": handoff_id, "deleted": True})
+
+
 async def leases(request: Request) -> Response:
     caller = caller_of(request, required=True)
     agents, worker = _worker(request)
@@ -410,6 +420,7 @@ def routes() -> list[tuple[str, Any, list[str]]]:
     return [(f"{PREFIX}/registry", registry, ["GET"]),
             (f"{PREFIX}/{{worker}}/status", status, ["GET"]),
             (f"{PREFIX}/{{worker}}/handoffs", handoffs, ["POST"]),
+            (f"{PREFIX}/{{worker}}/handoffs/{{handoff_id}}", delete_handoff, ["DELETE"]),
             (f"{PREFIX}/{{worker}}/leases", leases, ["POST"]),
             (f"{PREFIX}/{{worker}}/turn", turn, ["POST"]),
             (f"{PREFIX}/{{worker}}/steer", steer, ["POST"]),

@@ -32,6 +32,7 @@ __all__ = ["Agents", "LEASES", "agents_of"]
 LEASES, HANDOFFS, WORKERS, TURNS, RESULTS = ("agents.leases", "agents.handoffs", "agents.workers", "agents.turns",
                                              "agents.results")
 LAST_TURNS = "agents.last_turns"   # ``<worker>/<owner>``: each key's last turn on a worker
+HANDOFFS_BY_KEY = "agents.handoffs_by_key"  # ``<worker>/<owner>/<handoff_id>``: a key's own, listed and counted
 CAS_ATTEMPTS = 5
 
 
@@ -190,8 +191,15 @@ class Agents:
     async def add_handoff(self, name: str, doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Store a handoff once; the same handoff again from the same key is accepted as is (a retry), a different
         one with the same id (or another key's) is a 409 that shows nothing of it. Returns ``(document, created)``."""
-        key = f"{name}/{doc['handoff_id']}"
+        key, owner = f"{name}/{doc['handoff_id']}", doc.get("identity") or MASTER.owner
+        cap = settings(self.runtime).max_handoffs_per_key
+        if await self.store.get(HANDOFFS, key) is None and len(
+                await self.store.scan(HANDOFFS_BY_KEY, f"{name}/{owner}/", limit=cap)) >= cap:
+            raise errors.RequestError(f"this key already has {cap} handoffs on worker {name!r} "
+                                      "(standing_agents.max_handoffs_per_key); delete finished ones first",
+                                      status=409, code="too_many_handoffs")
         if await self.store.compare_and_set(HANDOFFS, key, None, doc):
+            await self.store.put(HANDOFFS_BY_KEY, f"{name}/{owner}/{doc['handoff_id']}", {})
             self.worker(name).emit("handoff.created", handoff_id=doc["handoff_id"], goal=doc["goal"],
                                    owner=doc.get("caller"), identity=doc.get("identity"))
             return doc, True
@@ -203,9 +211,22 @@ class Agents:
                               f"{doc['handoff_id']!r}; use a new handoff_id", code="handoff_exists")
 
     async def handoff_ids(self, name: str, viewer: Identity = MASTER) -> list[str]:
-        """The worker's handoffs that ``viewer`` may see."""
-        return [key.split("/", 1)[1] for key, doc in await self.store.scan(HANDOFFS, f"{name}/", limit=1000)
-                if viewer.can_see(doc.get("identity"))]
+        """The worker's handoffs that ``viewer`` may see: a key's from its own index (another key's flood cannot
+        push them out of the list), the master's every one."""
+        if viewer.master:
+            return [key.split("/", 1)[1] for key, _ in await self.store.scan(HANDOFFS, f"{name}/", limit=1000)]
+        prefix = f"{name}/{viewer.owner}/"
+        return [key[len(prefix):] for key, _ in await self.store.scan(HANDOFFS_BY_KEY, prefix, limit=1000)]
+
+    async def delete_handoff(self, name: str, handoff_id: str, viewer: Identity) -> bool:
+        """Forget a handoff ``viewer`` may see (its turns' results stay); whether there was one."""
+        doc = await self.handoff(name, handoff_id, viewer)
+        if doc is None:
+            return False
+        await self.store.compare_and_set(HANDOFFS, f"{name}/{handoff_id}", doc, None)
+        owner = doc.get("identity") or MASTER.owner
+        await self.store.compare_and_set(HANDOFFS_BY_KEY, f"{name}/{owner}/{handoff_id}", {}, None)
+        return True
 
     # -- turns -----------------------------------------------------------------------------------------------------
 
