@@ -19,7 +19,7 @@ import asyncio
 from starlette.types import Message, Receive
 
 from scillm_core import errors
-from scillm_core.streaming import _FlushBeforeWaiting
+from scillm_core.streaming import FlushBeforeWaiting
 
 __all__ = ["BodyDeadline"]
 
@@ -46,7 +46,7 @@ class BodyDeadline:
         if self.expired:
             raise self.error()
         try:
-            message: Message = await _FlushBeforeWaiting(self.receive(), self.arm)
+            message: Message = await FlushBeforeWaiting(self.receive(), self.arm)
         except asyncio.CancelledError:
             if self.expired and self.task is not None and self.task.uncancel() == 0:
                 raise self.error() from None

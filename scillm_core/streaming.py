@@ -3,7 +3,7 @@ Responses) and the tails of runs, agents' workers and batches, written as they c
 
 :class:`EventStreamResponse` sends the pieces of an async iterator of bytes, and sends the ones that are ready
 together: while the iterator yields without waiting (every event of one upstream read), its pieces are gathered,
-and they go out as one body message just before it has to wait (:class:`_FlushBeforeWaiting`), or with the end of
+and they go out as one body message just before it has to wait (:class:`FlushBeforeWaiting`), or with the end of
 the response. An event is never held back while the iterator waits, so a token reaches the client as soon as
 it would have one piece at a time, but an upstream read that held thirty events costs one pass through the ASGI
 send layers and one socket write instead of thirty. (Node's HTTP stack does the same: it writes what a tick made.)
@@ -23,7 +23,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-__all__ = ["EventStreamResponse"]
+__all__ = ["EventStreamResponse", "FlushBeforeWaiting"]
 
 
 class EventStreamResponse(Response):
@@ -66,7 +66,7 @@ async def _send_pieces(pieces: AsyncIterator[bytes], send: Send) -> None:
     step = pieces.__anext__
     while True:
         try:
-            piece = await (_FlushBeforeWaiting(step(), flush) if ready else step())
+            piece = await (FlushBeforeWaiting(step(), flush) if ready else step())
         except StopAsyncIteration:
             break
         if piece:
@@ -74,7 +74,7 @@ async def _send_pieces(pieces: AsyncIterator[bytes], send: Send) -> None:
     await send({"type": "http.response.body", "body": b"".join(ready), "more_body": False})
 
 
-class _FlushBeforeWaiting:
+class FlushBeforeWaiting:
     """Awaits ``step``; if it has to wait (it yields to the event loop), awaits ``flush()`` first, then waits.
 
     Driven by hand like a task drives a coroutine: the first ``send(None)`` runs ``step`` until it finishes or

@@ -4,13 +4,12 @@ stream, result, cleanup. Mutating routes need ``X-Caller-Skill``; bodies are str
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from scillm_exec import check_fields, exec_config, resume_after, sse_tail
+from scillm_exec import ID, check_fields, exec_config, resume_after, sse_tail
 from scillm_exec.routes import base_url_of
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,7 +26,6 @@ __all__ = ["routes"]
 
 PREFIX = "/v1/scillm/agents"
 BODY_LIMIT = 1 << 20
-ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 TEXT_LIMIT = 256 << 10
 
 

@@ -10,14 +10,14 @@ from scillm_core import CommandRegistry, MiddlewareRegistry, Runtime, SurfaceReg
 from scillm_exec.auth import RUN_KEY_PREFIX, VIEW_KEY_PREFIX, RunKeys, add_run_key_middleware, run_keys
 from scillm_exec.config import ExecConfig, exec_config
 from scillm_exec.events import EventLog, resume_after, sse_tail
-from scillm_exec.manager import ExecManager, check_cwd, check_fields, find_cycle, parse_final_json
+from scillm_exec.manager import ID, ExecManager, check_cwd, check_fields, find_cycle, parse_final_json
 from scillm_exec.process import CliOutcome, group_members, kill_group, run_cli, sandboxed
 from scillm_exec.routes import base_url_of, manager_for, routes
 from scillm_exec.service import ManagedProcess
 from scillm_exec.shared import SharedRuns, sse_follow
 from scillm_exec.worktree import GitError, Worktree, create_worktree, remove_worktree, reset_worktree, worktree_diff
 
-__all__ = ["RUN_KEY_PREFIX", "VIEW_KEY_PREFIX", "CliOutcome", "EventLog", "ExecConfig", "ExecManager", "GitError",
+__all__ = ["ID", "RUN_KEY_PREFIX", "VIEW_KEY_PREFIX", "CliOutcome", "EventLog", "ExecConfig", "ExecManager", "GitError",
            "ManagedProcess", "RunKeys", "Worktree", "add_run_key_middleware", "base_child_env", "base_url_of",
            "check_cwd", "check_fields", "create_worktree", "exec_config", "find_cycle", "group_members", "kill_group",
            "manager_for", "parse_final_json", "remove_worktree", "reset_worktree", "run_cli", "run_keys", "sandboxed",

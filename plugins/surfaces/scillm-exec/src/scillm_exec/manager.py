@@ -26,10 +26,11 @@ from scillm_exec.events import EventLog
 from scillm_exec.shared import SharedRuns
 from scillm_exec.slots import FairSlots
 
-__all__ = ["ExecManager", "RUN_ID", "check_cwd", "check_fields", "find_cycle", "parse_final_json", "spec_from_body"]
+__all__ = ["ExecManager", "ID", "RUN_ID", "check_cwd", "check_fields", "find_cycle", "parse_final_json",
+           "spec_from_body"]
 
 RUN_ID = re.compile(r"^run_[0-9a-f]{32}$")
-NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")  # a client-chosen id: graph nodes, handoffs, leases
 PARSE_STEP = 64  # graph nodes checked per event-loop step (each resolves its cwd on the file system)
 TERMINAL = ("completed", "failed", "timeout", "cancelled", "skipped")
 SPEC_KEYS = {"profile", "prompt", "cwd", "sandbox", "model", "timeout_s", "idle_timeout_s", "output_schema",
@@ -102,12 +103,7 @@ def check_fields(body: dict[str, Any], known: set[str] | frozenset[str], where: 
     unknown = sorted(set(body) - known)
     if unknown:
         name = unknown[0]
-        raise _bad(f"unknown field {shown(name, 64)} (known: {', '.join(sorted(known))})", f"{where}.{name[:64]}")
-
-
-def shown(value: str, limit: int = 200) -> str:
-    """``value`` for an error message: quoted, and cut at ``limit`` characters (a 1 MB name is not echoed whole)."""
-    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+        raise _bad(f"unknown field {errors.quote(name)} (known: {', '.join(sorted(known))})", f"{where}.{name[:64]}")
 
 
 def check_cwd(cwd: Any, runtime: Runtime, param: str) -> Path:
@@ -117,19 +113,19 @@ def check_cwd(cwd: Any, runtime: Runtime, param: str) -> Path:
         raise _bad(f"{param.rsplit('.', 1)[-1]} must be an absolute path string (without NUL characters)", param)
     path = Path(cwd)
     if not path.is_absolute():
-        raise _bad(f"cwd must be an absolute path, got {shown(cwd)}", param)
+        raise _bad(f"cwd must be an absolute path, got {errors.quote(cwd, 200)}", param)
     try:
         resolved = path.resolve()
         roots = allowed_roots(runtime)
         if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
-            raise _bad(f"cwd {shown(cwd)} is outside the allowed roots (exec.allowed_roots: "
+            raise _bad(f"cwd {errors.quote(cwd, 200)} is outside the allowed roots (exec.allowed_roots: "
                        f"{', '.join(map(str, roots))})", param)
         is_dir = resolved.is_dir()
     except (OSError, RuntimeError) as exc:  # ENAMETOOLONG, ELOOP, a symlink loop (RuntimeError before 3.13)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "symlink loop"
-        raise _bad(f"cwd {shown(cwd)} cannot be resolved: {reason}", param) from None
+        raise _bad(f"cwd {errors.quote(cwd, 200)} cannot be resolved: {reason}", param) from None
     if not is_dir:
-        raise _bad(f"cwd {shown(cwd)} is not a directory", param)
+        raise _bad(f"cwd {errors.quote(cwd, 200)} is not a directory", param)
     return resolved
 
 
@@ -503,7 +499,7 @@ class ExecManager:
             if not isinstance(node, dict):
                 raise _bad("expected a node object", where)
             node_id = node.get("id")
-            if not isinstance(node_id, str) or not NODE_ID.match(node_id):
+            if not isinstance(node_id, str) or not ID.match(node_id):
                 raise _bad("id must be 1-128 letters, digits or ._:@- (starting with a letter or digit)", f"{where}.id")
             if node_id in ids:
                 raise _bad(f"duplicate node id {node_id!r}", f"{where}.id")
