@@ -28,8 +28,10 @@ GROUPS = {"claude-then-gpt": {"models": [CLAUDE, GPT]},
           "claude-then-deepseek": {"models": [CLAUDE, "deepseek/deepseek-chat"]},
           "deepseek-then-claude": {"models": ["deepseek/deepseek-chat", CLAUDE]}}
 HI = [{"role": "user", "content": "hi"}]
-#: a model of each translated provider (none of them delivers logprobs, audio or a web search)
+#: a model of each translated provider (none of them delivers audio or a web search; Ollama delivers logprobs)
 TRANSLATED = [CLAUDE, "gemini/gemini-2.5-flash", "qwen3:8b", "opencode-go/minimax-m2.7", "codex/gpt-5.1"]
+#: what a translated provider delivers: left out of the refusals
+DELIVERED = {("gemini/gemini-2.5-flash", "n"), ("qwen3:8b", "logprobs"), ("qwen3:8b", "top_logprobs")}
 #: parameter -> value that asks for something in the answer
 ASKING: dict[str, Any] = {"logprobs": True, "top_logprobs": 2, "modalities": ["text", "audio"],
                           "audio": {"voice": "alloy", "format": "wav"}, "web_search_options": {},
@@ -106,7 +108,7 @@ def _refused(exc: openai.BadRequestError, param: str, provider: str) -> None:
 # -- chat completions ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("model", "param"), [(model, param) for model in TRANSLATED for param in sorted(ASKING)
-                                               if not (param == "n" and model.startswith("gemini/"))])  # it has n
+                                               if (model, param) not in DELIVERED])
 def test_asking_for_what_a_translated_route_cannot_deliver_is_a_400_before_any_upstream_call(
         client: openai.OpenAI, fakes: Fakes, model: str, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
@@ -238,6 +240,15 @@ def test_responses_logprobs_are_delivered_by_a_chat_upstream(client: openai.Open
     logprobs = response.output[0].content[0].logprobs
     assert [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in logprobs] == [("Hi", -0.1,
                                                                                              ["Hi", "Hello"])]
+
+
+def test_responses_logprobs_are_delivered_by_ollama(client: openai.OpenAI, fakes: Fakes) -> None:
+    fakes.ollama.script(Reply.say("Hi there", chunk_size=3))
+    response = client.responses.create(model="qwen3:8b", input="hi", top_logprobs=2)
+    assert (fakes.ollama.last.body["logprobs"], fakes.ollama.last.body["top_logprobs"]) == (True, 2)
+    logprobs = response.output[0].content[0].logprobs
+    assert [(t.token, [a.token for a in t.top_logprobs]) for t in logprobs] == [
+        ("Hi ", ["Hi ", "alt1"]), ("the", ["the", "alt1"]), ("re", ["re", "alt1"])]
 
 
 def test_responses_stream_carries_logprobs_onto_its_events() -> None:

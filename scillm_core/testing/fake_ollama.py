@@ -5,6 +5,10 @@
   newer servers send them, or without when ``tool_call_ids = False``), then the ``done: true`` line with
   ``done_reason``, nanosecond durations, ``prompt_eval_count`` and ``eval_count``; ``"stream": false`` gives the
   single final object;
+- ``"logprobs": true`` (with ``top_logprobs`` k, 0 to 20, else 400 as Ollama says it): each generated line (content
+  and thinking; one text piece is one token) carries a top-level ``logprobs`` list ``[{"token", "logprob",
+  "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]`` (``top_logprobs`` left out when k is 0, as Ollama's
+  ``omitempty`` does); the ``stream: false`` body has every line's entries in one list;
 - errors as ``{"error": "..."}`` with the status; a mid-stream failure (``error_after``) is an extra
   ``{"error": "..."}`` line on the HTTP 200 stream; ``models`` (when set) makes unknown models 404
   ``model 'x' not found``;
@@ -112,7 +116,10 @@ class FakeOllama(FakeUpstream):
             return call
         body, model, reply = call
         model = reply.model or model
-        lines = list(self.lines(reply, model))
+        top = body.get("top_logprobs") or 0
+        if not isinstance(top, int) or not 0 <= top <= 20:
+            return self._error(400, "top_logprobs must be between 0 and 20")
+        lines = list(self.lines(reply, model, top if body.get("logprobs") is True else None))
         if body.get("stream", True) is False:
             return Response(orjson.dumps(self.merge(lines)), headers=dict(reply.headers),
                             media_type="application/json; charset=utf-8")
@@ -137,15 +144,36 @@ class FakeOllama(FakeUpstream):
 
     # -- rendering ----------------------------------------------------------------------------------------------
 
-    def lines(self, reply: Reply, model: str) -> Iterable[dict[str, Any]]:
-        def line(message: dict[str, Any]) -> dict[str, Any]:
-            return {"model": model, "created_at": _now(), "message": {"role": "assistant", **message}, "done": False}
+    @staticmethod
+    def logprob(token: str, position: int, top: int) -> dict[str, Any]:
+        """The deterministic entry of the token at ``position`` (with ``top`` alternatives, itself first)."""
+        def one(text: str, logprob: float) -> dict[str, Any]:
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        entry = one(token, -0.125 * (position % 8 + 1))
+        if top:
+            entry["top_logprobs"] = [entry.copy(), *(one(f"alt{k}", entry["logprob"] - k) for k in range(1, top))]
+        return entry
+
+    def lines(self, reply: Reply, model: str, logprobs: int | None = None) -> Iterable[dict[str, Any]]:
+        """The NDJSON lines of ``reply``; ``logprobs`` (when asked: the ``top_logprobs`` count) adds each generated
+        line's ``logprobs``."""
+        position = 0
+
+        def line(message: dict[str, Any], token: str | None = None) -> dict[str, Any]:
+            nonlocal position
+            out = {"model": model, "created_at": _now(), "message": {"role": "assistant", **message}, "done": False}
+            if logprobs is not None and token:
+                out["logprobs"] = [self.logprob(token, position, logprobs)]
+                position += 1
+            return out
 
         if reply.reasoning:
             for i in range(0, len(reply.reasoning), max(1, reply.chunk_size)):
-                yield line({"content": "", "thinking": reply.reasoning[i:i + reply.chunk_size]})
+                piece = reply.reasoning[i:i + reply.chunk_size]
+                yield line({"content": "", "thinking": piece}, piece)
         for piece in reply.text_pieces():
-            yield line({"content": piece})
+            yield line({"content": piece}, piece)
         if reply.tool_calls:
             calls = []
             for index, call in enumerate(reply.tool_calls):
@@ -165,6 +193,7 @@ class FakeOllama(FakeUpstream):
     def merge(lines: list[dict[str, Any]]) -> dict[str, Any]:
         """The ``stream: false`` body: the final line with the whole message (``done_reason`` before ``done``)."""
         message: dict[str, Any] = {"role": "assistant", "content": ""}
+        logprobs = [entry for line in lines for entry in line.get("logprobs", ())]
         for line in lines:
             part = line["message"]
             message["content"] += part.get("content", "")
@@ -175,6 +204,8 @@ class FakeOllama(FakeUpstream):
         final = lines[-1]
         head = {"model": final["model"], "created_at": final["created_at"], "message": message,
                 "done_reason": final["done_reason"], "done": True}
+        if logprobs:  # after done_reason, before the metrics, as Ollama's ChatResponse orders them
+            head["logprobs"] = logprobs
         return {**head, **{k: v for k, v in final.items() if k not in head}}
 
     async def _ndjson(self, reply: Reply, lines: list[dict[str, Any]]) -> AsyncIterator[bytes]:

@@ -144,6 +144,32 @@ def test_sdk_chat_and_stream(fake: FakeOllama) -> None:
     assert [m.model for m in client.list().models] == list(fake.tags)
 
 
+def test_sdk_reads_logprobs(fake: FakeOllama) -> None:
+    """Asked for, each generated line carries its tokens' logprobs at the top level; the final body all of them."""
+    import ollama
+
+    client = ollama.Client(host=fake.url)
+    ask = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}
+    fake.script(Reply.say("Hello there", chunk_size=6, reasoning="hm"))
+    parts = list(client.chat(**ask, top_logprobs=2, stream=True))
+    per_line = [[(e.token, e.logprob, [t.token for t in e.top_logprobs or ()]) for e in p.logprobs or ()]
+                for p in parts]
+    assert per_line == [[("hm", -0.125, ["hm", "alt1"])], [("Hello ", -0.25, ["Hello ", "alt1"])],
+                        [("there", -0.375, ["there", "alt1"])], []]
+    fake.script(Reply.say("Hello there", chunk_size=6))
+    response = client.chat(**ask, stream=False)
+    assert [(e.token, e.top_logprobs) for e in response.logprobs or ()] == [("Hello ", None), ("there", None)]
+    fake.script(Reply.say("Hi"))  # the UTF-8 bytes the Python client leaves out (Go's api.TokenLogprob has them)
+    raw = httpx.post(fake.url + "/api/chat", json={**CHAT, "stream": False, "logprobs": True}).json()
+    assert list(raw)[:6] == ["model", "created_at", "message", "done_reason", "done", "logprobs"]
+    assert raw["logprobs"] == [{"token": "Hi", "logprob": -0.125, "bytes": [72, 105]}]
+    fake.script(Reply.say("unasked"))
+    raw = httpx.post(fake.url + "/api/chat", json={**CHAT, "stream": False}).json()
+    assert "logprobs" not in raw  # only when asked, as Ollama (omitempty)
+    refused = httpx.post(fake.url + "/api/chat", json={**CHAT, "logprobs": True, "top_logprobs": 21})
+    assert refused.status_code == 400 and refused.json() == {"error": "top_logprobs must be between 0 and 20"}
+
+
 def test_sdk_sees_errors(fake: FakeOllama) -> None:
     import ollama
 

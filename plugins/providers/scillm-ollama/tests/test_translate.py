@@ -168,6 +168,53 @@ def test_thinking_json_format_and_usage(client: openai.OpenAI, fake: FakeOllama)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 7
 
 
+def test_logprobs_are_asked_for_and_come_back_as_openai_s(client: openai.OpenAI, fake: FakeOllama) -> None:
+    fake.script(Reply.say("Hello there", chunk_size=6))
+    completion = client.chat.completions.create(model="llama3.2:latest", logprobs=True, top_logprobs=2,
+                                                messages=[{"role": "user", "content": "hi"}])
+    assert (fake.last.body["logprobs"], fake.last.body["top_logprobs"]) == (True, 2)
+    content = completion.choices[0].logprobs.content
+    assert [(t.token, t.logprob, t.bytes, [(a.token, a.logprob) for a in t.top_logprobs]) for t in content] == [
+        ("Hello ", -0.125, list(b"Hello "), [("Hello ", -0.125), ("alt1", -1.125)]),
+        ("there", -0.25, list(b"there"), [("there", -0.25), ("alt1", -1.25)])]
+    assert "".join(t.token for t in content) == completion.choices[0].message.content
+
+    fake.script(Reply.say("Hello there", chunk_size=6, reasoning="hm"))
+    chunks = list(client.chat.completions.create(model="qwen3:8b", logprobs=True, stream=True,
+                                                 messages=[{"role": "user", "content": "hi"}]))
+    assert fake.last.body["logprobs"] is True and "top_logprobs" not in fake.last.body
+    streamed = [(t.token, t.logprob, t.top_logprobs) for c in chunks if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]
+    # the thinking line's logprobs are the reasoning's: OpenAI's cover the answer's tokens
+    assert streamed == [("Hello ", -0.25, []), ("there", -0.375, [])]
+    assert all(c.choices[0].logprobs is None for c in chunks if c.choices and not c.choices[0].delta.content)
+
+
+def test_top_logprobs_alone_asks_for_logprobs_and_nothing_asked_sends_nothing(client: openai.OpenAI,
+                                                                              fake: FakeOllama) -> None:
+    fake.script(Reply.say("Hi"))
+    completion = client.chat.completions.create(model="llama3.2:latest", top_logprobs=1,
+                                                messages=[{"role": "user", "content": "hi"}])
+    assert (fake.last.body["logprobs"], fake.last.body["top_logprobs"]) == (True, 1)
+    assert [t.token for t in completion.choices[0].logprobs.content] == ["Hi"]
+    fake.script(Reply.say("Hi"))
+    completion = client.chat.completions.create(model="llama3.2:latest", logprobs=False, top_logprobs=0,
+                                                messages=[{"role": "user", "content": "hi"}])
+    assert not {"logprobs", "top_logprobs"} & set(fake.last.body) and completion.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize(("ask", "param"), [({"top_logprobs": 21}, "$.top_logprobs"),
+                                            ({"top_logprobs": "2"}, "$.top_logprobs"),
+                                            ({"logprobs": "yes"}, "$.logprobs")])
+def test_bad_logprobs_values_are_a_400_naming_them(client: openai.OpenAI, fake: FakeOllama, ask: dict[str, Any],
+                                                   param: str) -> None:
+    before = len(fake.requests)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="llama3.2:latest", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body=ask)
+    assert caught.value.param == param and len(fake.requests) == before
+
+
 def test_length_finish(client: openai.OpenAI, fake: FakeOllama) -> None:
     fake.script(Reply.say("Partial", finish_reason="length"))
     chunks = list(client.chat.completions.create(model="llama3.2:latest", stream=True, max_tokens=2,

@@ -218,7 +218,22 @@ async def build_body(request: ChatRequest, model: str, fetch: Any) -> dict[str, 
         body["think"] = _THINK[request.reasoning_effort]
     if isinstance(request.extra.get("keep_alive"), str | int):
         body["keep_alive"] = request.extra["keep_alive"]
+    body.update(_logprobs_asked(request.extra))
     return body
+
+
+def _logprobs_asked(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` / ``top_logprobs`` as Ollama's (top-level fields of the same names, ``top_logprobs``
+    0 to 20); ``top_logprobs`` > 0 turns ``logprobs`` on, as it asks for them (``scillm_core.models.params``)."""
+    logprobs, top = extra.get("logprobs"), extra.get("top_logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise errors.InvalidRequest("logprobs must be a boolean @ $.logprobs", param="$.logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+        raise errors.InvalidRequest(f"top_logprobs must be an integer from 0 to 20, got {top!r:.40} @ $.top_logprobs",
+                                    param="$.top_logprobs")
+    if not logprobs and not top:
+        return {}
+    return {"logprobs": True, "top_logprobs": top} if top else {"logprobs": True}
 
 
 # -- response --------------------------------------------------------------------------------------------------------
@@ -240,7 +255,24 @@ def _usage(data: Mapping[str, Any]) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def parse_response(data: Any, model: str) -> ChatResponse:
+def _token(entry: Mapping[str, Any]) -> dict[str, Any]:
+    bytes_ = entry.get("bytes")
+    return {"token": str(entry.get("token") or ""), "logprob": float(entry.get("logprob") or 0.0),
+            "bytes": list(bytes_) if isinstance(bytes_, list) else None}
+
+
+def logprobs_of(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Ollama's top-level ``logprobs`` (token, logprob, bytes, top_logprobs; empty fields left out) as OpenAI's
+    ``logprobs.content`` entries (every field present, ``bytes`` null when Ollama sent none)."""
+    entries = data.get("logprobs")
+    if not isinstance(entries, list):
+        return []
+    return [{**_token(entry), "top_logprobs": [_token(top) for top in entry.get("top_logprobs") or ()
+                                               if isinstance(top, Mapping)]}
+            for entry in entries if isinstance(entry, Mapping)]
+
+
+def parse_response(data: Any, model: str, logprobs: bool = False) -> ChatResponse:
     if not isinstance(data, Mapping) or not isinstance(data.get("message"), Mapping):
         raise TypeError("no message in the response")
     message = data["message"]
@@ -254,7 +286,9 @@ def parse_response(data: Any, model: str) -> ChatResponse:
                   extra=extra)
     return ChatResponse(id="chatcmpl-" + secrets.token_hex(12), model=str(data.get("model") or model),
                         created=int(time.time()),
-                        choices=(Choice(message=out, finish_reason=_finish(data, bool(calls))),),
+                        choices=(Choice(message=out, finish_reason=_finish(data, bool(calls)),
+                                        logprobs={"content": logprobs_of(data), "refusal": None} if logprobs
+                                        else None),),
                         usage=_usage(data))
 
 
@@ -263,7 +297,8 @@ class OllamaProvider(Provider):
     family = "ollama"
     prefixes = ("ollama/",)
     rule_order = 80
-    capabilities = frozenset({"streaming", "tools", "images", "json_mode", "json_schema", "reasoning", "embeddings"})
+    capabilities = frozenset({"streaming", "tools", "images", "json_mode", "json_schema", "reasoning", "embeddings",
+                              "logprobs"})
     #: Ollama loads the model before it answers a stream with headers: that can take minutes on a cold start
     timeouts = Timeouts(headers_s=300.0)
     tags_ttl_s = 60.0
@@ -359,7 +394,7 @@ class OllamaProvider(Provider):
         if isinstance(data, dict) and "error" in data:
             raise self._error(500, response.content, {}, route)
         try:
-            return parse_response(data, route.model)
+            return parse_response(data, route.model, logprobs=bool(_logprobs_asked(request.extra)))
         except (TypeError, AttributeError, ValueError) as exc:
             raise errors.UpstreamProtocolError(f"unexpected response body ({excerpt(str(exc), 200)})",
                                                provider=self.name, model=route.model) from None
@@ -414,9 +449,9 @@ class OllamaProvider(Provider):
         calls = 0
         done = False
 
-        def chunk(delta: Delta, finish: str | None = None) -> ChatChunk:
+        def chunk(delta: Delta, finish: str | None = None, logprobs: Any = None) -> ChatChunk:
             return ChatChunk(id=chunk_id, model=model, created=created,
-                             choices=(ChunkChoice(delta=delta, finish_reason=finish),))
+                             choices=(ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs),))
 
         try:
             with translate_transport(self.name, route.model):
@@ -434,8 +469,10 @@ class OllamaProvider(Provider):
                     message = data.get("message") or {}
                     if message.get("thinking"):
                         yield chunk(Delta(extra={"reasoning_content": message["thinking"]}))
-                    if message.get("content"):
-                        yield chunk(Delta(content=message["content"]))
+                    if message.get("content"):  # a line's logprobs are its tokens' (those of thinking-only
+                        # lines are the reasoning's, which OpenAI's logprobs do not cover)
+                        yield chunk(Delta(content=message["content"]),
+                                    logprobs={"content": logprobs_of(data)} if "logprobs" in data else None)
                     for call in message.get("tool_calls") or ():
                         function = call.get("function") or {}
                         yield chunk(Delta(tool_calls=(ToolCallDelta(
