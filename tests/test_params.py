@@ -377,3 +377,126 @@ def test_messages_translated_for_anthropic_keep_the_client_s_fields(fakes: Fakes
     assert body["thinking"] == THINKING["thinking"] and body["top_k"] == 5 and body["metadata"] == {"user_id": "u-1"}
     assert body["mcp_servers"] == MESSAGES_ASKS["mcp_servers"]["mcp_servers"] and body["container"] == "container_011CQ"
     assert sorted(t["name"] for t in body["tools"]) == ["get_time", "web_search"]
+
+
+# -- Anthropic citations -------------------------------------------------------------------------------------------
+
+DOCUMENT = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "The grass is green."},
+            "title": "Garden facts", "citations": {"enabled": True}}
+CITATION = {"type": "char_location", "cited_text": "The grass is green.", "document_index": 0,
+            "document_title": "Garden facts", "start_char_index": 0, "end_char_index": 19, "file_id": None}
+CITED = Reply.cite(("According to the document, ", ()), ("the grass is green", (CITATION,)), (".", ()))
+ASKED_DOCUMENT = [{"role": "user", "content": [DOCUMENT, {"type": "text", "text": "What color is the grass?"}]}]
+#: a conversation whose history carries an earlier answer's citations
+CITED_HISTORY = [{"role": "user", "content": "What color is the grass?"},
+                 {"role": "assistant", "content": [{"type": "text", "text": "the grass is green",
+                                                    "citations": [CITATION]}]},
+                 {"role": "user", "content": "And the sky?"}]
+
+
+@pytest.mark.parametrize(("messages", "param"), [(ASKED_DOCUMENT, "messages[0].content[0].citations"),
+                                                 (CITED_HISTORY, "messages[1].content[0].citations")])
+@pytest.mark.parametrize("model", ["deepseek/deepseek-chat", "gemini/gemini-2.5-flash", "qwen3:8b"])
+def test_messages_citations_are_refused_where_the_route_cannot_cite(
+        claude_client: anthropic.Anthropic, fakes: Fakes, model: str, messages: list[Any], param: str) -> None:
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        claude_client.messages.create(model=model, max_tokens=64, messages=messages)
+    body = caught.value.body
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    assert f"@ $.{param}" in body["error"]["message"] and "citations" in body["error"]["message"]
+    assert body["error"]["details"]["error_code"] == "unsupported_parameter"
+    assert fakes.received() == 0
+
+
+def test_messages_citations_turned_off_ask_for_nothing(claude_client: anthropic.Anthropic, fakes: Fakes) -> None:
+    document = {**DOCUMENT, "citations": {"enabled": False}}
+    claude_client.messages.create(model="deepseek/deepseek-chat", max_tokens=64,
+                                  messages=[{"role": "user", "content": [document, {"type": "text", "text": "?"}]}])
+    assert "The grass is green." in fakes.openai.last.body["messages"][0]["content"]
+
+
+def _cited_blocks(content: list[Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    return [(block.text, [c.model_dump() for c in block.citations or ()]) for block in content]
+
+
+EXPECTED_BLOCKS = [("According to the document, ", []), ("the grass is green", [CITATION]), (".", [])]
+
+
+@pytest.mark.parametrize("model", [CLAUDE, "deepseek-then-claude"])
+def test_messages_citations_reach_anthropic_as_sent(claude_client: anthropic.Anthropic, fakes: Fakes,
+                                                    model: str) -> None:
+    fakes.claude.script(CITED)
+    raw = claude_client.messages.with_raw_response.create(model=model, max_tokens=64, messages=ASKED_DOCUMENT)
+    assert raw.headers["x-scillm-dialect"] == "anthropic-messages" and fakes.openai.requests == []
+    assert fakes.claude.last.body["messages"] == ASKED_DOCUMENT
+    assert _cited_blocks(raw.parse().content) == EXPECTED_BLOCKS
+    fakes.claude.script(CITED)
+    with claude_client.messages.stream(model=model, max_tokens=64, messages=ASKED_DOCUMENT) as stream:
+        assert _cited_blocks(stream.get_final_message().content) == EXPECTED_BLOCKS
+
+
+def test_messages_citations_translated_for_anthropic(fakes: Fakes, tmp_path: Path) -> None:
+    """``[server] passthrough = false``: the document and the history's citations reach Anthropic as the client
+    sent them, and the answer's citations come back on its text blocks, streamed or not."""
+    env = {"ANTHROPIC_API_KEY": "sk-ant-params-0123456789abcdef", "ANTHROPIC_API_BASE": fakes.claude.base_url}
+    app = make_app(env=env, config={"server": {"passthrough": False}}, data_dir=tmp_path,
+                   only=("auth", "messages", "anthropic"))
+    history = [*CITED_HISTORY[:2], {"role": "user", "content": [DOCUMENT, {"type": "text", "text": "And now?"}]}]
+    with ServerThread(app) as server:
+        client = anthropic.Anthropic(base_url=server.url, api_key=DEV_KEY, max_retries=0, timeout=20)
+        fakes.claude.script(CITED)
+        raw = client.messages.with_raw_response.create(model=CLAUDE, max_tokens=64, messages=history)
+        assert raw.headers["x-scillm-dialect"] == "anthropic-messages -> anthropic"
+        sent = fakes.claude.last.body["messages"]
+        assert sent[1]["content"] == history[1]["content"] and sent[2]["content"][0] == DOCUMENT
+        assert _cited_blocks(raw.parse().content) == EXPECTED_BLOCKS
+        fakes.claude.script(CITED)
+        with client.messages.stream(model=CLAUDE, max_tokens=64, messages=ASKED_DOCUMENT) as stream:
+            final = stream.get_final_message()
+    assert "".join(block.text for block in final.content) == CITED.text
+    assert [c.model_dump() for block in final.content for c in block.citations or ()] == [CITATION]
+
+
+ANNOTATION = {**CITATION, "start_index": 27, "end_index": 45}
+
+
+def test_chat_to_anthropic_returns_citations_as_annotations(client: openai.OpenAI, fakes: Fakes) -> None:
+    """A chat client may send Anthropic's document block as it is; the answer's citations come back as the
+    message's ``annotations`` (Anthropic's citation, located in the content), streamed or not."""
+    messages = [{"role": "user", "content": [DOCUMENT, {"type": "text", "text": "What color is the grass?"}]}]
+    fakes.claude.script(CITED)
+    completion = client.chat.completions.create(model=CLAUDE, messages=messages)  # type: ignore[arg-type]
+    assert fakes.claude.last.body["messages"][0]["content"][0] == DOCUMENT
+    message = completion.choices[0].message
+    assert message.content == CITED.text
+    notes = [note.model_dump(exclude_unset=True) for note in message.annotations or ()]
+    assert notes == [ANNOTATION]
+    assert message.content[27:45] == "the grass is green"
+    fakes.claude.script(CITED)
+    chunks = list(client.chat.completions.create(model=CLAUDE, messages=messages, stream=True))  # type: ignore
+    streamed = [note for c in chunks if c.choices for note in (c.choices[0].delta.model_extra or {}).get(
+        "annotations", ())]
+    assert streamed == [ANNOTATION]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == CITED.text
+
+
+def test_responses_carry_annotations_onto_output_text() -> None:
+    """No Responses input asks for citations (its input parts have no such block), but an answer that has them
+    keeps them: ``output_text.annotations``, and an ``annotation.added`` event when streamed."""
+    from scillm_responses import EventStream
+    from scillm_responses.translate import response_object
+
+    from scillm_core.models import ChatChunk, ChatResponse, Choice, ChunkChoice, Delta, Message
+
+    result = ChatResponse(id="c1", model="claude", choices=(Choice(message=Message(
+        role="assistant", content=CITED.text, extra={"annotations": [ANNOTATION]}), finish_reason="stop"),))
+    assert response_object(result, {})["output"][0]["content"][0]["annotations"] == [ANNOTATION]
+    stream = EventStream("claude", {})
+    chunks = [ChatChunk(id="c1", model="claude", choices=(ChunkChoice(delta=Delta(content=CITED.text)),)),
+              ChatChunk(id="c1", model="claude", choices=(ChunkChoice(delta=Delta(extra={"annotations": [
+                  ANNOTATION]})),))]
+    raw = b"".join([*stream.start(), *(e for c in chunks for e in stream.feed(c)), *stream.complete()])
+    events = {e["type"]: e for e in (orjson.loads(line[6:]) for line in raw.split(b"\n") if line.startswith(b"data: "))}
+    added = events["response.output_text.annotation.added"]
+    assert (added["annotation_index"], added["annotation"]) == (0, ANNOTATION)
+    assert events["response.completed"]["response"]["output"][0]["content"][0]["annotations"] == [ANNOTATION]

@@ -10,8 +10,8 @@ that asks for nothing (``logprobs: false``, ``n: 1``, ``modalities: ["text"]``) 
 
 Chat parameters are read where the chat model keeps them (``n``, and ``extra`` for those it does not model), so a
 request from any surface (chat, batch items, runners) is checked alike. A surface whose dialect has asks the chat
-model cannot carry (Anthropic's ``mcp_servers``, server tools) lists them in ``request.scillm["asks"]``: a mapping
-of JSON path to capability.
+model cannot carry (Anthropic's ``mcp_servers``, server tools, document ``citations``) lists them in
+``request.scillm["asks"]``: a mapping of JSON path to capability.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ DELIVERS: Mapping[str, str] = {
     "logprobs": "token log probabilities", "audio_output": "audio output", "web_search": "a web search",
     "functions": "legacy function calling (use tools)", CHOICES: "more than one choice",
     "server_tools": "a tool the provider runs or defines itself (server tools, code execution containers)",
-    "mcp_servers": "MCP servers the provider connects to"}
+    "mcp_servers": "MCP servers the provider connects to",
+    "citations": "citations of the documents it was given (Anthropic's citations)"}
 
 
 def check_asks(request: ChatRequest, capabilities: frozenset[str], provider: str, model: str) -> None:

@@ -4,6 +4,8 @@
 a ``ping`` after the first block starts, ``input_json_delta`` starting with ``""``, thinking blocks ending with an
 empty ``thinking_delta`` and a ``signature_delta``, cumulative usage in ``message_delta``, ``event: error``
 mid-stream, error bodies ``{"type":"error","error":{"type","message"},"request_id"}`` with ``x-should-retry``.
+A :meth:`Reply.cite` answer is text blocks with their ``citations`` (streamed: a cited block starts with
+``"citations": []``, then a ``citations_delta`` per citation before its ``text_delta`` events).
 
 It checks what the real API checks and a translator can get wrong (``max_tokens`` present, roles only
 user/assistant, temperature in [0, 1], tool ids, every ``tool_result`` answering a ``tool_use`` of the previous
@@ -297,7 +299,10 @@ class FakeAnthropic(FakeUpstream):
         blocks: list[dict[str, Any]] = []
         if reply.reasoning:
             blocks.append({"type": "thinking", "thinking": reply.reasoning, "signature": self.signature(reply)})
-        if reply.text or not reply.tool_calls:
+        if reply.cited:
+            blocks.extend({"type": "text", "text": text, **({"citations": list(cited)} if cited else {})}
+                          for text, cited in reply.cited)
+        elif reply.text or not reply.tool_calls:
             blocks.append({"type": "text", "text": reply.text})
         for i, call in enumerate(reply.tool_calls):
             blocks.append({"type": "tool_use", "id": self.tool_id(i, reply), "name": call.name,
@@ -338,13 +343,19 @@ class FakeAnthropic(FakeUpstream):
                                           "delta": {"type": "signature_delta", "signature": self.signature(reply)}}
             yield "content_block_stop", {"type": "content_block_stop", "index": index}
             index += 1
-        if reply.text or not reply.tool_calls:
-            yield "content_block_start", {"type": "content_block_start", "index": index,
-                                          "content_block": {"type": "text", "text": ""}}
+        texts = reply.cited or (((reply.text, ()),) if reply.text or not reply.tool_calls else ())
+        for text, cited in texts:
+            start: dict[str, Any] = {"type": "text", "text": ""}
+            if cited:  # a cited block: its citations first, then its text
+                start["citations"] = []
+            yield "content_block_start", {"type": "content_block_start", "index": index, "content_block": start}
             yield from ping()
-            for piece in reply.text_pieces():
+            for citation in cited:
                 yield "content_block_delta", {"type": "content_block_delta", "index": index,
-                                              "delta": {"type": "text_delta", "text": piece}}
+                                              "delta": {"type": "citations_delta", "citation": dict(citation)}}
+            for i in range(0, len(text), size):
+                yield "content_block_delta", {"type": "content_block_delta", "index": index,
+                                              "delta": {"type": "text_delta", "text": text[i:i + size]}}
             yield "content_block_stop", {"type": "content_block_stop", "index": index}
             index += 1
         for n, call in enumerate(reply.tool_calls):

@@ -40,6 +40,8 @@ class Reply:
     cached_tokens: int = 0                  # prompt-cache reads (Anthropic: besides input; OpenAI: part of prompt)
     cache_write_tokens: int = 0             # prompt-cache writes (Anthropic's cache_creation_input_tokens)
     model: str | None = None               # default: the requested model
+    # the answer as text blocks with the citations of each (Anthropic's document citations): ``text`` is theirs
+    cited: tuple[tuple[str, tuple[Mapping[str, Any], ...]], ...] = ()
     # failures
     status: int = 200
     error: Any = None                       # body for an error status (dict, or str for the fake to wrap)
@@ -65,6 +67,11 @@ class Reply:
     @classmethod
     def say(cls, text: str, **kw: Any) -> Reply:
         return cls(text=text, **kw)
+
+    @classmethod
+    def cite(cls, *blocks: tuple[str, tuple[Mapping[str, Any], ...]], **kw: Any) -> Reply:
+        """An answer in text blocks, each with its citations (``()`` for none)."""
+        return cls(text="".join(text for text, _ in blocks), cited=tuple(blocks), **kw)
 
     @classmethod
     def call(cls, name: str, arguments: Mapping[str, Any], *, id: str | None = None, **kw: Any) -> Reply:

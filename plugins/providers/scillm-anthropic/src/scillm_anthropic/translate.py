@@ -7,7 +7,8 @@
 
 Thinking blocks come back as ``reasoning_content`` (text) plus ``thinking_blocks`` (the blocks with their
 signatures) in the message ``extra``; an assistant message that carries ``thinking_blocks`` sends them back
-unchanged, which Anthropic requires in tool loops with thinking on.
+unchanged, which Anthropic requires in tool loops with thinking on. The ``citations`` of text blocks (documents
+sent with ``citations: {"enabled": true}``) come back as the message's ``annotations`` (:func:`annotation`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from scillm_core import (
 from scillm_core.jsonio import loads
 from scillm_core.upstream import error_for_status, excerpt
 
-__all__ = ["DEFAULT_MAX_TOKENS", "FINISH_REASONS", "THINKING_BUDGETS", "StreamTranslator", "error_from_event",
+__all__ = ["DEFAULT_MAX_TOKENS", "FINISH_REASONS", "THINKING_BUDGETS", "StreamTranslator", "annotation",
+           "error_from_event",
            "error_from_status",
            "from_messages_response", "parse_error_body", "sanitize_tool_call_id", "to_messages_body",
            "usage_from_anthropic"]
@@ -59,8 +61,9 @@ FINISH_REASONS: Mapping[str, str] = {"end_turn": "stop", "stop_sequence": "stop"
                                      "max_tokens": "length", "model_context_window_exceeded": "length",
                                      "tool_use": "tool_calls", "refusal": "content_filter"}
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
-#: Anthropic block types a client may send as-is inside OpenAI content arrays.
-NATIVE_BLOCKS = frozenset({"image", "document", "search_result"})
+#: Anthropic block types a client may send as-is inside OpenAI content arrays (a ``text`` one: how ``/v1/messages``
+#: carries a text block with citations).
+NATIVE_BLOCKS = frozenset({"image", "document", "search_result", "text"})
 #: Body keys a client may pass through in ``extra`` (everything else is OpenAI-only and would be rejected).
 PASSTHROUGH = ("top_k", "thinking", "metadata", "service_tier", "output_config", "context_management",
                "mcp_servers", "container")
@@ -408,6 +411,14 @@ def _finish(stop_reason: Any) -> str | None:
     return FINISH_REASONS.get(str(stop_reason), "stop")
 
 
+def annotation(citation: Mapping[str, Any], start: int, end: int) -> dict[str, Any]:
+    """An Anthropic citation of the answer's text ``[start, end)`` as a chat/Responses annotation: the citation as
+    Anthropic sent it (``type`` ``char_location``, ``page_location``, ...; ``cited_text``, ``document_index``, ...)
+    with ``start_index`` / ``end_index`` locating the cited text in the message content, as OpenAI's annotations
+    do."""
+    return {**citation, "start_index": start, "end_index": end}
+
+
 def from_messages_response(data: Any, *, model: str = "") -> ChatResponse:
     """A Messages response body to a chat completion; raises ``ValueError`` on a body that is not a message."""
     if not isinstance(data, Mapping) or data.get("type") != "message" or not isinstance(data.get("content"), list):
@@ -416,10 +427,16 @@ def from_messages_response(data: Any, *, model: str = "") -> ChatResponse:
     reasoning: list[str] = []
     thinking_blocks: list[dict[str, Any]] = []
     calls: list[ToolCall] = []
+    annotations: list[dict[str, Any]] = []
+    offset = 0
     for block in data["content"]:
         kind = block.get("type") if isinstance(block, Mapping) else None
         if kind == "text":
-            texts.append(str(block.get("text", "")))
+            text = str(block.get("text", ""))
+            texts.append(text)
+            annotations.extend(annotation(c, offset, offset + len(text)) for c in block.get("citations") or ()
+                               if isinstance(c, Mapping))
+            offset += len(text)
         elif kind == "tool_use":
             calls.append(ToolCall(id=str(block["id"]), function=FunctionCall(
                 name=str(block["name"]), arguments=orjson.dumps(block.get("input") or {}).decode())))
@@ -434,6 +451,8 @@ def from_messages_response(data: Any, *, model: str = "") -> ChatResponse:
         extra["reasoning_content"] = "".join(reasoning)
     if thinking_blocks:
         extra["thinking_blocks"] = thinking_blocks
+    if annotations:
+        extra["annotations"] = annotations
     message = Message(role="assistant", content="".join(texts) if texts or not calls else None,
                       tool_calls=tuple(calls) or None, extra=extra)
     usage = data.get("usage")
@@ -513,6 +532,7 @@ class StreamTranslator:
         self.stopped = False
         self._blocks: dict[int, dict[str, Any]] = {}
         self._tools = 0
+        self._offset = 0  # characters of answer text so far: where a cited block's text starts and ends
 
     def _chunk(self, delta: Delta, finish: str | None = None) -> ChatChunk:
         return ChatChunk(id=self.id, model=self.model, created=self.created,
@@ -555,7 +575,9 @@ class StreamTranslator:
                 out.append(ChatChunk(id=self.id, model=self.model, created=self.created, choices=(),
                                      usage=usage_from_anthropic(self.usage)))
             return out
-        return []  # ping, content_block_stop and event types added later
+        if kind == "content_block_stop":
+            return self._block_stop(int(data.get("index", 0)))
+        return []  # ping and event types added later
 
     def _block_start(self, index: int, block: Mapping[str, Any]) -> list[ChatChunk]:
         kind = block.get("type")
@@ -570,8 +592,12 @@ class StreamTranslator:
             return [self._chunk(Delta(tool_calls=(ToolCallDelta(
                 index=state["tool"], id=str(block.get("id")), type="function",
                 function=FunctionCallDelta(name=str(block.get("name")), arguments=args)),)))]
-        if kind == "text" and block.get("text"):
-            return [self._chunk(Delta(content=str(block["text"])))]
+        if kind == "text":
+            state["start"] = self._offset
+            state["citations"] = [c for c in block.get("citations") or () if isinstance(c, Mapping)]
+            if block.get("text"):
+                self._offset += len(str(block["text"]))
+                return [self._chunk(Delta(content=str(block["text"])))]
         if kind == "thinking" and block.get("thinking"):
             state["thinking"].append(str(block["thinking"]))
             return [self._chunk(Delta(extra={"reasoning_content": str(block["thinking"])}))]
@@ -585,7 +611,12 @@ class StreamTranslator:
         state = self._blocks.get(index) or {"type": None, "thinking": []}
         if kind == "text_delta":
             text = str(delta.get("text") or "")
+            self._offset += len(text)
             return [self._chunk(Delta(content=text))] if text else []
+        if kind == "citations_delta":  # before the cited text: said with the block's span when it ends
+            if isinstance(delta.get("citation"), Mapping) and "citations" in state:
+                state["citations"].append(delta["citation"])
+            return []
         if kind == "input_json_delta":
             partial = str(delta.get("partial_json") or "")
             if not partial or "tool" not in state or state.get("sent_args"):
@@ -603,3 +634,12 @@ class StreamTranslator:
                      "signature": str(delta.get("signature") or "")}
             return [self._chunk(Delta(extra={"thinking_blocks": [block]}))]
         return []
+
+    def _block_stop(self, index: int) -> list[ChatChunk]:
+        """A cited text block's citations, as ``annotations`` locating its text (known now that it ended)."""
+        state = self._blocks.get(index)
+        if not state or not state.get("citations"):
+            return []
+        start = state["start"]
+        return [self._chunk(Delta(extra={"annotations": [annotation(c, start, self._offset)
+                                                         for c in state["citations"]]}))]

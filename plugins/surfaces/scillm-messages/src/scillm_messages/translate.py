@@ -138,10 +138,10 @@ def parse_messages_request(body: Any, *, session: str | None = None, lenient: bo
     _expect(raw_messages, list, "an array of messages", "$.messages")
     if not raw_messages:
         raise _bad("messages must not be empty", "$.messages")
-    for i, raw in enumerate(raw_messages):
-        messages.extend(_message(raw, f"$.messages[{i}]", lenient))
-
     asks = {f"$.{key}": capability for key, capability in ASKS.items() if body.get(key)}
+    for i, raw in enumerate(raw_messages):
+        messages.extend(_message(raw, f"$.messages[{i}]", asks, lenient))
+
     tools, server_tools = _tools(body.get("tools"), asks)
     tool_choice, parallel = _tool_choice(body.get("tool_choice"), lenient)
     stop = body.get("stop_sequences")
@@ -198,7 +198,7 @@ def _system(system: Any) -> str | tuple[TextPart, ...]:
     return "\n\n".join(p.text for p in parts if p.text)
 
 
-def _message(raw: Any, path: str, lenient: bool = False) -> list[Message]:
+def _message(raw: Any, path: str, asks: dict[str, str], lenient: bool = False) -> list[Message]:
     _expect(raw, dict, "a message object", path)
     role = raw.get("role")
     if role not in ("user", "assistant"):
@@ -224,17 +224,32 @@ def _message(raw: Any, path: str, lenient: bool = False) -> list[Message]:
             raise _bad(f"content block type {kind!r} is not supported in a {role} message here (supported: "
                        f"{', '.join(allowed)})", f"{bpath}.type")
         blocks.append((kind, block, bpath))
-    return _user(blocks, lenient) if role == "user" else _assistant(blocks)
+    return _user(blocks, asks, lenient) if role == "user" else _assistant(blocks, asks)
 
 
-def _user(blocks: list[tuple[str, dict[str, Any], str]], lenient: bool = False) -> list[Message]:
+def _cites(block: Mapping[str, Any], path: str, asks: dict[str, str]) -> bool:
+    """Whether ``block`` asks for citations (a document with ``citations.enabled``) or carries them (a text block's
+    ``citations``): only Anthropic cites, so the path goes in ``asks`` (a translation elsewhere is a 400 naming it)
+    and the block is carried as it came (:class:`OtherPart`), which Anthropic upstreams take as it is."""
+    citations = block.get("citations")
+    if block.get("type") == "text":
+        cites = isinstance(citations, list) and bool(citations)
+    else:
+        cites = isinstance(citations, Mapping) and citations.get("enabled") is True
+    if cites:
+        asks[f"{path}.citations"] = "citations"
+    return cites
+
+
+def _user(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, str], lenient: bool = False
+          ) -> list[Message]:
     """Tool results become ``role: tool`` messages (first, in order); the rest one user message after them.
     Images inside tool results follow in a user message, since chat-completions tool messages carry text only."""
     out: list[Message] = []
     parts: list[Any] = []
     for kind, block, path in blocks:
         if kind == "tool_result":
-            text, images = _tool_result(block, path, lenient)
+            text, images = _tool_result(block, path, asks, lenient)
             tool_id = _expect(block.get("tool_use_id"), str, "a string", f"{path}.tool_use_id")
             marker = _cache_control(block, path)
             out.append(Message(role="tool", tool_call_id=tool_id, content=text,
@@ -243,7 +258,7 @@ def _user(blocks: list[tuple[str, dict[str, Any], str]], lenient: bool = False) 
         elif kind == "other":
             parts.append(OtherPart(type=block["type"], data={k: v for k, v in block.items() if k != "type"}))
         else:
-            parts.append(_part(kind, block, path))
+            parts.append(_part(kind, block, path, asks))
     if parts:
         if all(isinstance(p, TextPart) and p.cache_control is None for p in parts):
             out.append(Message(role="user", content="\n\n".join(p.text for p in parts) if len(parts) > 1
@@ -253,9 +268,11 @@ def _user(blocks: list[tuple[str, dict[str, Any], str]], lenient: bool = False) 
     return out
 
 
-def _part(kind: str, block: Mapping[str, Any], path: str) -> Any:
-    """A user content block as a part, its ``cache_control`` marker with it."""
-    part = _bare_part(kind, block, path)
+def _part(kind: str, block: Mapping[str, Any], path: str, asks: dict[str, str]) -> Any:
+    """A user content block as a part, its ``cache_control`` marker with it (a block with citations as it came)."""
+    part = _bare_part(kind, block, path)  # validated either way
+    if _cites(block, path, asks):
+        return OtherPart(type=kind, data={k: v for k, v in block.items() if k != "type"})
     marker = _cache_control(block, path)
     return attrs.evolve(part, cache_control=marker) if marker else part
 
@@ -301,7 +318,8 @@ def _bare_part(kind: str, block: Mapping[str, Any], path: str) -> Any:
                f"{path}.source.type")
 
 
-def _tool_result(block: Mapping[str, Any], path: str, lenient: bool = False) -> tuple[str, list[Any]]:
+def _tool_result(block: Mapping[str, Any], path: str, asks: dict[str, str], lenient: bool = False
+                 ) -> tuple[str, list[Any]]:
     content = block.get("content")
     texts: list[str] = []
     images: list[Any] = []
@@ -315,7 +333,7 @@ def _tool_result(block: Mapping[str, Any], path: str, lenient: bool = False) -> 
             if kind == "text":
                 texts.append(_expect(inner.get("text"), str, "a string", f"{ipath}.text"))
             elif kind in ("image", "document"):
-                images.append(_part(kind, inner, ipath))
+                images.append(_part(kind, inner, ipath, asks))
             elif not lenient:
                 raise _bad(f"tool_result content blocks must be text, image or document, got {kind!r}",
                            f"{ipath}.type")
@@ -330,8 +348,9 @@ def _tool_result(block: Mapping[str, Any], path: str, lenient: bool = False) -> 
     return text, images
 
 
-def _assistant(blocks: list[tuple[str, dict[str, Any], str]]) -> list[Message]:
+def _assistant(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, str]) -> list[Message]:
     texts: list[str] = []
+    parts: list[TextPart | OtherPart] = []  # the text blocks, those with citations as they came
     calls: list[ToolCall] = []
     thinking: list[dict[str, Any]] = []
     marker: Mapping[str, Any] | None = None
@@ -344,6 +363,8 @@ def _assistant(blocks: list[tuple[str, dict[str, Any], str]]) -> list[Message]:
             thinking.append({"type": "redacted_thinking", "data": str(block.get("data") or "")})
         elif kind == "text":
             texts.append(_expect(block.get("text"), str, "a string", f"{path}.text"))
+            parts.append(OtherPart(type="text", data={k: v for k, v in block.items() if k != "type"})
+                         if _cites(block, path, asks) else TextPart(text=texts[-1]))
         elif kind == "tool_use":
             tool_id = _expect(block.get("id"), str, "a string", f"{path}.id")
             name = _expect(block.get("name"), str, "a string", f"{path}.name")
@@ -354,12 +375,13 @@ def _assistant(blocks: list[tuple[str, dict[str, Any], str]]) -> list[Message]:
     text = "".join(texts)
     if not text and not calls:
         return []  # e.g. a thinking-only turn: nothing an upstream can take
+    content = tuple(parts) if any(isinstance(p, OtherPart) for p in parts) else text or None
     # thinking blocks ride in ``thinking_blocks`` (the Anthropic provider sends them back, as tool loops with
     # thinking require); :func:`fit_upstream` strips them for every other upstream
     extra: dict[str, Any] = {"thinking_blocks": thinking} if thinking else {}
     if marker:
         extra["cache_control"] = marker  # the turn's marker: it goes on the turn's last block again
-    return [Message(role="assistant", content=text or None, tool_calls=tuple(calls) or None, extra=extra)]
+    return [Message(role="assistant", content=content, tool_calls=tuple(calls) or None, extra=extra)]
 
 
 def fit_upstream(request: ChatRequest, anthropic: bool) -> ChatRequest:
@@ -547,7 +569,7 @@ def to_messages_response(result: ChatResponse, model: str) -> dict[str, Any]:
                 content.append({"type": "thinking", "thinking": thinking, "signature": ""})
         refusal = message.extra.get("refusal") if message.extra else None
         if message.text:
-            content.append({"type": "text", "text": message.text})
+            content.extend(_text_blocks(message.text, message.extra.get("annotations")))
         elif isinstance(refusal, str) and refusal:
             content.append({"type": "text", "text": refusal})  # OpenAI's refusal field: still the model's words
             finish = "content_filter"
@@ -557,6 +579,36 @@ def to_messages_response(result: ChatResponse, model: str) -> dict[str, Any]:
     has_tools = any(block["type"] == "tool_use" for block in content)
     return {"id": message_id(), "type": "message", "role": "assistant", "model": model, "content": content,
             "stop_reason": _stop_reason(finish, has_tools), "stop_sequence": None, "usage": _usage(result.usage)}
+
+
+def _citations(annotations: Any) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """``(start, end, citation)`` of each annotation an Anthropic upstream's citation became (see
+    ``scillm_anthropic.translate.annotation``): the citation as it sent it, and the answer text it cites."""
+    for note in annotations if isinstance(annotations, list) else ():
+        if isinstance(note, Mapping) and isinstance(note.get("start_index"), int) \
+                and isinstance(note.get("end_index"), int):
+            yield note["start_index"], note["end_index"], {k: v for k, v in note.items()
+                                                           if k not in ("start_index", "end_index")}
+
+
+def _text_blocks(text: str, annotations: Any) -> list[dict[str, Any]]:
+    """The answer's text block, or, when the upstream cited documents, its cited spans as text blocks with their
+    ``citations`` and the text between them as plain ones (as Anthropic answers)."""
+    spans: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for start, end, citation in _citations(annotations):
+        spans.setdefault((start, end), []).append(citation)
+    blocks: list[dict[str, Any]] = []
+    at = 0
+    for (start, end), citations in sorted(spans.items()):
+        if start < at or start >= end or end > len(text):
+            continue  # overlapping or outside the text: not a span Anthropic would send
+        if start > at:
+            blocks.append({"type": "text", "text": text[at:start]})
+        blocks.append({"type": "text", "text": text[start:end], "citations": citations})
+        at = end
+    if at < len(text) or not blocks:
+        blocks.append({"type": "text", "text": text[at:]})
+    return blocks
 
 
 def _thinking_block(block: Any) -> dict[str, Any] | None:
@@ -643,6 +695,11 @@ class StreamTranslator:
                 if self.open != "text":
                     yield from self._open({"type": "text", "text": ""})
                 yield self._delta({"type": "text_delta", "text": delta.content})
+            if delta.extra and "annotations" in delta.extra:  # citations of the text just streamed
+                for _, _, citation in _citations(delta.extra["annotations"]):
+                    if self.open != "text":
+                        yield from self._open({"type": "text", "text": "", "citations": []})
+                    yield self._delta({"type": "citations_delta", "citation": citation})
             for call in delta.tool_calls or ():
                 function = call.function
                 known = self.tool_calls.get(call.index)

@@ -352,7 +352,8 @@ def response_object(result: ChatResponse, echo: Mapping[str, Any], *, response_i
                            "summary": [{"type": "summary_text", "text": reasoning}]})
         if message.text:
             output.append({"id": new_id("msg"), "type": "message", "status": "completed", "role": "assistant",
-                           "content": [{"type": "output_text", "text": message.text, "annotations": [],
+                           "content": [{"type": "output_text", "text": message.text,
+                                        "annotations": annotations_of(message.extra.get("annotations")),
                                         "logprobs": logprobs_of(choice.logprobs)}]})
         for call in message.tool_calls or ():
             output.append({"id": new_id("fc"), "type": "function_call", "status": "completed", "call_id": call.id,
@@ -360,6 +361,12 @@ def response_object(result: ChatResponse, echo: Mapping[str, Any], *, response_i
     status, incomplete = _status_of(choice.finish_reason if choice else None)
     return {**_base(response_id, created, result.model, echo), "status": status, "completed_at": int(time.time()),
             "incomplete_details": incomplete, "output": output, "usage": usage_object(result.usage)}
+
+
+def annotations_of(chat: Any) -> list[Any]:
+    """Chat's ``message.annotations`` (an Anthropic upstream's citations, located by ``start_index`` /
+    ``end_index``) are the ``output_text`` annotations."""
+    return [note for note in chat if isinstance(note, Mapping)] if isinstance(chat, list) else []
 
 
 def logprobs_of(chat: Any) -> list[Any]:
@@ -432,7 +439,7 @@ class EventStream:
         if item["type"] == "message":
             text = "".join(item["_text"])
             logprobs = item["_logprobs"]
-            part = {"type": "output_text", "annotations": [], "logprobs": logprobs, "text": text}
+            part = {"type": "output_text", "annotations": item["_annotations"], "logprobs": logprobs, "text": text}
             out.append(self._event("response.output_text.done", item_id=item["id"], output_index=index,
                                    content_index=0, text=text, logprobs=logprobs))
             out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
@@ -478,7 +485,8 @@ class EventStream:
             if delta.content:
                 if self.open is None or self.open["type"] != "message":
                     out += self._open({"id": new_id("msg"), "type": "message", "status": "in_progress",
-                                       "role": "assistant", "content": [], "_text": [], "_logprobs": []})
+                                       "role": "assistant", "content": [], "_text": [], "_logprobs": [],
+                                       "_annotations": []})
                 assert self.open is not None
                 self.open["_text"].append(delta.content)
                 logprobs = logprobs_of(choice.logprobs)
@@ -486,6 +494,13 @@ class EventStream:
                 out.append(self._event("response.output_text.delta", item_id=self.open["id"],
                                        output_index=self.open["output_index"], content_index=0,
                                        delta=delta.content, logprobs=logprobs))
+            notes = annotations_of(delta.extra.get("annotations")) if delta.extra else []
+            if notes and self.open is not None and self.open["type"] == "message":  # citations of its text
+                for note in notes:
+                    self.open["_annotations"].append(note)
+                    out.append(self._event("response.output_text.annotation.added", item_id=self.open["id"],
+                                           output_index=self.open["output_index"], content_index=0,
+                                           annotation_index=len(self.open["_annotations"]) - 1, annotation=note))
             for call in delta.tool_calls or ():
                 item = self.tools.get(call.index)
                 if item is None:
@@ -539,7 +554,7 @@ class EventStream:
             elif kind == "response.output_item.added" and isinstance(data.get("item"), dict):
                 index = int(data.get("output_index", len(self.output)))
                 self.output.extend([None] * (index + 1 - len(self.output)))
-                self.open = {**data["item"], "output_index": index, "_text": [], "_logprobs": []}
+                self.open = {**data["item"], "output_index": index, "_text": [], "_logprobs": [], "_annotations": []}
             elif kind == "response.output_item.done" and isinstance(data.get("item"), dict):
                 index = int(data.get("output_index", len(self.output) - 1))
                 self.output.extend([None] * (index + 1 - len(self.output)))
