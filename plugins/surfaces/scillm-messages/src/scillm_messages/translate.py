@@ -241,6 +241,14 @@ def _cites(block: Mapping[str, Any], path: str, asks: dict[str, str]) -> bool:
     return cites
 
 
+def _cited_text(blocks: list[tuple[str, dict[str, Any], str]]) -> tuple[TextPart | OtherPart, ...]:
+    """An assistant turn's text blocks as parts, those with citations as they came (for Anthropic upstreams)."""
+    return tuple(OtherPart(type="text", data={k: v for k, v in block.items() if k != "type"})
+                 if isinstance(block.get("citations"), list) and block["citations"] else TextPart(text=block["text"])
+                 for kind, block, _ in blocks
+                 if kind == "text")
+
+
 def _user(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, str], lenient: bool = False
           ) -> list[Message]:
     """Tool results become ``role: tool`` messages (first, in order); the rest one user message after them.
@@ -271,7 +279,7 @@ def _user(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, str], l
 def _part(kind: str, block: Mapping[str, Any], path: str, asks: dict[str, str]) -> Any:
     """A user content block as a part, its ``cache_control`` marker with it (a block with citations as it came)."""
     part = _bare_part(kind, block, path)  # validated either way
-    if _cites(block, path, asks):
+    if "citations" in block and _cites(block, path, asks):
         return OtherPart(type=kind, data={k: v for k, v in block.items() if k != "type"})
     marker = _cache_control(block, path)
     return attrs.evolve(part, cache_control=marker) if marker else part
@@ -350,7 +358,7 @@ def _tool_result(block: Mapping[str, Any], path: str, asks: dict[str, str], leni
 
 def _assistant(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, str]) -> list[Message]:
     texts: list[str] = []
-    parts: list[TextPart | OtherPart] = []  # the text blocks, those with citations as they came
+    cites = False
     calls: list[ToolCall] = []
     thinking: list[dict[str, Any]] = []
     marker: Mapping[str, Any] | None = None
@@ -363,8 +371,8 @@ def _assistant(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, st
             thinking.append({"type": "redacted_thinking", "data": str(block.get("data") or "")})
         elif kind == "text":
             texts.append(_expect(block.get("text"), str, "a string", f"{path}.text"))
-            parts.append(OtherPart(type="text", data={k: v for k, v in block.items() if k != "type"})
-                         if _cites(block, path, asks) else TextPart(text=texts[-1]))
+            if "citations" in block and _cites(block, path, asks):
+                cites = True
         elif kind == "tool_use":
             tool_id = _expect(block.get("id"), str, "a string", f"{path}.id")
             name = _expect(block.get("name"), str, "a string", f"{path}.name")
@@ -375,7 +383,7 @@ def _assistant(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, st
     text = "".join(texts)
     if not text and not calls:
         return []  # e.g. a thinking-only turn: nothing an upstream can take
-    content = tuple(parts) if any(isinstance(p, OtherPart) for p in parts) else text or None
+    content = _cited_text(blocks) if cites else text or None
     # thinking blocks ride in ``thinking_blocks`` (the Anthropic provider sends them back, as tool loops with
     # thinking require); :func:`fit_upstream` strips them for every other upstream
     extra: dict[str, Any] = {"thinking_blocks": thinking} if thinking else {}
