@@ -312,14 +312,20 @@ def hostile_files(scan: Scan) -> None:
 
 @error_path
 def unsupported_parameters(scan: Scan) -> None:
-    """Parameters a route cannot deliver, their values carrying keys: a 400 naming the parameter, the provider and
-    the model (never the value), in each dialect, nothing sent upstream."""
-    model = "llama3:8b"  # an Ollama name (model:tag): no logprobs, no audio, no MCP servers
+    """Parameters a route cannot deliver (or a bad value of one it can), their values carrying keys: a 400 naming
+    the parameter, the provider and the model (never the value), in the chat and Messages dialects (Responses asks
+    only for logprobs, which Ollama delivers), nothing sent upstream."""
+    model = "llama3:8b"  # an Ollama name (model:tag): no audio, no MCP servers, no citations
     assert scan.post("/v1/chat/completions", {"model": model, "messages": USER, "audio": {
         "voice": f"{GLM_KEY}-{UNKNOWN_KEY}", "format": "wav"}}).status_code == 400
+    assert scan.post("/v1/chat/completions", {"model": model, "messages": USER,  # logprobs it has: a bad value
+                                              "top_logprobs": f"{GLM_KEY}-{UNKNOWN_KEY}"}).status_code == 400
     assert scan.post("/v1/messages", {"model": model, "messages": USER, "max_tokens": 5, "mcp_servers": [
         {"type": "url", "url": f"https://mcp.example.com/?key={DEEPSEEK_KEY}", "name": "x"}]}).status_code == 400
-    assert scan.post("/v1/responses", {"model": model, "input": "hello", "top_logprobs": 2}).status_code == 400
+    document = {"type": "document", "citations": {"enabled": True},
+                "source": {"type": "text", "media_type": "text/plain", "data": f"{GLM_KEY} {UNKNOWN_KEY}"}}
+    assert scan.post("/v1/messages", {"model": model, "max_tokens": 5, "messages": [
+        {"role": "user", "content": [document]}]}).status_code == 400
 
 
 @error_path

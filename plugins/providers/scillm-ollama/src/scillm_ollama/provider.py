@@ -229,7 +229,7 @@ def _logprobs_asked(extra: Mapping[str, Any]) -> dict[str, Any]:
     if logprobs is not None and not isinstance(logprobs, bool):
         raise errors.InvalidRequest("logprobs must be a boolean @ $.logprobs", param="$.logprobs")
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
-        raise errors.InvalidRequest(f"top_logprobs must be an integer from 0 to 20, got {top!r:.40} @ $.top_logprobs",
+        raise errors.InvalidRequest("top_logprobs must be an integer from 0 to 20 @ $.top_logprobs",
                                     param="$.top_logprobs")
     if not logprobs and not top:
         return {}
