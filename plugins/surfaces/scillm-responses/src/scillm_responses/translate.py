@@ -235,7 +235,7 @@ def _response_format(text: Any) -> dict[str, Any] | None:
 def _logprobs_asked(body: Mapping[str, Any], chat: dict[str, Any], extensions: dict[str, Any]) -> None:
     top = body.get("top_logprobs")
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
-        raise _bad(f"top_logprobs must be an integer from 0 to 20, got {top!r:.40}", "$.top_logprobs")
+        raise _bad("top_logprobs must be an integer from 0 to 20", "$.top_logprobs")
     include = body.get("include")
     if not (top or (isinstance(include, list) and LOGPROBS in include)):
         return
