@@ -422,3 +422,51 @@ def test_a_run_with_max_cost_usd_is_stopped_at_its_ceiling(stack: Stack) -> None
     roomy = stack.client.post(RUNS, json={"prompt": "[read] what does hello say?", "cwd": str(repo),
                                           "max_cost_usd": 5}).json()
     assert roomy["status"] == "completed" and roomy["max_cost_usd"] == 5 and 0 < roomy["cost_usd"] <= 5, roomy
+
+
+def _frames(response: httpx.Response) -> tuple[list[dict[str, object]], dict[str, object]]:
+    """A finished run's SSE answer: its data events and its end frame's data."""
+    assert response.status_code == 200, response.text
+    frames = response.text.strip().split("\n\n")
+    assert frames[-1].startswith("event: end\n")
+    data = [json.loads(f.split("data: ", 1)[1]) for f in frames if f.startswith("id: ")]
+    return data, json.loads(frames[-1].split("data: ", 1)[1])
+
+
+def test_finished_runs_are_not_kept_in_memory_and_read_back_from_their_run_dirs(stack: Stack) -> None:
+    """Every run (its prompt, up to 4 MiB, its diff and answer) stayed in the book's memory for the life of the
+    server; a finished one is dropped and read back from its run dir by every route, here and in a restarted
+    scillm on the same data dir."""
+    from opencode_helpers import MODEL, ONLY
+
+    from scillm_core.testing import ServerThread, make_app
+
+    finished = [stack.client.post(RUNS, json={"prompt": f"[edit] run {i}", "cwd": str(stack.repo())}).json()
+                for i in range(3)]
+    assert [r["status"] for r in finished] == ["completed"] * 3, finished
+    assert not {r["run_id"] for r in finished} & set(stack.opencode.runs.runs)  # the book holds none of them
+
+    def read_back(client: httpx.Client) -> None:
+        for result in finished:
+            run_id = result["run_id"]
+            shown = client.get(f"{RUNS}/{run_id}").json()
+            for key in ("status", "assistant_text", "diff", "changed_paths", "session_id", "owner", "artifacts"):
+                assert shown[key] == result[key], key
+            events, end = _frames(client.get(f"{RUNS}/{run_id}/events"))
+            assert events[-1]["type"] == "run_completed" and events[-1]["status"] == "completed"
+            assert end == {"type": "end", "run_id": run_id, "status": "completed", "seq": events[-1]["seq"]}
+            resumed, end = _frames(client.get(f"{RUNS}/{run_id}/events", headers={"last-event-id": "2"}))
+            assert resumed == events[2:] and end["status"] == "completed"  # an EventSource reconnecting
+            diff = client.get(f"{RUNS}/{run_id}/diff").json()
+            assert (diff["diff"], diff["changed_paths"], diff["live"]) == (result["diff"], ["hello.txt"], False)
+            assert Path(result["artifacts"]["diff_patch"]).read_text() == result["diff"]
+            assert client.post(f"{RUNS}/{run_id}/abort").json()["status"] == "completed"  # over: changes nothing
+
+    read_back(stack.client)
+    restarted = make_app(env={"OPENAI_API_KEY": PROVIDER_SECRET, "OPENAI_API_BASE": stack.fake.url + "/v1",
+                              "SCILLM_MASTER_KEY": MASTER_KEY, "SCILLM_OPENCODE_SERVE_ENABLED": "1"},
+                         data_dir=stack.data_dir, config={"exec": {"allowed_roots": [str(stack.root)]},
+                                                          "opencode": {"model": MODEL}}, only=ONLY)
+    with ServerThread(restarted) as thread:
+        read_back(httpx.Client(base_url=thread.url, timeout=60, headers={
+            "authorization": f"Bearer {MASTER_KEY}", "x-caller-skill": "opencode-tests"}))

@@ -250,3 +250,24 @@ def test_a_run_with_max_cost_usd_is_stopped_at_its_ceiling(stack: Stack) -> None
     bad = stack.client.post(f"{T}/runs", json={"workspace": str(stack.repo()), "nodes": [{"id": "a", "prompt": "x"}],
                                                "max_cost_usd": 0})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "$.max_cost_usd"
+
+
+def test_a_finished_transport_run_is_not_kept_in_memory(stack: Stack) -> None:
+    """A finished transport run (its nodes, prompts and answers) is dropped from the book and read back from its
+    run dir: the run, its event stream (resumable) and its diff."""
+    run = start(stack, [{"id": "only", "prompt": "[edit] change hello", "agent": "build"}])
+    done = finish(stack, run["run_id"])
+    assert done["status"] == "completed", done
+    deadline = time.monotonic() + 30
+    while run["run_id"] in stack.opencode.transport.runs:  # its waiter is woken right after it is dropped
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    base = f"{T}/runs/{run['run_id']}"
+    assert stack.client.get(base).json()["nodes"][0]["assistant_text"] == FINAL
+    events, frames = stack.events(f"{base}/events/stream")
+    assert events[-1]["type"] == "run_completed" and events[-1]["nodes"] == {"only": "completed"}
+    end = json.loads(frames[-1].split("data: ", 1)[1])
+    assert frames[-1].startswith("event: end") and (end["status"], end["seq"]) == ("completed", events[-1]["seq"])
+    later, _ = stack.events(f"{base}/events/stream", after=events[1]["seq"])
+    assert later == events[2:]
+    assert stack.client.get(f"{base}/diff").json()["changed_paths"] == ["hello.txt"]

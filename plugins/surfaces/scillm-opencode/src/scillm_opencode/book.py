@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -161,7 +161,9 @@ R = TypeVar("R", bound=LiveRun)
 
 class RunBook(Generic[R]):
     """The runs of one kind: live ones in memory, all of them in :class:`Records`; events and aborts reach any
-    instance through :class:`scillm_exec.SharedRuns`."""
+    instance through :class:`scillm_exec.SharedRuns`. A finished run is dropped from memory once its result.json is
+    written (before its waiters wake), as exec's are: every route reads it back from its run dir, so it reads the
+    same after a restart."""
 
     unit_kind = "run"            # what a run of this book is on runtime.events
     unit_name = "opencode run"
@@ -236,6 +238,7 @@ class RunBook(Generic[R]):
             run.unit.end(run.status, run.error, changed_paths=len(extra.get("changed_paths", [])))
         stored = await self.records.save(run.result)
         await self.records.write_result(stored)
+        self.runs.pop(run.run_id, None)  # from now on read back from its run dir (or the store): not kept in memory
         run.done.set()
 
     async def load(self, run_id: str) -> dict[str, Any]:
@@ -274,13 +277,17 @@ class RunBook(Generic[R]):
             doc = await self.load(run_id)
         return doc
 
-    def log(self, run_id: str) -> EventLog | None:
-        """The run's event log when this process drives it, or (a finished run) this machine has its file."""
+    def tail(self, run_id: str, doc: dict[str, Any]) -> tuple[EventLog, Callable[[], dict[str, Any]]] | None:
+        """The run's event log and the end frame of its stream when this process drives it, or (a finished run,
+        ``doc`` its record) this machine has its file; ``None`` when only the state store has its events."""
         run = self.runs.get(run_id)
         if run is not None:
-            return run.log
+            return run.log, run.end
         path = self.records.run_dir(run_id) / "events.jsonl"
-        return EventLog(path, closed=True) if path.is_file() and RUN_ID.match(run_id) else None
+        if doc.get("status") not in TERMINAL or not RUN_ID.match(run_id) or not path.is_file():
+            return None  # another process drives it (or drove it elsewhere)
+        log = EventLog(path, closed=True)
+        return log, lambda: {"type": "end", "run_id": run_id, "status": doc.get("status"), "seq": log.seq}
 
     async def settled(self, run_id: str) -> dict[str, Any] | None:
         """The end frame of a run that is over by its record (for a stream that follows it through the store)."""

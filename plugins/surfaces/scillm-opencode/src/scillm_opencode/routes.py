@@ -16,7 +16,7 @@ from scillm_core.web import caller_of, json_response, query_int, read_json, runt
 from scillm_opencode.book import RunBook, Sessions
 from scillm_opencode.config import enabled, opencode_config
 from scillm_opencode.monitor import view_routes
-from scillm_opencode.records import RUN_ID, TERMINAL
+from scillm_opencode.records import RUN_ID
 from scillm_opencode.runs import ServeRuns
 from scillm_opencode.serve import ServeManager
 from scillm_opencode.transport import EVENT_TYPES, MODES, Transport
@@ -119,18 +119,14 @@ def run_routes(base: str, *, transport: bool) -> list[tuple[str, Any, list[str]]
         oc = _surface(request)
         run_id, after = _run_id(request), resume_after(request)
         doc = await book(oc).load_for(run_id, identity_of(request))  # 404 (and an orphan is finalised) before streaming
-        log = book(oc).log(run_id)
         heartbeat = _heartbeat(oc.runtime)
-        if log is None or (run_id not in book(oc).runs and doc.get("status") not in TERMINAL):
-            # another process drives it (or drove it elsewhere): its events as copied into the state store
+        local = book(oc).tail(run_id, doc)
+        if local is None:  # another process drives it (or drove it elsewhere): its events as copied into the store
             stream = sse_follow(book(oc).shared, run_id, after, heartbeat, lambda: book(oc).settled(run_id))
-            return EventStreamResponse(stream, headers={"cache-control": "no-cache"})
-
-        def end() -> dict[str, Any]:
-            run = book(oc).runs.get(run_id)
-            return {"type": "end", "run_id": run_id, "status": run.status if run else None, "seq": log.seq}
-
-        return EventStreamResponse(sse_tail(log, after, heartbeat, end), headers={"cache-control": "no-cache"})
+        else:
+            log, end = local
+            stream = sse_tail(log, after, heartbeat, end)
+        return EventStreamResponse(stream, headers={"cache-control": "no-cache"})
 
     async def abort(request: Request) -> Response:
         oc = _surface(request)
