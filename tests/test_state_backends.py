@@ -14,7 +14,7 @@ import pytest
 
 from scillm_core.config import Config, ConfigError, Env, StateConfig
 from scillm_core.errors import StateUnavailable
-from scillm_core.state import Count, Counted, StateStore, open_store
+from scillm_core.state import Count, Counted, Inserted, StateStore, open_store
 from scillm_core.state.redis import RedisStore
 from scillm_core.state.sqlite import SQLiteStore
 from scillm_core.testing.services import RedisServer, free_port
@@ -78,6 +78,29 @@ async def test_compare_and_set_has_one_winner_across_processes(stores: Callable[
     await one.put("leases", "short", {"x": 1}, ttl_s=0.05)
     await asyncio.sleep(0.1)
     assert await two.compare_and_set("leases", "short", None, {"x": 2})  # expired reads as absent
+
+
+async def test_an_insert_into_a_capped_prefix_never_passes_the_cap_across_processes(
+        stores: Callable[[], StateStore]) -> None:
+    """Check and write are one step: 40 inserts racing from two processes store exactly the cap; a key already
+    there answers its document; expired documents and other prefixes (``k1/`` is not ``k10/``) do not count."""
+    one, two = stores(), stores()
+    outcomes = await asyncio.gather(*(s.insert("handoffs", f"w/k1/h{i:02d}", {"i": i}, prefix="w/k1/", cap=5)
+                                      for i, s in enumerate([one, two] * 20)))
+    assert sum(o.created for o in outcomes) == 5
+    assert all(o == Inserted(False, None) for o in outcomes if not o.created)
+    assert len(await two.scan("handoffs", "w/k1/")) == 5
+    kept = next(i for i, o in enumerate(outcomes) if o.created)
+    assert await one.insert("handoffs", f"w/k1/h{kept:02d}", {"i": -1}, prefix="w/k1/", cap=99) == \
+        Inserted(False, {"i": kept})
+    assert (await two.insert("handoffs", "w/k10/h", {"other": 1}, prefix="w/k10/", cap=1)).created
+    assert (await one.insert("handoffs", "w/k2/a", {"n": 1}, prefix="w/k2/", cap=1, ttl_s=0.05)).created
+    assert not (await one.insert("handoffs", "w/k2/b", {"n": 2}, prefix="w/k2/", cap=1)).created
+    await asyncio.sleep(0.1)
+    assert (await two.insert("handoffs", "w/k2/b", {"n": 2}, prefix="w/k2/", cap=1)).created  # the expired one left
+    assert await one.scan("handoffs", "w/k2/") == [("w/k2/b", {"n": 2})]
+    with pytest.raises(ValueError):
+        await one.insert("handoffs", "elsewhere", {}, prefix="w/k3/", cap=1)
 
 
 async def test_logs_tail_trim_and_follow_across_processes(stores: Callable[[], StateStore]) -> None:

@@ -4,8 +4,8 @@ append-only logs that can be followed, and work queues with acknowledgement.
 Two backends, chosen by ``[state] backend``: SQLite (WAL) under the data dir, the embedded default
 (:mod:`scillm_core.state.sqlite`; shared by the processes of one machine), and Redis (:mod:`scillm_core.state.redis`;
 shared by every process and instance pointed at it). Every backend takes values as parameters, never as query text.
-Callers never read then write: what must be atomic (leases, budgets, rate windows, concurrency slots) is one call
-(``compare_and_set``, ``commit``, ``count``, ``take``, ``ack``).
+Callers never read then write: what must be atomic (leases, budgets, rate windows, concurrency slots, capped
+collections) is one call (``compare_and_set``, ``insert``, ``commit``, ``count``, ``take``, ``ack``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Protocol
 
 from attrs import frozen
 
-__all__ = ["LOG_FIELD", "Change", "Count", "Counted", "StateStore", "open_store"]
+__all__ = ["LOG_FIELD", "Change", "Count", "Counted", "Inserted", "StateStore", "open_store", "prefix_end"]
 
 #: what a field name in ``tail(match=...)`` must look like (a plain identifier; anything else is a ValueError)
 LOG_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -59,6 +59,19 @@ class Counted(NamedTuple):
     values: tuple[float, ...]
 
 
+class Inserted(NamedTuple):
+    """The outcome of :meth:`StateStore.insert`: ``created``; else ``current`` is the document already under the key,
+    or ``None`` when the prefix already held ``cap`` documents (then nothing was written)."""
+
+    created: bool
+    current: dict[str, Any] | None = None
+
+
+def prefix_end(prefix: str) -> str:
+    """The least key after every key that starts with ``prefix`` (non-empty): the end of its range in key order."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
 class StateStore(Protocol):
     async def get(self, namespace: str, key: str) -> dict[str, Any] | None:
         """The document stored under ``key``, or ``None`` (also when it expired)."""
@@ -74,6 +87,13 @@ class StateStore(Protocol):
                               value: Mapping[str, Any] | None, *, ttl_s: float | None = None) -> bool:
         """Replace the document only if the current one equals ``expected`` (``None``: absent or expired).
         ``value=None`` deletes. Returns whether it happened."""
+
+    async def insert(self, namespace: str, key: str, value: Mapping[str, Any], *, prefix: str, cap: int,
+                     ttl_s: float | None = None) -> Inserted:
+        """Store a new document under ``key`` (which starts with ``prefix``) only if none is there and fewer than
+        ``cap`` live documents of the namespace have keys starting with ``prefix``: the check and the write are one
+        atomic step (SQLite: one transaction; Redis: one script), so callers racing at the cap never pass it. A
+        collection bounded per owner (a key's handoffs) keeps its documents under ``<owner prefix>/``."""
 
     async def get_many(self, namespace: str, keys: Sequence[str]) -> list[dict[str, Any] | None]:
         """The documents under ``keys`` (``None`` where absent), in one read."""

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from scillm_core.errors import StateUnavailable
-from scillm_core.state import LOG_FIELD, Count, Counted
+from scillm_core.state import LOG_FIELD, Count, Counted, Inserted
 
 if TYPE_CHECKING:
     from scillm_core.state import Change
@@ -58,6 +58,29 @@ else
   redis.call('ZADD', KEYS[2], 0, ARGV[4])
 end
 return 1
+"""
+
+# An insert into a capped prefix. KEYS: the document, its namespace's index; ARGV: value, TTL ms, index member, the
+# prefix's range in the index (ZRANGEBYLEX form), cap, the document key of the namespace's index members. Returns
+# {1} (stored), {0, current} (a document is there) or {2} (the prefix holds cap documents). Members whose document
+# expired still sit in the index until a scan meets them: at the cap they are checked and dropped, then counted again.
+_INSERT = """
+local cur = redis.call('GET', KEYS[1])
+if cur then return {0, cur} end
+local cap = tonumber(ARGV[6])
+local held = redis.call('ZLEXCOUNT', KEYS[2], ARGV[4], ARGV[5])
+if held >= cap then
+  for _, member in ipairs(redis.call('ZRANGEBYLEX', KEYS[2], ARGV[4], ARGV[5])) do
+    if redis.call('EXISTS', ARGV[7] .. member) == 0 then
+      redis.call('ZREM', KEYS[2], member)
+      held = held - 1
+    end
+  end
+  if held >= cap then return {2} end
+end
+if ARGV[2] ~= '0' then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) else redis.call('SET', KEYS[1], ARGV[1]) end
+redis.call('ZADD', KEYS[2], 0, ARGV[3])
+return {1}
 """
 
 # Only entries the consumer still holds are touched: one reclaimed by another process stays with it.
@@ -354,6 +377,19 @@ class RedisStore:
         with self.unavailable():
             done = await self.script(_CAS)(keys=[self._doc(namespace, key), self._index(namespace)], args=args)
         return bool(done)
+
+    async def insert(self, namespace: str, key: str, value: Mapping[str, Any], *, prefix: str, cap: int,
+                     ttl_s: float | None = None) -> Inserted:
+        if not key.startswith(prefix) or not prefix:
+            raise ValueError("insert: the key must start with a non-empty prefix")
+        low = b"[" + prefix.encode()
+        args = [_dump(value), max(1, int(ttl_s * 1000)) if ttl_s else 0, key, low, low + b"\xff", cap,
+                self._doc(namespace, "")]
+        with self.unavailable():
+            done = await self.script(_INSERT)(keys=[self._doc(namespace, key), self._index(namespace)], args=args)
+        if done[0] == 1:
+            return Inserted(True)
+        return Inserted(False, orjson.loads(done[1]) if done[0] == 0 else None)
 
     async def get_many(self, namespace: str, keys: Sequence[str]) -> list[dict[str, Any] | None]:
         if not keys:

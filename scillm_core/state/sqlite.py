@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from scillm_core.state import LOG_FIELD, Count, Counted
+from scillm_core.state import LOG_FIELD, Count, Counted, Inserted, prefix_end
 
 if TYPE_CHECKING:
     from scillm_core.state import Change
@@ -151,6 +151,34 @@ class SQLiteStore:
                 raise
 
         return await self._run(cas)
+
+    async def insert(self, namespace: str, key: str, value: Mapping[str, Any], *, prefix: str, cap: int,
+                     ttl_s: float | None = None) -> Inserted:
+        if not key.startswith(prefix) or not prefix:
+            raise ValueError("insert: the key must start with a non-empty prefix")
+        blob = orjson.dumps(value)
+
+        def insert(db: sqlite3.Connection) -> Inserted:
+            now = time.time()
+            db.execute("BEGIN IMMEDIATE")  # the write lock before the reads: nobody inserts between count and write
+            try:
+                current = self._live(db.execute("SELECT value, expires FROM docs WHERE ns = ? AND key = ?",
+                                                (namespace, key)).fetchone())
+                if current is None:
+                    (held,) = db.execute(
+                        "SELECT COUNT(*) FROM docs WHERE ns = ? AND key >= ? AND key < ? AND "
+                        "(expires IS NULL OR expires > ?)", (namespace, prefix, prefix_end(prefix), now)).fetchone()
+                    if held < cap:
+                        db.execute(_UPSERT, (namespace, key, blob, now + ttl_s if ttl_s else None))
+                        db.execute("COMMIT")
+                        return Inserted(True)
+                db.execute("ROLLBACK")
+                return Inserted(False, current)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        return await self._run(insert)
 
     async def get_many(self, namespace: str, keys: Sequence[str]) -> list[dict[str, Any] | None]:
         def read(db: sqlite3.Connection) -> list[dict[str, Any] | None]:
