@@ -392,4 +392,129 @@ def test_a_keys_handoffs_are_capped_listed_on_their_own_and_deletable(repo: Path
             assert flood.delete("/alpha/handoffs/aa-0").status_code == 404
             assert flood.post("/alpha/handoffs", json={"handoff_id": "aa-3", "goal": "g"}).status_code == 201
             assert flood.get("/alpha/status").json()["handoffs"] == ["aa-1", "aa-2", "aa-3"]
-            assert quiet.post("/alpha/handoffs", json={"handoff_id": "aa-1", "goal": "g"}).status_code == 409
+            assert quiet.post("/alpha/handoffs", json={"handoff_id": "aa-1", "goal": "g"}).status_code == 201  # its own
+
+
+def _keys(server: ServerThread, *names: str) -> list[httpx.Client]:
+    """A client of the agents surface for each new virtual key (its id as the client's ``owner`` attribute)."""
+    with httpx.Client(base_url=server.url, timeout=60, headers={"authorization": f"Bearer {MASTER_KEY}"}) as master:
+        made = [master.post("/v1/scillm/keys", json={"name": name}).json() for name in names]
+    clients = []
+    for key in made:
+        client = httpx.Client(base_url=server.url + "/v1/scillm/agents", timeout=60, headers={
+            "authorization": f"Bearer {key['key']}", "x-caller-skill": "unit"})
+        client.owner = key["id"]  # type: ignore[attr-defined]
+        clients.append(client)
+    return clients
+
+
+def test_handoff_ids_are_each_keys_own(repo: Path, tmp_path: Path) -> None:
+    """Handoff ids were one namespace per worker: a second key posting ``h1`` got a 409 that showed nothing, and
+    could never use the id. Each key now has ids of its own: both store ``h1``, each reads back its own, and another
+    key's id is as absent as one nobody used (404), never a 409."""
+    with ServerThread(make_app(env={"SCILLM_MASTER_KEY": MASTER_KEY}, data_dir=tmp_path, only=PLUGINS, config={
+            "agents": {"alpha": {"repository": str(repo), "model": "gpt-5.5"}}})) as server:
+        alice, bob, carol = _keys(server, "alice", "bob", "carol")
+        mine, theirs = {"handoff_id": "h1", "goal": "ALICE GOAL"}, {"handoff_id": "h1", "goal": "BOB GOAL"}
+        assert alice.post("/alpha/handoffs", json=mine).status_code == 201
+        second = bob.post("/alpha/handoffs", json=theirs)
+        assert second.status_code == 201 and second.json()["goal"] == "BOB GOAL", second.text
+        again = [c.post("/alpha/handoffs", json=b) for c, b in ((alice, mine), (bob, theirs))]  # read back by id
+        assert [(a.status_code, a.json()["goal"], a.json()["identity"]) for a in again] == [
+            (200, "ALICE GOAL", alice.owner), (200, "BOB GOAL", bob.owner)]  # type: ignore[attr-defined]
+        clash = bob.post("/alpha/handoffs", json={**theirs, "goal": "other"})  # its own id, other content
+        assert clash.status_code == 409 and clash.json()["error"]["code"] == "handoff_exists"
+        assert "ALICE" not in clash.text
+        for client in (alice, bob):
+            assert client.get("/alpha/status").json()["handoffs"] == ["h1"]
+        assert carol.get("/alpha/status").json()["handoffs"] == []
+        unknown = carol.get("/alpha/result", params={"handoff_id": "h1"})
+        never = carol.get("/alpha/result", params={"handoff_id": "h-nobody"})
+        assert unknown.status_code == never.status_code == 404
+        assert unknown.json()["error"]["message"].replace("h1", "?") == \
+            never.json()["error"]["message"].replace("h-nobody", "?")
+        assert carol.delete("/alpha/handoffs/h1").status_code == 404
+        lease = carol.post("/alpha/leases", json={"owner": "carol", "handoff_id": "h1"})
+        assert lease.status_code == 400 and lease.json()["error"]["param"] == "$.handoff_id"
+        assert alice.get("/alpha/result", params={"handoff_id": "h1"}).json()["error"]["message"].endswith(
+            "has no finished turn yet")  # found: its own
+        assert alice.delete("/alpha/handoffs/h1").status_code == 200
+        assert alice.delete("/alpha/handoffs/h1").status_code == 404
+        assert bob.post("/alpha/handoffs", json=theirs).status_code == 200  # bob's is still there
+        with httpx.Client(base_url=server.url + "/v1/scillm/agents", timeout=60, headers={
+                "authorization": f"Bearer {MASTER_KEY}", "x-caller-skill": "unit"}) as master:
+            assert master.get("/alpha/status").json()["handoffs"] == ["h1"]  # every key's
+            assert master.post("/alpha/handoffs", json=mine).status_code == 201  # its own namespace too
+
+
+def test_handoffs_stored_before_ids_were_per_key_stay_readable_by_id(repo: Path, tmp_path: Path) -> None:
+    """Handoffs the previous version stored (``agents.handoffs`` under ``<worker>/<id>``, with or without its
+    per-key index entry) are still the same key's by id: listed, used by a lease, deleted, and answered as
+    a retry; another key neither sees them nor is kept from using the id."""
+    from scillm_agents.service import HANDOFFS, HANDOFFS_BY_KEY
+
+    with ServerThread(make_app(env={"SCILLM_MASTER_KEY": MASTER_KEY}, data_dir=tmp_path, only=PLUGINS, config={
+            "agents": {"alpha": {"repository": str(repo), "model": "gpt-5.5"}}})) as server:
+        alice, bob = _keys(server, "alice", "bob")
+        store = agents_of(server.app.runtime).store
+        old = {"worker": "alpha", "handoff_id": "old-a", "phase_id": None, "goal": "OLD GOAL", "context": None,
+               "validation_expectations": [], "metadata": {}, "created_at": 1.0, "caller": "unit",
+               "identity": alice.owner}  # type: ignore[attr-defined]
+        older = {**old, "handoff_id": "older", "identity": None}  # from before handoffs had an owner: the master's
+
+        async def seed() -> None:
+            await store.put(HANDOFFS, "alpha/old-a", old)
+            await store.put(HANDOFFS_BY_KEY, f"alpha/{alice.owner}/old-a", {})  # type: ignore[attr-defined]
+            await store.put(HANDOFFS, "alpha/older", older)
+
+        assert server.loop is not None
+        asyncio.run_coroutine_threadsafe(seed(), server.loop).result(30)
+        assert alice.get("/alpha/status").json()["handoffs"] == ["old-a"]
+        retry = alice.post("/alpha/handoffs", json={"handoff_id": "old-a", "goal": "OLD GOAL"})
+        assert retry.status_code == 200 and retry.json()["created_at"] == 1.0
+        assert alice.post("/alpha/handoffs", json={"handoff_id": "old-a", "goal": "new"}).status_code == 409
+        held = alice.post("/alpha/leases", json={"owner": "alice", "handoff_id": "old-a"})
+        assert held.status_code == 200, held.text
+        assert alice.post("/alpha/leases", json={"action": "release", "lease_id": held.json()["lease_id"]}
+                          ).status_code == 200
+        assert bob.delete("/alpha/handoffs/old-a").status_code == 404
+        assert bob.get("/alpha/result", params={"handoff_id": "old-a"}).status_code == 404
+        assert bob.post("/alpha/handoffs", json={"handoff_id": "old-a", "goal": "BOB"}).status_code == 201
+        with httpx.Client(base_url=server.url + "/v1/scillm/agents", timeout=60, headers={
+                "authorization": f"Bearer {MASTER_KEY}", "x-caller-skill": "unit"}) as master:
+            assert master.get("/alpha/status").json()["handoffs"] == ["old-a", "older"]
+            assert master.get("/alpha/result", params={"handoff_id": "older"}).json()["error"]["message"].endswith(
+                "has no finished turn yet")
+        assert alice.delete("/alpha/handoffs/old-a").status_code == 200
+        assert alice.get("/alpha/status").json()["handoffs"] == []
+        assert bob.post("/alpha/handoffs", json={"handoff_id": "old-a", "goal": "BOB"}).status_code == 200
+        assert alice.post("/alpha/handoffs", json={"handoff_id": "old-a", "goal": "again"}).status_code == 201
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_posts_racing_at_the_cap_store_exactly_the_cap(repo: Path, tmp_path: Path, backend: str,
+                                                       request: pytest.FixtureRequest) -> None:
+    """The cap was checked, then written: posts racing at it passed it by a few. Two scillm processes on one state
+    store (one SQLite file; one Redis) take 40 posts of one key at once: exactly the cap is stored, the rest are
+    409 ``too_many_handoffs``."""
+    cap, posts = 5, 40
+    state = request.getfixturevalue("redis_state") if backend == "redis" else {}
+    config = {"agents": {"alpha": {"repository": str(repo), "model": "gpt-5.5"}},
+              "standing_agents": {"max_handoffs_per_key": cap}, **({"state": state} if state else {})}
+    servers = [ServerThread(make_app(env={"SCILLM_MASTER_KEY": MASTER_KEY}, data_dir=tmp_path, only=PLUGINS,
+                                     config=config)).start() for _ in range(2)]
+    try:
+        clients = [httpx.Client(base_url=s.url + "/v1/scillm/agents", timeout=60, headers={
+            "authorization": f"Bearer {MASTER_KEY}", "x-caller-skill": "unit"}) for s in servers]
+        with ThreadPoolExecutor(posts) as pool:
+            answers = list(pool.map(lambda i: clients[i % 2].post("/alpha/handoffs", json={
+                "handoff_id": f"race-{i:02d}", "goal": "g"}), range(posts)))
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [201] * cap + [409] * (posts - cap), [a.text for a in answers if a.status_code != 201]
+        assert {a.json()["error"]["code"] for a in answers if a.status_code == 409} == {"too_many_handoffs"}
+        stored = sorted(a.json()["handoff_id"] for a in answers if a.status_code == 201)
+        for client in clients:
+            assert client.get("/alpha/status").json()["handoffs"] == stored
+    finally:
+        for server in servers:
+            server.stop()

@@ -2,9 +2,10 @@
 
 Everything that must outlive a process lives in the state store (so a restarted scillm, or a second scillm on the
 same store, sees it): ``agents.leases`` (one document per worker, written only by compare-and-set with the lease's
-TTL, so two processes can never both hold it), ``agents.handoffs``, ``agents.workers`` (thread id, worktree,
-context), ``agents.turns`` (each turn's result) and ``agents.results`` (the last turn per handoff). Processes,
-the running turn and the event followers are per process.
+TTL, so two processes can never both hold it), ``agents.handoffs_by_key`` (each key's handoffs, under ids of its
+own, capped by one atomic insert), ``agents.workers`` (thread id, worktree, context), ``agents.turns`` (each turn's
+result) and ``agents.results`` (the last turn per key and handoff). Processes, the running turn and the event
+followers are per process.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ __all__ = ["Agents", "LEASES", "agents_of"]
 LEASES, HANDOFFS, WORKERS, TURNS, RESULTS = ("agents.leases", "agents.handoffs", "agents.workers", "agents.turns",
                                              "agents.results")
 LAST_TURNS = "agents.last_turns"   # ``<worker>/<owner>``: each key's last turn on a worker
-HANDOFFS_BY_KEY = "agents.handoffs_by_key"  # ``<worker>/<owner>/<handoff_id>``: a key's own, listed and counted
+# ``<worker>/<owner>/<handoff_id>``: each key's handoffs, ids scoped to the key, counted per key by the store's capped
+# insert. ``{}`` there points to a handoff stored before ids were per key (``agents.handoffs``, ``<worker>/<id>``),
+# which stays readable by id and is never written again.
+HANDOFFS_BY_KEY = "agents.handoffs_by_key"
 CAS_ATTEMPTS = 5
 
 
@@ -184,45 +188,70 @@ class Agents:
     # -- handoffs --------------------------------------------------------------------------------------------------
 
     async def handoff(self, name: str, handoff_id: str, viewer: Identity = MASTER) -> dict[str, Any] | None:
-        """The handoff, or ``None`` when there is none that ``viewer`` may see (another key's is not there)."""
-        doc = await self.store.get(HANDOFFS, f"{name}/{handoff_id}")
-        return doc if doc is not None and viewer.can_see(doc.get("identity")) else None
+        """``viewer``'s handoff with that id (ids are scoped per key: another key's is not there), or ``None``."""
+        found = await self._find(name, handoff_id, viewer)
+        return found[1] if found else None
+
+    async def _find(self, name: str, handoff_id: str, viewer: Identity) -> tuple[bool, dict[str, Any]] | None:
+        """``(legacy, document)``: ``viewer``'s own handoff, else one stored before ids were per key that it may
+        see (the master key: any of those)."""
+        doc = await self.store.get(HANDOFFS_BY_KEY, f"{name}/{viewer.owner}/{handoff_id}")
+        if doc:
+            return False, doc
+        legacy = await self.store.get(HANDOFFS, f"{name}/{handoff_id}")
+        return (True, legacy) if legacy is not None and viewer.can_see(legacy.get("identity")) else None
 
     async def add_handoff(self, name: str, doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """Store a handoff once; the same handoff again from the same key is accepted as is (a retry), a different
-        one with the same id (or another key's) is a 409 that shows nothing of it. Returns ``(document, created)``."""
-        key, owner = f"{name}/{doc['handoff_id']}", doc.get("identity") or MASTER.owner
+        """Store a handoff once in its key's own namespace of ids; the same handoff again is accepted as is (a
+        retry), a different one with the key's id is a 409. At ``max_handoffs_per_key`` of the key's on the worker
+        a new one is a 409 too: counted and stored in one atomic step of the store, so posts racing at the cap never
+        pass it. Returns ``(document, created)``."""
+        owner, handoff_id = doc.get("identity") or MASTER.owner, doc["handoff_id"]
+        legacy = await self.store.get(HANDOFFS, f"{name}/{handoff_id}")
+        if legacy is not None and (legacy.get("identity") or MASTER.owner) == owner:
+            return self._same(name, legacy, doc)  # the key's own, stored before ids were per key
         cap = settings(self.runtime).max_handoffs_per_key
-        if await self.store.get(HANDOFFS, key) is None and len(
-                await self.store.scan(HANDOFFS_BY_KEY, f"{name}/{owner}/", limit=cap)) >= cap:
+        key = f"{name}/{owner}/{handoff_id}"
+        inserted = await self.store.insert(HANDOFFS_BY_KEY, key, doc, prefix=f"{name}/{owner}/", cap=cap)
+        if inserted.current == {}:  # a pointer left to a handoff from before that is gone: the id is free (counted)
+            inserted = inserted._replace(created=await self.store.compare_and_set(HANDOFFS_BY_KEY, key, {}, doc))
+        if inserted.created:
+            self.worker(name).emit("handoff.created", handoff_id=handoff_id, goal=doc["goal"],
+                                   owner=doc.get("caller"), identity=doc.get("identity"))
+            return doc, True
+        if inserted.current is None:
             raise errors.RequestError(f"this key already has {cap} handoffs on worker {name!r} "
                                       "(standing_agents.max_handoffs_per_key); delete finished ones first",
                                       status=409, code="too_many_handoffs")
-        if await self.store.compare_and_set(HANDOFFS, key, None, doc):
-            await self.store.put(HANDOFFS_BY_KEY, f"{name}/{owner}/{doc['handoff_id']}", {})
-            self.worker(name).emit("handoff.created", handoff_id=doc["handoff_id"], goal=doc["goal"],
-                                   owner=doc.get("caller"), identity=doc.get("identity"))
-            return doc, True
-        existing = await self.store.get(HANDOFFS, key) or {}
+        return self._same(name, inserted.current, doc)
+
+    @staticmethod
+    def _same(name: str, existing: dict[str, Any], doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         content = ("goal", "context", "validation_expectations", "metadata", "phase_id", "identity")
         if all(existing.get(k) == doc.get(k) for k in content):
             return existing, False
         raise errors.Conflict(f"worker {errors.quote(name)} already has a different handoff "
-                              f"{doc['handoff_id']!r}; use a new handoff_id", code="handoff_exists")
+                              f"{doc['handoff_id']!r} of this key; use a new handoff_id", code="handoff_exists")
 
     async def handoff_ids(self, name: str, viewer: Identity = MASTER) -> list[str]:
-        """The worker's handoffs that ``viewer`` may see: a key's from its own index (another key's flood cannot
-        push them out of the list), the master's every one."""
-        if viewer.master:
-            return [key.split("/", 1)[1] for key, _ in await self.store.scan(HANDOFFS, f"{name}/", limit=1000)]
-        prefix = f"{name}/{viewer.owner}/"
-        return [key[len(prefix):] for key, _ in await self.store.scan(HANDOFFS_BY_KEY, prefix, limit=1000)]
+        """The worker's handoffs that ``viewer`` may see: a key's own (another key's many cannot push them out of
+        the list), the master key's every key's."""
+        if not viewer.master:
+            prefix = f"{name}/{viewer.owner}/"
+            return [key[len(prefix):] for key, _ in await self.store.scan(HANDOFFS_BY_KEY, prefix, limit=1000)]
+        ids = [key.split("/", 2)[2] for key, _ in await self.store.scan(HANDOFFS_BY_KEY, f"{name}/", limit=1000)]
+        ids += [key.split("/", 1)[1] for key, _ in await self.store.scan(HANDOFFS, f"{name}/", limit=1000)]
+        return sorted(set(ids))
 
     async def delete_handoff(self, name: str, handoff_id: str, viewer: Identity) -> bool:
-        """Forget a handoff ``viewer`` may see (its turns' results stay); whether there was one."""
-        doc = await self.handoff(name, handoff_id, viewer)
-        if doc is None:
+        """Forget ``viewer``'s handoff with that id (its turns' results stay); whether there was one."""
+        found = await self._find(name, handoff_id, viewer)
+        if found is None:
             return False
+        legacy, doc = found
+        if not legacy:
+            return await self.store.compare_and_set(HANDOFFS_BY_KEY, f"{name}/{viewer.owner}/{handoff_id}", doc,
+                                                    None)
         await self.store.compare_and_set(HANDOFFS, f"{name}/{handoff_id}", doc, None)
         owner = doc.get("identity") or MASTER.owner
         await self.store.compare_and_set(HANDOFFS_BY_KEY, f"{name}/{owner}/{handoff_id}", {}, None)
@@ -280,8 +309,9 @@ class Agents:
             await self.store.put(TURNS, f"{worker.name}/{live.turn_id}", doc)
             await self.update_worker(worker.name, last_turn_id=live.turn_id)
             await self.store.put(LAST_TURNS, f"{worker.name}/{identity.owner}", {"turn_id": live.turn_id})
-            if doc.get("handoff_id"):
-                await self.store.put(RESULTS, f"{worker.name}/{doc['handoff_id']}", {"turn_id": live.turn_id})
+            if doc.get("handoff_id"):  # per key, as the handoff ids are
+                await self.store.put(RESULTS, f"{worker.name}/{identity.owner}/{doc['handoff_id']}",
+                                     {"turn_id": live.turn_id})
         finally:
             recorded.set()
         return doc, task
@@ -364,9 +394,12 @@ class Agents:
         """The last turn of a handoff, or of the worker (``viewer``'s own last turn for a virtual key); 404 for
         another key's, as for one that does not exist."""
         if handoff_id is not None:
-            if await self.handoff(name, handoff_id, viewer) is None:  # none, or another key's: the same answer
+            found = await self._find(name, handoff_id, viewer)
+            if found is None:  # none, or another key's: the same answer
                 raise errors.NotFound(f"worker {errors.quote(name)} has no handoff {errors.quote(handoff_id)}")
-            pointer = await self.store.get(RESULTS, f"{name}/{handoff_id}")
+            pointer = await self.store.get(RESULTS, f"{name}/{viewer.owner}/{handoff_id}")
+            if pointer is None and found[0]:  # a handoff from before ids were per key: its turns' pointer then
+                pointer = await self.store.get(RESULTS, f"{name}/{handoff_id}")
             if pointer is None:
                 raise errors.NotFound(f"handoff {errors.quote(handoff_id)} of worker {errors.quote(name)} has "
                                       f"no finished turn yet")
