@@ -435,16 +435,30 @@ def _frames(response: httpx.Response) -> tuple[list[dict[str, object]], dict[str
 
 def test_finished_runs_are_not_kept_in_memory_and_read_back_from_their_run_dirs(stack: Stack) -> None:
     """Every run (its prompt, up to 4 MiB, its diff and answer) stayed in the book's memory for the life of the
-    server; a finished one is dropped and read back from its run dir by every route, here and in a restarted
-    scillm on the same data dir."""
+    server; a finished one is dropped (nothing in scillm keeps the run object) and read back from its run dir by
+    every route, here and in a restarted scillm on the same data dir."""
+    import gc
+    import weakref
+
     from opencode_helpers import MODEL, ONLY
 
     from scillm_core.testing import ServerThread, make_app
 
-    finished = [stack.client.post(RUNS, json={"prompt": f"[edit] run {i}", "cwd": str(stack.repo())}).json()
-                for i in range(3)]
+    book = stack.opencode.runs
+    ids = [stack.client.post(RUNS, json={"prompt": f"[edit] run {i}", "cwd": str(stack.repo()), "wait": False}
+                             ).json()["run_id"] for i in range(3)]
+    objects = [weakref.ref(book.runs[run_id]) for run_id in ids]
+    finished = [stack.wait_status(f"{RUNS}/{run_id}", ("completed", "error", "timeout", "aborted")) for run_id in ids]
     assert [r["status"] for r in finished] == ["completed"] * 3, finished
-    assert not {r["run_id"] for r in finished} & set(stack.opencode.runs.runs)  # the book holds none of them
+    deadline = time.monotonic() + 30
+    while set(ids) & set(book.runs) or any(ref() is not None for ref in objects):
+        assert time.monotonic() < deadline, [ref() for ref in objects]
+        stack.reported.clear()  # this module's own record of events (their calls' jobs name the runs)
+        gc.collect()
+        time.sleep(0.05)
+    for result in finished:
+        assert result["assistant_text"] == FINAL and result["changed_paths"] == ["hello.txt"]
+        assert "-hello world\n+goodbye world" in result["diff"]
 
     def read_back(client: httpx.Client) -> None:
         for result in finished:
