@@ -6,6 +6,11 @@ secret-named variables of its environment, the master key included), so text bui
 can be cleaned without knowing which provider it came from. Every :class:`~scillm_core.errors.ScillmError`
 message passes through it when the error is made (the one redaction point for error text), log records through
 :class:`RedactingFilter`, streamed output (agent CLI logs) through :class:`StreamRedactor`.
+
+Ops output (health, ``/metrics`` labels, the dashboard, run listings, trace attributes) also shows names a client or
+the configuration chose: a model ``llama3:sk-live-...``, an ``x-caller-skill``, a group member. It passes through
+:func:`redact_name` (names, remembered: they repeat) or :func:`redact_json` (a whole JSON answer, every string and
+key; ``scillm_core.web.ops_response``).
 """
 
 from __future__ import annotations
@@ -13,8 +18,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
-__all__ = ["RedactingFilter", "StreamRedactor", "env_secrets", "known_secrets", "redact", "remember"]
+import orjson
+
+__all__ = ["RedactingFilter", "StreamRedactor", "env_secrets", "known_secrets", "redact", "redact_json", "redact_name",
+           "redact_tree", "remember"]
 
 _KEY_SHAPES = re.compile(
     r"(?:sk|pk|cpk|rk)[-_][A-Za-z0-9_\-*.]{6,}"      # sk-..., cpk_..., sk-ant-...
@@ -49,6 +58,7 @@ def remember(values: Iterable[str | None]) -> None:
     fresh = {v for v in values if v and len(v) >= MIN_SECRET} - set(_known)
     if fresh:
         _known = tuple(sorted({*_known, *fresh}, key=len, reverse=True))
+        _names.clear()  # redacted before this secret was known
 
 
 def known_secrets() -> tuple[str, ...]:
@@ -68,6 +78,47 @@ def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     if not _may_hold_key_shape(text):
         return text
     return _KEY_SHAPES.sub("[redacted]", text)
+
+
+_names: dict[str, str] = {}  # name -> redacted, for redact_name
+_NAMES_MAX = 4096
+_NAME_MAX = 256  # longer strings are not remembered
+
+
+def redact_name(name: str) -> str:
+    """:func:`redact` for names that repeat (models, callers, providers, deployments, span names): each distinct
+    short one is redacted once and remembered, so an ops surface can pass every name through at no cost."""
+    redacted = _names.get(name)
+    if redacted is None:
+        redacted = redact(name)
+        if len(name) <= _NAME_MAX:
+            if len(_names) >= _NAMES_MAX:
+                _names.clear()
+            _names[name] = redacted
+    return redacted
+
+
+def redact_tree(value: Any, secrets: Iterable[str] = ()) -> Any:
+    """``value`` with every string in it, mapping keys included, redacted (lists, tuples and mappings walked)."""
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, Mapping):
+        return {redact(str(k), secrets): redact_tree(v, secrets) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_tree(v, secrets) for v in value]
+    return value
+
+
+def redact_json(value: Any, secrets: Iterable[str] = ()) -> bytes:
+    """``value`` as JSON with every string and key redacted. One scan of the encoded text tells whether anything
+    needs redaction (almost never; without a backslash every string appears in it verbatim); only then is the value
+    walked and encoded again."""
+    secrets = tuple(secrets)
+    encoded = orjson.dumps(value)
+    text = encoded.decode()
+    if "\\" not in text and redact(text, secrets) == text:
+        return encoded
+    return orjson.dumps(redact_tree(value, secrets))
 
 
 class RedactingFilter(logging.Filter):

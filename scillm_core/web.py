@@ -13,13 +13,14 @@ from starlette.types import Send
 
 from scillm_core import errors, jsonio
 from scillm_core.identity import identity_of, job_of
+from scillm_core.redact import redact_json
 
 if TYPE_CHECKING:
     from scillm_core.context import CallContext, Runtime
 
 __all__ = ["SESSION_HEADERS", "JSONResponse", "call_context", "caller_of", "error_response", "json_response",
-           "list_page", "parse_json", "query_int", "read_body", "read_json", "request_id_of", "runtime_of",
-           "send_error", "served_headers", "session_of", "sse_data", "sse_error"]
+           "list_page", "ops_response", "parse_json", "query_int", "read_body", "read_json", "request_id_of",
+           "runtime_of", "send_error", "served_headers", "session_of", "sse_data", "sse_error"]
 
 #: Headers that name an agent session, in order of precedence: scillm's own, then what Claude Code, Codex and
 #: OpenCode send. Without one, the body's ``prompt_cache_key`` names it.
@@ -36,6 +37,14 @@ class JSONResponse(Response):
 
 def json_response(content: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(content, status_code=status, headers=dict(headers) if headers else None)
+
+
+def ops_response(content: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """A JSON answer of an ops or listing endpoint (health, the dashboard's data, run listings): it shows names a
+    client or the configuration chose (a model ``llama3:sk-live-...``, a caller, a group member), so every string
+    and key in it is redacted (:func:`scillm_core.redact.redact_json`)."""
+    return Response(redact_json(content), status_code=status, headers=dict(headers) if headers else None,
+                    media_type="application/json")
 
 
 def error_response(exc: BaseException) -> JSONResponse:

@@ -73,6 +73,7 @@ PUBLIC_API = [
     'load_config',
     'max_cost_of',
     'open_stream',
+    'ops_response',
     'parse_json',
     'read_body',
     'read_json',

@@ -35,8 +35,8 @@ from attrs import define, field, frozen, validators
 from starlette.requests import Request
 from starlette.responses import Response
 
-from scillm_core import Runtime, SurfaceRegistry, errors, hookimpl, identity_of, json_response, runtime_of
-from scillm_core.redact import env_secrets, redact
+from scillm_core import Runtime, SurfaceRegistry, errors, hookimpl, identity_of, ops_response, runtime_of
+from scillm_core.redact import env_secrets, redact, redact_tree
 from scillm_core.state.writer import LogWriter
 from scillm_core.web import query_int
 from scillm_metrics.series import Counters, Histograms, SeriesCollector
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from scillm_core import Usage
     from scillm_core.events import Event
 
-__all__ = ["BoundedLabel", "MetricsConfig", "redact_batch", "redact_record"]
+__all__ = ["BoundedLabel", "MetricsConfig", "redact_batch"]
 
 log = logging.getLogger("scillm.metrics")
 NAMESPACE = "calls"
@@ -126,17 +126,6 @@ def _config(runtime: Runtime) -> MetricsConfig:
     return runtime.config.sections.get("metrics") or MetricsConfig()  # type: ignore[no-any-return]
 
 
-def redact_record(value: Any, secrets: Iterable[str] = ()) -> Any:
-    """Every string in ``value`` (recursively) with secrets and key-shaped tokens replaced by ``[redacted]``."""
-    if isinstance(value, str):
-        return redact(value, secrets)
-    if isinstance(value, Mapping):
-        return {redact(str(k), secrets): redact_record(v, secrets) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact_record(v, secrets) for v in value]
-    return value
-
-
 def redact_batch(records: list[dict[str, Any]], secrets: Iterable[str] = ()) -> list[dict[str, Any]]:
     """``records`` redacted and writable. One scan of the batch's JSON tells whether anything needs redaction
     (almost never): without a backslash every string, key included, appears in it verbatim. Only then is each
@@ -149,7 +138,7 @@ def redact_batch(records: list[dict[str, Any]], secrets: Iterable[str] = ()) -> 
         text = orjson.dumps(records).decode()
     if "\\" not in text and redact(text, secrets) == text:
         return records
-    return [redact_record(record, secrets) for record in records]
+    return [redact_tree(record, secrets) for record in records]
 
 
 def _writable(record: dict[str, Any]) -> dict[str, Any]:
@@ -317,5 +306,5 @@ async def calls(request: Request) -> Response:
         records = await runtime.store.tail(NAMESPACE, limit)
     else:
         records = await runtime.store.tail(NAMESPACE, limit, match={"owner": identity.owner})
-    return json_response({"object": "list", "data": records, "count": len(records),
+    return ops_response({"object": "list", "data": records, "count": len(records),
                           "enabled": state is not None and state.config.call_log})

@@ -10,6 +10,10 @@ where bytes are never walked) and queues the bytes; its thread sends them in bat
 ``BatchSpanProcessor`` does (``OTEL_BSP_*``), through the SDK's ``OTLPSpanExporter`` HTTP client (its
 retries, headers and compression) on the SDK's urllib3 transport (``_client`` and ``_transport`` are those of the
 pinned version, see ``pyproject.toml``).
+
+Every string that goes out (span and event names, attribute values, status messages) passes through
+:func:`~scillm_core.redact.redact_name`: they hold names a client or the configuration chose (``chat
+llama3:sk-live-...``, a caller). Encoded attributes and names are remembered, so that is paid once per distinct value.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import struct
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+
+from scillm_core.redact import redact_name
 
 if TYPE_CHECKING:
     from scillm_tracing.config import Settings
@@ -74,7 +80,7 @@ def _value(value: Any) -> bytes:
     if isinstance(value, bool):
         return V2 + (b"\x01" if value else b"\x00")
     if isinstance(value, str):
-        return _ld(T1, value.encode())
+        return _ld(T1, redact_name(value).encode())
     if isinstance(value, int):
         return V3 + _varint(value & 0xFFFFFFFFFFFFFFFF)
     if isinstance(value, float):
@@ -143,7 +149,7 @@ class Encoder:
             key_field = self.keys.get(key)
             if key_field is None:
                 key_field = self.keys[key] = _ld(T1, key.encode()) + T2
-            text = value.encode()
+            text = redact_name(value).encode()
             field = key_field + _varint(len(text) + 1 + len(_varint(len(text)))) + T1 + _varint(len(text)) + text
             return T9 + _varint(len(field)) + field
         encoded = _ld(T9, _key_value(key, value))
@@ -160,7 +166,7 @@ class Encoder:
     def _name(self, name: str, kind: int) -> bytes:
         encoded = self.names.get((name, kind))
         if encoded is None:
-            encoded = _ld(T5, name.encode()) + V6 + _varint(kind)
+            encoded = _ld(T5, redact_name(name).encode()) + V6 + _varint(kind)
             if len(self.names) < _CACHE_MAX:
                 self.names[(name, kind)] = encoded
         return encoded
@@ -173,7 +179,7 @@ class Encoder:
             head = trace.encoded = _TRACE + trace.trace_id.to_bytes(16, "big") + (
                 _ld(T3, trace.state.encode()) if trace.state else b"")
         if span.status or span.message:
-            status = (_ld(T2, span.message.encode()) if span.message else b"") + (
+            status = (_ld(T2, redact_name(span.message).encode()) if span.message else b"") + (
                 V3 + _varint(span.status) if span.status else b"")
             tail = T15 + _varint(len(status)) + status + (_REMOTE if span.remote_parent else _LOCAL)
         else:
@@ -184,7 +190,7 @@ class Encoder:
             self.names.get((span.name, span.kind)) or self._name(span.name, span.kind),
             _times(0x39, span.start, 0x41, span.end),
             self._attributes(span.attrs) if span.attrs else b"",
-            b"".join(_ld(T11, F64_1 + _pack_q(time_ns) + _ld(T2, name.encode())
+            b"".join(_ld(T11, F64_1 + _pack_q(time_ns) + _ld(T2, redact_name(name).encode())
                          + b"".join(_ld(T3, _key_value(k, v)) for k, v in attrs.items()))
                      for name, attrs, time_ns in span.events) if span.events else b"",
             tail))

@@ -20,7 +20,7 @@ from scillm_agents.worker import Worker
 from scillm_core import Identity, errors, identity_of, max_cost_of
 from scillm_core.events import trace_headers
 from scillm_core.streaming import EventStreamResponse
-from scillm_core.web import caller_of, json_response, read_json, runtime_of
+from scillm_core.web import caller_of, json_response, ops_response, read_json, runtime_of
 
 __all__ = ["routes"]
 
@@ -145,7 +145,7 @@ async def registry(request: Request) -> Response:
                      "repository": w.cfg.repository, "base_ref": w.cfg.base_ref, "state": view.state,
                      "process": w.process_status()["status"] if view.mine else None, "running_turn": view.own_turn
                      or (identity.master and w.busy.locked())})
-    return json_response({"status": "configured", "workers": rows})
+    return ops_response({"status": "configured", "workers": rows})
 
 
 async def status(request: Request) -> Response:
@@ -164,7 +164,7 @@ async def status(request: Request) -> Response:
     running = worker.current if view.own_turn or (identity.master and worker.busy.locked()) else None
     own_thread = identity.can_see(doc.get("thread_owner"))
     own_worktree = identity.master or doc.get("worktree_owner") == identity.owner
-    return json_response({
+    return ops_response({
         "worker": worker.name, "state": view.state,
         "description": worker.cfg.description, "model": worker.cfg.model, "sandbox": worker.cfg.sandbox,
         "repository": worker.cfg.repository, "base_ref": worker.cfg.base_ref,

@@ -14,7 +14,7 @@ from starlette.responses import Response
 from scillm_core import errors, identity_of
 from scillm_core.events import trace_headers
 from scillm_core.streaming import EventStreamResponse
-from scillm_core.web import caller_of, json_response, read_json, runtime_of
+from scillm_core.web import caller_of, json_response, ops_response, read_json, runtime_of
 from scillm_exec.config import exec_config
 from scillm_exec.events import read_new, resume_after
 from scillm_exec.manager import TERMINAL, ExecManager, spec_from_body
@@ -82,7 +82,7 @@ async def create(request: Request) -> Response:
 
 
 async def show(request: Request) -> Response:
-    return json_response(await manager_of(request).load_for(request.path_params["run_id"], identity_of(request)))
+    return ops_response(await manager_of(request).load_for(request.path_params["run_id"], identity_of(request)))
 
 
 async def cancel(request: Request) -> Response:

@@ -12,7 +12,7 @@ from starlette.responses import Response
 from scillm_core import Identity, Runtime, errors, identity_of
 from scillm_core.events import trace_headers
 from scillm_core.streaming import EventStreamResponse
-from scillm_core.web import caller_of, json_response, query_int, read_json, runtime_of
+from scillm_core.web import caller_of, json_response, ops_response, query_int, read_json, runtime_of
 from scillm_opencode.book import RunBook, Sessions
 from scillm_opencode.config import enabled, opencode_config
 from scillm_opencode.monitor import view_routes
@@ -104,11 +104,11 @@ def run_routes(base: str, *, transport: bool) -> list[tuple[str, Any, list[str]]
 
     async def index(request: Request) -> Response:
         identity = identity_of(request)  # a key lists its own runs
-        return json_response({"runs": await book(_surface(request)).records.index(
+        return ops_response({"runs": await book(_surface(request)).records.index(
             _limit(request), owner=None if identity.master else identity.owner)})
 
     async def show(request: Request) -> Response:
-        return json_response(await book(_surface(request)).load_for(_run_id(request), identity_of(request)))
+        return ops_response(await book(_surface(request)).load_for(_run_id(request), identity_of(request)))
 
     async def diff(request: Request) -> Response:
         oc, run_id = _surface(request), _run_id(request)
@@ -192,7 +192,7 @@ def _server(oc: OpenCode, identity: Identity) -> dict[str, Any]:
 async def serve_status(request: Request) -> Response:
     """The server, and the live runs: all of them for the master key, a virtual key's own for it."""
     oc, identity = _surface(request), identity_of(request)
-    return json_response({"serve": _server(oc, identity), "live_runs": oc.runs.live(identity),
+    return ops_response({"serve": _server(oc, identity), "live_runs": oc.runs.live(identity),
                           "live_transport_runs": oc.transport.live(identity)})
 
 

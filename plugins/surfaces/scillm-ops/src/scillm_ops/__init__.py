@@ -1,4 +1,7 @@
-"""Ops surface: liveness, readiness, health, providers, plugins and Prometheus metrics. Never shows a secret."""
+"""Ops surface: liveness, readiness, health, providers, plugins and Prometheus metrics. Never shows a secret: what
+they print includes names a client or the configuration chose (a model ``llama3:sk-live-...``, a caller, a group
+member), so the JSON answers go out through ``ops_response`` and every label value of ``/metrics`` through
+``redact_name``."""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from scillm_core import Runtime, SurfaceRegistry, __version__, hookimpl, json_response, runtime_of
+from scillm_core import Runtime, SurfaceRegistry, __version__, hookimpl, json_response, ops_response, runtime_of
+from scillm_core.redact import redact, redact_name
 
 
 @hookimpl
@@ -60,7 +64,7 @@ async def health(request: Request) -> Response:
     groups = {name: {"models": list(group.models), "primary": group.models[0], "fallbacks": list(group.models[1:])}
               for name, group in config.groups.items()}
     state = await state_health(runtime)
-    return json_response({
+    return ops_response({
         "status": ("ok" if state["reachable"] else "degraded") if runtime.ready else "starting",
         "version": __version__,
         "uptime_seconds": round(time.time() - runtime.started_at, 3),
@@ -79,21 +83,46 @@ async def providers(request: Request) -> Response:
     rows: list[dict[str, Any]] = []
     for provider in runtime.providers.by_rule_order():
         rows.append(provider.describe())
-    return json_response({"providers": rows, "routing_order": ["alias", "group", "prefix", "name rule"]})
+    return ops_response({"providers": rows, "routing_order": ["alias", "group", "prefix", "name rule"]})
 
 
 async def auth(request: Request) -> Response:
     runtime = runtime_of(request)
     logins = {name: status for name, p in runtime.providers.items() if (status := p.auth_status()) is not None}
-    return json_response({"timestamp": int(time.time()), "logins": logins})
+    return ops_response({"timestamp": int(time.time()), "logins": logins})
 
 
 async def plugins(request: Request) -> Response:
     runtime = runtime_of(request)
-    return json_response({"plugins": [info.as_dict() for info in runtime.plugins]})
+    return ops_response({"plugins": [info.as_dict() for info in runtime.plugins]})
 
 
 async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    return Response(generate_latest(runtime_of(request).metrics), media_type=CONTENT_TYPE_LATEST)
+    registry = runtime_of(request).metrics
+    text = generate_latest(registry)
+    if redact(text.decode()) != text.decode():  # a label value holds a secret (nearly never): render them redacted
+        text = generate_latest(RedactedLabels(registry))
+    return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+
+class RedactedLabels:
+    """A registry's metrics with every label value through ``redact_name``; series whose labels became the same
+    (``llama3:sk-a...`` and ``llama3:sk-b...`` are both ``llama3:[redacted]``) are added up into one."""
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+
+    def collect(self) -> Any:
+        for family in self.registry.collect():
+            samples: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+            for sample in family.samples:
+                labels = {k: redact_name(v) for k, v in sample.labels.items()}
+                key = (sample.name, tuple(sorted(labels.items())))
+                seen, value = samples.get(key), sample.value
+                if seen is not None:
+                    value = min(seen.value, value) if sample.name.endswith("_created") else seen.value + value
+                samples[key] = sample._replace(labels=labels, value=value)
+            family.samples = list(samples.values())
+            yield family

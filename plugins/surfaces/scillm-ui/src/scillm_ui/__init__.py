@@ -27,7 +27,7 @@ from scillm_core import (
     errors,
     hookimpl,
     identity_of,
-    json_response,
+    ops_response,
     runtime_of,
 )
 from scillm_core.redact import env_secrets
@@ -92,7 +92,7 @@ def _asset(body: bytes, media_type: str) -> Any:
 
 
 def _data(payload: Any) -> Response:
-    return json_response(payload, headers=DATA_HEADERS)
+    return ops_response(payload, headers=DATA_HEADERS)  # names and texts in it redacted
 
 
 def _param(request: Request, name: str, limit: int = 200) -> str:
