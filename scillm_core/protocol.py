@@ -15,11 +15,19 @@ client gets a 408 and the connection is closed. The timer is armed only when a h
 read (a head nearly always arrives in one). Nor did anything bound a head's size (httptools keeps a header's value
 until it ends: a 50 MB header was read into memory and answered): past ``MAX_HEAD_BYTES`` the client gets a 431 and
 the connection is closed. The body has its own deadline (:mod:`scillm_core.body_deadline`).
+
+A connection closed while its client is still sending (a refused head or body: 431, 408, a 413 or any answer given
+before the body was read whole) is closed the way nginx's ``lingering_close`` does it: closing a socket with
+unread bytes makes the kernel send a reset, and a client still writing its request then gets an error instead of
+the answer already sent to it. Here the answer is written, the write side shut down (the client reads the answer
+and an end), and what still comes is read and dropped (:class:`Lingering`) until the client closes, for at most
+``LINGER_S`` seconds and ``LINGER_BYTES`` bytes: then the connection is closed whatever the client does.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -32,13 +40,15 @@ class HeadWithBody:
     """The transport of one response until its head is sent: the first write (the head) is held until the next write
     or the next pass of the event loop, whichever comes first; then the response gets its socket's transport back."""
 
-    __slots__ = ("cycle", "head", "loop", "transport")
+    __slots__ = ("closer", "cycle", "head", "loop", "transport")
 
-    def __init__(self, cycle: Any, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, cycle: Any, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop,
+                 close: Callable[[], None] | None = None) -> None:
         self.cycle = cycle  # uvicorn's RequestResponseCycle: it writes through ``cycle.transport``
         self.transport = transport
         self.loop = loop
         self.head: bytes | None = None
+        self.closer = close or transport.close  # how the connection ends after a response that closes it
 
     def write(self, data: bytes) -> None:
         if self.cycle is None:  # done: only a caller that kept this object gets here
@@ -50,10 +60,13 @@ class HeadWithBody:
             self.transport.writelines((self._done(), data))  # one send
 
     def _done(self) -> bytes:
-        """Give the response its transport back (and drop the reference to it); the head held until now."""
+        """Give the response its transport back (and drop the reference to it); the head held until now. A
+        response that closes the connection keeps writing through this object, for its close to be ``closer``."""
         head, self.head = self.head or b"", None
         if self.cycle is not None:
-            self.cycle.transport, self.cycle = self.transport, None
+            if self.cycle.keep_alive:
+                self.cycle.transport = self.transport
+            self.cycle = None
         return head
 
     def flush(self) -> None:
@@ -63,7 +76,7 @@ class HeadWithBody:
 
     def close(self) -> None:
         self.flush()
-        self.transport.close()
+        self.closer()
 
     def is_closing(self) -> bool:
         return self.transport.is_closing()
@@ -75,6 +88,8 @@ class HeadWithBody:
 
 
 MAX_HEAD_BYTES = 1 << 20  # a request line and headers (counted by reads: a read may hold the previous body's end)
+LINGER_S = 30.0  # after answering a request still being sent, read and drop the rest this long at most (nginx's
+LINGER_BYTES = 64 << 20  # lingering_time) and this much: a body a little past max_body_mb still gets its 413
 
 
 def _refusal(status: bytes, code: str, message: str) -> bytes:
@@ -89,10 +104,37 @@ HEAD_TOO_LARGE_RESPONSE = _refusal(b"431 Request Header Fields Too Large", "requ
                                    f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
 
 
+class Lingering(asyncio.Protocol):
+    """A connection after its last answer, while the client may still be sending: what comes is dropped until the
+    client closes, ``max_bytes`` have come or ``seconds`` have passed; then it is closed. (The write side is already
+    shut down.) The connection's end is reported to the HTTP protocol it replaced."""
+
+    def __init__(self, protocol: HttpProtocol, transport: asyncio.Transport, seconds: float, max_bytes: int) -> None:
+        self.protocol = protocol
+        self.transport = transport
+        self.left = max_bytes
+        self.timer = protocol.loop.call_later(seconds, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        self.left -= len(data)
+        if self.left < 0:
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        return False  # the client is done: the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+        self.protocol.connection_lost(exc)
+
+
 class HttpProtocol(HttpToolsProtocol):
     head_pending = True  # a request's head has begun (or the connection is new) and is not complete
     head_bytes = 0
     head_timer: asyncio.TimerHandle | None = None
+    lingering: Lingering | None = None
+    linger_s = LINGER_S
+    linger_bytes = LINGER_BYTES
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -124,11 +166,45 @@ class HttpProtocol(HttpToolsProtocol):
             return
         if self.cycle is None or self.cycle.response_complete:
             self.transport.write(response)
-            self.transport.close()
+            self.close_lingering()
         elif wait_for_response:
             self.cycle.keep_alive = False
         else:
             self.transport.close()
+
+    def unread(self) -> bool:
+        """Whether the client may still be sending the request being answered: a head has begun and is not
+        complete, or the body of the newest request has not all been read."""
+        if self.head_pending:
+            return self.head_bytes > 0
+        return self.cycle is not None and self.cycle.more_body
+
+    def close_lingering(self) -> None:
+        """Close the connection after its last answer; while the client may still be sending, shut the write side
+        down and drop what comes for a bounded time and size first (:class:`Lingering`)."""
+        transport = self.transport
+        if transport.is_closing() or self.lingering is not None:
+            return
+        if not self.unread():
+            transport.close()
+            return
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+        if transport.can_write_eof():
+            transport.write_eof()  # after what is buffered: the client reads the answer, then an end
+        self.lingering = Lingering(self, transport, self.linger_s, self.linger_bytes)
+        transport.set_protocol(self.lingering)
+        self.flow.resume_reading()  # reading may have been paused for a body nobody read
+
+    def on_response_complete(self) -> None:
+        cycle = self.cycle
+        if self.lingering is None and cycle.response_complete and cycle.more_body:
+            self.close_lingering()  # answered before its body was read whole (a 413, a 401): the rest is dropped
+        if self.lingering is not None:
+            self.server_state.total_requests += 1
+            return
+        super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.head_timer is not None:
@@ -144,7 +220,8 @@ class HttpProtocol(HttpToolsProtocol):
         previous = self.cycle
         super().on_headers_complete()
         if self.cycle is not previous:  # a new request (not an upgrade); its task runs from the next pass on
-            self.cycle.transport = HeadWithBody(self.cycle, self.transport, self.loop)  # type: ignore[assignment]
+            self.cycle.transport = HeadWithBody(  # type: ignore[assignment]
+                self.cycle, self.transport, self.loop, self.close_lingering)
 
 
 LISTENER: dict[str, Any] = {"http": HttpProtocol, "server_header": False}  # how every scillm listener serves HTTP

@@ -52,7 +52,7 @@ async def next_pass() -> None:
 
 def held(sent: Recorder) -> tuple[SimpleNamespace, HeadWithBody]:
     """A response (uvicorn's cycle writes through its ``transport``) whose head is held by a ``HeadWithBody``."""
-    cycle = SimpleNamespace()
+    cycle = SimpleNamespace(keep_alive=True)
     cycle.transport = HeadWithBody(cycle, sent, asyncio.get_running_loop())  # type: ignore[arg-type]
     return cycle, cycle.transport
 
@@ -141,10 +141,11 @@ ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any]
 
 
 @contextlib.asynccontextmanager
-async def serving(app: ASGIApp, timeout_keep_alive: float = 5) -> AsyncIterator[int]:
+async def serving(app: ASGIApp, timeout_keep_alive: float = 5, protocol: type[HttpProtocol] = RecordedProtocol
+                  ) -> AsyncIterator[int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, http=RecordedProtocol,
+    config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, http=protocol,
                             timeout_keep_alive=timeout_keep_alive)  # type: ignore[arg-type]
     server = uvicorn.Server(config)
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
@@ -312,19 +313,20 @@ async def test_a_head_past_max_head_bytes_is_a_431_and_the_connection_is_closed(
 
 
 async def test_a_head_that_keeps_coming_is_cut_off_near_max_head_bytes() -> None:
-    from scillm_core.protocol import MAX_HEAD_BYTES
+    from scillm_core.protocol import LINGER_BYTES, MAX_HEAD_BYTES
 
+    bound = MAX_HEAD_BYTES + LINGER_BYTES  # the head, then what is dropped after the 431
     async with serving(answer) as port:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nhost: a\r\nx-big: ")
         sent = 0
         with contextlib.suppress(ConnectionError):  # the server closes (a reset: it leaves the rest unread)
-            while sent <= 64 * MAX_HEAD_BYTES:
+            while sent <= 4 * bound:
                 writer.write(b"a" * 65536)
                 sent += 65536
                 await writer.drain()
         writer.close()
-    assert sent < 64 * MAX_HEAD_BYTES  # it stopped reading, where a 50 MB header used to be read whole
+    assert sent < bound + (16 << 20)  # it stopped reading (socket buffers aside), where a 50 MB header was read whole
 
 
 async def test_a_large_but_bounded_head_is_served() -> None:
@@ -336,3 +338,123 @@ async def test_a_large_but_bounded_head_is_served() -> None:
             head, body = await read_response(reader)
             assert head.startswith(b"HTTP/1.1 200 OK") and body == b'{"ok":true}'
         writer.close()
+
+
+# A connection closed while its client is still sending: the answer, the write side shut down, what still comes
+# read and dropped (nginx's lingering_close), within LINGER_S and LINGER_BYTES (made small here where it matters).
+
+class TinyLinger(RecordedProtocol):
+    linger_bytes = 256 * 1024
+
+
+class ShortLinger(RecordedProtocol):
+    linger_s = 0.05
+
+
+async def answer_413_unread(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An answer given before the body is read (as for a declared content-length past the limit)."""
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"15")]})
+    await send({"type": "http.response.body", "body": b'{"error":"big"}'})
+
+
+async def read_to_end(reader: asyncio.StreamReader) -> tuple[bytes, bytes, bytes]:
+    """The answer's head and body, then what follows it until the end of the connection (b"": a clean end)."""
+    head, body = await read_response(reader)
+    return head, body, await reader.read()
+
+
+async def write_all(writer: asyncio.StreamWriter, size: int, chunk: int = 65536) -> None:
+    """Write ``size`` bytes the way an HTTP client writes a request: all of it before reading the answer."""
+    for _ in range(0, size, chunk):
+        writer.write(b"a" * chunk)
+        await writer.drain()
+
+
+async def test_a_client_still_sending_a_too_large_head_reads_the_whole_431() -> None:
+    from scillm_core.protocol import MAX_HEAD_BYTES
+
+    async with serving(answer) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nhost: a\r\nx-big: ")
+        await write_all(writer, MAX_HEAD_BYTES + (4 << 20))  # went on well past the refusal: no reset
+        head, body, after = await asyncio.wait_for(read_to_end(reader), 30)
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 431") and b"request_header_fields_too_large" in body and after == b""
+
+
+async def test_a_client_still_trickling_its_head_reads_the_whole_408() -> None:
+    async with serving(answer, timeout_keep_alive=0.2) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/x HTTP/1.1\r\n")
+        waiting = asyncio.ensure_future(reader.readuntil(b"\r\n\r\n"))
+        while not waiting.done():  # a header byte now and then until the refusal arrives
+            writer.write(b"x")
+            await writer.drain()
+            await asyncio.wait([waiting], timeout=0.01)
+        await write_all(writer, 1 << 20)  # and more after it
+        head = waiting.result()
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        body = await asyncio.wait_for(reader.readexactly(length), 30)
+        after = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408") and b"request_timeout" in body and after == b""
+
+
+async def test_a_body_answered_before_it_was_read_is_dropped_and_the_connection_closed() -> None:
+    async with serving(answer_413_unread) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/x HTTP/1.1\r\nhost: a\r\ncontent-length: 4194304\r\n\r\n")
+        await write_all(writer, 4 << 20)
+        head, body, after = await asyncio.wait_for(read_to_end(reader), 30)
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 413") and body == b'{"error":"big"}' and after == b""
+
+
+async def keep_sending(writer: asyncio.StreamWriter, *, chunk: int, pause: float = 0.0, chunked: bool = False
+                       ) -> int:
+    """Send until the server ends the connection (``chunked``: as chunks of a body); how much was sent."""
+    sent = 0
+    data = b"%x\r\n%s\r\n" % (chunk, b"a" * chunk) if chunked else b"a" * chunk
+    with contextlib.suppress(ConnectionError):
+        while True:
+            writer.write(data)
+            sent += chunk
+            await writer.drain()
+            if pause:
+                await asyncio.sleep(pause)
+            if writer.is_closing():
+                break
+    return sent
+
+
+async def test_a_client_that_never_stops_sending_is_cut_off_by_the_byte_bound() -> None:
+    from scillm_core.protocol import LINGER_BYTES, MAX_HEAD_BYTES
+
+    async with serving(answer, protocol=TinyLinger) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nhost: a\r\nx-big: ")
+        sent = await asyncio.wait_for(keep_sending(writer, chunk=65536), 60)
+        writer.close()
+    assert sent < MAX_HEAD_BYTES + LINGER_BYTES  # ended near MAX_HEAD_BYTES + TinyLinger.linger_bytes
+
+
+async def test_a_body_that_never_ends_after_its_answer_is_cut_off_by_the_byte_bound() -> None:
+    async with serving(answer_413_unread, protocol=TinyLinger) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n")
+        sent = await asyncio.wait_for(keep_sending(writer, chunk=65536, chunked=True), 60)  # was read forever
+        writer.close()
+    assert sent > 0
+
+
+async def test_a_client_trickling_after_the_refusal_is_cut_off_by_the_time_bound() -> None:
+    from scillm_core.protocol import MAX_HEAD_BYTES
+
+    async with serving(answer, protocol=ShortLinger) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nhost: a\r\nx-big: ")
+        await write_all(writer, MAX_HEAD_BYTES + 65536)
+        sent = await asyncio.wait_for(keep_sending(writer, chunk=1, pause=0.01), 60)  # a byte now and then, forever
+        writer.close()
+    assert sent > 0

@@ -11,6 +11,8 @@ from typing import Any
 
 import uvicorn
 
+from scillm_core.protocol import LISTENER
+
 __all__ = ["ServerThread", "free_port"]
 
 
@@ -22,12 +24,13 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """``with ServerThread(app) as server: server.url`` — uvicorn on 127.0.0.1 with a free port, lifespan on."""
+    """``with ServerThread(app) as server: server.url`` — uvicorn on 127.0.0.1 with a free port, lifespan on,
+    serving HTTP the way ``scillm serve`` does (``scillm_core.protocol``)."""
 
     def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self.app = app  # for scillm apps, ``server.app.runtime`` is the live runtime
         self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
-                                     loop="asyncio", timeout_graceful_shutdown=1, access_log=False)
+                                     loop="asyncio", timeout_graceful_shutdown=1, access_log=False, **LISTENER)
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
