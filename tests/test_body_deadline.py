@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import select
 import socket
 import threading
 from typing import Any
@@ -31,7 +32,7 @@ def fake():
 def server(fake, tmp_path_factory):
     env = {"DEEPSEEK_API_KEY": "sk-deadline-deepseek-0123456789", "DEEPSEEK_API_BASE": fake.base_url}
     app = make_app(env=env, data_dir=tmp_path_factory.mktemp("d"),
-                   config={"server": {"body_read_timeout_s": 0.2}, "resilience": {"max_retries": 0}})
+                   config={"server": {"body_read_timeout_s": 0.2, "max_body_mb": 1}, "resilience": {"max_retries": 0}})
     with ServerThread(app) as server:
         yield server
 
@@ -143,3 +144,29 @@ async def test_a_reader_busy_between_two_receives_at_the_deadline_is_refused_at_
     with pytest.raises(Exception) as raised:
         await body2()
     assert getattr(raised.value, "status", None) == 408
+
+
+def test_a_client_still_sending_its_body_after_the_408_reads_the_whole_answer(server):
+    """The refusal comes while the client is still sending (as an HTTP client writes its whole request before
+    reading): it goes on sending, then reads the 408 and a clean end, not a reset (scillm_core/protocol.py)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {DEV_KEY}\r\n"
+                     "content-type: application/json\r\ncontent-length: 900000\r\n\r\n{".encode())
+        while not select.select([sock], [], [], 0.01)[0]:  # a byte now and then until the answer is there
+            sock.sendall(b" ")
+        for _ in range(32):  # and 512 KiB more after it
+            sock.sendall(b" " * 16384)
+        received = b""
+        while chunk := sock.recv(65536):  # to the end of the connection; a reset raises here
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"]["code"] == "request_timeout"
+
+
+def test_a_body_past_max_body_mb_from_the_sdk_is_a_413_not_a_connection_error(server, fake):
+    calls = len(fake.requests)
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=30)
+    with pytest.raises(openai.APIStatusError) as raised:  # the answer comes before most of the 3 MB is read
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x" * 3_000_000}])
+    assert raised.value.status_code == 413 and raised.value.body["code"] == "payload_too_large"
+    assert len(fake.requests) == calls
