@@ -283,6 +283,21 @@ def test_no_prompt_or_secret_in_any_exported_span(server: ServerThread, receiver
     assert OPENAI_KEY.encode() not in b"".join(receiver.bodies)
 
 
+def test_a_secret_in_a_model_name_or_caller_is_redacted_in_span_names_and_attributes(
+        server: ServerThread, receiver: OTLPReceiver, upstreams: tuple[FakeOpenAI, FakeOpenAI]) -> None:
+    token = "sk-live-" + "7f3a9c" * 6  # chosen by the client: the model's name and its caller header
+    upstreams[1].script(Reply.say("fine"))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=MASTER_KEY, max_retries=0,
+                           default_headers={"x-caller-skill": f"team-{token}"})
+    assert client.chat.completions.create(model=f"deepseek/{token}", messages=[{"role": "user", "content": "hi"}]
+                                          ).choices[0].message.content == "fine"
+    assert upstreams[1].last.json["model"] == token  # the upstream gets the name as asked
+    root = receiver.wait_for(_request_span("deepseek/[redacted]"))
+    server.app.runtime.plugin_state["tracing"].processor.force_flush()
+    assert root["attrs"]["scillm.caller"] == "team-[redacted]"
+    assert b"7f3a9c7f3a9c" not in b"".join(receiver.bodies)
+
+
 def test_settings_honour_otel_variables_and_refuse_what_is_not_supported(receiver: OTLPReceiver) -> None:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_SERVICE_NAME": "gw",
            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,team=ml", "OTEL_TRACES_SAMPLER":
