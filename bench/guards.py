@@ -7,7 +7,9 @@
   off the event loop), and again (a remembered schema);
 - the body deadline (``body_deadline.BodyDeadline``, on every request's ``receive``) vs the bare ``receive``: a body
   that is there when the app asks for it (nearly every request), and one that arrives in two parts (the timer is
-  armed once), on uvloop as served.
+  armed once), on uvloop as served;
+- closing lingering (``protocol.HttpProtocol.on_response_complete``: whether a response completed before its request
+  was read whole) vs uvicorn's own ``on_response_complete``, on a kept-alive connection's every response.
 
     .venv/bin/python bench/guards.py
 """
@@ -71,6 +73,7 @@ def main() -> None:
          lambda: loop.run_until_complete(schemas.check_schema_async(schema, "$.json_schema")), 100)
     loop.close()
     body_deadline()
+    lingering()
 
 
 def body_deadline() -> None:
@@ -113,6 +116,39 @@ def body_deadline() -> None:
             ratios.append(b / a)
         print(f"| {name}: body deadline off / on | {statistics.median(olds):.2f} | {statistics.median(news):.2f} | "
               f"{statistics.median(ratios):.2f}x (+{statistics.median(news) - statistics.median(olds):.2f} µs) |")
+    loop.close()
+
+
+def lingering() -> None:
+    from types import SimpleNamespace
+
+    import uvicorn
+    import uvloop
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.server import ServerState
+
+    from scillm_core.protocol import HttpProtocol
+
+    class Transport:  # a connection that stays open, as a kept-alive one does
+        def get_extra_info(self, name: str) -> Any:
+            return None
+
+        def is_closing(self) -> bool:
+            return False
+
+        def pause_reading(self) -> None: ...
+
+        def resume_reading(self) -> None: ...
+
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    config = uvicorn.Config(lambda scope, receive, send: None, http=HttpProtocol, log_config=None)
+    config.load()
+    protocol = HttpProtocol(config=config, server_state=ServerState(), app_state={})
+    protocol.connection_made(Transport())  # type: ignore[arg-type]
+    protocol.cycle = SimpleNamespace(response_complete=True, more_body=False)  # type: ignore[assignment]
+    pair("a response completes (per response): uvicorn's / closing lingering",
+         lambda: HttpToolsProtocol.on_response_complete(protocol), protocol.on_response_complete, 20000)
     loop.close()
 
 
