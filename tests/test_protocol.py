@@ -460,3 +460,10 @@ async def test_a_client_trickling_after_the_refusal_is_cut_off_by_the_time_bound
         sent = await asyncio.wait_for(keep_sending(writer, chunk=1, pause=0.01), 60)  # a byte now and then, forever
         writer.close()
     assert sent > 0
+
+
+def test_on_uvloop_as_served_a_client_still_sending_reads_its_431_and_its_413() -> None:
+    import uvloop
+
+    uvloop.run(test_a_client_still_sending_a_too_large_head_reads_the_whole_431())
+    uvloop.run(test_a_body_answered_before_it_was_read_is_dropped_and_the_connection_closed())
