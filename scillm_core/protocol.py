@@ -16,12 +16,14 @@ read (a head nearly always arrives in one). Nor did anything bound a head's size
 until it ends: a 50 MB header was read into memory and answered): past ``MAX_HEAD_BYTES`` the client gets a 431 and
 the connection is closed. The body has its own deadline (:mod:`scillm_core.body_deadline`).
 
-A connection closed while its client is still sending (a refused head or body: 431, 408, a 413 or any answer given
-before the body was read whole) is closed the way nginx's ``lingering_close`` does it: closing a socket with
-unread bytes makes the kernel send a reset, and a client still writing its request then gets an error instead of
-the answer already sent to it. Here the answer is written, the write side shut down (the client reads the answer
-and an end), and what still comes is read and dropped (:class:`Lingering`) until the client closes, for at most
-``LINGER_S`` seconds and ``LINGER_BYTES`` bytes: then the connection is closed whatever the client does.
+A connection closed while its client is still sending (a refused head or body: 431, 408) is closed the way nginx's
+``lingering_close`` does it: closing a socket with unread bytes makes the kernel send a reset, and a client still
+writing its request then gets an error instead of the answer already sent to it. Here the answer is written, the
+write side shut down (the client reads the answer and an end), and what still comes is read and dropped
+(:class:`Lingering`) until the client closes, for at most ``LINGER_S`` seconds and ``LINGER_BYTES`` bytes: then the
+connection is closed whatever the client does. A request answered before its body was read whole (a 413, a 401)
+keeps its connection, as uvicorn does: the rest of the body is read and dropped, within the same bound (it was read
+for as long as it came, a chunked one forever); past the bound the connection is closed.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ class Lingering(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.timer.cancel()
-        self.protocol.connection_lost(exc)
+        self.protocol.connection_lost(exc)  # which lets go of this object: no reference cycle is left
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -133,6 +135,8 @@ class HttpProtocol(HttpToolsProtocol):
     head_bytes = 0
     head_timer: asyncio.TimerHandle | None = None
     lingering: Lingering | None = None
+    draining: asyncio.TimerHandle | None = None  # an answered request's body is still coming (read and dropped)
+    drained = 0
     linger_s = LINGER_S
     linger_bytes = LINGER_BYTES
 
@@ -142,6 +146,10 @@ class HttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        if self.draining is not None:
+            self.drained += len(data)
+            if self.drained > self.linger_bytes:
+                self.transport.close()
         if self.head_pending:
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
@@ -198,18 +206,32 @@ class HttpProtocol(HttpToolsProtocol):
         self.flow.resume_reading()  # reading may have been paused for a body nobody read
 
     def on_response_complete(self) -> None:
-        cycle = self.cycle
-        if self.lingering is None and cycle.response_complete and cycle.more_body:
-            self.close_lingering()  # answered before its body was read whole (a 413, a 401): the rest is dropped
         if self.lingering is not None:
             self.server_state.total_requests += 1
             return
+        cycle = self.cycle
+        if cycle.response_complete and cycle.more_body and not self.transport.is_closing():
+            # answered before its body was read whole (a 413, a 401): uvicorn drops the rest; within the bound
+            self.drained = 0
+            self.draining = self.loop.call_later(self.linger_s, self.transport.close)
         super().on_response_complete()
+
+    def on_message_complete(self) -> None:
+        if self.draining is not None:  # the dropped body ended in time: the connection waits for the next request
+            self.draining.cancel()
+            self.draining = None
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
+        super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
+        if self.draining is not None:
+            self.draining.cancel()
+            self.draining = None
+        self.lingering = None
         super().connection_lost(exc)
 
     def on_headers_complete(self) -> None:

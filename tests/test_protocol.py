@@ -401,14 +401,16 @@ async def test_a_client_still_trickling_its_head_reads_the_whole_408() -> None:
     assert head.startswith(b"HTTP/1.1 408") and b"request_timeout" in body and after == b""
 
 
-async def test_a_body_answered_before_it_was_read_is_dropped_and_the_connection_closed() -> None:
+async def test_a_body_answered_before_it_was_read_is_dropped_and_the_connection_kept() -> None:
     async with serving(answer_413_unread) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST /v1/x HTTP/1.1\r\nhost: a\r\ncontent-length: 4194304\r\n\r\n")
         await write_all(writer, 4 << 20)
-        head, body, after = await asyncio.wait_for(read_to_end(reader), 30)
+        head, body = await asyncio.wait_for(read_response(reader), 30)
+        writer.write(b"POST /v1/x HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\n{}")  # the next request
+        again = await asyncio.wait_for(read_response(reader), 30)
         writer.close()
-    assert head.startswith(b"HTTP/1.1 413") and body == b'{"error":"big"}' and after == b""
+    assert head.startswith(b"HTTP/1.1 413") and body == b'{"error":"big"}' and again[0].startswith(b"HTTP/1.1 413")
 
 
 async def keep_sending(writer: asyncio.StreamWriter, *, chunk: int, pause: float = 0.0, chunked: bool = False
@@ -450,6 +452,16 @@ async def test_a_body_that_never_ends_after_its_answer_is_cut_off_by_the_byte_bo
     assert sent < LINGER_BYTES  # ended near TinyLinger.linger_bytes (socket buffers aside)
 
 
+async def test_a_body_trickled_after_its_answer_is_cut_off_by_the_time_bound() -> None:
+    async with serving(answer_413_unread, protocol=ShortLinger) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/x HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n")
+        head, _ = await asyncio.wait_for(read_response(reader), 30)
+        sent = await asyncio.wait_for(keep_sending(writer, chunk=1, pause=0.01, chunked=True), 60)  # forever
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 413") and sent > 0
+
+
 async def test_a_client_trickling_after_the_refusal_is_cut_off_by_the_time_bound() -> None:
     from scillm_core.protocol import MAX_HEAD_BYTES
 
@@ -466,4 +478,4 @@ def test_on_uvloop_as_served_a_client_still_sending_reads_its_431_and_its_413() 
     import uvloop
 
     uvloop.run(test_a_client_still_sending_a_too_large_head_reads_the_whole_431())
-    uvloop.run(test_a_body_answered_before_it_was_read_is_dropped_and_the_connection_closed())
+    uvloop.run(test_a_body_answered_before_it_was_read_is_dropped_and_the_connection_kept())
