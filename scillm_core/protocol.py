@@ -20,8 +20,8 @@ A connection closed while its client is still sending (a refused head or body: 4
 ``lingering_close`` does it: closing a socket with unread bytes makes the kernel send a reset, and a client still
 writing its request then gets an error instead of the answer already sent to it. Here the answer is written, the
 write side shut down (the client reads the answer and an end), and what still comes is read and dropped
-(:class:`Lingering`) until the client closes, for at most ``LINGER_S`` seconds and ``LINGER_BYTES`` bytes: then the
-connection is closed whatever the client does. A request answered before its body was read whole (a 413, a 401)
+(:class:`Lingering`) until the client closes, for at most ``LINGER_S`` seconds and ``LINGER_BYTES`` bytes, and at
+most ``LINGER_IDLE_S`` without a byte: then the connection is closed whatever the client does. A request answered before its body was read whole (a 413, a 401)
 keeps its connection, as uvicorn does: the rest of the body is read and dropped, within the same bound (it was read
 for as long as it came, a chunked one forever); past the bound the connection is closed.
 """
@@ -92,6 +92,7 @@ class HeadWithBody:
 MAX_HEAD_BYTES = 1 << 20  # a request line and headers (counted by reads: a read may hold the previous body's end)
 LINGER_S = 30.0  # after answering a request still being sent, read and drop the rest this long at most (nginx's
 LINGER_BYTES = 64 << 20  # lingering_time) and this much: a body a little past max_body_mb still gets its 413
+LINGER_IDLE_S = 5.0  # and a refused client that goes quiet without closing, this long (nginx's lingering_timeout)
 
 
 def _refusal(status: bytes, code: str, message: str) -> bytes:
@@ -108,19 +109,26 @@ HEAD_TOO_LARGE_RESPONSE = _refusal(b"431 Request Header Fields Too Large", "requ
 
 class Lingering(asyncio.Protocol):
     """A connection after its last answer, while the client may still be sending: what comes is dropped until the
-    client closes, ``max_bytes`` have come or ``seconds`` have passed; then it is closed. (The write side is already
-    shut down.) The connection's end is reported to the HTTP protocol it replaced."""
+    client closes, ``max_bytes`` have come, ``seconds`` have passed or nothing came for ``idle_s``; then it is closed.
+    (The write side is already shut down.) The connection's end is reported to the HTTP protocol it replaced."""
 
-    def __init__(self, protocol: HttpProtocol, transport: asyncio.Transport, seconds: float, max_bytes: int) -> None:
+    def __init__(self, protocol: HttpProtocol, transport: asyncio.Transport, seconds: float, max_bytes: int,
+                 idle_s: float) -> None:
         self.protocol = protocol
         self.transport = transport
         self.left = max_bytes
-        self.timer = protocol.loop.call_later(seconds, transport.close)
+        self.loop = protocol.loop
+        self.deadline = self.loop.time() + seconds
+        self.idle_s = idle_s
+        self.timer = self.loop.call_at(min(self.deadline, self.loop.time() + idle_s), transport.close)
 
     def data_received(self, data: bytes) -> None:
         self.left -= len(data)
         if self.left < 0:
             self.transport.close()
+            return
+        self.timer.cancel()  # heard from: the quiet period starts again, never past the deadline
+        self.timer = self.loop.call_at(min(self.deadline, self.loop.time() + self.idle_s), self.transport.close)
 
     def eof_received(self) -> bool:
         return False  # the client is done: the transport closes
@@ -139,6 +147,7 @@ class HttpProtocol(HttpToolsProtocol):
     drained = 0
     linger_s = LINGER_S
     linger_bytes = LINGER_BYTES
+    linger_idle_s = LINGER_IDLE_S
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -201,7 +210,7 @@ class HttpProtocol(HttpToolsProtocol):
             self.head_timer = None
         if transport.can_write_eof():
             transport.write_eof()  # after what is buffered: the client reads the answer, then an end
-        self.lingering = Lingering(self, transport, self.linger_s, self.linger_bytes)
+        self.lingering = Lingering(self, transport, self.linger_s, self.linger_bytes, self.linger_idle_s)
         transport.set_protocol(self.lingering)
         self.flow.resume_reading()  # reading may have been paused for a body nobody read
 

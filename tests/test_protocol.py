@@ -351,6 +351,11 @@ class ShortLinger(RecordedProtocol):
     linger_s = 0.05
 
 
+class QuietLinger(RecordedProtocol):
+    linger_s = 3600.0  # only the quiet period can end it
+    linger_idle_s = 0.05
+
+
 async def answer_413_unread(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """An answer given before the body is read (as for a declared content-length past the limit)."""
     await send({"type": "http.response.start", "status": 413,
@@ -479,3 +484,18 @@ def test_on_uvloop_as_served_a_client_still_sending_reads_its_431_and_its_413() 
 
     uvloop.run(test_a_client_still_sending_a_too_large_head_reads_the_whole_431())
     uvloop.run(test_a_body_answered_before_it_was_read_is_dropped_and_the_connection_kept())
+
+
+async def test_a_refused_client_that_goes_quiet_without_closing_is_let_go() -> None:
+    """After its 431 the client neither sends nor closes: the connection ends after the quiet period (nginx's
+    lingering_timeout), not after the whole lingering time."""
+    from scillm_core.protocol import MAX_HEAD_BYTES
+
+    async with serving(answer, protocol=QuietLinger) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nhost: a\r\nx-big: ")
+        await write_all(writer, MAX_HEAD_BYTES + 65536)
+        head, _, after = await asyncio.wait_for(read_to_end(reader), 60)  # the end arrives: the write side shut
+        await asyncio.wait_for(keep_sending(writer, chunk=1, pause=0.2), 60)  # quiet between bytes: then reset
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 431") and after == b""
