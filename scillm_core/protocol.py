@@ -21,9 +21,10 @@ A connection closed while its client is still sending (a refused head or body: 4
 writing its request then gets an error instead of the answer already sent to it. Here the answer is written, the
 write side shut down (the client reads the answer and an end), and what still comes is read and dropped
 (:class:`Lingering`) until the client closes, for at most ``LINGER_S`` seconds and ``LINGER_BYTES`` bytes, and at
-most ``LINGER_IDLE_S`` without a byte: then the connection is closed whatever the client does. A request answered before its body was read whole (a 413, a 401)
-keeps its connection, as uvicorn does: the rest of the body is read and dropped, within the same bound (it was read
-for as long as it came, a chunked one forever); past the bound the connection is closed.
+most ``LINGER_IDLE_S`` without a byte: then the connection is closed whatever the client does. A request answered
+before its body was read whole (a 413, a 401) keeps its connection, as uvicorn does: the rest of the body is read and
+dropped, within the same bound (it was read for as long as it came, a chunked one forever); past the bound the
+connection is closed.
 """
 
 from __future__ import annotations
