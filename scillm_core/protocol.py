@@ -121,15 +121,19 @@ class Lingering(asyncio.Protocol):
         self.loop = protocol.loop
         self.deadline = self.loop.time() + seconds
         self.idle_s = idle_s
-        self.timer = self.loop.call_at(min(self.deadline, self.loop.time() + idle_s), transport.close)
+        self.timer = self._close_when_quiet()
+
+    def _close_when_quiet(self) -> asyncio.TimerHandle:
+        """The close after ``idle_s`` without a byte, never past the deadline."""
+        return self.loop.call_at(min(self.deadline, self.loop.time() + self.idle_s), self.transport.close)
 
     def data_received(self, data: bytes) -> None:
         self.left -= len(data)
         if self.left < 0:
             self.transport.close()
             return
-        self.timer.cancel()  # heard from: the quiet period starts again, never past the deadline
-        self.timer = self.loop.call_at(min(self.deadline, self.loop.time() + self.idle_s), self.transport.close)
+        self.timer.cancel()  # heard from: the quiet period starts again
+        self.timer = self._close_when_quiet()
 
     def eof_received(self) -> bool:
         return False  # the client is done: the transport closes

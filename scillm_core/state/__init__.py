@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Protocol
 
 from attrs import frozen
 
-__all__ = ["LOG_FIELD", "Change", "Count", "Counted", "Inserted", "StateStore", "open_store", "prefix_end"]
+__all__ = ["LOG_FIELD", "Change", "Count", "Counted", "Inserted", "StateStore", "open_store"]
 
 #: what a field name in ``tail(match=...)`` must look like (a plain identifier; anything else is a ValueError)
 LOG_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -65,11 +65,6 @@ class Inserted(NamedTuple):
 
     created: bool
     current: dict[str, Any] | None = None
-
-
-def prefix_end(prefix: str) -> str:
-    """The least key after every key that starts with ``prefix`` (non-empty): the end of its range in key order."""
-    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 class StateStore(Protocol):

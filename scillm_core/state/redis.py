@@ -41,6 +41,13 @@ GROUP = "work"
 MAX_BLOCK_S = 5.0  # one blocking read waits at most this long; callers loop
 MAX_CONNECTIONS = 256  # per client of one process
 
+
+def _lex_range(prefix: str) -> tuple[bytes, bytes]:
+    """The ``ZRANGEBYLEX`` bounds of the index members starting with ``prefix`` (every member: no prefix); no UTF-8
+    key holds the byte 0xff, so ``prefix + 0xff`` is past all of them."""
+    return (b"[" + prefix.encode(), b"[" + prefix.encode() + b"\xff") if prefix else (b"-", b"+")
+
+
 _STREAM_ID = re.compile(r"[0-9]{1,19}(-[0-9]{1,19})?", re.ASCII)  # a stream entry id (64-bit parts): a log cursor
 
 _CAS = """
@@ -382,9 +389,8 @@ class RedisStore:
                      ttl_s: float | None = None) -> Inserted:
         if not key.startswith(prefix) or not prefix:
             raise ValueError("insert: the key must start with a non-empty prefix")
-        low = b"[" + prefix.encode()
-        args = [_dump(value), max(1, int(ttl_s * 1000)) if ttl_s else 0, key, low, low + b"\xff", cap,
-                self._doc(namespace, "")]
+        low, high = _lex_range(prefix)
+        args = [_dump(value), max(1, int(ttl_s * 1000)) if ttl_s else 0, key, low, high, cap, self._doc(namespace, "")]
         with self.unavailable():
             done = await self.script(_INSERT)(keys=[self._doc(namespace, key), self._index(namespace)], args=args)
         if done[0] == 1:
@@ -429,7 +435,7 @@ class RedisStore:
         """Keys from the namespace's index in byte order, values in one ``MGET`` per page; index members whose
         document expired are dropped from the index as they are met."""
         index = self._index(namespace)
-        low, high = (b"[" + prefix.encode(), b"[" + prefix.encode() + b"\xff") if prefix else (b"-", b"+")
+        low, high = _lex_range(prefix)
         found: list[tuple[str, dict[str, Any]]] = []
         offset = 0
         with self.unavailable():

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from scillm_core.state import LOG_FIELD, Count, Counted, Inserted, prefix_end
+from scillm_core.state import LOG_FIELD, Count, Counted, Inserted
 
 if TYPE_CHECKING:
     from scillm_core.state import Change
@@ -56,6 +56,11 @@ SWEEP_ROWS = 5000  # rows one step of the sweep deletes: other writers (other pr
 _GONE = "SELECT 1 FROM log_expiry WHERE ns = ? AND expires <= ?"
 _UPSERT = ("INSERT INTO docs (ns, key, value, expires) VALUES (?, ?, ?, ?) "
            "ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires = excluded.expires")
+
+
+def _prefix_end(prefix: str) -> str:
+    """The least key after every key that starts with ``prefix`` (non-empty): the end of its range in key order."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 class SQLiteStore:
@@ -167,7 +172,7 @@ class SQLiteStore:
                 if current is None:
                     (held,) = db.execute(
                         "SELECT COUNT(*) FROM docs WHERE ns = ? AND key >= ? AND key < ? AND "
-                        "(expires IS NULL OR expires > ?)", (namespace, prefix, prefix_end(prefix), now)).fetchone()
+                        "(expires IS NULL OR expires > ?)", (namespace, prefix, _prefix_end(prefix), now)).fetchone()
                     if held < cap:
                         db.execute(_UPSERT, (namespace, key, blob, now + ttl_s if ttl_s else None))
                         db.execute("COMMIT")

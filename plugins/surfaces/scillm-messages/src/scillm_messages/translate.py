@@ -32,7 +32,7 @@ from scillm_core import (
     Usage,
     errors,
 )
-from scillm_core.jsonio import loads
+from scillm_core.jsonio import json_type, loads
 from scillm_core.models.native import native_events
 
 __all__ = ["STOP_REASONS", "StreamTranslator", "fit_upstream", "message_id", "parse_messages_request",
@@ -74,15 +74,10 @@ def _thread_unsupported() -> errors.InvalidRequest:
                                  details={"error_code": "thread_unsupported_request"})
 
 
-def _kind(value: Any) -> str:
-    return {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object",
-            type(None): "null"}.get(type(value), type(value).__name__)
-
-
 def _expect(value: Any, kind: type | tuple[type, ...], name: str, path: str) -> Any:
     if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple)
                                                                                   else (kind,))):
-        raise _bad(f"expected {name}, got {_kind(value)}", path)
+        raise _bad(f"expected {name}, got {json_type(value)}", path)
     return value
 
 
@@ -114,7 +109,7 @@ def parse_messages_request(body: Any, *, session: str | None = None, lenient: bo
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise _bad("model is required (a non-empty string)" if model is None else
-                   f"model must be a non-empty string, got {_kind(model)}", "$.model")
+                   f"model must be a non-empty string, got {json_type(model)}", "$.model")
     max_tokens = body.get("max_tokens")
     if max_tokens is None:
         raise _bad("max_tokens is required", "$.max_tokens")
@@ -241,12 +236,15 @@ def _cites(block: Mapping[str, Any], path: str, asks: dict[str, str]) -> bool:
     return cites
 
 
+def _as_is(block: Mapping[str, Any]) -> OtherPart:
+    """An Anthropic block carried as it came (Anthropic upstreams take it as it is)."""
+    return OtherPart(type=block["type"], data={k: v for k, v in block.items() if k != "type"})
+
+
 def _cited_text(blocks: list[tuple[str, dict[str, Any], str]]) -> tuple[TextPart | OtherPart, ...]:
     """An assistant turn's text blocks as parts, those with citations as they came (for Anthropic upstreams)."""
-    return tuple(OtherPart(type="text", data={k: v for k, v in block.items() if k != "type"})
-                 if isinstance(block.get("citations"), list) and block["citations"] else TextPart(text=block["text"])
-                 for kind, block, _ in blocks
-                 if kind == "text")
+    return tuple(_as_is(block) if isinstance(block.get("citations"), list) and block["citations"]
+                 else TextPart(text=block["text"]) for kind, block, _ in blocks if kind == "text")
 
 
 def _user(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, str], lenient: bool = False
@@ -264,7 +262,7 @@ def _user(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, str], l
                                extra={"cache_control": marker} if marker else {}))
             parts.extend(images)
         elif kind == "other":
-            parts.append(OtherPart(type=block["type"], data={k: v for k, v in block.items() if k != "type"}))
+            parts.append(_as_is(block))
         else:
             parts.append(_part(kind, block, path, asks))
     if parts:
@@ -280,7 +278,7 @@ def _part(kind: str, block: Mapping[str, Any], path: str, asks: dict[str, str]) 
     """A user content block as a part, its ``cache_control`` marker with it (a block with citations as it came)."""
     part = _bare_part(kind, block, path)  # validated either way
     if "citations" in block and _cites(block, path, asks):
-        return OtherPart(type=kind, data={k: v for k, v in block.items() if k != "type"})
+        return _as_is(block)
     marker = _cache_control(block, path)
     return attrs.evolve(part, cache_control=marker) if marker else part
 
@@ -346,7 +344,7 @@ def _tool_result(block: Mapping[str, Any], path: str, asks: dict[str, str], leni
                 raise _bad(f"tool_result content blocks must be text, image or document, got {kind!r}",
                            f"{ipath}.type")
     elif content is not None:
-        raise _bad(f"expected a string or an array of content blocks, got {_kind(content)}", f"{path}.content")
+        raise _bad(f"expected a string or an array of content blocks, got {json_type(content)}", f"{path}.content")
     text = "\n\n".join(texts)
     is_error = block.get("is_error")
     if is_error is not None:

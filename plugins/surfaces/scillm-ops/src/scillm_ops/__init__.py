@@ -102,7 +102,8 @@ async def metrics(request: Request) -> Response:
 
     registry = runtime_of(request).metrics
     text = generate_latest(registry)
-    if redact(text.decode()) != text.decode():  # a label value holds a secret (nearly never): render them redacted
+    decoded = text.decode()
+    if redact(decoded) != decoded:  # a label value holds a secret (nearly never): render them redacted
         text = generate_latest(RedactedLabels(registry))
     return Response(text, media_type=CONTENT_TYPE_LATEST)
 

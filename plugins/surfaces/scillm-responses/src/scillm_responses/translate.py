@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from scillm_core import ChatChunk, ChatRequest, ChatResponse, Usage, errors, structure
+from scillm_core.jsonio import json_type
 from scillm_core.models.extensions import EXTENSION_FIELDS, take_extensions
 from scillm_core.models.native import native_events
 
@@ -42,20 +43,15 @@ def _bad(message: str, path: str) -> errors.InvalidRequest:
     return errors.InvalidRequest(f"{message} @ {path}", param=path)
 
 
-def _json_type(value: Any) -> str:
-    return {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object",
-            type(None): "null"}.get(type(value), type(value).__name__)
-
-
 def _text_of(value: Any, path: str) -> str:
     if not isinstance(value, str):
-        raise _bad(f"expected string, got {_json_type(value)}", path)
+        raise _bad(f"expected string, got {json_type(value)}", path)
     return value
 
 
 def _part(part: Any, path: str) -> dict[str, Any]:
     if not isinstance(part, dict):
-        raise _bad(f"expected content part object, got {_json_type(part)}", path)
+        raise _bad(f"expected content part object, got {json_type(part)}", path)
     kind = part.get("type")
     if kind in ("input_text", "output_text", "text", "refusal", "summary_text"):
         key = "refusal" if kind == "refusal" else "text"
@@ -88,7 +84,7 @@ def _content(content: Any, path: str, *, text_only: bool) -> str | list[dict[str
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise _bad(f"expected string or array of content parts, got {_json_type(content)}", path)
+        raise _bad(f"expected string or array of content parts, got {json_type(content)}", path)
     parts = [_part(p, f"{path}[{j}]") for j, p in enumerate(content)]
     if text_only:
         for j, part in enumerate(parts):
@@ -104,7 +100,7 @@ def _output_text(output: Any, path: str) -> str:
     if isinstance(output, list):
         parts = [_part(x, f"{path}[{j}]") for j, x in enumerate(output)]
         return "".join(p["text"] for p in parts if p["type"] == "text")
-    raise _bad(f"expected string or array of parts, got {_json_type(output)}", path)
+    raise _bad(f"expected string or array of parts, got {json_type(output)}", path)
 
 
 def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -112,7 +108,7 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     instructions = body.get("instructions")
     if instructions is not None:
         if not isinstance(instructions, str):
-            raise _bad(f"expected string, got {_json_type(instructions)}", "$.instructions")
+            raise _bad(f"expected string, got {json_type(instructions)}", "$.instructions")
         if instructions:
             messages.append({"role": "system", "content": instructions})
     raw = body.get("input")
@@ -122,11 +118,11 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         messages.append({"role": "user", "content": raw})
         return messages
     if not isinstance(raw, list):
-        raise _bad(f"expected string or array of items, got {_json_type(raw)}", "$.input")
+        raise _bad(f"expected string or array of items, got {json_type(raw)}", "$.input")
     for i, item in enumerate(raw):
         path = f"$.input[{i}]"
         if not isinstance(item, dict):
-            raise _bad(f"expected input item object, got {_json_type(item)}", path)
+            raise _bad(f"expected input item object, got {json_type(item)}", path)
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
@@ -169,12 +165,12 @@ def _tools(raw: Any) -> list[dict[str, Any]] | None:
     if raw is None:
         return None
     if not isinstance(raw, list):
-        raise _bad(f"expected array of tools, got {_json_type(raw)}", "$.tools")
+        raise _bad(f"expected array of tools, got {json_type(raw)}", "$.tools")
     tools: list[dict[str, Any]] = []
     for i, tool in enumerate(raw):
         path = f"$.tools[{i}]"
         if not isinstance(tool, dict):
-            raise _bad(f"expected tool object, got {_json_type(tool)}", path)
+            raise _bad(f"expected tool object, got {json_type(tool)}", path)
         if tool.get("type") != "function":
             continue  # hosted tools (web_search, file_search, ...) have no chat-completions equivalent
         if isinstance(tool.get("function"), dict):  # chat-style nesting: accept it too
@@ -200,19 +196,19 @@ def _tool_choice(choice: Any) -> Any:
             return choice["type"]
         raise _bad("tool_choice must be auto, none, required or {\"type\": \"function\", \"name\": ...}",
                    "$.tool_choice")
-    raise _bad(f"expected string or object, got {_json_type(choice)}", "$.tool_choice")
+    raise _bad(f"expected string or object, got {json_type(choice)}", "$.tool_choice")
 
 
 def _response_format(text: Any) -> dict[str, Any] | None:
     if text is None:
         return None
     if not isinstance(text, dict):
-        raise _bad(f"expected object, got {_json_type(text)}", "$.text")
+        raise _bad(f"expected object, got {json_type(text)}", "$.text")
     fmt = text.get("format")
     if fmt is None:
         return None
     if not isinstance(fmt, dict):
-        raise _bad(f"expected object, got {_json_type(fmt)}", "$.text.format")
+        raise _bad(f"expected object, got {json_type(fmt)}", "$.text.format")
     kind = fmt.get("type")
     if kind in (None, "text"):
         return None
@@ -220,9 +216,9 @@ def _response_format(text: Any) -> dict[str, Any] | None:
         return {"type": "json_object"}
     if kind == "json_schema":
         if not isinstance(fmt.get("schema", {}), dict):
-            raise _bad(f"expected object, got {_json_type(fmt['schema'])}", "$.text.format.schema")
+            raise _bad(f"expected object, got {json_type(fmt['schema'])}", "$.text.format.schema")
         if not isinstance(fmt.get("name", ""), str):
-            raise _bad(f"expected string, got {_json_type(fmt['name'])}", "$.text.format.name")
+            raise _bad(f"expected string, got {json_type(fmt['name'])}", "$.text.format.name")
         schema: dict[str, Any] = {"name": fmt.get("name") or "response", "schema": fmt.get("schema") or {}}
         if fmt.get("strict") is not None:
             schema["strict"] = fmt["strict"]
@@ -266,7 +262,7 @@ def parse_request(body: Any, *, session: str | None = None) -> tuple[ChatRequest
         extensions["session"] = session
     stream = body.get("stream", False)
     if not isinstance(stream, bool | type(None)):
-        raise _bad(f"expected boolean, got {_json_type(stream)}", "$.stream")
+        raise _bad(f"expected boolean, got {json_type(stream)}", "$.stream")
     chat: dict[str, Any] = {"model": model, "messages": _messages(body), "stream": bool(stream),
                             "scillm": extensions}
     if stream:
@@ -289,7 +285,7 @@ def parse_request(body: Any, *, session: str | None = None) -> tuple[ChatRequest
     reasoning = body.get("reasoning")
     if reasoning is not None:
         if not isinstance(reasoning, dict):
-            raise _bad(f"expected object, got {_json_type(reasoning)}", "$.reasoning")
+            raise _bad(f"expected object, got {json_type(reasoning)}", "$.reasoning")
         if isinstance(reasoning.get("effort"), str):
             chat["reasoning_effort"] = reasoning["effort"]
     response_format = _response_format(body.get("text"))
