@@ -25,11 +25,17 @@ most ``LINGER_IDLE_S`` without a byte: then the connection is closed whatever th
 before its body was read whole (a 413, a 401) keeps its connection, as uvicorn does: the rest of the body is read and
 dropped, within the same bound (it was read for as long as it came, a chunked one forever); past the bound the
 connection is closed.
+
+Bytes that are not HTTP (a malformed request line, a bad header, broken chunked framing) were answered by uvicorn
+with a 400 and an immediate close: a client still sending got a reset and perhaps never the 400. Here the 400 says
+what the parser found and the connection is closed lingering too; behind a response still being written (pipelining)
+the 400 follows that response.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -108,6 +114,10 @@ HEAD_TOO_LARGE_RESPONSE = _refusal(b"431 Request Header Fields Too Large", "requ
                                    f"the request line and headers exceed {MAX_HEAD_BYTES} bytes")
 
 
+def _not_http(reason: str) -> bytes:
+    return _refusal(b"400 Bad Request", "invalid_request", f"the request is not valid HTTP: {reason}")
+
+
 class Lingering(asyncio.Protocol):
     """A connection after its last answer, while the client may still be sending: what comes is dropped until the
     client closes, ``max_bytes`` have come, ``seconds`` have passed or nothing came for ``idle_s``; then it is closed.
@@ -153,6 +163,8 @@ class HttpProtocol(HttpToolsProtocol):
     linger_s = LINGER_S
     linger_bytes = LINGER_BYTES
     linger_idle_s = LINGER_IDLE_S
+    not_http = False  # the client's bytes stopped parsing as HTTP: nothing more is read as a request
+    last_word = b""  # written before the lingering close (a 400 that waited for the response before it)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -160,6 +172,8 @@ class HttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        if self.not_http:
+            return
         if self.draining is not None:
             self.drained += len(data)
             if self.drained > self.linger_bytes:
@@ -194,9 +208,36 @@ class HttpProtocol(HttpToolsProtocol):
         else:
             self.transport.close()
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes its parser refused (called while handling the parser's error): a 400 naming
+        what was wrong, then the lingering close. In the body of a request being served, its app reads an end and
+        what it still sends is dropped (a response already begun is cut off, one already sent is not followed by a
+        400); after a response still being written (a pipelined request's head), once that response is sent."""
+        self.not_http = True
+        answer = _not_http(str(sys.exception() or msg))
+        cycle = self.cycle
+        if cycle is not None and not self.head_pending and cycle.more_body:  # this request's body
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+            if cycle.response_started:
+                answer = b""
+        elif cycle is not None and not cycle.response_complete:  # the next request's head: after this response
+            cycle.keep_alive = False
+            self.last_word = answer
+            self.flow.pause_reading()
+            if cycle.transport is self.transport:  # its head is sent: its close is still to be the lingering one
+                closing = HeadWithBody(None, self.transport, self.loop, self.close_lingering)
+                cycle.transport = closing  # type: ignore[assignment]
+            return
+        self.transport.write(answer)
+        self.close_lingering()
+
     def unread(self) -> bool:
         """Whether the client may still be sending the request being answered: a head has begun and is not
-        complete, or the body of the newest request has not all been read."""
+        complete, or the body of the newest request has not all been read (or what came was not HTTP)."""
+        if self.not_http:
+            return True
         if self.head_pending:
             return self.head_bytes > 0
         return self.cycle is not None and self.cycle.more_body
@@ -207,6 +248,8 @@ class HttpProtocol(HttpToolsProtocol):
         transport = self.transport
         if transport.is_closing() or self.lingering is not None:
             return
+        if self.last_word:
+            transport.write(self.last_word)
         if not self.unread():
             transport.close()
             return

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
+import orjson
 import pytest
 import uvicorn
 
@@ -499,3 +500,83 @@ async def test_a_refused_client_that_goes_quiet_without_closing_is_let_go() -> N
         await asyncio.wait_for(keep_sending(writer, chunk=1, pause=0.2), 60)  # quiet between bytes: then reset
         writer.close()
     assert head.startswith(b"HTTP/1.1 431") and after == b""
+
+
+# Bytes that are not HTTP: uvicorn's parser refuses them with a 400, which goes out through the same lingering close.
+
+async def test_a_malformed_request_followed_by_a_large_body_reads_a_whole_400_saying_what_was_wrong() -> None:
+    async with serving(answer) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"G\x01T / HTTP/1.1\r\nhost: a\r\ncontent-length: 8388608\r\n\r\n")
+        await write_all(writer, 8 << 20)  # went on well past the refusal: no reset
+        head, body, after = await asyncio.wait_for(read_to_end(reader), 30)
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)  # the server still serves others
+        writer.write(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\n{}")
+        other = await asyncio.wait_for(read_response(reader), 30)
+        writer.close()
+    error = orjson.loads(body)["error"]
+    assert head.startswith(b"HTTP/1.1 400") and after == b""
+    assert error["code"] == "invalid_request" and "Invalid method" in error["message"]
+    assert other == (other[0], b'{"ok":true}') and other[0].startswith(b"HTTP/1.1 200")
+
+
+async def test_a_bad_header_is_a_400_naming_it() -> None:
+    async with serving(answer) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nhost: a\r\nbad header: x\r\ncontent-length: 4194304\r\n\r\n")
+        await write_all(writer, 4 << 20)
+        head, body, after = await asyncio.wait_for(read_to_end(reader), 30)
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 400") and b"Invalid header" in body and after == b""
+
+
+async def test_broken_chunked_framing_is_a_400_and_the_app_reading_the_body_reads_an_end() -> None:
+    received: list[dict[str, Any]] = []
+
+    async def reads_the_body(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while not received or received[-1].get("more_body"):
+            received.append(await receive())
+        await answer(scope, receive, send)  # dropped: the client already has its 400
+
+    async with serving(reads_the_body) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n4\r\nabcd\r\n")
+        await writer.drain()
+        while not received:
+            await asyncio.sleep(0.01)
+        writer.write(b"zz\r\n")  # not a chunk size
+        await write_all(writer, 4 << 20)
+        head, body, after = await asyncio.wait_for(read_to_end(reader), 30)
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 400") and b"chunk size" in body and after == b""
+    assert received[0] == {"type": "http.request", "body": b"abcd", "more_body": True}
+    assert received[-1] == {"type": "http.disconnect"}
+
+
+async def test_a_malformed_request_pipelined_behind_one_being_answered_gets_its_400_after_that_answer() -> None:
+    release = asyncio.Event()
+
+    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"11")]})
+        await release.wait()
+        await send({"type": "http.response.body", "body": b'{"ok":true}'})
+
+    async with serving(slow) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\n{}G\x01T / HTTP/1.1\r\n\r\n")
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)  # the answer has begun (its head sent)
+        release.set()
+        rest = await asyncio.wait_for(reader.readexactly(11), 30)
+        head, body, after = await asyncio.wait_for(read_to_end(reader), 30)
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 200") and rest == b'{"ok":true}'
+    assert head.startswith(b"HTTP/1.1 400") and b"Invalid method" in body and after == b""
+
+
+def test_on_uvloop_as_served_a_client_still_sending_after_bytes_that_are_not_http_reads_its_400() -> None:
+    import uvloop
+
+    uvloop.run(test_a_malformed_request_followed_by_a_large_body_reads_a_whole_400_saying_what_was_wrong())
+    uvloop.run(test_broken_chunked_framing_is_a_400_and_the_app_reading_the_body_reads_an_end())
