@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,12 @@ def parse_final_json(text: str) -> Any:
     raise ValueError("the final answer is not JSON")
 
 
+def _end_of(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The end frame of a finished run's event stream, from its record."""
+    return {"type": "run.end", "run_id": doc.get("run_id"), "status": doc.get("status"),
+            "exit_code": doc.get("exit_code")}
+
+
 def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
@@ -258,6 +265,24 @@ class ExecManager:
         result = run.result or {}
         return {"type": "run.end", "run_id": run.run_id, "status": result.get("status", run.status),
                 "exit_code": result.get("exit_code")}
+
+    def tail(self, run_id: str, doc: Mapping[str, Any]) -> tuple[EventLog, Callable[[], dict[str, Any]]] | None:
+        """The run's event log and the end frame of its stream when this process drives it, or (a finished run,
+        ``doc`` its record) this machine has its file; ``None`` when only the state store has its events (another
+        process drives it)."""
+        run = self.runs.get(run_id)
+        if run is not None and run.events is not None:
+            return run.events, lambda: self._end(run)
+        path = self.runs_dir / run_id / "events.jsonl"
+        if doc.get("status") not in TERMINAL or not path.is_file():
+            return None
+        return EventLog(path, closed=True), lambda: _end_of(doc)
+
+    async def settled(self, run_id: str) -> dict[str, Any] | None:
+        """The end frame of a run that is over by its record (finalised first when its driver died), else
+        ``None``: how a stream following the run through the state store ends when no end record will come."""
+        doc = await self.load(run_id)
+        return _end_of(doc) if doc.get("status") in TERMINAL else None
 
     def artifacts(self, run: Run) -> dict[str, str]:
         d = run.run_dir
@@ -420,11 +445,12 @@ class ExecManager:
         if doc.get("status") in TERMINAL:
             return doc
         await self.shared.request_cancel(run_id, "cancelled")
-        deadline = time.monotonic() + exec_config(self.runtime).kill_grace_s + 15
-        while doc.get("status") not in TERMINAL and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-            doc = await self.load(run_id)
-        return doc
+        with contextlib.suppress(TimeoutError):  # the run's end record, as its events are followed from anywhere
+            async with asyncio.timeout(exec_config(self.runtime).kill_grace_s + 15):
+                async for record in self.shared.follow(run_id, sys.maxsize, 1.0, lambda: self.settled(run_id)):
+                    if record is not None and record.get("end"):
+                        break
+        return await self.load(run_id)
 
     async def load_for(self, run_id: str, identity: Identity) -> dict[str, Any]:
         """:meth:`load` for a caller: 404 as well when the run belongs to another key."""

@@ -3,11 +3,8 @@ POST /v1/scillm/exec/graph."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -16,8 +13,8 @@ from scillm_core.events import trace_headers
 from scillm_core.streaming import EventStreamResponse
 from scillm_core.web import caller_of, json_response, ops_response, read_json, runtime_of
 from scillm_exec.config import exec_config
-from scillm_exec.events import read_new, resume_after
-from scillm_exec.manager import TERMINAL, ExecManager, spec_from_body
+from scillm_exec.events import resume_after, sse_tail
+from scillm_exec.manager import ExecManager, spec_from_body
 from scillm_exec.shared import sse_follow
 
 __all__ = ["routes"]
@@ -96,48 +93,16 @@ async def cancel(request: Request) -> Response:
 async def events(request: Request) -> Response:
     manager = manager_of(request)
     run_id = request.path_params["run_id"]
-    await manager.load_for(run_id, identity_of(request))
+    doc = await manager.load_for(run_id, identity_of(request))
     heartbeat = exec_config(runtime_of(request)).heartbeat_s or runtime_of(request).config.server.heartbeat_s
     after = resume_after(request)  # the last event seq the client has (after=, or an EventSource's Last-Event-ID)
-    here = run_id in manager.runs or (manager.runs_dir / run_id / "events.jsonl").is_file()
-    if here:
-        tail = _tail(manager, run_id, after, heartbeat)
-    else:  # a run another machine drives: its events as copied into the state store, the same frames
-        tail = sse_follow(manager.shared, run_id, after, heartbeat, lambda: _settled(manager, run_id))
+    local = manager.tail(run_id, doc)
+    if local is None:  # another process drives it (or drove it elsewhere): its events as copied into the store
+        tail = sse_follow(manager.shared, run_id, after, heartbeat, lambda: manager.settled(run_id))
+    else:
+        log, end = local
+        tail = sse_tail(log, after, heartbeat, end)
     return EventStreamResponse(tail, headers={"cache-control": "no-cache"})
-
-
-async def _settled(manager: ExecManager, run_id: str) -> dict[str, Any] | None:
-    doc = await manager.load(run_id)
-    if doc.get("status") not in TERMINAL:
-        return None
-    return {"type": "run.end", "run_id": run_id, "status": doc.get("status"), "exit_code": doc.get("exit_code")}
-
-
-async def _tail(manager: ExecManager, run_id: str, after: int, heartbeat_s: float) -> AsyncIterator[bytes]:
-    """Follow events.jsonl (read off the event loop, no line-length limit) until the run is terminal and the file is
-    drained."""
-    path = manager.runs_dir / run_id / "events.jsonl"
-    offset, buf = 0, bytearray()
-    loop = asyncio.get_running_loop()
-    last_sent = loop.time()
-    while True:
-        doc = await manager.load(run_id)
-        terminal = doc.get("status") in TERMINAL
-        read_from = offset
-        offset, events = await asyncio.to_thread(read_new, path, offset, buf)
-        for event in events:
-            if isinstance(seq := event.get("seq"), int) and seq > after:
-                yield b"id: %d\ndata: %s\n\n" % (seq, orjson.dumps(event))  # id: what an EventSource resumes from
-                last_sent = loop.time()
-        if terminal and offset == read_from:
-            end = {"type": "run.end", "run_id": run_id, "status": doc.get("status"), "exit_code": doc.get("exit_code")}
-            yield b"event: end\ndata: " + orjson.dumps(end) + b"\n\n"
-            return
-        if loop.time() - last_sent >= heartbeat_s:
-            yield b": heartbeat\n\n"
-            last_sent = loop.time()
-        await asyncio.sleep(0.1)
 
 
 async def graph(request: Request) -> Response:
