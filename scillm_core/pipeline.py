@@ -118,8 +118,13 @@ def check_model(model: str, where: str = "$.model") -> None:
 
 
 def _say_attempts(exc: errors.ScillmError, ctx: CallContext) -> None:
-    """Error responses carry ``x-scillm-attempts`` like successes do."""
+    """Error responses carry ``x-scillm-attempts`` like successes do. After more than one upstream attempt (scillm
+    retried, or failed over) they say ``x-should-retry: false`` too: scillm is the one retry layer. The openai and
+    anthropic SDKs retry a 5xx twice by default, and each of their retries would run scillm's whole sequence again;
+    after a single attempt (retries off, a failure scillm does not retry) they stay free to retry."""
     exc.headers.setdefault("x-scillm-attempts", str(ctx.attempts))
+    if ctx.attempts > 1:
+        exc.headers["x-should-retry"] = "false"
 
 
 async def _observed_chat(request: ChatRequest, ctx: CallContext) -> ChatResult:
@@ -260,7 +265,11 @@ async def open_stream(request: ChatRequest, ctx: CallContext, wait_s: float) -> 
     async def first_chunk() -> tuple[AsyncIterator[ChatChunk], ChatChunk | None]:
         chunks = await run_chat(request, ctx)
         assert not isinstance(chunks, ChatResponse)
-        return chunks, await anext(chunks, None)
+        try:
+            return chunks, await anext(chunks, None)
+        except errors.ScillmError as exc:  # answered with its HTTP status too: said like run_chat's own
+            _say_attempts(exc, ctx)
+            raise
 
     opening = asyncio.ensure_future(first_chunk())
     try:
