@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -445,11 +444,7 @@ class ExecManager:
         if doc.get("status") in TERMINAL:
             return doc
         await self.shared.request_cancel(run_id, "cancelled")
-        with contextlib.suppress(TimeoutError):  # the run's end record, as its events are followed from anywhere
-            async with asyncio.timeout(exec_config(self.runtime).kill_grace_s + 15):
-                async for record in self.shared.follow(run_id, sys.maxsize, 1.0, lambda: self.settled(run_id)):
-                    if record is not None and record.get("end"):
-                        break
+        await self.shared.ended(run_id, lambda: self.settled(run_id), exec_config(self.runtime).kill_grace_s + 15)
         return await self.load(run_id)
 
     async def load_for(self, run_id: str, identity: Identity) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ CANCEL_POLL_S = 0.25   # how often a process with live runs looks for cancel req
 MIRROR_POLL_S = 1.0    # the event log is re-read at least this often (runners that write without notifying)
 CANCEL_TTL_S = 3600.0  # a cancel request nobody took (its run had ended) goes away after this long
 STORE_EVENT_LIMIT = 1 << 20  # an event bigger than this is copied as a stub (the run dir keeps it whole)
+SETTLED_CHECK_S = 1.0  # waiting for a run's end: after this long without a record, whether its driver died
 KEPT = ("seq", "ts", "type", "source", "node")
 
 
@@ -151,6 +153,15 @@ class SharedRuns:
             return False
         theirs, mine = await self.runtime.store.get_many(INSTANCES, [instance, self.runtime.instance_id])
         return theirs is None and mine is not None
+
+    async def ended(self, run_id: str, settled: Callable[[], Any], limit_s: float) -> None:
+        """Wait (at most ``limit_s``) until the run's end record is in the store, or ``settled()`` says the run is
+        over (its driver died): how a cancel sent through the store waits for its run to end, without polling."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit_s):
+                async for record in self.follow(run_id, sys.maxsize, SETTLED_CHECK_S, settled):
+                    if record is not None and record.get("end"):
+                        return
 
     async def follow(self, run_id: str, after: int, heartbeat_s: float,
                      settled: Callable[[], Any]) -> AsyncIterator[dict[str, Any] | None]:
