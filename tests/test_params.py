@@ -26,12 +26,14 @@ GROUPS = {"claude-then-gpt": {"models": [CLAUDE, GPT]},
           "gpt-then-claude": {"models": [GPT, CLAUDE]},
           "claude-then-gemini": {"models": [CLAUDE, "gemini/gemini-2.5-flash"]},
           "claude-then-deepseek": {"models": [CLAUDE, "deepseek/deepseek-chat"]},
-          "deepseek-then-claude": {"models": ["deepseek/deepseek-chat", CLAUDE]}}
+          "deepseek-then-claude": {"models": ["deepseek/deepseek-chat", CLAUDE]},
+          "gemini-then-claude": {"models": ["gemini/gemini-2.5-flash", CLAUDE]}}
 HI = [{"role": "user", "content": "hi"}]
 #: a model of each translated provider (none of them delivers audio or a web search; Ollama delivers logprobs)
 TRANSLATED = [CLAUDE, "gemini/gemini-2.5-flash", "qwen3:8b", "opencode-go/minimax-m2.7", "codex/gpt-5.1"]
 #: what a translated provider delivers: left out of the refusals
-DELIVERED = {("gemini/gemini-2.5-flash", "n"), ("qwen3:8b", "logprobs"), ("qwen3:8b", "top_logprobs")}
+DELIVERED = {("gemini/gemini-2.5-flash", "n"), ("qwen3:8b", "logprobs"), ("qwen3:8b", "top_logprobs"),
+             (CLAUDE, "web_search_options")}
 #: parameter -> value that asks for something in the answer
 ASKING: dict[str, Any] = {"logprobs": True, "top_logprobs": 2, "modalities": ["text", "audio"],
                           "audio": {"voice": "alloy", "format": "wav"}, "web_search_options": {},
@@ -277,6 +279,108 @@ def test_responses_logprobs_are_refused_where_the_route_has_none(client: openai.
     assert fakes.received() == 0
     client.responses.create(model=CLAUDE, input="hi", top_logprobs=0, include=["reasoning.encrypted_content"])
     assert "logprobs" not in fakes.claude.last.body  # asks for nothing: accepted
+
+
+# -- /v1/responses hosted tools ------------------------------------------------------------------------------------
+
+FUNCTION = {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}}
+WEB_SEARCH = {"type": "web_search", "search_context_size": "low", "filters": {"allowed_domains": ["example.org"]},
+              "user_location": {"type": "approximate", "city": "Paris", "country": "FR", "timezone": "Europe/Paris"}}
+#: hosted tools only a Responses upstream runs
+HOSTED: list[dict[str, Any]] = [
+    {"type": "file_search", "vector_store_ids": ["vs_1"]},
+    {"type": "code_interpreter", "container": {"type": "auto"}},
+    {"type": "mcp", "server_label": "docs", "server_url": "https://mcp.example.com/sse", "require_approval": "never"},
+    {"type": "image_generation"},
+    {"type": "computer_use_preview", "display_width": 1024, "display_height": 768, "environment": "browser"},
+    {"type": "local_shell"}]
+
+
+def test_responses_web_search_is_chat_s_web_search_options(client: openai.OpenAI, fakes: Fakes) -> None:
+    client.responses.create(model=GPT, input="news?", tools=[FUNCTION, WEB_SEARCH])  # type: ignore[list-item]
+    sent = fakes.openai.last
+    assert sent.path.endswith("/chat/completions")
+    assert sent.body["web_search_options"] == {
+        "search_context_size": "low", "filters": {"allowed_domains": ["example.org"]},
+        "user_location": {"type": "approximate", "approximate": {"city": "Paris", "country": "FR",
+                                                                 "timezone": "Europe/Paris"}}}
+    assert [tool["function"]["name"] for tool in sent.body["tools"]] == ["get_time"]
+
+
+def test_responses_web_search_is_anthropic_s_web_search_tool(client: openai.OpenAI, fakes: Fakes) -> None:
+    response = client.responses.create(model=CLAUDE, input="news?",
+                                       tools=[FUNCTION, {"type": "web_search_preview"}])  # type: ignore[list-item]
+    assert response.output_text
+    assert fakes.claude.last.body["tools"][1] == {"type": "web_search_20250305", "name": "web_search"}
+    client.responses.create(model=CLAUDE, input="news?", tools=[WEB_SEARCH])  # type: ignore[list-item]
+    assert fakes.claude.last.body["tools"] == [{
+        "type": "web_search_20250305", "name": "web_search", "allowed_domains": ["example.org"],
+        "user_location": {"type": "approximate", "city": "Paris", "country": "FR", "timezone": "Europe/Paris"}}]
+
+
+def test_chat_web_search_options_are_anthropic_s_web_search_tool(client: openai.OpenAI, fakes: Fakes) -> None:
+    client.chat.completions.create(model=CLAUDE, messages=HI, extra_body={"web_search_options": {}})
+    assert fakes.claude.last.body["tools"] == [{"type": "web_search_20250305", "name": "web_search"}]
+
+
+@pytest.mark.parametrize("model", ["gemini/gemini-2.5-flash", "qwen3:8b"])
+def test_responses_web_search_is_refused_where_the_route_has_none(client: openai.OpenAI, fakes: Fakes,
+                                                                  model: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=model, input="news?", tools=[FUNCTION, WEB_SEARCH])  # type: ignore[list-item]
+    _refused(caught.value, "tools[1]", model.split("/")[0] if "/" in model else "ollama")
+    assert "a web search" in caught.value.message
+    assert fakes.received() == 0
+
+
+@pytest.mark.parametrize("tool", HOSTED, ids=[tool["type"] for tool in HOSTED])
+@pytest.mark.parametrize("model", [CLAUDE, GPT, "gemini/gemini-2.5-flash"])
+def test_responses_hosted_tools_are_refused_on_translated_routes(client: openai.OpenAI, fakes: Fakes, model: str,
+                                                                 tool: dict[str, Any]) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=model, input="hi", tools=[FUNCTION, tool])  # type: ignore[list-item]
+    _refused(caught.value, "tools[1]", model.split("/")[0])
+    assert f"the hosted tool {tool['type']!r}" in caught.value.message
+    assert fakes.received() == 0
+
+
+@pytest.mark.parametrize("choice", [{"type": "web_search_preview"}, {"type": "file_search"},
+                                    {"type": "mcp", "server_label": "docs"}])
+def test_responses_tool_choice_forcing_a_hosted_tool_is_refused(client: openai.OpenAI, fakes: Fakes,
+                                                                choice: dict[str, Any]) -> None:
+    """The chat model has no way to force a hosted tool, even where the tool itself is mapped."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=GPT, input="hi", tools=[FUNCTION, {"type": "web_search_preview"}],
+                                tool_choice=choice)  # type: ignore[arg-type]
+    _refused(caught.value, "tool_choice", "openai")
+    assert f"the hosted tool {choice['type']!r}" in caught.value.message
+    assert fakes.received() == 0
+
+
+def test_responses_group_skips_a_member_without_web_search(client: openai.OpenAI, fakes: Fakes) -> None:
+    raw = client.responses.with_raw_response.create(model="gemini-then-claude", input="news?",
+                                                    tools=[WEB_SEARCH])  # type: ignore[list-item]
+    assert raw.headers["x-scillm-provider"] == "anthropic"
+    assert fakes.gemini.requests == []
+    assert fakes.claude.last.body["tools"][0]["type"] == "web_search_20250305"
+
+
+def test_responses_group_where_no_member_runs_the_hosted_tool_names_the_first(client: openai.OpenAI,
+                                                                             fakes: Fakes) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="gpt-then-claude", input="hi", tools=HOSTED[:1])  # type: ignore[arg-type]
+    _refused(caught.value, "tools[0]", "openai")
+    assert fakes.received() == 0
+
+
+def test_responses_hosted_tools_reach_a_responses_upstream_as_sent(client: openai.OpenAI, fakes: Fakes) -> None:
+    tools = [FUNCTION, WEB_SEARCH, *HOSTED]
+    with client.responses.stream(model="codex/gpt-5.1", input="hi", tools=tools,  # type: ignore[arg-type]
+                                 tool_choice={"type": "file_search"}) as stream:
+        stream.get_final_response()
+    sent = [r for r in fakes.codex.requests if r.method == "POST" and r.path.endswith("/responses")][-1]
+    assert sent.body["tools"] == tools and sent.body["tool_choice"] == {"type": "file_search"}
+    assert "web_search_options" not in sent.body
 
 
 # -- /v1/messages -> other providers -------------------------------------------------------------------------------

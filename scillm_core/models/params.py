@@ -10,8 +10,8 @@ that asks for nothing (``logprobs: false``, ``n: 1``, ``modalities: ["text"]``) 
 
 Chat parameters are read where the chat model keeps them (``n``, and ``extra`` for those it does not model), so a
 request from any surface (chat, batch items, runners) is checked alike. A surface whose dialect has asks the chat
-model cannot carry (Anthropic's ``mcp_servers``, server tools, document ``citations``) lists them in
-``request.scillm["asks"]``: a mapping of JSON path to capability.
+model cannot carry (Anthropic's ``mcp_servers``, server tools, document ``citations``; the Responses API's hosted
+tools) lists them in ``request.scillm["asks"]``: a mapping of JSON path to capability.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 from scillm_core import errors
 from scillm_core.models.chat import ChatRequest
 
-__all__ = ["AS_SENT", "CHAT_ASKS", "check_asks"]
+__all__ = ["AS_SENT", "CHAT_ASKS", "HOSTED", "check_asks"]
 
 
 def _off(value: Any) -> bool:
@@ -51,6 +51,11 @@ CHOICES = "choices"
 #: What an OpenAI-compatible upstream gets as sent (the upstream judges): every capability above.
 AS_SENT = frozenset({*(capability for capability, _ in CHAT_ASKS.values()), CHOICES})
 
+
+#: A capability no translated route has, named by this prefix and the tool's type: a tool OpenAI's Responses API
+#: runs itself (``file_search``, ``code_interpreter``, ``mcp``, ...), which only a Responses upstream taking the
+#: body as sent delivers.
+HOSTED = "hosted:"
 
 #: what each capability delivers, for the error message (surfaces' own capabilities included)
 DELIVERS: Mapping[str, str] = {
@@ -83,7 +88,13 @@ def check_asks(request: ChatRequest, capabilities: frozenset[str], provider: str
 
 def _refuse(path: str, capability: str, provider: str, model: str) -> None:
     raise errors.UnsupportedParameter(
-        f"{path[2:]} asks for {DELIVERS.get(capability, capability)}, which provider {provider!r} cannot deliver "
+        f"{path[2:]} asks for {_delivers(capability)}, which provider {provider!r} cannot deliver "
         f"for model {model!r}; "
         f"remove it or route to a model that has it (GET /v1/scillm/providers lists capabilities) @ {path}",
         param=path, details={"error_code": "unsupported_parameter", "provider": provider, "model": model})
+
+
+def _delivers(capability: str) -> str:
+    if capability.startswith(HOSTED):
+        return f"the hosted tool {capability[len(HOSTED):]!r}, which OpenAI's Responses API runs itself"
+    return DELIVERS.get(capability, capability)

@@ -55,9 +55,9 @@ class AnthropicProvider(Provider):
     prefixes = ("anthropic/",)
     rule_order = 20
     #: server_tools, mcp_servers: the Messages API runs them; citations: it cites the documents it was given (asked
-    #: for on ``/v1/messages``, see ``scillm_core.models.params``)
+    #: for on ``/v1/messages``, see ``scillm_core.models.params``); web_search: its web search tool
     capabilities = frozenset({"streaming", "tools", "images", "pdf", "json_schema", "reasoning", "cache_control",
-                              "prefill", "server_tools", "mcp_servers", "citations"})
+                              "prefill", "server_tools", "mcp_servers", "citations", "web_search"})
     dialects = frozenset({"anthropic-messages"})
     #: whether a translated ``/v1/messages`` request keeps the client's own Anthropic fields (``thinking``,
     #: ``top_k``, ``mcp_servers``, ...; see :func:`to_messages_body`)

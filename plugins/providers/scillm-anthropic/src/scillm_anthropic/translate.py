@@ -67,6 +67,8 @@ NATIVE_BLOCKS = frozenset({"image", "document", "search_result", "text"})
 #: Body keys a client may pass through in ``extra`` (everything else is OpenAI-only and would be rejected).
 PASSTHROUGH = ("top_k", "thinking", "metadata", "service_tier", "output_config", "context_management",
                "mcp_servers", "container")
+#: Anthropic's web search tool: what chat's ``web_search_options`` asks for (see :func:`_web_search`)
+WEB_SEARCH_TOOL: Mapping[str, str] = {"type": "web_search_20250305", "name": "web_search"}
 #: Anthropic error ``type`` -> the HTTP status it comes with (for mid-stream ``event: error``).
 ERROR_STATUS: Mapping[str, int] = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
                                    "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
@@ -373,6 +375,8 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
                 body[key] = value
     if native and native.get("server_tools"):  # tools of Anthropic's own types a /v1/messages client sent
         body["tools"] = [*body.get("tools", ()), *native["server_tools"]]
+    if request.extra.get("web_search_options") is not None:  # chat's web search (a Responses web search tool)
+        body["tools"] = [*body.get("tools", ()), _web_search(request.extra["web_search_options"])]
     thinking_on = thinking_on or (isinstance(body.get("thinking"), Mapping)
                                   and body["thinking"].get("type") in ("enabled", "adaptive"))
     if request.temperature is not None and not thinking_on:  # thinking requires the default temperature
@@ -386,6 +390,23 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
     if request.stream:
         body["stream"] = True
     return body
+
+
+def _web_search(options: Any) -> dict[str, Any]:
+    """Chat's ``web_search_options`` as Anthropic's web search tool: the place in ``user_location.approximate``, and
+    ``filters.allowed_domains`` (a Responses web search tool's); ``search_context_size`` has no counterpart (a hint
+    of how much search context to use)."""
+    tool: dict[str, Any] = dict(WEB_SEARCH_TOOL)
+    if isinstance(options, Mapping):
+        location = options.get("user_location")
+        place = location.get("approximate") if isinstance(location, Mapping) else None
+        if isinstance(place, Mapping) and place:
+            tool["user_location"] = {**place, "type": "approximate"}
+        filters = options.get("filters")
+        domains = filters.get("allowed_domains") if isinstance(filters, Mapping) else None
+        if isinstance(domains, list) and domains:
+            tool["allowed_domains"] = domains
+    return tool
 
 
 # -- response ------------------------------------------------------------------------------------------------------

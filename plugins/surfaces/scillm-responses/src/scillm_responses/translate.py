@@ -19,6 +19,7 @@ from scillm_core import ChatChunk, ChatRequest, ChatResponse, Usage, errors, str
 from scillm_core.jsonio import json_type
 from scillm_core.models.extensions import EXTENSION_FIELDS, take_extensions
 from scillm_core.models.native import native_events
+from scillm_core.models.params import HOSTED
 
 __all__ = ["EXTENSION_FIELDS", "EventStream", "new_id", "parse_request", "response_object", "usage_object"]
 
@@ -161,18 +162,32 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def _tools(raw: Any) -> list[dict[str, Any]] | None:
+def _tools(raw: Any, asks: dict[str, str]) -> tuple[list[dict[str, Any]] | None, dict[str, Any] | None]:
+    """The function tools, and chat's ``web_search_options`` for a web search tool. A hosted tool is something the
+    client asks for: its path goes in ``asks`` (``scillm_core.models.params``), so a route that cannot run it
+    answers 400 instead of answering without it. A web search is chat's ``web_search`` (OpenAI-compatible
+    upstreams get ``web_search_options``, Anthropic its web search tool); the other hosted tools (``file_search``,
+    ``code_interpreter``, ``mcp``, ...) only a Responses upstream runs, taking the body as sent."""
     if raw is None:
-        return None
+        return None, None
     if not isinstance(raw, list):
         raise _bad(f"expected array of tools, got {json_type(raw)}", "$.tools")
     tools: list[dict[str, Any]] = []
+    search: dict[str, Any] | None = None
     for i, tool in enumerate(raw):
         path = f"$.tools[{i}]"
         if not isinstance(tool, dict):
             raise _bad(f"expected tool object, got {json_type(tool)}", path)
-        if tool.get("type") != "function":
-            continue  # hosted tools (web_search, file_search, ...) have no chat-completions equivalent
+        kind = tool.get("type")
+        if kind != "function":
+            if not isinstance(kind, str) or not kind:
+                raise _bad("tool type is required (a string)", f"{path}.type")
+            if kind.startswith("web_search"):  # web_search, web_search_preview, and their dated versions
+                search = _web_search_options(tool)
+                asks[path] = "web_search"
+            else:
+                asks[path] = HOSTED + kind
+            continue
         if isinstance(tool.get("function"), dict):  # chat-style nesting: accept it too
             tools.append({"type": "function", "function": tool["function"]})
             continue
@@ -181,21 +196,39 @@ def _tools(raw: Any) -> list[dict[str, Any]] | None:
             if tool.get(key) is not None:
                 function[key] = tool[key]
         tools.append({"type": "function", "function": function})
-    return tools or None
+    return tools or None, search
 
 
-def _tool_choice(choice: Any) -> Any:
+def _web_search_options(tool: Mapping[str, Any]) -> dict[str, Any]:
+    """A Responses web search tool as chat's ``web_search_options``: ``search_context_size``, ``user_location``
+    (chat nests the place under ``approximate``) and ``filters`` (allowed domains) as the client gave them."""
+    options: dict[str, Any] = {key: tool[key] for key in ("search_context_size", "filters")
+                               if tool.get(key) is not None}
+    location = tool.get("user_location")
+    if isinstance(location, Mapping):
+        place = {key: value for key, value in location.items() if key != "type" and value is not None}
+        options["user_location"] = {"type": location.get("type") or "approximate", "approximate": place}
+    return options
+
+
+def _tool_choice(choice: Any, asks: dict[str, str]) -> Any:
     if choice is None or isinstance(choice, str):
         return choice
     if isinstance(choice, dict):
-        if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        kind = choice.get("type")
+        if kind == "function" and isinstance(choice.get("name"), str):
             return {"type": "function", "function": {"name": choice["name"]}}
         if isinstance(choice.get("function"), dict):
             return choice
-        if choice.get("type") in ("auto", "none", "required"):
-            return choice["type"]
-        raise _bad("tool_choice must be auto, none, required or {\"type\": \"function\", \"name\": ...}",
-                   "$.tool_choice")
+        if kind in ("auto", "none", "required"):
+            return kind
+        if isinstance(kind, str) and kind not in ("function", "custom", "allowed_tools"):
+            # a hosted tool forced: the chat model has no way to say it, so only a route that takes the body as
+            # sent delivers it
+            asks["$.tool_choice"] = HOSTED + kind
+            return None
+        raise _bad("tool_choice must be auto, none, required, {\"type\": \"function\", \"name\": ...} or a hosted "
+                   "tool's type", "$.tool_choice")
     raise _bad(f"expected string or object, got {json_type(choice)}", "$.tool_choice")
 
 
@@ -228,7 +261,7 @@ def _response_format(text: Any) -> dict[str, Any] | None:
     raise _bad(f"unsupported text.format type {kind!r}", "$.text.format.type")
 
 
-def _logprobs_asked(body: Mapping[str, Any], chat: dict[str, Any], extensions: dict[str, Any]) -> None:
+def _logprobs_asked(body: Mapping[str, Any], chat: dict[str, Any], asks: dict[str, str]) -> None:
     top = body.get("top_logprobs")
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
         raise _bad("top_logprobs must be an integer from 0 to 20", "$.top_logprobs")
@@ -239,7 +272,7 @@ def _logprobs_asked(body: Mapping[str, Any], chat: dict[str, Any], extensions: d
     if top:
         chat["top_logprobs"] = top
     path = "$.top_logprobs" if top else f"$.include[{include.index(LOGPROBS)}]"  # type: ignore[union-attr]
-    extensions["asks"] = {path: "logprobs"}
+    asks[path] = "logprobs"
 
 
 def parse_request(body: Any, *, session: str | None = None) -> tuple[ChatRequest, dict[str, Any]]:
@@ -267,11 +300,15 @@ def parse_request(body: Any, *, session: str | None = None) -> tuple[ChatRequest
                             "scillm": extensions}
     if stream:
         chat["stream_options"] = {"include_usage": True}
-    tools = _tools(body.get("tools"))
+    asks: dict[str, str] = {}  # what the client asks for, by JSON path: deliverable or a 400 (core's dispatch)
+    tools, search = _tools(body.get("tools"), asks)
+    if search is not None:
+        chat["web_search_options"] = search
+    choice = _tool_choice(body.get("tool_choice"), asks)
     if tools:
         chat["tools"] = tools
-        if body.get("tool_choice") is not None:
-            chat["tool_choice"] = _tool_choice(body.get("tool_choice"))
+        if choice is not None:
+            chat["tool_choice"] = choice
         if body.get("parallel_tool_calls") is not None:
             chat["parallel_tool_calls"] = body["parallel_tool_calls"]
     for src, dst in (("temperature", "temperature"), ("top_p", "top_p"), ("max_output_tokens", "max_tokens")):
@@ -281,7 +318,9 @@ def parse_request(body: Any, *, session: str | None = None) -> tuple[ChatRequest
         value = body.get(key)
         if value is not None:
             chat[key] = _text_of(value, f"$.{key}")
-    _logprobs_asked(body, chat, extensions)
+    _logprobs_asked(body, chat, asks)
+    if asks:
+        extensions["asks"] = asks
     reasoning = body.get("reasoning")
     if reasoning is not None:
         if not isinstance(reasoning, dict):
