@@ -512,6 +512,98 @@ def test_messages_citations_are_refused_where_the_route_cannot_cite(
     assert fakes.received() == 0
 
 
+def _tool_turns(*content: dict[str, Any], is_error: bool | None = None) -> list[dict[str, Any]]:
+    """A conversation whose last turn answers a tool call with ``content`` (a tool_result's blocks)."""
+    result: dict[str, Any] = {"type": "tool_result", "tool_use_id": "toolu_1", "content": list(content)}
+    if is_error is not None:
+        result["is_error"] = is_error
+    return [{"role": "user", "content": "What color is the grass?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}}]},
+            {"role": "user", "content": [result]}]
+
+
+CITED_TEXT = {"type": "text", "text": "the grass is green", "citations": [CITATION]}
+LOOKUP = [{"name": "lookup", "input_schema": {"type": "object"}}]
+
+
+@pytest.mark.parametrize(("messages", "param"), [
+    (_tool_turns({"type": "text", "text": "found:"}, CITED_TEXT), "messages[2].content[0].content[1].citations"),
+    (_tool_turns(DOCUMENT), "messages[2].content[0].content[0].citations")])
+@pytest.mark.parametrize("model", ["deepseek/deepseek-chat", "gemini/gemini-2.5-flash", "qwen3:8b"])
+def test_messages_citations_inside_tool_results_are_refused_where_the_route_cannot_cite(
+        claude_client: anthropic.Anthropic, fakes: Fakes, model: str, messages: list[Any], param: str) -> None:
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        claude_client.messages.create(model=model, max_tokens=64, messages=messages,  # type: ignore[arg-type]
+                                      tools=LOOKUP)  # type: ignore[list-item]
+    body = caught.value.body
+    assert f"@ $.{param}" in body["error"]["message"] and "citations" in body["error"]["message"]
+    assert body["error"]["details"]["error_code"] == "unsupported_parameter"
+    assert fakes.received() == 0
+
+
+def test_messages_tool_result_without_citations_still_goes_everywhere(claude_client: anthropic.Anthropic,
+                                                                      fakes: Fakes) -> None:
+    claude_client.messages.create(model="deepseek/deepseek-chat", max_tokens=64, tools=LOOKUP,  # type: ignore
+                                  messages=_tool_turns({"type": "text", "text": "green"},  # type: ignore[arg-type]
+                                                       {"type": "text", "text": "short", "citations": []}))
+    assert fakes.openai.last.body["messages"][-1] == {"role": "tool", "tool_call_id": "toolu_1",
+                                                      "content": "green\n\nshort"}
+
+
+def test_messages_citations_inside_tool_results_make_a_group_skip_a_member(claude_client: anthropic.Anthropic,
+                                                                           fakes: Fakes) -> None:
+    messages = _tool_turns({"type": "text", "text": "found:"}, CITED_TEXT)
+    raw = claude_client.messages.with_raw_response.create(model="deepseek-then-claude", max_tokens=64,
+                                                          messages=messages, tools=LOOKUP)  # type: ignore
+    assert raw.headers["x-scillm-dialect"] == "anthropic-messages" and fakes.openai.requests == []
+    assert fakes.claude.last.body["messages"] == messages
+
+
+SEARCH_RESULT = {"type": "search_result", "source": "https://example.org/grass", "title": "Grass",
+                 "content": [{"type": "text", "text": "The grass is green."}], "citations": {"enabled": True}}
+
+
+@pytest.mark.parametrize(("messages", "param"), [
+    (_tool_turns(SEARCH_RESULT), "messages[2].content[0].content[0].citations"),
+    ([{"role": "user", "content": [SEARCH_RESULT, {"type": "text", "text": "Color?"}]}],
+     "messages[0].content[0].citations")])
+def test_messages_search_results_asking_for_citations_never_reach_a_fallback_that_cannot_cite(
+        claude_client: anthropic.Anthropic, fakes: Fakes, messages: list[Any], param: str) -> None:
+    """A block the chat model does not know goes to Anthropic as sent (the first route); a fallback that cannot
+    cite is not called, so the client gets Anthropic's own failure, not an answer made without the results."""
+    fakes.claude.script(Reply.fail(529, "Overloaded", type="overloaded_error"))
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        claude_client.messages.create(model="claude-then-deepseek", max_tokens=64, messages=messages,  # type: ignore
+                                      tools=LOOKUP)  # type: ignore[list-item]
+    assert caught.value.status_code == 529
+    tried = caught.value.body["error"]["details"]["tried"]
+    assert tried[-1]["error"] == "unsupported_parameter", tried
+    assert fakes.openai.requests == [] and fakes.claude.last.body["messages"] == messages
+    from scillm_messages.translate import parse_messages_request  # the path the refusal names
+
+    body = {"model": "claude-then-deepseek", "max_tokens": 64, "messages": messages}
+    assert parse_messages_request(body, lenient=True).scillm["asks"] == {f"$.{param}": "citations"}
+
+
+def test_messages_citations_inside_tool_results_translated_for_anthropic(fakes: Fakes, tmp_path: Path) -> None:
+    """``[server] passthrough = false``: the tool result reaches Anthropic with its cited text block as the client
+    sent it, beside its plain text, and ``is_error`` as sent."""
+    env = {"ANTHROPIC_API_KEY": "sk-ant-params-0123456789abcdef", "ANTHROPIC_API_BASE": fakes.claude.base_url}
+    app = make_app(env=env, config={"server": {"passthrough": False}}, data_dir=tmp_path,
+                   only=("auth", "messages", "anthropic"))
+    messages = _tool_turns({"type": "text", "text": "found:"}, CITED_TEXT, is_error=True)
+    with ServerThread(app) as server:
+        client = anthropic.Anthropic(base_url=server.url, api_key=DEV_KEY, max_retries=0, timeout=20)
+        fakes.claude.script(CITED)
+        raw = client.messages.with_raw_response.create(model=CLAUDE, max_tokens=64, messages=messages,  # type: ignore
+                                                       tools=LOOKUP)  # type: ignore[list-item]
+    assert raw.headers["x-scillm-dialect"] == "anthropic-messages -> anthropic"
+    result = fakes.claude.last.body["messages"][2]["content"][0]
+    assert result == {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                      "content": [{"type": "text", "text": "found:"}, CITED_TEXT]}
+    assert _cited_blocks(raw.parse().content) == EXPECTED_BLOCKS
+
+
 def test_messages_citations_turned_off_ask_for_nothing(claude_client: anthropic.Anthropic, fakes: Fakes) -> None:
     document = {**DOCUMENT, "citations": {"enabled": False}}
     claude_client.messages.create(model="deepseek/deepseek-chat", max_tokens=64,

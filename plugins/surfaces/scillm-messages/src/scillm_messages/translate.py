@@ -258,10 +258,14 @@ def _user(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, str], l
             text, images = _tool_result(block, path, asks, lenient)
             tool_id = _expect(block.get("tool_use_id"), str, "a string", f"{path}.tool_use_id")
             marker = _cache_control(block, path)
-            out.append(Message(role="tool", tool_call_id=tool_id, content=text,
-                               extra={"cache_control": marker} if marker else {}))
+            extra: dict[str, Any] = {"cache_control": marker} if marker else {}
+            if isinstance(text, tuple) and block.get("is_error") is True:
+                extra["is_error"] = True
+            out.append(Message(role="tool", tool_call_id=tool_id, content=text, extra=extra))
             parts.extend(images)
-        elif kind == "other":
+        elif kind == "other":  # e.g. a search_result, which may ask for citations too
+            if "citations" in block:
+                _cites(block, path, asks)
             parts.append(_as_is(block))
         else:
             parts.append(_part(kind, block, path, asks))
@@ -325,30 +329,38 @@ def _bare_part(kind: str, block: Mapping[str, Any], path: str) -> Any:
 
 
 def _tool_result(block: Mapping[str, Any], path: str, asks: dict[str, str], lenient: bool = False
-                 ) -> tuple[str, list[Any]]:
+                 ) -> tuple[str | tuple[TextPart | OtherPart, ...], list[Any]]:
+    """A tool result's text, and its images and documents (they follow in a user message). Its blocks ask for
+    citations as at the top of a message (:func:`_cites`); text that cites is kept as parts, the cited blocks as
+    they came, which only Anthropic upstreams get (every other route refuses the ask)."""
     content = block.get("content")
-    texts: list[str] = []
+    texts: list[TextPart | OtherPart] = []
     images: list[Any] = []
     if isinstance(content, str):
-        texts.append(content)
+        texts.append(TextPart(text=content))
     elif isinstance(content, list):
         for k, inner in enumerate(content):
             ipath = f"{path}.content[{k}]"
             _expect(inner, dict, "a content block object", ipath)
             kind = inner.get("type")
             if kind == "text":
-                texts.append(_expect(inner.get("text"), str, "a string", f"{ipath}.text"))
+                text = TextPart(text=_expect(inner.get("text"), str, "a string", f"{ipath}.text"))
+                texts.append(_as_is(inner) if "citations" in inner and _cites(inner, ipath, asks) else text)
             elif kind in ("image", "document"):
                 images.append(_part(kind, inner, ipath, asks))
             elif not lenient:
                 raise _bad(f"tool_result content blocks must be text, image or document, got {kind!r}",
                            f"{ipath}.type")
+            elif isinstance(inner.get("citations"), Mapping):  # e.g. a search_result: goes as sent, or nowhere
+                _cites(inner, ipath, asks)
     elif content is not None:
         raise _bad(f"expected a string or an array of content blocks, got {json_type(content)}", f"{path}.content")
-    text = "\n\n".join(texts)
     is_error = block.get("is_error")
     if is_error is not None:
         _expect(is_error, bool, "a boolean", f"{path}.is_error")
+    if any(isinstance(part, OtherPart) for part in texts):
+        return tuple(texts), images  # for Anthropic alone, which takes is_error as it is (:func:`_user`)
+    text = "\n\n".join(part.text for part in texts if isinstance(part, TextPart))
     if is_error:
         text = f"Error: {text}" if text else "Error"
     return text, images
