@@ -344,6 +344,21 @@ def test_responses_hosted_tools_are_refused_on_translated_routes(client: openai.
     assert fakes.received() == 0
 
 
+APPLY_PATCH = {"type": "custom", "name": "apply_patch", "description": "Edit files",
+               "format": {"type": "grammar", "syntax": "lark", "definition": "start: /.+/"}}
+
+
+@pytest.mark.parametrize("model", [CLAUDE, "deepseek/deepseek-chat"])
+def test_responses_custom_tools_are_refused_on_translated_routes(client: openai.OpenAI, fakes: Fakes,
+                                                                 model: str) -> None:
+    """A custom tool's call is free-form text (a grammar's), which a chat route's JSON tool calls cannot carry."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=model, input="hi", tools=[FUNCTION, APPLY_PATCH])  # type: ignore[list-item]
+    _refused(caught.value, "tools[1]", model.split("/")[0])
+    assert "a custom tool" in caught.value.message
+    assert fakes.received() == 0
+
+
 @pytest.mark.parametrize("choice", [{"type": "web_search_preview"}, {"type": "file_search"},
                                     {"type": "mcp", "server_label": "docs"}])
 def test_responses_tool_choice_forcing_a_hosted_tool_is_refused(client: openai.OpenAI, fakes: Fakes,
@@ -374,7 +389,7 @@ def test_responses_group_where_no_member_runs_the_hosted_tool_names_the_first(cl
 
 
 def test_responses_hosted_tools_reach_a_responses_upstream_as_sent(client: openai.OpenAI, fakes: Fakes) -> None:
-    tools = [FUNCTION, WEB_SEARCH, *HOSTED]
+    tools = [FUNCTION, WEB_SEARCH, APPLY_PATCH, *HOSTED]
     with client.responses.stream(model="codex/gpt-5.1", input="hi", tools=tools,  # type: ignore[arg-type]
                                  tool_choice={"type": "file_search"}) as stream:
         stream.get_final_response()

@@ -167,7 +167,7 @@ def _tools(raw: Any, asks: dict[str, str]) -> tuple[list[dict[str, Any]] | None,
     client asks for: its path goes in ``asks`` (``scillm_core.models.params``), so a route that cannot run it
     answers 400 instead of answering without it. A web search is chat's ``web_search`` (OpenAI-compatible
     upstreams get ``web_search_options``, Anthropic its web search tool); the other hosted tools (``file_search``,
-    ``code_interpreter``, ``mcp``, ...) only a Responses upstream runs, taking the body as sent."""
+    ``code_interpreter``, ``mcp``, ...) and custom tools only a Responses upstream takes, as sent."""
     if raw is None:
         return None, None
     if not isinstance(raw, list):
@@ -185,6 +185,8 @@ def _tools(raw: Any, asks: dict[str, str]) -> tuple[list[dict[str, Any]] | None,
             if kind.startswith("web_search"):  # web_search, web_search_preview, and their dated versions
                 search = _web_search_options(tool)
                 asks[path] = "web_search"
+            elif kind == "custom":  # free-form input (Codex's apply_patch grammar): chat tools take JSON only
+                asks[path] = "custom_tools"
             else:
                 asks[path] = HOSTED + kind
             continue
