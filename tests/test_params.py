@@ -359,17 +359,29 @@ def test_responses_custom_tools_are_refused_on_translated_routes(client: openai.
     assert fakes.received() == 0
 
 
-@pytest.mark.parametrize("choice", [{"type": "web_search_preview"}, {"type": "file_search"},
-                                    {"type": "mcp", "server_label": "docs"}])
-def test_responses_tool_choice_forcing_a_hosted_tool_is_refused(client: openai.OpenAI, fakes: Fakes,
-                                                                choice: dict[str, Any]) -> None:
-    """The chat model has no way to force a hosted tool, even where the tool itself is mapped."""
+CHOSEN = [({"type": "web_search_preview"}, "the hosted tool 'web_search_preview'"),
+          ({"type": "file_search"}, "the hosted tool 'file_search'"),
+          ({"type": "mcp", "server_label": "docs"}, "the hosted tool 'mcp'"),
+          ({"type": "custom", "name": "apply_patch"}, "a custom tool"),
+          ({"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "get_time"}]},
+           "allowed_tools")]
+
+
+@pytest.mark.parametrize(("choice", "what"), CHOSEN, ids=[choice["type"] for choice, _ in CHOSEN])
+def test_responses_tool_choice_the_chat_model_cannot_say_is_refused(client: openai.OpenAI, fakes: Fakes,
+                                                                    choice: dict[str, Any], what: str) -> None:
+    """The chat model has no way to force a hosted tool (even where the tool itself is mapped), a custom tool, or
+    to restrict the choice to some tools; a Responses upstream gets them as sent."""
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model=GPT, input="hi", tools=[FUNCTION, {"type": "web_search_preview"}],
                                 tool_choice=choice)  # type: ignore[arg-type]
     _refused(caught.value, "tool_choice", "openai")
-    assert f"the hosted tool {choice['type']!r}" in caught.value.message
+    assert what in caught.value.message
     assert fakes.received() == 0
+    with client.responses.stream(model="codex/gpt-5.1", input="hi", tools=[FUNCTION, APPLY_PATCH, *HOSTED],
+                                 tool_choice=choice) as stream:  # type: ignore[arg-type]
+        stream.get_final_response()
+    assert [r for r in fakes.codex.requests if r.method == "POST"][-1].body["tool_choice"] == choice
 
 
 def test_responses_group_skips_a_member_without_web_search(client: openai.OpenAI, fakes: Fakes) -> None:

@@ -64,7 +64,8 @@ DELIVERS: Mapping[str, str] = {
     "server_tools": "a tool the provider runs or defines itself (server tools, code execution containers)",
     "mcp_servers": "MCP servers the provider connects to",
     "citations": "citations of the documents it was given (Anthropic's citations)",
-    "custom_tools": "a custom tool (free-form input, a grammar), which only a Responses upstream takes"}
+    "custom_tools": "a custom tool (free-form input, a grammar), which only a Responses upstream takes",
+    "allowed_tools": "a choice restricted to some of the tools (allowed_tools)"}
 
 
 def check_asks(request: ChatRequest, capabilities: frozenset[str], provider: str, model: str) -> None:

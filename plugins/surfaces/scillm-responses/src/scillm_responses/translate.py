@@ -34,6 +34,8 @@ LOGPROBS = "message.output_text.logprobs"
 #: its ``prompt_cache_key``). ``prompt_cache_key`` also names the session for affinity (``session_of``).
 CHAT_FIELDS = ("prompt_cache_key", "safety_identifier", "user")
 STATEFUL_FIELDS = ("previous_response_id", "conversation")
+#: ``tool_choice`` types that are no hosted tool -> the capability they ask for (none a translated route has)
+CHOICES = {"custom": "custom_tools", "allowed_tools": "allowed_tools"}
 
 
 def new_id(prefix: str) -> str:
@@ -224,10 +226,10 @@ def _tool_choice(choice: Any, asks: dict[str, str]) -> Any:
             return choice
         if kind in ("auto", "none", "required"):
             return kind
-        if isinstance(kind, str) and kind not in ("function", "custom", "allowed_tools"):
-            # a hosted tool forced: the chat model has no way to say it, so only a route that takes the body as
-            # sent delivers it
-            asks["$.tool_choice"] = HOSTED + kind
+        if isinstance(kind, str) and kind and kind != "function":
+            # a hosted or custom tool forced, or a choice among the tools: the chat model has no way to say it,
+            # so only a route that takes the body as sent delivers it
+            asks["$.tool_choice"] = CHOICES.get(kind, HOSTED + kind)
             return None
         raise _bad("tool_choice must be auto, none, required, {\"type\": \"function\", \"name\": ...} or a hosted "
                    "tool's type", "$.tool_choice")
