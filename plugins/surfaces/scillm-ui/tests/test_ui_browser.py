@@ -91,9 +91,16 @@ def _text(driver: WebDriver, css: str) -> str:
 
 
 def _until(driver: WebDriver, css: str, wanted: str) -> str:
-    WebDriverWait(driver, WAIT_S, poll_frequency=0.1).until(lambda d: wanted in _text(d, css),
-                                                            f"{css} never showed {wanted!r}")
-    return _text(driver, css)
+    """The text of ``css`` once it shows ``wanted``: the text that did (the page re-renders on every poll, so a read
+    after the wait may find the element replaced and read nothing)."""
+    seen = [""]
+
+    def shows(d: WebDriver) -> bool:
+        seen[0] = _text(d, css)
+        return wanted in seen[0]
+
+    WebDriverWait(driver, WAIT_S, poll_frequency=0.1).until(shows, f"{css} never showed {wanted!r}")
+    return seen[0]
 
 
 def _click(driver: WebDriver, css: str) -> None:
