@@ -13,6 +13,7 @@ from attrs import define, field
 
 from scillm_core.events import Events, Stage
 from scillm_core.identity import MASTER, Identity, Job
+from scillm_core.models import ChatRequest
 
 if TYPE_CHECKING:
     import httpx
@@ -85,6 +86,11 @@ class Runtime:
 
     def use_store(self, factory: Callable[[], StateStore]) -> None:
         self._store_factory = factory
+
+    def route(self, model: str) -> Route:
+        """Where ``model`` goes, as the ``route_model`` hook decides (routing plugins included) for a bare name:
+        for checks and listings made outside a call (which models a key reaches, whether a name routes)."""
+        return self.hooks.route_model(ChatRequest(model=model, messages=()), self)
 
     def client(self) -> httpx.AsyncClient:
         if self.http is None:

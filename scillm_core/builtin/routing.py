@@ -90,9 +90,9 @@ def known_model_names(runtime: Runtime) -> list[str]:
 
 def model_catalog(runtime: Runtime) -> list[dict[str, Any]]:
     """Every name scillm knows, as ``{"id", "owned_by", "usable", "missing", "reaches"}``: ``usable`` when it
-    routes to a configured provider (for a group: any member), else ``missing`` says what to set; ``reaches`` is
-    what a key's model list is matched against (:attr:`Route.reaches`). ``GET /v1/models`` and
-    ``scillm models`` both show this list, so they agree."""
+    routes (through the ``route_model`` hook, as a call would) to a configured provider (for a group: any member),
+    else ``missing`` says what to set; ``reaches`` is what a key's model list is matched against
+    (:attr:`Route.reaches`). ``GET /v1/models`` and ``scillm models`` both show this list, so they agree."""
     providers = runtime.providers
     owners = {name: f"alias:{target}" for name, target in runtime.config.aliases.items()}
     for name in runtime.config.groups:
@@ -103,7 +103,7 @@ def model_catalog(runtime: Runtime) -> list[dict[str, Any]]:
     catalog = []
     for name in sorted(owners):
         try:
-            route = resolve(name, runtime)
+            route = runtime.route(name)
         except errors.ScillmError as exc:
             catalog.append({"id": name, "owned_by": owners[name], "usable": False, "missing": exc.message,
                             "reaches": ()})

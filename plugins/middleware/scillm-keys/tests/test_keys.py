@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from scillm_core import Route, hookimpl
 from scillm_core.testing import FakeOpenAI, Reply, ServerThread, make_app
 
 MASTER = "sk-master-keys-SECRET-0123456789"
@@ -110,6 +111,34 @@ def test_a_restricted_key_lists_and_retrieves_only_its_models(server: Server) ->
     master = openai.OpenAI(base_url=server.url + "/v1", api_key=MASTER, max_retries=0)
     assert {"gpt-4o", "gpt-4o-mini"} <= {m.id for m in master.models.list()}
     assert master.models.retrieve("gpt-4o").id == "gpt-4o"
+
+
+class CheapRouting:
+    """A third-party routing plugin that serves ``gpt-4o`` with gpt-4o-mini."""
+
+    @hookimpl(tryfirst=True)
+    def route_model(self, request: Any, runtime: Any) -> Route | None:
+        if request.model != "gpt-4o":
+            return None
+        return Route(provider="openai", model="gpt-4o-mini", requested=request.model)
+
+
+def test_a_keys_model_list_follows_a_routing_plugin_as_its_calls_do(tmp_path: Path) -> None:
+    """A key allowed ``openai/gpt-4o-mini`` may call ``gpt-4o`` when a routing plugin sends it there (the allow-list
+    is matched against what the ``route_model`` hook decides), but ``/v1/models`` matched against core's routing
+    alone and left it out. Both now ask the hook."""
+    with FakeOpenAI() as fake, ServerThread(make_app(
+            env={"SCILLM_MASTER_KEY": MASTER, "OPENAI_API_KEY": PROVIDER, "OPENAI_API_BASE": fake.base_url},
+            data_dir=tmp_path, plugins=[("cheap-routing", CheapRouting())])) as thread:
+        admin = httpx.Client(base_url=thread.url, timeout=30, headers={"authorization": f"Bearer {MASTER}"})
+        created = admin.post("/v1/scillm/keys", json={"name": "mini", "models": ["openai/gpt-4o-mini"]}).json()
+        MINTED.append(created["key"])
+        client = openai.OpenAI(base_url=thread.url + "/v1", api_key=created["key"], max_retries=0)
+        assert chat(client, "gpt-4o").choices[0].message.content == "Hello from the fake."
+        assert fake.requests[-1].body["model"] == "gpt-4o-mini"
+        assert {m.id for m in client.models.list()} == {"gpt-4o", "gpt-4o-mini"}
+        with pytest.raises(openai.PermissionDeniedError):
+            chat(client, "gpt-4.1")
 
 
 def test_a_revoked_key_gets_401_on_its_next_request(server: Server) -> None:

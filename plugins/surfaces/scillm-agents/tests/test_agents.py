@@ -18,6 +18,7 @@ from scillm_agents import agents_of
 from scillm_agents.rpc import RpcClient, RpcError
 from scillm_exec import Worktree
 
+from scillm_core import Route, hookimpl
 from scillm_core.config import ConfigError
 from scillm_core.testing import ServerThread, make_app
 
@@ -518,3 +519,40 @@ def test_posts_racing_at_the_cap_store_exactly_the_cap(repo: Path, tmp_path: Pat
     finally:
         for server in servers:
             server.stop()
+
+
+class HouseRouting:
+    """A third-party routing plugin: ``house-coder`` is its own name for Codex's gpt-5.5 (core knows no such
+    model)."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    @hookimpl(tryfirst=True)
+    def route_model(self, request: Any, runtime: Any) -> Route | None:
+        self.asked.append(request.model)
+        if request.model != "house-coder":
+            return None
+        return Route(provider="codex", model="gpt-5.5", requested=request.model)
+
+
+def test_the_workers_a_key_may_use_follow_a_routing_plugin(repo: Path, tmp_path: Path) -> None:
+    """Which workers a restricted key may use was decided by core's routing directly, so a ``route_model`` plugin
+    was ignored there: a worker whose model only the plugin routes was hidden from a key allowed what it routes to.
+    The surface now asks the hook, as every call does."""
+    routing = HouseRouting()
+    app = make_app(env={"SCILLM_MASTER_KEY": MASTER_KEY}, data_dir=tmp_path, only=PLUGINS,
+                   plugins=[("house-routing", routing)],
+                   config={"agents": {"house": {"repository": str(repo), "model": "house-coder"},
+                                      "other": {"repository": str(repo), "model": "deepseek/deepseek-chat"}}})
+    with ServerThread(app) as server:
+        with httpx.Client(base_url=server.url, timeout=60, headers={"authorization": f"Bearer {MASTER_KEY}"}) as m:
+            codex, deepseek = (m.post("/v1/scillm/keys", json={"name": n, "models": [p]}).json()["key"]
+                               for n, p in (("codex-only", "codex/*"), ("deepseek-only", "deepseek/*")))
+        for key, visible in ((codex, ["house"]), (deepseek, ["other"]), (MASTER_KEY, ["house", "other"])):
+            with httpx.Client(base_url=server.url + "/v1/scillm/agents", timeout=60, headers={
+                    "authorization": f"Bearer {key}", "x-caller-skill": "unit"}) as client:
+                assert [w["name"] for w in client.get("/registry").json()["workers"]] == visible
+                status = client.get("/house/status")
+                assert status.status_code == (200 if "house" in visible else 404)
+    assert "house-coder" in routing.asked

@@ -24,7 +24,6 @@ from scillm_exec import exec_config, run_keys
 from scillm_agents.config import settings, workers
 from scillm_agents.worker import DIFF_INLINE, LiveTurn, Worker
 from scillm_core import MASTER, Identity, Job, Runtime, errors, require_visible
-from scillm_core.builtin.routing import resolve
 from scillm_core.redact import env_secrets
 from scillm_core.state import StateStore
 
@@ -84,11 +83,11 @@ class Agents:
 
     def usable(self, worker: Worker, viewer: Identity) -> bool:
         """Whether ``viewer`` may call the worker's model (by name, or the group or model it routes to: the match
-        the keys middleware applies to the worker's model calls)."""
+        the keys middleware applies to the worker's model calls, through the ``route_model`` hook as they are)."""
         if viewer.may_call(worker.cfg.model):
             return True
         try:
-            route = resolve(worker.cfg.model, self.runtime)
+            route = self.runtime.route(worker.cfg.model)
         except errors.ScillmError:
             return False
         return viewer.may_call(*route.reaches)

@@ -18,7 +18,6 @@ from starlette.responses import FileResponse, Response
 from starlette.types import Message
 
 from scillm_core import (
-    ChatRequest,
     Runtime,
     SurfaceRegistry,
     caller_of,
@@ -197,7 +196,7 @@ async def create_batch(request: Request) -> Response:
                                     f"{endpoint} @ $.endpoint", param="$.endpoint", code="url_mismatch")
     if checked["model"] not in runner.pools:  # a pool's lanes were checked at startup; a model must route now
         try:
-            runtime.hooks.route_model(ChatRequest(model=checked["model"], messages=()), runtime)
+            runtime.route(checked["model"])
         except errors.ModelNotFound as exc:
             raise errors.InvalidRequest(f"the file's requests name model {checked['model']!r}, which is not "
                                         f"routable: {exc.message} @ $.input_file_id", param="$.input_file_id",

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 from scillm_exec import check_fields
 
 from scillm_core import errors
-from scillm_core.builtin.routing import resolve
 from scillm_core.pipeline import check_model
 
 if TYPE_CHECKING:
@@ -72,7 +71,7 @@ async def resolve_agent(server: Server, agent: str, runtime: Runtime, where: str
     if agent in profiles:
         return agent
     try:
-        resolve(agent, runtime)
+        runtime.route(agent)
     except errors.ScillmError:
         raise bad(f"unknown agent {agent!r}; the OpenCode server has: {', '.join(profiles)}", where) from None
     raise _chat_model(agent, where)
