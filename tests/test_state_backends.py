@@ -196,6 +196,40 @@ async def test_sqlite_sweeps_expired_logs_in_steps_in_the_background(tmp_path: P
         await other.close()
 
 
+async def test_sqlite_expires_documents_on_its_clock_and_its_sweep_deletes_them(tmp_path: Path) -> None:
+    """A document with a TTL (a handoff kept for its lifetime) expires on the store's clock (injected here) and
+    no longer counts against an insert's cap; its row, which nothing reads any more, is deleted by the same sweep
+    as expired logs, which a write of an expiring document starts too. Documents without a TTL stay."""
+    from scillm_core.state import sqlite
+
+    now = [1_000_000.0]
+    store = SQLiteStore(tmp_path / "state.sqlite3", clock=lambda: now[0])
+
+    def rows() -> list[str]:
+        return [k for (k,) in store._db.execute("SELECT key FROM docs WHERE ns = 'h' ORDER BY key")]
+
+    try:
+        for i in range(7):
+            assert (await store.insert("h", f"w/k/{i}", {"i": i}, prefix="w/k/", cap=7, ttl_s=7 * 86400.0)).created
+        await store.put("h", "w/kept", {"kept": True})
+        assert not (await store.insert("h", "w/k/new", {}, prefix="w/k/", cap=7, ttl_s=60.0)).created
+        now[0] += 7 * 86400.0 - 1
+        assert len(await store.scan("h", "w/k/")) == 7 and await store.get("h", "w/k/0") == {"i": 0}
+        now[0] += 1
+        assert await store.get("h", "w/k/0") is None and await store.scan("h", "w/") == [("w/kept", {"kept": True})]
+        assert (await store.insert("h", "w/k/new", {}, prefix="w/k/", cap=1, ttl_s=60.0)).created
+        assert len(rows()) == 9  # unreadable, not yet deleted
+        sqlite.SWEEP_ROWS, before = 3, sqlite.SWEEP_ROWS
+        try:
+            assert store.sweeper is not None  # the insert, a week after the last sweep, started one
+            assert await store.sweeper == 7
+        finally:
+            sqlite.SWEEP_ROWS = before
+        assert rows() == ["w/k/new", "w/kept"]
+    finally:
+        await store.close()
+
+
 async def test_queue_every_entry_to_one_consumer_until_acknowledged(stores: Callable[[], StateStore]) -> None:
     a, b = stores(), stores()
     ids = await a.enqueue("work", [{"n": n} for n in range(50)])

@@ -31,6 +31,7 @@ T = TypeVar("T")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs (ns TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, expires REAL,
                                  PRIMARY KEY (ns, key));
+CREATE INDEX IF NOT EXISTS docs_expiry ON docs (expires) WHERE expires IS NOT NULL;
 CREATE TABLE IF NOT EXISTS logs (id INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL, ts REAL NOT NULL,
                                  value BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS logs_ns ON logs (ns, id);
@@ -67,7 +68,7 @@ class SQLiteStore:
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.clock = clock  # log expiry and its sweep (tests move it)
+        self.clock = clock  # the expiry of documents and logs, and the sweep (tests move it)
         self.next_sweep = clock() + SWEEP_S
         self.sweeper: asyncio.Task[int] | None = None
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -106,9 +107,8 @@ class SQLiteStore:
             else:
                 _post(loop, future, result, None)
 
-    @staticmethod
-    def _live(row: tuple[bytes, float | None] | None) -> dict[str, Any] | None:
-        if row is None or (row[1] is not None and row[1] <= time.time()):
+    def _live(self, row: tuple[bytes, float | None] | None) -> dict[str, Any] | None:
+        if row is None or (row[1] is not None and row[1] <= self.clock()):
             return None
         return orjson.loads(row[0])  # type: ignore[no-any-return]
 
@@ -121,7 +121,7 @@ class SQLiteStore:
 
     async def put_many(self, namespace: str, documents: Sequence[tuple[str, Mapping[str, Any]]], *,
                        ttl_s: float | None = None) -> None:
-        expires = time.time() + ttl_s if ttl_s else None
+        expires = self.clock() + ttl_s if ttl_s else None
         rows = [(namespace, key, orjson.dumps(value), expires) for key, value in documents]
 
         def upsert(db: sqlite3.Connection) -> None:
@@ -134,6 +134,8 @@ class SQLiteStore:
             db.execute("COMMIT")
 
         await self._run(upsert)
+        if ttl_s:
+            self._sweep_when_due()
 
     async def compare_and_set(self, namespace: str, key: str, expected: Mapping[str, Any] | None,
                               value: Mapping[str, Any] | None, *, ttl_s: float | None = None) -> bool:
@@ -148,14 +150,17 @@ class SQLiteStore:
                 if value is None:
                     db.execute("DELETE FROM docs WHERE ns = ? AND key = ?", (namespace, key))
                 else:
-                    db.execute(_UPSERT, (namespace, key, orjson.dumps(value), time.time() + ttl_s if ttl_s else None))
+                    db.execute(_UPSERT, (namespace, key, orjson.dumps(value), self.clock() + ttl_s if ttl_s else None))
                 db.execute("COMMIT")
                 return True
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
 
-        return await self._run(cas)
+        done = await self._run(cas)
+        if ttl_s:
+            self._sweep_when_due()
+        return done
 
     async def insert(self, namespace: str, key: str, value: Mapping[str, Any], *, prefix: str, cap: int,
                      ttl_s: float | None = None) -> Inserted:
@@ -164,7 +169,7 @@ class SQLiteStore:
         blob = orjson.dumps(value)
 
         def insert(db: sqlite3.Connection) -> Inserted:
-            now = time.time()
+            now = self.clock()
             db.execute("BEGIN IMMEDIATE")  # the write lock before the reads: nobody inserts between count and write
             try:
                 current = self._live(db.execute("SELECT value, expires FROM docs WHERE ns = ? AND key = ?",
@@ -183,7 +188,10 @@ class SQLiteStore:
                 db.execute("ROLLBACK")
                 raise
 
-        return await self._run(insert)
+        inserted = await self._run(insert)
+        if ttl_s:
+            self._sweep_when_due()
+        return inserted
 
     async def get_many(self, namespace: str, keys: Sequence[str]) -> list[dict[str, Any] | None]:
         def read(db: sqlite3.Connection) -> list[dict[str, Any] | None]:
@@ -204,7 +212,7 @@ class SQLiteStore:
         acked = [int(i) for i in ack[1]] if ack else []
 
         def commit(db: sqlite3.Connection) -> list[bool]:
-            now = time.time()
+            now, clock = time.time(), self.clock()
             done: list[bool] = []
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -218,7 +226,7 @@ class SQLiteStore:
                         db.execute("DELETE FROM docs WHERE ns = ? AND key = ?", (change.namespace, change.key))
                     else:
                         db.execute(_UPSERT, (change.namespace, change.key, blob,
-                                             now + change.ttl_s if change.ttl_s else None))
+                                             clock + change.ttl_s if change.ttl_s else None))
                     if record is not None:
                         db.execute("INSERT INTO logs (ns, ts, value) VALUES (?, ?, ?)", (change.log, now, record))
                     done.append(True)
@@ -232,6 +240,8 @@ class SQLiteStore:
             return done
 
         done = await self._run(commit)
+        if any(change.ttl_s for change in changes):
+            self._sweep_when_due()
         for log in {c.log for c, ok in zip(changes, done, strict=True) if ok and c.log and c.record is not None}:
             self._wake("log:" + log)
         return done
@@ -326,7 +336,7 @@ class SQLiteStore:
             return None
         finally:
             self._reader_lock.release()
-        if row is None or (row[1] is not None and row[1] <= time.time()):
+        if row is None or (row[1] is not None and row[1] <= self.clock()):
             return 0.0
         return float(row[0])
 
@@ -414,19 +424,28 @@ class SQLiteStore:
         self._sweep_when_due()
 
     def _sweep_when_due(self) -> None:
-        """Start a sweep in the background when the last one is ``SWEEP_S`` old (no caller waits for it)."""
+        """Start a sweep in the background when the last one is ``SWEEP_S`` old (no caller waits for it); called
+        after writes of logs and of documents that expire."""
         if self.clock() >= self.next_sweep and (self.sweeper is None or self.sweeper.done()):
             self.next_sweep = self.clock() + SWEEP_S
             self.sweeper = asyncio.ensure_future(self.sweep())
             self.sweeper.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     async def sweep(self) -> int:
-        """Delete the logs whose expiry passed, ``SWEEP_ROWS`` rows per step on the store's thread (the event loop
-        never waits for it; other operations run between its steps); how many records went."""
+        """Delete the documents and logs whose expiry passed, ``SWEEP_ROWS`` rows per step on the store's thread
+        (the event loop never waits for it; other operations run between its steps); how many rows went."""
         now = self.clock()
+
+        def expired(db: sqlite3.Connection) -> int:  # documents (a handoff past its lifetime): unreadable already
+            return int(db.execute("DELETE FROM docs WHERE rowid IN (SELECT rowid FROM docs WHERE expires <= ? "
+                                  "LIMIT ?)", (now, SWEEP_ROWS)).rowcount)
+
+        dropped = 0
+        while (n := await self._run(expired)) == SWEEP_ROWS:
+            dropped += n
+        dropped += n
         gone = await self._run(lambda db: [ns for (ns,) in db.execute(
             "SELECT ns FROM log_expiry WHERE expires <= ? LIMIT 1000", (now,))])
-        dropped = 0
         for namespace in gone:
             def step(db: sqlite3.Connection, ns: str = namespace) -> int:  # unless kept (expiry lifted) meanwhile
                 return int(db.execute(f"DELETE FROM logs WHERE id IN (SELECT id FROM logs WHERE ns = ? ORDER BY id "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -556,3 +558,117 @@ def test_the_workers_a_key_may_use_follow_a_routing_plugin(repo: Path, tmp_path:
                 status = client.get("/house/status")
                 assert status.status_code == (200 if "house" in visible else 404)
     assert "house-coder" in routing.asked
+
+
+
+DAY = 86400.0
+
+
+class Lifetimes:
+    """One scillm on ``backend`` whose handoffs live ``days``. On SQLite the store's clock is injected (``now``):
+    tests move it, no sleep. redis-server's expiry runs on its own clock, which no test can move: there a test
+    checks the expiry Redis holds for a handoff and then sets it to a past instant (``PEXPIREAT``), which is what
+    the end of its lifetime does."""
+
+    def __init__(self, server: ServerThread, backend: str) -> None:
+        self.server, self.backend = server, backend
+        self.store = agents_of(server.app.runtime).store
+        self.now = [time.time()]
+        if backend == "sqlite":
+            self.store.clock = lambda: self.now[0]  # type: ignore[attr-defined]
+
+    def _redis(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.store.url)  # type: ignore[attr-defined]
+
+    def _key(self, owner: str, handoff_id: str) -> str:
+        from scillm_agents.service import HANDOFFS_BY_KEY
+
+        return f"alpha/{owner}/{handoff_id}" if self.backend == "sqlite" else \
+            self.store._doc(HANDOFFS_BY_KEY, f"alpha/{owner}/{handoff_id}")  # type: ignore[attr-defined]
+
+    def ttl_s(self, owner: str, handoff_id: str) -> float:
+        """How long the store keeps the handoff from now (-1: for good)."""
+        if self.backend == "sqlite":
+            with self.store._lock:  # type: ignore[attr-defined]
+                (expires,) = self.store._db.execute(  # type: ignore[attr-defined]
+                    "SELECT expires FROM docs WHERE ns = 'agents.handoffs_by_key' AND key = ?",
+                    (self._key(owner, handoff_id),)).fetchone()
+            return -1.0 if expires is None else float(expires) - self.now[0]
+        with self._redis() as client:
+            ms = client.pttl(self._key(owner, handoff_id))
+        return -1.0 if ms == -1 else ms / 1000.0
+
+    def end_on_redis(self, owner: str, handoff_id: str) -> None:
+        with self._redis() as client:
+            assert client.pexpireat(self._key(owner, handoff_id), 1)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def lifetimes(request: pytest.FixtureRequest, repo: Path, tmp_path: Path) -> Iterator[Callable[[float], Lifetimes]]:
+    """``start(days)``: a scillm on the backend (SQLite, or the suite's redis-server) whose handoffs live ``days``,
+    at most 2 per key."""
+    state = {"state": request.getfixturevalue("redis_state")} if request.param == "redis" else {}
+    servers: list[ServerThread] = []
+
+    def start(days: float) -> Lifetimes:
+        app = make_app(env={"SCILLM_MASTER_KEY": MASTER_KEY}, data_dir=tmp_path, only=PLUGINS, config={
+            "agents": {"alpha": {"repository": str(repo), "model": "gpt-5.5"}}, **state,
+            "standing_agents": {"max_handoffs_per_key": 2, "handoff_lifetime_days": days}})
+        servers.append(ServerThread(app).start())
+        return Lifetimes(servers[-1], request.param)
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_a_handoff_expires_after_its_lifetime(lifetimes: Callable[[float], Lifetimes]) -> None:
+    """Handoffs stayed until their key deleted them. Now one lives ``handoff_lifetime_days`` (7 by default) as the
+    state store's expiry of its document: after that it answers 404 like one never posted, is not listed, and no
+    longer counts against ``max_handoffs_per_key``; its id is free again."""
+    store = lifetimes(7)
+    (alice,) = _keys(store.server, "alice")
+    owner = alice.owner  # type: ignore[attr-defined]
+    first = alice.post("/alpha/handoffs", json={"handoff_id": "h1", "goal": "first"}).json()
+    assert first["expires_at"] == pytest.approx(first["created_at"] + 7 * DAY)
+    assert 7 * DAY - 60 < store.ttl_s(owner, "h1") <= 7 * DAY
+    store.now[0] += DAY  # (SQLite) the second is posted a day later: it outlives the first by a day
+    assert alice.post("/alpha/handoffs", json={"handoff_id": "h2", "goal": "second"}).status_code == 201
+    assert 7 * DAY - 60 < store.ttl_s(owner, "h2") <= 7 * DAY
+    full = alice.post("/alpha/handoffs", json={"handoff_id": "h3", "goal": "third"})
+    assert full.status_code == 409 and full.json()["error"]["code"] == "too_many_handoffs"
+    if store.backend == "sqlite":
+        store.now[0] += 6 * DAY - 1  # a second before the first one's end: both still there
+        assert alice.get("/alpha/status").json()["handoffs"] == ["h1", "h2"]
+        store.now[0] += 1
+    else:
+        store.end_on_redis(owner, "h1")
+
+    assert alice.get("/alpha/status").json()["handoffs"] == ["h2"]
+    gone, never = (alice.get("/alpha/result", params={"handoff_id": h}) for h in ("h1", "h-never"))
+    assert gone.status_code == never.status_code == 404
+    assert gone.json()["error"]["message"].replace("h1", "?") == \
+        never.json()["error"]["message"].replace("h-never", "?")
+    assert alice.delete("/alpha/handoffs/h1").status_code == 404
+    lease = alice.post("/alpha/leases", json={"owner": "alice", "handoff_id": "h1"})
+    assert lease.status_code == 400 and lease.json()["error"]["param"] == "$.handoff_id"
+    # its place under the cap is free again, and so is its id
+    assert alice.post("/alpha/handoffs", json={"handoff_id": "h3", "goal": "third"}).status_code == 201
+    assert alice.post("/alpha/handoffs", json={"handoff_id": "h4", "goal": "fourth"}).status_code == 409
+    assert alice.delete("/alpha/handoffs/h3").status_code == 200
+    again = alice.post("/alpha/handoffs", json={"handoff_id": "h1", "goal": "first, again"})
+    assert again.status_code == 201 and again.json()["goal"] == "first, again"
+    assert alice.get("/alpha/status").json()["handoffs"] == ["h1", "h2"]
+
+
+def test_a_lifetime_of_zero_keeps_handoffs_until_deleted(lifetimes: Callable[[float], Lifetimes]) -> None:
+    store = lifetimes(0)
+    (alice,) = _keys(store.server, "alice")
+    made = alice.post("/alpha/handoffs", json={"handoff_id": "h1", "goal": "kept"}).json()
+    assert made["expires_at"] is None
+    assert store.ttl_s(alice.owner, "h1") == -1  # type: ignore[attr-defined]
+    store.now[0] += 3650 * DAY  # (SQLite) ten years on
+    assert alice.get("/alpha/status").json()["handoffs"] == ["h1"]
+    assert alice.post("/alpha/handoffs", json={"handoff_id": "h1", "goal": "kept"}).status_code == 200

@@ -44,6 +44,14 @@ class StandingAgentsConfig:
     max_lease_ttl_s: float = field(default=86400.0, validator=_positive)
     #: Handoffs one key may keep on one worker (each up to a few hundred KiB); past it a new one is a 409.
     max_handoffs_per_key: int = field(default=1000, validator=validators.ge(1))
+    #: A handoff is forgotten this long after it was posted (as if deleted: 404, no longer counted against
+    #: ``max_handoffs_per_key``; its turns' results stay); ``0`` keeps handoffs until they are deleted.
+    handoff_lifetime_days: float = field(default=7.0, validator=validators.ge(0.0))
+
+    @property
+    def handoff_ttl_s(self) -> float | None:
+        """The handoffs' lifetime as the state store's document expiry (``None``: none)."""
+        return self.handoff_lifetime_days * 86400.0 or None
 
 
 def workers(runtime: Runtime) -> Mapping[str, WorkerConfig]:

@@ -209,18 +209,23 @@ class Agents:
         legacy = await self.store.get(HANDOFFS, f"{name}/{handoff_id}")
         if legacy is not None and (legacy.get("identity") or MASTER.owner) == owner:
             return self._same(name, legacy, doc)  # the key's own, stored before ids were per key
-        cap = settings(self.runtime).max_handoffs_per_key
+        cfg = settings(self.runtime)
+        cap, ttl_s = cfg.max_handoffs_per_key, cfg.handoff_ttl_s
+        doc = {**doc, "expires_at": doc["created_at"] + ttl_s if ttl_s else None}
         key = f"{name}/{owner}/{handoff_id}"
-        inserted = await self.store.insert(HANDOFFS_BY_KEY, key, doc, prefix=f"{name}/{owner}/", cap=cap)
+        # its lifetime is the store's expiry of the document: gone, it reads as absent and no longer counts
+        inserted = await self.store.insert(HANDOFFS_BY_KEY, key, doc, prefix=f"{name}/{owner}/", cap=cap, ttl_s=ttl_s)
         if inserted.current == {}:  # a pointer left to a handoff from before that is gone: the id is free (counted)
-            inserted = inserted._replace(created=await self.store.compare_and_set(HANDOFFS_BY_KEY, key, {}, doc))
+            inserted = inserted._replace(created=await self.store.compare_and_set(HANDOFFS_BY_KEY, key, {}, doc,
+                                                                                  ttl_s=ttl_s))
         if inserted.created:
             self.worker(name).emit("handoff.created", handoff_id=handoff_id, goal=doc["goal"],
                                    owner=doc.get("caller"), identity=doc.get("identity"))
             return doc, True
         if inserted.current is None:
             raise errors.RequestError(f"this key already has {cap} handoffs on worker {name!r} "
-                                      "(standing_agents.max_handoffs_per_key); delete finished ones first",
+                                      "(standing_agents.max_handoffs_per_key); delete finished ones first, or "
+                                      "wait for older ones to expire (standing_agents.handoff_lifetime_days)",
                                       status=409, code="too_many_handoffs")
         return self._same(name, inserted.current, doc)
 
