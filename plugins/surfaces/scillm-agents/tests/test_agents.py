@@ -153,7 +153,7 @@ def test_a_huge_unknown_field_name_is_not_echoed_whole(http: httpx.Client) -> No
 
 def test_bad_queries_are_400s(http: httpx.Client) -> None:
     assert http.get("/alpha/events/stream", params={"after": "-1"}).json()["error"]["param"] == "query.after"
-    assert http.get("/alpha/result", params={"handoff_id": "a/b"}).json()["error"]["param"] == "query.handoff_id"
+    assert http.get("/alpha/result", params={"handoff_id": "a/b/c"}).json()["error"]["param"] == "query.handoff_id"
     assert http.get("/alpha/result").status_code == 404
 
 
@@ -446,7 +446,7 @@ def test_handoff_ids_are_each_keys_own(repo: Path, tmp_path: Path) -> None:
         assert bob.post("/alpha/handoffs", json=theirs).status_code == 200  # bob's is still there
         with httpx.Client(base_url=server.url + "/v1/scillm/agents", timeout=60, headers={
                 "authorization": f"Bearer {MASTER_KEY}", "x-caller-skill": "unit"}) as master:
-            assert master.get("/alpha/status").json()["handoffs"] == ["h1"]  # every key's
+            assert master.get("/alpha/status").json()["handoffs"] == [f"{bob.owner}/h1"]  # type: ignore[attr-defined]
             assert master.post("/alpha/handoffs", json=mine).status_code == 201  # its own namespace too
 
 
@@ -485,7 +485,12 @@ def test_handoffs_stored_before_ids_were_per_key_stay_readable_by_id(repo: Path,
         assert bob.post("/alpha/handoffs", json={"handoff_id": "old-a", "goal": "BOB"}).status_code == 201
         with httpx.Client(base_url=server.url + "/v1/scillm/agents", timeout=60, headers={
                 "authorization": f"Bearer {MASTER_KEY}", "x-caller-skill": "unit"}) as master:
-            assert master.get("/alpha/status").json()["handoffs"] == ["old-a", "older"]
+            assert master.get("/alpha/status").json()["handoffs"] == sorted([  # another key's as <owner>/<id>
+                f"{alice.owner}/old-a", f"{bob.owner}/old-a", "older"])  # type: ignore[attr-defined]
+            opened = master.post("/alpha/leases", json={"owner": "admin", "handoff_id": f"{alice.owner}/old-a"})
+            assert opened.status_code == 200 and opened.json()["lease_id"] == "old-a-lease"  # alice's, from before
+            released = master.post("/alpha/leases", json={"action": "release", "lease_id": "old-a-lease"})
+            assert released.status_code == 200
             assert master.get("/alpha/result", params={"handoff_id": "older"}).json()["error"]["message"].endswith(
                 "has no finished turn yet")
         assert alice.delete("/alpha/handoffs/old-a").status_code == 200
@@ -672,3 +677,62 @@ def test_a_lifetime_of_zero_keeps_handoffs_until_deleted(lifetimes: Callable[[fl
     store.now[0] += 3650 * DAY  # (SQLite) ten years on
     assert alice.get("/alpha/status").json()["handoffs"] == ["h1"]
     assert alice.post("/alpha/handoffs", json={"handoff_id": "h1", "goal": "kept"}).status_code == 200
+
+
+def test_the_master_key_opens_any_listed_handoff_by_its_owner_and_id(repo: Path, tmp_path: Path) -> None:
+    """The master key's status listed every key's handoff ids, but it could open only its own: another key's ``h1``
+    was a 404 to it, and two keys' ``h1`` were listed as one. It now lists another key's as ``<owner>/<id>`` and
+    opens, leases, reads the result of and deletes it by that name; a virtual key naming another key's handoff so
+    gets what it gets for one that does not exist (404, never 409)."""
+    from scillm_agents.service import RESULTS, TURNS
+
+    with ServerThread(make_app(env={"SCILLM_MASTER_KEY": MASTER_KEY}, data_dir=tmp_path, only=PLUGINS, config={
+            "agents": {"alpha": {"repository": str(repo), "model": "gpt-5.5"}}})) as server:
+        alice, bob = _keys(server, "alice", "bob")
+        a, b = alice.owner, bob.owner  # type: ignore[attr-defined]
+        master = httpx.Client(base_url=server.url + "/v1/scillm/agents", timeout=60, headers={
+            "authorization": f"Bearer {MASTER_KEY}", "x-caller-skill": "unit"})
+        for client, goal in ((alice, "ALICE"), (bob, "BOB"), (master, "MASTER")):
+            assert client.post("/alpha/handoffs", json={"handoff_id": "h1", "goal": goal}).status_code == 201
+        listed = master.get("/alpha/status").json()["handoffs"]
+        assert listed == sorted(["h1", f"{a}/h1", f"{b}/h1"])
+        store = agents_of(server.app.runtime).store
+
+        async def alices_turn() -> None:  # a finished turn of alice's on her h1
+            await store.put(TURNS, "alpha/t-alice", {"turn_id": "t-alice", "handoff_id": "h1", "identity": a,
+                                                      "status": "completed", "started_at": 2.0})
+            await store.put(RESULTS, f"alpha/{a}/h1", {"turn_id": "t-alice"})
+
+        assert server.loop is not None
+        asyncio.run_coroutine_threadsafe(alices_turn(), server.loop).result(30)
+        assert master.get("/alpha/result", params={"handoff_id": f"{a}/h1"}).json()["turn_id"] == "t-alice"
+        assert alice.get("/alpha/result", params={"handoff_id": "h1"}).json()["turn_id"] == "t-alice"
+        assert alice.get("/alpha/result", params={"handoff_id": f"{a}/h1"}).json()["turn_id"] == "t-alice"  # so too
+        assert master.get("/alpha/result", params={"handoff_id": f"{b}/h1"}).json()["error"]["message"].endswith(
+            "has no finished turn yet")  # found: bob's
+        assert master.get("/alpha/result", params={"handoff_id": "key_nobody/h1"}).status_code == 404
+        for name in listed:  # every listed handoff can be leased (used) by the master key by its listed name
+            lease = master.post("/alpha/leases", json={"owner": "admin", "handoff_id": name})
+            assert lease.status_code == 200 and lease.json()["handoff_id"] == name and \
+                lease.json()["lease_id"] == "h1-lease", lease.text
+            assert master.post("/alpha/leases", json={"action": "release", "lease_id": "h1-lease"}).status_code == 200
+
+        # another virtual key: alice's handoff is as if absent, by any name
+        unknown = bob.get("/alpha/result", params={"handoff_id": "h-never"}).json()["error"]["message"]
+        theirs = bob.get("/alpha/result", params={"handoff_id": f"{a}/h1"})
+        assert theirs.status_code == 404
+        assert theirs.json()["error"]["message"].replace(f"{a}/h1", "?") == unknown.replace("h-never", "?")
+        assert bob.delete(f"/alpha/handoffs/{a}/h1").status_code == 404
+        lease = bob.post("/alpha/leases", json={"owner": "bob", "handoff_id": f"{a}/h1"})
+        assert lease.status_code == 400 and lease.json()["error"]["param"] == "$.handoff_id"
+        assert bob.get("/alpha/result", params={"handoff_id": f"{b}/h1"}).json()["error"]["message"].endswith(
+            "has no finished turn yet")  # its own, named in full
+        bad = master.get("/alpha/result", params={"handoff_id": "a/b/c"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "query.handoff_id"
+
+        deleted = master.delete(f"/alpha/handoffs/{a}/h1")
+        assert deleted.json() == {"worker": "alpha", "handoff_id": f"{a}/h1", "deleted": True}
+        assert alice.get("/alpha/status").json()["handoffs"] == []
+        assert master.get("/alpha/status").json()["handoffs"] == sorted(["h1", f"{b}/h1"])
+        assert bob.post("/alpha/handoffs", json={"handoff_id": "h1", "goal": "BOB"}).status_code == 200  # untouched
+        master.close()

@@ -260,10 +260,11 @@ def test_a_worker_shows_each_key_only_its_own_handoffs_lease_turns_thread_and_ev
     listed = {w["name"]: w for w in bob.get("/registry").json()["workers"]}
     assert (listed["shared"]["state"], listed["shared"]["process"], listed["shared"]["running_turn"]) == (
         "taken", None, False)
-    for reader in (alice, env.http):
+    for reader, name in ((alice, "h-private"), (env.http, f"{made[0]['id']}/h-private")):  # the master: <owner>/<id>
         own = reader.get("/shared/status").json()
         assert own["state"] == "leased" and own["process"]["status"] == "running"
-        assert own["lease"]["lease_id"] == held["lease_id"] and own["handoffs"] == ["h-private"]
+        assert own["lease"]["lease_id"] == held["lease_id"] and own["handoffs"] == [name]
+        assert reader.get("/shared/result", params={"handoff_id": name}).json()["turn_id"] == first.json()["turn_id"]
         assert own["last_turn"]["turn_id"] == first.json()["turn_id"] and own["thread"]["id"]
         assert own["events_seq"] > 0 and own["last_turn"]["cost_usd"] > 0
     master_view = {w["name"]: w for w in env.http.get("/registry").json()["workers"]}["shared"]

@@ -4,6 +4,7 @@ stream, result, cleanup. Mutating routes need ``X-Caller-Skill``; bodies are str
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -70,6 +71,22 @@ def _id(body: Mapping[str, Any], key: str, *, required: bool = False) -> str | N
     if not isinstance(value, str) or not ID.match(value):
         raise _bad(f"{key} must be 1-128 letters, digits or ._:@- (starting with a letter or digit)", f"$.{key}")
     return value
+
+
+OWNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")  # a key's owner id (``key_...``, ``master``)
+
+
+def _handoff(value: Any, param: str, viewer: Identity) -> str | None:
+    """The name of a handoff to use: ``<id>`` (the caller's own) or ``<owner>/<id>`` (as the master key's
+    ``status`` lists another key's), with the caller's own owner dropped. Whether the caller may open it is the
+    service's (another key's is as if absent)."""
+    if value is None:
+        return None
+    owner, slash, handoff_id = value.rpartition("/") if isinstance(value, str) else ("", "", None)
+    if not isinstance(handoff_id, str) or not ID.match(handoff_id) or (slash and not OWNER.match(owner)):
+        raise _bad("handoff_id must be an id (1-128 letters, digits or ._:@-), or <owner>/<id> as status lists "
+                   "another key's to the master key", param)
+    return handoff_id if owner in ("", viewer.owner) else value
 
 
 def _text(body: Mapping[str, Any], key: str, *, required: bool = False) -> str | None:
@@ -185,10 +202,9 @@ async def status(request: Request) -> Response:
 
 async def result(request: Request) -> Response:
     agents, worker = _worker(request)
-    handoff_id = request.query_params.get("handoff_id")
-    if handoff_id is not None and not ID.match(handoff_id):
-        raise _bad("handoff_id must be 1-128 letters, digits or ._:@-", "query.handoff_id")
-    return json_response(await agents.result(worker.name, handoff_id, identity_of(request)))
+    identity = identity_of(request)
+    handoff_id = _handoff(request.query_params.get("handoff_id"), "query.handoff_id", identity)
+    return json_response(await agents.result(worker.name, handoff_id, identity))
 
 
 async def events(request: Request) -> Response:
@@ -255,9 +271,13 @@ async def handoffs(request: Request) -> Response:
 async def delete_handoff(request: Request) -> Response:
     caller = caller_of(request, required=True)
     agents, worker = _worker(request)
-    handoff_id = request.path_params["handoff_id"]
-    if not ID.match(handoff_id) or not await agents.delete_handoff(worker.name, handoff_id, identity_of(request)):
-        raise errors.NotFound(f"worker {errors.quote(worker.name)} has no handoff {errors.quote(handoff_id)}")
+    identity, named = identity_of(request), request.path_params["handoff_id"]
+    try:
+        handoff_id = _handoff(named, "path.handoff_id", identity)
+    except errors.InvalidRequest:
+        handoff_id = None  # no such name: none to delete
+    if handoff_id is None or not await agents.delete_handoff(worker.name, handoff_id, identity):
+        raise errors.NotFound(f"worker {errors.quote(worker.name)} has no handoff {errors.quote(named)}")
     worker.emit("handoff.deleted", handoff_id=handoff_id, **_who(request, caller))
     return json_response({"worker": worker.name, "handoff_id": handoff_id, "deleted": True})
 
@@ -272,13 +292,14 @@ async def leases(request: Request) -> Response:
     cfg = settings(runtime_of(request))
     ttl_s = _seconds(body, "ttl_s", cfg.lease_ttl_s, cfg.max_lease_ttl_s)
     owner = _id(body, "owner", required=action == "acquire")
-    handoff_id = _id(body, "handoff_id")
+    handoff_id = _handoff(body.get("handoff_id"), "$.handoff_id", identity_of(request))
     if action == "acquire":
         assert owner is not None
         if handoff_id is not None and await agents.handoff(worker.name, handoff_id, identity_of(request)) is None:
             raise _bad(f"worker {errors.quote(worker.name)} has no handoff {errors.quote(handoff_id)} "
                        "(POST it to .../handoffs first)", "$.handoff_id")
-        lease_id = _id(body, "lease_id") or (f"{handoff_id}-lease" if handoff_id else f"lease-{uuid.uuid4().hex[:16]}")
+        lease_id = _id(body, "lease_id") or (f"{handoff_id.rpartition('/')[2]}-lease" if handoff_id else
+                                             f"lease-{uuid.uuid4().hex[:16]}")
         return json_response(await agents.acquire(worker.name, owner=owner, lease_id=lease_id, handoff_id=handoff_id,
                                                   ttl_s=ttl_s, who=_who(request, caller),
                                                   viewer=identity_of(request)))
@@ -311,7 +332,7 @@ async def turn(request: Request) -> Response:
     agents, worker = _worker(request)
     body = await _body(request, {"lease_id", "handoff_id", "input", "wait", "timeout_s", "max_cost_usd"})
     lease_id = _id(body, "lease_id", required=True)
-    handoff_id = _id(body, "handoff_id")
+    handoff_id = _handoff(body.get("handoff_id"), "$.handoff_id", identity_of(request))
     text = _text(body, "input")
     wait = _flag(body, "wait", False)
     timeout_s = _seconds(body, "timeout_s", worker.cfg.turn_timeout_s, worker.cfg.turn_timeout_s)
@@ -353,7 +374,7 @@ async def steer(request: Request) -> Response:
     lease_id = _id(body, "lease_id", required=True)
     text = _text(body, "input", required=True)
     actor = _id(body, "actor")
-    _id(body, "handoff_id")
+    _handoff(body.get("handoff_id"), "$.handoff_id", identity_of(request))
     lease = await _held(agents, request, worker, lease_id, "steer it")
     live = _running(worker, "steer", identity_of(request))
     assert text is not None
@@ -418,7 +439,7 @@ def routes() -> list[tuple[str, Any, list[str]]]:
     return [(f"{PREFIX}/registry", registry, ["GET"]),
             (f"{PREFIX}/{{worker}}/status", status, ["GET"]),
             (f"{PREFIX}/{{worker}}/handoffs", handoffs, ["POST"]),
-            (f"{PREFIX}/{{worker}}/handoffs/{{handoff_id}}", delete_handoff, ["DELETE"]),
+            (f"{PREFIX}/{{worker}}/handoffs/{{handoff_id:path}}", delete_handoff, ["DELETE"]),
             (f"{PREFIX}/{{worker}}/leases", leases, ["POST"]),
             (f"{PREFIX}/{{worker}}/turn", turn, ["POST"]),
             (f"{PREFIX}/{{worker}}/steer", steer, ["POST"]),

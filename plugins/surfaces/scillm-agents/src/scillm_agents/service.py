@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from scillm_exec import exec_config, run_keys
 
@@ -37,6 +37,22 @@ LAST_TURNS = "agents.last_turns"   # ``<worker>/<owner>``: each key's last turn 
 # which stays readable by id and is never written again.
 HANDOFFS_BY_KEY = "agents.handoffs_by_key"
 CAS_ATTEMPTS = 5
+
+
+class Found(NamedTuple):
+    """A handoff found by the name a caller gave it: its key, its id there, its document, and whether it was stored
+    before ids were per key (``agents.handoffs``)."""
+
+    owner: str
+    handoff_id: str
+    doc: dict[str, Any]
+    legacy: bool
+
+
+def handoff_name(owner: str, handoff_id: str) -> str:
+    """How the master key names a key's handoff: its own by id, another key's as ``<owner>/<id>`` (ids never hold a
+    ``/``, so the name is never ambiguous)."""
+    return handoff_id if owner == MASTER.owner else f"{owner}/{handoff_id}"
 
 
 def agents_of(runtime: Runtime) -> Agents:
@@ -186,19 +202,25 @@ class Agents:
 
     # -- handoffs --------------------------------------------------------------------------------------------------
 
-    async def handoff(self, name: str, handoff_id: str, viewer: Identity = MASTER) -> dict[str, Any] | None:
-        """``viewer``'s handoff with that id (ids are scoped per key: another key's is not there), or ``None``."""
-        found = await self._find(name, handoff_id, viewer)
-        return found[1] if found else None
+    async def handoff(self, name: str, handoff: str, viewer: Identity = MASTER) -> dict[str, Any] | None:
+        """The handoff ``viewer`` names (see :func:`handoff_name`), or ``None``: another key's is not there."""
+        found = await self._find(name, handoff, viewer)
+        return found.doc if found else None
 
-    async def _find(self, name: str, handoff_id: str, viewer: Identity) -> tuple[bool, dict[str, Any]] | None:
-        """``(legacy, document)``: ``viewer``'s own handoff, else one stored before ids were per key that it may
-        see (the master key: any of those)."""
-        doc = await self.store.get(HANDOFFS_BY_KEY, f"{name}/{viewer.owner}/{handoff_id}")
+    async def _find(self, name: str, handoff: str, viewer: Identity) -> Found | None:
+        """The handoff ``viewer`` names: ``<id>`` is its own, ``<owner>/<id>`` that key's, which only the master
+        key (or that key) may open; a handoff stored before ids were per key is its key's by id too."""
+        owner, _, handoff_id = handoff.rpartition("/")
+        owner = owner or viewer.owner
+        if owner != viewer.owner and not viewer.master:
+            return None  # another key's: as if absent
+        doc = await self.store.get(HANDOFFS_BY_KEY, f"{name}/{owner}/{handoff_id}")
         if doc:
-            return False, doc
+            return Found(owner, handoff_id, doc, legacy=False)
         legacy = await self.store.get(HANDOFFS, f"{name}/{handoff_id}")
-        return (True, legacy) if legacy is not None and viewer.can_see(legacy.get("identity")) else None
+        if legacy is not None and (legacy.get("identity") or MASTER.owner) == owner:
+            return Found(owner, handoff_id, legacy, legacy=True)
+        return None
 
     async def add_handoff(self, name: str, doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Store a handoff once in its key's own namespace of ids; the same handoff again is accepted as is (a
@@ -238,27 +260,27 @@ class Agents:
                               f"{doc['handoff_id']!r} of this key; use a new handoff_id", code="handoff_exists")
 
     async def handoff_ids(self, name: str, viewer: Identity = MASTER) -> list[str]:
-        """The worker's handoffs that ``viewer`` may see: a key's own (another key's many cannot push them out of
-        the list), the master key's every key's."""
+        """The worker's handoffs that ``viewer`` may see, as it names them: a key's own ids (another key's many
+        cannot push them out of the list); for the master key every key's, another key's as ``<owner>/<id>``."""
         if not viewer.master:
             prefix = f"{name}/{viewer.owner}/"
             return [key[len(prefix):] for key, _ in await self.store.scan(HANDOFFS_BY_KEY, prefix, limit=1000)]
-        ids = [key.split("/", 2)[2] for key, _ in await self.store.scan(HANDOFFS_BY_KEY, f"{name}/", limit=1000)]
-        ids += [key.split("/", 1)[1] for key, _ in await self.store.scan(HANDOFFS, f"{name}/", limit=1000)]
-        return sorted(set(ids))
+        names = [handoff_name(*key.split("/", 2)[1:])
+                 for key, _ in await self.store.scan(HANDOFFS_BY_KEY, f"{name}/", limit=1000)]
+        names += [handoff_name(doc.get("identity") or MASTER.owner, key.split("/", 1)[1])
+                  for key, doc in await self.store.scan(HANDOFFS, f"{name}/", limit=1000)]
+        return sorted(set(names))
 
-    async def delete_handoff(self, name: str, handoff_id: str, viewer: Identity) -> bool:
-        """Forget ``viewer``'s handoff with that id (its turns' results stay); whether there was one."""
-        found = await self._find(name, handoff_id, viewer)
+    async def delete_handoff(self, name: str, handoff: str, viewer: Identity) -> bool:
+        """Forget the handoff ``viewer`` names (its turns' results stay); whether there was one."""
+        found = await self._find(name, handoff, viewer)
         if found is None:
             return False
-        legacy, doc = found
-        if not legacy:
-            return await self.store.compare_and_set(HANDOFFS_BY_KEY, f"{name}/{viewer.owner}/{handoff_id}", doc,
-                                                    None)
-        await self.store.compare_and_set(HANDOFFS, f"{name}/{handoff_id}", doc, None)
-        owner = doc.get("identity") or MASTER.owner
-        await self.store.compare_and_set(HANDOFFS_BY_KEY, f"{name}/{owner}/{handoff_id}", {}, None)
+        key = f"{name}/{found.owner}/{found.handoff_id}"
+        if not found.legacy:
+            return await self.store.compare_and_set(HANDOFFS_BY_KEY, key, found.doc, None)
+        await self.store.compare_and_set(HANDOFFS, f"{name}/{found.handoff_id}", found.doc, None)
+        await self.store.compare_and_set(HANDOFFS_BY_KEY, key, {}, None)
         return True
 
     # -- turns -----------------------------------------------------------------------------------------------------
@@ -401,13 +423,18 @@ class Agents:
             found = await self._find(name, handoff_id, viewer)
             if found is None:  # none, or another key's: the same answer
                 raise errors.NotFound(f"worker {errors.quote(name)} has no handoff {errors.quote(handoff_id)}")
-            pointer = await self.store.get(RESULTS, f"{name}/{viewer.owner}/{handoff_id}")
-            if pointer is None and found[0]:  # a handoff from before ids were per key: its turns' pointer then
-                pointer = await self.store.get(RESULTS, f"{name}/{handoff_id}")
-            if pointer is None:
+            # each key's turns on a handoff are pointed to under that key, by the name it gave the handoff
+            pointers = [f"{name}/{viewer.owner}/{handoff_id}"]
+            if found.owner != viewer.owner:  # the master key on another key's handoff: that key's turns too
+                pointers.append(f"{name}/{found.owner}/{found.handoff_id}")
+            if found.legacy:  # a handoff from before ids were per key: its turns' pointer then
+                pointers.append(f"{name}/{found.handoff_id}")
+            turns = [t for p in await self.store.get_many(RESULTS, pointers) if p
+                     for t in (await self.turn(name, p["turn_id"]),) if t]
+            if not turns:
                 raise errors.NotFound(f"handoff {errors.quote(handoff_id)} of worker {errors.quote(name)} has "
                                       f"no finished turn yet")
-            doc = await self.turn(name, pointer["turn_id"])
+            doc = max(turns, key=lambda t: float(t.get("started_at") or 0))
         else:
             doc = await self.last_turn(name, viewer)
             if doc is None:
