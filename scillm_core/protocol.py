@@ -28,8 +28,8 @@ connection is closed.
 
 Bytes that are not HTTP (a malformed request line, a bad header, broken chunked framing) were answered by uvicorn
 with a 400 and an immediate close: a client still sending got a reset and perhaps never the 400. Here the 400 says
-what the parser found and the connection is closed lingering too; behind a response still being written (pipelining)
-the 400 follows that response.
+what the parser found and the connection is closed lingering too. Every refusal of a pipelined request's head (the
+431, the 408, the 400) behind a response still being written follows that response, then the same lingering close.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ class HttpProtocol(HttpToolsProtocol):
         if self.head_pending:
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
-                self.refuse(HEAD_TOO_LARGE_RESPONSE, wait_for_response=False)
+                self.refuse(HEAD_TOO_LARGE_RESPONSE)
             elif self.head_timer is None:
                 self.head_timer = self.loop.call_later(self.timeout_keep_alive, self.head_timeout)
 
@@ -193,20 +193,27 @@ class HttpProtocol(HttpToolsProtocol):
     def head_timeout(self) -> None:
         self.head_timer = None
         if self.head_pending:
-            self.refuse(HEAD_TIMEOUT_RESPONSE, wait_for_response=True)
+            self.refuse(HEAD_TIMEOUT_RESPONSE)
 
-    def refuse(self, response: bytes, *, wait_for_response: bool) -> None:
-        """Answer a head that cannot be served and close the connection; behind a response still being written
-        (pipelining), end the connection after that response, or at once unless ``wait_for_response``."""
-        if self.transport.is_closing():
+    def refuse(self, response: bytes) -> None:
+        """Answer a head that cannot be served and close the connection lingering; behind a response still being
+        written (pipelining), once that response is sent."""
+        if self.transport.is_closing() or self.last_word:
             return
         if self.cycle is None or self.cycle.response_complete:
             self.transport.write(response)
             self.close_lingering()
-        elif wait_for_response:
-            self.cycle.keep_alive = False
         else:
-            self.transport.close()
+            self.after_response(self.cycle, response)
+
+    def after_response(self, cycle: Any, answer: bytes) -> None:
+        """End the connection with ``answer`` once the response ``cycle`` is writing is sent, through the lingering
+        close; nothing more is read meanwhile."""
+        cycle.keep_alive = False
+        self.last_word = answer
+        self.flow.pause_reading()
+        if cycle.transport is self.transport:  # its head is sent: its close is still to be the lingering one
+            cycle.transport = HeadWithBody(None, self.transport, self.loop, self.close_lingering)
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes its parser refused (called while handling the parser's error): a 400 naming
@@ -223,12 +230,7 @@ class HttpProtocol(HttpToolsProtocol):
             if cycle.response_started:
                 answer = b""
         elif cycle is not None and not cycle.response_complete:  # the next request's head: after this response
-            cycle.keep_alive = False
-            self.last_word = answer
-            self.flow.pause_reading()
-            if cycle.transport is self.transport:  # its head is sent: its close is still to be the lingering one
-                closing = HeadWithBody(None, self.transport, self.loop, self.close_lingering)
-                cycle.transport = closing  # type: ignore[assignment]
+            self.after_response(cycle, answer)
             return
         self.transport.write(answer)
         self.close_lingering()

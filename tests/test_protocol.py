@@ -580,3 +580,45 @@ def test_on_uvloop_as_served_a_client_still_sending_after_bytes_that_are_not_htt
 
     uvloop.run(test_a_malformed_request_followed_by_a_large_body_reads_a_whole_400_saying_what_was_wrong())
     uvloop.run(test_broken_chunked_framing_is_a_400_and_the_app_reading_the_body_reads_an_end())
+
+
+class NoticedHeadTimeout(RecordedProtocol):
+    timed_out: asyncio.Event | None = None
+
+    def head_timeout(self) -> None:
+        super().head_timeout()
+        if NoticedHeadTimeout.timed_out is not None:
+            NoticedHeadTimeout.timed_out.set()
+
+
+async def test_a_stalled_head_pipelined_behind_one_being_answered_gets_its_408_after_that_answer() -> None:
+    """The 408 of a pipelined head that stalled while the response before it was being written follows that
+    response, and the connection closes lingering: the client, still sending, reads both and a clean end."""
+    release = asyncio.Event()
+    NoticedHeadTimeout.timed_out = timed_out = asyncio.Event()
+
+    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"11")]})
+        await release.wait()
+        await send({"type": "http.response.body", "body": b'{"ok":true}'})
+
+    async with serving(slow, timeout_keep_alive=0.2, protocol=NoticedHeadTimeout) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\n{}POST / HTTP/1.1\r\nhost: a\r\n")
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)  # the answer has begun (its head sent)
+        await asyncio.wait_for(timed_out.wait(), 30)  # the next head did not come in time
+        writer.write(b"x-still-coming: " + b"a" * 65536)  # the client goes on sending it
+        await writer.drain()
+        release.set()
+        rest = await asyncio.wait_for(reader.readexactly(11), 30)
+        head, body, after = await asyncio.wait_for(read_to_end(reader), 30)
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 200") and rest == b'{"ok":true}'
+    assert head.startswith(b"HTTP/1.1 408") and b"request_timeout" in body and after == b""
+
+
+def test_on_uvloop_a_stalled_pipelined_head_gets_its_408_after_the_answer_before_it() -> None:
+    import uvloop
+
+    uvloop.run(test_a_stalled_head_pipelined_behind_one_being_answered_gets_its_408_after_that_answer())
