@@ -9,12 +9,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from scillm_exec.shared import HOST
 from scillm_opencode.normalise import SessionEvents
-from scillm_opencode.records import HOST
 from scillm_opencode.session import assistant_text
 from scillm_opencode.skills import MAX_SKILL_BYTES, check_skill_names, materialise, skill_rules
 
 from scillm_core import errors
+from scillm_core.state.presence import INSTANCES
 from scillm_core.testing import ServerThread, make_app
 
 KEY = "sk-master-units-123456"
@@ -63,13 +64,15 @@ def test_runs_in_flight_when_scillm_stopped_are_finalised_as_interrupted(tmp_pat
     git("worktree", "add", "-q", "--detach", str(worktree))
     doc = {"run_id": run_id, "status": "running", "created_at": time.time(), "caller": "t", "owner": "master",
            "worktree": str(worktree), "repo": str(repo),
-           "driver": {"host": HOST, "pid": 2 ** 22 + 12345, "id": "gone"}}
-    live = dict(doc, run_id="oc-live-elsewhere", driver={"host": "another-host", "pid": 1, "id": "x"})
+           "instance": "gone", "driver": {"host": HOST, "pid": 2 ** 22 + 12345, "started": 1}}
+    live = dict(doc, run_id="oc-live-elsewhere", instance="elsewhere",
+                driver={"host": "another-host", "pid": 1, "started": 1})
 
     async def seed() -> None:
         store = SQLiteStore(tmp_path / "scillm.sqlite3")
         await store.put(namespace, run_id, doc)
         await store.put(namespace, live["run_id"], live)
+        await store.put(INSTANCES, "elsewhere", {"instance_id": "elsewhere"}, ttl_s=3600)  # that instance lives
         await store.close()
 
     asyncio.run(seed())

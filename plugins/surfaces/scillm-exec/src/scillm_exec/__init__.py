@@ -11,7 +11,7 @@ from scillm_exec.auth import RUN_KEY_PREFIX, VIEW_KEY_PREFIX, RunKeys, add_run_k
 from scillm_exec.config import ExecConfig, exec_config
 from scillm_exec.events import EventLog, resume_after, sse_tail
 from scillm_exec.manager import ID, ExecManager, check_cwd, check_fields, find_cycle, parse_final_json
-from scillm_exec.process import CliOutcome, group_members, kill_group, run_cli, sandboxed
+from scillm_exec.process import CliOutcome, end_leftover_group, group_members, kill_group, run_cli, sandboxed
 from scillm_exec.routes import base_url_of, manager_for, routes
 from scillm_exec.service import ManagedProcess
 from scillm_exec.shared import SharedRuns, sse_follow
@@ -19,7 +19,8 @@ from scillm_exec.worktree import GitError, Worktree, create_worktree, remove_wor
 
 __all__ = ["ID", "RUN_KEY_PREFIX", "VIEW_KEY_PREFIX", "CliOutcome", "EventLog", "ExecConfig", "ExecManager", "GitError",
            "ManagedProcess", "RunKeys", "Worktree", "add_run_key_middleware", "base_child_env", "base_url_of",
-           "check_cwd", "check_fields", "create_worktree", "exec_config", "find_cycle", "group_members", "kill_group",
+           "check_cwd", "check_fields", "create_worktree", "end_leftover_group", "exec_config", "find_cycle",
+           "group_members", "kill_group",
            "manager_for", "parse_final_json", "remove_worktree", "reset_worktree", "run_cli", "run_keys", "sandboxed",
            "resume_after", "schema_instructions", "SharedRuns", "sse_follow", "sse_tail", "worktree_diff"]
 
@@ -53,6 +54,7 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
     manager = manager_for(runtime)
     for path, endpoint, methods in routes():
         surfaces.route(path, endpoint, methods, plugin="exec")
+    surfaces.on_startup(manager.recover)
     surfaces.on_shutdown(manager.shutdown)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import time
 import uuid
@@ -23,6 +24,7 @@ from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
 from scillm_exec.auth import run_keys
 from scillm_exec.config import allowed_roots, exec_config
 from scillm_exec.events import EventLog
+from scillm_exec.process import end_leftover_group
 from scillm_exec.shared import SharedRuns
 from scillm_exec.slots import FairSlots
 
@@ -296,7 +298,7 @@ class ExecManager:
                 "max_cost_usd": run.spec.max_cost_usd, "cost_usd": job.cost_usd if job else None,
                 "unpriced_calls": job.unpriced_calls if job else 0,
                 "created_at": run.created_at, "started_at": run.started_at, "updated_at": time.time(),
-                "instance": self.runtime.instance_id}
+                **self.shared.stamp()}
 
     def _write_status(self, run: Run) -> None:
         _write_json(run.run_dir / "status.json", self._status_doc(run))
@@ -455,8 +457,8 @@ class ExecManager:
 
     async def load(self, run_id: str) -> dict[str, Any]:
         """A run's current document: live state, else result.json, else status.json (this machine's run dir),
-        else the state store's record (a run another instance drives); 404 when unknown. A stored run whose
-        instance died is finalised ``failed`` (interrupted) first."""
+        else the state store's record (a run another instance drives); 404 when unknown. A run whose driving
+        process is gone (scillm was killed or restarted, or its instance died) is settled first (:meth:`_settle`)."""
         if not RUN_ID.match(run_id):
             raise errors.NotFound(f"no run {errors.quote(run_id)}")
         run = self.runs.get(run_id)
@@ -466,24 +468,66 @@ class ExecManager:
         for name in ("result.json", "status.json"):
             path = run_dir / name
             if path.is_file():
-                return orjson.loads(await asyncio.to_thread(path.read_bytes))  # type: ignore[no-any-return]
+                doc = orjson.loads(await asyncio.to_thread(path.read_bytes))
+                return doc if name == "result.json" else await self._settle(doc)  # type: ignore[no-any-return]
         doc = await self.runtime.store.get(STORE_NS, run_id)
         if doc is None:
             raise errors.NotFound(f"no run {errors.quote(run_id)}")
         return await self._settle(doc)
 
     async def _settle(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """A stored record as it stands, or finalised when the instance driving it is gone (compare-and-set: one
-        reader finalises it, the others read what it wrote)."""
-        if doc.get("status") in TERMINAL or not await self.shared.owner_gone(doc):
+        """A record (status.json or the store's) as it stands, or, when the process driving it is gone, settled
+        ``failed`` (interrupted): the store's record by compare-and-set (one reader settles it, the others read what
+        it wrote); the one that does also, where the run dir is here, ends the CLI's process group if it outlived
+        its scillm, writes result.json and status.json, and ends the event log (an event, then the end record in
+        the store: every follower gets its end frame)."""
+        if doc.get("status") in TERMINAL or not await self.shared.driver_gone(doc):
             return {**doc.get("result", {}), **{k: v for k, v in doc.items() if k != "result"}} \
                 if doc.get("result") else doc
-        error = f"interrupted: the instance driving the run ({doc.get('instance')}) is gone"
-        final = {**doc, "status": "failed", "updated_at": time.time(),
-                 "result": {"run_id": doc["run_id"], "status": "failed", "exit_code": None, "error": error}}
-        if not await self.runtime.store.compare_and_set(STORE_NS, doc["run_id"], doc, final):
-            final = await self.runtime.store.get(STORE_NS, doc["run_id"]) or final
-        return await self._settle(final)
+        run_id = doc["run_id"]
+        stored = await self.runtime.store.get(STORE_NS, run_id)
+        if stored is not None and stored.get("status") in TERMINAL:
+            return await self._settle(stored)  # settled already (or it ended after all)
+        error = f"interrupted: scillm stopped while the run was in flight (its process, {doc.get('instance')}, is gone)"
+        result = {"run_id": run_id, "status": "failed", "exit_code": None, "final_text": "", "result": None,
+                  "error": error, **{k: doc.get(k) for k in ("profile", "caller", "owner", "cost_usd",
+                                                              "unpriced_calls", "max_cost_usd")}}
+        final = {**(stored or doc), "status": "failed", "updated_at": time.time(),
+                 "result": {k: v for k, v in result.items() if k != "final_text"}}
+        if not await self.runtime.store.compare_and_set(STORE_NS, run_id, stored, final):
+            return await self._settle(await self.runtime.store.get(STORE_NS, run_id) or final)
+        run_dir = self.runs_dir / run_id
+        log = None
+        if (run_dir / "status.json").is_file():
+            cfg = exec_config(self.runtime)
+            left = await end_leftover_group(run_dir / "process.json", cfg.kill_grace_s)
+            artifacts = {"run_dir": str(run_dir), **{k: str(run_dir / name) for k, name in (
+                ("events_jsonl", "events.jsonl"), ("stdout", "stdout.log"), ("stderr", "stderr.log"),
+                ("status", "status.json"), ("result", "result.json"))}}
+            result |= {"artifacts": artifacts, "leftover_process_group": left}
+            await asyncio.to_thread(_write_json, run_dir / "result.json", result)
+            await asyncio.to_thread(_write_json, run_dir / "status.json", {**doc, "status": "failed",
+                                                                          "updated_at": final["updated_at"]})
+            log = EventLog(run_dir / "events.jsonl")
+        await self.shared.end_interrupted(run_id, log, {"type": "run.interrupted", "source": "scillm",
+                                                        "error": error}, _end_of(final))
+        return result if log is not None else await self._settle(final)
+
+    async def recover(self) -> None:
+        """At start-up: settle the runs in this machine's run dir left running by a scillm that stopped (killed,
+        crashed, restarted)."""
+        for run_id in await asyncio.to_thread(self._unfinished):
+            with contextlib.suppress(Exception):  # one unreadable run never stops the start
+                await self.load(run_id)
+
+    def _unfinished(self) -> list[str]:
+        """Runs in the run dir without a result.json (the file system, off the event loop)."""
+        try:
+            entries = list(os.scandir(self.runs_dir))
+        except FileNotFoundError:
+            return []
+        return [e.name for e in entries if RUN_ID.match(e.name) and not os.path.exists(
+            os.path.join(e.path, "result.json")) and os.path.exists(os.path.join(e.path, "status.json"))]
 
     async def shutdown(self) -> None:
         live = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]

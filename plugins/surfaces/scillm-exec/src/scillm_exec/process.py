@@ -1,6 +1,10 @@
 """Run one CLI child bounded: argv only, its own process group, the run's sandbox enforced by a mount namespace
 (:mod:`scillm_exec.sandbox`), chunked reads, wall-clock and byte-idle timeouts, process-group kill (SIGTERM, then
-SIGKILL) on timeout, cancel and exit. Artifacts go to the run directory."""
+SIGKILL) on timeout, cancel and exit. Artifacts go to the run directory.
+
+The child leads its own process group, so a scillm that is killed (SIGKILL, a crash) takes none of it along: the
+group runs on, orphaned. While a group lives, a note in the run directory (``process.json``: the leader's pid and
+when it started) lets the next scillm end it (:func:`end_leftover_group`); the note goes once the group is gone."""
 
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from scillm_core.sessions import SessionContext, SessionSpec
 from scillm_exec import sandbox
 from scillm_exec.config import exec_config
 
-__all__ = ["CliOutcome", "group_members", "kill_group", "run_cli", "sandboxed"]
+__all__ = ["CliOutcome", "end_leftover_group", "forget_group", "group_members", "kill_group", "process_start",
+           "remember_group", "run_cli", "sandboxed"]
 
 CHUNK = 64 * 1024
 MAX_EVENT_LINE = 32 * 1024 * 1024   # a line longer than this is split (stdout.log still keeps every byte)
@@ -76,6 +81,53 @@ async def kill_group(pgid: int, grace_s: float = 2.0) -> None:
     deadline = time.monotonic() + 10
     while group_members(pgid) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+
+
+def process_start(pid: int) -> int | None:
+    """When live process ``pid`` started (clock ticks after boot, from /proc), else ``None``: with the pid this names
+    one process, never a later one that was given the same pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    rest = stat[stat.rfind(b")") + 2:].split()
+    return int(rest[19]) if len(rest) > 19 and rest[0] != b"Z" else None
+
+
+def remember_group(note: Path, pgid: int) -> None:
+    """Note the process group a child leads (its leader's pid and start) and which process started it (this one),
+    for :func:`end_leftover_group`."""
+    me = os.getpid()
+    note.write_bytes(orjson.dumps({"pgid": pgid, "started": process_start(pgid), "by": me,
+                                   "by_started": process_start(me)}))
+
+
+def forget_group(note: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        note.unlink()
+
+
+async def end_leftover_group(note: Path, grace_s: float = 2.0) -> int | None:
+    """Kill the process group ``note`` names, left running by a scillm that died, and remove the note; the group's
+    id when there was one. Nothing while the process that noted it lives (another scillm process on this data dir:
+    its child is live). Only that very group: its leader is the process noted (same pid, same start), or it is
+    gone and members remain (the kernel gives no new process a pid still in use as a group id); a pid reused by
+    another process is left alone."""
+    try:
+        noted = orjson.loads(note.read_bytes())
+        pgid, started = int(noted["pgid"]), noted.get("started")
+        by = int(noted["by"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if by != os.getpid() and process_start(by) == noted.get("by_started"):
+        return None
+    now = process_start(pgid)
+    ours = (now is not None and now == started) or (now is None and bool(group_members(pgid)))
+    if ours:
+        await kill_group(pgid, grace_s)
+    forget_group(note)
+    return pgid if ours else None
 
 
 def _event_type(obj: Any) -> str:
@@ -186,6 +238,8 @@ async def run_cli(argv: Sequence[str], *, spec: SessionSpec, ctx: SessionContext
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(cwd) if cwd else None,
             env=dict(env), start_new_session=True, limit=CHUNK)
         pgid = proc.pid
+        note = run_dir / "process.json"
+        remember_group(note, pgid)
 
         def write(name: str, sink: BinaryIO, data: bytes) -> None:
             """Already redacted ``data`` to the log, the tail and (stdout) the event lines."""
@@ -256,6 +310,7 @@ async def run_cli(argv: Sequence[str], *, spec: SessionSpec, ctx: SessionContext
             await kill_group(pgid, kill_grace_s)
             waiter.cancel()
             await finish_pumps(1.0)
+            forget_group(note)
             lines.close()
             record("process.end", {"status": "cancelled", "exit_code": proc.returncode})
             raise
@@ -270,6 +325,7 @@ async def run_cli(argv: Sequence[str], *, spec: SessionSpec, ctx: SessionContext
             await asyncio.wait(pumps, timeout=1.0)
             await kill_group(pgid, kill_grace_s)
             await finish_pumps(2.0)
+        forget_group(note)
         lines.close()
         exit_code = proc.returncode
         if status is None:

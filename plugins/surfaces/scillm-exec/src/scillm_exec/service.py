@@ -4,6 +4,8 @@ environment and process-group rules as a bounded run (:func:`scillm_exec.run_cli
 The owner starts it, reads its stdout line by line through a callback, writes to its stdin, learns when it died
 (``exited``, whatever the cause, so in-flight work can be failed and the child restarted) and stops it by killing
 its whole process group. stderr (and stdout unless the owner consumes it) goes to a log file, secrets scrubbed.
+While the child lives its group is noted beside the log, so a start after a scillm that died ends the group that
+scillm left running first (:func:`scillm_exec.process.end_leftover_group`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from scillm_exec.process import CHUNK, LineSplitter, kill_group
+from scillm_exec.process import CHUNK, LineSplitter, end_leftover_group, forget_group, kill_group, remember_group
 
 __all__ = ["ManagedProcess"]
 
@@ -34,6 +36,10 @@ class ManagedProcess:
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
+    def group_note(self) -> Path:
+        return self.log_path.with_suffix(".group.json")
+
+    @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
@@ -51,10 +57,14 @@ class ManagedProcess:
             return
         self.exited = asyncio.Event()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        left = await end_leftover_group(self.group_note, self.kill_grace_s)
+        if left is not None:
+            self._log(f"[scillm] ended process group {left}, left running by a scillm that stopped\n".encode())
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv, cwd=str(self.cwd), env=self.env, start_new_session=True, limit=CHUNK,
             stdin=asyncio.subprocess.PIPE if self.use_stdin else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        remember_group(self.group_note, self.proc.pid)
         self._log(f"[scillm] started {os.path.basename(self.argv[0])} pid {self.proc.pid}\n".encode())
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self._tasks = [asyncio.ensure_future(self._pump(self.proc.stdout, self.on_stdout)),
@@ -111,5 +121,7 @@ class ManagedProcess:
         # the leader is gone: let the pumps drain what it wrote, then end anything it left in its group
         await asyncio.wait(self._tasks[:2], timeout=1.0)
         await kill_group(proc.pid, self.kill_grace_s)
+        if proc is self.proc:
+            forget_group(self.group_note)
         self._log(f"[scillm] {os.path.basename(self.argv[0])} pid {proc.pid} exited with {code}\n".encode())
         self.exited.set()

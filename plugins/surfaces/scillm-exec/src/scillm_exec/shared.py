@@ -8,8 +8,12 @@ record, tail its events and cancel it.
   log from anywhere (resumable by event ``seq``);
 - **cancel**: :meth:`SharedRuns.request_cancel` leaves a document under ``run-cancels:<kind>``; the driving process
   looks for requests naming its live runs every :data:`CANCEL_POLL_S` and cancels them as if asked directly;
-- **a driver that died**: a record names its process (``instance``); a run still ``running`` whose instance is no
-  longer live (``scillm_core.state.presence``) is over, and :meth:`SharedRuns.owner_gone` says so.
+- **a driver that died**: a record names its process (:meth:`SharedRuns.stamp`: ``instance``, and ``driver``: host,
+  pid and when that process started); a run still ``running`` whose process is gone is over, and
+  :meth:`SharedRuns.driver_gone` says so: on this host at once (that pid is no longer that process: scillm was
+  killed or restarted), elsewhere once its instance is no longer live (``scillm_core.state.presence``). Whoever
+  finds it settles it ``interrupted`` and ends its events (:meth:`SharedRuns.end_interrupted`), so every follower
+  gets an end.
 
 A store that is down delays copies and cancel requests (retried), never a run.
 """
@@ -19,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -28,11 +34,12 @@ import orjson
 
 from scillm_core.state.presence import INSTANCES
 from scillm_exec.events import EventLog, read_new
+from scillm_exec.process import process_start
 
 if TYPE_CHECKING:
     from scillm_core import Runtime
 
-__all__ = ["CANCEL_POLL_S", "SharedRuns", "sse_follow"]
+__all__ = ["CANCEL_POLL_S", "HOST", "SharedRuns", "sse_follow"]
 
 log = logging.getLogger("scillm.exec")
 CANCEL_POLL_S = 0.25   # how often a process with live runs looks for cancel requests naming them
@@ -41,6 +48,7 @@ CANCEL_TTL_S = 3600.0  # a cancel request nobody took (its run had ended) goes a
 STORE_EVENT_LIMIT = 1 << 20  # an event bigger than this is copied as a stub (the run dir keeps it whole)
 SETTLED_CHECK_S = 1.0  # waiting for a run's end: after this long without a record, whether its driver died
 KEPT = ("seq", "ts", "type", "source", "node")
+HOST = socket.gethostname()
 
 
 class SharedRuns:
@@ -144,15 +152,40 @@ class SharedRuns:
         await self.runtime.store.put(self.cancels_ns, run_id, {"reason": reason, "at": time.time(),
                                                                 "by": self.runtime.instance_id}, ttl_s=CANCEL_TTL_S)
 
-    async def owner_gone(self, doc: Mapping[str, Any]) -> bool:
-        """Whether the process named by a run record's ``instance`` is no longer live (it died while driving). Only
-        when this process's own presence is there: after the store lost its data or was down longer than the
-        presence TTL, nobody's presence says anything until this one's next beat."""
+    def stamp(self) -> dict[str, Any]:
+        """What a run record says about the process driving it (for :meth:`driver_gone`)."""
+        pid = os.getpid()
+        return {"instance": self.runtime.instance_id,
+                "driver": {"host": HOST, "pid": pid, "started": process_start(pid)}}
+
+    async def driver_gone(self, doc: Mapping[str, Any]) -> bool:
+        """Whether the process that drove a run record (:meth:`stamp`) is gone (it died or was restarted while
+        driving). On this host, whether that pid is still that process; otherwise (another host, or another app in
+        this process), whether its instance is no longer live, and only when this process's own presence is there:
+        after the store lost its data or was down longer than the presence TTL, nobody's presence says anything
+        until this one's next beat."""
         instance = doc.get("instance")
-        if not isinstance(instance, str) or instance == self.runtime.instance_id:
+        if instance == self.runtime.instance_id:
+            return False
+        driver = doc.get("driver")
+        if isinstance(driver, Mapping) and driver.get("host") == HOST and isinstance(driver.get("pid"), int) \
+                and driver["pid"] != os.getpid():
+            return process_start(driver["pid"]) != driver.get("started")
+        if not isinstance(instance, str):
             return False
         theirs, mine = await self.runtime.store.get_many(INSTANCES, [instance, self.runtime.instance_id])
         return theirs is None and mine is not None
+
+    async def end_interrupted(self, run_id: str, log: EventLog | None, event: Mapping[str, Any],
+                              end: Mapping[str, Any]) -> None:
+        """End the events of a run whose driver died: ``event`` appended to its log (when this machine has it) and,
+        in the store, that event and the end record, so a follower anywhere (resuming after any seq) ends."""
+        stored = dict(event)
+        if log is not None:
+            stored = log.append(str(event["type"]), **{k: v for k, v in event.items() if k != "type"})
+            log.close()
+        with contextlib.suppress(Exception):  # the store's followers then end through their settled() check
+            await self.runtime.store.append_many(self.events_ns(run_id), [stored, {"end": True, **end}])
 
     async def ended(self, run_id: str, settled: Callable[[], Any], limit_s: float) -> None:
         """Wait (at most ``limit_s``) until the run's end record is in the store, or ``settled()`` says the run is

@@ -319,4 +319,3 @@ class RunBook(Generic[R]):
             task.cancel()
         await asyncio.gather(*live, return_exceptions=True)
         await self.shared.stop()
-        self.records.close()

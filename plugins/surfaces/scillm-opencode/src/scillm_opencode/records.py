@@ -1,9 +1,9 @@
 """Run records: a document per run in the state store (so the index and status survive a restart and are shared
 by every instance) plus the run directory (``events.jsonl``, ``diff.patch``, ``result.json``).
 
-A record names the process that drives the run (host, pid, and an id per manager). When a scillm restarts, the
+A record names the process that drives the run (:meth:`scillm_exec.SharedRuns.stamp`). When a scillm restarts, the
 runs its previous process left in flight are finalised ``error`` (``interrupted``) instead of staying ``running``
-forever: at start-up for this host's dead processes, and on read for any record whose driver is gone.
+forever: at start-up, and on read for any record whose driver is gone (:meth:`scillm_exec.SharedRuns.driver_gone`).
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import re
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -29,13 +27,11 @@ from scillm_core import errors
 if TYPE_CHECKING:
     from scillm_core import Runtime
 
-__all__ = ["LIVE_DRIVERS", "RUN_ID", "Records", "TERMINAL", "blocking", "write_json"]
+__all__ = ["RUN_ID", "Records", "TERMINAL", "blocking", "write_json"]
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 TERMINAL = ("completed", "failed", "timeout", "error", "aborted")
 STORE_TEXT_LIMIT = 1 << 20   # the store keeps at most this much of a run's diff / text; the run dir keeps all
-LIVE_DRIVERS: set[str] = set()  # manager ids alive in this process (a restarted app in one process is a new id)
-HOST = socket.gethostname()
 _FILES = ThreadPoolExecutor(max_workers=2, thread_name_prefix="scillm-opencode-files")
 T = TypeVar("T")
 
@@ -52,35 +48,20 @@ def write_json(path: Path, doc: Any) -> None:
     tmp.replace(path)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Records:
     def __init__(self, runtime: Runtime, namespace: str, dirname: str, redact: Any,
-                 shared: SharedRuns | None = None) -> None:
+                 shared: SharedRuns) -> None:
         self.runtime = runtime
         self.namespace = namespace
         self.shared = shared
         self.root = runtime.config.data_dir / "opencode" / dirname
-        self.driver = uuid.uuid4().hex
         self.redact = redact  # () -> secrets to scrub from what is stored
-        LIVE_DRIVERS.add(self.driver)
-
-    def close(self) -> None:
-        LIVE_DRIVERS.discard(self.driver)
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / run_id
 
     def stamp(self) -> dict[str, Any]:
-        return {"driver": {"host": HOST, "pid": os.getpid(), "id": self.driver}, "instance": self.runtime.instance_id}
+        return self.shared.stamp()
 
     def _scrub(self, doc: dict[str, Any]) -> dict[str, Any]:
         raw = orjson.dumps(doc, default=str)
@@ -138,20 +119,8 @@ class Records:
         return out
 
     async def gone(self, doc: dict[str, Any]) -> bool:
-        """Whether the run's driver is gone: a dead process of this host, or an instance no longer live."""
-        if self.orphaned(doc):
-            return True
-        return doc.get("status") not in TERMINAL and self.shared is not None and await self.shared.owner_gone(doc)
-
-    def orphaned(self, doc: dict[str, Any]) -> bool:
-        if doc.get("status") in TERMINAL:
-            return False
-        driver = doc.get("driver") or {}
-        if driver.get("host") != HOST:
-            return False  # another machine's run: only it can tell
-        if driver.get("pid") == os.getpid():
-            return driver.get("id") not in LIVE_DRIVERS
-        return not isinstance(driver.get("pid"), int) or not _pid_alive(driver["pid"])
+        """Whether the run is still ``running`` by its record while the process that drove it is gone."""
+        return doc.get("status") not in TERMINAL and await self.shared.driver_gone(doc)
 
     async def interrupt(self, doc: dict[str, Any]) -> dict[str, Any]:
         """Finalise a run whose driver died: ``error`` (interrupted), a terminal event, result.json, the store."""
@@ -160,13 +129,14 @@ class Records:
                    finished_at=time.time())
         await self._drop_worktree(doc)
         run_dir = self.run_dir(doc["run_id"])
-        if run_dir.is_dir():
-            log = EventLog(run_dir / "events.jsonl")
-            log.append("run_completed", node=None, status="error", error=doc["error"])
-            log.close()
         doc = await self.save(doc)
         if run_dir.is_dir():
             await self.write_result(doc)
+        log = EventLog(run_dir / "events.jsonl") if run_dir.is_dir() else None
+        await self.shared.end_interrupted(doc["run_id"], log, {"type": "run_completed", "node": None,
+                                                               "status": "error", "error": doc["error"]},
+                                          {"type": "end", "run_id": doc["run_id"], "status": "error",
+                                           "seq": log.seq + 1 if log is not None else None})
         return doc
 
     async def _drop_worktree(self, doc: dict[str, Any]) -> None:
@@ -183,11 +153,11 @@ class Records:
         doc["worktree"] = None
 
     async def recover(self) -> int:
-        """At start-up: finalise this host's runs whose process is gone. How many were."""
+        """At start-up: finalise the runs whose process is gone (a scillm killed or restarted). How many were."""
         count = 0
         with contextlib.suppress(Exception):
             for _, doc in await self.runtime.store.scan(self.namespace, "", limit=100_000):
-                if self.orphaned(doc):
+                if await self.gone(doc):
                     await self.interrupt(doc)
                     count += 1
         return count

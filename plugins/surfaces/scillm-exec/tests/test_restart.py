@@ -1,0 +1,92 @@
+"""A run going when scillm is killed (SIGKILL) is settled by the scillm started next on the same data dir: failed
+(interrupted) with its result.json, an end frame for a follower resuming with Last-Event-ID, its key's run slot
+free again, and the CLI's process group (which outlived the killed scillm: it has its own) ended."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from scillm_exec import group_members
+
+import scillm_core.testing
+from scillm_core.testing import DEV_KEY, FakeOpenAI
+from scillm_core.testing.services import ScillmProcess
+
+AUTH = {"authorization": f"Bearer {DEV_KEY}", "x-caller-skill": "restart-test"}
+
+
+def until(check: Any, what: str) -> Any:
+    for _ in range(600):
+        found = check()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"never: {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:].split()[0] != b"Z"
+
+
+def test_a_run_going_when_scillm_is_killed_is_settled_by_the_next_scillm(tmp_path: Path) -> None:
+    bin_dir, root = tmp_path / "bin", tmp_path / "root"
+    bin_dir.mkdir()
+    root.mkdir()
+    shim = bin_dir / "claude"
+    shim.write_text(f"#!{sys.executable}\n" + Path(scillm_core.testing.__file__).with_name("fake_cli.py").read_text())
+    shim.chmod(0o755)
+    with FakeOpenAI() as upstream:
+        env = {"OPENAI_API_KEY": "sk-restart-test-0123456789", "OPENAI_API_BASE": upstream.base_url}
+        config = {"exec": {"allowed_roots": [str(root)], "max_runs_per_key": 1, "kill_grace_s": 0.5,
+                           "heartbeat_s": 0.2},
+                  "agent_runners": {"bin_dir": str(bin_dir), "default_model": "openai/fake-model"}}
+
+        def run(server: ScillmProcess, prompt: dict[str, Any], wait: bool) -> httpx.Response:
+            return httpx.post(server.url + "/v1/scillm/exec", headers=AUTH, timeout=60, json={
+                "profile": "claude-print", "prompt": json.dumps(prompt), "cwd": str(root), "wait": wait,
+                "sandbox": "workspace-write"})  # the fake CLI notes its pids in cwd
+
+        first = ScillmProcess(tmp_path / "w", env=env, config=config).start()
+        try:
+            started = run(first, {"mode": "idle"}, wait=False)  # works quietly until killed (ignores SIGTERM)
+            assert started.status_code == 202, started.text
+            run_id = started.json()["run_id"]
+            pids = until(lambda: (root / "pids.json").is_file() and json.loads((root / "pids.json").read_text()),
+                         "the CLI started")
+            events = Path(first.workdir / "data" / "runs" / run_id / "events.jsonl")
+            seen = until(lambda: [json.loads(line) for line in events.read_text().splitlines()], "an event")[-1]["seq"]
+            first.kill(signal.SIGKILL)
+        finally:
+            first.kill(signal.SIGKILL)
+        group = [pids["pid"], *pids["children"]]
+        assert all(alive(pid) for pid in group) and group_members(pids["pgid"])  # outlived its scillm
+
+        second = ScillmProcess(tmp_path / "w", env=env, config=config).start()  # the same data dir
+        try:
+            doc = httpx.get(f"{second.url}/v1/scillm/exec/{run_id}", headers=AUTH, timeout=30).json()
+            assert doc["status"] == "failed" and doc["error"].startswith("interrupted"), doc
+            result = json.loads(Path(doc["artifacts"]["result"]).read_text())
+            assert result["status"] == "failed" and result["error"] == doc["error"]
+            assert not any(alive(pid) for pid in group) and not group_members(pids["pgid"])
+            with httpx.stream("GET", f"{second.url}/v1/scillm/exec/{run_id}/events", timeout=30,
+                              headers={**AUTH, "last-event-id": str(seen)}) as stream:
+                body = stream.read().decode()  # ends: no heartbeats forever
+            frames = [frame for frame in body.split("\n\n") if frame.strip()]
+            assert frames[-1].startswith("event: end") and json.loads(frames[-1].split("data: ", 1)[1]) == {
+                "type": "run.end", "run_id": run_id, "status": "failed", "exit_code": None}
+            interrupted = [f for f in frames if '"run.interrupted"' in f]
+            assert len(interrupted) == 1 and interrupted[0].startswith(f"id: {seen + 1}\n")
+            again = run(second, {"mode": "ok", "text": "after the restart"}, wait=True)  # its key's one run slot
+            assert again.status_code == 200 and again.json()["status"] == "completed", again.text
+        finally:
+            second.stop()
