@@ -232,12 +232,12 @@ class RunBook(Generic[R]):
         run.result = self.doc(run, final=True) | extra
         run.log.append("run_completed", node=None, status=run.status, error=run.error,
                        changed_paths=extra.get("changed_paths", []), **event)
+        stored = await self.records.save(run.result)  # before the log ends: whoever its end wakes reads it final
+        await self.records.write_result(stored)
         run.log.close()
         self.shared.release(run.run_id)
         if run.unit is not None:
             run.unit.end(run.status, run.error, changed_paths=len(extra.get("changed_paths", [])))
-        stored = await self.records.save(run.result)
-        await self.records.write_result(stored)
         self.runs.pop(run.run_id, None)  # from now on read back from its run dir (or the store): not kept in memory
         run.done.set()
 
@@ -260,7 +260,8 @@ class RunBook(Generic[R]):
 
     async def abort(self, run_id: str, reason: str) -> dict[str, Any]:
         """Abort a run: this process's at once; another instance's through the state store (it looks for abort
-        requests every quarter second), answering its final record once that instance stored it."""
+        requests every quarter second), answering its final record once its end is in the store (the record is
+        saved before), or its driver died."""
         run = self.runs.get(run_id)
         if run is not None:
             if not run.done.is_set():
@@ -271,11 +272,8 @@ class RunBook(Generic[R]):
         if doc.get("status") in TERMINAL:
             return doc  # finished: abort changes nothing
         await self.shared.request_cancel(run_id, reason)
-        deadline = time.monotonic() + ABORT_GRACE_S + 20
-        while doc.get("status") not in TERMINAL and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-            doc = await self.load(run_id)
-        return doc
+        await self.shared.ended(run_id, lambda: self.settled(run_id), ABORT_GRACE_S + 20)
+        return await self.load(run_id)
 
     def tail(self, run_id: str, doc: dict[str, Any]) -> tuple[EventLog, Callable[[], dict[str, Any]]] | None:
         """The run's event log and the end frame of its stream when this process drives it, or (a finished run,
