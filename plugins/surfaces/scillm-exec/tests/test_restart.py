@@ -90,3 +90,30 @@ def test_a_run_going_when_scillm_is_killed_is_settled_by_the_next_scillm(tmp_pat
             assert again.status_code == 200 and again.json()["status"] == "completed", again.text
         finally:
             second.stop()
+
+
+def test_a_group_noted_in_another_pid_space_is_never_killed(tmp_path: Path) -> None:
+    """A data dir shared by containers (or read after a reboot): a note's pids name other processes here, so a dead
+    scillm's note from another pid namespace is left alone even when a live group here has that very id."""
+    import asyncio
+    import subprocess
+
+    from scillm_exec.process import PID_SPACE, end_leftover_group, remember_group
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        note = tmp_path / "process.json"
+        remember_group(note, child.pid)
+        noted = json.loads(note.read_text())
+        assert noted["pid_space"] == PID_SPACE
+        dead = {**noted, "by": 2 ** 22 + 4321, "by_started": 1}  # the scillm that noted it is gone
+        note.write_text(json.dumps({**dead, "pid_space": "another-container"}))
+        assert asyncio.run(end_leftover_group(note, 0.5)) is None
+        assert alive(child.pid) and note.exists()
+        note.write_text(json.dumps(dead))  # the same note from this pid space: that group is the leftover
+        assert asyncio.run(end_leftover_group(note, 0.5)) == child.pid
+        child.wait(10)
+        assert not note.exists()
+    finally:
+        child.kill()
+        child.wait()

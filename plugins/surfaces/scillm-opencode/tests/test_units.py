@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from scillm_exec.shared import HOST
+from scillm_exec.process import PID_SPACE
 from scillm_opencode.normalise import SessionEvents
 from scillm_opencode.session import assistant_text
 from scillm_opencode.skills import MAX_SKILL_BYTES, check_skill_names, materialise, skill_rules
@@ -64,9 +64,9 @@ def test_runs_in_flight_when_scillm_stopped_are_finalised_as_interrupted(tmp_pat
     git("worktree", "add", "-q", "--detach", str(worktree))
     doc = {"run_id": run_id, "status": "running", "created_at": time.time(), "caller": "t", "owner": "master",
            "worktree": str(worktree), "repo": str(repo),
-           "instance": "gone", "driver": {"host": HOST, "pid": 2 ** 22 + 12345, "started": 1}}
+           "instance": "gone", "driver": {"pid_space": PID_SPACE, "pid": 2 ** 22 + 12345, "started": 1}}
     live = dict(doc, run_id="oc-live-elsewhere", instance="elsewhere",
-                driver={"host": "another-host", "pid": 1, "started": 1})
+                driver={"pid_space": "another-host", "pid": 1, "started": 1})
 
     async def seed() -> None:
         store = SQLiteStore(tmp_path / "scillm.sqlite3")

@@ -27,7 +27,7 @@ from scillm_core.sessions import SessionContext, SessionSpec
 from scillm_exec import sandbox
 from scillm_exec.config import exec_config
 
-__all__ = ["CliOutcome", "end_leftover_group", "forget_group", "group_members", "kill_group", "process_start",
+__all__ = ["PID_SPACE", "CliOutcome", "end_leftover_group", "forget_group", "group_members", "kill_group", "process_start",
            "remember_group", "run_cli", "sandboxed"]
 
 CHUNK = 64 * 1024
@@ -83,6 +83,20 @@ async def kill_group(pgid: int, grace_s: float = 2.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def _pid_space() -> str:
+    """Where a recorded pid names the same process: this boot of this machine, in this pid namespace (two containers
+    on one host, or one machine before and after a reboot, number their processes apart). Unknown: a value nothing
+    else has, so no pid recorded elsewhere is ever checked here."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return f"{fh.read().strip()}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return f"unknown/{os.urandom(8).hex()}"
+
+
+PID_SPACE = _pid_space()
+
+
 def process_start(pid: int) -> int | None:
     """When live process ``pid`` started (clock ticks after boot, from /proc), else ``None``: with the pid this names
     one process, never a later one that was given the same pid."""
@@ -100,7 +114,7 @@ def remember_group(note: Path, pgid: int) -> None:
     for :func:`end_leftover_group`."""
     me = os.getpid()
     note.write_bytes(orjson.dumps({"pgid": pgid, "started": process_start(pgid), "by": me,
-                                   "by_started": process_start(me)}))
+                                   "by_started": process_start(me), "pid_space": PID_SPACE}))
 
 
 def forget_group(note: Path) -> None:
@@ -113,12 +127,15 @@ async def end_leftover_group(note: Path, grace_s: float = 2.0) -> int | None:
     id when there was one. Nothing while the process that noted it lives (another scillm process on this data dir:
     its child is live). Only that very group: its leader is the process noted (same pid, same start), or it is
     gone and members remain (the kernel gives no new process a pid still in use as a group id); a pid reused by
-    another process is left alone."""
+    another process is left alone, and so is a note from another pid namespace or boot (:data:`PID_SPACE`: its pids
+    name other processes here)."""
     try:
         noted = orjson.loads(note.read_bytes())
         pgid, started = int(noted["pgid"]), noted.get("started")
         by = int(noted["by"])
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if noted.get("pid_space") != PID_SPACE:
         return None
     if by != os.getpid() and process_start(by) == noted.get("by_started"):
         return None

@@ -8,9 +8,9 @@ record, tail its events and cancel it.
   log from anywhere (resumable by event ``seq``);
 - **cancel**: :meth:`SharedRuns.request_cancel` leaves a document under ``run-cancels:<kind>``; the driving process
   looks for requests naming its live runs every :data:`CANCEL_POLL_S` and cancels them as if asked directly;
-- **a driver that died**: a record names its process (:meth:`SharedRuns.stamp`: ``instance``, and ``driver``: host,
+- **a driver that died**: a record names its process (:meth:`SharedRuns.stamp`: ``instance``, and ``driver``: its pid space,
   pid and when that process started); a run still ``running`` whose process is gone is over, and
-  :meth:`SharedRuns.driver_gone` says so: on this host at once (that pid is no longer that process: scillm was
+  :meth:`SharedRuns.driver_gone` says so: in this pid namespace at once (that pid is no longer that process: scillm was
   killed or restarted), elsewhere once its instance is no longer live (``scillm_core.state.presence``). Whoever
   finds it settles it ``interrupted`` and ends its events (:meth:`SharedRuns.end_interrupted`), so every follower
   gets an end.
@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -34,12 +33,12 @@ import orjson
 
 from scillm_core.state.presence import INSTANCES
 from scillm_exec.events import EventLog, read_new
-from scillm_exec.process import process_start
+from scillm_exec.process import PID_SPACE, process_start
 
 if TYPE_CHECKING:
     from scillm_core import Runtime
 
-__all__ = ["CANCEL_POLL_S", "HOST", "SharedRuns", "sse_follow"]
+__all__ = ["CANCEL_POLL_S", "SharedRuns", "sse_follow"]
 
 log = logging.getLogger("scillm.exec")
 CANCEL_POLL_S = 0.25   # how often a process with live runs looks for cancel requests naming them
@@ -48,7 +47,6 @@ CANCEL_TTL_S = 3600.0  # a cancel request nobody took (its run had ended) goes a
 STORE_EVENT_LIMIT = 1 << 20  # an event bigger than this is copied as a stub (the run dir keeps it whole)
 SETTLED_CHECK_S = 1.0  # waiting for a run's end: after this long without a record, whether its driver died
 KEPT = ("seq", "ts", "type", "source", "node")
-HOST = socket.gethostname()
 
 
 class SharedRuns:
@@ -156,19 +154,19 @@ class SharedRuns:
         """What a run record says about the process driving it (for :meth:`driver_gone`)."""
         pid = os.getpid()
         return {"instance": self.runtime.instance_id,
-                "driver": {"host": HOST, "pid": pid, "started": process_start(pid)}}
+                "driver": {"pid_space": PID_SPACE, "pid": pid, "started": process_start(pid)}}
 
     async def driver_gone(self, doc: Mapping[str, Any]) -> bool:
         """Whether the process that drove a run record (:meth:`stamp`) is gone (it died or was restarted while
-        driving). On this host, whether that pid is still that process; otherwise (another host, or another app in
-        this process), whether its instance is no longer live, and only when this process's own presence is there:
-        after the store lost its data or was down longer than the presence TTL, nobody's presence says anything
-        until this one's next beat."""
+        driving). In this pid namespace (``PID_SPACE``: this boot, these pids), whether that pid is still that
+        process; otherwise (another host or container, or another app in this process), whether its instance is no
+        longer live, and only when this process's own presence is there: after the store lost its data or was down
+        longer than the presence TTL, nobody's presence says anything until this one's next beat."""
         instance = doc.get("instance")
         if instance == self.runtime.instance_id:
             return False
         driver = doc.get("driver")
-        if isinstance(driver, Mapping) and driver.get("host") == HOST and isinstance(driver.get("pid"), int) \
+        if isinstance(driver, Mapping) and driver.get("pid_space") == PID_SPACE and isinstance(driver.get("pid"), int) \
                 and driver["pid"] != os.getpid():
             return process_start(driver["pid"]) != driver.get("started")
         if not isinstance(instance, str):
