@@ -27,8 +27,8 @@ from scillm_core.sessions import SessionContext, SessionSpec
 from scillm_exec import sandbox
 from scillm_exec.config import exec_config
 
-__all__ = ["PID_SPACE", "CliOutcome", "end_leftover_group", "forget_group", "group_members", "kill_group", "process_start",
-           "remember_group", "run_cli", "sandboxed"]
+__all__ = ["PID_SPACE", "CliOutcome", "end_leftover_group", "forget_group", "group_members", "kill_group",
+           "process_start", "remember_group", "run_cli", "sandboxed"]
 
 CHUNK = 64 * 1024
 MAX_EVENT_LINE = 32 * 1024 * 1024   # a line longer than this is split (stdout.log still keeps every byte)

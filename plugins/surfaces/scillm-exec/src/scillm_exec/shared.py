@@ -8,12 +8,12 @@ record, tail its events and cancel it.
   log from anywhere (resumable by event ``seq``);
 - **cancel**: :meth:`SharedRuns.request_cancel` leaves a document under ``run-cancels:<kind>``; the driving process
   looks for requests naming its live runs every :data:`CANCEL_POLL_S` and cancels them as if asked directly;
-- **a driver that died**: a record names its process (:meth:`SharedRuns.stamp`: ``instance``, and ``driver``: its pid space,
-  pid and when that process started); a run still ``running`` whose process is gone is over, and
+- **a driver that died**: a record names its process (:meth:`SharedRuns.stamp`: ``instance``, and ``driver``: its pid
+  space, pid and when that process started); a run still ``running`` whose process is gone is over, and
   :meth:`SharedRuns.driver_gone` says so: in this pid namespace at once (that pid is no longer that process: scillm was
-  killed or restarted), elsewhere once its instance is no longer live (``scillm_core.state.presence``). Whoever
-  finds it settles it ``interrupted`` and ends its events (:meth:`SharedRuns.end_interrupted`), so every follower
-  gets an end.
+  killed or restarted), elsewhere once its instance is no longer live (``scillm_core.state.presence``). Whoever finds
+  it settles it ``interrupted`` and ends its events (:meth:`SharedRuns.end_interrupted`), so every follower gets an
+  end.
 
 A store that is down delays copies and cancel requests (retried), never a run.
 """
