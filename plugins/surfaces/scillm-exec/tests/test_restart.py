@@ -117,3 +117,42 @@ def test_a_group_noted_in_another_pid_space_is_never_killed(tmp_path: Path) -> N
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_long_lived_child_ends_what_every_dead_worker_left_running(tmp_path: Path) -> None:
+    """Under ``--workers`` each worker may run its own ``opencode serve``: each notes its child's group under its own
+    name, so a start after two workers died ends both leftovers, and a live worker's child is never touched."""
+    import asyncio
+    import os
+    import subprocess
+
+    from scillm_exec.process import process_start, remember_group
+    from scillm_exec.service import ManagedProcess
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    log = tmp_path / "serve.log"
+    children = [subprocess.Popen(sleep, start_new_session=True) for _ in range(3)]
+    worker = subprocess.Popen(sleep)  # stands in for a live worker
+    try:
+        for n, child in enumerate(children):
+            note = tmp_path / f"serve.group.{1000 + n}.json"
+            remember_group(note, child.pid)
+            by = (2 ** 22 + n, 1) if n < 2 else (worker.pid, process_start(worker.pid))  # two workers died
+            note.write_text(json.dumps({**json.loads(note.read_text()), "by": by[0], "by_started": by[1]}))
+        live_note = tmp_path / "serve.group.1002.json"
+
+        async def start_and_stop() -> None:
+            managed = ManagedProcess("serve", sleep, env=dict(os.environ), cwd=tmp_path, log_path=log)
+            await managed.start()
+            await managed.stop()
+
+        asyncio.run(start_and_stop())
+        for child in children[:2]:
+            child.wait(10)
+        assert alive(children[2].pid) and live_note.exists()
+        assert sorted(p.name for p in tmp_path.glob("serve.group*.json")) == ["serve.group.1002.json"]
+        assert log.read_text().count("left running by a scillm that stopped") == 2
+    finally:
+        for child in [*children, worker]:
+            child.kill()
+            child.wait()

@@ -4,14 +4,16 @@ environment and process-group rules as a bounded run (:func:`scillm_exec.run_cli
 The owner starts it, reads its stdout line by line through a callback, writes to its stdin, learns when it died
 (``exited``, whatever the cause, so in-flight work can be failed and the child restarted) and stops it by killing
 its whole process group. stderr (and stdout unless the owner consumes it) goes to a log file, secrets scrubbed.
-While the child lives its group is noted beside the log, so a start after a scillm that died ends the group that
-scillm left running first (:func:`scillm_exec.process.end_leftover_group`).
+While the child lives its group is noted beside the log, one note per scillm process (under ``--workers`` each
+worker may run its own), so a start after a scillm that died ends every group such a scillm left running first
+(:func:`scillm_exec.process.end_leftover_group`; a note of a process that still lives is left alone).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,7 +39,11 @@ class ManagedProcess:
 
     @property
     def group_note(self) -> Path:
-        return self.log_path.with_suffix(".group.json")
+        return self.log_path.with_suffix(f".group.{os.getpid()}.json")
+
+    def group_notes(self) -> list[Path]:
+        """Every process's note of this child's group (and the one name all processes once shared)."""
+        return sorted(self.log_path.parent.glob(glob.escape(self.log_path.stem) + ".group*.json"))
 
     @property
     def pid(self) -> int | None:
@@ -57,9 +63,10 @@ class ManagedProcess:
             return
         self.exited = asyncio.Event()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        left = await end_leftover_group(self.group_note, self.kill_grace_s)
-        if left is not None:
-            self._log(f"[scillm] ended process group {left}, left running by a scillm that stopped\n".encode())
+        for note in self.group_notes():
+            left = await end_leftover_group(note, self.kill_grace_s)
+            if left is not None:
+                self._log(f"[scillm] ended process group {left}, left running by a scillm that stopped\n".encode())
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv, cwd=str(self.cwd), env=self.env, start_new_session=True, limit=CHUNK,
             stdin=asyncio.subprocess.PIPE if self.use_stdin else asyncio.subprocess.DEVNULL,
