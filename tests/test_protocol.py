@@ -554,8 +554,9 @@ async def test_broken_chunked_framing_is_a_400_and_the_app_reading_the_body_read
     assert received[-1] == {"type": "http.disconnect"}
 
 
-async def test_a_malformed_request_pipelined_behind_one_being_answered_gets_its_400_after_that_answer() -> None:
-    release = asyncio.Event()
+def answer_held_until(release: asyncio.Event) -> Any:
+    """An app that sends its answer's head at once and its body (``{"ok":true}``, 11 bytes) once ``release`` is set:
+    a response still being written while the client pipelines the next request."""
 
     async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await receive()
@@ -563,7 +564,13 @@ async def test_a_malformed_request_pipelined_behind_one_being_answered_gets_its_
         await release.wait()
         await send({"type": "http.response.body", "body": b'{"ok":true}'})
 
-    async with serving(slow) as port:
+    return slow
+
+
+async def test_a_malformed_request_pipelined_behind_one_being_answered_gets_its_400_after_that_answer() -> None:
+    release = asyncio.Event()
+
+    async with serving(answer_held_until(release)) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\n{}G\x01T / HTTP/1.1\r\n\r\n")
         first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)  # the answer has begun (its head sent)
@@ -597,13 +604,7 @@ async def test_a_stalled_head_pipelined_behind_one_being_answered_gets_its_408_a
     release = asyncio.Event()
     NoticedHeadTimeout.timed_out = timed_out = asyncio.Event()
 
-    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await receive()
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"11")]})
-        await release.wait()
-        await send({"type": "http.response.body", "body": b'{"ok":true}'})
-
-    async with serving(slow, timeout_keep_alive=0.2, protocol=NoticedHeadTimeout) as port:
+    async with serving(answer_held_until(release), timeout_keep_alive=0.2, protocol=NoticedHeadTimeout) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\n{}POST / HTTP/1.1\r\nhost: a\r\n")
         first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)  # the answer has begun (its head sent)

@@ -390,16 +390,13 @@ def test_workers_give_agent_children_their_own_address(tmp_path: Path) -> None:
     started the run: the CLI is given that process's own loopback address, so none of its calls reach a worker that
     does not know its key (before, some runs failed: their CLI's model call got a 401 from the other worker)."""
     import json
-    import sys
 
-    import scillm_core.testing
+    from scillm_core.testing import install_fake_cli
 
     bin_dir, root = tmp_path / "bin", tmp_path / "root"
     bin_dir.mkdir()
     root.mkdir()
-    shim = bin_dir / "claude"
-    shim.write_text(f"#!{sys.executable}\n" + Path(scillm_core.testing.__file__).with_name("fake_cli.py").read_text())
-    shim.chmod(0o755)
+    install_fake_cli(bin_dir)
     with FakeOpenAI() as upstream:
         upstream.default = Reply.say("called back")
         server = ScillmProcess(tmp_path / "w", workers=2, env={

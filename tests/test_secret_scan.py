@@ -26,12 +26,10 @@ from typing import Any
 import httpx
 import pytest
 
-import scillm_core.testing
-from scillm_core.testing import FakeOpenAI, Reply, free_port
+from scillm_core.testing import FakeOpenAI, Reply, free_port, install_fake_cli
 from scillm_core.testing.files import file_part, overlapping_zip, pdf_bomb
 
 SCILLM = str(Path(sys.executable).with_name("scillm"))
-FAKE_CLI = Path(scillm_core.testing.__file__).with_name("fake_cli.py")
 
 # what is planted, and the random part of each that must never be seen (prefixes such as "sk-" are not secret)
 DEEPSEEK_KEY = "sk-scan-" + secrets.token_hex(16)                    # shaped like a key
@@ -107,9 +105,7 @@ def scan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scan]:
     root, data_dir, bin_dir = base / "root", base / "data", base / "bin"
     for d in (root, data_dir, bin_dir):
         d.mkdir()
-    shim = bin_dir / "claude"  # the claude-print runner, driving the harness's fake CLI
-    shim.write_text(f"#!{sys.executable}\n" + FAKE_CLI.read_text())
-    shim.chmod(0o755)
+    install_fake_cli(bin_dir)  # the claude-print runner, driving the harness's fake CLI
     config = base / "scillm.toml"
     config.write_text(f"""
 [server]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +19,9 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import Response
 
-import scillm_core.testing
 from scillm_core import CallContext, ChatRequest, structure
 from scillm_core.state.sqlite import SQLiteStore
-from scillm_core.testing import FakeOpenAI, Reply, ServerThread, make_app
+from scillm_core.testing import FakeOpenAI, Reply, ServerThread, install_fake_cli, make_app
 from scillm_core.testing.fake_anthropic import FakeAnthropic
 
 MASTER = "sk-master-budgets-SECRET-0123456789"
@@ -35,7 +33,6 @@ PRICING = {"openai/pricey": {"input": 10.0, "output": 100.0, "cache_read": 1.0},
 CALL_USD = (11 * 10 + 7 * 100) / 1e6
 # and reserves this with max_tokens=10 ("hi" estimates to 9 prompt tokens):
 RESERVE_USD = (9 * 10 + 10 * 100) / 1e6
-FAKE_CLI = Path(scillm_core.testing.__file__).with_name("fake_cli.py")
 
 
 class CountingFake(FakeOpenAI):
@@ -105,9 +102,7 @@ def fakes() -> Iterator[tuple[CountingFake, FakeAnthropic]]:
 def bin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The harness's fake CLI installed as ``claude``: its model calls come back through its run key."""
     directory = tmp_path_factory.mktemp("bin")
-    shim = directory / "claude"
-    shim.write_text(f"#!{sys.executable}\n" + FAKE_CLI.read_text())
-    shim.chmod(0o755)
+    install_fake_cli(directory)
     return directory
 
 

@@ -14,8 +14,7 @@ from typing import Any
 import httpx
 from scillm_exec import group_members
 
-import scillm_core.testing
-from scillm_core.testing import DEV_KEY, FakeOpenAI
+from scillm_core.testing import DEV_KEY, FakeOpenAI, install_fake_cli
 from scillm_core.testing.services import ScillmProcess
 
 AUTH = {"authorization": f"Bearer {DEV_KEY}", "x-caller-skill": "restart-test"}
@@ -42,9 +41,7 @@ def test_a_run_going_when_scillm_is_killed_is_settled_by_the_next_scillm(tmp_pat
     bin_dir, root = tmp_path / "bin", tmp_path / "root"
     bin_dir.mkdir()
     root.mkdir()
-    shim = bin_dir / "claude"
-    shim.write_text(f"#!{sys.executable}\n" + Path(scillm_core.testing.__file__).with_name("fake_cli.py").read_text())
-    shim.chmod(0o755)
+    install_fake_cli(bin_dir)
     with FakeOpenAI() as upstream:
         env = {"OPENAI_API_KEY": "sk-restart-test-0123456789", "OPENAI_API_BASE": upstream.base_url}
         config = {"exec": {"allowed_roots": [str(root)], "max_runs_per_key": 1, "kill_grace_s": 0.5,

@@ -155,6 +155,13 @@ def _end_of(doc: Mapping[str, Any]) -> dict[str, Any]:
             "exit_code": doc.get("exit_code")}
 
 
+def _artifacts(run_dir: Path) -> dict[str, str]:
+    """Where a run's files are (its answer's ``artifacts``)."""
+    return {"run_dir": str(run_dir), **{key: str(run_dir / name) for key, name in (
+        ("events_jsonl", "events.jsonl"), ("stdout", "stdout.log"), ("stderr", "stderr.log"),
+        ("status", "status.json"), ("result", "result.json"))}}
+
+
 def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
@@ -264,8 +271,8 @@ class ExecManager:
     @staticmethod
     def _end(run: Run) -> dict[str, Any]:
         result = run.result or {}
-        return {"type": "run.end", "run_id": run.run_id, "status": result.get("status", run.status),
-                "exit_code": result.get("exit_code")}
+        return _end_of({"run_id": run.run_id, "status": result.get("status", run.status),
+                        "exit_code": result.get("exit_code")})
 
     def tail(self, run_id: str, doc: Mapping[str, Any]) -> tuple[EventLog, Callable[[], dict[str, Any]]] | None:
         """The run's event log and the end frame of its stream when this process drives it, or (a finished run,
@@ -284,11 +291,6 @@ class ExecManager:
         ``None``: how a stream following the run through the state store ends when no end record will come."""
         doc = await self.load(run_id)
         return _end_of(doc) if doc.get("status") in TERMINAL else None
-
-    def artifacts(self, run: Run) -> dict[str, str]:
-        d = run.run_dir
-        return {"run_dir": str(d), "events_jsonl": str(d / "events.jsonl"), "stdout": str(d / "stdout.log"),
-                "stderr": str(d / "stderr.log"), "status": str(d / "status.json"), "result": str(d / "result.json")}
 
     def _status_doc(self, run: Run) -> dict[str, Any]:
         job = run.job
@@ -414,7 +416,7 @@ class ExecManager:
                   "result": parsed, "error": error, "profile": run.spec.profile, "caller": run.caller,
                   "owner": run.identity.owner, "cost_usd": job.cost_usd if job else None,
                   "unpriced_calls": job.unpriced_calls if job else 0, "max_cost_usd": run.spec.max_cost_usd,
-                  "duration_s": round(duration_s, 3), "artifacts": self.artifacts(run)}
+                  "duration_s": round(duration_s, 3), "artifacts": _artifacts(run.run_dir)}
         run.status, run.result = status, result
         _write_json(run.run_dir / "result.json", result)
         self._write_status(run)
@@ -463,7 +465,7 @@ class ExecManager:
             raise errors.NotFound(f"no run {errors.quote(run_id)}")
         run = self.runs.get(run_id)
         if run is not None:
-            return run.result or self._status_doc(run) | {"artifacts": self.artifacts(run)}
+            return run.result or self._status_doc(run) | {"artifacts": _artifacts(run.run_dir)}
         run_dir = self.runs_dir / run_id
         for name in ("result.json", "status.json"):
             path = run_dir / name
@@ -501,10 +503,7 @@ class ExecManager:
         if (run_dir / "status.json").is_file():
             cfg = exec_config(self.runtime)
             left = await end_leftover_group(run_dir / "process.json", cfg.kill_grace_s)
-            artifacts = {"run_dir": str(run_dir), **{k: str(run_dir / name) for k, name in (
-                ("events_jsonl", "events.jsonl"), ("stdout", "stdout.log"), ("stderr", "stderr.log"),
-                ("status", "status.json"), ("result", "result.json"))}}
-            result |= {"artifacts": artifacts, "leftover_process_group": left}
+            result |= {"artifacts": _artifacts(run_dir), "leftover_process_group": left}
             await asyncio.to_thread(_write_json, run_dir / "result.json", result)
             await asyncio.to_thread(_write_json, run_dir / "status.json", {**doc, "status": "failed",
                                                                           "updated_at": final["updated_at"]})
