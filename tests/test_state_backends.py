@@ -230,6 +230,39 @@ async def test_sqlite_expires_documents_on_its_clock_and_its_sweep_deletes_them(
         await store.close()
 
 
+async def test_sqlite_counters_slots_and_queue_claims_lapse_on_its_clock(tmp_path: Path) -> None:
+    """A rate window (a counter with a TTL), a slot lease and a queue claim lapse on the store's clock, as documents
+    do: moved here, with no sleep. (Redis keeps its server's clock for all of them.)"""
+    now = [1_000_000.0]
+    store = SQLiteStore(tmp_path / "state.sqlite3", clock=lambda: now[0])
+    try:
+        assert (await store.count("b", [[Count("rpm", 1, limit=1, ttl_s=60.0)]]))[0].applied
+        now[0] += 59.0
+        assert (await store.count("b", [[Count("rpm")]]))[0].values == (1,)  # read on the caller's thread
+        assert not (await store.count("b", [[Count("rpm", 1, limit=1)]]))[0].applied
+        now[0] += 1.0
+        assert (await store.count("b", [[Count("rpm")]]))[0].values == (0,) and store.peek("b", "rpm") == 0.0
+        assert (await store.count("b", [[Count("rpm", 1, limit=1)]]))[0].applied  # a new window
+
+        assert await store.hold_slots("openai", "a", 0, 2, 2, ttl_s=30.0) == 2
+        assert await store.hold_slots("openai", "b", 0, 1, 2, ttl_s=30.0) == 0
+        now[0] += 30.0  # "a" never renewed: its lease lapsed
+        assert await store.slots_held("openai") == 0
+        assert await store.hold_slots("openai", "b", 0, 2, 2, ttl_s=30.0) == 2
+
+        [held] = await store.enqueue("work", [{"n": 1}])
+        assert [i for i, _ in await store.take("work", "A", 1)] == [held]
+        assert await store.reclaim("work", "B", idle_s=30.0, count=1) == []
+        now[0] += 20.0
+        assert await store.touch("work", "A", [held]) == 1
+        now[0] += 20.0  # 40 s since the claim, 20 since the touch
+        assert await store.reclaim("work", "B", idle_s=30.0, count=1) == []
+        now[0] += 10.0
+        assert [i for i, _ in await store.reclaim("work", "B", idle_s=30.0, count=1)] == [held]
+    finally:
+        await store.close()
+
+
 async def test_queue_every_entry_to_one_consumer_until_acknowledged(stores: Callable[[], StateStore]) -> None:
     a, b = stores(), stores()
     ids = await a.enqueue("work", [{"n": n} for n in range(50)])

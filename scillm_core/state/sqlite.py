@@ -68,7 +68,9 @@ class SQLiteStore:
     def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.clock = clock  # the expiry of documents and logs, and the sweep (tests move it)
+        #: wall time for everything that lapses: documents, logs and the sweep, counters, slot leases and queue claims
+        #: (tests move it); a log record's own timestamp stays the machine's (callers trim and tail by it)
+        self.clock = clock
         self.next_sweep = clock() + SWEEP_S
         self.sweeper: asyncio.Task[int] | None = None
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -273,7 +275,7 @@ class SQLiteStore:
         purge = writes and self._counts % PURGE_EVERY == 0
 
         def apply(db: sqlite3.Connection) -> list[Counted]:
-            now = time.time()
+            now = self.clock()
             if writes:
                 db.execute("BEGIN IMMEDIATE")
             try:
@@ -319,7 +321,7 @@ class SQLiteStore:
         if not self._reader_lock.acquire(blocking=False):
             return None
         try:
-            return self._read_counters(self._reader or self._open_reader(), namespace, keys, time.time())[0]
+            return self._read_counters(self._reader or self._open_reader(), namespace, keys, self.clock())[0]
         except sqlite3.OperationalError:
             return None
         finally:
@@ -520,7 +522,7 @@ class SQLiteStore:
         """Claim unheld entries (``idle_s`` None) or entries held but untouched for ``idle_s``, in one
         ``BEGIN IMMEDIATE`` transaction (no other connection or process can interleave)."""
         def claim(db: sqlite3.Connection) -> list[tuple[str, dict[str, Any]]]:
-            now = time.time()
+            now = self.clock()
             if idle_s is None and db.execute("SELECT 1 FROM queue WHERE q = ? AND owner IS NULL LIMIT 1",
                                              (queue,)).fetchone() is None:
                 return []  # an idle queue's poll reads without the write lock every process's writes wait for
@@ -558,7 +560,7 @@ class SQLiteStore:
         marks = ",".join("?" * len(numbers))
         return await self._run(lambda db: db.execute(  # type: ignore[no-any-return]
             f"UPDATE queue SET touched = ? WHERE q = ? AND owner = ? AND id IN ({marks})",
-            (time.time(), queue, consumer, *numbers)).rowcount) if numbers else 0
+            (self.clock(), queue, consumer, *numbers)).rowcount) if numbers else 0
 
     async def ack(self, queue: str, ids: Sequence[str]) -> None:
         numbers = [int(i) for i in ids]
@@ -574,7 +576,7 @@ class SQLiteStore:
 
     async def hold_slots(self, pool: str, holder: str, held: int, want: int, limit: int, ttl_s: float) -> int:
         def hold(db: sqlite3.Connection) -> int:
-            now = time.time()
+            now = self.clock()
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute("DELETE FROM slot_holders WHERE pool = ? AND expires <= ?", (pool, now))
@@ -597,7 +599,7 @@ class SQLiteStore:
     async def slots_held(self, pool: str) -> int:
         return await self._run(lambda db: int(db.execute(
             "SELECT coalesce(sum(held), 0) FROM slot_holders WHERE pool = ? AND expires > ?",
-            (pool, time.time())).fetchone()[0]))
+            (pool, self.clock())).fetchone()[0]))
 
     async def health(self) -> dict[str, Any]:
         try:
