@@ -15,7 +15,7 @@ import httpx
 from scillm_exec import group_members
 
 from scillm_core.testing import DEV_KEY, FakeOpenAI, install_fake_cli
-from scillm_core.testing.services import ScillmProcess
+from scillm_core.testing.services import RedisServer, ScillmProcess
 
 AUTH = {"authorization": f"Bearer {DEV_KEY}", "x-caller-skill": "restart-test"}
 
@@ -87,6 +87,57 @@ def test_a_run_going_when_scillm_is_killed_is_settled_by_the_next_scillm(tmp_pat
             assert again.status_code == 200 and again.json()["status"] == "completed", again.text
         finally:
             second.stop()
+
+
+def test_a_dead_run_read_while_redis_is_down_answers_its_run_dir_and_is_settled_when_redis_answers(
+        tmp_path: Path) -> None:
+    """The run dir is the durable copy: a run whose scillm was killed, read first while the state store is down,
+    answers what its status.json says (marked degraded, as health marks the store) instead of the store's 503, and
+    is not settled then (that is a compare-and-set on the store's record); the first read once Redis answers again
+    settles it, as a read does when the store is up."""
+    bin_dir, root = tmp_path / "bin", tmp_path / "root"
+    bin_dir.mkdir()
+    root.mkdir()
+    install_fake_cli(bin_dir)
+    redis = RedisServer(tmp_path / "redis", persist=True).start()
+    try:
+        with FakeOpenAI() as upstream:
+            env = {"OPENAI_API_KEY": "sk-restart-test-0123456789", "OPENAI_API_BASE": upstream.base_url}
+            config = {"exec": {"allowed_roots": [str(root)], "kill_grace_s": 0.5, "heartbeat_s": 0.2},
+                      "agent_runners": {"bin_dir": str(bin_dir), "default_model": "openai/fake-model"},
+                      "state": {"backend": "redis", "redis_url": redis.url, "timeout_s": 0.5}}
+            first = ScillmProcess(tmp_path / "w", env=env, config=config).start()
+            try:
+                started = httpx.post(first.url + "/v1/scillm/exec", headers=AUTH, timeout=60, json={
+                    "profile": "claude-print", "prompt": json.dumps({"mode": "idle"}), "cwd": str(root),
+                    "wait": False, "sandbox": "workspace-write"})
+                assert started.status_code == 202, started.text
+                run_id = started.json()["run_id"]
+                pids = until(lambda: (root / "pids.json").is_file() and json.loads((root / "pids.json").read_text()),
+                             "the CLI started")
+            finally:
+                first.kill(signal.SIGKILL)
+            redis.kill(signal.SIGKILL)
+
+            second = ScillmProcess(tmp_path / "w", env=env, config=config).start()  # the same data dir, no store
+            try:
+                url = f"{second.url}/v1/scillm/exec/{run_id}"
+                down = httpx.get(url, headers=AUTH, timeout=30)
+                assert down.status_code == 200, down.text
+                assert down.json()["status"] == "running" and "state store" in down.json()["degraded"]
+                run_dir = second.workdir / "data" / "runs" / run_id
+                assert not (run_dir / "result.json").exists() and group_members(pids["pgid"])  # nothing settled
+
+                redis.start()  # the same port and data: the run's record is there again
+                doc = httpx.get(url, headers=AUTH, timeout=30).json()
+                assert doc["status"] == "failed" and doc["error"].startswith("interrupted"), doc
+                assert "degraded" not in doc and json.loads((run_dir / "result.json").read_text())["status"] == \
+                    "failed"
+                assert not group_members(pids["pgid"])  # the CLI that outlived its scillm was ended by the settle
+            finally:
+                second.stop()
+    finally:
+        redis.kill()
 
 
 def test_a_group_noted_in_another_pid_space_is_never_killed(tmp_path: Path) -> None:

@@ -460,7 +460,8 @@ class ExecManager:
     async def load(self, run_id: str) -> dict[str, Any]:
         """A run's current document: live state, else result.json, else status.json (this machine's run dir),
         else the state store's record (a run another instance drives); 404 when unknown. A run whose driving
-        process is gone (scillm was killed or restarted, or its instance died) is settled first (:meth:`_settle`)."""
+        process is gone (scillm was killed or restarted, or its instance died) is settled first (:meth:`_settle`);
+        while the store is down, status.json is answered as it stands, marked (:meth:`SharedRuns.unsettled`)."""
         if not RUN_ID.match(run_id):
             raise errors.NotFound(f"no run {errors.quote(run_id)}")
         run = self.runs.get(run_id)
@@ -471,7 +472,12 @@ class ExecManager:
             path = run_dir / name
             if path.is_file():
                 doc = orjson.loads(await asyncio.to_thread(path.read_bytes))
-                return doc if name == "result.json" else await self._settle(doc)  # type: ignore[no-any-return]
+                if name == "result.json":
+                    return doc  # type: ignore[no-any-return]
+                try:
+                    return await self._settle(doc)
+                except errors.StateUnavailable as exc:
+                    return self.shared.unsettled(doc, exc)
         doc = await self.runtime.store.get(STORE_NS, run_id)
         if doc is None:
             raise errors.NotFound(f"no run {errors.quote(run_id)}")

@@ -15,7 +15,8 @@ record, tail its events and cancel it.
   it settles it ``interrupted`` and ends its events (:meth:`SharedRuns.end_interrupted`), so every follower gets an
   end.
 
-A store that is down delays copies and cancel requests (retried), never a run.
+A store that is down delays copies and cancel requests (retried), never a run; a run this machine's run dir holds
+is read from there meanwhile, marked ``degraded`` (:meth:`SharedRuns.unsettled`), and settled once the store answers.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from scillm_exec.events import EventLog, read_new
 from scillm_exec.process import PID_SPACE, process_start
 
 if TYPE_CHECKING:
-    from scillm_core import Runtime
+    from scillm_core import Runtime, errors
 
 __all__ = ["CANCEL_POLL_S", "SharedRuns", "sse_follow"]
 
@@ -173,6 +174,14 @@ class SharedRuns:
             return False
         theirs, mine = await self.runtime.store.get_many(INSTANCES, [instance, self.runtime.instance_id])
         return theirs is None and mine is not None
+
+    @staticmethod
+    def unsettled(doc: Mapping[str, Any], exc: errors.StateUnavailable) -> dict[str, Any]:
+        """A run's record as its run dir has it, read while the state store is down (a run whose driver is gone
+        cannot be settled then: that is a compare-and-set on the store's record), marked ``degraded`` with why, as
+        ``GET /v1/scillm/health`` marks the store; the first read after the store answers again settles it."""
+        return {**doc, "degraded": f"{exc.message}; this is the run dir's copy, not settled until the store "
+                                   "answers"}
 
     async def end_interrupted(self, run_id: str, log: EventLog | None, event: Mapping[str, Any],
                               end: Mapping[str, Any]) -> None:
