@@ -4,6 +4,7 @@ inside one loopback-only network namespace shared by the module (one fake model,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -21,6 +22,7 @@ import pytest
 from agents_helpers import (
     CALLER,
     MASTER_KEY,
+    PLUGINS,
     client,
     codex_processes,
     events,
@@ -32,9 +34,10 @@ from agents_helpers import (
     wait_event,
 )
 from scillm_agent_runners.base import REPO_TOOLS
+from scillm_agents import agents_of
 
 from scillm_core.events import Event
-from scillm_core.testing import ServerThread
+from scillm_core.testing import ServerThread, make_app
 from scillm_core.testing.fake_codex import FakeCodex
 from scillm_core.testing.netns import links, loopback_only
 
@@ -763,3 +766,35 @@ def test_restart_on_the_same_data_dir_keeps_lease_handoff_and_thread(env: Env, t
     finally:
         second.stop()
     assert no_group_left([pgid]) and codex_processes(data_dir) == []
+
+
+@pytest.mark.anyio
+async def test_a_worker_leaves_no_task_behind(tmp_path: Path) -> None:
+    """Every task a worker starts for its codex app-server (its exit and idle watchers, its answers to codex) ends
+    with it, whether scillm stopped the process or it died on its own; a watcher left sleeping was destroyed with the
+    event loop ("Task was destroyed but it is pending")."""
+    app = make_app(config={"agents": {"w": {"repository": str(make_repo(tmp_path / "repo")), "model": MODEL}}},
+                   data_dir=tmp_path / "data", only=PLUGINS)
+    agents = agents_of(app.runtime)
+    worker = agents.worker("w")
+    before = asyncio.all_tasks()
+
+    def left() -> set[asyncio.Task[Any]]:
+        return {t for t in asyncio.all_tasks() - before if not t.done()}
+
+    with loopback_only():
+        await worker.ensure_running("http://127.0.0.1:9")
+        assert worker.alive and left()  # its watchers at least
+        await worker.stop("stopped by the test")
+        assert left() == set()
+        await worker.ensure_running("http://127.0.0.1:9")
+        process = worker.process
+        assert process is not None and process.pid is not None
+        os.killpg(process.pid, signal.SIGKILL)  # it dies on its own
+        await process.exited.wait()
+        while worker.process is not None:  # its exit watcher takes note
+            await asyncio.sleep(0.01)
+        assert worker.process_status()["reason"] == "codex app-server exited with code -9"
+        await agents.shutdown()  # scillm stops
+        assert left() == set()
+

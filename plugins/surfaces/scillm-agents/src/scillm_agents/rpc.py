@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import orjson
@@ -35,8 +35,12 @@ class RpcError(Exception):
 
 class RpcClient:
     def __init__(self, write: Callable[[bytes], Awaitable[None]], *, on_notification: Callable[[str, Any], None],
-                 on_request: Handler, on_noise: Callable[[bytes], None] = lambda line: None) -> None:
+                 on_request: Handler, on_noise: Callable[[bytes], None] = lambda line: None,
+                 spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]] = asyncio.ensure_future) -> None:
+        """``spawn`` starts the task that answers a server request (the owner's, so that it can await them when
+        it stops); :meth:`close` cancels those still running."""
         self._write = write
+        self._spawn = spawn
         self.on_notification, self.on_request, self.on_noise = on_notification, on_request, on_noise
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
@@ -80,7 +84,7 @@ class RpcClient:
             return
         method, msg_id = message.get("method"), message.get("id")
         if isinstance(method, str) and msg_id is not None:
-            task = asyncio.ensure_future(self._answer(msg_id, method, message.get("params") or {}))
+            task = self._spawn(self._answer(msg_id, method, message.get("params") or {}))
             self._answering.add(task)
             task.add_done_callback(self._answering.discard)
         elif isinstance(method, str):

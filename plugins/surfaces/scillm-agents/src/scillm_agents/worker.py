@@ -18,7 +18,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,8 +114,9 @@ class Worker:
         self.busy = asyncio.Lock()          # held from a turn request until its result is stored
         self.last_active = time.monotonic()
         self.stopped: dict[str, Any] | None = None   # why the last process ended
-        self._idle: asyncio.Task[None] | None = None
-        self._watcher: asyncio.Task[None] | None = None
+        #: every task the worker starts for its process (its exit and idle watchers, its answers to codex): cancelled
+        #: when the process ends, and awaited when the worker stops (:meth:`stop_locked`, also at shutdown)
+        self.tasks: set[asyncio.Task[Any]] = set()
         self.task: asyncio.Task[dict[str, Any]] | None = None   # stores the running turn's result
         self.run: Unit | None = None          # the live process, as a unit of work (events, traces)
         self.turn_run: Unit | None = None     # the running turn, a unit inside it
@@ -192,7 +193,8 @@ class Worker:
         (codex_home / "config.toml").write_text(codex_config(self.cfg.model, base_url, self.cfg.sandbox))
         self.key = self.service.keys.mint(f"agent-{self.name}", "agents", unit=self.run.unit)
         self.events.secrets.append(self.key.encode())
-        rpc = RpcClient(self._write, on_notification=self._on_notification, on_request=self._on_request)
+        rpc = RpcClient(self._write, on_notification=self._on_notification, on_request=self._on_request,
+                        spawn=self.spawn)
         process = ManagedProcess(
             f"codex app-server ({self.name})", [cli, "app-server", *CODEX_OPT_OUTS],
             env=codex_env(cli, home, codex_home, self.key), cwd=self.worktree.workdir,
@@ -205,7 +207,7 @@ class Worker:
             self.process = None
             self.service.keys.revoke(self.key)
             raise unavailable(f"worker {self.name!r}: could not start codex app-server: {exc}") from None
-        self._watcher = asyncio.ensure_future(self._watch(process, rpc))
+        self.spawn(self._watch(process, rpc))
         try:
             await rpc.request("initialize", {"clientInfo": {"name": "scillm", "title": "scillm standing agents",
                                                             "version": "1"}}, timeout=RPC_TIMEOUT_S)
@@ -217,7 +219,7 @@ class Worker:
             raise unavailable(f"worker {self.name!r}: codex app-server failed to start: {_reason(exc)}") from None
         self.stopped = None
         self.last_active = time.monotonic()
-        self._idle = asyncio.ensure_future(self._idle_watch(process))
+        self.spawn(self._idle_watch(process))
 
     async def _worktree(self, doc: Mapping[str, Any]) -> Worktree:
         stored = _stored_worktree(doc)
@@ -322,20 +324,40 @@ class Worker:
             await self.stop_locked(reason)
 
     async def stop_locked(self, reason: str) -> None:
+        """Stop the process (if it runs), then end every task the worker started: none outlives it."""
         process = self.process
-        if process is None:
-            return
-        self.stopped = {"reason": reason, "at": time.time()}
-        if self._idle is not None and self._idle is not asyncio.current_task():
-            self._idle.cancel()
-        await process.stop()
-        self._gone(process, self.rpc, reason)
+        if process is not None:
+            self.stopped = {"reason": reason, "at": time.time()}
+            await process.stop()
+            self._gone(process, self.rpc, reason)
+        await self._end_tasks()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` as one of the worker's :attr:`tasks`."""
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def _cancel_tasks(self) -> list[asyncio.Task[Any]]:
+        current = asyncio.current_task()
+        tasks = [task for task in self.tasks if task is not current]
+        for task in tasks:
+            task.cancel()
+        return tasks
+
+    async def _end_tasks(self) -> None:
+        """Cancel the worker's tasks (but the caller's own) and wait until they are gone."""
+        await asyncio.gather(*self._cancel_tasks(), return_exceptions=True)
 
     async def _watch(self, process: ManagedProcess, rpc: RpcClient) -> None:
         await process.exited.wait()
-        if self.process is process and self.stopped is None:
+        if self.process is process and self.stopped is None:  # it ended on its own: nothing else is stopping it
             self.stopped = {"reason": f"codex app-server exited with code {process.returncode}", "at": time.time(),
                             "exit_code": process.returncode}
+            self._gone(process, rpc, self.stopped["reason"])
+            self._cancel_tasks()  # its idle watcher and answers; whoever stops the worker next awaits them
+            return
         self._gone(process, rpc, (self.stopped or {}).get("reason", "exited"))
 
     def _gone(self, process: ManagedProcess, rpc: RpcClient | None, reason: str) -> None:
