@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -145,3 +146,30 @@ def test_a_finished_runs_event_log_in_the_store_expires_after_the_retention(pair
     assert 6.9 * 86400 * 1000 < left <= 7 * 86400 * 1000
     with httpx.stream("GET", f"{pair['b']}/v1/scillm/exec/{run_id}/events", headers=HEADERS, timeout=30) as tail:
         assert list(sse(tail))[-1][0] == "end"  # still there for a week
+
+
+@pytest.mark.anyio
+async def test_shutdown_with_the_store_down_leaves_no_copy_of_a_runs_events_pending(tmp_path: Path) -> None:
+    """A run that ended while Redis is down: the copy of its events keeps retrying; at shutdown it is given the
+    store's timeout, then cancelled and awaited, so no task outlives the app (the loop would destroy it pending)."""
+    import asyncio
+
+    from scillm_exec import EventLog, SharedRuns
+
+    from scillm_core.testing.services import free_port
+
+    app = make_app(data_dir=tmp_path / "data", only=["exec"], config={"state": {
+        "backend": "redis", "redis_url": f"redis://127.0.0.1:{free_port()}/0", "timeout_s": 0.2}})
+    shared = SharedRuns(app.runtime, "exec")
+    before = asyncio.all_tasks()
+    events = EventLog(tmp_path / "events.jsonl")
+    shared.drive("run-1", events, lambda: {"type": "run.end"}, lambda reason: None)
+    events.append("process.end", code=0)
+    events.close()
+    shared.release("run-1")
+    assert shared.watcher is not None
+    await shared.watcher  # nothing left to cancel: the watcher ended; the copy still waits for the store
+    assert shared.mirrors
+    await shared.stop()
+    assert {t for t in asyncio.all_tasks() - before if not t.done()} == set()
+    await app.runtime.store.close()

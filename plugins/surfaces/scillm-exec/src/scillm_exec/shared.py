@@ -133,16 +133,16 @@ class SharedRuns:
                     cancel(str(request.get("reason") or "cancelled") if request else "cancelled")
 
     async def stop(self) -> None:
-        """At shutdown, after the runs ended: their last events and end records while the store answers."""
+        """At shutdown, after the runs ended: their last events and end records while the store answers; then
+        every task of this object (a copy still retrying a store that is down, the cancel watcher) is cancelled and
+        awaited."""
         self.driving.clear()
         if self.mirrors:
-            _, late = await asyncio.wait(set(self.mirrors), timeout=self.runtime.config.state.timeout_s + 1)
-            for task in late:
-                task.cancel()
-        if self.watcher is not None:
-            self.watcher.cancel()
-            with contextlib.suppress(BaseException):
-                await self.watcher
+            await asyncio.wait(set(self.mirrors), timeout=self.runtime.config.state.timeout_s + 1)
+        tasks = [*self.mirrors, *([self.watcher] if self.watcher is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- any process -----------------------------------------------------------------------------------------------
 
