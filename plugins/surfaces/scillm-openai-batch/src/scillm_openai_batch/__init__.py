@@ -174,9 +174,9 @@ async def create_batch(request: Request) -> Response:
     if not isinstance(body, dict):
         raise errors.InvalidRequest("request body must be a JSON object", param="$")
     endpoint = body.get("endpoint")
-    if endpoint not in ENDPOINTS:
-        raise errors.InvalidRequest(f"endpoint {endpoint!r} is not served; use one of {', '.join(ENDPOINTS)} "
-                                    f"@ $.endpoint", param="$.endpoint")
+    if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:
+        raise errors.InvalidRequest(f"endpoint {errors.quote(endpoint)} is not served; use one of "
+                                    f"{', '.join(ENDPOINTS)} @ $.endpoint", param="$.endpoint")
     if body.get("completion_window") != "24h":
         raise errors.InvalidRequest("completion_window must be '24h' @ $.completion_window",
                                     param="$.completion_window")
