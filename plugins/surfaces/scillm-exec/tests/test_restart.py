@@ -4,14 +4,18 @@ free again, and the CLI's process group (which outlived the killed scillm: it ha
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from scillm_exec import group_members
 
 from scillm_core.testing import DEV_KEY, FakeOpenAI, install_fake_cli
@@ -35,6 +39,18 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rfind(b")") + 2:].split()[0] != b"Z"
+
+
+@pytest.fixture(autouse=True)
+def no_cli_left(tmp_path: Path) -> Iterator[None]:
+    """Whatever a test found, the fake CLI it started (which outlives a killed scillm by design) ends with it."""
+    yield
+    noted = tmp_path / "root" / "pids.json"
+    if noted.is_file():
+        for pid in group_members(json.loads(noted.read_text())["pgid"]):
+            with contextlib.suppress(OSError):
+                if str(tmp_path).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_a_run_going_when_scillm_is_killed_is_settled_by_the_next_scillm(tmp_path: Path) -> None:
