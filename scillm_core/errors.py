@@ -41,13 +41,16 @@ breaker's ``last_error``, the call log and the server log.
 
 from __future__ import annotations
 
+import copy
 import math
+import re
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from scillm_core.redact import redact
 
 __all__ = [
+    "Origins",
     "AuthenticationError",
     "BudgetExceeded",
     "CallerSkillRequired",
@@ -351,6 +354,72 @@ def _redacted(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_redacted(v) for v in value]
     return value
+
+
+E = TypeVar("E", bound=BaseException)
+_CHAT_PATH = re.compile(r"\$\.(messages|tools)\[(\d+)\](?:\.(content|tool_calls)\[(\d+)\])?")
+_PATH_IN_TEXT = re.compile(r"\$(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])+")
+
+
+class Origins:
+    """Where a translated request came from in the client's own body, for errors about it.
+
+    A surface that translates its dialect (Responses, Anthropic Messages) to a chat request records, as it goes, the
+    JSON path each chat message, part, tool call and tool had in the client's body, and the chat fields that have
+    another name there. An error raised about the chat request after that (by a middleware reading a file, a
+    provider translating the request, the chat model's own checks) names chat's paths, ``$.messages[3].content[1]``,
+    which is somewhere else in the body the client sent; :meth:`relocate` names the client's instead. The nearest
+    recorded ancestor is used, without the chat-shaped rest below it (an image part is ``image_url.url`` in chat and
+    ``source.data`` in Anthropic's blocks). Paths the surface named itself (``asks``) are the client's already.
+    """
+
+    __slots__ = ("asks", "fields", "messages", "tools")
+
+    def __init__(self) -> None:
+        #: per chat message: its path, then its content parts' and its tool calls' (None: not recorded)
+        self.messages: list[tuple[str, list[str] | None, list[str] | None]] = []
+        self.tools: list[str] = []  # per chat tool
+        self.fields: dict[str, str] = {}  # chat's top-level field -> the client's path ($.max_tokens -> ...)
+        self.asks: Mapping[str, str] = {}
+
+    def message(self, path: str, content: list[str] | None = None, calls: list[str] | None = None) -> None:
+        self.messages.append((path, content, calls))
+
+    def call(self, path: str) -> None:
+        """A tool call added to the last message (a Responses function_call item joins the assistant turn)."""
+        where, content, calls = self.messages[-1]
+        self.messages[-1] = (where, content, [*(calls or ()), path])
+
+    def native(self, path: str) -> str:
+        """``path`` (a chat request's) as the client's body has it."""
+        found = _CHAT_PATH.match(path)
+        if found is not None:
+            kind, index, inner, position = found.groups()
+            if kind == "tools":
+                i = int(index)
+                return self.tools[i] if i < len(self.tools) else path
+            if int(index) >= len(self.messages):
+                return path
+            where, content, calls = self.messages[int(index)]
+            paths = content if inner == "content" else calls
+            if position is not None and paths is not None and int(position) < len(paths):
+                return paths[int(position)]
+            return where
+        top = path.split(".", 2)[1].split("[", 1)[0] if path.startswith("$.") else ""
+        return self.fields.get(top, path)
+
+    def relocate(self, exc: E) -> E:
+        """``exc`` naming the client's paths (its ``param`` and each path in its message); the same object when
+        there is nothing to change."""
+        if not isinstance(exc, ScillmError) or not exc.param or exc.param in self.asks:
+            return exc
+        param = self.native(exc.param)
+        message = _PATH_IN_TEXT.sub(lambda m: self.native(m.group(0)), exc.message)
+        if param == exc.param and message == exc.message:
+            return exc
+        moved = copy.copy(exc)
+        moved.param, moved.message, moved.args = param, message, (message,)
+        return moved
 
 
 SDK_RETRY_WAIT_S = 60.0  # the longest retry-after the openai and anthropic SDKs wait out before retrying

@@ -325,6 +325,28 @@ def test_image_to_text_only_upstream_is_refused_with_path(client: anthropic.Anth
     assert len(fake.requests) == sent
 
 
+def test_errors_about_the_translated_request_name_the_clients_paths(client: anthropic.Anthropic,
+                                                                    fake: FakeOpenAI) -> None:
+    """The system prompt and tool results move things in the chat request scillm translates to (a tool result's
+    image follows in a user message); an error about that request names where the client's body has it."""
+    sent = len(fake.requests)
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": TINY_PNG_B64}}
+    turns: list[Any] = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather",
+                                           "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                      "content": [{"type": "text", "text": "sunny"}, image]},
+                                     {"type": "text", "text": "And this?"}, image]}]
+    for stream in (False, True):
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            client.messages.create(model=MODEL, max_tokens=50, system="Be brief.", tools=[WEATHER],  # type: ignore[arg-type]
+                                   messages=turns, stream=stream)
+        message = caught.value.body["error"]["message"]
+        assert "@ $.messages[2].content[0].content[1];" in message, message  # chat's $.messages[4].content[0]
+    assert len(fake.requests) == sent
+
+
 # -- stop reasons --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("finish", "stop_reason"), [("length", "max_tokens"), ("content_filter", "refusal"),

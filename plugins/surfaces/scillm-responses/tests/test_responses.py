@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread, ToolCallSpec, make_app
+from scillm_core.testing.contract import TINY_PNG_URL
 from scillm_core.testing.fake_codex import FakeCodex
 
 ONLY = ("chat", "auth", "ops", "responses", "openai-compat", "codex")
@@ -151,6 +152,30 @@ def test_errors_are_clear_4xx_naming_the_path(client: Any, upstream: FakeOpenAI)
     assert caught.value.body["param"] == "$.input[0].call_id"
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="no-such-model-xyz", input="hi")
+    assert len(upstream.requests) == sent
+
+
+def test_errors_about_the_translated_request_name_the_clients_paths(client: Any, upstream: FakeOpenAI) -> None:
+    """The instructions, joined function calls and hosted tools move things in the chat request scillm translates
+    to; an error about that request (the model's checks, a provider's) names where the client's body has it."""
+    import openai
+
+    sent = len(upstream.requests)
+    cases = [({"input": "hi", "max_output_tokens": "many"}, "$.max_output_tokens"),
+             ({"input": "hi", "tools": [{"type": "web_search"}, {**WEATHER, "parameters": 5}]}, "$.tools[1]"),
+             ({"instructions": "Be brief.", "input": [
+                 {"role": "user", "content": "Weather?"},
+                 {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+                 {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+                 {"role": "user", "content": [{"type": "input_text", "text": "And this?"},
+                                              {"type": "input_image", "image_url": TINY_PNG_URL}]}]},
+              "$.input[3].content[1]")]  # chat's $.messages[4].content[1], which a text-only upstream refuses
+    for body, where in cases:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.responses.create(model="deepseek/deepseek-chat", stream=stream, **body)
+            assert caught.value.body["param"] == where, (body, caught.value.body)
+            assert f"@ {where}" in caught.value.body["message"] and "$.messages" not in caught.value.body["message"]
     assert len(upstream.requests) == sent
 
 

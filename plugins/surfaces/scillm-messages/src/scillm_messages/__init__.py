@@ -75,9 +75,10 @@ def error_response(request: Request, exc: BaseException) -> Response:
     return json_response(body, status, headers)
 
 
-async def _parse(request: Request) -> tuple[ChatRequest, bool]:
+async def _parse(request: Request, origins: errors.Origins) -> tuple[ChatRequest, bool]:
     """The modelled request with its native form attached, and whether its first route takes it as sent (then
-    what the chat model cannot carry is left out of the model instead of refused: the upstream judges the body)."""
+    what the chat model cannot carry is left out of the model instead of refused: the upstream judges the body);
+    ``origins`` records where its parts came from."""
     runtime = runtime_of(request)
     raw = await read_body(request, limit_bytes=int(runtime.config.server.max_body_mb * 1024 * 1024))
     body = parse_json(raw)
@@ -96,16 +97,21 @@ async def _parse(request: Request) -> tuple[ChatRequest, bool]:
     provider = runtime.providers.get(route.provider)
     as_sent = provider is not None and provider.speaks(probe, route)
     anthropic = provider is not None and provider.family == "anthropic"
-    chat = fit_upstream(parse_messages_request(body, session=session, lenient=as_sent), anthropic=anthropic)
+    chat = fit_upstream(parse_messages_request(body, session=session, lenient=as_sent, origins=origins),
+                        anthropic=anthropic)
     return with_native(chat, native), as_sent
 
 
 async def messages(request: Request) -> Response:
+    origins = errors.Origins()
     try:
-        chat, as_sent = await _parse(request)
+        chat, as_sent = await _parse(request, origins)
+    except Exception as exc:
+        return error_response(request, exc)
+    try:
         ctx = call_context(request)
         if chat.stream:
-            return await _stream(chat, ctx, runtime_of(request).config.server.heartbeat_s, as_sent)
+            return await _stream(chat, ctx, runtime_of(request).config.server.heartbeat_s, as_sent, origins)
         result = await run_chat(chat, ctx)
         assert isinstance(result, ChatResponse)
         errors.ThinkingBudgetExhausted.check(result, ctx, chat.model, "empty content, stop_reason max_tokens",
@@ -113,8 +119,8 @@ async def messages(request: Request) -> Response:
         if result.native is not None:  # the upstream's own answer, as it sent it
             return Response(result.native, media_type="application/json", headers=served_headers(ctx))
         return json_response(to_messages_response(result, chat.model), headers=served_headers(ctx))
-    except Exception as exc:
-        return error_response(request, exc)
+    except Exception as exc:  # about the chat request it became: named by the client's own paths
+        return error_response(request, origins.relocate(exc))
 
 
 async def count_tokens(request: Request) -> Response:
@@ -133,20 +139,21 @@ async def count_tokens(request: Request) -> Response:
         return error_response(request, exc)
 
 
-async def _stream(chat: ChatRequest, ctx: CallContext, heartbeat_s: float, as_sent: bool) -> Response:
+async def _stream(chat: ChatRequest, ctx: CallContext, heartbeat_s: float, as_sent: bool,
+                  origins: errors.Origins) -> Response:
     """Open the upstream stream before answering, so early failures (404, 429, 401) keep their HTTP status; if the
     first chunk takes longer than ``heartbeat_s``, answer 200 and keep the stream alive: with ``message_start`` and
     ``ping`` events when translating, with SSE comments while an upstream's own stream (``as_sent``) is awaited."""
 
     opening = await open_stream(chat, ctx, heartbeat_s)
     translator = StreamTranslator(chat.model, input_estimate=estimate_input_tokens(chat))
-    return EventStreamResponse(_events(opening, translator, heartbeat_s, ctx, as_sent),
+    return EventStreamResponse(_events(opening, translator, heartbeat_s, ctx, as_sent, origins),
                              media_type="text/event-stream; charset=utf-8",
                              headers={**STREAM_HEADERS, **served_headers(ctx)})
 
 
 async def _events(opening: OpeningStream, translator: StreamTranslator, heartbeat_s: float, ctx: CallContext,
-                  as_sent: bool) -> AsyncIterator[bytes]:
+                  as_sent: bool, origins: errors.Origins) -> AsyncIterator[bytes]:
     """The stream's events; on a same-dialect route the upstream's own (the translator follows them), then (when
     scillm-resilience continued the answer with another model, ``ctx.notes["continuation"]``) the continuation's
     chunks translated, going on in the same message."""
@@ -189,7 +196,7 @@ async def _events(opening: OpeningStream, translator: StreamTranslator, heartbea
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # after the first byte: an error event, never a silent clean end
-        yield error_event(exc, request_id)
+        yield error_event(origins.relocate(exc), request_id)
     finally:
         if not opening.done():
             opening.cancel()

@@ -50,6 +50,8 @@ NATIVE_FIELDS = ("thinking", "top_k", "metadata", "output_config", "service_tier
 #: translation to another provider is refused naming them: ``scillm_core.models.params``). The others are hints
 #: (``top_k``, ``service_tier``, ``metadata``, ``context_management``) or mapped (``thinking``, ``output_config``).
 ASKS = {"mcp_servers": "mcp_servers", "container": "server_tools"}
+#: chat request fields -> where a Messages body has them (errors about the chat request name the client's path)
+FIELD_ORIGINS = {"stop": "$.stop_sequences", "reasoning_effort": "$.thinking", "parallel_tool_calls": "$.tool_choice"}
 USER_BLOCKS = ("text", "image", "document", "tool_result")
 ASSISTANT_BLOCKS = ("text", "tool_use", "thinking", "redacted_thinking")
 
@@ -92,7 +94,8 @@ def _number(body: Mapping[str, Any], key: str, low: float, high: float | None = 
     return float(value)
 
 
-def parse_messages_request(body: Any, *, session: str | None = None, lenient: bool = False) -> ChatRequest:
+def parse_messages_request(body: Any, *, session: str | None = None, lenient: bool = False,
+                           origins: errors.Origins | None = None) -> ChatRequest:
     """Validate an Anthropic Messages body and translate it to a :class:`ChatRequest`.
 
     Unknown top-level keys (new betas) are ignored; Anthropic's own fields (:data:`NATIVE_FIELDS`) reach
@@ -102,8 +105,10 @@ def parse_messages_request(body: Any, *, session: str | None = None, lenient: bo
     history are carried as the assistant message's ``thinking_blocks``; ``cache_control`` markers ride on the
     parts, tools and messages they mark. ``lenient`` (the body goes to an Anthropic upstream as sent): what the
     chat model cannot carry (block types it does not know) is left out of the model instead of refused, since the
-    upstream judges the body itself. ``session`` names the agent session (``scillm["session"]``).
+    upstream judges the body itself. ``session`` names the agent session (``scillm["session"]``). ``origins``
+    records where the chat request's parts came from, for errors about it (:class:`~scillm_core.errors.Origins`).
     """
+    origins = origins if origins is not None else errors.Origins()
     if not isinstance(body, dict):
         raise _bad("request body must be a JSON object", "$")
     model = body.get("model")
@@ -127,6 +132,7 @@ def parse_messages_request(body: Any, *, session: str | None = None, lenient: bo
         content = _system(system)
         if content:
             messages.append(Message(role="system", content=content))
+            origins.message("$.system")
     raw_messages = body.get("messages")
     if raw_messages is None:
         raise _bad("messages is required", "$.messages")
@@ -134,10 +140,13 @@ def parse_messages_request(body: Any, *, session: str | None = None, lenient: bo
     if not raw_messages:
         raise _bad("messages must not be empty", "$.messages")
     asks = {f"$.{key}": capability for key, capability in ASKS.items() if body.get(key)}
+    origins.asks = asks
     for i, raw in enumerate(raw_messages):
-        messages.extend(_message(raw, f"$.messages[{i}]", asks, lenient))
+        messages.extend(_message(raw, f"$.messages[{i}]", asks, origins, lenient))
 
-    tools, server_tools = _tools(body.get("tools"), asks)
+    tools, server_tools = _tools(body.get("tools"), asks, origins)
+    origins.fields.update(FIELD_ORIGINS, response_format="$.output_config" if body.get("output_config")
+                          else "$.output_format")
     tool_choice, parallel = _tool_choice(body.get("tool_choice"), lenient)
     stop = body.get("stop_sequences")
     if stop is not None:
@@ -158,16 +167,19 @@ def parse_messages_request(body: Any, *, session: str | None = None, lenient: bo
         scillm["asks"] = asks
     if session:
         scillm["session"] = session
-    return ChatRequest(
-        model=model, messages=tuple(messages), stream=bool(stream),
-        stream_options={"include_usage": True} if stream else None,
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-        stop=tuple(stop) if stop else None,
-        tools=tuple(tools) or None, tool_choice=tool_choice if tools else None,
-        parallel_tool_calls=parallel if tools else None,
-        reasoning_effort=_reasoning_effort(body.get("thinking"), body.get("output_config"), max_tokens, lenient),
-        response_format=_response_format(body.get("output_config") or body.get("output_format")),
-        scillm=scillm)
+    effort = _reasoning_effort(body.get("thinking"), body.get("output_config"), max_tokens, lenient)
+    response_format = _response_format(body.get("output_config") or body.get("output_format"))
+    try:  # the model's own checks name chat's paths
+        return ChatRequest(
+            model=model, messages=tuple(messages), stream=bool(stream),
+            stream_options={"include_usage": True} if stream else None,
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            stop=tuple(stop) if stop else None,
+            tools=tuple(tools) or None, tool_choice=tool_choice if tools else None,
+            parallel_tool_calls=parallel if tools else None,
+            reasoning_effort=effort, response_format=response_format, scillm=scillm)
+    except errors.ScillmError as exc:
+        raise origins.relocate(exc) from None
 
 
 def _cache_control(block: Mapping[str, Any], path: str) -> Mapping[str, Any] | None:
@@ -193,7 +205,8 @@ def _system(system: Any) -> str | tuple[TextPart, ...]:
     return "\n\n".join(p.text for p in parts if p.text)
 
 
-def _message(raw: Any, path: str, asks: dict[str, str], lenient: bool = False) -> list[Message]:
+def _message(raw: Any, path: str, asks: dict[str, str], origins: errors.Origins, lenient: bool = False
+             ) -> list[Message]:
     _expect(raw, dict, "a message object", path)
     role = raw.get("role")
     if role not in ("user", "assistant"):
@@ -201,6 +214,7 @@ def _message(raw: Any, path: str, asks: dict[str, str], lenient: bool = False) -
                    f"{path}.role")
     content = raw.get("content")
     if isinstance(content, str):
+        origins.message(path)
         return [Message(role=role, content=content)]
     if content is None:
         raise _bad("content is required (a string or an array of content blocks)", f"{path}.content")
@@ -219,7 +233,7 @@ def _message(raw: Any, path: str, asks: dict[str, str], lenient: bool = False) -
             raise _bad(f"content block type {kind!r} is not supported in a {role} message here (supported: "
                        f"{', '.join(allowed)})", f"{bpath}.type")
         blocks.append((kind, block, bpath))
-    return _user(blocks, asks, lenient) if role == "user" else _assistant(blocks, asks)
+    return _user(blocks, asks, path, origins, lenient) if role == "user" else _assistant(blocks, asks, path, origins)
 
 
 def _cites(block: Mapping[str, Any], path: str, asks: dict[str, str]) -> bool:
@@ -247,12 +261,13 @@ def _cited_text(blocks: list[tuple[str, dict[str, Any], str]]) -> tuple[TextPart
                  else TextPart(text=block["text"]) for kind, block, _ in blocks if kind == "text")
 
 
-def _user(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, str], lenient: bool = False
-          ) -> list[Message]:
+def _user(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, str], where: str,
+          origins: errors.Origins, lenient: bool = False) -> list[Message]:
     """Tool results become ``role: tool`` messages (first, in order); the rest one user message after them.
     Images inside tool results follow in a user message, since chat-completions tool messages carry text only."""
     out: list[Message] = []
     parts: list[Any] = []
+    paths: list[str] = []  # each part's
     for kind, block, path in blocks:
         if kind == "tool_result":
             text, images = _tool_result(block, path, asks, lenient)
@@ -262,19 +277,26 @@ def _user(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, str], l
             if isinstance(text, tuple) and block.get("is_error") is True:
                 extra["is_error"] = True
             out.append(Message(role="tool", tool_call_id=tool_id, content=text, extra=extra))
-            parts.extend(images)
-        elif kind == "other":  # e.g. a search_result, which may ask for citations too
+            origins.message(path)
+            for image, image_path in images:
+                parts.append(image)
+                paths.append(image_path)
+            continue
+        if kind == "other":  # e.g. a search_result, which may ask for citations too
             if "citations" in block:
                 _cites(block, path, asks)
             parts.append(_as_is(block))
         else:
             parts.append(_part(kind, block, path, asks))
+        paths.append(path)
     if parts:
         if all(isinstance(p, TextPart) and p.cache_control is None for p in parts):
             out.append(Message(role="user", content="\n\n".join(p.text for p in parts) if len(parts) > 1
                                else parts[0].text))
+            origins.message(where)
         else:
             out.append(Message(role="user", content=tuple(parts)))
+            origins.message(where, paths)
     return out
 
 
@@ -329,13 +351,13 @@ def _bare_part(kind: str, block: Mapping[str, Any], path: str) -> Any:
 
 
 def _tool_result(block: Mapping[str, Any], path: str, asks: dict[str, str], lenient: bool = False
-                 ) -> tuple[str | tuple[TextPart | OtherPart, ...], list[Any]]:
-    """A tool result's text, and its images and documents (they follow in a user message). Its blocks ask for
-    citations as at the top of a message (:func:`_cites`); text that cites is kept as parts, the cited blocks as
-    they came, which only Anthropic upstreams get (every other route refuses the ask)."""
+                 ) -> tuple[str | tuple[TextPart | OtherPart, ...], list[tuple[Any, str]]]:
+    """A tool result's text, and its images and documents with their paths (they follow in a user message). Its
+    blocks ask for citations as at the top of a message (:func:`_cites`); text that cites is kept as parts, the
+    cited blocks as they came, which only Anthropic upstreams get (every other route refuses the ask)."""
     content = block.get("content")
     texts: list[TextPart | OtherPart] = []
-    images: list[Any] = []
+    images: list[tuple[Any, str]] = []
     if isinstance(content, str):
         texts.append(TextPart(text=content))
     elif isinstance(content, list):
@@ -347,7 +369,7 @@ def _tool_result(block: Mapping[str, Any], path: str, asks: dict[str, str], leni
                 text = TextPart(text=_expect(inner.get("text"), str, "a string", f"{ipath}.text"))
                 texts.append(_as_is(inner) if "citations" in inner and _cites(inner, ipath, asks) else text)
             elif kind in ("image", "document"):
-                images.append(_part(kind, inner, ipath, asks))
+                images.append((_part(kind, inner, ipath, asks), ipath))
             elif not lenient:
                 raise _bad(f"tool_result content blocks must be text, image or document, got {kind!r}",
                            f"{ipath}.type")
@@ -366,7 +388,8 @@ def _tool_result(block: Mapping[str, Any], path: str, asks: dict[str, str], leni
     return text, images
 
 
-def _assistant(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, str]) -> list[Message]:
+def _assistant(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, str], where: str,
+               origins: errors.Origins) -> list[Message]:
     texts: list[str] = []
     cites = False
     calls: list[ToolCall] = []
@@ -399,6 +422,8 @@ def _assistant(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, st
     extra: dict[str, Any] = {"thinking_blocks": thinking} if thinking else {}
     if marker:
         extra["cache_control"] = marker  # the turn's marker: it goes on the turn's last block again
+    origins.message(where, [path for kind, _, path in blocks if kind == "text"] if cites else None,
+                    [path for kind, _, path in blocks if kind == "tool_use"])
     return [Message(role="assistant", content=content, tool_calls=tuple(calls) or None, extra=extra)]
 
 
@@ -438,7 +463,7 @@ def _plain(message: Message) -> Message:
     return attrs.evolve(message, content=content, extra=extra)
 
 
-def _tools(raw: Any, asks: dict[str, str]) -> tuple[list[Tool], list[dict[str, Any]]]:
+def _tools(raw: Any, asks: dict[str, str], origins: errors.Origins) -> tuple[list[Tool], list[dict[str, Any]]]:
     """The client tools, and the tools of Anthropic's own types (server tools such as ``web_search_20250305``,
     and the tools it defines, such as ``bash_20250124``), which only Anthropic delivers: each is added to ``asks``
     and goes to Anthropic upstreams as it came (``anthropic_native["server_tools"]``)."""
@@ -467,6 +492,7 @@ def _tools(raw: Any, asks: dict[str, str]) -> tuple[list[Tool], list[dict[str, A
             _expect(description, str, "a string", f"{path}.description")
         tools.append(Tool(function=FunctionDef(name=name, description=description, parameters=schema),
                           cache_control=_cache_control(tool, path)))
+        origins.tools.append(path)
     return tools, server_tools
 
 

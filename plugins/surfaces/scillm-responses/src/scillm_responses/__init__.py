@@ -56,12 +56,21 @@ async def create_response(request: Request) -> Response:
     runtime = runtime_of(request)
     raw = await read_body(request, limit_bytes=int(runtime.config.server.max_body_mb * 1024 * 1024))
     body = parse_json(raw)
-    chat, echo = parse_request(body, session=session_of(request.headers, body))
+    origins = errors.Origins()
+    chat, echo = parse_request(body, session=session_of(request.headers, body), origins=origins)
     if runtime.config.server.passthrough:
         with_native(chat, native_request("openai-responses", body, raw, request.headers, taken=EXTENSION_FIELDS))
     ctx = call_context(request, timeout_s=chat.scillm.get("timeout"))
+    try:
+        return await _respond(chat, echo, ctx, runtime.config.server.heartbeat_s, origins)
+    except errors.ScillmError as exc:  # about the chat request it became: named by the client's own paths
+        raise origins.relocate(exc) from None
+
+
+async def _respond(chat: ChatRequest, echo: Mapping[str, Any], ctx: CallContext, heartbeat_s: float,
+                   origins: errors.Origins) -> Response:
     if chat.stream:
-        return await _stream(chat, echo, ctx, runtime.config.server.heartbeat_s)
+        return await _stream(chat, echo, ctx, heartbeat_s, origins)
     result = await run_chat(chat, ctx)
     assert isinstance(result, ChatResponse)
     errors.ThinkingBudgetExhausted.check(result, ctx, chat.model, "empty output, max_output_tokens reached",
@@ -75,16 +84,17 @@ async def create_response(request: Request) -> Response:
     return json_response(payload, headers=served_headers(ctx))
 
 
-async def _stream(chat: ChatRequest, echo: Mapping[str, Any], ctx: CallContext, heartbeat_s: float) -> Response:
+async def _stream(chat: ChatRequest, echo: Mapping[str, Any], ctx: CallContext, heartbeat_s: float,
+                  origins: errors.Origins) -> Response:
     """Open the stream before answering, so early failures keep their HTTP status; heartbeats while waiting."""
 
     opening = await open_stream(chat, ctx, heartbeat_s)
-    return EventStreamResponse(_events(opening, EventStream(chat.model, echo), heartbeat_s, ctx.notes),
+    return EventStreamResponse(_events(opening, EventStream(chat.model, echo), heartbeat_s, ctx.notes, origins),
                              media_type="text/event-stream", headers={**STREAM_HEADERS, **served_headers(ctx)})
 
 
-async def _events(opening: OpeningStream, events: EventStream, heartbeat_s: float,
-                  notes: dict[str, Any]) -> AsyncIterator[bytes]:
+async def _events(opening: OpeningStream, events: EventStream, heartbeat_s: float, notes: dict[str, Any],
+                  origins: errors.Origins) -> AsyncIterator[bytes]:
     """The stream's events; on a same-dialect route the upstream's own (``events`` follows them), then (when
     scillm-resilience continued the answer with another model, ``notes["continuation"]``) the continuation's
     chunks translated, going on in the same response."""
@@ -129,7 +139,7 @@ async def _events(opening: OpeningStream, events: EventStream, heartbeat_s: floa
         if not started:
             for event in events.start():
                 yield event
-        for event in events.fail(exc):
+        for event in events.fail(origins.relocate(exc)):
             yield event
     finally:
         if not opening.done():

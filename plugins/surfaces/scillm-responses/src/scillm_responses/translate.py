@@ -34,6 +34,9 @@ LOGPROBS = "message.output_text.logprobs"
 #: its ``prompt_cache_key``). ``prompt_cache_key`` also names the session for affinity (``session_of``).
 CHAT_FIELDS = ("prompt_cache_key", "safety_identifier", "user")
 STATEFUL_FIELDS = ("previous_response_id", "conversation")
+#: chat request fields -> where a Responses body has them (errors about the chat request name the client's path)
+FIELD_ORIGINS = {"messages": "$.input", "max_tokens": "$.max_output_tokens", "response_format": "$.text.format",
+                 "reasoning_effort": "$.reasoning.effort"}
 #: ``tool_choice`` types that are no hosted tool -> the capability they ask for (none a translated route has)
 CHOICES = {"custom": "custom_tools", "allowed_tools": "allowed_tools"}
 
@@ -106,7 +109,7 @@ def _output_text(output: Any, path: str) -> str:
     raise _bad(f"expected string or array of parts, got {json_type(output)}", path)
 
 
-def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _messages(body: Mapping[str, Any], origins: errors.Origins) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     instructions = body.get("instructions")
     if instructions is not None:
@@ -114,11 +117,13 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
             raise _bad(f"expected string, got {json_type(instructions)}", "$.instructions")
         if instructions:
             messages.append({"role": "system", "content": instructions})
+            origins.message("$.instructions")
     raw = body.get("input")
     if raw is None:
         raise _bad("input is required (a string or an array of input items)", "$.input")
     if isinstance(raw, str):
         messages.append({"role": "user", "content": raw})
+        origins.message("$.input")
         return messages
     if not isinstance(raw, list):
         raise _bad(f"expected string or array of items, got {json_type(raw)}", "$.input")
@@ -134,6 +139,8 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
             content = _content(item.get("content"), f"{path}.content", text_only=role != "user")
             # developer is the Responses name for system; many chat upstreams know only system
             messages.append({"role": "system" if role == "developer" else role, "content": content})
+            origins.message(path, [f"{path}.content[{j}]" for j in range(len(content))]
+                            if isinstance(content, list) else None)
         elif kind in ("function_call", "custom_tool_call"):
             call_id = _text_of(item.get("call_id"), f"{path}.call_id")
             name = _text_of(item.get("name"), f"{path}.name")
@@ -145,14 +152,17 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)
+                origins.call(path)
                 if last.get("content") == "":
                     last["content"] = None
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                origins.message(path, None, [path])
         elif kind in ("function_call_output", "custom_tool_call_output"):
             call_id = _text_of(item.get("call_id"), f"{path}.call_id")
             output = _output_text(item.get("output", ""), f"{path}.output")
             messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
+            origins.message(path)
         elif kind == "reasoning":
             continue  # reasoning items are the model's own state; chat upstreams cannot take them back
         elif kind == "item_reference":
@@ -164,7 +174,8 @@ def _messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def _tools(raw: Any, asks: dict[str, str]) -> tuple[list[dict[str, Any]] | None, dict[str, Any] | None]:
+def _tools(raw: Any, asks: dict[str, str], origins: errors.Origins
+           ) -> tuple[list[dict[str, Any]] | None, dict[str, Any] | None]:
     """The function tools, and chat's ``web_search_options`` for a web search tool. A hosted tool is something the
     client asks for: its path goes in ``asks`` (``scillm_core.models.params``), so a route that cannot run it
     answers 400 instead of answering without it. A web search is chat's ``web_search`` (OpenAI-compatible
@@ -187,11 +198,13 @@ def _tools(raw: Any, asks: dict[str, str]) -> tuple[list[dict[str, Any]] | None,
             if kind.startswith("web_search"):  # web_search, web_search_preview, and their dated versions
                 search = _web_search_options(tool)
                 asks[path] = "web_search"
+                origins.fields["web_search_options"] = path
             elif kind == "custom":  # free-form input (Codex's apply_patch grammar): chat tools take JSON only
                 asks[path] = "custom_tools"
             else:
                 asks[path] = HOSTED + kind
             continue
+        origins.tools.append(path)
         if isinstance(tool.get("function"), dict):  # chat-style nesting: accept it too
             tools.append({"type": "function", "function": tool["function"]})
             continue
@@ -279,9 +292,13 @@ def _logprobs_asked(body: Mapping[str, Any], chat: dict[str, Any], asks: dict[st
     asks[path] = "logprobs"
 
 
-def parse_request(body: Any, *, session: str | None = None) -> tuple[ChatRequest, dict[str, Any]]:
+def parse_request(body: Any, *, session: str | None = None, origins: errors.Origins | None = None
+                  ) -> tuple[ChatRequest, dict[str, Any]]:
     """``(chat request, echo)``; ``echo`` holds the request fields a Response object repeats. ``session`` names
-    the agent session (``scillm["session"]``)."""
+    the agent session (``scillm["session"]``); ``origins`` records where the chat request's parts came from, for
+    errors about it (:class:`~scillm_core.errors.Origins`)."""
+    origins = origins if origins is not None else errors.Origins()
+    origins.fields.update(FIELD_ORIGINS)
     if not isinstance(body, dict):
         raise _bad("request body must be a JSON object", "$")
     for key in STATEFUL_FIELDS:
@@ -300,12 +317,13 @@ def parse_request(body: Any, *, session: str | None = None) -> tuple[ChatRequest
     stream = body.get("stream", False)
     if not isinstance(stream, bool | type(None)):
         raise _bad(f"expected boolean, got {json_type(stream)}", "$.stream")
-    chat: dict[str, Any] = {"model": model, "messages": _messages(body), "stream": bool(stream),
+    chat: dict[str, Any] = {"model": model, "messages": _messages(body, origins), "stream": bool(stream),
                             "scillm": extensions}
     if stream:
         chat["stream_options"] = {"include_usage": True}
     asks: dict[str, str] = {}  # what the client asks for, by JSON path: deliverable or a 400 (core's dispatch)
-    tools, search = _tools(body.get("tools"), asks)
+    origins.asks = asks
+    tools, search = _tools(body.get("tools"), asks, origins)
     if search is not None:
         chat["web_search_options"] = search
     choice = _tool_choice(body.get("tool_choice"), asks)
@@ -334,7 +352,10 @@ def parse_request(body: Any, *, session: str | None = None) -> tuple[ChatRequest
     response_format = _response_format(body.get("text"))
     if response_format is not None:
         chat["response_format"] = response_format
-    request = structure(chat, ChatRequest)
+    try:
+        request = structure(chat, ChatRequest)
+    except errors.ScillmError as exc:
+        raise origins.relocate(exc) from None
     echo = {"instructions": body.get("instructions"), "tools": body.get("tools") or [],
             "tool_choice": body.get("tool_choice") or "auto",
             "parallel_tool_calls": body.get("parallel_tool_calls", True),
