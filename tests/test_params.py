@@ -29,11 +29,11 @@ GROUPS = {"claude-then-gpt": {"models": [CLAUDE, GPT]},
           "deepseek-then-claude": {"models": ["deepseek/deepseek-chat", CLAUDE]},
           "gemini-then-claude": {"models": ["gemini/gemini-2.5-flash", CLAUDE]}}
 HI = [{"role": "user", "content": "hi"}]
-#: a model of each translated provider (none of them delivers audio or a web search; Ollama delivers logprobs)
+#: a model of each translated provider (none of them delivers audio; Ollama delivers logprobs)
 TRANSLATED = [CLAUDE, "gemini/gemini-2.5-flash", "qwen3:8b", "opencode-go/minimax-m2.7", "codex/gpt-5.1"]
 #: what a translated provider delivers: left out of the refusals
 DELIVERED = {("gemini/gemini-2.5-flash", "n"), ("qwen3:8b", "logprobs"), ("qwen3:8b", "top_logprobs"),
-             (CLAUDE, "web_search_options")}
+             (CLAUDE, "web_search_options"), ("gemini/gemini-2.5-flash", "web_search_options")}
 #: parameter -> value that asks for something in the answer
 ASKING: dict[str, Any] = {"logprobs": True, "top_logprobs": 2, "modalities": ["text", "audio"],
                           "audio": {"voice": "alloy", "format": "wav"}, "web_search_options": {},
@@ -323,13 +323,40 @@ def test_chat_web_search_options_are_anthropic_s_web_search_tool(client: openai.
     assert fakes.claude.last.body["tools"] == [{"type": "web_search_20250305", "name": "web_search"}]
 
 
-@pytest.mark.parametrize("model", ["gemini/gemini-2.5-flash", "qwen3:8b"])
-def test_responses_web_search_is_refused_where_the_route_has_none(client: openai.OpenAI, fakes: Fakes,
-                                                                  model: str) -> None:
+def test_responses_web_search_is_refused_where_the_route_has_none(client: openai.OpenAI, fakes: Fakes) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        client.responses.create(model=model, input="news?", tools=[FUNCTION, WEB_SEARCH])  # type: ignore[list-item]
-    _refused(caught.value, "tools[1]", model.split("/")[0] if "/" in model else "ollama")
+        client.responses.create(model="qwen3:8b", input="news?", tools=[FUNCTION, WEB_SEARCH])  # type: ignore
+    _refused(caught.value, "tools[1]", "ollama")
     assert "a web search" in caught.value.message
+    assert fakes.received() == 0
+
+
+def test_web_search_is_gemini_s_google_search(client: openai.OpenAI, fakes: Fakes) -> None:
+    """Gemini's native API searches with its ``googleSearch`` tool (beside the function declarations), asked by
+    chat's ``web_search_options`` or a Responses web search tool; its place and context size are hints it has no
+    field for."""
+    place = {"type": "approximate", "approximate": {"city": "Paris", "country": "FR"}}
+    client.chat.completions.create(model="gemini/gemini-2.5-flash", messages=HI, extra_body={
+        "web_search_options": {"search_context_size": "high", "user_location": place}})
+    assert fakes.gemini.last.body["tools"] == [{"googleSearch": {}}]
+    response = client.responses.create(model="gemini/gemini-2.5-flash", input="news?", tools=[  # type: ignore
+        FUNCTION, {"type": "web_search", "user_location": WEB_SEARCH["user_location"]}])
+    assert response.output_text
+    assert fakes.gemini.last.body["tools"] == [{"functionDeclarations": [{
+        "name": "get_time", "parametersJsonSchema": {"type": "object", "properties": {}}}]}, {"googleSearch": {}}]
+
+
+def test_gemini_refuses_a_web_search_restricted_to_some_domains(client: openai.OpenAI, fakes: Fakes) -> None:
+    """Its Google Search takes no domain filter: a 400 naming the client's own field, not an answer from
+    anywhere; a group goes on to a member that can (``test_responses_group_skips_...``)."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="gemini/gemini-2.5-flash", input="news?",
+                                tools=[FUNCTION, WEB_SEARCH])  # type: ignore[list-item]
+    _refused(caught.value, "tools[1].filters.allowed_domains", "gemini")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="gemini/gemini-2.5-flash", messages=HI, extra_body={
+            "web_search_options": {"filters": {"allowed_domains": ["example.org"]}}})
+    _refused(caught.value, "web_search_options.filters.allowed_domains", "gemini")
     assert fakes.received() == 0
 
 
@@ -384,12 +411,23 @@ def test_responses_tool_choice_the_chat_model_cannot_say_is_refused(client: open
     assert [r for r in fakes.codex.requests if r.method == "POST"][-1].body["tool_choice"] == choice
 
 
-def test_responses_group_skips_a_member_without_web_search(client: openai.OpenAI, fakes: Fakes) -> None:
+def test_responses_group_skips_a_member_that_cannot_search_as_asked(client: openai.OpenAI, fakes: Fakes) -> None:
     raw = client.responses.with_raw_response.create(model="gemini-then-claude", input="news?",
                                                     tools=[WEB_SEARCH])  # type: ignore[list-item]
     assert raw.headers["x-scillm-provider"] == "anthropic"
-    assert fakes.gemini.requests == []
+    assert fakes.gemini.requests == []  # its Google Search cannot keep to the allowed domains
     assert fakes.claude.last.body["tools"][0]["type"] == "web_search_20250305"
+
+
+def test_responses_fallback_that_cannot_search_as_asked_is_not_called(client: openai.OpenAI, fakes: Fakes) -> None:
+    fakes.claude.script(Reply.fail(529, "Overloaded", type="overloaded_error"))
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.responses.create(model="claude-then-gemini", input="news?", tools=[WEB_SEARCH])  # type: ignore
+    assert caught.value.status_code == 503 and "anthropic" in caught.value.message  # not Gemini's refusal
+    tried = caught.value.body["details"]["tried"] if "details" in (caught.value.body or {}) else \
+        caught.value.body["error"]["details"]["tried"]
+    assert [t["error"] for t in tried] == [tried[0]["error"], "unsupported_parameter"]
+    assert fakes.gemini.requests == []
 
 
 def test_responses_group_where_no_member_runs_the_hosted_tool_names_the_first(client: openai.OpenAI,

@@ -38,6 +38,11 @@ from scillm_core.testing.replies import Reply, fake_vector
 
 __all__ = ["FakeGemini"]
 
+#: the fields of a ``Tool`` (proto JSON takes either spelling)
+_TOOLS = frozenset({"functionDeclarations", "function_declarations", "googleSearch", "google_search",
+                    "googleSearchRetrieval", "google_search_retrieval", "codeExecution", "code_execution",
+                    "urlContext", "url_context"})
+
 _STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
            409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 _FINISH = {"stop": "STOP", "tool_calls": "STOP", "length": "MAX_TOKENS", "content_filter": "SAFETY"}
@@ -110,6 +115,11 @@ class FakeGemini(FakeUpstream):
             return problem
         if not isinstance(body, dict) or not isinstance(body.get("contents"), list) or not body["contents"]:
             return 400, google_error(400, "* GenerateContentRequest.contents: contents is not specified")
+        for t, tool in enumerate(body.get("tools") or ()):
+            unknown = next((name for name in tool if name not in _TOOLS), None) if isinstance(tool, dict) else "?"
+            if unknown is not None:
+                return 400, google_error(400, f"Invalid JSON payload received. Unknown name \"{unknown}\" at "
+                                              f"'tools[{t}]': Cannot find field.")
         strict = self.strict_signatures if self.strict_signatures is not None else model.startswith("gemini-3")
         for c, content in enumerate(body["contents"]):
             if content.get("role") not in ("user", "model"):

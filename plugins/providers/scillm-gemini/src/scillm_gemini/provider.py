@@ -117,7 +117,8 @@ class GeminiProvider(Provider):
     aliases = {"text-gemini": "gemini-2.5-flash"}
     rule_order = 40
     capabilities = frozenset({"streaming", "tools", "images", "pdf", "audio", "json_mode", "json_schema",
-                              "reasoning", "embeddings", "choices"})  # choices: n is candidateCount
+                              "reasoning", "embeddings", "choices",  # choices: n is candidateCount
+                              "web_search"})  # web_search: its Google Search tool
     models = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.5-flash-lite", "gemini-3-flash-preview",
               "gemini-3-pro-preview", "gemini-embedding-001")
 

@@ -304,10 +304,30 @@ async def build_body(request: ChatRequest, model: str, fetch: Fetch) -> dict[str
         tool_config = _tool_config(request.tool_choice)
         if tool_config:
             body["toolConfig"] = tool_config
+    if request.extra.get("web_search_options") is not None:
+        body["tools"] = [*body.get("tools", ()), _google_search(request, model)]
     config = _generation_config(request, model)
     if config:
         body["generationConfig"] = config
     return body
+
+
+def _google_search(request: ChatRequest, model: str) -> dict[str, Any]:
+    """Chat's ``web_search_options`` (a Responses web search tool's) as Gemini's Google Search tool, which takes no
+    options: ``search_context_size`` and ``user_location`` are hints it goes without; ``filters.allowed_domains``
+    restricts the sources, which it cannot, so it is a 400 (fallbacks are tried) naming the client's own field."""
+    options = request.extra["web_search_options"]
+    filters = options.get("filters") if isinstance(options, Mapping) else None
+    if isinstance(filters, Mapping) and filters.get("allowed_domains"):
+        asks: Mapping[str, str] = request.scillm.get("asks") or {}
+        tool = next((path for path, capability in asks.items() if capability == "web_search"), None)
+        where = f"{tool or '$.web_search_options'}.filters.allowed_domains"
+        raise errors.UnsupportedParameter(
+            f"{where[2:]} asks for a web search of some domains only, which provider 'gemini' cannot deliver for "
+            f"model {model!r} (its Google Search takes no filters); remove it or route to a model that has it "
+            f"@ {where}", param=where,
+            details={"error_code": "unsupported_parameter", "provider": "gemini", "model": model})
+    return {"googleSearch": {}}
 
 
 # -- response --------------------------------------------------------------------------------------------------------
