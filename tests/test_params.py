@@ -761,3 +761,77 @@ def test_responses_carry_annotations_onto_output_text() -> None:
     added = events["response.output_text.annotation.added"]
     assert (added["annotation_index"], added["annotation"]) == (0, ANNOTATION)
     assert events["response.completed"]["response"]["output"][0]["content"][0]["annotations"] == [ANNOTATION]
+
+
+# -- web search citations ------------------------------------------------------------------------------------------
+
+WEB_CITATION = {"type": "web_search_result_location", "url": "https://example.org/sky",
+                "title": "Why is the sky blue?", "cited_text": "Sunlight is scattered by the air, blue light most.",
+                "encrypted_index": "Eo8BCioIAhgBIiQy"}
+SEARCHED = Reply.cite(("In short, ", ()), ("the air scatters blue light most", (WEB_CITATION,)), (".", ()))
+#: OpenAI's url_citation of the cited span (Anthropic's cited_text and encrypted_index beside its fields)
+URL_CITATION = {"url": "https://example.org/sky", "title": "Why is the sky blue?", "start_index": 10,
+                "end_index": 42, "cited_text": WEB_CITATION["cited_text"], "encrypted_index": "Eo8BCioIAhgBIiQy"}
+
+
+def test_chat_web_search_on_anthropic_answers_url_citations(client: openai.OpenAI, fakes: Fakes) -> None:
+    """Anthropic's web search citations come back as OpenAI's ``url_citation`` annotations locating the cited text
+    in the content (streamed: a ``delta.annotations`` chunk when the cited text ends); the server tool's own blocks
+    are not part of a chat answer."""
+    fakes.claude.script(SEARCHED)
+    completion = client.chat.completions.create(model=CLAUDE, messages=HI, extra_body={"web_search_options": {}})
+    assert fakes.claude.last.body["tools"] == [{"type": "web_search_20250305", "name": "web_search"}]
+    message = completion.choices[0].message
+    assert message.content == SEARCHED.text
+    [note] = message.annotations or ()
+    assert note.type == "url_citation"
+    assert note.url_citation.model_dump() == URL_CITATION
+    assert message.content[note.url_citation.start_index:note.url_citation.end_index] == \
+        "the air scatters blue light most"
+    fakes.claude.script(SEARCHED)
+    chunks = list(client.chat.completions.create(model=CLAUDE, messages=HI, stream=True,
+                                                 extra_body={"web_search_options": {}}))
+    streamed = [note for c in chunks if c.choices for note in (c.choices[0].delta.model_extra or {}).get(
+        "annotations", ())]
+    assert streamed == [{"type": "url_citation", "url_citation": URL_CITATION}]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == SEARCHED.text
+
+
+def test_responses_web_search_on_anthropic_answers_url_citations(client: openai.OpenAI, fakes: Fakes) -> None:
+    """On ``/v1/responses`` a url_citation is flat (``output_text.annotations``; streamed, an
+    ``annotation.added`` event)."""
+    fakes.claude.script(SEARCHED)
+    response = client.responses.create(model=CLAUDE, input="Why is the sky blue?", tools=[{"type": "web_search"}])
+    [note] = response.output[0].content[0].annotations  # type: ignore[union-attr]
+    assert note.type == "url_citation"
+    assert (note.url, note.title, note.start_index, note.end_index) == (  # type: ignore[union-attr]
+        URL_CITATION["url"], URL_CITATION["title"], 10, 42)
+    fakes.claude.script(SEARCHED)
+    events = list(client.responses.create(model=CLAUDE, input="Why is the sky blue?", stream=True,
+                                          tools=[{"type": "web_search"}]))
+    [added] = [e for e in events if e.type == "response.output_text.annotation.added"]
+    assert added.annotation.model_dump() == {"type": "url_citation", **URL_CITATION}  # type: ignore[union-attr]
+    final = events[-1].response  # type: ignore[union-attr]
+    assert final.output[0].content[0].annotations[0].model_dump() == {"type": "url_citation", **URL_CITATION}
+
+
+def test_messages_web_search_citations_translated_for_anthropic(fakes: Fakes, tmp_path: Path) -> None:
+    """``[server] passthrough = false``: a ``/v1/messages`` client's web search answer keeps Anthropic's citations
+    on its text blocks, streamed or not (the url_citation in between loses nothing)."""
+    env = {"ANTHROPIC_API_KEY": "sk-ant-params-0123456789abcdef", "ANTHROPIC_API_BASE": fakes.claude.base_url}
+    app = make_app(env=env, config={"server": {"passthrough": False}}, data_dir=tmp_path,
+                   only=("auth", "messages", "anthropic"))
+    tools = [{"type": "web_search_20250305", "name": "web_search"}]
+    expected = [("In short, ", []), ("the air scatters blue light most", [WEB_CITATION]), (".", [])]
+    with ServerThread(app) as server:
+        client = anthropic.Anthropic(base_url=server.url, api_key=DEV_KEY, max_retries=0, timeout=20)
+        fakes.claude.script(SEARCHED)
+        raw = client.messages.with_raw_response.create(model=CLAUDE, max_tokens=64, messages=HI,
+                                                       tools=tools)  # type: ignore[arg-type]
+        assert raw.headers["x-scillm-dialect"] == "anthropic-messages -> anthropic"
+        assert _cited_blocks(raw.parse().content) == expected
+        fakes.claude.script(SEARCHED)
+        with client.messages.stream(model=CLAUDE, max_tokens=64, messages=HI,
+                                    tools=tools) as stream:  # type: ignore[arg-type]
+            final = stream.get_final_message()
+    assert [c.model_dump() for block in final.content for c in block.citations or ()] == [WEB_CITATION]

@@ -5,7 +5,10 @@ a ``ping`` after the first block starts, ``input_json_delta`` starting with ``""
 empty ``thinking_delta`` and a ``signature_delta``, cumulative usage in ``message_delta``, ``event: error``
 mid-stream, error bodies ``{"type":"error","error":{"type","message"},"request_id"}`` with ``x-should-retry``.
 A :meth:`Reply.cite` answer is text blocks with their ``citations`` (streamed: a cited block starts with
-``"citations": []``, then a ``citations_delta`` per citation before its ``text_delta`` events).
+``"citations": []``, then a ``citations_delta`` per citation before its ``text_delta`` events); when it cites web
+search results (``web_search_result_location``), a ``server_tool_use`` block (its query streamed as
+``input_json_delta``) and a ``web_search_tool_result`` block listing the cited pages come first, as the web search
+tool answers.
 
 It checks what the real API checks and a translator can get wrong (``max_tokens`` present, roles only
 user/assistant, temperature in [0, 1], tool ids, every ``tool_result`` answering a ``tool_use`` of the previous
@@ -295,10 +298,25 @@ class FakeAnthropic(FakeUpstream):
                 "output_tokens": reply.completion_tokens if output is None else output, "service_tier": "standard",
                 "inference_geo": "not_available"}
 
+    @staticmethod
+    def searched(reply: Reply) -> list[dict[str, Any]]:
+        """The server tool's two blocks before an answer citing web search results (none when it cites none)."""
+        pages = {c["url"]: c for _, cited in reply.cited for c in cited
+                 if c.get("type") == "web_search_result_location"}
+        if not pages:
+            return []
+        tool_id = "srvtoolu_01" + hashlib.sha256(reply.text.encode()).hexdigest()[:22]
+        return [{"type": "server_tool_use", "id": tool_id, "name": "web_search", "input": {"query": reply.text[:40]}},
+                {"type": "web_search_tool_result", "tool_use_id": tool_id, "content": [
+                    {"type": "web_search_result", "title": page.get("title"), "url": url,
+                     "encrypted_content": "EqgfCioIARgBIiQ3" + hashlib.sha256(url.encode()).hexdigest()[:16],
+                     "page_age": "April 30, 2025"} for url, page in pages.items()]}]
+
     def content(self, reply: Reply) -> list[dict[str, Any]]:
         blocks: list[dict[str, Any]] = []
         if reply.reasoning:
             blocks.append({"type": "thinking", "thinking": reply.reasoning, "signature": self.signature(reply)})
+        blocks.extend(self.searched(reply))
         if reply.cited:
             blocks.extend({"type": "text", "text": text, **({"citations": list(cited)} if cited else {})}
                           for text, cited in reply.cited)
@@ -341,6 +359,19 @@ class FakeAnthropic(FakeUpstream):
                                           "delta": {"type": "thinking_delta", "thinking": ""}}
             yield "content_block_delta", {"type": "content_block_delta", "index": index,
                                           "delta": {"type": "signature_delta", "signature": self.signature(reply)}}
+            yield "content_block_stop", {"type": "content_block_stop", "index": index}
+            index += 1
+        for block in self.searched(reply):
+            if block["type"] == "server_tool_use":
+                yield "content_block_start", {"type": "content_block_start", "index": index,
+                                              "content_block": {**block, "input": {}}}
+                yield from ping()
+                query = orjson.dumps(block["input"]).decode()
+                for i in range(0, len(query), 6):
+                    yield "content_block_delta", {"type": "content_block_delta", "index": index,
+                                                  "delta": {"type": "input_json_delta", "partial_json": query[i:i + 6]}}
+            else:
+                yield "content_block_start", {"type": "content_block_start", "index": index, "content_block": block}
             yield "content_block_stop", {"type": "content_block_stop", "index": index}
             index += 1
         texts = reply.cited or (((reply.text, ()),) if reply.text or not reply.tool_calls else ())

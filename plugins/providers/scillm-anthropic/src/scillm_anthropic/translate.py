@@ -8,7 +8,8 @@
 Thinking blocks come back as ``reasoning_content`` (text) plus ``thinking_blocks`` (the blocks with their
 signatures) in the message ``extra``; an assistant message that carries ``thinking_blocks`` sends them back
 unchanged, which Anthropic requires in tool loops with thinking on. The ``citations`` of text blocks (documents
-sent with ``citations: {"enabled": true}``) come back as the message's ``annotations`` (:func:`annotation`).
+sent with ``citations: {"enabled": true}``, web search results) come back as the message's ``annotations``
+(:func:`annotation`).
 """
 
 from __future__ import annotations
@@ -433,10 +434,16 @@ def _finish(stop_reason: Any) -> str | None:
 
 
 def annotation(citation: Mapping[str, Any], start: int, end: int) -> dict[str, Any]:
-    """An Anthropic citation of the answer's text ``[start, end)`` as a chat/Responses annotation: the citation as
-    Anthropic sent it (``type`` ``char_location``, ``page_location``, ...; ``cited_text``, ``document_index``, ...)
-    with ``start_index`` / ``end_index`` locating the cited text in the message content, as OpenAI's annotations
-    do."""
+    """An Anthropic citation of the answer's text ``[start, end)`` as a chat annotation. A web search's source
+    (``web_search_result_location``) is OpenAI's ``url_citation`` (``url``, ``title``, ``start_index``,
+    ``end_index``; Anthropic's ``cited_text`` and ``encrypted_index`` beside them, which a ``/v1/messages`` client
+    gets back). A document citation (``char_location``, ``page_location``, ...) has no OpenAI type: it is the
+    citation as Anthropic sent it with ``start_index`` / ``end_index`` locating the cited text in the content."""
+    if citation.get("type") == "web_search_result_location":
+        source = {"url": citation.get("url"), "title": citation.get("title") or "", "start_index": start,
+                  "end_index": end}
+        source.update((key, value) for key, value in citation.items() if key not in ("type", *source))
+        return {"type": "url_citation", "url_citation": source}
     return {**citation, "start_index": start, "end_index": end}
 
 

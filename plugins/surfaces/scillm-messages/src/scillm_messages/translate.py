@@ -627,8 +627,12 @@ def to_messages_response(result: ChatResponse, model: str) -> dict[str, Any]:
 
 def _citations(annotations: Any) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """``(start, end, citation)`` of each annotation an Anthropic upstream's citation became (see
-    ``scillm_anthropic.translate.annotation``): the citation as it sent it, and the answer text it cites."""
+    ``scillm_anthropic.translate.annotation``): the citation as it sent it (a ``url_citation`` is its web search
+    citation again), and the answer text it cites."""
     for note in annotations if isinstance(annotations, list) else ():
+        if isinstance(note, Mapping) and note.get("type") == "url_citation" \
+                and isinstance(note.get("url_citation"), Mapping):
+            note = {**note["url_citation"], "type": "web_search_result_location"}
         if isinstance(note, Mapping) and isinstance(note.get("start_index"), int) \
                 and isinstance(note.get("end_index"), int):
             yield note["start_index"], note["end_index"], {k: v for k, v in note.items()

@@ -424,9 +424,15 @@ def response_object(result: ChatResponse, echo: Mapping[str, Any], *, response_i
 
 
 def annotations_of(chat: Any) -> list[Any]:
-    """Chat's ``message.annotations`` (an Anthropic upstream's citations, located by ``start_index`` /
-    ``end_index``) are the ``output_text`` annotations."""
-    return [note for note in chat if isinstance(note, Mapping)] if isinstance(chat, list) else []
+    """Chat's ``message.annotations`` (located by ``start_index`` / ``end_index``) are the ``output_text``
+    annotations; a ``url_citation``, which chat nests under ``url_citation``, is flat here."""
+    return [_flat(note) for note in chat if isinstance(note, Mapping)] if isinstance(chat, list) else []
+
+
+def _flat(note: Mapping[str, Any]) -> Mapping[str, Any]:
+    cited = note.get("url_citation")
+    return {"type": "url_citation", **cited} if note.get("type") == "url_citation" and isinstance(cited, Mapping) \
+        else note
 
 
 def logprobs_of(chat: Any) -> list[Any]:
