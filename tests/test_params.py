@@ -318,6 +318,28 @@ def test_responses_web_search_is_anthropic_s_web_search_tool(client: openai.Open
         "user_location": {"type": "approximate", "city": "Paris", "country": "FR", "timezone": "Europe/Paris"}}]
 
 
+def test_responses_max_tool_calls_is_anthropic_s_max_uses(client: openai.OpenAI, fakes: Fakes) -> None:
+    """``max_tool_calls`` caps the hosted tools' calls: Anthropic's web search ``max_uses``; a chat upstream has no
+    such cap (nothing the client reads is missing, so it goes without); not a count, a 400."""
+    client.responses.create(model=CLAUDE, input="news?", tools=[{"type": "web_search"}], max_tool_calls=2)
+    assert fakes.claude.last.body["tools"] == [{"type": "web_search_20250305", "name": "web_search", "max_uses": 2}]
+    client.responses.create(model=GPT, input="news?", tools=[{"type": "web_search"}], max_tool_calls=2)
+    assert "max_tool_calls" not in fakes.openai.last.body and fakes.openai.last.body["web_search_options"] == {}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=CLAUDE, input="news?", max_tool_calls="2")  # type: ignore[arg-type]
+    assert "$.max_tool_calls" in caught.value.message
+
+
+def test_responses_verbosity_is_chat_s_verbosity(client: openai.OpenAI, fakes: Fakes) -> None:
+    """``text.verbosity`` is chat's ``verbosity``: an OpenAI-compatible upstream gets it; a hint the other
+    translations have no field for."""
+    client.responses.create(model=GPT, input="hi", text={"verbosity": "low"})
+    assert fakes.openai.last.body["verbosity"] == "low"
+    response = client.responses.create(model=CLAUDE, input="hi", text={"verbosity": "low"})
+    assert response.output_text and response.text.verbosity == "low"
+    assert "verbosity" not in fakes.claude.last.body
+
+
 def test_chat_web_search_options_are_anthropic_s_web_search_tool(client: openai.OpenAI, fakes: Fakes) -> None:
     client.chat.completions.create(model=CLAUDE, messages=HI, extra_body={"web_search_options": {}})
     assert fakes.claude.last.body["tools"] == [{"type": "web_search_20250305", "name": "web_search"}]

@@ -377,7 +377,8 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
     if native and native.get("server_tools"):  # tools of Anthropic's own types a /v1/messages client sent
         body["tools"] = [*body.get("tools", ()), *native["server_tools"]]
     if request.extra.get("web_search_options") is not None:  # chat's web search (a Responses web search tool)
-        body["tools"] = [*body.get("tools", ()), _web_search(request.extra["web_search_options"])]
+        body["tools"] = [*body.get("tools", ()), _web_search(request.extra["web_search_options"],
+                                                             request.scillm.get("max_tool_calls"))]
     thinking_on = thinking_on or (isinstance(body.get("thinking"), Mapping)
                                   and body["thinking"].get("type") in ("enabled", "adaptive"))
     if request.temperature is not None and not thinking_on:  # thinking requires the default temperature
@@ -393,11 +394,13 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
     return body
 
 
-def _web_search(options: Any) -> dict[str, Any]:
+def _web_search(options: Any, limit: Any = None) -> dict[str, Any]:
     """Chat's ``web_search_options`` as Anthropic's web search tool: the place in ``user_location.approximate``, and
     ``filters.allowed_domains`` (a Responses web search tool's); ``search_context_size`` has no counterpart (a hint
-    of how much search context to use)."""
+    of how much search context to use). ``limit``: a Responses request's ``max_tool_calls``, as ``max_uses``."""
     tool: dict[str, Any] = dict(WEB_SEARCH_TOOL)
+    if isinstance(limit, int):
+        tool["max_uses"] = limit
     if isinstance(options, Mapping):
         location = options.get("user_location")
         place = location.get("approximate") if isinstance(location, Mapping) else None

@@ -25,7 +25,7 @@ __all__ = ["EXTENSION_FIELDS", "EventStream", "new_id", "parse_request", "respon
 
 #: Responses fields we accept and ignore (they ask for server-side behaviour that changes nothing here).
 IGNORED_FIELDS = frozenset({"store", "include", "prompt_cache_retention", "truncation", "service_tier",
-                            "stream_options", "max_tool_calls", "prompt", "client_metadata"})
+                            "stream_options", "prompt", "client_metadata"})
 #: ``include`` value (or ``top_logprobs`` > 0) asking for token log probabilities: chat's ``logprobs``, delivered
 #: where the route has them (``scillm_core.models.params``) and carried back onto ``output_text``
 LOGPROBS = "message.output_text.logprobs"
@@ -36,7 +36,7 @@ CHAT_FIELDS = ("prompt_cache_key", "safety_identifier", "user")
 STATEFUL_FIELDS = ("previous_response_id", "conversation")
 #: chat request fields -> where a Responses body has them (errors about the chat request name the client's path)
 FIELD_ORIGINS = {"messages": "$.input", "max_tokens": "$.max_output_tokens", "response_format": "$.text.format",
-                 "reasoning_effort": "$.reasoning.effort"}
+                 "reasoning_effort": "$.reasoning.effort", "verbosity": "$.text.verbosity"}
 #: ``tool_choice`` types that are no hosted tool -> the capability they ask for (none a translated route has)
 CHOICES = {"custom": "custom_tools", "allowed_tools": "allowed_tools"}
 
@@ -352,6 +352,14 @@ def parse_request(body: Any, *, session: str | None = None, origins: errors.Orig
     response_format = _response_format(body.get("text"))
     if response_format is not None:
         chat["response_format"] = response_format
+    verbosity = (body.get("text") or {}).get("verbosity")
+    if verbosity is not None:  # a hint: OpenAI-compatible upstreams get chat's verbosity, others drop it
+        chat["verbosity"] = _text_of(verbosity, "$.text.verbosity")
+    limit = body.get("max_tool_calls")
+    if limit is not None:  # a cap on hosted tool calls: Anthropic's web search max_uses, else nothing to cap
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise _bad("max_tool_calls must be a non-negative integer", "$.max_tool_calls")
+        extensions["max_tool_calls"] = limit
     try:
         request = structure(chat, ChatRequest)
     except errors.ScillmError as exc:
