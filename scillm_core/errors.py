@@ -370,7 +370,9 @@ class Origins:
     provider translating the request, the chat model's own checks) names chat's paths, ``$.messages[3].content[1]``,
     which is somewhere else in the body the client sent; :meth:`relocate` names the client's instead. The nearest
     recorded ancestor is used, without the chat-shaped rest below it (an image part is ``image_url.url`` in chat and
-    ``source.data`` in Anthropic's blocks). Paths the surface named itself (``asks``) are the client's already.
+    ``source.data`` in Anthropic's blocks). A renamed field keeps what follows it (``$.stop[1]`` is
+    ``$.stop_sequences[1]``); where the inside differs too, the surface records the deeper paths
+    (``response_format.json_schema.schema``). Paths the surface named itself (``asks``) are the client's already.
     """
 
     __slots__ = ("asks", "fields", "messages", "tools")
@@ -379,7 +381,7 @@ class Origins:
         #: per chat message: its path, then its content parts' and its tool calls' (None: not recorded)
         self.messages: list[tuple[str, list[str] | None, list[str] | None]] = []
         self.tools: list[str] = []  # per chat tool
-        self.fields: dict[str, str] = {}  # chat's top-level field -> the client's path ($.max_tokens -> ...)
+        self.fields: dict[str, str] = {}  # a chat field's path (max_tokens) -> the client's ($.max_output_tokens)
         self.asks: Mapping[str, str] = {}
 
     def message(self, path: str, content: list[str] | None = None, calls: list[str] | None = None) -> None:
@@ -405,8 +407,12 @@ class Origins:
             if position is not None and paths is not None and int(position) < len(paths):
                 return paths[int(position)]
             return where
-        top = path.split(".", 2)[1].split("[", 1)[0] if path.startswith("$.") else ""
-        return self.fields.get(top, path)
+        rest = key = path[2:] if path.startswith("$.") else ""
+        while key:  # the longest recorded field path it starts with; the rest has the same shape there
+            if key in self.fields:
+                return self.fields[key] + rest[len(key):]
+            key = key[:max(key.rfind("."), key.rfind("["), 0)]
+        return path
 
     def relocate(self, exc: E) -> E:
         """``exc`` naming the client's paths (its ``param`` and each path in its message); the same object when

@@ -857,3 +857,32 @@ def test_messages_web_search_citations_translated_for_anthropic(fakes: Fakes, tm
                                     tools=tools) as stream:  # type: ignore[arg-type]
             final = stream.get_final_message()
     assert [c.model_dump() for block in final.content for c in block.citations or ()] == [WEB_CITATION]
+
+
+def test_origins_name_the_clients_paths_for_the_translated_request() -> None:
+    """``errors.Origins``: chat's message, part and tool paths go to the recorded ones (the chat-shaped rest below
+    them dropped); a renamed field keeps what follows it unless a deeper path was recorded; the rest is unchanged."""
+    from scillm_core import errors
+
+    origins = errors.Origins()
+    origins.message("$.system")
+    origins.message("$.messages[0]", ["$.messages[0].content[2]"], None)
+    origins.message("$.messages[1]", None, ["$.messages[1].content[0]", "$.messages[1].content[3]"])
+    origins.tools.append("$.tools[2]")
+    origins.fields.update({"stop": "$.stop_sequences", "response_format": "$.output_format",
+                           "response_format.json_schema.schema": "$.output_format.schema",
+                           "web_search_options": "$.tools[0]"})
+    for chat, native in [("$.messages[0]", "$.system"),
+                         ("$.messages[1].content[0].image_url.url", "$.messages[0].content[2]"),
+                         ("$.messages[2].tool_calls[1].function.arguments", "$.messages[1].content[3]"),
+                         ("$.messages[1].content", "$.messages[0]"), ("$.tools[0].function.parameters", "$.tools[2]"),
+                         ("$.stop[1]", "$.stop_sequences[1]"), ("$.response_format.type", "$.output_format.type"),
+                         ("$.response_format.json_schema.schema.properties", "$.output_format.schema.properties"),
+                         ("$.web_search_options.filters.allowed_domains", "$.tools[0].filters.allowed_domains"),
+                         ("$.temperature", "$.temperature"), ("$.messages[9].content[0]", "$.messages[9].content[0]")]:
+        assert origins.native(chat) == native, chat
+    moved = origins.relocate(errors.InvalidRequest("no @ $.stop[1]", param="$.stop[1]"))
+    assert (moved.param, moved.message) == ("$.stop_sequences[1]", "no @ $.stop_sequences[1]")
+    origins.asks = {"$.messages[0]": "citations"}  # a path the surface named itself is the client's already
+    named = errors.InvalidRequest("x @ $.messages[0]", param="$.messages[0]")
+    assert origins.relocate(named) is named

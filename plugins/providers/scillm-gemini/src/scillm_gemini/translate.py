@@ -319,11 +319,9 @@ def _google_search(request: ChatRequest, model: str) -> dict[str, Any]:
     options = request.extra["web_search_options"]
     filters = options.get("filters") if isinstance(options, Mapping) else None
     if isinstance(filters, Mapping) and filters.get("allowed_domains"):
-        asks: Mapping[str, str] = request.scillm.get("asks") or {}
-        tool = next((path for path, capability in asks.items() if capability == "web_search"), None)
-        where = f"{tool or '$.web_search_options'}.filters.allowed_domains"
+        where = "$.web_search_options.filters.allowed_domains"  # a Responses surface names its web search tool's
         raise errors.UnsupportedParameter(
-            f"{where[2:]} asks for a web search of some domains only, which provider 'gemini' cannot deliver for "
+            f"a web search of some domains only (allowed_domains) cannot be delivered by provider 'gemini' for "
             f"model {model!r} (its Google Search takes no filters); remove it or route to a model that has it "
             f"@ {where}", param=where,
             details={"error_code": "unsupported_parameter", "provider": "gemini", "model": model})

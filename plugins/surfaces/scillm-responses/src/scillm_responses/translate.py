@@ -36,7 +36,8 @@ CHAT_FIELDS = ("prompt_cache_key", "safety_identifier", "user")
 STATEFUL_FIELDS = ("previous_response_id", "conversation")
 #: chat request fields -> where a Responses body has them (errors about the chat request name the client's path)
 FIELD_ORIGINS = {"messages": "$.input", "max_tokens": "$.max_output_tokens", "response_format": "$.text.format",
-                 "reasoning_effort": "$.reasoning.effort", "verbosity": "$.text.verbosity"}
+                 "response_format.json_schema": "$.text.format", "response_format.json_schema.schema":
+                 "$.text.format.schema", "reasoning_effort": "$.reasoning.effort", "verbosity": "$.text.verbosity"}
 #: ``tool_choice`` types that are no hosted tool -> the capability they ask for (none a translated route has)
 CHOICES = {"custom": "custom_tools", "allowed_tools": "allowed_tools"}
 
