@@ -378,13 +378,14 @@ class Origins:
     __slots__ = ("asks", "fields", "messages", "tools")
 
     def __init__(self) -> None:
-        #: per chat message: its path, then its content parts' and its tool calls' (None: not recorded)
-        self.messages: list[tuple[str, list[str] | None, list[str] | None]] = []
+        #: per chat message: its path, then its content parts' (a list, or the prefix of parts that kept their
+        #: places: ``$.input[3].content``) and its tool calls' (None: not recorded)
+        self.messages: list[tuple[str, list[str] | str | None, list[str] | None]] = []
         self.tools: list[str] = []  # per chat tool
         self.fields: dict[str, str] = {}  # a chat field's path (max_tokens) -> the client's ($.max_output_tokens)
         self.asks: Mapping[str, str] = {}
 
-    def message(self, path: str, content: list[str] | None = None, calls: list[str] | None = None) -> None:
+    def message(self, path: str, content: list[str] | str | None = None, calls: list[str] | None = None) -> None:
         self.messages.append((path, content, calls))
 
     def call(self, path: str) -> None:
@@ -404,6 +405,8 @@ class Origins:
                 return path
             where, content, calls = self.messages[int(index)]
             paths = content if inner == "content" else calls
+            if position is not None and isinstance(paths, str):
+                return f"{paths}[{position}]"
             if position is not None and paths is not None and int(position) < len(paths):
                 return paths[int(position)]
             return where

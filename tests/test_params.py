@@ -868,6 +868,7 @@ def test_origins_name_the_clients_paths_for_the_translated_request() -> None:
     origins.message("$.system")
     origins.message("$.messages[0]", ["$.messages[0].content[2]"], None)
     origins.message("$.messages[1]", None, ["$.messages[1].content[0]", "$.messages[1].content[3]"])
+    origins.message("$.input[4]", "$.input[4].content")  # parts that kept their places
     origins.tools.append("$.tools[2]")
     origins.fields.update({"stop": "$.stop_sequences", "response_format": "$.output_format",
                            "response_format.json_schema.schema": "$.output_format.schema",
@@ -879,6 +880,7 @@ def test_origins_name_the_clients_paths_for_the_translated_request() -> None:
                          ("$.stop[1]", "$.stop_sequences[1]"), ("$.response_format.type", "$.output_format.type"),
                          ("$.response_format.json_schema.schema.properties", "$.output_format.schema.properties"),
                          ("$.web_search_options.filters.allowed_domains", "$.tools[0].filters.allowed_domains"),
+                         ("$.messages[3].content[5].text", "$.input[4].content[5]"),
                          ("$.temperature", "$.temperature"), ("$.messages[9].content[0]", "$.messages[9].content[0]")]:
         assert origins.native(chat) == native, chat
     moved = origins.relocate(errors.InvalidRequest("no @ $.stop[1]", param="$.stop[1]"))

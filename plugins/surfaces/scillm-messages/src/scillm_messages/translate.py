@@ -146,9 +146,9 @@ def parse_messages_request(body: Any, *, session: str | None = None, lenient: bo
 
     tools, server_tools = _tools(body.get("tools"), asks, origins)
     output = "$.output_config.format" if body.get("output_config") else "$.output_format"
-    origins.fields.update(FIELD_ORIGINS, response_format=output, **{"response_format.json_schema": output,
-                                                                    "response_format.json_schema.schema":
-                                                                    f"{output}.schema"})
+    origins.fields.update(FIELD_ORIGINS)
+    origins.fields.update({"response_format": output, "response_format.json_schema": output,
+                           "response_format.json_schema.schema": f"{output}.schema"})
     tool_choice, parallel = _tool_choice(body.get("tool_choice"), lenient)
     stop = body.get("stop_sequences")
     if stop is not None:

@@ -140,8 +140,7 @@ def _messages(body: Mapping[str, Any], origins: errors.Origins) -> list[dict[str
             content = _content(item.get("content"), f"{path}.content", text_only=role != "user")
             # developer is the Responses name for system; many chat upstreams know only system
             messages.append({"role": "system" if role == "developer" else role, "content": content})
-            origins.message(path, [f"{path}.content[{j}]" for j in range(len(content))]
-                            if isinstance(content, list) else None)
+            origins.message(path, f"{path}.content" if isinstance(content, list) else None)  # parts keep places
         elif kind in ("function_call", "custom_tool_call"):
             call_id = _text_of(item.get("call_id"), f"{path}.call_id")
             name = _text_of(item.get("name"), f"{path}.name")
