@@ -156,6 +156,21 @@ def test_a_json_answer_keeps_scillm_metadata(server: ServerThread, replay: Repla
     assert orjson.loads(replay.last.raw) == {"model": "gpt-fid", "messages": [{"role": "user", "content": "x"}]}
 
 
+@pytest.mark.parametrize("header", ["anthropic-beta", "anthropic-version"])
+def test_a_dialect_header_that_cannot_go_upstream_is_a_400_naming_it(server: ServerThread, replay: Replay,
+                                                                     header: str) -> None:
+    """The client's dialect headers go upstream as sent, and an HTTP client sends visible ASCII only: anything else
+    (bytes past ASCII, which HTTP's parser lets through as obs-text) is the client's 400 naming the header, before
+    any upstream call, not an internal error."""
+    sent = len(replay.requests)
+    for value in (b"\xff\xfe", "caf\u00e9-2026".encode()):
+        got = httpx.post(server.url + "/v1/messages", content=MESSAGES_BODY % b"false", timeout=30,
+                         headers={**AUTH, "content-type": "application/json", header: value})
+        assert got.status_code == 400, got.text
+        assert got.json()["error"]["type"] == "invalid_request_error" and header in got.json()["error"]["message"]
+    assert len(replay.requests) == sent
+
+
 # -- the official anthropic SDK, every kind of content, through a validating fake ----------------------------------
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 import orjson
 from attrs import frozen
 
+from scillm_core import errors
+
 __all__ = ["NativeRequest", "native_events", "native_request", "with_native"]
 
 T = TypeVar("T")
@@ -82,6 +84,9 @@ def native_request(dialect: str, body: Mapping[str, Any], raw: bytes | bytearray
     means the body is serialised again), ``forward`` the client headers that go upstream with it."""
     removed = taken.intersection(body)
     kept = {name: value for name in forward if (value := headers.get(name))}
+    for name, value in kept.items():  # they go upstream as they came: an HTTP client sends visible ASCII only
+        if not (value.isascii() and value.isprintable()):
+            raise errors.InvalidRequest(f"header {name} must be visible ASCII (it goes upstream as sent)", param=name)
     return NativeRequest(dialect=dialect, body={k: v for k, v in body.items() if k not in removed} if removed else body,
                          raw=None if removed else raw, headers=kept or _EMPTY)
 
