@@ -50,7 +50,6 @@ from typing import Any, ClassVar, TypeVar
 from scillm_core.redact import redact
 
 __all__ = [
-    "Origins",
     "AuthenticationError",
     "BudgetExceeded",
     "CallerSkillRequired",
@@ -61,6 +60,7 @@ __all__ = [
     "LimitExceeded",
     "ModelNotFound",
     "NotFound",
+    "Origins",
     "PayloadTooLarge",
     "PermissionDenied",
     "ProviderNotConfigured",
