@@ -859,6 +859,55 @@ def test_messages_web_search_citations_translated_for_anthropic(fakes: Fakes, tm
     assert [c.model_dump() for block in final.content for c in block.citations or ()] == [WEB_CITATION]
 
 
+#: Gemini's Google Search answer: its sources located in bytes of the text (non-ASCII before and in the segment)
+GROUND_URL = "https://vertexaisearch.cloud.google.com/grounding-api-redirect/AUZIYQHnRslbELPz0Kvy"
+GROUNDED = Reply.cite(("Kurz — über die Luft: ", ()), ("sie streut blaues Licht am stärksten", (
+    {"url": GROUND_URL, "title": "example.org"},)), (".", ()))
+GROUND_CITATION = {"url": GROUND_URL, "title": "example.org", "start_index": 22, "end_index": 58}
+
+
+def test_chat_web_search_on_gemini_answers_url_citations(client: openai.OpenAI, fakes: Fakes) -> None:
+    """Gemini's grounding metadata comes back as ``url_citation`` annotations whose offsets are characters of the
+    content (Gemini's are UTF-8 bytes); streamed, as one ``delta.annotations`` chunk before the finish. Without a
+    search, no grounding and no annotations."""
+    model, search = "gemini/gemini-2.5-flash", {"web_search_options": {}}
+    fakes.gemini.script(GROUNDED)
+    message = client.chat.completions.create(model=model, messages=HI, extra_body=search).choices[0].message
+    assert fakes.gemini.last.body["tools"] == [{"googleSearch": {}}]
+    assert message.content == GROUNDED.text
+    [note] = message.annotations or ()
+    assert note.type == "url_citation" and note.url_citation.model_dump() == GROUND_CITATION
+    assert message.content[22:58] == "sie streut blaues Licht am stärksten"
+    fakes.gemini.script(GROUNDED)
+    chunks = [c for c in client.chat.completions.create(model=model, messages=HI, stream=True, extra_body=search)
+              if c.choices]
+    notes = [(i, note) for i, c in enumerate(chunks) for note in (c.choices[0].delta.model_extra or {}).get(
+        "annotations", ())]
+    assert [note for _, note in notes] == [{"type": "url_citation", "url_citation": GROUND_CITATION}]
+    [finish] = [i for i, c in enumerate(chunks) if c.choices[0].finish_reason]
+    assert notes[0][0] < finish
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == GROUNDED.text
+    fakes.gemini.script(GROUNDED)
+    plain = client.chat.completions.create(model=model, messages=HI).choices[0].message
+    assert "tools" not in fakes.gemini.last.body and plain.content == GROUNDED.text and not plain.annotations
+
+
+def test_responses_web_search_on_gemini_answers_url_citations(client: openai.OpenAI, fakes: Fakes) -> None:
+    fakes.gemini.script(GROUNDED)
+    response = client.responses.create(model="gemini/gemini-2.5-flash", input="Why is the sky blue?",
+                                       tools=[{"type": "web_search"}])
+    [note] = response.output[0].content[0].annotations  # type: ignore[union-attr]
+    assert note.model_dump() == {"type": "url_citation", **GROUND_CITATION}
+    fakes.gemini.script(GROUNDED)
+    events = list(client.responses.create(model="gemini/gemini-2.5-flash", input="Why is the sky blue?",
+                                          stream=True, tools=[{"type": "web_search"}]))
+    [added] = [e for e in events if e.type == "response.output_text.annotation.added"]
+    assert added.annotation.model_dump() == {"type": "url_citation", **GROUND_CITATION}  # type: ignore[union-attr]
+    final = events[-1].response  # type: ignore[union-attr]
+    assert final.output_text == GROUNDED.text
+    assert final.output[0].content[0].annotations[0].model_dump() == {"type": "url_citation", **GROUND_CITATION}
+
+
 def test_origins_name_the_clients_paths_for_the_translated_request() -> None:
     """``errors.Origins``: chat's message, part and tool paths go to the recorded ones (the chat-shaped rest below
     them dropped); a renamed field keeps what follows it unless a deeper path was recorded; the rest is unchanged."""

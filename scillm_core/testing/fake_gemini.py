@@ -6,6 +6,12 @@ recorded in ``shared/fixtures/gemini``.
   ``event:`` lines, no ``[DONE]``), each holding only new parts, ``usageMetadata`` cumulative on every event (the
   first lacks ``candidatesTokenCount``), ``finishReason`` only on the last; thought parts first; each function call
   whole in one event, without an id, the first carrying a ``thoughtSignature``;
+- a :meth:`Reply.cite` answer to a request with the ``googleSearch`` tool is grounded: the last event's candidate
+  carries ``groundingMetadata`` in the documented shape (no grounded answer is recorded in ``shared/fixtures``):
+  ``webSearchQueries``, ``searchEntryPoint.renderedContent``, ``groundingChunks[].web.{uri,title}`` (one per page a
+  citation's ``url`` names) and ``groundingSupports[]`` of each cited block: ``segment.{partIndex, startIndex,
+  endIndex, text}`` in UTF-8 bytes of the answer's text part, fields at 0 left out as proto3 JSON does, and
+  ``groundingChunkIndices``;
 - the same path without ``alt=sse`` -> a pretty-printed JSON array streamed element by element, errors array-wrapped;
 - auth by ``x-goog-api-key`` or ``?key=``; errors as ``{"error": {"code", "message", "status", "details"}}``: a
   401 reply renders as Gemini's real invalid-key answer (400 ``INVALID_ARGUMENT`` + ``ErrorInfo API_KEY_INVALID``), a
@@ -196,7 +202,9 @@ class FakeGemini(FakeUpstream):
             headers = {k: v for k, v in reply.headers.items() if k.lower() != "retry-after"}
             return self._json([payload] if wrap else payload, status, headers)
         response_id = base64.urlsafe_b64encode(secrets.token_bytes(15)).decode()
-        events = list(self.events(reply, model, response_id))
+        searched = any(isinstance(tool, dict) and ("googleSearch" in tool or "google_search" in tool)
+                       for tool in recorded.body.get("tools") or ())
+        events = list(self.events(reply, model, response_id, searched=searched))
         if not stream:
             return self._json(self.merge(events))
         if sse:
@@ -266,7 +274,38 @@ class FakeGemini(FakeUpstream):
         self.issued_signatures.add(value)
         return value
 
-    def events(self, reply: Reply, model: str, response_id: str) -> Iterable[dict[str, Any]]:
+    @staticmethod
+    def grounding(reply: Reply) -> dict[str, Any] | None:
+        """Google Search's ``groundingMetadata`` for an answer citing web pages (``None`` when it cites none)."""
+        pages: dict[str, int] = {}
+        chunks: list[dict[str, Any]] = []
+        supports: list[dict[str, Any]] = []
+        at = 0  # bytes of the answer's text so far
+        for text, cited in reply.cited:
+            size = len(text.encode())
+            indices = []
+            for citation in cited:
+                url = citation.get("url")
+                if not isinstance(url, str):
+                    continue
+                if url not in pages:
+                    pages[url] = len(chunks)
+                    chunks.append({"web": {"uri": url, "title": citation.get("title") or ""}})
+                indices.append(pages[url])
+            if indices:
+                segment: dict[str, Any] = {"partIndex": 1 if reply.reasoning else 0, "startIndex": at,
+                                           "endIndex": at + size, "text": text}
+                supports.append({"segment": {k: v for k, v in segment.items() if v != 0},  # proto3 JSON
+                                 "groundingChunkIndices": indices})
+            at += size
+        if not chunks:
+            return None
+        query = reply.text[:40].strip()
+        entry = f'<style>.container {{ display: flex; }}</style><div class="container"><a>{query}</a></div>'
+        return {"searchEntryPoint": {"renderedContent": entry}, "groundingChunks": chunks,
+                "groundingSupports": supports, "webSearchQueries": [query]}
+
+    def events(self, reply: Reply, model: str, response_id: str, *, searched: bool = False) -> Iterable[dict[str, Any]]:
         """The stream's events; a non-streaming answer is their merge."""
         thoughts = max(3, len(reply.reasoning or "") // 4) if reply.reasoning else 0
         pieces: list[dict[str, Any]] = []
@@ -299,6 +338,9 @@ class FakeGemini(FakeUpstream):
             candidate["index"] = 0
             if last and reply.tool_calls:
                 candidate["finishMessage"] = "Model generated function call(s)."
+            grounding = self.grounding(reply) if last and searched else None
+            if grounding is not None:
+                candidate["groundingMetadata"] = grounding
             yield {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model,
                    "responseId": response_id}
 

@@ -196,6 +196,35 @@ def test_sdk_stream_text(fake: FakeGemini, genai_client: Any) -> None:
     assert chunks[-1].usage_metadata.candidates_token_count == 7
 
 
+def test_sdk_reads_google_search_grounding(fake: FakeGemini, genai_client: Any) -> None:
+    """A cited answer to a request with the googleSearch tool carries groundingMetadata on its last event, which
+    google-genai parses; each segment's bytes in the part it names are its text (documented, not recorded)."""
+    from google.genai import types
+
+    url = "https://vertexaisearch.cloud.google.com/grounding-api-redirect/AUZIYQ"
+    reply = Reply.cite(("Grüße — ", ()), ("Spain won Euro 2024", ({"url": url, "title": "uefa.com"},)), (".", ()),
+                       reasoning="Searching.")
+    search = types.GenerateContentConfig(tools=[types.Tool(google_search=types.GoogleSearch())])
+    fake.script(reply)
+    response = genai_client.models.generate_content(model="gemini-2.5-flash", contents="who won?", config=search)
+    assert fake.last.body["tools"] == [{"googleSearch": {}}]
+    metadata = response.candidates[0].grounding_metadata
+    assert [(c.web.uri, c.web.title) for c in metadata.grounding_chunks] == [(url, "uefa.com")]
+    [support] = metadata.grounding_supports
+    segment, parts = support.segment, response.candidates[0].content.parts
+    assert support.grounding_chunk_indices == [0] and segment.part_index == 1 and not parts[1].thought
+    assert parts[1].text.encode()[segment.start_index:segment.end_index].decode() == segment.text == \
+        "Spain won Euro 2024"
+    assert metadata.web_search_queries and metadata.search_entry_point.rendered_content
+    fake.script(reply)
+    chunks = list(genai_client.models.generate_content_stream(model="gemini-2.5-flash", contents="who won?",
+                                                              config=search))
+    assert [c.candidates[0].grounding_metadata is not None for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    fake.script(reply)
+    plain = genai_client.models.generate_content(model="gemini-2.5-flash", contents="who won?")
+    assert plain.candidates[0].grounding_metadata is None and plain.text == reply.text
+
+
 def test_sdk_sees_errors(fake: FakeGemini, genai_client: Any) -> None:
     from google.genai import errors
 

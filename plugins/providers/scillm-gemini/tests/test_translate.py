@@ -188,6 +188,134 @@ def test_finish_reasons_and_usage() -> None:
     assert blocked.choices[0].finish_reason == "content_filter"
 
 
+# Google Search grounding in the documented shape (no recorded grounded answer in shared/fixtures): byte offsets
+# in the part a segment names; partIndex and startIndex left out when 0 (proto3 JSON).
+REDIRECT = "https://vertexaisearch.cloud.google.com/grounding-api-redirect/AUZIYQ"
+GROUNDED_PARTS = [{"text": "**Suche**", "thought": True},
+                  {"text": "Über die Luft: "},                       # 16 characters, 18 bytes
+                  {"text": "Spain won Euro 2024 — the fourth title. "},
+                  {"functionCall": {"name": "weather", "args": {}}},
+                  {"text": "Naïve “fans” cheered."}]
+
+
+def _seg(part: int, text: str, cited: str, **kw: Any) -> dict[str, Any]:
+    start = text.encode().index(cited.encode())
+    segment = {"partIndex": part, "startIndex": start, "endIndex": start + len(cited.encode()), "text": cited, **kw}
+    return {k: v for k, v in segment.items() if v != 0}
+
+
+def grounding(*supports: Any) -> dict[str, Any]:
+    return {"webSearchQueries": ["euro 2024 winner"],
+            "searchEntryPoint": {"renderedContent": "<style>.container {}</style><div class=\"container\"></div>"},
+            "groundingChunks": [{"web": {"uri": REDIRECT + "a", "title": "uefa.com"}},
+                                {"web": {"uri": REDIRECT + "b", "title": "aljazeera.com"}},
+                                {"retrievedContext": {"uri": "gs://bucket/doc", "title": "doc"}},
+                                {"web": {"title": "no uri"}}],
+            "groundingSupports": list(supports)}
+
+
+def _cited(message: Any) -> list[tuple[str, str, str]]:
+    """(url, title, the content's text at the annotation) of each annotation."""
+    return [(n["url_citation"]["url"], n["url_citation"]["title"],
+             message.content[n["url_citation"]["start_index"]:n["url_citation"]["end_index"]])
+            for n in message.extra.get("annotations", ())]
+
+
+def test_grounding_becomes_url_citations_located_in_characters_of_the_whole_content() -> None:
+    """Byte offsets in a part become character offsets in the concatenated content: non-ASCII before the segment
+    (and in it), a later part (its place after the parts before it; thought and call parts are not content),
+    several sources of one segment, the same source and span once, startIndex left out when 0."""
+    second, third = GROUNDED_PARTS[2]["text"], GROUNDED_PARTS[4]["text"]
+    body = {"candidates": [{"content": {"parts": GROUNDED_PARTS, "role": "model"}, "finishReason": "STOP",
+                            "index": 0, "groundingMetadata": grounding(
+        {"segment": _seg(1, "Über die Luft: ", "Über die Luft"), "groundingChunkIndices": [1]},
+        {"segment": _seg(2, second, "Spain won Euro 2024 — the fourth title."), "groundingChunkIndices": [0, 1, 0]},
+        {"segment": _seg(4, third, "“fans” cheered"), "groundingChunkIndices": [0]})}],
+        "usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 30, "totalTokenCount": 39}}
+    assert "startIndex" not in body["candidates"][0]["groundingMetadata"]["groundingSupports"][0]["segment"]
+    message = parse_response(body, "gemini-2.5-flash").choices[0].message
+    assert message.content == "Über die Luft: " + second + third
+    assert message.extra["reasoning_content"] == "**Suche**" and message.tool_calls
+    assert _cited(message) == [(REDIRECT + "b", "aljazeera.com", "Über die Luft"),
+                               (REDIRECT + "a", "uefa.com", "Spain won Euro 2024 — the fourth title."),
+                               (REDIRECT + "b", "aljazeera.com", "Spain won Euro 2024 — the fourth title."),
+                               (REDIRECT + "a", "uefa.com", "“fans” cheered")]
+    notes = message.extra["annotations"]
+    assert notes[1] == {"type": "url_citation", "url_citation": {
+        "url": REDIRECT + "a", "title": "uefa.com", "start_index": 15, "end_index": 54}}
+
+
+def test_unusable_grounding_supports_are_skipped_not_a_500() -> None:
+    text = GROUNDED_PARTS[1]["text"]
+    good = {"segment": _seg(1, text, "die Luft"), "groundingChunkIndices": [0]}
+    size = len(text.encode())
+    bad = [{"segment": {"partIndex": 1, "endIndex": 5}},                              # no chunk indices
+           {"segment": {"partIndex": 1, "endIndex": 5}, "groundingChunkIndices": [2, 3, 9, -1, True, "0", None]},
+           {"segment": {"partIndex": 1, "startIndex": 4, "endIndex": size + 1}, "groundingChunkIndices": [0]},
+           {"segment": {"partIndex": 1, "startIndex": 5, "endIndex": 5}, "groundingChunkIndices": [0]},
+           {"segment": {"partIndex": 1, "startIndex": -2, "endIndex": 5}, "groundingChunkIndices": [0]},
+           {"segment": {"partIndex": 1, "startIndex": 1, "endIndex": 5}, "groundingChunkIndices": [0]},  # inside Ü
+           {"segment": {"partIndex": 0, "endIndex": 5}, "groundingChunkIndices": [0]},   # the thought part
+           {"segment": {"partIndex": 3, "endIndex": 5}, "groundingChunkIndices": [0]},   # the function call
+           {"segment": {"partIndex": 7, "endIndex": 5}, "groundingChunkIndices": [0]},
+           {"segment": {"partIndex": "1", "endIndex": 5}, "groundingChunkIndices": [0]},
+           {"segment": {"partIndex": 1, "endIndex": 5.0}, "groundingChunkIndices": [0]},
+           {"segment": {"partIndex": 1}, "groundingChunkIndices": [0]},
+           {"segment": "0-5", "groundingChunkIndices": [0]}, {"groundingChunkIndices": [0]}, None, "support"]
+    parts = GROUNDED_PARTS[:4]
+
+    def notes(metadata: Any) -> list[tuple[str, str, str]]:
+        body = {"candidates": [{"content": {"parts": parts}, "finishReason": "STOP", "groundingMetadata": metadata}]}
+        return _cited(parse_response(body, "gemini-2.5-flash").choices[0].message)
+
+    assert notes(grounding(*bad, good)) == [(REDIRECT + "a", "uefa.com", "die Luft")]
+    for metadata in (None, "grounded", [], {}, {"groundingChunks": "x", "groundingSupports": [good]},
+                     {"groundingChunks": [{"web": "x"}, {"web": {"uri": 7}}], "groundingSupports": [good]},
+                     {"groundingChunks": [], "groundingSupports": [good]}, {**grounding(), "groundingSupports": None},
+                     {**grounding(good), "groundingChunks": None}):
+        assert notes(metadata) == []
+    web = grounding(good)
+    web["groundingChunks"][0]["web"].pop("title")
+    assert notes(web) == [(REDIRECT + "a", "", "die Luft")]
+
+
+def _feed(state: StreamState, *events: dict[str, Any]) -> list[Any]:
+    return [chunk for event in events for chunk in state.feed(event)]
+
+
+def test_streamed_grounding_is_one_annotations_chunk_before_the_finish() -> None:
+    """Stream events split the parts anywhere; the metadata (on the finishing event, or earlier) locates segments
+    in the parts put together. Metadata after the finish is not read; a finish without metadata adds nothing."""
+    thought, answer = "Suche läuft", "Über die Luft: Spain won Euro 2024 — the fourth title!"
+    metadata = grounding({"segment": _seg(1, answer, "Spain won Euro 2024"), "groundingChunkIndices": [0, 1]})
+
+    def event(part: dict[str, Any], **candidate: Any) -> dict[str, Any]:
+        return {"candidates": [{"content": {"parts": [part], "role": "model"}, "index": 0, **candidate}],
+                "modelVersion": "gemini-2.5-flash", "responseId": "r1"}
+
+    def pieces() -> list[dict[str, Any]]:  # all but the last piece of the answer
+        return [event({"text": thought[:5], "thought": True}), event({"text": thought[5:], "thought": True}),
+                *(event({"text": answer[i:min(i + 5, len(answer) - 7)]}) for i in range(0, len(answer) - 7, 5))]
+
+    for early in (False, True):
+        events = [*pieces(), event({"text": answer[-7:]}, finishReason="STOP",
+                                   **({} if early else {"groundingMetadata": metadata}))]
+        if early:
+            events[3]["candidates"][0]["groundingMetadata"] = metadata
+        chunks = _feed(StreamState("gemini-2.5-flash", False), *events)
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        [(at, notes)] = [(i, c.choices[0].delta.extra["annotations"]) for i, c in enumerate(chunks)
+                         if "annotations" in c.choices[0].delta.extra]
+        assert at == len(chunks) - 2 and chunks[-1].choices[0].finish_reason == "stop"
+        assert [(n["url_citation"]["url"], content[n["url_citation"]["start_index"]:n["url_citation"]["end_index"]])
+                for n in notes] == [(REDIRECT + "a", "Spain won Euro 2024"), (REDIRECT + "b", "Spain won Euro 2024")]
+    state = StreamState("gemini-2.5-flash", False)
+    chunks = _feed(state, *pieces(), event({"text": answer[-7:]}, finishReason="STOP"),
+                   {"candidates": [{"content": {"parts": [], "role": "model"}, "index": 0,
+                                    "groundingMetadata": metadata}]})
+    assert not any("annotations" in c.choices[0].delta.extra for c in chunks if c.choices)
+
+
 async def _replay(name: str, include_usage: bool = True) -> list[Any]:
     async def chunks() -> AsyncIterator[bytes]:
         raw = (FIXTURES / name).read_bytes()

@@ -6,6 +6,10 @@ echo a tool call's ``id``, so the signature travels *inside the id*: ``call_<8 h
 base64url>``. :func:`decode_call_id` reverses it; ids without the encoding (calls made elsewhere, or unsigned
 parallel calls) are sent without a signature, or with Google's documented ``skip_thought_signature_validator``
 placeholder for Gemini 3 models, so a conversation that started on another provider still continues.
+
+Google Search grounding: the ``groundingMetadata`` of an answer searched with the ``googleSearch`` tool comes back as
+OpenAI's ``url_citation`` annotations on the message (:func:`grounding_annotations`), as an Anthropic web search's
+citations do; streamed, as one ``delta.annotations`` chunk before the finish.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from scillm_core import (
 from scillm_core.jsonio import loads
 
 __all__ = ["SKIP_SIGNATURE", "StreamState", "build_body", "decode_call_id", "encode_call_id", "finish_reason",
-           "parse_data_url", "parse_response", "usage_from"]
+           "grounding_annotations", "parse_data_url", "parse_response", "usage_from"]
 
 SKIP_SIGNATURE = "skip_thought_signature_validator"
 _CALL_ID = re.compile(r"^call_[0-9a-f]{8}_([A-Za-z0-9_-]+)$")
@@ -356,6 +360,73 @@ def _response_id(data: Mapping[str, Any]) -> str:
     return "chatcmpl-" + str(data.get("responseId") or secrets.token_hex(12))
 
 
+def grounding_annotations(metadata: Any, parts: list[str | None]) -> list[dict[str, Any]]:
+    """A candidate's ``groundingMetadata`` as OpenAI ``url_citation`` annotations of its message content, which is
+    the concatenation of ``parts`` (the candidate's parts in order: a part's answer text, ``None`` for a thought, a
+    function call or anything else, which is not in the content).
+
+    Each ``groundingSupports[]`` entry cites its ``segment`` with the ``groundingChunks[]`` its
+    ``groundingChunkIndices`` name; a chunk's ``web.uri`` / ``web.title`` are the citation's ``url`` / ``title``.
+    Google documents a segment as ``partIndex`` (the part within its Content) and ``startIndex`` / ``endIndex``
+    measured in bytes from the start of that part, end exclusive: "Start index in the given Part, measured in bytes"
+    (google-genai ``Segment``, googleapis.github.io/js-genai/interfaces/types.Segment.html), "measured in UTF-8
+    bytes" (firebase.google.com/docs/reference/js/ai.segment.md). OpenAI's ``start_index`` / ``end_index`` are
+    character offsets into the whole content, so the bytes are decoded and the part's place in the content added.
+    Fields at their default (0) are left out of proto3 JSON: no ``partIndex`` / ``startIndex`` is 0. A support
+    whose segment is malformed, out of its part, not on character boundaries or in a part that is no answer text,
+    or that names no web chunk, gives nothing; anything else in the metadata is not read."""
+    if not isinstance(metadata, Mapping):
+        return []
+    chunks, supports = metadata.get("groundingChunks"), metadata.get("groundingSupports")
+    if not isinstance(chunks, list) or not isinstance(supports, list):
+        return []
+    starts: list[int] = []  # where each part's text starts in the content, in characters
+    at = 0
+    for text in parts:
+        starts.append(at)
+        at += len(text or "")
+    encoded: dict[int, bytes] = {}
+    notes: list[dict[str, Any]] = []
+    seen: set[tuple[str, int, int]] = set()
+    for support in supports:
+        segment = support.get("segment") if isinstance(support, Mapping) else None
+        span = _segment_span(segment, parts, starts, encoded) if isinstance(segment, Mapping) else None
+        indices = support.get("groundingChunkIndices") if span is not None else None
+        for i in indices if isinstance(indices, list) else ():
+            chunk = chunks[i] if type(i) is int and 0 <= i < len(chunks) else None
+            web = chunk.get("web") if isinstance(chunk, Mapping) else None
+            url = web.get("uri") if isinstance(web, Mapping) else None
+            if not isinstance(url, str) or not url or span is None or (url, *span) in seen:
+                continue  # not a web source (retrievedContext, maps), or this page cites this span already
+            seen.add((url, *span))
+            title = web.get("title") if isinstance(web, Mapping) else None
+            notes.append({"type": "url_citation", "url_citation": {
+                "url": url, "title": title if isinstance(title, str) else "", "start_index": span[0],
+                "end_index": span[1]}})
+    return notes
+
+
+def _segment_span(segment: Mapping[str, Any], parts: list[str | None], starts: list[int],
+                  encoded: dict[int, bytes]) -> tuple[int, int] | None:
+    """``[start, end)`` in characters of the content for a segment's byte offsets in its part, or ``None``."""
+    part, start, end = segment.get("partIndex", 0), segment.get("startIndex", 0), segment.get("endIndex")
+    if type(part) is not int or type(start) is not int or type(end) is not int or not 0 <= part < len(parts):
+        return None
+    text = parts[part]
+    if text is None:
+        return None
+    data = encoded.get(part)
+    if data is None:
+        data = encoded[part] = text.encode()
+    if not 0 <= start < end <= len(data):
+        return None
+    try:
+        first = starts[part] + len(data[:start].decode())
+        return first, first + len(data[start:end].decode())
+    except UnicodeDecodeError:  # an offset inside a character's bytes
+        return None
+
+
 def parse_response(data: Any, model: str) -> ChatResponse:
     if not isinstance(data, Mapping):
         raise TypeError("response is not a JSON object")
@@ -365,14 +436,21 @@ def parse_response(data: Any, model: str) -> ChatResponse:
         texts: list[str] = []
         thoughts: list[str] = []
         calls: list[ToolCall] = []
+        parts: list[str | None] = []  # each part's answer text, for the grounding segments
         for part in (candidate.get("content") or {}).get("parts") or []:
+            answer = None
             if "functionCall" in part:
                 call = part["functionCall"]
                 calls.append(ToolCall(id=encode_call_id(part.get("thoughtSignature")), function=FunctionCall(
                     name=call.get("name", ""), arguments=orjson.dumps(call.get("args") or {}).decode())))
             elif "text" in part:
                 (thoughts if part.get("thought") else texts).append(part["text"])
-        extra = {"reasoning_content": "".join(thoughts)} if thoughts else {}
+                answer = None if part.get("thought") else str(part["text"])
+            parts.append(answer)
+        extra: dict[str, Any] = {"reasoning_content": "".join(thoughts)} if thoughts else {}
+        notes = grounding_annotations(candidate.get("groundingMetadata"), parts)
+        if notes:
+            extra["annotations"] = notes
         message = Message(role="assistant", content="".join(texts) if texts or not calls else None,
                           tool_calls=tuple(calls) or None, extra=extra)
         choices.append(Choice(index=int(candidate.get("index", position)), message=message,
@@ -387,7 +465,12 @@ def parse_response(data: Any, model: str) -> ChatResponse:
 
 
 class StreamState:
-    """Turns Gemini stream events (each a whole ``GenerateContentResponse`` holding only new parts) into chunks."""
+    """Turns Gemini stream events (each a whole ``GenerateContentResponse`` holding only new parts) into chunks.
+
+    A candidate's ``groundingMetadata`` comes on a late event (with the finish, or before it), its segments located
+    in the whole answer: in the parts as the SDKs put a stream together (consecutive text parts, answer or thought,
+    one part; each function call a part of its own). Its citations go out as one ``annotations`` chunk just before
+    the candidate's finish chunk; metadata arriving after the finish is not read."""
 
     def __init__(self, model: str, include_usage: bool) -> None:
         self.model = model
@@ -399,6 +482,8 @@ class StreamState:
         self.finished: set[int] = set()
         self.usage: Usage | None = None
         self.blocked: str | None = None
+        self.parts: dict[int, list[tuple[str, list[str]]]] = {}  # candidate -> its parts so far: (kind, texts)
+        self.grounding: dict[int, dict[str, Any]] = {}  # candidate -> groundingChunks / groundingSupports so far
 
     def _chunk(self, index: int, delta: Delta, finish: str | None = None) -> ChatChunk:
         return ChatChunk(id=self.id or "chatcmpl-gemini", model=self.model, created=self.created,
@@ -423,6 +508,7 @@ class StreamState:
                 self.started.add(index)
                 out.append(self._chunk(index, Delta(role="assistant", content="")))
             for part in (candidate.get("content") or {}).get("parts") or []:
+                self._keep(index, part)
                 if "functionCall" in part:
                     call = part["functionCall"]
                     ordinal = self.calls.get(index, 0)
@@ -436,11 +522,34 @@ class StreamState:
                         out.append(self._chunk(index, Delta(extra={"reasoning_content": part["text"]})))
                     else:
                         out.append(self._chunk(index, Delta(content=part["text"])))
+            metadata = candidate.get("groundingMetadata")
+            if isinstance(metadata, Mapping) and index not in self.finished:
+                self.grounding.setdefault(index, {}).update(
+                    (key, metadata[key]) for key in ("groundingChunks", "groundingSupports") if key in metadata)
             if candidate.get("finishReason"):
+                if index in self.grounding and index not in self.finished:
+                    parts = [("".join(texts) if kind == "text" else None) for kind, texts in self.parts.get(index, ())]
+                    notes = grounding_annotations(self.grounding[index], parts)
+                    if notes:
+                        out.append(self._chunk(index, Delta(extra={"annotations": notes})))
                 self.finished.add(index)
                 out.append(self._chunk(index, Delta(), finish_reason(candidate["finishReason"],
                                                                      bool(self.calls.get(index)))))
         return out
+
+    def _keep(self, index: int, part: Any) -> None:
+        """Adds a streamed part to the candidate's parts as put together: text to the text part before it (answer
+        or thought alike), anything else as a part of its own. Only answer text is kept."""
+        parts = self.parts.setdefault(index, [])
+        text = part.get("text") if isinstance(part, Mapping) else None
+        if not isinstance(text, str):
+            parts.append(("other", []))
+            return
+        kind = "thought" if part.get("thought") else "text"
+        if not parts or parts[-1][0] != kind:
+            parts.append((kind, []))
+        if kind == "text":
+            parts[-1][1].append(text)
 
     @property
     def complete(self) -> bool:
