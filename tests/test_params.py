@@ -330,6 +330,23 @@ def test_responses_max_tool_calls_is_anthropic_s_max_uses(client: openai.OpenAI,
     assert "$.max_tool_calls" in caught.value.message
 
 
+def test_verbosity_is_codex_s_text_verbosity(client: openai.OpenAI, fakes: Fakes) -> None:
+    """The Codex backend takes the Responses ``text.verbosity`` (Codex sends it): chat's ``verbosity`` becomes it,
+    and a Responses client's goes as sent."""
+    def sent() -> Any:
+        return [r for r in fakes.codex.requests if r.method == "POST" and r.path.endswith("/responses")][-1].body
+
+    completion = client.chat.completions.create(model="codex/gpt-5.1", messages=HI, verbosity="low")
+    assert completion.choices[0].message.content and sent()["text"] == {"verbosity": "low"}
+    fakes.codex.script(Reply.say('{"ok": true}'))
+    client.chat.completions.create(model="codex/gpt-5.1", messages=HI, verbosity="high",
+                                   response_format={"type": "json_object"})
+    assert sent()["text"] == {"format": {"type": "json_object"}, "verbosity": "high"}
+    with client.responses.stream(model="codex/gpt-5.1", input="hi", text={"verbosity": "low"}) as stream:
+        assert stream.get_final_response().output_text
+    assert sent()["text"] == {"verbosity": "low"}
+
+
 def test_responses_verbosity_is_chat_s_verbosity(client: openai.OpenAI, fakes: Fakes) -> None:
     """``text.verbosity`` is chat's ``verbosity``: an OpenAI-compatible upstream gets it; a hint the other
     translations have no field for."""

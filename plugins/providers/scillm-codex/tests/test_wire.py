@@ -120,7 +120,25 @@ def test_request_body_follows_the_backend_rules() -> None:
         {"type": "function_call_output", "call_id": "call_1", "output": "{\"temp\": 3}"},
         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "3 degrees."}]}]
     bare = to_codex_body(structure({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, ChatRequest), "m")
-    assert bare["instructions"] == DEFAULT_INSTRUCTIONS and "tools" not in bare
+    assert bare["instructions"] == DEFAULT_INSTRUCTIONS and "tools" not in bare and "text" not in bare
+
+
+def test_verbosity_is_text_verbosity_as_codex_sends_it() -> None:
+    """Chat's ``verbosity`` is the Responses ``text.verbosity`` the Codex CLI sends (``text: {"verbosity":
+    "medium"}`` in shared/fixtures/responses_codex/codex_request_example.json), beside a response format; a hint
+    dropped when not a string, and for the -codex models, which take only "medium" (Codex leaves it out too)."""
+
+    def text_of(model: str = "gpt-5", **extra: Any) -> Any:
+        body = {"model": "codex/" + model, "messages": [{"role": "user", "content": "hi"}], **extra}
+        return to_codex_body(structure(body, ChatRequest), model).get("text")
+
+    assert text_of(verbosity="medium") == {"verbosity": "medium"}
+    assert text_of(verbosity="low", response_format={"type": "json_object"}) == {
+        "format": {"type": "json_object"}, "verbosity": "low"}
+    assert text_of(verbosity=2) is None
+    assert text_of("gpt-5.1-codex", verbosity="low") is None and text_of("gpt-5-codex", verbosity="medium") is None
+    assert text_of("gpt-5.1-codex-mini", verbosity="low", response_format={"type": "json_object"}) == {
+        "format": {"type": "json_object"}}
 
 
 def test_openai_sdk_parses_the_fake_stream(codex: FakeCodex) -> None:

@@ -4,7 +4,7 @@ Request: system/developer messages become ``instructions`` (a default when there
 messages become ``message`` items with ``input_text`` / ``input_image`` / ``input_file`` / ``output_text`` parts;
 assistant tool calls become ``function_call`` items and tool results ``function_call_output`` items; tools are
 flattened; ``store: false`` and ``stream: true`` always; no temperature, top_p or token limits (the backend
-rejects them).
+rejects them); chat's ``verbosity`` is ``text.verbosity``, which Codex itself sends (not to ``-codex`` models).
 
 Response: :class:`StreamState` turns Responses events into chat chunks: text deltas, function-call argument deltas
 as ``tool_calls`` deltas (index = ordinal among the calls), reasoning summaries as ``reasoning_content``,
@@ -137,9 +137,17 @@ def to_codex_body(request: ChatRequest, model: str) -> dict[str, Any]:
         body["parallel_tool_calls"] = True if request.parallel_tool_calls is None else request.parallel_tool_calls
     effort = request.reasoning_effort or _extra_effort(request.extra)
     body["reasoning"] = {"effort": effort or "medium", "summary": "auto"}
+    text: dict[str, Any] = {}
     fmt = _text_format(request.response_format)
     if fmt is not None:
-        body["text"] = {"format": fmt}
+        text["format"] = fmt
+    verbosity = request.extra.get("verbosity")
+    if isinstance(verbosity, str) and "codex" not in model:
+        # a hint, as Codex sends it; Codex leaves it out for its -codex models (support_verbosity false, openai/codex
+        # PR #6007), which take only "medium" and answer others with a 400 naming text.verbosity
+        text["verbosity"] = verbosity
+    if text:
+        body["text"] = text
     return body
 
 
