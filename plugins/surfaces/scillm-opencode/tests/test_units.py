@@ -90,6 +90,67 @@ def test_runs_in_flight_when_scillm_stopped_are_finalised_as_interrupted(tmp_pat
         assert not worktree.exists() and len(git("worktree", "list").stdout.splitlines()) == 1
 
 
+@pytest.mark.parametrize("namespace,dirname,route", [
+    ("opencode.runs", "runs", "/v1/scillm/opencode/runs"),
+    ("opencode.transport", "transport", "/v1/scillm/opencode/transport/runs")])
+def test_a_dead_run_read_while_redis_is_down_answers_its_run_dir_and_is_settled_when_redis_answers(
+        tmp_path: Path, namespace: str, dirname: str, route: str) -> None:
+    """As exec's runs: a run whose scillm died, read while the state store is down, answers its run dir's copy of the
+    record (status.json, as the driver wrote it with the store's) marked degraded instead of the store's 503, and is
+    not finalised then (no result.json, its worktree kept); the first read once Redis answers again finalises it."""
+    import asyncio
+    import signal
+    import subprocess
+
+    from scillm_core.state.redis import RedisStore
+    from scillm_core.testing.services import RedisServer
+
+    run_id = "oc-dead-1"
+    run_dir = tmp_path / "opencode" / dirname / run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "events.jsonl").write_text(json.dumps({"seq": 1, "ts": 1.0, "type": "run_started", "node": None})
+                                          + "\n")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True, text=True)  # noqa
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init")
+    worktree = tmp_path / "opencode" / "worktrees" / run_id
+    git("worktree", "add", "-q", "--detach", str(worktree))
+    doc = {"run_id": run_id, "status": "running", "created_at": time.time(), "caller": "t", "owner": "master",
+           "worktree": str(worktree), "repo": str(repo),
+           "instance": "gone", "driver": {"pid_space": PID_SPACE, "pid": 2 ** 22 + 12345, "started": 1}}
+    (run_dir / "status.json").write_text(json.dumps(doc))
+    redis = RedisServer(tmp_path / "redis", persist=True).start()
+    try:
+        state = {"backend": "redis", "redis_url": redis.url, "timeout_s": 0.5}
+
+        async def seed() -> None:
+            store = RedisStore(redis.url)
+            await store.put(namespace, run_id, doc)
+            await store.close()
+
+        asyncio.run(seed())
+        redis.kill(signal.SIGKILL)
+        app = make_app(env={"SCILLM_MASTER_KEY": KEY, "SCILLM_OPENCODE_SERVE_ENABLED": "1"}, data_dir=tmp_path,
+                       only=ONLY, config={"state": state})
+        with ServerThread(app) as server:
+            c = client(server.url)
+            down = c.get(f"{route}/{run_id}")
+            assert down.status_code == 200, down.text
+            assert down.json()["status"] == "running" and "state store" in down.json()["degraded"], down.json()
+            assert not (run_dir / "result.json").exists() and worktree.exists()  # nothing finalised
+
+            redis.start()  # the same port and data: the run's record is there again
+            got = c.get(f"{route}/{run_id}").json()
+            assert got["status"] == "error" and got["error"].startswith("interrupted") and "degraded" not in got
+            assert json.loads((run_dir / "result.json").read_text())["status"] == "error" and not worktree.exists()
+            events = c.get(f"{route}/{run_id}/{'events/stream' if 'transport' in route else 'events'}").text
+            assert '"type":"run_completed"' in events and "event: end" in events
+    finally:
+        redis.kill()
+
+
 def test_normaliser_turns_bus_events_into_run_events() -> None:
     events = SessionEvents("ses_1")
     feed = lambda kind, **props: events.feed({"type": kind, "properties": {"sessionID": "ses_1", **props}})  # noqa

@@ -303,7 +303,7 @@ class ExecManager:
                 **self.shared.stamp()}
 
     def _write_status(self, run: Run) -> None:
-        _write_json(run.run_dir / "status.json", self._status_doc(run))
+        self.shared.keep(run.run_dir, self._status_doc(run))
 
     async def _execute(self, run: Run, base_url: str | None) -> dict[str, Any]:
         spec = run.spec
@@ -461,23 +461,15 @@ class ExecManager:
         """A run's current document: live state, else result.json, else status.json (this machine's run dir),
         else the state store's record (a run another instance drives); 404 when unknown. A run whose driving
         process is gone (scillm was killed or restarted, or its instance died) is settled first (:meth:`_settle`);
-        while the store is down, status.json is answered as it stands, marked (:meth:`SharedRuns.unsettled`)."""
+        while the store is down, status.json is answered as it stands, marked (:meth:`SharedRuns.local`)."""
         if not RUN_ID.match(run_id):
             raise errors.NotFound(f"no run {errors.quote(run_id)}")
         run = self.runs.get(run_id)
         if run is not None:
             return run.result or self._status_doc(run) | {"artifacts": _artifacts(run.run_dir)}
-        run_dir = self.runs_dir / run_id
-        for name in ("result.json", "status.json"):
-            path = run_dir / name
-            if path.is_file():
-                doc = orjson.loads(await asyncio.to_thread(path.read_bytes))
-                if name == "result.json":
-                    return doc  # type: ignore[no-any-return]
-                try:
-                    return await self._settle(doc)
-                except errors.StateUnavailable as exc:
-                    return self.shared.unsettled(doc, exc)
+        doc = await self.shared.local(self.runs_dir / run_id, self._settle)
+        if doc is not None:
+            return doc
         doc = await self.runtime.store.get(STORE_NS, run_id)
         if doc is None:
             raise errors.NotFound(f"no run {errors.quote(run_id)}")
@@ -511,8 +503,8 @@ class ExecManager:
             left = await end_leftover_group(run_dir / "process.json", cfg.kill_grace_s)
             result |= {"artifacts": _artifacts(run_dir), "leftover_process_group": left}
             await asyncio.to_thread(_write_json, run_dir / "result.json", result)
-            await asyncio.to_thread(_write_json, run_dir / "status.json", {**doc, "status": "failed",
-                                                                          "updated_at": final["updated_at"]})
+            await asyncio.to_thread(self.shared.keep, run_dir, {**doc, "status": "failed",
+                                                                "updated_at": final["updated_at"]})
             log = EventLog(run_dir / "events.jsonl")
         await self.shared.end_interrupted(run_id, log, {"type": "run.interrupted", "source": "scillm",
                                                         "error": error}, _end_of(final))

@@ -15,6 +15,10 @@ record, tail its events and cancel it.
   it settles it ``interrupted`` and ends its events (:meth:`SharedRuns.end_interrupted`), so every follower gets an
   end.
 
+- **the run dir's copy**: the driving process keeps the run's record in its run dir too (:meth:`SharedRuns.keep`:
+  ``status.json``, then ``result.json`` once it ended); a read on this machine answers from there
+  (:meth:`SharedRuns.local`).
+
 A store that is down delays copies and cancel requests (retried), never a run; a run this machine's run dir holds
 is read from there meanwhile, marked ``degraded`` (:meth:`SharedRuns.unsettled`), and settled once the store answers.
 """
@@ -27,17 +31,20 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from scillm_core import errors
 from scillm_core.state.presence import INSTANCES
 from scillm_exec.events import EventLog, read_new
 from scillm_exec.process import PID_SPACE, process_start
 
 if TYPE_CHECKING:
-    from scillm_core import Runtime, errors
+    from scillm_core import Runtime
 
 __all__ = ["CANCEL_POLL_S", "SharedRuns", "sse_follow"]
 
@@ -174,6 +181,33 @@ class SharedRuns:
             return False
         theirs, mine = await self.runtime.store.get_many(INSTANCES, [instance, self.runtime.instance_id])
         return theirs is None and mine is not None
+
+    @staticmethod
+    def keep(run_dir: Path, doc: Mapping[str, Any]) -> None:
+        """The run dir's copy of a run's record (``status.json``, replaced whole: a reader never sees half of it),
+        written with the store's: what a read on this machine answers (:meth:`local`), with the store down too."""
+        tmp = run_dir / f"status.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2, default=str))
+        tmp.replace(run_dir / "status.json")
+
+    async def local(self, run_dir: Path, settle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+                    ) -> dict[str, Any] | None:
+        """A run's document from this machine's run dir: ``result.json`` (it ended) as it is, else ``status.json``
+        through ``settle`` (which settles a run whose driver is gone, in the store first), or, while the store is
+        down, as it stands (:meth:`unsettled`); ``None`` when the run dir has neither (another machine drives it)."""
+        for name in ("result.json", "status.json"):
+            path = run_dir / name
+            try:
+                doc: dict[str, Any] = orjson.loads(await asyncio.to_thread(path.read_bytes))
+            except FileNotFoundError:
+                continue
+            if name == "result.json":
+                return doc
+            try:
+                return await settle(doc)
+            except errors.StateUnavailable as exc:
+                return self.unsettled(doc, exc)
+        return None
 
     @staticmethod
     def unsettled(doc: Mapping[str, Any], exc: errors.StateUnavailable) -> dict[str, Any]:

@@ -4,6 +4,10 @@ by every instance) plus the run directory (``events.jsonl``, ``diff.patch``, ``r
 A record names the process that drives the run (:meth:`scillm_exec.SharedRuns.stamp`). When a scillm restarts, the
 runs its previous process left in flight are finalised ``error`` (``interrupted``) instead of staying ``running``
 forever: at start-up, and on read for any record whose driver is gone (:meth:`scillm_exec.SharedRuns.driver_gone`).
+
+The run dir keeps a copy of the record (``status.json``, :meth:`scillm_exec.SharedRuns.keep`) as exec runs do: a read
+on this machine answers from it, and while the state store is down answers it as it stands, marked ``degraded``
+(:meth:`scillm_exec.SharedRuns.local`); a run whose driver is gone is finalised only once the store answers.
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ class Records:
         return orjson.loads(raw)  # type: ignore[no-any-return]
 
     async def save(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """Store the document (secrets scrubbed; long text cut for the store, kept whole in result.json)."""
+        """Store the document (secrets scrubbed; long text cut for the store, kept whole in result.json), and the
+        same in the run dir's status.json when this machine has the run dir."""
         doc = self._scrub(doc)
         stored = dict(doc)
         for key in ("diff", "assistant_text"):
@@ -78,6 +83,10 @@ class Records:
             if isinstance(value, str) and len(value) > STORE_TEXT_LIMIT:
                 stored[key] = value[:STORE_TEXT_LIMIT]
                 stored[f"{key}_truncated"] = True
+        run_dir = self.run_dir(doc["run_id"])
+        if run_dir.is_dir():
+            with contextlib.suppress(OSError):  # the store still has it
+                await blocking(self.shared.keep, run_dir, stored)
         with contextlib.suppress(Exception):  # the run dir still has it; a store outage must not lose the run
             await self.runtime.store.put(self.namespace, doc["run_id"], stored)
         return doc
@@ -88,19 +97,22 @@ class Records:
         await blocking(write_json, run_dir / "result.json", doc)
 
     async def load(self, run_id: str) -> dict[str, Any]:
-        """A run's stored document (result.json when this host has it); 404 when unknown. A record whose driver is
-        gone is finalised ``error: interrupted`` first."""
+        """A run's document: this machine's run dir (result.json, else status.json), else the store's record; 404
+        when unknown. A record whose driver is gone is finalised ``error: interrupted`` first (:meth:`settle`);
+        while the store is down, status.json is answered as it stands, marked (:meth:`SharedRuns.local`)."""
         if not RUN_ID.match(run_id):
             raise errors.NotFound(f"no run {errors.quote(run_id)}")
-        path = self.run_dir(run_id) / "result.json"
-        if path.is_file():
-            return orjson.loads(await blocking(path.read_bytes))  # type: ignore[no-any-return]
+        doc = await self.shared.local(self.run_dir(run_id), self.settle)
+        if doc is not None:
+            return doc
         doc = await self.runtime.store.get(self.namespace, run_id)
         if doc is None:
             raise errors.NotFound(f"no run {errors.quote(run_id)}")
-        if await self.gone(doc):
-            doc = await self.interrupt(doc)
-        return doc
+        return await self.settle(doc)
+
+    async def settle(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """The record as it stands, or finalised ``error: interrupted`` when the process driving it is gone."""
+        return await self.interrupt(doc) if await self.gone(doc) else doc
 
     async def exists(self, run_id: str) -> bool:
         return self.run_dir(run_id).exists() or await self.runtime.store.get(self.namespace, run_id) is not None
@@ -123,7 +135,12 @@ class Records:
         return doc.get("status") not in TERMINAL and await self.shared.driver_gone(doc)
 
     async def interrupt(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """Finalise a run whose driver died: ``error`` (interrupted), a terminal event, result.json, the store."""
+        """Finalise a run whose driver died: ``error`` (interrupted), a terminal event, result.json, the store. The
+        store's record is read first: a 503 while the store is down (nothing is finalised before it answers), and a
+        record another reader finalised already is answered as it is."""
+        stored = await self.runtime.store.get(self.namespace, doc["run_id"])
+        if stored is not None and stored.get("status") in TERMINAL:
+            return stored
         doc = dict(doc)
         doc.update(status="error", error="interrupted: scillm stopped while the run was in flight",
                    finished_at=time.time())
