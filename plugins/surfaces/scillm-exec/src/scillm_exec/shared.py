@@ -241,11 +241,13 @@ class SharedRuns:
                      settled: Callable[[], Any]) -> AsyncIterator[dict[str, Any] | None]:
         """The run's events with ``seq > after`` from the store, then live ones as they are copied, ending with its
         end record (``{"end": true, ...}``). Yields ``None`` after ``heartbeat_s`` without one; then awaits
-        ``settled()`` (a run record that is over, or ``None``) and ends with it when the driver can no longer
-        write the end (it died)."""
+        ``settled()`` (the end of a run whose record is over, or ``None``). A record is over moments before its
+        driver's copy brings the last events and the end record (the record is saved first): those are waited for
+        one more ``heartbeat_s``, and only without them does the stream end with ``settled()``'s end (the driver
+        can no longer write its own: it died)."""
         ns, cursor, over = self.events_ns(run_id), "", None
         while True:
-            records = await self.runtime.store.follow(ns, cursor, limit=500, block_s=0.0 if over else heartbeat_s)
+            records = await self.runtime.store.follow(ns, cursor, limit=500, block_s=heartbeat_s)
             for entry_id, record in records:
                 cursor = entry_id
                 if record.get("end"):
@@ -255,7 +257,7 @@ class SharedRuns:
                     yield record
             if records:
                 continue
-            if over is not None:  # drained what the driver copied before it died
+            if over is not None:  # a heartbeat more and no end record: drained what the driver copied before it died
                 yield {"end": True, **over}
                 return
             yield None
