@@ -249,6 +249,15 @@ def scan_for_secrets(stack: Stack, extra: list[str] = ()) -> list[str]:  # type:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with open_stack(tmp_path_factory) as built:
+        yield built
+
+
+@contextlib.contextmanager
+def open_stack(tmp_path_factory: pytest.TempPathFactory,
+               services: Callable[[], dict[str, Any]] | None = None) -> Iterator[Stack]:
+    """The stack; ``services`` starts what else it needs inside its network namespace (a Redis) and answers the
+    config the app needs for it."""
     opencode = REPO_TOOLS / "node_modules" / ".bin" / "opencode"
     assert opencode.exists(), f"{opencode} missing: run scripts/install --test"
     root = tmp_path_factory.mktemp("work")
@@ -261,6 +270,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     scillm_logger.setLevel(logging.DEBUG)  # everything scillm logs, at every level, is scanned
     with loopback_only():
         assert links() == ["lo"]
+        extra = services() if services is not None else {}
         fake = ScriptedModel()
         fake.start()
         app = make_app(env={"OPENAI_API_KEY": PROVIDER_SECRET, "OPENAI_API_BASE": fake.url + "/v1",
@@ -268,7 +278,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                        data_dir=data_dir,
                        config={"exec": {"allowed_roots": [str(root)]}, "pricing": PRICING,
                                "opencode": {"model": MODEL, "skill_roots": [str(skills)], "heartbeat_s": 0.5,
-                                            "default_timeout_s": 120}},
+                                            "default_timeout_s": 120}, **extra},
                        only=ONLY)
         try:
             with ServerThread(app) as server:
