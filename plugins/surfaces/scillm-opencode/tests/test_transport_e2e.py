@@ -271,3 +271,59 @@ def test_a_finished_transport_run_is_not_kept_in_memory(stack: Stack) -> None:
     later, _ = stack.events(f"{base}/events/stream", after=events[1]["seq"])
     assert later == events[2:]
     assert stack.client.get(f"{base}/diff").json()["changed_paths"] == ["hello.txt"]
+
+
+def test_a_run_cancelled_again_while_its_node_cleans_up_ends_only_after_the_node(stack: Stack) -> None:
+    """However often the run's task is cancelled (shutdown does it once: the run stops its nodes and waits for them;
+    here again while it waits, which cancels the node, and a third time while the node deletes its session), the run
+    ends only once its node has: the node's clean-up is not cut short, and nothing of the run is left running."""
+    import asyncio
+
+    run_id = start(stack, [{"id": "a", "prompt": "[gate:again]"}])["run_id"]
+    assert stack.fake.arrival("again").wait(60)
+    live = stack.opencode.transport.runs[run_id]
+    client = live.server.client
+
+    async def cancel_again_and_again() -> list[str]:
+        order: list[str] = []
+        deleting, release = asyncio.Event(), asyncio.Event()
+        delete_session = client.delete_session
+
+        async def held_delete(directory: str, session_id: str) -> None:
+            order.append("node: deleting its session")
+            deleting.set()
+            try:
+                await release.wait()
+                await delete_session(directory, session_id)
+            except asyncio.CancelledError:
+                order.append("node: deletion cut short")
+                raise
+            order.append("node: session deleted")
+
+        node = next(t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "Transport._node"
+                    and t.get_coro().cr_frame.f_locals.get("run") is live)
+        client.delete_session = held_delete
+        try:
+            live.task.cancel()  # as shutdown does
+            await live.stop.wait()  # the run stopped its nodes and waits for them
+            live.task.cancel()
+            await deleting.wait()
+            live.task.cancel()
+            for _ in range(20):  # whatever the run does now with its node, it does without any I/O
+                await asyncio.sleep(0)
+            order.append("deletion released")
+            release.set()
+            await asyncio.gather(live.task, return_exceptions=True)
+            order.append("run ended; its node " + ("ended" if node.done() else "still running"))
+        finally:
+            del client.delete_session  # the class's method again
+        return order
+
+    try:
+        order = asyncio.run_coroutine_threadsafe(cancel_again_and_again(), stack.server.loop).result(120)
+    finally:
+        stack.fake.gate("again").set()
+    assert order == ["node: deleting its session", "deletion released", "node: session deleted",
+                     "run ended; its node ended"]
+    doc = stack.client.get(f"{T}/runs/{run_id}").json()
+    assert doc["status"] == "error" and doc["nodes"][0]["status"] == "aborted", doc

@@ -203,7 +203,8 @@ class Transport(RunBook[TransportRun]):
             unit.event({"seq": event["seq"], "type": name})
 
     async def _execute(self, run: TransportRun) -> None:
-        tasks: list[asyncio.Task[None]] = []
+        nodes: list[asyncio.Task[None]] = []
+        helpers: list[asyncio.Task[Any]] = []  # what waits for the nodes: with them, all ended before the run ends
         try:
             self.emit(run, None, "run_started", {"nodes": [{"id": n.id, "agent": n.agent, "mode": n.mode,
                                                             "depends_on": n.depends_on} for n in run.nodes.values()],
@@ -213,13 +214,11 @@ class Transport(RunBook[TransportRun]):
             run.bus = Bus(run.server, str(run.worktree.workdir))
             await run.bus.open()
             limit = asyncio.Semaphore(run.max_concurrency)
-            tasks = [asyncio.ensure_future(self._node(run, node, limit)) for node in run.nodes.values()]
-            waiter = asyncio.ensure_future(asyncio.wait(tasks))
+            nodes += [asyncio.ensure_future(self._node(run, node, limit)) for node in run.nodes.values()]
+            waiter = asyncio.ensure_future(asyncio.wait(nodes))
             timer = asyncio.ensure_future(asyncio.sleep(run.timeout_s))
-            try:
-                done, _ = await asyncio.wait({waiter, timer}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                timer.cancel()
+            helpers += [waiter, timer]
+            done, _ = await asyncio.wait({waiter, timer}, return_when=asyncio.FIRST_COMPLETED)
             if waiter not in done:
                 if run.decide("timeout", f"the run passed timeout_s={run.timeout_s:g}; running nodes were aborted"):
                     run.stop.set()
@@ -228,7 +227,7 @@ class Transport(RunBook[TransportRun]):
             if run.decide("error", "scillm shut down while the run was in flight"):
                 run.stop.set()
             with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), ABORT_GRACE_S + 5)
+                await asyncio.wait_for(asyncio.gather(*nodes, return_exceptions=True), ABORT_GRACE_S + 5)
         except errors.ScillmError as exc:
             if run.decide("error", exc.message):
                 run.stop.set()
@@ -236,9 +235,7 @@ class Transport(RunBook[TransportRun]):
             if run.decide("error", f"{type(exc).__name__}: {exc}"):
                 run.stop.set()
         finally:
-            for task in tasks:
-                if not task.done():
-                    task.cancel()
+            await _ended([*nodes, *helpers])
             await self._finish(run)
 
     async def _node(self, run: TransportRun, node: Node, limit: asyncio.Semaphore) -> None:
@@ -446,3 +443,16 @@ class Transport(RunBook[TransportRun]):
         raise errors.NotFound(f"no pending permission request {errors.quote(permission_id)} in run "
                               f"{errors.quote(run_id)}",
                               param="$.permission_id")
+
+
+async def _ended(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel what is still going of a run's tasks (one already cancelled is left to finish its clean-up: its
+    session's abort and deletion) and wait until every one has ended, however often the run itself is cancelled
+    meanwhile: its result is written only once nothing of it runs."""
+    pending = {task for task in tasks if not task.done()}
+    for task in pending:
+        if not task.cancelling():
+            task.cancel()
+    while pending:
+        with contextlib.suppress(asyncio.CancelledError):
+            _, pending = await asyncio.wait(pending)
