@@ -1,13 +1,14 @@
 """OpenCode runs while the state store (a real Redis, killed and restarted) is down: the run goes on, the instance
-driving it still streams and aborts it, and another instance on this machine reads it from its run dir, marked
-degraded, instead of answering 503. One fake model, one scillm with its opencode serve, one Redis, inside one
-loopback-only network namespace."""
+driving it still streams and aborts it, another instance on this machine reads it from its run dir, marked
+degraded, instead of answering 503, and the store has its final record once Redis answers again. One fake model,
+one scillm with its opencode serve, one Redis, inside one loopback-only network namespace."""
 
 from __future__ import annotations
 
 import json
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -80,6 +81,14 @@ def test_a_run_read_while_redis_is_down_answers_its_run_dir_and_its_driver_strea
 
             redis.start()  # the same port and data
             assert b.get(f"{RUNS}/{run_id}").json()["status"] == "aborted"
+            deadline = time.monotonic() + 60  # the store's record too, once the driver's copy reaches it
+            while True:
+                index = b.get(RUNS)
+                assert index.status_code == 200, index.text
+                if {r["run_id"]: r["status"] for r in index.json()["runs"]}.get(run_id) == "aborted":
+                    break
+                assert time.monotonic() < deadline, index.json()
+                time.sleep(0.1)
     finally:
         gate.set()
         if not redis.ping():

@@ -265,7 +265,7 @@ class ExecManager:
             if run.task is not None:
                 run.task.cancel()
 
-        self.shared.drive(run_id, events, lambda: self._end(run), cancel)
+        self.shared.drive(run_id, events, lambda: self._end(run), cancel, lambda: (STORE_NS, self._record_doc(run)))
         return run
 
     @staticmethod
@@ -426,10 +426,14 @@ class ExecManager:
 
     async def record(self, run: Run) -> None:
         """The run's record in the state store (its status; the result without the final text at the end). A store
-        that is down never stops a run: the run dir has it all."""
+        that is down never stops a run: the run dir has it all, and the final record goes again with the end of
+        the run's events (:meth:`SharedRuns.drive`)."""
         with contextlib.suppress(Exception):
-            await self.runtime.store.put(STORE_NS, run.run_id, self._status_doc(run) | (
-                {"result": {k: v for k, v in (run.result or {}).items() if k != "final_text"}} if run.result else {}))
+            await self.runtime.store.put(STORE_NS, run.run_id, self._record_doc(run))
+
+    def _record_doc(self, run: Run) -> dict[str, Any]:
+        return self._status_doc(run) | (
+            {"result": {k: v for k, v in (run.result or {}).items() if k != "final_text"}} if run.result else {})
 
     async def wait(self, run: Run) -> dict[str, Any]:
         await asyncio.shield(run.done.wait())

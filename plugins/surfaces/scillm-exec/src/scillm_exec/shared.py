@@ -77,10 +77,13 @@ class SharedRuns:
     # -- the driving process ---------------------------------------------------------------------------------------
 
     def drive(self, run_id: str, events: EventLog, end: Callable[[], Mapping[str, Any]],
-              cancel: Callable[[str], None]) -> None:
+              cancel: Callable[[str], None],
+              record: Callable[[], tuple[str, Mapping[str, Any]]] | None = None) -> None:
         """This process drives ``run_id``: copy ``events`` into the store as it grows (until the log is closed, then
-        ``{"end": true, **end()}``), and call ``cancel(reason)`` for a cancel request from any instance."""
-        task = asyncio.ensure_future(self._mirror(run_id, events, end))
+        ``{"end": true, **end()}``), and call ``cancel(reason)`` for a cancel request from any instance. ``record()``
+        (its namespace and document) is the run's final record, stored again just before the end record: the
+        driver stored it as the run ended, but a store that was down then would keep the run unfinished."""
+        task = asyncio.ensure_future(self._mirror(run_id, events, end, record))
         self.mirrors.add(task)
         task.add_done_callback(self.mirrors.discard)
         self.driving[run_id] = cancel
@@ -91,7 +94,8 @@ class SharedRuns:
         """The run is over: no more cancel requests for it (its copy ends when its log is closed)."""
         self.driving.pop(run_id, None)
 
-    async def _mirror(self, run_id: str, events: EventLog, end: Callable[[], Mapping[str, Any]]) -> None:
+    async def _mirror(self, run_id: str, events: EventLog, end: Callable[[], Mapping[str, Any]],
+                      record: Callable[[], tuple[str, Mapping[str, Any]]] | None) -> None:
         """A store that fails is retried with what is pending: nothing is dropped while this process lives."""
         ns, offset, buf = self.events_ns(run_id), 0, bytearray()
         pending: list[dict[str, Any]] = []
@@ -104,6 +108,9 @@ class SharedRuns:
                 pending.append({"end": True, **end()})
             if pending:
                 try:
+                    if closed and record is not None:
+                        where, doc = record()
+                        await self.runtime.store.put(where, run_id, doc)
                     await self.runtime.store.append_many(ns, pending)
                     pending, ended = [], closed
                 except asyncio.CancelledError:

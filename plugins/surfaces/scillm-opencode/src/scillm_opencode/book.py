@@ -204,7 +204,8 @@ class RunBook(Generic[R]):
                             "run_id": run.run_id, "caller": run.caller, "surface": "opencode",
                             "events_url": self.events_path.format(run_id=run.run_id), **self.unit_attrs(run)})
         run.task = asyncio.ensure_future(execute(run))
-        self.shared.drive(run.run_id, run.log, run.end, run.abort)
+        self.shared.drive(run.run_id, run.log, run.end, run.abort,
+                          lambda: (self.records.namespace, self.records.stored(run.result or self.doc(run))[1]))
         return run
 
     def unit_attrs(self, run: R) -> dict[str, Any]:

@@ -73,9 +73,8 @@ class Records:
             raw = raw.replace(secret.encode(), b"[redacted]")
         return orjson.loads(raw)  # type: ignore[no-any-return]
 
-    async def save(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """Store the document (secrets scrubbed; long text cut for the store, kept whole in result.json), and the
-        same in the run dir's status.json when this machine has the run dir."""
+    def stored(self, doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The document with secrets scrubbed, and as the store keeps it (long text cut; result.json keeps it)."""
         doc = self._scrub(doc)
         stored = dict(doc)
         for key in ("diff", "assistant_text"):
@@ -83,6 +82,13 @@ class Records:
             if isinstance(value, str) and len(value) > STORE_TEXT_LIMIT:
                 stored[key] = value[:STORE_TEXT_LIMIT]
                 stored[f"{key}_truncated"] = True
+        return doc, stored
+
+    async def save(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """Store the document (secrets scrubbed; long text cut for the store, kept whole in result.json), and the
+        same in the run dir's status.json when this machine has the run dir. A store that is down never stops a
+        run: the final record goes again with the end of the run's events (:meth:`SharedRuns.drive`)."""
+        doc, stored = self.stored(doc)
         run_dir = self.run_dir(doc["run_id"])
         if run_dir.is_dir():
             with contextlib.suppress(OSError):  # the store still has it
