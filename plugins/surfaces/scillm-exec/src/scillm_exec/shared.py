@@ -78,11 +78,11 @@ class SharedRuns:
 
     def drive(self, run_id: str, events: EventLog, end: Callable[[], Mapping[str, Any]],
               cancel: Callable[[str], None],
-              record: Callable[[], tuple[str, Mapping[str, Any]]] | None = None) -> None:
+              record: Callable[[], tuple[str, Mapping[str, Any]] | None] | None = None) -> None:
         """This process drives ``run_id``: copy ``events`` into the store as it grows (until the log is closed, then
         ``{"end": true, **end()}``), and call ``cancel(reason)`` for a cancel request from any instance. ``record()``
-        (its namespace and document) is the run's final record, stored again just before the end record: the
-        driver stored it as the run ended, but a store that was down then would keep the run unfinished."""
+        (its namespace and document, or ``None``) is the run's final record, stored again just before the end
+        record: the driver stored it as the run ended, but a store that was down then would keep it unfinished."""
         task = asyncio.ensure_future(self._mirror(run_id, events, end, record))
         self.mirrors.add(task)
         task.add_done_callback(self.mirrors.discard)
@@ -95,7 +95,7 @@ class SharedRuns:
         self.driving.pop(run_id, None)
 
     async def _mirror(self, run_id: str, events: EventLog, end: Callable[[], Mapping[str, Any]],
-                      record: Callable[[], tuple[str, Mapping[str, Any]]] | None) -> None:
+                      record: Callable[[], tuple[str, Mapping[str, Any]] | None] | None) -> None:
         """A store that fails is retried with what is pending: nothing is dropped while this process lives."""
         ns, offset, buf = self.events_ns(run_id), 0, bytearray()
         pending: list[dict[str, Any]] = []
@@ -108,9 +108,9 @@ class SharedRuns:
                 pending.append({"end": True, **end()})
             if pending:
                 try:
-                    if closed and record is not None:
-                        where, doc = record()
-                        await self.runtime.store.put(where, run_id, doc)
+                    final = record() if closed and record is not None else None
+                    if final is not None:
+                        await self.runtime.store.put(final[0], run_id, final[1])
                     await self.runtime.store.append_many(ns, pending)
                     pending, ended = [], closed
                 except asyncio.CancelledError:
@@ -197,15 +197,16 @@ class SharedRuns:
         tmp.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2, default=str))
         tmp.replace(run_dir / "status.json")
 
-    async def local(self, run_dir: Path, settle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
-                    ) -> dict[str, Any] | None:
+    async def local(self, run_dir: Path, settle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
+                    read: Callable[[Path], Awaitable[bytes]] | None = None) -> dict[str, Any] | None:
         """A run's document from this machine's run dir: ``result.json`` (it ended) as it is, else ``status.json``
         through ``settle`` (which settles a run whose driver is gone, in the store first), or, while the store is
-        down, as it stands (:meth:`unsettled`); ``None`` when the run dir has neither (another machine drives it)."""
+        down, as it stands (:meth:`unsettled`); ``None`` when the run dir has neither (another machine drives it).
+        ``read(path)``: a file's bytes, off the event loop (default: a thread of the loop's default pool)."""
         for name in ("result.json", "status.json"):
             path = run_dir / name
             try:
-                doc: dict[str, Any] = orjson.loads(await asyncio.to_thread(path.read_bytes))
+                doc: dict[str, Any] = orjson.loads(await (read or _read_bytes)(path))
             except FileNotFoundError:
                 continue
             if name == "result.json":
@@ -269,6 +270,10 @@ class SharedRuns:
                 return
             yield None
             over = await settled()
+
+
+async def _read_bytes(path: Path) -> bytes:
+    return await asyncio.to_thread(path.read_bytes)
 
 
 def _storable(event: dict[str, Any]) -> dict[str, Any]:

@@ -128,6 +128,7 @@ class LiveRun:
     diff_lock: asyncio.Lock = field(factory=asyncio.Lock)  # a live diff never races the worktree's removal
     trace: dict[str, str] = field(factory=dict)  # the trace context of the request that started it
     unit: Unit | None = None                     # the run as a unit of work (events, traces), while it runs
+    stored: dict[str, Any] | None = None         # its final record as stored (scrubbed), once it ended
 
     @property
     def owner(self) -> str:
@@ -205,7 +206,7 @@ class RunBook(Generic[R]):
                             "events_url": self.events_path.format(run_id=run.run_id), **self.unit_attrs(run)})
         run.task = asyncio.ensure_future(execute(run))
         self.shared.drive(run.run_id, run.log, run.end, run.abort,
-                          lambda: (self.records.namespace, self.records.stored(run.result or self.doc(run))[1]))
+                          lambda: (self.records.namespace, run.stored) if run.stored is not None else None)
         return run
 
     def unit_attrs(self, run: R) -> dict[str, Any]:
@@ -233,6 +234,7 @@ class RunBook(Generic[R]):
         run.result = self.doc(run, final=True) | extra
         run.log.append("run_completed", node=None, status=run.status, error=run.error,
                        changed_paths=extra.get("changed_paths", []), **event)
+        run.stored = self.records.stored(run.result)[1]  # stored again with the end of its events (Redis was down)
         stored = await self.records.save(run.result)  # before the log ends: whoever its end wakes reads it final
         await self.records.write_result(stored)
         run.log.close()

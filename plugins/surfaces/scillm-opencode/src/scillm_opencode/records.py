@@ -108,7 +108,7 @@ class Records:
         while the store is down, status.json is answered as it stands, marked (:meth:`SharedRuns.local`)."""
         if not RUN_ID.match(run_id):
             raise errors.NotFound(f"no run {errors.quote(run_id)}")
-        doc = await self.shared.local(self.run_dir(run_id), self.settle)
+        doc = await self.shared.local(self.run_dir(run_id), self.settle, lambda path: blocking(path.read_bytes))
         if doc is not None:
             return doc
         doc = await self.runtime.store.get(self.namespace, run_id)
