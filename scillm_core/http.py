@@ -11,15 +11,18 @@ buffering it: a body read whole (a non-streaming answer, any error body) by ``ma
 as a stream by ``max_stream_bytes`` in total and, unless it is binary media, ``max_line_bytes`` per line (an SSE
 or NDJSON line, whatever its content-type claims). Past a cap
 the read raises :class:`ReplyTooLarge`, which ``scillm_core.upstream.translate_transport`` turns into a 502
-naming provider and model.
+naming provider and model. An aiohttp error the aiohttp transport does not map itself (a reply that is not HTTP,
+such as a bad status line) leaves this module as httpx's ``RemoteProtocolError``, never as aiohttp's own.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+import aiohttp
 import httpx
 from attrs import frozen
 
@@ -83,7 +86,8 @@ class _CappedTransport(httpx.AsyncBaseTransport):
         self.limits = limits
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await self.inner.handle_async_request(request)
+        with _as_httpx_errors():
+            response = await self.inner.handle_async_request(request)
         limits = self.limits
         streamed = bool(request.extensions.get("scillm.stream")) and response.status_code < 400
         limit, what = ((limits.max_stream_bytes, "the streamed reply") if streamed else
@@ -118,16 +122,17 @@ class _CappedStream(httpx.AsyncByteStream):
         total = 0
         line = 0  # bytes since the last line end
         line_limit = self.line_limit
-        async for chunk in self.inner:
-            total += len(chunk)
-            if total > self.limit:
-                raise ReplyTooLarge(self.what, self.limit)
-            if line_limit is not None:
-                end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
-                line = line + len(chunk) if end < 0 else len(chunk) - end - 1
-                if line > line_limit:
-                    raise ReplyTooLarge("one line of the streamed reply", line_limit)
-            yield chunk
+        with _as_httpx_errors():
+            async for chunk in self.inner:
+                total += len(chunk)
+                if total > self.limit:
+                    raise ReplyTooLarge(self.what, self.limit)
+                if line_limit is not None:
+                    end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
+                    line = line + len(chunk) if end < 0 else len(chunk) - end - 1
+                    if line > line_limit:
+                        raise ReplyTooLarge("one line of the streamed reply", line_limit)
+                yield chunk
 
     async def aclose(self) -> None:
         try:
@@ -139,6 +144,18 @@ class _CappedStream(httpx.AsyncByteStream):
 
 
 _CLOSED = httpx.ByteStream(b"")
+
+
+@contextmanager
+def _as_httpx_errors() -> Iterator[None]:
+    """aiohttp's transport maps only some of aiohttp's errors (a refused connection, a cut body): the rest (a reply
+    that is not HTTP at all, ``ClientResponseError``) would escape every ``except httpx...`` above it."""
+    try:
+        yield
+    except aiohttp.ClientError as exc:  # its text names the URL (a key may be in it): only the parser's message
+        message = " ".join(str(exc.message).split()) if isinstance(exc, aiohttp.ClientResponseError) else ""
+        raise httpx.RemoteProtocolError(f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+                                        ) from exc
 
 
 def make_http_client(env: Mapping[str, str] | None = None, transport: httpx.AsyncBaseTransport | None = None,

@@ -295,8 +295,9 @@ async def send_upstream(client: httpx.AsyncClient, upstream: httpx.Request, *, p
 
 @contextlib.contextmanager
 def translate_transport(provider: str, model: str) -> Iterator[None]:
-    """Turn httpx transport failures into :class:`UpstreamConnectError` / :class:`UpstreamTimeout`, and a reply
-    past its size cap (``scillm_core.http``) into :class:`UpstreamReplyTooLarge`."""
+    """Turn httpx transport failures into :class:`UpstreamConnectError` / :class:`UpstreamTimeout`, a reply past
+    its size cap (``scillm_core.http``) into :class:`UpstreamReplyTooLarge` and one whose content-encoding cannot be
+    decoded into :class:`UpstreamProtocolError`."""
     try:
         yield
     except ReplyTooLarge as exc:
@@ -311,6 +312,9 @@ def translate_transport(provider: str, model: str) -> Iterator[None]:
             raise errors.UpstreamConnectError(f"connection failed ({type(cause).__name__})", provider=provider,
                                               model=model) from None
         raise _transport_timeout(exc, provider, model) from None
+    except httpx.DecodingError as exc:  # e.g. ``content-encoding: gzip`` on a body that is not gzip
+        raise errors.UpstreamProtocolError(f"the reply's content-encoding could not be decoded ({exc})",
+                                           provider=provider, model=model) from None
     except (httpx.TransportError, OSError) as exc:
         raise errors.UpstreamConnectError(f"connection failed ({type(exc).__name__}: {exc})", provider=provider,
                                           model=model) from None

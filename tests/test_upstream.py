@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -151,6 +154,77 @@ def test_oversized_upstream_replies_are_a_502_cut_off_while_reading(huge: HugeRe
     # scillm stopped reading near the cap: the fake could not push its 64 MiB through (the margin covers loopback
     # socket buffers and what the fake writes before it notices the closed connection on a busy machine)
     assert huge.sent < (cap_mib + 24) * (1 << 20), huge.sent
+
+
+# -- replies that are not what they claim ------------------------------------------------------------------------
+
+class Liars(FakeOpenAI):
+    """A chat completion labelled ``content-encoding: gzip`` that is not gzip."""
+
+    def routes(self) -> list[Route]:
+        return [Route(f"{self.base_path}/chat/completions", self.lie, methods=["POST"])]
+
+    async def lie(self, request: Request) -> Response:
+        await self.record(request)
+        return Response(b'{"id": "c1", "object": "chat.completion"}', media_type="application/json",
+                        headers={"content-encoding": "gzip"})
+
+
+class NotHttp:
+    """A loopback listener that answers every request with bytes that are not an HTTP response."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.answered = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                seen = b""
+                while b"\r\n\r\n" not in seen:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    seen += data
+                conn.sendall(b"0\r\n\r\nnot a status line\r\n\r\n")
+                self.answered += 1
+
+
+@pytest.fixture(scope="module")
+def liars() -> Iterator[Liars]:
+    with Liars() as fake:
+        yield fake  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_reply_that_lies_about_its_encoding_or_is_not_http_is_a_502(
+        liars: Liars, stream: bool, transport: str, tmp_path: Any) -> None:
+    not_http = NotHttp()
+    for base, code, says in [(liars.base_url, "upstream_bad_response", "content-encoding could not be decoded"),
+                             (not_http.url, "connection_error", "connection failed")]:
+        app = make_app(env={"OPENAI_API_KEY": "sk-liar-test-0123456789", "OPENAI_API_BASE": base,
+                            "SCILLM_HTTP_TRANSPORT": transport},
+                       config={"resilience": {"max_retries": 0}}, data_dir=tmp_path / code,
+                       only=("chat", "auth", "openai-compat", "resilience"))
+        with ServerThread(app) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=30)
+            with pytest.raises(openai.APIStatusError) as caught:
+                list(client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                                    stream=stream))
+        assert caught.value.status_code == 502, caught.value.response.text
+        error = caught.value.response.json()["error"]
+        assert error["code"] == code and error["message"].startswith("openai (gpt-4o-mini): ")
+        assert says in error["message"] and "127.0.0.1" not in error["message"]
+    assert not_http.answered >= 1
+    not_http.sock.close()
 
 
 # -- SSE parsing and the shared client ---------------------------------------------------------------------------
