@@ -17,9 +17,9 @@ from scillm_core.jsonio import json_type
 from scillm_core.models.native import NativeRequest
 
 __all__ = [
-    "ChatChunk", "ChatRequest", "ChatResponse", "Choice", "ChunkChoice", "Delta", "FileData", "FilePart",
-    "FunctionCall", "FunctionCallDelta", "FunctionDef", "ImagePart", "ImageUrl", "Message", "OtherPart", "Part",
-    "Role", "TextPart", "Tool", "ToolCall", "ToolCallDelta", "Usage",
+    "MAX_TOKEN_COUNT", "ChatChunk", "ChatRequest", "ChatResponse", "Choice", "ChunkChoice", "Delta", "FileData",
+    "FilePart", "FunctionCall", "FunctionCallDelta", "FunctionDef", "ImagePart", "ImageUrl", "Message", "OtherPart",
+    "Part", "Role", "TextPart", "Tool", "ToolCall", "ToolCallDelta", "Usage", "token_count",
 ]
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -189,11 +189,27 @@ class ChatRequest:
         return (self.stop,) if isinstance(self.stop, str) else self.stop
 
 
+MAX_TOKEN_COUNT = 10**12  # no answer is a trillion tokens
+
+
+def token_count(value: Any) -> int:
+    """A token count as an upstream reported it, made safe to add, price, store and send on: a whole number from 0
+    to :data:`MAX_TOKEN_COUNT`. Anything else (``-1``, ``1e308``, ``2**70``, a string) is an upstream's nonsense and
+    counts 0: it would otherwise overflow a price or a JSON encoder far from where it came in."""
+    if type(value) is int and 0 <= value <= MAX_TOKEN_COUNT:
+        return value
+    if type(value) is float and 0 <= value <= MAX_TOKEN_COUNT:  # (NaN fails both bounds)
+        return int(value)
+    return 0
+
+
 @frozen(kw_only=True)
 class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
+    """Token counts, each :func:`token_count`-checked however it was made."""
+
+    prompt_tokens: int = field(default=0, converter=token_count)
+    completion_tokens: int = field(default=0, converter=token_count)
+    total_tokens: int = field(default=0, converter=token_count)
     extra: Mapping[str, Any] = _EMPTY
 
 

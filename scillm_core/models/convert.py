@@ -25,7 +25,7 @@ from scillm_core.models import embeddings as e
 __all__ = ["converter", "structure", "unstructure"]
 
 T = TypeVar("T")
-converter = cattrs.Converter(detailed_validation=True)
+converter = cattrs.Converter(detailed_validation=True, prefer_attrib_converters=True)  # (token counts: Usage)
 _VALIDATED_FIELD = re.compile(r"'([A-Za-z_][A-Za-z0-9_]*)' must ")
 
 

@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Literal, Union
 import attrs
 from attrs import field, frozen
 
+from scillm_core.models.chat import token_count
+
 __all__ = ["Embedding", "EmbeddingsInput", "EmbeddingsRequest", "EmbeddingsResponse", "EmbeddingsUsage"]
 
 _EMPTY: Mapping[str, Any] = {}
@@ -70,8 +72,8 @@ class Embedding:
 
 @frozen(kw_only=True)
 class EmbeddingsUsage:
-    prompt_tokens: int = 0
-    total_tokens: int = 0
+    prompt_tokens: int = field(default=0, converter=token_count)  # (checked as chat's usage is)
+    total_tokens: int = field(default=0, converter=token_count)
     extra: Mapping[str, Any] = _EMPTY
 
     @property
