@@ -12,8 +12,8 @@ import email.utils
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from attrs import frozen
@@ -27,10 +27,11 @@ if TYPE_CHECKING:
     from scillm_core.context import CallContext
     from scillm_core.registry import Route
 
-__all__ = ["Malformed", "PendingBytes", "SSEEvent", "SSEParser", "error_for_status", "excerpt", "iter_ndjson",
-           "iter_sse", "iter_sse_batches", "retry_after_seconds", "send_upstream", "translate_transport"]
+__all__ = ["SHAPE_ERRORS", "Malformed", "PendingBytes", "SSEEvent", "SSEParser", "error_for_status", "excerpt",
+           "iter_ndjson", "iter_sse", "iter_sse_batches", "retry_after_seconds", "send_upstream", "translate_transport"]
 
 log = logging.getLogger("scillm.upstream")
+T = TypeVar("T")
 
 
 @frozen
@@ -169,11 +170,19 @@ def _ndjson_line(line: bytes, malformed: Malformed | None) -> Any:
         return _SKIPPED
 
 
+#: What reading an upstream answer of the wrong shape raises: a string where an object belongs (AttributeError,
+#: TypeError), a missing key, an index past the end, ``"x"`` or ``1e308`` for a count (ValueError, OverflowError;
+#: orjson's JSONDecodeError is a ValueError). A provider turns them into an
+#: :class:`~scillm_core.errors.UpstreamProtocolError` for a whole answer, and skips a stream event that raised one
+#: (:meth:`Malformed.read`): an upstream's nonsense is never scillm's 500.
+SHAPE_ERRORS = (AttributeError, IndexError, KeyError, OverflowError, TypeError, ValueError)
+
+
 class Malformed:
-    """Stream events of one upstream stream that could not be parsed: each is skipped (logged, counted in
-    ``ctx.notes["chunks_skipped"]``, which the metrics read, and reported as a ``chunk.skipped`` event) and the
-    stream carries on. Past ``limit`` of them the stream is not recovering and :meth:`skip` raises
-    :class:`~scillm_core.errors.UpstreamProtocolError`."""
+    """Stream events of one upstream stream that could not be parsed, or not translated (:meth:`read`): each is
+    skipped (logged, counted in ``ctx.notes["chunks_skipped"]``, which the metrics read, and reported as a
+    ``chunk.skipped`` event) and the stream carries on. Past ``limit`` of them the stream is not recovering and
+    :meth:`skip` raises :class:`~scillm_core.errors.UpstreamProtocolError`."""
 
     limit = 16
 
@@ -196,6 +205,15 @@ class Malformed:
         log.warning("skipped a stream event request_id=%s provider=%s model=%s reason=%s event=%r",
                     self.ctx.request_id, route.provider, route.model, what, excerpt(text, 120))
         self.ctx.emit("chunk.skipped", route=route, reason=what)
+
+    def read(self, data: str | bytes, translate: Callable[..., list[T]], *args: Any) -> list[T]:
+        """``translate(*args)``: the chunks of one parsed event (``data``, its text). An event of the wrong shape,
+        whose translation raised one of :data:`SHAPE_ERRORS`, is skipped like one that is not JSON: no chunks."""
+        try:
+            return translate(*args)
+        except SHAPE_ERRORS as exc:
+            self.skip(f"unexpected event ({type(exc).__name__}: {excerpt(str(exc), 80)})", data)
+            return []
 
 
 _DELTA = re.compile(r"\s*(\d{1,12})(\.\d{1,9})?\s*")

@@ -202,6 +202,41 @@ class ProviderContract:
         assert self.key not in caught.value.response.text
         assert self.provider in caught.value.message
 
+    def test_an_answer_of_the_wrong_shape_is_a_502(self, client: Any, fake: Any) -> None:
+        """Well-formed JSON that is not this dialect's answer (a number where a list belongs) is the upstream's
+        fault: a 502 naming the provider, never scillm's 500."""
+        import openai
+
+        if fake.wrong_shape_answer is None:  # whole answers are read from a stream: its events are checked below
+            fake.script(Reply.say("Hello there friend", malformed_at=(2,), garbage=fake.wrong_shape_event))
+            answer = client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "hi"}])
+            assert answer.choices[0].message.content == "Hello there friend"
+            return
+        fake.script(Reply(raw=fake.wrong_shape_answer))
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 502, caught.value.response.text
+        error = caught.value.response.json()["error"]
+        assert error["code"] == "upstream_bad_response" and self.provider in error["message"]
+
+    def test_a_stream_event_of_the_wrong_shape_is_skipped(self, client: Any, fake: Any) -> None:
+        """An event the translation cannot read is skipped like one that is not JSON; the stream goes on."""
+        fake.script(Reply.say("Hello there friend", malformed_at=(2,), garbage=fake.wrong_shape_event))
+        stream = client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "hi"}],
+                                                stream=True)
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello there friend"
+        assert any(c.choices and c.choices[0].finish_reason == "stop" for c in chunks)
+
+    def test_nonsense_token_counts_are_not_an_error(self, client: Any, fake: Any) -> None:
+        """Usage is the answer's metadata: counts that are no counts (negative, past any answer) never cost the
+        answer. scillm counts them 0 (``scillm_core.models.chat.token_count``); an answer passed on in its own
+        dialect keeps the upstream's bytes."""
+        fake.script(Reply.say("Counted.", prompt_tokens=-5, completion_tokens=1e300))  # type: ignore[arg-type]
+        answer = client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "hi"}])
+        assert answer.choices[0].message.content == "Counted."
+        assert answer.usage.prompt_tokens in (0, -5) and answer.usage.completion_tokens in (0, 1e300)
+
     def test_unconfigured_provider_names_the_variable(self, fake: Any, tmp_path: Any) -> None:
         if not self.key_env:
             self.check_keyless(fake, tmp_path)

@@ -65,6 +65,8 @@ class FakeAnthropic(FakeUpstream):
 
     require: ClassVar[str | None] = None
     api_key: str | None = None                     # when set, x-api-key must equal it
+    wrong_shape_answer = b'{"id": "msg_01", "type": "message", "role": "assistant", "content": 5}'
+    wrong_shape_event = b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, "delta": 5}\n\n'
     strict_system: bool = True                     # OAuth mode: first system block must be Claude Code's
 
     def __init__(self) -> None:
@@ -262,6 +264,8 @@ class FakeAnthropic(FakeUpstream):
                    "anthropic-ratelimit-requests-limit": "4000", "anthropic-ratelimit-requests-remaining": "3999",
                    "anthropic-ratelimit-requests-reset": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    **reply.headers}
+        if reply.raw is not None and not body.get("stream"):
+            return Response(reply.raw, status_code=reply.status, headers=headers, media_type="application/json")
         if reply.status >= 400:
             error = reply.error
             if isinstance(error, dict) and "message" in error and "error" not in error:

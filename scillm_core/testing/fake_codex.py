@@ -76,6 +76,9 @@ class FakeCodex(FakeUpstream):
     """The Codex backend at ``base_url`` (``{url}/backend-api/codex``) and OAuth at ``token_url``."""
 
     base_path = "/backend-api/codex"
+    wrong_shape_answer = None  # Codex always streams: a whole answer is its stream's
+    wrong_shape_event = (b'event: response.output_item.done\ndata: {"type": "response.output_item.done", '
+                         b'"output_index": 7, "item": {"type": "message", "id": "msg_other", "content": 5}}\n\n')
 
     def __init__(self, *, refresh_delay_s: float = 0.0) -> None:
         super().__init__()

@@ -76,6 +76,8 @@ class FakeGemini(FakeUpstream):
     versions = ("v1beta", "v1", "v1alpha")  # the API versions served (google-genai 3.x defaults to v1)
     strict_signatures: bool | None = None   # None: only for gemini-3* models
     api_key: str | None = None              # when set, any other key gets 400 API_KEY_INVALID
+    wrong_shape_answer = b'{"candidates": [{"content": {"parts": 5}, "finishReason": "STOP"}]}'
+    wrong_shape_event = b'data: {"candidates": [{"content": {"parts": 5}}]}\r\n\r\n'
     embedding_dimensions = 8                # vector length when no outputDimensionality is asked for
 
     def __init__(self) -> None:
@@ -197,6 +199,8 @@ class FakeGemini(FakeUpstream):
             return self._json([payload] if wrap else payload, status)
         reply = await self.answer()
         model = reply.model or model
+        if reply.raw is not None and not stream:
+            return Response(reply.raw, status_code=reply.status, media_type="application/json; charset=UTF-8")
         if reply.status >= 400:
             status, payload = self.error_body(reply)
             headers = {k: v for k, v in reply.headers.items() if k.lower() != "retry-after"}

@@ -50,6 +50,8 @@ class FakeOllama(FakeUpstream):
 
     tool_call_ids = True
     models: tuple[str, ...] | None = None
+    wrong_shape_answer = b'{"model": "llama3.2", "message": {"role": "assistant", "content": 5}, "done": true}'
+    wrong_shape_event = b'{"model": "llama3.2", "message": {"role": "assistant", "content": 5}, "done": false}\n'
     tags: tuple[str, ...] = ("llama3.2:latest", "qwen3:8b")
     tags_delay_s = 0.0
     embedding_dimensions = 8
@@ -121,6 +123,8 @@ class FakeOllama(FakeUpstream):
             return self._error(400, "top_logprobs must be between 0 and 20")
         lines = list(self.lines(reply, model, top if body.get("logprobs") is True else None))
         if body.get("stream", True) is False:
+            if reply.raw is not None:
+                return Response(reply.raw, status_code=reply.status, media_type="application/json; charset=utf-8")
             return Response(orjson.dumps(self.merge(lines)), headers=dict(reply.headers),
                             media_type="application/json; charset=utf-8")
         return StreamingResponse(self._ndjson(reply, lines), headers=dict(reply.headers),

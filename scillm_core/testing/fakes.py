@@ -50,6 +50,10 @@ class FakeUpstream:
     """Base fake: records every request, answers from a script (then from ``default``), runs in a thread."""
 
     default: Reply = Reply(text="Hello from the fake.")
+    #: Well-formed JSON of the wrong shape for the dialect (a number where an object or list belongs): a whole
+    #: answer (``Reply(raw=...)``), and one stream event in the dialect's framing (``Reply(garbage=...)``).
+    wrong_shape_answer: bytes | None = b'{"choices": 5}'  # None: whole answers come as streams too
+    wrong_shape_event: bytes = b'data: {"choices": 5}\n\n'
 
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []

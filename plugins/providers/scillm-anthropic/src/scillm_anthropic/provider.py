@@ -17,7 +17,15 @@ from scillm_anthropic.translate import StreamTranslator, error_from_status, from
 from scillm_core import CallContext, ChatChunk, ChatRequest, ChatResponse, Provider, Route, errors, with_native
 from scillm_core.config import ProviderSettings
 from scillm_core.jsonio import loads
-from scillm_core.upstream import Malformed, PendingBytes, excerpt, iter_sse, send_upstream, translate_transport
+from scillm_core.upstream import (
+    SHAPE_ERRORS,
+    Malformed,
+    PendingBytes,
+    excerpt,
+    iter_sse,
+    send_upstream,
+    translate_transport,
+)
 
 __all__ = ["ANTHROPIC_VERSION", "DEFAULT_BASE", "AnthropicProvider", "MODELS", "claude_name", "merge_betas",
            "normalise_base"]
@@ -154,7 +162,7 @@ class AnthropicProvider(Provider):
     def _answer(self, raw: bytes, route: Route) -> ChatResponse:
         try:
             return from_messages_response(loads(raw), model=route.model)
-        except (orjson.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
+        except SHAPE_ERRORS as exc:
             raise errors.UpstreamProtocolError(f"unexpected response body ({excerpt(str(exc), 200)})",
                                                provider=self.name, model=route.model) from None
 
@@ -184,7 +192,7 @@ class AnthropicProvider(Provider):
                     except orjson.JSONDecodeError:
                         malformed.skip("malformed JSON", event.data)
                         continue
-                    chunks = translator.feed(event.event, data)
+                    chunks = malformed.read(event.data, translator.feed, event.event, data)
                     for chunk in carried.carry(event.raw, chunks) if native else chunks:
                         yield chunk
                     if translator.stopped:

@@ -477,7 +477,7 @@ async def responses_chunks(response: httpx.Response, state: StreamState, malform
                 except orjson.JSONDecodeError:
                     malformed.skip("malformed JSON", event.data)
                     continue
-                chunks = state.feed(data) if isinstance(data, dict) else []
+                chunks = malformed.read(event.data, state.feed, data) if isinstance(data, dict) else []
                 for chunk in carried.carry(event.raw, chunks) if native else chunks:
                     yield chunk
                 if state.finished:

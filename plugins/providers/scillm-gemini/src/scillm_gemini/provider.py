@@ -33,6 +33,7 @@ from scillm_core.config import Env, ProviderSettings
 from scillm_core.jsonio import loads
 from scillm_core.redact import redact
 from scillm_core.upstream import (
+    SHAPE_ERRORS,
     Malformed,
     error_for_status,
     excerpt,
@@ -173,7 +174,7 @@ class GeminiProvider(Provider):
             raise self._error(response.status_code, response.content, response.headers, route)
         try:
             return parse_response(loads(response.content), route.model)
-        except (orjson.JSONDecodeError, TypeError, AttributeError, ValueError) as exc:
+        except SHAPE_ERRORS as exc:
             raise errors.UpstreamProtocolError(f"unexpected response body ({excerpt(str(exc), 200)})",
                                                provider=self.name, model=route.model) from None
 
@@ -204,7 +205,7 @@ class GeminiProvider(Provider):
                 data = orjson.loads(response.content)
                 values = [item["values"] for item in data["embeddings"]]
                 tokens += int((data.get("usageMetadata") or {}).get("promptTokenCount") or 0)
-            except (orjson.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError) as exc:
+            except SHAPE_ERRORS as exc:
                 raise errors.UpstreamProtocolError(f"unexpected embeddings body ({str(exc)[:200]})",
                                                    provider=self.name, model=route.model) from None
             if len(values) != len(chunk) or not all(isinstance(v, list) for v in values):
@@ -248,7 +249,7 @@ class GeminiProvider(Provider):
                         code = error.get("code")
                         raise self._error(code if isinstance(code, int) and code >= 400 else 500,
                                           event.data.encode(), {}, route)
-                    for chunk in state.feed(data):
+                    for chunk in malformed.read(event.data, state.feed, data):
                         yield chunk
         finally:
             await response.aclose()

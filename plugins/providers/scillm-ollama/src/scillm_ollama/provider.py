@@ -53,7 +53,15 @@ from scillm_core import (
 )
 from scillm_core.config import Env, ProviderSettings
 from scillm_core.jsonio import loads
-from scillm_core.upstream import Malformed, error_for_status, excerpt, iter_ndjson, send_upstream, translate_transport
+from scillm_core.upstream import (
+    SHAPE_ERRORS,
+    Malformed,
+    error_for_status,
+    excerpt,
+    iter_ndjson,
+    send_upstream,
+    translate_transport,
+)
 
 __all__ = ["DEFAULT_BASE", "OllamaProvider", "base_from_env", "build_body", "parse_error_body"]
 
@@ -242,6 +250,12 @@ def _call_id(call: Mapping[str, Any]) -> str:
     return str(call.get("id") or "call_" + secrets.token_hex(4))
 
 
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected text, got {type(value).__name__}")
+    return value
+
+
 def _finish(data: Mapping[str, Any], saw_call: bool) -> str:
     reason = data.get("done_reason") or "stop"
     if reason == "length":
@@ -280,8 +294,8 @@ def parse_response(data: Any, model: str, logprobs: bool = False) -> ChatRespons
         name=str((call.get("function") or {}).get("name", "")),
         arguments=orjson.dumps((call.get("function") or {}).get("arguments") or {}).decode()))
         for call in message.get("tool_calls") or ())
-    extra = {"reasoning_content": message["thinking"]} if message.get("thinking") else {}
-    content = message.get("content") or ""
+    extra = {"reasoning_content": _text(message["thinking"])} if message.get("thinking") else {}
+    content = _text(message.get("content") or "")
     out = Message(role="assistant", content=content if content or not calls else None, tool_calls=calls or None,
                   extra=extra)
     return ChatResponse(id="chatcmpl-" + secrets.token_hex(12), model=str(data.get("model") or model),
@@ -395,7 +409,7 @@ class OllamaProvider(Provider):
             raise self._error(500, response.content, {}, route)
         try:
             return parse_response(data, route.model, logprobs=bool(_logprobs_asked(request.extra)))
-        except (TypeError, AttributeError, ValueError) as exc:
+        except SHAPE_ERRORS as exc:
             raise errors.UpstreamProtocolError(f"unexpected response body ({excerpt(str(exc), 200)})",
                                                provider=self.name, model=route.model) from None
 
@@ -419,7 +433,7 @@ class OllamaProvider(Provider):
             data = orjson.loads(response.content)
             vectors = data["embeddings"]
             tokens = int(data.get("prompt_eval_count") or 0)
-        except (orjson.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError) as exc:
+        except SHAPE_ERRORS as exc:
             raise errors.UpstreamProtocolError(f"unexpected embeddings body ({str(exc)[:200]})", provider=self.name,
                                                model=route.model) from None
         if not isinstance(vectors, list) or len(vectors) != len(texts) or not all(isinstance(v, list) for v in vectors):
@@ -441,11 +455,12 @@ class OllamaProvider(Provider):
 
     async def _chunks(self, response: httpx.Response, request: ChatRequest, route: Route,
                       ctx: CallContext) -> AsyncIterator[ChatChunk]:
-        """Chat chunks of the NDJSON stream; a line that cannot be parsed is skipped (``Malformed``)."""
+        """Chat chunks of the NDJSON stream; a line that cannot be parsed or translated is skipped (``Malformed``)."""
         malformed = Malformed(ctx, route)
         chunk_id = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
         model = route.model
+        first = True
         calls = 0
         done = False
 
@@ -453,38 +468,45 @@ class OllamaProvider(Provider):
             return ChatChunk(id=chunk_id, model=model, created=created,
                              choices=(ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs),))
 
+        def translate(data: dict[str, Any]) -> list[ChatChunk]:
+            nonlocal model, first, calls, done
+            out = []
+            model = str(data.get("model") or model)
+            if first:
+                first = False
+                out.append(chunk(Delta(role="assistant", content="")))
+            message = data.get("message") or {}
+            if message.get("thinking"):
+                out.append(chunk(Delta(extra={"reasoning_content": _text(message["thinking"])})))
+            if message.get("content"):  # a line's logprobs are its tokens' (those of thinking-only lines are the
+                # reasoning's, which OpenAI's logprobs do not cover)
+                out.append(chunk(Delta(content=_text(message["content"])),
+                                 logprobs={"content": logprobs_of(data)} if "logprobs" in data else None))
+            for call in message.get("tool_calls") or ():
+                function = call.get("function") or {}
+                out.append(chunk(Delta(tool_calls=(ToolCallDelta(
+                    index=calls, id=_call_id(call), type="function", function=FunctionCallDelta(
+                        name=str(function.get("name", "")),
+                        arguments=orjson.dumps(function.get("arguments") or {}).decode())),))))
+                calls += 1
+            if data.get("done"):
+                done = True
+                out.append(chunk(Delta(), _finish(data, bool(calls))))
+                if request.include_usage:
+                    out.append(ChatChunk(id=chunk_id, model=model, created=created, choices=(), usage=_usage(data)))
+            return out
+
         try:
             with translate_transport(self.name, route.model):
-                first = True
                 async for data in iter_ndjson(response.aiter_bytes(), malformed):
                     if not isinstance(data, dict):
                         malformed.skip("not a JSON object", orjson.dumps(data))
                         continue
                     if "error" in data:
                         raise self._error(500, orjson.dumps(data), {}, route)
-                    model = str(data.get("model") or model)
-                    if first:
-                        first = False
-                        yield chunk(Delta(role="assistant", content=""))
-                    message = data.get("message") or {}
-                    if message.get("thinking"):
-                        yield chunk(Delta(extra={"reasoning_content": message["thinking"]}))
-                    if message.get("content"):  # a line's logprobs are its tokens' (those of thinking-only
-                        # lines are the reasoning's, which OpenAI's logprobs do not cover)
-                        yield chunk(Delta(content=message["content"]),
-                                    logprobs={"content": logprobs_of(data)} if "logprobs" in data else None)
-                    for call in message.get("tool_calls") or ():
-                        function = call.get("function") or {}
-                        yield chunk(Delta(tool_calls=(ToolCallDelta(
-                            index=calls, id=_call_id(call), type="function", function=FunctionCallDelta(
-                                name=str(function.get("name", "")),
-                                arguments=orjson.dumps(function.get("arguments") or {}).decode())),)))
-                        calls += 1
-                    if data.get("done"):
-                        done = True
-                        yield chunk(Delta(), _finish(data, bool(calls)))
-                        if request.include_usage:
-                            yield ChatChunk(id=chunk_id, model=model, created=created, choices=(), usage=_usage(data))
+                    for piece in malformed.read(orjson.dumps(data), translate, data):
+                        yield piece
+                    if done:
                         break
         finally:
             await response.aclose()

@@ -38,6 +38,7 @@ from scillm_core.config import Env, ProviderSettings
 from scillm_core.jsonio import loads
 from scillm_core.models.params import AS_SENT
 from scillm_core.upstream import (
+    SHAPE_ERRORS,
     Malformed,
     error_for_status,
     excerpt,
@@ -170,7 +171,7 @@ class OpenAICompatProvider(Provider):
                                    url=self._responses_url)
             try:
                 answer = response_from_object(loads(raw), provider=self.name, model=route.model)
-            except (orjson.JSONDecodeError, ValueError) as exc:
+            except SHAPE_ERRORS as exc:
                 raise errors.UpstreamProtocolError(f"unexpected response body ({_short(exc)})", provider=self.name,
                                                    model=route.model) from None
             return with_native(answer, raw)
