@@ -232,7 +232,8 @@ class ProviderContract:
         """Usage is the answer's metadata: counts that are no counts (negative, past any answer) never cost the
         answer. scillm counts them 0 (``scillm_core.models.chat.token_count``); an answer passed on in its own
         dialect keeps the upstream's bytes."""
-        fake.script(Reply.say("Counted.", prompt_tokens=-5, completion_tokens=1e300))  # type: ignore[arg-type]
+        fake.script(Reply.say("Counted.", prompt_tokens=-5, completion_tokens=1e300,  # type: ignore[arg-type]
+                              cached_tokens=1e300))  # type: ignore[arg-type]
         answer = client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "hi"}])
         assert answer.choices[0].message.content == "Counted."
         assert answer.usage.prompt_tokens in (0, -5) and answer.usage.completion_tokens in (0, 1e300)

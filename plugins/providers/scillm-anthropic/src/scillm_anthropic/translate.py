@@ -44,6 +44,7 @@ from scillm_core import (
     errors,
 )
 from scillm_core.jsonio import loads
+from scillm_core.models.chat import token_count
 from scillm_core.upstream import error_for_status, excerpt
 
 __all__ = ["DEFAULT_MAX_TOKENS", "FINISH_REASONS", "THINKING_BUDGETS", "StreamTranslator", "annotation",
@@ -417,16 +418,16 @@ def _web_search(options: Any, limit: Any = None) -> dict[str, Any]:
 
 def usage_from_anthropic(usage: Mapping[str, Any]) -> Usage:
     """Prompt tokens include cache reads and writes; ``cached_tokens`` is the cache reads."""
-    read = int(usage.get("cache_read_input_tokens") or 0)
-    created = int(usage.get("cache_creation_input_tokens") or 0)
-    prompt = int(usage.get("input_tokens") or 0) + read + created
-    completion = int(usage.get("output_tokens") or 0)
+    read = token_count(usage.get("cache_read_input_tokens"))
+    created = token_count(usage.get("cache_creation_input_tokens"))
+    prompt = token_count(usage.get("input_tokens")) + read + created
+    completion = token_count(usage.get("output_tokens"))
     extra: dict[str, Any] = {"prompt_tokens_details": {"cached_tokens": read},
                              "cache_creation_input_tokens": created, "cache_read_input_tokens": read}
     thinking = (usage.get("output_tokens_details") or {}).get("thinking_tokens") \
         if isinstance(usage.get("output_tokens_details"), Mapping) else None
     if thinking is not None:
-        extra["completion_tokens_details"] = {"reasoning_tokens": int(thinking)}
+        extra["completion_tokens_details"] = {"reasoning_tokens": token_count(thinking)}
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, extra=extra)
 
 

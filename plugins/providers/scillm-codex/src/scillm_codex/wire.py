@@ -42,6 +42,7 @@ from scillm_core import (
     with_native,
 )
 from scillm_core.jsonio import loads
+from scillm_core.models.chat import token_count
 from scillm_core.upstream import Malformed, PendingBytes, excerpt, iter_sse, translate_transport
 
 if TYPE_CHECKING:
@@ -194,17 +195,17 @@ def _text_format(response_format: Mapping[str, Any] | None) -> dict[str, Any] | 
 def usage_of(data: Any) -> Usage | None:
     if not isinstance(data, dict):
         return None
-    prompt = int(data.get("input_tokens") or 0)
-    completion = int(data.get("output_tokens") or 0)
+    prompt = token_count(data.get("input_tokens"))
+    completion = token_count(data.get("output_tokens"))
     extra: dict[str, Any] = {}
     cached = (data.get("input_tokens_details") or {}).get("cached_tokens")
     reasoning = (data.get("output_tokens_details") or {}).get("reasoning_tokens")
     if cached is not None:
-        extra["prompt_tokens_details"] = {"cached_tokens": cached}
+        extra["prompt_tokens_details"] = {"cached_tokens": token_count(cached)}
     if reasoning is not None:
-        extra["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+        extra["completion_tokens_details"] = {"reasoning_tokens": token_count(reasoning)}
     return Usage(prompt_tokens=prompt, completion_tokens=completion,
-                 total_tokens=int(data.get("total_tokens") or prompt + completion), extra=extra)
+                 total_tokens=token_count(data.get("total_tokens")) or prompt + completion, extra=extra)
 
 
 _TRY_AGAIN = re.compile(r"try again in ([0-9.]+)\s*(ms|s)", re.IGNORECASE)

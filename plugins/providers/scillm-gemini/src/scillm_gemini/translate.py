@@ -44,6 +44,7 @@ from scillm_core import (
     errors,
 )
 from scillm_core.jsonio import loads
+from scillm_core.models.chat import token_count
 
 __all__ = ["SKIP_SIGNATURE", "StreamState", "build_body", "decode_call_id", "encode_call_id", "finish_reason",
            "grounding_annotations", "parse_data_url", "parse_response", "usage_from"]
@@ -344,15 +345,22 @@ def finish_reason(reason: str | None, saw_call: bool) -> str | None:
     return "tool_calls" if saw_call else "stop"
 
 
+def _index(candidate: Mapping[str, Any], position: int) -> int:
+    """A candidate's ``index`` (Gemini leaves it out when 0), or its place when it is none a client can use."""
+    index = candidate.get("index", position)
+    return index if type(index) is int and 0 <= index < 128 else position
+
+
 def usage_from(meta: Mapping[str, Any] | None) -> Usage | None:
     if not meta:
         return None
-    prompt = int(meta.get("promptTokenCount") or 0)
-    thoughts = int(meta.get("thoughtsTokenCount") or 0)
-    completion = int(meta.get("candidatesTokenCount") or 0) + thoughts
-    total = int(meta.get("totalTokenCount") or 0) or prompt + completion
+    prompt = token_count(meta.get("promptTokenCount"))
+    thoughts = token_count(meta.get("thoughtsTokenCount"))
+    completion = token_count(meta.get("candidatesTokenCount")) + thoughts
+    total = token_count(meta.get("totalTokenCount")) or prompt + completion
+    cached = token_count(meta.get("cachedContentTokenCount"))
     extra: dict[str, Any] = {"completion_tokens_details": {"reasoning_tokens": thoughts},
-                             "prompt_tokens_details": {"cached_tokens": int(meta.get("cachedContentTokenCount") or 0)}}
+                             "prompt_tokens_details": {"cached_tokens": cached}}
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total, extra=extra)
 
 
@@ -453,7 +461,7 @@ def parse_response(data: Any, model: str) -> ChatResponse:
             extra["annotations"] = notes
         message = Message(role="assistant", content="".join(texts) if texts or not calls else None,
                           tool_calls=tuple(calls) or None, extra=extra)
-        choices.append(Choice(index=int(candidate.get("index", position)), message=message,
+        choices.append(Choice(index=_index(candidate, position), message=message,
                               finish_reason=finish_reason(candidate.get("finishReason") or "STOP", bool(calls))))
     if not choices:
         blocked = (data.get("promptFeedback") or {}).get("blockReason")
@@ -503,7 +511,7 @@ class StreamState:
             out.append(self._chunk(0, Delta(), "content_filter"))
             self.finished.add(0)
         for position, candidate in enumerate(candidates):
-            index = int(candidate.get("index", position))
+            index = _index(candidate, position)
             if index not in self.started:
                 self.started.add(index)
                 out.append(self._chunk(index, Delta(role="assistant", content="")))

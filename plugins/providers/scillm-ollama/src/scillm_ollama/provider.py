@@ -53,6 +53,7 @@ from scillm_core import (
 )
 from scillm_core.config import Env, ProviderSettings
 from scillm_core.jsonio import loads
+from scillm_core.models.chat import token_count
 from scillm_core.upstream import (
     SHAPE_ERRORS,
     Malformed,
@@ -264,8 +265,8 @@ def _finish(data: Mapping[str, Any], saw_call: bool) -> str:
 
 
 def _usage(data: Mapping[str, Any]) -> Usage:
-    prompt = int(data.get("prompt_eval_count") or 0)
-    completion = int(data.get("eval_count") or 0)
+    prompt = token_count(data.get("prompt_eval_count"))
+    completion = token_count(data.get("eval_count"))
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
@@ -432,7 +433,7 @@ class OllamaProvider(Provider):
         try:
             data = orjson.loads(response.content)
             vectors = data["embeddings"]
-            tokens = int(data.get("prompt_eval_count") or 0)
+            tokens = token_count(data.get("prompt_eval_count"))
         except SHAPE_ERRORS as exc:
             raise errors.UpstreamProtocolError(f"unexpected embeddings body ({str(exc)[:200]})", provider=self.name,
                                                model=route.model) from None
