@@ -338,6 +338,9 @@ class FakeCodex(FakeUpstream):
                  "output_tokens_details": {"reasoning_tokens": len(reply.reasoning or "") // 4},
                  "total_tokens": reply.prompt_tokens + reply.completion_tokens}
         final = {**base, "output": output, "usage": usage, "completed_at": int(time.time())}
+        if reply.sparse_final:
+            yield ev("response.completed", response={"id": response_id, "usage": usage})
+            return
         if reply.finish_reason == "length":
             yield ev("response.incomplete", response={**final, "status": "incomplete",
                                                       "incomplete_details": {"reason": "max_output_tokens"}})

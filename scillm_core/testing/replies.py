@@ -54,6 +54,8 @@ class Reply:
     keepalive: bool = False                 # ": keep-alive" comments before the first event (DeepSeek)
     usage_in_finish: bool = False           # usage inside the finish chunk (GLM, Groq)
     whole_tool_call: bool = False           # tool call in one delta with full arguments (GLM)
+    sparse_final: bool = False              # Responses: the terminal event's response holds only id and usage, as
+                                            # Codex's own mock server sends it
     cut_after: int | None = None            # drop the connection after N events
     stall_after: int | None = None          # after N events send nothing more, keeping the connection open
     end_after: int | None = None            # after N events end the body cleanly, mid-answer

@@ -239,6 +239,27 @@ def test_codex_backend_serves_the_responses_surface(tmp_path: Path) -> None:
             assert items[2] == {"type": "function_call_output", "call_id": "call_ls", "output": "a.txt\nb.txt"}
 
 
+def test_a_codex_answer_whose_completed_event_is_sparse_still_reaches_a_non_streaming_client_whole(
+        tmp_path: Path) -> None:
+    """The backend only streams; a non-streaming client gets the final Response object. When the terminal event
+    carries only id and usage (as Codex's own mock server sends it), its output comes from the stream's items."""
+    import openai
+
+    with FakeCodex() as codex:
+        auth = tmp_path / "auth.json"
+        auth.write_bytes(orjson.dumps(FakeCodex.auth_json(codex.login())))
+        env = {"SCILLM_CODEX_AUTH": str(auth), "CODEX_API_BASE": codex.base_url,
+               "SCILLM_CODEX_TOKEN_URL": codex.token_url}
+        with ServerThread(make_app(env=env, data_dir=tmp_path / "data", only=ONLY)) as srv:
+            client = openai.OpenAI(base_url=srv.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=20)
+            codex.script(Reply(reasoning="Think.", text="Two files.", sparse_final=True))
+            answer = client.responses.create(model="gpt-5-codex", instructions="You are Codex.", input="list files")
+    assert answer.output_text == "Two files."
+    assert [o.type for o in answer.output] == ["reasoning", "message"]
+    assert answer.object == "response" and answer.status == "completed" and answer.model == "gpt-5-codex"
+    assert answer.id.startswith("resp_fake") and answer.usage is not None
+
+
 def test_an_empty_answer_cut_by_the_output_limit_is_a_502(client: Any, upstream: FakeOpenAI) -> None:
     import openai
 

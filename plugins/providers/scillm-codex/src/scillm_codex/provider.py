@@ -23,6 +23,7 @@ from scillm_codex.wire import (
     chat_response,
     conversation_id,
     error_from_body,
+    final_response,
     responses_chunks,
     to_codex_body,
 )
@@ -173,7 +174,7 @@ class CodexProvider(Provider):
     async def complete_native(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatResponse:
         """The backend only streams: a non-streaming client gets the final Response object it sent."""
         result, state = await self._collect(request, route, ctx, native=True)
-        return with_native(result, orjson.dumps(state.response))
+        return with_native(result, orjson.dumps(final_response(state)))
 
     async def complete(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatResponse:
         return (await self._collect(request, route, ctx, native=False))[0]

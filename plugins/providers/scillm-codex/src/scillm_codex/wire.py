@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     import httpx
 
 __all__ = ["DEFAULT_INSTRUCTIONS", "StreamState", "chat_response", "conversation_id", "error_from_body",
-           "failure_error", "response_from_object", "responses_chunks", "to_codex_body", "usage_of"]
+           "failure_error", "final_response", "response_from_object", "responses_chunks", "to_codex_body", "usage_of"]
 
 DEFAULT_INSTRUCTIONS = "You are a helpful assistant."
 
@@ -312,6 +312,7 @@ class StreamState:
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
         self.response: dict[str, Any] = {}      # the final Response object (response.completed / .incomplete)
+        self.items: list[dict[str, Any]] = []   # the output items, as response.output_item.done gave them
         self._text_seen: set[str] = set()
 
     def _chunk(self, delta: Delta | None = None, *, finish: str | None = None, usage: Usage | None = None,
@@ -412,6 +413,7 @@ class StreamState:
         item = event.get("item") or {}
         if not isinstance(item, dict):
             return []
+        self.items.append(item)
         out: list[ChatChunk] = []
         if item.get("type") == "function_call":
             key = str(item.get("id") or item.get("call_id") or self._key(event))
@@ -489,6 +491,21 @@ async def responses_chunks(response: httpx.Response, state: StreamState, malform
         await response.aclose()
     if not state.finished:
         raise errors.UpstreamProtocolError("stream closed before response.completed", provider=provider, model=model)
+
+
+def final_response(state: StreamState) -> dict[str, Any]:
+    """The Response object a non-streaming client gets: the terminal event's, completed from the stream where it
+    came without its output (Codex's own mock server sends only ``id`` and ``usage``; clients of the backend must
+    aggregate its events): the ``response.output_item.done`` items, and an id, object, model and status."""
+    response = dict(state.response)
+    output = response.get("output")
+    if not isinstance(output, list) or (not output and state.items):
+        response["output"] = list(state.items)
+    response.setdefault("id", state.id.removeprefix("chatcmpl-"))
+    response.setdefault("object", "response")
+    response.setdefault("model", state.served_model)
+    response.setdefault("status", "incomplete" if state.finish_reason in ("length", "content_filter") else "completed")
+    return response
 
 
 def chat_response(state: StreamState) -> ChatResponse:
