@@ -17,8 +17,7 @@ such as a bad status line) leaves this module as httpx's ``RemoteProtocolError``
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Mapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -86,8 +85,10 @@ class _CappedTransport(httpx.AsyncBaseTransport):
         self.limits = limits
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        with _as_httpx_errors():
+        try:
             response = await self.inner.handle_async_request(request)
+        except aiohttp.ClientError as exc:
+            raise _as_httpx(exc) from exc
         limits = self.limits
         streamed = bool(request.extensions.get("scillm.stream")) and response.status_code < 400
         limit, what = ((limits.max_stream_bytes, "the streamed reply") if streamed else
@@ -122,7 +123,7 @@ class _CappedStream(httpx.AsyncByteStream):
         total = 0
         line = 0  # bytes since the last line end
         line_limit = self.line_limit
-        with _as_httpx_errors():
+        try:
             async for chunk in self.inner:
                 total += len(chunk)
                 if total > self.limit:
@@ -133,6 +134,8 @@ class _CappedStream(httpx.AsyncByteStream):
                     if line > line_limit:
                         raise ReplyTooLarge("one line of the streamed reply", line_limit)
                 yield chunk
+        except aiohttp.ClientError as exc:
+            raise _as_httpx(exc) from exc
 
     async def aclose(self) -> None:
         try:
@@ -146,16 +149,12 @@ class _CappedStream(httpx.AsyncByteStream):
 _CLOSED = httpx.ByteStream(b"")
 
 
-@contextmanager
-def _as_httpx_errors() -> Iterator[None]:
-    """aiohttp's transport maps only some of aiohttp's errors (a refused connection, a cut body): the rest (a reply
-    that is not HTTP at all, ``ClientResponseError``) would escape every ``except httpx...`` above it."""
-    try:
-        yield
-    except aiohttp.ClientError as exc:  # its text names the URL (a key may be in it): only the parser's message
-        message = " ".join(str(exc.message).split()) if isinstance(exc, aiohttp.ClientResponseError) else ""
-        raise httpx.RemoteProtocolError(f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-                                        ) from exc
+def _as_httpx(exc: aiohttp.ClientError) -> httpx.RemoteProtocolError:
+    """An aiohttp error the aiohttp transport did not map (it maps a refused connection, a cut body; not a reply
+    that is not HTTP at all, ``ClientResponseError``), which would escape every ``except httpx...`` above it. Its
+    text names the URL (a key may be in it): only the parser's message is kept."""
+    message = " ".join(str(exc.message).split()) if isinstance(exc, aiohttp.ClientResponseError) else ""
+    return httpx.RemoteProtocolError(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
 
 
 def make_http_client(env: Mapping[str, str] | None = None, transport: httpx.AsyncBaseTransport | None = None,
