@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import aiohttp
 import httpx
 from attrs import frozen
 
@@ -325,8 +326,9 @@ def translate_transport(provider: str, model: str) -> Iterator[None]:
             provider=provider, model=model) from None
     except httpx.TimeoutException as exc:
         cause = exc.__cause__
-        if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
-            # the aiohttp transport reports a refused connection as ConnectTimeout; the cause tells the truth
+        if isinstance(cause, OSError | aiohttp.ClientConnectionError) and not isinstance(cause, TimeoutError):
+            # the aiohttp transport reports every failed connection (refused, reset, closed without an answer) as
+            # ConnectTimeout; the cause tells the truth
             raise errors.UpstreamConnectError(f"connection failed ({type(cause).__name__})", provider=provider,
                                               model=model) from None
         raise _transport_timeout(exc, provider, model) from None

@@ -171,9 +171,11 @@ class Liars(FakeOpenAI):
 
 
 class NotHttp:
-    """A loopback listener that answers every request with bytes that are not an HTTP response."""
+    """A loopback listener that answers every request with ``answer``: bytes that are not an HTTP response, or
+    nothing (the connection closed once the request came)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: bytes = b"0\r\n\r\nnot a status line\r\n\r\n") -> None:
+        self.answer = answer
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
         self.answered = 0
@@ -193,7 +195,7 @@ class NotHttp:
                     if not data:
                         break
                     seen += data
-                conn.sendall(b"0\r\n\r\nnot a status line\r\n\r\n")
+                conn.sendall(self.answer)
                 self.answered += 1
 
 
@@ -205,11 +207,12 @@ def liars() -> Iterator[Liars]:
 
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
 @pytest.mark.parametrize("stream", [False, True])
-def test_an_upstream_reply_that_lies_about_its_encoding_or_is_not_http_is_a_502(
+def test_an_upstream_reply_that_lies_about_its_encoding_is_not_http_or_is_nothing_is_a_502(
         liars: Liars, stream: bool, transport: str, tmp_path: Any) -> None:
-    not_http = NotHttp()
+    not_http, silent = NotHttp(), NotHttp(b"")
     for base, code, says in [(liars.base_url, "upstream_bad_response", "content-encoding could not be decoded"),
-                             (not_http.url, "connection_error", "connection failed")]:
+                             (not_http.url, "connection_error", "connection failed"),
+                             (silent.url, "connection_error", "connection failed")]:  # not "could not connect"
         app = make_app(env={"OPENAI_API_KEY": "sk-liar-test-0123456789", "OPENAI_API_BASE": base,
                             "SCILLM_HTTP_TRANSPORT": transport},
                        config={"resilience": {"max_retries": 0}}, data_dir=tmp_path / code,
@@ -223,8 +226,9 @@ def test_an_upstream_reply_that_lies_about_its_encoding_or_is_not_http_is_a_502(
         error = caught.value.response.json()["error"]
         assert error["code"] == code and error["message"].startswith("openai (gpt-4o-mini): ")
         assert says in error["message"] and "127.0.0.1" not in error["message"]
-    assert not_http.answered >= 1
+    assert not_http.answered >= 1 and silent.answered >= 1
     not_http.sock.close()
+    silent.sock.close()
 
 
 # -- SSE parsing and the shared client ---------------------------------------------------------------------------
