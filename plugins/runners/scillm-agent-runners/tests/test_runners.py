@@ -70,6 +70,16 @@ def test_final_answer_extracted(env: dict[str, Any], profile: str) -> None:
     assert result["status"] == "completed" and result["final_text"] == "the answer" and result["exit_code"] == 0
 
 
+@pytest.mark.parametrize(("profile", "event"), [
+    ("codex-exec", {"type": "turn.failed", "error": "a string where codex has an object"}),
+    ("pi", {"type": "agent_end", "messages": 5})])
+def test_a_final_event_of_the_wrong_shape_fails_the_run_as_the_clis_fault(env: dict[str, Any], profile: str,
+                                                                            event: dict[str, Any]) -> None:
+    result = run(env, profile, json.dumps({"mode": "events", "events": [event]}))
+    assert result["status"] == "failed"
+    assert result["error"].startswith(f"{BINARIES[profile]}'s output is not in its format (")
+
+
 @pytest.mark.parametrize("profile", list(BINARIES))
 @pytest.mark.parametrize("sandbox", ["read-only", "workspace-write"])
 def test_child_env_config_and_sandbox(env: dict[str, Any], profile: str, sandbox: str) -> None:

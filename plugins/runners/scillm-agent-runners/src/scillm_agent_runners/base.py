@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,10 @@ from scillm_exec import CliOutcome, base_child_env, exec_config
 
 from scillm_core import Runtime, errors
 from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
+from scillm_core.upstream import SHAPE_ERRORS, excerpt
 
 __all__ = ["AgentRunnersConfig", "REPO_TOOLS", "bin_dir", "cli_path", "cli_version", "outcome_result",
-           "runner_config", "temp_home"]
+           "read_outcome", "runner_config", "temp_home"]
 
 # <repo>/tools/agent-clis/node_modules/.bin: the pinned install (scripts/install-agent-clis)
 REPO_TOOLS = Path(__file__).resolve().parents[5] / "tools" / "agent-clis"
@@ -127,3 +128,15 @@ def outcome_result(ctx: SessionContext, outcome: CliOutcome, final_text: str, *,
         error = f"{error}: {outcome.stderr_tail.strip().splitlines()[-1][:500]}"
     return SessionResult(run_id=ctx.run_id, status=status, exit_code=outcome.exit_code,  # type: ignore[arg-type]
                          final_text=final_text, result=result, error=error)
+
+
+def read_outcome(ctx: SessionContext, outcome: CliOutcome, name: str,
+                 read: Callable[[list[dict[str, Any]]], tuple[str, str | None]]) -> SessionResult:
+    """The run's result from the CLI's events as ``read`` finds them: its final text, and why the run failed if it
+    did. Events of the wrong shape (a number where an object belongs: a CLI's bug, or a program that is not the CLI
+    it is named after) fail the run saying so, as the CLI's fault (``scillm_core.upstream.SHAPE_ERRORS``)."""
+    try:
+        text, failure = read(outcome.events)
+    except SHAPE_ERRORS as exc:
+        text, failure = "", f"{name}'s output is not in its format ({type(exc).__name__}: {excerpt(str(exc), 200)})"
+    return outcome_result(ctx, outcome, text, failed=failure)

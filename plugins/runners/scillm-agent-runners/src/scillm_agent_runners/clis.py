@@ -9,7 +9,7 @@ from typing import Any
 
 from scillm_exec import run_cli, schema_instructions
 
-from scillm_agent_runners.base import child_env, kill_grace, outcome_result, require, temp_home
+from scillm_agent_runners.base import child_env, kill_grace, read_outcome, require, temp_home
 from scillm_core.sessions import SessionContext, SessionResult, SessionSpec
 
 __all__ = ["CODEX_OPT_OUTS", "OPENCODE_ENV", "codex_config", "codex_env", "opencode_config", "opencode_env",
@@ -83,8 +83,12 @@ async def run_codex(spec: SessionSpec, ctx: SessionContext) -> SessionResult:
         env = codex_env(cli, home, codex_home, ctx.api_key or "")
         outcome = await run_cli(argv, spec=spec, ctx=ctx, env=env, cwd=spec.cwd, stdin=spec.prompt.encode(),
                                 kill_grace_s=kill_grace(ctx), redact=[ctx.api_key or ""])
+    return read_outcome(ctx, outcome, "codex", _read_codex)
+
+
+def _read_codex(events: list[dict[str, Any]]) -> tuple[str, str | None]:
     text, failure = "", None
-    for event in outcome.events:
+    for event in events:
         kind = event.get("type")
         item = event.get("item") if isinstance(event.get("item"), dict) else {}
         if kind == "item.completed" and item.get("type") == "agent_message":
@@ -93,9 +97,9 @@ async def run_codex(spec: SessionSpec, ctx: SessionContext) -> SessionResult:
             failure = str((event.get("error") or {}).get("message") or "turn failed")
         elif kind == "error" and "Reconnecting" not in str(event.get("message")):
             failure = str(event.get("message"))
-    if not any(e.get("type") == "turn.completed" for e in outcome.events) and failure is None:
+    if not any(e.get("type") == "turn.completed" for e in events) and failure is None:
         failure = "codex ended without turn.completed"
-    return outcome_result(ctx, outcome, text, failed=failure)
+    return text, failure
 
 
 # -- claude -p -----------------------------------------------------------------------------------------------------
@@ -116,13 +120,17 @@ async def run_claude(spec: SessionSpec, ctx: SessionContext) -> SessionResult:
         prompt = spec.prompt + schema_instructions(spec.output_schema)
         outcome = await run_cli(argv, spec=spec, ctx=ctx, env=env, cwd=spec.cwd, stdin=prompt.encode(),
                                 kill_grace_s=kill_grace(ctx), redact=[ctx.api_key or ""])
-    final = next((e for e in reversed(outcome.events) if e.get("type") == "result"), None)
+    return read_outcome(ctx, outcome, "claude", _read_claude)
+
+
+def _read_claude(events: list[dict[str, Any]]) -> tuple[str, str | None]:
+    final = next((e for e in reversed(events) if e.get("type") == "result"), None)
     if final is None:
-        return outcome_result(ctx, outcome, "", failed="claude ended without a result record")
+        return "", "claude ended without a result record"
     failure = None
     if final.get("is_error") or final.get("subtype") != "success":
         failure = f"claude result {final.get('subtype')}: {str(final.get('result') or '')[:300]}"
-    return outcome_result(ctx, outcome, str(final.get("result") or ""), failed=failure)
+    return str(final.get("result") or ""), failure
 
 
 # -- opencode run --------------------------------------------------------------------------------------------------
@@ -189,9 +197,13 @@ async def run_opencode(spec: SessionSpec, ctx: SessionContext) -> SessionResult:
                 "--title", f"scillm {ctx.run_id}", "--dir", str(spec.cwd)]
         outcome = await run_cli(argv, spec=spec, ctx=ctx, env=env, cwd=spec.cwd, stdin=prompt.encode(),
                                 kill_grace_s=kill_grace(ctx), redact=[ctx.api_key or ""])
+    return read_outcome(ctx, outcome, "opencode", _read_opencode)
+
+
+def _read_opencode(events: list[dict[str, Any]]) -> tuple[str, str | None]:
     texts: list[str] = []
     failure = None
-    for event in outcome.events:
+    for event in events:
         part = event.get("part") if isinstance(event.get("part"), dict) else {}
         if event.get("type") == "text":
             texts.append(str(part.get("text") or ""))
@@ -199,9 +211,9 @@ async def run_opencode(spec: SessionSpec, ctx: SessionContext) -> SessionResult:
             texts.clear()  # the answer is the text after the last tool step
         elif event.get("type") == "error":
             failure = json.dumps(event.get("error") or event)[:500]
-    if not outcome.events and failure is None:
+    if not events and failure is None:
         failure = "opencode printed no events"
-    return outcome_result(ctx, outcome, "".join(texts).strip(), failed=failure)
+    return "".join(texts).strip(), failure
 
 
 # -- pi ------------------------------------------------------------------------------------------------------------
@@ -225,9 +237,13 @@ async def run_pi(spec: SessionSpec, ctx: SessionContext) -> SessionResult:
                 "--no-extensions", "--no-context-files", "--no-prompt-templates", "--tools", tools]
         outcome = await run_cli(argv, spec=spec, ctx=ctx, env=env, cwd=spec.cwd, stdin=prompt.encode(),
                                 kill_grace_s=kill_grace(ctx), redact=[ctx.api_key or ""])
-    end = next((e for e in reversed(outcome.events) if e.get("type") == "agent_end"), None)
+    return read_outcome(ctx, outcome, "pi", _read_pi)
+
+
+def _read_pi(events: list[dict[str, Any]]) -> tuple[str, str | None]:
+    end = next((e for e in reversed(events) if e.get("type") == "agent_end"), None)
     if end is None:
-        return outcome_result(ctx, outcome, "", failed="pi ended without agent_end")
+        return "", "pi ended without agent_end"
     text, failure = "", None
     for message in reversed(end.get("messages") or []):
         if isinstance(message, dict) and message.get("role") == "assistant":
@@ -236,6 +252,6 @@ async def run_pi(spec: SessionSpec, ctx: SessionContext) -> SessionResult:
             if message.get("stopReason") in ("error", "aborted"):
                 failure = f"pi stopped: {message.get('errorMessage') or message.get('stopReason')}"
             break
-    return outcome_result(ctx, outcome, text, failed=failure)
+    return text, failure
 
 
