@@ -9,7 +9,10 @@
   that is there when the app asks for it (nearly every request), and one that arrives in two parts (the timer is
   armed once), on uvloop as served;
 - closing lingering (``protocol.HttpProtocol.on_response_complete``: whether a response completed before its request
-  was read whole) vs uvicorn's own ``on_response_complete``, on a kept-alive connection's every response.
+  was read whole) vs uvicorn's own ``on_response_complete``, on a kept-alive connection's every response;
+- a wrong-shaped upstream event skipped (``upstream.Malformed.read`` around each event's translation) vs the bare
+  translation, over the recorded Anthropic stream (``fixtures/messages_stream_text_sonnet45.sse``);
+- checked token counts (``models.chat.Usage``, each count through ``token_count``) vs the same class unchecked.
 
     .venv/bin/python bench/guards.py
 """
@@ -74,6 +77,49 @@ def main() -> None:
     loop.close()
     body_deadline()
     lingering()
+    upstream_shapes()
+
+
+def upstream_shapes() -> None:
+    from pathlib import Path
+
+    import attrs
+    from scillm_anthropic.translate import StreamTranslator
+
+    from scillm_core.models.chat import Usage
+    from scillm_core.upstream import Malformed, SSEParser
+
+    raw = (Path(__file__).parent / "fixtures" / "messages_stream_text_sonnet45.sse").read_bytes()
+    parser = SSEParser()
+    events = [(e.event, e.data, orjson.loads(e.data)) for e in [*parser.feed(raw), *parser.end()]]
+
+    class Context:  # what Malformed reads of a call's context
+        notes: dict[str, Any] = {}
+        request_id = "bench"
+
+        def emit(self, *args: Any, **kwargs: Any) -> None: ...
+
+    route = type("Route", (), {"provider": "anthropic", "model": "claude"})()
+
+    def bare() -> None:
+        translator = StreamTranslator(provider="anthropic", model="claude", include_usage=True, secrets=())
+        for event, _, data in events:
+            translator.feed(event, data)
+
+    def guarded() -> None:
+        translator = StreamTranslator(provider="anthropic", model="claude", include_usage=True, secrets=())
+        malformed = Malformed(Context(), route)  # type: ignore[arg-type]
+        for event, text, data in events:
+            malformed.read(text, translator.feed, event, data)
+
+    pair(f"translate a {len(events)}-event Anthropic stream: bare / each event through Malformed.read", bare,
+         guarded, 2000)
+    Unchecked = attrs.frozen(kw_only=True)(type("Unchecked", (), {"__annotations__": {
+        "prompt_tokens": int, "completion_tokens": int, "total_tokens": int}, "prompt_tokens": 0,
+        "completion_tokens": 0, "total_tokens": 0}))
+    pair("make a usage (per answer): unchecked / checked counts",
+         lambda: Unchecked(prompt_tokens=11, completion_tokens=7, total_tokens=18),
+         lambda: Usage(prompt_tokens=11, completion_tokens=7, total_tokens=18), 50000)
 
 
 def body_deadline() -> None:
