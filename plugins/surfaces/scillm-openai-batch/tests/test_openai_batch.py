@@ -285,6 +285,8 @@ GOOD = chat_line("a", "hello")
     (jsonl([{**GOOD, "custom_id": "x" * 513}]), "invalid_request", "line 1 $.custom_id"),
     (jsonl([{**GOOD, "body": {"messages": []}}]), "invalid_request", "line 1 $.body.model"),
     (jsonl([{**GOOD, "body": "text"}]), "invalid_request", "line 1 $.body.model"),
+    (jsonl([{**GOOD, "url": ["/v1/chat/completions"]}]), "invalid_url", "line 1 $.url"),  # unhashable: no 500
+    (jsonl([{**GOOD, "url": {"path": "/v1/chat/completions"}}]), "invalid_url", "line 1 $.url"),
     (b"\n  \n", "empty_file", "file"),
     (jsonl([chat_line(f"id{i}", "x") for i in range(51)]), "too_many_tasks", "line 51"),
     (jsonl([GOOD]) + b'{"custom_id": "\xff\xfe"}\n', "invalid_json_line", "line 2"),

@@ -24,6 +24,7 @@ from attrs import frozen
 from scillm_core import Identity, Runtime, errors, require_visible
 from scillm_core.identity import MASTER_OWNER
 from scillm_core.jsonio import JSONTooDeep, loads
+from scillm_core.upstream import excerpt
 
 __all__ = ["ENDPOINTS", "BatchLine", "FileStore", "InputFile", "check_batch_file"]
 
@@ -88,9 +89,9 @@ def check_batch_file(source: IO[bytes], max_lines: int) -> InputFile:
             raise _refuse(number, f"method must be \"POST\", not {request.get('method')!r}", "invalid_request",
                           "$.method")
         line_url = request.get("url")
-        if line_url not in ENDPOINTS:
-            raise _refuse(number, f"url {line_url!r} is not served; use one of {', '.join(ENDPOINTS)}",
-                          "invalid_url", "$.url")
+        if not isinstance(line_url, str) or line_url not in ENDPOINTS:  # (an array or object is no endpoint)
+            raise _refuse(number, f"url {excerpt(repr(line_url), 100)} is not served; use one of "
+                                  f"{', '.join(ENDPOINTS)}", "invalid_url", "$.url")
         body = request.get("body")
         if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]:
             raise _refuse(number, "body must be an object with a string model", "invalid_request", "$.body.model")
