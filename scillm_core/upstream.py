@@ -207,14 +207,15 @@ class Malformed:
                     self.ctx.request_id, route.provider, route.model, what, excerpt(text, 120))
         self.ctx.emit("chunk.skipped", route=route, reason=what)
 
-    def read(self, data: str | bytes, translate: Callable[..., list[T]], *args: Any) -> list[T]:
+    def read(self, data: str | bytes, translate: Callable[..., list[T]], *args: Any) -> list[T] | None:
         """``translate(*args)``: the chunks of one parsed event (``data``, its text). An event of the wrong shape,
-        whose translation raised one of :data:`SHAPE_ERRORS`, is skipped like one that is not JSON: no chunks."""
+        whose translation raised one of :data:`SHAPE_ERRORS`, is skipped like one that is not JSON: None, and a
+        native stream drops its bytes too (an event that rightly makes no chunk gives ``[]``, its bytes kept)."""
         try:
             return translate(*args)
         except SHAPE_ERRORS as exc:
             self.skip(f"unexpected event ({type(exc).__name__}: {excerpt(str(exc), 80)})", data)
-            return []
+            return None
 
 
 _DELTA = re.compile(r"\s*(\d{1,12})(\.\d{1,9})?\s*")

@@ -80,9 +80,11 @@ def test_a_messages_stream_without_message_stop_is_whole_and_ends_as_a_stream_sh
     assert len(claude.requests) == 3 and deepseek.requests == []  # a success: no failover, nothing retried
 
 
-def test_a_malformed_event_in_a_messages_stream_is_skipped_and_not_passed_on(server, upstreams):
+@pytest.mark.parametrize("shape", ["not JSON", "JSON of the wrong shape"])
+def test_a_malformed_event_in_a_messages_stream_is_skipped_and_not_passed_on(server, upstreams, shape):
     claude, _, deepseek = upstreams
-    claude.script(Reply.say("one two three four", malformed_at=(4,)))
+    garbage = claude.wrong_shape_event if shape == "JSON of the wrong shape" else None
+    claude.script(Reply.say("one two three four", malformed_at=(4,), garbage=garbage))
     with claude_client(server).messages.stream(model="claude-first", max_tokens=100, messages=HI) as stream:
         message = stream.get_final_message()
     assert message.content[0].text == "one two three four" and message.stop_reason == "end_turn"
@@ -135,9 +137,11 @@ def test_a_too_long_prompt_for_claude_falls_back_on_a_messages_route(server, ups
 
 # -- OpenAI Responses, as sent --------------------------------------------------------------------------------------
 
-def test_a_malformed_event_in_a_responses_stream_is_skipped_and_not_passed_on(server, upstreams):
+@pytest.mark.parametrize("shape", ["not JSON", "JSON of the wrong shape"])
+def test_a_malformed_event_in_a_responses_stream_is_skipped_and_not_passed_on(server, upstreams, shape):
     _, responses, deepseek = upstreams
-    responses.script(Reply.say("one two three four", malformed_at=(5,)))
+    garbage = responses.wrong_shape_event if shape == "JSON of the wrong shape" else None
+    responses.script(Reply.say("one two three four", malformed_at=(5,), garbage=garbage))
     with openai_client(server).responses.with_streaming_response.create(model="responses-first", input="hi",
                                                                          stream=True) as raw:
         assert raw.headers["x-scillm-dialect"] == "openai-responses"
@@ -145,6 +149,7 @@ def test_a_malformed_event_in_a_responses_stream_is_skipped_and_not_passed_on(se
     assert events[-1].type == "response.completed"
     assert events[-1].response.output_text == "one two three four"
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "one two three four"
+    assert all(getattr(e, "output_index", None) != 7 for e in events)  # the wrong-shaped item, not passed on
     assert deepseek.requests == []
 
 

@@ -193,6 +193,8 @@ class AnthropicProvider(Provider):
                         malformed.skip("malformed JSON", event.data)
                         continue
                     chunks = malformed.read(event.data, translator.feed, event.event, data)
+                    if chunks is None:
+                        continue  # skipped, its bytes too
                     for chunk in carried.carry(event.raw, chunks) if native else chunks:
                         yield chunk
                     if translator.stopped:

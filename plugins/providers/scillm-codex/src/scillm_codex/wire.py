@@ -481,6 +481,8 @@ async def responses_chunks(response: httpx.Response, state: StreamState, malform
                     malformed.skip("malformed JSON", event.data)
                     continue
                 chunks = malformed.read(event.data, state.feed, data) if isinstance(data, dict) else []
+                if chunks is None:
+                    continue  # skipped, its bytes too
                 for chunk in carried.carry(event.raw, chunks) if native else chunks:
                     yield chunk
                 if state.finished:

@@ -249,7 +249,7 @@ class GeminiProvider(Provider):
                         code = error.get("code")
                         raise self._error(code if isinstance(code, int) and code >= 400 else 500,
                                           event.data.encode(), {}, route)
-                    for chunk in malformed.read(event.data, state.feed, data):
+                    for chunk in malformed.read(event.data, state.feed, data) or ():
                         yield chunk
         finally:
             await response.aclose()

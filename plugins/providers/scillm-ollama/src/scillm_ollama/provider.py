@@ -505,7 +505,7 @@ class OllamaProvider(Provider):
                         continue
                     if "error" in data:
                         raise self._error(500, orjson.dumps(data), {}, route)
-                    for piece in malformed.read(orjson.dumps(data), translate, data):
+                    for piece in malformed.read(orjson.dumps(data), translate, data) or ():
                         yield piece
                     if done:
                         break
