@@ -261,3 +261,15 @@ def test_whole_function_call_items_and_parallel_calls(codex: FakeCodex, codex_en
         assert by_index == {0: '{"city":"Oslo"}', 1: '{"city":"Rome"}'}
         assert [tc.id for tc in deltas if tc.id] == ["call_a", "call_b"]
     assert codex.last.body["tools"][0]["name"] == "get_weather" and codex.last.body["parallel_tool_calls"] is True
+
+
+def test_a_terminal_event_with_odd_details_still_completes_the_stream() -> None:
+    """Usage and incomplete details are metadata: odd shapes of them (a number, a list) neither fail the terminal
+    event nor leave the stream half-finished."""
+    state = StreamState(provider="codex", model="gpt-5", include_usage=True)
+    state.feed({"type": "response.output_text.delta", "item_id": "m1", "output_index": 0, "delta": "Hi"})
+    chunks = state.feed({"type": "response.completed", "response": {
+        "id": "resp_1", "status": "completed", "incomplete_details": 5,
+        "usage": {"input_tokens": 3, "output_tokens": 1, "input_tokens_details": [], "output_tokens_details": 7}}})
+    assert state.finished and state.finish_reason == "stop"
+    assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-1].usage.prompt_tokens == 3

@@ -535,3 +535,13 @@ def test_routing_names_and_models_listing(server: ServerThread) -> None:
     assert {"text-gemini", "gemini-2.5-flash"} <= ids
     providers = httpx.get(server.url + "/v1/scillm/providers", headers=headers).text
     assert KEY not in providers and "gemini" in providers
+
+
+def test_a_finish_event_of_the_wrong_shape_does_not_leave_the_stream_looking_complete() -> None:
+    """The provider skips an event whose translation raises (``Malformed.read``); the candidate must not be marked
+    finished by it first, or the stream would end as complete without its finish chunk (and without an error)."""
+    state = StreamState("gemini-2.5-flash", False)
+    state.feed({"candidates": [{"content": {"parts": [{"text": "Hel"}], "role": "model"}}]})
+    with pytest.raises(TypeError):
+        state.feed({"candidates": [{"content": {"parts": [{"text": "lo"}]}, "finishReason": ["STOP"]}]})
+    assert not state.complete  # the provider then says "stream ended before a finishReason"

@@ -198,8 +198,9 @@ def usage_of(data: Any) -> Usage | None:
     prompt = token_count(data.get("input_tokens"))
     completion = token_count(data.get("output_tokens"))
     extra: dict[str, Any] = {}
-    cached = (data.get("input_tokens_details") or {}).get("cached_tokens")
-    reasoning = (data.get("output_tokens_details") or {}).get("reasoning_tokens")
+    details, out_details = data.get("input_tokens_details"), data.get("output_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None  # (usage is metadata: odd details
+    reasoning = out_details.get("reasoning_tokens") if isinstance(out_details, dict) else None  # are no error)
     if cached is not None:
         extra["prompt_tokens_details"] = {"cached_tokens": token_count(cached)}
     if reasoning is not None:
@@ -438,19 +439,20 @@ class StreamState:
         response = event.get("response") or {}
         if not isinstance(response, dict):
             response = {}
-        self.finished = True
-        self.response = response
-        self.usage = usage_of(response.get("usage"))
-        if response.get("model"):
-            self.served_model = str(response["model"])
-        status = response.get("status")
-        reason = (response.get("incomplete_details") or {}).get("reason")
-        if event.get("type") == "response.incomplete" or status == "incomplete":
+        usage = usage_of(response.get("usage"))  # (read before the stream is marked finished: see the end)
+        details = response.get("incomplete_details")
+        reason = details.get("reason") if isinstance(details, dict) else None
+        if event.get("type") == "response.incomplete" or response.get("status") == "incomplete":
             self.finish_reason = "content_filter" if reason == "content_filter" else "length"
         elif self.tool_calls:
             self.finish_reason = "tool_calls"
         else:
             self.finish_reason = "stop"
+        # only now, with nothing left that a wrong-shaped event can fail on: a terminal event skipped half-read must
+        # not leave the stream looking finished (it would end without its end, and without an error)
+        self.finished, self.response, self.usage = True, response, usage
+        if response.get("model"):
+            self.served_model = str(response["model"])
         out: list[ChatChunk] = []
         if not self.started:
             self.started = True

@@ -535,14 +535,16 @@ class StreamState:
                 self.grounding.setdefault(index, {}).update(
                     (key, metadata[key]) for key in ("groundingChunks", "groundingSupports") if key in metadata)
             if candidate.get("finishReason"):
+                # (what can fail on a wrong-shaped event comes before the candidate is marked finished: a skipped
+                # event must not leave the stream looking complete without its finish chunk)
+                reason = finish_reason(candidate["finishReason"], bool(self.calls.get(index)))
                 if index in self.grounding and index not in self.finished:
                     parts = [("".join(texts) if kind == "text" else None) for kind, texts in self.parts.get(index, ())]
                     notes = grounding_annotations(self.grounding[index], parts)
                     if notes:
                         out.append(self._chunk(index, Delta(extra={"annotations": notes})))
                 self.finished.add(index)
-                out.append(self._chunk(index, Delta(), finish_reason(candidate["finishReason"],
-                                                                     bool(self.calls.get(index)))))
+                out.append(self._chunk(index, Delta(), reason))
         return out
 
     def _keep(self, index: int, part: Any) -> None:
