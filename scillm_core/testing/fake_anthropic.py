@@ -12,7 +12,8 @@ tool answers.
 
 It checks what the real API checks and a translator can get wrong (``max_tokens`` present, roles only
 user/assistant, temperature in [0, 1], tool ids, every ``tool_result`` answering a ``tool_use`` of the previous
-turn) and answers 400 like Anthropic. ``require`` selects the auth it insists on: ``"api_key"`` (``x-api-key`` +
+turn, with thinking on a tool-calling final assistant message starting with its signed thinking blocks) and
+answers 400 like Anthropic. ``require`` selects the auth it insists on: ``"api_key"`` (``x-api-key`` +
 ``anthropic-version``), ``"oauth"`` (Bearer of an issued token + the OAuth beta + the Claude Code system block),
 or ``None`` (either form; an API key may also come as a Bearer token, as newer SDKs send it).
 """
@@ -242,7 +243,31 @@ class FakeAnthropic(FakeUpstream):
                     if not isinstance(source, dict) or source.get("type") not in ("base64", "url", "text"):
                         return f"messages.{i}.content.{j}.source: invalid source"
             previous_tool_ids = tool_ids
-        return None
+        return FakeAnthropic._thinking_problem(body, messages)
+
+    @staticmethod
+    def _thinking_problem(body: Mapping[str, Any], messages: list[Any]) -> str | None:
+        """With thinking on, the final assistant message, when it calls tools, must start with the thinking blocks
+        it came with, each with its signature (the real API's 400 for a tool loop that dropped them)."""
+        for i, message in enumerate(messages):
+            for j, block in enumerate(message.get("content") if isinstance(message.get("content"), list) else ()):
+                if isinstance(block, dict) and block.get("type") == "thinking" and not block.get("signature"):
+                    return f"messages.{i}.content.{j}.signature: Field required"
+        thinking = body.get("thinking")
+        if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "adaptive"):
+            return None
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        blocks = messages[last].get("content") if last is not None else None
+        if not isinstance(blocks, list) or not any(isinstance(b, dict) and b.get("type") == "tool_use"
+                                                   for b in blocks):
+            return None
+        first = blocks[0].get("type") if isinstance(blocks[0], dict) else None
+        if first in ("thinking", "redacted_thinking"):
+            return None
+        return (f"messages.{last}.content.0.type: Expected `thinking` or `redacted_thinking`, but found `{first}`. "
+                "When `thinking` is enabled, a final `assistant` message must start with a thinking block (preceeding "
+                "the lastmost set of `tool_use` and `tool_result` blocks). We recommend you include thinking blocks "
+                "from previous turns. To avoid this requirement, disable `thinking`.")
 
     async def messages(self, request: Request) -> Response:
         recorded = await self.record(request)

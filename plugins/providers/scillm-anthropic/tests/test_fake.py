@@ -102,6 +102,29 @@ def test_fake_enforces_auth_and_rejects_what_anthropic_rejects(fake: FakeAnthrop
         assert response.json()["type"] == "error" and needle in response.json()["error"]["message"]
 
 
+def test_fake_rejects_a_thinking_tool_loop_that_dropped_its_thinking_blocks(fake: FakeAnthropic) -> None:
+    """With thinking on, the assistant turn that called the tool must come back starting with its signed thinking
+    block, as the real API insists (the recorded round trip sends it back; dropping it is a 400)."""
+    headers = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
+    call = {"type": "tool_use", "id": "toolu_01", "name": "weather", "input": {"location": "Florence"}}
+    thought = {"type": "thinking", "thinking": "Use the tool.", "signature": "Es8DCkYICxgC"}
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "sunny"}]}
+
+    def body(assistant: list[dict[str, Any]], thinking: bool = True) -> dict[str, Any]:
+        return {"model": "claude-sonnet-4-5", "max_tokens": 2048, "tools": [WEATHER],
+                **({"thinking": {"type": "enabled", "budget_tokens": 1024}} if thinking else {}),
+                "messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": assistant},
+                             result]}
+
+    dropped = HTTP.post(fake.url + "/v1/messages", json=body([call]), headers=headers)
+    assert dropped.status_code == 400
+    assert dropped.json()["error"]["message"].startswith("messages.1.content.0.type: Expected `thinking`")
+    unsigned = HTTP.post(fake.url + "/v1/messages", json=body([{**thought, "signature": ""}, call]), headers=headers)
+    assert unsigned.status_code == 400 and "signature" in unsigned.json()["error"]["message"]
+    for fine in (body([thought, call]), body([call], thinking=False)):
+        assert HTTP.post(fake.url + "/v1/messages", json=fine, headers=headers).status_code == 200
+
+
 # -- the fake's stream against the recorded fixtures --------------------------------------------------------------
 
 def _parse(raw: bytes) -> list[tuple[str, bytes, Any]]:
