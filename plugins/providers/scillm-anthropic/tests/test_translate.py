@@ -176,6 +176,26 @@ def test_thinking_blocks_round_trip_unchanged() -> None:
     assert tool_use["id"] == data["content"][1]["id"] and tool_use["input"] == {"location": "Florence, Italy"}
 
 
+
+def test_reasoning_effort_leaves_thinking_off_for_a_tool_turn_sent_back_without_its_thinking_blocks() -> None:
+    """A chat client that does not send ``thinking_blocks`` back (openai-agents' chat completions model) would get
+    Anthropic's 400 for the tool loop's next call with thinking on; that call goes without thinking instead, and
+    thinking is back once the final assistant turn has no tool call (or came back with its blocks)."""
+    call = {"id": "toolu_01", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    loop = [{"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "toolu_01", "content": "sunny"}]
+    body = body_for(tools=[WEATHER], messages=loop, reasoning_effort="low", temperature=0.3, max_tokens=500)
+    assert "thinking" not in body and body["max_tokens"] == 500 and body["temperature"] == 0.3
+    blocks = [{"type": "thinking", "thinking": "Use the tool.", "signature": "Es8DCkYICxgC"}]
+    kept = body_for(tools=[WEATHER], reasoning_effort="low", messages=[
+        loop[0], {**loop[1], "thinking_blocks": blocks}, loop[2]])
+    assert kept["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert kept["messages"][1]["content"][0] == blocks[0]
+    later = body_for(tools=[WEATHER], reasoning_effort="low", messages=[
+        *loop, {"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "And Rome?"}])
+    assert later["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+
+
 # -- response -------------------------------------------------------------------------------------------------------
 
 def test_response_text_tool_calls_and_usage() -> None:

@@ -357,10 +357,11 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
         if budget is None:
             raise _bad(f"reasoning_effort {effort!r} is not one of {', '.join(['none', *THINKING_BUDGETS])}",
                        "$.reasoning_effort")
-        body["thinking"] = {"type": "enabled", "budget_tokens": budget}
-        if body["max_tokens"] <= budget:  # the budget must be below max_tokens; keep the caller's answer room
-            body["max_tokens"] = budget + (request.max_output_tokens or DEFAULT_MAX_TOKENS)
-        thinking_on = True
+        if not _unthought_tool_turn(messages):
+            body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+            if body["max_tokens"] <= budget:  # the budget must be below max_tokens; keep the caller's answer room
+                body["max_tokens"] = budget + (request.max_output_tokens or DEFAULT_MAX_TOKENS)
+            thinking_on = True
     for key in PASSTHROUGH:
         if key in fields:
             value = fields[key]
@@ -393,6 +394,20 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
     if request.stream:
         body["stream"] = True
     return body
+
+
+def _unthought_tool_turn(messages: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the final assistant turn called tools and came back without the thinking blocks it was answered
+    with. Anthropic refuses thinking then (400 "a final assistant message must start with a thinking block"), so a
+    ``reasoning_effort`` leaves thinking off for this call: a chat client that does not send ``thinking_blocks``
+    back (openai-agents' chat completions model, most OpenAI clients) gets its tool loop answered, and thinking
+    again from the next turn that has no unanswered tool call."""
+    last = next((m for m in reversed(messages) if m.get("role") == "assistant"), None)
+    blocks = last.get("content") if last is not None else None
+    if not isinstance(blocks, list) or not any(isinstance(b, Mapping) and b.get("type") == "tool_use"
+                                               for b in blocks):
+        return False
+    return not (isinstance(blocks[0], Mapping) and blocks[0].get("type") in ("thinking", "redacted_thinking"))
 
 
 def _web_search(options: Any, limit: Any = None) -> dict[str, Any]:
