@@ -182,7 +182,8 @@ def test_reasoning_effort_leaves_thinking_off_for_a_tool_turn_sent_back_without_
     Anthropic's 400 for the tool loop's next call with thinking on; that call goes without thinking instead, and
     thinking is back once the final assistant turn has no tool call (or came back with its blocks)."""
     call = {"id": "toolu_01", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
-    loop = [{"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+    loop = [{"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
             {"role": "tool", "tool_call_id": "toolu_01", "content": "sunny"}]
     body = body_for(tools=[WEATHER], messages=loop, reasoning_effort="low", temperature=0.3, max_tokens=500)
     assert "thinking" not in body and body["max_tokens"] == 500 and body["temperature"] == 0.3
