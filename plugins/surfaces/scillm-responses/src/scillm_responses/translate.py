@@ -8,11 +8,14 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 import orjson
 
 from scillm_core import ChatChunk, ChatRequest, ChatResponse, Usage, errors, structure
@@ -21,7 +24,8 @@ from scillm_core.models.extensions import EXTENSION_FIELDS, take_extensions
 from scillm_core.models.native import native_events
 from scillm_core.models.params import HOSTED
 
-__all__ = ["EXTENSION_FIELDS", "EventStream", "new_id", "parse_request", "response_object", "usage_object"]
+__all__ = ["EXTENSION_FIELDS", "EventStream", "THINKING", "new_id", "parse_request", "response_object",
+           "sealed_thinking", "unsealed_thinking", "usage_object", "without_thinking"]
 
 #: Responses fields we accept and ignore (they ask for server-side behaviour that changes nothing here).
 IGNORED_FIELDS = frozenset({"store", "include", "prompt_cache_retention", "truncation", "service_tier",
@@ -40,6 +44,43 @@ FIELD_ORIGINS = {"messages": "$.input", "max_tokens": "$.max_output_tokens", "re
                  "$.text.format.schema", "reasoning_effort": "$.reasoning.effort", "verbosity": "$.text.verbosity"}
 #: ``tool_choice`` types that are no hosted tool -> the capability they ask for (none a translated route has)
 CHOICES = {"custom": "custom_tools", "allowed_tools": "allowed_tools"}
+
+
+#: How a reasoning item's ``encrypted_content`` carries what a Responses client cannot hold otherwise: the
+#: upstream's own reasoning state, Anthropic's signed thinking blocks. scillm keeps no response state, so the
+#: client keeps it: a reasoning item that comes back with it gives the next assistant turn its ``thinking_blocks``
+#: (Anthropic needs them back, signatures intact, in a tool loop with thinking on). Anything else in
+#: ``encrypted_content`` (OpenAI's own) is not scillm's and is left alone.
+THINKING = "scillm-thinking."
+
+
+def sealed_thinking(blocks: Any) -> str | None:
+    """Thinking blocks (chat's ``thinking_blocks``) as a reasoning item's ``encrypted_content``; None for none."""
+    kept = [dict(b) for b in blocks if isinstance(b, Mapping) and b.get("type") in ("thinking", "redacted_thinking")
+            ] if isinstance(blocks, list) else []
+    return THINKING + base64.urlsafe_b64encode(orjson.dumps(kept)).decode() if kept else None
+
+
+def unsealed_thinking(value: Any) -> list[dict[str, Any]]:
+    """The thinking blocks a reasoning item's ``encrypted_content`` carries (``[]`` when it is not scillm's)."""
+    if not isinstance(value, str) or not value.startswith(THINKING):
+        return []
+    try:
+        blocks = orjson.loads(base64.urlsafe_b64decode(value[len(THINKING):]))
+    except (binascii.Error, ValueError):
+        return []
+    return [b for b in blocks if isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking")] \
+        if isinstance(blocks, list) else []
+
+
+def without_thinking(chat: ChatRequest) -> ChatRequest:
+    """``chat`` without the carried thinking blocks: for every upstream but Anthropic (signatures mean nothing to
+    another model, and OpenAI-style upstreams reject unknown message keys)."""
+    if not any("thinking_blocks" in m.extra for m in chat.messages):
+        return chat
+    messages = tuple(attrs.evolve(m, extra={k: v for k, v in m.extra.items() if k != "thinking_blocks"})
+                     if "thinking_blocks" in m.extra else m for m in chat.messages)
+    return attrs.evolve(chat, messages=messages)
 
 
 def new_id(prefix: str) -> str:
@@ -128,11 +169,17 @@ def _messages(body: Mapping[str, Any], origins: errors.Origins) -> list[dict[str
         return messages
     if not isinstance(raw, list):
         raise _bad(f"expected string or array of items, got {json_type(raw)}", "$.input")
+    thinking: list[dict[str, Any]] = []  # carried by reasoning items, for the assistant turn that follows them
     for i, item in enumerate(raw):
         path = f"$.input[{i}]"
         if not isinstance(item, dict):
             raise _bad(f"expected input item object, got {json_type(item)}", path)
         kind = item.get("type", "message")
+        if kind == "reasoning":  # the model's own state: only its signed thinking blocks go back (to Anthropic)
+            thinking += unsealed_thinking(item.get("encrypted_content"))
+            continue
+        before = len(messages)
+        last = messages[-1] if messages else None
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
@@ -163,14 +210,17 @@ def _messages(body: Mapping[str, Any], origins: errors.Origins) -> list[dict[str
             output = _output_text(item.get("output", ""), f"{path}.output")
             messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
             origins.message(path)
-        elif kind == "reasoning":
-            continue  # reasoning items are the model's own state; chat upstreams cannot take them back
         elif kind == "item_reference":
             raise _bad("item_reference needs stored responses; scillm keeps no response state, so send the "
                        "items themselves", path)
         else:
             raise _bad(f"unsupported input item type {kind!r} (supported: message, function_call, "
                        f"function_call_output, reasoning)", f"{path}.type")
+        if thinking:  # the turn the blocks came with starts here, or they belonged to no turn of this input
+            turn = messages[before] if len(messages) > before else last
+            if turn is not None and turn["role"] == "assistant":
+                turn["thinking_blocks"] = [*turn.get("thinking_blocks", ()), *thinking]
+            thinking = []
     return messages
 
 
@@ -415,9 +465,13 @@ def response_object(result: ChatResponse, echo: Mapping[str, Any], *, response_i
     if choice is not None:
         message = choice.message
         reasoning = message.extra.get("reasoning_content") or message.extra.get("reasoning")
-        if isinstance(reasoning, str) and reasoning:
-            output.append({"id": new_id("rs"), "type": "reasoning",
-                           "summary": [{"type": "summary_text", "text": reasoning}]})
+        sealed = sealed_thinking(message.extra.get("thinking_blocks"))
+        if (isinstance(reasoning, str) and reasoning) or sealed:
+            item: dict[str, Any] = {"id": new_id("rs"), "type": "reasoning", "summary": [
+                {"type": "summary_text", "text": reasoning}] if isinstance(reasoning, str) and reasoning else []}
+            if sealed:
+                item["encrypted_content"] = sealed
+            output.append(item)
         if message.text:
             output.append({"id": new_id("msg"), "type": "message", "status": "completed", "role": "assistant",
                            "content": [{"type": "output_text", "text": message.text,
@@ -528,6 +582,9 @@ class EventStream:
             out.append(self._event("response.reasoning_summary_part.done", item_id=item["id"], output_index=index,
                                    summary_index=0, part=part))
             done = {"id": item["id"], "type": "reasoning", "summary": [part]}
+            sealed = sealed_thinking(item.get("_blocks"))
+            if sealed:
+                done["encrypted_content"] = sealed
         else:
             arguments = "".join(item["_text"])
             out.append(self._event("response.function_call_arguments.done", item_id=item["id"],
@@ -551,11 +608,19 @@ class EventStream:
             reasoning = delta.extra.get("reasoning_content") or delta.extra.get("reasoning")
             if isinstance(reasoning, str) and reasoning:
                 if self.open is None or self.open["type"] != "reasoning":
-                    out += self._open({"id": new_id("rs"), "type": "reasoning", "summary": [], "_text": []})
+                    out += self._open({"id": new_id("rs"), "type": "reasoning", "summary": [], "_text": [],
+                                       "_blocks": []})
                 assert self.open is not None
                 self.open["_text"].append(reasoning)
                 out.append(self._event("response.reasoning_summary_text.delta", item_id=self.open["id"],
                                        output_index=self.open["output_index"], summary_index=0, delta=reasoning))
+            blocks = delta.extra.get("thinking_blocks") if delta.extra else None
+            if isinstance(blocks, list) and blocks:  # a thinking block's signature (at its end), a redacted block
+                if self.open is None or self.open["type"] != "reasoning":
+                    out += self._open({"id": new_id("rs"), "type": "reasoning", "summary": [], "_text": [],
+                                       "_blocks": []})
+                assert self.open is not None
+                self.open["_blocks"] += blocks
             if delta.content:
                 if self.open is None or self.open["type"] != "message":
                     out += self._open({"id": new_id("msg"), "type": "message", "status": "in_progress",

@@ -1,0 +1,95 @@
+"""Claude's signed thinking blocks through ``/v1/responses``: scillm keeps no response state, so a translated
+answer's reasoning item carries them in ``encrypted_content`` and the client's next call, sending that item back,
+gives them to Anthropic at the start of the tool-calling turn, as a tool loop with thinking on requires. Other
+upstreams never get them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from scillm_responses.translate import THINKING
+
+from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread, ToolCallSpec, make_app
+from scillm_core.testing.fake_anthropic import FakeAnthropic
+
+CLAUDE = "anthropic/claude-sonnet-4-5"
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+ASK = {"role": "user", "content": "Weather in Oslo?"}
+THOUGHT = Reply(reasoning="The user wants the weather: call the tool.",
+                tool_calls=(ToolCallSpec("get_weather", {"city": "Oslo"}),))
+
+
+@pytest.fixture(scope="module")
+def fakes() -> Iterator[tuple[FakeAnthropic, FakeOpenAI]]:
+    with FakeAnthropic() as claude, FakeOpenAI() as deepseek:
+        yield claude, deepseek  # type: ignore[misc]
+
+
+@pytest.fixture(scope="module")
+def client(fakes: tuple[FakeAnthropic, FakeOpenAI], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    claude, deepseek = fakes
+    env = {"ANTHROPIC_API_KEY": "sk-ant-think-0123456789abcdef", "ANTHROPIC_API_BASE": claude.base_url,
+           "DEEPSEEK_API_KEY": "sk-think-deepseek-0123456789", "DEEPSEEK_API_BASE": deepseek.base_url}
+    app = make_app(env=env, data_dir=tmp_path_factory.mktemp("thinking"),
+                   only=("chat", "auth", "ops", "responses", "anthropic", "openai-compat"))
+    with ServerThread(app) as server:
+        yield openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=20)
+
+
+def _first_turn(client: Any, stream: bool) -> list[Any]:
+    """The output items of the first call (reasoning effort on, a tool in reach), streamed or not."""
+    kwargs: dict[str, Any] = {"model": CLAUDE, "input": [ASK], "tools": [WEATHER], "reasoning": {"effort": "low"}}
+    if not stream:
+        return list(client.responses.create(**kwargs).output)
+    events = list(client.responses.create(**kwargs, stream=True))
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [i.type for i in events[-1].response.output] == [i.type for i in done]
+    return done
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_claudes_thinking_blocks_go_back_to_claude_in_the_tool_loop(client, fakes, stream):
+    claude, _ = fakes
+    claude.script(THOUGHT, Reply.say("Sunny in Oslo."))
+    output = _first_turn(client, stream)
+    reasoning, call = output
+    assert reasoning.type == "reasoning" and reasoning.summary[0].text == THOUGHT.reasoning
+    assert reasoning.encrypted_content.startswith(THINKING)
+    assert call.type == "function_call" and call.arguments == '{"city":"Oslo"}'
+    items = [ASK, *(item.model_dump(exclude_none=True) for item in output),
+             {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+    answer = client.responses.create(model=CLAUDE, input=items, tools=[WEATHER], reasoning={"effort": "low"})
+    assert answer.output_text == "Sunny in Oslo."
+    sent = claude.last.body
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    thinking, tool_use = sent["messages"][1]["content"]
+    assert thinking == {"type": "thinking", "thinking": THOUGHT.reasoning,
+                        "signature": FakeAnthropic.signature(THOUGHT)}
+    assert tool_use["type"] == "tool_use" and tool_use["input"] == {"city": "Oslo"}
+
+
+def test_thinking_blocks_from_claude_never_reach_another_upstream(client, fakes):
+    claude, deepseek = fakes
+    claude.script(THOUGHT)
+    output = _first_turn(client, stream=False)
+    deepseek.script(Reply.say("Sunny."))
+    items = [ASK, *(item.model_dump(exclude_none=True) for item in output),
+             {"type": "function_call_output", "call_id": output[1].call_id, "output": "sunny"}]
+    assert client.responses.create(model="deepseek/deepseek-chat", input=items, tools=[WEATHER]).output_text == "Sunny."
+    assistant = deepseek.last.body["messages"][1]
+    assert assistant["role"] == "assistant" and "thinking_blocks" not in assistant
+    assert assistant["tool_calls"][0]["function"]["arguments"] == '{"city":"Oslo"}'
+
+
+def test_encrypted_content_that_is_not_scillms_is_left_alone(client, fakes):
+    claude, _ = fakes
+    claude.script(Reply.say("Sunny in Oslo."))
+    items = [ASK, {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAAAABo-openai-own"},
+             {"role": "assistant", "content": "Let me think."}, {"role": "user", "content": "Go on."}]
+    assert client.responses.create(model=CLAUDE, input=items).output_text == "Sunny in Oslo."
+    assert claude.last.body["messages"][1] == {"role": "assistant",
+                                               "content": [{"type": "text", "text": "Let me think."}]}
