@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import openai
+import orjson
 import pytest
 from scillm_responses.translate import THINKING
 
@@ -93,3 +94,24 @@ def test_encrypted_content_that_is_not_scillms_is_left_alone(client, fakes):
     assert client.responses.create(model=CLAUDE, input=items).output_text == "Sunny in Oslo."
     assert claude.last.body["messages"][1] == {"role": "assistant",
                                                "content": [{"type": "text", "text": "Let me think."}]}
+
+
+def test_a_continuation_signing_a_reasoning_item_the_upstream_opened_keeps_the_blocks() -> None:
+    """A stream the upstream started as sent (its reasoning item open) and another model went on with: the thinking
+    blocks the continuation signs ride on that item when it closes."""
+    from scillm_responses.translate import EventStream, unsealed_thinking
+
+    from scillm_core import ChatChunk
+    from scillm_core.models.chat import ChunkChoice, Delta
+    from scillm_core.models.native import with_native
+
+    events = EventStream("claude-sonnet-4-6", {})
+    opened = ChatChunk(id="c", model="m", choices=(ChunkChoice(delta=Delta(extra={"reasoning_content": "Hm."})),))
+    with_native(opened, b'event: response.output_item.added\ndata: {"type": "response.output_item.added", '
+                          b'"output_index": 0, "sequence_number": 2, "item": {"id": "rs_1", "type": "reasoning", '
+                          b'"summary": []}}\n\n')
+    events.follow(opened)
+    block = {"type": "thinking", "thinking": "Hm.", "signature": "Es8DCkYICxgC"}
+    events.feed(ChatChunk(id="c", model="m", choices=(ChunkChoice(delta=Delta(extra={"thinking_blocks": [block]})),)))
+    done = [orjson.loads(e.split(b"data: ", 1)[1]) for e in events.complete() if b"output_item.done" in e]
+    assert done[0]["item"]["id"] == "rs_1" and unsealed_thinking(done[0]["item"]["encrypted_content"]) == [block]

@@ -620,7 +620,7 @@ class EventStream:
                     out += self._open({"id": new_id("rs"), "type": "reasoning", "summary": [], "_text": [],
                                        "_blocks": []})
                 assert self.open is not None
-                self.open["_blocks"] += blocks
+                self.open.setdefault("_blocks", []).extend(blocks)  # an item adopted from the upstream has none
             if delta.content:
                 if self.open is None or self.open["type"] != "message":
                     out += self._open({"id": new_id("msg"), "type": "message", "status": "in_progress",
