@@ -12,10 +12,10 @@ tool answers.
 
 It checks what the real API checks and a translator can get wrong (``max_tokens`` present, roles only
 user/assistant, temperature in [0, 1], tool ids, every ``tool_result`` answering a ``tool_use`` of the previous
-turn, with thinking on a tool-calling final assistant message starting with its signed thinking blocks) and
-answers 400 like Anthropic. ``require`` selects the auth it insists on: ``"api_key"`` (``x-api-key`` +
-``anthropic-version``), ``"oauth"`` (Bearer of an issued token + the OAuth beta + the Claude Code system block),
-or ``None`` (either form; an API key may also come as a Bearer token, as newer SDKs send it).
+turn, with thinking on a final assistant message calling tools the fake called after thinking starting with its
+signed thinking blocks) and answers 400 like Anthropic. ``require`` selects the auth it insists on: ``"api_key"``
+(``x-api-key`` + ``anthropic-version``), ``"oauth"`` (Bearer of an issued token + the OAuth beta + the Claude Code
+system block), or ``None`` (either form; an API key may also come as a Bearer token, as newer SDKs send it).
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class FakeAnthropic(FakeUpstream):
         self.known_tokens_only = False             # set by issue_login/refresh: unknown sk-ant-oat tokens get 401
         self.refresh_tokens: set[str] = set()      # refresh tokens not yet used (rotation)
         self.token_requests: list[Any] = []
+        self.thought_calls: set[str] = set()       # ids of tool calls answered with a thinking block
         self.refresh_failure: Reply | None = None  # answer the token endpoint with this error
         self.token_delay_s = 0.0
         self.expires_in = 28800
@@ -243,12 +244,14 @@ class FakeAnthropic(FakeUpstream):
                     if not isinstance(source, dict) or source.get("type") not in ("base64", "url", "text"):
                         return f"messages.{i}.content.{j}.source: invalid source"
             previous_tool_ids = tool_ids
-        return FakeAnthropic._thinking_problem(body, messages)
+        return None
 
-    @staticmethod
-    def _thinking_problem(body: Mapping[str, Any], messages: list[Any]) -> str | None:
-        """With thinking on, the final assistant message, when it calls tools, must start with the thinking blocks
-        it came with, each with its signature (the real API's 400 for a tool loop that dropped them)."""
+    def thinking_problem(self, body: Any) -> str | None:
+        """With thinking on, the final assistant message, when it calls tools this fake called after thinking,
+        must start with the thinking blocks they came with, each with its signature (the real API's 400 for a tool
+        loop that dropped them; the real API always thinks first with thinking on, this fake only when scripted to,
+        so tool calls it made without thinking are not held to it)."""
+        messages = body["messages"]
         for i, message in enumerate(messages):
             for j, block in enumerate(message.get("content") if isinstance(message.get("content"), list) else ()):
                 if isinstance(block, dict) and block.get("type") == "thinking" and not block.get("signature"):
@@ -259,7 +262,7 @@ class FakeAnthropic(FakeUpstream):
         last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
         blocks = messages[last].get("content") if last is not None else None
         if not isinstance(blocks, list) or not any(isinstance(b, dict) and b.get("type") == "tool_use"
-                                                   for b in blocks):
+                                                   and b.get("id") in self.thought_calls for b in blocks):
             return None
         first = blocks[0].get("type") if isinstance(blocks[0], dict) else None
         if first in ("thinking", "redacted_thinking"):
@@ -275,10 +278,12 @@ class FakeAnthropic(FakeUpstream):
         denied = self.check_auth(request, body)
         if denied is not None:
             return denied
-        problem = self.validate(body)
+        problem = self.validate(body) or self.thinking_problem(body)
         if problem:
             return self._error(400, "invalid_request_error", problem)
         reply = self.next_reply(recorded)
+        if reply.reasoning:  # tool calls made after thinking: a tool loop must send the thinking back with them
+            self.thought_calls.update(self.tool_id(i, reply) for i in range(len(reply.tool_calls)))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

@@ -103,12 +103,19 @@ def test_fake_enforces_auth_and_rejects_what_anthropic_rejects(fake: FakeAnthrop
 
 
 def test_fake_rejects_a_thinking_tool_loop_that_dropped_its_thinking_blocks(fake: FakeAnthropic) -> None:
-    """With thinking on, the assistant turn that called the tool must come back starting with its signed thinking
-    block, as the real API insists (the recorded round trip sends it back; dropping it is a 400)."""
+    """With thinking on, the assistant turn that called the tool after thinking must come back starting with its
+    signed thinking block, as the real API insists (the recorded round trip sends it back; dropping it is a 400).
+    A tool call the fake made without thinking (scripted without reasoning) is not held to it."""
     headers = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
-    call = {"type": "tool_use", "id": "toolu_01", "name": "weather", "input": {"location": "Florence"}}
+    call = {"type": "tool_use", "id": "toolu_01think", "name": "weather", "input": {"location": "Florence"}}
     thought = {"type": "thinking", "thinking": "Use the tool.", "signature": "Es8DCkYICxgC"}
-    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "sunny"}]}
+    result = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"], "content": "sunny"}]}
+    unthought = {**call, "id": "toolu_01plain"}
+    fake.script(Reply(reasoning="Use the tool.", tool_calls=(ToolCallSpec("weather", call["input"], call["id"]),)),
+                Reply(tool_calls=(ToolCallSpec("weather", call["input"], unthought["id"]),)))
+    for _ in range(2):
+        asked = {"model": "claude-sonnet-4-5", "max_tokens": 2048, "messages": [{"role": "user", "content": "Hi"}]}
+        assert HTTP.post(fake.url + "/v1/messages", json=asked, headers=headers).status_code == 200
 
     def body(assistant: list[dict[str, Any]], thinking: bool = True) -> dict[str, Any]:
         return {"model": "claude-sonnet-4-5", "max_tokens": 2048, "tools": [WEATHER],
@@ -121,7 +128,9 @@ def test_fake_rejects_a_thinking_tool_loop_that_dropped_its_thinking_blocks(fake
     assert dropped.json()["error"]["message"].startswith("messages.1.content.0.type: Expected `thinking`")
     unsigned = HTTP.post(fake.url + "/v1/messages", json=body([{**thought, "signature": ""}, call]), headers=headers)
     assert unsigned.status_code == 400 and "signature" in unsigned.json()["error"]["message"]
-    for fine in (body([thought, call]), body([call], thinking=False)):
+    plain = {**body([unthought]), "messages": [*body([unthought])["messages"][:2], {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": unthought["id"], "content": "sunny"}]}]}
+    for fine in (body([thought, call]), body([call], thinking=False), plain):
         assert HTTP.post(fake.url + "/v1/messages", json=fine, headers=headers).status_code == 200
 
 
