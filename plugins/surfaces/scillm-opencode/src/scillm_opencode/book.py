@@ -68,8 +68,8 @@ class Sessions:
         available: list[str] = []
         if self.serve.skills_dir is None and names:
             with contextlib.suppress(ServeError):
-                listed = await server.client.call("GET", "/skill")
-                available = [str(s.get("name")) for s in listed or [] if isinstance(s, dict)]
+                listed = await server.client.call("GET", "/skill", expect=list)
+                available = [s["name"] for s in listed if isinstance(s, dict) and isinstance(s.get("name"), str)]
         return await blocking(materialise, names, skill_roots(self.runtime), self.serve.skills_dir, available)
 
     @contextlib.asynccontextmanager
@@ -221,8 +221,11 @@ class RunBook(Generic[R]):
                 return ended
             try:
                 _, pending = assistant_text(await driver.messages())
-            except ServeError:
-                return Ended.LOST
+            except ServeError as exc:
+                if driver.bus.lost.is_set() or driver.bus.server.died.is_set():
+                    return Ended.LOST
+                driver.fail(exc.message)  # the server answered, but not with its messages: say what it answered
+                return Ended.ERROR
             if not pending:
                 return ended
             driver.idle.clear()

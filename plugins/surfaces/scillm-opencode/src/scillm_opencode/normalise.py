@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["EXCERPT", "SessionEvents", "obj"]
+__all__ = ["EXCERPT", "SessionEvents", "obj", "one", "string"]
 
 EXCERPT = 2000        # characters of a tool's input/output kept in an event
 DIFF_EXCERPT = 8000   # characters of a permission request's diff kept in an event
@@ -18,18 +18,38 @@ def _cut(value: Any, limit: int = EXCERPT) -> Any:
     return value
 
 
+def _text(value: Any, limit: int = EXCERPT) -> str | None:
+    """A text field for an event: the string cut, ``None`` when it is absent or anything else."""
+    return str(_cut(value, limit)) if isinstance(value, str) else None
+
+
 def obj(value: Any) -> dict[str, Any]:
     """``value`` if it is a JSON object, else an empty one (bus payloads are not trusted to have a shape)."""
     return value if isinstance(value, dict) else {}
 
 
-def _small(value: Any) -> Any:
-    """A tool input for an event: strings cut, structure kept (at most a few levels)."""
+def _small(value: Any, depth: int = 6) -> Any:
+    """A tool input for an event: strings cut, structure kept (at most ``depth`` levels, 50 items a level)."""
+    if isinstance(value, (dict, list)) and depth <= 0:
+        return "[" + ("object" if isinstance(value, dict) else "array") + " nested too deep]"
     if isinstance(value, dict):
-        return {str(k)[:100]: _small(v) for k, v in list(value.items())[:50]}
+        return {str(k)[:100]: _small(v, depth - 1) for k, v in list(value.items())[:50]}
     if isinstance(value, list):
-        return [_small(v) for v in value[:50]]
+        return [_small(v, depth - 1) for v in value[:50]]
     return _cut(value)
+
+
+def one(value: Any, limit: int = 200) -> str | int | float | bool | None:
+    """A field that should be one scalar (an id, a name, a status): a string cut to ``limit``, a number or bool as
+    it is, anything else (an object where a name belongs) ``None``."""
+    if isinstance(value, str):
+        return value[:limit]
+    return value if isinstance(value, (int, float, bool)) else None
+
+
+def string(value: Any) -> str:
+    """A text field: the string, or empty when it is anything else."""
+    return value if isinstance(value, str) else ""
 
 
 class SessionEvents:
@@ -49,8 +69,8 @@ class SessionEvents:
         props = obj(event.get("properties"))
         if kind == "message.updated":
             info = obj(props.get("info"))
-            if info.get("id") and info.get("role"):
-                self.roles[str(info["id"])] = str(info["role"])
+            if one(info.get("id")) and one(info.get("role")):
+                self.roles[str(one(info["id"]))] = str(one(info["role"]))
             return []
         if kind == "message.part.updated":
             return self._part(obj(props.get("part")))
@@ -59,41 +79,43 @@ class SessionEvents:
         if kind == "permission.asked":
             meta = obj(props.get("metadata"))
             return [("permission_requested", {
-                "permission_id": props.get("id"), "permission": props.get("permission"),
-                "patterns": _small(props.get("patterns") or []), "filepath": meta.get("filepath"),
-                "diff": _cut(meta.get("diff"), DIFF_EXCERPT)})]
+                "permission_id": one(props.get("id")), "permission": one(props.get("permission")),
+                "patterns": _small(props.get("patterns") or [], 2), "filepath": one(meta.get("filepath"), 4096),
+                "diff": _text(meta.get("diff"), DIFF_EXCERPT)})]
         if kind == "permission.replied":
-            return [("permission_replied", {"permission_id": props.get("requestID"), "reply": props.get("reply")})]
+            return [("permission_replied", {"permission_id": one(props.get("requestID")),
+                                            "reply": one(props.get("reply"))})]
         if kind == "session.status":
             status = obj(props.get("status"))
             if status.get("type") == "retry":
-                return [("retry", {"attempt": status.get("attempt"), "message": _cut(status.get("message"))})]
+                return [("retry", {"attempt": one(status.get("attempt")),
+                                   "message": _text(status.get("message"))})]
         return []
 
     def _part(self, part: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        part_id, kind, message_id = str(part.get("id") or ""), str(part.get("type") or ""), part.get("messageID")
+        part_id, kind, message_id = str(one(part.get("id")) or ""), string(part.get("type")), one(part.get("messageID"))
         if part_id:
             self.parts[part_id] = kind
         if kind == "tool":
             state = obj(part.get("state"))
-            status = str(state.get("status") or "")
-            call_id = str(part.get("callID") or part_id)
+            status = str(one(state.get("status"), 40) or "")
+            call_id = str(one(part.get("callID")) or part_id)
             if not status or self.tools.get(call_id) == status:
                 return []
             self.tools[call_id] = status
-            fields: dict[str, Any] = {"call_id": call_id, "tool": part.get("tool"), "status": status}
+            fields: dict[str, Any] = {"call_id": call_id, "tool": one(part.get("tool")), "status": status}
             if status != "pending":
                 fields["input"] = _small(state.get("input") or {})
             if status == "completed":
-                fields["output"] = _cut(state.get("output"))
-                if state.get("title"):
-                    fields["title"] = _cut(state.get("title"), 200)
+                fields["output"] = _text(state.get("output"))
+                if string(state.get("title")):
+                    fields["title"] = _cut(state["title"], 200)
             if status == "error":
-                fields["error"] = _cut(state.get("error"))
+                fields["error"] = _text(state.get("error"))
             return [("tool_call", fields)]
         if kind not in ("text", "reasoning") or part.get("synthetic") or part.get("ignored"):
             return []
-        text = str(part.get("text") or "")
+        text = string(part.get("text"))
         if self.roles.get(str(message_id)) == "user":
             if part_id in self.user_parts or not text:
                 return []
@@ -110,10 +132,10 @@ class SessionEvents:
     def _delta(self, props: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         if props.get("field") != "text":
             return []
-        part_id = str(props.get("partID") or "")
-        delta = str(props.get("delta") or "")
-        if not delta or self.roles.get(str(props.get("messageID"))) == "user":
+        part_id, message_id = str(one(props.get("partID")) or ""), one(props.get("messageID"))
+        delta = string(props.get("delta"))
+        if not delta or self.roles.get(str(message_id)) == "user":
             return []
         self.sent[part_id] = self.sent.get(part_id, 0) + len(delta)
         kind = "reasoning_delta" if self.parts.get(part_id) == "reasoning" else "transcript_delta"
-        return [(kind, {"message_id": props.get("messageID"), "part_id": part_id, "delta": delta})]
+        return [(kind, {"message_id": message_id, "part_id": part_id, "delta": delta})]

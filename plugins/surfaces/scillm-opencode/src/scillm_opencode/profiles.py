@@ -73,7 +73,8 @@ async def resolve_agent(server: Server, agent: str, runtime: Runtime, where: str
     try:
         runtime.route(agent)
     except errors.ScillmError:
-        raise bad(f"unknown agent {agent!r}; the OpenCode server has: {', '.join(profiles)}", where) from None
+        has = ", ".join(profiles[:50]) + (f" and {len(profiles) - 50} more" if len(profiles) > 50 else "")
+        raise bad(f"unknown agent {agent!r}; the OpenCode server has: {has}", where) from None
     raise _chat_model(agent, where)
 
 
@@ -92,7 +93,8 @@ async def resolve_model(server: Server, model: str | None, where: str) -> dict[s
     if name and name in models.get(provider, []):
         return {"providerID": provider, "modelID": name}
     known = [f"{p}/{m}" if p != "scillm" else m for p, names in models.items() for m in names]
-    raise bad(f"model {model!r} is not offered by the OpenCode server (it offers: {', '.join(known) or 'none'}; "
+    offers = ", ".join(known[:50]) + (f" and {len(known) - 50} more" if len(known) > 50 else "")
+    raise bad(f"model {model!r} is not offered by the OpenCode server (it offers: {offers or 'none'}; "
               "list more in opencode.models)", where)
 
 

@@ -117,45 +117,53 @@ class ServeRuns(RunBook[Run]):
                 deadline = time.monotonic() + request["timeout_s"]
                 self.emit(run, "run_started", {"agent": run.agent, "model": run.model, "skills": request["skills"],
                                                "worktree": str(run.worktree.workdir)})
-                run.skills_materialized, run.skills_missing = await self.sessions.skills(run.server,
-                                                                                         request["skills"])
-                if request["skills"]:
-                    self.emit(run, "skills", {"materialized": run.skills_materialized,
-                                              "missing": run.skills_missing})
-                directory = str(run.worktree.workdir)
-                bus = Bus(run.server, directory)
-                await bus.open()
-                driver = SessionDriver(bus, lambda name, fields: self.emit(run, name, fields),
-                                       on_child=lambda child: self.sessions.bind_child(child, run.session_id or ""))
-                session_body: dict[str, Any] = {"title": request["title"] or f"scillm {run.agent} {run.run_id}",
-                                                "agent": run.agent,
-                                                "permission": skill_rules(run.skills_materialized)}
-                run.session_id = await driver.create(session_body)
-                self.sessions.bind(run.session_id, run)
-                self.emit(run, "session_created", {"session_id": run.session_id})
-                await self.records.save(self.doc(run))
-                if run.stop.is_set():  # aborted while the session was being set up: never prompt it
-                    return
-                prompt: dict[str, Any] = {"parts": [{"type": "text", "text": request["prompt"]}],
-                                          "agent": run.agent}
-                if run.model:
-                    prompt["model"] = run.model
-                if request["system"]:
-                    prompt["system"] = request["system"]
-                await driver.prompt(prompt)
-                ended = await self.follow(driver, run.stop, deadline)
+                try:
+                    async with asyncio.timeout(request["timeout_s"]):  # a stalling server: the run's timeout holds
+                        run.skills_materialized, run.skills_missing = await self.sessions.skills(
+                            run.server, request["skills"])
+                        if request["skills"]:
+                            self.emit(run, "skills", {"materialized": run.skills_materialized,
+                                                      "missing": run.skills_missing})
+                        directory = str(run.worktree.workdir)
+                        bus = Bus(run.server, directory)
+                        await bus.open()
+                        driver = SessionDriver(bus, lambda name, fields: self.emit(run, name, fields),
+                                               on_child=lambda child: self.sessions.bind_child(child,
+                                                                                               run.session_id or ""))
+                        session_body: dict[str, Any] = {
+                            "title": request["title"] or f"scillm {run.agent} {run.run_id}", "agent": run.agent,
+                            "permission": skill_rules(run.skills_materialized)}
+                        run.session_id = await driver.create(session_body)
+                        self.sessions.bind(run.session_id, run)
+                        self.emit(run, "session_created", {"session_id": run.session_id})
+                        await self.records.save(self.doc(run))
+                        if run.stop.is_set():  # aborted while the session was being set up: never prompt it
+                            return
+                        prompt: dict[str, Any] = {"parts": [{"type": "text", "text": request["prompt"]}],
+                                                  "agent": run.agent}
+                        if run.model:
+                            prompt["model"] = run.model
+                        if request["system"]:
+                            prompt["system"] = request["system"]
+                        await driver.prompt(prompt)
+                except TimeoutError:
+                    ended = Ended.TIMEOUT
+                else:
+                    assert driver is not None
+                    ended = await self.follow(driver, run.stop, deadline)
                 if ended == Ended.IDLE:
                     run.decide("completed")
-                elif ended == Ended.ERROR:
+                elif ended == Ended.ERROR and driver is not None:
                     run.decide("error", driver.error)
-                elif ended == Ended.LOST:
+                elif ended == Ended.LOST and bus is not None:
                     run.decide("error", await bus.why_lost())
                 elif ended == Ended.TIMEOUT:
                     run.decide("timeout", f"no result within timeout_s={request['timeout_s']:g}; the session "
                                           "was aborted")
-                if ended in (Ended.TIMEOUT, Ended.STOPPED) and not await driver.abort(ABORT_GRACE_S):
+                if ended in (Ended.TIMEOUT, Ended.STOPPED) and driver is not None and \
+                        not await driver.abort(ABORT_GRACE_S):
                     run.error = f"{run.error}; the OpenCode session did not confirm the abort"
-                if not run.server.died.is_set():
+                if not run.server.died.is_set() and driver is not None and driver.session_id is not None:
                     with contextlib.suppress(ServeError):
                         text_out, _ = assistant_text(await driver.messages())
         except asyncio.CancelledError:

@@ -28,6 +28,8 @@ from scillm_exec import ManagedProcess, exec_config, run_keys, sandboxed
 from scillm_core import errors
 from scillm_opencode.client import OpenCodeClient, ServeError
 from scillm_opencode.config import opencode_config
+from scillm_opencode.normalise import obj, one
+from scillm_opencode.profiles import AGENT
 
 if TYPE_CHECKING:
     from scillm_core import Runtime
@@ -40,6 +42,11 @@ LISTENING = re.compile(rb"listening on (http://[0-9.:\[\]a-z]+)")
 USERNAME = "opencode"
 HIDDEN_AGENTS = ("compaction", "summary", "title")  # OpenCode's internal agents: never a run's profile
 DEBUGGER_PROMPT = (Path(__file__).with_name("debugger.md")).read_text(encoding="utf-8")
+
+
+def _version(health: dict[str, Any]) -> str | None:
+    version = one(health.get("version"), 64)
+    return str(version) if version is not None else None
 
 
 class Server:
@@ -71,17 +78,20 @@ class Server:
         return self._agents
 
     async def profiles(self, *, refresh: bool = False) -> list[str]:
-        return [str(a["name"]) for a in await self.agents(refresh=refresh)
-                if a.get("name") and not a.get("hidden") and a["name"] not in HIDDEN_AGENTS]
+        """The names a run may ask for (what is not a valid profile name is not one)."""
+        return [a["name"] for a in await self.agents(refresh=refresh)
+                if isinstance(a.get("name"), str) and AGENT.match(a["name"]) and not a.get("hidden")
+                and a["name"] not in HIDDEN_AGENTS]
 
     async def models(self) -> dict[str, list[str]]:
         """``{providerID: [modelID, ...]}`` of the server's configured providers."""
         if self._providers is None:
             self._providers = await self.client.providers()
         out: dict[str, list[str]] = {}
-        for provider in (self._providers or {}).get("providers") or []:
-            if isinstance(provider, dict) and provider.get("id"):
-                out[str(provider["id"])] = sorted(str(m) for m in (provider.get("models") or {}))
+        providers = self._providers.get("providers")
+        for provider in providers if isinstance(providers, list) else []:
+            if isinstance(provider, dict) and isinstance(provider.get("id"), str) and provider["id"]:
+                out[provider["id"]] = sorted(str(m) for m in obj(provider.get("models")))
         return out
 
 
@@ -220,7 +230,7 @@ class ServeManager:
             await self._stop_process()
             raise
         self._generation += 1
-        server = Server(client, managed=True, generation=self._generation, version=(health or {}).get("version"))
+        server = Server(client, managed=True, generation=self._generation, version=_version(health))
         self.server = server
         self._watch = asyncio.ensure_future(self._watch_process(self.process, server))
         log.info("opencode serve %s started at %s (generation %d)", server.version, url, server.generation)
@@ -237,7 +247,7 @@ class ServeManager:
             raise
         self._generation += 1
         self.server = Server(client, managed=False, generation=self._generation,
-                             version=(health or {}).get("version"))
+                             version=_version(health))
         return self.server
 
     def _on_stdout(self, line: bytes) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from scillm_opencode.client import ServeError
-from scillm_opencode.normalise import SessionEvents, obj
+from scillm_opencode.normalise import SessionEvents, obj, one, string
 from scillm_opencode.serve import Server
 
 __all__ = ["Bus", "SessionDriver", "Ended"]
@@ -64,16 +64,24 @@ class Bus:
                 props = obj(event.get("properties"))
                 session = props.get("sessionID")
                 info = obj(props.get("info"))
-                if event.get("type") == "session.created" and str(info.get("parentID")) in self.watchers:
-                    self.watchers[str(info["parentID"])].adopt(str(info.get("id")))
-                driver = self.watchers.get(str(session)) if session else None
+                parent, child = info.get("parentID"), one(info.get("id"))
+                if event.get("type") == "session.created" and isinstance(parent, str) and parent in self.watchers \
+                        and isinstance(child, str):
+                    self.watchers[parent].adopt(child)
+                driver = self.watchers.get(session) if isinstance(session, str) else None
                 if driver is not None:
-                    driver.on_bus(event)
+                    try:
+                        driver.on_bus(event)
+                    except Exception as exc:  # one session's unreadable event fails that session, not the stream
+                        log.warning("opencode session %s: an event scillm could not read (%s)", session,
+                                    type(exc).__name__)
+                        driver.fail(f"scillm could not read an OpenCode event of type {one(event.get('type'), 80)!r}"
+                                    f" ({type(exc).__name__})")
             self.lost_reason = "the server closed the event stream"
         except ServeError as exc:
             self.lost_reason = exc.message
-        except Exception as exc:  # never let a parsing bug leave runs waiting forever
-            log.exception("opencode event stream reader failed")
+        except Exception as exc:  # never let a bug here leave runs waiting forever
+            log.error("opencode event stream reader failed (%s)", type(exc).__name__)
             self.lost_reason = f"event stream reader failed: {type(exc).__name__}"
         finally:
             self.lost.set()
@@ -151,10 +159,15 @@ class SessionDriver:
             self.idle.set()
         elif kind == "session.error":
             error = obj(props.get("error"))
-            message = obj(error.get("data")).get("message") or error.get("name") or "session error"
-            if self.error is None:  # the first error is the cause; later ones repeat it with a stack
-                self.error = f"{error.get('name') or 'Error'}: {str(message)[:500]}"
-            self.idle.set()
+            name = one(error.get("name"), 100)
+            message = string(obj(error.get("data")).get("message")) or name or "session error"
+            self.fail(f"{name or 'Error'}: {str(message)[:500]}")
+
+    def fail(self, error: str) -> None:
+        """The session failed (the first error is the cause; later ones repeat it with a stack)."""
+        if self.error is None:
+            self.error = error
+        self.idle.set()
 
     async def wait(self, *, timeout_s: float | None, stop: asyncio.Event) -> str:
         """Until the session is idle or failed, the deadline passes, ``stop`` is set, or the server goes away."""
@@ -187,7 +200,7 @@ class SessionDriver:
         await self.wait(timeout_s=grace_s, stop=never)
         with contextlib.suppress(ServeError):
             status = await self.client.status(self.bus.directory)
-            return self.session_id not in (status or {})
+            return self.session_id not in status
         return False
 
     async def messages(self) -> list[dict[str, Any]]:
@@ -206,14 +219,17 @@ class SessionDriver:
 def assistant_text(messages: list[dict[str, Any]]) -> tuple[str, bool]:
     """The text of the assistant messages after the last user message, and whether a user message is still
     unanswered (a steer that arrived after the last model call: the session will take another turn)."""
-    last_user = max((i for i, m in enumerate(messages) if (m.get("info") or {}).get("role") == "user"), default=-1)
-    answered = any((m.get("info") or {}).get("role") == "assistant" for m in messages[last_user + 1:])
+    roles = [obj(obj(m).get("info")).get("role") for m in messages]
+    last_user = max((i for i, role in enumerate(roles) if role == "user"), default=-1)
+    answered = "assistant" in roles[last_user + 1:]
     texts: list[str] = []
-    first_user = next((i for i, m in enumerate(messages) if (m.get("info") or {}).get("role") == "user"), -1)
-    for message in messages[first_user + 1:]:
-        if (message.get("info") or {}).get("role") != "assistant":
+    first_user = next((i for i, role in enumerate(roles) if role == "user"), -1)
+    for message, role in list(zip(messages, roles, strict=True))[first_user + 1:]:
+        if role != "assistant":
             continue
-        for part in message.get("parts") or []:
-            if part.get("type") == "text" and not part.get("synthetic") and part.get("text"):
-                texts.append(str(part["text"]))
+        parts = obj(message).get("parts")
+        for part in parts if isinstance(parts, list) else []:
+            part = obj(part)
+            if part.get("type") == "text" and not part.get("synthetic") and string(part.get("text")):
+                texts.append(part["text"])
     return "\n\n".join(t.strip() for t in texts if t.strip()), last_user >= 0 and not answered

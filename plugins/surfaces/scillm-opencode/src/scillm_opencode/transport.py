@@ -210,13 +210,20 @@ class Transport(RunBook[TransportRun]):
                                                             "depends_on": n.depends_on} for n in run.nodes.values()],
                                                  "worktree": str(run.worktree.workdir)})
             wanted = list(dict.fromkeys(s for n in run.nodes.values() for s in n.skills))
-            run.skills_materialized, run.skills_missing = await self.sessions.skills(run.server, wanted)
-            run.bus = Bus(run.server, str(run.worktree.workdir))
-            await run.bus.open()
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(run.timeout_s):  # a stalling server: the run's timeout holds
+                    run.skills_materialized, run.skills_missing = await self.sessions.skills(run.server, wanted)
+                    run.bus = Bus(run.server, str(run.worktree.workdir))
+                    await run.bus.open()
+            except TimeoutError:
+                run.decide("timeout", f"the run passed timeout_s={run.timeout_s:g} before the OpenCode server "
+                                      "opened its event stream")
+                return
             limit = asyncio.Semaphore(run.max_concurrency)
             nodes += [asyncio.ensure_future(self._node(run, node, limit)) for node in run.nodes.values()]
             waiter = asyncio.ensure_future(asyncio.wait(nodes))
-            timer = asyncio.ensure_future(asyncio.sleep(run.timeout_s))
+            timer = asyncio.ensure_future(asyncio.sleep(run.timeout_s - (time.monotonic() - started)))
             helpers += [waiter, timer]
             done, _ = await asyncio.wait({waiter, timer}, return_when=asyncio.FIRST_COMPLETED)
             if waiter not in done:
@@ -295,19 +302,24 @@ class Transport(RunBook[TransportRun]):
             rules = skill_rules(allowed)
             if not writer:
                 rules.append({"permission": "edit", "pattern": "*", "action": "deny"})
-            node.session_id = await driver.create({"title": f"scillm {run.run_id} {node.id}", "agent": node.agent,
-                                                   "permission": [*rules, *node.rules]})
-            self.sessions.bind(node.session_id, run, node.unit)
-            self.emit(run, node, "node_started", {
-                "session_id": node.session_id, "agent": node.agent, "mode": node.mode, "model": node.resolved_model,
-                "skills_materialized": allowed,
-                "skills_missing": [s for s in node.skills if s not in run.skills_materialized]})
-            await driver.prompt(self._prompt(node, node.prompt))
             deadline = time.monotonic() + node.timeout_s
-            ended = await self.follow(driver, run.stop, deadline)
+            try:
+                async with asyncio.timeout(node.timeout_s):  # a stalling server: the node's timeout holds
+                    node.session_id = await driver.create({"title": f"scillm {run.run_id} {node.id}",
+                                                           "agent": node.agent, "permission": [*rules, *node.rules]})
+                    self.sessions.bind(node.session_id, run, node.unit)
+                    self.emit(run, node, "node_started", {
+                        "session_id": node.session_id, "agent": node.agent, "mode": node.mode,
+                        "model": node.resolved_model, "skills_materialized": allowed,
+                        "skills_missing": [s for s in node.skills if s not in run.skills_materialized]})
+                    await driver.prompt(self._prompt(node, node.prompt))
+            except TimeoutError:
+                ended = Ended.TIMEOUT
+            else:
+                ended = await self.follow(driver, run.stop, deadline)
             if ended in (Ended.TIMEOUT, Ended.STOPPED):
                 await driver.abort(ABORT_GRACE_S)
-            if not run.server.died.is_set():
+            if not run.server.died.is_set() and driver.session_id is not None:
                 with contextlib.suppress(ServeError):
                     node.assistant_text, _ = assistant_text(await driver.messages())
             if ended == Ended.IDLE and not writer:
