@@ -26,7 +26,7 @@ from scillm_opencode.client import ServeError
 from scillm_opencode.config import opencode_config, skill_roots
 from scillm_opencode.profiles import bad
 from scillm_opencode.records import RUN_ID, TERMINAL, Records, blocking
-from scillm_opencode.session import Bus, Ended, SessionDriver, assistant_text
+from scillm_opencode.session import Bus, Ended, SessionDriver, assistant_text, first_of
 from scillm_opencode.skills import materialise
 
 if TYPE_CHECKING:
@@ -76,14 +76,8 @@ class Sessions:
     async def slot(self, stop: asyncio.Event) -> AsyncIterator[bool]:
         """A session slot, or ``False`` at once when ``stop`` is set while waiting for one."""
         acquire = asyncio.ensure_future(self.slots.acquire())
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            if not acquire.done():
-                acquire.cancel()
-        got = acquire.done() and not acquire.cancelled()
+        await first_of([acquire, asyncio.ensure_future(stop.wait())], None)
+        got = not acquire.cancelled()
         if got and stop.is_set():
             self.slots.release()
             got = False
@@ -178,6 +172,14 @@ class RunBook(Generic[R]):
         self.shared = SharedRuns(runtime, namespace)
         self.records = Records(runtime, namespace, dirname, self.serve.secrets, self.shared)
         self.runs: dict[str, R] = {}
+        self.cleanups: set[asyncio.Task[Any]] = set()  # what a cancelled run left going (its session's abort)
+
+    def cleanup(self, work: Any) -> asyncio.Task[Any]:
+        """Run ``work`` to its end even when its run is not waiting for it any more; shutdown awaits it."""
+        task = asyncio.ensure_future(work)
+        self.cleanups.add(task)
+        task.add_done_callback(self.cleanups.discard)
+        return task
 
     def doc(self, run: R, *, final: bool = False) -> dict[str, Any]:
         raise NotImplementedError
@@ -322,4 +324,5 @@ class RunBook(Generic[R]):
         for task in live:
             task.cancel()
         await asyncio.gather(*live, return_exceptions=True)
+        await asyncio.gather(*self.cleanups, return_exceptions=True)
         await self.shared.stop()

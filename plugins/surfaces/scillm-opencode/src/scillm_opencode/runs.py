@@ -168,9 +168,10 @@ class ServeRuns(RunBook[Run]):
                         text_out, _ = assistant_text(await driver.messages())
         except asyncio.CancelledError:
             run.decide("error", "scillm shut down while the run was in flight")
-            if driver is not None:
+            if driver is not None:  # bounded here; shutdown awaits the rest of it
+                abort = self.cleanup(driver.abort(2.0))
                 with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(asyncio.shield(driver.abort(2.0)), 3.0)
+                    await asyncio.wait_for(asyncio.shield(abort), 3.0)
         except errors.ScillmError as exc:
             run.decide("error", exc.message)
         except Exception as exc:  # a bug here must still end the run and keep its record

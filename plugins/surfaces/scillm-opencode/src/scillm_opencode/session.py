@@ -15,7 +15,7 @@ from scillm_opencode.client import ServeError
 from scillm_opencode.normalise import SessionEvents, obj, one, string
 from scillm_opencode.serve import Server
 
-__all__ = ["Bus", "SessionDriver", "Ended"]
+__all__ = ["Bus", "SessionDriver", "Ended", "first_of"]
 
 log = logging.getLogger("scillm.opencode")
 
@@ -28,6 +28,18 @@ class Ended:
     TIMEOUT = "timeout"
     STOPPED = "stopped"    # the caller asked to stop (abort)
     LOST = "lost"          # the server died or the event stream broke
+
+
+async def first_of(waiters: list[asyncio.Future[Any]], timeout_s: float | None) -> set[asyncio.Future[Any]]:
+    """Wait until one of ``waiters`` is done (or ``timeout_s`` passed); the rest are cancelled and awaited, so none
+    is left pending (and none outlives a cancelled caller)."""
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+    return done
 
 
 class Bus:
@@ -44,12 +56,8 @@ class Bus:
 
     async def open(self, timeout_s: float = 60.0) -> None:
         self._task = asyncio.ensure_future(self._read())
-        waiters = [asyncio.ensure_future(e.wait()) for e in (self.connected, self.lost, self.server.died)]
-        try:
-            await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        await first_of([asyncio.ensure_future(e.wait()) for e in (self.connected, self.lost, self.server.died)],
+                       timeout_s)
         if not self.connected.is_set():
             await self.close()
             raise ServeError(f"opencode serve did not open its event stream ({self.lost_reason or 'no answer'})",
@@ -175,11 +183,7 @@ class SessionDriver:
                    asyncio.ensure_future(stop.wait()): Ended.STOPPED,
                    asyncio.ensure_future(self.bus.lost.wait()): Ended.LOST,
                    asyncio.ensure_future(self.bus.server.died.wait()): Ended.LOST}
-        try:
-            done, _ = await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        done = await first_of(list(waiters), timeout_s)
         if not done:
             return Ended.TIMEOUT
         ended = min((waiters[d] for d in done), key=[Ended.STOPPED, Ended.LOST, Ended.IDLE].index)
