@@ -144,6 +144,14 @@ def test_a_stalled_session_create_ends_the_run_at_its_timeout(hostile: Hostile) 
     assert doc["status"] == "timeout", doc
 
 
+def test_stalled_messages_end_the_run_at_its_timeout(hostile: Hostile) -> None:
+    """The session went idle, but its messages never come. Before: the run waited 30 s for them (the HTTP client's
+    timeout), then 30 s more for its answer's text, and ended ``error``."""
+    hostile.fake.answers["messages"] = Bad(hang=True)
+    doc = hostile.run(timeout_s=1).json()
+    assert doc["status"] == "timeout", doc
+
+
 def test_deeply_nested_event_fields_are_cut_not_fatal(hostile: Hostile) -> None:
     """A tool part whose input and name nest 900 levels deep (orjson reads it): the tool event keeps six levels and
     no name; before, the normaliser recursed without a bound and the event could not be written."""

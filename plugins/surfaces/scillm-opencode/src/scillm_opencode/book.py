@@ -222,7 +222,10 @@ class RunBook(Generic[R]):
             if ended != Ended.IDLE:
                 return ended
             try:
-                _, pending = assistant_text(await driver.messages())
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):  # a stall: the timeout holds
+                    _, pending = assistant_text(await driver.messages())
+            except TimeoutError:
+                return Ended.TIMEOUT
             except ServeError as exc:
                 if driver.bus.lost.is_set() or driver.bus.server.died.is_set():
                     return Ended.LOST

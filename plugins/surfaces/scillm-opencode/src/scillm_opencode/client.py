@@ -14,11 +14,12 @@ import orjson
 
 from scillm_core import errors
 
-__all__ = ["MAX_BODY", "MAX_EVENT", "OpenCodeClient", "ServeError"]
+__all__ = ["CLEANUP_S", "MAX_BODY", "MAX_EVENT", "RESULT_S", "OpenCodeClient", "ServeError"]
 
 MAX_BODY = 64 << 20    # bytes of one answer
 MAX_EVENT = 16 << 20   # bytes of one bus event (an SSE event's data lines together)
 CLEANUP_S = 5.0        # seconds a clean-up call (abort, status, delete, dispose) may take: it never holds a run up
+RESULT_S = 10.0        # seconds the messages of a session that ended may take (the run's answer, read once more)
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # OpenCode's ids (ses_...): safe in a path, short in a record
 
 
@@ -137,9 +138,10 @@ class OpenCodeClient:
     async def abort(self, directory: str, session_id: str) -> None:
         await self.call("POST", f"/session/{session_id}/abort", directory=directory, timeout_s=CLEANUP_S)
 
-    async def messages(self, directory: str, session_id: str) -> list[dict[str, Any]]:
+    async def messages(self, directory: str, session_id: str, *, timeout_s: float | None = None
+                       ) -> list[dict[str, Any]]:
         return await self.call("GET", f"/session/{session_id}/message",  # type: ignore[no-any-return]
-                               directory=directory, expect=list)
+                               directory=directory, expect=list, timeout_s=timeout_s)
 
     async def status(self, directory: str) -> dict[str, Any]:
         return await self.call("GET", "/session/status", directory=directory,  # type: ignore[no-any-return]

@@ -16,7 +16,7 @@ from scillm_exec import EventLog, check_cwd, remove_worktree, worktree_diff
 
 from scillm_core import Identity, errors, max_cost_of
 from scillm_opencode.book import ABORT_GRACE_S, LiveRun, RunBook, Sessions
-from scillm_opencode.client import ServeError
+from scillm_opencode.client import RESULT_S, ServeError
 from scillm_opencode.profiles import (
     bad,
     check_agent_shape,
@@ -165,7 +165,7 @@ class ServeRuns(RunBook[Run]):
                     run.error = f"{run.error}; the OpenCode session did not confirm the abort"
                 if not run.server.died.is_set() and driver is not None and driver.session_id is not None:
                     with contextlib.suppress(ServeError):
-                        text_out, _ = assistant_text(await driver.messages())
+                        text_out, _ = assistant_text(await driver.messages(RESULT_S))
         except asyncio.CancelledError:
             run.decide("error", "scillm shut down while the run was in flight")
             if driver is not None:  # bounded here; shutdown awaits the rest of it

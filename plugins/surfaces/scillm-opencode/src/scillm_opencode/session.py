@@ -207,9 +207,10 @@ class SessionDriver:
             return self.session_id not in status
         return False
 
-    async def messages(self) -> list[dict[str, Any]]:
+    async def messages(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
         assert self.session_id is not None
-        return await self.client.messages(self.bus.directory, self.session_id)  # type: ignore[no-any-return]
+        return await self.client.messages(self.bus.directory, self.session_id,  # type: ignore[no-any-return]
+                                          timeout_s=timeout_s)
 
     async def reply(self, permission_id: str, reply: str, message: str | None) -> None:
         await self.client.reply_permission(self.bus.directory, permission_id, reply, message)

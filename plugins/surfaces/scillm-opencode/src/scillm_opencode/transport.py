@@ -22,7 +22,7 @@ from scillm_exec import EventLog, check_cwd, find_cycle, remove_worktree, worktr
 from scillm_core import Identity, errors, max_cost_of
 from scillm_core.events import Unit
 from scillm_opencode.book import ABORT_GRACE_S, LiveRun, RunBook, Sessions
-from scillm_opencode.client import ServeError
+from scillm_opencode.client import RESULT_S, ServeError
 from scillm_opencode.profiles import (
     bad,
     check_agent_shape,
@@ -321,7 +321,7 @@ class Transport(RunBook[TransportRun]):
                 await driver.abort(ABORT_GRACE_S)
             if not run.server.died.is_set() and driver.session_id is not None:
                 with contextlib.suppress(ServeError):
-                    node.assistant_text, _ = assistant_text(await driver.messages())
+                    node.assistant_text, _ = assistant_text(await driver.messages(RESULT_S))
             if ended == Ended.IDLE and not writer:
                 wrote = [t for t in driver.wrote if t in WRITE_TOOLS]
                 if not wrote and run.writers == 0 and run.writer_epoch == epoch:  # nobody else could have written
