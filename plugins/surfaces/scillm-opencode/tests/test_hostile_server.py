@@ -98,7 +98,7 @@ def test_health_of_the_wrong_shape_is_a_502_naming_it(hostile: Hostile) -> None:
     hostile.fake.answers["health"] = Bad(42)
     response = hostile.run()
     assert response.status_code == 502, response.text
-    assert "GET /global/health answered a number where an object was expected" in response.json()["error"]["message"]
+    assert "GET /global/health answered integer where object was expected" in response.json()["error"]["message"]
 
 
 def test_an_error_page_echoing_the_password_is_redacted(hostile: Hostile) -> None:
@@ -108,8 +108,8 @@ def test_an_error_page_echoing_the_password_is_redacted(hostile: Hostile) -> Non
     assert "answered HTTP 500: <h1>denied for opencode:[redacted]</h1>" in response.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("body,shape", [({"slug": "no-id"}, "null"), ({"id": {"x": 1}}, "an object"),
-                                        ({"id": "../../global/dispose"}, "a string")])
+@pytest.mark.parametrize("body,shape", [({"slug": "no-id"}, "null"), ({"id": {"x": 1}}, "object"),
+                                        ({"id": "../../global/dispose"}, "string")])
 def test_a_session_without_a_usable_id_fails_the_run_saying_so(hostile: Hostile, body: Any, shape: str) -> None:
     """Before: ``KeyError: 'id'``, or an id used as it came in the next calls' paths."""
     hostile.fake.answers["create"] = Bad(body)
@@ -124,7 +124,7 @@ def test_messages_of_the_wrong_shape_fail_the_run_saying_what_came(hostile: Host
     hostile.fake.answers["messages"] = Bad({"messages": []})
     doc = hostile.run().json()
     assert doc["status"] == "error"
-    assert doc["error"].endswith("/message answered an object where an array was expected"), doc["error"]
+    assert doc["error"].endswith("/message answered object where array was expected"), doc["error"]
 
 
 def test_messages_with_junk_entries_keep_the_readable_text(hostile: Hostile) -> None:

@@ -13,6 +13,7 @@ import httpx
 import orjson
 
 from scillm_core import errors
+from scillm_core.jsonio import json_type
 
 __all__ = ["CLEANUP_S", "MAX_BODY", "MAX_EVENT", "RESULT_S", "OpenCodeClient", "ServeError"]
 
@@ -21,18 +22,6 @@ MAX_EVENT = 16 << 20   # bytes of one bus event (an SSE event's data lines toget
 CLEANUP_S = 5.0        # seconds a clean-up call (abort, status, delete, dispose) may take: it never holds a run up
 RESULT_S = 10.0        # seconds the messages of a session that ended may take (the run's answer, read once more)
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # OpenCode's ids (ses_...): safe in a path, short in a record
-
-
-def _shape(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array" if isinstance(value, list) else "an object"
 
 
 class ServeError(errors.ScillmError):
@@ -94,8 +83,8 @@ class OpenCodeClient:
                                      f"{self.clean(body.decode('utf-8', 'replace'))}") from None
                 value = body.decode("utf-8", "replace")
         if expect is not None and not isinstance(value, expect):
-            raise ServeError(f"opencode serve: {method} {path} answered {_shape(value)} where "
-                             f"{_shape(expect())} was expected")
+            raise ServeError(f"opencode serve: {method} {path} answered {json_type(value)} where "
+                             f"{json_type(expect())} was expected")
         return value
 
     async def _read(self, response: httpx.Response, what: str) -> bytes:
@@ -129,7 +118,7 @@ class OpenCodeClient:
         session = await self.call("POST", "/session", directory=directory, json=body, expect=dict)
         if not isinstance(session.get("id"), str) or not SESSION_ID.match(session["id"]):
             raise ServeError(f"opencode serve: POST /session answered without a usable session id "
-                             f"({_shape(session.get('id'))})")
+                             f"({json_type(session.get('id'))})")
         return session  # type: ignore[no-any-return]
 
     async def prompt_async(self, directory: str, session_id: str, body: Mapping[str, Any]) -> None:
