@@ -249,3 +249,44 @@ def test_a_hit_is_only_ever_an_answer_the_scope_may_see(fake: FakeOpenAI, serve:
 def test_an_unknown_scope_stops_startup(fake: FakeOpenAI, serve: Any) -> None:
     with pytest.raises(ConfigError, match="scope must be one of key, team, shared"):
         serve(cache={"scope": "global"})
+
+
+def test_an_answer_that_lands_between_a_miss_and_taking_the_flight_is_the_answer(tmp_path: Any) -> None:
+    """Another process holds the flight, this one misses; that process then stores its answer and lands just before
+    this one takes the flight. This one must answer from the store, not call the upstream a second time."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from scillm_cache import FLIGHTS, CacheConfig, CacheState, StoreBackend, _other_flight, _store
+
+    from scillm_core import ChatResponse, Choice, Message
+    from scillm_core.registry import Route
+    from scillm_core.state.sqlite import SQLiteStore
+
+    async def scenario() -> Any:
+        store = SQLiteStore(tmp_path / "state.db")
+        state = CacheState(config=CacheConfig(enabled=True, backend="store"),
+                           backend=StoreBackend(SimpleNamespace(store=store, instance_id="this")))  # type: ignore[arg-type]
+        answer = ChatResponse(id="c1", model="m", choices=(Choice(message=Message(role="assistant", content="hi")),))
+        await store.compare_and_set(FLIGHTS, "k", None, {"owner": "other", "at": 0.0})  # the other process's flight
+        take = store.compare_and_set
+        tries = 0
+
+        async def other_lands_first(*args: Any, **kwargs: Any) -> bool:
+            nonlocal tries
+            tries += 1
+            if tries == 2:  # after this process's first miss: the other stores its answer, then lands
+                await _store(state, "k", answer, Route(provider="p", model="m", requested="m"))
+                await store.delete(FLIGHTS, "k")
+            return await take(*args, **kwargs)
+
+        store.compare_and_set = other_lands_first  # type: ignore[method-assign]
+        try:
+            found = await _other_flight(state, "k", ChatResponse)
+            return found, await store.get(FLIGHTS, "k"), tries
+        finally:
+            await store.close()
+
+    found, flight, tries = asyncio.run(scenario())
+    assert tries == 2 and found is not None and found[0].choices[0].message.content == "hi"
+    assert flight is None  # the flight taken to look once more is given back

@@ -420,7 +420,12 @@ async def _other_flight(state: CacheState, key: str, kind: type[Any]) -> tuple[A
     try:
         while time.monotonic() < deadline:
             if await store.compare_and_set(FLIGHTS, key, None, mine, ttl_s=FLIGHT_WAIT_S):
-                return None
+                # the flight is this process's; but its last holder stores its answer and then lands, so both may
+                # have happened since this process last missed: that answer is still the answer
+                hit = await _lookup(state, key, kind)
+                if hit is not None:
+                    await _land(state, key)
+                return hit
             await asyncio.sleep(pause)
             pause = min(pause * 2, FLIGHT_POLL_S[1])
             hit = await _lookup(state, key, kind)
