@@ -17,21 +17,13 @@ from typing import Any
 import httpx
 import pytest
 from fake_opencode import PASSWORD, Bad, FakeOpenCode, frame
+from opencode_helpers import Records
 
 from scillm_core.testing import ServerThread, make_app
 
 KEY = "sk-master-hostile-0123456789"
 ONLY = ["opencode", "exec", "agent-runners", "auth", "chat", "openai-compat"]
 RUNS = "/v1/scillm/opencode/runs"
-
-
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 class Hostile:
