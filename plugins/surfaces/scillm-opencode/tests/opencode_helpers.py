@@ -121,6 +121,18 @@ class ScriptedModel(FakeOpenAI):
         return [r for r in self.requests if r.path == "/v1/chat/completions"]
 
 
+def make_repo(root: Path, name: str | None = None) -> Path:
+    """A git repository under ``root`` (the allowed root) holding hello.txt ("hello world")."""
+    path = root / (name or f"repo-{uuid.uuid4().hex[:8]}")
+    path.mkdir()
+    (path / "hello.txt").write_text("hello world\n")
+    git = lambda *a: subprocess.run(["git", *a], cwd=path, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q", "-b", "main")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    return path
+
+
 class Records(logging.Handler):
     """Every log record of the module that reaches the root logger."""
 
@@ -158,15 +170,7 @@ class Stack:
         return opencode_of(self.server.app.runtime)
 
     def repo(self, name: str | None = None) -> Path:
-        """A git repository under the allowed root holding hello.txt ("hello world")."""
-        path = self.root / (name or f"repo-{uuid.uuid4().hex[:8]}")
-        path.mkdir()
-        (path / "hello.txt").write_text("hello world\n")
-        git = lambda *a: subprocess.run(["git", *a], cwd=path, check=True, capture_output=True)  # noqa: E731
-        git("init", "-q", "-b", "main")
-        git("add", ".")
-        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
-        return path
+        return make_repo(self.root, name)
 
     def events(self, path: str, after: int = 0, *, token: str | None = None,
                on_frame: Callable[[str], None] | None = None, client: httpx.Client | None = None

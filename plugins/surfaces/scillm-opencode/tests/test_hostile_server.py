@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from fake_opencode import PASSWORD, Bad, FakeOpenCode, frame
-from opencode_helpers import Records
+from opencode_helpers import Records, make_repo
 
 from scillm_core.testing import ServerThread, make_app
 
@@ -32,18 +30,8 @@ class Hostile:
         self.client = httpx.Client(base_url=server.url, timeout=120,
                                    headers={"authorization": f"Bearer {KEY}", "x-caller-skill": "hostile-tests"})
 
-    def repo(self) -> Path:
-        path = self.root / f"repo-{uuid.uuid4().hex[:8]}"
-        path.mkdir()
-        (path / "hello.txt").write_text("hello world\n")
-        git = lambda *a: subprocess.run(["git", *a], cwd=path, check=True, capture_output=True)  # noqa: E731
-        git("init", "-q", "-b", "main")
-        git("add", ".")
-        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
-        return path
-
     def run(self, **extra: Any) -> httpx.Response:
-        return self.client.post(RUNS, json={"prompt": "hi", "cwd": str(self.repo()), **extra})
+        return self.client.post(RUNS, json={"prompt": "hi", "cwd": str(make_repo(self.root)), **extra})
 
     def events(self, run_id: str) -> list[dict[str, Any]]:
         from scillm_opencode import opencode_of
