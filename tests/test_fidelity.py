@@ -432,7 +432,7 @@ def test_passthrough_switched_off_translates_every_request(tmp_path: Path) -> No
     assert claude.last.raw != body.replace(b'"anthropic/claude-sonnet-4-5"', b'"claude-sonnet-4-5"')
     assert claude.last.body["messages"] == [{"role": "user", "content": [
         {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}]  # translated, marker carried
-    assert got.json()["type"] == "message" and got.json()["model"] == "anthropic/claude-sonnet-4-5"
+    assert got.json()["type"] == "message" and got.json()["model"] == "claude-sonnet-4-5"  # as Anthropic named it
 
 
 def test_a_slow_same_dialect_stream_is_kept_alive_with_comments(tmp_path: Path) -> None:

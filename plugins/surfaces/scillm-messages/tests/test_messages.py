@@ -78,7 +78,7 @@ def test_text_non_streaming(client: anthropic.Anthropic, fake: FakeOpenAI) -> No
                                      extra_body={"temperature": 0.2, "top_k": 5})  # older clients send these
     assert message.type == "message" and message.role == "assistant"
     assert message.id.startswith("msg_")
-    assert message.model == MODEL
+    assert message.model == "deepseek-chat"  # the model that served, as chat and Responses answers say
     assert [(b.type, b.text) for b in message.content] == [("text", "Hello there, friend.")]
     assert message.stop_reason == "end_turn"
     assert message.stop_sequence is None
@@ -113,7 +113,7 @@ def test_alias_routes_claude_name(client: anthropic.Anthropic, fake: FakeOpenAI)
     fake.script(Reply.say("routed"))
     message = client.messages.create(model="claude-sonnet-5-5", max_tokens=10, messages=user("x"))
     assert message.content[0].text == "routed"
-    assert message.model == "claude-sonnet-5-5"
+    assert message.model == "deepseek-chat"  # the model that served, not the name asked for
     assert fake.last.body["model"] == "deepseek-chat"
 
 
@@ -125,7 +125,7 @@ def test_streaming_text(client: anthropic.Anthropic, fake: FakeOpenAI) -> None:
         final = stream.get_final_message()
     assert len(pieces) > 3 and "".join(pieces) == text
     assert [b.type for b in final.content] == ["text"] and final.content[0].text == text
-    assert final.stop_reason == "end_turn"
+    assert final.stop_reason == "end_turn" and final.model == "deepseek-chat"
     assert (final.usage.input_tokens, final.usage.output_tokens) == (30, 9)
     assert fake.last.body["stream"] is True
     assert fake.last.body["stream_options"] == {"include_usage": True}
@@ -141,6 +141,7 @@ def test_stream_event_sequence(server: ServerThread, fake: FakeOpenAI) -> None:
                      "content_block_stop", "message_delta", "message_stop"]
     start = events[0][1]["message"]
     assert start["id"].startswith("msg_") and start["content"] == [] and start["stop_reason"] is None
+    assert start["model"] == "deepseek-chat"  # the model that served
     assert start["usage"]["input_tokens"] > 0  # the estimate, until the upstream's count arrives
     assert events[2][1] == {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
     assert events[3][1]["delta"] == {"type": "text_delta", "text": "abcd"}
@@ -153,6 +154,7 @@ def test_slow_first_chunk_sends_pings(server: ServerThread, fake: FakeOpenAI) ->
     events = raw_events(server, {"model": MODEL, "max_tokens": 20, "stream": True, "messages": user("go")})
     names = [name for name, _ in events]
     assert names[0] == "message_start"
+    assert events[0][1]["message"]["model"] == "deepseek-chat"  # started before it answered: the route tried
     assert names.count("ping") >= 2
     assert names[-2:] == ["message_delta", "message_stop"]
 

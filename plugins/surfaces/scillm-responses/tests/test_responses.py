@@ -62,7 +62,7 @@ def test_non_streaming_text(client: Any, upstream: FakeOpenAI) -> None:
 
 
 def test_streaming_text_event_sequence(client: Any, upstream: FakeOpenAI) -> None:
-    upstream.script(Reply.say("Streaming through scillm.", chunk_size=5))
+    upstream.script(Reply.say("Streaming through scillm.", chunk_size=5, model="gpt-4o-mini-2024-07-18"))
     events = list(client.responses.create(model="gpt-4o-mini", input=[
         {"role": "developer", "content": "Be brief."},
         {"role": "user", "content": [{"type": "input_text", "text": "Stream please"}]}], stream=True))
@@ -72,6 +72,7 @@ def test_streaming_text_event_sequence(client: Any, upstream: FakeOpenAI) -> Non
     assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
                           "response.completed"]
     assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert {e.response.model for e in events if hasattr(e, "response")} == {"gpt-4o-mini-2024-07-18"}  # served
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Streaming through scillm."
     final = events[-1].response
     assert final.status == "completed" and final.output_text == "Streaming through scillm."

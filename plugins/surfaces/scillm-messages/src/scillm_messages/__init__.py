@@ -118,7 +118,8 @@ async def messages(request: Request) -> Response:
                                              "raise max_tokens or lower the thinking budget")
         if result.native is not None:  # the upstream's own answer, as it sent it
             return Response(result.native, media_type="application/json", headers=served_headers(ctx))
-        return json_response(to_messages_response(result, chat.model), headers=served_headers(ctx))
+        # the model that served, as on every surface (an upstream's own answer names it too)
+        return json_response(to_messages_response(result, result.model or chat.model), headers=served_headers(ctx))
     except Exception as exc:  # about the chat request it became: named by the client's own paths
         return error_response(request, origins.relocate(exc))
 
@@ -161,7 +162,9 @@ async def _events(opening: OpeningStream, translator: StreamTranslator, heartbea
     chunks: AsyncIterator[ChatChunk] | None = None
     started = False
     try:
-        if not as_sent:
+        if not as_sent and not opening.done():  # a slow first token: the message starts, naming the route tried
+            if ctx.route is not None:
+                translator.model = ctx.route.model
             yield translator.start()
             started = True
         while not opening.done():
@@ -169,6 +172,8 @@ async def _events(opening: OpeningStream, translator: StreamTranslator, heartbea
             if not done:
                 yield ping() if started else KEEP_ALIVE
         chunks, first = opening.result()
+        if not started and first is not None and first.model:
+            translator.model = first.model  # the model that served (as non-streaming answers and chat say)
         if first is not None and first.native is not None:  # the upstream's own events, as it sent them
             translator.follow(first)
             yield first.native

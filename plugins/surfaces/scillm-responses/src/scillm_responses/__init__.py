@@ -134,6 +134,8 @@ async def _events(opening: OpeningStream, events: EventStream, heartbeat_s: floa
                 for event in events.complete():
                     yield event
             return
+        if first is not None and first.model:
+            events.model = first.model  # the model that served, from response.created on
         for event in events.start():
             yield event
         started = True
