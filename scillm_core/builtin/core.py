@@ -15,7 +15,13 @@ from scillm_core.builtin.routing import provider_timeouts, resolve
 from scillm_core.config import GroupConfig, PluginsConfig, ProviderSettings, ServerConfig, StateConfig
 from scillm_core.hookspecs import hookimpl
 from scillm_core.http import UPSTREAM_HEADERS
-from scillm_core.models import ChatResponse, EmbeddingsRequest, EmbeddingsResponse
+from scillm_core.models import (
+    THINKING_BLOCKS,
+    ChatResponse,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    without_thinking_blocks,
+)
 from scillm_core.models.params import check_asks
 from scillm_core.pipeline import StreamTap
 from scillm_core.timeouts import open_within, within_limits
@@ -67,7 +73,9 @@ def postprocess_json(request: ProviderRequest, ctx: CallContext) -> ResponseThun
 def call_provider(request: ProviderRequest, route: Route, ctx: CallContext) -> ChatThunk:
     """Dispatch to the registered provider (``embed`` for an embeddings request) within the route's upstream
     timeouts (``scillm_core.timeouts``); the request ``timeout`` bounds a non-streaming call too. Each dispatch is
-    one upstream attempt (``attempt.start`` / ``attempt.end`` when observers listen)."""
+    one upstream attempt (``attempt.start`` / ``attempt.end`` when observers listen). The thinking blocks a chat
+    request carries (``THINKING_BLOCKS``) go only to a provider with that capability: each attempt of a group
+    decides for its own provider, so a fallback from Claude to another upstream never gets them."""
     provider = ctx.runtime.providers[route.provider]
     if route.timeouts is None:  # a route some other routing plugin built
         route = attrs.evolve(route, timeouts=provider_timeouts(ctx.runtime, route.provider))
@@ -78,14 +86,18 @@ def call_provider(request: ProviderRequest, route: Route, ctx: CallContext) -> C
             raise errors.ProviderNotConfigured(
                 f"model {route.requested!r} is served by provider {provider.name!r}, which is not configured: "
                 f"{missing}", param="model")
+        sent = request
         if isinstance(request, EmbeddingsRequest):
             native = None
             passthrough = False
         else:
             native = request.native
             passthrough = native is not None and provider.speaks(request, route)
+            capabilities = provider.capabilities_for(route)
             if not passthrough:  # a translation: what the client asks for must be deliverable (else a 400 now)
-                check_asks(request, provider.capabilities_for(route), provider.name, route.model)
+                check_asks(request, capabilities, provider.name, route.model)
+            if THINKING_BLOCKS not in capabilities:  # carried thinking is Anthropic's: decided for each attempt
+                sent = without_thinking_blocks(request)
         ctx.attempts += 1
         ctx.route = route
         dialect = native.dialect if native is not None else request.scillm.get("dialect")
@@ -94,8 +106,8 @@ def call_provider(request: ProviderRequest, route: Route, ctx: CallContext) -> C
                 dialect if passthrough else f"{dialect} -> {provider.name}")
         events = ctx.runtime.events
         if events.listening:
-            return await _observed_attempt(provider, request, route, ctx, events, passthrough)
-        return await _attempt(provider, request, route, ctx, passthrough)
+            return await _observed_attempt(provider, sent, route, ctx, events, passthrough)
+        return await _attempt(provider, sent, route, ctx, passthrough)
 
     return dispatch
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 
 from scillm_core.errors import InvalidRequest
 from scillm_core.jsonio import json_type
-from scillm_core.models.native import NativeRequest
+from scillm_core.models.native import NativeRequest, with_native
 
 __all__ = [
     "MAX_TOKEN_COUNT", "ChatChunk", "ChatRequest", "ChatResponse", "Choice", "ChunkChoice", "Delta", "FileData",
     "FilePart", "FunctionCall", "FunctionCallDelta", "FunctionDef", "ImagePart", "ImageUrl", "Message", "OtherPart",
-    "Part", "Role", "TextPart", "Tool", "ToolCall", "ToolCallDelta", "Usage", "token_count",
+    "Part", "Role", "THINKING_BLOCKS", "TextPart", "Tool", "ToolCall", "ToolCallDelta", "Usage", "token_count",
+    "without_thinking_blocks",
 ]
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -187,6 +188,25 @@ class ChatRequest:
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else self.stop
+
+
+#: The ``extra`` key of an assistant message that carries Anthropic's signed thinking blocks (``thinking`` with its
+#: ``signature``, ``redacted_thinking``), as LiteLLM names them: Anthropic wants them back, unchanged, in a tool loop
+#: with thinking on. Surfaces turn their dialect's carrier into it (a Messages assistant turn's thinking blocks, a
+#: Responses reasoning item's ``encrypted_content``). Also the capability of a provider that takes them back; every
+#: other provider's attempt gets the request without them (core's dispatch, :func:`without_thinking_blocks`).
+THINKING_BLOCKS = "thinking_blocks"
+
+
+def without_thinking_blocks(request: ChatRequest) -> ChatRequest:
+    """``request`` without the thinking blocks its messages carry; ``request`` itself when they carry none. Its
+    native body stays: surfaces keep carried thinking out of the bodies other upstreams take as sent."""
+    messages = request.messages
+    if not any(THINKING_BLOCKS in m.extra for m in messages):
+        return request
+    plain = tuple(evolve(m, extra={k: v for k, v in m.extra.items() if k != THINKING_BLOCKS})
+                  if THINKING_BLOCKS in m.extra else m for m in messages)
+    return with_native(evolve(request, messages=plain), request.native)
 
 
 MAX_TOKEN_COUNT = 10**12  # no answer is a trillion tokens

@@ -6,7 +6,8 @@ function-call argument deltas, terminal ``response.completed`` with no ``[DONE]`
 backend enforces: ``store: false``, ``stream: true``, non-empty ``instructions`` or a developer message in ``input``
 (else a ``{"detail": ...}`` 400),
 a Bearer access token it issued and that has not expired (else 401), and the ``chatgpt-account-id`` header that
-matches the token's claim.
+matches the token's claim; both it and :class:`FakeOpenAIResponses` refuse a reasoning item whose
+``encrypted_content`` they did not issue (400 ``invalid_encrypted_content``).
 
 The token endpoint (``token_url``) implements refresh with rotation: each refresh token works once; a second use
 answers 401 ``refresh_token_reused`` like auth.openai.com. :meth:`FakeCodex.login` mints a login (JWT access token
@@ -209,12 +210,26 @@ class FakeCodex(FakeUpstream):
                 return self._json({"detail": f"Unsupported parameter: {key}"}, 400)
         return None
 
+    def _check_reasoning(self, body: dict[str, Any]) -> Response | None:
+        """A reasoning item sent back must carry reasoning this service encrypted (its ``encrypted_content`` is
+        opaque: anything it did not issue fails to decrypt, as the real API answers)."""
+        items = body.get("input")
+        for i, item in enumerate(items if isinstance(items, list) else ()):
+            content = item.get("encrypted_content") if isinstance(item, dict) and item.get("type") == "reasoning" \
+                else None
+            if content is not None and not (isinstance(content, str) and content.startswith("gAAAA")):
+                return self._json({"error": {"message": f"The encrypted content for item {item.get('id')} could not "
+                                                        "be verified.", "type": "invalid_request_error",
+                                             "param": f"input[{i}].encrypted_content",
+                                             "code": "invalid_encrypted_content"}}, 400)
+        return None
+
     async def responses(self, request: Request) -> Response:
         recorded = await self.record(request)
         body = recorded.body if isinstance(recorded.body, dict) else None
         if body is None:
             return self._json({"detail": "Invalid JSON body"}, 400)
-        denied = self._check_auth(recorded) or self._check_body(body)
+        denied = self._check_auth(recorded) or self._check_body(body) or self._check_reasoning(body)
         if denied is not None:
             return denied
         reply = self.next_reply(recorded)

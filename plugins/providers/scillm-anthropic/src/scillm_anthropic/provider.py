@@ -17,6 +17,7 @@ from scillm_anthropic.translate import StreamTranslator, error_from_status, from
 from scillm_core import CallContext, ChatChunk, ChatRequest, ChatResponse, Provider, Route, errors, with_native
 from scillm_core.config import ProviderSettings
 from scillm_core.jsonio import loads
+from scillm_core.models import THINKING_BLOCKS
 from scillm_core.upstream import (
     SHAPE_ERRORS,
     Malformed,
@@ -63,9 +64,11 @@ class AnthropicProvider(Provider):
     prefixes = ("anthropic/",)
     rule_order = 20
     #: server_tools, mcp_servers: the Messages API runs them; citations: it cites the documents it was given (asked
-    #: for on ``/v1/messages``, see ``scillm_core.models.params``); web_search: its web search tool
+    #: for on ``/v1/messages``, see ``scillm_core.models.params``); web_search: its web search tool; thinking_blocks:
+    #: Claude's signed thinking blocks go back to it (``scillm_core.models.THINKING_BLOCKS``; no other provider's
+    #: attempt gets them)
     capabilities = frozenset({"streaming", "tools", "images", "pdf", "json_schema", "reasoning", "cache_control",
-                              "prefill", "server_tools", "mcp_servers", "citations", "web_search"})
+                              "prefill", "server_tools", "mcp_servers", "citations", "web_search", THINKING_BLOCKS})
     dialects = frozenset({"anthropic-messages"})
     #: whether a translated ``/v1/messages`` request keeps the client's own Anthropic fields (``thinking``,
     #: ``top_k``, ``mcp_servers``, ...; see :func:`to_messages_body`)

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import attrs
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -20,6 +21,7 @@ from scillm_core import (
     ChatChunk,
     ChatRequest,
     ChatResponse,
+    NativeRequest,
     OpeningStream,
     Runtime,
     SurfaceRegistry,
@@ -42,6 +44,7 @@ from scillm_core import (
     with_native,
 )
 from scillm_core.builtin.routing import model_catalog
+from scillm_core.models import THINKING_BLOCKS
 from scillm_core.models.extensions import EXTENSION_FIELDS, take_extensions
 from scillm_core.models.native import native_request
 from scillm_core.streaming import EventStreamResponse
@@ -74,8 +77,20 @@ def parse_chat_request(body: Any, raw: bytes | None = None, headers: Mapping[str
     if not request.messages:
         raise errors.InvalidRequest("messages must not be empty @ $.messages", param="$.messages")
     if raw is not None:
-        with_native(request, native_request("openai-chat", body, raw, headers or {}, taken=EXTENSION_FIELDS))
+        native = native_request("openai-chat", body, raw, headers or {}, taken=EXTENSION_FIELDS)
+        with_native(request, _without_thinking_blocks(native))
     return request
+
+
+def _without_thinking_blocks(native: NativeRequest) -> NativeRequest:
+    """The client's body without the ``thinking_blocks`` its assistant messages carry: Claude's signed thinking
+    (as scillm answered it), which only Anthropic takes back, and Anthropic never takes a chat body as sent; an
+    OpenAI-compatible upstream rejects the unknown key. The chat request keeps them, for Anthropic attempts."""
+    messages = native.body.get("messages")
+    if not isinstance(messages, list) or not any(isinstance(m, dict) and THINKING_BLOCKS in m for m in messages):
+        return native
+    plain = [{k: v for k, v in m.items() if k != THINKING_BLOCKS} if isinstance(m, dict) else m for m in messages]
+    return attrs.evolve(native, body={**native.body, "messages": plain}, raw=None)
 
 
 async def chat_completions(request: Request) -> Response:

@@ -420,7 +420,7 @@ def _assistant(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, st
         return []  # e.g. a thinking-only turn: nothing an upstream can take
     content = _cited_text(blocks) if cites else text or None
     # thinking blocks ride in ``thinking_blocks`` (the Anthropic provider sends them back, as tool loops with
-    # thinking require); :func:`fit_upstream` strips them for every other upstream
+    # thinking require); core's dispatch leaves them out of every other provider's attempt
     extra: dict[str, Any] = {"thinking_blocks": thinking} if thinking else {}
     if marker:
         extra["cache_control"] = marker  # the turn's marker: it goes on the turn's last block again
@@ -432,31 +432,30 @@ def _assistant(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, st
 def fit_upstream(request: ChatRequest, anthropic: bool) -> ChatRequest:
     """Fit the request to the family of the provider it routes to.
 
-    Anthropic upstreams get the carried ``thinking_blocks`` (tool loops with thinking need them back, signatures
-    intact) and ``cache_control`` markers; the client's native fields (``thinking``, ``top_k``, ``metadata``,
-    ``mcp_servers``, ...) ride in ``scillm["anthropic_native"]``, which the Anthropic provider reads when it
-    translates (and only it: a fallback to another provider never gets them). Every other upstream loses the
-    blocks and markers: thinking signatures mean nothing to another model, cache markers are an Anthropic notion
-    (the system prompt becomes one string again), and OpenAI-style upstreams reject unknown message keys.
+    Anthropic upstreams get the ``cache_control`` markers; the client's native fields (``thinking``, ``top_k``,
+    ``metadata``, ``mcp_servers``, ...) ride in ``scillm["anthropic_native"]``, which the Anthropic provider reads
+    when it translates (and only it: a fallback to another provider never gets them). Every other upstream loses
+    the markers: they are an Anthropic notion (the system prompt becomes one string again). The carried
+    ``thinking_blocks`` stay: core's dispatch gives them to the attempts of Anthropic providers only, whichever
+    member of a group that is.
     """
     if anthropic:
         return request
-    if not any(_anthropic_only(m) for m in request.messages) and not any(t.cache_control for t in request.tools
-                                                                         or ()):
+    if not any(_marked(m) for m in request.messages) and not any(t.cache_control for t in request.tools or ()):
         return request
-    messages = tuple(_plain(m) if _anthropic_only(m) else m for m in request.messages)
+    messages = tuple(_plain(m) if _marked(m) else m for m in request.messages)
     tools = tuple(attrs.evolve(t, cache_control=None) for t in request.tools) if request.tools else None
     return attrs.evolve(request, messages=messages, tools=tools)
 
 
-def _anthropic_only(message: Message) -> bool:
-    return "thinking_blocks" in message.extra or "cache_control" in message.extra or (
+def _marked(message: Message) -> bool:
+    return "cache_control" in message.extra or (
         isinstance(message.content, tuple) and any(getattr(p, "cache_control", None) for p in message.content))
 
 
 def _plain(message: Message) -> Message:
-    """``message`` without thinking blocks and cache markers (text-only content joined as before)."""
-    extra = {k: v for k, v in message.extra.items() if k not in ("thinking_blocks", "cache_control")}
+    """``message`` without cache markers (text-only content joined as before)."""
+    extra = {k: v for k, v in message.extra.items() if k != "cache_control"}
     content = message.content
     if isinstance(content, tuple):
         parts = tuple(attrs.evolve(p, cache_control=None) if getattr(p, "cache_control", None) else p

@@ -40,7 +40,13 @@ from scillm_core import (
 )
 from scillm_core.models.native import native_request
 from scillm_core.streaming import EventStreamResponse
-from scillm_responses.translate import EXTENSION_FIELDS, EventStream, parse_request, response_object, without_thinking
+from scillm_responses.translate import (
+    EXTENSION_FIELDS,
+    EventStream,
+    parse_request,
+    response_object,
+    without_sealed_thinking,
+)
 
 __all__ = ["EventStream", "parse_request", "response_object"]
 
@@ -58,25 +64,14 @@ async def create_response(request: Request) -> Response:
     body = parse_json(raw)
     origins = errors.Origins()
     chat, echo = parse_request(body, session=session_of(request.headers, body), origins=origins)
-    if any("thinking_blocks" in m.extra for m in chat.messages) and not _to_anthropic(chat, runtime):
-        chat = without_thinking(chat)
-    if runtime.config.server.passthrough:
-        with_native(chat, native_request("openai-responses", body, raw, request.headers, taken=EXTENSION_FIELDS))
+    if runtime.config.server.passthrough:  # (the thinking blocks the chat request carries: for Anthropic only)
+        native = native_request("openai-responses", body, raw, request.headers, taken=EXTENSION_FIELDS)
+        with_native(chat, without_sealed_thinking(native))
     ctx = call_context(request, timeout_s=chat.scillm.get("timeout"))
     try:
         return await _respond(chat, echo, ctx, runtime.config.server.heartbeat_s, origins)
     except errors.ScillmError as exc:  # about the chat request it became: named by the client's own paths
         raise origins.relocate(exc) from None
-
-
-def _to_anthropic(chat: ChatRequest, runtime: Runtime) -> bool:
-    """Whether ``chat`` routes to an Anthropic upstream, the one that takes thinking blocks back."""
-    try:
-        route = runtime.hooks.route_model(chat, runtime)
-    except errors.ScillmError:
-        return False  # the call itself says what is wrong with the model
-    provider = runtime.providers.get(route.provider)
-    return provider is not None and provider.family == "anthropic"
 
 
 async def _respond(chat: ChatRequest, echo: Mapping[str, Any], ctx: CallContext, heartbeat_s: float,

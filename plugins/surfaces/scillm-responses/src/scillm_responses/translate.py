@@ -21,11 +21,11 @@ import orjson
 from scillm_core import ChatChunk, ChatRequest, ChatResponse, Usage, errors, structure
 from scillm_core.jsonio import json_type
 from scillm_core.models.extensions import EXTENSION_FIELDS, take_extensions
-from scillm_core.models.native import native_events
+from scillm_core.models.native import NativeRequest, native_events
 from scillm_core.models.params import HOSTED
 
 __all__ = ["EXTENSION_FIELDS", "EventStream", "THINKING", "new_id", "parse_request", "response_object",
-           "sealed_thinking", "unsealed_thinking", "usage_object", "without_thinking"]
+           "sealed_thinking", "unsealed_thinking", "usage_object", "without_sealed_thinking"]
 
 #: Responses fields we accept and ignore (they ask for server-side behaviour that changes nothing here).
 IGNORED_FIELDS = frozenset({"store", "include", "prompt_cache_retention", "truncation", "service_tier",
@@ -73,14 +73,20 @@ def unsealed_thinking(value: Any) -> list[dict[str, Any]]:
         if isinstance(blocks, list) else []
 
 
-def without_thinking(chat: ChatRequest) -> ChatRequest:
-    """``chat`` without the carried thinking blocks: for every upstream but Anthropic (signatures mean nothing to
-    another model, and OpenAI-style upstreams reject unknown message keys)."""
-    if not any("thinking_blocks" in m.extra for m in chat.messages):
-        return chat
-    messages = tuple(attrs.evolve(m, extra={k: v for k, v in m.extra.items() if k != "thinking_blocks"})
-                     if "thinking_blocks" in m.extra else m for m in chat.messages)
-    return attrs.evolve(chat, messages=messages)
+def without_sealed_thinking(native: NativeRequest) -> NativeRequest:
+    """The client's body without the reasoning items that carry scillm's sealed thinking: they are Anthropic's,
+    which never takes a Responses body as sent, and an upstream that does (OpenAI's Responses API, Codex) cannot
+    open them (the chat request keeps them as ``thinking_blocks``, for Anthropic attempts only)."""
+    items = native.body.get("input")
+    if not isinstance(items, list) or not any(_sealed(item) for item in items):
+        return native
+    return attrs.evolve(native, body={**native.body, "input": [item for item in items if not _sealed(item)]},
+                        raw=None)
+
+
+def _sealed(item: Any) -> bool:
+    return isinstance(item, Mapping) and item.get("type") == "reasoning" \
+        and isinstance(item.get("encrypted_content"), str) and item["encrypted_content"].startswith(THINKING)
 
 
 def new_id(prefix: str) -> str:
