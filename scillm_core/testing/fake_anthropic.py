@@ -13,9 +13,11 @@ tool answers.
 It checks what the real API checks and a translator can get wrong (``max_tokens`` present, roles only
 user/assistant, temperature in [0, 1], tool ids, every ``tool_result`` answering a ``tool_use`` of the previous
 turn, with thinking on a final assistant message calling tools the fake called after thinking starting with its
-signed thinking blocks) and answers 400 like Anthropic. ``require`` selects the auth it insists on: ``"api_key"``
-(``x-api-key`` + ``anthropic-version``), ``"oauth"`` (Bearer of an issued token + the OAuth beta + the Claude Code
-system block), or ``None`` (either form; an API key may also come as a Bearer token, as newer SDKs send it).
+signed thinking blocks; thinking, effort and tool definitions as the model's generation takes them,
+:meth:`FakeAnthropic.options_problem`) and answers 400 like Anthropic. ``require`` selects the auth it insists on:
+``"api_key"`` (``x-api-key`` + ``anthropic-version``), ``"oauth"`` (Bearer of an issued token + the OAuth beta + the
+Claude Code system block), or ``None`` (either form; an API key may also come as a Bearer token, as newer SDKs send
+it).
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: 
 _TOOL_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _BLOCKS = frozenset({"text", "image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking",
                      "search_result"})
+#: the keys of a custom tool's definition (anything else: "Extra inputs are not permitted")
+_TOOL_KEYS = frozenset({"type", "name", "description", "input_schema", "cache_control", "strict", "input_examples",
+                        "defer_loading", "allowed_callers", "eager_input_streaming"})
+_EFFORTS = frozenset({"low", "medium", "high", "xhigh", "max"})
+# the generation in a model name, read here on its own (not with the code under test): claude-opus-4-6 is 4.6,
+# claude-sonnet-4-20250514 4.0, claude-3-7-sonnet 3.7
+_GENERATION = re.compile(r"claude-(?:[a-z]+-)?(\d{1,2})(?:-(\d{1,2}))?(?:-|$)")
 
 
 def anthropic_stop_reason(finish: str) -> str:
@@ -210,6 +219,9 @@ class FakeAnthropic(FakeUpstream):
             extra = next((key for key in metadata if key != "user_id"), None)
             if extra is not None:  # user_id is Anthropic's only metadata field
                 return f"metadata.{extra}: Extra inputs are not permitted"
+        problem = FakeAnthropic.options_problem(body)
+        if problem:
+            return problem
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return "messages: Field required"
@@ -244,6 +256,56 @@ class FakeAnthropic(FakeUpstream):
                     if not isinstance(source, dict) or source.get("type") not in ("base64", "url", "text"):
                         return f"messages.{i}.content.{j}.source: invalid source"
             previous_tool_ids = tool_ids
+        return None
+
+    @staticmethod
+    def generation(model: str) -> tuple[int, int]:
+        """The model's generation ((0, 0) for a name without one: this fake's own names take what every Claude
+        takes)."""
+        match = _GENERATION.search(model)
+        return (int(match.group(1)), int(match.group(2) or 0)) if match else (0, 0)
+
+    @staticmethod
+    def options_problem(body: dict[str, Any]) -> str | None:
+        """What the real API refuses in ``thinking``, ``output_config.effort`` and tool definitions: a budget under
+        1024 or not under ``max_tokens``, adaptive thinking before the 4.6 generation, a temperature other than 1
+        with thinking on, an effort it does not know (or before 4.5), a tool's ``strict`` before 4.5 (structured
+        outputs), a key a custom tool does not have."""
+        generation = FakeAnthropic.generation(body["model"])
+        thinking = body.get("thinking")
+        kind = thinking.get("type") if isinstance(thinking, dict) else None
+        if thinking is not None:
+            if kind == "enabled":
+                budget = thinking.get("budget_tokens")
+                if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1024:
+                    return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+                if budget >= body["max_tokens"]:
+                    return ("`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our "
+                            "documentation at https://docs.claude.com/en/docs/build-with-claude/extended-thinking")
+            elif kind == "adaptive":
+                if generation < (4, 6):
+                    return f"thinking.type: adaptive thinking is not supported on {body['model']}"
+            elif kind != "disabled":
+                return (f"thinking: Input tag {kind!r} found using 'type' does not match any of the expected tags: "
+                        "'adaptive', 'disabled', 'enabled'")
+        if kind in ("enabled", "adaptive") and body.get("temperature") not in (None, 1):
+            return ("`temperature` may only be set to 1 when thinking is enabled or in adaptive mode. Please consult "
+                    "our documentation at https://docs.claude.com/en/docs/build-with-claude/extended-thinking")
+        output_config = body.get("output_config")
+        effort = output_config.get("effort") if isinstance(output_config, dict) else None
+        if effort is not None and (effort not in _EFFORTS or generation < (4, 5)):
+            return ("output_config.effort: Input should be 'low', 'medium', 'high', 'xhigh' or 'max'"
+                    if effort not in _EFFORTS else f"output_config.effort: effort is not supported on {body['model']}")
+        for j, tool in enumerate(body.get("tools") or ()):
+            if not isinstance(tool, dict) or tool.get("type") not in (None, "custom"):
+                continue  # a server tool: its own keys
+            extra = next((key for key in tool if key not in _TOOL_KEYS), None)
+            if extra is not None:
+                return f"tools.{j}.custom.{extra}: Extra inputs are not permitted"
+            if "strict" in tool and (not isinstance(tool["strict"], bool) or generation < (4, 5)):
+                return (f"tools.{j}.custom.strict: Input should be a valid boolean" if not isinstance(
+                    tool["strict"], bool) else f"tools.{j}.custom.strict: strict tool use is not supported on "
+                    f"{body['model']}")
         return None
 
     def thinking_problem(self, body: Any) -> str | None:

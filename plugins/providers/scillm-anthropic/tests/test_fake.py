@@ -102,6 +102,43 @@ def test_fake_enforces_auth_and_rejects_what_anthropic_rejects(fake: FakeAnthrop
         assert response.json()["type"] == "error" and needle in response.json()["error"]["message"]
 
 
+def test_fake_takes_thinking_effort_and_strict_tools_as_each_generation_does(fake: FakeAnthropic) -> None:
+    """provider-protocols.md §3.2: a thinking budget is at least 1024 and below max_tokens; adaptive thinking and
+    its effort are the 4.6 generation's; temperature stays unset (or 1) with thinking; a tool's ``strict`` is
+    structured outputs (from 4.5); a custom tool has no other keys."""
+    url = fake.url + "/v1/messages"
+    headers = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
+    hi = [{"role": "user", "content": "hi"}]
+    strict = {**WEATHER, "strict": True}
+    accepted = [{"model": "claude-opus-4-6", "max_tokens": 100, "thinking": {"type": "adaptive"},
+                 "output_config": {"effort": "high"}, "messages": hi},
+                {"model": "claude-sonnet-4-5", "max_tokens": 2048, "temperature": 1,
+                 "thinking": {"type": "enabled", "budget_tokens": 1024}, "messages": hi},
+                {"model": "claude-haiku-4-5", "max_tokens": 100, "tools": [strict], "messages": hi},
+                {"model": "claude-sonnet-4-20250514", "max_tokens": 100, "thinking": {"type": "disabled"},
+                 "tools": [WEATHER], "messages": hi}]
+    for body in accepted:
+        fake.script(Reply.say("ok"))
+        assert HTTP.post(url, json=body, headers=headers).status_code == 200, body
+    refused = [({"model": "claude-sonnet-4-5", "max_tokens": 100, "thinking": {"type": "adaptive"}}, "adaptive"),
+               ({"model": "claude-sonnet-4-5", "max_tokens": 2048, "thinking": {"type": "enabled",
+                                                                                "budget_tokens": 512}}, "1024"),
+               ({"model": "claude-sonnet-4-5", "max_tokens": 1024, "thinking": {"type": "enabled",
+                                                                                "budget_tokens": 1024}}, "max_tokens"),
+               ({"model": "claude-opus-4-6", "max_tokens": 100, "thinking": {"type": "adaptive"},
+                 "temperature": 0.2}, "temperature"),
+               ({"model": "claude-opus-4-6", "max_tokens": 100, "output_config": {"effort": "extreme"}}, "effort"),
+               ({"model": "claude-sonnet-4-20250514", "max_tokens": 100, "output_config": {"effort": "low"}},
+                "effort"),
+               ({"model": "claude-sonnet-4-20250514", "max_tokens": 100, "tools": [strict]}, "strict"),
+               ({"model": "claude-opus-4-6", "max_tokens": 100, "tools": [{**WEATHER, "parameters": {}}]},
+                "parameters")]
+    for bad, needle in refused:
+        response = HTTP.post(url, json={**bad, "messages": hi}, headers=headers)
+        assert response.status_code == 400, bad
+        assert response.json()["error"]["type"] == "invalid_request_error" and needle in response.text, bad
+
+
 def test_fake_rejects_a_thinking_tool_loop_that_dropped_its_thinking_blocks(fake: FakeAnthropic) -> None:
     """With thinking on, the assistant turn that called the tool after thinking must come back starting with its
     signed thinking block, as the real API insists (the recorded round trip sends it back; dropping it is a 400).
