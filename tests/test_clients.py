@@ -157,7 +157,7 @@ def test_openai_agents_with_claude_thinking_through_a_tool_loop(world, scillm, a
     assert result.final_output == "".join(deltas) == "Sunny in both." and CALLED == ["Paris", "Rome"]
     assert result.new_items[0].type == "reasoning_item"
     first, second = (request.body for request in claude.requests)
-    assert first["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert first["thinking"] == {"type": "adaptive"} and first["output_config"] == {"effort": "low"}  # a 4.6 Claude
     turn = second["messages"][1]["content"]
     assert [block["type"] for block in turn[-2:]] == ["tool_use", "tool_use"]
     if api == "responses":

@@ -125,6 +125,24 @@ def test_thinking_round_trip_through_the_openai_client(client: openai.OpenAI, fa
     assert thinking["signature"] == fake.signature(Reply(reasoning="I should call the tool."))
 
 
+@pytest.mark.parametrize(("model", "strict"), [("anthropic/claude-haiku-4-5", True),
+                                             ("anthropic/claude-opus-4-6", True),
+                                             ("anthropic/claude-sonnet-4-20250514", False)])
+def test_a_strict_tool_is_strict_where_claude_has_structured_outputs(client: openai.OpenAI, fake: ApiKeyFake,
+                                                                     model: str, strict: bool) -> None:
+    """A function's ``strict: true`` reaches Claude as the tool's ``strict`` from the 4.5 generation on; Claude 4
+    gets the tool without it (the fake, like the API, refuses ``strict`` there)."""
+    tool = {"type": "function", "function": {"name": "get_weather", "strict": True, "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+        "additionalProperties": False}}}
+    fake.script(Reply.call("get_weather", {"city": "Oslo"}))
+    answer = client.chat.completions.create(model=model, tools=[tool], messages=[{"role": "user", "content": "Oslo?"}])
+    assert answer.choices[0].message.tool_calls[0].function.arguments == '{"city":"Oslo"}'
+    sent = fake.last.body["tools"][0]
+    assert sent.get("strict") is (True if strict else None)
+    assert sent["input_schema"] == tool["function"]["parameters"]
+
+
 def test_streamed_reasoning_and_tool_indexes(client: openai.OpenAI, fake: ApiKeyFake) -> None:
     fake.script(Reply(reasoning="Two lookups.", tool_calls=(ToolCallSpec("a", {"x": 1}), ToolCallSpec("b", {"y": 2}))))
     chunks = list(client.chat.completions.create(model=MODEL, stream=True, reasoning_effort="medium",

@@ -6,11 +6,14 @@ import base64
 from pathlib import Path
 from typing import Any
 
+import attrs
 import orjson
 import pytest
 from scillm_anthropic import (
     DEFAULT_MAX_TOKENS,
+    THINKING_BUDGETS,
     StreamTranslator,
+    claude_version,
     error_from_event,
     error_from_status,
     from_messages_response,
@@ -195,6 +198,65 @@ def test_reasoning_effort_leaves_thinking_off_for_a_tool_turn_sent_back_without_
     later = body_for(tools=[WEATHER], reasoning_effort="low", messages=[
         *loop, {"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "And Rome?"}])
     assert later["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+
+
+@pytest.mark.parametrize(("model", "version"), [
+    ("claude-opus-4-6", (4, 6)), ("claude-sonnet-4-6-20260217", (4, 6)), ("claude-sonnet-4-5-20250929", (4, 5)),
+    ("claude-haiku-4-5", (4, 5)), ("claude-sonnet-4-20250514", (4, 0)), ("claude-opus-4-1", (4, 1)),
+    ("claude-3-7-sonnet-latest", (3, 7)), ("claude-3-5-haiku-20241022", (3, 5)), ("claude-opus-5", (5, 0)),
+    ("my-proxy-model", None)])
+def test_the_generation_is_read_from_the_model_name(model: str, version: tuple[int, int] | None) -> None:
+    assert claude_version(model) == version
+
+
+@pytest.mark.parametrize(("effort", "level"), [("minimal", "low"), ("low", "low"), ("medium", "medium"),
+                                               ("high", "high"), ("xhigh", "xhigh"), ("max", "max")])
+def test_reasoning_effort_is_adaptive_thinking_with_an_effort_on_the_4_6_generation(effort: str, level: str) -> None:
+    """provider-protocols.md §3.2/§9.6: 4.6-generation models think adaptively at an ``output_config.effort``;
+    earlier ones with a ``budget_tokens`` (below ``max_tokens``). Temperature is left out with thinking on either
+    way, and a json_schema's format shares ``output_config`` with the effort."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    request = req(messages=[{"role": "user", "content": "hi"}], reasoning_effort=effort, temperature=0.2,
+                  max_tokens=1000, response_format={"type": "json_schema", "json_schema": {"name": "x",
+                                                                                           "schema": schema}})
+    body = to_messages_body(request, "claude-opus-4-6")
+    assert body["thinking"] == {"type": "adaptive"} and body["max_tokens"] == 1000 and "temperature" not in body
+    assert body["output_config"] == {"format": {"type": "json_schema", "schema": schema}, "effort": level}
+    earlier = to_messages_body(request, "claude-sonnet-4-5")
+    assert earlier["thinking"] == {"type": "enabled", "budget_tokens": THINKING_BUDGETS[effort]}
+    assert earlier["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+    assert earlier["max_tokens"] > THINKING_BUDGETS[effort] and "temperature" not in earlier
+    assert "thinking" not in to_messages_body(attrs.evolve(request, reasoning_effort="none"), "claude-opus-4-6")
+
+
+def test_a_messages_clients_own_thinking_and_effort_go_as_sent_and_adaptive_fits_an_earlier_model() -> None:
+    """A /v1/messages request translated for Anthropic keeps the client's own ``thinking`` and effort (its effort,
+    also read as ``reasoning_effort`` for other upstreams, adds nothing); adaptive thinking sent to a model before
+    the 4.6 generation (a group's fallback) becomes a budget of that effort."""
+    native = {"thinking": {"type": "adaptive"}, "output_config": {"effort": "xhigh"}}
+    request = req(messages=[{"role": "user", "content": "hi"}], reasoning_effort="high", max_tokens=2000,
+                  scillm={"anthropic_native": native})
+    body = to_messages_body(request, "claude-opus-4-6")
+    assert body["thinking"] == {"type": "adaptive"} and body["output_config"] == {"effort": "xhigh"}
+    earlier = to_messages_body(request, "claude-sonnet-4-5")
+    assert earlier["thinking"] == {"type": "enabled", "budget_tokens": THINKING_BUDGETS["xhigh"]}
+    assert "output_config" not in earlier and earlier["max_tokens"] > THINKING_BUDGETS["xhigh"]
+    effort_only = req(messages=[{"role": "user", "content": "hi"}], reasoning_effort="medium",
+                      scillm={"anthropic_native": {"output_config": {"effort": "medium"}}})
+    assert "thinking" not in to_messages_body(effort_only, "claude-opus-4-6")  # effort asked, not thinking
+
+
+def test_strict_tools_go_to_models_with_structured_outputs_and_are_dropped_before() -> None:
+    """provider-protocols.md §9.5: structured outputs are GA from the 4.5 generation, which takes a tool's
+    ``strict: true``; earlier models get the tool without it (no strict tool use there without a beta)."""
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    request = req(messages=[{"role": "user", "content": "hi"}], tools=[strict, WEATHER])
+    tools = to_messages_body(request, "claude-sonnet-4-5")["tools"]
+    assert tools[0]["strict"] is True and "strict" not in tools[1]
+    assert to_messages_body(request, "claude-opus-4-6")["tools"][0]["strict"] is True
+    for earlier in ("claude-sonnet-4-20250514", "claude-opus-4-1", "claude-3-7-sonnet-latest"):
+        assert "strict" not in to_messages_body(request, earlier)["tools"][0]
+        assert to_messages_body(request, earlier)["tools"][0]["input_schema"] == WEATHER["function"]["parameters"]
 
 
 # -- response -------------------------------------------------------------------------------------------------------

@@ -246,6 +246,21 @@ def test_tool_choice_mapping(client: anthropic.Anthropic, fake: FakeOpenAI) -> N
         assert fake.last.body["tool_choice"] == expected
 
 
+def test_a_strict_tool_stays_strict_for_an_openai_style_upstream(client: anthropic.Anthropic,
+                                                                   fake: FakeOpenAI) -> None:
+    """Anthropic's tool ``strict: true`` (structured outputs) is chat's function ``strict``; a non-boolean is a 400
+    naming the client's path."""
+    fake.script(Reply.say("ok"))
+    strict = {**WEATHER, "strict": True}
+    client.messages.create(model=MODEL, max_tokens=20, tools=[strict, WEATHER], messages=user("x"))
+    first, second = fake.last.body["tools"]
+    assert first["function"]["strict"] is True and "strict" not in second["function"]
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model=MODEL, max_tokens=20, tools=[{**WEATHER, "strict": "yes"}],  # type: ignore[list-item]
+                               messages=user("x"))
+    assert "$.tools[0].strict" in str(caught.value)
+
+
 def test_streaming_parallel_tool_calls(client: anthropic.Anthropic, fake: FakeOpenAI, server: ServerThread) -> None:
     reply = Reply(text="Checking both.", tool_calls=(ToolCallSpec("get_weather", {"city": "Paris"}, "call_p"),
                                                      ToolCallSpec("get_weather", {"city": "Tokyo"}, "call_t")))

@@ -73,6 +73,24 @@ def test_claudes_thinking_blocks_go_back_to_claude_in_the_tool_loop(client, fake
     assert tool_use["type"] == "tool_use" and tool_use["input"] == {"city": "Oslo"}
 
 
+def test_a_4_6_claude_thinks_adaptively_at_the_reasoning_effort_through_its_tool_loop(client, fakes):
+    """provider-protocols.md §3.2: the 4.6 generation takes ``thinking: {"type": "adaptive"}`` with
+    ``output_config.effort`` (the fake refuses adaptive thinking before 4.6, and a budget is not what was asked)."""
+    claude, _ = fakes
+    claude.script(THOUGHT, Reply.say("Sunny in Oslo."))
+    first = client.responses.create(model="anthropic/claude-opus-4-6", input=[ASK], tools=[WEATHER],
+                                    reasoning={"effort": "high"})
+    assert claude.last.body["thinking"] == {"type": "adaptive"}
+    assert claude.last.body["output_config"] == {"effort": "high"} and "budget_tokens" not in str(claude.last.body)
+    items = [ASK, *(item.model_dump(exclude_none=True) for item in first.output),
+             {"type": "function_call_output", "call_id": first.output[1].call_id, "output": "sunny"}]
+    answer = client.responses.create(model="anthropic/claude-opus-4-6", input=items, tools=[WEATHER],
+                                     reasoning={"effort": "high"})
+    assert answer.output_text == "Sunny in Oslo." and answer.model == "claude-opus-4-6"
+    assert claude.last.body["messages"][1]["content"][0]["signature"] == FakeAnthropic.signature(THOUGHT)
+    assert claude.last.body["thinking"] == {"type": "adaptive"}
+
+
 def test_thinking_blocks_from_claude_never_reach_another_upstream(client, fakes):
     claude, deepseek = fakes
     claude.script(THOUGHT)

@@ -7,23 +7,28 @@ from scillm_anthropic.oauth import CLAUDE_CODE_SYSTEM, OAUTH_BETAS, ClaudeLogin,
 from scillm_anthropic.provider import ANTHROPIC_VERSION, AnthropicProvider, normalise_base
 from scillm_anthropic.translate import (
     DEFAULT_MAX_TOKENS,
+    EFFORTS,
+    FEATURES_FROM,
     FINISH_REASONS,
     THINKING_BUDGETS,
     StreamTranslator,
+    claude_version,
     error_from_event,
     error_from_status,
     from_messages_response,
     parse_error_body,
     sanitize_tool_call_id,
+    takes,
     to_messages_body,
     usage_from_anthropic,
 )
 from scillm_core import ProviderRegistry, Runtime, hookimpl
 
-__all__ = ["ANTHROPIC_VERSION", "CLAUDE_CODE_SYSTEM", "DEFAULT_MAX_TOKENS", "FINISH_REASONS", "OAUTH_BETAS",
-           "THINKING_BUDGETS", "AnthropicProvider", "ClaudeLogin", "ClaudeOAuthProvider", "StreamTranslator",
-           "credentials_path", "error_from_event", "error_from_status", "from_messages_response", "normalise_base",
-           "parse_error_body", "sanitize_tool_call_id", "to_messages_body", "usage_from_anthropic"]
+__all__ = ["ANTHROPIC_VERSION", "CLAUDE_CODE_SYSTEM", "DEFAULT_MAX_TOKENS", "EFFORTS", "FEATURES_FROM",
+           "FINISH_REASONS", "OAUTH_BETAS", "THINKING_BUDGETS", "AnthropicProvider", "ClaudeLogin",
+           "ClaudeOAuthProvider", "StreamTranslator", "claude_version", "credentials_path", "error_from_event",
+           "error_from_status", "from_messages_response", "normalise_base", "parse_error_body",
+           "sanitize_tool_call_id", "takes", "to_messages_body", "usage_from_anthropic"]
 
 
 @hookimpl

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import re
 import time
@@ -47,18 +48,29 @@ from scillm_core.jsonio import loads
 from scillm_core.models.chat import token_count
 from scillm_core.upstream import error_for_status, excerpt
 
-__all__ = ["DEFAULT_MAX_TOKENS", "FINISH_REASONS", "THINKING_BUDGETS", "StreamTranslator", "annotation",
-           "error_from_event",
+__all__ = ["DEFAULT_MAX_TOKENS", "EFFORTS", "FEATURES_FROM", "FINISH_REASONS", "THINKING_BUDGETS", "StreamTranslator",
+           "annotation", "claude_version", "error_from_event",
            "error_from_status",
-           "from_messages_response", "parse_error_body", "sanitize_tool_call_id", "to_messages_body",
+           "from_messages_response", "parse_error_body", "sanitize_tool_call_id", "takes", "to_messages_body",
            "usage_from_anthropic"]
 
 #: ``max_tokens`` is required by the Messages API; used when the client sets neither ``max_tokens`` nor
 #: ``max_completion_tokens``. 8192 fits every current Claude model's output limit.
 DEFAULT_MAX_TOKENS = 8192
-#: ``reasoning_effort`` -> ``thinking.budget_tokens`` (LiteLLM's values; ``none`` turns thinking off).
+#: ``reasoning_effort`` -> ``thinking.budget_tokens`` (LiteLLM's values; ``none`` turns thinking off), for models
+#: before adaptive thinking.
 THINKING_BUDGETS: Mapping[str, int] = {"minimal": 1024, "low": 1024, "medium": 2048, "high": 4096, "xhigh": 8192,
                                        "max": 16384}
+#: ``reasoning_effort`` -> ``output_config.effort``, with ``thinking: {"type": "adaptive"}`` (models that take it).
+EFFORTS: Mapping[str, str] = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh",
+                              "max": "max"}
+#: What a Claude model takes, by the first version that takes it (provider-protocols.md §3.2, §9.5, §9.6), read
+#: from the version in its name (:func:`claude_version`): ``adaptive_thinking``: ``thinking: {"type": "adaptive"}``
+#: with ``output_config.effort`` (the 4.6 generation on; earlier ones think with ``budget_tokens``);
+#: ``strict_tools``: a tool's ``strict: true`` (structured outputs, GA from the 4.5 generation; earlier models had
+#: them only under a beta header, and Claude 4 and 3.x not at all). The one table to change when a generation
+#: changes what it takes; a name without a version (a proxy's own) gets what every Claude takes.
+FEATURES_FROM: Mapping[str, tuple[int, int]] = {"adaptive_thinking": (4, 6), "strict_tools": (4, 5)}
 FINISH_REASONS: Mapping[str, str] = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop",
                                      "max_tokens": "length", "model_context_window_exceeded": "length",
                                      "tool_use": "tool_calls", "refusal": "content_filter"}
@@ -78,7 +90,27 @@ ERROR_STATUS: Mapping[str, int] = {"invalid_request_error": 400, "authentication
                                    "overloaded_error": 529}
 
 _TOOL_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# claude-opus-4-6, claude-sonnet-4-5-20250929, claude-sonnet-4-20250514 (4.0: a date is no minor), claude-3-7-sonnet
+_VERSION = re.compile(r"claude-(?:[a-z]+-)?(\d{1,2})(?:-(\d{1,2}))?(?=-|$|@)")
 _DATA_URL = re.compile(r"^data:([^;,]+)((?:;[^;,]*)*?);base64,(.*)$", re.S)
+
+
+# -- models --------------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=256)
+def claude_version(model: str) -> tuple[int, int] | None:
+    """The generation a Claude model name says (``claude-opus-4-6`` -> ``(4, 6)``, ``claude-sonnet-4-20250514`` ->
+    ``(4, 0)``, ``claude-3-7-sonnet-latest`` -> ``(3, 7)``); ``None`` for a name that says none."""
+    match = _VERSION.search(model)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
+def takes(model: str, feature: str) -> bool:
+    """Whether upstream ``model`` takes ``feature`` (a key of :data:`FEATURES_FROM`)."""
+    version = claude_version(model)
+    return version is not None and version >= FEATURES_FROM[feature]
 
 
 # -- request -------------------------------------------------------------------------------------------------------
@@ -343,6 +375,8 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
                                      "input_schema": dict(fn.parameters or {"type": "object", "properties": {}})}
             if fn.description:
                 entry["description"] = fn.description
+            if fn.strict and takes(model, "strict_tools"):  # earlier models get the schema, without the guarantee
+                entry["strict"] = True
             if tool.cache_control:
                 entry["cache_control"] = dict(tool.cache_control)
             tools.append(entry)
@@ -350,23 +384,34 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
         choice = _tool_choice(request)
         if choice is not None:
             body["tool_choice"] = choice
-    thinking_on = False
-    effort = None if native and "thinking" in native else request.reasoning_effort  # the client's own thinking
+    thinking_on = budgeted_effort = False
+    # a /v1/messages client's own thinking and effort go as it sent them (its effort is also reasoning_effort)
+    effort = None if native and ("thinking" in native or _effort_of(native.get("output_config"))) \
+        else request.reasoning_effort
     if effort and effort != "none":
         budget = THINKING_BUDGETS.get(effort)
         if budget is None:
             raise _bad(f"reasoning_effort {effort!r} is not one of {', '.join(['none', *THINKING_BUDGETS])}",
                        "$.reasoning_effort")
         if not _unthought_tool_turn(messages):
-            body["thinking"] = {"type": "enabled", "budget_tokens": budget}
-            if body["max_tokens"] <= budget:  # the budget must be below max_tokens; keep the caller's answer room
-                body["max_tokens"] = budget + (request.max_output_tokens or DEFAULT_MAX_TOKENS)
+            if takes(model, "adaptive_thinking"):
+                body["thinking"] = {"type": "adaptive"}
+                body["output_config"] = {**body.get("output_config", {}), "effort": EFFORTS[effort]}
+            else:
+                _think(body, budget, request.max_output_tokens)
             thinking_on = True
     for key in PASSTHROUGH:
         if key in fields:
             value = fields[key]
             if key == "output_config" and isinstance(value, Mapping):
                 body["output_config"] = {**dict(value), **body.get("output_config", {})}
+                if _effort_of(value):  # the client's own effort wins over one reasoning_effort gave
+                    body["output_config"]["effort"] = value["effort"]
+            elif key == "thinking" and isinstance(value, Mapping) and value.get("type") == "adaptive" \
+                    and not takes(model, "adaptive_thinking"):  # (a fallback to an earlier model, say)
+                budgeted = _effort_of(fields.get("output_config")) or request.reasoning_effort or "medium"
+                _think(body, THINKING_BUDGETS.get(budgeted, THINKING_BUDGETS["medium"]), request.max_output_tokens)
+                budgeted_effort = True
             elif key == "metadata":  # OpenAI's metadata is free-form tags; Anthropic's holds user_id only
                 user_id = value.get("user_id") if isinstance(value, Mapping) else None
                 if isinstance(user_id, str):
@@ -381,6 +426,10 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
     if request.extra.get("web_search_options") is not None:  # chat's web search (a Responses web search tool)
         body["tools"] = [*body.get("tools", ()), _web_search(request.extra["web_search_options"],
                                                              request.scillm.get("max_tool_calls"))]
+    if budgeted_effort and _effort_of(body.get("output_config")):  # adaptive thinking's effort: now its budget
+        body["output_config"] = {k: v for k, v in body["output_config"].items() if k != "effort"}
+        if not body["output_config"]:
+            del body["output_config"]
     thinking_on = thinking_on or (isinstance(body.get("thinking"), Mapping)
                                   and body["thinking"].get("type") in ("enabled", "adaptive"))
     if request.temperature is not None and not thinking_on:  # thinking requires the default temperature
@@ -394,6 +443,19 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
     if request.stream:
         body["stream"] = True
     return body
+
+
+def _effort_of(output_config: Any) -> str | None:
+    effort = output_config.get("effort") if isinstance(output_config, Mapping) else None
+    return effort if isinstance(effort, str) else None
+
+
+def _think(body: dict[str, Any], budget: int, asked_tokens: int | None) -> None:
+    """Thinking with ``budget`` tokens, which must be below ``max_tokens``: raised past it keeping the caller's
+    answer room."""
+    body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+    if body["max_tokens"] <= budget:
+        body["max_tokens"] = budget + (asked_tokens or DEFAULT_MAX_TOKENS)
 
 
 def _unthought_tool_turn(messages: Sequence[Mapping[str, Any]]) -> bool:

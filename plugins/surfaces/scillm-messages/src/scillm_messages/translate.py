@@ -491,7 +491,10 @@ def _tools(raw: Any, asks: dict[str, str], origins: errors.Origins) -> tuple[lis
         description = tool.get("description")
         if description is not None:
             _expect(description, str, "a string", f"{path}.description")
-        tools.append(Tool(function=FunctionDef(name=name, description=description, parameters=schema),
+        strict = tool.get("strict")
+        if strict is not None:
+            _expect(strict, bool, "a boolean", f"{path}.strict")
+        tools.append(Tool(function=FunctionDef(name=name, description=description, parameters=schema, strict=strict),
                           cache_control=_cache_control(tool, path)))
         origins.tools.append(path)
     return tools, server_tools
