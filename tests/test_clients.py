@@ -17,16 +17,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from scillm_core.testing import DEV_KEY, FakeOpenAI, Reply, ServerThread, ToolCallSpec, make_app
+from clients_world import CLAUDE, DEEPSEEK, OPT_OUT, REPORT, fake_for, open_world, reset, schema_sent, tool_result_sent
+from scillm_core.testing import DEV_KEY, Reply, ServerThread, ToolCallSpec
 from scillm_core.testing.fake_anthropic import FakeAnthropic
-from scillm_core.testing.netns import loopback_only
-
-DEEPSEEK = "deepseek/deepseek-chat"
-CLAUDE = "anthropic/claude-sonnet-4-6"
-OPT_OUT = {"OPENAI_AGENTS_DISABLE_TRACING": "1", "LANGCHAIN_TRACING_V2": "false", "LANGSMITH_TRACING": "false",
-           "LANGCHAIN_CALLBACKS_BACKGROUND": "false", "OTEL_SDK_DISABLED": "true", "LOGFIRE_SEND_TO_LOGFIRE": "false",
-           "DO_NOT_TRACK": "1"}
-
 
 class Weather(BaseModel):
     """A weather report."""
@@ -35,7 +28,6 @@ class Weather(BaseModel):
     sunny: bool
 
 
-REPORT = {"city": "Paris", "sunny": True}
 CALLED: list[str] = []  # the cities the tools below were called with
 
 
@@ -47,43 +39,14 @@ def get_weather(city: str) -> str:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    with pytest.MonkeyPatch.context() as env_patch, loopback_only(), FakeOpenAI() as deepseek, \
-            FakeAnthropic() as claude:
-        for key, value in OPT_OUT.items():
-            env_patch.setenv(key, value)
-        env = {"DEEPSEEK_API_KEY": "sk-clients-deepseek-0123456789", "DEEPSEEK_API_BASE": deepseek.base_url,
-               "ANTHROPIC_API_KEY": "sk-ant-clients-0123456789abcdef", "ANTHROPIC_API_BASE": claude.base_url}
-        config = {"plugins": {"disable": ["cache"]}, "resilience": {"max_retries": 0}}
-        with ServerThread(make_app(env=env, config=config, data_dir=tmp_path_factory.mktemp("clients"))) as server:
-            yield {"server": server, DEEPSEEK: deepseek, CLAUDE: claude}
+    with open_world(tmp_path_factory.mktemp("clients")) as opened:
+        yield opened
 
 
 @pytest.fixture
 def scillm(world: dict[str, Any]) -> ServerThread:
-    for fake in (world[DEEPSEEK], world[CLAUDE]):
-        fake.requests.clear()
-        fake._script.clear()
     CALLED.clear()
-    return world["server"]  # type: ignore[no-any-return]
-
-
-def tool_result_sent(fake: Any) -> Any:
-    """What the upstream got back as the tool's result, in its own format."""
-    for message in reversed(fake.last.body["messages"]):
-        if message["role"] == "tool":
-            return message["content"]
-        if message["role"] == "user" and isinstance(message["content"], list):
-            content = next(b["content"] for b in message["content"] if b["type"] == "tool_result")
-            return content if isinstance(content, str) else "".join(b["text"] for b in content)
-    raise AssertionError("no tool result went upstream")
-
-
-def schema_sent(fake: Any) -> Any:
-    """The JSON schema of the structured output the upstream was asked for."""
-    body = fake.last.body
-    if "output_config" in body:
-        return body["output_config"]["format"]["schema"]
-    return body["response_format"]["json_schema"]["schema"]
+    return reset(world)
 
 
 # -- openai-agents --------------------------------------------------------------------------------------------------
@@ -193,15 +156,11 @@ PYDANTIC_ROUTES = [("openai", DEEPSEEK), ("openai", CLAUDE), ("anthropic", "clau
 PYDANTIC_IDS = ["openai-to-deepseek", "openai-to-claude", "anthropic-to-claude", "anthropic-to-deepseek"]
 
 
-def _fake_for(world: dict[str, Any], model: str) -> Any:
-    return world[CLAUDE if "claude" in model else DEEPSEEK]
-
-
 @pytest.mark.parametrize("stream", [False, True], ids=["run", "run_stream"])
 @pytest.mark.parametrize(("provider", "model"), PYDANTIC_ROUTES, ids=PYDANTIC_IDS)
 def test_pydantic_ai_tool_then_structured_output(world, scillm, provider, model, stream):
     """pydantic-ai's default structured output is a ``final_result`` tool the model calls."""
-    fake = _fake_for(world, model)
+    fake = fake_for(world, model)
     fake.script(Reply.call("get_weather", {"city": "Paris"}), Reply.call("final_result", REPORT))
     agent = _pydantic_agent(scillm, provider, model, Weather)
 
@@ -222,7 +181,7 @@ def test_pydantic_ai_tool_then_structured_output(world, scillm, provider, model,
 
 @pytest.mark.parametrize(("provider", "model"), PYDANTIC_ROUTES, ids=PYDANTIC_IDS)
 def test_pydantic_ai_streams_text(world, scillm, provider, model):
-    fake = _fake_for(world, model)
+    fake = fake_for(world, model)
     fake.script(Reply.say("It is sunny in Paris."))
     agent = _pydantic_agent(scillm, provider, model, str)
 
@@ -240,7 +199,7 @@ def test_pydantic_ai_streams_text(world, scillm, provider, model):
 def test_pydantic_ai_native_structured_output(world, scillm, provider, model):
     from pydantic_ai import NativeOutput
 
-    fake = _fake_for(world, model)
+    fake = fake_for(world, model)
     fake.script(Reply.say(json.dumps(REPORT)))
     output = _pydantic_agent(scillm, provider, model, NativeOutput(Weather)).run_sync("Weather in Paris?").output
     assert output == Weather(**REPORT) and schema_sent(fake)["required"] == ["city", "sunny"]
@@ -267,7 +226,7 @@ LANGCHAIN_IDS = ["openai-to-deepseek", "openai-to-claude", "openai-responses-to-
 
 @pytest.mark.parametrize(("kind", "model"), LANGCHAIN_ROUTES, ids=LANGCHAIN_IDS)
 def test_langchain_invoke_and_stream(world, scillm, kind, model):
-    fake = _fake_for(world, model)
+    fake = fake_for(world, model)
     fake.script(Reply.say("Hello there, from scillm.", prompt_tokens=20, completion_tokens=5),
                 Reply.say("Hello there, from scillm.", prompt_tokens=20, completion_tokens=5))
     llm = _chat_model(scillm, kind, model, stream_usage=True)
@@ -289,7 +248,7 @@ def test_langchain_bind_tools_and_the_tool_loop(world, scillm, kind, model, stre
     from langchain_core.messages import HumanMessage
     from langchain_core.tools import tool
 
-    fake = _fake_for(world, model)
+    fake = fake_for(world, model)
     fake.script(Reply.call("get_weather", {"city": "Paris"}), Reply.say("Sunny in Paris."))
     weather = tool(get_weather)
     llm = _chat_model(scillm, kind, model).bind_tools([weather])
@@ -312,7 +271,7 @@ def test_langchain_bind_tools_and_the_tool_loop(world, scillm, kind, model, stre
 @pytest.mark.parametrize("method", ["function_calling", "json_schema"])
 @pytest.mark.parametrize(("kind", "model"), LANGCHAIN_ROUTES, ids=LANGCHAIN_IDS)
 def test_langchain_with_structured_output(world, scillm, kind, model, method):
-    fake = _fake_for(world, model)
+    fake = fake_for(world, model)
     reply = Reply.call("Weather", REPORT) if method == "function_calling" else Reply.say(json.dumps(REPORT))
     fake.script(reply, reply)
     structured = _chat_model(scillm, kind, model).with_structured_output(Weather, method=method)

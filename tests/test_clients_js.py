@@ -1,0 +1,159 @@
+"""JavaScript clients people point at scillm, doing what their users do: the Vercel AI SDK (``ai`` with its OpenAI
+provider over the Responses API and over chat completions, its OpenAI-compatible provider, and its Anthropic
+provider on ``/v1/messages``) and the official ``openai`` and ``@anthropic-ai/sdk`` packages. Each client runs as a
+node script (``tests/js``) from the versions pinned in ``tools/js-clients`` (``scripts/install-js-clients``; a
+missing install fails these tests), one node process per client and route running that route's scenarios in turn,
+against the stack of ``clients_world``: one scillm server, an OpenAI-compatible fake (DeepSeek) and an Anthropic
+fake, in a loopback-only network namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients_world import CLAUDE, DEEPSEEK, REPORT, fake_for, open_world, reset, schema_in, tool_result_in
+from scillm_core.testing import DEV_KEY, Reply, ServerThread
+
+JS = Path(__file__).parent / "js"
+JS_CLIENTS = Path(__file__).resolve().parents[1] / "tools" / "js-clients"
+HELLO = "Hello there, from scillm."
+CALL = (Reply.call("get_weather", {"city": "Paris"}), Reply.say("Sunny in Paris."))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with open_world(tmp_path_factory.mktemp("js-clients")) as opened:
+        yield opened
+
+
+@pytest.fixture
+def scillm(world: dict[str, Any]) -> ServerThread:
+    return reset(world)
+
+
+def drive(world: dict[str, Any], script: str, model: str, plan: dict[str, tuple[Reply, ...]],
+          **config: Any) -> dict[str, tuple[Any, list[Any]]]:
+    """Run ``plan``'s scenarios in one node process, each answered by its replies in turn: for each, what the
+    client handed back and the bodies the upstream received."""
+    fake = fake_for(world, model)
+    for replies in plan.values():
+        fake.script(*replies)
+    args = {"base_url": world["server"].url, "api_key": DEV_KEY, "model": model, "scenarios": list(plan), **config}
+    proc = subprocess.run(["node", str(JS / script), json.dumps(args)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "SCILLM_JS_CLIENTS": str(JS_CLIENTS)}, check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    failed = {name: result for name, result in out.items() if "error" in result}
+    assert not failed, json.dumps(failed, indent=1)
+    results, start = {}, 0
+    for name, replies in plan.items():
+        results[name] = (out[name]["value"], [request.body for request in fake.requests[start:start + len(replies)]])
+        start += len(replies)
+    assert len(fake.requests) == start
+    return results
+
+
+# -- Vercel AI SDK --------------------------------------------------------------------------------------------------
+
+AI_SDK_ROUTES = [("openai", DEEPSEEK), ("openai", CLAUDE), ("openai-chat", DEEPSEEK), ("openai-chat", CLAUDE),
+                 ("openai-compatible", DEEPSEEK), ("openai-compatible", CLAUDE), ("anthropic", "claude-sonnet-4-6"),
+                 ("anthropic", DEEPSEEK)]
+AI_SDK_IDS = ["openai-responses-to-deepseek", "openai-responses-to-claude", "openai-chat-to-deepseek",
+              "openai-chat-to-claude", "openai-compatible-to-deepseek", "openai-compatible-to-claude",
+              "anthropic-to-claude", "anthropic-to-deepseek"]
+
+
+@pytest.mark.parametrize(("provider", "model"), AI_SDK_ROUTES, ids=AI_SDK_IDS)
+def test_vercel_ai_sdk(world, scillm, provider, model):
+    hello = Reply.say(HELLO, prompt_tokens=20, completion_tokens=5)
+    # the Anthropic provider asks models it does not know for structured output with a forced ``json`` tool
+    json_tool = provider == "anthropic" and "claude" not in model
+    report = Reply.call("json", REPORT) if json_tool else Reply.say(json.dumps(REPORT))
+    plan = {"generate": (hello,), "stream": (hello,), "tools": CALL, "stream_tools": CALL, "object": (report,),
+            "stream_output": (report,)}
+    ran = drive(world, "ai_sdk.mjs", model, plan, provider=provider)
+
+    generated, _ = ran["generate"]
+    assert generated["text"] == HELLO and generated["finish"] == "stop"
+    assert generated["usage"] == {"input": 20, "output": 5, "total": 25}
+
+    streamed, (body,) = ran["stream"]
+    assert "".join(streamed["deltas"]) == streamed["text"] == HELLO and len(streamed["deltas"]) > 1
+    assert streamed["usage"] == {"input": 20, "output": 5, "total": 25} and streamed["finish"] == "stop"
+    assert body["stream"] is True
+
+    for name in ("tools", "stream_tools"):
+        looped, (first, second) = ran[name]
+        assert looped["text"] == "Sunny in Paris.", name
+        assert [(step["calls"], step["results"]) for step in looped["steps"]] == \
+            [([["get_weather", {"city": "Paris"}]], ["sunny in Paris"]), ([], [])], name
+        assert looped["usage"] == {"input": 22, "output": 14, "total": 36}, name
+        assert [tool.get("name") or tool["function"]["name"] for tool in first["tools"]] == ["get_weather"]
+        assert tool_result_in(second) == "sunny in Paris", name
+    parts = ran["stream_tools"][0]["parts"]
+    assert parts[:2] == [["tool-call", "get_weather", {"city": "Paris"}], ["tool-result", "sunny in Paris"]]
+    assert "".join(part[1] for part in parts[2:]) == "Sunny in Paris." and len(parts) > 3
+
+    obj, (body,) = ran["object"]
+    output, (streamed_body,) = ran["stream_output"]
+    assert obj["object"] == output["output"] == output["partial"][-1] == REPORT
+    for body in (body, streamed_body):
+        if json_tool:
+            assert [tool["function"]["name"] for tool in body["tools"]] == ["json"]
+            assert body["tools"][0]["function"]["parameters"]["required"] == ["city", "sunny"]
+            assert body["tool_choice"] == "required" and body["parallel_tool_calls"] is False  # Anthropic's "any"
+        else:
+            assert schema_in(body)["required"] == ["city", "sunny"]
+
+
+# -- the official openai and @anthropic-ai/sdk packages -------------------------------------------------------------
+
+@pytest.mark.parametrize("model", [DEEPSEEK, CLAUDE], ids=["to-deepseek", "to-claude"])
+def test_openai_node(world, scillm, model):
+    hello = Reply.say(HELLO, prompt_tokens=20, completion_tokens=5)
+    plan = {"chat": (hello,), "chat_stream": (hello,), "chat_tools": CALL, "responses": (hello,),
+            "responses_stream": (hello,), "responses_tools": CALL}
+    ran = drive(world, "openai_sdk.mjs", model, plan)
+
+    chat, _ = ran["chat"]
+    assert chat["text"] == HELLO and chat["finish"] == "stop"
+    assert chat["usage"]["prompt_tokens"] == 20 and chat["usage"]["completion_tokens"] == 5
+    streamed, (body,) = ran["chat_stream"]
+    assert "".join(streamed["deltas"]) == HELLO and len(streamed["deltas"]) > 1 and streamed["finish"] == "stop"
+    assert streamed["usage"]["total_tokens"] == 25 and body["stream"] is True
+    for name in ("chat_tools", "responses_tools"):
+        looped, (_, second) = ran[name]
+        assert looped["calls"] == [["get_weather", {"city": "Paris"}]] and looped["text"] == "Sunny in Paris.", name
+        assert tool_result_in(second) == "sunny in Paris", name
+    assert ran["chat_tools"][0]["finish"] == "tool_calls"
+
+    response, _ = ran["responses"]
+    assert response["text"] == HELLO and response["status"] == "completed"
+    assert response["usage"]["input_tokens"] == 20 and response["usage"]["output_tokens"] == 5
+    streamed, (body,) = ran["responses_stream"]
+    assert "".join(streamed["deltas"]) == streamed["text"] == HELLO and len(streamed["deltas"]) > 1
+    assert streamed["usage"]["total_tokens"] == 25 and body["stream"] is True
+
+
+@pytest.mark.parametrize("model", ["claude-sonnet-4-6", DEEPSEEK], ids=["to-claude", "to-deepseek"])
+def test_anthropic_node(world, scillm, model):
+    hello = Reply.say(HELLO, prompt_tokens=20, completion_tokens=5)
+    ran = drive(world, "anthropic_sdk.mjs", model, {"create": (hello,), "stream": (hello,), "tools": CALL})
+
+    created, _ = ran["create"]
+    assert created["text"] == HELLO and created["stop"] == "end_turn"
+    assert created["usage"]["input_tokens"] == 20 and created["usage"]["output_tokens"] == 5
+    streamed, (body,) = ran["stream"]
+    assert "".join(streamed["deltas"]) == streamed["text"] == HELLO and len(streamed["deltas"]) > 1
+    assert streamed["usage"]["input_tokens"] == 20 and streamed["usage"]["output_tokens"] == 5
+    assert streamed["stop"] == "end_turn" and body["stream"] is True
+    looped, (_, second) = ran["tools"]
+    assert looped["calls"] == [["get_weather", {"city": "Paris"}]] and looped["stop"] == "tool_use"
+    assert looped["text"] == "Sunny in Paris." and looped["second_stop"] == "end_turn"
+    assert tool_result_in(second) == "sunny in Paris"
