@@ -1,4 +1,4 @@
-"""The stack the third-party client tests share (tests/test_clients.py, tests/test_clients_js.py): one scillm
+"""The stack the third-party client tests share (tests/test_clients.py, tests/test_clients_spawned.py): one scillm
 server on loopback with two fake upstreams speaking the real wire formats, an OpenAI-compatible one (DeepSeek) and
 Anthropic, inside a loopback-only network namespace with every client's tracing and telemetry off, and the helpers
 that read what an upstream was sent."""

@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from clients_world import CLAUDE, DEEPSEEK, OPT_OUT, REPORT, fake_for, open_world, reset, schema_sent, tool_result_sent
 from pydantic import BaseModel
 
-from clients_world import CLAUDE, DEEPSEEK, OPT_OUT, REPORT, fake_for, open_world, reset, schema_sent, tool_result_sent
 from scillm_core.testing import DEV_KEY, Reply, ServerThread, ToolCallSpec
 from scillm_core.testing.fake_anthropic import FakeAnthropic
+
 
 class Weather(BaseModel):
     """A weather report."""

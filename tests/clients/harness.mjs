@@ -1,5 +1,6 @@
 // Shared by the client scripts beside it: loads the pinned clients from tools/js-clients (SCILLM_JS_CLIENTS) and
-// runs the scenarios named on the command line, one after another, printing {name: {value} | {error}} as JSON.
+// runs the scenarios the command line names ([[key, scenario, model], ...]) one after another, printing
+// {key: {value} | {error}} as JSON.
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -14,11 +15,11 @@ export const load = (name) => import(pathToFileURL(resolve(name)).href);
 export async function run(scenarios) {
   const config = JSON.parse(process.argv[2]);
   const out = {};
-  for (const name of config.scenarios) {
+  for (const [key, name, model] of config.scenarios) {
     try {
-      out[name] = { value: await scenarios[name](config) };
+      out[key] = { value: await scenarios[name]({ ...config, model }) };
     } catch (e) {
-      out[name] = { error: `${e?.name}: ${e?.message}`, body: e?.responseBody ?? e?.error ?? null,
+      out[key] = { error: `${e?.name}: ${e?.message}`, body: e?.responseBody ?? e?.error ?? null,
                     stack: String(e?.stack ?? '').split('\n').slice(0, 6).join('\n') };
     }
   }

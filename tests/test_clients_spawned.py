@@ -1,10 +1,12 @@
-"""JavaScript clients people point at scillm, doing what their users do: the Vercel AI SDK (``ai`` with its OpenAI
+"""Clients that run as processes of their own, doing what their users do: the Vercel AI SDK (``ai`` with its OpenAI
 provider over the Responses API and over chat completions, its OpenAI-compatible provider, and its Anthropic
-provider on ``/v1/messages``) and the official ``openai`` and ``@anthropic-ai/sdk`` packages. Each client runs as a
-node script (``tests/js``) from the versions pinned in ``tools/js-clients`` (``scripts/install-js-clients``; a
-missing install fails these tests), one node process per client and route running that route's scenarios in turn,
-against the stack of ``clients_world``: one scillm server, an OpenAI-compatible fake (DeepSeek) and an Anthropic
-fake, in a loopback-only network namespace."""
+provider on ``/v1/messages``) and the official ``openai`` and ``@anthropic-ai/sdk`` packages for node, as scripts in
+``tests/clients`` run from the versions pinned in ``tools/js-clients`` (``scripts/install-js-clients``), and
+LiteLLM's Python SDK, run from ``bench/.venv-litellm`` (its pins conflict with the test venv's ``openai``;
+``bench/run --setup-only --proxies litellm``). ``scripts/install --test`` installs both; a missing install fails
+these tests. One process per client and route runs that route's scenarios in turn against the stack of
+``clients_world``: one scillm server, an OpenAI-compatible fake (DeepSeek) and an Anthropic fake, in a
+loopback-only network namespace."""
 
 from __future__ import annotations
 
@@ -16,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from clients_world import CLAUDE, DEEPSEEK, REPORT, fake_for, open_world, reset, schema_in, tool_result_in
+
 from scillm_core.testing import DEV_KEY, Reply, ServerThread
 
-JS = Path(__file__).parent / "js"
+SCRIPTS = Path(__file__).parent / "clients"
 JS_CLIENTS = Path(__file__).resolve().parents[1] / "tools" / "js-clients"
 HELLO = "Hello there, from scillm."
 CALL = (Reply.call("get_weather", {"city": "Paris"}), Reply.say("Sunny in Paris."))
@@ -37,26 +39,34 @@ def scillm(world: dict[str, Any]) -> ServerThread:
     return reset(world)
 
 
-def drive(world: dict[str, Any], script: str, model: str, plan: dict[str, tuple[Reply, ...]],
+def drive(world: dict[str, Any], command: list[str], plan: dict[str, tuple[Reply, ...]], model: str = "",
           **config: Any) -> dict[str, tuple[Any, list[Any]]]:
-    """Run ``plan``'s scenarios in one node process, each answered by its replies in turn: for each, what the
-    client handed back and the bodies the upstream received."""
-    fake = fake_for(world, model)
-    for replies in plan.values():
-        fake.script(*replies)
-    args = {"base_url": world["server"].url, "api_key": DEV_KEY, "model": model, "scenarios": list(plan), **config}
-    proc = subprocess.run(["node", str(JS / script), json.dumps(args)], capture_output=True, text=True, timeout=120,
+    """Run ``plan``'s scenarios (``name``, or ``name@model`` for another model than ``model``) in one process of
+    ``command``, each answered by its replies in turn: for each, what the client handed back and the bodies its
+    upstream received."""
+    jobs = [(key, *key.split("@", 1)) if "@" in key else (key, key, model) for key in plan]
+    for key, _, job_model in jobs:
+        fake_for(world, job_model).script(*plan[key])
+    args = {"base_url": world["server"].url, "api_key": DEV_KEY, "scenarios": jobs, **config}
+    proc = subprocess.run([*command, json.dumps(args)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "SCILLM_JS_CLIENTS": str(JS_CLIENTS)}, check=False)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    failed = {name: result for name, result in out.items() if "error" in result}
+    failed = {key: result for key, result in out.items() if "error" in result}
     assert not failed, json.dumps(failed, indent=1)
-    results, start = {}, 0
-    for name, replies in plan.items():
-        results[name] = (out[name]["value"], [request.body for request in fake.requests[start:start + len(replies)]])
-        start += len(replies)
-    assert len(fake.requests) == start
+    results: dict[str, tuple[Any, list[Any]]] = {}
+    seen = {DEEPSEEK: 0, CLAUDE: 0}
+    for key, _, job_model in jobs:
+        upstream, n = CLAUDE if "claude" in job_model else DEEPSEEK, len(plan[key])
+        start = seen[upstream]
+        results[key] = (out[key]["value"], [request.body for request in world[upstream].requests[start:start + n]])
+        seen[upstream] += n
+    assert {upstream: len(world[upstream].requests) for upstream in seen} == seen  # no retries, no extra calls
     return results
+
+
+def node(script: str) -> list[str]:
+    return ["node", str(SCRIPTS / script)]
 
 
 # -- Vercel AI SDK --------------------------------------------------------------------------------------------------
@@ -77,7 +87,7 @@ def test_vercel_ai_sdk(world, scillm, provider, model):
     report = Reply.call("json", REPORT) if json_tool else Reply.say(json.dumps(REPORT))
     plan = {"generate": (hello,), "stream": (hello,), "tools": CALL, "stream_tools": CALL, "object": (report,),
             "stream_output": (report,)}
-    ran = drive(world, "ai_sdk.mjs", model, plan, provider=provider)
+    ran = drive(world, node("ai_sdk.mjs"), plan, model, provider=provider)
 
     generated, _ = ran["generate"]
     assert generated["text"] == HELLO and generated["finish"] == "stop"
@@ -100,10 +110,10 @@ def test_vercel_ai_sdk(world, scillm, provider, model):
     assert parts[:2] == [["tool-call", "get_weather", {"city": "Paris"}], ["tool-result", "sunny in Paris"]]
     assert "".join(part[1] for part in parts[2:]) == "Sunny in Paris." and len(parts) > 3
 
-    obj, (body,) = ran["object"]
+    obj, (object_body,) = ran["object"]
     output, (streamed_body,) = ran["stream_output"]
     assert obj["object"] == output["output"] == output["partial"][-1] == REPORT
-    for body in (body, streamed_body):
+    for body in (object_body, streamed_body):
         if json_tool:
             assert [tool["function"]["name"] for tool in body["tools"]] == ["json"]
             assert body["tools"][0]["function"]["parameters"]["required"] == ["city", "sunny"]
@@ -119,7 +129,7 @@ def test_openai_node(world, scillm, model):
     hello = Reply.say(HELLO, prompt_tokens=20, completion_tokens=5)
     plan = {"chat": (hello,), "chat_stream": (hello,), "chat_tools": CALL, "responses": (hello,),
             "responses_stream": (hello,), "responses_tools": CALL}
-    ran = drive(world, "openai_sdk.mjs", model, plan)
+    ran = drive(world, node("openai_sdk.mjs"), plan, model)
 
     chat, _ = ran["chat"]
     assert chat["text"] == HELLO and chat["finish"] == "stop"
@@ -144,7 +154,7 @@ def test_openai_node(world, scillm, model):
 @pytest.mark.parametrize("model", ["claude-sonnet-4-6", DEEPSEEK], ids=["to-claude", "to-deepseek"])
 def test_anthropic_node(world, scillm, model):
     hello = Reply.say(HELLO, prompt_tokens=20, completion_tokens=5)
-    ran = drive(world, "anthropic_sdk.mjs", model, {"create": (hello,), "stream": (hello,), "tools": CALL})
+    ran = drive(world, node("anthropic_sdk.mjs"), {"create": (hello,), "stream": (hello,), "tools": CALL}, model)
 
     created, _ = ran["create"]
     assert created["text"] == HELLO and created["stop"] == "end_turn"
@@ -157,3 +167,29 @@ def test_anthropic_node(world, scillm, model):
     assert looped["calls"] == [["get_weather", {"city": "Paris"}]] and looped["stop"] == "tool_use"
     assert looped["text"] == "Sunny in Paris." and looped["second_stop"] == "end_turn"
     assert tool_result_in(second) == "sunny in Paris"
+
+
+# -- LiteLLM's Python SDK -------------------------------------------------------------------------------------------
+
+LITELLM_PYTHON = Path(__file__).resolve().parents[1] / "bench" / ".venv-litellm" / "bin" / "python"
+LITELLM_ROUTES = [f"openai/{DEEPSEEK}", f"openai/{CLAUDE}", "anthropic/claude-sonnet-4-6", f"anthropic/{DEEPSEEK}"]
+
+
+def test_litellm_sdk(world, scillm):
+    """One process for every route: importing litellm takes seconds."""
+    hello = Reply.say(HELLO, prompt_tokens=20, completion_tokens=5)
+    plan = {f"{name}@{model}": replies for model in LITELLM_ROUTES
+            for name, replies in [("completion", (hello,)), ("stream", (hello,)), ("tools", CALL),
+                                  ("astream_tools", CALL)]}
+    ran = drive(world, [str(LITELLM_PYTHON), str(SCRIPTS / "litellm_client.py")], plan)
+    for model in LITELLM_ROUTES:
+        done, _ = ran[f"completion@{model}"]
+        assert done == {"text": HELLO, "finish": "stop", "usage": {"prompt": 20, "completion": 5, "total": 25}}, model
+        streamed, (body,) = ran[f"stream@{model}"]
+        assert "".join(streamed.pop("deltas")) == HELLO and body["stream"] is True, model
+        assert streamed == done, model
+        for name in ("tools", "astream_tools"):
+            looped, (_, second) = ran[f"{name}@{model}"]
+            assert looped == {"calls": [["get_weather", {"city": "Paris"}]], "finish": "tool_calls",
+                              "text": "Sunny in Paris."}, (name, model)
+            assert tool_result_in(second) == "sunny in Paris", (name, model)
