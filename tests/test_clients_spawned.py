@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 from clients_world import CLAUDE, DEEPSEEK, REPORT, fake_for, open_world, reset, schema_in, tool_result_in
 
-from scillm_core.testing import DEV_KEY, Reply, ServerThread
+from scillm_core.testing import DEV_KEY, Reply, ServerThread, ToolCallSpec
+from scillm_core.testing.fake_anthropic import FakeAnthropic
 
 SCRIPTS = Path(__file__).parent / "clients"
 JS_CLIENTS = Path(__file__).resolve().parents[1] / "tools" / "js-clients"
@@ -85,8 +86,11 @@ def test_vercel_ai_sdk(world, scillm, provider, model):
     # the Anthropic provider asks models it does not know for structured output with a forced ``json`` tool
     json_tool = provider == "anthropic" and "claude" not in model
     report = Reply.call("json", REPORT) if json_tool else Reply.say(json.dumps(REPORT))
+    thought = Reply(reasoning="Two cities.", tool_calls=(ToolCallSpec("get_weather", {"city": "Paris"}),
+                                                        ToolCallSpec("get_weather", {"city": "Rome"})))
     plan = {"generate": (hello,), "stream": (hello,), "tools": CALL, "stream_tools": CALL, "object": (report,),
-            "stream_output": (report,)}
+            "stream_output": (report,), "conversation": (Reply.say("One."), Reply.say("Two.")),
+            "reasoning_tools": (thought, Reply.say("Sunny in both."))}
     ran = drive(world, node("ai_sdk.mjs"), plan, model, provider=provider)
 
     generated, _ = ran["generate"]
@@ -109,6 +113,31 @@ def test_vercel_ai_sdk(world, scillm, provider, model):
     parts = ran["stream_tools"][0]["parts"]
     assert parts[:2] == [["tool-call", "get_weather", {"city": "Paris"}], ["tool-result", "sunny in Paris"]]
     assert "".join(part[1] for part in parts[2:]) == "Sunny in Paris." and len(parts) > 3
+
+    talk, (_, second) = ran["conversation"]
+    assert talk["texts"] == ["One.", "Two."]
+    history = [(m["role"], m["content"] if isinstance(m["content"], str) else m["content"][0]["text"])
+               for m in second["messages"]]
+    assert history == [("user", "hi"), ("assistant", "One."), ("user", "and again?")]
+
+    # reasoning through a tool loop: the OpenAI provider's chat model reads no reasoning_content; Claude gets its
+    # signed thinking back from the clients that send it (over the Responses API: the reasoning item, by reference)
+    # and thinking goes off for the rest of the loop from the others
+    reasoned, (first, second) = ran["reasoning_tools"]
+    assert reasoned["text"] == "Sunny in both." and reasoned["calls"] == [["Paris", "Rome"], []]
+    assert reasoned["reasoning"] == [None if provider == "openai-chat" else "Two cities.", None]
+    turn = second["messages"][1]
+    if "claude" in model:
+        assert first["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+        if provider in ("openai", "anthropic"):
+            assert second["thinking"] == first["thinking"]
+            assert turn["content"][0] == {"type": "thinking", "thinking": "Two cities.",
+                                          "signature": FakeAnthropic.signature(thought)}
+        else:
+            assert "thinking" not in second and [b["type"] for b in turn["content"]] == ["tool_use", "tool_use"]
+    else:
+        assert first["reasoning_effort"] == second["reasoning_effort"] == "low"
+        assert turn.get("reasoning_content") == ("Two cities." if provider == "openai-compatible" else None)
 
     obj, (object_body,) = ran["object"]
     output, (streamed_body,) = ran["stream_output"]

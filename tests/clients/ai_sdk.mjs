@@ -21,6 +21,11 @@ async function model({ base_url, api_key, provider, model }) {
   return provider === 'openai-chat' ? openai.chat(model) : openai(model);
 }
 
+// reasoning asked for as each provider's users ask for it (the OpenAI provider only asks models it knows to reason
+// unless forced)
+const REASONING = { openai: { forceReasoning: true, reasoningEffort: 'low', reasoningSummary: 'auto' },
+                    scillm: { reasoningEffort: 'low' },
+                    anthropic: { thinking: { type: 'enabled', budgetTokens: 1024 } } };
 const usage = (u) => ({ input: u.inputTokens, output: u.outputTokens, total: u.totalTokens });
 const tools = () => ({
   get_weather: ai.tool({ description: 'The weather in a city.', inputSchema: z.object({ city: z.string() }),
@@ -58,6 +63,23 @@ await run({
       if (part.type === 'error') parts.push(['error', String(part.error)]);
     }
     return { parts, text: await r.text, steps: loop(await r.steps), usage: usage(await r.totalUsage) };
+  },
+  async conversation(c) {
+    // a chat app's loop: the answer's messages go back as history (the OpenAI provider's default, store on, sends
+    // its own output items back as item_reference)
+    const m = await model(c);
+    const messages = [{ role: 'user', content: 'hi' }];
+    const first = await ai.generateText({ model: m, messages, maxRetries: 0 });
+    messages.push(...first.response.messages, { role: 'user', content: 'and again?' });
+    const second = await ai.generateText({ model: m, messages, maxRetries: 0 });
+    return { texts: [first.text, second.text] };
+  },
+  async reasoning_tools(c) {
+    const r = ai.streamText({ model: await model(c), prompt: 'Weather in Paris and Rome?', tools: tools(),
+                              stopWhen: ai.isStepCount(3), maxRetries: 0, providerOptions: REASONING });
+    const steps = await r.steps;
+    return { text: await r.text, reasoning: steps.map((s) => s.reasoningText ?? null),
+             calls: steps.map((s) => s.toolCalls.map((t) => t.input.city)) };
   },
   async object(c) {
     const r = await ai.generateObject({ model: await model(c), schema: REPORT_SCHEMA(z), prompt: 'Weather in Paris?',

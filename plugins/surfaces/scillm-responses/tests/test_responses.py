@@ -156,6 +156,67 @@ def test_errors_are_clear_4xx_naming_the_path(client: Any, upstream: FakeOpenAI)
     assert len(upstream.requests) == sent
 
 
+def test_item_references_name_the_output_items_scillm_kept(client: Any, upstream: FakeOpenAI) -> None:
+    """A translated answer's output items are kept (unless the request said ``store: false``), so a client that
+    sends ``item_reference`` for them next (the Vercel AI SDK's OpenAI provider does by default) is understood:
+    the upstream gets the items themselves. The streamed answer's items are kept before its last event."""
+    import openai
+
+    upstream.script(Reply.say("Bonjour."), Reply.call("get_weather", {"city": "Paris"}, id="call_paris"),
+                    Reply.say("Sunny."), Reply.say("Not kept."))
+    said = client.responses.create(model="gpt-4o-mini", input="hi")
+    assert said.store is True
+    events = list(client.responses.create(model="gpt-4o-mini", input="Weather?", tools=[WEATHER], stream=True))
+    called = events[-1].response
+    assert called.store is True and called.output[0].type == "function_call"
+    client.responses.create(model="gpt-4o-mini", tools=[WEATHER], input=[
+        {"role": "user", "content": "hi"}, {"type": "item_reference", "id": said.output[0].id},
+        {"role": "user", "content": "Weather?"}, {"type": "item_reference", "id": called.output[0].id},
+        {"type": "function_call_output", "call_id": "call_paris", "output": "sunny"}])
+    assert upstream.last.body["messages"] == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Bonjour."},
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_paris", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_paris", "content": "sunny"}]
+    unkept = client.responses.create(model="gpt-4o-mini", input="hi", store=False)
+    assert unkept.store is False
+    sent = len(upstream.requests)
+    for reference in (unkept.output[0].id, "msg_never_made", 7):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(model="gpt-4o-mini", input=[
+                {"role": "user", "content": "hi"}, {"type": "item_reference", "id": reference}])
+        assert caught.value.body["param"] == ("$.input[1].id" if reference == 7 else "$.input[1]")
+    assert "no such item kept" in caught.value.message or "needs the id" in caught.value.message
+    assert len(upstream.requests) == sent
+
+
+@pytest.mark.anyio
+async def test_kept_items_are_each_keys_own() -> None:
+    """Items are kept under the caller's owner: another key's reference to them is a 400, as for unknown ones."""
+    from scillm_core import errors
+    from scillm_responses import _Keeper, _resolve_references
+
+    class Store:
+        def __init__(self) -> None:
+            self.documents: dict[str, Any] = {}
+
+        async def put_many(self, namespace: str, documents: Any, *, ttl_s: float | None = None) -> None:
+            assert ttl_s is not None and ttl_s > 0
+            self.documents.update({f"{namespace}:{key}": value for key, value in documents})
+
+        async def get_many(self, namespace: str, keys: Any) -> list[Any]:
+            return [self.documents.get(f"{namespace}:{key}") for key in keys]
+
+    runtime: Any = type("Runtime", (), {"store": Store()})()
+    item = {"id": "msg_1", "type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "x"}]}
+    await _Keeper(runtime, "key-a")([item])
+    body = {"input": [{"type": "item_reference", "id": "msg_1"}]}
+    assert (await _resolve_references(body, runtime, "key-a"))["input"] == [item]
+    with pytest.raises(errors.InvalidRequest, match="no such item kept"):
+        await _resolve_references(body, runtime, "key-b")
+
+
 def test_errors_about_the_translated_request_name_the_clients_paths(client: Any, upstream: FakeOpenAI) -> None:
     """The instructions, joined function calls and hosted tools move things in the chat request scillm translates
     to; an error about that request (the model's checks, a provider's) names where the client's body has it."""

@@ -3,14 +3,17 @@
 The Responses request becomes a core chat request and runs through the normal pipeline (routing, middleware,
 every provider); the result comes back as a Response object or as the Responses event stream (``response.created``
 ... ``response.completed``, ``sequence_number`` on every event), so the official ``openai`` client's
-``responses.create`` and Codex CLI work against scillm. scillm keeps no response state: ``previous_response_id``
-is refused with a 400 that says to send the whole conversation.
+``responses.create`` and Codex CLI work against scillm. scillm keeps no responses: ``previous_response_id`` is
+refused with a 400 that says to send the whole conversation. It keeps only the output items of a translated answer
+(unless the request said ``"store": false``), for a day, in the state store, so that the ``item_reference`` inputs
+clients send back in their next request (the Vercel AI SDK's OpenAI provider does by default) find them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -28,6 +31,7 @@ from scillm_core import (
     call_context,
     errors,
     hookimpl,
+    identity_of,
     json_response,
     open_stream,
     parse_json,
@@ -51,6 +55,11 @@ from scillm_responses.translate import (
 __all__ = ["EventStream", "parse_request", "response_object"]
 
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+#: the state-store namespace of kept output items (keyed ``<owner>/<item id>``: a key reads only its own), and
+#: how long they are kept
+ITEMS = "responses.items"
+ITEM_TTL_S = 24 * 3600.0
+log = logging.getLogger("scillm")
 
 
 @hookimpl
@@ -62,22 +71,72 @@ async def create_response(request: Request) -> Response:
     runtime = runtime_of(request)
     raw = await read_body(request, limit_bytes=int(runtime.config.server.max_body_mb * 1024 * 1024))
     body = parse_json(raw)
+    owner = identity_of(request).owner
+    resolved = await _resolve_references(body, runtime, owner)
+    if resolved is not body:  # the items themselves, also for an upstream that would have taken the body as sent
+        body, raw = resolved, orjson.dumps(resolved)
     origins = errors.Origins()
     chat, echo = parse_request(body, session=session_of(request.headers, body), origins=origins)
+    keep = isinstance(body, dict) and body.get("store") is not False  # OpenAI's default: store unless told not to
+    echo = {**echo, "store": keep}
     if runtime.config.server.passthrough:  # (the thinking blocks the chat request carries: for Anthropic only)
         native = native_request("openai-responses", body, raw, request.headers, taken=EXTENSION_FIELDS)
         with_native(chat, without_sealed_thinking(native))
     ctx = call_context(request, timeout_s=chat.scillm.get("timeout"))
+    kept = _Keeper(runtime, owner) if keep else None
     try:
-        return await _respond(chat, echo, ctx, runtime.config.server.heartbeat_s, origins)
+        return await _respond(chat, echo, ctx, runtime.config.server.heartbeat_s, origins, kept)
     except errors.ScillmError as exc:  # about the chat request it became: named by the client's own paths
         raise origins.relocate(exc) from None
 
 
+async def _resolve_references(body: Any, runtime: Runtime, owner: str) -> Any:
+    """``body`` with each ``item_reference`` input replaced by the output item it names, as kept for ``owner``
+    (``body`` itself when it has none); one that is not kept (never was, expired, another key's) is a 400."""
+    items = body.get("input") if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        return body
+    wanted = {i: item.get("id") for i, item in enumerate(items)
+              if isinstance(item, dict) and item.get("type") == "item_reference"}
+    if not wanted:
+        return body
+    for i, item_id in wanted.items():
+        if not isinstance(item_id, str) or not item_id:
+            raise errors.InvalidRequest(f"item_reference needs the id of an output item @ $.input[{i}].id",
+                                        param=f"$.input[{i}].id")
+    found = await runtime.store.get_many(ITEMS, [f"{owner}/{item_id}" for item_id in wanted.values()])
+    for (i, item_id), item in zip(wanted.items(), found, strict=True):
+        if item is None:
+            raise errors.InvalidRequest(
+                f"item_reference {item_id!r}: no such item kept; scillm keeps no responses, only the output items "
+                "of an answer to a request without \"store\": false, for a day, so send the items themselves "
+                f"@ $.input[{i}]", param=f"$.input[{i}]")
+    resolved = dict(zip(wanted, found, strict=True))
+    return {**body, "input": [resolved.get(i, item) for i, item in enumerate(items)]}
+
+
+class _Keeper:
+    """Keeps a translated answer's output items for :func:`_resolve_references`, before the answer goes out (a
+    client may send its next request the moment it has the answer). A failure to keep them is logged, not the
+    caller's: the answer stands, and only a later reference to its items would fail."""
+
+    def __init__(self, runtime: Runtime, owner: str) -> None:
+        self.runtime, self.owner = runtime, owner
+
+    async def __call__(self, output: Sequence[Mapping[str, Any]]) -> None:
+        documents = [(f"{self.owner}/{item['id']}", item) for item in output if isinstance(item.get("id"), str)]
+        if not documents:
+            return
+        try:
+            await self.runtime.store.put_many(ITEMS, documents, ttl_s=ITEM_TTL_S)
+        except Exception as exc:
+            log.warning("responses: could not keep %d output item(s) for item_reference: %s", len(documents), exc)
+
+
 async def _respond(chat: ChatRequest, echo: Mapping[str, Any], ctx: CallContext, heartbeat_s: float,
-                   origins: errors.Origins) -> Response:
+                   origins: errors.Origins, kept: _Keeper | None) -> Response:
     if chat.stream:
-        return await _stream(chat, echo, ctx, heartbeat_s, origins)
+        return await _stream(chat, echo, ctx, heartbeat_s, origins, kept)
     result = await run_chat(chat, ctx)
     assert isinstance(result, ChatResponse)
     errors.ThinkingBudgetExhausted.check(result, ctx, chat.model, "empty output, max_output_tokens reached",
@@ -85,23 +144,29 @@ async def _respond(chat: ChatRequest, echo: Mapping[str, Any], ctx: CallContext,
     metadata = chat.scillm.get("scillm_metadata")
     if result.native is not None and metadata is None:  # the upstream's own Response object, as it sent it
         return Response(result.native, media_type="application/json", headers=served_headers(ctx))
-    payload = orjson.loads(result.native) if result.native is not None else response_object(result, echo)
+    if result.native is not None:
+        payload = orjson.loads(result.native)
+    else:
+        payload = response_object(result, echo)
+        if kept is not None:
+            await kept(payload["output"])
     if metadata is not None:
         payload["scillm_metadata"] = metadata
     return json_response(payload, headers=served_headers(ctx))
 
 
 async def _stream(chat: ChatRequest, echo: Mapping[str, Any], ctx: CallContext, heartbeat_s: float,
-                  origins: errors.Origins) -> Response:
+                  origins: errors.Origins, kept: _Keeper | None) -> Response:
     """Open the stream before answering, so early failures keep their HTTP status; heartbeats while waiting."""
 
     opening = await open_stream(chat, ctx, heartbeat_s)
-    return EventStreamResponse(_events(opening, EventStream(chat.model, echo), heartbeat_s, ctx.notes, origins),
+    return EventStreamResponse(_events(opening, EventStream(chat.model, echo), heartbeat_s, ctx.notes, origins,
+                                       kept),
                              media_type="text/event-stream", headers={**STREAM_HEADERS, **served_headers(ctx)})
 
 
 async def _events(opening: OpeningStream, events: EventStream, heartbeat_s: float, notes: dict[str, Any],
-                  origins: errors.Origins) -> AsyncIterator[bytes]:
+                  origins: errors.Origins, kept: _Keeper | None = None) -> AsyncIterator[bytes]:
     """The stream's events; on a same-dialect route the upstream's own (``events`` follows them), then (when
     scillm-resilience continued the answer with another model, ``notes["continuation"]``) the continuation's
     chunks translated, going on in the same response."""
@@ -140,7 +205,10 @@ async def _events(opening: OpeningStream, events: EventStream, heartbeat_s: floa
             async for chunk in chunks:
                 for event in events.feed(chunk):
                     yield event
-        for event in events.complete():
+        last = events.complete()
+        if kept is not None:
+            await kept([item for item in events.output if item is not None])
+        for event in last:
             yield event
     except asyncio.CancelledError:
         raise

@@ -217,8 +217,8 @@ def _messages(body: Mapping[str, Any], origins: errors.Origins) -> list[dict[str
             messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
             origins.message(path)
         elif kind == "item_reference":
-            raise _bad("item_reference needs stored responses; scillm keeps no response state, so send the "
-                       "items themselves", path)
+            raise _bad("item_reference needs the item it names kept (the surface resolves those it keeps); "
+                       "send the items themselves", path)
         else:
             raise _bad(f"unsupported input item type {kind!r} (supported: message, function_call, "
                        f"function_call_output, reasoning)", f"{path}.type")
