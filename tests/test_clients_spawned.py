@@ -27,6 +27,13 @@ SCRIPTS = Path(__file__).parent / "clients"
 JS_CLIENTS = Path(__file__).resolve().parents[1] / "tools" / "js-clients"
 HELLO = "Hello there, from scillm."
 CALL = (Reply.call("get_weather", {"city": "Paris"}), Reply.say("Sunny in Paris."))
+TOO_LONG = (Reply.fail(400, "prompt is too long", type="invalid_request_error"),)
+
+
+def too_long(model: str) -> str:
+    """The message a client shows for the upstream's 400 (TOO_LONG): the upstream's own, naming where it came from."""
+    return ("anthropic (claude-sonnet-4-6)" if "claude" in model else "deepseek (deepseek-chat)") + \
+        ": prompt is too long"
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +97,7 @@ def test_vercel_ai_sdk(world, scillm, provider, model):
                                                         ToolCallSpec("get_weather", {"city": "Rome"})))
     plan = {"generate": (hello,), "stream": (hello,), "tools": CALL, "stream_tools": CALL, "object": (report,),
             "stream_output": (report,), "conversation": (Reply.say("One."), Reply.say("Two.")),
-            "reasoning_tools": (thought, Reply.say("Sunny in both."))}
+            "reasoning_tools": (thought, Reply.say("Sunny in both.")), "error": TOO_LONG}
     ran = drive(world, node("ai_sdk.mjs"), plan, model, provider=provider)
 
     generated, _ = ran["generate"]
@@ -139,6 +146,9 @@ def test_vercel_ai_sdk(world, scillm, provider, model):
         assert first["reasoning_effort"] == second["reasoning_effort"] == "low"
         assert turn.get("reasoning_content") == ("Two cities." if provider == "openai-compatible" else None)
 
+    failed, _ = ran["error"]
+    assert failed == {"name": "AI_APICallError", "status": 400, "retryable": False, "message": too_long(model)}
+
     obj, (object_body,) = ran["object"]
     output, (streamed_body,) = ran["stream_output"]
     assert obj["object"] == output["output"] == output["partial"][-1] == REPORT
@@ -156,8 +166,10 @@ def test_vercel_ai_sdk(world, scillm, provider, model):
 @pytest.mark.parametrize("model", [DEEPSEEK, CLAUDE], ids=["to-deepseek", "to-claude"])
 def test_openai_node(world, scillm, model):
     hello = Reply.say(HELLO, prompt_tokens=20, completion_tokens=5)
-    plan = {"chat": (hello,), "chat_stream": (hello,), "chat_tools": CALL, "responses": (hello,),
-            "responses_stream": (hello,), "responses_tools": CALL}
+    report = Reply.say(json.dumps(REPORT))
+    plan = {"chat": (hello,), "chat_stream": (hello,), "chat_tools": CALL, "chat_parse": (report,),
+            "error": TOO_LONG, "responses": (hello,), "responses_stream": (hello,), "responses_tools": CALL,
+            "responses_parse": (report,)}
     ran = drive(world, node("openai_sdk.mjs"), plan, model)
 
     chat, _ = ran["chat"]
@@ -171,6 +183,11 @@ def test_openai_node(world, scillm, model):
         assert looped["calls"] == [["get_weather", {"city": "Paris"}]] and looped["text"] == "Sunny in Paris.", name
         assert tool_result_in(second) == "sunny in Paris", name
     assert ran["chat_tools"][0]["finish"] == "tool_calls"
+    for name in ("chat_parse", "responses_parse"):
+        parsed, (body,) = ran[name]
+        assert parsed["parsed"] == REPORT and schema_in(body)["required"] == ["city", "sunny"], name
+    assert ran["error"][0] == {"name": "BadRequestError", "status": 400, "type": "invalid_request_error",
+                               "message": "400 " + too_long(model)}
 
     response, _ = ran["responses"]
     assert response["text"] == HELLO and response["status"] == "completed"
@@ -183,7 +200,8 @@ def test_openai_node(world, scillm, model):
 @pytest.mark.parametrize("model", ["claude-sonnet-4-6", DEEPSEEK], ids=["to-claude", "to-deepseek"])
 def test_anthropic_node(world, scillm, model):
     hello = Reply.say(HELLO, prompt_tokens=20, completion_tokens=5)
-    ran = drive(world, node("anthropic_sdk.mjs"), {"create": (hello,), "stream": (hello,), "tools": CALL}, model)
+    ran = drive(world, node("anthropic_sdk.mjs"), {"create": (hello,), "stream": (hello,), "tools": CALL,
+                                                   "error": TOO_LONG}, model)
 
     created, _ = ran["create"]
     assert created["text"] == HELLO and created["stop"] == "end_turn"
@@ -196,6 +214,8 @@ def test_anthropic_node(world, scillm, model):
     assert looped["calls"] == [["get_weather", {"city": "Paris"}]] and looped["stop"] == "tool_use"
     assert looped["text"] == "Sunny in Paris." and looped["second_stop"] == "end_turn"
     assert tool_result_in(second) == "sunny in Paris"
+    assert ran["error"][0] == {"name": "BadRequestError", "status": 400, "type": "invalid_request_error",
+                               "message": too_long(model)}
 
 
 # -- LiteLLM's Python SDK -------------------------------------------------------------------------------------------
@@ -209,7 +229,7 @@ def test_litellm_sdk(world, scillm):
     hello = Reply.say(HELLO, prompt_tokens=20, completion_tokens=5)
     plan = {f"{name}@{model}": replies for model in LITELLM_ROUTES
             for name, replies in [("completion", (hello,)), ("stream", (hello,)), ("tools", CALL),
-                                  ("astream_tools", CALL)]}
+                                  ("astream_tools", CALL), ("error", TOO_LONG)]}
     ran = drive(world, [str(LITELLM_PYTHON), str(SCRIPTS / "litellm_client.py")], plan)
     for model in LITELLM_ROUTES:
         done, _ = ran[f"completion@{model}"]
@@ -222,3 +242,8 @@ def test_litellm_sdk(world, scillm):
             assert looped == {"calls": [["get_weather", {"city": "Paris"}]], "finish": "tool_calls",
                               "text": "Sunny in Paris."}, (name, model)
             assert tool_result_in(second) == "sunny in Paris", (name, model)
+        # litellm tells a context overflow by the message's wording: Anthropic's on its anthropic/ route; on its
+        # openai/ route only OpenAI's own ("This model's maximum context length is"), whatever the error's code
+        failed, _ = ran[f"error@{model}"]
+        kind = "ContextWindowExceededError" if model.startswith("anthropic/") else "BadRequestError"
+        assert failed["name"] == kind and failed["status"] == 400 and too_long(model) in failed["message"], model

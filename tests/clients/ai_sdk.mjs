@@ -81,6 +81,14 @@ await run({
     return { text: await r.text, reasoning: steps.map((s) => s.reasoningText ?? null),
              calls: steps.map((s) => s.toolCalls.map((t) => t.input.city)) };
   },
+  async error(c) {
+    try {
+      await ai.generateText({ model: await model(c), prompt: 'hi', maxRetries: 0 });
+    } catch (e) {
+      return { name: e.name, status: e.statusCode, retryable: e.isRetryable, message: e.message };
+    }
+    return null;
+  },
   async object(c) {
     const r = await ai.generateObject({ model: await model(c), schema: REPORT_SCHEMA(z), prompt: 'Weather in Paris?',
                                         maxRetries: 0 });

@@ -22,6 +22,14 @@ await run({
     const m = await stream.finalMessage();
     return { deltas, text: text(m), stop: m.stop_reason, usage: m.usage };
   },
+  async error(c) {
+    try {
+      await client(c).messages.create({ model: c.model, max_tokens: 256, messages: [{ role: 'user', content: 'hi' }] });
+    } catch (e) {
+      return { name: e.constructor.name, status: e.status, type: e.error?.error?.type, message: e.error?.error?.message };
+    }
+    return null;
+  },
   async tools(c) {
     const anthropic = client(c);
     const messages = [{ role: 'user', content: 'Weather in Paris?' }];

@@ -1,6 +1,6 @@
 """LiteLLM's Python SDK as a client of scillm (run by tests/test_clients_spawned.py with bench/.venv-litellm's
 python, as its pins conflict with the test venv's openai SDK): litellm.completion and acompletion, plain, streamed
-and with a tool, on its ``openai/<model>`` route (api_base = scillm's /v1) and its ``anthropic/<model>`` route
+with a tool, and failing, on its ``openai/<model>`` route (api_base = scillm's /v1) and its ``anthropic/<model>`` route
 (api_base = scillm's root, spoken to on /v1/messages). Reads [[key, scenario, model], ...] like harness.mjs and
 prints {key: {value} | {error}} as JSON."""
 
@@ -9,6 +9,8 @@ import json
 import sys
 
 import litellm
+
+litellm.suppress_debug_info = True  # else a failure prints a feedback banner on stdout, where the results go
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -36,6 +38,14 @@ def stream(config, model):
     return {"deltas": [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content],
             "text": whole.choices[0].message.content, "finish": whole.choices[0].finish_reason,
             "usage": usage(whole.usage)}
+
+
+def error(config, model):
+    try:
+        litellm.completion(messages=[{"role": "user", "content": "hi"}], **where(config, model))
+    except Exception as e:  # litellm's exception for the status (BadRequestError, ...), which is no APIError
+        return {"name": type(e).__name__, "status": getattr(e, "status_code", None), "message": str(e)}
+    return None
 
 
 def _loop(first):

@@ -3,6 +3,9 @@
 import { load, run, weather } from './harness.mjs';
 
 const { default: OpenAI } = await load('openai');
+const { zodResponseFormat, zodTextFormat } = await load('openai/helpers/zod');
+const { z } = await load('zod');
+const REPORT = z.object({ city: z.string(), sunny: z.boolean() });
 const client = (c) => new OpenAI({ baseURL: `${c.base_url}/v1`, apiKey: c.api_key, maxRetries: 0, timeout: 20000 });
 const TOOL = { type: 'function', function: { name: 'get_weather', description: 'The weather in a city.',
   parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] } } };
@@ -43,6 +46,24 @@ await run({
     const second = await openai.chat.completions.create({ model: c.model, messages, tools: [TOOL] });
     return { finish: first.finish_reason, calls: (first.message.tool_calls ?? []).map((t) => [t.function.name,
       JSON.parse(t.function.arguments)]), text: second.choices[0].message.content };
+  },
+  async chat_parse(c) {
+    const r = await client(c).chat.completions.parse({ model: c.model, messages: [{ role: 'user', content: 'w?' }],
+                                                       response_format: zodResponseFormat(REPORT, 'weather') });
+    return { parsed: r.choices[0].message.parsed };
+  },
+  async responses_parse(c) {
+    const r = await client(c).responses.parse({ model: c.model, input: 'w?', text: { format: zodTextFormat(REPORT,
+                                                                                                  'weather') } });
+    return { parsed: r.output_parsed };
+  },
+  async error(c) {
+    try {
+      await client(c).chat.completions.create({ model: c.model, messages: [{ role: 'user', content: 'hi' }] });
+    } catch (e) {
+      return { name: e.constructor.name, status: e.status, type: e.type, message: e.message };
+    }
+    return null;
   },
   async responses(c) {
     const r = await client(c).responses.create({ model: c.model, input: 'hi' });

@@ -194,8 +194,9 @@ def test_item_references_name_the_output_items_scillm_kept(client: Any, upstream
 @pytest.mark.anyio
 async def test_kept_items_are_each_keys_own() -> None:
     """Items are kept under the caller's owner: another key's reference to them is a 400, as for unknown ones."""
-    from scillm_core import errors
     from scillm_responses import _Keeper, _resolve_references
+
+    from scillm_core import errors
 
     class Store:
         def __init__(self) -> None:
