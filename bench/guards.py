@@ -12,7 +12,10 @@
   was read whole) vs uvicorn's own ``on_response_complete``, on a kept-alive connection's every response;
 - a wrong-shaped upstream event skipped (``upstream.Malformed.read`` around each event's translation) vs the bare
   translation, over the recorded Anthropic stream (``fixtures/messages_stream_text_sonnet45.sse``);
-- checked token counts (``models.chat.Usage``, each count through ``token_count``) vs the same class unchecked.
+- checked token counts (``models.chat.Usage``, each count through ``token_count``) vs the same class unchecked;
+- a call that waits for a provider's concurrency slot: queued and let through by the fair queue
+  (``scillm_resilience.limiter.FairQueue``, round robin over keys and flows) vs the first-in-first-out deque it
+  replaced, with 64 calls of 4 keys (one a batch) waiting. A call that finds a free slot never queues (unchanged).
 
     .venv/bin/python bench/guards.py
 """
@@ -78,6 +81,32 @@ def main() -> None:
     body_deadline()
     lingering()
     upstream_shapes()
+    fair_queue()
+
+
+def fair_queue() -> None:
+    import collections
+
+    from scillm_resilience.limiter import FairQueue
+
+    loop = asyncio.new_event_loop()
+    waiters = [loop.create_future() for _ in range(64)]
+    callers = [("alice", ""), ("bob", ""), ("carol", "batch:nightly"), ("carol", "")]
+    fifo: collections.deque[Any] = collections.deque(waiters)
+    fair = FairQueue()
+    for n, waiter in enumerate(waiters):
+        fair.push(*callers[n % 4], waiter)
+
+    def through_fifo() -> None:  # one call leaves the head of the queue, another joins at its tail
+        fifo.append(fifo.popleft())
+
+    def through_fair() -> None:
+        waiter = fair.pop()
+        fair.push(*callers[id(waiter) % 4], waiter)  # type: ignore[arg-type]
+
+    pair("a call waits for a slot and gets it (64 waiting): FIFO deque / fair queue", through_fifo, through_fair,
+         100000)
+    loop.close()
 
 
 def upstream_shapes() -> None:

@@ -486,3 +486,86 @@ def test_pauses_switch_off(start, fake_a):
         client.chat.completions.create(model="openai/gpt-a", messages=HI, extra_body={"timeout": 5})
     assert client.chat.completions.create(model="openai/gpt-a", messages=HI).choices[0].message.content == "no pause"
     assert _pauses(server) == {}
+
+
+def _position(fake: FakeOpenAI, text: str) -> int:
+    """Where the call asking ``text`` came in the upstream's order of requests."""
+    return [r.body["messages"][-1]["content"] for r in fake.requests].index(text)
+
+
+def _hold_the_first_call(fake: FakeOpenAI) -> threading.Event:
+    """The upstream keeps its first call (the one holding the only slot) until the returned gate is set, so a
+    test can line up the queue behind it. (The fake's own loop waits: with a limit of 1 nothing else is in flight.)"""
+    gate = threading.Event()
+
+    def respond(request: Any) -> Reply:
+        if len(fake.requests) == 1:
+            assert gate.wait(30)
+        return Reply.say("ok")
+
+    fake.responder = respond
+    return gate
+
+
+async def _until_waiting(server: ServerThread, count: int) -> None:
+    for _ in range(1500):
+        if health(server)["concurrency"]["providers"]["openai"]["waiting"] >= count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"fewer than {count} calls ever waited")
+
+
+def test_a_batch_does_not_hold_up_its_keys_other_calls(start, fake_a):
+    """Twelve batch items wait for a provider limit of 1; a chat call of the same key made after them is served
+    within one more item (first in, first out it would have come thirteenth)."""
+    server = start(fake_a.base_url, resilience={"limits": {"openai": {"max_concurrency": 1}}})
+    gate = _hold_the_first_call(fake_a)
+
+    async def run() -> Any:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60,
+                                     headers={"authorization": f"Bearer {DEV_KEY}"}) as http:
+            batch = asyncio.ensure_future(http.post("/v1/scillm/batch/completions", json={
+                "model": "openai/gpt-a", "batch_id": "fair-queue", "concurrency": 13,
+                "items": [{"item_id": f"i{n}", "messages": [{"role": "user", "content": f"item {n}"}]}
+                          for n in range(13)]}))
+            await _until_waiting(server, 12)
+            chat = asyncio.ensure_future(http.post("/v1/chat/completions", json={
+                "model": "openai/gpt-a", "messages": [{"role": "user", "content": "interactive"}]}))
+            await _until_waiting(server, 13)
+            gate.set()
+            return await chat, await batch
+
+    chat, batch = asyncio.run(run())
+    assert chat.status_code == 200 and batch.status_code == 200
+    assert batch.json()["completed"] == 13
+    assert _position(fake_a, "interactive") <= 2, [r.body["messages"][-1]["content"] for r in fake_a.requests]
+
+
+def test_one_keys_flood_does_not_starve_another_key_or_push_it_out_of_a_full_queue(start, fake_a):
+    """Key A sends 9 calls at once through a limit of 1 and a queue of 8; key B's call, made after them, is served
+    within one more of A's, and the full queue refuses A's newest waiter to make room for B, not B."""
+    server = start(fake_a.base_url, resilience={"limits": {"openai": {"max_concurrency": 1, "max_queue": 8}}})
+    gate = _hold_the_first_call(fake_a)
+    admin = httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {DEV_KEY}"})
+    keys = [admin.post("/v1/scillm/keys", json={"name": name}).json()["key"] for name in ("a", "b")]
+
+    async def run() -> tuple[list[Any], Any]:
+        clients = [openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0) for key in keys]
+        flood = [asyncio.ensure_future(clients[0].chat.completions.create(
+            model="openai/gpt-a", messages=[{"role": "user", "content": f"a {n}"}])) for n in range(9)]
+        await _until_waiting(server, 8)
+        b = asyncio.ensure_future(clients[1].chat.completions.create(
+            model="openai/gpt-a", messages=[{"role": "user", "content": "b"}]))
+        await asyncio.wait(flood, return_when=asyncio.FIRST_COMPLETED)  # the one refused for b, gate still shut
+        gate.set()
+        results = await asyncio.gather(*flood, return_exceptions=True), await b
+        for client in clients:
+            await client.close()
+        return results
+
+    a, b = asyncio.run(run())
+    assert b.choices[0].message.content == "ok"
+    refused = [r for r in a if isinstance(r, openai.RateLimitError)]
+    assert len(refused) == 1 and "gave its place" in refused[0].response.json()["error"]["message"]
+    assert sum(not isinstance(r, Exception) for r in a) == 8
+    assert _position(fake_a, "b") <= 2, [r.body["messages"][-1]["content"] for r in fake_a.requests]

@@ -128,6 +128,100 @@ def test_limiter_queue_is_fifo_bounded_and_cancellation_frees_slots():
     asyncio.run(main())
 
 
+def test_limiter_serves_owners_round_robin_then_their_flows_each_in_arrival_order():
+    async def main() -> list[str]:
+        limiter = Limiter("p", 1, 100, aimd=False, recover_s=1.0)
+        held = await limiter.acquire(1)
+        served: list[str] = []
+
+        async def wait(owner: str, flow: str, n: int) -> None:
+            slot = await limiter.acquire(5, owner, flow)
+            served.append(f"{owner}/{flow}{n}")
+            slot.release()
+
+        # one key floods first (a batch of 4 and 2 other calls), a second key asks once, last
+        waiting = [wait("a", "batch:1-", n) for n in range(4)] + [wait("a", "", n) for n in range(2)]
+        tasks = [asyncio.ensure_future(w) for w in [*waiting, wait("b", "", 0)]]
+        await asyncio.sleep(0)
+        assert limiter.snapshot()["waiting"] == 7
+        held.release()
+        await asyncio.gather(*tasks)
+        assert limiter.in_flight == 0 and len(limiter.waiters) == 0 and not limiter.waiters.owners
+        return served
+
+    assert asyncio.run(main()) == ["a/batch:1-0", "b/0", "a/0", "a/batch:1-1", "a/1", "a/batch:1-2",
+                                   "a/batch:1-3"]
+
+
+def test_a_full_queue_makes_room_for_a_lighter_caller_by_refusing_the_heaviest_callers_newest_waiter():
+    async def main() -> None:
+        limiter = Limiter("p", 1, 4, aimd=False, recover_s=1.0)
+        held = await limiter.acquire(1)
+        outcomes: dict[str, str] = {}
+
+        async def settle() -> None:  # the newcomer queues, then the waiter it displaced hears so
+            for _ in range(3):
+                await asyncio.sleep(0)
+
+        async def wait(name: str, owner: str, flow: str = "") -> None:
+            try:
+                slot = await limiter.acquire(5, owner, flow)
+            except QueueFullSignal as signal:
+                outcomes[name] = "displaced" if signal.displaced else "refused"
+                return
+            outcomes[name] = "served"
+            slot.release()
+
+        tasks = [asyncio.ensure_future(wait(f"a{n}", "a")) for n in range(4)]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.ensure_future(wait("b0", "b")))  # a has 4, b 0: a's newest gives way
+        await settle()
+        assert outcomes == {"a3": "displaced"}
+        tasks.append(asyncio.ensure_future(wait("b1", "b")))  # a 3, b 1: a again
+        await settle()
+        assert outcomes == {"a3": "displaced", "a2": "displaced"}
+        tasks.append(asyncio.ensure_future(wait("b2", "b")))  # a 2, b 2: b is no lighter, so b is refused
+        await settle()
+        assert outcomes["b2"] == "refused"
+        # a newcomer of the heaviest caller, in the flow its waiters are in: nobody lighter to make room for
+        tasks.append(asyncio.ensure_future(wait("a-call", "a", "")))
+        await settle()
+        assert outcomes.get("a-call") == "refused"
+        assert limiter.snapshot()["waiting"] == 4 and limiter.rejected == 4
+        held.release()
+        await asyncio.gather(*tasks)
+        assert [n for n, o in outcomes.items() if o == "served"] == ["a0", "b0", "a1", "b1"]
+        assert limiter.in_flight == 0 and len(limiter.waiters) == 0
+
+    asyncio.run(main())
+
+
+def test_within_one_key_a_call_takes_the_place_of_its_batchs_newest_waiter():
+    async def main() -> list[str]:
+        limiter = Limiter("p", 1, 3, aimd=False, recover_s=1.0)
+        held = await limiter.acquire(1)
+        outcomes: list[str] = []
+
+        async def wait(name: str, flow: str) -> None:
+            try:
+                slot = await limiter.acquire(5, "master", flow)
+            except QueueFullSignal as signal:
+                outcomes.append(f"{name} {'displaced' if signal.displaced else 'refused'}")
+                return
+            outcomes.append(f"{name} served")
+            slot.release()
+
+        tasks = [asyncio.ensure_future(wait(f"item{n}", "batch:b1")) for n in range(3)]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.ensure_future(wait("chat", "")))
+        await asyncio.sleep(0)
+        held.release()
+        await asyncio.gather(*tasks)
+        return outcomes
+
+    assert asyncio.run(main()) == ["item2 displaced", "item0 served", "chat served", "item1 served"]
+
+
 def test_pause_lets_one_probe_out_at_a_time_and_its_success_releases_everybody():
     async def main() -> None:
         pauses = Pauses()

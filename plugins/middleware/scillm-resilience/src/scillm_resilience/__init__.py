@@ -1,5 +1,6 @@
 """Resilience middleware around ``call_provider``: retries, fallbacks, circuit breakers, the overall deadline,
-provider-wide pauses on upstream 429s, per-provider concurrency limits with AIMD, and cancel-on-disconnect.
+provider-wide pauses on upstream 429s, per-provider concurrency limits with AIMD and a wait queue fair between
+keys, batches and runs, and cancel-on-disconnect.
 
 One wrapper (pluggy: among wrappers ``tryfirst`` is outermost, ``trylast`` innermost)::
 
@@ -273,10 +274,12 @@ def _rate_limited(slot: Slot, exc: BaseException) -> None:
             shared.spawn(shared.rate_limited(slot.limiter, admitted))
 
 
-def _queue_full(limiter: Limiter, route: Route) -> ConcurrencyLimited:
+def _queue_full(limiter: Limiter, route: Route, displaced: bool = False) -> ConcurrencyLimited:
+    fair = ("; this call waited and gave its place to a caller with fewer calls waiting (the queue is shared "
+            "fairly between keys, and between a key's batches, agent runs and other calls)" if displaced else "")
     return ConcurrencyLimited(
         f"concurrency limit reached: {limiter.in_flight} calls in flight (limit {limiter.effective} of "
-        f"{limiter.limit}) and the wait queue is full ({limiter.max_queue} waiting); retry later or raise "
+        f"{limiter.limit}) and the wait queue is full ({limiter.max_queue} waiting){fair}; retry later or raise "
         f"[resilience.limits.{route.provider}] max_concurrency / max_queue",
         provider=route.provider, model=route.model, status=429, code="concurrency_queue_full",
         headers={"retry-after": "1"})
@@ -597,9 +600,9 @@ class Attempts:
         if slot is None:
             self.waiting = True
             try:
-                slot = await limiter.acquire(wait)
-            except QueueFullSignal:
-                raise _queue_full(limiter, route) from None
+                slot = await limiter.acquire(wait, *self.fair_share_of())
+            except QueueFullSignal as signal:
+                raise _queue_full(limiter, route, signal.displaced) from None
             except QueueTimeoutSignal as signal:
                 self.ctx.emit("queue.wait", provider=route.provider, waited_s=signal.waited_s, outcome="timeout")
                 raise _queue_timeout(limiter, route, signal.waited_s) from None
@@ -623,6 +626,11 @@ class Attempts:
             self.ctx.emit("queue.wait", provider=route.provider, waited_s=time.monotonic() - started,
                           outcome="granted")
         return slot
+
+    def fair_share_of(self) -> tuple[str, str]:
+        """Who this call queues as: its key (owner), and its batch or agent run, or the key's other calls."""
+        job = self.ctx.job
+        return self.ctx.identity.owner, f"{job.kind}:{job.id}" if job is not None else ""
 
     async def hold(self) -> None:
         """Wait while the deployment is paused (or its probe is out); become the probe when the pause ends."""

@@ -1,4 +1,11 @@
-"""Per-provider concurrency limiter: a FIFO bounded wait queue and an AIMD effective limit.
+"""Per-provider concurrency limiter: a bounded fair wait queue and an AIMD effective limit.
+
+The queue is fair between callers: waiters are grouped by owner (the virtual key, or the master key) and, within an
+owner, by flow (one batch, one agent run, or its other calls), and a freed slot goes round robin over owners, then
+over the owner's flows; each flow is first in, first out. So one key's flood, or one batch of thousands of items,
+delays another caller by at most one call per slot. When the queue is full, a newcomer lighter than the heaviest
+owner (or, within its own owner, than the heaviest flow) takes the place of that one's newest waiter, which is
+refused as if it had found the queue full; otherwise the newcomer is refused.
 
 On an upstream 429 the effective limit halves (never below 1) — once per "window": a 429 for a call that was
 admitted before the last decrease does not halve again. After ``recover_s`` without a 429 it grows by one per
@@ -14,19 +21,94 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-__all__ = ["Limiter", "QueueFullSignal", "QueueTimeoutSignal", "Slot", "SlotIterator"]
+__all__ = ["FairQueue", "Limiter", "QueueFullSignal", "QueueTimeoutSignal", "Slot", "SlotIterator"]
 
 _NOTHING: Any = object()  # no first chunk held
 
 
 class QueueFullSignal(Exception):
-    pass
+    def __init__(self, displaced: bool = False) -> None:
+        super().__init__(displaced)
+        self.displaced = displaced  # it waited, and gave its place to a caller with fewer waiting
 
 
 class QueueTimeoutSignal(Exception):
     def __init__(self, waited_s: float) -> None:
         super().__init__(waited_s)
         self.waited_s = waited_s
+
+
+class FairQueue:
+    """Waiting futures by owner, then by flow: :meth:`pop` serves owners round robin, each owner's flows round robin,
+    each flow in arrival order."""
+
+    def __init__(self) -> None:
+        self.owners: dict[str, dict[str, collections.deque[asyncio.Future[None]]]] = {}  # in turn order
+        self.sizes: dict[str, int] = {}
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def push(self, owner: str, flow: str, waiter: asyncio.Future[None]) -> None:
+        self.owners.setdefault(owner, {}).setdefault(flow, collections.deque()).append(waiter)
+        self._count(owner, 1)
+
+    def pop(self) -> asyncio.Future[None] | None:
+        """The next waiter, or ``None`` when none waits; its owner and flow go to the back of their turns."""
+        if not self.owners:
+            return None
+        owner, flows = next(iter(self.owners.items()))
+        flow, queue = next(iter(flows.items()))
+        waiter = queue.popleft()
+        del flows[flow], self.owners[owner]
+        if queue:
+            flows[flow] = queue
+        if flows:
+            self.owners[owner] = flows
+        self._count(owner, -1)
+        return waiter
+
+    def remove(self, owner: str, flow: str, waiter: asyncio.Future[None]) -> None:
+        queue = self.owners.get(owner, {}).get(flow)
+        if queue is None or waiter not in queue:
+            return
+        queue.remove(waiter)
+        if not queue:
+            flows = self.owners[owner]
+            del flows[flow]
+            if not flows:
+                del self.owners[owner]
+        self._count(owner, -1)
+
+    def displace(self, owner: str, flow: str) -> asyncio.Future[None] | None:
+        """The waiter a newcomer of ``owner``/``flow`` may take the place of in a full queue (taken out of the
+        queue), or ``None`` when the newcomer is the one to refuse: the newest waiter of the heaviest owner if the
+        newcomer's owner has at least two fewer waiting, else of the heaviest flow of its own owner likewise."""
+        if not self.sizes:
+            return None
+        heaviest = max(self.sizes, key=self.sizes.__getitem__)
+        if self.sizes.get(owner, 0) + 1 < self.sizes[heaviest]:
+            victim_owner = heaviest
+        else:
+            victim_owner = owner
+        flows = self.owners.get(victim_owner, {})
+        if not flows:
+            return None
+        victim_flow = max(flows, key=lambda f: len(flows[f]))
+        if victim_owner == owner and len(flows.get(flow, ())) + 1 >= len(flows[victim_flow]):
+            return None
+        waiter = flows[victim_flow][-1]
+        self.remove(victim_owner, victim_flow, waiter)
+        return waiter
+
+    def _count(self, owner: str, change: int) -> None:
+        self.size += change
+        left = self.sizes.get(owner, 0) + change
+        if left:
+            self.sizes[owner] = left
+        else:
+            del self.sizes[owner]
 
 
 class Limiter:
@@ -40,7 +122,7 @@ class Limiter:
         self.clock = clock
         self.effective = limit
         self.in_flight = 0
-        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.waiters = FairQueue()
         self.last_change = clock()
         self.last_decrease = float("-inf")
         self.decreases = 0
@@ -75,8 +157,10 @@ class Limiter:
     # -- slots --------------------------------------------------------------------------------------------------
 
     def _wake(self) -> None:
-        while self.waiters and self.in_flight < self.effective:
-            waiter = self.waiters.popleft()
+        while self.in_flight < self.effective:
+            waiter = self.waiters.pop()
+            if waiter is None:
+                return
             if waiter.done():
                 continue
             self.in_flight += 1
@@ -95,30 +179,31 @@ class Limiter:
             return self._granted()
         return None
 
-    async def acquire(self, wait_s: float) -> Slot:
-        """A slot, waiting at most ``wait_s`` in the FIFO queue. Raises :class:`QueueFullSignal` at once when the
-        queue is full, :class:`QueueTimeoutSignal` when no slot freed up in time."""
+    async def acquire(self, wait_s: float, owner: str = "", flow: str = "") -> Slot:
+        """A slot, waiting at most ``wait_s`` in the fair queue as ``owner``'s ``flow``. Raises
+        :class:`QueueFullSignal` when the queue is full (at once, or later when a lighter caller takes this
+        waiter's place), :class:`QueueTimeoutSignal` when no slot freed up in time."""
         slot = self.try_acquire()
         if slot is not None:
             return slot
         if len(self.waiters) >= self.max_queue:
+            displaced = self.waiters.displace(owner, flow)
             self.rejected += 1
-            raise QueueFullSignal()
+            if displaced is None:
+                raise QueueFullSignal()
+            displaced.set_exception(QueueFullSignal(displaced=True))
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiters.append(waiter)
+        self.waiters.push(owner, flow, waiter)
         started = self.clock()
         try:
             async with asyncio.timeout(max(wait_s, 0.0)):
                 await waiter
         except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._release()  # granted just as we gave up: hand the slot on
             else:
                 waiter.cancel()
-                try:
-                    self.waiters.remove(waiter)
-                except ValueError:
-                    pass
+                self.waiters.remove(owner, flow, waiter)  # (a displaced waiter is out already)
             if isinstance(exc, TimeoutError):
                 self.rejected += 1
                 raise QueueTimeoutSignal(self.clock() - started) from None
@@ -132,7 +217,7 @@ class Limiter:
     def snapshot(self) -> dict[str, Any]:
         self._recover()
         return {"limit": self.limit, "effective_limit": self.effective, "in_flight": self.in_flight,
-                "waiting": sum(1 for w in self.waiters if not w.done()), "max_queue": self.max_queue,
+                "waiting": len(self.waiters), "max_queue": self.max_queue,
                 "aimd_decreases": self.decreases, "rejected": self.rejected, "served": self.served}
 
 
