@@ -14,7 +14,7 @@ import pytest
 
 from scillm_core.config import Config, ConfigError, Env, StateConfig
 from scillm_core.errors import StateUnavailable
-from scillm_core.state import Count, Counted, Inserted, StateStore, open_store
+from scillm_core.state import Change, Count, Counted, Inserted, StateStore, open_store
 from scillm_core.state.redis import RedisStore
 from scillm_core.state.sqlite import SQLiteStore
 from scillm_core.testing.services import RedisServer, free_port
@@ -284,6 +284,59 @@ async def test_queue_every_entry_to_one_consumer_until_acknowledged(stores: Call
     late = await b.take("work", "B", 10, block_s=4.0)
     await task
     assert [e for _, e in late] == [{"n": "late"}]
+
+
+async def test_queue_flows_take_turns_so_a_big_flow_enqueued_first_does_not_hold_up_a_small_one(
+        stores: Callable[[], StateStore]) -> None:
+    """A batch of 40 entries, then one of 3: the small one's entries come within the first takes, alternating with
+    the big one's, not after all 40; acknowledged, flows drain, and a later enqueue of a drained flow still works.
+    Every entry reaches exactly one consumer, through takes of one process and of another."""
+    a, b = stores(), stores()
+    big = await a.enqueue("turns", [{"f": "big", "n": n} for n in range(40)], flow="batch-big")
+    small = await a.enqueue("turns", [{"f": "small", "n": n} for n in range(3)], flow="batch-small")
+    assert len(set(big + small)) == 43
+    first = await a.take("turns", "A", 4)
+    assert sorted(e["f"] for _, e in first) == ["big", "big", "small", "small"]
+    assert [e["n"] for _, e in first if e["f"] == "small"] == [0, 1]  # each flow in its own order
+    ones = [e["f"] for _ in range(3) for _, e in await b.take("turns", "B", 1)]
+    assert ones.count("small") == 1 and ones.count("big") == 2  # one at a time: the flows still alternate
+    rest = await a.take("turns", "A", 100)
+    taken = [*first, *rest]
+    assert len(rest) == 36 and len({i for i, _ in taken}) == 40
+    assert await a.queue_depth("turns") == {"waiting": 0, "claimed": 43}
+    await a.ack("turns", [i for i, _ in taken])
+    await b.ack("turns", list({*big, *small} - {i for i, _ in taken}))
+    assert await a.queue_depth("turns") == {"waiting": 0, "claimed": 0}
+    assert await a.take("turns", "A", 10) == []
+    again = await b.enqueue("turns", [{"f": "small", "n": 3}], flow="batch-small")
+    assert [(i, e) for i, e in await a.take("turns", "A", 10)] == [(again[0], {"f": "small", "n": 3})]
+
+
+async def test_a_blocked_take_wakes_for_an_entry_of_a_new_flow(stores: Callable[[], StateStore]) -> None:
+    a, b = stores(), stores()
+
+    async def later() -> None:
+        await asyncio.sleep(0.2)
+        await a.enqueue("bell", [{"n": 1}], flow="new-batch")
+
+    task = asyncio.ensure_future(later())
+    got = await b.take("bell", "B", 10, block_s=4.0)
+    await task
+    assert [e for _, e in got] == [{"n": 1}]
+
+
+async def test_a_flow_entry_held_by_a_dead_consumer_is_reclaimed_and_acknowledged_with_the_results_commit(
+        stores: Callable[[], StateStore]) -> None:
+    a, b = stores(), stores()
+    await a.enqueue("flows", [{"n": 0}], flow="x")
+    await a.enqueue("flows", [{"n": 1}], flow="y")
+    assert len(await a.take("flows", "A", 2)) == 2
+    await asyncio.sleep(0.35)
+    reclaimed = await b.reclaim("flows", "B", idle_s=0.3, count=10)
+    assert sorted(e["n"] for _, e in reclaimed) == [0, 1]
+    done = await b.commit([Change("results", "x0", None, {"ok": True})], ack=("flows", [i for i, _ in reclaimed]))
+    assert done == [True]
+    assert await a.queue_depth("flows") == {"waiting": 0, "claimed": 0}
 
 
 async def test_polling_an_empty_sqlite_queue_takes_no_write_lock(tmp_path: Path) -> None:

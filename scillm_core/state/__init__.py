@@ -146,13 +146,15 @@ class StateStore(Protocol):
         cursor; waits up to ``block_s`` for the first one when there is none yet. ``ValueError`` when ``after`` is
         not a cursor's form (a client's resume cursor is checked by the store that gave it out)."""
 
-    async def enqueue(self, queue: str, entries: Sequence[Mapping[str, Any]]) -> list[str]:
-        """Add work entries to a queue (all or none); their ids, in order."""
+    async def enqueue(self, queue: str, entries: Sequence[Mapping[str, Any]], *, flow: str = "") -> list[str]:
+        """Add work entries of one ``flow`` (a batch, say) to a queue (all or none); their ids, in order."""
 
     async def take(self, queue: str, consumer: str, count: int, *,
                    block_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
-        """Claim up to ``count`` entries nobody holds for ``consumer``, waiting up to ``block_s`` for the first.
-        An entry stays claimed until :meth:`ack`; every entry goes to exactly one consumer at a time."""
+        """Claim up to ``count`` entries nobody holds for ``consumer``, waiting up to ``block_s`` for the first:
+        round robin over the queue's flows, each flow's oldest first (a flow of thousands of entries enqueued first
+        does not hold up one enqueued after it). An entry stays claimed until :meth:`ack`; every entry goes to
+        exactly one consumer at a time."""
 
     async def reclaim(self, queue: str, consumer: str, idle_s: float,
                       count: int) -> list[tuple[str, dict[str, Any]]]:

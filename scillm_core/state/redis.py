@@ -6,7 +6,10 @@ another's keys):
 - documents: ``{p}d:{ns}:{key}`` strings (canonical JSON, ``PX`` for a TTL), indexed per namespace by the sorted set
   ``{p}i:{ns}`` (score 0, members ordered by bytes, so a prefix scan is one ``ZRANGEBYLEX``);
 - logs: the stream ``{p}l:{ns}`` (``XADD``/``XREVRANGE``/``XTRIM``; followed with ``XREAD``);
-- queues: the stream ``{p}q:{name}`` with the consumer group ``work`` (``XREADGROUP``, ``XAUTOCLAIM``, ``XACK``);
+- queues: one stream per flow with the consumer group ``work`` (``XREADGROUP``, ``XAUTOCLAIM``, ``XACK``):
+  ``{p}q:{name}`` for the flow ``""``, ``{p}q:{name}:{len(flow)}:{flow}`` for the others, whose names are in the set
+  ``{p}qf:{name}``; ``{p}qb:{name}``, a stream of one entry that every enqueue replaces, wakes blocked takers. An
+  entry's id is the stream entry's id, then ``@`` and its flow when that is not ``""``;
 - counters: ``{p}c:{ns}:{key}`` strings holding a number (``PEXPIRE`` for their window), changed only by one Lua
   script per :meth:`RedisStore.count` call;
 - slots: the hash ``{p}h:{pool}``, one field per holder (process): its slots held and when it lapses (a new key
@@ -90,6 +93,54 @@ redis.call('ZADD', KEYS[2], 0, ARGV[3])
 return {1}
 """
 
+# An enqueue: KEYS the flow's stream, the queue's set of flows, its doorbell; ARGV the flow ("" for none) then the
+# entries. The group is made whenever missing (a drained flow's stream is deleted by _TAKE).
+_ENQUEUE = """
+if ARGV[1] ~= '' then redis.call('SADD', KEYS[2], ARGV[1]) end
+redis.pcall('XGROUP', 'CREATE', KEYS[1], 'work', '0', 'MKSTREAM')
+local ids = {}
+for i = 2, #ARGV do ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'v', ARGV[i]) end
+redis.call('XADD', KEYS[3], 'MAXLEN', '1', '*', 'n', #ids)
+return ids
+"""
+
+# A take, round robin over flows: KEYS the doorbell, the set of flows, then each flow's stream in turn order; ARGV
+# the consumer, how many, then each flow's name. One entry per flow per round until enough or none is left; a flow
+# whose stream is empty (drained: every entry acknowledged) leaves the set. Returns the doorbell's last id (to block
+# on from there), then per entry its flow's position, id and value.
+_TAKE = """
+local out = {redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]}
+out[1] = out[1] and out[1][1] or '0-0'
+local want = tonumber(ARGV[2])
+local live = {}
+for i = 3, #KEYS do
+  if ARGV[i] ~= '' and redis.call('XLEN', KEYS[i]) == 0 then
+    redis.call('DEL', KEYS[i])
+    redis.call('SREM', KEYS[2], ARGV[i])
+  else
+    live[#live + 1] = i
+  end
+end
+local taken = 0
+while taken < want and #live > 0 do
+  local still = {}
+  for _, i in ipairs(live) do
+    if taken >= want then break end
+    local got = redis.pcall('XREADGROUP', 'GROUP', 'work', ARGV[1], 'COUNT', 1, 'STREAMS', KEYS[i], '>')
+    if type(got) == 'table' and got[1] and #got[1][2] > 0 then
+      local entry = got[1][2][1]
+      out[#out + 1] = i - 2
+      out[#out + 1] = entry[1]
+      out[#out + 1] = entry[2][2]
+      taken = taken + 1
+      still[#still + 1] = i
+    end
+  end
+  live = still
+end
+return out
+"""
+
 # Only entries the consumer still holds are touched: one reclaimed by another process stays with it.
 _TOUCH = """
 local n = 0
@@ -143,8 +194,8 @@ return held
 """
 
 # A commit: per change three keys (document, its namespace's index, its log) and five arguments (expected, value,
-# TTL in ms, index member, log record); then the queue whose entries (the arguments after the changes) are
-# acknowledged. Each change is a compare-and-set of its own, as _CAS.
+# TTL in ms, index member, log record); then one key per flow stream with entries to acknowledge, and per such
+# stream the number of its entries then their ids. Each change is a compare-and-set of its own, as _CAS.
 _COMMIT = """
 local n = tonumber(ARGV[1])
 local done = {}
@@ -169,12 +220,17 @@ for i = 1, n do
     done[i] = 0
   end
 end
-for first = 2 + 5 * n, #ARGV, 1000 do
-  local ids = {}
-  for i = first, math.min(first + 999, #ARGV) do ids[#ids + 1] = ARGV[i] end
-  -- a queue whose group went with Redis's data has nothing left to acknowledge
-  pcall(redis.call, 'XACK', KEYS[3 * n + 1], 'work', unpack(ids))
-  redis.call('XDEL', KEYS[3 * n + 1], unpack(ids))
+local a = 2 + 5 * n
+for k = 3 * n + 1, #KEYS do
+  local last = a + tonumber(ARGV[a])
+  for first = a + 1, last, 1000 do
+    local ids = {}
+    for i = first, math.min(first + 999, last) do ids[#ids + 1] = ARGV[i] end
+    -- a queue whose group went with Redis's data has nothing left to acknowledge
+    pcall(redis.call, 'XACK', KEYS[k], 'work', unpack(ids))
+    redis.call('XDEL', KEYS[k], unpack(ids))
+  end
+  a = last + 1
 end
 return done
 """
@@ -301,6 +357,7 @@ class RedisStore:
         self._scripts: dict[str, Any] = {}
         self._groups: set[str] = set()
         self._cursors: dict[str, str] = {}
+        self._turns: dict[str, int] = {}  # per queue: which flow goes first in the next take
         self._slots = _Lane(self)  # hold_slots' calls (each provider's group commit)
 
     # -- connection ------------------------------------------------------------------------------------------------
@@ -415,8 +472,9 @@ class RedisStore:
                      max(1, int(change.ttl_s * 1000)) if change.ttl_s else 0, change.key,
                      orjson.dumps(change.record) if change.log and change.record is not None else b""]
         if ack and ack[1]:
-            keys.append(_name("q", self.prefix, ack[0]))
-            args += list(ack[1])
+            for key, ids in self._by_stream(ack[0], ack[1]).items():
+                keys.append(key)
+                args += [len(ids), *ids]
         if len(args) == 1:
             return []
         with self.unavailable():
@@ -548,8 +606,21 @@ class RedisStore:
 
     # -- queues ----------------------------------------------------------------------------------------------------
 
-    async def _queue(self, queue: str) -> str:
+    def _stream(self, queue: str, flow: str) -> str:
         key = _name("q", self.prefix, queue)
+        return f"{key}:{len(flow)}:{flow}" if flow else key
+
+    def _by_stream(self, queue: str, ids: Sequence[str]) -> dict[str, list[str]]:
+        """Entry ids grouped by their flow's stream, as stream entry ids."""
+        streams: dict[str, list[str]] = {}
+        for entry_id in ids:
+            stream_id, _, flow = entry_id.partition("@")
+            streams.setdefault(self._stream(queue, flow), []).append(stream_id)
+        return streams
+
+    async def _flows(self, queue: str) -> list[str]:
+        """The queue's flows: ``""`` (its group made if missing: a new queue, or one Redis lost), then the others."""
+        key = self._stream(queue, "")
         if key not in self._groups:
             from redis.exceptions import ResponseError
 
@@ -559,82 +630,104 @@ class RedisStore:
                 if "BUSYGROUP" not in str(exc):
                     raise
             self._groups.add(key)
-        return key
+        return ["", *sorted(m.decode() for m in await self.redis.smembers(_name("qf", self.prefix, queue)))]
 
-    async def _grouped(self, queue: str, command: Any) -> Any:
-        """Run ``command(key)``; when the group is gone (Redis restarted without its data) make it again, once."""
-        from redis.exceptions import ResponseError
-
+    async def enqueue(self, queue: str, entries: Sequence[Mapping[str, Any]], *, flow: str = "") -> list[str]:
+        if not entries:
+            return []
         with self.unavailable():
-            key = await self._queue(queue)
-            try:
-                return await command(key)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                self._groups.discard(key)
-                return await command(await self._queue(queue))
-
-    async def enqueue(self, queue: str, entries: Sequence[Mapping[str, Any]]) -> list[str]:
-        async def add(key: str) -> list[Any]:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for entry in entries:
-                    pipe.xadd(key, {b"v": orjson.dumps(entry)})
-                return await pipe.execute()  # type: ignore[no-any-return]
-
-        return [entry_id.decode() for entry_id in await self._grouped(queue, add)] if entries else []
+            keys = [self._stream(queue, flow), _name("qf", self.prefix, queue), _name("qb", self.prefix, queue)]
+            ids = await self.script(_ENQUEUE)(keys=keys, args=[flow, *(orjson.dumps(e) for e in entries)])
+            if not flow:
+                self._groups.add(keys[0])
+        at = "@" + flow if flow else ""
+        return [entry_id.decode() + at for entry_id in ids]
 
     async def take(self, queue: str, consumer: str, count: int, *,
                    block_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
-        block = int(min(block_s, MAX_BLOCK_S) * 1000)
-
-        async def read(key: str) -> Any:
-            client = self.blocking if block else self.redis
-            return await client.xreadgroup(GROUP, consumer, {key: ">"}, count=count, block=block or None)
-
-        answer = await self._grouped(queue, read)
-        return [(entry_id.decode(), orjson.loads(fields[b"v"])) for _, entries in answer or ()
-                for entry_id, fields in entries if fields]
+        deadline = time.monotonic() + min(block_s, MAX_BLOCK_S)
+        with self.unavailable():
+            while True:
+                named = (await self._flows(queue))[1:]
+                turn = self._turns.get(queue, 0) % max(len(named), 1)
+                self._turns[queue] = turn + 1
+                flows = [*named[turn:], *named[:turn], ""]  # entries of no flow (from before flows) come last
+                keys = [_name("qb", self.prefix, queue), _name("qf", self.prefix, queue),
+                        *(self._stream(queue, flow) for flow in flows)]
+                answer = await self.script(_TAKE)(keys=keys, args=[consumer, count, *flows])
+                taken = []
+                for n in range(1, len(answer), 3):
+                    flow = flows[int(answer[n]) - 1]
+                    entry_id = answer[n + 1].decode() + ("@" + flow if flow else "")
+                    taken.append((entry_id, orjson.loads(answer[n + 2])))
+                left = deadline - time.monotonic()
+                if taken or left <= 0:
+                    return taken
+                # nothing yet: wait for the next enqueue's ring (any flow, any process), then take again
+                bell = answer[0].decode() if isinstance(answer[0], bytes) else str(answer[0])
+                await self.blocking.xread({keys[0]: bell}, count=1, block=max(1, int(left * 1000)))
 
     async def reclaim(self, queue: str, consumer: str, idle_s: float,
                       count: int) -> list[tuple[str, dict[str, Any]]]:
-        async def claim(key: str) -> Any:
-            start = self._cursors.get(key, "0-0")
-            answer = await self.redis.xautoclaim(key, GROUP, consumer, int(idle_s * 1000), start_id=start,
-                                                 count=count)
-            cursor = answer[0].decode() if isinstance(answer[0], bytes) else str(answer[0])
-            self._cursors[key] = cursor
-            return answer[1]
+        from redis.exceptions import ResponseError
 
-        entries = await self._grouped(queue, claim)
-        return [(entry_id.decode(), orjson.loads(fields[b"v"])) for entry_id, fields in entries if fields]
+        found: list[tuple[str, dict[str, Any]]] = []
+        with self.unavailable():
+            for flow in await self._flows(queue):
+                if len(found) >= count:
+                    break
+                key = self._stream(queue, flow)
+                try:
+                    answer = await self.redis.xautoclaim(key, GROUP, consumer, int(idle_s * 1000),
+                                                         start_id=self._cursors.get(key, "0-0"),
+                                                         count=count - len(found))
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    continue  # a flow drained meanwhile
+                cursor = answer[0].decode() if isinstance(answer[0], bytes) else str(answer[0])
+                if cursor == "0-0":  # a whole pass made: start over next time (and keep no cursor per drained flow)
+                    self._cursors.pop(key, None)
+                else:
+                    self._cursors[key] = cursor
+                at = "@" + flow if flow else ""
+                found += [(entry_id.decode() + at, orjson.loads(fields[b"v"])) for entry_id, fields in answer[1]
+                          if fields]
+        return found
 
     async def touch(self, queue: str, consumer: str, ids: Sequence[str]) -> int:
-        if not ids:
-            return 0
-        return int(await self._grouped(queue, lambda key: self.script(_TOUCH)(keys=[key], args=[consumer, *ids])))
+        touched = 0
+        with self.unavailable():
+            for key, stream_ids in self._by_stream(queue, ids).items():
+                touched += int(await self.script(_TOUCH)(keys=[key], args=[consumer, *stream_ids]))
+        return touched
 
     async def ack(self, queue: str, ids: Sequence[str]) -> None:
-        if not ids:
-            return
+        from redis.exceptions import ResponseError
 
-        async def done(key: str) -> None:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xack(key, GROUP, *ids)
-                pipe.xdel(key, *ids)
-                await pipe.execute()
-
-        await self._grouped(queue, done)
+        with self.unavailable():
+            for key, stream_ids in self._by_stream(queue, ids).items():
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.xack(key, GROUP, *stream_ids)
+                    pipe.xdel(key, *stream_ids)
+                    with contextlib.suppress(ResponseError):  # a group that went with Redis's data
+                        await pipe.execute()
 
     async def queue_depth(self, queue: str) -> dict[str, int]:
-        async def depth(key: str) -> tuple[int, int]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xlen(key)
-                pipe.xpending(key, GROUP)
-                length, pending = await pipe.execute()
-            return int(length), int(pending["pending"])
+        from redis.exceptions import ResponseError
 
-        length, claimed = await self._grouped(queue, depth)
+        length = claimed = 0
+        with self.unavailable():
+            for flow in await self._flows(queue):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.xlen(self._stream(queue, flow))
+                    pipe.xpending(self._stream(queue, flow), GROUP)
+                    try:
+                        flow_length, pending = await pipe.execute()
+                    except ResponseError:
+                        continue  # drained meanwhile
+                length += int(flow_length)
+                claimed += int(pending["pending"])
         return {"waiting": max(length - claimed, 0), "claimed": claimed}
 
     # -- slots -------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import queue
 import sqlite3
 import threading
@@ -37,7 +38,7 @@ CREATE TABLE IF NOT EXISTS logs (id INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT N
 CREATE INDEX IF NOT EXISTS logs_ns ON logs (ns, id);
 CREATE INDEX IF NOT EXISTS logs_ts ON logs (ns, ts);
 CREATE TABLE IF NOT EXISTS queue (id INTEGER PRIMARY KEY AUTOINCREMENT, q TEXT NOT NULL, value BLOB NOT NULL,
-                                  owner TEXT, touched REAL);
+                                  owner TEXT, touched REAL, flow TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS queue_q ON queue (q, owner, id);
 DROP TABLE IF EXISTS slots;
 CREATE TABLE IF NOT EXISTS slot_holders (pool TEXT NOT NULL, holder TEXT NOT NULL, held INTEGER NOT NULL,
@@ -59,6 +60,27 @@ _UPSERT = ("INSERT INTO docs (ns, key, value, expires) VALUES (?, ?, ?, ?) "
            "ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires = excluded.expires")
 
 
+# The flows that have unclaimed entries in a queue, one index seek each (the index is in flow order).
+_FLOWS = """
+WITH RECURSIVE f(flow) AS (
+  SELECT (SELECT min(flow) FROM queue WHERE q = ?1 AND owner IS NULL)
+  UNION ALL
+  SELECT (SELECT min(flow) FROM queue WHERE q = ?1 AND owner IS NULL AND flow > f.flow) FROM f WHERE f.flow IS NOT NULL
+) SELECT flow FROM f WHERE flow IS NOT NULL
+"""
+
+
+def _add_queue_flows(db: sqlite3.Connection) -> None:
+    """Queues made before flows existed get the column (their entries are flow ``""``) and the index."""
+    if not any(row[1] == "flow" for row in db.execute("PRAGMA table_info(queue)")):
+        try:
+            db.execute("ALTER TABLE queue ADD COLUMN flow TEXT NOT NULL DEFAULT ''")
+        except sqlite3.OperationalError as exc:  # another process added it meanwhile
+            if "duplicate column" not in str(exc):
+                raise
+    db.execute("CREATE INDEX IF NOT EXISTS queue_flow ON queue (q, owner, flow, id)")
+
+
 def _prefix_end(prefix: str) -> str:
     """The least key after every key that starts with ``prefix`` (non-empty): the end of its range in key order."""
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
@@ -78,8 +100,10 @@ class SQLiteStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        _add_queue_flows(self._db)
         self._lock = threading.Lock()
         self._wakers: dict[str, asyncio.Event] = {}  # this process's appends/enqueues wake its followers at once
+        self._turns: dict[str, int] = {}  # per queue: which flow goes first in the next take
         self._counts = 0
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -500,13 +524,14 @@ class SQLiteStore:
 
         return await self._poll("log:" + namespace, block_s, fetch)  # type: ignore[no-any-return]
 
-    async def enqueue(self, queue: str, entries: Sequence[Mapping[str, Any]]) -> list[str]:
-        rows = [(queue, orjson.dumps(entry)) for entry in entries]
+    async def enqueue(self, queue: str, entries: Sequence[Mapping[str, Any]], *, flow: str = "") -> list[str]:
+        rows = [(queue, orjson.dumps(entry), flow) for entry in entries]
 
         def insert(db: sqlite3.Connection) -> list[str]:
             db.execute("BEGIN IMMEDIATE")
             try:
-                ids = [str(db.execute("INSERT INTO queue (q, value) VALUES (?, ?)", row).lastrowid) for row in rows]
+                ids = [str(db.execute("INSERT INTO queue (q, value, flow) VALUES (?, ?, ?)", row).lastrowid)
+                       for row in rows]
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -529,8 +554,7 @@ class SQLiteStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 if idle_s is None:
-                    rows = db.execute("SELECT id, value FROM queue WHERE q = ? AND owner IS NULL ORDER BY id LIMIT ?",
-                                      (queue, count)).fetchall()
+                    rows = self._fair(db, queue, count)
                 else:
                     rows = db.execute("SELECT id, value FROM queue WHERE q = ? AND owner IS NOT NULL AND touched <= ? "
                                       "ORDER BY id LIMIT ?", (queue, now - idle_s, count)).fetchall()
@@ -545,6 +569,28 @@ class SQLiteStore:
             return [(str(i), orjson.loads(value)) for i, value in rows]
 
         return await self._run(claim)
+
+    def _fair(self, db: sqlite3.Connection, queue: str, count: int) -> list[tuple[int, bytes]]:
+        """Up to ``count`` unclaimed entries, round robin over the queue's flows (the first flow turning each take),
+        each flow's oldest first."""
+        flows = [row[0] for row in db.execute(_FLOWS, (queue,))]
+        if not flows:  # another process claimed them between the look and the lock
+            return []
+        turn = self._turns.get(queue, 0) % len(flows)
+        self._turns[queue] = turn + 1
+        chosen = (flows[turn:] + flows[:turn])[:count]
+        share = -(-count // len(chosen))
+
+        def oldest(flow: str, limit: int, offset: int) -> list[tuple[int, bytes]]:
+            return db.execute("SELECT id, value FROM queue WHERE q = ? AND owner IS NULL AND flow = ? ORDER BY id "
+                              "LIMIT ? OFFSET ?", (queue, flow, limit, offset)).fetchall()
+
+        found = [oldest(flow, share, 0) for flow in chosen]
+        if sum(map(len, found)) < count:  # some flows had fewer than their share: the others may give more
+            found = [rows + oldest(flow, count, share) if len(rows) == share else rows
+                     for flow, rows in zip(chosen, found, strict=True)]
+        rounds = itertools.zip_longest(*found)
+        return [row for one_round in rounds for row in one_round if row is not None][:count]
 
     async def take(self, queue: str, consumer: str, count: int, *,
                    block_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:

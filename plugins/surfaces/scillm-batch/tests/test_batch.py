@@ -336,3 +336,54 @@ def test_a_streaming_client_that_leaves_cancels_the_run(tmp_path):
             time.sleep(1.5)  # five items' time at concurrency 2: before, queued items kept starting for ~7.5 s
             assert len(fake.requests) <= sent + 2  # at most what was being started as the cancel landed
             assert len(fake.requests) < 40
+
+
+def test_a_small_batch_is_not_held_up_by_a_big_one_submitted_before_it(tmp_path):
+    """The worker holds 4 items at a time. 40 items of a big batch wait behind 4 held ones when a 2-item batch
+    arrives; the small batch's items go upstream within the next two rounds of takes (batches take turns in the
+    work queue), not after the big batch's 40."""
+    from scillm_core.state.sqlite import SQLiteStore
+
+    gate = threading.Event()
+
+    class Held(FakeOpenAI):  # answers nothing until the gate opens
+        async def pause(self, reply: Reply) -> None:
+            await super().pause(reply)
+            while not gate.is_set():
+                await asyncio.sleep(0.01)
+
+    def prompts(batch: str, n: int) -> list[dict]:
+        return [{"item_id": f"{batch}{i}", "messages": [{"role": "user", "content": f"{batch} {i}"}]}
+                for i in range(n)]
+
+    async def depth(store: SQLiteStore, **wanted: int) -> None:
+        for _ in range(3000):
+            found = await store.queue_depth("batch-work")
+            if all(found[k] == v for k, v in wanted.items()):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"the work queue never reached {wanted}: {found}")
+
+    with Held() as fake:
+        env = {"OPENAI_API_KEY": "k", "OPENAI_API_BASE": fake.base_url}
+        app = make_app(env=env, config={"batch": {"worker_capacity": 4}}, data_dir=tmp_path, only=PLUGINS)
+        with ServerThread(app) as server:
+            async def run() -> tuple[httpx.Response, httpx.Response]:
+                store = SQLiteStore(next(tmp_path.rglob("*.sqlite3")))
+                async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as http:
+                    big = asyncio.ensure_future(http.post("/v1/scillm/batch/completions", json={
+                        "model": "openai/gpt-a", "batch_id": "big", "concurrency": 4, "items": prompts("big", 40)}))
+                    await depth(store, waiting=36, claimed=4)
+                    small = asyncio.ensure_future(http.post("/v1/scillm/batch/completions", json={
+                        "model": "openai/gpt-a", "batch_id": "small", "items": prompts("small", 2)}))
+                    await depth(store, waiting=38)
+                    gate.set()
+                    answers = await big, await small
+                await store.close()
+                return answers
+
+            big, small = asyncio.run(run())
+    assert big.json()["completed"] == 40 and small.json()["completed"] == 2
+    order = [r.body["messages"][0]["content"].split()[0] for r in fake.requests]
+    assert len(order) == 42 and order.index("small") <= 8 and order.count("small") == 2, order
+    assert max(i for i, name in enumerate(order) if name == "small") <= 9, order
