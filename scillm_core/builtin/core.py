@@ -15,13 +15,7 @@ from scillm_core.builtin.routing import provider_timeouts, resolve
 from scillm_core.config import GroupConfig, PluginsConfig, ProviderSettings, ServerConfig, StateConfig
 from scillm_core.hookspecs import hookimpl
 from scillm_core.http import UPSTREAM_HEADERS
-from scillm_core.models import (
-    THINKING_BLOCKS,
-    ChatResponse,
-    EmbeddingsRequest,
-    EmbeddingsResponse,
-    without_thinking_blocks,
-)
+from scillm_core.models import ChatResponse, EmbeddingsRequest, EmbeddingsResponse, without_carried
 from scillm_core.models.params import check_asks
 from scillm_core.pipeline import StreamTap
 from scillm_core.timeouts import open_within, within_limits
@@ -73,9 +67,10 @@ def postprocess_json(request: ProviderRequest, ctx: CallContext) -> ResponseThun
 def call_provider(request: ProviderRequest, route: Route, ctx: CallContext) -> ChatThunk:
     """Dispatch to the registered provider (``embed`` for an embeddings request) within the route's upstream
     timeouts (``scillm_core.timeouts``); the request ``timeout`` bounds a non-streaming call too. Each dispatch is
-    one upstream attempt (``attempt.start`` / ``attempt.end`` when observers listen). The thinking blocks a chat
-    request carries (``THINKING_BLOCKS``) go only to a provider with that capability: each attempt of a group
-    decides for its own provider, so a fallback from Claude to another upstream never gets them."""
+    one upstream attempt (``attempt.start`` / ``attempt.end`` when observers listen). What a chat request's
+    assistant turns carry of earlier reasoning (``scillm_core.models.CARRIED``: Claude's signed thinking blocks,
+    reasoning text) goes only to a provider with that capability: each attempt of a group decides for its own
+    provider, so a fallback from Claude to another upstream never gets Claude's blocks, nor OpenAI reasoning text."""
     provider = ctx.runtime.providers[route.provider]
     if route.timeouts is None:  # a route some other routing plugin built
         route = attrs.evolve(route, timeouts=provider_timeouts(ctx.runtime, route.provider))
@@ -96,8 +91,7 @@ def call_provider(request: ProviderRequest, route: Route, ctx: CallContext) -> C
             capabilities = provider.capabilities_for(route)
             if not passthrough:  # a translation: what the client asks for must be deliverable (else a 400 now)
                 check_asks(request, capabilities, provider.name, route.model)
-            if THINKING_BLOCKS not in capabilities:  # carried thinking is Anthropic's: decided for each attempt
-                sent = without_thinking_blocks(request)
+            sent = without_carried(request, capabilities)  # decided for each attempt
         ctx.attempts += 1
         ctx.route = route
         dialect = native.dialect if native is not None else request.scillm.get("dialect")

@@ -19,8 +19,8 @@ from scillm_core.models.native import NativeRequest, with_native
 __all__ = [
     "MAX_TOKEN_COUNT", "ChatChunk", "ChatRequest", "ChatResponse", "Choice", "ChunkChoice", "Delta", "FileData",
     "FilePart", "FunctionCall", "FunctionCallDelta", "FunctionDef", "ImagePart", "ImageUrl", "Message", "OtherPart",
-    "Part", "Role", "THINKING_BLOCKS", "TextPart", "Tool", "ToolCall", "ToolCallDelta", "Usage", "token_count",
-    "without_thinking_blocks",
+    "CARRIED", "Part", "REASONING_CONTENT", "Role", "THINKING_BLOCKS", "TextPart", "Tool", "ToolCall", "ToolCallDelta",
+    "Usage", "token_count", "without_carried",
 ]
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -194,18 +194,29 @@ class ChatRequest:
 #: ``signature``, ``redacted_thinking``), as LiteLLM names them: Anthropic wants them back, unchanged, in a tool loop
 #: with thinking on. Surfaces turn their dialect's carrier into it (a Messages assistant turn's thinking blocks, a
 #: Responses reasoning item's ``encrypted_content``). Also the capability of a provider that takes them back; every
-#: other provider's attempt gets the request without them (core's dispatch, :func:`without_thinking_blocks`).
+#: other provider's attempt gets the request without them (core's dispatch, :func:`without_carried`).
 THINKING_BLOCKS = "thinking_blocks"
 
+#: The ``extra`` key of an assistant message that carries the model's reasoning as text, as DeepSeek, Kimi and GLM
+#: send it: their thinking models want it back on the assistant turns of a tool loop (Kimi answers 400 without it),
+#: while OpenAI's own API knows no such key. Surfaces fill it from their dialect's carrier (a Messages thinking
+#: block's text, a Responses reasoning item's summary); also the capability of a provider that takes it back.
+REASONING_CONTENT = "reasoning_content"
 
-def without_thinking_blocks(request: ChatRequest) -> ChatRequest:
-    """``request`` without the thinking blocks its messages carry; ``request`` itself when they carry none. Its
-    native body stays: surfaces keep carried thinking out of the bodies other upstreams take as sent."""
+#: What assistant turns may carry of the model's earlier reasoning, each for the providers with its capability.
+CARRIED = (THINKING_BLOCKS, REASONING_CONTENT)
+
+
+def without_carried(request: ChatRequest, capabilities: frozenset[str]) -> ChatRequest:
+    """``request`` without the carriers of earlier reasoning (:data:`CARRIED`) that a provider with
+    ``capabilities`` does not take back; ``request`` itself when there is nothing to leave out. Its native body
+    stays: surfaces keep carried thinking out of the bodies other upstreams take as sent."""
+    dropped = [key for key in CARRIED if key not in capabilities]
     messages = request.messages
-    if not any(THINKING_BLOCKS in m.extra for m in messages):
+    if not dropped or not any(key in m.extra for m in messages for key in dropped):
         return request
-    plain = tuple(evolve(m, extra={k: v for k, v in m.extra.items() if k != THINKING_BLOCKS})
-                  if THINKING_BLOCKS in m.extra else m for m in messages)
+    plain = tuple(evolve(m, extra={k: v for k, v in m.extra.items() if k not in dropped})
+                  if any(key in m.extra for key in dropped) else m for m in messages)
     return with_native(evolve(request, messages=plain), request.native)
 
 

@@ -190,10 +190,14 @@ class FakeOpenAI(FakeUpstream):
     "embedding"}], "model", "usage": {"prompt_tokens", "total_tokens"}}``, each vector :func:`fake_vector` of its
     input (``dimensions`` long when asked, else :attr:`embedding_dimensions`), base64 float32 when
     ``encoding_format`` is ``"base64"``; a malformed ``input`` is OpenAI's 400.
+
+    With :attr:`wants_reasoning_back` it is a thinking model that wants its reasoning back in a tool loop, as Kimi's
+    are: an assistant turn with tool calls but no ``reasoning_content`` is Moonshot's 400.
     """
 
     base_path = "/v1"
     embedding_dimensions = 8
+    wants_reasoning_back = False
 
     @property
     def base_url(self) -> str:
@@ -250,6 +254,11 @@ class FakeOpenAI(FakeUpstream):
         recorded = await self.record(request)
         reply = await self.answer(recorded)
         body = recorded.body if isinstance(recorded.body, dict) else {}
+        if self.wants_reasoning_back and any(
+                isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls")
+                and not m.get("reasoning_content") for m in body.get("messages") or ()):
+            reply = Reply.fail(400, "thinking is enabled but reasoning_content is missing in assistant tool call "
+                                    "message at index 1", type="invalid_request_error")
         model = reply.model or body.get("model") or "fake-model"
         headers = {"x-request-id": f"req_fake{self.next_id()}", "openai-processing-ms": "12",
                    "openai-version": "2020-10-01", **reply.headers}

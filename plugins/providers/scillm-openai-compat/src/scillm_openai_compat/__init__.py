@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from scillm_core import ConfigError, ProviderRegistry, Runtime, hookimpl
 from scillm_core.config import ProviderSettings
+from scillm_core.models import REASONING_CONTENT
 from scillm_openai_compat.provider import CompatSpec, OpenAICompatProvider, conversation_id, parse_error_body
 
 __all__ = ["KIND", "SPECS", "CompatSpec", "OpenAICompatProvider", "conversation_id", "declared_spec",
@@ -40,20 +41,22 @@ SPECS: tuple[CompatSpec, ...] = (
                base_env="DEEPSEEK_API_BASE", default_base="https://api.deepseek.com/v1", prefixes=("deepseek/",),
                aliases={"text-deepseek": "deepseek-chat"},
                models=("deepseek/deepseek-chat", "deepseek/deepseek-reasoner"),
-               string_content=True, capabilities=frozenset({"streaming", "tools", "json_mode"})),
+               string_content=True, capabilities=frozenset({"streaming", "tools", "json_mode", REASONING_CONTENT})),
     CompatSpec(name="glm", family="openai", key_env=("GLM_API_KEY", "GLM_API_Key"), base_env="GLM_API_BASE",
                default_base="https://api.z.ai/api/paas/v4", prefixes=("glm/",), aliases={"text-glm": "glm-5.1"},
                models=("glm/glm-5.1", "glm/glm-4.6", "glm/glm-4.5v", "glm/embedding-3"),
-               capabilities=frozenset({"streaming", "tools", "images", "json_mode", "embeddings"})),
+               capabilities=frozenset({"streaming", "tools", "images", "json_mode", "embeddings", REASONING_CONTENT})),
     CompatSpec(name="moonshot", family="openai", key_env=("MOONSHOT_API_KEY",), base_env="MOONSHOT_API_BASE",
                default_base="https://api.moonshot.ai/v1", prefixes=("moonshot/",),
                aliases={"moonshot-text": "kimi-k2.6"}, models=("moonshot/kimi-k2.6", "moonshot/kimi-k2-0905-preview"),
-               max_temperature=1.0),
+               max_temperature=1.0, capabilities=frozenset({"streaming", "tools", "images", "json_mode",
+                                                            REASONING_CONTENT})),
     # Chutes takes any Org/Model name no prefix claimed, so its rule runs last.
     CompatSpec(name="chutes", family="openai", key_env=("CHUTES_API_KEY", "CHUTES_API_TOKEN"),
                base_env="CHUTES_API_BASE", default_base="https://llm.chutes.ai/v1", prefixes=("chutes/",),
                rule=lambda model: "/" in model, rule_order=900,
-               models=("deepseek-ai/DeepSeek-V3.2-TEE", "moonshotai/Kimi-K2.6-TEE", "zai-org/GLM-5.1-TEE")),
+               models=("deepseek-ai/DeepSeek-V3.2-TEE", "moonshotai/Kimi-K2.6-TEE", "zai-org/GLM-5.1-TEE"),
+               capabilities=frozenset({"streaming", "tools", "images", "json_mode", REASONING_CONTENT})),
 )
 
 
@@ -76,7 +79,8 @@ def declared_spec(name: str, settings: ProviderSettings) -> CompatSpec:
         raise ConfigError(f"{where}: with prefix = \"\" give models = [...] (the names it serves), or nothing routes "
                           f"to it")
     served = frozenset(settings.models)
-    capabilities = {"streaming", "tools", "images", "json_mode", "json_schema"}
+    # reasoning text goes back as the thinking models such servers run want it (others ignore the key)
+    capabilities = {"streaming", "tools", "images", "json_mode", "json_schema", REASONING_CONTENT}
     if settings.embeddings is not False:
         capabilities.add("embeddings")
     return CompatSpec(name=name, family="openai", key_env=(settings.key_env,) if settings.key_env else (),

@@ -35,6 +35,7 @@ from scillm_core import (
     runtime_of,
 )
 from scillm_core.config import ProviderSettings
+from scillm_core.models import REASONING_CONTENT
 from scillm_core.upstream import translate_transport
 
 __all__ = ["OpenCodeGoConfig", "OpenCodeGoProvider"]
@@ -56,7 +57,7 @@ class OpenCodeGoConfig:
 
 CHAT_SPEC = CompatSpec(name=NAME, family="opencode-go", key_env=(KEY_ENV,), base_env="OPENCODE_GO_API_BASE",
                        default_base=DEFAULT_BASE, prefixes=("opencode-go/",), session_header="x-opencode-session",
-                       capabilities=frozenset({"streaming", "tools"}))
+                       capabilities=frozenset({"streaming", "tools", REASONING_CONTENT}))  # Kimi, GLM, DeepSeek
 
 
 class _Messages(AnthropicProvider):

@@ -33,6 +33,7 @@ from scillm_core import (
     errors,
 )
 from scillm_core.jsonio import json_type, loads
+from scillm_core.models import REASONING_CONTENT, THINKING_BLOCKS
 from scillm_core.models.native import native_events
 
 __all__ = ["STOP_REASONS", "StreamTranslator", "fit_upstream", "message_id", "parse_messages_request",
@@ -420,8 +421,12 @@ def _assistant(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, st
         return []  # e.g. a thinking-only turn: nothing an upstream can take
     content = _cited_text(blocks) if cites else text or None
     # thinking blocks ride in ``thinking_blocks`` (the Anthropic provider sends them back, as tool loops with
-    # thinking require); core's dispatch leaves them out of every other provider's attempt
-    extra: dict[str, Any] = {"thinking_blocks": thinking} if thinking else {}
+    # thinking require), their text in ``reasoning_content`` (DeepSeek's, Kimi's and GLM's thinking models want it
+    # back); core's dispatch leaves each out of the attempts of providers that do not take it
+    extra: dict[str, Any] = {THINKING_BLOCKS: thinking} if thinking else {}
+    reasoning = "".join(block["thinking"] for block in thinking if block["type"] == "thinking")
+    if reasoning:
+        extra[REASONING_CONTENT] = reasoning
     if marker:
         extra["cache_control"] = marker  # the turn's marker: it goes on the turn's last block again
     origins.message(where, [path for kind, _, path in blocks if kind == "text"] if cites else None,

@@ -20,6 +20,7 @@ import orjson
 
 from scillm_core import ChatChunk, ChatRequest, ChatResponse, Usage, errors, structure
 from scillm_core.jsonio import json_type
+from scillm_core.models import REASONING_CONTENT, THINKING_BLOCKS
 from scillm_core.models.extensions import EXTENSION_FIELDS, take_extensions
 from scillm_core.models.native import NativeRequest, native_events
 from scillm_core.models.params import HOSTED
@@ -176,13 +177,15 @@ def _messages(body: Mapping[str, Any], origins: errors.Origins) -> list[dict[str
     if not isinstance(raw, list):
         raise _bad(f"expected string or array of items, got {json_type(raw)}", "$.input")
     thinking: list[dict[str, Any]] = []  # carried by reasoning items, for the assistant turn that follows them
+    reasoning: list[str] = []  # their text likewise (summary, or reasoning text), for upstreams that want it back
     for i, item in enumerate(raw):
         path = f"$.input[{i}]"
         if not isinstance(item, dict):
             raise _bad(f"expected input item object, got {json_type(item)}", path)
         kind = item.get("type", "message")
-        if kind == "reasoning":  # the model's own state: only its signed thinking blocks go back (to Anthropic)
+        if kind == "reasoning":  # the model's own state: signed thinking blocks (Anthropic's), and its text
             thinking += unsealed_thinking(item.get("encrypted_content"))
+            reasoning += _reasoning_text(item)
             continue
         before = len(messages)
         last = messages[-1] if messages else None
@@ -222,12 +225,26 @@ def _messages(body: Mapping[str, Any], origins: errors.Origins) -> list[dict[str
         else:
             raise _bad(f"unsupported input item type {kind!r} (supported: message, function_call, "
                        f"function_call_output, reasoning)", f"{path}.type")
-        if thinking:  # the turn the blocks came with starts here, or they belonged to no turn of this input
+        if thinking or reasoning:  # the turn they came with starts here, or they belonged to no turn of this input
             turn = messages[before] if len(messages) > before else last
             if turn is not None and turn["role"] == "assistant":
-                turn["thinking_blocks"] = [*turn.get("thinking_blocks", ()), *thinking]
-            thinking = []
+                if thinking:
+                    turn[THINKING_BLOCKS] = [*turn.get(THINKING_BLOCKS, ()), *thinking]
+                if reasoning:
+                    turn[REASONING_CONTENT] = turn.get(REASONING_CONTENT, "") + "".join(reasoning)
+            thinking, reasoning = [], []
     return messages
+
+
+def _reasoning_text(item: Mapping[str, Any]) -> list[str]:
+    """A reasoning item's text: its ``content`` (reasoning text), else its summary; what is not text is skipped."""
+    for key in ("content", "summary"):
+        parts = item.get(key)
+        texts = [p["text"] for p in parts if isinstance(p, Mapping) and isinstance(p.get("text"), str)] \
+            if isinstance(parts, list) else []
+        if texts:
+            return texts
+    return []
 
 
 def _tools(raw: Any, asks: dict[str, str], origins: errors.Origins
