@@ -211,12 +211,12 @@ def without_carried(request: ChatRequest, capabilities: frozenset[str]) -> ChatR
     """``request`` without the carriers of earlier reasoning (:data:`CARRIED`) that a provider with
     ``capabilities`` does not take back; ``request`` itself when there is nothing to leave out. Its native body
     stays: surfaces keep carried thinking out of the bodies other upstreams take as sent."""
-    dropped = [key for key in CARRIED if key not in capabilities]
+    dropped = {key for key in CARRIED if key not in capabilities}
     messages = request.messages
-    if not dropped or not any(key in m.extra for m in messages for key in dropped):
+    if not dropped or not any(m.extra and not dropped.isdisjoint(m.extra) for m in messages):
         return request
     plain = tuple(evolve(m, extra={k: v for k, v in m.extra.items() if k not in dropped})
-                  if any(key in m.extra for key in dropped) else m for m in messages)
+                  if m.extra and not dropped.isdisjoint(m.extra) else m for m in messages)
     return with_native(evolve(request, messages=plain), request.native)
 
 
