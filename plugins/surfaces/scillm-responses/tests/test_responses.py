@@ -194,7 +194,8 @@ def test_item_references_name_the_output_items_scillm_kept(client: Any, upstream
 @pytest.mark.anyio
 async def test_kept_items_are_each_keys_own() -> None:
     """Items are kept under the caller's owner: another key's reference to them is a 400, as for unknown ones."""
-    from scillm_responses import _Keeper, _resolve_references
+    from scillm_responses import _resolve_references
+    from scillm_responses.items import KeptItems
 
     from scillm_core import errors
 
@@ -211,11 +212,14 @@ async def test_kept_items_are_each_keys_own() -> None:
 
     runtime: Any = type("Runtime", (), {"store": Store()})()
     item = {"id": "msg_1", "type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "x"}]}
-    await _Keeper(runtime, "key-a")([item])
+    kept = KeptItems(runtime)
+    kept.keep("key-a", [item])
+    assert kept.task is not None
+    await kept.task
     body = {"input": [{"type": "item_reference", "id": "msg_1"}]}
-    assert (await _resolve_references(body, runtime, "key-a"))["input"] == [item]
+    assert (await _resolve_references(body, kept, "key-a"))["input"] == [item]
     with pytest.raises(errors.InvalidRequest, match="no such item kept"):
-        await _resolve_references(body, runtime, "key-b")
+        await _resolve_references(body, kept, "key-b")
 
 
 def test_errors_about_the_translated_request_name_the_clients_paths(client: Any, upstream: FakeOpenAI) -> None:
@@ -331,3 +335,31 @@ def test_an_empty_answer_cut_by_the_output_limit_is_a_502(client: Any, upstream:
         client.responses.create(model="gpt-4o-mini", input="Say hi", max_output_tokens=16)
     assert caught.value.status_code == 502 and caught.value.body["code"] == "thinking_budget_exhausted"
     assert "max_output_tokens" in caught.value.body["message"]
+
+
+def test_kept_items_are_found_while_queued_and_by_another_process_once_written(tmp_path: Any) -> None:
+    """Keeping costs the answer a queue insert: the same process finds the items while they wait for the background
+    write, and another process sharing the store finds them once written; another key finds nothing."""
+    import asyncio
+
+    from scillm_responses.items import KeptItems
+
+    from scillm_core.state.sqlite import SQLiteStore
+
+    async def run() -> tuple[list[Any], list[Any], list[Any], dict[str, int]]:
+        stores = [SQLiteStore(tmp_path / "state.sqlite3") for _ in range(2)]
+        here, there = (KeptItems(type("Runtime", (), {"store": store})()) for store in stores)  # type: ignore[arg-type]
+        item = {"id": "msg_1", "type": "message", "role": "assistant", "content": []}
+        here.keep("key_a", [item, {"type": "no id: not kept"}])
+        queued = await here.find("key_a", ["msg_1"])
+        assert here.task is not None
+        await here.task
+        written = await there.find("key_a", ["msg_1"])
+        other_key = await there.find("key_b", ["msg_1"])
+        for store in stores:
+            await store.close()
+        return queued, written, other_key, here.counts
+
+    queued, written, other_key, counts = asyncio.run(run())
+    assert queued == written == [{"id": "msg_1", "type": "message", "role": "assistant", "content": []}]
+    assert other_key == [None] and counts == {"kept": 1, "dropped": 0, "write_errors": 0}

@@ -12,8 +12,8 @@ clients send back in their next request (the Vercel AI SDK's OpenAI provider doe
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+import functools
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -44,6 +44,7 @@ from scillm_core import (
 )
 from scillm_core.models.native import native_request
 from scillm_core.streaming import EventStreamResponse
+from scillm_responses.items import KeptItems
 from scillm_responses.translate import (
     EXTENSION_FIELDS,
     EventStream,
@@ -55,16 +56,14 @@ from scillm_responses.translate import (
 __all__ = ["EventStream", "parse_request", "response_object"]
 
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-#: the state-store namespace of kept output items (keyed ``<owner>/<item id>``: a key reads only its own), and
-#: how long they are kept
-ITEMS = "responses.items"
-ITEM_TTL_S = 24 * 3600.0
-log = logging.getLogger("scillm")
+Keep = Callable[[Sequence[Mapping[str, Any]]], None]  # keeps an answer's output items for item_reference
 
 
 @hookimpl
 def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> None:
     surfaces.route("/v1/responses", create_response, ["POST"], plugin="responses")
+    items = runtime.plugin_state["responses"] = KeptItems(runtime)
+    surfaces.on_shutdown(items.stop)
 
 
 async def create_response(request: Request) -> Response:
@@ -72,7 +71,8 @@ async def create_response(request: Request) -> Response:
     raw = await read_body(request, limit_bytes=int(runtime.config.server.max_body_mb * 1024 * 1024))
     body = parse_json(raw)
     owner = identity_of(request).owner
-    resolved = await _resolve_references(body, runtime, owner)
+    kept_items: KeptItems = runtime.plugin_state["responses"]
+    resolved = await _resolve_references(body, kept_items, owner)
     if resolved is not body:  # the items themselves, also for an upstream that would have taken the body as sent
         body, raw = resolved, orjson.dumps(resolved)
     origins = errors.Origins()
@@ -83,14 +83,14 @@ async def create_response(request: Request) -> Response:
         native = native_request("openai-responses", body, raw, request.headers, taken=EXTENSION_FIELDS)
         with_native(chat, without_sealed_thinking(native))
     ctx = call_context(request, timeout_s=chat.scillm.get("timeout"))
-    kept = _Keeper(runtime, owner) if keep else None
+    kept = functools.partial(kept_items.keep, owner) if keep else None  # before the answer's last event
     try:
         return await _respond(chat, echo, ctx, runtime.config.server.heartbeat_s, origins, kept)
     except errors.ScillmError as exc:  # about the chat request it became: named by the client's own paths
         raise origins.relocate(exc) from None
 
 
-async def _resolve_references(body: Any, runtime: Runtime, owner: str) -> Any:
+async def _resolve_references(body: Any, kept: KeptItems, owner: str) -> Any:
     """``body`` with each ``item_reference`` input replaced by the output item it names, as kept for ``owner``
     (``body`` itself when it has none); one that is not kept (never was, expired, another key's) is a 400."""
     items = body.get("input") if isinstance(body, dict) else None
@@ -104,7 +104,7 @@ async def _resolve_references(body: Any, runtime: Runtime, owner: str) -> Any:
         if not isinstance(item_id, str) or not item_id:
             raise errors.InvalidRequest(f"item_reference needs the id of an output item @ $.input[{i}].id",
                                         param=f"$.input[{i}].id")
-    found = await runtime.store.get_many(ITEMS, [f"{owner}/{item_id}" for item_id in wanted.values()])
+    found = await kept.find(owner, list(wanted.values()))
     for (i, item_id), item in zip(wanted.items(), found, strict=True):
         if item is None:
             raise errors.InvalidRequest(
@@ -115,26 +115,8 @@ async def _resolve_references(body: Any, runtime: Runtime, owner: str) -> Any:
     return {**body, "input": [resolved.get(i, item) for i, item in enumerate(items)]}
 
 
-class _Keeper:
-    """Keeps a translated answer's output items for :func:`_resolve_references`, before the answer goes out (a
-    client may send its next request the moment it has the answer). A failure to keep them is logged, not the
-    caller's: the answer stands, and only a later reference to its items would fail."""
-
-    def __init__(self, runtime: Runtime, owner: str) -> None:
-        self.runtime, self.owner = runtime, owner
-
-    async def __call__(self, output: Sequence[Mapping[str, Any]]) -> None:
-        documents = [(f"{self.owner}/{item['id']}", item) for item in output if isinstance(item.get("id"), str)]
-        if not documents:
-            return
-        try:
-            await self.runtime.store.put_many(ITEMS, documents, ttl_s=ITEM_TTL_S)
-        except Exception as exc:
-            log.warning("responses: could not keep %d output item(s) for item_reference: %s", len(documents), exc)
-
-
 async def _respond(chat: ChatRequest, echo: Mapping[str, Any], ctx: CallContext, heartbeat_s: float,
-                   origins: errors.Origins, kept: _Keeper | None) -> Response:
+                   origins: errors.Origins, kept: Keep | None) -> Response:
     if chat.stream:
         return await _stream(chat, echo, ctx, heartbeat_s, origins, kept)
     result = await run_chat(chat, ctx)
@@ -149,14 +131,14 @@ async def _respond(chat: ChatRequest, echo: Mapping[str, Any], ctx: CallContext,
     else:
         payload = response_object(result, echo)
         if kept is not None:
-            await kept(payload["output"])
+            kept(payload["output"])
     if metadata is not None:
         payload["scillm_metadata"] = metadata
     return json_response(payload, headers=served_headers(ctx))
 
 
 async def _stream(chat: ChatRequest, echo: Mapping[str, Any], ctx: CallContext, heartbeat_s: float,
-                  origins: errors.Origins, kept: _Keeper | None) -> Response:
+                  origins: errors.Origins, kept: Keep | None) -> Response:
     """Open the stream before answering, so early failures keep their HTTP status; heartbeats while waiting."""
 
     opening = await open_stream(chat, ctx, heartbeat_s)
@@ -166,7 +148,7 @@ async def _stream(chat: ChatRequest, echo: Mapping[str, Any], ctx: CallContext, 
 
 
 async def _events(opening: OpeningStream, events: EventStream, heartbeat_s: float, notes: dict[str, Any],
-                  origins: errors.Origins, kept: _Keeper | None = None) -> AsyncIterator[bytes]:
+                  origins: errors.Origins, kept: Keep | None = None) -> AsyncIterator[bytes]:
     """The stream's events; on a same-dialect route the upstream's own (``events`` follows them), then (when
     scillm-resilience continued the answer with another model, ``notes["continuation"]``) the continuation's
     chunks translated, going on in the same response."""
@@ -207,7 +189,7 @@ async def _events(opening: OpeningStream, events: EventStream, heartbeat_s: floa
                     yield event
         last = events.complete()
         if kept is not None:
-            await kept([item for item in events.output if item is not None])
+            kept([item for item in events.output if item is not None])
         for event in last:
             yield event
     except asyncio.CancelledError:
