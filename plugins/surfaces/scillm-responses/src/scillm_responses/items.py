@@ -5,7 +5,8 @@ Keeping is off the request path: an answer's items are queued (a dictionary inse
 what is queued every ``DELAY_S`` in one ``put_many``, so under load one store write carries many answers' items.
 A reference looks in what this process has queued or is writing first, then in the store, and once more after
 ``RETRY_S`` (another instance's write may be landing) before it is a 400. Items are keyed ``<owner>/<item id>``: a
-key reads only its own. What is still queued when the process stops is lost (as an expired item would be)."""
+key reads only its own. What is queued when the process stops is written then; a process that dies loses it (as
+an expired item would be lost)."""
 
 from __future__ import annotations
 
