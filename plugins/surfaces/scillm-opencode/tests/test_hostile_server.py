@@ -88,6 +88,22 @@ def test_an_error_page_echoing_the_password_is_redacted(hostile: Hostile) -> Non
     assert "answered HTTP 500: <h1>denied for opencode:[redacted]</h1>" in response.json()["error"]["message"]
 
 
+def test_an_external_server_failing_its_health_check_has_its_client_closed(hostile: Hostile) -> None:
+    """The next run connects a new client; before, the one of the server that failed its check was dropped with its
+    connection pool open."""
+    from scillm_opencode import opencode_of
+
+    serve = opencode_of(hostile.server.app.runtime).serve
+    assert hostile.run().json()["status"] == "completed"
+    first = serve.server
+    assert first is not None and not first.client.http.is_closed
+    hostile.fake.answers["health"] = Bad({"down": True}, 500)
+    assert hostile.run().status_code == 502
+    assert first.died.is_set() and first.client.http.is_closed
+    del hostile.fake.answers["health"]
+    assert hostile.run().json()["status"] == "completed" and serve.server is not first
+
+
 @pytest.mark.parametrize("body,shape", [({"slug": "no-id"}, "null"), ({"id": {"x": 1}}, "object"),
                                         ({"id": "../../global/dispose"}, "string")])
 def test_a_session_without_a_usable_id_fails_the_run_saying_so(hostile: Hostile, body: Any, shape: str) -> None:

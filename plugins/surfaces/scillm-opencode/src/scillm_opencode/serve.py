@@ -168,6 +168,8 @@ class ServeManager:
                 if self.managed and self.process is not None and self.process.alive:
                     raise
                 server.mark_dead(exc.message)
+                if not server.managed:  # the next start connects a new client: this one's connections go now
+                    await server.client.aclose()
         if self.starting is None or self.starting.done():
             self.starting = asyncio.ensure_future(self._start())
         return await asyncio.shield(self.starting)
