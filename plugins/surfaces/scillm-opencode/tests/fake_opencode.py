@@ -56,7 +56,9 @@ class FakeOpenCode(FakeUpstream):
                 Route("/session/{sid}/abort", self.abort, methods=["POST"]),
                 Route("/session/{sid}", self.delete, methods=["DELETE"]),
                 Route("/instance/dispose", self.dispose, methods=["POST"]),
-                Route("/event", self.event)]
+                Route("/permission/{pid}/reply", self.reply, methods=["POST"]),
+                Route("/event", self.event),
+                Route("/{path:path}", self.unknown, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])]
 
     async def _answer(self, name: str, request: Request, normal: Any, status: int = 200) -> Response:
         await self.record(request)
@@ -134,6 +136,14 @@ class FakeOpenCode(FakeUpstream):
 
     async def dispose(self, request: Request) -> Response:
         return await self._answer("dispose", request, True)
+
+    async def reply(self, request: Request) -> Response:
+        return await self._answer("reply", request, True)
+
+    async def unknown(self, request: Request) -> Response:
+        """Any other path (recorded too): what OpenCode answers for a route it does not have."""
+        await self.record(request)
+        return Response(b"Not Found", 404)
 
     async def event(self, request: Request) -> Response:
         await self.record(request)

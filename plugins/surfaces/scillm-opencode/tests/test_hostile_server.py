@@ -33,14 +33,17 @@ class Hostile:
     def run(self, **extra: Any) -> httpx.Response:
         return self.client.post(RUNS, json={"prompt": "hi", "cwd": str(make_repo(self.root)), **extra})
 
-    def events(self, run_id: str) -> list[dict[str, Any]]:
+    def events(self, run_id: str, *, transport: bool = False) -> list[dict[str, Any]]:
         from scillm_opencode import opencode_of
 
-        runs = opencode_of(self.server.app.runtime).runs
-        path = runs.records.run_dir(run_id) / "events.jsonl"
+        oc = opencode_of(self.server.app.runtime)
+        path = (oc.transport if transport else oc.runs).records.run_dir(run_id) / "events.jsonl"
         import json
 
-        return [json.loads(line) for line in path.read_text().splitlines()]
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def transport_events(self, run_id: str) -> list[dict[str, Any]]:
+        return self.events(run_id, transport=True)
 
 
 @pytest.fixture
@@ -113,6 +116,37 @@ def test_a_session_without_a_usable_id_fails_the_run_saying_so(hostile: Hostile,
     assert doc["status"] == "error"
     assert doc["error"] == f"opencode serve: POST /session answered without a usable session id ({shape})"
     assert not [r for r in hostile.fake.requests if "prompt_async" in r.path]
+
+
+@pytest.mark.parametrize("permission_id", ["../../session/{SID}/abort", "per_1?directory=/etc", "per 1"])
+def test_a_permission_id_that_is_not_an_id_fails_that_permission_and_never_reaches_a_url(
+        hostile: Hostile, permission_id: str) -> None:
+    """A transport node's permission request whose id is not one of OpenCode's: its event says it cannot be answered,
+    and a reply is a 502 naming the server's fault. Before: the id went into the reply's URL as it came, so the
+    server chose the path of scillm's next call (here: the session's own abort)."""
+    import json
+
+    hostile.fake.events = [frame({"type": "permission.asked", "properties": {
+        "id": permission_id, "sessionID": "{SID}", "permission": "edit", "patterns": ["hello.txt"]}})]
+    transport = "/v1/scillm/opencode/transport/runs"
+    started = hostile.client.post(transport, json={"workspace": str(make_repo(hostile.root)),
+                                                   "nodes": [{"id": "a", "prompt": "hi"}]})
+    assert started.status_code == 202, started.text
+    run_id = started.json()["run_id"]
+    while not (asked := [e for e in hostile.transport_events(run_id) if e["type"] == "permission_requested"]):
+        time.sleep(0.05)
+    sid = next(e for e in hostile.transport_events(run_id) if e["type"] == "node_started")["session_id"]
+    sent = permission_id.replace("{SID}", sid)
+    assert asked[0]["permission_id"] == sent
+    assert asked[0]["error"] == ("opencode serve sent this permission request without a usable id: it cannot be "
+                                 "answered (a reply to it is a 502)")
+    reply = hostile.client.post(f"{transport}/{run_id}/permission", json={"permission_id": sent, "reply": "once"})
+    assert reply.status_code == 502, reply.text
+    assert reply.json()["error"]["message"] == ("opencode serve sent a permission request id that cannot be answered "
+                                                f"(not an id: {json.dumps(sent)[1:-1]!r})")
+    assert not [r for r in hostile.fake.requests if r.path.endswith("/reply") or r.path.endswith("/abort")]
+    aborted = hostile.client.post(f"{transport}/{run_id}/abort")
+    assert aborted.status_code == 200 and aborted.json()["status"] == "aborted", aborted.text
 
 
 def test_messages_of_the_wrong_shape_fail_the_run_saying_what_came(hostile: Hostile) -> None:

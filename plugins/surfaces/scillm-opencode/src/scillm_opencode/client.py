@@ -15,13 +15,13 @@ import orjson
 from scillm_core import errors
 from scillm_core.jsonio import json_type
 
-__all__ = ["CLEANUP_S", "MAX_BODY", "MAX_EVENT", "RESULT_S", "OpenCodeClient", "ServeError"]
+__all__ = ["CLEANUP_S", "ID", "MAX_BODY", "MAX_EVENT", "RESULT_S", "OpenCodeClient", "ServeError"]
 
 MAX_BODY = 64 << 20    # bytes of one answer
 MAX_EVENT = 16 << 20   # bytes of one bus event (an SSE event's data lines together)
 CLEANUP_S = 5.0        # seconds a clean-up call (abort, status, delete, dispose) may take: it never holds a run up
 RESULT_S = 10.0        # seconds the messages of a session that ended may take (the run's answer, read once more)
-SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # OpenCode's ids (ses_...): safe in a path, short in a record
+ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # OpenCode's ids (ses_..., per_...): safe in a path, short in a record
 
 
 class ServeError(errors.ScillmError):
@@ -116,7 +116,7 @@ class OpenCodeClient:
 
     async def create_session(self, directory: str, body: Mapping[str, Any]) -> dict[str, Any]:
         session = await self.call("POST", "/session", directory=directory, json=body, expect=dict)
-        if not isinstance(session.get("id"), str) or not SESSION_ID.match(session["id"]):
+        if not isinstance(session.get("id"), str) or not ID.match(session["id"]):
             raise ServeError(f"opencode serve: POST /session answered without a usable session id "
                              f"({json_type(session.get('id'))})")
         return session  # type: ignore[no-any-return]
@@ -141,6 +141,9 @@ class OpenCodeClient:
                                expect=list)
 
     async def reply_permission(self, directory: str, request_id: str, reply: str, message: str | None) -> None:
+        if not ID.match(request_id):  # the server's id: never path segments of scillm's next call
+            raise ServeError(f"opencode serve sent a permission request id that cannot be answered (not an id: "
+                             f"{errors.quote(self.clean(request_id, 200))})")
         body: dict[str, Any] = {"reply": reply}
         if message:
             body["message"] = message

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from scillm_opencode.client import ServeError
+from scillm_opencode.client import ID, ServeError
 from scillm_opencode.normalise import SessionEvents, obj, one, string
 from scillm_opencode.serve import Server
 
@@ -153,7 +153,12 @@ class SessionDriver:
         props = obj(event.get("properties"))
         for name, fields in self.events.feed(event):
             if name == "permission_requested":
-                self.pending[str(fields.get("permission_id"))] = fields
+                permission_id = fields.get("permission_id")
+                if not isinstance(permission_id, str) or not ID.match(permission_id):
+                    fields["error"] = ("opencode serve sent this permission request without a usable id: it cannot "
+                                       "be answered (a reply to it is a 502)")
+                if isinstance(permission_id, str):
+                    self.pending[permission_id] = fields
             elif name == "permission_replied":
                 self.pending.pop(str(fields.get("permission_id")), None)
             elif name == "tool_call" and fields.get("status") == "completed" and \
