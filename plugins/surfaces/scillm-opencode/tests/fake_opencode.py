@@ -3,8 +3,8 @@
 broken or hostile server, call by call.
 
 ``answers[name]`` (names: health, agent, providers, create, prompt, messages, status, abort, delete, dispose,
-skill, event) is a :class:`Bad` answer; for ``prompt``, ``events`` are the raw SSE bytes the stream carries after
-the prompt instead of a normal turn."""
+skill, reply, event) is a :class:`Bad` answer; for ``prompt``, ``events`` are the raw SSE bytes the stream carries after
+the prompt instead of a normal turn, and ``on_abort`` those it carries on an abort instead of the session's idle."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ class FakeOpenCode(FakeUpstream):
         super().__init__()
         self.answers: dict[str, Bad] = {}
         self.events: list[bytes | None] | None = None  # after a prompt (None: a normal turn; a None ends the stream)
+        self.on_abort: list[bytes] | None = None  # what the stream carries on an abort (None: the session's idle)
         self.streams: dict[str, asyncio.Queue[bytes | None]] = {}
         self.ids = itertools.count(1)
         self.sessions: dict[str, str] = {}  # session id -> directory
@@ -128,7 +129,10 @@ class FakeOpenCode(FakeUpstream):
 
     async def abort(self, request: Request) -> Response:
         sid = request.path_params["sid"]
-        self.push(self.sessions.get(sid, ""), frame({"type": "session.idle", "properties": {"sessionID": sid}}))
+        frames = [frame({"type": "session.idle", "properties": {"sessionID": sid}})] if self.on_abort is None else \
+            self.on_abort
+        for data in frames:
+            self.push(self.sessions.get(sid, ""), data.replace(b"{SID}", sid.encode()))
         return await self._answer("abort", request, True)
 
     async def delete(self, request: Request) -> Response:

@@ -259,19 +259,58 @@ def test_first_of_awaits_the_waiters_it_cancels() -> None:
 def test_shutdown_awaits_the_abort_a_cancelled_run_left_going(hostile: Hostile,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A run in flight when scillm stops gets 3 s for its session's abort; an abort that takes longer (here: the
-    status check after it stalls) goes on, and shutdown awaits it instead of leaving it to the closing loop."""
+    server's answer stalls, and the session's idle never comes) goes on, and shutdown awaits it instead of leaving
+    it to the closing loop."""
     import scillm_opencode.client as client
     from scillm_opencode import opencode_of
 
     monkeypatch.setattr(client, "CLEANUP_S", 4.0)  # longer than the 3 s a cancelled run waits for its abort
     hostile.fake.events = []          # the session never goes idle
-    hostile.fake.answers["abort"] = Bad(True)
-    hostile.fake.answers["status"] = Bad(hang=True)
+    hostile.fake.on_abort = []
+    hostile.fake.answers["abort"] = Bad(hang=True)
     response = hostile.run(wait=False)
     assert response.status_code == 200, response.text
     runs = opencode_of(hostile.server.app.runtime).runs
     while not any("prompt_async" in r.path for r in hostile.fake.requests):
         time.sleep(0.05)
     hostile.server.stop()
-    assert any(r.path == "/session/status" for r in hostile.fake.requests)
+    assert any(r.path.endswith("/abort") for r in hostile.fake.requests)
     assert runs.cleanups == set()
+
+
+def _started(hostile: Hostile) -> str:
+    """A run whose session is working (its prompt sent) and never goes idle by itself."""
+    hostile.fake.events = []
+    response = hostile.run(wait=False)
+    assert response.status_code == 200, response.text
+    while not any("prompt_async" in r.path for r in hostile.fake.requests):
+        time.sleep(0.05)
+    return str(response.json()["run_id"])
+
+
+def test_an_abort_the_server_answers_true_ends_the_run_without_waiting_for_its_idle(hostile: Hostile) -> None:
+    """``opencode serve`` answers the abort once it has stopped the session and set it idle: that answer is the
+    confirmation. Before: the run then waited up to 10 s for the session's idle on the bus and asked for its status
+    (here the idle never comes and the status stalls: the abort was reported unconfirmed, 15 s later)."""
+    run_id = _started(hostile)
+    hostile.fake.on_abort = []                      # its idle does not come on the bus
+    hostile.fake.answers["status"] = Bad(hang=True)
+    aborted = hostile.client.post(f"{RUNS}/{run_id}/abort", json={"reason": "stop"})
+    assert aborted.status_code == 200, aborted.text
+    assert (aborted.json()["status"], aborted.json()["error"]) == ("aborted", "stop")
+    assert not [r for r in hostile.fake.requests if r.path == "/session/status"]
+    events = hostile.events(run_id)
+    assert events[-1]["type"] == "run_completed" and events[-1]["status"] == "aborted"
+
+
+def test_the_sessions_idle_ends_the_abort_before_the_server_answers_it(hostile: Hostile) -> None:
+    """The session says it is idle on the bus while the abort's answer has not come (it stalls): the run ends on
+    the idle and the stalled call is given up. Before: the run waited for the answer (5 s, then a timeout) and
+    reported the abort unconfirmed."""
+    run_id = _started(hostile)
+    hostile.fake.on_abort = [frame({"type": "session.idle", "properties": {"sessionID": "{SID}"}})]
+    hostile.fake.answers["abort"] = Bad(hang=True)
+    aborted = hostile.client.post(f"{RUNS}/{run_id}/abort", json={"reason": "stop"})
+    assert aborted.status_code == 200, aborted.text
+    assert (aborted.json()["status"], aborted.json()["error"]) == ("aborted", "stop")
+    assert not [r for r in hostile.fake.requests if r.path == "/session/status"]

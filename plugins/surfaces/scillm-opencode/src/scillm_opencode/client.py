@@ -124,8 +124,10 @@ class OpenCodeClient:
     async def prompt_async(self, directory: str, session_id: str, body: Mapping[str, Any]) -> None:
         await self.call("POST", f"/session/{session_id}/prompt_async", directory=directory, json=body)
 
-    async def abort(self, directory: str, session_id: str) -> None:
-        await self.call("POST", f"/session/{session_id}/abort", directory=directory, timeout_s=CLEANUP_S)
+    async def abort(self, directory: str, session_id: str) -> bool:
+        """Whether the server answered ``true``: it stopped the session's work and set it idle before answering."""
+        return await self.call("POST", f"/session/{session_id}/abort", directory=directory,
+                               timeout_s=CLEANUP_S) is True
 
     async def messages(self, directory: str, session_id: str, *, timeout_s: float | None = None
                        ) -> list[dict[str, Any]]:

@@ -197,16 +197,29 @@ class SessionDriver:
         return ended
 
     async def abort(self, grace_s: float = 10.0) -> bool:
-        """Abort the session and wait (bounded) until OpenCode reports it idle; whether it is no longer busy."""
+        """Abort the session; whether it is no longer busy, known as soon as either says so: the abort's answer
+        ``true`` (``opencode serve`` answers once it has stopped the session's work and set it idle, announcing
+        ``session.idle``), or the session's ``session.idle`` / ``session.error`` on the bus. Only a server whose abort
+        answers something else is waited for (its idle, at most ``grace_s``), then asked for the session's status."""
         if self.session_id is None or self.bus.server.died.is_set():
             return True
         self.idle.clear()
+        call = asyncio.ensure_future(self.client.abort(self.bus.directory, self.session_id))
         try:
-            await self.client.abort(self.bus.directory, self.session_id)
+            await first_of([asyncio.shield(call), asyncio.ensure_future(self.idle.wait())], None)
+            if self.idle.is_set():  # it said so on the bus: the abort's answer is not waited for
+                return True
+            if call.result():
+                return True
         except ServeError:
             return False
+        finally:
+            if not call.done():
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
         never = asyncio.Event()
-        await self.wait(timeout_s=grace_s, stop=never)
+        if await self.wait(timeout_s=grace_s, stop=never) in (Ended.IDLE, Ended.ERROR):
+            return True
         with contextlib.suppress(ServeError):
             status = await self.client.status(self.bus.directory)
             return self.session_id not in status
