@@ -1,5 +1,9 @@
 """Which scillm processes share this state store: each one keeps a document with a TTL under ``instances`` alive
-while it runs, so ``GET /v1/scillm/health`` lists the live ones and shared limits know how many share them."""
+while it runs, so ``GET /v1/scillm/health`` lists the live ones and shared limits know how many share them.
+
+Each beat that reaches the store is reported on ``runtime.events`` as ``state.reachable`` (``instances``: how many
+live; ``after_outage``: whether the beat before did not reach it, or this is the first): what waits for the store to
+answer again (settling runs a dead process left ``running``) takes it from there instead of polling the store."""
 
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ class Presence:
         runtime = self.runtime
         doc = {"instance_id": runtime.instance_id, "pid": os.getpid(), "version": __version__,
                "started_at": runtime.started_at}
+        reached = False
         while True:
             try:
                 await runtime.store.put(INSTANCES, runtime.instance_id, {**doc, "seen_at": time.time()},
@@ -42,6 +47,10 @@ class Presence:
                 self.live = max(1, len(await runtime.store.scan(INSTANCES, limit=10_000)))
             except Exception as exc:  # the store is down: keep the last count, try again next beat
                 log.debug("presence beat failed: %s", type(exc).__name__)
+                reached = False
+            else:
+                runtime.events.emit("state.reachable", instances=self.live, after_outage=not reached)
+                reached = True
             await asyncio.sleep(self.every_s)
 
     async def instances(self) -> list[dict[str, Any]]:

@@ -107,10 +107,11 @@ def test_a_run_going_when_scillm_is_killed_is_settled_by_the_next_scillm(tmp_pat
 
 def test_a_dead_run_read_while_redis_is_down_answers_its_run_dir_and_is_settled_when_redis_answers(
         tmp_path: Path) -> None:
-    """The run dir is the durable copy: a run whose scillm was killed, read first while the state store is down,
-    answers what its status.json says (marked degraded, as health marks the store) instead of the store's 503, and
-    is not settled then (that is a compare-and-set on the store's record); the first read once Redis answers again
-    settles it, as a read does when the store is up."""
+    """The run dir is the durable copy: a run whose scillm was killed, read first while the state store is down (the
+    next scillm started without it), answers what its status.json says (marked degraded, as health marks the store)
+    instead of the store's 503, and is not settled then (that is a compare-and-set on the store's record); once Redis
+    answers again the start-up recovery goes again and settles it without anyone reading it (before: it stayed
+    running until its first read)."""
     bin_dir, root = tmp_path / "bin", tmp_path / "root"
     bin_dir.mkdir()
     root.mkdir()
@@ -145,6 +146,7 @@ def test_a_dead_run_read_while_redis_is_down_answers_its_run_dir_and_is_settled_
                 assert not (run_dir / "result.json").exists() and group_members(pids["pgid"])  # nothing settled
 
                 redis.start()  # the same port and data: the run's record is there again
+                until(lambda: (run_dir / "result.json").exists(), "settled once a presence beat reaches the store")
                 doc = httpx.get(url, headers=AUTH, timeout=30).json()
                 assert doc["status"] == "failed" and doc["error"].startswith("interrupted"), doc
                 assert "degraded" not in doc and json.loads((run_dir / "result.json").read_text())["status"] == \

@@ -95,9 +95,11 @@ def test_runs_in_flight_when_scillm_stopped_are_finalised_as_interrupted(tmp_pat
     ("opencode.transport", "transport", "/v1/scillm/opencode/transport/runs")])
 def test_a_dead_run_read_while_redis_is_down_answers_its_run_dir_and_is_settled_when_redis_answers(
         tmp_path: Path, namespace: str, dirname: str, route: str) -> None:
-    """As exec's runs: a run whose scillm died, read while the state store is down, answers its run dir's copy of the
-    record (status.json, as the driver wrote it with the store's) marked degraded instead of the store's 503, and is
-    not finalised then (no result.json, its worktree kept); the first read once Redis answers again finalises it."""
+    """As exec's runs: a run whose scillm died, read while the state store is down (scillm started without it),
+    answers its run dir's copy of the record (status.json, as the driver wrote it with the store's) marked degraded
+    instead of the store's 503, and so does the index (what this machine's run dirs hold); nothing is finalised then
+    (no result.json, its worktree kept). Once Redis answers, the start-up recovery goes again and finalises it
+    without anyone reading it (before: the index was a 503, and the run stayed running until its first read)."""
     import asyncio
     import signal
     import subprocess
@@ -139,9 +141,18 @@ def test_a_dead_run_read_while_redis_is_down_answers_its_run_dir_and_is_settled_
             down = c.get(f"{route}/{run_id}")
             assert down.status_code == 200, down.text
             assert down.json()["status"] == "running" and "state store" in down.json()["degraded"], down.json()
+            index = c.get(route)
+            assert index.status_code == 200, index.text
+            assert [(r["run_id"], r["status"]) for r in index.json()["runs"]] == [(run_id, "running")]
+            assert "state store" in index.json()["degraded"] and "run dirs" in index.json()["degraded"]
             assert not (run_dir / "result.json").exists() and worktree.exists()  # nothing finalised
 
             redis.start()  # the same port and data: the run's record is there again
+            for _ in range(600):  # settled by the recovery, once a presence beat reaches the store: no read
+                if (run_dir / "result.json").exists():
+                    break
+                time.sleep(0.1)
+            assert json.loads((run_dir / "result.json").read_text())["status"] == "error"
             got = c.get(f"{route}/{run_id}").json()
             assert got["status"] == "error" and got["error"].startswith("interrupted") and "degraded" not in got
             assert json.loads((run_dir / "result.json").read_text())["status"] == "error" and not worktree.exists()

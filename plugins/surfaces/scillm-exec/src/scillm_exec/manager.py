@@ -515,11 +515,18 @@ class ExecManager:
         return result if log is not None else await self._settle(final)
 
     async def recover(self) -> None:
-        """At start-up: settle the runs in this machine's run dir left running by a scillm that stopped (killed,
-        crashed, restarted)."""
+        """At start-up, and once the state store answers when it did not then (:meth:`SharedRuns.recover`): settle
+        the runs in this machine's run dir left running by a scillm that stopped (killed, crashed, restarted)."""
+        await self.shared.recover(self._sweep)
+
+    async def _sweep(self) -> bool:
+        """Settle the unfinished runs of the run dir whose driver is gone; whether the store let every one through
+        (a run read while it is down comes back as it stands, marked ``degraded``)."""
+        through = True
         for run_id in await asyncio.to_thread(self._unfinished):
-            with contextlib.suppress(Exception):  # one unreadable run never stops the start
-                await self.load(run_id)
+            with contextlib.suppress(Exception):  # one unreadable run never stops the others
+                through = "degraded" not in await self.load(run_id) and through
+        return through
 
     def _unfinished(self) -> list[str]:
         """Runs in the run dir without a result.json (the file system, off the event loop)."""

@@ -19,16 +19,23 @@ record, tail its events and cancel it.
   ``status.json``, then ``result.json`` once it ended); a read on this machine answers from there
   (:meth:`SharedRuns.local`).
 
+- **recovery**: at start-up each kind settles the runs a process that is gone left ``running``
+  (:meth:`SharedRuns.recover`); a store that is down then is not the end of it: the sweep goes again once the store
+  answers (the presence beat that reaches it, ``state.reachable``), not when someone first reads such a run.
+
 A store that is down delays copies and cancel requests (retried), never a run; a run this machine's run dir holds
-is read from there meanwhile, marked ``degraded`` (:meth:`SharedRuns.unsettled`), and settled once the store answers.
+is read from there meanwhile, marked ``degraded`` (:meth:`SharedRuns.unsettled`), and settled once the store answers;
+a listing answers the records this machine's run dirs hold, marked the same (:meth:`SharedRuns.records`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -66,6 +73,9 @@ class SharedRuns:
         self.driving: dict[str, Callable[[str], None]] = {}  # run id -> cancel(reason), runs this process drives
         self.mirrors: set[asyncio.Task[None]] = set()
         self.watcher: asyncio.Task[None] | None = None
+        self.sweep: Callable[[], Awaitable[bool]] | None = None  # a recovery the store stopped, for when it answers
+        self.sweeping: asyncio.Task[None] | None = None
+        self._unsubscribe: Callable[[], None] | None = None
 
     def events_ns(self, run_id: str) -> str:
         return f"run-events:{self.kind}:{run_id}"
@@ -148,15 +158,52 @@ class SharedRuns:
 
     async def stop(self) -> None:
         """At shutdown, after the runs ended: their last events and end records while the store answers; then
-        every task of this object (a copy still retrying a store that is down, the cancel watcher) is cancelled and
-        awaited."""
+        every task of this object (a copy still retrying a store that is down, the cancel watcher, a recovery) is
+        cancelled and awaited."""
         self.driving.clear()
+        self.sweep = None
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         if self.mirrors:
             await asyncio.wait(set(self.mirrors), timeout=self.runtime.config.state.timeout_s + 1)
-        tasks = [*self.mirrors, *([self.watcher] if self.watcher is not None else [])]
+        tasks = [*self.mirrors, *(t for t in (self.watcher, self.sweeping) if t is not None)]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- recovery --------------------------------------------------------------------------------------------------
+
+    async def recover(self, sweep: Callable[[], Awaitable[bool]]) -> None:
+        """At start-up: ``sweep()`` settles the runs of this kind whose driver is gone, answering whether the state
+        store let it through (``False``: it did not answer, some may be left). Then it goes again each time a
+        presence beat reaches the store (``state.reachable``), until one gets through: the runs a dead process left
+        ``running`` are settled once the store answers, not when someone first reads one."""
+        if await self._swept(sweep):
+            return
+        self.sweep = sweep
+        if self._unsubscribe is None:
+            self._unsubscribe = self.runtime.events.subscribe(self._reachable, ["state.reachable"])
+
+    def _reachable(self, event: Any) -> None:
+        if self.sweep is not None and (self.sweeping is None or self.sweeping.done()):
+            self.sweeping = asyncio.ensure_future(self._again(self.sweep))
+
+    async def _again(self, sweep: Callable[[], Awaitable[bool]]) -> None:
+        if await self._swept(sweep) and self.sweep is sweep:
+            self.sweep = None
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = None
+
+    async def _swept(self, sweep: Callable[[], Awaitable[bool]]) -> bool:
+        try:
+            return await sweep()
+        except errors.StateUnavailable:
+            return False
+        except Exception as exc:  # a bug: logged, not retried at every beat
+            log.warning("%s runs: recovery failed: %s", self.kind, type(exc).__name__)
+            return True
 
     # -- any process -----------------------------------------------------------------------------------------------
 
@@ -217,6 +264,22 @@ class SharedRuns:
                 return self.unsettled(doc, exc)
         return None
 
+    async def records(self, namespace: str, root: Path, names: re.Pattern[str],
+                      offload: Callable[[Callable[[], list[dict[str, Any]]]], Awaitable[list[dict[str, Any]]]]
+                      | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """Every record of this kind, for a listing: the store's (namespace ``namespace``) and ``None``; or, while
+        the store is down, the copies this machine's run dirs hold (the ``status.json`` of each directory under
+        ``root`` whose name ``names`` matches, as it stands, read through ``offload``: default a thread of the loop's
+        default pool) and why, for the listing's ``degraded`` (as :meth:`unsettled` marks one run's)."""
+        try:
+            return [doc for _, doc in await self.runtime.store.scan(namespace, "", limit=100_000)], None
+        except errors.StateUnavailable as exc:
+            read = functools.partial(_kept, root, names)
+            docs = await (offload(read) if offload is not None else asyncio.to_thread(read))
+            return docs, (f"{exc.message}; these are the runs this machine's run dirs hold, as they stand (runs "
+                          "another machine drives are missing, and one whose driver is gone is not settled until "
+                          "the store answers)")
+
     @staticmethod
     def unsettled(doc: Mapping[str, Any], exc: errors.StateUnavailable) -> dict[str, Any]:
         """A run's record as its run dir has it, read while the state store is down (a run whose driver is gone
@@ -274,6 +337,25 @@ class SharedRuns:
 
 async def _read_bytes(path: Path) -> bytes:
     return await asyncio.to_thread(path.read_bytes)
+
+
+def _kept(root: Path, names: re.Pattern[str]) -> list[dict[str, Any]]:
+    """The ``status.json`` of each run dir under ``root`` named like a run (one unreadable is left out)."""
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return []
+    docs = []
+    for entry in entries:
+        if not names.match(entry.name):
+            continue
+        try:
+            doc = orjson.loads(Path(entry.path, "status.json").read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        if isinstance(doc, dict):
+            docs.append(doc)
+    return docs
 
 
 def _storable(event: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import re
 import time
 import uuid
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RUN_ID", "Records", "TERMINAL", "blocking", "write_json"]
 
+log = logging.getLogger("scillm.opencode")
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 TERMINAL = ("completed", "failed", "timeout", "error", "aborted")
 STORE_TEXT_LIMIT = 1 << 20   # the store keeps at most this much of a run's diff / text; the run dir keeps all
@@ -123,18 +125,21 @@ class Records:
     async def exists(self, run_id: str) -> bool:
         return self.run_dir(run_id).exists() or await self.runtime.store.get(self.namespace, run_id) is not None
 
-    async def index(self, limit: int, *, owner: str | None = None) -> list[dict[str, Any]]:
-        """The newest runs (only ``owner``'s, when given)."""
-        rows = await self.runtime.store.scan(self.namespace, "", limit=100_000)
-        docs = [doc for _, doc in rows if owner is None or doc.get("owner") == owner]
-        docs.sort(key=lambda d: d.get("created_at") or 0, reverse=True)
+    async def index(self, limit: int, *, owner: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """The newest runs (only ``owner``'s, when given), a run whose driver is gone finalised first; and, while the
+        state store is down, why the list is what this machine's run dirs hold, as it stands
+        (:meth:`SharedRuns.records`), else ``None``."""
+        docs, degraded = await self.shared.records(self.namespace, self.root, RUN_ID, blocking)
+        docs = [doc for doc in docs if owner is None or doc.get("owner") == owner]
+        docs.sort(key=lambda d: d.get("created_at") if isinstance(d.get("created_at"), (int, float)) else 0,
+                  reverse=True)
         out: list[dict[str, Any]] = []
         for doc in docs[:limit]:
-            if await self.gone(doc):
+            if degraded is None and await self.gone(doc):
                 doc = await self.interrupt(doc)
             out.append({k: doc.get(k) for k in ("run_id", "status", "agent", "caller", "owner", "workspace",
                                                  "cwd", "created_at", "finished_at", "error") if k in doc})
-        return out
+        return out, degraded
 
     async def gone(self, doc: dict[str, Any]) -> bool:
         """Whether the run is still ``running`` by its record while the process that drove it is gone."""
@@ -175,12 +180,20 @@ class Records:
                                            base=str(doc.get("base_commit") or "")))
         doc["worktree"] = None
 
-    async def recover(self) -> int:
-        """At start-up: finalise the runs whose process is gone (a scillm killed or restarted). How many were."""
-        count = 0
-        with contextlib.suppress(Exception):
-            for _, doc in await self.runtime.store.scan(self.namespace, "", limit=100_000):
+    async def recover(self) -> None:
+        """At start-up, and once the state store answers when it did not then: finalise the runs whose process is
+        gone (a scillm killed or restarted; :meth:`SharedRuns.recover`)."""
+        await self.shared.recover(self._sweep)
+
+    async def _sweep(self) -> bool:
+        """Finalise the stored runs whose process is gone; whether the store let every one through."""
+        through = True
+        for _, doc in await self.runtime.store.scan(self.namespace, "", limit=100_000):
+            try:
                 if await self.gone(doc):
                     await self.interrupt(doc)
-                    count += 1
-        return count
+            except errors.StateUnavailable:
+                through = False
+            except Exception as exc:  # one unreadable run never stops the others
+                log.warning("run %s: not finalised: %s", str(doc.get("run_id"))[:80], type(exc).__name__)
+        return through

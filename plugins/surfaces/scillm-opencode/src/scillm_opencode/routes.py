@@ -104,8 +104,9 @@ def run_routes(base: str, *, transport: bool) -> list[tuple[str, Any, list[str]]
 
     async def index(request: Request) -> Response:
         identity = identity_of(request)  # a key lists its own runs
-        return ops_response({"runs": await book(_surface(request)).records.index(
-            _limit(request), owner=None if identity.master else identity.owner)})
+        runs, degraded = await book(_surface(request)).records.index(
+            _limit(request), owner=None if identity.master else identity.owner)
+        return ops_response({"runs": runs} | ({"degraded": degraded} if degraded is not None else {}))
 
     async def show(request: Request) -> Response:
         return ops_response(await book(_surface(request)).load_for(_run_id(request), identity_of(request)))
