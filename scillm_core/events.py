@@ -29,8 +29,6 @@ Kinds (``ctx`` is the :class:`CallContext` for events of one call, else ``None``
 ``queue.wait``                       ``provider``, ``waited_s``, ``outcome`` (granted, timeout): waited for a slot
 ``breaker.transition``               ``deployment``, ``old``, ``new`` (closed, open, half_open), ``error``,
                                      ``request_id`` (the call that moved it, if any)
-``state.reachable``                  ``instances``, ``after_outage``: a presence beat reached the state store
-                                     (``scillm_core.state.presence``; every few seconds while it answers)
 ===================================  ===========================================================================
 
 The hook stages a call goes through (``preprocess_files``, ``postprocess_json`` and ``call_provider``: routing and

@@ -1,9 +1,8 @@
 """Which scillm processes share this state store: each one keeps a document with a TTL under ``instances`` alive
 while it runs, so ``GET /v1/scillm/health`` lists the live ones and shared limits know how many share them.
 
-Each beat that reaches the store is reported on ``runtime.events`` as ``state.reachable`` (``instances``: how many
-live; ``after_outage``: whether the beat before did not reach it, or this is the first): what waits for the store to
-answer again (settling runs a dead process left ``running``) takes it from there instead of polling the store."""
+What waits for the store to answer again (settling the runs a dead process left ``running``) is called after each
+beat that reaches it (:meth:`Presence.when_reachable`), instead of polling the store itself."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from scillm_core.version import __version__
@@ -31,6 +31,7 @@ class Presence:
         self.every_s = every_s
         self.task: asyncio.Task[None] | None = None
         self.live = 1  # processes seen at the last beat (this one included)
+        self.listeners: list[Callable[[], None]] = []
 
     def start(self) -> None:
         self.task = asyncio.ensure_future(self._beat())
@@ -39,7 +40,6 @@ class Presence:
         runtime = self.runtime
         doc = {"instance_id": runtime.instance_id, "pid": os.getpid(), "version": __version__,
                "started_at": runtime.started_at}
-        reached = False
         while True:
             try:
                 await runtime.store.put(INSTANCES, runtime.instance_id, {**doc, "seen_at": time.time()},
@@ -47,11 +47,24 @@ class Presence:
                 self.live = max(1, len(await runtime.store.scan(INSTANCES, limit=10_000)))
             except Exception as exc:  # the store is down: keep the last count, try again next beat
                 log.debug("presence beat failed: %s", type(exc).__name__)
-                reached = False
             else:
-                runtime.events.emit("state.reachable", instances=self.live, after_outage=not reached)
-                reached = True
+                for listener in list(self.listeners):
+                    try:
+                        listener()
+                    except Exception as exc:  # a listener's bug never stops the beat
+                        log.warning("presence listener failed: %s", type(exc).__name__)
             await asyncio.sleep(self.every_s)
+
+    def when_reachable(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` (quick: it starts what it needs as a task) after each beat that reached the store,
+        this process's own presence there again; returns how to stop."""
+        self.listeners.append(listener)
+
+        def stop() -> None:
+            if listener in self.listeners:
+                self.listeners.remove(listener)
+
+        return stop
 
     async def instances(self) -> list[dict[str, Any]]:
         return [doc for _, doc in await self.runtime.store.scan(INSTANCES, limit=10_000)]

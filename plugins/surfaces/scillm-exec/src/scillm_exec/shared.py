@@ -21,7 +21,7 @@ record, tail its events and cancel it.
 
 - **recovery**: at start-up each kind settles the runs a process that is gone left ``running``
   (:meth:`SharedRuns.recover`); a store that is down then is not the end of it: the sweep goes again once the store
-  answers (the presence beat that reaches it, ``state.reachable``), not when someone first reads such a run.
+  answers (after the presence beat that reaches it), not when someone first reads such a run.
 
 A store that is down delays copies and cancel requests (retried), never a run; a run this machine's run dir holds
 is read from there meanwhile, marked ``degraded`` (:meth:`SharedRuns.unsettled`), and settled once the store answers;
@@ -176,16 +176,18 @@ class SharedRuns:
 
     async def recover(self, sweep: Callable[[], Awaitable[bool]]) -> None:
         """At start-up: ``sweep()`` settles the runs of this kind whose driver is gone, answering whether the state
-        store let it through (``False``: it did not answer, some may be left). Then it goes again each time a
-        presence beat reaches the store (``state.reachable``), until one gets through: the runs a dead process left
-        ``running`` are settled once the store answers, not when someone first reads one."""
+        store let it through (``False``: it did not answer, some may be left). Then it goes again after each
+        presence beat that reaches the store (:meth:`scillm_core.state.presence.Presence.when_reachable`), until one
+        gets through: the runs a dead process left ``running`` are settled once the store answers, not when someone
+        first reads one."""
         if await self._swept(sweep):
             return
         self.sweep = sweep
-        if self._unsubscribe is None:
-            self._unsubscribe = self.runtime.events.subscribe(self._reachable, ["state.reachable"])
+        presence = self.runtime.presence
+        if self._unsubscribe is None and presence is not None:
+            self._unsubscribe = presence.when_reachable(self._reachable)
 
-    def _reachable(self, event: Any) -> None:
+    def _reachable(self) -> None:
         if self.sweep is not None and (self.sweeping is None or self.sweeping.done()):
             self.sweeping = asyncio.ensure_future(self._again(self.sweep))
 
