@@ -401,13 +401,16 @@ async def test_a_redis_restart_loses_no_committed_connection(tmp_path: Path) -> 
         store = RedisStore(server.url)
         await store.put("ns", "k", {"v": 1})
         await store.enqueue("q", [{"n": 1}])
+        [(held, _)] = await store.take("q", "A", 10)
         server.kill()
         with pytest.raises(StateUnavailable):
             await store.get("ns", "k")
         server.start()
         await store.put("ns", "k", {"v": 2})
         assert await store.get("ns", "k") == {"v": 2}
-        await store.enqueue("q", [{"n": 2}])  # the group went with the data; it is made again
+        assert await store.touch("q", "A", [held]) == 0  # its group went with the data: A holds nothing there
+        assert await store.reclaim("q", "B", 0.0, 10) == [] and await store.take("q", "A", 10) == []
+        await store.enqueue("q", [{"n": 2}])  # the group is made again
         assert [e for _, e in await store.take("q", "A", 10)] == [{"n": 2}]
         await store.close()
 

@@ -141,12 +141,13 @@ end
 return out
 """
 
-# Only entries the consumer still holds are touched: one reclaimed by another process stays with it.
+# Only entries the consumer still holds are touched: one reclaimed by another process stays with it (and none of a
+# group that went with Redis's data).
 _TOUCH = """
 local n = 0
 for i = 2, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], 'work', ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[1] then
+  local p = redis.pcall('XPENDING', KEYS[1], 'work', ARGV[i], ARGV[i], 1)
+  if type(p) == 'table' and p[1] and p[1][2] == ARGV[1] then
     redis.call('XCLAIM', KEYS[1], 'work', ARGV[1], 0, ARGV[i], 'JUSTID')
     n = n + 1
   end
@@ -355,7 +356,6 @@ class RedisStore:
         self._client: Any = None
         self._blocking: Any = None
         self._scripts: dict[str, Any] = {}
-        self._groups: set[str] = set()
         self._cursors: dict[str, str] = {}
         self._turns: dict[str, int] = {}  # per queue: which flow goes first in the next take
         self._slots = _Lane(self)  # hold_slots' calls (each provider's group commit)
@@ -619,17 +619,8 @@ class RedisStore:
         return streams
 
     async def _flows(self, queue: str) -> list[str]:
-        """The queue's flows: ``""`` (its group made if missing: a new queue, or one Redis lost), then the others."""
-        key = self._stream(queue, "")
-        if key not in self._groups:
-            from redis.exceptions import ResponseError
-
-            try:
-                await self.redis.xgroup_create(key, GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-            self._groups.add(key)
+        """The queue's flows: ``""``, then the others. (A flow's group is made by each enqueue; every reader takes a
+        missing one, a new queue's or one Redis lost, as a flow with nothing in it.)"""
         return ["", *sorted(m.decode() for m in await self.redis.smembers(_name("qf", self.prefix, queue)))]
 
     async def enqueue(self, queue: str, entries: Sequence[Mapping[str, Any]], *, flow: str = "") -> list[str]:
@@ -638,8 +629,6 @@ class RedisStore:
         with self.unavailable():
             keys = [self._stream(queue, flow), _name("qf", self.prefix, queue), _name("qb", self.prefix, queue)]
             ids = await self.script(_ENQUEUE)(keys=keys, args=[flow, *(orjson.dumps(e) for e in entries)])
-            if not flow:
-                self._groups.add(keys[0])
         at = "@" + flow if flow else ""
         return [entry_id.decode() + at for entry_id in ids]
 
