@@ -312,6 +312,25 @@ async def test_queue_flows_take_turns_so_a_big_flow_enqueued_first_does_not_hold
     assert [(i, e) for i, e in await a.take("turns", "A", 10)] == [(again[0], {"f": "small", "n": 3})]
 
 
+async def test_flow_groups_take_turns_so_a_key_with_many_batches_gets_one_turn_per_round(
+        stores: Callable[[], StateStore]) -> None:
+    """Key a's five batches of 10 entries, then key b's one of 3 (flows ``<key>/<batch>``): b's entries come every
+    round, half of a take, not one flow in six; a's batches take turns from take to take, each take's share of a from
+    one batch while it has entries."""
+    a = stores()
+    for n in range(5):
+        await a.enqueue("groups", [{"f": f"a{n}", "n": i} for i in range(10)], flow=f"key_a/batch{n}")
+    await a.enqueue("groups", [{"f": "b", "n": i} for i in range(3)], flow="key_b/batch")
+    first = [(e["f"], e["n"]) for _, e in await a.take("groups", "A", 4)]
+    assert sorted(first) == [("a0", 0), ("a0", 1), ("b", 0), ("b", 1)]
+    second = [(e["f"], e["n"]) for _, e in await a.take("groups", "A", 2)]
+    assert sorted(second) == [("a1", 0), ("b", 2)]  # the next of a's batches
+    third = [(e["f"], e["n"]) for _, e in await a.take("groups", "A", 4)]
+    assert third == [("a2", 0), ("a2", 1), ("a2", 2), ("a2", 3)]  # b has nothing left to take: a alone
+    rest = await a.take("groups", "A", 100)
+    assert len(rest) == 43 and len({(e["f"], e["n"]) for _, e in rest} | {*first, *second, *third}) == 53
+
+
 async def test_a_blocked_take_wakes_for_an_entry_of_a_new_flow(stores: Callable[[], StateStore]) -> None:
     a, b = stores(), stores()
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from scillm_core.errors import StateUnavailable
-from scillm_core.state import LOG_FIELD, Count, Counted, Inserted
+from scillm_core.state import LOG_FIELD, Count, Counted, FlowTurns, Inserted
 
 if TYPE_CHECKING:
     from scillm_core.state import Change
@@ -104,37 +104,49 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '1', '*', 'n', #ids)
 return ids
 """
 
-# A take, round robin over flows: KEYS the doorbell, the set of flows, then each flow's stream in turn order; ARGV
-# the consumer, how many, then each flow's name. One entry per flow per round until enough or none is left; a flow
-# whose stream is empty (drained: every entry acknowledged) leaves the set. Returns the doorbell's last id (to block
-# on from there), then per entry its flow's position, id and value.
+# A take, round robin over flow groups: KEYS the doorbell, the set of flows, then each flow's stream in turn order;
+# ARGV the consumer, how many, then each flow's name and group number. One entry per group per round, from the group's
+# first flow that has one, until enough or none is left; a flow whose stream is empty (drained: every entry
+# acknowledged) leaves the set. Returns the doorbell's last id (to block on from there), then per entry its flow's
+# position, id and value.
 _TAKE = """
 local out = {redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]}
 out[1] = out[1] and out[1][1] or '0-0'
 local want = tonumber(ARGV[2])
-local live = {}
+local groups, live = {}, {}
 for i = 3, #KEYS do
-  if ARGV[i] ~= '' and redis.call('XLEN', KEYS[i]) == 0 then
+  local flow, group = ARGV[2 * i - 3], ARGV[2 * i - 2]
+  if flow ~= '' and redis.call('XLEN', KEYS[i]) == 0 then
     redis.call('DEL', KEYS[i])
-    redis.call('SREM', KEYS[2], ARGV[i])
+    redis.call('SREM', KEYS[2], flow)
   else
-    live[#live + 1] = i
+    if not groups[group] then
+      groups[group] = {}
+      live[#live + 1] = group
+    end
+    table.insert(groups[group], i)
   end
 end
 local taken = 0
 while taken < want and #live > 0 do
   local still = {}
-  for _, i in ipairs(live) do
+  for _, group in ipairs(live) do
     if taken >= want then break end
-    local got = redis.pcall('XREADGROUP', 'GROUP', 'work', ARGV[1], 'COUNT', 1, 'STREAMS', KEYS[i], '>')
-    if type(got) == 'table' and got[1] and #got[1][2] > 0 then
-      local entry = got[1][2][1]
-      out[#out + 1] = i - 2
-      out[#out + 1] = entry[1]
-      out[#out + 1] = entry[2][2]
-      taken = taken + 1
-      still[#still + 1] = i
+    local flows = groups[group]
+    while #flows > 0 do
+      local i = flows[1]
+      local got = redis.pcall('XREADGROUP', 'GROUP', 'work', ARGV[1], 'COUNT', 1, 'STREAMS', KEYS[i], '>')
+      if type(got) == 'table' and got[1] and #got[1][2] > 0 then
+        local entry = got[1][2][1]
+        out[#out + 1] = i - 2
+        out[#out + 1] = entry[1]
+        out[#out + 1] = entry[2][2]
+        taken = taken + 1
+        break
+      end
+      table.remove(flows, 1)
     end
+    if #flows > 0 then still[#still + 1] = group end
   end
   live = still
 end
@@ -357,7 +369,7 @@ class RedisStore:
         self._blocking: Any = None
         self._scripts: dict[str, Any] = {}
         self._cursors: dict[str, str] = {}
-        self._turns: dict[str, int] = {}  # per queue: which flow goes first in the next take
+        self._flow_turns = FlowTurns()  # whose turn it is in this process's takes
         self._slots = _Lane(self)  # hold_slots' calls (each provider's group commit)
 
     # -- connection ------------------------------------------------------------------------------------------------
@@ -637,13 +649,13 @@ class RedisStore:
         deadline = time.monotonic() + min(block_s, MAX_BLOCK_S)
         with self.unavailable():
             while True:
-                named = (await self._flows(queue))[1:]
-                turn = self._turns.get(queue, 0) % max(len(named), 1)
-                self._turns[queue] = turn + 1
-                flows = [*named[turn:], *named[:turn], ""]  # entries of no flow (from before flows) come last
+                groups = [*self._flow_turns.order(queue, (await self._flows(queue))[1:]),
+                          [""]]  # entries of no flow (from before flows) come last
+                flows = [flow for group in groups for flow in group]
                 keys = [_name("qb", self.prefix, queue), _name("qf", self.prefix, queue),
                         *(self._stream(queue, flow) for flow in flows)]
-                answer = await self.script(_TAKE)(keys=keys, args=[consumer, count, *flows])
+                numbered = [x for n, group in enumerate(groups) for flow in group for x in (flow, n)]
+                answer = await self.script(_TAKE)(keys=keys, args=[consumer, count, *numbered])
                 taken = []
                 for n in range(1, len(answer), 3):
                     flow = flows[int(answer[n]) - 1]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from scillm_core.state import LOG_FIELD, Count, Counted, Inserted
+from scillm_core.state import LOG_FIELD, Count, Counted, FlowTurns, Inserted
 
 if TYPE_CHECKING:
     from scillm_core.state import Change
@@ -103,7 +103,7 @@ class SQLiteStore:
         _add_queue_flows(self._db)
         self._lock = threading.Lock()
         self._wakers: dict[str, asyncio.Event] = {}  # this process's appends/enqueues wake its followers at once
-        self._turns: dict[str, int] = {}  # per queue: which flow goes first in the next take
+        self._flow_turns = FlowTurns()  # whose turn it is in this process's takes
         self._counts = 0
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -571,24 +571,27 @@ class SQLiteStore:
         return await self._run(claim)
 
     def _fair(self, db: sqlite3.Connection, queue: str, count: int) -> list[tuple[int, bytes]]:
-        """Up to ``count`` unclaimed entries, round robin over the queue's flows (the first flow turning each take),
-        each flow's oldest first."""
-        flows = [row[0] for row in db.execute(_FLOWS, (queue,))]
-        if not flows:  # another process claimed them between the look and the lock
+        """Up to ``count`` unclaimed entries, round robin over the queue's flow groups (``FlowTurns``), each group's
+        from its flows in turn order, each flow's oldest first."""
+        groups = self._flow_turns.order(queue, (row[0] for row in db.execute(_FLOWS, (queue,))))
+        if not groups:  # another process claimed them between the look and the lock
             return []
-        turn = self._turns.get(queue, 0) % len(flows)
-        self._turns[queue] = turn + 1
-        chosen = (flows[turn:] + flows[:turn])[:count]
+        chosen = groups[:count]
         share = -(-count // len(chosen))
 
-        def oldest(flow: str, limit: int, offset: int) -> list[tuple[int, bytes]]:
-            return db.execute("SELECT id, value FROM queue WHERE q = ? AND owner IS NULL AND flow = ? ORDER BY id "
-                              "LIMIT ? OFFSET ?", (queue, flow, limit, offset)).fetchall()
+        def oldest(group: list[str], limit: int) -> list[tuple[int, bytes]]:
+            rows: list[tuple[int, bytes]] = []
+            for flow in group:
+                if len(rows) >= limit:
+                    break
+                rows += db.execute("SELECT id, value FROM queue WHERE q = ? AND owner IS NULL AND flow = ? "
+                                   "ORDER BY id LIMIT ?", (queue, flow, limit - len(rows))).fetchall()
+            return rows
 
-        found = [oldest(flow, share, 0) for flow in chosen]
-        if sum(map(len, found)) < count:  # some flows had fewer than their share: the others may give more
-            found = [rows + oldest(flow, count, share) if len(rows) == share else rows
-                     for flow, rows in zip(chosen, found, strict=True)]
+        found = [oldest(group, share) for group in chosen]
+        if sum(map(len, found)) < count:  # some groups had fewer than their share: the others may give more
+            found = [oldest(group, count) if len(rows) == share else rows
+                     for group, rows in zip(chosen, found, strict=True)]
         rounds = itertools.zip_longest(*found)
         return [row for one_round in rounds for row in one_round if row is not None][:count]
 

@@ -387,3 +387,64 @@ def test_a_small_batch_is_not_held_up_by_a_big_one_submitted_before_it(tmp_path)
     order = [r.body["messages"][0]["content"].split()[0] for r in fake.requests]
     assert len(order) == 42 and order.index("small") <= 8 and order.count("small") == 2, order
     assert max(i for i, name in enumerate(order) if name == "small") <= 9, order
+
+
+def test_a_key_with_many_batches_gets_one_turn_per_round_not_one_per_batch(tmp_path):
+    """Key a's three 12-item batches hold the worker's 4 slots and wait behind them when key b's 2-item batch
+    arrives: b's items go upstream in the next round of takes, alternating with a's (keys take turns, then each
+    key's batches), not once per round over a's three batches and b's one."""
+    from scillm_core.state.sqlite import SQLiteStore
+
+    gate = threading.Event()
+    master = "sk-master-batch-turns-0123456789"
+
+    class Held(FakeOpenAI):  # answers nothing until the gate opens
+        async def pause(self, reply: Reply) -> None:
+            await super().pause(reply)
+            while not gate.is_set():
+                await asyncio.sleep(0.01)
+
+    def prompts(batch: str, n: int) -> list[dict]:
+        return [{"item_id": f"{batch}{i}", "messages": [{"role": "user", "content": f"{batch} {i}"}]}
+                for i in range(n)]
+
+    async def depth(store: SQLiteStore, **wanted: int) -> None:
+        for _ in range(3000):
+            found = await store.queue_depth("batch-work")
+            if all(found[k] == v for k, v in wanted.items()):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"the work queue never reached {wanted}: {found}")
+
+    with Held() as fake:
+        env = {"OPENAI_API_KEY": "k", "OPENAI_API_BASE": fake.base_url, "SCILLM_MASTER_KEY": master}
+        app = make_app(env=env, config={"batch": {"worker_capacity": 4}}, data_dir=tmp_path, only=(*PLUGINS, "keys"))
+        with ServerThread(app) as server:
+            def key(name: str) -> dict[str, str]:
+                made = httpx.post(server.url + "/v1/scillm/keys", json={"name": name}, timeout=30,
+                                  headers={"authorization": f"Bearer {master}"})
+                assert made.status_code == 201, made.text
+                return {"authorization": f"Bearer {made.json()['key']}"}
+
+            a, b = key("a"), key("b")
+
+            async def run() -> list[httpx.Response]:
+                store = SQLiteStore(next(tmp_path.rglob("*.sqlite3")))
+                async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+                    many = [asyncio.ensure_future(http.post("/v1/scillm/batch/completions", headers=a, json={
+                        "model": "openai/gpt-a", "batch_id": f"a{n}", "concurrency": 4, "items": prompts(f"a{n}", 12)}))
+                        for n in range(3)]
+                    await depth(store, waiting=32, claimed=4)
+                    one = asyncio.ensure_future(http.post("/v1/scillm/batch/completions", headers=b, json={
+                        "model": "openai/gpt-a", "batch_id": "b", "items": prompts("b", 2)}))
+                    await depth(store, waiting=34)
+                    gate.set()
+                    answers = [await done for done in (*many, one)]
+                await store.close()
+                return answers
+
+            answers = asyncio.run(run())
+    assert [r.json()["completed"] for r in answers] == [12, 12, 12, 2]
+    order = [r.body["messages"][0]["content"].split()[0] for r in fake.requests]
+    assert len(order) == 38 and order.count("b") == 2, order
+    assert max(i for i, name in enumerate(order) if name == "b") <= 7, order  # within the round after the 4 held

@@ -222,7 +222,8 @@ async def _follow(spec: BatchSpec, runtime: Runtime, emit: Emit, run: int, start
         cursor = ""
         if queued:
             for start in range(0, len(queued), 1000):
-                await store.enqueue(QUEUE, queued[start:start + 1000], flow=spec.batch_id)  # batches take turns
+                # keys take turns, and each key's batches (scillm_core.state.FlowTurns)
+                await store.enqueue(QUEUE, queued[start:start + 1000], flow=f"{spec.identity.owner}/{spec.batch_id}")
         while not follower.complete:
             events = await store.follow(events_ns(spec.batch_id), cursor, limit=1000, block_s=5.0)
             for cursor, result in events:  # noqa: B007 (the last cursor is where the next read starts)
