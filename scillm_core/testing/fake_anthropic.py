@@ -54,7 +54,9 @@ _BLOCKS = frozenset({"text", "image", "document", "tool_use", "tool_result", "th
 #: the keys of a custom tool's definition (anything else: "Extra inputs are not permitted")
 _TOOL_KEYS = frozenset({"type", "name", "description", "input_schema", "cache_control", "strict", "input_examples",
                         "defer_loading", "allowed_callers", "eager_input_streaming"})
-_EFFORTS = frozenset({"low", "medium", "high", "xhigh", "max"})
+#: the efforts, by the first generation that takes each: low to high from 4.5 (Opus 4.5's effort), max from 4.6,
+#: xhigh from 4.7 (Opus 4.7)
+_EFFORTS = {"low": (4, 5), "medium": (4, 5), "high": (4, 5), "max": (4, 6), "xhigh": (4, 7)}
 # the generation in a model name, read here on its own (not with the code under test): claude-opus-4-6 is 4.6,
 # claude-sonnet-4-20250514 4.0, claude-3-7-sonnet 3.7
 _GENERATION = re.compile(r"claude-(?:[a-z]+-)?(\d{1,2})(?:-(\d{1,2}))?(?:-|$)")
@@ -269,8 +271,9 @@ class FakeAnthropic(FakeUpstream):
     def options_problem(body: dict[str, Any]) -> str | None:
         """What the real API refuses in ``thinking``, ``output_config.effort`` and tool definitions: a budget under
         1024 or not under ``max_tokens``, adaptive thinking before the 4.6 generation, a temperature other than 1
-        with thinking on, an effort it does not know (or before 4.5), a tool's ``strict`` before 4.5 (structured
-        outputs), a key a custom tool does not have."""
+        with thinking on, an effort it does not know (or before the generation that has it: 4.5, max 4.6, xhigh
+        4.7), ``output_config.format`` or a tool's ``strict`` before 4.5 (structured outputs), a forced tool
+        choice with thinking on, a key a custom tool does not have."""
         generation = FakeAnthropic.generation(body["model"])
         thinking = body.get("thinking")
         kind = thinking.get("type") if isinstance(thinking, dict) else None
@@ -293,9 +296,22 @@ class FakeAnthropic(FakeUpstream):
                     "our documentation at https://docs.claude.com/en/docs/build-with-claude/extended-thinking")
         output_config = body.get("output_config")
         effort = output_config.get("effort") if isinstance(output_config, dict) else None
-        if effort is not None and (effort not in _EFFORTS or generation < (4, 5)):
-            return ("output_config.effort: Input should be 'low', 'medium', 'high', 'xhigh' or 'max'"
-                    if effort not in _EFFORTS else f"output_config.effort: effort is not supported on {body['model']}")
+        if effort is not None and (effort not in _EFFORTS or generation < _EFFORTS[effort]):
+            if effort not in _EFFORTS:
+                return "output_config.effort: Input should be 'low', 'medium', 'high', 'xhigh' or 'max'"
+            if generation < (4, 5):
+                return f"output_config.effort: effort is not supported on {body['model']}"
+            return f"output_config.effort: {effort!r} is not supported on {body['model']}"
+        # JSON outputs (structured outputs) are GA from the 4.5 generation on (Opus 4.1 had them only in the beta,
+        # with its header and the older output_format field); an earlier model answers 400 invalid_request_error.
+        # This models that documented availability (provider-protocols.md §3.2, §9.5; Anthropic's structured
+        # outputs page lists the 4.5 and later models); the API's wording for it is not recorded, so this message
+        # only names what is refused.
+        if isinstance(output_config, dict) and output_config.get("format") is not None and generation < (4, 5):
+            return f"output_config.format: structured outputs are not supported on {body['model']}"
+        choice = body.get("tool_choice")
+        if kind in ("enabled", "adaptive") and isinstance(choice, dict) and choice.get("type") in ("any", "tool"):
+            return "Thinking may not be enabled when tool_choice forces tool use."
         for j, tool in enumerate(body.get("tools") or ()):
             if not isinstance(tool, dict) or tool.get("type") not in (None, "custom"):
                 continue  # a server tool: its own keys

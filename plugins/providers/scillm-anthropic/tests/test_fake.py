@@ -103,8 +103,9 @@ def test_fake_enforces_auth_and_rejects_what_anthropic_rejects(fake: FakeAnthrop
 
 
 def test_fake_takes_thinking_effort_and_strict_tools_as_each_generation_does(fake: FakeAnthropic) -> None:
-    """provider-protocols.md §3.2: a thinking budget is at least 1024 and below max_tokens; adaptive thinking and
-    its effort are the 4.6 generation's; temperature stays unset (or 1) with thinking; a tool's ``strict`` is
+    """provider-protocols.md §3.2: a thinking budget is at least 1024 and below max_tokens; adaptive thinking is the
+    4.6 generation's, an effort low to high from 4.5, max from 4.6 and xhigh from 4.7; temperature stays unset (or
+    1) with thinking, and the tool choice is not forced; a tool's ``strict`` and ``output_config.format`` are
     structured outputs (from 4.5); a custom tool has no other keys."""
     url = fake.url + "/v1/messages"
     headers = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
@@ -116,7 +117,12 @@ def test_fake_takes_thinking_effort_and_strict_tools_as_each_generation_does(fak
                  "thinking": {"type": "enabled", "budget_tokens": 1024}, "messages": hi},
                 {"model": "claude-haiku-4-5", "max_tokens": 100, "tools": [strict], "messages": hi},
                 {"model": "claude-sonnet-4-20250514", "max_tokens": 100, "thinking": {"type": "disabled"},
-                 "tools": [WEATHER], "messages": hi}]
+                 "tools": [WEATHER], "tool_choice": {"type": "tool", "name": "get_weather"}, "messages": hi},
+                {"model": "claude-opus-4-7", "max_tokens": 100, "thinking": {"type": "adaptive"},
+                 "output_config": {"effort": "xhigh"}, "messages": hi},
+                {"model": "claude-sonnet-4-6", "max_tokens": 100, "output_config": {"effort": "max"}, "messages": hi},
+                {"model": "claude-haiku-4-5", "max_tokens": 100, "output_config": {"format": {
+                    "type": "json_schema", "schema": {"type": "object"}}}, "messages": hi}]
     for body in accepted:
         fake.script(Reply.say("ok"))
         assert HTTP.post(url, json=body, headers=headers).status_code == 200, body
@@ -130,6 +136,14 @@ def test_fake_takes_thinking_effort_and_strict_tools_as_each_generation_does(fak
                ({"model": "claude-opus-4-6", "max_tokens": 100, "output_config": {"effort": "extreme"}}, "effort"),
                ({"model": "claude-sonnet-4-20250514", "max_tokens": 100, "output_config": {"effort": "low"}},
                 "effort"),
+               ({"model": "claude-opus-4-6", "max_tokens": 100, "output_config": {"effort": "xhigh"}}, "xhigh"),
+               ({"model": "claude-opus-4-5", "max_tokens": 100, "output_config": {"effort": "max"}}, "max"),
+               ({"model": "claude-sonnet-4-20250514", "max_tokens": 100, "output_config": {"format": {
+                   "type": "json_schema", "schema": {"type": "object"}}}}, "output_config.format"),
+               ({"model": "claude-opus-4-1", "max_tokens": 100, "output_config": {"format": {
+                   "type": "json_schema", "schema": {"type": "object"}}}}, "output_config.format"),
+               ({"model": "claude-sonnet-4-5", "max_tokens": 2048, "thinking": {"type": "enabled",
+                 "budget_tokens": 1024}, "tools": [WEATHER], "tool_choice": {"type": "any"}}, "tool_choice"),
                ({"model": "claude-sonnet-4-20250514", "max_tokens": 100, "tools": [strict]}, "strict"),
                ({"model": "claude-opus-4-6", "max_tokens": 100, "tools": [{**WEATHER, "parameters": {}}]},
                 "parameters")]

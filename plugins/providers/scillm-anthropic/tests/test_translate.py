@@ -10,6 +10,7 @@ import attrs
 import orjson
 import pytest
 from scillm_anthropic import (
+    ANSWER_TOOL,
     DEFAULT_MAX_TOKENS,
     THINKING_BUDGETS,
     StreamTranslator,
@@ -209,12 +210,15 @@ def test_the_generation_is_read_from_the_model_name(model: str, version: tuple[i
     assert claude_version(model) == version
 
 
-@pytest.mark.parametrize(("effort", "level"), [("minimal", "low"), ("low", "low"), ("medium", "medium"),
-                                               ("high", "high"), ("xhigh", "xhigh"), ("max", "max")])
-def test_reasoning_effort_is_adaptive_thinking_with_an_effort_on_the_4_6_generation(effort: str, level: str) -> None:
+@pytest.mark.parametrize(("effort", "level", "from_4_7"), [
+    ("minimal", "low", "low"), ("low", "low", "low"), ("medium", "medium", "medium"), ("high", "high", "high"),
+    ("xhigh", "max", "xhigh"), ("max", "max", "max"), ("ultra", "max", "max")])
+def test_reasoning_effort_is_adaptive_thinking_with_an_effort_on_the_4_6_generation(effort: str, level: str,
+                                                                                     from_4_7: str) -> None:
     """provider-protocols.md §3.2/§9.6: 4.6-generation models think adaptively at an ``output_config.effort``;
     earlier ones with a ``budget_tokens`` (below ``max_tokens``). Temperature is left out with thinking on either
-    way, and a json_schema's format shares ``output_config`` with the effort."""
+    way, and a json_schema's format shares ``output_config`` with the effort. 4.6 takes low to max, so ``xhigh``
+    is ``max`` there (§6.2's xhigh/ultra -> max); from 4.7 on ``xhigh`` is sent as it is; ``ultra`` is ``max``."""
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     request = req(messages=[{"role": "user", "content": "hi"}], reasoning_effort=effort, temperature=0.2,
                   max_tokens=1000, response_format={"type": "json_schema", "json_schema": {"name": "x",
@@ -222,6 +226,7 @@ def test_reasoning_effort_is_adaptive_thinking_with_an_effort_on_the_4_6_generat
     body = to_messages_body(request, "claude-opus-4-6")
     assert body["thinking"] == {"type": "adaptive"} and body["max_tokens"] == 1000 and "temperature" not in body
     assert body["output_config"] == {"format": {"type": "json_schema", "schema": schema}, "effort": level}
+    assert to_messages_body(request, "claude-opus-4-7")["output_config"]["effort"] == from_4_7
     earlier = to_messages_body(request, "claude-sonnet-4-5")
     assert earlier["thinking"] == {"type": "enabled", "budget_tokens": THINKING_BUDGETS[effort]}
     assert earlier["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
@@ -232,12 +237,14 @@ def test_reasoning_effort_is_adaptive_thinking_with_an_effort_on_the_4_6_generat
 def test_a_messages_clients_own_thinking_and_effort_go_as_sent_and_adaptive_fits_an_earlier_model() -> None:
     """A /v1/messages request translated for Anthropic keeps the client's own ``thinking`` and effort (its effort,
     also read as ``reasoning_effort`` for other upstreams, adds nothing); adaptive thinking sent to a model before
-    the 4.6 generation (a group's fallback) becomes a budget of that effort."""
+    the 4.6 generation (a group's fallback) becomes a budget of that effort, and an ``xhigh`` effort sent to a
+    model before 4.7 is that model's top effort, ``max``."""
     native = {"thinking": {"type": "adaptive"}, "output_config": {"effort": "xhigh"}}
     request = req(messages=[{"role": "user", "content": "hi"}], reasoning_effort="high", max_tokens=2000,
                   scillm={"anthropic_native": native})
-    body = to_messages_body(request, "claude-opus-4-6")
+    body = to_messages_body(request, "claude-opus-4-7")
     assert body["thinking"] == {"type": "adaptive"} and body["output_config"] == {"effort": "xhigh"}
+    assert to_messages_body(request, "claude-opus-4-6")["output_config"] == {"effort": "max"}
     earlier = to_messages_body(request, "claude-sonnet-4-5")
     assert earlier["thinking"] == {"type": "enabled", "budget_tokens": THINKING_BUDGETS["xhigh"]}
     assert "output_config" not in earlier and earlier["max_tokens"] > THINKING_BUDGETS["xhigh"]
@@ -257,6 +264,51 @@ def test_strict_tools_go_to_models_with_structured_outputs_and_are_dropped_befor
     for earlier in ("claude-sonnet-4-20250514", "claude-opus-4-1", "claude-3-7-sonnet-latest"):
         assert "strict" not in to_messages_body(request, earlier)["tools"][0]
         assert to_messages_body(request, earlier)["tools"][0]["input_schema"] == WEATHER["function"]["parameters"]
+
+
+def test_a_json_schema_before_structured_outputs_is_an_answer_tool_and_unknown_names_keep_the_format() -> None:
+    """Before the 4.5 generation the schema is a forced tool; a name without a version keeps
+    ``output_config.format``; ``json_object`` stays a system instruction; the tool choice follows the client's
+    (``none``: its tools left out, ``parallel_tool_calls: false`` kept); a /v1/messages client's own format does
+    not reach an earlier model."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "description": "The a.", "schema": schema}}
+    hi = [{"role": "user", "content": "hi"}]
+    body = to_messages_body(req(messages=hi, response_format=fmt), "claude-3-7-sonnet-latest")
+    assert body["tools"] == [{"name": ANSWER_TOOL, "input_schema": schema, "description": (
+        "Give your final answer by calling this tool: its input is the answer. The a.")}]
+    assert body["tool_choice"] == {"type": "tool", "name": ANSWER_TOOL} and "output_config" not in body
+    for model in ("my-proxy-model", "claude-sonnet-4-5"):
+        assert to_messages_body(req(messages=hi, response_format=fmt), model)["output_config"] == {
+            "format": {"type": "json_schema", "schema": schema}}
+    plain = to_messages_body(req(messages=hi, response_format={"type": "json_object"}), "claude-3-7-sonnet-latest")
+    assert "tools" not in plain and "JSON object" in plain["system"][-1]["text"]
+    none = to_messages_body(req(messages=hi, response_format=fmt, tools=[WEATHER], tool_choice="none",
+                                parallel_tool_calls=False), "claude-opus-4-1")
+    assert [t["name"] for t in none["tools"]] == [ANSWER_TOOL]
+    assert none["tool_choice"] == {"type": "tool", "name": ANSWER_TOOL, "disable_parallel_tool_use": True}
+    named = to_messages_body(req(messages=hi, response_format=fmt, tools=[WEATHER], tool_choice={
+        "type": "function", "function": {"name": "get_weather"}}), "claude-opus-4-1")
+    assert named["tool_choice"] == {"type": "tool", "name": "get_weather"} and len(named["tools"]) == 1
+    native = req(messages=hi, response_format=fmt, scillm={"anthropic_native": {"output_config": {
+        "format": {"type": "json_schema", "schema": schema}}}})
+    assert "output_config" not in to_messages_body(native, "claude-sonnet-4-20250514")
+    assert to_messages_body(native, "claude-sonnet-4-5")["output_config"]["format"]["schema"] == schema
+
+
+def test_the_answer_tools_input_is_the_content_and_the_clients_calls_stay_calls() -> None:
+    data = {"type": "message", "id": "msg_1", "model": "claude-sonnet-4-20250514", "stop_reason": "tool_use",
+            "content": [{"type": "text", "text": "Let me see."},
+                        {"type": "tool_use", "id": "toolu_1", "name": ANSWER_TOOL, "input": {"a": 1}}]}
+    answer = from_messages_response(data, answer_tool=ANSWER_TOOL)
+    assert answer.choices[0].message.content == '{"a":1}' and answer.choices[0].finish_reason == "stop"
+    assert answer.choices[0].message.tool_calls is None
+    both = {**data, "content": [*data["content"], {"type": "tool_use", "id": "toolu_2", "name": "get_weather",
+                                                   "input": {"city": "Oslo"}}]}
+    answer = from_messages_response(both, answer_tool=ANSWER_TOOL)
+    assert answer.choices[0].finish_reason == "tool_calls" and answer.choices[0].message.content == '{"a":1}'
+    assert [c.function.name for c in answer.choices[0].message.tool_calls or ()] == ["get_weather"]
+    assert from_messages_response(data).choices[0].message.tool_calls[0].function.name == ANSWER_TOOL  # type: ignore[index]
 
 
 # -- response -------------------------------------------------------------------------------------------------------

@@ -6,17 +6,21 @@ from __future__ import annotations
 from scillm_anthropic.oauth import CLAUDE_CODE_SYSTEM, OAUTH_BETAS, ClaudeLogin, ClaudeOAuthProvider, credentials_path
 from scillm_anthropic.provider import ANTHROPIC_VERSION, AnthropicProvider, normalise_base
 from scillm_anthropic.translate import (
+    ANSWER_TOOL,
     DEFAULT_MAX_TOKENS,
     EFFORTS,
     FEATURES_FROM,
     FINISH_REASONS,
     THINKING_BUDGETS,
     StreamTranslator,
+    answer_tool,
     claude_version,
+    effort_for,
     error_from_event,
     error_from_status,
     from_messages_response,
     parse_error_body,
+    predates,
     sanitize_tool_call_id,
     takes,
     to_messages_body,
@@ -24,11 +28,12 @@ from scillm_anthropic.translate import (
 )
 from scillm_core import ProviderRegistry, Runtime, hookimpl
 
-__all__ = ["ANTHROPIC_VERSION", "CLAUDE_CODE_SYSTEM", "DEFAULT_MAX_TOKENS", "EFFORTS", "FEATURES_FROM",
+__all__ = ["ANSWER_TOOL", "ANTHROPIC_VERSION", "CLAUDE_CODE_SYSTEM", "DEFAULT_MAX_TOKENS", "EFFORTS", "FEATURES_FROM",
            "FINISH_REASONS", "OAUTH_BETAS", "THINKING_BUDGETS", "AnthropicProvider", "ClaudeLogin",
-           "ClaudeOAuthProvider", "StreamTranslator", "claude_version", "credentials_path", "error_from_event",
-           "error_from_status", "from_messages_response", "normalise_base", "parse_error_body",
-           "sanitize_tool_call_id", "takes", "to_messages_body", "usage_from_anthropic"]
+           "ClaudeOAuthProvider", "StreamTranslator", "answer_tool", "claude_version", "credentials_path",
+           "effort_for", "error_from_event", "error_from_status", "from_messages_response", "normalise_base",
+           "parse_error_body", "predates", "sanitize_tool_call_id", "takes", "to_messages_body",
+           "usage_from_anthropic"]
 
 
 @hookimpl

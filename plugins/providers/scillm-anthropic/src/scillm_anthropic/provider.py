@@ -13,7 +13,13 @@ from typing import Any
 import httpx
 import orjson
 
-from scillm_anthropic.translate import StreamTranslator, error_from_status, from_messages_response, to_messages_body
+from scillm_anthropic.translate import (
+    StreamTranslator,
+    answer_tool,
+    error_from_status,
+    from_messages_response,
+    to_messages_body,
+)
 from scillm_core import CallContext, ChatChunk, ChatRequest, ChatResponse, Provider, Route, errors, with_native
 from scillm_core.config import ProviderSettings
 from scillm_core.jsonio import loads
@@ -156,15 +162,15 @@ class AnthropicProvider(Provider):
 
     async def complete(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatResponse:
         response = await self._send(request, route, ctx, stream=False)
-        return self._answer(response.content, route)
+        return self._answer(response.content, route, answer_tool(request, route.model))
 
     async def complete_native(self, request: ChatRequest, route: Route, ctx: CallContext) -> ChatResponse:
         response = await self._send(request, route, ctx, stream=False, native=True)
         return with_native(self._answer(response.content, route), response.content)
 
-    def _answer(self, raw: bytes, route: Route) -> ChatResponse:
+    def _answer(self, raw: bytes, route: Route, answering: str | None = None) -> ChatResponse:
         try:
-            return from_messages_response(loads(raw), model=route.model)
+            return from_messages_response(loads(raw), model=route.model, answer_tool=answering)
         except SHAPE_ERRORS as exc:
             raise errors.UpstreamProtocolError(f"unexpected response body ({excerpt(str(exc), 200)})",
                                                provider=self.name, model=route.model) from None
@@ -184,7 +190,8 @@ class AnthropicProvider(Provider):
         cannot be parsed is skipped, its bytes too (``Malformed``); a stream that ends without ``message_stop``
         after the ``message_delta`` with its stop reason finished all the same (natively: with that event added)."""
         translator = StreamTranslator(provider=self.name, model=route.model,
-                                      include_usage=native or request.include_usage, secrets=self.secrets())
+                                      include_usage=native or request.include_usage, secrets=self.secrets(),
+                                      answer_tool=None if native else answer_tool(request, route.model))
         carried = PendingBytes()
         malformed = Malformed(ctx, route)
         try:

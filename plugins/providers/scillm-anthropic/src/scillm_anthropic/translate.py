@@ -48,11 +48,10 @@ from scillm_core.jsonio import loads
 from scillm_core.models.chat import token_count
 from scillm_core.upstream import error_for_status, excerpt
 
-__all__ = ["DEFAULT_MAX_TOKENS", "EFFORTS", "FEATURES_FROM", "FINISH_REASONS", "THINKING_BUDGETS", "StreamTranslator",
-           "annotation", "claude_version", "error_from_event",
-           "error_from_status",
-           "from_messages_response", "parse_error_body", "sanitize_tool_call_id", "takes", "to_messages_body",
-           "usage_from_anthropic"]
+__all__ = ["ANSWER_TOOL", "DEFAULT_MAX_TOKENS", "EFFORTS", "FEATURES_FROM", "FINISH_REASONS", "THINKING_BUDGETS",
+           "StreamTranslator", "annotation", "answer_tool", "claude_version", "effort_for", "error_from_event",
+           "error_from_status", "from_messages_response", "parse_error_body", "predates", "sanitize_tool_call_id",
+           "takes", "to_messages_body", "usage_from_anthropic"]
 
 #: ``max_tokens`` is required by the Messages API; used when the client sets neither ``max_tokens`` nor
 #: ``max_completion_tokens``. 8192 fits every current Claude model's output limit.
@@ -60,17 +59,26 @@ DEFAULT_MAX_TOKENS = 8192
 #: ``reasoning_effort`` -> ``thinking.budget_tokens`` (LiteLLM's values; ``none`` turns thinking off), for models
 #: before adaptive thinking.
 THINKING_BUDGETS: Mapping[str, int] = {"minimal": 1024, "low": 1024, "medium": 2048, "high": 4096, "xhigh": 8192,
-                                       "max": 16384}
-#: ``reasoning_effort`` -> ``output_config.effort``, with ``thinking: {"type": "adaptive"}`` (models that take it).
+                                       "max": 16384, "ultra": 16384}
+#: ``reasoning_effort`` -> ``output_config.effort``, with ``thinking: {"type": "adaptive"}`` (models that take it);
+#: ``ultra`` is ``max`` (provider-protocols.md §6.2), and ``xhigh`` is ``max`` on a model before ``xhigh_effort``
+#: (:func:`effort_for`).
 EFFORTS: Mapping[str, str] = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh",
-                              "max": "max"}
+                              "max": "max", "ultra": "max"}
 #: What a Claude model takes, by the first version that takes it (provider-protocols.md §3.2, §9.5, §9.6), read
 #: from the version in its name (:func:`claude_version`): ``adaptive_thinking``: ``thinking: {"type": "adaptive"}``
 #: with ``output_config.effort`` (the 4.6 generation on; earlier ones think with ``budget_tokens``);
 #: ``strict_tools``: a tool's ``strict: true`` (structured outputs, GA from the 4.5 generation; earlier models had
-#: them only under a beta header, and Claude 4 and 3.x not at all). The one table to change when a generation
-#: changes what it takes; a name without a version (a proxy's own) gets what every Claude takes.
-FEATURES_FROM: Mapping[str, tuple[int, int]] = {"adaptive_thinking": (4, 6), "strict_tools": (4, 5)}
+#: them only under a beta header, and Claude 4 and 3.x not at all); ``output_format``: ``output_config.format``, a
+#: JSON schema the answer follows (structured outputs again; earlier models get the schema as a forced tool,
+#: :func:`answer_tool`); ``xhigh_effort``: ``output_config.effort: "xhigh"`` (the 4.7 generation on; 4.6 takes
+#: low to max, so ``xhigh`` is ``max`` there). The one table to change when a generation changes what it takes; a
+#: name without a version (a proxy's own) gets what every Claude takes and is sent what the client asked for.
+FEATURES_FROM: Mapping[str, tuple[int, int]] = {"adaptive_thinking": (4, 6), "strict_tools": (4, 5),
+                                                "output_format": (4, 5), "xhigh_effort": (4, 7)}
+#: The tool that carries a ``json_schema`` answer to a model before ``output_format`` (LiteLLM's name for it): its
+#: input comes back as the message's JSON text (:func:`answer_tool`).
+ANSWER_TOOL = "json_tool_call"
 FINISH_REASONS: Mapping[str, str] = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop",
                                      "max_tokens": "length", "model_context_window_exceeded": "length",
                                      "tool_use": "tool_calls", "refusal": "content_filter"}
@@ -111,6 +119,28 @@ def takes(model: str, feature: str) -> bool:
     """Whether upstream ``model`` takes ``feature`` (a key of :data:`FEATURES_FROM`)."""
     version = claude_version(model)
     return version is not None and version >= FEATURES_FROM[feature]
+
+
+def predates(model: str, feature: str) -> bool:
+    """Whether ``model`` names a Claude generation before ``feature``; ``False`` for a name without a version."""
+    version = claude_version(model)
+    return version is not None and version < FEATURES_FROM[feature]
+
+
+def effort_for(model: str, effort: str) -> str:
+    """``output_config.effort`` for ``model``: ``xhigh`` is ``max`` before the generation that has it (4.6 takes
+    low, medium, high and max); anything else as it is."""
+    return "max" if effort == "xhigh" and predates(model, "xhigh_effort") else effort
+
+
+def answer_tool(request: ChatRequest, model: str) -> str | None:
+    """The tool (:data:`ANSWER_TOOL`) that carries the answer when ``request`` asks for a ``json_schema`` answer
+    from a model before ``output_format``: the Messages body offers the schema as that tool, and its input comes
+    back as the message's JSON text (the way LiteLLM and the AI SDK answer such a request); ``None`` otherwise."""
+    fmt = request.response_format
+    if fmt is None or fmt.get("type") != "json_schema" or not predates(model, "output_format"):
+        return None
+    return ANSWER_TOOL
 
 
 # -- request -------------------------------------------------------------------------------------------------------
@@ -345,6 +375,8 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
                             "max_tokens": request.max_output_tokens or DEFAULT_MAX_TOKENS}
     if request.n not in (None, 1):
         raise _bad("Anthropic returns one choice per call; n must be 1", "$.n")
+    answering = answer_tool(request, model)
+    answer: dict[str, Any] | None = None
     if request.response_format:
         kind = request.response_format.get("type")
         if kind == "json_schema":
@@ -352,7 +384,13 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
             schema = spec.get("schema") if isinstance(spec, Mapping) else None
             if not isinstance(schema, Mapping):
                 raise _bad("json_schema.schema must be an object", "$.response_format.json_schema.schema")
-            body["output_config"] = {"format": {"type": "json_schema", "schema": dict(schema)}}
+            if answering is None:
+                body["output_config"] = {"format": {"type": "json_schema", "schema": dict(schema)}}
+            else:  # a model before structured outputs: the schema is the answer tool's input (_offer_answer)
+                about = spec.get("description")  # type: ignore[union-attr]  # (a Mapping: schema is one)
+                answer = {"name": answering, "description": "Give your final answer by calling this tool: its "
+                          "input is the answer." + (f" {about}" if isinstance(about, str) and about else ""),
+                          "input_schema": dict(schema)}
         elif kind == "json_object":
             system.append({"type": "text", "text": "Respond with a single valid JSON object and nothing else."})
         elif kind not in ("text", None):
@@ -396,7 +434,8 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
         if not _unthought_tool_turn(messages):
             if takes(model, "adaptive_thinking"):
                 body["thinking"] = {"type": "adaptive"}
-                body["output_config"] = {**body.get("output_config", {}), "effort": EFFORTS[effort]}
+                body["output_config"] = {**body.get("output_config", {}),
+                                         "effort": effort_for(model, EFFORTS[effort])}
             else:
                 _think(body, budget, request.max_output_tokens)
             thinking_on = True
@@ -404,9 +443,13 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
         if key in fields:
             value = fields[key]
             if key == "output_config" and isinstance(value, Mapping):
+                if answer is not None:  # (a /v1/messages client's format, which this model does not take)
+                    value = {k: v for k, v in value.items() if k != "format"}
                 body["output_config"] = {**dict(value), **body.get("output_config", {})}
                 if _effort_of(value):  # the client's own effort wins over one reasoning_effort gave
-                    body["output_config"]["effort"] = value["effort"]
+                    body["output_config"]["effort"] = effort_for(model, value["effort"])
+                if answer is not None and not body["output_config"]:
+                    del body["output_config"]
             elif key == "thinking" and isinstance(value, Mapping) and value.get("type") == "adaptive" \
                     and not takes(model, "adaptive_thinking"):  # (a fallback to an earlier model, say)
                 budgeted = _effort_of(fields.get("output_config")) or request.reasoning_effort or "medium"
@@ -432,6 +475,8 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
             del body["output_config"]
     thinking_on = thinking_on or (isinstance(body.get("thinking"), Mapping)
                                   and body["thinking"].get("type") in ("enabled", "adaptive"))
+    if answer is not None:
+        _offer_answer(body, answer, request, thinking_on)
     if request.temperature is not None and not thinking_on:  # thinking requires the default temperature
         body["temperature"] = min(max(request.temperature, 0.0), 1.0)
     if request.top_p is not None:
@@ -443,6 +488,28 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
     if request.stream:
         body["stream"] = True
     return body
+
+
+def _offer_answer(body: dict[str, Any], answer: dict[str, Any], request: ChatRequest, thinking_on: bool) -> None:
+    """The answer tool added for a ``json_schema`` answer from a model before structured outputs, and the tool
+    choice that makes the model answer with it: forced when the client sent no tools; ``any`` when it did (the
+    model calls one of the client's tools, or answers: a tool loop goes on, and its last turn is the JSON answer);
+    with ``tool_choice: "none"`` the client's tools are left out and the answer is forced. A client that requires a
+    tool call now (``required``, or one named tool) gets its choice and no answer tool: the answer comes on a later
+    turn. With thinking on, Anthropic refuses a forced tool choice: the tool is offered (``auto``) and the model
+    asked by its description, and an answer in text comes back as it is."""
+    choice = request.tool_choice
+    if choice == "required" or isinstance(choice, Mapping):
+        return
+    tools: list[dict[str, Any]] = body.get("tools", [])
+    if choice == "none":
+        tools = tools[len(request.tools or ()):]  # the client's function tools come first (server tools after)
+    body["tools"] = [*tools, answer]
+    out: dict[str, Any] = {"type": "auto"} if thinking_on else {"type": "any"} if tools \
+        else {"type": "tool", "name": answer["name"]}
+    if request.parallel_tool_calls is False:
+        out["disable_parallel_tool_use"] = True
+    body["tool_choice"] = out
 
 
 def _effort_of(output_config: Any) -> str | None:
@@ -528,8 +595,11 @@ def annotation(citation: Mapping[str, Any], start: int, end: int) -> dict[str, A
     return {**citation, "start_index": start, "end_index": end}
 
 
-def from_messages_response(data: Any, *, model: str = "") -> ChatResponse:
-    """A Messages response body to a chat completion; raises ``ValueError`` on a body that is not a message."""
+def from_messages_response(data: Any, *, model: str = "", answer_tool: str | None = None) -> ChatResponse:
+    """A Messages response body to a chat completion; raises ``ValueError`` on a body that is not a message.
+    ``answer_tool``: the tool that carries a ``json_schema`` answer (:func:`answer_tool`): when the model called it,
+    its input is the message's content (JSON text, any text beside it left out) and the answer stops (``stop``)
+    unless the model also called the client's tools."""
     if not isinstance(data, Mapping) or data.get("type") != "message" or not isinstance(data.get("content"), list):
         raise ValueError("not a Messages API message")
     texts: list[str] = []
@@ -538,8 +608,14 @@ def from_messages_response(data: Any, *, model: str = "") -> ChatResponse:
     calls: list[ToolCall] = []
     annotations: list[dict[str, Any]] = []
     offset = 0
+    answered = None
+    if answer_tool is not None:
+        answered = next((b for b in data["content"] if isinstance(b, Mapping) and b.get("type") == "tool_use"
+                         and b.get("name") == answer_tool), None)
     for block in data["content"]:
         kind = block.get("type") if isinstance(block, Mapping) else None
+        if answered is not None and (kind == "text" or block is answered):
+            continue
         if kind == "text":
             text = str(block.get("text", ""))
             texts.append(text)
@@ -562,12 +638,16 @@ def from_messages_response(data: Any, *, model: str = "") -> ChatResponse:
         extra["thinking_blocks"] = thinking_blocks
     if annotations:
         extra["annotations"] = annotations
+    finish = _finish(data.get("stop_reason")) or "stop"
+    if answered is not None:
+        texts = [orjson.dumps(answered.get("input") or {}).decode()]
+        if finish == "tool_calls" and not calls:
+            finish = "stop"
     message = Message(role="assistant", content="".join(texts) if texts or not calls else None,
                       tool_calls=tuple(calls) or None, extra=extra)
     usage = data.get("usage")
     return ChatResponse(id=str(data.get("id") or "msg"), model=str(data.get("model") or model),
-                        created=int(time.time()),
-                        choices=(Choice(message=message, finish_reason=_finish(data.get("stop_reason")) or "stop"),),
+                        created=int(time.time()), choices=(Choice(message=message, finish_reason=finish),),
                         usage=usage_from_anthropic(usage) if isinstance(usage, Mapping) else None)
 
 
@@ -624,10 +704,15 @@ class StreamTranslator:
     The role chunk comes first (at ``message_start``); ``tool_calls[].index`` is the ordinal among tool calls,
     not the content-block index; the finish chunk comes at ``message_delta``; the ``choices: []`` usage chunk
     only with ``include_usage``. ``event: error`` raises the matching :class:`UpstreamError`.
+
+    ``answer_tool``: the tool that carries a ``json_schema`` answer (:func:`answer_tool`): its ``input_json_delta``
+    pieces are content deltas, and the answer finishes ``stop`` unless the client's tools were called too. Text
+    is held back until it is known not to precede the answer (a tool call or the end), as
+    :func:`from_messages_response` leaves text beside the answer out.
     """
 
     def __init__(self, *, provider: str, model: str, include_usage: bool,
-                 secrets: tuple[str | None, ...] = ()) -> None:
+                 secrets: tuple[str | None, ...] = (), answer_tool: str | None = None) -> None:
         self.provider = provider
         self.route_model = model  # errors name the routed model; chunks carry the upstream's own model id
         self.model = model
@@ -642,6 +727,9 @@ class StreamTranslator:
         self._blocks: dict[int, dict[str, Any]] = {}
         self._tools = 0
         self._offset = 0  # characters of answer text so far: where a cited block's text starts and ends
+        self.answer_tool = answer_tool
+        self._answered = False
+        self._held: list[ChatChunk] = []  # text chunks not yet known to be more than chatter before the answer
 
     def _chunk(self, delta: Delta, finish: str | None = None) -> ChatChunk:
         return ChatChunk(id=self.id, model=self.model, created=self.created,
@@ -661,10 +749,19 @@ class StreamTranslator:
             self.usage.update(message.get("usage") or {})
             self.started = True
             return [self._chunk(Delta(role="assistant", content=""))]
-        if kind == "content_block_start":
-            return self._block_start(int(data.get("index", 0)), data.get("content_block") or {})
-        if kind == "content_block_delta":
-            return self._block_delta(int(data.get("index", 0)), data.get("delta") or {})
+        if kind in ("content_block_start", "content_block_delta", "content_block_stop"):
+            index = int(data.get("index", 0))
+            if kind == "content_block_start":
+                chunks = self._block_start(index, data.get("content_block") or {})
+            elif kind == "content_block_delta":
+                chunks = self._block_delta(index, data.get("delta") or {})
+            else:
+                chunks = self._block_stop(index)
+            if self.answer_tool is not None and self._blocks.get(index, {}).get("type") == "text":
+                if not self._answered:  # (text beside the answer is left out)
+                    self._held.extend(chunks)
+                return []
+            return chunks
         if kind == "message_delta":
             usage = data.get("usage")
             if isinstance(usage, Mapping):
@@ -672,11 +769,13 @@ class StreamTranslator:
             delta = data.get("delta") or {}
             if delta.get("stop_reason") is not None:
                 self.finish = _finish(delta["stop_reason"])
-                return [self._chunk(Delta(), self.finish)]
+                if self._answered and self.finish == "tool_calls" and not self._tools:
+                    self.finish = "stop"
+                return [*self._release(), self._chunk(Delta(), self.finish)]
             return []
         if kind == "message_stop":
             self.stopped = True
-            out = []
+            out = self._release()
             if self.finish is None:
                 self.finish = "stop"
                 out.append(self._chunk(Delta(), self.finish))
@@ -684,21 +783,28 @@ class StreamTranslator:
                 out.append(ChatChunk(id=self.id, model=self.model, created=self.created, choices=(),
                                      usage=usage_from_anthropic(self.usage)))
             return out
-        if kind == "content_block_stop":
-            return self._block_stop(int(data.get("index", 0)))
         return []  # ping and event types added later
+
+    def _release(self) -> list[ChatChunk]:
+        held, self._held = self._held, []
+        return held
 
     def _block_start(self, index: int, block: Mapping[str, Any]) -> list[ChatChunk]:
         kind = block.get("type")
         state: dict[str, Any] = {"type": kind, "thinking": []}
         self._blocks[index] = state
         if kind == "tool_use":
-            state["tool"] = self._tools
-            self._tools += 1
             initial = block.get("input")
             args = orjson.dumps(initial).decode() if isinstance(initial, Mapping) and initial else ""
             state["sent_args"] = bool(args)
-            return [self._chunk(Delta(tool_calls=(ToolCallDelta(
+            if self.answer_tool is not None and block.get("name") == self.answer_tool:
+                self._answered = True
+                self._held.clear()
+                state["answer"] = True
+                return [self._chunk(Delta(content=args))] if args else []
+            state["tool"] = self._tools
+            self._tools += 1
+            return [*self._release(), self._chunk(Delta(tool_calls=(ToolCallDelta(
                 index=state["tool"], id=str(block.get("id")), type="function",
                 function=FunctionCallDelta(name=str(block.get("name")), arguments=args)),)))]
         if kind == "text":
@@ -728,7 +834,11 @@ class StreamTranslator:
             return []
         if kind == "input_json_delta":
             partial = str(delta.get("partial_json") or "")
-            if not partial or "tool" not in state or state.get("sent_args"):
+            if not partial or state.get("sent_args"):
+                return []
+            if state.get("answer"):  # the answer tool's input is the answer
+                return [self._chunk(Delta(content=partial))]
+            if "tool" not in state:
                 return []
             return [self._chunk(Delta(tool_calls=(ToolCallDelta(
                 index=state["tool"], function=FunctionCallDelta(arguments=partial)),)))]
