@@ -22,6 +22,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from scillm_core import ChatRequest, structure, unstructure
+from scillm_core.models import CACHE_CONTROL, REASONING_CONTENT, THINKING_BLOCKS, without_carried
 from scillm_core.testing import DEV_KEY, FakeOpenAI, FakeUpstream, Reply, ServerThread, ToolCallSpec, make_app
 from scillm_core.testing.fake_anthropic import FakeAnthropic
 from scillm_core.testing.fake_codex import FakeOpenAIResponses
@@ -382,9 +384,82 @@ def test_fallback_to_another_dialect_translates_and_says_so(tmp_path: Path) -> N
             message = raw.parse()
             assert message.content[0].text == "From GPT." and message.usage.cache_read_input_tokens == 20
             assert claude.last.body["system"][0]["cache_control"] == {"type": "ephemeral"}  # first try: as sent
-            # the fallback has no cache markers: they are dropped, the blocks kept as parts
-            assert gpt.last.body["messages"][0] == {"role": "system", "content": [{"type": "text", "text": "S"}]}
+            # the fallback has no cache markers: they are dropped, the system prompt one string again (as when the
+            # first route takes no markers)
+            assert gpt.last.body["messages"][0] == {"role": "system", "content": "S"}
             assert b"cache_control" not in gpt.last.raw
+
+
+MARKED_SYSTEM = [{"type": "text", "text": "Long policy.", "cache_control": {"type": "ephemeral"}},
+                 {"type": "text", "text": "Be brief."}]
+MARKED_TURN = {"role": "user", "content": [{"type": "text", "text": "q", "cache_control": {"type": "ephemeral"}}]}
+
+
+@pytest.mark.parametrize(("order", "surface", "passthrough"), [
+    (("anthropic/claude-sonnet-4-5", "opencode-go/minimax-m2.7"), "messages", True),
+    (("opencode-go/minimax-m2.7", "anthropic/claude-sonnet-4-5"), "messages", False),
+    (("anthropic/claude-sonnet-4-5", "opencode-go/minimax-m2.7"), "chat", True)],
+    ids=["claude-then-minimax", "minimax-then-claude-translated", "chat-claude-then-minimax"])
+def test_each_member_of_a_group_gets_the_cache_markers_it_takes(tmp_path: Path, order: tuple[str, str],
+                                                                surface: str, passthrough: bool) -> None:
+    """Cache markers are decided for each attempt by its provider's ``cache_control`` capability (core's
+    ``without_carried``), not by the group's first route: MiniMax on OpenCode Go speaks Anthropic's wire without
+    the prompt cache and gets none, whichever member it is; Claude gets every marker, also as a translated
+    fallback (passthrough off)."""
+    with FakeAnthropic() as claude, FakeAnthropic() as minimax:
+        env = {"ANTHROPIC_API_KEY": "sk-ant", "ANTHROPIC_API_BASE": claude.url, "OPENCODE_GO_API_KEY": "sk-go",
+               "OPENCODE_GO_API_BASE": minimax.url + "/v1"}
+        config = {"groups": {"pair": {"models": list(order)}}, "resilience": {"max_retries": 0},
+                  "server": {"passthrough": passthrough}}
+        first, second = (claude, minimax) if order[0].startswith("anthropic/") else (minimax, claude)
+        first.script(Reply.fail(529, "Overloaded"))
+        second.script(Reply(text="Answered.", prompt_tokens=50))
+        with ServerThread(make_app(env=env, config=config, data_dir=tmp_path, only=(*ONLY, "opencode-go"))) as srv:
+            if surface == "messages":
+                client = anthropic.Anthropic(base_url=srv.url, api_key=DEV_KEY, max_retries=0, timeout=30)
+                message = client.messages.create(model="pair", max_tokens=64, system=MARKED_SYSTEM,  # type: ignore[arg-type]
+                                                 messages=[MARKED_TURN],  # type: ignore[list-item]
+                                                 tools=[{"name": "Read", "input_schema": {"type": "object"},
+                                                         "cache_control": {"type": "ephemeral"}}])
+                assert message.content[0].text == "Answered."  # type: ignore[union-attr]
+            else:
+                chat = openai.OpenAI(base_url=srv.url + "/v1", api_key=DEV_KEY, max_retries=0, timeout=30)
+                answer = chat.chat.completions.create(model="pair", messages=[  # type: ignore[call-overload]
+                    {"role": "system", "content": MARKED_SYSTEM}, MARKED_TURN], tools=[{
+                        "type": "function", "function": {"name": "Read", "parameters": {"type": "object"}},
+                        "cache_control": {"type": "ephemeral"}}])
+                assert answer.choices[0].message.content == "Answered."
+        assert len(claude.requests) == len(minimax.requests) == 1
+        body = claude.last.body
+        assert body["system"][0]["cache_control"] == {"type": "ephemeral"} and "cache_control" not in body["system"][1]
+        assert body["messages"][0]["content"][0]["cache_control"] == {"type": "ephemeral"}
+        assert body["tools"][0]["cache_control"] == {"type": "ephemeral"}
+        assert b"cache_control" not in minimax.last.raw
+        assert minimax.last.body["system"] == [{"type": "text", "text": "Long policy.\n\nBe brief."}]
+        assert minimax.last.body["messages"][0]["content"] == "q"
+
+
+def test_without_carried_drops_markers_only_where_they_are_not_taken() -> None:
+    """The markers of parts, tools and messages (and the text-only content they split) for a provider without the
+    ``cache_control`` capability; the request itself when it has none, when the provider takes them, or when the
+    provider sends the client's own body (which keeps them)."""
+    marker = {"type": "ephemeral"}
+    request = structure({"model": "m", "messages": [
+        {"role": "system", "content": [{"type": "text", "text": "A.", "cache_control": marker},
+                                       {"type": "text", "text": "B."}]},
+        {"role": "user", "content": "q", "cache_control": marker},
+        {"role": "user", "content": [{"type": "text", "text": "see", "cache_control": marker},
+                                     {"type": "image_url", "image_url": {"url": "https://x/i.png"}}]}],
+        "tools": [{"type": "function", "function": {"name": "f"}, "cache_control": marker}]}, ChatRequest)
+    plain = without_carried(request, frozenset({"tools"}))
+    assert unstructure(plain)["messages"] == [
+        {"role": "system", "content": "A.\n\nB."}, {"role": "user", "content": "q"},
+        {"role": "user", "content": [{"type": "text", "text": "see"},
+                                     {"type": "image_url", "image_url": {"url": "https://x/i.png"}}]}]
+    assert plain.tools is not None and plain.tools[0].cache_control is None
+    assert without_carried(request, frozenset({CACHE_CONTROL, THINKING_BLOCKS, REASONING_CONTENT})) is request
+    assert without_carried(request, frozenset({"tools"}), as_sent=True) is request
+    assert without_carried(plain, frozenset({"tools"})) is plain
 
 
 def test_a_request_a_middleware_changed_is_translated_with_the_change(claude_server: ServerThread,

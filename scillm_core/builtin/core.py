@@ -68,9 +68,10 @@ def call_provider(request: ProviderRequest, route: Route, ctx: CallContext) -> C
     """Dispatch to the registered provider (``embed`` for an embeddings request) within the route's upstream
     timeouts (``scillm_core.timeouts``); the request ``timeout`` bounds a non-streaming call too. Each dispatch is
     one upstream attempt (``attempt.start`` / ``attempt.end`` when observers listen). What a chat request's
-    assistant turns carry of earlier reasoning (``scillm_core.models.CARRIED``: Claude's signed thinking blocks,
-    reasoning text) goes only to a provider with that capability: each attempt of a group decides for its own
-    provider, so a fallback from Claude to another upstream never gets Claude's blocks, nor OpenAI reasoning text."""
+    assistant turns carry of earlier reasoning and the prompt-cache markers (``scillm_core.models.CARRIED``:
+    Claude's signed thinking blocks, reasoning text, ``cache_control``) go only to a provider with that capability:
+    each attempt of a group decides for its own provider, so a fallback from Claude to another upstream never gets
+    Claude's blocks, nor OpenAI reasoning text, nor markers, and a fallback to Claude gets the markers."""
     provider = ctx.runtime.providers[route.provider]
     if route.timeouts is None:  # a route some other routing plugin built
         route = attrs.evolve(route, timeouts=provider_timeouts(ctx.runtime, route.provider))
@@ -91,7 +92,7 @@ def call_provider(request: ProviderRequest, route: Route, ctx: CallContext) -> C
             capabilities = provider.capabilities_for(route)
             if not passthrough:  # a translation: what the client asks for must be deliverable (else a 400 now)
                 check_asks(request, capabilities, provider.name, route.model)
-            sent = without_carried(request, capabilities)  # decided for each attempt
+            sent = without_carried(request, capabilities, as_sent=passthrough)  # decided for each attempt
         ctx.attempts += 1
         ctx.route = route
         dialect = native.dialect if native is not None else request.scillm.get("dialect")

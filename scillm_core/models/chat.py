@@ -17,10 +17,10 @@ from scillm_core.jsonio import json_type
 from scillm_core.models.native import NativeRequest, with_native
 
 __all__ = [
-    "MAX_TOKEN_COUNT", "ChatChunk", "ChatRequest", "ChatResponse", "Choice", "ChunkChoice", "Delta", "FileData",
-    "FilePart", "FunctionCall", "FunctionCallDelta", "FunctionDef", "ImagePart", "ImageUrl", "Message", "OtherPart",
-    "CARRIED", "Part", "REASONING_CONTENT", "Role", "THINKING_BLOCKS", "TextPart", "Tool", "ToolCall", "ToolCallDelta",
-    "Usage", "token_count", "without_carried",
+    "CACHE_CONTROL", "CARRIED", "MAX_TOKEN_COUNT", "REASONING_CONTENT", "THINKING_BLOCKS", "ChatChunk", "ChatRequest",
+    "ChatResponse", "Choice", "ChunkChoice", "Delta", "FileData", "FilePart", "FunctionCall", "FunctionCallDelta",
+    "FunctionDef", "ImagePart", "ImageUrl", "Message", "OtherPart", "Part", "Role", "TextPart", "Tool", "ToolCall",
+    "ToolCallDelta", "Usage", "token_count", "without_carried",
 ]
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -203,21 +203,76 @@ THINKING_BLOCKS = "thinking_blocks"
 #: block's text, a Responses reasoning item's summary); also the capability of a provider that takes it back.
 REASONING_CONTENT = "reasoning_content"
 
-#: What assistant turns may carry of the model's earlier reasoning, each for the providers with its capability.
-CARRIED = (THINKING_BLOCKS, REASONING_CONTENT)
+#: Anthropic's prompt-cache markers (``cache_control`` on parts, tools, and in a message's ``extra`` for the
+#: message's last block), which surfaces carry from their dialect; also the capability of a provider that takes
+#: them. Every other provider's attempt gets the request without them (:func:`without_carried`): they are an
+#: Anthropic notion.
+CACHE_CONTROL = "cache_control"
+
+#: What a request may carry that only some providers take, each for the providers with its capability: the
+#: model's earlier reasoning on assistant turns, and the prompt-cache markers. Each is a message ``extra`` key (the
+#: markers also sit on parts and tools).
+CARRIED = (THINKING_BLOCKS, REASONING_CONTENT, CACHE_CONTROL)
 
 
-def without_carried(request: ChatRequest, capabilities: frozenset[str]) -> ChatRequest:
-    """``request`` without the carriers of earlier reasoning (:data:`CARRIED`) that a provider with
-    ``capabilities`` does not take back; ``request`` itself when there is nothing to leave out. Its native body
-    stays: surfaces keep carried thinking out of the bodies other upstreams take as sent."""
+def without_carried(request: ChatRequest, capabilities: frozenset[str], *, as_sent: bool = False) -> ChatRequest:
+    """``request`` without what it carries (:data:`CARRIED`) that a provider with ``capabilities`` does not take;
+    ``request`` itself when there is nothing to leave out. Core's dispatch decides it for each attempt, so every
+    member of a group gets what it takes, whichever is first. A message left without markers whose content is text
+    parts only is one string again, the parts joined with a blank line (as the Messages surface joins unmarked
+    blocks). Its native body stays: surfaces keep carried thinking out of the bodies other upstreams take as sent,
+    and a body sent as it came keeps the client's markers; ``as_sent`` (the provider sends that body) leaves the
+    markers on the model too, unlooked for."""
     dropped = {key for key in CARRIED if key not in capabilities}
-    messages = request.messages
-    if not dropped or not any(m.extra and not dropped.isdisjoint(m.extra) for m in messages):
+    if not dropped:
         return request
-    plain = tuple(evolve(m, extra={k: v for k, v in m.extra.items() if k not in dropped})
-                  if m.extra and not dropped.isdisjoint(m.extra) else m for m in messages)
-    return with_native(evolve(request, messages=plain), request.native)
+    unmark = not as_sent and CACHE_CONTROL in dropped
+    if not unmark:
+        dropped.discard(CACHE_CONTROL)
+        if not dropped:
+            return request
+    tools = request.tools
+    marked_tools = unmark and tools is not None and any(t.cache_control is not None for t in tools)
+    messages = request.messages
+    if not marked_tools and not (_carries(messages, dropped) if unmark else
+                                 any(m.extra and not dropped.isdisjoint(m.extra) for m in messages)):
+        return request
+    plain = tuple(_without(m, dropped, unmark) for m in messages)
+    if marked_tools and tools is not None:
+        tools = tuple(evolve(t, cache_control=None) if t.cache_control is not None else t for t in tools)
+    return with_native(evolve(request, messages=plain, tools=tools), request.native)
+
+
+def _carries(messages: tuple[Message, ...], dropped: set[str]) -> bool:
+    """Whether a message carries one of ``dropped`` or a part a marker; one pass."""
+    for m in messages:
+        if (m.extra and not dropped.isdisjoint(m.extra)) or (type(m.content) is tuple and _marked_parts(m.content)):
+            return True
+    return False
+
+
+def _marked_parts(parts: tuple[Part, ...]) -> bool:
+    for p in parts:
+        if type(p) is not OtherPart and p.cache_control is not None:  # type: ignore[union-attr]
+            return True
+    return False
+
+
+def _without(message: Message, dropped: set[str], unmark: bool) -> Message:
+    """``message`` without the ``dropped`` carriers (its parts' markers too when ``unmark``)."""
+    marked = unmark and type(message.content) is tuple and _marked_parts(message.content)
+    if not marked and not (message.extra and not dropped.isdisjoint(message.extra)):
+        return message
+    marked = marked or (unmark and CACHE_CONTROL in message.extra)
+    extra = {k: v for k, v in message.extra.items() if k not in dropped}
+    content = message.content
+    if marked and isinstance(content, tuple):
+        parts = tuple(evolve(p, cache_control=None) if not isinstance(p, OtherPart) and p.cache_control is not None
+                      else p for p in content)
+        content = "\n\n".join(p.text for p in parts if isinstance(p, TextPart)) \
+            if all(isinstance(p, TextPart) for p in parts) else parts
+        return evolve(message, content=content, extra=extra)
+    return evolve(message, extra=extra)
 
 
 MAX_TOKEN_COUNT = 10**12  # no answer is a trillion tokens

@@ -128,8 +128,6 @@ class OpenAICompatProvider(Provider):
             body.setdefault("max_completion_tokens", body.pop("max_tokens"))
         if not request.stream:
             body.pop("stream_options", None)
-        if "cache_control" not in self.capabilities:
-            _drop_cache_markers(body)
         return body
 
     def speaks(self, request: ChatRequest, route: Route) -> bool:
@@ -298,19 +296,6 @@ def _split_usage(chunk: ChatChunk, include_usage: bool) -> tuple[ChatChunk, ...]
     if not include_usage:
         return (without,)
     return without, attrs.evolve(chunk, choices=())
-
-
-def _drop_cache_markers(body: dict[str, Any]) -> None:
-    """Prompt-cache markers are an Anthropic notion: an upstream without the ``cache_control`` capability does not
-    get them on a translated body (a client's own body, sent as is, keeps whatever the client put in it)."""
-    for message in body["messages"]:
-        message.pop("cache_control", None)
-        content = message.get("content")
-        if isinstance(content, list):
-            for part in content:
-                part.pop("cache_control", None)
-    for tool in body.get("tools") or ():
-        tool.pop("cache_control", None)
 
 
 def parse_error_body(raw: bytes) -> tuple[str, str | None, str | None]:

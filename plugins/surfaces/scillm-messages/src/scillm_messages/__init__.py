@@ -44,7 +44,7 @@ from scillm_core import (
 from scillm_core.models.native import native_request
 from scillm_core.streaming import EventStreamResponse
 from scillm_messages.tokens import estimate_input_tokens
-from scillm_messages.translate import StreamTranslator, fit_upstream, parse_messages_request, ping, to_messages_response
+from scillm_messages.translate import StreamTranslator, parse_messages_request, ping, to_messages_response
 from scillm_messages.wire_errors import AnthropicErrorMiddleware, anthropic_error_parts, error_event
 
 __all__ = ["estimate_input_tokens", "parse_messages_request", "to_messages_response"]
@@ -96,9 +96,8 @@ async def _parse(request: Request, origins: errors.Origins) -> tuple[ChatRequest
         raise
     provider = runtime.providers.get(route.provider)
     as_sent = provider is not None and provider.speaks(probe, route)
-    anthropic = provider is not None and provider.family == "anthropic"
-    chat = fit_upstream(parse_messages_request(body, session=session, lenient=as_sent, origins=origins),
-                        anthropic=anthropic)
+    # cache markers stay on the model: each attempt gets them or not by its provider (core's without_carried)
+    chat = parse_messages_request(body, session=session, lenient=as_sent, origins=origins)
     return with_native(chat, native), as_sent
 
 

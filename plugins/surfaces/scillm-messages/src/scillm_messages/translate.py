@@ -36,7 +36,7 @@ from scillm_core.jsonio import json_type, loads
 from scillm_core.models import REASONING_CONTENT, THINKING_BLOCKS
 from scillm_core.models.native import native_events
 
-__all__ = ["STOP_REASONS", "StreamTranslator", "fit_upstream", "message_id", "parse_messages_request",
+__all__ = ["STOP_REASONS", "StreamTranslator", "message_id", "parse_messages_request",
            "to_messages_response"]
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
@@ -44,7 +44,8 @@ STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 #: Anthropic effort levels (``output_config.effort``) and thinking budgets -> OpenAI ``reasoning_effort``.
 EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
-#: Anthropic request fields passed to Anthropic upstreams unchanged (see :func:`fit_upstream`).
+#: Anthropic request fields passed to Anthropic upstreams unchanged (in ``scillm["anthropic_native"]``, which only
+#: the Anthropic provider reads when it translates).
 NATIVE_FIELDS = ("thinking", "top_k", "metadata", "output_config", "service_tier", "context_management",
                  "mcp_servers", "container")
 #: Fields that ask the upstream for something only Anthropic's Messages API delivers -> the capability (a
@@ -100,14 +101,16 @@ def parse_messages_request(body: Any, *, session: str | None = None, lenient: bo
     """Validate an Anthropic Messages body and translate it to a :class:`ChatRequest`.
 
     Unknown top-level keys (new betas) are ignored; Anthropic's own fields (:data:`NATIVE_FIELDS`) reach
-    Anthropic upstreams only (see :func:`fit_upstream`); those that ask for something only Anthropic delivers
-    (``mcp_servers``, ``container``, server tools) are listed in ``scillm["asks"]``, so a translation to another
-    provider is a 400 naming them (``scillm_core.models.params``) instead of dropping them. Thinking blocks in the
-    history are carried as the assistant message's ``thinking_blocks``; ``cache_control`` markers ride on the
-    parts, tools and messages they mark. ``lenient`` (the body goes to an Anthropic upstream as sent): what the
-    chat model cannot carry (block types it does not know) is left out of the model instead of refused, since the
-    upstream judges the body itself. ``session`` names the agent session (``scillm["session"]``). ``origins``
-    records where the chat request's parts came from, for errors about it (:class:`~scillm_core.errors.Origins`).
+    Anthropic upstreams only (they ride in ``scillm["anthropic_native"]``); those that ask for something only
+    Anthropic delivers (``mcp_servers``, ``container``, server tools) are listed in ``scillm["asks"]``, so a
+    translation to another provider is a 400 naming them (``scillm_core.models.params``) instead of dropping them.
+    Thinking blocks in the history are carried as the assistant message's ``thinking_blocks``; ``cache_control``
+    markers ride on the parts, tools and messages they mark (core's dispatch leaves both out of the attempts of
+    providers that do not take them: ``scillm_core.models.without_carried``). ``lenient`` (the body goes to an
+    Anthropic upstream as sent): what the chat model cannot carry (block types it does not know) is left out of
+    the model instead of refused, since the upstream judges the body itself. ``session`` names the agent session
+    (``scillm["session"]``). ``origins`` records where the chat request's parts came from, for errors about it
+    (:class:`~scillm_core.errors.Origins`).
     """
     origins = origins if origins is not None else errors.Origins()
     if not isinstance(body, dict):
@@ -432,41 +435,6 @@ def _assistant(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, st
     origins.message(where, [path for kind, _, path in blocks if kind == "text"] if cites else None,
                     [path for kind, _, path in blocks if kind == "tool_use"])
     return [Message(role="assistant", content=content, tool_calls=tuple(calls) or None, extra=extra)]
-
-
-def fit_upstream(request: ChatRequest, anthropic: bool) -> ChatRequest:
-    """Fit the request to the family of the provider it routes to.
-
-    Anthropic upstreams get the ``cache_control`` markers; the client's native fields (``thinking``, ``top_k``,
-    ``metadata``, ``mcp_servers``, ...) ride in ``scillm["anthropic_native"]``, which the Anthropic provider reads
-    when it translates (and only it: a fallback to another provider never gets them). Every other upstream loses
-    the markers: they are an Anthropic notion (the system prompt becomes one string again). The carried
-    ``thinking_blocks`` stay: core's dispatch gives them to the attempts of Anthropic providers only, whichever
-    member of a group that is.
-    """
-    if anthropic:
-        return request
-    if not any(_marked(m) for m in request.messages) and not any(t.cache_control for t in request.tools or ()):
-        return request
-    messages = tuple(_plain(m) if _marked(m) else m for m in request.messages)
-    tools = tuple(attrs.evolve(t, cache_control=None) for t in request.tools) if request.tools else None
-    return attrs.evolve(request, messages=messages, tools=tools)
-
-
-def _marked(message: Message) -> bool:
-    return "cache_control" in message.extra or (
-        isinstance(message.content, tuple) and any(getattr(p, "cache_control", None) for p in message.content))
-
-
-def _plain(message: Message) -> Message:
-    """``message`` without cache markers (text-only content joined as before)."""
-    extra = {k: v for k, v in message.extra.items() if k != "cache_control"}
-    content = message.content
-    if isinstance(content, tuple):
-        parts = tuple(attrs.evolve(p, cache_control=None) if getattr(p, "cache_control", None) else p
-                      for p in content)
-        content = "\n\n".join(p.text for p in parts) if all(isinstance(p, TextPart) for p in parts) else parts
-    return attrs.evolve(message, content=content, extra=extra)
 
 
 def _tools(raw: Any, asks: dict[str, str], origins: errors.Origins) -> tuple[list[Tool], list[dict[str, Any]]]:
