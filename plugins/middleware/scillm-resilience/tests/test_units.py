@@ -222,6 +222,43 @@ def test_within_one_key_a_call_takes_the_place_of_its_batchs_newest_waiter():
     assert asyncio.run(main()) == ["item2 displaced", "item0 served", "chat served", "item1 served"]
 
 
+def test_a_waiter_cancelled_but_not_yet_out_of_a_full_queue_is_never_displaced_into_an_error():
+    """A waiter's task cancelled (its client gone, its wait timed out) has its future cancelled at once but leaves
+    the queue only when the task runs next: a newcomer that finds the queue full meanwhile takes its place, and
+    neither fails with the future's InvalidStateError (a 500)."""
+    async def main() -> list[str]:
+        limiter = Limiter("p", 1, 2, aimd=False, recover_s=1.0)
+        held = await limiter.acquire(1)
+        outcomes: list[str] = []
+
+        async def wait(name: str, owner: str) -> None:
+            try:
+                slot = await limiter.acquire(5, owner)
+            except QueueFullSignal as signal:
+                outcomes.append(f"{name} {'displaced' if signal.displaced else 'refused'}")
+                return
+            except asyncio.CancelledError:
+                outcomes.append(f"{name} cancelled")
+                raise
+            outcomes.append(f"{name} served")
+            slot.release()
+
+        waiting = [asyncio.ensure_future(wait(f"a{n}", "a")) for n in range(2)]
+        await asyncio.sleep(0)
+        newcomer = asyncio.ensure_future(wait("b0", "b"))  # scheduled before the cancelled waiter's next step
+        waiting[1].cancel()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not newcomer.done() or newcomer.exception() is None, newcomer.exception()
+        held.release()
+        await asyncio.gather(newcomer, *waiting, return_exceptions=True)
+        assert limiter.in_flight == 0 and len(limiter.waiters) == 0 and not limiter.waiters.owners
+        assert limiter.rejected == 0  # nobody was refused: the cancelled waiter's place was free
+        return outcomes
+
+    assert sorted(asyncio.run(main())) == ["a0 served", "a1 cancelled", "b0 served"]
+
+
 def test_pause_lets_one_probe_out_at_a_time_and_its_success_releases_everybody():
     async def main() -> None:
         pauses = Pauses()

@@ -188,10 +188,12 @@ class Limiter:
             return slot
         if len(self.waiters) >= self.max_queue:
             displaced = self.waiters.displace(owner, flow)
-            self.rejected += 1
             if displaced is None:
+                self.rejected += 1
                 raise QueueFullSignal()
-            displaced.set_exception(QueueFullSignal(displaced=True))
+            if not displaced.done():  # (done: cancelled, its task yet to run and leave; its place was free)
+                self.rejected += 1
+                displaced.set_exception(QueueFullSignal(displaced=True))
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters.push(owner, flow, waiter)
         started = self.clock()
