@@ -230,6 +230,41 @@ async def test_sqlite_expires_documents_on_its_clock_and_its_sweep_deletes_them(
         await store.close()
 
 
+async def test_redis_sweeps_the_index_members_of_expired_documents_once_across_processes(redis_server: Any) -> None:
+    """A document with a TTL (a kept Responses item, a cached answer) expires in Redis, but its namespace's index
+    member stayed until a scan met it: a namespace nobody scans grew by a member per document for good. A write with
+    a TTL starts a sweep when the last is ``SWEEP_S`` old; it drops the members of documents that are gone, in steps,
+    and keeps the others; another process's sweep within ``SWEEP_S`` leaves the namespace alone."""
+    from scillm_core.state import redis as redis_state
+
+    prefix = f"sweep:{uuid.uuid4().hex[:8]}:"
+    store, other = RedisStore(redis_server.url, prefix=prefix), RedisStore(redis_server.url, prefix=prefix)
+    index = f"{prefix}i:15:responses.items"
+    before = redis_state.SWEEP_ROWS
+    redis_state.SWEEP_ROWS = 3
+    try:
+        await store.put_many("responses.items", [(f"k/{i}", {"i": i}) for i in range(7)], ttl_s=0.05)
+        await store.put_many("responses.items", [("k/stays", {"n": 1}), ("k/lasts", {"n": 2})])
+        await store.put("responses.items", "k/later", {"n": 3}, ttl_s=60.0)
+        await asyncio.sleep(0.1)
+        assert await store.redis.zcard(index) == 10  # the expired seven are still members
+        store.next_sweep = 0.0  # as if SWEEP_S had passed since the last
+        await store.compare_and_set("responses.items", "k/cas", None, {"n": 4}, ttl_s=60.0)
+        assert store.sweeper is not None
+        assert await store.sweeper == 7
+        assert sorted(m.decode() for m in await store.redis.zrange(index, 0, -1)) == [
+            "k/cas", "k/lasts", "k/later", "k/stays"]
+        await other.put("responses.items", "k/gone", {"n": 5}, ttl_s=0.05)
+        await asyncio.sleep(0.1)
+        other.next_sweep = 0.0
+        await other.put("responses.items", "k/more", {"n": 6}, ttl_s=60.0)
+        assert other.sweeper is not None and await other.sweeper == 0  # swept by the first within SWEEP_S
+    finally:
+        redis_state.SWEEP_ROWS = before
+        await store.close()
+        await other.close()
+
+
 async def test_sqlite_counters_slots_and_queue_claims_lapse_on_its_clock(tmp_path: Path) -> None:
     """A rate window (a counter with a TTL), a slot lease and a queue claim lapse on the store's clock, as documents
     do: moved here, with no sleep. (Redis keeps its server's clock for all of them.)"""

@@ -4,7 +4,9 @@ Layout under ``prefix`` (a namespace or queue name ``n`` is written as ``len(n):
 another's keys):
 
 - documents: ``{p}d:{ns}:{key}`` strings (canonical JSON, ``PX`` for a TTL), indexed per namespace by the sorted set
-  ``{p}i:{ns}`` (score 0, members ordered by bytes, so a prefix scan is one ``ZRANGEBYLEX``);
+  ``{p}i:{ns}`` (score 0, members ordered by bytes, so a prefix scan is one ``ZRANGEBYLEX``); the members of documents
+  that expired are dropped by a sweep of the namespaces written with a TTL every ``SWEEP_S`` (one process at a time:
+  the marker ``{p}sw:{ns}``), so a namespace nobody scans (kept Responses items, the cache) does not grow for good;
 - logs: the stream ``{p}l:{ns}`` (``XADD``/``XREVRANGE``/``XTRIM``; followed with ``XREAD``);
 - queues: one stream per flow with the consumer group ``work`` (``XREADGROUP``, ``XAUTOCLAIM``, ``XACK``):
   ``{p}q:{name}`` for the flow ``""``, ``{p}q:{name}:{len(flow)}:{flow}`` for the others, whose names are in the set
@@ -43,6 +45,8 @@ __all__ = ["RedisStore", "safe_url"]
 GROUP = "work"
 MAX_BLOCK_S = 5.0  # one blocking read waits at most this long; callers loop
 MAX_CONNECTIONS = 256  # per client of one process
+SWEEP_S = 600.0  # a namespace written with a TTL has its expired documents' index members dropped at most this often
+SWEEP_ROWS = 1000  # index members one step of the sweep checks (one script call: other commands wait for one step)
 
 
 def _lex_range(prefix: str) -> tuple[bytes, bytes]:
@@ -91,6 +95,22 @@ end
 if ARGV[2] ~= '0' then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) else redis.call('SET', KEYS[1], ARGV[1]) end
 redis.call('ZADD', KEYS[2], 0, ARGV[3])
 return {1}
+"""
+
+# A step of the sweep of a namespace's index: KEYS the index; ARGV where to go on from (ZRANGEBYLEX form), how many
+# members, the document key of the namespace's index members. Drops the members whose document is gone (expired);
+# returns how many it dropped, then the last member it looked at (none: the index is done).
+_SWEEP = """
+local members = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[1], '+', 'LIMIT', 0, tonumber(ARGV[2]))
+local dropped = 0
+for _, member in ipairs(members) do
+  if redis.call('EXISTS', ARGV[3] .. member) == 0 then
+    redis.call('ZREM', KEYS[1], member)
+    dropped = dropped + 1
+  end
+end
+if #members < tonumber(ARGV[2]) then return {dropped} end
+return {dropped, members[#members]}
 """
 
 # An enqueue: KEYS the flow's stream, the queue's set of flows, its doorbell; ARGV the flow ("" for none) then the
@@ -371,6 +391,9 @@ class RedisStore:
         self._cursors: dict[str, str] = {}
         self._flow_turns = FlowTurns()  # whose turn it is in this process's takes
         self._slots = _Lane(self)  # hold_slots' calls (each provider's group commit)
+        self._expiring: set[str] = set()  # namespaces this process wrote documents with a TTL to: swept
+        self.next_sweep = time.monotonic() + SWEEP_S
+        self.sweeper: asyncio.Task[int] | None = None
 
     # -- connection ------------------------------------------------------------------------------------------------
 
@@ -445,6 +468,8 @@ class RedisStore:
                     pipe.set(self._doc(namespace, key), _dump(value), px=ttl_ms)
                 pipe.zadd(self._index(namespace), {key: 0 for key, _ in documents})
                 await pipe.execute()
+        if ttl_s:
+            self._sweep_when_due(namespace)
 
     async def compare_and_set(self, namespace: str, key: str, expected: Mapping[str, Any] | None,
                               value: Mapping[str, Any] | None, *, ttl_s: float | None = None) -> bool:
@@ -452,6 +477,8 @@ class RedisStore:
                 max(1, int(ttl_s * 1000)) if ttl_s else 0, key]
         with self.unavailable():
             done = await self.script(_CAS)(keys=[self._doc(namespace, key), self._index(namespace)], args=args)
+        if ttl_s and value is not None:
+            self._sweep_when_due(namespace)
         return bool(done)
 
     async def insert(self, namespace: str, key: str, value: Mapping[str, Any], *, prefix: str, cap: int,
@@ -462,6 +489,8 @@ class RedisStore:
         args = [_dump(value), max(1, int(ttl_s * 1000)) if ttl_s else 0, key, low, high, cap, self._doc(namespace, "")]
         with self.unavailable():
             done = await self.script(_INSERT)(keys=[self._doc(namespace, key), self._index(namespace)], args=args)
+        if ttl_s:
+            self._sweep_when_due(namespace)
         if done[0] == 1:
             return Inserted(True)
         return Inserted(False, orjson.loads(done[1]) if done[0] == 0 else None)
@@ -491,7 +520,39 @@ class RedisStore:
             return []
         with self.unavailable():
             done = await self.script(_COMMIT)(keys=keys, args=args)
+        for namespace in {c.namespace for c in changes if c.ttl_s and c.value is not None}:
+            self._sweep_when_due(namespace)
         return [bool(x) for x in done]
+
+    def _sweep_when_due(self, namespace: str) -> None:
+        """Note a namespace written with a TTL, and start a sweep in the background when the last one is
+        ``SWEEP_S`` old (no caller waits for it)."""
+        self._expiring.add(namespace)
+        if time.monotonic() >= self.next_sweep and (self.sweeper is None or self.sweeper.done()):
+            self.next_sweep = time.monotonic() + SWEEP_S
+            self.sweeper = asyncio.ensure_future(self.sweep())
+            self.sweeper.add_done_callback(lambda task: task.cancelled() or task.exception())
+
+    async def sweep(self) -> int:
+        """Drop the index members whose document expired, in the namespaces this process wrote documents with a TTL
+        to, ``SWEEP_ROWS`` members per step; a namespace another process swept in the last ``SWEEP_S`` is left
+        alone. How many members went. (Expired documents are Redis's to delete; their index members stayed until
+        a scan met them, and a namespace nobody scans grew by one member per document for good.)"""
+        dropped = 0
+        for namespace in sorted(self._expiring):
+            index, stem = self._index(namespace), self._doc(namespace, "")
+            with self.unavailable():
+                if not await self.redis.set(_name("sw", self.prefix, namespace), b"1", nx=True,
+                                            px=int(SWEEP_S * 1000)):
+                    continue
+                after: bytes = b"-"
+                while True:
+                    step = await self.script(_SWEEP)(keys=[index], args=[after, SWEEP_ROWS, stem])
+                    dropped += int(step[0])
+                    if len(step) < 2:
+                        break
+                    after = b"(" + step[1]
+        return dropped
 
     async def delete(self, namespace: str, key: str) -> bool:
         with self.unavailable():
@@ -756,6 +817,9 @@ class RedisStore:
         return out
 
     async def close(self) -> None:
+        if self.sweeper is not None and not self.sweeper.done():
+            self.sweeper.cancel()
+            await asyncio.wait({self.sweeper})
         await self._slots.drop()
         for client in (self._client, self._blocking):
             if client is not None:
