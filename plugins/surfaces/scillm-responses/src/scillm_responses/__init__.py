@@ -42,6 +42,7 @@ from scillm_core import (
     session_of,
     with_native,
 )
+from scillm_core.jsonio import json_type
 from scillm_core.models.native import native_request
 from scillm_core.streaming import EventStreamResponse
 from scillm_responses.items import KeptItems
@@ -55,6 +56,7 @@ from scillm_responses.translate import (
 
 __all__ = ["EventStream", "parse_request", "response_object"]
 
+MAX_ITEM_ID = 128  # the ids of the items scillm keeps are about 50 characters
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 Keep = Callable[[Sequence[Mapping[str, Any]]], None]  # keeps an answer's output items for item_reference
 
@@ -68,11 +70,15 @@ def scillm_register_surfaces(surfaces: SurfaceRegistry, runtime: Runtime) -> Non
 
 async def create_response(request: Request) -> Response:
     runtime = runtime_of(request)
-    raw = await read_body(request, limit_bytes=int(runtime.config.server.max_body_mb * 1024 * 1024))
+    limit = int(runtime.config.server.max_body_mb * 1024 * 1024)
+    raw = await read_body(request, limit_bytes=limit)
     body = parse_json(raw)
+    store = body.get("store") if isinstance(body, dict) else None
+    if store is not None and not isinstance(store, bool):  # "false" or 0 would have been kept
+        raise errors.InvalidRequest(f"expected boolean, got {json_type(store)} @ $.store", param="$.store")
     owner = identity_of(request).owner
     kept_items: KeptItems = runtime.plugin_state["responses"]
-    resolved = await _resolve_references(body, kept_items, owner)
+    resolved = await _resolve_references(body, kept_items, owner, len(raw), limit)
     if resolved is not body:  # the items themselves, also for an upstream that would have taken the body as sent
         body, raw = resolved, orjson.dumps(resolved)
     origins = errors.Origins()
@@ -90,9 +96,12 @@ async def create_response(request: Request) -> Response:
         raise origins.relocate(exc) from None
 
 
-async def _resolve_references(body: Any, kept: KeptItems, owner: str) -> Any:
+async def _resolve_references(body: Any, kept: KeptItems, owner: str, size: int = 0, limit: int | None = None
+                              ) -> Any:
     """``body`` with each ``item_reference`` input replaced by the output item it names, as kept for ``owner``
-    (``body`` itself when it has none); one that is not kept (never was, expired, another key's) is a 400."""
+    (``body`` itself when it has none); one that is not kept (never was, expired, another key's) is a 400. The
+    body (``size`` bytes as sent) with its items in is held to the body's ``limit`` (413): a reference is a few
+    dozen bytes, the item it names may be a long answer, and one item may be named any number of times."""
     items = body.get("input") if isinstance(body, dict) else None
     if not isinstance(items, list):
         return body
@@ -104,14 +113,23 @@ async def _resolve_references(body: Any, kept: KeptItems, owner: str) -> Any:
         if not isinstance(item_id, str) or not item_id:
             raise errors.InvalidRequest(f"item_reference needs the id of an output item @ $.input[{i}].id",
                                         param=f"$.input[{i}].id")
-    found = await kept.find(owner, list(wanted.values()))
-    for (i, item_id), item in zip(wanted.items(), found, strict=True):
-        if item is None:
+    unique = [item_id for item_id in dict.fromkeys(wanted.values()) if len(item_id) <= MAX_ITEM_ID]
+    named = dict(zip(unique, await kept.find(owner, unique), strict=True))  # (longer ones: none scillm made)
+    for i, item_id in wanted.items():
+        if named.get(item_id) is None:
+            shown = repr(item_id[:64]) + (f"... ({len(item_id)} characters)" if len(item_id) > 64 else "")
             raise errors.InvalidRequest(
-                f"item_reference {item_id!r}: no such item kept; scillm keeps no responses, only the output items "
+                f"item_reference {shown}: no such item kept; scillm keeps no responses, only the output items "
                 "of an answer to a request without \"store\": false, for a day, so send the items themselves "
                 f"@ $.input[{i}]", param=f"$.input[{i}]")
-    resolved = dict(zip(wanted, found, strict=True))
+    if limit is not None:
+        sizes = {item_id: len(orjson.dumps(item)) for item_id, item in named.items()}
+        total = size + sum(sizes[item_id] for item_id in wanted.values())
+        if total > limit:
+            raise errors.PayloadTooLarge(
+                f"the input with the items its {len(wanted)} item_reference(s) name is {total} bytes; the limit is "
+                f"{limit} @ $.input", param="$.input")
+    resolved = {i: named[item_id] for i, item_id in wanted.items()}
     return {**body, "input": [resolved.get(i, item) for i, item in enumerate(items)]}
 
 
