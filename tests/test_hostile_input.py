@@ -355,3 +355,47 @@ def test_a_well_formed_json_schema_still_reaches_the_upstream_as_sent(every_prov
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": True}}
     answer = client.chat.completions.create(model=MODEL, messages=USER, response_format=fmt)
     assert answer.choices[0].message.content == '{"a": 1}' and fake.last.json["response_format"] == fmt
+
+
+# -- reasoning carried back ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("block", "field"), [
+    ({"type": "thinking", "thinking": deep(100), "signature": "sig"}, "thinking"),
+    ({"type": "thinking", "thinking": [1] * 100_000, "signature": "sig"}, "thinking"),
+    ({"type": "thinking", "thinking": 7, "signature": "sig"}, "thinking"),
+    ({"type": "thinking", "thinking": "fine", "signature": {"a": 1}}, "signature"),
+    ({"type": "redacted_thinking", "data": True}, "data")])
+def test_a_messages_thinking_block_of_the_wrong_type_is_a_400_naming_it_not_reasoning_sent_on(server, fake, block,
+                                                                                            field):
+    """A thinking block's text goes back to DeepSeek (Kimi, GLM) as the turn's reasoning_content: an object, an
+    array or a number there was sent on as its Python repr (a 100,000-item array as 300 kB of "[1, 1, ..."); a 400
+    naming the field, before any upstream call."""
+    sent = len(fake.requests)
+    response = post(server, "/v1/messages", {"model": MODEL, "max_tokens": 100, "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": [block, {"type": "text", "text": "Sunny."}]},
+        {"role": "user", "content": "Thanks"}]})
+    assert response.status_code == 400, response.text[:300]
+    error = response.json()["error"]
+    assert error["message"].endswith(f"@ $.messages[1].content[0].{field}") and len(response.content) < 2000, error
+    assert len(fake.requests) == sent
+
+
+@pytest.mark.parametrize(("item", "where"), [
+    ({"type": "reasoning", "summary": "thought"}, "summary"),
+    ({"type": "reasoning", "summary": [{"type": "summary_text", "text": deep(100)}]}, "summary[0].text"),
+    ({"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "a"}, 5]}, "content[1]"),
+    ({"type": "reasoning", "summary": [{"type": "summary_text", "text": [1] * 100_000}]}, "summary[0].text"),
+    ({"type": "reasoning", "summary": [], "encrypted_content": {"scillm": 1}}, "encrypted_content")])
+def test_a_responses_reasoning_item_of_the_wrong_shape_is_a_400_naming_it_not_skipped(server, fake, item, where):
+    """A reasoning item's text goes back to DeepSeek (Kimi, GLM) as the next turn's reasoning_content: one of the
+    wrong shape was skipped silently, so the turn went on without the reasoning it came with; a 400 naming it."""
+    sent = len(fake.requests)
+    response = post(server, "/v1/responses", {"model": MODEL, "input": [
+        {"role": "user", "content": "Weather?"}, item,
+        {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]})
+    assert response.status_code == 400, response.text[:300]
+    error = response.json()["error"]
+    assert error["param"] == f"$.input[1].{where}" and len(response.content) < 2000, error
+    assert len(fake.requests) == sent

@@ -85,6 +85,12 @@ def _expect(value: Any, kind: type | tuple[type, ...], name: str, path: str) -> 
     return value
 
 
+def _text_or_none(block: Mapping[str, Any], key: str, path: str) -> str:
+    """``block[key]``: a string, or ``""`` when absent or null."""
+    value = block.get(key)
+    return "" if value is None else _expect(value, str, "a string", f"{path}.{key}")  # type: ignore[no-any-return]
+
+
 def _number(body: Mapping[str, Any], key: str, low: float, high: float | None = None) -> float | None:
     value = body.get(key)
     if value is None:
@@ -403,11 +409,11 @@ def _assistant(blocks: list[tuple[str, dict[str, Any], str]], asks: dict[str, st
     marker: Mapping[str, Any] | None = None
     for kind, block, path in blocks:
         marker = _cache_control(block, path) or marker
-        if kind == "thinking":
-            thinking.append({"type": "thinking", "thinking": str(block.get("thinking") or ""),
-                             "signature": str(block.get("signature") or "")})
+        if kind == "thinking":  # (its text goes on as reasoning_content: a number or an object is no text)
+            thinking.append({"type": "thinking", "thinking": _text_or_none(block, "thinking", path),
+                             "signature": _text_or_none(block, "signature", path)})
         elif kind == "redacted_thinking":
-            thinking.append({"type": "redacted_thinking", "data": str(block.get("data") or "")})
+            thinking.append({"type": "redacted_thinking", "data": _text_or_none(block, "data", path)})
         elif kind == "text":
             texts.append(_expect(block.get("text"), str, "a string", f"{path}.text"))
             if "citations" in block and _cites(block, path, asks):

@@ -184,8 +184,11 @@ def _messages(body: Mapping[str, Any], origins: errors.Origins) -> list[dict[str
             raise _bad(f"expected input item object, got {json_type(item)}", path)
         kind = item.get("type", "message")
         if kind == "reasoning":  # the model's own state: signed thinking blocks (Anthropic's), and its text
-            thinking += unsealed_thinking(item.get("encrypted_content"))
-            reasoning += _reasoning_text(item)
+            sealed = item.get("encrypted_content")
+            if sealed is not None and not isinstance(sealed, str):
+                raise _bad(f"expected string, got {json_type(sealed)}", f"{path}.encrypted_content")
+            thinking += unsealed_thinking(sealed)
+            reasoning += _reasoning_text(item, path)
             continue
         before = len(messages)
         last = messages[-1] if messages else None
@@ -236,15 +239,22 @@ def _messages(body: Mapping[str, Any], origins: errors.Origins) -> list[dict[str
     return messages
 
 
-def _reasoning_text(item: Mapping[str, Any]) -> list[str]:
-    """A reasoning item's text: its ``content`` (reasoning text), else its summary; what is not text is skipped."""
+def _reasoning_text(item: Mapping[str, Any], path: str) -> list[str]:
+    """A reasoning item's text: its ``content`` (reasoning text), else its summary (it goes on as the turn's
+    reasoning_content, so a part that is not an object with a string ``text`` is a 400 naming it)."""
+    found: list[list[str]] = []
     for key in ("content", "summary"):
         parts = item.get(key)
-        texts = [p["text"] for p in parts if isinstance(p, Mapping) and isinstance(p.get("text"), str)] \
-            if isinstance(parts, list) else []
-        if texts:
-            return texts
-    return []
+        if parts is None:
+            continue
+        if not isinstance(parts, list):
+            raise _bad(f"expected array of parts, got {json_type(parts)}", f"{path}.{key}")
+        for j, part in enumerate(parts):
+            if not isinstance(part, Mapping):
+                raise _bad(f"expected part object, got {json_type(part)}", f"{path}.{key}[{j}]")
+            _text_of(part.get("text"), f"{path}.{key}[{j}].text")
+        found.append([p["text"] for p in parts])
+    return next((texts for texts in found if texts), [])
 
 
 def _tools(raw: Any, asks: dict[str, str], origins: errors.Origins
