@@ -7,6 +7,7 @@ client, and a stream cut mid-way is continued by another model in the same strea
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -152,6 +153,26 @@ def test_a_malformed_event_in_a_responses_stream_is_skipped_and_not_passed_on(se
     assert all(getattr(e, "output_index", None) != 7 for e in events)  # the wrong-shaped item, not passed on
     assert deepseek.requests == []
 
+
+@pytest.mark.parametrize(("kind", "index"), [("added", 10**15), ("added", "first"), ("done", -3)])
+def test_an_upstream_item_event_with_an_odd_output_index_is_passed_on_and_not_followed(server, upstreams, kind,
+                                                                                      index):
+    """The surface follows a same-dialect stream's items (for a continuation to go on in them): an upstream's
+    output_item event whose output_index is not a small count was followed as int(index), so 10**15 was a list that
+    long (MemoryError), and "first" or -3 broke off the stream with response.failed; it goes to the client as sent,
+    unfollowed, and the stream ends as the upstream ended it."""
+    _, responses, deepseek = upstreams
+    odd = json.dumps({"type": f"response.output_item.{kind}", "output_index": index, "sequence_number": 2**70,
+                        "item": {"type": "message", "id": "msg_odd", "role": "assistant", "content": []}}).encode()
+    responses.script(Reply.say("one two three four", malformed_at=(5,),
+                               garbage=f"event: response.output_item.{kind}\ndata: ".encode() + odd + b"\n\n"))
+    with openai_client(server).responses.with_streaming_response.create(model="responses-first", input="hi",
+                                                                         stream=True) as raw:
+        events = list(raw.parse())
+    assert [e.type for e in events if e.type.startswith("response.") and "output_text" not in e.type][-1] \
+        == "response.completed", [e.type for e in events]
+    assert events[-1].response.output_text == "one two three four"
+    assert deepseek.requests == []
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_a_silent_responses_upstream_fails_over_within_its_timeout(server, upstreams, stream):

@@ -90,6 +90,9 @@ def _sealed(item: Any) -> bool:
         and isinstance(item.get("encrypted_content"), str) and item["encrypted_content"].startswith(THINKING)
 
 
+MAX_SEQUENCE = 2**53  # an upstream's sequence_number or created_at past it is not one (JSON numbers stay exact)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(24)}"
 
@@ -714,21 +717,31 @@ class EventStream:
                 self.finish = choice.finish_reason
 
     def _adopt(self, native: bytes) -> None:
+        """Follow the upstream's events as sent. What is not of the shape the API gives it (an ``output_index`` that
+        is not the next item's or an earlier one's, a ``sequence_number`` that is not a count) is not followed:
+        the bytes went to the client as they came, and an index of 10**15 would have been a list that long."""
         for data in native_events(native):
             if not isinstance(data, dict):
                 continue
             kind = data.get("type")
-            if isinstance(data.get("sequence_number"), int):
-                self.seq = data["sequence_number"] + 1
+            seq = data.get("sequence_number")
+            if type(seq) is int and 0 <= seq < MAX_SEQUENCE:
+                self.seq = seq + 1
             if kind == "response.created" and isinstance(data.get("response"), dict):
-                self.id = data["response"].get("id") or self.id
-                self.created = data["response"].get("created_at") or self.created
+                response = data["response"]
+                self.id = response["id"] if isinstance(response.get("id"), str) and response["id"] else self.id
+                created = response.get("created_at")
+                self.created = created if type(created) is int and 0 < created < MAX_SEQUENCE else self.created
             elif kind == "response.output_item.added" and isinstance(data.get("item"), dict):
-                index = int(data.get("output_index", len(self.output)))
+                index = data.get("output_index", len(self.output))
+                if type(index) is not int or not 0 <= index <= len(self.output):
+                    continue
                 self.output.extend([None] * (index + 1 - len(self.output)))
                 self.open = {**data["item"], "output_index": index, "_text": [], "_logprobs": [], "_annotations": []}
             elif kind == "response.output_item.done" and isinstance(data.get("item"), dict):
-                index = int(data.get("output_index", len(self.output) - 1))
+                index = data.get("output_index", len(self.output) - 1)
+                if type(index) is not int or not 0 <= index <= len(self.output):
+                    continue
                 self.output.extend([None] * (index + 1 - len(self.output)))
                 self.output[index] = data["item"]
                 if self.open is not None and self.open["output_index"] == index:
