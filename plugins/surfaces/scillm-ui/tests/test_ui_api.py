@@ -146,6 +146,12 @@ def test_a_virtual_key_sees_only_its_own_calls_batches_and_series(upstream: Fake
         alices = [c for c in every if c["caller"] == "svc-alice"]
         bobs = [c for c in every if c["caller"] == "svc-bob"]
         assert len(alices) == 1 and len(bobs) == 1 and len(every) == 3  # and the batch item's call, alice's
+        # each call is named by the key it was made with (its name, never its secret): filters and charts by key
+        assert sorted(c["key"] for c in every) == ["alice", "alice", "bob"]
+        assert [c["id"] for c in _get(server, "/v1/scillm/ui/calls", key="bob")["data"]] == [bobs[0]["id"]]
+        by_key = _get(server, "/v1/scillm/ui/series", by="key")["series"]
+        assert {name: sum(s["requests"]) for name, s in by_key.items()} == {"alice": 2, "bob": 1}
+        assert list(get("bob", "series", by="key").json()["series"]) == ["bob"]
         assert len(get("alice", "calls").json()["data"]) == 2
         assert [c["id"] for c in get("bob", "calls").json()["data"]] == [bobs[0]["id"]]
         assert get("bob", "calls").json()["kept"] == 1

@@ -24,8 +24,8 @@ from scillm_core.redact import redact
 
 __all__ = ["DIMENSIONS", "KINDS", "UiConfig", "UiState"]
 
-#: what calls and series can be grouped and filtered by; a key plugin sets ``ctx.notes["key"]`` (a key's
-#: non-secret name or id) and it shows up here with nothing else to change
+#: what calls and series can be grouped and filtered by; "key" is the name of the virtual key a call was made with
+#: (none for the master key), or what a plugin puts in ``ctx.notes["key"]`` (a non-secret name)
 DIMENSIONS = ("model", "caller", "key")
 KINDS = ("request.start", "request.end", "attempt.end", "cache", "retry", "fallback", "circuit.skip", "queue.wait",
          "timeout", "chunk.skipped", "continuation", "continuation.end", "breaker.transition", "batch.start",
@@ -127,7 +127,8 @@ class UiState:
         record: dict[str, Any] = {
             "id": call_id, "request_id": ctx.request_id, "started": event.time_ns / 1e9, "ended": None,
             "status": "live", "http_status": None, "error_code": None, "error": None, "model": request.model,
-            "provider": None, "served_model": None, "caller": ctx.caller, "key": ctx.notes.get("key"),
+            "provider": None, "served_model": None, "caller": ctx.caller,
+            "key": ctx.notes.get("key") or (None if ctx.identity.master else ctx.identity.name),
             "owner": ctx.identity.owner,
             "stream": request.stream, "duration_ms": None, "first_chunk_ms": None, "tokens_in": None,
             "tokens_out": None, "cost_usd": None, "cache": None, "parent": ctx.parent, "attempts": [],
