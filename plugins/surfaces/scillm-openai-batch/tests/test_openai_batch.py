@@ -173,6 +173,8 @@ def test_cancel_stops_the_batch_and_accounts_for_every_line(tmp_path: Path) -> N
             assert never_ran and all(line["error"]["code"] == "batch_cancelled" for line in never_ran)
             assert sum(slow.asked.values()) < 30
             assert client.batches.cancel(batch.id).status == "cancelled"  # again: nothing changes
+            shown = httpx.get(server.url + "/v1/scillm/ui/batches", headers=AUTH).json()["data"]
+            assert [(b["attrs"]["batch_id"], b["status"]) for b in shown] == [(batch.id, "cancelled")]  # not "error"
 
 
 def test_a_finished_batch_cannot_be_cancelled(client: openai.OpenAI) -> None:

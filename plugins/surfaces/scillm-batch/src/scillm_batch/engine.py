@@ -169,8 +169,9 @@ async def run_batch(spec: BatchSpec, runtime: Runtime, emit: Emit) -> dict[str, 
     try:
         summary = await _follow(spec, runtime, emit, run, started)
     except BaseException as exc:
-        events.emit("batch.end", None, unit=spec.unit, status="error",
-                    error=_message(exc) if isinstance(exc, Exception) else "cancelled")
+        cancelled = isinstance(exc, asyncio.CancelledError)  # a cancel, its caller gone, or a shutdown
+        events.emit("batch.end", None, unit=spec.unit, status="cancelled" if cancelled else "error",
+                    error="cancelled" if cancelled or not isinstance(exc, Exception) else _message(exc))
         if ttl_s is not None:  # the caller may be gone: nobody waits for it
             task = asyncio.ensure_future(_retain(runtime, spec.batch_id, ttl_s))
             _RETAINING.add(task)
