@@ -377,6 +377,10 @@ def test_streams_are_priced_and_the_usage_chunk_stays_with_clients_that_asked(se
     assert asked[-1].usage is not None and asked[-1].usage.completion_tokens == 7
     spend = server.admin.get("/v1/scillm/spend", params={"key": key_id}).json()
     assert spend["calls"] == 2 and spend["cost_usd"] == pytest.approx(2 * CALL_USD)
+    # each stream's cost is on its call-log row and in the dashboard, as a non-streamed call's is
+    for path in ("/v1/scillm/calls", "/v1/scillm/ui/calls"):
+        rows = server.as_key(token).get(path).json()["data"]
+        assert [(row["stream"], row["cost_usd"]) for row in rows] == [(True, pytest.approx(CALL_USD))] * 2, path
 
 
 def test_embeddings_are_priced_and_refused_past_a_budget_like_chat(server: Server) -> None:

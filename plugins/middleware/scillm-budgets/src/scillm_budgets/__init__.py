@@ -252,7 +252,15 @@ class Charge:
         if not self.request.stream:  # a ChatResponse or an EmbeddingsResponse
             self.settle(result.usage, answered=True)
             return result
+        ended = self.ctx.stream_ended
+        if ended is not None:  # the attempt's stream tap: settle as it ends, before the request's end is reported
+            ended.append(self._settle_stream)
         return self.observe(result)
+
+    def _settle_stream(self, error: BaseException | None, usage: Usage | None, first_at: float | None) -> None:
+        """The stream ended (``StreamEnded``): settled with the last usage it carried, so that the request's end
+        (call log, dashboard, traces) has its cost; :meth:`observe` settles what ends without this tap."""
+        self.settle(usage, answered=True)
 
     def admit(self) -> bool:
         """Admit the call without the store when it can (nothing to take, or it fits in the room this process holds
