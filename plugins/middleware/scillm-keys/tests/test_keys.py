@@ -463,6 +463,25 @@ def test_scillm_keys_command(server: Server, capsys: pytest.CaptureFixture[str])
     assert main(["keys", "--url", server.url, "--key", rotated, "list"]) == 1  # a virtual key is no admin
 
 
+def test_the_keys_command_says_which_key_the_server_refused(server: Server, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run where SCILLM_MASTER_KEY is not set, the command sends the dev key, which a server with a master key
+    refuses: the error says so and how to send the master key, without showing it."""
+    from scillm_core.cli import main
+
+    monkeypatch.delenv("SCILLM_MASTER_KEY", raising=False)
+    assert main(["keys", "--url", server.url, "list"]) == 1
+    err = capsys.readouterr().err
+    assert "HTTP 401" in err and "SCILLM_MASTER_KEY is not set here" in err and "--key" in err
+    assert main(["keys", "--url", server.url, "--key", "sk-typo", "list"]) == 1
+    err = capsys.readouterr().err
+    assert "sent the key given with --key" in err and "sk-typo" not in err
+    monkeypatch.setenv("SCILLM_MASTER_KEY", "sk-stale")
+    assert main(["keys", "--url", server.url, "list"]) == 1
+    err = capsys.readouterr().err
+    assert "sent SCILLM_MASTER_KEY" in err and "sk-stale" not in err
+
+
 def test_health_reports_keys_and_no_secret_appears_anywhere(server: Server, logs: Captured) -> None:
     health = server.admin.get("/v1/scillm/health").json()["middleware"]
     assert health["keys"]["enabled"] is True and health["keys"]["fails"] == "closed"

@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     import httpx
 
     key = args.key or os.environ.get("SCILLM_MASTER_KEY") or DEV_KEY
+    sent = ("the key given with --key" if args.key else "SCILLM_MASTER_KEY" if key != DEV_KEY else
+            f"the dev key {DEV_KEY}, as SCILLM_MASTER_KEY is not set here")
     base = args.url.rstrip("/") + "/v1/scillm/keys"
     command = args.keys_command
     body: dict[str, Any] | None = None
@@ -83,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
         data = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
         if response.status_code >= 400:
             message = (data.get("error") or {}).get("message") if isinstance(data, dict) else None
-            print(f"scillm keys: HTTP {response.status_code}: {message or response.text[:300]}", file=sys.stderr)
+            hint = (f" (sent {sent}; `scillm keys` needs the server's master key: set SCILLM_MASTER_KEY or pass "
+                    "--key)") if response.status_code == 401 else ""
+            print(f"scillm keys: HTTP {response.status_code}: {message or response.text[:300]}{hint}",
+                  file=sys.stderr)
             return 1
         pages.append(data)
         if command != "list" or not data.get("has_more"):
