@@ -39,6 +39,9 @@ _KEY_HINTS = ("sk-", "sk_", "pk-", "pk_", "rk-", "rk_", "eyJ", "AIza")
 _SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|HEADERS)|_API$", re.IGNORECASE)
 _WHERE_NAME = re.compile(r"_(URL|BASE|PATH|FILE|DIR|HOST|CREDENTIALS)$", re.IGNORECASE)  # where a secret is, not it
 MIN_SECRET = 8  # shorter values are not remembered (they would redact ordinary words)
+# the password of a URL's userinfo (``https://user:password@proxy/v1``, ``redis://:password@host``): base URLs and
+# store URLs are where secrets are, not secrets, so their values are shown; the password in one never is
+_URL_PASSWORD = re.compile(r"(://[^/?#@\s:'\"<>]*):[^/?#@\s'\"<>]+@")
 
 _known: tuple[str, ...] = ()  # longest first, so a secret that contains another is replaced whole
 
@@ -70,11 +73,13 @@ def _may_hold_key_shape(text: str) -> bool:
 
 
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
-    """Replace the given and the remembered secret values and anything shaped like a key or token with
-    ``[redacted]``."""
+    """Replace the given and the remembered secret values, the password of a URL, and anything shaped like a key
+    or token with ``[redacted]``."""
     for secret in (*secrets, *_known):
         if secret and len(secret) >= 4 and secret in text:
             text = text.replace(secret, "[redacted]")
+    if "@" in text and "://" in text:
+        text = _URL_PASSWORD.sub(r"\1:[redacted]@", text)
     if not _may_hold_key_shape(text):
         return text
     return _KEY_SHAPES.sub("[redacted]", text)

@@ -107,3 +107,31 @@ def test_stream_redactor_finds_a_secret_split_across_reads(cut):
     redactor = StreamRedactor([secret])
     out = redactor.feed(data[:at]) + redactor.feed(data[at:]) + redactor.flush()
     assert out == b"a" * 100 + b"[redacted] tail\n"
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("http://team:proxy-pass-123@127.0.0.1:8080/v1", "http://team:[redacted]@127.0.0.1:8080/v1"),
+    ("redis://:r3dis-pass@redis:6379/0", "redis://:[redacted]@redis:6379/0"),
+    ('{"base_url": "https://u:p%40ss@proxy.corp/v1"}', '{"base_url": "https://u:[redacted]@proxy.corp/v1"}'),
+    ("http://127.0.0.1:8080/v1 answered; ops@corp.example", "http://127.0.0.1:8080/v1 answered; ops@corp.example"),
+    ("https://user@proxy.corp/v1", "https://user@proxy.corp/v1")])
+def test_the_password_of_a_url_is_redacted_and_nothing_else_of_it(text, shown):
+    assert redact(text) == shown
+
+
+def test_a_base_url_with_a_password_is_shown_without_it_on_every_ops_endpoint(tmp_path):
+    """A provider behind a proxy that takes basic auth in its URL: the providers list, health and the dashboard
+    show where it is, never the password."""
+    import httpx
+
+    from scillm_core.testing import ServerThread, make_app
+
+    env = {"SCILLM_MASTER_KEY": "sk-master-redact-0123456789", "OPENAI_API_KEY": "sk-openai-redact-0123456789",
+           "OPENAI_API_BASE": "http://team:Pr0xyPassw0rd@127.0.0.1:9/v1"}
+    with ServerThread(make_app(env=env, data_dir=tmp_path)) as server:
+        headers = {"authorization": f"Bearer {env['SCILLM_MASTER_KEY']}"}
+        answers = [httpx.get(server.url + path, headers=headers) for path in (
+            "/v1/scillm/providers", "/v1/scillm/health", "/v1/scillm/ui/summary", "/v1/models")]
+    assert all(answer.status_code == 200 for answer in answers)
+    assert "team:[redacted]@127.0.0.1:9" in answers[0].text
+    assert not [answer.url.path for answer in answers if "Pr0xyPassw0rd" in answer.text]
