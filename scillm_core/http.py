@@ -27,7 +27,7 @@ from attrs import frozen
 
 from scillm_core.version import __version__
 
-__all__ = ["UPSTREAM_HEADERS", "USER_AGENT", "ReplyLimits", "ReplyTooLarge", "make_http_client"]
+__all__ = ["UPSTREAM_HEADERS", "USER_AGENT", "CredentialsInURL", "ReplyLimits", "ReplyTooLarge", "make_http_client"]
 
 #: Headers for the upstream requests of the current attempt (set by core's dispatch around the provider call).
 UPSTREAM_HEADERS: ContextVar[Mapping[str, str] | None] = ContextVar("scillm_upstream_headers", default=None)
@@ -53,6 +53,11 @@ class ReplyTooLarge(httpx.TransportError):
         super().__init__(f"{what} exceeded {limit / MIB:g} MiB")
         self.what = what
         self.limit = limit
+
+
+class CredentialsInURL(httpx.TransportError):
+    """A request to a URL with a user and password (``https://user:password@proxy/v1``) that carries an
+    ``Authorization`` header too (the provider's key): one request cannot send both."""
 
 
 class _NoCookies(httpx.Cookies):
@@ -89,6 +94,10 @@ class _CappedTransport(httpx.AsyncBaseTransport):
             response = await self.inner.handle_async_request(request)
         except aiohttp.ClientError as exc:
             raise _as_httpx(exc) from exc
+        except ValueError:  # aiohttp refuses a key header with credentials in the URL before sending
+            if request.url.userinfo and "authorization" in request.headers:
+                raise CredentialsInURL("a user and password in the URL, and a key") from None
+            raise
         limits = self.limits
         streamed = bool(request.extensions.get("scillm.stream")) and response.status_code < 400
         limit, what = ((limits.max_stream_bytes, "the streamed reply") if streamed else

@@ -20,7 +20,7 @@ import httpx
 from attrs import frozen
 
 from scillm_core import errors
-from scillm_core.http import ReplyTooLarge
+from scillm_core.http import CredentialsInURL, ReplyTooLarge
 from scillm_core.jsonio import loads
 from scillm_core.redact import redact
 
@@ -320,6 +320,11 @@ def translate_transport(provider: str, model: str) -> Iterator[None]:
     decoded into :class:`UpstreamProtocolError`."""
     try:
         yield
+    except CredentialsInURL:
+        raise errors.ProviderNotConfigured(
+            f"{provider}'s base URL holds a user name and password, which cannot go upstream with its API key (both "
+            "are an Authorization header); take them out of the URL (a proxy that wants basic auth cannot be "
+            "reached with a key this way)", param="model") from None
     except ReplyTooLarge as exc:
         raise errors.UpstreamReplyTooLarge(
             f"{exc.what} exceeded {exc.limit / (1 << 20):g} MiB; scillm stopped reading it (raise [server] "

@@ -323,3 +323,20 @@ def test_an_upstream_reply_is_freed_without_the_garbage_collector(transport):
             gc.garbage.clear()
             gc.enable()
     assert left == [], left
+
+
+def test_a_base_url_with_a_user_and_password_and_a_key_is_a_clear_400_not_a_500(tmp_path: Any) -> None:
+    """A provider whose base URL carries basic-auth credentials and which has a key too: the call cannot send both
+    (aiohttp refuses before sending), so the answer says what is wrong with the configuration, without the password,
+    instead of an internal error; nothing reaches the upstream."""
+    with FakeOpenAI() as fake:
+        base = fake.base_url.replace("http://", "http://team:Pr0xyPassw0rd@")
+        env = {"OPENAI_API_KEY": "sk-openai-credentials-0123456789", "OPENAI_API_BASE": base}
+        with ServerThread(make_app(env=env, data_dir=tmp_path)) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key=DEV_KEY, max_retries=0)
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    error = caught.value.body
+    assert isinstance(error, dict) and error["code"] == "provider_not_configured"
+    assert "openai's base URL holds a user name and password" in error["message"]
+    assert "Pr0xyPassw0rd" not in str(caught.value.response.text) and fake.requests == []
