@@ -350,20 +350,104 @@ async def test_queue_flows_take_turns_so_a_big_flow_enqueued_first_does_not_hold
 async def test_flow_groups_take_turns_so_a_key_with_many_batches_gets_one_turn_per_round(
         stores: Callable[[], StateStore]) -> None:
     """Key a's five batches of 10 entries, then key b's one of 3 (flows ``<key>/<batch>``): b's entries come every
-    round, half of a take, not one flow in six; a's batches take turns from take to take, each take's share of a from
-    one batch while it has entries."""
+    round, half of a take, not one flow in six; a's batches take turns, one entry each, from take to take."""
     a = stores()
     for n in range(5):
         await a.enqueue("groups", [{"f": f"a{n}", "n": i} for i in range(10)], flow=f"key_a/batch{n}")
     await a.enqueue("groups", [{"f": "b", "n": i} for i in range(3)], flow="key_b/batch")
     first = [(e["f"], e["n"]) for _, e in await a.take("groups", "A", 4)]
-    assert sorted(first) == [("a0", 0), ("a0", 1), ("b", 0), ("b", 1)]
+    assert sorted(first) == [("a0", 0), ("a1", 0), ("b", 0), ("b", 1)]
     second = [(e["f"], e["n"]) for _, e in await a.take("groups", "A", 2)]
-    assert sorted(second) == [("a1", 0), ("b", 2)]  # the next of a's batches
+    assert sorted(second) == [("a2", 0), ("b", 2)]  # the next of a's batches
     third = [(e["f"], e["n"]) for _, e in await a.take("groups", "A", 4)]
-    assert third == [("a2", 0), ("a2", 1), ("a2", 2), ("a2", 3)]  # b has nothing left to take: a alone
+    assert sorted(third) == [("a0", 1), ("a1", 1), ("a3", 0), ("a4", 0)]  # b has nothing left to take: a alone
     rest = await a.take("groups", "A", 100)
     assert len(rest) == 43 and len({(e["f"], e["n"]) for _, e in rest} | {*first, *second, *third}) == 53
+
+
+async def _work_of(store: StateStore, action: Callable[[], Any]) -> int:
+    """What the backend did for ``action``: SQLite's virtual machine steps (in hundreds), Redis's commands (those its
+    scripts ran included)."""
+    if isinstance(store, SQLiteStore):
+        steps = [0]
+
+        def step() -> int:
+            steps[0] += 1
+            return 0
+
+        store._db.set_progress_handler(step, 100)
+        try:
+            await action()
+        finally:
+            store._db.set_progress_handler(None, 0)
+        return steps[0]
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(store.url)  # type: ignore[attr-defined]
+
+    async def commands() -> int:
+        stats = await client.info("commandstats")
+        return sum(int(v["calls"]) for name, v in stats.items() if name != "cmdstat_info")
+
+    try:
+        before = await commands()
+        await action()
+        return await commands() - before - 1  # the first INFO's own reply is counted after it ran
+    finally:
+        await client.aclose()
+
+
+async def test_a_take_and_a_reclaim_cost_what_they_give_not_one_look_per_flow_waiting(
+        stores: Callable[[], StateStore]) -> None:
+    """A key with 300 one-entry batches waiting (and another key with one) must not make every take of every process
+    cost 300 looks: a take of 2 (one entry of each key) and the reclaim after it do about the work they do with 3
+    flows waiting."""
+    a = stores()
+
+    async def fill(queue: str, batches: int) -> None:
+        await a.enqueue(queue, [{"key": "b"}], flow="key_b/only")
+        for n in range(batches):
+            await a.enqueue(queue, [{"key": "a", "n": n}], flow=f"key_a/batch{n:03}")
+
+    work = {}
+    for queue, batches in (("few", 2), ("many", 300)):
+        await fill(queue, batches)
+        got: list[tuple[str, dict[str, Any]]] = []
+
+        async def take(queue: str = queue, got: list[tuple[str, dict[str, Any]]] = got) -> None:
+            got.extend(await a.take(queue, "A", 2))
+
+        work[queue] = await _work_of(a, take)
+        assert sorted(e["key"] for _, e in got) == ["a", "b"]  # the keys took turns
+        work[queue + " reclaim"] = await _work_of(a, lambda queue=queue: a.reclaim(queue, "B", 60.0, 10))
+    assert work["many"] <= 2 * work["few"] + 5, work
+    assert work["many reclaim"] <= 2 * work["few reclaim"] + 5, work
+
+
+async def test_a_redis_queue_from_before_flow_rings_is_taken_from(redis_server: RedisServer) -> None:
+    """Entries enqueued by the version before flow rings (a stream per flow and the set of flows, no rings) are
+    taken after the upgrade, once each, alongside new ones."""
+    import redis.asyncio
+
+    store = RedisStore(redis_server.url, prefix=f"upgrade:{uuid.uuid4().hex[:8]}:")
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        for flow in ("old-batch", "key_x/old"):
+            key = store._stream("work", flow)
+            await client.xgroup_create(key, "work", id="0", mkstream=True)
+            for n in range(2):
+                await client.xadd(key, {"v": f'{{"flow": "{flow}", "n": {n}}}'})
+            await client.sadd(store.prefix + "qf:4:work", flow)
+        await store.enqueue("work", [{"flow": "key_y/new", "n": 0}], flow="key_y/new")
+        taken = await store.take("work", "A", 10)
+        assert sorted((e["flow"], e["n"]) for _, e in taken) == [
+            ("key_x/old", 0), ("key_x/old", 1), ("key_y/new", 0), ("old-batch", 0), ("old-batch", 1)]
+        await store.ack("work", [i for i, _ in taken])
+        assert await store.take("work", "A", 10) == []
+        assert await store.queue_depth("work") == {"waiting": 0, "claimed": 0}
+    finally:
+        await client.aclose()
+        await store.close()
 
 
 async def test_a_blocked_take_wakes_for_an_entry_of_a_new_flow(stores: Callable[[], StateStore]) -> None:

@@ -11,12 +11,12 @@ collections) is one call (``compare_and_set``, ``insert``, ``commit``, ``count``
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from attrs import frozen
 
-__all__ = ["LOG_FIELD", "Change", "Count", "Counted", "FlowTurns", "Inserted", "StateStore", "open_store"]
+__all__ = ["LOG_FIELD", "Change", "Count", "Counted", "Inserted", "StateStore", "flow_group", "open_store"]
 
 #: what a field name in ``tail(match=...)`` must look like (a plain identifier; anything else is a ValueError)
 LOG_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -148,15 +148,15 @@ class StateStore(Protocol):
 
     async def enqueue(self, queue: str, entries: Sequence[Mapping[str, Any]], *, flow: str = "") -> list[str]:
         """Add work entries of one ``flow`` (a batch, say; ``group/name`` for a group's flow, see
-        :class:`FlowTurns`) to a queue (all or none); their ids, in order."""
+        :func:`flow_group`) to a queue (all or none); their ids, in order."""
 
     async def take(self, queue: str, consumer: str, count: int, *,
                    block_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
         """Claim up to ``count`` entries nobody holds for ``consumer``, waiting up to ``block_s`` for the first:
-        round robin over the queue's flow groups and within a group over its flows (:class:`FlowTurns`), each flow's
+        round robin over the queue's flow groups and within a group over its flows (:func:`flow_group`), each flow's
         oldest first (a flow of thousands of entries enqueued first does not hold up one enqueued after it, nor a
-        group of fifty flows another group's one). An entry stays claimed until :meth:`ack`; every entry goes to
-        exactly one consumer at a time."""
+        group of fifty flows another group's one). What a take costs grows with ``count``, not with how many flows
+        wait. An entry stays claimed until :meth:`ack`; every entry goes to exactly one consumer at a time."""
 
     async def reclaim(self, queue: str, consumer: str, idle_s: float,
                       count: int) -> list[tuple[str, dict[str, Any]]]:
@@ -190,34 +190,13 @@ class StateStore(Protocol):
         """Release the backend."""
 
 
-class FlowTurns:
-    """Whose turn it is in a store's takes from a work queue. A flow named ``group/name`` (a key's batch:
-    ``<owner>/<batch id>``) belongs to the group before its last ``/``; any other flow is a group of its own. A take
-    serves the groups round robin, each group from its flows in turn order; both orders move on by one each take. So
-    a key with fifty batches waiting gets one turn per round, as a key with one does, and its own batches take turns
-    from take to take. Per process (another process's takes keep their own turns)."""
-
-    def __init__(self) -> None:
-        self._turns: dict[str, tuple[int, dict[str, int]]] = {}  # per queue: the next group's turn, each group's
-
-    def order(self, queue: str, flows: Iterable[str]) -> list[list[str]]:
-        """``flows``' groups in this take's order, each its flows in turn order."""
-        groups: dict[tuple[bool, str], list[str]] = {}
-        for flow in sorted(flows):
-            prefix, slash, _ = flow.rpartition("/")
-            groups.setdefault((bool(slash), prefix if slash else flow), []).append(flow)
-        if not groups:
-            return []
-        turn, inner = self._turns.get(queue, (0, {}))
-        named = list(groups)
-        first = turn % len(named)
-        self._turns[queue] = (first + 1, {group[1]: inner.get(group[1], 0) + 1 for group in named if group[0]})
-        ordered = []
-        for group in [*named[first:], *named[:first]]:
-            members = groups[group]
-            at = inner.get(group[1], 0) % len(members) if group[0] else 0
-            ordered.append([*members[at:], *members[:at]])
-        return ordered
+def flow_group(flow: str) -> str:
+    """The group a work queue's flow takes turns in: a flow named ``group/name`` (a key's batch: ``<owner>/<batch
+    id>``) is in the group ``group/`` with the others of that prefix; any other flow is a group of its own. A take
+    serves the groups in turn and, in a group's turn, its flows in turn: a key with fifty batches waiting gets one
+    turn per round, as a key with one does."""
+    cut = flow.find("/")
+    return flow[:cut + 1] if cut >= 0 else flow
 
 
 def open_store(config: Any) -> StateStore:

@@ -9,9 +9,12 @@ another's keys):
   the marker ``{p}sw:{ns}``), so a namespace nobody scans (kept Responses items, the cache) does not grow for good;
 - logs: the stream ``{p}l:{ns}`` (``XADD``/``XREVRANGE``/``XTRIM``; followed with ``XREAD``);
 - queues: one stream per flow with the consumer group ``work`` (``XREADGROUP``, ``XAUTOCLAIM``, ``XACK``):
-  ``{p}q:{name}`` for the flow ``""``, ``{p}q:{name}:{len(flow)}:{flow}`` for the others, whose names are in the set
-  ``{p}qf:{name}``; ``{p}qb:{name}``, a stream of one entry that every enqueue replaces, wakes blocked takers. An
-  entry's id is the stream entry's id, then ``@`` and its flow when that is not ``""``;
+  ``{p}q:{name}`` for the flow ``""``, ``{p}q:{name}:{bytes(flow)}:{flow}`` for the others, whose names are in the
+  set ``{p}qf:{name}``. The turns: the list ``{p}qr:{name}`` is the ring of flow groups with entries to give, each
+  group's list ``{p}qg:{name}:{bytes(group)}:{group}`` the ring of its flows, the set ``{p}qa:{name}`` the flows in
+  a ring, ``{p}qp:{name}`` the flows given entries since a reclaim last found them holding none, and ``{p}qv:{name}``
+  marks a queue whose flows are in rings. ``{p}qb:{name}``, a stream of one entry that every enqueue replaces, wakes
+  blocked takers. An entry's id is the stream entry's id, then ``@`` and its flow when that is not ``""``;
 - counters: ``{p}c:{ns}:{key}`` strings holding a number (``PEXPIRE`` for their window), changed only by one Lua
   script per :meth:`RedisStore.count` call;
 - slots: the hash ``{p}h:{pool}``, one field per holder (process): its slots held and when it lapses (a new key
@@ -35,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from scillm_core.errors import StateUnavailable
-from scillm_core.state import LOG_FIELD, Count, Counted, FlowTurns, Inserted
+from scillm_core.state import LOG_FIELD, Count, Counted, Inserted, flow_group
 
 if TYPE_CHECKING:
     from scillm_core.state import Change
@@ -43,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["RedisStore", "safe_url"]
 
 GROUP = "work"
+TAKE_LOOKS = 64  # a take looks at most at 2 x how many it wants + this many flows (each look gives or removes one)
 MAX_BLOCK_S = 5.0  # one blocking read waits at most this long; callers loop
 MAX_CONNECTIONS = 256  # per client of one process
 SWEEP_S = 600.0  # a namespace written with a TTL has its expired documents' index members dropped at most this often
@@ -113,62 +117,126 @@ if #members < tonumber(ARGV[2]) then return {dropped} end
 return {dropped, members[#members]}
 """
 
-# An enqueue: KEYS the flow's stream, the queue's set of flows, its doorbell; ARGV the flow ("" for none) then the
-# entries. The group is made whenever missing (a drained flow's stream is deleted by _TAKE).
-_ENQUEUE = """
-if ARGV[1] ~= '' then redis.call('SADD', KEYS[2], ARGV[1]) end
+# Queues from before flow rings (a stream per flow and the set of flows) have their flows put in rings by the first
+# enqueue or take that finds no mark on the queue (and a new queue is marked, with nothing to put).
+_ADOPT = """
+local function adopt(mark, flows, active, groups, prefix)
+  if redis.call('SETNX', mark, 1) == 0 then return end
+  for _, flow in ipairs(redis.call('SMEMBERS', flows)) do
+    if redis.call('SADD', active, flow) == 1 then
+      local cut = string.find(flow, '/', 1, true)
+      local group = cut and string.sub(flow, 1, cut) or flow
+      local ring = prefix .. #group .. ':' .. group
+      redis.call('RPUSH', ring, flow)
+      if redis.call('LLEN', ring) == 1 then redis.call('RPUSH', groups, group) end
+    end
+  end
+end
+"""
+
+# An enqueue: KEYS the flow's stream, the queue's set of flows, its doorbell, its set of flows in a ring, its ring of
+# groups, the group's ring of flows, its rings' mark; ARGV the flow ("" for none), its group, the prefix of groups'
+# rings' keys, then the entries. A flow not in its group's ring joins it at the back, and a group whose ring was
+# empty joins the ring of groups. The group is made whenever missing (a drained flow's stream is deleted).
+_ENQUEUE = _ADOPT + """
+adopt(KEYS[7], KEYS[2], KEYS[4], KEYS[5], ARGV[3])
+if ARGV[1] ~= '' then
+  redis.call('SADD', KEYS[2], ARGV[1])
+  if redis.call('SADD', KEYS[4], ARGV[1]) == 1 then
+    redis.call('RPUSH', KEYS[6], ARGV[1])
+    if redis.call('LLEN', KEYS[6]) == 1 then redis.call('RPUSH', KEYS[5], ARGV[2]) end
+  end
+end
 redis.pcall('XGROUP', 'CREATE', KEYS[1], 'work', '0', 'MKSTREAM')
 local ids = {}
-for i = 2, #ARGV do ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'v', ARGV[i]) end
+for i = 4, #ARGV do ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'v', ARGV[i]) end
 redis.call('XADD', KEYS[3], 'MAXLEN', '1', '*', 'n', #ids)
 return ids
 """
 
-# A take, round robin over flow groups: KEYS the doorbell, the set of flows, then each flow's stream in turn order;
-# ARGV the consumer, how many, then each flow's name and group number. One entry per group per round, from the group's
-# first flow that has one, until enough or none is left; a flow whose stream is empty (drained: every entry
-# acknowledged) leaves the set. Returns the doorbell's last id (to block on from there), then per entry its flow's
-# position, id and value.
-_TAKE = """
+# A take, round robin over the ring of groups and, in each group's turn, over its ring of flows (both rings turn
+# with every entry given, so the turns are the same for every process and instance): KEYS the doorbell, the set of
+# flows, the set of flows in a ring, the ring of groups, the set of flows given entries, the stream of no flow, the
+# mark of a queue whose flows are in rings (a queue from before rings gets its flows put in them once); ARGV
+# the consumer, how many, the prefix of flow streams' keys and of groups' rings' keys, and how many flows to look at
+# at most. A flow with nothing left to give leaves its ring (a group whose ring empties leaves the ring of groups),
+# and the queue when its stream is empty (every entry acknowledged), so each look either gives an entry or removes a
+# flow: a take costs what it gives, however many flows wait. Returns the doorbell's last id (to block on from there),
+# then per entry its flow, id and value.
+_TAKE = _ADOPT + """
 local out = {redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]}
 out[1] = out[1] and out[1][1] or '0-0'
-local want = tonumber(ARGV[2])
-local groups, live = {}, {}
-for i = 3, #KEYS do
-  local flow, group = ARGV[2 * i - 3], ARGV[2 * i - 2]
-  if flow ~= '' and redis.call('XLEN', KEYS[i]) == 0 then
-    redis.call('DEL', KEYS[i])
-    redis.call('SREM', KEYS[2], flow)
-  else
-    if not groups[group] then
-      groups[group] = {}
-      live[#live + 1] = group
+local want, looks, taken = tonumber(ARGV[2]), tonumber(ARGV[5]), 0
+adopt(KEYS[7], KEYS[2], KEYS[3], KEYS[4], ARGV[4])
+local function give(flow, key)
+  local got = redis.pcall('XREADGROUP', 'GROUP', 'work', ARGV[1], 'COUNT', 1, 'STREAMS', key, '>')
+  if type(got) == 'table' and got[1] and #got[1][2] > 0 then
+    local entry = got[1][2][1]
+    out[#out + 1] = flow
+    out[#out + 1] = entry[1]
+    out[#out + 1] = entry[2][2]
+    taken = taken + 1
+    return true
+  end
+  return false
+end
+while taken < want and looks > 0 do
+  local group = redis.call('LMOVE', KEYS[4], KEYS[4], 'LEFT', 'RIGHT')
+  if not group then break end
+  local ring = ARGV[4] .. #group .. ':' .. group
+  while looks > 0 do
+    local flow = redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+    if not flow then break end
+    looks = looks - 1
+    local key = ARGV[3] .. #flow .. ':' .. flow
+    if give(flow, key) then
+      redis.call('SADD', KEYS[5], flow)
+      break
     end
-    table.insert(groups[group], i)
+    redis.call('RPOP', ring)
+    redis.call('SREM', KEYS[3], flow)
+    if redis.call('XLEN', key) == 0 then
+      redis.call('DEL', key)
+      redis.call('SREM', KEYS[2], flow)
+      redis.call('SREM', KEYS[5], flow)
+    end
+  end
+  if redis.call('LLEN', ring) == 0 then redis.call('RPOP', KEYS[4]) end
+end
+while taken < want and give('', KEYS[6]) do end
+return out
+"""
+
+# A reclaim: KEYS the set of flows given entries, the set of flows, the stream of no flow; ARGV the consumer, the idle
+# time in ms, how many, the prefix of flow streams' keys. Entries held longer than the idle time by anyone pass to
+# the consumer (XAUTOCLAIM), from the flows given entries only (bounded by the entries taken since the last reclaim
+# and those still held, not by the flows waiting); a flow holding nothing leaves that set, and the queue when its
+# stream is empty. Returns per entry its flow, id and value.
+_RECLAIM = """
+local out, want = {}, tonumber(ARGV[3])
+local function claim(flow, key)
+  local got = redis.pcall('XAUTOCLAIM', key, 'work', ARGV[1], ARGV[2], '0-0', 'COUNT', want - #out / 3)
+  if type(got) ~= 'table' or got.err then return end
+  for _, entry in ipairs(got[2]) do
+    if entry[2] then
+      out[#out + 1] = flow
+      out[#out + 1] = entry[1]
+      out[#out + 1] = entry[2][2]
+    end
   end
 end
-local taken = 0
-while taken < want and #live > 0 do
-  local still = {}
-  for _, group in ipairs(live) do
-    if taken >= want then break end
-    local flows = groups[group]
-    while #flows > 0 do
-      local i = flows[1]
-      local got = redis.pcall('XREADGROUP', 'GROUP', 'work', ARGV[1], 'COUNT', 1, 'STREAMS', KEYS[i], '>')
-      if type(got) == 'table' and got[1] and #got[1][2] > 0 then
-        local entry = got[1][2][1]
-        out[#out + 1] = i - 2
-        out[#out + 1] = entry[1]
-        out[#out + 1] = entry[2][2]
-        taken = taken + 1
-        break
-      end
-      table.remove(flows, 1)
+claim('', KEYS[3])
+for _, flow in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local key = ARGV[4] .. #flow .. ':' .. flow
+  if #out / 3 < want then claim(flow, key) end
+  local held = redis.pcall('XPENDING', key, 'work')
+  if type(held) ~= 'table' or held.err or held[1] == 0 then
+    redis.call('SREM', KEYS[1], flow)
+    if redis.call('XLEN', key) == 0 then
+      redis.call('DEL', key)
+      redis.call('SREM', KEYS[2], flow)
     end
-    if #flows > 0 then still[#still + 1] = group end
   end
-  live = still
 end
 return out
 """
@@ -388,8 +456,6 @@ class RedisStore:
         self._client: Any = None
         self._blocking: Any = None
         self._scripts: dict[str, Any] = {}
-        self._cursors: dict[str, str] = {}
-        self._flow_turns = FlowTurns()  # whose turn it is in this process's takes
         self._slots = _Lane(self)  # hold_slots' calls (each provider's group commit)
         self._expiring: set[str] = set()  # namespaces this process wrote documents with a TTL to: swept
         self.next_sweep = time.monotonic() + SWEEP_S
@@ -681,7 +747,10 @@ class RedisStore:
 
     def _stream(self, queue: str, flow: str) -> str:
         key = _name("q", self.prefix, queue)
-        return f"{key}:{len(flow)}:{flow}" if flow else key
+        return f"{key}:{len(flow.encode())}:{flow}" if flow else key  # a byte length, as the scripts count
+
+    def _queue_keys(self, queue: str) -> dict[str, str]:
+        return {kind: _name(kind, self.prefix, queue) for kind in ("qb", "qf", "qa", "qr", "qp", "qg", "qv")}
 
     def _by_stream(self, queue: str, ids: Sequence[str]) -> dict[str, list[str]]:
         """Entry ids grouped by their flow's stream, as stream entry ids."""
@@ -699,29 +768,34 @@ class RedisStore:
     async def enqueue(self, queue: str, entries: Sequence[Mapping[str, Any]], *, flow: str = "") -> list[str]:
         if not entries:
             return []
+        names = self._queue_keys(queue)
+        group = flow_group(flow)
         with self.unavailable():
-            keys = [self._stream(queue, flow), _name("qf", self.prefix, queue), _name("qb", self.prefix, queue)]
-            ids = await self.script(_ENQUEUE)(keys=keys, args=[flow, *(orjson.dumps(e) for e in entries)])
+            keys = [self._stream(queue, flow), names["qf"], names["qb"], names["qa"], names["qr"],
+                    f"{names['qg']}:{len(group.encode())}:{group}", names["qv"]]
+            ids = await self.script(_ENQUEUE)(keys=keys, args=[flow, group, names["qg"] + ":",
+                                                               *(orjson.dumps(e) for e in entries)])
         at = "@" + flow if flow else ""
         return [entry_id.decode() + at for entry_id in ids]
+
+    def _entries(self, answer: Sequence[Any], start: int) -> list[tuple[str, dict[str, Any]]]:
+        """A script's ``flow, id, value`` triples as (entry id, entry)."""
+        found = []
+        for n in range(start, len(answer), 3):
+            flow = answer[n].decode()
+            found.append((answer[n + 1].decode() + ("@" + flow if flow else ""), orjson.loads(answer[n + 2])))
+        return found
 
     async def take(self, queue: str, consumer: str, count: int, *,
                    block_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
         deadline = time.monotonic() + min(block_s, MAX_BLOCK_S)
+        names = self._queue_keys(queue)
+        keys = [names["qb"], names["qf"], names["qa"], names["qr"], names["qp"], self._stream(queue, ""), names["qv"]]
+        args = [consumer, count, self._stream(queue, "") + ":", names["qg"] + ":", 2 * count + TAKE_LOOKS]
         with self.unavailable():
             while True:
-                groups = [*self._flow_turns.order(queue, (await self._flows(queue))[1:]),
-                          [""]]  # entries of no flow (from before flows) come last
-                flows = [flow for group in groups for flow in group]
-                keys = [_name("qb", self.prefix, queue), _name("qf", self.prefix, queue),
-                        *(self._stream(queue, flow) for flow in flows)]
-                numbered = [x for n, group in enumerate(groups) for flow in group for x in (flow, n)]
-                answer = await self.script(_TAKE)(keys=keys, args=[consumer, count, *numbered])
-                taken = []
-                for n in range(1, len(answer), 3):
-                    flow = flows[int(answer[n]) - 1]
-                    entry_id = answer[n + 1].decode() + ("@" + flow if flow else "")
-                    taken.append((entry_id, orjson.loads(answer[n + 2])))
+                answer = await self.script(_TAKE)(keys=keys, args=args)
+                taken = self._entries(answer, 1)
                 left = deadline - time.monotonic()
                 if taken or left <= 0:
                     return taken
@@ -731,31 +805,12 @@ class RedisStore:
 
     async def reclaim(self, queue: str, consumer: str, idle_s: float,
                       count: int) -> list[tuple[str, dict[str, Any]]]:
-        from redis.exceptions import ResponseError
-
-        found: list[tuple[str, dict[str, Any]]] = []
+        names = self._queue_keys(queue)
         with self.unavailable():
-            for flow in await self._flows(queue):
-                if len(found) >= count:
-                    break
-                key = self._stream(queue, flow)
-                try:
-                    answer = await self.redis.xautoclaim(key, GROUP, consumer, int(idle_s * 1000),
-                                                         start_id=self._cursors.get(key, "0-0"),
-                                                         count=count - len(found))
-                except ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    continue  # a flow drained meanwhile
-                cursor = answer[0].decode() if isinstance(answer[0], bytes) else str(answer[0])
-                if cursor == "0-0":  # a whole pass made: start over next time (and keep no cursor per drained flow)
-                    self._cursors.pop(key, None)
-                else:
-                    self._cursors[key] = cursor
-                at = "@" + flow if flow else ""
-                found += [(entry_id.decode() + at, orjson.loads(fields[b"v"])) for entry_id, fields in answer[1]
-                          if fields]
-        return found
+            answer = await self.script(_RECLAIM)(
+                keys=[names["qp"], names["qf"], self._stream(queue, "")],
+                args=[consumer, max(0, int(idle_s * 1000)), count, self._stream(queue, "") + ":"])
+        return self._entries(answer, 0)
 
     async def touch(self, queue: str, consumer: str, ids: Sequence[str]) -> int:
         touched = 0

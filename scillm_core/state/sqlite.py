@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from scillm_core.state import LOG_FIELD, Count, Counted, FlowTurns, Inserted
+from scillm_core.state import LOG_FIELD, Count, Counted, Inserted, flow_group
 
 if TYPE_CHECKING:
     from scillm_core.state import Change
@@ -54,20 +54,11 @@ _COUNTER_UPSERT = ("INSERT INTO counters (ns, key, value, expires) VALUES (?, ?,
 _PEEK = "SELECT value, expires FROM counters WHERE ns = ? AND key = ?"
 PURGE_EVERY = 2000  # count() calls between sweeps of expired counters
 SWEEP_S = 600.0  # expired logs are deleted at most this often (after a write that finds the last sweep this old)
+MAX_FLOW_TURNS = 10_000  # groups whose flow turn a process remembers (the others start from their first flow)
 SWEEP_ROWS = 5000  # rows one step of the sweep deletes: other writers (other processes too) wait at most for one
 _GONE = "SELECT 1 FROM log_expiry WHERE ns = ? AND expires <= ?"
 _UPSERT = ("INSERT INTO docs (ns, key, value, expires) VALUES (?, ?, ?, ?) "
            "ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires = excluded.expires")
-
-
-# The flows that have unclaimed entries in a queue, one index seek each (the index is in flow order).
-_FLOWS = """
-WITH RECURSIVE f(flow) AS (
-  SELECT (SELECT min(flow) FROM queue WHERE q = ?1 AND owner IS NULL)
-  UNION ALL
-  SELECT (SELECT min(flow) FROM queue WHERE q = ?1 AND owner IS NULL AND flow > f.flow) FROM f WHERE f.flow IS NOT NULL
-) SELECT flow FROM f WHERE flow IS NOT NULL
-"""
 
 
 def _add_queue_flows(db: sqlite3.Connection) -> None:
@@ -103,7 +94,8 @@ class SQLiteStore:
         _add_queue_flows(self._db)
         self._lock = threading.Lock()
         self._wakers: dict[str, asyncio.Event] = {}  # this process's appends/enqueues wake its followers at once
-        self._flow_turns = FlowTurns()  # whose turn it is in this process's takes
+        self._group_turns: dict[str, tuple[str, bool]] = {}  # per queue: where the next take's first group starts
+        self._flow_turns: dict[tuple[str, str], str] = {}  # per queue and group: its flow the last take began with
         self._counts = 0
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -571,27 +563,92 @@ class SQLiteStore:
         return await self._run(claim)
 
     def _fair(self, db: sqlite3.Connection, queue: str, count: int) -> list[tuple[int, bytes]]:
-        """Up to ``count`` unclaimed entries, round robin over the queue's flow groups (``FlowTurns``), each group's
-        from its flows in turn order, each flow's oldest first."""
-        groups = self._flow_turns.order(queue, (row[0] for row in db.execute(_FLOWS, (queue,))))
+        """Up to ``count`` unclaimed entries, round robin over the queue's flow groups (:func:`flow_group`), each
+        group's from its flows in turn, each flow's oldest first. Flows are found by index seeks in name order (a
+        group's flows share its prefix, so a group is one range): a take looks at no more groups and flows than it
+        can give entries from, however many wait. The turns move on by one group, and in each group by one flow,
+        per take (this process's turns; another process keeps its own)."""
+        def first(low: str, strict: bool, high: str | None = None) -> str | None:
+            sql = "SELECT min(flow) FROM queue WHERE q = ? AND owner IS NULL AND flow " + (">" if strict else ">=")
+            if high is None:
+                return db.execute(sql + " ?", (queue, low)).fetchone()[0]  # type: ignore[no-any-return]
+            return db.execute(sql + " ? AND flow < ?", (queue, low, high)).fetchone()[0]  # type: ignore[no-any-return]
+
+        def past(group: str) -> tuple[str, bool]:  # the bound just after a group's range
+            return (group[:-1] + "0", False) if group.endswith("/") else (group, True)  # "0" follows "/"
+
+        start = self._group_turns.get(queue, ("", False))
+        groups: list[str] = []
+        low, strict, wrapped = *start, False
+        while len(groups) < count:
+            flow = first(low, strict)
+            if flow is None:
+                if wrapped or start == ("", False):
+                    break
+                low, strict, wrapped = "", False, True
+                continue
+            group = flow_group(flow)
+            if group in groups[:1]:  # round again
+                break
+            groups.append(group)
+            low, strict = past(group)
         if not groups:  # another process claimed them between the look and the lock
             return []
-        chosen = groups[:count]
-        share = -(-count // len(chosen))
 
-        def oldest(group: list[str], limit: int) -> list[tuple[int, bytes]]:
+        def rows_of(group: str, limit: int) -> tuple[list[tuple[int, bytes]], str]:
+            """The group's entries, one per flow per round from the flow after the last one served, and the last
+            flow served."""
+            def entry(flow: str, skip: int) -> tuple[int, bytes] | None:
+                found: tuple[int, bytes] | None = db.execute(
+                    "SELECT id, value FROM queue WHERE q = ? AND owner IS NULL AND flow = ? ORDER BY id "
+                    "LIMIT 1 OFFSET ?",
+                    (queue, flow, skip)).fetchone()
+                return found
+
+            if not group.endswith("/"):  # a flow of its own
+                return db.execute("SELECT id, value FROM queue WHERE q = ? AND owner IS NULL AND flow = ? ORDER BY id "
+                                  "LIMIT ?", (queue, group, limit)).fetchall(), group
+            high = past(group)[0]
+            served = self._flow_turns.get((queue, group))
+            began = (first(served, True, high) if served is not None else None) or first(group, False, high)
             rows: list[tuple[int, bytes]] = []
-            for flow in group:
-                if len(rows) >= limit:
+            given: dict[str, int] = {}  # the flows in turn order (found in the first round), and what each gave
+            flow, last = began, str(began)
+            while flow is not None and len(rows) < limit:  # every flow found has an entry nobody holds
+                rows.append(entry(flow, 0))  # type: ignore[arg-type]
+                given[flow], last = 1, flow
+                flow = first(flow, True, high) or first(group, False, high)
+                if flow == began:
                     break
-                rows += db.execute("SELECT id, value FROM queue WHERE q = ? AND owner IS NULL AND flow = ? "
-                                   "ORDER BY id LIMIT ?", (queue, flow, limit - len(rows))).fetchall()
-            return rows
+            while len(rows) < limit and given:
+                for flow in list(given):
+                    if len(rows) >= limit:
+                        break
+                    row = entry(flow, given[flow])
+                    if row is None:
+                        del given[flow]
+                    else:
+                        rows.append(row)
+                        given[flow], last = given[flow] + 1, flow
+            return rows, last
 
-        found = [oldest(group, share) for group in chosen]
-        if sum(map(len, found)) < count:  # some groups had fewer than their share: the others may give more
-            found = [oldest(group, count) if len(rows) == share else rows
-                     for group, rows in zip(chosen, found, strict=True)]
+        share = -(-count // len(groups))
+        turns = [rows_of(group, share) for group in groups]
+        found = [rows for rows, _ in turns]
+        need = count - sum(map(len, found))
+        for n, group in enumerate(groups):  # some groups had fewer than their share: the others may give more
+            if need <= 0:
+                break
+            if len(found[n]) == share:
+                found[n] = rows_of(group, share + need)[0]
+                need -= len(found[n]) - share
+        self._group_turns[queue] = past(groups[0])
+        for group, (_, flow) in zip(groups, turns, strict=True):
+            if group.endswith("/"):
+                self._flow_turns.pop((queue, group), None)
+                self._flow_turns[(queue, group)] = flow
+        while len(self._flow_turns) > MAX_FLOW_TURNS:  # forget the groups served longest ago
+            del self._flow_turns[next(iter(self._flow_turns))]
         rounds = itertools.zip_longest(*found)
         return [row for one_round in rounds for row in one_round if row is not None][:count]
 

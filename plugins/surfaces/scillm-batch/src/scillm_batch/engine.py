@@ -219,12 +219,13 @@ async def _follow(spec: BatchSpec, runtime: Runtime, emit: Emit, run: int, start
         else:
             queued.append({"batch_id": spec.batch_id, "run": run, "item_id": item.item_id, "index": item.index,
                            "body": item.body})
+    # keys take turns, then each key's batches (scillm_core.state.flow_group): the key's group is its owner id
+    flow = spec.identity.owner.replace("%", "%25").replace("/", "%2F") + "/" + spec.batch_id
     try:
         cursor = ""
         if queued:
             for start in range(0, len(queued), 1000):
-                # keys take turns, and each key's batches (scillm_core.state.FlowTurns)
-                await store.enqueue(QUEUE, queued[start:start + 1000], flow=f"{spec.identity.owner}/{spec.batch_id}")
+                await store.enqueue(QUEUE, queued[start:start + 1000], flow=flow)
         while not follower.complete:
             events = await store.follow(events_ns(spec.batch_id), cursor, limit=1000, block_s=5.0)
             for cursor, result in events:  # noqa: B007 (the last cursor is where the next read starts)
