@@ -598,39 +598,34 @@ class SQLiteStore:
         def rows_of(group: str, limit: int) -> tuple[list[tuple[int, bytes]], str]:
             """The group's entries, one per flow per round from the flow after the last one served, and the last
             flow served."""
-            def entry(flow: str, skip: int) -> tuple[int, bytes] | None:
-                found: tuple[int, bytes] | None = db.execute(
-                    "SELECT id, value FROM queue WHERE q = ? AND owner IS NULL AND flow = ? ORDER BY id "
-                    "LIMIT 1 OFFSET ?",
-                    (queue, flow, skip)).fetchone()
-                return found
+            def oldest(flow: str, after: int, n: int) -> list[tuple[int, bytes]]:
+                return db.execute("SELECT id, value FROM queue WHERE q = ? AND owner IS NULL AND flow = ? AND id > ? "
+                                  "ORDER BY id LIMIT ?", (queue, flow, after, n)).fetchall()
 
             if not group.endswith("/"):  # a flow of its own
-                return db.execute("SELECT id, value FROM queue WHERE q = ? AND owner IS NULL AND flow = ? ORDER BY id "
-                                  "LIMIT ?", (queue, group, limit)).fetchall(), group
+                return oldest(group, -1, limit), group
             high = past(group)[0]
             served = self._flow_turns.get((queue, group))
             began = (first(served, True, high) if served is not None else None) or first(group, False, high)
-            rows: list[tuple[int, bytes]] = []
-            given: dict[str, int] = {}  # the flows in turn order (found in the first round), and what each gave
-            flow, last = began, str(began)
-            while flow is not None and len(rows) < limit:  # every flow found has an entry nobody holds
-                rows.append(entry(flow, 0))  # type: ignore[arg-type]
-                given[flow], last = 1, flow
+            by_flow: dict[str, list[tuple[int, bytes]]] = {}  # in turn order: the first round finds the flows
+            flow = began
+            while flow is not None and len(by_flow) < limit:  # every flow found has an entry nobody holds
+                by_flow[flow] = oldest(flow, -1, 1)
                 flow = first(flow, True, high) or first(group, False, high)
                 if flow == began:
                     break
-            while len(rows) < limit and given:
-                for flow in list(given):
-                    if len(rows) >= limit:
-                        break
-                    row = entry(flow, given[flow])
-                    if row is None:
-                        del given[flow]
-                    else:
-                        rows.append(row)
-                        given[flow], last = given[flow] + 1, flow
-            return rows, last
+            need, live = limit - len(by_flow), list(by_flow)
+            while need > 0 and live:  # the next rounds: each flow's share of what is still wanted, one read each
+                share = -(-need // len(live))
+                for flow in list(live):
+                    more = oldest(flow, by_flow[flow][-1][0], share)
+                    by_flow[flow] += more
+                    need -= len(more)
+                    if len(more) < share:
+                        live.remove(flow)
+            columns = ([(flow, row) for row in rows] for flow, rows in by_flow.items())
+            rounds = [given for one_round in itertools.zip_longest(*columns) for given in one_round if given][:limit]
+            return [row for _, row in rounds], rounds[-1][0] if rounds else str(began)
 
         share = -(-count // len(groups))
         turns = [rows_of(group, share) for group in groups]
