@@ -1,6 +1,6 @@
 """What a work-queue take costs as the flows waiting grow (``scillm_core.state``: a batch is a flow, grouped by its
-key): one store per backend (the embedded SQLite file, a real ``redis-server``), ``--flows`` counts of one-entry
-flows spread over 50 keys, then 200 takes of 4. Reports wall and CPU milliseconds per take (this process's CPU: for
+key): one store per backend (the embedded SQLite file, a real ``redis-server``), ``--flows`` counts of flows spread
+over 50 keys, with enough entries between them that each of the 200 takes of 4 gives 4. Reports wall and CPU milliseconds per take (this process's CPU: for
 Redis the client's, the script's own time is Redis's) and each against the smallest count. A take should cost what
 it gives, not one look per flow waiting.
 
@@ -25,8 +25,9 @@ from scillm_core.testing.services import RedisServer
 
 
 async def per_take(store: StateStore, flows: int, takes: int) -> tuple[float, float]:
+    each = -(-takes * 4 // flows)
     for n in range(flows):
-        await store.enqueue("bench", [{"n": n}], flow=f"key_{n % 50}/batch{n}")
+        await store.enqueue("bench", [{"n": n, "i": i} for i in range(each)], flow=f"key_{n % 50}/batch{n}")
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(takes):
         await store.take("bench", "bench", 4)
