@@ -1,8 +1,8 @@
 """What a work-queue take costs as the flows waiting grow (``scillm_core.state``: a batch is a flow, grouped by its
-key): one store per backend (the embedded SQLite file, a real ``redis-server``), ``--flows`` counts of flows spread
-over 50 keys, with enough entries between them that each of the 200 takes of 4 gives 4. Reports wall and CPU milliseconds per take (this process's CPU: for
-Redis the client's, the script's own time is Redis's) and each against the smallest count. A take should cost what
-it gives, not one look per flow waiting.
+key): one store per backend (the embedded SQLite file, a real ``redis-server``), ``--flows`` counts of flows
+spread over 50 keys, with enough entries between them that each of the 200 takes of 4 gives 4. Reports wall and
+CPU milliseconds per take (this process's CPU: for Redis the client's, the script's own time is Redis's) and each
+against the smallest count. A take should cost what it gives, not one look per flow waiting.
 
     .venv/bin/python bench/queue_takes.py [--flows 10,1000,5000] [--takes 200]
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+from typing import Any
 
 import httpx
 import orjson
@@ -338,6 +339,33 @@ def test_a_streaming_client_that_leaves_cancels_the_run(tmp_path):
             assert len(fake.requests) < 40
 
 
+class Held(FakeOpenAI):
+    """Answers nothing until ``gate`` opens."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        super().__init__()
+        self.gate = gate
+
+    async def pause(self, reply: Reply) -> None:
+        await super().pause(reply)
+        while not self.gate.is_set():
+            await asyncio.sleep(0.01)
+
+
+def prompts(batch: str, n: int) -> list[dict]:
+    return [{"item_id": f"{batch}{i}", "messages": [{"role": "user", "content": f"{batch} {i}"}]} for i in range(n)]
+
+
+async def depth(store: Any, **wanted: int) -> None:
+    """Wait until the batch work queue has ``wanted`` (waiting, claimed) entries."""
+    for _ in range(3000):
+        found = await store.queue_depth("batch-work")
+        if all(found[k] == v for k, v in wanted.items()):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the work queue never reached {wanted}: {found}")
+
+
 def test_a_small_batch_is_not_held_up_by_a_big_one_submitted_before_it(tmp_path):
     """The worker holds 4 items at a time. 40 items of a big batch wait behind 4 held ones when a 2-item batch
     arrives; the small batch's items go upstream within the next two rounds of takes (batches take turns in the
@@ -346,25 +374,7 @@ def test_a_small_batch_is_not_held_up_by_a_big_one_submitted_before_it(tmp_path)
 
     gate = threading.Event()
 
-    class Held(FakeOpenAI):  # answers nothing until the gate opens
-        async def pause(self, reply: Reply) -> None:
-            await super().pause(reply)
-            while not gate.is_set():
-                await asyncio.sleep(0.01)
-
-    def prompts(batch: str, n: int) -> list[dict]:
-        return [{"item_id": f"{batch}{i}", "messages": [{"role": "user", "content": f"{batch} {i}"}]}
-                for i in range(n)]
-
-    async def depth(store: SQLiteStore, **wanted: int) -> None:
-        for _ in range(3000):
-            found = await store.queue_depth("batch-work")
-            if all(found[k] == v for k, v in wanted.items()):
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"the work queue never reached {wanted}: {found}")
-
-    with Held() as fake:
+    with Held(gate) as fake:
         env = {"OPENAI_API_KEY": "k", "OPENAI_API_BASE": fake.base_url}
         app = make_app(env=env, config={"batch": {"worker_capacity": 4}}, data_dir=tmp_path, only=PLUGINS)
         with ServerThread(app) as server:
@@ -398,25 +408,7 @@ def test_a_key_with_many_batches_gets_one_turn_per_round_not_one_per_batch(tmp_p
     gate = threading.Event()
     master = "sk-master-batch-turns-0123456789"
 
-    class Held(FakeOpenAI):  # answers nothing until the gate opens
-        async def pause(self, reply: Reply) -> None:
-            await super().pause(reply)
-            while not gate.is_set():
-                await asyncio.sleep(0.01)
-
-    def prompts(batch: str, n: int) -> list[dict]:
-        return [{"item_id": f"{batch}{i}", "messages": [{"role": "user", "content": f"{batch} {i}"}]}
-                for i in range(n)]
-
-    async def depth(store: SQLiteStore, **wanted: int) -> None:
-        for _ in range(3000):
-            found = await store.queue_depth("batch-work")
-            if all(found[k] == v for k, v in wanted.items()):
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"the work queue never reached {wanted}: {found}")
-
-    with Held() as fake:
+    with Held(gate) as fake:
         env = {"OPENAI_API_KEY": "k", "OPENAI_API_BASE": fake.base_url, "SCILLM_MASTER_KEY": master}
         app = make_app(env=env, config={"batch": {"worker_capacity": 4}}, data_dir=tmp_path, only=(*PLUGINS, "keys"))
         with ServerThread(app) as server:

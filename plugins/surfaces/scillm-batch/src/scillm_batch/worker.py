@@ -345,6 +345,8 @@ class Worker:
             await _dispatch(run.work, run.lanes, run.spec, self.runtime, finish, run.changed, run.job)
         finally:
             run.checked = time.monotonic()
+        if run.work:  # handed over while the dispatcher wound down (it awaits its last calls after its last look):
+            run.task = asyncio.ensure_future(self._drive(run))  # _accept saw it running and started none
 
     # -- finishing ---------------------------------------------------------------------------------------------
 
