@@ -776,3 +776,18 @@ async def test_tail_filters_by_time_and_fields_without_building_queries_from_val
 async def test_tail_refuses_field_names_that_are_not_identifiers(stores: Callable[[], StateStore], field: str) -> None:
     with pytest.raises(ValueError, match="plain identifiers"):
         await stores().tail("spend", 10, match={field: "x"})
+
+
+async def test_a_take_finds_the_entry_behind_many_flows_it_has_given_everything(
+        stores: Callable[[], StateStore]) -> None:
+    """300 one-entry flows (one key's batches, and batches of their own) all given out by one take stay in their
+    turns until a take finds them empty; an entry enqueued after them is taken by the next take of one, not left
+    waiting while that take comes back empty (and a blocking one waits for a doorbell that already rang)."""
+    a, b = stores(), stores()
+    for n in range(150):
+        await a.enqueue("behind", [{"n": n}], flow=f"key_a/batch{n:03}")
+        await a.enqueue("behind", [{"n": 150 + n}], flow=f"solo{n:03}")
+    assert len(await a.take("behind", "A", 300)) == 300
+    new = await a.enqueue("behind", [{"n": "new"}], flow="key_z/new")
+    assert [i for i, _ in await b.take("behind", "B", 1)] == new
+

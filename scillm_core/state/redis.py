@@ -162,9 +162,10 @@ return ids
 # at most. A flow with nothing left to give leaves its ring (a group whose ring empties leaves the ring of groups),
 # and the queue when its stream is empty (every entry acknowledged), so each look either gives an entry or removes a
 # flow: a take costs what it gives, however many flows wait. Returns the doorbell's last id (to block on from there),
-# then per entry its flow, id and value.
+# 1 when the looks ran out before enough was given (flows are left to look at: take again at once), else 0, then per
+# entry its flow, id and value.
 _TAKE = _ADOPT + """
-local out = {redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]}
+local out = {redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1], 0}
 out[1] = out[1] and out[1][1] or '0-0'
 local want, looks, taken = tonumber(ARGV[2]), tonumber(ARGV[5]), 0
 adopt(KEYS[7], KEYS[2], KEYS[3], KEYS[4], ARGV[4])
@@ -204,6 +205,7 @@ while taken < want and looks > 0 do
   if redis.call('LLEN', ring) == 0 then redis.call('RPOP', KEYS[4]) end
 end
 while taken < want and give('', KEYS[6]) do end
+if taken < want and looks <= 0 then out[2] = 1 end
 return out
 """
 
@@ -795,7 +797,9 @@ class RedisStore:
         with self.unavailable():
             while True:
                 answer = await self.script(_TAKE)(keys=keys, args=args)
-                taken = self._entries(answer, 1)
+                taken = self._entries(answer, 2)
+                if not taken and int(answer[1]):
+                    continue  # the looks went to flows given out already (each now gone from its ring): look on
                 left = deadline - time.monotonic()
                 if taken or left <= 0:
                     return taken
