@@ -791,3 +791,45 @@ async def test_a_take_finds_the_entry_behind_many_flows_it_has_given_everything(
     new = await a.enqueue("behind", [{"n": "new"}], flow="key_z/new")
     assert [i for i, _ in await b.take("behind", "B", 1)] == new
 
+
+async def test_reclaim_reaches_a_dead_consumers_entries_behind_many_a_live_one_keeps_touching(
+        stores: Callable[[], StateStore]) -> None:
+    """A live consumer holds (and touches) a flow's first 50 entries, a dead one its next 10: reclaims of one entry
+    at a time (a busy process has little room) reach the dead one's entries, not only look at the live one's."""
+    a, b, c = stores(), stores(), stores()
+    await a.enqueue("held", [{"n": n} for n in range(60)], flow="key/batch")
+    live = await a.take("held", "A", 50)
+    dead = await b.take("held", "B", 10)
+    assert len(live) == 50 and len(dead) == 10
+    await asyncio.sleep(0.4)
+    assert await a.touch("held", "A", [i for i, _ in live]) == 50
+    reclaimed = []
+    for _ in range(10):
+        reclaimed += await c.reclaim("held", "C", idle_s=0.3, count=1)
+    assert sorted(i for i, _ in reclaimed) == sorted(i for i, _ in dead)
+
+
+async def test_entries_held_under_the_version_before_flow_rings_are_reclaimed(redis_server: RedisServer) -> None:
+    """A queue from before flow rings with entries a consumer of that version took and never acknowledged (it died
+    with the upgrade): a reclaim of the new version hands them on, before and after a take adopted the queue."""
+    import redis.asyncio
+
+    for take_first in (False, True):
+        store = RedisStore(redis_server.url, prefix=f"upheld:{uuid.uuid4().hex[:8]}:")
+        client = redis.asyncio.Redis.from_url(redis_server.url)
+        try:
+            key = store._stream("work", "key_x/old")
+            await client.xgroup_create(key, "work", id="0", mkstream=True)
+            for n in range(2):
+                await client.xadd(key, {"v": f'{{"n": {n}}}'})
+            await client.sadd(store.prefix + "qf:4:work", "key_x/old")
+            await client.xreadgroup("work", "old-consumer", {key: ">"}, count=10)
+            if take_first:
+                assert await store.take("work", "A", 10) == []
+            reclaimed = await store.reclaim("work", "B", idle_s=0.0, count=10)
+            assert sorted(e["n"] for _, e in reclaimed) == [0, 1], take_first
+            await store.ack("work", [i for i, _ in reclaimed])
+            assert await store.queue_depth("work") == {"waiting": 0, "claimed": 0}
+        finally:
+            await client.aclose()
+            await store.close()

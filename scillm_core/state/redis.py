@@ -117,12 +117,14 @@ if #members < tonumber(ARGV[2]) then return {dropped} end
 return {dropped, members[#members]}
 """
 
-# Queues from before flow rings (a stream per flow and the set of flows) have their flows put in rings by the first
-# enqueue or take that finds no mark on the queue (and a new queue is marked, with nothing to put).
+# Queues from before flow rings (a stream per flow and the set of flows) have their flows put in rings, and in the set
+# of flows given entries (entries a consumer of that version took are reclaimed), by the first enqueue, take or
+# reclaim that finds no mark on the queue (and a new queue is marked, with nothing to put).
 _ADOPT = """
-local function adopt(mark, flows, active, groups, prefix)
+local function adopt(mark, flows, active, groups, prefix, given)
   if redis.call('SETNX', mark, 1) == 0 then return end
   for _, flow in ipairs(redis.call('SMEMBERS', flows)) do
+    redis.call('SADD', given, flow)
     if redis.call('SADD', active, flow) == 1 then
       local cut = string.find(flow, '/', 1, true)
       local group = cut and string.sub(flow, 1, cut) or flow
@@ -135,11 +137,12 @@ end
 """
 
 # An enqueue: KEYS the flow's stream, the queue's set of flows, its doorbell, its set of flows in a ring, its ring of
-# groups, the group's ring of flows, its rings' mark; ARGV the flow ("" for none), its group, the prefix of groups'
-# rings' keys, then the entries. A flow not in its group's ring joins it at the back, and a group whose ring was
-# empty joins the ring of groups. The group is made whenever missing (a drained flow's stream is deleted).
+# groups, the group's ring of flows, its rings' mark, its set of flows given entries; ARGV the flow ("" for none),
+# its group, the prefix of groups' rings' keys, then the entries. A flow not in its group's ring joins it at the
+# back, and a group whose ring was empty joins the ring of groups. The group is made whenever missing (a drained
+# flow's stream is deleted).
 _ENQUEUE = _ADOPT + """
-adopt(KEYS[7], KEYS[2], KEYS[4], KEYS[5], ARGV[3])
+adopt(KEYS[7], KEYS[2], KEYS[4], KEYS[5], ARGV[3], KEYS[8])
 if ARGV[1] ~= '' then
   redis.call('SADD', KEYS[2], ARGV[1])
   if redis.call('SADD', KEYS[4], ARGV[1]) == 1 then
@@ -168,7 +171,7 @@ _TAKE = _ADOPT + """
 local out = {redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1], 0}
 out[1] = out[1] and out[1][1] or '0-0'
 local want, looks, taken = tonumber(ARGV[2]), tonumber(ARGV[5]), 0
-adopt(KEYS[7], KEYS[2], KEYS[3], KEYS[4], ARGV[4])
+adopt(KEYS[7], KEYS[2], KEYS[3], KEYS[4], ARGV[4], KEYS[5])
 local function give(flow, key)
   local got = redis.pcall('XREADGROUP', 'GROUP', 'work', ARGV[1], 'COUNT', 1, 'STREAMS', key, '>')
   if type(got) == 'table' and got[1] and #got[1][2] > 0 then
@@ -209,23 +212,30 @@ if taken < want and looks <= 0 then out[2] = 1 end
 return out
 """
 
-# A reclaim: KEYS the set of flows given entries, the set of flows, the stream of no flow; ARGV the consumer, the idle
-# time in ms, how many, the prefix of flow streams' keys. Entries held longer than the idle time by anyone pass to
-# the consumer (XAUTOCLAIM), from the flows given entries only (bounded by the entries taken since the last reclaim
-# and those still held, not by the flows waiting); a flow holding nothing leaves that set, and the queue when its
-# stream is empty. Returns per entry its flow, id and value.
-_RECLAIM = """
+# A reclaim: KEYS the set of flows given entries, the set of flows, the stream of no flow, the set of flows in a ring,
+# the ring of groups, the rings' mark; ARGV the consumer, the idle time in ms, how many, the prefix of flow streams'
+# keys, of groups' rings' keys. Entries held longer than the idle time by anyone pass to the consumer (XAUTOCLAIM,
+# through a flow's held entries until enough: one call looks at only 10 x COUNT of them, and the idle ones may be
+# behind entries a live consumer keeps touching), from the flows given entries only (bounded by the entries taken
+# since the last reclaim and those still held, not by the flows waiting); a flow holding nothing leaves that set,
+# and the queue when its stream is empty. Returns per entry its flow, id and value.
+_RECLAIM = _ADOPT + """
 local out, want = {}, tonumber(ARGV[3])
+adopt(KEYS[6], KEYS[2], KEYS[4], KEYS[5], ARGV[5], KEYS[1])
 local function claim(flow, key)
-  local got = redis.pcall('XAUTOCLAIM', key, 'work', ARGV[1], ARGV[2], '0-0', 'COUNT', want - #out / 3)
-  if type(got) ~= 'table' or got.err then return end
-  for _, entry in ipairs(got[2]) do
-    if entry[2] then
-      out[#out + 1] = flow
-      out[#out + 1] = entry[1]
-      out[#out + 1] = entry[2][2]
+  local start = '0-0'
+  repeat
+    local got = redis.pcall('XAUTOCLAIM', key, 'work', ARGV[1], ARGV[2], start, 'COUNT', want - #out / 3)
+    if type(got) ~= 'table' or got.err then return end
+    for _, entry in ipairs(got[2]) do
+      if entry[2] then
+        out[#out + 1] = flow
+        out[#out + 1] = entry[1]
+        out[#out + 1] = entry[2][2]
+      end
     end
-  end
+    start = got[1]
+  until start == '0-0' or #out / 3 >= want
 end
 claim('', KEYS[3])
 for _, flow in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -774,7 +784,7 @@ class RedisStore:
         group = flow_group(flow)
         with self.unavailable():
             keys = [self._stream(queue, flow), names["qf"], names["qb"], names["qa"], names["qr"],
-                    f"{names['qg']}:{len(group.encode())}:{group}", names["qv"]]
+                    f"{names['qg']}:{len(group.encode())}:{group}", names["qv"], names["qp"]]
             ids = await self.script(_ENQUEUE)(keys=keys, args=[flow, group, names["qg"] + ":",
                                                                *(orjson.dumps(e) for e in entries)])
         at = "@" + flow if flow else ""
@@ -812,8 +822,8 @@ class RedisStore:
         names = self._queue_keys(queue)
         with self.unavailable():
             answer = await self.script(_RECLAIM)(
-                keys=[names["qp"], names["qf"], self._stream(queue, "")],
-                args=[consumer, max(0, int(idle_s * 1000)), count, self._stream(queue, "") + ":"])
+                keys=[names["qp"], names["qf"], self._stream(queue, ""), names["qa"], names["qr"], names["qv"]],
+                args=[consumer, max(0, int(idle_s * 1000)), count, self._stream(queue, "") + ":", names["qg"] + ":"])
         return self._entries(answer, 0)
 
     async def touch(self, queue: str, consumer: str, ids: Sequence[str]) -> int:
