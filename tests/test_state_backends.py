@@ -833,3 +833,40 @@ async def test_entries_held_under_the_version_before_flow_rings_are_reclaimed(re
         finally:
             await client.aclose()
             await store.close()
+
+
+async def test_a_drained_redis_queue_keeps_no_key_per_flow_and_comes_back_after_losing_its_data(
+        redis_server: RedisServer) -> None:
+    """Flows of two keys taken by two consumers (one flow given out while the other consumer still held its
+    entries), acknowledged by ack and by a results commit: after a take and a reclaim find nothing, only the queue's
+    doorbell and mark are left, no stream, ring or set per flow. Then Redis loses its data while entries are held:
+    their acknowledgement is a no-op, and the flows' next entries are taken."""
+    import redis.asyncio
+
+    prefix = f"drain:{uuid.uuid4().hex[:8]}:"
+    a, b = RedisStore(redis_server.url, prefix=prefix), RedisStore(redis_server.url, prefix=prefix)
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        for flow in ("key_a/one", "key_a/two", "key_b/one", "solo"):
+            await a.enqueue("work", [{"flow": flow, "n": n} for n in range(3)], flow=flow)
+        first = await a.take("work", "A", 10)
+        rest = await b.take("work", "B", 10)
+        assert len(first) == 10 and len(rest) == 2
+        assert await a.take("work", "A", 10) == []
+        await a.ack("work", [i for i, _ in first[:5]])
+        await b.commit([Change("results", "r", None, {"ok": True})], ack=("work", [i for i, _ in first[5:] + rest]))
+        assert await b.take("work", "B", 10) == [] and await b.reclaim("work", "B", 0.0, 10) == []
+        left = sorted(k.decode() for k in await client.keys(prefix + "q*"))
+        assert left == [prefix + "qb:4:work", prefix + "qv:4:work"], left
+
+        await a.enqueue("work", [{"n": 0}], flow="key_a/one")
+        held = await a.take("work", "A", 10)
+        await client.flushdb()
+        await a.ack("work", [i for i, _ in held])
+        assert await a.reclaim("work", "B", 0.0, 10) == []
+        again = await b.enqueue("work", [{"n": 1}], flow="key_a/one")
+        assert [i for i, _ in await a.take("work", "A", 10)] == again
+    finally:
+        await client.aclose()
+        await a.close()
+        await b.close()
