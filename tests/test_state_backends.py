@@ -450,6 +450,45 @@ async def test_a_redis_queue_from_before_flow_rings_is_taken_from(redis_server: 
         await store.close()
 
 
+async def test_entries_of_no_flow_take_turns_with_the_flows_not_after_them(stores: Callable[[], StateStore]) -> None:
+    """Entries enqueued without a flow (another plugin's queue, a queue from before flows) are a flow like the others:
+    under a steady batch their turn comes every round."""
+    a = stores()
+    await a.enqueue("mixed", [{"f": "batch", "n": n} for n in range(10)], flow="key_a/batch")
+    await a.enqueue("mixed", [{"f": "none", "n": n} for n in range(10)])
+    first = await a.take("mixed", "A", 4)
+    assert sorted(e["f"] for _, e in first) == ["batch", "batch", "none", "none"]
+    rest = await a.take("mixed", "A", 100)
+    assert len(rest) == 16
+    await a.ack("mixed", [i for i, _ in first + rest])
+    assert await a.queue_depth("mixed") == {"waiting": 0, "claimed": 0}
+
+
+async def test_a_redis_queue_mark_lapses_so_flows_an_older_instance_enqueues_join_the_rings(
+        redis_server: RedisServer) -> None:
+    """During a rolling upgrade an instance of the version before enqueues a batch as a stream and a member of the
+    set of flows, without rings: the queue's mark lapses (ten minutes), after which the next take puts the flow in
+    the rings and takes its entries."""
+    import redis.asyncio
+
+    store = RedisStore(redis_server.url, prefix=f"rolling:{uuid.uuid4().hex[:8]}:")
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        await store.enqueue("work", [{"flow": "new"}], flow="key_n/new")
+        assert [e for _, e in await store.take("work", "A", 10)] == [{"flow": "new"}]
+        mark = store.prefix + "qv:4:work"
+        assert 0 < await client.pttl(mark) <= 600_000
+        key = store._stream("work", "old-batch")  # what the version before writes
+        await client.xgroup_create(key, "work", id="0", mkstream=True)
+        await client.xadd(key, {"v": '{"flow": "old"}'})
+        await client.sadd(store.prefix + "qf:4:work", "old-batch")
+        await client.delete(mark)  # as it lapses
+        assert [e for _, e in await store.take("work", "A", 10)] == [{"flow": "old"}]
+    finally:
+        await client.aclose()
+        await store.close()
+
+
 async def test_a_blocked_take_wakes_for_an_entry_of_a_new_flow(stores: Callable[[], StateStore]) -> None:
     a, b = stores(), stores()
 

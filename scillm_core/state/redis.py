@@ -119,11 +119,14 @@ return {dropped, members[#members]}
 
 # Queues from before flow rings (a stream per flow and the set of flows) have their flows put in rings, and in the set
 # of flows given entries (entries a consumer of that version took are reclaimed), by the first enqueue, take or
-# reclaim that finds no mark on the queue (and a new queue is marked, with nothing to put).
+# reclaim that finds no mark on the queue (and a new queue is marked, with nothing to put). The mark lapses after ten
+# minutes, so that flows an instance of the version before enqueues during a rolling upgrade join the rings too.
 _ADOPT = """
-local function adopt(mark, flows, active, groups, prefix, given)
-  if redis.call('SETNX', mark, 1) == 0 then return end
-  for _, flow in ipairs(redis.call('SMEMBERS', flows)) do
+local function adopt(mark, flows, active, groups, prefix, given, nameless)
+  if not redis.call('SET', mark, 1, 'NX', 'PX', 600000) then return end
+  local all = redis.call('SMEMBERS', flows)
+  if redis.call('EXISTS', nameless) == 1 then all[#all + 1] = '' end
+  for _, flow in ipairs(all) do
     redis.call('SADD', given, flow)
     if redis.call('SADD', active, flow) == 1 then
       local cut = string.find(flow, '/', 1, true)
@@ -137,18 +140,17 @@ end
 """
 
 # An enqueue: KEYS the flow's stream, the queue's set of flows, its doorbell, its set of flows in a ring, its ring of
-# groups, the group's ring of flows, its rings' mark, its set of flows given entries; ARGV the flow ("" for none),
-# its group, the prefix of groups' rings' keys, then the entries. A flow not in its group's ring joins it at the
+# groups, the group's ring of flows, its rings' mark, its set of flows given entries, the stream of no flow; ARGV the
+# flow ("" for none: a flow like the others, whose stream has no name suffix), its group, the prefix of groups' rings'
+# keys, then the entries. A flow not in its group's ring joins it at the
 # back, and a group whose ring was empty joins the ring of groups. The group is made whenever missing (a drained
 # flow's stream is deleted).
 _ENQUEUE = _ADOPT + """
-adopt(KEYS[7], KEYS[2], KEYS[4], KEYS[5], ARGV[3], KEYS[8])
-if ARGV[1] ~= '' then
-  redis.call('SADD', KEYS[2], ARGV[1])
-  if redis.call('SADD', KEYS[4], ARGV[1]) == 1 then
-    redis.call('RPUSH', KEYS[6], ARGV[1])
-    if redis.call('LLEN', KEYS[6]) == 1 then redis.call('RPUSH', KEYS[5], ARGV[2]) end
-  end
+adopt(KEYS[7], KEYS[2], KEYS[4], KEYS[5], ARGV[3], KEYS[8], KEYS[9])
+if ARGV[1] ~= '' then redis.call('SADD', KEYS[2], ARGV[1]) end
+if redis.call('SADD', KEYS[4], ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[6], ARGV[1])
+  if redis.call('LLEN', KEYS[6]) == 1 then redis.call('RPUSH', KEYS[5], ARGV[2]) end
 end
 redis.pcall('XGROUP', 'CREATE', KEYS[1], 'work', '0', 'MKSTREAM')
 local ids = {}
@@ -171,7 +173,7 @@ _TAKE = _ADOPT + """
 local out = {redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1], 0}
 out[1] = out[1] and out[1][1] or '0-0'
 local want, looks, taken = tonumber(ARGV[2]), tonumber(ARGV[5]), 0
-adopt(KEYS[7], KEYS[2], KEYS[3], KEYS[4], ARGV[4], KEYS[5])
+adopt(KEYS[7], KEYS[2], KEYS[3], KEYS[4], ARGV[4], KEYS[5], KEYS[6])
 local function give(flow, key)
   local got = redis.pcall('XREADGROUP', 'GROUP', 'work', ARGV[1], 'COUNT', 1, 'STREAMS', key, '>')
   if type(got) == 'table' and got[1] and #got[1][2] > 0 then
@@ -192,7 +194,7 @@ while taken < want and looks > 0 do
     local flow = redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
     if not flow then break end
     looks = looks - 1
-    local key = ARGV[3] .. #flow .. ':' .. flow
+    local key = flow == '' and KEYS[6] or ARGV[3] .. #flow .. ':' .. flow
     if give(flow, key) then
       redis.call('SADD', KEYS[5], flow)
       break
@@ -207,7 +209,6 @@ while taken < want and looks > 0 do
   end
   if redis.call('LLEN', ring) == 0 then redis.call('RPOP', KEYS[4]) end
 end
-while taken < want and give('', KEYS[6]) do end
 if taken < want and looks <= 0 then out[2] = 1 end
 return out
 """
@@ -221,7 +222,7 @@ return out
 # and the queue when its stream is empty. Returns per entry its flow, id and value.
 _RECLAIM = _ADOPT + """
 local out, want = {}, tonumber(ARGV[3])
-adopt(KEYS[6], KEYS[2], KEYS[4], KEYS[5], ARGV[5], KEYS[1])
+adopt(KEYS[6], KEYS[2], KEYS[4], KEYS[5], ARGV[5], KEYS[1], KEYS[3])
 local function claim(flow, key)
   local start = '0-0'
   repeat
@@ -237,9 +238,8 @@ local function claim(flow, key)
     start = got[1]
   until start == '0-0' or #out / 3 >= want
 end
-claim('', KEYS[3])
 for _, flow in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local key = ARGV[4] .. #flow .. ':' .. flow
+  local key = flow == '' and KEYS[3] or ARGV[4] .. #flow .. ':' .. flow
   if #out / 3 < want then claim(flow, key) end
   local held = redis.pcall('XPENDING', key, 'work')
   if type(held) ~= 'table' or held.err or held[1] == 0 then
@@ -784,7 +784,7 @@ class RedisStore:
         group = flow_group(flow)
         with self.unavailable():
             keys = [self._stream(queue, flow), names["qf"], names["qb"], names["qa"], names["qr"],
-                    f"{names['qg']}:{len(group.encode())}:{group}", names["qv"], names["qp"]]
+                    f"{names['qg']}:{len(group.encode())}:{group}", names["qv"], names["qp"], self._stream(queue, "")]
             ids = await self.script(_ENQUEUE)(keys=keys, args=[flow, group, names["qg"] + ":",
                                                                *(orjson.dumps(e) for e in entries)])
         at = "@" + flow if flow else ""
