@@ -450,6 +450,17 @@ async def test_a_redis_queue_from_before_flow_rings_is_taken_from(redis_server: 
         await store.close()
 
 
+async def test_with_more_keys_waiting_than_a_take_gives_the_next_take_goes_on_to_the_next_keys(
+        stores: Callable[[], StateStore]) -> None:
+    """Six keys with a batch each, takes of two: three takes reach all six keys once, instead of the first keys again
+    (a key that arrives last waits for the keys before it, not for turns that slide one key per take)."""
+    a = stores()
+    for k in range(6):
+        await a.enqueue("keys", [{"k": k, "n": n} for n in range(5)], flow=f"key_{k}/batch")
+    served = [e["k"] for _ in range(3) for _, e in await a.take("keys", "A", 2)]
+    assert sorted(served) == [0, 1, 2, 3, 4, 5]
+
+
 async def test_entries_of_no_flow_take_turns_with_the_flows_not_after_them(stores: Callable[[], StateStore]) -> None:
     """Entries enqueued without a flow (another plugin's queue, a queue from before flows) are a flow like the others:
     under a steady batch their turn comes every round."""

@@ -566,8 +566,9 @@ class SQLiteStore:
         """Up to ``count`` unclaimed entries, round robin over the queue's flow groups (:func:`flow_group`), each
         group's from its flows in turn, each flow's oldest first. Flows are found by index seeks in name order (a
         group's flows share its prefix, so a group is one range): a take looks at no more groups and flows than it
-        can give entries from, however many wait. The turns move on by one group, and in each group by one flow,
-        per take (this process's turns; another process keeps its own)."""
+        can give entries from, however many wait. The next take starts with the group after the one given this take's
+        last entry, and a group's next turn with the flow after the one it last gave (this process's turns; another
+        process keeps its own)."""
         def first(low: str, strict: bool, high: str | None = None) -> str | None:
             sql = "SELECT min(flow) FROM queue WHERE q = ? AND owner IS NULL AND flow " + (">" if strict else ">=")
             if high is None:
@@ -637,15 +638,17 @@ class SQLiteStore:
             if len(found[n]) == share:
                 found[n] = rows_of(group, share + need)[0]
                 need -= len(found[n]) - share
-        self._group_turns[queue] = past(groups[0])
         for group, (_, flow) in zip(groups, turns, strict=True):
             if group.endswith("/"):
                 self._flow_turns.pop((queue, group), None)
                 self._flow_turns[(queue, group)] = flow
         while len(self._flow_turns) > MAX_FLOW_TURNS:  # forget the groups served longest ago
             del self._flow_turns[next(iter(self._flow_turns))]
-        rounds = itertools.zip_longest(*found)
-        return [row for one_round in rounds for row in one_round if row is not None][:count]
+        rounds = itertools.zip_longest(*([(n, row) for row in rows] for n, rows in enumerate(found)))
+        given = [one for one_round in rounds for one in one_round if one is not None][:count]
+        if given:  # the next take starts with the group after the one given the last entry
+            self._group_turns[queue] = past(groups[given[-1][0]])
+        return [row for _, row in given]
 
     async def take(self, queue: str, consumer: str, count: int, *,
                    block_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
