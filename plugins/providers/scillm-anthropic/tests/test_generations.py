@@ -171,6 +171,21 @@ def test_with_thinking_the_answer_tool_is_offered_and_text_beside_it_left_out(cl
     assert fake.last.body["tool_choice"] == {"type": "auto"}
 
 
+@pytest.mark.parametrize("model", ["anthropic/claude-sonnet-4-5", "anthropic/claude-opus-4-6"])
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],
+                         ids=["required", "named"])
+def test_a_required_or_named_tool_with_reasoning_effort_is_called_without_thinking(
+        client: openai.OpenAI, fake: ApiKeyFake, model: str, choice: Any) -> None:
+    """Anthropic refuses thinking with a tool_choice that forces a tool (400; the fake too): the client's required or
+    named tool is what it relies on, so the call goes with that choice and without thinking, instead of failing."""
+    fake.script(Reply.call("get_weather", {"city": "Oslo"}))
+    answer = client.chat.completions.create(model=model, tools=[WEATHER], tool_choice=choice,  # type: ignore[arg-type]
+                                            reasoning_effort="high", messages=[{"role": "user", "content": "Oslo?"}])
+    assert answer.choices[0].finish_reason == "tool_calls"
+    assert answer.choices[0].message.tool_calls[0].function.name == "get_weather"  # type: ignore[index]
+    assert fake.last.body["tool_choice"]["type"] in ("any", "tool") and "thinking" not in fake.last.body
+
+
 def test_an_answer_in_text_without_the_tool_comes_back_as_written(client: openai.OpenAI, fake: ApiKeyFake) -> None:
     """With the tool only offered (thinking on) the model may answer in text: streamed, that text is held until
     it is known not to precede the answer, then sent as it is."""

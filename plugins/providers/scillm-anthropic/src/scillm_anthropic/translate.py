@@ -431,7 +431,10 @@ def to_messages_body(request: ChatRequest, model: str, *, system_prefix: Sequenc
         if budget is None:
             raise _bad(f"reasoning_effort {effort!r} is not one of {', '.join(['none', *THINKING_BUDGETS])}",
                        "$.reasoning_effort")
-        if not _unthought_tool_turn(messages):
+        # Anthropic refuses thinking when tool_choice forces a tool: the client's required or named tool (a shape it
+        # relies on) wins over the effort, as an unanswered tool turn does
+        forced = isinstance(body.get("tool_choice"), Mapping) and body["tool_choice"].get("type") in ("any", "tool")
+        if not forced and not _unthought_tool_turn(messages):
             if takes(model, "adaptive_thinking"):
                 body["thinking"] = {"type": "adaptive"}
                 body["output_config"] = {**body.get("output_config", {}),
