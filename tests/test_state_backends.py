@@ -265,6 +265,42 @@ async def test_redis_sweeps_the_index_members_of_expired_documents_once_across_p
         await other.close()
 
 
+async def test_a_redis_namespace_emptied_is_swept_no_more(redis_server: Any) -> None:
+    """Each batch leases its items in a namespace of its own, with a TTL, and deletes the leases as the items end: a
+    process that ran many batches must not sweep every one of their namespaces every ``SWEEP_S`` for good. A sweep
+    that leaves a namespace empty forgets it, until it is written with a TTL again."""
+    import redis.asyncio
+
+    prefix = f"sweeps:{uuid.uuid4().hex[:8]}:"
+    store = RedisStore(redis_server.url, prefix=prefix)
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+
+    async def commands_of_a_sweep() -> int:
+        markers = [key async for key in client.scan_iter(prefix + "sw:*")]
+        if markers:
+            await client.delete(*markers)  # as if SWEEP_S had passed
+        stats = await client.info("commandstats")
+        before = sum(int(v["calls"]) for v in stats.values())
+        await store.sweep()
+        stats = await client.info("commandstats")
+        return sum(int(v["calls"]) for v in stats.values()) - before - 1
+
+    try:
+        for n in range(40):  # forty batches' leases, taken and given back
+            await store.put(f"batch-leases:b{n}", "item", {"owner": "me"}, ttl_s=60.0)
+            await store.delete(f"batch-leases:b{n}", "item")
+        await store.put("responses.items", "kept", {"n": 1}, ttl_s=60.0)
+        first = await commands_of_a_sweep()
+        assert await commands_of_a_sweep() < first / 10  # the kept item's namespace alone, not forty more
+        await store.put("batch-leases:b0", "item", {"owner": "me"}, ttl_s=0.05)  # written again: swept again
+        await asyncio.sleep(0.1)
+        await store.sweep()
+        assert await client.zcard(f"{prefix}i:15:batch-leases:b0") == 0
+    finally:
+        await client.aclose()
+        await store.close()
+
+
 async def test_sqlite_counters_slots_and_queue_claims_lapse_on_its_clock(tmp_path: Path) -> None:
     """A rate window (a counter with a TTL), a slot lease and a queue claim lapse on the store's clock, as documents
     do: moved here, with no sleep. (Redis keeps its server's clock for all of them.)"""

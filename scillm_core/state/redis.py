@@ -630,6 +630,8 @@ class RedisStore:
                     if len(step) < 2:
                         break
                     after = b"(" + step[1]
+                if not await self.redis.exists(index):  # nothing left in it (a batch's leases): no more sweeps
+                    self._expiring.discard(namespace)  # until it is written with a TTL again
         return dropped
 
     async def delete(self, namespace: str, key: str) -> bool:
