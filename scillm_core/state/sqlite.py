@@ -15,7 +15,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -54,11 +54,16 @@ _COUNTER_UPSERT = ("INSERT INTO counters (ns, key, value, expires) VALUES (?, ?,
 _PEEK = "SELECT value, expires FROM counters WHERE ns = ? AND key = ?"
 PURGE_EVERY = 2000  # count() calls between sweeps of expired counters
 SWEEP_S = 600.0  # expired logs are deleted at most this often (after a write that finds the last sweep this old)
-MAX_FLOW_TURNS = 10_000  # groups whose flow turn a process remembers (the others start from their first flow)
 SWEEP_ROWS = 5000  # rows one step of the sweep deletes: other writers (other processes too) wait at most for one
+MAX_FLOW_TURNS = 10_000  # groups whose flow turn a process remembers (the others start from their first flow)
 _GONE = "SELECT 1 FROM log_expiry WHERE ns = ? AND expires <= ?"
 _UPSERT = ("INSERT INTO docs (ns, key, value, expires) VALUES (?, ?, ?, ?) "
            "ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, expires = excluded.expires")
+
+
+def _rounds(columns: Iterable[Sequence[T]]) -> list[T]:
+    """One from each column per round, in column order, until every column is spent."""
+    return [one for one_round in itertools.zip_longest(*columns) for one in one_round if one is not None]
 
 
 def _add_queue_flows(db: sqlite3.Connection) -> None:
@@ -624,8 +629,7 @@ class SQLiteStore:
                     need -= len(more)
                     if len(more) < share:
                         live.remove(flow)
-            columns = ([(flow, row) for row in rows] for flow, rows in by_flow.items())
-            rounds = [given for one_round in itertools.zip_longest(*columns) for given in one_round if given][:limit]
+            rounds = _rounds([(flow, row) for row in rows] for flow, rows in by_flow.items())[:limit]
             return [row for _, row in rounds], rounds[-1][0] if rounds else str(began)
 
         share = -(-count // len(groups))
@@ -644,8 +648,7 @@ class SQLiteStore:
                 self._flow_turns[(queue, group)] = flow
         while len(self._flow_turns) > MAX_FLOW_TURNS:  # forget the groups served longest ago
             del self._flow_turns[next(iter(self._flow_turns))]
-        rounds = itertools.zip_longest(*([(n, row) for row in rows] for n, rows in enumerate(found)))
-        given = [one for one_round in rounds for one in one_round if one is not None][:count]
+        given = _rounds([(n, row) for row in rows] for n, rows in enumerate(found))[:count]
         if given:  # the next take starts with the group after the one given the last entry
             self._group_turns[queue] = past(groups[given[-1][0]])
         return [row for _, row in given]
